@@ -1,0 +1,431 @@
+/*
+ * kscinc_native: a tiny N-API addon exposing the few file-system syscalls that
+ * Node's fs module does not offer:
+ *
+ *   punchHole(fd, offset, length)   fallocate(PUNCH_HOLE | KEEP_SIZE)
+ *   zeroRange(fd, offset, length)   fallocate(ZERO_RANGE)
+ *   seekData(fd, offset)            lseek(SEEK_DATA)
+ *   seekHole(fd, offset)            lseek(SEEK_HOLE)
+ *   flock(fd, exclusive, nonblock)  flock(LOCK_EX|LOCK_SH [|LOCK_NB])
+ *   funlock(fd)                     flock(LOCK_UN)
+ *
+ * Conventions:
+ *   - Wrong argument types throw a TypeError (code ERR_INVALID_ARG_TYPE);
+ *     numbers that are not safe integers throw a RangeError
+ *     (code ERR_OUT_OF_RANGE).
+ *   - Negative offsets / lengths throw an Error with code 'EINVAL' before any
+ *     syscall is made; a file descriptor outside 0..INT_MAX throws 'EBADF'.
+ *   - Other syscall failures throw an Error shaped like Node's fs errors:
+ *     message "CODE: description, syscall", properties code, errno
+ *     (negative, as in Node) and syscall.
+ *   - "Not supported by this file system / kernel" is not an error: the
+ *     fallocate wrappers return false, the seek wrappers return -2.
+ *
+ * Every call is synchronous and runs on the calling JS thread.  A blocking
+ * flock() (nonblocking = false) therefore blocks that thread until the lock
+ * is granted.  seekData/seekHole move the descriptor's file position, which is
+ * harmless for callers that use positional reads and writes.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include <node_api.h>
+
+/* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
+#define MAX_SAFE_INT 9007199254740991.0
+
+/* ------------------------------------------------------------------------ */
+/* errno -> name                                                            */
+
+typedef struct {
+  int num;
+  const char* name;
+} errno_name_t;
+
+static const errno_name_t errno_names[] = {
+  {EPERM, "EPERM"},         {ENOENT, "ENOENT"},     {ESRCH, "ESRCH"},
+  {EINTR, "EINTR"},         {EIO, "EIO"},           {ENXIO, "ENXIO"},
+  {E2BIG, "E2BIG"},         {EBADF, "EBADF"},       {EAGAIN, "EAGAIN"},
+  {ENOMEM, "ENOMEM"},       {EACCES, "EACCES"},     {EFAULT, "EFAULT"},
+  {EBUSY, "EBUSY"},         {EEXIST, "EEXIST"},     {EXDEV, "EXDEV"},
+  {ENODEV, "ENODEV"},       {ENOTDIR, "ENOTDIR"},   {EISDIR, "EISDIR"},
+  {EINVAL, "EINVAL"},       {ENFILE, "ENFILE"},     {EMFILE, "EMFILE"},
+  {ENOTTY, "ENOTTY"},       {ETXTBSY, "ETXTBSY"},   {EFBIG, "EFBIG"},
+  {ENOSPC, "ENOSPC"},       {ESPIPE, "ESPIPE"},     {EROFS, "EROFS"},
+  {EMLINK, "EMLINK"},       {EPIPE, "EPIPE"},       {ERANGE, "ERANGE"},
+  {EDEADLK, "EDEADLK"},     {ENOLCK, "ENOLCK"},     {ENOSYS, "ENOSYS"},
+  {EOPNOTSUPP, "EOPNOTSUPP"},
+#if defined(ENOTSUP)
+  {ENOTSUP, "ENOTSUP"},
+#endif
+#if defined(EWOULDBLOCK)
+  {EWOULDBLOCK, "EWOULDBLOCK"},
+#endif
+#if defined(EOVERFLOW)
+  {EOVERFLOW, "EOVERFLOW"},
+#endif
+#if defined(EDQUOT)
+  {EDQUOT, "EDQUOT"},
+#endif
+#if defined(ESTALE)
+  {ESTALE, "ESTALE"},
+#endif
+#if defined(ENOTSOCK)
+  {ENOTSOCK, "ENOTSOCK"},
+#endif
+};
+
+static const char* errno_name(int err) {
+  size_t i;
+  for (i = 0; i < sizeof(errno_names) / sizeof(errno_names[0]); i++) {
+    if (errno_names[i].num == err) return errno_names[i].name;
+  }
+  return "UNKNOWN";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Throwing helpers. Each returns NULL so callers can `return throw_...`.    */
+
+/* If a N-API call fails without leaving an exception pending, throw a
+ * generic one so JS never sees a silent undefined. */
+static napi_value throw_napi_failure(napi_env env, const char* what) {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending) {
+    return NULL;
+  }
+  const napi_extended_error_info* info = NULL;
+  char msg[256];
+  if (napi_get_last_error_info(env, &info) == napi_ok && info != NULL &&
+      info->error_message != NULL) {
+    snprintf(msg, sizeof(msg), "kscinc_native: %s failed: %s", what,
+             info->error_message);
+  } else {
+    snprintf(msg, sizeof(msg), "kscinc_native: %s failed", what);
+  }
+  napi_throw_error(env, NULL, msg);
+  return NULL;
+}
+
+#define NAPI_CALL(env, call)                          \
+  do {                                                \
+    if ((call) != napi_ok) {                          \
+      return throw_napi_failure((env), #call);        \
+    }                                                 \
+  } while (0)
+
+/* Throw an Error like Node's fs errors: "EBADF: Bad file descriptor, fallocate"
+ * with .code, .errno (negative) and .syscall. */
+static napi_value throw_errno(napi_env env, int err, const char* syscall) {
+  const char* code = errno_name(err);
+  char msg[256];
+  napi_value code_v, msg_v, error_v, errno_v, syscall_v;
+
+  snprintf(msg, sizeof(msg), "%s: %s, %s", code, strerror(err), syscall);
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_v) != napi_ok ||
+      napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &msg_v) != napi_ok ||
+      napi_create_error(env, code_v, msg_v, &error_v) != napi_ok) {
+    return throw_napi_failure(env, "creating an Error");
+  }
+  /* Best effort: the error is still meaningful without these extras. */
+  if (napi_create_int32(env, -err, &errno_v) == napi_ok) {
+    napi_set_named_property(env, error_v, "errno", errno_v);
+  }
+  if (napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &syscall_v) ==
+      napi_ok) {
+    napi_set_named_property(env, error_v, "syscall", syscall_v);
+  }
+  napi_throw(env, error_v);
+  return NULL;
+}
+
+static napi_value throw_type(napi_env env, const char* fn, const char* arg,
+                             const char* expected) {
+  char msg[192];
+  snprintf(msg, sizeof(msg), "%s(): the \"%s\" argument must be of type %s",
+           fn, arg, expected);
+  napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", msg);
+  return NULL;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Argument parsing. Each returns false with a JS exception pending.        */
+
+static bool get_args(napi_env env, napi_callback_info info, size_t want,
+                     napi_value* argv) {
+  size_t argc = want;
+  /* Missing arguments are filled in with `undefined` by N-API, so the type
+   * checks below reject them. */
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    throw_napi_failure(env, "napi_get_cb_info");
+    return false;
+  }
+  return true;
+}
+
+/* A JS number that is a safe integer. */
+static bool get_integer(napi_env env, napi_value v, const char* fn,
+                        const char* arg, int64_t* out) {
+  napi_valuetype type;
+  double d;
+
+  if (napi_typeof(env, v, &type) != napi_ok) {
+    throw_napi_failure(env, "napi_typeof");
+    return false;
+  }
+  if (type != napi_number) {
+    throw_type(env, fn, arg, "number");
+    return false;
+  }
+  if (napi_get_value_double(env, v, &d) != napi_ok) {
+    throw_napi_failure(env, "napi_get_value_double");
+    return false;
+  }
+  /* Written so that NaN fails too. */
+  if (!(d >= -MAX_SAFE_INT && d <= MAX_SAFE_INT) || (double)(int64_t)d != d) {
+    char msg[192];
+    snprintf(msg, sizeof(msg),
+             "%s(): the \"%s\" argument must be a safe integer", fn, arg);
+    napi_throw_range_error(env, "ERR_OUT_OF_RANGE", msg);
+    return false;
+  }
+  if (napi_get_value_int64(env, v, out) != napi_ok) {
+    throw_napi_failure(env, "napi_get_value_int64");
+    return false;
+  }
+  return true;
+}
+
+static bool get_fd(napi_env env, napi_value v, const char* fn,
+                   const char* syscall, int* out) {
+  int64_t fd;
+  if (!get_integer(env, v, fn, "fd", &fd)) return false;
+  if (fd < 0 || fd > INT_MAX) {
+    throw_errno(env, EBADF, syscall);
+    return false;
+  }
+  *out = (int)fd;
+  return true;
+}
+
+/* A non-negative safe integer; negative values throw EINVAL. */
+static bool get_offset(napi_env env, napi_value v, const char* fn,
+                       const char* arg, const char* syscall, off_t* out) {
+  int64_t n;
+  if (!get_integer(env, v, fn, arg, &n)) return false;
+  if (n < 0) {
+    throw_errno(env, EINVAL, syscall);
+    return false;
+  }
+  *out = (off_t)n;
+  return true;
+}
+
+static bool get_bool(napi_env env, napi_value v, const char* fn,
+                     const char* arg, bool* out) {
+  napi_valuetype type;
+  if (napi_typeof(env, v, &type) != napi_ok) {
+    throw_napi_failure(env, "napi_typeof");
+    return false;
+  }
+  if (type != napi_boolean) {
+    throw_type(env, fn, arg, "boolean");
+    return false;
+  }
+  if (napi_get_value_bool(env, v, out) != napi_ok) {
+    throw_napi_failure(env, "napi_get_value_bool");
+    return false;
+  }
+  return true;
+}
+
+static napi_value make_bool(napi_env env, bool b) {
+  napi_value result;
+  NAPI_CALL(env, napi_get_boolean(env, b, &result));
+  return result;
+}
+
+static napi_value make_int64(napi_env env, int64_t n) {
+  napi_value result;
+  NAPI_CALL(env, napi_create_int64(env, n, &result));
+  return result;
+}
+
+static bool is_unsupported(int err) {
+  if (err == EOPNOTSUPP || err == ENOSYS) return true;
+#if defined(ENOTSUP)
+  if (err == ENOTSUP) return true;
+#endif
+  return false;
+}
+
+/* ------------------------------------------------------------------------ */
+/* fallocate wrappers                                                       */
+
+/* Shared body of punchHole / zeroRange. mode < 0 means "not available on
+ * this platform". */
+static napi_value do_fallocate(napi_env env, napi_callback_info info,
+                               const char* fn, int mode) {
+  napi_value argv[3];
+  int fd;
+  off_t offset, length;
+
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_fd(env, argv[0], fn, "fallocate", &fd)) return NULL;
+  if (!get_offset(env, argv[1], fn, "offset", "fallocate", &offset)) return NULL;
+  if (!get_offset(env, argv[2], fn, "length", "fallocate", &length)) return NULL;
+
+  if (length == 0) {
+    /* fallocate() rejects len == 0 with EINVAL; an empty range is trivially
+     * done. Still report a bad descriptor. */
+    if (fcntl(fd, F_GETFD) == -1) return throw_errno(env, errno, "fallocate");
+    return make_bool(env, true);
+  }
+
+#if defined(__linux__)
+  if (mode >= 0) {
+    int rc;
+    do {
+      rc = fallocate(fd, mode, offset, length);
+    } while (rc == -1 && errno == EINTR);
+    if (rc == 0) return make_bool(env, true);
+    if (is_unsupported(errno)) return make_bool(env, false);
+    return throw_errno(env, errno, "fallocate");
+  }
+#endif
+  (void)offset;
+  (void)mode;
+  /* No fallocate on this platform: unsupported, but keep EBADF honest. */
+  if (fcntl(fd, F_GETFD) == -1) return throw_errno(env, errno, "fallocate");
+  return make_bool(env, false);
+}
+
+static napi_value PunchHole(napi_env env, napi_callback_info info) {
+#if defined(__linux__) && defined(FALLOC_FL_PUNCH_HOLE) && \
+    defined(FALLOC_FL_KEEP_SIZE)
+  return do_fallocate(env, info, "punchHole",
+                      FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE);
+#else
+  return do_fallocate(env, info, "punchHole", -1);
+#endif
+}
+
+static napi_value ZeroRange(napi_env env, napi_callback_info info) {
+#if defined(__linux__) && defined(FALLOC_FL_ZERO_RANGE)
+  return do_fallocate(env, info, "zeroRange", FALLOC_FL_ZERO_RANGE);
+#else
+  return do_fallocate(env, info, "zeroRange", -1);
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* lseek(SEEK_DATA / SEEK_HOLE)                                             */
+
+/* whence < 0 means "not available on this platform". Returns the offset,
+ * -1 on ENXIO (no data / hole at or after offset, i.e. offset >= EOF for
+ * SEEK_HOLE), -2 when unsupported. */
+static napi_value do_seek(napi_env env, napi_callback_info info,
+                          const char* fn, int whence) {
+  napi_value argv[2];
+  int fd;
+  off_t offset, result;
+
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!get_fd(env, argv[0], fn, "lseek", &fd)) return NULL;
+  if (!get_offset(env, argv[1], fn, "offset", "lseek", &offset)) return NULL;
+
+  if (whence < 0) {
+    if (fcntl(fd, F_GETFD) == -1) return throw_errno(env, errno, "lseek");
+    return make_int64(env, -2);
+  }
+  result = lseek(fd, offset, whence);
+  if (result >= 0) return make_int64(env, (int64_t)result);
+  if (errno == ENXIO) return make_int64(env, -1);
+  /* The offset was validated as non-negative, so EINVAL means the file
+   * system does not understand this whence. */
+  if (errno == EINVAL) return make_int64(env, -2);
+  return throw_errno(env, errno, "lseek");
+}
+
+static napi_value SeekData(napi_env env, napi_callback_info info) {
+#if defined(SEEK_DATA)
+  return do_seek(env, info, "seekData", SEEK_DATA);
+#else
+  return do_seek(env, info, "seekData", -1);
+#endif
+}
+
+static napi_value SeekHole(napi_env env, napi_callback_info info) {
+#if defined(SEEK_HOLE)
+  return do_seek(env, info, "seekHole", SEEK_HOLE);
+#else
+  return do_seek(env, info, "seekHole", -1);
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* flock                                                                    */
+
+static napi_value Flock(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd, op, rc;
+  bool exclusive, nonblocking;
+
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_fd(env, argv[0], "flock", "flock", &fd)) return NULL;
+  if (!get_bool(env, argv[1], "flock", "exclusive", &exclusive)) return NULL;
+  if (!get_bool(env, argv[2], "flock", "nonblocking", &nonblocking)) return NULL;
+
+  op = exclusive ? LOCK_EX : LOCK_SH;
+  if (nonblocking) op |= LOCK_NB;
+  do {
+    rc = flock(fd, op);
+  } while (rc == -1 && errno == EINTR);
+  if (rc == 0) return make_bool(env, true);
+  if (nonblocking && (errno == EWOULDBLOCK || errno == EAGAIN)) {
+    return make_bool(env, false);
+  }
+  return throw_errno(env, errno, "flock");
+}
+
+static napi_value Funlock(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  napi_value undefined;
+  int fd, rc;
+
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!get_fd(env, argv[0], "funlock", "flock", &fd)) return NULL;
+  do {
+    rc = flock(fd, LOCK_UN);
+  } while (rc == -1 && errno == EINTR);
+  if (rc != 0) return throw_errno(env, errno, "flock");
+  NAPI_CALL(env, napi_get_undefined(env, &undefined));
+  return undefined;
+}
+
+/* ------------------------------------------------------------------------ */
+
+NAPI_MODULE_INIT() {
+  napi_property_descriptor props[] = {
+    {"punchHole", NULL, PunchHole, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"zeroRange", NULL, ZeroRange, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"seekData", NULL, SeekData, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"flock", NULL, Flock, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
+  };
+  NAPI_CALL(env, napi_define_properties(
+                     env, exports, sizeof(props) / sizeof(props[0]), props));
+  return exports;
+}

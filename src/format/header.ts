@@ -1,0 +1,142 @@
+/** Header slot codec (formats/ksc_inc.md §4). Pure: no I/O. */
+import { crc32 } from 'node:zlib';
+import { KscError, corrupt } from '../errors.js';
+import {
+  BackingFormat, BITMAP_SLOTS, HEADER_SIZE, KNOWN_INCOMPAT, MAGIC, MAP_PAGE_BITS, MAX_BACKING_NAME,
+  MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS, VERSION,
+} from './constants.js';
+
+export interface Header {
+  generation: number;
+  incompatible: bigint;
+  compatible: bigint;
+  autoclear: bigint;
+  diskUuid: Buffer;
+  virtualSize: number;
+  blockBits: number;
+  directoryOffset: number;
+  directoryEntries: number;
+  intentBits: number;
+  intentOffset: number;
+  intentWords: number;
+  bitmapSlots: number;
+  bitmapDirOffset: number;
+  freeListOffset: number;
+  freeListEntries: number;
+  backingFormat: BackingFormat;
+  backingName: string;
+}
+
+export function encodeHeader(h: Header): Buffer {
+  const b = Buffer.alloc(HEADER_SIZE);
+  MAGIC.copy(b, 0);
+  b.writeUInt32LE(VERSION, 8);
+  b.writeUInt32LE(HEADER_SIZE, 12);
+  b.writeBigUInt64LE(BigInt(h.generation), 16);
+  b.writeBigUInt64LE(h.incompatible, 24);
+  b.writeBigUInt64LE(h.compatible, 32);
+  b.writeBigUInt64LE(h.autoclear, 40);
+  h.diskUuid.copy(b, 48, 0, 16);
+  b.writeBigUInt64LE(BigInt(h.virtualSize), 64);
+  b.writeUInt32LE(h.blockBits, 72);
+  b.writeUInt32LE(MAP_PAGE_BITS, 76);
+  b.writeBigUInt64LE(BigInt(h.directoryOffset), 80);
+  b.writeUInt32LE(h.directoryEntries, 88);
+  b.writeUInt32LE(h.intentBits, 92);
+  b.writeBigUInt64LE(BigInt(h.intentOffset), 96);
+  b.writeUInt32LE(h.intentWords, 104);
+  b.writeUInt32LE(h.bitmapSlots, 108);
+  b.writeBigUInt64LE(BigInt(h.bitmapDirOffset), 112);
+  b.writeBigUInt64LE(BigInt(h.freeListOffset), 120);
+  b.writeUInt32LE(h.freeListEntries, 128);
+  b.writeUInt32LE(h.backingFormat, 132);
+  const name = Buffer.from(h.backingName, 'utf8');
+  if (name.length > MAX_BACKING_NAME) {
+    throw new KscError('KSC_E_INVALID', `backing file name is ${name.length} bytes; the limit is ${MAX_BACKING_NAME}`);
+  }
+  b.writeUInt16LE(name.length, 136);
+  name.copy(b, 144);
+  b.writeUInt32LE(crc32(b.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
+  return b;
+}
+
+export type SlotResult = { ok: true; header: Header } | { ok: false; reason: string; hasMagic: boolean };
+
+/** Checks the slot's own integrity (magic, version, size, CRC); field ranges are checked by validateHeader. */
+export function decodeHeaderSlot(b: Buffer): SlotResult {
+  if (b.length < HEADER_SIZE) return { ok: false, reason: 'truncated', hasMagic: false };
+  const hasMagic = b.subarray(0, 8).equals(MAGIC);
+  if (!hasMagic) return { ok: false, reason: 'bad magic', hasMagic };
+  if (b.readUInt32LE(HEADER_SIZE - 4) !== crc32(b.subarray(0, HEADER_SIZE - 4))) {
+    return { ok: false, reason: 'checksum mismatch', hasMagic };
+  }
+  const version = b.readUInt32LE(8);
+  if (version !== VERSION) return { ok: false, reason: `unsupported version ${version}`, hasMagic };
+  if (b.readUInt32LE(12) !== HEADER_SIZE) return { ok: false, reason: 'bad header_size', hasMagic };
+  if (b.readUInt32LE(76) !== MAP_PAGE_BITS) return { ok: false, reason: 'unsupported map_page_bits', hasMagic };
+  const big = (off: number): number => {
+    const v = b.readBigUInt64LE(off);
+    return v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.POSITIVE_INFINITY : Number(v);
+  };
+  const nameLen = b.readUInt16LE(136);
+  const header: Header = {
+    generation: big(16),
+    incompatible: b.readBigUInt64LE(24),
+    compatible: b.readBigUInt64LE(32),
+    autoclear: b.readBigUInt64LE(40),
+    diskUuid: Buffer.from(b.subarray(48, 64)),
+    virtualSize: big(64),
+    blockBits: b.readUInt32LE(72),
+    directoryOffset: big(80),
+    directoryEntries: b.readUInt32LE(88),
+    intentBits: b.readUInt32LE(92),
+    intentOffset: big(96),
+    intentWords: b.readUInt32LE(104),
+    bitmapSlots: b.readUInt32LE(108),
+    bitmapDirOffset: big(112),
+    freeListOffset: big(120),
+    freeListEntries: b.readUInt32LE(128),
+    backingFormat: b.readUInt32LE(132) as BackingFormat,
+    backingName: nameLen <= MAX_BACKING_NAME ? b.subarray(144, 144 + nameLen).toString('utf8') : '',
+  };
+  if (nameLen > MAX_BACKING_NAME) return { ok: false, reason: 'backing_name_length above 1024', hasMagic };
+  return { ok: true, header };
+}
+
+export function directoryEntriesFor(virtualSize: number, blockBits: number): number {
+  return Math.ceil(virtualSize / 2 ** (blockBits + MAP_PAGE_BITS));
+}
+
+export function intentWordsFor(virtualSize: number, intentBits: number): number {
+  return Math.ceil(Math.ceil(virtualSize / 2 ** intentBits) / 64);
+}
+
+/** §4: every field in range and every structure inside the file. Throws KSC_E_CORRUPT / KSC_E_FORMAT. */
+export function validateHeader(h: Header, file: string, fileSize: number): void {
+  const bad = (field: string, why: string): never => {
+    throw corrupt(file, 'header', `field ${field} ${why}`);
+  };
+  const unknown = h.incompatible & ~KNOWN_INCOMPAT;
+  if (unknown !== 0n) {
+    throw new KscError('KSC_E_FORMAT', `image ${file}: unknown incompatible features 0x${unknown.toString(16)}; a newer kscinc wrote it`);
+  }
+  if (!(h.virtualSize >= 1 && h.virtualSize <= MAX_VIRTUAL_SIZE)) bad('virtual_size', `${h.virtualSize} outside 1 … 2^50`);
+  if (!(h.blockBits >= MIN_BLOCK_BITS && h.blockBits <= MAX_BLOCK_BITS)) bad('block_bits', `${h.blockBits} outside 12 … 21`);
+  if (h.directoryEntries !== directoryEntriesFor(h.virtualSize, h.blockBits)) bad('directory_entries', 'does not match virtual_size');
+  if (h.directoryEntries > MAX_DIRECTORY_ENTRIES) bad('directory_entries', 'above 2^22');
+  if (!(h.intentBits >= h.blockBits && h.intentBits <= MAX_INTENT_BITS)) bad('intent_bits', `${h.intentBits} outside block_bits … 30`);
+  if (h.intentWords !== intentWordsFor(h.virtualSize, h.intentBits)) bad('intent_words', 'does not match virtual_size');
+  if (!(h.bitmapSlots >= 1 && h.bitmapSlots <= BITMAP_SLOTS)) bad('bitmap_slots', `${h.bitmapSlots} outside 1 … 64`);
+  const inFile = (field: string, offset: number, bytes: number): void => {
+    if (!Number.isSafeInteger(offset) || offset % 4096 !== 0 || offset < 8192) bad(field, `${offset} is not a valid offset`);
+    if (offset + bytes > fileSize) {
+      throw corrupt(file, 'header', `field ${field} points past the end of the file (${offset + bytes} > ${fileSize}): the file is truncated`);
+    }
+  };
+  inFile('directory_offset', h.directoryOffset, h.directoryEntries * 16);
+  inFile('intent_offset', h.intentOffset, h.intentWords * 16);
+  inFile('bitmap_dir_offset', h.bitmapDirOffset, h.bitmapSlots * 128);
+  if (h.freeListOffset !== 0) inFile('free_list_offset', h.freeListOffset, h.freeListEntries * 16);
+  if (h.backingFormat > 2) bad('backing_format', `${h.backingFormat} unknown`);
+  if ((h.backingFormat === 0) !== (h.backingName.length === 0)) bad('backing_name_length', 'disagrees with backing_format');
+}

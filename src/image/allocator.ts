@@ -1,0 +1,76 @@
+/**
+ * Host-space allocation for one ksc_inc file. Clusters come from the free list or from the end of the
+ * file (bump). Freed clusters wait in `pending` until a flush has made the map change that freed them
+ * durable (formats/ksc_inc.md §9 rule 4), so a crash can never leave two blocks pointing at one cluster's data.
+ */
+export class Allocator {
+  private free: number[] = [];
+  private pending: { offset: number; epoch: number }[] = [];
+
+  constructor(private end: number, readonly clusterSize: number) {}
+
+  get fileEnd(): number {
+    return this.end;
+  }
+
+  /** Returns `n` cluster offsets: reused free clusters first, the rest one contiguous run at the end. */
+  allocClusters(n: number): number[] {
+    const out: number[] = [];
+    while (out.length < n && this.free.length > 0) out.push(this.free.pop()!);
+    if (out.length < n) {
+      let pos = alignUp(this.end, this.clusterSize);
+      for (; out.length < n; pos += this.clusterSize) out.push(pos);
+      this.end = pos;
+    }
+    return out;
+  }
+
+  /** Space for metadata (`bytes` a multiple of 4096), 4096-aligned, at the end of the file. */
+  allocMeta(bytes: number): number {
+    const pos = alignUp(this.end, 4096);
+    this.end = pos + bytes;
+    return pos;
+  }
+
+  /** Gives back clusters that no durable or in-memory entry references (e.g. a failed write's). */
+  unusedAgain(offsets: number[]): void {
+    this.free.push(...offsets);
+  }
+
+  /** A cluster unlinked by a map change made in memory during flush epoch `epoch`. */
+  freeAfterFlush(offset: number, epoch: number): void {
+    this.pending.push({ offset, epoch });
+  }
+
+  /** A flush whose snapshot closed epoch `epoch` completed: clusters freed in it or earlier are reusable. */
+  flushed(epoch: number): void {
+    if (this.pending.length === 0) return;
+    const keep: { offset: number; epoch: number }[] = [];
+    for (const p of this.pending) (p.epoch <= epoch ? this.free : keep).push(p.offset as never);
+    this.pending = keep;
+  }
+
+  addFree(offsets: Iterable<number>): void {
+    for (const o of offsets) this.free.push(o);
+  }
+
+  /** Free clusters as sorted runs (for the free list written at clean close). */
+  freeRuns(): { offset: number; count: number }[] {
+    const all = [...this.free, ...this.pending.map((p) => p.offset)].sort((a, b) => a - b);
+    const runs: { offset: number; count: number }[] = [];
+    for (const o of all) {
+      const last = runs[runs.length - 1];
+      if (last && last.offset + last.count * this.clusterSize === o && last.count < 0xffffffff) last.count++;
+      else runs.push({ offset: o, count: 1 });
+    }
+    return runs;
+  }
+
+  get freeCount(): number {
+    return this.free.length + this.pending.length;
+  }
+}
+
+export function alignUp(n: number, a: number): number {
+  return Math.ceil(n / a) * a;
+}

@@ -1,0 +1,306 @@
+/**
+ * Persistent dirty bitmaps (formats/ksc_inc.md §6): a directory of 128-byte sealed slots, each bitmap a
+ * dense table of sealed entries pointing at 4 KiB pages of 256 sealed 64-bit words. Pages load on first use
+ * and stay in memory; bits are set in memory and written by the image's flush, in the same two phases as
+ * the block map. Clearing and merging build a complete new table and switch the slot atomically (§9 rule 6).
+ */
+import { corrupt, KscError } from '../errors.js';
+import type { HostFile } from '../io/file.js';
+import {
+  BITMAP_DIR_ENTRY_SIZE, BITMAP_PAGE_BYTES, BITS_PER_PAGE, MAX_BITMAP_NAME, MAX_GRANULARITY_BITS,
+  MIN_GRANULARITY_BITS, TAG_BITMAP_DIR, WORDS_PER_PAGE, tagBitmapTable, tagBitmapWord,
+} from '../format/constants.js';
+import { fillEmpty16, seal, sealOk } from '../format/seal.js';
+import type { MapWrite } from './maptable.js';
+
+const FLAG_IN_USE = 1;
+const FLAG_ENABLED = 2;
+
+export interface BitmapInfo {
+  name: string;
+  granularity: number;
+  enabled: boolean;
+}
+
+interface BitmapPage {
+  hostOffset: number; // 0 = not on disk yet
+  bits: Uint32Array; // BITS_PER_PAGE bits
+  dirty: boolean;
+}
+
+/** Sets bits [first, last] (inclusive) of a page's Uint32Array. */
+function setBitRange(words: Uint32Array, first: number, last: number): void {
+  let i = first;
+  while (i <= last && (i & 31) !== 0) words[i >>> 5]! |= 1 << (i & 31), i++;
+  while (i + 31 <= last) words[i >>> 5] = 0xffffffff, i += 32;
+  while (i <= last) words[i >>> 5]! |= 1 << (i & 31), i++;
+}
+
+export class SparseBitmap {
+  private table: Buffer | null = null;
+  private tableLoading: Promise<void> | null = null;
+  readonly pages = new Map<number, BitmapPage>();
+  private dirtyTable = new Set<number>();
+  readonly bits: number;
+
+  constructor(
+    private readonly file: HostFile,
+    readonly slot: number,
+    public name: string,
+    readonly granularityBits: number,
+    public enabled: boolean,
+    public tableOffset: number,
+    readonly tableEntries: number,
+    virtualSize: number,
+  ) {
+    this.bits = Math.ceil(virtualSize / 2 ** granularityBits);
+  }
+
+  get granularity(): number {
+    return 2 ** this.granularityBits;
+  }
+
+  static tableEntriesFor(virtualSize: number, granularityBits: number): number {
+    return Math.ceil(Math.ceil(virtualSize / 2 ** granularityBits) / BITS_PER_PAGE);
+  }
+
+  static tableBytes(entries: number): number {
+    return Math.ceil((entries * 16) / 4096) * 4096;
+  }
+
+  private where(): string {
+    return `bitmap "${this.name}"`;
+  }
+
+  private async loadTable(): Promise<void> {
+    if (this.table) return;
+    this.tableLoading ??= (async () => {
+      const buf = Buffer.alloc(this.tableEntries * 16);
+      if ((await this.file.read(buf, this.tableOffset)) < buf.length) throw corrupt(this.file.path, this.where(), 'table is truncated');
+      this.table = buf;
+    })();
+    await this.tableLoading;
+  }
+
+  private pageOffset(p: number): number {
+    const rec = this.table!.subarray(p * 16, p * 16 + 16);
+    if (!sealOk(rec, tagBitmapTable(this.slot), p)) {
+      throw corrupt(this.file.path, this.where(), `table entry ${p} at offset 0x${(this.tableOffset + p * 16).toString(16)} checksum mismatch`);
+    }
+    const off = Number(rec.readBigUInt64LE(0));
+    if (off % 4096 !== 0 || (off !== 0 && off < 8192)) throw corrupt(this.file.path, this.where(), `table entry ${p} is misaligned`);
+    return off;
+  }
+
+  private async loadPage(p: number): Promise<BitmapPage> {
+    const off = this.pageOffset(p);
+    const page: BitmapPage = { hostOffset: off, bits: new Uint32Array(BITS_PER_PAGE / 32), dirty: false };
+    if (off !== 0) {
+      const raw = Buffer.alloc(BITMAP_PAGE_BYTES);
+      if ((await this.file.read(raw, off)) < raw.length) throw corrupt(this.file.path, this.where(), `page ${p} at 0x${off.toString(16)} is truncated`);
+      const tag = tagBitmapWord(this.slot);
+      for (let w = 0; w < WORDS_PER_PAGE; w++) {
+        const rec = raw.subarray(w * 16, w * 16 + 16);
+        if (!sealOk(rec, tag, p * WORDS_PER_PAGE + w) || rec.readUInt32LE(8) !== 0) {
+          throw corrupt(this.file.path, this.where(), `word ${p * WORDS_PER_PAGE + w} at offset 0x${(off + w * 16).toString(16)} checksum mismatch`);
+        }
+        page.bits[2 * w] = rec.readUInt32LE(0);
+        page.bits[2 * w + 1] = rec.readUInt32LE(4);
+      }
+    }
+    this.pages.set(p, page);
+    return page;
+  }
+
+  /** Loads the table and the pages covering [offset, offset+length) so `mark` needs no I/O. */
+  async prepare(offset: number, length: number): Promise<void> {
+    await this.loadTable();
+    if (length === 0) return;
+    const p0 = Math.floor(Math.floor(offset / this.granularity) / BITS_PER_PAGE);
+    const p1 = Math.floor(Math.floor((offset + length - 1) / this.granularity) / BITS_PER_PAGE);
+    for (let p = p0; p <= p1; p++) if (!this.pages.has(p)) await this.loadPage(p);
+  }
+
+  async loadAll(): Promise<void> {
+    await this.loadTable();
+    for (let p = 0; p < this.tableEntries; p++) if (!this.pages.has(p)) await this.loadPage(p);
+  }
+
+  /** Sets the bits covering [offset, offset+length); the pages must have been prepared. */
+  mark(offset: number, length: number): void {
+    if (length === 0) return;
+    const k0 = Math.floor(offset / this.granularity);
+    const k1 = Math.min(Math.floor((offset + length - 1) / this.granularity), this.bits - 1);
+    for (let p = Math.floor(k0 / BITS_PER_PAGE); p * BITS_PER_PAGE <= k1; p++) {
+      let page = this.pages.get(p);
+      if (!page) {
+        // Only reachable for pages the table says are empty (prepare loads the others).
+        page = { hostOffset: 0, bits: new Uint32Array(BITS_PER_PAGE / 32), dirty: false };
+        this.pages.set(p, page);
+      }
+      const first = Math.max(k0 - p * BITS_PER_PAGE, 0);
+      const last = Math.min(k1 - p * BITS_PER_PAGE, BITS_PER_PAGE - 1);
+      setBitRange(page.bits, first, last);
+      page.dirty = true;
+    }
+  }
+
+  isSet(bit: number): boolean {
+    const page = this.pages.get(Math.floor(bit / BITS_PER_PAGE));
+    if (!page) return false;
+    const i = bit % BITS_PER_PAGE;
+    return (page.bits[i >>> 5]! & (1 << (i & 31))) !== 0;
+  }
+
+  encodePage(p: number, page: BitmapPage): Buffer {
+    const raw = Buffer.alloc(BITMAP_PAGE_BYTES);
+    const tag = tagBitmapWord(this.slot);
+    for (let w = 0; w < WORDS_PER_PAGE; w++) {
+      const rec = raw.subarray(w * 16, w * 16 + 16);
+      rec.writeUInt32LE(page.bits[2 * w]!, 0);
+      rec.writeUInt32LE(page.bits[2 * w + 1]!, 4);
+      seal(rec, tag, p * WORDS_PER_PAGE + w);
+    }
+    return raw;
+  }
+
+  private setTableEntry(p: number, offset: number): void {
+    const rec = this.table!.subarray(p * 16, p * 16 + 16);
+    rec.fill(0);
+    rec.writeBigUInt64LE(BigInt(offset), 0);
+    seal(rec, tagBitmapTable(this.slot), p);
+    this.dirtyTable.add(Math.floor((p * 16) / 4096));
+  }
+
+  /** Dirty pages and table records for a flush (see MapTable.snapshot). */
+  snapshot(allocMeta: (bytes: number) => number, fresh: MapWrite[], inPlace: MapWrite[]): void {
+    for (const [p, page] of this.pages) {
+      if (!page.dirty) continue;
+      page.dirty = false;
+      if (page.hostOffset === 0) {
+        page.hostOffset = allocMeta(BITMAP_PAGE_BYTES);
+        fresh.push({ offset: page.hostOffset, data: this.encodePage(p, page) });
+        this.setTableEntry(p, page.hostOffset);
+      } else {
+        inPlace.push({ offset: page.hostOffset, data: this.encodePage(p, page) });
+      }
+    }
+    for (const sp of this.dirtyTable) {
+      const start = sp * 4096;
+      inPlace.push({ offset: this.tableOffset + start, data: Buffer.from(this.table!.subarray(start, Math.min(start + 4096, this.table!.length))) });
+    }
+    this.dirtyTable.clear();
+  }
+
+  /** Dirty extents of [offset, offset+length), merged. Loads the pages it needs. */
+  async dirtyExtents(offset = 0, length = Number.MAX_SAFE_INTEGER, virtualSize = Number.MAX_SAFE_INTEGER): Promise<{ offset: number; length: number }[]> {
+    await this.loadTable();
+    const end = Math.min(offset + length, virtualSize, this.bits * this.granularity);
+    const out: { offset: number; length: number }[] = [];
+    if (end <= offset) return out;
+    const k0 = Math.floor(offset / this.granularity);
+    const k1 = Math.floor((end - 1) / this.granularity);
+    for (let p = Math.floor(k0 / BITS_PER_PAGE); p * BITS_PER_PAGE <= k1; p++) {
+      if (!this.pages.has(p)) {
+        if (this.pageOffset(p) === 0) continue;
+        await this.loadPage(p);
+      }
+      const page = this.pages.get(p)!;
+      const from = Math.max(k0, p * BITS_PER_PAGE);
+      const to = Math.min(k1, p * BITS_PER_PAGE + BITS_PER_PAGE - 1);
+      for (let k = from; k <= to; k++) {
+        const i = k - p * BITS_PER_PAGE;
+        if (page.bits[i >>> 5] === 0 && (i & 31) === 0 && k + 31 <= to) {
+          k += 31;
+          continue;
+        }
+        if ((page.bits[i >>> 5]! & (1 << (i & 31))) === 0) continue;
+        const s = Math.max(k * this.granularity, offset);
+        const e = Math.min((k + 1) * this.granularity, end);
+        const last = out[out.length - 1];
+        if (last && last.offset + last.length === s) last.length += e - s;
+        else out.push({ offset: s, length: e - s });
+      }
+    }
+    return out;
+  }
+
+  /** Writes a complete new, empty table for this bitmap at `offset` (not yet referenced). */
+  static emptyTable(slot: number, entries: number): Buffer {
+    const buf = Buffer.alloc(SparseBitmap.tableBytes(entries));
+    fillEmpty16(buf.subarray(0, entries * 16), tagBitmapTable(slot), 0);
+    return buf;
+  }
+
+  /** Replaces the in-memory state after the slot was switched to a new table. */
+  adoptTable(offset: number, table: Buffer, pages: Map<number, Uint32Array>, pageOffsets: Map<number, number>): void {
+    this.tableOffset = offset;
+    this.table = table.subarray(0, this.tableEntries * 16);
+    this.tableLoading = null;
+    this.pages.clear();
+    this.dirtyTable.clear();
+    for (const [p, bits] of pages) this.pages.set(p, { hostOffset: pageOffsets.get(p) ?? 0, bits, dirty: false });
+  }
+
+  /** Host ranges this bitmap occupies (table and pages), for leak checks and punching. */
+  async hostRanges(): Promise<{ offset: number; length: number }[]> {
+    await this.loadTable();
+    const out = [{ offset: this.tableOffset, length: SparseBitmap.tableBytes(this.tableEntries) }];
+    for (let p = 0; p < this.tableEntries; p++) {
+      const off = this.pages.get(p)?.hostOffset || this.pageOffset(p);
+      if (off) out.push({ offset: off, length: BITMAP_PAGE_BYTES });
+    }
+    return out;
+  }
+}
+
+/** Encodes a 128-byte bitmap directory slot (§6.1). */
+export function encodeBitmapSlot(slot: number, b: { name: string; granularityBits: number; enabled: boolean; tableEntries: number; tableOffset: number } | null): Buffer {
+  const rec = Buffer.alloc(BITMAP_DIR_ENTRY_SIZE);
+  if (b) {
+    const name = Buffer.from(b.name, 'utf8');
+    rec[0] = FLAG_IN_USE | (b.enabled ? FLAG_ENABLED : 0);
+    rec[1] = b.granularityBits;
+    rec[2] = name.length;
+    rec.writeUInt32LE(b.tableEntries, 4);
+    rec.writeBigUInt64LE(BigInt(b.tableOffset), 8);
+    name.copy(rec, 16);
+  }
+  seal(rec, TAG_BITMAP_DIR, slot);
+  return rec;
+}
+
+export interface DecodedSlot {
+  name: string;
+  granularityBits: number;
+  enabled: boolean;
+  tableEntries: number;
+  tableOffset: number;
+}
+
+export function decodeBitmapSlot(rec: Buffer, slot: number, file: string, virtualSize: number, fileSize: number): DecodedSlot | null {
+  const bad = (why: string): never => {
+    throw corrupt(file, 'bitmap directory', `slot ${slot} ${why}`);
+  };
+  if (!sealOk(rec, TAG_BITMAP_DIR, slot)) bad('checksum mismatch');
+  const flags = rec[0]!;
+  if ((flags & FLAG_IN_USE) === 0) {
+    if (rec.subarray(0, 124).some((x) => x !== 0)) bad('is unused but not empty');
+    return null;
+  }
+  if ((flags & ~(FLAG_IN_USE | FLAG_ENABLED)) !== 0) bad(`has unknown flags 0x${flags.toString(16)}`);
+  const g = rec[1]!;
+  if (g < MIN_GRANULARITY_BITS || g > MAX_GRANULARITY_BITS) bad(`granularity_bits ${g} outside 12 … 26`);
+  const nameLen = rec[2]!;
+  if (nameLen < 1 || nameLen > MAX_BITMAP_NAME) bad(`name_length ${nameLen} outside 1 … 64`);
+  const tableEntries = rec.readUInt32LE(4);
+  if (tableEntries !== SparseBitmap.tableEntriesFor(virtualSize, g)) bad('table_entries does not match the virtual size');
+  const tableOffset = Number(rec.readBigUInt64LE(8));
+  if (tableOffset % 4096 !== 0 || tableOffset < 8192 || tableOffset + tableEntries * 16 > fileSize) bad('table_offset is outside the file');
+  return { name: rec.subarray(16, 16 + nameLen).toString('utf8'), granularityBits: g, enabled: (flags & FLAG_ENABLED) !== 0, tableEntries, tableOffset };
+}
+
+export function validateBitmapName(name: string): void {
+  const len = Buffer.byteLength(name, 'utf8');
+  if (len < 1 || len > MAX_BITMAP_NAME) throw new KscError('KSC_E_INVALID', `bitmap name "${name}" must be 1 … 64 bytes`);
+}

@@ -1,0 +1,938 @@
+/**
+ * A ksc_inc image as a BlockDevice (formats/ksc_inc.md). Owns the ordering rules of §9:
+ *  - open for writing: lock, then a durable DIRTY header before anything else (rule 1);
+ *  - every change: intent bits durable first (rule 2, IntentLog), then data, then in-memory map/bitmaps;
+ *  - flush: snapshot dirty metadata, write new pages, sync, rewrite records in place, sync (rule 3);
+ *  - freed clusters wait for the flush that unlinks them (rule 4, Allocator);
+ *  - close: flush, free list, clear intent, clean header (rule 7).
+ * Block-range locks (shared for reads, exclusive for changes) keep copy-on-write invisible to readers.
+ */
+import { crc32 } from 'node:zlib';
+import { KscError, corrupt, ioError } from '../errors.js';
+import type { HostFile, FileOpener } from '../io/file.js';
+import { openHostFile } from '../io/file.js';
+import {
+  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM,
+  DEFAULT_BLOCK_BITS, DEFAULT_INTENT_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
+  KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
+  TAG_FREE, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
+} from '../format/constants.js';
+import { type Header, decodeHeaderSlot, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
+import { seal, sealOk } from '../format/seal.js';
+import { Mutex, RangeLock } from '../util/rangelock.js';
+import { isPowerOfTwo, log2 } from '../util/size.js';
+import { newUuidBytes } from '../util/uuid.js';
+import { Allocator, alignUp } from './allocator.js';
+import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
+import { IntentLog } from './intent.js';
+import { MapTable, type MapWrite } from './maptable.js';
+import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
+
+export interface CreateKscOptions {
+  size: number;
+  blockSize?: number;
+  /** Backing file name as stored in the header (relative to the image's folder, or absolute). */
+  backingName?: string;
+  backingFormat?: 'raw' | 'ksc_inc';
+  diskUuid?: Buffer;
+  intentRegion?: number;
+  opener?: FileOpener;
+}
+
+export interface OpenKscOptions {
+  write?: boolean;
+  /** The opened backing device (the chain is resolved by open.ts). */
+  backing?: BlockDevice | null;
+  opener?: FileOpener;
+}
+
+export interface BitmapStatus extends BitmapInfo {
+  dirtyBytes: number;
+  /** false when a writer that does not maintain bitmaps touched the image (autoclear bit cleared). */
+  consistent: boolean;
+}
+
+interface Seg {
+  block: number;
+  /** Offset of this piece inside the caller's buffer / request. */
+  at: number;
+  /** Offset inside the block. */
+  inBlock: number;
+  length: number;
+}
+
+const ZERO_BLOCK_CRC = new Map<number, number>();
+function zeroCrc(blockSize: number): number {
+  let c = ZERO_BLOCK_CRC.get(blockSize);
+  if (c === undefined) ZERO_BLOCK_CRC.set(blockSize, (c = crc32(Buffer.alloc(blockSize))));
+  return c;
+}
+
+export class KscImage implements BlockDevice {
+  readonly format = 'ksc_inc' as const;
+  readonly blockSize: number;
+  readonly size: number;
+  private readonly blockBits: number;
+  private readonly blocks: number;
+  private readonly locks = new RangeLock();
+  private readonly flushMutex = new Mutex();
+  private pendingFlush: Promise<void> | null = null;
+  /** Number of flush snapshots taken (§9 rules 4 and 5 count in these). */
+  private epoch = 0;
+  private closed = false;
+  private broken: KscError | null = null;
+  private currentSlot: number;
+
+  private constructor(
+    private readonly file: HostFile,
+    private header: Header,
+    slot: number,
+    readonly readOnly: boolean,
+    private readonly map: MapTable,
+    private readonly alloc: Allocator,
+    private readonly intent: IntentLog,
+    private readonly bitmapSlots: (SparseBitmap | null)[],
+    private readonly bitmapsConsistent: boolean,
+    private backingDev: BlockDevice | null,
+  ) {
+    this.currentSlot = slot;
+    this.blockBits = header.blockBits;
+    this.blockSize = 2 ** header.blockBits;
+    this.size = header.virtualSize;
+    this.blocks = Math.ceil(this.size / this.blockSize);
+  }
+
+  get name(): string {
+    return this.file.path;
+  }
+
+  get diskUuid(): Buffer {
+    return Buffer.from(this.header.diskUuid);
+  }
+
+  get backing(): BlockDevice | null {
+    return this.backingDev;
+  }
+
+  get backingName(): string | null {
+    return this.header.backingFormat === BackingFormat.None ? null : this.header.backingName;
+  }
+
+  get backingFormat(): 'raw' | 'ksc_inc' | null {
+    return this.header.backingFormat === BackingFormat.Raw ? 'raw' : this.header.backingFormat === BackingFormat.Ksc ? 'ksc_inc' : null;
+  }
+
+  /** True when the image was not closed cleanly (or another writer has it open). */
+  get wasDirty(): boolean {
+    return (this.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  get intentSyncs(): number {
+    return this.intent.syncs;
+  }
+
+  // ---------------------------------------------------------------- create and open
+
+  /** Creates a new, empty image file (fails if the path exists). */
+  static async create(path: string, opts: CreateKscOptions): Promise<void> {
+    const blockSize = opts.blockSize ?? 2 ** DEFAULT_BLOCK_BITS;
+    if (!isPowerOfTwo(blockSize) || log2(blockSize) < MIN_BLOCK_BITS || log2(blockSize) > MAX_BLOCK_BITS) {
+      throw new KscError('KSC_E_INVALID', `block size ${blockSize} must be a power of two from 4 KiB to 2 MiB`);
+    }
+    const blockBits = log2(blockSize);
+    if (!Number.isSafeInteger(opts.size) || opts.size < 1 || opts.size > MAX_VIRTUAL_SIZE) {
+      throw new KscError('KSC_E_RANGE', `virtual size ${opts.size} must be 1 byte … 1 PiB`);
+    }
+    const dirEntries = directoryEntriesFor(opts.size, blockBits);
+    if (dirEntries > MAX_DIRECTORY_ENTRIES) {
+      throw new KscError('KSC_E_RANGE', `virtual size ${opts.size} is too large for block size ${blockSize}: use a larger block size`);
+    }
+    const intentBits = Math.max(blockBits, opts.intentRegion ? log2(opts.intentRegion) : DEFAULT_INTENT_BITS);
+    if (intentBits > MAX_INTENT_BITS || (opts.intentRegion !== undefined && !isPowerOfTwo(opts.intentRegion))) {
+      throw new KscError('KSC_E_INVALID', `intent region must be a power of two up to 1 GiB`);
+    }
+    const intentWords = intentWordsFor(opts.size, intentBits);
+    let pos = FIRST_FREE_OFFSET;
+    const place = (bytes: number): number => {
+      const at = pos;
+      pos = alignUp(pos + bytes, 4096);
+      return at;
+    };
+    const directoryOffset = place(dirEntries * 16);
+    const bitmapDirOffset = place(BITMAP_SLOTS * BITMAP_DIR_ENTRY_SIZE);
+    const intentOffset = place(intentWords * 16);
+    const backingName = opts.backingName ?? '';
+    const header: Header = {
+      generation: 1,
+      incompatible: 0n,
+      compatible: COMPAT_DATA_CSUM,
+      autoclear: AUTOCLEAR_BITMAPS,
+      diskUuid: opts.diskUuid ?? newUuidBytes(),
+      virtualSize: opts.size,
+      blockBits,
+      directoryOffset,
+      directoryEntries: dirEntries,
+      intentBits,
+      intentOffset,
+      intentWords,
+      bitmapSlots: BITMAP_SLOTS,
+      bitmapDirOffset,
+      freeListOffset: 0,
+      freeListEntries: 0,
+      backingFormat: backingName === '' ? BackingFormat.None : opts.backingFormat === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+      backingName,
+    };
+    const headerBuf = encodeHeader(header); // validates the backing name before the file exists
+    const file = await (opts.opener ?? openHostFile)(path, { write: true, create: true });
+    try {
+      const slots = Buffer.alloc(BITMAP_SLOTS * BITMAP_DIR_ENTRY_SIZE);
+      for (let s = 0; s < BITMAP_SLOTS; s++) encodeBitmapSlot(s, null).copy(slots, s * BITMAP_DIR_ENTRY_SIZE);
+      await file.write(MapTable.emptyDirectory(dirEntries), directoryOffset);
+      await file.write(slots, bitmapDirOffset);
+      await file.write(IntentLog.empty(intentWords), intentOffset);
+      await file.truncate(pos);
+      await file.sync();
+      // Slot A holds the only header; slot B stays zero (invalid) until the first header update.
+      await file.write(headerBuf, HEADER_SLOTS[0]);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+  }
+
+  /** Reads the current header of a ksc_inc file (for probing and `info`). */
+  static async readHeader(file: HostFile): Promise<{ header: Header; slot: number; damagedSlots: string[] }> {
+    const size = await file.size();
+    const damaged: string[] = [];
+    let best: { header: Header; slot: number } | null = null;
+    let anyMagic = false;
+    for (let s = 0; s < 2; s++) {
+      const buf = Buffer.alloc(HEADER_SIZE);
+      const n = await file.read(buf, HEADER_SLOTS[s]!);
+      const r = decodeHeaderSlot(buf.subarray(0, n));
+      if (r.ok) {
+        anyMagic = true;
+        if (!best || r.header.generation > best.header.generation) best = { header: r.header, slot: s };
+      } else {
+        anyMagic ||= r.hasMagic;
+        if (!(s === 1 && n === HEADER_SIZE && buf.every((x) => x === 0))) damaged.push(`header slot ${'AB'[s]}: ${r.reason}`);
+      }
+    }
+    if (!best) {
+      if (!anyMagic) throw new KscError('KSC_E_FORMAT', `${file.path}: not a ksc_inc image (bad magic)`);
+      throw corrupt(file.path, 'header', `has no valid copy (${damaged.join('; ')})`);
+    }
+    validateHeader(best.header, file.path, size);
+    return { ...best, damagedSlots: damaged };
+  }
+
+  /** Opens a ksc_inc file; the caller resolves and passes the backing device (see open.ts). */
+  static async open(path: string, opts: OpenKscOptions = {}): Promise<KscImage> {
+    const write = !!opts.write;
+    const file = await (opts.opener ?? openHostFile)(path, { write });
+    try {
+      if (write) await file.lockExclusive();
+      return await KscImage.openFile(file, write, opts.backing ?? null);
+    } catch (e) {
+      await file.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  private static async openFile(file: HostFile, write: boolean, backing: BlockDevice | null): Promise<KscImage> {
+    const { header, slot } = await KscImage.readHeader(file);
+    const fileSize = await file.size();
+    const alloc = new Allocator(alignUp(fileSize, 4096), 2 ** header.blockBits);
+    const dir = Buffer.alloc(header.directoryEntries * 16);
+    if ((await file.read(dir, header.directoryOffset)) < dir.length) throw corrupt(file.path, 'directory', 'is truncated');
+    const blocks = Math.ceil(header.virtualSize / 2 ** header.blockBits);
+    const map = new MapTable(file, dir, header.directoryOffset, 2 ** header.blockBits, blocks, () => alloc.fileEnd);
+
+    const slotsBuf = Buffer.alloc(header.bitmapSlots * BITMAP_DIR_ENTRY_SIZE);
+    if ((await file.read(slotsBuf, header.bitmapDirOffset)) < slotsBuf.length) throw corrupt(file.path, 'bitmap directory', 'is truncated');
+    const bitmaps: (SparseBitmap | null)[] = [];
+    for (let s = 0; s < header.bitmapSlots; s++) {
+      const d = decodeBitmapSlot(slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE), s, file.path, header.virtualSize, fileSize);
+      bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize) : null);
+    }
+    const intentRaw = Buffer.alloc(header.intentWords * 16);
+    if ((await file.read(intentRaw, header.intentOffset)) < intentRaw.length) throw corrupt(file.path, 'intent words', 'are truncated');
+    const regions = Math.ceil(header.virtualSize / 2 ** header.intentBits);
+    const setRegions = IntentLog.decode(file.path, header.intentOffset, intentRaw, regions);
+    const intent = new IntentLog(file, header.intentOffset, intentRaw, header.intentBits, regions);
+    intent.adoptSet(setRegions);
+
+    const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    const consistent = (header.autoclear & AUTOCLEAR_BITMAPS) !== 0n || bitmaps.every((b) => b === null);
+    if (!dirty && header.freeListOffset !== 0 && header.freeListEntries > 0) {
+      alloc.addFree(await KscImage.readFreeList(file, header, fileSize));
+    }
+    const img = new KscImage(file, header, slot, !write, map, alloc, intent, bitmaps, consistent, backing);
+    if (write) {
+      // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1).
+      await img.writeHeader({ ...header, incompatible: header.incompatible | INCOMPAT_DIRTY, autoclear: header.autoclear & KNOWN_AUTOCLEAR });
+    }
+    if (dirty && setRegions.length > 0) await img.recover(setRegions);
+    return img;
+  }
+
+  private static async readFreeList(file: HostFile, header: Header, fileSize: number): Promise<number[]> {
+    const buf = Buffer.alloc(header.freeListEntries * 16);
+    if ((await file.read(buf, header.freeListOffset)) < buf.length) throw corrupt(file.path, 'free list', 'is truncated');
+    const clusterSize = 2 ** header.blockBits;
+    const out: number[] = [];
+    for (let i = 0; i < header.freeListEntries; i++) {
+      const rec = buf.subarray(i * 16, i * 16 + 16);
+      if (!sealOk(rec, TAG_FREE, i)) throw corrupt(file.path, 'free list', `entry ${i} checksum mismatch`);
+      const off = Number(rec.readBigUInt64LE(0));
+      const count = rec.readUInt32LE(8);
+      if (off % clusterSize !== 0 || off < FIRST_FREE_OFFSET || count < 1 || off + count * clusterSize > alignUp(fileSize, clusterSize)) {
+        throw corrupt(file.path, 'free list', `entry ${i} is outside the file`);
+      }
+      for (let c = 0; c < count; c++) out.push(off + c * clusterSize);
+    }
+    return out;
+  }
+
+  /**
+   * §10 step 3: after a crash, every region with its intent bit set may hold changes that the bitmaps and
+   * checksums do not record. OR them into every enabled bitmap and distrust the checksums there. In memory
+   * only: a writer persists it with its next flush; the intent bits stay until then.
+   */
+  private async recover(regions: number[]): Promise<void> {
+    const regionSize = 2 ** this.header.intentBits;
+    for (const r of regions) {
+      const off = r * regionSize;
+      const len = Math.min(regionSize, this.size - off);
+      for (const b of this.enabledBitmaps()) {
+        await b.prepare(off, len);
+        b.mark(off, len);
+      }
+      const b0 = Math.floor(off / this.blockSize);
+      const b1 = Math.floor((off + len - 1) / this.blockSize);
+      const p0 = Math.floor(b0 / 4096);
+      for (let p = p0; p <= Math.floor(b1 / 4096); p++) {
+        if (this.map.pageAbsent(p)) continue;
+        await this.map.ensure(p * 4096, p * 4096);
+        const page = this.map.page(p)!;
+        for (let b = Math.max(b0, p * 4096); b <= Math.min(b1, p * 4096 + 4095); b++) {
+          const i = b - p * 4096;
+          if (page.csumValid[i]) this.map.set(b, page.state[i]!, page.host[i]!, 0, false);
+        }
+      }
+    }
+  }
+
+  private async writeHeader(h: Header): Promise<void> {
+    const next = { ...h, generation: this.header.generation + 1 };
+    const target = 1 - this.currentSlot;
+    await this.file.write(encodeHeader(next), HEADER_SLOTS[target]!);
+    await this.file.sync();
+    this.header = next;
+    this.currentSlot = target;
+  }
+
+  // ---------------------------------------------------------------- guards
+
+  private live(): void {
+    if (this.closed) throw new KscError('KSC_E_CLOSED', `image ${this.name}: closed`);
+  }
+
+  private writable(): void {
+    this.live();
+    if (this.readOnly) throw new KscError('KSC_E_READ_ONLY', `image ${this.name}: opened read-only`);
+    if (this.broken) throw this.broken;
+  }
+
+  private enabledBitmaps(): SparseBitmap[] {
+    const out: SparseBitmap[] = [];
+    for (const b of this.bitmapSlots) if (b && b.enabled) out.push(b);
+    return out;
+  }
+
+  private segments(offset: number, length: number): Seg[] {
+    const segs: Seg[] = [];
+    let pos = offset;
+    const end = offset + length;
+    while (pos < end) {
+      const block = Math.floor(pos / this.blockSize);
+      const inBlock = pos - block * this.blockSize;
+      const n = Math.min(this.blockSize - inBlock, end - pos);
+      segs.push({ block, at: pos - offset, inBlock, length: n });
+      pos += n;
+    }
+    return segs;
+  }
+
+  private lockBlocks(offset: number, length: number, exclusive: boolean): Promise<() => void> {
+    const b0 = Math.floor(offset / this.blockSize);
+    const b1 = Math.floor((offset + Math.max(length, 1) - 1) / this.blockSize);
+    return this.locks.acquire(b0, b1, exclusive);
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    await this.readInto(offset, buf);
+    return buf;
+  }
+
+  async readInto(offset: number, target: Buffer): Promise<void> {
+    this.live();
+    checkRange(this, offset, target.length);
+    if (target.length === 0) return;
+    const release = await this.lockBlocks(offset, target.length, false);
+    try {
+      await this.readLocked(offset, target);
+    } finally {
+      release();
+    }
+  }
+
+  /** Reads with the caller holding at least shared locks on the blocks. Coalesces adjacent I/O. */
+  private async readLocked(offset: number, target: Buffer): Promise<void> {
+    const segs = this.segments(offset, target.length);
+    await this.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+    const io: Promise<void>[] = [];
+    let run: { kind: 'data' | 'backing'; at: number; host: number; length: number } | null = null;
+    const flushRun = (): void => {
+      if (!run) return;
+      const r = run;
+      run = null;
+      const dst = target.subarray(r.at, r.at + r.length);
+      io.push(r.kind === 'data' ? this.readHost(r.host, dst) : this.readBacking(offset + r.at, dst));
+    };
+    for (const s of segs) {
+      const page = this.map.page(Math.floor(s.block / 4096))!;
+      const i = s.block % 4096;
+      const state = page.state[i]!;
+      if (state === BlockState.Data) {
+        const host = page.host[i]! + s.inBlock;
+        if (run?.kind === 'data' && run.host + run.length === host && run.at + run.length === s.at) run.length += s.length;
+        else flushRun(), (run = { kind: 'data', at: s.at, host, length: s.length });
+      } else if (state === BlockState.Unallocated && this.backingDev) {
+        if (run?.kind === 'backing' && run.at + run.length === s.at) run.length += s.length;
+        else flushRun(), (run = { kind: 'backing', at: s.at, host: 0, length: s.length });
+      } else {
+        flushRun();
+        target.fill(0, s.at, s.at + s.length);
+      }
+    }
+    flushRun();
+    await Promise.all(io);
+  }
+
+  private async readHost(host: number, dst: Buffer): Promise<void> {
+    const n = await this.file.read(dst, host);
+    if (n < dst.length) throw corrupt(this.name, 'data', `cluster at 0x${host.toString(16)} is past the end of the file (truncated image)`);
+  }
+
+  /** Reads [offset, offset+dst.length) of the backing; past its end reads zeros. */
+  private async readBacking(offset: number, dst: Buffer): Promise<void> {
+    const b = this.backingDev;
+    const avail = b ? Math.max(0, Math.min(dst.length, b.size - offset)) : 0;
+    if (avail > 0) await b!.readInto(offset, dst.subarray(0, avail));
+    if (avail < dst.length) dst.fill(0, avail);
+  }
+
+  // ---------------------------------------------------------------- changes
+
+  /**
+   * Runs a change of [offset, offset+length) under the §9 protocol: exclusive block locks, intent bits
+   * durable, bitmap pages loaded; then `fn`; then the bitmaps marked; FUA flushes before returning.
+   */
+  private async change(offset: number, length: number, fua: boolean | undefined, fn: () => Promise<void>): Promise<void> {
+    this.writable();
+    checkRange(this, offset, length);
+    if (length > 0) {
+      const release = await this.lockBlocks(offset, length, true);
+      try {
+        await this.intent.begin(offset, length);
+        try {
+          const bitmaps = this.enabledBitmaps();
+          for (const b of bitmaps) await b.prepare(offset, length);
+          await fn();
+          for (const b of bitmaps) b.mark(offset, length);
+        } finally {
+          this.intent.end(offset, length, this.epoch);
+        }
+      } finally {
+        release();
+      }
+    }
+    if (fua) await this.flush();
+  }
+
+  async write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
+    await this.change(offset, data.length, opts.fua, () => this.writeLocked(offset, data));
+  }
+
+  private async writeLocked(offset: number, data: Buffer): Promise<void> {
+    const segs = this.segments(offset, data.length);
+    await this.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+    const B = this.blockSize;
+    const inPlace: { seg: Seg; host: number; full: boolean; wasValid: boolean }[] = [];
+    const fresh: { seg: Seg; buf: Buffer }[] = [];
+    for (const s of segs) {
+      const page = this.map.page(Math.floor(s.block / 4096))!;
+      const i = s.block % 4096;
+      const piece = data.subarray(s.at, s.at + s.length);
+      if (page.state[i] === BlockState.Data) {
+        inPlace.push({ seg: s, host: page.host[i]!, full: s.length === B, wasValid: page.csumValid[i] === 1 });
+      } else if (s.length === B) {
+        fresh.push({ seg: s, buf: piece });
+      } else {
+        // Copy-on-write: assemble the whole block from what it reads as now, then the new bytes.
+        const blk = Buffer.alloc(B);
+        if (page.state[i] === BlockState.Unallocated && this.backingDev) {
+          const start = s.block * B;
+          await this.readBacking(start, blk.subarray(0, Math.min(B, this.size - start)));
+        }
+        piece.copy(blk, s.inBlock);
+        fresh.push({ seg: s, buf: blk });
+      }
+    }
+    const hosts = this.alloc.allocClusters(fresh.length);
+    const writes: { host: number; buf: Buffer }[] = [];
+    inPlace.forEach((p) => writes.push({ host: p.host + p.seg.inBlock, buf: data.subarray(p.seg.at, p.seg.at + p.seg.length) }));
+    fresh.forEach((f, k) => writes.push({ host: hosts[k]!, buf: f.buf }));
+    try {
+      await this.writeCoalesced(writes);
+    } catch (e) {
+      this.alloc.unusedAgain(hosts);
+      throw e;
+    }
+    for (const p of inPlace) {
+      if (p.full) this.map.set(p.seg.block, BlockState.Data, p.host, crc32(data.subarray(p.seg.at, p.seg.at + B)), true);
+      else if (p.wasValid) this.map.set(p.seg.block, BlockState.Data, p.host, 0, false);
+    }
+    fresh.forEach((f, k) => this.map.set(f.seg.block, BlockState.Data, hosts[k]!, crc32(f.buf), true));
+  }
+
+  /** Writes (host, buffer) pieces, merging host-contiguous neighbours into one vectored write. */
+  private async writeCoalesced(writes: { host: number; buf: Buffer }[]): Promise<void> {
+    writes.sort((a, b) => a.host - b.host);
+    const groups: { host: number; bufs: Buffer[]; len: number }[] = [];
+    for (const w of writes) {
+      const g = groups[groups.length - 1];
+      if (g && g.host + g.len === w.host && g.bufs.length < 512) g.bufs.push(w.buf), (g.len += w.buf.length);
+      else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length });
+    }
+    await Promise.all(groups.map((g) => this.file.write(g.bufs.length === 1 ? g.bufs[0]! : Buffer.concat(g.bufs, g.len), g.host)));
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    await this.change(offset, length, opts.fua, () => this.zeroLocked(offset, length, opts.mayTrim ?? true, false));
+  }
+
+  async discard(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    await this.change(offset, length, opts.fua, () => this.zeroLocked(offset, length, true, true));
+  }
+
+  /**
+   * Whole blocks become ZERO (their clusters freed) or, when trimming is not allowed, are zeroed in place.
+   * Partial blocks are written with zeros, except for discard, which leaves them as they are.
+   */
+  private async zeroLocked(offset: number, length: number, mayTrim: boolean, discard: boolean): Promise<void> {
+    const segs = this.segments(offset, length);
+    await this.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+    const B = this.blockSize;
+    for (const s of segs) {
+      const start = s.block * B;
+      const whole = s.inBlock === 0 && (s.length === B || start + s.length === this.size);
+      const page = this.map.page(Math.floor(s.block / 4096))!;
+      const i = s.block % 4096;
+      const state = page.state[i]!;
+      if (!whole) {
+        if (discard || state === BlockState.Zero || (state === BlockState.Unallocated && !this.backingDev)) continue;
+        await this.writeLocked(start + s.inBlock, Buffer.alloc(s.length));
+        continue;
+      }
+      if (state === BlockState.Data && !mayTrim) {
+        await this.file.write(Buffer.alloc(B), page.host[i]!);
+        this.map.set(s.block, BlockState.Data, page.host[i]!, zeroCrc(B), true);
+      } else if (state === BlockState.Data) {
+        const host = page.host[i]!;
+        this.map.set(s.block, this.backingDev ? BlockState.Zero : BlockState.Unallocated, 0, 0, false);
+        await this.file.punchHole(host, B);
+        this.alloc.freeAfterFlush(host, this.epoch);
+      } else if (state === BlockState.Unallocated && this.backingDev) {
+        this.map.set(s.block, BlockState.Zero, 0, 0, false);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- flush
+
+  /** §9 rule 3 and 8. Concurrent callers share a flush that starts after their call. */
+  flush(): Promise<void> {
+    this.live();
+    if (this.readOnly) return Promise.resolve();
+    if (this.broken) return Promise.reject(this.broken);
+    this.pendingFlush ??= this.flushMutex.run(async () => {
+      this.pendingFlush = null;
+      await this.flushNow();
+    });
+    return this.pendingFlush;
+  }
+
+  private async flushNow(): Promise<void> {
+    const fresh: MapWrite[] = [];
+    const inPlace: MapWrite[] = [];
+    const allocMeta = (n: number): number => this.alloc.allocMeta(n);
+    this.map.snapshot(allocMeta, fresh, inPlace);
+    for (const b of this.bitmapSlots) b?.snapshot(allocMeta, fresh, inPlace);
+    const epoch = ++this.epoch;
+    try {
+      await Promise.all(fresh.map((w) => this.file.write(w.data, w.offset)));
+      await this.file.sync(); // data and new pages durable before anything points at them
+      if (inPlace.length > 0) {
+        await Promise.all(inPlace.map((w) => this.file.write(w.data, w.offset)));
+        await this.file.sync();
+      }
+    } catch (e) {
+      // Records that did not reach the disk are lost to this session: refuse further changes rather than
+      // guess. Reopening the image recovers from the intent bits.
+      this.broken = ioError(this.name, 'flush', e);
+      throw this.broken;
+    }
+    this.alloc.flushed(epoch - 1);
+    await this.intent.clearIdle(epoch);
+  }
+
+  // ---------------------------------------------------------------- extents
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.live();
+    checkRange(this, offset, length);
+    const out: Extent[] = [];
+    const end = offset + length;
+    const B = this.blockSize;
+    let pos = offset;
+    let unallocStart = -1;
+    const flushUnalloc = async (upto: number): Promise<void> => {
+      if (unallocStart < 0) return;
+      out.push(...(await this.backingExtents(unallocStart, upto - unallocStart)));
+      unallocStart = -1;
+    };
+    while (pos < end) {
+      const block = Math.floor(pos / B);
+      const p = Math.floor(block / 4096);
+      if (this.map.pageAbsent(p)) {
+        const pageEnd = Math.min(end, (p + 1) * 4096 * B);
+        if (unallocStart < 0) unallocStart = pos;
+        pos = pageEnd;
+        continue;
+      }
+      await this.map.ensure(block, block);
+      const page = this.map.page(p)!;
+      const state = page.state[block % 4096]!;
+      const next = Math.min(end, (block + 1) * B);
+      if (state === BlockState.Unallocated) {
+        if (unallocStart < 0) unallocStart = pos;
+      } else {
+        await flushUnalloc(pos);
+        out.push({ offset: pos, length: next - pos, state: state === BlockState.Data ? 'data' : 'zero', depth: 0 });
+      }
+      pos = next;
+    }
+    await flushUnalloc(end);
+    return mergeExtents(out);
+  }
+
+  private async backingExtents(offset: number, length: number): Promise<Extent[]> {
+    const b = this.backingDev;
+    const inside = b ? Math.max(0, Math.min(length, b.size - offset)) : 0;
+    const out: Extent[] = [];
+    if (inside > 0) {
+      for (const e of await b!.extents(offset, inside)) out.push({ ...e, depth: e.depth === null ? null : e.depth + 1 });
+    }
+    if (inside < length) out.push({ offset: offset + inside, length: length - inside, state: 'unallocated', depth: null });
+    return out;
+  }
+
+  /** Per-block view of this layer only (no backing), for commit, check and convert. */
+  async blockState(block: number): Promise<{ state: BlockState; host: number; csum: number; csumValid: boolean }> {
+    await this.map.ensure(block, block);
+    const page = this.map.page(Math.floor(block / 4096))!;
+    const i = block % 4096;
+    return { state: page.state[i]!, host: page.host[i]!, csum: page.csum[i]!, csumValid: page.csumValid[i] === 1 };
+  }
+
+  /** Blocks whose state in this layer is not UNALLOCATED, as [first, count] runs, skipping absent pages. */
+  async *allocatedBlocks(): AsyncGenerator<{ block: number; state: BlockState; host: number; csum: number; csumValid: boolean }> {
+    for (let p = 0; p < this.map.directoryEntries; p++) {
+      if (this.map.pageAbsent(p)) continue;
+      await this.map.ensure(p * 4096, p * 4096);
+      const page = this.map.page(p)!;
+      for (let i = 0; i < 4096; i++) {
+        if (page.state[i] !== BlockState.Unallocated) {
+          yield { block: p * 4096 + i, state: page.state[i]!, host: page.host[i]!, csum: page.csum[i]!, csumValid: page.csumValid[i] === 1 };
+        }
+      }
+    }
+  }
+
+  /** Makes every block of this layer UNALLOCATED (after commit); freed clusters are punched. */
+  async dropAllBlocks(): Promise<void> {
+    this.writable();
+    const release = await this.locks.acquire(0, this.blocks, true);
+    try {
+      await this.intent.begin(0, this.size);
+      try {
+        for await (const b of this.allocatedBlocks()) {
+          this.map.set(b.block, BlockState.Unallocated, 0, 0, false);
+          if (b.state === BlockState.Data) {
+            await this.file.punchHole(b.host, this.blockSize);
+            this.alloc.freeAfterFlush(b.host, this.epoch);
+          }
+        }
+      } finally {
+        this.intent.end(0, this.size, this.epoch);
+      }
+    } finally {
+      release();
+    }
+    await this.flush();
+  }
+
+  // ---------------------------------------------------------------- bitmaps
+
+  private findBitmap(name: string): SparseBitmap {
+    const b = this.bitmapSlots.find((x) => x?.name === name);
+    if (!b) throw new KscError('KSC_E_NOT_FOUND', `image ${this.name}: no bitmap named "${name}"`);
+    return b;
+  }
+
+  hasBitmap(name: string): boolean {
+    return this.bitmapSlots.some((x) => x?.name === name);
+  }
+
+  /** Bitmaps with their dirty byte counts (loads their pages). */
+  async listBitmaps(): Promise<BitmapStatus[]> {
+    this.live();
+    const out: BitmapStatus[] = [];
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      const ext = this.bitmapsConsistent ? await b.dirtyExtents(0, this.size, this.size) : [{ offset: 0, length: this.size }];
+      out.push({ name: b.name, granularity: b.granularity, enabled: b.enabled, dirtyBytes: ext.reduce((s, e) => s + e.length, 0), consistent: this.bitmapsConsistent });
+    }
+    return out;
+  }
+
+  /** Dirty extents of bitmap `name` within [offset, offset+length), merged. */
+  async bitmapExtents(name: string, offset = 0, length = this.size - offset): Promise<{ offset: number; length: number }[]> {
+    this.live();
+    checkRange(this, offset, length);
+    if (!this.bitmapsConsistent) return length > 0 ? [{ offset, length }] : [];
+    return this.findBitmap(name).dirtyExtents(offset, length, this.size);
+  }
+
+  /** Runs a bitmap management change: after a full flush, serialized with flushes (§9 rule 6). */
+  private manage<T>(fn: () => Promise<T>): Promise<T> {
+    this.writable();
+    return this.flush().then(() => this.flushMutex.run(async () => {
+      await this.flushNow();
+      return fn();
+    }));
+  }
+
+  private async writeSlot(slot: number, b: SparseBitmap | null): Promise<void> {
+    const rec = encodeBitmapSlot(slot, b && { name: b.name, granularityBits: b.granularityBits, enabled: b.enabled, tableEntries: b.tableEntries, tableOffset: b.tableOffset });
+    await this.file.write(rec, this.header.bitmapDirOffset + slot * BITMAP_DIR_ENTRY_SIZE);
+    await this.file.sync();
+  }
+
+  /** Writes a complete new table (and pages for `pages`) for a bitmap, synced, not yet referenced. */
+  private async writeFreshTable(slot: number, tableEntries: number, pages: Map<number, Uint32Array>): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
+    const table = SparseBitmap.emptyTable(slot, tableEntries);
+    const offset = this.alloc.allocMeta(table.length);
+    const pageOffsets = new Map<number, number>();
+    const tmp = new SparseBitmap(this.file, slot, '', MIN_GRANULARITY_BITS, false, offset, tableEntries, 1);
+    for (const [p, bits] of pages) {
+      if (bits.every((w) => w === 0)) continue;
+      const at = this.alloc.allocMeta(4096);
+      pageOffsets.set(p, at);
+      await this.file.write(tmp.encodePage(p, { hostOffset: at, bits, dirty: false }), at);
+      const rec = table.subarray(p * 16, p * 16 + 16);
+      rec.fill(0);
+      rec.writeBigUInt64LE(BigInt(at), 0);
+      seal(rec, 4 + 256 * slot, p);
+    }
+    await this.file.write(table, offset);
+    await this.file.sync();
+    return { offset, table, pageOffsets };
+  }
+
+  private async punchRanges(ranges: { offset: number; length: number }[]): Promise<void> {
+    for (const r of ranges) await this.file.punchHole(r.offset, r.length).catch(() => false);
+  }
+
+  async addBitmap(name: string, opts: { granularity?: number; enabled?: boolean } = {}): Promise<void> {
+    validateBitmapName(name);
+    const granularity = opts.granularity ?? this.blockSize;
+    const g = log2(granularity);
+    if (!isPowerOfTwo(granularity) || g < MIN_GRANULARITY_BITS || g > MAX_GRANULARITY_BITS) {
+      throw new KscError('KSC_E_INVALID', `bitmap granularity ${granularity} must be a power of two from 4 KiB to 64 MiB`);
+    }
+    await this.manage(async () => {
+      if (this.hasBitmap(name)) throw new KscError('KSC_E_EXISTS', `image ${this.name}: bitmap "${name}" already exists`);
+      const slot = this.bitmapSlots.indexOf(null);
+      if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
+      const entries = SparseBitmap.tableEntriesFor(this.size, g);
+      const fresh = await this.writeFreshTable(slot, entries, new Map());
+      const b = new SparseBitmap(this.file, slot, name, g, opts.enabled ?? true, fresh.offset, entries, this.size);
+      b.adoptTable(fresh.offset, fresh.table, new Map(), new Map());
+      await this.writeSlot(slot, b);
+      this.bitmapSlots[slot] = b;
+    });
+  }
+
+  async removeBitmap(name: string): Promise<void> {
+    await this.manage(async () => {
+      const b = this.findBitmap(name);
+      const ranges = await b.hostRanges();
+      await this.writeSlot(b.slot, null);
+      this.bitmapSlots[b.slot] = null;
+      await this.punchRanges(ranges);
+    });
+  }
+
+  async setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+    await this.manage(async () => {
+      const b = this.findBitmap(name);
+      if (b.enabled === enabled) return;
+      b.enabled = enabled;
+      await this.writeSlot(b.slot, b);
+    });
+  }
+
+  async clearBitmap(name: string): Promise<void> {
+    await this.replaceBits(name, () => new Map());
+  }
+
+  /** ORs bitmap `src` into `dst` (granularities may differ: each dirty byte range of src is marked in dst). */
+  async mergeBitmap(src: string, dst: string): Promise<void> {
+    const s = this.findBitmap(src);
+    const d = this.findBitmap(dst);
+    await s.loadAll();
+    await d.loadAll();
+    const extents = await s.dirtyExtents(0, this.size, this.size);
+    await this.replaceBits(dst, () => {
+      const copy = new SparseBitmap(this.file, d.slot, d.name, d.granularityBits, true, 0, d.tableEntries, this.size);
+      for (const [p, page] of d.pages) copy.pages.set(p, { hostOffset: 0, bits: new Uint32Array(page.bits), dirty: false });
+      for (const e of extents) copy.mark(e.offset, e.length);
+      return new Map([...copy.pages].map(([p, page]) => [p, page.bits]));
+    });
+  }
+
+  private async replaceBits(name: string, build: () => Map<number, Uint32Array>): Promise<void> {
+    await this.manage(async () => {
+      const b = this.findBitmap(name);
+      const old = await b.hostRanges();
+      const pages = build();
+      const fresh = await this.writeFreshTable(b.slot, b.tableEntries, pages);
+      const next = new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, fresh.offset, b.tableEntries, this.size);
+      await this.writeSlot(b.slot, next);
+      b.adoptTable(fresh.offset, fresh.table, pages, fresh.pageOffsets);
+      await this.punchRanges(old);
+    });
+  }
+
+  /** Copies bitmap definitions and bits into `dst` (used by snapshot). */
+  async copyBitmapsTo(dst: KscImage): Promise<void> {
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      await dst.addBitmap(b.name, { granularity: b.granularity, enabled: b.enabled });
+      const extents = await this.bitmapExtents(b.name);
+      await dst.replaceBits(b.name, () => {
+        const tmp = new SparseBitmap(this.file, 0, b.name, b.granularityBits, true, 0, b.tableEntries, this.size);
+        for (const e of extents) tmp.mark(e.offset, e.length);
+        return new Map([...tmp.pages].map(([p, page]) => [p, page.bits]));
+      });
+    }
+  }
+
+  // ---------------------------------------------------------------- header changes
+
+  /** Points the image at a different backing file (no data changes: callers do safe rebase). */
+  async setBacking(name: string | null, format: 'raw' | 'ksc_inc' | null, dev: BlockDevice | null): Promise<void> {
+    this.writable();
+    await this.flush();
+    await this.flushMutex.run(async () => {
+      await this.writeHeader({
+        ...this.header,
+        backingName: name ?? '',
+        backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+      });
+    });
+    this.backingDev = dev;
+  }
+
+  /** Bytes this file occupies on the host. */
+  allocatedBytes(): Promise<number> {
+    return this.file.allocatedBytes();
+  }
+
+  get headerInfo(): Readonly<Header> {
+    return this.header;
+  }
+
+  get hostFile(): HostFile {
+    return this.file;
+  }
+
+  get mapTable(): MapTable {
+    return this.map;
+  }
+
+  get bitmapList(): readonly (SparseBitmap | null)[] {
+    return this.bitmapSlots;
+  }
+
+  get intentRegions(): number[] {
+    return this.intent.setRegions();
+  }
+
+  // ---------------------------------------------------------------- close
+
+  /** §9 rule 7. Closes the backing chain too. Idempotent. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (!this.readOnly && !this.broken) {
+        await this.flush();
+        await this.flushMutex.run(async () => {
+          const runs = this.alloc.freeRuns();
+          let freeOffset = 0;
+          if (runs.length > 0) {
+            const bytes = alignUp(runs.length * 16, 4096);
+            const reuse = this.header.freeListOffset !== 0 && alignUp(this.header.freeListEntries * 16, 4096) >= bytes;
+            freeOffset = reuse ? this.header.freeListOffset : this.alloc.allocMeta(bytes);
+            const buf = Buffer.alloc(runs.length * 16);
+            runs.forEach((r, i) => {
+              const rec = buf.subarray(i * 16, i * 16 + 16);
+              rec.writeBigUInt64LE(BigInt(r.offset), 0);
+              rec.writeUInt32LE(r.count, 8);
+              seal(rec, TAG_FREE, i);
+            });
+            await this.file.write(buf, freeOffset);
+            await this.file.sync();
+          }
+          await this.intent.clearAll();
+          await this.writeHeader({
+            ...this.header,
+            incompatible: this.header.incompatible & ~INCOMPAT_DIRTY,
+            freeListOffset: freeOffset,
+            freeListEntries: runs.length,
+          });
+        });
+      }
+    } finally {
+      this.closed = true;
+      await this.file.close();
+      await this.backingDev?.close();
+    }
+  }
+}

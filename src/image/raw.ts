@@ -1,0 +1,127 @@
+/** A raw file as a BlockDevice. Holes (SEEK_HOLE, where the host supports it) report as zero extents. */
+import { KscError } from '../errors.js';
+import { type HostFile, type FileOpener, openHostFile } from '../io/file.js';
+import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
+
+export class RawDevice implements BlockDevice {
+  readonly format = 'raw' as const;
+  readonly blockSize = 4096;
+  private closed = false;
+
+  private constructor(private readonly file: HostFile, readonly size: number, readonly readOnly: boolean) {}
+
+  get name(): string {
+    return this.file.path;
+  }
+
+  static async open(path: string, opts: { write?: boolean; opener?: FileOpener } = {}): Promise<RawDevice> {
+    const file = await (opts.opener ?? openHostFile)(path, { write: !!opts.write });
+    try {
+      if (opts.write) await file.lockExclusive();
+      return new RawDevice(file, await file.size(), !opts.write);
+    } catch (e) {
+      await file.close();
+      throw e;
+    }
+  }
+
+  /** Creates a sparse raw file of `size` bytes (fails if it exists). */
+  static async create(path: string, size: number, opts: { opener?: FileOpener } = {}): Promise<RawDevice> {
+    const file = await (opts.opener ?? openHostFile)(path, { write: true, create: true });
+    await file.truncate(size);
+    await file.lockExclusive();
+    return new RawDevice(file, size, false);
+  }
+
+  private live(): void {
+    if (this.closed) throw new KscError('KSC_E_CLOSED', `${this.name}: device is closed`);
+  }
+
+  private writable(): void {
+    this.live();
+    if (this.readOnly) throw new KscError('KSC_E_READ_ONLY', `${this.name}: opened read-only`);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    await this.readInto(offset, buf);
+    return buf;
+  }
+
+  async readInto(offset: number, target: Buffer): Promise<void> {
+    this.live();
+    checkRange(this, offset, target.length);
+    const n = await this.file.read(target, offset);
+    if (n < target.length) target.fill(0, n); // the file shrank under us: what is gone reads as zero
+  }
+
+  async write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
+    this.writable();
+    checkRange(this, offset, data.length);
+    await this.file.write(data, offset);
+    if (opts.fua) await this.file.sync();
+  }
+
+  async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    this.writable();
+    checkRange(this, offset, length);
+    if (length === 0) return;
+    // Punching keeps the file sparse; where it is not possible, write zeros.
+    const punched = (opts.mayTrim ?? true) && (await this.file.punchHole(offset, length));
+    if (!punched) {
+      const chunk = Buffer.alloc(Math.min(length, 1 << 20));
+      for (let done = 0; done < length; done += chunk.length) {
+        const n = Math.min(chunk.length, length - done);
+        await this.file.write(chunk.subarray(0, n), offset + done);
+      }
+    }
+    if (opts.fua) await this.file.sync();
+  }
+
+  async discard(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    // A raw file has no allocation map of its own: discarding is punching, which reads back as zero.
+    this.writable();
+    checkRange(this, offset, length);
+    if (await this.file.punchHole(offset, length)) {
+      if (opts.fua) await this.file.sync();
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.live();
+    if (!this.readOnly) await this.file.sync();
+  }
+
+  async extents(offset: number, length: number): Promise<Extent[]> {
+    this.live();
+    checkRange(this, offset, length);
+    const end = offset + length;
+    const out: Extent[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const data = this.file.seekData(pos);
+      if (data === null) {
+        out.push({ offset: pos, length: end - pos, state: 'data', depth: 0 });
+        break;
+      }
+      const dataStart = data < 0 ? end : Math.min(data, end);
+      if (dataStart > pos) out.push({ offset: pos, length: dataStart - pos, state: 'zero', depth: 0 });
+      if (dataStart >= end) break;
+      const hole = this.file.seekHole(dataStart);
+      const dataEnd = hole === null || hole < 0 ? end : Math.min(hole, end);
+      out.push({ offset: dataStart, length: dataEnd - dataStart, state: 'data', depth: 0 });
+      pos = dataEnd;
+    }
+    return mergeExtents(out);
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return this.file.allocatedBytes();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.file.close();
+  }
+}

@@ -1,0 +1,191 @@
+/**
+ * Host files. Everything above this layer reads and writes through the `HostFile` interface, so tests can
+ * put a fault-injecting or power-cut-simulating layer in between (see test/helpers/powercut.ts).
+ */
+import { promises as fsp, constants as fsc } from 'node:fs';
+import { KscError, ioError } from '../errors.js';
+import { nativeOps } from './native.js';
+
+export interface HostFile {
+  readonly path: string;
+  readonly writable: boolean;
+  /** Reads up to buf.length bytes at position; returns the count (short only at end of file). */
+  read(buf: Buffer, position: number): Promise<number>;
+  write(buf: Buffer, position: number): Promise<void>;
+  /** fdatasync: every completed write is durable when this resolves. */
+  sync(): Promise<void>;
+  size(): Promise<number>;
+  /** Bytes the file occupies on the host (st_blocks × 512). */
+  allocatedBytes(): Promise<number>;
+  truncate(length: number): Promise<void>;
+  /** Deallocates the range (reads as zero afterwards); false when the host cannot, nothing changed then. */
+  punchHole(offset: number, length: number): Promise<boolean>;
+  /** Next data offset at or after `offset`, -1 if none; null if the host cannot tell (treat all as data). */
+  seekData(offset: number): number | null;
+  seekHole(offset: number): number | null;
+  /** Takes the single-writer lock; throws KSC_E_LOCKED when another holder has it. */
+  lockExclusive(): Promise<void>;
+  close(): Promise<void>;
+}
+
+export interface OpenFileOptions {
+  write: boolean;
+  create?: boolean; // create, failing if it exists
+}
+
+export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<HostFile>;
+
+export const openHostFile: FileOpener = async (path, opts) => {
+  let flags = opts.write ? fsc.O_RDWR : fsc.O_RDONLY;
+  if (opts.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
+  try {
+    const fh = await fsp.open(path, flags, 0o644);
+    return new NodeHostFile(path, fh, opts.write);
+  } catch (e) {
+    const errno = (e as { code?: string }).code;
+    if (errno === 'ENOENT') throw new KscError('KSC_E_NOT_FOUND', `${path}: no such file`, { cause: e });
+    if (errno === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${path}: already exists`, { cause: e });
+    if (errno === 'EISDIR') throw new KscError('KSC_E_INVALID', `${path}: is a directory`, { cause: e });
+    throw ioError(path, 'open', e);
+  }
+};
+
+class NodeHostFile implements HostFile {
+  private lockFile: string | null = null;
+  private closed = false;
+
+  constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
+
+  async read(buf: Buffer, position: number): Promise<number> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesRead } = await this.fh.read(buf, done, buf.length - done, position + done);
+        if (bytesRead === 0) break;
+        done += bytesRead;
+      }
+    } catch (e) {
+      throw ioError(this.path, `read at offset ${position}`, e);
+    }
+    return done;
+  }
+
+  async write(buf: Buffer, position: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, position + done);
+        done += bytesWritten;
+      }
+    } catch (e) {
+      throw ioError(this.path, `write at offset ${position}`, e);
+    }
+  }
+
+  async sync(): Promise<void> {
+    try {
+      await this.fh.datasync();
+    } catch (e) {
+      throw ioError(this.path, 'fdatasync', e);
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await this.fh.stat()).size;
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await this.fh.stat()).blocks * 512;
+  }
+
+  async truncate(length: number): Promise<void> {
+    try {
+      await this.fh.truncate(length);
+    } catch (e) {
+      throw ioError(this.path, 'truncate', e);
+    }
+  }
+
+  async punchHole(offset: number, length: number): Promise<boolean> {
+    const n = nativeOps();
+    if (!n || length <= 0) return false;
+    try {
+      return n.punchHole(this.fh.fd, offset, length);
+    } catch (e) {
+      throw ioError(this.path, `punch hole at ${offset}`, e);
+    }
+  }
+
+  seekData(offset: number): number | null {
+    return this.seek(offset, true);
+  }
+
+  seekHole(offset: number): number | null {
+    return this.seek(offset, false);
+  }
+
+  private seek(offset: number, data: boolean): number | null {
+    const n = nativeOps();
+    if (!n) return null;
+    try {
+      const r = data ? n.seekData(this.fh.fd, offset) : n.seekHole(this.fh.fd, offset);
+      return r === -2 ? null : r;
+    } catch {
+      return null;
+    }
+  }
+
+  async lockExclusive(): Promise<void> {
+    const n = nativeOps();
+    if (n) {
+      let got: boolean;
+      try {
+        got = n.flock(this.fh.fd, true, true);
+      } catch (e) {
+        throw ioError(this.path, 'flock', e);
+      }
+      if (!got) throw lockedError(this.path);
+      return;
+    }
+    await this.lockWithFile();
+  }
+
+  /** Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. */
+  private async lockWithFile(): Promise<void> {
+    const lockPath = `${this.path}.lock`;
+    for (let attempt = 0; attempt < 2; attempt++) {
+      try {
+        await fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' });
+        this.lockFile = lockPath;
+        return;
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'EEXIST') throw ioError(lockPath, 'create lock file', e);
+        const pid = Number((await fsp.readFile(lockPath, 'utf8').catch(() => '')).trim());
+        if (pid > 0 && pid !== process.pid && processAlive(pid)) throw lockedError(this.path);
+        if (pid === process.pid) throw lockedError(this.path);
+        await fsp.rm(lockPath, { force: true }); // stale: its holder is gone
+      }
+    }
+    throw lockedError(this.path);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
+    await this.fh.close();
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as { code?: string }).code === 'EPERM';
+  }
+}
+
+function lockedError(path: string): KscError {
+  return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle`);
+}

@@ -1,0 +1,122 @@
+/**
+ * Loader for the optional `kscinc_native` N-API addon (native/kscinc_native.c).
+ *
+ * Why the addon exists: Node's fs module has no binding for a few syscalls
+ * that make image I/O much cheaper on Linux:
+ *  - fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) and
+ *    fallocate(FALLOC_FL_ZERO_RANGE), used to implement NBD discard/trim and
+ *    write-zeroes without writing zero buffers;
+ *  - lseek(SEEK_DATA / SEEK_HOLE), used to skip the holes of sparse raw input
+ *    files quickly instead of reading and comparing them;
+ *  - flock(), used for the single-writer lock on an image.
+ *
+ * The addon is optional. It may fail to build (no compiler, no headers,
+ * non-Linux platform) and it is ignored entirely when KSCINC_NO_NATIVE=1 is
+ * set in the environment. Everything must keep working without it: callers
+ * check `nativeOps()` for null and fall back to plain fs operations (writing
+ * zeroes, reading every block, a lock file), and also fall back when a call
+ * reports "unsupported" (false from punchHole/zeroRange, -2 from
+ * seekData/seekHole).
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeOps {
+  /**
+   * fallocate(PUNCH_HOLE | KEEP_SIZE): deallocate [offset, offset+length),
+   * which then reads as zeroes; the file size is unchanged. Returns false if
+   * the file system does not support it. A zero length is a no-op (true).
+   */
+  punchHole(fd: number, offset: number, length: number): boolean;
+  /**
+   * fallocate(ZERO_RANGE): make [offset, offset+length) read as zeroes,
+   * extending the file if the range ends past EOF. Returns false if the file
+   * system does not support it. A zero length is a no-op (true).
+   */
+  zeroRange(fd: number, offset: number, length: number): boolean;
+  /**
+   * lseek(SEEK_DATA): first offset >= `offset` that holds data; -1 when there
+   * is none (or offset >= EOF); -2 when the file system does not support it.
+   * Moves the descriptor's file position (use positional I/O).
+   */
+  seekData(fd: number, offset: number): number;
+  /**
+   * lseek(SEEK_HOLE): first offset >= `offset` inside a hole (EOF counts as a
+   * hole); -1 when offset >= EOF; -2 when the file system does not support it.
+   * Moves the descriptor's file position (use positional I/O).
+   */
+  seekHole(fd: number, offset: number): number;
+  /**
+   * flock(LOCK_EX or LOCK_SH, plus LOCK_NB if `nonblocking`). Returns true
+   * when the lock is held, false when `nonblocking` and another open file
+   * description holds a conflicting lock. A blocking call blocks the calling
+   * thread (the event loop, on the main thread).
+   */
+  flock(fd: number, exclusive: boolean, nonblocking: boolean): boolean;
+  /** flock(LOCK_UN). */
+  funlock(fd: number): void;
+}
+
+/*
+ * All functions throw a TypeError for arguments of the wrong type, a
+ * RangeError for numbers that are not safe integers, an Error with code
+ * 'EINVAL' for negative offsets/lengths, and an Error with the errno name as
+ * `code` (plus `errno` and `syscall`, like fs errors) for other failures.
+ */
+
+const OP_NAMES = ['punchHole', 'zeroRange', 'seekData', 'seekHole', 'flock', 'funlock'] as const;
+
+/** dist/io/native.js and src/io/native.ts are both two levels below the package root. */
+const DEFAULT_ADDON_PATH = fileURLToPath(
+  new URL('../../native/build/Release/kscinc_native.node', import.meta.url),
+);
+
+const requireFromHere = createRequire(import.meta.url);
+
+/** Path of the addon that `nativeOps()` loads. */
+export function nativeAddonPath(): string {
+  return DEFAULT_ADDON_PATH;
+}
+
+/**
+ * Load an addon from `path` and check that it exports every NativeOps
+ * function. Returns null (never throws) when the file is missing, cannot be
+ * loaded, or does not look like this addon. Not cached.
+ */
+export function loadNativeFrom(path: string): NativeOps | null {
+  let mod: unknown;
+  try {
+    mod = requireFromHere(path);
+  } catch {
+    return null;
+  }
+  if (mod === null || (typeof mod !== 'object' && typeof mod !== 'function')) return null;
+  const record = mod as Record<string, unknown>;
+  for (const name of OP_NAMES) {
+    if (typeof record[name] !== 'function') return null;
+  }
+  return mod as NativeOps;
+}
+
+let cached: NativeOps | null | undefined;
+
+/** True when the environment asks to run without the addon. */
+function disabledByEnv(): boolean {
+  return process.env['KSCINC_NO_NATIVE'] === '1';
+}
+
+/**
+ * The addon, or null when it did not build or KSCINC_NO_NATIVE=1 is set in
+ * the environment. The addon is loaded once and cached; the environment
+ * variable is checked on every call. Never throws.
+ */
+export function nativeOps(): NativeOps | null {
+  if (disabledByEnv()) return null;
+  if (cached === undefined) cached = loadNativeFrom(DEFAULT_ADDON_PATH);
+  return cached;
+}
+
+/** Whether `nativeOps()` currently returns the addon. */
+export function nativeAvailable(): boolean {
+  return nativeOps() !== null;
+}

@@ -1,0 +1,439 @@
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import {
+  loadNativeFrom,
+  nativeAddonPath,
+  nativeAvailable,
+  nativeOps,
+  type NativeOps,
+} from '../src/io/native.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+const disabled = process.env.KSCINC_NO_NATIVE === '1';
+const ops: NativeOps | null = nativeOps();
+
+/** The addon, for use inside the suites that only run when it loaded. */
+function N(): NativeOps {
+  if (ops === null) throw new Error('addon not loaded');
+  return ops;
+}
+
+/** The addon's functions with loose types, to call them with bad arguments. */
+function loose(): Record<keyof NativeOps, (...args: unknown[]) => unknown> {
+  return N() as unknown as Record<keyof NativeOps, (...args: unknown[]) => unknown>;
+}
+
+let dir = '';
+let counter = 0;
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-native-'));
+});
+afterAll(() => {
+  if (dir !== '') fs.rmSync(dir, { recursive: true, force: true });
+});
+
+function tmpFile(name: string): string {
+  counter += 1;
+  return path.join(dir, `${counter}-${name}`);
+}
+
+/** Run `fn` with a fresh read/write fd on a new temp file; closes it after. */
+function withFile<T>(name: string, fn: (fd: number, file: string) => T): T {
+  const file = tmpFile(name);
+  const fd = fs.openSync(file, 'w+');
+  try {
+    return fn(fd, file);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function readAt(fd: number, offset: number, length: number): Buffer {
+  const buf = Buffer.alloc(length);
+  const n = fs.readSync(fd, buf, 0, length, offset);
+  return buf.subarray(0, n);
+}
+
+function allBytes(buf: Buffer, value: number): boolean {
+  for (const b of buf) if (b !== value) return false;
+  return true;
+}
+
+function expectErrno(fn: () => unknown, code: string, syscall?: string): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (e) {
+    caught = e;
+  }
+  expect(caught, `expected an Error with code ${code}`).toBeInstanceOf(Error);
+  const err = caught as NodeJS.ErrnoException;
+  expect(err.code).toBe(code);
+  expect(err.message.startsWith(`${code}:`)).toBe(true);
+  expect(typeof err.errno).toBe('number');
+  expect(err.errno).toBeLessThan(0);
+  if (syscall !== undefined) expect(err.syscall).toBe(syscall);
+}
+
+describe('native loader', () => {
+  it('resolves the addon path relative to the package root', () => {
+    expect(nativeAddonPath()).toBe(
+      path.join(fileURLToPath(new URL('..', import.meta.url)), 'native', 'build', 'Release', 'kscinc_native.node'),
+    );
+  });
+
+  if (disabled) {
+    it('returns null when KSCINC_NO_NATIVE=1', () => {
+      expect(nativeOps()).toBeNull();
+      expect(nativeAvailable()).toBe(false);
+    });
+  } else {
+    it('has the addon built (CI builds it; set KSCINC_NO_NATIVE=1 to run without)', () => {
+      expect(
+        ops,
+        `native addon did not load from ${nativeAddonPath()}: build it with ` +
+          '`node-gyp rebuild --directory native` or set KSCINC_NO_NATIVE=1',
+      ).not.toBeNull();
+      expect(nativeAvailable()).toBe(true);
+      // Cached: the same object every time.
+      expect(nativeOps()).toBe(ops);
+    });
+
+    it('honours KSCINC_NO_NATIVE=1 at call time', () => {
+      const saved = process.env.KSCINC_NO_NATIVE;
+      process.env.KSCINC_NO_NATIVE = '1';
+      try {
+        expect(nativeOps()).toBeNull();
+        expect(nativeAvailable()).toBe(false);
+      } finally {
+        if (saved === undefined) delete process.env.KSCINC_NO_NATIVE;
+        else process.env.KSCINC_NO_NATIVE = saved;
+      }
+      expect(nativeOps()).toBe(ops);
+    });
+  }
+
+  it('loadNativeFrom returns null for a missing file', () => {
+    expect(loadNativeFrom(path.join(dir, 'does-not-exist', 'kscinc_native.node'))).toBeNull();
+  });
+
+  it('loadNativeFrom returns null for a file that is not an addon', () => {
+    const junk = tmpFile('junk.node');
+    fs.writeFileSync(junk, 'this is not a shared object');
+    expect(loadNativeFrom(junk)).toBeNull();
+  });
+
+  it('loadNativeFrom returns null for a module lacking the functions', () => {
+    const partial = tmpFile('partial.cjs');
+    fs.writeFileSync(partial, 'module.exports = { punchHole() { return true; } };');
+    expect(loadNativeFrom(partial)).toBeNull();
+    const notObject = tmpFile('number.cjs');
+    fs.writeFileSync(notObject, 'module.exports = 42;');
+    expect(loadNativeFrom(notObject)).toBeNull();
+  });
+
+  it.runIf(ops !== null)('loadNativeFrom loads the built addon', () => {
+    const loaded = loadNativeFrom(nativeAddonPath());
+    expect(loaded).not.toBeNull();
+    for (const name of ['punchHole', 'zeroRange', 'seekData', 'seekHole', 'flock', 'funlock']) {
+      expect(typeof (loaded as unknown as Record<string, unknown>)[name]).toBe('function');
+    }
+  });
+});
+
+describe.runIf(ops !== null)('native addon', () => {
+  describe('punchHole', () => {
+    it('deallocates blocks, keeps the size and reads back as zeroes', (ctx) => {
+      withFile('punch', (fd) => {
+        const size = 1 * MiB;
+        fs.writeSync(fd, Buffer.alloc(size, 0xab), 0, size, 0);
+        fs.fsyncSync(fd);
+        const before = fs.fstatSync(fd);
+        expect(before.size).toBe(size);
+
+        const ok = N().punchHole(fd, 256 * KiB, 512 * KiB);
+        if (!ok) {
+          ctx.skip(`${os.tmpdir()} does not support FALLOC_FL_PUNCH_HOLE`);
+          return;
+        }
+        const after = fs.fstatSync(fd);
+        expect(after.size).toBe(size);
+        expect(after.blocks).toBeLessThan(before.blocks);
+        // 512 KiB = 1024 sectors were deallocated (allow a little metadata slack).
+        expect(before.blocks - after.blocks).toBeGreaterThanOrEqual(1000);
+
+        expect(allBytes(readAt(fd, 0, 256 * KiB), 0xab)).toBe(true);
+        expect(allBytes(readAt(fd, 256 * KiB, 512 * KiB), 0)).toBe(true);
+        expect(allBytes(readAt(fd, 768 * KiB, 256 * KiB), 0xab)).toBe(true);
+      });
+    });
+
+    it('zeroes unaligned ranges and never changes the size', (ctx) => {
+      withFile('punch-unaligned', (fd) => {
+        fs.writeSync(fd, Buffer.alloc(8 * KiB, 0x5a), 0, 8 * KiB, 0);
+        if (!N().punchHole(fd, 100, 50)) {
+          ctx.skip('FALLOC_FL_PUNCH_HOLE unsupported');
+          return;
+        }
+        const data = readAt(fd, 0, 8 * KiB);
+        expect(allBytes(data.subarray(0, 100), 0x5a)).toBe(true);
+        expect(allBytes(data.subarray(100, 150), 0)).toBe(true);
+        expect(allBytes(data.subarray(150), 0x5a)).toBe(true);
+
+        // A range past EOF: success, size unchanged (KEEP_SIZE).
+        expect(N().punchHole(fd, 6 * KiB, 1 * MiB)).toBe(true);
+        expect(fs.fstatSync(fd).size).toBe(8 * KiB);
+        expect(allBytes(readAt(fd, 6 * KiB, 2 * KiB), 0)).toBe(true);
+      });
+    });
+
+    it('treats a zero length as a successful no-op', () => {
+      withFile('punch-empty', (fd) => {
+        fs.writeSync(fd, Buffer.alloc(4 * KiB, 1), 0, 4 * KiB, 0);
+        expect(N().punchHole(fd, 0, 0)).toBe(true);
+        expect(N().zeroRange(fd, 0, 0)).toBe(true);
+        expect(allBytes(readAt(fd, 0, 4 * KiB), 1)).toBe(true);
+        expect(fs.fstatSync(fd).size).toBe(4 * KiB);
+      });
+    });
+  });
+
+  describe('zeroRange', () => {
+    it('zeroes a range and leaves the rest intact', (ctx) => {
+      withFile('zero', (fd) => {
+        const size = 64 * KiB;
+        fs.writeSync(fd, Buffer.alloc(size, 0xcd), 0, size, 0);
+        fs.fsyncSync(fd);
+        if (!N().zeroRange(fd, 4 * KiB, 8 * KiB)) {
+          ctx.skip(`${os.tmpdir()} does not support FALLOC_FL_ZERO_RANGE`);
+          return;
+        }
+        expect(N().zeroRange(fd, 30 * KiB + 10, 20)).toBe(true);
+        const data = readAt(fd, 0, size);
+        expect(data.length).toBe(size);
+        expect(allBytes(data.subarray(0, 4 * KiB), 0xcd)).toBe(true);
+        expect(allBytes(data.subarray(4 * KiB, 12 * KiB), 0)).toBe(true);
+        expect(allBytes(data.subarray(12 * KiB, 30 * KiB + 10), 0xcd)).toBe(true);
+        expect(allBytes(data.subarray(30 * KiB + 10, 30 * KiB + 30), 0)).toBe(true);
+        expect(allBytes(data.subarray(30 * KiB + 30), 0xcd)).toBe(true);
+        expect(fs.fstatSync(fd).size).toBe(size);
+      });
+    });
+
+    it('extends the file when the range ends past EOF', (ctx) => {
+      withFile('zero-extend', (fd) => {
+        fs.writeSync(fd, Buffer.alloc(16 * KiB, 0xee), 0, 16 * KiB, 0);
+        if (!N().zeroRange(fd, 12 * KiB, 12 * KiB)) {
+          ctx.skip('FALLOC_FL_ZERO_RANGE unsupported');
+          return;
+        }
+        expect(fs.fstatSync(fd).size).toBe(24 * KiB);
+        const data = readAt(fd, 0, 24 * KiB);
+        expect(allBytes(data.subarray(0, 12 * KiB), 0xee)).toBe(true);
+        expect(allBytes(data.subarray(12 * KiB), 0)).toBe(true);
+      });
+    });
+  });
+
+  describe('seekData / seekHole', () => {
+    it('finds the written region of a sparse file', (ctx) => {
+      withFile('sparse', (fd) => {
+        const size = 16 * MiB;
+        const dataAt = 4 * MiB;
+        const dataLen = 64 * KiB;
+        fs.ftruncateSync(fd, size);
+        fs.writeSync(fd, Buffer.alloc(dataLen, 0x11), 0, dataLen, dataAt);
+        fs.fsyncSync(fd);
+
+        const first = N().seekData(fd, 0);
+        if (first === -2) {
+          ctx.skip('SEEK_DATA unsupported');
+          return;
+        }
+        const sparse = fs.fstatSync(fd).blocks * 512 < size;
+        if (!sparse) {
+          // No holes on this file system: the whole file is data.
+          expect(first).toBe(0);
+          expect(N().seekHole(fd, 0)).toBe(size);
+          return;
+        }
+        expect(first).toBe(dataAt);
+        expect(N().seekData(fd, dataAt + 100)).toBe(dataAt + 100);
+        expect(N().seekHole(fd, 0)).toBe(0);
+        const holeAfter = N().seekHole(fd, dataAt);
+        expect(holeAfter).toBeGreaterThanOrEqual(dataAt + dataLen);
+        expect(holeAfter).toBeLessThanOrEqual(size);
+        // Only a hole between the region and EOF: no more data.
+        expect(N().seekData(fd, 8 * MiB)).toBe(-1);
+        // EOF is a hole.
+        expect(N().seekHole(fd, 8 * MiB)).toBe(8 * MiB);
+      });
+    });
+
+    it('returns -1 at or beyond EOF', () => {
+      withFile('sparse-eof', (fd) => {
+        fs.ftruncateSync(fd, 1 * MiB);
+        fs.writeSync(fd, Buffer.alloc(4 * KiB, 7), 0, 4 * KiB, 0);
+        expect(N().seekData(fd, 0)).toBe(0);
+        expect(N().seekData(fd, 1 * MiB)).toBe(-1);
+        expect(N().seekHole(fd, 1 * MiB)).toBe(-1);
+        expect(N().seekData(fd, 2 ** 40)).toBe(-1);
+        expect(N().seekHole(fd, 2 ** 52)).toBe(-1);
+      });
+    });
+
+    it('handles offsets above 4 GiB as plain numbers', () => {
+      withFile('sparse-big', (fd) => {
+        const at = 5 * 1024 * MiB; // 5 GiB, beyond 32 bits
+        fs.ftruncateSync(fd, at + 1 * MiB);
+        fs.writeSync(fd, Buffer.alloc(4 * KiB, 9), 0, 4 * KiB, at);
+        const found = N().seekData(fd, at - 4 * KiB);
+        expect(typeof found).toBe('number');
+        // Sparse file systems report exactly `at`; others report the offset itself.
+        expect([at, at - 4 * KiB]).toContain(found);
+      });
+    });
+  });
+
+  describe('flock', () => {
+    it('excludes a second open file description until funlock', () => {
+      const file = tmpFile('lock');
+      const a = fs.openSync(file, 'w+');
+      const b = fs.openSync(file, 'r+');
+      try {
+        expect(N().flock(a, true, true)).toBe(true);
+        expect(N().flock(b, true, true)).toBe(false);
+        expect(N().flock(b, false, true)).toBe(false);
+        N().funlock(a);
+        expect(N().flock(b, true, true)).toBe(true);
+        expect(N().flock(a, false, true)).toBe(false);
+        N().funlock(b);
+
+        // Shared locks coexist; an upgrade to exclusive then conflicts.
+        expect(N().flock(a, false, true)).toBe(true);
+        expect(N().flock(b, false, true)).toBe(true);
+        expect(N().flock(a, true, true)).toBe(false);
+        N().funlock(b);
+        expect(N().flock(a, true, true)).toBe(true);
+        N().funlock(a);
+
+        // Uncontended blocking lock returns at once.
+        expect(N().flock(a, true, false)).toBe(true);
+        expect(N().funlock(a)).toBeUndefined();
+        // Unlocking an unlocked descriptor is fine.
+        expect(() => N().funlock(a)).not.toThrow();
+      } finally {
+        fs.closeSync(a);
+        fs.closeSync(b);
+      }
+    });
+
+    it('releases the lock when the holder closes', () => {
+      const file = tmpFile('lock-close');
+      const a = fs.openSync(file, 'w+');
+      const b = fs.openSync(file, 'r+');
+      try {
+        expect(N().flock(a, true, true)).toBe(true);
+        expect(N().flock(b, true, true)).toBe(false);
+      } finally {
+        fs.closeSync(a);
+      }
+      try {
+        expect(N().flock(b, true, true)).toBe(true);
+      } finally {
+        fs.closeSync(b);
+      }
+    });
+  });
+
+  describe('bad arguments throw instead of crashing', () => {
+    it('rejects non-number / non-boolean arguments with TypeError', () => {
+      withFile('types', (fd) => {
+        const L = loose();
+        const cases: Array<() => unknown> = [
+          () => L.punchHole('3', 0, 1),
+          () => L.punchHole(fd, '0', 1),
+          () => L.punchHole(fd, 0),
+          () => L.punchHole(),
+          () => L.zeroRange(fd, null, 1),
+          () => L.zeroRange(fd, 0, 10n),
+          () => L.seekData(fd, undefined),
+          () => L.seekHole({}, 0),
+          () => L.seekHole(fd, [1]),
+          () => L.flock(fd, 1, true),
+          () => L.flock(fd, true),
+          () => L.flock(fd, true, 'no'),
+          () => L.funlock('x'),
+          () => L.funlock(),
+        ];
+        for (const call of cases) expect(call).toThrow(TypeError);
+      });
+    });
+
+    it('rejects numbers that are not safe integers with RangeError', () => {
+      withFile('ranges', (fd) => {
+        const L = loose();
+        const cases: Array<() => unknown> = [
+          () => L.punchHole(fd, 1.5, 1),
+          () => L.punchHole(fd, 0, Number.NaN),
+          () => L.zeroRange(fd, Number.POSITIVE_INFINITY, 1),
+          () => L.seekData(fd, 2 ** 53),
+          () => L.seekHole(fd, Number.NEGATIVE_INFINITY),
+          () => L.flock(0.5, true, true),
+          () => L.funlock(Number.NaN),
+        ];
+        for (const call of cases) expect(call).toThrow(RangeError);
+      });
+    });
+
+    it('rejects negative offsets and lengths with EINVAL', () => {
+      withFile('einval', (fd) => {
+        fs.writeSync(fd, Buffer.alloc(4 * KiB, 3), 0, 4 * KiB, 0);
+        expectErrno(() => N().punchHole(fd, -1, 10), 'EINVAL', 'fallocate');
+        expectErrno(() => N().punchHole(fd, 0, -10), 'EINVAL', 'fallocate');
+        expectErrno(() => N().zeroRange(fd, -4096, 4096), 'EINVAL', 'fallocate');
+        expectErrno(() => N().zeroRange(fd, 0, -(2 ** 53 - 1)), 'EINVAL', 'fallocate');
+        expectErrno(() => N().seekData(fd, -1), 'EINVAL', 'lseek');
+        expectErrno(() => N().seekHole(fd, -(2 ** 40)), 'EINVAL', 'lseek');
+        // Nothing was touched.
+        expect(allBytes(readAt(fd, 0, 4 * KiB), 3)).toBe(true);
+      });
+    });
+
+    it('reports bad file descriptors with EBADF', () => {
+      const notOpen = 2 ** 31 - 1; // a valid int that is never an open fd
+      const tooBig = 2 ** 31;
+      expectErrno(() => N().punchHole(notOpen, 0, 4096), 'EBADF', 'fallocate');
+      expectErrno(() => N().punchHole(notOpen, 0, 0), 'EBADF', 'fallocate');
+      expectErrno(() => N().zeroRange(tooBig, 0, 4096), 'EBADF', 'fallocate');
+      expectErrno(() => N().zeroRange(-1, 0, 4096), 'EBADF', 'fallocate');
+      expectErrno(() => N().seekData(notOpen, 0), 'EBADF', 'lseek');
+      expectErrno(() => N().seekHole(-5, 0), 'EBADF', 'lseek');
+      expectErrno(() => N().flock(notOpen, true, true), 'EBADF', 'flock');
+      expectErrno(() => N().flock(notOpen, false, false), 'EBADF', 'flock');
+      expectErrno(() => N().funlock(-1), 'EBADF', 'flock');
+    });
+
+    it('reports EBADF for fallocate on a read-only descriptor', () => {
+      const file = tmpFile('readonly');
+      fs.writeFileSync(file, Buffer.alloc(8 * KiB, 4));
+      const fd = fs.openSync(file, 'r');
+      try {
+        expectErrno(() => N().punchHole(fd, 0, 4096), 'EBADF', 'fallocate');
+        expectErrno(() => N().zeroRange(fd, 0, 4096), 'EBADF', 'fallocate');
+        // Seeking and locking work on read-only descriptors.
+        expect(N().seekData(fd, 0)).toBe(0);
+        expect(N().flock(fd, false, true)).toBe(true);
+        N().funlock(fd);
+      } finally {
+        fs.closeSync(fd);
+      }
+      expect(allBytes(fs.readFileSync(file), 4)).toBe(true);
+    });
+  });
+});
