@@ -895,6 +895,29 @@ export class KscImage implements BlockDevice {
     return this.intent.setRegions();
   }
 
+  /** Clusters on the free list (reusable now or after the next flush). */
+  freeClusters(): number[] {
+    return this.alloc.freeRuns().flatMap((r) => Array.from({ length: r.count }, (_, i) => r.offset + i * this.blockSize));
+  }
+
+  /**
+   * check --repair: punches leaked ranges and puts whole leaked clusters on the free list. Returns bytes
+   * reclaimed. Only call with ranges no structure references (check.ts computes them).
+   */
+  async reclaim(leaks: { offset: number; length: number }[]): Promise<number> {
+    this.writable();
+    let bytes = 0;
+    const B = this.blockSize;
+    for (const l of leaks) {
+      await this.file.punchHole(l.offset, l.length);
+      bytes += l.length;
+      for (let c = alignUp(l.offset, B); c + B <= l.offset + l.length; c += B) {
+        if (c >= FIRST_FREE_OFFSET) this.alloc.unusedAgain([c]);
+      }
+    }
+    return bytes;
+  }
+
   // ---------------------------------------------------------------- close
 
   /** §9 rule 7. Closes the backing chain too. Idempotent. */

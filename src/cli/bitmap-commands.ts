@@ -1,0 +1,85 @@
+/** kscinc bitmap add|remove|clear|enable|disable|list|merge|show. */
+import type { Command } from 'commander';
+import { openKsc } from '../image/open.js';
+import type { KscImage } from '../image/ksc.js';
+import { parseSize } from '../util/size.js';
+import { formatSize, printJson, println } from './output.js';
+
+async function withImage<T>(image: string, write: boolean, fn: (img: KscImage) => Promise<T>): Promise<T> {
+  const img = await openKsc(image, { write });
+  try {
+    return await fn(img);
+  } finally {
+    await img.close();
+  }
+}
+
+export function registerBitmapCommands(program: Command): void {
+  const bitmap = program.command('bitmap').description('manage persistent dirty bitmaps');
+
+  bitmap
+    .command('add')
+    .argument('<image>')
+    .argument('<name>')
+    .option('--granularity <size>', 'bytes per bit (power of two, 4K … 64M; default: the block size)', (v) => parseSize(v, '--granularity'))
+    .option('--disabled', 'create it disabled (not tracking writes)')
+    .description('add a bitmap (enabled, all clear)')
+    .action(async (image: string, name: string, o: { granularity?: number; disabled?: boolean }) => {
+      await withImage(image, true, (img) => img.addBitmap(name, { granularity: o.granularity, enabled: !o.disabled }));
+      println(`${image}: added bitmap "${name}"`);
+    });
+
+  const simple: [string, string, (img: KscImage, name: string) => Promise<void>][] = [
+    ['remove', 'remove a bitmap', (img, n) => img.removeBitmap(n)],
+    ['clear', 'clear every bit of a bitmap', (img, n) => img.clearBitmap(n)],
+    ['enable', 'start tracking writes in a bitmap', (img, n) => img.setBitmapEnabled(n, true)],
+    ['disable', 'stop tracking writes in a bitmap (its bits are kept)', (img, n) => img.setBitmapEnabled(n, false)],
+  ];
+  for (const [verb, desc, fn] of simple) {
+    bitmap
+      .command(verb)
+      .description(desc)
+      .argument('<image>')
+      .argument('<name>')
+      .action(async (image: string, name: string) => {
+        await withImage(image, true, (img) => fn(img, name));
+        println(`${image}: ${verb} bitmap "${name}": done`);
+      });
+  }
+
+  bitmap
+    .command('list')
+    .description('list bitmaps: name, granularity, enabled, dirty bytes')
+    .argument('<image>')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const list = await withImage(image, false, (img) => img.listBitmaps());
+      if (o.json) return printJson(list);
+      if (list.length === 0) println('no bitmaps');
+      for (const b of list) println(`${b.name}\tgranularity ${b.granularity}\t${b.enabled ? 'enabled' : 'disabled'}\tdirty ${formatSize(b.dirtyBytes)}`);
+    });
+
+  bitmap
+    .command('merge')
+    .description('OR bitmap SRC into bitmap DST')
+    .argument('<image>')
+    .argument('<src>')
+    .argument('<dst>')
+    .action(async (image: string, src: string, dst: string) => {
+      await withImage(image, true, (img) => img.mergeBitmap(src, dst));
+      println(`${image}: merged "${src}" into "${dst}"`);
+    });
+
+  bitmap
+    .command('show')
+    .description('list the dirty extents of a bitmap')
+    .argument('<image>')
+    .argument('<name>')
+    .option('--json', 'print JSON ([{offset, length}])')
+    .action(async (image: string, name: string, o: { json?: boolean }) => {
+      const extents = await withImage(image, false, (img) => img.bitmapExtents(name));
+      if (o.json) return printJson(extents);
+      for (const e of extents) println(`0x${e.offset.toString(16)}\t0x${e.length.toString(16)}`);
+      println(`${extents.length} extents, ${formatSize(extents.reduce((s, e) => s + e.length, 0))} dirty`);
+    });
+}

@@ -1,0 +1,192 @@
+/** create, info, map, check, convert, snapshot, commit, rebase. */
+import type { Command } from 'commander';
+import { KscError } from '../errors.js';
+import { checkImage } from '../engines/check.js';
+import { convertImage } from '../engines/convert.js';
+import { commitImage, rebaseImage, snapshotImage } from '../engines/ops.js';
+import { KscImage } from '../image/ksc.js';
+import { createImage, openImage, type ImageFormat } from '../image/open.js';
+import { RawDevice } from '../image/raw.js';
+import type { BlockDevice } from '../image/types.js';
+import { bytesToUuid } from '../util/uuid.js';
+import { parseSize } from '../util/size.js';
+import { formatSize, printJson, println, progressBar } from './output.js';
+
+export function parseFormat(text: string): ImageFormat {
+  const t = text.toLowerCase();
+  if (t === 'raw') return 'raw';
+  if (t === 'kscinc' || t === 'ksc_inc' || t === 'ksc') return 'ksc_inc';
+  throw new KscError('KSC_E_INVALID', `unknown format "${text}" (use raw or kscinc)`);
+}
+
+const sizeArg = (what: string) => (v: string): number => parseSize(v, what);
+
+export function registerImageCommands(program: Command): void {
+  program
+    .command('create')
+    .description('create a ksc_inc image, optionally as an overlay on a backing image')
+    .argument('<image>', 'new image file')
+    .option('--size <size>', 'virtual size (K/M/G/T); default: the backing image size', sizeArg('--size'))
+    .option('--backing <file>', 'backing image (raw or ksc_inc), stored relative to the new image')
+    .option('--backing-format <fmt>', 'raw or kscinc (default: detected)', parseFormat)
+    .option('--block-size <size>', 'block size, a power of two from 4K to 2M', sizeArg('--block-size'), 65536)
+    .option('--json', 'print the result as JSON')
+    .action(async (image: string, o: { size?: number; backing?: string; backingFormat?: ImageFormat; blockSize: number; json?: boolean }) => {
+      await createImage(image, { size: o.size, backing: o.backing, backingFormat: o.backingFormat, blockSize: o.blockSize });
+      const info = await describe(image);
+      if (o.json) printJson(info);
+      else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${info.blockSize}${o.backing ? `, backing ${o.backing}` : ''}`);
+    });
+
+  program
+    .command('info')
+    .description('show an image: format, sizes, disk UUID, backing chain, bitmaps')
+    .argument('<image>')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const info = await describe(image);
+      if (o.json) return printJson(info);
+      println(`image: ${info.file}`);
+      println(`format: ${info.format}`);
+      println(`virtual size: ${formatSize(info.virtualSize)} (${info.virtualSize} bytes)`);
+      println(`disk size: ${formatSize(info.allocatedBytes)}`);
+      if (info.format === 'ksc_inc') {
+        println(`block size: ${info.blockSize}`);
+        println(`disk uuid: ${info.diskUuid}`);
+        println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
+        if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
+        if (info.bitmaps.length > 0) {
+          println('bitmaps:');
+          for (const b of info.bitmaps) {
+            println(`  ${b.name}: granularity ${b.granularity}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}`);
+          }
+        }
+      }
+    });
+
+  program
+    .command('map')
+    .description('list extents: offset, length, data|zero|unallocated, and the chain depth that holds them')
+    .argument('<image>')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const dev = await openImage(image);
+      try {
+        const extents = await dev.extents(0, dev.size);
+        if (o.json) return printJson(extents);
+        println(`${'offset'.padEnd(18)}${'length'.padEnd(18)}${'state'.padEnd(13)}depth`);
+        for (const e of extents) {
+          println(`${('0x' + e.offset.toString(16)).padEnd(18)}${('0x' + e.length.toString(16)).padEnd(18)}${e.state.padEnd(13)}${e.depth ?? '-'}`);
+        }
+      } finally {
+        await dev.close();
+      }
+    });
+
+  program
+    .command('check')
+    .description('check metadata consistency; --verify also checks data against checksums')
+    .argument('<image>')
+    .option('--verify', 'read every block that has a checksum and compare')
+    .option('--repair', 'reclaim leaked space and finish crash recovery')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { verify?: boolean; repair?: boolean; json?: boolean }) => {
+      const bar = progressBar('verify');
+      const r = await checkImage(image, { verify: o.verify, repair: o.repair, onProgress: bar.update }).finally(bar.stop);
+      if (o.json) printJson(r);
+      else {
+        for (const e of r.errors) println(`ERROR: ${e}`);
+        for (const w of r.warnings) println(`warning: ${w}`);
+        for (const x of r.repaired) println(`repaired: ${x}`);
+        println(`${r.dataBlocks} data blocks, ${r.zeroBlocks} zero blocks${r.dirty ? ', not closed cleanly' : ''}`);
+        if (r.verify) println(`verified ${r.verify.checked} blocks: ${r.verify.mismatches.length} mismatches, ${r.verify.withoutChecksum} without checksum`);
+        println(r.ok ? 'No errors were found on the image.' : `${r.errors.length} errors were found on the image.`);
+      }
+      // Like qemu-img check: 2 = corruption, 3 = leaks only.
+      process.exitCode = !r.ok ? 2 : r.leakedBytes > 0 && !o.repair ? 3 : 0;
+    });
+
+  program
+    .command('convert')
+    .description('copy any image or chain into a new raw or ksc_inc image (zero blocks skipped)')
+    .argument('<src>')
+    .argument('<dst>')
+    .option('-O, --output-format <fmt>', 'raw or kscinc', parseFormat, 'ksc_inc' as ImageFormat)
+    .option('--block-size <size>', 'block size of a ksc_inc output', sizeArg('--block-size'))
+    .option('--json', 'print statistics as JSON')
+    .action(async (src: string, dst: string, o: { outputFormat: ImageFormat; blockSize?: number; json?: boolean }) => {
+      const bar = progressBar('convert');
+      const r = await convertImage(src, dst, { format: o.outputFormat, blockSize: o.blockSize, onProgress: bar.update }).finally(bar.stop);
+      if (o.json) printJson(r);
+      else println(`converted ${src} -> ${dst} (${o.outputFormat}): read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)} in ${(r.durationMs / 1000).toFixed(2)} s`);
+    });
+
+  program
+    .command('snapshot')
+    .description('freeze IMAGE under a new overlay that takes the writes (and the bitmaps) from now on')
+    .argument('<image>')
+    .argument('<new-overlay>')
+    .action(async (image: string, overlay: string) => {
+      await snapshotImage(image, overlay);
+      println(`${overlay}: new overlay on ${image}`);
+    });
+
+  program
+    .command('commit')
+    .description('merge an overlay into its backing image and empty the overlay')
+    .argument('<overlay>')
+    .action(async (overlay: string) => {
+      const bar = progressBar('commit');
+      const r = await commitImage(overlay, bar.update).finally(bar.stop);
+      println(`committed ${r.blocks} blocks (${formatSize(r.bytes)}) of ${overlay} into its backing`);
+    });
+
+  program
+    .command('rebase')
+    .description('change the backing image; safe by default (the visible content stays the same)')
+    .argument('<image>')
+    .requiredOption('--backing <file>', 'new backing image ("" for none)')
+    .option('--backing-format <fmt>', 'raw or kscinc (default: detected)', parseFormat)
+    .option('--unsafe', 'only rewrite the header; copy nothing')
+    .action(async (image: string, o: { backing: string; backingFormat?: ImageFormat; unsafe?: boolean }) => {
+      const bar = progressBar('rebase');
+      const r = await rebaseImage(image, o.backing === '' ? null : o.backing, { unsafe: o.unsafe, format: o.backingFormat, onProgress: bar.update }).finally(bar.stop);
+      println(`${image}: backing is now ${o.backing === '' ? 'none' : o.backing} (copied ${formatSize(r.copiedBytes)})`);
+    });
+}
+
+export interface ImageDescription {
+  file: string;
+  format: ImageFormat;
+  virtualSize: number;
+  blockSize: number;
+  allocatedBytes: number;
+  diskUuid: string | null;
+  dirty: boolean;
+  backingChain: { file: string; format: ImageFormat }[];
+  bitmaps: { name: string; granularity: number; enabled: boolean; dirtyBytes: number; consistent: boolean }[];
+}
+
+export async function describe(image: string): Promise<ImageDescription> {
+  const dev = await openImage(image);
+  try {
+    const chain: { file: string; format: ImageFormat }[] = [];
+    for (let d: BlockDevice | null = dev instanceof KscImage ? dev.backing : null; d; d = d instanceof KscImage ? d.backing : null) {
+      chain.push({ file: d.name, format: d.format });
+    }
+    const alloc = dev instanceof KscImage || dev instanceof RawDevice ? await dev.allocatedBytes() : 0;
+    return {
+      file: image,
+      format: dev.format,
+      virtualSize: dev.size,
+      blockSize: dev.blockSize,
+      allocatedBytes: alloc,
+      diskUuid: dev instanceof KscImage ? bytesToUuid(dev.diskUuid) : null,
+      dirty: dev instanceof KscImage ? dev.wasDirty : false,
+      backingChain: chain,
+      bitmaps: dev instanceof KscImage ? await dev.listBitmaps() : [],
+    };
+  } finally {
+    await dev.close();
+  }
+}

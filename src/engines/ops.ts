@@ -1,0 +1,145 @@
+/**
+ * Chain operations: snapshot (freeze an image under a new overlay), commit (merge an overlay into its
+ * backing), rebase (point an image at a different backing, keeping its visible content).
+ */
+import * as path from 'node:path';
+import { KscError } from '../errors.js';
+import { BlockState } from '../format/constants.js';
+import { KscImage } from '../image/ksc.js';
+import { createImage, openImage, openKsc, probeFormat, resolveBackingPath } from '../image/open.js';
+import type { BlockDevice } from '../image/types.js';
+
+export type Progress = (done: number, total: number) => void;
+
+/**
+ * Creates `overlayPath` on top of `imagePath`. The overlay keeps the disk's UUID (it is the same disk)
+ * and takes over its bitmaps with their bits, so dirty tracking continues in the layer that gets the
+ * writes. The frozen image must not be written afterwards.
+ */
+export async function snapshotImage(imagePath: string, overlayPath: string): Promise<void> {
+  const fmt = await probeFormat(imagePath);
+  let uuid: Buffer | undefined;
+  let blockSize: number | undefined;
+  let base: KscImage | null = null;
+  if (fmt === 'ksc_inc') {
+    base = await openKsc(imagePath);
+    uuid = base.diskUuid;
+    blockSize = base.blockSize;
+  }
+  try {
+    await createImage(overlayPath, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize });
+    if (base && base.bitmapList.some((b) => b !== null)) {
+      const top = await openKsc(overlayPath, { write: true });
+      try {
+        await base.copyBitmapsTo(top);
+      } finally {
+        await top.close();
+      }
+    }
+  } finally {
+    await base?.close();
+  }
+}
+
+/**
+ * Writes every block the overlay holds into its backing, makes the backing durable, then empties the
+ * overlay. A crash at any point leaves the overlay's visible content intact: until the backing is
+ * durable, the overlay still holds every block; afterwards the backing holds them.
+ */
+export async function commitImage(overlayPath: string, onProgress?: Progress): Promise<{ blocks: number; bytes: number }> {
+  const top = await openKsc(overlayPath, { write: true, backingWritable: true });
+  try {
+    const backing = top.backing;
+    if (!backing) throw new KscError('KSC_E_INVALID', `image ${overlayPath}: has no backing file to commit into`);
+    const B = top.blockSize;
+    let blocks = 0;
+    let bytes = 0;
+    const total = top.size;
+    for await (const b of top.allocatedBlocks()) {
+      const start = b.block * B;
+      if (start >= backing.size) {
+        throw new KscError('KSC_E_RANGE', `commit ${overlayPath}: block at ${start} is past the end of the backing (${backing.size} bytes); grow the backing first`);
+      }
+      const len = Math.min(B, top.size - start, backing.size - start);
+      if (b.state === BlockState.Data) await backing.write(start, await top.read(start, len));
+      else await backing.writeZeroes(start, len);
+      blocks++;
+      bytes += len;
+      onProgress?.(start + len, total);
+    }
+    await backing.flush();
+    await top.dropAllBlocks();
+    return { blocks, bytes };
+  } finally {
+    await top.close();
+  }
+}
+
+/**
+ * Makes `newBacking` (or none) the backing of `imagePath`. Safe mode first copies into the image every
+ * block whose content would change, so the image reads the same afterwards; `unsafe` only rewrites the
+ * header (for when the caller knows the new backing holds the same data, e.g. after moving a file).
+ */
+export async function rebaseImage(imagePath: string, newBacking: string | null, opts: { unsafe?: boolean; format?: 'raw' | 'ksc_inc'; onProgress?: Progress } = {}): Promise<{ copiedBytes: number }> {
+  const img = await openKsc(imagePath, { write: true });
+  let next: BlockDevice | null = null;
+  let copied = 0;
+  try {
+    const fmt = newBacking === null ? null : opts.format ?? (await probeFormat(newBacking));
+    if (newBacking !== null) {
+      const abs = path.resolve(newBacking);
+      if (abs === path.resolve(imagePath)) throw new KscError('KSC_E_LOOP', `rebase ${imagePath}: an image cannot be its own backing`);
+      next = await openImage(abs, { format: fmt! });
+      if (await chainContains(next, imagePath)) throw new KscError('KSC_E_LOOP', `rebase ${imagePath}: ${newBacking} is backed by ${imagePath}`);
+    }
+    if (!opts.unsafe) copied = await copyDiffering(img, next, opts.onProgress);
+    const stored = newBacking === null ? null : path.relative(path.dirname(path.resolve(imagePath)), path.resolve(newBacking)) || path.basename(newBacking);
+    const old = img.backing;
+    await img.setBacking(stored, fmt, next);
+    next = null;
+    await old?.close();
+    return { copiedBytes: copied };
+  } finally {
+    await next?.close();
+    await img.close();
+  }
+}
+
+async function chainContains(dev: BlockDevice, file: string): Promise<boolean> {
+  const target = path.resolve(file);
+  for (let d: BlockDevice | null = dev; d; d = d instanceof KscImage ? d.backing : null) {
+    if (path.resolve(d.name) === target) return true;
+  }
+  return false;
+}
+
+/** For blocks the image does not hold, copies the old backing's content where the new one differs. */
+async function copyDiffering(img: KscImage, next: BlockDevice | null, onProgress?: Progress): Promise<number> {
+  const B = img.blockSize;
+  const old = img.backing;
+  let copied = 0;
+  const readVia = async (dev: BlockDevice | null, start: number, len: number): Promise<Buffer> => {
+    const buf = Buffer.alloc(len);
+    const avail = dev ? Math.max(0, Math.min(len, dev.size - start)) : 0;
+    if (avail > 0) await dev!.readInto(start, buf.subarray(0, avail));
+    return buf;
+  };
+  for (const e of await img.extents(0, img.size)) {
+    if (e.depth === 0) continue; // held by the image itself
+    for (let pos = e.offset; pos < e.offset + e.length;) {
+      const len = Math.min(B - (pos % B), e.offset + e.length - pos);
+      const before = await readVia(old, pos, len);
+      const after = await readVia(next, pos, len);
+      if (!before.equals(after)) {
+        await img.write(pos, before);
+        copied += len;
+      }
+      pos += len;
+      onProgress?.(pos, img.size);
+    }
+  }
+  await img.flush();
+  return copied;
+}
+
+export { resolveBackingPath };
