@@ -15,7 +15,6 @@ export function buildProgram(): Command {
     .description('ksc_inc images: block overlays with crash-safe persistent dirty bitmaps')
     .version('0.1.0')
     .addOption(new Option('--debug', 'print stack traces on errors'))
-    .showHelpAfterError()
     .exitOverride();
   registerImageCommands(program);
   registerBitmapCommands(program);

@@ -88,7 +88,7 @@ async function collectMetadata(img: KscImage, used: Range[], fail: (m: string) =
   used.push({ offset: h.directoryOffset, length: h.directoryEntries * 16, what: 'directory' });
   used.push({ offset: h.bitmapDirOffset, length: h.bitmapSlots * BITMAP_DIR_ENTRY_SIZE, what: 'bitmap directory' });
   used.push({ offset: h.intentOffset, length: h.intentWords * 16, what: 'intent words' });
-  if (h.freeListOffset !== 0) used.push({ offset: h.freeListOffset, length: h.freeListEntries * 16, what: 'free list' });
+  if (h.freeListOffset !== 0) used.push({ offset: h.freeListOffset, length: Math.ceil((h.freeListEntries * 16) / 4096) * 4096, what: 'free list' });
   for (const b of img.bitmapList) {
     if (!b) continue;
     try {

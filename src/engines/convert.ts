@@ -61,7 +61,7 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
   const zero = Buffer.alloc(unit);
   let bytesRead = 0;
   let bytesWritten = 0;
-  const jobs = dataChunks(input, chunk);
+  const jobs = dataChunks(input, chunk, unit);
   const worker = async (): Promise<void> => {
     const buf = pool.pop() ?? Buffer.allocUnsafe(chunk);
     try {
@@ -74,15 +74,19 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
         bytesRead += length;
         // Write maximal runs of non-zero units.
         let runStart = -1;
-        for (let pos = 0; pos <= length; pos += unit) {
+        for (let pos = 0; pos < length; pos += unit) {
           const n = Math.min(unit, length - pos);
-          const isZero = pos >= length || view.subarray(pos, pos + n).equals(n === unit ? zero : zero.subarray(0, n));
+          const isZero = view.subarray(pos, pos + n).equals(n === unit ? zero : zero.subarray(0, n));
           if (!isZero && runStart < 0) runStart = pos;
           if (isZero && runStart >= 0) {
             await output.write(offset + runStart, view.subarray(runStart, pos));
             bytesWritten += pos - runStart;
             runStart = -1;
           }
+        }
+        if (runStart >= 0) {
+          await output.write(offset + runStart, view.subarray(runStart, length));
+          bytesWritten += length - runStart;
         }
         opts.onProgress?.(offset + length, input.size);
       }
@@ -98,15 +102,18 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
  * Yields chunk-aligned pieces of the ranges that hold data, one at a time (safe to share between
  * concurrent workers: each `next()` hands out a distinct piece).
  */
-async function* dataChunks(dev: BlockDevice, chunk: number): AsyncGenerator<{ offset: number; length: number }> {
+async function* dataChunks(dev: BlockDevice, chunk: number, unit: number): AsyncGenerator<{ offset: number; length: number }> {
   const window = 1 << 30;
+  let covered = 0; // pieces are widened to whole units, so never hand out a byte twice
   for (let w = 0; w < dev.size; w += window) {
     const extents = await dev.extents(w, Math.min(window, dev.size - w));
     let pending: { offset: number; length: number } | null = null;
     for (const e of extents) {
       if (e.state !== 'data') continue;
-      for (let pos = e.offset; pos < e.offset + e.length;) {
-        const end = Math.min(e.offset + e.length, Math.floor(pos / chunk) * chunk + chunk);
+      const start = Math.max(covered, Math.floor(e.offset / unit) * unit);
+      const stop = Math.min(dev.size, Math.ceil((e.offset + e.length) / unit) * unit);
+      for (let pos = start; pos < stop;) {
+        const end = Math.min(stop, Math.floor(pos / chunk) * chunk + chunk);
         if (pending && pending.offset + pending.length === pos && Math.floor(pending.offset / chunk) === Math.floor(pos / chunk)) {
           pending.length += end - pos;
         } else {
@@ -115,6 +122,7 @@ async function* dataChunks(dev: BlockDevice, chunk: number): AsyncGenerator<{ of
         }
         pos = end;
       }
+      covered = Math.max(covered, stop);
     }
     if (pending) yield pending;
   }

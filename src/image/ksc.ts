@@ -765,8 +765,11 @@ export class KscImage implements BlockDevice {
     return { offset, table, pageOffsets };
   }
 
+  /** Frees metadata space nothing references any more: punched, or zeroed where the host cannot punch. */
   private async punchRanges(ranges: { offset: number; length: number }[]): Promise<void> {
-    for (const r of ranges) await this.file.punchHole(r.offset, r.length).catch(() => false);
+    for (const r of ranges) {
+      if (!(await this.file.punchHole(r.offset, r.length))) await this.file.write(Buffer.alloc(r.length), r.offset);
+    }
   }
 
   async addBitmap(name: string, opts: { granularity?: number; enabled?: boolean } = {}): Promise<void> {
@@ -925,15 +928,18 @@ export class KscImage implements BlockDevice {
     if (this.closed) return;
     try {
       if (!this.readOnly && !this.broken) {
+        let punchAfterHeader: { offset: number; length: number } | null = null;
         await this.flush();
         await this.flushMutex.run(async () => {
           const runs = this.alloc.freeRuns();
-          let freeOffset = 0;
+          const oldOffset = this.header.freeListOffset;
+          const oldBytes = alignUp(this.header.freeListEntries * 16, 4096);
+          const bytes = alignUp(runs.length * 16, 4096);
+          // The list fills whole 4 KiB pages (zero-padded), so no stale record outlives a shorter list.
+          const reuse = oldOffset !== 0 && runs.length > 0 && oldBytes >= bytes;
+          const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes);
           if (runs.length > 0) {
-            const bytes = alignUp(runs.length * 16, 4096);
-            const reuse = this.header.freeListOffset !== 0 && alignUp(this.header.freeListEntries * 16, 4096) >= bytes;
-            freeOffset = reuse ? this.header.freeListOffset : this.alloc.allocMeta(bytes);
-            const buf = Buffer.alloc(runs.length * 16);
+            const buf = Buffer.alloc(reuse ? oldBytes : bytes);
             runs.forEach((r, i) => {
               const rec = buf.subarray(i * 16, i * 16 + 16);
               rec.writeBigUInt64LE(BigInt(r.offset), 0);
@@ -943,6 +949,7 @@ export class KscImage implements BlockDevice {
             await this.file.write(buf, freeOffset);
             await this.file.sync();
           }
+          if (oldOffset !== 0 && !reuse) punchAfterHeader = { offset: oldOffset, length: oldBytes };
           await this.intent.clearAll();
           await this.writeHeader({
             ...this.header,
@@ -950,6 +957,7 @@ export class KscImage implements BlockDevice {
             freeListOffset: freeOffset,
             freeListEntries: runs.length,
           });
+          if (punchAfterHeader) await this.punchRanges([punchAfterHeader]);
         });
       }
     } finally {
