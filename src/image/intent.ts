@@ -13,6 +13,8 @@ import { fillEmpty16, seal, sealOk } from '../format/seal.js';
 export class IntentLog {
   /** Durable state of each region's bit (what the file says). */
   private readonly persisted: Uint8Array;
+  /** The regions whose bit is set, so clearing scans only those, whatever the disk size. */
+  private readonly setList = new Set<number>();
   /** Epoch in which the last write to each region completed. */
   private readonly lastTouch: Uint32Array;
   private readonly inflight = new Map<number, number>();
@@ -62,7 +64,13 @@ export class IntentLog {
   }
 
   adoptSet(regions: number[]): void {
-    for (const r of regions) this.persisted[r] = 1;
+    for (const r of regions) this.mark(r, true);
+  }
+
+  private mark(r: number, on: boolean): void {
+    this.persisted[r] = on ? 1 : 0;
+    if (on) this.setList.add(r);
+    else this.setList.delete(r);
   }
 
   regionsOf(offset: number, length: number): [number, number] {
@@ -108,7 +116,7 @@ export class IntentLog {
       await this.writeWords(regions);
       await this.file.sync();
       this.syncs++;
-      for (const r of regions) this.persisted[r] = 1;
+      for (const r of regions) this.mark(r, true);
     });
     return this.batch;
   }
@@ -126,12 +134,10 @@ export class IntentLog {
    */
   clearIdle(epoch: number): Promise<void> {
     const cleared: number[] = [];
-    for (let r = 0; r < this.regions; r++) {
-      if (this.persisted[r] && !this.inflight.has(r) && this.lastTouch[r]! + 1 < epoch) {
-        this.persisted[r] = 0;
-        cleared.push(r);
-      }
+    for (const r of this.setList) {
+      if (!this.inflight.has(r) && this.lastTouch[r]! + 1 < epoch) cleared.push(r);
     }
+    for (const r of cleared) this.mark(r, false);
     if (cleared.length === 0) return Promise.resolve();
     return this.enqueue(async () => {
       for (const r of cleared) if (!this.persisted[r]) this.setRawBit(r, false);
@@ -142,8 +148,8 @@ export class IntentLog {
   /** Clears every bit (clean close, after a final flush) and syncs. */
   clearAll(): Promise<void> {
     return this.enqueue(async () => {
-      const all: number[] = [];
-      for (let r = 0; r < this.regions; r++) if (this.persisted[r]) (this.persisted[r] = 0), this.setRawBit(r, false), all.push(r);
+      const all = [...this.setList];
+      for (const r of all) this.mark(r, false), this.setRawBit(r, false);
       if (all.length === 0) return;
       await this.writeWords(all);
       await this.file.sync();
@@ -151,9 +157,7 @@ export class IntentLog {
   }
 
   setRegions(): number[] {
-    const out: number[] = [];
-    for (let r = 0; r < this.regions; r++) if (this.persisted[r]) out.push(r);
-    return out;
+    return [...this.setList].sort((a, b) => a - b);
   }
 
   private setRawBit(r: number, on: boolean): void {
