@@ -46,7 +46,10 @@ export class Allocator {
   flushed(epoch: number): void {
     if (this.pending.length === 0) return;
     const keep: { offset: number; epoch: number }[] = [];
-    for (const p of this.pending) (p.epoch <= epoch ? this.free : keep).push(p.offset as never);
+    for (const p of this.pending) {
+      if (p.epoch <= epoch) this.free.push(p.offset);
+      else keep.push(p);
+    }
     this.pending = keep;
   }
 
