@@ -116,12 +116,53 @@ export function nonZeroLines(buf) {
   return out;
 }
 
+/**
+ * The compact dump of §12.2: non-zero 16-byte lines, where a run of identical lines is its first line then
+ * `*`, a run of empty sealed map entries is one `START-END: empty tag 2 from index I` line, and the last
+ * line `end SIZE` gives the file size (all hex).
+ */
+export function compactLines(buf) {
+  const out = [];
+  const mapPage = Number(buf.readBigUInt64LE(Number(buf.readBigUInt64LE(80)))); // directory entry 0 (§5.1)
+  const emptyMap = (off) => {
+    if (mapPage === 0 || off < mapPage || off >= mapPage + 65536) return -1;
+    const index = (off - mapPage) / 16;
+    const rec = Buffer.alloc(16);
+    rec.writeUInt32LE(sealOf(2, index, rec.subarray(0, 12)), 12);
+    return rec.equals(buf.subarray(off, off + 16)) ? index : -1;
+  };
+  const hex = (n) => n.toString(16).padStart(8, '0');
+  let off = 0;
+  while (off < buf.length) {
+    const line = buf.subarray(off, off + 16);
+    const first = emptyMap(off);
+    if (first >= 0) {
+      let end = off + 16;
+      while (end < buf.length && emptyMap(end) >= 0) end += 16;
+      out.push(`${hex(off)}-${hex(end)}: empty tag 2 from index ${first}`);
+      off = end;
+      continue;
+    }
+    if (line.some((x) => x !== 0)) {
+      out.push(`${hex(off)}: ${line.toString('hex')}`);
+      let end = off + 16;
+      while (end + 16 <= buf.length && buf.subarray(end, end + 16).equals(line)) end += 16;
+      if (end > off + 16) out.push('*');
+      off = end;
+      continue;
+    }
+    off += 16;
+  }
+  out.push(`end ${hex(buf.length)}`);
+  return out;
+}
+
 export async function imageVector() {
   const dir = mkdtempSync(join(tmpdir(), 'kscinc-vectors-'));
   try {
     const file = join(dir, 'vector.ksc');
     await buildVectorImage(file);
-    return nonZeroLines(readFileSync(file)).join('\n');
+    return compactLines(readFileSync(file)).join('\n');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -113,6 +113,7 @@ async function collectClusters(img: KscImage, used: Range[], report: CheckReport
       continue;
     }
     const page = map.page(p)!;
+    for (const i of page.damaged?.keys() ?? []) fail(messageOf(map.damagedError(p * 4096 + i)));
     if (page.hostOffset !== 0) used.push({ offset: page.hostOffset, length: MAP_PAGE_BYTES, what: `map page ${p}` });
     for (let i = 0; i < 4096; i++) {
       const block = p * 4096 + i;

@@ -7,6 +7,9 @@ import {
 } from './constants.js';
 
 export interface Header {
+  version: number;
+  mapPageBits: number;
+  backingNameLength: number;
   generation: number;
   incompatible: bigint;
   compatible: bigint;
@@ -27,7 +30,7 @@ export interface Header {
   backingName: string;
 }
 
-export function encodeHeader(h: Header): Buffer {
+export function encodeHeader(h: Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'>): Buffer {
   const b = Buffer.alloc(HEADER_SIZE);
   MAGIC.copy(b, 0);
   b.writeUInt32LE(VERSION, 8);
@@ -64,22 +67,23 @@ export type SlotResult = { ok: true; header: Header } | { ok: false; reason: str
 
 /** Checks the slot's own integrity (magic, version, size, CRC); field ranges are checked by validateHeader. */
 export function decodeHeaderSlot(b: Buffer): SlotResult {
-  if (b.length < HEADER_SIZE) return { ok: false, reason: 'truncated', hasMagic: false };
-  const hasMagic = b.subarray(0, 8).equals(MAGIC);
+  const hasMagic = b.length >= 8 && b.subarray(0, 8).equals(MAGIC);
+  if (b.length < HEADER_SIZE) return { ok: false, reason: 'truncated', hasMagic };
   if (!hasMagic) return { ok: false, reason: 'bad magic', hasMagic };
+  // A slot whose CRC fails is torn or damaged: the other slot may serve. A slot whose CRC matches says what
+  // its writer meant, so its field values are judged by validateHeader, which refuses the image.
   if (b.readUInt32LE(HEADER_SIZE - 4) !== crc32(b.subarray(0, HEADER_SIZE - 4))) {
     return { ok: false, reason: 'checksum mismatch', hasMagic };
   }
-  const version = b.readUInt32LE(8);
-  if (version !== VERSION) return { ok: false, reason: `unsupported version ${version}`, hasMagic };
-  if (b.readUInt32LE(12) !== HEADER_SIZE) return { ok: false, reason: 'bad header_size', hasMagic };
-  if (b.readUInt32LE(76) !== MAP_PAGE_BITS) return { ok: false, reason: 'unsupported map_page_bits', hasMagic };
   const big = (off: number): number => {
     const v = b.readBigUInt64LE(off);
     return v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.POSITIVE_INFINITY : Number(v);
   };
   const nameLen = b.readUInt16LE(136);
   const header: Header = {
+    version: b.readUInt32LE(8),
+    mapPageBits: b.readUInt32LE(76),
+    backingNameLength: nameLen,
     generation: big(16),
     incompatible: b.readBigUInt64LE(24),
     compatible: b.readBigUInt64LE(32),
@@ -99,7 +103,6 @@ export function decodeHeaderSlot(b: Buffer): SlotResult {
     backingFormat: b.readUInt32LE(132) as BackingFormat,
     backingName: nameLen <= MAX_BACKING_NAME ? b.subarray(144, 144 + nameLen).toString('utf8') : '',
   };
-  if (nameLen > MAX_BACKING_NAME) return { ok: false, reason: 'backing_name_length above 1024', hasMagic };
   return { ok: true, header };
 }
 
@@ -116,11 +119,20 @@ export function validateHeader(h: Header, file: string, fileSize: number): void 
   const bad = (field: string, why: string): never => {
     throw corrupt(file, 'header', `field ${field} ${why}`);
   };
+  if (h.version !== VERSION) {
+    throw new KscError('KSC_E_FORMAT', `image ${file}: format version ${h.version} is not supported (this kscinc reads version ${VERSION})`);
+  }
+  if (h.mapPageBits !== MAP_PAGE_BITS) {
+    throw new KscError('KSC_E_FORMAT', `image ${file}: map_page_bits ${h.mapPageBits} is not supported (version 1 requires ${MAP_PAGE_BITS})`);
+  }
+  if (!Number.isSafeInteger(h.generation) || h.generation > 2 ** 52) bad('generation', 'is above 2^52');
+  if (h.backingNameLength > MAX_BACKING_NAME) bad('backing_name_length', `${h.backingNameLength} is above ${MAX_BACKING_NAME}`);
+  if (h.backingName.includes('\0')) bad('backing_name', 'contains a NUL byte');
   const unknown = h.incompatible & ~KNOWN_INCOMPAT;
   if (unknown !== 0n) {
     throw new KscError('KSC_E_FORMAT', `image ${file}: unknown incompatible features 0x${unknown.toString(16)}; a newer kscinc wrote it`);
   }
-  if (!(h.virtualSize >= 1 && h.virtualSize <= MAX_VIRTUAL_SIZE)) bad('virtual_size', `${h.virtualSize} outside 1 … 2^50`);
+  if (!(h.virtualSize >= 1 && h.virtualSize <= MAX_VIRTUAL_SIZE)) bad('virtual_size', `${Number.isFinite(h.virtualSize) ? h.virtualSize : 'above 2^53'} outside 1 … 2^50`);
   if (!(h.blockBits >= MIN_BLOCK_BITS && h.blockBits <= MAX_BLOCK_BITS)) bad('block_bits', `${h.blockBits} outside 12 … 21`);
   if (h.directoryEntries !== directoryEntriesFor(h.virtualSize, h.blockBits)) bad('directory_entries', 'does not match virtual_size');
   if (h.directoryEntries > MAX_DIRECTORY_ENTRIES) bad('directory_entries', 'above 2^22');

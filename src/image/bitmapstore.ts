@@ -52,6 +52,7 @@ export class SparseBitmap {
     public tableOffset: number,
     readonly tableEntries: number,
     virtualSize: number,
+    private readonly fileEnd: () => number = () => Number.MAX_SAFE_INTEGER,
   ) {
     this.bits = Math.ceil(virtualSize / 2 ** granularityBits);
   }
@@ -88,7 +89,9 @@ export class SparseBitmap {
       throw corrupt(this.file.path, this.where(), `table entry ${p} at offset 0x${(this.tableOffset + p * 16).toString(16)} checksum mismatch`);
     }
     const off = Number(rec.readBigUInt64LE(0));
-    if (off % 4096 !== 0 || (off !== 0 && off < 8192)) throw corrupt(this.file.path, this.where(), `table entry ${p} is misaligned`);
+    if (off % 4096 !== 0 || (off !== 0 && (off < 8192 || off + BITMAP_PAGE_BYTES > this.fileEnd())) || rec.readUInt32LE(8) !== 0) {
+      throw corrupt(this.file.path, this.where(), `table entry ${p} points at 0x${off.toString(16)}, outside the file or misaligned`);
+    }
     return off;
   }
 

@@ -25,7 +25,7 @@ import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
 import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
-import { MapTable, type MapWrite } from './maptable.js';
+import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
 
 export interface CreateKscOptions {
@@ -135,6 +135,15 @@ export class KscImage implements BlockDevice {
 
   /** Creates a new, empty image file (fails if the path exists). */
   static async create(path: string, opts: CreateKscOptions): Promise<void> {
+    try {
+      await KscImage.createFile(path, opts);
+    } catch (e) {
+      if (e instanceof KscError && !e.message.includes(path)) throw new KscError(e.code, `${path}: ${e.message}`, { cause: e });
+      throw e;
+    }
+  }
+
+  private static async createFile(path: string, opts: CreateKscOptions): Promise<void> {
     const blockSize = opts.blockSize ?? 2 ** DEFAULT_BLOCK_BITS;
     if (!isPowerOfTwo(blockSize) || log2(blockSize) < MIN_BLOCK_BITS || log2(blockSize) > MAX_BLOCK_BITS) {
       throw new KscError('KSC_E_INVALID', `block size ${blockSize} must be a power of two from 4 KiB to 2 MiB`);
@@ -163,6 +172,9 @@ export class KscImage implements BlockDevice {
     const intentOffset = place(intentWords * 16);
     const backingName = opts.backingName ?? '';
     const header: Header = {
+      version: 1,
+      mapPageBits: 12,
+      backingNameLength: Buffer.byteLength(opts.backingName ?? ''),
       generation: 1,
       incompatible: 0n,
       compatible: COMPAT_DATA_CSUM,
@@ -253,7 +265,7 @@ export class KscImage implements BlockDevice {
     const bitmaps: (SparseBitmap | null)[] = [];
     for (let s = 0; s < header.bitmapSlots; s++) {
       const d = decodeBitmapSlot(slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE), s, file.path, header.virtualSize, fileSize);
-      bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize) : null);
+      bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize, () => alloc.fileEnd) : null);
     }
     const intentRaw = Buffer.alloc(header.intentWords * 16);
     if ((await file.read(intentRaw, header.intentOffset)) < intentRaw.length) throw corrupt(file.path, 'intent words', 'are truncated');
@@ -324,7 +336,7 @@ export class KscImage implements BlockDevice {
   }
 
   private async writeHeader(h: Header): Promise<void> {
-    const next = { ...h, generation: this.header.generation + 1 };
+    const next = { ...h, generation: this.header.generation + 1, backingNameLength: Buffer.byteLength(h.backingName) };
     const target = 1 - this.currentSlot;
     await this.file.write(encodeHeader(next), HEADER_SLOTS[target]!);
     await this.file.sync();
@@ -373,6 +385,8 @@ export class KscImage implements BlockDevice {
   // ---------------------------------------------------------------- reads
 
   async read(offset: number, length: number): Promise<Buffer> {
+    this.live();
+    checkRange(this, offset, length);
     const buf = Buffer.allocUnsafe(length);
     await this.readInto(offset, buf);
     return buf;
@@ -407,6 +421,7 @@ export class KscImage implements BlockDevice {
       const page = this.map.page(Math.floor(s.block / 4096))!;
       const i = s.block % 4096;
       const state = page.state[i]!;
+      if (state === DAMAGED) throw this.map.damagedError(s.block);
       if (state === BlockState.Data) {
         const host = page.host[i]! + s.inBlock;
         if (run?.kind === 'data' && run.host + run.length === host && run.at + run.length === s.at) run.length += s.length;
@@ -478,6 +493,7 @@ export class KscImage implements BlockDevice {
       const page = this.map.page(Math.floor(s.block / 4096))!;
       const i = s.block % 4096;
       const piece = data.subarray(s.at, s.at + s.length);
+      if (page.state[i] === DAMAGED) throw this.map.damagedError(s.block);
       if (page.state[i] === BlockState.Data) {
         inPlace.push({ seg: s, host: page.host[i]!, full: s.length === B, wasValid: page.csumValid[i] === 1 });
       } else if (s.length === B) {
@@ -510,16 +526,24 @@ export class KscImage implements BlockDevice {
     fresh.forEach((f, k) => this.map.set(f.seg.block, BlockState.Data, hosts[k]!, crc32(f.buf), true));
   }
 
-  /** Writes (host, buffer) pieces, merging host-contiguous neighbours into one vectored write. */
+  /**
+   * Writes (host, buffer) pieces, merging host-contiguous neighbours into one write. Pieces that are also
+   * adjacent in memory (a caller's buffer of whole blocks) merge into one view without copying.
+   */
   private async writeCoalesced(writes: { host: number; buf: Buffer }[]): Promise<void> {
     writes.sort((a, b) => a.host - b.host);
     const groups: { host: number; bufs: Buffer[]; len: number }[] = [];
     for (const w of writes) {
       const g = groups[groups.length - 1];
-      if (g && g.host + g.len === w.host && g.bufs.length < 512) g.bufs.push(w.buf), (g.len += w.buf.length);
-      else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length });
+      if (g && g.host + g.len === w.host && g.bufs.length < 1024) {
+        const last = g.bufs[g.bufs.length - 1]!;
+        if (last.buffer === w.buf.buffer && last.byteOffset + last.length === w.buf.byteOffset) {
+          g.bufs[g.bufs.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + w.buf.length);
+        } else g.bufs.push(w.buf);
+        g.len += w.buf.length;
+      } else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length });
     }
-    await Promise.all(groups.map((g) => this.file.write(g.bufs.length === 1 ? g.bufs[0]! : Buffer.concat(g.bufs, g.len), g.host)));
+    await Promise.all(groups.map((g) => (g.bufs.length === 1 ? this.file.write(g.bufs[0]!, g.host) : this.file.writev(g.bufs, g.host))));
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
@@ -544,6 +568,7 @@ export class KscImage implements BlockDevice {
       const page = this.map.page(Math.floor(s.block / 4096))!;
       const i = s.block % 4096;
       const state = page.state[i]!;
+      if (state === DAMAGED) throw this.map.damagedError(s.block);
       if (!whole) {
         if (discard || state === BlockState.Zero || (state === BlockState.Unallocated && !this.backingDev)) continue;
         await this.writeLocked(start + s.inBlock, Buffer.alloc(s.length));
@@ -628,6 +653,7 @@ export class KscImage implements BlockDevice {
       await this.map.ensure(block, block);
       const page = this.map.page(p)!;
       const state = page.state[block % 4096]!;
+      if (state === DAMAGED) throw this.map.damagedError(block);
       const next = Math.min(end, (block + 1) * B);
       if (state === BlockState.Unallocated) {
         if (unallocStart < 0) unallocStart = pos;
@@ -667,6 +693,7 @@ export class KscImage implements BlockDevice {
       await this.map.ensure(p * 4096, p * 4096);
       const page = this.map.page(p)!;
       for (let i = 0; i < 4096; i++) {
+        if (page.state[i] === DAMAGED) throw this.map.damagedError(p * 4096 + i);
         if (page.state[i] !== BlockState.Unallocated) {
           yield { block: p * 4096 + i, state: page.state[i]!, host: page.host[i]!, csum: page.csum[i]!, csumValid: page.csumValid[i] === 1 };
         }
@@ -785,7 +812,7 @@ export class KscImage implements BlockDevice {
       if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
       const entries = SparseBitmap.tableEntriesFor(this.size, g);
       const fresh = await this.writeFreshTable(slot, entries, new Map());
-      const b = new SparseBitmap(this.file, slot, name, g, opts.enabled ?? true, fresh.offset, entries, this.size);
+      const b = new SparseBitmap(this.file, slot, name, g, opts.enabled ?? true, fresh.offset, entries, this.size, () => this.alloc.fileEnd);
       b.adoptTable(fresh.offset, fresh.table, new Map(), new Map());
       await this.writeSlot(slot, b);
       this.bitmapSlots[slot] = b;

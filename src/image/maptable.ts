@@ -13,6 +13,8 @@ import {
 import { fillEmpty16, seal, sealOk } from '../format/seal.js';
 
 const SUBPAGE = 4096;
+/** In-memory state of an entry that failed its checks (never written: it is 3, invalid on disk too). */
+export const DAMAGED = 3;
 const SUBPAGES = MAP_PAGE_BYTES / SUBPAGE;
 const ENTRIES_PER_SUBPAGE = SUBPAGE / 16;
 
@@ -23,6 +25,8 @@ export class MapPage {
   readonly csumValid = new Uint8Array(MAP_PAGE_ENTRIES);
   /** Dirty 4 KiB sub-pages. */
   readonly dirty = new Uint8Array(SUBPAGES);
+  /** Entries that failed their checks (state DAMAGED): what was wrong with each. */
+  damaged: Map<number, string> | null = null;
   dirtyCount = 0;
 
   constructor(readonly index: number, public hostOffset: number, readonly raw: Buffer) {}
@@ -126,26 +130,47 @@ export class MapTable {
     for (let i = 0; i < this.pageEntries; i++) {
       const o = i * 16;
       const block = base + i;
-      const where = (): string => `entry for block ${block} (map page ${page.index} at 0x${(page.hostOffset + o).toString(16)})`;
-      if (!sealOk(raw.subarray(o, o + 16), TAG_MAP, block)) throw corrupt(this.file.path, 'map', `${where()} checksum mismatch`);
+      const problem = this.entryProblem(raw, o, block, end);
+      if (problem) {
+        // Damage stays local: this block refuses I/O, its 4095 neighbours keep working.
+        page.state[i] = DAMAGED;
+        (page.damaged ??= new Map()).set(i, `entry for block ${block} (map page ${page.index} at 0x${(page.hostOffset + o).toString(16)}) ${problem}`);
+        continue;
+      }
       const lo = raw.readUInt32LE(o);
       const hi = raw.readUInt32LE(o + 4);
       const state = lo & DESC_STATE_MASK;
       const hostOff = hi * 0x100000000 + (((lo >>> 12) << 12) >>> 0);
-      if (state === 3 || (lo & DESC_RESERVED_MASK) !== 0 || hi >= 0x200000) throw corrupt(this.file.path, 'map', `${where()} has an invalid descriptor`);
-      if (block >= this.blocks && state !== BlockState.Unallocated) throw corrupt(this.file.path, 'map', `${where()} is past the end of the disk but allocated`);
-      if (state === BlockState.Data) {
-        if (hostOff % this.blockSize !== 0 || hostOff < 8192 || hostOff + this.blockSize > end) {
-          throw corrupt(this.file.path, 'map', `${where()} points at cluster 0x${hostOff.toString(16)}, outside the file or misaligned`);
-        }
-      } else if (hostOff !== 0 || (lo & DESC_CSUM_VALID) !== 0) {
-        throw corrupt(this.file.path, 'map', `${where()} has an offset or checksum flag without data`);
-      }
       page.state[i] = state;
       page.host[i] = hostOff;
       page.csum[i] = raw.readUInt32LE(o + 8);
       page.csumValid[i] = (lo & DESC_CSUM_VALID) !== 0 ? 1 : 0;
     }
+  }
+
+  /** What is wrong with the entry at `o` of a page buffer, or null when it is sound (§5.2). */
+  private entryProblem(raw: Buffer, o: number, block: number, end: number): string | null {
+    if (!sealOk(raw.subarray(o, o + 16), TAG_MAP, block)) return 'checksum mismatch';
+    const lo = raw.readUInt32LE(o);
+    const hi = raw.readUInt32LE(o + 4);
+    const state = lo & DESC_STATE_MASK;
+    const hostOff = hi * 0x100000000 + (((lo >>> 12) << 12) >>> 0);
+    if (state === 3 || (lo & DESC_RESERVED_MASK) !== 0 || hi >= 0x200000) return 'has an invalid descriptor';
+    if (block >= this.blocks && state !== BlockState.Unallocated) return 'is past the end of the disk but allocated';
+    if (state === BlockState.Data) {
+      if (hostOff % this.blockSize !== 0 || hostOff < 8192 || hostOff + this.blockSize > end) {
+        return `points at cluster 0x${hostOff.toString(16)}, outside the file or misaligned`;
+      }
+    } else if (hostOff !== 0 || (lo & DESC_CSUM_VALID) !== 0) {
+      return 'has an offset or checksum flag without data';
+    }
+    return null;
+  }
+
+  /** Throws the corruption error of a DAMAGED entry (call when a block's state reads DAMAGED). */
+  damagedError(block: number): Error {
+    const page = this.pages.get(Math.floor(block / this.pageEntries));
+    return corrupt(this.file.path, 'map', page?.damaged?.get(block % this.pageEntries) ?? `entry for block ${block} is damaged`);
   }
 
   /** Sets the entry of `block` (its page must be loaded) and re-seals it. */

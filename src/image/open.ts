@@ -6,7 +6,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import { type FileOpener, openHostFile } from '../io/file.js';
-import { MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
+import { HEADER_SLOTS, MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { KscImage, type CreateKscOptions } from './ksc.js';
 import { RawDevice } from './raw.js';
 import type { BlockDevice } from './types.js';
@@ -27,9 +27,14 @@ export interface OpenImageOptions {
 export async function probeFormat(file: string, opener: FileOpener = openHostFile): Promise<ImageFormat> {
   const f = await opener(file, { write: false });
   try {
+    // Either header slot carrying the magic makes it ksc_inc: a damaged slot A must not turn the image into a
+    // "raw disk" that exposes its metadata.
     const head = Buffer.alloc(8);
-    const n = await f.read(head, 0);
-    return n === 8 && head.equals(MAGIC) ? 'ksc_inc' : 'raw';
+    for (const slot of HEADER_SLOTS) {
+      const n = await f.read(head, slot);
+      if (n === 8 && head.equals(MAGIC)) return 'ksc_inc';
+    }
+    return 'raw';
   } finally {
     await f.close();
   }

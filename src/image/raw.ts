@@ -43,6 +43,8 @@ export class RawDevice implements BlockDevice {
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
+    this.live();
+    checkRange(this, offset, length);
     const buf = Buffer.allocUnsafe(length);
     await this.readInto(offset, buf);
     return buf;

@@ -12,6 +12,8 @@ export interface HostFile {
   /** Reads up to buf.length bytes at position; returns the count (short only at end of file). */
   read(buf: Buffer, position: number): Promise<number>;
   write(buf: Buffer, position: number): Promise<void>;
+  /** Writes the buffers back to back starting at position. */
+  writev(bufs: Buffer[], position: number): Promise<void>;
   /** fdatasync: every completed write is durable when this resolves. */
   sync(): Promise<void>;
   size(): Promise<number>;
@@ -57,6 +59,7 @@ class NodeHostFile implements HostFile {
   constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
 
   async read(buf: Buffer, position: number): Promise<number> {
+    checkPosition(this.path, position, buf.length);
     let done = 0;
     try {
       while (done < buf.length) {
@@ -71,11 +74,29 @@ class NodeHostFile implements HostFile {
   }
 
   async write(buf: Buffer, position: number): Promise<void> {
+    checkPosition(this.path, position, buf.length);
     let done = 0;
     try {
       while (done < buf.length) {
         const { bytesWritten } = await this.fh.write(buf, done, buf.length - done, position + done);
         done += bytesWritten;
+      }
+    } catch (e) {
+      throw ioError(this.path, `write at offset ${position}`, e);
+    }
+  }
+
+  async writev(bufs: Buffer[], position: number): Promise<void> {
+    checkPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
+    let pending = bufs.filter((b) => b.length > 0);
+    let pos = position;
+    try {
+      while (pending.length > 0) {
+        const { bytesWritten } = await this.fh.writev(pending, pos);
+        pos += bytesWritten;
+        let skip = bytesWritten;
+        while (pending.length > 0 && skip >= pending[0]!.length) skip -= pending.shift()!.length;
+        if (skip > 0) pending[0] = pending[0]!.subarray(skip);
       }
     } catch (e) {
       throw ioError(this.path, `write at offset ${position}`, e);
@@ -174,6 +195,16 @@ class NodeHostFile implements HostFile {
     this.closed = true;
     if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
     await this.fh.close();
+  }
+}
+
+/**
+ * Node treats a position that is not a safe integer as "the current file position": a bad offset that
+ * slipped past a decoder would read or overwrite the wrong place. Refuse it here, once, for every caller.
+ */
+function checkPosition(path: string, position: number, length: number): void {
+  if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + length)) {
+    throw new KscError('KSC_E_RANGE', `${path}: file offset ${position} is outside 0 … 2^53`);
   }
 }
 
