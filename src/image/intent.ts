@@ -113,8 +113,7 @@ export class IntentLog {
       this.wanted.clear();
       if (regions.length === 0) return;
       for (const r of regions) this.setRawBit(r, true);
-      await this.writeWords(regions);
-      await this.file.sync();
+      await this.writeWords(regions, true);
       this.syncs++;
       for (const r of regions) this.mark(r, true);
     });
@@ -170,13 +169,20 @@ export class IntentLog {
     seal(rec, TAG_INTENT, w);
   }
 
-  private async writeWords(regions: number[]): Promise<void> {
+  /** Writes the 4 KiB spans holding these regions' words; `durable`: resolved only once they are on disk. */
+  private async writeWords(regions: number[], durable = false): Promise<void> {
     const words = [...new Set(regions.map((r) => Math.floor(r / 64)))].sort((a, b) => a - b);
     // Write whole 4 KiB spans of words: few syscalls, and every record stays whole.
     const spans = [...new Set(words.map((w) => Math.floor((w * 16) / 4096)))];
-    await Promise.all(spans.map((s) => {
+    const writes = spans.map((s) => {
       const start = s * 4096;
-      return this.file.write(Buffer.from(this.raw.subarray(start, Math.min(start + 4096, this.raw.length))), this.offset + start);
-    }));
+      return { data: Buffer.from(this.raw.subarray(start, Math.min(start + 4096, this.raw.length))), at: this.offset + start };
+    });
+    if (durable && this.file.writeDurable) {
+      await Promise.all(writes.map((w) => this.file.writeDurable!(w.data, w.at)));
+      return;
+    }
+    await Promise.all(writes.map((w) => this.file.write(w.data, w.at)));
+    if (durable) await this.file.sync();
   }
 }
