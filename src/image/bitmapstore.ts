@@ -95,7 +95,25 @@ export class SparseBitmap {
     return off;
   }
 
-  private async loadPage(p: number): Promise<BitmapPage> {
+  private readonly loading = new Map<number, Promise<BitmapPage>>();
+
+  /** Loads page p once: concurrent callers share the read, and a page already in memory is never replaced. */
+  private loadPage(p: number): Promise<BitmapPage> {
+    const have = this.pages.get(p);
+    if (have) return Promise.resolve(have);
+    let pending = this.loading.get(p);
+    if (!pending) {
+      pending = this.readPage(p).finally(() => this.loading.delete(p));
+      this.loading.set(p, pending);
+    }
+    return pending;
+  }
+
+  /** Bumped when the bitmap switches to a new table, so a read of the old table's page is not adopted. */
+  private tableGen = 0;
+
+  private async readPage(p: number): Promise<BitmapPage> {
+    const gen = this.tableGen;
     const off = this.pageOffset(p);
     const page: BitmapPage = { hostOffset: off, bits: new Uint32Array(BITS_PER_PAGE / 32), dirty: false };
     if (off !== 0) {
@@ -111,6 +129,9 @@ export class SparseBitmap {
         page.bits[2 * w + 1] = rec.readUInt32LE(4);
       }
     }
+    if (gen !== this.tableGen) return this.readPage(p); // cleared or merged meanwhile: read the new table
+    const raced = this.pages.get(p); // created by mark() meanwhile (only for pages the table says are empty)
+    if (raced) return raced;
     this.pages.set(p, page);
     return page;
   }
@@ -237,6 +258,7 @@ export class SparseBitmap {
 
   /** Replaces the in-memory state after the slot was switched to a new table. */
   adoptTable(offset: number, table: Buffer, pages: Map<number, Uint32Array>, pageOffsets: Map<number, number>): void {
+    this.tableGen++;
     this.tableOffset = offset;
     this.table = table.subarray(0, this.tableEntries * 16);
     this.tableLoading = null;
