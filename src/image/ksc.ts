@@ -706,17 +706,27 @@ export class KscImage implements BlockDevice {
     this.writable();
     const release = await this.locks.acquire(0, this.blocks, true);
     try {
-      await this.intent.begin(0, this.size);
-      try {
-        for await (const b of this.allocatedBlocks()) {
-          this.map.set(b.block, BlockState.Unallocated, 0, 0, false);
-          if (b.state === BlockState.Data) {
-            await this.file.punchHole(b.host, this.blockSize);
-            this.alloc.freeAfterFlush(b.host, this.epoch);
+      const held: { block: number; state: BlockState; host: number }[] = [];
+      for await (const b of this.allocatedBlocks()) held.push(b);
+      // One intent region at a time (not the whole disk: a 16 TiB disk has millions of regions).
+      const regionBlocks = 2 ** (this.header.intentBits - this.blockBits);
+      for (let i = 0; i < held.length;) {
+        const region = Math.floor(held[i]!.block / regionBlocks);
+        const start = region * regionBlocks * this.blockSize;
+        const len = Math.min(regionBlocks * this.blockSize, this.size - start);
+        await this.intent.begin(start, len);
+        try {
+          for (; i < held.length && Math.floor(held[i]!.block / regionBlocks) === region; i++) {
+            const b = held[i]!;
+            this.map.set(b.block, BlockState.Unallocated, 0, 0, false);
+            if (b.state === BlockState.Data) {
+              await this.file.punchHole(b.host, this.blockSize);
+              this.alloc.freeAfterFlush(b.host, this.epoch);
+            }
           }
+        } finally {
+          this.intent.end(start, len, this.epoch);
         }
-      } finally {
-        this.intent.end(0, this.size, this.epoch);
       }
     } finally {
       release();
