@@ -62,6 +62,11 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
   let bytesRead = 0;
   let bytesWritten = 0;
   const jobs = dataChunks(input, chunk, unit);
+  // Start writeback early: a flush every `flushEvery` bytes runs in the background while copying goes on,
+  // so the final flush finds little left to write instead of the whole output.
+  const flushEvery = 128 << 20;
+  let sinceFlush = 0;
+  const background: Promise<void>[] = [];
   const worker = async (): Promise<void> => {
     const buf = pool.pop() ?? Buffer.allocUnsafe(chunk);
     try {
@@ -88,6 +93,11 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
           await output.write(offset + runStart, view.subarray(runStart, length));
           bytesWritten += length - runStart;
         }
+        sinceFlush += length;
+        if (sinceFlush >= flushEvery) {
+          sinceFlush = 0;
+          background.push(output.flush());
+        }
         opts.onProgress?.(offset + length, input.size);
       }
     } finally {
@@ -95,6 +105,7 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
     }
   };
   await Promise.all(Array.from({ length: inFlight }, worker));
+  await Promise.all(background);
   return { bytesRead, bytesWritten };
 }
 

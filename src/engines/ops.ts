@@ -43,7 +43,7 @@ export async function snapshotImage(imagePath: string, overlayPath: string): Pro
 
 /**
  * Writes every block the overlay holds into its backing, makes the backing durable, then empties the
- * overlay. A crash at any point leaves the overlay's visible content intact: until the backing is
+ * overlay (keeping only blocks that reach past the backing's end, which the backing cannot hold). A crash at any point leaves the overlay's visible content intact: until the backing is
  * durable, the overlay still holds every block; afterwards the backing holds them.
  */
 export async function commitImage(overlayPath: string, onProgress?: Progress): Promise<{ blocks: number; bytes: number }> {
@@ -55,20 +55,22 @@ export async function commitImage(overlayPath: string, onProgress?: Progress): P
     let blocks = 0;
     let bytes = 0;
     const total = top.size;
+    const committed = new Set<number>();
     for await (const b of top.allocatedBlocks()) {
       const start = b.block * B;
-      if (start >= backing.size) {
-        throw new KscError('KSC_E_RANGE', `commit ${overlayPath}: block at ${start} is past the end of the backing (${backing.size} bytes); grow the backing first`);
-      }
+      if (start >= backing.size) continue; // past the backing's end: only the overlay can hold it
       const len = Math.min(B, top.size - start, backing.size - start);
       if (b.state === BlockState.Data) await backing.write(start, await top.read(start, len));
       else await backing.writeZeroes(start, len);
+      // A block that straddles the backing's end stays in the overlay too: dropping it would turn its tail
+      // (past the backing's end) into zeros.
+      if (start + Math.min(B, top.size - start) <= backing.size) committed.add(b.block);
       blocks++;
       bytes += len;
       onProgress?.(start + len, total);
     }
     await backing.flush();
-    await top.dropAllBlocks();
+    await top.dropBlocks(committed);
     return { blocks, bytes };
   } finally {
     await top.close();

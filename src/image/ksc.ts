@@ -463,20 +463,36 @@ export class KscImage implements BlockDevice {
     if (length > 0) {
       const release = await this.lockBlocks(offset, length, true);
       try {
-        await this.intent.begin(offset, length);
+        const bitmaps = this.enabledBitmaps();
+        const b0 = Math.floor(offset / this.blockSize);
+        const b1 = Math.floor((offset + length - 1) / this.blockSize);
+        await this.map.ensure(b0, b1);
+        // Intent protects bitmaps and the checksums of data changed in place. A change that only fills
+        // unallocated blocks of an image without enabled bitmaps needs none: its new clusters are referenced
+        // only after they are durable (§9 rule 3), so a crash leaves the old state or the new, both checksummed.
+        const intent = bitmaps.length > 0 || this.rangeHoldsData(b0, b1);
+        if (intent) await this.intent.begin(offset, length);
         try {
-          const bitmaps = this.enabledBitmaps();
           for (const b of bitmaps) await b.prepare(offset, length);
           await fn();
           for (const b of bitmaps) b.mark(offset, length);
         } finally {
-          this.intent.end(offset, length, this.epoch);
+          if (intent) this.intent.end(offset, length, this.epoch);
         }
       } finally {
         release();
       }
     }
     if (fua) await this.flush();
+  }
+
+  /** Whether any block in [b0, b1] holds data (or is damaged) in this layer; the pages must be loaded. */
+  private rangeHoldsData(b0: number, b1: number): boolean {
+    for (let b = b0; b <= b1; b++) {
+      const state = this.map.page(Math.floor(b / 4096))!.state[b % 4096];
+      if (state === BlockState.Data || state === DAMAGED) return true;
+    }
+    return false;
   }
 
   async write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
@@ -701,13 +717,13 @@ export class KscImage implements BlockDevice {
     }
   }
 
-  /** Makes every block of this layer UNALLOCATED (after commit); freed clusters are punched. */
-  async dropAllBlocks(): Promise<void> {
+  /** Makes the given blocks of this layer UNALLOCATED (after commit); freed clusters are punched. */
+  async dropBlocks(which: Set<number>): Promise<void> {
     this.writable();
     const release = await this.locks.acquire(0, this.blocks, true);
     try {
       const held: { block: number; state: BlockState; host: number }[] = [];
-      for await (const b of this.allocatedBlocks()) held.push(b);
+      for await (const b of this.allocatedBlocks()) if (which.has(b.block)) held.push(b);
       // One intent region at a time (not the whole disk: a 16 TiB disk has millions of regions).
       const regionBlocks = 2 ** (this.header.intentBits - this.blockBits);
       for (let i = 0; i < held.length;) {
