@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 work=${KSCINC_DEMO_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/kscinc-demo.XXXXXX")}
 mkdir -p "$work"
-k() { node dist/cli/main.js "$@"; }
+k() { node dist/cli/kscinc.cjs "$@"; }
 step() { printf '\n== %s\n' "$*"; }
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "   (%.2f s)\n", b - a }'; }

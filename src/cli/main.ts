@@ -1,6 +1,8 @@
-#!/usr/bin/env node
-// Entry point of the `kscinc` command. Sets the libuv pool size before any I/O starts (many requests in
-// flight need more than the default 4 threads), then runs the program.
-process.env.UV_THREADPOOL_SIZE ??= '16';
+// Runs the kscinc program (started by kscinc.cjs, which sizes the libuv pool first).
+// A closed stdout (`kscinc map … | head`) ends the program quietly, as other Unix tools do.
+process.stdout.on('error', (e: NodeJS.ErrnoException) => {
+  if (e.code === 'EPIPE') process.exit(0);
+  throw e;
+});
 const { run } = await import('./program.js');
 process.exitCode = await run(process.argv);

@@ -7,6 +7,7 @@ import { isKscError } from '../errors.js';
 import { registerImageCommands } from './image-commands.js';
 import { registerBitmapCommands } from './bitmap-commands.js';
 import { registerIoCommands } from './io-commands.js';
+import { registerServeCommands } from './serve-commands.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   registerImageCommands(program);
   registerBitmapCommands(program);
   registerIoCommands(program);
+  registerServeCommands(program);
   return program;
 }
 

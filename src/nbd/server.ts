@@ -1,0 +1,579 @@
+/**
+ * NBD server (formats/nbd.md): fixed-newstyle handshake, simple and structured replies, meta contexts
+ * base:allocation, qemu:allocation-depth and qemu:dirty-bitmap:NAME. Every connection to an export shares
+ * the same BlockDevice object, so a flush on one connection covers writes made on any (CAN_MULTI_CONN).
+ * Requests of a connection run concurrently; each reply is written to the socket in one synchronous burst,
+ * so the bytes of two replies never interleave.
+ */
+import * as net from 'node:net';
+import { isKscError } from '../errors.js';
+import { KscImage } from '../image/ksc.js';
+import type { BlockDevice, Extent } from '../image/types.js';
+import { SocketClosedError, SocketReader } from './reader.js';
+import {
+  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, CMD_FLAGS_KNOWN, ERR, IHAVEOPT, INFO,
+  MAX_PAYLOAD, OPT, OPTION_HEADER_SIZE, REP, REQUEST_MAGIC, REQUEST_SIZE, STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF,
+  type Request, type StatusExtent,
+  decodeGoData, decodeMetaContextData, decodeOptionHeader, decodeRequest, encodeBlockStatusChunk, encodeErrorChunk,
+  encodeExportNameReply, encodeGreeting, encodeInfoBlockSize, encodeInfoExport, encodeInfoText, encodeNoneChunk,
+  encodeOffsetDataHeader, encodeOffsetHole, encodeOptionReply, encodeRepMetaContext, encodeRepServer, encodeSimpleReply,
+} from './wire.js';
+
+export interface NbdExport {
+  device: BlockDevice;
+  readOnly?: boolean;
+  description?: string;
+  /** Bitmaps served as qemu:dirty-bitmap:NAME (the device must be a ksc_inc image holding them). */
+  bitmaps?: string[];
+}
+
+export type ListenTarget = { host: string; port: number } | { path: string };
+export type ListenAddress = { host: string; port: number } | { path: string };
+
+export interface NbdServerOptions {
+  exports: Map<string, NbdExport> | Record<string, NbdExport>;
+  /** Connection log lines (default: none). */
+  log?: (line: string) => void;
+  /** Requests processed at once per connection (default 32). */
+  maxInFlight?: number;
+}
+
+/** Largest option payload we read; anything larger ends the connection. */
+const MAX_OPTION_LENGTH = 64 * 1024;
+/** Extents in one BLOCK_STATUS chunk (the spec asks for at most 2^20). */
+const MAX_STATUS_EXTENTS = 65536;
+/** A READ whose range splits into more extents than this is sent as one data chunk. */
+const MAX_READ_CHUNKS = 64;
+
+/** Maps a library error to the NBD error sent to the client; done once, here. */
+export function nbdErrno(e: unknown, isWrite: boolean): number {
+  if (isKscError(e)) {
+    switch (e.code) {
+      case 'KSC_E_RANGE':
+        return isWrite ? ERR.ENOSPC : ERR.EINVAL;
+      case 'KSC_E_READ_ONLY':
+        return ERR.EPERM;
+      case 'KSC_E_NO_SPACE':
+        return ERR.ENOSPC;
+      case 'KSC_E_INVALID':
+        return ERR.EINVAL;
+      default:
+        return ERR.EIO;
+    }
+  }
+  return ERR.EIO;
+}
+
+class NbdRequestError extends Error {
+  constructor(readonly errno: number, message: string) {
+    super(message);
+  }
+}
+
+/** The meta contexts an export offers, in id order (id = index + 1). */
+function contextsOf(exp: NbdExport): string[] {
+  const out = ['base:allocation', 'qemu:allocation-depth'];
+  for (const b of exp.bitmaps ?? []) out.push(`qemu:dirty-bitmap:${b}`);
+  return out;
+}
+
+export class NbdServer {
+  private readonly exports: Map<string, NbdExport>;
+  private readonly log: (line: string) => void;
+  readonly maxInFlight: number;
+  private server: net.Server | null = null;
+  private readonly sessions = new Set<Session>();
+  private nextId = 1;
+  private closing: Promise<void> | null = null;
+
+  constructor(opts: NbdServerOptions) {
+    this.exports = opts.exports instanceof Map ? new Map(opts.exports) : new Map(Object.entries(opts.exports));
+    this.log = opts.log ?? (() => {});
+    this.maxInFlight = opts.maxInFlight ?? 32;
+    for (const [name, exp] of this.exports) {
+      for (const b of exp.bitmaps ?? []) {
+        if (!(exp.device instanceof KscImage) || !exp.device.hasBitmap(b)) throw new Error(`export "${name}": no bitmap "${b}" on ${exp.device.name}`);
+      }
+    }
+  }
+
+  /** Export lookup; the empty name selects the only export when there is exactly one. */
+  findExport(name: string): { name: string; exp: NbdExport } | null {
+    const e = this.exports.get(name);
+    if (e) return { name, exp: e };
+    if (name === '' && this.exports.size === 1) {
+      const [n, x] = [...this.exports][0]!;
+      return { name: n, exp: x };
+    }
+    return null;
+  }
+
+  exportList(): [string, NbdExport][] {
+    return [...this.exports];
+  }
+
+  /** Starts listening; resolves with the real address (port 0 picks a free port). */
+  listen(target: ListenTarget): Promise<ListenAddress> {
+    if (this.server) throw new Error('already listening');
+    const server = net.createServer((socket) => this.accept(socket));
+    this.server = server;
+    return new Promise((resolve, reject) => {
+      server.once('error', reject);
+      const ready = (): void => {
+        server.off('error', reject);
+        server.on('error', (e) => this.log(`nbd: listener error: ${e.message}`));
+        const a = server.address();
+        if (a && typeof a === 'object') resolve({ host: a.address, port: a.port });
+        else resolve({ path: 'path' in target ? target.path : String(a) });
+      };
+      if ('path' in target) server.listen(target.path, ready);
+      else server.listen(target.port, target.host, ready);
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    const s = new Session(this, socket, this.nextId++, peer, this.log);
+    this.sessions.add(s);
+    this.log(`nbd: connection ${s.id} from ${peer}`);
+    void s.run().finally(() => {
+      this.sessions.delete(s);
+      this.log(`nbd: connection ${s.id} closed`);
+    });
+  }
+
+  /** Number of open connections. */
+  get connections(): number {
+    return this.sessions.size;
+  }
+
+  /**
+   * Stops accepting, lets every connection finish the requests it has read (no new ones are read), writes
+   * their replies and closes the connections. The devices stay open: the caller flushes and closes them.
+   */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      const server = this.server;
+      const closed = server ? new Promise<void>((r) => server.close(() => r())) : Promise.resolve();
+      await Promise.all([...this.sessions].map((s) => s.stop()));
+      await closed;
+    })();
+    return this.closing;
+  }
+}
+
+class Session {
+  private readonly reader: SocketReader;
+  private stopping = false;
+  private done: Promise<void> | null = null;
+  private noZeroes = false;
+  private structured = false;
+  /** Selected meta contexts: id → name, valid for `metaExport`. */
+  private meta = new Map<number, string>();
+  private metaExport: string | null = null;
+  private exportName = '';
+  private exp: NbdExport | null = null;
+  private readonly inflight = new Set<Promise<void>>();
+  private drained: Promise<void> | null = null;
+
+  constructor(private readonly server: NbdServer, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, private readonly log: (l: string) => void) {
+    socket.setNoDelay(true);
+    socket.on('error', () => {}); // reported through the reader; never crash the process
+    this.reader = new SocketReader(socket);
+  }
+
+  run(): Promise<void> {
+    this.done ??= this.main();
+    return this.done;
+  }
+
+  stop(): Promise<void> {
+    this.stopping = true;
+    this.reader.abort();
+    return this.run();
+  }
+
+  private async main(): Promise<void> {
+    try {
+      const go = await this.handshake();
+      if (go) await this.transmission();
+    } catch (e) {
+      if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
+      this.reader.abort();
+      await Promise.allSettled([...this.inflight]);
+      this.socket.destroy();
+      return;
+    }
+    await Promise.allSettled([...this.inflight]);
+    await new Promise<void>((resolve) => {
+      if (this.socket.destroyed) return resolve();
+      const timer = setTimeout(resolve, 5000); // a peer that never reads: give up on the last bytes
+      this.socket.end(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    this.socket.destroy();
+  }
+
+  /** Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full. */
+  private async send(parts: Buffer[]): Promise<void> {
+    const s = this.socket;
+    while (!s.destroyed && s.writableNeedDrain) {
+      // One shared waiter per socket, however many replies are queued behind it.
+      this.drained ??= new Promise<void>((resolve) => {
+        const done = (): void => {
+          s.off('drain', done);
+          s.off('close', done);
+          this.drained = null;
+          resolve();
+        };
+        s.on('drain', done);
+        s.on('close', done);
+      });
+      await this.drained;
+    }
+    if (s.destroyed) return;
+    s.cork();
+    for (const p of parts) s.write(p);
+    s.uncork();
+  }
+
+  // ---------------------------------------------------------------- handshake
+
+  /** Returns true when the client entered transmission, false when it left (ABORT). */
+  private async handshake(): Promise<boolean> {
+    await this.send([encodeGreeting()]);
+    const cflags = (await this.reader.read(4)).readUInt32BE(0);
+    if (cflags & ~(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES)) throw new Error(`unknown client flags 0x${cflags.toString(16)}`);
+    if (!(cflags & CLIENT_FLAG_FIXED_NEWSTYLE)) throw new Error('client does not speak fixed newstyle');
+    this.noZeroes = (cflags & CLIENT_FLAG_NO_ZEROES) !== 0;
+    for (;;) {
+      if (this.stopping) throw new SocketClosedError();
+      const h = decodeOptionHeader(await this.reader.read(OPTION_HEADER_SIZE));
+      if (h.magic !== IHAVEOPT) throw new Error('bad option magic');
+      if (h.length > MAX_OPTION_LENGTH) throw new Error(`option ${h.option} carries ${h.length} bytes`);
+      const data = await this.reader.read(h.length);
+      const r = await this.option(h.option, data);
+      if (r === 'go') return true;
+      if (r === 'abort') return false;
+    }
+  }
+
+  private reply(opt: number, type: number, data?: Buffer): Promise<void> {
+    return this.send([encodeOptionReply(opt, type, data)]);
+  }
+
+  private error(opt: number, type: number, message: string): Promise<void> {
+    return this.reply(opt, type, Buffer.from(message, 'utf8'));
+  }
+
+  private flagsFor(exp: NbdExport): number {
+    let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_CACHE | TF.CAN_MULTI_CONN;
+    if (this.structured) f |= TF.SEND_DF;
+    if (this.readOnly(exp)) f |= TF.READ_ONLY;
+    else f |= TF.SEND_FUA | TF.SEND_TRIM | TF.SEND_WRITE_ZEROES | TF.SEND_FAST_ZERO;
+    return f;
+  }
+
+  private readOnly(exp: NbdExport): boolean {
+    return !!exp.readOnly || exp.device.readOnly;
+  }
+
+  private blockSizeInfo(exp: NbdExport): Buffer {
+    const preferred = Math.min(MAX_PAYLOAD, Math.max(4096, exp.device.blockSize));
+    return encodeInfoBlockSize(1, preferred, MAX_PAYLOAD);
+  }
+
+  private async option(opt: number, data: Buffer): Promise<'next' | 'go' | 'abort'> {
+    switch (opt) {
+      case OPT.EXPORT_NAME: {
+        const name = data.toString('utf8');
+        const found = this.server.findExport(name);
+        if (!found) throw new Error(`unknown export "${name}" (EXPORT_NAME)`);
+        this.enter(found.name, found.exp);
+        await this.send([encodeExportNameReply(found.exp.device.size, this.flagsFor(found.exp), this.noZeroes)]);
+        return 'go';
+      }
+      case OPT.ABORT:
+        await this.reply(opt, REP.ACK);
+        return 'abort';
+      case OPT.LIST:
+        if (data.length !== 0) {
+          await this.error(opt, REP.ERR_INVALID, 'LIST takes no data');
+          return 'next';
+        }
+        for (const [name, exp] of this.server.exportList()) await this.reply(opt, REP.SERVER, encodeRepServer(name, exp.description ?? ''));
+        await this.reply(opt, REP.ACK);
+        return 'next';
+      case OPT.INFO:
+      case OPT.GO: {
+        let req: { name: string; infos: number[] };
+        try {
+          req = decodeGoData(data);
+        } catch (e) {
+          await this.error(opt, REP.ERR_INVALID, (e as Error).message);
+          return 'next';
+        }
+        const found = this.server.findExport(req.name);
+        if (!found) {
+          await this.error(opt, REP.ERR_UNKNOWN, `no export named "${req.name}"`);
+          return 'next';
+        }
+        const { exp } = found;
+        await this.reply(opt, REP.INFO, encodeInfoExport(exp.device.size, this.flagsFor(exp)));
+        if (req.infos.includes(INFO.NAME)) await this.reply(opt, REP.INFO, encodeInfoText(INFO.NAME, found.name));
+        if (req.infos.includes(INFO.DESCRIPTION) && exp.description) await this.reply(opt, REP.INFO, encodeInfoText(INFO.DESCRIPTION, exp.description));
+        await this.reply(opt, REP.INFO, this.blockSizeInfo(exp));
+        await this.reply(opt, REP.ACK);
+        if (opt === OPT.INFO) return 'next';
+        if (this.metaExport !== req.name) this.meta.clear();
+        this.enter(found.name, exp);
+        return 'go';
+      }
+      case OPT.STRUCTURED_REPLY:
+        if (data.length !== 0) {
+          await this.error(opt, REP.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+          return 'next';
+        }
+        this.structured = true;
+        await this.reply(opt, REP.ACK);
+        return 'next';
+      case OPT.LIST_META_CONTEXT:
+      case OPT.SET_META_CONTEXT: {
+        if (!this.structured) {
+          await this.error(opt, REP.ERR_INVALID, 'negotiate structured replies first');
+          return 'next';
+        }
+        let req: { name: string; queries: string[] };
+        try {
+          req = decodeMetaContextData(data);
+        } catch (e) {
+          await this.error(opt, REP.ERR_INVALID, (e as Error).message);
+          return 'next';
+        }
+        const found = this.server.findExport(req.name);
+        if (!found) {
+          await this.error(opt, REP.ERR_UNKNOWN, `no export named "${req.name}"`);
+          return 'next';
+        }
+        const all = contextsOf(found.exp);
+        const list = opt === OPT.LIST_META_CONTEXT;
+        const chosen = new Set<string>();
+        if (list && req.queries.length === 0) all.forEach((c) => chosen.add(c));
+        for (const q of req.queries) {
+          for (const c of all) if (c === q || (list && q.endsWith(':') && c.startsWith(q))) chosen.add(c);
+        }
+        if (!list) {
+          this.meta.clear();
+          this.metaExport = req.name;
+        }
+        for (const c of all) {
+          if (!chosen.has(c)) continue;
+          const id = all.indexOf(c) + 1;
+          if (!list) this.meta.set(id, c);
+          await this.reply(opt, REP.META_CONTEXT, encodeRepMetaContext(list ? 0 : id, c));
+        }
+        await this.reply(opt, REP.ACK);
+        return 'next';
+      }
+      default:
+        await this.error(opt, REP.ERR_UNSUP, `option ${opt} is not supported`);
+        return 'next';
+    }
+  }
+
+  private enter(name: string, exp: NbdExport): void {
+    this.exportName = name;
+    this.exp = exp;
+    this.log(`nbd: connection ${this.id} uses export "${name}"${this.structured ? ' (structured replies)' : ''}`);
+  }
+
+  // ---------------------------------------------------------------- transmission
+
+  private async transmission(): Promise<void> {
+    const max = this.server.maxInFlight;
+    for (;;) {
+      if (this.stopping) return;
+      let hdr: Buffer;
+      try {
+        hdr = await this.reader.read(REQUEST_SIZE);
+      } catch (e) {
+        if (e instanceof SocketClosedError) return;
+        throw e;
+      }
+      const req = decodeRequest(hdr);
+      if (req.magic !== REQUEST_MAGIC) throw new Error(`bad request magic 0x${req.magic.toString(16)}`);
+      if (req.type === CMD.DISC) {
+        this.reader.abort();
+        return;
+      }
+      let payload: Buffer | null = null;
+      if (req.type === CMD.WRITE) {
+        if (req.length > MAX_PAYLOAD) throw new Error(`write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
+        payload = await this.reader.read(req.length); // a client leaving mid-payload ends the session here
+      }
+      while (this.inflight.size >= max) await Promise.race(this.inflight);
+      const p: Promise<void> = this.handle(req, payload).finally(() => this.inflight.delete(p));
+      this.inflight.add(p);
+    }
+  }
+
+  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+    const isWrite = req.type === CMD.WRITE || req.type === CMD.WRITE_ZEROES || req.type === CMD.TRIM;
+    try {
+      const parts = await this.execute(req, payload);
+      await this.send(parts);
+    } catch (e) {
+      const errno = e instanceof NbdRequestError ? e.errno : nbdErrno(e, isWrite);
+      const msg = e instanceof Error ? e.message : String(e);
+      if (!(e instanceof NbdRequestError)) this.log(`nbd: connection ${this.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
+      if (this.structured) await this.send([encodeErrorChunk(req.cookie, errno, msg)]);
+      else await this.send([encodeSimpleReply(errno, req.cookie)]);
+    }
+  }
+
+  /** Checks the range; returns the offset as a number. */
+  private range(req: Request, pastEnd: number): number {
+    const size = this.exp!.device.size;
+    if (req.offset > BigInt(size) || Number(req.offset) + req.length > size) {
+      throw new NbdRequestError(pastEnd, `range ${req.offset}+${req.length} is past the end of the export (${size} bytes)`);
+    }
+    return Number(req.offset);
+  }
+
+  private writable(): void {
+    if (this.readOnly(this.exp!)) throw new NbdRequestError(ERR.EPERM, `export "${this.exportName}" is read-only`);
+  }
+
+  private ok(cookie: bigint): Buffer[] {
+    return [encodeSimpleReply(0, cookie)];
+  }
+
+  private async execute(req: Request, payload: Buffer | null): Promise<Buffer[]> {
+    const dev = this.exp!.device;
+    if (req.flags & ~CMD_FLAGS_KNOWN) throw new NbdRequestError(ERR.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
+    const fua = (req.flags & CMD_FLAG.FUA) !== 0;
+    switch (req.type) {
+      case CMD.READ: {
+        if (req.length > MAX_PAYLOAD) throw new NbdRequestError(ERR.EINVAL, `read of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
+        const off = this.range(req, ERR.EINVAL);
+        return this.read(req, off, dev);
+      }
+      case CMD.WRITE: {
+        this.writable();
+        const off = this.range(req, ERR.ENOSPC);
+        if (payload!.length > 0) await dev.write(off, payload!, { fua });
+        return this.ok(req.cookie);
+      }
+      case CMD.WRITE_ZEROES: {
+        this.writable();
+        const off = this.range(req, ERR.ENOSPC);
+        const noHole = (req.flags & CMD_FLAG.NO_HOLE) !== 0;
+        if (req.flags & CMD_FLAG.FAST_ZERO) {
+          // Fast only when whole blocks can be dropped from the map (or punched): not when zeros must be written.
+          const B = dev.blockSize;
+          const end = off + req.length;
+          if (noHole || off % B !== 0 || (end % B !== 0 && end !== dev.size)) throw new NbdRequestError(ERR.ENOTSUP, 'zeroing this range cannot be fast');
+        }
+        if (req.length > 0) await dev.writeZeroes(off, req.length, { mayTrim: !noHole, fua });
+        return this.ok(req.cookie);
+      }
+      case CMD.TRIM: {
+        this.writable();
+        const off = this.range(req, ERR.EINVAL);
+        if (req.length > 0) await dev.discard(off, req.length, { fua });
+        return this.ok(req.cookie);
+      }
+      case CMD.FLUSH:
+        if (!this.readOnly(this.exp!)) await dev.flush();
+        return this.ok(req.cookie);
+      case CMD.CACHE:
+        this.range(req, ERR.EINVAL);
+        return this.ok(req.cookie);
+      case CMD.BLOCK_STATUS:
+        return this.blockStatus(req, dev);
+      default:
+        throw new NbdRequestError(ERR.EINVAL, `unknown command ${req.type}`);
+    }
+  }
+
+  private async read(req: Request, off: number, dev: BlockDevice): Promise<Buffer[]> {
+    const len = req.length;
+    if (!this.structured) {
+      const data = len > 0 ? await dev.read(off, len) : Buffer.alloc(0);
+      return [encodeSimpleReply(0, req.cookie), data];
+    }
+    if (len === 0) return [encodeNoneChunk(req.cookie)];
+    let exts: Extent[] = [];
+    if (!(req.flags & CMD_FLAG.DF)) {
+      exts = await dev.extents(off, len);
+      if (exts.length > MAX_READ_CHUNKS) exts = [];
+    }
+    if (exts.length === 0) exts = [{ offset: off, length: len, state: 'data', depth: 0 }];
+    const parts: Buffer[] = [];
+    for (let i = 0; i < exts.length; i++) {
+      const e = exts[i]!;
+      const last = i === exts.length - 1;
+      if (e.state === 'data') {
+        const data = await dev.read(e.offset, e.length);
+        parts.push(encodeOffsetDataHeader(req.cookie, e.offset, e.length, last), data);
+      } else {
+        parts.push(encodeOffsetHole(req.cookie, e.offset, e.length, last));
+      }
+    }
+    return parts;
+  }
+
+  private async blockStatus(req: Request, dev: BlockDevice): Promise<Buffer[]> {
+    if (!this.structured || this.meta.size === 0) throw new NbdRequestError(ERR.EINVAL, 'no meta context was selected');
+    const size = dev.size;
+    if (req.length === 0 || req.offset >= BigInt(size)) throw new NbdRequestError(ERR.EINVAL, `block status at ${req.offset}+${req.length} is outside the export`);
+    const off = Number(req.offset);
+    const len = Math.min(req.length, size - off);
+    const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
+    const ids = [...this.meta.keys()].sort((a, b) => a - b);
+    const parts: Buffer[] = [];
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i]!;
+      let list = await this.statusOf(this.meta.get(id)!, dev, off, len);
+      if (one) list = list.slice(0, 1);
+      else if (list.length > MAX_STATUS_EXTENTS) list = list.slice(0, MAX_STATUS_EXTENTS);
+      parts.push(encodeBlockStatusChunk(req.cookie, id, list, i === ids.length - 1));
+    }
+    return parts;
+  }
+
+  /** Extents of one context over [off, off+len), merged, covering the range exactly. */
+  private async statusOf(ctx: string, dev: BlockDevice, off: number, len: number): Promise<StatusExtent[]> {
+    const out: StatusExtent[] = [];
+    const push = (length: number, flags: number): void => {
+      if (length <= 0) return;
+      const last = out[out.length - 1];
+      if (last && last.flags === flags) last.length += length;
+      else out.push({ length, flags });
+    };
+    if (ctx === 'base:allocation') {
+      for (const e of await dev.extents(off, len)) push(e.length, e.state === 'data' ? 0 : STATE_HOLE | STATE_ZERO);
+    } else if (ctx === 'qemu:allocation-depth') {
+      for (const e of await dev.extents(off, len)) push(e.length, e.depth === null || e.state === 'unallocated' ? 0 : e.depth + 1);
+    } else if (ctx.startsWith('qemu:dirty-bitmap:')) {
+      const name = ctx.slice('qemu:dirty-bitmap:'.length);
+      let pos = off;
+      for (const d of await (dev as KscImage).bitmapExtents(name, off, len)) {
+        push(d.offset - pos, 0);
+        push(d.length, STATE_DIRTY);
+        pos = d.offset + d.length;
+      }
+      push(off + len - pos, 0);
+    } else {
+      push(len, 0);
+    }
+    return out;
+  }
+}
+
