@@ -16,8 +16,8 @@ import { parseArgs } from 'node:util';
 
 // The libuv pool is sized once, when it starts, and in an ES module the loader has started it before this
 // line runs (setting UV_THREADPOOL_SIZE here has no effect). So the suite re-executes itself with the
-// variable set: 16 threads, what the CLI intends (src/cli/main.ts), unless --threads says otherwise. The
-// node:fs peers share the same pool. --expose-gc lets passes start from a collected heap.
+// variable set: 16 threads, as the `kscinc` launcher sets (src/cli/kscinc.cts), unless --threads says
+// otherwise. The node:fs peers share the same pool. --expose-gc lets passes start from a collected heap.
 const threadsArg = process.argv.indexOf('--threads');
 const threads = threadsArg > 0 ? process.argv[threadsArg + 1] : '16';
 if (process.env.KSCINC_BENCH_CHILD !== '1') {
@@ -104,7 +104,7 @@ async function main() {
   const canDrop = dropCaches();
   const ctx = {
     src, size, work, reps, log,
-    cli: join(root, 'dist/cli/main.js'),
+    cli: join(root, JSON.parse(await fsp.readFile(join(root, 'package.json'), 'utf8')).bin.kscinc), // the `kscinc` executable
     dataBytes: await dataBytesOf(src),
     /** The whole source image in memory (real data for the write races and for verification). */
     source: () => sourceBuf,

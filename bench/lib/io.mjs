@@ -54,8 +54,8 @@ export async function rawSide(path, { write = false, create = false, size = 0 } 
  * One timed pass: `offsets.length` requests of `req` bytes, `depth` in flight. For writes the data of
  * request i is `dataFor(i)` and the final flush is inside the timing (reported separately as flushMs).
  * The page cache is dropped first (after opening, so open-time metadata reads are not in the timing
- * but every data read is cold). Returns { ms, ioMs, flushMs, busyMs, bgCpuMs } (busyMs: event-loop busy time; bgCpuMs, bgIoBytes:
- * what other processes used meanwhile).
+ * but every data read is cold). Returns { ms, ioMs, flushMs, busyMs, bgCpuMs, bgIoBytes }: busyMs is the
+ * event loop's busy time, bgCpuMs and bgIoBytes what other processes used meanwhile.
  */
 export async function ioPass(side, { kind, offsets, req, depth, dataFor }) {
   const bufs = kind === 'read' ? Array.from({ length: depth }, () => Buffer.allocUnsafe(req)) : null;

@@ -7,7 +7,7 @@
  * followed by an fdatasync of its output inside the timing (a no-op for ours). Throughput is virtual size
  * over wall time, the same measure on both sides (the data share is in the notes).
  */
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { convertImage } from '../../dist/engines/convert.js';
 import { openImage } from '../../dist/image/open.js';
@@ -82,7 +82,7 @@ export async function convertRace(ctx) {
       oursLabel: 'convertImage(format ksc_inc) in-process', peerLabel: 'qemu-img convert -f raw -O qcow2 (process) + fdatasync', goal: { min: 1.0 },
       extra: { 'ours main-thread busy ms': median(res.kscLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('kscLib'), 'qcow2 allocated': alloc('qcow2') } }),
     row({ race: 1, name: 'convert raw→ksc_inc (CLI) vs qemu-img -O qcow2', bytes: ctx.size, measure, ours: res.kscCli, peer: res.qcow2,
-      oursLabel: 'node dist/cli/main.js convert -O kscinc (process, incl. Node start-up)', peerLabel: 'qemu-img convert -O qcow2 (process) + fdatasync', goal: { min: 1.0 } }),
+      oursLabel: `kscinc convert -O kscinc (${relative(process.cwd(), cli)}, a process, incl. Node start-up)`, peerLabel: 'qemu-img convert -O qcow2 (process) + fdatasync', goal: { min: 1.0 } }),
     row({ race: 1, name: 'convert raw→raw (library) vs qemu-img -O raw [ref]', bytes: ctx.size, measure, ours: res.rawLib, peer: res.rawQemu,
       oursLabel: 'convertImage(format raw) in-process', peerLabel: 'qemu-img convert -f raw -O raw (process) + fdatasync',
       extra: { 'ours main-thread busy ms': median(res.rawLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('rawLib'), 'qemu allocated': alloc('rawQemu') } }),
