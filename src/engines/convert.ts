@@ -62,9 +62,9 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
   let bytesRead = 0;
   let bytesWritten = 0;
   const jobs = dataChunks(input, chunk, unit);
-  // Start writeback early: a flush every `flushEvery` bytes runs in the background while copying goes on,
-  // so the final flush finds little left to write instead of the whole output.
-  const flushEvery = 128 << 20;
+  // Into a ksc_inc image, a flush every `flushEvery` bytes runs in the background while copying goes on, so
+  // the final flush finds little left to write (measured: faster). Into a raw file it only stalls writers.
+  const flushEvery = output instanceof KscImage ? 128 << 20 : Number.POSITIVE_INFINITY;
   let sinceFlush = 0;
   const background: Promise<void>[] = [];
   const worker = async (): Promise<void> => {
