@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { KscError } from '../errors.js';
 import { BlockState } from '../format/constants.js';
 import { KscImage } from '../image/ksc.js';
-import { createImage, openImage, openKsc, probeFormat, resolveBackingPath } from '../image/open.js';
+import { createImage, openImage, openKsc, probeFormat } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
 
 export type Progress = (done: number, total: number) => void;
@@ -144,4 +144,3 @@ async function copyDiffering(img: KscImage, next: BlockDevice | null, onProgress
   return copied;
 }
 
-export { resolveBackingPath };

@@ -501,7 +501,7 @@ export class KscImage implements BlockDevice {
 
   private async writeLocked(offset: number, data: Buffer): Promise<void> {
     const segs = this.segments(offset, data.length);
-    await this.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+    // change() has loaded the map pages of the whole range.
     const B = this.blockSize;
     const inPlace: { seg: Seg; host: number; full: boolean; wasValid: boolean }[] = [];
     const fresh: { seg: Seg; buf: Buffer }[] = [];
@@ -576,7 +576,7 @@ export class KscImage implements BlockDevice {
    */
   private async zeroLocked(offset: number, length: number, mayTrim: boolean, discard: boolean): Promise<void> {
     const segs = this.segments(offset, length);
-    await this.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+    // change() has loaded the map pages of the whole range.
     const B = this.blockSize;
     for (const s of segs) {
       const start = s.block * B;

@@ -272,6 +272,26 @@ class Session {
     return this.reply(opt, type, Buffer.from(message, 'utf8'));
   }
 
+  /**
+   * Decodes an option naming an export (INFO, GO, LIST/SET_META_CONTEXT) and finds the export; on bad data
+   * or an unknown name it sends the error reply and returns null.
+   */
+  private async optionExport<T extends { name: string }>(opt: number, decode: () => T): Promise<{ req: T; found: { name: string; exp: NbdExport } } | null> {
+    let req: T;
+    try {
+      req = decode();
+    } catch (e) {
+      await this.error(opt, REP.ERR_INVALID, (e as Error).message);
+      return null;
+    }
+    const found = this.server.findExport(req.name);
+    if (!found) {
+      await this.error(opt, REP.ERR_UNKNOWN, `no export named "${req.name}"`);
+      return null;
+    }
+    return { req, found };
+  }
+
   private flagsFor(exp: NbdExport): number {
     let f = TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_CACHE | TF.CAN_MULTI_CONN;
     if (this.structured) f |= TF.SEND_DF;
@@ -312,18 +332,9 @@ class Session {
         return 'next';
       case OPT.INFO:
       case OPT.GO: {
-        let req: { name: string; infos: number[] };
-        try {
-          req = decodeGoData(data);
-        } catch (e) {
-          await this.error(opt, REP.ERR_INVALID, (e as Error).message);
-          return 'next';
-        }
-        const found = this.server.findExport(req.name);
-        if (!found) {
-          await this.error(opt, REP.ERR_UNKNOWN, `no export named "${req.name}"`);
-          return 'next';
-        }
+        const parsed = await this.optionExport(opt, () => decodeGoData(data));
+        if (!parsed) return 'next';
+        const { req, found } = parsed;
         const { exp } = found;
         await this.reply(opt, REP.INFO, encodeInfoExport(exp.device.size, this.flagsFor(exp)));
         if (req.infos.includes(INFO.NAME)) await this.reply(opt, REP.INFO, encodeInfoText(INFO.NAME, found.name));
@@ -349,18 +360,9 @@ class Session {
           await this.error(opt, REP.ERR_INVALID, 'negotiate structured replies first');
           return 'next';
         }
-        let req: { name: string; queries: string[] };
-        try {
-          req = decodeMetaContextData(data);
-        } catch (e) {
-          await this.error(opt, REP.ERR_INVALID, (e as Error).message);
-          return 'next';
-        }
-        const found = this.server.findExport(req.name);
-        if (!found) {
-          await this.error(opt, REP.ERR_UNKNOWN, `no export named "${req.name}"`);
-          return 'next';
-        }
+        const parsed = await this.optionExport(opt, () => decodeMetaContextData(data));
+        if (!parsed) return 'next';
+        const { req, found } = parsed;
         const all = contextsOf(found.exp);
         const list = opt === OPT.LIST_META_CONTEXT;
         const chosen = new Set<string>();
