@@ -143,10 +143,14 @@ describe('kscinc serve: robustness with real clients', () => {
     const fua = qemuIo(uri, fuaCmds);
     const wb = qemuIo(uri, wbCmds, 'writeback');
     const t0 = Date.now();
+    const FUA_ACK = /^wrote \d+\/\d+ bytes at offset (\d+)\n/gm;
+    const WB_MARK = /^read 512\/512 bytes at offset (\d+)\n/gm;
     const count = (s: string, re: RegExp): number => s.match(re)?.length ?? 0;
     while (Date.now() - t0 < 20_000) {
       await sleep(10);
-      if (count(fua.out(), /^wrote /gm) >= 40 && count(wb.out(), /^read /gm) >= 3) break;
+      // Count complete lines only, with the same patterns as the snapshot below (a half-received line must
+      // not be counted here and then missed there).
+      if (count(fua.out(), FUA_ACK) >= 40 && count(wb.out(), WB_MARK) >= 3) break;
     }
     expect(fua.proc.exitCode, 'FUA writer finished before the kill').toBeNull();
     expect(wb.proc.exitCode, 'writeback writer finished before the kill').toBeNull();
@@ -156,8 +160,8 @@ describe('kscinc serve: robustness with real clients', () => {
     const wbOut = wb.out();
     await Promise.all([fua.done, wb.done]);
 
-    const fuaDone = [...fuaOut.matchAll(/^wrote \d+\/\d+ bytes at offset (\d+)/gm)].map((m) => Number(m[1]));
-    const marks = [...wbOut.matchAll(/^read 512\/512 bytes at offset (\d+)/gm)].map((m) => (Number(m[1]) - (63 << 20)) / 512);
+    const fuaDone = [...fuaOut.matchAll(FUA_ACK)].map((m) => Number(m[1]));
+    const marks = [...wbOut.matchAll(WB_MARK)].map((m) => (Number(m[1]) - (63 << 20)) / 512);
     const flushedGroups = marks.length ? Math.max(...marks) + 1 : 0;
     console.log(`[robust] at the kill: ${fuaDone.length} FUA writes acknowledged, ${flushedGroups} flushed groups of 8`);
     expect(fuaDone.length).toBeGreaterThanOrEqual(40);
