@@ -14,7 +14,9 @@ export type KscErrorCode =
   | 'KSC_E_LOOP' // a backing chain that refers to itself
   | 'KSC_E_IO' // the host file system failed
   | 'KSC_E_NO_SPACE' // the host file system is full
-  | 'KSC_E_CLOSED'; // the device was closed
+  | 'KSC_E_CLOSED' // the device was closed
+  | 'KSC_E_AUTH' // the object store refused our credentials
+  | 'KSC_E_UNAVAILABLE'; // the object store cannot be reached or keeps failing (retryable)
 
 export class KscError extends Error {
   readonly code: KscErrorCode;
