@@ -82,6 +82,11 @@ export class KscImage implements BlockDevice {
   private closed = false;
   private broken: KscError | null = null;
   private currentSlot: number;
+  /** Changes (write, zero, discard) in progress, and the gate quiesce() closes to hold new ones. */
+  private changesInFlight = 0;
+  private changesDrained: (() => void) | null = null;
+  private gate: Promise<void> | null = null;
+  private beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
 
   private constructor(
     private readonly file: HostFile,
@@ -461,6 +466,46 @@ export class KscImage implements BlockDevice {
     this.writable();
     checkRange(this, offset, length);
     if (length > 0) {
+      while (this.gate) await this.gate;
+      this.changesInFlight++;
+      try {
+        if (this.beforeChange) await this.beforeChange(offset, length);
+        await this.changeLocked(offset, length, fn);
+      } finally {
+        if (--this.changesInFlight === 0 && this.changesDrained) this.changesDrained();
+      }
+    }
+    if (fua) await this.flush();
+  }
+
+  /**
+   * Runs `fn` with no change in flight and new changes held until it finishes: a point in time for
+   * bitmap handovers and frozen views (the backup engine). Reads continue meanwhile.
+   */
+  async quiesce<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.gate) await this.gate;
+    let open!: () => void;
+    this.gate = new Promise<void>((r) => (open = r));
+    try {
+      if (this.changesInFlight > 0) await new Promise<void>((r) => (this.changesDrained = r));
+      this.changesDrained = null;
+      return await fn();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  /**
+   * Installs (or removes, with null) a hook awaited before every change touches the image, with the
+   * range it is about to change: copy-before-write for a frozen view. Install it inside quiesce().
+   */
+  setBeforeChange(hook: ((offset: number, length: number) => Promise<void>) | null): void {
+    this.beforeChange = hook;
+  }
+
+  private async changeLocked(offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+    {
       const release = await this.lockBlocks(offset, length, true);
       try {
         const bitmaps = this.enabledBitmaps();
@@ -483,7 +528,6 @@ export class KscImage implements BlockDevice {
         release();
       }
     }
-    if (fua) await this.flush();
   }
 
   /** Whether any block in [b0, b1] holds data (or is damaged) in this layer; the pages must be loaded. */

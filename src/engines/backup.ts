@@ -1,0 +1,375 @@
+/**
+ * The backup engine: reads the chunks a disk's dirty bitmap marks (all chunks for a full backup), hashes,
+ * deduplicates and compresses them in workers, packs and uploads them, then commits an index object and a
+ * manifest (formats/repository.md §9). The bitmap handover (§10) keeps every change tracked whatever
+ * happens: writes during the backup go to the live bitmap, and a failed backup merges the frozen bits back.
+ */
+import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { KscError, isKscError } from '../errors.js';
+import type { BlockDevice } from '../image/types.js';
+import { KscImage } from '../image/ksc.js';
+import { chunkId, initHash, ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
+import { packChunks } from '../compress/pool.js';
+import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
+import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
+import { bytesToUuid } from '../util/uuid.js';
+
+export const FROZEN_SUFFIX = '~frozen';
+export const TOKEN_SEPARATOR = '#';
+export const DEFAULT_BITMAP = 'backup';
+/** Bitmap names are at most 64 bytes and the token record adds 33. */
+export const MAX_BACKUP_BITMAP_NAME = 31;
+
+export interface BackupProgress {
+  phase: 'plan' | 'read' | 'commit';
+  doneBytes: number;
+  totalBytes: number;
+}
+
+export interface BackupOptions {
+  /** Dirty bitmap to use and hand over (ksc_inc images); default "backup"; null: none (always full). */
+  bitmap?: string | null;
+  /** Read every chunk even when the bitmap could be used. */
+  full?: boolean;
+  tags?: string[];
+  /** Recorded in the manifest; default the device name. */
+  source?: string;
+  progress?: (p: BackupProgress) => void;
+  /** Chunks per worker task (default: 4 MiB worth). */
+  batchBytes?: number;
+  /** Worker batches in flight (default 3). */
+  batches?: number;
+  now?: () => number;
+}
+
+export interface BackupResult {
+  id: string;
+  repository: string;
+  disk: string;
+  parent: string | null;
+  full: boolean;
+  /** Why the backup was full, when it was. */
+  fullReason: string | null;
+  size: number;
+  chunks: number;
+  chunksDirty: number;
+  chunksNew: number;
+  bytesRead: number;
+  bytesNew: number;
+  bytesStored: number;
+  bytesUploaded: number;
+  /** Raw bytes of the dirty non-zero chunks over the raw bytes that had to be stored. */
+  dedupeRatio: number;
+  durationMs: number;
+  /** Bytes read per second. */
+  throughput: number;
+}
+
+/** §7.4: the UUID of a disk without one. */
+export async function diskUuidOf(dev: BlockDevice): Promise<string> {
+  if (dev instanceof KscImage) return bytesToUuid(dev.diskUuid);
+  await initHash();
+  return bytesToUuid(chunkId(Buffer.from(resolve(dev.name), 'utf8')));
+}
+
+/**
+ * A point-in-time view of chunks of a live image (copy-before-write): before a change touches a chunk the
+ * backup still has to read, the old contents are read and kept (spilled to a temporary file beyond
+ * `memLimit`). Installed inside KscImage.quiesce(), so it starts at a point with no change in flight.
+ */
+class FrozenView {
+  private readonly pending = new Map<number, Promise<Buffer>>();
+  private readonly spilled = new Map<number, { pos: number; len: number }>();
+  private readonly done = new Set<number>();
+  private memBytes = 0;
+  private spill: { dir: string; fh: FileHandle; end: number } | null = null;
+  private spillOpen: Promise<void> | null = null;
+
+  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: Set<number>, private readonly memLimit = 64 * 1024 * 1024) {}
+
+  readonly hook = async (offset: number, length: number): Promise<void> => {
+    const k0 = Math.floor(offset / this.chunkSize);
+    const k1 = Math.floor((offset + length - 1) / this.chunkSize);
+    for (let k = k0; k <= k1; k++) {
+      if (!this.needed.has(k) || this.done.has(k) || this.spilled.has(k)) continue;
+      const data = await this.obtain(k);
+      if (!this.done.has(k) && this.pending.has(k) && this.memBytes > this.memLimit) await this.spillChunk(k, data);
+    }
+  };
+
+  private obtain(k: number): Promise<Buffer> {
+    let p = this.pending.get(k);
+    if (!p) {
+      const off = k * this.chunkSize;
+      p = this.dev.read(off, Math.min(this.chunkSize, this.dev.size - off));
+      this.pending.set(k, p);
+      void p.then((b) => (this.memBytes += b.length), () => undefined);
+    }
+    return p;
+  }
+
+  private async spillChunk(k: number, data: Buffer): Promise<void> {
+    this.spillOpen ??= (async () => {
+      const dir = await mkdtemp(join(tmpdir(), 'kscinc-frozen-'));
+      this.spill = { dir, fh: await open(join(dir, 'stash'), 'w+'), end: 0 };
+    })();
+    await this.spillOpen;
+    if (this.done.has(k) || !this.pending.has(k)) return;
+    const s = this.spill!;
+    const pos = s.end;
+    s.end += data.length;
+    await s.fh.write(data, 0, data.length, pos);
+    if (this.done.has(k) || !this.pending.has(k)) return;
+    this.spilled.set(k, { pos, len: data.length });
+    this.pending.delete(k);
+    this.memBytes -= data.length;
+  }
+
+  /** The chunk as it was at the freeze. */
+  async take(k: number): Promise<Buffer> {
+    const sp = this.spilled.get(k);
+    if (sp) {
+      const b = Buffer.allocUnsafe(sp.len);
+      await this.spill!.fh.read(b, 0, sp.len, sp.pos);
+      this.spilled.delete(k);
+      this.done.add(k);
+      return b;
+    }
+    const data = await this.obtain(k);
+    if (this.pending.delete(k)) this.memBytes -= data.length;
+    this.done.add(k);
+    return data;
+  }
+
+  async close(): Promise<void> {
+    if (this.spillOpen) await this.spillOpen.catch(() => undefined);
+    if (this.spill) {
+      await this.spill.fh.close().catch(() => undefined);
+      await rm(this.spill.dir, { recursive: true, force: true });
+    }
+  }
+}
+
+/** Bitmap bookkeeping on the image (§10). */
+function tokenBitmaps(names: string[], bitmap: string): string[] {
+  const prefix = bitmap + TOKEN_SEPARATOR;
+  return names.filter((n) => n.startsWith(prefix) && /^[0-9a-f]{32}$/.test(n.slice(prefix.length)));
+}
+
+/** §10 step 4 for a crash: merges a leftover frozen bitmap back. Returns true when there was one. */
+export async function recoverFrozenBitmap(img: KscImage, bitmap: string): Promise<boolean> {
+  const frozen = bitmap + FROZEN_SUFFIX;
+  if (!img.hasBitmap(frozen)) return false;
+  if (img.hasBitmap(bitmap)) await img.mergeBitmap(frozen, bitmap);
+  await img.removeBitmap(frozen);
+  return true;
+}
+
+function chunkSetFromExtents(extents: { offset: number; length: number }[], chunkSize: number, into: Set<number>): void {
+  for (const e of extents) {
+    if (e.length <= 0) continue;
+    const k1 = Math.floor((e.offset + e.length - 1) / chunkSize);
+    for (let k = Math.floor(e.offset / chunkSize); k <= k1; k++) into.add(k);
+  }
+}
+
+/** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
+async function adoptOrphans(repo: Repository, index: ChunkIndex): Promise<IndexEntry[]> {
+  const packs = await repo.listPacks();
+  const adopted: IndexEntry[] = [];
+  const orphans = [...packs].filter(([id]) => !index.packs.has(id));
+  await mapLimit(orphans, 4, async ([id, info]) => {
+    try {
+      for (const e of await repo.readPackFooter(id, info.size)) {
+        const entry = { id: e.id, pack: id, offset: e.offset, length: e.length, rawLength: e.rawLength };
+        adopted.push(entry);
+        index.add(entry);
+      }
+    } catch (e) {
+      if (!isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND')) throw e; // a damaged orphan is prune's business
+    }
+  });
+  return adopted;
+}
+
+/** Backs up `dev` into `repo`. The device stays usable (and writable, for a KscImage) throughout. */
+export async function backupDevice(dev: BlockDevice, repo: Repository, opts: BackupOptions = {}): Promise<BackupResult> {
+  const now = opts.now ?? Date.now;
+  const t0 = performance.now();
+  const started = now();
+  const id = backupId(started);
+  const C = repo.chunkSize;
+  const chunks = chunkCount(dev.size, C);
+  const img = dev instanceof KscImage ? dev : null;
+  const bitmap = img && !img.readOnly && opts.bitmap !== null ? (opts.bitmap ?? DEFAULT_BITMAP) : null;
+  if (bitmap !== null && Buffer.byteLength(bitmap) > MAX_BACKUP_BITMAP_NAME) {
+    throw new KscError('KSC_E_INVALID', `backup bitmap name "${bitmap}" is longer than ${MAX_BACKUP_BITMAP_NAME} bytes`);
+  }
+  if (bitmap !== null && (bitmap.includes(TOKEN_SEPARATOR) || bitmap.endsWith(FROZEN_SUFFIX))) {
+    throw new KscError('KSC_E_INVALID', `"${bitmap}" cannot be a backup bitmap name (it may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}")`);
+  }
+  await initHash();
+  const disk = await diskUuidOf(dev);
+  opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
+  const lock = await repo.lock('shared', `backup ${id} of ${opts.source ?? dev.name}`);
+  let handedOver = false;
+  let view: FrozenView | null = null;
+  let writer: ReturnType<Repository['packWriter']> | null = null;
+  try {
+    const index = await repo.loadIndex();
+    const adopted = await adoptOrphans(repo, index);
+
+    // Which backup of this disk is the bitmap's reference point (§10)?
+    let fullReason: string | null = opts.full ? 'a full backup was asked for' : null;
+    let token: string | null = null;
+    let granularity = 0;
+    if (img && bitmap !== null) {
+      await recoverFrozenBitmap(img, bitmap);
+      const names = (await img.listBitmaps()).map((b) => b.name);
+      const tokens = tokenBitmaps(names, bitmap);
+      if (!img.hasBitmap(bitmap)) {
+        await img.addBitmap(bitmap, { enabled: true });
+        fullReason ??= `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
+      } else {
+        const st = (await img.listBitmaps()).find((b) => b.name === bitmap)!;
+        granularity = st.granularity;
+        if (!st.consistent) fullReason ??= `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
+        else if (!st.enabled) fullReason ??= `bitmap "${bitmap}" is disabled`;
+        else if (st.granularity > C) fullReason ??= `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${C}`;
+      }
+      if (tokens.length === 1) token = tokens[0]!.slice(bitmap.length + 1);
+      else fullReason ??= tokens.length === 0 ? 'no earlier backup of this disk through this bitmap' : 'the bitmap has several backup tokens';
+    } else if (!fullReason) {
+      fullReason = img ? (img.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap';
+    }
+    let parent: Manifest | null = null;
+    if (!fullReason && token) {
+      for (const bid of (await repo.listBackupIds()).reverse()) {
+        const m = await repo.readManifest(bid).catch(() => null);
+        if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
+          parent = m;
+          break;
+        }
+      }
+      if (!parent) fullReason = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
+    }
+    if (parent) {
+      for (let k = 0; k < chunks; k++) {
+        const cid = parent.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
+        if (!cid.equals(ZERO_ID) && !index.has(cid)) {
+          fullReason = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
+          parent = null;
+          break;
+        }
+      }
+    }
+    const full = fullReason !== null;
+
+    // Freeze: a point in time, the bitmap handed over, the plan made, copy-before-write installed.
+    const ids = Buffer.alloc(chunks * ID_BYTES);
+    const toRead: number[] = [];
+    const newToken = bitmap !== null ? (await import('node:crypto')).randomBytes(16).toString('hex') : null;
+    const plan = async (): Promise<void> => {
+      const dirty = new Set<number>();
+      if (img && bitmap !== null) {
+        const frozen = bitmap + FROZEN_SUFFIX;
+        await img.addBitmap(frozen, { enabled: false, granularity: granularity || undefined });
+        handedOver = true;
+        await img.mergeBitmap(bitmap, frozen);
+        await img.clearBitmap(bitmap);
+        if (!full) chunkSetFromExtents(await img.bitmapExtents(frozen), C, dirty);
+      }
+      const hasData = new Set<number>();
+      chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
+      for (let k = 0; k < chunks; k++) {
+        if (full || dirty.has(k)) {
+          if (hasData.has(k)) toRead.push(k);
+        } else {
+          parent!.ids.copy(ids, k * ID_BYTES, k * ID_BYTES, (k + 1) * ID_BYTES);
+        }
+      }
+      if (img) {
+        view = new FrozenView(dev, C, new Set(toRead));
+        img.setBeforeChange(view.hook);
+      }
+    };
+    if (img && !img.readOnly) await img.quiesce(plan);
+    else await plan();
+
+    // Read → hash/zero-check/compress in workers → dedupe → pack → upload.
+    const totalBytes = toRead.reduce((s, k) => s + Math.min(C, dev.size - k * C), 0);
+    const perBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 * 1024 * 1024) / C));
+    const batches: number[][] = [];
+    for (let i = 0; i < toRead.length; i += perBatch) batches.push(toRead.slice(i, i + perBatch));
+    writer = repo.packWriter();
+    let bytesRead = 0;
+    let bytesNew = 0;
+    let bytesStored = 0;
+    let chunksNew = 0;
+    let dirtyNonZeroBytes = 0;
+    const w = writer;
+    const v = view as FrozenView | null;
+    await mapLimit(batches, opts.batches ?? 3, async (batch) => {
+      const data = await Promise.all(batch.map((k) => (v ? v.take(k) : dev.read(k * C, Math.min(C, dev.size - k * C)))));
+      for (const d of data) bytesRead += d.length;
+      const packed = await packChunks(data);
+      for (let i = 0; i < batch.length; i++) {
+        const { id: cid, blob } = packed[i]!;
+        cid.copy(ids, batch[i]! * ID_BYTES);
+        if (blob.length === 0) continue; // all zeros
+        dirtyNonZeroBytes += data[i]!.length;
+        const hex = cid.toString('hex');
+        if (index.has(hex) || w.has(hex)) continue;
+        chunksNew++;
+        bytesNew += data[i]!.length;
+        bytesStored += blob.length;
+        await w.add(cid, blob, data[i]!.length);
+      }
+      lock.check();
+      opts.progress?.({ phase: 'read', doneBytes: bytesRead, totalBytes });
+    });
+    if (img) img.setBeforeChange(null);
+    await (view as FrozenView | null)?.close();
+    view = null;
+    opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
+    await writer.finish();
+    // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
+    const newEntries = [...writer.entries, ...adopted];
+    if (newEntries.length > 0) await repo.putIndex(newEntries);
+    lock.check();
+    const durationMs = Math.round(performance.now() - t0);
+    const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: toRead.length, durationMs };
+    await repo.putManifest({
+      full, disk, timeMs: started, size: dev.size, chunkSize: C, bitmapToken: newToken, ids,
+      meta: { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats },
+    });
+    // §10 step 3: the new token, then drop the frozen bits.
+    if (img && bitmap !== null) {
+      const old = tokenBitmaps((await img.listBitmaps()).map((b) => b.name), bitmap);
+      await img.addBitmap(bitmap + TOKEN_SEPARATOR + newToken, { enabled: false });
+      for (const n of old) await img.removeBitmap(n);
+      await img.removeBitmap(bitmap + FROZEN_SUFFIX);
+      handedOver = false;
+      await img.flush();
+    }
+    return {
+      id, repository: repo.name, disk, parent: parent?.meta.id ?? null, full, fullReason, size: dev.size, chunks,
+      chunksDirty: toRead.length, chunksNew, bytesRead, bytesNew, bytesStored, bytesUploaded: writer.bytesUploaded,
+      dedupeRatio: bytesNew > 0 ? dirtyNonZeroBytes / bytesNew : 1, durationMs,
+      throughput: durationMs > 0 ? (bytesRead / durationMs) * 1000 : 0,
+    };
+  } catch (e) {
+    if (img) img.setBeforeChange(null);
+    await (view as FrozenView | null)?.close();
+    await writer?.abandon();
+    // §10 step 4: nothing drops out of tracking.
+    if (img && bitmap !== null && handedOver) {
+      await recoverFrozenBitmap(img, bitmap).catch(() => undefined);
+    }
+    throw e;
+  } finally {
+    await lock.release();
+  }
+}

@@ -1,0 +1,54 @@
+/**
+ * Chunk ids (formats/repository.md §2): two XXH64 hashes with independent seeds, 128 bits, each half
+ * big-endian. xxhash-wasm is instantiated once per thread (main thread and each worker).
+ */
+import xxhash from 'xxhash-wasm';
+
+/** §2: the second seed is ASCII "kscinc!1" as a big-endian u64. */
+export const SEED_B = 0x6b7363696e632131n;
+export const ID_BYTES = 16;
+export const ZERO_ID = Buffer.alloc(ID_BYTES);
+
+type H64 = (data: Uint8Array, seed?: bigint) => bigint;
+let h64: H64 | null = null;
+let loading: Promise<H64> | null = null;
+
+/** Loads the wasm hasher (idempotent). Must be awaited once before chunkId(). */
+export async function initHash(): Promise<void> {
+  if (h64) return;
+  loading ??= xxhash().then((x) => (h64 = x.h64Raw));
+  await loading;
+}
+
+/** The 16-byte id of `data` (§2). */
+export function chunkId(data: Uint8Array, out: Buffer = Buffer.allocUnsafe(ID_BYTES), at = 0): Buffer {
+  if (!h64) throw new Error('chunkId() before initHash()');
+  out.writeBigUInt64BE(h64(data, 0n), at);
+  out.writeBigUInt64BE(h64(data, SEED_B), at + 8);
+  return out;
+}
+
+export function idHex(id: Uint8Array): string {
+  return Buffer.from(id.buffer, id.byteOffset, ID_BYTES).toString('hex');
+}
+
+export function isZeroId(id: Uint8Array, at = 0): boolean {
+  for (let i = 0; i < ID_BYTES; i++) if (id[at + i] !== 0) return false;
+  return true;
+}
+
+/** §7.3: Merkle root over ids (a buffer of 16-byte ids), fan-out 256. */
+export function merkleRoot(ids: Buffer): Buffer {
+  const n = ids.length / ID_BYTES;
+  if (n === 0) return Buffer.alloc(ID_BYTES);
+  let level = ids;
+  do {
+    const count = level.length / ID_BYTES;
+    const next = Buffer.allocUnsafe(Math.ceil(count / 256) * ID_BYTES);
+    for (let i = 0, o = 0; i < count; i += 256, o += ID_BYTES) {
+      chunkId(level.subarray(i * ID_BYTES, Math.min(count, i + 256) * ID_BYTES), next, o);
+    }
+    level = next;
+  } while (level.length > ID_BYTES);
+  return level;
+}

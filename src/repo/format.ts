@@ -1,0 +1,318 @@
+/**
+ * Pure codecs of the repository objects (formats/repository.md): config (§3), pack header and footer
+ * (§5), index objects (§6), manifests (§7). Decoders are total: every length is checked before use and a
+ * failure throws KSC_E_CORRUPT naming the object.
+ */
+import { crc32 } from 'node:zlib';
+import { randomBytes } from 'node:crypto';
+import { KscError } from '../errors.js';
+import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
+import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
+
+export const MIB = 1024 * 1024;
+export const MIN_CHUNK = 1 * MIB;
+export const MAX_CHUNK = 4 * MIB;
+export const DEFAULT_CHUNK = 1 * MIB;
+export const DEFAULT_PACK = 32 * MIB;
+
+function bad(object: string, detail: string): KscError {
+  return new KscError('KSC_E_CORRUPT', `repository object ${object}: ${detail}`);
+}
+
+function safeU64(b: Buffer, at: number, object: string, field: string): number {
+  const v = b.readBigUInt64LE(at);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(object, `${field} ${v} is above 2^53`);
+  return Number(v);
+}
+
+export function randomHexId(): string {
+  return randomBytes(16).toString('hex');
+}
+
+// §3 config ---------------------------------------------------------------------------------------------
+
+export interface RepoConfig {
+  format: 'kscinc-repository';
+  version: 1;
+  id: string;
+  chunkSize: number;
+  packSize: number;
+  created: string;
+}
+
+export function checkChunkSize(n: number): void {
+  if (!Number.isInteger(n) || n < MIN_CHUNK || n > MAX_CHUNK || (n & (n - 1)) !== 0) {
+    throw new KscError('KSC_E_INVALID', `chunk size ${n} must be a power of two from 1 MiB to 4 MiB`);
+  }
+}
+
+export function encodeConfig(c: RepoConfig): Buffer {
+  return Buffer.from(JSON.stringify(c, null, 2) + '\n');
+}
+
+export function decodeConfig(b: Buffer, object = 'config'): RepoConfig {
+  let c: Partial<RepoConfig>;
+  try {
+    c = JSON.parse(b.toString('utf8')) as Partial<RepoConfig>;
+  } catch {
+    throw bad(object, 'is not valid JSON');
+  }
+  if (typeof c !== 'object' || c === null || c.format !== 'kscinc-repository') throw new KscError('KSC_E_FORMAT', `repository object ${object}: not a kscinc repository`);
+  if (c.version !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: version ${String(c.version)} is not supported (this is version 1)`);
+  if (typeof c.id !== 'string' || !/^[0-9a-f]{32}$/.test(c.id)) throw bad(object, 'id is not 32 hex digits');
+  try {
+    checkChunkSize(c.chunkSize as number);
+  } catch {
+    throw bad(object, `chunkSize ${String(c.chunkSize)} is not a power of two from 1 MiB to 4 MiB`);
+  }
+  if (!Number.isInteger(c.packSize) || c.packSize! < 4 * MIB || c.packSize! > 256 * MIB) throw bad(object, `packSize ${String(c.packSize)} outside 4 MiB … 256 MiB`);
+  return c as RepoConfig;
+}
+
+// §5 packs ----------------------------------------------------------------------------------------------
+
+export const PACK_MAGIC = Buffer.from('KSCPACK1');
+export const PACK_END_MAGIC = Buffer.from('KSCPEND1');
+export const PACK_HEADER = 16;
+export const FOOTER_ENTRY = 48;
+export const FOOTER_TAIL = 32;
+
+export interface PackEntry {
+  id: Buffer;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+export function packHeader(): Buffer {
+  const h = Buffer.alloc(PACK_HEADER);
+  PACK_MAGIC.copy(h, 0);
+  h.writeUInt32LE(1, 8);
+  return h;
+}
+
+/** The footer (entries and tail) of a pack whose blobs end at `entriesOffset`. */
+export function packFooter(entries: PackEntry[], entriesOffset: number): Buffer {
+  const f = Buffer.alloc(entries.length * FOOTER_ENTRY + FOOTER_TAIL);
+  entries.forEach((e, i) => {
+    const o = i * FOOTER_ENTRY;
+    e.id.copy(f, o, 0, ID_BYTES);
+    f.writeBigUInt64LE(BigInt(e.offset), o + 16);
+    f.writeUInt32LE(e.length, o + 24);
+    f.writeUInt32LE(e.rawLength, o + 28);
+  });
+  const t = entries.length * FOOTER_ENTRY;
+  f.writeUInt32LE(entries.length, t);
+  f.writeUInt32LE(crc32(f.subarray(0, t)), t + 4);
+  f.writeBigUInt64LE(BigInt(entriesOffset), t + 8);
+  f.writeUInt32LE(crc32(f.subarray(t, t + 20)), t + 20);
+  PACK_END_MAGIC.copy(f, t + 24);
+  return f;
+}
+
+/** Decodes the 32-byte tail of a pack of `packSize` bytes: where the entries are and how many. */
+export function decodePackTail(tail: Buffer, packSize: number, object: string): { count: number; entriesOffset: number; entriesCrc: number } {
+  if (tail.length !== FOOTER_TAIL) throw bad(object, `footer tail is ${tail.length} bytes, not 32 (truncated pack?)`);
+  if (!tail.subarray(24, 32).equals(PACK_END_MAGIC)) throw bad(object, 'footer magic missing (truncated or not a pack)');
+  if (tail.readUInt32LE(20) !== crc32(tail.subarray(0, 20))) throw bad(object, 'footer tail checksum mismatch');
+  const count = tail.readUInt32LE(0);
+  const entriesOffset = safeU64(tail, 8, object, 'footer offset');
+  if (entriesOffset < PACK_HEADER || entriesOffset + count * FOOTER_ENTRY + FOOTER_TAIL !== packSize) {
+    throw bad(object, `footer says ${count} entries at ${entriesOffset}, which does not fit a ${packSize}-byte pack`);
+  }
+  return { count, entriesOffset, entriesCrc: tail.readUInt32LE(4) };
+}
+
+export function decodePackEntries(buf: Buffer, count: number, crc: number, entriesOffset: number, object: string): PackEntry[] {
+  if (buf.length !== count * FOOTER_ENTRY) throw bad(object, 'footer entries truncated');
+  if (crc32(buf) !== crc) throw bad(object, 'footer entries checksum mismatch');
+  const out: PackEntry[] = [];
+  for (let i = 0; i < count; i++) {
+    const o = i * FOOTER_ENTRY;
+    const offset = safeU64(buf, o + 16, object, 'blob offset');
+    const length = buf.readUInt32LE(o + 24);
+    if (offset < PACK_HEADER || offset + length > entriesOffset || length < 33) throw bad(object, `footer entry ${i} (offset ${offset}, length ${length}) is outside the blobs`);
+    out.push({ id: Buffer.from(buf.subarray(o, o + 16)), offset, length, rawLength: buf.readUInt32LE(o + 28) });
+  }
+  return out;
+}
+
+// §6 index objects --------------------------------------------------------------------------------------
+
+export const INDEX_MAGIC = Buffer.from('KSCINDX1');
+export const INDEX_HEADER = 32;
+export const INDEX_ENTRY = 40;
+
+export interface IndexEntry {
+  id: Buffer;
+  pack: string; // 32 hex digits
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+export function encodeIndex(entries: IndexEntry[]): Buffer {
+  const packs = [...new Set(entries.map((e) => e.pack))];
+  const packNo = new Map(packs.map((p, i) => [p, i]));
+  const b = Buffer.alloc(INDEX_HEADER + packs.length * 16 + entries.length * INDEX_ENTRY);
+  INDEX_MAGIC.copy(b, 0);
+  b.writeUInt32LE(1, 8);
+  b.writeUInt32LE(packs.length, 12);
+  b.writeUInt32LE(entries.length, 16);
+  packs.forEach((p, i) => b.write(p, INDEX_HEADER + i * 16, 'hex'));
+  let o = INDEX_HEADER + packs.length * 16;
+  for (const e of entries) {
+    e.id.copy(b, o, 0, ID_BYTES);
+    b.writeUInt32LE(packNo.get(e.pack)!, o + 16);
+    b.writeBigUInt64LE(BigInt(e.offset), o + 24);
+    b.writeUInt32LE(e.length, o + 32);
+    b.writeUInt32LE(e.rawLength, o + 36);
+    o += INDEX_ENTRY;
+  }
+  b.writeUInt32LE(indexCrc(b), 28);
+  return b;
+}
+
+function indexCrc(b: Buffer): number {
+  return crc32(b.subarray(INDEX_HEADER), crc32(b.subarray(0, 28)));
+}
+
+export function decodeIndex(b: Buffer, object: string): IndexEntry[] {
+  if (b.length < INDEX_HEADER || !b.subarray(0, 8).equals(INDEX_MAGIC)) throw bad(object, 'not an index object (bad magic or truncated)');
+  if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: index version ${b.readUInt32LE(8)} is not supported`);
+  const p = b.readUInt32LE(12);
+  const e = b.readUInt32LE(16);
+  if (b.length !== INDEX_HEADER + p * 16 + e * INDEX_ENTRY) throw bad(object, `length ${b.length} does not match ${p} packs and ${e} entries (truncated?)`);
+  if (b.readUInt32LE(28) !== indexCrc(b)) throw bad(object, 'checksum mismatch');
+  const packs: string[] = [];
+  for (let i = 0; i < p; i++) packs.push(b.toString('hex', INDEX_HEADER + i * 16, INDEX_HEADER + i * 16 + 16));
+  const out: IndexEntry[] = [];
+  let o = INDEX_HEADER + p * 16;
+  for (let i = 0; i < e; i++, o += INDEX_ENTRY) {
+    const n = b.readUInt32LE(o + 16);
+    if (n >= p) throw bad(object, `entry ${i} names pack number ${n} of ${p}`);
+    out.push({ id: Buffer.from(b.subarray(o, o + 16)), pack: packs[n]!, offset: safeU64(b, o + 24, object, 'blob offset'), length: b.readUInt32LE(o + 32), rawLength: b.readUInt32LE(o + 36) });
+  }
+  return out;
+}
+
+// §7 manifests ------------------------------------------------------------------------------------------
+
+export const MANIFEST_MAGIC = Buffer.from('KSCMANI1');
+export const MANIFEST_END = Buffer.from('KEND');
+export const MANIFEST_HEADER = 96;
+export const MANIFEST_TRAILER = 32;
+export const FLAG_FULL = 1;
+const MAX_META = 1024 * 1024;
+
+export interface BackupStats {
+  bytesRead: number;
+  bytesNew: number;
+  bytesStored: number;
+  chunksDirty: number;
+  durationMs: number;
+}
+
+export interface ManifestMeta {
+  id: string;
+  parent: string | null;
+  tags: string[];
+  source: string;
+  bitmap: string | null;
+  stats: BackupStats;
+}
+
+export interface Manifest {
+  full: boolean;
+  disk: string; // uuid text form, 8-4-4-4-12
+  timeMs: number;
+  size: number;
+  chunkSize: number;
+  bitmapToken: string | null; // 32 hex digits
+  meta: ManifestMeta;
+  /** 16 bytes per chunk, in disk order. */
+  ids: Buffer;
+  root: Buffer;
+}
+
+export function chunkCount(size: number, chunkSize: number): number {
+  return Math.ceil(size / chunkSize);
+}
+
+export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
+  const meta = Buffer.from(JSON.stringify(m.meta));
+  if (meta.length > MAX_META) throw new KscError('KSC_E_INVALID', 'manifest metadata above 1 MiB (too many or too long tags?)');
+  const chunks = chunkCount(m.size, m.chunkSize);
+  if (m.ids.length !== chunks * ID_BYTES) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length / ID_BYTES}`);
+  const b = Buffer.alloc(MANIFEST_HEADER + meta.length + m.ids.length + MANIFEST_TRAILER);
+  MANIFEST_MAGIC.copy(b, 0);
+  b.writeUInt32LE(1, 8);
+  b.writeUInt32LE(m.full ? FLAG_FULL : 0, 12);
+  uuidToBytes(m.disk).copy(b, 16);
+  b.writeBigUInt64LE(BigInt(m.timeMs), 32);
+  b.writeBigUInt64LE(BigInt(m.size), 40);
+  b.writeUInt32LE(m.chunkSize, 48);
+  b.writeUInt32LE(meta.length, 52);
+  b.writeBigUInt64LE(BigInt(chunks), 56);
+  if (m.bitmapToken) b.write(m.bitmapToken, 64, 'hex');
+  meta.copy(b, MANIFEST_HEADER);
+  m.ids.copy(b, MANIFEST_HEADER + meta.length);
+  const t = b.length - MANIFEST_TRAILER;
+  merkleRoot(m.ids).copy(b, t);
+  b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
+  MANIFEST_END.copy(b, t + 28);
+  return b;
+}
+
+export function decodeManifest(b: Buffer, object: string): Manifest {
+  if (b.length < MANIFEST_HEADER + MANIFEST_TRAILER || !b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw bad(object, 'not a manifest (bad magic or truncated)');
+  if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: manifest version ${b.readUInt32LE(8)} is not supported`);
+  const t = b.length - MANIFEST_TRAILER;
+  if (!b.subarray(t + 28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
+  if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw bad(object, 'checksum mismatch');
+  const flags = b.readUInt32LE(12);
+  if (flags & ~FLAG_FULL) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
+  const size = safeU64(b, 40, object, 'virtual size');
+  const chunkSize = b.readUInt32LE(48);
+  try {
+    checkChunkSize(chunkSize);
+  } catch {
+    throw bad(object, `chunk size ${chunkSize} is invalid`);
+  }
+  const metaLen = b.readUInt32LE(52);
+  const chunks = safeU64(b, 56, object, 'chunk count');
+  if (chunks !== chunkCount(size, chunkSize)) throw bad(object, `chunk count ${chunks} does not match size ${size}`);
+  if (metaLen > MAX_META || b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER) throw bad(object, 'length does not match its header (truncated?)');
+  let meta: ManifestMeta;
+  try {
+    meta = JSON.parse(b.toString('utf8', MANIFEST_HEADER, MANIFEST_HEADER + metaLen)) as ManifestMeta;
+  } catch {
+    throw bad(object, 'metadata is not valid JSON');
+  }
+  if (typeof meta !== 'object' || meta === null || typeof meta.id !== 'string') throw bad(object, 'metadata lacks the backup id');
+  meta.tags = Array.isArray(meta.tags) ? meta.tags.map(String) : [];
+  meta.parent = typeof meta.parent === 'string' ? meta.parent : null;
+  meta.bitmap = typeof meta.bitmap === 'string' ? meta.bitmap : null;
+  meta.stats ??= { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
+  const ids = Buffer.from(b.subarray(MANIFEST_HEADER + metaLen, t));
+  const root = Buffer.from(b.subarray(t, t + 16));
+  const token = b.subarray(64, 80);
+  return {
+    full: (flags & FLAG_FULL) !== 0,
+    disk: bytesToUuid(b.subarray(16, 32)),
+    timeMs: safeU64(b, 32, object, 'time'),
+    size,
+    chunkSize,
+    bitmapToken: token.equals(Buffer.alloc(16)) ? null : token.toString('hex'),
+    meta,
+    ids,
+    root,
+  };
+}
+
+/** §7.1 backup id for a start time. */
+export function backupId(timeMs: number, rand = randomBytes(4).toString('hex')): string {
+  const iso = new Date(timeMs).toISOString(); // 2026-11-26T12:54:22.123Z
+  return iso.replace(/[-:]/g, '').replace('.', '') + '-' + rand;
+}
+export const BACKUP_ID_RE = /^\d{8}T\d{9}Z-[0-9a-f]{8}$/;

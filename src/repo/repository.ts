@@ -1,0 +1,406 @@
+/**
+ * A backup repository on any ObjectStore (formats/repository.md): config, packs, index objects, manifests
+ * and locks. The engines (backup, restore, verify, prune) are built on this class; it owns the object
+ * names and the §9 write ordering of the pieces it writes.
+ */
+import { hostname } from 'node:os';
+import { KscError, isKscError } from '../errors.js';
+import type { ObjectStore } from '../objstore/types.js';
+import { ID_BYTES } from '../hash/chunkid.js';
+import {
+  type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
+  DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
+  packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
+  encodeIndex, decodeIndex, encodeManifest, decodeManifest, BACKUP_ID_RE, MIB,
+} from './format.js';
+
+export const CONFIG_KEY = 'config';
+export const packKey = (id: string): string => `packs/${id.slice(0, 2)}/${id}.pack`;
+export const indexKey = (id: string): string => `index/${id}.idx`;
+export const manifestKey = (id: string): string => `manifests/${id}.manifest`;
+export const lockKey = (id: string): string => `locks/${id}.lock`;
+const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
+const INDEX_KEY_RE = /^index\/([0-9a-f]{32})\.idx$/;
+const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
+
+/** §8: a lock not refreshed for this long is stale. */
+export const STALE_MS = 10 * 60 * 1000;
+
+export interface ChunkLocation {
+  pack: string;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+/** The union of the index objects: chunk id (hex) → where it lives. */
+export class ChunkIndex {
+  readonly chunks = new Map<string, ChunkLocation>();
+  /** Packs named by some index object. */
+  readonly packs = new Set<string>();
+  /** Index object ids read. */
+  readonly objects: string[] = [];
+
+  add(e: IndexEntry): void {
+    if (!this.chunks.has(e.id.toString('hex'))) this.chunks.set(e.id.toString('hex'), { pack: e.pack, offset: e.offset, length: e.length, rawLength: e.rawLength });
+    this.packs.add(e.pack);
+  }
+  get(id: Buffer | string): ChunkLocation | undefined {
+    return this.chunks.get(typeof id === 'string' ? id : id.toString('hex'));
+  }
+  has(id: Buffer | string): boolean {
+    return this.chunks.has(typeof id === 'string' ? id : id.toString('hex'));
+  }
+}
+
+export interface LockInfo {
+  key: string;
+  kind: 'shared' | 'exclusive';
+  host: string;
+  pid: number;
+  created: number;
+  refreshed: number;
+  what: string;
+  stale: boolean;
+}
+
+export class RepoLock {
+  private timer: NodeJS.Timeout | null = null;
+  private failed: unknown = null;
+  constructor(private readonly repo: Repository, readonly key: string, private readonly body: Record<string, unknown>) {}
+
+  /** §8 rule 2: refresh in the background; a failed refresh poisons the lock. */
+  startRefresh(everyMs = STALE_MS / 4): void {
+    this.timer = setInterval(() => {
+      this.body.refreshed = Date.now();
+      this.repo.store.put(this.key, Buffer.from(JSON.stringify(this.body))).catch((e) => (this.failed ??= e));
+    }, everyMs);
+    this.timer.unref();
+  }
+  /** Throws if the lock could not be kept. */
+  check(): void {
+    if (this.failed) throw new KscError('KSC_E_LOCKED', `lost the repository lock ${this.key}: ${(this.failed as Error).message}`, { cause: this.failed });
+  }
+  async release(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await this.repo.store.delete(this.key).catch(() => undefined);
+  }
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+export class Repository {
+  private constructor(readonly store: ObjectStore, readonly config: RepoConfig) {}
+
+  get name(): string {
+    return this.store.name;
+  }
+  get chunkSize(): number {
+    return this.config.chunkSize;
+  }
+
+  /** Creates a repository (KSC_E_EXISTS when there is one already). */
+  static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
+    if (await store.stat(CONFIG_KEY)) throw new KscError('KSC_E_EXISTS', `${store.name} is already a kscinc repository`);
+    const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
+    checkChunkSize(chunkSize);
+    const packSize = opts.packSize ?? DEFAULT_PACK;
+    if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
+    const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: new Date().toISOString() };
+    await store.put(CONFIG_KEY, encodeConfig(config));
+    return new Repository(store, config);
+  }
+
+  static async open(store: ObjectStore): Promise<Repository> {
+    let raw: Buffer;
+    try {
+      raw = await store.get(CONFIG_KEY);
+    } catch (e) {
+      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `${store.name} is not a kscinc repository (no config object; create one with "kscinc repo init")`);
+      throw e;
+    }
+    return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+  }
+
+  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
+    try {
+      return await Repository.open(store);
+    } catch (e) {
+      if (!isKscError(e, 'KSC_E_NOT_FOUND') || (await store.stat(CONFIG_KEY))) throw e;
+      try {
+        return await Repository.init(store, opts);
+      } catch (e2) {
+        if (isKscError(e2, 'KSC_E_EXISTS')) return Repository.open(store); // a concurrent init won
+        throw e2;
+      }
+    }
+  }
+
+  objName(key: string): string {
+    return `${this.store.name}/${key}`;
+  }
+
+  // index ----------------------------------------------------------------------------------------------
+
+  async listIndexObjects(): Promise<string[]> {
+    const out: string[] = [];
+    for await (const o of this.store.list('index/')) {
+      const m = INDEX_KEY_RE.exec(o.key);
+      if (m) out.push(m[1]!);
+    }
+    return out;
+  }
+
+  /** Reads every index object. A damaged one is reported through `onDamage` (or thrown when absent). */
+  async loadIndex(onDamage?: (key: string, e: KscError) => void): Promise<ChunkIndex> {
+    const idx = new ChunkIndex();
+    const ids = await this.listIndexObjects();
+    await mapLimit(ids, 8, async (id) => {
+      const key = indexKey(id);
+      try {
+        const entries = decodeIndex(await this.store.get(key), this.objName(key));
+        for (const e of entries) idx.add(e);
+        idx.objects.push(id);
+      } catch (e) {
+        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
+        else throw e;
+      }
+    });
+    return idx;
+  }
+
+  async putIndex(entries: IndexEntry[]): Promise<string> {
+    const id = randomHexId();
+    await this.store.put(indexKey(id), encodeIndex(entries));
+    return id;
+  }
+
+  // packs ----------------------------------------------------------------------------------------------
+
+  async listPacks(): Promise<Map<string, { size: number; mtimeMs: number }>> {
+    const out = new Map<string, { size: number; mtimeMs: number }>();
+    for await (const o of this.store.list('packs/')) {
+      const m = PACK_KEY_RE.exec(o.key);
+      if (m) out.set(m[1]!, { size: o.size, mtimeMs: o.mtimeMs });
+    }
+    return out;
+  }
+
+  /** Reads and checks a pack's footer (§5.3): the chunks it holds. */
+  async readPackFooter(pack: string, size?: number): Promise<PackEntry[]> {
+    const key = packKey(pack);
+    const name = this.objName(key);
+    const total = size ?? (await this.store.stat(key))?.size;
+    if (total === undefined) throw new KscError('KSC_E_NOT_FOUND', `repository object ${name} is missing`);
+    if (total < PACK_HEADER + FOOTER_TAIL) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${total} bytes is too short for a pack (truncated?)`);
+    const tail = decodePackTail(await this.store.getRange(key, total - FOOTER_TAIL, FOOTER_TAIL), total, name);
+    const entries = await this.store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY);
+    return decodePackEntries(entries, tail.count, tail.entriesCrc, tail.entriesOffset, name);
+  }
+
+  /** Starts writing packs; see PackWriter. */
+  packWriter(opts: { uploads?: number } = {}): PackWriter {
+    return new PackWriter(this, opts.uploads ?? 2);
+  }
+
+  // manifests ------------------------------------------------------------------------------------------
+
+  /** Backup ids, oldest first. */
+  async listBackupIds(): Promise<string[]> {
+    const out: string[] = [];
+    for await (const o of this.store.list('manifests/')) {
+      const m = MANIFEST_KEY_RE.exec(o.key);
+      if (m && BACKUP_ID_RE.test(m[1]!)) out.push(m[1]!);
+    }
+    return out.sort();
+  }
+
+  async readManifest(id: string): Promise<Manifest> {
+    if (!BACKUP_ID_RE.test(id)) throw new KscError('KSC_E_INVALID', `"${id}" is not a backup id (like 20261126T125422123Z-1a2b3c4d)`);
+    const key = manifestKey(id);
+    let raw: Buffer;
+    try {
+      raw = await this.store.get(key);
+    } catch (e) {
+      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
+      throw e;
+    }
+    const m = decodeManifest(raw, this.objName(key));
+    if (m.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${m.meta.id}, not ${id}`);
+    if (m.chunkSize !== this.chunkSize) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: chunk size ${m.chunkSize} differs from the repository's ${this.chunkSize}`);
+    return m;
+  }
+
+  /** §9 rule 3: the commit point of a backup. */
+  async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
+    await this.store.put(manifestKey(m.meta.id), encodeManifest(m));
+  }
+
+  async deleteManifest(id: string): Promise<void> {
+    await this.store.delete(manifestKey(id));
+  }
+
+  // locks ----------------------------------------------------------------------------------------------
+
+  async listLocks(): Promise<LockInfo[]> {
+    const out: LockInfo[] = [];
+    const host = hostname();
+    for await (const o of this.store.list('locks/')) {
+      let body: Partial<LockInfo>;
+      try {
+        body = JSON.parse((await this.store.get(o.key)).toString('utf8')) as Partial<LockInfo>;
+      } catch (e) {
+        if (isKscError(e, 'KSC_E_NOT_FOUND')) continue; // released meanwhile
+        body = {};
+      }
+      const refreshed = typeof body.refreshed === 'number' ? body.refreshed : o.mtimeMs;
+      const stale = Date.now() - refreshed > STALE_MS || (body.host === host && typeof body.pid === 'number' && !pidAlive(body.pid));
+      out.push({
+        key: o.key, kind: body.kind === 'exclusive' ? 'exclusive' : 'shared', host: String(body.host ?? '?'), pid: Number(body.pid ?? 0),
+        created: Number(body.created ?? o.mtimeMs), refreshed, what: String(body.what ?? ''), stale,
+      });
+    }
+    return out;
+  }
+
+  /** §8: takes a lock or fails with KSC_E_LOCKED naming the holder. */
+  async lock(kind: 'shared' | 'exclusive', what: string): Promise<RepoLock> {
+    const key = lockKey(randomHexId());
+    const now = Date.now();
+    const body = { kind, host: hostname(), pid: process.pid, created: now, refreshed: now, what };
+    await this.store.put(key, Buffer.from(JSON.stringify(body)));
+    const lock = new RepoLock(this, key, body);
+    let others: LockInfo[];
+    try {
+      others = (await this.listLocks()).filter((l) => l.key !== key && !l.stale);
+    } catch (e) {
+      await lock.release();
+      throw e;
+    }
+    const blocking = others.filter((l) => kind === 'exclusive' || l.kind === 'exclusive');
+    if (blocking.length > 0) {
+      await lock.release();
+      const l = blocking[0]!;
+      throw new KscError('KSC_E_LOCKED', `repository ${this.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}, since ${new Date(l.created).toISOString()}); try again later, or remove a stale lock with "kscinc repo unlock"`);
+    }
+    lock.startRefresh();
+    return lock;
+  }
+
+  /** Deletes stale locks (all locks with `all`); returns the keys removed. */
+  async unlock(all = false): Promise<string[]> {
+    const removed: string[] = [];
+    for (const l of await this.listLocks()) {
+      if (all || l.stale) {
+        await this.store.delete(l.key);
+        removed.push(l.key);
+      }
+    }
+    return removed;
+  }
+}
+
+/**
+ * Groups blobs into packs of about `packSize` bytes and uploads each when full (at most `uploads` in
+ * flight, so memory stays bounded at (uploads + 1) × packSize). `entries` lists every chunk of every pack
+ * whose upload completed (§9 rule 1: only these may go into an index object).
+ */
+export class PackWriter {
+  private parts: Buffer[] = [];
+  private pending: PackEntry[] = [];
+  private bytes = 0;
+  private inFlight = new Set<Promise<void>>();
+  private error: unknown = null;
+  readonly entries: IndexEntry[] = [];
+  readonly packsWritten: string[] = [];
+  bytesUploaded = 0;
+  /** Ids queued or stored by this writer (so one backup never stores a chunk twice). */
+  private readonly seen = new Set<string>();
+
+  constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
+
+  has(idHex: string): boolean {
+    return this.seen.has(idHex);
+  }
+
+  /** Adds a blob; resolves when there is room for more (back-pressure). */
+  async add(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
+    if (this.error) throw this.error;
+    const hex = id.toString('hex');
+    if (this.seen.has(hex)) return;
+    this.seen.add(hex);
+    if (this.parts.length === 0) {
+      this.parts.push(packHeader());
+      this.bytes = PACK_HEADER;
+    }
+    this.pending.push({ id: Buffer.from(id), offset: this.bytes, length: blob.length, rawLength });
+    this.parts.push(Buffer.from(blob));
+    this.bytes += blob.length;
+    if (this.bytes >= this.repo.config.packSize) await this.seal();
+  }
+
+  private async seal(): Promise<void> {
+    if (this.pending.length === 0) return;
+    const parts = this.parts;
+    const entries = this.pending;
+    parts.push(packFooter(entries, this.bytes));
+    const size = this.bytes + entries.length * FOOTER_ENTRY + FOOTER_TAIL;
+    this.parts = [];
+    this.pending = [];
+    this.bytes = 0;
+    while (this.inFlight.size >= this.maxUploads) await Promise.race(this.inFlight);
+    if (this.error) throw this.error;
+    const id = randomHexId();
+    const p = this.repo.store.put(packKey(id), parts).then(
+      () => {
+        for (const e of entries) this.entries.push({ id: e.id, pack: id, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        this.packsWritten.push(id);
+        this.bytesUploaded += size;
+      },
+      (e) => {
+        this.error ??= e;
+      },
+    ).finally(() => this.inFlight.delete(p));
+    this.inFlight.add(p);
+  }
+
+  /** Seals the last pack and waits for every upload; throws the first upload error. */
+  async finish(): Promise<void> {
+    if (!this.error) await this.seal().catch((e) => (this.error ??= e));
+    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
+    if (this.error) throw this.error;
+  }
+
+  /** Waits for uploads already started (used when abandoning: never leaves promises dangling). */
+  async abandon(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
+  }
+}
+
+/** Runs `fn` over `items` with at most `limit` in flight; rejects with the first error after all settle. */
+export async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  let error: unknown = null;
+  const worker = async (): Promise<void> => {
+    while (next < items.length && !error) {
+      const i = next++;
+      try {
+        await fn(items[i]!, i);
+      } catch (e) {
+        error ??= e;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  if (error) throw error;
+}
+
+export { ID_BYTES };
