@@ -8,6 +8,7 @@ import { registerImageCommands } from './image-commands.js';
 import { registerBitmapCommands } from './bitmap-commands.js';
 import { registerIoCommands } from './io-commands.js';
 import { registerServeCommands } from './serve-commands.js';
+import { registerBackupCommands } from './backup-commands.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -21,6 +22,7 @@ export function buildProgram(): Command {
   registerBitmapCommands(program);
   registerIoCommands(program);
   registerServeCommands(program);
+  registerBackupCommands(program);
   return program;
 }
 

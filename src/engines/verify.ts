@@ -80,9 +80,10 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       const deps = new Set<string>();
       for (const r of list) for (const it of r.items) for (const b of users.get(it.id.toString('hex'))!) deps.add(b);
       try {
-        bytesRead += await fetchChunks(repo, list, 2, repo.chunkSize, 'verify', async () => {
+        const n = await fetchChunks(repo, list, 2, repo.chunkSize, 'verify', async () => {
           chunksChecked++;
         });
+        bytesRead += n;
       } catch (e) {
         if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
         const problem = e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message;
