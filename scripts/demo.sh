@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job, end to end, on the embedded default (local files): a realistic base disk, an overlay that
-# takes a VM's writes, its dirty bitmap and map, and a conversion back to raw verified byte for byte
-# against the same writes applied to a copy of the base.
+# The main job, end to end, on the embedded default (a local repository folder): a realistic disk as a
+# ksc_inc overlay on a shared base, a full backup, 1% of the disk changed, an incremental backup that reads
+# only what changed, both points restored and verified byte for byte with qemu-img compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -15,34 +15,45 @@ elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "   (%.2f s)\n",
 step "1. base image: a 512 MiB ext4 disk full of real files (shared, read-only from now on)"
 s=$(date +%s.%N); bash scripts/make-test-image.sh "$work/base.raw" 512M; elapsed "$s"
 
-step "2. the VM's disk: a ksc_inc overlay on the base, with a dirty bitmap for the next backup"
+step "2. the VM's disk: a ksc_inc overlay on the base; the VM's first writes land in the overlay"
 k create "$work/vm.ksc" --backing "$work/base.raw"
-k bitmap add "$work/vm.ksc" backup
-
-step "3. the VM writes: 3 files' worth of data at three places (through the library, as the NBD server will)"
-cp "$work/base.raw" "$work/expected.raw"
-s=$(date +%s.%N)
 offset=$((100 * 1024 * 1024))
-for f in /usr/bin/node /usr/bin/bash /usr/bin/git; do
-  [ -f "$f" ] || continue
-  k write "$work/vm.ksc" "$offset" --from "$f"
-  dd if="$f" of="$work/expected.raw" bs=1M seek="$offset" oflag=seek_bytes conv=notrunc status=none
+for f in /usr/bin/node /usr/bin/bash; do
+  [ -f "$f" ] && k write "$work/vm.ksc" "$offset" --from "$f"
   offset=$((offset + 150 * 1024 * 1024 + 12345))
 done
-elapsed "$s"
-
-step "4. what the overlay holds: info, the dirty bitmap (what the next backup reads), the map"
-k info "$work/vm.ksc"
-k bitmap show "$work/vm.ksc" backup | tail -n 4
-echo "map (depth 0 = the overlay, 1 = the base):"
-k map "$work/vm.ksc" | awk 'NR==1 || $4=="0"' | head -n 12
 echo "overlay file: $(du -h "$work/vm.ksc" | cut -f1) on disk for a $(du -h --apparent-size "$work/base.raw" | cut -f1) disk"
 
-step "5. convert the whole chain back to raw and verify against the same writes applied to a copy of the base"
-s=$(date +%s.%N); k convert "$work/vm.ksc" "$work/vm.raw" -O raw; elapsed "$s"
-qemu-img compare -f raw -F raw "$work/vm.raw" "$work/expected.raw"
+step "3. first backup into a local repository (no bitmap yet, so it is full; it creates the bitmap)"
+k backup "$work/vm.ksc" --repo "$work/repo" --json > "$work/b1.json"
+k convert "$work/vm.ksc" "$work/point1.raw" -O raw >/dev/null   # what backup 1 must restore to
+node -e 'const r=require(process.argv[1]); console.log(`   ${r.full?"full":"incremental"} backup ${r.id}: read ${(r.bytesRead/1048576).toFixed(1)} MiB, stored ${(r.bytesStored/1048576).toFixed(1)} MiB, ${(r.durationMs/1000).toFixed(2)} s${r.fullReason?` (${r.fullReason})`:""}`)' "$work/b1.json"
 
-step "6. check the image, reading every block against its checksum"
+step "4. the VM changes 1% of the disk: 5 MiB of new data at random places"
+head -c $((5 * 1024 * 1024)) /dev/urandom > "$work/change.bin"
+for i in 0 1 2 3 4; do
+  dd if="$work/change.bin" of="$work/piece.bin" bs=1M skip="$i" count=1 status=none
+  k write "$work/vm.ksc" $(( (RANDOM * 32768 + RANDOM) % 500 * 1024 * 1024 + i * 4096 )) --from "$work/piece.bin" >/dev/null
+done
+k bitmap show "$work/vm.ksc" backup | tail -n 2
+
+step "5. incremental backup: only the chunks the dirty bitmap marks are read"
+k backup "$work/vm.ksc" --repo "$work/repo" --json > "$work/b2.json"
+k convert "$work/vm.ksc" "$work/point2.raw" -O raw >/dev/null
+node -e 'const r=require(process.argv[1]); console.log(`   ${r.full?"full":"incremental"} backup ${r.id}: read ${(r.bytesRead/1048576).toFixed(1)} MiB of ${(r.size/1048576).toFixed(0)} MiB, stored ${(r.bytesStored/1048576).toFixed(1)} MiB, ${(r.durationMs/1000).toFixed(2)} s`)' "$work/b2.json"
+k backups --repo "$work/repo"
+
+step "6. restore both points and verify each byte for byte"
+id1=$(node -p 'require(process.argv[1]).id' "$work/b1.json")
+id2=$(node -p 'require(process.argv[1]).id' "$work/b2.json")
+s=$(date +%s.%N); k restore "$id1" "$work/restored1.raw" --repo "$work/repo"; elapsed "$s"
+qemu-img compare -f raw -F raw "$work/restored1.raw" "$work/point1.raw"
+s=$(date +%s.%N); k restore "$id2" "$work/restored2.raw" --repo "$work/repo"; elapsed "$s"
+qemu-img compare -f raw -F raw "$work/restored2.raw" "$work/point2.raw"
+
+step "7. verify the repository (every chunk re-read and checked) and the image"
+k verify --repo "$work/repo"
 k check "$work/vm.ksc" --verify
+echo "repository: $(du -sh "$work/repo" | cut -f1) for 2 backups of a $(du -h --apparent-size "$work/base.raw" | cut -f1) disk"
 
 printf '\nall steps passed; files in %s\n' "$work"; elapsed "$t0"
