@@ -11,6 +11,9 @@ import { verifyRepo } from '../engines/verify.js';
 import { pruneRepo } from '../engines/prune.js';
 import { closePool } from '../compress/pool.js';
 import { formatSize, printJson, println, progressBar } from './output.js';
+import { requestBackup } from './control.js';
+import { isKscError } from '../errors.js';
+import type { BackupResult } from '../engines/backup.js';
 
 const count = (flag: string) => (v: string): number => {
   const n = Number(v);
@@ -47,7 +50,25 @@ export function registerBackupCommands(program: Command): void {
     .description('back up what changed since the last backup of this disk into a repository')
     .action(async (image: string, o: { repo: string; bitmap?: string | boolean; full?: boolean; tag?: string[]; chunkSize?: number; json?: boolean }) => {
       const bitmap = o.bitmap === false ? null : typeof o.bitmap === 'string' ? o.bitmap : undefined;
-      const dev = await openImage(image, { write: bitmap !== null });
+      const print = (r: BackupResult): void => {
+        if (o.json) return printJson(r);
+        println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
+        println(r.full ? `  full backup: ${r.fullReason}` : `  incremental: only chunks marked in the bitmap since backup ${r.parent}`);
+        println(`  read ${formatSize(r.bytesRead)} in ${r.chunksDirty} of ${r.chunks} chunks; new ${formatSize(r.bytesNew)} (${r.chunksNew} chunks), stored ${formatSize(r.bytesStored)}; dedupe ${r.dedupeRatio.toFixed(2)}x`);
+        println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.bytesRead, r.durationMs)}`);
+      };
+      let dev;
+      try {
+        dev = await openImage(image, { write: bitmap !== null });
+      } catch (e) {
+        // A running `kscinc serve` holds the image: it runs the backup (live, point in time, bitmap handover).
+        if (!isKscError(e, 'KSC_E_LOCKED')) throw e;
+        const bar = progressBar('backup');
+        const r = await requestBackup(image, { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
+          (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes)).finally(bar.stop);
+        if (!r) throw e;
+        return print(r);
+      }
       try {
         await withRepo(o.repo, 'openOrInit', async (repo) => {
           const bar = progressBar('backup');
@@ -55,11 +76,7 @@ export function registerBackupCommands(program: Command): void {
             bitmap, full: o.full, tags: o.tag, source: image,
             progress: (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
           }).finally(bar.stop);
-          if (o.json) return printJson(r);
-          println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
-          println(r.full ? `  full backup: ${r.fullReason}` : `  incremental: only chunks marked in the bitmap since backup ${r.parent}`);
-          println(`  read ${formatSize(r.bytesRead)} in ${r.chunksDirty} of ${r.chunks} chunks; new ${formatSize(r.bytesNew)} (${r.chunksNew} chunks), stored ${formatSize(r.bytesStored)}; dedupe ${r.dedupeRatio.toFixed(2)}x`);
-          println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.bytesRead, r.durationMs)}`);
+          print(r);
         }, { chunkSize: o.chunkSize });
       } finally {
         await dev.close();

@@ -7,6 +7,7 @@ import { openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
 import { NbdServer, type NbdExport, type ListenTarget } from '../nbd/server.js';
 import { println } from './output.js';
+import { startControl } from './control.js';
 
 /** "HOST:PORT", "[v6]:PORT" or ":PORT". */
 export function parseListen(text: string): { host: string; port: number } {
@@ -74,6 +75,14 @@ export function registerServeCommands(program: Command): void {
         await closeAll();
         throw new KscError('KSC_E_IO', `cannot listen on ${o.socket ?? o.listen}: ${(e as Error).message}`, { cause: e });
       }
+      let stopControl: () => Promise<void> = async () => undefined;
+      if (!o.readOnly) {
+        try {
+          stopControl = await startControl(images.map((image, i) => ({ image, device: devices[i]! })), (l) => process.stderr.write(`${l}\n`));
+        } catch (e) {
+          process.stderr.write(`kscinc serve: no control socket (live backups unavailable): ${(e as Error).message}\n`);
+        }
+      }
       const stopped = new Promise<string>((resolve) => {
         process.once('SIGTERM', () => resolve('SIGTERM'));
         process.once('SIGINT', () => resolve('SIGINT'));
@@ -85,6 +94,7 @@ export function registerServeCommands(program: Command): void {
       process.stderr.write(`kscinc serve: ready (${images.length} export${images.length === 1 ? '' : 's'})\n`);
       const sig = await stopped;
       process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
+      await stopControl();
       await server.close();
       await closeAll();
       process.stderr.write('kscinc serve: images flushed and closed\n');
