@@ -36,6 +36,10 @@ export interface NbdServerOptions {
   log?: (line: string) => void;
   /** Requests processed at once per connection (default 32). */
   maxInFlight?: number;
+  /** A client that has not finished the handshake after this long is disconnected (default 30 s). */
+  handshakeTimeoutMs?: number;
+  /** A client that stops sending in the middle of a request (header or write payload) for this long is disconnected (default 60 s). */
+  stallTimeoutMs?: number;
 }
 
 /** Largest option payload we read; anything larger ends the connection. */
@@ -78,6 +82,8 @@ function contextsOf(exp: NbdExport): string[] {
 }
 
 export class NbdServer {
+  readonly handshakeTimeoutMs: number;
+  readonly stallTimeoutMs: number;
   private readonly exports: Map<string, NbdExport>;
   private readonly log: (line: string) => void;
   readonly maxInFlight: number;
@@ -90,6 +96,8 @@ export class NbdServer {
     this.exports = opts.exports instanceof Map ? new Map(opts.exports) : new Map(Object.entries(opts.exports));
     this.log = opts.log ?? (() => {});
     this.maxInFlight = opts.maxInFlight ?? 32;
+    this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
+    this.stallTimeoutMs = opts.stallTimeoutMs ?? 60_000;
     for (const [name, exp] of this.exports) {
       for (const b of exp.bitmaps ?? []) {
         if (!(exp.device instanceof KscImage) || !exp.device.hasBitmap(b)) throw new Error(`export "${name}": no bitmap "${b}" on ${exp.device.name}`);
@@ -197,9 +205,25 @@ class Session {
     return this.run();
   }
 
+  /** Runs `p`; if it has not settled after `ms`, ends the session (the pending read rejects). */
+  private async within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | null = null;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.reader.abort();
+        reject(new Error(`${what} not completed within ${ms} ms`));
+      }, ms);
+    });
+    try {
+      return await Promise.race([p, expired]);
+    } finally {
+      clearTimeout(timer!);
+    }
+  }
+
   private async main(): Promise<void> {
     try {
-      const go = await this.handshake();
+      const go = await this.within(this.server.handshakeTimeoutMs, 'handshake', this.handshake());
       if (go) await this.transmission();
     } catch (e) {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
@@ -417,7 +441,8 @@ class Session {
       let payload: Buffer | null = null;
       if (req.type === CMD.WRITE) {
         if (req.length > MAX_PAYLOAD) throw new Error(`write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
-        payload = await this.reader.read(req.length); // a client leaving mid-payload ends the session here
+        // A client leaving mid-payload ends the session here; one that stalls mid-payload, after the timeout.
+        payload = await this.within(this.server.stallTimeoutMs, `write payload of ${req.length} bytes`, this.reader.read(req.length));
       }
       while (this.inflight.size >= max) await Promise.race(this.inflight);
       const p: Promise<void> = this.handle(req, payload).finally(() => this.inflight.delete(p));

@@ -27,7 +27,7 @@ beforeAll(async () => {
   rw = await openImage(join(dir, 'rw.ksc'), { write: true });
   ro = await openImage(join(dir, 'ro.ksc'), { write: false });
   await rw.write(0, pattern);
-  server = new NbdServer({ exports: { rw: { device: rw }, ro: { device: ro, readOnly: true } }, log: (l) => logs.push(l) });
+  server = new NbdServer({ exports: { rw: { device: rw }, ro: { device: ro, readOnly: true } }, log: (l) => logs.push(l), handshakeTimeoutMs: 1500, stallTimeoutMs: 1500 });
   const a = await server.listen({ host: '127.0.0.1', port: 0 });
   port = (a as { port: number }).port;
   good = await RawClient.connect(port);
@@ -170,6 +170,29 @@ describe('NBD server against hostile clients', () => {
     d.send(CMD.WRITE, 1n, 0, (32 << 20) + 512);
     expect(await closesWithin(d, 3000)).toBe(true);
     await goodStillWorks();
+  });
+
+  it('a client silent in the handshake, and one that stalls mid-payload, are dropped after the timeouts', async () => {
+    const silent = await RawClient.connect(port);
+    await silent.greeting(); // then says nothing
+    const half = await RawClient.connect(port);
+    await half.greeting();
+    half.socket.write(Buffer.from([0, 0, 0, 1])); // client flags, then nothing
+    const stall = await RawClient.connect(port);
+    await stall.handshake('rw');
+    stall.send(CMD.WRITE, 7n, 2 << 20, 65536, 0, Buffer.alloc(100, 0x66)); // 100 of 65536 payload bytes, then nothing
+    const t0 = Date.now();
+    // Not dropped early (a slow client gets its time), dropped soon after the 1.5 s timeouts.
+    expect(await closesWithin(silent, 1000)).toBe(false);
+    expect(await closesWithin(silent, 4000)).toBe(true);
+    expect(await closesWithin(half, 4000)).toBe(true);
+    expect(await closesWithin(stall, 4000)).toBe(true);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(1400);
+    expect(logs.some((l) => /handshake not completed within 1500 ms/.test(l))).toBe(true);
+    expect(logs.some((l) => /write payload of 65536 bytes not completed/.test(l))).toBe(true);
+    await goodStillWorks(); // the good client, idle all along, is not affected
+    const r = await good.read(2 << 20, 4096, 101n);
+    expect(r.data.equals(Buffer.alloc(4096))).toBe(true);
   });
 
   it('many requests in flight: every reply matches its cookie and chunks never interleave', async () => {
