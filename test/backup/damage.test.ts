@@ -1,0 +1,237 @@
+/**
+ * Damaged repositories: a truncated pack, a bit flip inside one blob, a missing pack, a corrupted manifest
+ * and a corrupted index object, each on a fresh copy of the same repository (disk A: a full backup A1 and
+ * an incremental A2 that rewrote the odd chunks; disk B: one backup B1). For each:
+ *  - verifyRepo names exactly the damaged object, and exactly the backups that can no longer be restored
+ *    (computed here from the manifests and the packs' footers, and cross-checked by restoring every
+ *    backup);
+ *  - restoring an affected backup throws KSC_E_CORRUPT or KSC_E_NOT_FOUND naming the object;
+ *  - every unaffected backup still restores exactly;
+ *  - `kscinc verify` exits non-zero and prints a DAMAGED line for the object.
+ */
+import { cpSync, mkdirSync, openSync, readSync, writeSync, closeSync, statSync, truncateSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { backupDevice } from '../../src/engines/backup.js';
+import { restoreBackup } from '../../src/engines/restore.js';
+import { verifyRepo } from '../../src/engines/verify.js';
+import { openKsc } from '../../src/image/open.js';
+import { indexKey, manifestKey, packKey } from '../../src/repo/repository.js';
+import { ID_BYTES, ZERO_ID } from '../../src/hash/chunkid.js';
+import { decodeIndex } from '../../src/repo/format.js';
+import { closePool } from '../../src/compress/pool.js';
+import { isKscError } from '../../src/errors.js';
+import { Rng, seedFor } from '../helpers/rng.js';
+import { tempDir } from '../helpers/tmp.js';
+import { kscinc } from '../helpers/cli.js';
+import { MiB, contents, expectSame, makeDisk, newRepo, openRepo, readImage } from './helpers/fixtures.js';
+
+const dir = tempDir('kscinc-backup-damage-');
+const seed = seedFor('test/backup/damage.test.ts');
+const C = MiB;
+afterAll(() => closePool());
+
+interface Pristine {
+  repoDir: string;
+  /** backup id → disk contents at backup time */
+  points: Map<string, Buffer>;
+  a1: string;
+  a2: string;
+  b1: string;
+  /** backup id → chunk ids (hex) it needs */
+  uses: Map<string, Set<string>>;
+  /** pack id → its blobs (from the footer) */
+  packs: Map<string, { id: string; offset: number; length: number }[]>;
+  /** index object id → chunk ids it lists */
+  indexObjects: Map<string, Set<string>>;
+}
+
+let P: Pristine;
+
+beforeAll(async () => {
+  const rng = new Rng(seed);
+  const repoDir = join(dir, 'pristine');
+  const repo = await newRepo(repoDir);
+  const points = new Map<string, Buffer>();
+  const a = await makeDisk(dir, 'A', rng, { size: 32 * MiB });
+  const b = await makeDisk(dir, 'B', rng, { size: 16 * MiB });
+  let a1 = '', a2 = '', b1 = '';
+  let img = await openKsc(a, { write: true });
+  try {
+    for (let k = 0; k < 16; k++) await img.write(k * C, rng.bytes(C));
+    a1 = (await backupDevice(img, repo)).id;
+    points.set(a1, await contents(img));
+    for (let k = 1; k < 16; k += 2) await img.write(k * C, rng.bytes(C));
+    const r2 = await backupDevice(img, repo);
+    expect(r2.full).toBe(false);
+    a2 = r2.id;
+    points.set(a2, await contents(img));
+  } finally {
+    await img.close();
+  }
+  img = await openKsc(b, { write: true });
+  try {
+    for (let k = 0; k < 8; k++) await img.write(k * C, rng.bytes(C));
+    b1 = (await backupDevice(img, repo)).id;
+    points.set(b1, await contents(img));
+  } finally {
+    await img.close();
+  }
+  const uses = new Map<string, Set<string>>();
+  for (const id of [a1, a2, b1]) {
+    const m = await repo.readManifest(id);
+    const s = new Set<string>();
+    for (let k = 0; k < m.ids.length / ID_BYTES; k++) {
+      const cid = m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
+      if (!cid.equals(ZERO_ID)) s.add(cid.toString('hex'));
+    }
+    uses.set(id, s);
+  }
+  const packs = new Map<string, { id: string; offset: number; length: number }[]>();
+  for (const p of (await repo.listPacks()).keys()) {
+    packs.set(p, (await repo.readPackFooter(p)).map((e) => ({ id: e.id.toString('hex'), offset: e.offset, length: e.length })).sort((x, y) => x.offset - y.offset));
+  }
+  const indexObjects = new Map<string, Set<string>>();
+  for (const id of await repo.listIndexObjects()) {
+    indexObjects.set(id, new Set(decodeIndex(await repo.store.get(indexKey(id)), id).map((e) => e.id.toString('hex'))));
+  }
+  // No chunk is stored twice in a fresh repository: "the pack of a chunk" is well defined.
+  const all = [...packs.values()].flat().map((e) => e.id);
+  expect(new Set(all).size).toBe(all.length);
+  P = { repoDir, points, a1, a2, b1, uses, packs, indexObjects };
+});
+
+function usersOf(chunks: Set<string>): string[] {
+  return [...P.uses].filter(([, s]) => [...s].some((c) => chunks.has(c))).map(([id]) => id).sort();
+}
+
+let caseNo = 0;
+function copyRepo(): string {
+  const d = join(dir, `case-${caseNo++}`);
+  cpSync(P.repoDir, d, { recursive: true });
+  return d;
+}
+
+function flipByte(file: string, at: number): void {
+  const fd = openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    readSync(fd, b, 0, 1, at);
+    b[0] ^= 0x10;
+    writeSync(fd, b, 0, 1, at);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Runs verify and the restores of a damaged copy; `object` is the damaged key, `broken` the backups it breaks. */
+async function checkDamage(repoDir: string, object: string, broken: string[], opts: { cli?: boolean; extraObjects?: string[] } = {}): Promise<void> {
+  const repo = await openRepo(repoDir);
+  const name = repo.objName(object);
+  // Ground truth first: which backups restore, which fail and how.
+  mkdirSync(repoDir + '-restore', { recursive: true });
+  for (const [id, want] of P.points) {
+    const target = join(repoDir + '-restore', `${id}.raw`);
+    let err: unknown = null;
+    try {
+      await restoreBackup(repo, id, target);
+    } catch (e) {
+      err = e;
+    }
+    if (broken.includes(id)) {
+      expect(err, `restore of ${id} succeeded although ${object} is damaged`).not.toBeNull();
+      expect(isKscError(err), String(err)).toBe(true);
+      expect(['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND']).toContain((err as { code: string }).code);
+      expect((err as Error).message, 'the error names the object').toContain(object);
+    } else {
+      expect.soft(err, `restore of unaffected backup ${id}: ${String((err as Error | null)?.message)}`).toBeNull();
+      if (!err) expectSame(await readImage(target), want, `restore of unaffected backup ${id}`);
+    }
+  }
+  const v = await verifyRepo(repo);
+  expect(v.ok).toBe(false);
+  const objects = v.damage.map((d) => d.object);
+  expect(objects, 'the damaged object is named').toContain(name);
+  const allowed = new Set([name, ...(opts.extraObjects ?? []).map((o) => repo.objName(o))]);
+  expect(objects.filter((o) => !allowed.has(o)), 'verify names objects that are fine').toEqual([]);
+  const reported = [...new Set(v.damage.flatMap((d) => d.backups))].sort();
+  expect.soft(reported, `backups verify says ${object} breaks (Damage.backups: "backups that cannot be restored because of it")`).toEqual([...broken].sort());
+  if (opts.cli) {
+    const r = kscinc(['verify', '--repo', repoDir]);
+    expect(r.code).not.toBe(0);
+    expect(r.stdout).toContain(`DAMAGED ${name}`);
+  }
+}
+
+/**
+ * A pack of A1 with a blob holding a chunk only A1 uses (the last blob, with `last`) while another of its
+ * chunks is still used by A2: damage to that blob breaks A1 only, though A2 needs the pack too.
+ */
+function mixedPack(last = false): { pack: string; blob: { id: string; offset: number; length: number } } {
+  const a1 = P.uses.get(P.a1)!;
+  const a2 = P.uses.get(P.a2)!;
+  for (const [pack, blobs] of P.packs) {
+    const blob = (last ? [blobs[blobs.length - 1]!] : blobs).find((b) => a1.has(b.id) && !a2.has(b.id));
+    if (blob && blobs.some((b) => a2.has(b.id) && a1.has(b.id))) return { pack, blob };
+  }
+  throw new Error('no pack mixes chunks of A1 only with chunks A2 still uses (setup)');
+}
+
+describe('damaged repository objects', () => {
+  it('a truncated pack: the backups needing a chunk past the cut', async () => {
+    const d = copyRepo();
+    const { pack, blob } = mixedPack(true);
+    const cut = blob.offset + Math.floor(blob.length / 2);
+    truncateSync(join(d, packKey(pack)), cut);
+    const lost = new Set(P.packs.get(pack)!.filter((b) => b.offset + b.length > cut).map((b) => b.id));
+    const broken = usersOf(lost);
+    expect(broken).toEqual([P.a1]);
+    await checkDamage(d, packKey(pack), broken);
+  });
+
+  it('a bit flip inside one blob: the backups needing that chunk', async () => {
+    const d = copyRepo();
+    const { pack, blob } = mixedPack();
+    flipByte(join(d, packKey(pack)), blob.offset + 32 + Math.floor((blob.length - 32) / 3));
+    const broken = usersOf(new Set([blob.id]));
+    expect(broken).toEqual([P.a1]);
+    await checkDamage(d, packKey(pack), broken);
+  });
+
+  it('a missing pack: every backup needing one of its chunks', async () => {
+    const d = copyRepo();
+    // A pack of B1: only B1 breaks.
+    const pack = [...P.packs].find(([, blobs]) => blobs.every((b) => P.uses.get(P.b1)!.has(b.id)))![0];
+    rmSync(join(d, packKey(pack)));
+    const broken = usersOf(new Set(P.packs.get(pack)!.map((b) => b.id)));
+    expect(broken).toEqual([P.b1]);
+    await checkDamage(d, packKey(pack), broken, { cli: true });
+  });
+
+  it('a missing pack shared by two backups breaks both', async () => {
+    const d = copyRepo();
+    const { pack } = mixedPack();
+    rmSync(join(d, packKey(pack)));
+    await checkDamage(d, packKey(pack), [P.a1, P.a2]);
+  });
+
+  it('a corrupted manifest: only that backup', async () => {
+    const d = copyRepo();
+    const file = join(d, manifestKey(P.a2));
+    flipByte(file, statSync(file).size - 200); // inside the chunk ids
+    await checkDamage(d, manifestKey(P.a2), [P.a2], { cli: true });
+  });
+
+  it('a corrupted index object: the backups needing chunks only it lists', async () => {
+    const d = copyRepo();
+    // The index object of A2's backup lists the chunks A2 added.
+    const a2Only = new Set([...P.uses.get(P.a2)!].filter((c) => !P.uses.get(P.a1)!.has(c)));
+    const [idx, listed] = [...P.indexObjects].find(([, s]) => [...a2Only].every((c) => s.has(c)))!;
+    expect(listed.size).toBe(a2Only.size);
+    flipByte(join(d, indexKey(idx)), 40);
+    const broken = usersOf(listed);
+    expect(broken).toEqual([P.a2]);
+    // verify may also name the index folder for the chunks no readable index object lists.
+    await checkDamage(d, indexKey(idx), broken, { cli: true, extraObjects: ['index/'] });
+  });
+});
