@@ -248,8 +248,10 @@ export async function restoreBackup(repo: Repository, which: string, target: str
       if (!l) positions.set(hex, (l = []));
       l.push(k);
     }
-    const index = await repo.loadIndex();
-    const reads = planReads([...positions.keys()].map((h) => Buffer.from(h, 'hex')), index, opts.maxReadBytes ?? 8 * 1024 * 1024, what);
+    // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
+    const badIndex: string[] = [];
+    const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)));
+    const reads = planReads([...positions.keys()].map((h) => Buffer.from(h, 'hex')), index, opts.maxReadBytes ?? 8 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
     const totalBytes = [...positions.values()].reduce((s, l) => s + l.reduce((a, k) => a + lenAt(k), 0), 0);
     let done = 0;
     let fetchedChunks = 0;
