@@ -11,10 +11,15 @@
  * exactly the chunks that neither the index nor those orphan packs hold (and uploads less than a fresh
  * run of the same backup, measured on a copy beforehand, whenever the orphans held something useful).
  *
- * The seed (printed) fixes the data and the kill delays; the moment a delay lands on is not replayable.
+ * When to kill is chosen per kill (seeded), in terms the child's progress can be observed by, so that the
+ * kills land where meant also on a loaded machine: a random delay after spawn (anywhere: start-up, open,
+ * lock, read, upload, commit); a random delay after its lock object appears; or right after its n-th
+ * pack lands (a few of each, at least one of the last two kinds).
+ *
+ * The seed (printed) fixes the data and the kill plan; the exact moment a kill lands on is not replayable.
  */
 import { spawn } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync } from 'node:fs';
+import { cpSync, mkdirSync, mkdtempSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -49,17 +54,58 @@ interface ChildEnd {
   pid: number;
 }
 
-/** Runs `kscinc backup`; kills it with SIGKILL after `killAfterMs` unless it ends first. */
-function runBackup(image: string, repo: string, killAfterMs: number | null): Promise<ChildEnd> {
+type KillAt = { kind: 'time'; ms: number } | { kind: 'lock'; ms: number } | { kind: 'packs'; n: number };
+
+function describeKill(k: KillAt): string {
+  return k.kind === 'time' ? `${k.ms} ms after spawn` : k.kind === 'lock' ? `${k.ms} ms after its lock appeared` : `after its pack #${k.n} landed`;
+}
+
+function countFiles(root: string, sub: string): number {
+  let n = 0;
+  const walk = (d: string): void => {
+    for (const e of (() => {
+      try {
+        return readdirSync(d, { withFileTypes: true });
+      } catch {
+        return [];
+      }
+    })()) {
+      if (e.isDirectory()) walk(join(d, e.name));
+      else n++;
+    }
+  };
+  walk(join(root, sub));
+  return n;
+}
+
+/** Runs `kscinc backup`; kills it with SIGKILL at `at` unless it ends first. */
+function runBackup(image: string, repo: string, at: KillAt | null): Promise<ChildEnd> {
   const t0 = performance.now();
+  const packs0 = countFiles(repo, 'packs');
+  const locks0 = countFiles(repo, 'locks');
   const child = spawn(process.execPath, [cli, 'backup', image, '--repo', repo, '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
   child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const timer = killAfterMs === null ? null : setTimeout(() => child.kill('SIGKILL'), killAfterMs);
+  let timer: NodeJS.Timeout | null = null;
+  let poll: NodeJS.Timeout | null = null;
+  const kill = (): void => void child.kill('SIGKILL');
+  if (at?.kind === 'time') timer = setTimeout(kill, at.ms);
+  else if (at) {
+    poll = setInterval(() => {
+      if (at.kind === 'lock' && countFiles(repo, 'locks') > locks0) {
+        clearInterval(poll!);
+        timer = setTimeout(kill, at.ms);
+      } else if (at.kind === 'packs' && countFiles(repo, 'packs') >= packs0 + at.n) {
+        clearInterval(poll!);
+        kill();
+      }
+    }, 2);
+  }
   return new Promise((res) => child.on('close', (code, signal) => {
     if (timer) clearTimeout(timer);
+    if (poll) clearInterval(poll);
     res({ code, signal, stdout, stderr, ms: performance.now() - t0, pid: child.pid! });
   }));
 }
@@ -88,14 +134,25 @@ describe('SIGKILL of kscinc backup', () => {
     const repo = await newRepo(repoDir);
     const imgDir = join(dir, 'img');
     mkdirSync(imgDir);
-    const SIZE = 128 * MiB;
+    const SIZE = 64 * MiB;
+    const NEW = 40;
     const image = await makeDisk(imgDir, 'disk', rng, { size: SIZE, baseSize: SIZE, baseRegions: 4, maxRegion: 2 * MiB });
 
-    /** New random data in 80 whole chunks: the next incremental has ~20 packs to upload. Returns the contents. */
+    // Incompressible, distinct chunks, cheaply: a unique counter, then a slice of a random pool.
+    const pool = rng.bytes(4 * MiB);
+    let serial = 0;
+    const freshChunk = (): Buffer => {
+      const b = Buffer.allocUnsafe(C);
+      b.writeUInt32LE(++serial, 0);
+      b.writeUInt32LE(seed, 4);
+      pool.copy(b, 8, rng.int(0, pool.length - C), rng.int(0, pool.length - C) + C - 8);
+      return b;
+    };
+    /** New data in NEW whole chunks: the next incremental has NEW/4 packs to upload. Returns the contents. */
     const dirty = async (): Promise<Buffer> => {
       const img = await openKsc(image, { write: true });
       try {
-        for (const k of rng.shuffle([...Array(SIZE / C).keys()]).slice(0, 80)) await img.write(k * C, rng.bytes(C));
+        for (const k of rng.shuffle([...Array(SIZE / C).keys()]).slice(0, NEW)) await img.write(k * C, freshChunk());
         return await contents(img);
       } finally {
         await img.close();
@@ -122,7 +179,7 @@ describe('SIGKILL of kscinc backup', () => {
     expect(cal.code, cal.stderr).toBe(0);
     const fresh = JSON.parse(cal.stdout) as { bytesUploaded: number; chunksNew: number; full: boolean };
     expect(fresh.full).toBe(false);
-    expect(fresh.chunksNew).toBe(80);
+    expect(fresh.chunksNew).toBe(NEW);
     console.log(`[kill] calibration: an uninterrupted backup takes ${cal.ms.toFixed(0)} ms and uploads ${fresh.bytesUploaded} bytes (${fresh.chunksNew} new chunks)`);
 
     const good = new Map<string, Buffer>([[b0, s0]]);
@@ -131,13 +188,19 @@ describe('SIGKILL of kscinc backup', () => {
     let killsWithLock = 0;
     const notes: string[] = [];
     let orphans: string[] = [];
-    // KILLS kills, then (at most 4) more late ones until a kill leaves uploaded packs for the rerun to adopt.
-    for (let i = 0; i < KILLS || (orphans.length === 0 && i < KILLS + 4); i++) {
-      const delay = Math.round(cal.ms * (i < KILLS ? 0.1 + 0.8 * rng.float() : 0.5 + 0.35 * rng.float()));
-      const end = await runBackup(image, repoDir, delay);
+    // The plan: KILLS kills of mixed kinds, the last after some packs landed; then (at most 3) more of those
+    // until a kill leaves uploaded packs behind for the rerun to adopt.
+    const kinds = rng.shuffle(['time', 'time', 'lock', 'packs', ...Array.from({ length: KILLS - 5 }, () => rng.pick(['time', 'lock', 'packs'] as const))] as ('time' | 'lock' | 'packs')[]);
+    kinds.push('packs');
+    const plan = (kind: 'time' | 'lock' | 'packs'): KillAt => kind === 'time' ? { kind, ms: Math.round(cal.ms * (0.05 + 0.9 * rng.float())) }
+      : kind === 'lock' ? { kind, ms: rng.int(0, Math.round(cal.ms / 2)) } : { kind, n: rng.int(1, NEW / 4 - 2) };
+    for (let i = 0; i < KILLS || (orphans.length === 0 && i < KILLS + 3); i++) {
+      const at = plan(kinds[i] ?? 'packs');
+      const delay = describeKill(at);
+      const end = await runBackup(image, repoDir, at);
       const r = await openRepo(repoDir);
       const v = await verifyRepo(r);
-      expect(v.damage, `verify after kill #${i} at ${delay} ms`).toEqual([]);
+      expect(v.damage, `verify after kill #${i} ${delay}`).toEqual([]);
       // Only complete backups are visible: one that finished, or landed its manifest just before the kill.
       const ids = await r.listBackupIds();
       const completed = ids.filter((id) => !good.has(id));
@@ -162,7 +225,7 @@ describe('SIGKILL of kscinc backup', () => {
         await (ex as Awaited<ReturnType<Repository['lock']>>).release();
       }
       orphans = await orphanPacks(r);
-      notes.push(`#${i}: ${end.signal === 'SIGKILL' ? `killed at ${delay} ms` : `finished before ${delay} ms`}, ${orphans.length} orphan pack(s), ${newLocks.length} new stale lock(s)${completed.length ? ', manifest landed' : ''}`);
+      notes.push(`#${i}: ${end.signal === 'SIGKILL' ? `killed ${delay}` : `finished before the kill (${delay})`}, ${orphans.length} orphan pack(s), ${newLocks.length} new stale lock(s)${completed.length ? ', manifest landed' : ''}`);
       if (completed.length) {
         good.set(completed[0]!, current);
         current = await dirty(); // give the next child work again
