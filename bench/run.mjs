@@ -3,7 +3,7 @@
  * kscinc benchmark suite: races ours against a peer on the same data in the same run and prints MB/s,
  * the ratio ours/peer and the goal of each race (see bench/README.md). Run through `npm run bench`
  * (which builds first), or
- * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap] [--keep] [--threads 16] [--image F]`.
+ * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap,backup,restore] [--keep] [--threads 16] [--image F]`.
  * Results: a table on stdout and bench/results/latest.json.
  */
 import { execFileSync } from 'node:child_process';
@@ -36,10 +36,12 @@ const { convertRace } = await import('./races/convert.mjs');
 const { seqRace } = await import('./races/seqio.mjs');
 const { randRace } = await import('./races/randio.mjs');
 const { bitmapRace } = await import('./races/bitmap.mjs');
+const { backupRace } = await import('./races/backup.mjs');
+const { restoreRace } = await import('./races/restore.mjs');
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = dirname(here);
-const RACES = { convert: convertRace, seq: seqRace, rand: randRace, bitmap: bitmapRace };
+const RACES = { convert: convertRace, seq: seqRace, rand: randRace, bitmap: bitmapRace, backup: backupRace, restore: restoreRace };
 
 const { values: args } = parseArgs({
   options: {
@@ -111,6 +113,12 @@ async function main() {
   };
   const sourceBuf = await readWhole(src, size);
   const qemuVersion = execFileSync('qemu-img', ['--version']).toString().split('\n')[0];
+  let lz4Version = null; // the backup race's peer
+  try {
+    lz4Version = execFileSync('lz4', ['--version']).toString().trim().split('\n')[0];
+  } catch {
+    if (only.includes('backup')) throw new Error('the backup race needs the lz4 command (apt-get install lz4)');
+  }
   log(`kscinc bench: ${src} (${(size / GiB).toFixed(2)} GiB virtual, ${(ctx.dataBytes / 2 ** 20).toFixed(0)} MiB data), ${reps} reps (median), ` +
     `page cache ${canDrop ? 'dropped' : 'NOT dropped (not root)'}, native addon ${nativeAvailable() ? 'loaded' : 'absent'}, ${qemuVersion}, ` +
     `gc ${globalThis.gc ? 'between passes' : 'not exposed'}, libuv pool ${process.env.UV_THREADPOOL_SIZE} (process has ${readdirSync('/proc/self/task').length} threads)`);
@@ -138,7 +146,7 @@ async function main() {
     date: new Date().toISOString(),
     environment: {
       node: process.version, cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / GiB), loadavg: os.loadavg(),
-      qemuImg: qemuVersion, pageCacheDropped: canDrop, nativeAddon: nativeAvailable(), uvThreadpoolSize: Number(process.env.UV_THREADPOOL_SIZE),
+      qemuImg: qemuVersion, lz4: lz4Version, pageCacheDropped: canDrop, nativeAddon: nativeAvailable(), uvThreadpoolSize: Number(process.env.UV_THREADPOOL_SIZE),
     },
     image: { path: src, virtualBytes: size, dataBytes: ctx.dataBytes },
     config: { reps, statistic: 'median', races: only },
