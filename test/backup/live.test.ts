@@ -22,6 +22,8 @@
  * first one (an unmarked chunk would come back with the first backup's contents). A third backup after the
  * writers stop restores exactly to the final contents.
  */
+import { readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice, type BackupProgress } from '../../src/engines/backup.js';
@@ -224,35 +226,49 @@ describe('live backup of an image under concurrent writes', () => {
     }
   });
 
-  it('a write during the read phase does not leak into the backup even on a chunk read last', async () => {
-    // Deterministic variant: one write per chunk, issued after the first 'read' progress, each to a chunk
-    // the backup reads (the disk is all data). The backup must hold none of them.
+  it('writes to every chunk during the read phase do not leak into the backup (copy-before-write spills to disk)', async () => {
+    // Deterministic variant: one write per chunk, issued at the first 'read' progress, last chunk first,
+    // each to a chunk the backup still has to read (the disk is all data). The backup must hold none of
+    // them. 96 chunks kept for the backup exceed the frozen view's 64 MiB memory, so it spills to a file.
     const rng = new Rng(seed ^ 0x5a5a5a5a);
-    const path = await makeDisk(dir, 'late', rng, { size: 32 * MiB, baseSize: 32 * MiB, baseRegions: 1, maxRegion: 1 });
-    const repo = await newRepo(join(dir, 'repo-late'), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 40 } : undefined)) });
+    const N = 96;
+    const path = await makeDisk(dir, 'late', rng, { size: N * MiB });
+    const repo = await newRepo(join(dir, 'repo-late'), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 20 } : undefined)) });
     const img = await openKsc(path, { write: true });
     try {
-      for (let k = 0; k < 32; k++) await img.write(k * MiB, rng.bytes(MiB));
+      const pool = rng.bytes(4 * MiB);
+      for (let k = 0; k < N; k++) {
+        const b = Buffer.allocUnsafe(MiB);
+        pool.copy(b, 0, rng.int(0, 3 * MiB), MiB);
+        b.writeUInt32LE(k, 0);
+        await img.write(k * MiB, b);
+      }
       const before = await contents(img);
+      const spillDirs = (): string[] => readdirSync(tmpdir()).filter((n) => n.startsWith('kscinc-frozen-'));
+      const existing = new Set(spillDirs());
+      let spilled = false;
       const pending: Promise<void>[] = [];
       const r = await backupDevice(img, repo, {
         batchBytes: MiB,
         batches: 1,
         progress: (p) => {
-          if (p.phase === 'read' && pending.length === 0) {
-            for (let k = 31; k >= 0; k--) pending.push(img.write(k * MiB + 100 * KiB, Buffer.alloc(8 * KiB, 0xee)));
-          }
+          if (p.phase !== 'read') return;
+          if (pending.length === 0) {
+            for (let k = N - 1; k >= 0; k--) pending.push(img.write(k * MiB + 100 * KiB, Buffer.alloc(8 * KiB, 0xee)));
+          } else if (spillDirs().some((d) => !existing.has(d))) spilled = true;
         },
       });
+      expect(r.chunksDirty).toBe(N);
+      expect(spilled, 'the frozen view never spilled to a file').toBe(true);
       await Promise.all(pending);
-      expect(pending.length).toBe(32);
+      expect(pending.length).toBe(N);
       await restoreBackup(repo, r.id, join(dir, 'late.raw'));
       expectSame(await readImage(join(dir, 'late.raw')), before, 'backup vs the image before the late writes');
       const after = await contents(img);
-      expect(differingChunks(before, after).length).toBe(32);
+      expect(differingChunks(before, after).length).toBe(N);
       const r2 = await backupDevice(img, repo);
       expect(r2.full).toBe(false);
-      expect(r2.chunksDirty).toBe(32);
+      expect(r2.chunksDirty).toBe(N);
       await restoreBackup(repo, r2.id, join(dir, 'late2.raw'));
       expectSame(await readImage(join(dir, 'late2.raw')), after, 'second backup vs the image after the late writes');
     } finally {
