@@ -15,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
+import { pruneRepo } from '../../src/engines/prune.js';
 import { openKsc } from '../../src/image/open.js';
 import { indexKey, manifestKey, packKey } from '../../src/repo/repository.js';
 import { ID_BYTES, ZERO_ID } from '../../src/hash/chunkid.js';
@@ -233,5 +234,13 @@ describe('damaged repository objects', () => {
     expect(broken).toEqual([P.a2]);
     // verify may also name the index folder for the chunks no readable index object lists.
     await checkDamage(d, indexKey(idx), broken, { cli: true, extraObjects: ['index/'] });
+    // prune is the repair: it reads the footers of the packs only the damaged object named, and replaces it.
+    const repo = await openRepo(d);
+    const r = await pruneRepo(repo, { last: 10 });
+    expect([r.removed, r.chunksMissing, r.packsDeleted]).toEqual([[], 0, 0]);
+    expect(await repo.listIndexObjects()).not.toContain(idx);
+    expect((await verifyRepo(repo)).ok).toBe(true);
+    await restoreBackup(repo, P.a2, join(d, 'repaired.raw'));
+    expectSame(await readImage(join(d, 'repaired.raw')), P.points.get(P.a2)!, 'A2 after prune replaced the damaged index object');
   });
 });
