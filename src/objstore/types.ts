@@ -3,6 +3,7 @@
  * directory (the embedded default) and S3 through the `minio` client. Keys are '/'-separated relative
  * names ("packs/ab/ab12….pack"); the backend maps them under its root folder or prefix.
  */
+import { KscError } from '../errors.js';
 
 export interface ObjectInfo {
   key: string;
@@ -32,4 +33,46 @@ export interface ObjectStore {
   delete(key: string): Promise<void>;
   /** Releases connections and agents. */
   close(): Promise<void>;
+}
+
+/**
+ * The keys every backend accepts, so a repository moves between them unchanged: 1–1024 bytes of UTF-8,
+ * '/'-separated segments that are not empty, '.' or '..', no backslash or control character, and a first
+ * segment other than ".tmp" (the local store's temp folder). Returns a reason, or null when the key is fine.
+ */
+export function keyProblem(key: string): string | null {
+  if (typeof key !== 'string' || key.length === 0) return 'the key is empty';
+  if (Buffer.byteLength(key) > 1024) return 'the key is longer than 1024 bytes';
+  // eslint-disable-next-line no-control-regex
+  if (/[\u0000-\u001f\u007f\\]/.test(key)) return 'the key contains a control character or a backslash';
+  if (key.startsWith('/')) return 'the key is an absolute path';
+  const segments = key.split('/');
+  if (segments.some((s) => s === '')) return 'the key has an empty segment';
+  if (segments.some((s) => s === '.' || s === '..')) return 'the key has a "." or ".." segment';
+  if (segments[0] === '.tmp') return 'keys under ".tmp/" are reserved';
+  return null;
+}
+
+/** Throws KSC_E_INVALID naming the store and the key when `keyProblem` finds one. */
+export function assertKey(store: string, key: string): void {
+  const problem = keyProblem(key);
+  if (problem !== null) throw new KscError('KSC_E_INVALID', `${store}: bad object key ${JSON.stringify(key)}: ${problem}`);
+}
+
+/** Throws KSC_E_INVALID unless offset and length are non-negative safe integers. */
+export function assertRange(store: string, key: string, offset: number, length: number): void {
+  if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
+    throw new KscError('KSC_E_INVALID', `${store}: bad range of ${key}: offset ${offset}, length ${length}`);
+  }
+}
+
+/** "Key order" everywhere is the byte order of the UTF-8 keys, the order S3 lists in. */
+export function compareKeys(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a), Buffer.from(b));
+}
+
+/** The object is shorter than a range read needs: a damaged or truncated object. */
+export function shortObject(store: string, key: string, offset: number, length: number, size: number): KscError {
+  return new KscError('KSC_E_CORRUPT',
+    `${store}: object ${key} is ${size} bytes, too short for ${length} bytes at offset ${offset}`);
 }

@@ -1,0 +1,88 @@
+/**
+ * Fault injection as a wrapper of the ObjectStore interface, for tests: a rule sees each call (operation,
+ * key, index of the call among calls of that operation, from 0) and may delay it, fail it, or damage the
+ * bytes it moves (on put the damaged bytes are stored; on get/getRange they are returned). Calls are
+ * counted per operation.
+ */
+import type { ObjectInfo, ObjectStore } from './types.js';
+
+export type FaultOp = 'put' | 'get' | 'getRange' | 'stat' | 'list' | 'delete';
+
+export interface Fault {
+  /** Wait this long first. */
+  delayMs?: number;
+  /** Throw this instead of calling the store (for list: after `afterItems` items). */
+  error?: unknown;
+  /** list only: yield this many items before throwing `error`. */
+  afterItems?: number;
+  /** Keep only the first N bytes of the data. */
+  truncate?: number;
+  /** Flip bit N (counted from bit 0 of byte 0, modulo the data's length in bits). */
+  flipBit?: number;
+}
+
+export type FaultRule = (op: FaultOp, key: string, callIndex: number) => Fault | undefined | void;
+
+function damage(data: Buffer, f: Fault): Buffer {
+  let out = data;
+  if (f.truncate !== undefined && f.truncate < out.length) out = out.subarray(0, f.truncate);
+  if (f.flipBit !== undefined && out.length > 0) {
+    out = Buffer.from(out);
+    const bit = f.flipBit % (out.length * 8);
+    out[bit >> 3] ^= 1 << (bit & 7);
+  }
+  return out;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export class FaultStore implements ObjectStore {
+  readonly name: string;
+  readonly calls: Record<FaultOp, number> = { put: 0, get: 0, getRange: 0, stat: 0, list: 0, delete: 0 };
+
+  constructor(private readonly inner: ObjectStore, public rule: FaultRule = () => undefined) {
+    this.name = inner.name;
+  }
+
+  /** Counts the call, applies the delay, throws the rule's error unless `deferError`; returns the fault. */
+  private async enter(op: FaultOp, key: string, deferError = false): Promise<Fault> {
+    const f = this.rule(op, key, this.calls[op]++) ?? {};
+    if (f.delayMs) await sleep(f.delayMs);
+    if (f.error !== undefined && !deferError) throw f.error;
+    return f;
+  }
+
+  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+    const f = await this.enter('put', key);
+    if (f.truncate === undefined && f.flipBit === undefined) return this.inner.put(key, data);
+    return this.inner.put(key, damage(Array.isArray(data) ? Buffer.concat(data) : data, f));
+  }
+  async get(key: string): Promise<Buffer> {
+    const f = await this.enter('get', key);
+    return damage(await this.inner.get(key), f);
+  }
+  async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    const f = await this.enter('getRange', key);
+    return damage(await this.inner.getRange(key, offset, length), f);
+  }
+  async stat(key: string): Promise<ObjectInfo | null> {
+    await this.enter('stat', key);
+    return this.inner.stat(key);
+  }
+  async delete(key: string): Promise<void> {
+    await this.enter('delete', key);
+    return this.inner.delete(key);
+  }
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    const f = await this.enter('list', prefix, true);
+    let n = 0;
+    if (f.error !== undefined && !f.afterItems) throw f.error;
+    for await (const item of this.inner.list(prefix)) {
+      yield item;
+      if (f.error !== undefined && ++n >= f.afterItems!) throw f.error;
+    }
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}

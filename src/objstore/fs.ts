@@ -1,0 +1,239 @@
+/**
+ * ObjectStore over a local directory: the embedded default repository.
+ *
+ * Design notes. A key "a/b/c" is the file ROOT/a/b/c. A put writes a unique temp file in ROOT/.tmp (same
+ * file system, so the rename is atomic), fsyncs it, renames it over the key's path and fsyncs the
+ * directory that now names it (and any directory the put had to create, up to the root): a reader sees the
+ * old file or the whole new one, and after a power cut the object is there or was never promised.
+ * ROOT/.tmp is never listed; keys under ".tmp/" are refused. A temp file left by a crash is garbage, never
+ * an object, and `sweepTemp` removes the old ones.
+ */
+import { randomBytes } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { dirname, join, resolve } from 'node:path';
+import { KscError, ioError } from '../errors.js';
+import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore } from './types.js';
+
+const TEMP = '.tmp';
+
+export interface FsStoreOptions {
+  /** Create the root folder when missing (otherwise a missing root is KSC_E_NOT_FOUND). */
+  create?: boolean;
+}
+
+export class FsStore implements ObjectStore {
+  readonly name: string;
+  private readonly root: string;
+
+  private constructor(root: string) {
+    this.root = root;
+    this.name = root;
+  }
+
+  /** Opens the directory `root` as a store; KSC_E_NOT_FOUND when missing (unless `create`), KSC_E_INVALID when not a folder. */
+  static async open(root: string, opts: FsStoreOptions = {}): Promise<FsStore> {
+    const abs = resolve(root);
+    if (opts.create) {
+      try {
+        await mkdir(abs, { recursive: true });
+      } catch (e) {
+        throw ioError(abs, 'creating the repository folder', e);
+      }
+    }
+    let st;
+    try {
+      st = await stat(abs);
+    } catch (e) {
+      const err = ioError(abs, 'opening the repository folder', e);
+      if (err.code === 'KSC_E_NOT_FOUND') throw new KscError('KSC_E_NOT_FOUND', `repository folder ${abs} does not exist`, { cause: e });
+      throw err;
+    }
+    if (!st.isDirectory()) throw new KscError('KSC_E_INVALID', `${abs} is not a folder`);
+    try {
+      await mkdir(join(abs, TEMP), { recursive: true });
+    } catch (e) {
+      throw ioError(join(abs, TEMP), 'creating the temp folder', e);
+    }
+    return new FsStore(abs);
+  }
+
+  private path(key: string): string {
+    assertKey(this.name, key);
+    return join(this.root, key);
+  }
+
+  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+    const target = this.path(key);
+    const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
+    try {
+      await writeDurably(temp, Array.isArray(data) ? data : [data]);
+      const created = await mkdir(dirname(target), { recursive: true });
+      await rename(temp, target);
+      // The new name must be durable, and so must every folder the put created on the way to it.
+      await syncDir(dirname(target));
+      if (created !== undefined) {
+        for (let d = dirname(target); d !== this.root && d.length >= created.length; d = dirname(d)) await syncDir(dirname(d));
+      }
+    } catch (e) {
+      await unlink(temp).catch(() => undefined);
+      const code = (e as { code?: string }).code;
+      if (code === 'EISDIR' || code === 'ENOTDIR' || code === 'ENOTEMPTY' || code === 'EEXIST') {
+        throw new KscError('KSC_E_INVALID', `${this.name}: key ${key} clashes with a folder of other keys (a local store cannot hold both "a" and "a/b")`, { cause: e });
+      }
+      throw ioError(target, `put ${key}`, e);
+    }
+  }
+
+  async get(key: string): Promise<Buffer> {
+    const file = this.path(key);
+    try {
+      return await readFile(file);
+    } catch (e) {
+      throw this.readError(file, key, e);
+    }
+  }
+
+  async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    const file = this.path(key);
+    assertRange(this.name, key, offset, length);
+    let fh: FileHandle | undefined;
+    try {
+      fh = await open(file, fsc.O_RDONLY);
+      const size = (await fh.stat()).size;
+      if (offset + length > size) throw shortObject(this.name, key, offset, length, size);
+      const buf = Buffer.allocUnsafe(length);
+      let got = 0;
+      while (got < length) {
+        const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
+        if (bytesRead === 0) throw shortObject(this.name, key, offset, length, offset + got);
+        got += bytesRead;
+      }
+      return buf;
+    } catch (e) {
+      throw this.readError(file, key, e);
+    } finally {
+      await fh?.close().catch(() => undefined);
+    }
+  }
+
+  async stat(key: string): Promise<ObjectInfo | null> {
+    const file = this.path(key);
+    try {
+      const st = await stat(file);
+      return st.isFile() ? { key, size: st.size, mtimeMs: st.mtimeMs } : null;
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+      throw ioError(file, `stat ${key}`, e);
+    }
+  }
+
+  /**
+   * Walks only the folders that can hold keys with `prefix`, each in key order: a folder's entries sort as
+   * "name/" so that "a-c" (0x2d) comes before everything in "a/" (0x2f), as in a flat S3 listing.
+   */
+  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    const cut = prefix.lastIndexOf('/');
+    const dirKey = cut < 0 ? '' : prefix.slice(0, cut + 1);
+    if (dirKey !== '') assertKey(this.name, dirKey.slice(0, -1));
+    yield* this.walk(dirKey, prefix);
+  }
+
+  private async *walk(dirKey: string, prefix: string): AsyncGenerator<ObjectInfo> {
+    const dir = join(this.root, dirKey);
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      throw ioError(dir, 'list', e);
+    }
+    const named = entries
+      .filter((d) => (d.isDirectory() || d.isFile()) && !(dirKey === '' && d.name === TEMP))
+      .map((d) => ({ key: dirKey + d.name + (d.isDirectory() ? '/' : ''), dir: d.isDirectory() }))
+      .sort((a, b) => compareKeys(a.key, b.key));
+    for (const e of named) {
+      // A folder matters when the prefix runs into it or it runs into the prefix.
+      if (!(e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)))) continue;
+      if (e.dir) {
+        yield* this.walk(e.key, prefix);
+        continue;
+      }
+      const st = await stat(join(this.root, e.key)).catch((err: unknown) => {
+        if ((err as { code?: string }).code === 'ENOENT') return null; // deleted while listing
+        throw ioError(join(this.root, e.key), 'list', err);
+      });
+      if (st) yield { key: e.key, size: st.size, mtimeMs: st.mtimeMs };
+    }
+  }
+
+  async delete(key: string): Promise<void> {
+    const file = this.path(key);
+    try {
+      await unlink(file);
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return;
+      if (code === 'EISDIR' || code === 'EPERM') return; // a folder of other keys: no object by that name
+      throw ioError(file, `delete ${key}`, e);
+    }
+    await syncDir(dirname(file)).catch((e: unknown) => {
+      throw ioError(dirname(file), `delete ${key}`, e);
+    });
+  }
+
+  /** Removes temp files older than `olderThanMs` (left by crashed writers); returns how many. */
+  async sweepTemp(olderThanMs = 24 * 3600_000): Promise<number> {
+    const dir = join(this.root, TEMP);
+    let removed = 0;
+    for (const name of await readdir(dir).catch(() => [] as string[])) {
+      const st = await stat(join(dir, name)).catch(() => null);
+      if (st && Date.now() - st.mtimeMs > olderThanMs) {
+        await rm(join(dir, name), { force: true, recursive: true });
+        removed++;
+      }
+    }
+    return removed;
+  }
+
+  async close(): Promise<void> {
+    // Nothing held open between calls.
+  }
+
+  private readError(file: string, key: string, e: unknown): KscError {
+    const code = (e as { code?: string }).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR' || code === 'EISDIR') {
+      return new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`, { cause: e });
+    }
+    return ioError(file, `read ${key}`, e);
+  }
+}
+
+async function writeDurably(file: string, parts: Buffer[]): Promise<void> {
+  const fh = await open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
+  try {
+    // writev takes at most IOV_MAX buffers per call and may write less than asked.
+    for (let i = 0; i < parts.length; i += 512) {
+      let batch = parts.slice(i, i + 512).filter((b) => b.length > 0);
+      while (batch.length > 0) {
+        let { bytesWritten } = await fh.writev(batch);
+        while (batch.length > 0 && bytesWritten >= batch[0]!.length) bytesWritten -= batch.shift()!.length;
+        if (bytesWritten > 0) batch[0] = batch[0]!.subarray(bytesWritten);
+      }
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
