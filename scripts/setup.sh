@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for kscinc: the Debian tools the demo and tests use (when run as root and
-# missing), the npm dependencies, the native addon and the TypeScript build.
+# missing; Ceph for the S3 tests), the npm dependencies, the native addon and the TypeScript build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
 for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin mkfs.ext4:e2fsprogs lz4:lz4; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
-if [ ${#need[@]} -gt 0 ]; then
+# The S3 tests run against a real single-node Ceph RGW (scripts/ceph-rgw.sh): no mgr needed.
+need_ceph=()
+for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common uuidgen:uuid-runtime curl:curl flock:util-linux; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need_ceph+=("${tool##*:}")
+done
+if [ $((${#need[@]} + ${#need_ceph[@]})) -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q "${need[@]}" >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    [ ${#need[@]} -eq 0 ] || apt-get -o DPkg::Lock::Timeout=600 install -y -q "${need[@]}" >/dev/null
+    [ ${#need_ceph[@]} -eq 0 ] || apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need_ceph[@]}" >/dev/null
   else
-    echo "setup: please install: ${need[*]} (apt-get install -y ${need[*]})" >&2
+    echo "setup: please install: ${need[*]} ${need_ceph[*]} (apt-get install -y ${need[*]} ${need_ceph[*]})" >&2
     exit 1
   fi
 fi
