@@ -1,0 +1,74 @@
+// What only the local folder store has: the file layout, its temp folder, and folder/key clashes.
+import { existsSync, mkdirSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { FsStore } from '../../src/objstore/index.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const dir = tempDir('kscinc-fs-');
+let n = 0;
+const fresh = (): string => join(dir, `s${n++}`);
+
+describe('FsStore', () => {
+  it('maps keys to files under the root and leaves no temp file behind', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    await store.put('packs/ab/ab12.pack', [Buffer.from('pa'), Buffer.from('ck')]);
+    await store.put('index/1', Buffer.alloc(0));
+    await store.put('packs/ab/ab12.pack', Buffer.from('again'));
+    expect(readFileSync(join(root, 'packs/ab/ab12.pack'), 'utf8')).toBe('again');
+    expect(existsSync(join(root, 'index/1'))).toBe(true);
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+  });
+
+  it('never lists its temp folder, and a stray temp file is not an object', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    writeFileSync(join(root, '.tmp', 'crashed.part'), 'half');
+    await store.put('a', Buffer.from('1'));
+    const keys: string[] = [];
+    for await (const o of store.list('')) keys.push(o.key);
+    expect(keys).toEqual(['a']);
+    await expect(store.get('.tmp/crashed.part')).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
+  });
+
+  it('sweepTemp removes only old temp files', async () => {
+    const store = await FsStore.open(fresh(), { create: true });
+    const tmp = join(store.name, '.tmp');
+    writeFileSync(join(tmp, 'old.part'), 'x');
+    writeFileSync(join(tmp, 'new.part'), 'x');
+    const old = new Date(Date.now() - 3 * 24 * 3600_000);
+    utimesSync(join(tmp, 'old.part'), old, old);
+    expect(await store.sweepTemp()).toBe(1);
+    expect(readdirSync(tmp)).toEqual(['new.part']);
+  });
+
+  it('a key that clashes with a folder of other keys is refused, and cleans up', async () => {
+    const store = await FsStore.open(fresh(), { create: true });
+    await store.put('a/b', Buffer.from('1'));
+    await expect(store.put('a', Buffer.from('2'))).rejects.toMatchObject({ code: 'KSC_E_INVALID', message: expect.stringContaining('clashes') });
+    await expect(store.put('a/b/c', Buffer.from('3'))).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
+    expect(await store.stat('a')).toBeNull();
+    await expect(store.get('a')).rejects.toMatchObject({ code: 'KSC_E_NOT_FOUND' });
+    await store.delete('a'); // a folder, not an object: nothing to delete
+    expect((await store.get('a/b')).toString()).toBe('1');
+    expect(readdirSync(join(store.name, '.tmp'))).toEqual([]);
+  });
+
+  it('opening: missing root is KSC_E_NOT_FOUND without create; a file is KSC_E_INVALID', async () => {
+    const root = fresh();
+    await expect(FsStore.open(root)).rejects.toMatchObject({ code: 'KSC_E_NOT_FOUND', message: expect.stringContaining(root) });
+    mkdirSync(dir, { recursive: true });
+    const file = join(dir, `file${n++}`);
+    writeFileSync(file, 'x');
+    await expect(FsStore.open(file)).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
+    await expect(FsStore.open(join(file, 'sub'), { create: true })).rejects.toMatchObject({ code: 'KSC_E_IO' });
+  });
+
+  it('getRange on a file shortened behind its back is KSC_E_CORRUPT naming the key', async () => {
+    const store = await FsStore.open(fresh(), { create: true });
+    await store.put('p/x', Buffer.alloc(1000, 7));
+    writeFileSync(join(store.name, 'p/x'), Buffer.alloc(10, 7));
+    await expect(store.getRange('p/x', 0, 1000)).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringContaining('p/x') });
+  });
+});
