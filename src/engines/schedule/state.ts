@@ -48,6 +48,8 @@ export interface JobState {
   lastRun: RunRecord | null;
   /** Failed runs in a row. */
   attempts: number;
+  /** Failures since the last regular run: the backoff step of the pending retry. */
+  retryStep: number;
   retryAt: string | null;
   /** Images a retry backs up (those that failed). */
   retryImages: string[];
@@ -68,7 +70,7 @@ export function statePathFor(configFile: string): string {
 
 export function newJobState(nowMs: number): JobState {
   const now = new Date(nowMs).toISOString();
-  return { firstSeen: now, doneThrough: now, lastRun: null, attempts: 0, retryAt: null, retryImages: [], retryScheduled: null, lastSuccess: null, images: {} };
+  return { firstSeen: now, doneThrough: now, lastRun: null, attempts: 0, retryStep: 0, retryAt: null, retryImages: [], retryScheduled: null, lastSuccess: null, images: {} };
 }
 
 function damaged(path: string, why: string): KscError {
@@ -86,6 +88,7 @@ function checkJob(path: string, name: string, j: unknown): JobState {
     ...base,
     ...o,
     attempts: Number.isInteger(o.attempts) ? o.attempts! : 0,
+    retryStep: Number.isInteger(o.retryStep) ? o.retryStep! : 0,
     retryAt: isIso(o.retryAt) ? o.retryAt! : null,
     retryImages: Array.isArray(o.retryImages) ? o.retryImages.map(String) : [],
     retryScheduled: isIso(o.retryScheduled) ? o.retryScheduled! : null,

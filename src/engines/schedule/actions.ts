@@ -1,0 +1,60 @@
+/**
+ * The two things a scheduled job does, by location: back up one image file into a repository, and prune a
+ * repository. The daemon takes them as injected functions; these are the library implementations (the CLI
+ * adds the path through a running `kscinc serve`, which holds its images locked).
+ */
+import { openImage } from '../../image/open.js';
+import type { BlockDevice } from '../../image/types.js';
+import { openStore, type OpenStoreOptions } from '../../objstore/open.js';
+import { Repository } from '../../repo/repository.js';
+import { backupDevice, type BackupResult } from '../backup.js';
+import { pruneRepo, type PruneResult } from '../prune.js';
+import type { KeepPolicy } from '../retention.js';
+
+export interface BackupImageOptions {
+  /** undefined: the default bitmap ("backup"); null: none. */
+  bitmap?: string | null;
+  tags?: string[];
+  /** Aborted when the daemon gives up on the run (shutdown budget); an implementation may ignore it. */
+  signal?: AbortSignal;
+}
+
+export type BackupImageFn = (image: string, repo: string, opts: BackupImageOptions) => Promise<{ id: string }>;
+export type PruneFn = (repo: string, keep: KeepPolicy, opts: { timeZone: string }) => Promise<{ removed: string[] }>;
+
+/** Opens `image` (ksc_inc or raw), backs it up into the repository at `location` (created when missing). */
+export async function backupImageAt(image: string, location: string, opts: BackupToOptions = {}): Promise<BackupResult> {
+  const dev = await openImage(image, { write: opts.bitmap !== null });
+  try {
+    return await backupDeviceTo(dev, image, location, opts);
+  } finally {
+    await dev.close();
+  }
+}
+
+export interface BackupToOptions extends BackupImageOptions {
+  /** The backup's time source (tests: a fake clock). */
+  now?: () => number;
+  store?: OpenStoreOptions;
+}
+
+/** Backs up an open device (whose file is `image`) into the repository at `location`, created when missing. */
+export async function backupDeviceTo(dev: BlockDevice, image: string, location: string, opts: BackupToOptions = {}): Promise<BackupResult> {
+  const store = await openStore(location, { create: true, ...opts.store });
+  try {
+    const repo = await Repository.openOrInit(store);
+    return await backupDevice(dev, repo, { bitmap: opts.bitmap, tags: opts.tags, source: image, now: opts.now });
+  } finally {
+    await store.close();
+  }
+}
+
+/** Prunes the repository at `location` with `keep` (periods in `timeZone`). */
+export async function pruneAt(location: string, keep: KeepPolicy, opts: { timeZone?: string; store?: OpenStoreOptions } = {}): Promise<PruneResult> {
+  const store = await openStore(location, opts.store);
+  try {
+    return await pruneRepo(await Repository.open(store), { ...keep, timeZone: opts.timeZone });
+  } finally {
+    await store.close();
+  }
+}
