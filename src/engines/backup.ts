@@ -218,7 +218,8 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   let view: FrozenView | null = null;
   let writer: ReturnType<Repository['packWriter']> | null = null;
   try {
-    const index = await repo.loadIndex();
+    // A damaged index object is skipped: the packs only it named are adopted below like orphans (§9 rule 6).
+    const index = await repo.loadIndex(() => undefined);
     const adopted = await adoptOrphans(repo, index);
 
     // Which backup of this disk is the bitmap's reference point (§10)?
@@ -271,7 +272,9 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const ids = Buffer.alloc(chunks * ID_BYTES);
     const toRead: number[] = [];
     const newToken = bitmap !== null ? (await import('node:crypto')).randomBytes(16).toString('hex') : null;
+    let frozenAt = started;
     const plan = async (): Promise<void> => {
+      frozenAt = now();
       const dirty = new Set<number>();
       if (img && bitmap !== null) {
         const frozen = bitmap + FROZEN_SUFFIX;
@@ -342,7 +345,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const durationMs = Math.round(performance.now() - t0);
     const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: toRead.length, durationMs };
     await repo.putManifest({
-      full, disk, timeMs: started, size: dev.size, chunkSize: C, bitmapToken: newToken, ids,
+      full, disk, timeMs: frozenAt, size: dev.size, chunkSize: C, bitmapToken: newToken, ids,
       meta: { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats },
     });
     // §10 step 3: the new token, then drop the frozen bits.

@@ -4,7 +4,7 @@
  * decompressed in workers, and written in place; all-zero chunks stay holes. Restoring over an existing
  * file writes only the chunks whose contents differ.
  */
-import { stat } from 'node:fs/promises';
+import { rm, stat } from 'node:fs/promises';
 import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
@@ -271,7 +271,14 @@ export async function restoreBackup(repo: Repository, which: string, target: str
       backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetchedChunks, chunksUnchanged,
       bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0,
     };
+  } catch (e) {
+    if (!existing) {
+      // A new target that did not receive the whole backup is not a restore: remove it.
+      await dev.close().catch(() => undefined);
+      await rm(target, { force: true }).catch(() => undefined);
+    }
+    throw e;
   } finally {
-    await dev.close();
+    await dev.close().catch(() => undefined);
   }
 }

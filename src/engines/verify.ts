@@ -87,7 +87,18 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       } catch (e) {
         if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
         const problem = e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message;
-        damage.push({ object: repo.objName(packKey(pack)), problem, backups: [...deps].sort() });
+        // A coalesced read fails as a whole: recheck blob by blob, so only the users of bad chunks are named.
+        const broken = e.code === 'KSC_E_NOT_FOUND' ? deps : new Set<string>();
+        if (e.code !== 'KSC_E_NOT_FOUND') {
+          for (const r of list) {
+            for (const it of r.items) {
+              const one = [{ pack, offset: r.offset + it.at, length: it.length, items: [{ ...it, at: 0 }] }];
+              await fetchChunks(repo, one, 1, repo.chunkSize, 'verify', async () => undefined)
+                .catch(() => users.get(it.id.toString('hex'))!.forEach((b) => broken.add(b)));
+            }
+          }
+        }
+        damage.push({ object: repo.objName(packKey(pack)), problem, backups: [...broken].sort() });
       }
     }
   }));

@@ -267,6 +267,22 @@ export class ScheduleDaemon {
     } catch (e) {
       rec.error = msg(e);
     }
+    try {
+      await this.backupImages(r, images, rec);
+      if (!this.closed && rec.error === null && rec.errors.length === 0 && images.length > 0 && job.keep) await this.pruneAfter(r, rec);
+    } catch (e) {
+      rec.error = `internal error: ${msg(e)}`; // recorded like any failure, so the run is not restarted at once
+    }
+    if (this.closed) return; // given up on at the shutdown deadline: the state says "running"
+    const ok = rec.error === null && rec.errors.length === 0 && images.length > 0;
+    this.finish(r, rec, ok, start, images);
+    await this.save();
+  }
+
+  /** Backs up `images` one after the other, each under its disk's mutex; records each result in `rec`. */
+  private async backupImages(r: Running, images: string[], rec: RunRecord): Promise<void> {
+    const { job } = r;
+    const js = this.state(job);
     const tags = [`schedule:${job.name}`, ...job.tags];
     for (const image of images) {
       if (r.ac.signal.aborted) break;
@@ -294,11 +310,6 @@ export class ScheduleDaemon {
         releaseDisk();
       }
     }
-    if (this.closed) return; // given up on at the shutdown deadline: the state says "running"
-    const ok = rec.error === null && rec.errors.length === 0 && images.length > 0;
-    if (ok && job.keep) await this.pruneAfter(r, rec);
-    this.finish(r, rec, ok, start, images);
-    await this.save();
   }
 
   private async pruneAfter(r: Running, rec: RunRecord): Promise<void> {
