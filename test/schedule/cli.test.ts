@@ -2,7 +2,8 @@
  * `kscinc schedule` through the compiled CLI: `next --json` (exact run times, shutdown jobs without runs,
  * errors that point at the mistake), `status` (RPO met or missed, exit status 4, the running daemon), and
  * the real daemon stopped with SIGTERM: it runs its `on shutdown` backups before it exits, or, with a
- * budget too small, names each job it could not finish and exits 1.
+ * budget too small, names each job it could not finish and exits 1; an image held by `kscinc serve` is
+ * backed up through that server.
  */
 import { spawn } from 'node:child_process';
 import { existsSync, writeFileSync } from 'node:fs';
@@ -15,6 +16,7 @@ import { listBackups } from '../../src/engines/restore.js';
 import { readState, statePathFor } from '../../src/engines/schedule/state.js';
 import { CLI, kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { serve } from '../nbd/helpers.js';
 
 const dir = tempDir('kscinc-schedule-cli-');
 const MiB = 1 << 20;
@@ -194,5 +196,22 @@ jobs:
     expect(lines.length, log).toBe(2);
     expect(lines[0]).toMatch(/ job first: could not finish/);
     expect(lines[1]).toMatch(/ job second: could not finish .*\(not started\)/);
+  });
+
+  it('an image a running kscinc serve holds is backed up by that server', async () => {
+    const img = await makeImage('served.ksc');
+    const srv = await serve([img, '--listen', '127.0.0.1:0']);
+    try {
+      const file = writeConfig('served.yaml', 'jobs:\n  - { name: live, images: [served.ksc], repo: repo-served, when: on shutdown }\n');
+      const d = await startDaemon(['--config', file], 'job live: on shutdown');
+      d.child.kill('SIGTERM');
+      const code = await d.exit;
+      expect(code, d.stderr()).toBe(0);
+      expect(d.stderr()).toContain('job live: ok, 1 backup(s)');
+      expect((await backupsIn(join(dir, 'repo-served'))).map((b) => b.tags)).toEqual([['schedule:live']]);
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
+    expect(srv.stderr()).toMatch(/backup of .*served\.ksc to .*repo-served requested/);
   });
 });
