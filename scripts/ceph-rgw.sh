@@ -70,7 +70,10 @@ daemon() { # daemon <name> <cmd...>: run in the foreground under nohup, record t
   echo "$!" >"$DIR/pids/$name"
   log "started $name pid $!"
 }
-alive() { [ -f "$DIR/pids/$1" ] && kill -0 "$(cat "$DIR/pids/$1")" 2>/dev/null; }
+running() { # running <pid>: exists and is not a zombie waiting for init to reap it
+  kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+alive() { [ -f "$DIR/pids/$1" ] && running "$(cat "$DIR/pids/$1")"; }
 
 write_conf() {
   local fsid="$1"
@@ -213,10 +216,10 @@ stop_one() { # stop_one <daemon> <signal>
   local n="$1" sig="$2" pid i
   [ -f "$DIR/pids/$n" ] || return 0
   pid=$(cat "$DIR/pids/$n")
-  if kill -0 "$pid" 2>/dev/null; then
+  if running "$pid"; then
     kill "-$sig" "$pid"
-    for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done   # 15 s
-    if kill -0 "$pid" 2>/dev/null; then log "SIGKILL $n ($pid)"; kill -KILL "$pid"; fi
+    for i in $(seq 1 150); do running "$pid" || break; sleep 0.1; done   # 15 s
+    if running "$pid"; then log "SIGKILL $n ($pid)"; kill -KILL "$pid"; fi
     log "stopped $n ($pid, SIG$sig)"
   fi
   rm -f "$DIR/pids/$n"

@@ -145,8 +145,13 @@ export interface Gateway {
   close(): Promise<void>;
 }
 
+/**
+ * Runs a gateway subcommand under a shared lock: the teardown takes it exclusively, so it never destroys the
+ * cluster while a gateway is being started, and a start that comes after finds no cluster instead of leaving
+ * an orphan daemon.
+ */
 async function rgwCommand(args: string[], extra: Record<string, string> = {}): Promise<string> {
-  const { stdout } = await run('bash', [script, ...args], { env: cephEnv(extra), timeout: 150_000 });
+  const { stdout } = await run('flock', ['-s', '-o', '-w', '120', join(stateDir(), 'lock'), 'bash', script, ...args], { env: cephEnv(extra), timeout: 150_000 });
   return stdout;
 }
 
@@ -154,10 +159,10 @@ function pidOf(gateway: string): number {
   return Number(readFileSync(join(stateDir(), 'ceph', 'pids', `rgw.${gateway}`), 'utf8'));
 }
 
+/** Exists and is not a zombie (init may take a moment to reap a killed daemon). */
 function alive(pid: number): boolean {
   try {
-    process.kill(pid, 0);
-    return true;
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
   } catch {
     return false;
   }
