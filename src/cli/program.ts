@@ -9,6 +9,7 @@ import { registerBitmapCommands } from './bitmap-commands.js';
 import { registerIoCommands } from './io-commands.js';
 import { registerServeCommands } from './serve-commands.js';
 import { registerBackupCommands } from './backup-commands.js';
+import { registerScheduleCommands } from './schedule-commands.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -23,6 +24,7 @@ export function buildProgram(): Command {
   registerIoCommands(program);
   registerServeCommands(program);
   registerBackupCommands(program);
+  registerScheduleCommands(program);
   return program;
 }
 
