@@ -15,8 +15,8 @@ import { join, relative } from 'node:path';
 import { restoreBackup } from '../../dist/engines/restore.js';
 import { openImage } from '../../dist/image/open.js';
 import { Repository } from '../../dist/repo/repository.js';
-import { MiB, hostWarm, median, retrying, rmf, row, run, verifyDevice } from '../lib/common.mjs';
-import { allocatedBytes, cliEnv, filesUnder, libBackup, openRepoStore, removeS3Repo, runCliJson, s3Settings, timedPass } from './backup.mjs';
+import { MiB, hostWarm, median, retrying, rmf, row, verifyDevice } from '../lib/common.mjs';
+import { allocatedBytes, cliEnv, filesUnder, libBackup, openRepoStore, procRun, recyclePool, removeS3Repo, runCliJson, s3Settings, timedPass } from './backup.mjs';
 
 export async function restoreRace(ctx) {
   const { src, size, work, reps, cli, log } = ctx;
@@ -49,7 +49,7 @@ export async function restoreRace(ctx) {
         await store.close();
       }
     },
-    cp: () => run('cp', ['--sparse=always', src, out.cp]),
+    cp: () => procRun('cp', ['--sparse=always', src, out.cp]),
   };
   if (s3) sides.s3Raw = cliRestore(out.s3Raw, [], cliEnv(s3.env), s3.location);
   const packs = await filesUnder(join(repoDir, 'packs'));
@@ -62,6 +62,7 @@ export async function restoreRace(ctx) {
       res[n].push(await retrying(async () => {
         await rmf(out[n]);
         const r = await timedPass(ctx, sides[n], [out[n]]);
+        if (n === 'libRaw') await recyclePool();
         if (stats[n] && r.out) stats[n].push(r.out);
         return r;
       }));
