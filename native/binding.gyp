@@ -1,4 +1,7 @@
 {
+  "variables": {
+    "have_lz4": "<!(test -f /usr/include/lz4.h && echo 1 || echo 0)"
+  },
   "targets": [
     {
       "target_name": "kscinc_native",
@@ -6,6 +9,9 @@
       "defines": ["NAPI_VERSION=8", "_GNU_SOURCE", "_FILE_OFFSET_BITS=64"],
       "cflags": ["-Wall", "-Wextra", "-O2"],
       "cflags_c": ["-std=gnu11"],
+      "conditions": [
+        ["have_lz4==1", { "defines": ["KSCINC_HAVE_LZ4"], "libraries": ["-llz4"] }]
+      ],
       "xcode_settings": {
         "GCC_C_LANGUAGE_STANDARD": "gnu11",
         "WARNING_CFLAGS": ["-Wall", "-Wextra"]

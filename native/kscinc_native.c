@@ -415,6 +415,84 @@ static napi_value Funlock(napi_env env, napi_callback_info info) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* LZ4 blocks (liblz4, when its headers were present at build time)          */
+/*                                                                          */
+/* The stored form of formats/repository.md §5.4: u32 LE raw length, then   */
+/* one LZ4 block. Written straight into the caller's buffer, so the backup  */
+/* pipeline allocates nothing per chunk (and no memory the JS engine cannot  */
+/* see: lz4-napi's results made worker memory grow between collections).    */
+
+#ifdef KSCINC_HAVE_LZ4
+#include <lz4.h>
+
+static bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint8_t** data, size_t* len) {
+  bool is_typed = false;
+  if (napi_is_typedarray(env, v, &is_typed) != napi_ok || !is_typed) {
+    throw_type(env, fn, arg, "Uint8Array");
+    return false;
+  }
+  napi_typedarray_type type;
+  size_t length;
+  void* base;
+  napi_value ab;
+  size_t offset;
+  if (napi_get_typedarray_info(env, v, &type, &length, &base, &ab, &offset) != napi_ok || type != napi_uint8_array) {
+    throw_type(env, fn, arg, "Uint8Array");
+    return false;
+  }
+  *data = (uint8_t*)base;
+  *len = length;
+  return true;
+}
+
+/* lz4Compress(src, dst, dstOffset) -> bytes written at dst[dstOffset...]
+ * (4 + block), or 0 when the result would not fit or not be smaller. */
+static napi_value Lz4Compress(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  uint8_t *src, *dst;
+  size_t src_len, dst_len;
+  int64_t at;
+  if (argc < 3) return throw_type(env, "lz4Compress", "arguments", "(src, dst, offset)");
+  if (!get_bytes(env, argv[0], "lz4Compress", "src", &src, &src_len)) return NULL;
+  if (!get_bytes(env, argv[1], "lz4Compress", "dst", &dst, &dst_len)) return NULL;
+  if (!get_integer(env, argv[2], "lz4Compress", "offset", &at)) return NULL;
+  if (at < 0 || (size_t)at > dst_len || src_len > (size_t)LZ4_MAX_INPUT_SIZE) return make_int64(env, 0);
+  size_t room = dst_len - (size_t)at;
+  if (room <= 4 || src_len == 0) return make_int64(env, 0);
+  size_t cap = room - 4;
+  if (cap >= src_len) cap = src_len - 1; /* only useful when smaller than the raw chunk */
+  int n = LZ4_compress_default((const char*)src, (char*)dst + at + 4, (int)src_len, (int)cap);
+  if (n <= 0) return make_int64(env, 0);
+  uint32_t raw = (uint32_t)src_len;
+  dst[at] = raw & 0xff; dst[at + 1] = (raw >> 8) & 0xff; dst[at + 2] = (raw >> 16) & 0xff; dst[at + 3] = (raw >> 24) & 0xff;
+  return make_int64(env, (int64_t)n + 4);
+}
+
+/* lz4Decompress(src, dst, dstOffset) -> bytes written at dst[dstOffset...], or
+ * -1 when src (u32 raw length + block) is malformed or does not fit. */
+static napi_value Lz4Decompress(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  uint8_t *src, *dst;
+  size_t src_len, dst_len;
+  int64_t at;
+  if (argc < 3) return throw_type(env, "lz4Decompress", "arguments", "(src, dst, offset)");
+  if (!get_bytes(env, argv[0], "lz4Decompress", "src", &src, &src_len)) return NULL;
+  if (!get_bytes(env, argv[1], "lz4Decompress", "dst", &dst, &dst_len)) return NULL;
+  if (!get_integer(env, argv[2], "lz4Decompress", "offset", &at)) return NULL;
+  if (src_len < 4 || at < 0 || (size_t)at > dst_len || src_len - 4 > (size_t)INT32_MAX) return make_int64(env, -1);
+  uint32_t raw = (uint32_t)src[0] | ((uint32_t)src[1] << 8) | ((uint32_t)src[2] << 16) | ((uint32_t)src[3] << 24);
+  if ((size_t)raw > dst_len - (size_t)at || raw > (uint32_t)INT32_MAX) return make_int64(env, -1);
+  int n = LZ4_decompress_safe((const char*)src + 4, (char*)dst + at, (int)(src_len - 4), (int)raw);
+  if (n < 0 || (uint32_t)n != raw) return make_int64(env, -1);
+  return make_int64(env, n);
+}
+#endif
+
+/* ------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
   napi_property_descriptor props[] = {
@@ -424,6 +502,10 @@ NAPI_MODULE_INIT() {
     {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"flock", NULL, Flock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
+#ifdef KSCINC_HAVE_LZ4
+    {"lz4Compress", NULL, Lz4Compress, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"lz4Decompress", NULL, Lz4Decompress, NULL, NULL, NULL, napi_enumerable, NULL},
+#endif
   };
   NAPI_CALL(env, napi_define_properties(
                      env, exports, sizeof(props) / sizeof(props[0]), props));

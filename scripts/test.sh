@@ -7,8 +7,8 @@ results=$(mktemp -d)
 status=0
 echo "== test suite (native addon) =="
 npx vitest run --reporter=default --reporter=json --outputFile.json="$results/native.json" || status=$?
-echo "== image, CLI and interop tests without the native addon (TypeScript fallback) =="
-KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli.test.ts test/interop \
+echo "== image, CLI, interop and backup-engine tests without the native addon (TypeScript and lz4-napi fallback) =="
+KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli.test.ts test/interop test/compress.test.ts test/backup/engine.test.ts \
   --reporter=default --reporter=json --outputFile.json="$results/fallback.json" || status=$?
 node -e '
   let passed = 0, failed = 0, skipped = 0;

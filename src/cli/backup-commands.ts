@@ -90,7 +90,7 @@ export function registerBackupCommands(program: Command): void {
     .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
     .option('-O, --output-format <format>', 'raw or ksc_inc (kscinc) for a new file', 'raw')
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
-    .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 8)
+    .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
     .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; concurrency: number; json?: boolean }) => {

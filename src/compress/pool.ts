@@ -49,20 +49,30 @@ export interface PackedChunk {
   blob: Buffer;
 }
 
-/** Hashes, zero-checks and (optionally) compresses a batch of chunks in a worker. */
-export async function packChunks(chunks: Buffer[], compress = true): Promise<PackedChunk[]> {
-  const data = concatOwned(chunks);
-  const lengths = chunks.map((c) => c.length);
-  const res = Buffer.from((await getPool().run({ op: 'pack', data, lengths, compress }, { transferList: [data.buffer] })) as Uint8Array);
-  const n = chunks.length;
-  const out: PackedChunk[] = [];
+/**
+ * Hashes, zero-checks and (optionally) compresses a batch of chunks in a worker. `batch` holds the chunks
+ * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and
+ * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer.
+ */
+export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
+  if (batch.byteOffset !== 0 || batch.byteLength !== batch.buffer.byteLength) throw new Error('packBatch needs a buffer that owns its whole ArrayBuffer');
+  const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
+  const res = Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength);
+  const n = lengths.length;
+  const chunks: PackedChunk[] = [];
   let p = n * ID_BYTES + n * 4;
   for (let i = 0; i < n; i++) {
     const len = res.readUInt32LE(n * ID_BYTES + i * 4);
-    out.push({ id: res.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), blob: res.subarray(p, p + len) });
+    chunks.push({ id: res.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), blob: res.subarray(p, p + len) });
     p += len;
   }
-  return out;
+  return { chunks, input: Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength) };
+}
+
+/** packBatch for separate chunk buffers (copied into one batch). */
+export async function packChunks(chunks: Buffer[], compress = true): Promise<PackedChunk[]> {
+  const data = concatOwned(chunks);
+  return (await packBatch(data, chunks.map((c) => c.length), compress)).chunks;
 }
 
 /** Hashes a batch of chunks in a worker (zero id for all-zero chunks). */
@@ -74,26 +84,46 @@ export async function hashChunks(chunks: Buffer[]): Promise<Buffer[]> {
 
 export type Unpacked = { ok: true; data: Buffer } | { ok: false; error: string };
 
-/** Decodes and verifies a batch of blobs in a worker. */
-export async function unpackBlobs(blobs: Buffer[], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
-  const data = concatOwned(blobs);
+/**
+ * Decodes and verifies a batch of blobs in a worker. `blobs` are views into `source`; when the views cover
+ * a buffer that owns its whole ArrayBuffer it is transferred (not copied): the caller must not use it after.
+ */
+export async function unpackBlobs(blobs: Buffer[], ids: Buffer[], maxRaw: number, source?: Buffer): Promise<Unpacked[]> {
+  let data: Uint8Array<ArrayBuffer>;
+  let lengths: number[];
+  const whole = source && source.byteOffset === 0 && source.byteLength === source.buffer.byteLength && blobs.every((b) => b.buffer === source.buffer);
+  if (whole) {
+    // Send the whole fetched range with the blobs' offsets expressed as lengths of consecutive pieces.
+    data = new Uint8Array(source.buffer as ArrayBuffer);
+    lengths = [];
+    const order = blobs.map((b, i) => ({ at: b.byteOffset, len: b.length, i }));
+    const inOrder = order.every((x, k) => k === 0 || x.at >= order[k - 1]!.at + order[k - 1]!.len);
+    if (!inOrder) return unpackBlobs(blobs, ids, maxRaw);
+    return unpackRanges(data, order.map((x) => [x.at, x.len]), ids, maxRaw);
+  }
+  data = concatOwned(blobs);
+  lengths = blobs.map((b) => b.length);
+  let at = 0;
+  return unpackRanges(data, lengths.map((l) => { const r: [number, number] = [at, l]; at += l; return r; }), ids, maxRaw);
+}
+
+async function unpackRanges(data: Uint8Array<ArrayBuffer>, ranges: [number, number][], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
-  const res = Buffer.from((await getPool().run(
-    { op: 'unpack', data, lengths: blobs.map((b) => b.length), ids: idBuf, maxRaw },
+  const r = (await getPool().run(
+    { op: 'unpack', data, ranges, ids: idBuf, maxRaw },
     { transferList: [data.buffer, idBuf.buffer] },
-  )) as Uint8Array);
-  const n = blobs.length;
-  const errLen = res.readUInt32LE(0);
-  const errors = JSON.parse(res.subarray(res.length - errLen).toString('utf8')) as Record<string, string>;
+  )) as { data: Uint8Array; errors: Record<string, string> };
+  const res = Buffer.from(r.data.buffer, r.data.byteOffset, r.data.byteLength);
+  const n = ranges.length;
   const out: Unpacked[] = [];
-  let p = 4 + n * 4;
+  let p = n * 4;
   for (let i = 0; i < n; i++) {
-    const e = errors[i];
+    const e = r.errors[i];
     if (e !== undefined) {
       out.push({ ok: false, error: e });
       continue;
     }
-    const len = res.readUInt32LE(4 + i * 4);
+    const len = res.readUInt32LE(i * 4);
     out.push({ ok: true, data: res.subarray(p, p + len) });
     p += len;
   }

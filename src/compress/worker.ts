@@ -5,7 +5,8 @@
  */
 import { Piscina } from 'piscina';
 import { chunkId, initHash, ID_BYTES } from '../hash/chunkid.js';
-import { decodeBlob, encodeBlob, BlobError } from './codec.js';
+import { decodeBlobInto, blobRawLength, writeBlobHeader, BlobError, BLOB_HEADER, COMP_LZ4, COMP_NONE } from './codec.js';
+import { compressInto, lz4Bound } from './lz4.js';
 
 export interface PackTask {
   op: 'pack';
@@ -16,9 +17,9 @@ export interface PackTask {
 }
 export interface UnpackTask {
   op: 'unpack';
-  /** Blobs back to back. */
+  /** Holds the blobs at `ranges` ([offset, length] each, in order). */
   data: Uint8Array;
-  lengths: number[];
+  ranges: [number, number][];
   /** Expected ids, 16 bytes each. */
   ids: Uint8Array;
   maxRaw: number;
@@ -39,63 +40,110 @@ function isZero(b: Buffer): boolean {
 }
 const ZERO = Buffer.alloc(65536);
 
+/** A result that moves several buffers back to the caller (the output, and the input for reuse). */
+class Moved {
+  constructor(private readonly value: unknown, private readonly list: ArrayBuffer[]) {}
+  get [Piscina.transferableSymbol](): ArrayBuffer[] {
+    return this.list;
+  }
+  get [Piscina.valueSymbol](): unknown {
+    return this.value;
+  }
+}
+
 /**
- * pack → [n ids (16 bytes each, zero id for all-zero chunks)] [n u32 blob lengths] [blobs]
- * unpack → [n u32 status lengths: raw length, or 0 + error] [chunks] ; errors as JSON after the chunks
+ * pack → { out: [n ids (16 bytes each, zero id for all-zero chunks)] [n u32 blob lengths] [blobs], input }
+ *   (the input buffer goes back too, so the caller reuses it: no allocation per batch on either side)
+ * unpack → { data: [n u32 raw lengths, 0 = failed] [chunks], errors: { index: reason } }
  * hash → [n ids]
  */
 export default async function run(task: PackTask | UnpackTask | HashTask): Promise<unknown> {
   await initHash();
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
-  const n = task.lengths.length;
-  if (task.op === 'hash' || task.op === 'pack') {
+  const n = task.op === 'unpack' ? task.ranges.length : task.lengths.length;
+  if (task.op === 'hash') {
     const ids = Buffer.alloc(n * ID_BYTES);
-    const blobs: Buffer[] = [];
     let off = 0;
     for (let i = 0; i < n; i++) {
       const chunk = src.subarray(off, off + task.lengths[i]!);
       off += task.lengths[i]!;
-      if (isZero(chunk)) {
-        blobs.push(Buffer.alloc(0));
+      if (!isZero(chunk)) chunkId(chunk, ids, i * ID_BYTES);
+    }
+    return Piscina.move(new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
+  }
+  if (task.op === 'pack') {
+    // Zero-check and hash, then compress straight into one output buffer sized for the worst case.
+    const head = n * ID_BYTES + n * 4;
+    const ids = Buffer.alloc(n * ID_BYTES);
+    const zero: boolean[] = [];
+    let cap = head;
+    let off = 0;
+    for (let i = 0; i < n; i++) {
+      const chunk = src.subarray(off, off + task.lengths[i]!);
+      off += task.lengths[i]!;
+      zero.push(isZero(chunk));
+      if (zero[i]) continue;
+      chunkId(chunk, ids, i * ID_BYTES);
+      cap += BLOB_HEADER + Math.max(chunk.length, lz4Bound(chunk.length));
+    }
+    const out = Buffer.allocUnsafeSlow(cap);
+    ids.copy(out, 0);
+    let p = head;
+    off = 0;
+    for (let i = 0; i < n; i++) {
+      const len = task.lengths[i]!;
+      const chunk = src.subarray(off, off + len);
+      off += len;
+      if (zero[i]) {
+        out.writeUInt32LE(0, n * ID_BYTES + i * 4);
         continue;
       }
-      chunkId(chunk, ids, i * ID_BYTES);
-      if (task.op === 'pack') blobs.push(encodeBlob(chunk, ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.compress));
+      let stored = task.compress ? compressInto(chunk, out, p + BLOB_HEADER) : 0;
+      let method = COMP_LZ4;
+      if (stored === 0) {
+        chunk.copy(out, p + BLOB_HEADER);
+        stored = len;
+        method = COMP_NONE;
+      }
+      writeBlobHeader(out, p, method, len, stored, ids, i * ID_BYTES);
+      out.writeUInt32LE(BLOB_HEADER + stored, n * ID_BYTES + i * 4);
+      p += BLOB_HEADER + stored;
     }
-    if (task.op === 'hash') return Piscina.move(new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
-    const total = blobs.reduce((s, b) => s + b.length, 0);
-    const out = Buffer.allocUnsafeSlow(n * ID_BYTES + n * 4 + total);
-    ids.copy(out, 0);
-    let p = n * ID_BYTES + n * 4;
-    for (let i = 0; i < n; i++) {
-      out.writeUInt32LE(blobs[i]!.length, n * ID_BYTES + i * 4);
-      blobs[i]!.copy(out, p);
-      p += blobs[i]!.length;
-    }
-    return Piscina.move(new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
+    const input = task.data.buffer as ArrayBuffer;
+    return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, out.byteOffset, out.byteLength), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
   }
-  const parts: Buffer[] = [];
-  const status = Buffer.alloc(n * 4);
+  // unpack: decode every blob straight into one output buffer: [n u32 raw lengths (0 = failed)] [chunks].
   const errors: Record<number, string> = {};
-  let off = 0;
+  const raws: number[] = [];
+  let total = 0;
+  const blobAt = (i: number): Buffer => src.subarray(task.ranges[i]![0], task.ranges[i]![0] + task.ranges[i]![1]);
   for (let i = 0; i < n; i++) {
-    const blob = src.subarray(off, off + task.lengths[i]!);
-    off += task.lengths[i]!;
+    const blob = blobAt(i);
     try {
-      const data = decodeBlob(blob, task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw);
-      status.writeUInt32LE(data.length, i * 4);
-      parts.push(data);
+      raws.push(blobRawLength(blob, task.maxRaw));
+    } catch (e) {
+      if (!(e instanceof BlobError)) throw e;
+      errors[i] = e.message;
+      raws.push(0);
+    }
+    total += raws[i]!;
+  }
+  const head = n * 4;
+  const out = Buffer.allocUnsafeSlow(head + total);
+  out.fill(0, 0, head);
+  let p = head;
+  for (let i = 0; i < n; i++) {
+    const blob = blobAt(i);
+    if (errors[i] !== undefined) continue;
+    try {
+      decodeBlobInto(blob, task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw, out, p);
+      out.writeUInt32LE(raws[i]!, i * 4);
+      p += raws[i]!;
     } catch (e) {
       if (!(e instanceof BlobError)) throw e;
       errors[i] = e.message;
     }
   }
-  const err = Buffer.from(JSON.stringify(errors));
-  const out = Buffer.allocUnsafeSlow(4 + status.length + parts.reduce((s, b) => s + b.length, 0) + err.length);
-  out.writeUInt32LE(err.length, 0);
-  status.copy(out, 4);
-  let p = 4 + status.length;
-  for (const d of parts) p += d.copy(out, p);
-  err.copy(out, p);
-  return Piscina.move(new Uint8Array(out.buffer, out.byteOffset, out.byteLength));
+  const data = new Uint8Array(out.buffer as ArrayBuffer, 0, p);
+  return Piscina.move(new Moved({ data, errors }, [out.buffer as ArrayBuffer]) as never);
 }

@@ -11,7 +11,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { KscImage } from '../image/ksc.js';
 import { chunkId, initHash, ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
-import { packChunks } from '../compress/pool.js';
+import { packBatch } from '../compress/pool.js';
 import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
 import { bytesToUuid } from '../util/uuid.js';
@@ -110,7 +110,9 @@ class FrozenView {
     return p;
   }
 
-  private async spillChunk(k: number, data: Buffer): Promise<void> {
+  private async spillChunk(k: number, shared: Buffer): Promise<void> {
+    // Copy first, synchronously: `shared` may be the backup's own batch buffer, about to go to a worker.
+    const data = Buffer.from(shared);
     this.spillOpen ??= (async () => {
       const dir = await mkdtemp(join(tmpdir(), 'kscinc-frozen-'));
       this.spill = { dir, fh: await open(join(dir, 'stash'), 'w+'), end: 0 };
@@ -125,6 +127,24 @@ class FrozenView {
     this.spilled.set(k, { pos, len: data.length });
     this.pending.delete(k);
     this.memBytes -= data.length;
+  }
+
+  /** Reads the chunk as it was at the freeze into `target`. */
+  async takeInto(k: number, target: Buffer): Promise<void> {
+    const sp = this.spilled.get(k);
+    if (sp || this.pending.has(k)) {
+      (await this.take(k)).copy(target);
+      return;
+    }
+    // Read straight into the target; a change arriving meanwhile waits for this read (and copies it if it spills).
+    const p = this.dev.readInto(k * this.chunkSize, target).then(() => target);
+    this.pending.set(k, p);
+    try {
+      await p;
+    } finally {
+      this.pending.delete(k);
+      this.done.add(k);
+    }
   }
 
   /** The chunk as it was at the freeze. */
@@ -314,21 +334,31 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     let dirtyNonZeroBytes = 0;
     const w = writer;
     const v = view as FrozenView | null;
+    // Batch buffers go to a worker and come back (transferred both ways): no allocation or copy per batch.
+    const spare: Buffer[] = [];
     await mapLimit(batches, opts.batches ?? 3, async (batch) => {
-      const data = await Promise.all(batch.map((k) => (v ? v.take(k) : dev.read(k * C, Math.min(C, dev.size - k * C)))));
-      for (const d of data) bytesRead += d.length;
-      const packed = await packChunks(data);
+      const buf = spare.pop() ?? Buffer.allocUnsafeSlow(perBatch * C);
+      const lengths = batch.map((k) => Math.min(C, dev.size - k * C));
+      let pos = 0;
+      await Promise.all(batch.map((k, i) => {
+        const target = buf.subarray(pos, pos + lengths[i]!);
+        pos += lengths[i]!;
+        return v ? v.takeInto(k, target) : dev.readInto(k * C, target);
+      }));
+      for (const n of lengths) bytesRead += n;
+      const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths);
+      spare.push(input);
       for (let i = 0; i < batch.length; i++) {
         const { id: cid, blob } = packed[i]!;
         cid.copy(ids, batch[i]! * ID_BYTES);
         if (blob.length === 0) continue; // all zeros
-        dirtyNonZeroBytes += data[i]!.length;
+        dirtyNonZeroBytes += lengths[i]!;
         const hex = cid.toString('hex');
         if (index.has(hex) || w.has(hex)) continue;
         chunksNew++;
-        bytesNew += data[i]!.length;
+        bytesNew += lengths[i]!;
         bytesStored += blob.length;
-        await w.add(cid, blob, data[i]!.length);
+        await w.add(cid, blob, lengths[i]!);
       }
       lock.check();
       opts.progress?.({ phase: 'read', doneBytes: bytesRead, totalBytes });

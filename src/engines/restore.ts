@@ -144,12 +144,13 @@ export async function fetchChunks(repo: Repository, reads: Read[], concurrency: 
     const key = packKey(r.pack);
     const buf = await repo.store.getRange(key, r.offset, r.length);
     fetched += buf.length;
-    const res = await unpackBlobs(r.items.map((it) => buf.subarray(it.at, it.at + it.length)), r.items.map((it) => it.id), maxRaw);
+    // The fetched range goes to the worker as it is (transferred, not copied).
+    const res = await unpackBlobs(r.items.map((it) => buf.subarray(it.at, it.at + it.length)), r.items.map((it) => it.id), maxRaw, buf);
     for (let i = 0; i < res.length; i++) {
       const x = res[i]!;
       if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
-      await sink(r.items[i]!.id, x.data);
     }
+    await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data)));
   });
   return fetched;
 }
@@ -251,20 +252,29 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
     const badIndex: string[] = [];
     const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)));
-    const reads = planReads([...positions.keys()].map((h) => Buffer.from(h, 'hex')), index, opts.maxReadBytes ?? 8 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
+    const reads = planReads([...positions.keys()].map((h) => Buffer.from(h, 'hex')), index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
     const totalBytes = [...positions.values()].reduce((s, l) => s + l.reduce((a, k) => a + lenAt(k), 0), 0);
     let done = 0;
     let fetchedChunks = 0;
-    const bytesFetched = await fetchChunks(repo, reads, opts.concurrency ?? 8, C, what, async (id, data) => {
+    // Flush in the background every 64 MiB written, so the final flush does not carry the whole restore.
+    let sinceFlush = 0;
+    let flushing: Promise<void> | null = null;
+    const bytesFetched = await fetchChunks(repo, reads, opts.concurrency ?? 6, C, what, async (id, data) => {
       fetchedChunks++;
-      for (const k of positions.get(id.toString('hex'))!) {
+      await Promise.all(positions.get(id.toString('hex'))!.map(async (k) => {
         if (data.length !== lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${lenAt(k)}`);
         await dev.write(k * C, data);
         bytesWritten += data.length;
         done += data.length;
+        sinceFlush += data.length;
+      }));
+      if (sinceFlush >= 64 * 1024 * 1024 && !flushing) {
+        sinceFlush = 0;
+        flushing = dev.flush().finally(() => (flushing = null));
       }
       opts.progress?.({ doneBytes: done, totalBytes });
     });
+    await flushing;
     await dev.flush();
     const durationMs = Math.round(performance.now() - t0);
     return {

@@ -55,6 +55,14 @@ export interface NativeOps {
   flock(fd: number, exclusive: boolean, nonblocking: boolean): boolean;
   /** flock(LOCK_UN). */
   funlock(fd: number): void;
+  /**
+   * Present when the addon was built against liblz4 (its headers were installed). Writes u32 LE raw length
+   * + one LZ4 block of `src` into `dst` at `offset`; returns the bytes written, or 0 when the result would
+   * not fit or would not be smaller than `src`.
+   */
+  lz4Compress?(src: Uint8Array, dst: Uint8Array, offset: number): number;
+  /** Decodes u32 raw length + LZ4 block into `dst` at `offset`; the raw length, or -1 when malformed or too big. */
+  lz4Decompress?(src: Uint8Array, dst: Uint8Array, offset: number): number;
 }
 
 /*

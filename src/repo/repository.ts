@@ -342,7 +342,7 @@ export class PackWriter {
       this.bytes = PACK_HEADER;
     }
     this.pending.push({ id: Buffer.from(id), offset: this.bytes, length: blob.length, rawLength });
-    this.parts.push(Buffer.from(blob));
+    this.parts.push(blob); // a view into a worker's result buffer, kept until the pack is uploaded
     this.bytes += blob.length;
     if (this.bytes >= this.repo.config.packSize) await this.seal();
   }
