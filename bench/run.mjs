@@ -3,7 +3,7 @@
  * kscinc benchmark suite: races ours against a peer on the same data in the same run and prints MB/s,
  * the ratio ours/peer and the goal of each race (see bench/README.md). Run through `npm run bench`
  * (which builds first), or
- * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap,backup,restore] [--keep] [--threads 16] [--image F]`.
+ * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap,backup,restore,nbd] [--keep] [--threads 16] [--image F]`.
  * Results: a table on stdout and bench/results/latest.json.
  */
 import { execFileSync } from 'node:child_process';
@@ -38,10 +38,11 @@ const { randRace } = await import('./races/randio.mjs');
 const { bitmapRace } = await import('./races/bitmap.mjs');
 const { backupRace } = await import('./races/backup.mjs');
 const { restoreRace } = await import('./races/restore.mjs');
+const { nbdRace } = await import('./races/nbd.mjs');
 
 const here = dirname(fileURLToPath(import.meta.url));
 const root = dirname(here);
-const RACES = { convert: convertRace, seq: seqRace, rand: randRace, bitmap: bitmapRace, backup: backupRace, restore: restoreRace };
+const RACES = { convert: convertRace, seq: seqRace, rand: randRace, bitmap: bitmapRace, backup: backupRace, restore: restoreRace, nbd: nbdRace };
 
 const { values: args } = parseArgs({
   options: {

@@ -28,6 +28,18 @@ function getPool(): Piscina {
   return pool;
 }
 
+/**
+ * Starts the workers and their hashers now (in the background), so a job's first batch does not wait for
+ * them: call at the start of a backup or restore, before the repository reads.
+ */
+export function warmPool(): void {
+  const p = getPool();
+  for (let i = 0; i < poolSize(); i++) {
+    const data = new Uint8Array(new ArrayBuffer(0));
+    p.run({ op: 'hash', data, lengths: [] }).catch(() => undefined);
+  }
+}
+
 export async function closePool(): Promise<void> {
   const p = pool;
   pool = null;

@@ -11,7 +11,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { KscImage } from '../image/ksc.js';
 import { chunkId, initHash, ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
-import { packBatch } from '../compress/pool.js';
+import { packBatch, warmPool } from '../compress/pool.js';
 import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
 import { bytesToUuid } from '../util/uuid.js';
@@ -230,6 +230,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   if (bitmap !== null && (bitmap.includes(TOKEN_SEPARATOR) || bitmap.endsWith(FROZEN_SUFFIX))) {
     throw new KscError('KSC_E_INVALID', `"${bitmap}" cannot be a backup bitmap name (it may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}")`);
   }
+  warmPool();
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
@@ -298,10 +299,8 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       const dirty = new Set<number>();
       if (img && bitmap !== null) {
         const frozen = bitmap + FROZEN_SUFFIX;
-        await img.addBitmap(frozen, { enabled: false, granularity: granularity || undefined });
-        handedOver = true;
-        await img.mergeBitmap(bitmap, frozen);
-        await img.clearBitmap(bitmap);
+        handedOver = true; // from here on, a failure merges the frozen bits back
+        await img.freezeBitmap(bitmap, frozen);
         if (!full) chunkSetFromExtents(await img.bitmapExtents(frozen), C, dirty);
       }
       const hasData = new Set<number>();
@@ -380,12 +379,9 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     });
     // §10 step 3: the new token, then drop the frozen bits.
     if (img && bitmap !== null) {
-      const old = tokenBitmaps((await img.listBitmaps()).map((b) => b.name), bitmap);
-      await img.addBitmap(bitmap + TOKEN_SEPARATOR + newToken, { enabled: false });
-      for (const n of old) await img.removeBitmap(n);
-      await img.removeBitmap(bitmap + FROZEN_SUFFIX);
+      const old = tokenBitmaps(img.bitmapList.filter((b) => b !== null).map((b) => b!.name), bitmap);
+      await img.updateBitmaps([bitmap + TOKEN_SEPARATOR + newToken], [...old, bitmap + FROZEN_SUFFIX]);
       handedOver = false;
-      await img.flush();
     }
     return {
       id, repository: repo.name, disk, parent: parent?.meta.id ?? null, full, fullReason, size: dev.size, chunks,

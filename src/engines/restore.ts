@@ -10,7 +10,7 @@ import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
 import { ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
-import { hashChunks, unpackBlobs } from '../compress/pool.js';
+import { hashChunks, unpackBlobs, warmPool } from '../compress/pool.js';
 import { Repository, type ChunkIndex, type ChunkLocation, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { uuidToBytes } from '../util/uuid.js';
@@ -167,6 +167,7 @@ async function exists(p: string): Promise<boolean> {
 /** Restores backup `which` ("latest" or an id) to the file `target`. */
 export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string } = {}): Promise<RestoreResult> {
   const t0 = performance.now();
+  warmPool();
   const m = await resolveBackup(repo, which, opts.disk);
   const C = m.chunkSize;
   const chunks = m.ids.length / ID_BYTES;

@@ -940,6 +940,63 @@ export class KscImage implements BlockDevice {
     });
   }
 
+  /**
+   * Moves the bits of bitmap `name` into a new, disabled bitmap `frozenName` (same granularity) and clears
+   * `name`, in one management step (one flush; each slot write is atomic, and a crash between them leaves
+   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10); call it with
+   * no change in flight (inside quiesce()).
+   */
+  async freezeBitmap(name: string, frozenName: string): Promise<void> {
+    validateBitmapName(frozenName);
+    await this.manage(async () => {
+      const b = this.findBitmap(name);
+      if (this.hasBitmap(frozenName)) throw new KscError('KSC_E_EXISTS', `image ${this.name}: bitmap "${frozenName}" already exists`);
+      const slot = this.bitmapSlots.indexOf(null);
+      if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
+      await b.loadAll();
+      const bits = new Map([...b.pages].map(([p, page]) => [p, new Uint32Array(page.bits)]));
+      const copy = await this.writeFreshTable(slot, b.tableEntries, bits);
+      const f = new SparseBitmap(this.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, this.size, () => this.alloc.fileEnd);
+      f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
+      await this.writeSlot(slot, f);
+      this.bitmapSlots[slot] = f;
+      const old = await b.hostRanges();
+      const empty = await this.writeFreshTable(b.slot, b.tableEntries, new Map());
+      await this.writeSlot(b.slot, new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, this.size));
+      b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
+      await this.punchRanges(old);
+    });
+  }
+
+  /**
+   * Adds empty, disabled bitmaps named `add` (default granularity) and removes the bitmaps named `remove`,
+   * in one management step; each slot write is atomic on its own.
+   */
+  async updateBitmaps(add: string[], remove: string[]): Promise<void> {
+    for (const n of add) validateBitmapName(n);
+    await this.manage(async () => {
+      for (const n of add) if (this.hasBitmap(n)) throw new KscError('KSC_E_EXISTS', `image ${this.name}: bitmap "${n}" already exists`);
+      const gone = remove.map((n) => this.findBitmap(n));
+      const g = log2(this.blockSize);
+      for (const n of add) {
+        const slot = this.bitmapSlots.indexOf(null);
+        if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
+        const entries = SparseBitmap.tableEntriesFor(this.size, g);
+        const fresh = await this.writeFreshTable(slot, entries, new Map());
+        const b = new SparseBitmap(this.file, slot, n, g, false, fresh.offset, entries, this.size, () => this.alloc.fileEnd);
+        b.adoptTable(fresh.offset, fresh.table, new Map(), new Map());
+        await this.writeSlot(slot, b);
+        this.bitmapSlots[slot] = b;
+      }
+      for (const b of gone) {
+        const ranges = await b.hostRanges();
+        await this.writeSlot(b.slot, null);
+        this.bitmapSlots[b.slot] = null;
+        await this.punchRanges(ranges);
+      }
+    });
+  }
+
   /** Copies bitmap definitions and bits into `dst` (used by snapshot). */
   async copyBitmapsTo(dst: KscImage): Promise<void> {
     for (const b of this.bitmapSlots) {
