@@ -7,6 +7,13 @@ export class RawDevice implements BlockDevice {
   readonly format = 'raw' as const;
   readonly blockSize = 4096;
   private closed = false;
+  /**
+   * One data run [start, end) found by SEEK_DATA/SEEK_HOLE: sequential readers ask for extents once per
+   * request, and the two lseeks each time showed up in NBD profiles. A run of data stays data until a
+   * hole is punched, so only punching (writeZeroes, discard) forgets it.
+   */
+  private dataRun: { start: number; end: number } | null = null;
+  private punches = 0;
 
   private constructor(private readonly file: HostFile, readonly size: number, readonly readOnly: boolean) {}
 
@@ -69,6 +76,7 @@ export class RawDevice implements BlockDevice {
     checkRange(this, offset, length);
     if (length === 0) return;
     // Punching keeps the file sparse; where it is not possible, write zeros.
+    this.forgetDataRun();
     const punched = (opts.mayTrim ?? true) && (await this.file.punchHole(offset, length));
     if (!punched) {
       const chunk = Buffer.alloc(Math.min(length, 1 << 20));
@@ -84,6 +92,7 @@ export class RawDevice implements BlockDevice {
     // A raw file has no allocation map of its own: discarding is punching, which reads back as zero.
     this.writable();
     checkRange(this, offset, length);
+    this.forgetDataRun();
     if (await this.file.punchHole(offset, length)) {
       if (opts.fua) await this.file.sync();
     }
@@ -98,6 +107,9 @@ export class RawDevice implements BlockDevice {
     this.live();
     checkRange(this, offset, length);
     const end = offset + length;
+    const run = this.dataRun;
+    if (run && offset >= run.start && end <= run.end && length > 0) return [{ offset, length, state: 'data', depth: 0 }];
+    const punches = this.punches;
     const out: Extent[] = [];
     let pos = offset;
     while (pos < end) {
@@ -111,10 +123,16 @@ export class RawDevice implements BlockDevice {
       if (dataStart >= end) break;
       const hole = this.file.seekHole(dataStart);
       const dataEnd = hole === null || hole < 0 ? end : Math.min(hole, end);
+      if (hole !== null && hole > dataStart && punches === this.punches) this.dataRun = { start: dataStart, end: hole };
       out.push({ offset: dataStart, length: dataEnd - dataStart, state: 'data', depth: 0 });
       pos = dataEnd;
     }
     return mergeExtents(out);
+  }
+
+  private forgetDataRun(): void {
+    this.dataRun = null;
+    this.punches++;
   }
 
   async allocatedBytes(): Promise<number> {
