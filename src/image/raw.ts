@@ -92,10 +92,9 @@ export class RawDevice implements BlockDevice {
     // A raw file has no allocation map of its own: discarding is punching, which reads back as zero.
     this.writable();
     checkRange(this, offset, length);
-    this.forgetDataRun();
-    if (await this.file.punchHole(offset, length)) {
-      if (opts.fua) await this.file.sync();
-    }
+    // Without hole punching (no addon, or a file system without it) zeros are written: the BlockDevice
+    // contract says discarded whole blocks read as zero.
+    await this.writeZeroes(offset, length, { mayTrim: true, fua: opts.fua });
   }
 
   async flush(): Promise<void> {
