@@ -445,19 +445,30 @@ static bool get_bytes(napi_env env, napi_value v, const char* fn, const char* ar
   return true;
 }
 
+/* The (src, dst, dstOffset) arguments both LZ4 functions take. */
+static bool get_lz4_args(napi_env env, napi_callback_info info, const char* fn, uint8_t** src, size_t* src_len,
+                         uint8_t** dst, size_t* dst_len, int64_t* at) {
+  napi_value argv[3];
+  size_t argc = 3;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) {
+    throw_napi_failure(env, "napi_get_cb_info");
+    return false;
+  }
+  if (argc < 3) {
+    throw_type(env, fn, "arguments", "(src, dst, offset)");
+    return false;
+  }
+  return get_bytes(env, argv[0], fn, "src", src, src_len) && get_bytes(env, argv[1], fn, "dst", dst, dst_len) &&
+         get_integer(env, argv[2], fn, "offset", at);
+}
+
 /* lz4Compress(src, dst, dstOffset) -> bytes written at dst[dstOffset...]
  * (4 + block), or 0 when the result would not fit or not be smaller. */
 static napi_value Lz4Compress(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  size_t argc = 3;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   uint8_t *src, *dst;
   size_t src_len, dst_len;
   int64_t at;
-  if (argc < 3) return throw_type(env, "lz4Compress", "arguments", "(src, dst, offset)");
-  if (!get_bytes(env, argv[0], "lz4Compress", "src", &src, &src_len)) return NULL;
-  if (!get_bytes(env, argv[1], "lz4Compress", "dst", &dst, &dst_len)) return NULL;
-  if (!get_integer(env, argv[2], "lz4Compress", "offset", &at)) return NULL;
+  if (!get_lz4_args(env, info, "lz4Compress", &src, &src_len, &dst, &dst_len, &at)) return NULL;
   if (at < 0 || (size_t)at > dst_len || src_len > (size_t)LZ4_MAX_INPUT_SIZE) return make_int64(env, 0);
   size_t room = dst_len - (size_t)at;
   if (room <= 4 || src_len == 0) return make_int64(env, 0);
@@ -473,16 +484,10 @@ static napi_value Lz4Compress(napi_env env, napi_callback_info info) {
 /* lz4Decompress(src, dst, dstOffset) -> bytes written at dst[dstOffset...], or
  * -1 when src (u32 raw length + block) is malformed or does not fit. */
 static napi_value Lz4Decompress(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  size_t argc = 3;
-  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   uint8_t *src, *dst;
   size_t src_len, dst_len;
   int64_t at;
-  if (argc < 3) return throw_type(env, "lz4Decompress", "arguments", "(src, dst, offset)");
-  if (!get_bytes(env, argv[0], "lz4Decompress", "src", &src, &src_len)) return NULL;
-  if (!get_bytes(env, argv[1], "lz4Decompress", "dst", &dst, &dst_len)) return NULL;
-  if (!get_integer(env, argv[2], "lz4Decompress", "offset", &at)) return NULL;
+  if (!get_lz4_args(env, info, "lz4Decompress", &src, &src_len, &dst, &dst_len, &at)) return NULL;
   if (src_len < 4 || at < 0 || (size_t)at > dst_len || src_len - 4 > (size_t)INT32_MAX) return make_int64(env, -1);
   uint32_t raw = (uint32_t)src[0] | ((uint32_t)src[1] << 8) | ((uint32_t)src[2] << 16) | ((uint32_t)src[3] << 24);
   if ((size_t)raw > dst_len - (size_t)at || raw > (uint32_t)INT32_MAX) return make_int64(env, -1);

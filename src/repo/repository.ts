@@ -7,6 +7,7 @@ import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES } from '../hash/chunkid.js';
+import { pidAlive } from '../util/process.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
@@ -85,15 +86,6 @@ export class RepoLock {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
     await this.repo.store.delete(this.key).catch(() => undefined);
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
   }
 }
 

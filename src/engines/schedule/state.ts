@@ -14,6 +14,7 @@ import { hostname } from 'node:os';
 import { open, readFile, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { KscError, ioError } from '../../errors.js';
+import { pidAlive } from '../../util/process.js';
 
 export type RunKind = 'scheduled' | 'catch-up' | 'retry' | 'shutdown';
 
@@ -164,15 +165,6 @@ export class StateStore {
   }
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /**
  * Takes `<statePath>.lock` for this process; KSC_E_LOCKED when a live daemon on this host holds it (a lock
  * of a dead process is taken over). Returns the release function.
@@ -195,7 +187,7 @@ export async function lockState(statePath: string): Promise<() => Promise<void>>
     } catch {
       // empty or half written: a daemon that died while taking it
     }
-    if (typeof holder.pid === 'number' && (holder.host !== hostname() || alive(holder.pid)) && holder.pid !== process.pid) {
+    if (typeof holder.pid === 'number' && (holder.host !== hostname() || pidAlive(holder.pid)) && holder.pid !== process.pid) {
       throw new KscError('KSC_E_LOCKED', `another "kscinc schedule run" (pid ${holder.pid} on ${holder.host ?? '?'}) uses ${statePath}; stop it first (or remove ${lock} if it is gone)`);
     }
     await unlink(lock).catch(() => undefined);
@@ -207,7 +199,7 @@ export async function lockState(statePath: string): Promise<() => Promise<void>>
 export async function daemonHolder(statePath: string): Promise<{ pid: number; since: string | null } | null> {
   try {
     const h = JSON.parse(await readFile(`${statePath}.lock`, 'utf8')) as { pid?: unknown; host?: unknown; since?: unknown };
-    if (typeof h.pid !== 'number' || h.host !== hostname() || !alive(h.pid)) return null;
+    if (typeof h.pid !== 'number' || h.host !== hostname() || !pidAlive(h.pid)) return null;
     return { pid: h.pid, since: typeof h.since === 'string' ? h.since : null };
   } catch {
     return null;
