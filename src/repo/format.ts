@@ -7,6 +7,7 @@ import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { KscError } from '../errors.js';
 import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
+import { compressInto, decompressInto, lz4Bound } from '../compress/lz4.js';
 import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
 
 export const MIB = 1024 * 1024;
@@ -203,6 +204,11 @@ export const MANIFEST_END = Buffer.from('KEND');
 export const MANIFEST_HEADER = 96;
 export const MANIFEST_TRAILER = 32;
 export const FLAG_FULL = 1;
+/** §7.2: the chunk-id section is stored LZ4-compressed (u32 raw length + one block, as §5.4). */
+export const FLAG_IDS_LZ4 = 2;
+/** Chunk lists from this size on are compressed (a sparse disk's list is mostly zero ids). */
+const COMPRESS_IDS_FROM = 64 * 1024;
+const MAX_LZ4_INPUT = 0x7e000000;
 const MAX_META = 1024 * 1024;
 
 export interface BackupStats {
@@ -244,10 +250,20 @@ export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
   if (meta.length > MAX_META) throw new KscError('KSC_E_INVALID', 'manifest metadata above 1 MiB (too many or too long tags?)');
   const chunks = chunkCount(m.size, m.chunkSize);
   if (m.ids.length !== chunks * ID_BYTES) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length / ID_BYTES}`);
-  const b = Buffer.alloc(MANIFEST_HEADER + meta.length + m.ids.length + MANIFEST_TRAILER);
+  let idSection: Buffer = m.ids;
+  let flags = m.full ? FLAG_FULL : 0;
+  if (m.ids.length >= COMPRESS_IDS_FROM && m.ids.length <= MAX_LZ4_INPUT) {
+    const packed = Buffer.allocUnsafe(lz4Bound(m.ids.length));
+    const n = compressInto(m.ids, packed, 0);
+    if (n > 0) {
+      idSection = packed.subarray(0, n);
+      flags |= FLAG_IDS_LZ4;
+    }
+  }
+  const b = Buffer.alloc(MANIFEST_HEADER + meta.length + idSection.length + MANIFEST_TRAILER);
   MANIFEST_MAGIC.copy(b, 0);
   b.writeUInt32LE(1, 8);
-  b.writeUInt32LE(m.full ? FLAG_FULL : 0, 12);
+  b.writeUInt32LE(flags, 12);
   uuidToBytes(m.disk).copy(b, 16);
   b.writeBigUInt64LE(BigInt(m.timeMs), 32);
   b.writeBigUInt64LE(BigInt(m.size), 40);
@@ -256,7 +272,7 @@ export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
   b.writeBigUInt64LE(BigInt(chunks), 56);
   if (m.bitmapToken) b.write(m.bitmapToken, 64, 'hex');
   meta.copy(b, MANIFEST_HEADER);
-  m.ids.copy(b, MANIFEST_HEADER + meta.length);
+  idSection.copy(b, MANIFEST_HEADER + meta.length);
   const t = b.length - MANIFEST_TRAILER;
   merkleRoot(m.ids).copy(b, t);
   b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
@@ -271,7 +287,7 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   if (!b.subarray(t + 28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
   if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw bad(object, 'checksum mismatch');
   const flags = b.readUInt32LE(12);
-  if (flags & ~FLAG_FULL) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
+  if (flags & ~(FLAG_FULL | FLAG_IDS_LZ4)) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
   const size = safeU64(b, 40, object, 'virtual size');
   const chunkSize = b.readUInt32LE(48);
   try {
@@ -282,7 +298,9 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   const metaLen = b.readUInt32LE(52);
   const chunks = safeU64(b, 56, object, 'chunk count');
   if (chunks !== chunkCount(size, chunkSize)) throw bad(object, `chunk count ${chunks} does not match size ${size}`);
-  if (metaLen > MAX_META || b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER) throw bad(object, 'length does not match its header (truncated?)');
+  const packedIds = (flags & FLAG_IDS_LZ4) !== 0;
+  if (metaLen > MAX_META || b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER
+    || (!packedIds && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw bad(object, 'length does not match its header (truncated?)');
   let meta: ManifestMeta;
   try {
     meta = JSON.parse(b.toString('utf8', MANIFEST_HEADER, MANIFEST_HEADER + metaLen)) as ManifestMeta;
@@ -294,7 +312,16 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   meta.parent = typeof meta.parent === 'string' ? meta.parent : null;
   meta.bitmap = typeof meta.bitmap === 'string' ? meta.bitmap : null;
   meta.stats ??= { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
-  const ids = Buffer.from(b.subarray(MANIFEST_HEADER + metaLen, t));
+  let ids: Buffer;
+  if (packedIds) {
+    if (chunks * ID_BYTES > MAX_LZ4_INPUT) throw bad(object, `${chunks} chunk ids are too many for a compressed list`);
+    ids = Buffer.allocUnsafe(chunks * ID_BYTES);
+    const section = b.subarray(MANIFEST_HEADER + metaLen, t);
+    if (section.length < 4 || section.readUInt32LE(0) !== ids.length || decompressInto(section, ids, 0) !== ids.length) {
+      throw bad(object, 'the compressed chunk list does not decode to its chunk count');
+    }
+  } else ids = Buffer.from(b.subarray(MANIFEST_HEADER + metaLen, t));
+  if (!merkleRoot(ids).equals(b.subarray(t, t + 16))) throw bad(object, 'Merkle root does not match the chunk list');
   const root = Buffer.from(b.subarray(t, t + 16));
   const token = b.subarray(64, 80);
   return {

@@ -6,7 +6,7 @@
 import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { ID_BYTES } from '../hash/chunkid.js';
+import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { pidAlive } from '../util/process.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
@@ -108,10 +108,12 @@ export class Repository {
     if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: new Date().toISOString() };
     await store.put(CONFIG_KEY, encodeConfig(config));
+    await initHash();
     return new Repository(store, config);
   }
 
   static async open(store: ObjectStore): Promise<Repository> {
+    await initHash(); // manifests are checked against their Merkle root
     let raw: Buffer;
     try {
       raw = await store.get(CONFIG_KEY);
