@@ -141,3 +141,41 @@ async function unpackRanges(data: Uint8Array<ArrayBuffer>, ranges: [number, numb
   }
   return out;
 }
+
+/**
+ * A reusable pair of shared buffers for one read in flight: fetched bytes go into `input`, a worker decodes
+ * them into `output`. Shared memory is neither copied nor transferred, and nothing is allocated per read
+ * (fresh buffers per read kept the main thread's garbage collector busy during restores).
+ */
+export class SharedSlot {
+  readonly input: Buffer;
+  readonly output: Buffer;
+  constructor(inputBytes: number, outputBytes: number) {
+    this.input = Buffer.from(new SharedArrayBuffer(inputBytes));
+    this.output = Buffer.from(new SharedArrayBuffer(outputBytes));
+  }
+}
+
+/**
+ * Decodes the blobs at `ranges` of `slot.input` into `slot.output` (back to back, in order) in a worker.
+ * The caller must not touch the slot until this resolves. Data views point into `slot.output`.
+ */
+export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
+  const idBuf = concatOwned(ids);
+  const r = (await getPool().run(
+    { op: 'unpack-shared', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output },
+    { transferList: [idBuf.buffer] },
+  )) as { lengths: number[]; errors: Record<string, string> };
+  const out: Unpacked[] = [];
+  let p = 0;
+  for (let i = 0; i < ranges.length; i++) {
+    const e = r.errors[i];
+    if (e !== undefined) {
+      out.push({ ok: false, error: e });
+      continue;
+    }
+    out.push({ ok: true, data: slot.output.subarray(p, p + r.lengths[i]!) });
+    p += r.lengths[i]!;
+  }
+  return out;
+}

@@ -24,6 +24,17 @@ export interface UnpackTask {
   ids: Uint8Array;
   maxRaw: number;
 }
+/** Decodes blobs from shared memory into shared memory: nothing is allocated or transferred per batch. */
+export interface UnpackSharedTask {
+  op: 'unpack-shared';
+  data: Uint8Array;
+  ranges: [number, number][];
+  ids: Uint8Array;
+  maxRaw: number;
+  /** Decoded chunks go here back to back (a view of a SharedArrayBuffer, like `data`). */
+  out: Uint8Array;
+}
+
 export interface HashTask {
   op: 'hash';
   data: Uint8Array;
@@ -57,8 +68,9 @@ class Moved {
  * unpack → { data: [n u32 raw lengths, 0 = failed] [chunks], errors: { index: reason } }
  * hash → [n ids]
  */
-export default async function run(task: PackTask | UnpackTask | HashTask): Promise<unknown> {
+export default async function run(task: PackTask | UnpackTask | HashTask | UnpackSharedTask): Promise<unknown> {
   await initHash();
+  if (task.op === 'unpack-shared') return unpackShared(task);
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   const n = task.op === 'unpack' ? task.ranges.length : task.lengths.length;
   if (task.op === 'hash') {
@@ -146,4 +158,25 @@ export default async function run(task: PackTask | UnpackTask | HashTask): Promi
   }
   const data = new Uint8Array(out.buffer as ArrayBuffer, 0, p);
   return Piscina.move(new Moved({ data, errors }, [out.buffer as ArrayBuffer]) as never);
+}
+
+function unpackShared(task: UnpackSharedTask): { lengths: number[]; errors: Record<number, string> } {
+  const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
+  const out = Buffer.from(task.out.buffer, task.out.byteOffset, task.out.byteLength);
+  const lengths: number[] = [];
+  const errors: Record<number, string> = {};
+  let p = 0;
+  for (let i = 0; i < task.ranges.length; i++) {
+    const [at, len] = task.ranges[i]!;
+    try {
+      const n = decodeBlobInto(src.subarray(at, at + len), task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw, out, p);
+      lengths.push(n);
+      p += n;
+    } catch (e) {
+      if (!(e instanceof BlobError)) throw e;
+      errors[i] = e.message;
+      lengths.push(0);
+    }
+  }
+  return { lengths, errors };
 }

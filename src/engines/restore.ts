@@ -10,7 +10,8 @@ import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
 import { ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
-import { hashChunks, unpackBlobs, warmPool } from '../compress/pool.js';
+import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
+import { BLOB_HEADER } from '../compress/codec.js';
 import { Repository, type ChunkIndex, type ChunkLocation, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { uuidToBytes } from '../util/uuid.js';
@@ -105,8 +106,13 @@ interface Read {
   pack: string;
   offset: number;
   length: number;
+  /** Sum of the items' raw lengths (what the read decodes to). */
+  raw: number;
   items: { id: Buffer; at: number; length: number }[];
 }
+
+/** A coalesced read decodes to at most this much (several small blobs can stand for many MiB). */
+const MAX_READ_RAW = 16 * 1024 * 1024;
 
 /** Groups the chunks to fetch into coalesced ranged reads, pack by pack. */
 export function planReads(ids: Buffer[], index: ChunkIndex, maxRead: number, what: string): Read[] {
@@ -124,10 +130,11 @@ export function planReads(ids: Buffer[], index: ChunkIndex, maxRead: number, wha
     let cur: Read | null = null;
     for (const { id, loc } of list) {
       const gap = cur ? loc.offset - (cur.offset + cur.length) : -1;
-      if (cur && gap >= 0 && gap <= 256 * 1024 && loc.offset + loc.length - cur.offset <= maxRead) {
+      if (cur && gap >= 0 && gap <= 256 * 1024 && loc.offset + loc.length - cur.offset <= maxRead && cur.raw + loc.rawLength <= MAX_READ_RAW) {
         cur.length = loc.offset + loc.length - cur.offset;
+        cur.raw += loc.rawLength;
       } else {
-        cur = { pack, offset: loc.offset, length: loc.length, items: [] };
+        cur = { pack, offset: loc.offset, length: loc.length, raw: loc.rawLength, items: [] };
         reads.push(cur);
       }
       cur.items.push({ id, at: loc.offset - cur.offset, length: loc.length });
@@ -140,17 +147,32 @@ export function planReads(ids: Buffer[], index: ChunkIndex, maxRead: number, wha
 export async function fetchChunks(repo: Repository, reads: Read[], concurrency: number, maxRaw: number, what: string,
   sink: (id: Buffer, data: Buffer) => Promise<void>): Promise<number> {
   let fetched = 0;
+  // One pair of shared buffers per read in flight, reused (see SharedSlot).
+  const inputBytes = Math.max(0, ...reads.map((r) => r.length));
+  const outputBytes = Math.max(0, ...reads.map((r) => r.raw));
+  const free: SharedSlot[] = [];
+  const store = repo.store;
   await mapLimit(reads, concurrency, async (r) => {
     const key = packKey(r.pack);
-    const buf = await repo.store.getRange(key, r.offset, r.length);
-    fetched += buf.length;
-    // The fetched range goes to the worker as it is (transferred, not copied).
-    const res = await unpackBlobs(r.items.map((it) => buf.subarray(it.at, it.at + it.length)), r.items.map((it) => it.id), maxRaw, buf);
-    for (let i = 0; i < res.length; i++) {
-      const x = res[i]!;
-      if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
+    const slot = free.pop() ?? new SharedSlot(inputBytes, Math.max(outputBytes, BLOB_HEADER));
+    try {
+      const target = slot.input.subarray(0, r.length);
+      if (store.getRangeInto) await store.getRangeInto(key, r.offset, target);
+      else {
+        const got = await store.getRange(key, r.offset, r.length);
+        if (got.length !== r.length) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: ${got.length} bytes at offset ${r.offset}, ${r.length} expected`);
+        got.copy(target);
+      }
+      fetched += r.length;
+      const res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw);
+      for (let i = 0; i < res.length; i++) {
+        const x = res[i]!;
+        if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
+      }
+      await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data)));
+    } finally {
+      free.push(slot); // every sink has finished with the slot's views (or the read failed)
     }
-    await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data)));
   });
   return fetched;
 }

@@ -92,7 +92,7 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
         if (e.code !== 'KSC_E_NOT_FOUND') {
           for (const r of list) {
             for (const it of r.items) {
-              const one = [{ pack, offset: r.offset + it.at, length: it.length, items: [{ ...it, at: 0 }] }];
+              const one = [{ pack, offset: r.offset + it.at, length: it.length, raw: repo.chunkSize, items: [{ ...it, at: 0 }] }];
               await fetchChunks(repo, one, 1, repo.chunkSize, 'verify', async () => undefined)
                 .catch(() => users.get(it.id.toString('hex'))!.forEach((b) => broken.add(b)));
             }

@@ -95,21 +95,27 @@ export class FsStore implements ObjectStore {
   }
 
   async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    assertRange(this.name, key, offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    await this.getRangeInto(key, offset, buf);
+    return buf;
+  }
+
+  async getRangeInto(key: string, offset: number, buf: Buffer): Promise<void> {
     const file = this.path(key);
+    const length = buf.length;
     assertRange(this.name, key, offset, length);
     let fh: FileHandle | undefined;
     try {
       fh = await open(file, fsc.O_RDONLY);
       const size = (await fh.stat()).size;
       if (offset + length > size) throw shortObject(this.name, key, offset, length, size);
-      const buf = Buffer.allocUnsafe(length);
       let got = 0;
       while (got < length) {
         const { bytesRead } = await fh.read(buf, got, length - got, offset + got);
         if (bytesRead === 0) throw shortObject(this.name, key, offset, length, offset + got);
         got += bytesRead;
       }
-      return buf;
     } catch (e) {
       throw this.readError(file, key, e);
     } finally {

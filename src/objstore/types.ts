@@ -25,6 +25,11 @@ export interface ObjectStore {
   get(key: string): Promise<Buffer>;
   /** `length` bytes from `offset`; KSC_E_NOT_FOUND when missing, KSC_E_CORRUPT when the object is shorter. */
   getRange(key: string, offset: number, length: number): Promise<Buffer>;
+  /**
+   * Optional: getRange into the caller's buffer (its whole length, from `offset`), so a reader can reuse
+   * buffers instead of allocating one per read. Same errors as getRange.
+   */
+  getRangeInto?(key: string, offset: number, target: Buffer): Promise<void>;
   /** null when missing. */
   stat(key: string): Promise<ObjectInfo | null>;
   /** Every object whose key starts with `prefix`, in key order. */
