@@ -36,6 +36,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/types.h>
@@ -414,17 +415,6 @@ static napi_value Funlock(napi_env env, napi_callback_info info) {
   return undefined;
 }
 
-/* ------------------------------------------------------------------------ */
-/* LZ4 blocks (liblz4, when its headers were present at build time)          */
-/*                                                                          */
-/* The stored form of formats/repository.md §5.4: u32 LE raw length, then   */
-/* one LZ4 block. Written straight into the caller's buffer, so the backup  */
-/* pipeline allocates nothing per chunk (and no memory the JS engine cannot  */
-/* see: lz4-napi's results made worker memory grow between collections).    */
-
-#ifdef KSCINC_HAVE_LZ4
-#include <lz4.h>
-
 static bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint8_t** data, size_t* len) {
   bool is_typed = false;
   if (napi_is_typedarray(env, v, &is_typed) != napi_ok || !is_typed) {
@@ -444,6 +434,132 @@ static bool get_bytes(napi_env env, napi_value v, const char* fn, const char* ar
   *len = length;
   return true;
 }
+
+/* ------------------------------------------------------------------------ */
+/* pwrite + per-block CRC-32 on the libuv pool                              */
+/*                                                                          */
+/* writeCrc(fd, buf, position, blockSize) -> Promise<number[]>: writes buf   */
+/* at position (looping over short writes) and returns the CRC-32 of each    */
+/* blockSize slice. Both run on a pool thread: for in-place overwrites the   */
+/* main thread had been spending as long on the checksum as on everything    */
+/* else. CRC-32 is Node's own zlib (exported as Cr_z_crc32, with SIMD); the  */
+/* function is only offered when that symbol resolves.                       */
+
+extern unsigned long Cr_z_crc32(unsigned long crc, const unsigned char* buf, unsigned int len) __attribute__((weak));
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buf_ref;
+  int fd;
+  uint8_t* data;
+  size_t len;
+  int64_t pos;
+  size_t block;
+  size_t ncrc;
+  uint32_t* crcs;
+  int err;
+} write_crc_t;
+
+static void WriteCrcExecute(napi_env env, void* arg) {
+  (void)env;
+  write_crc_t* w = (write_crc_t*)arg;
+  size_t done = 0;
+  while (done < w->len) {
+    ssize_t n = pwrite(w->fd, w->data + done, w->len - done, (off_t)(w->pos + (int64_t)done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      w->err = errno;
+      return;
+    }
+    if (n == 0) {
+      w->err = EIO;
+      return;
+    }
+    done += (size_t)n;
+  }
+  for (size_t i = 0; i < w->ncrc; i++) {
+    size_t off = i * w->block;
+    size_t l = w->len - off < w->block ? w->len - off : w->block;
+    w->crcs[i] = (uint32_t)Cr_z_crc32(0, w->data + off, (unsigned int)l);
+  }
+}
+
+static void WriteCrcComplete(napi_env env, napi_status status, void* arg) {
+  write_crc_t* w = (write_crc_t*)arg;
+  napi_value result;
+  if (status != napi_ok || w->err != 0) {
+    int e = w->err != 0 ? w->err : EIO;
+    napi_value msg, code, err;
+    char text[128];
+    snprintf(text, sizeof(text), "%s: pwrite", strerror(e));
+    napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &msg);
+    napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+    napi_create_error(env, code, msg, &err);
+    napi_set_named_property(env, err, "code", code);
+    napi_reject_deferred(env, w->deferred, err);
+  } else {
+    napi_create_array_with_length(env, w->ncrc, &result);
+    for (size_t i = 0; i < w->ncrc; i++) {
+      napi_value v;
+      napi_create_uint32(env, w->crcs[i], &v);
+      napi_set_element(env, result, (uint32_t)i, v);
+    }
+    napi_resolve_deferred(env, w->deferred, result);
+  }
+  napi_delete_reference(env, w->buf_ref);
+  napi_delete_async_work(env, w->work);
+  free(w->crcs);
+  free(w);
+}
+
+static napi_value WriteCrc(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  size_t argc = 4;
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4) return throw_type(env, "writeCrc", "arguments", "(fd, buf, position, blockSize)");
+  int fd;
+  int64_t pos, block;
+  uint8_t* data;
+  size_t len;
+  if (!get_fd(env, argv[0], "writeCrc", "pwrite", &fd)) return NULL;
+  if (!get_bytes(env, argv[1], "writeCrc", "buf", &data, &len)) return NULL;
+  if (!get_integer(env, argv[2], "writeCrc", "position", &pos)) return NULL;
+  if (!get_integer(env, argv[3], "writeCrc", "blockSize", &block)) return NULL;
+  if (pos < 0 || block <= 0 || block > (int64_t)UINT32_MAX) return throw_errno(env, EINVAL, "pwrite");
+  write_crc_t* w = (write_crc_t*)calloc(1, sizeof(write_crc_t));
+  if (!w) return throw_errno(env, ENOMEM, "writeCrc");
+  w->fd = fd;
+  w->data = data;
+  w->len = len;
+  w->pos = pos;
+  w->block = (size_t)block;
+  w->ncrc = (len + w->block - 1) / w->block;
+  w->crcs = (uint32_t*)calloc(w->ncrc ? w->ncrc : 1, sizeof(uint32_t));
+  if (!w->crcs) {
+    free(w);
+    return throw_errno(env, ENOMEM, "writeCrc");
+  }
+  napi_value promise, name;
+  NAPI_CALL(env, napi_create_promise(env, &w->deferred, &promise));
+  NAPI_CALL(env, napi_create_reference(env, argv[1], 1, &w->buf_ref)); /* keep the buffer alive */
+  NAPI_CALL(env, napi_create_string_utf8(env, "kscinc.writeCrc", NAPI_AUTO_LENGTH, &name));
+  NAPI_CALL(env, napi_create_async_work(env, NULL, name, WriteCrcExecute, WriteCrcComplete, w, &w->work));
+  NAPI_CALL(env, napi_queue_async_work(env, w->work));
+  return promise;
+}
+
+/* ------------------------------------------------------------------------ */
+/* LZ4 blocks (liblz4, when its headers were present at build time)          */
+/*                                                                          */
+/* The stored form of formats/repository.md §5.4: u32 LE raw length, then   */
+/* one LZ4 block. Written straight into the caller's buffer, so the backup  */
+/* pipeline allocates nothing per chunk (and no memory the JS engine cannot  */
+/* see: lz4-napi's results made worker memory grow between collections).    */
+
+#ifdef KSCINC_HAVE_LZ4
+#include <lz4.h>
+
 
 /* The (src, dst, dstOffset) arguments both LZ4 functions take. */
 static bool get_lz4_args(napi_env env, napi_callback_info info, const char* fn, uint8_t** src, size_t* src_len,
@@ -514,5 +630,10 @@ NAPI_MODULE_INIT() {
   };
   NAPI_CALL(env, napi_define_properties(
                      env, exports, sizeof(props) / sizeof(props[0]), props));
+  if (Cr_z_crc32 != NULL) { /* only with Node's own zlib to checksum with */
+    napi_value fn;
+    NAPI_CALL(env, napi_create_function(env, "writeCrc", NAPI_AUTO_LENGTH, WriteCrc, NULL, &fn));
+    NAPI_CALL(env, napi_set_named_property(env, exports, "writeCrc", fn));
+  }
   return exports;
 }

@@ -437,3 +437,29 @@ describe.runIf(ops !== null)('native addon', () => {
     });
   });
 });
+
+describe('writeCrc (pwrite + per-block CRC-32 on the pool)', () => {
+  it('writes the bytes and returns zlib crc32 of each block slice; errors carry the errno code', async () => {
+    const { nativeOps } = await import('../src/io/native.js');
+    const { crc32 } = await import('node:zlib');
+    const { randomBytes } = await import('node:crypto');
+    const n = nativeOps();
+    expect(n?.writeCrc, 'the addon built here exports writeCrc (Node exports its zlib)').toBeTypeOf('function');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wcrc-'));
+    const fd = fs.openSync(path.join(dir, 'f'), 'w+');
+    try {
+      const buf = randomBytes(3 * 65536 + 100);
+      const crcs = await n!.writeCrc!(fd, buf.subarray(50), 4096, 65536);
+      const body = buf.subarray(50);
+      expect(crcs).toEqual([0, 1, 2, 3].map((i) => crc32(body.subarray(i * 65536, Math.min(body.length, (i + 1) * 65536)))));
+      const back = Buffer.alloc(body.length);
+      fs.readSync(fd, back, 0, back.length, 4096);
+      expect(back.equals(body)).toBe(true);
+      await expect(n!.writeCrc!(987654, buf, 0, 65536)).rejects.toMatchObject({ code: 'EBADF' });
+      expect(() => n!.writeCrc!(fd, buf, -1, 65536)).toThrow();
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

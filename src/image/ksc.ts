@@ -68,6 +68,13 @@ function zeroCrc(blockSize: number): number {
   return c;
 }
 
+/** One piece of a write: where it goes, the bytes, and (for whole blocks) where its CRC-32 goes. */
+interface PieceWrite {
+  host: number;
+  buf: Buffer;
+  crc: ((c: number) => void) | null;
+}
+
 export class KscImage implements BlockDevice {
   readonly format = 'ksc_inc' as const;
   readonly blockSize: number;
@@ -570,29 +577,33 @@ export class KscImage implements BlockDevice {
       }
     }
     const hosts = this.alloc.allocClusters(fresh.length);
-    const writes: { host: number; buf: Buffer }[] = [];
-    inPlace.forEach((p) => writes.push({ host: p.host + p.seg.inBlock, buf: data.subarray(p.seg.at, p.seg.at + p.seg.length) }));
-    fresh.forEach((f, k) => writes.push({ host: hosts[k]!, buf: f.buf }));
+    const writes: PieceWrite[] = [];
+    const inPlaceCrc: number[] = new Array(inPlace.length);
+    const freshCrc: number[] = new Array(fresh.length);
+    inPlace.forEach((p, k) => writes.push({ host: p.host + p.seg.inBlock, buf: data.subarray(p.seg.at, p.seg.at + p.seg.length), crc: p.full ? (c) => (inPlaceCrc[k] = c) : null }));
+    fresh.forEach((f, k) => writes.push({ host: hosts[k]!, buf: f.buf, crc: (c) => (freshCrc[k] = c) }));
     try {
       await this.writeCoalesced(writes);
     } catch (e) {
       this.alloc.unusedAgain(hosts);
       throw e;
     }
-    for (const p of inPlace) {
-      if (p.full) this.map.set(p.seg.block, BlockState.Data, p.host, crc32(data.subarray(p.seg.at, p.seg.at + B)), true);
+    inPlace.forEach((p, k) => {
+      if (p.full) this.map.set(p.seg.block, BlockState.Data, p.host, inPlaceCrc[k]!, true);
       else if (p.wasValid) this.map.set(p.seg.block, BlockState.Data, p.host, 0, false);
-    }
-    fresh.forEach((f, k) => this.map.set(f.seg.block, BlockState.Data, hosts[k]!, crc32(f.buf), true));
+    });
+    fresh.forEach((f, k) => this.map.set(f.seg.block, BlockState.Data, hosts[k]!, freshCrc[k]!, true));
   }
 
   /**
    * Writes (host, buffer) pieces, merging host-contiguous neighbours into one write. Pieces that are also
-   * adjacent in memory (a caller's buffer of whole blocks) merge into one view without copying.
+   * adjacent in memory (a caller's buffer of whole blocks) merge into one view without copying. Pieces with
+   * a `crc` callback are whole blocks and get their CRC-32: computed with the write on a pool thread when
+   * the group is one buffer of whole blocks and the host file can (HostFile.writeWithCrcs), else here.
    */
-  private async writeCoalesced(writes: { host: number; buf: Buffer }[]): Promise<void> {
+  private async writeCoalesced(writes: PieceWrite[]): Promise<void> {
     writes.sort((a, b) => a.host - b.host);
-    const groups: { host: number; bufs: Buffer[]; len: number }[] = [];
+    const groups: { host: number; bufs: Buffer[]; len: number; items: PieceWrite[] }[] = [];
     for (const w of writes) {
       const g = groups[groups.length - 1];
       if (g && g.host + g.len === w.host && g.bufs.length < 1024) {
@@ -601,9 +612,19 @@ export class KscImage implements BlockDevice {
           g.bufs[g.bufs.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + w.buf.length);
         } else g.bufs.push(w.buf);
         g.len += w.buf.length;
-      } else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length });
+        g.items.push(w);
+      } else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length, items: [w] });
     }
-    await Promise.all(groups.map((g) => (g.bufs.length === 1 ? this.file.write(g.bufs[0]!, g.host) : this.file.writev(g.bufs, g.host))));
+    const B = this.blockSize;
+    await Promise.all(groups.map(async (g) => {
+      if (g.bufs.length === 1 && this.file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
+        const crcs = await this.file.writeWithCrcs(g.bufs[0]!, g.host, B);
+        g.items.forEach((it, i) => it.crc!(crcs[i]!));
+        return;
+      }
+      await (g.bufs.length === 1 ? this.file.write(g.bufs[0]!, g.host) : this.file.writev(g.bufs, g.host));
+      for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
+    }));
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {

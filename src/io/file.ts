@@ -2,6 +2,7 @@
  * Host files. Everything above this layer reads and writes through the `HostFile` interface, so tests can
  * put a fault-injecting or power-cut-simulating layer in between (see test/helpers/powercut.ts).
  */
+import { crc32 } from 'node:zlib';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { nativeOps } from './native.js';
@@ -19,6 +20,11 @@ export interface HostFile {
    * dirty data the way sync() does. Optional: callers fall back to write + sync.
    */
   writeDurable?(buf: Buffer, position: number): Promise<void>;
+  /**
+   * Optional: write(buf, position) and return the CRC-32 (IEEE) of each `blockSize` slice of buf, computed
+   * off the main thread where the host can. Callers fall back to write + crc32.
+   */
+  writeWithCrcs?(buf: Buffer, position: number, blockSize: number): Promise<number[]>;
   /** fdatasync: every completed write is durable when this resolves. */
   sync(): Promise<void>;
   size(): Promise<number>;
@@ -90,6 +96,22 @@ class NodeHostFile implements HostFile {
     } catch (e) {
       throw ioError(this.path, `write at offset ${position}`, e);
     }
+  }
+
+  async writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
+    checkPosition(this.path, position, buf.length);
+    const n = nativeOps();
+    if (n?.writeCrc) {
+      try {
+        return await n.writeCrc(this.fh.fd, buf, position, blockSize);
+      } catch (e) {
+        throw ioError(this.path, `write at offset ${position}`, e);
+      }
+    }
+    await this.write(buf, position);
+    const out: number[] = [];
+    for (let o = 0; o < buf.length; o += blockSize) out.push(crc32(buf.subarray(o, Math.min(buf.length, o + blockSize))));
+    return out;
   }
 
   async writev(bufs: Buffer[], position: number): Promise<void> {

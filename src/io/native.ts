@@ -63,6 +63,11 @@ export interface NativeOps {
   lz4Compress?(src: Uint8Array, dst: Uint8Array, offset: number): number;
   /** Decodes u32 raw length + LZ4 block into `dst` at `offset`; the raw length, or -1 when malformed or too big. */
   lz4Decompress?(src: Uint8Array, dst: Uint8Array, offset: number): number;
+  /**
+   * Present when Node's zlib is reachable from the addon: pwrite of `buf` at `position` and the CRC-32 of
+   * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error.
+   */
+  writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number): Promise<number[]>;
 }
 
 /*
