@@ -1,5 +1,6 @@
 /** Rendering helpers shared by the commands: JSON or text, and a progress bar on a TTY. */
-import cliProgress from 'cli-progress';
+import { createRequire } from 'node:module';
+import type * as CliProgress from 'cli-progress';
 import { formatSize } from '../util/size.js';
 
 export function printJson(value: unknown): void {
@@ -15,6 +16,8 @@ export { formatSize };
 /** A progress callback that draws a bar on stderr when it is a TTY, and does nothing otherwise. */
 export function progressBar(label: string): { update: (done: number, total: number) => void; stop: () => void } {
   if (!process.stderr.isTTY) return { update: () => undefined, stop: () => undefined };
+  // Loaded only when a bar is drawn: every command pays for what it imports at start-up.
+  const cliProgress = createRequire(import.meta.url)('cli-progress') as typeof CliProgress;
   const bar = new cliProgress.SingleBar(
     { stream: process.stderr, format: `${label} [{bar}] {percentage}% | {value}/{total} MiB | {eta_formatted}`, hideCursor: true, clearOnComplete: true },
     cliProgress.Presets.shades_classic,

@@ -3,13 +3,14 @@ import type { Command } from 'commander';
 import { KscError, isKscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { closePool } from '../compress/pool.js';
-import {
-  ScheduleDaemon, backupDeviceTo, daemonHolder, jobStatus, loadConfig, nextRuns, parseDuration, pruneAt, readState, statePathFor, systemClock,
-  formatDuration, type BackupImageFn, type JobStatus, type ScheduleJob,
-} from '../engines/schedule/index.js';
+import type { BackupImageFn, JobStatus, ScheduleJob } from '../engines/schedule/index.js';
+import { parseDuration, formatDuration } from '../engines/schedule/duration.js';
 import { localParts, offsetAt } from '../engines/schedule/zone.js';
 import { printJson, println } from './output.js';
 import { requestBackup } from './control.js';
+
+/** The schedule engine (YAML and cron parsers included), loaded only when a schedule command runs. */
+const engine = (): Promise<typeof import('../engines/schedule/index.js')> => import('../engines/schedule/index.js');
 
 /** Exit status of `schedule status` when a job's newest backup is older than its rpo. */
 export const EXIT_RPO_MISSED = 4;
@@ -26,7 +27,7 @@ const cliBackupImage: BackupImageFn = async (image, repo, opts) => {
     return r;
   }
   try {
-    return await backupDeviceTo(dev, image, repo, opts);
+    return await (await engine()).backupDeviceTo(dev, image, repo, opts);
   } finally {
     await dev.close();
   }
@@ -89,6 +90,7 @@ export function registerScheduleCommands(program: Command): void {
     .option('--shutdown-timeout <duration>', 'budget for the on-shutdown jobs after SIGTERM/SIGINT (default 5m)', (v) => parseDuration(v, '--shutdown-timeout'))
     .description('run the schedule until SIGTERM/SIGINT, then run the "on shutdown" jobs; logs to stderr')
     .action(async (o: { config: string; parallel?: number; shutdownTimeout?: number }) => {
+      const { loadConfig, ScheduleDaemon, systemClock, pruneAt } = await engine();
       const config = await loadConfig(o.config);
       const log = (line: string): void => void process.stderr.write(`${line}\n`);
       const daemon = new ScheduleDaemon(config, {
@@ -124,6 +126,7 @@ export function registerScheduleCommands(program: Command): void {
     .option('--json', 'print [{"job": NAME, "runs": [UTC ISO times]}]')
     .description('the next run times of each job, to check an expression before trusting it')
     .action(async (o: { config: string; from?: string; count: number; json?: boolean }) => {
+      const { loadConfig, readState, statePathFor, nextRuns } = await engine();
       const config = await loadConfig(o.config);
       const from = o.from !== undefined ? parseFrom(o.from) : Date.now();
       // Without --from, "every N days" counts from when the daemon first saw the job, as the daemon does.
@@ -147,6 +150,7 @@ export function registerScheduleCommands(program: Command): void {
     .option('--json', 'print JSON')
     .description(`each job's last run, next run, newest backup and RPO (exit ${EXIT_RPO_MISSED} when an RPO is missed)`)
     .action(async (o: { config: string; json?: boolean }) => {
+      const { loadConfig, readState, statePathFor, jobStatus, daemonHolder } = await engine();
       const config = await loadConfig(o.config);
       const statePath = statePathFor(config.file);
       const state = await readState(statePath);

@@ -2,8 +2,7 @@
  * Blob codec (formats/repository.md §5.2, §5.4): a 32-byte header, then the chunk stored raw or as
  * u32 raw length + one LZ4 block (lz4-napi's compressSync writes exactly that). Runs in workers.
  */
-import { compressSync } from 'lz4-napi';
-import { decompressInto } from './lz4.js';
+import { decompressInto, lz4napi } from './lz4.js';
 import { chunkId, ID_BYTES } from '../hash/chunkid.js';
 
 export const BLOB_MAGIC = 0x424c424b; // "KBLB" read as u32 LE
@@ -16,7 +15,7 @@ export function encodeBlob(chunk: Buffer, id: Uint8Array, compress = true): Buff
   let stored: Buffer = chunk;
   let method = COMP_NONE;
   if (compress) {
-    const c = compressSync(chunk);
+    const c = lz4napi().compressSync(chunk);
     if (c.length < chunk.length) {
       stored = c;
       method = COMP_LZ4;

@@ -4,8 +4,16 @@
  * (about twice lz4-napi's speed here, and no per-chunk allocation); otherwise lz4-napi, whose output is
  * the same format.
  */
-import { compressSync, uncompressSync } from 'lz4-napi';
+import { createRequire } from 'node:module';
+import type * as Lz4Napi from 'lz4-napi';
 import { nativeOps } from '../io/native.js';
+
+let napi: typeof Lz4Napi | null = null;
+/** lz4-napi, loaded the first time the addon's liblz4 is not there to do the work. */
+export function lz4napi(): typeof Lz4Napi {
+  napi ??= createRequire(import.meta.url)('lz4-napi') as typeof Lz4Napi;
+  return napi;
+}
 
 /** The most bytes compressInto() can write for `n` input bytes (LZ4_compressBound + the 4-byte prefix). */
 export function lz4Bound(n: number): number {
@@ -20,7 +28,7 @@ export function lz4Native(): boolean {
 export function compressInto(src: Uint8Array, dst: Buffer, at: number): number {
   const n = nativeOps();
   if (n?.lz4Compress) return n.lz4Compress(src, dst, at);
-  const c = compressSync(Buffer.from(src.buffer, src.byteOffset, src.byteLength));
+  const c = lz4napi().compressSync(Buffer.from(src.buffer, src.byteOffset, src.byteLength));
   if (c.length >= src.byteLength || at + c.length > dst.length) return 0;
   c.copy(dst, at);
   return c.length;
@@ -38,7 +46,7 @@ export function decompressInto(stored: Uint8Array, dst: Buffer, at: number): num
   if (raw > dst.length - at) return -1;
   let out: Buffer;
   try {
-    out = uncompressSync(Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength));
+    out = lz4napi().uncompressSync(Buffer.from(stored.buffer, stored.byteOffset, stored.byteLength));
   } catch {
     return -1;
   }

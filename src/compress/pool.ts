@@ -5,7 +5,8 @@
 import { availableParallelism } from 'node:os';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { Piscina } from 'piscina';
+import { createRequire } from 'node:module';
+import type { Piscina } from 'piscina';
 import { ID_BYTES } from '../hash/chunkid.js';
 
 let pool: Piscina | null = null;
@@ -24,7 +25,11 @@ export function poolSize(): number {
 }
 
 function getPool(): Piscina {
-  pool ??= new Piscina({ filename: workerFile(), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+  if (!pool) {
+    // Loaded on first use: commands that never compress do not pay for it at start-up.
+    const { Piscina: Pool } = createRequire(import.meta.url)('piscina') as typeof import('piscina');
+    pool = new Pool({ filename: workerFile(), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+  }
   return pool;
 }
 
