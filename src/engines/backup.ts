@@ -249,13 +249,13 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     let granularity = 0;
     if (img && bitmap !== null) {
       await recoverFrozenBitmap(img, bitmap);
-      const names = (await img.listBitmaps()).map((b) => b.name);
+      const names = img.bitmapList.filter((b) => b !== null).map((b) => b!.name);
       const tokens = tokenBitmaps(names, bitmap);
       if (!img.hasBitmap(bitmap)) {
         await img.addBitmap(bitmap, { enabled: true });
         fullReason ??= `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
       } else {
-        const st = (await img.listBitmaps()).find((b) => b.name === bitmap)!;
+        const st = img.bitmapInfo(bitmap)!;
         granularity = st.granularity;
         if (!st.consistent) fullReason ??= `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
         else if (!st.enabled) fullReason ??= `bitmap "${bitmap}" is disabled`;
@@ -303,8 +303,20 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         await img.freezeBitmap(bitmap, frozen);
         if (!full) chunkSetFromExtents(await img.bitmapExtents(frozen), C, dirty);
       }
+      // Which chunks hold data: over the whole disk for a full backup, over the dirty chunks otherwise.
       const hasData = new Set<number>();
-      chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
+      if (full) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
+      else {
+        const ks = [...dirty].sort((a, b) => a - b);
+        for (let i = 0; i < ks.length;) {
+          let j = i;
+          while (j + 1 < ks.length && ks[j + 1] === ks[j]! + 1) j++;
+          const start = ks[i]! * C;
+          const end = Math.min(dev.size, (ks[j]! + 1) * C);
+          chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
+          i = j + 1;
+        }
+      }
       for (let k = 0; k < chunks; k++) {
         if (full || dirty.has(k)) {
           if (hasData.has(k)) toRead.push(k);

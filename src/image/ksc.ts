@@ -1065,6 +1065,12 @@ export class KscImage implements BlockDevice {
     return this.map;
   }
 
+  /** A bitmap's settings without loading its pages (listBitmaps() also counts dirty bytes); null when absent. */
+  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean } | null {
+    const b = this.bitmapSlots.find((x) => x?.name === name);
+    return b ? { name: b.name, granularity: b.granularity, enabled: b.enabled, consistent: this.bitmapsConsistent } : null;
+  }
+
   get bitmapList(): readonly (SparseBitmap | null)[] {
     return this.bitmapSlots;
   }
