@@ -4,7 +4,7 @@
  * bytes it moves (on put the damaged bytes are stored; on get/getRange they are returned). Calls are
  * counted per operation.
  */
-import type { ObjectInfo, ObjectStore } from './types.js';
+import type { ObjectInfo, ObjectStore, WriteOpts } from './types.js';
 
 export type FaultOp = 'put' | 'get' | 'getRange' | 'stat' | 'list' | 'delete';
 
@@ -52,10 +52,10 @@ export class FaultStore implements ObjectStore {
     return f;
   }
 
-  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+  async put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void> {
     const f = await this.enter('put', key);
-    if (f.truncate === undefined && f.flipBit === undefined) return this.inner.put(key, data);
-    return this.inner.put(key, damage(Array.isArray(data) ? Buffer.concat(data) : data, f));
+    if (f.truncate === undefined && f.flipBit === undefined) return this.inner.put(key, data, opts);
+    return this.inner.put(key, damage(Array.isArray(data) ? Buffer.concat(data) : data, f), opts);
   }
   async get(key: string): Promise<Buffer> {
     const f = await this.enter('get', key);
@@ -69,9 +69,9 @@ export class FaultStore implements ObjectStore {
     await this.enter('stat', key);
     return this.inner.stat(key);
   }
-  async delete(key: string): Promise<void> {
+  async delete(key: string, opts?: WriteOpts): Promise<void> {
     await this.enter('delete', key);
-    return this.inner.delete(key);
+    return this.inner.delete(key, opts);
   }
   async *list(prefix: string): AsyncIterable<ObjectInfo> {
     const f = await this.enter('list', prefix, true);

@@ -13,7 +13,7 @@ import { constants as fsc } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
-import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore } from './types.js';
+import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
 
@@ -63,13 +63,15 @@ export class FsStore implements ObjectStore {
     return join(this.root, key);
   }
 
-  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+  async put(key: string, data: Buffer | Buffer[], opts: WriteOpts = {}): Promise<void> {
     const target = this.path(key);
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
+    const durable = opts.durable ?? true;
     try {
-      await writeDurably(temp, Array.isArray(data) ? data : [data]);
+      await writeDurably(temp, Array.isArray(data) ? data : [data], durable);
       const created = await mkdir(dirname(target), { recursive: true });
       await rename(temp, target);
+      if (!durable) return;
       // The new name must be durable, and so must every folder the put created on the way to it.
       await syncDir(dirname(target));
       if (created !== undefined) {
@@ -175,7 +177,7 @@ export class FsStore implements ObjectStore {
     }
   }
 
-  async delete(key: string): Promise<void> {
+  async delete(key: string, opts: WriteOpts = {}): Promise<void> {
     const file = this.path(key);
     try {
       await unlink(file);
@@ -185,6 +187,7 @@ export class FsStore implements ObjectStore {
       if (code === 'EISDIR' || code === 'EPERM') return; // a folder of other keys: no object by that name
       throw ioError(file, `delete ${key}`, e);
     }
+    if (opts.durable === false) return;
     await syncDir(dirname(file)).catch((e: unknown) => {
       throw ioError(dirname(file), `delete ${key}`, e);
     });
@@ -217,7 +220,7 @@ export class FsStore implements ObjectStore {
   }
 }
 
-async function writeDurably(file: string, parts: Buffer[]): Promise<void> {
+async function writeDurably(file: string, parts: Buffer[], durable = true): Promise<void> {
   const fh = await open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
   try {
     // writev takes at most IOV_MAX buffers per call and may write less than asked.
@@ -229,7 +232,7 @@ async function writeDurably(file: string, parts: Buffer[]): Promise<void> {
         if (bytesWritten > 0) batch[0] = batch[0]!.subarray(bytesWritten);
       }
     }
-    await fh.sync();
+    if (durable) await fh.sync();
   } finally {
     await fh.close();
   }

@@ -1,5 +1,5 @@
 /** The object stores a backup repository is written to: local folder, S3, and their wrappers. */
-export { type ObjectInfo, type ObjectStore, keyProblem, assertKey, compareKeys } from './types.js';
+export { type ObjectInfo, type ObjectStore, type WriteOpts, keyProblem, assertKey, compareKeys } from './types.js';
 export { FsStore, type FsStoreOptions } from './fs.js';
 export { S3Store, s3ConfigFromEnv, type S3Config, type S3StoreOptions } from './s3.js';
 export { withRetry, retryCall, isRetryable, type RetryOptions, type RetryInfo } from './retry.js';

@@ -6,7 +6,7 @@
  * (a put replaces, a delete of a missing object succeeds), so running one again is safe.
  */
 import { isKscError } from '../errors.js';
-import type { ObjectInfo, ObjectStore } from './types.js';
+import type { ObjectInfo, ObjectStore, WriteOpts } from './types.js';
 
 export interface RetryOptions {
   /** Retries after the first try (default 5: six tries in all). */
@@ -83,8 +83,8 @@ class RetryStore implements ObjectStore {
     this.name = inner.name;
   }
 
-  put(key: string, data: Buffer | Buffer[]): Promise<void> {
-    return retryCall(() => this.inner.put(key, data), this.opts, 'put', key);
+  put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void> {
+    return retryCall(() => this.inner.put(key, data, opts), this.opts, 'put', key);
   }
   get(key: string): Promise<Buffer> {
     return retryCall(() => this.inner.get(key), this.opts, 'get', key);
@@ -95,8 +95,8 @@ class RetryStore implements ObjectStore {
   stat(key: string): Promise<ObjectInfo | null> {
     return retryCall(() => this.inner.stat(key), this.opts, 'stat', key);
   }
-  delete(key: string): Promise<void> {
-    return retryCall(() => this.inner.delete(key), this.opts, 'delete', key);
+  delete(key: string, opts?: WriteOpts): Promise<void> {
+    return retryCall(() => this.inner.delete(key, opts), this.opts, 'delete', key);
   }
   close(): Promise<void> {
     return this.inner.close();

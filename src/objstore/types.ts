@@ -12,6 +12,14 @@ export interface ObjectInfo {
   mtimeMs: number;
 }
 
+/**
+ * `durable: false` lets a store skip making the change survive a power cut (a local store's fsyncs): for
+ * objects whose loss is harmless, such as lock leases. Atomicity is kept either way. Default true.
+ */
+export interface WriteOpts {
+  durable?: boolean;
+}
+
 export interface ObjectStore {
   /** Human name for messages, e.g. "/srv/repo" or "s3://bucket/prefix". */
   readonly name: string;
@@ -20,7 +28,7 @@ export interface ObjectStore {
    * or the whole new one, never a part. Large bodies (an array of buffers is concatenated) go up in parts
    * (multipart on S3, aborted on failure). Durable when the promise resolves.
    */
-  put(key: string, data: Buffer | Buffer[]): Promise<void>;
+  put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void>;
   /** The whole object; KSC_E_NOT_FOUND when missing. */
   get(key: string): Promise<Buffer>;
   /** `length` bytes from `offset`; KSC_E_NOT_FOUND when missing, KSC_E_CORRUPT when the object is shorter. */
@@ -35,7 +43,7 @@ export interface ObjectStore {
   /** Every object whose key starts with `prefix`, in key order. */
   list(prefix: string): AsyncIterable<ObjectInfo>;
   /** Removes the object; no error when it is already gone. */
-  delete(key: string): Promise<void>;
+  delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */
   close(): Promise<void>;
 }

@@ -24,6 +24,9 @@ const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
 const INDEX_KEY_RE = /^index\/([0-9a-f]{32})\.idx$/;
 const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
 
+/** Lock objects need not survive a power cut (every holder is gone then): no fsyncs for them. */
+const LEASE = { durable: false } as const;
+
 /** §8: a lock not refreshed for this long is stale. */
 export const STALE_MS = 10 * 60 * 1000;
 
@@ -74,7 +77,7 @@ export class RepoLock {
   startRefresh(everyMs = STALE_MS / 4): void {
     this.timer = setInterval(() => {
       this.body.refreshed = Date.now();
-      this.repo.store.put(this.key, Buffer.from(JSON.stringify(this.body))).catch((e) => (this.failed ??= e));
+      this.repo.store.put(this.key, Buffer.from(JSON.stringify(this.body)), LEASE).catch((e) => (this.failed ??= e));
     }, everyMs);
     this.timer.unref();
   }
@@ -85,7 +88,7 @@ export class RepoLock {
   async release(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
-    await this.repo.store.delete(this.key).catch(() => undefined);
+    await this.repo.store.delete(this.key, LEASE).catch(() => undefined);
   }
 }
 
@@ -270,7 +273,7 @@ export class Repository {
     const key = lockKey(randomHexId());
     const now = Date.now();
     const body = { kind, host: hostname(), pid: process.pid, created: now, refreshed: now, what };
-    await this.store.put(key, Buffer.from(JSON.stringify(body)));
+    await this.store.put(key, Buffer.from(JSON.stringify(body)), LEASE);
     const lock = new RepoLock(this, key, body);
     let others: LockInfo[];
     try {
