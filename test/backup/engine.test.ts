@@ -241,7 +241,9 @@ describe('backup → change → incremental → restore', () => {
     expect(st.size).toBe(128 * MiB);
     const allocated = st.blocks * 512;
     const nonZeroBytes = (r.chunks - zeros.length) * C;
-    expect(allocated, `allocated ${allocated} bytes for ${r.chunks - zeros.length} non-zero chunks`).toBeLessThanOrEqual(nonZeroBytes + 64 * KiB);
+    // ext4 may preallocate a little around scattered writes (seen: +412 KiB for 5 chunks); what matters is
+    // that the > 100 MiB of zero chunks take no space.
+    expect(allocated, `allocated ${allocated} bytes for ${r.chunks - zeros.length} non-zero chunks`).toBeLessThanOrEqual(nonZeroBytes + 2 * MiB);
     expectSame(await readImage(target), s, 'restore of a mostly-zero disk');
   });
 
