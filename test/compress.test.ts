@@ -9,7 +9,7 @@ import { nativeOps } from '../src/io/native.js';
 import { compressInto, decompressInto, lz4Bound, lz4Native } from '../src/compress/lz4.js';
 import { initHash, chunkId } from '../src/hash/chunkid.js';
 import { encodeBlob, decodeBlob } from '../src/compress/codec.js';
-import { packChunks, unpackBlobs, closePool } from '../src/compress/pool.js';
+import { packChunks, unpackInto, SharedSlot, closePool } from '../src/compress/pool.js';
 import { Rng } from './helpers/rng.js';
 
 function sample(seed: number, size: number): Buffer {
@@ -74,7 +74,15 @@ describe('LZ4 stored form', () => {
     expect(packed[2]!.blob[4]).toBe(0); // random: stored raw
     const blobs = [0, 2, 3].map((i) => Buffer.from(packed[i]!.blob));
     blobs[1]![100] ^= 0x40;
-    const res = await unpackBlobs(blobs, [0, 2, 3].map((i) => packed[i]!.id), 1 << 20);
+    const slot = new SharedSlot(blobs.reduce((n, b) => n + b.length, 0), 3 << 20);
+    const ranges: [number, number][] = [];
+    let at = 0;
+    for (const b of blobs) {
+      b.copy(slot.input, at);
+      ranges.push([at, b.length]);
+      at += b.length;
+    }
+    const res = await unpackInto(slot, ranges, [0, 2, 3].map((i) => packed[i]!.id), 1 << 20);
     expect(res[0]!.ok && res[0]!.data.equals(chunks[0]!)).toBe(true);
     expect(res[1]!.ok).toBe(false);
     expect(res[2]!.ok && res[2]!.data.equals(chunks[3]!)).toBe(true);

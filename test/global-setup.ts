@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { TestProject } from 'vitest/node';
+import { pidAlive } from '../src/util/process.js';
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -25,14 +26,6 @@ function stateParent(): string {
   return existsSync(want) ? want : tmpdir();
 }
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as { code?: string }).code === 'EPERM';
-  }
-}
 
 /** Stops the cluster in `state` (if one was started) and removes the folder. Synchronous: also runs at exit. */
 function destroyS3(state: string): void {
@@ -59,7 +52,7 @@ function reapOrphans(parent: string): void {
     const dir = join(parent, name);
     try {
       const owner = Number(readFileSync(join(dir, 'owner'), 'utf8'));
-      if (owner > 0 && !alive(owner)) destroyS3(dir);
+      if (owner > 0 && !pidAlive(owner)) destroyS3(dir);
     } catch {
       // no owner file (yet): leave it
     }

@@ -169,17 +169,8 @@ export async function timed(fn) {
   return performance.now() - t0;
 }
 
-/** mulberry32: a small seeded PRNG, so both sides of a race see the same offsets every run. */
-export function rng(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** mulberry32 (src/util/prng.ts): a small seeded PRNG, so both sides of a race see the same offsets every run. */
+export { mulberry32 as rng } from '../../dist/util/prng.js';
 
 /** `count` request offsets, `size`-aligned, uniformly inside [0, span). */
 export function randomOffsets(seed, count, size, span) {

@@ -102,52 +102,6 @@ export async function hashChunks(chunks: Buffer[]): Promise<Buffer[]> {
 export type Unpacked = { ok: true; data: Buffer } | { ok: false; error: string };
 
 /**
- * Decodes and verifies a batch of blobs in a worker. `blobs` are views into `source`; when the views cover
- * a buffer that owns its whole ArrayBuffer it is transferred (not copied): the caller must not use it after.
- */
-export async function unpackBlobs(blobs: Buffer[], ids: Buffer[], maxRaw: number, source?: Buffer): Promise<Unpacked[]> {
-  let data: Uint8Array<ArrayBuffer>;
-  let lengths: number[];
-  const whole = source && source.byteOffset === 0 && source.byteLength === source.buffer.byteLength && blobs.every((b) => b.buffer === source.buffer);
-  if (whole) {
-    // Send the whole fetched range with the blobs' offsets expressed as lengths of consecutive pieces.
-    data = new Uint8Array(source.buffer as ArrayBuffer);
-    lengths = [];
-    const order = blobs.map((b, i) => ({ at: b.byteOffset, len: b.length, i }));
-    const inOrder = order.every((x, k) => k === 0 || x.at >= order[k - 1]!.at + order[k - 1]!.len);
-    if (!inOrder) return unpackBlobs(blobs, ids, maxRaw);
-    return unpackRanges(data, order.map((x) => [x.at, x.len]), ids, maxRaw);
-  }
-  data = concatOwned(blobs);
-  lengths = blobs.map((b) => b.length);
-  let at = 0;
-  return unpackRanges(data, lengths.map((l) => { const r: [number, number] = [at, l]; at += l; return r; }), ids, maxRaw);
-}
-
-async function unpackRanges(data: Uint8Array<ArrayBuffer>, ranges: [number, number][], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
-  const idBuf = concatOwned(ids);
-  const r = (await getPool().run(
-    { op: 'unpack', data, ranges, ids: idBuf, maxRaw },
-    { transferList: [data.buffer, idBuf.buffer] },
-  )) as { data: Uint8Array; errors: Record<string, string> };
-  const res = Buffer.from(r.data.buffer, r.data.byteOffset, r.data.byteLength);
-  const n = ranges.length;
-  const out: Unpacked[] = [];
-  let p = n * 4;
-  for (let i = 0; i < n; i++) {
-    const e = r.errors[i];
-    if (e !== undefined) {
-      out.push({ ok: false, error: e });
-      continue;
-    }
-    const len = res.readUInt32LE(i * 4);
-    out.push({ ok: true, data: res.subarray(p, p + len) });
-    p += len;
-  }
-  return out;
-}
-
-/**
  * A reusable pair of shared buffers for one read in flight: fetched bytes go into `input`, a worker decodes
  * them into `output`. Shared memory is neither copied nor transferred, and nothing is allocated per read
  * (fresh buffers per read kept the main thread's garbage collector busy during restores).
@@ -168,7 +122,7 @@ export class SharedSlot {
 export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
   const r = (await getPool().run(
-    { op: 'unpack-shared', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output },
+    { op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output },
     { transferList: [idBuf.buffer] },
   )) as { lengths: number[]; errors: Record<string, string> };
   const out: Unpacked[] = [];

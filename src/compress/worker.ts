@@ -15,18 +15,9 @@ export interface PackTask {
   lengths: number[];
   compress: boolean;
 }
+/** Decodes blobs from shared memory into shared memory: nothing is allocated or transferred per batch. */
 export interface UnpackTask {
   op: 'unpack';
-  /** Holds the blobs at `ranges` ([offset, length] each, in order). */
-  data: Uint8Array;
-  ranges: [number, number][];
-  /** Expected ids, 16 bytes each. */
-  ids: Uint8Array;
-  maxRaw: number;
-}
-/** Decodes blobs from shared memory into shared memory: nothing is allocated or transferred per batch. */
-export interface UnpackSharedTask {
-  op: 'unpack-shared';
   data: Uint8Array;
   ranges: [number, number][];
   ids: Uint8Array;
@@ -65,14 +56,14 @@ class Moved {
 /**
  * pack → { out: [n ids (16 bytes each, zero id for all-zero chunks)] [n u32 blob lengths] [blobs], input }
  *   (the input buffer goes back too, so the caller reuses it: no allocation per batch on either side)
- * unpack → { data: [n u32 raw lengths, 0 = failed] [chunks], errors: { index: reason } }
+ * unpack → { lengths (0 = failed), errors: { index: reason } }; the chunks are in task.out
  * hash → [n ids]
  */
-export default async function run(task: PackTask | UnpackTask | HashTask | UnpackSharedTask): Promise<unknown> {
+export default async function run(task: PackTask | UnpackTask | HashTask): Promise<unknown> {
   await initHash();
-  if (task.op === 'unpack-shared') return unpackShared(task);
+  if (task.op === 'unpack') return unpack(task);
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
-  const n = task.op === 'unpack' ? task.ranges.length : task.lengths.length;
+  const n = task.lengths.length;
   if (task.op === 'hash') {
     const ids = Buffer.alloc(n * ID_BYTES);
     let off = 0;
@@ -124,43 +115,9 @@ export default async function run(task: PackTask | UnpackTask | HashTask | Unpac
     const input = task.data.buffer as ArrayBuffer;
     return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, out.byteOffset, out.byteLength), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
   }
-  // unpack: decode every blob straight into one output buffer: [n u32 raw lengths (0 = failed)] [chunks].
-  const errors: Record<number, string> = {};
-  const raws: number[] = [];
-  let total = 0;
-  const blobAt = (i: number): Buffer => src.subarray(task.ranges[i]![0], task.ranges[i]![0] + task.ranges[i]![1]);
-  for (let i = 0; i < n; i++) {
-    const blob = blobAt(i);
-    try {
-      raws.push(blobRawLength(blob, task.maxRaw));
-    } catch (e) {
-      if (!(e instanceof BlobError)) throw e;
-      errors[i] = e.message;
-      raws.push(0);
-    }
-    total += raws[i]!;
-  }
-  const head = n * 4;
-  const out = Buffer.allocUnsafeSlow(head + total);
-  out.fill(0, 0, head);
-  let p = head;
-  for (let i = 0; i < n; i++) {
-    const blob = blobAt(i);
-    if (errors[i] !== undefined) continue;
-    try {
-      decodeBlobInto(blob, task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw, out, p);
-      out.writeUInt32LE(raws[i]!, i * 4);
-      p += raws[i]!;
-    } catch (e) {
-      if (!(e instanceof BlobError)) throw e;
-      errors[i] = e.message;
-    }
-  }
-  const data = new Uint8Array(out.buffer as ArrayBuffer, 0, p);
-  return Piscina.move(new Moved({ data, errors }, [out.buffer as ArrayBuffer]) as never);
 }
 
-function unpackShared(task: UnpackSharedTask): { lengths: number[]; errors: Record<number, string> } {
+function unpack(task: UnpackTask): { lengths: number[]; errors: Record<number, string> } {
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   const out = Buffer.from(task.out.buffer, task.out.byteOffset, task.out.byteLength);
   const lengths: number[] = [];

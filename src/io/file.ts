@@ -3,6 +3,7 @@
  * put a fault-injecting or power-cut-simulating layer in between (see test/helpers/powercut.ts).
  */
 import { crc32 } from 'node:zlib';
+import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { nativeOps } from './native.js';
@@ -224,7 +225,7 @@ class NodeHostFile implements HostFile {
       } catch (e) {
         if ((e as { code?: string }).code !== 'EEXIST') throw ioError(lockPath, 'create lock file', e);
         const pid = Number((await fsp.readFile(lockPath, 'utf8').catch(() => '')).trim());
-        if (pid > 0 && pid !== process.pid && processAlive(pid)) throw lockedError(this.path);
+        if (pid > 0 && pid !== process.pid && pidAlive(pid)) throw lockedError(this.path);
         if (pid === process.pid) throw lockedError(this.path);
         await fsp.rm(lockPath, { force: true }); // stale: its holder is gone
       }
@@ -251,14 +252,6 @@ function checkPosition(path: string, position: number, length: number): void {
   }
 }
 
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as { code?: string }).code === 'EPERM';
-  }
-}
 
 function lockedError(path: string): KscError {
   return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle`);

@@ -36,16 +36,6 @@ export function fillPattern(length, seed) {
   return buf;
 }
 
-function mulberry32(seed) {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** 1–4 ops on disjoint blocks: writes, write-zeroes, discards, aligned or not. */
 function makeBatch(rand, size, blockSize) {
@@ -88,7 +78,9 @@ function runOp(img, op) {
 
 async function main([imagePath, journalPath, seedText]) {
   // The test passes a private copy of dist/ (KSC_CRASH_DIST); run by hand, the checkout's dist/.
-  const { openKsc } = await import(process.env.KSC_CRASH_DIST || new URL('../../dist/index.js', import.meta.url).href);
+  const dist = process.env.KSC_CRASH_DIST || new URL('../../dist/index.js', import.meta.url).href;
+  const { openKsc } = await import(dist);
+  const { mulberry32 } = await import(new URL('./util/prng.js', dist).href);
   const journal = openSync(journalPath, 'a');
   const log = (obj, sync = false) => {
     writeSync(journal, `${JSON.stringify(obj)}\n`);

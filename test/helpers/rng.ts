@@ -1,3 +1,8 @@
+import { mkdtempSync } from 'node:fs';
+import { join } from 'node:path';
+import { it } from 'vitest';
+import { mulberry32 } from '../../src/util/prng.js';
+import { tempDir } from './tmp.js';
 /**
  * Seeded randomness for property and crash tests. Every randomised test takes its seed from `seedFor`,
  * which prints it; setting KSC_SEED=<n> in the environment replays that run exactly (single-process parts
@@ -84,15 +89,10 @@ export class Rng {
   }
 }
 
+/** Integer outputs of mulberry32 (seeds the generator's state). */
 function mix(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
+  const next = mulberry32(seed);
+  return () => next() * 4294967296;
 }
 
 /**
@@ -122,5 +122,25 @@ export async function withSeed<T>(what: string, fn: () => Promise<T>): Promise<T
       throw e;
     }
     throw new Error(`${what}: ${String(e)}`);
+  }
+}
+
+/**
+ * Registers `count` randomised cases (`case 0` …) derived from the file's seed; each gets its own generator,
+ * a fresh folder and a label that says how to replay it (KSC_SEED=… KSC_CASE=… runs just that case).
+ */
+export function seededCases(file: string, count: number, prefix: string, body: (c: { rng: Rng; dir: string; what: string; index: number }) => Promise<void>): void {
+  const root = tempDir(prefix);
+  const seed = seedFor(file);
+  const only = process.env['KSC_CASE'];
+  const master = new Rng(seed);
+  const caseSeeds = Array.from({ length: count }, () => master.u32());
+  for (const [index, caseSeed] of caseSeeds.entries()) {
+    const run = only === undefined || only === '' || Number(only) === index ? it : it.skip;
+    run(`case ${index}`, async () => {
+      const dir = mkdtempSync(join(root, `case${index}-`));
+      const what = `seed ${seed} case ${index} (KSC_SEED=${seed} KSC_CASE=${index})`;
+      await withSeed(what, () => body({ rng: new Rng(caseSeed), dir, what, index }));
+    });
   }
 }

@@ -16,9 +16,9 @@
  * KSC_SEED=<n> replays a run (the seed is printed; I/O timing is not replayed, so a race may need a few
  * tries); KSC_CASE=<i> runs only case i.
  */
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { describe, it, expect } from 'vitest';
+import { describe, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
 import {
@@ -26,8 +26,7 @@ import {
   provablyLanded, randomData, randomOp, runOp,
 } from '../helpers/model.js';
 import { PowerCut, countingOpener, jitterOpener } from '../helpers/powercut.js';
-import { Rng, seedFor, withSeed } from '../helpers/rng.js';
-import { tempDir } from '../helpers/tmp.js';
+import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -225,38 +224,24 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
 }
 
 describe('power cut: unsynced writes dropped, applied or torn', () => {
-  const root = tempDir('kscinc-powercut-');
-  const seed = seedFor('test/image/powercut.test.ts');
-  const only = process.env['KSC_CASE'];
-  const master = new Rng(seed);
-  const caseSeeds = Array.from({ length: CASES }, () => master.u32());
-
-  for (const [i, caseSeed] of caseSeeds.entries()) {
-    const run = only === undefined || only === '' || Number(only) === i ? it : it.skip;
-    run(`case ${i}`, async () => {
-      const dir = mkdtempSync(join(root, `case${i}-`));
-      const what = `seed ${seed} case ${i} (KSC_SEED=${seed} KSC_CASE=${i})`;
-      await withSeed(what, async () => {
-        const rng = new Rng(caseSeed);
-        const { run: r, summary } = await setup(rng, dir);
-        const pc = new PowerCut(jitterOpener(rng.fork()));
-        await workload(rng, r, pc);
-        const end = pc.clock + 1;
-        // Spread the cuts over the run, plus one after the end (everything durable after the clean close).
-        const cuts = [...Array.from({ length: CUTS_PER_CASE - 1 }, (_, k) => rng.int(1 + Math.floor((k * end) / (CUTS_PER_CASE - 1)), Math.floor(((k + 1) * end) / (CUTS_PER_CASE - 1)))), end];
-        const stats = { durable: 0, dropped: 0, applied: 0, torn: 0 };
-        for (const [k, T] of cuts.entries()) {
-          const out = join(dir, `cut${k}.ksc`);
-          const s = await pc.materialise(r.path, T, out, rng);
-          for (const key of Object.keys(stats) as (keyof typeof stats)[]) stats[key] += s[key];
-          const problems = await verifyCut(r, out, T);
-          if (problems.length) throw new Error(`cut at clock ${T} of ${end} (${JSON.stringify(s)}):\n  ${problems.join('\n  ')}`);
-          rmSync(out);
-        }
-        const rec = pc.recorded(r.path);
-        console.log(`[powercut] case ${i}: ${summary}; ${r.ops.length} ops, ${r.flushes.length} flushes, ${r.clears.length} clears; ${rec.changes} host writes, ${rec.syncs} syncs; cuts at ${cuts.join(',')}; unsynced writes dropped ${stats.dropped}, applied ${stats.applied}, torn ${stats.torn}`);
-        expect(stats.dropped + stats.applied + stats.torn).toBeGreaterThan(0);
-      });
-    });
-  }
+  seededCases('test/image/powercut.test.ts', CASES, 'kscinc-powercut-', async ({ rng, dir, index: i }) => {
+    const { run: r, summary } = await setup(rng, dir);
+    const pc = new PowerCut(jitterOpener(rng.fork()));
+    await workload(rng, r, pc);
+    const end = pc.clock + 1;
+    // Spread the cuts over the run, plus one after the end (everything durable after the clean close).
+    const cuts = [...Array.from({ length: CUTS_PER_CASE - 1 }, (_, k) => rng.int(1 + Math.floor((k * end) / (CUTS_PER_CASE - 1)), Math.floor(((k + 1) * end) / (CUTS_PER_CASE - 1)))), end];
+    const stats = { durable: 0, dropped: 0, applied: 0, torn: 0 };
+    for (const [k, T] of cuts.entries()) {
+      const out = join(dir, `cut${k}.ksc`);
+      const s = await pc.materialise(r.path, T, out, rng);
+      for (const key of Object.keys(stats) as (keyof typeof stats)[]) stats[key] += s[key];
+      const problems = await verifyCut(r, out, T);
+      if (problems.length) throw new Error(`cut at clock ${T} of ${end} (${JSON.stringify(s)}):\n  ${problems.join('\n  ')}`);
+      rmSync(out);
+    }
+    const rec = pc.recorded(r.path);
+    console.log(`[powercut] case ${i}: ${summary}; ${r.ops.length} ops, ${r.flushes.length} flushes, ${r.clears.length} clears; ${rec.changes} host writes, ${rec.syncs} syncs; cuts at ${cuts.join(',')}; unsynced writes dropped ${stats.dropped}, applied ${stats.applied}, torn ${stats.torn}`);
+    expect(stats.dropped + stats.applied + stats.torn).toBeGreaterThan(0);
+  });
 });

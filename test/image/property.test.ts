@@ -13,7 +13,7 @@
  * tries); KSC_CASE=<i> runs only case i of it.
  */
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
@@ -25,7 +25,7 @@ import {
   randomData, randomOp, runOp,
 } from '../helpers/model.js';
 import { jitterOpener } from '../helpers/powercut.js';
-import { Rng, seedFor, withSeed } from '../helpers/rng.js';
+import { Rng, seededCases } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -441,21 +441,11 @@ async function runCase(rng: Rng, dir: string): Promise<string> {
 }
 
 describe('property: random operations against a model', () => {
-  const root = tempDir('kscinc-prop-');
-  const seed = seedFor('test/image/property.test.ts');
-  const only = process.env['KSC_CASE'];
-  const master = new Rng(seed);
-  const caseSeeds = Array.from({ length: CASES }, () => master.u32());
-
-  for (const [i, caseSeed] of caseSeeds.entries()) {
-    const run = only === undefined || only === '' || Number(only) === i ? it : it.skip;
-    run(`case ${i}`, async () => {
-      const dir = mkdtempSync(join(root, `case${i}-`));
-      const summary = await withSeed(`seed ${seed} case ${i} (KSC_SEED=${seed} KSC_CASE=${i})`, () => runCase(new Rng(caseSeed), dir));
-      console.log(`[property] case ${i}: ${summary}`);
-      expect(summary).toContain('ops');
-    });
-  }
+  seededCases('test/image/property.test.ts', CASES, 'kscinc-prop-', async ({ rng, dir, index: i }) => {
+    const summary = await runCase(rng, dir);
+    console.log(`[property] case ${i}: ${summary}`);
+    expect(summary).toContain('ops');
+  });
 });
 
 // A race the random tests find only now and then (the power-cut test found it first), made deterministic

@@ -21,6 +21,17 @@ describe('FsStore', () => {
     expect(readdirSync(join(root, '.tmp'))).toEqual([]);
   });
 
+  it('durable: false (lock leases) still replaces atomically, reads back, deletes, and leaves no temp file', async () => {
+    const root = join(tempDir(), 'lease');
+    const store = await FsStore.open(root, { create: true });
+    await store.put('locks/a.lock', Buffer.from('one'), { durable: false });
+    await store.put('locks/a.lock', Buffer.from('two'), { durable: false });
+    expect((await store.get('locks/a.lock')).toString()).toBe('two');
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+    await store.delete('locks/a.lock', { durable: false });
+    expect(await store.stat('locks/a.lock')).toBeNull();
+  });
+
   it('never lists its temp folder, and a stray temp file is not an object', async () => {
     const root = fresh();
     const store = await FsStore.open(root, { create: true });
