@@ -9,7 +9,7 @@ import { nativeOps } from '../src/io/native.js';
 import { compressInto, decompressInto, lz4Bound, lz4Native } from '../src/compress/lz4.js';
 import { initHash, chunkId } from '../src/hash/chunkid.js';
 import { encodeBlob, decodeBlob } from '../src/compress/codec.js';
-import { packChunks, unpackInto, SharedSlot, closePool } from '../src/compress/pool.js';
+import { packBatch, packChunks, unpackInto, SharedSlot, closePool, poolStarted } from '../src/compress/pool.js';
 import { Rng } from './helpers/rng.js';
 
 function sample(seed: number, size: number): Buffer {
@@ -87,6 +87,32 @@ describe('LZ4 stored form', () => {
     expect(res[1]!.ok).toBe(false);
     expect(res[2]!.ok && res[2]!.data.equals(chunks[3]!)).toBe(true);
     expect(encodeBlob(chunks[3]!, packed[3]!.id).length).toBeGreaterThan(32);
+    await closePool();
+  });
+
+  it('packing on the caller\'s thread gives the same ids and blobs as the workers', async () => {
+    const seed = 777;
+    console.log(`seed ${seed}`);
+    const lengths = [1 << 20, 1 << 20, 65536, 1 << 20, 4096];
+    const parts = [sample(seed, lengths[0]!), Buffer.alloc(lengths[1]!), randomBytes(lengths[2]!), sample(seed + 1, lengths[3]!), Buffer.alloc(lengths[4]!, 7)];
+    const batch = (): Uint8Array<ArrayBuffer> => {
+      const b = Buffer.concat(parts);
+      const own = new Uint8Array(new ArrayBuffer(b.length));
+      own.set(b);
+      return own;
+    };
+    await closePool();
+    const inline = await packBatch(batch(), lengths, true, { inline: true });
+    expect(poolStarted()).toBe(false); // no worker was started for it
+    const workers = await packBatch(batch(), lengths, true);
+    expect(poolStarted()).toBe(true);
+    expect(inline.input.equals(Buffer.concat(parts))).toBe(true); // the input comes back untouched
+    for (let i = 0; i < lengths.length; i++) {
+      expect(inline.chunks[i]!.id.equals(workers.chunks[i]!.id)).toBe(true);
+      expect(inline.chunks[i]!.blob.equals(workers.chunks[i]!.blob)).toBe(true);
+    }
+    expect(inline.chunks[1]!.blob.length).toBe(0);
+    expect(decodeBlob(inline.chunks[3]!.blob, inline.chunks[3]!.id, 1 << 20).equals(parts[3]!)).toBe(true);
     await closePool();
   });
 });

@@ -7,7 +7,8 @@ import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
-import { ID_BYTES } from '../hash/chunkid.js';
+import { ID_BYTES, initHash } from '../hash/chunkid.js';
+import { packBatchSync } from './batch.js';
 
 let pool: Piscina | null = null;
 
@@ -45,6 +46,11 @@ export function warmPool(): void {
   }
 }
 
+/** True once the workers were started (by warmPool or a first task) and not closed since. */
+export function poolStarted(): boolean {
+  return pool !== null;
+}
+
 export async function closePool(): Promise<void> {
   const p = pool;
   pool = null;
@@ -71,10 +77,20 @@ export interface PackedChunk {
  * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and
  * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer.
  */
-export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
+export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true, opts: { inline?: boolean } = {}): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
   if (batch.byteOffset !== 0 || batch.byteLength !== batch.buffer.byteLength) throw new Error('packBatch needs a buffer that owns its whole ArrayBuffer');
-  const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
-  const res = Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength);
+  let res: Buffer;
+  let input: Buffer;
+  if (opts.inline) {
+    // On this thread: for a few MiB, starting workers costs more than the work.
+    await initHash();
+    input = Buffer.from(batch.buffer, 0, batch.byteLength);
+    res = packBatchSync(input, lengths, compress);
+  } else {
+    const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
+    res = Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength);
+    input = Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength);
+  }
   const n = lengths.length;
   const chunks: PackedChunk[] = [];
   let p = n * ID_BYTES + n * 4;
@@ -83,7 +99,7 @@ export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[
     chunks.push({ id: res.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), blob: res.subarray(p, p + len) });
     p += len;
   }
-  return { chunks, input: Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength) };
+  return { chunks, input };
 }
 
 /** packBatch for separate chunk buffers (copied into one batch). */

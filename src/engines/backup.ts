@@ -11,7 +11,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { KscImage } from '../image/ksc.js';
 import { chunkId, initHash, ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
-import { packBatch, warmPool } from '../compress/pool.js';
+import { packBatch, poolStarted, warmPool } from '../compress/pool.js';
 import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
 import { bytesToUuid } from '../util/uuid.js';
@@ -21,6 +21,8 @@ export const TOKEN_SEPARATOR = '#';
 export const DEFAULT_BITMAP = 'backup';
 /** Bitmap names are at most 64 bytes and the token record adds 33. */
 export const MAX_BACKUP_BITMAP_NAME = 31;
+/** Default of BackupOptions.inlineBytes. */
+const INLINE_BYTES = 16 * 1024 * 1024;
 
 export interface BackupProgress {
   phase: 'plan' | 'read' | 'commit';
@@ -41,6 +43,11 @@ export interface BackupOptions {
   batchBytes?: number;
   /** Worker batches in flight (default 3). */
   batches?: number;
+  /**
+   * Up to this many bytes to read, the chunks are hashed and compressed on the caller's thread instead of
+   * the worker pool (default: 16 MiB when the pool is not running yet, 0 when it is).
+   */
+  inlineBytes?: number;
   now?: () => number;
 }
 
@@ -196,8 +203,7 @@ function chunkSetFromExtents(extents: { offset: number; length: number }[], chun
 }
 
 /** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
-async function adoptOrphans(repo: Repository, index: ChunkIndex): Promise<IndexEntry[]> {
-  const packs = await repo.listPacks();
+async function adoptOrphans(repo: Repository, index: ChunkIndex, packs: Map<string, { size: number }>): Promise<IndexEntry[]> {
   const adopted: IndexEntry[] = [];
   const orphans = [...packs].filter(([id]) => !index.packs.has(id));
   await mapLimit(orphans, 4, async ([id, info]) => {
@@ -230,7 +236,6 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   if (bitmap !== null && (bitmap.includes(TOKEN_SEPARATOR) || bitmap.endsWith(FROZEN_SUFFIX))) {
     throw new KscError('KSC_E_INVALID', `"${bitmap}" cannot be a backup bitmap name (it may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}")`);
   }
-  warmPool();
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
@@ -240,8 +245,11 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   let writer: ReturnType<Repository['packWriter']> | null = null;
   try {
     // A damaged index object is skipped: the packs only it named are adopted below like orphans (§9 rule 6).
-    const index = await repo.loadIndex(() => undefined);
-    const adopted = await adoptOrphans(repo, index);
+    // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
+    const backupIds = repo.listBackupIds();
+    backupIds.catch(() => undefined);
+    const [index, packs] = await Promise.all([repo.loadIndex(() => undefined), repo.listPacks()]);
+    const adopted = await adoptOrphans(repo, index, packs);
 
     // Which backup of this disk is the bitmap's reference point (§10)?
     let fullReason: string | null = opts.full ? 'a full backup was asked for' : null;
@@ -268,7 +276,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     let parent: Manifest | null = null;
     if (!fullReason && token) {
-      for (const bid of (await repo.listBackupIds()).reverse()) {
+      for (const bid of (await backupIds).reverse()) {
         const m = await repo.readManifest(bid).catch(() => null);
         if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
           parent = m;
@@ -288,6 +296,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       }
     }
     const full = fullReason !== null;
+    if (full) warmPool(); // the workers start while the plan is made
 
     // Freeze: a point in time, the bitmap handed over, the plan made, copy-before-write installed.
     const ids = Buffer.alloc(chunks * ID_BYTES);
@@ -308,14 +317,16 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       if (full) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
       else {
         const ks = [...dirty].sort((a, b) => a - b);
+        const runs: [number, number][] = [];
         for (let i = 0; i < ks.length;) {
           let j = i;
           while (j + 1 < ks.length && ks[j + 1] === ks[j]! + 1) j++;
-          const start = ks[i]! * C;
-          const end = Math.min(dev.size, (ks[j]! + 1) * C);
-          chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
+          runs.push([ks[i]! * C, Math.min(dev.size, (ks[j]! + 1) * C)]);
           i = j + 1;
         }
+        await mapLimit(runs, 8, async ([start, end]) => {
+          chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
+        });
       }
       for (let k = 0; k < chunks; k++) {
         if (full || dirty.has(k)) {
@@ -334,6 +345,9 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
 
     // Read → hash/zero-check/compress in workers → dedupe → pack → upload.
     const totalBytes = toRead.reduce((s, k) => s + Math.min(C, dev.size - k * C), 0);
+    // A small increment is packed on this thread: starting the workers would cost more than the work.
+    const inline = totalBytes <= (opts.inlineBytes ?? (poolStarted() ? 0 : INLINE_BYTES));
+    if (!inline) warmPool();
     const perBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 * 1024 * 1024) / C));
     const batches: number[][] = [];
     for (let i = 0; i < toRead.length; i += perBatch) batches.push(toRead.slice(i, i + perBatch));
@@ -357,7 +371,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         return v ? v.takeInto(k, target) : dev.readInto(k * C, target);
       }));
       for (const n of lengths) bytesRead += n;
-      const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths);
+      const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, { inline });
       spare.push(input);
       for (let i = 0; i < batch.length; i++) {
         const { id: cid, blob } = packed[i]!;

@@ -16,6 +16,8 @@ import { KscError, ioError } from '../errors.js';
 import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
+/** Entries of one folder listed (stat, sub-folder read) side by side. */
+const LIST_WINDOW = 32;
 
 export interface FsStoreOptions {
   /** Create the root folder when missing (otherwise a missing root is KSC_E_NOT_FOUND). */
@@ -162,19 +164,31 @@ export class FsStore implements ObjectStore {
       .filter((d) => (d.isDirectory() || d.isFile()) && !(dirKey === '' && d.name === TEMP))
       .map((d) => ({ key: dirKey + d.name + (d.isDirectory() ? '/' : ''), dir: d.isDirectory() }))
       .sort((a, b) => compareKeys(a.key, b.key));
-    for (const e of named) {
-      // A folder matters when the prefix runs into it or it runs into the prefix.
-      if (!(e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)))) continue;
-      if (e.dir) {
-        yield* this.walk(e.key, prefix);
-        continue;
+    // Stats and sub-folders are read a window at a time, side by side; results are yielded in key order.
+    const wanted = named.filter((e) => e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)));
+    for (let w = 0; w < wanted.length; w += LIST_WINDOW) {
+      const window = wanted.slice(w, w + LIST_WINDOW).map((e) => (e.dir ? this.collect(e.key, prefix) : this.statKey(e.key)));
+      for (const p of window) p.catch(() => undefined); // each is awaited below, in order
+      for (const p of window) {
+        const r = await p;
+        if (Array.isArray(r)) yield* r;
+        else if (r) yield r;
       }
-      const st = await stat(join(this.root, e.key)).catch((err: unknown) => {
-        if ((err as { code?: string }).code === 'ENOENT') return null; // deleted while listing
-        throw ioError(join(this.root, e.key), 'list', err);
-      });
-      if (st) yield { key: e.key, size: st.size, mtimeMs: st.mtimeMs };
     }
+  }
+
+  private async collect(dirKey: string, prefix: string): Promise<ObjectInfo[]> {
+    const out: ObjectInfo[] = [];
+    for await (const o of this.walk(dirKey, prefix)) out.push(o);
+    return out;
+  }
+
+  private async statKey(key: string): Promise<ObjectInfo | null> {
+    const st = await stat(join(this.root, key)).catch((err: unknown) => {
+      if ((err as { code?: string }).code === 'ENOENT') return null; // deleted while listing
+      throw ioError(join(this.root, key), 'list', err);
+    });
+    return st ? { key, size: st.size, mtimeMs: st.mtimeMs } : null;
   }
 
   async delete(key: string, opts: WriteOpts = {}): Promise<void> {

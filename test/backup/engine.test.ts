@@ -51,9 +51,10 @@ describe('backup → change → incremental → restore', () => {
       expect(img.hasBitmap('backup')).toBe(true);
 
       // 2: data writes only: every touched chunk holds data, so the incremental reads exactly those.
+      // (Packed on this thread; step 3 uses the workers: both paths feed the same checks and restores.)
       const w2 = await randomChanges(img, rng, 40, { dataOnly: true });
       const d2 = chunksOf(w2, C);
-      const b2 = await backupDevice(img, repo);
+      const b2 = await backupDevice(img, repo, { inlineBytes: 64 * MiB });
       const s2 = await contents(img);
       expect(b2.full, String(b2.fullReason)).toBe(false);
       expect(b2.fullReason).toBeNull();
@@ -67,7 +68,7 @@ describe('backup → change → incremental → restore', () => {
       // 3: writes, zeroes and discards: chunks that hold data after the changes are read, no others.
       const w3 = await randomChanges(img, rng, 30);
       const d3 = chunksOf(w3, C);
-      const b3 = await backupDevice(img, repo);
+      const b3 = await backupDevice(img, repo, { inlineBytes: 0 });
       const s3 = await contents(img);
       expect(b3.full).toBe(false);
       expect(b3.parent).toBe(b2.id);

@@ -1,0 +1,80 @@
+/**
+ * The work done on one batch of chunks — zero check, chunk id, LZ4 into one output buffer — shared by the
+ * worker threads and by the caller's thread (small jobs, where starting workers costs more than the work).
+ */
+import { chunkId, ID_BYTES } from '../hash/chunkid.js';
+import { writeBlobHeader, BLOB_HEADER, COMP_LZ4, COMP_NONE } from './codec.js';
+import { compressInto, lz4Bound } from './lz4.js';
+
+const ZERO = Buffer.alloc(65536);
+
+export function isZero(b: Buffer): boolean {
+  // Compare 64 KiB slices against a zero buffer: memcmp speed, early exit on data.
+  for (let o = 0; o < b.length; o += ZERO.length) {
+    const n = Math.min(ZERO.length, b.length - o);
+    if (!b.subarray(o, o + n).equals(n === ZERO.length ? ZERO : ZERO.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+/**
+ * Chunk ids of chunks lying back to back in `src` (the zero id for an all-zero chunk). The hasher must be
+ * initialised (initHash).
+ */
+export function hashBatch(src: Buffer, lengths: number[]): Buffer {
+  const ids = Buffer.alloc(lengths.length * ID_BYTES);
+  let off = 0;
+  for (let i = 0; i < lengths.length; i++) {
+    const chunk = src.subarray(off, off + lengths[i]!);
+    off += lengths[i]!;
+    if (!isZero(chunk)) chunkId(chunk, ids, i * ID_BYTES);
+  }
+  return ids;
+}
+
+/**
+ * Packs chunks lying back to back in `src` into one buffer:
+ *   [n ids (16 bytes each, the zero id for all-zero chunks)] [n u32 LE blob lengths (0: all zeros)] [blobs]
+ * Each blob is a 32-byte header and the chunk, LZ4-compressed when `compress` and smaller, else stored.
+ * The hasher must be initialised (initHash).
+ */
+export function packBatchSync(src: Buffer, lengths: number[], compress: boolean): Buffer {
+  const n = lengths.length;
+  const head = n * ID_BYTES + n * 4;
+  const ids = Buffer.alloc(n * ID_BYTES);
+  const zero: boolean[] = [];
+  let cap = head;
+  let off = 0;
+  for (let i = 0; i < n; i++) {
+    const chunk = src.subarray(off, off + lengths[i]!);
+    off += lengths[i]!;
+    zero.push(isZero(chunk));
+    if (zero[i]) continue;
+    chunkId(chunk, ids, i * ID_BYTES);
+    cap += BLOB_HEADER + Math.max(chunk.length, lz4Bound(chunk.length));
+  }
+  const out = Buffer.allocUnsafeSlow(cap);
+  ids.copy(out, 0);
+  let p = head;
+  off = 0;
+  for (let i = 0; i < n; i++) {
+    const len = lengths[i]!;
+    const chunk = src.subarray(off, off + len);
+    off += len;
+    if (zero[i]) {
+      out.writeUInt32LE(0, n * ID_BYTES + i * 4);
+      continue;
+    }
+    let stored = compress ? compressInto(chunk, out, p + BLOB_HEADER) : 0;
+    let method = COMP_LZ4;
+    if (stored === 0) {
+      chunk.copy(out, p + BLOB_HEADER);
+      stored = len;
+      method = COMP_NONE;
+    }
+    writeBlobHeader(out, p, method, len, stored, ids, i * ID_BYTES);
+    out.writeUInt32LE(BLOB_HEADER + stored, n * ID_BYTES + i * 4);
+    p += BLOB_HEADER + stored;
+  }
+  return out;
+}
