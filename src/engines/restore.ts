@@ -15,6 +15,7 @@ import { BLOB_HEADER } from '../compress/codec.js';
 import { Repository, type ChunkIndex, type ChunkLocation, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { uuidToBytes } from '../util/uuid.js';
+import { isoUtc } from '../util/time.js';
 
 export interface RestoreOptions {
   /** Output format of a new target (default raw). An existing target keeps its format. */
@@ -57,7 +58,7 @@ export interface BackupSummary {
 
 export function summarize(m: Manifest): BackupSummary {
   return {
-    id: m.meta.id, disk: m.disk, time: new Date(m.timeMs).toISOString(), size: m.size, full: m.full, parent: m.meta.parent,
+    id: m.meta.id, disk: m.disk, time: isoUtc(m.timeMs), size: m.size, full: m.full, parent: m.meta.parent,
     tags: m.meta.tags, bytesStored: m.meta.stats.bytesStored, bytesNew: m.meta.stats.bytesNew, source: m.meta.source,
   };
 }

@@ -9,6 +9,7 @@ import { KscError } from '../errors.js';
 import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
 import { compressInto, decompressInto, lz4Bound } from '../compress/lz4.js';
 import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
+import { isoUtc } from '../util/time.js';
 
 export const MIB = 1024 * 1024;
 export const MIN_CHUNK = 1 * MIB;
@@ -339,7 +340,7 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
 
 /** §7.1 backup id for a start time. */
 export function backupId(timeMs: number, rand = randomBytes(4).toString('hex')): string {
-  const iso = new Date(timeMs).toISOString(); // 2026-11-26T12:54:22.123Z
+  const iso = isoUtc(timeMs); // 2026-11-26T12:54:22.123Z
   return iso.replace(/[-:]/g, '').replace('.', '') + '-' + rand;
 }
 export const BACKUP_ID_RE = /^\d{8}T\d{9}Z-[0-9a-f]{8}$/;

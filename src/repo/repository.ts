@@ -8,6 +8,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { pidAlive } from '../util/process.js';
+import { isoUtc } from '../util/time.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
@@ -109,7 +110,7 @@ export class Repository {
     checkChunkSize(chunkSize);
     const packSize = opts.packSize ?? DEFAULT_PACK;
     if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
-    const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: new Date().toISOString() };
+    const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     await store.put(CONFIG_KEY, encodeConfig(config));
     await initHash();
     return new Repository(store, config);

@@ -1,0 +1,38 @@
+/**
+ * The CLI loads only the command group a run names (src/cli/program.ts COMMAND_GROUPS): the table must say
+ * exactly which top-level commands each group's module registers, or a command would be "unknown".
+ */
+import { describe, expect, it } from 'vitest';
+import { COMMAND_GROUPS, buildProgram, groupFor } from '../src/cli/program.js';
+
+describe('CLI command groups', () => {
+  it('each group registers exactly the commands the table names, and all groups together every command once', async () => {
+    const seen: string[] = [];
+    for (const [name, g] of Object.entries(COMMAND_GROUPS)) {
+      const p = await buildProgram(name);
+      const cmds = p.commands.map((c) => c.name());
+      expect(cmds.sort(), `group ${name}`).toEqual([...g.commands].sort());
+      seen.push(...cmds);
+    }
+    const all = (await buildProgram()).commands.map((c) => c.name());
+    expect(all.sort()).toEqual(seen.sort());
+    expect(new Set(all).size).toBe(all.length);
+  });
+
+  it('finds the group from the first operand; help, options only and unknown words load everything', () => {
+    const argv = (...a: string[]): string[] => ['node', 'kscinc', ...a];
+    expect(groupFor(argv('backup', 'disk.ksc', '--repo', 'r'))).toBe('backup');
+    expect(groupFor(argv('--debug', 'restore', 'latest', 'x'))).toBe('backup');
+    expect(groupFor(argv('repo', 'init', 'r'))).toBe('backup');
+    expect(groupFor(argv('bitmap', 'add', 'a', 'b'))).toBe('bitmap');
+    expect(groupFor(argv('create', 'x', '--size', '1G'))).toBe('image');
+    expect(groupFor(argv('schedule', 'next'))).toBe('schedule');
+    expect(groupFor(argv('serve', 'x'))).toBe('serve');
+    expect(groupFor(argv('read', 'x', '0', '1'))).toBe('io');
+    expect(groupFor(argv('help', 'backup'))).toBeNull();
+    expect(groupFor(argv('--help'))).toBeNull();
+    expect(groupFor(argv('--version'))).toBeNull();
+    expect(groupFor(argv('frobnicate'))).toBeNull();
+    expect(groupFor(argv())).toBeNull();
+  });
+});
