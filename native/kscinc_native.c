@@ -8,6 +8,8 @@
  *   seekHole(fd, offset)            lseek(SEEK_HOLE)
  *   flock(fd, exclusive, nonblock)  flock(LOCK_EX|LOCK_SH [|LOCK_NB])
  *   funlock(fd)                     flock(LOCK_UN)
+ *   readCached(fd, buf, position)   preadv2(RWF_NOWAIT): only what the page cache holds
+ *   setSendBuffer(fd, bytes)        setsockopt(SO_SNDBUF), returns the size granted
  *
  * Conventions:
  *   - Wrong argument types throw a TypeError (code ERR_INVALID_ARG_TYPE);
@@ -39,6 +41,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -613,6 +617,67 @@ static napi_value Lz4Decompress(napi_env env, napi_callback_info info) {
 }
 #endif
 
+
+/* ------------------------------------------------------------------------ */
+/* readCached(fd, buf, position) -> bytes read, or -2                       */
+/*                                                                          */
+/* preadv2(..., RWF_NOWAIT) into buf at position, looping over short reads:  */
+/* it copies only what the page cache already holds and never waits for the */
+/* disk, so it may run on the event loop. Returns the bytes read (stopping   */
+/* at the first byte that would need the disk, or at end of file), or -2     */
+/* when the kernel or file system does not support RWF_NOWAIT.               */
+
+static napi_value ReadCached(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd;
+  uint8_t* data;
+  size_t len;
+  off_t pos;
+  if (!get_args(env, info, 3, argv)) return NULL;
+  if (!get_fd(env, argv[0], "readCached", "preadv2", &fd)) return NULL;
+  if (!get_bytes(env, argv[1], "readCached", "buf", &data, &len)) return NULL;
+  if (!get_offset(env, argv[2], "readCached", "position", "preadv2", &pos)) return NULL;
+#ifdef RWF_NOWAIT
+  size_t done = 0;
+  while (done < len) {
+    struct iovec iov = {data + done, len - done};
+    ssize_t n = preadv2(fd, &iov, 1, pos + (off_t)done, RWF_NOWAIT);
+    if (n > 0) {
+      done += (size_t)n;
+      continue;
+    }
+    if (n == 0) break; /* end of file */
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) break; /* the rest needs the disk */
+    if (done == 0 && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)) return make_int64(env, -2);
+    if (done > 0) break; /* report what was read; the caller's normal read meets the error */
+    return throw_errno(env, errno, "preadv2");
+  }
+  return make_int64(env, (int64_t)done);
+#else
+  (void)data; (void)len; (void)pos; (void)fd;
+  return make_int64(env, -2);
+#endif
+}
+
+/* setSendBuffer(fd, bytes) -> the send buffer size the kernel reports after */
+/* setsockopt(SO_SNDBUF) (it doubles the request, capped by wmem_max).       */
+
+static napi_value SetSendBuffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int fd;
+  off_t want;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!get_fd(env, argv[0], "setSendBuffer", "setsockopt", &fd)) return NULL;
+  if (!get_offset(env, argv[1], "setSendBuffer", "bytes", "setsockopt", &want)) return NULL;
+  int v = want > INT_MAX / 2 ? INT_MAX / 2 : (int)want;
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &v, sizeof v) != 0) return throw_errno(env, errno, "setsockopt");
+  int got = 0;
+  socklen_t gl = sizeof got;
+  if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &got, &gl) != 0) return throw_errno(env, errno, "getsockopt");
+  return make_int64(env, got);
+}
+
 /* ------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
@@ -623,6 +688,8 @@ NAPI_MODULE_INIT() {
     {"seekHole", NULL, SeekHole, NULL, NULL, NULL, napi_enumerable, NULL},
     {"flock", NULL, Flock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"readCached", NULL, ReadCached, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"setSendBuffer", NULL, SetSendBuffer, NULL, NULL, NULL, napi_enumerable, NULL},
 #ifdef KSCINC_HAVE_LZ4
     {"lz4Compress", NULL, Lz4Compress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"lz4Decompress", NULL, Lz4Decompress, NULL, NULL, NULL, napi_enumerable, NULL},

@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import * as net from 'node:net';
 import {
   loadNativeFrom,
   nativeAddonPath,
@@ -461,5 +462,56 @@ describe('writeCrc (pwrite + per-block CRC-32 on the pool)', () => {
       fs.closeSync(fd);
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe.runIf(ops !== null)('native addon: page-cache reads and socket buffers', () => {
+  it('readCached reads what the page cache holds, stops at end of file, never writes past what it read', () => {
+    withFile('cached', (fd) => {
+      const data = Buffer.alloc(300 * KiB);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 3) & 0xff;
+      fs.writeSync(fd, data, 0, data.length, 0); // just written: in the page cache
+      const buf = Buffer.alloc(256 * KiB, 0xee);
+      const n = N().readCached!(fd, buf, 10);
+      expect(n, 'ext4 and tmpfs support RWF_NOWAIT on buffered reads').not.toBe(-2);
+      expect(n).toBe(buf.length);
+      expect(buf.equals(data.subarray(10, 10 + buf.length))).toBe(true);
+      const tail = Buffer.alloc(64 * KiB, 0xee);
+      expect(N().readCached!(fd, tail, data.length - 1000)).toBe(1000);
+      expect(tail.subarray(0, 1000).equals(data.subarray(data.length - 1000))).toBe(true);
+      expect(allBytes(tail.subarray(1000), 0xee)).toBe(true);
+      expect(N().readCached!(fd, tail, data.length + 5)).toBe(0);
+    });
+  });
+
+  it('readCached refuses negative positions, bad descriptors and wrong types', () => {
+    withFile('cached-bad', (fd) => {
+      expectErrno(() => N().readCached!(fd, Buffer.alloc(16), -1), 'EINVAL', 'preadv2');
+    });
+    expectErrno(() => N().readCached!(2 ** 31 - 1, Buffer.alloc(16), 0), 'EBADF', 'preadv2');
+    expect(() => loose().readCached!('x', Buffer.alloc(1), 0)).toThrow(TypeError);
+    expect(() => loose().readCached!(0, 'not a buffer', 0)).toThrow(TypeError);
+  });
+
+  it('setSendBuffer grows a socket\'s send buffer and refuses what is not a socket', async () => {
+    const sock = tmpFile('s.sock');
+    const server = net.createServer(() => {});
+    await new Promise<void>((r) => server.listen(sock, r));
+    const client = net.connect(sock);
+    await new Promise<void>((r) => client.once('connect', () => r()));
+    try {
+      const fd = (client as unknown as { _handle: { fd: number } })._handle.fd;
+      expect(fd).toBeGreaterThan(2);
+      const granted = N().setSendBuffer!(fd, 1 << 20);
+      // Linux doubles the request, capped at twice net.core.wmem_max.
+      const wmemMax = Number(fs.readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+      expect(granted).toBe(Math.min(2 << 20, 2 * wmemMax));
+    } finally {
+      client.destroy();
+      await new Promise<void>((r) => server.close(() => r()));
+    }
+    withFile('notsock', (fd) => {
+      expectErrno(() => N().setSendBuffer!(fd, 1 << 20), 'ENOTSOCK', 'setsockopt');
+    });
   });
 });

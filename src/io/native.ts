@@ -68,6 +68,15 @@ export interface NativeOps {
    * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error.
    */
   writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number): Promise<number[]>;
+  /**
+   * preadv2(RWF_NOWAIT) into `buf` from `position`, looping over short reads: copies only what the page
+   * cache holds, never waiting for the disk, so the event loop may call it. Returns the bytes read (fewer
+   * than asked when the rest needs the disk or the file ends), or -2 when the kernel or file system does
+   * not support RWF_NOWAIT.
+   */
+  readCached?(fd: number, buf: Uint8Array, position: number): number;
+  /** setsockopt(SO_SNDBUF); returns the size the kernel granted (it doubles the request, up to wmem_max). */
+  setSendBuffer?(fd: number, bytes: number): number;
 }
 
 /*

@@ -7,6 +7,7 @@
  */
 import * as net from 'node:net';
 import { isKscError } from '../errors.js';
+import { nativeOps } from '../io/native.js';
 import { KscImage } from '../image/ksc.js';
 import type { BlockDevice, Extent } from '../image/types.js';
 import { SocketClosedError, SocketReader } from './reader.js';
@@ -66,6 +67,25 @@ export function nbdErrno(e: unknown, isWrite: boolean): number {
     }
   }
   return ERR.EIO;
+}
+
+/** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
+const SEND_BUFFER = 4 * 1024 * 1024;
+
+/**
+ * A READ reply (up to 32 MiB) larger than the socket's send buffer (≈ 200 KiB by default) goes out in
+ * pieces, each after another wake-up of the event loop; with a few MiB of buffer most replies leave in one
+ * writev. Needs the addon (Node offers no setsockopt); without it the default stays.
+ */
+function widenSendBuffer(socket: net.Socket): void {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const set = nativeOps()?.setSendBuffer;
+  if (!set || typeof fd !== 'number' || fd < 0) return;
+  try {
+    set(fd, SEND_BUFFER);
+  } catch {
+    // not a socket option this descriptor takes: keep the default
+  }
 }
 
 class NbdRequestError extends Error {
@@ -190,6 +210,7 @@ class Session {
 
   constructor(private readonly server: NbdServer, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, private readonly log: (l: string) => void) {
     socket.setNoDelay(true);
+    widenSendBuffer(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process
     this.reader = new SocketReader(socket);
   }
