@@ -592,22 +592,25 @@ class Session {
       return [encodeSimpleReply(0, req.cookie), data];
     }
     if (len === 0) return [encodeNoneChunk(req.cookie)];
-    let exts: Extent[] = [];
-    if (!(req.flags & CMD_FLAG.DF)) {
-      exts = await dev.extents(off, len);
-      if (exts.length > MAX_READ_CHUNKS) exts = [];
+    const exts: Extent[] = req.flags & CMD_FLAG.DF ? [] : await dev.extents(off, len);
+    // A READ only cares whether a range holds data or reads as zeros: runs of either kind merge, whatever
+    // layer of the chain holds them, so an overlay's mix of own and backing blocks is one read, one chunk.
+    const runs: { offset: number; length: number; data: boolean }[] = [];
+    for (const e of exts) {
+      const data = e.state === 'data';
+      const last = runs[runs.length - 1];
+      if (last && last.data === data && last.offset + last.length === e.offset) last.length += e.length;
+      else runs.push({ offset: e.offset, length: e.length, data });
     }
-    if (exts.length === 0) exts = [{ offset: off, length: len, state: 'data', depth: 0 }];
+    if (runs.length === 0 || runs.length > MAX_READ_CHUNKS) runs.splice(0, runs.length, { offset: off, length: len, data: true });
+    const datas = await Promise.all(runs.map((r) => (r.data ? readData(r.offset, r.length) : null)));
     const parts: Buffer[] = [];
-    for (let i = 0; i < exts.length; i++) {
-      const e = exts[i]!;
-      const last = i === exts.length - 1;
-      if (e.state === 'data') {
-        const data = await readData(e.offset, e.length);
-        parts.push(encodeOffsetDataHeader(req.cookie, e.offset, e.length, last), data);
-      } else {
-        parts.push(encodeOffsetHole(req.cookie, e.offset, e.length, last));
-      }
+    for (let i = 0; i < runs.length; i++) {
+      const r = runs[i]!;
+      const last = i === runs.length - 1;
+      const data = datas[i];
+      if (data) parts.push(encodeOffsetDataHeader(req.cookie, r.offset, r.length, last), data);
+      else parts.push(encodeOffsetHole(req.cookie, r.offset, r.length, last));
     }
     return parts;
   }
