@@ -13,6 +13,7 @@ import { constants as fsc } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
+import { syncDir, writeNewFile } from '../io/durable.js';
 import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
@@ -70,7 +71,7 @@ export class FsStore implements ObjectStore {
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
     const durable = opts.durable ?? true;
     try {
-      await writeDurably(temp, Array.isArray(data) ? data : [data], durable);
+      await writeNewFile(temp, Array.isArray(data) ? data : [data], durable);
       const created = await mkdir(dirname(target), { recursive: true });
       await rename(temp, target);
       if (!durable) return;
@@ -234,29 +235,3 @@ export class FsStore implements ObjectStore {
   }
 }
 
-async function writeDurably(file: string, parts: Buffer[], durable = true): Promise<void> {
-  const fh = await open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
-  try {
-    // writev takes at most IOV_MAX buffers per call and may write less than asked.
-    for (let i = 0; i < parts.length; i += 512) {
-      let batch = parts.slice(i, i + 512).filter((b) => b.length > 0);
-      while (batch.length > 0) {
-        let { bytesWritten } = await fh.writev(batch);
-        while (batch.length > 0 && bytesWritten >= batch[0]!.length) bytesWritten -= batch.shift()!.length;
-        if (bytesWritten > 0) batch[0] = batch[0]!.subarray(bytesWritten);
-      }
-    }
-    if (durable) await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}
-
-async function syncDir(dir: string): Promise<void> {
-  const fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
-  try {
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-}

@@ -9,12 +9,11 @@
  * covers are marked done only at the end: a run cut short by a crash or a stop is run again on restart.
  * One daemon per state file: `<state>.lock` holds its pid.
  */
-import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
-import { open, readFile, rename, unlink } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { open, readFile, unlink } from 'node:fs/promises';
 import { KscError, ioError } from '../../errors.js';
 import { pidAlive } from '../../util/process.js';
+import { replaceFile } from '../../io/durable.js';
 
 export type RunKind = 'scheduled' | 'catch-up' | 'retry' | 'shutdown';
 
@@ -123,25 +122,9 @@ export async function readState(path: string): Promise<StateData> {
 
 /** Replaces `path` with `data` atomically and durably (see the notes at the top). */
 export async function writeFileAtomic(path: string, data: string | Buffer): Promise<void> {
-  const dir = dirname(path);
-  const temp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
   try {
-    const fh = await open(temp, 'w', 0o644);
-    try {
-      await fh.writeFile(data);
-      await fh.sync();
-    } finally {
-      await fh.close();
-    }
-    await rename(temp, path);
-    const dh = await open(dir, 'r');
-    try {
-      await dh.sync();
-    } finally {
-      await dh.close();
-    }
+    await replaceFile(path, data);
   } catch (e) {
-    await unlink(temp).catch(() => undefined);
     throw ioError(path, 'writing', e);
   }
 }

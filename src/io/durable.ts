@@ -1,0 +1,55 @@
+/**
+ * Durable file replacement, shared by the folder object store and the schedule state file: write a new file
+ * (O_EXCL), fsync it, rename it over the target, fsync the folder. A reader sees the old contents or the
+ * new, never a mix; after a power cut the rename is either done or not.
+ */
+import { constants as fsc } from 'node:fs';
+import { open, rename, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+
+/** Writes `parts` into a new file (it must not exist), then fsyncs it unless `durable` is false. */
+export async function writeNewFile(file: string, parts: Buffer[], durable = true): Promise<void> {
+  const fh = await open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
+  try {
+    // writev takes at most IOV_MAX buffers per call and may write less than asked.
+    for (let i = 0; i < parts.length; i += 512) {
+      let batch = parts.slice(i, i + 512).filter((b) => b.length > 0);
+      while (batch.length > 0) {
+        let { bytesWritten } = await fh.writev(batch);
+        while (batch.length > 0 && bytesWritten >= batch[0]!.length) bytesWritten -= batch.shift()!.length;
+        if (bytesWritten > 0) batch[0] = batch[0]!.subarray(bytesWritten);
+      }
+    }
+    if (durable) await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/** fsync of a folder: makes the names created, renamed or removed in it durable. */
+export async function syncDir(dir: string): Promise<void> {
+  const fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Replaces `path` with `data` atomically and durably, through a temporary file next to it. On failure the
+ * temporary file is removed and the error (the raw fs error) is thrown; `path` is unchanged.
+ */
+export async function replaceFile(path: string, data: string | Buffer): Promise<void> {
+  const dir = dirname(path);
+  const temp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  try {
+    await writeNewFile(temp, [typeof data === 'string' ? Buffer.from(data, 'utf8') : data]);
+    await rename(temp, path);
+    await syncDir(dir);
+  } catch (e) {
+    await unlink(temp).catch(() => undefined);
+    throw e;
+  }
+}
