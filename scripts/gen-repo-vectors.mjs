@@ -4,7 +4,8 @@
 import { readFileSync } from 'node:fs';
 import { initHash, chunkId, merkleRoot } from '../dist/hash/chunkid.js';
 import { encodeBlob } from '../dist/compress/codec.js';
-import { packHeader, packFooter, encodeIndex, encodeManifest, PACK_HEADER } from '../dist/repo/format.js';
+import { packHeader, packFooter, encodeIndex, encodeManifest, encodeManifestLegacy, PACK_HEADER } from '../dist/repo/format.js';
+import { ChunkList } from '../dist/repo/chunklist.js';
 
 await initHash();
 const hex = (b) => Buffer.from(b).toString('hex');
@@ -46,9 +47,26 @@ const man = {
   chunkSize: 1024 * 1024, bitmapToken: 'ffeeddccbbaa99887766554433221100', ids: Buffer.concat([idAbc, Buffer.alloc(16), Buffer.alloc(16), chunkId(d2)]),
   meta: { id: '20261126T120000000Z-0000abcd', parent: null, tags: ['v'], source: 'disk.ksc', bitmap: 'backup', stats: { bytesRead: 1, bytesNew: 2, bytesStored: 3, chunksDirty: 4, durationMs: 5 } },
 };
-lines.push('# manifest: FULL, disk 6b736369-6e63-4000-8000-000000000001, 2026-11-26T12:00:00Z, size 3 MiB + 5, chunk size 1 MiB,');
+lines.push('# manifest, plain chunk-id section (the form earlier writers produced; readers still read it):');
+lines.push('# FULL, disk 6b736369-6e63-4000-8000-000000000001, 2026-11-26T12:00:00Z, size 3 MiB + 5, chunk size 1 MiB,');
 lines.push('# token ffeeddccbbaa99887766554433221100, chunks id("abc"), zero, zero, id(0x00…0xff), metadata JSON as shown in §7.2');
-lines.push(`manifest ${hex(encodeManifest(man))}`);
+lines.push(`manifest ${hex(encodeManifestLegacy(man, 'plain'))}`);
+// §7.5 segmented forms.
+const seg1 = {
+  ...man, full: false, bitmapToken: null, size: 2 * 1024 * 1024, ids: ChunkList.fromBuffer(Buffer.concat([idAbc, chunkId(d2)])),
+  meta: { id: '20261126T120000000Z-0000abce', parent: '20261126T120000000Z-0000abcd', tags: [], source: 'disk.ksc', bitmap: null, stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 } },
+};
+lines.push('# manifest, IDS_SEGMENTED: not FULL, same disk and time, size 2 MiB, no token, chunks id("abc"), id(0x00…0xff):');
+lines.push('# one RAW segment; metadata {"id":"20261126T120000000Z-0000abce","parent":"20261126T120000000Z-0000abcd",…}');
+lines.push(`manifest-seg-raw ${hex(encodeManifest(seg1))}`);
+const sparseChunks = 2 * 65536 + 64;
+const sparse = new ChunkList(sparseChunks);
+sparse.set(2 * 65536, idAbc);
+sparse.set(sparseChunks - 1, chunkId(d2));
+const seg2 = { ...man, size: (sparseChunks - 1) * 1024 * 1024 + 5, ids: sparse };
+lines.push('# manifest, IDS_SEGMENTED: as the plain one but size 131135 MiB + 5 (131136 chunks: three segments), chunk 131072');
+lines.push('# id("abc"), chunk 131135 id(0x00…0xff), every other chunk zero: segments ZERO, ZERO, LZ4 (64 ids)');
+lines.push(`manifest-seg-sparse ${hex(encodeManifest(seg2))}`);
 lines.push('```');
 const text = lines.join('\n') + '\n';
 if (process.argv.includes('--check')) {

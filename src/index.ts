@@ -10,6 +10,7 @@ export { nativeAvailable } from './io/native.js';
 export * from './objstore/index.js';
 export { Repository, ChunkIndex, type LockInfo } from './repo/repository.js';
 export type { RepoConfig, Manifest, ManifestMeta, BackupStats } from './repo/format.js';
+export { ChunkList, SEGMENT_IDS } from './repo/chunklist.js';
 export { backupDevice, recoverFrozenBitmap, diskUuidOf, type BackupOptions, type BackupResult, type BackupProgress } from './engines/backup.js';
 export { restoreBackup, listBackups, resolveBackup, summarize, type RestoreOptions, type RestoreResult, type BackupSummary } from './engines/restore.js';
 export { verifyRepo, type VerifyResult, type Damage } from './engines/verify.js';

@@ -9,7 +9,7 @@ import { crc32 } from 'node:zlib';
 import { ROOT } from './helpers/corrupt.js';
 import { initHash, chunkId, merkleRoot } from '../src/hash/chunkid.js';
 import { decodeBlob, encodeBlob } from '../src/compress/codec.js';
-import { decodeIndex, encodeIndex, decodeManifest, encodeManifest, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY } from '../src/repo/format.js';
+import { decodeIndex, encodeIndex, decodeManifest, encodeManifest, encodeManifestLegacy, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY } from '../src/repo/format.js';
 
 const M = (1n << 64n) - 1n;
 const P1 = 11400714785074694791n, P2 = 14029467366897019727n, P3 = 1609587929392839161n, P4 = 9650029242287828579n, P5 = 2870177450012600261n;
@@ -52,15 +52,56 @@ function idRef(b: Buffer): Buffer {
   return out;
 }
 
+/** idRef, remembering results by content (long sparse lists repeat the same 4 KiB group of zero ids). */
+const memo = new Map<string, Buffer>();
+function idRefMemo(b: Buffer): Buffer {
+  const key = b.toString('base64');
+  let r = memo.get(key);
+  if (!r) memo.set(key, (r = idRef(b)));
+  return r;
+}
+
 function merkleRef(ids: Buffer): Buffer {
   if (ids.length === 0) return Buffer.alloc(16);
   let level = ids;
   do {
     const parts: Buffer[] = [];
-    for (let o = 0; o < level.length; o += 256 * 16) parts.push(idRef(level.subarray(o, Math.min(level.length, o + 256 * 16))));
+    for (let o = 0; o < level.length; o += 256 * 16) parts.push(idRefMemo(level.subarray(o, Math.min(level.length, o + 256 * 16))));
     level = Buffer.concat(parts);
   } while (level.length > 16);
   return level;
+}
+
+/** An LZ4 block decoder from the block format's description (no frame), for §5.4 stored bytes. */
+function lz4BlockRef(src: Buffer, rawLength: number): Buffer {
+  const out = Buffer.alloc(rawLength);
+  let i = 0;
+  let o = 0;
+  const more = (n: number): number => {
+    let b: number;
+    do {
+      b = src[i++]!;
+      n += b;
+    } while (b === 255);
+    return n;
+  };
+  while (i < src.length) {
+    const token = src[i++]!;
+    let lit = token >> 4;
+    if (lit === 15) lit = more(lit);
+    src.copy(out, o, i, i + lit);
+    i += lit;
+    o += lit;
+    if (i >= src.length) break; // the last sequence has literals only
+    const off = src.readUInt16LE(i);
+    i += 2;
+    let ml = token & 15;
+    if (ml === 15) ml = more(ml);
+    ml += 4;
+    for (let k = 0; k < ml; k++, o++) out[o] = out[o - off]!;
+  }
+  if (o !== rawLength) throw new Error(`LZ4 block decoded to ${o} bytes, not ${rawLength}`);
+  return out;
 }
 
 const spec = readFileSync(`${ROOT}/formats/repository.md`, 'utf8');
@@ -167,7 +208,95 @@ describe('formats/repository.md §11 vectors', () => {
     const m = decodeManifest(b, 'vector');
     expect(m.bitmapToken).toBe('ffeeddccbbaa99887766554433221100');
     expect(m.disk).toBe('6b736369-6e63-4000-8000-000000000001');
-    expect(encodeManifest(m).equals(b)).toBe(true);
+    expect(m.ids.toBuffer().equals(ids)).toBe(true);
+    expect(encodeManifestLegacy({ ...m, ids: m.ids.toBuffer() }, 'plain').equals(b)).toBe(true);
     for (const cut of [1, 31, 33]) expect(() => decodeManifest(b.subarray(0, b.length - cut), 'vector')).toThrow(/truncated|checksum|magic/);
+    // Writers now use the segmented form (§7.5): the same manifest re-encoded decodes to the same list and root.
+    const again = encodeManifest(m);
+    expect(again.readUInt32LE(12)).toBe(1 | 4);
+    expect(decodeManifest(again, 'vector').ids.toBuffer().equals(ids)).toBe(true);
+    expect(again.subarray(again.length - 32, again.length - 16).equals(b.subarray(t, t + 16))).toBe(true);
+  });
+
+  /** Decodes a segmented manifest (§7.5) by the byte tables alone: the flat list and the table entries. */
+  function segmentedByHand(b: Buffer): { flags: number; chunks: number; meta: { id: string; parent: string | null }; ids: Buffer; table: [number, number][] } {
+    expect(b.subarray(0, 8).toString()).toBe('KSCMANI1');
+    const flags = b.readUInt32LE(12);
+    expect(flags & 4).toBe(4); // IDS_SEGMENTED
+    expect(flags & 2).toBe(0);
+    const size = Number(b.readBigUInt64LE(40));
+    const C = b.readUInt32LE(48);
+    const metaLen = b.readUInt32LE(52);
+    const chunks = Number(b.readBigUInt64LE(56));
+    expect(chunks).toBe(Math.ceil(size / C));
+    const meta = JSON.parse(b.toString('utf8', 96, 96 + metaLen));
+    const t = b.length - 32;
+    expect(b.subarray(t + 28).toString()).toBe('KEND');
+    expect(b.readUInt32LE(t + 24)).toBe(crc32(b.subarray(0, t + 24)));
+    const sec = b.subarray(96 + metaLen, t);
+    expect(sec.readUInt32LE(0)).toBe(65536);
+    const n = sec.readUInt32LE(4);
+    expect(n).toBe(Math.ceil(chunks / 65536));
+    const ids = Buffer.alloc(chunks * 16);
+    const table: [number, number][] = [];
+    let pos = 8 + 8 * n;
+    for (let i = 0; i < n; i++) {
+      const [enc, len] = [sec[8 + 8 * i]!, sec.readUInt32LE(8 + 8 * i + 4)];
+      expect(sec.readUIntLE(8 + 8 * i + 1, 3)).toBe(0);
+      table.push([enc, len]);
+      const count = Math.min(65536, chunks - i * 65536);
+      const payload = sec.subarray(pos, pos + len);
+      pos += len;
+      if (enc === 0) expect(len).toBe(0);
+      else if (enc === 1) {
+        expect(len).toBe(16 * count);
+        payload.copy(ids, i * 65536 * 16);
+      } else {
+        expect(enc).toBe(2);
+        expect(payload.readUInt32LE(0)).toBe(16 * count);
+        lz4BlockRef(payload.subarray(4), 16 * count).copy(ids, i * 65536 * 16);
+      }
+    }
+    expect(pos).toBe(sec.length);
+    expect(b.subarray(t, t + 16).equals(merkleRef(ids))).toBe(true);
+    return { flags, chunks, meta, ids, table };
+  }
+
+  it('segmented manifests (§7.5) decode by hand and round-trip through the code', async () => {
+    await initHash();
+    const raw = objects.get('manifest-seg-raw')!;
+    const r = segmentedByHand(raw);
+    expect(r.flags).toBe(4);
+    expect(r.table).toEqual([[1, 32]]);
+    expect(r.meta.parent).toBe('20261126T120000000Z-0000abcd');
+    expect(r.ids.equals(Buffer.concat([idRef(Buffer.from('abc')), idRef(Buffer.from(Array.from({ length: 256 }, (_, i) => i)))]))).toBe(true);
+    const mr = decodeManifest(raw, 'vector');
+    expect(mr.ids.toBuffer().equals(r.ids)).toBe(true);
+    expect(mr.bitmapToken).toBe(null);
+    expect(encodeManifest(mr).equals(raw)).toBe(true);
+
+    const sparse = objects.get('manifest-seg-sparse')!;
+    const s = segmentedByHand(sparse);
+    expect(s.flags).toBe(5);
+    expect(s.chunks).toBe(2 * 65536 + 64);
+    expect(s.table.map(([enc]) => enc)).toEqual([0, 0, 2]);
+    expect(s.table.slice(0, 2)).toEqual([[0, 0], [0, 0]]);
+    const nonZero: number[] = [];
+    for (let k = 0; k < s.chunks; k++) if (!s.ids.subarray(k * 16, k * 16 + 16).equals(Buffer.alloc(16))) nonZero.push(k);
+    expect(nonZero).toEqual([2 * 65536, s.chunks - 1]);
+    expect(s.ids.subarray(2 * 65536 * 16, 2 * 65536 * 16 + 16).equals(idRef(Buffer.from('abc')))).toBe(true);
+    const ms = decodeManifest(sparse, 'vector');
+    expect(ms.ids.allocatedSegments()).toBe(1);
+    expect(ms.ids.nonZeroCount()).toBe(2);
+    expect(ms.ids.toBuffer().equals(s.ids)).toBe(true);
+    expect(ms.root.equals(merkleRef(s.ids))).toBe(true);
+    expect(encodeManifest(ms).equals(sparse)).toBe(true);
+    // The same list in the older forms decodes the same (readers keep reading them).
+    const flat = { ...ms, ids: s.ids };
+    for (const form of ['plain', 'lz4'] as const) {
+      const old = decodeManifest(encodeManifestLegacy(flat, form), 'legacy');
+      expect(old.ids.equals(ms.ids)).toBe(true);
+      expect(old.root.equals(ms.root)).toBe(true);
+    }
   });
 });

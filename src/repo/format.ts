@@ -10,6 +10,7 @@ import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
 import { compressInto, decompressInto, lz4Bound } from '../compress/lz4.js';
 import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
+import { ChunkList, SEGMENT_IDS, ownBuffer } from './chunklist.js';
 
 export const MIB = 1024 * 1024;
 export const MIN_CHUNK = 1 * MIB;
@@ -205,10 +206,14 @@ export const MANIFEST_END = Buffer.from('KEND');
 export const MANIFEST_HEADER = 96;
 export const MANIFEST_TRAILER = 32;
 export const FLAG_FULL = 1;
-/** §7.2: the chunk-id section is stored LZ4-compressed (u32 raw length + one block, as §5.4). */
+/** §7.2: the chunk-id section is stored LZ4-compressed (u32 raw length + one block, as §5.4). Read only. */
 export const FLAG_IDS_LZ4 = 2;
-/** Chunk lists from this size on are compressed (a sparse disk's list is mostly zero ids). */
-const COMPRESS_IDS_FROM = 64 * 1024;
+/** §7.2, §7.5: the chunk-id section is segmented. Every manifest written now has it. */
+export const FLAG_IDS_SEGMENTED = 4;
+/** §7.5 segment encodings. */
+export const SEG_ZERO = 0;
+export const SEG_RAW = 1;
+export const SEG_LZ4 = 2;
 const MAX_LZ4_INPUT = 0x7e000000;
 const MAX_META = 1024 * 1024;
 
@@ -237,8 +242,8 @@ export interface Manifest {
   chunkSize: number;
   bitmapToken: string | null; // 32 hex digits
   meta: ManifestMeta;
-  /** 16 bytes per chunk, in disk order. */
-  ids: Buffer;
+  /** The chunk ids in disk order (§7.2), in segments (all-zero ones not allocated). */
+  ids: ChunkList;
   root: Buffer;
 }
 
@@ -246,25 +251,13 @@ export function chunkCount(size: number, chunkSize: number): number {
   return Math.ceil(size / chunkSize);
 }
 
-export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
+function manifestHead(m: Omit<Manifest, 'root' | 'ids'>, chunks: number, flags: number): Buffer {
   const meta = Buffer.from(JSON.stringify(m.meta));
   if (meta.length > MAX_META) throw new KscError('KSC_E_INVALID', 'manifest metadata above 1 MiB (too many or too long tags?)');
-  const chunks = chunkCount(m.size, m.chunkSize);
-  if (m.ids.length !== chunks * ID_BYTES) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length / ID_BYTES}`);
-  let idSection: Buffer = m.ids;
-  let flags = m.full ? FLAG_FULL : 0;
-  if (m.ids.length >= COMPRESS_IDS_FROM && m.ids.length <= MAX_LZ4_INPUT) {
-    const packed = Buffer.allocUnsafe(lz4Bound(m.ids.length));
-    const n = compressInto(m.ids, packed, 0);
-    if (n > 0) {
-      idSection = packed.subarray(0, n);
-      flags |= FLAG_IDS_LZ4;
-    }
-  }
-  const b = Buffer.alloc(MANIFEST_HEADER + meta.length + idSection.length + MANIFEST_TRAILER);
+  const b = Buffer.alloc(MANIFEST_HEADER + meta.length);
   MANIFEST_MAGIC.copy(b, 0);
   b.writeUInt32LE(1, 8);
-  b.writeUInt32LE(flags, 12);
+  b.writeUInt32LE(flags | (m.full ? FLAG_FULL : 0), 12);
   uuidToBytes(m.disk).copy(b, 16);
   b.writeBigUInt64LE(BigInt(m.timeMs), 32);
   b.writeBigUInt64LE(BigInt(m.size), 40);
@@ -273,12 +266,119 @@ export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
   b.writeBigUInt64LE(BigInt(chunks), 56);
   if (m.bitmapToken) b.write(m.bitmapToken, 64, 'hex');
   meta.copy(b, MANIFEST_HEADER);
-  idSection.copy(b, MANIFEST_HEADER + meta.length);
-  const t = b.length - MANIFEST_TRAILER;
-  merkleRoot(m.ids).copy(b, t);
-  b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
-  MANIFEST_END.copy(b, t + 28);
   return b;
+}
+
+function manifestTrailer(parts: Buffer[], root: Buffer): Buffer {
+  let crc = 0;
+  for (const p of parts) crc = crc32(p, crc);
+  const t = Buffer.alloc(MANIFEST_TRAILER);
+  root.copy(t, 0);
+  crc = crc32(t.subarray(0, 24), crc);
+  t.writeUInt32LE(crc, 24);
+  MANIFEST_END.copy(t, 28);
+  return t;
+}
+
+/**
+ * The manifest as the pieces of one object (§7, IDS_SEGMENTED), built segment by segment: all-zero
+ * segments cost 8 bytes, RAW payloads are views of the list's segments (put the pieces before changing the
+ * list), LZ4 ones are compressed one segment at a time.
+ */
+export function encodeManifestParts(m: Omit<Manifest, 'root'>): Buffer[] {
+  const chunks = chunkCount(m.size, m.chunkSize);
+  if (m.ids.length !== chunks) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length}`);
+  const n = m.ids.segmentCount;
+  const parts: Buffer[] = [manifestHead(m, chunks, FLAG_IDS_SEGMENTED)];
+  const table = Buffer.alloc(8 + 8 * n);
+  table.writeUInt32LE(SEGMENT_IDS, 0);
+  table.writeUInt32LE(n, 4);
+  parts.push(table);
+  let scratch: Buffer | null = null;
+  for (let i = 0; i < n; i++) {
+    const seg = m.ids.segment(i);
+    const e = 8 + 8 * i;
+    if (!seg) {
+      table[e] = SEG_ZERO;
+      continue;
+    }
+    scratch ??= Buffer.allocUnsafe(lz4Bound(SEGMENT_IDS * ID_BYTES));
+    const c = compressInto(seg, scratch, 0);
+    if (c > 0 && c < seg.length) {
+      table[e] = SEG_LZ4;
+      table.writeUInt32LE(c, e + 4);
+      parts.push(Buffer.from(scratch.subarray(0, c)));
+    } else {
+      table[e] = SEG_RAW;
+      table.writeUInt32LE(seg.length, e + 4);
+      parts.push(seg);
+    }
+  }
+  parts.push(manifestTrailer(parts, m.ids.merkleRoot()));
+  return parts;
+}
+
+export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
+  return Buffer.concat(encodeManifestParts(m));
+}
+
+/**
+ * The forms earlier writers produced (§7.2: plain, IDS_LZ4), which readers must still read. For test
+ * vectors and compatibility tests only: writers use IDS_SEGMENTED.
+ */
+export function encodeManifestLegacy(m: Omit<Manifest, 'root' | 'ids'> & { ids: Buffer }, form: 'plain' | 'lz4'): Buffer {
+  const chunks = chunkCount(m.size, m.chunkSize);
+  if (m.ids.length !== chunks * ID_BYTES) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length / ID_BYTES}`);
+  let section: Buffer = m.ids;
+  if (form === 'lz4') {
+    const packed = Buffer.allocUnsafe(lz4Bound(m.ids.length));
+    const c = compressInto(m.ids, packed, 0);
+    if (c <= 0) throw new KscError('KSC_E_INVALID', 'this chunk list does not compress');
+    section = packed.subarray(0, c);
+  }
+  const parts = [manifestHead(m, chunks, form === 'lz4' ? FLAG_IDS_LZ4 : 0), section];
+  parts.push(manifestTrailer(parts, merkleRoot(m.ids)));
+  return Buffer.concat(parts);
+}
+
+/** §7.5: decodes a segmented chunk-id section segment by segment. */
+function decodeSegmented(section: Buffer, chunks: number, object: string): ChunkList {
+  if (section.length < 8) throw bad(object, `the chunk-id section is ${section.length} bytes, too short for its header (truncated?)`);
+  const S = section.readUInt32LE(0);
+  const n = section.readUInt32LE(4);
+  if (S !== SEGMENT_IDS) throw bad(object, `the chunk-id section has ${S} ids per segment, not ${SEGMENT_IDS}`);
+  const ids = new ChunkList(chunks);
+  if (n !== ids.segmentCount) throw bad(object, `the chunk-id section has ${n} segments; ${chunks} chunks need ${ids.segmentCount}`);
+  if (section.length < 8 + 8 * n) throw bad(object, `the chunk-id section's table of ${n} segments is truncated`);
+  let pos = 8 + 8 * n;
+  for (let i = 0; i < n; i++) {
+    const e = 8 + 8 * i;
+    const enc = section[e]!;
+    const len = section.readUInt32LE(e + 4);
+    const raw = ids.segmentLength(i) * ID_BYTES;
+    const what = `chunk-list segment ${i} of ${n}`;
+    if (section[e + 1] !== 0 || section[e + 2] !== 0 || section[e + 3] !== 0) throw bad(object, `${what}: reserved bytes are not zero`);
+    if (enc === SEG_ZERO) {
+      if (len !== 0) throw bad(object, `${what}: an all-zero segment with ${len} stored bytes`);
+      continue;
+    }
+    if (enc !== SEG_RAW && enc !== SEG_LZ4) throw bad(object, `${what}: unknown encoding ${enc}`);
+    if (enc === SEG_RAW && len !== raw) throw bad(object, `${what}: ${len} stored bytes, a raw segment of ${raw / ID_BYTES} ids is ${raw}`);
+    if (enc === SEG_LZ4 && len < 5) throw bad(object, `${what}: ${len} stored bytes is too short for an LZ4 segment`);
+    if (len > section.length - pos) throw bad(object, `${what}: ${len} stored bytes at section offset ${pos} run past the end of the section (${section.length} bytes; truncated?)`);
+    const payload = section.subarray(pos, pos + len);
+    pos += len;
+    if (enc === SEG_RAW) {
+      ids.putSegment(i, payload);
+      continue;
+    }
+    if (payload.readUInt32LE(0) !== raw) throw bad(object, `${what}: LZ4 raw length ${payload.readUInt32LE(0)}, the segment's ${raw / ID_BYTES} ids are ${raw} bytes`);
+    const out = ownBuffer(raw);
+    if (decompressInto(payload, out, 0) !== raw) throw bad(object, `${what}: the LZ4 block does not decode to ${raw} bytes`);
+    ids.putSegment(i, out, true);
+  }
+  if (pos !== section.length) throw bad(object, `the chunk-id section has ${section.length - pos} bytes after its last segment`);
+  return ids;
 }
 
 export function decodeManifest(b: Buffer, object: string): Manifest {
@@ -288,7 +388,8 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   if (!b.subarray(t + 28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
   if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw bad(object, 'checksum mismatch');
   const flags = b.readUInt32LE(12);
-  if (flags & ~(FLAG_FULL | FLAG_IDS_LZ4)) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
+  if (flags & ~(FLAG_FULL | FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
+  if ((flags & FLAG_IDS_LZ4) && (flags & FLAG_IDS_SEGMENTED)) throw bad(object, 'flags IDS_LZ4 and IDS_SEGMENTED are both set');
   const size = safeU64(b, 40, object, 'virtual size');
   const chunkSize = b.readUInt32LE(48);
   try {
@@ -299,9 +400,9 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   const metaLen = b.readUInt32LE(52);
   const chunks = safeU64(b, 56, object, 'chunk count');
   if (chunks !== chunkCount(size, chunkSize)) throw bad(object, `chunk count ${chunks} does not match size ${size}`);
-  const packedIds = (flags & FLAG_IDS_LZ4) !== 0;
+  const plain = (flags & (FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) === 0;
   if (metaLen > MAX_META || b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER
-    || (!packedIds && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw bad(object, 'length does not match its header (truncated?)');
+    || (plain && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw bad(object, 'length does not match its header (truncated?)');
   let meta: ManifestMeta;
   try {
     meta = JSON.parse(b.toString('utf8', MANIFEST_HEADER, MANIFEST_HEADER + metaLen)) as ManifestMeta;
@@ -313,16 +414,18 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   meta.parent = typeof meta.parent === 'string' ? meta.parent : null;
   meta.bitmap = typeof meta.bitmap === 'string' ? meta.bitmap : null;
   meta.stats ??= { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
-  let ids: Buffer;
-  if (packedIds) {
+  const section = b.subarray(MANIFEST_HEADER + metaLen, t);
+  let ids: ChunkList;
+  if (flags & FLAG_IDS_SEGMENTED) ids = decodeSegmented(section, chunks, object);
+  else if (flags & FLAG_IDS_LZ4) {
     if (chunks * ID_BYTES > MAX_LZ4_INPUT) throw bad(object, `${chunks} chunk ids are too many for a compressed list`);
-    ids = Buffer.allocUnsafe(chunks * ID_BYTES);
-    const section = b.subarray(MANIFEST_HEADER + metaLen, t);
-    if (section.length < 4 || section.readUInt32LE(0) !== ids.length || decompressInto(section, ids, 0) !== ids.length) {
+    const flat = Buffer.allocUnsafe(chunks * ID_BYTES);
+    if (section.length < 4 || section.readUInt32LE(0) !== flat.length || decompressInto(section, flat, 0) !== flat.length) {
       throw bad(object, 'the compressed chunk list does not decode to its chunk count');
     }
-  } else ids = Buffer.from(b.subarray(MANIFEST_HEADER + metaLen, t));
-  if (!merkleRoot(ids).equals(b.subarray(t, t + 16))) throw bad(object, 'Merkle root does not match the chunk list');
+    ids = ChunkList.fromBuffer(flat);
+  } else ids = ChunkList.fromBuffer(section);
+  if (!ids.merkleRoot().equals(b.subarray(t, t + 16))) throw bad(object, 'Merkle root does not match the chunk list');
   const root = Buffer.from(b.subarray(t, t + 16));
   const token = b.subarray(64, 80);
   return {

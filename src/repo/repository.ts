@@ -13,7 +13,7 @@ import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
   packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, decodeIndex, encodeManifest, decodeManifest, BACKUP_ID_RE, MIB,
+  encodeIndex, decodeIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB,
 } from './format.js';
 
 export const CONFIG_KEY = 'config';
@@ -239,7 +239,7 @@ export class Repository {
 
   /** §9 rule 3: the commit point of a backup. */
   async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
-    await this.store.put(manifestKey(m.meta.id), encodeManifest(m));
+    await this.store.put(manifestKey(m.meta.id), encodeManifestParts(m));
   }
 
   async deleteManifest(id: string): Promise<void> {

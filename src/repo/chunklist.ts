@@ -1,0 +1,260 @@
+/**
+ * A manifest's chunk list in memory (formats/repository.md §7.2, §7.5): the chunk ids in segments of
+ * SEGMENT_IDS ids. An all-zero segment is not allocated, and segments are shared copy-on-write between a
+ * list and its clones, so an incremental backup's list costs only the segments it changes, and a sparse
+ * 16 TiB disk's list a few MiB instead of 256 MiB.
+ */
+import { KscError } from '../errors.js';
+import { ID_BYTES, ZERO_ID, chunkId, merkleRoot } from '../hash/chunkid.js';
+
+/** §7.5: ids per segment (1 MiB of ids). 256 × 256, so a full segment is one node of the Merkle tree's level 2. */
+export const SEGMENT_IDS = 65536;
+const SEGMENT_SHIFT = 16;
+const GROUP = 256; // §7.3 fan-out
+
+class Segment {
+  readonly i32: Int32Array;
+  /** Level-2 Merkle node of this segment (§7.3), computed when first needed, dropped on change. */
+  node: Buffer | null = null;
+  constructor(readonly ids: Buffer, public nonZero: number) {
+    this.i32 = new Int32Array(ids.buffer, ids.byteOffset, ids.length >> 2);
+  }
+}
+
+/** A fresh buffer of `n` bytes with its own ArrayBuffer at offset 0 (so Int32Array views are aligned). */
+export function ownBuffer(n: number): Buffer {
+  return Buffer.from(new ArrayBuffer(n));
+}
+
+function countNonZero(i32: Int32Array): number {
+  let n = 0;
+  for (let o = 0; o < i32.length; o += 4) if ((i32[o]! | i32[o + 1]! | i32[o + 2]! | i32[o + 3]!) !== 0) n++;
+  return n;
+}
+
+let zeroNodes: { group: Buffer; segment: Buffer } | null = null;
+/** Merkle nodes of 256 zero ids (level 1) and of a full all-zero segment (level 2): fixed values. */
+function zeroNode(): { group: Buffer; segment: Buffer } {
+  if (!zeroNodes) {
+    const group = chunkId(Buffer.alloc(GROUP * ID_BYTES));
+    const level1 = Buffer.alloc(GROUP * ID_BYTES);
+    for (let i = 0; i < GROUP; i++) group.copy(level1, i * ID_BYTES);
+    zeroNodes = { group, segment: chunkId(level1) };
+  }
+  return zeroNodes;
+}
+
+export class ChunkList {
+  private readonly segs: (Segment | null)[];
+  /** owned[i] = 1: segs[i] belongs to this list alone and may be changed in place. */
+  private readonly owned: Uint8Array;
+
+  /** An all-zero list of `length` chunk ids. */
+  constructor(readonly length: number) {
+    if (!Number.isSafeInteger(length) || length < 0) throw new KscError('KSC_E_INVALID', `chunk list length ${length} is not a whole number`);
+    const n = ChunkList.segmentsFor(length);
+    this.segs = new Array<Segment | null>(n).fill(null);
+    this.owned = new Uint8Array(n);
+  }
+
+  static segmentsFor(length: number): number {
+    return Math.ceil(length / SEGMENT_IDS);
+  }
+
+  /** From a flat buffer of 16-byte ids (copied; all-zero segments are not allocated). */
+  static fromBuffer(flat: Buffer): ChunkList {
+    if (flat.length % ID_BYTES !== 0) throw new KscError('KSC_E_INVALID', `a chunk list of ${flat.length} bytes is not whole 16-byte ids`);
+    const l = new ChunkList(flat.length / ID_BYTES);
+    for (let i = 0; i < l.segs.length; i++) {
+      const start = i * SEGMENT_IDS * ID_BYTES;
+      l.putSegment(i, flat.subarray(start, start + l.segmentLength(i) * ID_BYTES));
+    }
+    return l;
+  }
+
+  /** Number of segments (allocated or not). */
+  get segmentCount(): number {
+    return this.segs.length;
+  }
+
+  /** Ids in segment `i` (SEGMENT_IDS, fewer in the last). */
+  segmentLength(i: number): number {
+    return Math.min(SEGMENT_IDS, this.length - i * SEGMENT_IDS);
+  }
+
+  /** Segments holding memory (the others are all zero ids). */
+  allocatedSegments(): number {
+    let n = 0;
+    for (const s of this.segs) if (s) n++;
+    return n;
+  }
+
+  /** The ids of segment `i`, or null when they are all zero. A read-only view: do not change it. */
+  segment(i: number): Buffer | null {
+    return this.segs[i]?.ids ?? null;
+  }
+
+  /**
+   * Stores segment `i` from `ids` (16 × segmentLength(i) bytes, copied unless `adopt`: then `ids` must be
+   * a buffer of its own at offset 0 that nothing else changes). Used by the manifest decoder.
+   */
+  putSegment(i: number, ids: Buffer, adopt = false): void {
+    if (i < 0 || i >= this.segs.length) throw new RangeError(`segment ${i} of ${this.segs.length}`);
+    if (ids.length !== this.segmentLength(i) * ID_BYTES) throw new RangeError(`segment ${i} needs ${this.segmentLength(i) * ID_BYTES} bytes, got ${ids.length}`);
+    const aligned = ids.byteOffset % 4 === 0 ? new Int32Array(ids.buffer, ids.byteOffset, ids.length >> 2) : null;
+    let nonZero: number;
+    if (aligned) nonZero = countNonZero(aligned);
+    else {
+      const tmp = ownBuffer(ids.length);
+      ids.copy(tmp);
+      nonZero = countNonZero(new Int32Array(tmp.buffer, 0, tmp.length >> 2));
+    }
+    if (nonZero === 0) {
+      this.segs[i] = null;
+      this.owned[i] = 0;
+      return;
+    }
+    const own = adopt && ids.byteOffset === 0 && ids.buffer.byteLength === ids.length ? ids : ownBuffer(ids.length);
+    if (own !== ids) ids.copy(own);
+    this.segs[i] = new Segment(own, nonZero);
+    this.owned[i] = 1;
+  }
+
+  private check(k: number): void {
+    if (!(k >= 0 && k < this.length && Number.isInteger(k))) throw new RangeError(`chunk ${k} is outside the list of ${this.length}`);
+  }
+
+  isZero(k: number): boolean {
+    this.check(k);
+    const s = this.segs[k >>> SEGMENT_SHIFT];
+    if (!s) return true;
+    const o = (k & (SEGMENT_IDS - 1)) * 4;
+    return (s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0;
+  }
+
+  /** Chunk `k`'s id: a view valid until the list changes (ZERO_ID for a zero chunk: do not change it). */
+  view(k: number): Buffer {
+    this.check(k);
+    const s = this.segs[k >>> SEGMENT_SHIFT];
+    if (!s) return ZERO_ID;
+    const o = (k & (SEGMENT_IDS - 1)) * ID_BYTES;
+    return s.ids.subarray(o, o + ID_BYTES);
+  }
+
+  /** A copy of chunk `k`'s id. */
+  get(k: number): Buffer {
+    return Buffer.from(this.view(k));
+  }
+
+  set(k: number, id: Uint8Array): void {
+    this.check(k);
+    if (id.length < ID_BYTES) throw new RangeError('a chunk id is 16 bytes');
+    const si = k >>> SEGMENT_SHIFT;
+    let zero = true;
+    for (let i = 0; i < ID_BYTES; i++) if (id[i] !== 0) { zero = false; break; }
+    let s = this.segs[si];
+    const o = (k & (SEGMENT_IDS - 1)) * 4;
+    if (!s) {
+      if (zero) return;
+      s = new Segment(ownBuffer(this.segmentLength(si) * ID_BYTES), 0);
+      this.segs[si] = s;
+      this.owned[si] = 1;
+    }
+    const wasZero = (s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0;
+    if (wasZero && zero) return;
+    if (!wasZero && !zero && s.ids.subarray(o * 4, o * 4 + ID_BYTES).equals(id.subarray(0, ID_BYTES))) return;
+    const nonZero = s.nonZero + (zero ? 0 : 1) - (wasZero ? 0 : 1);
+    if (nonZero === 0) { // the last non-zero id goes: the segment is all zeros again
+      this.segs[si] = null;
+      this.owned[si] = 0;
+      return;
+    }
+    if (!this.owned[si]) { // copy-on-write
+      const copy = ownBuffer(s.ids.length);
+      s.ids.copy(copy);
+      s = new Segment(copy, s.nonZero);
+      this.segs[si] = s;
+      this.owned[si] = 1;
+    }
+    s.ids.set(id.subarray(0, ID_BYTES), o * 4);
+    s.nonZero = nonZero;
+    s.node = null;
+  }
+
+  /** A list with the same ids sharing every segment (O(segments)); either list copies a segment before changing it. */
+  clone(): ChunkList {
+    const c = new ChunkList(this.length);
+    for (let i = 0; i < this.segs.length; i++) c.segs[i] = this.segs[i]!;
+    this.owned.fill(0);
+    return c;
+  }
+
+  /** Number of chunks whose id is not the zero id. */
+  nonZeroCount(): number {
+    let n = 0;
+    for (const s of this.segs) if (s) n += s.nonZero;
+    return n;
+  }
+
+  /**
+   * Calls `fn` for every non-zero chunk in order, with a view of its id (valid during the call); stops when
+   * `fn` returns false.
+   */
+  forEachNonZero(fn: (k: number, id: Buffer) => boolean | void): void {
+    for (let si = 0; si < this.segs.length; si++) {
+      const s = this.segs[si];
+      if (!s) continue;
+      const base = si * SEGMENT_IDS;
+      const n = s.ids.length / ID_BYTES;
+      for (let j = 0, o = 0; j < n; j++, o += 4) {
+        if ((s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0) continue;
+        if (fn(base + j, s.ids.subarray(o * 4, o * 4 + ID_BYTES)) === false) return;
+      }
+    }
+  }
+
+  /** The flat list (16 bytes per chunk). O(length): for tests and small lists. */
+  toBuffer(): Buffer {
+    const out = Buffer.alloc(this.length * ID_BYTES);
+    this.segs.forEach((s, i) => s?.ids.copy(out, i * SEGMENT_IDS * ID_BYTES));
+    return out;
+  }
+
+  equals(other: ChunkList): boolean {
+    if (other.length !== this.length) return false;
+    for (let i = 0; i < this.segs.length; i++) {
+      const a = this.segs[i], b = other.segs[i];
+      if (a === b) continue;
+      if (!a || !b || !a.ids.equals(b.ids)) return false;
+    }
+    return true;
+  }
+
+  /** §7.3 Merkle root over the decoded list, computed segment by segment (all-zero segments from fixed values). */
+  merkleRoot(): Buffer {
+    if (this.length === 0) return Buffer.alloc(ID_BYTES);
+    if (this.length <= GROUP) return chunkId(this.segs[0]?.ids ?? Buffer.alloc(this.length * ID_BYTES)); // one level-1 node is the root
+    const level2 = Buffer.allocUnsafe(this.segs.length * ID_BYTES);
+    for (let i = 0; i < this.segs.length; i++) this.segmentNode(i).copy(level2, i * ID_BYTES);
+    // One segment: its level-2 node is the root; several: the tree goes on over the segments' nodes.
+    return this.segs.length === 1 ? level2 : merkleRoot(level2);
+  }
+
+  private segmentNode(i: number): Buffer {
+    const s = this.segs[i];
+    const n = this.segmentLength(i);
+    if (!s && n === SEGMENT_IDS) return zeroNode().segment;
+    if (s?.node) return s.node;
+    const groups = Math.ceil(n / GROUP);
+    const level1 = Buffer.allocUnsafe(groups * ID_BYTES);
+    for (let g = 0; g < groups; g++) {
+      const len = Math.min(GROUP, n - g * GROUP) * ID_BYTES;
+      if (!s && len === GROUP * ID_BYTES) zeroNode().group.copy(level1, g * ID_BYTES);
+      else if (!s) chunkId(Buffer.alloc(len), level1, g * ID_BYTES);
+      else chunkId(s.ids.subarray(g * GROUP * ID_BYTES, g * GROUP * ID_BYTES + len), level1, g * ID_BYTES);
+    }
+    const node = chunkId(level1);
+    if (s) s.node = node;
+    return node;
+  }
+}
