@@ -10,10 +10,11 @@ import { join, resolve } from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { KscImage } from '../image/ksc.js';
-import { chunkId, initHash, ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
+import { chunkId, initHash, ZERO_ID } from '../hash/chunkid.js';
 import { packBatch, poolStarted, warmPool } from '../compress/pool.js';
 import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
+import { ChunkList } from '../repo/chunklist.js';
 import { bytesToUuid } from '../util/uuid.js';
 
 export const FROZEN_SUFFIX = '~frozen';
@@ -286,20 +287,23 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       if (!parent) fullReason = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
     }
     if (parent) {
-      for (let k = 0; k < chunks; k++) {
-        const cid = parent.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
-        if (!cid.equals(ZERO_ID) && !index.has(cid)) {
-          fullReason = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
-          parent = null;
-          break;
-        }
+      let missing = false;
+      parent.ids.forEachNonZero((_k, cid) => {
+        if (index.has(cid)) return true;
+        missing = true;
+        return false;
+      });
+      if (missing) {
+        fullReason = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
+        parent = null;
       }
     }
     const full = fullReason !== null;
     if (full) warmPool(); // the workers start while the plan is made
 
     // Freeze: a point in time, the bitmap handed over, the plan made, copy-before-write installed.
-    const ids = Buffer.alloc(chunks * ID_BYTES);
+    // An incremental's list starts as its parent's (segments shared, copied only where a chunk changes).
+    const ids = parent ? (parent as Manifest).ids.clone() : new ChunkList(chunks);
     const toRead: number[] = [];
     const newToken = bitmap !== null ? (await import('node:crypto')).randomBytes(16).toString('hex') : null;
     let frozenAt = started;
@@ -328,13 +332,17 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
           chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
         });
       }
-      for (let k = 0; k < chunks; k++) {
-        if (full || dirty.has(k)) {
+      // Only the chunks read change the list (and dirty chunks without data become zero ids): O(dirty), not O(disk).
+      if (full) {
+        for (const k of hasData) if (k < chunks) toRead.push(k);
+      } else {
+        for (const k of dirty) {
+          if (k >= chunks) continue;
           if (hasData.has(k)) toRead.push(k);
-        } else {
-          parent!.ids.copy(ids, k * ID_BYTES, k * ID_BYTES, (k + 1) * ID_BYTES);
+          else ids.set(k, ZERO_ID);
         }
       }
+      toRead.sort((a, b) => a - b);
       if (img) {
         view = new FrozenView(dev, C, new Set(toRead));
         img.setBeforeChange(view.hook);
@@ -375,7 +383,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       spare.push(input);
       for (let i = 0; i < batch.length; i++) {
         const { id: cid, blob } = packed[i]!;
-        cid.copy(ids, batch[i]! * ID_BYTES);
+        ids.set(batch[i]!, cid);
         if (blob.length === 0) continue; // all zeros
         dirtyNonZeroBytes += lengths[i]!;
         const hex = cid.toString('hex');

@@ -5,7 +5,6 @@
  * the exclusive repository lock, so no backup runs meanwhile.
  */
 import { isKscError } from '../errors.js';
-import { ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
 import { Repository, mapLimit, indexKey, packKey } from '../repo/repository.js';
 import { decodeIndex, type IndexEntry } from '../repo/format.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
@@ -72,10 +71,9 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const referenced = new Set<string>();
     for (const m of all) {
       if (!keptIds.has(m.meta.id)) continue;
-      for (let k = 0; k < m.ids.length / ID_BYTES; k++) {
-        const id = m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
-        if (!id.equals(ZERO_ID)) referenced.add(id.toString('hex'));
-      }
+      m.ids.forEachNonZero((_k, id) => {
+        referenced.add(id.toString('hex'));
+      });
     }
     const packs = await repo.listPacks();
     const oldIndex = await repo.listIndexObjects();

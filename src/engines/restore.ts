@@ -9,7 +9,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
-import { ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
+import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
 import { BLOB_HEADER } from '../compress/codec.js';
 import { Repository, type ChunkIndex, type ChunkLocation, mapLimit, packKey } from '../repo/repository.js';
@@ -193,7 +193,7 @@ export async function restoreBackup(repo: Repository, which: string, target: str
   warmPool();
   const m = await resolveBackup(repo, which, opts.disk);
   const C = m.chunkSize;
-  const chunks = m.ids.length / ID_BYTES;
+  const chunks = m.ids.length;
   const what = `restore of backup ${m.meta.id}`;
   const existing = await exists(target);
   let dev: BlockDevice;
@@ -215,37 +215,31 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     }
   }
   try {
-    // Which chunk positions need which id; on an existing target, skip positions that already match.
+    // Which chunk positions need which id; on an existing target, skip positions that already match. Only
+    // non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's
+    // zero chunks stay holes, and an existing target's zero extents are already right for zero chunks.
     const positions = new Map<string, number[]>();
-    let chunksZero = 0;
+    const chunksZero = chunks - m.ids.nonZeroCount();
     let chunksUnchanged = 0;
     let bytesWritten = 0;
-    const need: number[] = [];
-    for (let k = 0; k < chunks; k++) {
-      if (m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES).equals(ZERO_ID)) chunksZero++;
-      need.push(k);
-    }
-    const idAt = (k: number): Buffer => m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
+    const idAt = (k: number): Buffer => m.ids.view(k);
     const lenAt = (k: number): number => Math.min(C, m.size - k * C);
-    let candidates = need;
+    let candidates: number[] = [];
     if (existing) {
-      // Hash what the target holds (holes and zero extents without reading), keep only differing chunks.
-      const differ: number[] = [];
-      const zeroKnown = new Set<number>();
+      // Chunks where the target holds data are hashed; the others read as zeros without reading (holes and
+      // zero extents): they are right for zero ids and differ for the rest.
+      const withData = new Set<number>();
       for (const e of await dev.extents(0, dev.size)) {
-        if (e.state === 'data') continue;
-        const k0 = Math.ceil(e.offset / C);
-        const k1 = Math.floor((e.offset + e.length) / C);
-        for (let k = k0; k < k1; k++) zeroKnown.add(k);
-        if (e.offset + e.length === dev.size && k1 < chunks && e.offset <= k1 * C) zeroKnown.add(k1);
+        if (e.state !== 'data' || e.length <= 0) continue;
+        const k1 = Math.floor((e.offset + e.length - 1) / C);
+        for (let k = Math.floor(e.offset / C); k <= k1; k++) withData.add(k);
       }
-      const toHash: number[] = [];
-      for (const k of need) {
-        if (zeroKnown.has(k)) {
-          if (idAt(k).equals(ZERO_ID)) chunksUnchanged++;
-          else differ.push(k);
-        } else toHash.push(k);
-      }
+      const differ: number[] = [];
+      m.ids.forEachNonZero((k) => {
+        if (!withData.has(k)) differ.push(k);
+      });
+      chunksUnchanged = chunks - withData.size - differ.length; // zero ids over zeros
+      const toHash = [...withData].sort((a, b) => a - b);
       const batch = Math.max(1, Math.floor((4 * 1024 * 1024) / C));
       const groups: number[][] = [];
       for (let i = 0; i < toHash.length; i += batch) groups.push(toHash.slice(i, i + batch));
@@ -258,6 +252,10 @@ export async function restoreBackup(repo: Repository, which: string, target: str
         });
       });
       candidates = differ;
+    } else {
+      m.ids.forEachNonZero((k) => {
+        candidates.push(k);
+      });
     }
     for (const k of candidates) {
       const id = idAt(k);

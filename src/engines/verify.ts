@@ -3,7 +3,6 @@
  * damaged object together with the backups that depend on it.
  */
 import { isKscError } from '../errors.js';
-import { ID_BYTES, ZERO_ID } from '../hash/chunkid.js';
 import { Repository, manifestKey, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { listBackups, planReads, fetchChunks } from './restore.js';
@@ -45,14 +44,12 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   // Which backups need which chunk.
   const users = new Map<string, Set<string>>();
   for (const m of manifests) {
-    for (let k = 0; k < m.ids.length / ID_BYTES; k++) {
-      const id = m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
-      if (id.equals(ZERO_ID)) continue;
+    m.ids.forEachNonZero((_k, id) => {
       const hex = id.toString('hex');
       let s = users.get(hex);
       if (!s) users.set(hex, (s = new Set()));
       s.add(m.meta.id);
-    }
+    });
   }
   const missing = [...users.keys()].filter((h) => !index.has(h));
   if (missing.length > 0) {

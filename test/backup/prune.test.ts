@@ -132,8 +132,9 @@ async function layout(repo: Repository, ids: string[]): Promise<{ packs: Map<str
   for (const id of ids) {
     const m = await repo.readManifest(id);
     const s = new Set<string>();
-    for (let k = 0; k < m.ids.length / ID_BYTES; k++) {
-      const c = m.ids.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
+    const flat = m.ids.toBuffer();
+    for (let k = 0; k < m.ids.length; k++) {
+      const c = flat.subarray(k * ID_BYTES, (k + 1) * ID_BYTES);
       if (!c.equals(ZERO_ID)) s.add(c.toString('hex'));
     }
     uses.set(id, s);
