@@ -9,7 +9,8 @@
  *  - every unaffected backup still restores exactly;
  *  - `kscinc verify` exits non-zero and prints a DAMAGED line for the object.
  */
-import { cpSync, mkdirSync, openSync, readSync, writeSync, closeSync, statSync, truncateSync, rmSync } from 'node:fs';
+import { cpSync, mkdirSync, openSync, readSync, writeSync, closeSync, statSync, truncateSync, rmSync, readFileSync, writeFileSync } from 'node:fs';
+import { crc32 } from 'node:zlib';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -227,6 +228,24 @@ describe('damaged repository objects', () => {
     const file = join(d, manifestKey(P.a2));
     flipByte(file, statSync(file).size - 200); // inside the chunk ids
     await checkDamage(d, manifestKey(P.a2), [P.a2], { cli: true });
+  });
+
+  it('a manifest whose chunk-list segment is cut short (CRC re-sealed, §7.5): only that backup, the segment named', async () => {
+    const d = copyRepo();
+    const file = join(d, manifestKey(P.a2));
+    const b = readFileSync(file);
+    const start = 96 + b.readUInt32LE(52);
+    expect(b.readUInt32LE(12) & 4).toBe(4); // IDS_SEGMENTED
+    expect(b.readUInt32LE(start + 4)).toBe(1); // one segment
+    expect([1, 2]).toContain(b[start + 8]); // RAW or LZ4
+    const stored = b.readUInt32LE(start + 12);
+    const cut = Buffer.concat([b.subarray(0, b.length - 32 - 16), b.subarray(b.length - 32)]); // its last 16 bytes gone
+    const t = cut.length - 32;
+    cut.writeUInt32LE(crc32(cut.subarray(0, t + 24)), t + 24);
+    writeFileSync(file, cut);
+    await checkDamage(d, manifestKey(P.a2), [P.a2], { cli: true });
+    const v = await verifyRepo(await openRepo(d));
+    expect(v.damage.find((x) => x.object.endsWith(manifestKey(P.a2)))!.problem).toMatch(new RegExp(`chunk-list segment 0 of 1: ${stored} stored bytes.*run past the end`));
   });
 
   it('a corrupted index object: the backups needing chunks only it lists', async () => {
