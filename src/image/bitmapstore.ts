@@ -55,10 +55,13 @@ export class SparseBitmap {
     private readonly fileEnd: () => number = () => Number.MAX_SAFE_INTEGER,
   ) {
     this.bits = Math.ceil(virtualSize / 2 ** granularityBits);
+    this.gran = 2 ** granularityBits;
   }
 
+  private readonly gran: number;
+
   get granularity(): number {
-    return 2 ** this.granularityBits;
+    return this.gran;
   }
 
   static tableEntriesFor(virtualSize: number, granularityBits: number): number {
@@ -143,6 +146,16 @@ export class SparseBitmap {
     const p0 = Math.floor(Math.floor(offset / this.granularity) / BITS_PER_PAGE);
     const p1 = Math.floor(Math.floor((offset + length - 1) / this.granularity) / BITS_PER_PAGE);
     for (let p = p0; p <= p1; p++) if (!this.pages.has(p)) await this.loadPage(p);
+  }
+
+  /** True when `prepare(offset, length)` would have nothing to load (so `mark` may be used right away). */
+  prepared(offset: number, length: number): boolean {
+    if (!this.table) return false;
+    if (length === 0) return true;
+    const p0 = Math.floor(Math.floor(offset / this.granularity) / BITS_PER_PAGE);
+    const p1 = Math.floor(Math.floor((offset + length - 1) / this.granularity) / BITS_PER_PAGE);
+    for (let p = p0; p <= p1; p++) if (!this.pages.has(p)) return false;
+    return true;
   }
 
   async loadAll(): Promise<void> {

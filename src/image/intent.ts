@@ -23,6 +23,8 @@ export class IntentLog {
   private batch: Promise<void> | null = null;
   /** Counts syncs spent on intent bits, for the benchmark. */
   syncs = 0;
+  /** Bytes per region (2^regionBits). */
+  private readonly regionSize: number;
 
   constructor(
     private readonly file: HostFile,
@@ -33,6 +35,7 @@ export class IntentLog {
   ) {
     this.persisted = new Uint8Array(regions);
     this.lastTouch = new Uint32Array(regions);
+    this.regionSize = 2 ** regionBits;
   }
 
   static empty(words: number): Buffer {
@@ -74,7 +77,28 @@ export class IntentLog {
   }
 
   regionsOf(offset: number, length: number): [number, number] {
-    return [Math.floor(offset / 2 ** this.regionBits), Math.floor((offset + Math.max(length, 1) - 1) / 2 ** this.regionBits)];
+    return [Math.floor(offset / this.regionSize), Math.floor((offset + Math.max(length, 1) - 1) / this.regionSize)];
+  }
+
+  /**
+   * begin() for when every region of [offset, offset+length) already has its bit durable (the common case
+   * once a region is busy): registers the change like begin() and returns true, without a promise. Returns
+   * false, changing nothing, when some bit is not durable yet: call begin() then.
+   */
+  tryBegin(offset: number, length: number): boolean {
+    if (!this.durable(offset, length)) return false;
+    const size = this.regionSize;
+    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
+    for (let r = Math.floor(offset / size); r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
+    return true;
+  }
+
+  /** Whether every region of [offset, offset+length) has its bit durable now (no state change). */
+  durable(offset: number, length: number): boolean {
+    const size = this.regionSize;
+    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
+    for (let r = Math.floor(offset / size); r <= r1; r++) if (!this.persisted[r]) return false;
+    return true;
   }
 
   /** Call before changing [offset, offset+length): resolves once the intent bits are durable. */
@@ -97,7 +121,9 @@ export class IntentLog {
 
   /** Call when the change has completed (or failed) in epoch `epoch`. */
   end(offset: number, length: number, epoch: number): void {
-    const [r0, r1] = this.regionsOf(offset, length);
+    const size = this.regionSize;
+    const r0 = Math.floor(offset / size);
+    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
     for (let r = r0; r <= r1; r++) {
       const n = (this.inflight.get(r) ?? 1) - 1;
       if (n === 0) this.inflight.delete(r);

@@ -19,10 +19,11 @@ import {
 } from '../format/constants.js';
 import { type Header, decodeHeaderSlot, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
 import { seal, sealOk } from '../format/seal.js';
-import { Mutex, RangeLock } from '../util/rangelock.js';
+import { Mutex } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
 import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
+import { BlockLocks } from './blocklock.js';
 import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
@@ -81,7 +82,7 @@ export class KscImage implements BlockDevice {
   readonly size: number;
   private readonly blockBits: number;
   private readonly blocks: number;
-  private readonly locks = new RangeLock();
+  private readonly locks = new BlockLocks();
   private readonly flushMutex = new Mutex();
   private pendingFlush: Promise<void> | null = null;
   /** Number of flush snapshots taken (§9 rules 4 and 5 count in these). */
@@ -546,8 +547,83 @@ export class KscImage implements BlockDevice {
     return false;
   }
 
-  async write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
-    await this.change(offset, data.length, opts.fua, () => this.writeLocked(offset, data));
+  write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
+    let now: Promise<void> | null;
+    try {
+      now = this.overwriteNow(offset, data, opts.fua);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return now ?? this.change(offset, data.length, opts.fua, () => this.writeLocked(offset, data));
+  }
+
+  /**
+   * The common overwrite without a promise hop before the I/O: whole blocks that all hold data in this
+   * layer, host-contiguous, with their map page loaded, their intent bits already durable and the pages of
+   * every enabled bitmap loaded, and the block lock free now. It keeps change()'s protocol step for step
+   * (exclusive lock, intent registered, data, then map entries and bitmap bits, intent end, release), only
+   * synchronously. Returns null, having changed nothing, whenever any of that does not hold: the caller
+   * takes the general path (which also produces every error).
+   */
+  private overwriteNow(offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
+    const length = data.length;
+    const B = this.blockSize;
+    if (this.closed || this.readOnly || this.broken || this.gate || this.beforeChange) return null;
+    if (!(length > 0 && offset >= 0 && offset % B === 0 && length % B === 0 && Number.isSafeInteger(offset) && offset + length <= this.size)) return null;
+    const b0 = offset / B;
+    const n = length / B;
+    const p = Math.floor(b0 / 4096);
+    if (n > 1024 || Math.floor((b0 + n - 1) / 4096) !== p) return null;
+    const page = this.map.page(p);
+    if (!page) return null;
+    const i0 = b0 - p * 4096;
+    const host = page.host[i0]!;
+    for (let k = 0; k < n; k++) {
+      if (page.state[i0 + k] !== BlockState.Data || page.host[i0 + k] !== host + k * B) return null;
+    }
+    let bitmaps: SparseBitmap[] | null = null;
+    for (const b of this.bitmapSlots) {
+      if (!b || !b.enabled) continue;
+      if (!b.prepared(offset, length)) return null;
+      (bitmaps ??= []).push(b);
+    }
+    if (!this.intent.durable(offset, length)) return null;
+    const release = this.locks.tryAcquire(b0, b0 + n - 1, true);
+    if (!release) return null;
+    // From here on, as in change(): registered in flight, intent held, lock held, all undone by finish().
+    this.intent.tryBegin(offset, length); // true: checked just above, in the same tick
+    this.changesInFlight++;
+    const finish = (): void => {
+      this.intent.end(offset, length, this.epoch);
+      release();
+      if (--this.changesInFlight === 0 && this.changesDrained) this.changesDrained();
+    };
+    let io: Promise<number[]>;
+    try {
+      io = this.file.writeWithCrcs ? this.file.writeWithCrcs(data, host, B) : this.writeThenCrcs(data, host);
+    } catch (e) {
+      io = Promise.reject(e);
+    }
+    return io.then((crcs) => {
+      try {
+        for (let k = 0; k < n; k++) this.map.set(b0 + k, BlockState.Data, host + k * B, crcs[k]!, true);
+        if (bitmaps) for (const b of bitmaps) b.mark(offset, length);
+      } finally {
+        finish();
+      }
+      if (fua) return this.flush();
+      return undefined;
+    }, (e: unknown) => {
+      finish();
+      throw e;
+    });
+  }
+
+  private async writeThenCrcs(data: Buffer, host: number): Promise<number[]> {
+    await this.file.write(data, host);
+    const out: number[] = [];
+    for (let o = 0; o < data.length; o += this.blockSize) out.push(crc32(data.subarray(o, o + this.blockSize)));
+    return out;
   }
 
   private async writeLocked(offset: number, data: Buffer): Promise<void> {

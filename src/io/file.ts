@@ -6,7 +6,7 @@ import { crc32 } from 'node:zlib';
 import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
-import { nativeOps } from './native.js';
+import { type NativeOps, nativeOps } from './native.js';
 
 export interface HostFile {
   readonly path: string;
@@ -68,6 +68,8 @@ class NodeHostFile implements HostFile {
   private lockFile: string | null = null;
   private dsync: Promise<fsp.FileHandle> | null = null;
   private closed = false;
+  /** The addon's writeCrc (null: not available); undefined until the first writeWithCrcs. */
+  private writeCrc: NativeOps['writeCrc'] | null | undefined = undefined;
 
   constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
 
@@ -99,16 +101,23 @@ class NodeHostFile implements HostFile {
     }
   }
 
-  async writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
-    checkPosition(this.path, position, buf.length);
-    const n = nativeOps();
-    if (n?.writeCrc) {
-      try {
-        return await n.writeCrc(this.fh.fd, buf, position, blockSize);
-      } catch (e) {
-        throw ioError(this.path, `write at offset ${position}`, e);
+  writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
+    try {
+      checkPosition(this.path, position, buf.length);
+      // The addon's writeCrc, looked up once per file (at its first use) rather than per write.
+      if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
+      if (this.writeCrc) {
+        return this.writeCrc(this.fh.fd, buf, position, blockSize).catch((e: unknown) => {
+          throw ioError(this.path, `write at offset ${position}`, e);
+        });
       }
+    } catch (e) {
+      return Promise.reject(e instanceof KscError ? e : ioError(this.path, `write at offset ${position}`, e));
     }
+    return this.writeThenCrcs(buf, position, blockSize);
+  }
+
+  private async writeThenCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
     await this.write(buf, position);
     const out: number[] = [];
     for (let o = 0; o < buf.length; o += blockSize) out.push(crc32(buf.subarray(o, Math.min(buf.length, o + blockSize))));
