@@ -217,10 +217,13 @@ export class MapTable {
     this.newPages.clear();
     for (const page of this.pages.values()) {
       if (page.dirtyCount === 0) continue;
+      // One write per run of consecutive dirty sub-pages (whole sealed records either way).
       for (let sp = 0; sp < SUBPAGES; sp++) {
         if (!page.dirty[sp]) continue;
-        page.dirty[sp] = 0;
-        inPlace.push({ offset: page.hostOffset + sp * SUBPAGE, data: Buffer.from(page.raw.subarray(sp * SUBPAGE, (sp + 1) * SUBPAGE)) });
+        let end = sp;
+        while (end < SUBPAGES && page.dirty[end]) page.dirty[end++] = 0;
+        inPlace.push({ offset: page.hostOffset + sp * SUBPAGE, data: Buffer.from(page.raw.subarray(sp * SUBPAGE, end * SUBPAGE)) });
+        sp = end;
       }
       page.dirtyCount = 0;
     }
