@@ -21,6 +21,9 @@ export class IntentLog {
   private readonly wanted = new Set<number>();
   private chain: Promise<void> = Promise.resolve();
   private batch: Promise<void> | null = null;
+  /** Regions of the set-batch being written now, and that batch (begin() for them awaits it, not the next). */
+  private flying: Set<number> | null = null;
+  private flyingDone: Promise<void> | null = null;
   /** Counts syncs spent on intent bits, for the benchmark. */
   syncs = 0;
   /** Bytes per region (2^regionBits). */
@@ -104,18 +107,20 @@ export class IntentLog {
   /** Call before changing [offset, offset+length): resolves once the intent bits are durable. */
   async begin(offset: number, length: number): Promise<void> {
     const [r0, r1] = this.regionsOf(offset, length);
-    let missing = false;
-    for (let r = r0; r <= r1; r++) {
-      this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
-      if (!this.persisted[r]) {
-        this.wanted.add(r);
-        missing = true;
+    for (let r = r0; r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
+    for (;;) {
+      // Bits already on their way to the disk (in the batch being written) need only that batch; the others
+      // go into the next one, which is written after it.
+      let next = false;
+      let flying = false;
+      for (let r = r0; r <= r1; r++) {
+        if (this.persisted[r]) continue;
+        if (this.flying?.has(r)) flying = true;
+        else this.wanted.add(r), (next = true);
       }
-    }
-    while (missing) {
-      await this.kick();
-      missing = false;
-      for (let r = r0; r <= r1 && !missing; r++) if (!this.persisted[r]) missing = true, this.wanted.add(r);
+      if (next) await this.kick();
+      else if (flying) await this.flyingDone;
+      else return;
     }
   }
 
@@ -133,17 +138,26 @@ export class IntentLog {
   }
 
   private kick(): Promise<void> {
-    this.batch ??= this.enqueue(async () => {
+    if (this.batch) return this.batch;
+    const run: Promise<void> = this.enqueue(async () => {
       this.batch = null;
       const regions = [...this.wanted];
       this.wanted.clear();
       if (regions.length === 0) return;
-      for (const r of regions) this.setRawBit(r, true);
-      await this.writeWords(regions, true);
-      this.syncs++;
-      for (const r of regions) this.mark(r, true);
+      this.flying = new Set(regions);
+      this.flyingDone = run;
+      try {
+        for (const r of regions) this.setRawBit(r, true);
+        await this.writeWords(regions, true);
+        this.syncs++;
+        for (const r of regions) this.mark(r, true);
+      } finally {
+        this.flying = null;
+        this.flyingDone = null;
+      }
     });
-    return this.batch;
+    this.batch = run;
+    return run;
   }
 
   private enqueue(fn: () => Promise<void>): Promise<void> {

@@ -198,3 +198,34 @@ describe('whole-block overwrites (synchronous path)', () => {
     await expect(p4).rejects.toSatisfy((e: unknown) => isKscError(e, 'KSC_E_CLOSED'));
   });
 });
+
+describe('intent bits', () => {
+  it('a change to a region whose bit is being written waits for that write, not for another sync', async () => {
+    const dir = tempDir();
+    const path = join(dir, 'img.ksc');
+    const B = 64 * KiB;
+    await createImage(path, { size: 64 * B });
+    let durable = 0;
+    const opener: FileOpener = async (p, o) => {
+      const f: HostFile = await openHostFile(p, o);
+      const inner = f.writeDurable?.bind(f);
+      f.writeDurable = async (buf, pos) => {
+        durable++;
+        await new Promise((r) => setTimeout(r, 20));
+        await (inner ? inner(buf, pos) : f.write(buf, pos).then(() => f.sync()));
+      };
+      return f;
+    };
+    const img = await openKsc(path, { write: true, opener });
+    await img.addBitmap('b'); // every change needs its region's intent bit
+    const before = { syncs: img.intentSyncs, durable };
+    const first = img.write(0, Buffer.alloc(B, 1));
+    await new Promise((r) => setTimeout(r, 5)); // the bit of region 0 is now being written
+    const more = [img.write(B, Buffer.alloc(B, 2)), img.write(2 * B, Buffer.alloc(2 * B, 3))];
+    await Promise.all([first, ...more]);
+    expect(img.intentSyncs - before.syncs).toBe(1);
+    expect(durable - before.durable).toBe(1);
+    expect((await img.read(0, 4 * B)).equals(Buffer.concat([Buffer.alloc(B, 1), Buffer.alloc(B, 2), Buffer.alloc(2 * B, 3)]))).toBe(true);
+    await img.close();
+  });
+});
