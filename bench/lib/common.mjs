@@ -170,7 +170,8 @@ export async function timed(fn) {
 }
 
 /** mulberry32 (src/util/prng.ts): a small seeded PRNG, so both sides of a race see the same offsets every run. */
-export { mulberry32 as rng } from '../../dist/util/prng.js';
+import { mulberry32 as rng } from '../../dist/util/prng.js';
+export { rng };
 
 /** `count` request offsets, `size`-aligned, uniformly inside [0, span). */
 export function randomOffsets(seed, count, size, span) {
