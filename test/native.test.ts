@@ -439,7 +439,7 @@ describe.runIf(ops !== null)('native addon', () => {
   });
 });
 
-describe('writeCrc (pwrite + per-block CRC-32 on the pool)', () => {
+describe.runIf(ops !== null)('writeCrc (pwrite + per-block CRC-32 on the pool)', () => {
   it('writes the bytes and returns zlib crc32 of each block slice; errors carry the errno code', async () => {
     const { nativeOps } = await import('../src/io/native.js');
     const { crc32 } = await import('node:zlib');
@@ -513,5 +513,54 @@ describe.runIf(ops !== null)('native addon: page-cache reads and socket buffers'
     withFile('notsock', (fd) => {
       expectErrno(() => N().setSendBuffer!(fd, 1 << 20), 'ENOTSOCK', 'setsockopt');
     });
+  });
+});
+
+describe.runIf(ops !== null)('HostFile reads through the page cache first', () => {
+  it('a read only partly cached takes the cached start from readCached and the rest from the disk, all correct', async () => {
+    const { openHostFile } = await import('../src/io/file.js');
+    const { execFileSync } = await import('node:child_process');
+    const file = tmpFile('partial');
+    const data = Buffer.alloc(8 * MiB);
+    for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+    fs.writeFileSync(file, data);
+    const wfd = fs.openSync(file, 'r+');
+    fs.fsyncSync(wfd); // clean pages can be dropped
+    // GNU dd with iflag=nocache count=0 drops the whole file's pages. Reads with RWF_NOWAIT start the
+    // kernel's read-ahead (up to read_ahead_kb) for what they could not copy, so let that settle first.
+    const dropCache = async (): Promise<void> => {
+      await new Promise((r) => setTimeout(r, 150));
+      execFileSync('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+    };
+    // Whole pages written again are cached without a read (and without read-ahead): exactly 128 KiB.
+    const cacheStart = (): void => void fs.writeSync(wfd, data, 0, 128 * KiB, 0);
+    const probe = Buffer.alloc(4 * MiB);
+    const rfd = fs.openSync(file, 'r');
+    const hf = await openHostFile(file, { write: false });
+    try {
+      await dropCache();
+      cacheStart();
+      const cached = N().readCached!(rfd, probe, 0);
+      expect(cached).toBe(128 * KiB);
+      expect(probe.subarray(0, cached).equals(data.subarray(0, cached))).toBe(true);
+
+      await dropCache();
+      cacheStart();
+      const got = Buffer.alloc(4 * MiB, 0xaa);
+      expect(await hf.read(got, 0)).toBe(4 * MiB);
+      expect(got.equals(data.subarray(0, 4 * MiB))).toBe(true);
+      const tail = Buffer.alloc(100_000, 0xaa);
+      expect(await hf.read(tail, 8 * MiB - 50_000)).toBe(50_000); // end of file: short, the rest untouched
+      expect(tail.subarray(0, 50_000).equals(data.subarray(8 * MiB - 50_000))).toBe(true);
+      expect(tail.subarray(50_000).every((b) => b === 0xaa)).toBe(true);
+
+      fs.fsyncSync(wfd); // the rewritten start is dirty: clean it so it can be dropped too
+      await dropCache();
+      expect(N().readCached!(rfd, probe, 0)).toBe(0); // nothing cached: nothing read, no waiting
+    } finally {
+      await hf.close();
+      fs.closeSync(rfd);
+      fs.closeSync(wfd);
+    }
   });
 });

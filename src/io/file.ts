@@ -8,6 +8,9 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { type NativeOps, nativeOps } from './native.js';
 
+/** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
+const CACHED_READ_MAX = 1024 * 1024;
+
 export interface HostFile {
   readonly path: string;
   readonly writable: boolean;
@@ -70,12 +73,28 @@ class NodeHostFile implements HostFile {
   private closed = false;
   /** The addon's writeCrc (null: not available); undefined until the first writeWithCrcs. */
   private writeCrc: NativeOps['writeCrc'] | null | undefined = undefined;
+  /** The addon's readCached (null: not available or not supported by this file system); undefined until the first read. */
+  private readCached: NativeOps['readCached'] | null | undefined = undefined;
 
   constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
 
   async read(buf: Buffer, position: number): Promise<number> {
     checkPosition(this.path, position, buf.length);
     let done = 0;
+    // What the page cache holds is copied right here (preadv2 RWF_NOWAIT never waits for the disk): a
+    // trip through the thread pool and back costs more than copying a few hundred KiB. The rest, if any,
+    // goes the usual way.
+    if (this.readCached === undefined) this.readCached = nativeOps()?.readCached ?? null;
+    if (this.readCached && buf.length <= CACHED_READ_MAX) {
+      try {
+        const n = this.readCached(this.fh.fd, buf, position);
+        if (n === -2) this.readCached = null; // not supported here: never again for this file
+        else done = n;
+      } catch {
+        done = 0; // the read below meets the same error and reports it
+      }
+      if (done === buf.length) return done;
+    }
     try {
       while (done < buf.length) {
         const { bytesRead } = await this.fh.read(buf, done, buf.length - done, position + done);
