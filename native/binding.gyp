@@ -1,6 +1,7 @@
 {
   "variables": {
-    "have_lz4": "<!(test -f /usr/include/lz4.h && echo 1 || echo 0)"
+    "have_lz4": "<!(test -f /usr/include/lz4.h && echo 1 || echo 0)",
+    "have_libdeflate": "<!(test -f /usr/include/libdeflate.h && echo 1 || echo 0)"
   },
   "targets": [
     {
@@ -10,7 +11,8 @@
       "cflags": ["-Wall", "-Wextra", "-O2"],
       "cflags_c": ["-std=gnu11"],
       "conditions": [
-        ["have_lz4==1", { "defines": ["KSCINC_HAVE_LZ4"], "libraries": ["-llz4"] }]
+        ["have_lz4==1", { "defines": ["KSCINC_HAVE_LZ4"], "libraries": ["-llz4"] }],
+        ["have_libdeflate==1", { "defines": ["KSCINC_HAVE_LIBDEFLATE"], "libraries": ["-ldeflate"] }]
       ],
       "xcode_settings": {
         "GCC_C_LANGUAGE_STANDARD": "gnu11",

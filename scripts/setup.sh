@@ -9,6 +9,7 @@ for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin mkfs.ext4:e2fsprogs lz4:lz4; 
 done
 # liblz4's headers: the native addon then compresses with liblz4 itself (about twice lz4-napi's speed).
 [ -f /usr/include/lz4.h ] || need+=(liblz4-dev)
+[ -f /usr/include/libdeflate.h ] || need+=(libdeflate-dev)
 # The S3 tests run against a real single-node Ceph RGW (scripts/ceph-rgw.sh): no mgr needed.
 need_ceph=()
 for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common uuidgen:uuid-runtime curl:curl flock:util-linux; do
