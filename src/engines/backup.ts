@@ -6,6 +6,7 @@
  */
 import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { randomBytes } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
@@ -240,87 +241,32 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
-  const lock = await repo.lock('shared', `backup ${id} of ${opts.source ?? dev.name}`);
   let handedOver = false;
   let view: FrozenView | null = null;
   let writer: ReturnType<Repository['packWriter']> | null = null;
-  try {
-    // A damaged index object is skipped: the packs only it named are adopted below like orphans (§9 rule 6).
-    // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
-    const backupIds = repo.listBackupIds();
-    backupIds.catch(() => undefined);
-    const [index, packs] = await Promise.all([repo.loadIndex(() => undefined), repo.listPacks()]);
-    const adopted = await adoptOrphans(repo, index, packs);
+  const held: { lock: Awaited<ReturnType<Repository['lock']>> | null } = { lock: null };
+  let frozenAt = started;
+  const newToken = bitmap !== null ? randomBytes(16).toString('hex') : null;
 
-    // Which backup of this disk is the bitmap's reference point (§10)?
-    let fullReason: string | null = opts.full ? 'a full backup was asked for' : null;
-    let token: string | null = null;
-    let granularity = 0;
-    if (img && bitmap !== null) {
-      await recoverFrozenBitmap(img, bitmap);
-      const names = img.bitmapList.filter((b) => b !== null).map((b) => b!.name);
-      const tokens = tokenBitmaps(names, bitmap);
-      if (!img.hasBitmap(bitmap)) {
-        await img.addBitmap(bitmap, { enabled: true });
-        fullReason ??= `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
-      } else {
-        const st = img.bitmapInfo(bitmap)!;
-        granularity = st.granularity;
-        if (!st.consistent) fullReason ??= `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
-        else if (!st.enabled) fullReason ??= `bitmap "${bitmap}" is disabled`;
-        else if (st.granularity > C) fullReason ??= `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${C}`;
-      }
-      if (tokens.length === 1) token = tokens[0]!.slice(bitmap.length + 1);
-      else fullReason ??= tokens.length === 0 ? 'no earlier backup of this disk through this bitmap' : 'the bitmap has several backup tokens';
-    } else if (!fullReason) {
-      fullReason = img ? (img.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap';
-    }
-    let parent: Manifest | null = null;
-    if (!fullReason && token) {
-      for (const bid of (await backupIds).reverse()) {
-        const m = await repo.readManifest(bid).catch(() => null);
-        if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
-          parent = m;
-          break;
-        }
-      }
-      if (!parent) fullReason = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
-    }
-    if (parent) {
-      let missing = false;
-      parent.ids.forEachNonZero((_k, cid) => {
-        if (index.has(cid)) return true;
-        missing = true;
-        return false;
-      });
-      if (missing) {
-        fullReason = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
-        parent = null;
-      }
-    }
-    const full = fullReason !== null;
-    if (full) warmPool(); // the workers start while the plan is made
-
-    // Freeze: a point in time, the bitmap handed over, the plan made, copy-before-write installed.
-    // An incremental's list starts as its parent's (segments shared, copied only where a chunk changes).
-    const ids = parent ? (parent as Manifest).ids.clone() : new ChunkList(chunks);
-    const toRead: number[] = [];
-    const newToken = bitmap !== null ? (await import('node:crypto')).randomBytes(16).toString('hex') : null;
-    let frozenAt = started;
-    const plan = async (): Promise<void> => {
+  /**
+   * Freeze: a point in time, the bitmap handed over, the chunks to read found, copy-before-write installed
+   * for them. `dirty` null: a full backup (every chunk holding data); else the chunks the frozen bitmap marks.
+   */
+  const freeze = async (incremental: boolean): Promise<{ dirty: Set<number> | null; hasData: Set<number> }> => {
+    const run = async (): Promise<{ dirty: Set<number> | null; hasData: Set<number> }> => {
       frozenAt = now();
-      const dirty = new Set<number>();
+      let dirty: Set<number> | null = null;
       if (img && bitmap !== null) {
         const frozen = bitmap + FROZEN_SUFFIX;
         handedOver = true; // from here on, a failure merges the frozen bits back
         await img.freezeBitmap(bitmap, frozen);
-        if (!full) chunkSetFromExtents(await img.bitmapExtents(frozen), C, dirty);
+        if (incremental) chunkSetFromExtents(await img.bitmapExtents(frozen), C, (dirty = new Set<number>()));
       }
       // Which chunks hold data: over the whole disk for a full backup, over the dirty chunks otherwise.
       const hasData = new Set<number>();
-      if (full) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
+      if (!dirty) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
       else {
-        const ks = [...dirty].sort((a, b) => a - b);
+        const ks = [...dirty].sort((x, y) => x - y);
         const runs: [number, number][] = [];
         for (let i = 0; i < ks.length;) {
           let j = i;
@@ -332,24 +278,118 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
           chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
         });
       }
-      // Only the chunks read change the list (and dirty chunks without data become zero ids): O(dirty), not O(disk).
-      if (full) {
-        for (const k of hasData) if (k < chunks) toRead.push(k);
-      } else {
-        for (const k of dirty) {
-          if (k >= chunks) continue;
-          if (hasData.has(k)) toRead.push(k);
-          else ids.set(k, ZERO_ID);
-        }
-      }
-      toRead.sort((a, b) => a - b);
       if (img) {
-        view = new FrozenView(dev, C, new Set(toRead));
+        const needed = new Set<number>();
+        for (const k of hasData) if (k < chunks && (!dirty || dirty.has(k))) needed.add(k);
+        view = new FrozenView(dev, C, needed);
         img.setBeforeChange(view.hook);
       }
+      return { dirty, hasData };
     };
-    if (img && !img.readOnly) await img.quiesce(plan);
-    else await plan();
+    return img && !img.readOnly ? img.quiesce(run) : run();
+  };
+  /** Undoes a freeze (the frozen bits merge back into the bitmap). */
+  const thaw = async (): Promise<void> => {
+    if (img) img.setBeforeChange(null);
+    await (view as FrozenView | null)?.close();
+    view = null;
+    if (img && bitmap !== null && handedOver) await recoverFrozenBitmap(img, bitmap);
+    handedOver = false;
+  };
+
+  try {
+    // Which backup of this disk is the bitmap's reference point (§10)? What the image alone can tell.
+    let fullReason: string | null = opts.full ? 'a full backup was asked for' : null;
+    let token: string | null = null;
+    if (img && bitmap !== null) {
+      await recoverFrozenBitmap(img, bitmap);
+      const names = img.bitmapList.filter((b) => b !== null).map((b) => b!.name);
+      const tokens = tokenBitmaps(names, bitmap);
+      if (!img.hasBitmap(bitmap)) {
+        await img.addBitmap(bitmap, { enabled: true });
+        fullReason ??= `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
+      } else {
+        const st = img.bitmapInfo(bitmap)!;
+        if (!st.consistent) fullReason ??= `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
+        else if (!st.enabled) fullReason ??= `bitmap "${bitmap}" is disabled`;
+        else if (st.granularity > C) fullReason ??= `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${C}`;
+      }
+      if (tokens.length === 1) token = tokens[0]!.slice(bitmap.length + 1);
+      else fullReason ??= tokens.length === 0 ? 'no earlier backup of this disk through this bitmap' : 'the bitmap has several backup tokens';
+    } else if (!fullReason) {
+      fullReason = img ? (img.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap';
+    }
+    if (fullReason) warmPool(); // the workers start while the plan is made
+
+    // The repository side (lock, index, orphans, the parent manifest) runs while the image is frozen for an
+    // incremental, when the image allows one: most backups are. Should the repository then call for a full
+    // backup, that freeze is undone (the bits merge back) and a full one made.
+    const repoSide = (async () => {
+      held.lock = await repo.lock('shared', `backup ${id} of ${opts.source ?? dev.name}`);
+      // A damaged index object is skipped: the packs only it named are adopted below like orphans (§9 rule 6).
+      // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
+      const backupIds = repo.listBackupIds();
+      backupIds.catch(() => undefined);
+      const [index, packs] = await Promise.all([repo.loadIndex(() => undefined), repo.listPacks()]);
+      const adopted = await adoptOrphans(repo, index, packs);
+      let parent: Manifest | null = null;
+      let why: string | null = null;
+      if (!fullReason && token) {
+        for (const bid of (await backupIds).reverse()) {
+          const m = await repo.readManifest(bid).catch(() => null);
+          if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
+            parent = m;
+            break;
+          }
+        }
+        if (!parent) why = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
+      }
+      if (parent) {
+        let missing = false;
+        parent.ids.forEachNonZero((_k, cid) => {
+          if (index.has(cid)) return true;
+          missing = true;
+          return false;
+        });
+        if (missing) {
+          why = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
+          parent = null;
+        }
+      }
+      return { index, adopted, parent, why };
+    })();
+    const imageSide = fullReason ? null : freeze(true);
+    const [r, f] = await Promise.allSettled([repoSide, imageSide]);
+    if (r.status === 'rejected') throw r.reason;
+    if (f.status === 'rejected') throw f.reason;
+    const { index, adopted } = r.value;
+    const parent = r.value.parent;
+    fullReason ??= r.value.why;
+    const full = fullReason !== null;
+    let frozen = f.value;
+    if (full && frozen) {
+      await thaw();
+      frozen = null;
+    }
+    if (full && !poolStarted()) warmPool();
+    frozen ??= await freeze(!full);
+
+    // An incremental's list starts as its parent's (segments shared, copied only where a chunk changes);
+    // only the chunks read change it (and dirty chunks without data become zero ids): O(dirty), not O(disk).
+    const ids = parent ? (parent as Manifest).ids.clone() : new ChunkList(chunks);
+    const toRead: number[] = [];
+    const { dirty, hasData } = frozen;
+    if (!dirty) {
+      for (const k of hasData) if (k < chunks) toRead.push(k);
+    } else {
+      for (const k of dirty) {
+        if (k >= chunks) continue;
+        if (hasData.has(k)) toRead.push(k);
+        else ids.set(k, ZERO_ID);
+      }
+    }
+    toRead.sort((x, y) => x - y);
+    const lock = held.lock!;
 
     // Read → hash/zero-check/compress in workers → dedupe → pack → upload.
     const totalBytes = toRead.reduce((s, k) => s + Math.min(C, dev.size - k * C), 0);
@@ -433,6 +473,6 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     throw e;
   } finally {
-    await lock.release();
+    await held.lock?.release();
   }
 }

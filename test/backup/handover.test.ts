@@ -178,3 +178,79 @@ describe('bitmap handover when a backup fails', () => {
     }
   });
 });
+
+describe('the freeze made while the repository is read (an incremental when the image allows one)', () => {
+  it('a repository without the bitmap\'s parent: that freeze is undone and a full backup made; bits and later writes kept', async () => {
+    const rng = root.fork();
+    const repoA = await newRepo(join(dir, 'spec-A'));
+    const repoB = await newRepo(join(dir, 'spec-B'));
+    const path = await makeDisk(dir, 'spec', rng, { size: 48 * MiB, baseSize: 40 * MiB, baseRegions: 5, maxRegion: 4 * MiB });
+    const img = await openKsc(path, { write: true });
+    try {
+      const a1 = await backupDevice(img, repoA);
+      expect(a1.full).toBe(true);
+      const w1 = await randomChanges(img, rng, 12, { dataOnly: true });
+      const g = await granularity(img, BITMAP);
+      const bits1 = granules(await img.bitmapExtents(BITMAP), g);
+      expect(sorted(bits1)).toEqual(sorted(granules(w1, g)));
+
+      // Repository B never saw this disk: the image's token matches nothing there.
+      const b1 = await backupDevice(img, repoB);
+      expect(b1.full).toBe(true);
+      expect(b1.fullReason).toMatch(/no backup in .* matches bitmap "backup"'s state/);
+      expect(img.hasBitmap(BITMAP + FROZEN_SUFFIX)).toBe(false);
+      expect(await img.bitmapExtents(BITMAP)).toEqual([]); // handed over to b1
+      const tokenB = (await repoB.readManifest(b1.id)).bitmapToken;
+      expect(await tokenNames(img)).toEqual([`${BITMAP}${TOKEN_SEPARATOR}${tokenB}`]);
+      const s1 = await contents(img);
+      await restoreBackup(repoB, b1.id, join(dir, 'spec-b1.raw'));
+      expectSame(await readImage(join(dir, 'spec-b1.raw')), s1, 'full backup made after the undone freeze');
+
+      // Next into B: incremental from b1, exactly the chunks written since.
+      const w2 = await randomChanges(img, rng, 6, { dataOnly: true });
+      const b2 = await backupDevice(img, repoB);
+      expect(b2.full, String(b2.fullReason)).toBe(false);
+      expect(b2.parent).toBe(b1.id);
+      expect(b2.chunksDirty).toBe(chunksOf(w2, C).size);
+      // And A now lacks the token: full again, and restorable.
+      const a2 = await backupDevice(img, repoA);
+      expect(a2.full).toBe(true);
+      const s2 = await contents(img);
+      await restoreBackup(repoA, a2.id, join(dir, 'spec-a2.raw'));
+      expectSame(await readImage(join(dir, 'spec-a2.raw')), s2, 'full backup into A');
+      expect((await verifyRepo(repoA)).ok && (await verifyRepo(repoB)).ok).toBe(true);
+    } finally {
+      await img.close();
+    }
+  });
+
+  it('a locked repository: the backup fails, the frozen bits merge back, the next backup is incremental and exact', async () => {
+    const rng = root.fork();
+    const repo = await newRepo(join(dir, 'spec-locked'));
+    const path = await makeDisk(dir, 'spec-locked', rng, { size: 32 * MiB, baseSize: 30 * MiB, baseRegions: 4, maxRegion: 4 * MiB });
+    const img = await openKsc(path, { write: true });
+    try {
+      const b1 = await backupDevice(img, repo);
+      const w = await randomChanges(img, rng, 8, { dataOnly: true });
+      const g = await granularity(img, BITMAP);
+      const bits = granules(await img.bitmapExtents(BITMAP), g);
+      const prune = await repo.lock('exclusive', 'a prune, say');
+      try {
+        await expectKscError(backupDevice(img, repo), 'KSC_E_LOCKED', 'backup while an exclusive lock is held');
+      } finally {
+        await prune.release();
+      }
+      expect(img.hasBitmap(BITMAP + FROZEN_SUFFIX), 'a frozen bitmap was left behind').toBe(false);
+      expect(sorted(granules(await img.bitmapExtents(BITMAP), g))).toEqual(sorted(bits));
+      const b2 = await backupDevice(img, repo);
+      expect(b2.full, String(b2.fullReason)).toBe(false);
+      expect(b2.parent).toBe(b1.id);
+      expect(b2.chunksDirty).toBe(chunksOf(w, C).size);
+      const s2 = await contents(img);
+      await restoreBackup(repo, b2.id, join(dir, 'spec-locked-restored.raw'));
+      expectSame(await readImage(join(dir, 'spec-locked-restored.raw')), s2, 'restore after the locked attempt');
+    } finally {
+      await img.close();
+    }
+  });
+});
