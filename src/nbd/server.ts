@@ -47,6 +47,15 @@ export interface NbdServerOptions {
 const MAX_OPTION_LENGTH = 64 * 1024;
 /** Extents in one BLOCK_STATUS chunk (the spec asks for at most 2^20). */
 const MAX_STATUS_EXTENTS = 65536;
+/** Read buffers kept for reuse per connection, and the largest size class pooled. */
+const POOL_BYTES = 16 * 1024 * 1024;
+const MAX_POOLED = 4 * 1024 * 1024;
+
+/** The power-of-two size class (at least 4 KiB) a read of `n` bytes takes its buffer from. */
+function sizeClass(n: number): number {
+  return n <= 4096 ? 4096 : 2 ** Math.ceil(Math.log2(n));
+}
+
 /** A READ whose range splits into more extents than this is sent as one data chunk. */
 const MAX_READ_CHUNKS = 64;
 
@@ -265,28 +274,37 @@ class Session {
     this.socket.destroy();
   }
 
-  /** Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full. */
   /**
    * Read buffers are reused once the socket has taken their bytes: allocating a fresh buffer per READ made
-   * the garbage collector a large share of the main thread's time under sequential reads.
+   * the garbage collector (and the kernel's page faults on fresh memory) a large share of the main thread's
+   * time under sequential reads. Buffers come in power-of-two size classes (4 KiB … 4 MiB), so the odd-sized
+   * reads at extent edges reuse them too; at most POOL_BYTES are kept per connection.
    */
   private readonly bufferPool = new Map<number, Buffer[]>();
+  private poolBytes = 0;
 
   private takeBuffer(n: number): Buffer {
-    return this.bufferPool.get(n)?.pop() ?? Buffer.allocUnsafeSlow(n);
+    const size = sizeClass(n);
+    const b = this.bufferPool.get(size)?.pop();
+    if (b) {
+      this.poolBytes -= size;
+      return b;
+    }
+    return Buffer.allocUnsafeSlow(size);
   }
 
   private giveBuffers(bufs: Buffer[]): void {
     for (const b of bufs) {
-      let l = this.bufferPool.get(b.length);
-      if (!l) {
-        if (this.bufferPool.size >= 8 || b.length > 4 * 1024 * 1024) continue;
-        this.bufferPool.set(b.length, (l = []));
-      }
-      if (l.length < 32) l.push(b);
+      const size = b.length;
+      if (size > MAX_POOLED || size !== sizeClass(size) || this.poolBytes + size > POOL_BYTES) continue;
+      let l = this.bufferPool.get(size);
+      if (!l) this.bufferPool.set(size, (l = []));
+      l.push(b);
+      this.poolBytes += size;
     }
   }
 
+  /** Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full. */
   private async send(parts: Buffer[], recycle?: Buffer[]): Promise<void> {
     const s = this.socket;
     while (!s.destroyed && s.writableNeedDrain) {
@@ -578,14 +596,15 @@ class Session {
     const len = req.length;
     const readData = async (o: number, n: number): Promise<Buffer> => {
       const b = this.takeBuffer(n);
+      const view = b.length === n ? b : b.subarray(0, n);
       try {
-        await dev.readInto(o, b);
+        await dev.readInto(o, view);
       } catch (e) {
         this.giveBuffers([b]);
         throw e;
       }
       recycle.push(b);
-      return b;
+      return view;
     };
     if (!this.structured) {
       const data = len > 0 ? await readData(off, len) : Buffer.alloc(0);
