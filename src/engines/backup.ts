@@ -23,6 +23,8 @@ export const TOKEN_SEPARATOR = '#';
 export const DEFAULT_BITMAP = 'backup';
 /** Bitmap names are at most 64 bytes and the token record adds 33. */
 export const MAX_BACKUP_BITMAP_NAME = 31;
+/** An incremental with at most this many dirty chunks reads them all without asking the map which hold data. */
+const DIRECT_READ_CHUNKS = 64;
 /** Default of BackupOptions.inlineBytes. */
 const INLINE_BYTES = 16 * 1024 * 1024;
 
@@ -262,9 +264,12 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         await img.freezeBitmap(bitmap, frozen);
         if (incremental) chunkSetFromExtents(await img.bitmapExtents(frozen), C, (dirty = new Set<number>()));
       }
-      // Which chunks hold data: over the whole disk for a full backup, over the dirty chunks otherwise.
+      // Which chunks hold data: over the whole disk for a full backup, over the dirty chunks otherwise. A few
+      // dirty chunks are simply read (a hole reads as zeros and gets the zero id): asking the map first
+      // costs more than that, and it would be done while writes wait.
       const hasData = new Set<number>();
       if (!dirty) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
+      else if (dirty.size <= DIRECT_READ_CHUNKS) for (const k of dirty) hasData.add(k);
       else {
         const ks = [...dirty].sort((x, y) => x - y);
         const runs: [number, number][] = [];

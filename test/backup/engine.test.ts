@@ -98,6 +98,40 @@ describe('backup → change → incremental → restore', () => {
     expect((await verifyRepo(repo)).ok).toBe(true);
   });
 
+  it('many dirty chunks: the map is asked which hold data (discarded ones are not read); a few: all are read', async () => {
+    const rng = root.fork();
+    const repo = await newRepo(join(dir, 'repo-dirty-map'));
+    const path = await makeDisk(dir, 'dirtymap', rng, { size: 160 * MiB });
+    const img = await openKsc(path, { write: true });
+    try {
+      await img.write(0, rng.bytes(150 * MiB));
+      const b1 = await backupDevice(img, repo);
+      expect(b1.chunksDirty).toBe(150);
+      // 100 dirty chunks (over the direct-read limit): 90 discarded whole, 10 rewritten.
+      await img.discard(10 * MiB, 90 * MiB);
+      await img.write(120 * MiB, rng.bytes(10 * MiB));
+      const b2 = await backupDevice(img, repo);
+      expect(b2.full, String(b2.fullReason)).toBe(false);
+      expect(b2.chunksDirty).toBe(10); // the 90 holes were skipped
+      const s2 = await contents(img);
+      // 5 dirty chunks: 3 discarded, 2 rewritten — all 5 read (holes read as zeros), the same result.
+      await img.discard(130 * MiB, 3 * MiB);
+      await img.write(140 * MiB, rng.bytes(2 * MiB));
+      const b3 = await backupDevice(img, repo);
+      expect(b3.full).toBe(false);
+      expect(b3.chunksDirty).toBe(5);
+      expect(b3.chunksNew).toBe(2);
+      const s3 = await contents(img);
+      for (const [b, data] of [[b2, s2], [b3, s3]] as const) {
+        const target = join(dir, `dirtymap-${b.id}.raw`);
+        await restoreBackup(repo, b.id, target);
+        expectSame(await readImage(target), data, `restore of ${b.id}`);
+      }
+    } finally {
+      await img.close();
+    }
+  });
+
   it('--full reads every data chunk but stores nothing already there; the next backup is incremental again', async () => {
     const rng = root.fork();
     const repo = await newRepo(join(dir, 'repo-full'));
