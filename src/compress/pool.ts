@@ -36,9 +36,11 @@ function getPool(): Piscina {
 
 /**
  * Starts the workers and their hashers now (in the background), so a job's first batch does not wait for
- * them: call at the start of a backup or restore, before the repository reads.
+ * them: call at the start of a backup or restore, before the repository reads. Does nothing when the pool
+ * is already running.
  */
 export function warmPool(): void {
+  if (pool) return;
   const p = getPool();
   for (let i = 0; i < poolSize(); i++) {
     const data = new Uint8Array(new ArrayBuffer(0));

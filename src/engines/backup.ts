@@ -252,10 +252,12 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
 
   /**
    * Freeze: a point in time, the bitmap handed over, the chunks to read found, copy-before-write installed
-   * for them. `dirty` null: a full backup (every chunk holding data); else the chunks the frozen bitmap marks.
+   * for them. `dirty`: the chunks the frozen bitmap marks (null for a full backup); `read`: the chunks to
+   * read (every chunk holding data for a full backup; the dirty ones that may hold data otherwise).
    */
-  const freeze = async (incremental: boolean): Promise<{ dirty: Set<number> | null; hasData: Set<number> }> => {
-    const run = async (): Promise<{ dirty: Set<number> | null; hasData: Set<number> }> => {
+  type Frozen = { dirty: Set<number> | null; read: Set<number> };
+  const freeze = async (incremental: boolean): Promise<Frozen> => {
+    const run = async (): Promise<Frozen> => {
       frozenAt = now();
       let dirty: Set<number> | null = null;
       if (img && bitmap !== null) {
@@ -283,13 +285,13 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
           chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
         });
       }
+      const read = new Set<number>();
+      for (const k of hasData) if (k < chunks && (!dirty || dirty.has(k))) read.add(k);
       if (img) {
-        const needed = new Set<number>();
-        for (const k of hasData) if (k < chunks && (!dirty || dirty.has(k))) needed.add(k);
-        view = new FrozenView(dev, C, needed);
+        view = new FrozenView(dev, C, read);
         img.setBeforeChange(view.hook);
       }
-      return { dirty, hasData };
+      return { dirty, read };
     };
     return img && !img.readOnly ? img.quiesce(run) : run();
   };
@@ -333,13 +335,13 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       held.lock = await repo.lock('shared', `backup ${id} of ${opts.source ?? dev.name}`);
       // A damaged index object is skipped: the packs only it named are adopted below like orphans (§9 rule 6).
       // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
-      const backupIds = repo.listBackupIds();
-      backupIds.catch(() => undefined);
+      const backupIds = !fullReason && token !== null ? repo.listBackupIds() : null;
+      backupIds?.catch(() => undefined);
       const [index, packs] = await Promise.all([repo.loadIndex(() => undefined), repo.listPacks()]);
       const adopted = await adoptOrphans(repo, index, packs);
       let parent: Manifest | null = null;
       let why: string | null = null;
-      if (!fullReason && token) {
+      if (backupIds) {
         for (const bid of (await backupIds).reverse()) {
           const m = await repo.readManifest(bid).catch(() => null);
           if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
@@ -376,24 +378,15 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       await thaw();
       frozen = null;
     }
-    if (full && !poolStarted()) warmPool();
+    if (full) warmPool();
     frozen ??= await freeze(!full);
 
     // An incremental's list starts as its parent's (segments shared, copied only where a chunk changes);
     // only the chunks read change it (and dirty chunks without data become zero ids): O(dirty), not O(disk).
-    const ids = parent ? (parent as Manifest).ids.clone() : new ChunkList(chunks);
-    const toRead: number[] = [];
-    const { dirty, hasData } = frozen;
-    if (!dirty) {
-      for (const k of hasData) if (k < chunks) toRead.push(k);
-    } else {
-      for (const k of dirty) {
-        if (k >= chunks) continue;
-        if (hasData.has(k)) toRead.push(k);
-        else ids.set(k, ZERO_ID);
-      }
-    }
-    toRead.sort((x, y) => x - y);
+    const ids = parent ? parent.ids.clone() : new ChunkList(chunks);
+    const { dirty, read } = frozen;
+    for (const k of dirty ?? []) if (k < chunks && !read.has(k)) ids.set(k, ZERO_ID);
+    const toRead = [...read].sort((x, y) => x - y);
     const lock = held.lock!;
 
     // Read → hash/zero-check/compress in workers → dedupe → pack → upload.

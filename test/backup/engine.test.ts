@@ -18,7 +18,7 @@ import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { kscinc } from '../helpers/cli.js';
 import {
-  MiB, KiB, chunkLen, chunksOf, contents, differingChunks, expectKscError, expectSame, makeDisk, newRepo, randomChanges, readImage,
+  MiB, KiB, chunkLen, expectRestores, chunksOf, contents, differingChunks, expectKscError, expectSame, makeDisk, newRepo, randomChanges, readImage,
   writeRawRegions, zeroChunks,
 } from './helpers/fixtures.js';
 
@@ -124,8 +124,7 @@ describe('backup → change → incremental → restore', () => {
       const s3 = await contents(img);
       for (const [b, data] of [[b2, s2], [b3, s3]] as const) {
         const target = join(dir, `dirtymap-${b.id}.raw`);
-        await restoreBackup(repo, b.id, target);
-        expectSame(await readImage(target), data, `restore of ${b.id}`);
+        await expectRestores(repo, b.id, target, data, `restore of ${b.id}`);
       }
     } finally {
       await img.close();
@@ -155,8 +154,7 @@ describe('backup → change → incremental → restore', () => {
       expect(b3.full).toBe(false);
       expect(b3.parent).toBe(b2.id);
       expect(b3.chunksDirty).toBe(0);
-      await restoreBackup(repo, b2.id, join(dir, 'full-2.raw'));
-      expectSame(await readImage(join(dir, 'full-2.raw')), s2, 'restore of the --full backup');
+      await expectRestores(repo, b2.id, join(dir, 'full-2.raw'), s2, 'restore of the --full backup');
     } finally {
       await img.close();
     }
@@ -183,8 +181,7 @@ describe('backup → change → incremental → restore', () => {
       expect(b2.chunksNew).toBe(differingChunks(s1, s2).length);
       expect(b2.disk).toBe(b1.disk); // §7.4: derived from the path
       for (const [id, data, name] of [[b1.id, s1, 'raw-1'], [b2.id, s2, 'raw-2']] as const) {
-        await restoreBackup(repo, id, join(dir, `${name}.out`));
-        expectSame(await readImage(join(dir, `${name}.out`)), data, `restore of ${name}`);
+        await expectRestores(repo, id, join(dir, `${name}.out`), data, `restore of ${name}`);
       }
     } finally {
       await dev.close();

@@ -7,7 +7,6 @@
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice, FROZEN_SUFFIX, TOKEN_SEPARATOR } from '../../src/engines/backup.js';
-import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import type { KscImage } from '../../src/image/ksc.js';
@@ -16,7 +15,7 @@ import { KscError } from '../../src/errors.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { MiB, KiB, chunksOf, contents, expectKscError, expectSame, makeDisk, newRepo, randomChanges, readImage, type Touch } from './helpers/fixtures.js';
+import { MiB, KiB, chunksOf, contents, expectKscError, expectRestores, makeDisk, newRepo, randomChanges, type Touch } from './helpers/fixtures.js';
 import type { Repository } from '../../src/repo/repository.js';
 
 const dir = tempDir('kscinc-backup-handover-');
@@ -131,8 +130,7 @@ describe('bitmap handover when a backup fails', () => {
         expect(await orphanPacks(repo), 'orphan packs were not adopted').toEqual([]);
         expect(img.hasBitmap(BITMAP + FROZEN_SUFFIX)).toBe(false);
         expect(await img.bitmapExtents(BITMAP)).toEqual([]);
-        await restoreBackup(repo, b3.id, join(dir, `after-${failure.prefix.slice(0, -1)}.raw`));
-        expectSame(await readImage(join(dir, `after-${failure.prefix.slice(0, -1)}.raw`)), s3, 'restore of the backup after the failed one');
+        await expectRestores(repo, b3.id, join(dir, `after-${failure.prefix.slice(0, -1)}.raw`), s3, 'restore of the backup after the failed one');
         expect((await verifyRepo(repo)).ok).toBe(true);
       } finally {
         await img.close();
@@ -171,8 +169,7 @@ describe('bitmap handover when a backup fails', () => {
       expect(b2.chunksDirty).toBe(chunksOf([...w1, ...w2], C).size);
       expect(img.hasBitmap(BITMAP + FROZEN_SUFFIX)).toBe(false);
       expect(await img.bitmapExtents(BITMAP)).toEqual([]);
-      await restoreBackup(repo, b2.id, join(dir, 'crash.raw'));
-      expectSame(await readImage(join(dir, 'crash.raw')), s2, 'restore after merging a leftover frozen bitmap');
+      await expectRestores(repo, b2.id, join(dir, 'crash.raw'), s2, 'restore after merging a leftover frozen bitmap');
     } finally {
       await img.close();
     }
@@ -203,8 +200,7 @@ describe('the freeze made while the repository is read (an incremental when the 
       const tokenB = (await repoB.readManifest(b1.id)).bitmapToken;
       expect(await tokenNames(img)).toEqual([`${BITMAP}${TOKEN_SEPARATOR}${tokenB}`]);
       const s1 = await contents(img);
-      await restoreBackup(repoB, b1.id, join(dir, 'spec-b1.raw'));
-      expectSame(await readImage(join(dir, 'spec-b1.raw')), s1, 'full backup made after the undone freeze');
+      await expectRestores(repoB, b1.id, join(dir, 'spec-b1.raw'), s1, 'full backup made after the undone freeze');
 
       // Next into B: incremental from b1, exactly the chunks written since.
       const w2 = await randomChanges(img, rng, 6, { dataOnly: true });
@@ -216,8 +212,7 @@ describe('the freeze made while the repository is read (an incremental when the 
       const a2 = await backupDevice(img, repoA);
       expect(a2.full).toBe(true);
       const s2 = await contents(img);
-      await restoreBackup(repoA, a2.id, join(dir, 'spec-a2.raw'));
-      expectSame(await readImage(join(dir, 'spec-a2.raw')), s2, 'full backup into A');
+      await expectRestores(repoA, a2.id, join(dir, 'spec-a2.raw'), s2, 'full backup into A');
       expect((await verifyRepo(repoA)).ok && (await verifyRepo(repoB)).ok).toBe(true);
     } finally {
       await img.close();
@@ -247,8 +242,7 @@ describe('the freeze made while the repository is read (an incremental when the 
       expect(b2.parent).toBe(b1.id);
       expect(b2.chunksDirty).toBe(chunksOf(w, C).size);
       const s2 = await contents(img);
-      await restoreBackup(repo, b2.id, join(dir, 'spec-locked-restored.raw'));
-      expectSame(await readImage(join(dir, 'spec-locked-restored.raw')), s2, 'restore after the locked attempt');
+      await expectRestores(repo, b2.id, join(dir, 'spec-locked-restored.raw'), s2, 'restore after the locked attempt');
     } finally {
       await img.close();
     }

@@ -10,6 +10,7 @@ import { expect } from 'vitest';
 import { FsStore } from '../../../src/objstore/fs.js';
 import type { ObjectStore } from '../../../src/objstore/types.js';
 import { Repository } from '../../../src/repo/repository.js';
+import { restoreBackup } from '../../../src/engines/restore.js';
 import { createImage, openImage, openKsc } from '../../../src/image/open.js';
 import type { KscImage } from '../../../src/image/ksc.js';
 import type { BlockDevice } from '../../../src/image/types.js';
@@ -229,4 +230,10 @@ export async function withKsc<T>(path: string, fn: (img: KscImage) => Promise<T>
 
 export function writeFile(path: string, data: Buffer): void {
   writeFileSync(path, data);
+}
+
+/** Restores backup `id` to a new raw file `target` and expects exactly `expected` there. */
+export async function expectRestores(repo: Repository, id: string, target: string, expected: Buffer, what: string): Promise<void> {
+  await restoreBackup(repo, id, target);
+  expectSame(await readImage(target), expected, what);
 }
