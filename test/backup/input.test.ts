@@ -61,7 +61,9 @@ describe('restore: wrong input', () => {
 
   it('malformed ids: KSC_E_INVALID, no target created', async () => {
     const digest = await treeDigest(repoDir);
-    for (const bad of ['bogus', '', '../config', id.toUpperCase(), id + 'x', id.slice(0, -1), `manifests/${id}`]) {
+    // Case: lower-case "t"/"z" always differ from the id; upper-case hex only when its random part has a letter.
+    const cased = [id.toLowerCase(), id.toUpperCase()].filter((v) => v !== id);
+    for (const bad of ['bogus', '', '../config', ...cased, id + 'x', id.slice(0, -1), `manifests/${id}`]) {
       const target = join(dir, 'malformed.raw');
       const err = await expectKscError(restoreBackup(repo, bad, target), 'KSC_E_INVALID', `id ${JSON.stringify(bad)}`);
       expect(err.message).toMatch(/is not a backup id/);
