@@ -7,7 +7,8 @@ import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createImage, openKsc } from '../src/index.js';
-import { seal, sealOf, sealOk } from '../src/format/seal.js';
+import { fillEmpty16, seal, sealAt, sealOf, sealOk, sealOkAt } from '../src/format/seal.js';
+import { Rng, seedFor } from './helpers/rng.js';
 import { ROOT } from './helpers/corrupt.js';
 import { tempDir } from './helpers/tmp.js';
 
@@ -151,6 +152,38 @@ describe('§12.1 sealed records', () => {
       expect(sealOk(rec, v.tag, Number(v.index)), v.line).toBe(true);
       expect(sealOk(rec, v.tag + 256, Number(v.index)), v.line).toBe(false);
       expect(sealOk(rec, v.tag, Number(v.index) + 1), v.line).toBe(false);
+    }
+  });
+});
+
+describe('§3 seals of any payload length, at any offset', () => {
+  it('the table path (short payloads) and the zlib path (long ones) both give the reference seal', () => {
+    const rng = new Rng(seedFor('test/spec-vectors.test.ts'));
+    for (let n = 0; n < 2000; n++) {
+      const length = rng.int(0, 160);
+      const offset = rng.int(0, 40);
+      const buf = Buffer.alloc(offset + length + 4 + rng.int(0, 8));
+      for (let i = 0; i < buf.length; i++) buf[i] = rng.int(0, 255);
+      const tag = rng.int(0, 0xffffffff);
+      const index = rng.int(0, 0x1fffff) * 0x100000000 + rng.int(0, 0xffffffff); // below 2^53
+      const payload = buf.subarray(offset, offset + length);
+      const want = sealRef(tag, BigInt(index), payload);
+      const what = `case ${n}: ${length} bytes at ${offset}, tag ${tag}, index ${index}`;
+      expect(sealAt(buf, offset, length, tag, index), what).toBe(want);
+      buf.writeUInt32LE(want, offset + length);
+      expect(sealOkAt(buf, offset, length + 4, tag, index), what).toBe(true);
+      buf[offset + rng.int(0, length + 3)]! ^= 1 << rng.int(0, 7);
+      expect(sealOkAt(buf, offset, length + 4, tag, index), `${what}, one bit flipped`).toBe(false);
+    }
+  });
+
+  it('fillEmpty16 writes zero payloads sealed with consecutive indices', () => {
+    const buf = Buffer.alloc(16 * 300, 0xee);
+    const first = 2 ** 32 - 150; // the indices cross 2^32
+    fillEmpty16(buf, 0x4d415030, first);
+    for (let r = 0; r < 300; r++) {
+      expect(buf.subarray(r * 16, r * 16 + 12).equals(Buffer.alloc(12)), `record ${r}`).toBe(true);
+      expect(buf.readUInt32LE(r * 16 + 12), `record ${r}`).toBe(sealRef(0x4d415030, BigInt(first + r), Buffer.alloc(12)));
     }
   });
 });

@@ -10,7 +10,7 @@ import {
   BITMAP_DIR_ENTRY_SIZE, BITMAP_PAGE_BYTES, BITS_PER_PAGE, MAX_BITMAP_NAME, MAX_GRANULARITY_BITS,
   MIN_GRANULARITY_BITS, TAG_BITMAP_DIR, WORDS_PER_PAGE, tagBitmapTable, tagBitmapWord,
 } from '../format/constants.js';
-import { fillEmpty16, seal, sealOk } from '../format/seal.js';
+import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
 import type { MapWrite } from './maptable.js';
 
 const FLAG_IN_USE = 1;
@@ -124,12 +124,12 @@ export class SparseBitmap {
       if ((await this.file.read(raw, off)) < raw.length) throw corrupt(this.file.path, this.where(), `page ${p} at 0x${off.toString(16)} is truncated`);
       const tag = tagBitmapWord(this.slot);
       for (let w = 0; w < WORDS_PER_PAGE; w++) {
-        const rec = raw.subarray(w * 16, w * 16 + 16);
-        if (!sealOk(rec, tag, p * WORDS_PER_PAGE + w) || rec.readUInt32LE(8) !== 0) {
-          throw corrupt(this.file.path, this.where(), `word ${p * WORDS_PER_PAGE + w} at offset 0x${(off + w * 16).toString(16)} checksum mismatch`);
+        const o = w * 16;
+        if (!sealOkAt(raw, o, 16, tag, p * WORDS_PER_PAGE + w) || raw.readUInt32LE(o + 8) !== 0) {
+          throw corrupt(this.file.path, this.where(), `word ${p * WORDS_PER_PAGE + w} at offset 0x${(off + o).toString(16)} checksum mismatch`);
         }
-        page.bits[2 * w] = rec.readUInt32LE(0);
-        page.bits[2 * w + 1] = rec.readUInt32LE(4);
+        page.bits[2 * w] = raw.readUInt32LE(o);
+        page.bits[2 * w + 1] = raw.readUInt32LE(o + 4);
       }
     }
     if (gen !== this.tableGen) return this.readPage(p); // cleared or merged meanwhile: read the new table

@@ -10,7 +10,7 @@ import {
   BlockState, DESC_CSUM_VALID, DESC_RESERVED_MASK, DESC_STATE_MASK, MAP_PAGE_BYTES,
   MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP,
 } from '../format/constants.js';
-import { fillEmpty16, seal, sealOk } from '../format/seal.js';
+import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
 
 const SUBPAGE = 4096;
 /** In-memory state of an entry that failed its checks (never written: it is 3, invalid on disk too). */
@@ -150,7 +150,7 @@ export class MapTable {
 
   /** What is wrong with the entry at `o` of a page buffer, or null when it is sound (§5.2). */
   private entryProblem(raw: Buffer, o: number, block: number, end: number): string | null {
-    if (!sealOk(raw.subarray(o, o + 16), TAG_MAP, block)) return 'checksum mismatch';
+    if (!sealOkAt(raw, o, 16, TAG_MAP, block)) return 'checksum mismatch';
     const lo = raw.readUInt32LE(o);
     const hi = raw.readUInt32LE(o + 4);
     const state = lo & DESC_STATE_MASK;
