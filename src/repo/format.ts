@@ -23,9 +23,9 @@ function bad(object: string, detail: string): KscError {
 }
 
 function safeU64(b: Buffer, at: number, object: string, field: string): number {
-  const v = b.readBigUInt64LE(at);
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw bad(object, `${field} ${v} is above 2^53`);
-  return Number(v);
+  const hi = b.readUInt32LE(at + 4);
+  if (hi > 0x1fffff) throw bad(object, `${field} ${b.readBigUInt64LE(at)} is above 2^53`);
+  return hi * 0x100000000 + b.readUInt32LE(at);
 }
 
 export function randomHexId(): string {
@@ -181,6 +181,17 @@ function indexCrc(b: Buffer): number {
 }
 
 export function decodeIndex(b: Buffer, object: string): IndexEntry[] {
+  const out: IndexEntry[] = [];
+  visitIndex(b, object, (buf, at, pack, offset, length, rawLength) => out.push({ id: Buffer.from(buf.subarray(at, at + 16)), pack, offset, length, rawLength }));
+  return out;
+}
+
+/**
+ * Checks an index object whole (magic, version, lengths, checksum, every entry's pack number and offset),
+ * then calls `fn` once per entry with the object's buffer and the offset of the entry's id in it. Nothing
+ * is visited when any check fails.
+ */
+export function visitIndex(b: Buffer, object: string, fn: (b: Buffer, idAt: number, pack: string, offset: number, length: number, rawLength: number) => void): void {
   if (b.length < INDEX_HEADER || !b.subarray(0, 8).equals(INDEX_MAGIC)) throw bad(object, 'not an index object (bad magic or truncated)');
   if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: index version ${b.readUInt32LE(8)} is not supported`);
   const p = b.readUInt32LE(12);
@@ -189,14 +200,14 @@ export function decodeIndex(b: Buffer, object: string): IndexEntry[] {
   if (b.readUInt32LE(28) !== indexCrc(b)) throw bad(object, 'checksum mismatch');
   const packs: string[] = [];
   for (let i = 0; i < p; i++) packs.push(b.toString('hex', INDEX_HEADER + i * 16, INDEX_HEADER + i * 16 + 16));
-  const out: IndexEntry[] = [];
-  let o = INDEX_HEADER + p * 16;
-  for (let i = 0; i < e; i++, o += INDEX_ENTRY) {
-    const n = b.readUInt32LE(o + 16);
-    if (n >= p) throw bad(object, `entry ${i} names pack number ${n} of ${p}`);
-    out.push({ id: Buffer.from(b.subarray(o, o + 16)), pack: packs[n]!, offset: safeU64(b, o + 24, object, 'blob offset'), length: b.readUInt32LE(o + 32), rawLength: b.readUInt32LE(o + 36) });
+  const first = INDEX_HEADER + p * 16;
+  for (let i = 0, o = first; i < e; i++, o += INDEX_ENTRY) {
+    if (b.readUInt32LE(o + 16) >= p) throw bad(object, `entry ${i} names pack number ${b.readUInt32LE(o + 16)} of ${p}`);
+    safeU64(b, o + 24, object, 'blob offset');
   }
-  return out;
+  for (let i = 0, o = first; i < e; i++, o += INDEX_ENTRY) {
+    fn(b, o, packs[b.readUInt32LE(o + 16)]!, safeU64(b, o + 24, object, 'blob offset'), b.readUInt32LE(o + 32), b.readUInt32LE(o + 36));
+  }
 }
 
 // §7 manifests ------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { pidAlive } from '../util/process.js';
+import { ChunkIndex } from './chunkindex.js';
 import { isoUtc } from '../util/time.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
   packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, decodeIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB,
+  encodeIndex, visitIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB,
 } from './format.js';
 
 export const CONFIG_KEY = 'config';
@@ -31,32 +32,7 @@ const LEASE = { durable: false } as const;
 /** §8: a lock not refreshed for this long is stale. */
 export const STALE_MS = 10 * 60 * 1000;
 
-export interface ChunkLocation {
-  pack: string;
-  offset: number;
-  length: number;
-  rawLength: number;
-}
-
-/** The union of the index objects: chunk id (hex) → where it lives. */
-export class ChunkIndex {
-  readonly chunks = new Map<string, ChunkLocation>();
-  /** Packs named by some index object. */
-  readonly packs = new Set<string>();
-  /** Index object ids read. */
-  readonly objects: string[] = [];
-
-  add(e: IndexEntry): void {
-    if (!this.chunks.has(e.id.toString('hex'))) this.chunks.set(e.id.toString('hex'), { pack: e.pack, offset: e.offset, length: e.length, rawLength: e.rawLength });
-    this.packs.add(e.pack);
-  }
-  get(id: Buffer | string): ChunkLocation | undefined {
-    return this.chunks.get(typeof id === 'string' ? id : id.toString('hex'));
-  }
-  has(id: Buffer | string): boolean {
-    return this.chunks.has(typeof id === 'string' ? id : id.toString('hex'));
-  }
-}
+export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
 
 export interface LockInfo {
   key: string;
@@ -164,8 +140,8 @@ export class Repository {
     await mapLimit(ids, 8, async (id) => {
       const key = indexKey(id);
       try {
-        const entries = decodeIndex(await this.store.get(key), this.objName(key));
-        for (const e of entries) idx.add(e);
+        // Entries go straight into the table (no object per entry: an index object can list millions).
+        visitIndex(await this.store.get(key), this.objName(key), (b, at, pack, offset, length, rawLength) => idx.addAt(b, at, pack, offset, length, rawLength));
         idx.objects.push(id);
       } catch (e) {
         if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);

@@ -1,0 +1,153 @@
+/**
+ * The union of a repository's index objects (formats/repository.md §6), in memory: chunk id → where its
+ * blob lives. Every backup, restore and verify loads it whole, so its size per entry sets how much unique
+ * data a repository can hold before those commands outgrow their memory bound.
+ *
+ * An open-addressing hash table in typed arrays: 36 bytes a slot (id 16, pack number 4, offset 8, two
+ * lengths 8), at most 70% full. A Map from hex strings to location objects took ≈ 150 bytes of heap an
+ * entry (measured with 1 M entries) and a string conversion on every lookup.
+ */
+import { ID_BYTES } from '../hash/chunkid.js';
+
+export interface ChunkLocation {
+  pack: string;
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+const MIN_SLOTS = 1024;
+const MAX_LOAD = 0.7;
+
+export class ChunkIndex {
+  /** Packs named by some index object. */
+  readonly packs = new Set<string>();
+  /** Index object ids read. */
+  readonly objects: string[] = [];
+
+  private readonly packNames: string[] = [];
+  private readonly packNumbers = new Map<string, number>();
+  /** The pack of the previous add and its number (an index object lists a pack's chunks together). */
+  private lastPack: string | null = null;
+  private lastPackNo = 0;
+  private count = 0;
+  private mask = 0;
+  /** Four little-endian words of the id per slot. */
+  private keys = new Uint32Array(0);
+  /** Pack number + 1 per slot; 0 marks an empty slot. */
+  private pack = new Uint32Array(0);
+  private offset = new Float64Array(0);
+  private length = new Uint32Array(0);
+  private rawLength = new Uint32Array(0);
+  /** Where a hex id is decoded for a lookup. */
+  private readonly scratch = Buffer.alloc(ID_BYTES);
+
+  constructor(expected = 0) {
+    let slots = MIN_SLOTS;
+    while (slots * MAX_LOAD < expected) slots *= 2;
+    this.allocate(slots);
+  }
+
+  /** Number of distinct chunk ids. */
+  get size(): number {
+    return this.count;
+  }
+
+  /** Adds a chunk's location; an id already present keeps its first location. */
+  add(e: { id: Buffer; pack: string; offset: number; length: number; rawLength: number }): void {
+    this.addAt(e.id, 0, e.pack, e.offset, e.length, e.rawLength);
+  }
+
+  /** `add` with the id read from `buf` at `at` (no copy of it is kept). */
+  addAt(buf: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number): void {
+    if (pack !== this.lastPack) {
+      this.packs.add(pack);
+      let n = this.packNumbers.get(pack);
+      if (n === undefined) {
+        n = this.packNames.length;
+        this.packNames.push(pack);
+        this.packNumbers.set(pack, n);
+      }
+      this.lastPack = pack;
+      this.lastPackNo = n;
+    }
+    if ((this.count + 1) > (this.mask + 1) * MAX_LOAD) this.allocate((this.mask + 1) * 2);
+    const w0 = buf.readUInt32LE(at);
+    const w1 = buf.readUInt32LE(at + 4);
+    const w2 = buf.readUInt32LE(at + 8);
+    const w3 = buf.readUInt32LE(at + 12);
+    const s = this.find(w0, w1, w2, w3);
+    if (this.pack[s] !== 0) return;
+    this.place(s, w0, w1, w2, w3, this.lastPackNo + 1, offset, length, rawLength);
+    this.count++;
+  }
+
+  get(id: Buffer | string): ChunkLocation | undefined {
+    const s = this.slotOf(id);
+    if (s < 0) return undefined;
+    return { pack: this.packNames[this.pack[s]! - 1]!, offset: this.offset[s]!, length: this.length[s]!, rawLength: this.rawLength[s]! };
+  }
+
+  has(id: Buffer | string): boolean {
+    return this.slotOf(id) >= 0;
+  }
+
+  /** The slot holding `id`, or -1. A string is the id in hex; anything else is never present. */
+  private slotOf(id: Buffer | string): number {
+    let b: Buffer;
+    if (typeof id === 'string') {
+      if (id.length !== 2 * ID_BYTES || this.scratch.write(id, 0, 'hex') !== ID_BYTES) return -1;
+      b = this.scratch;
+    } else {
+      if (id.length < ID_BYTES) return -1;
+      b = id;
+    }
+    const s = this.find(b.readUInt32LE(0), b.readUInt32LE(4), b.readUInt32LE(8), b.readUInt32LE(12));
+    return this.pack[s] === 0 ? -1 : s;
+  }
+
+  /** The slot holding the id, or the empty slot where it would go (linear probing). */
+  private find(w0: number, w1: number, w2: number, w3: number): number {
+    const keys = this.keys;
+    // Ids are hashes already; mixing two words still spreads ids made alike on purpose.
+    let s = (Math.imul(w0 ^ w3, 0x9e3779b1) ^ w1) & this.mask;
+    for (;;) {
+      if (this.pack[s] === 0) return s;
+      const k = s * 4;
+      if (keys[k] === w0 && keys[k + 1] === w1 && keys[k + 2] === w2 && keys[k + 3] === w3) return s;
+      s = (s + 1) & this.mask;
+    }
+  }
+
+  private place(s: number, w0: number, w1: number, w2: number, w3: number, packPlusOne: number, offset: number, length: number, rawLength: number): void {
+    const k = s * 4;
+    this.keys[k] = w0;
+    this.keys[k + 1] = w1;
+    this.keys[k + 2] = w2;
+    this.keys[k + 3] = w3;
+    this.pack[s] = packPlusOne;
+    this.offset[s] = offset;
+    this.length[s] = length;
+    this.rawLength[s] = rawLength;
+  }
+
+  /** (Re)builds the table with `slots` slots (a power of two), re-inserting what it held. */
+  private allocate(slots: number): void {
+    const old = { keys: this.keys, pack: this.pack, offset: this.offset, length: this.length, rawLength: this.rawLength };
+    this.keys = new Uint32Array(slots * 4);
+    this.pack = new Uint32Array(slots);
+    this.offset = new Float64Array(slots);
+    this.length = new Uint32Array(slots);
+    this.rawLength = new Uint32Array(slots);
+    this.mask = slots - 1;
+    for (let s = 0; s < old.pack.length; s++) {
+      if (old.pack[s] === 0) continue;
+      const k = s * 4;
+      const w0 = old.keys[k]!;
+      const w1 = old.keys[k + 1]!;
+      const w2 = old.keys[k + 2]!;
+      const w3 = old.keys[k + 3]!;
+      this.place(this.find(w0, w1, w2, w3), w0, w1, w2, w3, old.pack[s]!, old.offset[s]!, old.length[s]!, old.rawLength[s]!);
+    }
+  }
+}

@@ -1,0 +1,88 @@
+/**
+ * ChunkIndex (src/repo/chunkindex.ts), the in-memory union of the index objects, against a Map model: ids
+ * at random, ids repeated (the first location stays), ids that share the words the table hashes (long
+ * probe runs), growth past many doublings, lookups by Buffer and by hex, and ids that are not there.
+ */
+import { describe, expect, it } from 'vitest';
+import { crc32 } from 'node:zlib';
+import { ChunkIndex } from '../src/repo/chunkindex.js';
+import { decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/format.js';
+import { Rng, seedFor } from './helpers/rng.js';
+
+function randomId(rng: Rng): Buffer {
+  const b = Buffer.alloc(16);
+  for (let i = 0; i < 16; i++) b[i] = rng.int(0, 255);
+  return b;
+}
+
+describe('ChunkIndex', () => {
+  it('answers like a Map of hex id → first location, across growth and colliding ids', () => {
+    const rng = new Rng(seedFor('test/chunkindex.test.ts'));
+    const idx = new ChunkIndex();
+    const model = new Map<string, { pack: string; offset: number; length: number; rawLength: number }>();
+    const packs = Array.from({ length: 37 }, () => randomId(rng).toString('hex'));
+    const ids: Buffer[] = [];
+    for (let n = 0; n < 60_000; n++) {
+      let id: Buffer;
+      const kind = rng.int(0, 9);
+      if (kind === 0 && ids.length > 0) id = ids[rng.int(0, ids.length - 1)]!; // again: the first location stays
+      else if (kind === 1 && ids.length > 0) {
+        // The same first and last words as an earlier id (what the slot is computed from), other middle words.
+        id = Buffer.from(ids[rng.int(0, ids.length - 1)]!);
+        id.writeUInt32LE(rng.int(0, 0xffffffff), 4 + 4 * rng.int(0, 1));
+      } else id = randomId(rng);
+      ids.push(id);
+      const loc = { pack: packs[rng.int(0, packs.length - 1)]!, offset: rng.int(0, 0x1fffff) * 0x100000000 + rng.int(0, 0xffffffff), length: rng.int(0, 0xffffffff), rawLength: rng.int(0, 0xffffffff) };
+      idx.add({ id, ...loc });
+      const hex = id.toString('hex');
+      if (!model.has(hex)) model.set(hex, loc);
+    }
+    expect(idx.size).toBe(model.size);
+    for (const [hex, loc] of model) {
+      const id = Buffer.from(hex, 'hex');
+      expect(idx.get(id), hex).toEqual(loc);
+      expect(idx.get(hex), hex).toEqual(loc);
+      expect(idx.has(id) && idx.has(hex), hex).toBe(true);
+    }
+    expect(new Set(idx.packs)).toEqual(new Set([...model.values()].map((l) => l.pack)));
+    for (let n = 0; n < 5000; n++) {
+      const id = randomId(rng);
+      const hex = id.toString('hex');
+      if (model.has(hex)) continue;
+      expect(idx.has(id), hex).toBe(false);
+      expect(idx.get(hex), hex).toBeUndefined();
+    }
+  });
+
+  it('ids that are not 16 bytes or 32 hex digits are never present', () => {
+    const idx = new ChunkIndex();
+    const id = Buffer.from('00112233445566778899aabbccddeeff', 'hex');
+    idx.add({ id, pack: 'ab'.repeat(16), offset: 1, length: 2, rawLength: 3 });
+    expect(idx.has(id.toString('hex'))).toBe(true);
+    expect(idx.has(id.toString('hex').toUpperCase())).toBe(true); // hex is read case-blind, as Buffer.from does
+    for (const bad of ['', '00112233', `${id.toString('hex')}00`, `zz${id.toString('hex').slice(2)}`, id.toString('hex').slice(0, 31) + 'g']) {
+      expect(idx.has(bad), JSON.stringify(bad)).toBe(false);
+    }
+    expect(idx.has(id.subarray(0, 15))).toBe(false);
+    expect(idx.has(Buffer.alloc(16))).toBe(false);
+  });
+
+  it('visitIndex visits what decodeIndex returns, and nothing when an entry is bad', () => {
+    const rng = new Rng(seedFor('test/chunkindex.test.ts visitIndex'));
+    const packs = [randomId(rng).toString('hex'), randomId(rng).toString('hex')];
+    const entries: IndexEntry[] = Array.from({ length: 50 }, (_, i) => ({ id: randomId(rng), pack: packs[i % 2]!, offset: i * 1000, length: 900 + i, rawLength: 1 << 20 }));
+    const obj = encodeIndex(entries);
+    const seen: IndexEntry[] = [];
+    visitIndex(obj, 'index/x.idx', (b, at, pack, offset, length, rawLength) => seen.push({ id: Buffer.from(b.subarray(at, at + 16)), pack, offset, length, rawLength }));
+    expect(seen).toEqual(decodeIndex(obj, 'index/x.idx'));
+    expect(seen).toEqual(entries);
+    // An offset above 2^53 in the last entry (checksum re-sealed, so only the entry check can catch it).
+    const bad = Buffer.from(obj);
+    const last = bad.length - 40;
+    bad.writeUInt32LE(0x00200000, last + 28);
+    bad.writeUInt32LE(crc32(bad.subarray(32), crc32(bad.subarray(0, 28))), 28);
+    let visited = 0;
+    expect(() => visitIndex(bad, 'index/x.idx', () => visited++)).toThrow(/index\/x\.idx.*blob offset .* above 2\^53/);
+    expect(visited).toBe(0);
+  });
+});
