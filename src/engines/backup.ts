@@ -440,8 +440,10 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
     await writer.finish();
     // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
-    const newEntries = [...writer.entries, ...adopted];
-    if (newEntries.length > 0) await repo.putIndex(newEntries);
+    const written = writer.entries;
+    if (written.count + adopted.length > 0) {
+      await repo.putIndex({ *[Symbol.iterator]() { yield* written; yield* adopted; } });
+    }
     lock.check();
     const durationMs = Math.round(performance.now() - t0);
     const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: toRead.length, durationMs };

@@ -137,7 +137,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       lock.check();
     }
     await writer.finish();
-    const moved = new Map(writer.entries.map((e) => [e.id.toString('hex'), e]));
+    const moved = new Map([...writer.entries].map((e) => [e.id.toString('hex'), e]));
     const live: IndexEntry[] = [];
     for (const [hex, e] of chosen) live.push(repackSet.has(e.pack) ? moved.get(hex)! : e);
 

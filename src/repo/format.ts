@@ -154,14 +154,20 @@ export interface IndexEntry {
   rawLength: number;
 }
 
-export function encodeIndex(entries: IndexEntry[]): Buffer {
-  const packs = [...new Set(entries.map((e) => e.pack))];
-  const packNo = new Map(packs.map((p, i) => [p, i]));
-  const b = Buffer.alloc(INDEX_HEADER + packs.length * 16 + entries.length * INDEX_ENTRY);
+/** An index object of `entries`, which is iterated twice (an array, or an iterable that starts afresh). */
+export function encodeIndex(entries: Iterable<IndexEntry>): Buffer {
+  const packNo = new Map<string, number>();
+  let count = 0;
+  for (const e of entries) {
+    if (!packNo.has(e.pack)) packNo.set(e.pack, packNo.size);
+    count++;
+  }
+  const packs = [...packNo.keys()];
+  const b = Buffer.alloc(INDEX_HEADER + packs.length * 16 + count * INDEX_ENTRY);
   INDEX_MAGIC.copy(b, 0);
   b.writeUInt32LE(1, 8);
   b.writeUInt32LE(packs.length, 12);
-  b.writeUInt32LE(entries.length, 16);
+  b.writeUInt32LE(count, 16);
   packs.forEach((p, i) => b.write(p, INDEX_HEADER + i * 16, 'hex'));
   let o = INDEX_HEADER + packs.length * 16;
   for (const e of entries) {

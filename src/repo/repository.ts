@@ -151,7 +151,8 @@ export class Repository {
     return idx;
   }
 
-  async putIndex(entries: IndexEntry[]): Promise<string> {
+  /** Writes an index object of `entries` (iterated twice: see encodeIndex). */
+  async putIndex(entries: Iterable<IndexEntry>): Promise<string> {
     const id = randomHexId();
     await this.store.put(indexKey(id), encodeIndex(entries));
     return id;
@@ -293,11 +294,13 @@ export class PackWriter {
   private bytes = 0;
   private inFlight = new Set<Promise<void>>();
   private error: unknown = null;
-  readonly entries: IndexEntry[] = [];
+  /** The chunks of the uploaded packs, 32 bytes each (a full backup of a large disk writes millions). */
+  private readonly written: { pack: string; ids: Buffer; offset: Float64Array; length: Uint32Array; rawLength: Uint32Array }[] = [];
+  private writtenCount = 0;
   readonly packsWritten: string[] = [];
   bytesUploaded = 0;
-  /** Ids queued or stored by this writer (so one backup never stores a chunk twice). */
-  private readonly seen = new Set<string>();
+  /** Ids queued or stored by this writer (so one backup never stores a chunk twice), as a compact set. */
+  private readonly seen = new ChunkIndex();
 
   constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
 
@@ -305,12 +308,29 @@ export class PackWriter {
     return this.seen.has(idHex);
   }
 
+  /**
+   * Every chunk of every pack whose upload completed. Each iteration starts afresh and makes its entries
+   * as it goes (nothing is held per entry but the 32 bytes above).
+   */
+  get entries(): Iterable<IndexEntry> & { readonly count: number } {
+    const written = this.written;
+    return {
+      count: this.writtenCount,
+      *[Symbol.iterator](): Generator<IndexEntry> {
+        for (const g of written) {
+          for (let i = 0; i < g.offset.length; i++) {
+            yield { id: g.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), pack: g.pack, offset: g.offset[i]!, length: g.length[i]!, rawLength: g.rawLength[i]! };
+          }
+        }
+      },
+    };
+  }
+
   /** Adds a blob; resolves when there is room for more (back-pressure). */
   async add(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
     if (this.error) throw this.error;
-    const hex = id.toString('hex');
-    if (this.seen.has(hex)) return;
-    this.seen.add(hex);
+    if (this.seen.has(id)) return;
+    this.seen.addAt(id, 0, '', 0, 0, 0);
     if (this.parts.length === 0) {
       this.parts.push(packHeader());
       this.bytes = PACK_HEADER;
@@ -335,7 +355,16 @@ export class PackWriter {
     const id = randomHexId();
     const p = this.repo.store.put(packKey(id), parts).then(
       () => {
-        for (const e of entries) this.entries.push({ id: e.id, pack: id, offset: e.offset, length: e.length, rawLength: e.rawLength });
+        const n = entries.length;
+        const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
+        entries.forEach((e, i) => {
+          e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
+          g.offset[i] = e.offset;
+          g.length[i] = e.length;
+          g.rawLength[i] = e.rawLength;
+        });
+        this.written.push(g);
+        this.writtenCount += n;
         this.packsWritten.push(id);
         this.bytesUploaded += size;
       },
