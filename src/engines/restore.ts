@@ -103,54 +103,115 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   return found;
 }
 
+/** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */
+interface ReadItem {
+  id: Buffer;
+  at: number;
+  length: number;
+  from?: number;
+  to?: number;
+}
+
 interface Read {
   pack: string;
   offset: number;
   length: number;
   /** Sum of the items' raw lengths (what the read decodes to). */
   raw: number;
-  items: { id: Buffer; at: number; length: number }[];
+  items: ReadItem[];
 }
 
 /** A coalesced read decodes to at most this much (several small blobs can stand for many MiB). */
 const MAX_READ_RAW = 16 * 1024 * 1024;
+/** Blobs closer than this in a pack are read together (the gap is read and dropped). */
+const MAX_READ_GAP = 256 * 1024;
+
+interface Blob {
+  pack: string;
+  offset: number;
+  length: number;
+  rawLength: number;
+  item: ReadItem;
+}
+
+/** Merges blobs sorted by (pack, offset) into reads of at most `maxRead` bytes, as they are consumed. */
+function* coalesce(blobs: Iterable<Blob>, maxRead: number): Generator<Read> {
+  let cur: Read | null = null;
+  for (const b of blobs) {
+    const gap = cur && cur.pack === b.pack ? b.offset - (cur.offset + cur.length) : -1;
+    if (cur && gap >= 0 && gap <= MAX_READ_GAP && b.offset + b.length - cur.offset <= maxRead && cur.raw + b.rawLength <= MAX_READ_RAW) {
+      cur.length = b.offset + b.length - cur.offset;
+      cur.raw += b.rawLength;
+    } else {
+      if (cur) yield cur;
+      cur = { pack: b.pack, offset: b.offset, length: b.length, raw: b.rawLength, items: [] };
+    }
+    b.item.at = b.offset - cur.offset;
+    cur.items.push(b.item);
+  }
+  if (cur) yield cur;
+}
+
+const notIndexed = (what: string, id: Buffer): KscError =>
+  new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
 
 /** Groups the chunks to fetch into coalesced ranged reads, pack by pack. */
 export function planReads(ids: Buffer[], index: ChunkIndex, maxRead: number, what: string): Read[] {
-  const byPack = new Map<string, { id: Buffer; loc: ChunkLocation }[]>();
-  for (const id of ids) {
+  const blobs: Blob[] = ids.map((id) => {
     const loc = index.get(id);
-    if (!loc) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
-    let l = byPack.get(loc.pack);
-    if (!l) byPack.set(loc.pack, (l = []));
-    l.push({ id, loc });
+    if (!loc) throw notIndexed(what, id);
+    return { ...loc, item: { id, at: 0, length: loc.length } };
+  });
+  blobs.sort((a, b) => (a.pack < b.pack ? -1 : a.pack > b.pack ? 1 : a.offset - b.offset));
+  return [...coalesce(blobs, maxRead)];
+}
+
+/**
+ * A restore's reads for the chunk positions `ks` (ids from `idAt`), held in 8 bytes a position: each
+ * position's index slot, and an order sorting them by (pack, blob offset). Positions needing the same chunk
+ * sit side by side in that order, so each chunk is read once; its item's from/to range lists them. The
+ * reads are made as they are consumed (each call of the iterable starts afresh).
+ */
+function restorePlan(ks: number[], idAt: (k: number) => Buffer, index: ChunkIndex, maxRead: number, what: string): { order: Uint32Array; reads: Iterable<Read> } {
+  const n = ks.length;
+  const slots = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    const s = index.slotOf(idAt(ks[i]!));
+    if (s < 0) throw notIndexed(what, idAt(ks[i]!));
+    slots[i] = s;
   }
-  const reads: Read[] = [];
-  for (const [pack, list] of byPack) {
-    list.sort((a, b) => a.loc.offset - b.loc.offset);
-    let cur: Read | null = null;
-    for (const { id, loc } of list) {
-      const gap = cur ? loc.offset - (cur.offset + cur.length) : -1;
-      if (cur && gap >= 0 && gap <= 256 * 1024 && loc.offset + loc.length - cur.offset <= maxRead && cur.raw + loc.rawLength <= MAX_READ_RAW) {
-        cur.length = loc.offset + loc.length - cur.offset;
-        cur.raw += loc.rawLength;
-      } else {
-        cur = { pack, offset: loc.offset, length: loc.length, raw: loc.rawLength, items: [] };
-        reads.push(cur);
-      }
-      cur.items.push({ id, at: loc.offset - cur.offset, length: loc.length });
+  const order = new Uint32Array(n);
+  for (let i = 0; i < n; i++) order[i] = i;
+  order.sort((a, b) => {
+    const sa = slots[a]!;
+    const sb = slots[b]!;
+    return index.packNumber(sa) - index.packNumber(sb) || index.blobOffset(sa) - index.blobOffset(sb);
+  });
+  function* blobs(): Generator<Blob> {
+    for (let i = 0; i < n;) {
+      const s = slots[order[i]!]!;
+      let j = i + 1;
+      while (j < n && slots[order[j]!] === s) j++;
+      const length = index.blobLength(s);
+      yield { pack: index.packName(s), offset: index.blobOffset(s), length, rawLength: index.rawLengthAt(s), item: { id: idAt(ks[order[i]!]!), at: 0, length, from: i, to: j } };
+      i = j;
     }
   }
-  return reads;
+  return { order, reads: { [Symbol.iterator]: () => coalesce(blobs(), maxRead) } };
 }
 
 /** Fetches and decodes the reads; calls `sink` with each chunk (verified against its id). */
-export async function fetchChunks(repo: Repository, reads: Read[], concurrency: number, maxRaw: number, what: string,
-  sink: (id: Buffer, data: Buffer) => Promise<void>): Promise<number> {
+export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concurrency: number, maxRaw: number, what: string,
+  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>): Promise<number> {
   let fetched = 0;
-  // One pair of shared buffers per read in flight, reused (see SharedSlot).
-  const inputBytes = Math.max(0, ...reads.map((r) => r.length));
-  const outputBytes = Math.max(0, ...reads.map((r) => r.raw));
+  // One pair of shared buffers per read in flight, reused (see SharedSlot), sized by a first pass over the
+  // reads (an iterable that is not an array is made twice).
+  let inputBytes = 0;
+  let outputBytes = 0;
+  for (const r of reads) {
+    inputBytes = Math.max(inputBytes, r.length);
+    outputBytes = Math.max(outputBytes, r.raw);
+  }
   const free: SharedSlot[] = [];
   const store = repo.store;
   await mapLimit(reads, concurrency, async (r) => {
@@ -170,7 +231,7 @@ export async function fetchChunks(repo: Repository, reads: Read[], concurrency: 
         const x = res[i]!;
         if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
       }
-      await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data)));
+      await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data, r.items[i]!)));
     } finally {
       free.push(slot); // every sink has finished with the slot's views (or the read failed)
     }
@@ -218,7 +279,6 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     // Which chunk positions need which id; on an existing target, skip positions that already match. Only
     // non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's
     // zero chunks stay holes, and an existing target's zero extents are already right for zero chunks.
-    const positions = new Map<string, number[]>();
     const chunksZero = chunks - m.ids.nonZeroCount();
     let chunksUnchanged = 0;
     let bytesWritten = 0;
@@ -257,6 +317,8 @@ export async function restoreBackup(repo: Repository, which: string, target: str
         candidates.push(k);
       });
     }
+    // The positions to fetch (zero ids need no fetch: written as zeros over an existing target, holes in a new one).
+    const fetch: number[] = [];
     for (const k of candidates) {
       const id = idAt(k);
       if (id.equals(ZERO_ID)) {
@@ -266,24 +328,24 @@ export async function restoreBackup(repo: Repository, which: string, target: str
         }
         continue;
       }
-      const hex = id.toString('hex');
-      let l = positions.get(hex);
-      if (!l) positions.set(hex, (l = []));
-      l.push(k);
+      fetch.push(k);
     }
+    candidates = [];
     // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
     const badIndex: string[] = [];
     const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)));
-    const reads = planReads([...positions.keys()].map((h) => Buffer.from(h, 'hex')), index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
-    const totalBytes = [...positions.values()].reduce((s, l) => s + l.reduce((a, k) => a + lenAt(k), 0), 0);
+    const plan = restorePlan(fetch, idAt, index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
+    const totalBytes = fetch.reduce((sum, k) => sum + lenAt(k), 0);
     let done = 0;
     let fetchedChunks = 0;
     // Flush in the background every 64 MiB written, so the final flush does not carry the whole restore.
     let sinceFlush = 0;
     let flushing: Promise<void> | null = null;
-    const bytesFetched = await fetchChunks(repo, reads, opts.concurrency ?? 6, C, what, async (id, data) => {
+    const bytesFetched = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, async (id, data, item) => {
       fetchedChunks++;
-      await Promise.all(positions.get(id.toString('hex'))!.map(async (k) => {
+      const ks: number[] = [];
+      for (let p = item.from!; p < item.to!; p++) ks.push(fetch[plan.order[p]!]!);
+      await Promise.all(ks.map(async (k) => {
         if (data.length !== lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${lenAt(k)}`);
         await dev.write(k * C, data);
         bytesWritten += data.length;

@@ -85,15 +85,39 @@ export class ChunkIndex {
   get(id: Buffer | string): ChunkLocation | undefined {
     const s = this.slotOf(id);
     if (s < 0) return undefined;
-    return { pack: this.packNames[this.pack[s]! - 1]!, offset: this.offset[s]!, length: this.length[s]!, rawLength: this.rawLength[s]! };
+    return { pack: this.packName(s), offset: this.offset[s]!, length: this.length[s]!, rawLength: this.rawLength[s]! };
   }
 
   has(id: Buffer | string): boolean {
     return this.slotOf(id) >= 0;
   }
 
+  // A slot names one chunk for as long as nothing is added (adding may move every entry). Planners that
+  // handle millions of chunks keep slot numbers (4 bytes) instead of location objects.
+
+  /** The pack holding the chunk in slot `s` (a number per pack, in the order packs were first added). */
+  packNumber(s: number): number {
+    return this.pack[s]! - 1;
+  }
+
+  packName(s: number): string {
+    return this.packNames[this.pack[s]! - 1]!;
+  }
+
+  blobOffset(s: number): number {
+    return this.offset[s]!;
+  }
+
+  blobLength(s: number): number {
+    return this.length[s]!;
+  }
+
+  rawLengthAt(s: number): number {
+    return this.rawLength[s]!;
+  }
+
   /** The slot holding `id`, or -1. A string is the id in hex; anything else is never present. */
-  private slotOf(id: Buffer | string): number {
+  slotOf(id: Buffer | string): number {
     let b: Buffer;
     if (typeof id === 'string') {
       if (id.length !== 2 * ID_BYTES || this.scratch.write(id, 0, 'hex') !== ID_BYTES) return -1;

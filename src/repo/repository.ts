@@ -388,21 +388,28 @@ export class PackWriter {
   }
 }
 
-/** Runs `fn` over `items` with at most `limit` in flight; rejects with the first error after all settle. */
-export async function mapLimit<T>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
+/**
+ * Runs `fn` over `items` (an array or any iterable, consumed as it goes) with at most `limit` in flight;
+ * rejects with the first error after all settle, and takes no new item once one failed.
+ */
+export async function mapLimit<T>(items: Iterable<T>, limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
+  const it = items[Symbol.iterator]();
   let next = 0;
   let error: unknown = null;
   const worker = async (): Promise<void> => {
-    while (next < items.length && !error) {
+    while (!error) {
+      const n = it.next();
+      if (n.done) return;
       const i = next++;
       try {
-        await fn(items[i]!, i);
+        await fn(n.value, i);
       } catch (e) {
         error ??= e;
       }
     }
   };
-  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+  const workers = Array.isArray(items) ? Math.min(limit, items.length) : limit;
+  await Promise.all(Array.from({ length: workers }, worker));
   if (error) throw error;
 }
 

@@ -6,6 +6,7 @@
  * over an existing file, holes for zero chunks, dedupe across disks, and "latest" with several disks.
  */
 import { statSync, copyFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -19,7 +20,7 @@ import { tempDir } from '../helpers/tmp.js';
 import { kscinc } from '../helpers/cli.js';
 import {
   MiB, KiB, chunkLen, expectRestores, chunksOf, contents, differingChunks, expectKscError, expectSame, makeDisk, newRepo, randomChanges, readImage,
-  writeRawRegions, zeroChunks,
+  writeFile, writeRawRegions, zeroChunks,
 } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-backup-engine-');
@@ -277,6 +278,54 @@ describe('backup → change → incremental → restore', () => {
     // that the > 100 MiB of zero chunks take no space.
     expect(allocated, `allocated ${allocated} bytes for ${r.chunks - zeros.length} non-zero chunks`).toBeLessThanOrEqual(nonZeroBytes + 2 * MiB);
     expectSame(await readImage(target), s, 'restore of a mostly-zero disk');
+  });
+
+  it('a chunk repeated at many positions is stored and fetched once and written at every one (small reads too)', async () => {
+    const rng = root.fork();
+    const repo = await newRepo(join(dir, 'repo-repeat'), { packSize: 4 * MiB });
+    const raw = join(dir, 'repeat.raw');
+    const size = 40 * MiB + 4096;
+    const patterns = Array.from({ length: 3 }, () => {
+      const b = Buffer.alloc(C);
+      for (let i = 0; i < b.length; i += 4096) b.writeUInt32LE(rng.int(1, 0xffffffff), i + rng.int(0, 1023) * 4);
+      return b;
+    });
+    const data = Buffer.alloc(size);
+    const used = new Map<number, number>();
+    for (let k = 0; k * C < size; k++) {
+      const pick = rng.int(0, 4); // 0-2: one of three patterns; 3: zeros; 4: unique data
+      const len = Math.min(C, size - k * C);
+      if (pick < 3 && len === C) {
+        patterns[pick]!.copy(data, k * C);
+        used.set(pick, (used.get(pick) ?? 0) + 1);
+      } else if (pick === 4) for (let i = 0; i < len; i += 512) data.writeUInt32LE(rng.int(1, 0xffffffff), k * C + i);
+    }
+    writeFile(raw, data);
+    const dev = await openImage(raw);
+    let b: Awaited<ReturnType<typeof backupDevice>>;
+    try {
+      b = await backupDevice(dev, repo);
+    } finally {
+      await dev.close();
+    }
+    const distinct = new Set<string>();
+    for (let k = 0; k * C < size; k++) {
+      const c = data.subarray(k * C, Math.min(size, (k + 1) * C));
+      if (c.some((x) => x !== 0)) distinct.add(createHash('sha256').update(c).digest('hex'));
+    }
+    expect([...used.values()].some((n) => n > 1), 'the disk repeats a chunk').toBe(true);
+    expect(b.chunksNew).toBe(distinct.size);
+    for (const maxReadBytes of [1, 300 * KiB, 4 * MiB]) {
+      const out = join(dir, `repeat-${maxReadBytes}.raw`);
+      const r = await restoreBackup(repo, b.id, out, { maxReadBytes, concurrency: 3 });
+      expect(r.chunksFetched, `maxReadBytes ${maxReadBytes}`).toBe(b.chunksNew);
+      expectSame(await readImage(out), data, `restore with reads of at most ${maxReadBytes} bytes`);
+    }
+    // Over an existing file that differs everywhere but in one repeated chunk.
+    const over = join(dir, 'repeat-over.raw');
+    writeFile(over, Buffer.alloc(size, 0x5a));
+    await restoreBackup(repo, b.id, over);
+    expectSame(await readImage(over), data, 'restore over an existing file');
   });
 
   it('dedupes across two disks with equal contents; "latest" then needs --disk', async () => {
