@@ -112,7 +112,7 @@ interface ReadItem {
   to?: number;
 }
 
-interface Read {
+export interface Read {
   pack: string;
   offset: number;
   length: number;
@@ -155,15 +155,12 @@ function* coalesce(blobs: Iterable<Blob>, maxRead: number): Generator<Read> {
 const notIndexed = (what: string, id: Buffer): KscError =>
   new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
 
-/** Groups the chunks to fetch into coalesced ranged reads, pack by pack. */
-export function planReads(ids: Buffer[], index: ChunkIndex, maxRead: number, what: string): Read[] {
-  const blobs: Blob[] = ids.map((id) => {
-    const loc = index.get(id);
-    if (!loc) throw notIndexed(what, id);
-    return { ...loc, item: { id, at: 0, length: loc.length } };
-  });
-  blobs.sort((a, b) => (a.pack < b.pack ? -1 : a.pack > b.pack ? 1 : a.offset - b.offset));
-  return [...coalesce(blobs, maxRead)];
+/** Coalesced reads (of at most 16 MiB) of the chunks in index `slots`, which are all in one pack, sorted by offset. */
+export function readsOf(slots: number[], index: ChunkIndex): Read[] {
+  return [...coalesce(slots.map((s) => ({
+    pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s),
+    item: { id: index.idAt(s), at: 0, length: index.blobLength(s) },
+  })), 16 * 1024 * 1024)];
 }
 
 /**

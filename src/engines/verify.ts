@@ -3,9 +3,9 @@
  * damaged object together with the backups that depend on it.
  */
 import { isKscError } from '../errors.js';
-import { Repository, manifestKey, packKey } from '../repo/repository.js';
+import { Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
-import { listBackups, planReads, fetchChunks } from './restore.js';
+import { fetchChunks, readsOf } from './restore.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
@@ -27,77 +27,93 @@ export interface VerifyResult {
 export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
-  let manifests: Manifest[];
-  if (opts.backup) {
-    try {
-      manifests = [await repo.readManifest(opts.backup)];
-    } catch (e) {
-      if (!isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_FORMAT')) throw e;
-      damage.push({ object: repo.objName(manifestKey(opts.backup)), problem: e.message, backups: [opts.backup] });
-      manifests = [];
-    }
-  } else {
-    manifests = await listBackups(repo, (id, e) => damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] }));
-  }
   const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }));
 
-  // Which backups need which chunk.
-  const users = new Map<string, Set<string>>();
-  for (const m of manifests) {
-    m.ids.forEachNonZero((_k, id) => {
-      const hex = id.toString('hex');
-      let s = users.get(hex);
-      if (!s) users.set(hex, (s = new Set()));
-      s.add(m.meta.id);
+  // The backups, one manifest at a time (a repository holds many; none is kept): which index slots they
+  // need (a mark a slot), and which chunks no index object lists (rare: kept by id, with their users).
+  const ids = opts.backup ? [opts.backup] : await repo.listBackupIds();
+  const readable: string[] = [];
+  const readManifest = async (id: string): Promise<Manifest | null> => {
+    try {
+      return await repo.readManifest(id);
+    } catch (e) {
+      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) throw e;
+      if (opts.backup && e.code === 'KSC_E_NOT_FOUND') throw e;
+      damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] });
+      return null;
+    }
+  };
+  const used = new Uint8Array(index.slots);
+  const missing = new Map<string, Set<string>>();
+  for (const id of ids) {
+    const m = await readManifest(id);
+    if (!m) continue;
+    readable.push(id);
+    m.ids.forEachNonZero((_k, cid) => {
+      const s = index.slotOf(cid);
+      if (s >= 0) used[s] = 1;
+      else {
+        const hex = cid.toString('hex');
+        let users = missing.get(hex);
+        if (!users) missing.set(hex, (users = new Set()));
+        users.add(id);
+      }
     });
   }
-  const missing = [...users.keys()].filter((h) => !index.has(h));
-  if (missing.length > 0) {
+  if (missing.size > 0) {
     const backups = new Set<string>();
-    for (const h of missing) for (const b of users.get(h)!) backups.add(b);
-    damage.push({ object: repo.objName('index/'), problem: `${missing.length} chunk(s) are in no index object (e.g. ${missing[0]})`, backups: [...backups].sort() });
+    for (const users of missing.values()) for (const b of users) backups.add(b);
+    damage.push({ object: repo.objName('index/'), problem: `${missing.size} chunk(s) are in no index object (e.g. ${missing.keys().next().value})`, backups: [...backups].sort() });
   }
-  const present = [...users.keys()].filter((h) => index.has(h)).map((h) => Buffer.from(h, 'hex'));
-  const reads = planReads(present, index, 16 * 1024 * 1024, 'verify');
-  // Check pack by pack so one bad blob or a missing pack names that pack and keeps going.
-  const byPack = new Map<string, typeof reads>();
-  for (const r of reads) {
-    let l = byPack.get(r.pack);
-    if (!l) byPack.set(r.pack, (l = []));
-    l.push(r);
+
+  // The needed chunks by pack: each pack is read on its own (coalesced), so a bad blob or a missing pack
+  // names that pack and the others keep going.
+  const byPack = new Map<number, number[]>();
+  for (let s = 0; s < used.length; s++) {
+    if (used[s] === 0) continue;
+    const p = index.packNumber(s);
+    let l = byPack.get(p);
+    if (!l) byPack.set(p, (l = []));
+    l.push(s);
   }
+  used.fill(0); // from here on: the marks of damaged chunks
   let chunksChecked = 0;
   let bytesRead = 0;
-  const packs = [...byPack.entries()];
-  const limit = opts.concurrency ?? 4;
-  let next = 0;
-  await Promise.all(Array.from({ length: Math.min(limit, packs.length) }, async () => {
-    while (next < packs.length) {
-      const [pack, list] = packs[next++]!;
-      const deps = new Set<string>();
-      for (const r of list) for (const it of r.items) for (const b of users.get(it.id.toString('hex'))!) deps.add(b);
-      try {
-        const n = await fetchChunks(repo, list, 2, repo.chunkSize, 'verify', async () => {
-          chunksChecked++;
-        });
-        bytesRead += n;
-      } catch (e) {
-        if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
-        const problem = e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message;
+  const damagedPacks: { object: string; problem: string }[] = [];
+  await mapLimit(byPack.values(), opts.concurrency ?? 4, async (slots) => {
+    slots.sort((a, b) => index.blobOffset(a) - index.blobOffset(b));
+    const pack = index.packName(slots[0]!);
+    const reads = readsOf(slots, index);
+    try {
+      bytesRead += await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
+        chunksChecked++;
+      });
+    } catch (e) {
+      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
+      if (e.code === 'KSC_E_NOT_FOUND') for (const s of slots) used[s] = 1;
+      else {
         // A coalesced read fails as a whole: recheck blob by blob, so only the users of bad chunks are named.
-        const broken = e.code === 'KSC_E_NOT_FOUND' ? deps : new Set<string>();
-        if (e.code !== 'KSC_E_NOT_FOUND') {
-          for (const r of list) {
-            for (const it of r.items) {
-              const one = [{ pack, offset: r.offset + it.at, length: it.length, raw: repo.chunkSize, items: [{ ...it, at: 0 }] }];
-              await fetchChunks(repo, one, 1, repo.chunkSize, 'verify', async () => undefined)
-                .catch(() => users.get(it.id.toString('hex'))!.forEach((b) => broken.add(b)));
-            }
-          }
+        for (const s of slots) {
+          await fetchChunks(repo, readsOf([s], index), 1, repo.chunkSize, 'verify', async () => undefined).catch(() => {
+            used[s] = 1;
+          });
         }
-        damage.push({ object: repo.objName(packKey(pack)), problem, backups: [...broken].sort() });
       }
+      damagedPacks.push({ object: repo.objName(packKey(pack)), problem: e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message });
     }
-  }));
-  return { ok: damage.length === 0, backupsChecked: manifests.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
+  });
+
+  // Only when a pack is damaged: which backups need its damaged chunks (the manifests once more).
+  if (damagedPacks.length > 0) {
+    const broken = new Map<string, Set<string>>(damagedPacks.map((d) => [d.object, new Set<string>()]));
+    for (const id of readable) {
+      const m = await repo.readManifest(id);
+      m.ids.forEachNonZero((_k, cid) => {
+        const s = index.slotOf(cid);
+        if (s >= 0 && used[s] === 1) broken.get(repo.objName(packKey(index.packName(s))))?.add(id);
+      });
+    }
+    for (const d of damagedPacks) damage.push({ ...d, backups: [...broken.get(d.object)!].sort() });
+  }
+  return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
 }

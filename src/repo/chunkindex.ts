@@ -48,6 +48,11 @@ export class ChunkIndex {
     this.allocate(slots);
   }
 
+  /** Number of slots: slot numbers run from 0 to this (for per-slot marks kept beside the table). */
+  get slots(): number {
+    return this.mask + 1;
+  }
+
   /** Number of distinct chunk ids. */
   get size(): number {
     return this.count;
@@ -94,6 +99,13 @@ export class ChunkIndex {
 
   // A slot names one chunk for as long as nothing is added (adding may move every entry). Planners that
   // handle millions of chunks keep slot numbers (4 bytes) instead of location objects.
+
+  /** The id of the chunk in slot `s` (a new buffer). */
+  idAt(s: number): Buffer {
+    const b = Buffer.allocUnsafe(ID_BYTES);
+    for (let i = 0; i < 4; i++) b.writeUInt32LE(this.keys[s * 4 + i]!, i * 4);
+    return b;
+  }
 
   /** The pack holding the chunk in slot `s` (a number per pack, in the order packs were first added). */
   packNumber(s: number): number {
