@@ -5,10 +5,9 @@
  * the exclusive repository lock, so no backup runs meanwhile.
  */
 import { isKscError } from '../errors.js';
-import { Repository, mapLimit, indexKey, packKey } from '../repo/repository.js';
-import { decodeIndex, type IndexEntry } from '../repo/format.js';
+import { ChunkIndex, Repository, mapLimit, indexKey, packKey } from '../repo/repository.js';
+import { visitIndex, type IndexEntry } from '../repo/format.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
-import { listBackups } from './restore.js';
 import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
 
 export interface PruneOptions extends KeepPolicy {
@@ -37,10 +36,23 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
   checkPolicy(policy);
   const lock = await repo.lock('exclusive', 'prune');
   try {
+    // Only what retention needs is kept of each manifest (a repository holds many; their chunk lists are
+    // read again, one at a time, for the kept ones below).
     const damagedManifests: string[] = [];
-    const all = await listBackups(repo, (id) => damagedManifests.push(id));
-    const byDisk = new Map<string, typeof all>();
-    for (const m of all) {
+    const ids = await repo.listBackupIds();
+    const metas: ({ id: string; disk: string; timeMs: number } | null)[] = new Array(ids.length).fill(null);
+    await mapLimit(ids, 8, async (id, i) => {
+      try {
+        const m = await repo.readManifest(id);
+        metas[i] = { id: m.meta.id, disk: m.disk, timeMs: m.timeMs };
+      } catch (e) {
+        if (isKscError(e) && ['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) damagedManifests.push(id);
+        else throw e;
+      }
+    });
+    const byDisk = new Map<string, { id: string; disk: string; timeMs: number }[]>();
+    for (const m of metas) {
+      if (!m) continue;
       let l = byDisk.get(m.disk);
       if (!l) byDisk.set(m.disk, (l = []));
       l.push(m);
@@ -48,11 +60,11 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const kept: PruneResult['kept'] = [];
     const removed: string[] = [];
     for (const list of byDisk.values()) {
-      const keep = selectKeep(list.map((m) => ({ id: m.meta.id, timeMs: m.timeMs })), policy, opts.timeZone);
+      const keep = selectKeep(list.map((m) => ({ id: m.id, timeMs: m.timeMs })), policy, opts.timeZone);
       for (const m of list) {
-        const reasons = keep.get(m.meta.id);
-        if (reasons) kept.push({ id: m.meta.id, reasons });
-        else removed.push(m.meta.id);
+        const reasons = keep.get(m.id);
+        if (reasons) kept.push({ id: m.id, reasons });
+        else removed.push(m.id);
       }
     }
     kept.sort((a, b) => (a.id < b.id ? -1 : 1));
@@ -66,45 +78,45 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     for (const id of removed) await repo.deleteManifest(id);
     lock.check();
 
-    // 2. What is still referenced, and where each such chunk lives.
-    const keptIds = new Set(kept.map((k) => k.id));
-    const referenced = new Set<string>();
-    for (const m of all) {
-      if (!keptIds.has(m.meta.id)) continue;
-      m.ids.forEachNonZero((_k, id) => {
-        referenced.add(id.toString('hex'));
-      });
-    }
+    // 2. Where each chunk lives (the index objects, then the footers of packs no index object names), only
+    // in packs that exist, in a compact table; then what the kept backups still reference (a mark a slot).
     const packs = await repo.listPacks();
     const oldIndex = await repo.listIndexObjects();
-    const candidates: IndexEntry[] = [];
+    const where = new ChunkIndex();
     const indexedPacks = new Set<string>();
     await mapLimit(oldIndex, 8, async (id) => {
       try {
-        for (const e of decodeIndex(await repo.store.get(indexKey(id)), repo.objName(indexKey(id)))) {
-          candidates.push(e);
-          indexedPacks.add(e.pack);
-        }
+        visitIndex(await repo.store.get(indexKey(id)), repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
+          indexedPacks.add(pack);
+          if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
+        });
       } catch (e) {
         if (!isKscError(e)) throw e; // a damaged index object is replaced below; its packs are read as orphans
       }
     });
-    // Orphan packs (interrupted writers, damaged index objects): their footers say what they hold.
     await mapLimit([...packs.keys()].filter((p) => !indexedPacks.has(p)), 4, async (p) => {
       try {
-        for (const e of await repo.readPackFooter(p, packs.get(p)!.size)) candidates.push({ ...e, pack: p });
+        for (const e of await repo.readPackFooter(p, packs.get(p)!.size)) where.addAt(e.id, 0, p, e.offset, e.length, e.rawLength);
       } catch (e) {
         if (!isKscError(e)) throw e;
       }
     });
-    const chosen = new Map<string, IndexEntry>();
-    for (const e of candidates) {
-      const hex = e.id.toString('hex');
-      if (referenced.has(hex) && packs.has(e.pack) && !chosen.has(hex)) chosen.set(hex, e);
+    const live = new Uint8Array(where.slots);
+    const missing = new Set<string>();
+    for (const k of kept) {
+      const m = await repo.readManifest(k.id);
+      m.ids.forEachNonZero((_k, cid) => {
+        const slot = where.slotOf(cid);
+        if (slot >= 0) live[slot] = 1;
+        else missing.add(cid.toString('hex'));
+      });
     }
-    result.chunksMissing = [...referenced].filter((h) => !chosen.has(h)).length;
+    result.chunksMissing = missing.size;
+    missing.clear();
     const used = new Map<string, number>();
-    for (const e of chosen.values()) used.set(e.pack, (used.get(e.pack) ?? 0) + e.length);
+    for (let slot = 0; slot < live.length; slot++) {
+      if (live[slot] === 1) used.set(where.packName(slot), (used.get(where.packName(slot)) ?? 0) + where.blobLength(slot));
+    }
     const threshold = opts.repackBelow ?? 0.5;
     const drop: string[] = [];
     const repack: string[] = [];
@@ -117,32 +129,44 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // 3. Repack: copy the live blobs of sparse packs into new packs (checked on the way).
     const writer = repo.packWriter();
     const repackSet = new Set(repack);
-    const liveByPack = new Map<string, IndexEntry[]>();
-    for (const e of chosen.values()) {
-      if (!repackSet.has(e.pack)) continue;
-      let l = liveByPack.get(e.pack);
-      if (!l) liveByPack.set(e.pack, (l = []));
-      l.push(e);
+    const liveByPack = new Map<string, number[]>();
+    for (let slot = 0; slot < live.length; slot++) {
+      if (live[slot] !== 1 || !repackSet.has(where.packName(slot))) continue;
+      let l = liveByPack.get(where.packName(slot));
+      if (!l) liveByPack.set(where.packName(slot), (l = []));
+      l.push(slot);
     }
-    for (const [p, entries] of liveByPack) {
-      for (const e of entries) {
-        const blob = await repo.store.getRange(packKey(p), e.offset, e.length);
-        if (blob.length < BLOB_HEADER_SIZE || !blob.subarray(16, 32).equals(e.id)) {
+    for (const [p, slots] of liveByPack) {
+      for (const slot of slots) {
+        const id = where.idAt(slot);
+        const blob = await repo.store.getRange(packKey(p), where.blobOffset(slot), where.blobLength(slot));
+        if (blob.length < BLOB_HEADER_SIZE || !blob.subarray(16, 32).equals(id)) {
           result.chunksMissing++;
-          chosen.delete(e.id.toString('hex'));
+          live[slot] = 0;
           continue;
         }
-        await writer.add(e.id, blob, e.rawLength);
+        await writer.add(id, blob, where.rawLengthAt(slot));
       }
       lock.check();
     }
     await writer.finish();
-    const moved = new Map([...writer.entries].map((e) => [e.id.toString('hex'), e]));
-    const live: IndexEntry[] = [];
-    for (const [hex, e] of chosen) live.push(repackSet.has(e.pack) ? moved.get(hex)! : e);
+    const moved = new ChunkIndex();
+    for (const e of writer.entries) moved.add(e);
+    // Every live chunk where it now lives (made as the index object is written: nothing held per chunk).
+    const entries = {
+      *[Symbol.iterator](): Generator<IndexEntry> {
+        for (let slot = 0; slot < live.length; slot++) {
+          if (live[slot] !== 1) continue;
+          const id = where.idAt(slot);
+          const loc = repackSet.has(where.packName(slot)) ? moved.get(id)! : { pack: where.packName(slot), offset: where.blobOffset(slot), length: where.blobLength(slot), rawLength: where.rawLengthAt(slot) };
+          yield { id, ...loc };
+        }
+      },
+    };
+    const liveCount = live.reduce((n, x) => n + x, 0);
 
     // 4. One index object of everything in use, then drop the old ones, then the packs.
-    if (live.length > 0) await repo.putIndex(live);
+    if (liveCount > 0) await repo.putIndex(entries);
     lock.check();
     for (const id of oldIndex) await repo.store.delete(indexKey(id));
     for (const p of [...drop, ...repack]) {
