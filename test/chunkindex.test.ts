@@ -59,8 +59,9 @@ describe('ChunkIndex', () => {
     const id = Buffer.from('00112233445566778899aabbccddeeff', 'hex');
     idx.add({ id, pack: 'ab'.repeat(16), offset: 1, length: 2, rawLength: 3 });
     expect(idx.has(id.toString('hex'))).toBe(true);
-    expect(idx.has(id.toString('hex').toUpperCase())).toBe(true); // hex is read case-blind, as Buffer.from does
-    for (const bad of ['', '00112233', `${id.toString('hex')}00`, `zz${id.toString('hex').slice(2)}`, id.toString('hex').slice(0, 31) + 'g']) {
+    expect(idx.has(id.toString('hex').toUpperCase())).toBe(false); // ids are written in lower case (§6)
+    expect(idx.has(Buffer.concat([id, Buffer.alloc(1)]))).toBe(false);
+    for (const bad of ['', '00112233', `${id.toString('hex')}00`, `zz${id.toString('hex').slice(2)}`, id.toString('hex').slice(0, 31) + 'g', id.toString('hex').replace(/a/g, '\u0161')]) {
       expect(idx.has(bad), JSON.stringify(bad)).toBe(false);
     }
     expect(idx.has(id.subarray(0, 15))).toBe(false);

@@ -103,14 +103,15 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     });
     const live = new Uint8Array(where.slots);
     const missing = new Set<string>();
-    for (const k of kept) {
+    // A kept manifest that cannot be read now stops prune here, before anything but the removed manifests is gone.
+    await mapLimit(kept, 8, async (k) => {
       const m = await repo.readManifest(k.id);
       m.ids.forEachNonZero((_k, cid) => {
         const slot = where.slotOf(cid);
         if (slot >= 0) live[slot] = 1;
         else missing.add(cid.toString('hex'));
       });
-    }
+    });
     result.chunksMissing = missing.size;
     missing.clear();
     const used = new Map<string, number>();

@@ -29,7 +29,7 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   const damage: Damage[] = [];
   const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }));
 
-  // The backups, one manifest at a time (a repository holds many; none is kept): which index slots they
+  // The backups, a few manifests at a time (a repository holds many; none is kept): which index slots they
   // need (a mark a slot), and which chunks no index object lists (rare: kept by id, with their users).
   const ids = opts.backup ? [opts.backup] : await repo.listBackupIds();
   const readable: string[] = [];
@@ -45,9 +45,9 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   };
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
-  for (const id of ids) {
+  await mapLimit(ids, 8, async (id) => {
     const m = await readManifest(id);
-    if (!m) continue;
+    if (!m) return;
     readable.push(id);
     m.ids.forEachNonZero((_k, cid) => {
       const s = index.slotOf(cid);
@@ -59,7 +59,8 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
         users.add(id);
       }
     });
-  }
+  });
+  readable.sort();
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
@@ -106,13 +107,17 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   // Only when a pack is damaged: which backups need its damaged chunks (the manifests once more).
   if (damagedPacks.length > 0) {
     const broken = new Map<string, Set<string>>(damagedPacks.map((d) => [d.object, new Set<string>()]));
-    for (const id of readable) {
-      const m = await repo.readManifest(id);
-      m.ids.forEachNonZero((_k, cid) => {
+    await mapLimit(readable, 8, async (id) => {
+      // A manifest gone meanwhile (a prune: verify takes no lock) is no longer a backup to name.
+      const m = await repo.readManifest(id).catch((e: unknown) => {
+        if (isKscError(e) && ['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) return null;
+        throw e;
+      });
+      m?.ids.forEachNonZero((_k, cid) => {
         const s = index.slotOf(cid);
         if (s >= 0 && used[s] === 1) broken.get(repo.objName(packKey(index.packName(s))))?.add(id);
       });
-    }
+    });
     for (const d of damagedPacks) damage.push({ ...d, backups: [...broken.get(d.object)!].sort() });
   }
   return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };

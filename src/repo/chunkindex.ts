@@ -7,6 +7,7 @@
  * lengths 8), at most 70% full. A Map from hex strings to location objects took ≈ 150 bytes of heap an
  * entry (measured with 1 M entries) and a string conversion on every lookup.
  */
+import { randomInt } from 'node:crypto';
 import { ID_BYTES } from '../hash/chunkid.js';
 
 export interface ChunkLocation {
@@ -17,6 +18,9 @@ export interface ChunkLocation {
 }
 
 const MIN_SLOTS = 1024;
+const HEX_ID = /^[0-9a-f]{32}$/;
+/** Mixed into every slot number: ids made to collide in one process do not collide in another. */
+const SEED = randomInt(0x7fffffff) | 1;
 const MAX_LOAD = 0.7;
 
 export class ChunkIndex {
@@ -132,10 +136,11 @@ export class ChunkIndex {
   slotOf(id: Buffer | string): number {
     let b: Buffer;
     if (typeof id === 'string') {
-      if (id.length !== 2 * ID_BYTES || this.scratch.write(id, 0, 'hex') !== ID_BYTES) return -1;
+      if (!HEX_ID.test(id)) return -1;
+      this.scratch.write(id, 0, 'hex');
       b = this.scratch;
     } else {
-      if (id.length < ID_BYTES) return -1;
+      if (id.length !== ID_BYTES) return -1;
       b = id;
     }
     const s = this.find(b.readUInt32LE(0), b.readUInt32LE(4), b.readUInt32LE(8), b.readUInt32LE(12));
@@ -145,8 +150,9 @@ export class ChunkIndex {
   /** The slot holding the id, or the empty slot where it would go (linear probing). */
   private find(w0: number, w1: number, w2: number, w3: number): number {
     const keys = this.keys;
-    // Ids are hashes already; mixing two words still spreads ids made alike on purpose.
-    let s = (Math.imul(w0 ^ w3, 0x9e3779b1) ^ w1) & this.mask;
+    // Ids are hashes already; mixing all four words with a per-process seed still spreads ids made alike
+    // on purpose.
+    let s = (Math.imul(w0 ^ w3 ^ SEED, 0x9e3779b1) ^ Math.imul(w1 ^ w2, 0x85ebca6b)) & this.mask;
     for (;;) {
       if (this.pack[s] === 0) return s;
       const k = s * 4;

@@ -170,14 +170,18 @@ export function encodeIndex(entries: Iterable<IndexEntry>): Buffer {
   b.writeUInt32LE(count, 16);
   packs.forEach((p, i) => b.write(p, INDEX_HEADER + i * 16, 'hex'));
   let o = INDEX_HEADER + packs.length * 16;
+  let second = 0;
   for (const e of entries) {
+    const n = packNo.get(e.pack);
+    if (n === undefined || ++second > count) throw new Error('encodeIndex: the entries changed between the two passes (a one-shot iterator?)');
     e.id.copy(b, o, 0, ID_BYTES);
-    b.writeUInt32LE(packNo.get(e.pack)!, o + 16);
+    b.writeUInt32LE(n, o + 16);
     b.writeBigUInt64LE(BigInt(e.offset), o + 24);
     b.writeUInt32LE(e.length, o + 32);
     b.writeUInt32LE(e.rawLength, o + 36);
     o += INDEX_ENTRY;
   }
+  if (second !== count) throw new Error('encodeIndex: the entries changed between the two passes (a one-shot iterator?)');
   b.writeUInt32LE(indexCrc(b), 28);
   return b;
 }

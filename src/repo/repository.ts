@@ -398,7 +398,13 @@ export async function mapLimit<T>(items: Iterable<T>, limit: number, fn: (item: 
   let error: unknown = null;
   const worker = async (): Promise<void> => {
     while (!error) {
-      const n = it.next();
+      let n: IteratorResult<T>;
+      try {
+        n = it.next();
+      } catch (e) {
+        error ??= e;
+        return;
+      }
       if (n.done) return;
       const i = next++;
       try {

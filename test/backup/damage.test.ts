@@ -223,6 +223,28 @@ describe('damaged repository objects', () => {
     await checkDamage(d, packKey(pack), [P.a1, P.a2]);
   });
 
+  it('a manifest removed while verify runs (a prune: verify takes no lock): the damage is still reported', async () => {
+    const d = copyRepo();
+    const pack = [...P.packs].find(([, blobs]) => blobs.every((b) => P.uses.get(P.b1)!.has(b.id)))![0];
+    rmSync(join(d, packKey(pack)));
+    // A1's manifest reads the first time and is gone the second (verify reads manifests again to name the
+    // backups behind a damaged pack).
+    let reads = 0;
+    const repo = await openRepo(d, (st) => new Proxy(st, {
+      get(target, prop, recv) {
+        if (prop !== 'get') return Reflect.get(target, prop, recv);
+        return async (key: string) => {
+          if (key === manifestKey(P.a1) && ++reads > 1) rmSync(join(d, key), { force: true });
+          return target.get(key);
+        };
+      },
+    }));
+    const v = await verifyRepo(repo);
+    expect(reads, 'A1 was read twice').toBe(2);
+    expect(v.ok).toBe(false);
+    expect(v.damage.map((x) => [x.object, x.backups])).toEqual([[repo.objName(packKey(pack)), [P.b1]]]);
+  });
+
   it('a corrupted manifest: only that backup', async () => {
     const d = copyRepo();
     const file = join(d, manifestKey(P.a2));
