@@ -68,6 +68,26 @@ describe('ChunkIndex', () => {
     expect(idx.has(Buffer.alloc(16))).toBe(false);
   });
 
+  it('without locations: a set of ids (has, hasAt, packs), and asking for a location is an error', () => {
+    const rng = new Rng(seedFor('test/chunkindex.test.ts ids-only'));
+    const set = new ChunkIndex({ locations: false });
+    const full = new ChunkIndex();
+    const ids = Array.from({ length: 5000 }, () => randomId(rng));
+    ids.forEach((id, i) => {
+      const e = { id, pack: `${(i % 7).toString(16)}`.padStart(32, '0'), offset: i, length: 1, rawLength: 2 };
+      set.add(e);
+      full.add(e);
+    });
+    expect(set.size).toBe(full.size);
+    expect([...set.packs].sort()).toEqual([...full.packs].sort());
+    const both = Buffer.concat([randomId(rng), ids[1234]!]);
+    expect(set.hasAt(both, 16)).toBe(true);
+    expect(set.hasAt(both, 0)).toBe(false);
+    for (const id of ids) expect(set.has(id)).toBe(true);
+    expect(() => set.get(ids[0]!)).toThrow(/without locations/);
+    expect(() => set.blobOffset(set.slotOf(ids[0]!))).toThrow(/without locations/);
+  });
+
   it('visitIndex visits what decodeIndex returns, and nothing when an entry is bad', () => {
     const rng = new Rng(seedFor('test/chunkindex.test.ts visitIndex'));
     const packs = [randomId(rng).toString('hex'), randomId(rng).toString('hex')];

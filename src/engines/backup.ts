@@ -337,7 +337,8 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
       const backupIds = !fullReason && token !== null ? repo.listBackupIds() : null;
       backupIds?.catch(() => undefined);
-      const [index, packs] = await Promise.all([repo.loadIndex(() => undefined), repo.listPacks()]);
+      // Ids only (dedupe needs no locations): 20 bytes a slot.
+      const [index, packs] = await Promise.all([repo.loadIndex(() => undefined, { locations: false }), repo.listPacks()]);
       const adopted = await adoptOrphans(repo, index, packs);
       let parent: Manifest | null = null;
       let why: string | null = null;

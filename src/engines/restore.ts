@@ -12,7 +12,7 @@ import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
 import { BLOB_HEADER } from '../compress/codec.js';
-import { Repository, type ChunkIndex, type ChunkLocation, mapLimit, packKey } from '../repo/repository.js';
+import { ChunkIndex, Repository, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { uuidToBytes } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
@@ -330,7 +330,10 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     candidates = [];
     // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
     const badIndex: string[] = [];
-    const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)));
+    // Only the entries of the chunks this restore fetches are kept: memory follows the backup, not the repository.
+    const needed = new ChunkIndex({ locations: false, expected: fetch.length });
+    for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
+    const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
     const plan = restorePlan(fetch, idAt, index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
     const totalBytes = fetch.reduce((sum, k) => sum + lenAt(k), 0);
     let done = 0;

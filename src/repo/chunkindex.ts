@@ -4,7 +4,8 @@
  * data a repository can hold before those commands outgrow their memory bound.
  *
  * An open-addressing hash table in typed arrays: 36 bytes a slot (id 16, pack number 4, offset 8, two
- * lengths 8), at most 70% full. A Map from hex strings to location objects took ≈ 150 bytes of heap an
+ * lengths 8), at most 70% full; 20 bytes a slot without locations (a set of ids: what a backup needs to
+ * dedupe, and what a restore needs to pick the index entries of one backup). A Map from hex strings to location objects took ≈ 150 bytes of heap an
  * entry (measured with 1 M entries) and a string conversion on every lookup.
  */
 import { randomInt } from 'node:crypto';
@@ -46,10 +47,20 @@ export class ChunkIndex {
   /** Where a hex id is decoded for a lookup. */
   private readonly scratch = Buffer.alloc(ID_BYTES);
 
-  constructor(expected = 0) {
+  /** False: ids and packs only (20 bytes a slot), for a set of ids; get() and the blob accessors throw. */
+  readonly locations: boolean;
+
+  constructor(opts: { expected?: number; locations?: boolean } = {}) {
+    this.locations = opts.locations ?? true;
     let slots = MIN_SLOTS;
-    while (slots * MAX_LOAD < expected) slots *= 2;
+    while (slots * MAX_LOAD < (opts.expected ?? 0)) slots *= 2;
     this.allocate(slots);
+  }
+
+  /** True when the 16-byte id at `at` of `buf` is present (no view made). */
+  hasAt(buf: Buffer, at: number): boolean {
+    const s = this.find(buf.readUInt32LE(at), buf.readUInt32LE(at + 4), buf.readUInt32LE(at + 8), buf.readUInt32LE(at + 12));
+    return this.pack[s] !== 0;
   }
 
   /** Number of slots: slot numbers run from 0 to this (for per-slot marks kept beside the table). */
@@ -92,6 +103,7 @@ export class ChunkIndex {
   }
 
   get(id: Buffer | string): ChunkLocation | undefined {
+    this.needLocations();
     const s = this.slotOf(id);
     if (s < 0) return undefined;
     return { pack: this.packName(s), offset: this.offset[s]!, length: this.length[s]!, rawLength: this.rawLength[s]! };
@@ -121,15 +133,22 @@ export class ChunkIndex {
   }
 
   blobOffset(s: number): number {
+    this.needLocations();
     return this.offset[s]!;
   }
 
   blobLength(s: number): number {
+    this.needLocations();
     return this.length[s]!;
   }
 
   rawLengthAt(s: number): number {
+    this.needLocations();
     return this.rawLength[s]!;
+  }
+
+  private needLocations(): void {
+    if (!this.locations) throw new Error('ChunkIndex: made without locations (a set of ids)');
   }
 
   /** The slot holding `id`, or -1. A string is the id in hex; anything else is never present. */
@@ -168,6 +187,7 @@ export class ChunkIndex {
     this.keys[k + 2] = w2;
     this.keys[k + 3] = w3;
     this.pack[s] = packPlusOne;
+    if (!this.locations) return;
     this.offset[s] = offset;
     this.length[s] = length;
     this.rawLength[s] = rawLength;
@@ -178,9 +198,10 @@ export class ChunkIndex {
     const old = { keys: this.keys, pack: this.pack, offset: this.offset, length: this.length, rawLength: this.rawLength };
     this.keys = new Uint32Array(slots * 4);
     this.pack = new Uint32Array(slots);
-    this.offset = new Float64Array(slots);
-    this.length = new Uint32Array(slots);
-    this.rawLength = new Uint32Array(slots);
+    const n = this.locations ? slots : 0;
+    this.offset = new Float64Array(n);
+    this.length = new Uint32Array(n);
+    this.rawLength = new Uint32Array(n);
     this.mask = slots - 1;
     for (let s = 0; s < old.pack.length; s++) {
       if (old.pack[s] === 0) continue;
@@ -189,7 +210,7 @@ export class ChunkIndex {
       const w1 = old.keys[k + 1]!;
       const w2 = old.keys[k + 2]!;
       const w3 = old.keys[k + 3]!;
-      this.place(this.find(w0, w1, w2, w3), w0, w1, w2, w3, old.pack[s]!, old.offset[s]!, old.length[s]!, old.rawLength[s]!);
+      this.place(this.find(w0, w1, w2, w3), w0, w1, w2, w3, old.pack[s]!, old.offset[s] ?? 0, old.length[s] ?? 0, old.rawLength[s] ?? 0);
     }
   }
 }

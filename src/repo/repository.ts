@@ -133,15 +133,23 @@ export class Repository {
     return out;
   }
 
-  /** Reads every index object. A damaged one is reported through `onDamage` (or thrown when absent). */
-  async loadIndex(onDamage?: (key: string, e: KscError) => void): Promise<ChunkIndex> {
-    const idx = new ChunkIndex();
+  /**
+   * Reads every index object. A damaged one is reported through `onDamage` (or thrown when absent).
+   * `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id (16
+   * bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
+   * needed, not the repository.
+   */
+  async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean } = {}): Promise<ChunkIndex> {
+    const idx = new ChunkIndex({ locations: opts.locations ?? true });
+    const only = opts.only;
     const ids = await this.listIndexObjects();
     await mapLimit(ids, 8, async (id) => {
       const key = indexKey(id);
       try {
         // Entries go straight into the table (no object per entry: an index object can list millions).
-        visitIndex(await this.store.get(key), this.objName(key), (b, at, pack, offset, length, rawLength) => idx.addAt(b, at, pack, offset, length, rawLength));
+        visitIndex(await this.store.get(key), this.objName(key), (b, at, pack, offset, length, rawLength) => {
+          if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
+        });
         idx.objects.push(id);
       } catch (e) {
         if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
@@ -300,7 +308,7 @@ export class PackWriter {
   readonly packsWritten: string[] = [];
   bytesUploaded = 0;
   /** Ids queued or stored by this writer (so one backup never stores a chunk twice), as a compact set. */
-  private readonly seen = new ChunkIndex();
+  private readonly seen = new ChunkIndex({ locations: false });
 
   constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
 
