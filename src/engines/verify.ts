@@ -3,7 +3,7 @@
  * damaged object together with the backups that depend on it.
  */
 import { isKscError } from '../errors.js';
-import { Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
+import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
 import { fetchChunks, readsOf } from './restore.js';
 
@@ -27,12 +27,6 @@ export interface VerifyResult {
 export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
-  const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }));
-
-  // The backups, a few manifests at a time (a repository holds many; none is kept): which index slots they
-  // need (a mark a slot), and which chunks no index object lists (rare: kept by id, with their users).
-  const ids = opts.backup ? [opts.backup] : await repo.listBackupIds();
-  const readable: string[] = [];
   const readManifest = async (id: string): Promise<Manifest | null> => {
     try {
       return await repo.readManifest(id);
@@ -43,10 +37,27 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       return null;
     }
   };
+  // One backup: only the index entries of its chunks are kept (memory follows the backup). All of them: the
+  // whole index.
+  const single = opts.backup ? await readManifest(opts.backup) : null;
+  let only: ((b: Buffer, at: number) => boolean) | undefined;
+  if (single) {
+    const needed = new ChunkIndex({ locations: false, expected: single.ids.nonZeroCount() });
+    single.ids.forEachNonZero((_k, cid) => {
+      needed.addAt(cid, 0, '', 0, 0, 0);
+    });
+    only = (b, at) => needed.hasAt(b, at);
+  }
+  const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }), { only });
+
+  // The backups, a few manifests at a time (a repository holds many; none is kept): which index slots they
+  // need (a mark a slot), and which chunks no index object lists (rare: kept by id, with their users).
+  const ids = opts.backup ? (single ? [opts.backup] : []) : await repo.listBackupIds();
+  const readable: string[] = [];
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
   await mapLimit(ids, 8, async (id) => {
-    const m = await readManifest(id);
+    const m = single ?? (await readManifest(id));
     if (!m) return;
     readable.push(id);
     m.ids.forEachNonZero((_k, cid) => {

@@ -159,6 +159,14 @@ async function checkDamage(repoDir: string, object: string, broken: string[], op
   expect(objects.filter((o) => !allowed.has(o)), 'verify names objects that are fine').toEqual([]);
   const reported = [...new Set(v.damage.flatMap((d) => d.backups))].sort();
   expect.soft(reported, `backups verify says ${object} breaks (Damage.backups: "backups that cannot be restored because of it")`).toEqual([...broken].sort());
+  // One backup at a time (only its chunks' index entries are loaded): damage is named for it exactly when
+  // it is broken.
+  for (const id of P.points.keys()) {
+    const one = await verifyRepo(repo, { backup: id });
+    const named = [...new Set(one.damage.flatMap((d) => d.backups))];
+    expect.soft(named, `verify of backup ${id} alone`).toEqual(broken.includes(id) ? [id] : []);
+    if (broken.includes(id)) expect(one.ok).toBe(false);
+  }
   if (opts.cli) {
     const r = kscinc(['verify', '--repo', repoDir]);
     expect(r.code).not.toBe(0);
