@@ -97,9 +97,11 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
     const pack = index.packName(slots[0]!);
     const reads = readsOf(slots, index);
     try {
-      bytesRead += await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
+      // Not `bytesRead += await …`: that reads bytesRead before the await and loses the other packs' bytes.
+      const n = await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
         chunksChecked++;
       });
+      bytesRead += n;
     } catch (e) {
       if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
       if (e.code === 'KSC_E_NOT_FOUND') for (const s of slots) used[s] = 1;

@@ -36,9 +36,15 @@ describe('backup → change → incremental → restore', () => {
     const path = await makeDisk(dir, 'rt', rng, { size: 64 * MiB, baseSize: 56 * MiB - 5000, baseRegions: 10, maxRegion: 4 * MiB });
     const img = await openKsc(path, { write: true });
     const points: { id: string; data: Buffer }[] = [];
+    const stored = { chunks: 0, bytes: 0 };
+    const count = <T extends { chunksNew: number; bytesStored: number }>(r: T): T => {
+      stored.chunks += r.chunksNew;
+      stored.bytes += r.bytesStored;
+      return r;
+    };
     try {
       // 1: the first backup is full (the bitmap did not exist), and reads every chunk holding data.
-      const b1 = await backupDevice(img, repo);
+      const b1 = count(await backupDevice(img, repo));
       expect(b1.full).toBe(true);
       expect(b1.fullReason).toMatch(/did not exist/);
       expect(b1.parent).toBeNull();
@@ -55,7 +61,7 @@ describe('backup → change → incremental → restore', () => {
       // (Packed on this thread; step 3 uses the workers: both paths feed the same checks and restores.)
       const w2 = await randomChanges(img, rng, 40, { dataOnly: true });
       const d2 = chunksOf(w2, C);
-      const b2 = await backupDevice(img, repo, { inlineBytes: 64 * MiB });
+      const b2 = count(await backupDevice(img, repo, { inlineBytes: 64 * MiB }));
       const s2 = await contents(img);
       expect(b2.full, String(b2.fullReason)).toBe(false);
       expect(b2.fullReason).toBeNull();
@@ -69,7 +75,7 @@ describe('backup → change → incremental → restore', () => {
       // 3: writes, zeroes and discards: chunks that hold data after the changes are read, no others.
       const w3 = await randomChanges(img, rng, 30);
       const d3 = chunksOf(w3, C);
-      const b3 = await backupDevice(img, repo, { inlineBytes: 0 });
+      const b3 = count(await backupDevice(img, repo, { inlineBytes: 0 }));
       const s3 = await contents(img);
       expect(b3.full).toBe(false);
       expect(b3.parent).toBe(b2.id);
@@ -79,7 +85,7 @@ describe('backup → change → incremental → restore', () => {
       points.push({ id: b3.id, data: s3 });
 
       // 4: nothing changed: nothing read, nothing stored.
-      const b4 = await backupDevice(img, repo);
+      const b4 = count(await backupDevice(img, repo));
       expect(b4.full).toBe(false);
       expect(b4.parent).toBe(b3.id);
       expect([b4.chunksDirty, b4.bytesRead, b4.chunksNew, b4.bytesUploaded]).toEqual([0, 0, 0, 0]);
@@ -96,7 +102,11 @@ describe('backup → change → incremental → restore', () => {
     }
     const latest = await restoreBackup(repo, 'latest', join(dir, 'rt-latest.raw'));
     expect(latest.backup).toBe(points[3]!.id);
-    expect((await verifyRepo(repo)).ok).toBe(true);
+    // verify reads every stored blob once: every blob is some backup's (nothing pruned), packs hold no gaps.
+    const v = await verifyRepo(repo);
+    expect(v.ok).toBe(true);
+    expect(v.chunksChecked).toBe(stored.chunks);
+    expect(v.bytesRead).toBe(stored.bytes);
   });
 
   it('many dirty chunks: the map is asked which hold data (discarded ones are not read); a few: all are read', async () => {
@@ -321,6 +331,11 @@ describe('backup → change → incremental → restore', () => {
       expect(r.chunksFetched, `maxReadBytes ${maxReadBytes}`).toBe(b.chunksNew);
       expectSame(await readImage(out), data, `restore with reads of at most ${maxReadBytes} bytes`);
     }
+    // verify reads every stored blob once (one backup, packs holding only its chunks: no gaps to skip).
+    const v = await verifyRepo(repo);
+    expect(v.ok).toBe(true);
+    expect(v.chunksChecked).toBe(b.chunksNew);
+    expect(v.bytesRead).toBe(b.bytesStored);
     // Over an existing file that differs everywhere but in one repeated chunk.
     const over = join(dir, 'repeat-over.raw');
     writeFile(over, Buffer.alloc(size, 0x5a));
