@@ -44,7 +44,7 @@ describe('ChunkIndex', () => {
       expect(idx.get(hex), hex).toEqual(loc);
       expect(idx.has(id) && idx.has(hex), hex).toBe(true);
     }
-    expect(new Set(idx.packs)).toEqual(new Set([...model.values()].map((l) => l.pack)));
+    expect(new Set(idx.packList())).toEqual(new Set([...model.values()].map((l) => l.pack)));
     for (let n = 0; n < 5000; n++) {
       const id = randomId(rng);
       const hex = id.toString('hex');
@@ -79,7 +79,7 @@ describe('ChunkIndex', () => {
       full.add(e);
     });
     expect(set.size).toBe(full.size);
-    expect([...set.packs].sort()).toEqual([...full.packs].sort());
+    expect([...set.packList()].sort()).toEqual([...full.packList()].sort());
     const both = Buffer.concat([randomId(rng), ids[1234]!]);
     expect(set.hasAt(both, 16)).toBe(true);
     expect(set.hasAt(both, 0)).toBe(false);

@@ -209,7 +209,7 @@ function chunkSetFromExtents(extents: { offset: number; length: number }[], chun
 /** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
 async function adoptOrphans(repo: Repository, index: ChunkIndex, packs: Map<string, { size: number }>): Promise<IndexEntry[]> {
   const adopted: IndexEntry[] = [];
-  const orphans = [...packs].filter(([id]) => !index.packs.has(id));
+  const orphans = [...packs].filter(([id]) => !index.hasPack(id));
   await mapLimit(orphans, 4, async ([id, info]) => {
     try {
       for (const e of await repo.readPackFooter(id, info.size)) {

@@ -8,6 +8,7 @@ import { isKscError } from '../errors.js';
 import { ChunkIndex, Repository, mapLimit, indexKey, packKey } from '../repo/repository.js';
 import { visitIndex, type IndexEntry } from '../repo/format.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
+import { listBackups } from './restore.js';
 import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
 
 export interface PruneOptions extends KeepPolicy {
@@ -37,22 +38,11 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
   const lock = await repo.lock('exclusive', 'prune');
   try {
     // Only what retention needs is kept of each manifest (a repository holds many; their chunk lists are
-    // read again, one at a time, for the kept ones below).
+    // read again, a few at a time, for the kept ones below).
     const damagedManifests: string[] = [];
-    const ids = await repo.listBackupIds();
-    const metas: ({ id: string; disk: string; timeMs: number } | null)[] = new Array(ids.length).fill(null);
-    await mapLimit(ids, 8, async (id, i) => {
-      try {
-        const m = await repo.readManifest(id);
-        metas[i] = { id: m.meta.id, disk: m.disk, timeMs: m.timeMs };
-      } catch (e) {
-        if (isKscError(e) && ['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) damagedManifests.push(id);
-        else throw e;
-      }
-    });
+    const metas = await listBackups(repo, (id) => damagedManifests.push(id), (m) => ({ id: m.meta.id, disk: m.disk, timeMs: m.timeMs }));
     const byDisk = new Map<string, { id: string; disk: string; timeMs: number }[]>();
     for (const m of metas) {
-      if (!m) continue;
       let l = byDisk.get(m.disk);
       if (!l) byDisk.set(m.disk, (l = []));
       l.push(m);

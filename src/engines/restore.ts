@@ -63,21 +63,26 @@ export function summarize(m: Manifest): BackupSummary {
   };
 }
 
-/** Every backup, oldest first; a damaged manifest is reported through `onDamage` (thrown when absent). */
-export async function listBackups(repo: Repository, onDamage?: (id: string, e: KscError) => void): Promise<Manifest[]> {
-  const out: Manifest[] = [];
+/**
+ * Every backup, oldest first; a damaged manifest is reported through `onDamage` (thrown when absent).
+ * `pick` keeps what the caller needs of each manifest as it is read (8 at a time), so a repository of many
+ * backups need not be held whole.
+ */
+export async function listBackups(repo: Repository, onDamage?: (id: string, e: KscError) => void): Promise<Manifest[]>;
+export async function listBackups<T>(repo: Repository, onDamage: ((id: string, e: KscError) => void) | undefined, pick: (m: Manifest) => T): Promise<T[]>;
+export async function listBackups<T>(repo: Repository, onDamage?: (id: string, e: KscError) => void, pick?: (m: Manifest) => T): Promise<(T | Manifest)[]> {
   const ids = await repo.listBackupIds();
-  const got = new Array<Manifest | null>(ids.length).fill(null);
+  const got: ({ v: T | Manifest } | null)[] = new Array(ids.length).fill(null);
   await mapLimit(ids, 8, async (id, i) => {
     try {
-      got[i] = await repo.readManifest(id);
+      const m = await repo.readManifest(id);
+      got[i] = { v: pick ? pick(m) : m };
     } catch (e) {
       if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(id, e);
       else throw e;
     }
   });
-  for (const m of got) if (m) out.push(m);
-  return out;
+  return got.filter((x) => x !== null).map((x) => x!.v);
 }
 
 /** Resolves "latest" (of `disk` when given) or a backup id to its manifest. */

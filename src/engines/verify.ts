@@ -2,10 +2,10 @@
  * Verify: reads and checks every chunk the selected backups need (every backup by default), and names each
  * damaged object together with the backups that depend on it.
  */
-import { isKscError } from '../errors.js';
+import { type KscError, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
 import type { Manifest } from '../repo/format.js';
-import { fetchChunks, readsOf } from './restore.js';
+import { fetchChunks, listBackups, readsOf } from './restore.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
@@ -27,39 +27,34 @@ export interface VerifyResult {
 export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
-  const readManifest = async (id: string): Promise<Manifest | null> => {
-    try {
-      return await repo.readManifest(id);
-    } catch (e) {
-      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) throw e;
-      if (opts.backup && e.code === 'KSC_E_NOT_FOUND') throw e;
-      damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] });
-      return null;
-    }
+  const manifestDamage = (id: string, e: KscError): void => {
+    damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] });
   };
   // One backup: only the index entries of its chunks are kept (memory follows the backup). All of them: the
   // whole index.
-  const single = opts.backup ? await readManifest(opts.backup) : null;
+  let single: Manifest | null = null;
   let only: ((b: Buffer, at: number) => boolean) | undefined;
-  if (single) {
-    const needed = new ChunkIndex({ locations: false, expected: single.ids.nonZeroCount() });
-    single.ids.forEachNonZero((_k, cid) => {
+  if (opts.backup) {
+    try {
+      single = await repo.readManifest(opts.backup);
+    } catch (e) {
+      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT'].includes(e.code)) throw e;
+      manifestDamage(opts.backup, e);
+    }
+    const needed = new ChunkIndex({ locations: false, expected: single?.ids.nonZeroCount() ?? 0 });
+    single?.ids.forEachNonZero((_k, cid) => {
       needed.addAt(cid, 0, '', 0, 0, 0);
     });
     only = (b, at) => needed.hasAt(b, at);
   }
   const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }), { only });
 
-  // The backups, a few manifests at a time (a repository holds many; none is kept): which index slots they
-  // need (a mark a slot), and which chunks no index object lists (rare: kept by id, with their users).
-  const ids = opts.backup ? (single ? [opts.backup] : []) : await repo.listBackupIds();
-  const readable: string[] = [];
+  // Which index slots the backups need (a mark a slot), and which chunks no index object lists (rare: kept
+  // by id, with their users). Manifests are marked as they are read and not kept.
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
-  await mapLimit(ids, 8, async (id) => {
-    const m = single ?? (await readManifest(id));
-    if (!m) return;
-    readable.push(id);
+  const mark = (m: Manifest): string => {
+    const id = m.meta.id;
     m.ids.forEachNonZero((_k, cid) => {
       const s = index.slotOf(cid);
       if (s >= 0) used[s] = 1;
@@ -70,8 +65,9 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
         users.add(id);
       }
     });
-  });
-  readable.sort();
+    return id;
+  };
+  const readable = opts.backup ? (single ? [mark(single)] : []) : await listBackups(repo, manifestDamage, mark);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);

@@ -1,12 +1,13 @@
 /**
  * The union of a repository's index objects (formats/repository.md §6), in memory: chunk id → where its
- * blob lives. Every backup, restore and verify loads it whole, so its size per entry sets how much unique
- * data a repository can hold before those commands outgrow their memory bound.
+ * blob lives. Backup, verify and prune hold the whole index, so its size per entry sets how much unique
+ * data a repository can hold before they outgrow their memory bound (a restore keeps only its chunks').
  *
  * An open-addressing hash table in typed arrays: 36 bytes a slot (id 16, pack number 4, offset 8, two
  * lengths 8), at most 70% full; 20 bytes a slot without locations (a set of ids: what a backup needs to
- * dedupe, and what a restore needs to pick the index entries of one backup). A Map from hex strings to location objects took ≈ 150 bytes of heap an
- * entry (measured with 1 M entries) and a string conversion on every lookup.
+ * dedupe, and what a restore needs to pick the index entries of one backup). A Map from hex strings to
+ * location objects took ≈ 150 bytes of heap an entry (measured with 1 M entries) and a string conversion on
+ * every lookup.
  */
 import { randomInt } from 'node:crypto';
 import { ID_BYTES } from '../hash/chunkid.js';
@@ -25,8 +26,6 @@ const SEED = randomInt(0x7fffffff) | 1;
 const MAX_LOAD = 0.7;
 
 export class ChunkIndex {
-  /** Packs named by some index object. */
-  readonly packs = new Set<string>();
   /** Index object ids read. */
   readonly objects: string[] = [];
 
@@ -81,7 +80,6 @@ export class ChunkIndex {
   /** `add` with the id read from `buf` at `at` (no copy of it is kept). */
   addAt(buf: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number): void {
     if (pack !== this.lastPack) {
-      this.packs.add(pack);
       let n = this.packNumbers.get(pack);
       if (n === undefined) {
         n = this.packNames.length;
@@ -121,6 +119,16 @@ export class ChunkIndex {
     const b = Buffer.allocUnsafe(ID_BYTES);
     for (let i = 0; i < 4; i++) b.writeUInt32LE(this.keys[s * 4 + i]!, i * 4);
     return b;
+  }
+
+  /** True when some entry added lives in `pack`. */
+  hasPack(pack: string): boolean {
+    return this.packNumbers.has(pack);
+  }
+
+  /** The packs of the entries added, by pack number. */
+  packList(): readonly string[] {
+    return this.packNames;
   }
 
   /** The pack holding the chunk in slot `s` (a number per pack, in the order packs were first added). */

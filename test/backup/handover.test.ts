@@ -15,7 +15,7 @@ import { KscError } from '../../src/errors.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { MiB, KiB, chunksOf, contents, expectKscError, expectRestores, makeDisk, newRepo, randomChanges, type Touch } from './helpers/fixtures.js';
+import { MiB, KiB, chunksOf, contents, expectKscError, expectRestores, makeDisk, newRepo, orphanPacks, randomChanges, type Touch } from './helpers/fixtures.js';
 import type { Repository } from '../../src/repo/repository.js';
 
 const dir = tempDir('kscinc-backup-handover-');
@@ -45,11 +45,6 @@ async function tokenNames(img: KscImage): Promise<string[]> {
 
 function sorted(s: Set<number>): number[] {
   return [...s].sort((a, b) => a - b);
-}
-
-async function orphanPacks(repo: Repository): Promise<string[]> {
-  const idx = await repo.loadIndex();
-  return [...(await repo.listPacks()).keys()].filter((p) => !idx.packs.has(p));
 }
 
 const injected = (): KscError => new KscError('KSC_E_UNAVAILABLE', 'injected failure');

@@ -32,7 +32,7 @@ import { isKscError } from '../../src/errors.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { snapshotCli } from './helpers/dist.js';
-import { MiB, contents, expectSame, makeDisk, newRepo, openRepo, readImage } from './helpers/fixtures.js';
+import { MiB, contents, expectSame, makeDisk, newRepo, openRepo, orphanPacks, readImage } from './helpers/fixtures.js';
 import type { Repository } from '../../src/repo/repository.js';
 
 const dir = tempDir('kscinc-backup-kill-');
@@ -108,11 +108,6 @@ function runBackup(image: string, repo: string, at: KillAt | null): Promise<Chil
     if (poll) clearInterval(poll);
     res({ code, signal, stdout, stderr, ms: performance.now() - t0, pid: child.pid! });
   }));
-}
-
-async function orphanPacks(repo: Repository): Promise<string[]> {
-  const idx = await repo.loadIndex();
-  return [...(await repo.listPacks()).keys()].filter((p) => !idx.packs.has(p));
 }
 
 /** Chunk ids of a disk state as the backup computes them (all-zero chunks: the zero id). */

@@ -237,3 +237,9 @@ export async function expectRestores(repo: Repository, id: string, target: strin
   await restoreBackup(repo, id, target);
   expectSame(await readImage(target), expected, what);
 }
+
+/** Packs in the repository that no index object names (left by an interrupted backup). */
+export async function orphanPacks(repo: Repository): Promise<string[]> {
+  const idx = await repo.loadIndex();
+  return [...(await repo.listPacks()).keys()].filter((p) => !idx.hasPack(p));
+}
