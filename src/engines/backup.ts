@@ -295,11 +295,15 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     };
     return img && !img.readOnly ? img.quiesce(run) : run();
   };
-  /** Undoes a freeze (the frozen bits merge back into the bitmap). */
-  const thaw = async (): Promise<void> => {
+  /** Ends the frozen view: writes no longer copy before changing. */
+  const releaseView = async (): Promise<void> => {
     if (img) img.setBeforeChange(null);
     await (view as FrozenView | null)?.close();
     view = null;
+  };
+  /** Undoes a freeze (the frozen bits merge back into the bitmap). */
+  const thaw = async (): Promise<void> => {
+    await releaseView();
     if (img && bitmap !== null && handedOver) await recoverFrozenBitmap(img, bitmap);
     handedOver = false;
   };
@@ -435,9 +439,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       lock.check();
       opts.progress?.({ phase: 'read', doneBytes: bytesRead, totalBytes });
     });
-    if (img) img.setBeforeChange(null);
-    await (view as FrozenView | null)?.close();
-    view = null;
+    await releaseView();
     opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
     await writer.finish();
     // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
@@ -465,8 +467,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       throughput: durationMs > 0 ? (bytesRead / durationMs) * 1000 : 0,
     };
   } catch (e) {
-    if (img) img.setBeforeChange(null);
-    await (view as FrozenView | null)?.close();
+    await releaseView();
     await writer?.abandon();
     // §10 step 4: nothing drops out of tracking.
     if (img && bitmap !== null && handedOver) {

@@ -89,18 +89,9 @@ export class IntentLog {
    * false, changing nothing, when some bit is not durable yet: call begin() then.
    */
   tryBegin(offset: number, length: number): boolean {
-    if (!this.durable(offset, length)) return false;
-    const size = this.regionSize;
-    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
-    for (let r = Math.floor(offset / size); r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
-    return true;
-  }
-
-  /** Whether every region of [offset, offset+length) has its bit durable now (no state change). */
-  durable(offset: number, length: number): boolean {
-    const size = this.regionSize;
-    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
-    for (let r = Math.floor(offset / size); r <= r1; r++) if (!this.persisted[r]) return false;
+    const [r0, r1] = this.regionsOf(offset, length);
+    for (let r = r0; r <= r1; r++) if (!this.persisted[r]) return false;
+    for (let r = r0; r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
     return true;
   }
 
@@ -126,9 +117,7 @@ export class IntentLog {
 
   /** Call when the change has completed (or failed) in epoch `epoch`. */
   end(offset: number, length: number, epoch: number): void {
-    const size = this.regionSize;
-    const r0 = Math.floor(offset / size);
-    const r1 = Math.floor((offset + Math.max(length, 1) - 1) / size);
+    const [r0, r1] = this.regionsOf(offset, length);
     for (let r = r0; r <= r1; r++) {
       const n = (this.inflight.get(r) ?? 1) - 1;
       if (n === 0) this.inflight.delete(r);

@@ -10,7 +10,7 @@
 import { crc32 } from 'node:zlib';
 import { KscError, corrupt, ioError } from '../errors.js';
 import type { HostFile, FileOpener } from '../io/file.js';
-import { openHostFile } from '../io/file.js';
+import { openHostFile, writeThenCrcs } from '../io/file.js';
 import {
   AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM,
   DEFAULT_BLOCK_BITS, DEFAULT_INTENT_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
@@ -19,11 +19,10 @@ import {
 } from '../format/constants.js';
 import { type Header, decodeHeaderSlot, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
 import { seal, sealOk } from '../format/seal.js';
-import { Mutex } from '../util/rangelock.js';
+import { Mutex, RangeLock } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
 import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
-import { BlockLocks } from './blocklock.js';
 import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
@@ -82,7 +81,7 @@ export class KscImage implements BlockDevice {
   readonly size: number;
   private readonly blockBits: number;
   private readonly blocks: number;
-  private readonly locks = new BlockLocks();
+  private readonly locks = new RangeLock();
   private readonly flushMutex = new Mutex();
   private pendingFlush: Promise<void> | null = null;
   /** Number of flush snapshots taken (§9 rules 4 and 5 count in these). */
@@ -587,11 +586,13 @@ export class KscImage implements BlockDevice {
       if (!b.prepared(offset, length)) return null;
       (bitmaps ??= []).push(b);
     }
-    if (!this.intent.durable(offset, length)) return null;
     const release = this.locks.tryAcquire(b0, b0 + n - 1, true);
     if (!release) return null;
+    if (!this.intent.tryBegin(offset, length)) {
+      release();
+      return null;
+    }
     // From here on, as in change(): registered in flight, intent held, lock held, all undone by finish().
-    this.intent.tryBegin(offset, length); // true: checked just above, in the same tick
     this.changesInFlight++;
     const finish = (): void => {
       this.intent.end(offset, length, this.epoch);
@@ -600,7 +601,7 @@ export class KscImage implements BlockDevice {
     };
     let io: Promise<number[]>;
     try {
-      io = this.file.writeWithCrcs ? this.file.writeWithCrcs(data, host, B) : this.writeThenCrcs(data, host);
+      io = this.file.writeWithCrcs ? this.file.writeWithCrcs(data, host, B) : writeThenCrcs(this.file, data, host, B);
     } catch (e) {
       io = Promise.reject(e);
     }
@@ -617,13 +618,6 @@ export class KscImage implements BlockDevice {
       finish();
       throw e;
     });
-  }
-
-  private async writeThenCrcs(data: Buffer, host: number): Promise<number[]> {
-    await this.file.write(data, host);
-    const out: number[] = [];
-    for (let o = 0; o < data.length; o += this.blockSize) out.push(crc32(data.subarray(o, o + this.blockSize)));
-    return out;
   }
 
   private async writeLocked(offset: number, data: Buffer): Promise<void> {

@@ -61,13 +61,18 @@ class RangeErrorKsc extends KscError {
   }
 }
 
-/** Merges adjacent extents of the same state and depth (in place order). */
-export function mergeExtents(list: Extent[]): Extent[] {
+const sameStateAndDepth = (a: Extent, b: Extent): boolean => a.state === b.state && a.depth === b.depth;
+
+/**
+ * Merges adjacent extents (in place order) that `same` says are alike: by default of the same state and
+ * depth. A merged run keeps its first extent's fields.
+ */
+export function mergeExtents(list: Extent[], same: (a: Extent, b: Extent) => boolean = sameStateAndDepth): Extent[] {
   const out: Extent[] = [];
   for (const e of list) {
     if (e.length === 0) continue;
     const last = out[out.length - 1];
-    if (last && last.state === e.state && last.depth === e.depth && last.offset + last.length === e.offset) {
+    if (last && same(last, e) && last.offset + last.length === e.offset) {
       last.length += e.length;
     } else out.push({ ...e });
   }

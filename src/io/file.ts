@@ -67,6 +67,17 @@ export const openHostFile: FileOpener = async (path, opts) => {
   }
 };
 
+/**
+ * Writes `buf` at `position`, then returns the CRC-32 of each `blockSize` slice (the last may be short):
+ * what HostFile.writeWithCrcs does, for files that lack it or when the addon is missing.
+ */
+export async function writeThenCrcs(file: Pick<HostFile, 'write'>, buf: Buffer, position: number, blockSize: number): Promise<number[]> {
+  await file.write(buf, position);
+  const out: number[] = [];
+  for (let o = 0; o < buf.length; o += blockSize) out.push(crc32(buf.subarray(o, Math.min(buf.length, o + blockSize))));
+  return out;
+}
+
 class NodeHostFile implements HostFile {
   private lockFile: string | null = null;
   private dsync: Promise<fsp.FileHandle> | null = null;
@@ -133,14 +144,7 @@ class NodeHostFile implements HostFile {
     } catch (e) {
       return Promise.reject(e instanceof KscError ? e : ioError(this.path, `write at offset ${position}`, e));
     }
-    return this.writeThenCrcs(buf, position, blockSize);
-  }
-
-  private async writeThenCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
-    await this.write(buf, position);
-    const out: number[] = [];
-    for (let o = 0; o < buf.length; o += blockSize) out.push(crc32(buf.subarray(o, Math.min(buf.length, o + blockSize))));
-    return out;
+    return writeThenCrcs(this, buf, position, blockSize);
   }
 
   async writev(bufs: Buffer[], position: number): Promise<void> {

@@ -9,7 +9,7 @@ import * as net from 'node:net';
 import { isKscError } from '../errors.js';
 import { nativeOps } from '../io/native.js';
 import { KscImage } from '../image/ksc.js';
-import type { BlockDevice, Extent } from '../image/types.js';
+import { type BlockDevice, type Extent, mergeExtents } from '../image/types.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import {
   CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, CMD_FLAGS_KNOWN, ERR, IHAVEOPT, INFO,
@@ -58,6 +58,8 @@ function sizeClass(n: number): number {
 
 /** A READ whose range splits into more extents than this is sent as one data chunk. */
 const MAX_READ_CHUNKS = 64;
+/** A READ only tells data from zeros: extents merge across states that read as zeros and across layers. */
+const dataOrNot = (a: Extent, b: Extent): boolean => (a.state === 'data') === (b.state === 'data');
 
 /** Maps a library error to the NBD error sent to the client; done once, here. */
 export function nbdErrno(e: unknown, isWrite: boolean): number {
@@ -284,6 +286,7 @@ class Session {
   private poolBytes = 0;
 
   private takeBuffer(n: number): Buffer {
+    if (n > MAX_POOLED) return Buffer.allocUnsafeSlow(n); // never pooled: no rounding up
     const size = sizeClass(n);
     const b = this.bufferPool.get(size)?.pop();
     if (b) {
@@ -296,7 +299,7 @@ class Session {
   private giveBuffers(bufs: Buffer[]): void {
     for (const b of bufs) {
       const size = b.length;
-      if (size > MAX_POOLED || size !== sizeClass(size) || this.poolBytes + size > POOL_BYTES) continue;
+      if (size > MAX_POOLED || this.poolBytes + size > POOL_BYTES) continue; // only takeBuffer's buffers come here
       let l = this.bufferPool.get(size);
       if (!l) this.bufferPool.set(size, (l = []));
       l.push(b);
@@ -614,15 +617,9 @@ class Session {
     const exts: Extent[] = req.flags & CMD_FLAG.DF ? [] : await dev.extents(off, len);
     // A READ only cares whether a range holds data or reads as zeros: runs of either kind merge, whatever
     // layer of the chain holds them, so an overlay's mix of own and backing blocks is one read, one chunk.
-    const runs: { offset: number; length: number; data: boolean }[] = [];
-    for (const e of exts) {
-      const data = e.state === 'data';
-      const last = runs[runs.length - 1];
-      if (last && last.data === data && last.offset + last.length === e.offset) last.length += e.length;
-      else runs.push({ offset: e.offset, length: e.length, data });
-    }
-    if (runs.length === 0 || runs.length > MAX_READ_CHUNKS) runs.splice(0, runs.length, { offset: off, length: len, data: true });
-    const datas = await Promise.all(runs.map((r) => (r.data ? readData(r.offset, r.length) : null)));
+    let runs = mergeExtents(exts, dataOrNot);
+    if (runs.length === 0 || runs.length > MAX_READ_CHUNKS) runs = [{ offset: off, length: len, state: 'data', depth: 0 }];
+    const datas = await Promise.all(runs.map((r) => (r.state === 'data' ? readData(r.offset, r.length) : null)));
     const parts: Buffer[] = [];
     for (let i = 0; i < runs.length; i++) {
       const r = runs[i]!;

@@ -5,7 +5,7 @@
  * 16 TiB disk's list a few MiB instead of 256 MiB.
  */
 import { KscError } from '../errors.js';
-import { ID_BYTES, ZERO_ID, chunkId, merkleRoot } from '../hash/chunkid.js';
+import { ID_BYTES, ZERO_ID, chunkId, isZeroId, merkleRoot } from '../hash/chunkid.js';
 
 /** §7.5: ids per segment (1 MiB of ids). 256 × 256, so a full segment is one node of the Merkle tree's level 2. */
 export const SEGMENT_IDS = 65536;
@@ -26,9 +26,14 @@ export function ownBuffer(n: number): Buffer {
   return Buffer.from(new ArrayBuffer(n));
 }
 
+/** Whether the id whose first word is `i32[o]` is all zeros. */
+function zeroAt(i32: Int32Array, o: number): boolean {
+  return (i32[o]! | i32[o + 1]! | i32[o + 2]! | i32[o + 3]!) === 0;
+}
+
 function countNonZero(i32: Int32Array): number {
   let n = 0;
-  for (let o = 0; o < i32.length; o += 4) if ((i32[o]! | i32[o + 1]! | i32[o + 2]! | i32[o + 3]!) !== 0) n++;
+  for (let o = 0; o < i32.length; o += 4) if (!zeroAt(i32, o)) n++;
   return n;
 }
 
@@ -101,21 +106,19 @@ export class ChunkList {
   putSegment(i: number, ids: Buffer, adopt = false): void {
     if (i < 0 || i >= this.segs.length) throw new RangeError(`segment ${i} of ${this.segs.length}`);
     if (ids.length !== this.segmentLength(i) * ID_BYTES) throw new RangeError(`segment ${i} needs ${this.segmentLength(i) * ID_BYTES} bytes, got ${ids.length}`);
-    const aligned = ids.byteOffset % 4 === 0 ? new Int32Array(ids.buffer, ids.byteOffset, ids.length >> 2) : null;
-    let nonZero: number;
-    if (aligned) nonZero = countNonZero(aligned);
-    else {
-      const tmp = ownBuffer(ids.length);
-      ids.copy(tmp);
-      nonZero = countNonZero(new Int32Array(tmp.buffer, 0, tmp.length >> 2));
+    // Kept as is when adopted; else copied to a buffer of its own (which an unaligned input needs anyway to
+    // be counted through 32-bit words).
+    let own = ids;
+    if (!(adopt && ids.byteOffset === 0 && ids.buffer.byteLength === ids.length)) {
+      own = ownBuffer(ids.length);
+      ids.copy(own);
     }
+    const nonZero = countNonZero(new Int32Array(own.buffer, 0, own.length >> 2));
     if (nonZero === 0) {
       this.segs[i] = null;
       this.owned[i] = 0;
       return;
     }
-    const own = adopt && ids.byteOffset === 0 && ids.buffer.byteLength === ids.length ? ids : ownBuffer(ids.length);
-    if (own !== ids) ids.copy(own);
     this.segs[i] = new Segment(own, nonZero);
     this.owned[i] = 1;
   }
@@ -128,8 +131,7 @@ export class ChunkList {
     this.check(k);
     const s = this.segs[k >>> SEGMENT_SHIFT];
     if (!s) return true;
-    const o = (k & (SEGMENT_IDS - 1)) * 4;
-    return (s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0;
+    return zeroAt(s.i32, (k & (SEGMENT_IDS - 1)) * 4);
   }
 
   /** Chunk `k`'s id: a view valid until the list changes (ZERO_ID for a zero chunk: do not change it). */
@@ -150,8 +152,7 @@ export class ChunkList {
     this.check(k);
     if (id.length < ID_BYTES) throw new RangeError('a chunk id is 16 bytes');
     const si = k >>> SEGMENT_SHIFT;
-    let zero = true;
-    for (let i = 0; i < ID_BYTES; i++) if (id[i] !== 0) { zero = false; break; }
+    const zero = isZeroId(id);
     let s = this.segs[si];
     const o = (k & (SEGMENT_IDS - 1)) * 4;
     if (!s) {
@@ -160,7 +161,7 @@ export class ChunkList {
       this.segs[si] = s;
       this.owned[si] = 1;
     }
-    const wasZero = (s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0;
+    const wasZero = zeroAt(s.i32, o);
     if (wasZero && zero) return;
     if (!wasZero && !zero && s.ids.subarray(o * 4, o * 4 + ID_BYTES).equals(id.subarray(0, ID_BYTES))) return;
     const nonZero = s.nonZero + (zero ? 0 : 1) - (wasZero ? 0 : 1);
@@ -207,7 +208,7 @@ export class ChunkList {
       const base = si * SEGMENT_IDS;
       const n = s.ids.length / ID_BYTES;
       for (let j = 0, o = 0; j < n; j++, o += 4) {
-        if ((s.i32[o]! | s.i32[o + 1]! | s.i32[o + 2]! | s.i32[o + 3]!) === 0) continue;
+        if (zeroAt(s.i32, o)) continue;
         if (fn(base + j, s.ids.subarray(o * 4, o * 4 + ID_BYTES)) === false) return;
       }
     }
