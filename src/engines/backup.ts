@@ -17,6 +17,7 @@ import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
 import { ChunkList } from '../repo/chunklist.js';
 import { bytesToUuid } from '../util/uuid.js';
+import { BitSet } from '../util/bitset.js';
 
 export const FROZEN_SUFFIX = '~frozen';
 export const TOKEN_SEPARATOR = '#';
@@ -93,12 +94,14 @@ export async function diskUuidOf(dev: BlockDevice): Promise<string> {
 class FrozenView {
   private readonly pending = new Map<number, Promise<Buffer>>();
   private readonly spilled = new Map<number, { pos: number; len: number }>();
-  private readonly done = new Set<number>();
+  private readonly done: BitSet;
   private memBytes = 0;
   private spill: { dir: string; fh: FileHandle; end: number } | null = null;
   private spillOpen: Promise<void> | null = null;
 
-  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: Set<number>, private readonly memLimit = 64 * 1024 * 1024) {}
+  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: BitSet, private readonly memLimit = 64 * 1024 * 1024) {
+    this.done = new BitSet(needed.size);
+  }
 
   readonly hook = async (offset: number, length: number): Promise<void> => {
     const k0 = Math.floor(offset / this.chunkSize);
@@ -198,12 +201,36 @@ export async function recoverFrozenBitmap(img: KscImage, bitmap: string): Promis
   return true;
 }
 
-function chunkSetFromExtents(extents: { offset: number; length: number }[], chunkSize: number, into: Set<number>): void {
+function chunkSetFromExtents(extents: { offset: number; length: number }[], chunkSize: number, into: BitSet): void {
   for (const e of extents) {
-    if (e.length <= 0) continue;
-    const k1 = Math.floor((e.offset + e.length - 1) / chunkSize);
-    for (let k = Math.floor(e.offset / chunkSize); k <= k1; k++) into.add(k);
+    if (e.length > 0) into.addRange(Math.floor(e.offset / chunkSize), Math.floor((e.offset + e.length - 1) / chunkSize));
   }
+}
+
+/** Runs of consecutive members of `set` as [first, last] pairs, in order. */
+function* runsOf(set: BitSet): Generator<[number, number]> {
+  let first = -1, last = -2;
+  for (const k of set) {
+    if (k !== last + 1) {
+      if (first >= 0) yield [first, last];
+      first = k;
+    }
+    last = k;
+  }
+  if (first >= 0) yield [first, last];
+}
+
+/** The members of `set` in ascending groups of up to `n`. */
+function* groupsOf(set: BitSet, n: number): Generator<number[]> {
+  let g: number[] = [];
+  for (const k of set) {
+    g.push(k);
+    if (g.length === n) {
+      yield g;
+      g = [];
+    }
+  }
+  if (g.length > 0) yield g;
 }
 
 /** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
@@ -255,38 +282,34 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
    * for them. `dirty`: the chunks the frozen bitmap marks (null for a full backup); `read`: the chunks to
    * read (every chunk holding data for a full backup; the dirty ones that may hold data otherwise).
    */
-  type Frozen = { dirty: Set<number> | null; read: Set<number> };
+  type Frozen = { dirty: BitSet | null; read: BitSet };
   const freeze = async (incremental: boolean): Promise<Frozen> => {
     const run = async (): Promise<Frozen> => {
       frozenAt = now();
-      let dirty: Set<number> | null = null;
+      let dirty: BitSet | null = null;
       if (img && bitmap !== null) {
         const frozen = bitmap + FROZEN_SUFFIX;
         handedOver = true; // from here on, a failure merges the frozen bits back
         await img.freezeBitmap(bitmap, frozen);
-        if (incremental) chunkSetFromExtents(await img.bitmapExtents(frozen), C, (dirty = new Set<number>()));
+        if (incremental) chunkSetFromExtents(await img.bitmapExtents(frozen), C, (dirty = new BitSet(chunks)));
       }
       // Which chunks hold data: over the whole disk for a full backup, over the dirty chunks otherwise. A few
       // dirty chunks are simply read (a hole reads as zeros and gets the zero id): asking the map first
       // costs more than that, and it would be done while writes wait.
-      const hasData = new Set<number>();
-      if (!dirty) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, hasData);
-      else if (dirty.size <= DIRECT_READ_CHUNKS) for (const k of dirty) hasData.add(k);
+      const read = new BitSet(chunks);
+      if (!dirty) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, read);
+      else if (dirty.count <= DIRECT_READ_CHUNKS) for (const k of dirty) read.add(k);
       else {
-        const ks = [...dirty].sort((x, y) => x - y);
-        const runs: [number, number][] = [];
-        for (let i = 0; i < ks.length;) {
-          let j = i;
-          while (j + 1 < ks.length && ks[j + 1] === ks[j]! + 1) j++;
-          runs.push([ks[i]! * C, Math.min(dev.size, (ks[j]! + 1) * C)]);
-          i = j + 1;
-        }
-        await mapLimit(runs, 8, async ([start, end]) => {
-          chunkSetFromExtents((await dev.extents(start, end - start)).filter((e) => e.state === 'data'), C, hasData);
+        const d = dirty;
+        await mapLimit(runsOf(d), 8, async ([first, last]) => {
+          const start = first * C, end = Math.min(dev.size, (last + 1) * C);
+          const hasData = (await dev.extents(start, end - start)).filter((e) => e.state === 'data');
+          for (const e of hasData) { // clipped to the run: an extent may reach into clean chunks
+            const k0 = Math.max(first, Math.floor(e.offset / C)), k1 = Math.min(last, Math.floor((e.offset + e.length - 1) / C));
+            if (e.length > 0) read.addRange(k0, k1);
+          }
         });
       }
-      const read = new Set<number>();
-      for (const k of hasData) if (k < chunks && (!dirty || dirty.has(k))) read.add(k);
       if (img) {
         view = new FrozenView(dev, C, read);
         img.setBeforeChange(view.hook);
@@ -390,18 +413,15 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     // only the chunks read change it (and dirty chunks without data become zero ids): O(dirty), not O(disk).
     const ids = parent ? parent.ids.clone() : new ChunkList(chunks);
     const { dirty, read } = frozen;
-    for (const k of dirty ?? []) if (k < chunks && !read.has(k)) ids.set(k, ZERO_ID);
-    const toRead = [...read].sort((x, y) => x - y);
+    for (const k of dirty ?? []) if (!read.has(k)) ids.set(k, ZERO_ID);
     const lock = held.lock!;
 
     // Read → hash/zero-check/compress in workers → dedupe → pack → upload.
-    const totalBytes = toRead.reduce((s, k) => s + Math.min(C, dev.size - k * C), 0);
+    const totalBytes = read.count * C - (read.has(chunks - 1) ? chunks * C - dev.size : 0);
     // A small increment is packed on this thread: starting the workers would cost more than the work.
     const inline = totalBytes <= (opts.inlineBytes ?? (poolStarted() ? 0 : INLINE_BYTES));
     if (!inline) warmPool();
     const perBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 * 1024 * 1024) / C));
-    const batches: number[][] = [];
-    for (let i = 0; i < toRead.length; i += perBatch) batches.push(toRead.slice(i, i + perBatch));
     writer = repo.packWriter();
     let bytesRead = 0;
     let bytesNew = 0;
@@ -412,7 +432,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const v = view as FrozenView | null;
     // Batch buffers go to a worker and come back (transferred both ways): no allocation or copy per batch.
     const spare: Buffer[] = [];
-    await mapLimit(batches, opts.batches ?? 3, async (batch) => {
+    await mapLimit(groupsOf(read, perBatch), opts.batches ?? 3, async (batch) => {
       const buf = spare.pop() ?? Buffer.allocUnsafeSlow(perBatch * C);
       const lengths = batch.map((k) => Math.min(C, dev.size - k * C));
       let pos = 0;
@@ -449,7 +469,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     lock.check();
     const durationMs = Math.round(performance.now() - t0);
-    const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: toRead.length, durationMs };
+    const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: read.count, durationMs };
     await repo.putManifest({
       full, disk, timeMs: frozenAt, size: dev.size, chunkSize: C, bitmapToken: newToken, ids,
       meta: { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats },
@@ -462,7 +482,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     return {
       id, repository: repo.name, disk, parent: parent?.meta.id ?? null, full, fullReason, size: dev.size, chunks,
-      chunksDirty: toRead.length, chunksNew, bytesRead, bytesNew, bytesStored, bytesUploaded: writer.bytesUploaded,
+      chunksDirty: read.count, chunksNew, bytesRead, bytesNew, bytesStored, bytesUploaded: writer.bytesUploaded,
       dedupeRatio: bytesNew > 0 ? dirtyNonZeroBytes / bytesNew : 1, durationMs,
       throughput: durationMs > 0 ? (bytesRead / durationMs) * 1000 : 0,
     };
