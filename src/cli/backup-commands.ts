@@ -55,6 +55,7 @@ export function registerBackupCommands(program: Command): void {
         println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
         println(r.full ? `  full backup: ${r.fullReason}` : `  incremental: only chunks marked in the bitmap since backup ${r.parent}`);
         println(`  read ${formatSize(r.bytesRead)} in ${r.chunksDirty} of ${r.chunks} chunks; new ${formatSize(r.bytesNew)} (${r.chunksNew} chunks), stored ${formatSize(r.bytesStored)}; dedupe ${r.dedupeRatio.toFixed(2)}x`);
+        if (r.dedupe === 'filter') println(`  deduplicated through a filter (the index is too large to hold): ${r.chunksReread} chunks read twice`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.bytesRead, r.durationMs)}`);
       };
       let dev;

@@ -11,9 +11,10 @@ import { join, resolve } from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { KscImage } from '../image/ksc.js';
-import { chunkId, initHash, ZERO_ID } from '../hash/chunkid.js';
+import { ID_BYTES, chunkId, initHash, ZERO_ID } from '../hash/chunkid.js';
 import { packBatch, poolStarted, warmPool } from '../compress/pool.js';
-import { Repository, type ChunkIndex, mapLimit } from '../repo/repository.js';
+import { Repository, ChunkIndex, mapLimit } from '../repo/repository.js';
+import { BloomFilter } from '../repo/bloom.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
 import { ChunkList } from '../repo/chunklist.js';
 import { bytesToUuid } from '../util/uuid.js';
@@ -26,6 +27,9 @@ export const DEFAULT_BITMAP = 'backup';
 export const MAX_BACKUP_BITMAP_NAME = 31;
 /** An incremental with at most this many dirty chunks reads them all without asking the map which hold data. */
 const DIRECT_READ_CHUNKS = 64;
+/** Defaults of BackupOptions.exactIds and windowChunks. */
+const EXACT_IDS = 1 << 20;
+const WINDOW_CHUNKS = 1 << 18;
 /** Default of BackupOptions.inlineBytes. */
 const INLINE_BYTES = 16 * 1024 * 1024;
 
@@ -54,6 +58,15 @@ export interface BackupOptions {
    */
   inlineBytes?: number;
   now?: () => number;
+  /**
+   * Most chunk ids (the index's plus this backup's new ones) to dedupe against exactly in memory (20 bytes
+   * a slot); above it a Bloom filter (≈ 1.2 bytes an id) and windows of `windowChunks`.
+   */
+  exactIds?: number; // default 1 Mi
+  /** Chunks read per window when deduplicating through the filter (default 256 Ki). */
+  windowChunks?: number;
+  /** Bits of the filter per id (default 10: ≈ 1% of new chunks read twice; 0: every one is). */
+  filterBitsPerId?: number;
 }
 
 export interface BackupResult {
@@ -68,6 +81,10 @@ export interface BackupResult {
   chunks: number;
   chunksDirty: number;
   chunksNew: number;
+  /** Chunks read twice: the Bloom filter said "maybe", the index objects said no (dedupe 'filter' only). */
+  chunksReread: number;
+  /** How the backup deduplicated: against the index in memory, or a Bloom filter settled by the index objects. */
+  dedupe: 'exact' | 'filter';
   bytesRead: number;
   bytesNew: number;
   bytesStored: number;
@@ -103,12 +120,18 @@ class FrozenView {
     this.done = new BitSet(needed.size);
   }
 
+  /** Reads made by takeInto(…, keep) (not in `pending`: their buffer is the caller's). */
+  private readonly reading = new Map<number, Promise<unknown>>();
+
   readonly hook = async (offset: number, length: number): Promise<void> => {
     const k0 = Math.floor(offset / this.chunkSize);
     const k1 = Math.floor((offset + length - 1) / this.chunkSize);
     for (let k = k0; k <= k1; k++) {
       if (!this.needed.has(k) || this.done.has(k) || this.spilled.has(k)) continue;
-      const data = await this.obtain(k);
+      const r = this.reading.get(k);
+      if (r) await r; // the change waits for a read of the old contents in flight…
+      if (this.done.has(k) || this.spilled.has(k)) continue;
+      const data = await this.obtain(k); // …and then keeps its own copy
       if (!this.done.has(k) && this.pending.has(k) && this.memBytes > this.memLimit) await this.spillChunk(k, data);
     }
   };
@@ -143,8 +166,26 @@ class FrozenView {
     this.memBytes -= data.length;
   }
 
-  /** Reads the chunk as it was at the freeze into `target`. */
-  async takeInto(k: number, target: Buffer): Promise<void> {
+  /**
+   * Reads the chunk as it was at the freeze into `target`. With `keep`, the view goes on keeping the chunk
+   * (a change still copies it first) until release(k) or a read without `keep`.
+   */
+  async takeInto(k: number, target: Buffer, keep = false): Promise<void> {
+    if (keep) {
+      const sp = this.spilled.get(k);
+      if (sp) await this.spill!.fh.read(target, 0, sp.len, sp.pos);
+      else if (this.pending.has(k)) (await this.pending.get(k)!).copy(target);
+      else {
+        const p = this.dev.readInto(k * this.chunkSize, target).then(() => undefined);
+        this.reading.set(k, p.catch(() => undefined));
+        try {
+          await p;
+        } finally {
+          this.reading.delete(k);
+        }
+      }
+      return;
+    }
     const sp = this.spilled.get(k);
     if (sp || this.pending.has(k)) {
       (await this.take(k)).copy(target);
@@ -175,6 +216,18 @@ class FrozenView {
     if (this.pending.delete(k)) this.memBytes -= data.length;
     this.done.add(k);
     return data;
+  }
+
+  /** The backup is done with chunk `k`: a change no longer copies it, and any copy kept is dropped. */
+  release(k: number): void {
+    if (!this.needed.has(k) || this.done.has(k)) return;
+    this.done.add(k);
+    this.spilled.delete(k);
+    const p = this.pending.get(k);
+    if (p) {
+      this.pending.delete(k);
+      void p.then((b) => (this.memBytes -= b.length), () => undefined);
+    }
   }
 
   async close(): Promise<void> {
@@ -233,8 +286,54 @@ function* groupsOf(set: BitSet, n: number): Generator<number[]> {
   if (g.length > 0) yield g;
 }
 
+/**
+ * The repository's index as a backup sees it when it is too large to hold exactly (§9, "Deduplicating
+ * against a large index"): a Bloom filter of the chunk ids and the set of packs the index names.
+ */
+class IndexFilter {
+  readonly bloom: BloomFilter;
+  private readonly packs = new ChunkIndex({ locations: false });
+  private readonly scratch = Buffer.alloc(16);
+
+  constructor(expected: number, bitsPerId?: number) {
+    this.bloom = new BloomFilter(expected, bitsPerId);
+  }
+
+  /** From an exact index, for `more` ids still to come. */
+  static of(index: ChunkIndex, more: number, bitsPerId?: number): IndexFilter {
+    const f = new IndexFilter(index.size + more, bitsPerId);
+    for (const p of index.packList()) f.addPack(p);
+    for (let s = 0; s < index.slots; s++) if (index.packNumber(s) >= 0) f.bloom.addAt(index.idAt(s), 0);
+    return f;
+  }
+
+  addAt(b: Buffer, at: number, pack: string): void {
+    this.bloom.addAt(b, at);
+    this.addPack(pack);
+  }
+
+  private addPack(pack: string): void {
+    this.scratch.write(pack, 'hex');
+    if (!this.packs.hasAt(this.scratch, 0)) this.packs.addAt(this.scratch, 0, '', 0, 0, 0);
+  }
+
+  add(e: IndexEntry): void {
+    this.addAt(e.id, 0, e.pack);
+  }
+
+  hasPack(pack: string): boolean {
+    this.scratch.write(pack, 'hex');
+    return this.packs.hasAt(this.scratch, 0);
+  }
+
+  /** The id may be in the index ("no" is certain). */
+  mayHave(id: Buffer): boolean {
+    return this.bloom.mayHaveAt(id, 0);
+  }
+}
+
 /** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
-async function adoptOrphans(repo: Repository, index: ChunkIndex, packs: Map<string, { size: number }>): Promise<IndexEntry[]> {
+async function adoptOrphans(repo: Repository, index: ChunkIndex | IndexFilter, packs: Map<string, { size: number }>): Promise<IndexEntry[]> {
   const adopted: IndexEntry[] = [];
   const orphans = [...packs].filter(([id]) => !index.hasPack(id));
   await mapLimit(orphans, 4, async ([id, info]) => {
@@ -267,6 +366,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   if (bitmap !== null && (bitmap.includes(TOKEN_SEPARATOR) || bitmap.endsWith(FROZEN_SUFFIX))) {
     throw new KscError('KSC_E_INVALID', `"${bitmap}" cannot be a backup bitmap name (it may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}")`);
   }
+  const exactIds = opts.exactIds ?? EXACT_IDS;
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
@@ -364,9 +464,17 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       // The listings run side by side (a pack landing in between is adopted twice at worst: harmless).
       const backupIds = !fullReason && token !== null ? repo.listBackupIds() : null;
       backupIds?.catch(() => undefined);
-      // Ids only (dedupe needs no locations): 20 bytes a slot.
-      const [index, packs] = await Promise.all([repo.loadIndex(() => undefined, { locations: false }), repo.listPacks()]);
-      const adopted = await adoptOrphans(repo, index, packs);
+      // Ids only (dedupe needs no locations): 20 bytes a slot; a Bloom filter when even that is too large.
+      const loadKnown = async (): Promise<ChunkIndex | IndexFilter> => {
+        const objects = await repo.indexObjects();
+        const entries = Repository.entriesIn(objects);
+        if (entries <= exactIds) return repo.loadIndex(() => undefined, { locations: false });
+        const f = new IndexFilter(entries + chunks, opts.filterBitsPerId);
+        await repo.visitIndexEntries((b, at, pack) => f.addAt(b, at, pack), () => undefined, objects.map((o) => o.id));
+        return f;
+      };
+      const [known, packs] = await Promise.all([loadKnown(), repo.listPacks()]);
+      const adopted = await adoptOrphans(repo, known, packs);
       let parent: Manifest | null = null;
       let why: string | null = null;
       if (backupIds) {
@@ -380,9 +488,11 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         if (!parent) why = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
       }
       if (parent) {
+        // Exact with the index in memory; through the filter, a missing chunk passes 1 time in 100 (it was
+        // missing for the parent already: `verify` names it for both).
         let missing = false;
         parent.ids.forEachNonZero((_k, cid) => {
-          if (index.has(cid)) return true;
+          if (known instanceof ChunkIndex ? known.hasAt(cid, 0) : known.mayHave(cid)) return true;
           missing = true;
           return false;
         });
@@ -391,13 +501,13 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
           parent = null;
         }
       }
-      return { index, adopted, parent, why };
+      return { known, adopted, parent, why };
     })();
     const imageSide = fullReason ? null : freeze(true);
     const [r, f] = await Promise.allSettled([repoSide, imageSide]);
     if (r.status === 'rejected') throw r.reason;
     if (f.status === 'rejected') throw f.reason;
-    const { index, adopted } = r.value;
+    const { adopted } = r.value;
     const parent = r.value.parent;
     fullReason ??= r.value.why;
     const full = fullReason !== null;
@@ -417,56 +527,114 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const lock = held.lock!;
 
     // Read → hash/zero-check/compress in workers → dedupe → pack → upload.
-    const totalBytes = read.count * C - (read.has(chunks - 1) ? chunks * C - dev.size : 0);
+    let totalBytes = read.count * C - (read.has(chunks - 1) ? chunks * C - dev.size : 0);
     // A small increment is packed on this thread: starting the workers would cost more than the work.
     const inline = totalBytes <= (opts.inlineBytes ?? (poolStarted() ? 0 : INLINE_BYTES));
     if (!inline) warmPool();
     const perBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 * 1024 * 1024) / C));
+    const window = Math.max(perBatch, opts.windowChunks ?? WINDOW_CHUNKS);
+    // Dedupe exactly with the index in memory while it and this backup's new chunks fit the bound;
+    // otherwise through a Bloom filter, in windows of the disk (§9, "Deduplicating against a large index").
+    let known = r.value.known;
+    if (known instanceof ChunkIndex && known.size + read.count > exactIds) known = IndexFilter.of(known, read.count, opts.filterBitsPerId);
+    const index = known instanceof ChunkIndex ? known : null;
+    const filter = known instanceof IndexFilter ? known : null;
+    // The filter's "maybe" is settled by reading the index objects, adopted orphans' among them.
+    if (filter && adopted.length > 0) await repo.putIndex(adopted);
     writer = repo.packWriter();
     let bytesRead = 0;
     let bytesNew = 0;
     let bytesStored = 0;
     let chunksNew = 0;
+    let chunksReread = 0;
     let dirtyNonZeroBytes = 0;
     const w = writer;
     const v = view as FrozenView | null;
+    /** Chunks the filter may know, kept in the frozen view until the index objects settle them. */
+    const maybe = { ks: [] as number[], ids: filter ? Buffer.allocUnsafe(Math.min(window, read.count) * ID_BYTES) : Buffer.alloc(0) };
+    const store = async (k: number, cid: Buffer, blob: Buffer, length: number): Promise<void> => {
+      chunksNew++;
+      bytesNew += length;
+      bytesStored += blob.length;
+      filter?.bloom.addAt(cid, 0);
+      await w.add(cid, blob, length);
+    };
     // Batch buffers go to a worker and come back (transferred both ways): no allocation or copy per batch.
     const spare: Buffer[] = [];
-    await mapLimit(groupsOf(read, perBatch), opts.batches ?? 3, async (batch) => {
+    /** `settled`: chunks known not to be in the index (read again after the filter's "maybe"). */
+    const runBatch = async (batch: number[], settled: boolean): Promise<void> => {
       const buf = spare.pop() ?? Buffer.allocUnsafeSlow(perBatch * C);
       const lengths = batch.map((k) => Math.min(C, dev.size - k * C));
+      const keep = filter !== null && !settled;
       let pos = 0;
       await Promise.all(batch.map((k, i) => {
         const target = buf.subarray(pos, pos + lengths[i]!);
         pos += lengths[i]!;
-        return v ? v.takeInto(k, target) : dev.readInto(k * C, target);
+        return v ? v.takeInto(k, target, keep) : dev.readInto(k * C, target);
       }));
       for (const n of lengths) bytesRead += n;
       const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, { inline });
       spare.push(input);
       for (let i = 0; i < batch.length; i++) {
+        const k = batch[i]!;
         const { id: cid, blob } = packed[i]!;
-        ids.set(batch[i]!, cid);
-        if (blob.length === 0) continue; // all zeros
-        dirtyNonZeroBytes += lengths[i]!;
-        const hex = cid.toString('hex');
-        if (index.has(hex) || w.has(hex)) continue;
-        chunksNew++;
-        bytesNew += lengths[i]!;
-        bytesStored += blob.length;
-        await w.add(cid, blob, lengths[i]!);
+        if (settled) {
+          if (!cid.equals(ids.view(k))) throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (nothing was committed)`);
+          if (!w.has(cid)) await store(k, cid, blob, lengths[i]!);
+          continue;
+        }
+        ids.set(k, cid);
+        if (blob.length > 0) { // not all zeros
+          dirtyNonZeroBytes += lengths[i]!;
+          if (index ? index.hasAt(cid, 0) : w.has(cid)) {
+            // stored already, or earlier in this backup
+          } else if (filter?.mayHave(cid)) {
+            maybe.ids.set(cid, maybe.ks.length * ID_BYTES);
+            maybe.ks.push(k);
+            continue; // kept in the view
+          } else if (!w.has(cid)) await store(k, cid, blob, lengths[i]!);
+        }
+        if (keep) v?.release(k);
       }
       lock.check();
       opts.progress?.({ phase: 'read', doneBytes: bytesRead, totalBytes });
-    });
+    };
+    const runBatches = (ks: number[], settled: boolean): Promise<void> => mapLimit((function* () {
+      for (let i = 0; i < ks.length; i += perBatch) yield ks.slice(i, i + perBatch);
+    })(), opts.batches ?? 3, (batch) => runBatch(batch, settled));
+    /**
+     * The end of a window: the new chunks' packs land and an index object names them (so the writer can
+     * forget them), then the index objects settle the filter's "maybe"s: chunks they name are stored; the
+     * others are read again from the frozen view and stored.
+     */
+    const settle = async (): Promise<void> => {
+      await w.flushIndex();
+      if (maybe.ks.length === 0) return;
+      const asked = new ChunkIndex({ locations: false, expected: maybe.ks.length });
+      for (let j = 0; j < maybe.ks.length; j++) asked.addAt(maybe.ids, j * ID_BYTES, '', 0, 0, 0);
+      const found = new ChunkIndex({ locations: false });
+      await repo.visitIndexEntries((b, at) => {
+        if (asked.hasAt(b, at) && !found.hasAt(b, at)) found.addAt(b, at, '', 0, 0, 0);
+      }, () => undefined); // a damaged index object's chunks count as not stored: stored again
+      const again: number[] = [];
+      for (let j = 0; j < maybe.ks.length; j++) {
+        const k = maybe.ks[j]!;
+        if (found.hasAt(maybe.ids, j * ID_BYTES)) v?.release(k);
+        else again.push(k);
+      }
+      maybe.ks = [];
+      chunksReread += again.length;
+      for (const k of again) totalBytes += Math.min(C, dev.size - k * C);
+      await runBatches(again, true);
+    };
+    for (const ks of groupsOf(read, filter ? window : read.count || 1)) {
+      await runBatches(ks, false);
+      if (filter) await settle();
+    }
     await releaseView();
     opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
-    await writer.finish();
     // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
-    const written = writer.entries;
-    if (written.count + adopted.length > 0) {
-      await repo.putIndex({ *[Symbol.iterator]() { yield* written; yield* adopted; } });
-    }
+    await writer.flushIndex(filter ? [] : adopted);
     lock.check();
     const durationMs = Math.round(performance.now() - t0);
     const stats = { bytesRead, bytesNew, bytesStored, chunksDirty: read.count, durationMs };
@@ -482,7 +650,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     return {
       id, repository: repo.name, disk, parent: parent?.meta.id ?? null, full, fullReason, size: dev.size, chunks,
-      chunksDirty: read.count, chunksNew, bytesRead, bytesNew, bytesStored, bytesUploaded: writer.bytesUploaded,
+      chunksDirty: read.count, chunksNew, chunksReread, dedupe: filter ? 'filter' : 'exact', bytesRead, bytesNew, bytesStored, bytesUploaded: writer.bytesUploaded,
       dedupeRatio: bytesNew > 0 ? dirtyNonZeroBytes / bytesNew : 1, durationMs,
       throughput: durationMs > 0 ? (bytesRead / durationMs) * 1000 : 0,
     };

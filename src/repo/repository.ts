@@ -14,8 +14,11 @@ import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
   packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, visitIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB,
+  encodeIndex, visitIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
 } from './format.js';
+
+/** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
+export type IndexVisitor = (b: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number) => void;
 
 export const CONFIG_KEY = 'config';
 export const packKey = (id: string): string => `packs/${id.slice(0, 2)}/${id}.pack`;
@@ -125,12 +128,42 @@ export class Repository {
   // index ----------------------------------------------------------------------------------------------
 
   async listIndexObjects(): Promise<string[]> {
-    const out: string[] = [];
+    return (await this.indexObjects()).map((o) => o.id);
+  }
+
+  /** The index objects with their sizes. */
+  async indexObjects(): Promise<{ id: string; size: number }[]> {
+    const out: { id: string; size: number }[] = [];
     for await (const o of this.store.list('index/')) {
       const m = INDEX_KEY_RE.exec(o.key);
-      if (m) out.push(m[1]!);
+      if (m) out.push({ id: m[1]!, size: o.size });
     }
     return out;
+  }
+
+  /** How many entries the index objects hold, from their sizes (an upper bound on the distinct chunks). */
+  static entriesIn(objects: { size: number }[]): number {
+    return objects.reduce((s, o) => s + Math.max(0, Math.floor((o.size - INDEX_HEADER) / INDEX_ENTRY)), 0);
+  }
+
+  /**
+   * Calls `visit` for every entry of every index object (`objects`, default all), a few objects at a time
+   * and without keeping them. A damaged object is reported through `onDamage` (or thrown when absent).
+   * Returns the ids of the objects read whole.
+   */
+  async visitIndexEntries(visit: IndexVisitor, onDamage?: (key: string, e: KscError) => void, objects?: string[]): Promise<string[]> {
+    const read: string[] = [];
+    await mapLimit(objects ?? (await this.listIndexObjects()), 8, async (id) => {
+      const key = indexKey(id);
+      try {
+        visitIndex(await this.store.get(key), this.objName(key), visit);
+        read.push(id);
+      } catch (e) {
+        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
+        else throw e;
+      }
+    });
+    return read;
   }
 
   /**
@@ -142,20 +175,11 @@ export class Repository {
   async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean } = {}): Promise<ChunkIndex> {
     const idx = new ChunkIndex({ locations: opts.locations ?? true });
     const only = opts.only;
-    const ids = await this.listIndexObjects();
-    await mapLimit(ids, 8, async (id) => {
-      const key = indexKey(id);
-      try {
-        // Entries go straight into the table (no object per entry: an index object can list millions).
-        visitIndex(await this.store.get(key), this.objName(key), (b, at, pack, offset, length, rawLength) => {
-          if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
-        });
-        idx.objects.push(id);
-      } catch (e) {
-        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
-        else throw e;
-      }
-    });
+    // Entries go straight into the table (no object per entry: an index object can list millions).
+    const read = await this.visitIndexEntries((b, at, pack, offset, length, rawLength) => {
+      if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
+    }, onDamage);
+    idx.objects.push(...read);
     return idx;
   }
 
@@ -308,12 +332,14 @@ export class PackWriter {
   readonly packsWritten: string[] = [];
   bytesUploaded = 0;
   /** Ids queued or stored by this writer (so one backup never stores a chunk twice), as a compact set. */
-  private readonly seen = new ChunkIndex({ locations: false });
+  private seen = new ChunkIndex({ locations: false });
+  /** Index objects flushIndex wrote. */
+  readonly indexObjects: string[] = [];
 
   constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
 
-  has(idHex: string): boolean {
-    return this.seen.has(idHex);
+  has(id: Buffer | string): boolean {
+    return this.seen.has(id);
   }
 
   /**
@@ -388,6 +414,30 @@ export class PackWriter {
     if (!this.error) await this.seal().catch((e) => (this.error ??= e));
     while (this.inFlight.size > 0) await Promise.race(this.inFlight);
     if (this.error) throw this.error;
+  }
+
+  /** Ids queued or stored since the last flushIndex (what `has` answers from). */
+  get seenCount(): number {
+    return this.seen.size;
+  }
+
+  /**
+   * Seals the open pack, waits for every upload, and writes one index object naming the chunks uploaded
+   * since the last flush and `extra` (§9 rules 1–2); then forgets them, `has` included: from here on the
+   * repository's index objects name them. Returns the object's id (null when there was nothing to name).
+   */
+  async flushIndex(extra: IndexEntry[] = []): Promise<string | null> {
+    await this.finish();
+    const entries = this.entries;
+    let id: string | null = null;
+    if (entries.count + extra.length > 0) {
+      id = await this.repo.putIndex({ *[Symbol.iterator]() { yield* entries; yield* extra; } });
+      this.indexObjects.push(id);
+    }
+    this.written.length = 0;
+    this.writtenCount = 0;
+    this.seen = new ChunkIndex({ locations: false });
+    return id;
   }
 
   /** Waits for uploads already started (used when abandoning: never leaves promises dangling). */

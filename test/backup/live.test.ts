@@ -26,7 +26,7 @@ import { readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { backupDevice, type BackupProgress } from '../../src/engines/backup.js';
+import { backupDevice, type BackupOptions, type BackupProgress } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
@@ -147,7 +147,7 @@ class Writers {
 }
 
 /** Runs a backup while recording the frozen contents (read inside the quiesce window) and the journal marks. */
-async function liveBackup(img: KscImage, repo: Parameters<typeof backupDevice>[1], writers: Writers) {
+async function liveBackup(img: KscImage, repo: Parameters<typeof backupDevice>[1], writers: Writers, mode: BackupOptions) {
   let frozen: Buffer | null = null;
   const orig = img.quiesce.bind(img);
   img.quiesce = async <T>(fn: () => Promise<T>): Promise<T> => orig(async () => {
@@ -161,6 +161,7 @@ async function liveBackup(img: KscImage, repo: Parameters<typeof backupDevice>[1
   const phases: BackupProgress['phase'][] = [];
   try {
     const result = await backupDevice(img, repo, {
+      ...mode,
       batchBytes: 2 * MiB,
       progress: (p) => {
         phases.push(p.phase);
@@ -179,26 +180,45 @@ async function liveBackup(img: KscImage, repo: Parameters<typeof backupDevice>[1
   }
 }
 
-describe('live backup of an image under concurrent writes', () => {
+/**
+ * Both ways of deduplicating: against the index in memory, and through a Bloom filter settled by the index
+ * objects in windows, with a filter that says "maybe" to every chunk: every chunk stays in the frozen view
+ * until its window settles, and every new one is read a second time from the view.
+ */
+const MODES: [string, BackupOptions][] = [
+  ['index in memory', {}],
+  ['filter, every chunk a maybe', { exactIds: 0, windowChunks: 8, filterBitsPerId: 0 }],
+];
+
+describe.each(MODES)('live backup of an image under concurrent writes (dedupe: %s)', (modeName, mode) => {
+  const filter = mode.exactIds === 0;
+  const expectMode = (r: { dedupe: string; chunksReread: number; chunksNew: number }): void => {
+    expect(r.dedupe).toBe(filter ? 'filter' : 'exact');
+    if (filter) expect(r.chunksReread, 'a new chunk was not read twice').toBeGreaterThanOrEqual(r.chunksNew);
+    else expect(r.chunksReread).toBe(0);
+  };
+
   it('restores exactly to the freeze point; the next backup picks up every block written meanwhile', async () => {
     const rng = new Rng(seed);
-    const path = await makeDisk(dir, 'live', rng, { size: 64 * MiB, baseSize: 64 * MiB, baseRegions: 14, maxRegion: 6 * MiB });
+    const path = await makeDisk(dir, `live-${filter ? 'f' : 'x'}`, rng, { size: 64 * MiB, baseSize: 64 * MiB, baseRegions: 14, maxRegion: 6 * MiB });
     // Slow pack uploads stretch the read phase (back-pressure), so writes land on chunks not read yet.
-    const repo = await newRepo(join(dir, 'repo'), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 60 } : undefined)) });
+    const repo = await newRepo(join(dir, `repo-${modeName}`), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 60 } : undefined)) });
     const img = await openKsc(path, { write: true });
     const writers = new Writers(img, rng.fork(), [0, img.size]);
     try {
       writers.start(16);
       await new Promise((r) => setTimeout(r, 50));
 
-      const one = await liveBackup(img, repo, writers);
+      const one = await liveBackup(img, repo, writers, mode);
+      expectMode(one.result);
       expect(one.phases[0]).toBe('plan');
       expect(one.result.full).toBe(true);
       expect(one.issuedBeforeFirstRead).toBeGreaterThan(0);
       expect(one.writesDuringRead, 'the writers made no progress while the backup read').toBeGreaterThan(20);
       expect(writers.check(one.frozen, one.completedBefore, one.issuedBeforeFirstRead)).toEqual([]);
 
-      const two = await liveBackup(img, repo, writers);
+      const two = await liveBackup(img, repo, writers, mode);
+      expectMode(two.result);
       expect(two.result.full, String(two.result.fullReason)).toBe(false);
       expect(two.result.parent).toBe(one.result.id);
       expect(two.writesDuringRead).toBeGreaterThan(0);
@@ -209,13 +229,14 @@ describe('live backup of an image under concurrent writes', () => {
 
       await writers.halt();
       const end = await contents(img);
-      const three = await backupDevice(img, repo);
+      const three = await backupDevice(img, repo, mode);
+      expectMode(three);
       expect(three.full).toBe(false);
       expect(three.parent).toBe(two.result.id);
       console.log(`[live] ${writers.log.length} writes; during the first backup's read phase ${one.writesDuringRead}, the second's ${two.writesDuringRead}; ${changed.length} chunks changed between the freezes`);
 
       for (const [name, id, want] of [['first', one.result.id, one.frozen], ['second', two.result.id, two.frozen], ['third', three.id, end]] as const) {
-        const target = join(dir, `${name}.raw`);
+        const target = join(dir, `${name}-${modeName}.raw`);
         await restoreBackup(repo, id, target);
         expectSame(await readImage(target), want, `restore of the ${name} backup vs the image at its freeze point`);
       }
@@ -232,8 +253,8 @@ describe('live backup of an image under concurrent writes', () => {
     // them. 96 chunks kept for the backup exceed the frozen view's 64 MiB memory, so it spills to a file.
     const rng = new Rng(seed ^ 0x5a5a5a5a);
     const N = 96;
-    const path = await makeDisk(dir, 'late', rng, { size: N * MiB });
-    const repo = await newRepo(join(dir, 'repo-late'), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 20 } : undefined)) });
+    const path = await makeDisk(dir, `late-${filter ? 'f' : 'x'}`, rng, { size: N * MiB });
+    const repo = await newRepo(join(dir, `repo-late-${modeName}`), { wrap: (s) => new FaultStore(s, (op, key) => (op === 'put' && key.startsWith('packs/') ? { delayMs: 20 } : undefined)) });
     const img = await openKsc(path, { write: true });
     try {
       const pool = rng.bytes(4 * MiB);
@@ -249,6 +270,7 @@ describe('live backup of an image under concurrent writes', () => {
       let spilled = false;
       const pending: Promise<void>[] = [];
       const r = await backupDevice(img, repo, {
+        ...mode,
         batchBytes: MiB,
         batches: 1,
         progress: (p) => {
@@ -259,18 +281,20 @@ describe('live backup of an image under concurrent writes', () => {
         },
       });
       expect(r.chunksDirty).toBe(N);
+      expectMode(r);
       expect(spilled, 'the frozen view never spilled to a file').toBe(true);
       await Promise.all(pending);
       expect(pending.length).toBe(N);
-      await restoreBackup(repo, r.id, join(dir, 'late.raw'));
-      expectSame(await readImage(join(dir, 'late.raw')), before, 'backup vs the image before the late writes');
+      await restoreBackup(repo, r.id, join(dir, `late-${modeName}.raw`));
+      expectSame(await readImage(join(dir, `late-${modeName}.raw`)), before, 'backup vs the image before the late writes');
       const after = await contents(img);
       expect(differingChunks(before, after).length).toBe(N);
-      const r2 = await backupDevice(img, repo);
+      const r2 = await backupDevice(img, repo, mode);
+      expectMode(r2);
       expect(r2.full).toBe(false);
       expect(r2.chunksDirty).toBe(N);
-      await restoreBackup(repo, r2.id, join(dir, 'late2.raw'));
-      expectSame(await readImage(join(dir, 'late2.raw')), after, 'second backup vs the image after the late writes');
+      await restoreBackup(repo, r2.id, join(dir, `late2-${modeName}.raw`));
+      expectSame(await readImage(join(dir, `late2-${modeName}.raw`)), after, 'second backup vs the image after the late writes');
     } finally {
       await img.close();
     }
