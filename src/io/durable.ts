@@ -9,18 +9,32 @@ import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 
 /** Writes `parts` into a new file (it must not exist), then fsyncs it unless `durable` is false. */
-export async function writeNewFile(file: string, parts: Buffer[], durable = true): Promise<void> {
+export async function writeNewFile(file: string, parts: Iterable<Buffer>, durable = true, expectedSize?: number): Promise<void> {
   const fh = await open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644);
   try {
-    // writev takes at most IOV_MAX buffers per call and may write less than asked.
-    for (let i = 0; i < parts.length; i += 512) {
-      let batch = parts.slice(i, i + 512).filter((b) => b.length > 0);
+    // writev takes at most IOV_MAX buffers per call and may write less than asked. Parts are taken as they
+    // are made, 8 MiB at a time at most (a body made as it is sent is never held whole).
+    let size = 0;
+    let batch: Buffer[] = [];
+    let batchBytes = 0;
+    const flush = async (): Promise<void> => {
       while (batch.length > 0) {
         let { bytesWritten } = await fh.writev(batch);
         while (batch.length > 0 && bytesWritten >= batch[0]!.length) bytesWritten -= batch.shift()!.length;
         if (bytesWritten > 0) batch[0] = batch[0]!.subarray(bytesWritten);
       }
+      batchBytes = 0;
+    };
+    for (const b of parts) {
+      if (b.length === 0) continue;
+      batch.push(b);
+      batchBytes += b.length;
+      size += b.length;
+      if (batch.length >= 512 || batchBytes >= 8 * 1024 * 1024) await flush();
     }
+    await flush();
+    batch = [];
+    if (expectedSize !== undefined && size !== expectedSize) throw new Error(`${file}: the body made ${size} bytes, not the ${expectedSize} it declared`);
     if (durable) await fh.sync();
   } finally {
     await fh.close();

@@ -4,7 +4,7 @@
  * bytes it moves (on put the damaged bytes are stored; on get/getRange they are returned). Calls are
  * counted per operation.
  */
-import type { ObjectInfo, ObjectStore, WriteOpts } from './types.js';
+import { bodyBuffer, type Body, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 export type FaultOp = 'put' | 'get' | 'getRange' | 'stat' | 'list' | 'delete';
 
@@ -52,10 +52,10 @@ export class FaultStore implements ObjectStore {
     return f;
   }
 
-  async put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void> {
+  async put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     const f = await this.enter('put', key);
     if (f.truncate === undefined && f.flipBit === undefined) return this.inner.put(key, data, opts);
-    return this.inner.put(key, damage(Array.isArray(data) ? Buffer.concat(data) : data, f), opts);
+    return this.inner.put(key, damage(bodyBuffer(data), f), opts);
   }
   async get(key: string): Promise<Buffer> {
     const f = await this.enter('get', key);

@@ -14,7 +14,7 @@ import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHand
 import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
 import { syncDir, writeNewFile } from '../io/durable.js';
-import { assertKey, assertRange, compareKeys, shortObject, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
+import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, type Body, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
 /** Entries of one folder listed (stat, sub-folder read) side by side. */
@@ -66,12 +66,12 @@ export class FsStore implements ObjectStore {
     return join(this.root, key);
   }
 
-  async put(key: string, data: Buffer | Buffer[], opts: WriteOpts = {}): Promise<void> {
+  async put(key: string, data: Body, opts: WriteOpts = {}): Promise<void> {
     const target = this.path(key);
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
     const durable = opts.durable ?? true;
     try {
-      await writeNewFile(temp, Array.isArray(data) ? data : [data], durable);
+      await writeNewFile(temp, bodyParts(data), durable, bodySize(data));
       const created = await mkdir(dirname(target), { recursive: true });
       await rename(temp, target);
       if (!durable) return;

@@ -6,7 +6,7 @@
  * (a put replaces, a delete of a missing object succeeds), so running one again is safe.
  */
 import { isKscError } from '../errors.js';
-import type { ObjectInfo, ObjectStore, WriteOpts } from './types.js';
+import type { Body, ObjectInfo, ObjectStore, WriteOpts } from './types.js';
 
 export interface RetryOptions {
   /** Retries after the first try (default 5: six tries in all). */
@@ -83,7 +83,7 @@ class RetryStore implements ObjectStore {
     this.name = inner.name;
   }
 
-  put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void> {
+  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     return retryCall(() => this.inner.put(key, data, opts), this.opts, 'put', key);
   }
   get(key: string): Promise<Buffer> {

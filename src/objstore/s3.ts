@@ -20,7 +20,7 @@ import * as https from 'node:https';
 import type { Readable } from 'node:stream';
 import { Client } from 'minio';
 import { KscError } from '../errors.js';
-import { assertKey, assertRange, shortObject, type ObjectInfo, type ObjectStore } from './types.js';
+import { assertKey, assertRange, bodyBuffer, bodySize, isStreamBody, shortObject, type Body, type ObjectInfo, type ObjectStore, type StreamBody } from './types.js';
 
 const MiB = 1024 * 1024;
 const MAX_PARTS = 10_000;
@@ -216,19 +216,21 @@ export class S3Store implements ObjectStore {
     return this.prefix ? `${this.prefix}/${key}` : key;
   }
 
-  async put(key: string, data: Buffer | Buffer[]): Promise<void> {
+  async put(key: string, data: Body): Promise<void> {
     const name = this.objectName(key);
-    const parts = Array.isArray(data) ? data : [data];
-    const size = parts.reduce((n, b) => n + b.length, 0);
+    const size = bodySize(data);
     if (size <= this.threshold) {
-      const body = parts.length === 1 ? parts[0]! : Buffer.concat(parts, size);
+      const body = bodyBuffer(data);
+      if (body.length !== size) throw new KscError('KSC_E_INVALID', `${this.name}: put ${key}: the body made ${body.length} bytes, not the ${size} it declared`);
       await this.call('put', key, () => this.client.putObject(this.bucket, name, body, size));
       return;
     }
-    await this.putMultipart(key, name, parts, size);
+    await this.putMultipart(key, name, data, size);
   }
 
-  private async putMultipart(key: string, name: string, data: Buffer[], size: number): Promise<void> {
+  private async putMultipart(key: string, name: string, data: Body, size: number): Promise<void> {
+    // Parts are cut in order, each when a worker starts it (a stream body is read as it goes).
+    const take = isStreamBody(data) ? sequentialTake(data, this.name, key) : (offset: number, length: number) => gather(Array.isArray(data) ? data : [data], offset, length);
     const partSize = Math.max(this.partSize, Math.ceil(size / MAX_PARTS / MiB) * MiB);
     const count = Math.ceil(size / partSize);
     const uploadId = await this.call('put', key, () => this.client.initiateNewMultipartUpload(this.bucket, name, {}));
@@ -243,7 +245,7 @@ export class S3Store implements ObjectStore {
         try {
           const res = await this.client.uploadPart(
             { bucketName: this.bucket, objectName: name, uploadID: uploadId, partNumber: n + 1, headers: {} },
-            gather(data, offset, length),
+            take(offset, length),
           );
           etags[n] = { part: n + 1, etag: res.etag };
           this.onPart?.({ key, part: n + 1, parts: count, bytes: length });
@@ -367,6 +369,32 @@ export class S3Store implements ObjectStore {
     }
     return new KscError('KSC_E_IO', `${this.name}: ${op} failed: ${detail}`, { cause: e });
   }
+}
+
+/** Cuts a stream body's bytes in order: each call must ask for the bytes right after the previous call's. */
+function sequentialTake(body: StreamBody, store: string, key: string): (offset: number, length: number) => Buffer {
+  const it = body.parts()[Symbol.iterator]();
+  let pos = 0;
+  let rest: Buffer = Buffer.alloc(0);
+  return (offset, length) => {
+    if (offset !== pos) throw new Error(`${store}: put ${key}: stream body asked for offset ${offset} at ${pos}`);
+    const pieces: Buffer[] = [];
+    let have = 0;
+    while (have < length) {
+      if (rest.length === 0) {
+        const n = it.next();
+        if (n.done) throw new KscError('KSC_E_INVALID', `${store}: put ${key}: the body ended at ${pos + have} of ${body.size} bytes`);
+        rest = n.value;
+        continue;
+      }
+      const piece = rest.subarray(0, length - have);
+      rest = rest.subarray(piece.length);
+      pieces.push(piece);
+      have += piece.length;
+    }
+    pos += length;
+    return pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, length);
+  };
 }
 
 /** `length` bytes at `offset` of the concatenation of `bufs`, copying only when the range spans buffers. */

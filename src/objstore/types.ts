@@ -20,15 +20,49 @@ export interface WriteOpts {
   durable?: boolean;
 }
 
+/**
+ * A body made as it is sent, for an object too large to hold in memory (the manifest of a large disk):
+ * `size` bytes, yielded in order by parts(). Every call of parts() yields the same bytes (a retried put
+ * starts again from the first).
+ */
+export interface StreamBody {
+  readonly size: number;
+  parts(): Iterable<Buffer>;
+}
+
+/** What a put stores: a buffer, buffers to concatenate, or a body made as it is sent. */
+export type Body = Buffer | Buffer[] | StreamBody;
+
+export function isStreamBody(data: Body): data is StreamBody {
+  return !Buffer.isBuffer(data) && !Array.isArray(data);
+}
+
+/** The body's pieces in order (a stream body's as it makes them). */
+export function bodyParts(data: Body): Iterable<Buffer> {
+  return isStreamBody(data) ? data.parts() : Array.isArray(data) ? data : [data];
+}
+
+export function bodySize(data: Body): number {
+  if (isStreamBody(data)) return data.size;
+  return Array.isArray(data) ? data.reduce((n, b) => n + b.length, 0) : data.length;
+}
+
+/** The whole body in one buffer (for small bodies and tests). */
+export function bodyBuffer(data: Body): Buffer {
+  if (Buffer.isBuffer(data)) return data;
+  return Buffer.concat([...bodyParts(data)]);
+}
+
 export interface ObjectStore {
   /** Human name for messages, e.g. "/srv/repo" or "s3://bucket/prefix". */
   readonly name: string;
   /**
    * Stores `data` under `key`, replacing any object there. Atomic: a reader sees the old object, no object,
-   * or the whole new one, never a part. Large bodies (an array of buffers is concatenated) go up in parts
-   * (multipart on S3, aborted on failure). Durable when the promise resolves.
+   * or the whole new one, never a part. Large bodies (an array of buffers is concatenated; a stream body
+   * is made as it is sent) go up in parts (multipart on S3, aborted on failure). Durable when the promise
+   * resolves.
    */
-  put(key: string, data: Buffer | Buffer[], opts?: WriteOpts): Promise<void>;
+  put(key: string, data: Body, opts?: WriteOpts): Promise<void>;
   /** The whole object; KSC_E_NOT_FOUND when missing. */
   get(key: string): Promise<Buffer>;
   /** `length` bytes from `offset`; KSC_E_NOT_FOUND when missing, KSC_E_CORRUPT when the object is shorter. */

@@ -4,6 +4,9 @@
  * list and its clones, so an incremental backup's list costs only the segments it changes, and a sparse
  * 16 TiB disk's list a few MiB instead of 256 MiB.
  */
+import { closeSync, mkdtempSync, openSync, readSync, rmdirSync, unlinkSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { KscError } from '../errors.js';
 import { ID_BYTES, ZERO_ID, chunkId, isZeroId, merkleRoot } from '../hash/chunkid.js';
 
@@ -13,12 +16,135 @@ const SEGMENT_SHIFT = 16;
 const GROUP = 256; // §7.3 fan-out
 
 class Segment {
-  readonly i32: Int32Array;
+  /** The ids, or null while the segment waits in its store's file. */
+  ids: Buffer | null;
+  i32: Int32Array | null;
   /** Level-2 Merkle node of this segment (§7.3), computed when first needed, dropped on change. */
   node: Buffer | null = null;
-  constructor(readonly ids: Buffer, public nonZero: number) {
+  /** Where the store's file holds a copy (-1: none yet), and whether the ids changed since it was written. */
+  pos = -1;
+  dirty = true;
+  readonly bytes: number;
+  constructor(ids: Buffer, public nonZero: number, readonly store: SegmentStore | null) {
+    this.ids = ids;
     this.i32 = new Int32Array(ids.buffer, ids.byteOffset, ids.length >> 2);
+    this.bytes = ids.length;
+    store?.touch(this);
   }
+}
+
+const closer = new FinalizationRegistry<number>((fd) => {
+  try {
+    closeSync(fd);
+  } catch {
+    // closed already
+  }
+});
+
+/**
+ * Where the segments of large chunk lists wait while not in use, so that a list's memory is bounded
+ * whatever the disk's size (a densely written 16 TiB disk has 256 MiB of ids): at most `cacheSegments`
+ * segments (1 MiB each) stay in memory, least recently used first out, the others in a temporary file that
+ * is unlinked as soon as it is open (it goes with the process, however that ends). Lists cloned from one
+ * another share their store. Reads and writes are synchronous (the list's API is): a 1 MiB read or write of
+ * a file in the page cache, once per segment change of an access pattern.
+ */
+export class SegmentStore {
+  private fd: number;
+  private end = 0;
+  /** Segments holding their ids in memory, least recently used first. */
+  private readonly lru = new Set<Segment>();
+  private last: Segment | null = null;
+  /** Segment reads and writes of the file (for tests and figures). */
+  reads = 0;
+  writes = 0;
+
+  constructor(readonly cacheSegments = 32, dir = tmpdir()) {
+    if (!(cacheSegments >= 1)) throw new RangeError('a segment store caches at least one segment');
+    const d = mkdtempSync(join(dir, 'kscinc-ids-'));
+    const path = join(d, 'segments');
+    this.fd = openSync(path, 'w+');
+    unlinkSync(path);
+    rmdirSync(d);
+    closer.register(this, this.fd, this);
+  }
+
+  /** Segments in memory now. */
+  get cached(): number {
+    return this.lru.size;
+  }
+
+  /** Bytes of the file (segments written out, including ones since replaced). */
+  get fileBytes(): number {
+    return this.end;
+  }
+
+  /** Marks `s` as just used; evicts the least recently used segments beyond the cache. */
+  touch(s: Segment): void {
+    if (this.last === s) return;
+    this.last = s;
+    this.lru.delete(s);
+    this.lru.add(s);
+    while (this.lru.size > this.cacheSegments) {
+      const old = this.lru.values().next().value as Segment;
+      this.evict(old);
+    }
+  }
+
+  private evict(s: Segment): void {
+    this.lru.delete(s);
+    if (this.last === s) this.last = null;
+    if (s.dirty) {
+      // A segment's file region belongs to it alone (a changed copy is a new segment), so it is rewritten in place.
+      if (s.pos < 0) {
+        s.pos = this.end;
+        this.end += s.bytes;
+      }
+      let done = 0;
+      while (done < s.bytes) done += writeSync(this.fd, s.ids!, done, s.bytes - done, s.pos + done);
+      s.dirty = false;
+      this.writes++;
+    }
+    s.ids = null;
+    s.i32 = null;
+  }
+
+  /** Brings `s`'s ids back into memory. */
+  load(s: Segment): void {
+    const ids = ownBuffer(s.bytes);
+    let done = 0;
+    while (done < s.bytes) {
+      const n = readSync(this.fd, ids, done, s.bytes - done, s.pos + done);
+      if (n === 0) throw new KscError('KSC_E_IO', `chunk-list segment file ended at ${s.pos + done} (expected ${s.bytes} bytes at ${s.pos})`);
+      done += n;
+    }
+    this.reads++;
+    s.ids = ids;
+    s.i32 = new Int32Array(ids.buffer, 0, ids.length >> 2);
+    this.touch(s);
+  }
+
+  /** Closes the file now (otherwise when the store is collected). Lists using it must not be used after. */
+  close(): void {
+    if (this.fd < 0) return;
+    closer.unregister(this);
+    closeSync(this.fd);
+    this.fd = -1;
+    this.lru.clear();
+    this.last = null;
+  }
+}
+
+/** `s`'s ids, loaded from its store when they wait there. */
+function idsOf(s: Segment): Buffer {
+  if (!s.ids) s.store!.load(s);
+  else s.store?.touch(s);
+  return s.ids!;
+}
+
+function wordsOf(s: Segment): Int32Array {
+  idsOf(s);
+  return s.i32!;
 }
 
 /** A fresh buffer of `n` bytes with its own ArrayBuffer at offset 0 (so Int32Array views are aligned). */
@@ -54,8 +180,8 @@ export class ChunkList {
   /** owned[i] = 1: segs[i] belongs to this list alone and may be changed in place. */
   private readonly owned: Uint8Array;
 
-  /** An all-zero list of `length` chunk ids. */
-  constructor(readonly length: number) {
+  /** An all-zero list of `length` chunk ids; with a store, its segments beyond the store's cache wait in a file. */
+  constructor(readonly length: number, readonly store: SegmentStore | null = null) {
     if (!Number.isSafeInteger(length) || length < 0) throw new KscError('KSC_E_INVALID', `chunk list length ${length} is not a whole number`);
     const n = ChunkList.segmentsFor(length);
     this.segs = new Array<Segment | null>(n).fill(null);
@@ -67,9 +193,9 @@ export class ChunkList {
   }
 
   /** From a flat buffer of 16-byte ids (copied; all-zero segments are not allocated). */
-  static fromBuffer(flat: Buffer): ChunkList {
+  static fromBuffer(flat: Buffer, store: SegmentStore | null = null): ChunkList {
     if (flat.length % ID_BYTES !== 0) throw new KscError('KSC_E_INVALID', `a chunk list of ${flat.length} bytes is not whole 16-byte ids`);
-    const l = new ChunkList(flat.length / ID_BYTES);
+    const l = new ChunkList(flat.length / ID_BYTES, store);
     for (let i = 0; i < l.segs.length; i++) {
       const start = i * SEGMENT_IDS * ID_BYTES;
       l.putSegment(i, flat.subarray(start, start + l.segmentLength(i) * ID_BYTES));
@@ -96,7 +222,8 @@ export class ChunkList {
 
   /** The ids of segment `i`, or null when they are all zero. A read-only view: do not change it. */
   segment(i: number): Buffer | null {
-    return this.segs[i]?.ids ?? null;
+    const s = this.segs[i];
+    return s ? idsOf(s) : null;
   }
 
   /**
@@ -119,7 +246,7 @@ export class ChunkList {
       this.owned[i] = 0;
       return;
     }
-    this.segs[i] = new Segment(own, nonZero);
+    this.segs[i] = new Segment(own, nonZero, this.store);
     this.owned[i] = 1;
   }
 
@@ -131,7 +258,7 @@ export class ChunkList {
     this.check(k);
     const s = this.segs[k >>> SEGMENT_SHIFT];
     if (!s) return true;
-    return zeroAt(s.i32, (k & (SEGMENT_IDS - 1)) * 4);
+    return zeroAt(wordsOf(s), (k & (SEGMENT_IDS - 1)) * 4);
   }
 
   /** Chunk `k`'s id: a view valid until the list changes (ZERO_ID for a zero chunk: do not change it). */
@@ -140,7 +267,7 @@ export class ChunkList {
     const s = this.segs[k >>> SEGMENT_SHIFT];
     if (!s) return ZERO_ID;
     const o = (k & (SEGMENT_IDS - 1)) * ID_BYTES;
-    return s.ids.subarray(o, o + ID_BYTES);
+    return idsOf(s).subarray(o, o + ID_BYTES);
   }
 
   /** A copy of chunk `k`'s id. */
@@ -157,13 +284,13 @@ export class ChunkList {
     const o = (k & (SEGMENT_IDS - 1)) * 4;
     if (!s) {
       if (zero) return;
-      s = new Segment(ownBuffer(this.segmentLength(si) * ID_BYTES), 0);
+      s = new Segment(ownBuffer(this.segmentLength(si) * ID_BYTES), 0, this.store);
       this.segs[si] = s;
       this.owned[si] = 1;
     }
-    const wasZero = zeroAt(s.i32, o);
+    const wasZero = zeroAt(wordsOf(s), o);
     if (wasZero && zero) return;
-    if (!wasZero && !zero && s.ids.subarray(o * 4, o * 4 + ID_BYTES).equals(id.subarray(0, ID_BYTES))) return;
+    if (!wasZero && !zero && s.ids!.subarray(o * 4, o * 4 + ID_BYTES).equals(id.subarray(0, ID_BYTES))) return;
     const nonZero = s.nonZero + (zero ? 0 : 1) - (wasZero ? 0 : 1);
     if (nonZero === 0) { // the last non-zero id goes: the segment is all zeros again
       this.segs[si] = null;
@@ -171,20 +298,21 @@ export class ChunkList {
       return;
     }
     if (!this.owned[si]) { // copy-on-write
-      const copy = ownBuffer(s.ids.length);
-      s.ids.copy(copy);
-      s = new Segment(copy, s.nonZero);
+      const copy = ownBuffer(s.bytes);
+      s.ids!.copy(copy);
+      s = new Segment(copy, s.nonZero, this.store);
       this.segs[si] = s;
       this.owned[si] = 1;
     }
-    s.ids.set(id.subarray(0, ID_BYTES), o * 4);
+    idsOf(s).set(id.subarray(0, ID_BYTES), o * 4);
+    s.dirty = true;
     s.nonZero = nonZero;
     s.node = null;
   }
 
   /** A list with the same ids sharing every segment (O(segments)); either list copies a segment before changing it. */
   clone(): ChunkList {
-    const c = new ChunkList(this.length);
+    const c = new ChunkList(this.length, this.store);
     for (let i = 0; i < this.segs.length; i++) c.segs[i] = this.segs[i]!;
     this.owned.fill(0);
     return c;
@@ -206,10 +334,13 @@ export class ChunkList {
       const s = this.segs[si];
       if (!s) continue;
       const base = si * SEGMENT_IDS;
-      const n = s.ids.length / ID_BYTES;
+      // Held here: `fn` may use other segments, which may send this one back to the file meanwhile.
+      const ids = idsOf(s);
+      const i32 = s.i32!;
+      const n = ids.length / ID_BYTES;
       for (let j = 0, o = 0; j < n; j++, o += 4) {
-        if (zeroAt(s.i32, o)) continue;
-        if (fn(base + j, s.ids.subarray(o * 4, o * 4 + ID_BYTES)) === false) return;
+        if (zeroAt(i32, o)) continue;
+        if (fn(base + j, ids.subarray(o * 4, o * 4 + ID_BYTES)) === false) return;
       }
     }
   }
@@ -217,7 +348,7 @@ export class ChunkList {
   /** The flat list (16 bytes per chunk). O(length): for tests and small lists. */
   toBuffer(): Buffer {
     const out = Buffer.alloc(this.length * ID_BYTES);
-    this.segs.forEach((s, i) => s?.ids.copy(out, i * SEGMENT_IDS * ID_BYTES));
+    this.segs.forEach((s, i) => s && idsOf(s).copy(out, i * SEGMENT_IDS * ID_BYTES));
     return out;
   }
 
@@ -226,7 +357,7 @@ export class ChunkList {
     for (let i = 0; i < this.segs.length; i++) {
       const a = this.segs[i], b = other.segs[i];
       if (a === b) continue;
-      if (!a || !b || !a.ids.equals(b.ids)) return false;
+      if (!a || !b || !idsOf(a).equals(idsOf(b))) return false;
     }
     return true;
   }
@@ -234,7 +365,7 @@ export class ChunkList {
   /** §7.3 Merkle root over the decoded list, computed segment by segment (all-zero segments from fixed values). */
   merkleRoot(): Buffer {
     if (this.length === 0) return Buffer.alloc(ID_BYTES);
-    if (this.length <= GROUP) return chunkId(this.segs[0]?.ids ?? Buffer.alloc(this.length * ID_BYTES)); // one level-1 node is the root
+    if (this.length <= GROUP) return chunkId(this.segment(0) ?? Buffer.alloc(this.length * ID_BYTES)); // one level-1 node is the root
     const level2 = Buffer.allocUnsafe(this.segs.length * ID_BYTES);
     for (let i = 0; i < this.segs.length; i++) this.segmentNode(i).copy(level2, i * ID_BYTES);
     // One segment: its level-2 node is the root; several: the tree goes on over the segments' nodes.
@@ -248,11 +379,12 @@ export class ChunkList {
     if (s?.node) return s.node;
     const groups = Math.ceil(n / GROUP);
     const level1 = Buffer.allocUnsafe(groups * ID_BYTES);
+    const ids = s ? idsOf(s) : null;
     for (let g = 0; g < groups; g++) {
       const len = Math.min(GROUP, n - g * GROUP) * ID_BYTES;
       if (!s && len === GROUP * ID_BYTES) zeroNode().group.copy(level1, g * ID_BYTES);
       else if (!s) chunkId(Buffer.alloc(len), level1, g * ID_BYTES);
-      else chunkId(s.ids.subarray(g * GROUP * ID_BYTES, g * GROUP * ID_BYTES + len), level1, g * ID_BYTES);
+      else chunkId(ids!.subarray(g * GROUP * ID_BYTES, g * GROUP * ID_BYTES + len), level1, g * ID_BYTES);
     }
     const node = chunkId(level1);
     if (s) s.node = node;
