@@ -8,7 +8,7 @@ import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { initHash, merkleRoot } from '../src/hash/chunkid.js';
 import { compressInto, lz4Bound } from '../src/compress/lz4.js';
-import { encodeManifest, encodeManifestLegacy, decodeManifest, FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../src/repo/format.js';
+import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom, FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../src/repo/format.js';
 import { ChunkList, SEGMENT_IDS } from '../src/repo/chunklist.js';
 import { Rng, seedFor } from './helpers/rng.js';
 
@@ -163,8 +163,11 @@ describe('manifest chunk lists', () => {
     const sec = b.subarray(start, end);
     expect([sec[8], sec[16], sec[24]]).toEqual([2, 0, 1]);
     const name = 'repo/manifests/X.manifest';
-    const refuse = (s: Buffer, re: RegExp, flags?: number): void => {
-      expect(() => decodeManifest(withSection(b, s, flags), name)).toThrow(new RegExp(`${name}.*${re.source}`));
+    // Whole (decodeManifest) and in ranges (readManifestFrom, how large manifests are read): the same refusal.
+    const refuse = async (s: Buffer, re: RegExp, flags?: number, streamRe = re): Promise<void> => {
+      const obj = withSection(b, s, flags);
+      expect(() => decodeManifest(obj, name)).toThrow(new RegExp(`${name}.*${re.source}`));
+      await expect(readManifestFrom(obj.length, async (o, n) => obj.subarray(o, o + n), name)).rejects.toThrow(new RegExp(`${name}.*${streamRe.source}`));
     };
     const edit = (f: (s: Buffer) => void): Buffer => {
       const s = Buffer.from(sec);
@@ -173,21 +176,21 @@ describe('manifest chunk lists', () => {
     };
     const lz4Len = sec.readUInt32LE(12);
     // Truncated: the last segment cut short, or the table itself.
-    refuse(sec.subarray(0, sec.length - 5), /segment 2 of 3.*run past the end.*truncated/);
-    refuse(sec.subarray(0, 20), /table of 3 segments is truncated/);
-    refuse(sec.subarray(0, 6), /too short for its header/);
-    refuse(Buffer.concat([sec, Buffer.alloc(3)]), /3 bytes after its last segment/);
+    await refuse(sec.subarray(0, sec.length - 5), /segment 2 of 3.*run past the end.*truncated/);
+    await refuse(sec.subarray(0, 20), /table of 3 segments is truncated/);
+    await refuse(sec.subarray(0, 6), /too short for its header/, undefined, /length does not match its header/);
+    await refuse(Buffer.concat([sec, Buffer.alloc(3)]), /3 bytes after its last segment/);
     // Wrong lengths and counts.
-    refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 2, 0)), /131072 ids per segment, not 65536/);
-    refuse(edit((s) => s.writeUInt32LE(4, 4)), /4 segments; 131136 chunks need 3/);
-    refuse(edit((s) => s.writeUInt32LE(64 * 16 - 16, 28)), /segment 2 of 3: 1008 stored bytes, a raw segment of 64 ids is 1024/);
-    refuse(edit((s) => s.writeUInt32LE(16, 20)), /segment 1 of 3: an all-zero segment with 16 stored bytes/);
-    refuse(edit((s) => (s[8] = 7)), /segment 0 of 3: unknown encoding 7/);
-    refuse(edit((s) => (s[17] = 1)), /segment 1 of 3: reserved bytes are not zero/);
-    refuse(edit((s) => s.writeUInt32LE(3, 12)), /segment 0 of 3: 3 stored bytes is too short/);
+    await refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 2, 0)), /131072 ids per segment, not 65536/);
+    await refuse(edit((s) => s.writeUInt32LE(4, 4)), /4 segments; 131136 chunks need 3/);
+    await refuse(edit((s) => s.writeUInt32LE(64 * 16 - 16, 28)), /segment 2 of 3: 1008 stored bytes, a raw segment of 64 ids is 1024/);
+    await refuse(edit((s) => s.writeUInt32LE(16, 20)), /segment 1 of 3: an all-zero segment with 16 stored bytes/);
+    await refuse(edit((s) => (s[8] = 7)), /segment 0 of 3: unknown encoding 7/);
+    await refuse(edit((s) => (s[17] = 1)), /segment 1 of 3: reserved bytes are not zero/);
+    await refuse(edit((s) => s.writeUInt32LE(3, 12)), /segment 0 of 3: 3 stored bytes is too short/);
     // An LZ4 segment whose prefix lies, or whose block decodes to another size.
     const p0 = 8 + 8 * 3;
-    refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 16 - 16, p0)), /segment 0 of 3: LZ4 raw length 1048560, the segment's 65536 ids are 1048576 bytes/);
+    await refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 16 - 16, p0)), /segment 0 of 3: LZ4 raw length 1048560, the segment's 65536 ids are 1048576 bytes/);
     const shortIds = Buffer.alloc(SEGMENT_IDS * 16 - 16);
     shortIds[48] = 1;
     const packed = Buffer.alloc(lz4Bound(shortIds.length));
@@ -195,11 +198,11 @@ describe('manifest chunk lists', () => {
     packed.writeUInt32LE(SEGMENT_IDS * 16, 0); // the right prefix over a block of the wrong size
     const swapped = Buffer.concat([sec.subarray(0, p0), packed.subarray(0, n), sec.subarray(p0 + lz4Len)]);
     swapped.writeUInt32LE(n, 12);
-    refuse(swapped, /segment 0 of 3: the LZ4 block does not decode to 1048576 bytes/);
+    await refuse(swapped, /segment 0 of 3: the LZ4 block does not decode to 1048576 bytes/);
     // A well-formed list that is not the one the root was computed over.
-    refuse(edit((s) => (s[s.length - 1]! ^= 1)), /Merkle root does not match/);
+    await refuse(edit((s) => (s[s.length - 1]! ^= 1)), /Merkle root does not match/);
     // Both compressed forms claimed at once.
-    refuse(sec, /IDS_LZ4 and IDS_SEGMENTED are both set/, FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED);
+    await refuse(sec, /IDS_LZ4 and IDS_SEGMENTED are both set/, FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED);
     // And without re-sealing, any damage is a checksum mismatch.
     const flipped = Buffer.from(b);
     flipped[start + 40] ^= 1;

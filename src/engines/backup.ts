@@ -16,7 +16,7 @@ import { packBatch, poolStarted, warmPool } from '../compress/pool.js';
 import { Repository, ChunkIndex, mapLimit } from '../repo/repository.js';
 import { BloomFilter } from '../repo/bloom.js';
 import { type Manifest, type IndexEntry, backupId, chunkCount } from '../repo/format.js';
-import { ChunkList } from '../repo/chunklist.js';
+import { ChunkList, storeForList } from '../repo/chunklist.js';
 import { bytesToUuid } from '../util/uuid.js';
 import { BitSet } from '../util/bitset.js';
 
@@ -521,7 +521,8 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
 
     // An incremental's list starts as its parent's (segments shared, copied only where a chunk changes);
     // only the chunks read change it (and dirty chunks without data become zero ids): O(dirty), not O(disk).
-    const ids = parent ? parent.ids.clone() : new ChunkList(chunks);
+    // A large list keeps most of its segments in a temporary file (a clone shares its parent's).
+    const ids = parent ? parent.ids.clone() : new ChunkList(chunks, storeForList(chunks));
     const { dirty, read } = frozen;
     for (const k of dirty ?? []) if (!read.has(k)) ids.set(k, ZERO_ID);
     const lock = held.lock!;

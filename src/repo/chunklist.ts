@@ -135,6 +135,14 @@ export class SegmentStore {
   }
 }
 
+/** Segments a large list keeps in memory at most (32 MiB of ids). */
+export const LIST_CACHE_SEGMENTS = 32;
+
+/** A store for a list of `chunks` ids larger than LIST_CACHE_SEGMENTS segments (null for a smaller one). */
+export function storeForList(chunks: number): SegmentStore | null {
+  return ChunkList.segmentsFor(chunks) > LIST_CACHE_SEGMENTS ? new SegmentStore(LIST_CACHE_SEGMENTS) : null;
+}
+
 /** `s`'s ids, loaded from its store when they wait there. */
 function idsOf(s: Segment): Buffer {
   if (!s.ids) s.store!.load(s);

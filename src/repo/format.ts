@@ -10,7 +10,8 @@ import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
 import { compressInto, decompressInto, lz4Bound } from '../compress/lz4.js';
 import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
-import { ChunkList, SEGMENT_IDS, ownBuffer } from './chunklist.js';
+import { ChunkList, SEGMENT_IDS, ownBuffer, type SegmentStore } from './chunklist.js';
+import type { StreamBody } from '../objstore/types.js';
 
 export const MIB = 1024 * 1024;
 export const MIN_CHUNK = 1 * MIB;
@@ -301,42 +302,82 @@ function manifestTrailer(parts: Buffer[], root: Buffer): Buffer {
   return t;
 }
 
+/** Compressed segment payloads a manifest body keeps between its passes, at most (beyond: compressed again). */
+const KEEP_COMPRESSED = 16 * 1024 * 1024;
+
 /**
- * The manifest as the pieces of one object (§7, IDS_SEGMENTED), built segment by segment: all-zero
- * segments cost 8 bytes, RAW payloads are views of the list's segments (put the pieces before changing the
- * list), LZ4 ones are compressed one segment at a time.
+ * The manifest as a body made as it is sent (§7, IDS_SEGMENTED), holding one segment at a time, so a
+ * densely written 16 TiB disk's manifest (256 MiB of ids) never sits whole in memory. The segment table
+ * and the checksum need every payload before the first is sent, so the payloads are made in passes:
+ * one for the table, one for the checksum, one per parts() call. LZ4 payloads are kept between passes up
+ * to 16 MiB and compressed again beyond; RAW ones are views of the list's segments (do not change the list
+ * while the body is in use).
  */
-export function encodeManifestParts(m: Omit<Manifest, 'root'>): Buffer[] {
+export function manifestBody(m: Omit<Manifest, 'root'>): StreamBody {
   const chunks = chunkCount(m.size, m.chunkSize);
   if (m.ids.length !== chunks) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length}`);
   const n = m.ids.segmentCount;
-  const parts: Buffer[] = [manifestHead(m, chunks, FLAG_IDS_SEGMENTED)];
+  const head = manifestHead(m, chunks, FLAG_IDS_SEGMENTED);
   const table = Buffer.alloc(8 + 8 * n);
   table.writeUInt32LE(SEGMENT_IDS, 0);
   table.writeUInt32LE(n, 4);
-  parts.push(table);
+  const kept = new Map<number, Buffer>();
+  let keptBytes = 0;
   let scratch: Buffer | null = null;
-  for (let i = 0; i < n; i++) {
+  /** Segment i's stored payload (null: all zero); from `kept`, the list, or compressed afresh. */
+  const payload = (i: number): Buffer | null => {
+    const k = kept.get(i);
+    if (k) return k;
     const seg = m.ids.segment(i);
+    if (!seg) return null;
+    scratch ??= Buffer.allocUnsafe(lz4Bound(SEGMENT_IDS * ID_BYTES));
+    const c = compressInto(seg, scratch, 0);
+    return c > 0 && c < seg.length ? scratch.subarray(0, c) : seg;
+  };
+  let size = head.length + table.length + MANIFEST_TRAILER;
+  for (let i = 0; i < n; i++) {
+    const p = payload(i);
     const e = 8 + 8 * i;
-    if (!seg) {
+    if (!p) {
       table[e] = SEG_ZERO;
       continue;
     }
-    scratch ??= Buffer.allocUnsafe(lz4Bound(SEGMENT_IDS * ID_BYTES));
-    const c = compressInto(seg, scratch, 0);
-    if (c > 0 && c < seg.length) {
-      table[e] = SEG_LZ4;
-      table.writeUInt32LE(c, e + 4);
-      parts.push(Buffer.from(scratch.subarray(0, c)));
-    } else {
-      table[e] = SEG_RAW;
-      table.writeUInt32LE(seg.length, e + 4);
-      parts.push(seg);
+    const raw = p === m.ids.segment(i);
+    table[e] = raw ? SEG_RAW : SEG_LZ4;
+    table.writeUInt32LE(p.length, e + 4);
+    size += p.length;
+    if (!raw && keptBytes + p.length <= KEEP_COMPRESSED) {
+      kept.set(i, Buffer.from(p));
+      keptBytes += p.length;
     }
   }
-  parts.push(manifestTrailer(parts, m.ids.merkleRoot()));
-  return parts;
+  let crc = crc32(table, crc32(head));
+  for (let i = 0; i < n; i++) {
+    const p = payload(i);
+    if (p) crc = crc32(p, crc);
+  }
+  const trailer = Buffer.alloc(MANIFEST_TRAILER);
+  m.ids.merkleRoot().copy(trailer, 0);
+  trailer.writeUInt32LE(crc32(trailer.subarray(0, 24), crc), 24);
+  MANIFEST_END.copy(trailer, 28);
+  return {
+    size,
+    *parts(): Generator<Buffer> {
+      yield head;
+      yield table;
+      for (let i = 0; i < n; i++) {
+        const p = payload(i);
+        // A fresh compression lands in the shared scratch buffer: hand out a copy, since the next one reuses it.
+        if (p) yield scratch !== null && p.buffer === scratch.buffer ? Buffer.from(p) : p;
+      }
+      yield trailer;
+    },
+  };
+}
+
+/** The manifest as the pieces of one object (see manifestBody). */
+export function encodeManifestParts(m: Omit<Manifest, 'root'>): Buffer[] {
+  return [...manifestBody(m).parts()];
 }
 
 export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
@@ -362,52 +403,69 @@ export function encodeManifestLegacy(m: Omit<Manifest, 'root' | 'ids'> & { ids: 
   return Buffer.concat(parts);
 }
 
-/** §7.5: decodes a segmented chunk-id section segment by segment. */
-function decodeSegmented(section: Buffer, chunks: number, object: string): ChunkList {
-  if (section.length < 8) throw bad(object, `the chunk-id section is ${section.length} bytes, too short for its header (truncated?)`);
-  const S = section.readUInt32LE(0);
-  const n = section.readUInt32LE(4);
+/** Where a decoded list of `chunks` ids keeps its segments (null: all in memory). */
+export type StoreFor = (chunks: number) => SegmentStore | null;
+const noStore: StoreFor = () => null;
+
+/** §7.5: checks a segmented section's 8-byte header; returns the segment count. */
+function segmentedHeader(h: Buffer, ids: ChunkList, chunks: number, object: string): number {
+  const S = h.readUInt32LE(0);
+  const n = h.readUInt32LE(4);
   if (S !== SEGMENT_IDS) throw bad(object, `the chunk-id section has ${S} ids per segment, not ${SEGMENT_IDS}`);
-  const ids = new ChunkList(chunks);
   if (n !== ids.segmentCount) throw bad(object, `the chunk-id section has ${n} segments; ${chunks} chunks need ${ids.segmentCount}`);
+  return n;
+}
+
+/** §7.5: checks segment i's table entry; returns its encoding and stored length. */
+function segmentEntry(table: Buffer, e: number, ids: ChunkList, i: number, n: number, object: string): { enc: number; len: number } {
+  const enc = table[e]!;
+  const len = table.readUInt32LE(e + 4);
+  const raw = ids.segmentLength(i) * ID_BYTES;
+  const what = `chunk-list segment ${i} of ${n}`;
+  if (table[e + 1] !== 0 || table[e + 2] !== 0 || table[e + 3] !== 0) throw bad(object, `${what}: reserved bytes are not zero`);
+  if (enc === SEG_ZERO && len !== 0) throw bad(object, `${what}: an all-zero segment with ${len} stored bytes`);
+  if (enc !== SEG_ZERO && enc !== SEG_RAW && enc !== SEG_LZ4) throw bad(object, `${what}: unknown encoding ${enc}`);
+  if (enc === SEG_RAW && len !== raw) throw bad(object, `${what}: ${len} stored bytes, a raw segment of ${raw / ID_BYTES} ids is ${raw}`);
+  if (enc === SEG_LZ4 && len < 5) throw bad(object, `${what}: ${len} stored bytes is too short for an LZ4 segment`);
+  return { enc, len };
+}
+
+/** §7.5: puts segment i's payload into the list. */
+function putPayload(ids: ChunkList, i: number, n: number, enc: number, payload: Buffer, object: string): void {
+  if (enc === SEG_RAW) {
+    ids.putSegment(i, payload);
+    return;
+  }
+  const raw = ids.segmentLength(i) * ID_BYTES;
+  const what = `chunk-list segment ${i} of ${n}`;
+  if (payload.readUInt32LE(0) !== raw) throw bad(object, `${what}: LZ4 raw length ${payload.readUInt32LE(0)}, the segment's ${raw / ID_BYTES} ids are ${raw} bytes`);
+  const out = ownBuffer(raw);
+  if (decompressInto(payload, out, 0) !== raw) throw bad(object, `${what}: the LZ4 block does not decode to ${raw} bytes`);
+  ids.putSegment(i, out, true);
+}
+
+/** §7.5: decodes a segmented chunk-id section segment by segment. */
+function decodeSegmented(section: Buffer, chunks: number, object: string, storeFor: StoreFor): ChunkList {
+  if (section.length < 8) throw bad(object, `the chunk-id section is ${section.length} bytes, too short for its header (truncated?)`);
+  const ids = new ChunkList(chunks, storeFor(chunks));
+  const n = segmentedHeader(section, ids, chunks, object);
   if (section.length < 8 + 8 * n) throw bad(object, `the chunk-id section's table of ${n} segments is truncated`);
   let pos = 8 + 8 * n;
   for (let i = 0; i < n; i++) {
-    const e = 8 + 8 * i;
-    const enc = section[e]!;
-    const len = section.readUInt32LE(e + 4);
-    const raw = ids.segmentLength(i) * ID_BYTES;
-    const what = `chunk-list segment ${i} of ${n}`;
-    if (section[e + 1] !== 0 || section[e + 2] !== 0 || section[e + 3] !== 0) throw bad(object, `${what}: reserved bytes are not zero`);
-    if (enc === SEG_ZERO) {
-      if (len !== 0) throw bad(object, `${what}: an all-zero segment with ${len} stored bytes`);
-      continue;
-    }
-    if (enc !== SEG_RAW && enc !== SEG_LZ4) throw bad(object, `${what}: unknown encoding ${enc}`);
-    if (enc === SEG_RAW && len !== raw) throw bad(object, `${what}: ${len} stored bytes, a raw segment of ${raw / ID_BYTES} ids is ${raw}`);
-    if (enc === SEG_LZ4 && len < 5) throw bad(object, `${what}: ${len} stored bytes is too short for an LZ4 segment`);
-    if (len > section.length - pos) throw bad(object, `${what}: ${len} stored bytes at section offset ${pos} run past the end of the section (${section.length} bytes; truncated?)`);
-    const payload = section.subarray(pos, pos + len);
+    const { enc, len } = segmentEntry(section, 8 + 8 * i, ids, i, n, object);
+    if (enc === SEG_ZERO) continue;
+    if (len > section.length - pos) throw bad(object, `chunk-list segment ${i} of ${n}: ${len} stored bytes at section offset ${pos} run past the end of the section (${section.length} bytes; truncated?)`);
+    putPayload(ids, i, n, enc, section.subarray(pos, pos + len), object);
     pos += len;
-    if (enc === SEG_RAW) {
-      ids.putSegment(i, payload);
-      continue;
-    }
-    if (payload.readUInt32LE(0) !== raw) throw bad(object, `${what}: LZ4 raw length ${payload.readUInt32LE(0)}, the segment's ${raw / ID_BYTES} ids are ${raw} bytes`);
-    const out = ownBuffer(raw);
-    if (decompressInto(payload, out, 0) !== raw) throw bad(object, `${what}: the LZ4 block does not decode to ${raw} bytes`);
-    ids.putSegment(i, out, true);
   }
   if (pos !== section.length) throw bad(object, `the chunk-id section has ${section.length - pos} bytes after its last segment`);
   return ids;
 }
 
-export function decodeManifest(b: Buffer, object: string): Manifest {
-  if (b.length < MANIFEST_HEADER + MANIFEST_TRAILER || !b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw bad(object, 'not a manifest (bad magic or truncated)');
+/** The header fields of a manifest (§7.2) checked, from its first MANIFEST_HEADER bytes. */
+function manifestFields(b: Buffer, object: string): { flags: number; size: number; chunkSize: number; metaLen: number; chunks: number } {
+  if (b.length < MANIFEST_HEADER || !b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw bad(object, 'not a manifest (bad magic or truncated)');
   if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: manifest version ${b.readUInt32LE(8)} is not supported`);
-  const t = b.length - MANIFEST_TRAILER;
-  if (!b.subarray(t + 28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
-  if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw bad(object, 'checksum mismatch');
   const flags = b.readUInt32LE(12);
   if (flags & ~(FLAG_FULL | FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) throw bad(object, `unknown flags 0x${flags.toString(16)}`);
   if ((flags & FLAG_IDS_LZ4) && (flags & FLAG_IDS_SEGMENTED)) throw bad(object, 'flags IDS_LZ4 and IDS_SEGMENTED are both set');
@@ -421,12 +479,14 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   const metaLen = b.readUInt32LE(52);
   const chunks = safeU64(b, 56, object, 'chunk count');
   if (chunks !== chunkCount(size, chunkSize)) throw bad(object, `chunk count ${chunks} does not match size ${size}`);
-  const plain = (flags & (FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) === 0;
-  if (metaLen > MAX_META || b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER
-    || (plain && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw bad(object, 'length does not match its header (truncated?)');
+  if (metaLen > MAX_META) throw bad(object, 'length does not match its header (truncated?)');
+  return { flags, size, chunkSize, metaLen, chunks };
+}
+
+function manifestMeta(b: Buffer, object: string): ManifestMeta {
   let meta: ManifestMeta;
   try {
-    meta = JSON.parse(b.toString('utf8', MANIFEST_HEADER, MANIFEST_HEADER + metaLen)) as ManifestMeta;
+    meta = JSON.parse(b.toString('utf8')) as ManifestMeta;
   } catch {
     throw bad(object, 'metadata is not valid JSON');
   }
@@ -435,31 +495,101 @@ export function decodeManifest(b: Buffer, object: string): Manifest {
   meta.parent = typeof meta.parent === 'string' ? meta.parent : null;
   meta.bitmap = typeof meta.bitmap === 'string' ? meta.bitmap : null;
   meta.stats ??= { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
+  return meta;
+}
+
+function manifestOf(head: Buffer, flags: number, size: number, chunkSize: number, meta: ManifestMeta, ids: ChunkList, root: Buffer, object: string): Manifest {
+  const token = head.subarray(64, 80);
+  return {
+    full: (flags & FLAG_FULL) !== 0,
+    disk: bytesToUuid(head.subarray(16, 32)),
+    timeMs: safeU64(head, 32, object, 'time'),
+    size,
+    chunkSize,
+    bitmapToken: token.equals(Buffer.alloc(16)) ? null : token.toString('hex'),
+    meta,
+    ids,
+    root: Buffer.from(root),
+  };
+}
+
+/**
+ * Decodes a manifest of `size` bytes read through `read` (ranges in order, about 8 MiB at a time), so a
+ * large one never sits whole in memory: its segments go into a list kept by `store`. The checksum and the
+ * Merkle root are checked at the end, as decodeManifest checks them, and with the same messages; forms other
+ * than IDS_SEGMENTED are read whole.
+ */
+export async function readManifestFrom(size: number, read: (offset: number, length: number) => Promise<Buffer>, object: string, storeFor: StoreFor = noStore): Promise<Manifest> {
+  if (size < MANIFEST_HEADER + MANIFEST_TRAILER) throw bad(object, 'not a manifest (bad magic or truncated)');
+  const head = await read(0, MANIFEST_HEADER);
+  const f = manifestFields(head, object);
+  if (!(f.flags & FLAG_IDS_SEGMENTED)) return decodeManifest(Buffer.concat([head, await read(MANIFEST_HEADER, size - MANIFEST_HEADER)]), object, storeFor);
+  const t = size - MANIFEST_TRAILER;
+  if (size < MANIFEST_HEADER + f.metaLen + 8 + MANIFEST_TRAILER) throw bad(object, 'length does not match its header (truncated?)');
+  const metaAndHeader = await read(MANIFEST_HEADER, f.metaLen + 8);
+  let crc = crc32(metaAndHeader, crc32(head));
+  const meta = manifestMeta(metaAndHeader.subarray(0, f.metaLen), object);
+  const ids = new ChunkList(f.chunks, storeFor(f.chunks));
+  const n = segmentedHeader(metaAndHeader.subarray(f.metaLen), ids, f.chunks, object);
+  let pos = MANIFEST_HEADER + f.metaLen + 8;
+  if (t - pos < 8 * n) throw bad(object, `the chunk-id section's table of ${n} segments is truncated`);
+  const table = await read(pos, 8 * n);
+  crc = crc32(table, crc);
+  pos += 8 * n;
+  const entries = Array.from({ length: n }, (_, i) => segmentEntry(table, 8 * i, ids, i, n, object));
+  // Payloads in reads of about 8 MiB, each holding whole segments.
+  for (let i = 0; i < n;) {
+    let j = i, len = 0;
+    while (j < n && (j === i || len + entries[j]!.len <= 8 * 1024 * 1024)) len += entries[j++]!.len;
+    if (len > t - pos) {
+      let at = pos;
+      for (let q = i; q < j; q++) {
+        if (entries[q]!.len > t - at) throw bad(object, `chunk-list segment ${q} of ${n}: ${entries[q]!.len} stored bytes at section offset ${at - MANIFEST_HEADER - f.metaLen} run past the end of the section (${t - MANIFEST_HEADER - f.metaLen} bytes; truncated?)`);
+        at += entries[q]!.len;
+      }
+    }
+    const buf = len > 0 ? await read(pos, len) : Buffer.alloc(0);
+    crc = crc32(buf, crc);
+    let at = 0;
+    for (; i < j; i++) {
+      const { enc, len: l } = entries[i]!;
+      if (enc !== SEG_ZERO) putPayload(ids, i, n, enc, buf.subarray(at, at + l), object);
+      at += l;
+    }
+    pos += len;
+  }
+  if (pos !== t) throw bad(object, `the chunk-id section has ${t - pos} bytes after its last segment`);
+  const trailer = await read(t, MANIFEST_TRAILER);
+  if (!trailer.subarray(28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
+  if (trailer.readUInt32LE(24) !== crc32(trailer.subarray(0, 24), crc)) throw bad(object, 'checksum mismatch');
+  if (!ids.merkleRoot().equals(trailer.subarray(0, 16))) throw bad(object, 'Merkle root does not match the chunk list');
+  return manifestOf(head, f.flags, f.size, f.chunkSize, meta, ids, trailer.subarray(0, 16), object);
+}
+
+export function decodeManifest(b: Buffer, object: string, storeFor: StoreFor = noStore): Manifest {
+  if (b.length < MANIFEST_HEADER + MANIFEST_TRAILER || !b.subarray(0, 8).equals(MANIFEST_MAGIC)) throw bad(object, 'not a manifest (bad magic or truncated)');
+  if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: manifest version ${b.readUInt32LE(8)} is not supported`);
+  const t = b.length - MANIFEST_TRAILER;
+  if (!b.subarray(t + 28).equals(MANIFEST_END)) throw bad(object, 'trailer magic missing (truncated?)');
+  if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw bad(object, 'checksum mismatch');
+  const { flags, size, chunkSize, metaLen, chunks } = manifestFields(b, object);
+  const plain = (flags & (FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) === 0;
+  if (b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER
+    || (plain && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw bad(object, 'length does not match its header (truncated?)');
+  const meta = manifestMeta(b.subarray(MANIFEST_HEADER, MANIFEST_HEADER + metaLen), object);
   const section = b.subarray(MANIFEST_HEADER + metaLen, t);
   let ids: ChunkList;
-  if (flags & FLAG_IDS_SEGMENTED) ids = decodeSegmented(section, chunks, object);
+  if (flags & FLAG_IDS_SEGMENTED) ids = decodeSegmented(section, chunks, object, storeFor);
   else if (flags & FLAG_IDS_LZ4) {
     if (chunks * ID_BYTES > MAX_LZ4_INPUT) throw bad(object, `${chunks} chunk ids are too many for a compressed list`);
     const flat = Buffer.allocUnsafe(chunks * ID_BYTES);
     if (section.length < 4 || section.readUInt32LE(0) !== flat.length || decompressInto(section, flat, 0) !== flat.length) {
       throw bad(object, 'the compressed chunk list does not decode to its chunk count');
     }
-    ids = ChunkList.fromBuffer(flat);
-  } else ids = ChunkList.fromBuffer(section);
+    ids = ChunkList.fromBuffer(flat, storeFor(chunks));
+  } else ids = ChunkList.fromBuffer(section, storeFor(chunks));
   if (!ids.merkleRoot().equals(b.subarray(t, t + 16))) throw bad(object, 'Merkle root does not match the chunk list');
-  const root = Buffer.from(b.subarray(t, t + 16));
-  const token = b.subarray(64, 80);
-  return {
-    full: (flags & FLAG_FULL) !== 0,
-    disk: bytesToUuid(b.subarray(16, 32)),
-    timeMs: safeU64(b, 32, object, 'time'),
-    size,
-    chunkSize,
-    bitmapToken: token.equals(Buffer.alloc(16)) ? null : token.toString('hex'),
-    meta,
-    ids,
-    root,
-  };
+  return manifestOf(b, flags, size, chunkSize, meta, ids, b.subarray(t, t + 16), object);
 }
 
 /** §7.1 backup id for a start time. */

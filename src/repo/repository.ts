@@ -9,12 +9,13 @@ import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { pidAlive } from '../util/process.js';
 import { ChunkIndex } from './chunkindex.js';
+import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
   packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, visitIndex, encodeManifestParts, decodeManifest, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
+  encodeIndex, visitIndex, manifestBody, decodeManifest, readManifestFrom, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
 } from './format.js';
 
 /** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
@@ -72,7 +73,13 @@ export class RepoLock {
   }
 }
 
+/** Manifests above this size are read in ranges (a densely written disk of 512 GiB or more). */
+const STREAM_MANIFEST = 8 * MIB;
+
 export class Repository {
+  /** Manifest sizes from the last listing (so reading one needs no stat). */
+  private readonly manifestSizes = new Map<string, number>();
+
   private constructor(readonly store: ObjectStore, readonly config: RepoConfig) {}
 
   get name(): string {
@@ -225,7 +232,10 @@ export class Repository {
     const out: string[] = [];
     for await (const o of this.store.list('manifests/')) {
       const m = MANIFEST_KEY_RE.exec(o.key);
-      if (m && BACKUP_ID_RE.test(m[1]!)) out.push(m[1]!);
+      if (m && BACKUP_ID_RE.test(m[1]!)) {
+        out.push(m[1]!);
+        this.manifestSizes.set(m[1]!, o.size);
+      }
     }
     return out.sort();
   }
@@ -233,14 +243,21 @@ export class Repository {
   async readManifest(id: string): Promise<Manifest> {
     if (!BACKUP_ID_RE.test(id)) throw new KscError('KSC_E_INVALID', `"${id}" is not a backup id (like 20261126T125422123Z-1a2b3c4d)`);
     const key = manifestKey(id);
-    let raw: Buffer;
+    let m: Manifest;
     try {
-      raw = await this.store.get(key);
+      // A large manifest is read in ranges, never whole (its size from the last listing, else a stat).
+      let size = this.manifestSizes.get(id);
+      size ??= (await this.store.stat(key))?.size;
+      if (size === undefined) throw new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`);
+      if (size > STREAM_MANIFEST) m = await readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList);
+      else m = decodeManifest(await this.store.get(key), this.objName(key), storeForList);
     } catch (e) {
-      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
+      if (isKscError(e, 'KSC_E_NOT_FOUND')) {
+        this.manifestSizes.delete(id);
+        throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
+      }
       throw e;
     }
-    const m = decodeManifest(raw, this.objName(key));
     if (m.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${m.meta.id}, not ${id}`);
     if (m.chunkSize !== this.chunkSize) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: chunk size ${m.chunkSize} differs from the repository's ${this.chunkSize}`);
     return m;
@@ -248,7 +265,7 @@ export class Repository {
 
   /** §9 rule 3: the commit point of a backup. */
   async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
-    await this.store.put(manifestKey(m.meta.id), encodeManifestParts(m));
+    await this.store.put(manifestKey(m.meta.id), manifestBody(m));
   }
 
   async deleteManifest(id: string): Promise<void> {
