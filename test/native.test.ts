@@ -538,9 +538,14 @@ describe.runIf(ops !== null)('HostFile reads through the page cache first', () =
     const rfd = fs.openSync(file, 'r');
     const hf = await openHostFile(file, { write: false });
     try {
-      await dropCache();
-      cacheStart();
-      const cached = N().readCached!(rfd, probe, 0);
+      // Under load a read-ahead may land after the drop: the probe (which copies only cached pages) then sees
+      // more; drop and probe again, a few times at most. It must come out at exactly 128 KiB.
+      let cached = -1;
+      for (let attempt = 0; attempt < 5 && cached !== 128 * KiB; attempt++) {
+        await dropCache();
+        cacheStart();
+        cached = N().readCached!(rfd, probe, 0);
+      }
       expect(cached).toBe(128 * KiB);
       expect(probe.subarray(0, cached).equals(data.subarray(0, cached))).toBe(true);
 
@@ -555,8 +560,12 @@ describe.runIf(ops !== null)('HostFile reads through the page cache first', () =
       expect(tail.subarray(50_000).every((b) => b === 0xaa)).toBe(true);
 
       fs.fsyncSync(wfd); // the rewritten start is dirty: clean it so it can be dropped too
-      await dropCache();
-      expect(N().readCached!(rfd, probe, 0)).toBe(0); // nothing cached: nothing read, no waiting
+      let left = -1; // nothing cached: nothing read, no waiting (a late read-ahead dropped again, as above)
+      for (let attempt = 0; attempt < 5 && left !== 0; attempt++) {
+        await dropCache();
+        left = N().readCached!(rfd, probe, 0);
+      }
+      expect(left).toBe(0);
     } finally {
       await hf.close();
       fs.closeSync(rfd);

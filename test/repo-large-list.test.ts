@@ -87,6 +87,12 @@ describe('large chunk lists', () => {
     expect(Math.max(...mine.map((r) => r.length))).toBeLessThanOrEqual(9 * MIB);
     expect(mine.reduce((n, r) => n + r.length, 0)).toBe(size);
 
+    // Its header and metadata alone: two small ranges, not the ids.
+    reads.length = 0;
+    const info = await repo.readManifestInfo(id);
+    expect([info.disk, info.size, info.timeMs, info.full, info.meta.id]).toEqual([disk, l.length * MIB, 7, true, id]);
+    expect(reads.filter((r) => r.key === key).reduce((n, r) => n + (r.op === 'get' ? Infinity : r.length), 0)).toBeLessThan(4096);
+
     // Damage anywhere is refused, naming the object.
     const file = join(dir, 'repo', key);
     const good = readFileSync(file);

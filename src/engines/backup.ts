@@ -312,7 +312,7 @@ class IndexFilter {
     this.addPack(pack);
   }
 
-  private addPack(pack: string): void {
+  addPack(pack: string): void {
     this.scratch.write(pack, 'hex');
     if (!this.packs.hasAt(this.scratch, 0)) this.packs.addAt(this.scratch, 0, '', 0, 0, 0);
   }
@@ -470,7 +470,12 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         const entries = Repository.entriesIn(objects);
         if (entries <= exactIds) return repo.loadIndex(() => undefined, { locations: false });
         const f = new IndexFilter(entries + chunks, opts.filterBitsPerId);
-        await repo.visitIndexEntries((b, at, pack) => f.addAt(b, at, pack), () => undefined, objects.map((o) => o.id));
+        // Objects in ranges (flat memory). Ids go in as seen (one from a damaged object only makes a false
+        // "maybe"); packs once their object checks out (so a damaged object's packs are adopted as orphans).
+        await repo.streamIndexIds(objects, () => {
+          const packs = new Set<string>();
+          return { visit: (b, at, pack) => (f.bloom.addAt(b, at), packs.add(pack)), done: () => packs.forEach((p) => f.addPack(p)) };
+        }, () => undefined);
         return f;
       };
       const [known, packs] = await Promise.all([loadKnown(), repo.listPacks()]);
@@ -479,11 +484,10 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       let why: string | null = null;
       if (backupIds) {
         for (const bid of (await backupIds).reverse()) {
-          const m = await repo.readManifest(bid).catch(() => null);
-          if (m && m.disk === disk && m.bitmapToken === token && m.size === dev.size) {
-            parent = m;
-            break;
-          }
+          const h = await repo.readManifestInfo(bid).catch(() => null); // the header says whether it is the one
+          if (!h || h.disk !== disk || h.bitmapToken !== token || h.size !== dev.size) continue;
+          parent = await repo.readManifest(bid).catch(() => null);
+          if (parent) break;
         }
         if (!parent) why = `no backup in ${repo.name} matches bitmap "${bitmap}"'s state (backed up elsewhere, or the backup was pruned)`;
       }
@@ -614,9 +618,15 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       const asked = new ChunkIndex({ locations: false, expected: maybe.ks.length });
       for (let j = 0; j < maybe.ks.length; j++) asked.addAt(maybe.ids, j * ID_BYTES, '', 0, 0, 0);
       const found = new ChunkIndex({ locations: false });
-      await repo.visitIndexEntries((b, at) => {
-        if (asked.hasAt(b, at) && !found.hasAt(b, at)) found.addAt(b, at, '', 0, 0, 0);
-      }, () => undefined); // a damaged index object's chunks count as not stored: stored again
+      // A chunk counts as stored once an index object naming it has passed its checks (a damaged object's
+      // chunks are stored again).
+      await repo.streamIndexIds(await repo.indexObjects(), () => {
+        const mine: Buffer[] = [];
+        return {
+          visit: (b, at) => void (asked.hasAt(b, at) && mine.push(Buffer.from(b.subarray(at, at + ID_BYTES)))),
+          done: () => mine.forEach((id) => found.hasAt(id, 0) || found.addAt(id, 0, '', 0, 0, 0)),
+        };
+      }, () => undefined);
       const again: number[] = [];
       for (let j = 0; j < maybe.ks.length; j++) {
         const k = maybe.ks[j]!;

@@ -93,19 +93,19 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
     return m;
   }
   const ids = (await repo.listBackupIds()).reverse();
-  let found: Manifest | null = null;
+  let found: string | null = null;
   const disks = new Set<string>();
   for (const id of ids) {
-    const m = await repo.readManifest(id);
+    const m = await repo.readManifestInfo(id); // headers only: the chunk list of the one found is read below
     disks.add(m.disk);
     if (!disk || m.disk === disk) {
-      found ??= m;
+      found ??= id;
       if (disk) break;
     }
   }
   if (!found) throw new KscError('KSC_E_NOT_FOUND', disk ? `no backup of disk ${disk} in ${repo.name}` : `no backups in ${repo.name}`);
   if (!disk && disks.size > 1) throw new KscError('KSC_E_INVALID', `${repo.name} holds backups of ${disks.size} disks (${[...disks].join(', ')}): say which with --disk UUID`);
-  return found;
+  return repo.readManifest(found);
 }
 
 /** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */

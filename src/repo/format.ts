@@ -197,17 +197,23 @@ export function decodeIndex(b: Buffer, object: string): IndexEntry[] {
   return out;
 }
 
+/** Checks an index object's 32-byte header against the object's size; returns its pack and entry counts. */
+export function indexHeader(b: Buffer, size: number, object: string): { packs: number; entries: number } {
+  if (b.length < INDEX_HEADER || size < INDEX_HEADER || !b.subarray(0, 8).equals(INDEX_MAGIC)) throw bad(object, 'not an index object (bad magic or truncated)');
+  if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: index version ${b.readUInt32LE(8)} is not supported`);
+  const p = b.readUInt32LE(12);
+  const e = b.readUInt32LE(16);
+  if (size !== INDEX_HEADER + p * 16 + e * INDEX_ENTRY) throw bad(object, `length ${size} does not match ${p} packs and ${e} entries (truncated?)`);
+  return { packs: p, entries: e };
+}
+
 /**
  * Checks an index object whole (magic, version, lengths, checksum, every entry's pack number and offset),
  * then calls `fn` once per entry with the object's buffer and the offset of the entry's id in it. Nothing
  * is visited when any check fails.
  */
 export function visitIndex(b: Buffer, object: string, fn: (b: Buffer, idAt: number, pack: string, offset: number, length: number, rawLength: number) => void): void {
-  if (b.length < INDEX_HEADER || !b.subarray(0, 8).equals(INDEX_MAGIC)) throw bad(object, 'not an index object (bad magic or truncated)');
-  if (b.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: index version ${b.readUInt32LE(8)} is not supported`);
-  const p = b.readUInt32LE(12);
-  const e = b.readUInt32LE(16);
-  if (b.length !== INDEX_HEADER + p * 16 + e * INDEX_ENTRY) throw bad(object, `length ${b.length} does not match ${p} packs and ${e} entries (truncated?)`);
+  const { packs: p, entries: e } = indexHeader(b, b.length, object);
   if (b.readUInt32LE(28) !== indexCrc(b)) throw bad(object, 'checksum mismatch');
   const packs: string[] = [];
   for (let i = 0; i < p; i++) packs.push(b.toString('hex', INDEX_HEADER + i * 16, INDEX_HEADER + i * 16 + 16));
@@ -511,6 +517,20 @@ function manifestOf(head: Buffer, flags: number, size: number, chunkSize: number
     ids,
     root: Buffer.from(root),
   };
+}
+
+/** A manifest without its chunk list: what its header and metadata say. */
+export type ManifestInfo = Omit<Manifest, 'ids' | 'root'>;
+
+/** Reads a manifest's header and metadata only (checked as far as they go; the checksum needs the whole). */
+export async function readManifestInfoFrom(size: number, read: (offset: number, length: number) => Promise<Buffer>, object: string): Promise<ManifestInfo> {
+  if (size < MANIFEST_HEADER + MANIFEST_TRAILER) throw bad(object, 'not a manifest (bad magic or truncated)');
+  const head = await read(0, MANIFEST_HEADER);
+  const f = manifestFields(head, object);
+  if (size < MANIFEST_HEADER + f.metaLen + MANIFEST_TRAILER) throw bad(object, 'length does not match its header (truncated?)');
+  const meta = manifestMeta(await read(MANIFEST_HEADER, f.metaLen), object);
+  const { ids: _ids, root: _root, ...info } = manifestOf(head, f.flags, f.size, f.chunkSize, meta, new ChunkList(0), Buffer.alloc(16), object);
+  return info;
 }
 
 /**

@@ -4,6 +4,7 @@
  * names and the §9 write ordering of the pieces it writes.
  */
 import { hostname } from 'node:os';
+import { crc32 } from 'node:zlib';
 import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
@@ -12,10 +13,10 @@ import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
 import {
-  type RepoConfig, type IndexEntry, type Manifest, type PackEntry,
+  type RepoConfig, type IndexEntry, type Manifest, type ManifestInfo, type PackEntry, readManifestInfoFrom,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
   packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, visitIndex, manifestBody, decodeManifest, readManifestFrom, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
+  encodeIndex, visitIndex, indexHeader, manifestBody, decodeManifest, readManifestFrom, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
 } from './format.js';
 
 /** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
@@ -174,6 +175,46 @@ export class Repository {
   }
 
   /**
+   * Reads index objects in ranges of about 4 MiB, two objects at a time, so memory stays flat however large
+   * they are (prune writes one object naming every chunk in use). For each object `open(id)` gives a
+   * visitor of its entries (ids and packs only) and a `done` called once the whole object has passed its
+   * checks: entries are seen before the checksum is, so whatever must not come from a damaged object waits
+   * for `done`. A damaged object is reported through `onDamage` (or thrown when absent).
+   */
+  async streamIndexIds(objects: { id: string; size: number }[], open: (id: string) => { visit: (b: Buffer, at: number, pack: string) => void; done?: () => void }, onDamage?: (key: string, e: KscError) => void): Promise<void> {
+    await mapLimit(objects, 2, async ({ id, size }) => {
+      const key = indexKey(id);
+      const name = this.objName(key);
+      try {
+        if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
+        const head = await this.store.getRange(key, 0, INDEX_HEADER);
+        const { packs: p, entries: e } = indexHeader(head, size, name);
+        const table = await this.store.getRange(key, INDEX_HEADER, p * 16);
+        let crc = crc32(table, crc32(head.subarray(0, 28)));
+        const packs: string[] = [];
+        for (let i = 0; i < p; i++) packs.push(table.toString('hex', i * 16, i * 16 + 16));
+        const v = open(id);
+        const per = Math.max(1, Math.floor((4 * MIB) / INDEX_ENTRY));
+        for (let i = 0; i < e; i += per) {
+          const n = Math.min(per, e - i);
+          const b = await this.store.getRange(key, INDEX_HEADER + p * 16 + i * INDEX_ENTRY, n * INDEX_ENTRY);
+          crc = crc32(b, crc);
+          for (let j = 0, o = 0; j < n; j++, o += INDEX_ENTRY) {
+            const pn = b.readUInt32LE(o + 16);
+            if (pn >= p) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: entry ${i + j} names pack number ${pn} of ${p}`);
+            v.visit(b, o, packs[pn]!);
+          }
+        }
+        if (crc !== head.readUInt32LE(28)) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: checksum mismatch`);
+        v.done?.();
+      } catch (e) {
+        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
+        else throw e;
+      }
+    });
+  }
+
+  /**
    * Reads every index object. A damaged one is reported through `onDamage` (or thrown when absent).
    * `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id (16
    * bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
@@ -261,6 +302,32 @@ export class Repository {
     if (m.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${m.meta.id}, not ${id}`);
     if (m.chunkSize !== this.chunkSize) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: chunk size ${m.chunkSize} differs from the repository's ${this.chunkSize}`);
     return m;
+  }
+
+  /**
+   * A manifest's header and metadata (disk, time, size, token, tags…) without its chunk list: a small
+   * manifest is read and checked whole, a large one only as far as its metadata (a search through the
+   * backups of large disks then reads a few hundred bytes of each, not all their ids).
+   */
+  async readManifestInfo(id: string): Promise<ManifestInfo> {
+    if (!BACKUP_ID_RE.test(id)) throw new KscError('KSC_E_INVALID', `"${id}" is not a backup id (like 20261126T125422123Z-1a2b3c4d)`);
+    const key = manifestKey(id);
+    const size = this.manifestSizes.get(id) ?? (await this.store.stat(key))?.size;
+    if (size === undefined) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
+    if (size <= STREAM_MANIFEST) {
+      const { ids: _ids, root: _root, ...info } = await this.readManifest(id);
+      return info;
+    }
+    this.manifestSizes.set(id, size);
+    let info: ManifestInfo;
+    try {
+      info = await readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
+    } catch (e) {
+      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
+      throw e;
+    }
+    if (info.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${info.meta.id}, not ${id}`);
+    return info;
   }
 
   /** §9 rule 3: the commit point of a backup. */
