@@ -3,9 +3,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
 
+const made: string[] = [];
+// Registered when a test file first imports this module (its collection phase), so it runs after the file
+// whether tempDir was called at the top level or inside a test (a hook registered inside a running test
+// is never run: such folders used to stay behind in /tmp).
+afterAll(() => {
+  for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
 /** A temp folder removed after the test file. */
 export function tempDir(prefix = 'kscinc-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  made.push(dir);
   return dir;
 }
