@@ -1,6 +1,6 @@
 /**
  * Chunk lists of large disks (formats/repository.md §7.5): the manifest body is made segment by segment as
- * it is sent, a manifest above 8 MiB is read in ranges, and a decoded list of more than 32 segments keeps
+ * it is sent, a manifest above 8 MiB is read in ranges, and a decoded list of more than 16 segments keeps
  * the rest in its temporary file. A densely written disk of 44 × 64 Ki chunks (2.75 TiB virtual) stands
  * in for larger ones; the code paths are the same at 16 TiB.
  */
@@ -54,7 +54,7 @@ describe('large chunk lists', () => {
     expect(back.ids.equals(l)).toBe(true);
   });
 
-  it('a manifest above 8 MiB is written and read back in ranges into a list that keeps 32 segments in memory', async () => {
+  it('a manifest above 8 MiB is written and read back in ranges into a list that keeps 16 segments in memory', async () => {
     await initHash();
     const rng = new Rng(seed ^ 0x4242);
     const fs = await FsStore.open(join(dir, 'repo'), { create: true });
@@ -79,7 +79,7 @@ describe('large chunk lists', () => {
     reads.length = 0;
     const m = await repo.readManifest(id);
     expect(m.ids.equals(l), `seed ${seed}`).toBe(true);
-    expect(m.ids.store, 'a list of more than 32 segments has no store').not.toBeNull();
+    expect(m.ids.store, 'a list of more than 16 segments has no store').not.toBeNull();
     expect(m.ids.store!.cached).toBeLessThanOrEqual(LIST_CACHE_SEGMENTS);
     expect(m.ids.store!.writes, 'no segment went to the file').toBeGreaterThan(0);
     const mine = reads.filter((r) => r.key === key);

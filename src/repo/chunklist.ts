@@ -135,8 +135,8 @@ export class SegmentStore {
   }
 }
 
-/** Segments a large list keeps in memory at most (32 MiB of ids). */
-export const LIST_CACHE_SEGMENTS = 32;
+/** Segments a large list keeps in memory at most (16 MiB of ids). */
+export const LIST_CACHE_SEGMENTS = 16;
 
 /** A store for a list of `chunks` ids larger than LIST_CACHE_SEGMENTS segments (null for a smaller one). */
 export function storeForList(chunks: number): SegmentStore | null {
