@@ -30,6 +30,8 @@ const DIRECT_READ_CHUNKS = 64;
 /** Defaults of BackupOptions.exactIds and windowChunks. */
 const EXACT_IDS = 1 << 20;
 const WINDOW_CHUNKS = 1 << 18;
+/** Maybes kept before they are settled (at most; fewer with smaller windows). */
+const MAYBE_LIMIT = 1 << 16;
 /** Default of BackupOptions.inlineBytes. */
 const INLINE_BYTES = 16 * 1024 * 1024;
 
@@ -65,7 +67,10 @@ export interface BackupOptions {
   exactIds?: number; // default 1 Mi
   /** Chunks read per window when deduplicating through the filter (default 256 Ki). */
   windowChunks?: number;
-  /** Bits of the filter per id (default 10: ≈ 1% of new chunks read twice; 0: every one is). */
+  /**
+   * Bits of the filter per id (default 10: ≈ 1% of new chunks read twice). 0, for tests: the filter says
+   * "maybe" to every id, so every new chunk is read twice and the parent's chunks are not checked at all.
+   */
   filterBitsPerId?: number;
 }
 
@@ -367,6 +372,9 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     throw new KscError('KSC_E_INVALID', `"${bitmap}" cannot be a backup bitmap name (it may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}")`);
   }
   const exactIds = opts.exactIds ?? EXACT_IDS;
+  for (const [name, v, min] of [['exactIds', opts.exactIds, 0], ['windowChunks', opts.windowChunks, 1], ['filterBitsPerId', opts.filterBitsPerId, 0]] as const) {
+    if (v !== undefined && !(v >= min)) throw new KscError('KSC_E_INVALID', `backup option ${name} must be a number ≥ ${min}, not ${v}`);
+  }
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
@@ -375,6 +383,8 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   let writer: ReturnType<Repository['packWriter']> | null = null;
   const held: { lock: Awaited<ReturnType<Repository['lock']>> | null } = { lock: null };
   let frozenAt = started;
+  /** The new chunk list (its segment store, shared with the parent's list, is closed at the end). */
+  let list: ChunkList | null = null;
   const newToken = bitmap !== null ? randomBytes(16).toString('hex') : null;
 
   /**
@@ -465,17 +475,20 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       const backupIds = !fullReason && token !== null ? repo.listBackupIds() : null;
       backupIds?.catch(() => undefined);
       // Ids only (dedupe needs no locations): 20 bytes a slot; a Bloom filter when even that is too large.
+      let damagedIndex: string | null = null;
       const loadKnown = async (): Promise<ChunkIndex | IndexFilter> => {
         const objects = await repo.indexObjects();
         const entries = Repository.entriesIn(objects);
         if (entries <= exactIds) return repo.loadIndex(() => undefined, { locations: false });
+        // A damaged object's ids may be in the filter already when its checksum fails (see below).
+        const onDamage = (key: string): void => void (damagedIndex ??= key);
         const f = new IndexFilter(entries + chunks, opts.filterBitsPerId);
         // Objects in ranges (flat memory). Ids go in as seen (one from a damaged object only makes a false
         // "maybe"); packs once their object checks out (so a damaged object's packs are adopted as orphans).
         await repo.streamIndexIds(objects, () => {
           const packs = new Set<string>();
           return { visit: (b, at, pack) => (f.bloom.addAt(b, at), packs.add(pack)), done: () => packs.forEach((p) => f.addPack(p)) };
-        }, () => undefined);
+        }, onDamage);
         return f;
       };
       const [known, packs] = await Promise.all([loadKnown(), repo.listPacks()]);
@@ -503,6 +516,10 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         if (missing) {
           why = `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
           parent = null;
+        } else if (damagedIndex !== null && !(known instanceof ChunkIndex)) {
+          // The filter took ids from that object before its checksum failed: it cannot vouch for the parent.
+          why = `index object ${damagedIndex} is damaged, so backup ${parent.meta.id}'s chunks cannot be checked through the filter (verify names the damage; prune repairs the index)`;
+          parent = null;
         }
       }
       return { known, adopted, parent, why };
@@ -527,6 +544,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     // only the chunks read change it (and dirty chunks without data become zero ids): O(dirty), not O(disk).
     // A large list keeps most of its segments in a temporary file (a clone shares its parent's).
     const ids = parent ? parent.ids.clone() : new ChunkList(chunks, storeForList(chunks));
+    list = ids;
     const { dirty, read } = frozen;
     for (const k of dirty ?? []) if (!read.has(k)) ids.set(k, ZERO_ID);
     const lock = held.lock!;
@@ -537,7 +555,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const inline = totalBytes <= (opts.inlineBytes ?? (poolStarted() ? 0 : INLINE_BYTES));
     if (!inline) warmPool();
     const perBatch = Math.max(1, Math.floor((opts.batchBytes ?? 4 * 1024 * 1024) / C));
-    const window = Math.max(perBatch, opts.windowChunks ?? WINDOW_CHUNKS);
+    const window = Math.max(perBatch, Math.floor(opts.windowChunks ?? WINDOW_CHUNKS));
     // Dedupe exactly with the index in memory while it and this backup's new chunks fit the bound;
     // otherwise through a Bloom filter, in windows of the disk (§9, "Deduplicating against a large index").
     let known = r.value.known;
@@ -556,7 +574,19 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const w = writer;
     const v = view as FrozenView | null;
     /** Chunks the filter may know, kept in the frozen view until the index objects settle them. */
-    const maybe = { ks: [] as number[], ids: filter ? Buffer.allocUnsafe(Math.min(window, read.count) * ID_BYTES) : Buffer.alloc(0) };
+    const maybe = { ks: [] as number[], ids: Buffer.alloc(0) };
+    const addMaybe = (k: number, cid: Buffer): void => {
+      const at = maybe.ks.length * ID_BYTES;
+      if (at + ID_BYTES > maybe.ids.length) {
+        const grown = Buffer.allocUnsafe(Math.max(1024 * ID_BYTES, maybe.ids.length * 2));
+        maybe.ids.copy(grown, 0, 0, at);
+        maybe.ids = grown;
+      }
+      cid.copy(maybe.ids, at, 0, ID_BYTES);
+      maybe.ks.push(k);
+    };
+    // Settling reads every index object, so it waits until this many maybes are kept (or the end).
+    const maybeLimit = Math.min(MAYBE_LIMIT, window);
     const store = async (k: number, cid: Buffer, blob: Buffer, length: number): Promise<void> => {
       chunksNew++;
       bytesNew += length;
@@ -584,7 +614,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         const k = batch[i]!;
         const { id: cid, blob } = packed[i]!;
         if (settled) {
-          if (!cid.equals(ids.view(k))) throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (nothing was committed)`);
+          if (!cid.equals(ids.view(k))) throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (the device changed during the backup; no backup was committed)`);
           if (!w.has(cid)) await store(k, cid, blob, lengths[i]!);
           continue;
         }
@@ -594,8 +624,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
           if (index ? index.hasAt(cid, 0) : w.has(cid)) {
             // stored already, or earlier in this backup
           } else if (filter?.mayHave(cid)) {
-            maybe.ids.set(cid, maybe.ks.length * ID_BYTES);
-            maybe.ks.push(k);
+            addMaybe(k, cid);
             continue; // kept in the view
           } else if (!w.has(cid)) await store(k, cid, blob, lengths[i]!);
         }
@@ -638,10 +667,13 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       for (const k of again) totalBytes += Math.min(C, dev.size - k * C);
       await runBatches(again, true);
     };
+    // Each window ends with the writer's chunks indexed (so it forgets them: its memory is one window's).
     for (const ks of groupsOf(read, filter ? window : read.count || 1)) {
       await runBatches(ks, false);
-      if (filter) await settle();
+      if (filter && maybe.ks.length >= maybeLimit) await settle();
+      else if (filter) await w.flushIndex();
     }
+    if (filter) await settle();
     await releaseView();
     opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
     // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
@@ -674,6 +706,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     }
     throw e;
   } finally {
+    (list as ChunkList | null)?.store?.close();
     await held.lock?.release();
   }
 }

@@ -393,6 +393,7 @@ function sequentialTake(body: StreamBody, store: string, key: string): (offset: 
       have += piece.length;
     }
     pos += length;
+    if (pos === body.size && (rest.length > 0 || !it.next().done)) throw new KscError('KSC_E_INVALID', `${store}: put ${key}: the body made more than the ${body.size} bytes it declared`);
     return pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, length);
   };
 }

@@ -50,7 +50,9 @@ const closer = new FinalizationRegistry<number>((fd) => {
  * a file in the page cache, once per segment change of an access pattern.
  */
 export class SegmentStore {
-  private fd: number;
+  /** The file, opened at the first eviction (-1: not yet, or closed). */
+  private fd = -1;
+  private closed = false;
   private end = 0;
   /** Segments holding their ids in memory, least recently used first. */
   private readonly lru = new Set<Segment>();
@@ -59,14 +61,21 @@ export class SegmentStore {
   reads = 0;
   writes = 0;
 
-  constructor(readonly cacheSegments = 32, dir = tmpdir()) {
+  constructor(readonly cacheSegments = LIST_CACHE_SEGMENTS, private readonly dir = tmpdir()) {
     if (!(cacheSegments >= 1)) throw new RangeError('a segment store caches at least one segment');
-    const d = mkdtempSync(join(dir, 'kscinc-ids-'));
-    const path = join(d, 'segments');
-    this.fd = openSync(path, 'w+');
-    unlinkSync(path);
-    rmdirSync(d);
-    closer.register(this, this.fd, this);
+  }
+
+  private file(): number {
+    if (this.fd < 0) {
+      if (this.closed) throw new Error('SegmentStore: used after close()');
+      const d = mkdtempSync(join(this.dir, 'kscinc-ids-'));
+      const path = join(d, 'segments');
+      this.fd = openSync(path, 'w+');
+      unlinkSync(path);
+      rmdirSync(d);
+      closer.register(this, this.fd, this);
+    }
+    return this.fd;
   }
 
   /** Segments in memory now. */
@@ -101,7 +110,8 @@ export class SegmentStore {
         this.end += s.bytes;
       }
       let done = 0;
-      while (done < s.bytes) done += writeSync(this.fd, s.ids!, done, s.bytes - done, s.pos + done);
+      const fd = this.file();
+      while (done < s.bytes) done += writeSync(fd, s.ids!, done, s.bytes - done, s.pos + done);
       s.dirty = false;
       this.writes++;
     }
@@ -114,7 +124,7 @@ export class SegmentStore {
     const ids = ownBuffer(s.bytes);
     let done = 0;
     while (done < s.bytes) {
-      const n = readSync(this.fd, ids, done, s.bytes - done, s.pos + done);
+      const n = readSync(this.file(), ids, done, s.bytes - done, s.pos + done);
       if (n === 0) throw new KscError('KSC_E_IO', `chunk-list segment file ended at ${s.pos + done} (expected ${s.bytes} bytes at ${s.pos})`);
       done += n;
     }
@@ -126,12 +136,13 @@ export class SegmentStore {
 
   /** Closes the file now (otherwise when the store is collected). Lists using it must not be used after. */
   close(): void {
+    this.closed = true;
+    this.lru.clear();
+    this.last = null;
     if (this.fd < 0) return;
     closer.unregister(this);
     closeSync(this.fd);
     this.fd = -1;
-    this.lru.clear();
-    this.last = null;
   }
 }
 

@@ -202,6 +202,7 @@ export class Repository {
           for (let j = 0, o = 0; j < n; j++, o += INDEX_ENTRY) {
             const pn = b.readUInt32LE(o + 16);
             if (pn >= p) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: entry ${i + j} names pack number ${pn} of ${p}`);
+            if (b.readUInt32LE(o + 28) > 0x1fffff) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: blob offset ${b.readBigUInt64LE(o + 24)} is above 2^53`);
             v.visit(b, o, packs[pn]!);
           }
         }
@@ -290,6 +291,7 @@ export class Repository {
       let size = this.manifestSizes.get(id);
       size ??= (await this.store.stat(key))?.size;
       if (size === undefined) throw new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`);
+      this.manifestSizes.set(id, size);
       if (size > STREAM_MANIFEST) m = await readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList);
       else m = decodeManifest(await this.store.get(key), this.objName(key), storeForList);
     } catch (e) {

@@ -191,10 +191,17 @@ describe('index objects read in ranges', () => {
       expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
       await expect(repo.streamIndexIds(objects, () => ({ visit: () => undefined }))).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringMatching(/checksum mismatch/) });
 
-      // A full backup through the filter: the damaged object names nothing, so its packs are orphans to adopt
-      // (read from their footers): every chunk is found there, nothing is uploaded again.
-      const b2 = await backupDevice(img, repo, { full: true, exactIds: 0, windowChunks: 4, batchBytes: C });
+      // An incremental through the filter cannot trust it for the parent's chunks (the damaged object's ids
+      // went in before its checksum failed): it is a full backup, and says why. The damaged object names
+      // nothing, so its packs are orphans to adopt (read from their footers): every chunk is found there.
+      const mode = { exactIds: 0, windowChunks: 4, batchBytes: C };
+      await expect(backupDevice(img, repo, { ...mode, windowChunks: 0 })).rejects.toMatchObject({ code: 'KSC_E_INVALID', message: expect.stringMatching(/windowChunks/) });
+      await expect(backupDevice(img, repo, { ...mode, exactIds: -1 })).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
+      await expect(backupDevice(img, repo, { ...mode, filterBitsPerId: Number.NaN })).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
+      const b2 = await backupDevice(img, repo, mode);
       expect(b2.dedupe).toBe('filter');
+      expect(b2.full).toBe(true);
+      expect(b2.fullReason).toMatch(/index object .* is damaged/);
       expect(b2.chunksNew).toBe(0);
       await expectRestores(repo, b2.id, join(dir, 'damaged-index.raw'), want, 'backup through the filter past a damaged index object');
     } finally {

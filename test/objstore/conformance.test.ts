@@ -112,7 +112,7 @@ describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
     expect((await store.stat('dir/big.bin'))?.size).toBe(40 * MiB);
   });
 
-  it('round-trips stream bodies made as they are sent, small and multipart; a body shorter than declared stores nothing', async () => {
+  it('round-trips stream bodies made as they are sent, small and multipart; a body shorter or longer than declared stores nothing', async () => {
     const big = pattern(40 * MiB + 3, 4);
     let made = 0;
     const body = (data: Buffer, cut: number[]) => ({
@@ -136,6 +136,9 @@ describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
     const short = { size: 6000, *parts() { yield pattern(5000, 6); } };
     await expect(store.put('stream/short', short)).rejects.toThrow(/5000|ended|declared/);
     expect(await store.stat('stream/short')).toBeNull();
+    const long = { size: 4000, *parts() { yield pattern(5000, 7); } };
+    await expect(store.put('stream/long', long)).rejects.toThrow(/5000|more than|declared/);
+    expect(await store.stat('stream/long')).toBeNull();
   });
 
   it('overwrites an object whole (smaller and larger)', async () => {
