@@ -29,7 +29,7 @@ export const MAX_BACKUP_BITMAP_NAME = 31;
 const DIRECT_READ_CHUNKS = 64;
 /** Defaults of BackupOptions.exactIds and windowChunks. */
 const EXACT_IDS = 1 << 20;
-const WINDOW_CHUNKS = 1 << 18;
+const WINDOW_CHUNKS = 1 << 17;
 /** Maybes kept before they are settled (at most; fewer with smaller windows). */
 const MAYBE_LIMIT = 1 << 16;
 /** Default of BackupOptions.inlineBytes. */
@@ -65,7 +65,7 @@ export interface BackupOptions {
    * a slot); above it a Bloom filter (≈ 1.2 bytes an id) and windows of `windowChunks`.
    */
   exactIds?: number; // default 1 Mi
-  /** Chunks read per window when deduplicating through the filter (default 256 Ki). */
+  /** Chunks read per window when deduplicating through the filter (default 128 Ki). */
   windowChunks?: number;
   /**
    * Bits of the filter per id (default 10: ≈ 1% of new chunks read twice). 0, for tests: the filter says

@@ -9,6 +9,11 @@ import { randomInt } from 'node:crypto';
 
 const PROBES = 7;
 export const BLOOM_BITS_PER_ID = 10;
+/**
+ * The largest filter: 32 MiB (10 bits an id up to ≈ 27 M ids; past that fewer, so more false "maybe"s,
+ * each costing a second read of a new chunk, instead of more memory).
+ */
+export const BLOOM_MAX_BITS = 32 * 8 * 1024 * 1024;
 
 export class BloomFilter {
   private readonly words: Uint32Array;
@@ -22,7 +27,7 @@ export class BloomFilter {
    */
   constructor(expected: number, bitsPerId = BLOOM_BITS_PER_ID) {
     const want = Math.max(64, Math.ceil(Math.max(0, expected) * bitsPerId));
-    this.bits = Math.min(2 ** 32 - 32, Math.ceil(want / 32) * 32);
+    this.bits = Math.min(BLOOM_MAX_BITS, Math.ceil(want / 32) * 32);
     this.words = new Uint32Array(this.bits / 32);
     if (bitsPerId === 0) this.words.fill(0xffffffff); // no room at all: "maybe" to every id
   }
