@@ -121,7 +121,7 @@ class FrozenView {
   private spill: { dir: string; fh: FileHandle; end: number } | null = null;
   private spillOpen: Promise<void> | null = null;
 
-  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: BitSet, private readonly memLimit = 32 * 1024 * 1024) {
+  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: BitSet, private readonly memLimit = 16 * 1024 * 1024) {
     this.done = new BitSet(needed.size);
   }
 

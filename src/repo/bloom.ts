@@ -10,10 +10,10 @@ import { randomInt } from 'node:crypto';
 const PROBES = 7;
 export const BLOOM_BITS_PER_ID = 10;
 /**
- * The largest filter: 32 MiB (10 bits an id up to ≈ 27 M ids; past that fewer, so more false "maybe"s,
+ * The largest filter: 24 MiB (10 bits an id up to ≈ 20 M ids; past that fewer, so more false "maybe"s,
  * each costing a second read of a new chunk, instead of more memory).
  */
-export const BLOOM_MAX_BITS = 32 * 8 * 1024 * 1024;
+export const BLOOM_MAX_BITS = 24 * 8 * 1024 * 1024;
 
 export class BloomFilter {
   private readonly words: Uint32Array;

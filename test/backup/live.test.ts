@@ -250,7 +250,7 @@ describe.each(MODES)('live backup of an image under concurrent writes (dedupe: %
   it('writes to every chunk during the read phase do not leak into the backup (copy-before-write spills to disk)', async () => {
     // Deterministic variant: one write per chunk, issued at the first 'read' progress, last chunk first,
     // each to a chunk the backup still has to read (the disk is all data). The backup must hold none of
-    // them. 96 chunks kept for the backup exceed the frozen view's 32 MiB memory, so it spills to a file.
+    // them. 96 chunks kept for the backup exceed the frozen view's 16 MiB memory, so it spills to a file.
     const rng = new Rng(seed ^ 0x5a5a5a5a);
     const N = 96;
     const path = await makeDisk(dir, `late-${filter ? 'f' : 'x'}`, rng, { size: N * MiB });
