@@ -35,6 +35,11 @@ export function isKscError(e: unknown, code?: KscErrorCode): e is KscError {
     && (e as { code: string }).code.startsWith('KSC_E_') && (code === undefined || (e as KscError).code === code);
 }
 
+/** A repository object damaged or gone (what verify reports and readers skip): CORRUPT, FORMAT or NOT_FOUND. */
+export function isDamage(e: unknown): e is KscError {
+  return isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND');
+}
+
 /** Wraps a host I/O error (ENOSPC, EIO, ...) so its message names the file and the operation. */
 export function ioError(file: string, what: string, cause: unknown): KscError {
   if (isKscError(cause)) return cause;

@@ -57,6 +57,23 @@ describe('ChunkList with a segment store', () => {
     }
   });
 
+  it('opens its file only when a segment must leave memory; refuses use after close', async () => {
+    await initHash();
+    const small = new SegmentStore(2);
+    const l = new ChunkList(2 * SEGMENT_IDS, small);
+    l.set(1, Buffer.alloc(16, 1));
+    l.set(SEGMENT_IDS + 1, Buffer.alloc(16, 2));
+    expect([small.writes, small.fileBytes]).toEqual([0, 0]);
+    small.close();
+    const store = new SegmentStore(1);
+    const a = new ChunkList(3 * SEGMENT_IDS, store);
+    a.set(0, Buffer.alloc(16, 1));
+    a.set(SEGMENT_IDS, Buffer.alloc(16, 2)); // the first segment goes to the file
+    expect(store.fileBytes).toBe(SEGMENT_IDS * 16);
+    store.close();
+    expect(() => a.view(0)).toThrow(/after close/);
+  });
+
   it('keeps the views a visit hands out valid while other segments come and go', async () => {
     await initHash();
     const store = new SegmentStore(1);

@@ -278,10 +278,10 @@ function* runsOf(set: BitSet): Generator<[number, number]> {
   if (first >= 0) yield [first, last];
 }
 
-/** The members of `set` in ascending groups of up to `n`. */
-function* groupsOf(set: BitSet, n: number): Generator<number[]> {
+/** The numbers of `items` (a BitSet's in ascending order) in groups of up to `n`, made as they are taken. */
+function* groupsOf(items: Iterable<number>, n: number): Generator<number[]> {
   let g: number[] = [];
-  for (const k of set) {
+  for (const k of items) {
     g.push(k);
     if (g.length === n) {
       yield g;
@@ -633,13 +633,11 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       lock.check();
       opts.progress?.({ phase: 'read', doneBytes: bytesRead, totalBytes });
     };
-    const runBatches = (ks: number[], settled: boolean): Promise<void> => mapLimit((function* () {
-      for (let i = 0; i < ks.length; i += perBatch) yield ks.slice(i, i + perBatch);
-    })(), opts.batches ?? 3, (batch) => runBatch(batch, settled));
+    const runBatches = (ks: Iterable<number>, settled: boolean): Promise<void> =>
+      mapLimit(groupsOf(ks, perBatch), opts.batches ?? 3, (batch) => runBatch(batch, settled));
     /**
-     * The end of a window: the new chunks' packs land and an index object names them (so the writer can
-     * forget them), then the index objects settle the filter's "maybe"s: chunks they name are stored; the
-     * others are read again from the frozen view and stored.
+     * Settling the filter's "maybe"s: the new chunks' packs land and an index object names them, then the
+     * index objects say which maybes are stored; the others are read again from the frozen view and stored.
      */
     const settle = async (): Promise<void> => {
       await w.flushIndex();
@@ -667,13 +665,16 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       for (const k of again) totalBytes += Math.min(C, dev.size - k * C);
       await runBatches(again, true);
     };
-    // Each window ends with the writer's chunks indexed (so it forgets them: its memory is one window's).
-    for (const ks of groupsOf(read, filter ? window : read.count || 1)) {
-      await runBatches(ks, false);
-      if (filter && maybe.ks.length >= maybeLimit) await settle();
-      else if (filter) await w.flushIndex();
+    if (!filter) await runBatches(read, false);
+    else {
+      // Each window ends with the writer's chunks indexed (so it forgets them: its memory is one window's).
+      for (const ks of groupsOf(read, window)) {
+        await runBatches(ks, false);
+        if (maybe.ks.length >= maybeLimit) await settle();
+        else await w.flushIndex();
+      }
+      await settle();
     }
-    if (filter) await settle();
     await releaseView();
     opts.progress?.({ phase: 'commit', doneBytes: bytesRead, totalBytes });
     // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.

@@ -5,7 +5,7 @@
  * file writes only the chunks whose contents differ.
  */
 import { rm, stat } from 'node:fs/promises';
-import { KscError, isKscError } from '../errors.js';
+import { KscError, isDamage } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
@@ -78,7 +78,7 @@ export async function listBackups<T>(repo: Repository, onDamage?: (id: string, e
       const m = await repo.readManifest(id);
       got[i] = { v: pick ? pick(m) : m };
     } catch (e) {
-      if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(id, e);
+      if (onDamage && isDamage(e)) onDamage(id, e);
       else throw e;
     }
   });

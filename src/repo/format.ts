@@ -297,9 +297,8 @@ function manifestHead(m: Omit<Manifest, 'root' | 'ids'>, chunks: number, flags: 
   return b;
 }
 
-function manifestTrailer(parts: Buffer[], root: Buffer): Buffer {
-  let crc = 0;
-  for (const p of parts) crc = crc32(p, crc);
+/** The trailer after bytes whose running CRC-32 is `crc`. */
+function manifestTrailer(crc: number, root: Buffer): Buffer {
   const t = Buffer.alloc(MANIFEST_TRAILER);
   root.copy(t, 0);
   crc = crc32(t.subarray(0, 24), crc);
@@ -331,48 +330,42 @@ export function manifestBody(m: Omit<Manifest, 'root'>): StreamBody {
   let keptBytes = 0;
   let scratch: Buffer | null = null;
   /** Segment i's stored payload (null: all zero); from `kept`, the list, or compressed afresh. */
-  const payload = (i: number): Buffer | null => {
+  /** Segment i's encoding and stored payload (null: all zero); from `kept`, the list, or compressed afresh. */
+  const payload = (i: number): { enc: number; p: Buffer } | null => {
     const k = kept.get(i);
-    if (k) return k;
+    if (k) return { enc: SEG_LZ4, p: k };
     const seg = m.ids.segment(i);
     if (!seg) return null;
     scratch ??= Buffer.allocUnsafe(lz4Bound(SEGMENT_IDS * ID_BYTES));
     const c = compressInto(seg, scratch, 0);
-    return c > 0 && c < seg.length ? scratch.subarray(0, c) : seg;
+    return c > 0 && c < seg.length ? { enc: SEG_LZ4, p: scratch.subarray(0, c) } : { enc: SEG_RAW, p: seg };
   };
   let size = head.length + table.length + MANIFEST_TRAILER;
   for (let i = 0; i < n; i++) {
-    const p = payload(i);
+    const got = payload(i);
     const e = 8 + 8 * i;
-    if (!p) {
-      table[e] = SEG_ZERO;
-      continue;
-    }
-    const raw = p === m.ids.segment(i);
-    table[e] = raw ? SEG_RAW : SEG_LZ4;
-    table.writeUInt32LE(p.length, e + 4);
-    size += p.length;
-    if (!raw && keptBytes + p.length <= KEEP_COMPRESSED) {
-      kept.set(i, Buffer.from(p));
-      keptBytes += p.length;
+    table[e] = got?.enc ?? SEG_ZERO;
+    if (!got) continue;
+    table.writeUInt32LE(got.p.length, e + 4);
+    size += got.p.length;
+    if (got.enc === SEG_LZ4 && keptBytes + got.p.length <= KEEP_COMPRESSED) {
+      kept.set(i, Buffer.from(got.p));
+      keptBytes += got.p.length;
     }
   }
   let crc = crc32(table, crc32(head));
   for (let i = 0; i < n; i++) {
-    const p = payload(i);
-    if (p) crc = crc32(p, crc);
+    const got = payload(i);
+    if (got) crc = crc32(got.p, crc);
   }
-  const trailer = Buffer.alloc(MANIFEST_TRAILER);
-  m.ids.merkleRoot().copy(trailer, 0);
-  trailer.writeUInt32LE(crc32(trailer.subarray(0, 24), crc), 24);
-  MANIFEST_END.copy(trailer, 28);
+  const trailer = manifestTrailer(crc, m.ids.merkleRoot());
   return {
     size,
     *parts(): Generator<Buffer> {
       yield head;
       yield table;
       for (let i = 0; i < n; i++) {
-        const p = payload(i);
+        const p = payload(i)?.p;
         // A fresh compression lands in the shared scratch buffer: hand out a copy, since the next one reuses it.
         if (p) yield scratch !== null && p.buffer === scratch.buffer ? Buffer.from(p) : p;
       }
@@ -405,7 +398,7 @@ export function encodeManifestLegacy(m: Omit<Manifest, 'root' | 'ids'> & { ids: 
     section = packed.subarray(0, c);
   }
   const parts = [manifestHead(m, chunks, form === 'lz4' ? FLAG_IDS_LZ4 : 0), section];
-  parts.push(manifestTrailer(parts, merkleRoot(m.ids)));
+  parts.push(manifestTrailer(parts.reduce((c, p) => crc32(p, c), 0), merkleRoot(m.ids)));
   return Buffer.concat(parts);
 }
 

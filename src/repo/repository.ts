@@ -5,7 +5,7 @@
  */
 import { hostname } from 'node:os';
 import { crc32 } from 'node:zlib';
-import { KscError, isKscError } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { pidAlive } from '../util/process.js';
@@ -167,7 +167,7 @@ export class Repository {
         visitIndex(await this.store.get(key), this.objName(key), visit);
         read.push(id);
       } catch (e) {
-        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
+        if (onDamage && isDamage(e)) onDamage(key, e);
         else throw e;
       }
     });
@@ -209,7 +209,7 @@ export class Repository {
         if (crc !== head.readUInt32LE(28)) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: checksum mismatch`);
         v.done?.();
       } catch (e) {
-        if (onDamage && isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT' || e.code === 'KSC_E_NOT_FOUND')) onDamage(key, e);
+        if (onDamage && isDamage(e)) onDamage(key, e);
         else throw e;
       }
     });
@@ -283,17 +283,39 @@ export class Repository {
   }
 
   async readManifest(id: string): Promise<Manifest> {
+    // A large manifest is read in ranges, never whole.
+    return this.manifestObject(id, (key, size) => (size > STREAM_MANIFEST
+      ? readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList)
+      : this.store.get(key).then((b) => decodeManifest(b, this.objName(key), storeForList))));
+  }
+
+  /**
+   * A manifest's header and metadata (disk, time, size, token, tags…) without its chunk list: a small
+   * manifest is read and checked whole, a large one only as far as its metadata (a search through the
+   * backups of large disks then reads a few hundred bytes of each, not all their ids).
+   */
+  async readManifestInfo(id: string): Promise<ManifestInfo> {
+    return this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
+      if (size > STREAM_MANIFEST) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
+      const { ids: _ids, root: _root, ...info } = decodeManifest(await this.store.get(key), this.objName(key));
+      return info;
+    });
+  }
+
+  /**
+   * Reads backup `id`'s manifest through `read` (given its key and size: from the last listing, else a
+   * stat), with the checks every reader needs: a backup id, the object there, holding that backup, of
+   * this repository's chunk size.
+   */
+  private async manifestObject<T extends ManifestInfo>(id: string, read: (key: string, size: number) => Promise<T>): Promise<T> {
     if (!BACKUP_ID_RE.test(id)) throw new KscError('KSC_E_INVALID', `"${id}" is not a backup id (like 20261126T125422123Z-1a2b3c4d)`);
     const key = manifestKey(id);
-    let m: Manifest;
+    let m: T;
     try {
-      // A large manifest is read in ranges, never whole (its size from the last listing, else a stat).
-      let size = this.manifestSizes.get(id);
-      size ??= (await this.store.stat(key))?.size;
+      const size = this.manifestSizes.get(id) ?? (await this.store.stat(key))?.size;
       if (size === undefined) throw new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`);
       this.manifestSizes.set(id, size);
-      if (size > STREAM_MANIFEST) m = await readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList);
-      else m = decodeManifest(await this.store.get(key), this.objName(key), storeForList);
+      m = await read(key, size);
     } catch (e) {
       if (isKscError(e, 'KSC_E_NOT_FOUND')) {
         this.manifestSizes.delete(id);
@@ -304,32 +326,6 @@ export class Repository {
     if (m.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${m.meta.id}, not ${id}`);
     if (m.chunkSize !== this.chunkSize) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: chunk size ${m.chunkSize} differs from the repository's ${this.chunkSize}`);
     return m;
-  }
-
-  /**
-   * A manifest's header and metadata (disk, time, size, token, tags…) without its chunk list: a small
-   * manifest is read and checked whole, a large one only as far as its metadata (a search through the
-   * backups of large disks then reads a few hundred bytes of each, not all their ids).
-   */
-  async readManifestInfo(id: string): Promise<ManifestInfo> {
-    if (!BACKUP_ID_RE.test(id)) throw new KscError('KSC_E_INVALID', `"${id}" is not a backup id (like 20261126T125422123Z-1a2b3c4d)`);
-    const key = manifestKey(id);
-    const size = this.manifestSizes.get(id) ?? (await this.store.stat(key))?.size;
-    if (size === undefined) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
-    if (size <= STREAM_MANIFEST) {
-      const { ids: _ids, root: _root, ...info } = await this.readManifest(id);
-      return info;
-    }
-    this.manifestSizes.set(id, size);
-    let info: ManifestInfo;
-    try {
-      info = await readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
-    } catch (e) {
-      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `no backup ${id} in ${this.name}`);
-      throw e;
-    }
-    if (info.meta.id !== id) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: holds backup ${info.meta.id}, not ${id}`);
-    return info;
   }
 
   /** §9 rule 3: the commit point of a backup. */

@@ -7,6 +7,8 @@
  */
 import { join } from 'node:path';
 import { readFileSync, writeFileSync } from 'node:fs';
+import { crc32 } from 'node:zlib';
+import { decodeIndex, encodeIndex } from '../../src/repo/format.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice, type BackupOptions } from '../../src/engines/backup.js';
 import { verifyRepo } from '../../src/engines/verify.js';
@@ -190,6 +192,15 @@ describe('index objects read in ranges', () => {
       expect(done).toBe(0);
       expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
       await expect(repo.streamIndexIds(objects, () => ({ visit: () => undefined }))).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringMatching(/checksum mismatch/) });
+      // A blob offset above 2^53 under a valid checksum: refused in ranges as whole.
+      const odd = encodeIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 8, rawLength: 8 }]);
+      odd.writeUInt32LE(0x00200000, odd.length - 40 + 28);
+      odd.writeUInt32LE(crc32(odd.subarray(32), crc32(odd.subarray(0, 28))), 28);
+      await repo.store.put('index/' + 'cd'.repeat(16) + '.idx', odd);
+      const oddObject = [{ id: 'cd'.repeat(16), size: odd.length }];
+      await expect(repo.streamIndexIds(oddObject, () => ({ visit: () => undefined }))).rejects.toThrow(/above 2\^53/);
+      expect(() => decodeIndex(odd, 'x')).toThrow(/above 2\^53/);
+      await repo.store.delete('index/' + 'cd'.repeat(16) + '.idx');
 
       // An incremental through the filter cannot trust it for the parent's chunks (the damaged object's ids
       // went in before its checksum failed): it is a full backup, and says why. The damaged object names
@@ -224,5 +235,8 @@ describe('BloomFilter', () => {
     console.log(`[bloom] ${maybe} of ${n} ids never added said maybe (seed ${seed})`);
     expect(maybe / n).toBeLessThan(0.03);
     expect(f.bytes).toBe(Math.ceil((n * 10) / 32) * 4);
+    expect(new BloomFilter(1e9).bytes, 'the filter is capped').toBe(24 * MiB);
+    const all = new BloomFilter(10, 0);
+    expect(all.mayHaveAt(others, 0) && all.mayHaveAt(others, 16)).toBe(true);
   });
 });
