@@ -10,6 +10,7 @@
  *   funlock(fd)                     flock(LOCK_UN)
  *   readCached(fd, buf, position)   preadv2(RWF_NOWAIT): only what the page cache holds
  *   setSendBuffer(fd, bytes)        setsockopt(SO_SNDBUF), returns the size granted
+ *   peerCred(fd)                    getsockopt(SO_PEERCRED): {pid, uid, gid} of a unix socket's peer
  *
  * Conventions:
  *   - Wrong argument types throw a TypeError (code ERR_INVALID_ARG_TYPE);
@@ -689,6 +690,26 @@ static napi_value SetSendBuffer(napi_env env, napi_callback_info info) {
   return make_int64(env, got);
 }
 
+/* peerCred(fd) -> {pid, uid, gid}: the credentials the kernel recorded for */
+/* the peer of a connected unix socket when it connected (or listened).     */
+
+static napi_value PeerCred(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (!get_args(env, info, 1, argv)) return NULL;
+  if (!get_fd(env, argv[0], "peerCred", "getsockopt", &fd)) return NULL;
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return throw_errno(env, errno, "getsockopt");
+  if (len != sizeof cred) return throw_errno(env, EPROTO, "getsockopt");
+  napi_value obj;
+  NAPI_CALL(env, napi_create_object(env, &obj));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "pid", make_int64(env, cred.pid)));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "uid", make_int64(env, cred.uid)));
+  NAPI_CALL(env, napi_set_named_property(env, obj, "gid", make_int64(env, cred.gid)));
+  return obj;
+}
+
 /* ------------------------------------------------------------------------ */
 
 NAPI_MODULE_INIT() {
@@ -701,6 +722,7 @@ NAPI_MODULE_INIT() {
     {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readCached", NULL, ReadCached, NULL, NULL, NULL, napi_enumerable, NULL},
     {"setSendBuffer", NULL, SetSendBuffer, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"peerCred", NULL, PeerCred, NULL, NULL, NULL, napi_enumerable, NULL},
 #ifdef KSCINC_HAVE_LZ4
     {"lz4Compress", NULL, Lz4Compress, NULL, NULL, NULL, napi_enumerable, NULL},
     {"lz4Decompress", NULL, Lz4Decompress, NULL, NULL, NULL, napi_enumerable, NULL},

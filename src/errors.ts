@@ -16,6 +16,7 @@ export type KscErrorCode =
   | 'KSC_E_NO_SPACE' // the host file system is full
   | 'KSC_E_CLOSED' // the device was closed
   | 'KSC_E_AUTH' // the object store refused our credentials
+  | 'KSC_E_PERMISSION' // a file or a peer we must not trust (owner, mode, credentials)
   | 'KSC_E_UNAVAILABLE'; // the object store cannot be reached or keeps failing (retryable)
 
 export class KscError extends Error {

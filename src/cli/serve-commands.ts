@@ -17,6 +17,11 @@ export function parseListen(text: string): { host: string; port: number } {
   return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
 }
 
+/** 127.0.0.0/8, ::1 and ::ffff:127.x: only this host can connect. */
+export function isLoopback(host: string): boolean {
+  return /^127\.\d+\.\d+\.\d+$/.test(host) || host === '::1' || /^::ffff:127\./i.test(host) || host === 'localhost';
+}
+
 function uriHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
@@ -77,11 +82,17 @@ export function registerServeCommands(program: Command): void {
       }
       let stopControl: () => Promise<void> = async () => undefined;
       if (!o.readOnly) {
+        // Not owning the control socket is fatal: someone else's socket would answer `kscinc backup` for us.
         try {
           stopControl = await startControl(images.map((image, i) => ({ image, device: devices[i]! })), (l) => process.stderr.write(`${l}\n`));
         } catch (e) {
-          process.stderr.write(`kscinc serve: no control socket (live backups unavailable): ${(e as Error).message}\n`);
+          await server.close();
+          await closeAll();
+          throw e;
         }
+      }
+      if (!('path' in addr) && !isLoopback(addr.host)) {
+        process.stderr.write(`kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`);
       }
       const stopped = new Promise<string>((resolve) => {
         process.once('SIGTERM', () => resolve('SIGTERM'));

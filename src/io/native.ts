@@ -77,6 +77,8 @@ export interface NativeOps {
   readCached?(fd: number, buf: Uint8Array, position: number): number;
   /** setsockopt(SO_SNDBUF); returns the size the kernel granted (it doubles the request, up to wmem_max). */
   setSendBuffer?(fd: number, bytes: number): number;
+  /** getsockopt(SO_PEERCRED) of a connected unix socket: the peer's pid, uid and gid (Linux). */
+  peerCred?(fd: number): { pid: number; uid: number; gid: number };
 }
 
 /*
