@@ -32,6 +32,17 @@ interface ServeOptions {
   exportName?: string;
   readOnly?: boolean;
   description?: string;
+  bitmap?: string[];
+  maxConnections?: number;
+  shutdownGrace?: number;
+}
+
+function positiveInt(flag: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < 1) throw new KscError('KSC_E_INVALID', `${flag} "${v}": expected a whole number ≥ 1`);
+    return n;
+  };
 }
 
 export function registerServeCommands(program: Command): void {
@@ -44,6 +55,9 @@ export function registerServeCommands(program: Command): void {
     .option('--export-name <name>', 'export name (one image only; default: empty, or each file\'s basename with several images)')
     .option('--read-only', 'refuse writes')
     .option('--description <text>', 'export description shown to clients')
+    .option('--bitmap <name>', 'offer only this dirty bitmap as qemu:dirty-bitmap:NAME (repeatable; default: every bitmap of the image, including ones created while serving)', (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
+    .option('--max-connections <n>', 'connections served at once; more are refused (default 64)', positiveInt('--max-connections'))
+    .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .action(async (images: string[], o: ServeOptions) => {
       if (o.exportName !== undefined && images.length !== 1) throw new KscError('KSC_E_INVALID', '--export-name needs exactly one image');
       const target: ListenTarget = o.socket ? { path: o.socket } : parseListen(o.listen ?? '127.0.0.1:10809');
@@ -65,10 +79,15 @@ export function registerServeCommands(program: Command): void {
         for (let i = 0; i < images.length; i++) {
           const dev = await openImage(images[i]!, { write: !o.readOnly });
           devices.push(dev);
-          const bitmaps = dev instanceof KscImage ? dev.bitmapList.filter((b) => b !== null).map((b) => b!.name) : [];
-          exports.set(names[i]!, { device: dev, readOnly: !!o.readOnly, description: o.description, bitmaps });
+          for (const b of o.bitmap ?? []) {
+            if (!(dev instanceof KscImage) || !dev.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${images[i]} has no bitmap named "${b}"`);
+          }
+          exports.set(names[i]!, { device: dev, readOnly: !!o.readOnly, description: o.description, bitmaps: o.bitmap });
         }
-        server = new NbdServer({ exports, log: (l) => process.stderr.write(`${l}\n`) });
+        server = new NbdServer({
+          exports, log: (l) => process.stderr.write(`${l}\n`),
+          maxConnections: o.maxConnections, shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
+        });
       } catch (e) {
         await closeAll();
         throw e;

@@ -11,7 +11,11 @@ export class SocketClosedError extends Error {
   }
 }
 
+/** The peer stopped sending in the middle of something for longer than the no-progress timeout. */
+export class StallError extends Error {}
+
 export class SocketReader {
+  private stall: { ms: number; idleOk: boolean; what: string; timer: NodeJS.Timeout | null } | null = null;
   private chunks: Buffer[] = [];
   private buffered = 0;
   private want = 0;
@@ -25,6 +29,7 @@ export class SocketReader {
       this.chunks.push(d);
       this.buffered += d.length;
       if (this.buffered >= Math.max(this.want, this.lowWater)) socket.pause();
+      if (this.stall) this.armStall(); // progress: the clock restarts
       this.wake();
     });
     socket.on('end', () => {
@@ -41,6 +46,23 @@ export class SocketReader {
     });
   }
 
+  /** (Re)starts the no-progress clock; with `idleOk`, only once part of the wanted bytes is here. */
+  private armStall(): void {
+    const st = this.stall!;
+    if (st.timer) clearTimeout(st.timer);
+    st.timer = null;
+    if (st.idleOk && this.buffered === 0) return;
+    st.timer = setTimeout(() => {
+      this.error = new StallError(`${st.what}: no byte received for ${st.ms} ms`);
+      this.abort();
+    }, st.ms);
+  }
+
+  private clearStall(): void {
+    if (this.stall?.timer) clearTimeout(this.stall.timer);
+    this.stall = null;
+  }
+
   private wake(): void {
     const w = this.waiter;
     if (!w) return;
@@ -53,15 +75,27 @@ export class SocketReader {
     }
   }
 
-  /** Exactly n bytes; rejects with SocketClosedError when the peer goes away first. */
-  async read(n: number): Promise<Buffer> {
+  /**
+   * Exactly n bytes; rejects with SocketClosedError when the peer goes away first. With `stall`, rejects with
+   * StallError when no byte arrives for `stall.ms` while waiting (with `idleOk`, the clock starts only once
+   * a first byte of these n is here: a peer may idle between requests, not inside one).
+   */
+  async read(n: number, stall?: { ms: number; what: string; idleOk?: boolean }): Promise<Buffer> {
     if (this.buffered < n) {
       if (this.error || this.ended) throw this.error ?? new SocketClosedError();
       this.want = n;
-      await new Promise<void>((resolve, reject) => {
-        this.waiter = { resolve, reject };
-        this.socket.resume();
-      });
+      try {
+        await new Promise<void>((resolve, reject) => {
+          this.waiter = { resolve, reject };
+          if (stall && stall.ms > 0) {
+            this.stall = { ms: stall.ms, idleOk: !!stall.idleOk, what: stall.what, timer: null };
+            this.armStall();
+          }
+          this.socket.resume();
+        });
+      } finally {
+        this.clearStall();
+      }
       this.want = 0;
     }
     return this.take(n);
@@ -99,6 +133,11 @@ export class SocketReader {
       await this.read(k);
       n -= k;
     }
+  }
+
+  /** The peer has ended its side, failed, or we stopped reading: no more bytes will come. */
+  get finished(): boolean {
+    return this.ended || this.error !== null;
   }
 
   /** Stop reading for good: the socket stays paused and a pending read() rejects with SocketClosedError. */

@@ -10,11 +10,14 @@ import { isKscError } from '../errors.js';
 import { nativeOps } from '../io/native.js';
 import { KscImage } from '../image/ksc.js';
 import { type BlockDevice, type Extent, mergeExtents } from '../image/types.js';
+import { ByteBudget } from './budget.js';
+import { contextsOf, statusOf } from './contexts.js';
 import { SocketClosedError, SocketReader } from './reader.js';
+import { NbdRequestError, validateRequest } from './validate.js';
 import {
-  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, CMD_FLAGS_KNOWN, ERR, IHAVEOPT, INFO,
-  MAX_PAYLOAD, OPT, OPTION_HEADER_SIZE, REP, REQUEST_MAGIC, REQUEST_SIZE, STATE_DIRTY, STATE_HOLE, STATE_ZERO, TF,
-  type Request, type StatusExtent,
+  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, ERR, IHAVEOPT, INFO,
+  MAX_PAYLOAD, OPT, OPTION_HEADER_SIZE, REP, REQUEST_MAGIC, REQUEST_SIZE, TF,
+  type Request,
   decodeGoData, decodeMetaContextData, decodeOptionHeader, decodeRequest, encodeBlockStatusChunk, encodeErrorChunk,
   encodeExportNameReply, encodeGreeting, encodeInfoBlockSize, encodeInfoExport, encodeInfoText, encodeNoneChunk,
   encodeOffsetDataHeader, encodeOffsetHole, encodeOptionReply, encodeRepMetaContext, encodeRepServer, encodeSimpleReply,
@@ -24,7 +27,10 @@ export interface NbdExport {
   device: BlockDevice;
   readOnly?: boolean;
   description?: string;
-  /** Bitmaps served as qemu:dirty-bitmap:NAME (the device must be a ksc_inc image holding them). */
+  /**
+   * Bitmaps offered as qemu:dirty-bitmap:NAME. Absent: every bitmap the image holds when a client asks
+   * (internal backup-handover bitmaps excepted). Given: only these (each must exist when the server starts).
+   */
   bitmaps?: string[];
 }
 
@@ -39,15 +45,30 @@ export interface NbdServerOptions {
   maxInFlight?: number;
   /** A client that has not finished the handshake after this long is disconnected (default 30 s). */
   handshakeTimeoutMs?: number;
-  /** A client that stops sending in the middle of a request (header or write payload) for this long is disconnected (default 60 s). */
+  /**
+   * No-progress timeout (default 60 s): a client that sends no byte for this long in the middle of a request
+   * (header or write payload), or takes no byte of its pending replies for this long, is disconnected.
+   */
   stallTimeoutMs?: number;
+  /** Connections served at once; more are closed at once (default 64; qemu-nbd's -e). */
+  maxConnections?: number;
+  /** Bytes of admitted requests (READ replies not yet sent, WRITE payloads) per connection (default 64 MiB). */
+  maxPendingBytes?: number;
+  /** The same over every connection of the server (default 128 MiB). */
+  maxTotalPendingBytes?: number;
+  /** close(): connections still busy after this long (a client that does not read) are cut (default 10 s). */
+  shutdownGraceMs?: number;
 }
 
-/** Largest option payload we read; anything larger ends the connection. */
+/** Largest option payload we read; a larger one is skipped and answered ERR_TOO_BIG. */
 const MAX_OPTION_LENGTH = 64 * 1024;
+/** TRIM and WRITE_ZEROES run in slices of this much, yielding between them, so other requests are served meanwhile. */
+export const ZERO_SLICE = 32 * 1024 * 1024;
+/** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
+const SMALL_REQUEST_COST = 64 * 1024;
 /** Extents in one BLOCK_STATUS chunk (the spec asks for at most 2^20). */
 const MAX_STATUS_EXTENTS = 65536;
-/** Read buffers kept for reuse per connection, and the largest size class pooled. */
+/** Read buffers kept for reuse per server, and the largest size class pooled. */
 const POOL_BYTES = 16 * 1024 * 1024;
 const MAX_POOLED = 4 * 1024 * 1024;
 
@@ -99,19 +120,6 @@ function widenSendBuffer(socket: net.Socket): void {
   }
 }
 
-class NbdRequestError extends Error {
-  constructor(readonly errno: number, message: string) {
-    super(message);
-  }
-}
-
-/** The meta contexts an export offers, in id order (id = index + 1). */
-function contextsOf(exp: NbdExport): string[] {
-  const out = ['base:allocation', 'qemu:allocation-depth'];
-  for (const b of exp.bitmaps ?? []) out.push(`qemu:dirty-bitmap:${b}`);
-  return out;
-}
-
 export class NbdServer {
   readonly handshakeTimeoutMs: number;
   readonly stallTimeoutMs: number;
@@ -122,6 +130,11 @@ export class NbdServer {
   private readonly sessions = new Set<Session>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
+  readonly maxConnections: number;
+  readonly maxPendingBytes: number;
+  readonly shutdownGraceMs: number;
+  /** Bytes of admitted requests over every connection. */
+  readonly budget: ByteBudget;
 
   constructor(opts: NbdServerOptions) {
     this.exports = opts.exports instanceof Map ? new Map(opts.exports) : new Map(Object.entries(opts.exports));
@@ -129,6 +142,10 @@ export class NbdServer {
     this.maxInFlight = opts.maxInFlight ?? 32;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
     this.stallTimeoutMs = opts.stallTimeoutMs ?? 60_000;
+    this.maxConnections = opts.maxConnections ?? 64;
+    this.maxPendingBytes = opts.maxPendingBytes ?? 64 * 1024 * 1024;
+    this.budget = new ByteBudget(opts.maxTotalPendingBytes ?? 128 * 1024 * 1024);
+    this.shutdownGraceMs = opts.shutdownGraceMs ?? 10_000;
     for (const [name, exp] of this.exports) {
       for (const b of exp.bitmaps ?? []) {
         if (!(exp.device instanceof KscImage) || !exp.device.hasBitmap(b)) throw new Error(`export "${name}": no bitmap "${b}" on ${exp.device.name}`);
@@ -176,6 +193,11 @@ export class NbdServer {
       return;
     }
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    if (this.sessions.size >= this.maxConnections) {
+      this.log(`nbd: connection from ${peer} refused: ${this.maxConnections} connections already (--max-connections)`);
+      socket.destroy();
+      return;
+    }
     const s = new Session(this, socket, this.nextId++, peer, this.log);
     this.sessions.add(s);
     this.log(`nbd: connection ${s.id} from ${peer}`);
@@ -192,16 +214,58 @@ export class NbdServer {
 
   /**
    * Stops accepting, lets every connection finish the requests it has read (no new ones are read), writes
-   * their replies and closes the connections. The devices stay open: the caller flushes and closes them.
+   * their replies and closes the connections. A connection whose replies are still not sent after the
+   * grace period (a client that does not read) is cut; its device calls still complete before this
+   * resolves. The devices stay open: the caller flushes and closes them.
    */
   close(): Promise<void> {
     this.closing ??= (async () => {
       const server = this.server;
       const closed = server ? new Promise<void>((r) => server.close(() => r())) : Promise.resolve();
-      await Promise.all([...this.sessions].map((s) => s.stop()));
+      const sessions = [...this.sessions];
+      const all = Promise.all(sessions.map((s) => s.stop()));
+      this.budget.wake();
+      let timer: NodeJS.Timeout | null = null;
+      const late = await Promise.race([all.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), this.shutdownGraceMs)))]);
+      clearTimeout(timer!);
+      if (late) {
+        for (const s of sessions) s.cut(`still busy ${this.shutdownGraceMs} ms after the shutdown began`);
+        await all;
+      }
       await closed;
     })();
     return this.closing;
+  }
+
+  /**
+   * Read buffers are reused once the socket has taken their bytes: allocating a fresh buffer per READ made
+   * the garbage collector (and the kernel's page faults on fresh memory) a large share of the main thread's
+   * time under sequential reads. Buffers come in power-of-two size classes (4 KiB … 4 MiB), so the odd-sized
+   * reads at extent edges reuse them too; at most POOL_BYTES are kept for the whole server.
+   */
+  private readonly bufferPool = new Map<number, Buffer[]>();
+  private poolBytes = 0;
+
+  takeBuffer(n: number): Buffer {
+    if (n > MAX_POOLED) return Buffer.allocUnsafeSlow(n); // never pooled: no rounding up
+    const size = sizeClass(n);
+    const b = this.bufferPool.get(size)?.pop();
+    if (b) {
+      this.poolBytes -= size;
+      return b;
+    }
+    return Buffer.allocUnsafeSlow(size);
+  }
+
+  giveBuffers(bufs: Buffer[]): void {
+    for (const b of bufs) {
+      const size = b.length;
+      if (size > MAX_POOLED || this.poolBytes + size > POOL_BYTES) continue; // only takeBuffer's buffers come here
+      let l = this.bufferPool.get(size);
+      if (!l) this.bufferPool.set(size, (l = []));
+      l.push(b);
+      this.poolBytes += size;
+    }
   }
 }
 
@@ -218,6 +282,9 @@ class Session {
   private exp: NbdExport | null = null;
   private readonly inflight = new Set<Promise<void>>();
   private drained: Promise<void> | null = null;
+  /** Bytes this connection holds of the server's budget (admitted requests not yet done with). */
+  private pending = 0;
+  private released: { promise: Promise<void>; resolve: () => void } | null = null;
 
   constructor(private readonly server: NbdServer, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, private readonly log: (l: string) => void) {
     socket.setNoDelay(true);
@@ -231,9 +298,59 @@ class Session {
     return this.done;
   }
 
+  /** Ends the connection now: what it has in flight still completes on the device, unsent replies are dropped. */
+  cut(why: string): void {
+    if (this.socket.destroyed) return;
+    this.log(`nbd: connection ${this.id} (${this.peer}): ${why}; disconnecting`);
+    this.reader.abort();
+    this.socket.destroy();
+  }
+
+  /**
+   * Waits until `cost` bytes fit this connection's share and the server's budget, then holds them; the
+   * returned function gives them back (once). A connection with nothing pending may always take one request
+   * of the largest size the server budget allows.
+   */
+  private async admit(cost: number): Promise<() => void> {
+    // A peer gone (or cut) gets nothing more: its requests already read are dropped, not run for nobody.
+    if (this.gone()) throw new SocketClosedError();
+    const max = this.server.maxPendingBytes;
+    while (this.pending > 0 && this.pending + cost > max) {
+      if (this.gone()) throw new SocketClosedError();
+      this.released ??= (() => {
+        let resolve!: () => void;
+        return { promise: new Promise<void>((r) => (resolve = r)), resolve };
+      })();
+      await this.released.promise;
+    }
+    while (!this.server.budget.tryTake(cost)) {
+      await this.server.budget.next();
+      if (this.gone()) throw new SocketClosedError();
+    }
+    this.pending += cost;
+    let given = false;
+    return () => {
+      if (given) return;
+      given = true;
+      this.pending -= cost;
+      this.server.budget.give(cost);
+      const r = this.released;
+      this.released = null;
+      r?.resolve();
+    };
+  }
+
+  /** Stopping, cut, or the peer went away (it will not read replies to requests not yet run). */
+  private gone(): boolean {
+    return this.stopping || this.socket.destroyed || this.reader.finished;
+  }
+
   stop(): Promise<void> {
     this.stopping = true;
     this.reader.abort();
+    const r = this.released;
+    this.released = null;
+    r?.resolve();
     return this.run();
   }
 
@@ -277,58 +394,51 @@ class Session {
   }
 
   /**
-   * Read buffers are reused once the socket has taken their bytes: allocating a fresh buffer per READ made
-   * the garbage collector (and the kernel's page faults on fresh memory) a large share of the main thread's
-   * time under sequential reads. Buffers come in power-of-two size classes (4 KiB … 4 MiB), so the odd-sized
-   * reads at extent edges reuse them too; at most POOL_BYTES are kept per connection.
+   * Waits for the socket to drain. One shared waiter per socket, however many replies are queued behind it.
+   * No progress (the bytes queued do not shrink) for the stall timeout cuts the connection: a client that
+   * stops reading holds its replies' memory only that long.
    */
-  private readonly bufferPool = new Map<number, Buffer[]>();
-  private poolBytes = 0;
-
-  private takeBuffer(n: number): Buffer {
-    if (n > MAX_POOLED) return Buffer.allocUnsafeSlow(n); // never pooled: no rounding up
-    const size = sizeClass(n);
-    const b = this.bufferPool.get(size)?.pop();
-    if (b) {
-      this.poolBytes -= size;
-      return b;
-    }
-    return Buffer.allocUnsafeSlow(size);
-  }
-
-  private giveBuffers(bufs: Buffer[]): void {
-    for (const b of bufs) {
-      const size = b.length;
-      if (size > MAX_POOLED || this.poolBytes + size > POOL_BYTES) continue; // only takeBuffer's buffers come here
-      let l = this.bufferPool.get(size);
-      if (!l) this.bufferPool.set(size, (l = []));
-      l.push(b);
-      this.poolBytes += size;
-    }
-  }
-
-  /** Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full. */
-  private async send(parts: Buffer[], recycle?: Buffer[]): Promise<void> {
+  private waitDrain(): Promise<void> {
     const s = this.socket;
-    while (!s.destroyed && s.writableNeedDrain) {
-      // One shared waiter per socket, however many replies are queued behind it.
-      this.drained ??= new Promise<void>((resolve) => {
-        const done = (): void => {
-          s.off('drain', done);
-          s.off('close', done);
-          this.drained = null;
-          resolve();
-        };
-        s.on('drain', done);
-        s.on('close', done);
-      });
-      await this.drained;
+    this.drained ??= new Promise<void>((resolve) => {
+      const stallMs = this.server.stallTimeoutMs;
+      let low = s.writableLength;
+      let since = Date.now();
+      const tick = setInterval(() => {
+        if (s.writableLength < low) {
+          low = s.writableLength;
+          since = Date.now();
+        } else if (Date.now() - since >= stallMs) {
+          this.cut(`the client took no byte of its replies for ${stallMs} ms`);
+        }
+      }, Math.max(10, Math.min(1000, stallMs / 4)));
+      const done = (): void => {
+        clearInterval(tick);
+        s.off('drain', done);
+        s.off('close', done);
+        this.drained = null;
+        resolve();
+      };
+      s.on('drain', done);
+      s.on('close', done);
+    });
+    return this.drained;
+  }
+
+  /**
+   * Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full.
+   * `sent` runs once the socket no longer needs the bytes (written, or the socket failed).
+   */
+  private async send(parts: Buffer[], sent?: () => void): Promise<void> {
+    const s = this.socket;
+    while (!s.destroyed && s.writableNeedDrain) await this.waitDrain();
+    if (s.destroyed) {
+      sent?.();
+      return;
     }
-    if (s.destroyed) return;
     s.cork();
     for (let i = 0; i < parts.length - 1; i++) s.write(parts[i]!);
-    // The callback runs once the socket no longer needs the bytes (written, or the socket failed).
-    s.write(parts[parts.length - 1]!, recycle?.length ? () => this.giveBuffers(recycle) : undefined);
+    s.write(parts[parts.length - 1]!, sent);
     s.uncork();
   }
 
@@ -345,7 +455,12 @@ class Session {
       if (this.stopping) throw new SocketClosedError();
       const h = decodeOptionHeader(await this.reader.read(OPTION_HEADER_SIZE));
       if (h.magic !== IHAVEOPT) throw new Error('bad option magic');
-      if (h.length > MAX_OPTION_LENGTH) throw new Error(`option ${h.option} carries ${h.length} bytes`);
+      if (h.length > MAX_OPTION_LENGTH) {
+        // Skipped without holding it (the handshake timeout bounds how long), then refused: negotiation goes on.
+        await this.reader.skip(h.length);
+        await this.error(h.option, REP.ERR_TOO_BIG, `option ${h.option} carries ${h.length} bytes, above the ${MAX_OPTION_LENGTH} limit`);
+        continue;
+      }
       const data = await this.reader.read(h.length);
       const r = await this.option(h.option, data);
       if (r === 'go') return true;
@@ -452,7 +567,7 @@ class Session {
         const parsed = await this.optionExport(opt, () => decodeMetaContextData(data));
         if (!parsed) return 'next';
         const { req, found } = parsed;
-        const all = contextsOf(found.exp);
+        const all = contextsOf(found.exp.device, found.exp.bitmaps);
         const list = opt === OPT.LIST_META_CONTEXT;
         const chosen = new Set<string>();
         if (list && req.queries.length === 0) all.forEach((c) => chosen.add(c));
@@ -491,8 +606,10 @@ class Session {
     for (;;) {
       if (this.stopping) return;
       let hdr: Buffer;
+      const stall = this.server.stallTimeoutMs;
       try {
-        hdr = await this.reader.read(REQUEST_SIZE);
+        // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
+        hdr = await this.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
       } catch (e) {
         if (e instanceof SocketClosedError) return;
         throw e;
@@ -503,69 +620,81 @@ class Session {
         this.reader.abort();
         return;
       }
+      if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) throw new Error(`write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
+      const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : SMALL_REQUEST_COST;
+      let release: () => void;
+      try {
+        release = await this.admit(cost);
+      } catch (e) {
+        if (e instanceof SocketClosedError) return;
+        throw e;
+      }
       let payload: Buffer | null = null;
       if (req.type === CMD.WRITE) {
-        if (req.length > MAX_PAYLOAD) throw new Error(`write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
-        // A client leaving mid-payload ends the session here; one that stalls mid-payload, after the timeout.
-        payload = await this.within(this.server.stallTimeoutMs, `write payload of ${req.length} bytes`, this.reader.read(req.length));
+        // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
+        try {
+          payload = await this.reader.read(req.length, { ms: stall, what: `write payload of ${req.length} bytes` });
+        } catch (e) {
+          release();
+          throw e;
+        }
       }
       while (this.inflight.size >= max) await Promise.race(this.inflight);
-      const p: Promise<void> = this.handle(req, payload).finally(() => this.inflight.delete(p));
+      const p: Promise<void> = this.handle(req, payload, release).finally(() => this.inflight.delete(p));
       this.inflight.add(p);
     }
   }
 
-  private async handle(req: Request, payload: Buffer | null): Promise<void> {
+  private async handle(req: Request, payload: Buffer | null, release: () => void): Promise<void> {
     const isWrite = req.type === CMD.WRITE || req.type === CMD.WRITE_ZEROES || req.type === CMD.TRIM;
     try {
       const recycle: Buffer[] = [];
-      const parts = await this.execute(req, payload, recycle);
-      await this.send(parts, recycle);
+      const off = validateRequest(req, { size: this.exp!.device.size, readOnly: this.readOnly(this.exp!), structured: this.structured, exportName: this.exportName });
+      const parts = await this.execute(req, off, payload, recycle);
+      payload = null;
+      // The budget is given back once the socket has taken the reply's bytes.
+      await this.send(parts, () => {
+        if (recycle.length) this.server.giveBuffers(recycle);
+        release();
+      });
     } catch (e) {
       const errno = e instanceof NbdRequestError ? e.errno : nbdErrno(e, isWrite);
       const msg = e instanceof Error ? e.message : String(e);
       if (!(e instanceof NbdRequestError)) this.log(`nbd: connection ${this.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
-      if (this.structured) await this.send([encodeErrorChunk(req.cookie, errno, msg)]);
-      else await this.send([encodeSimpleReply(errno, req.cookie)]);
+      if (this.structured) await this.send([encodeErrorChunk(req.cookie, errno, msg)], release);
+      else await this.send([encodeSimpleReply(errno, req.cookie)], release);
+    } finally {
+      if (this.socket.destroyed) release();
     }
   }
 
-  /** Checks the range; returns the offset as a number. */
-  private range(req: Request, pastEnd: number): number {
-    const size = this.exp!.device.size;
-    if (req.offset > BigInt(size) || Number(req.offset) + req.length > size) {
-      throw new NbdRequestError(pastEnd, `range ${req.offset}+${req.length} is past the end of the export (${size} bytes)`);
+  /** Runs `op` over [off, off+len) in ZERO_SLICE pieces aligned to ZERO_SLICE, yielding to the event loop between them. */
+  private async sliced(off: number, len: number, op: (o: number, n: number) => Promise<void>): Promise<void> {
+    let pos = off;
+    const end = off + len;
+    while (pos < end) {
+      const next = Math.min(end, (Math.floor(pos / ZERO_SLICE) + 1) * ZERO_SLICE);
+      await op(pos, next - pos);
+      pos = next;
+      if (pos < end) await new Promise<void>((r) => setImmediate(r));
     }
-    return Number(req.offset);
-  }
-
-  private writable(): void {
-    if (this.readOnly(this.exp!)) throw new NbdRequestError(ERR.EPERM, `export "${this.exportName}" is read-only`);
   }
 
   private ok(cookie: bigint): Buffer[] {
     return [encodeSimpleReply(0, cookie)];
   }
 
-  private async execute(req: Request, payload: Buffer | null, recycle: Buffer[]): Promise<Buffer[]> {
+  /** Runs a request validateRequest accepted. */
+  private async execute(req: Request, off: number, payload: Buffer | null, recycle: Buffer[]): Promise<Buffer[]> {
     const dev = this.exp!.device;
-    if (req.flags & ~CMD_FLAGS_KNOWN) throw new NbdRequestError(ERR.EINVAL, `unknown command flags 0x${req.flags.toString(16)}`);
     const fua = (req.flags & CMD_FLAG.FUA) !== 0;
     switch (req.type) {
-      case CMD.READ: {
-        if (req.length > MAX_PAYLOAD) throw new NbdRequestError(ERR.EINVAL, `read of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
-        const off = this.range(req, ERR.EINVAL);
+      case CMD.READ:
         return this.read(req, off, dev, recycle);
-      }
-      case CMD.WRITE: {
-        this.writable();
-        const off = this.range(req, ERR.ENOSPC);
+      case CMD.WRITE:
         if (payload!.length > 0) await dev.write(off, payload!, { fua });
         return this.ok(req.cookie);
-      }
       case CMD.WRITE_ZEROES: {
-        this.writable();
-        const off = this.range(req, ERR.ENOSPC);
         const noHole = (req.flags & CMD_FLAG.NO_HOLE) !== 0;
         if (req.flags & CMD_FLAG.FAST_ZERO) {
           // Fast only when whole blocks can be dropped from the map (or punched): not when zeros must be written.
@@ -573,23 +702,25 @@ class Session {
           const end = off + req.length;
           if (noHole || off % B !== 0 || (end % B !== 0 && end !== dev.size)) throw new NbdRequestError(ERR.ENOTSUP, 'zeroing this range cannot be fast');
         }
-        if (req.length > 0) await dev.writeZeroes(off, req.length, { mayTrim: !noHole, fua });
+        // A huge range runs in slices (other clients are served in between); FUA then is one flush at the end.
+        const one = req.length <= ZERO_SLICE;
+        await this.sliced(off, req.length, (o, n) => dev.writeZeroes(o, n, { mayTrim: !noHole, fua: fua && one }));
+        if (fua && !one) await dev.flush();
         return this.ok(req.cookie);
       }
       case CMD.TRIM: {
-        this.writable();
-        const off = this.range(req, ERR.EINVAL);
-        if (req.length > 0) await dev.discard(off, req.length, { fua });
+        const one = req.length <= ZERO_SLICE;
+        await this.sliced(off, req.length, (o, n) => dev.discard(o, n, { fua: fua && one }));
+        if (fua && !one) await dev.flush();
         return this.ok(req.cookie);
       }
       case CMD.FLUSH:
         if (!this.readOnly(this.exp!)) await dev.flush();
         return this.ok(req.cookie);
       case CMD.CACHE:
-        this.range(req, ERR.EINVAL);
         return this.ok(req.cookie);
       case CMD.BLOCK_STATUS:
-        return this.blockStatus(req, dev);
+        return this.blockStatus(req, off, dev);
       default:
         throw new NbdRequestError(ERR.EINVAL, `unknown command ${req.type}`);
     }
@@ -598,12 +729,12 @@ class Session {
   private async read(req: Request, off: number, dev: BlockDevice, recycle: Buffer[]): Promise<Buffer[]> {
     const len = req.length;
     const readData = async (o: number, n: number): Promise<Buffer> => {
-      const b = this.takeBuffer(n);
+      const b = this.server.takeBuffer(n);
       const view = b.length === n ? b : b.subarray(0, n);
       try {
         await dev.readInto(o, view);
       } catch (e) {
-        this.giveBuffers([b]);
+        this.server.giveBuffers([b]);
         throw e;
       }
       recycle.push(b);
@@ -631,51 +762,19 @@ class Session {
     return parts;
   }
 
-  private async blockStatus(req: Request, dev: BlockDevice): Promise<Buffer[]> {
+  private async blockStatus(req: Request, off: number, dev: BlockDevice): Promise<Buffer[]> {
     if (!this.structured || this.meta.size === 0) throw new NbdRequestError(ERR.EINVAL, 'no meta context was selected');
-    const size = dev.size;
-    if (req.length === 0 || req.offset >= BigInt(size)) throw new NbdRequestError(ERR.EINVAL, `block status at ${req.offset}+${req.length} is outside the export`);
-    const off = Number(req.offset);
-    const len = Math.min(req.length, size - off);
+    const len = req.length;
     const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
     const ids = [...this.meta.keys()].sort((a, b) => a - b);
     const parts: Buffer[] = [];
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i]!;
-      let list = await this.statusOf(this.meta.get(id)!, dev, off, len);
+      let list = await statusOf(this.meta.get(id)!, dev, off, len);
       if (one) list = list.slice(0, 1);
       else if (list.length > MAX_STATUS_EXTENTS) list = list.slice(0, MAX_STATUS_EXTENTS);
       parts.push(encodeBlockStatusChunk(req.cookie, id, list, i === ids.length - 1));
     }
     return parts;
   }
-
-  /** Extents of one context over [off, off+len), merged, covering the range exactly. */
-  private async statusOf(ctx: string, dev: BlockDevice, off: number, len: number): Promise<StatusExtent[]> {
-    const out: StatusExtent[] = [];
-    const push = (length: number, flags: number): void => {
-      if (length <= 0) return;
-      const last = out[out.length - 1];
-      if (last && last.flags === flags) last.length += length;
-      else out.push({ length, flags });
-    };
-    if (ctx === 'base:allocation') {
-      for (const e of await dev.extents(off, len)) push(e.length, e.state === 'data' ? 0 : STATE_HOLE | STATE_ZERO);
-    } else if (ctx === 'qemu:allocation-depth') {
-      for (const e of await dev.extents(off, len)) push(e.length, e.depth === null || e.state === 'unallocated' ? 0 : e.depth + 1);
-    } else if (ctx.startsWith('qemu:dirty-bitmap:')) {
-      const name = ctx.slice('qemu:dirty-bitmap:'.length);
-      let pos = off;
-      for (const d of await (dev as KscImage).bitmapExtents(name, off, len)) {
-        push(d.offset - pos, 0);
-        push(d.length, STATE_DIRTY);
-        pos = d.offset + d.length;
-      }
-      push(off + len - pos, 0);
-    } else {
-      push(len, 0);
-    }
-    return out;
-  }
 }
-
