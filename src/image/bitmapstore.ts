@@ -163,9 +163,27 @@ export class SparseBitmap {
     for (let p = 0; p < this.tableEntries; p++) if (!this.pages.has(p)) await this.loadPage(p);
   }
 
+  /**
+   * Marks made since startRecording(), replayed by adoptTable(): a management operation builds a new table
+   * from the bits as they were when it started, and the marks of changes landing meanwhile carry over into
+   * it, so none is dropped by the switch (§9 rule 6).
+   */
+  private recorded: number[] | null = null;
+
+  /** Starts recording marks (call in the same synchronous step that snapshots the bits). */
+  startRecording(): void {
+    this.recorded = [];
+  }
+
+  /** Stops recording without replaying (the operation failed and the old table stays). */
+  stopRecording(): void {
+    this.recorded = null;
+  }
+
   /** Sets the bits covering [offset, offset+length); the pages must have been prepared. */
   mark(offset: number, length: number): void {
     if (length === 0) return;
+    if (this.recorded) this.recorded.push(offset, length);
     const k0 = Math.floor(offset / this.granularity);
     const k1 = Math.min(Math.floor((offset + length - 1) / this.granularity), this.bits - 1);
     for (let p = Math.floor(k0 / BITS_PER_PAGE); p * BITS_PER_PAGE <= k1; p++) {
@@ -278,6 +296,39 @@ export class SparseBitmap {
     this.pages.clear();
     this.dirtyTable.clear();
     for (const [p, bits] of pages) this.pages.set(p, { hostOffset: pageOffsets.get(p) ?? 0, bits, dirty: false });
+    const replay = this.recorded;
+    this.recorded = null;
+    // Marks made since the bits were snapshotted: the next flush writes them (their intent bits are still set).
+    if (replay) for (let i = 0; i < replay.length; i += 2) this.mark(replay[i]!, replay[i + 1]!);
+  }
+
+  /** A copy of the bits of every page in memory (loadAll() first for all of them). Synchronous: a snapshot. */
+  copyBits(): Map<number, Uint32Array> {
+    return new Map([...this.pages].map(([p, page]) => [p, new Uint32Array(page.bits)]));
+  }
+
+  /** Set bit ranges as byte extents, from the pages in memory only (synchronous: call after loadAll()). */
+  loadedExtents(virtualSize: number): { offset: number; length: number }[] {
+    const out: { offset: number; length: number }[] = [];
+    const g = this.granularity;
+    for (const p of [...this.pages.keys()].sort((a, b) => a - b)) {
+      const bits = this.pages.get(p)!.bits;
+      for (let w = 0; w < bits.length; w++) {
+        let v = bits[w]!;
+        while (v !== 0) {
+          const i = 31 - Math.clz32(v & -v);
+          v &= v - 1;
+          const k = p * BITS_PER_PAGE + w * 32 + i;
+          const s = k * g;
+          const e = Math.min(s + g, virtualSize);
+          if (e <= s) continue;
+          const last = out[out.length - 1];
+          if (last && last.offset + last.length === s) last.length += e - s;
+          else out.push({ offset: s, length: e - s });
+        }
+      }
+    }
+    return out;
   }
 
   /** Host ranges this bitmap occupies (table and pages), for leak checks and punching. */

@@ -1000,33 +1000,47 @@ export class KscImage implements BlockDevice {
   }
 
   async clearBitmap(name: string): Promise<void> {
-    await this.replaceBits(name, () => new Map());
+    await this.replaceBits(name, async () => undefined, () => new Map());
   }
 
   /** ORs bitmap `src` into `dst` (granularities may differ: each dirty byte range of src is marked in dst). */
   async mergeBitmap(src: string, dst: string): Promise<void> {
-    const s = this.findBitmap(src);
-    const d = this.findBitmap(dst);
-    await s.loadAll();
-    await d.loadAll();
-    const extents = await s.dirtyExtents(0, this.size, this.size);
-    await this.replaceBits(dst, () => {
-      const copy = new SparseBitmap(this.file, d.slot, d.name, d.granularityBits, true, 0, d.tableEntries, this.size);
-      for (const [p, page] of d.pages) copy.pages.set(p, { hostOffset: 0, bits: new Uint32Array(page.bits), dirty: false });
-      for (const e of extents) copy.mark(e.offset, e.length);
-      return new Map([...copy.pages].map(([p, page]) => [p, page.bits]));
-    });
+    this.findBitmap(src);
+    this.findBitmap(dst);
+    await this.replaceBits(dst, async () => {
+      await this.findBitmap(src).loadAll();
+      await this.findBitmap(dst).loadAll();
+    }, (d) => this.withExtents(d, this.findBitmap(src).loadedExtents(this.size)));
   }
 
-  private async replaceBits(name: string, build: () => Map<number, Uint32Array>): Promise<void> {
+  /** `d`'s bits (all pages loaded) with `extents` marked as well, as a new page map. Synchronous. */
+  private withExtents(d: SparseBitmap, extents: { offset: number; length: number }[]): Map<number, Uint32Array> {
+    const copy = new SparseBitmap(this.file, d.slot, d.name, d.granularityBits, true, 0, d.tableEntries, this.size);
+    for (const [p, bits] of d.copyBits()) copy.pages.set(p, { hostOffset: 0, bits, dirty: false });
+    for (const e of extents) copy.mark(e.offset, e.length);
+    return new Map([...copy.pages].map(([p, page]) => [p, page.bits]));
+  }
+
+  /**
+   * Gives bitmap `name` a new table holding `build()`'s bits, atomically with respect to changes (§9 rule 6):
+   * `build` runs in the same synchronous step that starts recording the bitmap's marks, and the marks made
+   * until the new table is adopted are replayed into it. `load` runs first (inside the management step).
+   */
+  private async replaceBits(name: string, load: () => Promise<void>, build: (b: SparseBitmap) => Map<number, Uint32Array>): Promise<void> {
     await this.manage(async () => {
       const b = this.findBitmap(name);
       const old = await b.hostRanges();
-      const pages = build();
-      const fresh = await this.writeFreshTable(b.slot, b.tableEntries, pages);
-      const next = new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, fresh.offset, b.tableEntries, this.size);
-      await this.writeSlot(b.slot, next);
-      b.adoptTable(fresh.offset, fresh.table, pages, fresh.pageOffsets);
+      await load();
+      b.startRecording();
+      try {
+        const pages = build(b);
+        const fresh = await this.writeFreshTable(b.slot, b.tableEntries, pages);
+        const next = new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, fresh.offset, b.tableEntries, this.size);
+        await this.writeSlot(b.slot, next);
+        b.adoptTable(fresh.offset, fresh.table, pages, fresh.pageOffsets);
+      } finally {
+        b.stopRecording();
+      }
       await this.punchRanges(old);
     });
   }
@@ -1034,8 +1048,9 @@ export class KscImage implements BlockDevice {
   /**
    * Moves the bits of bitmap `name` into a new, disabled bitmap `frozenName` (same granularity) and clears
    * `name`, in one management step (one flush; each slot write is atomic, and a crash between them leaves
-   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10); call it with
-   * no change in flight (inside quiesce()).
+   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10). Atomic with
+   * respect to changes: each is in the frozen bitmap or marked in `name` (the backup calls it inside
+   * quiesce() for its own point in time).
    */
   async freezeBitmap(name: string, frozenName: string): Promise<void> {
     validateBitmapName(frozenName);
@@ -1045,16 +1060,23 @@ export class KscImage implements BlockDevice {
       const slot = this.bitmapSlots.indexOf(null);
       if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
       await b.loadAll();
-      const bits = new Map([...b.pages].map(([p, page]) => [p, new Uint32Array(page.bits)]));
-      const copy = await this.writeFreshTable(slot, b.tableEntries, bits);
-      const f = new SparseBitmap(this.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, this.size, () => this.alloc.fileEnd);
-      f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
-      await this.writeSlot(slot, f);
-      this.bitmapSlots[slot] = f;
       const old = await b.hostRanges();
-      const empty = await this.writeFreshTable(b.slot, b.tableEntries, new Map());
-      await this.writeSlot(b.slot, new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, this.size));
-      b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
+      // The frozen copy is the bits of this instant; marks from here on are replayed into the emptied
+      // bitmap, so every change is in one of the two (§9 rule 6).
+      const bits = b.copyBits();
+      b.startRecording();
+      try {
+        const copy = await this.writeFreshTable(slot, b.tableEntries, bits);
+        const f = new SparseBitmap(this.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, this.size, () => this.alloc.fileEnd);
+        f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
+        await this.writeSlot(slot, f);
+        this.bitmapSlots[slot] = f;
+        const empty = await this.writeFreshTable(b.slot, b.tableEntries, new Map());
+        await this.writeSlot(b.slot, new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, this.size));
+        b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
+      } finally {
+        b.stopRecording();
+      }
       await this.punchRanges(old);
     });
   }
@@ -1094,11 +1116,8 @@ export class KscImage implements BlockDevice {
       if (!b) continue;
       await dst.addBitmap(b.name, { granularity: b.granularity, enabled: b.enabled });
       const extents = await this.bitmapExtents(b.name);
-      await dst.replaceBits(b.name, () => {
-        const tmp = new SparseBitmap(this.file, 0, b.name, b.granularityBits, true, 0, b.tableEntries, this.size);
-        for (const e of extents) tmp.mark(e.offset, e.length);
-        return new Map([...tmp.pages].map(([p, page]) => [p, page.bits]));
-      });
+      // OR'ed into what dst's bitmap holds by then: changes to dst made since the add stay marked.
+      await dst.replaceBits(b.name, () => dst.findBitmap(b.name).loadAll(), (d) => dst.withExtents(d, extents));
     }
   }
 
