@@ -8,7 +8,7 @@
  * Block-range locks (shared for reads, exclusive for changes) keep copy-on-write invisible to readers.
  */
 import { crc32 } from 'node:zlib';
-import { KscError, corrupt, ioError } from '../errors.js';
+import { KscError, corrupt, ioError, isKscError } from '../errors.js';
 import type { HostFile, FileOpener } from '../io/file.js';
 import { openHostFile, writeThenCrcs } from '../io/file.js';
 import {
@@ -23,7 +23,7 @@ import { Mutex, RangeLock } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
 import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
-import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
+import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, guessBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
@@ -48,8 +48,13 @@ export interface OpenKscOptions {
 
 export interface BitmapStatus extends BitmapInfo {
   dirtyBytes: number;
-  /** false when a writer that does not maintain bitmaps touched the image (autoclear bit cleared). */
+  /**
+   * false when a writer that does not maintain bitmaps touched the image (autoclear bit cleared), or the
+   * bitmap's directory slot is damaged (§6.4): every bit counts as set and backups through it are full.
+   */
   consistent: boolean;
+  /** Damage found in this bitmap's metadata (§6.4), or null. Damaged pages read as wholly dirty. */
+  damage: string | null;
 }
 
 interface Seg {
@@ -94,6 +99,9 @@ export class KscImage implements BlockDevice {
   private changesDrained: (() => void) | null = null;
   private gate: Promise<void> | null = null;
   private beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
+  /** Opened as not cleanly closed (DIRTY, or a damaged header slot: §10 step 1). */
+  private openedDirty = false;
+  private openDamage: string[] = [];
 
   private constructor(
     private readonly file: HostFile,
@@ -134,9 +142,17 @@ export class KscImage implements BlockDevice {
     return this.header.backingFormat === BackingFormat.Raw ? 'raw' : this.header.backingFormat === BackingFormat.Ksc ? 'ksc_inc' : null;
   }
 
-  /** True when the image was not closed cleanly (or another writer has it open). */
+  /** True when the image was not closed cleanly (or another writer has it open, or a header slot is damaged). */
   get wasDirty(): boolean {
-    return (this.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    return this.openedDirty || (this.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  /**
+   * Damage outside the data found when the image was opened (§6.4): header slots, intent words, free list.
+   * A writer has already repaired the header slot and the intent words. Damaged bitmaps: see listBitmaps().
+   */
+  get damageFound(): readonly string[] {
+    return this.openDamage;
   }
 
   get intentSyncs(): number {
@@ -264,7 +280,11 @@ export class KscImage implements BlockDevice {
   }
 
   private static async openFile(file: HostFile, write: boolean, backing: BlockDevice | null): Promise<KscImage> {
-    const { header, slot } = await KscImage.readHeader(file);
+    const { header, slot, damagedSlots } = await KscImage.readHeader(file);
+    // §10 step 1: a damaged header slot may have been the newer one (its generation is unreadable), e.g. a
+    // DIRTY header torn or damaged after a crash: the image counts as not closed cleanly.
+    const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n || damagedSlots.length > 0;
+    const damage: string[] = [];
     const fileSize = await file.size();
     const alloc = new Allocator(alignUp(fileSize, 4096), 2 ** header.blockBits);
     const dir = Buffer.alloc(header.directoryEntries * 16);
@@ -276,25 +296,47 @@ export class KscImage implements BlockDevice {
     if ((await file.read(slotsBuf, header.bitmapDirOffset)) < slotsBuf.length) throw corrupt(file.path, 'bitmap directory', 'is truncated');
     const bitmaps: (SparseBitmap | null)[] = [];
     for (let s = 0; s < header.bitmapSlots; s++) {
-      const d = decodeBitmapSlot(slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE), s, file.path, header.virtualSize, fileSize);
-      bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize, () => alloc.fileEnd) : null);
+      const rec = slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE);
+      try {
+        const d = decodeBitmapSlot(rec, s, file.path, header.virtualSize, fileSize);
+        bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize, () => alloc.fileEnd) : null);
+      } catch (e) {
+        // §6.4: a damaged slot is a bitmap whose bits are all unknown (listed inconsistent), not a refusal.
+        if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+        bitmaps.push(SparseBitmap.damagedSlot(file, s, guessBitmapSlot(rec, s, header.blockBits), header.virtualSize, e.message));
+      }
+    }
+    for (const b of bitmaps) {
+      if (b?.slotDamaged && bitmaps.some((o) => o !== b && o?.name === b.name)) b.name = `damaged-slot-${b.slot}`;
     }
     const intentRaw = Buffer.alloc(header.intentWords * 16);
     if ((await file.read(intentRaw, header.intentOffset)) < intentRaw.length) throw corrupt(file.path, 'intent words', 'are truncated');
     const regions = Math.ceil(header.virtualSize / 2 ** header.intentBits);
-    const setRegions = IntentLog.decode(file.path, header.intentOffset, intentRaw, regions);
+    // §7: damaged intent words count as wholly set after a crash, as clear on a clean image.
+    const decoded = IntentLog.decode(file.path, header.intentOffset, intentRaw, regions, dirty);
+    damage.push(...decoded.damaged);
+    const setRegions = decoded.set;
     const intent = new IntentLog(file, header.intentOffset, intentRaw, header.intentBits, regions);
     intent.adoptSet(setRegions);
 
-    const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     const consistent = (header.autoclear & AUTOCLEAR_BITMAPS) !== 0n || bitmaps.every((b) => b === null);
     if (!dirty && header.freeListOffset !== 0 && header.freeListEntries > 0) {
-      alloc.addFree(await KscImage.readFreeList(file, header, fileSize));
+      try {
+        alloc.addFree(await KscImage.readFreeList(file, header, fileSize));
+      } catch (e) {
+        // §8: a damaged free list is ignored; the clusters it listed are leaked (check --repair reclaims them).
+        if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+        damage.push(e.message);
+      }
     }
     const img = new KscImage(file, header, slot, !write, map, alloc, intent, bitmaps, consistent, backing);
+    img.openedDirty = dirty;
+    img.openDamage = damage;
     if (write) {
-      // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1).
+      // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1). The header goes
+      // into the other slot, which rewrites a damaged one.
       await img.writeHeader({ ...header, incompatible: header.incompatible | INCOMPAT_DIRTY, autoclear: header.autoclear & KNOWN_AUTOCLEAR });
+      await intent.rewriteWords(decoded.damagedWords);
     }
     if (dirty && setRegions.length > 0) await img.recover(setRegions);
     return img;
@@ -904,9 +946,13 @@ export class KscImage implements BlockDevice {
     for (const b of this.bitmapSlots) {
       if (!b) continue;
       const ext = this.bitmapsConsistent ? await b.dirtyExtents(0, this.size, this.size) : [{ offset: 0, length: this.size }];
-      out.push({ name: b.name, granularity: b.granularity, enabled: b.enabled, dirtyBytes: ext.reduce((s, e) => s + e.length, 0), consistent: this.bitmapsConsistent });
+      out.push({ name: b.name, granularity: b.granularity, enabled: b.enabled, dirtyBytes: ext.reduce((s, e) => s + e.length, 0), consistent: this.bitmapConsistent(b), damage: b.damage });
     }
     return out;
+  }
+
+  private bitmapConsistent(b: SparseBitmap): boolean {
+    return this.bitmapsConsistent && !b.slotDamaged;
   }
 
   /** Dirty extents of bitmap `name` within [offset, offset+length), merged. */
@@ -993,6 +1039,7 @@ export class KscImage implements BlockDevice {
   async setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
     await this.manage(async () => {
       const b = this.findBitmap(name);
+      if (b.slotDamaged) throw new KscError('KSC_E_CORRUPT', `image ${this.name}: bitmap "${name}" has a damaged directory slot (${b.damage}): clear or remove it`);
       if (b.enabled === enabled) return;
       b.enabled = enabled;
       await this.writeSlot(b.slot, b);
@@ -1121,6 +1168,50 @@ export class KscImage implements BlockDevice {
     }
   }
 
+  /**
+   * Loads every bitmap page and lists all damage outside the data (§6.4): what open found (intent words,
+   * free list) and damaged bitmaps. For check.
+   */
+  async findDamage(): Promise<string[]> {
+    this.live();
+    const out = [...this.openDamage];
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      await b.loadAll();
+      if (b.damage) out.push(b.slotDamaged ? b.damage : `${b.damage} (pages ${b.failedPages().join(', ')} read as wholly dirty)`);
+    }
+    return out;
+  }
+
+  /**
+   * check --repair (§6.4): a bitmap with a damaged directory slot is dropped (its name and settings are
+   * unknown); one with damaged table entries or pages is rebuilt with the damaged pages wholly dirty. The
+   * writable open has already rewritten damaged intent words and a damaged header slot; the next close
+   * writes a new free list. Returns what was done, one sentence each.
+   */
+  async repairDamage(): Promise<string[]> {
+    this.writable();
+    const done = this.openDamage.map((d) => d.includes('intent words') ? `rewrote the damaged intent words (${d})` : `dropped the damaged free list (${d}); a new one is written at close`);
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      await b.loadAll();
+      if (!b.damage) continue;
+      const why = b.damage;
+      if (b.slotDamaged) {
+        await this.manage(async () => {
+          await this.writeSlot(b.slot, null);
+          this.bitmapSlots[b.slot] = null;
+        });
+        done.push(`dropped bitmap slot ${b.slot} ("${b.name}"): ${why}; its space is reclaimed as leaked`);
+      } else {
+        const failed = b.failedPages();
+        await this.replaceBits(b.name, () => b.loadAll(), (x) => x.copyBits());
+        done.push(`rebuilt bitmap "${b.name}": ${why}; pages ${failed.join(', ')} are now wholly dirty`);
+      }
+    }
+    return done;
+  }
+
   // ---------------------------------------------------------------- header changes
 
   /** Points the image at a different backing file (no data changes: callers do safe rebase). */
@@ -1155,9 +1246,9 @@ export class KscImage implements BlockDevice {
   }
 
   /** A bitmap's settings without loading its pages (listBitmaps() also counts dirty bytes); null when absent. */
-  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean } | null {
+  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean; damage: string | null } | null {
     const b = this.bitmapSlots.find((x) => x?.name === name);
-    return b ? { name: b.name, granularity: b.granularity, enabled: b.enabled, consistent: this.bitmapsConsistent } : null;
+    return b ? { name: b.name, granularity: b.granularity, enabled: b.enabled, consistent: this.bitmapConsistent(b), damage: b.damage } : null;
   }
 
   get bitmapList(): readonly (SparseBitmap | null)[] {
