@@ -12,7 +12,7 @@ import { KscError, corrupt, ioError, isKscError } from '../errors.js';
 import type { HostFile, FileOpener } from '../io/file.js';
 import { openHostFile, writeThenCrcs } from '../io/file.js';
 import {
-  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM,
+  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM, COMPAT_FROZEN,
   DEFAULT_BLOCK_BITS, DEFAULT_INTENT_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
   KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
   TAG_FREE, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
@@ -43,6 +43,8 @@ export interface OpenKscOptions {
   write?: boolean;
   /** The opened backing device (the chain is resolved by open.ts). */
   backing?: BlockDevice | null;
+  /** Allow changes to a frozen image (§4.1 FROZEN: the backing of a snapshot overlay). */
+  force?: boolean;
   opener?: FileOpener;
 }
 
@@ -99,6 +101,8 @@ export class KscImage implements BlockDevice {
   private changesDrained: (() => void) | null = null;
   private gate: Promise<void> | null = null;
   private beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
+  /** Frozen (§4.1) and opened without force: data changes are refused. */
+  private refuseChanges = false;
   /** Opened as not cleanly closed (DIRTY, or a damaged header slot: §10 step 1). */
   private openedDirty = false;
   private openDamage: string[] = [];
@@ -272,7 +276,9 @@ export class KscImage implements BlockDevice {
     const file = await (opts.opener ?? openHostFile)(path, { write });
     try {
       if (write) await file.lockExclusive();
-      return await KscImage.openFile(file, write, opts.backing ?? null);
+      const img = await KscImage.openFile(file, write, opts.backing ?? null);
+      img.refuseChanges = write && img.frozen && !opts.force;
+      return img;
     } catch (e) {
       await file.close().catch(() => undefined);
       throw e;
@@ -513,6 +519,9 @@ export class KscImage implements BlockDevice {
    */
   private async change(offset: number, length: number, fua: boolean | undefined, fn: () => Promise<void>): Promise<void> {
     this.writable();
+    if (this.refuseChanges) {
+      throw new KscError('KSC_E_READ_ONLY', `image ${this.name}: frozen as the backing of a snapshot overlay (its changes would show through the overlay); force to write anyway`);
+    }
     checkRange(this, offset, length);
     if (length > 0) {
       while (this.gate) await this.gate;
@@ -609,7 +618,7 @@ export class KscImage implements BlockDevice {
   private overwriteNow(offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
     const length = data.length;
     const B = this.blockSize;
-    if (this.closed || this.readOnly || this.broken || this.gate || this.beforeChange) return null;
+    if (this.closed || this.readOnly || this.broken || this.gate || this.beforeChange || this.refuseChanges) return null;
     if (!(length > 0 && offset >= 0 && offset % B === 0 && length % B === 0 && Number.isSafeInteger(offset) && offset + length <= this.size)) return null;
     const b0 = offset / B;
     const n = length / B;
@@ -1213,6 +1222,18 @@ export class KscImage implements BlockDevice {
   }
 
   // ---------------------------------------------------------------- header changes
+
+  /** True when the image is the backing of a snapshot overlay (§4.1 FROZEN). */
+  get frozen(): boolean {
+    return (this.header.compatible & COMPAT_FROZEN) !== 0n;
+  }
+
+  /** Marks the image FROZEN (durable before returning); later writers refuse data changes unless forced. */
+  async freeze(): Promise<void> {
+    this.writable();
+    await this.flush();
+    await this.flushMutex.run(() => this.writeHeader({ ...this.header, compatible: this.header.compatible | COMPAT_FROZEN }));
+  }
 
   /** Points the image at a different backing file (no data changes: callers do safe rebase). */
   async setBacking(name: string | null, format: 'raw' | 'ksc_inc' | null, dev: BlockDevice | null): Promise<void> {
