@@ -39,7 +39,7 @@ describe('kscinc CLI', () => {
     expect(info.blockSize).toBe(65536);
     expect(info.diskUuid).toMatch(/^[0-9a-f-]{36}$/);
     expect(info.backingChain).toEqual([{ file: p('base.raw'), format: 'raw' }]);
-    expect(info.bitmaps).toEqual([{ name: 'backup', granularity: 65536, enabled: true, dirtyBytes: 131072, consistent: true }]);
+    expect(info.bitmaps).toEqual([{ name: 'backup', granularity: 65536, enabled: true, dirtyBytes: 131072, consistent: true, damage: null }]);
     expect(info.allocatedBytes).toBeGreaterThan(0);
 
     const map = JSON.parse(ok(['map', p('ov.ksc'), '--json']));

@@ -56,7 +56,10 @@ export function registerBitmapCommands(program: Command): void {
       const list = await withImage(image, false, (img) => img.listBitmaps());
       if (o.json) return printJson(list);
       if (list.length === 0) println('no bitmaps');
-      for (const b of list) println(`${b.name}\tgranularity ${b.granularity}\t${b.enabled ? 'enabled' : 'disabled'}\tdirty ${formatSize(b.dirtyBytes)}`);
+      for (const b of list) {
+        const state = `${b.consistent ? '' : '\tinconsistent'}${b.damage ? `\tdamaged: ${b.damage}` : ''}`;
+        println(`${b.name}\tgranularity ${b.granularity}\t${b.enabled ? 'enabled' : 'disabled'}\tdirty ${formatSize(b.dirtyBytes)}${state}`);
+      }
     });
 
   bitmap

@@ -58,7 +58,7 @@ export function registerImageCommands(program: Command): void {
         if (info.bitmaps.length > 0) {
           println('bitmaps:');
           for (const b of info.bitmaps) {
-            println(`  ${b.name}: granularity ${b.granularity}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}`);
+            println(`  ${b.name}: granularity ${b.granularity}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}`);
           }
         }
       }
@@ -164,7 +164,7 @@ export interface ImageDescription {
   diskUuid: string | null;
   dirty: boolean;
   backingChain: { file: string; format: ImageFormat }[];
-  bitmaps: { name: string; granularity: number; enabled: boolean; dirtyBytes: number; consistent: boolean }[];
+  bitmaps: { name: string; granularity: number; enabled: boolean; dirtyBytes: number; consistent: boolean; damage?: string | null }[];
 }
 
 export async function describe(image: string): Promise<ImageDescription> {

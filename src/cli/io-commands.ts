@@ -17,8 +17,9 @@ export function registerIoCommands(program: Command): void {
     .requiredOption('--from <file>', 'source of the bytes ("-" for stdin)')
     .option('--length <n>', 'write only the first N bytes', (v) => parseSize(v, '--length'))
     .option('--fua', 'make the write durable before returning')
-    .action(async (image: string, offset: number, o: { from: string; length?: number; fua?: boolean }) => {
-      const dev = await openImage(image, { write: true });
+    .option('--force', 'write even to a frozen image (the backing of a snapshot overlay)')
+    .action(async (image: string, offset: number, o: { from: string; length?: number; fua?: boolean; force?: boolean }) => {
+      const dev = await openImage(image, { write: true, force: o.force });
       let written = 0;
       try {
         const stream = o.from === '-' ? process.stdin : createReadStream(o.from, { highWaterMark: CHUNK });

@@ -454,7 +454,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         fullReason ??= `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
       } else {
         const st = img.bitmapInfo(bitmap)!;
-        if (!st.consistent) fullReason ??= `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
+        if (!st.consistent) fullReason ??= st.damage ? `bitmap "${bitmap}" is not consistent: ${st.damage}` : `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
         else if (!st.enabled) fullReason ??= `bitmap "${bitmap}" is disabled`;
         else if (st.granularity > C) fullReason ??= `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${C}`;
       }

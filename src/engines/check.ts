@@ -38,12 +38,15 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     report.errors.push(msg);
     report.ok = false;
   };
-  // Header slots first, on the bare file, so a damaged slot is reported even when the other one opens.
+  // Header slots first, on the bare file, so a damaged slot is reported even when the other one opens. It is
+  // corruption (the image opens as not cleanly closed, §10); --repair's writable open rewrites it.
   const raw = await openHostFile(file, { write: false });
+  let damagedSlots: string[] = [];
   try {
-    const { damagedSlots, header } = await KscImage.readHeader(raw);
-    for (const d of damagedSlots) report.warnings.push(d);
-    report.dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    const r = await KscImage.readHeader(raw);
+    damagedSlots = r.damagedSlots;
+    if (!opts.repair) for (const d of damagedSlots) fail(`image ${file}: ${d}`);
+    report.dirty = (r.header.incompatible & INCOMPAT_DIRTY) !== 0n || damagedSlots.length > 0;
   } catch (e) {
     fail(messageOf(e));
     return report;
@@ -55,9 +58,17 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     img = await openKsc(file, { write: !!opts.repair });
   } catch (e) {
     fail(messageOf(e));
+    for (const d of opts.repair ? damagedSlots : []) fail(`image ${file}: ${d}`);
     return report;
   }
   try {
+    // Damage outside the data (§6.4): reported, or with --repair rebuilt or dropped first.
+    try {
+      if (opts.repair) report.repaired.push(...damagedSlots.map((d) => `rewrote ${d}`), ...(await img.repairDamage()));
+      else for (const d of await img.findDamage()) fail(d);
+    } catch (e) {
+      fail(messageOf(e));
+    }
     const used: Range[] = [];
     await collectMetadata(img, used, fail);
     const clusters = await collectClusters(img, used, report, fail);
@@ -70,7 +81,6 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
       const reclaimed = await img.reclaim(leaks);
       if (reclaimed > 0) report.repaired.push(`reclaimed ${reclaimed} bytes of leaked space`);
       if (report.dirty) report.repaired.push('completed crash recovery (bitmaps and checksums of recently written regions)');
-      if (report.warnings.some((w) => w.startsWith('header slot'))) report.repaired.push('rewrote the damaged header slot');
     }
   } finally {
     await img.close().catch((e) => fail(messageOf(e)));

@@ -14,19 +14,25 @@ export type Progress = (done: number, total: number) => void;
 /**
  * Creates `overlayPath` on top of `imagePath`. The overlay keeps the disk's UUID (it is the same disk)
  * and takes over its bitmaps with their bits, so dirty tracking continues in the layer that gets the
- * writes. The frozen image must not be written afterwards.
+ * writes. The image is opened for writing, so it takes the writer lock (KSC_E_LOCKED while a server or
+ * other writer has it), and a ksc_inc image is marked FROZEN (durably, before the overlay exists): later
+ * writers refuse data changes unless forced (formats/ksc_inc.md §4.1). A raw image is only locked.
  */
 export async function snapshotImage(imagePath: string, overlayPath: string): Promise<void> {
   const fmt = await probeFormat(imagePath);
   let uuid: Buffer | undefined;
   let blockSize: number | undefined;
   let base: KscImage | null = null;
+  let raw: BlockDevice | null = null;
   if (fmt === 'ksc_inc') {
-    base = await openKsc(imagePath);
+    base = await openKsc(imagePath, { write: true });
     uuid = base.diskUuid;
     blockSize = base.blockSize;
+  } else {
+    raw = await openImage(imagePath, { write: true, format: 'raw' });
   }
   try {
+    await base?.freeze();
     await createImage(overlayPath, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize });
     if (base && base.bitmapList.some((b) => b !== null)) {
       const top = await openKsc(overlayPath, { write: true });
@@ -38,6 +44,7 @@ export async function snapshotImage(imagePath: string, overlayPath: string): Pro
     }
   } finally {
     await base?.close();
+    await raw?.close();
   }
 }
 

@@ -14,6 +14,8 @@ export const META_ALIGN = 4096;
 export const INCOMPAT_DIRTY = 1n;
 export const KNOWN_INCOMPAT = INCOMPAT_DIRTY;
 export const COMPAT_DATA_CSUM = 1n;
+/** §4.1: the image is the backing of a snapshot overlay; writers refuse data changes unless forced. */
+export const COMPAT_FROZEN = 2n;
 export const AUTOCLEAR_BITMAPS = 1n;
 export const KNOWN_AUTOCLEAR = AUTOCLEAR_BITMAPS;
 

@@ -3,8 +3,14 @@
  * dense table of sealed entries pointing at 4 KiB pages of 256 sealed 64-bit words. Pages load on first use
  * and stay in memory; bits are set in memory and written by the image's flush, in the same two phases as
  * the block map. Clearing and merging build a complete new table and switch the slot atomically (§9 rule 6).
+ *
+ * Damage degrades instead of failing (§6.4): a table entry or page that fails its seal makes that page
+ * "failed": it reads as wholly dirty, is never marked, loaded or rewritten (so the damage stays visible on
+ * disk and is never laundered into a valid record with lost bits), and the bitmap reports `damage`. A
+ * damaged directory slot or table makes every page failed. Writing a new table (clear, merge, freeze)
+ * ends the damage.
  */
-import { corrupt, KscError } from '../errors.js';
+import { corrupt, isKscError, KscError } from '../errors.js';
 import type { HostFile } from '../io/file.js';
 import {
   BITMAP_DIR_ENTRY_SIZE, BITMAP_PAGE_BYTES, BITS_PER_PAGE, MAX_BITMAP_NAME, MAX_GRANULARITY_BITS,
@@ -36,7 +42,18 @@ function setBitRange(words: Uint32Array, first: number, last: number): void {
   while (i <= last) words[i >>> 5]! |= 1 << (i & 31), i++;
 }
 
+/** A page with every bit set (what a failed page reads as). */
+const ALL_SET = new Uint32Array(BITS_PER_PAGE / 32).fill(0xffffffff);
+
 export class SparseBitmap {
+  /** Why this bitmap's on-disk bits are partly unknown (first damage found), or null. */
+  damage: string | null = null;
+  /** The directory slot itself is damaged: name and settings are guesses, the table is unknown. */
+  slotDamaged = false;
+  /** Every page failed (slot or table damaged). */
+  private allFailed = false;
+  /** Pages whose table entry or page failed its check. */
+  private readonly failed = new Set<number>();
   private table: Buffer | null = null;
   private tableLoading: Promise<void> | null = null;
   readonly pages = new Map<number, BitmapPage>();
@@ -76,13 +93,37 @@ export class SparseBitmap {
     return `bitmap "${this.name}"`;
   }
 
+  /** A bitmap whose directory slot failed its check: every bit reads as set; only a new table ends it. */
+  static damagedSlot(file: HostFile, slot: number, guess: { name: string; granularityBits: number; enabled: boolean }, virtualSize: number, reason: string): SparseBitmap {
+    const b = new SparseBitmap(file, slot, guess.name, guess.granularityBits, guess.enabled, 0, SparseBitmap.tableEntriesFor(virtualSize, guess.granularityBits), virtualSize);
+    b.slotDamaged = true;
+    b.allFailed = true;
+    b.damage = reason;
+    return b;
+  }
+
+  /** True when page p's bits are unknown (they read as set). */
+  private isFailed(p: number): boolean {
+    return this.allFailed || this.failed.has(p);
+  }
+
+  private fail(p: number | null, e: unknown): void {
+    if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+    this.damage ??= e.message;
+    if (p === null) this.allFailed = true;
+    else this.failed.add(p);
+  }
+
   private async loadTable(): Promise<void> {
-    if (this.table) return;
+    if (this.table || this.allFailed) return;
+    const gen = this.tableGen;
     this.tableLoading ??= (async () => {
       const buf = Buffer.alloc(this.tableEntries * 16);
       if ((await this.file.read(buf, this.tableOffset)) < buf.length) throw corrupt(this.file.path, this.where(), 'table is truncated');
-      this.table = buf;
-    })();
+      if (gen === this.tableGen) this.table = buf;
+    })().catch((e: unknown) => {
+      if (gen === this.tableGen) this.fail(null, e);
+    });
     await this.tableLoading;
   }
 
@@ -98,25 +139,45 @@ export class SparseBitmap {
     return off;
   }
 
-  private readonly loading = new Map<number, Promise<BitmapPage>>();
+  private readonly loading = new Map<number, Promise<BitmapPage | null>>();
 
-  /** Loads page p once: concurrent callers share the read, and a page already in memory is never replaced. */
-  private loadPage(p: number): Promise<BitmapPage> {
+  /**
+   * Loads page p once: concurrent callers share the read, and a page already in memory is never replaced.
+   * A page that fails its check becomes failed (null), not an error.
+   */
+  private loadPage(p: number): Promise<BitmapPage | null> {
     const have = this.pages.get(p);
     if (have) return Promise.resolve(have);
+    if (this.isFailed(p)) return Promise.resolve(null);
     let pending = this.loading.get(p);
     if (!pending) {
-      pending = this.readPage(p).finally(() => this.loading.delete(p));
+      pending = this.readChecked(p).finally(() => this.loading.delete(p));
       this.loading.set(p, pending);
     }
     return pending;
   }
 
+  /** readPage; a failed check marks the page failed, unless the table was switched meanwhile (then it retries). */
+  private async readChecked(p: number): Promise<BitmapPage | null> {
+    for (;;) {
+      const gen = this.tableGen;
+      try {
+        return await this.readPage(p);
+      } catch (e) {
+        if (gen !== this.tableGen) continue;
+        this.fail(p, e);
+        return null;
+      }
+    }
+  }
+
   /** Bumped when the bitmap switches to a new table, so a read of the old table's page is not adopted. */
   private tableGen = 0;
 
-  private async readPage(p: number): Promise<BitmapPage> {
+  private async readPage(p: number): Promise<BitmapPage | null> {
     const gen = this.tableGen;
+    await this.loadTable();
+    if (this.allFailed) return null;
     const off = this.pageOffset(p);
     const page: BitmapPage = { hostOffset: off, bits: new Uint32Array(BITS_PER_PAGE / 32), dirty: false };
     if (off !== 0) {
@@ -150,11 +211,11 @@ export class SparseBitmap {
 
   /** True when `prepare(offset, length)` would have nothing to load (so `mark` may be used right away). */
   prepared(offset: number, length: number): boolean {
-    if (!this.table) return false;
+    if (!this.table && !this.allFailed) return false;
     if (length === 0) return true;
     const p0 = Math.floor(Math.floor(offset / this.granularity) / BITS_PER_PAGE);
     const p1 = Math.floor(Math.floor((offset + length - 1) / this.granularity) / BITS_PER_PAGE);
-    for (let p = p0; p <= p1; p++) if (!this.pages.has(p)) return false;
+    for (let p = p0; p <= p1; p++) if (!this.pages.has(p) && !this.isFailed(p)) return false;
     return true;
   }
 
@@ -163,12 +224,32 @@ export class SparseBitmap {
     for (let p = 0; p < this.tableEntries; p++) if (!this.pages.has(p)) await this.loadPage(p);
   }
 
+  /**
+   * Marks made since startRecording(), replayed by adoptTable(): a management operation builds a new table
+   * from the bits as they were when it started, and the marks of changes landing meanwhile carry over into
+   * it, so none is dropped by the switch (§9 rule 6).
+   */
+  private recorded: number[] | null = null;
+
+  /** Starts recording marks (call in the same synchronous step that snapshots the bits). */
+  startRecording(): void {
+    this.recorded = [];
+  }
+
+  /** Stops recording without replaying (the operation failed and the old table stays). */
+  stopRecording(): void {
+    this.recorded = null;
+  }
+
   /** Sets the bits covering [offset, offset+length); the pages must have been prepared. */
   mark(offset: number, length: number): void {
     if (length === 0) return;
+    if (this.recorded) this.recorded.push(offset, length);
+    if (this.allFailed) return;
     const k0 = Math.floor(offset / this.granularity);
     const k1 = Math.min(Math.floor((offset + length - 1) / this.granularity), this.bits - 1);
     for (let p = Math.floor(k0 / BITS_PER_PAGE); p * BITS_PER_PAGE <= k1; p++) {
+      if (this.failed.has(p)) continue; // reads as set; creating it would hide the damage
       let page = this.pages.get(p);
       if (!page) {
         // Only reachable for pages the table says are empty (prepare loads the others).
@@ -183,6 +264,7 @@ export class SparseBitmap {
   }
 
   isSet(bit: number): boolean {
+    if (this.isFailed(Math.floor(bit / BITS_PER_PAGE))) return true;
     const page = this.pages.get(Math.floor(bit / BITS_PER_PAGE));
     if (!page) return false;
     const i = bit % BITS_PER_PAGE;
@@ -238,11 +320,18 @@ export class SparseBitmap {
     const k0 = Math.floor(offset / this.granularity);
     const k1 = Math.floor((end - 1) / this.granularity);
     for (let p = Math.floor(k0 / BITS_PER_PAGE); p * BITS_PER_PAGE <= k1; p++) {
-      if (!this.pages.has(p)) {
-        if (this.pageOffset(p) === 0) continue;
-        await this.loadPage(p);
+      let bits: Uint32Array | undefined = this.pages.get(p)?.bits;
+      if (!bits && !this.isFailed(p)) {
+        let empty = false;
+        try {
+          empty = this.pageOffset(p) === 0;
+        } catch (e) {
+          this.fail(p, e);
+        }
+        if (empty) continue;
+        bits = (await this.loadPage(p))?.bits;
       }
-      const page = this.pages.get(p)!;
+      const page = { bits: bits ?? ALL_SET };
       const from = Math.max(k0, p * BITS_PER_PAGE);
       const to = Math.min(k1, p * BITS_PER_PAGE + BITS_PER_PAGE - 1);
       for (let k = from; k <= to; k++) {
@@ -272,20 +361,79 @@ export class SparseBitmap {
   /** Replaces the in-memory state after the slot was switched to a new table. */
   adoptTable(offset: number, table: Buffer, pages: Map<number, Uint32Array>, pageOffsets: Map<number, number>): void {
     this.tableGen++;
+    this.damage = null;
+    this.slotDamaged = false;
+    this.allFailed = false;
+    this.failed.clear();
     this.tableOffset = offset;
     this.table = table.subarray(0, this.tableEntries * 16);
     this.tableLoading = null;
     this.pages.clear();
     this.dirtyTable.clear();
     for (const [p, bits] of pages) this.pages.set(p, { hostOffset: pageOffsets.get(p) ?? 0, bits, dirty: false });
+    const replay = this.recorded;
+    this.recorded = null;
+    // Marks made since the bits were snapshotted: the next flush writes them (their intent bits are still set).
+    if (replay) for (let i = 0; i < replay.length; i += 2) this.mark(replay[i]!, replay[i + 1]!);
+  }
+
+  /** A copy of the bits of every page in memory (loadAll() first for all of them), failed pages wholly set. Synchronous. */
+  copyBits(): Map<number, Uint32Array> {
+    const out = new Map([...this.pages].map(([p, page]) => [p, new Uint32Array(page.bits)]));
+    for (let p = 0; p < this.tableEntries; p++) {
+      if (!this.isFailed(p)) continue;
+      const bits = new Uint32Array(BITS_PER_PAGE / 32);
+      setBitRange(bits, 0, Math.min(BITS_PER_PAGE, this.bits - p * BITS_PER_PAGE) - 1);
+      out.set(p, bits);
+    }
+    return out;
+  }
+
+  /** Pages that failed their check (for check and repair reports). */
+  failedPages(): number[] {
+    return this.allFailed ? Array.from({ length: this.tableEntries }, (_, i) => i) : [...this.failed].sort((a, b) => a - b);
+  }
+
+  /** Set bit ranges as byte extents, from the pages in memory only (synchronous: call after loadAll()). */
+  loadedExtents(virtualSize: number): { offset: number; length: number }[] {
+    const out: { offset: number; length: number }[] = [];
+    const g = this.granularity;
+    const all = this.copyBits();
+    for (const p of [...all.keys()].sort((a, b) => a - b)) {
+      const bits = all.get(p)!;
+      for (let w = 0; w < bits.length; w++) {
+        let v = bits[w]!;
+        while (v !== 0) {
+          const i = 31 - Math.clz32(v & -v);
+          v &= v - 1;
+          const k = p * BITS_PER_PAGE + w * 32 + i;
+          const s = k * g;
+          const e = Math.min(s + g, virtualSize);
+          if (e <= s) continue;
+          const last = out[out.length - 1];
+          if (last && last.offset + last.length === s) last.length += e - s;
+          else out.push({ offset: s, length: e - s });
+        }
+      }
+    }
+    return out;
   }
 
   /** Host ranges this bitmap occupies (table and pages), for leak checks and punching. */
   async hostRanges(): Promise<{ offset: number; length: number }[]> {
     await this.loadTable();
+    // A damaged slot or table names nothing trustworthy: its space stays leaked (check --repair reclaims it).
+    if (this.allFailed) return [];
     const out = [{ offset: this.tableOffset, length: SparseBitmap.tableBytes(this.tableEntries) }];
     for (let p = 0; p < this.tableEntries; p++) {
-      const off = this.pages.get(p)?.hostOffset || this.pageOffset(p);
+      let off = this.pages.get(p)?.hostOffset ?? 0;
+      if (!off) {
+        try {
+          off = this.pageOffset(p);
+        } catch (e) {
+          this.fail(p, e);
+        }
+      }
       if (off) out.push({ offset: off, length: BITMAP_PAGE_BYTES });
     }
     return out;
@@ -341,4 +489,23 @@ export function decodeBitmapSlot(rec: Buffer, slot: number, file: string, virtua
 export function validateBitmapName(name: string): void {
   const len = Buffer.byteLength(name, 'utf8');
   if (len < 1 || len > MAX_BITMAP_NAME) throw new KscError('KSC_E_INVALID', `bitmap name "${name}" must be 1 … 64 bytes`);
+}
+
+/**
+ * What a damaged directory slot (§6.4) most likely said, for listing it: its name when the name bytes are
+ * plausible UTF-8 (else "damaged-slot-N"), its granularity when in range (else `defaultBits`), its flags.
+ */
+export function guessBitmapSlot(rec: Buffer, slot: number, defaultBits: number): { name: string; granularityBits: number; enabled: boolean } {
+  const g = rec[1]!;
+  const nameLen = rec[2]!;
+  let name = `damaged-slot-${slot}`;
+  if (nameLen >= 1 && nameLen <= MAX_BITMAP_NAME) {
+    try {
+      const n = new TextDecoder('utf-8', { fatal: true }).decode(rec.subarray(16, 16 + nameLen));
+      if (!/[\u0000-\u001f]/.test(n)) name = n;
+    } catch {
+      // not UTF-8: keep the placeholder
+    }
+  }
+  return { name, granularityBits: g >= MIN_GRANULARITY_BITS && g <= MAX_GRANULARITY_BITS ? g : defaultBits, enabled: (rec[0]! & FLAG_ENABLED) !== 0 };
 }

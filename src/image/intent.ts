@@ -47,26 +47,48 @@ export class IntentLog {
     return buf;
   }
 
-  /** Verifies every word and loads the set bits; returns the regions that were set. */
-  static decode(file: string, offset: number, raw: Buffer, regions: number): number[] {
+  /**
+   * Verifies every word and returns the regions that were set. A word that fails its check (§7) is
+   * `damaged`: when the image was not closed cleanly (`dirty`) every region it covers counts as set (its bits
+   * are unknown, and a superset only costs dirty bits); on a clean image intent words mean nothing and it
+   * counts as clear. Either way the word is rewritten in `raw` as that value, sealed, so the next write of
+   * its span repairs it on disk.
+   */
+  static decode(file: string, offset: number, raw: Buffer, regions: number, dirty: boolean): { set: number[]; damaged: string[]; damagedWords: number[] } {
     const set: number[] = [];
+    const damaged: string[] = [];
+    const damagedWords: number[] = [];
     for (let w = 0; w < raw.length / 16; w++) {
       const rec = raw.subarray(w * 16, w * 16 + 16);
-      if (!sealOk(rec, TAG_INTENT, w) || rec.readUInt32LE(8) !== 0) {
-        throw corrupt(file, 'intent words', `word ${w} at offset 0x${(offset + w * 16).toString(16)} checksum mismatch`);
+      let bad: string | null = null;
+      if (!sealOk(rec, TAG_INTENT, w) || rec.readUInt32LE(8) !== 0) bad = 'checksum mismatch';
+      else if (w * 64 + 64 > regions && (rec.readBigUInt64LE(0) >> BigInt(Math.max(0, regions - w * 64))) !== 0n) bad = 'has a bit past the end of the disk';
+      if (bad !== null) {
+        damaged.push(corrupt(file, 'intent words', `word ${w} at offset 0x${(offset + w * 16).toString(16)} ${bad}`).message);
+        damagedWords.push(w);
+        rec.fill(0);
+        for (let r = w * 64; r < Math.min(regions, w * 64 + 64) && dirty; r++) {
+          const half = (r % 64) >= 32 ? 4 : 0;
+          rec.writeUInt32LE((rec.readUInt32LE(half) | (1 << (r % 32))) >>> 0, half);
+        }
+        seal(rec, TAG_INTENT, w);
       }
       for (let half = 0; half < 2; half++) {
         let v = rec.readUInt32LE(half * 4);
         while (v !== 0) {
           const bit = 31 - Math.clz32(v);
           v &= ~(1 << bit);
-          const r = w * 64 + half * 32 + bit;
-          if (r >= regions) throw corrupt(file, 'intent words', `word ${w} has a bit past the end of the disk`);
-          set.push(r);
+          set.push(w * 64 + half * 32 + bit);
         }
       }
     }
-    return set.sort((a, b) => a - b);
+    return { set: set.sort((a, b) => a - b), damaged, damagedWords };
+  }
+
+  /** Writes the 4 KiB spans holding these words from memory, durably (repairs damaged words, see decode). */
+  async rewriteWords(words: number[]): Promise<void> {
+    if (words.length === 0) return;
+    await this.enqueue(() => this.writeWords(words.map((w) => w * 64), true));
   }
 
   adoptSet(regions: number[]): void {

@@ -8,11 +8,11 @@
  * Block-range locks (shared for reads, exclusive for changes) keep copy-on-write invisible to readers.
  */
 import { crc32 } from 'node:zlib';
-import { KscError, corrupt, ioError } from '../errors.js';
+import { KscError, corrupt, ioError, isKscError } from '../errors.js';
 import type { HostFile, FileOpener } from '../io/file.js';
 import { openHostFile, writeThenCrcs } from '../io/file.js';
 import {
-  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM,
+  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM, COMPAT_FROZEN,
   DEFAULT_BLOCK_BITS, DEFAULT_INTENT_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
   KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
   TAG_FREE, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
@@ -23,7 +23,7 @@ import { Mutex, RangeLock } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
 import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
-import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
+import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, guessBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
@@ -43,13 +43,20 @@ export interface OpenKscOptions {
   write?: boolean;
   /** The opened backing device (the chain is resolved by open.ts). */
   backing?: BlockDevice | null;
+  /** Allow changes to a frozen image (§4.1 FROZEN: the backing of a snapshot overlay). */
+  force?: boolean;
   opener?: FileOpener;
 }
 
 export interface BitmapStatus extends BitmapInfo {
   dirtyBytes: number;
-  /** false when a writer that does not maintain bitmaps touched the image (autoclear bit cleared). */
+  /**
+   * false when a writer that does not maintain bitmaps touched the image (autoclear bit cleared), or the
+   * bitmap's directory slot is damaged (§6.4): every bit counts as set and backups through it are full.
+   */
   consistent: boolean;
+  /** Damage found in this bitmap's metadata (§6.4), or null. Damaged pages read as wholly dirty. */
+  damage: string | null;
 }
 
 interface Seg {
@@ -94,6 +101,11 @@ export class KscImage implements BlockDevice {
   private changesDrained: (() => void) | null = null;
   private gate: Promise<void> | null = null;
   private beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
+  /** Frozen (§4.1) and opened without force: data changes are refused. */
+  private refuseChanges = false;
+  /** Opened as not cleanly closed (DIRTY, or a damaged header slot: §10 step 1). */
+  private openedDirty = false;
+  private openDamage: string[] = [];
 
   private constructor(
     private readonly file: HostFile,
@@ -134,9 +146,17 @@ export class KscImage implements BlockDevice {
     return this.header.backingFormat === BackingFormat.Raw ? 'raw' : this.header.backingFormat === BackingFormat.Ksc ? 'ksc_inc' : null;
   }
 
-  /** True when the image was not closed cleanly (or another writer has it open). */
+  /** True when the image was not closed cleanly (or another writer has it open, or a header slot is damaged). */
   get wasDirty(): boolean {
-    return (this.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    return this.openedDirty || (this.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  /**
+   * Damage outside the data found when the image was opened (§6.4): header slots, intent words, free list.
+   * A writer has already repaired the header slot and the intent words. Damaged bitmaps: see listBitmaps().
+   */
+  get damageFound(): readonly string[] {
+    return this.openDamage;
   }
 
   get intentSyncs(): number {
@@ -256,7 +276,9 @@ export class KscImage implements BlockDevice {
     const file = await (opts.opener ?? openHostFile)(path, { write });
     try {
       if (write) await file.lockExclusive();
-      return await KscImage.openFile(file, write, opts.backing ?? null);
+      const img = await KscImage.openFile(file, write, opts.backing ?? null);
+      img.refuseChanges = write && img.frozen && !opts.force;
+      return img;
     } catch (e) {
       await file.close().catch(() => undefined);
       throw e;
@@ -264,7 +286,11 @@ export class KscImage implements BlockDevice {
   }
 
   private static async openFile(file: HostFile, write: boolean, backing: BlockDevice | null): Promise<KscImage> {
-    const { header, slot } = await KscImage.readHeader(file);
+    const { header, slot, damagedSlots } = await KscImage.readHeader(file);
+    // §10 step 1: a damaged header slot may have been the newer one (its generation is unreadable), e.g. a
+    // DIRTY header torn or damaged after a crash: the image counts as not closed cleanly.
+    const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n || damagedSlots.length > 0;
+    const damage: string[] = [];
     const fileSize = await file.size();
     const alloc = new Allocator(alignUp(fileSize, 4096), 2 ** header.blockBits);
     const dir = Buffer.alloc(header.directoryEntries * 16);
@@ -276,25 +302,47 @@ export class KscImage implements BlockDevice {
     if ((await file.read(slotsBuf, header.bitmapDirOffset)) < slotsBuf.length) throw corrupt(file.path, 'bitmap directory', 'is truncated');
     const bitmaps: (SparseBitmap | null)[] = [];
     for (let s = 0; s < header.bitmapSlots; s++) {
-      const d = decodeBitmapSlot(slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE), s, file.path, header.virtualSize, fileSize);
-      bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize, () => alloc.fileEnd) : null);
+      const rec = slotsBuf.subarray(s * BITMAP_DIR_ENTRY_SIZE, (s + 1) * BITMAP_DIR_ENTRY_SIZE);
+      try {
+        const d = decodeBitmapSlot(rec, s, file.path, header.virtualSize, fileSize);
+        bitmaps.push(d ? new SparseBitmap(file, s, d.name, d.granularityBits, d.enabled, d.tableOffset, d.tableEntries, header.virtualSize, () => alloc.fileEnd) : null);
+      } catch (e) {
+        // §6.4: a damaged slot is a bitmap whose bits are all unknown (listed inconsistent), not a refusal.
+        if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+        bitmaps.push(SparseBitmap.damagedSlot(file, s, guessBitmapSlot(rec, s, header.blockBits), header.virtualSize, e.message));
+      }
+    }
+    for (const b of bitmaps) {
+      if (b?.slotDamaged && bitmaps.some((o) => o !== b && o?.name === b.name)) b.name = `damaged-slot-${b.slot}`;
     }
     const intentRaw = Buffer.alloc(header.intentWords * 16);
     if ((await file.read(intentRaw, header.intentOffset)) < intentRaw.length) throw corrupt(file.path, 'intent words', 'are truncated');
     const regions = Math.ceil(header.virtualSize / 2 ** header.intentBits);
-    const setRegions = IntentLog.decode(file.path, header.intentOffset, intentRaw, regions);
+    // §7: damaged intent words count as wholly set after a crash, as clear on a clean image.
+    const decoded = IntentLog.decode(file.path, header.intentOffset, intentRaw, regions, dirty);
+    damage.push(...decoded.damaged);
+    const setRegions = decoded.set;
     const intent = new IntentLog(file, header.intentOffset, intentRaw, header.intentBits, regions);
     intent.adoptSet(setRegions);
 
-    const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
     const consistent = (header.autoclear & AUTOCLEAR_BITMAPS) !== 0n || bitmaps.every((b) => b === null);
     if (!dirty && header.freeListOffset !== 0 && header.freeListEntries > 0) {
-      alloc.addFree(await KscImage.readFreeList(file, header, fileSize));
+      try {
+        alloc.addFree(await KscImage.readFreeList(file, header, fileSize));
+      } catch (e) {
+        // §8: a damaged free list is ignored; the clusters it listed are leaked (check --repair reclaims them).
+        if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+        damage.push(e.message);
+      }
     }
     const img = new KscImage(file, header, slot, !write, map, alloc, intent, bitmaps, consistent, backing);
+    img.openedDirty = dirty;
+    img.openDamage = damage;
     if (write) {
-      // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1).
+      // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1). The header goes
+      // into the other slot, which rewrites a damaged one.
       await img.writeHeader({ ...header, incompatible: header.incompatible | INCOMPAT_DIRTY, autoclear: header.autoclear & KNOWN_AUTOCLEAR });
+      await intent.rewriteWords(decoded.damagedWords);
     }
     if (dirty && setRegions.length > 0) await img.recover(setRegions);
     return img;
@@ -471,6 +519,9 @@ export class KscImage implements BlockDevice {
    */
   private async change(offset: number, length: number, fua: boolean | undefined, fn: () => Promise<void>): Promise<void> {
     this.writable();
+    if (this.refuseChanges) {
+      throw new KscError('KSC_E_READ_ONLY', `image ${this.name}: frozen as the backing of a snapshot overlay (its changes would show through the overlay); force to write anyway`);
+    }
     checkRange(this, offset, length);
     if (length > 0) {
       while (this.gate) await this.gate;
@@ -567,7 +618,7 @@ export class KscImage implements BlockDevice {
   private overwriteNow(offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
     const length = data.length;
     const B = this.blockSize;
-    if (this.closed || this.readOnly || this.broken || this.gate || this.beforeChange) return null;
+    if (this.closed || this.readOnly || this.broken || this.gate || this.beforeChange || this.refuseChanges) return null;
     if (!(length > 0 && offset >= 0 && offset % B === 0 && length % B === 0 && Number.isSafeInteger(offset) && offset + length <= this.size)) return null;
     const b0 = offset / B;
     const n = length / B;
@@ -904,9 +955,13 @@ export class KscImage implements BlockDevice {
     for (const b of this.bitmapSlots) {
       if (!b) continue;
       const ext = this.bitmapsConsistent ? await b.dirtyExtents(0, this.size, this.size) : [{ offset: 0, length: this.size }];
-      out.push({ name: b.name, granularity: b.granularity, enabled: b.enabled, dirtyBytes: ext.reduce((s, e) => s + e.length, 0), consistent: this.bitmapsConsistent });
+      out.push({ name: b.name, granularity: b.granularity, enabled: b.enabled, dirtyBytes: ext.reduce((s, e) => s + e.length, 0), consistent: this.bitmapConsistent(b), damage: b.damage });
     }
     return out;
+  }
+
+  private bitmapConsistent(b: SparseBitmap): boolean {
+    return this.bitmapsConsistent && !b.slotDamaged;
   }
 
   /** Dirty extents of bitmap `name` within [offset, offset+length), merged. */
@@ -993,6 +1048,7 @@ export class KscImage implements BlockDevice {
   async setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
     await this.manage(async () => {
       const b = this.findBitmap(name);
+      if (b.slotDamaged) throw new KscError('KSC_E_CORRUPT', `image ${this.name}: bitmap "${name}" has a damaged directory slot (${b.damage}): clear or remove it`);
       if (b.enabled === enabled) return;
       b.enabled = enabled;
       await this.writeSlot(b.slot, b);
@@ -1000,33 +1056,47 @@ export class KscImage implements BlockDevice {
   }
 
   async clearBitmap(name: string): Promise<void> {
-    await this.replaceBits(name, () => new Map());
+    await this.replaceBits(name, async () => undefined, () => new Map());
   }
 
   /** ORs bitmap `src` into `dst` (granularities may differ: each dirty byte range of src is marked in dst). */
   async mergeBitmap(src: string, dst: string): Promise<void> {
-    const s = this.findBitmap(src);
-    const d = this.findBitmap(dst);
-    await s.loadAll();
-    await d.loadAll();
-    const extents = await s.dirtyExtents(0, this.size, this.size);
-    await this.replaceBits(dst, () => {
-      const copy = new SparseBitmap(this.file, d.slot, d.name, d.granularityBits, true, 0, d.tableEntries, this.size);
-      for (const [p, page] of d.pages) copy.pages.set(p, { hostOffset: 0, bits: new Uint32Array(page.bits), dirty: false });
-      for (const e of extents) copy.mark(e.offset, e.length);
-      return new Map([...copy.pages].map(([p, page]) => [p, page.bits]));
-    });
+    this.findBitmap(src);
+    this.findBitmap(dst);
+    await this.replaceBits(dst, async () => {
+      await this.findBitmap(src).loadAll();
+      await this.findBitmap(dst).loadAll();
+    }, (d) => this.withExtents(d, this.findBitmap(src).loadedExtents(this.size)));
   }
 
-  private async replaceBits(name: string, build: () => Map<number, Uint32Array>): Promise<void> {
+  /** `d`'s bits (all pages loaded) with `extents` marked as well, as a new page map. Synchronous. */
+  private withExtents(d: SparseBitmap, extents: { offset: number; length: number }[]): Map<number, Uint32Array> {
+    const copy = new SparseBitmap(this.file, d.slot, d.name, d.granularityBits, true, 0, d.tableEntries, this.size);
+    for (const [p, bits] of d.copyBits()) copy.pages.set(p, { hostOffset: 0, bits, dirty: false });
+    for (const e of extents) copy.mark(e.offset, e.length);
+    return new Map([...copy.pages].map(([p, page]) => [p, page.bits]));
+  }
+
+  /**
+   * Gives bitmap `name` a new table holding `build()`'s bits, atomically with respect to changes (§9 rule 6):
+   * `build` runs in the same synchronous step that starts recording the bitmap's marks, and the marks made
+   * until the new table is adopted are replayed into it. `load` runs first (inside the management step).
+   */
+  private async replaceBits(name: string, load: () => Promise<void>, build: (b: SparseBitmap) => Map<number, Uint32Array>): Promise<void> {
     await this.manage(async () => {
       const b = this.findBitmap(name);
       const old = await b.hostRanges();
-      const pages = build();
-      const fresh = await this.writeFreshTable(b.slot, b.tableEntries, pages);
-      const next = new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, fresh.offset, b.tableEntries, this.size);
-      await this.writeSlot(b.slot, next);
-      b.adoptTable(fresh.offset, fresh.table, pages, fresh.pageOffsets);
+      await load();
+      b.startRecording();
+      try {
+        const pages = build(b);
+        const fresh = await this.writeFreshTable(b.slot, b.tableEntries, pages);
+        const next = new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, fresh.offset, b.tableEntries, this.size);
+        await this.writeSlot(b.slot, next);
+        b.adoptTable(fresh.offset, fresh.table, pages, fresh.pageOffsets);
+      } finally {
+        b.stopRecording();
+      }
       await this.punchRanges(old);
     });
   }
@@ -1034,8 +1104,9 @@ export class KscImage implements BlockDevice {
   /**
    * Moves the bits of bitmap `name` into a new, disabled bitmap `frozenName` (same granularity) and clears
    * `name`, in one management step (one flush; each slot write is atomic, and a crash between them leaves
-   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10); call it with
-   * no change in flight (inside quiesce()).
+   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10). Atomic with
+   * respect to changes: each is in the frozen bitmap or marked in `name` (the backup calls it inside
+   * quiesce() for its own point in time).
    */
   async freezeBitmap(name: string, frozenName: string): Promise<void> {
     validateBitmapName(frozenName);
@@ -1045,16 +1116,23 @@ export class KscImage implements BlockDevice {
       const slot = this.bitmapSlots.indexOf(null);
       if (slot < 0) throw new KscError('KSC_E_RANGE', `image ${this.name}: all ${this.bitmapSlots.length} bitmap slots are in use`);
       await b.loadAll();
-      const bits = new Map([...b.pages].map(([p, page]) => [p, new Uint32Array(page.bits)]));
-      const copy = await this.writeFreshTable(slot, b.tableEntries, bits);
-      const f = new SparseBitmap(this.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, this.size, () => this.alloc.fileEnd);
-      f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
-      await this.writeSlot(slot, f);
-      this.bitmapSlots[slot] = f;
       const old = await b.hostRanges();
-      const empty = await this.writeFreshTable(b.slot, b.tableEntries, new Map());
-      await this.writeSlot(b.slot, new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, this.size));
-      b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
+      // The frozen copy is the bits of this instant; marks from here on are replayed into the emptied
+      // bitmap, so every change is in one of the two (§9 rule 6).
+      const bits = b.copyBits();
+      b.startRecording();
+      try {
+        const copy = await this.writeFreshTable(slot, b.tableEntries, bits);
+        const f = new SparseBitmap(this.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, this.size, () => this.alloc.fileEnd);
+        f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
+        await this.writeSlot(slot, f);
+        this.bitmapSlots[slot] = f;
+        const empty = await this.writeFreshTable(b.slot, b.tableEntries, new Map());
+        await this.writeSlot(b.slot, new SparseBitmap(this.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, this.size));
+        b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
+      } finally {
+        b.stopRecording();
+      }
       await this.punchRanges(old);
     });
   }
@@ -1094,15 +1172,68 @@ export class KscImage implements BlockDevice {
       if (!b) continue;
       await dst.addBitmap(b.name, { granularity: b.granularity, enabled: b.enabled });
       const extents = await this.bitmapExtents(b.name);
-      await dst.replaceBits(b.name, () => {
-        const tmp = new SparseBitmap(this.file, 0, b.name, b.granularityBits, true, 0, b.tableEntries, this.size);
-        for (const e of extents) tmp.mark(e.offset, e.length);
-        return new Map([...tmp.pages].map(([p, page]) => [p, page.bits]));
-      });
+      // OR'ed into what dst's bitmap holds by then: changes to dst made since the add stay marked.
+      await dst.replaceBits(b.name, () => dst.findBitmap(b.name).loadAll(), (d) => dst.withExtents(d, extents));
     }
   }
 
+  /**
+   * Loads every bitmap page and lists all damage outside the data (§6.4): what open found (intent words,
+   * free list) and damaged bitmaps. For check.
+   */
+  async findDamage(): Promise<string[]> {
+    this.live();
+    const out = [...this.openDamage];
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      await b.loadAll();
+      if (b.damage) out.push(b.slotDamaged ? b.damage : `${b.damage} (pages ${b.failedPages().join(', ')} read as wholly dirty)`);
+    }
+    return out;
+  }
+
+  /**
+   * check --repair (§6.4): a bitmap with a damaged directory slot is dropped (its name and settings are
+   * unknown); one with damaged table entries or pages is rebuilt with the damaged pages wholly dirty. The
+   * writable open has already rewritten damaged intent words and a damaged header slot; the next close
+   * writes a new free list. Returns what was done, one sentence each.
+   */
+  async repairDamage(): Promise<string[]> {
+    this.writable();
+    const done = this.openDamage.map((d) => d.includes('intent words') ? `rewrote the damaged intent words (${d})` : `dropped the damaged free list (${d}); a new one is written at close`);
+    for (const b of this.bitmapSlots) {
+      if (!b) continue;
+      await b.loadAll();
+      if (!b.damage) continue;
+      const why = b.damage;
+      if (b.slotDamaged) {
+        await this.manage(async () => {
+          await this.writeSlot(b.slot, null);
+          this.bitmapSlots[b.slot] = null;
+        });
+        done.push(`dropped bitmap slot ${b.slot} ("${b.name}"): ${why}; its space is reclaimed as leaked`);
+      } else {
+        const failed = b.failedPages();
+        await this.replaceBits(b.name, () => b.loadAll(), (x) => x.copyBits());
+        done.push(`rebuilt bitmap "${b.name}": ${why}; pages ${failed.join(', ')} are now wholly dirty`);
+      }
+    }
+    return done;
+  }
+
   // ---------------------------------------------------------------- header changes
+
+  /** True when the image is the backing of a snapshot overlay (§4.1 FROZEN). */
+  get frozen(): boolean {
+    return (this.header.compatible & COMPAT_FROZEN) !== 0n;
+  }
+
+  /** Marks the image FROZEN (durable before returning); later writers refuse data changes unless forced. */
+  async freeze(): Promise<void> {
+    this.writable();
+    await this.flush();
+    await this.flushMutex.run(() => this.writeHeader({ ...this.header, compatible: this.header.compatible | COMPAT_FROZEN }));
+  }
 
   /** Points the image at a different backing file (no data changes: callers do safe rebase). */
   async setBacking(name: string | null, format: 'raw' | 'ksc_inc' | null, dev: BlockDevice | null): Promise<void> {
@@ -1136,9 +1267,9 @@ export class KscImage implements BlockDevice {
   }
 
   /** A bitmap's settings without loading its pages (listBitmaps() also counts dirty bytes); null when absent. */
-  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean } | null {
+  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean; damage: string | null } | null {
     const b = this.bitmapSlots.find((x) => x?.name === name);
-    return b ? { name: b.name, granularity: b.granularity, enabled: b.enabled, consistent: this.bitmapsConsistent } : null;
+    return b ? { name: b.name, granularity: b.granularity, enabled: b.enabled, consistent: this.bitmapConsistent(b), damage: b.damage } : null;
   }
 
   get bitmapList(): readonly (SparseBitmap | null)[] {

@@ -16,8 +16,10 @@ export type ImageFormat = 'raw' | 'ksc_inc';
 export interface OpenImageOptions {
   /** Open the top image for writing (its backing chain is always read-only unless backingWritable). */
   write?: boolean;
-  /** Open the immediate backing for writing too (commit). */
+  /** Open the immediate backing for writing too (commit; a frozen backing takes the commit). */
   backingWritable?: boolean;
+  /** Allow writes to a frozen top image (§4.1 FROZEN). */
+  force?: boolean;
   /** Format of the top image; default: probed from its first bytes. */
   format?: ImageFormat;
   opener?: FileOpener;
@@ -88,14 +90,14 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   if (backingName !== null) {
     const bpath = resolveBackingPath(file, backingName);
     try {
-      backing = await openChain(bpath, backingFormat, depth === 0 && !!opts.backingWritable, opts, seen, depth + 1);
+      backing = await openChain(bpath, backingFormat, depth === 0 && !!opts.backingWritable, { ...opts, force: true }, seen, depth + 1);
     } catch (e) {
       if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `image ${file}: backing file ${backingName} (${bpath}) not found`, { cause: e });
       throw e;
     }
   }
   try {
-    return await KscImage.open(file, { write, backing, opener });
+    return await KscImage.open(file, { write, backing, opener, force: !!opts.force });
   } catch (e) {
     await backing?.close();
     throw e;
