@@ -1,9 +1,10 @@
-/** kscinc backup | restore | backups | verify | prune | repo init | repo unlock | repo locks. */
+/** kscinc backup | restore | backups | verify | prune | repo init | repo repair | repo unlock | repo locks. */
 import type { Command } from 'commander';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { Repository } from '../repo/repository.js';
+import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
 import { backupDevice } from '../engines/backup.js';
 import { restoreBackup, listBackups, summarize } from '../engines/restore.js';
@@ -173,6 +174,27 @@ export function registerBackupCommands(program: Command): void {
       await withRepo(location, 'create', async (r) => {
         println(`created repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)})`);
       }, o);
+    });
+  repo
+    .command('repair')
+    .argument('<repo>', 'a folder, or s3://BUCKET/PREFIX, whose config object was lost or damaged')
+    .option('--chunk-size <size>', 'the chunk size, when the manifests do not say it or disagree', (v) => parseSize(v, '--chunk-size'))
+    .option('--pack-size <size>', 'target pack size of the new config (default 32M)', (v) => parseSize(v, '--pack-size'))
+    .option('--dry-run', 'only say what config would be written')
+    .option('--json', 'print JSON')
+    .description('rebuild a lost or damaged config object from the manifests (writes nothing else)')
+    .action(async (location: string, o: { chunkSize?: number; packSize?: number; dryRun?: boolean; json?: boolean }) => {
+      const store = await openStore(location);
+      try {
+        const r = await repairConfig(store, o);
+        if (o.json) return printJson(r);
+        const from = { manifests: `from ${r.manifestsRead} manifest(s)`, packs: 'from the largest chunk in the packs (no readable manifest)', option: 'from --chunk-size', default: 'the default (no manifest, no readable pack)' }[r.chunkSizeFrom];
+        println(`${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`);
+        if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
+        if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);
+      } finally {
+        await store.close();
+      }
     });
   repo
     .command('locks')
