@@ -102,6 +102,7 @@ export function registerBackupCommands(program: Command): void {
         const bar = progressBar('restore');
         const r = await restoreBackup(repo, backup, target, { format, disk: o.disk, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
         if (o.json) return printJson(r);
+        for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
         println(`restored backup ${r.backup} to ${target} (${r.format}, ${formatSize(r.size)})`);
         println(`  fetched ${formatSize(r.bytesFetched)} for ${r.chunksFetched} chunks, wrote ${formatSize(r.bytesWritten)}; ${r.chunksZero} zero chunks, ${r.chunksUnchanged} already up to date`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
@@ -160,6 +161,11 @@ export function registerBackupCommands(program: Command): void {
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
         println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
         if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
+        const c = r.copies;
+        for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
+        if (c.chunksWithCopies) println(`${c.chunksWithCopies} chunk(s) had several copies: kept one that passed its check${c.chunksWithoutGoodCopy.length + c.chunksUndecided.length ? ', except as below' : ''}`);
+        if (c.chunksWithoutGoodCopy.length) println(`warning: no copy of ${c.chunksWithoutGoodCopy.length} chunk(s) passed its check (all copies kept; run "kscinc verify"): ${c.chunksWithoutGoodCopy.join(', ')}`);
+        if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
       });
     });
 

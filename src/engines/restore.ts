@@ -41,6 +41,8 @@ export interface RestoreResult {
   durationMs: number;
   /** Bytes of disk restored per second (size / duration). */
   throughput: number;
+  /** Damage met and worked around (a chunk read from another copy because one failed its check). */
+  warnings: string[];
 }
 
 export interface BackupSummary {
@@ -202,9 +204,13 @@ function restorePlan(ks: number[], idAt: (k: number) => Buffer, index: ChunkInde
   return { order, reads: { [Symbol.iterator]: () => coalesce(blobs(), maxRead) } };
 }
 
-/** Fetches and decodes the reads; calls `sink` with each chunk (verified against its id). */
+/**
+ * Fetches and decodes the reads; calls `sink` with each chunk (verified against its id). A read that fails
+ * its checks (or whose pack is missing) goes to `onFail` when given, which then owns its items (none of
+ * them has reached `sink`); otherwise the error is thrown.
+ */
 export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concurrency: number, maxRaw: number, what: string,
-  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>): Promise<number> {
+  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>, onFail?: (r: Read, e: KscError) => Promise<void>): Promise<number> {
   let fetched = 0;
   // One pair of shared buffers per read in flight, reused (see SharedSlot), sized by a first pass over the
   // reads (an iterable that is not an array is made twice).
@@ -219,26 +225,69 @@ export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concu
   await mapLimit(reads, concurrency, async (r) => {
     const key = packKey(r.pack);
     const slot = free.pop() ?? new SharedSlot(inputBytes, Math.max(outputBytes, BLOB_HEADER));
+    let res: Awaited<ReturnType<typeof unpackInto>>;
     try {
-      const target = slot.input.subarray(0, r.length);
-      if (store.getRangeInto) await store.getRangeInto(key, r.offset, target);
-      else {
-        const got = await store.getRange(key, r.offset, r.length);
-        if (got.length !== r.length) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: ${got.length} bytes at offset ${r.offset}, ${r.length} expected`);
-        got.copy(target);
-      }
-      fetched += r.length;
-      const res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw);
-      for (let i = 0; i < res.length; i++) {
-        const x = res[i]!;
-        if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
+      try {
+        const target = slot.input.subarray(0, r.length);
+        if (store.getRangeInto) await store.getRangeInto(key, r.offset, target);
+        else {
+          const got = await store.getRange(key, r.offset, r.length);
+          if (got.length !== r.length) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: ${got.length} bytes at offset ${r.offset}, ${r.length} expected`);
+          got.copy(target);
+        }
+        fetched += r.length;
+        res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw);
+        for (let i = 0; i < res.length; i++) {
+          const x = res[i]!;
+          if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
+        }
+      } catch (e) {
+        if (!onFail || !isDamage(e)) throw e;
+        free.push(slot);
+        await onFail(r, e);
+        return;
       }
       await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data, r.items[i]!)));
     } finally {
-      free.push(slot); // every sink has finished with the slot's views (or the read failed)
+      if (!free.includes(slot)) free.push(slot); // every sink has finished with the slot's views (or the read failed)
     }
   });
   return fetched;
+}
+
+/**
+ * For a read that failed its checks: fetches each of its chunks alone, from its first copy that passes
+ * (§6: any copy whose blob checks out is good), into `sink`. Calls `note` for every copy that failed when
+ * another was used. Throws when every copy of a chunk fails: the single copy's error, or KSC_E_CORRUPT
+ * naming them all. Returns the bytes read.
+ */
+export async function fetchFromCopies(repo: Repository, index: ChunkIndex, r: Read, maxRaw: number, what: string,
+  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>, note: (msg: string) => void): Promise<number> {
+  let bytes = 0;
+  for (const item of r.items) {
+    const s = index.slotOf(item.id);
+    const hs = s < 0 ? [] : index.copies(s);
+    const errors: { pack: string; e: KscError }[] = [];
+    let done = false;
+    for (const h of hs) {
+      const read: Read = { pack: index.packName(h), offset: index.blobOffset(h), length: index.blobLength(h), raw: index.rawLengthAt(h), items: [{ ...item, at: 0, length: index.blobLength(h) }] };
+      try {
+        bytes += await fetchChunks(repo, [read], 1, maxRaw, what, sink);
+        done = true;
+      } catch (e) {
+        if (!isDamage(e)) throw e;
+        errors.push({ pack: read.pack, e });
+        continue;
+      }
+      for (const x of errors) note(`chunk ${item.id.toString('hex')}: the copy in ${repo.objName(packKey(x.pack))} failed its check (${x.e.message}); used the copy in ${repo.objName(packKey(read.pack))}`);
+      break;
+    }
+    if (done) continue;
+    if (errors.length === 1) throw errors[0]!.e;
+    const code = errors.every((x) => x.e.code === 'KSC_E_NOT_FOUND') ? 'KSC_E_NOT_FOUND' : 'KSC_E_CORRUPT';
+    throw new KscError(code, `${what}: every copy of chunk ${item.id.toString('hex')} failed its check: ${errors.map((x) => x.e.message).join('; ')}`);
+  }
+  return bytes;
 }
 
 async function exists(p: string): Promise<boolean> {
@@ -284,6 +333,7 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     const chunksZero = chunks - m.ids.nonZeroCount();
     let chunksUnchanged = 0;
     let bytesWritten = 0;
+    const warnings: string[] = [];
     const idAt = (k: number): Buffer => m.ids.view(k);
     const lenAt = (k: number): number => Math.min(C, m.size - k * C);
     let candidates: number[] = [];
@@ -346,7 +396,7 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     // Flush in the background every 64 MiB written, so the final flush does not carry the whole restore.
     let sinceFlush = 0;
     let flushing: Promise<void> | null = null;
-    const bytesFetched = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, async (id, data, item) => {
+    const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
       fetchedChunks++;
       const ks: number[] = [];
       for (let p = item.from!; p < item.to!; p++) ks.push(fetch[plan.order[p]!]!);
@@ -362,13 +412,20 @@ export async function restoreBackup(repo: Repository, which: string, target: str
         flushing = dev.flush().finally(() => (flushing = null));
       }
       opts.progress?.({ doneBytes: done, totalBytes });
+    };
+    // A read that fails its checks is fetched again chunk by chunk, from another copy where one is damaged.
+    let bytesFetched = 0;
+    const main = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, sink, async (r) => {
+      const n = await fetchFromCopies(repo, index, r, C, what, sink, (msg) => warnings.push(msg));
+      bytesFetched += n;
     });
+    bytesFetched += main;
     await flushing;
     await dev.flush();
     const durationMs = Math.round(performance.now() - t0);
     return {
       backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetchedChunks, chunksUnchanged,
-      bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0,
+      bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0, warnings,
     };
   } catch (e) {
     if (!existing) {
