@@ -2,9 +2,9 @@
  * Verify: reads and checks every chunk the selected backups need (every backup by default), and names each
  * damaged object together with the backups that depend on it.
  */
-import { type KscError, isKscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
-import type { Manifest } from '../repo/format.js';
+import { type Manifest, PACK_HEADER, checkPackHeader } from '../repo/format.js';
 import { fetchChunks, listBackups, readsOf } from './restore.js';
 
 export interface Damage {
@@ -121,6 +121,19 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       damagedPacks.push({ object: repo.objName(packKey(pack)), problem: e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message, copies: bad });
     }
   });
+  // §5: every pack's header and footer (all packs; for one backup, the packs it reads): the footer is what
+  // an index rebuild and a resuming writer rely on. Its entries must agree with the index's.
+  const listed = await repo.listPacks();
+  const ends = new Map<string, string>();
+  const toCheck: [string, number][] = opts.backup
+    ? [...byPack.values()].map((hs) => index.packName(hs[0]!)).filter((p) => listed.has(p)).map((p) => [p, listed.get(p)!.size])
+    : [...listed].map(([p, info]) => [p, info.size]);
+  const packNo = new Map(index.packList().map((p, i) => [p, i]));
+  await mapLimit(toCheck, 4, async ([pack, size]) => {
+    const problem = await checkPackEnds(repo, pack, size, byPack.get(packNo.get(pack) ?? -1) ?? [], index);
+    if (problem) ends.set(repo.objName(packKey(pack)), problem);
+  });
+
   // A chunk is lost only when every copy of it failed; its slot is marked.
   for (const h of badCopies) {
     const s = index.slotOfCopy(h);
@@ -149,5 +162,36 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       damage.push({ object: d.object, problem, backups: [...broken.get(d.object)!].sort() });
     }
   }
+  for (const [object, problem] of ends) {
+    const d = damage.find((x) => x.object === object);
+    if (d) d.problem += `; ${problem}`;
+    else damage.push({ object, problem, backups: [] });
+  }
   return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
+}
+
+/**
+ * Checks pack `pack`'s header and footer (§5.1, §5.3), and that each of the index's copies `handles` in it
+ * is a footer entry with the same offset and lengths. Returns the problem, or null.
+ */
+async function checkPackEnds(repo: Repository, pack: string, size: number, handles: number[], index: ChunkIndex): Promise<string | null> {
+  const key = packKey(pack);
+  const name = repo.objName(key);
+  try {
+    if (size < PACK_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${size} bytes is too short for a pack`);
+    checkPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name);
+    const entries = await repo.readPackFooter(pack, size);
+    const listed = new Set(entries.map((e) => `${e.id.toString('hex')}@${e.offset}+${e.length}/${e.rawLength}`));
+    for (const h of handles) {
+      const want = `${index.idAt(h).toString('hex')}@${index.blobOffset(h)}+${index.blobLength(h)}/${index.rawLengthAt(h)}`;
+      if (!listed.has(want)) {
+        return `footer does not list chunk ${index.idAt(h).toString('hex')} at offset ${index.blobOffset(h)} as the index does (an index rebuild from this pack would lose it)`;
+      }
+    }
+    return null;
+  } catch (e) {
+    if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) throw e;
+    if (e.code === 'KSC_E_NOT_FOUND') return null; // missing: reported by the chunk reads (or removed meanwhile)
+    return `${e.message.replace(`repository object ${name}: `, '')} (the blobs may be intact; an index rebuild from this pack would fail)`;
+  }
 }
