@@ -12,9 +12,9 @@ import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
 import { BLOB_HEADER } from '../compress/codec.js';
-import { ChunkIndex, Repository, mapLimit, packKey } from '../repo/repository.js';
-import type { Manifest } from '../repo/format.js';
-import { uuidToBytes } from '../util/uuid.js';
+import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
+import { type Manifest, MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/format.js';
+import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
 
 export interface RestoreOptions {
@@ -87,8 +87,12 @@ export async function listBackups<T>(repo: Repository, onDamage?: (id: string, e
   return got.filter((x) => x !== null).map((x) => x!.v);
 }
 
-/** Resolves "latest" (of `disk` when given) or a backup id to its manifest. */
-export async function resolveBackup(repo: Repository, which: string, disk?: string): Promise<Manifest> {
+/**
+ * Resolves "latest" (of `disk` when given) or a backup id to its manifest. A damaged manifest newer than the
+ * answer could be the answer: KSC_E_CORRUPT naming it, unless its header (magic and disk UUID, read without
+ * the checksum) names another disk than `disk`; then it is skipped and `warn` says so (§7.6).
+ */
+export async function resolveBackup(repo: Repository, which: string, disk?: string, warn: (msg: string) => void = () => undefined): Promise<Manifest> {
   if (which !== 'latest') {
     const m = await repo.readManifest(which);
     if (disk && m.disk !== disk) throw new KscError('KSC_E_INVALID', `backup ${which} is of disk ${m.disk}, not ${disk}`);
@@ -98,9 +102,21 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   let found: string | null = null;
   const disks = new Set<string>();
   for (const id of ids) {
-    const m = await repo.readManifestInfo(id); // headers only: the chunk list of the one found is read below
-    disks.add(m.disk);
-    if (!disk || m.disk === disk) {
+    let d: string;
+    try {
+      d = (await repo.readManifestInfo(id)).disk; // headers only: the chunk list of the one found is read below
+    } catch (e) {
+      if (!isDamage(e)) throw e;
+      if (found) continue; // older than the answer: it cannot be the answer
+      const claimed = await claimedDisk(repo, id);
+      if (disk && claimed !== null && claimed !== disk) {
+        warn(`skipped damaged manifest ${repo.objName(manifestKey(id))} (its header names disk ${claimed}): ${e.message}`);
+        continue;
+      }
+      throw new KscError('KSC_E_CORRUPT', `the newest backup${disk ? ` of disk ${disk}` : ''} may be ${id}, whose manifest is damaged (${e.message}); restore an older backup by its id (see "kscinc backups"), or run "kscinc verify"`, { cause: e });
+    }
+    disks.add(d);
+    if (!disk || d === disk) {
       found ??= id;
       if (disk) break;
     }
@@ -108,6 +124,16 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   if (!found) throw new KscError('KSC_E_NOT_FOUND', disk ? `no backup of disk ${disk} in ${repo.name}` : `no backups in ${repo.name}`);
   if (!disk && disks.size > 1) throw new KscError('KSC_E_INVALID', `${repo.name} holds backups of ${disks.size} disks (${[...disks].join(', ')}): say which with --disk UUID`);
   return repo.readManifest(found);
+}
+
+/** The disk UUID a damaged manifest's header names (magic checked, checksum not), or null. */
+async function claimedDisk(repo: Repository, id: string): Promise<string | null> {
+  try {
+    const h = await repo.store.getRange(manifestKey(id), 0, MANIFEST_HEADER);
+    return h.subarray(0, 8).equals(MANIFEST_MAGIC) ? bytesToUuid(h.subarray(16, 32)) : null;
+  } catch {
+    return null;
+  }
 }
 
 /** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */
@@ -303,7 +329,8 @@ async function exists(p: string): Promise<boolean> {
 export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string } = {}): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
-  const m = await resolveBackup(repo, which, opts.disk);
+  const warnings: string[] = [];
+  const m = await resolveBackup(repo, which, opts.disk, (msg) => warnings.push(msg));
   const C = m.chunkSize;
   const chunks = m.ids.length;
   const what = `restore of backup ${m.meta.id}`;
@@ -333,7 +360,6 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     const chunksZero = chunks - m.ids.nonZeroCount();
     let chunksUnchanged = 0;
     let bytesWritten = 0;
-    const warnings: string[] = [];
     const idAt = (k: number): Buffer => m.ids.view(k);
     const lenAt = (k: number): number => Math.min(C, m.size - k * C);
     let candidates: number[] = [];
