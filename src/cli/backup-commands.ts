@@ -88,19 +88,29 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('restore')
     .argument('<backup>', 'a backup id, or "latest"')
-    .argument('<target>', 'file to restore to (a new file, or an existing image of the same size: only differing chunks are written)')
+    .argument('<target>', 'file to restore to (a new file, or an existing copy of the same disk of the same size: only differing chunks are written)')
     .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
     .option('-O, --output-format <format>', 'raw or ksc_inc (kscinc) for a new file', 'raw')
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
+    .option('--force', 'overwrite an existing target that is not a copy of the backup\'s disk')
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
-    .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; concurrency: number; json?: boolean }) => {
+    .addHelpText('after', '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 2 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).')
+    .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; force?: boolean; concurrency: number; json?: boolean }) => {
       const format = o.outputFormat === 'kscinc' || o.outputFormat === 'ksc_inc' ? 'ksc_inc' : o.outputFormat === 'raw' ? 'raw' : null;
       if (!format) throw new Error(`-O must be raw or ksc_inc, not "${o.outputFormat}"`);
       await withRepo(o.repo, 'open', async (repo) => {
         const bar = progressBar('restore');
-        const r = await restoreBackup(repo, backup, target, { format, disk: o.disk, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        let r;
+        try {
+          r = await restoreBackup(repo, backup, target, { format, disk: o.disk, force: o.force, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        } catch (e) {
+          if (!(e as { partial?: boolean }).partial) throw e;
+          process.stderr.write(`kscinc: ${(e as Error).message}\n`);
+          process.exitCode = 4;
+          return;
+        }
         if (o.json) return printJson(r);
         for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
         println(`restored backup ${r.backup} to ${target} (${r.format}, ${formatSize(r.size)})`);

@@ -11,6 +11,7 @@ import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
+import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
 import { BLOB_HEADER } from '../compress/codec.js';
 import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
 import { type Manifest, MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/format.js';
@@ -316,6 +317,30 @@ export async function fetchFromCopies(repo: Repository, index: ChunkIndex, r: Re
   return bytes;
 }
 
+/**
+ * Before the first write: every chunk the plan needs has a copy whose pack exists (a stat per pack, or one
+ * listing when there are many). KSC_E_NOT_FOUND naming the chunk and the pack otherwise.
+ */
+async function checkPacks(repo: Repository, index: ChunkIndex, what: string): Promise<void> {
+  const names = index.packList();
+  const present = new Map<string, boolean>();
+  if (names.length > 256) {
+    const all = await repo.listPacks();
+    for (const p of names) present.set(p, all.has(p));
+  } else {
+    await mapLimit(names, 16, async (p) => {
+      present.set(p, (await repo.store.stat(packKey(p))) !== null);
+    });
+  }
+  if ([...present.values()].every(Boolean)) return;
+  for (let s = 0; s < index.slots; s++) {
+    if (!index.hasSlot(s)) continue;
+    const hs = index.extraCopies === 0 ? [s] : index.copies(s);
+    if (hs.some((h) => present.get(index.packName(h)))) continue;
+    throw new KscError('KSC_E_NOT_FOUND', `${what}: chunk ${index.idAt(s).toString('hex')} is in ${hs.map((h) => repo.objName(packKey(index.packName(h)))).join(', ')}, which ${hs.length > 1 ? 'are' : 'is'} missing (repository damaged: run "kscinc verify"); nothing was written`);
+  }
+}
+
 async function exists(p: string): Promise<boolean> {
   try {
     await stat(p);
@@ -326,7 +351,14 @@ async function exists(p: string): Promise<boolean> {
 }
 
 /** Restores backup `which` ("latest" or an id) to the file `target`. */
-export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string } = {}): Promise<RestoreResult> {
+/**
+ * Restores backup `which` ("latest" or an id) to the file `target` (§9.5). A new target is written under a
+ * temporary name in its folder and appears under its name only when complete. An existing target must be a
+ * copy of the backup's disk (else KSC_E_EXISTS, unless `force`); everything that can be checked (manifest,
+ * index, every needed chunk's pack) is checked before its first write, and a failure after that throws
+ * PartialRestoreError (`partial: true`) saying the target holds a mix.
+ */
+export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean } = {}): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
   const warnings: string[] = [];
@@ -337,22 +369,34 @@ export async function restoreBackup(repo: Repository, which: string, target: str
   const existing = await exists(target);
   let dev: BlockDevice;
   let format: 'raw' | 'ksc_inc';
+  /** The file written: the target itself when it exists, else a temporary beside it. */
+  let file = target;
   if (existing) {
     dev = await openImage(target, { write: true });
     format = dev.format;
-    if (dev.size !== m.size) {
+    try {
+      if (dev.size !== m.size) throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
+      const why = opts.force ? null : await notACopy(dev, target, m.disk);
+      if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or pass --force to overwrite it`);
+    } catch (e) {
       await dev.close();
-      throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
+      throw e;
     }
   } else {
     format = opts.format ?? 'raw';
+    await sweepTempTargets(target);
+    file = tempTargetPath(target);
     if (format === 'ksc_inc') {
-      await createImage(target, { size: m.size, diskUuid: uuidToBytes(m.disk) });
-      dev = await openImage(target, { write: true });
+      await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
+      dev = await openImage(file, { write: true });
     } else {
-      dev = await RawDevice.create(target, m.size);
+      dev = await RawDevice.create(file, m.size);
     }
   }
+  /** Chunks an existing target needs changed, and how many were written (for PartialRestoreError). */
+  let toChange = 0;
+  let changed = 0;
+  let writing = false;
   try {
     // Which chunk positions need which id; on an existing target, skip positions that already match. Only
     // non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's
@@ -397,18 +441,14 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     }
     // The positions to fetch (zero ids need no fetch: written as zeros over an existing target, holes in a new one).
     const fetch: number[] = [];
+    const zero: number[] = [];
     for (const k of candidates) {
-      const id = idAt(k);
-      if (id.equals(ZERO_ID)) {
-        if (existing) {
-          await dev.writeZeroes(k * C, lenAt(k), { mayTrim: true });
-          bytesWritten += lenAt(k);
-        }
-        continue;
-      }
-      fetch.push(k);
+      if (idAt(k).equals(ZERO_ID)) {
+        if (existing) zero.push(k);
+      } else fetch.push(k);
     }
     candidates = [];
+    toChange = zero.length + fetch.length;
     // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
     const badIndex: string[] = [];
     // Only the entries of the chunks this restore fetches are kept: memory follows the backup, not the repository.
@@ -416,6 +456,15 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
     const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
     const plan = restorePlan(fetch, idAt, index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
+    await checkPacks(repo, index, what);
+    // Everything checkable is checked: from here on the target changes.
+    writing = true;
+    if (existing && format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+    for (const k of zero) {
+      await dev.writeZeroes(k * C, lenAt(k), { mayTrim: true });
+      bytesWritten += lenAt(k);
+      changed++;
+    }
     const totalBytes = fetch.reduce((sum, k) => sum + lenAt(k), 0);
     let done = 0;
     let fetchedChunks = 0;
@@ -429,6 +478,7 @@ export async function restoreBackup(repo: Repository, which: string, target: str
       await Promise.all(ks.map(async (k) => {
         if (data.length !== lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${lenAt(k)}`);
         await dev.write(k * C, data);
+        changed++;
         bytesWritten += data.length;
         done += data.length;
         sinceFlush += data.length;
@@ -448,6 +498,11 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     bytesFetched += main;
     await flushing;
     await dev.flush();
+    if (!existing) {
+      await dev.close();
+      await publish(file, target);
+      if (format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+    }
     const durationMs = Math.round(performance.now() - t0);
     return {
       backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetchedChunks, chunksUnchanged,
@@ -455,9 +510,11 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     };
   } catch (e) {
     if (!existing) {
-      // A new target that did not receive the whole backup is not a restore: remove it.
+      // A new target that did not receive the whole backup is not a restore: its temporary goes.
       await dev.close().catch(() => undefined);
-      await rm(target, { force: true }).catch(() => undefined);
+      await rm(file, { force: true }).catch(() => undefined);
+    } else if (writing) {
+      throw new PartialRestoreError(target, changed, toChange, e as Error);
     }
     throw e;
   } finally {

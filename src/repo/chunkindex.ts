@@ -163,6 +163,11 @@ export class ChunkIndex {
     return this.ovCount;
   }
 
+  /** True when slot `s` holds a chunk. */
+  hasSlot(s: number): boolean {
+    return this.pack[s] !== 0;
+  }
+
   /** How many locations the chunk in slot `s` has. */
   copyCount(s: number): number {
     let n = 1;
