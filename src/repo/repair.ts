@@ -95,8 +95,14 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   if (!opts.dryRun) {
     // §3.1: a concurrent repair or init may have written one meanwhile; never replace a good config.
     if (await store.stat(CONFIG_KEY)) {
-      const ok = await store.get(CONFIG_KEY).then((b) => (decodeConfig(b), true), (e: unknown) => !isKscError(e, 'KSC_E_CORRUPT'));
-      if (ok) throw new KscError('KSC_E_EXISTS', `${store.name} got an intact config object meanwhile: nothing to repair`);
+      let ok: boolean;
+      try {
+        decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+        ok = true;
+      } catch (e) {
+        ok = !isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND');
+      }
+      if (ok) throw new KscError('KSC_E_EXISTS', `${store.name} got a config object meanwhile that is not damaged: nothing to repair`);
     }
     await store.put(CONFIG_KEY, Buffer.from(JSON.stringify(config, null, 2) + '\n'));
     await Repository.open(store); // reads back what it wrote

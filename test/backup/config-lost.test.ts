@@ -116,3 +116,41 @@ describe('a lost config', () => {
     expect(existsSync(join(empty, 'config'))).toBe(true);
   });
 });
+
+describe('repo repair (library)', () => {
+  it('takes the chunk size from the packs when no manifest is readable, and refuses manifests that disagree', async () => {
+    const { repairConfig } = await import('../../src/repo/repair.js');
+    const { FsStore } = await import('../../src/objstore/fs.js');
+    const { isKscError } = await import('../../src/errors.js');
+    const rng = new Rng(seed + 7);
+    const make = (name: string, chunk: string): string => {
+      const repo = join(dir, name);
+      const disk = join(dir, `${name}.raw`);
+      writeFileSync(disk, rng.bytes(5 * MiB));
+      expect(kscinc(['repo', 'init', repo, '--chunk-size', chunk]).code).toBe(0);
+      expect(kscinc(['backup', disk, '--repo', repo, '--no-bitmap']).code).toBe(0);
+      return repo;
+    };
+    // No manifest: the largest chunk in the packs (4 MiB), not the default.
+    const noManifest = make('no-manifest', '4M');
+    rmSync(join(noManifest, 'config'));
+    rmSync(join(noManifest, 'manifests'), { recursive: true });
+    const r = await repairConfig(await FsStore.open(noManifest));
+    expect([r.config.chunkSize, r.chunkSizeFrom]).toEqual([4 * MiB, 'packs']);
+    // Manifests of two chunk sizes (one copied in from another repository): told which, or refused.
+    const a = make('two-sizes', '1M');
+    const b = make('two-sizes-b', '2M');
+    for (const f of readdirSync(join(b, 'manifests'))) writeFileSync(join(a, 'manifests', f), readFileSync(join(b, 'manifests', f)));
+    writeFileSync(join(a, 'config'), '{ "format": "kscinc-repo'); // damaged: not JSON
+    const e = await repairConfig(await FsStore.open(a)).catch((x: unknown) => x);
+    expect(isKscError(e, 'KSC_E_INVALID'), String(e)).toBe(true);
+    expect((e as Error).message).toMatch(/disagree on the chunk size: .*1 MiB.*2 MiB/);
+    const chosen = await repairConfig(await FsStore.open(a), { chunkSize: MiB });
+    expect(chosen.manifestsOtherChunkSize.length).toBe(1);
+    expect(JSON.parse(readFileSync(join(a, 'config'), 'utf8')).chunkSize).toBe(MiB);
+    // A config of a newer version is never replaced.
+    writeFileSync(join(b, 'config'), JSON.stringify({ format: 'kscinc-repository', version: 2 }));
+    await expect(repairConfig(await FsStore.open(b))).rejects.toThrow(/version 2/);
+    expect(JSON.parse(readFileSync(join(b, 'config'), 'utf8')).version).toBe(2);
+  });
+});
