@@ -127,8 +127,10 @@ describe('repo repair (library)', () => {
       const repo = join(dir, name);
       const disk = join(dir, `${name}.raw`);
       writeFileSync(disk, rng.bytes(5 * MiB));
-      expect(kscinc(['repo', 'init', repo, '--chunk-size', chunk]).code).toBe(0);
-      expect(kscinc(['backup', disk, '--repo', repo, '--no-bitmap']).code).toBe(0);
+      const init = kscinc(['repo', 'init', repo, '--chunk-size', chunk]);
+      expect(init.code, init.stderr).toBe(0);
+      const b = kscinc(['backup', disk, '--repo', repo, '--no-bitmap']);
+      expect(b.code, b.stderr).toBe(0);
       return repo;
     };
     // No manifest: the largest chunk in the packs (4 MiB), not the default.
@@ -136,7 +138,7 @@ describe('repo repair (library)', () => {
     rmSync(join(noManifest, 'config'));
     rmSync(join(noManifest, 'manifests'), { recursive: true });
     const r = await repairConfig(await FsStore.open(noManifest));
-    expect([r.config.chunkSize, r.chunkSizeFrom]).toEqual([4 * MiB, 'packs']);
+    expect([r.config.chunkSize, r.chunkSizeFrom], JSON.stringify(r)).toEqual([4 * MiB, 'packs']);
     // Manifests of two chunk sizes (one copied in from another repository): told which, or refused.
     const a = make('two-sizes', '1M');
     const b = make('two-sizes-b', '2M');
