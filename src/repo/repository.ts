@@ -150,7 +150,12 @@ export class Repository {
         ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
         : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`);
     }
-    return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+    try {
+      return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+    } catch (e) {
+      if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+      throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
+    }
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup); see init. */

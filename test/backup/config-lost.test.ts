@@ -144,6 +144,9 @@ describe('repo repair (library)', () => {
     const b = make('two-sizes-b', '2M');
     for (const f of readdirSync(join(b, 'manifests'))) writeFileSync(join(a, 'manifests', f), readFileSync(join(b, 'manifests', f)));
     writeFileSync(join(a, 'config'), '{ "format": "kscinc-repo'); // damaged: not JSON
+    const refused = kscinc(['backup', join(dir, 'two-sizes.raw'), '--repo', a, '--no-bitmap']);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(/config: is not valid JSON.*repo repair/);
     const e = await repairConfig(await FsStore.open(a)).catch((x: unknown) => x);
     expect(isKscError(e, 'KSC_E_INVALID'), String(e)).toBe(true);
     expect((e as Error).message).toMatch(/disagree on the chunk size: .*1 MiB.*2 MiB/);
