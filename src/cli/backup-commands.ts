@@ -1,9 +1,10 @@
-/** kscinc backup | restore | backups | verify | prune | repo init | repo unlock | repo locks. */
+/** kscinc backup | restore | backups | verify | prune | repo init | repo repair | repo unlock | repo locks. */
 import type { Command } from 'commander';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { Repository } from '../repo/repository.js';
+import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
 import { backupDevice } from '../engines/backup.js';
 import { restoreBackup, listBackups, summarize } from '../engines/restore.js';
@@ -87,20 +88,31 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('restore')
     .argument('<backup>', 'a backup id, or "latest"')
-    .argument('<target>', 'file to restore to (a new file, or an existing image of the same size: only differing chunks are written)')
+    .argument('<target>', 'file to restore to (a new file, or an existing copy of the same disk of the same size: only differing chunks are written)')
     .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
     .option('-O, --output-format <format>', 'raw or ksc_inc (kscinc) for a new file', 'raw')
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
+    .option('--force', 'overwrite an existing target that is not a copy of the backup\'s disk')
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
-    .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; concurrency: number; json?: boolean }) => {
+    .addHelpText('after', '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 2 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).')
+    .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; force?: boolean; concurrency: number; json?: boolean }) => {
       const format = o.outputFormat === 'kscinc' || o.outputFormat === 'ksc_inc' ? 'ksc_inc' : o.outputFormat === 'raw' ? 'raw' : null;
       if (!format) throw new Error(`-O must be raw or ksc_inc, not "${o.outputFormat}"`);
       await withRepo(o.repo, 'open', async (repo) => {
         const bar = progressBar('restore');
-        const r = await restoreBackup(repo, backup, target, { format, disk: o.disk, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        let r;
+        try {
+          r = await restoreBackup(repo, backup, target, { format, disk: o.disk, force: o.force, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        } catch (e) {
+          if (!(e as { partial?: boolean }).partial) throw e;
+          process.stderr.write(`kscinc: ${(e as Error).message}\n`);
+          process.exitCode = 4;
+          return;
+        }
         if (o.json) return printJson(r);
+        for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
         println(`restored backup ${r.backup} to ${target} (${r.format}, ${formatSize(r.size)})`);
         println(`  fetched ${formatSize(r.bytesFetched)} for ${r.chunksFetched} chunks, wrote ${formatSize(r.bytesWritten)}; ${r.chunksZero} zero chunks, ${r.chunksUnchanged} already up to date`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
@@ -159,6 +171,11 @@ export function registerBackupCommands(program: Command): void {
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
         println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
         if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
+        const c = r.copies;
+        for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
+        if (c.chunksWithCopies) println(`${c.chunksWithCopies} chunk(s) had several copies: kept one that passed its check${c.chunksWithoutGoodCopy.length + c.chunksUndecided.length ? ', except as below' : ''}`);
+        if (c.chunksWithoutGoodCopy.length) println(`warning: no copy of ${c.chunksWithoutGoodCopy.length} chunk(s) passed its check (all copies kept; run "kscinc verify"): ${c.chunksWithoutGoodCopy.join(', ')}`);
+        if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
       });
     });
 
@@ -173,6 +190,27 @@ export function registerBackupCommands(program: Command): void {
       await withRepo(location, 'create', async (r) => {
         println(`created repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)})`);
       }, o);
+    });
+  repo
+    .command('repair')
+    .argument('<repo>', 'a folder, or s3://BUCKET/PREFIX, whose config object was lost or damaged')
+    .option('--chunk-size <size>', 'the chunk size, when the manifests do not say it or disagree', (v) => parseSize(v, '--chunk-size'))
+    .option('--pack-size <size>', 'target pack size of the new config (default 32M)', (v) => parseSize(v, '--pack-size'))
+    .option('--dry-run', 'only say what config would be written')
+    .option('--json', 'print JSON')
+    .description('rebuild a lost or damaged config object from the manifests (writes nothing else)')
+    .action(async (location: string, o: { chunkSize?: number; packSize?: number; dryRun?: boolean; json?: boolean }) => {
+      const store = await openStore(location);
+      try {
+        const r = await repairConfig(store, o);
+        if (o.json) return printJson(r);
+        const from = { manifests: `from ${r.manifestsRead} manifest(s)`, packs: 'from the largest chunk in the packs (no readable manifest)', option: 'from --chunk-size', default: 'the default (no manifest, no readable pack)' }[r.chunkSizeFrom];
+        println(`${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`);
+        if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
+        if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);
+      } finally {
+        await store.close();
+      }
     });
   repo
     .command('locks')
