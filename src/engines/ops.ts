@@ -6,7 +6,8 @@ import * as path from 'node:path';
 import { KscError } from '../errors.js';
 import { BlockState } from '../format/constants.js';
 import { KscImage } from '../image/ksc.js';
-import { createImage, openImage, openKsc, probeFormat } from '../image/open.js';
+import { openImage, openKsc, probeFormat, writeNewImage } from '../image/open.js';
+import { buildNewFile } from '../io/newfile.js';
 import type { BlockDevice } from '../image/types.js';
 
 export type Progress = (done: number, total: number) => void;
@@ -16,7 +17,7 @@ export type Progress = (done: number, total: number) => void;
  * and takes over its bitmaps with their bits, so dirty tracking continues in the layer that gets the
  * writes. The frozen image must not be written afterwards.
  */
-export async function snapshotImage(imagePath: string, overlayPath: string): Promise<void> {
+export async function snapshotImage(imagePath: string, overlayPath: string, opts: { force?: boolean } = {}): Promise<void> {
   const fmt = await probeFormat(imagePath);
   let uuid: Buffer | undefined;
   let blockSize: number | undefined;
@@ -27,15 +28,18 @@ export async function snapshotImage(imagePath: string, overlayPath: string): Pro
     blockSize = base.blockSize;
   }
   try {
-    await createImage(overlayPath, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize });
-    if (base && base.bitmapList.some((b) => b !== null)) {
-      const top = await openKsc(overlayPath, { write: true });
-      try {
-        await base.copyBitmapsTo(top);
-      } finally {
-        await top.close();
+    // Built whole under a temporary name (with its bitmaps), then named: never an overlay without them.
+    await buildNewFile(overlayPath, { force: opts.force }, async (temp) => {
+      await writeNewImage(temp, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize, finalName: overlayPath });
+      if (base && base.bitmapList.some((b) => b !== null)) {
+        const top = await openKsc(temp, { write: true });
+        try {
+          await base.copyBitmapsTo(top);
+        } finally {
+          await top.close();
+        }
       }
-    }
+    });
   } finally {
     await base?.close();
   }
@@ -69,6 +73,7 @@ export async function commitImage(overlayPath: string, onProgress?: Progress): P
       bytes += len;
       onProgress?.(start + len, total);
     }
+    onProgress?.(total, total); // the last block may end before the disk does
     await backing.flush();
     await top.dropBlocks(committed);
     return { blocks, bytes };
@@ -140,6 +145,7 @@ async function copyDiffering(img: KscImage, next: BlockDevice | null, onProgress
       onProgress?.(pos, img.size);
     }
   }
+  onProgress?.(img.size, img.size);
   await img.flush();
   return copied;
 }

@@ -24,7 +24,7 @@ export interface VerifyResult {
   durationMs: number;
 }
 
-export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
+export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {
@@ -86,6 +86,8 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   }
   used.fill(0); // from here on: the marks of damaged chunks
   let chunksChecked = 0;
+  let chunksTotal = 0;
+  for (const l of byPack.values()) chunksTotal += l.length;
   let bytesRead = 0;
   const damagedPacks: { object: string; problem: string }[] = [];
   await mapLimit(byPack.values(), opts.concurrency ?? 4, async (slots) => {
@@ -96,6 +98,7 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       // Not `bytesRead += await …`: that reads bytesRead before the await and loses the other packs' bytes.
       const n = await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
         chunksChecked++;
+        opts.progress?.(chunksChecked, chunksTotal);
       });
       bytesRead += n;
     } catch (e) {
