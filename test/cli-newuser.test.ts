@@ -11,7 +11,7 @@ import { CLI, kscinc, run } from './helpers/cli.js';
 import { tempDir } from './helpers/tmp.js';
 import { renderBar, progressBar, setProgressEnabled, formatEta } from '../src/cli/progress.js';
 import { restoreCounts } from '../src/cli/backup-commands.js';
-import { statePathFor } from '../src/engines/schedule/index.js';
+import { loadConfig, nextRuns, statePathFor } from '../src/engines/schedule/index.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);
@@ -311,5 +311,34 @@ describe('library and shell completion', () => {
     expect(complete('kscinc convert --fo')).toEqual(['--force']);
     expect(complete('kscinc bitmap list --a')).toEqual(['--all']);
     oneLineError(kscinc(['completion', 'zsh']), 1, /only bash/);
+  });
+
+  it('README: quick start first, the example schedule meets its own rpo; the shipped systemd units verify', async () => {
+    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+    const firstBlock = /```sh\n([\s\S]*?)```/.exec(readme)![1]!.trim().split('\n');
+    expect(readme.indexOf('```sh')).toBeLessThan(readme.indexOf('## '));
+    expect(firstBlock).toHaveLength(5);
+    expect(firstBlock[0]).toMatch(/npm link/);
+    const yaml = /```yaml\n([\s\S]*?)```/.exec(readme)![1]!;
+    writeFileSync(p('readme-schedule.yaml'), yaml);
+    const config = await loadConfig(p('readme-schedule.yaml'));
+    let checked = 0;
+    for (const job of config.jobs) {
+      if (job.rpoMs === undefined || job.when.kind === 'shutdown') continue;
+      const from = Date.parse('2026-01-01T00:00:00Z');
+      const runs = nextRuns(job.when, job.timezone, from, 20, from);
+      for (let i = 1; i < runs.length; i++) expect(runs[i]! - runs[i - 1]!, `job ${job.name}`).toBeLessThan(job.rpoMs);
+      checked++;
+    }
+    expect(checked).toBeGreaterThan(0);
+    const units = new URL('../scripts/systemd/', import.meta.url).pathname;
+    for (const [unit, as] of [['kscinc-schedule.service', 'kscinc-schedule.service'], ['kscinc-serve@.service', 'kscinc-serve@web1.service']]) {
+      const copy = p(as);
+      writeFileSync(copy, readFileSync(join(units, unit)));
+      const r = run('systemd-analyze', ['verify', copy]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(r.stderr).toBe('');
+      expect(readme).toContain(`scripts/systemd/`);
+    }
   });
 });
