@@ -105,7 +105,8 @@ describe('files appear whole or not at all', () => {
   });
 
   it('create, snapshot refuse an existing file unless --force; errors name the file asked for, never the temporary one', () => {
-    ok(['create', p('c1.ksc'), '--size', '1M']);
+    expect(ok(['create', p('c1.ksc'), '--size', '1M'])).toMatch(/1\.00 MiB, block size 64\.0 KiB/);
+    expect(ok(['info', p('c1.ksc')])).toMatch(/block size: 64\.0 KiB/);
     oneLineError(kscinc(['create', p('c1.ksc'), '--size', '2M']), 1, /c1\.ksc: already exists/);
     ok(['create', p('c1.ksc'), '--size', '2M', '--force']);
     expect(JSON.parse(ok(['info', p('c1.ksc'), '--json'])).virtualSize).toBe(2 << 20);

@@ -70,7 +70,7 @@ export function errorLine(e: unknown): string {
     const plain = plainErrno(cause);
     if (plain && isErrno(cause) && msg.includes(cause.message)) msg = msg.replace(cause.message, plain.replace(`${cause.path}: `, ''));
   } else msg = plainErrno(e) ?? (e instanceof Error ? e.message : String(e));
-  return msg.split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ');
+  return msg.split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ').replace(/:$/, '');
 }
 
 /** A stable code for --json errors: the KscError code, else the Node errno, else KSC_E_INTERNAL. */

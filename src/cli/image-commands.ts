@@ -55,7 +55,7 @@ export function registerImageCommands(program: Command): void {
       await createImage(image, { size: o.size, backing: o.backing, backingFormat: o.backingFormat, blockSize: o.blockSize, force: o.force });
       const info = await describe(image);
       if (o.json) printJson(info);
-      else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${info.blockSize}${o.backing ? `, backing ${o.backing}` : ''}`);
+      else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${formatSize(info.blockSize)}${o.backing ? `, backing ${o.backing}` : ''}`);
     });
 
   program
@@ -71,14 +71,14 @@ export function registerImageCommands(program: Command): void {
       println(`virtual size: ${formatSize(info.virtualSize)} (${info.virtualSize} bytes)`);
       println(`disk size: ${formatSize(info.allocatedBytes)}`);
       if (info.format === 'ksc_inc') {
-        println(`block size: ${info.blockSize}`);
+        println(`block size: ${formatSize(info.blockSize)}`);
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
         if (info.bitmaps.length > 0) {
           println('bitmaps:');
           for (const b of info.bitmaps) {
-            println(`  ${b.name}: granularity ${b.granularity}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}`);
+            println(`  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}`);
           }
         }
       }
