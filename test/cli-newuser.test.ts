@@ -104,6 +104,42 @@ describe('files appear whole or not at all', () => {
     expect(readdirSync(dir).filter((f) => f.endsWith('.part'))).toEqual([]);
   });
 
+  it('SIGKILL at random points of convert --force: the target is the old file or the whole new one; the next run removes the leftover', async () => {
+    const seed = Number(process.env.TEST_SEED ?? Date.now() % 100000);
+    console.log(`SIGKILL convert seed ${seed}`);
+    let x = seed;
+    const rand = (): number => ((x = (x * 1103515245 + 12345) % 2147483648) / 2147483648);
+    const src = p('kill-src.raw');
+    writeFileSync(src, Buffer.alloc(12 << 20, 0x6b));
+    const dst = p('kill-dst.raw');
+    const old = Buffer.alloc(1 << 20, 0x11);
+    writeFileSync(dst, old);
+    const parts = (): string[] => readdirSync(dir).filter((f) => f.startsWith('.kill-dst.raw.') && f.endsWith('.part'));
+    const outcomes = new Set<string>();
+    for (let round = 0; round < 5; round++) {
+      const child = spawn(process.execPath, [CLI, 'convert', src, dst, '-O', 'raw', '--force'], { env: { ...process.env, KSCINC_TEST_CONVERT_DELAY_MS: '40' }, stdio: 'ignore' });
+      const exited = new Promise<void>((r) => child.on('exit', () => r()));
+      // Node's start-up takes ≈ 0.3–1 s here; the copy ≈ 0.5 s more: kill anywhere in 0–2.5 s. The last
+      // round waits for the temporary file, so one kill surely leaves it behind.
+      if (round < 4) await new Promise((r) => setTimeout(r, Math.floor(rand() * 2500)));
+      else while (parts().length === 0) await new Promise((r) => setTimeout(r, 20));
+      child.kill('SIGKILL');
+      await exited;
+      const now = readFileSync(dst);
+      const isOld = now.equals(old);
+      const isNew = now.equals(readFileSync(src));
+      expect(isOld || isNew, `round ${round}: the target is neither the old file nor the whole new one (seed ${seed})`).toBe(true);
+      outcomes.add(isOld ? (parts().length ? 'old, part left' : 'old') : 'new');
+      writeFileSync(dst, old); // the next round replaces the old file again
+    }
+    console.log(`outcomes: ${[...outcomes].join(', ')}`);
+    expect(parts()).toHaveLength(1);
+    // A later run removes what a killed one left behind (its process is gone).
+    ok(['convert', p('kill-src.raw'), dst, '-O', 'raw', '--force']);
+    expect(parts()).toEqual([]);
+    expect(readFileSync(dst).equals(readFileSync(src))).toBe(true);
+  });
+
   it('create, snapshot refuse an existing file unless --force; errors name the file asked for, never the temporary one', () => {
     expect(ok(['create', p('c1.ksc'), '--size', '1M'])).toMatch(/1\.00 MiB, block size 64\.0 KiB/);
     expect(ok(['info', p('c1.ksc')])).toMatch(/block size: 64\.0 KiB/);

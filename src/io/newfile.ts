@@ -12,12 +12,14 @@
  * remove them before it exits (the CLI does; the library itself never handles signals).
  */
 import { existsSync } from 'node:fs';
-import { link, lstat, rename, rm, unlink } from 'node:fs/promises';
+import { link, lstat, readdir, rename, rm, unlink } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { KscError, ioError, isKscError } from '../errors.js';
 import { syncDir } from './durable.js';
 import { openHostFile } from './file.js';
+import { pidAlive } from '../util/process.js';
 
 /** Temporary files being built right now (absolute or as given), with the lock files they may carry. */
 export const pendingFiles = new Set<string>();
@@ -29,9 +31,38 @@ export interface NewFileOptions {
   before?: () => Promise<void>;
 }
 
-/** The temporary name `target` is built under: hidden, in the same folder, unique to this process. */
+/**
+ * The temporary name `target` is built under: hidden, in the same folder, unique to this process:
+ * `.NAME.HOST.PID.RANDOM.part`. The host and PID let a later run remove what a killed one left
+ * (removeStaleTemps); the host keeps it off temporary files of another machine sharing the folder.
+ */
 export function tempNameFor(target: string): string {
-  return join(dirname(target), `.${basename(target)}.${process.pid}.${randomBytes(4).toString('hex')}.part`);
+  return join(dirname(target), `.${basename(target)}.${hostname()}.${process.pid}.${randomBytes(4).toString('hex')}.part`);
+}
+
+/**
+ * Removes temporary files of `target` left by processes of this host that are gone (SIGKILL, a crash or a
+ * power cut: nothing could remove them). Another host's, and a live process's, are left alone.
+ * Returns the names removed.
+ */
+export async function removeStaleTemps(target: string): Promise<string[]> {
+  const dir = dirname(target);
+  const prefix = `.${basename(target)}.${hostname()}.`;
+  const removed: string[] = [];
+  let names: string[];
+  try {
+    names = await readdir(dir);
+  } catch {
+    return removed;
+  }
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !name.endsWith('.part')) continue;
+    const m = /^(\d+)\.[0-9a-f]{8}\.part$/.exec(name.slice(prefix.length));
+    if (!m || pidAlive(Number(m[1]))) continue;
+    await removeTemp(join(dir, name));
+    removed.push(join(dir, name));
+  }
+  return removed;
 }
 
 /** Fails with KSC_E_EXISTS when `target` exists and `force` is not set; names the folder when it is missing. */
@@ -66,6 +97,7 @@ export async function checkNewTarget(target: string, opts: NewFileOptions = {}):
 export async function buildNewFile<T>(target: string, opts: NewFileOptions, build: (temp: string) => Promise<T>): Promise<T> {
   await opts.before?.();
   await checkNewTarget(target, opts);
+  await removeStaleTemps(target);
   const temp = tempNameFor(target);
   pendingFiles.add(temp);
   try {
