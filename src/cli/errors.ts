@@ -4,8 +4,8 @@
  * such rather than as a missing file.
  */
 import { existsSync, statSync } from 'node:fs';
-import { dirname } from 'node:path';
 import { isKscError } from '../errors.js';
+import { firstMissingFolder } from '../io/newfile.js';
 
 interface ErrnoLike {
   code?: string;
@@ -37,13 +37,8 @@ const PLAIN: Record<string, string> = {
 
 /** For an ENOENT: "folder X does not exist" when the folder is what is missing. */
 export function missingText(file: string): string {
-  let dir = dirname(file);
-  if (dir !== file && !existsSync(dir)) {
-    // Name the first missing folder from the top.
-    while (dirname(dir) !== dir && !existsSync(dirname(dir))) dir = dirname(dir);
-    return `folder ${dir} does not exist`;
-  }
-  return 'does not exist';
+  const missing = firstMissingFolder(file);
+  return missing ? `folder ${missing} does not exist` : 'does not exist';
 }
 
 function isErrno(e: unknown): e is ErrnoLike {

@@ -6,7 +6,7 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import { type FileOpener, openHostFile } from '../io/file.js';
-import { buildNewFile } from '../io/newfile.js';
+import { buildNewFile, firstMissingFolder } from '../io/newfile.js';
 import { HEADER_SLOTS, MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { KscImage, type CreateKscOptions } from './ksc.js';
 import { FOREIGN_PROBE_BYTES, foreignError, foreignFormat } from './foreign.js';
@@ -55,15 +55,6 @@ export async function probeFormat(file: string, opener: FileOpener = openHostFil
   }
 }
 
-/** The first folder on `file`'s path that does not exist, or null when its folder exists. */
-async function missingFolder(file: string): Promise<string | null> {
-  const exists = (p: string): Promise<boolean> => fsp.stat(p).then(() => true, () => false);
-  let dir = path.dirname(path.resolve(file));
-  if (await exists(dir)) return null;
-  while (path.dirname(dir) !== dir && !(await exists(path.dirname(dir)))) dir = path.dirname(dir);
-  return dir;
-}
-
 /** Where a backing name stored in `image` points: relative names are relative to the image's folder. */
 export function resolveBackingPath(imagePath: string, backingName: string): string {
   return path.isAbsolute(backingName) ? backingName : path.join(path.dirname(path.resolve(imagePath)), backingName);
@@ -90,7 +81,7 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   try {
     real = await fsp.realpath(file);
   } catch (e) {
-    const missing = await missingFolder(file);
+    const missing = firstMissingFolder(file);
     if (missing) throw new KscError('KSC_E_NOT_FOUND', `${file}: folder ${missing} does not exist`, { cause: e });
     throw new KscError('KSC_E_NOT_FOUND', depth === 0 ? `${file}: no such file` : `backing file ${file} not found`, { cause: e });
   }

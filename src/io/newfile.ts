@@ -15,7 +15,7 @@ import { existsSync } from 'node:fs';
 import { link, lstat, readdir, rename, rm, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
-import { basename, dirname, join } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { KscError, ioError, isKscError } from '../errors.js';
 import { syncDir } from './durable.js';
 import { openHostFile } from './file.js';
@@ -65,6 +65,14 @@ export async function removeStaleTemps(target: string): Promise<string[]> {
   return removed;
 }
 
+/** The first folder on `file`'s path (from the top) that does not exist, or null when its folder exists. */
+export function firstMissingFolder(file: string): string | null {
+  let dir = dirname(resolve(file));
+  if (existsSync(dir)) return null;
+  while (dirname(dir) !== dir && !existsSync(dirname(dir))) dir = dirname(dir);
+  return dir;
+}
+
 /** Fails with KSC_E_EXISTS when `target` exists and `force` is not set; names the folder when it is missing. */
 export async function checkNewTarget(target: string, opts: NewFileOptions = {}): Promise<void> {
   try {
@@ -85,8 +93,8 @@ export async function checkNewTarget(target: string, opts: NewFileOptions = {}):
   } catch (e) {
     if (isKscError(e)) throw e;
     if ((e as { code?: string }).code !== 'ENOENT') throw ioError(target, 'look up', e);
-    const dir = dirname(target);
-    if (!existsSync(dir)) throw new KscError('KSC_E_NOT_FOUND', `${target}: folder ${dir} does not exist`);
+    const missing = firstMissingFolder(target);
+    if (missing) throw new KscError('KSC_E_NOT_FOUND', `${target}: folder ${missing} does not exist`);
   }
 }
 
@@ -104,13 +112,18 @@ export async function buildNewFile<T>(target: string, opts: NewFileOptions, buil
     const result = await build(temp);
     if (opts.force) await rename(temp, target);
     else {
+      const appeared = (): KscError => new KscError('KSC_E_EXISTS', `${target}: appeared while it was being made; left as it was (--force replaces it)`);
       try {
         await link(temp, target);
+        await unlink(temp);
       } catch (e) {
-        if ((e as { code?: string }).code === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${target}: appeared while it was being made; left as it was (--force replaces it)`);
-        throw ioError(target, 'name the new file', e);
+        const code = (e as { code?: string }).code;
+        if (code === 'EEXIST') throw appeared();
+        // A file system without hard links (vfat, some FUSE): a rename after a last look (a small window).
+        if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw ioError(target, 'name the new file', e);
+        if (existsSync(target)) throw appeared();
+        await rename(temp, target);
       }
-      await unlink(temp);
     }
     await syncDir(dirname(target));
     return result;
