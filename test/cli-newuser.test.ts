@@ -322,6 +322,13 @@ describe('progress bars', () => {
     writeFileSync(p('cb.bin'), Buffer.alloc(65536, 9));
     ok(['write', p('ctop.ksc'), '0', '--from', p('cb.bin')]);
     expect(inTty(`node ${CLI} commit ${p('ctop.ksc')} >/dev/null`)).toMatch(/commit \[#{20}\] 100%/);
+    // check --verify counts blocks (it showed 0/0 MiB); verify counts chunks (it had no bar).
+    ok(['create', p('cv.ksc'), '--size', '8M', '--block-size', '4K']);
+    writeFileSync(p('cv.bin'), Buffer.alloc(8 << 20, 0x33));
+    ok(['write', p('cv.ksc'), '0', '--from', p('cv.bin')]);
+    expect(inTty(`node ${CLI} check ${p('cv.ksc')} --verify >/dev/null`)).toMatch(/verify \[#{20}\] 100% 2048 \/ 2048 blocks/);
+    ok(['backup', p('cv.ksc'), '--repo', p('cv-repo')]);
+    expect(inTty(`node ${CLI} verify --repo ${p('cv-repo')} >/dev/null`)).toMatch(/verify \[#{20}\] 100% 1 \/ 1 chunks/);
   });
 });
 
