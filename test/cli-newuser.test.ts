@@ -171,6 +171,9 @@ describe('exit statuses', () => {
     oneLineError(kscinc(['infoo', 'x']), 64, /unknown command 'infoo'.*Did you mean info/);
     oneLineError(kscinc(['info']), 64, /missing required argument 'image'/);
     oneLineError(kscinc(['info', 'a', '--frob']), 64, /unknown option '--frob'/);
+    const ju = kscinc(['info', '--json']);
+    expect(ju.code).toBe(64);
+    expect(JSON.parse(ju.stdout)).toEqual({ error: { code: 'KSC_E_USAGE', message: "missing required argument 'image'", exitCode: 64 } });
     oneLineError(kscinc(['prune', '--repo', 'r', '--keep-last', 'x']), 64, /--keep-last must be a whole number/);
     run('truncate', ['-s', '1M', p('ex.raw')]);
     oneLineError(kscinc(['check', p('ex.raw')]), 63, /ex\.raw: is not a ksc_inc image/);
