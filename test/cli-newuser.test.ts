@@ -200,7 +200,7 @@ describe('exit statuses', () => {
 });
 
 describe('bitmaps, backups and the repository from the environment', () => {
-  it('bitmap list hides internal bitmaps unless --all; a new --bitmap name needs --create-bitmap', () => {
+  it('bitmap list hides internal bitmaps unless --all; a new --bitmap name needs --create-bitmap', async () => {
     ok(['create', p('bm.ksc'), '--size', '4M']);
     writeFileSync(p('one.bin'), Buffer.alloc(65536, 3));
     ok(['write', p('bm.ksc'), '0', '--from', p('one.bin')]);
@@ -215,6 +215,18 @@ describe('bitmaps, backups and the repository from the environment', () => {
     expect(kscinc(['bitmap', 'list', '--help']).stdout).toMatch(/NAME#TOKEN[\s\S]*NAME~frozen/);
     oneLineError(kscinc(['backup', p('bm.ksc'), '--repo', repo, '--bitmap', 'nightly']), 1, /has no bitmap "nightly": add --create-bitmap/);
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--json'])).map((b: { name: string }) => b.name)).toEqual(['backup']);
+    // The same through a running server (the image is locked: the server would run the backup).
+    const server = spawn(process.execPath, [CLI, 'serve', p('bm.ksc'), '--socket', p('bm.sock')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        server.stdout.once('data', () => resolve());
+        server.once('exit', (c) => reject(new Error(`serve exited ${c}`)));
+      });
+      oneLineError(kscinc(['backup', p('bm.ksc'), '--repo', repo, '--bitmap', 'weekly']), 1, /has no bitmap "weekly": add --create-bitmap/);
+    } finally {
+      server.kill('SIGTERM');
+      await new Promise((r) => server.once('exit', r));
+    }
     ok(['backup', p('bm.ksc'), '--repo', repo, '--bitmap', 'nightly', '--create-bitmap']);
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--json'])).map((b: { name: string }) => b.name)).toEqual(['backup', 'nightly']);
   });

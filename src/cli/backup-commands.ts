@@ -82,6 +82,7 @@ export function registerBackupCommands(program: Command): void {
       // A bitmap named on purpose that does not exist is a typo as often as a wish: it would become a
       // permanent bitmap tracking every write. Only the default one is created unasked.
       const mustExist = typeof bitmap === 'string' && bitmap !== 'backup' && !o.createBitmap;
+      const missingBitmap = (): KscError => new KscError('KSC_E_NOT_FOUND', `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`);
       const print = (r: BackupResult): void => {
         if (o.json) return printJson(r);
         println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
@@ -97,6 +98,13 @@ export function registerBackupCommands(program: Command): void {
       } catch (e) {
         // A running `kscinc serve` holds the image: it runs the backup (live, point in time, bitmap handover).
         if (!isKscError(e, 'KSC_E_LOCKED')) throw e;
+        if (mustExist) {
+          // A read-only look (it takes no lock): the bitmap directory is synced whenever it changes.
+          const view = await openImage(image);
+          const has = !(view instanceof KscImage) || view.hasBitmap(bitmap);
+          await view.close();
+          if (!has) throw missingBitmap();
+        }
         const bar = progressBar('backup');
         const r = await requestBackup(image, { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
           (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes)).finally(bar.stop);
@@ -105,7 +113,7 @@ export function registerBackupCommands(program: Command): void {
       }
       if (mustExist && dev instanceof KscImage && !dev.hasBitmap(bitmap)) {
         await dev.close();
-        throw new KscError('KSC_E_NOT_FOUND', `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`);
+        throw missingBitmap();
       }
       try {
         await withRepo(o.repo, 'openOrInit', async (repo) => {
