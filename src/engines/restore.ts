@@ -12,6 +12,7 @@ import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, warmPool } from '../compress/pool.js';
 import { type Blob, type Read, type ReadItem, coalesce, fetchChunks, fetchFromCopies } from './fetch.js';
+import { pendingFiles } from '../io/newfile.js';
 import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
 import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
 import { type Manifest, MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/format.js';
@@ -244,6 +245,7 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     format = opts.format ?? 'raw';
     await sweepTempTargets(target);
     file = tempTargetPath(target);
+    pendingFiles.add(file); // the CLI removes it when interrupted by a signal
     if (format === 'ksc_inc') {
       await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
       dev = await openImage(file, { write: true });
@@ -377,5 +379,6 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     throw e;
   } finally {
     await dev.close().catch(() => undefined);
+    pendingFiles.delete(file);
   }
 }

@@ -24,7 +24,7 @@ export interface VerifyResult {
   durationMs: number;
 }
 
-export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
+export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {
@@ -93,6 +93,8 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   /** Copy handles that failed their check (few: kept in a set). */
   const badCopies = new Set<number>();
   let chunksChecked = 0;
+  let chunksTotal = 0;
+  for (const l of byPack.values()) chunksTotal += l.length;
   let bytesRead = 0;
   const damagedPacks: { object: string; problem: string; copies: number[] }[] = [];
   await mapLimit(byPack.values(), opts.concurrency ?? 4, async (handles) => {
@@ -104,6 +106,7 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       // Not `bytesRead += await …`: that reads bytesRead before the await and loses the other packs' bytes.
       const n = await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
         chunksChecked++;
+        opts.progress?.(chunksChecked, chunksTotal);
       });
       bytesRead += n;
     } catch (e) {
