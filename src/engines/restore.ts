@@ -251,7 +251,17 @@ async function exists(p: string): Promise<boolean> {
 }
 
 /** Restores backup `which` ("latest" or an id) to the file `target`. */
-export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string } = {}): Promise<RestoreResult> {
+/** Under a shared lock (§8 rule 6), so a prune cannot remove what the restore reads; it waits for one that runs. */
+export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; lockWaitMs?: number } = {}): Promise<RestoreResult> {
+  const lock = await repo.readerLock(`restore of ${which} to ${target}`, opts.lockWaitMs);
+  try {
+    return await restoreLocked(repo, which, target, opts); // every chunk is checked: a lost lock cannot make it wrong
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function restoreLocked(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string }): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
   const m = await resolveBackup(repo, which, opts.disk);

@@ -50,7 +50,7 @@ describe('FsStore', () => {
     writeFileSync(join(tmp, 'new.part'), 'x');
     const old = new Date(Date.now() - 3 * 24 * 3600_000);
     utimesSync(join(tmp, 'old.part'), old, old);
-    expect(await store.sweepTemp()).toBe(1);
+    expect((await store.sweepTemp()).count).toBe(1);
     expect(readdirSync(tmp)).toEqual(['new.part']);
   });
 
