@@ -197,6 +197,13 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       markWritten = false;
     }
     lock.check();
+    // Packs no index object names go first: nothing finds chunks through them, so the order of §9 rule 5
+    // does not concern them, and on a full file system this makes room for the new packs and index.
+    const orphans = new Set(drop.filter((p) => !indexedPacks.has(p)));
+    for (const p of orphans) {
+      await repo.store.delete(packKey(p));
+      result.bytesFreed += packs.get(p)!.size;
+    }
 
     // 3. Repack: copy the live blobs of sparse packs into new packs (checked on the way).
     const writer = repo.packWriter();
@@ -245,7 +252,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     if (indexCount > 0) await repo.putIndex(entries);
     lock.check();
     for (const id of oldIndex) await repo.store.delete(indexKey(id));
-    for (const p of [...drop, ...repack]) {
+    for (const p of [...drop.filter((x) => !orphans.has(x)), ...repack]) {
       await repo.store.delete(packKey(p));
       result.bytesFreed += packs.get(p)!.size;
     }

@@ -173,7 +173,7 @@ export class RepoLock {
 
   /** Throws KSC_E_LOCKED if the lock could not be kept (a refresh failed or was late, §8 rule 4). */
   check(): void {
-    this.late({ mono: this.timing.clock.mono(), wall: this.timing.clock.wall() });
+    if (this.written) this.late({ mono: this.timing.clock.mono(), wall: this.timing.clock.wall() }); // else: the folder lock holds
     if (this.failed) throw new KscError('KSC_E_LOCKED', `lost the repository lock ${this.key}: ${(this.failed as Error).message}; nothing was committed`, { cause: this.failed });
   }
 
