@@ -119,7 +119,8 @@ export function judgeLock(key: string, raw: Buffer | null, mtimeMs: number, now:
 export class RepoLock {
   private timer: NodeJS.Timeout | null = null;
   private failed: unknown = null;
-  private refreshing = false;
+  /** The refresh in flight, if any (release waits for it: a put landing after the delete would bring the lock back). */
+  private refreshing: Promise<void> | null = null;
   /** The clocks at the start of the last refresh that succeeded. */
   private lastOk: { mono: number; wall: number };
 
@@ -148,9 +149,13 @@ export class RepoLock {
     this.timer.unref();
   }
 
-  private async refresh(): Promise<void> {
-    if (this.refreshing || this.failed) return;
-    this.refreshing = true;
+  private refresh(): Promise<void> {
+    if (this.refreshing || this.failed) return this.refreshing ?? Promise.resolve();
+    this.refreshing = this.refreshOnce().finally(() => (this.refreshing = null));
+    return this.refreshing;
+  }
+
+  private async refreshOnce(): Promise<void> {
     const start = { mono: this.timing.clock.mono(), wall: this.timing.clock.wall() };
     try {
       this.late(start);
@@ -159,8 +164,6 @@ export class RepoLock {
       if (!this.failed) this.lastOk = start;
     } catch (e) {
       this.failed ??= e;
-    } finally {
-      this.refreshing = false;
     }
   }
 
@@ -180,6 +183,7 @@ export class RepoLock {
   async release(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    await this.refreshing;
     if (this.written) await this.store.delete(this.key, LEASE).catch(() => undefined);
     await this.host?.release().catch(() => undefined);
   }
