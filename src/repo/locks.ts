@@ -93,9 +93,10 @@ export function judgeLock(key: string, raw: Buffer | null, mtimeMs: number, now:
     body = null;
   }
   const ageMs = Math.max(0, now - mtimeMs);
+  const num = (v: unknown, dflt: number): number => (typeof v === 'number' && Number.isSafeInteger(v) ? v : dflt);
   const base = {
-    key, ageMs, host: String(body?.host ?? '?'), pid: Number(body?.pid ?? 0), what: String(body?.what ?? ''),
-    created: Number(body?.created ?? mtimeMs), refreshed: Number(body?.refreshed ?? mtimeMs),
+    key, ageMs, host: String(body?.host ?? '?'), pid: num(body?.pid, 0), what: String(body?.what ?? ''),
+    created: num(body?.created, mtimeMs), refreshed: num(body?.refreshed, mtimeMs),
   };
   if (!body || (body.kind !== 'shared' && body.kind !== 'exclusive') || !LOCK_KEY_RE.test(key)) {
     return { ...base, kind: 'shared', garbage: true, stale: true, reason: 'not a lock object (unreadable or not a lock body): never a live lock' };

@@ -247,3 +247,16 @@ describe('a backup stalled after its packs landed, with prunes in between', () =
     }
   });
 });
+
+describe('odd lock bodies', () => {
+  it('nonsense times and pids are shown as the object\'s own, and a fresh one still blocks with a readable message', async () => {
+    const repoDir = join(dir, 'odd');
+    const repo = await newRepo(repoDir);
+    await repo.store.put(lockKey('9'.repeat(32)), Buffer.from(JSON.stringify({ kind: 'exclusive', host: 'x.example', pid: 'NaN', created: 'yesterday', refreshed: 1e300, what: 7 })));
+    const [l] = await repo.listLocks();
+    expect(l).toMatchObject({ kind: 'exclusive', host: 'x.example', pid: 0, what: '7', garbage: false, stale: false });
+    expect(Number.isFinite(l!.created) && Number.isFinite(l!.refreshed) && l!.refreshed < 1e15).toBe(true);
+    const e = await expectKscError(repo.lock('shared', 'test'), 'KSC_E_LOCKED', 'a fresh exclusive lock');
+    expect(e.message).toMatch(/locked by 7 \(exclusive, host x\.example/);
+  });
+});
