@@ -164,7 +164,7 @@ export function registerBackupCommands(program: Command): void {
         if (r.lockless) println('note: the lock object could not be written (file system full); pruned under the folder lock alone');
         println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.tempParts} interrupted upload part(s) removed, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
         if (r.packsWaiting) println(`${r.packsWaiting} unreferenced pack(s) (${formatSize(r.bytesWaiting)}) wait for the grace period (${formatDuration(o.grace ?? 24 * 3600_000)} unreferenced) before a later prune deletes them`);
-        if (r.packsUnreadable.length) println(`warning: kept ${r.packsUnreadable.length} pack(s) whose contents cannot be read, because kept backups miss chunks: ${r.packsUnreadable.join(', ')}`);
+        if (r.packsUnreadable.length) println(`warning: ${r.packsUnreadable.length} pack(s) whose footer cannot be read and no index names (no kept backup misses a chunk, so they are garbage): ${r.packsUnreadable.join(', ')}`);
         if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
       });
     });

@@ -50,7 +50,7 @@ export interface PruneResult {
   /** Unreferenced (or sparse) packs kept until they have been so for the grace period, and their bytes. */
   packsWaiting: number;
   bytesWaiting: number;
-  /** Packs whose contents could not be read (footer damaged, no index names them): never deleted while a kept backup misses chunks. */
+  /** Packs whose contents could not be read (footer damaged, no index names them); prune refuses instead when a kept backup misses chunks. */
   packsUnreadable: string[];
   /** Temporary parts of interrupted uploads removed, and their bytes (also counted in bytesFreed). */
   tempParts: number;
@@ -114,15 +114,12 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       result.durationMs = Math.round(performance.now() - t0);
       return result;
     }
-    // 1. Manifests first (the damaged ones it was told to forget too).
-    for (const id of [...removed, ...forget]) await repo.deleteManifest(id);
-    lock.check();
-
-    // 2. Where each chunk lives (the index objects, then the footers of packs no index object names), only
+    // 1. Where each chunk lives (the index objects, then the footers of packs no index object names), only
     // in packs that exist, in a compact table; then what the kept backups still reference (a mark a slot).
     const packs = await repo.listPacks();
     const oldIndex = await repo.listIndexObjects();
     const where = new ChunkIndex();
+    const damagedIndex: string[] = [];
     const indexedPacks = new Set<string>();
     await mapLimit(oldIndex, 8, async (id) => {
       try {
@@ -132,6 +129,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
         });
       } catch (e) {
         if (!isKscError(e)) throw e; // a damaged index object is replaced below; its packs are read as orphans
+        damagedIndex.push(indexKey(id));
       }
     });
     const unreadable = new Set<string>();
@@ -156,6 +154,16 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     });
     result.chunksMissing = missing.size;
     missing.clear();
+    // §9.2 rule 1: kept backups miss chunks, and what a damaged index object or an unreadable pack holds is
+    // unknown: they may be the missing chunks' only trace, so nothing goes until someone looks.
+    if (result.chunksMissing > 0 && (damagedIndex.length > 0 || unreadable.size > 0)) {
+      const what = [...damagedIndex.sort(), ...[...unreadable].sort().map(packKey)].map((k) => repo.objName(k)).join(', ');
+      throw new KscError('KSC_E_CORRUPT', `prune deletes nothing: kept backups miss ${result.chunksMissing} chunk(s), and ${what} cannot be read (they may hold them); run "kscinc verify" and repair or restore those objects first`);
+    }
+
+    // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
+    for (const id of [...removed, ...forget]) await repo.deleteManifest(id);
+    lock.check();
     const used = new Map<string, number>();
     for (let slot = 0; slot < live.length; slot++) {
       if (live[slot] === 1) used.set(where.packName(slot), (used.get(where.packName(slot)) ?? 0) + where.blobLength(slot));
@@ -171,10 +179,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     for (const [p, info] of packs) {
       const u = used.get(p) ?? 0;
       if (u >= threshold * info.size && u > 0) continue;
-      if (unreadable.has(p) && result.chunksMissing > 0) {
-        result.packsUnreadable.push(p);
-        continue;
-      }
+      if (unreadable.has(p)) result.packsUnreadable.push(p); // unknown contents, but no kept backup misses a chunk
       const since = mark.packs.get(p);
       const old = (since !== undefined && now - since >= graceMs) || (otherLocks.length === 0 && now - info.mtimeMs >= graceMs);
       if (!old) {

@@ -20,7 +20,7 @@ import { pruneRepo } from '../../src/engines/prune.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
-import { lockKey, manifestKey, packKey } from '../../src/repo/repository.js';
+import { indexKey, lockKey, manifestKey, packKey } from '../../src/repo/repository.js';
 import type { ObjectStore } from '../../src/objstore/types.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
@@ -34,7 +34,7 @@ const C = MiB;
 const HOUR = 3600_000;
 
 /** Three backups: b1 full (16 chunks), b2 rewrites 12 of them (b1's packs become sparse), b3 one more. */
-const P = { repoDir: '', ids: [] as string[], data: new Map<string, Buffer>() };
+const P = { repoDir: '', ids: [] as string[], data: new Map<string, Buffer>(), b1Packs: [] as string[] };
 let caseNo = 0;
 
 beforeAll(async () => {
@@ -50,6 +50,7 @@ beforeAll(async () => {
       const r = await backupDevice(img, repo);
       P.ids.push(r.id);
       P.data.set(r.id, await contents(img));
+      if (P.ids.length === 1) P.b1Packs = [...(await repo.listPacks()).keys()];
     }
   } finally {
     await img.close();
@@ -124,6 +125,25 @@ describe('prune refuses while a manifest cannot be read', () => {
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stdout).toContain(`forgot damaged backup ${P.ids[1]!}`);
     await expectAllRestore(d, [P.ids[0]!, P.ids[2]!]);
+  });
+
+  it('a damaged index object and a damaged pack footer while kept backups miss chunks: deletes nothing, names both', async () => {
+    const d = copyRepo();
+    const repo = await openRepo(d);
+    const flip = (file: string, at: number): void => {
+      const b = readFileSync(file);
+      b[at < 0 ? b.length + at : at] ^= 0x10;
+      writeFileSync(file, b);
+    };
+    for (const idx of await repo.listIndexObjects()) flip(join(d, indexKey(idx)), 40);
+    const victim = P.b1Packs[0]!; // holds a chunk b2 and b3 still use
+    flip(join(d, packKey(victim)), -8);
+    const digest = await treeDigest(d);
+    const e = await expectKscError(pruneRepo(repo, { last: 1, graceMs: 0 }), 'KSC_E_CORRUPT', 'prune with the index and a footer damaged');
+    expect(e.message).toContain(packKey(victim));
+    expect(e.message).toMatch(/index\/[0-9a-f]{32}\.idx/);
+    expect(e.message).toMatch(/miss \d+ chunk/);
+    expect(await treeDigest(d)).toEqual(digest);
   });
 });
 
