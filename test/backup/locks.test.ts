@@ -125,7 +125,7 @@ describe('lock judgement', () => {
  * A store whose puts (all of them: packs, index, lock refreshes, manifest) stall from the moment `stall`
  * is called until `resume`, as on a paused or partitioned host; and without a folder lock (another host).
  */
-function stallable(s: ObjectStore): ObjectStore & { stall(): void; resume(): void; packsPut: number } {
+function stallable(s: ObjectStore, stallOn: (key: string) => boolean = () => false): ObjectStore & { stall(): void; resume(): void; packsPut: number } {
   let gate: Promise<void> | null = null;
   let open = (): void => undefined;
   const w = Object.assign(Object.create(s) as ObjectStore, {
@@ -137,6 +137,7 @@ function stallable(s: ObjectStore): ObjectStore & { stall(): void; resume(): voi
       open();
     },
     put: async (key: string, data: Parameters<ObjectStore['put']>[1], opts?: Parameters<ObjectStore['put']>[2]) => {
+      if (stallOn(key)) w.stall();
       if (gate) await gate;
       await s.put(key, data, opts);
       if (key.startsWith('packs/')) w.packsPut++;
@@ -242,6 +243,36 @@ describe('a backup stalled after its packs landed, with prunes in between', () =
       expect(await after.listBackupIds()).toEqual([first.id]);
       expect((await verifyRepo(after)).damage).toEqual([]);
       await expectRestores(after, first.id, join(dir, 'paused-late-a.raw'), first.data, 'the earlier backup');
+    } finally {
+      await img.close();
+    }
+  });
+});
+
+describe('a backup stalled while its manifest goes up', () => {
+  it('past the refresh deadline: the manifest is taken back and the backup fails', async () => {
+    const rng = root.fork();
+    const { repoDir, path, first } = await setup('paused-manifest', rng);
+    let store!: ReturnType<typeof stallable>;
+    const repo = await openRepo(repoDir, (s) => (store = stallable(s, (key) => key.startsWith('manifests/'))));
+    repo.lockTiming = { ...repo.lockTiming, staleMs: 3000 };
+    const img = await openKsc(path, { write: true });
+    try {
+      const backup = backupDevice(img, repo, { bitmap: null });
+      const stalled = (async () => {
+        while (store.packsPut < 5) await sleep(50);
+        await sleep(200);
+        // The manifest put (and every lock refresh) now waits; 2.5 s is past the 1.5 s deadline.
+        await sleep(2500);
+        store.resume();
+      })();
+      const e = await expectKscError(backup, 'KSC_E_LOCKED', 'the backup stalled while committing');
+      await stalled;
+      expect(e.message).toMatch(/nothing was committed/);
+      const after = await openRepo(repoDir);
+      expect(await after.listBackupIds()).toEqual([first.id]);
+      expect((await verifyRepo(after)).damage).toEqual([]);
+      await expectRestores(after, first.id, join(dir, 'paused-manifest-a.raw'), first.data, 'the earlier backup');
     } finally {
       await img.close();
     }
