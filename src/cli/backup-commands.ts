@@ -151,7 +151,7 @@ export function registerBackupCommands(program: Command): void {
     .option('--keep-weekly <n>', 'keep the newest backup of each of the last N weeks', count('--keep-weekly'))
     .option('--keep-monthly <n>', 'keep the newest backup of each of the last N months', count('--keep-monthly'))
     .option('--dry-run', 'only say what would be removed')
-    .option('--grace <duration>', 'delete a pack only once it has been unreferenced this long (storage clock; default 24h; 0 when no other kscinc process can use the repository)', (v) => (v.trim() === '0' ? 0 : parseDuration(v, '--grace')))
+    .option('--grace <duration>', 'delete a pack only once it has been unreferenced this long (storage clock; default 24h; 0 when no other kscinc process can use the repository)', (v) => (/^\s*0+(ms|s|m|h|d|w)?\s*$/i.test(v) ? 0 : parseDuration(v, '--grace')))
     .option('--forget-damaged <ids...>', 'remove these damaged manifests (their backups are lost) instead of refusing to prune')
     .option('--json', 'print JSON')
     .description('remove backups by retention, then the chunks and packs nothing references (refuses while a manifest cannot be read)')
