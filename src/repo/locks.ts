@@ -217,7 +217,15 @@ export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: nu
   const objects: { key: string; mtimeMs: number }[] = [];
   for await (const o of store.list('locks/')) objects.push(o);
   let t = now ?? objects.find((o) => o.key === own)?.mtimeMs;
-  if (t === undefined) t = await storageNow(store);
+  if (t === undefined) {
+    try {
+      t = await storageNow(store);
+    } catch (e) {
+      // A local folder that cannot take a probe (full, read-only): its mtimes come from this kernel's clock.
+      if (!store.hostLock || !isKscError(e)) throw e;
+      t = timing.clock.wall();
+    }
+  }
   const out: LockInfo[] = [];
   for (const o of objects) {
     if (PROBE_KEY_RE.test(o.key) && t - o.mtimeMs <= timing.staleMs) continue;
