@@ -78,7 +78,7 @@ describe('prune on a full file system', () => {
       fill(join(mnt, 'filler'));
       await expectKscError(repo.store.put('locks/probe.lock', Buffer.from('{}')), 'KSC_E_NO_SPACE', 'setup: the file system is full');
 
-      // Listing and unlocking still work (a local folder's clock is this kernel's when no probe fits).
+      // Listing and unlocking still work (the clock probe is an empty file: it needs no data block).
       const l = kscinc(['repo', 'unlock', repoDir]);
       expect(l.code, l.stdout + l.stderr).toBe(0);
       expect(l.stdout).toMatch(/0 lock\(s\) removed, 0 kept/);
