@@ -10,6 +10,7 @@ import { backupDevice } from '../engines/backup.js';
 import { restoreBackup, listBackups, summarize } from '../engines/restore.js';
 import { verifyRepo } from '../engines/verify.js';
 import { pruneRepo } from '../engines/prune.js';
+import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
@@ -210,14 +211,20 @@ export function registerBackupCommands(program: Command): void {
     .option('--keep-weekly <n>', 'keep the newest backup of each of the last N weeks', count('--keep-weekly'))
     .option('--keep-monthly <n>', 'keep the newest backup of each of the last N months', count('--keep-monthly'))
     .option('--dry-run', 'only say what would be removed')
+    .option('--grace <duration>', 'delete a pack only once it has been unreferenced this long (storage clock; default 24h; 0 when no other kscinc process can use the repository)', (v) => (/^\s*0+(ms|s|m|h|d|w)?\s*$/i.test(v) ? 0 : parseDuration(v, '--grace')))
+    .option('--forget-damaged <ids...>', 'remove these damaged manifests (their backups are lost) instead of refusing to prune')
     .option('--json', 'print JSON')
-    .description('remove backups by retention, then the chunks and packs nothing references')
-    .action(async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; json?: boolean }) => {
+    .description('remove backups by retention, then the chunks and packs nothing references (refuses while a manifest cannot be read)')
+    .action(async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
-        const r = await pruneRepo(repo, { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, dryRun: o.dryRun });
+        const r = await pruneRepo(repo, { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged });
         if (o.json) return printJson(r);
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
-        println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
+        for (const id of o.forgetDamaged ?? []) println(`${r.dryRun ? 'would forget' : 'forgot'} damaged backup ${id}`);
+        if (r.lockless) println('note: the lock object could not be written (file system full); pruned under the folder lock alone');
+        println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.tempParts} interrupted upload part(s) removed, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
+        if (r.packsWaiting) println(`${r.packsWaiting} unreferenced pack(s) (${formatSize(r.bytesWaiting)}) wait for the grace period (${formatDuration(o.grace ?? 24 * 3600_000)} unreferenced) before a later prune deletes them`);
+        if (r.packsUnreadable.length) println(`warning: ${r.packsUnreadable.length} pack(s) whose footer cannot be read and no index names (no kept backup misses a chunk, so they are garbage): ${r.packsUnreadable.join(', ')}`);
         if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
         const c = r.copies;
         for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
@@ -264,24 +271,29 @@ export function registerBackupCommands(program: Command): void {
     .command('locks')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--json', 'print JSON')
-    .description('list the locks held on a repository')
+    .description('list the locks held on a repository (ages by the storage\'s clock)')
     .action(async (location: string | undefined, o: { json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
         if (o.json) return printJson(locks);
         if (locks.length === 0) println('no locks');
-        for (const l of locks) println(`${l.key}  ${l.kind}  ${l.what}  host ${l.host} pid ${l.pid}  since ${new Date(l.created).toISOString()}${l.stale ? '  STALE' : ''}`);
+        for (const l of locks) println(`${l.key}  ${l.garbage ? 'GARBAGE' : `${l.kind}  ${l.what}  host ${l.host} pid ${l.pid}`}  ${l.stale ? 'STALE' : 'live'}: ${l.reason}`);
       });
     });
   repo
     .command('unlock')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
-    .option('--all', 'remove every lock, not only stale ones (only when no kscinc process uses the repository)')
-    .description('remove stale locks')
-    .action(async (location: string | undefined, o: { all?: boolean }) => {
+    .option('--force', 'remove every lock, live ones too (only when no kscinc process uses the repository)')
+    .option('--all', 'the same as --force')
+    .option('--json', 'print JSON')
+    .description('remove stale locks and garbage lock objects; say why the others are kept')
+    .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
-        const removed = await r.unlock(!!o.all);
-        println(removed.length ? `removed ${removed.length} lock(s)` : 'no stale locks');
+        const { removed, kept } = await r.unlock(!!(o.force || o.all));
+        if (o.json) return printJson({ removed, kept });
+        for (const l of removed) println(`removed ${l.key}: ${l.stale ? l.reason : `live, removed by --force (${l.reason})`}`);
+        for (const l of kept) println(`kept ${l.key} (${l.what || l.kind}, host ${l.host} pid ${l.pid}): ${l.reason}; "--force" removes it`);
+        println(`${removed.length} lock(s) removed, ${kept.length} kept`);
       });
     });
 }

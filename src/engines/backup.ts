@@ -686,6 +686,14 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
       full, disk, timeMs: frozenAt, size: dev.size, chunkSize: C, bitmapToken: newToken, ids,
       meta: { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats },
     });
+    // §8 rule 4: a lock lost while the manifest went up (the process paused there) may have let a prune
+    // delete what it names: take the manifest back and fail (the bitmap handover is undone below).
+    try {
+      lock.check();
+    } catch (e) {
+      await repo.deleteManifest(id).catch(() => undefined);
+      throw e;
+    }
     // §10 step 3: the new token, then drop the frozen bits.
     if (img && bitmap !== null) {
       const old = tokenBitmaps(img.bitmapList.filter((b) => b !== null).map((b) => b!.name), bitmap);

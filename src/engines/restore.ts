@@ -216,8 +216,19 @@ async function exists(p: string): Promise<boolean> {
  * copy of the backup's disk (else KSC_E_EXISTS, unless `force`); everything that can be checked (manifest,
  * index, every needed chunk's pack) is checked before its first write, and a failure after that throws
  * PartialRestoreError (`partial: true`) saying the target holds a mix.
+ * Runs under a shared lock (§8 rule 6), so a prune cannot remove what the restore reads; it waits for
+ * one that runs.
  */
-export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean } = {}): Promise<RestoreResult> {
+export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean; lockWaitMs?: number } = {}): Promise<RestoreResult> {
+  const lock = await repo.readerLock(`restore of ${which} to ${target}`, opts.lockWaitMs);
+  try {
+    return await restoreLocked(repo, which, target, opts); // every chunk is checked: a lost lock cannot make it wrong
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function restoreLocked(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean }): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
   const warnings: string[] = [];

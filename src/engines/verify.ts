@@ -24,7 +24,22 @@ export interface VerifyResult {
   durationMs: number;
 }
 
-export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
+/**
+ * Under a shared lock (§8 rule 6: a prune cannot remove what verify is reading); a verify whose lock was
+ * lost meanwhile fails with KSC_E_LOCKED rather than report what a prune removed as damage.
+ */
+export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; lockWaitMs?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
+  const lock = await repo.readerLock(`verify${opts.backup ? ` of backup ${opts.backup}` : ''}`, opts.lockWaitMs);
+  try {
+    const r = await verifyLocked(repo, opts);
+    if (!r.ok) lock?.check(); // damage seen after the lock was lost may be a prune's legitimate work
+    return r;
+  } finally {
+    await lock?.release();
+  }
+}
+
+async function verifyLocked(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void }): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {

@@ -14,7 +14,8 @@ import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHand
 import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
 import { syncDir, writeNewFile } from '../io/durable.js';
-import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, type Body, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
+import { nativeOps } from '../io/native.js';
+import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, type Body, type HostLock, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
 /** Entries of one folder listed (stat, sub-folder read) side by side. */
@@ -208,22 +209,52 @@ export class FsStore implements ObjectStore {
     });
   }
 
-  /** Removes temp files older than `olderThanMs` (left by crashed writers); returns how many. */
-  async sweepTemp(olderThanMs = 24 * 3600_000): Promise<number> {
+  /**
+   * Removes temp files older than `olderThanMs` by their mtime (left by crashed or interrupted writers: a
+   * live put writes its part in one go, and one paused past that fails its rename, never half-commits);
+   * returns how many and their bytes.
+   */
+  async sweepTemp(olderThanMs = 24 * 3600_000): Promise<{ count: number; bytes: number }> {
     const dir = join(this.root, TEMP);
-    let removed = 0;
+    let count = 0;
+    let bytes = 0;
     for (const name of await readdir(dir).catch(() => [] as string[])) {
       const st = await stat(join(dir, name)).catch(() => null);
       if (st && Date.now() - st.mtimeMs > olderThanMs) {
         await rm(join(dir, name), { force: true, recursive: true });
-        removed++;
+        count++;
+        bytes += st.size;
       }
     }
-    return removed;
+    return { count, bytes };
   }
 
   async close(): Promise<void> {
-    // Nothing held open between calls.
+    // Nothing held open between calls (a host lock holds its own descriptor until released).
+  }
+
+  /** flock on the root folder (its own descriptor, so two locks of one process exclude each other too). */
+  async hostLock(exclusive: boolean): Promise<HostLock | null> {
+    const native = nativeOps();
+    if (!native) return { effective: false, release: async () => undefined };
+    let fh: FileHandle;
+    try {
+      fh = await open(this.root, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    } catch (e) {
+      throw ioError(this.root, 'opening the repository folder to lock it', e);
+    }
+    let held: boolean;
+    try {
+      held = native.flock(fh.fd, exclusive, true);
+    } catch (e) {
+      await fh.close().catch(() => undefined);
+      throw ioError(this.root, 'locking the repository folder', e);
+    }
+    if (!held) {
+      await fh.close();
+      return null;
+    }
+    return { effective: true, release: () => fh.close() }; // closing the last descriptor drops the flock
   }
 
   private readError(file: string, key: string, e: unknown): KscError {

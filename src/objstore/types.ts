@@ -80,6 +80,21 @@ export interface ObjectStore {
   delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */
   close(): Promise<void>;
+  /**
+   * Optional, for a store on a file system: an advisory lock over the whole store held by this process
+   * (flock on a local folder's root), which other processes of every host that sees the folder's locks
+   * respect, and which the kernel drops when the process dies. It writes nothing, so it works on a full
+   * file system (formats/repository.md §8 rule 7). Resolves to null when another process holds a
+   * conflicting one; `effective` is false when the platform cannot lock (then it proves nothing).
+   */
+  hostLock?(exclusive: boolean): Promise<HostLock | null>;
+  /** Optional: removes temporary parts of interrupted puts older than `olderThanMs`; how many and their bytes. */
+  sweepTemp?(olderThanMs: number): Promise<{ count: number; bytes: number }>;
+}
+
+export interface HostLock {
+  readonly effective: boolean;
+  release(): Promise<void>;
 }
 
 /**

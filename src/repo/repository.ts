@@ -3,12 +3,11 @@
  * and locks. The engines (backup, restore, verify, prune) are built on this class; it owns the object
  * names and the §9 write ordering of the pieces it writes.
  */
-import { hostname } from 'node:os';
 import { crc32 } from 'node:zlib';
 import { KscError, isDamage, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
-import { pidAlive } from '../util/process.js';
+import { STALE_MS, RepoLock, listLocks, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
 import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
@@ -26,53 +25,16 @@ export const CONFIG_KEY = 'config';
 export const packKey = (id: string): string => `packs/${id.slice(0, 2)}/${id}.pack`;
 export const indexKey = (id: string): string => `index/${id}.idx`;
 export const manifestKey = (id: string): string => `manifests/${id}.manifest`;
-export const lockKey = (id: string): string => `locks/${id}.lock`;
 const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
 const INDEX_KEY_RE = /^index\/([0-9a-f]{32})\.idx$/;
 const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
 
-/** Lock objects need not survive a power cut (every holder is gone then): no fsyncs for them. */
-const LEASE = { durable: false } as const;
-
-/** §8: a lock not refreshed for this long is stale. */
-export const STALE_MS = 10 * 60 * 1000;
+export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
 
-export interface LockInfo {
-  key: string;
-  kind: 'shared' | 'exclusive';
-  host: string;
-  pid: number;
-  created: number;
-  refreshed: number;
-  what: string;
-  stale: boolean;
-}
-
-export class RepoLock {
-  private timer: NodeJS.Timeout | null = null;
-  private failed: unknown = null;
-  constructor(private readonly repo: Repository, readonly key: string, private readonly body: Record<string, unknown>) {}
-
-  /** §8 rule 2: refresh in the background; a failed refresh poisons the lock. */
-  startRefresh(everyMs = STALE_MS / 4): void {
-    this.timer = setInterval(() => {
-      this.body.refreshed = Date.now();
-      this.repo.store.put(this.key, Buffer.from(JSON.stringify(this.body)), LEASE).catch((e) => (this.failed ??= e));
-    }, everyMs);
-    this.timer.unref();
-  }
-  /** Throws if the lock could not be kept. */
-  check(): void {
-    if (this.failed) throw new KscError('KSC_E_LOCKED', `lost the repository lock ${this.key}: ${(this.failed as Error).message}`, { cause: this.failed });
-  }
-  async release(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.repo.store.delete(this.key, LEASE).catch(() => undefined);
-  }
-}
+/** How long a reader waits for a prune's exclusive lock to go. */
+const READER_WAIT_MS = 30 * 60_000;
 
 /** The folders only a repository has (§1): a location holding any of them is a repository. */
 const REPO_PREFIXES = ['manifests/', 'index/', 'packs/', 'locks/'];
@@ -99,6 +61,9 @@ const STREAM_MANIFEST = 8 * MIB;
 export class Repository {
   /** Manifest sizes from the last listing (so reading one needs no stat). */
   private readonly manifestSizes = new Map<string, number>();
+
+  /** The lock lifetime and the clocks locks use (tests shorten the one and skew the others). */
+  lockTiming: LockTiming = { staleMs: STALE_MS, clock: systemLockClock };
 
   private constructor(readonly store: ObjectStore, readonly config: RepoConfig) {}
 
@@ -381,63 +346,38 @@ export class Repository {
     await this.store.delete(manifestKey(id));
   }
 
-  // locks ----------------------------------------------------------------------------------------------
+  // locks (§8, locks.ts) --------------------------------------------------------------------------------
 
-  async listLocks(): Promise<LockInfo[]> {
-    const out: LockInfo[] = [];
-    const host = hostname();
-    for await (const o of this.store.list('locks/')) {
-      let body: Partial<LockInfo>;
-      try {
-        body = JSON.parse((await this.store.get(o.key)).toString('utf8')) as Partial<LockInfo>;
-      } catch (e) {
-        if (isKscError(e, 'KSC_E_NOT_FOUND')) continue; // released meanwhile
-        body = {};
-      }
-      const refreshed = typeof body.refreshed === 'number' ? body.refreshed : o.mtimeMs;
-      const stale = Date.now() - refreshed > STALE_MS || (body.host === host && typeof body.pid === 'number' && !pidAlive(body.pid));
-      out.push({
-        key: o.key, kind: body.kind === 'exclusive' ? 'exclusive' : 'shared', host: String(body.host ?? '?'), pid: Number(body.pid ?? 0),
-        created: Number(body.created ?? o.mtimeMs), refreshed, what: String(body.what ?? ''), stale,
-      });
-    }
-    return out;
+  /** Every object under locks/, judged by the storage's clock (at storage time `now`, default: a probe's). */
+  async listLocks(now?: number): Promise<LockInfo[]> {
+    return listLocks(this.store, this.lockTiming, now);
   }
 
-  /** §8: takes a lock or fails with KSC_E_LOCKED naming the holder. */
-  async lock(kind: 'shared' | 'exclusive', what: string): Promise<RepoLock> {
-    const key = lockKey(randomHexId());
-    const now = Date.now();
-    const body = { kind, host: hostname(), pid: process.pid, created: now, refreshed: now, what };
-    await this.store.put(key, Buffer.from(JSON.stringify(body)), LEASE);
-    const lock = new RepoLock(this, key, body);
-    let others: LockInfo[];
+  /**
+   * Takes a lock or fails with KSC_E_LOCKED naming the holder; with `waitMs`, waits that long for a
+   * blocking lock to go away first.
+   */
+  async lock(kind: 'shared' | 'exclusive', what: string, opts: { waitMs?: number } = {}): Promise<RepoLock> {
+    return takeLock(this.store, this.lockTiming, kind, what, opts);
+  }
+
+  /**
+   * §8 rule 6: a reader's shared lock (restore, verify), waiting up to `waitMs` (default 30 min) for a prune
+   * to end. Null when the lock object cannot be written at all (a read-only repository): the reader then
+   * goes on without one.
+   */
+  async readerLock(what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
     try {
-      others = (await this.listLocks()).filter((l) => l.key !== key && !l.stale);
+      return await this.lock('shared', what, { waitMs });
     } catch (e) {
-      await lock.release();
-      throw e;
+      if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
+      return null;
     }
-    const blocking = others.filter((l) => kind === 'exclusive' || l.kind === 'exclusive');
-    if (blocking.length > 0) {
-      await lock.release();
-      const l = blocking[0]!;
-      throw new KscError('KSC_E_LOCKED', `repository ${this.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}, since ${new Date(l.created).toISOString()}); try again later, or remove a stale lock with "kscinc repo unlock"`);
-    }
-    lock.startRefresh();
-    return lock;
   }
 
-  /** Deletes stale locks (all locks with `all`); returns the keys removed. */
-  async unlock(all = false): Promise<string[]> {
-    const removed: string[] = [];
-    for (const l of await this.listLocks()) {
-      if (all || l.stale) {
-        await this.store.delete(l.key);
-        removed.push(l.key);
-      }
-    }
-    return removed;
+  /** Deletes stale locks and garbage lock objects (every lock with `force`): what it removed and kept, with reasons. */
+  async unlock(force = false): Promise<{ removed: LockInfo[]; kept: LockInfo[] }> {
+    return unlockStale(this.store, this.lockTiming, force);
   }
 }
 

@@ -8,6 +8,7 @@
  * not for stale locks.
  */
 import { spawnSync } from 'node:child_process';
+import { utimesSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -21,6 +22,7 @@ import { ID_BYTES, ZERO_ID } from '../../src/hash/chunkid.js';
 import { lockKey, STALE_MS, type Repository } from '../../src/repo/repository.js';
 import type { ObjectStore } from '../../src/objstore/types.js';
 import { closePool } from '../../src/compress/pool.js';
+import { processIdentity } from '../../src/util/process.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { kscinc } from '../helpers/cli.js';
@@ -190,7 +192,7 @@ describe('prune', () => {
     expect(await treeDigest(repoDir)).toEqual(digest);
 
     const bytesBefore = packBytes(repoDir);
-    const r = await pruneRepo(repo, { last: 2 });
+    const r = await pruneRepo(repo, { last: 2, graceMs: 0 });
     expect(r.removed).toEqual(ids.slice(0, 3));
     expect(r.kept.map((k) => k.id)).toEqual(kept);
     expect(r.damagedManifests).toEqual([]);
@@ -284,11 +286,14 @@ describe('prune', () => {
       expect(await other.listLocks()).toEqual([]);
       await pruneRepo(other, { last: 1 });
 
-      // A lock of this host by a dead process, and an old one of another host: stale, prune goes ahead.
+      // A lock of this host (same boot and pid namespace) by a dead process, and one of another host not
+      // written for longer than the lifetime by the storage's clock (its file's mtime): stale, prune goes ahead.
       const dead = spawnSync(process.execPath, ['-e', '0']).pid!;
-      const lockBody = (over: object): Buffer => Buffer.from(JSON.stringify({ kind: 'shared', host: hostname(), pid: dead, created: Date.now(), refreshed: Date.now(), what: 'backup (test)', ...over }));
+      const lockBody = (over: object): Buffer => Buffer.from(JSON.stringify({ kind: 'shared', host: hostname(), pid: dead, created: Date.now(), refreshed: Date.now(), what: 'backup (test)', ...processIdentity(), ...over }));
       await other.store.put(lockKey('a'.repeat(32)), lockBody({}));
-      await other.store.put(lockKey('b'.repeat(32)), lockBody({ host: 'elsewhere.example', pid: 1, refreshed: Date.now() - STALE_MS - 60_000 }));
+      await other.store.put(lockKey('b'.repeat(32)), lockBody({ host: 'elsewhere.example', pid: 1 }));
+      const old = new Date(Date.now() - STALE_MS - 60_000);
+      utimesSync(join(repoDir, lockKey('b'.repeat(32))), old, old);
       expect((await other.listLocks()).map((l) => l.stale)).toEqual([true, true]);
       await pruneRepo(other, { last: 1 });
       // A fresh lock of another host blocks it.

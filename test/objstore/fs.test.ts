@@ -43,6 +43,22 @@ describe('FsStore', () => {
     await expect(store.get('.tmp/crashed.part')).rejects.toMatchObject({ code: 'KSC_E_INVALID' });
   });
 
+  it('hostLock: shared locks coexist, an exclusive one excludes every other, release lets the next in', async () => {
+    const store = await FsStore.open(fresh(), { create: true });
+    const a = await store.hostLock(false);
+    const b = await store.hostLock(false);
+    expect(a?.effective && b?.effective).toBe(true);
+    expect(await store.hostLock(true)).toBeNull();
+    await a!.release();
+    expect(await store.hostLock(true)).toBeNull();
+    await b!.release();
+    const x = await store.hostLock(true);
+    expect(x).not.toBeNull();
+    expect(await store.hostLock(false)).toBeNull();
+    await x!.release();
+    await (await store.hostLock(false))!.release();
+  });
+
   it('sweepTemp removes only old temp files', async () => {
     const store = await FsStore.open(fresh(), { create: true });
     const tmp = join(store.name, '.tmp');
@@ -50,7 +66,7 @@ describe('FsStore', () => {
     writeFileSync(join(tmp, 'new.part'), 'x');
     const old = new Date(Date.now() - 3 * 24 * 3600_000);
     utimesSync(join(tmp, 'old.part'), old, old);
-    expect(await store.sweepTemp()).toBe(1);
+    expect((await store.sweepTemp()).count).toBe(1);
     expect(readdirSync(tmp)).toEqual(['new.part']);
   });
 
