@@ -38,12 +38,15 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     report.errors.push(msg);
     report.ok = false;
   };
-  // Header slots first, on the bare file, so a damaged slot is reported even when the other one opens.
+  // Header slots first, on the bare file, so a damaged slot is reported even when the other one opens. A
+  // damaged slot is corruption (the other slot may be older than the last header write); --repair rewrites
+  // it (opening for writing writes the next header into it), so it alone does not stop a repair.
+  let damagedSlots: string[] = [];
   const raw = await openHostFile(file, { write: false });
   try {
-    const { damagedSlots, header } = await KscImage.readHeader(raw);
-    for (const d of damagedSlots) report.warnings.push(d);
-    report.dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n;
+    const r = await KscImage.readHeader(raw);
+    damagedSlots = r.damagedSlots;
+    report.dirty = (r.header.incompatible & INCOMPAT_DIRTY) !== 0n;
   } catch (e) {
     fail(messageOf(e));
     return report;
@@ -61,21 +64,33 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     const used: Range[] = [];
     await collectMetadata(img, used, fail);
     const clusters = await collectClusters(img, used, report, fail);
+    for (const c of img.freeClusters()) used.push({ offset: c, length: img.blockSize, what: 'free-list cluster' });
     checkOverlaps(used, fail);
+    findMappedHoles(img, clusters, fail);
     const leaks = await findLeaks(img, used);
     report.leakedBytes = leaks.reduce((s, l) => s + l.length, 0);
     if (report.leakedBytes > 0) report.warnings.push(`${report.leakedBytes} bytes of leaked space (unreferenced after a crash)`);
     if (opts.verify) report.verify = await verifyData(img, clusters, fail, opts.onProgress);
     if (opts.repair && report.ok) {
+      const swept = (img.sweep?.reclaimed ?? 0) * img.blockSize;
+      if (swept > 0) report.repaired.push(`reused ${swept} bytes of leaked clusters (sweep at open)`);
       const reclaimed = await img.reclaim(leaks);
       if (reclaimed > 0) report.repaired.push(`reclaimed ${reclaimed} bytes of leaked space`);
       if (report.dirty) report.repaired.push('completed crash recovery (bitmaps and checksums of recently written regions)');
-      if (report.warnings.some((w) => w.startsWith('header slot'))) report.repaired.push('rewrote the damaged header slot');
+      for (const d of damagedSlots) report.repaired.push(`rewrote the damaged ${d}`);
+    } else {
+      for (const d of damagedSlots) fail(`image ${file}: ${d}`);
     }
   } finally {
     await img.close().catch((e) => fail(messageOf(e)));
   }
   return report;
+}
+
+let zeroBlockCrc: { size: number; crc: number } | null = null;
+function zeroCrc(size: number): number {
+  if (zeroBlockCrc?.size !== size) zeroBlockCrc = { size, crc: crc32(Buffer.alloc(size)) };
+  return zeroBlockCrc.crc;
 }
 
 function messageOf(e: unknown): string {
@@ -129,6 +144,31 @@ async function collectClusters(img: KscImage, used: Range[], report: CheckReport
     }
   }
   return clusters;
+}
+
+/**
+ * A mapped DATA cluster must hold data: a hole there (a cluster punched while an entry on disk still pointed
+ * at it, formats/ksc_inc.md §9 rule 4) reads as zeros the block never held. Found with SEEK_HOLE where the
+ * host can tell (no data read); elsewhere verifyData catches it by its checksum.
+ */
+function findMappedHoles(img: KscImage, clusters: Map<number, { host: number }>, fail: (m: string) => void): void {
+  const file = img.hostFile;
+  const B = img.blockSize;
+  const hosts = [...clusters].map(([block, c]) => ({ block, host: c.host })).sort((a, b) => a.host - b.host);
+  let hole = -1; // start of the next hole at or after the cluster being looked at
+  let holeEnd = -1;
+  for (const { block, host } of hosts) {
+    if (holeEnd <= host) {
+      const h = file.seekHole(host);
+      if (h === null) return; // the host cannot tell
+      hole = h;
+      const d = hole >= 0 ? file.seekData(hole) : -1;
+      holeEnd = d === null || d < 0 ? Number.MAX_SAFE_INTEGER : d;
+    }
+    if (hole >= 0 && hole < host + B && holeEnd > host) {
+      fail(`image ${img.name}: block ${block} (virtual offset ${block * B}) is mapped to the cluster at 0x${host.toString(16)}, which is a hole in the file (its data is gone)`);
+    }
+  }
 }
 
 function checkOverlaps(used: Range[], fail: (m: string) => void): void {
@@ -193,9 +233,13 @@ async function verifyData(img: KscImage, clusters: Map<number, { host: number; c
     const n = await img.hostFile.read(buf, c.host);
     if (n < buf.length) buf.fill(0, n);
     result.checked++;
-    if (crc32(buf) !== c.csum) {
+    const got = crc32(buf);
+    if (got !== c.csum) {
       result.mismatches.push({ offset: block * img.blockSize, host: c.host });
-      fail(`image ${img.name}: data of block ${block} (virtual offset ${block * img.blockSize}, cluster 0x${c.host.toString(16)}) does not match its checksum`);
+      // An all-zero cluster whose checksum is not the zero checksum is most likely a punched cluster (a
+      // hole) that the map still references: said so, for hosts where SEEK_HOLE cannot tell.
+      const why = got === zeroCrc(img.blockSize) ? 'reads as all zeros (a hole?) and does not match its checksum' : 'does not match its checksum';
+      fail(`image ${img.name}: data of block ${block} (virtual offset ${block * img.blockSize}, cluster 0x${c.host.toString(16)}) ${why}`);
     }
     if (done % 1024 === 0) onProgress?.(done, clusters.size);
   }

@@ -42,15 +42,21 @@ export class Allocator {
     this.pending.push({ offset, epoch });
   }
 
-  /** A flush whose snapshot closed epoch `epoch` completed: clusters freed in it or earlier are reusable. */
-  flushed(epoch: number): void {
-    if (this.pending.length === 0) return;
+  /**
+   * A flush whose snapshot closed epoch `epoch` completed: returns the clusters freed in it or earlier. The
+   * map no longer references them on disk, so the caller may punch them; it hands them back with addFree()
+   * afterwards (in between they are in no list, so nothing reuses a cluster while it is being punched).
+   */
+  released(epoch: number): number[] {
+    if (this.pending.length === 0) return [];
+    const out: number[] = [];
     const keep: { offset: number; epoch: number }[] = [];
     for (const p of this.pending) {
-      if (p.epoch <= epoch) this.free.push(p.offset);
+      if (p.epoch <= epoch) out.push(p.offset);
       else keep.push(p);
     }
     this.pending = keep;
+    return out;
   }
 
   addFree(offsets: Iterable<number>): void {

@@ -25,6 +25,7 @@ import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
 import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
+import { findLeakedClusters } from './sweep.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
 
@@ -94,6 +95,8 @@ export class KscImage implements BlockDevice {
   private changesDrained: (() => void) | null = null;
   private gate: Promise<void> | null = null;
   private beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
+  /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
+  sweep: { reclaimed: number; skipped: string | null } | null = null;
 
   private constructor(
     private readonly file: HostFile,
@@ -297,6 +300,7 @@ export class KscImage implements BlockDevice {
       await img.writeHeader({ ...header, incompatible: header.incompatible | INCOMPAT_DIRTY, autoclear: header.autoclear & KNOWN_AUTOCLEAR });
     }
     if (dirty && setRegions.length > 0) await img.recover(setRegions);
+    if (write && dirty) await img.sweepLeaks();
     return img;
   }
 
@@ -345,6 +349,19 @@ export class KscImage implements BlockDevice {
         }
       }
     }
+  }
+
+  /**
+   * §8.1: a writer opening a crashed image (after its DIRTY header sync, before any change) reuses the
+   * clusters nothing references. Skipped, leaving them to `check --repair`, when anything that may
+   * reference a cluster is damaged or the map is too large to read at open.
+   */
+  private async sweepLeaks(): Promise<void> {
+    const r = await findLeakedClusters({ header: this.header, map: this.map, bitmaps: this.bitmapSlots, clusterSize: this.blockSize, fileEnd: this.alloc.fileEnd });
+    this.sweep = { reclaimed: r.clusters.length, skipped: r.skipped };
+    if (r.clusters.length === 0) return;
+    await punchRuns(this.file, r.clusters, this.blockSize).catch(() => undefined); // space only
+    this.alloc.addFree(r.clusters);
   }
 
   private async writeHeader(h: Header): Promise<void> {
@@ -729,9 +746,10 @@ export class KscImage implements BlockDevice {
         await this.file.write(Buffer.alloc(B), page.host[i]!);
         this.map.set(s.block, BlockState.Data, page.host[i]!, zeroCrc(B), true);
       } else if (state === BlockState.Data) {
+        // The cluster is punched and reused only after the flush that makes this entry durable (§9 rule 4):
+        // until then the entry on disk still points at it and a crash must find the old data there.
         const host = page.host[i]!;
         this.map.set(s.block, this.backingDev ? BlockState.Zero : BlockState.Unallocated, 0, 0, false);
-        await this.file.punchHole(host, B);
         this.alloc.freeAfterFlush(host, this.epoch);
       } else if (state === BlockState.Unallocated && this.backingDev) {
         this.map.set(s.block, BlockState.Zero, 0, 0, false);
@@ -773,8 +791,25 @@ export class KscImage implements BlockDevice {
       this.broken = ioError(this.name, 'flush', e);
       throw this.broken;
     }
-    this.alloc.flushed(epoch - 1);
+    await this.releaseClusters(this.alloc.released(epoch - 1));
     await this.intent.clearIdle(epoch);
+  }
+
+  /**
+   * §9 rule 4: clusters whose unlinking map change is now durable are punched out of the file, then become
+   * reusable. Never earlier: until the map change is durable a crash brings back the entry that points at
+   * the cluster, and it must still hold the block's data. Punching only returns space to the host, so a
+   * failed punch leaves the cluster as it is and it is reused all the same.
+   */
+  private async releaseClusters(clusters: number[]): Promise<void> {
+    if (clusters.length === 0) return;
+    try {
+      await punchRuns(this.file, clusters, this.blockSize);
+    } catch {
+      // Space only: the map no longer references these clusters on disk, whatever they hold.
+    } finally {
+      this.alloc.addFree(clusters);
+    }
   }
 
   // ---------------------------------------------------------------- extents
@@ -852,7 +887,11 @@ export class KscImage implements BlockDevice {
     }
   }
 
-  /** Makes the given blocks of this layer UNALLOCATED (after commit); freed clusters are punched. */
+  /**
+   * Makes the given blocks of this layer UNALLOCATED (after commit). Their clusters are punched and become
+   * reusable only once the flush at the end has made the new entries durable (§9 rule 4): a crash before
+   * leaves every entry pointing at its intact data, a crash after leaves the clusters leaked (§8.1).
+   */
   async dropBlocks(which: Set<number>): Promise<void> {
     this.writable();
     const release = await this.locks.acquire(0, this.blocks, true);
@@ -870,10 +909,7 @@ export class KscImage implements BlockDevice {
           for (; i < held.length && Math.floor(held[i]!.block / regionBlocks) === region; i++) {
             const b = held[i]!;
             this.map.set(b.block, BlockState.Unallocated, 0, 0, false);
-            if (b.state === BlockState.Data) {
-              await this.file.punchHole(b.host, this.blockSize);
-              this.alloc.freeAfterFlush(b.host, this.epoch);
-            }
+            if (b.state === BlockState.Data) this.alloc.freeAfterFlush(b.host, this.epoch);
           }
         } finally {
           this.intent.end(start, len, this.epoch);
@@ -1216,5 +1252,16 @@ export class KscImage implements BlockDevice {
       await this.file.close();
       await this.backingDev?.close();
     }
+  }
+}
+
+/** Punches sorted cluster offsets as runs of adjacent clusters (one call per run). */
+async function punchRuns(file: HostFile, clusters: number[], clusterSize: number): Promise<void> {
+  const sorted = [...clusters].sort((a, b) => a - b);
+  for (let i = 0; i < sorted.length;) {
+    let j = i + 1;
+    while (j < sorted.length && sorted[j] === sorted[j - 1]! + clusterSize) j++;
+    await file.punchHole(sorted[i]!, (j - i) * clusterSize);
+    i = j;
   }
 }
