@@ -84,6 +84,7 @@ async function writerChild([image, journalPath, seedText]) {
   const img = await openKsc(image, { write: true });
   const blocks = img.size / B;
   let gen = Number(readFileSync(journalPath, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l)).reduce((m, o) => Math.max(m, o.gen ?? 0), 0));
+  log({ t: 'open' }); // acknowledgements of earlier sessions that no flush of theirs covered are void from here
   process.stdout.write('ready\n');
   for (;;) {
     const batch = [];
@@ -121,6 +122,7 @@ function writerFloor(journalPath) {
     } catch {
       continue; // a line cut by the kill
     }
+    if (o.t === 'open') acked.clear(); // a later session's flush does not cover what a killed one acknowledged
     if (o.t === 'd') discards.add(`${o.b}:${o.g}`);
     if (o.t === 'ack') for (const op of o.ops) acked.set(op.b, { gen: op.g, discarded: discards.has(`${op.b}:${op.g}`) });
     if (o.t === 'flushed') for (const [b, a] of acked) if (a.gen <= o.upto) floor.set(b, a);

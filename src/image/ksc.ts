@@ -993,6 +993,7 @@ export class KscImage implements BlockDevice {
   private async punchRanges(ranges: { offset: number; length: number }[]): Promise<void> {
     for (const r of ranges) {
       if (!(await this.file.punchHole(r.offset, r.length))) await this.file.write(Buffer.alloc(r.length), r.offset);
+      this.alloc.releaseMeta(r.offset, r.length);
     }
   }
 
@@ -1224,7 +1225,7 @@ export class KscImage implements BlockDevice {
           const bytes = alignUp(runs.length * 16, 4096);
           // The list fills whole 4 KiB pages (zero-padded), so no stale record outlives a shorter list.
           const reuse = oldOffset !== 0 && runs.length > 0 && oldBytes >= bytes;
-          const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes);
+          const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes, true); // at the end: `runs` must not list its own space
           if (runs.length > 0) {
             const buf = Buffer.alloc(reuse ? oldBytes : bytes);
             runs.forEach((r, i) => {

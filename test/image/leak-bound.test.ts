@@ -64,3 +64,31 @@ describe('leaked clusters after crashes', () => {
     expect((await checkImage(image)).leakedBytes).toBe(0);
   }, 300_000);
 });
+
+describe('metadata space is reused', () => {
+  it('bitmap clears and merges in one session do not push the end of the file out', async () => {
+    const dir = tempDir('kscinc-leak-');
+    const image = join(dir, 'img.ksc');
+    const B = 64 * 1024;
+    await createImage(image, { size: 4 * MiB, blockSize: B });
+    const img = await openKsc(image, { write: true });
+    await img.addBitmap('a');
+    await img.addBitmap('b');
+    const sizes: number[] = [];
+    for (let i = 0; i < 60; i++) {
+      await img.write((i % 64) * B, Buffer.alloc(B, i + 1));
+      await img.flush();
+      if (i % 2 === 0) await img.clearBitmap('a');
+      else await img.mergeBitmap('a', 'b');
+      await img.flush();
+      sizes.push(statSync(image).size);
+    }
+    await img.close();
+    // 60 blocks of data (3.75 MiB) plus metadata; each round used to add up to a cluster at the end.
+    console.log(`metadata reuse: file ${(sizes[9]! / MiB).toFixed(2)} MiB after 10 rounds, ${(sizes[59]! / MiB).toFixed(2)} MiB after 60`);
+    expect(sizes[59]!).toBeLessThanOrEqual(60 * B + 512 * 1024);
+    const r = await checkImage(image, { verify: true });
+    expect(r.errors).toEqual([]);
+    expect(r.leakedBytes).toBe(0);
+  });
+});
