@@ -7,7 +7,8 @@
 import { crc32 } from 'node:zlib';
 import { isKscError, KscError } from '../errors.js';
 import { openHostFile } from '../io/file.js';
-import { BITMAP_DIR_ENTRY_SIZE, BlockState, FIRST_FREE_OFFSET, INCOMPAT_DIRTY, MAP_PAGE_BYTES } from '../format/constants.js';
+import { BITMAP_DIR_ENTRY_SIZE, BlockState, DESC_CSUM_VALID, FIRST_FREE_OFFSET, INCOMPAT_DIRTY, MAP_PAGE_BYTES, MAP_PAGE_ENTRIES, TAG_MAP } from '../format/constants.js';
+import { sealOk } from '../format/seal.js';
 import { KscImage } from '../image/ksc.js';
 import { openKsc } from '../image/open.js';
 import type { Progress } from './ops.js';
@@ -72,12 +73,16 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     const used: Range[] = [];
     await collectMetadata(img, used, fail);
     const clusters = await collectClusters(img, used, report, fail);
+    for (const c of img.freeClusters()) used.push({ offset: c, length: img.blockSize, what: 'free-list cluster' });
     checkOverlaps(used, fail);
+    await findMappedHoles(img, clusters, fail, (m) => report.warnings.push(m));
     const leaks = await findLeaks(img, used);
     report.leakedBytes = leaks.reduce((s, l) => s + l.length, 0);
     if (report.leakedBytes > 0) report.warnings.push(`${report.leakedBytes} bytes of leaked space (unreferenced after a crash)`);
     if (opts.verify) report.verify = await verifyData(img, clusters, fail, opts.onProgress);
     if (opts.repair && report.ok) {
+      const swept = (img.sweep?.reclaimed ?? 0) * img.blockSize;
+      if (swept > 0) report.repaired.push(`reused ${swept} bytes of leaked clusters (sweep at open)`);
       const reclaimed = await img.reclaim(leaks);
       if (reclaimed > 0) report.repaired.push(`reclaimed ${reclaimed} bytes of leaked space`);
       if (report.dirty) report.repaired.push('completed crash recovery (bitmaps and checksums of recently written regions)');
@@ -86,6 +91,12 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     await img.close().catch((e) => fail(messageOf(e)));
   }
   return report;
+}
+
+let zeroBlockCrc: { size: number; crc: number } | null = null;
+function zeroCrc(size: number): number {
+  if (zeroBlockCrc?.size !== size) zeroBlockCrc = { size, crc: crc32(Buffer.alloc(size)) };
+  return zeroBlockCrc.crc;
 }
 
 function messageOf(e: unknown): string {
@@ -139,6 +150,51 @@ async function collectClusters(img: KscImage, used: Range[], report: CheckReport
     }
   }
   return clusters;
+}
+
+/**
+ * A mapped DATA cluster must hold its data: a hole there (a cluster punched while an entry on disk still
+ * pointed at it, formats/ksc_inc.md §9 rule 4 and I6) reads as zeros the block never held. Found with
+ * SEEK_HOLE where the host can tell (no data read); elsewhere verifyData catches it by its checksum. A
+ * hole is corruption when the entry's checksum says the block is not all zeros. A block whose checksum is
+ * the zero checksum may legitimately sit on a hole (a sparse copy of the file, `cp --sparse=always`, turns
+ * zero clusters into holes); without a valid checksum nothing tells the two apart, so that is a warning.
+ */
+async function findMappedHoles(img: KscImage, clusters: Map<number, { host: number; csum: number; csumValid: boolean }>, fail: (m: string) => void, warn: (m: string) => void): Promise<void> {
+  const file = img.hostFile;
+  const B = img.blockSize;
+  const hosts = [...clusters].map(([block, c]) => ({ block, ...c })).sort((a, b) => a.host - b.host);
+  let hole = -1; // start of the next hole at or after the cluster being looked at
+  let holeEnd = -1;
+  for (const h of hosts) {
+    const { block, host } = h;
+    let { csum, csumValid } = h;
+    if (holeEnd <= host) {
+      const h = file.seekHole(host);
+      if (h === null) return; // the host cannot tell
+      hole = h;
+      const d = hole >= 0 ? file.seekData(hole) : -1;
+      holeEnd = d === null || d < 0 ? Number.MAX_SAFE_INTEGER : d;
+    }
+    if (!(hole >= 0 && hole < host + B && holeEnd > host)) continue;
+    const what = `block ${block} (virtual offset ${block * B}) is mapped to the cluster at 0x${host.toString(16)}, which is (partly) a hole in the file`;
+    // Recovery distrusts the checksums of recently written regions in memory; the one on disk still says
+    // what the block held when it was written whole, and a hole (unlike zeros written in place) is never
+    // the result of a write. So the entry on disk decides.
+    const disk = await diskChecksum(img, block);
+    if (disk) ({ csum, csumValid } = disk);
+    if (!csumValid) warn(`image ${img.name}: ${what}; the block has no checksum to tell whether data was lost`);
+    else if (csum !== zeroCrc(B)) fail(`image ${img.name}: ${what}: its data is gone (its checksum is not that of zeros)`);
+  }
+}
+
+/** The checksum of `block`'s map entry as stored on disk (null if it cannot be read or is not sound). */
+async function diskChecksum(img: KscImage, block: number): Promise<{ csum: number; csumValid: boolean } | null> {
+  const page = img.mapTable.page(Math.floor(block / MAP_PAGE_ENTRIES));
+  if (!page || page.hostOffset === 0) return null;
+  const rec = Buffer.alloc(16);
+  if ((await img.hostFile.read(rec, page.hostOffset + (block % MAP_PAGE_ENTRIES) * 16)) < 16 || !sealOk(rec, TAG_MAP, block)) return null;
+  return { csum: rec.readUInt32LE(8), csumValid: (rec.readUInt32LE(0) & DESC_CSUM_VALID) !== 0 };
 }
 
 function checkOverlaps(used: Range[], fail: (m: string) => void): void {
@@ -203,9 +259,13 @@ async function verifyData(img: KscImage, clusters: Map<number, { host: number; c
     const n = await img.hostFile.read(buf, c.host);
     if (n < buf.length) buf.fill(0, n);
     result.checked++;
-    if (crc32(buf) !== c.csum) {
+    const got = crc32(buf);
+    if (got !== c.csum) {
       result.mismatches.push({ offset: block * img.blockSize, host: c.host });
-      fail(`image ${img.name}: data of block ${block} (virtual offset ${block * img.blockSize}, cluster 0x${c.host.toString(16)}) does not match its checksum`);
+      // An all-zero cluster whose checksum is not the zero checksum is most likely a punched cluster (a
+      // hole) that the map still references: said so, for hosts where SEEK_HOLE cannot tell.
+      const why = got === zeroCrc(img.blockSize) ? 'reads as all zeros (a hole?) and does not match its checksum' : 'does not match its checksum';
+      fail(`image ${img.name}: data of block ${block} (virtual offset ${block * img.blockSize}, cluster 0x${c.host.toString(16)}) ${why}`);
     }
     if (done % 1024 === 0) onProgress?.(done, clusters.size);
   }

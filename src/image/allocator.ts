@@ -6,6 +6,8 @@
 export class Allocator {
   private free: number[] = [];
   private pending: { offset: number; epoch: number }[] = [];
+  /** 4 KiB pieces for metadata (see allocMeta). */
+  private metaPieces: number[] = [];
 
   constructor(private end: number, readonly clusterSize: number) {}
 
@@ -25,11 +27,37 @@ export class Allocator {
     return out;
   }
 
-  /** Space for metadata (`bytes` a multiple of 4096), 4096-aligned, at the end of the file. */
-  allocMeta(bytes: number): number {
+  /**
+   * Space for metadata (`bytes` a multiple of 4096), 4096-aligned. A 4 KiB piece (a bitmap page or small
+   * table) comes from the pieces of dead metadata (releaseMeta) or is carved out of a free cluster, and a
+   * piece of one cluster's size takes a free cluster whole: metadata does not push the end of the file out
+   * while space inside it is free (each 4 KiB piece at the end would also cost the next cluster up to a
+   * cluster of alignment). Anything else, or `atEnd`, goes at the end of the file.
+   */
+  allocMeta(bytes: number, atEnd = false): number {
+    if (!atEnd && bytes === 4096) {
+      if (this.metaPieces.length === 0 && this.free.length > 0) {
+        const c = this.free.pop()!;
+        for (let o = this.clusterSize - 4096; o >= 0; o -= 4096) this.metaPieces.push(c + o);
+      }
+      if (this.metaPieces.length > 0) return this.metaPieces.pop()!;
+    } else if (!atEnd && bytes === this.clusterSize && this.free.length > 0) {
+      return this.free.pop()!;
+    }
     const pos = alignUp(this.end, 4096);
     this.end = pos + bytes;
     return pos;
+  }
+
+  /**
+   * Metadata space nothing references any more, durably (the caller has synced the change that unlinked
+   * it): its 4 KiB pieces serve later metadata allocations. Held in memory only; what a crash or a clean
+   * close leaves in the pool is found again by the leak sweep (formats/ksc_inc.md §8.1) once whole
+   * clusters are free.
+   */
+  releaseMeta(offset: number, bytes: number): void {
+    if (offset % 4096 !== 0) return;
+    for (let o = 0; o + 4096 <= bytes; o += 4096) this.metaPieces.push(offset + o);
   }
 
   /** Gives back clusters that no durable or in-memory entry references (e.g. a failed write's). */
@@ -42,15 +70,21 @@ export class Allocator {
     this.pending.push({ offset, epoch });
   }
 
-  /** A flush whose snapshot closed epoch `epoch` completed: clusters freed in it or earlier are reusable. */
-  flushed(epoch: number): void {
-    if (this.pending.length === 0) return;
+  /**
+   * A flush whose snapshot closed epoch `epoch` completed: returns the clusters freed in it or earlier. The
+   * map no longer references them on disk, so the caller may punch them; it hands them back with addFree()
+   * afterwards (in between they are in no list, so nothing reuses a cluster while it is being punched).
+   */
+  released(epoch: number): number[] {
+    if (this.pending.length === 0) return [];
+    const out: number[] = [];
     const keep: { offset: number; epoch: number }[] = [];
     for (const p of this.pending) {
-      if (p.epoch <= epoch) this.free.push(p.offset);
+      if (p.epoch <= epoch) out.push(p.offset);
       else keep.push(p);
     }
     this.pending = keep;
+    return out;
   }
 
   addFree(offsets: Iterable<number>): void {

@@ -25,6 +25,7 @@ import { newUuidBytes } from '../util/uuid.js';
 import { Allocator, alignUp } from './allocator.js';
 import { type BitmapInfo, SparseBitmap, decodeBitmapSlot, encodeBitmapSlot, guessBitmapSlot, validateBitmapName } from './bitmapstore.js';
 import { IntentLog } from './intent.js';
+import { findLeakedClusters } from './sweep.js';
 import { DAMAGED, MapTable, type MapWrite } from './maptable.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
 
@@ -106,6 +107,8 @@ export class KscImage implements BlockDevice {
   /** Opened as not cleanly closed (DIRTY, or a damaged header slot: §10 step 1). */
   private openedDirty = false;
   private openDamage: string[] = [];
+  /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
+  sweep: { reclaimed: number; skipped: string | null } | null = null;
 
   private constructor(
     private readonly file: HostFile,
@@ -345,6 +348,7 @@ export class KscImage implements BlockDevice {
       await intent.rewriteWords(decoded.damagedWords);
     }
     if (dirty && setRegions.length > 0) await img.recover(setRegions);
+    if (write && dirty) await img.sweepLeaks();
     return img;
   }
 
@@ -393,6 +397,26 @@ export class KscImage implements BlockDevice {
         }
       }
     }
+  }
+
+  /**
+   * §8.1: a writer opening a crashed image (after its DIRTY header sync, before any change) reuses the
+   * clusters nothing references. Skipped, leaving them to `check --repair`, when anything that may
+   * reference a cluster is damaged or the map is too large to read at open.
+   */
+  private async sweepLeaks(): Promise<void> {
+    // Damage found at open (§6.4, §10: a header slot, the free list, intent words, a bitmap's slot, table or
+    // pages) means something may point at clusters this cannot see: leave them to check --repair.
+    const damaged = this.openDamage.length > 0 || this.bitmapSlots.some((b) => b?.damage);
+    if (damaged) {
+      this.sweep = { reclaimed: 0, skipped: 'damaged metadata was found at open' };
+      return;
+    }
+    const r = await findLeakedClusters({ header: this.header, map: this.map, bitmaps: this.bitmapSlots, clusterSize: this.blockSize, fileEnd: this.alloc.fileEnd });
+    this.sweep = { reclaimed: r.clusters.length, skipped: r.skipped };
+    if (r.clusters.length === 0) return;
+    await punchRuns(this.file, r.clusters, this.blockSize).catch(() => undefined); // space only
+    this.alloc.addFree(r.clusters);
   }
 
   private async writeHeader(h: Header): Promise<void> {
@@ -780,9 +804,10 @@ export class KscImage implements BlockDevice {
         await this.file.write(Buffer.alloc(B), page.host[i]!);
         this.map.set(s.block, BlockState.Data, page.host[i]!, zeroCrc(B), true);
       } else if (state === BlockState.Data) {
+        // The cluster is punched and reused only after the flush that makes this entry durable (§9 rule 4):
+        // until then the entry on disk still points at it and a crash must find the old data there.
         const host = page.host[i]!;
         this.map.set(s.block, this.backingDev ? BlockState.Zero : BlockState.Unallocated, 0, 0, false);
-        await this.file.punchHole(host, B);
         this.alloc.freeAfterFlush(host, this.epoch);
       } else if (state === BlockState.Unallocated && this.backingDev) {
         this.map.set(s.block, BlockState.Zero, 0, 0, false);
@@ -824,8 +849,25 @@ export class KscImage implements BlockDevice {
       this.broken = ioError(this.name, 'flush', e);
       throw this.broken;
     }
-    this.alloc.flushed(epoch - 1);
+    await this.releaseClusters(this.alloc.released(epoch - 1));
     await this.intent.clearIdle(epoch);
+  }
+
+  /**
+   * §9 rule 4: clusters whose unlinking map change is now durable are punched out of the file, then become
+   * reusable. Never earlier: until the map change is durable a crash brings back the entry that points at
+   * the cluster, and it must still hold the block's data. Punching only returns space to the host, so a
+   * failed punch leaves the cluster as it is and it is reused all the same.
+   */
+  private async releaseClusters(clusters: number[]): Promise<void> {
+    if (clusters.length === 0) return;
+    try {
+      await punchRuns(this.file, clusters, this.blockSize);
+    } catch {
+      // Space only: the map no longer references these clusters on disk, whatever they hold.
+    } finally {
+      this.alloc.addFree(clusters);
+    }
   }
 
   // ---------------------------------------------------------------- extents
@@ -903,7 +945,11 @@ export class KscImage implements BlockDevice {
     }
   }
 
-  /** Makes the given blocks of this layer UNALLOCATED (after commit); freed clusters are punched. */
+  /**
+   * Makes the given blocks of this layer UNALLOCATED (after commit). Their clusters are punched and become
+   * reusable only once the flush at the end has made the new entries durable (§9 rule 4): a crash before
+   * leaves every entry pointing at its intact data, a crash after leaves the clusters leaked (§8.1).
+   */
   async dropBlocks(which: Set<number>): Promise<void> {
     this.writable();
     const release = await this.locks.acquire(0, this.blocks, true);
@@ -921,10 +967,7 @@ export class KscImage implements BlockDevice {
           for (; i < held.length && Math.floor(held[i]!.block / regionBlocks) === region; i++) {
             const b = held[i]!;
             this.map.set(b.block, BlockState.Unallocated, 0, 0, false);
-            if (b.state === BlockState.Data) {
-              await this.file.punchHole(b.host, this.blockSize);
-              this.alloc.freeAfterFlush(b.host, this.epoch);
-            }
+            if (b.state === BlockState.Data) this.alloc.freeAfterFlush(b.host, this.epoch);
           }
         } finally {
           this.intent.end(start, len, this.epoch);
@@ -1012,6 +1055,7 @@ export class KscImage implements BlockDevice {
   private async punchRanges(ranges: { offset: number; length: number }[]): Promise<void> {
     for (const r of ranges) {
       if (!(await this.file.punchHole(r.offset, r.length))) await this.file.write(Buffer.alloc(r.length), r.offset);
+      this.alloc.releaseMeta(r.offset, r.length);
     }
   }
 
@@ -1319,7 +1363,7 @@ export class KscImage implements BlockDevice {
           const bytes = alignUp(runs.length * 16, 4096);
           // The list fills whole 4 KiB pages (zero-padded), so no stale record outlives a shorter list.
           const reuse = oldOffset !== 0 && runs.length > 0 && oldBytes >= bytes;
-          const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes);
+          const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes, true); // at the end: `runs` must not list its own space
           if (runs.length > 0) {
             const buf = Buffer.alloc(reuse ? oldBytes : bytes);
             runs.forEach((r, i) => {
@@ -1347,5 +1391,16 @@ export class KscImage implements BlockDevice {
       await this.file.close();
       await this.backingDev?.close();
     }
+  }
+}
+
+/** Punches sorted cluster offsets as runs of adjacent clusters (one call per run). */
+async function punchRuns(file: HostFile, clusters: number[], clusterSize: number): Promise<void> {
+  const sorted = [...clusters].sort((a, b) => a - b);
+  for (let i = 0; i < sorted.length;) {
+    let j = i + 1;
+    while (j < sorted.length && sorted[j] === sorted[j - 1]! + clusterSize) j++;
+    await file.punchHole(sorted[i]!, (j - i) * clusterSize);
+    i = j;
   }
 }

@@ -234,6 +234,42 @@ export class MapTable {
     this.dirtyDir.clear();
   }
 
+  /**
+   * Calls `visit` with the host offset of every DATA entry and of every map page, reading pages that are not
+   * in memory into one reused buffer without keeping them (memory stays flat however large the map).
+   * Returns false, having stopped, when any directory entry or map entry is damaged: then the caller
+   * cannot know every cluster in use and MUST NOT free anything on the strength of this scan.
+   */
+  async scanReferences(visit: (host: number, bytes: number) => void): Promise<boolean> {
+    const raw = Buffer.alloc(MAP_PAGE_BYTES);
+    const end = this.fileEnd();
+    for (let p = 0; p < this.directoryEntries; p++) {
+      let off: number;
+      try {
+        off = this.pageOffset(p);
+      } catch {
+        return false;
+      }
+      const loaded = this.pages.get(p);
+      if (loaded) {
+        if (loaded.damaged) return false;
+        if (loaded.hostOffset !== 0) visit(loaded.hostOffset, MAP_PAGE_BYTES);
+        for (let i = 0; i < this.pageEntries; i++) if (loaded.state[i] === BlockState.Data) visit(loaded.host[i]!, this.blockSize);
+        continue;
+      }
+      if (off === 0) continue;
+      if ((await this.file.read(raw, off)) < MAP_PAGE_BYTES) return false;
+      visit(off, MAP_PAGE_BYTES);
+      for (let i = 0; i < this.pageEntries; i++) {
+        const o = i * 16;
+        if (this.entryProblem(raw, o, p * this.pageEntries + i, end)) return false;
+        const lo = raw.readUInt32LE(o);
+        if ((lo & DESC_STATE_MASK) === BlockState.Data) visit(raw.readUInt32LE(o + 4) * 0x100000000 + (((lo >>> 12) << 12) >>> 0), this.blockSize);
+      }
+    }
+    return true;
+  }
+
   /** Loads every page that exists on disk (for check, commit and full scans). */
   async loadAll(): Promise<void> {
     for (let p = 0; p < this.directoryEntries; p++) {

@@ -7,6 +7,7 @@ import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { type NativeOps, nativeOps } from './native.js';
+import { withFaults } from './fault.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
 const CACHED_READ_MAX = 1024 * 1024;
@@ -57,7 +58,7 @@ export const openHostFile: FileOpener = async (path, opts) => {
   if (opts.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
   try {
     const fh = await fsp.open(path, flags, 0o644);
-    return new NodeHostFile(path, fh, opts.write);
+    return withFaults(new NodeHostFile(path, fh, opts.write));
   } catch (e) {
     const errno = (e as { code?: string }).code;
     if (errno === 'ENOENT') throw new KscError('KSC_E_NOT_FOUND', `${path}: no such file`, { cause: e });

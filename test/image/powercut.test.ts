@@ -204,9 +204,10 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
   }
   // The metadata is whole (no record damaged, no cluster shared or overlapping metadata) and every
   // valid data checksum outside the intent regions matches (I5); leaked clusters are allowed.
+  // A cut can tear the header write of an open or a close: that slot is damaged, the other one is current.
+  // check reports it as corruption (issue 12 §3: the older slot may be stale) and --repair rewrites it,
+  // which a cut may leave to do; every other error is a failure.
   const report = await checkImage(file, { verify: true });
-  // A header write torn by the cut leaves a damaged slot: check reports it (exit 2, issue 12 §3) and the open
-  // treats the image as not cleanly closed, which the invariants above already exercised.
   if (!report.ok) problems.push(...report.errors.filter((e) => !/: header slot [AB]: /.test(e)).map((e) => `check: ${e}`));
   if (problems.length) return problems.map((p) => `[read-only open] ${p}`).concat(`(last completed flush started at ${lastFlush}; ${candidates.length} unflushed ops: ${candidates.slice(-6).map(describeOp).join(', ')})`);
 

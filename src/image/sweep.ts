@@ -1,0 +1,63 @@
+/**
+ * Leak sweep (formats/ksc_inc.md §8.1). After a crash the free list is void (§8), and clusters that were
+ * free, freed, or written but not yet referenced when the writer died are *leaked*: nothing references
+ * them and nothing would ever reuse them, so each crash grew the file. A writer opening a crashed image
+ * finds them here and reuses them.
+ *
+ * Safety: a cluster is reported only when no durable structure references it. The caller runs this after
+ * its DIRTY header sync (§9 rule 1), which made every earlier write of the file durable, so what is read
+ * here is what the disk holds; and before any change of its own. The referenced set is everything a header
+ * can point at: both header slots, the directory, map pages and their DATA clusters, the bitmap directory,
+ * each bitmap's table and pages, the intent words and the (void) free list's own pages. If any of it cannot
+ * be read or is damaged, nothing is reported (what cannot be seen may reference data).
+ */
+import { BITMAP_DIR_ENTRY_SIZE, FIRST_FREE_OFFSET } from '../format/constants.js';
+import type { Header } from '../format/header.js';
+import { BitSet } from '../util/bitset.js';
+import { alignUp } from './allocator.js';
+import type { SparseBitmap } from './bitmapstore.js';
+import type { MapTable } from './maptable.js';
+
+/** Above this many map pages (4 Mi blocks) the sweep is skipped: opening would read too much. */
+export const SWEEP_MAX_MAP_PAGES = 1024;
+/** Above this many clusters in the file the sweep is skipped (its bit set would exceed 32 MiB). */
+const SWEEP_MAX_CLUSTERS = 2 ** 28;
+
+export interface SweepResult {
+  /** Leaked clusters, ascending. */
+  clusters: number[];
+  /** Why nothing was swept, or null. */
+  skipped: string | null;
+}
+
+export async function findLeakedClusters(s: { header: Header; map: MapTable; bitmaps: readonly (SparseBitmap | null)[]; clusterSize: number; fileEnd: number }): Promise<SweepResult> {
+  const B = s.clusterSize;
+  const count = Math.floor(s.fileEnd / B);
+  if (count > SWEEP_MAX_CLUSTERS) return { clusters: [], skipped: `the file has more than ${SWEEP_MAX_CLUSTERS} clusters` };
+  let pages = 0;
+  try {
+    for (let p = 0; p < s.map.directoryEntries; p++) if (s.map.pageOffset(p) !== 0) pages++;
+  } catch {
+    return { clusters: [], skipped: 'the directory is damaged' };
+  }
+  if (pages > SWEEP_MAX_MAP_PAGES) return { clusters: [], skipped: `the map has ${pages} pages (more than ${SWEEP_MAX_MAP_PAGES})` };
+  const used = new BitSet(count);
+  const mark = (offset: number, bytes: number): void => {
+    if (bytes > 0) used.addRange(Math.floor(offset / B), Math.floor((offset + bytes - 1) / B));
+  };
+  const h = s.header;
+  mark(0, FIRST_FREE_OFFSET);
+  mark(h.directoryOffset, h.directoryEntries * 16);
+  mark(h.bitmapDirOffset, h.bitmapSlots * BITMAP_DIR_ENTRY_SIZE);
+  mark(h.intentOffset, h.intentWords * 16);
+  if (h.freeListOffset !== 0) mark(h.freeListOffset, alignUp(h.freeListEntries * 16, 4096));
+  try {
+    for (const b of s.bitmaps) if (b) for (const r of await b.hostRanges()) mark(r.offset, r.length);
+  } catch {
+    return { clusters: [], skipped: 'a bitmap table is damaged' };
+  }
+  if (!(await s.map.scanReferences(mark))) return { clusters: [], skipped: 'the map is damaged' };
+  const clusters: number[] = [];
+  for (let c = Math.ceil(FIRST_FREE_OFFSET / B); c < count; c++) if (!used.has(c)) clusters.push(c * B);
+  return { clusters, skipped: null };
+}
