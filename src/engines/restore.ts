@@ -5,7 +5,7 @@
  * file writes only the chunks whose contents differ.
  */
 import { rm, stat } from 'node:fs/promises';
-import { KscError, isDamage } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
@@ -384,6 +384,10 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
       // A new target that did not receive the whole backup is not a restore: its temporary goes.
       await dev.close().catch(() => undefined);
       await rm(file, { force: true }).catch(() => undefined);
+      // Messages name the file the user asked for, not its temporary name.
+      if (isKscError(e) && file !== target && e.message.includes(file)) {
+        throw new KscError(e.code, e.message.split(file).join(target), { cause: e, retryable: e.retryable });
+      }
     } else if (writing) {
       throw new PartialRestoreError(target, changed, toChange, e as Error);
     }

@@ -52,7 +52,7 @@ export async function makeDisk(dir: string, name: string, rng: Rng, spec: DiskSp
   const ksc = join(dir, `${name}.ksc`);
   const baseSize = spec.baseSize ?? 0;
   if (baseSize > 0) {
-    const base = join(dir, `${name}.raw`);
+    const base = join(dir, `${name}-base.raw`);
     writeRawRegions(base, baseSize, rng, spec.baseRegions ?? 8, spec.maxRegion ?? 3 * MiB);
     await createImage(ksc, { size: spec.size, blockSize: spec.blockSize ?? 64 * KiB, backing: base, backingFormat: 'raw' });
   } else {
