@@ -3,13 +3,8 @@
  * command accepts, the range against the export, the payload cap, read-only exports. As qemu-nbd and nbdkit
  * do, a flag a command does not take is EINVAL (FUA is accepted everywhere and means nothing on reads).
  */
+import { NbdRequestError } from './errors.js';
 import { CMD, CMD_FLAG, ERR, MAX_PAYLOAD, type Request } from './wire.js';
-
-export class NbdRequestError extends Error {
-  constructor(readonly errno: number, message: string) {
-    super(message);
-  }
-}
 
 /** Flags each command may carry; DF only once structured replies are negotiated. */
 function allowedFlags(type: number, structured: boolean): number {
