@@ -6,7 +6,6 @@
  * object, so a flush on one connection covers writes made on any (CAN_MULTI_CONN).
  */
 import * as net from 'node:net';
-import { KscImage } from '../image/ksc.js';
 import { ByteBudget } from './budget.js';
 import { Connection } from './connection.js';
 import { BufferPool } from './pool.js';
@@ -70,7 +69,7 @@ export class NbdServer implements ServerContext {
     this.shutdownGraceMs = opts.shutdownGraceMs ?? 10_000;
     for (const [name, exp] of this.exports) {
       for (const b of exp.bitmaps ?? []) {
-        if (!(exp.device instanceof KscImage) || !exp.device.hasBitmap(b)) throw new Error(`export "${name}": no bitmap "${b}" on ${exp.device.name}`);
+        if (!exp.device.dirtyBitmaps?.hasBitmap(b)) throw new Error(`export "${name}": no bitmap "${b}" on ${exp.device.name}`);
       }
     }
   }
