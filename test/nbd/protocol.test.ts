@@ -84,7 +84,7 @@ describe('NBD protocol: requests', () => {
         [CMD.BLOCK_STATUS, CMD_FLAG.REQ_ONE], [CMD.FLUSH, CMD_FLAG.FUA], [CMD.TRIM, CMD_FLAG.FUA],
       ];
       for (const [type, flags, payload] of good) {
-        c.send(type, cookie, 0, 4096, flags, payload);
+        c.send(type, cookie, 0, type === CMD.FLUSH ? 0 : 4096, flags, payload); // FLUSH: offset and length MUST be 0
         expect((await c.reply(type === CMD.READ ? 4096 : 0)).error, `command ${type} flags ${flags}`).toBe(0);
         cookie++;
       }
@@ -110,6 +110,25 @@ describe('NBD protocol: requests', () => {
       expect((await c.reply()).error).toBe(ERR.EINVAL);
       c.send(CMD.BLOCK_STATUS, 3n, 8 * MiB - 4096, 4096);
       expect((await c.reply()).error).toBe(0);
+      c.socket.destroy();
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('FLUSH with an offset or a length (reserved, MUST be zero) is EINVAL, as nbdkit answers', async () => {
+    const s = await inProcess();
+    try {
+      const c = await negotiating(s.port);
+      await go(c);
+      const cases: [number, number, number][] = [[4096, 0, ERR.EINVAL], [0, 4096, ERR.EINVAL], [16 * MiB, 0, ERR.EINVAL], [0, 0, 0]];
+      let cookie = 1n;
+      for (const [offset, length, error] of cases) {
+        c.send(CMD.FLUSH, cookie, offset, length);
+        const r = await c.reply();
+        expect(r.cookie).toBe(cookie++);
+        expect(r.error, `FLUSH ${offset}+${length}`).toBe(error);
+      }
       c.socket.destroy();
     } finally {
       await s.close();
