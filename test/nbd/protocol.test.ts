@@ -12,21 +12,10 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, ERR, OPT, REP, encodeOptionHeader } from '../../src/nbd/wire.js';
 import { run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, serve } from './helpers.js';
+import { RawClient, goData, metaData, serve, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-proto-');
 const MiB = 1 << 20;
-
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-}
-
-function metaData(name: string, queries: string[]): Buffer {
-  const n = Buffer.from(name);
-  return Buffer.concat([u32(n.length), n, u32(queries.length), ...queries.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
-}
 
 /** Greeting, flags, STRUCTURED_REPLY, then LIST or SET of `queries` on export "": the context names (with ids for SET). */
 async function contexts(c: RawClient, opt: number, queries: string[]): Promise<{ id: number; name: string }[]> {
@@ -45,7 +34,7 @@ async function negotiating(port: number): Promise<RawClient> {
 }
 
 async function go(c: RawClient): Promise<void> {
-  const r = await c.option(OPT.GO, Buffer.concat([u32(0), Buffer.alloc(2)]));
+  const r = await c.option(OPT.GO, goData(''));
   expect(r[r.length - 1]!.type).toBe(REP.ACK);
 }
 

@@ -11,25 +11,11 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { type SessionState, parseSessionState } from '../../src/nbd/state.js';
 import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, OPT, REP, TF, encodeOptionHeader } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient } from './helpers.js';
+import { RawClient, goData, metaData, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-state-');
 const MiB = 1 << 20;
 const KEYS = ['v', 'exportName', 'exportSize', 'transmissionFlags', 'clientFlags', 'noZeroes', 'structuredReplies', 'metaContexts'].sort();
-
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-}
-
-function nameData(name: string, tail: Buffer[]): Buffer {
-  const n = Buffer.from(name);
-  return Buffer.concat([u32(n.length), n, ...tail]);
-}
-
-const metaData = (name: string, queries: string[]): Buffer => nameData(name, [u32(queries.length), ...queries.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
-const goData = (name: string): Buffer => nameData(name, [Buffer.alloc(2)]);
 
 let disk: KscImage;
 let ro: KscImage;
