@@ -53,7 +53,7 @@ export class NbdServer implements ServerContext {
   private readonly exports: Map<string, NbdExport>;
   private readonly log: (line: string) => void;
   private server: net.Server | null = null;
-  private readonly connections_ = new Set<Connection>();
+  private readonly conns = new Set<Connection>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
 
@@ -114,29 +114,29 @@ export class NbdServer implements ServerContext {
       return;
     }
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-    if (this.connections_.size >= this.maxConnections) {
+    if (this.conns.size >= this.maxConnections) {
       this.log(`nbd: connection from ${peer} refused: ${this.maxConnections} connections already (--max-connections)`);
       socket.destroy();
       return;
     }
     const c = new Connection(this, socket, this.nextId++, peer, this.log);
-    this.connections_.add(c);
+    this.conns.add(c);
     this.log(`nbd: connection ${c.id} from ${peer}`);
     void c.run().finally(() => {
-      this.connections_.delete(c);
+      this.conns.delete(c);
       this.log(`nbd: connection ${c.id} closed`);
     });
   }
 
   /** Number of open connections. */
   get connections(): number {
-    return this.connections_.size;
+    return this.conns.size;
   }
 
   /** The negotiated state of every connection in transmission (plain objects: see state.ts). */
   sessionStates(): { connection: number; state: Readonly<SessionState> }[] {
     const out: { connection: number; state: Readonly<SessionState> }[] = [];
-    for (const c of this.connections_) if (c.state) out.push({ connection: c.id, state: c.state });
+    for (const c of this.conns) if (c.state) out.push({ connection: c.id, state: c.state });
     return out;
   }
 
@@ -150,7 +150,7 @@ export class NbdServer implements ServerContext {
     this.closing ??= (async () => {
       const server = this.server;
       const closed = server ? new Promise<void>((r) => server.close(() => r())) : Promise.resolve();
-      const conns = [...this.connections_];
+      const conns = [...this.conns];
       const all = Promise.all(conns.map((c) => c.stop()));
       this.budget.wake();
       let timer: NodeJS.Timeout | null = null;
