@@ -1392,6 +1392,15 @@ export class KscImage implements BlockDevice {
       await this.backingDev?.close();
     }
   }
+
+  /** BlockDevice.dirtyBitmaps (a DirtyBitmapCapability): the image answers for its own bitmaps. */
+  get dirtyBitmaps(): this {
+    return this;
+  }
+
+  bitmapNames(): string[] {
+    return this.bitmapSlots.flatMap((b) => (b ? [b.name] : []));
+  }
 }
 
 /** Punches sorted cluster offsets as runs of adjacent clusters (one call per run). */

@@ -43,6 +43,17 @@ export interface BlockDevice {
   /** Allocation status of [offset, offset+length), merged into maximal runs, covering the range exactly. */
   extents(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
+  /** Optional capability: persistent dirty bitmaps (absent on devices without them). */
+  readonly dirtyBitmaps?: DirtyBitmapCapability;
+}
+
+/** Persistent dirty bitmaps a device keeps (a ksc_inc image): what an NBD client reads as qemu:dirty-bitmap:NAME. */
+export interface DirtyBitmapCapability {
+  /** Names of the bitmaps the device holds now, in directory order. */
+  bitmapNames(): string[];
+  hasBitmap(name: string): boolean;
+  /** Dirty extents of bitmap `name` within [offset, offset+length), merged; KSC_E_NOT_FOUND when it is absent. */
+  bitmapExtents(name: string, offset: number, length: number): Promise<{ offset: number; length: number }[]>;
 }
 
 export function checkRange(dev: { name: string; size: number }, offset: number, length: number): void {

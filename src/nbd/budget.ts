@@ -44,3 +44,54 @@ export class ByteBudget {
     c?.resolve();
   }
 }
+
+/**
+ * One connection's share of the server budget: at most `max` bytes of admitted requests at once (a
+ * connection with nothing pending may always take one request of the largest size the server budget allows).
+ */
+export class ConnectionShare {
+  private pending = 0;
+  private released: { promise: Promise<void>; resolve: () => void } | null = null;
+
+  constructor(private readonly server: ByteBudget, private readonly max: number) {}
+
+  /**
+   * Waits until `cost` bytes fit this share and the server budget, then holds them; the returned function
+   * gives them back (once). Rejects with what `gone()` says once the connection no longer needs them.
+   */
+  async admit(cost: number, gone: () => Error | null): Promise<() => void> {
+    const check = (): void => {
+      const e = gone();
+      if (e) throw e;
+    };
+    check();
+    while (this.pending > 0 && this.pending + cost > this.max) {
+      check();
+      this.released ??= (() => {
+        let resolve!: () => void;
+        return { promise: new Promise<void>((r) => (resolve = r)), resolve };
+      })();
+      await this.released.promise;
+    }
+    while (!this.server.tryTake(cost)) {
+      await this.server.next();
+      check();
+    }
+    this.pending += cost;
+    let given = false;
+    return () => {
+      if (given) return;
+      given = true;
+      this.pending -= cost;
+      this.server.give(cost);
+      this.wake();
+    };
+  }
+
+  /** Wakes a waiter of this share (it re-checks `gone`). */
+  wake(): void {
+    const r = this.released;
+    this.released = null;
+    r?.resolve();
+  }
+}

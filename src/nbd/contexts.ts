@@ -8,7 +8,6 @@
  */
 import { KscError } from '../errors.js';
 import { FROZEN_SUFFIX, TOKEN_SEPARATOR } from '../engines/backup.js';
-import { KscImage } from '../image/ksc.js';
 import type { BlockDevice } from '../image/types.js';
 import { STATE_DIRTY, STATE_HOLE, STATE_ZERO, type StatusExtent } from './wire.js';
 
@@ -21,8 +20,7 @@ export function internalBitmap(name: string): boolean {
 
 /** The user bitmaps of `device` now, limited to `allow` when given. */
 export function exportedBitmaps(device: BlockDevice, allow: readonly string[] | undefined): string[] {
-  if (!(device instanceof KscImage)) return [];
-  const names = device.bitmapList.filter((b) => b !== null).map((b) => b!.name).filter((n) => !internalBitmap(n));
+  const names = (device.dirtyBitmaps?.bitmapNames() ?? []).filter((n) => !internalBitmap(n));
   return allow ? names.filter((n) => allow.includes(n)) : names;
 }
 
@@ -46,9 +44,10 @@ export async function statusOf(ctx: string, dev: BlockDevice, off: number, len: 
     for (const e of await dev.extents(off, len)) push(e.length, e.depth === null || e.state === 'unallocated' ? 0 : e.depth + 1);
   } else if (ctx.startsWith(DIRTY_BITMAP_PREFIX)) {
     const name = ctx.slice(DIRTY_BITMAP_PREFIX.length);
-    if (!(dev instanceof KscImage) || !dev.hasBitmap(name)) throw new KscError('KSC_E_INVALID', `bitmap "${name}" was removed since it was selected`);
+    const bitmaps = dev.dirtyBitmaps;
+    if (!bitmaps?.hasBitmap(name)) throw new KscError('KSC_E_INVALID', `bitmap "${name}" was removed since it was selected`);
     let pos = off;
-    for (const d of await dev.bitmapExtents(name, off, len)) {
+    for (const d of await bitmaps.bitmapExtents(name, off, len)) {
       push(d.offset - pos, 0);
       push(d.length, STATE_DIRTY);
       pos = d.offset + d.length;

@@ -3,13 +3,8 @@
  * command accepts, the range against the export, the payload cap, read-only exports. As qemu-nbd and nbdkit
  * do, a flag a command does not take is EINVAL (FUA is accepted everywhere and means nothing on reads).
  */
+import { NbdRequestError } from './errors.js';
 import { CMD, CMD_FLAG, ERR, MAX_PAYLOAD, type Request } from './wire.js';
-
-export class NbdRequestError extends Error {
-  constructor(readonly errno: number, message: string) {
-    super(message);
-  }
-}
 
 /** Flags each command may carry; DF only once structured replies are negotiated. */
 function allowedFlags(type: number, structured: boolean): number {
@@ -45,7 +40,11 @@ export function validateRequest(req: Request, c: RequestContext): number {
   if ((req.type === CMD.READ || req.type === CMD.WRITE) && req.length > MAX_PAYLOAD) {
     throw new NbdRequestError(ERR.EINVAL, `${name} of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
   }
-  if (req.type === CMD.FLUSH) return 0;
+  if (req.type === CMD.FLUSH) {
+    // The spec reserves both fields (the client MUST send zeros); nbdkit refuses the same.
+    if (req.offset !== 0n || req.length !== 0) throw new NbdRequestError(ERR.EINVAL, `FLUSH takes no range (got ${req.offset}+${req.length}; both MUST be 0)`);
+    return 0;
+  }
   if (req.type === CMD.BLOCK_STATUS && req.length === 0) throw new NbdRequestError(ERR.EINVAL, 'BLOCK_STATUS of length 0');
   if (req.offset > BigInt(c.size) || Number(req.offset) + req.length > c.size) {
     // Writes past the end are ENOSPC (the spec's choice for WRITE and WRITE_ZEROES); everything else EINVAL.

@@ -18,7 +18,7 @@ import {
 import { kscinc } from '../helpers/cli.js';
 import { Rng, seedFor, withSeed } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, closesWithin } from './helpers.js';
+import { RawClient, closesWithin, goData, metaData, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-fuzz-');
 const SIZE = 8 << 20;
@@ -62,30 +62,8 @@ afterAll(async () => {
 
 // ------------------------------------------------------------------ stream generators
 
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n >>> 0);
-  return b;
-}
-
-function u16(n: number): Buffer {
-  const b = Buffer.alloc(2);
-  b.writeUInt16BE(n & 0xffff);
-  return b;
-}
-
 function option(opt: number, data: Buffer): Buffer {
   return Buffer.concat([encodeOptionHeader(opt, data.length), data]);
-}
-
-function goData(name: string, infos: number[]): Buffer {
-  const n = Buffer.from(name);
-  return Buffer.concat([u32(n.length), n, u16(infos.length), ...infos.map(u16)]);
-}
-
-function metaData(name: string, queries: string[]): Buffer {
-  const n = Buffer.from(name);
-  return Buffer.concat([u32(n.length), n, u32(queries.length), ...queries.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
 }
 
 const EXPORTS = ['ro', 'rw', '', 'nope', 'r'];

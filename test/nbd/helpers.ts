@@ -58,6 +58,29 @@ export function serve(args: string[], exportsCount = 1, timeoutMs = 20_000): Pro
   });
 }
 
+// ------------------------------------------------------------------ option payloads
+
+export function u32(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(n >>> 0);
+  return b;
+}
+
+/** INFO/GO data: export name, then the information types asked for. */
+export function goData(name: string, infos: number[] = []): Buffer {
+  const n = Buffer.from(name);
+  const list = Buffer.alloc(2 + 2 * infos.length);
+  list.writeUInt16BE(infos.length & 0xffff, 0);
+  infos.forEach((t, i) => list.writeUInt16BE(t & 0xffff, 2 + 2 * i));
+  return Buffer.concat([u32(n.length), n, list]);
+}
+
+/** LIST_/SET_META_CONTEXT data: export name, then the queries. */
+export function metaData(name: string, queries: string[]): Buffer {
+  const n = Buffer.from(name);
+  return Buffer.concat([u32(n.length), n, u32(queries.length), ...queries.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
+}
+
 // ------------------------------------------------------------------ raw client
 
 export interface Reply {

@@ -12,21 +12,10 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, ERR, OPT, REP, encodeOptionHeader } from '../../src/nbd/wire.js';
 import { run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, serve } from './helpers.js';
+import { RawClient, goData, metaData, serve, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-proto-');
 const MiB = 1 << 20;
-
-function u32(n: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(n);
-  return b;
-}
-
-function metaData(name: string, queries: string[]): Buffer {
-  const n = Buffer.from(name);
-  return Buffer.concat([u32(n.length), n, u32(queries.length), ...queries.flatMap((q) => [u32(Buffer.byteLength(q)), Buffer.from(q)])]);
-}
 
 /** Greeting, flags, STRUCTURED_REPLY, then LIST or SET of `queries` on export "": the context names (with ids for SET). */
 async function contexts(c: RawClient, opt: number, queries: string[]): Promise<{ id: number; name: string }[]> {
@@ -45,7 +34,7 @@ async function negotiating(port: number): Promise<RawClient> {
 }
 
 async function go(c: RawClient): Promise<void> {
-  const r = await c.option(OPT.GO, Buffer.concat([u32(0), Buffer.alloc(2)]));
+  const r = await c.option(OPT.GO, goData(''));
   expect(r[r.length - 1]!.type).toBe(REP.ACK);
 }
 
@@ -84,7 +73,7 @@ describe('NBD protocol: requests', () => {
         [CMD.BLOCK_STATUS, CMD_FLAG.REQ_ONE], [CMD.FLUSH, CMD_FLAG.FUA], [CMD.TRIM, CMD_FLAG.FUA],
       ];
       for (const [type, flags, payload] of good) {
-        c.send(type, cookie, 0, 4096, flags, payload);
+        c.send(type, cookie, 0, type === CMD.FLUSH ? 0 : 4096, flags, payload); // FLUSH: offset and length MUST be 0
         expect((await c.reply(type === CMD.READ ? 4096 : 0)).error, `command ${type} flags ${flags}`).toBe(0);
         cookie++;
       }
@@ -110,6 +99,25 @@ describe('NBD protocol: requests', () => {
       expect((await c.reply()).error).toBe(ERR.EINVAL);
       c.send(CMD.BLOCK_STATUS, 3n, 8 * MiB - 4096, 4096);
       expect((await c.reply()).error).toBe(0);
+      c.socket.destroy();
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('FLUSH with an offset or a length (reserved, MUST be zero) is EINVAL, as nbdkit answers', async () => {
+    const s = await inProcess();
+    try {
+      const c = await negotiating(s.port);
+      await go(c);
+      const cases: [number, number, number][] = [[4096, 0, ERR.EINVAL], [0, 4096, ERR.EINVAL], [16 * MiB, 0, ERR.EINVAL], [0, 0, 0]];
+      let cookie = 1n;
+      for (const [offset, length, error] of cases) {
+        c.send(CMD.FLUSH, cookie, offset, length);
+        const r = await c.reply();
+        expect(r.cookie).toBe(cookie++);
+        expect(r.error, `FLUSH ${offset}+${length}`).toBe(error);
+      }
       c.socket.destroy();
     } finally {
       await s.close();

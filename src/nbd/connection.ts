@@ -1,0 +1,174 @@
+/**
+ * One client connection: the socket and its reply writer, the handshake then the transmission phase, and
+ * how it ends (DISC or EOF, the server stopping, a protocol violation, a stall). Each reply is written to
+ * the socket in one synchronous burst, so the bytes of two replies never interleave.
+ */
+import type * as net from 'node:net';
+import { nativeOps } from '../io/native.js';
+import { NbdProtocolError } from './errors.js';
+import { negotiate } from './handshake.js';
+import { SocketClosedError, SocketReader } from './reader.js';
+import type { SessionState } from './state.js';
+import { Transmission } from './transmission.js';
+import type { Link, ServerContext } from './types.js';
+
+/** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
+const SEND_BUFFER = 4 * 1024 * 1024;
+
+/**
+ * A READ reply (up to 32 MiB) larger than the socket's send buffer (≈ 200 KiB by default) goes out in
+ * pieces, each after another wake-up of the event loop; with a few MiB of buffer most replies leave in one
+ * writev. Needs the addon (Node offers no setsockopt); without it the default stays.
+ */
+function widenSendBuffer(socket: net.Socket): void {
+  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const set = nativeOps()?.setSendBuffer;
+  if (!set || typeof fd !== 'number' || fd < 0) return;
+  try {
+    set(fd, SEND_BUFFER);
+  } catch {
+    // not a socket option this descriptor takes: keep the default
+  }
+}
+
+export class Connection implements Link {
+  readonly reader: SocketReader;
+  private stopRequested = false;
+  private done: Promise<void> | null = null;
+  private drained: Promise<void> | null = null;
+  private transmission: Transmission | null = null;
+
+  constructor(private readonly server: ServerContext, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, readonly log: (l: string) => void) {
+    socket.setNoDelay(true);
+    widenSendBuffer(socket);
+    socket.on('error', () => {}); // reported through the reader; never crash the process
+    this.reader = new SocketReader(socket);
+  }
+
+  get stopping(): boolean {
+    return this.stopRequested;
+  }
+
+  get destroyed(): boolean {
+    return this.socket.destroyed;
+  }
+
+  /** The negotiated state once the connection is in transmission; null during the handshake. */
+  get state(): Readonly<SessionState> | null {
+    return this.transmission?.state ?? null;
+  }
+
+  run(): Promise<void> {
+    this.done ??= this.main();
+    return this.done;
+  }
+
+  /** Ends the connection now: what it has in flight still completes on the device, unsent replies are dropped. */
+  cut(why: string): void {
+    if (this.socket.destroyed) return;
+    this.log(`nbd: connection ${this.id} (${this.peer}): ${why}; disconnecting`);
+    this.reader.abort();
+    this.socket.destroy();
+  }
+
+  /** Reads no more requests, completes those read, then closes; resolves when the connection has ended. */
+  stop(): Promise<void> {
+    this.stopRequested = true;
+    this.reader.abort();
+    this.transmission?.wake();
+    return this.run();
+  }
+
+  private async main(): Promise<void> {
+    try {
+      const state = await this.within(this.server.handshakeTimeoutMs, 'handshake', negotiate(this, this.server));
+      if (state) {
+        const found = this.server.findExport(state.exportName);
+        if (!found) throw new Error(`export "${state.exportName}" is gone`);
+        this.transmission = new Transmission(this, this.server, Object.freeze(state), found.exp);
+        await this.transmission.run();
+      }
+    } catch (e) {
+      if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
+      this.reader.abort();
+      await this.transmission?.settled();
+      this.socket.destroy();
+      return;
+    }
+    await this.transmission?.settled();
+    await new Promise<void>((resolve) => {
+      if (this.socket.destroyed) return resolve();
+      const timer = setTimeout(resolve, 5000); // a peer that never reads: give up on the last bytes
+      this.socket.end(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+    this.socket.destroy();
+  }
+
+  /** Runs `p`; if it has not settled after `ms`, ends the session (the pending read rejects). */
+  private async within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | null = null;
+    const expired = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.reader.abort();
+        reject(new NbdProtocolError('timeout', `${what} not completed within ${ms} ms`));
+      }, ms);
+    });
+    try {
+      return await Promise.race([p, expired]);
+    } finally {
+      clearTimeout(timer!);
+    }
+  }
+
+  /**
+   * Waits for the socket to drain. One shared waiter per socket, however many replies are queued behind it.
+   * No progress (the bytes queued do not shrink) for the stall timeout cuts the connection: a client that
+   * stops reading holds its replies' memory only that long.
+   */
+  private waitDrain(): Promise<void> {
+    const s = this.socket;
+    this.drained ??= new Promise<void>((resolve) => {
+      const stallMs = this.server.stallTimeoutMs;
+      let low = s.writableLength;
+      let since = Date.now();
+      const tick = setInterval(() => {
+        if (s.writableLength < low) {
+          low = s.writableLength;
+          since = Date.now();
+        } else if (Date.now() - since >= stallMs) {
+          this.cut(`the client took no byte of its replies for ${stallMs} ms`);
+        }
+      }, Math.max(10, Math.min(1000, stallMs / 4)));
+      const done = (): void => {
+        clearInterval(tick);
+        s.off('drain', done);
+        s.off('close', done);
+        this.drained = null;
+        resolve();
+      };
+      s.on('drain', done);
+      s.on('close', done);
+    });
+    return this.drained;
+  }
+
+  /**
+   * Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full.
+   * `sent` runs once the socket no longer needs the bytes (written, or the socket failed).
+   */
+  async send(parts: Buffer[], sent?: () => void): Promise<void> {
+    const s = this.socket;
+    while (!s.destroyed && s.writableNeedDrain) await this.waitDrain();
+    if (s.destroyed) {
+      sent?.();
+      return;
+    }
+    s.cork();
+    for (let i = 0; i < parts.length - 1; i++) s.write(parts[i]!);
+    s.write(parts[parts.length - 1]!, sent);
+    s.uncork();
+  }
+}

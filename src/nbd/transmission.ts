@@ -1,0 +1,110 @@
+/**
+ * The transmission phase of a connection (formats/nbd.md §2): reads requests, admits each against the
+ * connection's and the server's byte budgets (§2.2), then validates, executes and replies to it while the
+ * next ones are read — up to maxInFlight at once. Everything it knows of the negotiation is the
+ * SessionState it was built with.
+ */
+import { ConnectionShare } from './budget.js';
+import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
+import { execute } from './execute.js';
+import { SocketClosedError } from './reader.js';
+import type { SessionState } from './state.js';
+import type { Link, NbdExport, ServerContext } from './types.js';
+import { validateRequest } from './validate.js';
+import { CMD, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
+
+/** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
+const SMALL_REQUEST_COST = 64 * 1024;
+
+export class Transmission {
+  private readonly inflight = new Set<Promise<void>>();
+  private readonly share: ConnectionShare;
+
+  constructor(private readonly link: Link, private readonly server: ServerContext, readonly state: Readonly<SessionState>, private readonly exp: NbdExport) {
+    this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
+  }
+
+  /** Wakes a read loop waiting for budget (after the connection was told to stop). */
+  wake(): void {
+    this.share.wake();
+  }
+
+  /** Resolves once every request in flight has completed (replied or failed). */
+  async settled(): Promise<void> {
+    await Promise.allSettled([...this.inflight]);
+  }
+
+  /** Reads requests until the client disconnects (DISC or EOF) or the connection stops; throws on a protocol violation. */
+  async run(): Promise<void> {
+    const { link } = this;
+    const stall = this.server.stallTimeoutMs;
+    for (;;) {
+      if (link.stopping) return;
+      let hdr: Buffer;
+      try {
+        // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
+        hdr = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
+      } catch (e) {
+        if (e instanceof SocketClosedError) return;
+        throw e;
+      }
+      const req = decodeRequest(hdr);
+      if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);
+      if (req.type === CMD.DISC) {
+        link.reader.abort();
+        return;
+      }
+      if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) throw new NbdProtocolError('payload-too-big', `write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
+      const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : SMALL_REQUEST_COST;
+      let release: () => void;
+      try {
+        release = await this.share.admit(cost, () => (this.gone() ? new SocketClosedError() : null));
+      } catch (e) {
+        if (e instanceof SocketClosedError) return;
+        throw e;
+      }
+      let payload: Buffer | null = null;
+      if (req.type === CMD.WRITE) {
+        // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
+        try {
+          payload = await link.reader.read(req.length, { ms: stall, what: `write payload of ${req.length} bytes` });
+        } catch (e) {
+          release();
+          throw e;
+        }
+      }
+      while (this.inflight.size >= this.server.maxInFlight) await Promise.race(this.inflight);
+      const p: Promise<void> = this.handle(req, payload, release).finally(() => this.inflight.delete(p));
+      this.inflight.add(p);
+    }
+  }
+
+  /** Stopping, cut, or the peer went away (it will not read replies to requests not yet run). */
+  private gone(): boolean {
+    return this.link.stopping || this.link.destroyed || this.link.reader.finished;
+  }
+
+  /** Validates, executes and answers one request; its budget is given back once the socket has taken the reply. */
+  private async handle(req: Request, payload: Buffer | null, release: () => void): Promise<void> {
+    const { link, state } = this;
+    const dev = this.exp.device;
+    try {
+      const off = validateRequest(req, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
+      const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[] };
+      const parts = await execute(x, req, off, payload);
+      payload = null;
+      await link.send(parts, () => {
+        if (x.recycle.length) this.server.pool.give(x.recycle);
+        release();
+      });
+    } catch (e) {
+      const errno = wireErrno(e, req.type);
+      const msg = e instanceof Error ? e.message : String(e);
+      if (!(e instanceof NbdRequestError)) link.log(`nbd: connection ${link.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
+      if (state.structuredReplies) await link.send([encodeErrorChunk(req.cookie, errno, msg)], release);
+      else await link.send([encodeSimpleReply(errno, req.cookie)], release);
+    } finally {
+      if (link.destroyed) release();
+    }
+  }
+}

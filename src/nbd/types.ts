@@ -1,0 +1,48 @@
+/** What the parts of the NBD server share: an export, the server's limits and lookups, a connection's link. */
+import type { BlockDevice } from '../image/types.js';
+import type { ByteBudget } from './budget.js';
+import type { BufferPool } from './pool.js';
+import type { SocketReader } from './reader.js';
+
+export interface NbdExport {
+  device: BlockDevice;
+  readOnly?: boolean;
+  description?: string;
+  /**
+   * Bitmaps offered as qemu:dirty-bitmap:NAME. Absent: every bitmap the image holds when a client asks
+   * (internal backup-handover bitmaps excepted). Given: only these (each must exist when the server starts).
+   */
+  bitmaps?: string[];
+}
+
+export interface FoundExport {
+  /** The export's name on the server (the empty name a client asks for resolves to the only export). */
+  name: string;
+  exp: NbdExport;
+}
+
+/** The server as its connections see it (NbdServer implements it). */
+export interface ServerContext {
+  readonly handshakeTimeoutMs: number;
+  readonly stallTimeoutMs: number;
+  readonly maxInFlight: number;
+  readonly maxPendingBytes: number;
+  /** Bytes of admitted requests over every connection. */
+  readonly budget: ByteBudget;
+  readonly pool: BufferPool;
+  findExport(name: string): FoundExport | null;
+  exportList(): [string, NbdExport][];
+}
+
+/** A connection as the handshake and the transmission phase see it. */
+export interface Link {
+  readonly id: number;
+  readonly reader: SocketReader;
+  /** The server asked the connection to finish (no new request is read). */
+  readonly stopping: boolean;
+  /** The socket is gone (closed by the peer, cut, or failed). */
+  readonly destroyed: boolean;
+  /** Writes a whole reply in one burst; `sent` runs once the socket no longer needs the bytes. */
+  send(parts: Buffer[], sent?: () => void): Promise<void>;
+  log(line: string): void;
+}
