@@ -213,6 +213,14 @@ describe('bitmaps, backups and the repository from the environment', () => {
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--json'])).map((b: { name: string }) => b.name)).toEqual(['backup']);
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--all', '--json'])).map((b: { name: string }) => b.name).some((n: string) => n.startsWith('backup#'))).toBe(true);
     expect(kscinc(['bitmap', 'list', '--help']).stdout).toMatch(/NAME#TOKEN[\s\S]*NAME~frozen/);
+    // info too: internal bitmaps only with --all (human and JSON).
+    const info = ok(['info', p('bm.ksc')]);
+    expect(info).toMatch(/^  backup: /m);
+    expect(info).not.toMatch(/backup#/);
+    expect(info).toMatch(/1 internal bitmap of backups not shown: --all/);
+    expect(ok(['info', p('bm.ksc'), '--all'])).toMatch(/^  backup#[0-9a-f]+: .*\(internal\)$/m);
+    expect(JSON.parse(ok(['info', p('bm.ksc'), '--json'])).bitmaps.map((b: { name: string }) => b.name)).toEqual(['backup']);
+    expect(JSON.parse(ok(['info', p('bm.ksc'), '--json', '--all'])).bitmaps.some((b: { name: string }) => b.name.startsWith('backup#'))).toBe(true);
     oneLineError(kscinc(['backup', p('bm.ksc'), '--repo', repo, '--bitmap', 'nightly']), 1, /has no bitmap "nightly": add --create-bitmap/);
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--json'])).map((b: { name: string }) => b.name)).toEqual(['backup']);
     // The same through a running server (the image is locked: the server would run the backup).

@@ -11,6 +11,7 @@ import { RawDevice } from '../image/raw.js';
 import type { BlockDevice } from '../image/types.js';
 import { bytesToUuid } from '../util/uuid.js';
 import { parseSize } from '../util/size.js';
+import { isInternalBitmap } from './bitmap-commands.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 
 export { parseFormat, formatName };
@@ -62,10 +63,11 @@ export function registerImageCommands(program: Command): void {
     .command('info')
     .description('show an image: format, sizes, disk UUID, backing chain, bitmaps')
     .argument('<image>')
+    .option('--all', 'also list the internal bitmaps backups keep (NAME#TOKEN, NAME~frozen)')
     .option('--json', 'print JSON')
-    .action(async (image: string, o: { json?: boolean }) => {
+    .action(async (image: string, o: { all?: boolean; json?: boolean }) => {
       const info = await describe(image);
-      if (o.json) return printJson(info);
+      if (o.json) return printJson(o.all ? info : { ...info, bitmaps: info.bitmaps.filter((b) => !isInternalBitmap(b.name)) });
       println(`image: ${info.file}`);
       println(`format: ${info.format}`);
       println(`virtual size: ${formatSize(info.virtualSize)} (${info.virtualSize} bytes)`);
@@ -75,12 +77,15 @@ export function registerImageCommands(program: Command): void {
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
-        if (info.bitmaps.length > 0) {
+        const shown = o.all ? info.bitmaps : info.bitmaps.filter((b) => !isInternalBitmap(b.name));
+        if (shown.length > 0) {
           println('bitmaps:');
-          for (const b of info.bitmaps) {
-            println(`  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}`);
+          for (const b of shown) {
+            println(`  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}${isInternalBitmap(b.name) ? ' (internal)' : ''}`);
           }
         }
+        const hidden = info.bitmaps.length - shown.length;
+        if (hidden > 0) println(`(${hidden} internal bitmap${hidden === 1 ? '' : 's'} of backups not shown: --all)`);
       }
     });
 
