@@ -20,6 +20,10 @@ export type Progress = (done: number, total: number) => void;
  * writers refuse data changes unless forced (formats/ksc_inc.md §4.1). A raw image is only locked.
  */
 export async function snapshotImage(imagePath: string, overlayPath: string, opts: { force?: boolean } = {}): Promise<void> {
+  // Before the image is opened (and locked): replacing it with an overlay on itself would loop.
+  if (path.resolve(imagePath) === path.resolve(overlayPath)) {
+    throw new KscError('KSC_E_INVALID', `image ${overlayPath}: an image cannot be its own backing file (a snapshot onto itself loops)`);
+  }
   const fmt = await probeFormat(imagePath);
   let uuid: Buffer | undefined;
   let blockSize: number | undefined;

@@ -351,7 +351,7 @@ describe('backup → change → incremental → restore', () => {
     const repo = await newRepo(repoDir);
     const a = await makeDisk(dir, 'twinA', rng, { size: 64 * MiB, baseSize: 64 * MiB, baseRegions: 8, maxRegion: 4 * MiB });
     // Twin B: a copy of A's base under another overlay (another disk UUID), then the same writes.
-    copyFileSync(join(dir, 'twinA.raw'), join(dir, 'twinB.raw'));
+    copyFileSync(join(dir, 'twinA-base.raw'), join(dir, 'twinB.raw'));
     const b = join(dir, 'twinB.ksc');
     await createImage(b, { size: 64 * MiB, blockSize: 64 * KiB, backing: join(dir, 'twinB.raw'), backingFormat: 'raw' });
     const writes = rng.fork();
