@@ -1403,13 +1403,20 @@ export class KscImage implements BlockDevice {
   }
 }
 
-/** Punches sorted cluster offsets as runs of adjacent clusters (one call per run). */
+/** Punches cluster offsets as runs of adjacent clusters (one call per run), or zeroes them where the host cannot punch. */
 async function punchRuns(file: HostFile, clusters: number[], clusterSize: number): Promise<void> {
   const sorted = [...clusters].sort((a, b) => a - b);
   for (let i = 0; i < sorted.length;) {
     let j = i + 1;
     while (j < sorted.length && sorted[j] === sorted[j - 1]! + clusterSize) j++;
-    await file.punchHole(sorted[i]!, (j - i) * clusterSize);
+    // Where the host cannot punch, zeros are written instead (as punchRanges does): a freed cluster must not
+    // keep old data that a metadata piece carved out of it, or check's leak scan, would meet again.
+    const at = sorted[i]!;
+    const len = (j - i) * clusterSize;
+    if (!(await file.punchHole(at, len))) {
+      const zeros = Buffer.alloc(Math.min(len, 1 << 20));
+      for (let o = 0; o < len; o += zeros.length) await file.write(zeros.subarray(0, Math.min(zeros.length, len - o)), at + o);
+    }
     i = j;
   }
 }
