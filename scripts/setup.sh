@@ -12,7 +12,7 @@ done
 [ -f /usr/include/libdeflate.h ] || need+=(libdeflate-dev)
 # The S3 tests run against a real single-node Ceph RGW (scripts/ceph-rgw.sh): no mgr needed.
 need_ceph=()
-for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common uuidgen:uuid-runtime curl:curl flock:util-linux; do
+for tool in ceph-mon:ceph-mon ceph-osd:ceph-osd radosgw:radosgw ceph:ceph-common uuidgen:uuid-runtime curl:curl flock:util-linux fallocate:util-linux; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need_ceph+=("${tool##*:}")
 done
 if [ $((${#need[@]} + ${#need_ceph[@]})) -gt 0 ]; then

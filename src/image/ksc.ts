@@ -1330,7 +1330,7 @@ export class KscImage implements BlockDevice {
   }
 
   /**
-   * check --repair: punches leaked ranges and puts whole leaked clusters on the free list. Returns bytes
+   * check --repair: punches leaked ranges (writes zeros where the host cannot punch) and puts whole leaked clusters on the free list. Returns bytes
    * reclaimed. Only call with ranges no structure references (check.ts computes them).
    */
   async reclaim(leaks: { offset: number; length: number }[]): Promise<number> {
@@ -1338,7 +1338,12 @@ export class KscImage implements BlockDevice {
     let bytes = 0;
     const B = this.blockSize;
     for (const l of leaks) {
-      await this.file.punchHole(l.offset, l.length);
+      // Where the host cannot punch, zeros are written: the space is then unused to check too (its leak scan
+      // looks for non-zero pages), as after a punch.
+      if (!(await this.file.punchHole(l.offset, l.length))) {
+        const zeros = Buffer.alloc(Math.min(l.length, 1 << 20));
+        for (let o = 0; o < l.length; o += zeros.length) await this.file.write(zeros.subarray(0, Math.min(zeros.length, l.length - o)), l.offset + o);
+      }
       bytes += l.length;
       for (let c = alignUp(l.offset, B); c + B <= l.offset + l.length; c += B) {
         if (c >= FIRST_FREE_OFFSET) this.alloc.unusedAgain([c]);
