@@ -2,9 +2,28 @@
 # The main job, end to end, on the embedded default (a local repository folder): a realistic disk as a
 # ksc_inc overlay on a shared base, a full backup, 1% of the disk changed, an incremental backup that reads
 # only what changed, both points restored and verified byte for byte with qemu-img compare.
+# Needs only what it uses: qemu-img (qemu-utils) and mkfs.ext4 (e2fsprogs); no Ceph. On a checkout that is
+# already set up (node_modules present, dist/ newer than src/) it builds nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+need=()
+for tool in qemu-img:qemu-utils mkfs.ext4:e2fsprogs numfmt:coreutils python3:python3; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 update -q
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "demo: please install: ${need[*]} (apt-get install -y ${need[*]})" >&2
+    exit 1
+  fi
+fi
+[ -d node_modules ] || npm ci --no-audit --no-fund --loglevel=error
+# Build only when dist/ is missing or older than a source file (the native addon is optional).
+if [ ! -f dist/cli/kscinc.cjs ] || [ -n "$(find src -newer dist/cli/kscinc.cjs -name '*.ts' -print -quit)" ]; then
+  npm run build --silent
+fi
 work=${KSCINC_DEMO_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/kscinc-demo.XXXXXX")}
 mkdir -p "$work"
 k() { node dist/cli/kscinc.cjs "$@"; }

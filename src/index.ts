@@ -5,9 +5,18 @@ export { KscImage, type BitmapStatus } from './image/ksc.js';
 export { RawDevice } from './image/raw.js';
 export { openImage, openKsc, createImage, probeFormat, resolveBackingPath, type OpenImageOptions, type CreateImageOptions, type ImageFormat } from './image/open.js';
 export { parseSize, formatSize } from './util/size.js';
+// Image engines: what the CLI's create/convert/check/snapshot/commit/rebase run.
+export { convertImage, copyDevice, type ConvertOptions, type ConvertResult } from './engines/convert.js';
+export { checkImage, type CheckReport } from './engines/check.js';
+export { snapshotImage, commitImage, rebaseImage, type Progress } from './engines/ops.js';
 export { nativeAvailable } from './io/native.js';
 // Backup repositories and the engines that use them.
-export * from './objstore/index.js';
+// (FaultStore, the fault-injection wrapper, is for tests: import it from its module, objstore/fault.js.)
+export { type ObjectInfo, type ObjectStore, type WriteOpts, keyProblem, assertKey, compareKeys } from './objstore/types.js';
+export { FsStore, type FsStoreOptions } from './objstore/fs.js';
+export { S3Store, s3ConfigFromEnv, type S3Config, type S3StoreOptions } from './objstore/s3.js';
+export { withRetry, retryCall, isRetryable, type RetryOptions, type RetryInfo } from './objstore/retry.js';
+export { openStore, parseS3Url, type OpenStoreOptions } from './objstore/open.js';
 export { Repository, ChunkIndex, type LockInfo } from './repo/repository.js';
 export type { RepoConfig, Manifest, ManifestMeta, BackupStats } from './repo/format.js';
 export { ChunkList, SEGMENT_IDS } from './repo/chunklist.js';

@@ -1,6 +1,6 @@
 /**
  * ChunkIndex (src/repo/chunkindex.ts), the in-memory union of the index objects, against a Map model: ids
- * at random, ids repeated (the first location stays), ids that share the words the table hashes (long
+ * at random, ids repeated (the first location stays first, every other distinct location is kept as a copy), ids that share the words the table hashes (long
  * probe runs), growth past many doublings, lookups by Buffer and by hex, and ids that are not there.
  */
 import { describe, expect, it } from 'vitest';
@@ -20,6 +20,8 @@ describe('ChunkIndex', () => {
     const rng = new Rng(seedFor('test/chunkindex.test.ts'));
     const idx = new ChunkIndex();
     const model = new Map<string, { pack: string; offset: number; length: number; rawLength: number }>();
+    /** Every distinct location (pack, offset) of each id, in the order added: all are kept as copies. */
+    const copies = new Map<string, { pack: string; offset: number; length: number; rawLength: number }[]>();
     const packs = Array.from({ length: 37 }, () => randomId(rng).toString('hex'));
     const ids: Buffer[] = [];
     for (let n = 0; n < 60_000; n++) {
@@ -36,8 +38,22 @@ describe('ChunkIndex', () => {
       idx.add({ id, ...loc });
       const hex = id.toString('hex');
       if (!model.has(hex)) model.set(hex, loc);
+      const l = copies.get(hex) ?? [];
+      if (!l.some((c) => c.pack === loc.pack && c.offset === loc.offset)) l.push(loc);
+      copies.set(hex, l);
+      if (rng.chance(0.01)) idx.add({ id, ...loc }); // the same location again (an index object read twice): no new copy
     }
     expect(idx.size).toBe(model.size);
+    let extra = 0;
+    for (const [hex, want] of copies) {
+      const s = idx.slotOf(hex);
+      const hs = idx.copies(s);
+      if (hs.some((h) => idx.slotOfCopy(h) !== s || idx.idAt(h).toString('hex') !== hex) || idx.copyCount(s) !== want.length) expect.fail(`copies of ${hex}`);
+      if (want.length > 1 || rng.chance(0.05)) expect(hs.map((h) => idx.location(h)), hex).toEqual(want);
+      extra += want.length - 1;
+    }
+    expect(idx.extraCopies).toBe(extra);
+    expect(extra).toBeGreaterThan(1000);
     for (const [hex, loc] of model) {
       const id = Buffer.from(hex, 'hex');
       expect(idx.get(id), hex).toEqual(loc);

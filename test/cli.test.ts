@@ -119,13 +119,13 @@ describe('kscinc CLI', () => {
   it('errors are one line on stderr with a non-zero exit code', () => {
     fails(['info', p('missing.ksc')], 1, /missing\.ksc: no such file/);
     fails(['create', p('nosize.ksc')], 1, /a size is needed/);
-    fails(['create', p('bad.ksc'), '--size', '12Q'], 1, /not a size/);
+    fails(['create', p('bad.ksc'), '--size', '12Q'], 64, /not a size/);
     fails(['create', p('bad.ksc'), '--size', '1M', '--block-size', '3000'], 1, /block size 3000/);
     expect(existsSync(p('bad.ksc'))).toBe(false);
     writeFileSync(p('garbage.ksc'), Buffer.concat([Buffer.from('KSC_INC\0'), Buffer.alloc(10000, 0xff)]));
     fails(['info', p('garbage.ksc')], 1, /garbage\.ksc.*header/);
     fails(['bitmap', 'add', p('base.raw'), 'x'], 1, /raw image, not ksc_inc/);
-    fails(['nosuchcommand'], 2, /unknown command/);
+    fails(['nosuchcommand'], 64, /unknown command/);
     const dbg = kscinc(['--debug', 'info', p('missing.ksc')]);
     expect(dbg.code).toBe(1);
     expect(dbg.stderr).toMatch(/\n\s+at /);

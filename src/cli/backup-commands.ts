@@ -1,19 +1,34 @@
-/** kscinc backup | restore | backups | verify | prune | repo init | repo unlock | repo locks. */
-import type { Command } from 'commander';
+/** kscinc backup | restore | backups | verify | prune | repo init | repo repair | repo unlock | repo locks. */
+import { Option, type Command } from 'commander';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { Repository } from '../repo/repository.js';
+import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
 import { backupDevice } from '../engines/backup.js';
 import { restoreBackup, listBackups, summarize } from '../engines/restore.js';
 import { verifyRepo } from '../engines/verify.js';
 import { pruneRepo } from '../engines/prune.js';
 import { closePool } from '../compress/pool.js';
-import { formatSize, printJson, println, progressBar } from './output.js';
+import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
-import { isKscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
+import { KscImage } from '../image/ksc.js';
+import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
+
+/** --repo, from KSCINC_REPO when not given (the option wins), as restic's RESTIC_REPOSITORY. */
+function repoOption(): Option {
+  return new Option('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX').env('KSCINC_REPO').makeOptionMandatory();
+}
+
+/** A repository operand of `repo …`, else KSCINC_REPO. */
+function repoOperand(location: string | undefined): string {
+  const r = location ?? process.env.KSCINC_REPO;
+  if (!r) throw new KscError('KSC_E_INVALID', 'no repository: name one, or set KSCINC_REPO');
+  return r;
+}
 
 const count = (flag: string) => (v: string): number => {
   const n = Number(v);
@@ -32,6 +47,20 @@ async function withRepo<T>(location: string, mode: 'open' | 'create' | 'openOrIn
   }
 }
 
+/** Counts that add up: up to date + restored = all chunks; zero chunks are a share of them. */
+export function restoreCounts(r: { chunks: number; chunksZero: number; chunksUnchanged: number; chunksFetched: number; bytesFetched: number; bytesWritten: number }): string {
+  const n = (k: number, what = 'chunk'): string => `${k} ${what}${k === 1 ? '' : 's'}`;
+  const restored = r.chunks - r.chunksUnchanged;
+  return `${n(r.chunks)} (${r.chunksZero} of them zero): ${r.chunksUnchanged} already up to date, ${restored} restored; fetched ${n(r.chunksFetched)} (${formatSize(r.bytesFetched)}), wrote ${formatSize(r.bytesWritten)}`;
+}
+
+/** Left-aligned columns with a header row, two spaces apart (the last column unpadded). */
+export function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (r: string[]): string => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
 function rate(bytes: number, ms: number): string {
   return ms > 0 ? `${formatSize(Math.round((bytes / ms) * 1000))}/s` : '-';
 }
@@ -40,21 +69,27 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('backup')
     .argument('<image>', 'a ksc_inc or raw image')
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
-    .option('--bitmap <name>', 'dirty bitmap to back up from and hand over (default "backup"; created when missing)')
+    .addOption(repoOption())
+    .option('--bitmap <name>', 'dirty bitmap to back up from and hand over (default "backup", created by the first backup)')
+    .option('--create-bitmap', 'create the --bitmap NAME when the image has none of that name (a permanent bitmap: every write is tracked in it from now on)')
     .option('--no-bitmap', 'use no bitmap: read the whole disk')
     .option('--full', 'read every chunk, even when the bitmap could be used')
     .option('--tag <tag>', 'tag the backup (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--chunk-size <size>', 'chunk size of a repository this backup creates (1M … 4M)', (v) => parseSize(v, '--chunk-size'))
     .option('--json', 'print the summary as JSON')
     .description('back up what changed since the last backup of this disk into a repository')
-    .action(async (image: string, o: { repo: string; bitmap?: string | boolean; full?: boolean; tag?: string[]; chunkSize?: number; json?: boolean }) => {
+    .action(async (image: string, o: { repo: string; bitmap?: string | boolean; createBitmap?: boolean; full?: boolean; tag?: string[]; chunkSize?: number; json?: boolean }) => {
       const bitmap = o.bitmap === false ? null : typeof o.bitmap === 'string' ? o.bitmap : undefined;
+      // A bitmap named on purpose that does not exist is a typo as often as a wish: it would become a
+      // permanent bitmap tracking every write. Only the default one is created unasked.
+      const mustExist = typeof bitmap === 'string' && bitmap !== 'backup' && !o.createBitmap;
+      const missingBitmap = (): KscError => new KscError('KSC_E_NOT_FOUND', `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`);
       const print = (r: BackupResult): void => {
         if (o.json) return printJson(r);
         println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
         println(r.full ? `  full backup: ${r.fullReason}` : `  incremental: only chunks marked in the bitmap since backup ${r.parent}`);
-        println(`  read ${formatSize(r.bytesRead)} in ${r.chunksDirty} of ${r.chunks} chunks; new ${formatSize(r.bytesNew)} (${r.chunksNew} chunks), stored ${formatSize(r.bytesStored)}; dedupe ${r.dedupeRatio.toFixed(2)}x`);
+        const dedupe = r.chunksNew === 0 ? (r.chunksDirty > 0 ? 'every chunk read was already in the repository' : 'nothing new') : `dedupe ${r.dedupeRatio.toFixed(2)}x`;
+        println(`  read ${formatSize(r.bytesRead)} in ${r.chunksDirty} of ${r.chunks} chunks; new ${formatSize(r.bytesNew)} (${r.chunksNew} chunks), stored ${formatSize(r.bytesStored)}; ${dedupe}`);
         if (r.dedupe === 'filter') println(`  deduplicated through a filter (the index is too large to hold): ${r.chunksReread} chunks read twice`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.bytesRead, r.durationMs)}`);
       };
@@ -64,11 +99,22 @@ export function registerBackupCommands(program: Command): void {
       } catch (e) {
         // A running `kscinc serve` holds the image: it runs the backup (live, point in time, bitmap handover).
         if (!isKscError(e, 'KSC_E_LOCKED')) throw e;
+        if (mustExist) {
+          // A read-only look (it takes no lock): the bitmap directory is synced whenever it changes.
+          const view = await openImage(image);
+          const has = !(view instanceof KscImage) || view.hasBitmap(bitmap);
+          await view.close();
+          if (!has) throw missingBitmap();
+        }
         const bar = progressBar('backup');
         const r = await requestBackup(image, { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
           (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes)).finally(bar.stop);
         if (!r) throw e;
         return print(r);
+      }
+      if (mustExist && dev instanceof KscImage && !dev.hasBitmap(bitmap)) {
+        await dev.close();
+        throw missingBitmap();
       }
       try {
         await withRepo(o.repo, 'openOrInit', async (repo) => {
@@ -87,55 +133,69 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('restore')
     .argument('<backup>', 'a backup id, or "latest"')
-    .argument('<target>', 'file to restore to (a new file, or an existing image of the same size: only differing chunks are written)')
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
-    .option('-O, --output-format <format>', 'raw or ksc_inc (kscinc) for a new file', 'raw')
+    .argument('<target>', 'file to restore to (a new file, or an existing copy of the same disk of the same size: only differing chunks are written)')
+    .addOption(repoOption())
+    .option('-O, --output-format <fmt>', 'raw or kscinc, for a new file (default raw)', parseFormat, 'raw' as const)
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
+    .option('--force', 'overwrite an existing target that is not a copy of the backup\'s disk')
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
-    .action(async (backup: string, target: string, o: { repo: string; outputFormat: string; disk?: string; concurrency: number; json?: boolean }) => {
-      const format = o.outputFormat === 'kscinc' || o.outputFormat === 'ksc_inc' ? 'ksc_inc' : o.outputFormat === 'raw' ? 'raw' : null;
-      if (!format) throw new Error(`-O must be raw or ksc_inc, not "${o.outputFormat}"`);
+    .addHelpText('after', '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 64 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).')
+    .action(async (backup: string, target: string, o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; json?: boolean }) => {
+      const format = o.outputFormat;
       await withRepo(o.repo, 'open', async (repo) => {
         const bar = progressBar('restore');
-        const r = await restoreBackup(repo, backup, target, { format, disk: o.disk, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        let r;
+        try {
+          r = await restoreBackup(repo, backup, target, { format, disk: o.disk, force: o.force, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+        } catch (e) {
+          if (!(e as { partial?: boolean }).partial) throw e;
+          process.stderr.write(`kscinc: ${(e as Error).message}\n`);
+          process.exitCode = 4;
+          return;
+        }
         if (o.json) return printJson(r);
-        println(`restored backup ${r.backup} to ${target} (${r.format}, ${formatSize(r.size)})`);
-        println(`  fetched ${formatSize(r.bytesFetched)} for ${r.chunksFetched} chunks, wrote ${formatSize(r.bytesWritten)}; ${r.chunksZero} zero chunks, ${r.chunksUnchanged} already up to date`);
+        for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
+        println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
+        println(`  ${restoreCounts(r)}`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
     });
 
   program
     .command('backups')
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
+    .addOption(repoOption())
+    .option('--disk <uuid>', 'only the backups of this disk (a UUID, or its first characters)')
+    .option('--tag <tag>', 'only backups with this tag (repeatable: all of them)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--json', 'print JSON')
     .description('list the backups in a repository, oldest first')
-    .action(async (o: { repo: string; json?: boolean }) => {
+    .action(async (o: { repo: string; disk?: string; tag?: string[]; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
         const damaged: string[] = [];
-        const list = (await listBackups(repo, (id, e) => damaged.push(`${id}: ${e.message}`))).map(summarize);
+        const all = await listBackups(repo, (id, e) => damaged.push(`${id}: ${e.message}`), summarize);
+        const disk = o.disk?.toLowerCase();
+        const list = all.filter((b) => (!disk || b.disk.toLowerCase().startsWith(disk)) && (o.tag ?? []).every((t) => b.tags.includes(t)));
         for (const d of damaged) process.stderr.write(`kscinc: damaged manifest ${d}\n`);
+        if (damaged.length) process.exitCode = EXIT.ERROR;
         if (o.json) return printJson(list);
-        if (list.length === 0) return println(`no backups in ${repo.name}`);
-        for (const b of list) {
-          println(`${b.id}  ${b.time}  disk ${b.disk}  ${formatSize(b.size)}  stored ${formatSize(b.bytesStored)}  ${b.full ? 'full' : 'incr'}${b.tags.length ? '  tags ' + b.tags.join(',') : ''}`);
-        }
-        if (damaged.length) process.exitCode = 1;
+        if (list.length === 0) return println(all.length === 0 ? `no backups in ${repo.name}` : `no backups in ${repo.name} match (${all.length} in all)`);
+        const rows = list.map((b) => [b.id, b.time, b.disk, formatSize(b.size), formatSize(b.bytesStored), b.full ? 'full' : 'incr', b.tags.join(',')]);
+        println(table(['ID', 'TIME', 'DISK', 'SIZE', 'STORED', 'TYPE', 'TAGS'], rows));
       });
     });
 
   program
     .command('verify')
     .argument('[backup]', 'one backup id (default: every backup)')
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
+    .addOption(repoOption())
     .option('--json', 'print JSON')
     .description('read and check every chunk the backups need; name damaged objects and the backups they break')
     .action(async (backup: string | undefined, o: { repo: string; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
-        const r = await verifyRepo(repo, { backup });
-        if (!r.ok) process.exitCode = 3;
+        const bar = progressBar('verify', 'chunks');
+        const r = await verifyRepo(repo, { backup, progress: bar.update }).finally(bar.stop);
+        if (!r.ok) process.exitCode = EXIT.LEAKS_OR_DAMAGE;
         if (o.json) return printJson(r);
         for (const d of r.damage) println(`DAMAGED ${d.object}: ${d.problem}${d.backups.length ? `; breaks backup(s) ${d.backups.join(', ')}` : ''}`);
         println(`${r.ok ? 'ok' : 'damage found'}: ${r.backupsChecked} backup(s), ${r.chunksChecked} chunks, ${formatSize(r.bytesRead)} read in ${(r.durationMs / 1000).toFixed(2)} s`);
@@ -144,7 +204,7 @@ export function registerBackupCommands(program: Command): void {
 
   program
     .command('prune')
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX')
+    .addOption(repoOption())
     .option('--keep-last <n>', 'keep the newest N backups of each disk', count('--keep-last'))
     .option('--keep-daily <n>', 'keep the newest backup of each of the last N days', count('--keep-daily'))
     .option('--keep-weekly <n>', 'keep the newest backup of each of the last N weeks', count('--keep-weekly'))
@@ -159,28 +219,54 @@ export function registerBackupCommands(program: Command): void {
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
         println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
         if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
+        const c = r.copies;
+        for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
+        if (c.chunksWithCopies) println(`${c.chunksWithCopies} chunk(s) had several copies: kept one that passed its check${c.chunksWithoutGoodCopy.length + c.chunksUndecided.length ? ', except as below' : ''}`);
+        if (c.chunksWithoutGoodCopy.length) println(`warning: no copy of ${c.chunksWithoutGoodCopy.length} chunk(s) passed its check (all copies kept; run "kscinc verify"): ${c.chunksWithoutGoodCopy.join(', ')}`);
+        if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
       });
     });
 
   const repo = program.command('repo').description('manage a backup repository');
   repo
     .command('init')
-    .argument('<repo>', 'a folder, or s3://BUCKET/PREFIX')
+    .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--chunk-size <size>', 'chunk size (power of two, 1M … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
     .description('create an empty repository')
-    .action(async (location: string, o: { chunkSize?: number; packSize?: number }) => {
-      await withRepo(location, 'create', async (r) => {
+    .action(async (location: string | undefined, o: { chunkSize?: number; packSize?: number }) => {
+      await withRepo(repoOperand(location), 'create', async (r) => {
         println(`created repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)})`);
       }, o);
     });
   repo
+    .command('repair')
+    .argument('<repo>', 'a folder, or s3://BUCKET/PREFIX, whose config object was lost or damaged')
+    .option('--chunk-size <size>', 'the chunk size, when the manifests do not say it or disagree', (v) => parseSize(v, '--chunk-size'))
+    .option('--pack-size <size>', 'target pack size of the new config (default 32M)', (v) => parseSize(v, '--pack-size'))
+    .option('--dry-run', 'only say what config would be written')
+    .option('--json', 'print JSON')
+    .description('rebuild a lost or damaged config object from the manifests (writes nothing else)')
+    .action(async (location: string, o: { chunkSize?: number; packSize?: number; dryRun?: boolean; json?: boolean }) => {
+      const store = await openStore(location);
+      try {
+        const r = await repairConfig(store, o);
+        if (o.json) return printJson(r);
+        const from = { manifests: `from ${r.manifestsRead} manifest(s)`, packs: 'from the largest chunk in the packs (no readable manifest)', option: 'from --chunk-size', default: 'the default (no manifest, no readable pack)' }[r.chunkSizeFrom];
+        println(`${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`);
+        if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
+        if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);
+      } finally {
+        await store.close();
+      }
+    });
+  repo
     .command('locks')
-    .argument('<repo>')
+    .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--json', 'print JSON')
     .description('list the locks held on a repository')
-    .action(async (location: string, o: { json?: boolean }) => {
-      await withRepo(location, 'open', async (r) => {
+    .action(async (location: string | undefined, o: { json?: boolean }) => {
+      await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
         if (o.json) return printJson(locks);
         if (locks.length === 0) println('no locks');
@@ -189,11 +275,11 @@ export function registerBackupCommands(program: Command): void {
     });
   repo
     .command('unlock')
-    .argument('<repo>')
+    .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--all', 'remove every lock, not only stale ones (only when no kscinc process uses the repository)')
     .description('remove stale locks')
-    .action(async (location: string, o: { all?: boolean }) => {
-      await withRepo(location, 'open', async (r) => {
+    .action(async (location: string | undefined, o: { all?: boolean }) => {
+      await withRepo(repoOperand(location), 'open', async (r) => {
         const removed = await r.unlock(!!o.all);
         println(removed.length ? `removed ${removed.length} lock(s)` : 'no stale locks');
       });

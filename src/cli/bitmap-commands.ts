@@ -5,6 +5,14 @@ import type { KscImage } from '../image/ksc.js';
 import { parseSize } from '../util/size.js';
 import { formatSize, printJson, println } from './output.js';
 
+/**
+ * Bitmaps the backup engine keeps for itself (engines/backup.ts TOKEN_SEPARATOR and FROZEN_SUFFIX,
+ * formats/repository.md §10): not imported from there, which would load the backup engine for a list.
+ */
+export function isInternalBitmap(name: string): boolean {
+  return name.includes('#') || name.endsWith('~frozen');
+}
+
 async function withImage<T>(image: string, write: boolean, fn: (img: KscImage) => Promise<T>): Promise<T> {
   const img = await openKsc(image, { write });
   try {
@@ -49,17 +57,26 @@ export function registerBitmapCommands(program: Command): void {
 
   bitmap
     .command('list')
-    .description('list bitmaps: name, granularity, enabled, dirty bytes')
+    .description('list bitmaps: name, granularity, enabled, dirty bytes (internal ones only with --all)')
     .argument('<image>')
+    .option('--all', 'also the internal bitmaps backups keep (NAME#TOKEN, NAME~frozen)')
     .option('--json', 'print JSON')
-    .action(async (image: string, o: { json?: boolean }) => {
-      const list = await withImage(image, false, (img) => img.listBitmaps());
+    .addHelpText('after', `
+Internal bitmaps (hidden unless --all):
+  NAME#TOKEN    empty marker: which backup in which repository NAME's bits count from (one per repository)
+  NAME~frozen   the bits a backup under way is reading; merged back into NAME if that backup fails
+Do not remove them while a backup runs; removing NAME#TOKEN makes the next backup through NAME a full one.`)
+    .action(async (image: string, o: { all?: boolean; json?: boolean }) => {
+      const all = await withImage(image, false, (img) => img.listBitmaps());
+      const list = o.all ? all : all.filter((b) => !isInternalBitmap(b.name));
+      const hidden = all.length - list.length;
       if (o.json) return printJson(list);
       if (list.length === 0) println('no bitmaps');
       for (const b of list) {
-        const state = `${b.consistent ? '' : '\tinconsistent'}${b.damage ? `\tdamaged: ${b.damage}` : ''}`;
-        println(`${b.name}\tgranularity ${b.granularity}\t${b.enabled ? 'enabled' : 'disabled'}\tdirty ${formatSize(b.dirtyBytes)}${state}`);
+        const state = `${b.consistent ? '' : '\tinconsistent'}${b.damage ? `\tdamaged: ${b.damage}` : ''}${isInternalBitmap(b.name) ? '\t(internal)' : ''}`;
+        println(`${b.name}\tgranularity ${formatSize(b.granularity)}\t${b.enabled ? 'enabled' : 'disabled'}\tdirty ${formatSize(b.dirtyBytes)}${state}`);
       }
+      if (hidden > 0) println(`(${hidden} internal bitmap${hidden === 1 ? '' : 's'} of backups not shown: --all)`);
     });
 
   bitmap

@@ -1,22 +1,41 @@
 /** create, info, map, check, convert, snapshot, commit, rebase. */
 import type { Command } from 'commander';
-import { KscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
+import { EXIT } from './exit.js';
 import { checkImage } from '../engines/check.js';
 import { convertImage } from '../engines/convert.js';
 import { commitImage, rebaseImage, snapshotImage } from '../engines/ops.js';
 import { KscImage } from '../image/ksc.js';
-import { createImage, openImage, type ImageFormat } from '../image/open.js';
+import { createImage, openImage, probeFormat, type ImageFormat } from '../image/open.js';
 import { RawDevice } from '../image/raw.js';
 import type { BlockDevice } from '../image/types.js';
 import { bytesToUuid } from '../util/uuid.js';
 import { parseSize } from '../util/size.js';
-import { formatSize, printJson, println, progressBar } from './output.js';
+import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 
-export function parseFormat(text: string): ImageFormat {
-  const t = text.toLowerCase();
-  if (t === 'raw') return 'raw';
-  if (t === 'kscinc' || t === 'ksc_inc' || t === 'ksc') return 'ksc_inc';
-  throw new KscError('KSC_E_INVALID', `unknown format "${text}" (use raw or kscinc)`);
+export { parseFormat, formatName };
+
+/**
+ * Test hook: KSCINC_TEST_CONVERT_DELAY_MS paces convert (one chunk at a time, this long before each), so a
+ * test can interrupt it half-way with a real signal. Unset, convert runs at full speed.
+ */
+function testPacing(): { inFlight?: number; beforeChunk?: () => Promise<void> } {
+  const ms = Number(process.env.KSCINC_TEST_CONVERT_DELAY_MS ?? 0);
+  if (!(ms > 0)) return {};
+  return { inFlight: 1, beforeChunk: () => new Promise((r) => setTimeout(r, ms)) };
+}
+
+/** check on a file that is not ksc_inc: one line and its own exit status (63, as qemu-img check). */
+async function refuseNonKsc(image: string): Promise<void> {
+  let what: string;
+  try {
+    if ((await probeFormat(image)) === 'ksc_inc') return;
+    what = `${image}: is not a ksc_inc image (raw data): nothing to check`;
+  } catch (e) {
+    if (!isKscError(e, 'KSC_E_FORMAT')) throw e;
+    what = e.message;
+  }
+  throw Object.assign(new KscError('KSC_E_FORMAT', what), { exitCode: EXIT.NOT_KSC });
 }
 
 const sizeArg = (what: string) => (v: string): number => parseSize(v, what);
@@ -30,12 +49,13 @@ export function registerImageCommands(program: Command): void {
     .option('--backing <file>', 'backing image (raw or ksc_inc), stored relative to the new image')
     .option('--backing-format <fmt>', 'raw or kscinc (default: detected)', parseFormat)
     .option('--block-size <size>', 'block size, a power of two from 4K to 2M', sizeArg('--block-size'), 65536)
+    .option('--force', 'replace an existing file')
     .option('--json', 'print the result as JSON')
-    .action(async (image: string, o: { size?: number; backing?: string; backingFormat?: ImageFormat; blockSize: number; json?: boolean }) => {
-      await createImage(image, { size: o.size, backing: o.backing, backingFormat: o.backingFormat, blockSize: o.blockSize });
+    .action(async (image: string, o: { size?: number; backing?: string; backingFormat?: ImageFormat; blockSize: number; force?: boolean; json?: boolean }) => {
+      await createImage(image, { size: o.size, backing: o.backing, backingFormat: o.backingFormat, blockSize: o.blockSize, force: o.force });
       const info = await describe(image);
       if (o.json) printJson(info);
-      else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${info.blockSize}${o.backing ? `, backing ${o.backing}` : ''}`);
+      else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${formatSize(info.blockSize)}${o.backing ? `, backing ${o.backing}` : ''}`);
     });
 
   program
@@ -51,14 +71,14 @@ export function registerImageCommands(program: Command): void {
       println(`virtual size: ${formatSize(info.virtualSize)} (${info.virtualSize} bytes)`);
       println(`disk size: ${formatSize(info.allocatedBytes)}`);
       if (info.format === 'ksc_inc') {
-        println(`block size: ${info.blockSize}`);
+        println(`block size: ${formatSize(info.blockSize)}`);
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
         if (info.bitmaps.length > 0) {
           println('bitmaps:');
           for (const b of info.bitmaps) {
-            println(`  ${b.name}: granularity ${b.granularity}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}`);
+            println(`  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}`);
           }
         }
       }
@@ -91,7 +111,8 @@ export function registerImageCommands(program: Command): void {
     .option('--repair', 'reclaim leaked space and finish crash recovery')
     .option('--json', 'print JSON')
     .action(async (image: string, o: { verify?: boolean; repair?: boolean; json?: boolean }) => {
-      const bar = progressBar('verify');
+      await refuseNonKsc(image);
+      const bar = progressBar('verify', 'blocks');
       const r = await checkImage(image, { verify: o.verify, repair: o.repair, onProgress: bar.update }).finally(bar.stop);
       if (o.json) printJson(r);
       else {
@@ -103,7 +124,7 @@ export function registerImageCommands(program: Command): void {
         println(r.ok ? 'No errors were found on the image.' : `${r.errors.length} errors were found on the image.`);
       }
       // Like qemu-img check: 2 = corruption, 3 = leaks only.
-      process.exitCode = !r.ok ? 2 : r.leakedBytes > 0 && !o.repair ? 3 : 0;
+      process.exitCode = !r.ok ? EXIT.CORRUPT : r.leakedBytes > 0 && !o.repair ? EXIT.LEAKS_OR_DAMAGE : EXIT.OK;
     });
 
   program
@@ -111,14 +132,16 @@ export function registerImageCommands(program: Command): void {
     .description('copy any image or chain into a new raw or ksc_inc image (zero blocks skipped)')
     .argument('<src>')
     .argument('<dst>')
-    .option('-O, --output-format <fmt>', 'raw or kscinc', parseFormat, 'ksc_inc' as ImageFormat)
-    .option('--block-size <size>', 'block size of a ksc_inc output', sizeArg('--block-size'))
+    .option('-O, --output-format <fmt>', 'raw or kscinc (default kscinc)', parseFormat, 'ksc_inc' as ImageFormat)
+    .option('--block-size <size>', 'block size of a kscinc output', sizeArg('--block-size'))
+    .option('--force', 'replace an existing DST')
     .option('--json', 'print statistics as JSON')
-    .action(async (src: string, dst: string, o: { outputFormat: ImageFormat; blockSize?: number; json?: boolean }) => {
+    .addHelpText('after', '\nDST is written under a temporary name in its folder and renamed when complete; Ctrl-C removes it.')
+    .action(async (src: string, dst: string, o: { outputFormat: ImageFormat; blockSize?: number; force?: boolean; json?: boolean }) => {
       const bar = progressBar('convert');
-      const r = await convertImage(src, dst, { format: o.outputFormat, blockSize: o.blockSize, onProgress: bar.update }).finally(bar.stop);
+      const r = await convertImage(src, dst, { format: o.outputFormat, blockSize: o.blockSize, force: o.force, onProgress: bar.update, ...testPacing() }).finally(bar.stop);
       if (o.json) printJson(r);
-      else println(`converted ${src} -> ${dst} (${o.outputFormat}): read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)} in ${(r.durationMs / 1000).toFixed(2)} s`);
+      else println(`converted ${src} -> ${dst} (${formatName(o.outputFormat)}): read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)} in ${(r.durationMs / 1000).toFixed(2)} s`);
     });
 
   program
@@ -126,8 +149,9 @@ export function registerImageCommands(program: Command): void {
     .description('freeze IMAGE under a new overlay that takes the writes (and the bitmaps) from now on')
     .argument('<image>')
     .argument('<new-overlay>')
-    .action(async (image: string, overlay: string) => {
-      await snapshotImage(image, overlay);
+    .option('--force', 'replace an existing NEW-OVERLAY')
+    .action(async (image: string, overlay: string, o: { force?: boolean }) => {
+      await snapshotImage(image, overlay, { force: o.force });
       println(`${overlay}: new overlay on ${image}`);
     });
 

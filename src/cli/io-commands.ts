@@ -3,6 +3,7 @@ import { createReadStream, promises as fsp } from 'node:fs';
 import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
+import { buildNewFile } from '../io/newfile.js';
 import { parseSize } from '../util/size.js';
 import { println } from './output.js';
 
@@ -45,18 +46,43 @@ export function registerIoCommands(program: Command): void {
     .argument('<image>')
     .argument('<offset>', 'byte offset', (v) => parseSize(v, 'offset'))
     .argument('<length>', 'byte count', (v) => parseSize(v, 'length'))
-    .option('--to <file>', 'write the bytes to this file instead of stdout')
+    .option('--to <file>', 'write the bytes to this file (made whole, then named; a device is written in place)')
+    .addHelpText('after', '\nWithout --to the bytes go to stdout, which must not be a terminal.')
     .action(async (image: string, offset: number, length: number, o: { to?: string }) => {
+      if (!o.to && process.stdout.isTTY) {
+        throw new KscError('KSC_E_INVALID', `read: not writing ${length} bytes of binary data to a terminal: use --to FILE or a pipe`);
+      }
       const dev = await openImage(image);
-      const out = o.to ? await fsp.open(o.to, 'w') : null;
       try {
-        for (let done = 0; done < length; done += CHUNK) {
-          const buf = await dev.read(offset + done, Math.min(CHUNK, length - done));
-          if (out) await out.write(buf);
-          else if (!process.stdout.write(buf)) await new Promise((r) => process.stdout.once('drain', r));
+        const copy = async (out: { write(b: Buffer): Promise<unknown> } | null): Promise<void> => {
+          for (let done = 0; done < length; done += CHUNK) {
+            const buf = await dev.read(offset + done, Math.min(CHUNK, length - done));
+            if (out) await out.write(buf);
+            else if (!process.stdout.write(buf)) await new Promise((r) => process.stdout.once('drain', r));
+          }
+        };
+        if (!o.to) return await copy(null);
+        const st = await fsp.stat(o.to).catch(() => null);
+        if (st && !st.isFile() && !st.isDirectory()) {
+          // A device or a pipe (/dev/null, a FIFO): written in place, never replaced.
+          const fh = await fsp.open(o.to, 'w');
+          try {
+            await copy(fh);
+          } finally {
+            await fh.close();
+          }
+          return;
         }
+        await buildNewFile(o.to, { force: true }, async (temp) => {
+          const fh = await fsp.open(temp, 'wx');
+          try {
+            await copy(fh);
+            await fh.sync();
+          } finally {
+            await fh.close();
+          }
+        });
       } finally {
-        await out?.close();
         await dev.close();
       }
     });

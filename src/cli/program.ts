@@ -2,8 +2,13 @@
  * The `kscinc` CLI. Thin: each command parses its options, calls the library, renders text or --json and
  * picks an exit code. Errors print as one line on stderr (a stack trace only with --debug).
  */
-import { Command, CommanderError, Option } from 'commander';
+import { rmSync } from 'node:fs';
+import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
+import { pendingFiles } from '../io/newfile.js';
+import { errorCode, errorLine } from './errors.js';
+import { EXIT, exitHelp } from './exit.js';
+import { setProgressEnabled } from './progress.js';
 
 type Register = (program: Command) => void;
 
@@ -19,7 +24,11 @@ export const COMMAND_GROUPS: Record<string, { commands: string[]; load: () => Pr
   serve: { commands: ['serve'], load: async () => (await import('./serve-commands.js')).registerServeCommands },
   backup: { commands: ['backup', 'restore', 'backups', 'verify', 'prune', 'repo'], load: async () => (await import('./backup-commands.js')).registerBackupCommands },
   schedule: { commands: ['schedule'], load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },
+  completion: { commands: ['completion'], load: async () => (await import('./completion.js')).registerCompletionCommand },
 };
+
+/** Groups whose commands handle SIGINT/SIGTERM themselves (a server drains, the daemon runs shutdown jobs). */
+const OWN_SIGNALS = new Set(['serve', 'schedule']);
 
 /** The group whose command `argv` runs (its first operand), or null when every group is needed. */
 export function groupFor(argv: string[]): string | null {
@@ -27,6 +36,35 @@ export function groupFor(argv: string[]): string | null {
   if (first === undefined) return null;
   for (const [name, g] of Object.entries(COMMAND_GROUPS)) if (g.commands.includes(first)) return name;
   return null;
+}
+
+/** Commander's error lines ("error: …", "(Did you mean …?)") as one line with the one prefix. */
+function oneLine(text: string): string {
+  return `kscinc: ${text.replace(/^error: /, '').split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ')}\n`;
+}
+
+/** A parser's KscError (bad size, bad number) becomes commander's: reported as a usage error, one line. */
+function asUsageParser<T extends { parseArg?: (value: string, previous: never) => unknown }>(target: T): void {
+  const parse = target.parseArg;
+  if (!parse) return;
+  target.parseArg = ((value: string, previous: never) => {
+    try {
+      return parse(value, previous);
+    } catch (e) {
+      if (isKscError(e) || (e instanceof Error && !(e instanceof CommanderError))) throw new InvalidArgumentError(errorLine(e));
+      throw e;
+    }
+  }) as T['parseArg'];
+}
+
+/** Every command below `cmd`, with its full name ("schedule status"). */
+export function walkCommands(cmd: Command, prefix = ''): { name: string; cmd: Command }[] {
+  const out: { name: string; cmd: Command }[] = [];
+  for (const c of cmd.commands) {
+    const name = prefix ? `${prefix} ${c.name()}` : c.name();
+    out.push({ name, cmd: c }, ...walkCommands(c, name));
+  }
+  return out;
 }
 
 /** The program with every command group, or only `group`'s. */
@@ -37,23 +75,68 @@ export async function buildProgram(group: string | null = null): Promise<Command
     .description('ksc_inc images: block overlays with crash-safe persistent dirty bitmaps')
     .version('0.1.0')
     .addOption(new Option('--debug', 'print stack traces on errors'))
+    .addOption(new Option('-q, --quiet', 'draw no progress bars'))
+    .configureOutput({ outputError: (text, write) => write(oneLine(text)) })
     .exitOverride();
+  program.addHelpText('after', exitHelp(null));
   const groups = group ? [COMMAND_GROUPS[group]!] : Object.values(COMMAND_GROUPS);
   for (const register of await Promise.all(groups.map((g) => g.load()))) register(program);
+  for (const { name, cmd } of walkCommands(program)) {
+    for (const o of cmd.options) asUsageParser(o as Option & { parseArg?: (value: string, previous: never) => unknown });
+    for (const a of cmd.registeredArguments) asUsageParser(a as Argument & { parseArg?: (value: string, previous: never) => unknown });
+    if (cmd.commands.length === 0) cmd.addHelpText('after', exitHelp(name));
+  }
   return program;
 }
 
+/** Until the command ends, Ctrl-C or SIGTERM removes the files being made and exits (130 / 143). */
+function removeUnfinishedOnSignal(): () => void {
+  const handler = (sig: NodeJS.Signals): void => {
+    const removed: string[] = [];
+    for (const temp of pendingFiles) {
+      for (const f of [temp, `${temp}.lock`]) {
+        try {
+          rmSync(f, { force: true });
+        } catch {
+          // nothing more can be done on the way out
+        }
+      }
+      removed.push(temp);
+    }
+    process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
+    process.exit(sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED);
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return () => {
+    process.off('SIGINT', handler);
+    process.off('SIGTERM', handler);
+  };
+}
+
 export async function run(argv: string[]): Promise<number> {
+  const group = groupFor(argv);
+  const json = argv.includes('--json');
+  if (argv.includes('--quiet') || argv.includes('-q')) setProgressEnabled(false);
+  const release = group !== null && !OWN_SIGNALS.has(group) ? removeUnfinishedOnSignal() : () => undefined;
   try {
-    const program = await buildProgram(groupFor(argv));
+    const program = await buildProgram(group);
     await program.parseAsync(argv);
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (e) {
-    if (e instanceof CommanderError) return e.exitCode === 0 ? 0 : 2;
+    if (e instanceof CommanderError) {
+      if (e.exitCode === 0) return 0;
+      if (json) process.stdout.write(`${JSON.stringify({ error: { code: 'KSC_E_USAGE', message: oneLine(e.message).slice(8).trim(), exitCode: EXIT.USAGE } })}\n`);
+      return EXIT.USAGE;
+    }
     const debug = argv.includes('--debug');
     if (debug && e instanceof Error) process.stderr.write(`${e.stack}\n`);
-    const msg = isKscError(e) ? e.message : e instanceof Error ? e.message : String(e);
-    process.stderr.write(`kscinc: ${msg.split('\n')[0]}\n`);
-    return 1;
+    const line = errorLine(e);
+    const code = typeof (e as { exitCode?: unknown }).exitCode === 'number' ? (e as { exitCode: number }).exitCode : EXIT.ERROR;
+    if (json) process.stdout.write(`${JSON.stringify({ error: { code: errorCode(e), message: line, exitCode: code } })}\n`);
+    process.stderr.write(`kscinc: ${line}\n`);
+    return code;
+  } finally {
+    release();
   }
 }

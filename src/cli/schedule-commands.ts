@@ -7,13 +7,14 @@ import type { BackupImageFn, JobStatus, ScheduleJob } from '../engines/schedule/
 import { parseDuration, formatDuration } from '../engines/schedule/duration.js';
 import { localParts, offsetAt } from '../engines/schedule/zone.js';
 import { printJson, println } from './output.js';
+import { EXIT } from './exit.js';
 import { requestBackup } from './control.js';
 
 /** The schedule engine (YAML and cron parsers included), loaded only when a schedule command runs. */
 const engine = (): Promise<typeof import('../engines/schedule/index.js')> => import('../engines/schedule/index.js');
 
 /** Exit status of `schedule status` when a job's newest backup is older than its rpo. */
-export const EXIT_RPO_MISSED = 4;
+export const EXIT_RPO_MISSED = EXIT.RPO_MISSED;
 
 /** Backs up an image file; one held open by a running `kscinc serve` is backed up by that server. */
 const cliBackupImage: BackupImageFn = async (image, repo, opts) => {
@@ -148,7 +149,7 @@ export function registerScheduleCommands(program: Command): void {
     .command('status')
     .requiredOption('--config <file>', 'the schedule file')
     .option('--json', 'print JSON')
-    .description(`each job's last run, next run, newest backup and RPO (exit ${EXIT_RPO_MISSED} when an RPO is missed)`)
+    .description(`each job's last run, next run, newest backup and RPO (exit ${EXIT_RPO_MISSED} when an RPO is missed, ${EXIT.LAST_RUN_FAILED} when a last run failed)`)
     .action(async (o: { config: string; json?: boolean }) => {
       const { loadConfig, readState, statePathFor, jobStatus, daemonHolder } = await engine();
       const config = await loadConfig(o.config);
@@ -158,10 +159,13 @@ export function registerScheduleCommands(program: Command): void {
       const jobs = config.jobs.map((j) => jobStatus(j, state.jobs[j.name], now));
       const daemon = await daemonHolder(statePath);
       const missed = jobs.filter((s) => s.rpoMet === false).map((s) => s.job);
+      const failed = jobs.filter((s) => s.lastRun?.result === 'failed').map((s) => s.job);
       if (missed.length > 0) process.exitCode = EXIT_RPO_MISSED;
-      if (o.json) return printJson({ now: new Date(now).toISOString(), daemon: { running: daemon !== null, pid: daemon?.pid ?? null }, rpoMissed: missed, jobs });
+      else if (failed.length > 0) process.exitCode = EXIT.LAST_RUN_FAILED;
+      if (o.json) return printJson({ now: new Date(now).toISOString(), daemon: { running: daemon !== null, pid: daemon?.pid ?? null }, rpoMissed: missed, lastRunFailed: failed, jobs });
       println(daemon ? `daemon: running (pid ${daemon.pid}${daemon.since ? `, since ${daemon.since}` : ''})` : 'daemon: not running');
       config.jobs.forEach((job, i) => renderStatus(jobs[i]!, job, now));
       if (missed.length > 0) println(`RPO missed: ${missed.join(', ')}`);
+      if (failed.length > 0) println(`last run failed: ${failed.join(', ')}`);
     });
 }

@@ -13,7 +13,8 @@ import { startControl } from './control.js';
 export function parseListen(text: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d+)$/.exec(text);
   const port = m ? Number(m[3]) : NaN;
-  if (!m || !Number.isInteger(port) || port < 0 || port > 65535) throw new KscError('KSC_E_INVALID', `--listen "${text}": expected HOST:PORT`);
+  if (!m || !Number.isInteger(port)) throw new KscError('KSC_E_INVALID', `--listen "${text}": expected HOST:PORT`);
+  if (port > 65535) throw new KscError('KSC_E_INVALID', `--listen "${text}": port ${m[3]} is out of range (0–65535)`);
   return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
 }
 

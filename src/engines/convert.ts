@@ -3,9 +3,11 @@
  * map says hold data are read; all-zero blocks are skipped, so the output stays sparse. Several chunks are
  * in flight at once (reads overlap writes); memory is bounded by `inFlight × chunk`.
  */
+import { realpath } from 'node:fs/promises';
 import { KscError } from '../errors.js';
 import { KscImage } from '../image/ksc.js';
-import { createImage, openImage, openKsc } from '../image/open.js';
+import { openImage, openKsc, writeNewImage } from '../image/open.js';
+import { buildNewFile, checkNewTarget } from '../io/newfile.js';
 import { RawDevice } from '../image/raw.js';
 import type { BlockDevice } from '../image/types.js';
 import type { Progress } from './ops.js';
@@ -16,6 +18,10 @@ export interface ConvertOptions {
   onProgress?: Progress;
   /** Chunks in flight (default 8). */
   inFlight?: number;
+  /** Replace an existing `dst` (default: refuse with KSC_E_EXISTS before reading anything). */
+  force?: boolean;
+  /** Awaited before each chunk is copied: pacing (and tests that interrupt a convert half-way). */
+  beforeChunk?: () => Promise<void>;
 }
 
 export interface ConvertResult {
@@ -25,34 +31,50 @@ export interface ConvertResult {
   durationMs: number;
 }
 
+/**
+ * Copies `src` (any image or chain) into a new image `dst`. The output is built under a temporary name in
+ * dst's folder, flushed, closed and only then renamed to `dst` (io/newfile.ts): an interrupted convert
+ * leaves no file under `dst` that looks finished, and a failed one removes what it wrote.
+ */
 export async function convertImage(src: string, dst: string, opts: ConvertOptions): Promise<ConvertResult> {
   const started = performance.now();
+  await checkNewTarget(dst, { force: opts.force }); // before reading anything
   const input = await openImage(src);
-  let output: BlockDevice | null = null;
-  let ok = false;
   try {
-    if (opts.format === 'raw') {
-      output = await RawDevice.create(dst, input.size);
-    } else {
-      await createImage(dst, { size: input.size, blockSize: opts.blockSize ?? (input instanceof KscImage ? input.blockSize : undefined) });
-      output = await openKsc(dst, { write: true });
-    }
-    const r = await copyDevice(input, output, opts);
-    await output.flush();
-    ok = true;
-    return { size: input.size, ...r, durationMs: performance.now() - started };
+    await refuseChainMember(input, dst);
+    return await buildNewFile(dst, { force: opts.force }, async (temp) => {
+      let output: BlockDevice;
+      if (opts.format === 'raw') output = await RawDevice.create(temp, input.size);
+      else {
+        await writeNewImage(temp, { size: input.size, blockSize: opts.blockSize ?? (input instanceof KscImage ? input.blockSize : undefined) });
+        output = await openKsc(temp, { write: true });
+      }
+      try {
+        const r = await copyDevice(input, output, opts);
+        await output.flush();
+        return { size: input.size, ...r, durationMs: performance.now() - started };
+      } finally {
+        await output.close();
+      }
+    });
   } finally {
     await input.close();
-    await output?.close();
-    if (!ok && output) {
-      const { rm } = await import('node:fs/promises');
-      await rm(dst, { force: true });
+  }
+}
+
+/** With --force, `dst` must not be the source or a file of its backing chain (others may share it). */
+async function refuseChainMember(input: BlockDevice, dst: string): Promise<void> {
+  const target = await realpath(dst).catch(() => null);
+  if (target === null) return;
+  for (let d: BlockDevice | null = input; d; d = d instanceof KscImage ? d.backing : null) {
+    if ((await realpath(d.name).catch(() => d!.name)) === target) {
+      throw new KscError('KSC_E_INVALID', `${dst}: is ${d === input ? 'the source image' : 'in the source\'s backing chain'}: convert to another file`);
     }
   }
 }
 
 /** Copies the data-bearing ranges of `input` to `output` (which must read as zeros beforehand). */
-export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: Pick<ConvertOptions, 'onProgress' | 'inFlight'> = {}): Promise<{ bytesRead: number; bytesWritten: number }> {
+export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'> = {}): Promise<{ bytesRead: number; bytesWritten: number }> {
   if (output.size < input.size) throw new KscError('KSC_E_RANGE', `${output.name} is smaller than ${input.name}`);
   const unit = output instanceof KscImage ? output.blockSize : 4096;
   // 1 MiB pieces, 8 in flight: the buffers stay in the CPU's caches between the read and the write (both are
@@ -74,6 +96,7 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
     const buf = pool.pop() ?? Buffer.allocUnsafe(chunk);
     try {
       for (;;) {
+        await opts.beforeChunk?.();
         const next = await jobs.next();
         if (next.done) return;
         const { offset, length } = next.value;
@@ -109,6 +132,7 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
   };
   await Promise.all(Array.from({ length: inFlight }, worker));
   await Promise.all(background);
+  opts.onProgress?.(input.size, input.size); // the last data may end before the disk does
   return { bytesRead, bytesWritten };
 }
 

@@ -6,7 +6,8 @@ import * as path from 'node:path';
 import { KscError } from '../errors.js';
 import { BlockState } from '../format/constants.js';
 import { KscImage } from '../image/ksc.js';
-import { createImage, openImage, openKsc, probeFormat } from '../image/open.js';
+import { openImage, openKsc, probeFormat, writeNewImage } from '../image/open.js';
+import { buildNewFile } from '../io/newfile.js';
 import type { BlockDevice } from '../image/types.js';
 
 export type Progress = (done: number, total: number) => void;
@@ -18,7 +19,7 @@ export type Progress = (done: number, total: number) => void;
  * other writer has it), and a ksc_inc image is marked FROZEN (durably, before the overlay exists): later
  * writers refuse data changes unless forced (formats/ksc_inc.md §4.1). A raw image is only locked.
  */
-export async function snapshotImage(imagePath: string, overlayPath: string): Promise<void> {
+export async function snapshotImage(imagePath: string, overlayPath: string, opts: { force?: boolean } = {}): Promise<void> {
   const fmt = await probeFormat(imagePath);
   let uuid: Buffer | undefined;
   let blockSize: number | undefined;
@@ -32,16 +33,20 @@ export async function snapshotImage(imagePath: string, overlayPath: string): Pro
     raw = await openImage(imagePath, { write: true, format: 'raw' });
   }
   try {
-    await base?.freeze();
-    await createImage(overlayPath, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize });
-    if (base && base.bitmapList.some((b) => b !== null)) {
-      const top = await openKsc(overlayPath, { write: true });
-      try {
-        await base.copyBitmapsTo(top);
-      } finally {
-        await top.close();
+    // Built whole under a temporary name (with its bitmaps), then named: never an overlay without them. The
+    // base is frozen first (durably), once the new file's name is known to be free.
+    await buildNewFile(overlayPath, { force: opts.force }, async (temp) => {
+      await base?.freeze();
+      await writeNewImage(temp, { backing: imagePath, backingFormat: fmt, diskUuid: uuid, blockSize, finalName: overlayPath });
+      if (base && base.bitmapList.some((b) => b !== null)) {
+        const top = await openKsc(temp, { write: true });
+        try {
+          await base.copyBitmapsTo(top);
+        } finally {
+          await top.close();
+        }
       }
-    }
+    });
   } finally {
     await base?.close();
     await raw?.close();
@@ -76,6 +81,7 @@ export async function commitImage(overlayPath: string, onProgress?: Progress): P
       bytes += len;
       onProgress?.(start + len, total);
     }
+    onProgress?.(total, total); // the last block may end before the disk does
     await backing.flush();
     await top.dropBlocks(committed);
     return { blocks, bytes };
@@ -147,6 +153,7 @@ async function copyDiffering(img: KscImage, next: BlockDevice | null, onProgress
       onProgress?.(pos, img.size);
     }
   }
+  onProgress?.(img.size, img.size);
   await img.flush();
   return copied;
 }

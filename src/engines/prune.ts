@@ -9,6 +9,7 @@ import { ChunkIndex, Repository, mapLimit, indexKey, packKey } from '../repo/rep
 import { visitIndex, type IndexEntry } from '../repo/format.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { listBackups } from './restore.js';
+import { type CopyReport, chooseCopies } from './copies.js';
 import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
 
 export interface PruneOptions extends KeepPolicy {
@@ -27,6 +28,8 @@ export interface PruneResult {
   bytesFreed: number;
   /** Chunks a kept backup needs that no pack holds (the repository was damaged before prune). */
   chunksMissing: number;
+  /** Chunks with several copies: which copies were checked, found damaged, or could not be chosen from (§6.1). */
+  copies: CopyReport;
   dryRun: boolean;
   durationMs: number;
 }
@@ -59,7 +62,8 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     }
     kept.sort((a, b) => (a.id < b.id ? -1 : 1));
     removed.sort();
-    const result: PruneResult = { kept, removed, damagedManifests, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, chunksMissing: 0, dryRun: !!opts.dryRun, durationMs: 0 };
+    const result: PruneResult = { kept, removed, damagedManifests, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, chunksMissing: 0,
+      copies: { chunksWithCopies: 0, copiesChecked: 0, copiesDamaged: [], chunksWithoutGoodCopy: [], chunksUndecided: [] }, dryRun: !!opts.dryRun, durationMs: 0 };
     if (opts.dryRun) {
       result.durationMs = Math.round(performance.now() - t0);
       return result;
@@ -104,17 +108,27 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     });
     result.chunksMissing = missing.size;
     missing.clear();
+    // Of a chunk with several copies, the one that passes its check (all of them when none does or one
+    // could not be read): the copies kept are what the new index names (copy handles, see ChunkIndex).
+    const choice = await chooseCopies(repo, where, live);
+    result.copies = choice.report;
+    lock.check();
+    const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
     const used = new Map<string, number>();
     for (let slot = 0; slot < live.length; slot++) {
-      if (live[slot] === 1) used.set(where.packName(slot), (used.get(where.packName(slot)) ?? 0) + where.blobLength(slot));
+      if (live[slot] !== 1) continue;
+      for (const h of keptCopies(slot)) used.set(where.packName(h), (used.get(where.packName(h)) ?? 0) + where.blobLength(h));
     }
+    // Packs holding copies prune could not choose between stay as they are (a repack would keep one).
+    const pinned = new Set<string>();
+    for (const hs of choice.keep.values()) if (hs.length > 1) for (const h of hs) pinned.add(where.packName(h));
     const threshold = opts.repackBelow ?? 0.5;
     const drop: string[] = [];
     const repack: string[] = [];
     for (const [p, info] of packs) {
       const u = used.get(p) ?? 0;
       if (u === 0) drop.push(p);
-      else if (u < threshold * info.size) repack.push(p);
+      else if (u < threshold * info.size && !pinned.has(p)) repack.push(p);
     }
 
     // 3. Repack: copy the live blobs of sparse packs into new packs (checked on the way).
@@ -122,21 +136,26 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const repackSet = new Set(repack);
     const liveByPack = new Map<string, number[]>();
     for (let slot = 0; slot < live.length; slot++) {
-      if (live[slot] !== 1 || !repackSet.has(where.packName(slot))) continue;
-      let l = liveByPack.get(where.packName(slot));
-      if (!l) liveByPack.set(where.packName(slot), (l = []));
-      l.push(slot);
+      if (live[slot] !== 1) continue;
+      for (const h of keptCopies(slot)) {
+        if (!repackSet.has(where.packName(h))) continue;
+        let l = liveByPack.get(where.packName(h));
+        if (!l) liveByPack.set(where.packName(h), (l = []));
+        l.push(h);
+      }
     }
-    for (const [p, slots] of liveByPack) {
-      for (const slot of slots) {
-        const id = where.idAt(slot);
-        const blob = await repo.store.getRange(packKey(p), where.blobOffset(slot), where.blobLength(slot));
+    for (const [p, handles] of liveByPack) {
+      for (const h of handles) {
+        const id = where.idAt(h);
+        const blob = await repo.store.getRange(packKey(p), where.blobOffset(h), where.blobLength(h));
         if (blob.length < BLOB_HEADER_SIZE || !blob.subarray(16, 32).equals(id)) {
-          result.chunksMissing++;
-          live[slot] = 0;
+          if (keptCopies(where.slotOfCopy(h)).length === 1) {
+            result.chunksMissing++;
+            live[where.slotOfCopy(h)] = 0;
+          }
           continue;
         }
-        await writer.add(id, blob, where.rawLengthAt(slot));
+        await writer.add(id, blob, where.rawLengthAt(h));
       }
       lock.check();
     }
@@ -149,8 +168,15 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
         for (let slot = 0; slot < live.length; slot++) {
           if (live[slot] !== 1) continue;
           const id = where.idAt(slot);
-          const loc = repackSet.has(where.packName(slot)) ? moved.get(id)! : { pack: where.packName(slot), offset: where.blobOffset(slot), length: where.blobLength(slot), rawLength: where.rawLengthAt(slot) };
-          yield { id, ...loc };
+          let movedDone = false;
+          for (const h of keptCopies(slot)) {
+            if (!repackSet.has(where.packName(h))) yield { id, ...where.location(h) };
+            else if (!movedDone) {
+              movedDone = true;
+              const loc = moved.get(id);
+              if (loc) yield { id, ...loc };
+            }
+          }
         }
       },
     };

@@ -10,12 +10,16 @@ import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
-import { hashChunks, unpackInto, warmPool, SharedSlot } from '../compress/pool.js';
-import { BLOB_HEADER } from '../compress/codec.js';
-import { ChunkIndex, Repository, mapLimit, packKey } from '../repo/repository.js';
-import type { Manifest } from '../repo/format.js';
-import { uuidToBytes } from '../util/uuid.js';
+import { hashChunks, warmPool } from '../compress/pool.js';
+import { type Blob, type Read, type ReadItem, coalesce, fetchChunks, fetchFromCopies } from './fetch.js';
+import { pendingFiles } from '../io/newfile.js';
+import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
+import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
+import { type Manifest, MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/format.js';
+import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
+
+export { fetchChunks, fetchFromCopies, readsOf, type Read } from './fetch.js';
 
 export interface RestoreOptions {
   /** Output format of a new target (default raw). An existing target keeps its format. */
@@ -41,6 +45,8 @@ export interface RestoreResult {
   durationMs: number;
   /** Bytes of disk restored per second (size / duration). */
   throughput: number;
+  /** Damage met and worked around (a chunk read from another copy because one failed its check). */
+  warnings: string[];
 }
 
 export interface BackupSummary {
@@ -85,8 +91,12 @@ export async function listBackups<T>(repo: Repository, onDamage?: (id: string, e
   return got.filter((x) => x !== null).map((x) => x!.v);
 }
 
-/** Resolves "latest" (of `disk` when given) or a backup id to its manifest. */
-export async function resolveBackup(repo: Repository, which: string, disk?: string): Promise<Manifest> {
+/**
+ * Resolves "latest" (of `disk` when given) or a backup id to its manifest. A damaged manifest newer than the
+ * answer could be the answer: KSC_E_CORRUPT naming it, unless its header (magic and disk UUID, read without
+ * the checksum) names another disk than `disk`; then it is skipped and `warn` says so (§7.6).
+ */
+export async function resolveBackup(repo: Repository, which: string, disk?: string, warn: (msg: string) => void = () => undefined): Promise<Manifest> {
   if (which !== 'latest') {
     const m = await repo.readManifest(which);
     if (disk && m.disk !== disk) throw new KscError('KSC_E_INVALID', `backup ${which} is of disk ${m.disk}, not ${disk}`);
@@ -96,9 +106,21 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   let found: string | null = null;
   const disks = new Set<string>();
   for (const id of ids) {
-    const m = await repo.readManifestInfo(id); // headers only: the chunk list of the one found is read below
-    disks.add(m.disk);
-    if (!disk || m.disk === disk) {
+    let d: string;
+    try {
+      d = (await repo.readManifestInfo(id)).disk; // headers only: the chunk list of the one found is read below
+    } catch (e) {
+      if (!isDamage(e)) throw e;
+      if (found) continue; // older than the answer: it cannot be the answer
+      const claimed = await claimedDisk(repo, id);
+      if (disk && claimed !== null && claimed !== disk) {
+        warn(`skipped damaged manifest ${repo.objName(manifestKey(id))} (its header names disk ${claimed}): ${e.message}`);
+        continue;
+      }
+      throw new KscError('KSC_E_CORRUPT', `the newest backup${disk ? ` of disk ${disk}` : ''} may be ${id}, whose manifest is damaged (${e.message}); restore an older backup by its id (see "kscinc backups"), or run "kscinc verify"`, { cause: e });
+    }
+    disks.add(d);
+    if (!disk || d === disk) {
       found ??= id;
       if (disk) break;
     }
@@ -108,65 +130,18 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   return repo.readManifest(found);
 }
 
-/** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */
-interface ReadItem {
-  id: Buffer;
-  at: number;
-  length: number;
-  from?: number;
-  to?: number;
-}
-
-export interface Read {
-  pack: string;
-  offset: number;
-  length: number;
-  /** Sum of the items' raw lengths (what the read decodes to). */
-  raw: number;
-  items: ReadItem[];
-}
-
-/** A coalesced read decodes to at most this much (several small blobs can stand for many MiB). */
-const MAX_READ_RAW = 16 * 1024 * 1024;
-/** Blobs closer than this in a pack are read together (the gap is read and dropped). */
-const MAX_READ_GAP = 256 * 1024;
-
-interface Blob {
-  pack: string;
-  offset: number;
-  length: number;
-  rawLength: number;
-  item: ReadItem;
-}
-
-/** Merges blobs sorted by (pack, offset) into reads of at most `maxRead` bytes, as they are consumed. */
-function* coalesce(blobs: Iterable<Blob>, maxRead: number): Generator<Read> {
-  let cur: Read | null = null;
-  for (const b of blobs) {
-    const gap = cur && cur.pack === b.pack ? b.offset - (cur.offset + cur.length) : -1;
-    if (cur && gap >= 0 && gap <= MAX_READ_GAP && b.offset + b.length - cur.offset <= maxRead && cur.raw + b.rawLength <= MAX_READ_RAW) {
-      cur.length = b.offset + b.length - cur.offset;
-      cur.raw += b.rawLength;
-    } else {
-      if (cur) yield cur;
-      cur = { pack: b.pack, offset: b.offset, length: b.length, raw: b.rawLength, items: [] };
-    }
-    b.item.at = b.offset - cur.offset;
-    cur.items.push(b.item);
+/** The disk UUID a damaged manifest's header names (magic checked, checksum not), or null. */
+async function claimedDisk(repo: Repository, id: string): Promise<string | null> {
+  try {
+    const h = await repo.store.getRange(manifestKey(id), 0, MANIFEST_HEADER);
+    return h.subarray(0, 8).equals(MANIFEST_MAGIC) ? bytesToUuid(h.subarray(16, 32)) : null;
+  } catch {
+    return null;
   }
-  if (cur) yield cur;
 }
 
 const notIndexed = (what: string, id: Buffer): KscError =>
   new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
-
-/** Coalesced reads (of at most 16 MiB) of the chunks in index `slots`, which are all in one pack, sorted by offset. */
-export function readsOf(slots: number[], index: ChunkIndex): Read[] {
-  return [...coalesce(slots.map((s) => ({
-    pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s),
-    item: { id: index.idAt(s), at: 0, length: index.blobLength(s) },
-  })), 16 * 1024 * 1024)];
-}
 
 /**
  * A restore's reads for the chunk positions `ks` (ids from `idAt`), held in 8 bytes a position: each
@@ -202,43 +177,28 @@ function restorePlan(ks: number[], idAt: (k: number) => Buffer, index: ChunkInde
   return { order, reads: { [Symbol.iterator]: () => coalesce(blobs(), maxRead) } };
 }
 
-/** Fetches and decodes the reads; calls `sink` with each chunk (verified against its id). */
-export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concurrency: number, maxRaw: number, what: string,
-  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>): Promise<number> {
-  let fetched = 0;
-  // One pair of shared buffers per read in flight, reused (see SharedSlot), sized by a first pass over the
-  // reads (an iterable that is not an array is made twice).
-  let inputBytes = 0;
-  let outputBytes = 0;
-  for (const r of reads) {
-    inputBytes = Math.max(inputBytes, r.length);
-    outputBytes = Math.max(outputBytes, r.raw);
+/**
+ * Before the first write: every chunk the plan needs has a copy whose pack exists (a stat per pack, or one
+ * listing when there are many). KSC_E_NOT_FOUND naming the chunk and the pack otherwise.
+ */
+async function checkPacks(repo: Repository, index: ChunkIndex, what: string): Promise<void> {
+  const names = index.packList();
+  const present = new Map<string, boolean>();
+  if (names.length > 256) {
+    const all = await repo.listPacks();
+    for (const p of names) present.set(p, all.has(p));
+  } else {
+    await mapLimit(names, 16, async (p) => {
+      present.set(p, (await repo.store.stat(packKey(p))) !== null);
+    });
   }
-  const free: SharedSlot[] = [];
-  const store = repo.store;
-  await mapLimit(reads, concurrency, async (r) => {
-    const key = packKey(r.pack);
-    const slot = free.pop() ?? new SharedSlot(inputBytes, Math.max(outputBytes, BLOB_HEADER));
-    try {
-      const target = slot.input.subarray(0, r.length);
-      if (store.getRangeInto) await store.getRangeInto(key, r.offset, target);
-      else {
-        const got = await store.getRange(key, r.offset, r.length);
-        if (got.length !== r.length) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: ${got.length} bytes at offset ${r.offset}, ${r.length} expected`);
-        got.copy(target);
-      }
-      fetched += r.length;
-      const res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw);
-      for (let i = 0; i < res.length; i++) {
-        const x = res[i]!;
-        if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
-      }
-      await Promise.all(res.map((x, i) => sink(r.items[i]!.id, (x as { data: Buffer }).data, r.items[i]!)));
-    } finally {
-      free.push(slot); // every sink has finished with the slot's views (or the read failed)
-    }
-  });
-  return fetched;
+  if ([...present.values()].every(Boolean)) return;
+  for (let s = 0; s < index.slots; s++) {
+    if (!index.hasSlot(s)) continue;
+    const hs = index.extraCopies === 0 ? [s] : index.copies(s);
+    if (hs.some((h) => present.get(index.packName(h)))) continue;
+    throw new KscError('KSC_E_NOT_FOUND', `${what}: chunk ${index.idAt(s).toString('hex')} is in ${hs.map((h) => repo.objName(packKey(index.packName(h)))).join(', ')}, which ${hs.length > 1 ? 'are' : 'is'} missing (repository damaged: run "kscinc verify"); nothing was written`);
+  }
 }
 
 async function exists(p: string): Promise<boolean> {
@@ -250,33 +210,53 @@ async function exists(p: string): Promise<boolean> {
   }
 }
 
-/** Restores backup `which` ("latest" or an id) to the file `target`. */
-export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string } = {}): Promise<RestoreResult> {
+/**
+ * Restores backup `which` ("latest" or an id) to the file `target` (§9.5). A new target is written under a
+ * temporary name in its folder and appears under its name only when complete. An existing target must be a
+ * copy of the backup's disk (else KSC_E_EXISTS, unless `force`); everything that can be checked (manifest,
+ * index, every needed chunk's pack) is checked before its first write, and a failure after that throws
+ * PartialRestoreError (`partial: true`) saying the target holds a mix.
+ */
+export async function restoreBackup(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean } = {}): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
-  const m = await resolveBackup(repo, which, opts.disk);
+  const warnings: string[] = [];
+  const m = await resolveBackup(repo, which, opts.disk, (msg) => warnings.push(msg));
   const C = m.chunkSize;
   const chunks = m.ids.length;
   const what = `restore of backup ${m.meta.id}`;
   const existing = await exists(target);
   let dev: BlockDevice;
   let format: 'raw' | 'ksc_inc';
+  /** The file written: the target itself when it exists, else a temporary beside it. */
+  let file = target;
   if (existing) {
     dev = await openImage(target, { write: true });
     format = dev.format;
-    if (dev.size !== m.size) {
+    try {
+      if (dev.size !== m.size) throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
+      const why = opts.force ? null : await notACopy(dev, target, m.disk);
+      if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or pass --force to overwrite it`);
+    } catch (e) {
       await dev.close();
-      throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
+      throw e;
     }
   } else {
     format = opts.format ?? 'raw';
+    await sweepTempTargets(target);
+    file = tempTargetPath(target);
+    pendingFiles.add(file); // the CLI removes it when interrupted by a signal
     if (format === 'ksc_inc') {
-      await createImage(target, { size: m.size, diskUuid: uuidToBytes(m.disk) });
-      dev = await openImage(target, { write: true });
+      await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
+      dev = await openImage(file, { write: true });
     } else {
-      dev = await RawDevice.create(target, m.size);
+      dev = await RawDevice.create(file, m.size);
     }
   }
+  /** Chunks an existing target needs changed, and how many were written (for PartialRestoreError). */
+  let toChange = 0;
+  let changed = 0;
+  let writing = false;
   try {
     // Which chunk positions need which id; on an existing target, skip positions that already match. Only
     // non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's
@@ -321,18 +301,14 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     }
     // The positions to fetch (zero ids need no fetch: written as zeros over an existing target, holes in a new one).
     const fetch: number[] = [];
+    const zero: number[] = [];
     for (const k of candidates) {
-      const id = idAt(k);
-      if (id.equals(ZERO_ID)) {
-        if (existing) {
-          await dev.writeZeroes(k * C, lenAt(k), { mayTrim: true });
-          bytesWritten += lenAt(k);
-        }
-        continue;
-      }
-      fetch.push(k);
+      if (idAt(k).equals(ZERO_ID)) {
+        if (existing) zero.push(k);
+      } else fetch.push(k);
     }
     candidates = [];
+    toChange = zero.length + fetch.length;
     // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
     const badIndex: string[] = [];
     // Only the entries of the chunks this restore fetches are kept: memory follows the backup, not the repository.
@@ -340,19 +316,29 @@ export async function restoreBackup(repo: Repository, which: string, target: str
     for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
     const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
     const plan = restorePlan(fetch, idAt, index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
+    await checkPacks(repo, index, what);
+    // Everything checkable is checked: from here on the target changes.
+    if (existing && format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+    writing = true;
+    for (const k of zero) {
+      await dev.writeZeroes(k * C, lenAt(k), { mayTrim: true });
+      bytesWritten += lenAt(k);
+      changed++;
+    }
     const totalBytes = fetch.reduce((sum, k) => sum + lenAt(k), 0);
     let done = 0;
     let fetchedChunks = 0;
     // Flush in the background every 64 MiB written, so the final flush does not carry the whole restore.
     let sinceFlush = 0;
     let flushing: Promise<void> | null = null;
-    const bytesFetched = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, async (id, data, item) => {
+    const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
       fetchedChunks++;
       const ks: number[] = [];
       for (let p = item.from!; p < item.to!; p++) ks.push(fetch[plan.order[p]!]!);
       await Promise.all(ks.map(async (k) => {
         if (data.length !== lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${lenAt(k)}`);
         await dev.write(k * C, data);
+        changed++;
         bytesWritten += data.length;
         done += data.length;
         sinceFlush += data.length;
@@ -362,22 +348,37 @@ export async function restoreBackup(repo: Repository, which: string, target: str
         flushing = dev.flush().finally(() => (flushing = null));
       }
       opts.progress?.({ doneBytes: done, totalBytes });
+    };
+    // A read that fails its checks is fetched again chunk by chunk, from another copy where one is damaged.
+    let bytesFetched = 0;
+    const main = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, sink, async (r) => {
+      const n = await fetchFromCopies(repo, index, r, C, what, sink, (msg) => warnings.push(msg));
+      bytesFetched += n;
     });
+    bytesFetched += main;
     await flushing;
     await dev.flush();
+    if (!existing) {
+      await dev.close();
+      await publish(file, target);
+      if (format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+    }
     const durationMs = Math.round(performance.now() - t0);
     return {
       backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetchedChunks, chunksUnchanged,
-      bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0,
+      bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0, warnings,
     };
   } catch (e) {
     if (!existing) {
-      // A new target that did not receive the whole backup is not a restore: remove it.
+      // A new target that did not receive the whole backup is not a restore: its temporary goes.
       await dev.close().catch(() => undefined);
-      await rm(target, { force: true }).catch(() => undefined);
+      await rm(file, { force: true }).catch(() => undefined);
+    } else if (writing) {
+      throw new PartialRestoreError(target, changed, toChange, e as Error);
     }
     throw e;
   } finally {
     await dev.close().catch(() => undefined);
+    pendingFiles.delete(file);
   }
 }

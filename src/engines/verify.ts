@@ -2,9 +2,9 @@
  * Verify: reads and checks every chunk the selected backups need (every backup by default), and names each
  * damaged object together with the backups that depend on it.
  */
-import { type KscError, isKscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
-import type { Manifest } from '../repo/format.js';
+import { type Manifest, PACK_HEADER, checkPackHeader } from '../repo/format.js';
 import { fetchChunks, listBackups, readsOf } from './restore.js';
 
 export interface Damage {
@@ -24,7 +24,7 @@ export interface VerifyResult {
   durationMs: number;
 }
 
-export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number } = {}): Promise<VerifyResult> {
+export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {
@@ -74,46 +74,76 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
     damage.push({ object: repo.objName('index/'), problem: `${missing.size} chunk(s) are in no index object (e.g. ${missing.keys().next().value})`, backups: [...backups].sort() });
   }
 
-  // The needed chunks by pack: each pack is read on its own (coalesced), so a bad blob or a missing pack
-  // names that pack and the others keep going.
+  // The needed chunks by pack, every copy of each (§6: a chunk may live in several packs; each copy is
+  // checked, so a damaged one is named even when another is intact): each pack is read on its own
+  // (coalesced), so a bad blob or a missing pack names that pack and the others keep going.
   const byPack = new Map<number, number[]>();
-  for (let s = 0; s < used.length; s++) {
-    if (used[s] === 0) continue;
-    const p = index.packNumber(s);
+  const addCopy = (h: number): void => {
+    const p = index.packNumber(h);
     let l = byPack.get(p);
     if (!l) byPack.set(p, (l = []));
-    l.push(s);
+    l.push(h);
+  };
+  for (let s = 0; s < used.length; s++) {
+    if (used[s] === 0) continue;
+    if (index.extraCopies === 0) addCopy(s);
+    else for (const h of index.copies(s)) addCopy(h);
   }
-  used.fill(0); // from here on: the marks of damaged chunks
+  used.fill(0);
+  /** Copy handles that failed their check (few: kept in a set). */
+  const badCopies = new Set<number>();
   let chunksChecked = 0;
+  let chunksTotal = 0;
+  for (const l of byPack.values()) chunksTotal += l.length;
   let bytesRead = 0;
-  const damagedPacks: { object: string; problem: string }[] = [];
-  await mapLimit(byPack.values(), opts.concurrency ?? 4, async (slots) => {
-    slots.sort((a, b) => index.blobOffset(a) - index.blobOffset(b));
-    const pack = index.packName(slots[0]!);
-    const reads = readsOf(slots, index);
+  const damagedPacks: { object: string; problem: string; copies: number[] }[] = [];
+  await mapLimit(byPack.values(), opts.concurrency ?? 4, async (handles) => {
+    handles.sort((a, b) => index.blobOffset(a) - index.blobOffset(b));
+    const pack = index.packName(handles[0]!);
+    const reads = readsOf(handles, index);
+    const bad: number[] = [];
     try {
       // Not `bytesRead += await …`: that reads bytesRead before the await and loses the other packs' bytes.
       const n = await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
         chunksChecked++;
+        opts.progress?.(chunksChecked, chunksTotal);
       });
       bytesRead += n;
     } catch (e) {
       if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_NOT_FOUND', 'KSC_E_FORMAT'].includes(e.code)) throw e;
-      if (e.code === 'KSC_E_NOT_FOUND') for (const s of slots) used[s] = 1;
+      if (e.code === 'KSC_E_NOT_FOUND') bad.push(...handles);
       else {
         // A coalesced read fails as a whole: recheck blob by blob, so only the users of bad chunks are named.
-        for (const s of slots) {
-          await fetchChunks(repo, readsOf([s], index), 1, repo.chunkSize, 'verify', async () => undefined).catch(() => {
-            used[s] = 1;
+        for (const h of handles) {
+          await fetchChunks(repo, readsOf([h], index), 1, repo.chunkSize, 'verify', async () => undefined).catch(() => {
+            bad.push(h);
           });
         }
       }
-      damagedPacks.push({ object: repo.objName(packKey(pack)), problem: e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message });
+      for (const h of bad) badCopies.add(h);
+      damagedPacks.push({ object: repo.objName(packKey(pack)), problem: e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message, copies: bad });
     }
   });
+  // §5: every pack's header and footer (all packs; for one backup, the packs it reads): the footer is what
+  // an index rebuild and a resuming writer rely on. Its entries must agree with the index's.
+  const listed = await repo.listPacks();
+  const ends = new Map<string, string>();
+  const toCheck: [string, number][] = opts.backup
+    ? [...byPack.values()].map((hs) => index.packName(hs[0]!)).filter((p) => listed.has(p)).map((p) => [p, listed.get(p)!.size])
+    : [...listed].map(([p, info]) => [p, info.size]);
+  const packNo = new Map(index.packList().map((p, i) => [p, i]));
+  await mapLimit(toCheck, 4, async ([pack, size]) => {
+    const problem = await checkPackEnds(repo, pack, size, byPack.get(packNo.get(pack) ?? -1) ?? [], index);
+    if (problem) ends.set(repo.objName(packKey(pack)), problem);
+  });
 
-  // Only when a pack is damaged: which backups need its damaged chunks (the manifests once more).
+  // A chunk is lost only when every copy of it failed; its slot is marked.
+  for (const h of badCopies) {
+    const s = index.slotOfCopy(h);
+    if (index.copies(s).every((c) => badCopies.has(c))) used[s] = 1;
+  }
+
+  // Only when a pack is damaged: which backups need its lost chunks (the manifests once more).
   if (damagedPacks.length > 0) {
     const broken = new Map<string, Set<string>>(damagedPacks.map((d) => [d.object, new Set<string>()]));
     await mapLimit(readable, 8, async (id) => {
@@ -124,10 +154,47 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
       });
       m?.ids.forEachNonZero((_k, cid) => {
         const s = index.slotOf(cid);
-        if (s >= 0 && used[s] === 1) broken.get(repo.objName(packKey(index.packName(s))))?.add(id);
+        if (s < 0 || used[s] !== 1) return;
+        for (const h of index.copies(s)) broken.get(repo.objName(packKey(index.packName(h))))?.add(id);
       });
     });
-    for (const d of damagedPacks) damage.push({ ...d, backups: [...broken.get(d.object)!].sort() });
+    for (const d of damagedPacks) {
+      const saved = d.copies.filter((h) => used[index.slotOfCopy(h)] !== 1);
+      const problem = saved.length === 0 ? d.problem
+        : `${d.problem}; ${saved.length} of its ${d.copies.length} damaged chunk(s) have an intact copy in another pack (restore reads it, prune keeps it), e.g. chunk ${index.idAt(saved[0]!).toString('hex')} also in ${index.copies(index.slotOfCopy(saved[0]!)).filter((c) => !badCopies.has(c)).map((c) => repo.objName(packKey(index.packName(c)))).join(', ')}`;
+      damage.push({ object: d.object, problem, backups: [...broken.get(d.object)!].sort() });
+    }
+  }
+  for (const [object, problem] of ends) {
+    const d = damage.find((x) => x.object === object);
+    if (d) d.problem += `; ${problem}`;
+    else damage.push({ object, problem, backups: [] });
   }
   return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
+}
+
+/**
+ * Checks pack `pack`'s header and footer (§5.1, §5.3), and that each of the index's copies `handles` in it
+ * is a footer entry with the same offset and lengths. Returns the problem, or null.
+ */
+async function checkPackEnds(repo: Repository, pack: string, size: number, handles: number[], index: ChunkIndex): Promise<string | null> {
+  const key = packKey(pack);
+  const name = repo.objName(key);
+  try {
+    if (size < PACK_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${size} bytes is too short for a pack`);
+    checkPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name);
+    const entries = await repo.readPackFooter(pack, size);
+    const listed = new Set(entries.map((e) => `${e.id.toString('hex')}@${e.offset}+${e.length}/${e.rawLength}`));
+    for (const h of handles) {
+      const want = `${index.idAt(h).toString('hex')}@${index.blobOffset(h)}+${index.blobLength(h)}/${index.rawLengthAt(h)}`;
+      if (!listed.has(want)) {
+        return `footer does not list chunk ${index.idAt(h).toString('hex')} at offset ${index.blobOffset(h)} as the index does (an index rebuild from this pack would lose it)`;
+      }
+    }
+    return null;
+  } catch (e) {
+    if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) throw e;
+    if (e.code === 'KSC_E_NOT_FOUND') return null; // missing: reported by the chunk reads (or removed meanwhile)
+    return `${e.message.replace(`repository object ${name}: `, '')} (the blobs may be intact; an index rebuild from this pack would fail)`;
+  }
 }

@@ -6,8 +6,10 @@ import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { KscError, isKscError } from '../errors.js';
 import { type FileOpener, openHostFile } from '../io/file.js';
+import { buildNewFile, firstMissingFolder } from '../io/newfile.js';
 import { HEADER_SLOTS, MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { KscImage, type CreateKscOptions } from './ksc.js';
+import { FOREIGN_PROBE_BYTES, foreignError, foreignFormat } from './foreign.js';
 import { RawDevice } from './raw.js';
 import type { BlockDevice } from './types.js';
 
@@ -25,7 +27,10 @@ export interface OpenImageOptions {
   opener?: FileOpener;
 }
 
-/** Reads the first bytes of a file to tell ksc_inc from raw. */
+/**
+ * Reads the first bytes of a file to tell ksc_inc from raw. Other formats' images (qcow2, vmdk, vhdx, vdi,
+ * vpc, qed, LUKS) are refused with KSC_E_FORMAT: read as raw they would show their metadata as disk data.
+ */
 export async function probeFormat(file: string, opener: FileOpener = openHostFile): Promise<ImageFormat> {
   const f = await opener(file, { write: false });
   try {
@@ -36,6 +41,16 @@ export async function probeFormat(file: string, opener: FileOpener = openHostFil
       const n = await f.read(head, slot);
       if (n === 8 && head.equals(MAGIC)) return 'ksc_inc';
     }
+    const start = Buffer.alloc(FOREIGN_PROBE_BYTES);
+    const got = await f.read(start, 0);
+    const size = await f.size();
+    let tail: Buffer | null = null;
+    if (size >= 1024) {
+      tail = Buffer.alloc(512);
+      if ((await f.read(tail, size - 512)) !== 512) tail = null;
+    }
+    const foreign = foreignFormat(start.subarray(0, got), tail);
+    if (foreign) throw foreignError(file, foreign);
     return 'raw';
   } finally {
     await f.close();
@@ -68,8 +83,11 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   try {
     real = await fsp.realpath(file);
   } catch (e) {
+    const missing = firstMissingFolder(file);
+    if (missing) throw new KscError('KSC_E_NOT_FOUND', `${file}: folder ${missing} does not exist`, { cause: e });
     throw new KscError('KSC_E_NOT_FOUND', depth === 0 ? `${file}: no such file` : `backing file ${file} not found`, { cause: e });
   }
+  if ((await fsp.stat(real)).isDirectory()) throw new KscError('KSC_E_INVALID', `${file}: is a folder, not an image file`);
   if (seen.has(real)) throw new KscError('KSC_E_LOOP', `${file}: backing chain loops back to ${real}`);
   seen.add(real);
   const opener = opts.opener ?? openHostFile;
@@ -114,15 +132,44 @@ export interface CreateImageOptions {
   diskUuid?: Buffer;
   intentRegion?: number;
   opener?: FileOpener;
+  /** Replace an existing file (default: KSC_E_EXISTS). */
+  force?: boolean;
+  /**
+   * The name the new image will take when it is built under another one (writeNewImage in a temporary
+   * file): that file may not be in the backing chain either (an image that would back itself).
+   */
+  finalName?: string;
 }
 
-/** Creates a ksc_inc image; the backing is stored relative to the new image's folder. */
+/**
+ * Creates a ksc_inc image; the backing is stored relative to the new image's folder. The image is built
+ * under a temporary name and appears whole or not at all (io/newfile.ts); an existing `file` is refused
+ * unless `force`.
+ */
 export async function createImage(file: string, opts: CreateImageOptions): Promise<void> {
+  if (opts.opener) return writeNewImage(file, opts); // a test's file layer: no renames outside it
+  await buildNewFile(file, { force: opts.force, before: () => refuseSelfBacking(file, opts.backing) }, (temp) => writeNewImage(temp, { ...opts, finalName: file }));
+}
+
+/** KSC_E_LOOP when `backing` is `file` itself (checked before "already exists": that is the real mistake). */
+async function refuseSelfBacking(file: string, backing: string | undefined): Promise<void> {
+  if (backing === undefined) return;
+  const real = (p: string): Promise<string> => fsp.realpath(p).catch(() => path.resolve(p));
+  if ((await real(file)) === (await real(backing))) throw new KscError('KSC_E_LOOP', `${file}: an image cannot be its own backing file`);
+}
+
+/**
+ * Writes a new ksc_inc image at `file`, which must not exist, in place (not atomic: for builders that run
+ * inside buildNewFile). Same options as createImage; the backing is stored relative to `file`'s folder.
+ */
+export async function writeNewImage(file: string, opts: CreateImageOptions): Promise<void> {
   const create: CreateKscOptions = { size: opts.size ?? 0, blockSize: opts.blockSize, diskUuid: opts.diskUuid, intentRegion: opts.intentRegion, opener: opts.opener };
   if (opts.backing !== undefined) {
     const abs = path.resolve(opts.backing);
     const fmt = opts.backingFormat ?? (await probeFormat(abs, opts.opener));
-    const dev = await openChain(abs, fmt, false, { opener: opts.opener }, new Set([path.resolve(file)]), 1);
+    const self = new Set([path.resolve(file)]);
+    if (opts.finalName !== undefined) self.add(await fsp.realpath(opts.finalName).catch(() => path.resolve(opts.finalName!)));
+    const dev = await openChain(abs, fmt, false, { opener: opts.opener }, self, 1);
     try {
       create.size = opts.size ?? dev.size;
     } finally {

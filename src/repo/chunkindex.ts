@@ -8,6 +8,13 @@
  * dedupe, and what a restore needs to pick the index entries of one backup). A Map from hex strings to
  * location objects took ≈ 150 bytes of heap an entry (measured with 1 M entries) and a string conversion on
  * every lookup.
+ *
+ * Several copies of a chunk (§6: two backups that ran side by side, a resumed backup, an interrupted prune)
+ * are all kept: the slot holds the first location added, and each further distinct location goes into an
+ * overflow list (24 bytes a copy in growable typed arrays, plus one Map entry for each chunk that has any)
+ * chained from its slot. The common single-copy case costs nothing more. A **copy handle** names one
+ * location: the slot number for the first copy, `slots + n` for overflow copy `n`; like slot numbers it is
+ * valid until the next add.
  */
 import { randomInt } from 'node:crypto';
 import { ID_BYTES } from '../hash/chunkid.js';
@@ -43,6 +50,16 @@ export class ChunkIndex {
   private offset = new Float64Array(0);
   private length = new Uint32Array(0);
   private rawLength = new Uint32Array(0);
+  /** Overflow copies (see the design notes): location, next copy (-1: none) and owning slot. */
+  private ovPack = new Uint32Array(0);
+  private ovOffset = new Float64Array(0);
+  private ovLength = new Uint32Array(0);
+  private ovRaw = new Uint32Array(0);
+  private ovNext = new Int32Array(0);
+  private ovOwner = new Uint32Array(0);
+  private ovCount = 0;
+  /** Slot → its first overflow copy, for the slots that have any. */
+  private extra = new Map<number, number>();
   /** Where a hex id is decoded for a lookup. */
   private readonly scratch = Buffer.alloc(ID_BYTES);
 
@@ -72,7 +89,10 @@ export class ChunkIndex {
     return this.count;
   }
 
-  /** Adds a chunk's location; an id already present keeps its first location. */
+  /**
+   * Adds a chunk's location. An id already present keeps its first location as the slot's; with locations,
+   * a further distinct location (another pack or offset) is kept as another copy.
+   */
   add(e: { id: Buffer; pack: string; offset: number; length: number; rawLength: number }): void {
     this.addAt(e.id, 0, e.pack, e.offset, e.length, e.rawLength);
   }
@@ -95,9 +115,82 @@ export class ChunkIndex {
     const w2 = buf.readUInt32LE(at + 8);
     const w3 = buf.readUInt32LE(at + 12);
     const s = this.find(w0, w1, w2, w3);
-    if (this.pack[s] !== 0) return;
+    if (this.pack[s] !== 0) {
+      if (this.locations) this.addCopy(s, this.lastPackNo + 1, offset, length, rawLength);
+      return;
+    }
     this.place(s, w0, w1, w2, w3, this.lastPackNo + 1, offset, length, rawLength);
     this.count++;
+  }
+
+  /** Keeps another location of the chunk in slot `s`, unless it is one already kept. */
+  private addCopy(s: number, packPlusOne: number, offset: number, length: number, rawLength: number): void {
+    if (this.pack[s] === packPlusOne && this.offset[s] === offset) return;
+    let last = -1;
+    for (let c = this.extra.get(s) ?? -1; c >= 0; c = this.ovNext[c]!) {
+      if (this.ovPack[c] === packPlusOne && this.ovOffset[c] === offset) return;
+      last = c;
+    }
+    if (this.ovCount === this.ovPack.length) this.growOverflow();
+    const c = this.ovCount++;
+    this.ovPack[c] = packPlusOne;
+    this.ovOffset[c] = offset;
+    this.ovLength[c] = length;
+    this.ovRaw[c] = rawLength;
+    this.ovNext[c] = -1;
+    this.ovOwner[c] = s;
+    if (last < 0) this.extra.set(s, c);
+    else this.ovNext[last] = c;
+  }
+
+  private growOverflow(): void {
+    const n = Math.max(64, this.ovPack.length * 2);
+    const grow = <T extends Uint32Array | Int32Array | Float64Array>(a: T, make: (n: number) => T): T => {
+      const b = make(n);
+      b.set(a as never);
+      return b;
+    };
+    this.ovPack = grow(this.ovPack, (k) => new Uint32Array(k));
+    this.ovOffset = grow(this.ovOffset, (k) => new Float64Array(k));
+    this.ovLength = grow(this.ovLength, (k) => new Uint32Array(k));
+    this.ovRaw = grow(this.ovRaw, (k) => new Uint32Array(k));
+    this.ovNext = grow(this.ovNext, (k) => new Int32Array(k));
+    this.ovOwner = grow(this.ovOwner, (k) => new Uint32Array(k));
+  }
+
+  /** Number of locations kept beyond the first of each chunk. */
+  get extraCopies(): number {
+    return this.ovCount;
+  }
+
+  /** True when slot `s` holds a chunk. */
+  hasSlot(s: number): boolean {
+    return this.pack[s] !== 0;
+  }
+
+  /** How many locations the chunk in slot `s` has. */
+  copyCount(s: number): number {
+    let n = 1;
+    for (let c = this.extra.get(s) ?? -1; c >= 0; c = this.ovNext[c]!) n++;
+    return n;
+  }
+
+  /** The copy handles of the chunk in slot `s`, first location first. */
+  copies(s: number): number[] {
+    const out = [s];
+    const base = this.mask + 1;
+    for (let c = this.extra.get(s) ?? -1; c >= 0; c = this.ovNext[c]!) out.push(base + c);
+    return out;
+  }
+
+  /** The slot of the chunk a copy handle belongs to. */
+  slotOfCopy(h: number): number {
+    return h <= this.mask ? h : this.ovOwner[h - this.mask - 1]!;
+  }
+
+  /** The location of copy handle `h`. */
+  location(h: number): ChunkLocation {
+    return { pack: this.packName(h), offset: this.blobOffset(h), length: this.blobLength(h), rawLength: this.rawLengthAt(h) };
   }
 
   get(id: Buffer | string): ChunkLocation | undefined {
@@ -114,8 +207,9 @@ export class ChunkIndex {
   // A slot names one chunk for as long as nothing is added (adding may move every entry). Planners that
   // handle millions of chunks keep slot numbers (4 bytes) instead of location objects.
 
-  /** The id of the chunk in slot `s` (a new buffer). */
-  idAt(s: number): Buffer {
+  /** The id of the chunk in slot `s` or of copy handle `s` (a new buffer). */
+  idAt(h: number): Buffer {
+    const s = this.slotOfCopy(h);
     const b = Buffer.allocUnsafe(ID_BYTES);
     for (let i = 0; i < 4; i++) b.writeUInt32LE(this.keys[s * 4 + i]!, i * 4);
     return b;
@@ -132,27 +226,28 @@ export class ChunkIndex {
   }
 
   /** The pack holding the chunk in slot `s` (a number per pack, in the order packs were first added). */
-  packNumber(s: number): number {
-    return this.pack[s]! - 1;
+  packNumber(h: number): number {
+    return (h <= this.mask ? this.pack[h]! : this.ovPack[h - this.mask - 1]!) - 1;
   }
 
-  packName(s: number): string {
-    return this.packNames[this.pack[s]! - 1]!;
+  /** The pack of slot or copy handle `h` (the blob accessors below take either too). */
+  packName(h: number): string {
+    return this.packNames[this.packNumber(h)]!;
   }
 
-  blobOffset(s: number): number {
+  blobOffset(h: number): number {
     this.needLocations();
-    return this.offset[s]!;
+    return h <= this.mask ? this.offset[h]! : this.ovOffset[h - this.mask - 1]!;
   }
 
-  blobLength(s: number): number {
+  blobLength(h: number): number {
     this.needLocations();
-    return this.length[s]!;
+    return h <= this.mask ? this.length[h]! : this.ovLength[h - this.mask - 1]!;
   }
 
-  rawLengthAt(s: number): number {
+  rawLengthAt(h: number): number {
     this.needLocations();
-    return this.rawLength[s]!;
+    return h <= this.mask ? this.rawLength[h]! : this.ovRaw[h - this.mask - 1]!;
   }
 
   private needLocations(): void {
@@ -211,6 +306,8 @@ export class ChunkIndex {
     this.length = new Uint32Array(n);
     this.rawLength = new Uint32Array(n);
     this.mask = slots - 1;
+    const extra = this.extra;
+    this.extra = new Map();
     for (let s = 0; s < old.pack.length; s++) {
       if (old.pack[s] === 0) continue;
       const k = s * 4;
@@ -218,7 +315,13 @@ export class ChunkIndex {
       const w1 = old.keys[k + 1]!;
       const w2 = old.keys[k + 2]!;
       const w3 = old.keys[k + 3]!;
-      this.place(this.find(w0, w1, w2, w3), w0, w1, w2, w3, old.pack[s]!, old.offset[s] ?? 0, old.length[s] ?? 0, old.rawLength[s] ?? 0);
+      const ns = this.find(w0, w1, w2, w3);
+      this.place(ns, w0, w1, w2, w3, old.pack[s]!, old.offset[s] ?? 0, old.length[s] ?? 0, old.rawLength[s] ?? 0);
+      const first = extra.get(s);
+      if (first !== undefined) {
+        this.extra.set(ns, first);
+        for (let c = first; c >= 0; c = this.ovNext[c]!) this.ovOwner[c] = ns;
+      }
     }
   }
 }

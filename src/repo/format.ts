@@ -95,6 +95,13 @@ export function packHeader(): Buffer {
   return h;
 }
 
+/** Checks a pack's 16-byte header (§5.1): magic, version 1, reserved zero. */
+export function checkPackHeader(h: Buffer, object: string): void {
+  if (h.length !== PACK_HEADER || !h.subarray(0, 8).equals(PACK_MAGIC)) throw bad(object, 'pack header magic missing (not a pack, or damaged)');
+  if (h.readUInt32LE(8) !== 1) throw new KscError('KSC_E_FORMAT', `repository object ${object}: pack version ${h.readUInt32LE(8)} is not supported`);
+  if (h.readUInt32LE(12) !== 0) throw bad(object, 'pack header reserved field is not zero');
+}
+
 /** The footer (entries and tail) of a pack whose blobs end at `entriesOffset`. */
 export function packFooter(entries: PackEntry[], entriesOffset: number): Buffer {
   const f = Buffer.alloc(entries.length * FOOTER_ENTRY + FOOTER_TAIL);

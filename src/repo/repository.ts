@@ -74,6 +74,25 @@ export class RepoLock {
   }
 }
 
+/** The folders only a repository has (§1): a location holding any of them is a repository. */
+const REPO_PREFIXES = ['manifests/', 'index/', 'packs/', 'locks/'];
+
+/**
+ * What a location without a config holds (§3.1): nothing, repository objects (its config was lost), or
+ * other objects. Reads one listing entry per repository folder, then the first entry of the location.
+ */
+export async function locationState(store: ObjectStore): Promise<{ kind: 'empty' } | { kind: 'repository' | 'other'; example: string }> {
+  for (const prefix of REPO_PREFIXES) {
+    for await (const o of store.list(prefix)) return { kind: 'repository', example: o.key };
+  }
+  for await (const o of store.list('')) return { kind: 'other', example: o.key };
+  return { kind: 'empty' };
+}
+
+function lostConfig(store: ObjectStore, example: string): KscError {
+  return new KscError('KSC_E_CORRUPT', `${store.name} holds repository objects (e.g. ${example}) but no config object: the repository's config was lost or deleted. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`);
+}
+
 /** Manifests above this size are read in ranges (a densely written disk of 512 GiB or more). */
 const STREAM_MANIFEST = 8 * MIB;
 
@@ -90,31 +109,56 @@ export class Repository {
     return this.config.chunkSize;
   }
 
-  /** Creates a repository (KSC_E_EXISTS when there is one already). */
+  /**
+   * Creates a repository (§3.1): only where the location is empty. KSC_E_EXISTS when there is a repository
+   * already or the location holds other objects; KSC_E_CORRUPT when it holds repository objects without a
+   * config (a lost config: see repo repair).
+   */
   static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
     if (await store.stat(CONFIG_KEY)) throw new KscError('KSC_E_EXISTS', `${store.name} is already a kscinc repository`);
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
     checkChunkSize(chunkSize);
     const packSize = opts.packSize ?? DEFAULT_PACK;
     if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
+    const where = await locationState(store);
+    if (where.kind === 'repository') throw lostConfig(store, where.example);
+    if (where.kind === 'other') {
+      throw new KscError('KSC_E_EXISTS', `${store.name} is not empty and is not a kscinc repository (it holds ${where.example}): refusing to create a repository among other files; use a new or empty folder or prefix`);
+    }
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     await store.put(CONFIG_KEY, encodeConfig(config));
     await initHash();
-    return new Repository(store, config);
+    // Two inits racing on an empty location both put a config; whichever landed last is the repository's,
+    // and both go on with it (§3.1).
+    return new Repository(store, decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`));
   }
 
+  /**
+   * Opens the repository at `store`; never writes. Without a config: KSC_E_CORRUPT when the location holds
+   * repository objects (a lost config, §3.1), KSC_E_NOT_FOUND otherwise.
+   */
   static async open(store: ObjectStore): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
     let raw: Buffer;
     try {
       raw = await store.get(CONFIG_KEY);
     } catch (e) {
-      if (isKscError(e, 'KSC_E_NOT_FOUND')) throw new KscError('KSC_E_NOT_FOUND', `${store.name} is not a kscinc repository (no config object; create one with "kscinc repo init")`);
-      throw e;
+      if (!isKscError(e, 'KSC_E_NOT_FOUND')) throw e;
+      const where = await locationState(store);
+      if (where.kind === 'repository') throw lostConfig(store, where.example);
+      throw new KscError('KSC_E_NOT_FOUND', where.kind === 'empty'
+        ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
+        : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`);
     }
-    return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+    try {
+      return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+    } catch (e) {
+      if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
+      throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
+    }
   }
 
+  /** Opens the repository, or creates one when the location is empty (a first backup); see init. */
   static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
     try {
       return await Repository.open(store);
@@ -123,7 +167,7 @@ export class Repository {
       try {
         return await Repository.init(store, opts);
       } catch (e2) {
-        if (isKscError(e2, 'KSC_E_EXISTS')) return Repository.open(store); // a concurrent init won
+        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store); // a concurrent init won
         throw e2;
       }
     }

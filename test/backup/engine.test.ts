@@ -275,7 +275,7 @@ describe('backup → change → incremental → restore', () => {
     } finally {
       await img.close();
     }
-    const target = join(dir, 'holes.raw');
+    const target = join(dir, 'holes-out.raw');
     const r = await restoreBackup(repo, id, target);
     const zeros = zeroChunks(s);
     expect(r.chunksZero).toBe(zeros.length);
@@ -339,7 +339,9 @@ describe('backup → change → incremental → restore', () => {
     // Over an existing file that differs everywhere but in one repeated chunk.
     const over = join(dir, 'repeat-over.raw');
     writeFile(over, Buffer.alloc(size, 0x5a));
-    await restoreBackup(repo, b.id, over);
+    // Not restored by kscinc: overwritten only on purpose (§9.5).
+    await expect(restoreBackup(repo, b.id, over)).rejects.toThrow(/not a copy of disk.*--force/);
+    await restoreBackup(repo, b.id, over, { force: true });
     expectSame(await readImage(over), data, 'restore over an existing file');
   });
 

@@ -120,7 +120,7 @@ describe('restore: wrong input', () => {
     expect((await restoreBackup(repo, 'latest', join(dir, 'mine.raw'), { disk })).backup).toBe(id);
     const r = kscinc(['restore', id, join(dir, 'fmt.img'), '--repo', repoDir, '-O', 'qcow2']);
     expect(r.code).not.toBe(0);
-    expect(r.stderr).toMatch(/raw or ksc_inc/);
+    expect(r.stderr).toMatch(/unknown format "qcow2" \(use raw or kscinc\)/);
     expect(existsSync(join(dir, 'fmt.img'))).toBe(false);
   });
 });

@@ -10,8 +10,9 @@ export interface CliResult {
 }
 
 /** Runs the compiled kscinc CLI (dist/ is built by the global setup). */
-export function kscinc(args: string[], opts: { cwd?: string; input?: Buffer } = {}): CliResult {
-  const r = spawnSync(process.execPath, [CLI, ...args], { cwd: opts.cwd, input: opts.input, encoding: 'buffer', maxBuffer: 1 << 30 });
+export function kscinc(args: string[], opts: { cwd?: string; input?: Buffer; env?: Record<string, string | undefined> } = {}): CliResult {
+  const env = opts.env ? { ...process.env, ...opts.env } : undefined;
+  const r = spawnSync(process.execPath, [CLI, ...args], { cwd: opts.cwd, input: opts.input, env, encoding: 'buffer', maxBuffer: 1 << 30 });
   return { code: r.status ?? -1, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
 }
 

@@ -38,7 +38,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const CHILD = fileURLToPath(new URL('../helpers/crash-child.mjs', import.meta.url));
-const OPEN_TIME_LIMIT_MS = 500;
+// The spec promises an open under 1 s for any size (§8); the bytes read (openReadBound) are the
+// machine-independent check, this one only catches a scan. 500 ms failed once on a 2-core host at load 12.
+const OPEN_TIME_LIMIT_MS = 1000;
 
 interface Config {
   name: string;

@@ -1,0 +1,97 @@
+/**
+ * The file a restore writes (formats/repository.md §9.5): whether an existing file may be overwritten
+ * (it is a copy of the backup's disk, or --force), the temporary name a new target is written under and
+ * the no-clobber rename that publishes it, and the error that says a target was left partly restored.
+ *
+ * "A copy of the same disk": a ksc_inc image whose header's disk UUID is the backup's; a raw file whose
+ * path is the one the disk's UUID was derived from (§7.4: the raw file that was backed up); or a raw file
+ * with a restore mark naming the disk (`.NAME.kscinc-restored` beside it, JSON, written by a restore of that
+ * disk before its first write). Any other existing file needs --force.
+ */
+import { link, readFile, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { KscError } from '../errors.js';
+import type { BlockDevice } from '../image/types.js';
+import { replaceFile, syncDir } from '../io/durable.js';
+import { pidAlive } from '../util/process.js';
+import { diskUuidOf } from './backup.js';
+
+const MARK_FORMAT = 'kscinc-restore-mark';
+const TEMP_RE = /^\.(.+)\.kscinc-restore-(\d+)-[0-9a-f]{12}$/;
+
+/** The restore mark of raw file `target`. */
+export const markPath = (target: string): string => join(dirname(target), `.${basename(target)}.kscinc-restored`);
+
+/** A fresh temporary name for a new target, in its folder (so the final rename stays in one file system). */
+export function tempTargetPath(target: string): string {
+  return join(dirname(target), `.${basename(target)}.kscinc-restore-${process.pid}-${randomBytes(6).toString('hex')}`);
+}
+
+/** Removes temporaries of `target` left by restores that were killed (their process is gone). Returns them. */
+export async function sweepTempTargets(target: string): Promise<string[]> {
+  const removed: string[] = [];
+  for (const name of await readdir(dirname(target)).catch(() => [] as string[])) {
+    const m = TEMP_RE.exec(name);
+    if (!m || m[1] !== basename(target) || pidAlive(Number(m[2]))) continue;
+    await rm(join(dirname(target), name), { force: true });
+    removed.push(name);
+  }
+  return removed;
+}
+
+/**
+ * Why the existing `target` (open as `dev`) may not be overwritten by a backup of `disk`, or null when it
+ * is a copy of that disk.
+ */
+export async function notACopy(dev: BlockDevice, target: string, disk: string): Promise<string | null> {
+  const own = await diskUuidOf(dev);
+  if (own === disk) return null;
+  if (dev.format === 'ksc_inc') return `it is a ksc_inc image of disk ${own}, not ${disk}`;
+  type Mark = { format?: string; disk?: string; size?: number };
+  const mark = await readFile(markPath(target), 'utf8').then((t) => JSON.parse(t) as Mark | null, () => null);
+  if (mark?.format === MARK_FORMAT && mark.disk === disk && mark.size === dev.size) return null;
+  if (mark?.format === MARK_FORMAT && typeof mark.disk === 'string') return `its restore mark ${markPath(target)} says it is a copy of disk ${mark.disk}, not ${disk}`;
+  return `it is a raw file that kscinc did not restore from disk ${disk} (no restore mark ${markPath(target)})`;
+}
+
+/** Records that raw file `target` is (becoming) a copy of `disk` (§9.5). Durable before it returns. */
+export async function writeMark(target: string, disk: string, size: number, backup: string): Promise<void> {
+  await replaceFile(markPath(target), `${JSON.stringify({ format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString() })}\n`);
+}
+
+/**
+ * Publishes the finished temporary `temp` as `target`: a hard link (fails if `target` appeared meanwhile:
+ * never clobbers), the temporary's name removed, the folder synced. KSC_E_EXISTS when `target` exists.
+ */
+export async function publish(temp: string, target: string): Promise<void> {
+  try {
+    await link(temp, target);
+    await unlink(temp);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${target} appeared while the restore ran: the restored disk is left in ${temp}`);
+    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw e;
+    // No hard links on this file system: a rename, after checking once more that the name is free.
+    if (await stat(target).then(() => true, () => false)) throw new KscError('KSC_E_EXISTS', `${target} appeared while the restore ran: the restored disk is left in ${temp}`);
+    await rename(temp, target);
+  }
+  await syncDir(dirname(target));
+}
+
+/**
+ * The error of a restore that failed after it had started writing over an existing target: the target
+ * holds a mix of its old contents and the backup's. `partial` lets the CLI choose its own exit code.
+ */
+export class PartialRestoreError extends KscError {
+  readonly partial = true;
+  constructor(readonly target: string, written: number, total: number, cause: KscError | Error) {
+    super(isCode(cause) ? cause.code : 'KSC_E_IO',
+      `${target} was left PARTLY RESTORED (${written} of ${total} chunks to change were written; the rest still hold the old contents): ${cause.message}. Fix the cause and run the restore again to finish it`,
+      { cause });
+  }
+}
+
+function isCode(e: unknown): e is KscError {
+  return e instanceof KscError;
+}

@@ -1,0 +1,137 @@
+/**
+ * Rebuilding a lost or damaged `config` (formats/repository.md §3.1). The config holds four parameters;
+ * the chunk size is the only one the other objects depend on, and every manifest records it. So the
+ * chunk size comes from the manifests (all readable ones must agree), the repository id is new (no other
+ * object names it in version 1), the pack size is the default (it only steers writers), and the new config
+ * says when it was rebuilt. Nothing but `config` is written.
+ */
+import { KscError, isDamage, isKscError } from '../errors.js';
+import type { ObjectStore } from '../objstore/types.js';
+import { CONFIG_KEY, Repository, locationState, mapLimit, packKey } from './repository.js';
+import {
+  type RepoConfig, DEFAULT_PACK, MIB, BACKUP_ID_RE, checkChunkSize, decodeConfig, randomHexId, readManifestInfoFrom,
+  decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
+} from './format.js';
+import { isoUtc } from '../util/time.js';
+
+export interface RepairResult {
+  /** The config written (or that would be written with dryRun). */
+  config: RepoConfig & { rebuilt: string };
+  /** Where the chunk size came from. */
+  chunkSizeFrom: 'manifests' | 'packs' | 'option' | 'default';
+  manifestsRead: number;
+  /** Manifests that could not be read (damaged), and those of another chunk size than the one chosen. */
+  manifestsDamaged: string[];
+  manifestsOtherChunkSize: string[];
+  dryRun: boolean;
+}
+
+const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
+const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
+
+/**
+ * Rebuilds `config` of a repository that lost it (or whose config cannot be decoded). KSC_E_EXISTS when the
+ * config is intact; KSC_E_NOT_FOUND when the location holds no repository objects; KSC_E_INVALID when the
+ * manifests disagree on the chunk size and `chunkSize` does not say which.
+ */
+export async function repairConfig(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; dryRun?: boolean } = {}): Promise<RepairResult> {
+  try {
+    decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+    throw new KscError('KSC_E_EXISTS', `${store.name} has an intact config object: nothing to repair`);
+  } catch (e) {
+    // A config of a newer version (KSC_E_FORMAT) is not damage: never replaced.
+    if (!isKscError(e, 'KSC_E_NOT_FOUND') && !isKscError(e, 'KSC_E_CORRUPT')) throw e;
+  }
+  const where = await locationState(store);
+  if (where.kind !== 'repository') {
+    throw new KscError('KSC_E_NOT_FOUND', `${store.name} holds no repository objects (no manifests/, index/ or packs/): nothing to rebuild a config from`);
+  }
+  if (opts.chunkSize !== undefined) checkChunkSize(opts.chunkSize);
+  const packSize = opts.packSize ?? DEFAULT_PACK;
+  if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
+
+  // The chunk size every readable manifest records.
+  const manifests: { id: string; size: number }[] = [];
+  for await (const o of store.list('manifests/')) {
+    const m = MANIFEST_KEY_RE.exec(o.key);
+    if (m && BACKUP_ID_RE.test(m[1]!)) manifests.push({ id: m[1]!, size: o.size });
+  }
+  const bySize = new Map<number, string[]>();
+  const damaged: string[] = [];
+  await mapLimit(manifests, 8, async ({ id, size }) => {
+    const key = `manifests/${id}.manifest`;
+    try {
+      const info = await readManifestInfoFrom(size, (offset, length) => store.getRange(key, offset, length), `${store.name}/${key}`);
+      let l = bySize.get(info.chunkSize);
+      if (!l) bySize.set(info.chunkSize, (l = []));
+      l.push(id);
+    } catch (e) {
+      if (!isDamage(e)) throw e;
+      damaged.push(id);
+    }
+  });
+  let chunkSize: number;
+  let from: RepairResult['chunkSizeFrom'];
+  if (opts.chunkSize !== undefined) {
+    chunkSize = opts.chunkSize;
+    from = 'option';
+  } else if (bySize.size === 1) {
+    chunkSize = [...bySize.keys()][0]!;
+    from = 'manifests';
+  } else if (bySize.size > 1) {
+    const list = [...bySize].map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`).join(', ');
+    throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with --chunk-size (the others stay unreadable)`);
+  } else {
+    // No readable manifest: the largest chunk any pack holds, rounded up to a valid chunk size. Only
+    // future backups' dedupe depends on it (there is no backup to restore).
+    const largest = await largestChunk(store);
+    chunkSize = largest === 0 ? 0 : Math.max(MIB, 2 ** Math.ceil(Math.log2(largest)));
+    from = largest === 0 ? 'default' : 'packs';
+    if (chunkSize === 0 || chunkSize > 4 * MIB) chunkSize = MIB;
+  }
+  const other = [...bySize].filter(([c]) => c !== chunkSize).flatMap(([, ids]) => ids).sort();
+  const now = isoUtc(Date.now());
+  const config = { format: 'kscinc-repository' as const, version: 1 as const, id: randomHexId(), chunkSize, packSize, created: now, rebuilt: now };
+  if (!opts.dryRun) {
+    // §3.1: a concurrent repair or init may have written one meanwhile; never replace a good config.
+    if (await store.stat(CONFIG_KEY)) {
+      let ok: boolean;
+      try {
+        decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+        ok = true;
+      } catch (e) {
+        ok = !isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND');
+      }
+      if (ok) throw new KscError('KSC_E_EXISTS', `${store.name} got a config object meanwhile that is not damaged: nothing to repair`);
+    }
+    await store.put(CONFIG_KEY, Buffer.from(JSON.stringify(config, null, 2) + '\n'));
+    await Repository.open(store); // reads back what it wrote
+  }
+  return {
+    config, chunkSizeFrom: from, manifestsRead: manifests.length - damaged.length, manifestsDamaged: damaged.sort(),
+    manifestsOtherChunkSize: other, dryRun: !!opts.dryRun,
+  };
+}
+
+/** The largest raw_length in the footers of the packs (0 when there are none or none is readable). */
+async function largestChunk(store: ObjectStore): Promise<number> {
+  const packs: { id: string; size: number }[] = [];
+  for await (const o of store.list('packs/')) {
+    const m = PACK_KEY_RE.exec(o.key);
+    if (m) packs.push({ id: m[1]!, size: o.size });
+  }
+  let largest = 0;
+  await mapLimit(packs, 4, async ({ id, size }) => {
+    const key = packKey(id);
+    const name = `${store.name}/${key}`;
+    try {
+      if (size < PACK_HEADER + FOOTER_TAIL) return;
+      const tail = decodePackTail(await store.getRange(key, size - FOOTER_TAIL, FOOTER_TAIL), size, name);
+      const entries = decodePackEntries(await store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY), tail.count, tail.entriesCrc, tail.entriesOffset, name);
+      for (const e of entries) largest = Math.max(largest, e.rawLength);
+    } catch (e) {
+      if (!isDamage(e)) throw e;
+    }
+  });
+  return largest;
+}
