@@ -7,7 +7,8 @@
  * closed without the clean close, as SIGKILL leaves it), the image is reopened, recovery runs, and the
  * bitmap's dirty bytes are counted.
  *
- *   node bench/crash-overmark.mjs [--size 64G] [--writes 1000] [--intent-region 4M]
+ *   node bench/crash-overmark.mjs [--size 64G,2T] [--writes 1000] [--intent-region default,4M,256K]
+ * `default` is the create default (256 KiB up to 1 TiB, formats/ksc_inc.md §7); every size is run with every region.
  * Needs dist/ (npx tsc -p tsconfig.json). Prints one line per setting and the ratio (goal: ≤ 8×).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -24,16 +25,17 @@ const arg = (name, def) => {
 };
 const units = { K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
 const size = (t) => Number(t.replace(/[KMGT]$/, '')) * (units[t.at(-1)] ?? 1);
-const SIZE = size(arg('--size', '64G'));
+const SIZES = arg('--size', '64G').split(',').map(size);
 const WRITES = Number(arg('--writes', '1000'));
-const REGIONS = arg('--intent-region', '4M').split(',').map(size);
+const REGIONS = arg('--intent-region', 'default').split(',').map((r) => (r === 'default' ? undefined : size(r)));
 
-async function measure(region) {
+async function measure(SIZE, region) {
   const dir = mkdtempSync(join(tmpdir(), 'kscinc-overmark-'));
   try {
     const path = join(dir, 'disk.ksc');
     await createImage(path, { size: SIZE, blockSize: 64 * 1024, intentRegion: region });
     let img = await openKsc(path, { write: true });
+    const regionBytes = 2 ** img.headerInfo.intentBits;
     await img.addBitmap('backup');
     await img.flush(); // the last completed flush: nothing written since
     const offsets = randomOffsets(RAND.writeSeed, WRITES, RAND.req, SIZE);
@@ -48,10 +50,10 @@ async function measure(region) {
     const dirty = (await img.bitmapExtents('backup')).reduce((s, e) => s + e.length, 0);
     await img.close();
     const ratio = dirty / written;
-    console.log(`size ${SIZE / units.G} GiB, intent region ${region / units.K} KiB, ${WRITES} writes of 64 KiB: written since flush ${(written / 1e6).toFixed(1)} MB, dirty after crash ${(dirty / 1e6).toFixed(1)} MB, ${ratio.toFixed(1)}x ${ratio <= 8 ? '(within 8x)' : '(over the 8x goal)'}`);
+    console.log(`size ${SIZE / units.G} GiB, intent region ${regionBytes / units.K} KiB${region === undefined ? ' (default)' : ''}, ${WRITES} writes of 64 KiB: written since flush ${(written / 1e6).toFixed(1)} MB, dirty after crash ${(dirty / 1e6).toFixed(1)} MB, ${ratio.toFixed(1)}x ${ratio <= 8 ? '(within 8x)' : '(over the 8x goal)'}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-for (const r of REGIONS) await measure(r);
+for (const s of SIZES) for (const r of REGIONS) await measure(s, r);

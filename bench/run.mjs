@@ -3,7 +3,8 @@
  * kscinc benchmark suite: races ours against a peer on the same data in the same run and prints MB/s,
  * the ratio ours/peer and the goal of each race (see bench/README.md). Run through `npm run bench`
  * (which builds first), or
- * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap,backup,restore,nbd] [--keep] [--threads 16] [--image F]`.
+ * `node bench/run.mjs [--reps N] [--only convert,seq,rand,bitmap,backup,restore,nbd] [--keep] [--threads 16] [--image F]
+ * [--intent-region 4M]` (the intent region of the images the I/O races create; default: the create default).
  * Results: a table on stdout and bench/results/latest.json.
  */
 import { execFileSync } from 'node:child_process';
@@ -51,10 +52,18 @@ const { values: args } = parseArgs({
     keep: { type: 'boolean', default: false },
     image: { type: 'string' },
     threads: { type: 'string' },
+    'intent-region': { type: 'string' },
   },
 });
 
 const log = (s) => process.stdout.write(`${s}\n`);
+
+if (args['intent-region'] !== undefined) {
+  const m = /^(\d+)([KMG]?)$/.exec(args['intent-region']);
+  if (!m) throw new Error(`--intent-region ${args['intent-region']}: expected a size such as 256K or 4M`);
+  const { setIntentRegion } = await import('./lib/io.mjs');
+  setIntentRegion(Number(m[1]) * { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 }[m[2]]);
+}
 
 async function testImage() {
   if (args.image) return args.image;
@@ -150,7 +159,7 @@ async function main() {
       qemuImg: qemuVersion, lz4: lz4Version, pageCacheDropped: canDrop, nativeAddon: nativeAvailable(), uvThreadpoolSize: Number(process.env.UV_THREADPOOL_SIZE),
     },
     image: { path: src, virtualBytes: size, dataBytes: ctx.dataBytes },
-    config: { reps, statistic: 'median', races: only },
+    config: { reps, statistic: 'median', races: only, intentRegion: args['intent-region'] ?? 'create default' },
     durationS: Math.round(totalS), raceMs,
     otherLoad: { passes: quiet.waits, waitedMs: Math.round(quiet.waitedMs), startedUnderLoad: quiet.noisy, reruns: quiet.retries, contaminated: quiet.contaminated },
     rows,

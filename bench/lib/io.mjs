@@ -8,11 +8,17 @@ import { createImage, openKsc } from '../../dist/image/open.js';
 import { performance } from 'node:perf_hooks';
 import { dropCaches, foreignSince, foreignUsage, pool, rmf, timed, waitQuiet } from './common.mjs';
 
+/** Intent region of the images the races create (run.mjs --intent-region); undefined: the create default. */
+let intentRegion;
+export function setIntentRegion(bytes) {
+  intentRegion = bytes;
+}
+
 /** Opens the ksc_inc image at `path` as an adapter (creating it, `size` bytes, when `create`). */
 export async function kscSide(path, { write = false, create = false, size = 0, bitmap = null } = {}) {
   if (create) {
     await rmf(path);
-    await createImage(path, { size });
+    await createImage(path, { size, intentRegion });
   }
   const img = await openKsc(path, { write });
   if (bitmap) await img.addBitmap(bitmap);

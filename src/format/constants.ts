@@ -29,7 +29,16 @@ export const MAP_PAGE_BITS = 12;
 export const MAP_PAGE_ENTRIES = 1 << MAP_PAGE_BITS;
 export const RECORD_SIZE = 16;
 export const MAP_PAGE_BYTES = MAP_PAGE_ENTRIES * RECORD_SIZE;
-export const DEFAULT_INTENT_BITS = 22;
+/**
+ * §7/§11: the default intent region is 256 KiB (at least the block size), made coarser only as far as
+ * needed to keep a disk at most MAX_DEFAULT_INTENT_REGIONS regions (65 536 intent words, 1 MiB, read at
+ * every open): 256 KiB up to 1 TiB, 4 MiB at 16 TiB. Smaller regions mark less after a crash; larger ones
+ * cost fewer first-touch syncs and fewer words (bench/crash-overmark.mjs, bench races 3 and 4).
+ */
+export const DEFAULT_INTENT_BITS = 18;
+export const MAX_DEFAULT_INTENT_REGIONS = 2 ** 22;
+/** §7: a writer creates no image with more intent regions (2^18 words, 4 MiB), whatever region it is asked for. */
+export const MAX_INTENT_REGIONS = 2 ** 24;
 export const MAX_INTENT_BITS = 30;
 export const BITMAP_SLOTS = 64;
 export const BITMAP_DIR_ENTRY_SIZE = 128;

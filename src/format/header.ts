@@ -3,7 +3,7 @@ import { crc32 } from 'node:zlib';
 import { KscError, corrupt } from '../errors.js';
 import {
   BackingFormat, BITMAP_SLOTS, HEADER_SIZE, KNOWN_INCOMPAT, MAGIC, MAP_PAGE_BITS, MAX_BACKING_NAME,
-  MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS, VERSION,
+  DEFAULT_INTENT_BITS, MAX_BLOCK_BITS, MAX_DEFAULT_INTENT_REGIONS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS, VERSION,
 } from './constants.js';
 
 export interface Header {
@@ -108,6 +108,13 @@ export function decodeHeaderSlot(b: Buffer): SlotResult {
 
 export function directoryEntriesFor(virtualSize: number, blockBits: number): number {
   return Math.ceil(virtualSize / 2 ** (blockBits + MAP_PAGE_BITS));
+}
+
+/** §7: the intent_bits a new image gets when its creator does not choose (see DEFAULT_INTENT_BITS). */
+export function defaultIntentBits(virtualSize: number, blockBits: number): number {
+  let bits = Math.max(blockBits, DEFAULT_INTENT_BITS);
+  while (bits < MAX_INTENT_BITS && Math.ceil(virtualSize / 2 ** bits) > MAX_DEFAULT_INTENT_REGIONS) bits++;
+  return bits;
 }
 
 export function intentWordsFor(virtualSize: number, intentBits: number): number {

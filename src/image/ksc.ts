@@ -13,11 +13,11 @@ import type { HostFile, FileOpener } from '../io/file.js';
 import { openHostFile, writeThenCrcs } from '../io/file.js';
 import {
   AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM, COMPAT_FROZEN,
-  DEFAULT_BLOCK_BITS, DEFAULT_INTENT_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
-  KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
+  DEFAULT_BLOCK_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
+  KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_INTENT_REGIONS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
   TAG_FREE, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
 } from '../format/constants.js';
-import { type Header, decodeHeaderSlot, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
+import { type Header, decodeHeaderSlot, defaultIntentBits, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
 import { seal, sealOk } from '../format/seal.js';
 import { Mutex, RangeLock } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
@@ -36,6 +36,7 @@ export interface CreateKscOptions {
   backingName?: string;
   backingFormat?: 'raw' | 'ksc_inc';
   diskUuid?: Buffer;
+  /** Bytes per intent region (§7), a power of two ≥ the block size; default: defaultIntentBits (256 KiB up to 1 TiB). */
   intentRegion?: number;
   opener?: FileOpener;
 }
@@ -191,9 +192,12 @@ export class KscImage implements BlockDevice {
     if (dirEntries > MAX_DIRECTORY_ENTRIES) {
       throw new KscError('KSC_E_RANGE', `virtual size ${opts.size} is too large for block size ${blockSize}: use a larger block size`);
     }
-    const intentBits = Math.max(blockBits, opts.intentRegion ? log2(opts.intentRegion) : DEFAULT_INTENT_BITS);
+    const intentBits = opts.intentRegion ? Math.max(blockBits, log2(opts.intentRegion)) : defaultIntentBits(opts.size, blockBits);
     if (intentBits > MAX_INTENT_BITS || (opts.intentRegion !== undefined && !isPowerOfTwo(opts.intentRegion))) {
       throw new KscError('KSC_E_INVALID', `intent region must be a power of two up to 1 GiB`);
+    }
+    if (Math.ceil(opts.size / 2 ** intentBits) > MAX_INTENT_REGIONS) {
+      throw new KscError('KSC_E_INVALID', `intent region ${2 ** intentBits} is too small for virtual size ${opts.size}: at most ${MAX_INTENT_REGIONS} regions (§7)`);
     }
     const intentWords = intentWordsFor(opts.size, intentBits);
     let pos = FIRST_FREE_OFFSET;
