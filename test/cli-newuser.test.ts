@@ -347,11 +347,16 @@ describe('progress bars', () => {
     expect(inTty(`node ${CLI} commit ${p('ctop.ksc')} >/dev/null`)).toMatch(/commit \[#{20}\] 100%/);
     // check --verify counts blocks (it showed 0/0 MiB); verify counts chunks (it had no bar).
     ok(['create', p('cv.ksc'), '--size', '8M', '--block-size', '4K']);
+    writeFileSync(p('one-chunk.bin'), Buffer.alloc(1 << 20, 0x44));
     writeFileSync(p('cv.bin'), Buffer.alloc(8 << 20, 0x33));
     ok(['write', p('cv.ksc'), '0', '--from', p('cv.bin')]);
     expect(inTty(`node ${CLI} check ${p('cv.ksc')} --verify >/dev/null`)).toMatch(/verify \[#{20}\] 100% 2048 \/ 2048 blocks/);
     ok(['backup', p('cv.ksc'), '--repo', p('cv-repo')]);
     expect(inTty(`node ${CLI} verify --repo ${p('cv-repo')} >/dev/null`)).toMatch(/verify \[#{20}\] 100% 1 \/ 1 chunks/);
+    // prune: a bar over the kept backups it reads and the packs it deletes (it had none).
+    ok(['write', p('cv.ksc'), '0', '--from', p('one-chunk.bin')]);
+    ok(['backup', p('cv.ksc'), '--repo', p('cv-repo')]);
+    expect(inTty(`node ${CLI} prune --repo ${p('cv-repo')} --keep-last 1 --grace 0 >/dev/null`)).toMatch(/prune \[#{20}\] 100% (\d+) \/ \1 steps/);
   });
 });
 

@@ -217,7 +217,8 @@ export function registerBackupCommands(program: Command): void {
     .description('remove backups by retention, then the chunks and packs nothing references (refuses while a manifest cannot be read)')
     .action(async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
-        const r = await pruneRepo(repo, { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged });
+        const bar = progressBar('prune', 'steps');
+        const r = await pruneRepo(repo, { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
         if (o.json) return printJson(r);
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
         for (const id of o.forgetDamaged ?? []) println(`${r.dryRun ? 'would forget' : 'forgot'} damaged backup ${id}`);

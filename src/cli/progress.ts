@@ -8,7 +8,7 @@
  */
 import { formatSize } from '../util/size.js';
 
-export type ProgressUnit = 'bytes' | 'blocks' | 'chunks';
+export type ProgressUnit = 'bytes' | 'blocks' | 'chunks' | 'steps';
 
 export interface ProgressSink {
   isTTY?: boolean;

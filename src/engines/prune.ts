@@ -27,6 +27,11 @@ export interface PruneOptions extends KeepPolicy {
   forgetDamaged?: string[];
   /** Temporary parts of interrupted uploads older than this go (default TEMP_GRACE_MS). */
   tempGraceMs?: number;
+  /**
+   * Work done of work known, in steps: one per kept backup whose manifest is read to mark what it
+   * references (the long part), one per pack repacked or deleted. Called with done === total at the end.
+   */
+  progress?: (done: number, total: number) => void;
 }
 
 /**
@@ -148,6 +153,10 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const live = new Uint8Array(where.slots);
     const missing = new Set<string>();
     // A kept manifest that cannot be read now stops prune here, before anything but the removed manifests is gone.
+    let stepsDone = 0;
+    let stepsTotal = kept.length;
+    const step = (): void => opts.progress?.(++stepsDone, stepsTotal);
+    opts.progress?.(0, stepsTotal);
     await mapLimit(kept, 8, async (k) => {
       const m = await repo.readManifest(k.id);
       m.ids.forEachNonZero((_k, cid) => {
@@ -155,6 +164,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
         if (slot >= 0) live[slot] = 1;
         else missing.add(cid.toString('hex'));
       });
+      step();
     });
     result.chunksMissing = missing.size;
     missing.clear();
@@ -220,9 +230,12 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // Packs no index object names go first: nothing finds chunks through them, so the order of §9 rule 5
     // does not concern them, and on a full file system this makes room for the new packs and index.
     const orphans = new Set(drop.filter((p) => !indexedPacks.has(p)));
+    stepsTotal += drop.length + repack.length;
+    opts.progress?.(stepsDone, stepsTotal);
     for (const p of orphans) {
       await repo.store.delete(packKey(p));
       result.bytesFreed += packs.get(p)!.size;
+      step();
     }
 
     // 3. Repack: copy the live blobs of sparse packs into new packs (checked on the way).
@@ -290,6 +303,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     for (const p of [...drop.filter((x) => !orphans.has(x)), ...repack]) {
       await repo.store.delete(packKey(p));
       result.bytesFreed += packs.get(p)!.size;
+      step();
     }
     result.bytesFreed -= writer.bytesUploaded;
     if (!markWritten) await writeMark(repo.store, nextMark);
@@ -302,6 +316,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     }
     result.packsDeleted = drop.length;
     result.packsRepacked = repack.length;
+    opts.progress?.(stepsTotal, stepsTotal);
     result.durationMs = Math.round(performance.now() - t0);
     return result;
   } finally {
