@@ -77,6 +77,16 @@ export async function ensureRunDir(): Promise<string> {
   return dir;
 }
 
+/** The socket file's status, or null when there is none; any other failure is a refusal naming it. */
+async function socketStat(path: string): Promise<Stats | null> {
+  try {
+    return await lstat(path);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw refuse(`control socket ${path}: ${(e as Error).message}`);
+  }
+}
+
 /**
  * Client side: true when a socket may be at `path` and is trustworthy, false when there is none (no server),
  * KSC_E_PERMISSION when the folder or the socket file belongs to someone else or is open to others.
@@ -89,13 +99,8 @@ export async function checkClientPath(path: string): Promise<boolean> {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
     throw e;
   }
-  let st: Stats;
-  try {
-    st = await lstat(path);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw refuse(`control socket ${path}: ${(e as Error).message}`);
-  }
+  const st = await socketStat(path);
+  if (!st) return false;
   if (!st.isSocket()) throw refuse(`control socket ${path} is not a socket`);
   if (!trustedUid(st.uid)) throw refuse(`control socket ${path} belongs to uid ${st.uid}, not to us (uid ${myUid()}): refusing to talk to it`);
   return true;
@@ -103,13 +108,8 @@ export async function checkClientPath(path: string): Promise<boolean> {
 
 /** Server side, before creating the socket: a leftover file at `path` must be our own socket (then it is removed by the caller). */
 export async function checkStaleSocket(path: string): Promise<boolean> {
-  let st: Stats;
-  try {
-    st = await lstat(path);
-  } catch (e) {
-    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-    throw refuse(`control socket ${path}: ${(e as Error).message}`);
-  }
+  const st = await socketStat(path);
+  if (!st) return false;
   if (!st.isSocket()) throw refuse(`cannot own the control socket ${path}: a non-socket file is in the way`);
   if (st.uid !== myUid()) throw refuse(`cannot own the control socket ${path}: it belongs to uid ${st.uid}; remove it if it is stale`);
   return true;

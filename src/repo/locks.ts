@@ -51,15 +51,9 @@ export interface LockTiming {
   clock: LockClock;
 }
 
-export interface LockInfo {
+/** A lock as listed: its body's fields (`created`/`refreshed` are the holder's clock: shown, never compared). */
+export interface LockInfo extends Pick<LockBody, 'kind' | 'host' | 'pid' | 'created' | 'refreshed' | 'what'> {
   key: string;
-  kind: 'shared' | 'exclusive';
-  host: string;
-  pid: number;
-  /** The holder's own clock (shown, never compared). */
-  created: number;
-  refreshed: number;
-  what: string;
   /** Storage time since the object was last written. */
   ageMs: number;
   /** Not a lock at all (unreadable, not JSON, no valid kind): never counts as live. */
