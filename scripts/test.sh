@@ -11,13 +11,24 @@ echo "== image, CLI, interop and backup-engine tests without the native addon (T
 KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli.test.ts test/interop test/compress.test.ts test/backup/engine.test.ts \
   --reporter=default --reporter=json --outputFile.json="$results/fallback.json" || status=$?
 node -e '
-  let passed = 0, failed = 0, skipped = 0;
+  let passed = 0, failed = 0, skipped = 0; const failures = [];
   for (const f of process.argv.slice(1)) {
     try {
       const r = JSON.parse(require("fs").readFileSync(f, "utf8"));
       passed += r.numPassedTests; failed += r.numFailedTests; skipped += r.numPendingTests + r.numTodoTests;
-    } catch { failed += 1; }
+      for (const file of r.testResults ?? []) {
+        for (const t of file.assertionResults ?? []) {
+          if (t.status !== "failed") continue;
+          const why = String((t.failureMessages ?? [])[0] ?? "").split("\n").slice(0, 6).join("\n    ");
+          failures.push(`FAILED ${f.replace(/.*\//, "")} ${file.name.replace(process.cwd() + "/", "")} > ${t.fullName}\n    ${why}`);
+        }
+        if ((file.assertionResults ?? []).length === 0 && file.status === "failed")
+          failures.push(`FAILED ${file.name.replace(process.cwd() + "/", "")}: ${String(file.message ?? "").slice(0, 400)}`);
+      }
+    } catch { failed += 1; failures.push(`no report: ${f}`); }
   }
+  // CI shows only the tail of the output: the failures are repeated here, last.
+  for (const line of failures) console.log(line);
   console.log(`tests: ${passed} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
 ' "$results/native.json" "$results/fallback.json"
 rm -rf "$results"
