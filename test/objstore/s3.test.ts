@@ -73,7 +73,7 @@ describe('S3Store against Ceph RGW', () => {
     expect(err.message).toContain(`S3 refused the credentials for s3://${bucket}/x`);
     expect(err.message).not.toContain(secret);
     expect(err.message).not.toContain(cfg.secretKey);
-    expect(Date.now() - t0).toBeLessThan(3000); // the default retry budget (~30 s) was not spent
+    expect(Date.now() - t0).toBeLessThan(10_000); // the default retry budget (~30 s) was not spent
     const wrongKey = await failure(openStore(`s3://${bucket}/x`, { env: s3Env({ ...cfg, accessKey: 'NOSUCHKEY0000' }) }));
     expect(wrongKey.code).toBe('KSC_E_AUTH');
   });
@@ -146,7 +146,7 @@ describe('S3Store against Ceph RGW', () => {
       const t0 = Date.now();
       const err = await failure(store.get('k'));
       expect(err.code).toBe('KSC_E_UNAVAILABLE');
-      expect(Date.now() - t0).toBeLessThan(4000);
+      expect(Date.now() - t0).toBeLessThan(10_000); // not hung
     } finally {
       gw.signal('SIGCONT');
     }
