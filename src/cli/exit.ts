@@ -1,5 +1,5 @@
 /**
- * Exit statuses of the kscinc command, one table for every command (shown by --help and in the README).
+ * Exit statuses of the kscinc command, one table for every command (shown by --help, in the README and in docs/cli.md).
  * A result a command reports (corruption found, an RPO missed) never shares a number with "the command
  * line was wrong" (64, EX_USAGE from sysexits.h) or "it failed" (1).
  */
