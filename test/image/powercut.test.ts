@@ -32,7 +32,9 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const CASES = 12;
 const CUTS_PER_CASE = 10;
-const OPEN_TIME_LIMIT_MS = 500;
+// The bytes read on open (openReadBound) are the machine-independent check of I1; the time is measured in
+// bench/ and here only catches a hang (500 and 1000 ms failed on a loaded 2-core CI machine).
+const OPEN_TIME_LIMIT_MS = 10_000;
 
 interface OpEvent {
   op: DevOp;
