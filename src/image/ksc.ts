@@ -15,10 +15,11 @@ import {
   AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, BlockState, COMPAT_DATA_CSUM, COMPAT_FROZEN,
   DEFAULT_BLOCK_BITS, FIRST_FREE_OFFSET, HEADER_SIZE, HEADER_SLOTS, INCOMPAT_DIRTY,
   KNOWN_AUTOCLEAR, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_INTENT_REGIONS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
-  TAG_FREE, MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
+  MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS,
 } from '../format/constants.js';
 import { type Header, decodeHeaderSlot, defaultIntentBits, directoryEntriesFor, encodeHeader, intentWordsFor, validateHeader } from '../format/header.js';
-import { seal, sealOk } from '../format/seal.js';
+import { FREE_ENTRY_SIZE, decodeFreeList, encodeFreeList, freeListBytes } from '../format/freelist.js';
+import { seal } from '../format/seal.js';
 import { Mutex, RangeLock } from '../util/rangelock.js';
 import { isPowerOfTwo, log2 } from '../util/size.js';
 import { newUuidBytes } from '../util/uuid.js';
@@ -357,21 +358,9 @@ export class KscImage implements BlockDevice {
   }
 
   private static async readFreeList(file: HostFile, header: Header, fileSize: number): Promise<number[]> {
-    const buf = Buffer.alloc(header.freeListEntries * 16);
-    if ((await file.read(buf, header.freeListOffset)) < buf.length) throw corrupt(file.path, 'free list', 'is truncated');
-    const clusterSize = 2 ** header.blockBits;
-    const out: number[] = [];
-    for (let i = 0; i < header.freeListEntries; i++) {
-      const rec = buf.subarray(i * 16, i * 16 + 16);
-      if (!sealOk(rec, TAG_FREE, i)) throw corrupt(file.path, 'free list', `entry ${i} checksum mismatch`);
-      const off = Number(rec.readBigUInt64LE(0));
-      const count = rec.readUInt32LE(8);
-      if (off % clusterSize !== 0 || off < FIRST_FREE_OFFSET || count < 1 || off + count * clusterSize > alignUp(fileSize, clusterSize)) {
-        throw corrupt(file.path, 'free list', `entry ${i} is outside the file`);
-      }
-      for (let c = 0; c < count; c++) out.push(off + c * clusterSize);
-    }
-    return out;
+    const buf = Buffer.alloc(header.freeListEntries * FREE_ENTRY_SIZE);
+    const n = await file.read(buf, header.freeListOffset);
+    return decodeFreeList(buf.subarray(0, n), header.freeListEntries, 2 ** header.blockBits, fileSize, file.path);
   }
 
   /**
@@ -1368,20 +1357,13 @@ export class KscImage implements BlockDevice {
         await this.flushMutex.run(async () => {
           const runs = this.alloc.freeRuns();
           const oldOffset = this.header.freeListOffset;
-          const oldBytes = alignUp(this.header.freeListEntries * 16, 4096);
-          const bytes = alignUp(runs.length * 16, 4096);
+          const oldBytes = freeListBytes(this.header.freeListEntries);
+          const bytes = freeListBytes(runs.length);
           // The list fills whole 4 KiB pages (zero-padded), so no stale record outlives a shorter list.
           const reuse = oldOffset !== 0 && runs.length > 0 && oldBytes >= bytes;
           const freeOffset = runs.length === 0 ? 0 : reuse ? oldOffset : this.alloc.allocMeta(bytes, true); // at the end: `runs` must not list its own space
           if (runs.length > 0) {
-            const buf = Buffer.alloc(reuse ? oldBytes : bytes);
-            runs.forEach((r, i) => {
-              const rec = buf.subarray(i * 16, i * 16 + 16);
-              rec.writeBigUInt64LE(BigInt(r.offset), 0);
-              rec.writeUInt32LE(r.count, 8);
-              seal(rec, TAG_FREE, i);
-            });
-            await this.file.write(buf, freeOffset);
+            await this.file.write(encodeFreeList(runs, reuse ? oldBytes : bytes), freeOffset);
             await this.file.sync();
           }
           if (oldOffset !== 0 && !reuse) punchAfterHeader = { offset: oldOffset, length: oldBytes };
