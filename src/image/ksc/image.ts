@@ -9,14 +9,12 @@
  *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
  */
 import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
-import { BackingFormat, type BlockState, COMPAT_FROZEN, FIRST_FREE_OFFSET, INCOMPAT_DIRTY } from '../../format/constants.js';
+import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
 import type { Header } from '../../format/header.js';
 import type { SparseBitmap } from '../bitmapstore.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
-import { type KscCore, punchOrZero } from './core.js';
-import { alignUp } from '../allocator.js';
-import type { MapTable } from '../maptable.js';
+import type { KscCore } from './core.js';
 import { createKscFile } from './create.js';
 import * as data from './datapath.js';
 import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
@@ -312,44 +310,6 @@ export class KscImage implements BlockDevice {
    */
   repairDamage(): Promise<string[]> {
     return bitmaps.repairDamage(this.core);
-  }
-
-  // ---------------------------------------------------------------- for check (moves beside the format next)
-
-  get headerInfo(): Readonly<Header> {
-    return this.core.header;
-  }
-
-  get hostFile(): HostFile {
-    return this.core.file;
-  }
-
-  get mapTable(): MapTable {
-    return this.core.map;
-  }
-
-  /** Clusters on the free list (reusable now or after the next flush). */
-  freeClusters(): number[] {
-    return this.core.alloc.freeRuns().flatMap((r) => Array.from({ length: r.count }, (_, i) => r.offset + i * this.blockSize));
-  }
-
-  /**
-   * check --repair: punches leaked ranges (writes zeros where the host cannot punch) and puts whole leaked
-   * clusters on the free list. Returns bytes reclaimed. Only call with ranges no structure references.
-   */
-  async reclaim(leaks: { offset: number; length: number }[]): Promise<number> {
-    const c = this.core;
-    c.writable();
-    let bytes = 0;
-    const B = c.blockSize;
-    for (const l of leaks) {
-      await punchOrZero(c.file, l.offset, l.length);
-      bytes += l.length;
-      for (let at = alignUp(l.offset, B); at + B <= l.offset + l.length; at += B) {
-        if (at >= FIRST_FREE_OFFSET) c.alloc.unusedAgain([at]);
-      }
-    }
-    return bytes;
   }
 
   // ---------------------------------------------------------------- header changes
