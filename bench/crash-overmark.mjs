@@ -14,6 +14,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { coreOf } from '../dist/image/ksc/image.js';
 import { createImage, openKsc } from '../dist/image/open.js';
 import { randomOffsets } from './lib/common.mjs';
 import { RAND } from './races/randio.mjs';
@@ -35,7 +36,7 @@ async function measure(SIZE, region) {
     const path = join(dir, 'disk.ksc');
     await createImage(path, { size: SIZE, blockSize: 64 * 1024, intentRegion: region });
     let img = await openKsc(path, { write: true });
-    const regionBytes = 2 ** img.headerInfo.intentBits;
+    const regionBytes = 2 ** coreOf(img).header.intentBits;
     await img.addBitmap('backup');
     await img.flush(); // the last completed flush: nothing written since
     const offsets = randomOffsets(RAND.writeSeed, WRITES, RAND.req, SIZE);
@@ -45,7 +46,7 @@ async function measure(SIZE, region) {
       while (next < offsets.length) await img.write(offsets[next++], data);
     }));
     const written = new Set(offsets).size * RAND.req;
-    await img.hostFile.close(); // crash: no flush, no clean close
+    await coreOf(img).file.close(); // crash: no flush, no clean close
     img = await openKsc(path);
     const dirty = (await img.bitmapExtents('backup')).reduce((s, e) => s + e.length, 0);
     await img.close();

@@ -15,6 +15,7 @@
 import type { KscImage } from '../../src/image/ksc.js';
 import type { BlockDevice } from '../../src/image/types.js';
 import type { Rng } from './rng.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 export const SECTOR = 512;
 
@@ -383,7 +384,7 @@ export function checkExtents(extents: { offset: number; length: number; state: s
  * map page and every bitmap table and page. Never the data clusters.
  */
 export function openReadBound(img: KscImage): number {
-  const h = img.headerInfo;
+  const h = coreOf(img).header;
   let bitmapBytes = 0;
   for (const b of img.bitmapList) if (b) bitmapBytes += Math.ceil((b.tableEntries * 16) / 4096) * 4096 + b.tableEntries * 4096;
   return 8 + 3 * 8192 + h.directoryEntries * (16 + 65536) + h.bitmapSlots * 128 + h.intentWords * 16 + bitmapBytes;

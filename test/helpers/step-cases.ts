@@ -18,6 +18,7 @@ import { commitImage, rebaseImage } from '../../src/engines/ops.js';
 import { createImage, openImage, openKsc } from '../../src/index.js';
 import { faultFired, setFaultPlan } from '../../src/io/fault.js';
 import { tempDir } from './tmp.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 export const KiB = 1024;
 export const B = 64 * KiB;
@@ -276,7 +277,7 @@ export async function setupLeaky(dir: string): Promise<void> {
   await k.discard(4 * B, 4 * B);
   await k.flush();
   // Abandon: the freed clusters leak; the lock goes with the file handle.
-  await k.hostFile.close();
+  await coreOf(k).file.close();
 }
 export const LEAKY_CONTENT = HELD.map((h, i) => (i >= 4 && i < 8 ? Buffer.alloc(B) : h));
 

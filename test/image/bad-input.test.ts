@@ -17,6 +17,7 @@ import {
   ROOT, currentSlot, editRecord, ensureDist, expectKscError, flipBit, layoutOf, patchHeader, readAt, sha256, type Layout,
 } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 const MiB = 1 << 20;
 const B = 65536;
@@ -229,7 +230,7 @@ describe('header slots (§4: the valid slot with the higher generation is curren
       await f.close();
     }
     await withImage(p, false, async (img) => {
-      expect(img.headerInfo.generation).toBe(2);
+      expect(coreOf(img).header.generation).toBe(2);
       expect(img.wasDirty).toBe(true); // slot B was written by the open for writing
       expect((await img.read(B, B)).equals(Buffer.alloc(B, 0xab))).toBe(true);
       expect(await img.bitmapExtents('b1')).toEqual([{ offset: B, length: B }]);
@@ -248,7 +249,7 @@ describe('header slots (§4: the valid slot with the higher generation is curren
     flipBit(p, 4096 + 64, 0);
     const before = sha256(p);
     await withImage(p, false, async (img) => {
-      expect(img.headerInfo.generation).toBe(3);
+      expect(coreOf(img).header.generation).toBe(3);
       expect(img.wasDirty).toBe(true); // the damaged slot's generation is unreadable: it may have been newer
       await readEverything(img);
     });
@@ -260,7 +261,7 @@ describe('header slots (§4: the valid slot with the higher generation is curren
     flipBit(p, 0, 0);
     const before = sha256(p);
     await withImage(p, false, async (img) => {
-      expect(img.headerInfo.generation).toBe(2);
+      expect(coreOf(img).header.generation).toBe(2);
       expect((await img.read(B, B)).equals(Buffer.alloc(B, 0xab))).toBe(true);
     });
     expect(sha256(p)).toBe(before);

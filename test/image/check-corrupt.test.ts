@@ -11,6 +11,7 @@ import { nativeOps } from '../../src/io/native.js';
 import { editRecord, flipBit, layoutOf, writeAt } from '../helpers/corrupt.js';
 import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 const KiB = 1024;
 const B = 64 * KiB;
@@ -93,7 +94,7 @@ describe('check finds corruption', () => {
     const img = await openKsc(path, { write: true });
     await img.addBitmap('b1');
     await img.write(4 * B + 512, Buffer.alloc(512, 9)); // sets the intent bit of block 4's region
-    await img.hostFile.close(); // crash: DIRTY, intent bit set; the checksum on disk is still valid
+    await coreOf(img).file.close(); // crash: DIRTY, intent bit set; the checksum on disk is still valid
     punch(path, hosts[4]!, B);
     const ro = await openKsc(path);
     expect(ro.wasDirty && ro.intentRegions.length > 0).toBe(true);

@@ -15,6 +15,7 @@ import { createImage, openKsc } from '../../src/index.js';
 import type { KscError } from '../../src/errors.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 const dist = fileURLToPath(new URL('../../dist/index.js', import.meta.url));
 const KiB = 1024;
@@ -92,8 +93,8 @@ describe('crash overmarking with the default intent region', () => {
       await createImage(file, { size, blockSize });
       const img = await openKsc(file);
       try {
-        expect(img.headerInfo.intentBits, `size ${size}`).toBe(bits);
-        expect(img.headerInfo.intentWords, `size ${size}`).toBeLessThanOrEqual(65536);
+        expect(coreOf(img).header.intentBits, `size ${size}`).toBe(bits);
+        expect(coreOf(img).header.intentWords, `size ${size}`).toBeLessThanOrEqual(65536);
       } finally {
         await img.close();
       }
@@ -111,7 +112,7 @@ describe('crash overmarking with the default intent region', () => {
     // Group 0: 7 of its 16 regions, one write each (below half); group 1: 8 of 16 (half: the 8th sets it all).
     for (let i = 0; i < 7; i++) await img.write(i * 256 * KiB, data);
     for (let i = 0; i < 8; i++) await img.write(4 * MiB + i * 256 * KiB, data);
-    await img.hostFile.close(); // crash: no flush, no clean close
+    await coreOf(img).file.close(); // crash: no flush, no clean close
     img = await openKsc(file);
     try {
       const extents = await img.bitmapExtents('backup');

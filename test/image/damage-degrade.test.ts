@@ -20,6 +20,7 @@ import { CLI, kscinc, run } from '../helpers/cli.js';
 import { newRepo } from '../backup/helpers/fixtures.js';
 import { currentSlot, flipBit, layoutOf } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
+import { coreOf } from '../../src/image/ksc/image.js';
 
 const dir = tempDir('kscinc-damage-');
 const B = 64 * 1024;
@@ -31,7 +32,7 @@ const fill = (v: number): Buffer => Buffer.alloc(B, v);
 
 /** Leaves `img` as a SIGKILL would: no clean close, the file lock released. */
 async function crash(img: KscImage): Promise<void> {
-  await img.hostFile.close();
+  await coreOf(img).file.close();
 }
 
 async function dirtyBlocks(img: KscImage, name: string): Promise<Set<number>> {

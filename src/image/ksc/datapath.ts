@@ -1,0 +1,353 @@
+/**
+ * The data path of a ksc_inc image (formats/ksc_inc.md §9 rule 2): reads, and changes (write, zero,
+ * discard) under the change protocol — in-flight gate, exclusive block locks, intent bits durable, bitmap
+ * pages loaded; then the data; then map entries and bitmap bits; FUA flushes before returning.
+ * Block-range locks (shared for reads, exclusive for changes) keep copy-on-write invisible to readers.
+ */
+import { crc32 } from 'node:zlib';
+import { KscError, corrupt } from '../../errors.js';
+import { writeThenCrcs } from '../../io/file.js';
+import { BlockState } from '../../format/constants.js';
+import type { SparseBitmap } from '../bitmapstore.js';
+import { DAMAGED } from '../maptable.js';
+import { type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
+import type { KscCore, Seg } from './core.js';
+import { flush } from './flush.js';
+
+const ZERO_BLOCK_CRC = new Map<number, number>();
+function zeroCrc(blockSize: number): number {
+  let c = ZERO_BLOCK_CRC.get(blockSize);
+  if (c === undefined) ZERO_BLOCK_CRC.set(blockSize, (c = crc32(Buffer.alloc(blockSize))));
+  return c;
+}
+
+/** One piece of a write: where it goes, the bytes, and (for whole blocks) where its CRC-32 goes. */
+interface PieceWrite {
+  host: number;
+  buf: Buffer;
+  crc: ((c: number) => void) | null;
+}
+
+// ---------------------------------------------------------------- reads
+
+export async function readInto(c: KscCore, offset: number, target: Buffer): Promise<void> {
+  c.live();
+  checkRange(c, offset, target.length);
+  if (target.length === 0) return;
+  const release = await c.lockBlocks(offset, target.length, false);
+  try {
+    await readLocked(c, offset, target);
+  } finally {
+    release();
+  }
+}
+
+/** Reads with the caller holding at least shared locks on the blocks. Coalesces adjacent I/O. */
+async function readLocked(c: KscCore, offset: number, target: Buffer): Promise<void> {
+  const segs = c.segments(offset, target.length);
+  await c.map.ensure(segs[0]!.block, segs[segs.length - 1]!.block);
+  const io: Promise<void>[] = [];
+  let run: { kind: 'data' | 'backing'; at: number; host: number; length: number } | null = null;
+  const flushRun = (): void => {
+    if (!run) return;
+    const r = run;
+    run = null;
+    const dst = target.subarray(r.at, r.at + r.length);
+    io.push(r.kind === 'data' ? readHost(c, r.host, dst) : readBacking(c, offset + r.at, dst));
+  };
+  for (const s of segs) {
+    const page = c.map.page(Math.floor(s.block / 4096))!;
+    const i = s.block % 4096;
+    const state = page.state[i]!;
+    if (state === DAMAGED) throw c.map.damagedError(s.block);
+    if (state === BlockState.Data) {
+      const host = page.host[i]! + s.inBlock;
+      if (run?.kind === 'data' && run.host + run.length === host && run.at + run.length === s.at) run.length += s.length;
+      else {
+        flushRun();
+        run = { kind: 'data', at: s.at, host, length: s.length };
+      }
+    } else if (state === BlockState.Unallocated && c.backingDev) {
+      if (run?.kind === 'backing' && run.at + run.length === s.at) run.length += s.length;
+      else {
+        flushRun();
+        run = { kind: 'backing', at: s.at, host: 0, length: s.length };
+      }
+    } else {
+      flushRun();
+      target.fill(0, s.at, s.at + s.length);
+    }
+  }
+  flushRun();
+  await Promise.all(io);
+}
+
+async function readHost(c: KscCore, host: number, dst: Buffer): Promise<void> {
+  const n = await c.file.read(dst, host);
+  if (n < dst.length) throw corrupt(c.name, 'data', `cluster at 0x${host.toString(16)} is past the end of the file (truncated image)`);
+}
+
+/** Reads [offset, offset+dst.length) of the backing; past its end reads zeros. */
+export async function readBacking(c: KscCore, offset: number, dst: Buffer): Promise<void> {
+  const b = c.backingDev;
+  const avail = b ? Math.max(0, Math.min(dst.length, b.size - offset)) : 0;
+  if (avail > 0) await b!.readInto(offset, dst.subarray(0, avail));
+  if (avail < dst.length) dst.fill(0, avail);
+}
+
+// ---------------------------------------------------------------- the change protocol
+
+/**
+ * Runs a change of [offset, offset+length) under the §9 protocol: exclusive block locks, intent bits
+ * durable, bitmap pages loaded; then `fn`; then the bitmaps marked; FUA flushes before returning.
+ */
+async function change(c: KscCore, offset: number, length: number, fua: boolean | undefined, fn: () => Promise<void>): Promise<void> {
+  c.writable();
+  if (c.refuseChanges) {
+    throw new KscError('KSC_E_READ_ONLY', `image ${c.name}: frozen as the backing of a snapshot overlay (its changes would show through the overlay); force to write anyway`);
+  }
+  checkRange(c, offset, length);
+  if (length > 0) {
+    while (c.gate) await c.gate;
+    c.changesInFlight++;
+    try {
+      if (c.beforeChange) await c.beforeChange(offset, length);
+      await changeLocked(c, offset, length, fn);
+    } finally {
+      c.leaveChange();
+    }
+  }
+  if (fua) await flush(c);
+}
+
+async function changeLocked(c: KscCore, offset: number, length: number, fn: () => Promise<void>): Promise<void> {
+  const release = await c.lockBlocks(offset, length, true);
+  try {
+    const bitmaps = c.enabledBitmaps();
+    const b0 = Math.floor(offset / c.blockSize);
+    const b1 = Math.floor((offset + length - 1) / c.blockSize);
+    await c.map.ensure(b0, b1);
+    // Intent protects bitmaps and the checksums of data changed in place. A change that only fills
+    // unallocated blocks of an image without enabled bitmaps needs none: its new clusters are referenced
+    // only after they are durable (§9 rule 3), so a crash leaves the old state or the new, both checksummed.
+    const intent = bitmaps.length > 0 || rangeHoldsData(c, b0, b1);
+    if (intent) await c.intent.begin(offset, length);
+    try {
+      for (const b of bitmaps) await b.prepare(offset, length);
+      await fn();
+      for (const b of bitmaps) b.mark(offset, length);
+    } finally {
+      if (intent) c.intent.end(offset, length, c.epoch);
+    }
+  } finally {
+    release();
+  }
+}
+
+/** Whether any block in [b0, b1] holds data (or is damaged) in this layer; the pages must be loaded. */
+function rangeHoldsData(c: KscCore, b0: number, b1: number): boolean {
+  for (let b = b0; b <= b1; b++) {
+    const state = c.map.page(Math.floor(b / 4096))!.state[b % 4096];
+    if (state === BlockState.Data || state === DAMAGED) return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------- writes
+
+export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptions): Promise<void> {
+  let now: Promise<void> | null;
+  try {
+    now = overwriteNow(c, offset, data, opts.fua);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return now ?? change(c, offset, data.length, opts.fua, () => writeLocked(c, offset, data));
+}
+
+/**
+ * The common overwrite without a promise hop before the I/O: whole blocks that all hold data in this
+ * layer, host-contiguous, with their map page loaded, their intent bits already durable and the pages of
+ * every enabled bitmap loaded, and the block lock free now. It keeps change()'s protocol step for step
+ * (exclusive lock, intent registered, data, then map entries and bitmap bits, intent end, release), only
+ * synchronously. Returns null, having changed nothing, whenever any of that does not hold: the caller
+ * takes the general path (which also produces every error).
+ */
+function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
+  const length = data.length;
+  const B = c.blockSize;
+  if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
+  if (!(length > 0 && offset >= 0 && offset % B === 0 && length % B === 0 && Number.isSafeInteger(offset) && offset + length <= c.size)) return null;
+  const b0 = offset / B;
+  const n = length / B;
+  const p = Math.floor(b0 / 4096);
+  if (n > 1024 || Math.floor((b0 + n - 1) / 4096) !== p) return null;
+  const page = c.map.page(p);
+  if (!page) return null;
+  const i0 = b0 - p * 4096;
+  const host = page.host[i0]!;
+  for (let k = 0; k < n; k++) {
+    if (page.state[i0 + k] !== BlockState.Data || page.host[i0 + k] !== host + k * B) return null;
+  }
+  let bitmaps: SparseBitmap[] | null = null;
+  for (const b of c.bitmapSlots) {
+    if (!b || !b.enabled) continue;
+    if (!b.prepared(offset, length)) return null;
+    (bitmaps ??= []).push(b);
+  }
+  const release = c.locks.tryAcquire(b0, b0 + n - 1, true);
+  if (!release) return null;
+  if (!c.intent.tryBegin(offset, length)) {
+    release();
+    return null;
+  }
+  // From here on, as in change(): registered in flight, intent held, lock held, all undone by finish().
+  c.changesInFlight++;
+  const finish = (): void => {
+    c.intent.end(offset, length, c.epoch);
+    release();
+    c.leaveChange();
+  };
+  let io: Promise<number[]>;
+  try {
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, host, B) : writeThenCrcs(c.file, data, host, B);
+  } catch (e) {
+    io = Promise.reject(e);
+  }
+  return io.then((crcs) => {
+    try {
+      for (let k = 0; k < n; k++) c.map.set(b0 + k, BlockState.Data, host + k * B, crcs[k]!, true);
+      if (bitmaps) for (const b of bitmaps) b.mark(offset, length);
+    } finally {
+      finish();
+    }
+    if (fua) return flush(c);
+    return undefined;
+  }, (e: unknown) => {
+    finish();
+    throw e;
+  });
+}
+
+async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
+  const segs = c.segments(offset, data.length);
+  // change() has loaded the map pages of the whole range.
+  const B = c.blockSize;
+  const inPlace: { seg: Seg; host: number; full: boolean; wasValid: boolean }[] = [];
+  const fresh: { seg: Seg; buf: Buffer }[] = [];
+  for (const s of segs) {
+    const page = c.map.page(Math.floor(s.block / 4096))!;
+    const i = s.block % 4096;
+    const piece = data.subarray(s.at, s.at + s.length);
+    if (page.state[i] === DAMAGED) throw c.map.damagedError(s.block);
+    if (page.state[i] === BlockState.Data) {
+      inPlace.push({ seg: s, host: page.host[i]!, full: s.length === B, wasValid: page.csumValid[i] === 1 });
+    } else if (s.length === B) {
+      fresh.push({ seg: s, buf: piece });
+    } else {
+      // Copy-on-write: assemble the whole block from what it reads as now, then the new bytes.
+      const blk = Buffer.alloc(B);
+      if (page.state[i] === BlockState.Unallocated && c.backingDev) {
+        const start = s.block * B;
+        await readBacking(c, start, blk.subarray(0, Math.min(B, c.size - start)));
+      }
+      piece.copy(blk, s.inBlock);
+      fresh.push({ seg: s, buf: blk });
+    }
+  }
+  const hosts = c.alloc.allocClusters(fresh.length);
+  const writes: PieceWrite[] = [];
+  const inPlaceCrc: number[] = new Array(inPlace.length);
+  const freshCrc: number[] = new Array(fresh.length);
+  inPlace.forEach((p, k) => writes.push({ host: p.host + p.seg.inBlock, buf: data.subarray(p.seg.at, p.seg.at + p.seg.length), crc: p.full ? (x) => (inPlaceCrc[k] = x) : null }));
+  fresh.forEach((f, k) => writes.push({ host: hosts[k]!, buf: f.buf, crc: (x) => (freshCrc[k] = x) }));
+  try {
+    await writeCoalesced(c, writes);
+  } catch (e) {
+    c.alloc.unusedAgain(hosts);
+    throw e;
+  }
+  inPlace.forEach((p, k) => {
+    if (p.full) c.map.set(p.seg.block, BlockState.Data, p.host, inPlaceCrc[k]!, true);
+    else if (p.wasValid) c.map.set(p.seg.block, BlockState.Data, p.host, 0, false);
+  });
+  fresh.forEach((f, k) => c.map.set(f.seg.block, BlockState.Data, hosts[k]!, freshCrc[k]!, true));
+}
+
+/**
+ * Writes (host, buffer) pieces, merging host-contiguous neighbours into one write. Pieces that are also
+ * adjacent in memory (a caller's buffer of whole blocks) merge into one view without copying. Pieces with
+ * a `crc` callback are whole blocks and get their CRC-32: computed with the write on a pool thread when
+ * the group is one buffer of whole blocks and the host file can (HostFile.writeWithCrcs), else here.
+ */
+async function writeCoalesced(c: KscCore, writes: PieceWrite[]): Promise<void> {
+  writes.sort((a, b) => a.host - b.host);
+  const groups: { host: number; bufs: Buffer[]; len: number; items: PieceWrite[] }[] = [];
+  for (const w of writes) {
+    const g = groups[groups.length - 1];
+    if (g && g.host + g.len === w.host && g.bufs.length < 1024) {
+      const last = g.bufs[g.bufs.length - 1]!;
+      if (last.buffer === w.buf.buffer && last.byteOffset + last.length === w.buf.byteOffset) {
+        g.bufs[g.bufs.length - 1] = Buffer.from(last.buffer, last.byteOffset, last.length + w.buf.length);
+      } else g.bufs.push(w.buf);
+      g.len += w.buf.length;
+      g.items.push(w);
+    } else groups.push({ host: w.host, bufs: [w.buf], len: w.buf.length, items: [w] });
+  }
+  const B = c.blockSize;
+  const file = c.file;
+  await Promise.all(groups.map(async (g) => {
+    if (g.bufs.length === 1 && file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
+      const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, B);
+      g.items.forEach((it, i) => it.crc!(crcs[i]!));
+      return;
+    }
+    await (g.bufs.length === 1 ? file.write(g.bufs[0]!, g.host) : file.writev(g.bufs, g.host));
+    for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
+  }));
+}
+
+// ---------------------------------------------------------------- zeroes and discard
+
+export function writeZeroes(c: KscCore, offset: number, length: number, opts: ZeroOptions): Promise<void> {
+  return change(c, offset, length, opts.fua, () => zeroLocked(c, offset, length, opts.mayTrim ?? true, false));
+}
+
+export function discard(c: KscCore, offset: number, length: number, opts: WriteOptions): Promise<void> {
+  return change(c, offset, length, opts.fua, () => zeroLocked(c, offset, length, true, true));
+}
+
+/**
+ * Whole blocks become ZERO (their clusters freed) or, when trimming is not allowed, are zeroed in place.
+ * Partial blocks are written with zeros, except for discard, which leaves them as they are.
+ */
+async function zeroLocked(c: KscCore, offset: number, length: number, mayTrim: boolean, isDiscard: boolean): Promise<void> {
+  const segs = c.segments(offset, length);
+  // change() has loaded the map pages of the whole range.
+  const B = c.blockSize;
+  for (const s of segs) {
+    const start = s.block * B;
+    const whole = s.inBlock === 0 && (s.length === B || start + s.length === c.size);
+    const page = c.map.page(Math.floor(s.block / 4096))!;
+    const i = s.block % 4096;
+    const state = page.state[i]!;
+    if (state === DAMAGED) throw c.map.damagedError(s.block);
+    if (!whole) {
+      if (isDiscard || state === BlockState.Zero || (state === BlockState.Unallocated && !c.backingDev)) continue;
+      await writeLocked(c, start + s.inBlock, Buffer.alloc(s.length));
+      continue;
+    }
+    if (state === BlockState.Data && !mayTrim) {
+      await c.file.write(Buffer.alloc(B), page.host[i]!);
+      c.map.set(s.block, BlockState.Data, page.host[i]!, zeroCrc(B), true);
+    } else if (state === BlockState.Data) {
+      // The cluster is punched and reused only after the flush that makes this entry durable (§9 rule 4):
+      // until then the entry on disk still points at it and a crash must find the old data there.
+      const host = page.host[i]!;
+      c.map.set(s.block, c.backingDev ? BlockState.Zero : BlockState.Unallocated, 0, 0, false);
+      c.alloc.freeAfterFlush(host, c.epoch);
+    } else if (state === BlockState.Unallocated && c.backingDev) {
+      c.map.set(s.block, BlockState.Zero, 0, 0, false);
+    }
+  }
+}

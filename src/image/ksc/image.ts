@@ -1,0 +1,342 @@
+/**
+ * A ksc_inc image as a BlockDevice (formats/ksc_inc.md). The public face of this folder: each method
+ * checks nothing itself and hands its KscCore (core.ts) to the module that owns the concern:
+ *  - create.ts, open.ts: create; open with recovery (rule 1: a durable DIRTY header before anything else);
+ *  - datapath.ts: read, write, zero, discard (rule 2: intent bits durable first, then data, then map and
+ *    bitmaps in memory); core.ts holds the in-flight gate (quiesce);
+ *  - flush.ts: flush (rule 3: new pages, sync, records in place, sync; rule 4: freed clusters wait for the
+ *    flush that unlinks them) and close (rule 7: flush, free list, clear intent, clean header);
+ *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
+ */
+import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
+import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
+import type { Header } from '../../format/header.js';
+import type { SparseBitmap } from '../bitmapstore.js';
+import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
+import * as bitmaps from './bitmaps.js';
+import type { KscCore } from './core.js';
+import { createKscFile } from './create.js';
+import * as data from './datapath.js';
+import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
+import { close, flush } from './flush.js';
+import { openCore, readHeader } from './open.js';
+
+export type { BitmapStatus } from './bitmaps.js';
+
+export interface CreateKscOptions {
+  size: number;
+  blockSize?: number;
+  /** Backing file name as stored in the header (relative to the image's folder, or absolute). */
+  backingName?: string;
+  backingFormat?: 'raw' | 'ksc_inc';
+  diskUuid?: Buffer;
+  /** Bytes per intent region (§7), a power of two ≥ the block size; default: defaultIntentBits (256 KiB up to 1 TiB). */
+  intentRegion?: number;
+  opener?: FileOpener;
+}
+
+export interface OpenKscOptions {
+  write?: boolean;
+  /** The opened backing device (the chain is resolved by src/image/open.ts). */
+  backing?: BlockDevice | null;
+  /** Allow changes to a frozen image (§4.1 FROZEN: the backing of a snapshot overlay). */
+  force?: boolean;
+  opener?: FileOpener;
+}
+
+/** The state behind an image, for the modules of this folder (the checker) and white-box tests only. */
+export let coreOf: (img: KscImage) => KscCore;
+
+export class KscImage implements BlockDevice {
+  readonly format = 'ksc_inc' as const;
+  readonly blockSize: number;
+  readonly size: number;
+  readonly readOnly: boolean;
+
+  static {
+    coreOf = (img) => img.core;
+  }
+
+  private constructor(private readonly core: KscCore) {
+    this.blockSize = core.blockSize;
+    this.size = core.size;
+    this.readOnly = core.readOnly;
+  }
+
+  get name(): string {
+    return this.core.name;
+  }
+
+  get diskUuid(): Buffer {
+    return Buffer.from(this.core.header.diskUuid);
+  }
+
+  get backing(): BlockDevice | null {
+    return this.core.backingDev;
+  }
+
+  get backingName(): string | null {
+    const h = this.core.header;
+    return h.backingFormat === BackingFormat.None ? null : h.backingName;
+  }
+
+  get backingFormat(): 'raw' | 'ksc_inc' | null {
+    const f = this.core.header.backingFormat;
+    return f === BackingFormat.Raw ? 'raw' : f === BackingFormat.Ksc ? 'ksc_inc' : null;
+  }
+
+  /** True when the image was not closed cleanly (or another writer has it open, or a header slot is damaged). */
+  get wasDirty(): boolean {
+    return this.core.openedDirty || (this.core.header.incompatible & INCOMPAT_DIRTY) !== 0n;
+  }
+
+  /**
+   * Damage outside the data found when the image was opened (§6.4): header slots, intent words, free list.
+   * A writer has already repaired the header slot and the intent words. Damaged bitmaps: see listBitmaps().
+   */
+  get damageFound(): readonly string[] {
+    return this.core.openDamage;
+  }
+
+  /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
+  get sweep(): { reclaimed: number; skipped: string | null } | null {
+    return this.core.sweep;
+  }
+
+  get intentSyncs(): number {
+    return this.core.intent.syncs;
+  }
+
+  get intentRegions(): number[] {
+    return this.core.intent.setRegions();
+  }
+
+  // ---------------------------------------------------------------- create and open
+
+  /** Creates a new, empty image file (fails if the path exists). */
+  static create(path: string, opts: CreateKscOptions): Promise<void> {
+    return createKscFile(path, opts);
+  }
+
+  /** Reads the current header of a ksc_inc file (for probing and `info`). */
+  static readHeader(file: HostFile): Promise<{ header: Header; slot: number; damagedSlots: string[] }> {
+    return readHeader(file);
+  }
+
+  /** Opens a ksc_inc file; the caller resolves and passes the backing device (see src/image/open.ts). */
+  static async open(path: string, opts: OpenKscOptions = {}): Promise<KscImage> {
+    const write = !!opts.write;
+    const file = await (opts.opener ?? openHostFile)(path, { write });
+    try {
+      if (write) await file.lockExclusive();
+      const img = new KscImage(await openCore(file, write, opts.backing ?? null));
+      img.core.refuseChanges = write && img.frozen && !opts.force;
+      return img;
+    } catch (e) {
+      await file.close().catch(() => undefined);
+      throw e;
+    }
+  }
+
+  // ---------------------------------------------------------------- data path
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    this.core.live();
+    checkRange(this, offset, length);
+    const buf = Buffer.allocUnsafe(length);
+    await data.readInto(this.core, offset, buf);
+    return buf;
+  }
+
+  readInto(offset: number, target: Buffer): Promise<void> {
+    return data.readInto(this.core, offset, target);
+  }
+
+  write(offset: number, buf: Buffer, opts: WriteOptions = {}): Promise<void> {
+    return data.write(this.core, offset, buf, opts);
+  }
+
+  writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
+    return data.writeZeroes(this.core, offset, length, opts);
+  }
+
+  discard(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
+    return data.discard(this.core, offset, length, opts);
+  }
+
+  /**
+   * Runs `fn` with no change in flight and new changes held until it finishes: a point in time for
+   * bitmap handovers and frozen views (the backup engine). Reads continue meanwhile.
+   */
+  quiesce<T>(fn: () => Promise<T>): Promise<T> {
+    return this.core.quiesce(fn);
+  }
+
+  /**
+   * Installs (or removes, with null) a hook awaited before every change touches the image, with the
+   * range it is about to change: copy-before-write for a frozen view. Install it inside quiesce().
+   */
+  setBeforeChange(hook: ((offset: number, length: number) => Promise<void>) | null): void {
+    this.core.beforeChange = hook;
+  }
+
+  /** §9 rule 3 and 8. Concurrent callers share a flush that starts after their call. */
+  flush(): Promise<void> {
+    return flush(this.core);
+  }
+
+  /** §9 rule 7. Closes the backing chain too. Idempotent. */
+  close(): Promise<void> {
+    return close(this.core);
+  }
+
+  // ---------------------------------------------------------------- allocation view
+
+  extents(offset: number, length: number): Promise<Extent[]> {
+    return extents(this.core, offset, length);
+  }
+
+  /** Per-block view of this layer only (no backing), for commit, check and convert. */
+  blockState(block: number): Promise<BlockInfo> {
+    return blockState(this.core, block);
+  }
+
+  /** Blocks whose state in this layer is not UNALLOCATED, skipping absent pages. */
+  allocatedBlocks(): AsyncGenerator<{ block: number; state: BlockState; host: number; csum: number; csumValid: boolean }> {
+    return allocatedBlocks(this.core);
+  }
+
+  /** Makes the given blocks of this layer UNALLOCATED (after commit); see extents.ts. */
+  dropBlocks(which: Set<number>): Promise<void> {
+    return dropBlocks(this.core, which);
+  }
+
+  /** Bytes this file occupies on the host. */
+  allocatedBytes(): Promise<number> {
+    return this.core.file.allocatedBytes();
+  }
+
+  // ---------------------------------------------------------------- bitmaps
+
+  hasBitmap(name: string): boolean {
+    return bitmaps.hasBitmap(this.core, name);
+  }
+
+  /** Bitmaps with their dirty byte counts (loads their pages). */
+  listBitmaps(): Promise<bitmaps.BitmapStatus[]> {
+    return bitmaps.listBitmaps(this.core);
+  }
+
+  /** Dirty extents of bitmap `name` within [offset, offset+length), merged. */
+  bitmapExtents(name: string, offset = 0, length = this.size - offset): Promise<{ offset: number; length: number }[]> {
+    return bitmaps.bitmapExtents(this.core, name, offset, length);
+  }
+
+  /** A bitmap's settings without loading its pages (listBitmaps() also counts dirty bytes); null when absent. */
+  bitmapInfo(name: string): { name: string; granularity: number; enabled: boolean; consistent: boolean; damage: string | null } | null {
+    return bitmaps.bitmapInfo(this.core, name);
+  }
+
+  get bitmapList(): readonly (SparseBitmap | null)[] {
+    return this.core.bitmapSlots;
+  }
+
+  bitmapNames(): string[] {
+    return this.core.bitmapSlots.flatMap((b) => (b ? [b.name] : []));
+  }
+
+  /** BlockDevice.dirtyBitmaps (a DirtyBitmapCapability): the image answers for its own bitmaps. */
+  get dirtyBitmaps(): this {
+    return this;
+  }
+
+  addBitmap(name: string, opts: { granularity?: number; enabled?: boolean } = {}): Promise<void> {
+    return bitmaps.addBitmap(this.core, name, opts);
+  }
+
+  removeBitmap(name: string): Promise<void> {
+    return bitmaps.removeBitmap(this.core, name);
+  }
+
+  setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+    return bitmaps.setBitmapEnabled(this.core, name, enabled);
+  }
+
+  clearBitmap(name: string): Promise<void> {
+    return bitmaps.clearBitmap(this.core, name);
+  }
+
+  /** ORs bitmap `src` into `dst` (granularities may differ: each dirty byte range of src is marked in dst). */
+  mergeBitmap(src: string, dst: string): Promise<void> {
+    return bitmaps.mergeBitmap(this.core, src, dst);
+  }
+
+  /**
+   * Moves the bits of bitmap `name` into a new, disabled bitmap `frozenName` (same granularity) and clears
+   * `name`, in one management step (one flush; each slot write is atomic, and a crash between them leaves
+   * the bits in both: a superset). The backup engine's handover (formats/repository.md §10). Atomic with
+   * respect to changes: each is in the frozen bitmap or marked in `name` (the backup calls it inside
+   * quiesce() for its own point in time).
+   */
+  freezeBitmap(name: string, frozenName: string): Promise<void> {
+    return bitmaps.freezeBitmap(this.core, name, frozenName);
+  }
+
+  /**
+   * Adds empty, disabled bitmaps named `add` (default granularity) and removes the bitmaps named `remove`,
+   * in one management step; each slot write is atomic on its own.
+   */
+  updateBitmaps(add: string[], remove: string[]): Promise<void> {
+    return bitmaps.updateBitmaps(this.core, add, remove);
+  }
+
+  /** Copies bitmap definitions and bits into `dst` (used by snapshot). */
+  copyBitmapsTo(dst: KscImage): Promise<void> {
+    return bitmaps.copyBitmaps(this.core, dst.core);
+  }
+
+  /**
+   * Loads every bitmap page and lists all damage outside the data (§6.4): what open found (intent words,
+   * free list) and damaged bitmaps. For check.
+   */
+  findDamage(): Promise<string[]> {
+    return bitmaps.findDamage(this.core);
+  }
+
+  /**
+   * check --repair (§6.4): drops bitmaps with a damaged directory slot, rebuilds those with damaged pages
+   * (wholly dirty there). The writable open has already rewritten damaged intent words and a damaged
+   * header slot; the next close writes a new free list. Returns what was done, one sentence each.
+   */
+  repairDamage(): Promise<string[]> {
+    return bitmaps.repairDamage(this.core);
+  }
+
+  // ---------------------------------------------------------------- header changes
+
+  /** True when the image is the backing of a snapshot overlay (§4.1 FROZEN). */
+  get frozen(): boolean {
+    return (this.core.header.compatible & COMPAT_FROZEN) !== 0n;
+  }
+
+  /** Marks the image FROZEN (durable before returning); later writers refuse data changes unless forced. */
+  async freeze(): Promise<void> {
+    const c = this.core;
+    c.writable();
+    await flush(c);
+    await c.flushMutex.run(() => c.writeHeader({ ...c.header, compatible: c.header.compatible | COMPAT_FROZEN }));
+  }
+
+  /** Points the image at a different backing file (no data changes: callers do safe rebase). */
+  async setBacking(name: string | null, format: 'raw' | 'ksc_inc' | null, dev: BlockDevice | null): Promise<void> {
+    const c = this.core;
+    c.writable();
+    await flush(c);
+    await c.flushMutex.run(() => c.writeHeader({
+      ...c.header,
+      backingName: name ?? '',
+      backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+    }));
+    c.backingDev = dev;
+  }
+}
