@@ -28,7 +28,7 @@ class StepFaultStore implements ObjectStore {
     this.name = inner.name;
     if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
     if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
-    if (inner.sweepTemp) this.sweepTemp = (ms) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms));
+    if (inner.sweepTemp) this.sweepTemp = (ms, now) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms, now));
   }
 
   put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
