@@ -60,7 +60,7 @@ export interface PruneResult {
   bytesWaiting: number;
   /** Packs whose contents could not be read (footer damaged, no index names them); prune refuses instead when a kept backup misses chunks. */
   packsUnreadable: string[];
-  /** Temporary parts of interrupted uploads removed, and their bytes (also counted in bytesFreed). */
+  /** Temporary parts of interrupted uploads removed (.tmp files; S3 incomplete multipart uploads), and their bytes (also counted in bytesFreed). */
   tempParts: number;
   tempBytes: number;
   /** The lock object could not be written (full file system): prune ran under the folder lock alone (§8 rule 7). */
@@ -307,8 +307,9 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     }
     result.bytesFreed -= writer.bytesUploaded;
     if (!markWritten) await writeMark(repo.store, nextMark);
-    // 5. Temporary parts of interrupted uploads (a local folder's .tmp).
-    const swept = await repo.store.sweepTemp?.(opts.tempGraceMs ?? TEMP_GRACE_MS);
+    // 5. Temporary parts of interrupted uploads (a local folder's .tmp, S3's incomplete multipart uploads),
+    // by the storage's clock.
+    const swept = await repo.store.sweepTemp?.(opts.tempGraceMs ?? TEMP_GRACE_MS, now);
     if (swept) {
       result.tempParts = swept.count;
       result.tempBytes = swept.bytes;

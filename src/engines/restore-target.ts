@@ -7,32 +7,35 @@
  * path is the one the disk's UUID was derived from (§7.4: the raw file that was backed up); or a raw file
  * with a restore mark naming the disk (`.NAME.kscinc-restored` beside it, JSON, written by a restore of that
  * disk before its first write). Any other existing file needs --force.
+ *
+ * A new target is made the way every new file is (io/newfile.ts): its temporary name, the sweep of the
+ * temporaries killed runs left, and the no-clobber publishing are newfile's own.
  */
-import { link, readFile, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { readFile, readdir, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
 import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
-import { replaceFile, syncDir } from '../io/durable.js';
+import { replaceFile } from '../io/durable.js';
+import { faultStep } from '../io/fault.js';
+import { nameNewFile, removeStaleTemps, tempNameFor } from '../io/newfile.js';
 import { pidAlive } from '../util/process.js';
 import { diskUuidOf } from './backup.js';
 
 const MARK_FORMAT = 'kscinc-restore-mark';
-const TEMP_RE = /^\.(.+)\.kscinc-restore-(\d+)-[0-9a-f]{12}$/;
+/** The temporary names of earlier versions (`.NAME.kscinc-restore-PID-RANDOM`), still swept. */
+const OLD_TEMP_RE = /^\.(.+)\.kscinc-restore-(\d+)-[0-9a-f]{12}$/;
 
 /** The restore mark of raw file `target`. */
 export const markPath = (target: string): string => join(dirname(target), `.${basename(target)}.kscinc-restored`);
 
 /** A fresh temporary name for a new target, in its folder (so the final rename stays in one file system). */
-export function tempTargetPath(target: string): string {
-  return join(dirname(target), `.${basename(target)}.kscinc-restore-${process.pid}-${randomBytes(6).toString('hex')}`);
-}
+export const tempTargetPath = tempNameFor;
 
 /** Removes temporaries of `target` left by restores that were killed (their process is gone). Returns them. */
 export async function sweepTempTargets(target: string): Promise<string[]> {
-  const removed: string[] = [];
+  const removed = (await removeStaleTemps(target)).map((p) => basename(p));
   for (const name of await readdir(dirname(target)).catch(() => [] as string[])) {
-    const m = TEMP_RE.exec(name);
+    const m = OLD_TEMP_RE.exec(name);
     if (!m || m[1] !== basename(target) || pidAlive(Number(m[2]))) continue;
     await rm(join(dirname(target), name), { force: true });
     removed.push(name);
@@ -57,26 +60,18 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
 
 /** Records that raw file `target` is (becoming) a copy of `disk` (§9.5). Durable before it returns. */
 export async function writeMark(target: string, disk: string, size: number, backup: string): Promise<void> {
-  await replaceFile(markPath(target), `${JSON.stringify({ format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString() })}\n`);
+  await faultStep(`${markPath(target)}: write`, () => replaceFile(markPath(target), `${JSON.stringify({ format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString() })}\n`));
 }
 
 /**
- * Publishes the finished temporary `temp` as `target`: a hard link (fails if `target` appeared meanwhile:
- * never clobbers), the temporary's name removed, the folder synced. KSC_E_EXISTS when `target` exists.
+ * Publishes the finished temporary `temp` as `target` (io/newfile.ts nameNewFile): a hard link (fails if
+ * `target` appeared meanwhile: never clobbers), the temporary's name removed, the folder synced.
+ * KSC_E_EXISTS when `target` exists.
  */
 export async function publish(temp: string, target: string): Promise<void> {
-  try {
-    await link(temp, target);
-    await unlink(temp);
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${target} appeared while the restore ran: the restored disk is left in ${temp}`);
-    if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw e;
-    // No hard links on this file system: a rename, after checking once more that the name is free.
-    if (await stat(target).then(() => true, () => false)) throw new KscError('KSC_E_EXISTS', `${target} appeared while the restore ran: the restored disk is left in ${temp}`);
-    await rename(temp, target);
-  }
-  await syncDir(dirname(target));
+  await nameNewFile(temp, target, {
+    appeared: () => new KscError('KSC_E_EXISTS', `${target} appeared while the restore ran; it was left as it was`),
+  });
 }
 
 /**

@@ -241,6 +241,9 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
   let format: 'raw' | 'ksc_inc';
   /** The file written: the target itself when it exists, else a temporary beside it. */
   let file = target;
+  // Temporaries of killed restores (and creates) of this target go, also when it exists: a kill between the
+  // link that named it and the unlink of the temporary leaves the temporary beside it.
+  await sweepTempTargets(target);
   if (existing) {
     dev = await openImage(target, { write: true });
     format = dev.format;
@@ -254,14 +257,20 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     }
   } else {
     format = opts.format ?? 'raw';
-    await sweepTempTargets(target);
     file = tempTargetPath(target);
     pendingFiles.add(file); // the CLI removes it when interrupted by a signal
-    if (format === 'ksc_inc') {
-      await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
-      dev = await openImage(file, { write: true });
-    } else {
-      dev = await RawDevice.create(file, m.size);
+    try {
+      if (format === 'ksc_inc') {
+        await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
+        dev = await openImage(file, { write: true });
+      } else {
+        dev = await RawDevice.create(file, m.size);
+      }
+    } catch (e) {
+      // §9.5 rule 1: a failed restore removes its temporary, also when making it failed.
+      await rm(file, { force: true }).catch(() => undefined);
+      pendingFiles.delete(file);
+      throw e;
     }
   }
   /** Chunks an existing target needs changed, and how many were written (for PartialRestoreError). */
@@ -371,8 +380,10 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     await dev.flush();
     if (!existing) {
       await dev.close();
-      await publish(file, target);
+      // §9.5 rule 2: the mark is durable before the target has its name, so a restore stopped in between
+      // leaves a target that the next restore recognises as a copy of the disk.
       if (format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+      await publish(file, target);
     }
     const durationMs = Math.round(performance.now() - t0);
     return {

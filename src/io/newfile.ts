@@ -18,6 +18,7 @@ import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve } from 'node:path';
 import { KscError, ioError, isKscError } from '../errors.js';
 import { syncDir } from './durable.js';
+import { faultStep } from './fault.js';
 import { openHostFile } from './file.js';
 import { pidAlive } from '../util/process.js';
 
@@ -110,22 +111,10 @@ export async function buildNewFile<T>(target: string, opts: NewFileOptions, buil
   pendingFiles.add(temp);
   try {
     const result = await build(temp);
-    if (opts.force) await rename(temp, target);
-    else {
-      const appeared = (): KscError => new KscError('KSC_E_EXISTS', `${target}: appeared while it was being made; left as it was (--force replaces it)`);
-      try {
-        await link(temp, target);
-        await unlink(temp);
-      } catch (e) {
-        const code = (e as { code?: string }).code;
-        if (code === 'EEXIST') throw appeared();
-        // A file system without hard links (vfat, some FUSE): a rename after a last look (a small window).
-        if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw ioError(target, 'name the new file', e);
-        if (existsSync(target)) throw appeared();
-        await rename(temp, target);
-      }
-    }
-    await syncDir(dirname(target));
+    await nameNewFile(temp, target, {
+      force: opts.force,
+      appeared: () => new KscError('KSC_E_EXISTS', `${target}: appeared while it was being made; left as it was (--force replaces it)`),
+    });
     return result;
   } catch (e) {
     // Messages name the file the user asked for, not the temporary one.
@@ -135,6 +124,31 @@ export async function buildNewFile<T>(target: string, opts: NewFileOptions, buil
     await removeTemp(temp);
     pendingFiles.delete(temp);
   }
+}
+
+/**
+ * Gives the finished, synced temporary `temp` the name `target` (the publishing half of buildNewFile, which
+ * a restore shares): a hard link (fails if `target` appeared meanwhile: never a silent overwrite) and the
+ * temporary's name unlinked, or with `force` a rename over `target`; then the folder synced. Without hard
+ * links (vfat, some FUSE), a rename after a last look (a small window). `appeared()` is the error thrown
+ * when `target` exists; `temp` is left for the caller to remove. Each of link, unlink, rename and the
+ * folder sync is one step of a crash test's fault plan (io/fault.ts).
+ */
+export async function nameNewFile(temp: string, target: string, opts: { force?: boolean; appeared: () => KscError }): Promise<void> {
+  if (opts.force) await faultStep(`${target}: rename`, () => rename(temp, target));
+  else {
+    try {
+      await faultStep(`${target}: link`, () => link(temp, target));
+      await faultStep(`${temp}: unlink`, () => unlink(temp));
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'EEXIST') throw opts.appeared();
+      if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw isKscError(e) ? e : ioError(target, 'name the new file', e);
+      if (existsSync(target)) throw opts.appeared();
+      await faultStep(`${target}: rename`, () => rename(temp, target));
+    }
+  }
+  await faultStep(`${dirname(target)}: folder sync`, () => syncDir(dirname(target)));
 }
 
 async function removeTemp(temp: string): Promise<void> {

@@ -1,10 +1,60 @@
 /**
- * Fault injection as a wrapper of the ObjectStore interface, for tests: a rule sees each call (operation,
- * key, index of the call among calls of that operation, from 0) and may delay it, fail it, or damage the
- * bytes it moves (on put the damaged bytes are stored; on get/getRange they are returned). Calls are
- * counted per operation.
+ * Fault injection at the object-store layer, two ways:
+ *  - withStoreFaults: the crash-test steps of io/fault.ts (one plan, one counter with the host files:
+ *    KSC_FAULT_AFTER=N kills the process, or with KSC_FAULT_ACTION=throw fails, before its step N + 1). A
+ *    step is a durable put or delete, or a sweep of temporary parts; reads, lists, stats, lock leases
+ *    (non-durable writes) and the host lock are never faulted. openStore installs it when a plan exists.
+ *  - FaultStore, for tests only (not in the library's exports): a rule sees each call (operation, key, index
+ *    of the call among calls of that operation, from 0) and may delay it, fail it, or damage the bytes it
+ *    moves (on put the damaged bytes are stored; on get/getRange they are returned). Calls are counted per
+ *    operation.
  */
+import { faultGate, type StepGate } from '../io/fault.js';
 import { bodyBuffer, type Body, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
+
+/** `store` behind the fault plan's steps when a plan is installed (see io/fault.ts); otherwise `store` itself. */
+export function withStoreFaults(store: ObjectStore): ObjectStore {
+  const gate = faultGate();
+  return gate ? new StepFaultStore(store, gate) : store;
+}
+
+class StepFaultStore implements ObjectStore {
+  readonly name: string;
+  getRangeInto?: ObjectStore['getRangeInto'];
+  hostLock?: ObjectStore['hostLock'];
+  sweepTemp?: ObjectStore['sweepTemp'];
+
+  constructor(private readonly inner: ObjectStore, private readonly gate: StepGate) {
+    this.name = inner.name;
+    if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
+    if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
+    if (inner.sweepTemp) this.sweepTemp = (ms, now) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms, now));
+  }
+
+  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+    if (opts?.durable === false) return this.inner.put(key, data, opts);
+    return this.gate(`${this.name}/${key}: put`, () => this.inner.put(key, data, opts));
+  }
+  delete(key: string, opts?: WriteOpts): Promise<void> {
+    if (opts?.durable === false) return this.inner.delete(key, opts);
+    return this.gate(`${this.name}/${key}: delete`, () => this.inner.delete(key, opts));
+  }
+  get(key: string): Promise<Buffer> {
+    return this.inner.get(key);
+  }
+  getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    return this.inner.getRange(key, offset, length);
+  }
+  stat(key: string): Promise<ObjectInfo | null> {
+    return this.inner.stat(key);
+  }
+  list(prefix: string): AsyncIterable<ObjectInfo> {
+    return this.inner.list(prefix);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
 
 export type FaultOp = 'put' | 'get' | 'getRange' | 'stat' | 'list' | 'delete';
 

@@ -214,13 +214,13 @@ export class FsStore implements ObjectStore {
    * live put writes its part in one go, and one paused past that fails its rename, never half-commits);
    * returns how many and their bytes.
    */
-  async sweepTemp(olderThanMs = 24 * 3600_000): Promise<{ count: number; bytes: number }> {
+  async sweepTemp(olderThanMs = 24 * 3600_000, now?: number): Promise<{ count: number; bytes: number }> {
     const dir = join(this.root, TEMP);
     let count = 0;
     let bytes = 0;
     for (const name of await readdir(dir).catch(() => [] as string[])) {
       const st = await stat(join(dir, name)).catch(() => null);
-      if (st && Date.now() - st.mtimeMs > olderThanMs) {
+      if (st && (now ?? Date.now()) - st.mtimeMs > olderThanMs) {
         await rm(join(dir, name), { force: true, recursive: true });
         count++;
         bytes += st.size;

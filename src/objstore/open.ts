@@ -3,6 +3,7 @@
  * environment, see s3ConfigFromEnv, and wrapped with retries), anything else is a local folder.
  */
 import { KscError } from '../errors.js';
+import { withStoreFaults } from './fault.js';
 import { FsStore } from './fs.js';
 import { retryCall, withRetry, type RetryOptions } from './retry.js';
 import type { S3Config, S3StoreOptions } from './s3.js';
@@ -46,6 +47,10 @@ export function parseS3Url(location: string): { bucket: string; prefix: string }
  * and `create` is not set.
  */
 export async function openStore(location: string, opts: OpenStoreOptions = {}): Promise<ObjectStore> {
+  return withStoreFaults(await openAny(location, opts)); // the store itself unless a crash test's fault plan is set
+}
+
+async function openAny(location: string, opts: OpenStoreOptions): Promise<ObjectStore> {
   if (location === '') throw new KscError('KSC_E_INVALID', 'empty repository location');
   if (/^s3:\/\//i.test(location)) {
     const { bucket, prefix } = parseS3Url(location);

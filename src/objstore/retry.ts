@@ -79,8 +79,11 @@ export async function retryCall<T>(fn: () => Promise<T>, opts: RetryOptions = {}
 
 class RetryStore implements ObjectStore {
   readonly name: string;
+  sweepTemp?: ObjectStore['sweepTemp'];
   constructor(private readonly inner: ObjectStore, private readonly opts: RetryOptions) {
     this.name = inner.name;
+    // A sweep only removes what is old: running it again after a transient failure is harmless.
+    if (inner.sweepTemp) this.sweepTemp = (ms, now) => retryCall(() => inner.sweepTemp!(ms, now), this.opts, 'sweep', '');
   }
 
   put(key: string, data: Body, opts?: WriteOpts): Promise<void> {

@@ -331,6 +331,42 @@ export class S3Store implements ObjectStore {
     }
   }
 
+  /**
+   * Aborts the incomplete multipart uploads under this store's prefix started more than `olderThanMs`
+   * before `now` (storage time; default this host's clock): the parts of puts that were killed (a put that
+   * fails aborts its own). Each is aborted by its upload id, never by key, so a live upload of the same
+   * key is left alone. Returns how many and the bytes their parts held.
+   */
+  async sweepTemp(olderThanMs = 24 * 3600_000, now?: number): Promise<{ count: number; bytes: number }> {
+    const within = this.prefix ? `${this.prefix}/` : '';
+    const t = now ?? Date.now();
+    const old: { key: string; uploadId: string; size: number }[] = [];
+    try {
+      for await (const item of this.client.listIncompleteUploads(this.bucket, within, true)) {
+        const u = item as { key?: string; uploadId?: string; size?: number; initiated?: Date };
+        if (typeof u.key !== 'string' || typeof u.uploadId !== 'string' || !u.key.startsWith(within)) continue;
+        const started = u.initiated instanceof Date ? u.initiated.getTime() : Number.NaN;
+        if (!(t - started > olderThanMs)) continue; // unknown age: left alone
+        old.push({ key: u.key, uploadId: u.uploadId, size: u.size ?? 0 });
+      }
+    } catch (e) {
+      throw this.mapError(e, 'list incomplete uploads', within);
+    }
+    let bytes = 0;
+    let count = 0;
+    for (const u of old) {
+      try {
+        await this.call('abort upload', u.key, () => this.client.abortMultipartUpload(this.bucket, u.key, u.uploadId));
+      } catch (e) {
+        if ((e as { cause?: { code?: string } }).cause?.code === 'NoSuchUpload') continue; // gone meanwhile
+        throw e;
+      }
+      count++;
+      bytes += u.size;
+    }
+    return { count, bytes };
+  }
+
   async close(): Promise<void> {
     this.agent.destroy();
   }

@@ -88,8 +88,12 @@ export interface ObjectStore {
    * conflicting one; `effective` is false when the platform cannot lock (then it proves nothing).
    */
   hostLock?(exclusive: boolean): Promise<HostLock | null>;
-  /** Optional: removes temporary parts of interrupted puts older than `olderThanMs`; how many and their bytes. */
-  sweepTemp?(olderThanMs: number): Promise<{ count: number; bytes: number }>;
+  /**
+   * Optional: removes temporary parts of interrupted puts older than `olderThanMs` (a local folder's .tmp
+   * files; S3's incomplete multipart uploads under the store's prefix); how many and their bytes. `now`:
+   * the storage's time (default: this host's clock).
+   */
+  sweepTemp?(olderThanMs: number, now?: number): Promise<{ count: number; bytes: number }>;
 }
 
 export interface HostLock {

@@ -70,7 +70,8 @@ function freshRepo(name: string): string {
   return d;
 }
 
-const temps = (): string[] => readdirSync(dir).filter((n) => n.includes('.kscinc-restore-'));
+// A new target's temporary (io/newfile.ts tempNameFor): `.NAME.HOST.PID.RANDOM.part`.
+const temps = (): string[] => readdirSync(dir).filter((n) => n.startsWith('.') && n.endsWith('.part'));
 
 describe('restore targets', () => {
   it(`does not overwrite a file that is not a copy of the disk without --force (seed ${seed})`, async () => {
@@ -168,7 +169,7 @@ describe('restore targets', () => {
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     let seen = false;
     for (let i = 0; i < 20000 && child.exitCode === null; i++) {
-      if (readdirSync(dir).some((n) => n.startsWith('.big-out.raw.kscinc-restore-'))) {
+      if (readdirSync(dir).some((n) => n.startsWith('.big-out.raw.') && n.endsWith('.part'))) {
         seen = true;
         child.kill('SIGKILL');
         break;
