@@ -41,9 +41,13 @@ describe('other image formats are refused by their headers', () => {
   for (const f of ['qcow2', 'vmdk', 'vhdx', 'vdi', 'vpc', 'qed']) made.push([f, `d.${f}`]);
 
   it('qcow2, vmdk, vhdx, vdi, vpc (dynamic and fixed), qed and LUKS: info, map, convert, check, create --backing, backup, serve', () => {
-    for (const [f, name] of made) expect(run('qemu-img', ['create', '-q', '-f', f, p(name), '64M']).code).toBe(0);
-    expect(run('qemu-img', ['create', '-q', '-f', 'luks', '--object', 'secret,id=s0,data=x', '-o', 'key-secret=s0', p('d.luks'), '16M']).code).toBe(0);
-    expect(run('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', p('fixed.vhd'), '8M']).code).toBe(0);
+    const made1 = (args: string[]): void => {
+      const r = run('qemu-img', args);
+      expect(r.code, `qemu-img ${args.join(' ')}: ${r.stderr}`).toBe(0);
+    };
+    for (const [f, name] of made) made1(['create', '-q', '-f', f, p(name), '64M']);
+    made1(['create', '-q', '-f', 'luks', '--object', 'secret,id=s0,data=x', '-o', 'key-secret=s0', p('d.luks'), '16M']);
+    made1(['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', p('fixed.vhd'), '8M']);
     const all: [string, string][] = [...made, ['LUKS', 'd.luks'], ['vpc', 'fixed.vhd']];
     all.forEach(([f, name], i) => {
       const file = p(name);
