@@ -7,7 +7,8 @@
  * kept: prune never decides on what it could not check.
  */
 import { isDamage } from '../errors.js';
-import { type ChunkIndex, type Repository, mapLimit, packKey } from '../repo/repository.js';
+import { type ChunkIndex, type Repository, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
 import { fetchChunks, readsOf } from './restore.js';
 
 export interface CopyReport {

@@ -7,7 +7,8 @@
 import { KscError, isDamage } from '../errors.js';
 import { unpackInto, SharedSlot } from '../compress/pool.js';
 import { BLOB_HEADER } from '../compress/codec.js';
-import { type ChunkIndex, type Repository, mapLimit, packKey } from '../repo/repository.js';
+import { type ChunkIndex, type Repository, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
 
 /** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */
 export interface ReadItem {

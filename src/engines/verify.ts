@@ -3,7 +3,8 @@
  * damaged object together with the backups that depend on it.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
+import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
 import { type Manifest, PACK_HEADER, checkPackHeader } from '../repo/format.js';
 import { fetchChunks, listBackups, readsOf } from './restore.js';
 

@@ -7,7 +7,8 @@
  */
 import { KscError, isDamage, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { CONFIG_KEY, Repository, locationState, mapLimit, packKey } from './repository.js';
+import { CONFIG_KEY, Repository, locationState, packKey } from './repository.js';
+import { mapLimit } from '../util/concurrency.js';
 import {
   type RepoConfig, DEFAULT_PACK, MIB, BACKUP_ID_RE, checkChunkSize, decodeConfig, randomHexId, readManifestInfoFrom,
   decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,

@@ -11,6 +11,7 @@ import { STALE_MS, RepoLock, listLocks, takeLock, unlockStale, systemLockClock, 
 import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
+import { mapLimit } from '../util/concurrency.js';
 import {
   type RepoConfig, type IndexEntry, type Manifest, type ManifestInfo, type PackEntry, readManifestInfoFrom,
   DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
@@ -32,6 +33,9 @@ const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
 export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
+
+// re-export for src/engines/backup.ts and src/engines/prune.ts; remove after merge (mapLimit lives in util/concurrency.ts).
+export { mapLimit } from '../util/concurrency.js';
 
 /** How long a reader waits for a prune's exclusive lock to go. */
 const READER_WAIT_MS = 30 * 60_000;
@@ -510,37 +514,6 @@ export class PackWriter {
   async abandon(): Promise<void> {
     while (this.inFlight.size > 0) await Promise.race(this.inFlight);
   }
-}
-
-/**
- * Runs `fn` over `items` (an array or any iterable, consumed as it goes) with at most `limit` in flight;
- * rejects with the first error after all settle, and takes no new item once one failed.
- */
-export async function mapLimit<T>(items: Iterable<T>, limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
-  const it = items[Symbol.iterator]();
-  let next = 0;
-  let error: unknown = null;
-  const worker = async (): Promise<void> => {
-    while (!error) {
-      let n: IteratorResult<T>;
-      try {
-        n = it.next();
-      } catch (e) {
-        error ??= e;
-        return;
-      }
-      if (n.done) return;
-      const i = next++;
-      try {
-        await fn(n.value, i);
-      } catch (e) {
-        error ??= e;
-      }
-    }
-  };
-  const workers = Array.isArray(items) ? Math.min(limit, items.length) : limit;
-  await Promise.all(Array.from({ length: workers }, worker));
-  if (error) throw error;
 }
 
 export { ID_BYTES };
