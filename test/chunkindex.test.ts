@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { crc32 } from 'node:zlib';
 import { ChunkIndex } from '../src/repo/chunkindex.js';
-import { decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/format.js';
+import { decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/index-object.js';
 import { Rng, seedFor } from './helpers/rng.js';
 
 function randomId(rng: Rng): Buffer {

@@ -16,7 +16,8 @@ import { pendingFiles } from '../io/newfile.js';
 import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
 import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
-import { type Manifest, MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/format.js';
+import type { Manifest } from '../repo/manifest.js';
+import { MANIFEST_HEADER, MANIFEST_MAGIC } from '../repo/constants.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
 

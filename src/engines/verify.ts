@@ -5,7 +5,9 @@
 import { KscError, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
-import { type Manifest, PACK_HEADER, checkPackHeader } from '../repo/format.js';
+import { PACK_HEADER } from '../repo/constants.js';
+import { checkPackHeader } from '../repo/pack.js';
+import type { Manifest } from '../repo/manifest.js';
 import { fetchChunks, listBackups, readsOf } from './restore.js';
 
 export interface Damage {

@@ -13,7 +13,7 @@ import { closePool } from '../../src/compress/pool.js';
 import { FsStore } from '../../src/objstore/fs.js';
 import { Repository } from '../../src/repo/repository.js';
 import { listBackups, restoreBackup } from '../../src/engines/restore.js';
-import type { Manifest } from '../../src/repo/format.js';
+import type { Manifest } from '../../src/repo/manifest.js';
 import { parseConfigText } from '../../src/engines/schedule/config.js';
 import { ScheduleDaemon, type Clock, type DaemonDeps, type DaemonOptions } from '../../src/engines/schedule/daemon.js';
 import { backupImageAt, pruneAt, type BackupImageFn } from '../../src/engines/schedule/actions.js';
