@@ -9,7 +9,7 @@
 import { isDamage } from '../errors.js';
 import { type ChunkIndex, type Repository, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
-import { fetchChunks, readsOf } from './restore.js';
+import { fetchChunks, readsOf } from '../repo/fetch.js';
 
 export interface CopyReport {
   /** Chunks in use that have more than one copy. */

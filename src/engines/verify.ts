@@ -8,7 +8,8 @@ import { mapLimit } from '../util/concurrency.js';
 import { PACK_HEADER } from '../repo/constants.js';
 import { checkPackHeader } from '../repo/pack.js';
 import type { Manifest } from '../repo/manifest.js';
-import { fetchChunks, listBackups, readsOf } from './restore.js';
+import { listBackups } from '../repo/catalog.js';
+import { fetchChunks, readsOf } from '../repo/fetch.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
