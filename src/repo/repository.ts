@@ -13,7 +13,7 @@ import { isoUtc } from '../util/time.js';
 import { mapLimit } from '../util/concurrency.js';
 import {
   BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE,
-  REPO_PREFIXES, indexKey, manifestKey, packKey, randomHexId,
+  REPO_PREFIXES, indexKey, manifestKey, randomHexId,
 } from './constants.js';
 import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, validPackSize } from './config.js';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
