@@ -149,6 +149,18 @@ describe('ChunkIndex', () => {
       }
     };
     for (let round = 0; round < 5; round++) expect(feed(obj), `seed ${seed}`).toEqual({ seen: decodeIndex(obj, 'x'), ok: true });
+    // visitIds: the same ids and packs, without the locations.
+    const d = new IndexDecoder(obj.subarray(0, 32), obj.length, 'index/y.idx');
+    d.table(obj.subarray(d.tableAt, d.entriesAt));
+    const idsSeen: string[] = [];
+    for (let i = 0; i < d.entries; i += 64) {
+      const n = Math.min(64, d.entries - i);
+      const run = Buffer.from(obj.subarray(d.entriesAt + i * 40, d.entriesAt + (i + n) * 40));
+      d.checksum(run);
+      d.visitIds(run, 0, n, i, (rb, at, pack) => idsSeen.push(rb.toString('hex', at, at + 16) + pack));
+    }
+    d.end();
+    expect(idsSeen).toEqual(entries.map((e) => e.id.toString('hex') + e.pack));
     // Entry 250 names pack 5 of 5 (checksum re-sealed): refused naming entry 250, after the entries before it.
     const badPack = Buffer.from(obj);
     badPack.writeUInt32LE(5, 32 + 5 * 16 + 250 * 40 + 16);

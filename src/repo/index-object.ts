@@ -18,6 +18,8 @@ export interface IndexEntry {
 
 /** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
 export type IndexVisitor = (b: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number) => void;
+/** An IndexVisitor of ids and packs only. */
+export type IdVisitor = (b: Buffer, at: number, pack: string) => void;
 
 /** An index object of `entries`, which is iterated twice (an array, or an iterable that starts afresh). */
 export function encodeIndex(entries: Iterable<IndexEntry>): Buffer {
@@ -99,15 +101,32 @@ export class IndexDecoder {
     this.crc = crc32(b, this.crc);
   }
 
-  /** Checks the `n` entries at `b[at…]`, entry number `first` onwards, and calls `fn` for each (when given). */
+  /**
+   * Checks the `n` entries at `b[at…]`, entry number `first` onwards, and calls `fn` for each (when given).
+   * A hot loop (an index can list hundreds of millions of entries): an error is made only once a check failed.
+   */
   visit(b: Buffer, at: number, n: number, first: number, fn?: IndexVisitor): void {
-    const p = this.packs;
-    for (let j = 0, o = at; j < n; j++, o += INDEX_ENTRY) {
-      const pn = b.readUInt32LE(o + 16);
-      if (pn >= p) throw corrupt(this.object, `entry ${first + j} names pack number ${pn} of ${p}`);
-      const offset = safeU64(b, o + 24, this.object, 'blob offset');
-      fn?.(b, o, this.packIds[pn]!, offset, b.readUInt32LE(o + 32), b.readUInt32LE(o + 36));
+    if (!fn) {
+      for (let j = 0, o = at; j < n; j++, o += INDEX_ENTRY) this.check(b, o, first + j);
+      return;
     }
+    for (let j = 0, o = at; j < n; j++, o += INDEX_ENTRY) {
+      const pack = this.check(b, o, first + j);
+      fn(b, o, pack, b.readUInt32LE(o + 28) * 0x100000000 + b.readUInt32LE(o + 24), b.readUInt32LE(o + 32), b.readUInt32LE(o + 36));
+    }
+  }
+
+  /** visit() for a visitor of ids and packs only, which skips reading the locations (about twice as fast). */
+  visitIds(b: Buffer, at: number, n: number, first: number, fn: IdVisitor): void {
+    for (let j = 0, o = at; j < n; j++, o += INDEX_ENTRY) fn(b, o, this.check(b, o, first + j));
+  }
+
+  /** Checks entry number `no` at `b[o…]` (its pack number, its offset below 2^53); returns its pack. */
+  private check(b: Buffer, o: number, no: number): string {
+    const pn = b.readUInt32LE(o + 16);
+    if (pn >= this.packs) throw corrupt(this.object, `entry ${no} names pack number ${pn} of ${this.packs}`);
+    if (b.readUInt32LE(o + 28) > 0x1fffff) safeU64(b, o + 24, this.object, 'blob offset');
+    return this.packIds[pn]!;
   }
 
   /** Throws KSC_E_CORRUPT unless the checksum of everything fed matches the header's. */

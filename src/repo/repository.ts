@@ -17,12 +17,17 @@ import {
 } from './constants.js';
 import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, validPackSize } from './config.js';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
-import { type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
+import { type IdVisitor, type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
 import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
 
 export { CONFIG_KEY, indexKey, manifestKey, packKey } from './constants.js';
 export { PackWriter } from './pack.js';
-export type { IndexVisitor } from './index-object.js';
+export type { IdVisitor, IndexVisitor } from './index-object.js';
+
+/** Index objects to read (default: all), with their sizes when known. */
+type IndexObjects = { id: string; size?: number }[] | undefined;
+/** Told of a damaged object instead of throwing. */
+type OnDamage = (key: string, e: KscError) => void;
 
 export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
@@ -162,22 +167,24 @@ export class Repository {
    * Reads index objects (`objects`, default all) through the one decoder (IndexDecoder), without keeping
    * them. For each object `open(id)` gives a visitor of its entries and a `done` called once the whole object
    * has passed its checks. Whole (the default): each object is read whole, 8 at a time, and nothing of a
-   * damaged one is visited. `inRanges`: read in ranges of about 4 MiB, two objects at a time, so memory stays
-   * flat however large they are (prune writes one object naming every chunk in use); entries are then seen
-   * before the checksum is, so whatever must not come from a damaged object waits for `done`. A damaged
-   * object is reported through `onDamage` (or thrown when absent). Returns the ids of the objects read whole
-   * and checked.
+   * damaged one is visited. `inRanges`: ids and packs only (IdVisitor), read in ranges of about 4 MiB, two
+   * objects at a time, so memory stays flat however large they are (prune writes one object naming every
+   * chunk in use); entries are then seen before the checksum is, so whatever must not come from a damaged
+   * object waits for `done`. A damaged object is reported through `onDamage` (or thrown when absent).
+   * Returns the ids of the objects read whole and checked.
    */
-  async readIndex(objects: { id: string; size?: number }[] | undefined, open: (id: string) => { visit: IndexVisitor; done?: () => void }, onDamage?: (key: string, e: KscError) => void, opts: { inRanges?: boolean } = {}): Promise<string[]> {
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor; done?: () => void }, onDamage?: OnDamage, opts?: { inRanges?: false }): Promise<string[]>;
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IdVisitor; done?: () => void }, onDamage: OnDamage | undefined, opts: { inRanges: true }): Promise<string[]>;
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor | IdVisitor; done?: () => void }, onDamage?: OnDamage, opts: { inRanges?: boolean } = {}): Promise<string[]> {
     const list = objects ?? (await this.indexObjects());
     const read: string[] = [];
     await mapLimit(list, opts.inRanges ? 2 : 8, async ({ id, size }) => {
       const key = indexKey(id);
       try {
-        if (opts.inRanges) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id));
+        if (opts.inRanges) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
         else {
           const v = open(id);
-          visitIndex(await this.store.get(key), this.objName(key), v.visit);
+          visitIndex(await this.store.get(key), this.objName(key), v.visit as IndexVisitor);
           v.done?.();
         }
         read.push(id);
@@ -190,7 +197,7 @@ export class Repository {
   }
 
   /** One index object in ranges of about 4 MiB (see readIndex). */
-  private async readIndexInRanges(key: string, size: number, open: () => { visit: IndexVisitor; done?: () => void }): Promise<void> {
+  private async readIndexInRanges(key: string, size: number, open: () => { visit: IdVisitor; done?: () => void }): Promise<void> {
     const name = this.objName(key);
     if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
     const d = new IndexDecoder(await this.store.getRange(key, 0, INDEX_HEADER), size, name);
@@ -201,7 +208,7 @@ export class Repository {
       const n = Math.min(per, d.entries - i);
       const b = await this.store.getRange(key, d.entriesAt + i * INDEX_ENTRY, n * INDEX_ENTRY);
       d.checksum(b);
-      d.visit(b, 0, n, i, v.visit);
+      d.visitIds(b, 0, n, i, v.visit);
     }
     d.end();
     v.done?.();
