@@ -62,7 +62,7 @@ const diskGiB = Number(values['disk-gib']);
 const indexEntries = Math.round(Number(values['index-m']) * 1e6);
 const { FsStore } = await import(join(dist, 'objstore/fs.js'));
 const { Repository } = await import(join(dist, 'repo/repository.js'));
-const { encodeIndex } = await import(join(dist, 'repo/format.js'));
+const { encodeIndex } = await import(join(dist, 'repo/index-object.js'));
 
 async function makeRepo(entries) {
   const dir = mkdtempSync(join(tmpdir(), 'kscinc-bench-mem-'));

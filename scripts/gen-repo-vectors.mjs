@@ -4,7 +4,10 @@
 import { readFileSync } from 'node:fs';
 import { initHash, chunkId, merkleRoot } from '../dist/hash/chunkid.js';
 import { encodeBlob } from '../dist/compress/codec.js';
-import { packHeader, packFooter, encodeIndex, encodeManifest, encodeManifestLegacy, PACK_HEADER } from '../dist/repo/format.js';
+import { packHeader, packFooter } from '../dist/repo/pack.js';
+import { encodeIndex } from '../dist/repo/index-object.js';
+import { encodeManifest, encodeManifestLegacy } from '../dist/repo/manifest.js';
+import { PACK_HEADER } from '../dist/repo/constants.js';
 import { ChunkList } from '../dist/repo/chunklist.js';
 
 await initHash();

@@ -18,10 +18,12 @@ export { S3Store, s3ConfigFromEnv, type S3Config, type S3StoreOptions } from './
 export { withRetry, retryCall, isRetryable, type RetryOptions, type RetryInfo } from './objstore/retry.js';
 export { openStore, parseS3Url, type OpenStoreOptions } from './objstore/open.js';
 export { Repository, ChunkIndex, type LockInfo } from './repo/repository.js';
-export type { RepoConfig, Manifest, ManifestMeta, BackupStats } from './repo/format.js';
+export type { RepoConfig } from './repo/config.js';
+export type { Manifest, ManifestMeta, BackupStats } from './repo/manifest.js';
 export { ChunkList, SEGMENT_IDS } from './repo/chunklist.js';
 export { backupDevice, recoverFrozenBitmap, diskUuidOf, type BackupOptions, type BackupResult, type BackupProgress } from './engines/backup.js';
-export { restoreBackup, listBackups, resolveBackup, summarize, type RestoreOptions, type RestoreResult, type BackupSummary } from './engines/restore.js';
+export { restoreBackup, type RestoreOptions, type RestoreResult } from './engines/restore.js';
+export { listBackups, resolveBackup, summarize, type BackupSummary } from './repo/catalog.js';
 export { verifyRepo, type VerifyResult, type Damage } from './engines/verify.js';
 export { pruneRepo, type PruneOptions, type PruneResult } from './engines/prune.js';
 export { selectKeep, type KeepPolicy } from './engines/retention.js';

@@ -6,7 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import { crc32 } from 'node:zlib';
 import { ChunkIndex } from '../src/repo/chunkindex.js';
-import { decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/format.js';
+import { IndexDecoder, decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/index-object.js';
 import { Rng, seedFor } from './helpers/rng.js';
 
 function randomId(rng: Rng): Buffer {
@@ -121,5 +121,60 @@ describe('ChunkIndex', () => {
     let visited = 0;
     expect(() => visitIndex(bad, 'index/x.idx', () => visited++)).toThrow(/index\/x\.idx.*blob offset .* above 2\^53/);
     expect(visited).toBe(0);
+  });
+
+  it('IndexDecoder fed in runs of any size gives what decodeIndex gives; damage is named with the entry number', () => {
+    const seed = seedFor('test/chunkindex.test.ts IndexDecoder');
+    const rng = new Rng(seed);
+    const packs = Array.from({ length: 5 }, () => randomId(rng).toString('hex'));
+    const entries: IndexEntry[] = Array.from({ length: 300 }, (_, i) => ({ id: randomId(rng), pack: packs[rng.int(0, 4)]!, offset: 16 + i * 4096, length: rng.int(33, 4096), rawLength: rng.int(1, 1 << 20) }));
+    const obj = encodeIndex(entries);
+    /** Feeds `b` to a decoder in runs of 1 … 40 entries; returns what it visited before end() and whether end() passed. */
+    const feed = (b: Buffer): { seen: IndexEntry[]; ok: boolean; error?: string } => {
+      const d = new IndexDecoder(b.subarray(0, 32), b.length, 'index/y.idx');
+      d.table(b.subarray(d.tableAt, d.entriesAt));
+      const seen: IndexEntry[] = [];
+      try {
+        for (let i = 0; i < d.entries;) {
+          const n = Math.min(rng.int(1, 40), d.entries - i);
+          const run = Buffer.from(b.subarray(d.entriesAt + i * 40, d.entriesAt + (i + n) * 40)); // a separate buffer, as a ranged read gives
+          d.checksum(run);
+          d.visit(run, 0, n, i, (rb, at, pack, offset, length, rawLength) => seen.push({ id: Buffer.from(rb.subarray(at, at + 16)), pack, offset, length, rawLength }));
+          i += n;
+        }
+        d.end();
+        return { seen, ok: true };
+      } catch (e) {
+        return { seen, ok: false, error: (e as Error).message };
+      }
+    };
+    for (let round = 0; round < 5; round++) expect(feed(obj), `seed ${seed}`).toEqual({ seen: decodeIndex(obj, 'x'), ok: true });
+    // visitIds: the same ids and packs, without the locations.
+    const d = new IndexDecoder(obj.subarray(0, 32), obj.length, 'index/y.idx');
+    d.table(obj.subarray(d.tableAt, d.entriesAt));
+    const idsSeen: string[] = [];
+    for (let i = 0; i < d.entries; i += 64) {
+      const n = Math.min(64, d.entries - i);
+      const run = Buffer.from(obj.subarray(d.entriesAt + i * 40, d.entriesAt + (i + n) * 40));
+      d.checksum(run);
+      d.visitIds(run, 0, n, i, (rb, at, pack) => idsSeen.push(rb.toString('hex', at, at + 16) + pack));
+    }
+    d.end();
+    expect(idsSeen).toEqual(entries.map((e) => e.id.toString('hex') + e.pack));
+    // Entry 250 names pack 5 of 5 (checksum re-sealed): refused naming entry 250, after the entries before it.
+    const badPack = Buffer.from(obj);
+    badPack.writeUInt32LE(5, 32 + 5 * 16 + 250 * 40 + 16);
+    badPack.writeUInt32LE(crc32(badPack.subarray(32), crc32(badPack.subarray(0, 28))), 28);
+    const r = feed(badPack);
+    expect(r.ok).toBe(false);
+    expect(r.error).toMatch(/index\/y\.idx: entry 250 names pack number 5 of 5/);
+    expect(r.seen.length).toBeLessThanOrEqual(250);
+    expect(() => decodeIndex(badPack, 'x')).toThrow(/entry 250 names pack number 5 of 5/);
+    // One id byte flipped: every entry is seen, then end() refuses the checksum.
+    const flipped = Buffer.from(obj);
+    flipped[32 + 5 * 16 + 7 * 40 + 3]! ^= 1;
+    const f = feed(flipped);
+    expect(f).toMatchObject({ ok: false, error: expect.stringMatching(/checksum mismatch/) });
+    expect(f.seen.length).toBe(300);
   });
 });

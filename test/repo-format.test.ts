@@ -8,7 +8,8 @@ import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { initHash, merkleRoot } from '../src/hash/chunkid.js';
 import { compressInto, lz4Bound } from '../src/compress/lz4.js';
-import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom, FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../src/repo/format.js';
+import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom } from '../src/repo/manifest.js';
+import { FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../src/repo/constants.js';
 import { ChunkList, SEGMENT_IDS } from '../src/repo/chunklist.js';
 import { Rng, seedFor } from './helpers/rng.js';
 

@@ -7,8 +7,9 @@
  * kept: prune never decides on what it could not check.
  */
 import { isDamage } from '../errors.js';
-import { type ChunkIndex, type Repository, mapLimit, packKey } from '../repo/repository.js';
-import { fetchChunks, readsOf } from './restore.js';
+import { type ChunkIndex, type Repository, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
+import { fetchChunks, readsOf } from '../repo/fetch.js';
 
 export interface CopyReport {
   /** Chunks in use that have more than one copy. */

@@ -3,9 +3,13 @@
  * damaged object together with the backups that depend on it.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, Repository, manifestKey, mapLimit, packKey } from '../repo/repository.js';
-import { type Manifest, PACK_HEADER, checkPackHeader } from '../repo/format.js';
-import { fetchChunks, listBackups, readsOf } from './restore.js';
+import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
+import { PACK_HEADER } from '../repo/constants.js';
+import { checkPackHeader } from '../repo/pack.js';
+import type { Manifest } from '../repo/manifest.js';
+import { listBackups } from '../repo/catalog.js';
+import { fetchChunks, readsOf } from '../repo/fetch.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */

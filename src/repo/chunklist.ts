@@ -10,8 +10,9 @@ import { join } from 'node:path';
 import { KscError } from '../errors.js';
 import { ID_BYTES, ZERO_ID, chunkId, isZeroId, merkleRoot } from '../hash/chunkid.js';
 
-/** §7.5: ids per segment (1 MiB of ids). 256 × 256, so a full segment is one node of the Merkle tree's level 2. */
-export const SEGMENT_IDS = 65536;
+// §7.5: ids per segment (1 MiB of ids). 256 × 256, so a full segment is one node of the Merkle tree's level 2.
+import { SEGMENT_IDS } from './constants.js';
+export { SEGMENT_IDS };
 const SEGMENT_SHIFT = 16;
 const GROUP = 256; // §7.3 fan-out
 

@@ -21,7 +21,7 @@ import { KscError, isKscError } from '../errors.js';
 import type { HostLock, ObjectStore } from '../objstore/types.js';
 import { pidAlive, processIdentity, processStartTicks } from '../util/process.js';
 import { isoUtc } from '../util/time.js';
-import { randomHexId } from './format.js';
+import { randomHexId } from './constants.js';
 
 /** §8: the lifetime of a lock not refreshed (tests may shorten it with KSCINC_LOCK_STALE_MS, ≥ 1 s). */
 export const STALE_MS = lifetimeFromEnv() ?? 10 * 60 * 1000;

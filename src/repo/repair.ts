@@ -7,11 +7,12 @@
  */
 import { KscError, isDamage, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { CONFIG_KEY, Repository, locationState, mapLimit, packKey } from './repository.js';
-import {
-  type RepoConfig, DEFAULT_PACK, MIB, BACKUP_ID_RE, checkChunkSize, decodeConfig, randomHexId, readManifestInfoFrom,
-  decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-} from './format.js';
+import { CONFIG_KEY, Repository, locationState } from './repository.js';
+import { mapLimit } from '../util/concurrency.js';
+import { BACKUP_ID_RE, DEFAULT_PACK, MANIFEST_KEY_RE, MIB, PACK_KEY_RE, manifestKey, randomHexId } from './constants.js';
+import { type RepoConfig, checkChunkSize, decodeConfig, validPackSize } from './config.js';
+import { readPackFooter } from './pack.js';
+import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
 
 export interface RepairResult {
@@ -25,9 +26,6 @@ export interface RepairResult {
   manifestsOtherChunkSize: string[];
   dryRun: boolean;
 }
-
-const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
-const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
 
 /**
  * Rebuilds `config` of a repository that lost it (or whose config cannot be decoded). KSC_E_EXISTS when the
@@ -48,7 +46,7 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   }
   if (opts.chunkSize !== undefined) checkChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
-  if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
+  if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
 
   // The chunk size every readable manifest records.
   const manifests: { id: string; size: number }[] = [];
@@ -59,7 +57,7 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   const bySize = new Map<number, string[]>();
   const damaged: string[] = [];
   await mapLimit(manifests, 8, async ({ id, size }) => {
-    const key = `manifests/${id}.manifest`;
+    const key = manifestKey(id);
     try {
       const info = await readManifestInfoFrom(size, (offset, length) => store.getRange(key, offset, length), `${store.name}/${key}`);
       let l = bySize.get(info.chunkSize);
@@ -122,12 +120,8 @@ async function largestChunk(store: ObjectStore): Promise<number> {
   }
   let largest = 0;
   await mapLimit(packs, 4, async ({ id, size }) => {
-    const key = packKey(id);
-    const name = `${store.name}/${key}`;
     try {
-      if (size < PACK_HEADER + FOOTER_TAIL) return;
-      const tail = decodePackTail(await store.getRange(key, size - FOOTER_TAIL, FOOTER_TAIL), size, name);
-      const entries = decodePackEntries(await store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY), tail.count, tail.entriesCrc, tail.entriesOffset, name);
+      const entries = await readPackFooter(store, id, size);
       for (const e of entries) largest = Math.max(largest, e.rawLength);
     } catch (e) {
       if (!isDamage(e)) throw e;

@@ -3,41 +3,41 @@
  * and locks. The engines (backup, restore, verify, prune) are built on this class; it owns the object
  * names and the §9 write ordering of the pieces it writes.
  */
-import { crc32 } from 'node:zlib';
 import { KscError, isDamage, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { ID_BYTES, initHash } from '../hash/chunkid.js';
+import { initHash } from '../hash/chunkid.js';
 import { STALE_MS, RepoLock, listLocks, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
 import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
+import { mapLimit } from '../util/concurrency.js';
 import {
-  type RepoConfig, type IndexEntry, type Manifest, type ManifestInfo, type PackEntry, readManifestInfoFrom,
-  DEFAULT_CHUNK, DEFAULT_PACK, checkChunkSize, encodeConfig, decodeConfig, randomHexId,
-  packHeader, packFooter, decodePackTail, decodePackEntries, FOOTER_TAIL, FOOTER_ENTRY, PACK_HEADER,
-  encodeIndex, visitIndex, indexHeader, manifestBody, decodeManifest, readManifestFrom, BACKUP_ID_RE, MIB, INDEX_HEADER, INDEX_ENTRY,
-} from './format.js';
+  BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE,
+  REPO_PREFIXES, indexKey, manifestKey, randomHexId,
+} from './constants.js';
+import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, validPackSize } from './config.js';
+import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
+import { type IdVisitor, type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
+import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
 
-/** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
-export type IndexVisitor = (b: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number) => void;
+export { CONFIG_KEY, indexKey, manifestKey, packKey } from './constants.js';
+export { PackWriter } from './pack.js';
+export type { IdVisitor, IndexVisitor } from './index-object.js';
 
-export const CONFIG_KEY = 'config';
-export const packKey = (id: string): string => `packs/${id.slice(0, 2)}/${id}.pack`;
-export const indexKey = (id: string): string => `index/${id}.idx`;
-export const manifestKey = (id: string): string => `manifests/${id}.manifest`;
-const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
-const INDEX_KEY_RE = /^index\/([0-9a-f]{32})\.idx$/;
-const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
+/** Index objects to read (default: all), with their sizes when known. */
+type IndexObjects = { id: string; size?: number }[] | undefined;
+/** Told of a damaged object instead of throwing. */
+type OnDamage = (key: string, e: KscError) => void;
 
 export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
 
+// re-export for src/engines/backup.ts and src/engines/prune.ts; remove after merge (mapLimit lives in util/concurrency.ts).
+export { mapLimit } from '../util/concurrency.js';
+
 /** How long a reader waits for a prune's exclusive lock to go. */
 const READER_WAIT_MS = 30 * 60_000;
-
-/** The folders only a repository has (§1): a location holding any of them is a repository. */
-const REPO_PREFIXES = ['manifests/', 'index/', 'packs/', 'locks/'];
 
 /**
  * What a location without a config holds (§3.1): nothing, repository objects (its config was lost), or
@@ -84,7 +84,7 @@ export class Repository {
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
     checkChunkSize(chunkSize);
     const packSize = opts.packSize ?? DEFAULT_PACK;
-    if (!Number.isInteger(packSize) || packSize < 4 * MIB || packSize > 256 * MIB) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
+    if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
     const where = await locationState(store);
     if (where.kind === 'repository') throw lostConfig(store, where.example);
     if (where.kind === 'other') {
@@ -160,20 +160,33 @@ export class Repository {
 
   /** How many entries the index objects hold, from their sizes (an upper bound on the distinct chunks). */
   static entriesIn(objects: { size: number }[]): number {
-    return objects.reduce((s, o) => s + Math.max(0, Math.floor((o.size - INDEX_HEADER) / INDEX_ENTRY)), 0);
+    return entriesIn(objects);
   }
 
   /**
-   * Calls `visit` for every entry of every index object (`objects`, default all), a few objects at a time
-   * and without keeping them. A damaged object is reported through `onDamage` (or thrown when absent).
-   * Returns the ids of the objects read whole.
+   * Reads index objects (`objects`, default all) through the one decoder (IndexDecoder), without keeping
+   * them. For each object `open(id)` gives a visitor of its entries and a `done` called once the whole object
+   * has passed its checks. Whole (the default): each object is read whole, 8 at a time, and nothing of a
+   * damaged one is visited. `inRanges`: ids and packs only (IdVisitor), read in ranges of about 4 MiB, two
+   * objects at a time, so memory stays flat however large they are (prune writes one object naming every
+   * chunk in use); entries are then seen before the checksum is, so whatever must not come from a damaged
+   * object waits for `done`. A damaged object is reported through `onDamage` (or thrown when absent).
+   * Returns the ids of the objects read whole and checked.
    */
-  async visitIndexEntries(visit: IndexVisitor, onDamage?: (key: string, e: KscError) => void, objects?: string[]): Promise<string[]> {
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor; done?: () => void }, onDamage?: OnDamage, opts?: { inRanges?: false }): Promise<string[]>;
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IdVisitor; done?: () => void }, onDamage: OnDamage | undefined, opts: { inRanges: true }): Promise<string[]>;
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor | IdVisitor; done?: () => void }, onDamage?: OnDamage, opts: { inRanges?: boolean } = {}): Promise<string[]> {
+    const list = objects ?? (await this.indexObjects());
     const read: string[] = [];
-    await mapLimit(objects ?? (await this.listIndexObjects()), 8, async (id) => {
+    await mapLimit(list, opts.inRanges ? 2 : 8, async ({ id, size }) => {
       const key = indexKey(id);
       try {
-        visitIndex(await this.store.get(key), this.objName(key), visit);
+        if (opts.inRanges) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
+        else {
+          const v = open(id);
+          visitIndex(await this.store.get(key), this.objName(key), v.visit as IndexVisitor);
+          v.done?.();
+        }
         read.push(id);
       } catch (e) {
         if (onDamage && isDamage(e)) onDamage(key, e);
@@ -183,60 +196,49 @@ export class Repository {
     return read;
   }
 
-  /**
-   * Reads index objects in ranges of about 4 MiB, two objects at a time, so memory stays flat however large
-   * they are (prune writes one object naming every chunk in use). For each object `open(id)` gives a
-   * visitor of its entries (ids and packs only) and a `done` called once the whole object has passed its
-   * checks: entries are seen before the checksum is, so whatever must not come from a damaged object waits
-   * for `done`. A damaged object is reported through `onDamage` (or thrown when absent).
-   */
+  /** One index object in ranges of about 4 MiB (see readIndex). */
+  private async readIndexInRanges(key: string, size: number, open: () => { visit: IdVisitor; done?: () => void }): Promise<void> {
+    const name = this.objName(key);
+    if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
+    const d = new IndexDecoder(await this.store.getRange(key, 0, INDEX_HEADER), size, name);
+    d.table(await this.store.getRange(key, d.tableAt, d.entriesAt - d.tableAt));
+    const v = open();
+    const per = Math.max(1, Math.floor((4 * MIB) / INDEX_ENTRY));
+    for (let i = 0; i < d.entries; i += per) {
+      const n = Math.min(per, d.entries - i);
+      const b = await this.store.getRange(key, d.entriesAt + i * INDEX_ENTRY, n * INDEX_ENTRY);
+      d.checksum(b);
+      d.visitIds(b, 0, n, i, v.visit);
+    }
+    d.end();
+    v.done?.();
+  }
+
+  private async objectSize(key: string): Promise<number> {
+    const st = await this.store.stat(key);
+    if (!st) throw new KscError('KSC_E_NOT_FOUND', `repository object ${this.objName(key)} is missing`);
+    return st.size;
+  }
+
+  // re-export for src/engines/backup.ts; remove after merge (it becomes readIndex(objects, open, onDamage, { inRanges: true })).
   async streamIndexIds(objects: { id: string; size: number }[], open: (id: string) => { visit: (b: Buffer, at: number, pack: string) => void; done?: () => void }, onDamage?: (key: string, e: KscError) => void): Promise<void> {
-    await mapLimit(objects, 2, async ({ id, size }) => {
-      const key = indexKey(id);
-      const name = this.objName(key);
-      try {
-        if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
-        const head = await this.store.getRange(key, 0, INDEX_HEADER);
-        const { packs: p, entries: e } = indexHeader(head, size, name);
-        const table = await this.store.getRange(key, INDEX_HEADER, p * 16);
-        let crc = crc32(table, crc32(head.subarray(0, 28)));
-        const packs: string[] = [];
-        for (let i = 0; i < p; i++) packs.push(table.toString('hex', i * 16, i * 16 + 16));
-        const v = open(id);
-        const per = Math.max(1, Math.floor((4 * MIB) / INDEX_ENTRY));
-        for (let i = 0; i < e; i += per) {
-          const n = Math.min(per, e - i);
-          const b = await this.store.getRange(key, INDEX_HEADER + p * 16 + i * INDEX_ENTRY, n * INDEX_ENTRY);
-          crc = crc32(b, crc);
-          for (let j = 0, o = 0; j < n; j++, o += INDEX_ENTRY) {
-            const pn = b.readUInt32LE(o + 16);
-            if (pn >= p) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: entry ${i + j} names pack number ${pn} of ${p}`);
-            if (b.readUInt32LE(o + 28) > 0x1fffff) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: blob offset ${b.readBigUInt64LE(o + 24)} is above 2^53`);
-            v.visit(b, o, packs[pn]!);
-          }
-        }
-        if (crc !== head.readUInt32LE(28)) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: checksum mismatch`);
-        v.done?.();
-      } catch (e) {
-        if (onDamage && isDamage(e)) onDamage(key, e);
-        else throw e;
-      }
-    });
+    await this.readIndex(objects, open, onDamage, { inRanges: true });
   }
 
   /**
-   * Reads every index object. A damaged one is reported through `onDamage` (or thrown when absent).
-   * `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id (16
-   * bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
+   * Reads every index object whole (readIndex). A damaged one is reported through `onDamage` (or thrown when
+   * absent). `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id
+   * (16 bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
    * needed, not the repository.
    */
   async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean } = {}): Promise<ChunkIndex> {
     const idx = new ChunkIndex({ locations: opts.locations ?? true });
     const only = opts.only;
     // Entries go straight into the table (no object per entry: an index object can list millions).
-    const read = await this.visitIndexEntries((b, at, pack, offset, length, rawLength) => {
+    const visit: IndexVisitor = (b, at, pack, offset, length, rawLength) => {
       if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
-    }, onDamage);
+    };
+    const read = await this.readIndex(undefined, () => ({ visit }), onDamage);
     idx.objects.push(...read);
     return idx;
   }
@@ -261,14 +263,7 @@ export class Repository {
 
   /** Reads and checks a pack's footer (§5.3): the chunks it holds. */
   async readPackFooter(pack: string, size?: number): Promise<PackEntry[]> {
-    const key = packKey(pack);
-    const name = this.objName(key);
-    const total = size ?? (await this.store.stat(key))?.size;
-    if (total === undefined) throw new KscError('KSC_E_NOT_FOUND', `repository object ${name} is missing`);
-    if (total < PACK_HEADER + FOOTER_TAIL) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${total} bytes is too short for a pack (truncated?)`);
-    const tail = decodePackTail(await this.store.getRange(key, total - FOOTER_TAIL, FOOTER_TAIL), total, name);
-    const entries = await this.store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY);
-    return decodePackEntries(entries, tail.count, tail.entriesCrc, tail.entriesOffset, name);
+    return readPackFooter(this.store, pack, size);
   }
 
   /** Starts writing packs; see PackWriter. */
@@ -381,166 +376,4 @@ export class Repository {
   }
 }
 
-/**
- * Groups blobs into packs of about `packSize` bytes and uploads each when full (at most `uploads` in
- * flight, so memory stays bounded at (uploads + 1) × packSize). `entries` lists every chunk of every pack
- * whose upload completed (§9 rule 1: only these may go into an index object).
- */
-export class PackWriter {
-  private parts: Buffer[] = [];
-  private pending: PackEntry[] = [];
-  private bytes = 0;
-  private inFlight = new Set<Promise<void>>();
-  private error: unknown = null;
-  /** The chunks of the uploaded packs, 32 bytes each (a full backup of a large disk writes millions). */
-  private readonly written: { pack: string; ids: Buffer; offset: Float64Array; length: Uint32Array; rawLength: Uint32Array }[] = [];
-  private writtenCount = 0;
-  readonly packsWritten: string[] = [];
-  bytesUploaded = 0;
-  /** Ids queued or stored by this writer (so one backup never stores a chunk twice), as a compact set. */
-  private seen = new ChunkIndex({ locations: false });
-  /** Index objects flushIndex wrote. */
-  readonly indexObjects: string[] = [];
-
-  constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
-
-  has(id: Buffer | string): boolean {
-    return this.seen.has(id);
-  }
-
-  /**
-   * Every chunk of every pack whose upload completed. Each iteration starts afresh and makes its entries
-   * as it goes (nothing is held per entry but the 32 bytes above).
-   */
-  get entries(): Iterable<IndexEntry> & { readonly count: number } {
-    const written = this.written;
-    return {
-      count: this.writtenCount,
-      *[Symbol.iterator](): Generator<IndexEntry> {
-        for (const g of written) {
-          for (let i = 0; i < g.offset.length; i++) {
-            yield { id: g.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), pack: g.pack, offset: g.offset[i]!, length: g.length[i]!, rawLength: g.rawLength[i]! };
-          }
-        }
-      },
-    };
-  }
-
-  /** Adds a blob; resolves when there is room for more (back-pressure). */
-  async add(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
-    if (this.error) throw this.error;
-    if (this.seen.has(id)) return;
-    this.seen.addAt(id, 0, '', 0, 0, 0);
-    if (this.parts.length === 0) {
-      this.parts.push(packHeader());
-      this.bytes = PACK_HEADER;
-    }
-    this.pending.push({ id: Buffer.from(id), offset: this.bytes, length: blob.length, rawLength });
-    this.parts.push(blob); // a view into a worker's result buffer, kept until the pack is uploaded
-    this.bytes += blob.length;
-    if (this.bytes >= this.repo.config.packSize) await this.seal();
-  }
-
-  private async seal(): Promise<void> {
-    if (this.pending.length === 0) return;
-    const parts = this.parts;
-    const entries = this.pending;
-    parts.push(packFooter(entries, this.bytes));
-    const size = this.bytes + entries.length * FOOTER_ENTRY + FOOTER_TAIL;
-    this.parts = [];
-    this.pending = [];
-    this.bytes = 0;
-    while (this.inFlight.size >= this.maxUploads) await Promise.race(this.inFlight);
-    if (this.error) throw this.error;
-    const id = randomHexId();
-    const p = this.repo.store.put(packKey(id), parts).then(
-      () => {
-        const n = entries.length;
-        const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
-        entries.forEach((e, i) => {
-          e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
-          g.offset[i] = e.offset;
-          g.length[i] = e.length;
-          g.rawLength[i] = e.rawLength;
-        });
-        this.written.push(g);
-        this.writtenCount += n;
-        this.packsWritten.push(id);
-        this.bytesUploaded += size;
-      },
-      (e) => {
-        this.error ??= e;
-      },
-    ).finally(() => this.inFlight.delete(p));
-    this.inFlight.add(p);
-  }
-
-  /** Seals the last pack and waits for every upload; throws the first upload error. */
-  async finish(): Promise<void> {
-    if (!this.error) await this.seal().catch((e) => (this.error ??= e));
-    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
-    if (this.error) throw this.error;
-  }
-
-  /** Ids queued or stored since the last flushIndex (what `has` answers from). */
-  get seenCount(): number {
-    return this.seen.size;
-  }
-
-  /**
-   * Seals the open pack, waits for every upload, and writes one index object naming the chunks uploaded
-   * since the last flush and `extra` (§9 rules 1–2); then forgets them, `has` included: from here on the
-   * repository's index objects name them. Returns the object's id (null when there was nothing to name).
-   */
-  async flushIndex(extra: IndexEntry[] = []): Promise<string | null> {
-    await this.finish();
-    const entries = this.entries;
-    let id: string | null = null;
-    if (entries.count + extra.length > 0) {
-      id = await this.repo.putIndex({ *[Symbol.iterator]() { yield* entries; yield* extra; } });
-      this.indexObjects.push(id);
-    }
-    this.written.length = 0;
-    this.writtenCount = 0;
-    this.seen = new ChunkIndex({ locations: false });
-    return id;
-  }
-
-  /** Waits for uploads already started (used when abandoning: never leaves promises dangling). */
-  async abandon(): Promise<void> {
-    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
-  }
-}
-
-/**
- * Runs `fn` over `items` (an array or any iterable, consumed as it goes) with at most `limit` in flight;
- * rejects with the first error after all settle, and takes no new item once one failed.
- */
-export async function mapLimit<T>(items: Iterable<T>, limit: number, fn: (item: T, i: number) => Promise<void>): Promise<void> {
-  const it = items[Symbol.iterator]();
-  let next = 0;
-  let error: unknown = null;
-  const worker = async (): Promise<void> => {
-    while (!error) {
-      let n: IteratorResult<T>;
-      try {
-        n = it.next();
-      } catch (e) {
-        error ??= e;
-        return;
-      }
-      if (n.done) return;
-      const i = next++;
-      try {
-        await fn(n.value, i);
-      } catch (e) {
-        error ??= e;
-      }
-    }
-  };
-  const workers = Array.isArray(items) ? Math.min(limit, items.length) : limit;
-  await Promise.all(Array.from({ length: workers }, worker));
-  if (error) throw error;
-}
-
-export { ID_BYTES };
+export { ID_BYTES } from '../hash/chunkid.js';

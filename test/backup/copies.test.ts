@@ -17,7 +17,7 @@ import { verifyRepo } from '../../src/engines/verify.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { openImage } from '../../src/image/open.js';
 import { indexKey, packKey } from '../../src/repo/repository.js';
-import { decodeIndex } from '../../src/repo/format.js';
+import { decodeIndex } from '../../src/repo/index-object.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';

@@ -20,7 +20,7 @@ import { pruneRepo } from '../../src/engines/prune.js';
 import { openKsc } from '../../src/image/open.js';
 import { indexKey, manifestKey, packKey } from '../../src/repo/repository.js';
 import { ID_BYTES, ZERO_ID } from '../../src/hash/chunkid.js';
-import { decodeIndex } from '../../src/repo/format.js';
+import { decodeIndex } from '../../src/repo/index-object.js';
 import { closePool } from '../../src/compress/pool.js';
 import { isKscError } from '../../src/errors.js';
 import { Rng, seedFor } from '../helpers/rng.js';

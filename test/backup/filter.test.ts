@@ -8,7 +8,7 @@
 import { join } from 'node:path';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { crc32 } from 'node:zlib';
-import { decodeIndex, encodeIndex } from '../../src/repo/format.js';
+import { decodeIndex, encodeIndex } from '../../src/repo/index-object.js';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice, type BackupOptions } from '../../src/engines/backup.js';
 import { verifyRepo } from '../../src/engines/verify.js';
@@ -36,7 +36,7 @@ const MODES: [string, BackupOptions][] = [
 /** Every index entry of the repository, as hex ids (duplicates kept). */
 async function indexEntries(repo: Repository): Promise<string[]> {
   const out: string[] = [];
-  await repo.visitIndexEntries((b, at) => void out.push(b.toString('hex', at, at + 16)));
+  await repo.readIndex(undefined, () => ({ visit: (b, at) => void out.push(b.toString('hex', at, at + 16)) }));
   return out;
 }
 
@@ -174,9 +174,9 @@ describe('index objects read in ranges', () => {
       expect(objects.length).toBe(1);
       const streamed: string[] = [];
       let done = 0;
-      await repo.streamIndexIds(objects, () => ({ visit: (b, at, pack) => void streamed.push(b.toString('hex', at, at + 16) + pack), done: () => void done++ }));
+      await repo.readIndex(objects, () => ({ visit: (b, at, pack) => void streamed.push(b.toString('hex', at, at + 16) + pack), done: () => void done++ }), undefined, { inRanges: true });
       const whole: string[] = [];
-      await repo.visitIndexEntries((b, at, pack) => void whole.push(b.toString('hex', at, at + 16) + pack));
+      await repo.readIndex(undefined, () => ({ visit: (b, at, pack) => void whole.push(b.toString('hex', at, at + 16) + pack) }));
       expect(streamed).toEqual(whole);
       expect(done).toBe(1);
       expect(whole.length).toBe(b1.chunksNew);
@@ -188,17 +188,25 @@ describe('index objects read in ranges', () => {
       writeFileSync(file, bytes);
       const damaged: string[] = [];
       done = 0;
-      await repo.streamIndexIds(objects, () => ({ visit: () => undefined, done: () => void done++ }), (key) => void damaged.push(key));
+      await repo.readIndex(objects, () => ({ visit: () => undefined, done: () => void done++ }), (key) => void damaged.push(key), { inRanges: true });
       expect(done).toBe(0);
       expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
-      await expect(repo.streamIndexIds(objects, () => ({ visit: () => undefined }))).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringMatching(/checksum mismatch/) });
+      // Read whole, a damaged object shows nothing: no entry visited, no done.
+      const seenWhole: string[] = [];
+      damaged.length = 0;
+      expect(await repo.readIndex(objects, () => ({ visit: () => void seenWhole.push('x'), done: () => void done++ }), (key) => void damaged.push(key))).toEqual([]);
+      expect(seenWhole).toEqual([]);
+      expect(done).toBe(0);
+      expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
+      await expect(repo.readIndex(objects, () => ({ visit: () => undefined }), undefined, { inRanges: true })).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringMatching(/checksum mismatch/) });
       // A blob offset above 2^53 under a valid checksum: refused in ranges as whole.
       const odd = encodeIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 8, rawLength: 8 }]);
       odd.writeUInt32LE(0x00200000, odd.length - 40 + 28);
       odd.writeUInt32LE(crc32(odd.subarray(32), crc32(odd.subarray(0, 28))), 28);
       await repo.store.put('index/' + 'cd'.repeat(16) + '.idx', odd);
       const oddObject = [{ id: 'cd'.repeat(16), size: odd.length }];
-      await expect(repo.streamIndexIds(oddObject, () => ({ visit: () => undefined }))).rejects.toThrow(/above 2\^53/);
+      await expect(repo.readIndex(oddObject, () => ({ visit: () => undefined }), undefined, { inRanges: true })).rejects.toThrow(/above 2\^53/);
+      await expect(repo.readIndex(oddObject, () => ({ visit: () => undefined }))).rejects.toThrow(/above 2\^53/);
       expect(() => decodeIndex(odd, 'x')).toThrow(/above 2\^53/);
       await repo.store.delete('index/' + 'cd'.repeat(16) + '.idx');
 

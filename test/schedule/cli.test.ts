@@ -12,7 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openKsc } from '../../src/index.js';
 import { FsStore } from '../../src/objstore/fs.js';
 import { Repository } from '../../src/repo/repository.js';
-import { listBackups } from '../../src/engines/restore.js';
+import { listBackups } from '../../src/repo/catalog.js';
 import { readState, statePathFor } from '../../src/engines/schedule/state.js';
 import { CLI, kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';

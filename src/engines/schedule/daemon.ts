@@ -17,7 +17,7 @@ import { isKscError } from '../../errors.js';
 import type { ScheduleConfig, ScheduleJob } from './config.js';
 import type { BackupImageFn, PruneFn } from './actions.js';
 import { expandImages } from './glob.js';
-import { KeyedMutex, KeyedRwLock } from './locks.js';
+import { KeyedMutex, KeyedRwLock } from '../../util/concurrency.js';
 import { countRuns, dueOf, regularNext, retryDelay, type Due } from './plan.js';
 import { StateStore, lockState, newJobState, statePathFor, type JobState, type RunKind, type RunRecord } from './state.js';
 import { formatDuration } from './duration.js';

@@ -1,13 +1,16 @@
 /**
- * Reading chunks out of packs, for restore, verify and prune: blobs of one pack close together are
- * coalesced into one ranged read, many reads are in flight, each blob is checked and decompressed in the
- * workers (formats/repository.md §5.2), and a read that fails its checks can be retried chunk by chunk
- * from the chunk's other copies (§6.1).
+ * Reading chunks out of packs, the repository side of restore, verify and prune's copy choice: blobs of
+ * one pack close together are coalesced into one ranged read, many reads are in flight, each blob is
+ * checked and decompressed in the workers (formats/repository.md §5.2), and a read that fails its checks
+ * can be retried chunk by chunk from the chunk's other copies (§6.1).
  */
 import { KscError, isDamage } from '../errors.js';
 import { unpackInto, SharedSlot } from '../compress/pool.js';
 import { BLOB_HEADER } from '../compress/codec.js';
-import { type ChunkIndex, type Repository, mapLimit, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
+import type { ChunkIndex } from './chunkindex.js';
+import { packKey } from './constants.js';
+import type { Repository } from './repository.js';
 
 /** One chunk of a coalesced read. `from`/`to`: for a restore, the range of its plan's order holding the positions that need it. */
 export interface ReadItem {
@@ -58,7 +61,6 @@ export function* coalesce(blobs: Iterable<Blob>, maxRead: number): Generator<Rea
   if (cur) yield cur;
 }
 
-
 /** Coalesced reads (of at most 16 MiB) of the chunks in index `slots`, which are all in one pack, sorted by offset. */
 export function readsOf(slots: number[], index: ChunkIndex): Read[] {
   return [...coalesce(slots.map((s) => ({
@@ -66,7 +68,6 @@ export function readsOf(slots: number[], index: ChunkIndex): Read[] {
     item: { id: index.idAt(s), at: 0, length: index.blobLength(s) },
   })), 16 * 1024 * 1024)];
 }
-
 
 /**
  * Fetches and decodes the reads; calls `sink` with each chunk (verified against its id). A read that fails
