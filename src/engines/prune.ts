@@ -8,11 +8,12 @@
  * a backup that has not committed yet survive whatever the locks say.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, Repository, mapLimit, indexKey, packKey } from '../repo/repository.js';
+import { ChunkIndex, Repository, indexKey, packKey } from '../repo/repository.js';
+import { mapLimit } from '../util/concurrency.js';
 import { readMark, writeMark } from '../repo/gcmark.js';
-import { visitIndex, type IndexEntry } from '../repo/format.js';
+import { visitIndex, type IndexEntry } from '../repo/index-object.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
-import { listBackups } from './restore.js';
+import { listBackups } from '../repo/catalog.js';
 import { type CopyReport, chooseCopies } from './copies.js';
 import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
 

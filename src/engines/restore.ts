@@ -19,9 +19,6 @@ import { resolveBackup } from '../repo/catalog.js';
 import { mapLimit } from '../util/concurrency.js';
 import { uuidToBytes } from '../util/uuid.js';
 
-// re-export for src/engines/prune.ts; remove after merge (the catalogue lives in repo/catalog.ts).
-export { listBackups } from '../repo/catalog.js';
-
 export interface RestoreOptions {
   /** Output format of a new target (default raw). An existing target keeps its format. */
   format?: 'raw' | 'ksc_inc';

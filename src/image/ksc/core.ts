@@ -11,7 +11,7 @@ import { KscError } from '../../errors.js';
 import type { HostFile } from '../../io/file.js';
 import { HEADER_SLOTS } from '../../format/constants.js';
 import { type Header, encodeHeader } from '../../format/header.js';
-import { Mutex, RangeLock } from '../../util/rangelock.js';
+import { Mutex, RangeLock } from '../../util/concurrency.js';
 import type { Allocator } from '../allocator.js';
 import type { SparseBitmap } from '../bitmapstore.js';
 import type { IntentLog } from '../intent.js';
