@@ -75,15 +75,20 @@ async function prepareRepository(repo: Repository, held: Held, what: string, chu
 }
 
 /**
- * §9 rule 3 and §8 rule 4: the manifest goes up last; a lock lost while it went up (the process paused
- * there) may have let a prune delete what it names, so the manifest is taken back and the backup fails.
+ * §9 rules 1–3: the packs have landed; now the index object naming them (and `indexExtra`, adopted
+ * orphans), the manifest last. §8 rule 4: a lock lost while the manifest went up (the process paused there)
+ * may have let a prune delete what it names, so the manifest is taken back and the backup fails (the
+ * caller then undoes the handover). `manifest` is made once the index is durable (its stats time that).
  */
-async function publishManifest(repo: Repository, lock: RepoLock, manifest: Omit<Manifest, 'root'>): Promise<void> {
-  await repo.putManifest(manifest);
+async function commitBackup(repo: Repository, writer: PackWriter, lock: RepoLock, indexExtra: IndexEntry[], manifest: () => Omit<Manifest, 'root'>): Promise<void> {
+  await writer.flushIndex(indexExtra);
+  lock.check();
+  const m = manifest();
+  await repo.putManifest(m);
   try {
     lock.check();
   } catch (e) {
-    await repo.deleteManifest(manifest.meta.id).catch(() => undefined);
+    await repo.deleteManifest(m.meta.id).catch(() => undefined);
     throw e;
   }
 }
@@ -162,13 +167,11 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const stats = pipeline.stats;
     opts.progress?.({ phase: 'commit', doneBytes: stats.bytesRead, totalBytes: stats.totalBytes });
 
-    // §9 rules 1–3: packs landed; now the index naming them (and adopted orphans); the manifest last.
-    await writer.flushIndex(indexExtra);
-    lock.check();
-    const durationMs = Math.round(performance.now() - t0);
-    await publishManifest(repo, lock, {
-      full, disk, timeMs: pit.frozenAt, size: dev.size, chunkSize: C, bitmapToken: handover.newToken, ids,
-      meta: { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored, chunksDirty: read.count, durationMs } },
+    let durationMs = 0;
+    await commitBackup(repo, writer, lock, indexExtra, () => {
+      durationMs = Math.round(performance.now() - t0);
+      const meta = { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored, chunksDirty: read.count, durationMs } };
+      return { full, disk, timeMs: pit.frozenAt, size: dev.size, chunkSize: C, bitmapToken: handover.newToken, ids, meta };
     });
     await handover.commit(); // §10 step 3: the new token, then drop the frozen bits
     const base = { id, repository: repo.name, disk, parent: parent?.meta.id ?? null, full, fullReason, size: dev.size, chunks, chunksDirty: read.count, dedupe: dedupe.kind, durationMs };

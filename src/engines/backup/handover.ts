@@ -27,6 +27,19 @@ function bitmapNames(img: KscImage): string[] {
   return img.bitmapList.filter((b) => b !== null).map((b) => b!.name);
 }
 
+/** Why `bitmap` cannot tell what changed (creating it when missing), or null when it can. */
+async function bitmapProblem(img: KscImage, bitmap: string, chunkSize: number): Promise<string | null> {
+  if (!img.hasBitmap(bitmap)) {
+    await img.addBitmap(bitmap, { enabled: true });
+    return `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
+  }
+  const st = img.bitmapInfo(bitmap)!;
+  if (!st.consistent) return st.damage ? `bitmap "${bitmap}" is not consistent: ${st.damage}` : `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
+  if (!st.enabled) return `bitmap "${bitmap}" is disabled`;
+  if (st.granularity > chunkSize) return `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${chunkSize}`;
+  return null;
+}
+
 /** One backup's handover of `bitmap` on `img` (both null: a device without one; nothing to hand over). */
 export class Handover {
   /** The token the new backup records (null without a bitmap). */
@@ -56,26 +69,12 @@ export class Handover {
     await recoverFrozenBitmap(this.img, this.bitmap);
     const tokens = tokenBitmapsOf(bitmapNames(this.img), this.bitmap);
     let fullReason: string | null = asked;
-    const problem = await this.bitmapProblem(chunkSize); // always: it creates a missing bitmap
+    const problem = await bitmapProblem(this.img, this.bitmap, chunkSize); // always: it creates a missing bitmap
     fullReason ??= problem;
     let token: string | null = null;
     if (tokens.length === 1) token = tokenOf(tokens[0]!, this.bitmap);
     else fullReason ??= tokens.length === 0 ? 'no earlier backup of this disk through this bitmap' : 'the bitmap has several backup tokens';
     return { token, fullReason };
-  }
-
-  /** Why the bitmap cannot tell what changed (creating it when missing), or null when it can. */
-  private async bitmapProblem(chunkSize: number): Promise<string | null> {
-    const { img, bitmap } = this as { img: KscImage; bitmap: string };
-    if (!img.hasBitmap(bitmap)) {
-      await img.addBitmap(bitmap, { enabled: true });
-      return `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
-    }
-    const st = img.bitmapInfo(bitmap)!;
-    if (!st.consistent) return st.damage ? `bitmap "${bitmap}" is not consistent: ${st.damage}` : `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
-    if (!st.enabled) return `bitmap "${bitmap}" is disabled`;
-    if (st.granularity > chunkSize) return `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${chunkSize}`;
-    return null;
   }
 
   /**
