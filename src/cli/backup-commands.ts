@@ -6,7 +6,7 @@ import type { ObjectStore } from '../objstore/types.js';
 import { Repository } from '../repo/repository.js';
 import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
-import { backupDevice } from '../engines/backup.js';
+import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
 import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
@@ -84,7 +84,7 @@ export function registerBackupCommands(program: Command): void {
       const bitmap = o.bitmap === false ? null : typeof o.bitmap === 'string' ? o.bitmap : undefined;
       // A bitmap named on purpose that does not exist is a typo as often as a wish: it would become a
       // permanent bitmap tracking every write. Only the default one is created unasked.
-      const mustExist = typeof bitmap === 'string' && bitmap !== 'backup' && !o.createBitmap;
+      const mustExist = typeof bitmap === 'string' && bitmap !== DEFAULT_BITMAP && !o.createBitmap;
       const missingBitmap = (): KscError => new KscError('KSC_E_NOT_FOUND', `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`);
       const print = (r: BackupResult): void => {
         if (o.json) return printJson(r);

@@ -1,17 +1,16 @@
 /** kscinc bitmap add|remove|clear|enable|disable|list|merge|show. */
 import type { Command } from 'commander';
+import { isHandoverBitmap } from '../engines/backup/bitmap-names.js';
 import { openKsc } from '../image/open.js';
 import type { KscImage } from '../image/ksc.js';
 import { parseSize } from '../util/size.js';
 import { formatSize, printJson, println } from './output.js';
 
 /**
- * Bitmaps the backup engine keeps for itself (engines/backup.ts TOKEN_SEPARATOR and FROZEN_SUFFIX,
- * formats/repository.md §10): not imported from there, which would load the backup engine for a list.
+ * Bitmaps the backup engine keeps for itself (formats/repository.md §10). Its names module imports
+ * nothing, so a list does not load the backup engine.
  */
-export function isInternalBitmap(name: string): boolean {
-  return name.includes('#') || name.endsWith('~frozen');
-}
+export const isInternalBitmap = isHandoverBitmap;
 
 async function withImage<T>(image: string, write: boolean, fn: (img: KscImage) => Promise<T>): Promise<T> {
   const img = await openKsc(image, { write });

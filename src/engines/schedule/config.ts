@@ -8,7 +8,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { parseDocument } from 'yaml';
 import { KscError, ioError } from '../../errors.js';
 import { parseS3Url } from '../../objstore/open.js';
-import { MAX_BACKUP_BITMAP_NAME, TOKEN_SEPARATOR, FROZEN_SUFFIX } from '../backup.js';
+import { backupBitmapNameProblem } from '../backup/bitmap-names.js';
 import { checkPolicy, type KeepPolicy } from '../retention.js';
 import { parseDuration } from './duration.js';
 import { parseWhen, type When } from './when.js';
@@ -115,8 +115,8 @@ function parseBitmap(v: unknown, where: string): string | null | undefined {
   if (v === undefined) return undefined;
   if (v === null || v === false) return null;
   const b = str(v, where, 'bitmap');
-  if (Buffer.byteLength(b) > MAX_BACKUP_BITMAP_NAME) throw invalid(where, `bitmap "${b}" is longer than ${MAX_BACKUP_BITMAP_NAME} bytes`);
-  if (b.includes(TOKEN_SEPARATOR) || b.endsWith(FROZEN_SUFFIX)) throw invalid(where, `bitmap "${b}" may not contain "${TOKEN_SEPARATOR}" or end in "${FROZEN_SUFFIX}"`);
+  const problem = backupBitmapNameProblem(b); // the backup engine's own rule
+  if (problem) throw invalid(where, `bitmap "${b}" ${problem}`);
   return b;
 }
 
