@@ -33,9 +33,6 @@ export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockC
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
 
-// re-export for src/engines/backup.ts and src/engines/prune.ts; remove after merge (mapLimit lives in util/concurrency.ts).
-export { mapLimit } from '../util/concurrency.js';
-
 /** How long a reader waits for a prune's exclusive lock to go. */
 const READER_WAIT_MS = 30 * 60_000;
 
@@ -220,10 +217,6 @@ export class Repository {
     return st.size;
   }
 
-  // re-export for src/engines/backup.ts; remove after merge (it becomes readIndex(objects, open, onDamage, { inRanges: true })).
-  async streamIndexIds(objects: { id: string; size: number }[], open: (id: string) => { visit: (b: Buffer, at: number, pack: string) => void; done?: () => void }, onDamage?: (key: string, e: KscError) => void): Promise<void> {
-    await this.readIndex(objects, open, onDamage, { inRanges: true });
-  }
 
   /**
    * Reads every index object whole (readIndex). A damaged one is reported through `onDamage` (or thrown when

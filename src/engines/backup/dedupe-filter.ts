@@ -6,7 +6,7 @@
  * writer's chunks indexed, so the writer's memory is one window's.
  */
 import { ID_BYTES } from '../../hash/chunkid.js';
-import type { IndexEntry } from '../../repo/format.js';
+import type { IndexEntry } from '../../repo/index-object.js';
 import { BloomFilter } from '../../repo/bloom.js';
 import { ChunkIndex, type PackWriter, type Repository } from '../../repo/repository.js';
 import type { BitSet } from '../../util/bitset.js';
@@ -89,10 +89,18 @@ export class FilterDedupe implements Dedupe {
   static async load(repo: Repository, objects: { id: string; size: number }[], expected: number, settings: DedupeSettings): Promise<FilterDedupe> {
     const d = new FilterDedupe(expected, settings);
     const f = d.filter;
-    await repo.streamIndexIds(objects, () => {
+    await repo.readIndex(objects, () => {
       const packs = new Set<string>();
-      return { visit: (b, at, pack) => (f.bloom.addAt(b, at), packs.add(pack)), done: () => packs.forEach((p) => f.addPack(p)) };
-    }, (key) => void (d.damagedIndex ??= key));
+      return {
+        visit: (b, at, pack) => {
+          f.bloom.addAt(b, at);
+          packs.add(pack);
+        },
+        done: () => packs.forEach((p) => f.addPack(p)),
+      };
+    }, (key) => {
+      d.damagedIndex ??= key;
+    }, { inRanges: true });
     return d;
   }
 
@@ -174,13 +182,13 @@ export class FilterDedupe implements Dedupe {
     for (let j = 0; j < m.ks.length; j++) asked.addAt(m.ids, j * ID_BYTES, '', 0, 0, 0);
     const found = new ChunkIndex({ locations: false });
     const repo = this.repo!;
-    await repo.streamIndexIds(await repo.indexObjects(), () => {
+    await repo.readIndex(await repo.indexObjects(), () => {
       const mine: Buffer[] = [];
       return {
         visit: (b, at) => void (asked.hasAt(b, at) && mine.push(Buffer.from(b.subarray(at, at + ID_BYTES)))),
         done: () => mine.forEach((id) => found.hasAt(id, 0) || found.addAt(id, 0, '', 0, 0, 0)),
       };
-    }, () => undefined);
+    }, () => undefined, { inRanges: true });
     return found;
   }
 }

@@ -5,8 +5,9 @@
  * Loading also adopts packs an interrupted writer uploaded but never indexed (§9 rule 6).
  */
 import { isKscError } from '../../errors.js';
-import type { IndexEntry } from '../../repo/format.js';
-import { Repository, mapLimit, type ChunkIndex, type PackWriter } from '../../repo/repository.js';
+import type { IndexEntry } from '../../repo/index-object.js';
+import { Repository, type ChunkIndex, type PackWriter } from '../../repo/repository.js';
+import { mapLimit } from '../../util/concurrency.js';
 import type { BitSet } from '../../util/bitset.js';
 import { FilterDedupe } from './dedupe-filter.js';
 import type { FrozenView } from './frozen-view.js';

@@ -5,7 +5,7 @@
  */
 import type { BlockDevice } from '../../image/types.js';
 import type { KscImage } from '../../image/ksc.js';
-import { mapLimit } from '../../repo/repository.js';
+import { mapLimit } from '../../util/concurrency.js';
 import { BitSet } from '../../util/bitset.js';
 import { chunkSetFromExtents, runsOf } from './chunk-sets.js';
 import { FrozenView } from './frozen-view.js';

@@ -3,7 +3,7 @@
  * an incremental. Its chunk list is the start of the new one, so it must be there, match this disk, and
  * refer only to chunks the repository still holds; otherwise the backup is full and says why.
  */
-import type { Manifest } from '../../repo/format.js';
+import type { Manifest } from '../../repo/manifest.js';
 import type { Repository } from '../../repo/repository.js';
 import type { Dedupe } from './dedupe.js';
 
