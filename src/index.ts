@@ -23,6 +23,7 @@ export { ChunkList, SEGMENT_IDS } from './repo/chunklist.js';
 export { backupDevice, recoverFrozenBitmap, diskUuidOf, type BackupOptions, type BackupResult, type BackupProgress } from './engines/backup.js';
 export { restoreBackup, listBackups, resolveBackup, summarize, type RestoreOptions, type RestoreResult, type BackupSummary } from './engines/restore.js';
 export { liveRestore, type LiveRestoreOptions, type LiveRestoreResult } from './engines/live-restore.js';
+export { pullImage, type PullOptions, type PullResult } from './engines/pull.js';
 export { BackupBacking, type BackupBackingStats } from './image/repobacking.js';
 export { verifyRepo, type VerifyResult, type Damage } from './engines/verify.js';
 export { pruneRepo, type PruneOptions, type PruneResult } from './engines/prune.js';

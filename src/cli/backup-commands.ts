@@ -10,6 +10,7 @@ import { backupDevice } from '../engines/backup.js';
 import { restoreBackup, listBackups, summarize } from '../engines/restore.js';
 import { verifyRepo } from '../engines/verify.js';
 import { liveRestore } from '../engines/live-restore.js';
+import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
@@ -175,6 +176,25 @@ export function registerBackupCommands(program: Command): void {
         println(`  ${restoreCounts(r)}`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
+    });
+
+  program
+    .command('pull')
+    .argument('<image>', 'a live-restored image (kscinc restore --live) that nothing serves')
+    .option('--concurrency <n>', 'chunks fetched at a time', count('--concurrency'), 4)
+    .option('--json', 'print the summary as JSON')
+    .description('fetch every chunk a live-restored image still reads from its backup, then drop the backup as its backing')
+    .addHelpText('after', '\nResumable: a pull that is stopped (even killed) keeps what it flushed; run it again.')
+    .action(async (image: string, o: { concurrency: number; json?: boolean }) => {
+      const bar = progressBar('pull', 'chunks');
+      try {
+        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
+        if (o.json) return printJson(r);
+        println(`pulled ${r.chunksFetched} chunks (${formatSize(r.bytesFetched)}) of backup ${r.backup} into ${image}; it no longer needs the repository`);
+        println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
+      } finally {
+        await closePool();
+      }
     });
 
   program
