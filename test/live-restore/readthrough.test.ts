@@ -16,6 +16,7 @@ import { openImage, openKsc } from '../../src/image/open.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { KscImage } from '../../src/image/ksc.js';
 import { closePool } from '../../src/compress/pool.js';
+import { checkImage } from '../../src/engines/check.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, expectKscError, expectSame, makeDisk, newRepo, openRepo, zeroChunks } from '../backup/helpers/fixtures.js';
@@ -100,6 +101,23 @@ describe('live restore read-through', () => {
     } finally {
       await again.close();
     }
+  });
+
+  it('a close right after reads waits for their fills: the image checks clean, nothing leaked, the fills kept', async () => {
+    const { repoDir, full } = await backedUp('close', 16 * MiB);
+    const repo = await openRepo(repoDir);
+    const target = join(dir, 'close-live.ksc');
+    await liveRestore(repo, repoDir, 'latest', target);
+    await repo.store.close();
+    const img = await openKsc(target, { write: true });
+    const C = backingOf(img).blockSize;
+    expectSame(await img.read(0, full.length), full, 'read');
+    const fetched = backingOf(img).stats.chunksFetched;
+    await img.close(); // no settled(): fills may still be in flight
+    const rep = await checkImage(target);
+    expect(rep.errors).toEqual([]);
+    expect(rep.leakedBytes).toBe(0);
+    expect(rep.dataBlocks).toBe((fetched * C) / (64 * 1024));
   });
 
   it('a read-only open reads through without filling', async () => {

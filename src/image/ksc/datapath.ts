@@ -362,8 +362,15 @@ async function zeroLocked(c: KscCore, offset: number, length: number, mayTrim: b
  * rule 3, at the next flush), and a crash before leaves the blocks UNALLOCATED, reading the same bytes.
  * Returns the blocks filled; fills nothing (0) on an image that cannot change.
  */
-export async function fillFromBacking(c: KscCore, offset: number, data: Buffer): Promise<number> {
-  if (c.closed || c.readOnly || c.broken || c.refuseChanges || data.length === 0) return 0;
+export function fillFromBacking(c: KscCore, offset: number, data: Buffer): Promise<number> {
+  if (c.closed || c.closing || c.readOnly || c.broken || c.refuseChanges || data.length === 0) return Promise.resolve(0);
+  const p = fillLocked(c, offset, data);
+  c.fills.add(p);
+  void p.finally(() => c.fills.delete(p)).catch(() => undefined);
+  return p;
+}
+
+async function fillLocked(c: KscCore, offset: number, data: Buffer): Promise<number> {
   checkRange(c, offset, data.length);
   while (c.gate) await c.gate;
   c.changesInFlight++;
