@@ -10,6 +10,8 @@ import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
 import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
+import { liveRestore } from '../engines/live-restore.js';
+import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
@@ -141,11 +143,23 @@ export function registerBackupCommands(program: Command): void {
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
     .option('--force', 'overwrite an existing target that is not a copy of the backup\'s disk')
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
+    .option('--live', 'live restore: create a kscinc image that reads through to the backup (only the manifest is read now); serve it at once with "kscinc serve TARGET"')
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
     .addHelpText('after', '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 64 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).')
-    .action(async (backup: string, target: string, o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; json?: boolean }) => {
+    .action(async (backup: string, target: string, o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; live?: boolean; json?: boolean }) => {
       const format = o.outputFormat;
+      if (o.live) {
+        if (o.force) throw new KscError('KSC_E_INVALID', 'restore --live makes a new image: --force does not apply');
+        await withRepo(o.repo, 'open', async (repo) => {
+          const r = await liveRestore(repo, o.repo, backup, target, { disk: o.disk });
+          if (o.json) return printJson(r);
+          println(`live-restored backup ${r.backup} to ${target} (kscinc, ${formatSize(r.size)}, reading through to ${r.location})`);
+          println(`  serve it now: kscinc serve ${target}; guest writes are tracked in bitmap "${r.bitmap}"${r.tokenRecord ? ' (the next backup is incremental)' : ' (the backup had no bitmap token: the next backup is full)'}`);
+          println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
+        });
+        return;
+      }
       await withRepo(o.repo, 'open', async (repo) => {
         const bar = progressBar('restore');
         let r;
@@ -163,6 +177,25 @@ export function registerBackupCommands(program: Command): void {
         println(`  ${restoreCounts(r)}`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
+    });
+
+  program
+    .command('pull')
+    .argument('<image>', 'a live-restored image (kscinc restore --live) that nothing serves')
+    .option('--concurrency <n>', 'chunks fetched at a time', count('--concurrency'), 4)
+    .option('--json', 'print the summary as JSON')
+    .description('fetch every chunk a live-restored image still reads from its backup, then drop the backup as its backing')
+    .addHelpText('after', '\nResumable: a pull that is stopped (even killed) keeps what it flushed; run it again.')
+    .action(async (image: string, o: { concurrency: number; json?: boolean }) => {
+      const bar = progressBar('pull', 'chunks');
+      try {
+        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
+        if (o.json) return printJson(r);
+        println(`pulled ${r.chunksFetched} chunks (${formatSize(r.bytesFetched)}) of backup ${r.backup} into ${image}; it no longer needs the repository`);
+        println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
+      } finally {
+        await closePool();
+      }
     });
 
   program

@@ -22,7 +22,7 @@ export const COMMAND_GROUPS: Record<string, { commands: string[]; load: () => Pr
   bitmap: { commands: ['bitmap'], load: async () => (await import('./bitmap-commands.js')).registerBitmapCommands },
   io: { commands: ['write', 'read'], load: async () => (await import('./io-commands.js')).registerIoCommands },
   serve: { commands: ['serve'], load: async () => (await import('./serve-commands.js')).registerServeCommands },
-  backup: { commands: ['backup', 'restore', 'backups', 'verify', 'prune', 'repo'], load: async () => (await import('./backup-commands.js')).registerBackupCommands },
+  backup: { commands: ['backup', 'restore', 'pull', 'backups', 'verify', 'prune', 'repo'], load: async () => (await import('./backup-commands.js')).registerBackupCommands },
   schedule: { commands: ['schedule'], load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },
   completion: { commands: ['completion'], load: async () => (await import('./completion.js')).registerCompletionCommand },
 };

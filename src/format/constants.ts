@@ -75,4 +75,6 @@ export const enum BackingFormat {
   None = 0,
   Raw = 1,
   Ksc = 2,
+  /** §4.2: a backup in a repository (live restore). */
+  Backup = 3,
 }

@@ -6,6 +6,21 @@ import {
   DEFAULT_INTENT_BITS, MAX_BLOCK_BITS, MAX_DEFAULT_INTENT_REGIONS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS, VERSION,
 } from './constants.js';
 
+/** §4.2: the backup a live-restored image reads through to (backing_format 3). */
+export interface BackupRef {
+  /** The manifest's disk UUID, 16 bytes. */
+  disk: Buffer;
+  /** The manifest's Merkle root (repository.md §7.3), 16 bytes: its fingerprint. */
+  root: Buffer;
+  chunkSize: number;
+  id: string;
+}
+
+/** §4.2 byte offsets and limits of backup_backing. */
+export const BACKUP_REF_OFFSET = 1168;
+export const BACKUP_REF_SIZE = 104;
+export const MAX_BACKUP_ID = 64;
+
 export interface Header {
   version: number;
   mapPageBits: number;
@@ -28,6 +43,31 @@ export interface Header {
   freeListEntries: number;
   backingFormat: BackingFormat;
   backingName: string;
+  /** With backingFormat Backup (3): the backup (§4.2); absent or null otherwise. */
+  backup?: BackupRef | null;
+}
+
+function encodeBackupRef(r: BackupRef, b: Buffer): void {
+  const id = Buffer.from(r.id, 'ascii');
+  if (id.length < 1 || id.length > MAX_BACKUP_ID || !/^[\x21-\x7e]+$/.test(r.id)) throw new KscError('KSC_E_INVALID', `backup id "${r.id}" must be 1 … ${MAX_BACKUP_ID} printable ASCII characters`);
+  if (r.disk.length !== 16 || r.root.length !== 16) throw new KscError('KSC_E_INVALID', 'a backup backing needs a 16-byte disk UUID and Merkle root');
+  const o = BACKUP_REF_OFFSET;
+  r.disk.copy(b, o);
+  r.root.copy(b, o + 16);
+  b.writeUInt32LE(r.chunkSize, o + 32);
+  b.writeUInt8(id.length, o + 36);
+  id.copy(b, o + 40);
+}
+
+function decodeBackupRef(b: Buffer): BackupRef {
+  const o = BACKUP_REF_OFFSET;
+  const n = b.readUInt8(o + 36);
+  return {
+    disk: Buffer.from(b.subarray(o, o + 16)),
+    root: Buffer.from(b.subarray(o + 16, o + 32)),
+    chunkSize: b.readUInt32LE(o + 32),
+    id: b.subarray(o + 40, o + 40 + Math.min(n, MAX_BACKUP_ID)).toString('latin1') + (n > MAX_BACKUP_ID ? '\0' : ''),
+  };
 }
 
 export function encodeHeader(h: Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'>): Buffer {
@@ -59,6 +99,10 @@ export function encodeHeader(h: Omit<Header, 'version' | 'mapPageBits' | 'backin
   }
   b.writeUInt16LE(name.length, 136);
   name.copy(b, 144);
+  if (h.backingFormat === BackingFormat.Backup) {
+    if (!h.backup) throw new KscError('KSC_E_INVALID', 'backing_format 3 needs the backup it names (§4.2)');
+    encodeBackupRef(h.backup, b);
+  }
   b.writeUInt32LE(crc32(b.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
   return b;
 }
@@ -102,6 +146,7 @@ export function decodeHeaderSlot(b: Buffer): SlotResult {
     freeListEntries: b.readUInt32LE(128),
     backingFormat: b.readUInt32LE(132) as BackingFormat,
     backingName: nameLen <= MAX_BACKING_NAME ? b.subarray(144, 144 + nameLen).toString('utf8') : '',
+    backup: b.readUInt32LE(132) === BackingFormat.Backup ? decodeBackupRef(b) : null,
   };
   return { ok: true, header };
 }
@@ -156,6 +201,11 @@ export function validateHeader(h: Header, file: string, fileSize: number): void 
   inFile('intent_offset', h.intentOffset, h.intentWords * 16);
   inFile('bitmap_dir_offset', h.bitmapDirOffset, h.bitmapSlots * 128);
   if (h.freeListOffset !== 0) inFile('free_list_offset', h.freeListOffset, h.freeListEntries * 16);
-  if (h.backingFormat > 2) bad('backing_format', `${h.backingFormat} unknown`);
+  if (h.backingFormat > 3) bad('backing_format', `${h.backingFormat} unknown`);
+  if (h.backingFormat === BackingFormat.Backup) {
+    const r = h.backup!;
+    if (!/^[\x21-\x7e]{1,64}$/.test(r.id)) bad('backup_id', 'is not 1 … 64 printable ASCII characters');
+    if (!(r.chunkSize >= 1 << 20 && r.chunkSize <= 4 << 20 && (r.chunkSize & (r.chunkSize - 1)) === 0)) bad('chunk_size', `${r.chunkSize} is not a power of two from 1 MiB to 4 MiB`);
+  }
   if ((h.backingFormat === 0) !== (h.backingName.length === 0)) bad('backing_name_length', 'disagrees with backing_format');
 }

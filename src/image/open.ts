@@ -11,6 +11,8 @@ import { HEADER_SLOTS, MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { KscImage, type CreateKscOptions } from './ksc.js';
 import { FOREIGN_PROBE_BYTES, foreignError, foreignFormat } from './foreign.js';
 import { RawDevice } from './raw.js';
+import { BackupBacking } from './repobacking.js';
+import type { BackupRef } from '../format/header.js';
 import type { BlockDevice } from './types.js';
 
 export type ImageFormat = 'raw' | 'ksc_inc';
@@ -97,15 +99,20 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   const probe = await opener(file, { write: false });
   let backingName: string | null;
   let backingFormat: ImageFormat;
+  let backup: { ref: BackupRef; size: number } | null = null;
   try {
     const { header } = await KscImage.readHeader(probe);
     backingName = header.backingFormat === 0 ? null : header.backingName;
     backingFormat = header.backingFormat === 1 ? 'raw' : 'ksc_inc';
+    if (header.backingFormat === 3 && header.backup) backup = { ref: header.backup, size: header.virtualSize };
   } finally {
     await probe.close();
   }
   let backing: BlockDevice | null = null;
-  if (backingName !== null) {
+  if (backup) {
+    // §4.2: a live restore. The top image opened for writing holds the repository (rule 5) and fills.
+    backing = await BackupBacking.open(file, backingName!, backup.ref, backup.size, { hold: write && depth === 0 });
+  } else if (backingName !== null) {
     const bpath = resolveBackingPath(file, backingName);
     try {
       backing = await openChain(bpath, backingFormat, depth === 0 && !!opts.backingWritable, { ...opts, force: true }, seen, depth + 1);
@@ -115,7 +122,9 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     }
   }
   try {
-    return await KscImage.open(file, { write, backing, opener, force: !!opts.force });
+    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force });
+    if (write && backing instanceof BackupBacking) backing.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
+    return img;
   } catch (e) {
     await backing?.close();
     throw e;

@@ -306,7 +306,9 @@ describe('absurd header values with a valid CRC', () => {
     ['bitmap_dir_offset past EOF', u64(112, 0x1000000n), 'KSC_E_CORRUPT', 'bitmap_dir_offset'],
     ['free_list_offset past EOF', (h) => (h.writeBigUInt64LE(0x1000000n, 120), h.writeUInt32LE(1, 128)), 'KSC_E_CORRUPT', 'free_list_offset'],
     ['free_list_entries 2^32-1', (h) => (h.writeBigUInt64LE(0x6000n, 120), h.writeUInt32LE(0xffffffff, 128)), 'KSC_E_CORRUPT', 'free_list'],
-    ['backing_format 3', u32(132, 3), 'KSC_E_CORRUPT', 'backing_format'],
+    ['backing_format 4', u32(132, 4), 'KSC_E_CORRUPT', 'backing_format'],
+    // §4.2: a repository backing names its backup; an empty backup_backing is damage.
+    ['backing_format 3 without a backup id', (h) => (h.writeUInt32LE(3, 132), h.writeUInt16LE(3, 136), h.write('/r1', 144)), 'KSC_E_CORRUPT', 'backup_id'],
     ['backing_format 2 without a name', u32(132, 2), 'KSC_E_CORRUPT', 'backing_name_length'],
     ['a backing name without backing_format', (h) => (h.writeUInt16LE(3, 136), h.write('x.k', 144)), 'KSC_E_CORRUPT', 'backing_name_length'],
     ['an unknown incompatible feature bit', u64(24, 2n), 'KSC_E_FORMAT', 'incompatible'],

@@ -47,6 +47,9 @@ export class KscCore {
   changesDrained: (() => void) | null = null;
   gate: Promise<void> | null = null;
   beforeChange: ((offset: number, length: number) => Promise<void>) | null = null;
+  /** Copy-on-read fills in progress (§4.2 rule 3): close waits for them, and none starts once it began. */
+  readonly fills = new Set<Promise<unknown>>();
+  closing = false;
   /** Frozen (§4.1) and opened without force: data changes are refused. */
   refuseChanges = false;
   /** Opened as not cleanly closed (DIRTY, or a damaged header slot: §10 step 1). */

@@ -84,8 +84,9 @@ async function createFile(path: string, opts: CreateKscOptions): Promise<void> {
     bitmapDirOffset,
     freeListOffset: 0,
     freeListEntries: 0,
-    backingFormat: backingName === '' ? BackingFormat.None : opts.backingFormat === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+    backingFormat: backingName === '' ? BackingFormat.None : opts.backup ? BackingFormat.Backup : opts.backingFormat === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
     backingName,
+    backup: opts.backup ?? null,
   };
   const headerBuf = encodeHeader(header); // validates the backing name before the file exists
   const file = await (opts.opener ?? openHostFile)(path, { write: true, create: true });

@@ -351,3 +351,63 @@ async function zeroLocked(c: KscCore, offset: number, length: number, mayTrim: b
     }
   }
 }
+
+// ---------------------------------------------------------------- copy-on-read fills
+
+/**
+ * Copy-on-read (formats/ksc_inc.md §4.2 rule 3): stores `data`, which the backing holds at `offset`, into
+ * the blocks of [offset, offset+data.length) that are whole in it and still UNALLOCATED when their locks
+ * are taken (a change that got there first wins). The disk's content does not change, so no bitmap is
+ * marked and no intent bit is needed: the new clusters are referenced only after they are durable (§9
+ * rule 3, at the next flush), and a crash before leaves the blocks UNALLOCATED, reading the same bytes.
+ * Returns the blocks filled; fills nothing (0) on an image that cannot change.
+ */
+export function fillFromBacking(c: KscCore, offset: number, data: Buffer): Promise<number> {
+  if (c.closed || c.closing || c.readOnly || c.broken || c.refuseChanges || data.length === 0) return Promise.resolve(0);
+  const p = fillLocked(c, offset, data);
+  c.fills.add(p);
+  void p.finally(() => c.fills.delete(p)).catch(() => undefined);
+  return p;
+}
+
+async function fillLocked(c: KscCore, offset: number, data: Buffer): Promise<number> {
+  checkRange(c, offset, data.length);
+  while (c.gate) await c.gate;
+  c.changesInFlight++;
+  try {
+    const B = c.blockSize;
+    const end = offset + data.length;
+    const b0 = Math.ceil(offset / B);
+    let b1 = Math.floor(end / B) - 1; // last block wholly inside
+    if (end === c.size && end % B !== 0) b1 = Math.floor(end / B); // the short last block of the disk
+    if (b1 < b0) return 0;
+    const release = await c.lockBlocks(b0 * B, Math.min(c.size, (b1 + 1) * B) - b0 * B, true);
+    try {
+      if (c.closed || c.broken) return 0;
+      await c.map.ensure(b0, b1);
+      const fresh: { block: number; buf: Buffer }[] = [];
+      for (let b = b0; b <= b1; b++) {
+        if (c.map.page(Math.floor(b / 4096))!.state[b % 4096] !== BlockState.Unallocated) continue;
+        const start = b * B;
+        const piece = data.subarray(start - offset, Math.min(start + B, end) - offset);
+        // A short last block is stored as a whole cluster, zero-padded (as a write of it would be).
+        fresh.push({ block: b, buf: piece.length === B ? piece : Buffer.concat([piece, Buffer.alloc(B - piece.length)]) });
+      }
+      if (fresh.length === 0) return 0;
+      const hosts = c.alloc.allocClusters(fresh.length);
+      const crcs: number[] = new Array(fresh.length);
+      try {
+        await writeCoalesced(c, fresh.map((f, k) => ({ host: hosts[k]!, buf: f.buf, crc: (x: number) => (crcs[k] = x) })));
+      } catch (e) {
+        c.alloc.unusedAgain(hosts);
+        throw e;
+      }
+      fresh.forEach((f, k) => c.map.set(f.block, BlockState.Data, hosts[k]!, crcs[k]!, true));
+      return fresh.length;
+    } finally {
+      release();
+    }
+  } finally {
+    c.leaveChange();
+  }
+}

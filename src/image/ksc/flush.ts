@@ -68,6 +68,10 @@ async function releaseClusters(c: KscCore, clusters: number[]): Promise<void> {
 /** §9 rule 7. Closes the backing chain too. Idempotent. */
 export async function close(c: KscCore): Promise<void> {
   if (c.closed) return;
+  // Fills (§4.2) are the image's own changes, not a caller's: the close waits for them, so none lands after
+  // the last flush with its clusters neither referenced nor free.
+  c.closing = true;
+  while (c.fills.size > 0) await Promise.allSettled([...c.fills]);
   try {
     if (!c.readOnly && !c.broken) {
       await flush(c);

@@ -10,7 +10,7 @@
  */
 import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
 import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
-import type { Header } from '../../format/header.js';
+import type { BackupRef, Header } from '../../format/header.js';
 import type { SparseBitmap } from '../bitmapstore.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
@@ -29,6 +29,8 @@ export interface CreateKscOptions {
   /** Backing file name as stored in the header (relative to the image's folder, or absolute). */
   backingName?: string;
   backingFormat?: 'raw' | 'ksc_inc';
+  /** §4.2: the backing is this backup, in the repository whose location is `backingName` (a live restore). */
+  backup?: BackupRef;
   diskUuid?: Buffer;
   /** Bytes per intent region (§7), a power of two ≥ the block size; default: defaultIntentBits (256 KiB up to 1 TiB). */
   intentRegion?: number;
@@ -162,6 +164,20 @@ export class KscImage implements BlockDevice {
 
   discard(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     return data.discard(this.core, offset, length, opts);
+  }
+
+  /**
+   * Copy-on-read (formats/ksc_inc.md §4.2 rule 3): stores bytes the backing holds at `offset` into the
+   * whole blocks of the range that are still UNALLOCATED. Marks no bitmap. Returns the blocks filled.
+   */
+  fillFromBacking(offset: number, buf: Buffer): Promise<number> {
+    return data.fillFromBacking(this.core, offset, buf);
+  }
+
+  /** §4.2: the backup this image reads through to (backing_format 3), or null. */
+  get backupBacking(): { location: string; id: string; disk: Buffer; root: Buffer; chunkSize: number } | null {
+    const h = this.core.header;
+    return h.backingFormat === BackingFormat.Backup && h.backup ? { location: h.backingName, ...h.backup } : null;
   }
 
   /**
@@ -336,6 +352,7 @@ export class KscImage implements BlockDevice {
       ...c.header,
       backingName: name ?? '',
       backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+      backup: null,
     }));
     c.backingDev = dev;
   }
