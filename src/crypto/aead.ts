@@ -1,0 +1,92 @@
+/**
+ * The AEAD framing of an encrypted repository's objects (formats/repository.md §13.4, §13.5): AES-256-GCM,
+ * a fresh random 96-bit nonce for every encryption, a 128-bit tag. Index objects, manifests and pack footers
+ * are sealed whole in an envelope bound to their kind and object key; blobs carry their own framing, bound
+ * to their header (and so to their chunk id). Pure functions: they run in the workers too.
+ */
+import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
+
+export const SEAL_MAGIC = Buffer.from('KSCSEAL1');
+/** §13.4: magic, kind, reserved, nonce. */
+export const SEAL_HEADER = 24;
+export const NONCE = 12;
+export const TAG = 16;
+/** The bytes sealing adds to an object. */
+export const SEAL_OVERHEAD = SEAL_HEADER + TAG;
+
+/** §13.4 object kinds. */
+export const KIND_INDEX = 1;
+export const KIND_MANIFEST = 2;
+export const KIND_PACK_FOOTER = 3;
+const KIND_NAMES: Record<number, string> = { [KIND_INDEX]: 'index object', [KIND_MANIFEST]: 'manifest', [KIND_PACK_FOOTER]: 'pack footer' };
+
+/** Why an object failed authentication (the caller names the object). */
+export class AuthError extends Error {}
+
+/** §13.4: seals `plain` (one buffer or parts) as an object of `kind` stored under `key` (its object key, e.g. "index/ID.idx"). */
+export function seal(dataKey: Buffer, kind: number, key: string, plain: Buffer | Buffer[], nonce: Buffer = randomBytes(NONCE)): Buffer {
+  const head = Buffer.alloc(SEAL_HEADER);
+  SEAL_MAGIC.copy(head, 0);
+  head[8] = kind;
+  nonce.copy(head, 12);
+  const c = createCipheriv('aes-256-gcm', dataKey, nonce);
+  c.setAAD(Buffer.concat([head, Buffer.from(key, 'utf8')]));
+  const parts = [head];
+  for (const p of Array.isArray(plain) ? plain : [plain]) parts.push(c.update(p));
+  parts.push(c.final(), c.getAuthTag());
+  return Buffer.concat(parts);
+}
+
+/** Opens a sealed object of `kind` stored under `key`; AuthError when it is not one, or fails its tag. */
+export function open(dataKey: Buffer, kind: number, key: string, sealed: Buffer): Buffer {
+  if (sealed.length < SEAL_OVERHEAD || !sealed.subarray(0, 8).equals(SEAL_MAGIC)) throw new AuthError(`not a sealed ${KIND_NAMES[kind] ?? 'object'} (no KSCSEAL1 envelope; truncated, or written without encryption)`);
+  if (sealed[8] !== kind) throw new AuthError(`holds a ${KIND_NAMES[sealed[8]!] ?? `kind-${sealed[8]} object`}, not a ${KIND_NAMES[kind]}`);
+  if (sealed[9] !== 0 || sealed[10] !== 0 || sealed[11] !== 0) throw new AuthError('envelope reserved bytes not zero');
+  const d = createDecipheriv('aes-256-gcm', dataKey, sealed.subarray(12, SEAL_HEADER));
+  d.setAAD(Buffer.concat([sealed.subarray(0, SEAL_HEADER), Buffer.from(key, 'utf8')]));
+  d.setAuthTag(sealed.subarray(sealed.length - TAG));
+  const body = d.update(sealed.subarray(SEAL_HEADER, sealed.length - TAG));
+  try {
+    d.final();
+  } catch {
+    throw new AuthError(`authentication failed (the ${KIND_NAMES[kind]} was modified, belongs elsewhere, or the key is wrong)`);
+  }
+  return body;
+}
+
+/** §13.6: the keyed chunk id, HMAC-SHA256 of the chunk under the id key, first 16 bytes, into `out` at `at`. */
+export function keyedId(idKey: Buffer, data: Uint8Array, out: Buffer, at: number): void {
+  createHmac('sha256', idKey).update(data).digest().copy(out, at, 0, 16);
+}
+
+/**
+ * §13.5: encrypts `plain` into `out` at `at` as nonce ‖ ciphertext ‖ tag, with the blob header `aad`
+ * authenticated. Returns the bytes written (plain.length + 28).
+ */
+export function encryptInto(dataKey: Buffer, aad: Buffer, plain: Uint8Array, out: Buffer, at: number): number {
+  const nonce = randomBytes(NONCE);
+  nonce.copy(out, at);
+  const c = createCipheriv('aes-256-gcm', dataKey, nonce);
+  c.setAAD(aad);
+  let p = at + NONCE;
+  p += c.update(plain).copy(out, p);
+  p += c.final().copy(out, p);
+  p += c.getAuthTag().copy(out, p);
+  return p - at;
+}
+
+/** §13.5: decrypts nonce ‖ ciphertext ‖ tag (`sealed`) with `aad`; AuthError when the tag fails. Nothing of an unauthenticated blob is returned. */
+export function decrypt(dataKey: Buffer, aad: Buffer, sealed: Uint8Array): Buffer {
+  if (sealed.length < NONCE + TAG) throw new AuthError('encrypted blob shorter than its nonce and tag');
+  const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
+  const d = createDecipheriv('aes-256-gcm', dataKey, s.subarray(0, NONCE));
+  d.setAAD(aad);
+  d.setAuthTag(s.subarray(s.length - TAG));
+  const body = d.update(s.subarray(NONCE, s.length - TAG));
+  try {
+    d.final();
+  } catch {
+    throw new AuthError('blob authentication failed (modified, or the key is wrong)');
+  }
+  return body;
+}
