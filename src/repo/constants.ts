@@ -20,12 +20,16 @@ export const PACK_KEY_RE = /^packs\/[0-9a-f]{2}\/([0-9a-f]{32})\.pack$/;
 export const INDEX_KEY_RE = /^index\/([0-9a-f]{32})\.idx$/;
 export const MANIFEST_KEY_RE = /^manifests\/(.+)\.manifest$/;
 /** The folders only a repository has (§3.1): a location holding any of them is a repository. */
-export const REPO_PREFIXES = ['manifests/', 'index/', 'packs/', 'locks/'];
+export const REPO_PREFIXES = ['manifests/', 'index/', 'packs/', 'locks/', 'keys/'];
 
 // §3 config ---------------------------------------------------------------------------------------------
 
 export const CONFIG_FORMAT = 'kscinc-repository';
 export const CONFIG_VERSION = 1;
+/** §13.1: a config with a `features` list. */
+export const CONFIG_VERSION_2 = 2;
+export const FEATURE_ENCRYPTED = 'encrypted';
+export const KNOWN_FEATURES = [FEATURE_ENCRYPTED];
 export const MIN_CHUNK = 1 * MIB;
 export const MAX_CHUNK = 4 * MIB;
 export const DEFAULT_CHUNK = 1 * MIB;
@@ -38,6 +42,10 @@ export const DEFAULT_PACK = 32 * MIB;
 export const PACK_MAGIC = Buffer.from('KSCPACK1');
 export const PACK_END_MAGIC = Buffer.from('KSCPEND1');
 export const PACK_VERSION = 1;
+/** §13.5: the pack version of an encrypted repository (encrypted blobs, sealed footer). */
+export const PACK_VERSION_ENCRYPTED = 2;
+/** §13.5: an encrypted blob's magic ("KBLE" read as u32 LE). */
+export const BLOB_MAGIC_ENCRYPTED = 0x454c424b;
 /** §5.1: magic, version, reserved. */
 export const PACK_HEADER = 16;
 /** §5.3: id, offset, length, raw length. */

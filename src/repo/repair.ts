@@ -44,6 +44,11 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   if (where.kind !== 'repository') {
     throw new KscError('KSC_E_NOT_FOUND', `${store.name} holds no repository objects (no manifests/, index/ or packs/): nothing to rebuild a config from`);
   }
+  for await (const o of store.list('keys/')) {
+    // §13.1: an encrypted repository's config carries its key check; rebuilding it as version 1 would make
+    // the repository read as unencrypted.
+    throw new KscError('KSC_E_INVALID', `${store.name} is an encrypted repository (it holds ${o.key}): its config cannot be rebuilt by repo repair (not supported yet); nothing was changed`);
+  }
   if (opts.chunkSize !== undefined) checkChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
   if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);

@@ -15,7 +15,12 @@ import {
   BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE,
   REPO_PREFIXES, indexKey, manifestKey, randomHexId,
 } from './constants.js';
-import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, validPackSize } from './config.js';
+import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
+import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
+import { type Unlock, unlockFromEnv } from '../crypto/password.js';
+import { addKey, unlock } from '../crypto/keyring.js';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
 import { type IdVisitor, type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
 import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
@@ -32,6 +37,14 @@ type OnDamage = (key: string, e: KscError) => void;
 export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
+
+/** How `repo init --encrypt` protects the new master key (§13.3): a password, a key file, or both. */
+export interface EncryptOptions {
+  password?: Buffer | null;
+  /** A new file to write the master key into (kdf "none"; mode 0600; never overwritten). */
+  keyFile?: string | null;
+  scrypt?: ScryptParams;
+}
 
 /** How long a reader waits for a prune's exclusive lock to go. */
 const READER_WAIT_MS = 30 * 60_000;
@@ -62,7 +75,36 @@ export class Repository {
   /** The lock lifetime and the clocks locks use (tests shorten the one and skew the others). */
   lockTiming: LockTiming = { staleMs: STALE_MS, clock: systemLockClock };
 
-  private constructor(readonly store: ObjectStore, readonly config: RepoConfig) {}
+  /** The 64 bytes the workers take (data key ‖ id key), or undefined for an unencrypted repository. */
+  readonly blobKeys: Uint8Array | undefined;
+
+  /** `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that opened it. */
+  private constructor(readonly store: ObjectStore, readonly config: RepoConfig, readonly keys: RepoKeys | null = null, readonly keyId: string | null = null) {
+    this.blobKeys = keys ? workerKeys(keys) : undefined;
+  }
+
+  /** Until objects are encrypted (§13.4, §13.5), nothing is written in the clear into an encrypted repository. */
+  private notYetEncrypted(): void {
+    if (this.keys) throw new KscError('KSC_E_FORMAT', `${this.name} is encrypted: this kscinc does not write encrypted packs, index objects or manifests yet; nothing was written`);
+  }
+
+  get encrypted(): boolean {
+    return this.keys !== null;
+  }
+
+  /**
+   * §13.1: opens an encrypted config's master key with `u` (default: the environment's password or key file).
+   * A client given a password or key file refuses an unencrypted repository (a config stripped of its
+   * encryption must not make it write in the clear). KSC_E_AUTH when nothing opens it; never writes.
+   */
+  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock): Promise<Repository> {
+    if (!isEncrypted(config)) {
+      if (u && (u.password || u.keyFile) && u.requireEncrypted) throw new KscError('KSC_E_AUTH', `${store.name} is not encrypted, but a password or key file was given: refusing (a config stripped of its encryption would make this client write in the clear; formats/repository.md §13.1)`);
+      return new Repository(store, config);
+    }
+    const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? unlockFromEnv());
+    return new Repository(store, config, k.keys, k.keyId);
+  }
 
   get name(): string {
     return this.store.name;
@@ -76,7 +118,7 @@ export class Repository {
    * already or the location holds other objects; KSC_E_CORRUPT when it holds repository objects without a
    * config (a lost config: see repo repair).
    */
-  static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
+  static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {}): Promise<Repository> {
     if (await store.stat(CONFIG_KEY)) throw new KscError('KSC_E_EXISTS', `${store.name} is already a kscinc repository`);
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
     checkChunkSize(chunkSize);
@@ -88,18 +130,32 @@ export class Repository {
       throw new KscError('KSC_E_EXISTS', `${store.name} is not empty and is not a kscinc repository (it holds ${where.example}): refusing to create a repository among other files; use a new or empty folder or prefix`);
     }
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
+    let u: Unlock | undefined;
+    const enc = opts.encrypt;
+    if (enc) {
+      if (!enc.password && !enc.keyFile) throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (--key-file)');
+      const master = randomBytes(MASTER_KEY_BYTES);
+      config.version = 2;
+      config.features = ['encrypted'];
+      config.encryption = { aead: 'aes-256-gcm', chunkId: 'hmac-sha256-128', keyCheck: deriveKeys(master).check.toString('hex') };
+      // §13.3: the key file (created, never overwritten) and the key object land before the config, so a
+      // repository that is visible can always be opened.
+      if (enc.keyFile) writeFileSync(enc.keyFile, JSON.stringify(plainKeyFile(master, config.id), null, 2) + '\n', { flag: 'wx', mode: 0o600 });
+      if (enc.password) await addKey(store, config.id, master, enc.password, enc.scrypt);
+      u = { password: enc.password, keyFile: enc.keyFile };
+    }
     await store.put(CONFIG_KEY, encodeConfig(config));
     await initHash();
     // Two inits racing on an empty location both put a config; whichever landed last is the repository's,
     // and both go on with it (§3.1).
-    return new Repository(store, decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`));
+    return Repository.unlocked(store, decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`), u);
   }
 
   /**
    * Opens the repository at `store`; never writes. Without a config: KSC_E_CORRUPT when the location holds
    * repository objects (a lost config, §3.1), KSC_E_NOT_FOUND otherwise.
    */
-  static async open(store: ObjectStore): Promise<Repository> {
+  static async open(store: ObjectStore, u?: Unlock): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
     let raw: Buffer;
     try {
@@ -112,12 +168,14 @@ export class Repository {
         ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
         : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`);
     }
+    let config: RepoConfig;
     try {
-      return new Repository(store, decodeConfig(raw, `${store.name}/config`));
+      config = decodeConfig(raw, `${store.name}/config`);
     } catch (e) {
       if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
       throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
     }
+    return Repository.unlocked(store, config, u);
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup); see init. */
@@ -238,6 +296,7 @@ export class Repository {
 
   /** Writes an index object of `entries` (iterated twice: see encodeIndex). */
   async putIndex(entries: Iterable<IndexEntry>): Promise<string> {
+    this.notYetEncrypted();
     const id = randomHexId();
     await this.store.put(indexKey(id), encodeIndex(entries));
     return id;
@@ -261,6 +320,7 @@ export class Repository {
 
   /** Starts writing packs; see PackWriter. */
   packWriter(opts: { uploads?: number } = {}): PackWriter {
+    this.notYetEncrypted();
     return new PackWriter(this, opts.uploads ?? 2);
   }
 
@@ -327,6 +387,7 @@ export class Repository {
 
   /** §9 rule 3: the commit point of a backup. */
   async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
+    this.notYetEncrypted();
     await this.store.put(manifestKey(m.meta.id), manifestBody(m));
   }
 

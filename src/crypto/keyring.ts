@@ -1,0 +1,110 @@
+/**
+ * The key objects of an encrypted repository (`keys/ID.key`, formats/repository.md §13.3): listing them,
+ * unlocking the master key with a password or a key file, adding, removing (never the last) and changing
+ * a password. Writes are single atomic puts: a new key object lands before an old one goes (passwd).
+ */
+import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { hostname, userInfo } from 'node:os';
+import { KscError } from '../errors.js';
+import type { ObjectStore } from '../objstore/types.js';
+import { type KeyObject, type RepoKeys, type ScryptParams, DEFAULT_SCRYPT, decodeKeyObject, deriveKeys, keyMatches, unwrapMaster, wrapMaster } from './keys.js';
+import type { Unlock } from './password.js';
+
+export const KEY_PREFIX = 'keys/';
+export const keyObjectKey = (id: string): string => `keys/${id}.key`;
+const KEY_RE = /^keys\/([0-9a-f]{32})\.key$/;
+
+export interface Unlocked {
+  keys: RepoKeys;
+  master: Buffer;
+  /** The key object that opened it (null: a key file). */
+  keyId: string | null;
+}
+
+/** The ids of the key objects, sorted. */
+export async function listKeyIds(store: ObjectStore): Promise<string[]> {
+  const out: string[] = [];
+  for await (const o of store.list(KEY_PREFIX)) {
+    const m = KEY_RE.exec(o.key);
+    if (m) out.push(m[1]!);
+  }
+  return out.sort();
+}
+
+export async function readKeyObject(store: ObjectStore, id: string): Promise<KeyObject> {
+  return decodeKeyObject(await store.get(keyObjectKey(id)), `${store.name}/${keyObjectKey(id)}`);
+}
+
+/**
+ * Unlocks the master key of the repository `repoId` (config keyCheck `check`): from the key file when
+ * given, else by trying the password on every key object. KSC_E_AUTH (naming the objects tried) when
+ * nothing opens; never writes.
+ */
+export async function unlock(store: ObjectStore, repoId: string, check: string, u: Unlock): Promise<Unlocked> {
+  if (u.keyFile) {
+    let k: KeyObject;
+    try {
+      k = decodeKeyObject(readFileSync(u.keyFile), u.keyFile);
+    } catch (e) {
+      if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
+      throw new KscError('KSC_E_INVALID', `key file ${u.keyFile} cannot be read: ${(e as Error).message}`, { cause: e });
+    }
+    const master = await unwrapMaster(k, u.password ?? null);
+    const keys = master && deriveKeys(master);
+    if (!master || !keys || k.repository !== repoId || !keyMatches(keys, check)) {
+      throw new KscError('KSC_E_AUTH', `key file ${u.keyFile} does not open ${store.name}${k.repository !== repoId ? ` (it is the key of repository ${k.repository})` : master ? ' (its key is not this repository\'s)' : ' (wrong password)'}; nothing was changed`);
+    }
+    return { keys, master, keyId: null };
+  }
+  const ids = await listKeyIds(store);
+  if (!u.password) {
+    throw new KscError('KSC_E_AUTH', `${store.name} is encrypted: give its password in KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or a key file (--key-file or KSCINC_KEY_FILE)`);
+  }
+  if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
+  const damaged: string[] = [];
+  for (const id of ids) {
+    let k: KeyObject;
+    try {
+      k = await readKeyObject(store, id);
+    } catch (e) {
+      if (!(e as KscError).code?.startsWith('KSC_E_')) throw e;
+      damaged.push((e as Error).message);
+      continue;
+    }
+    const master = await unwrapMaster(k, u.password);
+    if (!master) continue;
+    const keys = deriveKeys(master);
+    if (k.repository !== repoId || !keyMatches(keys, check)) {
+      damaged.push(`key ${store.name}/${keyObjectKey(id)} opens but holds another repository's key (planted?)`);
+      continue;
+    }
+    return { keys, master, keyId: id };
+  }
+  const names = ids.map((id) => `${store.name}/${keyObjectKey(id)}`).join(', ');
+  throw new KscError('KSC_E_AUTH', `wrong password for ${store.name}: no key object opens with it (tried ${names}; a key object that was modified fails the same way)${damaged.length ? `; ${damaged.join('; ')}` : ''}. Nothing was changed`);
+}
+
+/** Adds a key object wrapping `master` under `password`; returns its id. */
+export async function addKey(store: ObjectStore, repoId: string, master: Buffer, password: Buffer, s: ScryptParams = DEFAULT_SCRYPT): Promise<string> {
+  const k = await wrapMaster(master, password, repoId, s);
+  let user = '';
+  try {
+    user = userInfo().username;
+  } catch {
+    /* no passwd entry */
+  }
+  k.host = hostname();
+  k.user = user;
+  const id = randomBytes(16).toString('hex');
+  await store.put(keyObjectKey(id), Buffer.from(JSON.stringify(k, null, 2) + '\n'));
+  return id;
+}
+
+/** Removes key object `id`; refuses the last one (KSC_E_INVALID), and an id that is not there (KSC_E_NOT_FOUND). */
+export async function removeKey(store: ObjectStore, id: string): Promise<void> {
+  const ids = await listKeyIds(store);
+  if (!ids.includes(id)) throw new KscError('KSC_E_NOT_FOUND', `${store.name} has no key ${id}`);
+  if (ids.length === 1) throw new KscError('KSC_E_INVALID', `key ${id} is the last key of ${store.name}: removing it would make the repository unreadable; add another first`);
+  await store.delete(keyObjectKey(id));
+}

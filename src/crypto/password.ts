@@ -1,0 +1,58 @@
+/**
+ * Where a password comes from (formats/repository.md §13.3): KSCINC_PASSWORD_FILE, KSCINC_PASSWORD_COMMAND
+ * (run by /bin/sh, its standard output), or a key file (KSCINC_KEY_FILE or --key-file) — never the command
+ * line. A new password (key add, passwd) comes from KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND.
+ */
+import { readFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { KscError } from '../errors.js';
+
+/** How to unlock an encrypted repository. */
+export interface Unlock {
+  password?: Buffer | null;
+  keyFile?: string | null;
+  /** Refuse an unencrypted repository (the CLI sets it when the user gave a password or key file explicitly). */
+  requireEncrypted?: boolean;
+}
+
+function trimNewline(b: Buffer): Buffer {
+  let n = b.length;
+  if (n > 0 && b[n - 1] === 0x0a) n--;
+  if (n > 0 && b[n - 1] === 0x0d) n--;
+  return b.subarray(0, n);
+}
+
+/** A password from `fileVar` or `commandVar` in `env`, or null when neither is set. */
+export function passwordFrom(env: NodeJS.ProcessEnv, fileVar: string, commandVar: string): Buffer | null {
+  const file = env[fileVar];
+  const command = env[commandVar];
+  if (file && command) throw new KscError('KSC_E_INVALID', `${fileVar} and ${commandVar} are both set: set one`);
+  if (file) {
+    try {
+      return trimNewline(readFileSync(file));
+    } catch (e) {
+      throw new KscError('KSC_E_INVALID', `${fileVar} ${file} cannot be read: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  if (command) {
+    try {
+      return trimNewline(execFileSync('/bin/sh', ['-c', command], { stdio: ['ignore', 'pipe', 'inherit'], timeout: 60_000, maxBuffer: 64 * 1024 }));
+    } catch (e) {
+      throw new KscError('KSC_E_INVALID', `${commandVar} failed: ${(e as Error).message}`, { cause: e });
+    }
+  }
+  return null;
+}
+
+/** The unlock material the environment gives (KSCINC_PASSWORD_FILE/COMMAND, KSCINC_KEY_FILE). */
+export function unlockFromEnv(env: NodeJS.ProcessEnv = process.env): Unlock {
+  return { password: passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND'), keyFile: env.KSCINC_KEY_FILE || null };
+}
+
+/** The new password of `key add` / `key passwd`, required. */
+export function newPasswordFromEnv(env: NodeJS.ProcessEnv = process.env): Buffer {
+  const p = passwordFrom(env, 'KSCINC_NEW_PASSWORD_FILE', 'KSCINC_NEW_PASSWORD_COMMAND');
+  if (!p) throw new KscError('KSC_E_INVALID', 'the new password is read from KSCINC_NEW_PASSWORD_FILE or KSCINC_NEW_PASSWORD_COMMAND (never from the command line): set one');
+  if (p.length === 0) throw new KscError('KSC_E_INVALID', 'the new password is empty');
+  return p;
+}
