@@ -5,6 +5,19 @@
 import { chunkId, ID_BYTES } from '../hash/chunkid.js';
 import { writeBlobHeader, BLOB_HEADER, COMP_LZ4, COMP_NONE } from './codec.js';
 import { compressInto, lz4Bound } from './lz4.js';
+import { encryptInto, keyedId, NONCE, TAG } from '../crypto/aead.js';
+
+/**
+ * The keys of an encrypted repository as the workers take them (formats/repository.md §13.2): 64 bytes,
+ * K_data then K_id. Absent: an unencrypted repository.
+ */
+export type BlobKeys = Uint8Array | undefined;
+
+/** The id of `chunk` into `out` at `at`: keyed (§13.6) or not (§2). */
+function idOf(chunk: Buffer, out: Buffer, at: number, keys: BlobKeys): void {
+  if (keys) keyedId(Buffer.from(keys.buffer, keys.byteOffset + 32, 32), chunk, out, at);
+  else chunkId(chunk, out, at);
+}
 
 const ZERO = Buffer.alloc(65536);
 
@@ -21,13 +34,13 @@ export function isZero(b: Buffer): boolean {
  * Chunk ids of chunks lying back to back in `src` (the zero id for an all-zero chunk). The hasher must be
  * initialised (initHash).
  */
-export function hashBatch(src: Buffer, lengths: number[]): Buffer {
+export function hashBatch(src: Buffer, lengths: number[], keys?: BlobKeys): Buffer {
   const ids = Buffer.alloc(lengths.length * ID_BYTES);
   let off = 0;
   for (let i = 0; i < lengths.length; i++) {
     const chunk = src.subarray(off, off + lengths[i]!);
     off += lengths[i]!;
-    if (!isZero(chunk)) chunkId(chunk, ids, i * ID_BYTES);
+    if (!isZero(chunk)) idOf(chunk, ids, i * ID_BYTES, keys);
   }
   return ids;
 }
@@ -38,7 +51,12 @@ export function hashBatch(src: Buffer, lengths: number[]): Buffer {
  * Each blob is a 32-byte header and the chunk, LZ4-compressed when `compress` and smaller, else stored.
  * The hasher must be initialised (initHash).
  */
-export function packBatchSync(src: Buffer, lengths: number[], compress: boolean): Buffer {
+export function packBatchSync(src: Buffer, lengths: number[], compress: boolean, keys?: BlobKeys): Buffer {
+  const dataKey = keys ? Buffer.from(keys.buffer, keys.byteOffset, 32) : null;
+  // §13.5: an encrypted blob's stored bytes are nonce ‖ ciphertext ‖ tag; the plain stored bytes are made
+  // after the nonce's room and encrypted in place.
+  const extra = dataKey ? NONCE + TAG : 0;
+  const body = BLOB_HEADER + (dataKey ? NONCE : 0);
   const n = lengths.length;
   const head = n * ID_BYTES + n * 4;
   const ids = Buffer.alloc(n * ID_BYTES);
@@ -50,8 +68,8 @@ export function packBatchSync(src: Buffer, lengths: number[], compress: boolean)
     off += lengths[i]!;
     zero.push(isZero(chunk));
     if (zero[i]) continue;
-    chunkId(chunk, ids, i * ID_BYTES);
-    cap += BLOB_HEADER + Math.max(chunk.length, lz4Bound(chunk.length));
+    idOf(chunk, ids, i * ID_BYTES, keys);
+    cap += BLOB_HEADER + extra + Math.max(chunk.length, lz4Bound(chunk.length));
   }
   const out = Buffer.allocUnsafeSlow(cap);
   ids.copy(out, 0);
@@ -65,14 +83,15 @@ export function packBatchSync(src: Buffer, lengths: number[], compress: boolean)
       out.writeUInt32LE(0, n * ID_BYTES + i * 4);
       continue;
     }
-    let stored = compress ? compressInto(chunk, out, p + BLOB_HEADER) : 0;
+    let stored = compress ? compressInto(chunk, out, p + body) : 0;
     let method = COMP_LZ4;
     if (stored === 0) {
-      chunk.copy(out, p + BLOB_HEADER);
+      chunk.copy(out, p + body);
       stored = len;
       method = COMP_NONE;
     }
-    writeBlobHeader(out, p, method, len, stored, ids, i * ID_BYTES);
+    writeBlobHeader(out, p, method, len, stored + extra, ids, i * ID_BYTES, dataKey !== null);
+    if (dataKey) stored = encryptInto(dataKey, out.subarray(p, p + BLOB_HEADER), out.subarray(p + body, p + body + stored), out, p + BLOB_HEADER);
     out.writeUInt32LE(BLOB_HEADER + stored, n * ID_BYTES + i * 4);
     p += BLOB_HEADER + stored;
   }

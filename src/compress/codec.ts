@@ -4,8 +4,10 @@
  */
 import { decompressInto, lz4napi } from './lz4.js';
 import { chunkId, ID_BYTES } from '../hash/chunkid.js';
+import { AuthError, decrypt, keyedId } from '../crypto/aead.js';
 
 export const BLOB_MAGIC = 0x424c424b; // "KBLB" read as u32 LE
+export const BLOB_MAGIC_ENCRYPTED = 0x454c424b; // "KBLE" read as u32 LE (§13.5)
 export const BLOB_HEADER = 32;
 export const COMP_NONE = 0;
 export const COMP_LZ4 = 1;
@@ -28,8 +30,8 @@ export function encodeBlob(chunk: Buffer, id: Uint8Array, compress = true): Buff
 }
 
 /** §5.2: the 32-byte blob header at `at`; the id is read from `ids` at `idAt`. */
-export function writeBlobHeader(out: Buffer, at: number, method: number, rawLength: number, storedLength: number, ids: Uint8Array, idAt: number): void {
-  out.writeUInt32LE(BLOB_MAGIC, at);
+export function writeBlobHeader(out: Buffer, at: number, method: number, rawLength: number, storedLength: number, ids: Uint8Array, idAt: number, encrypted = false): void {
+  out.writeUInt32LE(encrypted ? BLOB_MAGIC_ENCRYPTED : BLOB_MAGIC, at);
   out[at + 4] = method;
   out[at + 5] = out[at + 6] = out[at + 7] = 0;
   out.writeUInt32LE(rawLength, at + 8);
@@ -44,14 +46,24 @@ export class BlobError extends Error {}
  * Decodes and verifies a blob into `dst` at `at`: magic, lengths, the expected id, decompression and the id
  * of the result. Returns the raw length; throws BlobError with the reason on any mismatch.
  */
-export function decodeBlobInto(blob: Uint8Array, expectId: Uint8Array, maxRaw: number, dst: Buffer, at: number): number {
+export function decodeBlobInto(blob: Uint8Array, expectId: Uint8Array, maxRaw: number, dst: Buffer, at: number, keys?: Uint8Array): number {
   const b = Buffer.from(blob.buffer, blob.byteOffset, blob.byteLength);
-  const raw = blobRawLength(b, maxRaw);
+  const raw = blobRawLength(b, maxRaw, keys !== undefined);
   const method = b[4]!;
-  const storedLen = b.readUInt32LE(12);
+  let storedLen = b.readUInt32LE(12);
   if (!b.subarray(16, 32).equals(Buffer.from(expectId.buffer, expectId.byteOffset, ID_BYTES))) throw new BlobError('blob holds a different chunk id');
   if (raw > dst.length - at) throw new BlobError(`blob raw_length ${raw} does not fit the output`);
-  const stored = b.subarray(BLOB_HEADER);
+  let stored = b.subarray(BLOB_HEADER);
+  if (keys) {
+    // §13.5: authenticate before anything else reads the stored bytes.
+    try {
+      stored = decrypt(Buffer.from(keys.buffer, keys.byteOffset, 32), b.subarray(0, BLOB_HEADER), stored);
+    } catch (e) {
+      if (e instanceof AuthError) throw new BlobError(e.message);
+      throw e;
+    }
+    storedLen = stored.length;
+  }
   if (method === COMP_NONE) {
     if (storedLen !== raw) throw new BlobError('uncompressed blob length differs from raw_length');
     stored.copy(dst, at);
@@ -59,15 +71,20 @@ export function decodeBlobInto(blob: Uint8Array, expectId: Uint8Array, maxRaw: n
     if (storedLen < 4 || stored.readUInt32LE(0) !== raw) throw new BlobError('LZ4 size prefix differs from raw_length');
     if (decompressInto(stored, dst, at) !== raw) throw new BlobError(`LZ4 data does not decode to ${raw} bytes`);
   } else throw new BlobError(`unknown compression ${method}`);
-  const id = chunkId(dst.subarray(at, at + raw));
+  const id = Buffer.allocUnsafe(ID_BYTES);
+  if (keys) keyedId(Buffer.from(keys.buffer, keys.byteOffset + 32, 32), dst.subarray(at, at + raw), id, 0);
+  else chunkId(dst.subarray(at, at + raw), id, 0);
   if (!id.equals(b.subarray(16, 32))) throw new BlobError('chunk content does not match its id (hash mismatch)');
   return raw;
 }
 
 /** Checks a blob's header (magic, reserved bytes, lengths); returns its raw length. Throws BlobError. */
-export function blobRawLength(b: Buffer, maxRaw: number): number {
+export function blobRawLength(b: Buffer, maxRaw: number, encrypted = false): number {
   if (b.length < BLOB_HEADER) throw new BlobError(`blob shorter than its header (${b.length} bytes)`);
-  if (b.readUInt32LE(0) !== BLOB_MAGIC) throw new BlobError('bad blob magic');
+  const magic = b.readUInt32LE(0);
+  if (magic !== (encrypted ? BLOB_MAGIC_ENCRYPTED : BLOB_MAGIC)) {
+    throw new BlobError(magic === BLOB_MAGIC_ENCRYPTED ? 'blob is encrypted (KBLE) in a repository read without its key' : magic === BLOB_MAGIC ? 'blob is not encrypted (KBLB) in an encrypted repository' : 'bad blob magic');
+  }
   if (b[5] !== 0 || b[6] !== 0 || b[7] !== 0) throw new BlobError('blob reserved bytes not zero');
   const raw = b.readUInt32LE(8);
   const storedLen = b.readUInt32LE(12);

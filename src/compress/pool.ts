@@ -8,7 +8,9 @@ import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
-import { packBatchSync } from './batch.js';
+import { type BlobKeys, packBatchSync } from './batch.js';
+
+export type { BlobKeys } from './batch.js';
 
 let pool: Piscina | null = null;
 
@@ -79,7 +81,7 @@ export interface PackedChunk {
  * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and
  * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer.
  */
-export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true, opts: { inline?: boolean } = {}): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
+export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true, opts: { inline?: boolean; keys?: BlobKeys } = {}): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
   if (batch.byteOffset !== 0 || batch.byteLength !== batch.buffer.byteLength) throw new Error('packBatch needs a buffer that owns its whole ArrayBuffer');
   let res: Buffer;
   let input: Buffer;
@@ -87,9 +89,9 @@ export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[
     // On this thread: for a few MiB, starting workers costs more than the work.
     await initHash();
     input = Buffer.from(batch.buffer, 0, batch.byteLength);
-    res = packBatchSync(input, lengths, compress);
+    res = packBatchSync(input, lengths, compress, opts.keys);
   } else {
-    const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
+    const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress, keys: opts.keys }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
     res = Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength);
     input = Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength);
   }
@@ -105,15 +107,15 @@ export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[
 }
 
 /** packBatch for separate chunk buffers (copied into one batch). */
-export async function packChunks(chunks: Buffer[], compress = true): Promise<PackedChunk[]> {
+export async function packChunks(chunks: Buffer[], compress = true, keys?: BlobKeys): Promise<PackedChunk[]> {
   const data = concatOwned(chunks);
-  return (await packBatch(data, chunks.map((c) => c.length), compress)).chunks;
+  return (await packBatch(data, chunks.map((c) => c.length), compress, { keys })).chunks;
 }
 
 /** Hashes a batch of chunks in a worker (zero id for all-zero chunks). */
-export async function hashChunks(chunks: Buffer[]): Promise<Buffer[]> {
+export async function hashChunks(chunks: Buffer[], keys?: BlobKeys): Promise<Buffer[]> {
   const data = concatOwned(chunks);
-  const res = Buffer.from((await getPool().run({ op: 'hash', data, lengths: chunks.map((c) => c.length) }, { transferList: [data.buffer] })) as Uint8Array);
+  const res = Buffer.from((await getPool().run({ op: 'hash', data, lengths: chunks.map((c) => c.length), keys }, { transferList: [data.buffer] })) as Uint8Array);
   return chunks.map((_, i) => res.subarray(i * ID_BYTES, (i + 1) * ID_BYTES));
 }
 
@@ -137,10 +139,10 @@ export class SharedSlot {
  * Decodes the blobs at `ranges` of `slot.input` into `slot.output` (back to back, in order) in a worker.
  * The caller must not touch the slot until this resolves. Data views point into `slot.output`.
  */
-export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number): Promise<Unpacked[]> {
+export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number, keys?: BlobKeys): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
   const r = (await getPool().run(
-    { op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output },
+    { op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys },
     { transferList: [idBuf.buffer] },
   )) as { lengths: number[]; errors: Record<string, string> };
   const out: Unpacked[] = [];

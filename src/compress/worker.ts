@@ -14,6 +14,8 @@ export interface PackTask {
   data: Uint8Array;
   lengths: number[];
   compress: boolean;
+  /** An encrypted repository's keys (formats/repository.md §13): keyed ids, encrypted blobs. */
+  keys?: Uint8Array;
 }
 /** Decodes blobs from shared memory into shared memory: nothing is allocated or transferred per batch. */
 export interface UnpackTask {
@@ -24,12 +26,14 @@ export interface UnpackTask {
   maxRaw: number;
   /** Decoded chunks go here back to back (a view of a SharedArrayBuffer, like `data`). */
   out: Uint8Array;
+  keys?: Uint8Array;
 }
 
 export interface HashTask {
   op: 'hash';
   data: Uint8Array;
   lengths: number[];
+  keys?: Uint8Array;
 }
 
 /** A result that moves several buffers back to the caller (the output, and the input for reuse). */
@@ -54,10 +58,10 @@ export default async function run(task: PackTask | UnpackTask | HashTask): Promi
   if (task.op === 'unpack') return unpack(task);
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   if (task.op === 'hash') {
-    const ids = hashBatch(src, task.lengths);
+    const ids = hashBatch(src, task.lengths, task.keys);
     return Piscina.move(new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
   }
-  const out = packBatchSync(src, task.lengths, task.compress);
+  const out = packBatchSync(src, task.lengths, task.compress, task.keys);
   const input = task.data.buffer as ArrayBuffer;
   return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, out.byteOffset, out.byteLength), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
 }
@@ -71,7 +75,7 @@ function unpack(task: UnpackTask): { lengths: number[]; errors: Record<number, s
   for (let i = 0; i < task.ranges.length; i++) {
     const [at, len] = task.ranges[i]!;
     try {
-      const n = decodeBlobInto(src.subarray(at, at + len), task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw, out, p);
+      const n = decodeBlobInto(src.subarray(at, at + len), task.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), task.maxRaw, out, p, task.keys);
       lengths.push(n);
       p += n;
     } catch (e) {

@@ -133,7 +133,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const indexedPacks = new Set<string>();
     await mapLimit(oldIndex, 8, async (id) => {
       try {
-        visitIndex(await repo.store.get(indexKey(id)), repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
+        visitIndex(await repo.readIndexObject(id), repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
           indexedPacks.add(pack);
           if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
         });

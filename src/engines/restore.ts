@@ -214,7 +214,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
       for (let i = 0; i < toHash.length; i += batch) groups.push(toHash.slice(i, i + batch));
       await mapLimit(groups, 3, async (g) => {
         const data = await Promise.all(g.map((k) => dev.read(k * C, lenAt(k))));
-        const ids = await hashChunks(data);
+        const ids = await hashChunks(data, repo.blobKeys);
         g.forEach((k, i) => {
           if (ids[i]!.equals(idAt(k))) chunksUnchanged++;
           else differ.push(k);

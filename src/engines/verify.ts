@@ -201,7 +201,7 @@ async function checkPackEnds(repo: Repository, pack: string, size: number, handl
   const name = repo.objName(key);
   try {
     if (size < PACK_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${size} bytes is too short for a pack`);
-    checkPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name);
+    checkPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name, repo.encrypted);
     const entries = await repo.readPackFooter(pack, size);
     const listed = new Set(entries.map((e) => `${e.id.toString('hex')}@${e.offset}+${e.length}/${e.rawLength}`));
     for (const h of handles) {

@@ -186,7 +186,7 @@ export class BackupBacking implements BlockDevice {
         const got = await this.store.getRange(key, offset, length);
         if (got.length !== length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${length} expected`);
         got.copy(slot.input);
-        const [r] = await unpackInto(slot, [[0, length]], [id], this.blockSize);
+        const [r] = await unpackInto(slot, [[0, length]], [id], this.blockSize, this.repo.blobKeys);
         if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
         if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
         this.stats.chunksFetched++;

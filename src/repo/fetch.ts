@@ -102,7 +102,7 @@ export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concu
           got.copy(target);
         }
         fetched += r.length;
-        res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw);
+        res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw, repo.blobKeys);
         for (let i = 0; i < res.length; i++) {
           const x = res[i]!;
           if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);

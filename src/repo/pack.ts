@@ -7,7 +7,8 @@ import { crc32 } from 'node:zlib';
 import { KscError } from '../errors.js';
 import { ID_BYTES } from '../hash/chunkid.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { FOOTER_ENTRY, FOOTER_TAIL, MIN_BLOB, PACK_END_MAGIC, PACK_HEADER, PACK_MAGIC, PACK_VERSION, packKey, randomHexId } from './constants.js';
+import { FOOTER_ENTRY, FOOTER_TAIL, MIN_BLOB, PACK_END_MAGIC, PACK_HEADER, PACK_MAGIC, PACK_VERSION, PACK_VERSION_ENCRYPTED, packKey, randomHexId } from './constants.js';
+import { AuthError, KIND_PACK_FOOTER, SEAL_OVERHEAD, open as openSealed, seal } from '../crypto/aead.js';
 import { corrupt, safeU64, unsupported } from './corrupt.js';
 import { ChunkIndex } from './chunkindex.js';
 import type { IndexEntry } from './index-object.js';
@@ -20,22 +21,39 @@ export interface PackEntry {
   rawLength: number;
 }
 
-export function packHeader(): Buffer {
+export function packHeader(encrypted = false): Buffer {
   const h = Buffer.alloc(PACK_HEADER);
   PACK_MAGIC.copy(h, 0);
-  h.writeUInt32LE(PACK_VERSION, 8);
+  h.writeUInt32LE(encrypted ? PACK_VERSION_ENCRYPTED : PACK_VERSION, 8);
   return h;
 }
 
-/** Checks a pack's 16-byte header (§5.1): magic, version 1, reserved zero. */
-export function checkPackHeader(h: Buffer, object: string): void {
+/** Checks a pack's 16-byte header (§5.1, §13.4): magic, version 1 (2 in an encrypted repository), reserved zero. */
+export function checkPackHeader(h: Buffer, object: string, encrypted = false): void {
   if (h.length !== PACK_HEADER || !h.subarray(0, 8).equals(PACK_MAGIC)) throw corrupt(object, 'pack header magic missing (not a pack, or damaged)');
-  if (h.readUInt32LE(8) !== PACK_VERSION) throw unsupported(object, `pack version ${h.readUInt32LE(8)} is not supported`);
+  const v = h.readUInt32LE(8);
+  if (v === PACK_VERSION_ENCRYPTED && !encrypted) throw unsupported(object, 'pack version 2 (encrypted) in a repository read without encryption');
+  if (v === PACK_VERSION && encrypted) throw corrupt(object, 'pack version 1 (not encrypted) in an encrypted repository');
+  if (v !== (encrypted ? PACK_VERSION_ENCRYPTED : PACK_VERSION)) throw unsupported(object, `pack version ${v} is not supported`);
   if (h.readUInt32LE(12) !== 0) throw corrupt(object, 'pack header reserved field is not zero');
 }
 
-/** The footer (entries and tail) of a pack whose blobs end at `entriesOffset`. */
-export function packFooter(entries: PackEntry[], entriesOffset: number): Buffer {
+/**
+ * The footer (entries and tail) of a pack whose blobs end at `entriesOffset`; with `sealWith`, the entries
+ * sealed (§13.4) under the data key for the pack's object key.
+ */
+export function packFooter(entries: PackEntry[], entriesOffset: number, sealWith?: { dataKey: Buffer; key: string }): Buffer {
+  if (sealWith) {
+    const plain = packFooter(entries, entriesOffset).subarray(0, entries.length * FOOTER_ENTRY);
+    const sealed = seal(sealWith.dataKey, KIND_PACK_FOOTER, sealWith.key, plain);
+    const tail = Buffer.alloc(FOOTER_TAIL);
+    tail.writeUInt32LE(entries.length, 0);
+    tail.writeUInt32LE(crc32(sealed), 4);
+    tail.writeBigUInt64LE(BigInt(entriesOffset), 8);
+    tail.writeUInt32LE(crc32(tail.subarray(0, 20)), 20);
+    PACK_END_MAGIC.copy(tail, 24);
+    return Buffer.concat([sealed, tail]);
+  }
   const f = Buffer.alloc(entries.length * FOOTER_ENTRY + FOOTER_TAIL);
   entries.forEach((e, i) => {
     const o = i * FOOTER_ENTRY;
@@ -54,13 +72,13 @@ export function packFooter(entries: PackEntry[], entriesOffset: number): Buffer 
 }
 
 /** Decodes the 32-byte tail of a pack of `packSize` bytes: where the entries are and how many. */
-export function decodePackTail(tail: Buffer, packSize: number, object: string): { count: number; entriesOffset: number; entriesCrc: number } {
+export function decodePackTail(tail: Buffer, packSize: number, object: string, sealed = false): { count: number; entriesOffset: number; entriesCrc: number } {
   if (tail.length !== FOOTER_TAIL) throw corrupt(object, `footer tail is ${tail.length} bytes, not 32 (truncated pack?)`);
   if (!tail.subarray(24, 32).equals(PACK_END_MAGIC)) throw corrupt(object, 'footer magic missing (truncated or not a pack)');
   if (tail.readUInt32LE(20) !== crc32(tail.subarray(0, 20))) throw corrupt(object, 'footer tail checksum mismatch');
   const count = tail.readUInt32LE(0);
   const entriesOffset = safeU64(tail, 8, object, 'footer offset');
-  if (entriesOffset < PACK_HEADER || entriesOffset + count * FOOTER_ENTRY + FOOTER_TAIL !== packSize) {
+  if (entriesOffset < PACK_HEADER || entriesOffset + count * FOOTER_ENTRY + (sealed ? SEAL_OVERHEAD : 0) + FOOTER_TAIL !== packSize) {
     throw corrupt(object, `footer says ${count} entries at ${entriesOffset}, which does not fit a ${packSize}-byte pack`);
   }
   return { count, entriesOffset, entriesCrc: tail.readUInt32LE(4) };
@@ -81,15 +99,28 @@ export function decodePackEntries(buf: Buffer, count: number, crc: number, entri
 }
 
 /** Reads and checks the footer (§5.3) of pack `pack` in `store` (`size` bytes: else a stat): the chunks it holds. */
-export async function readPackFooter(store: ObjectStore, pack: string, size?: number): Promise<PackEntry[]> {
+export async function readPackFooter(store: ObjectStore, pack: string, size?: number, dataKey?: Buffer): Promise<PackEntry[]> {
   const key = packKey(pack);
   const name = `${store.name}/${key}`;
   const total = size ?? (await store.stat(key))?.size;
   if (total === undefined) throw new KscError('KSC_E_NOT_FOUND', `repository object ${name} is missing`);
   if (total < PACK_HEADER + FOOTER_TAIL) throw corrupt(name, `${total} bytes is too short for a pack (truncated?)`);
-  const tail = decodePackTail(await store.getRange(key, total - FOOTER_TAIL, FOOTER_TAIL), total, name);
-  const entries = await store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY);
-  return decodePackEntries(entries, tail.count, tail.entriesCrc, tail.entriesOffset, name);
+  const tail = decodePackTail(await store.getRange(key, total - FOOTER_TAIL, FOOTER_TAIL), total, name, dataKey !== undefined);
+  if (!dataKey) {
+    const entries = await store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY);
+    return decodePackEntries(entries, tail.count, tail.entriesCrc, tail.entriesOffset, name);
+  }
+  // §13.4: the sealed entries are authenticated before they are decoded.
+  const sealed = await store.getRange(key, tail.entriesOffset, tail.count * FOOTER_ENTRY + SEAL_OVERHEAD);
+  if (crc32(sealed) !== tail.entriesCrc) throw corrupt(name, 'footer entries checksum mismatch');
+  let plain: Buffer;
+  try {
+    plain = openSealed(dataKey, KIND_PACK_FOOTER, key, sealed);
+  } catch (e) {
+    if (e instanceof AuthError) throw corrupt(name, `footer ${e.message}`);
+    throw e;
+  }
+  return decodePackEntries(plain, tail.count, crc32(plain), tail.entriesOffset, name);
 }
 
 /**
@@ -113,7 +144,7 @@ export class PackWriter {
   /** Index objects flushIndex wrote. */
   readonly indexObjects: string[] = [];
 
-  constructor(private readonly repo: Repository, private readonly maxUploads: number) {}
+  constructor(readonly repo: Repository, private readonly maxUploads: number) {}
 
   has(id: Buffer | string): boolean {
     return this.seen.has(id);
@@ -143,7 +174,7 @@ export class PackWriter {
     if (this.seen.has(id)) return;
     this.seen.addAt(id, 0, '', 0, 0, 0);
     if (this.parts.length === 0) {
-      this.parts.push(packHeader());
+      this.parts.push(packHeader(this.repo.encrypted));
       this.bytes = PACK_HEADER;
     }
     this.pending.push({ id: Buffer.from(id), offset: this.bytes, length: blob.length, rawLength });
@@ -156,14 +187,15 @@ export class PackWriter {
     if (this.pending.length === 0) return;
     const parts = this.parts;
     const entries = this.pending;
-    parts.push(packFooter(entries, this.bytes));
-    const size = this.bytes + entries.length * FOOTER_ENTRY + FOOTER_TAIL;
+    const id = randomHexId();
+    const footer = packFooter(entries, this.bytes, this.repo.keys ? { dataKey: this.repo.keys.data, key: packKey(id) } : undefined);
+    parts.push(footer);
+    const size = this.bytes + footer.length;
     this.parts = [];
     this.pending = [];
     this.bytes = 0;
     while (this.inFlight.size >= this.maxUploads) await Promise.race(this.inFlight);
     if (this.error) throw this.error;
-    const id = randomHexId();
     const p = this.repo.store.put(packKey(id), parts).then(
       () => {
         const n = entries.length;

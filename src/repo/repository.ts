@@ -4,7 +4,7 @@
  * names and the §9 write ordering of the pieces it writes.
  */
 import { KscError, isDamage, isKscError } from '../errors.js';
-import type { ObjectStore } from '../objstore/types.js';
+import { type Body, type ObjectStore, bodyParts } from '../objstore/types.js';
 import { initHash } from '../hash/chunkid.js';
 import { STALE_MS, RepoLock, listLocks, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
 import { ChunkIndex } from './chunkindex.js';
@@ -19,6 +19,7 @@ import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, isEncrypte
 import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
 import { addKey, unlock } from '../crypto/keyring.js';
+import { AuthError, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
@@ -83,9 +84,21 @@ export class Repository {
     this.blobKeys = keys ? workerKeys(keys) : undefined;
   }
 
-  /** Until objects are encrypted (§13.4, §13.5), nothing is written in the clear into an encrypted repository. */
-  private notYetEncrypted(): void {
-    if (this.keys) throw new KscError('KSC_E_FORMAT', `${this.name} is encrypted: this kscinc does not write encrypted packs, index objects or manifests yet; nothing was written`);
+  /** §13.4: an object as stored (sealed in an encrypted repository). */
+  private sealObject(kind: number, key: string, plain: Body): Body {
+    // Sealed whole: an encrypted manifest or index object is held in memory once (not streamed).
+    return this.keys ? seal(this.keys.data, kind, key, [...bodyParts(plain)]) : plain;
+  }
+
+  /** §13.4: the plain bytes of a stored object, authenticated first in an encrypted repository (KSC_E_CORRUPT naming it). */
+  private openObject(kind: number, key: string, stored: Buffer): Buffer {
+    if (!this.keys) return stored;
+    try {
+      return openSealed(this.keys.data, kind, key, stored);
+    } catch (e) {
+      if (e instanceof AuthError) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: ${e.message}`);
+      throw e;
+    }
   }
 
   get encrypted(): boolean {
@@ -236,10 +249,10 @@ export class Repository {
     await mapLimit(list, opts.inRanges ? 2 : 8, async ({ id, size }) => {
       const key = indexKey(id);
       try {
-        if (opts.inRanges) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
+        if (opts.inRanges && !this.keys) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
         else {
           const v = open(id);
-          visitIndex(await this.store.get(key), this.objName(key), v.visit as IndexVisitor);
+          visitIndex(this.openObject(KIND_INDEX, key, await this.store.get(key)), this.objName(key), v.visit as IndexVisitor);
           v.done?.();
         }
         read.push(id);
@@ -294,11 +307,15 @@ export class Repository {
     return idx;
   }
 
+  /** The plain bytes of index object `id` (authenticated first in an encrypted repository, §13.4). */
+  async readIndexObject(id: string): Promise<Buffer> {
+    return this.openObject(KIND_INDEX, indexKey(id), await this.store.get(indexKey(id)));
+  }
+
   /** Writes an index object of `entries` (iterated twice: see encodeIndex). */
   async putIndex(entries: Iterable<IndexEntry>): Promise<string> {
-    this.notYetEncrypted();
     const id = randomHexId();
-    await this.store.put(indexKey(id), encodeIndex(entries));
+    await this.store.put(indexKey(id), this.sealObject(KIND_INDEX, indexKey(id), encodeIndex(entries)));
     return id;
   }
 
@@ -315,12 +332,11 @@ export class Repository {
 
   /** Reads and checks a pack's footer (§5.3): the chunks it holds. */
   async readPackFooter(pack: string, size?: number): Promise<PackEntry[]> {
-    return readPackFooter(this.store, pack, size);
+    return readPackFooter(this.store, pack, size, this.keys?.data);
   }
 
   /** Starts writing packs; see PackWriter. */
   packWriter(opts: { uploads?: number } = {}): PackWriter {
-    this.notYetEncrypted();
     return new PackWriter(this, opts.uploads ?? 2);
   }
 
@@ -341,9 +357,9 @@ export class Repository {
 
   async readManifest(id: string): Promise<Manifest> {
     // A large manifest is read in ranges, never whole.
-    return this.manifestObject(id, (key, size) => (size > STREAM_MANIFEST
+    return this.manifestObject(id, (key, size) => (size > STREAM_MANIFEST && !this.keys
       ? readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList)
-      : this.store.get(key).then((b) => decodeManifest(b, this.objName(key), storeForList))));
+      : this.store.get(key).then((b) => decodeManifest(this.openObject(KIND_MANIFEST, key, b), this.objName(key), storeForList))));
   }
 
   /**
@@ -353,8 +369,8 @@ export class Repository {
    */
   async readManifestInfo(id: string): Promise<ManifestInfo> {
     return this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
-      if (size > STREAM_MANIFEST) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
-      const { ids: _ids, root: _root, ...info } = decodeManifest(await this.store.get(key), this.objName(key));
+      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
+      const { ids: _ids, root: _root, ...info } = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key));
       return info;
     });
   }
@@ -387,8 +403,7 @@ export class Repository {
 
   /** §9 rule 3: the commit point of a backup. */
   async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
-    this.notYetEncrypted();
-    await this.store.put(manifestKey(m.meta.id), manifestBody(m));
+    await this.store.put(manifestKey(m.meta.id), this.sealObject(KIND_MANIFEST, manifestKey(m.meta.id), manifestBody(m)));
   }
 
   async deleteManifest(id: string): Promise<void> {

@@ -96,7 +96,7 @@ export class BatchPipeline {
       return view ? view.takeInto(k, target, keep) : dev.readInto(k * C, target);
     }));
     for (const n of lengths) this.stats.bytesRead += n;
-    const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, { inline: this.shape.inline });
+    const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, { inline: this.shape.inline, keys: this.parts.writer.repo.blobKeys });
     this.spare.push(input);
     for (let i = 0; i < batch.length; i++) {
       const { id, blob } = packed[i]!;
