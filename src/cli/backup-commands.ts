@@ -1,5 +1,6 @@
 /** kscinc backup | restore | backups | verify | prune | repo init | repo repair | repo unlock | repo locks. */
 import { Option, type Command } from 'commander';
+import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
@@ -18,7 +19,6 @@ import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
 import { KscError, isKscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
 import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
 
@@ -106,7 +106,7 @@ export function registerBackupCommands(program: Command): void {
         if (mustExist) {
           // A read-only look (it takes no lock): the bitmap directory is synced whenever it changes.
           const view = await openImage(image);
-          const has = !(view instanceof KscImage) || view.hasBitmap(bitmap);
+          const has = bitmapsOf(view)?.hasBitmap(bitmap) ?? true;
           await view.close();
           if (!has) throw missingBitmap();
         }
@@ -116,7 +116,7 @@ export function registerBackupCommands(program: Command): void {
         if (!r) throw e;
         return print(r);
       }
-      if (mustExist && dev instanceof KscImage && !dev.hasBitmap(bitmap)) {
+      if (mustExist && bitmapsOf(dev)?.hasBitmap(bitmap) === false) {
         await dev.close();
         throw missingBitmap();
       }

@@ -43,8 +43,8 @@ export interface DirtyBitmapCapability {
 }
 
 /**
- * Persistent dirty bitmaps with their management: what `info` lists and what the backup's bitmap handover
- * (formats/repository.md §10) changes. Every change is one durable management step of the device.
+ * Persistent dirty bitmaps with their management: what `info` and `kscinc bitmap` list and change, and
+ * what the backup's bitmap handover (formats/repository.md §10) changes. Every change is one durable management step of the device.
  */
 export interface DirtyBitmaps extends DirtyBitmapCapability {
   /** A bitmap's settings without loading its pages; null when absent. */
@@ -53,6 +53,8 @@ export interface DirtyBitmaps extends DirtyBitmapCapability {
   listBitmaps(): Promise<BitmapStatus[]>;
   addBitmap(name: string, opts?: { granularity?: number; enabled?: boolean }): Promise<void>;
   removeBitmap(name: string): Promise<void>;
+  setBitmapEnabled(name: string, enabled: boolean): Promise<void>;
+  clearBitmap(name: string): Promise<void>;
   /** ORs bitmap `src` into `dst`. */
   mergeBitmap(src: string, dst: string): Promise<void>;
   /** Moves the bits of `name` into a new, disabled bitmap `frozenName` and clears `name`, in one step. */
