@@ -62,7 +62,7 @@ export async function convertImage(src: string, dst: string, opts: ConvertOption
   }
 }
 
-/** With --force, `dst` must not be the source or a file of its backing chain (others may share it). */
+/** With option force, `dst` must not be the source or a file of its backing chain (others may share it). */
 async function refuseChainMember(input: BlockDevice, dst: string): Promise<void> {
   const target = await realpath(dst).catch(() => null);
   if (target === null) return;
