@@ -3,6 +3,7 @@ export { KscError, isKscError, type KscErrorCode } from './errors.js';
 export type { BlockDevice, Extent, ExtentState, WriteOptions, ZeroOptions } from './image/types.js';
 export { KscImage, type BitmapStatus } from './image/ksc.js';
 export { RawDevice } from './image/raw.js';
+export { describeImage, type ImageDescription } from './image/describe.js';
 export { openImage, openKsc, createImage, probeFormat, resolveBackingPath, type OpenImageOptions, type CreateImageOptions, type ImageFormat } from './image/open.js';
 export { parseSize, formatSize } from './util/size.js';
 // Image engines: what the CLI's create/convert/check/snapshot/commit/rebase run.

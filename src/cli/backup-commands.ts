@@ -1,5 +1,6 @@
 /** kscinc backup | restore | backups | verify | prune | repo init | repo repair | repo unlock | repo locks. */
 import { Option, type Command } from 'commander';
+import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
@@ -15,12 +16,12 @@ import { verifyRepo } from '../engines/verify.js';
 import { liveRestore } from '../engines/live-restore.js';
 import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
+import { policyIsEmpty } from '../engines/retention.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
 import { KscError, isKscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
 import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
 
@@ -108,7 +109,7 @@ export function registerBackupCommands(program: Command): void {
         if (mustExist) {
           // A read-only look (it takes no lock): the bitmap directory is synced whenever it changes.
           const view = await openImage(image);
-          const has = !(view instanceof KscImage) || view.hasBitmap(bitmap);
+          const has = bitmapsOf(view)?.hasBitmap(bitmap) ?? true;
           await view.close();
           if (!has) throw missingBitmap();
         }
@@ -118,7 +119,7 @@ export function registerBackupCommands(program: Command): void {
         if (!r) throw e;
         return print(r);
       }
-      if (mustExist && dev instanceof KscImage && !dev.hasBitmap(bitmap)) {
+      if (mustExist && bitmapsOf(dev)?.hasBitmap(bitmap) === false) {
         await dev.close();
         throw missingBitmap();
       }
@@ -252,9 +253,11 @@ export function registerBackupCommands(program: Command): void {
     .option('--json', 'print JSON')
     .description('remove backups by retention, then the chunks and packs nothing references (refuses while a manifest cannot be read)')
     .action(async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
+      const policy = { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly };
       await withRepo(o.repo, 'open', async (repo) => {
+        if (policyIsEmpty(policy)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
         const bar = progressBar('prune', 'steps');
-        const r = await pruneRepo(repo, { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
+        const r = await pruneRepo(repo, { ...policy, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
         if (o.json) return printJson(r);
         for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
         for (const id of o.forgetDamaged ?? []) println(`${r.dryRun ? 'would forget' : 'forgot'} damaged backup ${id}`);

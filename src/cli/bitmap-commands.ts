@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { isHandoverBitmap } from '../engines/backup/bitmap-names.js';
 import { openKsc } from '../image/open.js';
-import type { KscImage } from '../image/ksc.js';
+import type { DirtyBitmaps } from '../image/capabilities.js';
 import { parseSize } from '../util/size.js';
 import { formatSize, printJson, println } from './output.js';
 
@@ -12,7 +12,7 @@ import { formatSize, printJson, println } from './output.js';
  */
 export const isInternalBitmap = isHandoverBitmap;
 
-async function withImage<T>(image: string, write: boolean, fn: (img: KscImage) => Promise<T>): Promise<T> {
+async function withImage<T>(image: string, write: boolean, fn: (img: DirtyBitmaps) => Promise<T>): Promise<T> {
   const img = await openKsc(image, { write });
   try {
     return await fn(img);
@@ -36,7 +36,7 @@ export function registerBitmapCommands(program: Command): void {
       println(`${image}: added bitmap "${name}"`);
     });
 
-  const simple: [string, string, (img: KscImage, name: string) => Promise<void>][] = [
+  const simple: [string, string, (img: DirtyBitmaps, name: string) => Promise<void>][] = [
     ['remove', 'remove a bitmap', (img, n) => img.removeBitmap(n)],
     ['clear', 'clear every bit of a bitmap', (img, n) => img.clearBitmap(n)],
     ['enable', 'start tracking writes in a bitmap', (img, n) => img.setBitmapEnabled(n, true)],

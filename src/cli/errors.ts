@@ -55,6 +55,16 @@ export function plainErrno(e: unknown): string | null {
   return e.path ? `${e.path}: ${what}` : what;
 }
 
+/**
+ * The library names an option of its API as "option NAME" (it knows no command line); the CLI names the
+ * flag that sets it. Only these options have a flag of that name.
+ */
+const FLAGS: Record<string, string> = { force: '--force', forgetDamaged: '--forget-damaged', disk: '--disk', chunkSize: '--chunk-size' };
+
+export function withFlagNames(msg: string): string {
+  return msg.replace(/\boption (\w+)/g, (all, name: string) => FLAGS[name] ?? all);
+}
+
 /** The one line printed for `e` (without the "kscinc: " prefix). */
 export function errorLine(e: unknown): string {
   let msg: string;
@@ -64,6 +74,7 @@ export function errorLine(e: unknown): string {
     const cause = (e as { cause?: unknown }).cause;
     const plain = plainErrno(cause);
     if (plain && isErrno(cause) && msg.includes(cause.message)) msg = msg.replace(cause.message, plain.replace(`${cause.path}: `, ''));
+    msg = withFlagNames(msg);
   } else msg = plainErrno(e) ?? (e instanceof Error ? e.message : String(e));
   return msg.split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ').replace(/:$/, '');
 }

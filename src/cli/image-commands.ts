@@ -5,11 +5,8 @@ import { EXIT } from './exit.js';
 import { checkImage } from '../engines/check.js';
 import { convertImage } from '../engines/convert.js';
 import { commitImage, rebaseImage, snapshotImage } from '../engines/ops.js';
-import { KscImage } from '../image/ksc.js';
+import { describeImage } from '../image/describe.js';
 import { createImage, openImage, probeFormat, type ImageFormat } from '../image/open.js';
-import { RawDevice } from '../image/raw.js';
-import type { BlockDevice } from '../image/types.js';
-import { bytesToUuid } from '../util/uuid.js';
 import { parseSize } from '../util/size.js';
 import { isInternalBitmap } from './bitmap-commands.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
@@ -54,7 +51,7 @@ export function registerImageCommands(program: Command): void {
     .option('--json', 'print the result as JSON')
     .action(async (image: string, o: { size?: number; backing?: string; backingFormat?: ImageFormat; blockSize: number; force?: boolean; json?: boolean }) => {
       await createImage(image, { size: o.size, backing: o.backing, backingFormat: o.backingFormat, blockSize: o.blockSize, force: o.force });
-      const info = await describe(image);
+      const info = await describeImage(image);
       if (o.json) printJson(info);
       else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${formatSize(info.blockSize)}${o.backing ? `, backing ${o.backing}` : ''}`);
     });
@@ -66,7 +63,7 @@ export function registerImageCommands(program: Command): void {
     .option('--all', 'also list the internal bitmaps backups keep (NAME#TOKEN, NAME~frozen)')
     .option('--json', 'print JSON')
     .action(async (image: string, o: { all?: boolean; json?: boolean }) => {
-      const info = await describe(image);
+      const info = await describeImage(image);
       if (o.json) return printJson(o.all ? info : { ...info, bitmaps: info.bitmaps.filter((b) => !isInternalBitmap(b.name)) });
       println(`image: ${info.file}`);
       println(`format: ${info.format}`);
@@ -182,40 +179,4 @@ export function registerImageCommands(program: Command): void {
       const r = await rebaseImage(image, o.backing === '' ? null : o.backing, { unsafe: o.unsafe, format: o.backingFormat, onProgress: bar.update }).finally(bar.stop);
       println(`${image}: backing is now ${o.backing === '' ? 'none' : o.backing} (copied ${formatSize(r.copiedBytes)})`);
     });
-}
-
-export interface ImageDescription {
-  file: string;
-  format: ImageFormat;
-  virtualSize: number;
-  blockSize: number;
-  allocatedBytes: number;
-  diskUuid: string | null;
-  dirty: boolean;
-  backingChain: { file: string; format: ImageFormat }[];
-  bitmaps: { name: string; granularity: number; enabled: boolean; dirtyBytes: number; consistent: boolean; damage?: string | null }[];
-}
-
-export async function describe(image: string): Promise<ImageDescription> {
-  const dev = await openImage(image);
-  try {
-    const chain: { file: string; format: ImageFormat }[] = [];
-    for (let d: BlockDevice | null = dev instanceof KscImage ? dev.backing : null; d; d = d instanceof KscImage ? d.backing : null) {
-      chain.push({ file: d.name, format: d.format });
-    }
-    const alloc = dev instanceof KscImage || dev instanceof RawDevice ? await dev.allocatedBytes() : 0;
-    return {
-      file: image,
-      format: dev.format,
-      virtualSize: dev.size,
-      blockSize: dev.blockSize,
-      allocatedBytes: alloc,
-      diskUuid: dev instanceof KscImage ? bytesToUuid(dev.diskUuid) : null,
-      dirty: dev instanceof KscImage ? dev.wasDirty : false,
-      backingChain: chain,
-      bitmaps: dev instanceof KscImage ? await dev.listBitmaps() : [],
-    };
-  } finally {
-    await dev.close();
-  }
 }

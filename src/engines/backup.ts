@@ -16,7 +16,7 @@
  */
 import { resolve } from 'node:path';
 import type { BlockDevice } from '../image/types.js';
-import { KscImage } from '../image/ksc.js';
+import { bitmapsOf, changeGateOf, identityOf } from '../image/capabilities.js';
 import { chunkId, initHash, ZERO_ID } from '../hash/chunkid.js';
 import { warmPool } from '../compress/pool.js';
 import type { PackWriter, RepoLock, Repository } from '../repo/repository.js';
@@ -38,7 +38,8 @@ export type { BackupOptions, BackupResult, BackupProgress } from './backup/optio
 
 /** §7.4: the UUID of a disk without one. */
 export async function diskUuidOf(dev: BlockDevice): Promise<string> {
-  if (dev instanceof KscImage) return bytesToUuid(dev.diskUuid);
+  const identity = identityOf(dev);
+  if (identity) return bytesToUuid(identity.diskUuid);
   await initHash();
   return bytesToUuid(chunkId(Buffer.from(resolve(dev.name), 'utf8')));
 }
@@ -105,7 +106,7 @@ function resultOf(b: Pick<BackupResult, 'id' | 'repository' | 'disk' | 'parent' 
   };
 }
 
-/** Backs up `dev` into `repo`. The device stays usable (and writable, for a KscImage) throughout. */
+/** Backs up `dev` into `repo`. The device stays usable (and writable, when it offers a change gate) throughout. */
 export async function backupDevice(dev: BlockDevice, repo: Repository, opts: BackupOptions = {}): Promise<BackupResult> {
   const now = opts.now ?? Date.now;
   const t0 = performance.now();
@@ -113,14 +114,14 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
   const id = backupId(started);
   const C = repo.chunkSize;
   const chunks = chunkCount(dev.size, C);
-  const img = dev instanceof KscImage ? dev : null;
-  const bitmap = bitmapFor(opts, img);
+  const bitmaps = bitmapsOf(dev);
+  const bitmap = bitmapFor(opts, bitmaps ? dev : null);
   const settings = dedupeSettings(opts, C);
   await initHash();
   const disk = await diskUuidOf(dev);
   opts.progress?.({ phase: 'plan', doneBytes: 0, totalBytes: 0 });
-  const handover = new Handover(img, bitmap);
-  const pit = new PointInTime(dev, img, { chunkSize: C, chunks }, handover, { now, started });
+  const handover = new Handover(bitmaps, dev.readOnly, bitmap);
+  const pit = new PointInTime(dev, changeGateOf(dev), { chunkSize: C, chunks }, handover, { now, started });
   const held: Held = { lock: null, writer: null, list: null };
   try {
     // Which backup of this disk is the bitmap's reference point (§10)? What the image alone can tell.

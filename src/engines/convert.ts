@@ -5,11 +5,11 @@
  */
 import { realpath } from 'node:fs/promises';
 import { KscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
 import { openImage, openKsc, writeNewImage } from '../image/open.js';
 import { buildNewFile, checkNewTarget } from '../io/newfile.js';
 import { RawDevice } from '../image/raw.js';
 import type { BlockDevice } from '../image/types.js';
+import { allocationOf, chainOf } from '../image/capabilities.js';
 import type { Progress } from './ops.js';
 
 export interface ConvertOptions {
@@ -46,7 +46,7 @@ export async function convertImage(src: string, dst: string, opts: ConvertOption
       let output: BlockDevice;
       if (opts.format === 'raw') output = await RawDevice.create(temp, input.size);
       else {
-        await writeNewImage(temp, { size: input.size, blockSize: opts.blockSize ?? (input instanceof KscImage ? input.blockSize : undefined) });
+        await writeNewImage(temp, { size: input.size, blockSize: opts.blockSize ?? allocationOf(input)?.clusterSize ?? undefined });
         output = await openKsc(temp, { write: true });
       }
       try {
@@ -62,12 +62,12 @@ export async function convertImage(src: string, dst: string, opts: ConvertOption
   }
 }
 
-/** With --force, `dst` must not be the source or a file of its backing chain (others may share it). */
+/** With option force, `dst` must not be the source or a file of its backing chain (others may share it). */
 async function refuseChainMember(input: BlockDevice, dst: string): Promise<void> {
   const target = await realpath(dst).catch(() => null);
   if (target === null) return;
-  for (let d: BlockDevice | null = input; d; d = d instanceof KscImage ? d.backing : null) {
-    if ((await realpath(d.name).catch(() => d!.name)) === target) {
+  for (const d of chainOf(input)) {
+    if ((await realpath(d.name).catch(() => d.name)) === target) {
       throw new KscError('KSC_E_INVALID', `${dst}: is ${d === input ? 'the source image' : 'in the source\'s backing chain'}: convert to another file`);
     }
   }
@@ -76,7 +76,8 @@ async function refuseChainMember(input: BlockDevice, dst: string): Promise<void>
 /** Copies the data-bearing ranges of `input` to `output` (which must read as zeros beforehand). */
 export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'> = {}): Promise<{ bytesRead: number; bytesWritten: number }> {
   if (output.size < input.size) throw new KscError('KSC_E_RANGE', `${output.name} is smaller than ${input.name}`);
-  const unit = output instanceof KscImage ? output.blockSize : 4096;
+  const cluster = allocationOf(output)?.clusterSize ?? null;
+  const unit = cluster ?? 4096;
   // 1 MiB pieces, 8 in flight: the buffers stay in the CPU's caches between the read and the write (both are
   // copies through the page cache). Measured with 4 MiB pieces: ≈ 10% more kernel time, and some runs took
   // twice as long.
@@ -87,9 +88,10 @@ export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: 
   let bytesRead = 0;
   let bytesWritten = 0;
   const jobs = dataChunks(input, chunk, unit);
-  // Into a ksc_inc image, a flush every `flushEvery` bytes runs in the background while copying goes on, so
-  // the final flush finds little left to write (measured: faster). Into a raw file it only stalls writers.
-  const flushEvery = output instanceof KscImage ? 128 << 20 : Number.POSITIVE_INFINITY;
+  // Into a device with its own allocation map (a ksc_inc image), a flush every `flushEvery` bytes runs in the
+  // background while copying goes on, so the final flush finds little left to write (measured: faster). Into
+  // a raw file it only stalls writers.
+  const flushEvery = cluster !== null ? 128 << 20 : Number.POSITIVE_INFINITY;
   let sinceFlush = 0;
   const background: Promise<void>[] = [];
   const worker = async (): Promise<void> => {

@@ -5,7 +5,8 @@
 import * as path from 'node:path';
 import { KscError } from '../errors.js';
 import { BlockState } from '../format/constants.js';
-import { KscImage } from '../image/ksc.js';
+import type { KscImage } from '../image/ksc.js';
+import { chainOf } from '../image/capabilities.js';
 import { openImage, openKsc, probeFormat, writeNewImage } from '../image/open.js';
 import { buildNewFile } from '../io/newfile.js';
 import type { BlockDevice } from '../image/types.js';
@@ -126,7 +127,7 @@ export async function rebaseImage(imagePath: string, newBacking: string | null, 
 
 async function chainContains(dev: BlockDevice, file: string): Promise<boolean> {
   const target = path.resolve(file);
-  for (let d: BlockDevice | null = dev; d; d = d instanceof KscImage ? d.backing : null) {
+  for (const d of chainOf(dev)) {
     if (path.resolve(d.name) === target) return true;
   }
   return false;

@@ -91,11 +91,11 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // §9.2 rule 1: a manifest that cannot be read may reference anything: nothing is deleted until the user
     // says what to do with it.
     for (const id of forget) {
-      if (!damagedManifests.includes(id)) throw new KscError('KSC_E_INVALID', `--forget-damaged ${id}: ${metas.some((m) => m.id === id) ? 'that backup is readable (only damaged manifests can be forgotten)' : `no backup ${id} in ${repo.name}`}`);
+      if (!damagedManifests.includes(id)) throw new KscError('KSC_E_INVALID', `option forgetDamaged ${id}: ${metas.some((m) => m.id === id) ? 'that backup is readable (only damaged manifests can be forgotten)' : `no backup ${id} in ${repo.name}`}`);
     }
     const unknown = damagedManifests.filter((id) => !forget.has(id));
     if (unknown.length > 0) {
-      throw new KscError('KSC_E_CORRUPT', `prune deletes nothing while manifests cannot be read: ${unknown.map((id) => damageWhy.get(id)).join('; ')}. Restore them from a copy, or remove them with --forget-damaged ${unknown.join(' ')} (their backups are then gone and reference nothing)`);
+      throw new KscError('KSC_E_CORRUPT', `prune deletes nothing while manifests cannot be read: ${unknown.map((id) => damageWhy.get(id)).join('; ')}. Restore them from a copy, or remove them with option forgetDamaged ${unknown.join(' ')} (their backups are then gone and reference nothing)`);
     }
     const byDisk = new Map<string, { id: string; disk: string; timeMs: number }[]>();
     for (const m of metas) {

@@ -157,7 +157,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     try {
       if (dev.size !== m.size) throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
       const why = opts.force ? null : await notACopy(dev, target, m.disk);
-      if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or pass --force to overwrite it`);
+      if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or overwrite it with option force`);
     } catch (e) {
       await dev.close();
       throw e;

@@ -20,7 +20,7 @@ export function checkPolicy(p: KeepPolicy): void {
   for (const [k, v] of Object.entries(p)) {
     if (v !== undefined && (!Number.isInteger(v) || v < 0)) throw new KscError('KSC_E_INVALID', `keep ${k} must be a whole number ≥ 0, not ${String(v)}`);
   }
-  if (policyIsEmpty(p)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
+  if (policyIsEmpty(p)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something: last, daily, weekly or monthly above 0');
 }
 
 function parts(timeMs: number, timeZone?: string): { y: number; m: number; d: number } {

@@ -134,6 +134,13 @@ export class RawDevice implements BlockDevice {
     this.punches++;
   }
 
+  /** Capability (capabilities.ts): allocation; the host file system allocates, so no cluster size. */
+  get allocation(): this {
+    return this;
+  }
+
+  readonly clusterSize = null;
+
   async allocatedBytes(): Promise<number> {
     return this.file.allocatedBytes();
   }

@@ -21,7 +21,7 @@ import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
 import { ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
-import { bytesToUuid } from '../util/uuid.js';
+import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
@@ -95,6 +95,11 @@ export class BackupBacking implements BlockDevice {
 
   get chunks(): number {
     return this.manifest.ids.length;
+  }
+
+  /** Capability (capabilities.ts): the backed-up disk; a backup is never left half-written. */
+  get identity(): { diskUuid: Buffer; wasDirty: boolean } {
+    return { diskUuid: uuidToBytes(this.manifest.disk), wasDirty: false };
   }
 
   private lenAt(k: number): number {

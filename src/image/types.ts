@@ -1,4 +1,5 @@
 /** The block-device contract every image, chain and (later) remote device implements. */
+import type { Allocation, ChangeGate, DirtyBitmaps, Identity, Layers } from './capabilities.js';
 
 export type ExtentState = 'data' | 'zero' | 'unallocated';
 
@@ -43,18 +44,20 @@ export interface BlockDevice {
   /** Allocation status of [offset, offset+length), merged into maximal runs, covering the range exactly. */
   extents(offset: number, length: number): Promise<Extent[]>;
   close(): Promise<void>;
-  /** Optional capability: persistent dirty bitmaps (absent on devices without them). */
-  readonly dirtyBitmaps?: DirtyBitmapCapability;
+  // Optional capabilities (capabilities.ts): ask for them with bitmapsOf(dev), backingOf(dev), …
+  /** Persistent dirty bitmaps (a ksc_inc image). */
+  readonly dirtyBitmaps?: DirtyBitmaps;
+  /** A point in time while the device stays writable (a ksc_inc image). */
+  readonly changeGate?: ChangeGate;
+  /** A backing device below this one (a ksc_inc image; its backing may be null). */
+  readonly layers?: Layers;
+  /** Host allocation: cluster size and bytes on the host. */
+  readonly allocation?: Allocation;
+  /** Disk UUID and clean-close state. */
+  readonly identity?: Identity;
 }
 
-/** Persistent dirty bitmaps a device keeps (a ksc_inc image): what an NBD client reads as qemu:dirty-bitmap:NAME. */
-export interface DirtyBitmapCapability {
-  /** Names of the bitmaps the device holds now, in directory order. */
-  bitmapNames(): string[];
-  hasBitmap(name: string): boolean;
-  /** Dirty extents of bitmap `name` within [offset, offset+length), merged; KSC_E_NOT_FOUND when it is absent. */
-  bitmapExtents(name: string, offset: number, length: number): Promise<{ offset: number; length: number }[]>;
-}
+export type { DirtyBitmapCapability } from './capabilities.js';
 
 export function checkRange(dev: { name: string; size: number }, offset: number, length: number): void {
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {

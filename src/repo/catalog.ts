@@ -87,7 +87,7 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
     }
   }
   if (!found) throw new KscError('KSC_E_NOT_FOUND', disk ? `no backup of disk ${disk} in ${repo.name}` : `no backups in ${repo.name}`);
-  if (!disk && disks.size > 1) throw new KscError('KSC_E_INVALID', `${repo.name} holds backups of ${disks.size} disks (${[...disks].join(', ')}): say which with --disk UUID`);
+  if (!disk && disks.size > 1) throw new KscError('KSC_E_INVALID', `${repo.name} holds backups of ${disks.size} disks (${[...disks].join(', ')}): say which disk with option disk`);
   return repo.readManifest(found);
 }
 

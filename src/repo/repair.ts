@@ -83,7 +83,7 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     from = 'manifests';
   } else if (bySize.size > 1) {
     const list = [...bySize].sort((a, b) => a[0] - b[0]).map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`).join(', ');
-    throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with --chunk-size (the others stay unreadable)`);
+    throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with option chunkSize (the others stay unreadable)`);
   } else {
     // No readable manifest: the largest chunk any pack holds, rounded up to a valid chunk size. Only
     // future backups' dedupe depends on it (there is no backup to restore).

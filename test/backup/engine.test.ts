@@ -340,7 +340,7 @@ describe('backup → change → incremental → restore', () => {
     const over = join(dir, 'repeat-over.raw');
     writeFile(over, Buffer.alloc(size, 0x5a));
     // Not restored by kscinc: overwritten only on purpose (§9.5).
-    await expect(restoreBackup(repo, b.id, over)).rejects.toThrow(/not a copy of disk.*--force/);
+    await expect(restoreBackup(repo, b.id, over)).rejects.toThrow(/not a copy of disk.*option force/);
     await restoreBackup(repo, b.id, over, { force: true });
     expectSame(await readImage(over), data, 'restore over an existing file');
   });
@@ -376,7 +376,7 @@ describe('backup → change → incremental → restore', () => {
 
       // "latest" is ambiguous now.
       const err = await expectKscError(restoreBackup(repo, 'latest', join(dir, 'twin-latest.raw')), 'KSC_E_INVALID', 'latest with two disks');
-      expect(err.message).toMatch(/--disk/);
+      expect(err.message).toMatch(/option disk/); // the library names its option; the CLI its flag
       const cli = kscinc(['restore', 'latest', join(dir, 'twin-cli.raw'), '--repo', repoDir]);
       expect(cli.code).not.toBe(0);
       expect(cli.stderr).toMatch(/--disk/);

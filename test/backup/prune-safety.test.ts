@@ -98,7 +98,7 @@ describe('prune refuses while a manifest cannot be read', () => {
       const repo = await openRepo(d);
       const e = await expectKscError(pruneRepo(repo, { last: 10, graceMs: 0 }), 'KSC_E_CORRUPT', `prune with ${what}`);
       expect(e.message).toContain(manifestKey(victim));
-      expect(e.message).toContain(`--forget-damaged ${victim}`);
+      expect(e.message).toContain(`option forgetDamaged ${victim}`); // the CLI says --forget-damaged (test below)
       await expectKscError(pruneRepo(repo, { last: 1, graceMs: 0, dryRun: true }), 'KSC_E_CORRUPT', 'dry run');
       expect(await treeDigest(d), 'prune changed the repository although it refused').toEqual(digest);
       // Forgetting another (readable) backup is refused.

@@ -82,7 +82,7 @@ describe('restore targets', () => {
     writeFileSync(unrelated, theirs);
     const e = await restoreBackup(repo, a1, unrelated).catch((x: unknown) => x);
     expect(isKscError(e, 'KSC_E_EXISTS'), String(e)).toBe(true);
-    expect((e as Error).message).toMatch(/not a copy of disk.*did not restore.*--force/);
+    expect((e as Error).message).toMatch(/not a copy of disk.*did not restore.*option force/);
     expect(readFileSync(unrelated).equals(theirs)).toBe(true);
     const cli = kscinc(['restore', a1, unrelated, '--repo', pristine]);
     expect(cli.code).toBe(1);

@@ -4,7 +4,7 @@
  * Holds the view and the moment; the orchestrator asks it to freeze, to release the view, or to undo both.
  */
 import type { BlockDevice } from '../../image/types.js';
-import type { KscImage } from '../../image/ksc.js';
+import type { ChangeGate } from '../../image/capabilities.js';
 import { mapLimit } from '../../util/concurrency.js';
 import { BitSet } from '../../util/bitset.js';
 import { chunkSetFromExtents, runsOf } from './chunk-sets.js';
@@ -24,14 +24,14 @@ export interface Frozen {
 }
 
 export class PointInTime {
-  /** The copy-before-write view while the backup reads (ksc_inc images only). */
+  /** The copy-before-write view while the backup reads (devices with a change gate only). */
   view: FrozenView | null = null;
   /** When the last freeze happened (the backup's time). */
   frozenAt: number;
 
   constructor(
     private readonly dev: BlockDevice,
-    private readonly img: KscImage | null,
+    private readonly gate: ChangeGate | null,
     private readonly geometry: { chunkSize: number; chunks: number },
     private readonly handover: Handover,
     private readonly clock: { now: () => number; started: number },
@@ -53,15 +53,15 @@ export class PointInTime {
       this.frozenAt = this.clock.now();
       let dirty: BitSet | null = null;
       const frozen = await this.handover.freeze();
-      if (frozen !== null && incremental) chunkSetFromExtents(await this.img!.bitmapExtents(frozen), this.chunkSize, (dirty = new BitSet(this.chunks)));
+      if (frozen !== null && incremental) chunkSetFromExtents(await this.handover.bitmaps!.bitmapExtents(frozen), this.chunkSize, (dirty = new BitSet(this.chunks)));
       const read = await this.chunksToRead(dirty);
-      if (this.img) {
+      if (this.gate) {
         this.view = new FrozenView(this.dev, this.chunkSize, read);
-        this.img.setBeforeChange(this.view.hook);
+        this.gate.setBeforeChange(this.view.hook);
       }
       return { dirty, read };
     };
-    return this.img && !this.img.readOnly ? this.img.quiesce(run) : run();
+    return this.gate && !this.dev.readOnly ? this.gate.quiesce(run) : run();
   }
 
   /**
@@ -89,7 +89,7 @@ export class PointInTime {
 
   /** Ends the frozen view: writes no longer copy before changing. */
   async releaseView(): Promise<void> {
-    if (this.img) this.img.setBeforeChange(null);
+    if (this.gate) this.gate.setBeforeChange(null);
     await this.view?.close();
     this.view = null;
   }

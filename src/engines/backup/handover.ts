@@ -5,11 +5,11 @@
  * writes land in NAME, so a change is always tracked by one of them; a failure merges them back.
  */
 import { randomBytes } from 'node:crypto';
-import type { KscImage } from '../../image/ksc.js';
+import type { DirtyBitmaps } from '../../image/capabilities.js';
 import { frozenBitmapName, tokenBitmapName, tokenBitmapsOf, tokenOf } from './bitmap-names.js';
 
 /** §10 step 4 for a crash: merges a leftover frozen bitmap back. Returns true when there was one. */
-export async function recoverFrozenBitmap(img: KscImage, bitmap: string): Promise<boolean> {
+export async function recoverFrozenBitmap(img: DirtyBitmaps, bitmap: string): Promise<boolean> {
   const frozen = frozenBitmapName(bitmap);
   if (!img.hasBitmap(frozen)) return false;
   if (img.hasBitmap(bitmap)) await img.mergeBitmap(frozen, bitmap);
@@ -23,12 +23,8 @@ export interface ImagePlan {
   fullReason: string | null;
 }
 
-function bitmapNames(img: KscImage): string[] {
-  return img.bitmapList.filter((b) => b !== null).map((b) => b!.name);
-}
-
 /** Why `bitmap` cannot tell what changed (creating it when missing), or null when it can. */
-async function bitmapProblem(img: KscImage, bitmap: string, chunkSize: number): Promise<string | null> {
+async function bitmapProblem(img: DirtyBitmaps, bitmap: string, chunkSize: number): Promise<string | null> {
   if (!img.hasBitmap(bitmap)) {
     await img.addBitmap(bitmap, { enabled: true });
     return `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
@@ -40,19 +36,22 @@ async function bitmapProblem(img: KscImage, bitmap: string, chunkSize: number): 
   return null;
 }
 
-/** One backup's handover of `bitmap` on `img` (both null: a device without one; nothing to hand over). */
+/**
+ * One backup's handover of `bitmap` on the bitmaps of a device (`bitmaps` null: a device without them;
+ * `bitmap` null: none asked for, or the device is read-only; either way nothing to hand over).
+ */
 export class Handover {
   /** The token the new backup records (null without a bitmap). */
   readonly newToken: string | null;
   /** From the freeze on, a failure merges the frozen bits back. */
   private handedOver = false;
 
-  constructor(readonly img: KscImage | null, readonly bitmap: string | null) {
+  constructor(readonly bitmaps: DirtyBitmaps | null, private readonly readOnly: boolean, readonly bitmap: string | null) {
     this.newToken = this.active() ? randomBytes(16).toString('hex') : null;
   }
 
-  active(): this is { img: KscImage; bitmap: string } {
-    return this.img !== null && this.bitmap !== null;
+  active(): this is { bitmaps: DirtyBitmaps; bitmap: string } {
+    return this.bitmaps !== null && this.bitmap !== null;
   }
 
   /**
@@ -63,13 +62,12 @@ export class Handover {
   async plan(chunkSize: number, fullAsked: boolean): Promise<ImagePlan> {
     const asked = fullAsked ? 'a full backup was asked for' : null;
     if (!this.active()) {
-      const img = this.img;
-      return { token: null, fullReason: asked ?? (img ? (img.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap') };
+      return { token: null, fullReason: asked ?? (this.bitmaps ? (this.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap') };
     }
-    await recoverFrozenBitmap(this.img, this.bitmap);
-    const tokens = tokenBitmapsOf(bitmapNames(this.img), this.bitmap);
+    await recoverFrozenBitmap(this.bitmaps, this.bitmap);
+    const tokens = tokenBitmapsOf(this.bitmaps.bitmapNames(), this.bitmap);
     let fullReason: string | null = asked;
-    const problem = await bitmapProblem(this.img, this.bitmap, chunkSize); // always: it creates a missing bitmap
+    const problem = await bitmapProblem(this.bitmaps, this.bitmap, chunkSize); // always: it creates a missing bitmap
     fullReason ??= problem;
     let token: string | null = null;
     if (tokens.length === 1) token = tokenOf(tokens[0]!, this.bitmap);
@@ -85,21 +83,21 @@ export class Handover {
     if (!this.active()) return null;
     const frozen = frozenBitmapName(this.bitmap);
     this.handedOver = true;
-    await this.img.freezeBitmap(this.bitmap, frozen);
+    await this.bitmaps.freezeBitmap(this.bitmap, frozen);
     return frozen;
   }
 
   /** §10 step 3, once the manifest is durable: the new token replaces the old ones; the frozen bits go. */
   async commit(): Promise<void> {
     if (!this.active()) return;
-    const old = tokenBitmapsOf(bitmapNames(this.img), this.bitmap);
-    await this.img.updateBitmaps([tokenBitmapName(this.bitmap, this.newToken!)], [...old, frozenBitmapName(this.bitmap)]);
+    const old = tokenBitmapsOf(this.bitmaps.bitmapNames(), this.bitmap);
+    await this.bitmaps.updateBitmaps([tokenBitmapName(this.bitmap, this.newToken!)], [...old, frozenBitmapName(this.bitmap)]);
     this.handedOver = false;
   }
 
   /** §10 step 4: undoes a freeze (the frozen bits merge back into the bitmap); nothing drops out of tracking. */
   async undo(): Promise<void> {
-    if (this.active() && this.handedOver) await recoverFrozenBitmap(this.img, this.bitmap);
+    if (this.active() && this.handedOver) await recoverFrozenBitmap(this.bitmaps, this.bitmap);
     this.handedOver = false;
   }
 }

@@ -261,11 +261,6 @@ export class KscImage implements BlockDevice {
     return this.core.bitmapSlots.flatMap((b) => (b ? [b.name] : []));
   }
 
-  /** BlockDevice.dirtyBitmaps (a DirtyBitmapCapability): the image answers for its own bitmaps. */
-  get dirtyBitmaps(): this {
-    return this;
-  }
-
   addBitmap(name: string, opts: { granularity?: number; enabled?: boolean } = {}): Promise<void> {
     return bitmaps.addBitmap(this.core, name, opts);
   }
@@ -355,5 +350,33 @@ export class KscImage implements BlockDevice {
       backup: null,
     }));
     c.backingDev = dev;
+  }
+
+  // ---------------------------------------------------------------- capabilities (../capabilities.ts)
+  // The image offers each capability itself: its members above implement them.
+
+  get dirtyBitmaps(): this {
+    return this;
+  }
+
+  get changeGate(): this {
+    return this;
+  }
+
+  get layers(): this {
+    return this;
+  }
+
+  get allocation(): this {
+    return this;
+  }
+
+  get identity(): this {
+    return this;
+  }
+
+  /** Allocation.clusterSize: the image's block size (its map allocates whole blocks). */
+  get clusterSize(): number {
+    return this.blockSize;
   }
 }

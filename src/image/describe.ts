@@ -1,0 +1,47 @@
+/**
+ * Image introspection (what `kscinc info` and `kscinc create` print): format, sizes, disk UUID, clean
+ * state, backing chain and bitmaps, asked of the device's capabilities (capabilities.ts). The CLI only
+ * formats the result.
+ */
+import { bytesToUuid } from '../util/uuid.js';
+import { allocationOf, bitmapsOf, chainOf, identityOf, type BitmapStatus } from './capabilities.js';
+import { openImage, type ImageFormat } from './open.js';
+import type { FileOpener } from '../io/file.js';
+
+export interface ImageDescription {
+  file: string;
+  format: ImageFormat;
+  virtualSize: number;
+  blockSize: number;
+  /** Bytes the top file occupies on the host (0 when the device cannot say). */
+  allocatedBytes: number;
+  /** null: the image keeps no disk UUID (raw). */
+  diskUuid: string | null;
+  /** Not closed cleanly, or open for writing elsewhere. */
+  dirty: boolean;
+  /** The backing devices below the image, top first. */
+  backingChain: { file: string; format: ImageFormat }[];
+  bitmaps: BitmapStatus[];
+}
+
+/** Opens `file` read-only (no lock taken) with its backing chain and describes it. */
+export async function describeImage(file: string, opts: { opener?: FileOpener } = {}): Promise<ImageDescription> {
+  const dev = await openImage(file, { opener: opts.opener });
+  try {
+    const identity = identityOf(dev);
+    const allocation = allocationOf(dev);
+    return {
+      file,
+      format: dev.format,
+      virtualSize: dev.size,
+      blockSize: dev.blockSize,
+      allocatedBytes: allocation ? await allocation.allocatedBytes() : 0,
+      diskUuid: identity ? bytesToUuid(identity.diskUuid) : null,
+      dirty: identity?.wasDirty ?? false,
+      backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
+      bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
+    };
+  } finally {
+    await dev.close();
+  }
+}
