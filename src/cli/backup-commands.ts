@@ -182,14 +182,15 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('pull')
     .argument('<image>', 'a live-restored image (kscinc restore --live) that nothing serves')
-    .option('--concurrency <n>', 'chunks fetched at a time', count('--concurrency'), 4)
+    .option('--concurrency <n>', 'coalesced reads (up to 4 MiB of pack each) in flight', count('--concurrency'), 4)
+    .option('--flush-every <n>', 'flush the image after this many chunks (default: 64 MiB worth)', count('--flush-every'))
     .option('--json', 'print the summary as JSON')
     .description('fetch every chunk a live-restored image still reads from its backup, then drop the backup as its backing')
     .addHelpText('after', '\nResumable: a pull that is stopped (even killed) keeps what it flushed; run it again.')
-    .action(async (image: string, o: { concurrency: number; json?: boolean }) => {
+    .action(async (image: string, o: { concurrency: number; flushEvery?: number; json?: boolean }) => {
       const bar = progressBar('pull', 'chunks');
       try {
-        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
+        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), flushEvery: o.flushEvery, progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
         if (o.json) return printJson(r);
         println(`pulled ${r.chunksFetched} chunks (${formatSize(r.bytesFetched)}) of backup ${r.backup} into ${image}; it no longer needs the repository`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s`);

@@ -14,6 +14,8 @@
  */
 import { KscError, isDamage } from '../errors.js';
 import { SharedSlot, unpackInto } from '../compress/pool.js';
+import { type Blob, coalesce } from '../repo/fetch.js';
+import { mapLimit } from '../util/concurrency.js';
 import { BLOB_HEADER } from '../compress/codec.js';
 import type { BackupRef } from '../format/header.js';
 import { isZeroId } from '../hash/chunkid.js';
@@ -26,10 +28,27 @@ import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
 
+export interface FetchAllOptions {
+  /** Coalesced reads in flight (default 4). */
+  concurrency?: number;
+  /** Bytes of pack a coalesced read spans at most (default 4 MiB). */
+  maxRead?: number;
+  /** Called once chunk `k` is verified and filled (or found already held). */
+  onChunk?: (k: number) => void;
+}
+
+/** A chunk of a bulk fetch that readers may wait for: its data once verified (a view until `copyOut`). */
+interface Waiting {
+  data: Buffer | null;
+  waiters: { resolve: (b: Buffer) => void; reject: (e: unknown) => void }[];
+}
+
 export interface BackupBackingStats {
   /** Chunks fetched from the repository (each verified). */
   chunksFetched: number;
   bytesFetched: number;
+  /** Ranged reads of packs issued (a bulk fetch coalesces many chunks into one). */
+  reads: number;
   /** Chunk reads answered from a fetch already in flight or not yet filled. */
   chunksShared: number;
 }
@@ -39,12 +58,16 @@ export class BackupBacking implements BlockDevice {
   readonly readOnly = true;
   readonly blockSize: number;
   readonly size: number;
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, chunksShared: 0 };
+  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0 };
   private index: Promise<ChunkIndex> | null = null;
   private readonly badIndex: string[] = [];
   /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
   private readonly inflight = new Map<number, Promise<Buffer>>();
   private readonly fills = new Set<Promise<void>>();
+  /** Chunks of a bulk fetch (fetchAll) whose read has started and whose fill is not done. */
+  private readonly bulk = new Map<number, Waiting>();
+  /** Chunks this backing has filled into the overlay (no bulk fetch reads them again). */
+  private readonly filledChunks = new Set<number>();
   private fill: FillFn | null = null;
   private closed = false;
 
@@ -132,10 +155,17 @@ export class BackupBacking implements BlockDevice {
       this.stats.chunksShared++;
       return have;
     }
+    const w = this.bulk.get(k);
+    if (w) {
+      this.stats.chunksShared++;
+      if (w.data) return Promise.resolve(Buffer.from(w.data));
+      return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
+    }
     const p = this.fetch(k).then((data) => {
       const fill = this.fill;
       if (fill && !this.closed) {
         const f = fill(k * this.blockSize, data).catch(() => undefined).finally(() => {
+          this.filledChunks.add(k);
           this.inflight.delete(k);
           this.fills.delete(f);
         });
@@ -148,6 +178,121 @@ export class BackupBacking implements BlockDevice {
     });
     this.inflight.set(k, p);
     return p;
+  }
+
+  /**
+   * Fetches chunks `ks` the way a restore reads (src/repo/fetch.ts): their blobs sorted by pack and offset,
+   * coalesced into ranged reads of up to `maxRead` bytes, several in flight, decoded and checked in the
+   * worker pool, each verified chunk filled into the overlay (awaited: a read's buffers are reused only
+   * after its fills) before `onChunk`. A chunk whose read has started is shared with readers (`chunk`);
+   * one that a reader fetched and filled meanwhile, or is fetching, is left out when its read starts. A
+   * read that fails its checks falls back to the chunk-by-chunk path (other copies). Needs a fill (a
+   * writable open).
+   */
+  async fetchAll(ks: number[], opts: FetchAllOptions = {}): Promise<void> {
+    this.live();
+    const fill = this.fill;
+    if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
+    const index = await this.loadIndex();
+    // Positions needing the same chunk share one blob: group them by index slot.
+    const bySlot = new Map<number, number[]>();
+    for (const k of ks) {
+      if (this.isZeroChunk(k)) continue;
+      const s = index.slotOf(Buffer.from(this.manifest.ids.view(k)));
+      if (s < 0) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${Buffer.from(this.manifest.ids.view(k)).toString('hex')}) is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`);
+      const l = bySlot.get(s);
+      if (l) l.push(k);
+      else bySlot.set(s, [k]);
+    }
+    const slots = [...bySlot.keys()].sort((a, b) => index.packNumber(a) - index.packNumber(b) || index.blobOffset(a) - index.blobOffset(b));
+    const positions: number[][] = [];
+    const blobs: Blob[] = slots.map((s, i) => {
+      positions.push(bySlot.get(s)!);
+      return { pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s), item: { id: index.idAt(s), at: 0, length: index.blobLength(s), from: i } };
+    });
+    bySlot.clear();
+    const reads = [...coalesce(blobs, opts.maxRead ?? 4 * 1024 * 1024)];
+    let inBytes = 0;
+    let outBytes = 0;
+    for (const r of reads) {
+      inBytes = Math.max(inBytes, r.length);
+      outBytes = Math.max(outBytes, r.raw);
+    }
+    const free: SharedSlot[] = [];
+    const C = this.blockSize;
+    await mapLimit(reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
+      this.live();
+      // At its start, a read leaves out what readers filled or are fetching, and shares the rest.
+      const items = r.items.filter((it) => {
+        const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
+        for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
+        positions[it.from!] = ps;
+        return ps.length > 0;
+      });
+      if (items.length === 0) return;
+      const mine = items.flatMap((it) => positions[it.from!]!);
+      for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
+      const slot = free.pop() ?? new SharedSlot(inBytes, Math.max(outBytes, BLOB_HEADER));
+      const key = packKey(r.pack);
+      try {
+        let res: Awaited<ReturnType<typeof unpackInto>> | null = null;
+        try {
+          await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
+          res = await unpackInto(slot, items.map((it) => [it.at, it.length]), items.map((it) => it.id), C);
+          for (let i = 0; i < res.length; i++) {
+            const x = res[i]!;
+            if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
+            for (const k of positions[items[i]!.from!]!) {
+              if (x.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${items[i]!.id.toString('hex')}) is ${x.data.length} bytes, ${this.lenAt(k)} expected`);
+            }
+          }
+          this.stats.bytesFetched += r.length;
+        } catch (e) {
+          if (!isDamage(e)) throw e;
+          res = null; // another copy, chunk by chunk (below)
+        }
+        await Promise.all(items.map(async (it, i) => {
+          const x = res?.[i];
+          const data = x && x.ok ? x.data : await this.fetch(positions[it.from!]![0]!);
+          if (x && x.ok) this.stats.chunksFetched++;
+          await Promise.all(positions[it.from!]!.map(async (k) => {
+            const w = this.bulk.get(k)!;
+            w.data = data;
+            for (const q of w.waiters.splice(0)) q.resolve(Buffer.from(data));
+            const f = fill(k * C, data);
+            this.fills.add(f);
+            try {
+              await f;
+            } finally {
+              this.fills.delete(f);
+            }
+            this.filledChunks.add(k);
+            w.data = null;
+            this.bulk.delete(k);
+            opts.onChunk?.(k);
+          }));
+        }));
+      } catch (e) {
+        for (const k of mine) {
+          const w = this.bulk.get(k);
+          if (!w) continue;
+          this.bulk.delete(k);
+          for (const q of w.waiters.splice(0)) q.reject(e);
+        }
+        throw e;
+      } finally {
+        free.push(slot);
+      }
+    });
+  }
+
+  /** Reads `target.length` bytes of object `key` at `offset`. */
+  private async readRange(key: string, offset: number, target: Buffer): Promise<void> {
+    this.stats.reads++;
+    if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
+    const got = await this.store.getRange(key, offset, target.length);
+    if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
+    got.copy(target);
   }
 
   /** Resolves when every fill started so far has finished (tests, pull). */
@@ -183,9 +328,7 @@ export class BackupBacking implements BlockDevice {
       const length = index.blobLength(h);
       try {
         const slot = new SharedSlot(length, Math.max(this.blockSize, BLOB_HEADER));
-        const got = await this.store.getRange(key, offset, length);
-        if (got.length !== length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${length} expected`);
-        got.copy(slot.input);
+        await this.readRange(key, offset, slot.input);
         const [r] = await unpackInto(slot, [[0, length]], [id], this.blockSize);
         if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
         if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
