@@ -12,7 +12,7 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError, isDamage } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import { SharedSlot, unpackInto } from '../compress/pool.js';
 import { type Blob, coalesce } from '../repo/fetch.js';
 import { mapLimit } from '../util/concurrency.js';
@@ -22,11 +22,27 @@ import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
+import { CONFIG_KEY, ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
 import { bytesToUuid } from '../util/uuid.js';
 import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
+
+/** Default of §4.2 rule 7: reads wait this long for an unreachable repository before they fail. */
+export const LIVE_TIMEOUT_DEFAULT_MS = 300_000;
+/** Longest pause between two tries of an unreachable repository. */
+const LIVE_RETRY_MAX_MS = 5_000;
+
+/** The wait of §4.2 rule 7 from `KSCINC_LIVE_TIMEOUT` (seconds, may be fractional; 0: fail at once). */
+export function liveTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.KSCINC_LIVE_TIMEOUT;
+  if (v === undefined || v === '') return LIVE_TIMEOUT_DEFAULT_MS;
+  const n = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v.trim()) || !Number.isFinite(n)) {
+    throw new KscError('KSC_E_INVALID', `KSCINC_LIVE_TIMEOUT=${v}: expected a number of seconds (the default is ${LIVE_TIMEOUT_DEFAULT_MS / 1000})`);
+  }
+  return Math.round(n * 1000);
+}
 
 export interface FetchAllOptions {
   /** Coalesced reads in flight (default 4). */
@@ -51,6 +67,8 @@ export interface BackupBackingStats {
   reads: number;
   /** Chunk reads answered from a fetch already in flight or not yet filled. */
   chunksShared: number;
+  /** Tries of the repository that failed because it was unreachable, and were tried again (rule 7). */
+  retries: number;
 }
 
 export class BackupBacking implements BlockDevice {
@@ -58,7 +76,7 @@ export class BackupBacking implements BlockDevice {
   readonly readOnly = true;
   readonly blockSize: number;
   readonly size: number;
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0 };
+  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0 };
   private index: Promise<ChunkIndex> | null = null;
   private readonly badIndex: string[] = [];
   /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
@@ -70,6 +88,8 @@ export class BackupBacking implements BlockDevice {
   private readonly filledChunks = new Set<number>();
   private fill: FillFn | null = null;
   private closed = false;
+  /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
+  timeoutMs = liveTimeoutMs();
 
   private constructor(readonly name: string, private readonly repo: Repository, private readonly store: ObjectStore,
     readonly manifest: Manifest, private readonly lock: RepoLock | null) {
@@ -286,13 +306,63 @@ export class BackupBacking implements BlockDevice {
     });
   }
 
-  /** Reads `target.length` bytes of object `key` at `offset`. */
-  private async readRange(key: string, offset: number, target: Buffer): Promise<void> {
+  /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
+  private readRange(key: string, offset: number, target: Buffer): Promise<void> {
     this.stats.reads++;
-    if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
-    const got = await this.store.getRange(key, offset, target.length);
-    if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
-    got.copy(target);
+    return this.reach(`reading ${this.repo.objName(key)}`, async () => {
+      if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
+      const got = await this.store.getRange(key, offset, target.length);
+      if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
+      got.copy(target);
+    });
+  }
+
+  /**
+   * §4.2 rule 7: runs `op`; while it fails because the repository is unreachable, tries again after a
+   * jittered pause (250 ms doubling up to 5 s) until `timeoutMs` have passed since its first failure, then
+   * fails with KSC_E_UNAVAILABLE naming the repository and the wait. Other errors go to the caller at once.
+   */
+  private async reach<T>(what: string, op: () => Promise<T>): Promise<T> {
+    let first = 0;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await op();
+      } catch (e) {
+        if (!(await this.unreachable(e))) throw e;
+        const now = Date.now();
+        if (attempt === 0) first = now;
+        const left = this.timeoutMs - (now - first);
+        if (left <= 0 || this.closed) {
+          throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: ${what}: the repository has been unreachable for ${((now - first) / 1000).toFixed(1)} s (KSCINC_LIVE_TIMEOUT: ${this.timeoutMs / 1000} s): ${(e as Error).message}`, { cause: e });
+        }
+        this.stats.retries++;
+        const pause = Math.min(LIVE_RETRY_MAX_MS, 250 * 2 ** Math.min(attempt, 5)) * (0.75 + Math.random() * 0.5);
+        await new Promise((r) => setTimeout(r, Math.min(left, pause)));
+      }
+    }
+  }
+
+  /**
+   * Whether `e` means the repository cannot be reached (rule 7) rather than that it lacks or damaged what
+   * was asked: a retryable error or KSC_E_UNAVAILABLE, or a missing object / I/O error while the
+   * repository's config object cannot be read either (a folder unmounted, renamed or unreadable).
+   */
+  /** Throws a retryable KSC_E_UNAVAILABLE when the repository's config object cannot be read. */
+  private async present(): Promise<void> {
+    if ((await this.store.stat(CONFIG_KEY)) === null) {
+      throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: the repository's config object is not there (the repository is away)`, { retryable: true });
+    }
+  }
+
+  private async unreachable(e: unknown): Promise<boolean> {
+    if (!isKscError(e)) return false;
+    if (e.retryable || e.code === 'KSC_E_UNAVAILABLE') return true;
+    if (e.code !== 'KSC_E_NOT_FOUND' && e.code !== 'KSC_E_IO') return false;
+    try {
+      return (await this.store.stat(CONFIG_KEY)) === null;
+    } catch {
+      return true;
+    }
   }
 
   /** Resolves when every fill started so far has finished (tests, pull). */
@@ -305,7 +375,15 @@ export class BackupBacking implements BlockDevice {
       const m = this.manifest;
       const needed = new ChunkIndex({ locations: false, expected: m.ids.nonZeroCount() });
       m.ids.forEachNonZero((k) => void needed.addAt(m.ids.view(k), 0, '', 0, 0, 0));
-      this.index = this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+      // A folder that is away lists as empty: the index is only trusted when the repository was there
+      // before and after it was listed (rule 7).
+      this.index = this.reach('loading its index', async () => {
+        this.badIndex.length = 0;
+        await this.present();
+        const index = await this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+        await this.present();
+        return index;
+      });
       this.index.catch(() => (this.index = null));
     }
     return this.index;
