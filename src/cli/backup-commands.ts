@@ -11,6 +11,7 @@ import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
 import { liveRestore } from '../engines/live-restore.js';
+import { listLiveRefs } from '../repo/liverefs.js';
 import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
@@ -311,9 +312,12 @@ export function registerBackupCommands(program: Command): void {
     .action(async (location: string | undefined, o: { json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
-        if (o.json) return printJson(locks);
+        const refs = await listLiveRefs(r.store);
+        // JSON: the array of locks, then one entry per live-restore reference (kind "live-restore").
+        if (o.json) return printJson([...locks, ...refs.map((x) => ({ key: x.key, kind: 'live-restore', backup: x.backup, image: x.body?.image ?? null, host: x.body?.host ?? null, ageMs: x.ageMs, garbage: !x.body, stale: x.stale, reason: x.reason }))]);
         if (locks.length === 0) println('no locks');
         for (const l of locks) println(`${l.key}  ${l.garbage ? 'GARBAGE' : `${l.kind}  ${l.what}  host ${l.host} pid ${l.pid}`}  ${l.stale ? 'STALE' : 'live'}: ${l.reason}`);
+        for (const x of refs) println(`${x.key}  ${x.body ? 'reference' : 'GARBAGE'}  ${x.stale ? 'STALE' : 'live'}: ${x.reason} (prune keeps backup ${x.backup ?? '?'})`);
       });
     });
   repo
@@ -321,15 +325,25 @@ export function registerBackupCommands(program: Command): void {
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--force', 'remove every lock, live ones too (only when no kscinc process uses the repository)')
     .option('--all', 'the same as --force')
+    .option('--ref <key...>', 'also remove these live-restore references (refs/live/…), live ones too: their images then lose prune\'s protection')
     .option('--json', 'print JSON')
-    .description('remove stale locks and garbage lock objects; say why the others are kept')
-    .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; json?: boolean }) => {
+    .description('remove stale locks and garbage lock objects, and stale live-restore references; say why the others are kept')
+    .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; ref?: string[]; json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const { removed, kept } = await r.unlock(!!(o.force || o.all));
-        if (o.json) return printJson({ removed, kept });
+        // repository.md §8.1: stale references go; live ones (and garbage) only when named (--force does not touch them).
+        const named = new Set(o.ref ?? []);
+        const refs = await listLiveRefs(r.store);
+        for (const k of named) if (!refs.some((x) => x.key === k)) throw new KscError('KSC_E_NOT_FOUND', `--ref ${k}: no such live-restore reference in ${r.name} ("kscinc repo locks" lists them)`);
+        const refsRemoved = refs.filter((x) => x.stale || named.has(x.key));
+        const refsKept = refs.filter((x) => !refsRemoved.includes(x));
+        for (const x of refsRemoved) await r.store.delete(x.key);
+        if (o.json) return printJson({ removed, kept, refsRemoved, refsKept });
         for (const l of removed) println(`removed ${l.key}: ${l.stale ? l.reason : `live, removed by --force (${l.reason})`}`);
         for (const l of kept) println(`kept ${l.key} (${l.what || l.kind}, host ${l.host} pid ${l.pid}): ${l.reason}; "--force" removes it`);
-        println(`${removed.length} lock(s) removed, ${kept.length} kept`);
+        for (const x of refsRemoved) println(`removed ${x.key}: ${x.stale ? x.reason : `removed by --ref (${x.reason})`}`);
+        for (const x of refsKept) println(`kept ${x.key}: ${x.reason}; "kscinc pull" of the image removes it, "--ref ${x.key}" too`);
+        println(`${removed.length} lock(s) removed, ${kept.length} kept${refs.length ? `; ${refsRemoved.length} live-restore reference(s) removed, ${refsKept.length} kept` : ''}`);
       });
     });
 }

@@ -24,6 +24,8 @@ import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
 import { CONFIG_KEY, ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
 import { bytesToUuid } from '../util/uuid.js';
+import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
+import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
@@ -88,6 +90,9 @@ export class BackupBacking implements BlockDevice {
   private readonly filledChunks = new Set<number>();
   private fill: FillFn | null = null;
   private closed = false;
+  /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
+  private image: string | null = null;
+  private renewTimer: NodeJS.Timeout | null = null;
   /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
   timeoutMs = liveTimeoutMs();
 
@@ -118,7 +123,16 @@ export class BackupBacking implements BlockDevice {
             : !m.root.equals(ref.root) ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
               : null;
       if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repo.name} is not the one it was restored from: ${why}`);
-      return new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
+      const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
+      if (opts.hold) {
+        // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, the
+        // manifest just checked), and renews it daily while open.
+        b.image = nodePath.resolve(image);
+        await b.renewReference();
+        b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
+        b.renewTimer.unref();
+      }
+      return b;
     } catch (e) {
       await lock?.release();
       await store.close();
@@ -448,6 +462,22 @@ export class BackupBacking implements BlockDevice {
 
   async flush(): Promise<void> {}
 
+  /** Puts the image's live-restore reference again (repository.md §8.1). */
+  async renewReference(): Promise<void> {
+    if (this.image && !this.closed) await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image: this.image });
+  }
+
+  /**
+   * Deletes the image's reference: only once the image durably no longer names this backing (pull, after
+   * the header without it). Returns the key deleted.
+   */
+  async dropReference(image: string): Promise<string> {
+    if (this.renewTimer) clearInterval(this.renewTimer);
+    this.renewTimer = null;
+    this.image = null;
+    return deleteLiveRef(this.store, this.manifest.meta.id, nodePath.resolve(image));
+  }
+
   /** Throws KSC_E_LOCKED when the shared lock of §4.2 rule 5 was lost. */
   checkLock(): void {
     this.lock?.check();
@@ -456,6 +486,7 @@ export class BackupBacking implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.renewTimer) clearInterval(this.renewTimer);
     await Promise.all([...this.fills]).catch(() => undefined);
     await this.lock?.release();
     await this.store.close();
