@@ -14,6 +14,7 @@ import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
 import { liveRestore } from '../engines/live-restore.js';
+import { listLiveRefs } from '../repo/liverefs.js';
 import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
 import { policyIsEmpty } from '../engines/retention.js';
@@ -185,14 +186,15 @@ export function registerBackupCommands(program: Command): void {
   program
     .command('pull')
     .argument('<image>', 'a live-restored image (kscinc restore --live) that nothing serves')
-    .option('--concurrency <n>', 'chunks fetched at a time', count('--concurrency'), 4)
+    .option('--concurrency <n>', 'coalesced reads (up to 4 MiB of pack each) in flight', count('--concurrency'), 4)
+    .option('--flush-every <n>', 'flush the image after this many chunks (default: 64 MiB worth)', count('--flush-every'))
     .option('--json', 'print the summary as JSON')
     .description('fetch every chunk a live-restored image still reads from its backup, then drop the backup as its backing')
     .addHelpText('after', '\nResumable: a pull that is stopped (even killed) keeps what it flushed; run it again.')
-    .action(async (image: string, o: { concurrency: number; json?: boolean }) => {
+    .action(async (image: string, o: { concurrency: number; flushEvery?: number; json?: boolean }) => {
       const bar = progressBar('pull', 'chunks');
       try {
-        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
+        const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), flushEvery: o.flushEvery, progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
         if (o.json) return printJson(r);
         println(`pulled ${r.chunksFetched} chunks (${formatSize(r.bytesFetched)}) of backup ${r.backup} into ${image}; it no longer needs the repository`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
@@ -320,9 +322,12 @@ export function registerBackupCommands(program: Command): void {
     .action(async (location: string | undefined, o: { json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
-        if (o.json) return printJson(locks);
+        const refs = await listLiveRefs(r.store);
+        // JSON: the array of locks, then one entry per live-restore reference (kind "live-restore").
+        if (o.json) return printJson([...locks, ...refs.map((x) => ({ key: x.key, kind: 'live-restore', backup: x.backup, image: x.body?.image ?? null, host: x.body?.host ?? null, ageMs: x.ageMs, garbage: !x.body, stale: x.stale, reason: x.reason }))]);
         if (locks.length === 0) println('no locks');
         for (const l of locks) println(`${l.key}  ${l.garbage ? 'GARBAGE' : `${l.kind}  ${l.what}  host ${l.host} pid ${l.pid}`}  ${l.stale ? 'STALE' : 'live'}: ${l.reason}`);
+        for (const x of refs) println(`${x.key}  ${x.body ? 'reference' : 'GARBAGE'}  ${x.stale ? 'STALE' : 'live'}: ${x.reason} (prune keeps backup ${x.backup ?? '?'})`);
       });
     });
   repo
@@ -330,15 +335,25 @@ export function registerBackupCommands(program: Command): void {
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--force', 'remove every lock, live ones too (only when no kscinc process uses the repository)')
     .option('--all', 'the same as --force')
+    .option('--ref <key...>', 'also remove these live-restore references (refs/live/…), live ones too: their images then lose prune\'s protection')
     .option('--json', 'print JSON')
-    .description('remove stale locks and garbage lock objects; say why the others are kept')
-    .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; json?: boolean }) => {
+    .description('remove stale locks and garbage lock objects, and stale live-restore references; say why the others are kept')
+    .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; ref?: string[]; json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const { removed, kept } = await r.unlock(!!(o.force || o.all));
-        if (o.json) return printJson({ removed, kept });
+        // repository.md §8.1: stale references go; live ones (and garbage) only when named (--force does not touch them).
+        const named = new Set(o.ref ?? []);
+        const refs = await listLiveRefs(r.store);
+        for (const k of named) if (!refs.some((x) => x.key === k)) throw new KscError('KSC_E_NOT_FOUND', `--ref ${k}: no such live-restore reference in ${r.name} ("kscinc repo locks" lists them)`);
+        const refsRemoved = refs.filter((x) => x.stale || named.has(x.key));
+        const refsKept = refs.filter((x) => !refsRemoved.includes(x));
+        for (const x of refsRemoved) await r.store.delete(x.key);
+        if (o.json) return printJson({ removed, kept, refsRemoved, refsKept });
         for (const l of removed) println(`removed ${l.key}: ${l.stale ? l.reason : `live, removed by --force (${l.reason})`}`);
         for (const l of kept) println(`kept ${l.key} (${l.what || l.kind}, host ${l.host} pid ${l.pid}): ${l.reason}; "--force" removes it`);
-        println(`${removed.length} lock(s) removed, ${kept.length} kept`);
+        for (const x of refsRemoved) println(`removed ${x.key}: ${x.stale ? x.reason : `removed by --ref (${x.reason})`}`);
+        for (const x of refsKept) println(`kept ${x.key}: ${x.reason}; "kscinc pull" of the image removes it, "--ref ${x.key}" too`);
+        println(`${removed.length} lock(s) removed, ${kept.length} kept${refs.length ? `; ${refsRemoved.length} live-restore reference(s) removed, ${refsKept.length} kept` : ''}`);
       });
     });
 }

@@ -3,6 +3,7 @@
  * repository, ready to serve at once. Creating it reads the manifest and nothing else (no chunk, no index):
  * blocks are fetched when read (src/image/repobacking.ts) and filled into the image then.
  */
+import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { KscError } from '../errors.js';
 import { KscImage } from '../image/ksc.js';
@@ -10,6 +11,7 @@ import { buildNewFile } from '../io/newfile.js';
 import type { Repository } from '../repo/repository.js';
 import { uuidToBytes } from '../util/uuid.js';
 import { resolveBackup } from '../repo/catalog.js';
+import { deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 
 export interface LiveRestoreOptions {
   /** With "latest": the disk whose newest backup to use. */
@@ -29,6 +31,8 @@ export interface LiveRestoreResult {
   /** The dirty bitmap that records the guest's writes, and the token record made for it (null: no token, next backup is full). */
   bitmap: string;
   tokenRecord: string | null;
+  /** The reference that keeps the backup from prune until the image is pulled (repository.md §8.1). */
+  reference: string;
   durationMs: number;
 }
 
@@ -51,22 +55,44 @@ export async function liveRestore(repo: Repository, location: string, which: str
   const bitmap = m.meta.bitmap ?? 'backup';
   const tokenRecord = m.bitmapToken ? `${bitmap}#${m.bitmapToken}` : null;
   const stored = storedLocation(location);
-  await buildNewFile(target, {}, async (temp) => {
-    await KscImage.create(temp, {
-      size: m.size, blockSize, diskUuid: uuidToBytes(m.disk), backingName: stored,
-      backup: { disk: uuidToBytes(m.disk), root: m.root, chunkSize: m.chunkSize, id: m.meta.id },
-    });
-    // Opened without its backing: adding bitmaps reads no data.
-    const img = await KscImage.open(temp, { write: true, backing: null });
-    try {
-      await img.addBitmap(bitmap, { enabled: true });
-      if (tokenRecord) await img.updateBitmaps([tokenRecord], []);
-    } finally {
-      await img.close();
-    }
-  });
+  // The reference is durable before the image exists, and taken under a shared lock (no prune between
+  // reading the manifest and it); the image that needs the backup appears only after both.
+  const abs = path.resolve(target);
+  const lock = await repo.readerLock(`live restore of backup ${m.meta.id} into ${abs}`);
+  let reference: string;
+  try {
+    if (!(await repo.readManifest(m.meta.id)).root.equals(m.root)) throw new KscError('KSC_E_CORRUPT', `backup ${m.meta.id} in ${repo.name}: its manifest changed while the live restore read it`);
+    reference = await putLiveRef(repo.store, { backup: m.meta.id, disk: m.disk, image: abs });
+  } finally {
+    await lock?.release();
+  }
+  try {
+    await build();
+  } catch (e) {
+    // No image appeared: its reference goes. (A file already there keeps it: it may be a live restore of
+    // the same backup at the same path, whose reference this one only renewed.)
+    if (!existsSync(abs)) await deleteLiveRef(repo.store, m.meta.id, abs).catch(() => undefined);
+    throw e;
+  }
   return {
-    backup: m.meta.id, disk: m.disk, target, size: m.size, chunkSize: m.chunkSize, location: stored, bitmap, tokenRecord,
+    backup: m.meta.id, disk: m.disk, target, size: m.size, chunkSize: m.chunkSize, location: stored, bitmap, tokenRecord, reference,
     durationMs: Math.round(performance.now() - t0),
   };
+
+  async function build(): Promise<void> {
+    await buildNewFile(target, {}, async (temp) => {
+      await KscImage.create(temp, {
+        size: m.size, blockSize, diskUuid: uuidToBytes(m.disk), backingName: stored,
+        backup: { disk: uuidToBytes(m.disk), root: m.root, chunkSize: m.chunkSize, id: m.meta.id },
+      });
+      // Opened without its backing: adding bitmaps reads no data.
+      const img = await KscImage.open(temp, { write: true, backing: null });
+      try {
+        await img.addBitmap(bitmap, { enabled: true });
+        if (tokenRecord) await img.updateBitmaps([tokenRecord], []);
+      } finally {
+        await img.close();
+      }
+    });
+  }
 }

@@ -14,6 +14,7 @@ import { readMark, writeMark } from '../repo/gcmark.js';
 import { visitIndex, type IndexEntry } from '../repo/index-object.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { listBackups } from '../repo/catalog.js';
+import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
 import { type CopyReport, chooseCopies } from './copies.js';
 import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
 
@@ -64,6 +65,8 @@ export interface PruneResult {
   /** Temporary parts of interrupted uploads removed (.tmp files; S3 incomplete multipart uploads), and their bytes (also counted in bytesFreed). */
   tempParts: number;
   tempBytes: number;
+  /** Live-restore references (repository.md §8.1): each keeps its backup; stale ones too (said here). */
+  liveRefs: { key: string; backup: string; stale: boolean; reason: string }[];
   /** The lock object could not be written (full file system): prune ran under the folder lock alone (§8 rule 7). */
   lockless: boolean;
   dryRun: boolean;
@@ -97,6 +100,18 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     if (unknown.length > 0) {
       throw new KscError('KSC_E_CORRUPT', `prune deletes nothing while manifests cannot be read: ${unknown.map((id) => damageWhy.get(id)).join('; ')}. Restore them from a copy, or remove them with option forgetDamaged ${unknown.join(' ')} (their backups are then gone and reference nothing)`);
     }
+    // §8.1: a backup that a live-restored image still reads through to is kept, with every chunk it lists,
+    // whether or not the image is open; a reference that cannot be read stops prune unless its key names
+    // the backup (then that backup is kept).
+    const refs = await listLiveRefs(repo.store, now);
+    const unknownRefs = refs.filter((r) => r.backup === null);
+    if (unknownRefs.length > 0) throw garbageRefsError(repo.store, unknownRefs);
+    const refBy = new Map<string, LiveRefInfo[]>();
+    for (const r of refs) refBy.set(r.backup!, [...(refBy.get(r.backup!) ?? []), r]);
+    for (const id of forget) {
+      const rs = refBy.get(id);
+      if (rs) throw new KscError('KSC_E_LOCKED', `--forget-damaged ${id}: a live-restored image still reads through to that backup (${rs.map((r) => `${r.key}: ${r.reason}`).join('; ')}); nothing was deleted`);
+    }
     const byDisk = new Map<string, { id: string; disk: string; timeMs: number }[]>();
     for (const m of metas) {
       let l = byDisk.get(m.disk);
@@ -109,7 +124,8 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       const keep = selectKeep(list.map((m) => ({ id: m.id, timeMs: m.timeMs })), policy, opts.timeZone);
       for (const m of list) {
         const reasons = keep.get(m.id);
-        if (reasons) kept.push({ id: m.id, reasons });
+        const liveRefReasons = refBy.get(m.id)?.map((r) => `${r.stale ? 'stale ' : ''}live-restore reference ${r.key} (${r.reason})`) ?? [];
+        if (reasons || liveRefReasons.length > 0) kept.push({ id: m.id, reasons: [...(reasons ?? []), ...liveRefReasons] });
         else removed.push(m.id);
       }
     }
@@ -118,7 +134,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const result: PruneResult = {
       kept, removed, damagedManifests, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, chunksMissing: 0, packsWaiting: 0, bytesWaiting: 0,
       copies: { chunksWithCopies: 0, copiesChecked: 0, copiesDamaged: [], chunksWithoutGoodCopy: [], chunksUndecided: [] },
-      packsUnreadable: [], tempParts: 0, tempBytes: 0, lockless: !lock.written, dryRun: !!opts.dryRun, durationMs: 0,
+      packsUnreadable: [], tempParts: 0, tempBytes: 0, liveRefs: refs.map((r) => ({ key: r.key, backup: r.backup!, stale: r.stale, reason: r.reason })), lockless: !lock.written, dryRun: !!opts.dryRun, durationMs: 0,
     };
     if (opts.dryRun) {
       result.durationMs = Math.round(performance.now() - t0);

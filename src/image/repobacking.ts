@@ -12,26 +12,65 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError, isDamage } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import { SharedSlot, unpackInto } from '../compress/pool.js';
+import { type Blob, coalesce } from '../repo/fetch.js';
+import { mapLimit } from '../util/concurrency.js';
 import { BLOB_HEADER } from '../compress/codec.js';
 import type { BackupRef } from '../format/header.js';
 import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
+import { CONFIG_KEY, ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
+import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
+import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
+
+/** Default of §4.2 rule 7: reads wait this long for an unreachable repository before they fail. */
+export const LIVE_TIMEOUT_DEFAULT_MS = 300_000;
+/** Longest pause between two tries of an unreachable repository. */
+const LIVE_RETRY_MAX_MS = 5_000;
+
+/** The wait of §4.2 rule 7 from `KSCINC_LIVE_TIMEOUT` (seconds, may be fractional; 0: fail at once). */
+export function liveTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.KSCINC_LIVE_TIMEOUT;
+  if (v === undefined || v === '') return LIVE_TIMEOUT_DEFAULT_MS;
+  const n = Number(v);
+  if (!/^\d+(\.\d+)?$/.test(v.trim()) || !Number.isFinite(n)) {
+    throw new KscError('KSC_E_INVALID', `KSCINC_LIVE_TIMEOUT=${v}: expected a number of seconds (the default is ${LIVE_TIMEOUT_DEFAULT_MS / 1000})`);
+  }
+  return Math.round(n * 1000);
+}
+
+export interface FetchAllOptions {
+  /** Coalesced reads in flight (default 4). */
+  concurrency?: number;
+  /** Bytes of pack a coalesced read spans at most (default 4 MiB). */
+  maxRead?: number;
+  /** Called once chunk `k` is verified and filled (or found already held). */
+  onChunk?: (k: number) => void;
+}
+
+/** A chunk of a bulk fetch that readers may wait for: its data once verified (a view until `copyOut`). */
+interface Waiting {
+  data: Buffer | null;
+  waiters: { resolve: (b: Buffer) => void; reject: (e: unknown) => void }[];
+}
 
 export interface BackupBackingStats {
   /** Chunks fetched from the repository (each verified). */
   chunksFetched: number;
   bytesFetched: number;
+  /** Ranged reads of packs issued (a bulk fetch coalesces many chunks into one). */
+  reads: number;
   /** Chunk reads answered from a fetch already in flight or not yet filled. */
   chunksShared: number;
+  /** Tries of the repository that failed because it was unreachable, and were tried again (rule 7). */
+  retries: number;
 }
 
 export class BackupBacking implements BlockDevice {
@@ -39,14 +78,23 @@ export class BackupBacking implements BlockDevice {
   readonly readOnly = true;
   readonly blockSize: number;
   readonly size: number;
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, chunksShared: 0 };
+  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0 };
   private index: Promise<ChunkIndex> | null = null;
   private readonly badIndex: string[] = [];
   /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
   private readonly inflight = new Map<number, Promise<Buffer>>();
   private readonly fills = new Set<Promise<void>>();
+  /** Chunks of a bulk fetch (fetchAll) whose read has started and whose fill is not done. */
+  private readonly bulk = new Map<number, Waiting>();
+  /** Chunks this backing has filled into the overlay (no bulk fetch reads them again). */
+  private readonly filledChunks = new Set<number>();
   private fill: FillFn | null = null;
   private closed = false;
+  /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
+  private image: string | null = null;
+  private renewTimer: NodeJS.Timeout | null = null;
+  /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
+  timeoutMs = liveTimeoutMs();
 
   private constructor(readonly name: string, private readonly repo: Repository, private readonly store: ObjectStore,
     readonly manifest: Manifest, private readonly lock: RepoLock | null) {
@@ -75,7 +123,16 @@ export class BackupBacking implements BlockDevice {
             : !m.root.equals(ref.root) ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
               : null;
       if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repo.name} is not the one it was restored from: ${why}`);
-      return new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
+      const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
+      if (opts.hold) {
+        // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, the
+        // manifest just checked), and renews it daily while open.
+        b.image = nodePath.resolve(image);
+        await b.renewReference();
+        b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
+        b.renewTimer.unref();
+      }
+      return b;
     } catch (e) {
       await lock?.release();
       await store.close();
@@ -137,10 +194,17 @@ export class BackupBacking implements BlockDevice {
       this.stats.chunksShared++;
       return have;
     }
+    const w = this.bulk.get(k);
+    if (w) {
+      this.stats.chunksShared++;
+      if (w.data) return Promise.resolve(Buffer.from(w.data));
+      return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
+    }
     const p = this.fetch(k).then((data) => {
       const fill = this.fill;
       if (fill && !this.closed) {
         const f = fill(k * this.blockSize, data).catch(() => undefined).finally(() => {
+          this.filledChunks.add(k);
           this.inflight.delete(k);
           this.fills.delete(f);
         });
@@ -155,6 +219,171 @@ export class BackupBacking implements BlockDevice {
     return p;
   }
 
+  /**
+   * Fetches chunks `ks` the way a restore reads (src/repo/fetch.ts): their blobs sorted by pack and offset,
+   * coalesced into ranged reads of up to `maxRead` bytes, several in flight, decoded and checked in the
+   * worker pool, each verified chunk filled into the overlay (awaited: a read's buffers are reused only
+   * after its fills) before `onChunk`. A chunk whose read has started is shared with readers (`chunk`);
+   * one that a reader fetched and filled meanwhile, or is fetching, is left out when its read starts. A
+   * read that fails its checks falls back to the chunk-by-chunk path (other copies). Needs a fill (a
+   * writable open).
+   */
+  async fetchAll(ks: number[], opts: FetchAllOptions = {}): Promise<void> {
+    this.live();
+    const fill = this.fill;
+    if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
+    const index = await this.loadIndex();
+    // Positions needing the same chunk share one blob: group them by index slot.
+    const bySlot = new Map<number, number[]>();
+    for (const k of ks) {
+      if (this.isZeroChunk(k)) continue;
+      const s = index.slotOf(Buffer.from(this.manifest.ids.view(k)));
+      if (s < 0) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${Buffer.from(this.manifest.ids.view(k)).toString('hex')}) is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`);
+      const l = bySlot.get(s);
+      if (l) l.push(k);
+      else bySlot.set(s, [k]);
+    }
+    const slots = [...bySlot.keys()].sort((a, b) => index.packNumber(a) - index.packNumber(b) || index.blobOffset(a) - index.blobOffset(b));
+    const positions: number[][] = [];
+    const blobs: Blob[] = slots.map((s, i) => {
+      positions.push(bySlot.get(s)!);
+      return { pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s), item: { id: index.idAt(s), at: 0, length: index.blobLength(s), from: i } };
+    });
+    bySlot.clear();
+    const reads = [...coalesce(blobs, opts.maxRead ?? 4 * 1024 * 1024)];
+    let inBytes = 0;
+    let outBytes = 0;
+    for (const r of reads) {
+      inBytes = Math.max(inBytes, r.length);
+      outBytes = Math.max(outBytes, r.raw);
+    }
+    const free: SharedSlot[] = [];
+    const C = this.blockSize;
+    await mapLimit(reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
+      this.live();
+      // At its start, a read leaves out what readers filled or are fetching, and shares the rest.
+      const items = r.items.filter((it) => {
+        const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
+        for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
+        positions[it.from!] = ps;
+        return ps.length > 0;
+      });
+      if (items.length === 0) return;
+      const mine = items.flatMap((it) => positions[it.from!]!);
+      for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
+      const slot = free.pop() ?? new SharedSlot(inBytes, Math.max(outBytes, BLOB_HEADER));
+      const key = packKey(r.pack);
+      try {
+        let res: Awaited<ReturnType<typeof unpackInto>> | null = null;
+        try {
+          await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
+          res = await unpackInto(slot, items.map((it) => [it.at, it.length]), items.map((it) => it.id), C, this.repo.blobKeys);
+          for (let i = 0; i < res.length; i++) {
+            const x = res[i]!;
+            if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
+            for (const k of positions[items[i]!.from!]!) {
+              if (x.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${items[i]!.id.toString('hex')}) is ${x.data.length} bytes, ${this.lenAt(k)} expected`);
+            }
+          }
+          this.stats.bytesFetched += r.length;
+        } catch (e) {
+          if (!isDamage(e)) throw e;
+          res = null; // another copy, chunk by chunk (below)
+        }
+        await Promise.all(items.map(async (it, i) => {
+          const x = res?.[i];
+          const data = x && x.ok ? x.data : await this.fetch(positions[it.from!]![0]!);
+          if (x && x.ok) this.stats.chunksFetched++;
+          await Promise.all(positions[it.from!]!.map(async (k) => {
+            const w = this.bulk.get(k)!;
+            w.data = data;
+            for (const q of w.waiters.splice(0)) q.resolve(Buffer.from(data));
+            const f = fill(k * C, data);
+            this.fills.add(f);
+            try {
+              await f;
+            } finally {
+              this.fills.delete(f);
+            }
+            this.filledChunks.add(k);
+            w.data = null;
+            this.bulk.delete(k);
+            opts.onChunk?.(k);
+          }));
+        }));
+      } catch (e) {
+        for (const k of mine) {
+          const w = this.bulk.get(k);
+          if (!w) continue;
+          this.bulk.delete(k);
+          for (const q of w.waiters.splice(0)) q.reject(e);
+        }
+        throw e;
+      } finally {
+        free.push(slot);
+      }
+    });
+  }
+
+  /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
+  private readRange(key: string, offset: number, target: Buffer): Promise<void> {
+    this.stats.reads++;
+    return this.reach(`reading ${this.repo.objName(key)}`, async () => {
+      if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
+      const got = await this.store.getRange(key, offset, target.length);
+      if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
+      got.copy(target);
+    });
+  }
+
+  /**
+   * §4.2 rule 7: runs `op`; while it fails because the repository is unreachable, tries again after a
+   * jittered pause (250 ms doubling up to 5 s) until `timeoutMs` have passed since its first failure, then
+   * fails with KSC_E_UNAVAILABLE naming the repository and the wait. Other errors go to the caller at once.
+   */
+  private async reach<T>(what: string, op: () => Promise<T>): Promise<T> {
+    let first = 0;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await op();
+      } catch (e) {
+        if (!(await this.unreachable(e))) throw e;
+        const now = Date.now();
+        if (attempt === 0) first = now;
+        const left = this.timeoutMs - (now - first);
+        if (left <= 0 || this.closed) {
+          throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: ${what}: the repository has been unreachable for ${((now - first) / 1000).toFixed(1)} s (KSCINC_LIVE_TIMEOUT: ${this.timeoutMs / 1000} s): ${(e as Error).message}`, { cause: e });
+        }
+        this.stats.retries++;
+        const pause = Math.min(LIVE_RETRY_MAX_MS, 250 * 2 ** Math.min(attempt, 5)) * (0.75 + Math.random() * 0.5);
+        await new Promise((r) => setTimeout(r, Math.min(left, pause)));
+      }
+    }
+  }
+
+  /**
+   * Whether `e` means the repository cannot be reached (rule 7) rather than that it lacks or damaged what
+   * was asked: a retryable error or KSC_E_UNAVAILABLE, or a missing object / I/O error while the
+   * repository's config object cannot be read either (a folder unmounted, renamed or unreadable).
+   */
+  /** Throws a retryable KSC_E_UNAVAILABLE when the repository's config object cannot be read. */
+  private async present(): Promise<void> {
+    if ((await this.store.stat(CONFIG_KEY)) === null) {
+      throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: the repository's config object is not there (the repository is away)`, { retryable: true });
+    }
+  }
+
+  private async unreachable(e: unknown): Promise<boolean> {
+    if (!isKscError(e)) return false;
+    if (e.retryable || e.code === 'KSC_E_UNAVAILABLE') return true;
+    if (e.code !== 'KSC_E_NOT_FOUND' && e.code !== 'KSC_E_IO') return false;
+    try {
+      return (await this.store.stat(CONFIG_KEY)) === null;
+    } catch {
+      return true;
+    }
+  }
+
   /** Resolves when every fill started so far has finished (tests, pull). */
   async settled(): Promise<void> {
     while (this.fills.size > 0) await Promise.all([...this.fills]);
@@ -165,7 +394,15 @@ export class BackupBacking implements BlockDevice {
       const m = this.manifest;
       const needed = new ChunkIndex({ locations: false, expected: m.ids.nonZeroCount() });
       m.ids.forEachNonZero((k) => void needed.addAt(m.ids.view(k), 0, '', 0, 0, 0));
-      this.index = this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+      // A folder that is away lists as empty: the index is only trusted when the repository was there
+      // before and after it was listed (rule 7).
+      this.index = this.reach('loading its index', async () => {
+        this.badIndex.length = 0;
+        await this.present();
+        const index = await this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+        await this.present();
+        return index;
+      });
       this.index.catch(() => (this.index = null));
     }
     return this.index;
@@ -188,9 +425,7 @@ export class BackupBacking implements BlockDevice {
       const length = index.blobLength(h);
       try {
         const slot = new SharedSlot(length, Math.max(this.blockSize, BLOB_HEADER));
-        const got = await this.store.getRange(key, offset, length);
-        if (got.length !== length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${length} expected`);
-        got.copy(slot.input);
+        await this.readRange(key, offset, slot.input);
         const [r] = await unpackInto(slot, [[0, length]], [id], this.blockSize, this.repo.blobKeys);
         if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
         if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
@@ -232,6 +467,22 @@ export class BackupBacking implements BlockDevice {
 
   async flush(): Promise<void> {}
 
+  /** Puts the image's live-restore reference again (repository.md §8.1). */
+  async renewReference(): Promise<void> {
+    if (this.image && !this.closed) await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image: this.image });
+  }
+
+  /**
+   * Deletes the image's reference: only once the image durably no longer names this backing (pull, after
+   * the header without it). Returns the key deleted.
+   */
+  async dropReference(image: string): Promise<string> {
+    if (this.renewTimer) clearInterval(this.renewTimer);
+    this.renewTimer = null;
+    this.image = null;
+    return deleteLiveRef(this.store, this.manifest.meta.id, nodePath.resolve(image));
+  }
+
   /** Throws KSC_E_LOCKED when the shared lock of §4.2 rule 5 was lost. */
   checkLock(): void {
     this.lock?.check();
@@ -240,6 +491,7 @@ export class BackupBacking implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.renewTimer) clearInterval(this.renewTimer);
     await Promise.all([...this.fills]).catch(() => undefined);
     await this.lock?.release();
     await this.store.close();
