@@ -190,11 +190,14 @@ export class SocketReader {
  */
 export function stopReading(socket: Socket): void {
   const h = (socket as unknown as { _handle?: { reading?: boolean; readStop?: () => number } | null })._handle;
+  const state = (socket as unknown as { _readableState?: { reading: boolean } })._readableState;
   const halt = (): void => {
     if (h && h.readStop) {
       h.reading = false;
       h.readStop();
     }
+    // No read is outstanding any more: a later resume() in this process must start the handle again.
+    if (state) state.reading = false;
   };
   socket.pause();
   halt();

@@ -98,6 +98,7 @@ export class Supervisor {
 
   private pass(w: Child, h: Held): void {
     if (h.sock.destroyed) return;
+    untrack(h.sock);
     if (h.kind === 'conn') w.send({ t: 'conn' }, h.sock);
     else w.send({ t: 'control', index: h.index, line: h.line }, h.sock);
   }
@@ -205,6 +206,7 @@ export class Supervisor {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
     } catch (e) {
+      log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
       await neu.kill();
       throw new KscError('KSC_E_IO', `upgrade: the new worker failed to start (${(e as Error).message}); the old one (${old.pid}) keeps serving`);
     }
@@ -228,6 +230,7 @@ export class Supervisor {
       this.release();
       throw new KscError('KSC_E_LOCKED', `upgrade refused: ${parked.message}; try again when it has finished`);
     }
+    log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
     neu.send({ t: 'open', config: this.opts.config });
     try {
@@ -235,6 +238,7 @@ export class Supervisor {
     } catch (e) {
       await neu.kill();
       const why = (e as Error).message;
+      log(`kscinc serve: upgrade: the new worker failed to open the images: ${why}${old.alive ? '; the old worker reopens them' : ''}`);
       if (old.alive) {
         old.send({ t: 'resume' });
         try {
@@ -289,7 +293,9 @@ export class Supervisor {
       check();
     });
     if (old.alive) old.send({ t: 'handoff' });
-    await Promise.race([allAdopted, neu.exited, new Promise((r) => setTimeout(r, PARK_MS))]);
+    let timer: NodeJS.Timeout | null = null;
+    await Promise.race([allAdopted, neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
+    clearTimeout(timer!);
     const pauseMs = Math.round(performance.now() - t0);
     await old.exited.catch(() => undefined);
     const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted };
@@ -335,6 +341,20 @@ export class Supervisor {
       w.send({ t: 'stop' });
       await w.exited;
     }
+  }
+}
+
+/**
+ * Makes the listener forget a socket we pass to a worker. Node would otherwise track it "in the worker"
+ * (for the cluster module), and server.close() would wait for that worker to report it closed — forever
+ * once the worker is gone. Counted out of the listener's connections, as Node does for a socket it sends.
+ */
+function untrack(sock: Socket): void {
+  const s = sock as unknown as { server: { _connections: number } | null; _server: unknown };
+  if (s.server) {
+    s.server._connections--;
+    s.server = null;
+    s._server = null;
   }
 }
 
