@@ -63,13 +63,18 @@ export class Child {
     return this.exitedWith === null;
   }
 
-  send(m: ToWorker, handle?: Socket): void {
+  /**
+   * Sends a message (and a socket). With `keepOpen` this process keeps its copy of the socket whatever
+   * happens (the caller closes it once the worker has said it took it); otherwise the socket is closed
+   * here once sent, or when it cannot be.
+   */
+  send(m: ToWorker, handle?: Socket, keepOpen = false): void {
     if (!this.alive || !this.proc.connected) {
-      handle?.destroy();
+      if (!keepOpen) handle?.destroy();
       return;
     }
-    this.proc.send(m, handle as never, undefined, (e) => {
-      if (e) handle?.destroy();
+    this.proc.send(m, handle as never, { keepOpen }, (e) => {
+      if (e && !keepOpen) handle?.destroy();
     });
   }
 

@@ -8,7 +8,8 @@ import type { ServeConfig } from '../cli/serve-open.js';
 
 export type ToWorker =
   | { t: 'open'; config: ServeConfig }
-  | { t: 'conn' }
+  /** A new connection; the worker answers `took` at once, before reading it. */
+  | { t: 'conn'; id: number }
   | { t: 'adopt'; state: unknown; pending: string }
   | { t: 'control'; index: number; line: string }
   | { t: 'stats'; id: number }
@@ -31,6 +32,7 @@ export type FromWorker =
   | { t: 'handoff'; state: unknown; pending: string }
   | { t: 'handoff-done'; count: number }
   | { t: 'adopted' }
+  | { t: 'took'; id: number }
   | { t: 'stopped' };
 
 export function isMessage(m: unknown): m is { t: string } {

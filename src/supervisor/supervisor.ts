@@ -64,6 +64,12 @@ export class Supervisor {
   private lastUpgrade: (UpgradeResult & { at: string }) | null = null;
   private readonly startedAt = new Date();
   private statsId = 0;
+  private connId = 0;
+  /**
+   * New connections sent to a worker that has not yet said it took them: the supervisor keeps its copy of
+   * each, so one sent to a worker that dies before taking it goes to the next worker instead of being lost.
+   */
+  private readonly inTransit = new Map<number, { h: Held & { kind: 'conn' }; w: Child }>();
 
   constructor(private readonly opts: SupervisorOptions) {}
 
@@ -98,8 +104,16 @@ export class Supervisor {
 
   private pass(w: Child, h: Held): void {
     if (h.sock.destroyed) return;
+    if (!w.alive || !w.proc.connected) {
+      this.held.push(h); // dying: the next worker gets it
+      return;
+    }
     untrack(h.sock);
-    if (h.kind === 'conn') w.send({ t: 'conn' }, h.sock);
+    if (h.kind === 'conn') {
+      const id = ++this.connId;
+      this.inTransit.set(id, { h, w });
+      w.send({ t: 'conn', id }, h.sock, true);
+    }
     else w.send({ t: 'control', index: h.index, line: h.line }, h.sock);
   }
 
@@ -127,14 +141,34 @@ export class Supervisor {
     }
   }
 
+  /** A worker took a connection: drop our copy (closing one descriptor of it; the connection stays open). */
+  private took(m: FromWorker): void {
+    if (m.t !== 'took') return;
+    const e = this.inTransit.get(m.id);
+    if (!e) return;
+    this.inTransit.delete(m.id);
+    e.h.sock.destroy();
+  }
+
+  /** Connections sent to `w` and not taken: back in the queue for the next worker. */
+  private requeue(w: Child): void {
+    for (const [id, e] of this.inTransit) {
+      if (e.w !== w) continue;
+      this.inTransit.delete(id);
+      this.held.push(e.h);
+    }
+    if (!this.holding && this.worker && this.worker !== w && this.worker.alive) this.release();
+  }
+
   private adoptAsCurrent(w: Child): void {
     this.worker = w;
-    w.onMessage = () => undefined;
+    w.onMessage = (m) => this.took(m);
     void w.exited.then((how) => this.workerExited(w, how));
     this.release();
   }
 
   private workerExited(w: Child, how: string): void {
+    this.requeue(w);
     if (this.worker !== w || this.stopped || this.upgrading) return;
     this.worker = null;
     this.holding = true;
@@ -259,12 +293,14 @@ export class Supervisor {
         if (adopted >= expected) resolve();
       };
       neu.onMessage = (m) => {
+        this.took(m);
         if (m.t === 'adopted') {
           adopted++;
           check();
         }
       };
       old.onMessage = (m, handle) => {
+        this.took(m);
         if (m.t === 'handoff-done') {
           expected = m.count;
           check();
@@ -301,7 +337,7 @@ export class Supervisor {
     const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted };
     this.lastUpgrade = { ...result, at: new Date().toISOString() };
     this.worker = neu;
-    neu.onMessage = () => undefined;
+    neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
     log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms`);
@@ -336,6 +372,8 @@ export class Supervisor {
     if (this.restartTimer) clearTimeout(this.restartTimer);
     for (const h of this.held.splice(0)) h.sock.destroy();
     await this.upgrading?.catch(() => undefined);
+    for (const { h } of this.inTransit.values()) h.sock.destroy();
+    this.inTransit.clear();
     const w = this.worker;
     if (w && w.alive) {
       w.send({ t: 'stop' });

@@ -72,6 +72,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       return;
     case 'conn':
       if (!sock) return;
+      void send({ t: 'took', id: m.id }); // the supervisor may drop its copy now
       if (!server || stopping) sock.destroy();
       else server.accept(sock);
       return;
