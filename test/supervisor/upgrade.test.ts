@@ -36,13 +36,19 @@ function upgradeAsync(s: Supervised, img: string): Promise<{ code: number | null
     let err = '';
     p.stdout.on('data', (d: Buffer) => (out += d.toString()));
     p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    p.on('exit', (code) => resolve({ code, out, err }));
+    const timer = setTimeout(() => p.kill('SIGKILL'), 120_000); // a hung upgrade fails the test (with the server's log) instead of timing it out
+    p.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, out, err });
+    });
   });
 }
 
 function runAsync(cmd: string, args: string[]): Promise<{ code: number | null; out: string; err: string }> {
   return new Promise((resolve) => {
     const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const timer = setTimeout(() => p.kill('SIGKILL'), 120_000);
+    p.on('exit', () => clearTimeout(timer));
     let out = '';
     let err = '';
     p.stdout.on('data', (d: Buffer) => (out += d.toString()));
