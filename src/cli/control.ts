@@ -6,14 +6,14 @@
  * it from the image name alone. Protocol: the client sends one JSON line (a request); the server answers
  * with JSON lines: {progress}… then {result} or {error}. One operation per image at a time.
  */
-import { chmod, unlink } from 'node:fs/promises';
-import { createConnection, createServer, type Server, type Socket } from 'node:net';
+import { createConnection, type Socket } from 'node:net';
 import { KscError, isKscError, type KscErrorCode } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
 import { backupDevice, type BackupResult, type BackupProgress } from '../engines/backup.js';
-import { checkClientPath, checkStaleSocket, controlPath, ensureRunDir, peerUid, trustedUid } from './control-trust.js';
+import { checkClientPath, controlPath, peerUid, trustedUid } from './control-trust.js';
+import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
 
 export { controlPath } from './control-trust.js';
 
@@ -26,10 +26,6 @@ export interface BackupRequest {
   chunkSize?: number;
 }
 
-/** Longest request line (formats/control.md §2). */
-const MAX_REQUEST = 64 * 1024;
-/** Connections open at once on one control socket. */
-const MAX_CONNECTIONS = 16;
 
 function invalid(message: string): KscError {
   return new KscError('KSC_E_INVALID', `bad control request: ${message}`);
@@ -60,6 +56,11 @@ export function parseRequest(line: string): BackupRequest {
 export interface ControlOptions {
   /** A connection that has not sent its whole request after this long is closed (default 10 s). */
   idleTimeoutMs?: number;
+  /**
+   * Answers requests for other operations (status, upgrade) before they are parsed as a backup; returns
+   * false to leave the line to the backup parser.
+   */
+  other?: (sock: Socket, line: string, op: string | null, index: number) => boolean;
 }
 
 /** What runs on one image now; a second request is refused while it is set. */
@@ -69,119 +70,73 @@ interface Busy {
   since: Date;
 }
 
+/** Runs the backup requests of control connections for each device (one at a time per image). */
+export class BackupRequests {
+  private readonly busy: (Busy | null)[];
+
+  constructor(private devices: { image: string; device: BlockDevice }[], private readonly log: (line: string) => void) {
+    this.busy = devices.map(() => null);
+  }
+
+  /** The devices to back up from now on (a worker that reopened its images). */
+  setDevices(devices: { image: string; device: BlockDevice }[]): void {
+    this.devices = devices;
+  }
+
+  /** A sentence naming the operation running, or null when none runs. */
+  running(): string | null {
+    for (let i = 0; i < this.busy.length; i++) {
+      const b = this.busy[i];
+      if (b) return `a ${b.op} of ${this.devices[i]!.image} is running (to ${b.repo}, started ${b.since.toISOString()})`;
+    }
+    return null;
+  }
+
+  /** Handles one request line read from the control socket of devices[index]. */
+  handle(sock: Socket, line: string, index: number): void {
+    const { image } = this.devices[index]!;
+    sock.on('error', () => undefined);
+    let req: BackupRequest;
+    try {
+      req = parseRequest(line);
+    } catch (e) {
+      failRequest(sock, 'KSC_E_INVALID', (e as Error).message);
+      return;
+    }
+    const busy = this.busy[index];
+    if (busy) {
+      failRequest(sock, 'KSC_E_LOCKED', `a ${busy.op} of ${image} is running (to ${busy.repo}, started ${busy.since.toISOString()}); try again when it has finished`);
+      return;
+    }
+    this.busy[index] = { op: req.op, repo: req.repo, since: new Date() };
+    const { device } = this.devices[index]!;
+    this.log(`kscinc serve: backup of ${image} to ${req.repo} requested`);
+    void runBackup(image, device, req, (p) => sendMessage(sock, { progress: p }))
+      .then((result) => {
+        this.log(`kscinc serve: backup ${result.id} of ${image} done`);
+        sendMessage(sock, { result });
+      }, (e: unknown) => {
+        this.log(`kscinc serve: backup of ${image} failed: ${(e as Error).message}`);
+        sendMessage(sock, { error: { code: isKscError(e) ? e.code : 'KSC_E_IO', message: (e as Error).message } });
+      })
+      .finally(() => {
+        this.busy[index] = null;
+        sock.end();
+      });
+  }
+}
+
 /**
  * Serves control requests for each device; returns a function that stops them. Throws KSC_E_PERMISSION
  * when the run folder is not private or a socket path belongs to someone else: `serve` must not go on
  * without owning its sockets.
  */
 export async function startControl(devices: { image: string; device: BlockDevice }[], log: (line: string) => void, opts: ControlOptions = {}): Promise<() => Promise<void>> {
-  const idleMs = opts.idleTimeoutMs ?? 10_000;
-  const servers: { server: Server; path: string }[] = [];
-  const stop = async (): Promise<void> => {
-    for (const { server, path } of servers.splice(0)) {
-      await new Promise<void>((r) => server.close(() => r()));
-      await unlink(path).catch(() => undefined);
-    }
-  };
-  try {
-    await ensureRunDir();
-    for (const { image, device } of devices) {
-      const path = controlPath(image);
-      // A leftover socket of ours is a dead server's (we hold the image lock); anyone else's is refused.
-      if (await checkStaleSocket(path)) await unlink(path);
-      const state = { busy: null as Busy | null };
-      const server = createServer((sock) => serveConnection(sock, image, device, state, idleMs, log));
-      server.maxConnections = MAX_CONNECTIONS;
-      await listenPrivate(server, path);
-      servers.push({ server, path });
-    }
-  } catch (e) {
-    await stop();
-    throw e;
-  }
-  return stop;
-}
-
-/** Listens on `path` with the socket file created 0600 whatever the caller's umask. */
-async function listenPrivate(server: Server, path: string): Promise<void> {
-  const listening = new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.once('listening', () => {
-      server.off('error', reject);
-      resolve();
-    });
-  });
-  let old: number | null = null;
-  try {
-    old = process.umask(0o177);
-  } catch {
-    // a worker thread may not change the umask: the chmod below and the private folder remain
-  }
-  try {
-    server.listen(path); // a unix socket is bound synchronously inside listen()
-  } finally {
-    if (old !== null) process.umask(old);
-  }
-  await listening;
-  await chmod(path, 0o600); // the folder is private anyway; this holds even if bind ran later
-}
-
-function serveConnection(sock: Socket, image: string, device: BlockDevice, state: { busy: Busy | null }, idleMs: number, log: (line: string) => void): void {
-  let buf = '';
-  const send = (o: unknown): void => {
-    if (!sock.destroyed) sock.write(JSON.stringify(o) + '\n');
-  };
-  const fail = (code: KscErrorCode, message: string): void => {
-    send({ error: { code, message } });
-    sock.end();
-    sock.resume(); // read (and drop) to the peer's end, so the socket closes and server.close() can finish
-  };
-  sock.on('error', () => undefined);
-  const uid = peerUid(sock);
-  if (uid !== null && !trustedUid(uid)) {
-    log(`kscinc serve: control connection from uid ${uid} refused`);
-    fail('KSC_E_PERMISSION', `uid ${uid} may not use the control socket of ${image}`);
-    return;
-  }
-  sock.setTimeout(idleMs, () => fail('KSC_E_INVALID', `bad control request: none received within ${idleMs} ms`));
-  const onData = (d: Buffer): void => {
-    buf += d.toString('utf8');
-    const nl = buf.indexOf('\n');
-    if (nl < 0) {
-      if (buf.length > MAX_REQUEST) fail('KSC_E_INVALID', `bad control request: longer than ${MAX_REQUEST} bytes`);
-      return;
-    }
-    sock.off('data', onData);
-    sock.setTimeout(0);
-    let req: BackupRequest;
-    try {
-      if (nl > MAX_REQUEST) throw invalid(`longer than ${MAX_REQUEST} bytes`);
-      req = parseRequest(buf.slice(0, nl));
-    } catch (e) {
-      fail('KSC_E_INVALID', (e as Error).message);
-      return;
-    }
-    const busy = state.busy;
-    if (busy) {
-      fail('KSC_E_LOCKED', `a ${busy.op} of ${image} is running (to ${busy.repo}, started ${busy.since.toISOString()}); try again when it has finished`);
-      return;
-    }
-    state.busy = { op: req.op, repo: req.repo, since: new Date() };
-    log(`kscinc serve: backup of ${image} to ${req.repo} requested`);
-    void runBackup(image, device, req, (p) => send({ progress: p }))
-      .then((result) => {
-        log(`kscinc serve: backup ${result.id} of ${image} done`);
-        send({ result });
-      }, (e: unknown) => {
-        log(`kscinc serve: backup of ${image} failed: ${(e as Error).message}`);
-        send({ error: { code: isKscError(e) ? e.code : 'KSC_E_IO', message: (e as Error).message } });
-      })
-      .finally(() => {
-        state.busy = null;
-        sock.end();
-      });
-  };
-  sock.on('data', onData);
+  const backups = new BackupRequests(devices, log);
+  return listenControl(devices.map((d) => d.image), (sock, line, index) => {
+    if (opts.other?.(sock, line, requestOp(line), index)) return;
+    backups.handle(sock, line, index);
+  }, log, opts);
 }
 
 async function runBackup(image: string, device: BlockDevice, req: BackupRequest, progress: (p: BackupProgress) => void): Promise<BackupResult> {
@@ -198,10 +153,18 @@ async function runBackup(image: string, device: BlockDevice, req: BackupRequest,
  * Asks the server holding `image` to back it up; null when no server answers for it. KSC_E_PERMISSION when
  * the socket's folder or file belongs to another user or the peer runs as another user: never trust it.
  */
-export async function requestBackup(image: string, req: BackupRequest, onProgress?: (p: BackupProgress) => void): Promise<BackupResult | null> {
+export function requestBackup(image: string, req: BackupRequest, onProgress?: (p: BackupProgress) => void): Promise<BackupResult | null> {
+  return controlRequest<BackupResult, BackupProgress>(image, req, 'the backup finished', onProgress);
+}
+
+/**
+ * Sends one request to the server holding `image` and resolves with its `result` (rejects with its `error`
+ * as a KscError); null when no server answers for it. `what` ends the message of an early close.
+ */
+export async function controlRequest<R, P = unknown>(image: string, req: object, what: string, onProgress?: (p: P) => void): Promise<R | null> {
   const path = controlPath(image);
   if (!(await checkClientPath(path))) return null;
-  return new Promise<BackupResult | null>((resolve, reject) => {
+  return new Promise<R | null>((resolve, reject) => {
     const sock = createConnection(path);
     let buf = '';
     let settled = false;
@@ -227,7 +190,7 @@ export async function requestBackup(image: string, req: BackupRequest, onProgres
       while ((nl = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
-        let msg: { progress?: BackupProgress; result?: BackupResult; error?: { code: KscErrorCode; message: string } };
+        let msg: { progress?: P; result?: R; error?: { code: KscErrorCode; message: string } };
         try {
           msg = JSON.parse(line) as typeof msg;
         } catch {
@@ -240,6 +203,6 @@ export async function requestBackup(image: string, req: BackupRequest, onProgres
         if (msg.error) done(() => reject(new KscError(msg.error!.code, msg.error!.message)));
       }
     });
-    sock.on('close', () => done(() => reject(new KscError('KSC_E_IO', `the server holding ${image} closed the control connection before the backup finished`))));
+    sock.on('close', () => done(() => reject(new KscError('KSC_E_IO', `the server holding ${image} closed the control connection before ${what}`))));
   });
 }

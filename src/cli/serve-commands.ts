@@ -1,13 +1,21 @@
-/** kscinc serve: images as NBD exports until SIGTERM/SIGINT. */
+/**
+ * kscinc serve: images as NBD exports until SIGTERM/SIGINT — under a supervisor that owns the sockets and
+ * runs the server in a worker process (src/supervisor/), or in this one process with --no-supervisor.
+ * kscinc status / kscinc upgrade: ask a running server, through its control socket.
+ */
 import * as path from 'node:path';
+import type { Socket, Server } from 'node:net';
 import type { Command } from 'commander';
-import { KscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
-import { openImage } from '../image/open.js';
-import type { BlockDevice } from '../image/types.js';
-import { NbdServer, type NbdExport, type ListenTarget } from '../nbd/server.js';
-import { println } from './output.js';
-import { startControl } from './control.js';
+import { KscError, isKscError } from '../errors.js';
+import { NbdServer, type ListenAddress, type ListenTarget } from '../nbd/server.js';
+import { printJson, println } from './output.js';
+import { controlPath } from './control-trust.js';
+import { controlRequest, startControl } from './control.js';
+import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
+import { closeDevices, openExports, type ServeConfig } from './serve-open.js';
+import { inheritedSockets, listenPaused } from '../supervisor/listeners.js';
+import { Supervisor, type StatusResult, type UpgradeResult } from '../supervisor/supervisor.js';
+import { packageVersion } from '../supervisor/version.js';
 
 /** "HOST:PORT", "[v6]:PORT" or ":PORT". */
 export function parseListen(text: string): { host: string; port: number } {
@@ -36,6 +44,8 @@ interface ServeOptions {
   bitmap?: string[];
   maxConnections?: number;
   shutdownGrace?: number;
+  supervisor?: boolean;
+  maxRestarts?: number;
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -46,10 +56,145 @@ function positiveInt(flag: string): (v: string) => number {
   };
 }
 
+const log = (l: string): void => void process.stderr.write(`${l}\n`);
+
+/** The URIs, a warning for a non-loopback address, "ready". */
+function announce(addr: ListenAddress, names: string[]): void {
+  if (!('path' in addr) && !isLoopback(addr.host)) {
+    process.stderr.write(`kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`);
+  }
+  for (const name of names) {
+    const enc = encodeURIComponent(name);
+    println('path' in addr ? `nbd+unix:///${enc}?socket=${addr.path}` : `nbd://${uriHost(addr.host)}:${addr.port}/${enc}`);
+  }
+  process.stderr.write(`kscinc serve: ready (${names.length} export${names.length === 1 ? '' : 's'})\n`);
+}
+
+function untilSignal(onHup?: () => void): { stopped: Promise<string>; giveUp: (why: string) => void } {
+  let giveUp: (why: string) => void = () => undefined;
+  const stopped = new Promise<string>((resolve) => {
+    process.once('SIGTERM', () => resolve('SIGTERM'));
+    process.once('SIGINT', () => resolve('SIGINT'));
+    giveUp = (why) => resolve(`give-up: ${why}`);
+  });
+  if (onHup) process.on('SIGHUP', onHup);
+  return { stopped, giveUp };
+}
+
+/** Today's single process: open, listen, serve. */
+async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): Promise<void> {
+  const { devices, exports } = await openExports(c);
+  let server: NbdServer;
+  try {
+    server = new NbdServer({ exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
+  } catch (e) {
+    await closeDevices(devices);
+    throw e;
+  }
+  let addr;
+  try {
+    addr = await server.listen(target);
+  } catch (e) {
+    await closeDevices(devices);
+    throw new KscError('KSC_E_IO', `cannot listen on ${what}: ${(e as Error).message}`, { cause: e });
+  }
+  const startedAt = new Date();
+  let stopControl: () => Promise<void> = async () => undefined;
+  if (!c.readOnly) {
+    // Not owning the control socket is fatal: someone else's socket would answer `kscinc backup` for us.
+    try {
+      stopControl = await startControl(c.images.map((image, i) => ({ image, device: devices[i]! })), log, {
+        other: (sock, _line, op) => {
+          if (op === 'status') {
+            const now = Date.now();
+            const r: StatusResult = {
+              supervisor: null, worker: { pid: process.pid, version: packageVersion(), startedAt: startedAt.toISOString(), uptimeMs: now - startedAt.getTime() },
+              connections: server.connections, inFlight: server.inFlight, restarts: 0, lastUpgrade: null,
+            };
+            sendMessage(sock, { result: r });
+            sock.end();
+            return true;
+          }
+          if (op === 'upgrade') {
+            failRequest(sock, 'KSC_E_INVALID', 'this server runs without a supervisor (--no-supervisor): it cannot be upgraded in place; restart it');
+            return true;
+          }
+          return false;
+        },
+      });
+    } catch (e) {
+      await server.close();
+      await closeDevices(devices);
+      throw e;
+    }
+  }
+  announce(addr, c.names);
+  const { stopped } = untilSignal();
+  const sig = await stopped;
+  process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
+  await stopControl();
+  await server.close();
+  await closeDevices(devices);
+  process.stderr.write('kscinc serve: images flushed and closed\n');
+}
+
+/** The supervisor: listen, start the worker, answer status/upgrade, pass the rest on. */
+async function serveSupervised(c: ServeConfig, target: ListenTarget, what: string, maxRestarts: number | undefined): Promise<void> {
+  const signals = untilSignal(() => {
+    log('kscinc serve: SIGHUP: upgrading the worker');
+    sup.upgrade().then((r) => log(`kscinc serve: upgrade done: ${JSON.stringify(r)}`), (e: unknown) => log(`kscinc serve: upgrade failed: ${(e as Error).message}`));
+  });
+  const sup: Supervisor = new Supervisor({ config: c, log, maxRestarts, onGiveUp: (why) => signals.giveUp(why) });
+  let listener: { server: Server; address: ListenAddress };
+  try {
+    listener = await listenPaused(target, (s) => sup.connection(s), log);
+  } catch (e) {
+    throw new KscError('KSC_E_IO', `cannot listen on ${what}: ${(e as Error).message}`, { cause: e });
+  }
+  const closeListener = (): Promise<void> => new Promise((r) => listener.server.close(() => r()));
+  try {
+    await sup.start();
+  } catch (e) {
+    await closeListener();
+    throw e;
+  }
+  let stopControl: () => Promise<void> = async () => undefined;
+  if (!c.readOnly) {
+    // Created once the worker holds the images' locks: a leftover socket of ours is then a dead server's.
+    try {
+      stopControl = await listenControl(c.images, (sock, line, index) => supervisorRequest(sup, sock, line, index), log);
+    } catch (e) {
+      await sup.stop();
+      await closeListener();
+      throw e;
+    }
+  }
+  announce(listener.address, c.names);
+  const why = await signals.stopped;
+  process.stderr.write(`kscinc serve: ${why}: finishing in-flight requests\n`);
+  await stopControl();
+  await sup.stop();
+  await closeListener();
+  process.stderr.write('kscinc serve: images flushed and closed\n');
+  if (why.startsWith('give-up')) throw new KscError('KSC_E_IO', `serve stopped: ${why.slice(9)}`);
+}
+
+function supervisorRequest(sup: Supervisor, sock: Socket, line: string, index: number): void {
+  const op = requestOp(line);
+  if (op !== 'status' && op !== 'upgrade') return sup.control(sock, line, index);
+  sock.on('error', () => undefined);
+  const work: Promise<StatusResult | UpgradeResult> = op === 'status' ? sup.status() : sup.upgrade();
+  work.then((result) => {
+    sendMessage(sock, { result });
+    sock.end();
+    sock.resume();
+  }, (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message));
+}
+
 export function registerServeCommands(program: Command): void {
   program
     .command('serve')
-    .description('serve images over NBD (nbd://HOST:PORT/NAME) until SIGTERM or SIGINT')
+    .description('serve images over NBD (nbd://HOST:PORT/NAME) until SIGTERM or SIGINT; SIGHUP upgrades the worker in place')
     .argument('<images...>', 'raw or ksc_inc images')
     .option('--listen <host:port>', 'TCP address (port 0 picks a free port)', '127.0.0.1:10809')
     .option('--socket <path>', 'listen on a unix socket instead of TCP')
@@ -59,75 +204,54 @@ export function registerServeCommands(program: Command): void {
     .option('--bitmap <name>', 'offer only this dirty bitmap as qemu:dirty-bitmap:NAME (repeatable; default: every bitmap of the image, including ones created while serving)', (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
     .option('--max-connections <n>', 'connections served at once; more are refused (default 64)', positiveInt('--max-connections'))
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
+    .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
+    .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .action(async (images: string[], o: ServeOptions) => {
       if (o.exportName !== undefined && images.length !== 1) throw new KscError('KSC_E_INVALID', '--export-name needs exactly one image');
-      const target: ListenTarget = o.socket ? { path: o.socket } : parseListen(o.listen ?? '127.0.0.1:10809');
       const names = images.map((img) => (images.length === 1 ? (o.exportName ?? '') : path.basename(img)));
       if (new Set(names).size !== names.length) throw new KscError('KSC_E_INVALID', 'two images have the same basename: export names must differ');
-      const devices: BlockDevice[] = [];
-      const closeAll = async (): Promise<void> => {
-        for (const d of devices) {
-          try {
-            if (!d.readOnly) await d.flush();
-          } finally {
-            await d.close();
-          }
-        }
+      const fds = inheritedSockets();
+      const target: ListenTarget = fds.length > 0 ? { fd: fds[0]! } : o.socket ? { path: o.socket } : parseListen(o.listen ?? '127.0.0.1:10809');
+      const what = fds.length > 0 ? `the socket systemd passed (fd ${fds[0]})` : (o.socket ?? o.listen ?? '127.0.0.1:10809');
+      const config: ServeConfig = {
+        images, names, readOnly: !!o.readOnly, description: o.description, bitmap: o.bitmap,
+        maxConnections: o.maxConnections, shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
       };
-      const exports = new Map<string, NbdExport>();
-      let server: NbdServer;
-      try {
-        for (let i = 0; i < images.length; i++) {
-          const dev = await openImage(images[i]!, { write: !o.readOnly });
-          devices.push(dev);
-          for (const b of o.bitmap ?? []) {
-            if (!(dev instanceof KscImage) || !dev.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${images[i]} has no bitmap named "${b}"`);
-          }
-          exports.set(names[i]!, { device: dev, readOnly: !!o.readOnly, description: o.description, bitmaps: o.bitmap });
-        }
-        server = new NbdServer({
-          exports, log: (l) => process.stderr.write(`${l}\n`),
-          maxConnections: o.maxConnections, shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
-        });
-      } catch (e) {
-        await closeAll();
-        throw e;
-      }
-      let addr;
-      try {
-        addr = await server.listen(target);
-      } catch (e) {
-        await closeAll();
-        throw new KscError('KSC_E_IO', `cannot listen on ${o.socket ?? o.listen}: ${(e as Error).message}`, { cause: e });
-      }
-      let stopControl: () => Promise<void> = async () => undefined;
-      if (!o.readOnly) {
-        // Not owning the control socket is fatal: someone else's socket would answer `kscinc backup` for us.
-        try {
-          stopControl = await startControl(images.map((image, i) => ({ image, device: devices[i]! })), (l) => process.stderr.write(`${l}\n`));
-        } catch (e) {
-          await server.close();
-          await closeAll();
-          throw e;
-        }
-      }
-      if (!('path' in addr) && !isLoopback(addr.host)) {
-        process.stderr.write(`kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`);
-      }
-      const stopped = new Promise<string>((resolve) => {
-        process.once('SIGTERM', () => resolve('SIGTERM'));
-        process.once('SIGINT', () => resolve('SIGINT'));
-      });
-      for (const name of names) {
-        const enc = encodeURIComponent(name);
-        println('path' in addr ? `nbd+unix:///${enc}?socket=${addr.path}` : `nbd://${uriHost(addr.host)}:${addr.port}/${enc}`);
-      }
-      process.stderr.write(`kscinc serve: ready (${images.length} export${images.length === 1 ? '' : 's'})\n`);
-      const sig = await stopped;
-      process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
-      await stopControl();
-      await server.close();
-      await closeAll();
-      process.stderr.write('kscinc serve: images flushed and closed\n');
+      if (o.supervisor === false) await serveAlone(config, target, what);
+      else await serveSupervised(config, target, what, o.maxRestarts);
     });
+
+  program
+    .command('status')
+    .description('what the server holding IMAGE runs: supervisor and worker, version, uptime, connections, restarts, last upgrade')
+    .argument('<image>', 'an image a running `kscinc serve` holds')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const r = await ask<StatusResult>(image, { op: 'status' }, 'answering');
+      if (o.json) return printJson(r);
+      const up = (ms: number): string => `${(ms / 1000).toFixed(1)} s`;
+      println(`supervisor:  ${r.supervisor ? `pid ${r.supervisor.pid}, up ${up(r.supervisor.uptimeMs)}` : 'none (--no-supervisor)'}`);
+      println(`worker:      ${r.worker ? `pid ${r.worker.pid}, version ${r.worker.version}, up ${up(r.worker.uptimeMs)}` : 'none (restarting)'}`);
+      println(`connections: ${r.connections}`);
+      println(`in flight:   ${r.inFlight}`);
+      println(`restarts:    ${r.restarts}`);
+      println(`last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`);
+    });
+
+  program
+    .command('upgrade')
+    .description('restart the server holding IMAGE on the kscinc code installed now, keeping every client connection')
+    .argument('<image>', 'an image a running `kscinc serve` holds')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const r = await ask<UpgradeResult>(image, { op: 'upgrade' }, 'the upgrade finished');
+      if (o.json) return printJson(r);
+      println(`upgraded ${r.version.from} -> ${r.version.to}: ${r.connections} connection(s) kept, longest pause ${r.pauseMs} ms`);
+    });
+}
+
+async function ask<R>(image: string, req: object, what: string): Promise<R> {
+  const r = await controlRequest<R>(image, req, what);
+  if (r === null) throw new KscError('KSC_E_NOT_FOUND', `no kscinc serve holds ${image} (no control socket at ${controlPath(image)}; read-only servers have none)`);
+  return r;
 }

@@ -8,7 +8,7 @@ import { nativeOps } from '../io/native.js';
 import { NbdProtocolError } from './errors.js';
 import { negotiate } from './handshake.js';
 import { SocketClosedError, SocketReader } from './reader.js';
-import type { SessionState } from './state.js';
+import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
 import type { Link, ServerContext } from './types.js';
 
@@ -31,24 +31,59 @@ function widenSendBuffer(socket: net.Socket): void {
   }
 }
 
+/** A connection given up at a request boundary for a handover: its socket, negotiated state and unread bytes. */
+export interface ParkedConnection {
+  socket: net.Socket;
+  state: SessionState;
+  pending: Buffer;
+}
+
+/** A connection negotiated elsewhere (another worker), taken over with its state and unread bytes. */
+export interface Adoption {
+  state: SessionState;
+  pending: Buffer;
+}
+
 export class Connection implements Link {
   readonly reader: SocketReader;
   private stopRequested = false;
+  private pauseRequested = false;
+  /** Set when the connection ended by a pause: the socket is still open and belongs to whoever takes this. */
+  parked: ParkedConnection | null = null;
   private done: Promise<void> | null = null;
   private drained: Promise<void> | null = null;
   private transmission: Transmission | null = null;
 
-  constructor(private readonly server: ServerContext, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, readonly log: (l: string) => void) {
+  constructor(private readonly server: ServerContext, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, readonly log: (l: string) => void, private readonly adoption?: Adoption) {
     socket.setNoDelay(true);
     widenSendBuffer(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process
-    this.reader = new SocketReader(socket);
+    this.reader = new SocketReader(socket, undefined, adoption?.pending);
   }
 
   get stopping(): boolean {
     return this.stopRequested;
   }
 
+  get pausing(): boolean {
+    return this.pauseRequested;
+  }
+
+  /** Requests being run now. */
+  get inFlight(): number {
+    return this.transmission?.inFlight ?? 0;
+  }
+
+  /**
+   * Stops reading requests at the next request boundary (a connection still negotiating is paused when it
+   * enters transmission), completes and replies to those read, waits until the replies have left, and parks
+   * the connection: run() resolves with the socket still open (see `parked`), or closed when the client left.
+   */
+  pause(): Promise<void> {
+    this.pauseRequested = true;
+    this.transmission?.pause();
+    return this.run();
+  }
   get destroyed(): boolean {
     return this.socket.destroyed;
   }
@@ -81,12 +116,21 @@ export class Connection implements Link {
 
   private async main(): Promise<void> {
     try {
-      const state = await this.within(this.server.handshakeTimeoutMs, 'handshake', negotiate(this, this.server));
+      const state = this.adoption ? parseSessionState(this.adoption.state) : await this.within(this.server.handshakeTimeoutMs, 'handshake', negotiate(this, this.server));
       if (state) {
         const found = this.server.findExport(state.exportName);
         if (!found) throw new Error(`export "${state.exportName}" is gone`);
+        if (this.adoption && found.exp.device.size !== state.exportSize) throw new Error(`adopted connection: export "${state.exportName}" is ${found.exp.device.size} bytes now, the client was told ${state.exportSize}`);
         this.transmission = new Transmission(this, this.server, Object.freeze(state), found.exp);
-        await this.transmission.run();
+        if (this.pauseRequested && !this.stopRequested) this.transmission.paused = true;
+        else await this.transmission.run();
+        if (this.transmission.paused && !this.stopRequested) {
+          await this.transmission.settled();
+          if (await this.replied()) {
+            this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
+            return;
+          }
+        }
       }
     } catch (e) {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
@@ -105,6 +149,20 @@ export class Connection implements Link {
       });
     });
     this.socket.destroy();
+  }
+
+  /** Waits until every reply queued has been handed to the kernel; false when the socket went away first. */
+  private async replied(): Promise<boolean> {
+    const s = this.socket;
+    const since = Date.now();
+    while (!s.destroyed && s.writableLength > 0) {
+      if (Date.now() - since > this.server.stallTimeoutMs) {
+        this.cut('the client took no byte of its replies during a handover');
+        return false;
+      }
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    return !s.destroyed && !this.reader.finished;
   }
 
   /** Runs `p`; if it has not settled after `ms`, ends the session (the pending read rejects). */

@@ -14,6 +14,13 @@ export class SocketClosedError extends Error {
 /** The peer stopped sending in the middle of something for longer than the no-progress timeout. */
 export class StallError extends Error {}
 
+/** A pending read was interrupted (interrupt()): no byte was taken, the reader can go on or be detached. */
+export class InterruptedError extends Error {
+  constructor() {
+    super('read interrupted');
+  }
+}
+
 export class SocketReader {
   private stall: { ms: number; idleOk: boolean; what: string; timer: NodeJS.Timeout | null } | null = null;
   private chunks: Buffer[] = [];
@@ -24,26 +31,53 @@ export class SocketReader {
   private error: Error | null = null;
   private stopped = false;
 
-  constructor(private readonly socket: Socket, private readonly lowWater = 64 * 1024) {
-    socket.on('data', (d: Buffer) => {
+  private readonly listeners: [string, (arg: never) => void][];
+
+  /** `pending`: bytes already read from this socket by someone else (a handed-over connection), read first. */
+  constructor(private readonly socket: Socket, private readonly lowWater = 64 * 1024, pending?: Buffer) {
+    if (pending && pending.length > 0) {
+      this.chunks.push(pending);
+      this.buffered = pending.length;
+    }
+    const onData = (d: Buffer): void => {
       this.chunks.push(d);
       this.buffered += d.length;
       if (this.buffered >= Math.max(this.want, this.lowWater)) socket.pause();
       if (this.stall) this.armStall(); // progress: the clock restarts
       this.wake();
-    });
-    socket.on('end', () => {
+    };
+    const onEnd = (): void => {
       this.ended = true;
       this.wake();
-    });
-    socket.on('close', () => {
-      this.ended = true;
-      this.wake();
-    });
-    socket.on('error', (e) => {
+    };
+    const onError = (e: Error): void => {
       this.error = e;
       this.wake();
-    });
+    };
+    this.listeners = [['data', onData], ['end', onEnd], ['close', onEnd], ['error', onError]];
+    for (const [ev, f] of this.listeners) socket.on(ev, f as (arg: unknown) => void);
+  }
+
+  /** Rejects a pending read with InterruptedError (taking no byte); no effect when none is pending. */
+  interrupt(): void {
+    const w = this.waiter;
+    if (!w) return;
+    this.waiter = null;
+    w.reject(new InterruptedError());
+  }
+
+  /**
+   * Gives the socket up (for a handover): stops the socket reading, removes this reader's listeners and
+   * returns every byte received and not yet taken, including what Node had buffered but not delivered.
+   */
+  detach(): Buffer {
+    this.stopped = true;
+    stopReading(this.socket); // Node's own buffer arrives as 'data' events here, into this.chunks
+    for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
+    const out = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.buffered = 0;
+    return out;
   }
 
   /** (Re)starts the no-progress clock; with `idleOk`, only once part of the wanted bytes is here. */
@@ -95,8 +129,8 @@ export class SocketReader {
         });
       } finally {
         this.clearStall();
+        this.want = 0;
       }
-      this.want = 0;
     }
     return this.take(n);
   }
@@ -147,4 +181,28 @@ export class SocketReader {
     this.socket.pause();
     this.wake();
   }
+}
+
+/**
+ * Stops a socket reading from the kernel, synchronously: what arrives later stays in the kernel's buffer
+ * (for whoever gets the descriptor next). What Node had already read is emitted as 'data' (to the
+ * listeners attached now) before this returns.
+ */
+export function stopReading(socket: Socket): void {
+  const h = (socket as unknown as { _handle?: { reading?: boolean; readStop?: () => number } | null })._handle;
+  const state = (socket as unknown as { _readableState?: { reading: boolean } })._readableState;
+  const halt = (): void => {
+    if (h && h.readStop) {
+      h.reading = false;
+      h.readStop();
+    }
+    // No read is outstanding any more: a later resume() in this process must start the handle again.
+    if (state) state.reading = false;
+  };
+  socket.pause();
+  halt();
+  while (socket.read() !== null) {
+    // read() of a paused stream emits 'data' for each chunk it returns
+  }
+  halt(); // read() may have asked the handle to start again
 }

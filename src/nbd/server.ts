@@ -7,15 +7,16 @@
  */
 import * as net from 'node:net';
 import { ByteBudget } from './budget.js';
-import { Connection } from './connection.js';
+import { Connection, type Adoption, type ParkedConnection } from './connection.js';
 import { BufferPool } from './pool.js';
 import type { SessionState } from './state.js';
 import type { FoundExport, NbdExport, ServerContext } from './types.js';
 
 export type { NbdExport } from './types.js';
 export type { SessionState } from './state.js';
+export type { ParkedConnection, Adoption } from './connection.js';
 
-export type ListenTarget = { host: string; port: number } | { path: string };
+export type ListenTarget = { host: string; port: number } | { path: string } | { fd: number };
 export type ListenAddress = { host: string; port: number } | { path: string };
 
 export interface NbdServerOptions {
@@ -56,6 +57,7 @@ export class NbdServer implements ServerContext {
   private readonly conns = new Set<Connection>();
   private nextId = 1;
   private closing: Promise<void> | null = null;
+  private parking = false;
 
   constructor(opts: NbdServerOptions) {
     this.exports = opts.exports instanceof Map ? new Map(opts.exports) : new Map(Object.entries(opts.exports));
@@ -101,31 +103,74 @@ export class NbdServer implements ServerContext {
         server.on('error', (e) => this.log(`nbd: listener error: ${e.message}`));
         const a = server.address();
         if (a && typeof a === 'object') resolve({ host: a.address, port: a.port });
-        else resolve({ path: 'path' in target ? target.path : String(a) });
+        else resolve({ path: 'path' in target ? target.path : String(a ?? `fd ${'fd' in target ? target.fd : '?'}`) });
       };
-      if ('path' in target) server.listen(target.path, ready);
+      if ('fd' in target) server.listen({ fd: target.fd }, ready);
+      else if ('path' in target) server.listen(target.path, ready);
       else server.listen(target.port, target.host, ready);
     });
   }
 
-  private accept(socket: net.Socket): void {
-    if (this.closing) {
+  /** Serves a connected socket (accepted here, or by a supervisor that passed it on). */
+  accept(socket: net.Socket): void {
+    this.start(socket);
+  }
+
+  /**
+   * Serves a connection another process negotiated (a hot upgrade): `adoption` is its SessionState (checked
+   * with parseSessionState) and the bytes that process had read and not parsed. The connection goes on in
+   * transmission as if it had negotiated here.
+   */
+  adopt(socket: net.Socket, adoption: Adoption): void {
+    this.start(socket, adoption);
+  }
+
+  private start(socket: net.Socket, adoption?: Adoption): void {
+    if (this.closing || this.parking) {
       socket.destroy();
       return;
     }
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-    if (this.conns.size >= this.maxConnections) {
+    if (!adoption && this.conns.size >= this.maxConnections) {
       this.log(`nbd: connection from ${peer} refused: ${this.maxConnections} connections already (--max-connections)`);
       socket.destroy();
       return;
     }
-    const c = new Connection(this, socket, this.nextId++, peer, this.log);
+    const c = new Connection(this, socket, this.nextId++, peer, this.log, adoption);
     this.conns.add(c);
-    this.log(`nbd: connection ${c.id} from ${peer}`);
+    this.log(`nbd: connection ${c.id} from ${peer}${adoption ? ' adopted' : ''}`);
     void c.run().finally(() => {
       this.conns.delete(c);
-      this.log(`nbd: connection ${c.id} closed`);
+      if (!c.parked) this.log(`nbd: connection ${c.id} closed`);
     });
+  }
+
+  /** Requests being run now over every connection. */
+  get inFlight(): number {
+    let n = 0;
+    for (const c of this.conns) n += c.inFlight;
+    return n;
+  }
+
+  /**
+   * For a handover: every connection stops reading at its next request boundary, completes what it has
+   * read, waits for its replies to leave, and is given up with its socket still open. A connection still
+   * negotiating after `handshakeWaitMs` is cut. Resolves with the parked connections; the server then takes
+   * no connection any more (the devices stay open: the caller flushes and closes them).
+   */
+  async park(handshakeWaitMs = 2000): Promise<ParkedConnection[]> {
+    this.parking = true;
+    const conns = [...this.conns];
+    const all = Promise.all(conns.map((c) => c.pause()));
+    this.budget.wake();
+    let timer: NodeJS.Timeout | null = null;
+    const late = await Promise.race([all.then(() => false), new Promise<boolean>((r) => (timer = setTimeout(() => r(true), handshakeWaitMs)))]);
+    clearTimeout(timer!);
+    if (late) {
+      for (const c of conns) if (!c.state) c.cut('still negotiating when a handover began');
+      await all;
+    }
+    return conns.flatMap((c) => (c.parked ? [c.parked] : []));
   }
 
   /** Number of open connections. */

@@ -7,7 +7,7 @@
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
-import { SocketClosedError } from './reader.js';
+import { InterruptedError, SocketClosedError } from './reader.js';
 import type { SessionState } from './state.js';
 import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
@@ -19,6 +19,10 @@ const SMALL_REQUEST_COST = 64 * 1024;
 export class Transmission {
   private readonly inflight = new Set<Promise<void>>();
   private readonly share: ConnectionShare;
+  /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
+  private atBoundary = false;
+  /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
+  paused = false;
 
   constructor(private readonly link: Link, private readonly server: ServerContext, readonly state: Readonly<SessionState>, private readonly exp: NbdExport) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
@@ -27,6 +31,19 @@ export class Transmission {
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
   wake(): void {
     this.share.wake();
+  }
+
+  /**
+   * The link is pausing: run() returns at the next request boundary (now, when it waits for a header). A
+   * request whose header has been read is still read whole and run.
+   */
+  pause(): void {
+    if (this.atBoundary) this.link.reader.interrupt();
+  }
+
+  /** Requests being run now. */
+  get inFlight(): number {
+    return this.inflight.size;
   }
 
   /** Resolves once every request in flight has completed (replied or failed). */
@@ -40,13 +57,24 @@ export class Transmission {
     const stall = this.server.stallTimeoutMs;
     for (;;) {
       if (link.stopping) return;
+      if (link.pausing) {
+        this.paused = true;
+        return;
+      }
       let hdr: Buffer;
       try {
         // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
+        this.atBoundary = true;
         hdr = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
       } catch (e) {
+        if (e instanceof InterruptedError) {
+          this.paused = true;
+          return;
+        }
         if (e instanceof SocketClosedError) return;
         throw e;
+      } finally {
+        this.atBoundary = false;
       }
       const req = decodeRequest(hdr);
       if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);

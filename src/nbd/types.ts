@@ -40,6 +40,8 @@ export interface Link {
   readonly reader: SocketReader;
   /** The server asked the connection to finish (no new request is read). */
   readonly stopping: boolean;
+  /** A handover asked the connection to stop reading at the next request boundary and keep the socket open. */
+  readonly pausing: boolean;
   /** The socket is gone (closed by the peer, cut, or failed). */
   readonly destroyed: boolean;
   /** Writes a whole reply in one burst; `sent` runs once the socket no longer needs the bytes. */

@@ -11,14 +11,26 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { CMD } from '../../src/nbd/wire.js';
 import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { childrenOf } from '../supervisor/helpers.js';
 import { RawClient, closesWithin, serve } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-limits-');
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const MiB = 1 << 20;
 
+/** RSS of the server: `kscinc serve` and its worker (under the supervisor the worker holds the buffers). */
 function rssMiB(pid: number): number {
-  const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return [pid, ...childrenOf(pid)].reduce((sum, p) => sum + rssOne(p), 0);
+}
+
+function rssOne(pid: number): number {
+  let status: string;
+  try {
+    status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  } catch {
+    return 0; // gone
+  }
+  const m = /VmRSS:\s+(\d+) kB/.exec(status);
   return Number(m![1]) / 1024;
 }
 

@@ -1,0 +1,407 @@
+/**
+ * The supervisor of `kscinc serve` (README "Serving under the supervisor"): it owns the listening sockets
+ * and runs the NBD server in a worker process (worker.ts). It reads no image and no NBD byte: every
+ * accepted connection is passed, unread, to the worker serving now, or held until one is ready.
+ *   - Crash restart: when the worker dies, a new one starts at once (backing off 0, 0.1, 1, 5 s on
+ *     repeated crashes; after `maxRestarts` crashes within a minute the supervisor gives up and exits).
+ *   - Hot upgrade (upgrade(), SIGHUP, the control op "upgrade"): a new worker is started from the code
+ *     installed now; the old one parks its connections at request boundaries and closes the images; the
+ *     new one opens them and adopts every connection, socket and negotiated state. If the new one fails
+ *     to start or to open, the old one reopens and serves on.
+ */
+import type { Socket } from 'node:net';
+import { KscError } from '../errors.js';
+import { stopReading as stopReadingSocket } from '../nbd/reader.js';
+import type { ServeConfig } from '../cli/serve-open.js';
+import { Child } from './child.js';
+import type { FromWorker } from './protocol.js';
+
+/** Delays before restarting after the 1st, 2nd, 3rd and later crashes within a minute. */
+export const BACKOFF_MS = [0, 100, 1000, 5000];
+
+export interface UpgradeResult {
+  version: { from: string; to: string };
+  /** Longest time a client request could wait because of the handover: from parking to the last adoption. */
+  pauseMs: number;
+  connections: number;
+}
+
+export interface StatusResult {
+  supervisor: { pid: number; startedAt: string; uptimeMs: number } | null;
+  worker: { pid: number; version: string; startedAt: string; uptimeMs: number } | null;
+  connections: number;
+  inFlight: number;
+  restarts: number;
+  lastUpgrade: (UpgradeResult & { at: string }) | null;
+}
+
+export interface SupervisorOptions {
+  config: ServeConfig;
+  log: (line: string) => void;
+  /** Crashes within a minute after which the supervisor gives up (default 10). */
+  maxRestarts?: number;
+  /** Called once when the supervisor gives up restarting; it should shut down. */
+  onGiveUp: (why: string) => void;
+}
+
+type Held = { kind: 'conn'; sock: Socket } | { kind: 'control'; sock: Socket; line: string; index: number };
+
+const LOAD_MS = 30_000;
+const OPEN_MS = 120_000;
+const PARK_MS = 120_000;
+
+export class Supervisor {
+  private worker: Child | null = null;
+  private readonly held: Held[] = [];
+  /** Connections are held (not passed on) while set: no worker, or a handover running. */
+  private holding = true;
+  private crashes: number[] = [];
+  private restartTimer: NodeJS.Timeout | null = null;
+  private restarting = false;
+  private upgrading: Promise<UpgradeResult> | null = null;
+  private stopped = false;
+  private restarts = 0;
+  private lastUpgrade: (UpgradeResult & { at: string }) | null = null;
+  private readonly startedAt = new Date();
+  private statsId = 0;
+  private connId = 0;
+  /**
+   * New connections sent to a worker that has not yet said it took them: the supervisor keeps its copy of
+   * each, so one sent to a worker that dies before taking it goes to the next worker instead of being lost.
+   */
+  private readonly inTransit = new Map<number, { h: Held & { kind: 'conn' }; w: Child }>();
+
+  constructor(private readonly opts: SupervisorOptions) {}
+
+  /** Starts the first worker and opens the images; rejects with the worker's error (then nothing runs). */
+  async start(): Promise<void> {
+    const w = await this.launch();
+    this.adoptAsCurrent(w);
+  }
+
+  /** A new NBD connection from a listener (paused, nothing read). */
+  connection(sock: Socket): void {
+    sock.on('error', () => undefined);
+    this.dispatch({ kind: 'conn', sock });
+  }
+
+  /** A control request the supervisor does not answer itself (a backup), with its line already read. */
+  control(sock: Socket, line: string, index: number): void {
+    this.dispatch({ kind: 'control', sock, line, index });
+  }
+
+  private dispatch(h: Held): void {
+    if (this.stopped) {
+      h.sock.destroy();
+      return;
+    }
+    if (this.holding || !this.worker) {
+      this.held.push(h);
+      return;
+    }
+    this.pass(this.worker, h);
+  }
+
+  private pass(w: Child, h: Held): void {
+    if (h.sock.destroyed) return;
+    if (!w.alive || !w.proc.connected) {
+      this.held.push(h); // dying: the next worker gets it
+      return;
+    }
+    untrack(h.sock);
+    if (h.kind === 'conn') {
+      const id = ++this.connId;
+      this.inTransit.set(id, { h, w });
+      w.send({ t: 'conn', id }, h.sock, true);
+    }
+    else w.send({ t: 'control', index: h.index, line: h.line }, h.sock);
+  }
+
+  private release(): void {
+    this.holding = false;
+    const w = this.worker;
+    for (const h of this.held.splice(0)) {
+      if (w) this.pass(w, h);
+      else h.sock.destroy();
+    }
+  }
+
+  /** Forks a worker and has it open the images; kills it and rejects when either step fails. */
+  private async launch(): Promise<Child> {
+    const w = new Child();
+    try {
+      const loaded = await w.next(['loaded'], LOAD_MS, 'starting');
+      if (loaded.t === 'loaded') w.version = loaded.version;
+      w.send({ t: 'open', config: this.opts.config });
+      await w.next(['ready'], OPEN_MS, 'opening the images');
+      return w;
+    } catch (e) {
+      await w.kill();
+      throw e;
+    }
+  }
+
+  /** A worker took a connection: drop our copy (closing one descriptor of it; the connection stays open). */
+  private took(m: FromWorker): void {
+    if (m.t !== 'took') return;
+    const e = this.inTransit.get(m.id);
+    if (!e) return;
+    this.inTransit.delete(m.id);
+    e.h.sock.destroy();
+  }
+
+  /** Connections sent to `w` and not taken: back in the queue for the next worker. */
+  private requeue(w: Child): void {
+    for (const [id, e] of this.inTransit) {
+      if (e.w !== w) continue;
+      this.inTransit.delete(id);
+      this.held.push(e.h);
+    }
+    if (!this.holding && this.worker && this.worker !== w && this.worker.alive) this.release();
+  }
+
+  private adoptAsCurrent(w: Child): void {
+    this.worker = w;
+    w.onMessage = (m) => this.took(m);
+    void w.exited.then((how) => this.workerExited(w, how));
+    this.release();
+  }
+
+  private workerExited(w: Child, how: string): void {
+    this.requeue(w);
+    if (this.worker !== w || this.stopped || this.upgrading) return;
+    this.worker = null;
+    this.holding = true;
+    this.opts.log(`kscinc serve: worker ${w.pid} ${how}; restarting it`);
+    this.crashed();
+  }
+
+  /** Counts a crash and schedules the next worker, or gives up. */
+  private crashed(): void {
+    const now = Date.now();
+    this.crashes = this.crashes.filter((t) => now - t < 60_000);
+    this.crashes.push(now);
+    const max = this.opts.maxRestarts ?? 10;
+    if (this.crashes.length > max) {
+      const why = `the worker died ${this.crashes.length} times within a minute (more than ${max}); giving up`;
+      this.opts.log(`kscinc serve: ${why}`);
+      this.stopped = true;
+      for (const h of this.held.splice(0)) h.sock.destroy();
+      this.opts.onGiveUp(why);
+      return;
+    }
+    const delay = BACKOFF_MS[Math.min(this.crashes.length - 1, BACKOFF_MS.length - 1)]!;
+    this.restartTimer = setTimeout(() => void this.restart(), delay);
+  }
+
+  private async restart(): Promise<void> {
+    this.restartTimer = null;
+    if (this.stopped || this.restarting) return;
+    this.restarting = true;
+    try {
+      const w = await this.launch();
+      this.restarting = false;
+      if (this.stopped) {
+        w.send({ t: 'stop' });
+        return;
+      }
+      this.restarts++;
+      this.opts.log(`kscinc serve: worker ${w.pid} serving`);
+      this.adoptAsCurrent(w);
+    } catch (e) {
+      this.restarting = false;
+      this.opts.log(`kscinc serve: a new worker failed: ${(e as Error).message}`);
+      if (!this.stopped) this.crashed();
+    }
+  }
+
+  /** Hot upgrade; one at a time. */
+  upgrade(): Promise<UpgradeResult> {
+    if (this.upgrading) return Promise.reject(new KscError('KSC_E_LOCKED', 'an upgrade is already running'));
+    if (this.stopped) return Promise.reject(new KscError('KSC_E_CLOSED', 'the server is stopping'));
+    if (!this.worker || this.holding) return Promise.reject(new KscError('KSC_E_UNAVAILABLE', 'no worker is serving now (restarting after a crash); try again'));
+    this.upgrading = this.handover(this.worker).finally(() => {
+      this.upgrading = null;
+      // A worker that died while the handover ran is restarted now.
+      if (!this.stopped && (!this.worker || !this.worker.alive) && !this.restarting && !this.restartTimer) {
+        this.worker = null;
+        this.holding = true;
+        this.crashed();
+      }
+    });
+    return this.upgrading;
+  }
+
+  private async handover(old: Child): Promise<UpgradeResult> {
+    const log = this.opts.log;
+    log(`kscinc serve: upgrade: starting a new worker (old: ${old.pid}, version ${old.version})`);
+    const neu = new Child();
+    try {
+      const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
+      if (loaded.t === 'loaded') neu.version = loaded.version;
+    } catch (e) {
+      log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
+      await neu.kill();
+      throw new KscError('KSC_E_IO', `upgrade: the new worker failed to start (${(e as Error).message}); the old one (${old.pid}) keeps serving`);
+    }
+    this.holding = true; // new connections wait in the supervisor from here
+    const t0 = performance.now();
+    let parked: FromWorker;
+    try {
+      const p = old.next(['parked', 'park-refused'], PARK_MS, 'parking its connections');
+      old.send({ t: 'park' });
+      parked = await p;
+    } catch (e) {
+      if (old.alive) {
+        await neu.kill();
+        this.release();
+        throw e;
+      }
+      parked = { t: 'parked', connections: 0 }; // the old worker died: its connections died with it
+    }
+    if (parked.t === 'park-refused') {
+      await neu.kill();
+      this.release();
+      throw new KscError('KSC_E_LOCKED', `upgrade refused: ${parked.message}; try again when it has finished`);
+    }
+    log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
+    // The old worker has closed the images (or is dead): the new one opens them.
+    neu.send({ t: 'open', config: this.opts.config });
+    try {
+      await neu.next(['ready'], OPEN_MS, 'opening the images');
+    } catch (e) {
+      await neu.kill();
+      const why = (e as Error).message;
+      log(`kscinc serve: upgrade: the new worker failed to open the images: ${why}${old.alive ? '; the old worker reopens them' : ''}`);
+      if (old.alive) {
+        old.send({ t: 'resume' });
+        try {
+          await old.next(['resumed'], OPEN_MS, 'reopening the images');
+          this.release();
+        } catch (e2) {
+          log(`kscinc serve: upgrade: the old worker failed to resume: ${(e2 as Error).message}`);
+        }
+      }
+      throw new KscError('KSC_E_IO', `upgrade: the new worker failed to open the images (${why}); the old one (${old.pid}) keeps serving`);
+    }
+    // Hand the connections over: old → supervisor → new.
+    let expected = parked.t === 'parked' ? parked.connections : 0;
+    let adopted = 0;
+    let received = 0;
+    const allAdopted = new Promise<void>((resolve) => {
+      const check = (): void => {
+        if (adopted >= expected) resolve();
+      };
+      neu.onMessage = (m) => {
+        this.took(m);
+        if (m.t === 'adopted') {
+          adopted++;
+          check();
+        }
+      };
+      old.onMessage = (m, handle) => {
+        this.took(m);
+        if (m.t === 'handoff-done') {
+          expected = m.count;
+          check();
+          return;
+        }
+        if (m.t !== 'handoff') return;
+        received++;
+        const sock = handle as Socket | undefined;
+        if (!sock || sock.destroyed) {
+          sock?.destroy();
+          expected--;
+          check();
+          return;
+        }
+        const extra = takeBuffered(sock);
+        const pending = extra.length ? Buffer.concat([Buffer.from(m.pending, 'base64'), extra]).toString('base64') : m.pending;
+        neu.send({ t: 'adopt', state: m.state, pending }, sock);
+      };
+      // Once the old worker's channel has closed no more connection can come from it.
+      const gone = (): void => {
+        expected = Math.min(expected, received);
+        check();
+      };
+      if (!old.proc.connected) gone();
+      else old.proc.once('disconnect', gone);
+      check();
+    });
+    if (old.alive) old.send({ t: 'handoff' });
+    let timer: NodeJS.Timeout | null = null;
+    await Promise.race([allAdopted, neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
+    clearTimeout(timer!);
+    const pauseMs = Math.round(performance.now() - t0);
+    await old.exited.catch(() => undefined);
+    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted };
+    this.lastUpgrade = { ...result, at: new Date().toISOString() };
+    this.worker = neu;
+    neu.onMessage = (m) => this.took(m);
+    void neu.exited.then((how) => this.workerExited(neu, how));
+    if (neu.alive) this.release();
+    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms`);
+    return result;
+  }
+
+  async status(): Promise<StatusResult> {
+    const w = this.worker;
+    let connections = 0;
+    let inFlight = 0;
+    if (w && w.alive && !this.upgrading) {
+      const id = ++this.statsId;
+      const got = w.next(['stats'], 5000, 'stats').catch(() => null);
+      w.send({ t: 'stats', id });
+      const s = await got;
+      if (s && s.t === 'stats') ({ connections, inFlight } = s);
+    }
+    const now = Date.now();
+    return {
+      supervisor: { pid: process.pid, startedAt: this.startedAt.toISOString(), uptimeMs: now - this.startedAt.getTime() },
+      worker: w ? { pid: w.pid, version: w.version, startedAt: w.startedAt.toISOString(), uptimeMs: now - w.startedAt.getTime() } : null,
+      connections,
+      inFlight,
+      restarts: this.restarts,
+      lastUpgrade: this.lastUpgrade,
+    };
+  }
+
+  /** Stops: the worker finishes in-flight requests, flushes and closes the images. */
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.restartTimer) clearTimeout(this.restartTimer);
+    for (const h of this.held.splice(0)) h.sock.destroy();
+    await this.upgrading?.catch(() => undefined);
+    for (const { h } of this.inTransit.values()) h.sock.destroy();
+    this.inTransit.clear();
+    const w = this.worker;
+    if (w && w.alive) {
+      w.send({ t: 'stop' });
+      await w.exited;
+    }
+  }
+}
+
+/**
+ * Makes the listener forget a socket we pass to a worker. Node would otherwise track it "in the worker"
+ * (for the cluster module), and server.close() would wait for that worker to report it closed — forever
+ * once the worker is gone. Counted out of the listener's connections, as Node does for a socket it sends.
+ */
+function untrack(sock: Socket): void {
+  const s = sock as unknown as { server: { _connections: number } | null; _server: unknown };
+  if (s.server) {
+    s.server._connections--;
+    s.server = null;
+    s._server = null;
+  }
+}
+
+/** Takes what Node read from a socket received over IPC before it was stopped (normally nothing). */
+function takeBuffered(sock: Socket): Buffer {
+  const parts: Buffer[] = [];
+  const onData = (d: Buffer): void => void parts.push(d);
+  sock.on('data', onData);
+  stopReadingSocket(sock);
+  sock.off('data', onData);
+  return Buffer.concat(parts);
+}

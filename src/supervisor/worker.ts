@@ -1,0 +1,137 @@
+/**
+ * The worker process of `kscinc serve` (started by the supervisor with child_process.fork): opens the
+ * images, serves the NBD connections and control requests the supervisor passes it, and takes part in a
+ * hot upgrade (protocol.ts): park its connections at request boundaries and close the images, then either
+ * hand the connections back or reopen and resume. SIGINT/SIGTERM/SIGHUP are the supervisor's business: the
+ * worker stops when told to, or when the supervisor goes away (the IPC channel closes).
+ */
+import type { Socket } from 'node:net';
+import { isKscError } from '../errors.js';
+import { BackupRequests } from '../cli/control.js';
+import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
+import type { ParkedConnection } from '../nbd/connection.js';
+import { NbdServer } from '../nbd/server.js';
+import { packageVersion } from './version.js';
+import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
+
+const log = (l: string): void => void process.stderr.write(`${l}\n`);
+
+
+function send(m: FromWorker, handle?: Socket): Promise<void> {
+  return new Promise((resolve) => {
+    if (!process.connected) return resolve();
+    process.send!(m, handle as never, undefined, () => resolve());
+  });
+}
+
+let config: ServeConfig | null = null;
+let opened: OpenedExports | null = null;
+let server: NbdServer | null = null;
+let backups: BackupRequests | null = null;
+let parked: ParkedConnection[] = [];
+let stopping: Promise<void> | null = null;
+
+async function open(): Promise<void> {
+  const c = config!;
+  opened = await openExports(c);
+  server = new NbdServer({ exports: opened.exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
+  const devices = c.images.map((image, i) => ({ image, device: opened!.devices[i]! }));
+  if (backups) backups.setDevices(devices);
+  else backups = new BackupRequests(devices, log);
+}
+
+async function fail(e: unknown): Promise<never> {
+  await send({ t: 'failed', code: isKscError(e) ? e.code : 'KSC_E_IO', message: e instanceof Error ? e.message : String(e) });
+  process.exit(1);
+}
+
+/** Finishes what is in flight, flushes and closes the images, then exits. */
+function stop(): Promise<void> {
+  stopping ??= (async () => {
+    for (const p of parked.splice(0)) p.socket.destroy();
+    if (server) await server.close();
+    if (opened) await closeDevices(opened.devices);
+    opened = null;
+    await send({ t: 'stopped' });
+    process.exit(0);
+  })();
+  return stopping;
+}
+
+async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
+  const sock = handle as Socket | undefined;
+  switch (m.t) {
+    case 'open':
+      config = m.config;
+      try {
+        await open();
+      } catch (e) {
+        return fail(e);
+      }
+      await send({ t: 'ready' });
+      return;
+    case 'conn':
+      if (!sock) return;
+      void send({ t: 'took', id: m.id }); // the supervisor may drop its copy now
+      if (!server || stopping) sock.destroy();
+      else server.accept(sock);
+      return;
+    case 'adopt':
+      if (!sock) return;
+      if (!server || stopping) sock.destroy();
+      else server.adopt(sock, { state: m.state as never, pending: Buffer.from(m.pending, 'base64') });
+      await send({ t: 'adopted' });
+      return;
+    case 'control':
+      if (!sock) return;
+      if (!backups || stopping) sock.destroy();
+      else backups.handle(sock, m.line, m.index);
+      return;
+    case 'stats':
+      await send({ t: 'stats', id: m.id, connections: (server?.connections ?? 0) + parked.length, inFlight: server?.inFlight ?? 0 });
+      return;
+    case 'park': {
+      const busy = backups?.running();
+      if (busy || !server || !opened) {
+        await send({ t: 'park-refused', message: busy ?? 'the worker is not serving' });
+        return;
+      }
+      parked = await server.park();
+      server = null;
+      const devices = opened.devices;
+      opened = null;
+      await closeDevices(devices);
+      await send({ t: 'parked', connections: parked.length });
+      return;
+    }
+    case 'resume':
+      try {
+        await open();
+      } catch (e) {
+        return fail(e);
+      }
+      for (const p of parked.splice(0)) server!.adopt(p.socket, { state: p.state, pending: p.pending });
+      await send({ t: 'resumed' });
+      return;
+    case 'handoff': {
+      const list = parked.splice(0);
+      for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
+      await send({ t: 'handoff-done', count: list.length });
+      process.exit(0);
+      return;
+    }
+    case 'stop':
+      return stop();
+  }
+}
+
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => undefined);
+process.on('disconnect', () => void stop());
+process.on('message', (m: unknown, handle: unknown) => {
+  if (!isMessage(m)) return;
+  void onMessage(m as ToWorker, handle).catch((e: unknown) => {
+    log(`kscinc worker: ${(e as Error).message}`);
+    process.exit(1);
+  });
+});
+void send({ t: 'loaded', version: packageVersion(), pid: process.pid });

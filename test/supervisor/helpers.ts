@@ -1,0 +1,132 @@
+/** Test helpers for `kscinc serve` under its supervisor: start it, find its worker, stop every process it started. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll } from 'vitest';
+import { CLI, kscinc, type CliResult } from '../helpers/cli.js';
+
+export interface Supervised {
+  uri: string;
+  port: number;
+  proc: ChildProcess;
+  env: Record<string, string>;
+  stderr: () => string;
+  /** Every worker pid seen so far. */
+  workers: Set<number>;
+  /** The worker serving now (from /proc: the supervisor's child). */
+  worker: () => number | null;
+  cli: (args: string[]) => CliResult;
+  stop: (signal?: NodeJS.Signals) => Promise<number | null>;
+  exited: Promise<number | null>;
+}
+
+const started = new Set<Supervised>();
+
+/** Children of `pid`, from /proc. */
+export function childrenOf(pid: number): number[] {
+  const out: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      if (ppid === pid) out.push(Number(d));
+    } catch {
+      // gone
+    }
+  }
+  return out;
+}
+
+function killAll(s: Supervised): void {
+  for (const p of [...childrenOf(s.proc.pid!), ...s.workers]) {
+    try {
+      process.kill(p, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  if (s.proc.exitCode === null && s.proc.signalCode === null) s.proc.kill('SIGKILL');
+}
+
+afterAll(() => {
+  for (const s of started) killAll(s);
+});
+
+/** A private run folder for control sockets (removed at the end). */
+export function runDir(): string {
+  const d = mkdtempSync(join(tmpdir(), 'kscinc-run-'));
+  afterAll(() => rmSync(d, { recursive: true, force: true }));
+  return d;
+}
+
+/** Starts `kscinc serve ARGS` (supervised) with `env`, waits for its URI. */
+export function startServe(args: string[], env: Record<string, string>, timeoutMs = 30_000): Promise<Supervised> {
+  const proc = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  let out = '';
+  let err = '';
+  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+  const s: Supervised = {
+    uri: '', port: 0, proc, env, exited,
+    stderr: () => err,
+    workers: new Set(),
+    worker: () => {
+      const c = childrenOf(proc.pid!);
+      for (const p of c) s.workers.add(p);
+      return c.length === 1 ? c[0]! : null;
+    },
+    cli: (a) => kscinc(a, { env }),
+    stop: async (signal = 'SIGTERM') => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(signal);
+      const timer = setTimeout(() => killAll(s), 60_000);
+      const code = await exited;
+      clearTimeout(timer);
+      if (code !== 0) console.log(`[serve stderr, exit ${code}]\n${err}`);
+      killAll(s);
+      started.delete(s);
+      return code;
+    },
+  };
+  started.add(s);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`serve did not print its URI in time; stderr: ${err}`)), timeoutMs);
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`serve exited early with ${code}: ${err}`));
+    });
+    proc.stdout!.on('data', (d: Buffer) => {
+      out += d.toString();
+      const m = /^(nbd:\/\/127\.0\.0\.1:(\d+)\/\S*)$/m.exec(out);
+      if (m && !s.uri) {
+        clearTimeout(timer);
+        s.uri = m[1]!;
+        s.port = Number(m[2]);
+        s.worker();
+        resolve(s);
+      }
+    });
+  });
+}
+
+/** Waits until `f` is true (polling), or throws after `ms`. */
+export async function until(f: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await f())) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/** A seeded PRNG (mulberry32); the seed is printed by the caller. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
