@@ -1,6 +1,6 @@
 /** Opens the images `kscinc serve` exports (in the serving process: the worker, or the only process with --no-supervisor). */
 import { KscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
+import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
 import type { NbdExport } from '../nbd/server.js';
@@ -31,7 +31,7 @@ export async function openExports(c: ServeConfig): Promise<OpenedExports> {
       const dev = await openImage(c.images[i]!, { write: !c.readOnly });
       devices.push(dev);
       for (const b of c.bitmap ?? []) {
-        if (!(dev instanceof KscImage) || !dev.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
+        if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
       }
       exports.set(c.names[i]!, { device: dev, readOnly: c.readOnly, description: c.description, bitmaps: c.bitmap });
     }
