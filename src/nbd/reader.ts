@@ -55,6 +55,7 @@ export class SocketReader {
       this.wake();
     };
     this.listeners = [['data', onData], ['end', onEnd], ['close', onEnd], ['error', onError]];
+    startReading(socket); // a socket parked in this process (a handover undone) may read again
     for (const [ev, f] of this.listeners) socket.on(ev, f as (arg: unknown) => void);
   }
 
@@ -69,12 +70,13 @@ export class SocketReader {
   /**
    * Gives the socket up (for a handover): stops the socket reading, removes this reader's listeners and
    * returns every byte received and not yet taken, including what Node had buffered but not delivered.
+   * The socket then reads nothing more in this process (see stopReading) until a new reader takes it.
    */
   detach(): Buffer {
     this.stopped = true;
-    stopReading(this.socket); // Node's own buffer arrives as 'data' events here, into this.chunks
     for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
-    const out = Buffer.concat(this.chunks);
+    const rest = stopReading(this.socket);
+    const out = Buffer.concat(rest.length ? [...this.chunks, rest] : this.chunks);
     this.chunks = [];
     this.buffered = 0;
     return out;
@@ -183,26 +185,45 @@ export class SocketReader {
   }
 }
 
+type Internals = {
+  _handle?: { reading?: boolean; readStop?: () => number } | null;
+  _readableState?: { reading: boolean };
+  [PARKED]?: boolean;
+};
+const PARKED = Symbol('kscinc.parked');
+
 /**
- * Stops a socket reading from the kernel, synchronously: what arrives later stays in the kernel's buffer
- * (for whoever gets the descriptor next). What Node had already read is emitted as 'data' (to the
- * listeners attached now) before this returns.
+ * Stops a socket reading from the kernel, synchronously, for good: what arrives later stays in the kernel's
+ * buffer for whoever gets the descriptor next. Returns what Node had already read and not delivered (also
+ * emitted as 'data' to the listeners attached now).
+ *
+ * "For good" matters: a socket waits here until its descriptor is passed on (behind the acknowledgement of
+ * the previous one when several are sent at once), and anything that makes Node's Readable ask for data
+ * meanwhile — a resume() scheduled by attaching a 'data' listener, maybeReadMore — would start the handle
+ * again; bytes it then reads are lost with the handle (Node sets its onread to a no-op when sending it).
+ * So the Readable is left believing a read is outstanding (state.reading), which makes it never call
+ * _read; startReading() undoes that when this process serves the socket again.
  */
-export function stopReading(socket: Socket): void {
-  const h = (socket as unknown as { _handle?: { reading?: boolean; readStop?: () => number } | null })._handle;
-  const state = (socket as unknown as { _readableState?: { reading: boolean } })._readableState;
-  const halt = (): void => {
-    if (h && h.readStop) {
-      h.reading = false;
-      h.readStop();
-    }
-    // No read is outstanding any more: a later resume() in this process must start the handle again.
-    if (state) state.reading = false;
-  };
+export function stopReading(socket: Socket): Buffer {
+  const s = socket as unknown as Internals;
   socket.pause();
-  halt();
-  while (socket.read() !== null) {
-    // read() of a paused stream emits 'data' for each chunk it returns
+  const h = s._handle;
+  if (h && h.readStop) {
+    h.reading = false;
+    h.readStop();
   }
-  halt(); // read() may have asked the handle to start again
+  if (s._readableState) s._readableState.reading = true; // no _read (so no readStart) from here on
+  s[PARKED] = true;
+  const parts: Buffer[] = [];
+  for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null; ) parts.push(c);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+/** Lets a socket stopped by stopReading read again in this process (no effect on any other socket). */
+export function startReading(socket: Socket): void {
+  const s = socket as unknown as Internals;
+  if (!s[PARKED]) return;
+  s[PARKED] = false;
+  if (s._readableState) s._readableState.reading = false;
+  if (socket.readableFlowing) socket.read(0); // flowing already: no resume() will come to start the handle
 }

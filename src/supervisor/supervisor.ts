@@ -49,6 +49,8 @@ type Held = { kind: 'conn'; sock: Socket } | { kind: 'control'; sock: Socket; li
 const LOAD_MS = 30_000;
 const OPEN_MS = 120_000;
 const PARK_MS = 120_000;
+/** Handover diagnostics (KSCINC_DEBUG=handover or 1). */
+const DEBUG = /\b(1|handover)\b/.test(process.env.KSCINC_DEBUG ?? '');
 
 export class Supervisor {
   private worker: Child | null = null;
@@ -316,6 +318,7 @@ export class Supervisor {
           return;
         }
         const extra = takeBuffered(sock);
+        if (extra.length && DEBUG) log(`kscinc serve: upgrade: ${extra.length} byte(s) of a connection read in the supervisor go with it`);
         const pending = extra.length ? Buffer.concat([Buffer.from(m.pending, 'base64'), extra]).toString('base64') : m.pending;
         neu.send({ t: 'adopt', state: m.state, pending }, sock);
       };
@@ -396,12 +399,11 @@ function untrack(sock: Socket): void {
   }
 }
 
-/** Takes what Node read from a socket received over IPC before it was stopped (normally nothing). */
+/**
+ * Takes what Node read from a socket received over IPC before it was stopped (normally nothing), and
+ * keeps it from reading any more here: it may wait for the new worker's acknowledgement of the previous
+ * socket before it leaves, and a byte read meanwhile would be lost (see stopReading).
+ */
 function takeBuffered(sock: Socket): Buffer {
-  const parts: Buffer[] = [];
-  const onData = (d: Buffer): void => void parts.push(d);
-  sock.on('data', onData);
-  stopReadingSocket(sock);
-  sock.off('data', onData);
-  return Buffer.concat(parts);
+  return stopReadingSocket(sock);
 }

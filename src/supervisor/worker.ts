@@ -11,10 +11,19 @@ import { BackupRequests } from '../cli/control.js';
 import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { ParkedConnection } from '../nbd/connection.js';
 import { NbdServer } from '../nbd/server.js';
+import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
 
 const log = (l: string): void => void process.stderr.write(`${l}\n`);
+/** Handover diagnostics, with KSCINC_DEBUG=handover (or 1): what each connection carries across. */
+const debug = /\b(1|handover)\b/.test(process.env.KSCINC_DEBUG ?? '') ? log : null;
+
+/** "N unread byte(s)", and the cookie of the first request among them when its header is whole. */
+function unread(pending: Buffer): string {
+  const first = pending.length >= REQUEST_SIZE ? decodeRequest(pending) : null;
+  return `${pending.length} unread byte(s)${first ? `, first request: type ${first.type} cookie ${first.cookie}` : ''}`;
+}
 
 
 function send(m: FromWorker, handle?: Socket): Promise<void> {
@@ -79,7 +88,11 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
     case 'adopt':
       if (!sock) return;
       if (!server || stopping) sock.destroy();
-      else server.adopt(sock, { state: m.state as never, pending: Buffer.from(m.pending, 'base64') });
+      else {
+        const pending = Buffer.from(m.pending, 'base64');
+        debug?.(`kscinc worker ${process.pid}: adopting a connection with ${unread(pending)}`);
+        server.adopt(sock, { state: m.state as never, pending });
+      }
       await send({ t: 'adopted' });
       return;
     case 'control':
@@ -97,6 +110,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         return;
       }
       parked = await server.park();
+      if (debug) for (const p of parked) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
       server = null;
       const devices = opened.devices;
       opened = null;

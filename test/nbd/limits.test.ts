@@ -23,6 +23,11 @@ function rssMiB(pid: number): number {
   return [pid, ...childrenOf(pid)].reduce((sum, p) => sum + rssOne(p), 0);
 }
 
+/** The same per process, for the log: "supervisor N + worker M". */
+function rssParts(pid: number): string {
+  return [pid, ...childrenOf(pid)].map((p) => rssOne(p).toFixed(0)).join(' + ');
+}
+
 function rssOne(pid: number): number {
   let status: string;
   try {
@@ -47,7 +52,7 @@ function dataImage(name: string, size: number): string {
 }
 
 describe('NBD server: bounded resources', () => {
-  it('100 clients pipelining 32 × 32 MiB READs and never reading: server RSS stays under 256 MiB', async () => {
+  it('100 clients pipelining 32 × 32 MiB READs and never reading: the server holds under 192 MiB more than idle', async () => {
     const img = dataImage('mem.ksc', 1 << 30);
     const CLIENTS = Number(process.env.KSCINC_TEST_CLIENTS ?? 100);
     const t0 = Date.now();
@@ -56,6 +61,7 @@ describe('NBD server: bounded resources', () => {
     const clients: RawClient[] = [];
     try {
       const before = rssMiB(srv.proc.pid!);
+      const beforeParts = rssParts(srv.proc.pid!);
       for (let i = 0; i < CLIENTS; i++) {
         const c = await RawClient.connect(port);
         await c.handshake('', false); // simple replies: every READ reply carries its 32 MiB
@@ -69,8 +75,13 @@ describe('NBD server: bounded resources', () => {
         await sleep(500);
         peak = Math.max(peak, rssMiB(srv.proc.pid!));
       }
-      console.log(`server RSS: ${before.toFixed(0)} MiB idle, peak ${peak.toFixed(0)} MiB with ${CLIENTS} clients that never read`);
-      expect(peak).toBeLessThan(256);
+      console.log(`server RSS: ${before.toFixed(0)} MiB idle (${beforeParts}), peak ${peak.toFixed(0)} MiB (+${(peak - before).toFixed(0)}) with ${CLIENTS} clients that never read`);
+      // What the clients make the server hold is bounded by the byte budget (--max-total-pending, 128 MiB
+      // by default) plus replies being written and the GC's slack: bound the growth over the idle RSS
+      // measured at start, not the total. Under the supervisor the total counts two Node runtimes (the
+      // supervisor's and the worker's, ~50 MiB each, that no client causes); the old absolute bound of
+      // 256 MiB passed at 242 MiB and would flake on a loaded machine for that reason alone.
+      expect(peak - before).toBeLessThan(192);
       // Still serving: a new well-behaved client gets an answer once the stuck ones are gone.
     } finally {
       for (const c of clients) c.socket.destroy();
