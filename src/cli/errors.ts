@@ -59,7 +59,10 @@ export function plainErrno(e: unknown): string | null {
  * The library names an option of its API as "option NAME" (it knows no command line); the CLI names the
  * flag that sets it. Only these options have a flag of that name.
  */
-const FLAGS: Record<string, string> = { force: '--force', forgetDamaged: '--forget-damaged', disk: '--disk', chunkSize: '--chunk-size' };
+const FLAGS: Record<string, string> = {
+  force: '--force', forgetDamaged: '--forget-damaged', disk: '--disk', chunkSize: '--chunk-size', keyFile: '--key-file',
+  ref: '"kscinc repo unlock --ref"',
+};
 
 export function withFlagNames(msg: string): string {
   return msg.replace(/\boption (\w+)/g, (all, name: string) => FLAGS[name] ?? all);

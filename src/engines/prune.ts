@@ -110,7 +110,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     for (const r of refs) refBy.set(r.backup!, [...(refBy.get(r.backup!) ?? []), r]);
     for (const id of forget) {
       const rs = refBy.get(id);
-      if (rs) throw new KscError('KSC_E_LOCKED', `--forget-damaged ${id}: a live-restored image still reads through to that backup (${rs.map((r) => `${r.key}: ${r.reason}`).join('; ')}); nothing was deleted`);
+      if (rs) throw new KscError('KSC_E_LOCKED', `option forgetDamaged ${id}: a live-restored image still reads through to that backup (${rs.map((r) => `${r.key}: ${r.reason}`).join('; ')}); nothing was deleted`);
     }
     const byDisk = new Map<string, { id: string; disk: string; timeMs: number }[]>();
     for (const m of metas) {

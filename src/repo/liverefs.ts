@@ -110,5 +110,5 @@ export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = R
 
 /** The error prune fails with while a reference cannot be read (it may name any backup). */
 export function garbageRefsError(store: ObjectStore, garbage: LiveRefInfo[]): KscError {
-  return new KscError('KSC_E_CORRUPT', `prune deletes nothing while live-restore references cannot be read (they may name any backup): ${garbage.map((g) => `${store.name}/${g.key}`).join(', ')}; check them, then remove them with "kscinc repo unlock --ref KEY"`);
+  return new KscError('KSC_E_CORRUPT', `prune deletes nothing while live-restore references cannot be read (they may name any backup): ${garbage.map((g) => `${store.name}/${g.key}`).join(', ')}; check them, then remove each with option ref KEY`);
 }

@@ -146,7 +146,7 @@ export class Repository {
     let u: Unlock | undefined;
     const enc = opts.encrypt;
     if (enc) {
-      if (!enc.password && !enc.keyFile) throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (--key-file)');
+      if (!enc.password && !enc.keyFile) throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile, or KSCINC_KEY_FILE)');
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
       config.features = ['encrypted'];
