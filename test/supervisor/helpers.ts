@@ -119,14 +119,5 @@ export async function until(f: () => boolean | Promise<boolean>, ms: number, wha
   }
 }
 
-/** A seeded PRNG (mulberry32); the seed is printed by the caller. */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A seeded PRNG; the seed is printed by the caller. The project's one mulberry32. */
+export { mulberry32 as rng } from '../../src/util/prng.js';
