@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
-import { rng, runDir, startServe, until, type Supervised } from './helpers.js';
+import { childrenOf, killFirstAlive, rng, runDir, startServe, until, type Supervised } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kscinc-crash-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -123,14 +123,12 @@ describe('kscinc serve: crash restart', () => {
         const up = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...env }, stdio: 'ignore' });
         const upDone = new Promise((r) => up.once('exit', r));
         await new Promise((r) => setTimeout(r, 100 + Math.floor(rand() * 400)));
-        if (victim === 'old') process.kill(old, 'SIGKILL');
-        else if (victim === 'supervisor') s.proc.kill('SIGKILL');
-        else {
-          const { childrenOf } = await import('./helpers.js');
-          const neu = childrenOf(s.proc.pid!).find((p) => p !== old);
-          if (neu) process.kill(neu, 'SIGKILL');
-          else process.kill(old, 'SIGKILL'); // the handover was already over: the new worker is the only one
-        }
+        // The handover may be over already (the old worker gone) or not begun (no new worker yet): then
+        // the kill falls on whichever worker serves, which is still a kill during or right after it.
+        const workers = childrenOf(s.proc.pid!);
+        if (victim === 'supervisor') s.proc.kill('SIGKILL');
+        else if (victim === 'old') killFirstAlive([old, ...workers]);
+        else killFirstAlive([...workers.filter((p) => p !== old), old]);
         await upDone;
         if (victim === 'supervisor') {
           await s.stop();

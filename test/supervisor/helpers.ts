@@ -39,6 +39,22 @@ export function childrenOf(pid: number): number[] {
   return out;
 }
 
+/**
+ * SIGKILLs the first of `pids` still alive and returns it (undefined when none was): a worker the test
+ * chose may have exited on its own a moment earlier (the old worker once a handover is over).
+ */
+export function killFirstAlive(pids: number[]): number | undefined {
+  for (const p of pids) {
+    try {
+      process.kill(p, 'SIGKILL');
+      return p;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ESRCH') throw e;
+    }
+  }
+  return undefined;
+}
+
 function killAll(s: Supervised): void {
   for (const p of [...childrenOf(s.proc.pid!), ...s.workers]) {
     try {
