@@ -8,7 +8,6 @@ export const HEADER_SIZE = 4096;
 export const HEADER_SLOTS = [0, 4096] as const;
 /** First host offset available to structures and clusters. */
 export const FIRST_FREE_OFFSET = 8192;
-export const META_ALIGN = 4096;
 
 /** §4.1 feature bits. */
 export const INCOMPAT_DIRTY = 1n;

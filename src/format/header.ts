@@ -18,7 +18,6 @@ export interface BackupRef {
 
 /** §4.2 byte offsets and limits of backup_backing. */
 export const BACKUP_REF_OFFSET = 1168;
-export const BACKUP_REF_SIZE = 104;
 export const MAX_BACKUP_ID = 64;
 
 export interface Header {

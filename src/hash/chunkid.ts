@@ -28,10 +28,6 @@ export function chunkId(data: Uint8Array, out: Buffer = Buffer.allocUnsafe(ID_BY
   return out;
 }
 
-export function idHex(id: Uint8Array): string {
-  return Buffer.from(id.buffer, id.byteOffset, ID_BYTES).toString('hex');
-}
-
 export function isZeroId(id: Uint8Array, at = 0): boolean {
   for (let i = 0; i < ID_BYTES; i++) if (id[at + i] !== 0) return false;
   return true;

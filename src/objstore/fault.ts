@@ -79,7 +79,7 @@ function damage(data: Buffer, f: Fault): Buffer {
   if (f.flipBit !== undefined && out.length > 0) {
     out = Buffer.from(out);
     const bit = f.flipBit % (out.length * 8);
-    out[bit >> 3] ^= 1 << (bit & 7);
+    out[bit >> 3] = out[bit >> 3]! ^ (1 << (bit & 7));
   }
   return out;
 }

@@ -69,7 +69,7 @@ function parse(key: string, raw: Buffer | null): LiveRefBody | null {
   if (!m || !raw) return null;
   try {
     const v = JSON.parse(raw.toString('utf8')) as Partial<LiveRefBody>;
-    if (!v || typeof v !== 'object' || v.kind !== 'live-restore' || v.backup !== m[1] || typeof v.image !== 'string' || typeof v.host !== 'string') return null;
+    if (!v || typeof v !== 'object' || v.kind !== 'live-restore' || v.backup !== m[1]! || typeof v.image !== 'string' || typeof v.host !== 'string') return null;
     return { kind: 'live-restore', backup: v.backup, disk: String(v.disk ?? ''), image: v.image, host: v.host, refreshed: typeof v.refreshed === 'number' ? v.refreshed : 0 };
   } catch {
     return null;

@@ -24,14 +24,6 @@ export function formatSize(bytes: number): string {
   return i === 0 ? `${bytes} B` : `${v.toFixed(v < 10 ? 2 : 1)} ${units[i]}`;
 }
 
-/** Converts a bigint read from disk or wire to a number, refusing values that are not exact. */
-export function toSafeNumber(v: bigint, what: string): number {
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) {
-    throw new KscError('KSC_E_RANGE', `${what} ${v} is above 2^53 and not supported`);
-  }
-  return Number(v);
-}
-
 export function isPowerOfTwo(n: number): boolean {
   return Number.isSafeInteger(n) && n > 0 && 2 ** Math.round(Math.log2(n)) === n;
 }

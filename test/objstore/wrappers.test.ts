@@ -2,7 +2,8 @@
 import { join } from 'node:path';
 import { beforeEach, describe, expect, it } from 'vitest';
 import { KscError } from '../../src/errors.js';
-import { FaultStore, FsStore, openStore, parseS3Url, retryCall, withRetry, type ObjectInfo, type RetryInfo } from '../../src/objstore/index.js';
+import { FsStore, openStore, parseS3Url, retryCall, withRetry, type ObjectInfo, type RetryInfo } from '../../src/objstore/index.js';
+import { FaultStore } from '../../src/objstore/fault.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir('kscinc-wrap-');

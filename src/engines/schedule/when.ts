@@ -10,7 +10,7 @@
  */
 import { Cron } from 'croner';
 import { KscError } from '../../errors.js';
-import { civilFromDay, daysInMonth, dayNumber, localDay, localParts, localToInstant, weekdayOfDay } from './zone.js';
+import { daysInMonth, dayNumber, localDay, localParts, localToInstant, weekdayOfDay } from './zone.js';
 
 export interface HourMinute {
   h: number;
@@ -215,10 +215,4 @@ export function nextRuns(when: When, zone: string, after: number, count: number,
   let t: number | null = after;
   while (out.length < count && (t = nextRun(when, zone, t, anchor)) !== null) out.push(t);
   return out;
-}
-
-/** The civil date of a local day number, as YYYY-MM-DD (for messages). */
-export function isoDay(day: number): string {
-  const c = civilFromDay(day);
-  return `${String(c.y).padStart(4, '0')}-${String(c.m).padStart(2, '0')}-${String(c.d).padStart(2, '0')}`;
 }

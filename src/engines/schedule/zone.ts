@@ -73,11 +73,6 @@ export function dayNumber(y: number, m: number, d: number): number {
   return Math.floor(Date.UTC(y, m - 1, d) / DAY_MS);
 }
 
-export function civilFromDay(n: number): CivilDate {
-  const dt = new Date(n * DAY_MS);
-  return { y: dt.getUTCFullYear(), m: dt.getUTCMonth() + 1, d: dt.getUTCDate() };
-}
-
 /** 0 = Sunday … 6 = Saturday. */
 export function weekdayOfDay(n: number): number {
   return new Date(n * DAY_MS).getUTCDay();
