@@ -5,10 +5,17 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 results=$(mktemp -d)
 status=0
+# Static checks first (seconds each): types of the library and of the tests, lint.
+static_failed=()
+echo "== static checks: tsc (src, test), eslint =="
+npx tsc -p tsconfig.json --noEmit || static_failed+=("tsc src")
+npx tsc -p test/tsconfig.json || static_failed+=("tsc test")
+npx eslint src test || static_failed+=("eslint (npx eslint src test)")
+[ ${#static_failed[@]} -eq 0 ] || status=1
 echo "== test suite (native addon) =="
 npx vitest run --reporter=default --reporter=json --outputFile.json="$results/native.json" || status=$?
 echo "== image, CLI, interop and backup-engine tests without the native addon (TypeScript and lz4-napi fallback) =="
-KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli.test.ts test/interop test/compress.test.ts test/backup/engine.test.ts \
+KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli/cli.test.ts test/interop test/util/compress.test.ts test/backup/engine.test.ts \
   --reporter=default --reporter=json --outputFile.json="$results/fallback.json" || status=$?
 node -e '
   let passed = 0, failed = 0, skipped = 0; const failures = [];
@@ -31,5 +38,6 @@ node -e '
   for (const line of failures) console.log(line);
   console.log(`tests: ${passed} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
 ' "$results/native.json" "$results/fallback.json"
+for s in "${static_failed[@]}"; do echo "FAILED static check: $s"; done
 rm -rf "$results"
 exit "$status"

@@ -15,7 +15,7 @@ type Register = (program: Command) => void;
 /**
  * The command groups, each a module of its own, and the top-level commands each registers. A run loads only
  * the group of the command it names (module loading is a large share of a short command's time); help, a
- * version query or an unknown command load them all. test/cli-groups.test.ts keeps this table true.
+ * version query or an unknown command load them all. test/cli/groups.test.ts keeps this table true.
  */
 export const COMMAND_GROUPS: Record<string, { commands: string[]; load: () => Promise<Register> }> = {
   image: { commands: ['create', 'info', 'map', 'check', 'convert', 'snapshot', 'commit', 'rebase'], load: async () => (await import('./image-commands.js')).registerImageCommands },

@@ -37,9 +37,9 @@ interface BitmapPage {
 /** Sets bits [first, last] (inclusive) of a page's Uint32Array. */
 function setBitRange(words: Uint32Array, first: number, last: number): void {
   let i = first;
-  while (i <= last && (i & 31) !== 0) words[i >>> 5]! |= 1 << (i & 31), i++;
-  while (i + 31 <= last) words[i >>> 5] = 0xffffffff, i += 32;
-  while (i <= last) words[i >>> 5]! |= 1 << (i & 31), i++;
+  for (; i <= last && (i & 31) !== 0; i++) words[i >>> 5]! |= 1 << (i & 31);
+  for (; i + 31 <= last; i += 32) words[i >>> 5] = 0xffffffff;
+  for (; i <= last; i++) words[i >>> 5]! |= 1 << (i & 31);
 }
 
 /** A page with every bit set (what a failed page reads as). */
@@ -502,7 +502,7 @@ export function guessBitmapSlot(rec: Buffer, slot: number, defaultBits: number):
   if (nameLen >= 1 && nameLen <= MAX_BITMAP_NAME) {
     try {
       const n = new TextDecoder('utf-8', { fatal: true }).decode(rec.subarray(16, 16 + nameLen));
-      if (!/[\u0000-\u001f]/.test(n)) name = n;
+      if (![...n].some((ch) => ch.charCodeAt(0) < 0x20)) name = n; // no control characters
     } catch {
       // not UTF-8: keep the placeholder
     }

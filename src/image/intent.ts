@@ -137,7 +137,10 @@ export class IntentLog {
       for (let r = r0; r <= r1; r++) {
         if (this.persisted[r]) continue;
         if (this.flying?.has(r)) flying = true;
-        else this.want(r), (next = true);
+        else {
+          this.want(r);
+          next = true;
+        }
       }
       if (next) await this.kick();
       else if (flying) await this.flyingDone;
@@ -225,7 +228,10 @@ export class IntentLog {
   clearAll(): Promise<void> {
     return this.enqueue(async () => {
       const all = [...this.setList];
-      for (const r of all) this.mark(r, false), this.setRawBit(r, false);
+      for (const r of all) {
+        this.mark(r, false);
+        this.setRawBit(r, false);
+      }
       if (all.length === 0) return;
       await this.writeWords(all);
       await this.file.sync();

@@ -150,7 +150,7 @@ class NodeHostFile implements HostFile {
 
   async writev(bufs: Buffer[], position: number): Promise<void> {
     checkPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
-    let pending = bufs.filter((b) => b.length > 0);
+    const pending = bufs.filter((b) => b.length > 0);
     let pos = position;
     try {
       while (pending.length > 0) {

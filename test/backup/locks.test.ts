@@ -193,7 +193,7 @@ describe('a backup stalled after its packs landed, with prunes in between', () =
       });
       const b = await backup;
       const r = await pruned;
-      expect(r, String((r as Error)?.message)).toMatchObject({ packsDeleted: 0 });
+      expect(r, String((r as unknown as Error | null)?.message)).toMatchObject({ packsDeleted: 0 });
       expect(store.packsPut).toBeGreaterThanOrEqual(5);
       const after = await openRepo(repoDir);
       expect(await after.listBackupIds()).toEqual([first.id, b.id]);
@@ -234,7 +234,7 @@ describe('a backup stalled after its packs landed, with prunes in between', () =
       });
       const e = await expectKscError(backup, 'KSC_E_LOCKED', 'the backup whose lock went stale');
       expect(e.message).toMatch(/lost the repository lock .*no refresh for/);
-      const [p1, p2] = (await pruned) as Awaited<ReturnType<typeof pruneRepo>>[];
+      const [p1, p2] = (await pruned) as unknown as Awaited<ReturnType<typeof pruneRepo>>[];
       console.log(`[locks] ${notes.join('; ')}`);
       expect(p1!.packsDeleted).toBe(0);
       expect(p1!.packsWaiting).toBeGreaterThanOrEqual(5);

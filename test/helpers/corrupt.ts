@@ -49,7 +49,7 @@ export function flipBit(path: string, offset: number, bit = 0): void {
 
 // ---------------------------------------------------------------- seals and header CRC (§3, §4)
 
-/** The §3 seal, computed with zlib's crc32 (the independent check lives in test/spec-vectors.test.ts). */
+/** The §3 seal, computed with zlib's crc32 (the independent check lives in test/format/vectors.test.ts). */
 export function sealValue(tag: number, index: number | bigint, payload: Buffer): number {
   const prefix = Buffer.alloc(12);
   prefix.writeUInt32LE(tag >>> 0, 0);

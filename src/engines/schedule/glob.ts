@@ -82,7 +82,9 @@ export async function expandImages(patterns: string[], what: string): Promise<st
     const files = await expandOne(p);
     if (files.length === 0) throw new KscError('KSC_E_NOT_FOUND', `${what}: images pattern "${p}" matches no file`);
     for (const f of files) {
-      if (!seen.has(f)) seen.add(f), out.push(f);
+      if (seen.has(f)) continue;
+      seen.add(f);
+      out.push(f);
     }
   }
   return out;

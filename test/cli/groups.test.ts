@@ -3,7 +3,7 @@
  * exactly which top-level commands each group's module registers, or a command would be "unknown".
  */
 import { describe, expect, it } from 'vitest';
-import { COMMAND_GROUPS, buildProgram, groupFor } from '../src/cli/program.js';
+import { COMMAND_GROUPS, buildProgram, groupFor } from '../../src/cli/program.js';
 
 describe('CLI command groups', () => {
   it('each group registers exactly the commands the table names, and all groups together every command once', async () => {

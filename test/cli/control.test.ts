@@ -6,11 +6,11 @@ import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { join } from 'node:path';
-import { controlPath } from '../src/cli/control.js';
-import { createImage, openKsc } from '../src/index.js';
-import { ROOT } from './helpers/corrupt.js';
-import { tempDir } from './helpers/tmp.js';
-import { serve } from './nbd/helpers.js';
+import { controlPath } from '../../src/cli/control.js';
+import { createImage, openKsc } from '../../src/index.js';
+import { ROOT } from '../helpers/corrupt.js';
+import { tempDir } from '../helpers/tmp.js';
+import { serve } from '../nbd/helpers.js';
 
 const spec = readFileSync(`${ROOT}/formats/control.md`, 'utf8');
 function block(name: string): string[] {

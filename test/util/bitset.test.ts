@@ -1,9 +1,9 @@
 /** BitSet against a Set<number> model under random operations (the backup engine's chunk sets). */
 import { describe, expect, it } from 'vitest';
-import { BitSet } from '../src/util/bitset.js';
-import { Rng, seedFor } from './helpers/rng.js';
+import { BitSet } from '../../src/util/bitset.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 
-const seed = seedFor('test/util-bitset.test.ts');
+const seed = seedFor('test/util/bitset.test.ts');
 
 describe('BitSet', () => {
   it('matches a Set model: add, addRange, delete, has, count, ordered values', () => {

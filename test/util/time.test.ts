@@ -1,12 +1,12 @@
 /** isoUtc (src/util/time.ts) must print exactly what Date#toISOString prints. */
 import { describe, expect, it } from 'vitest';
-import { isoUtc } from '../src/util/time.js';
-import { Rng } from './helpers/rng.js';
+import { isoUtc } from '../../src/util/time.js';
+import { Rng } from '../helpers/rng.js';
 
 describe('isoUtc', () => {
   it('matches toISOString at edges and at seeded random times over years 0–9999', () => {
     const seed = Number(process.env.KSC_SEED ?? 20261126);
-    console.log(`seed ${seed} (replay: KSC_SEED=${seed} npx vitest run test/util-time.test.ts)`);
+    console.log(`seed ${seed} (replay: KSC_SEED=${seed} npx vitest run test/util/time.test.ts)`);
     const rng = new Rng(seed);
     const from = new Date('0000-01-01T00:00:00.000Z').getTime();
     const to = new Date('9999-12-31T23:59:59.999Z').getTime();

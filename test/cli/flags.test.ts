@@ -6,10 +6,10 @@ import { readFileSync, readdirSync, statSync } from 'node:fs';
 import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
-import { KscError } from '../src/errors.js';
-import { errorLine, withFlagNames } from '../src/cli/errors.js';
+import { KscError } from '../../src/errors.js';
+import { errorLine, withFlagNames } from '../../src/cli/errors.js';
 
-const src = fileURLToPath(new URL('../src', import.meta.url));
+const src = fileURLToPath(new URL('../../src', import.meta.url));
 
 function sources(d: string): string[] {
   return readdirSync(d).flatMap((f) => {

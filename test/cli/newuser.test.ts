@@ -7,11 +7,11 @@ import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CLI, kscinc, run } from './helpers/cli.js';
-import { tempDir } from './helpers/tmp.js';
-import { renderBar, progressBar, setProgressEnabled, formatEta } from '../src/cli/progress.js';
-import { restoreCounts } from '../src/cli/backup-commands.js';
-import { loadConfig, nextRuns, statePathFor } from '../src/engines/schedule/index.js';
+import { CLI, kscinc, run } from '../helpers/cli.js';
+import { tempDir } from '../helpers/tmp.js';
+import { renderBar, progressBar, setProgressEnabled, formatEta } from '../../src/cli/progress.js';
+import { restoreCounts } from '../../src/cli/backup-commands.js';
+import { loadConfig, nextRuns, statePathFor } from '../../src/engines/schedule/index.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);
@@ -366,7 +366,7 @@ describe('progress bars', () => {
 
 describe('library and shell completion', () => {
   it('the library exports convert, check, snapshot, commit, rebase and not FaultStore', async () => {
-    const lib = await import('../src/index.js');
+    const lib = await import('../../src/index.js');
     for (const f of ['convertImage', 'checkImage', 'snapshotImage', 'commitImage', 'rebaseImage', 'openStore', 'backupDevice']) {
       expect(typeof (lib as Record<string, unknown>)[f], f).toBe('function');
     }
@@ -390,7 +390,7 @@ describe('library and shell completion', () => {
   });
 
   it('README: quick start first, the example schedule meets its own rpo; the shipped systemd units verify', async () => {
-    const readme = readFileSync(new URL('../README.md', import.meta.url), 'utf8');
+    const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8');
     const firstBlock = /```sh\n([\s\S]*?)```/.exec(readme)![1]!.trim().split('\n');
     expect(readme.indexOf('```sh')).toBeLessThan(readme.indexOf('## '));
     expect(firstBlock).toHaveLength(5);
@@ -407,7 +407,7 @@ describe('library and shell completion', () => {
       checked++;
     }
     expect(checked).toBeGreaterThan(0);
-    const units = new URL('../scripts/systemd/', import.meta.url).pathname;
+    const units = new URL('../../scripts/systemd/', import.meta.url).pathname;
     for (const [unit, as] of [['kscinc-schedule.service', 'kscinc-schedule.service'], ['kscinc-serve@.service', 'kscinc-serve@web1.service']]) {
       const copy = p(as);
       writeFileSync(copy, readFileSync(join(units, unit)));

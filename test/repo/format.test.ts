@@ -6,12 +6,12 @@
 import { describe, expect, it } from 'vitest';
 import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
-import { initHash, merkleRoot } from '../src/hash/chunkid.js';
-import { compressInto, lz4Bound } from '../src/compress/lz4.js';
-import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom } from '../src/repo/manifest.js';
-import { FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../src/repo/constants.js';
-import { ChunkList, SEGMENT_IDS } from '../src/repo/chunklist.js';
-import { Rng, seedFor } from './helpers/rng.js';
+import { initHash, merkleRoot } from '../../src/hash/chunkid.js';
+import { compressInto, lz4Bound } from '../../src/compress/lz4.js';
+import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom } from '../../src/repo/manifest.js';
+import { FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../../src/repo/constants.js';
+import { ChunkList, SEGMENT_IDS } from '../../src/repo/chunklist.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 
 const meta = { id: '20261126T120000000Z-0000abcd', parent: null, tags: [], source: 'd', bitmap: null, stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 } };
 const disk = '6b736369-6e63-4000-8000-000000000001';
@@ -77,7 +77,7 @@ describe('ChunkList', () => {
 
   it('the segment-wise Merkle root equals §7.3 over the flat list (random lengths and contents)', async () => {
     await initHash();
-    const seed = seedFor('test/repo-format.test.ts');
+    const seed = seedFor('test/repo/format.test.ts');
     const rng = new Rng(seed);
     const rnd = (): number => rng.float();
     const lengths = [0, 1, 2, 255, 256, 257, 4096, SEGMENT_IDS - 1, SEGMENT_IDS, SEGMENT_IDS + 1, 2 * SEGMENT_IDS, 3 * SEGMENT_IDS + 300];

@@ -4,10 +4,10 @@ import { writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { KscError } from '../src/errors.js';
-import { buildNewFile, removeStaleTemps, tempNameFor } from '../src/io/newfile.js';
-import { expectKscError } from './helpers/corrupt.js';
-import { tempDir } from './helpers/tmp.js';
+import { KscError } from '../../src/errors.js';
+import { buildNewFile, removeStaleTemps, tempNameFor } from '../../src/io/newfile.js';
+import { expectKscError } from '../helpers/corrupt.js';
+import { tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);

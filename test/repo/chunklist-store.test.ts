@@ -3,11 +3,11 @@
  * operations on an all-in-memory list: sets, clones sharing segments, reads, ordered visits, Merkle roots.
  */
 import { describe, expect, it } from 'vitest';
-import { initHash } from '../src/hash/chunkid.js';
-import { ChunkList, SEGMENT_IDS, SegmentStore } from '../src/repo/chunklist.js';
-import { Rng, seedFor } from './helpers/rng.js';
+import { initHash } from '../../src/hash/chunkid.js';
+import { ChunkList, SEGMENT_IDS, SegmentStore } from '../../src/repo/chunklist.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 
-const seed = seedFor('test/chunklist-store.test.ts');
+const seed = seedFor('test/repo/chunklist-store.test.ts');
 
 describe('ChunkList with a segment store', () => {
   it('behaves as the in-memory list under random operations, holding at most the cache in memory', async () => {

@@ -1,6 +1,6 @@
 /** The in-process concurrency primitives (src/util/concurrency.ts): bounds, FIFO order, release on error. */
 import { describe, expect, it } from 'vitest';
-import { KeyedMutex, KeyedRwLock, Mutex, RangeLock, mapLimit } from '../src/util/concurrency.js';
+import { KeyedMutex, KeyedRwLock, Mutex, RangeLock, mapLimit } from '../../src/util/concurrency.js';
 
 /** Lets every queued promise callback run. */
 const settle = (): Promise<void> => new Promise((r) => setImmediate(r));

@@ -5,9 +5,9 @@
  */
 import { describe, expect, it } from 'vitest';
 import { crc32 } from 'node:zlib';
-import { ChunkIndex } from '../src/repo/chunkindex.js';
-import { IndexDecoder, decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../src/repo/index-object.js';
-import { Rng, seedFor } from './helpers/rng.js';
+import { ChunkIndex } from '../../src/repo/chunkindex.js';
+import { IndexDecoder, decodeIndex, encodeIndex, visitIndex, type IndexEntry } from '../../src/repo/index-object.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 
 function randomId(rng: Rng): Buffer {
   const b = Buffer.alloc(16);
@@ -17,7 +17,7 @@ function randomId(rng: Rng): Buffer {
 
 describe('ChunkIndex', () => {
   it('answers like a Map of hex id → first location, across growth and colliding ids', () => {
-    const rng = new Rng(seedFor('test/chunkindex.test.ts'));
+    const rng = new Rng(seedFor('test/repo/chunkindex.test.ts'));
     const idx = new ChunkIndex();
     const model = new Map<string, { pack: string; offset: number; length: number; rawLength: number }>();
     /** Every distinct location (pack, offset) of each id, in the order added: all are kept as copies. */
@@ -85,7 +85,7 @@ describe('ChunkIndex', () => {
   });
 
   it('without locations: a set of ids (has, hasAt, packs), and asking for a location is an error', () => {
-    const rng = new Rng(seedFor('test/chunkindex.test.ts ids-only'));
+    const rng = new Rng(seedFor('test/repo/chunkindex.test.ts ids-only'));
     const set = new ChunkIndex({ locations: false });
     const full = new ChunkIndex();
     const ids = Array.from({ length: 5000 }, () => randomId(rng));
@@ -105,7 +105,7 @@ describe('ChunkIndex', () => {
   });
 
   it('visitIndex visits what decodeIndex returns, and nothing when an entry is bad', () => {
-    const rng = new Rng(seedFor('test/chunkindex.test.ts visitIndex'));
+    const rng = new Rng(seedFor('test/repo/chunkindex.test.ts visitIndex'));
     const packs = [randomId(rng).toString('hex'), randomId(rng).toString('hex')];
     const entries: IndexEntry[] = Array.from({ length: 50 }, (_, i) => ({ id: randomId(rng), pack: packs[i % 2]!, offset: i * 1000, length: 900 + i, rawLength: 1 << 20 }));
     const obj = encodeIndex(entries);
@@ -124,7 +124,7 @@ describe('ChunkIndex', () => {
   });
 
   it('IndexDecoder fed in runs of any size gives what decodeIndex gives; damage is named with the entry number', () => {
-    const seed = seedFor('test/chunkindex.test.ts IndexDecoder');
+    const seed = seedFor('test/repo/chunkindex.test.ts IndexDecoder');
     const rng = new Rng(seed);
     const packs = Array.from({ length: 5 }, () => randomId(rng).toString('hex'));
     const entries: IndexEntry[] = Array.from({ length: 300 }, (_, i) => ({ id: randomId(rng), pack: packs[rng.int(0, 4)]!, offset: 16 + i * 4096, length: rng.int(33, 4096), rawLength: rng.int(1, 1 << 20) }));

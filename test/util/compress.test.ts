@@ -5,12 +5,12 @@
 import { describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
 import { compressSync, uncompressSync } from 'lz4-napi';
-import { nativeOps } from '../src/io/native.js';
-import { compressInto, decompressInto, lz4Bound, lz4Native } from '../src/compress/lz4.js';
-import { initHash, chunkId } from '../src/hash/chunkid.js';
-import { encodeBlob, decodeBlob } from '../src/compress/codec.js';
-import { packBatch, packChunks, unpackInto, SharedSlot, closePool, poolStarted } from '../src/compress/pool.js';
-import { Rng } from './helpers/rng.js';
+import { nativeOps } from '../../src/io/native.js';
+import { compressInto, decompressInto, lz4Bound, lz4Native } from '../../src/compress/lz4.js';
+import { initHash, chunkId } from '../../src/hash/chunkid.js';
+import { encodeBlob, decodeBlob } from '../../src/compress/codec.js';
+import { packBatch, packChunks, unpackInto, SharedSlot, closePool, poolStarted } from '../../src/compress/pool.js';
+import { Rng } from '../helpers/rng.js';
 
 function sample(seed: number, size: number): Buffer {
   // Compressible but not trivial: runs of random words.

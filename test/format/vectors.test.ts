@@ -6,11 +6,11 @@
 import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createImage, openKsc } from '../src/index.js';
-import { fillEmpty16, seal, sealAt, sealOf, sealOk, sealOkAt } from '../src/format/seal.js';
-import { Rng, seedFor } from './helpers/rng.js';
-import { ROOT } from './helpers/corrupt.js';
-import { tempDir } from './helpers/tmp.js';
+import { createImage, openKsc } from '../../src/index.js';
+import { fillEmpty16, seal, sealAt, sealOf, sealOk, sealOkAt } from '../../src/format/seal.js';
+import { Rng, seedFor } from '../helpers/rng.js';
+import { ROOT } from '../helpers/corrupt.js';
+import { tempDir } from '../helpers/tmp.js';
 
 // ---------------------------------------------------------------- CRC-32 (ISO-HDLC), from §2
 
@@ -158,7 +158,7 @@ describe('§12.1 sealed records', () => {
 
 describe('§3 seals of any payload length, at any offset', () => {
   it('the table path (short payloads) and the zlib path (long ones) both give the reference seal', () => {
-    const rng = new Rng(seedFor('test/spec-vectors.test.ts'));
+    const rng = new Rng(seedFor('test/format/vectors.test.ts'));
     for (let n = 0; n < 2000; n++) {
       const length = rng.int(0, 160);
       const offset = rng.int(0, 40);

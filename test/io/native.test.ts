@@ -10,7 +10,7 @@ import {
   nativeAvailable,
   nativeOps,
   type NativeOps,
-} from '../src/io/native.js';
+} from '../../src/io/native.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -84,7 +84,7 @@ function expectErrno(fn: () => unknown, code: string, syscall?: string): void {
 describe('native loader', () => {
   it('resolves the addon path relative to the package root', () => {
     expect(nativeAddonPath()).toBe(
-      path.join(fileURLToPath(new URL('..', import.meta.url)), 'native', 'build', 'Release', 'kscinc_native.node'),
+      path.join(fileURLToPath(new URL('../..', import.meta.url)), 'native', 'build', 'Release', 'kscinc_native.node'),
     );
   });
 
@@ -441,7 +441,7 @@ describe.runIf(ops !== null)('native addon', () => {
 
 describe.runIf(ops !== null)('writeCrc (pwrite + per-block CRC-32 on the pool)', () => {
   it('writes the bytes and returns zlib crc32 of each block slice; errors carry the errno code', async () => {
-    const { nativeOps } = await import('../src/io/native.js');
+    const { nativeOps } = await import('../../src/io/native.js');
     const { crc32 } = await import('node:zlib');
     const { randomBytes } = await import('node:crypto');
     const n = nativeOps();
@@ -518,7 +518,7 @@ describe.runIf(ops !== null)('native addon: page-cache reads and socket buffers'
 
 describe.runIf(ops !== null)('HostFile reads through the page cache first', () => {
   it('a read only partly cached takes the cached start from readCached and the rest from the disk, all correct', async () => {
-    const { openHostFile } = await import('../src/io/file.js');
+    const { openHostFile } = await import('../../src/io/file.js');
     const { execFileSync } = await import('node:child_process');
     const file = tmpFile('partial');
     const data = Buffer.alloc(8 * MiB);

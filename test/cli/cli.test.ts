@@ -2,8 +2,8 @@
 import { readFileSync, writeFileSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, it, expect } from 'vitest';
-import { kscinc, run } from './helpers/cli.js';
-import { tempDir } from './helpers/tmp.js';
+import { kscinc, run } from '../helpers/cli.js';
+import { tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);
