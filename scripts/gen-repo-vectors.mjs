@@ -6,7 +6,9 @@ import { initHash, chunkId, merkleRoot } from '../dist/hash/chunkid.js';
 import { encodeBlob } from '../dist/compress/codec.js';
 import { packHeader, packFooter } from '../dist/repo/pack.js';
 import { encodeIndex } from '../dist/repo/index-object.js';
-import { encodeManifest, encodeManifestLegacy } from '../dist/repo/manifest.js';
+import { crc32 } from 'node:zlib';
+import { encodeManifest } from '../dist/repo/manifest.js';
+import { legacyManifest } from '../test/helpers/legacy-manifest.mjs';
 import { PACK_HEADER } from '../dist/repo/constants.js';
 import { ChunkList } from '../dist/repo/chunklist.js';
 
@@ -53,7 +55,7 @@ const man = {
 lines.push('# manifest, plain chunk-id section (the form earlier writers produced; readers still read it):');
 lines.push('# FULL, disk 6b736369-6e63-4000-8000-000000000001, 2026-11-26T12:00:00Z, size 3 MiB + 5, chunk size 1 MiB,');
 lines.push('# token ffeeddccbbaa99887766554433221100, chunks id("abc"), zero, zero, id(0x00…0xff), metadata JSON as shown in §7.2');
-lines.push(`manifest ${hex(encodeManifestLegacy(man, 'plain'))}`);
+lines.push(`manifest ${hex(legacyManifest(encodeManifest({ ...man, ids: ChunkList.fromBuffer(man.ids) }), man.ids, 'plain', { crc32, lz4: () => { throw new Error('plain form only'); } }))}`);
 // §7.5 segmented forms.
 const seg1 = {
   ...man, full: false, bitmapToken: null, size: 2 * 1024 * 1024, ids: ChunkList.fromBuffer(Buffer.concat([idAbc, chunkId(d2)])),

@@ -51,7 +51,7 @@ function refuse(message: string): KscError {
 }
 
 /** Throws KSC_E_PERMISSION unless `st` is a directory we may trust. */
-function checkDir(dir: string, st: Stats): void {
+function assertPrivateDir(dir: string, st: Stats): void {
   if (!st.isDirectory()) throw refuse(`control socket folder ${dir} is not a directory (a symlink or file is not trusted)`);
   if (!trustedUid(st.uid)) throw refuse(`control socket folder ${dir} belongs to uid ${st.uid}, not to us (uid ${myUid()}): refusing to use it`);
   if (st.mode & 0o022) throw refuse(`control socket folder ${dir} is writable by ${st.mode & 0o002 ? 'everyone' : 'its group'} (mode ${(st.mode & 0o7777).toString(8)}): another user could plant a socket there; use a private folder (mode 0700)`);
@@ -73,7 +73,7 @@ export async function ensureRunDir(): Promise<string> {
     }
     st = await lstat(dir);
   }
-  checkDir(dir, st);
+  assertPrivateDir(dir, st);
   return dir;
 }
 
@@ -94,7 +94,7 @@ async function socketStat(path: string): Promise<Stats | null> {
 export async function checkClientPath(path: string): Promise<boolean> {
   const dir = runDir();
   try {
-    checkDir(dir, await lstat(dir));
+    assertPrivateDir(dir, await lstat(dir));
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
     throw e;

@@ -16,7 +16,7 @@ import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { listBackups } from '../repo/catalog.js';
 import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
 import { type CopyReport, chooseCopies } from './copies.js';
-import { type KeepPolicy, checkPolicy, selectKeep } from './retention.js';
+import { type KeepPolicy, assertPolicy, selectKeep } from './retention.js';
 
 export interface PruneOptions extends KeepPolicy {
   dryRun?: boolean;
@@ -76,7 +76,7 @@ export interface PruneResult {
 export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<PruneResult> {
   const t0 = performance.now();
   const policy: KeepPolicy = { last: opts.last, daily: opts.daily, weekly: opts.weekly, monthly: opts.monthly };
-  checkPolicy(policy);
+  assertPolicy(policy);
   const forget = new Set(opts.forgetDamaged ?? []);
   const graceMs = opts.graceMs ?? GRACE_MS;
   if (!(graceMs >= 0) || !Number.isFinite(graceMs)) throw new KscError('KSC_E_INVALID', `prune grace ${graceMs} ms must be a time ≥ 0`);

@@ -16,7 +16,7 @@ export function policyIsEmpty(p: KeepPolicy): boolean {
   return !p.last && !p.daily && !p.weekly && !p.monthly;
 }
 
-export function checkPolicy(p: KeepPolicy): void {
+export function assertPolicy(p: KeepPolicy): void {
   for (const [k, v] of Object.entries(p)) {
     if (v !== undefined && (!Number.isInteger(v) || v < 0)) throw new KscError('KSC_E_INVALID', `keep ${k} must be a whole number ≥ 0, not ${String(v)}`);
   }

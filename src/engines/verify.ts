@@ -6,7 +6,7 @@ import { KscError, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { PACK_HEADER } from '../repo/constants.js';
-import { checkPackHeader } from '../repo/pack.js';
+import { assertPackHeader } from '../repo/pack.js';
 import type { Manifest } from '../repo/manifest.js';
 import { listBackups } from '../repo/catalog.js';
 import { fetchChunks, readsOf } from '../repo/fetch.js';
@@ -201,7 +201,7 @@ async function checkPackEnds(repo: Repository, pack: string, size: number, handl
   const name = repo.objName(key);
   try {
     if (size < PACK_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: ${size} bytes is too short for a pack`);
-    checkPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name, repo.encrypted);
+    assertPackHeader(await repo.store.getRange(key, 0, PACK_HEADER), name, repo.encrypted);
     const entries = await repo.readPackFooter(pack, size);
     const listed = new Set(entries.map((e) => `${e.id.toString('hex')}@${e.offset}+${e.length}/${e.rawLength}`));
     for (const h of handles) {

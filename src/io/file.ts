@@ -91,7 +91,7 @@ class NodeHostFile implements HostFile {
   constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
 
   async read(buf: Buffer, position: number): Promise<number> {
-    checkPosition(this.path, position, buf.length);
+    assertPosition(this.path, position, buf.length);
     let done = 0;
     // What the page cache holds is copied right here (preadv2 RWF_NOWAIT never waits for the disk): a
     // trip through the thread pool and back costs more than copying a few hundred KiB. The rest, if any,
@@ -120,7 +120,7 @@ class NodeHostFile implements HostFile {
   }
 
   async write(buf: Buffer, position: number): Promise<void> {
-    checkPosition(this.path, position, buf.length);
+    assertPosition(this.path, position, buf.length);
     let done = 0;
     try {
       while (done < buf.length) {
@@ -134,7 +134,7 @@ class NodeHostFile implements HostFile {
 
   writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
     try {
-      checkPosition(this.path, position, buf.length);
+      assertPosition(this.path, position, buf.length);
       // The addon's writeCrc, looked up once per file (at its first use) rather than per write.
       if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
       if (this.writeCrc) {
@@ -149,7 +149,7 @@ class NodeHostFile implements HostFile {
   }
 
   async writev(bufs: Buffer[], position: number): Promise<void> {
-    checkPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
+    assertPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
     const pending = bufs.filter((b) => b.length > 0);
     let pos = position;
     try {
@@ -166,7 +166,7 @@ class NodeHostFile implements HostFile {
   }
 
   async writeDurable(buf: Buffer, position: number): Promise<void> {
-    checkPosition(this.path, position, buf.length);
+    assertPosition(this.path, position, buf.length);
     try {
       // A second descriptor opened O_DSYNC: each write on it is durable on return, and the kernel syncs only
       // that range, not the megabytes of data writes that may be dirty in the same file.
@@ -279,7 +279,7 @@ class NodeHostFile implements HostFile {
  * Node treats a position that is not a safe integer as "the current file position": a bad offset that
  * slipped past a decoder would read or overwrite the wrong place. Refuse it here, once, for every caller.
  */
-function checkPosition(path: string, position: number, length: number): void {
+function assertPosition(path: string, position: number, length: number): void {
   if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + length)) {
     throw new KscError('KSC_E_RANGE', `${path}: file offset ${position} is outside 0 … 2^53`);
   }

@@ -30,7 +30,7 @@ export function isEncrypted(c: RepoConfig): boolean {
 }
 
 /** KSC_E_INVALID unless `n` is a power of two from 1 MiB to 4 MiB. */
-export function checkChunkSize(n: number): void {
+export function assertChunkSize(n: number): void {
   if (!Number.isInteger(n) || n < MIN_CHUNK || n > MAX_CHUNK || (n & (n - 1)) !== 0) {
     throw new KscError('KSC_E_INVALID', `chunk size ${n} must be a power of two from 1 MiB to 4 MiB`);
   }
@@ -54,10 +54,10 @@ export function decodeConfig(b: Buffer, object = 'config'): RepoConfig {
   }
   if (typeof c !== 'object' || c === null || c.format !== CONFIG_FORMAT) throw unsupported(object, 'not a kscinc repository');
   if (c.version !== CONFIG_VERSION && c.version !== CONFIG_VERSION_2) throw unsupported(object, `version ${String(c.version)} is not supported (this reader knows versions 1 and 2)`);
-  if (c.version === CONFIG_VERSION_2) checkFeatures(c, object);
+  if (c.version === CONFIG_VERSION_2) assertFeatures(c, object);
   if (typeof c.id !== 'string' || !/^[0-9a-f]{32}$/.test(c.id)) throw corrupt(object, 'id is not 32 hex digits');
   try {
-    checkChunkSize(c.chunkSize as number);
+    assertChunkSize(c.chunkSize as number);
   } catch {
     throw corrupt(object, `chunkSize ${String(c.chunkSize)} is not a power of two from 1 MiB to 4 MiB`);
   }
@@ -66,7 +66,7 @@ export function decodeConfig(b: Buffer, object = 'config'): RepoConfig {
 }
 
 /** §13.1: a version-2 config's features, all known; "encrypted" with its parameters. */
-function checkFeatures(c: Partial<RepoConfig>, object: string): void {
+function assertFeatures(c: Partial<RepoConfig>, object: string): void {
   if (!Array.isArray(c.features) || c.features.some((f) => typeof f !== 'string')) throw unsupported(object, 'version 2 without a features list (written by another kscinc?)');
   const unknown = c.features.filter((f) => !KNOWN_FEATURES.includes(f));
   if (unknown.length) throw unsupported(object, `needs features this kscinc does not have: ${unknown.join(', ')}`);

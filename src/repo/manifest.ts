@@ -6,7 +6,7 @@
 import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { KscError } from '../errors.js';
-import { ID_BYTES, merkleRoot } from '../hash/chunkid.js';
+import { ID_BYTES } from '../hash/chunkid.js';
 import { compressInto, decompressInto, lz4Bound } from '../compress/lz4.js';
 import { uuidToBytes, bytesToUuid } from '../util/uuid.js';
 import { isoUtc } from '../util/time.js';
@@ -16,7 +16,7 @@ import {
   FLAG_FULL, FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED, MANIFEST_END, MANIFEST_HEADER, MANIFEST_MAGIC, MANIFEST_TRAILER, MANIFEST_VERSION,
   MAX_LZ4_INPUT, MAX_META, SEGMENT_IDS, SEG_LZ4, SEG_RAW, SEG_ZERO,
 } from './constants.js';
-import { checkChunkSize } from './config.js';
+import { assertChunkSize } from './config.js';
 import { corrupt, safeU64, unsupported } from './corrupt.js';
 
 export interface BackupStats {
@@ -156,25 +156,6 @@ export function encodeManifest(m: Omit<Manifest, 'root'>): Buffer {
   return Buffer.concat(encodeManifestParts(m));
 }
 
-/**
- * The forms earlier writers produced (§7.2: plain, IDS_LZ4), which readers must still read. For test
- * vectors and compatibility tests only: writers use IDS_SEGMENTED.
- */
-export function encodeManifestLegacy(m: Omit<Manifest, 'root' | 'ids'> & { ids: Buffer }, form: 'plain' | 'lz4'): Buffer {
-  const chunks = chunkCount(m.size, m.chunkSize);
-  if (m.ids.length !== chunks * ID_BYTES) throw new KscError('KSC_E_INVALID', `manifest needs ${chunks} chunk ids, got ${m.ids.length / ID_BYTES}`);
-  let section: Buffer = m.ids;
-  if (form === 'lz4') {
-    const packed = Buffer.allocUnsafe(lz4Bound(m.ids.length));
-    const c = compressInto(m.ids, packed, 0);
-    if (c <= 0) throw new KscError('KSC_E_INVALID', 'this chunk list does not compress');
-    section = packed.subarray(0, c);
-  }
-  const parts = [manifestHead(m, chunks, form === 'lz4' ? FLAG_IDS_LZ4 : 0), section];
-  parts.push(manifestTrailer(parts.reduce((c, p) => crc32(p, c), 0), merkleRoot(m.ids)));
-  return Buffer.concat(parts);
-}
-
 /** Where a decoded list of `chunks` ids keeps its segments (null: all in memory). */
 export type StoreFor = (chunks: number) => SegmentStore | null;
 const noStore: StoreFor = () => null;
@@ -244,7 +225,7 @@ function manifestFields(b: Buffer, object: string): { flags: number; size: numbe
   const size = safeU64(b, 40, object, 'virtual size');
   const chunkSize = b.readUInt32LE(48);
   try {
-    checkChunkSize(chunkSize);
+    assertChunkSize(chunkSize);
   } catch {
     throw corrupt(object, `chunk size ${chunkSize} is invalid`);
   }

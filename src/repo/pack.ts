@@ -29,7 +29,7 @@ export function packHeader(encrypted = false): Buffer {
 }
 
 /** Checks a pack's 16-byte header (§5.1, §13.4): magic, version 1 (2 in an encrypted repository), reserved zero. */
-export function checkPackHeader(h: Buffer, object: string, encrypted = false): void {
+export function assertPackHeader(h: Buffer, object: string, encrypted = false): void {
   if (h.length !== PACK_HEADER || !h.subarray(0, 8).equals(PACK_MAGIC)) throw corrupt(object, 'pack header magic missing (not a pack, or damaged)');
   const v = h.readUInt32LE(8);
   if (v === PACK_VERSION_ENCRYPTED && !encrypted) throw unsupported(object, 'pack version 2 (encrypted) in a repository read without encryption');

@@ -10,7 +10,7 @@ import type { ObjectStore } from '../objstore/types.js';
 import { CONFIG_KEY, Repository, locationState } from './repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { BACKUP_ID_RE, DEFAULT_PACK, MANIFEST_KEY_RE, MIB, PACK_KEY_RE, manifestKey, randomHexId } from './constants.js';
-import { type RepoConfig, checkChunkSize, decodeConfig, validPackSize } from './config.js';
+import { type RepoConfig, assertChunkSize, decodeConfig, validPackSize } from './config.js';
 import { readPackFooter } from './pack.js';
 import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
@@ -49,7 +49,7 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     // the repository read as unencrypted.
     throw new KscError('KSC_E_INVALID', `${store.name} is an encrypted repository (it holds ${o.key}): its config cannot be rebuilt by repo repair (not supported yet); nothing was changed`);
   }
-  if (opts.chunkSize !== undefined) checkChunkSize(opts.chunkSize);
+  if (opts.chunkSize !== undefined) assertChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
   if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
 

@@ -15,7 +15,7 @@ import {
   BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE,
   REPO_PREFIXES, indexKey, manifestKey, randomHexId,
 } from './constants.js';
-import { type RepoConfig, checkChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
+import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
 import { addKey, unlock } from '../crypto/keyring.js';
@@ -134,7 +134,7 @@ export class Repository {
   static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {}): Promise<Repository> {
     if (await store.stat(CONFIG_KEY)) throw new KscError('KSC_E_EXISTS', `${store.name} is already a kscinc repository`);
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
-    checkChunkSize(chunkSize);
+    assertChunkSize(chunkSize);
     const packSize = opts.packSize ?? DEFAULT_PACK;
     if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
     const where = await locationState(store);

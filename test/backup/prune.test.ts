@@ -12,7 +12,7 @@ import { utimesSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { selectKeep, checkPolicy, type Dated, type KeepPolicy } from '../../src/engines/retention.js';
+import { selectKeep, assertPolicy, type Dated, type KeepPolicy } from '../../src/engines/retention.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
@@ -114,13 +114,13 @@ describe('selectKeep', () => {
     for (const p of [{}, { last: 0 }, { last: 0, daily: 0, weekly: 0, monthly: 0 }, { last: -1 }, { daily: 1.5 }, { weekly: Number.NaN }] as KeepPolicy[]) {
       let err: unknown = null;
       try {
-        checkPolicy(p);
+        assertPolicy(p);
       } catch (e) {
         err = e;
       }
       expect((err as { code?: string } | null)?.code, JSON.stringify(p)).toBe('KSC_E_INVALID');
     }
-    expect(() => checkPolicy({ monthly: 1 })).not.toThrow();
+    expect(() => assertPolicy({ monthly: 1 })).not.toThrow();
   });
 });
 

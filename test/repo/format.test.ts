@@ -8,9 +8,10 @@ import { crc32 } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { initHash, merkleRoot } from '../../src/hash/chunkid.js';
 import { compressInto, lz4Bound } from '../../src/compress/lz4.js';
-import { encodeManifest, encodeManifestLegacy, decodeManifest, readManifestFrom } from '../../src/repo/manifest.js';
+import { encodeManifest, decodeManifest, readManifestFrom } from '../../src/repo/manifest.js';
 import { FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED } from '../../src/repo/constants.js';
 import { ChunkList, SEGMENT_IDS } from '../../src/repo/chunklist.js';
+import { encodeManifestLegacy } from '../helpers/manifest.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 
 const meta = { id: '20261126T120000000Z-0000abcd', parent: null, tags: [], source: 'd', bitmap: null, stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 } };

@@ -10,9 +10,10 @@ import { ROOT } from '../helpers/corrupt.js';
 import { initHash, chunkId, merkleRoot } from '../../src/hash/chunkid.js';
 import { decodeBlob, encodeBlob } from '../../src/compress/codec.js';
 import { decodeIndex, encodeIndex } from '../../src/repo/index-object.js';
-import { decodeManifest, encodeManifest, encodeManifestLegacy } from '../../src/repo/manifest.js';
+import { decodeManifest, encodeManifest } from '../../src/repo/manifest.js';
 import { decodePackTail, decodePackEntries } from '../../src/repo/pack.js';
 import { FOOTER_TAIL, FOOTER_ENTRY } from '../../src/repo/constants.js';
+import { encodeManifestLegacy } from '../helpers/manifest.js';
 
 const M = (1n << 64n) - 1n;
 const P1 = 11400714785074694791n, P2 = 14029467366897019727n, P3 = 1609587929392839161n, P4 = 9650029242287828579n, P5 = 2870177450012600261n;

@@ -9,7 +9,7 @@ import { parseDocument } from 'yaml';
 import { KscError, ioError } from '../../errors.js';
 import { parseS3Url } from '../../objstore/open.js';
 import { backupBitmapNameProblem } from '../backup/bitmap-names.js';
-import { checkPolicy, type KeepPolicy } from '../retention.js';
+import { assertPolicy, type KeepPolicy } from '../retention.js';
 import { parseDuration } from './duration.js';
 import { parseWhen, type When } from './when.js';
 import { checkZone, systemZone } from './zone.js';
@@ -54,7 +54,7 @@ function invalid(where: string, msg: string): KscError {
   return new KscError('KSC_E_INVALID', `${where}: ${msg}`);
 }
 
-function checkKeys(o: Obj, allowed: Set<string>, where: string): void {
+function assertKnownKeys(o: Obj, allowed: Set<string>, where: string): void {
   for (const k of Object.keys(o)) {
     if (!allowed.has(k)) throw invalid(where, `unknown field "${k}" (allowed: ${[...allowed].join(', ')})`);
   }
@@ -81,7 +81,7 @@ function str(v: unknown, where: string, field: string): string {
 
 function parseKeep(v: unknown, where: string): KeepPolicy {
   if (!isObj(v)) throw invalid(where, `keep must be a mapping such as { last: 7, daily: 7 }, not ${describe(v)}`);
-  checkKeys(v, KEEP_KEYS, `${where}: keep`);
+  assertKnownKeys(v, KEEP_KEYS, `${where}: keep`);
   const keep: KeepPolicy = {};
   for (const k of KEEP_KEYS) {
     const n = v[k];
@@ -90,7 +90,7 @@ function parseKeep(v: unknown, where: string): KeepPolicy {
     keep[k as keyof KeepPolicy] = n;
   }
   try {
-    checkPolicy(keep);
+    assertPolicy(keep);
   } catch (e) {
     throw invalid(where, `keep must keep something: give keep.last, keep.daily, keep.weekly or keep.monthly above 0`);
   }
@@ -127,7 +127,7 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
     throw invalid(at, `name must be 1–64 characters of letters, digits, ".", "_" or "-" (starting with a letter or digit), not ${describe(v.name)}`);
   }
   const where = `${top.file}: job "${v.name}"`;
-  checkKeys(v, JOB_KEYS, where);
+  assertKnownKeys(v, JOB_KEYS, where);
   for (const k of ['images', 'repo', 'when']) if (v[k] === undefined) throw invalid(where, `missing field "${k}"`);
   const rawImages = typeof v.images === 'string' ? [v.images] : v.images;
   if (!Array.isArray(rawImages) || rawImages.length === 0) throw invalid(where, `images must be a non-empty list of paths or globs, not ${describe(v.images)}`);
@@ -160,7 +160,7 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
 /** Validates a parsed schedule. `file` names it in errors; relative paths resolve against its folder. */
 export function parseConfig(data: unknown, file: string, opts: { baseDir?: string } = {}): ScheduleConfig {
   if (!isObj(data)) throw invalid(file, `expected a mapping with "jobs", not ${describe(data)}`);
-  checkKeys(data, TOP_KEYS, file);
+  assertKnownKeys(data, TOP_KEYS, file);
   const timezone = data.timezone === undefined ? systemZone() : checkZone(str(data.timezone, file, 'timezone'), `${file}: timezone`);
   let parallel = 1;
   if (data.parallel !== undefined) {
