@@ -8,9 +8,15 @@
  * header CRC or the record's seal, so the decoders' range checks are reached and not only the checksums.
  * The cases run in a worker thread against dist/ so that a synchronous hang can be killed.
  * Replay a run with KSC_SEED=<seed> (printed); the failure report lists each bad case's mutations.
+ *
+ * Inputs that once failed are kept, as restic keeps its fuzz corpus: test/fixtures/fuzz-image/*.json, each
+ * a case ({ base, write, mutations, fixes, truncate }) with why it is there and which structure each
+ * mutation hits. They run first, every time, whatever the seed; a failing run saves its bad cases as such
+ * files (the path is printed) to be added to the corpus with the fix.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
-import { copyFileSync, readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Worker } from 'node:worker_threads';
 import { createImage, openKsc } from '../../src/index.js';
@@ -24,6 +30,7 @@ const CASE_TIMEOUT_MS = 5000;
 const WATCHDOG_MS = 15_000;
 
 const dir = tempDir('kscinc-fuzz-');
+const CORPUS = join(ROOT, 'test/fixtures/fuzz-image');
 const clean = join(dir, 'clean.ksc');
 const dirty = join(dir, 'dirty.ksc');
 const K = 4096;
@@ -60,6 +67,42 @@ interface FuzzCase {
   mutations: Mutation[];
   fixes: Fix[];
   truncate: number | null;
+}
+
+/** A kept input: the case, why it is kept, and the structure each mutation must land in. */
+interface Kept {
+  why: string;
+  targets: string[];
+  case: FuzzCase;
+}
+
+function loadCorpus(targets: Target[][]): { name: string; kept: Kept }[] {
+  return readdirSync(CORPUS)
+    .filter((f) => f.endsWith('.json'))
+    .sort()
+    .map((name) => {
+      const kept = JSON.parse(readFileSync(join(CORPUS, name), 'utf8')) as Kept;
+      // The bases are built the same way each run; if the library lays them out differently one day, a kept
+      // input would hit other bytes than it was kept for: say so rather than test something else.
+      kept.case.mutations.forEach((m, k) => {
+        const t = targets[kept.case.base]!.find((x) => x.what === kept.targets[k]);
+        if (!t || m.offset < t.start || m.offset >= t.start + t.bytes) throw new Error(`${name}: mutation ${k} at ${m.offset} is no longer in ${kept.targets[k]} (layout changed: rebuild the input)`);
+      });
+      return { name, kept };
+    });
+}
+
+/** Writes bad cases as corpus files; returns where. */
+function saveBad(seed: number, bad: { i: number; status: string; error?: string }[], cases: FuzzCase[], targets: Target[][]): string {
+  const out = join(tmpdir(), `kscinc-fuzz-failed-${seed}`);
+  mkdirSync(out, { recursive: true });
+  for (const o of bad) {
+    const c = cases[o.i]!;
+    const where = c.mutations.map((m) => targets[c.base]!.find((t) => m.offset >= t.start && m.offset < t.start + t.bytes)?.what ?? 'outside any structure');
+    const kept: Kept = { why: `seed ${seed} case ${o.i}: ${o.status} ${o.error ?? ''}`.trim(), targets: where, case: c };
+    writeFileSync(join(out, `seed-${seed}-case-${o.i}.json`), `${JSON.stringify(kept, null, 2)}\n`);
+  }
+  return out;
 }
 
 interface Target {
@@ -170,10 +213,11 @@ describe('decoder fuzz', () => {
     const rng = new Rng(seed);
     const targets = [targetsOf(clean), targetsOf(dirty)];
     const sizes = [readFileSync(clean).length, readFileSync(dirty).length];
-    const cases = Array.from({ length: CASES }, () => makeCase(rng, targets, sizes));
+    const corpus = loadCorpus(targets);
+    const cases = [...corpus.map((k) => k.kept.case), ...Array.from({ length: CASES }, () => makeCase(rng, targets, sizes))];
 
     const out = new Map<number, Outcome>();
-    for (let from = 0; from < CASES;) {
+    for (let from = 0; from < cases.length;) {
       const { killedAt } = await runWorker(cases, from, out);
       if (killedAt === null) break;
       out.set(killedAt, { i: killedAt, status: 'hang', error: `no progress for ${WATCHDOG_MS} ms (a synchronous loop)` });
@@ -185,10 +229,12 @@ describe('decoder fuzz', () => {
       const k = o.status === 'ksc' ? o.code! : o.status;
       tally[k] = (tally[k] ?? 0) + 1;
     }
-    console.log(`[fuzz] seed ${seed}: ${JSON.stringify(tally)}`);
+    console.log(`[fuzz] seed ${seed}: ${corpus.length} kept inputs, then ${CASES} new cases: ${JSON.stringify(tally)}`);
     const bad = [...out.values()].filter((o) => o.status === 'bad' || o.status === 'hang');
-    const report = bad.slice(0, 10).map((o) => `case ${o.i} (${o.status}) ${JSON.stringify(cases[o.i])}\n  ${o.error}`);
-    expect(out.size, 'every case ran').toBe(CASES);
+    const name = (i: number): string => (i < corpus.length ? `kept input ${corpus[i]!.name}` : `case ${i - corpus.length}`);
+    const report = bad.slice(0, 10).map((o) => `${name(o.i)} (${o.status}) ${JSON.stringify(cases[o.i])}\n  ${o.error}`);
+    if (bad.length > 0) report.push(`saved as corpus files in ${saveBad(seed, bad, cases, targets)}: add them to test/fixtures/fuzz-image/ with the fix`);
+    expect(out.size, 'every case ran').toBe(cases.length);
     expect(report, `seed ${seed}: ${bad.length} bad cases`).toEqual([]);
     // The fuzz is only worth something if it reaches past the checksums: some cases must open fine
     // and some must fail on range checks (CORRUPT after a repaired seal).
