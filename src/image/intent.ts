@@ -125,8 +125,12 @@ export class IntentLog {
     return true;
   }
 
-  /** Call before changing [offset, offset+length): resolves once the intent bits are durable. */
-  async begin(offset: number, length: number): Promise<void> {
+  /**
+   * Call before changing [offset, offset+length): resolves once the intent bits are durable. `coarse`: the
+   * bits protect nothing a crash would overmark (no bitmap is enabled, only checksums of data changed in
+   * place), so a region's whole group is set at its first touch: one sync per 4 MiB, as with 4 MiB regions.
+   */
+  async begin(offset: number, length: number, coarse = false): Promise<void> {
     const [r0, r1] = this.regionsOf(offset, length);
     for (let r = r0; r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
     for (;;) {
@@ -138,7 +142,7 @@ export class IntentLog {
         if (this.persisted[r]) continue;
         if (this.flying?.has(r)) flying = true;
         else {
-          this.want(r);
+          this.want(r, coarse);
           next = true;
         }
       }
@@ -152,16 +156,17 @@ export class IntentLog {
    * Adds region r to the next batch; when r's group already has at least half of its regions set or on
    * their way, the whole group goes with it (same sync). Setting more bits is always safe (a superset);
    * this keeps scattered writes that crowd into a few groups from paying a sync per small region, while
-   * sparse scattered writes keep the small regions' precision after a crash (§7).
+   * sparse scattered writes keep the small regions' precision after a crash (§7). `coarse`: the whole
+   * group at once (see begin).
    */
-  private want(r: number): void {
+  private want(r: number, coarse: boolean): void {
     this.wanted.add(r);
     if (this.groupRegions === 1) return;
     const g0 = r - (r % this.groupRegions);
     const g1 = Math.min(this.regions, g0 + this.groupRegions);
     let on = 0;
     for (let q = g0; q < g1; q++) if (this.persisted[q] || this.wanted.has(q) || this.flying?.has(q)) on++;
-    if (on * 2 < g1 - g0) return;
+    if (!coarse && on * 2 < g1 - g0) return;
     for (let q = g0; q < g1; q++) if (!this.persisted[q] && !this.flying?.has(q)) this.wanted.add(q);
     this.escalations++;
   }

@@ -131,7 +131,8 @@ async function changeLocked(c: KscCore, offset: number, length: number, fn: () =
     // unallocated blocks of an image without enabled bitmaps needs none: its new clusters are referenced
     // only after they are durable (§9 rule 3), so a crash leaves the old state or the new, both checksummed.
     const intent = bitmaps.length > 0 || rangeHoldsData(c, b0, b1);
-    if (intent) await c.intent.begin(offset, length);
+    // Without enabled bitmaps a set bit only makes recovery distrust checksums: precision buys nothing.
+    if (intent) await c.intent.begin(offset, length, bitmaps.length === 0);
     try {
       for (const b of bitmaps) await b.prepare(offset, length);
       await fn();
