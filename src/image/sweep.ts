@@ -15,7 +15,7 @@ import { BITMAP_DIR_ENTRY_SIZE, FIRST_FREE_OFFSET } from '../format/constants.js
 import type { Header } from '../format/header.js';
 import { BitSet } from '../util/bitset.js';
 import { alignUp } from './allocator.js';
-import type { SparseBitmap } from './bitmapstore.js';
+import type { SparseBitmap } from './sparse-bitmap.js';
 import type { MapTable } from './maptable.js';
 
 /** Above this many map pages (4 Mi blocks) the sweep is skipped: opening would read too much. */

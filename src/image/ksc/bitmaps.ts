@@ -12,7 +12,8 @@ import { KscError } from '../../errors.js';
 import { BITMAP_DIR_ENTRY_SIZE, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS, tagBitmapTable } from '../../format/constants.js';
 import { seal } from '../../format/seal.js';
 import { isPowerOfTwo, log2 } from '../../util/size.js';
-import { type BitmapInfo, SparseBitmap, encodeBitmapSlot, validateBitmapName } from '../bitmapstore.js';
+import { assertBitmapName, encodeBitmapSlot } from '../../format/bitmap-slot.js';
+import { type BitmapInfo, SparseBitmap } from '../sparse-bitmap.js';
 import { checkRange } from '../types.js';
 import type { KscCore } from './core.js';
 import { flush, flushNow } from './flush.js';
@@ -174,7 +175,7 @@ async function replaceBits(c: KscCore, name: string, load: () => Promise<void>, 
 // ---------------------------------------------------------------- management operations
 
 export async function addBitmap(c: KscCore, name: string, opts: { granularity?: number; enabled?: boolean }): Promise<void> {
-  validateBitmapName(name);
+  assertBitmapName(name);
   const granularity = opts.granularity ?? c.blockSize;
   const g = log2(granularity);
   if (!isPowerOfTwo(granularity) || g < MIN_GRANULARITY_BITS || g > MAX_GRANULARITY_BITS) {
@@ -216,7 +217,7 @@ export async function mergeBitmap(c: KscCore, src: string, dst: string): Promise
  * `name`, in one management step (see KscImage.freezeBitmap).
  */
 export async function freezeBitmap(c: KscCore, name: string, frozenName: string): Promise<void> {
-  validateBitmapName(frozenName);
+  assertBitmapName(frozenName);
   await manage(c, async () => {
     const b = findBitmap(c, name);
     const slot = claimSlot(c, frozenName);
@@ -248,7 +249,7 @@ export async function freezeBitmap(c: KscCore, name: string, frozenName: string)
  * twice in `add`: KSC_E_EXISTS; unknown in `remove`: KSC_E_NOT_FOUND) before anything is written.
  */
 export async function updateBitmaps(c: KscCore, add: string[], remove: string[]): Promise<void> {
-  for (const n of add) validateBitmapName(n);
+  for (const n of add) assertBitmapName(n);
   await manage(c, async () => {
     add.forEach((n, i) => {
       if (hasBitmap(c, n) || add.indexOf(n) !== i) throw new KscError('KSC_E_EXISTS', `image ${c.name}: bitmap "${n}" already exists`);

@@ -13,7 +13,7 @@ import { HEADER_SLOTS } from '../../format/constants.js';
 import { type Header, encodeHeader } from '../../format/header.js';
 import { Mutex, RangeLock } from '../../util/concurrency.js';
 import type { Allocator } from '../allocator.js';
-import type { SparseBitmap } from '../bitmapstore.js';
+import type { SparseBitmap } from '../sparse-bitmap.js';
 import type { IntentLog } from '../intent.js';
 import type { MapTable } from '../maptable.js';
 import type { BlockDevice } from '../types.js';

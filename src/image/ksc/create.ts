@@ -12,7 +12,7 @@ import { type Header, defaultIntentBits, directoryEntriesFor, encodeHeader, inte
 import { isPowerOfTwo, log2 } from '../../util/size.js';
 import { newUuidBytes } from '../../util/uuid.js';
 import { alignUp } from '../allocator.js';
-import { encodeBitmapSlot } from '../bitmapstore.js';
+import { encodeBitmapSlot } from '../../format/bitmap-slot.js';
 import { IntentLog } from '../intent.js';
 import { MapTable } from '../maptable.js';
 import type { CreateKscOptions } from './image.js';

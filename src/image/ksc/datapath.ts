@@ -8,7 +8,7 @@ import { crc32 } from 'node:zlib';
 import { KscError, corrupt } from '../../errors.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { BlockState } from '../../format/constants.js';
-import type { SparseBitmap } from '../bitmapstore.js';
+import type { SparseBitmap } from '../sparse-bitmap.js';
 import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';

@@ -11,7 +11,7 @@
 import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
 import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
 import type { BackupRef, Header } from '../../format/header.js';
-import type { SparseBitmap } from '../bitmapstore.js';
+import type { SparseBitmap } from '../sparse-bitmap.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
 import type { KscCore } from './core.js';

@@ -10,7 +10,8 @@ import { AUTOCLEAR_BITMAPS, BITMAP_DIR_ENTRY_SIZE, HEADER_SIZE, HEADER_SLOTS, IN
 import { FREE_ENTRY_SIZE, decodeFreeList } from '../../format/freelist.js';
 import { type Header, decodeHeaderSlot, validateHeader } from '../../format/header.js';
 import { Allocator, alignUp } from '../allocator.js';
-import { SparseBitmap, decodeBitmapSlot, guessBitmapSlot } from '../bitmapstore.js';
+import { decodeBitmapSlot, guessBitmapSlot } from '../../format/bitmap-slot.js';
+import { SparseBitmap } from '../sparse-bitmap.js';
 import { IntentLog } from '../intent.js';
 import { MapTable } from '../maptable.js';
 import { findLeakedClusters } from '../sweep.js';
