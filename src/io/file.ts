@@ -12,6 +12,28 @@ import { withFaults } from './fault.js';
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
 const CACHED_READ_MAX = 1024 * 1024;
 
+/** Touching a buffer one byte every this many bytes reaches every page of it (pages are 4 KiB or larger). */
+const TOUCH_STEP = 4096;
+let touchSink = 0;
+
+/**
+ * Makes every page of `buf` present in this process's page tables before a write hands it to the kernel
+ * (formats/ksc_inc.md §9 rule 10). Linux copies a write into the page cache page by page with page faults
+ * disabled; when a source page is not mapped (a fresh zero-filled buffer: Buffer.alloc takes calloc'd or
+ * mmap'd memory that nothing has touched yet) the copy stops short at that page, the kernel keeps the bytes
+ * copied so far, faults the page in and goes on — unless a SIGKILL is pending, and then the write ends
+ * there: torn at the source page boundary, which need not be a 512-byte boundary of the file. Reading one
+ * byte per page maps it (the shared zero page for untouched memory), so the copy never stops short and a
+ * write can only be torn where the page cache's folios begin, on page boundaries of the file.
+ */
+export function touchPages(buf: Uint8Array): void {
+  const n = buf.length;
+  if (n === 0) return;
+  let x = 0;
+  for (let i = 0; i < n; i += TOUCH_STEP) x ^= buf[i]!;
+  touchSink ^= x ^ buf[n - 1]!; // a read the compiler cannot drop
+}
+
 export interface HostFile {
   readonly path: string;
   readonly writable: boolean;
@@ -121,6 +143,7 @@ class NodeHostFile implements HostFile {
 
   async write(buf: Buffer, position: number): Promise<void> {
     assertPosition(this.path, position, buf.length);
+    touchPages(buf);
     let done = 0;
     try {
       while (done < buf.length) {
@@ -138,6 +161,7 @@ class NodeHostFile implements HostFile {
       // The addon's writeCrc, looked up once per file (at its first use) rather than per write.
       if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
       if (this.writeCrc) {
+        touchPages(buf);
         return this.writeCrc(this.fh.fd, buf, position, blockSize).catch((e: unknown) => {
           throw ioError(this.path, `write at offset ${position}`, e);
         });
@@ -151,6 +175,7 @@ class NodeHostFile implements HostFile {
   async writev(bufs: Buffer[], position: number): Promise<void> {
     assertPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
     const pending = bufs.filter((b) => b.length > 0);
+    for (const b of pending) touchPages(b);
     let pos = position;
     try {
       while (pending.length > 0) {
@@ -172,6 +197,7 @@ class NodeHostFile implements HostFile {
       // that range, not the megabytes of data writes that may be dirty in the same file.
       this.dsync ??= fsp.open(this.path, fsc.O_WRONLY | fsc.O_DSYNC);
       const fh = await this.dsync;
+      touchPages(buf);
       let done = 0;
       while (done < buf.length) done += (await fh.write(buf, done, buf.length - done, position + done)).bytesWritten;
     } catch (e) {

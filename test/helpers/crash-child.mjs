@@ -70,6 +70,13 @@ function makeBatch(rand, size, blockSize) {
   return ops;
 }
 
+/** SIGKILLs this process after `turns` turns of the event loop (0: before the next one). */
+function selfKillAfter(turns) {
+  const step = (n) => (n <= 0 ? process.kill(process.pid, 'SIGKILL') : setImmediate(() => step(n - 1)));
+  if (turns <= 0) queueMicrotask(() => process.kill(process.pid, 'SIGKILL'));
+  else setImmediate(() => step(turns - 1));
+}
+
 function runOp(img, op) {
   if (op.k === 'w') return img.write(op.o, fillPattern(op.l, op.s));
   if (op.k === 'z') return img.writeZeroes(op.o, op.l, { mayTrim: op.trim });
@@ -92,10 +99,14 @@ async function main([imagePath, journalPath, seedText]) {
   log({ t: 'open' });
   process.stdout.write('ready\n');
   let flushes = 0;
+  // KSC_CRASH_SELF_KILL=B:T (stress runs, see crash.test.ts): SIGKILL ourselves T event-loop turns after
+  // issuing batch B, to aim kills at one moment of a replayed run.
+  const [killBatch, killTurns] = (process.env.KSC_CRASH_SELF_KILL ?? '').split(':').map(Number);
   for (let b = 1; ; b++) {
     const ops = makeBatch(rand, img.size, img.blockSize);
     const concurrentFlush = rand() < 0.15;
     log({ t: 'ops', b, ops });
+    if (b === killBatch) selfKillAfter(killTurns || 0);
     const jobs = ops.map((op) => runOp(img, op));
     if (concurrentFlush) {
       const id = ++flushes;

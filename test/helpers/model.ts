@@ -279,6 +279,50 @@ export function firstDifference(actual: Buffer, expected: Buffer, base = 0): str
 }
 
 /**
+ * How a sector `got` differs from one candidate `want` (same length), for crash messages: the first and last
+ * differing byte offsets (disk addresses, `at` is the sector's), how many bytes differ, and hex excerpts of
+ * both around the first and the last difference.
+ */
+export function sectorDifference(got: Buffer, want: Buffer, at: number): string {
+  let first = -1;
+  let last = -1;
+  let count = 0;
+  for (let i = 0; i < got.length; i++) {
+    if (got[i] === want[i]) continue;
+    if (first < 0) first = i;
+    last = i;
+    count++;
+  }
+  if (first < 0) return 'equal';
+  const excerpt = (i: number): string => {
+    const s = Math.max(0, i - 8);
+    const e = Math.min(got.length, i + 24);
+    return `@0x${(at + s).toString(16)} got ${got.subarray(s, e).toString('hex')} want ${want.subarray(s, e).toString('hex')}`;
+  };
+  const zeros = want.every((x) => x === 0) ? ' (want is all zero)' : '';
+  return `${count} bytes differ, first at 0x${(at + first).toString(16)}, last at 0x${(at + last).toString(16)}${zeros}; ${excerpt(first)}${last - first >= 32 ? `; ${excerpt(last)}` : ''}`;
+}
+
+/**
+ * Whether `got` is one candidate up to some byte and another from there (a write torn inside the sector);
+ * a description naming both and the byte, or "" when no pair explains it.
+ */
+export function tornBetween(got: Buffer, versions: Buffer[], names: string[], at: number): string {
+  for (let a = 0; a < versions.length; a++) {
+    const va = versions[a]!;
+    let t = 0;
+    while (t < got.length && got[t] === va[t]) t++;
+    if (t === 0 || t === got.length) continue;
+    for (let b = 0; b < versions.length; b++) {
+      if (b !== a && got.subarray(t).equals(versions[b]!.subarray(t))) {
+        return `it reads as ${names[a]} before byte 0x${(at + t).toString(16)} and as ${names[b]} from there: a write torn inside the sector`;
+      }
+    }
+  }
+  return '';
+}
+
+/**
  * After a crash: `base` is the content as of the last completed flush (every op acknowledged before that
  * flush started applied), `candidates` the later ops (in issue order) that may or may not have landed.
  * Blocks no candidate touches must equal `base` exactly (I2). In the others, each 512-byte sector must
@@ -316,7 +360,10 @@ export function checkCrashContent(actual: Buffer, base: Buffer, candidates: DevO
       const se = Math.min(s + SECTOR, end - start);
       const sec = got.subarray(s, se);
       if (!versions.some((v) => v.subarray(s, se).equals(sec))) {
-        problems.push(`block ${b}, sector at 0x${(start + s).toString(16)}: holds data it never held (I3); candidates were the flushed state and ${ops.map(describeOp).join(', ')}; got ${sec.subarray(0, 8).toString('hex')}…`);
+        const detail = versions.map((v, k) => `    vs ${k === 0 ? 'the flushed state' : `after ${describeOp(ops[k - 1]!)}`}: ${sectorDifference(sec, v.subarray(s, se), start + s)}`);
+        const names = versions.map((_, k) => (k === 0 ? 'the flushed state' : `after ${describeOp(ops[k - 1]!)}`));
+        const tear = tornBetween(sec, versions.map((v) => v.subarray(s, se)), names, start + s);
+        problems.push(`block ${b}, sector at 0x${(start + s).toString(16)}: holds data it never held (I3); candidates were the flushed state and ${ops.map(describeOp).join(', ')}; got ${sec.subarray(0, 8).toString('hex')}…${tear ? `\n    ${tear}` : ''}\n${detail.join('\n')}\n    got (whole sector): ${sec.toString('hex')}`);
         break;
       }
     }

@@ -14,10 +14,20 @@
  * the other half the next child does the recovery. Some children run without the native addon, so the
  * lock is the PID lock file, which must be taken over once its owner is dead.
  *
- * The seed is printed; KSC_SEED=<n> replays what the children do (not when they are killed).
+ * The seed is printed; KSC_SEED=<n> replays what the children do (not when they are killed). On a failure
+ * the image and the journals are copied to a folder under the temp dir, whose path the message names.
+ *
+ * Knobs for stress runs (unset in CI; none changes what a default run does):
+ *   KSC_CRASH_KILLS=N         kills per configuration instead of the listed counts
+ *   KSC_CRASH_CONFIG=I        run configuration I only
+ *   KSC_CRASH_FRESH=1         a new image before every kill (every kill is a "kill 0")
+ *   KSC_CRASH_CHILD_SEED=S    every child runs seed S (with KSC_CRASH_FRESH: the same run again and again)
+ *   KSC_CRASH_KILL_BATCH=L-H  the child kills itself 0-40 event-loop turns after issuing a batch in L…H
+ *                             (KSC_CRASH_SELF_KILL in crash-child.mjs) instead of being killed at a time
  */
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { describe, it, expect, beforeAll } from 'vitest';
@@ -55,11 +65,18 @@ interface Config {
   kills: number;
 }
 
-const CONFIGS: Config[] = [
+const CONFIGS_LISTED: Config[] = [
   { name: '64 KiB blocks, 256 KiB intent regions', size: 4 * MiB, blockSize: 64 * KiB, intentRegion: 256 * KiB, rawBase: false, bitmaps: true, kills: 16 },
   { name: '4 KiB blocks, 64 KiB intent regions, short raw base', size: 3 * MiB, blockSize: 4 * KiB, intentRegion: 64 * KiB, rawBase: true, bitmaps: true, kills: 16 },
   { name: '64 KiB blocks, short raw base, no enabled bitmap', size: 3 * MiB, blockSize: 64 * KiB, intentRegion: 64 * KiB, rawBase: true, bitmaps: false, kills: 8 },
 ];
+
+const KNOB_KILLS = process.env['KSC_CRASH_KILLS'] ? Number(process.env['KSC_CRASH_KILLS']) : null;
+const KNOB_CONFIG = process.env['KSC_CRASH_CONFIG'] ? Number(process.env['KSC_CRASH_CONFIG']) : null;
+const KNOB_FRESH = process.env['KSC_CRASH_FRESH'] === '1';
+const KNOB_CHILD_SEED = process.env['KSC_CRASH_CHILD_SEED'] ? Number(process.env['KSC_CRASH_CHILD_SEED']) : null;
+const KNOB_KILL_BATCH = process.env['KSC_CRASH_KILL_BATCH']?.split('-').map(Number) ?? null;
+const CONFIGS = CONFIGS_LISTED.map((c) => (KNOB_KILLS ? { ...c, kills: KNOB_KILLS } : c));
 
 /** What the test knows about the image between kills. */
 interface State {
@@ -191,7 +208,14 @@ async function killOnce(st: State, rng: Rng, journal: string, lockFile: boolean)
   writeFileSync(journal, '');
   const env: NodeJS.ProcessEnv = { ...process.env, KSC_CRASH_DIST: distUrl };
   if (lockFile) env['KSCINC_NO_NATIVE'] = '1';
-  const child: ChildProcess = spawn(process.execPath, [CHILD, st.path, journal, String(rng.u32())], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const childSeed = rng.u32();
+  let selfKill: string | null = null;
+  if (KNOB_KILL_BATCH) {
+    const [lo, hi] = KNOB_KILL_BATCH as [number, number];
+    selfKill = `${rng.int(lo, hi ?? lo)}:${rng.int(0, 40)}`;
+    env['KSC_CRASH_SELF_KILL'] = selfKill;
+  }
+  const child: ChildProcess = spawn(process.execPath, [CHILD, st.path, journal, String(KNOB_CHILD_SEED ?? childSeed)], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((res) => child.on('exit', (code, signal) => res({ code, signal })));
@@ -205,7 +229,10 @@ async function killOnce(st: State, rng: Rng, journal: string, lockFile: boolean)
   });
   let how: string;
   try {
-    if (rng.chance(0.6)) {
+    if (selfKill) {
+      await Promise.race([exited, sleep(60_000)]);
+      how = `self-kill at batch:turns ${selfKill}`;
+    } else if (rng.chance(0.6)) {
       if (!(await Promise.race([ready, sleep(15_000).then(() => false)]))) throw new Error(`the child did not open the image: ${stderr}`);
       // While the child lives, nobody else may take the write lock.
       if (await tryLock(st.path, lockFile)) throw new Error(`took the write lock of ${st.path} while the child (pid ${child.pid}) holds it`);
@@ -316,6 +343,17 @@ async function setupImage(cfg: Config, dir: string, rng: Rng): Promise<State> {
 
 let distUrl = '';
 
+/** Copies a failed run's folder (image, journals) where the temp-dir cleanup leaves it; returns a note. */
+function keepForStudy(dir: string): string {
+  try {
+    const keep = mkdtempSync(join(tmpdir(), 'kscinc-crash-fail-'));
+    for (const e of readdirSync(dir)) cpSync(join(dir, e), join(keep, e), { recursive: true });
+    return `image and journals kept in ${keep}`;
+  } catch (e) {
+    return `could not keep the image: ${String(e)}`;
+  }
+}
+
 describe('crash: SIGKILL a writing child at random moments', () => {
   const root = tempDir('kscinc-crash-');
   const seed = seedFor('test/image/crash.test.ts');
@@ -326,14 +364,20 @@ describe('crash: SIGKILL a writing child at random moments', () => {
   });
 
   for (const [i, cfg] of CONFIGS.entries()) {
+    if (KNOB_CONFIG !== null && KNOB_CONFIG !== i) continue;
     it(`${cfg.name}: ${cfg.kills} kills`, async () => {
       const rng = new Rng(caseSeeds[i]!);
-      const dir = mkdtempSync(join(root, `cfg${i}-`));
-      const st = await setupImage(cfg, dir, rng);
+      let dir = mkdtempSync(join(root, `cfg${i}-`));
+      let st = await setupImage(cfg, dir, rng);
       let batches = 0;
       let flushes = 0;
       let landedEarly = 0;
       for (let k = 0; k < cfg.kills; k++) {
+        if (KNOB_FRESH && k > 0) {
+          rmSync(dir, { recursive: true, force: true });
+          dir = mkdtempSync(join(root, `cfg${i}-`));
+          st = await setupImage(cfg, dir, rng);
+        }
         const lockFile = rng.chance(0.3);
         const journal = join(dir, `journal-${k}.jsonl`);
         const how = await killOnce(st, rng, journal, lockFile);
@@ -344,13 +388,15 @@ describe('crash: SIGKILL a writing child at random moments', () => {
         batches += j.batches.length;
         flushes += j.flushesDone;
         const { problems, note } = await verifyAfterKill(st, j, rng);
-        if (problems.length) throw new Error(`seed ${seed} (KSC_SEED=${seed}), config ${i}, kill ${k} (${how}, ${lockFile ? 'lock file' : 'flock'}):\n  ${problems.join('\n  ')}`);
+        if (problems.length) {
+          throw new Error(`seed ${seed} (KSC_SEED=${seed}), config ${i}, kill ${k} (${how}, ${lockFile ? 'lock file' : 'flock'}):\n  ${problems.join('\n  ')}\n  ${keepForStudy(dir)}`);
+        }
         console.log(`[crash] config ${i} kill ${k}: ${how}, ${lockFile ? 'lock file' : 'flock'}, ${j.batches.length} batches, ${j.flushesDone} flushes, durable up to ${j.durableUpTo}; ${note}`);
       }
       console.log(`[crash] config ${i}: ${cfg.kills} kills, ${batches} batches, ${flushes} completed flushes, ${landedEarly} kills before the image was open`);
       // The children must have done real work for the test to mean anything.
       expect(batches).toBeGreaterThan(cfg.kills);
       expect(flushes).toBeGreaterThan(0);
-    });
+    }, KNOB_KILLS ? KNOB_KILLS * 10_000 : undefined);
   }
 });
