@@ -169,8 +169,8 @@ export async function timed(fn) {
   return performance.now() - t0;
 }
 
-/** mulberry32 (src/util/prng.ts): a small seeded PRNG, so both sides of a race see the same offsets every run. */
-import { mulberry32 as rng } from '../../dist/util/prng.js';
+/** mulberry32 (test/helpers/prng.mjs): a small seeded PRNG, so both sides of a race see the same offsets every run. */
+import { mulberry32 as rng } from '../../test/helpers/prng.mjs';
 export { rng };
 
 /** `count` request offsets, `size`-aligned, uniformly inside [0, span). */

@@ -87,7 +87,7 @@ async function main([imagePath, journalPath, seedText]) {
   // The test passes a private copy of dist/ (KSC_CRASH_DIST); run by hand, the checkout's dist/.
   const dist = process.env.KSC_CRASH_DIST || new URL('../../dist/index.js', import.meta.url).href;
   const { openKsc } = await import(dist);
-  const { mulberry32 } = await import(new URL('./util/prng.js', dist).href);
+  const { mulberry32 } = await import('./prng.mjs');
   const journal = openSync(journalPath, 'a');
   const log = (obj, sync = false) => {
     writeSync(journal, `${JSON.stringify(obj)}\n`);

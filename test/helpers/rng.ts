@@ -1,7 +1,8 @@
 import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
 import { it } from 'vitest';
-import { mulberry32 } from '../../src/util/prng.js';
+// @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
+import { mulberry32 } from './prng.mjs';
 import { tempDir } from './tmp.js';
 /**
  * Seeded randomness for property and crash tests. Every randomised test takes its seed from `seedFor`,

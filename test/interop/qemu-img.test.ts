@@ -9,22 +9,16 @@ import { commitImage, snapshotImage } from '../../src/engines/ops.js';
 import { convertImage } from '../../src/engines/convert.js';
 import { createImage, openImage, openKsc } from '../../src/index.js';
 import { run } from '../helpers/cli.js';
+// @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
+import { mulberry32 } from '../helpers/prng.mjs';
 import { tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir();
 
-/** mulberry32: small seeded PRNG. */
+/** Whole numbers below n from the project's seeded PRNG. */
 function makeRng(seed: number): { int(n: number): number } {
-  let a = seed >>> 0;
-  return {
-    int(n: number): number {
-      a = (a + 0x6d2b79f5) >>> 0;
-      let t = a;
-      t = Math.imul(t ^ (t >>> 15), t | 1);
-      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-      return Math.floor((((t ^ (t >>> 14)) >>> 0) / 4294967296) * n);
-    },
-  };
+  const next = mulberry32(seed) as () => number;
+  return { int: (n: number): number => Math.floor(next() * n) };
 }
 const base = join(dir, 'base.raw');
 

@@ -136,4 +136,5 @@ export async function until(f: () => boolean | Promise<boolean>, ms: number, wha
 }
 
 /** A seeded PRNG; the seed is printed by the caller. The project's one mulberry32. */
-export { mulberry32 as rng } from '../../src/util/prng.js';
+// @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
+export { mulberry32 as rng } from '../helpers/prng.mjs';
