@@ -1,7 +1,7 @@
 /** A raw file as a BlockDevice. Holes (SEEK_HOLE, where the host supports it) report as zero extents. */
 import { KscError } from '../errors.js';
 import { type HostFile, type FileOpener, openHostFile } from '../io/file.js';
-import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange, mergeExtents } from './types.js';
+import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange, mergeExtents } from './types.js';
 
 export class RawDevice implements BlockDevice {
   readonly format = 'raw' as const;
@@ -51,7 +51,7 @@ export class RawDevice implements BlockDevice {
 
   async read(offset: number, length: number): Promise<Buffer> {
     this.live();
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     const buf = Buffer.allocUnsafe(length);
     await this.readInto(offset, buf);
     return buf;
@@ -59,21 +59,21 @@ export class RawDevice implements BlockDevice {
 
   async readInto(offset: number, target: Buffer): Promise<void> {
     this.live();
-    checkRange(this, offset, target.length);
+    assertRange(this, offset, target.length);
     const n = await this.file.read(target, offset);
     if (n < target.length) target.fill(0, n); // the file shrank under us: what is gone reads as zero
   }
 
   async write(offset: number, data: Buffer, opts: WriteOptions = {}): Promise<void> {
     this.writable();
-    checkRange(this, offset, data.length);
+    assertRange(this, offset, data.length);
     await this.file.write(data, offset);
     if (opts.fua) await this.file.sync();
   }
 
   async writeZeroes(offset: number, length: number, opts: ZeroOptions = {}): Promise<void> {
     this.writable();
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     if (length === 0) return;
     // Punching keeps the file sparse; where it is not possible, write zeros.
     this.forgetDataRun();
@@ -91,7 +91,7 @@ export class RawDevice implements BlockDevice {
   async discard(offset: number, length: number, opts: WriteOptions = {}): Promise<void> {
     // A raw file has no allocation map of its own: discarding is punching, which reads back as zero.
     this.writable();
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     // Without hole punching (no addon, or a file system without it) zeros are written: the BlockDevice
     // contract says discarded whole blocks read as zero.
     await this.writeZeroes(offset, length, { mayTrim: true, fua: opts.fua });
@@ -104,7 +104,7 @@ export class RawDevice implements BlockDevice {
 
   async extents(offset: number, length: number): Promise<Extent[]> {
     this.live();
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     const end = offset + length;
     const run = this.dataRun;
     if (run && offset >= run.start && end <= run.end && length > 0) return [{ offset, length, state: 'data', depth: 0 }];

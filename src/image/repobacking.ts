@@ -26,7 +26,7 @@ import { CONFIG_KEY, ChunkIndex, Repository, type RepoLock, packKey } from '../r
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
-import { type BlockDevice, type Extent, checkRange, mergeExtents } from './types.js';
+import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
 
@@ -171,7 +171,7 @@ export class BackupBacking implements BlockDevice {
 
   async readInto(offset: number, target: Buffer): Promise<void> {
     this.live();
-    checkRange(this, offset, target.length);
+    assertRange(this, offset, target.length);
     const C = this.blockSize;
     const parts: Promise<void>[] = [];
     for (let pos = offset; pos < offset + target.length;) {
@@ -441,7 +441,7 @@ export class BackupBacking implements BlockDevice {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     const C = this.blockSize;
     const out: Extent[] = [];
     for (let pos = offset; pos < offset + length;) {

@@ -59,7 +59,7 @@ export interface BlockDevice {
 
 export type { DirtyBitmapCapability } from './capabilities.js';
 
-export function checkRange(dev: { name: string; size: number }, offset: number, length: number): void {
+export function assertRange(dev: { name: string; size: number }, offset: number, length: number): void {
   if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
     throw new RangeErrorKsc(`${dev.name}: offset ${offset} / length ${length} must be whole numbers ≥ 0 below 2^53`);
   }

@@ -14,7 +14,7 @@ import { seal } from '../../format/seal.js';
 import { isPowerOfTwo, log2 } from '../../util/size.js';
 import { assertBitmapName, encodeBitmapSlot } from '../../format/bitmap-slot.js';
 import { type BitmapInfo, SparseBitmap } from '../sparse-bitmap.js';
-import { checkRange } from '../types.js';
+import { assertRange } from '../types.js';
 import type { KscCore } from './core.js';
 import { flush, flushNow } from './flush.js';
 
@@ -97,7 +97,7 @@ export function bitmapInfo(c: KscCore, name: string): { name: string; granularit
 /** Dirty extents of bitmap `name` within [offset, offset+length), merged. */
 export async function bitmapExtents(c: KscCore, name: string, offset: number, length: number): Promise<Ranges> {
   c.live();
-  checkRange(c, offset, length);
+  assertRange(c, offset, length);
   if (!c.bitmapsConsistent) return length > 0 ? [{ offset, length }] : [];
   return findBitmap(c, name).dirtyExtents(offset, length, c.size);
 }

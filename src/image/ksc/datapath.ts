@@ -10,7 +10,7 @@ import { writeThenCrcs } from '../../io/file.js';
 import { BlockState } from '../../format/constants.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
 import { DAMAGED } from '../maptable.js';
-import { type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
+import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
 import { flush } from './flush.js';
 
@@ -32,7 +32,7 @@ interface PieceWrite {
 
 export async function readInto(c: KscCore, offset: number, target: Buffer): Promise<void> {
   c.live();
-  checkRange(c, offset, target.length);
+  assertRange(c, offset, target.length);
   if (target.length === 0) return;
   const release = await c.lockBlocks(offset, target.length, false);
   try {
@@ -106,7 +106,7 @@ async function change(c: KscCore, offset: number, length: number, fua: boolean |
   if (c.refuseChanges) {
     throw new KscError('KSC_E_READ_ONLY', `image ${c.name}: frozen as the backing of a snapshot overlay (its changes would show through the overlay); force to write anyway`);
   }
-  checkRange(c, offset, length);
+  assertRange(c, offset, length);
   if (length > 0) {
     while (c.gate) await c.gate;
     c.changesInFlight++;
@@ -372,7 +372,7 @@ export function fillFromBacking(c: KscCore, offset: number, data: Buffer): Promi
 }
 
 async function fillLocked(c: KscCore, offset: number, data: Buffer): Promise<number> {
-  checkRange(c, offset, data.length);
+  assertRange(c, offset, data.length);
   while (c.gate) await c.gate;
   c.changesInFlight++;
   try {

@@ -4,7 +4,7 @@
  */
 import { BlockState } from '../../format/constants.js';
 import { DAMAGED } from '../maptable.js';
-import { type Extent, checkRange, mergeExtents } from '../types.js';
+import { type Extent, assertRange, mergeExtents } from '../types.js';
 import type { KscCore } from './core.js';
 import { flush } from './flush.js';
 
@@ -17,7 +17,7 @@ export interface BlockInfo {
 
 export async function extents(c: KscCore, offset: number, length: number): Promise<Extent[]> {
   c.live();
-  checkRange(c, offset, length);
+  assertRange(c, offset, length);
   const out: Extent[] = [];
   const end = offset + length;
   const B = c.blockSize;

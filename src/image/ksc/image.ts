@@ -12,7 +12,7 @@ import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
 import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
 import type { BackupRef, Header } from '../../format/header.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
-import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, checkRange } from '../types.js';
+import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
 import type { KscCore } from './core.js';
 import { createKscFile } from './create.js';
@@ -144,7 +144,7 @@ export class KscImage implements BlockDevice {
 
   async read(offset: number, length: number): Promise<Buffer> {
     this.core.live();
-    checkRange(this, offset, length);
+    assertRange(this, offset, length);
     const buf = Buffer.allocUnsafe(length);
     await data.readInto(this.core, offset, buf);
     return buf;
