@@ -37,23 +37,31 @@ function flipByte(file: string, at: number): void {
   closeSync(fd);
 }
 
+/**
+ * A new repository at `dir/repoName` and `names` raw files of the same `data`, backed up side by side: each
+ * loads the index before the other has written one, so each stores every chunk. Returns the backups.
+ */
+async function backUpSideBySide(repoName: string, names: string[], data: Buffer): Promise<{ repoDir: string; results: { id: string }[] }> {
+  const repoDir = join(dir, repoName);
+  await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
+  const files = names.map((n) => join(dir, n));
+  for (const f of files) writeFileSync(f, data);
+  const results = await Promise.all(files.map(async (f) => {
+    const dev = await openImage(f);
+    try {
+      return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
+    } finally {
+      await dev.close();
+    }
+  }));
+  return { repoDir, results };
+}
+
 describe('two copies of every chunk, one of two chunks damaged', () => {
   it(`verify names the damaged copies, restore and prune use the intact ones (seed ${seed})`, async () => {
     const rng = new Rng(seed);
-    const repoDir = join(dir, 'repo');
-    await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
     const data = rng.bytes(12 * MiB);
-    const files = ['a.raw', 'b.raw'].map((n) => join(dir, n));
-    for (const f of files) writeFileSync(f, data);
-    // Side by side: each loads the index before the other has written one, so each stores every chunk.
-    const results = await Promise.all(files.map(async (f) => {
-      const dev = await openImage(f);
-      try {
-        return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
-      } finally {
-        await dev.close();
-      }
-    }));
+    const { repoDir, results } = await backUpSideBySide('repo', ['a.raw', 'b.raw'], data);
     const repo = await openRepo(repoDir);
     const indexIds = await repo.listIndexObjects();
     expect(indexIds.length).toBe(2);
@@ -105,19 +113,7 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
 
   it('prune keeps every copy when none passes its check, and says so', async () => {
     const rng = new Rng(seed + 1);
-    const repoDir = join(dir, 'repo2');
-    await newRepo(repoDir);
-    const data = rng.bytes(3 * MiB);
-    const files = ['c.raw', 'd.raw'].map((n) => join(dir, n));
-    for (const f of files) writeFileSync(f, data);
-    await Promise.all(files.map(async (f) => {
-      const dev = await openImage(f);
-      try {
-        return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
-      } finally {
-        await dev.close();
-      }
-    }));
+    const { repoDir } = await backUpSideBySide('repo2', ['c.raw', 'd.raw'], rng.bytes(3 * MiB));
     const repo = await openRepo(repoDir);
     const objects = (await repo.listIndexObjects()).map((id) => decodeIndex(readFileSync(join(repoDir, indexKey(id))), id));
     expect(objects.length).toBe(2);
