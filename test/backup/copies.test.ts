@@ -8,7 +8,7 @@
  * intact copy and says so; prune keeps the intact copies and reports the damaged ones, and afterwards the
  * repository verifies clean and both backups restore byte-identical.
  */
-import { openSync, readSync, writeSync, closeSync, writeFileSync, readFileSync, rmSync } from 'node:fs';
+import { writeFileSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -21,21 +21,13 @@ import { decodeIndex } from '../../src/repo/index-object.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { xorByte } from '../helpers/corrupt.js';
 import { kscinc } from '../helpers/cli.js';
 import { MiB, newRepo, openRepo } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-copies-');
 const seed = seedFor('test/backup/copies.test.ts');
 afterAll(() => closePool());
-
-function flipByte(file: string, at: number): void {
-  const fd = openSync(file, 'r+');
-  const b = Buffer.alloc(1);
-  readSync(fd, b, 0, 1, at);
-  b[0] ^= 0x5a;
-  writeSync(fd, b, 0, 1, at);
-  closeSync(fd);
-}
 
 /**
  * A new repository at `dir/repoName` and `names` raw files of the same `data`, backed up side by side: each
@@ -71,7 +63,7 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
     const x = objects[0]![rng.int(0, 11)]!;
     const ys = objects[1]!.filter((e) => !e.id.equals(x.id));
     const y = ys[rng.int(0, ys.length - 1)]!;
-    for (const e of [x, y]) flipByte(join(repoDir, packKey(e.pack)), e.offset + 32 + rng.int(0, e.length - 33));
+    for (const e of [x, y]) xorByte(join(repoDir, packKey(e.pack)), e.offset + 32 + rng.int(0, e.length - 33), 0x5a);
     const damaged = new Set([x, y].map((e) => repo.objName(packKey(e.pack))));
 
     const v = await verifyRepo(repo);
@@ -119,7 +111,7 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
     expect(objects.length).toBe(2);
     const chunk = objects[0]![0]!.id;
     const copies = objects.map((o) => o.find((e) => e.id.equals(chunk))!);
-    for (const e of copies) flipByte(join(repoDir, packKey(e.pack)), e.offset + 40);
+    for (const e of copies) xorByte(join(repoDir, packKey(e.pack)), e.offset + 40, 0x5a);
     const p = await pruneRepo(repo, { last: 10 });
     expect(p.copies.chunksWithoutGoodCopy).toEqual([chunk.toString('hex')]);
     const packs = await repo.listPacks();
