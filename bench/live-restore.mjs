@@ -13,17 +13,12 @@
  *
  * `npx tsc -p tsconfig.json && node bench/live-restore.mjs [--size 256] [--reps 3] [--keep]` (size in MiB).
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
-import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { performance } from 'node:perf_hooks';
 
-const here = dirname(fileURLToPath(import.meta.url));
-const root = dirname(here);
-const CLI = join(root, 'dist', 'cli', 'kscinc.cjs');
 const { liveRestore } = await import('../dist/engines/live-restore.js');
 const { pullImage } = await import('../dist/engines/pull.js');
 const { restoreBackup } = await import('../dist/engines/restore.js');
@@ -31,30 +26,13 @@ const { openKsc } = await import('../dist/image/open.js');
 const { Repository } = await import('../dist/repo/repository.js');
 const { openStore } = await import('../dist/objstore/open.js');
 const { closePool } = await import('../dist/compress/pool.js');
-const { MiB, dropCaches, median, hostWarm, rmf } = await import('./lib/common.mjs');
+const { MiB, dropCaches, median, hostWarm, rmf, timed } = await import('./lib/common.mjs');
+const { kscinc: cli, log, serveKscinc } = await import('./lib/kscinc.mjs');
 const { libBackup } = await import('./races/backup.mjs');
 
 const { values: args } = parseArgs({ options: { size: { type: 'string', default: '256' }, reps: { type: 'string', default: '3' }, keep: { type: 'boolean', default: false } } });
 const size = Number(args.size) * MiB;
 const reps = Number(args.reps);
-const log = (s) => process.stdout.write(`${s}\n`);
-
-function cli(argv, capture = true) {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, ...argv], { stdio: ['ignore', capture ? 'pipe' : 'ignore', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout?.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (err += d));
-    p.once('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`kscinc ${argv.join(' ')}: exit ${code}: ${err}`))));
-  });
-}
-
-async function timed(fn) {
-  const t0 = performance.now();
-  await fn();
-  return performance.now() - t0;
-}
 
 /** A disk of `size` bytes: a quarter zeros, the rest 64 KiB runs of random or repetitive bytes (lz4 ≈ 2:1). */
 async function makeSource(path) {
@@ -82,27 +60,6 @@ async function packFiles(repo) {
   const out = [];
   for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) out.push(join(repo, 'packs', d, f));
   return out;
-}
-
-/** Waits for `kscinc serve`'s nbd:// line; returns { uri, stop }. */
-function serve(image) {
-  const p = spawn(process.execPath, [CLI, 'serve', image, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  p.stderr.on('data', (d) => (err += d));
-  const exited = new Promise((r) => p.once('exit', r));
-  return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error(`serve did not start: ${err}`)), 30_000);
-    p.stdout.on('data', (d) => {
-      out += d;
-      const uri = out.split('\n').find((l) => /^nbd:\/\//.test(l));
-      if (uri) {
-        clearTimeout(t);
-        resolve({ uri, stop: async () => { p.kill('SIGTERM'); await exited; } });
-      }
-    });
-    p.once('exit', (c) => reject(new Error(`serve exited ${c}: ${err}`)));
-  });
 }
 
 const work = await fsp.mkdtemp(join(process.env.KSCINC_BENCH_DIR ?? os.tmpdir(), 'kscinc-bench-live-'));
@@ -185,7 +142,7 @@ try {
       try {
         return await timed(async () => {
           await cli(['restore', 'latest', out('fc'), '--repo', repo, '--live']);
-          s = await serve(out('fc'));
+          s = await serveKscinc([out('fc'), '--listen', '127.0.0.1:0']);
           execFileSync('qemu-io', ['-f', 'raw', '-r', '-c', `read ${at} 4k`, s.uri], { stdio: 'ignore' });
         });
       } finally {

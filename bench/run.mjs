@@ -10,7 +10,7 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync, promises as fsp, readdirSync } from 'node:fs';
 import os from 'node:os';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
@@ -33,6 +33,7 @@ if (process.env.KSCINC_BENCH_CHILD !== '1') {
 const { openImage } = await import('../dist/image/open.js');
 const { nativeAvailable } = await import('../dist/io/native.js');
 const { GiB, dropCaches, quiet, renderTable } = await import('./lib/common.mjs');
+const { CLI, benchDir: here, log, root } = await import('./lib/kscinc.mjs');
 const { convertRace } = await import('./races/convert.mjs');
 const { seqRace } = await import('./races/seqio.mjs');
 const { randRace } = await import('./races/randio.mjs');
@@ -41,8 +42,6 @@ const { backupRace } = await import('./races/backup.mjs');
 const { restoreRace } = await import('./races/restore.mjs');
 const { nbdRace } = await import('./races/nbd.mjs');
 
-const here = dirname(fileURLToPath(import.meta.url));
-const root = dirname(here);
 const RACES = { convert: convertRace, seq: seqRace, rand: randRace, bitmap: bitmapRace, backup: backupRace, restore: restoreRace, nbd: nbdRace };
 
 const { values: args } = parseArgs({
@@ -55,8 +54,6 @@ const { values: args } = parseArgs({
     'intent-region': { type: 'string' },
   },
 });
-
-const log = (s) => process.stdout.write(`${s}\n`);
 
 if (args['intent-region'] !== undefined) {
   const m = /^(\d+)([KMG]?)$/.exec(args['intent-region']);
@@ -116,7 +113,7 @@ async function main() {
   const canDrop = dropCaches();
   const ctx = {
     src, size, work, reps, log,
-    cli: join(root, JSON.parse(await fsp.readFile(join(root, 'package.json'), 'utf8')).bin.kscinc), // the `kscinc` executable
+    cli: CLI, // the `kscinc` executable
     dataBytes: await dataBytesOf(src),
     /** The whole source image in memory (real data for the write races and for verification). */
     source: () => sourceBuf,

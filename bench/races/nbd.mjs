@@ -16,6 +16,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { MiB, hostWarm, row, rng, run, rmf } from '../lib/common.mjs';
+import { serveKscinc } from '../lib/kscinc.mjs';
 
 const CONN_MULTI = 4;
 
@@ -24,18 +25,9 @@ function uriFor(sock) {
 }
 
 /** Starts `kscinc serve` on a unix socket; resolves once it printed its URI. */
-function startOurs(ctx, sock, args) {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [ctx.cli, 'serve', ...args, '--socket', sock], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stderr.on('data', (d) => (err += d));
-    p.stdout.on('data', (d) => {
-      out += d;
-      if (out.includes('nbd+unix://')) resolve({ proc: p, uri: uriFor(sock), stop: () => stop(p) });
-    });
-    p.on('exit', (code) => reject(new Error(`kscinc serve exited ${code}: ${err}`)));
-  });
+async function startOurs(ctx, sock, args) {
+  const s = await serveKscinc([...args, '--socket', sock], { cli: ctx.cli });
+  return { proc: s.proc, uri: uriFor(sock), stop: s.stop };
 }
 
 /** Starts qemu-nbd on a unix socket; resolves once nbdinfo can connect. */

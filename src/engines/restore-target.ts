@@ -9,7 +9,10 @@
  * disk before its first write). Any other existing file needs --force.
  *
  * A new target is made the way every new file is (io/newfile.ts): its temporary name, the sweep of the
- * temporaries killed runs left, and the no-clobber publishing are newfile's own.
+ * temporaries killed runs left, the no-clobber publishing and the errors naming the target rather than its
+ * temporary are newfile's own. Not buildNewFile itself: a restore decides once whether its target exists and
+ * then runs one body for both cases (an existing copy is written in place), its `force` means "overwrite a
+ * target that is not a copy of the disk", and its own sweep also removes older temporary names.
  */
 import { readFile, readdir, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';

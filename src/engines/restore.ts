@@ -5,14 +5,14 @@
  * file writes only the chunks whose contents differ.
  */
 import { rm, stat } from 'node:fs/promises';
-import { KscError, isKscError } from '../errors.js';
+import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { RawDevice } from '../image/raw.js';
 import { createImage, openImage } from '../image/open.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks, warmPool } from '../compress/pool.js';
 import { type Blob, type Read, type ReadItem, coalesce, fetchChunks, fetchFromCopies } from '../repo/fetch.js';
-import { pendingFiles } from '../io/newfile.js';
+import { namingTarget, pendingFiles } from '../io/newfile.js';
 import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
 import { ChunkIndex, Repository, packKey } from '../repo/repository.js';
 import { resolveBackup } from '../repo/catalog.js';
@@ -302,10 +302,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
       // A new target that did not receive the whole backup is not a restore: its temporary goes.
       await dev.close().catch(() => undefined);
       await rm(file, { force: true }).catch(() => undefined);
-      // Messages name the file the user asked for, not its temporary name.
-      if (isKscError(e) && file !== target && e.message.includes(file)) {
-        throw new KscError(e.code, e.message.split(file).join(target), { cause: e, retryable: e.retryable });
-      }
+      throw namingTarget(e, file, target);
     } else if (writing) {
       throw new PartialRestoreError(target, changed, toChange, e as Error);
     }

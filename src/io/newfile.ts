@@ -117,13 +117,20 @@ export async function buildNewFile<T>(target: string, opts: NewFileOptions, buil
     });
     return result;
   } catch (e) {
-    // Messages name the file the user asked for, not the temporary one.
-    if (isKscError(e) && e.message.includes(temp)) throw new KscError(e.code, e.message.split(temp).join(target), { cause: e, retryable: e.retryable });
-    throw e;
+    throw namingTarget(e, temp, target);
   } finally {
     await removeTemp(temp);
     pendingFiles.delete(temp);
   }
+}
+
+/**
+ * `e`, or when it is a KscError whose message names the temporary `temp`, the same error naming `target`
+ * instead: messages name the file the user asked for, not its temporary name (a restore shares this).
+ */
+export function namingTarget(e: unknown, temp: string, target: string): unknown {
+  if (isKscError(e) && temp !== target && e.message.includes(temp)) return new KscError(e.code, e.message.split(temp).join(target), { cause: e, retryable: e.retryable });
+  return e;
 }
 
 /**

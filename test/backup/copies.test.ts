@@ -8,7 +8,7 @@
  * intact copy and says so; prune keeps the intact copies and reports the damaged ones, and afterwards the
  * repository verifies clean and both backups restore byte-identical.
  */
-import { openSync, readSync, writeSync, closeSync, writeFileSync, readFileSync, rmSync } from 'node:fs';
+import { writeFileSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -21,6 +21,7 @@ import { decodeIndex } from '../../src/repo/index-object.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { xorByte } from '../helpers/corrupt.js';
 import { kscinc } from '../helpers/cli.js';
 import { MiB, newRepo, openRepo } from './helpers/fixtures.js';
 
@@ -28,32 +29,31 @@ const dir = tempDir('kscinc-copies-');
 const seed = seedFor('test/backup/copies.test.ts');
 afterAll(() => closePool());
 
-function flipByte(file: string, at: number): void {
-  const fd = openSync(file, 'r+');
-  const b = Buffer.alloc(1);
-  readSync(fd, b, 0, 1, at);
-  b[0] ^= 0x5a;
-  writeSync(fd, b, 0, 1, at);
-  closeSync(fd);
+/**
+ * A new repository at `dir/repoName` and `names` raw files of the same `data`, backed up side by side: each
+ * loads the index before the other has written one, so each stores every chunk. Returns the backups.
+ */
+async function backUpSideBySide(repoName: string, names: string[], data: Buffer): Promise<{ repoDir: string; results: { id: string }[] }> {
+  const repoDir = join(dir, repoName);
+  await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
+  const files = names.map((n) => join(dir, n));
+  for (const f of files) writeFileSync(f, data);
+  const results = await Promise.all(files.map(async (f) => {
+    const dev = await openImage(f);
+    try {
+      return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
+    } finally {
+      await dev.close();
+    }
+  }));
+  return { repoDir, results };
 }
 
 describe('two copies of every chunk, one of two chunks damaged', () => {
   it(`verify names the damaged copies, restore and prune use the intact ones (seed ${seed})`, async () => {
     const rng = new Rng(seed);
-    const repoDir = join(dir, 'repo');
-    await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
     const data = rng.bytes(12 * MiB);
-    const files = ['a.raw', 'b.raw'].map((n) => join(dir, n));
-    for (const f of files) writeFileSync(f, data);
-    // Side by side: each loads the index before the other has written one, so each stores every chunk.
-    const results = await Promise.all(files.map(async (f) => {
-      const dev = await openImage(f);
-      try {
-        return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
-      } finally {
-        await dev.close();
-      }
-    }));
+    const { repoDir, results } = await backUpSideBySide('repo', ['a.raw', 'b.raw'], data);
     const repo = await openRepo(repoDir);
     const indexIds = await repo.listIndexObjects();
     expect(indexIds.length).toBe(2);
@@ -63,7 +63,7 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
     const x = objects[0]![rng.int(0, 11)]!;
     const ys = objects[1]!.filter((e) => !e.id.equals(x.id));
     const y = ys[rng.int(0, ys.length - 1)]!;
-    for (const e of [x, y]) flipByte(join(repoDir, packKey(e.pack)), e.offset + 32 + rng.int(0, e.length - 33));
+    for (const e of [x, y]) xorByte(join(repoDir, packKey(e.pack)), e.offset + 32 + rng.int(0, e.length - 33), 0x5a);
     const damaged = new Set([x, y].map((e) => repo.objName(packKey(e.pack))));
 
     const v = await verifyRepo(repo);
@@ -105,25 +105,13 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
 
   it('prune keeps every copy when none passes its check, and says so', async () => {
     const rng = new Rng(seed + 1);
-    const repoDir = join(dir, 'repo2');
-    await newRepo(repoDir);
-    const data = rng.bytes(3 * MiB);
-    const files = ['c.raw', 'd.raw'].map((n) => join(dir, n));
-    for (const f of files) writeFileSync(f, data);
-    await Promise.all(files.map(async (f) => {
-      const dev = await openImage(f);
-      try {
-        return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
-      } finally {
-        await dev.close();
-      }
-    }));
+    const { repoDir } = await backUpSideBySide('repo2', ['c.raw', 'd.raw'], rng.bytes(3 * MiB));
     const repo = await openRepo(repoDir);
     const objects = (await repo.listIndexObjects()).map((id) => decodeIndex(readFileSync(join(repoDir, indexKey(id))), id));
     expect(objects.length).toBe(2);
     const chunk = objects[0]![0]!.id;
     const copies = objects.map((o) => o.find((e) => e.id.equals(chunk))!);
-    for (const e of copies) flipByte(join(repoDir, packKey(e.pack)), e.offset + 40);
+    for (const e of copies) xorByte(join(repoDir, packKey(e.pack)), e.offset + 40, 0x5a);
     const p = await pruneRepo(repo, { last: 10 });
     expect(p.copies.chunksWithoutGoodCopy).toEqual([chunk.toString('hex')]);
     const packs = await repo.listPacks();

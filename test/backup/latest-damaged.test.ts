@@ -4,7 +4,7 @@
  * damaged manifest whose header names another disk is skipped (with a warning), and one that could be the
  * answer (its header names A, or cannot be read) still fails the restore, naming it.
  */
-import { openSync, readSync, writeSync, closeSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { readFileSync, rmSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -16,6 +16,7 @@ import { isKscError } from '../../src/errors.js';
 import { uuidToBytes } from '../../src/util/uuid.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { xorByte } from '../helpers/corrupt.js';
 import { kscinc } from '../helpers/cli.js';
 import { MiB, newRepo, openRepo } from './helpers/fixtures.js';
 
@@ -37,15 +38,6 @@ async function backupOf(repoDir: string, uuid: string, data: Buffer): Promise<st
   }
 }
 
-function flip(file: string, at: number): void {
-  const fd = openSync(file, 'r+');
-  const b = Buffer.alloc(1);
-  readSync(fd, b, 0, 1, at);
-  b[0] ^= 0x20;
-  writeSync(fd, b, 0, 1, at);
-  closeSync(fd);
-}
-
 describe('restore latest --disk with damaged manifests', () => {
   it(`skips a damaged manifest of another disk, refuses one that could be the answer (seed ${seed})`, async () => {
     const rng = new Rng(seed);
@@ -54,7 +46,7 @@ describe('restore latest --disk with damaged manifests', () => {
     const a1 = rng.bytes(2 * MiB);
     await backupOf(repoDir, A, a1);
     const b1 = await backupOf(repoDir, B, rng.bytes(2 * MiB)); // newer than A's
-    flip(join(repoDir, manifestKey(b1)), 100); // in the metadata: the checksum fails, the header is intact
+    xorByte(join(repoDir, manifestKey(b1)), 100, 0x20); // in the metadata: the checksum fails, the header is intact
 
     const out = join(dir, 'a.raw');
     const cli = kscinc(['restore', 'latest', out, '--repo', repoDir, '--disk', A]);
@@ -65,14 +57,14 @@ describe('restore latest --disk with damaged manifests', () => {
 
     // A damaged manifest of A itself, newer than A's intact one: it could be the answer.
     const a2 = await backupOf(repoDir, A, rng.bytes(2 * MiB));
-    flip(join(repoDir, manifestKey(a2)), 100);
+    xorByte(join(repoDir, manifestKey(a2)), 100, 0x20);
     const repo = await openRepo(repoDir);
     const e = await restoreBackup(repo, 'latest', out, { disk: A }).catch((x: unknown) => x);
     expect(isKscError(e, 'KSC_E_CORRUPT'), String(e)).toBe(true);
     expect((e as Error).message).toContain(a2);
     expect(existsSync(out)).toBe(false);
     // Its header's magic damaged too: whose it is cannot be told, so it could be the answer for B as well.
-    flip(join(repoDir, manifestKey(a2)), 0);
+    xorByte(join(repoDir, manifestKey(a2)), 0, 0x20);
     const eb = await restoreBackup(repo, 'latest', out, { disk: B }).catch((x: unknown) => x);
     expect(isKscError(eb, 'KSC_E_CORRUPT'), String(eb)).toBe(true);
   });

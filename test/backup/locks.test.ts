@@ -162,102 +162,112 @@ async function setup(name: string, rng: Rng): Promise<{ repoDir: string; path: s
   }
 }
 
+/** What a stalled-backup case works on: the earlier backup, and the stalling repository and image open. */
+interface Stalled {
+  repoDir: string;
+  first: { id: string; data: Buffer };
+  repo: Repository;
+  store: ReturnType<typeof stallable>;
+  img: Awaited<ReturnType<typeof openKsc>>;
+}
+
+/**
+ * Sets up case `name` (setup), opens its repository through a stallable store (stalling on `stallOn`, with
+ * the lock lifetime `staleMs` when given) and its image, runs `body`, and closes the image.
+ */
+async function withStalled(name: string, opts: { stallOn?: (key: string) => boolean; staleMs?: number }, body: (s: Stalled) => Promise<void>): Promise<void> {
+  const { repoDir, path, first } = await setup(name, root.fork());
+  let store!: ReturnType<typeof stallable>;
+  const repo = await openRepo(repoDir, (s) => (store = stallable(s, opts.stallOn)));
+  if (opts.staleMs !== undefined) repo.lockTiming = { ...repo.lockTiming, staleMs: opts.staleMs };
+  const img = await openKsc(path, { write: true });
+  try {
+    await body({ repoDir, first, repo, store, img });
+  } finally {
+    await img.close();
+  }
+}
+
+/**
+ * Backs up the case's image; when the backup reaches its commit, stalls every write of its store, runs
+ * `meanwhile` (what another host does), then resumes the store. `meanwhile()` of the result awaits it.
+ */
+function backupStalledAtCommit<T>(s: Stalled, meanwhile: () => Promise<T>): { backup: ReturnType<typeof backupDevice>; meanwhile: () => Promise<T> } {
+  let during: Promise<T> | null = null;
+  const backup = backupDevice(s.img, s.repo, {
+    bitmap: null,
+    progress: (p) => {
+      if (p.phase !== 'commit' || during) return;
+      s.store.stall();
+      during = meanwhile().finally(() => s.store.resume());
+      during.catch(() => undefined); // the test awaits it
+    },
+  });
+  return { backup, meanwhile: async () => {
+    if (!during) throw new Error('the backup never reached its commit');
+    return during;
+  } };
+}
+
+/** The repository of case `name` holds exactly `backups` (each restoring its data) and verifies clean. */
+async function expectBackups(repoDir: string, name: string, backups: { id: string; data: Buffer; what: string; file: string }[]): Promise<void> {
+  const after = await openRepo(repoDir);
+  expect(await after.listBackupIds()).toEqual(backups.map((b) => b.id));
+  expect((await verifyRepo(after)).damage).toEqual([]);
+  for (const b of backups) await expectRestores(after, b.id, join(dir, `${name}-${b.file}.raw`), b.data, b.what);
+}
+const earlier = (first: { id: string; data: Buffer }): { id: string; data: Buffer; what: string; file: string } => ({ ...first, what: 'the earlier backup', file: 'a' });
+
 describe('a backup stalled after its packs landed, with prunes in between', () => {
   it('its lock looks stale to a prune: default grace keeps its packs; it completes and restores', async () => {
-    const rng = root.fork();
-    const { repoDir, path, first } = await setup('paused-grace', rng);
-    let store!: ReturnType<typeof stallable>;
-    const repo = await openRepo(repoDir, (s) => (store = stallable(s)));
-    const img = await openKsc(path, { write: true });
-    try {
-      let pruned: Promise<unknown> | null = null;
-      const backup = backupDevice(img, repo, {
-        bitmap: null,
-        progress: (p) => {
-          if (p.phase !== 'commit' || pruned) return;
-          store.stall();
-          pruned = (async () => {
-            // Another host's prune judges the lock 11 minutes old: by the storage's time (the file's mtime),
-            // and by the time in it against a judge's clock that runs 11 minutes ahead (what older code did).
-            const other = await openRepo(repoDir);
-            const lock = (await other.listLocks())[0]!;
-            const file = join(repoDir, lock.key);
-            const b = JSON.parse(readFileSync(file, 'utf8')) as { refreshed: number };
-            writeFileSync(file, JSON.stringify({ ...b, refreshed: b.refreshed - 11 * 60_000 }));
-            backdate(file, 11 * 60_000);
-            const r = await pruneRepo(other, { last: 10 });
-            store.resume();
-            return r;
-          })().catch((e: unknown) => (store.resume(), e));
-        },
+    await withStalled('paused-grace', {}, async (s) => {
+      const { backup, meanwhile } = backupStalledAtCommit(s, async () => {
+        // Another host's prune judges the lock 11 minutes old: by the storage's time (the file's mtime),
+        // and by the time in it against a judge's clock that runs 11 minutes ahead (what older code did).
+        const other = await openRepo(s.repoDir);
+        const lock = (await other.listLocks())[0]!;
+        const file = join(s.repoDir, lock.key);
+        const b = JSON.parse(readFileSync(file, 'utf8')) as { refreshed: number };
+        writeFileSync(file, JSON.stringify({ ...b, refreshed: b.refreshed - 11 * 60_000 }));
+        backdate(file, 11 * 60_000);
+        return pruneRepo(other, { last: 10 });
       });
       const b = await backup;
-      const r = await pruned;
-      expect(r, String((r as unknown as Error | null)?.message)).toMatchObject({ packsDeleted: 0 });
-      expect(store.packsPut).toBeGreaterThanOrEqual(5);
-      const after = await openRepo(repoDir);
-      expect(await after.listBackupIds()).toEqual([first.id, b.id]);
-      expect((await verifyRepo(after)).damage).toEqual([]);
-      await expectRestores(after, b.id, join(dir, 'paused-grace-b.raw'), await contents(img), 'the stalled backup');
-      await expectRestores(after, first.id, join(dir, 'paused-grace-a.raw'), first.data, 'the earlier backup');
-    } finally {
-      await img.close();
-    }
+      expect(await meanwhile()).toMatchObject({ packsDeleted: 0 });
+      expect(s.store.packsPut).toBeGreaterThanOrEqual(5);
+      await expectBackups(s.repoDir, 'paused-grace', [earlier(s.first), { id: b.id, data: await contents(s.img), what: 'the stalled backup', file: 'b' }]);
+    });
   });
 
   it('stalled past the lifetime: the second prune deletes its packs, and it fails instead of committing', async () => {
-    const rng = root.fork();
-    const { repoDir, path, first } = await setup('paused-late', rng);
-    const timing = (r: Repository): Repository => ((r.lockTiming = { ...r.lockTiming, staleMs: 3000 }), r);
-    let store!: ReturnType<typeof stallable>;
-    const repo = timing(await openRepo(repoDir, (s) => (store = stallable(s))));
-    const img = await openKsc(path, { write: true });
-    const notes: string[] = [];
-    try {
-      let pruned: Promise<unknown> | null = null;
-      const backup = backupDevice(img, repo, {
-        bitmap: null,
-        progress: (p) => {
-          if (p.phase !== 'commit' || pruned) return;
-          store.stall();
-          pruned = (async () => {
-            await sleep(3500); // past the lifetime, by the storage's clock and by the writer's
-            const other = timing(await openRepo(repoDir));
-            const p1 = await pruneRepo(other, { last: 10, graceMs: 1000 });
-            notes.push(`prune 1: ${p1.packsDeleted} deleted, ${p1.packsWaiting} waiting`);
-            await sleep(1200);
-            const p2 = await pruneRepo(other, { last: 10, graceMs: 1000 });
-            notes.push(`prune 2: ${p2.packsDeleted} deleted, ${p2.packsWaiting} waiting`);
-            return [p1, p2];
-          })().finally(() => store.resume());
-        },
+    await withStalled('paused-late', { staleMs: 3000 }, async (s) => {
+      const notes: string[] = [];
+      const { backup, meanwhile } = backupStalledAtCommit(s, async () => {
+        await sleep(3500); // past the lifetime, by the storage's clock and by the writer's
+        const other = await openRepo(s.repoDir);
+        other.lockTiming = { ...other.lockTiming, staleMs: 3000 };
+        const p1 = await pruneRepo(other, { last: 10, graceMs: 1000 });
+        notes.push(`prune 1: ${p1.packsDeleted} deleted, ${p1.packsWaiting} waiting`);
+        await sleep(1200);
+        const p2 = await pruneRepo(other, { last: 10, graceMs: 1000 });
+        notes.push(`prune 2: ${p2.packsDeleted} deleted, ${p2.packsWaiting} waiting`);
+        return [p1, p2] as const;
       });
       const e = await expectKscError(backup, 'KSC_E_LOCKED', 'the backup whose lock went stale');
       expect(e.message).toMatch(/lost the repository lock .*no refresh for/);
-      const [p1, p2] = (await pruned) as unknown as Awaited<ReturnType<typeof pruneRepo>>[];
+      const [p1, p2] = await meanwhile();
       console.log(`[locks] ${notes.join('; ')}`);
-      expect(p1!.packsDeleted).toBe(0);
-      expect(p1!.packsWaiting).toBeGreaterThanOrEqual(5);
-      expect(p2!.packsDeleted).toBe(p1!.packsWaiting);
-      const after = await openRepo(repoDir);
-      expect(await after.listBackupIds()).toEqual([first.id]);
-      expect((await verifyRepo(after)).damage).toEqual([]);
-      await expectRestores(after, first.id, join(dir, 'paused-late-a.raw'), first.data, 'the earlier backup');
-    } finally {
-      await img.close();
-    }
+      expect(p1.packsDeleted).toBe(0);
+      expect(p1.packsWaiting).toBeGreaterThanOrEqual(5);
+      expect(p2.packsDeleted).toBe(p1.packsWaiting);
+      await expectBackups(s.repoDir, 'paused-late', [earlier(s.first)]);
+    });
   });
 });
 
 describe('a backup stalled while its manifest goes up', () => {
   it('past the refresh deadline: the manifest is taken back and the backup fails', async () => {
-    const rng = root.fork();
-    const { repoDir, path, first } = await setup('paused-manifest', rng);
-    let store!: ReturnType<typeof stallable>;
-    const repo = await openRepo(repoDir, (s) => (store = stallable(s, (key) => key.startsWith('manifests/'))));
-    repo.lockTiming = { ...repo.lockTiming, staleMs: 3000 };
-    const img = await openKsc(path, { write: true });
-    try {
+    await withStalled('paused-manifest', { stallOn: (key) => key.startsWith('manifests/'), staleMs: 3000 }, async ({ repoDir, first, repo, store, img }) => {
       const backup = backupDevice(img, repo, { bitmap: null });
       const stalled = (async () => {
         while (store.packsPut < 5) await sleep(50);
@@ -269,13 +279,8 @@ describe('a backup stalled while its manifest goes up', () => {
       const e = await expectKscError(backup, 'KSC_E_LOCKED', 'the backup stalled while committing');
       await stalled;
       expect(e.message).toMatch(/nothing was committed/);
-      const after = await openRepo(repoDir);
-      expect(await after.listBackupIds()).toEqual([first.id]);
-      expect((await verifyRepo(after)).damage).toEqual([]);
-      await expectRestores(after, first.id, join(dir, 'paused-manifest-a.raw'), first.data, 'the earlier backup');
-    } finally {
-      await img.close();
-    }
+      await expectBackups(repoDir, 'paused-manifest', [earlier(first)]);
+    });
   });
 });
 

@@ -10,32 +10,26 @@
  *  - library: pruneRepo with the plan's `throw` action (the run abandons everything at the fault);
  *  - CLI: `kscinc prune` with KSC_FAULT_AFTER=N, SIGKILLed by its own fault layer.
  */
-import { spawnSync } from 'node:child_process';
-import { cpSync, readFileSync, rmSync } from 'node:fs';
+import { cpSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
-import { faultFired, faultSteps, setFaultPlan } from '../../src/io/fault.js';
 import { FaultStore, withStoreFaults } from '../../src/objstore/fault.js';
 import { KscError, isKscError } from '../../src/errors.js';
-import { closePool } from '../../src/compress/pool.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { CLI } from '../helpers/cli.js';
+import { clearFaultsAfterAll, runCliStoppedAfter, runStoppedAfter } from '../helpers/fault-runs.js';
 import { MiB, contents, expectSame, makeDisk, newRepo, openRepo, readImage } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-prune-steps-');
 const seed = seedFor('test/backup/prune-steps.test.ts');
 const C = MiB;
-afterAll(() => {
-  setFaultPlan(null);
-  return closePool();
-});
+clearFaultsAfterAll();
 
 /** The pristine repository, the contents each backup recorded, and the ids the policy keeps. */
 const pristine = join(dir, 'pristine');
@@ -119,16 +113,7 @@ describe('prune stopped after every step', () => {
       const copy = join(dir, `lib-${n}`);
       cpSync(pristine, copy, { recursive: true });
       const where = `prune stopped after step ${n}`;
-      setFaultPlan({ after: n, action: 'throw' });
-      let err: unknown = null;
-      try {
-        await pruneRepo(await openRepo(copy, withStoreFaults), POLICY);
-      } catch (e) {
-        err = e;
-      }
-      const fired = faultFired();
-      const steps = faultSteps();
-      setFaultPlan(null);
+      const { fired, steps, err } = await runStoppedAfter(n, async () => pruneRepo(await openRepo(copy, withStoreFaults), POLICY));
       if (!fired) {
         expect(err, `${where}: completed`).toBeNull();
         total = steps;
@@ -153,14 +138,10 @@ describe('prune stopped after every step', () => {
     for (let n = 0; n < 200; n++) {
       const copy = join(dir, `cli-${n}`);
       cpSync(pristine, copy, { recursive: true });
-      const countFile = join(dir, `steps-${n}`);
-      const r = spawnSync(process.execPath, [CLI, 'prune', '--repo', copy, '--keep-last', '2', '--grace', '0'], {
-        env: { ...process.env, KSC_FAULT_AFTER: String(n), KSC_FAULT_COUNT_FILE: countFile },
-        encoding: 'utf8',
-      });
+      const { r, steps } = runCliStoppedAfter(['prune', '--repo', copy, '--keep-last', '2', '--grace', '0'], n, join(dir, `steps-${n}`));
       const where = `kscinc prune killed after step ${n}`;
-      if (r.status === 0) {
-        total = Number(readFileSync(countFile, 'utf8'));
+      if (steps !== null) {
+        total = steps;
         expect(total).toBeLessThanOrEqual(n);
         const after = await openRepo(copy);
         expect(await after.listBackupIds()).toEqual(kept);

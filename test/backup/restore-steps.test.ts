@@ -11,7 +11,6 @@
  *    identical data.
  * Library runs use the plan's `throw` action; `kscinc restore` runs are SIGKILLed (KSC_FAULT_AFTER=N).
  */
-import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -19,21 +18,16 @@ import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { markPath } from '../../src/engines/restore-target.js';
 import { openKsc } from '../../src/image/open.js';
-import { faultFired, faultSteps, setFaultPlan } from '../../src/io/fault.js';
 import { isKscError } from '../../src/errors.js';
-import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { CLI } from '../helpers/cli.js';
+import { clearFaultsAfterAll, runCliStoppedAfter, runStoppedAfter } from '../helpers/fault-runs.js';
 import { MiB, contents, expectSame, makeDisk, newRepo, openRepo } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-restore-steps-');
 const seed = seedFor('test/backup/restore-steps.test.ts');
 const C = MiB;
-afterAll(() => {
-  setFaultPlan(null);
-  return closePool();
-});
+clearFaultsAfterAll();
 
 const repoDir = join(dir, 'repo');
 let oldId = '';
@@ -112,16 +106,7 @@ describe('restore stopped after every step', () => {
       for (let n = 0; n < 200; n++) {
         const target = caseDir(`lib-${existing ? 'e' : 'n'}-${n}`, existing);
         const where = `restore ${kind} stopped after step ${n}`;
-        setFaultPlan({ after: n, action: 'throw' });
-        let err: unknown = null;
-        try {
-          await restoreBackup(await openRepo(repoDir), newId, target);
-        } catch (e) {
-          err = e;
-        }
-        const fired = faultFired();
-        const steps = faultSteps();
-        setFaultPlan(null);
+        const { fired, steps, err } = await runStoppedAfter(n, async () => restoreBackup(await openRepo(repoDir), newId, target));
         if (!fired) {
           expect(err, where).toBeNull();
           total = steps;
@@ -139,14 +124,10 @@ describe('restore stopped after every step', () => {
       let total = -1;
       for (let n = 0; n < 200; n++) {
         const target = caseDir(`cli-${existing ? 'e' : 'n'}-${n}`, existing);
-        const countFile = join(dir, `steps-${existing ? 'e' : 'n'}-${n}`);
-        const r = spawnSync(process.execPath, [CLI, 'restore', newId, target, '--repo', repoDir], {
-          env: { ...process.env, KSC_FAULT_AFTER: String(n), KSC_FAULT_COUNT_FILE: countFile },
-          encoding: 'utf8',
-        });
+        const { r, steps } = runCliStoppedAfter(['restore', newId, target, '--repo', repoDir], n, join(dir, `steps-${existing ? 'e' : 'n'}-${n}`));
         const where = `kscinc restore ${kind} killed after step ${n}`;
-        if (r.status === 0) {
-          total = Number(readFileSync(countFile, 'utf8'));
+        if (steps !== null) {
+          total = steps;
           expect(total).toBeLessThanOrEqual(n);
           expectSame(readFileSync(target), newData, `${where} (completed)`);
           break;

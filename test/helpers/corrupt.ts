@@ -41,9 +41,14 @@ export function writeAt(path: string, offset: number, data: Buffer): void {
 
 /** Flips bit `bit` (0 … 7) of the byte at `offset`. */
 export function flipBit(path: string, offset: number, bit = 0): void {
+  xorByte(path, offset, 1 << bit);
+}
+
+/** XORs the byte at `offset` with `mask` (flips the bits set in it). */
+export function xorByte(path: string, offset: number, mask: number): void {
   const b = readAt(path, offset, 1);
-  if (b.length !== 1) throw new Error(`flipBit: offset ${offset} is past the end of ${path}`);
-  b[0]! ^= 1 << bit;
+  if (b.length !== 1) throw new Error(`xorByte: offset ${offset} is past the end of ${path}`);
+  b[0]! ^= mask;
   writeAt(path, offset, b);
 }
 

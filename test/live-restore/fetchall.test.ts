@@ -8,15 +8,13 @@
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
-import { restoreBackup } from '../../src/engines/restore.js';
-import { liveRestore } from '../../src/engines/live-restore.js';
 import { pullImage } from '../../src/engines/pull.js';
 import { openKsc } from '../../src/image/open.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { liveImage } from './helpers.js';
 import { MiB, expectKscError, expectSame, makeDisk, newRepo, openRepo, zeroChunks } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-fetchall-');
@@ -24,27 +22,15 @@ const seed = seedFor('test/live-restore/fetchall.test.ts');
 const rng = new Rng(seed);
 afterAll(() => closePool());
 
-async function liveImage(name: string, size: number): Promise<{ repoDir: string; target: string; full: Buffer }> {
-  const repoDir = join(dir, `${name}-repo`);
-  const repo = await newRepo(repoDir);
+/** A disk of `size` with a base and scattered regions, backed up and live-restored (./helpers.ts). */
+const liveImageOf = (name: string, size: number): ReturnType<typeof liveImage> => liveImage(dir, name, async () => {
   const path = await makeDisk(dir, name, rng.fork(), { size, baseSize: size - 2 * MiB - 777, baseRegions: 10, maxRegion: 4 * MiB });
-  const img = await openKsc(path, { write: true });
-  try {
-    const b = await backupDevice(img, repo);
-    const full = join(dir, `${name}-full.raw`);
-    await restoreBackup(repo, b.id, full);
-    const target = join(dir, `${name}-live.ksc`);
-    await liveRestore(repo, repoDir, 'latest', target);
-    await repo.store.close();
-    return { repoDir, target, full: readFileSync(full) };
-  } finally {
-    await img.close();
-  }
-}
+  return openKsc(path, { write: true });
+});
 
 describe('bulk fetch of a live image (pull)', () => {
   it('coalesces reads; racing guest reads and writes see the right bytes; nothing is fetched twice; fills never overwrite a write', async () => {
-    const { target, full } = await liveImage('race', 40 * MiB);
+    const { target, full } = await liveImageOf('race', 40 * MiB);
     const img = await openKsc(target, { write: true });
     try {
       const b = img.backing as BackupBacking;
@@ -78,7 +64,7 @@ describe('bulk fetch of a live image (pull)', () => {
   });
 
   it('a damaged blob fails the pull with KSC_E_CORRUPT naming the chunk; the damaged chunk is not filled, the image keeps reading right', async () => {
-    const { repoDir, target, full } = await liveImage('bad', 24 * MiB);
+    const { repoDir, target, full } = await liveImageOf('bad', 24 * MiB);
     // Damage one blob in the middle of the first pack.
     const packs = join(repoDir, 'packs');
     const sub = readdirSync(packs)[0]!;

@@ -8,15 +8,13 @@
 import { readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
-import { restoreBackup } from '../../src/engines/restore.js';
-import { liveRestore } from '../../src/engines/live-restore.js';
 import { openImage, openKsc } from '../../src/image/open.js';
 import { BackupBacking, liveTimeoutMs } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { run } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { liveImage } from './helpers.js';
 import { serve } from '../nbd/helpers.js';
 import { MiB, expectKscError, expectSame, newRepo } from '../backup/helpers/fixtures.js';
 
@@ -25,24 +23,12 @@ const seed = seedFor('test/live-restore/unreachable.test.ts');
 const rng = new Rng(seed);
 afterAll(() => closePool());
 
-async function liveImage(name: string, size = 16 * MiB): Promise<{ repoDir: string; target: string; full: Buffer }> {
-  const repoDir = join(dir, `${name}-repo`);
-  const repo = await newRepo(repoDir);
+/** A raw disk of random bytes, backed up and live-restored (./helpers.ts). */
+const liveImageOf = (name: string, size = 16 * MiB): ReturnType<typeof liveImage> => liveImage(dir, name, () => {
   const path = join(dir, `${name}.raw`);
   writeFileSync(path, rng.bytes(size)); // every chunk non-zero: every read of a chunk not yet local fetches
-  const img = await openImage(path);
-  try {
-    const b = await backupDevice(img, repo);
-    const full = join(dir, `${name}-full.raw`);
-    await restoreBackup(repo, b.id, full);
-    const target = join(dir, `${name}-live.ksc`);
-    await liveRestore(repo, repoDir, 'latest', target);
-    await repo.store.close();
-    return { repoDir, target, full: readFileSync(full) };
-  } finally {
-    await img.close();
-  }
-}
+  return openImage(path);
+});
 
 const settledWithin = async (p: Promise<unknown>, ms: number): Promise<boolean> => {
   let done = false;
@@ -60,7 +46,7 @@ describe('live restore over an unreachable repository', () => {
   });
 
   it('a read of a chunk not yet local waits while the folder is away and completes when it is back; local reads go on', async () => {
-    const { repoDir, target, full } = await liveImage('wait');
+    const { repoDir, target, full } = await liveImageOf('wait');
     const img = await openKsc(target, { write: true });
     try {
       const b = img.backing as BackupBacking;
@@ -89,7 +75,7 @@ describe('live restore over an unreachable repository', () => {
   });
 
   it('past the timeout the read fails with KSC_E_UNAVAILABLE naming the repository; afterwards reads work again', async () => {
-    const { repoDir, target, full } = await liveImage('timeout');
+    const { repoDir, target, full } = await liveImageOf('timeout');
     const img = await openKsc(target, { write: true });
     try {
       const b = img.backing as BackupBacking;
@@ -118,7 +104,7 @@ describe('live restore over an unreachable repository', () => {
   });
 
   it('through kscinc serve: a read past KSCINC_LIVE_TIMEOUT is EIO to the client and named in the log; one within it completes', async () => {
-    const { repoDir, target, full } = await liveImage('nbd');
+    const { repoDir, target, full } = await liveImageOf('nbd');
     const old = process.env.KSCINC_LIVE_TIMEOUT;
     process.env.KSCINC_LIVE_TIMEOUT = '2';
     const s = await serve([target, '--listen', '127.0.0.1:0']).finally(() => {

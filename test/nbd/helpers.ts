@@ -1,5 +1,5 @@
 /** Test helpers for the NBD server: the CLI server as a child process, and a minimal raw NBD client. */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import * as net from 'node:net';
 import { afterAll } from 'vitest';
 import { SocketReader } from '../../src/nbd/reader.js';
@@ -7,7 +7,7 @@ import {
   CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, IHAVEOPT, NBDMAGIC, OPT, OPT_REPLY_MAGIC, REP, SIMPLE_REPLY_MAGIC,
   STRUCTURED_REPLY_MAGIC, encodeOptionHeader, encodeRequest,
 } from '../../src/nbd/wire.js';
-import { CLI } from '../helpers/cli.js';
+import { spawnServe } from '../helpers/serve.js';
 
 export interface ServeProc {
   uris: string[];
@@ -23,39 +23,19 @@ afterAll(() => {
 });
 
 /** Spawns `kscinc serve ARGS` and waits for its `nbd://` lines on stdout (one per export). */
-export function serve(args: string[], exportsCount = 1, timeoutMs = 20_000): Promise<ServeProc> {
-  const proc = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+export async function serve(args: string[], exportsCount = 1, timeoutMs = 20_000): Promise<ServeProc> {
+  const { proc, stderr, exited, uris } = spawnServe(args, { count: exportsCount, timeoutMs });
   running.add(proc);
-  let out = '';
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => {
-    running.delete(proc);
-    resolve(code);
-  }));
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`serve did not print its URI in time; stderr: ${err}`)), timeoutMs);
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`serve exited early with ${code}: ${err}`));
-    });
-    proc.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const uris = out.split('\n').filter((l) => /^nbd(\+unix)?:\/\//.test(l));
-      if (uris.length >= exportsCount) {
-        clearTimeout(timer);
-        resolve({
-          uris,
-          proc,
-          stderr: () => err,
-          stop: (signal: NodeJS.Signals = 'SIGTERM') => {
-            if (proc.exitCode === null) proc.kill(signal);
-            return exited;
-          },
-        });
-      }
-    });
-  });
+  void exited.then(() => running.delete(proc));
+  return {
+    uris: await uris,
+    proc,
+    stderr,
+    stop: (signal: NodeJS.Signals = 'SIGTERM') => {
+      if (proc.exitCode === null) proc.kill(signal);
+      return exited;
+    },
+  };
 }
 
 // ------------------------------------------------------------------ option payloads

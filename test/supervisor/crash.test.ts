@@ -48,13 +48,24 @@ function qemuIo(port: number): { cmd: (line: string) => Promise<string>; out: ()
   };
 }
 
-function bitmapCovers(img: string, offsets: number[], len: number): void {
+/** After the server stopped: `img` checks clean and its bitmap b0 covers every acknowledged 64 KiB write. */
+function expectIntact(img: string, acked: Map<number, number>): void {
+  const chk = kscinc(['check', img]);
+  expect(chk.code, chk.stdout + chk.stderr).toBe(0);
+  const len = 65536;
   const r = kscinc(['bitmap', 'show', img, 'b0', '--json']);
   expect(r.code, r.stderr).toBe(0);
   const ext = JSON.parse(r.stdout) as { offset: number; length: number }[];
-  for (const o of offsets) {
+  for (const o of acked.keys()) {
     expect(ext.some((e) => e.offset <= o && o + len <= e.offset + e.length), `bitmap b0 covers ${o}+${len}`).toBe(true);
   }
+}
+
+/** The random source of a case: seeded from KSC_SEED or at random, the seed printed for a replay. */
+function seeded(what: string): () => number {
+  const seed = Number(process.env.KSC_SEED ?? Math.floor(Math.random() * 2 ** 32));
+  console.log(`[${what}] seed ${seed} (replay: KSC_SEED=${seed})`);
+  return rng(seed);
 }
 
 async function waitNewWorker(s: Supervised, old: number): Promise<number> {
@@ -68,9 +79,7 @@ async function waitNewWorker(s: Supervised, old: number): Promise<number> {
 
 describe('kscinc serve: crash restart', () => {
   it(`qemu-io (reconnect-delay=5) across ${KILLS} worker SIGKILLs at random moments: served again each time, acknowledged writes intact, bitmap a superset, check clean`, async () => {
-    const seed = Number(process.env.KSC_SEED ?? Math.floor(Math.random() * 2 ** 32));
-    console.log(`[crash qemu-io] seed ${seed} (replay: KSC_SEED=${seed})`);
-    const rand = rng(seed);
+    const rand = seeded('crash qemu-io');
     const img = image('crash.ksc');
     const s = await startServe([img, '--listen', '127.0.0.1:0'], { KSCINC_RUN_DIR: runDir() });
     const q = qemuIo(s.port);
@@ -99,15 +108,11 @@ describe('kscinc serve: crash restart', () => {
     } finally {
       expect(await s.stop()).toBe(0);
     }
-    const chk = kscinc(['check', img]);
-    expect(chk.code, chk.stdout + chk.stderr).toBe(0);
-    bitmapCovers(img, [...acked.keys()], 65536);
+    expectIntact(img, acked);
   }, 600_000);
 
   it('kills of the old worker, the new worker or the supervisor during a handover lose nothing acknowledged; the image opens and checks clean', async () => {
-    const seed = Number(process.env.KSC_SEED ?? Math.floor(Math.random() * 2 ** 32));
-    console.log(`[crash handover] seed ${seed} (replay: KSC_SEED=${seed})`);
-    const rand = rng(seed);
+    const rand = seeded('crash handover');
     const img = image('handover.ksc');
     const env = { KSCINC_RUN_DIR: runDir() };
     const acked = new Map<number, number>();
@@ -147,9 +152,7 @@ describe('kscinc serve: crash restart', () => {
     } finally {
       expect(await s.stop()).toBe(0);
     }
-    const chk = kscinc(['check', img]);
-    expect(chk.code, chk.stdout + chk.stderr).toBe(0);
-    bitmapCovers(img, [...acked.keys()], 65536);
+    expectIntact(img, acked);
   }, 600_000);
 
   it('more crashes within a minute than --max-restarts: the supervisor logs why it gives up and exits 1', async () => {

@@ -1,10 +1,11 @@
 /** Test helpers for `kscinc serve` under its supervisor: start it, find its worker, stop every process it started. */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
-import { CLI, kscinc, type CliResult } from '../helpers/cli.js';
+import { kscinc, type CliResult } from '../helpers/cli.js';
+import { spawnServe } from '../helpers/serve.js';
 
 export interface Supervised {
   uri: string;
@@ -78,15 +79,10 @@ export function runDir(): string {
 }
 
 /** Starts `kscinc serve ARGS` (supervised) with `env`, waits for its URI. */
-export function startServe(args: string[], env: Record<string, string>, timeoutMs = 30_000): Promise<Supervised> {
-  const proc = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
-  let out = '';
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
+export async function startServe(args: string[], env: Record<string, string>, timeoutMs = 30_000): Promise<Supervised> {
+  const { proc, stderr, exited, uris } = spawnServe(args, { env, uri: /^nbd:\/\/127\.0\.0\.1:\d+\/\S*$/, timeoutMs });
   const s: Supervised = {
-    uri: '', port: 0, proc, env, exited,
-    stderr: () => err,
+    uri: '', port: 0, proc, env, exited, stderr,
     workers: new Set(),
     worker: () => {
       const c = childrenOf(proc.pid!);
@@ -99,31 +95,17 @@ export function startServe(args: string[], env: Record<string, string>, timeoutM
       const timer = setTimeout(() => killAll(s), 60_000);
       const code = await exited;
       clearTimeout(timer);
-      if (code !== 0) console.log(`[serve stderr, exit ${code}]\n${err}`);
+      if (code !== 0) console.log(`[serve stderr, exit ${code}]\n${stderr()}`);
       killAll(s);
       started.delete(s);
       return code;
     },
   };
   started.add(s);
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`serve did not print its URI in time; stderr: ${err}`)), timeoutMs);
-    void exited.then((code) => {
-      clearTimeout(timer);
-      reject(new Error(`serve exited early with ${code}: ${err}`));
-    });
-    proc.stdout!.on('data', (d: Buffer) => {
-      out += d.toString();
-      const m = /^(nbd:\/\/127\.0\.0\.1:(\d+)\/\S*)$/m.exec(out);
-      if (m && !s.uri) {
-        clearTimeout(timer);
-        s.uri = m[1]!;
-        s.port = Number(m[2]);
-        s.worker();
-        resolve(s);
-      }
-    });
-  });
+  s.uri = (await uris)[0]!;
+  s.port = Number(new URL(s.uri).port);
+  s.worker();
+  return s;
 }
 
 /** Waits until `f` is true (polling), or throws after `ms`. */

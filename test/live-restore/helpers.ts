@@ -1,0 +1,30 @@
+/** Test helpers for live restore: a disk backed up and live-restored, with a full restore to compare with. */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { backupDevice } from '../../src/engines/backup.js';
+import { restoreBackup } from '../../src/engines/restore.js';
+import { liveRestore } from '../../src/engines/live-restore.js';
+import type { BlockDevice } from '../../src/image/types.js';
+import { newRepo } from '../backup/helpers/fixtures.js';
+
+/**
+ * Makes a new repository `dir/NAME-repo`, backs up the device `open()` gives, restores that backup in full
+ * (`dir/NAME-full.raw`) and live-restores it to `dir/NAME-live.ksc`. Returns the live image's path and the
+ * full restore's bytes.
+ */
+export async function liveImage(dir: string, name: string, open: () => Promise<BlockDevice>): Promise<{ repoDir: string; target: string; full: Buffer }> {
+  const repoDir = join(dir, `${name}-repo`);
+  const repo = await newRepo(repoDir);
+  const img = await open();
+  try {
+    const b = await backupDevice(img, repo);
+    const full = join(dir, `${name}-full.raw`);
+    await restoreBackup(repo, b.id, full);
+    const target = join(dir, `${name}-live.ksc`);
+    await liveRestore(repo, repoDir, 'latest', target);
+    await repo.store.close();
+    return { repoDir, target, full: readFileSync(full) };
+  } finally {
+    await img.close();
+  }
+}
