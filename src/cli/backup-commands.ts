@@ -74,6 +74,21 @@ function rate(bytes: number, ms: number): string {
 }
 
 export function registerBackupCommands(program: Command): void {
+  registerBackup(program);
+  registerRestore(program);
+  registerPull(program);
+  registerBackups(program);
+  registerVerify(program);
+  registerPrune(program);
+  const repo = program.command('repo').description('manage a backup repository');
+  registerRepoInit(repo);
+  registerRepoRepair(repo);
+  registerRepoLocks(repo);
+  registerRepoUnlock(repo);
+}
+
+/** kscinc backup IMAGE: back up what changed (through a running serve when it holds the image). */
+function registerBackup(program: Command): void {
   program
     .command('backup')
     .argument('<image>', 'a ksc_inc or raw image')
@@ -137,7 +152,10 @@ export function registerBackupCommands(program: Command): void {
         await dev.close();
       }
     });
+}
 
+/** kscinc restore BACKUP TARGET [--live]. */
+function registerRestore(program: Command): void {
   program
     .command('restore')
     .argument('<backup>', 'a backup id, or "latest"')
@@ -182,7 +200,10 @@ export function registerBackupCommands(program: Command): void {
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
     });
+}
 
+/** kscinc pull IMAGE: make a live-restored image stand alone. */
+function registerPull(program: Command): void {
   program
     .command('pull')
     .argument('<image>', 'a live-restored image (kscinc restore --live) that nothing serves')
@@ -202,7 +223,10 @@ export function registerBackupCommands(program: Command): void {
         await closePool();
       }
     });
+}
 
+/** kscinc backups: list the backups. */
+function registerBackups(program: Command): void {
   program
     .command('backups')
     .addOption(repoOption())
@@ -224,7 +248,10 @@ export function registerBackupCommands(program: Command): void {
         println(table(['ID', 'TIME', 'DISK', 'SIZE', 'STORED', 'TYPE', 'TAGS'], rows));
       });
     });
+}
 
+/** kscinc verify [BACKUP]. */
+function registerVerify(program: Command): void {
   program
     .command('verify')
     .argument('[backup]', 'one backup id (default: every backup)')
@@ -241,7 +268,10 @@ export function registerBackupCommands(program: Command): void {
         println(`${r.ok ? 'ok' : 'damage found'}: ${r.backupsChecked} backup(s), ${r.chunksChecked} chunks, ${formatSize(r.bytesRead)} read in ${(r.durationMs / 1000).toFixed(2)} s`);
       });
     });
+}
 
+/** kscinc prune: retention, then garbage collection. */
+function registerPrune(program: Command): void {
   program
     .command('prune')
     .addOption(repoOption())
@@ -275,8 +305,10 @@ export function registerBackupCommands(program: Command): void {
         if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
       });
     });
+}
 
-  const repo = program.command('repo').description('manage a backup repository');
+/** kscinc repo init. */
+function registerRepoInit(repo: Command): void {
   repo
     .command('init')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
@@ -293,6 +325,10 @@ export function registerBackupCommands(program: Command): void {
         println(`created ${r.encrypted ? 'encrypted ' : ''}repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)}${r.encrypted ? `; ${r.keyId ? `key ${r.keyId}` : ''}${r.keyId && o.keyFile ? ', ' : ''}${o.keyFile ? `key file ${o.keyFile}` : ''}` : ''})`);
       }, { chunkSize: o.chunkSize, packSize: o.packSize, encrypt });
     });
+}
+
+/** kscinc repo repair. */
+function registerRepoRepair(repo: Command): void {
   repo
     .command('repair')
     .argument('<repo>', 'a folder, or s3://BUCKET/PREFIX, whose config object was lost or damaged')
@@ -314,6 +350,10 @@ export function registerBackupCommands(program: Command): void {
         await store.close();
       }
     });
+}
+
+/** kscinc repo locks. */
+function registerRepoLocks(repo: Command): void {
   repo
     .command('locks')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
@@ -330,6 +370,10 @@ export function registerBackupCommands(program: Command): void {
         for (const x of refs) println(`${x.key}  ${x.body ? 'reference' : 'GARBAGE'}  ${x.stale ? 'STALE' : 'live'}: ${x.reason} (prune keeps backup ${x.backup ?? '?'})`);
       });
     });
+}
+
+/** kscinc repo unlock. */
+function registerRepoUnlock(repo: Command): void {
   repo
     .command('unlock')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')

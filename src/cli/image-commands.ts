@@ -39,6 +39,18 @@ async function refuseNonKsc(image: string): Promise<void> {
 const sizeArg = (what: string) => (v: string): number => parseSize(v, what);
 
 export function registerImageCommands(program: Command): void {
+  registerCreate(program);
+  registerInfo(program);
+  registerMap(program);
+  registerCheck(program);
+  registerConvert(program);
+  registerSnapshot(program);
+  registerCommit(program);
+  registerRebase(program);
+}
+
+/** kscinc create: create a ksc_inc image, optionally as an overlay on a backing image. */
+function registerCreate(program: Command): void {
   program
     .command('create')
     .description('create a ksc_inc image, optionally as an overlay on a backing image')
@@ -55,7 +67,10 @@ export function registerImageCommands(program: Command): void {
       if (o.json) printJson(info);
       else println(`created ${image}: ${formatSize(info.virtualSize)}, block size ${formatSize(info.blockSize)}${o.backing ? `, backing ${o.backing}` : ''}`);
     });
+}
 
+/** kscinc info: show an image: format, sizes, disk UUID, backing chain, bitmaps. */
+function registerInfo(program: Command): void {
   program
     .command('info')
     .description('show an image: format, sizes, disk UUID, backing chain, bitmaps')
@@ -85,7 +100,10 @@ export function registerImageCommands(program: Command): void {
         if (hidden > 0) println(`(${hidden} internal bitmap${hidden === 1 ? '' : 's'} of backups not shown: --all)`);
       }
     });
+}
 
+/** kscinc map: list extents: offset, length, data|zero|unallocated, and the chain depth that holds them. */
+function registerMap(program: Command): void {
   program
     .command('map')
     .description('list extents: offset, length, data|zero|unallocated, and the chain depth that holds them')
@@ -104,7 +122,10 @@ export function registerImageCommands(program: Command): void {
         await dev.close();
       }
     });
+}
 
+/** kscinc check: check metadata consistency; --verify also checks data against checksums. */
+function registerCheck(program: Command): void {
   program
     .command('check')
     .description('check metadata consistency; --verify also checks data against checksums')
@@ -128,7 +149,10 @@ export function registerImageCommands(program: Command): void {
       // Like qemu-img check: 2 = corruption, 3 = leaks only.
       process.exitCode = !r.ok ? EXIT.CORRUPT : r.leakedBytes > 0 && !o.repair ? EXIT.LEAKS_OR_DAMAGE : EXIT.OK;
     });
+}
 
+/** kscinc convert: copy any image or chain into a new raw or ksc_inc image (zero blocks skipped). */
+function registerConvert(program: Command): void {
   program
     .command('convert')
     .description('copy any image or chain into a new raw or ksc_inc image (zero blocks skipped)')
@@ -145,7 +169,10 @@ export function registerImageCommands(program: Command): void {
       if (o.json) printJson(r);
       else println(`converted ${src} -> ${dst} (${formatName(o.outputFormat)}): read ${formatSize(r.bytesRead)}, wrote ${formatSize(r.bytesWritten)} in ${(r.durationMs / 1000).toFixed(2)} s`);
     });
+}
 
+/** kscinc snapshot: freeze IMAGE under a new overlay that takes the writes (and the bitmaps) from now on. */
+function registerSnapshot(program: Command): void {
   program
     .command('snapshot')
     .description('freeze IMAGE under a new overlay that takes the writes (and the bitmaps) from now on')
@@ -156,7 +183,10 @@ export function registerImageCommands(program: Command): void {
       await snapshotImage(image, overlay, { force: o.force });
       println(`${overlay}: new overlay on ${image}`);
     });
+}
 
+/** kscinc commit: merge an overlay into its backing image and empty the overlay. */
+function registerCommit(program: Command): void {
   program
     .command('commit')
     .description('merge an overlay into its backing image and empty the overlay')
@@ -166,7 +196,10 @@ export function registerImageCommands(program: Command): void {
       const r = await commitImage(overlay, bar.update).finally(bar.stop);
       println(`committed ${r.blocks} blocks (${formatSize(r.bytes)}) of ${overlay} into its backing`);
     });
+}
 
+/** kscinc rebase: change the backing image; safe by default (the visible content stays the same). */
+function registerRebase(program: Command): void {
   program
     .command('rebase')
     .description('change the backing image; safe by default (the visible content stays the same)')

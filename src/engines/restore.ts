@@ -16,6 +16,7 @@ import { namingTarget, pendingFiles } from '../io/newfile.js';
 import { PartialRestoreError, notACopy, publish, sweepTempTargets, tempTargetPath, writeMark } from './restore-target.js';
 import { ChunkIndex, Repository, packKey } from '../repo/repository.js';
 import { resolveBackup } from '../repo/catalog.js';
+import type { Manifest } from '../repo/manifest.js';
 import { mapLimit } from '../util/concurrency.js';
 import { uuidToBytes } from '../util/uuid.js';
 
@@ -135,155 +136,52 @@ export async function restoreBackup(repo: Repository, which: string, target: str
   }
 }
 
+/** The target a restore writes: the target itself when it exists, else a temporary beside it (`file`). */
+interface OpenTarget {
+  dev: BlockDevice;
+  format: 'raw' | 'ksc_inc';
+  file: string;
+}
+
+/** What a restore changed of the target so far (for its result and for PartialRestoreError). */
+interface Progress {
+  /** Chunks the target needs changed, and how many were written. */
+  toChange: number;
+  changed: number;
+  bytesWritten: number;
+  /** The target has begun to change (an existing target then holds a mix when the restore fails). */
+  writing: boolean;
+}
+
+/**
+ * The steps, in order: resolve the backup; sweep temporaries of killed restores; open the existing target
+ * (checking it is a copy) or create a temporary; find the chunks that differ; load the index entries they
+ * need and check their packs; then write (the mark of an existing raw target, zeros, fetched chunks),
+ * flush, and publish a new target under its name.
+ */
 async function restoreLocked(repo: Repository, which: string, target: string, opts: RestoreOptions & { disk?: string; force?: boolean }): Promise<RestoreResult> {
   const t0 = performance.now();
   warmPool();
   const warnings: string[] = [];
   const m = await resolveBackup(repo, which, opts.disk, (msg) => warnings.push(msg));
-  const C = m.chunkSize;
   const chunks = m.ids.length;
   const what = `restore of backup ${m.meta.id}`;
   const existing = await exists(target);
-  let dev: BlockDevice;
-  let format: 'raw' | 'ksc_inc';
-  /** The file written: the target itself when it exists, else a temporary beside it. */
-  let file = target;
   // Temporaries of killed restores (and creates) of this target go, also when it exists: a kill between the
   // link that named it and the unlink of the temporary leaves the temporary beside it.
   await sweepTempTargets(target);
-  if (existing) {
-    dev = await openImage(target, { write: true });
-    format = dev.format;
-    try {
-      if (dev.size !== m.size) throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
-      const why = opts.force ? null : await notACopy(dev, target, m.disk);
-      if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or overwrite it with option force`);
-    } catch (e) {
-      await dev.close();
-      throw e;
-    }
-  } else {
-    format = opts.format ?? 'raw';
-    file = tempTargetPath(target);
-    pendingFiles.add(file); // the CLI removes it when interrupted by a signal
-    try {
-      if (format === 'ksc_inc') {
-        await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
-        dev = await openImage(file, { write: true });
-      } else {
-        dev = await RawDevice.create(file, m.size);
-      }
-    } catch (e) {
-      // §9.5 rule 1: a failed restore removes its temporary, also when making it failed.
-      await rm(file, { force: true }).catch(() => undefined);
-      pendingFiles.delete(file);
-      throw e;
-    }
-  }
-  /** Chunks an existing target needs changed, and how many were written (for PartialRestoreError). */
-  let toChange = 0;
-  let changed = 0;
-  let writing = false;
+  const { dev, format, file } = existing ? await openExisting(target, m, !!opts.force) : await createTemporary(target, m, opts.format ?? 'raw');
+  const p: Progress = { toChange: 0, changed: 0, bytesWritten: 0, writing: false };
   try {
-    // Which chunk positions need which id; on an existing target, skip positions that already match. Only
-    // non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's
-    // zero chunks stay holes, and an existing target's zero extents are already right for zero chunks.
     const chunksZero = chunks - m.ids.nonZeroCount();
-    let chunksUnchanged = 0;
-    let bytesWritten = 0;
-    const idAt = (k: number): Buffer => m.ids.view(k);
-    const lenAt = (k: number): number => Math.min(C, m.size - k * C);
-    let candidates: number[] = [];
-    if (existing) {
-      // Chunks where the target holds data are hashed; the others read as zeros without reading (holes and
-      // zero extents): they are right for zero ids and differ for the rest.
-      const withData = new Set<number>();
-      for (const e of await dev.extents(0, dev.size)) {
-        if (e.state !== 'data' || e.length <= 0) continue;
-        const k1 = Math.floor((e.offset + e.length - 1) / C);
-        for (let k = Math.floor(e.offset / C); k <= k1; k++) withData.add(k);
-      }
-      const differ: number[] = [];
-      m.ids.forEachNonZero((k) => {
-        if (!withData.has(k)) differ.push(k);
-      });
-      chunksUnchanged = chunks - withData.size - differ.length; // zero ids over zeros
-      const toHash = [...withData].sort((a, b) => a - b);
-      const batch = Math.max(1, Math.floor((4 * 1024 * 1024) / C));
-      const groups: number[][] = [];
-      for (let i = 0; i < toHash.length; i += batch) groups.push(toHash.slice(i, i + batch));
-      await mapLimit(groups, 3, async (g) => {
-        const data = await Promise.all(g.map((k) => dev.read(k * C, lenAt(k))));
-        const ids = await hashChunks(data, repo.blobKeys);
-        g.forEach((k, i) => {
-          if (ids[i]!.equals(idAt(k))) chunksUnchanged++;
-          else differ.push(k);
-        });
-      });
-      candidates = differ;
-    } else {
-      m.ids.forEachNonZero((k) => {
-        candidates.push(k);
-      });
-    }
-    // The positions to fetch (zero ids need no fetch: written as zeros over an existing target, holes in a new one).
-    const fetch: number[] = [];
-    const zero: number[] = [];
-    for (const k of candidates) {
-      if (idAt(k).equals(ZERO_ID)) {
-        if (existing) zero.push(k);
-      } else fetch.push(k);
-    }
-    candidates = [];
-    toChange = zero.length + fetch.length;
-    // A damaged index object only matters if a chunk we need is listed nowhere else (§6: the index is the union).
-    const badIndex: string[] = [];
-    // Only the entries of the chunks this restore fetches are kept: memory follows the backup, not the repository.
-    const needed = new ChunkIndex({ locations: false, expected: fetch.length });
-    for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
-    const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
-    const plan = restorePlan(fetch, idAt, index, opts.maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
-    await checkPacks(repo, index, what);
+    const { fetch, zero, chunksUnchanged } = await chunksToChange(repo, dev, m, existing);
+    p.toChange = zero.length + fetch.length;
+    const { index, plan } = await loadPlan(repo, m, fetch, what, opts.maxReadBytes);
     // Everything checkable is checked: from here on the target changes.
     if (existing && format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
-    writing = true;
-    for (const k of zero) {
-      await dev.writeZeroes(k * C, lenAt(k), { mayTrim: true });
-      bytesWritten += lenAt(k);
-      changed++;
-    }
-    const totalBytes = fetch.reduce((sum, k) => sum + lenAt(k), 0);
-    let done = 0;
-    let fetchedChunks = 0;
-    // Flush in the background every 64 MiB written, so the final flush does not carry the whole restore.
-    let sinceFlush = 0;
-    let flushing: Promise<void> | null = null;
-    const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
-      fetchedChunks++;
-      const ks: number[] = [];
-      for (let p = item.from!; p < item.to!; p++) ks.push(fetch[plan.order[p]!]!);
-      await Promise.all(ks.map(async (k) => {
-        if (data.length !== lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${lenAt(k)}`);
-        await dev.write(k * C, data);
-        changed++;
-        bytesWritten += data.length;
-        done += data.length;
-        sinceFlush += data.length;
-      }));
-      if (sinceFlush >= 64 * 1024 * 1024 && !flushing) {
-        sinceFlush = 0;
-        flushing = dev.flush().finally(() => (flushing = null));
-      }
-      opts.progress?.({ doneBytes: done, totalBytes });
-    };
-    // A read that fails its checks is fetched again chunk by chunk, from another copy where one is damaged.
-    let bytesFetched = 0;
-    const main = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, sink, async (r) => {
-      const n = await fetchFromCopies(repo, index, r, C, what, sink, (msg) => warnings.push(msg));
-      bytesFetched += n;
-    });
-    bytesFetched += main;
-    await flushing;
+    p.writing = true;
+    await writeZeros(dev, m, zero, p);
+    const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts });
     await dev.flush();
     if (!existing) {
       await dev.close();
@@ -294,21 +192,194 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     }
     const durationMs = Math.round(performance.now() - t0);
     return {
-      backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetchedChunks, chunksUnchanged,
-      bytesFetched, bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0, warnings,
+      backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetched.chunks, chunksUnchanged,
+      bytesFetched: fetched.bytes, bytesWritten: p.bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0, warnings,
     };
   } catch (e) {
-    if (!existing) {
-      // A new target that did not receive the whole backup is not a restore: its temporary goes.
-      await dev.close().catch(() => undefined);
-      await rm(file, { force: true }).catch(() => undefined);
-      throw namingTarget(e, file, target);
-    } else if (writing) {
-      throw new PartialRestoreError(target, changed, toChange, e as Error);
-    }
-    throw e;
+    throw await failure(e, existing, dev, file, target, p);
   } finally {
     await dev.close().catch(() => undefined);
     pendingFiles.delete(file);
   }
+}
+
+/** An existing target, opened for writing: it must be the backup's size and (unless `force`) a copy of its disk. */
+async function openExisting(target: string, m: Manifest, force: boolean): Promise<OpenTarget> {
+  const dev = await openImage(target, { write: true });
+  try {
+    if (dev.size !== m.size) throw new KscError('KSC_E_INVALID', `${target} is ${dev.size} bytes but backup ${m.meta.id} is ${m.size}: restore to a new file instead`);
+    const why = force ? null : await notACopy(dev, target, m.disk);
+    if (why) throw new KscError('KSC_E_EXISTS', `${target} exists and is not a copy of disk ${m.disk}: ${why}. Restoring would overwrite it: restore to a new file, or overwrite it with option force`);
+  } catch (e) {
+    await dev.close();
+    throw e;
+  }
+  return { dev, format: dev.format, file: target };
+}
+
+/** A new target: a temporary beside it, of the backup's size and disk UUID, removed if making it fails. */
+async function createTemporary(target: string, m: Manifest, format: 'raw' | 'ksc_inc'): Promise<OpenTarget> {
+  const file = tempTargetPath(target);
+  pendingFiles.add(file); // the CLI removes it when interrupted by a signal
+  try {
+    if (format === 'ksc_inc') {
+      await createImage(file, { size: m.size, diskUuid: uuidToBytes(m.disk) });
+      return { dev: await openImage(file, { write: true }), format, file };
+    }
+    return { dev: await RawDevice.create(file, m.size), format, file };
+  } catch (e) {
+    // §9.5 rule 1: a failed restore removes its temporary, also when making it failed.
+    await rm(file, { force: true }).catch(() => undefined);
+    pendingFiles.delete(file);
+    throw e;
+  }
+}
+
+/**
+ * Which chunk positions need which id; on an existing target, skip positions that already match. Only
+ * non-zero chunks of the backup and chunks where the target holds data are looked at: a new target's zero
+ * chunks stay holes, and an existing target's zero extents are already right for zero chunks. Returns the
+ * positions to fetch and those to write as zeros (zero ids need no fetch: written as zeros over an existing
+ * target, holes in a new one).
+ */
+async function chunksToChange(repo: Repository, dev: BlockDevice, m: Manifest, existing: boolean): Promise<{ fetch: number[]; zero: number[]; chunksUnchanged: number }> {
+  const C = m.chunkSize;
+  let chunksUnchanged = 0;
+  let candidates: number[] = [];
+  if (existing) {
+    // Chunks where the target holds data are hashed; the others read as zeros without reading (holes and
+    // zero extents): they are right for zero ids and differ for the rest.
+    const withData = new Set<number>();
+    for (const e of await dev.extents(0, dev.size)) {
+      if (e.state !== 'data' || e.length <= 0) continue;
+      const k1 = Math.floor((e.offset + e.length - 1) / C);
+      for (let k = Math.floor(e.offset / C); k <= k1; k++) withData.add(k);
+    }
+    const differ: number[] = [];
+    m.ids.forEachNonZero((k) => {
+      if (!withData.has(k)) differ.push(k);
+    });
+    chunksUnchanged = m.ids.length - withData.size - differ.length; // zero ids over zeros
+    const toHash = [...withData].sort((a, b) => a - b);
+    const batch = Math.max(1, Math.floor((4 * 1024 * 1024) / C));
+    const groups: number[][] = [];
+    for (let i = 0; i < toHash.length; i += batch) groups.push(toHash.slice(i, i + batch));
+    await mapLimit(groups, 3, async (g) => {
+      const data = await Promise.all(g.map((k) => dev.read(k * C, chunkLength(m, k))));
+      const ids = await hashChunks(data, repo.blobKeys);
+      g.forEach((k, i) => {
+        if (ids[i]!.equals(m.ids.view(k))) chunksUnchanged++;
+        else differ.push(k);
+      });
+    });
+    candidates = differ;
+  } else {
+    m.ids.forEachNonZero((k) => {
+      candidates.push(k);
+    });
+  }
+  const fetch: number[] = [];
+  const zero: number[] = [];
+  for (const k of candidates) {
+    if (m.ids.view(k).equals(ZERO_ID)) {
+      if (existing) zero.push(k);
+    } else fetch.push(k);
+  }
+  return { fetch, zero, chunksUnchanged };
+}
+
+/** The bytes of chunk position `k` (the last one may be short). */
+const chunkLength = (m: Manifest, k: number): number => Math.min(m.chunkSize, m.size - k * m.chunkSize);
+
+/**
+ * The index entries of the chunks to fetch (only those: memory follows the backup, not the repository),
+ * the reads, and the check that every needed pack exists. A damaged index object only matters if a chunk
+ * we need is listed nowhere else (§6: the index is the union).
+ */
+async function loadPlan(repo: Repository, m: Manifest, fetch: number[], what: string, maxReadBytes: number | undefined): Promise<{ index: ChunkIndex; plan: ReturnType<typeof restorePlan> }> {
+  const idAt = (k: number): Buffer => m.ids.view(k);
+  const badIndex: string[] = [];
+  const needed = new ChunkIndex({ locations: false, expected: fetch.length });
+  for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
+  const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+  const plan = restorePlan(fetch, idAt, index, maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
+  await checkPacks(repo, index, what);
+  return { index, plan };
+}
+
+async function writeZeros(dev: BlockDevice, m: Manifest, zero: number[], p: Progress): Promise<void> {
+  for (const k of zero) {
+    await dev.writeZeroes(k * m.chunkSize, chunkLength(m, k), { mayTrim: true });
+    p.bytesWritten += chunkLength(m, k);
+    p.changed++;
+  }
+}
+
+interface FetchJob {
+  m: Manifest;
+  fetch: number[];
+  index: ChunkIndex;
+  plan: ReturnType<typeof restorePlan>;
+  what: string;
+  p: Progress;
+  warnings: string[];
+  opts: RestoreOptions;
+}
+
+/**
+ * Fetches the planned chunks and writes each to every position that needs it, flushing in the background
+ * every 64 MiB written (so the final flush does not carry the whole restore). A read that fails its checks
+ * is fetched again chunk by chunk, from another copy where one is damaged. Returns the chunks and bytes fetched.
+ */
+async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob): Promise<{ chunks: number; bytes: number }> {
+  const { m, fetch, plan, what, p, opts } = job;
+  const C = m.chunkSize;
+  const totalBytes = fetch.reduce((sum, k) => sum + chunkLength(m, k), 0);
+  let done = 0;
+  let chunks = 0;
+  let sinceFlush = 0;
+  let flushing: Promise<void> | null = null;
+  const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
+    chunks++;
+    const ks: number[] = [];
+    for (let i = item.from!; i < item.to!; i++) ks.push(fetch[plan.order[i]!]!);
+    await Promise.all(ks.map(async (k) => {
+      if (data.length !== chunkLength(m, k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${chunkLength(m, k)}`);
+      await dev.write(k * C, data);
+      p.changed++;
+      p.bytesWritten += data.length;
+      done += data.length;
+      sinceFlush += data.length;
+    }));
+    if (sinceFlush >= 64 * 1024 * 1024 && !flushing) {
+      sinceFlush = 0;
+      flushing = dev.flush().finally(() => (flushing = null));
+    }
+    opts.progress?.({ doneBytes: done, totalBytes });
+  };
+  let bytes = 0;
+  const main = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, sink, async (r) => {
+    const n = await fetchFromCopies(repo, job.index, r, C, what, sink, (msg) => job.warnings.push(msg));
+    bytes += n;
+  });
+  bytes += main;
+  await flushing;
+  return { chunks, bytes };
+}
+
+/**
+ * The error a failed restore throws. A new target that did not receive the whole backup is not a restore:
+ * its temporary goes, and messages name the file the user asked for, not its temporary name. An existing
+ * target that began to change holds a mix: PartialRestoreError.
+ */
+async function failure(e: unknown, existing: boolean, dev: BlockDevice, file: string, target: string, p: Progress): Promise<unknown> {
+  if (!existing) {
+    await dev.close().catch(() => undefined);
+    await rm(file, { force: true }).catch(() => undefined);
+    // Messages name the file the user asked for, not its temporary name.
+    return namingTarget(e, file, target);
+  } else if (p.writing) {
+    return new PartialRestoreError(target, p.changed, p.toChange, e as Error);
+  }
+  return e;
 }

@@ -43,22 +43,61 @@ export async function verifyRepo(repo: Repository, opts: { backup?: string; conc
   }
 }
 
-async function verifyLocked(repo: Repository, opts: { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void }): Promise<VerifyResult> {
+type VerifyOptions = { backup?: string; concurrency?: number; progress?: (chunksDone: number, chunksTotal: number) => void };
+
+/** A pack whose chunk reads failed, and the copies in it that failed their check. */
+interface DamagedPack {
+  object: string;
+  problem: string;
+  copies: number[];
+}
+
+/**
+ * The steps: load the manifest (one backup) and the index; mark the slots the backups need; read every
+ * copy of those chunks pack by pack; check the packs' headers and footers; then name, for each damaged
+ * pack, the backups that lost chunks with it.
+ */
+async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {
     damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] });
   };
-  // One backup: only the index entries of its chunks are kept (memory follows the backup). All of them: the
-  // whole index.
+  const { single, index } = await loadManifestAndIndex(repo, opts.backup, damage, manifestDamage);
+  const { used, readable } = await markUsed(repo, index, opts.backup, single, damage, manifestDamage);
+  const byPack = copiesByPack(index, used);
+  used.fill(0);
+  const chunks = await readChunks(repo, index, byPack, opts);
+  const ends = await checkAllPackEnds(repo, index, byPack, !!opts.backup);
+
+  // A chunk is lost only when every copy of it failed; its slot is marked.
+  for (const h of chunks.badCopies) {
+    const s = index.slotOfCopy(h);
+    if (index.copies(s).every((c) => chunks.badCopies.has(c))) used[s] = 1;
+  }
+  if (chunks.damagedPacks.length > 0) await nameDamagedPacks(repo, index, readable, used, chunks.damagedPacks, chunks.badCopies, damage);
+  for (const [object, problem] of ends) {
+    const d = damage.find((x) => x.object === object);
+    if (d) d.problem += `; ${problem}`;
+    else damage.push({ object, problem, backups: [] });
+  }
+  return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked: chunks.checked, bytesRead: chunks.bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
+}
+
+/**
+ * The manifest of the one backup to verify (null when damaged: named in `damage`), and the index. One
+ * backup: only the index entries of its chunks are kept (memory follows the backup). All of them: the
+ * whole index. Damaged index objects are named in `damage`.
+ */
+async function loadManifestAndIndex(repo: Repository, backup: string | undefined, damage: Damage[], manifestDamage: (id: string, e: KscError) => void): Promise<{ single: Manifest | null; index: ChunkIndex }> {
   let single: Manifest | null = null;
   let only: ((b: Buffer, at: number) => boolean) | undefined;
-  if (opts.backup) {
+  if (backup) {
     try {
-      single = await repo.readManifest(opts.backup);
+      single = await repo.readManifest(backup);
     } catch (e) {
       if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT'].includes(e.code)) throw e;
-      manifestDamage(opts.backup, e);
+      manifestDamage(backup, e);
     }
     const needed = new ChunkIndex({ locations: false, expected: single?.ids.nonZeroCount() ?? 0 });
     single?.ids.forEachNonZero((_k, cid) => {
@@ -67,9 +106,15 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
     only = (b, at) => needed.hasAt(b, at);
   }
   const index = await repo.loadIndex((key, e) => damage.push({ object: repo.objName(key), problem: e.message, backups: [] }), { only });
+  return { single, index };
+}
 
-  // Which index slots the backups need (a mark a slot), and which chunks no index object lists (rare: kept
-  // by id, with their users). Manifests are marked as they are read and not kept.
+/**
+ * Which index slots the backups need (a mark a slot), and which chunks no index object lists (rare: kept
+ * by id, with their users; named in `damage`). Manifests are marked as they are read and not kept.
+ * Returns the marks and the ids of the backups read.
+ */
+async function markUsed(repo: Repository, index: ChunkIndex, backup: string | undefined, single: Manifest | null, damage: Damage[], manifestDamage: (id: string, e: KscError) => void): Promise<{ used: Uint8Array; readable: string[] }> {
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
   const mark = (m: Manifest): string => {
@@ -86,16 +131,20 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
     });
     return id;
   };
-  const readable = opts.backup ? (single ? [mark(single)] : []) : await listBackups(repo, manifestDamage, mark);
+  const readable = backup ? (single ? [mark(single)] : []) : await listBackups(repo, manifestDamage, mark);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
     damage.push({ object: repo.objName('index/'), problem: `${missing.size} chunk(s) are in no index object (e.g. ${missing.keys().next().value})`, backups: [...backups].sort() });
   }
+  return { used, readable };
+}
 
-  // The needed chunks by pack, every copy of each (§6: a chunk may live in several packs; each copy is
-  // checked, so a damaged one is named even when another is intact): each pack is read on its own
-  // (coalesced), so a bad blob or a missing pack names that pack and the others keep going.
+/**
+ * The needed chunks by pack number, every copy of each (§6: a chunk may live in several packs; each copy
+ * is checked, so a damaged one is named even when another is intact).
+ */
+function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]> {
   const byPack = new Map<number, number[]>();
   const addCopy = (h: number): void => {
     const p = index.packNumber(h);
@@ -108,14 +157,21 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
     if (index.extraCopies === 0) addCopy(s);
     else for (const h of index.copies(s)) addCopy(h);
   }
-  used.fill(0);
+  return byPack;
+}
+
+/**
+ * Reads and checks every copy: each pack on its own (coalesced), so a bad blob or a missing pack names
+ * that pack and the others keep going.
+ */
+async function readChunks(repo: Repository, index: ChunkIndex, byPack: Map<number, number[]>, opts: VerifyOptions): Promise<{ badCopies: Set<number>; checked: number; bytesRead: number; damagedPacks: DamagedPack[] }> {
   /** Copy handles that failed their check (few: kept in a set). */
   const badCopies = new Set<number>();
-  let chunksChecked = 0;
+  let checked = 0;
   let chunksTotal = 0;
   for (const l of byPack.values()) chunksTotal += l.length;
   let bytesRead = 0;
-  const damagedPacks: { object: string; problem: string; copies: number[] }[] = [];
+  const damagedPacks: DamagedPack[] = [];
   await mapLimit(byPack.values(), opts.concurrency ?? 4, async (handles) => {
     handles.sort((a, b) => index.blobOffset(a) - index.blobOffset(b));
     const pack = index.packName(handles[0]!);
@@ -124,8 +180,8 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
     try {
       // Not `bytesRead += await …`: that reads bytesRead before the await and loses the other packs' bytes.
       const n = await fetchChunks(repo, reads, 2, repo.chunkSize, 'verify', async () => {
-        chunksChecked++;
-        opts.progress?.(chunksChecked, chunksTotal);
+        checked++;
+        opts.progress?.(checked, chunksTotal);
       });
       bytesRead += n;
     } catch (e) {
@@ -143,11 +199,18 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
       damagedPacks.push({ object: repo.objName(packKey(pack)), problem: e.code === 'KSC_E_NOT_FOUND' ? 'missing' : e.message, copies: bad });
     }
   });
-  // §5: every pack's header and footer (all packs; for one backup, the packs it reads): the footer is what
-  // an index rebuild and a resuming writer rely on. Its entries must agree with the index's.
+  return { badCopies, checked, bytesRead, damagedPacks };
+}
+
+/**
+ * §5: every pack's header and footer (all packs; for one backup, the packs it reads): the footer is what
+ * an index rebuild and a resuming writer rely on. Its entries must agree with the index's. Returns the
+ * problems by object name.
+ */
+async function checkAllPackEnds(repo: Repository, index: ChunkIndex, byPack: Map<number, number[]>, oneBackup: boolean): Promise<Map<string, string>> {
   const listed = await repo.listPacks();
   const ends = new Map<string, string>();
-  const toCheck: [string, number][] = opts.backup
+  const toCheck: [string, number][] = oneBackup
     ? [...byPack.values()].map((hs) => index.packName(hs[0]!)).filter((p) => listed.has(p)).map((p) => [p, listed.get(p)!.size])
     : [...listed].map(([p, info]) => [p, info.size]);
   const packNo = new Map(index.packList().map((p, i) => [p, i]));
@@ -155,41 +218,33 @@ async function verifyLocked(repo: Repository, opts: { backup?: string; concurren
     const problem = await checkPackEnds(repo, pack, size, byPack.get(packNo.get(pack) ?? -1) ?? [], index);
     if (problem) ends.set(repo.objName(packKey(pack)), problem);
   });
+  return ends;
+}
 
-  // A chunk is lost only when every copy of it failed; its slot is marked.
-  for (const h of badCopies) {
-    const s = index.slotOfCopy(h);
-    if (index.copies(s).every((c) => badCopies.has(c))) used[s] = 1;
-  }
-
-  // Only when a pack is damaged: which backups need its lost chunks (the manifests once more).
-  if (damagedPacks.length > 0) {
-    const broken = new Map<string, Set<string>>(damagedPacks.map((d) => [d.object, new Set<string>()]));
-    await mapLimit(readable, 8, async (id) => {
-      // A manifest gone meanwhile (a prune: verify takes no lock) is no longer a backup to name.
-      const m = await repo.readManifest(id).catch((e: unknown) => {
-        if (isKscError(e) && ['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) return null;
-        throw e;
-      });
-      m?.ids.forEachNonZero((_k, cid) => {
-        const s = index.slotOf(cid);
-        if (s < 0 || used[s] !== 1) return;
-        for (const h of index.copies(s)) broken.get(repo.objName(packKey(index.packName(h))))?.add(id);
-      });
+/**
+ * Which backups need the lost chunks of each damaged pack (the manifests once more; `used` marks the lost
+ * slots), into `damage`; a pack's damaged chunks with an intact copy elsewhere are said so.
+ */
+async function nameDamagedPacks(repo: Repository, index: ChunkIndex, readable: string[], used: Uint8Array, damagedPacks: DamagedPack[], badCopies: Set<number>, damage: Damage[]): Promise<void> {
+  const broken = new Map<string, Set<string>>(damagedPacks.map((d) => [d.object, new Set<string>()]));
+  await mapLimit(readable, 8, async (id) => {
+    // A manifest gone meanwhile (a prune: verify takes no lock) is no longer a backup to name.
+    const m = await repo.readManifest(id).catch((e: unknown) => {
+      if (isKscError(e) && ['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes(e.code)) return null;
+      throw e;
     });
-    for (const d of damagedPacks) {
-      const saved = d.copies.filter((h) => used[index.slotOfCopy(h)] !== 1);
-      const problem = saved.length === 0 ? d.problem
-        : `${d.problem}; ${saved.length} of its ${d.copies.length} damaged chunk(s) have an intact copy in another pack (restore reads it, prune keeps it), e.g. chunk ${index.idAt(saved[0]!).toString('hex')} also in ${index.copies(index.slotOfCopy(saved[0]!)).filter((c) => !badCopies.has(c)).map((c) => repo.objName(packKey(index.packName(c)))).join(', ')}`;
-      damage.push({ object: d.object, problem, backups: [...broken.get(d.object)!].sort() });
-    }
+    m?.ids.forEachNonZero((_k, cid) => {
+      const s = index.slotOf(cid);
+      if (s < 0 || used[s] !== 1) return;
+      for (const h of index.copies(s)) broken.get(repo.objName(packKey(index.packName(h))))?.add(id);
+    });
+  });
+  for (const d of damagedPacks) {
+    const saved = d.copies.filter((h) => used[index.slotOfCopy(h)] !== 1);
+    const problem = saved.length === 0 ? d.problem
+      : `${d.problem}; ${saved.length} of its ${d.copies.length} damaged chunk(s) have an intact copy in another pack (restore reads it, prune keeps it), e.g. chunk ${index.idAt(saved[0]!).toString('hex')} also in ${index.copies(index.slotOfCopy(saved[0]!)).filter((c) => !badCopies.has(c)).map((c) => repo.objName(packKey(index.packName(c)))).join(', ')}`;
+    damage.push({ object: d.object, problem, backups: [...broken.get(d.object)!].sort() });
   }
-  for (const [object, problem] of ends) {
-    const d = damage.find((x) => x.object === object);
-    if (d) d.problem += `; ${problem}`;
-    else damage.push({ object, problem, backups: [] });
-  }
-  return { ok: damage.length === 0, backupsChecked: readable.length, chunksChecked, bytesRead, damage, durationMs: Math.round(performance.now() - t0) };
 }
 
 /**
