@@ -103,6 +103,7 @@ const upgrade = () => new Promise((resolve) => {
 });
 const pct = (a, q) => { const s = [...a].sort((x, y) => x - y); return s[Math.min(s.length - 1, Math.floor(q * s.length))]; };
 
+const load0 = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 const { p, port } = await startServe();
 try {
   const c = await Client.connect(port);
@@ -114,16 +115,19 @@ try {
   await new Promise((r) => setTimeout(r, Number(o.seconds) * 1000));
   const base = lat; lat = [];
   const p99 = pct(base, 0.99);
-  const maxes = []; const pauses = [];
+  const maxes = []; const pauses = []; const phases = {};
   for (let i = 0; i < Number(o.upgrades); i++) {
     lat = [];
     const r = await upgrade();
     if (!r) throw new Error('upgrade failed');
     await new Promise((res) => setTimeout(res, 100));
     maxes.push(Math.max(...lat)); pauses.push(r.pauseMs);
+    for (const [k, v] of Object.entries(r.phasesMs ?? {})) (phases[k] ??= []).push(v);
   }
   stop = true; await Promise.all(load);
   console.log(`upgrade under qd8 4 KiB r/w load: baseline ${base.length} requests in ${o.seconds} s, p99 ${p99.toFixed(1)} ms; across ${maxes.length} upgrades the longest request took: p50 ${pct(maxes, 0.5).toFixed(0)} ms, p99/max ${Math.max(...maxes).toFixed(0)} ms; reported pauseMs p50 ${pct(pauses, 0.5)} max ${Math.max(...pauses)}`);
+  console.log(`  phases (ms, p50/max; start is before the pause, the rest from the old worker told to park): ${Object.entries(phases).map(([k, v]) => `${k} ${pct(v, 0.5)}/${Math.max(...v)}`).join(', ')}`);
+  console.log(`  load average before/after: ${load0} / ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')}`);
   c.s.destroy();
   const times = [];
   for (let i = 0; i < Number(o.kills); i++) {

@@ -23,10 +23,12 @@ export type ToWorker =
 
 export type FromWorker =
   | { t: 'loaded'; version: string; pid: number }
-  | { t: 'ready' }
+  /** `openMs`: how long opening the images took in the worker. */
+  | { t: 'ready'; openMs?: number }
   | { t: 'failed'; code: string; message: string }
   | { t: 'stats'; id: number; connections: number; inFlight: number }
-  | { t: 'parked'; connections: number }
+  /** `drainMs`: from `park` to every connection parked (in-flight requests replied); `closeMs`: flush + close. */
+  | { t: 'parked'; connections: number; drainMs?: number; closeMs?: number }
   | { t: 'park-refused'; message: string }
   | { t: 'resumed' }
   | { t: 'handoff'; state: unknown; pending: string }

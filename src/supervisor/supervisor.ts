@@ -24,6 +24,14 @@ export interface UpgradeResult {
   /** Longest time a client request could wait because of the handover: from parking to the last adoption. */
   pauseMs: number;
   connections: number;
+  /**
+   * Where the time went (ms, diagnostics; formats/control.md §2.1): `start` = forking the new worker until
+   * it had loaded (before the pause); then from the moment the old worker was told to park: `drain` (old:
+   * connections stopped at request boundaries, in-flight replied), `close` (old: flush + close the images),
+   * `parked` (the supervisor heard it), `open` (new: opening the images), `ready` (the supervisor heard it),
+   * `adopted` (the last connection adopted by the new worker = pauseMs).
+   */
+  phasesMs?: Record<string, number>;
 }
 
 export interface StatusResult {
@@ -237,10 +245,14 @@ export class Supervisor {
   private async handover(old: Child): Promise<UpgradeResult> {
     const log = this.opts.log;
     log(`kscinc serve: upgrade: starting a new worker (old: ${old.pid}, version ${old.version})`);
+    const tStart = performance.now();
+    const phases: Record<string, number> = {};
+    const mark = (name: string, since: number): void => void (phases[name] = Math.round((performance.now() - since) * 10) / 10);
     const neu = new Child();
     try {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
+      mark('start', tStart);
     } catch (e) {
       log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
       await neu.kill();
@@ -266,11 +278,18 @@ export class Supervisor {
       this.release();
       throw new KscError('KSC_E_LOCKED', `upgrade refused: ${parked.message}; try again when it has finished`);
     }
+    mark('parked', t0);
+    if (parked.t === 'parked') {
+      if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
+      if (parked.closeMs !== undefined) phases.close = parked.closeMs;
+    }
     log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
     neu.send({ t: 'open', config: this.opts.config });
     try {
-      await neu.next(['ready'], OPEN_MS, 'opening the images');
+      const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
+      if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;
+      mark('ready', t0);
     } catch (e) {
       await neu.kill();
       const why = (e as Error).message;
@@ -336,14 +355,15 @@ export class Supervisor {
     await Promise.race([allAdopted, neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
     clearTimeout(timer!);
     const pauseMs = Math.round(performance.now() - t0);
+    mark('adopted', t0);
     await old.exited.catch(() => undefined);
-    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted };
+    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted, phasesMs: phases };
     this.lastUpgrade = { ...result, at: new Date().toISOString() };
     this.worker = neu;
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
-    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms`);
+    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms (${Object.entries(phases).map(([k, v]) => `${k} ${v}`).join(', ')})`);
     return result;
   }
 

@@ -26,6 +26,8 @@ function unread(pending: Buffer): string {
 }
 
 
+const ms = (x: number): number => Math.round(x * 10) / 10;
+
 function send(m: FromWorker, handle?: Socket): Promise<void> {
   return new Promise((resolve) => {
     if (!process.connected) return resolve();
@@ -73,11 +75,12 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
     case 'open':
       config = m.config;
       try {
+        const t = performance.now();
         await open();
+        await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
       }
-      await send({ t: 'ready' });
       return;
     case 'conn':
       if (!sock) return;
@@ -109,13 +112,15 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         await send({ t: 'park-refused', message: busy ?? 'the worker is not serving' });
         return;
       }
+      const t = performance.now();
       parked = await server.park();
+      const drainMs = ms(performance.now() - t);
       if (debug) for (const p of parked) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
       server = null;
       const devices = opened.devices;
       opened = null;
       await closeDevices(devices);
-      await send({ t: 'parked', connections: parked.length });
+      await send({ t: 'parked', connections: parked.length, drainMs, closeMs: ms(performance.now() - t - drainMs) });
       return;
     }
     case 'resume':
