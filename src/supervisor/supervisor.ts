@@ -365,7 +365,10 @@ export class Supervisor {
         if (back) old.send({ t: 'adopt', state: h.state, pending: h.pending }, h.sock);
         else h.sock.destroy();
       }
-      old.onMessage = (m) => this.took(m);
+      old.onMessage = (m, handle) => {
+        this.took(m);
+        if (m.t === 'handoff') (handle as Socket | undefined)?.destroy(); // a dead old worker's last: the client reconnects
+      };
       if (back) this.release();
       throw new KscError('KSC_E_IO', `upgrade: the new worker failed to open the images (${why}); the old one (${old.pid}) keeps serving`);
     }
@@ -386,7 +389,8 @@ export class Supervisor {
     const pauseMs = Math.round(performance.now() - t0);
     mark('adopted', t0);
     await old.exited.catch(() => undefined);
-    old.onMessage = (m) => this.took(m);
+    // old.onMessage stays: a connection an old worker that died sent just before (its message read after its
+    // exit) still goes to the new worker.
     const pausedAt = Math.round((performance.timeOrigin + t0) * 10) / 10;
     const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted, phasesMs: phases, pausedAt };
     this.lastUpgrade = { ...result, at: new Date().toISOString() };
