@@ -5,6 +5,7 @@
  * 1. Upgrade pause under load: one NBD connection doing queue-depth-8 4 KiB random reads and writes; the p99
  *    latency for --seconds without upgrades, then the longest latency across each of --upgrades upgrades
  *    (each measured while it runs), with `kscinc upgrade --json`'s own pauseMs.
+ *    --reads F: the fraction of reads (default 0.5).
  * 2. Crash -> serving: SIGKILL of the worker to the first completed 4 KiB read by a client connecting
  *    anew (polling connect + handshake + read every 5 ms), --kills times.
  */
@@ -16,7 +17,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
-const { values: o } = parseArgs({ options: { upgrades: { type: 'string', default: '20' }, kills: { type: 'string', default: '10' }, size: { type: 'string', default: '16G' }, seconds: { type: 'string', default: '5' } } });
+const { values: o } = parseArgs({ options: { upgrades: { type: 'string', default: '20' }, kills: { type: 'string', default: '10' }, size: { type: 'string', default: '16G' }, seconds: { type: 'string', default: '5' }, reads: { type: 'string', default: '0.5' } } });
 const CLI = fileURLToPath(new URL('../dist/cli/kscinc.cjs', import.meta.url));
 const dir = mkdtempSync(join(tmpdir(), 'kscinc-bench-sup-'));
 const env = { ...process.env, KSCINC_RUN_DIR: join(dir, 'run') };
@@ -74,7 +75,7 @@ class Client {
         if (this.buf.length < 16 + dlen) return;
         this.buf = this.buf.subarray(16 + dlen);
         this.pending.delete(cookie);
-        if (p) p.resolve(performance.now() - p.t0);
+        if (p) { const now = performance.now(); done.push(now); spans.push([p.t0, now]); p.resolve(now - p.t0); }
       }
     }
   }
@@ -101,29 +102,51 @@ const upgrade = () => new Promise((resolve) => {
   const u = spawn(process.execPath, [CLI, 'upgrade', img, '--json'], { env, stdio: ['ignore', 'pipe', 'inherit'] });
   let out = ''; u.stdout.on('data', (d) => (out += d)); u.on('exit', (code) => resolve(code === 0 ? JSON.parse(out) : null));
 });
+/** Completion times of every request (for the longest stretch with no reply at all). */
+let done = [];
+/** [start, end] of every request (performance.now() of this process). */
+let spans = [];
+const abs = (t) => performance.timeOrigin + t;
+const longestGap = (a) => { let g = 0; for (let i = 1; i < a.length; i++) g = Math.max(g, a[i] - a[i - 1]); return g; };
 const pct = (a, q) => { const s = [...a].sort((x, y) => x - y); return s[Math.min(s.length - 1, Math.floor(q * s.length))]; };
 
+const load0 = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 const { p, port } = await startServe();
 try {
   const c = await Client.connect(port);
   const blocks = 256 * 1024; // the first 1 GiB of the image, 4 KiB blocks
   let lat = [];
   let stop = false;
-  const worker = async () => { while (!stop) { const b = Math.floor(Math.random() * blocks); lat.push(await c.request(Math.random() < 0.5, b * 4096, 4096)); } };
+  const worker = async () => { while (!stop) { const b = Math.floor(Math.random() * blocks); lat.push(await c.request(Math.random() < Number(o.reads), b * 4096, 4096)); } };
   const load = Array.from({ length: 8 }, worker);
   await new Promise((r) => setTimeout(r, Number(o.seconds) * 1000));
   const base = lat; lat = [];
   const p99 = pct(base, 0.99);
-  const maxes = []; const pauses = [];
+  const maxes = []; const pauses = []; const phases = {}; const gaps = []; const inWindow = []; const outWindow = [];
+  const baseMax = base.reduce((a, b) => Math.max(a, b), 0);
   for (let i = 0; i < Number(o.upgrades); i++) {
-    lat = [];
+    lat = []; done = []; spans = [];
     const r = await upgrade();
     if (!r) throw new Error('upgrade failed');
     await new Promise((res) => setTimeout(res, 100));
-    maxes.push(Math.max(...lat)); pauses.push(r.pauseMs);
+    maxes.push(lat.reduce((a, b) => Math.max(a, b), 0)); pauses.push(r.pauseMs); gaps.push(longestGap(done));
+    // Requests in flight at some moment of the handover window [pausedAt, pausedAt + pauseMs]: their longest
+    // is the pause a client saw; the longest of the others is the cost of starting the new worker beside
+    // the old one (CPU) or plain noise of the machine.
+    const w0 = r.pausedAt, w1 = r.pausedAt + r.pauseMs;
+    let inWin = 0, outWin = 0;
+    for (const [a, b] of spans) { const l = b - a; if (abs(a) <= w1 && abs(b) >= w0) inWin = Math.max(inWin, l); else outWin = Math.max(outWin, l); }
+    inWindow.push(inWin); outWindow.push(outWin);
+    for (const [k, v] of Object.entries(r.phasesMs ?? {})) (phases[k] ??= []).push(v);
   }
   stop = true; await Promise.all(load);
   console.log(`upgrade under qd8 4 KiB r/w load: baseline ${base.length} requests in ${o.seconds} s, p99 ${p99.toFixed(1)} ms; across ${maxes.length} upgrades the longest request took: p50 ${pct(maxes, 0.5).toFixed(0)} ms, p99/max ${Math.max(...maxes).toFixed(0)} ms; reported pauseMs p50 ${pct(pauses, 0.5)} max ${Math.max(...pauses)}`);
+  console.log(`  baseline (no upgrade, ${o.seconds} s) longest request: ${baseMax.toFixed(0)} ms`);
+  console.log(`  longest request in flight during the handover window (the pause a client saw): p50 ${pct(inWindow, 0.5).toFixed(0)} ms, p95 ${pct(inWindow, 0.95).toFixed(0)} ms, max ${Math.max(...inWindow).toFixed(0)} ms`);
+  console.log(`  longest request outside that window (while the new worker started/warmed up, or the old one pre-flushed): p50 ${pct(outWindow, 0.5).toFixed(0)} ms, max ${Math.max(...outWindow).toFixed(0)} ms`);
+  console.log(`  longest stretch with no reply at all during an upgrade: p50 ${pct(gaps, 0.5).toFixed(0)} ms, max ${Math.max(...gaps).toFixed(0)} ms`);
+  console.log(`  phases (ms, p50/max; start is before the pause, the rest from the old worker told to park): ${Object.entries(phases).map(([k, v]) => `${k} ${pct(v, 0.5)}/${Math.max(...v)}`).join(', ')}`);
+  console.log(`  load average before/after: ${load0} / ${readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ')}`);
   c.s.destroy();
   const times = [];
   for (let i = 0; i < Number(o.kills); i++) {

@@ -8,29 +8,39 @@ import type { ServeConfig } from '../cli/serve-open.js';
 
 export type ToWorker =
   | { t: 'open'; config: ServeConfig }
+  /** Before a hot upgrade's pause: run the serving paths once on a throwaway image (warmup.ts); answer `warmed`. */
+  | { t: 'warm' }
   /** A new connection; the worker answers `took` at once, before reading it. */
   | { t: 'conn'; id: number }
   | { t: 'adopt'; state: unknown; pending: string }
   | { t: 'control'; index: number; line: string }
   | { t: 'stats'; id: number }
-  /** Hot upgrade, step 1: stop at request boundaries, park the connections, flush and close the images. */
+  /**
+   * Hot upgrade, step 1: flush while still serving, then stop at request boundaries, send every parked
+   * connection back at once (as `handoff`), flush and close the images, answer `parked`; then wait for
+   * `exit` or `resume`.
+   */
   | { t: 'park' }
-  /** The upgrade failed: reopen the images and serve the parked connections again. */
+  /** The upgrade failed: reopen the images; the connections handed off come back as `adopt`. */
   | { t: 'resume' }
-  /** The upgrade goes on: send every parked connection back (as `handoff`), then exit. */
-  | { t: 'handoff' }
+  /** The upgrade went through: exit. */
+  | { t: 'exit' }
   | { t: 'stop' };
 
 export type FromWorker =
   | { t: 'loaded'; version: string; pid: number }
-  | { t: 'ready' }
+  /** `openMs`: how long opening the images took in the worker. */
+  | { t: 'ready'; openMs?: number }
+  | { t: 'warmed'; ms: number; error?: string }
   | { t: 'failed'; code: string; message: string }
   | { t: 'stats'; id: number; connections: number; inFlight: number }
-  | { t: 'parked'; connections: number }
+  /** `preFlushMs`: the flush before parking (still serving); `drainMs`: every connection parked (in-flight requests replied); `closeMs`: flush + close. */
+  | { t: 'parked'; connections: number; preFlushMs?: number; drainMs?: number; closeMs?: number }
   | { t: 'park-refused'; message: string }
+  /** The pre-flush is done: the worker stops reading now (the pause starts). */
+  | { t: 'parking' }
   | { t: 'resumed' }
   | { t: 'handoff'; state: unknown; pending: string }
-  | { t: 'handoff-done'; count: number }
   | { t: 'adopted' }
   | { t: 'took'; id: number }
   | { t: 'stopped' };

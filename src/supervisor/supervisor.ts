@@ -5,9 +5,11 @@
  *   - Crash restart: when the worker dies, a new one starts at once (backing off 0, 0.1, 1, 5 s on
  *     repeated crashes; after `maxRestarts` crashes within a minute the supervisor gives up and exits).
  *   - Hot upgrade (upgrade(), SIGHUP, the control op "upgrade"): a new worker is started from the code
- *     installed now; the old one parks its connections at request boundaries and closes the images; the
- *     new one opens them and adopts every connection, socket and negotiated state. If the new one fails
- *     to start or to open, the old one reopens and serves on.
+ *     installed now and warmed up (warmup.ts); the old one flushes while still serving, parks its
+ *     connections at request boundaries, sends them here at once (held until the new worker is ready) and
+ *     flushes and closes the images; the new one opens them and adopts every connection, socket and
+ *     negotiated state. Only drain → close → open → adopt is serialized (the pause). If the new one fails
+ *     to start or to open, the old one reopens and the connections go back to it.
  */
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
@@ -24,6 +26,17 @@ export interface UpgradeResult {
   /** Longest time a client request could wait because of the handover: from parking to the last adoption. */
   pauseMs: number;
   connections: number;
+  /**
+   * Where the time went (ms, diagnostics; formats/control.md §2.1): `start` = forking the new worker until
+   * it had loaded and `warm` = its warm-up, `preFlush` = the old worker's flush while still serving (all
+   * before the pause); then from the moment the old worker was told to park: `drain` (old:
+   * connections stopped at request boundaries, in-flight replied), `close` (old: flush + close the images),
+   * `parked` (the supervisor heard it), `open` (new: opening the images), `ready` (the supervisor heard it),
+   * `adopted` (the last connection adopted by the new worker = pauseMs).
+   */
+  phasesMs?: Record<string, number>;
+  /** When the pause began (the old worker stopped reading), ms since the epoch (diagnostics, for benches). */
+  pausedAt?: number;
 }
 
 export interface StatusResult {
@@ -48,6 +61,7 @@ type Held = { kind: 'conn'; sock: Socket } | { kind: 'control'; sock: Socket; li
 
 const LOAD_MS = 30_000;
 const OPEN_MS = 120_000;
+const WARM_MS = 10_000;
 const PARK_MS = 120_000;
 /** Handover diagnostics (KSCINC_DEBUG=handover or 1). */
 const DEBUG = /\b(1|handover)\b/.test(process.env.KSCINC_DEBUG ?? '');
@@ -237,17 +251,69 @@ export class Supervisor {
   private async handover(old: Child): Promise<UpgradeResult> {
     const log = this.opts.log;
     log(`kscinc serve: upgrade: starting a new worker (old: ${old.pid}, version ${old.version})`);
+    const tStart = performance.now();
+    const phases: Record<string, number> = {};
+    const mark = (name: string, since: number): void => void (phases[name] = Math.round((performance.now() - since) * 10) / 10);
     const neu = new Child();
     try {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
+      mark('start', tStart);
+      // Warm the new worker up while the old one still serves (a failed warm-up only leaves it cold).
+      const tWarm = performance.now();
+      const p = neu.next(['warmed'], WARM_MS, 'warming up').catch((e: unknown) => {
+        if (!neu.alive) throw e;
+        return null;
+      });
+      neu.send({ t: 'warm' });
+      const warmed = await p;
+      mark('warm', tWarm);
+      if (warmed?.t === 'warmed' && warmed.error) log(`kscinc serve: upgrade: the new worker's warm-up failed (it serves all the same): ${warmed.error}`);
     } catch (e) {
       log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
       await neu.kill();
       throw new KscError('KSC_E_IO', `upgrade: the new worker failed to start (${(e as Error).message}); the old one (${old.pid}) keeps serving`);
     }
     this.holding = true; // new connections wait in the supervisor from here
-    const t0 = performance.now();
+    // The old worker flushes while serving, says `parking`, stops reading, sends each connection at once
+    // (`handoff`; held here until the new worker has opened the images), flushes and closes the images and
+    // says `parked`.
+    let t0 = performance.now();
+    const handed: { sock: Socket; state: unknown; pending: string }[] = [];
+    let toNew = false;
+    let adopted = 0;
+    let forwarded = 0;
+    let onAdopted = (): void => undefined;
+    const forward = (h: { sock: Socket; state: unknown; pending: string }): void => {
+      forwarded++;
+      neu.send({ t: 'adopt', state: h.state, pending: h.pending }, h.sock);
+    };
+    old.onMessage = (m, handle) => {
+      this.took(m);
+      if (m.t === 'parking') {
+        t0 = performance.now();
+        return;
+      }
+      if (m.t !== 'handoff') return;
+      const sock = handle as Socket | undefined;
+      if (!sock || sock.destroyed) {
+        sock?.destroy();
+        return;
+      }
+      const extra = takeBuffered(sock);
+      if (extra.length && DEBUG) log(`kscinc serve: upgrade: ${extra.length} byte(s) of a connection read in the supervisor go with it`);
+      const pending = extra.length ? Buffer.concat([Buffer.from(m.pending, 'base64'), extra]).toString('base64') : m.pending;
+      const h = { sock, state: m.state, pending };
+      if (toNew) forward(h);
+      else handed.push(h);
+    };
+    neu.onMessage = (m) => {
+      this.took(m);
+      if (m.t === 'adopted') {
+        adopted++;
+        onAdopted();
+      }
+    };
     let parked: FromWorker;
     try {
       const p = old.next(['parked', 'park-refused'], PARK_MS, 'parking its connections');
@@ -256,94 +322,83 @@ export class Supervisor {
     } catch (e) {
       if (old.alive) {
         await neu.kill();
+        for (const h of handed.splice(0)) h.sock.destroy();
         this.release();
         throw e;
       }
-      parked = { t: 'parked', connections: 0 }; // the old worker died: its connections died with it
+      parked = { t: 'parked', connections: handed.length }; // the old worker died: the connections it sent go on
     }
     if (parked.t === 'park-refused') {
       await neu.kill();
       this.release();
       throw new KscError('KSC_E_LOCKED', `upgrade refused: ${parked.message}; try again when it has finished`);
     }
+    mark('parked', t0);
+    if (parked.t === 'parked') {
+      if (parked.preFlushMs !== undefined) phases.preFlush = parked.preFlushMs;
+      if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
+      if (parked.closeMs !== undefined) phases.close = parked.closeMs;
+    }
     log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
     neu.send({ t: 'open', config: this.opts.config });
     try {
-      await neu.next(['ready'], OPEN_MS, 'opening the images');
+      const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
+      if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;
+      mark('ready', t0);
     } catch (e) {
       await neu.kill();
       const why = (e as Error).message;
       log(`kscinc serve: upgrade: the new worker failed to open the images: ${why}${old.alive ? '; the old worker reopens them' : ''}`);
+      let back = false;
       if (old.alive) {
         old.send({ t: 'resume' });
         try {
           await old.next(['resumed'], OPEN_MS, 'reopening the images');
-          this.release();
+          back = true;
         } catch (e2) {
           log(`kscinc serve: upgrade: the old worker failed to resume: ${(e2 as Error).message}`);
         }
       }
-      throw new KscError('KSC_E_IO', `upgrade: the new worker failed to open the images (${why}); the old one (${old.pid}) keeps serving`);
-    }
-    // Hand the connections over: old → supervisor → new.
-    let expected = parked.t === 'parked' ? parked.connections : 0;
-    let adopted = 0;
-    let received = 0;
-    const allAdopted = new Promise<void>((resolve) => {
-      const check = (): void => {
-        if (adopted >= expected) resolve();
-      };
-      neu.onMessage = (m) => {
-        this.took(m);
-        if (m.t === 'adopted') {
-          adopted++;
-          check();
-        }
-      };
+      // The connections go back to the old worker (or, when it cannot serve, are closed: the clients reconnect).
+      for (const h of handed.splice(0)) {
+        if (back) old.send({ t: 'adopt', state: h.state, pending: h.pending }, h.sock);
+        else h.sock.destroy();
+      }
       old.onMessage = (m, handle) => {
         this.took(m);
-        if (m.t === 'handoff-done') {
-          expected = m.count;
-          check();
-          return;
-        }
-        if (m.t !== 'handoff') return;
-        received++;
-        const sock = handle as Socket | undefined;
-        if (!sock || sock.destroyed) {
-          sock?.destroy();
-          expected--;
-          check();
-          return;
-        }
-        const extra = takeBuffered(sock);
-        if (extra.length && DEBUG) log(`kscinc serve: upgrade: ${extra.length} byte(s) of a connection read in the supervisor go with it`);
-        const pending = extra.length ? Buffer.concat([Buffer.from(m.pending, 'base64'), extra]).toString('base64') : m.pending;
-        neu.send({ t: 'adopt', state: m.state, pending }, sock);
+        if (m.t === 'handoff') (handle as Socket | undefined)?.destroy(); // a dead old worker's last: the client reconnects
       };
-      // Once the old worker's channel has closed no more connection can come from it.
-      const gone = (): void => {
-        expected = Math.min(expected, received);
-        check();
+      if (back) this.release();
+      throw new KscError('KSC_E_IO', `upgrade: the new worker failed to open the images (${why}); the old one (${old.pid}) keeps serving`);
+    }
+    // Hand the connections over: supervisor → new. Every `handoff` came before `parked` (messages with a
+    // socket are delivered in order), so the ones held now are all there are.
+    toNew = true;
+    for (const h of handed.splice(0)) forward(h);
+    old.send({ t: 'exit' });
+    const allAdopted = new Promise<void>((resolve) => {
+      onAdopted = () => {
+        if (adopted >= forwarded) resolve();
       };
-      if (!old.proc.connected) gone();
-      else old.proc.once('disconnect', gone);
-      check();
+      onAdopted();
     });
-    if (old.alive) old.send({ t: 'handoff' });
     let timer: NodeJS.Timeout | null = null;
     await Promise.race([allAdopted, neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
     clearTimeout(timer!);
     const pauseMs = Math.round(performance.now() - t0);
+    mark('adopted', t0);
     await old.exited.catch(() => undefined);
-    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted };
+    // old.onMessage stays: a connection an old worker that died sent just before (its message read after its
+    // exit) still goes to the new worker.
+    const pausedAt = Math.round((performance.timeOrigin + t0) * 10) / 10;
+    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted, phasesMs: phases, pausedAt };
     this.lastUpgrade = { ...result, at: new Date().toISOString() };
     this.worker = neu;
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
-    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms`);
+    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms (${Object.entries(phases).map(([k, v]) => `${k} ${v}`).join(', ')})`);
     return result;
   }
 

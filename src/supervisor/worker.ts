@@ -9,10 +9,10 @@ import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
 import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
-import type { ParkedConnection } from '../nbd/connection.js';
 import { NbdServer } from '../nbd/server.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
+import { warmUp } from './warmup.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
 
 const log = (l: string): void => void process.stderr.write(`${l}\n`);
@@ -26,6 +26,8 @@ function unread(pending: Buffer): string {
 }
 
 
+const ms = (x: number): number => Math.round(x * 10) / 10;
+
 function send(m: FromWorker, handle?: Socket): Promise<void> {
   return new Promise((resolve) => {
     if (!process.connected) return resolve();
@@ -37,7 +39,6 @@ let config: ServeConfig | null = null;
 let opened: OpenedExports | null = null;
 let server: NbdServer | null = null;
 let backups: BackupRequests | null = null;
-let parked: ParkedConnection[] = [];
 let stopping: Promise<void> | null = null;
 
 async function open(): Promise<void> {
@@ -57,7 +58,6 @@ async function fail(e: unknown): Promise<never> {
 /** Finishes what is in flight, flushes and closes the images, then exits. */
 function stop(): Promise<void> {
   stopping ??= (async () => {
-    for (const p of parked.splice(0)) p.socket.destroy();
     if (server) await server.close();
     if (opened) await closeDevices(opened.devices);
     opened = null;
@@ -73,12 +73,24 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
     case 'open':
       config = m.config;
       try {
+        const t = performance.now();
         await open();
+        await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
       }
-      await send({ t: 'ready' });
       return;
+    case 'warm': {
+      const t = performance.now();
+      let error: string | undefined;
+      try {
+        await warmUp();
+      } catch (e) {
+        error = (e as Error).message; // a cold worker serves all the same, only its first requests are slower
+      }
+      await send({ t: 'warmed', ms: ms(performance.now() - t), error });
+      return;
+    }
     case 'conn':
       if (!sock) return;
       void send({ t: 'took', id: m.id }); // the supervisor may drop its copy now
@@ -101,7 +113,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       else backups.handle(sock, m.line, m.index);
       return;
     case 'stats':
-      await send({ t: 'stats', id: m.id, connections: (server?.connections ?? 0) + parked.length, inFlight: server?.inFlight ?? 0 });
+      await send({ t: 'stats', id: m.id, connections: server?.connections ?? 0, inFlight: server?.inFlight ?? 0 });
       return;
     case 'park': {
       const busy = backups?.running();
@@ -109,13 +121,27 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         await send({ t: 'park-refused', message: busy ?? 'the worker is not serving' });
         return;
       }
-      parked = await server.park();
-      if (debug) for (const p of parked) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
+      const t = performance.now();
+      // Flushed while still serving, so that the flush in the pause below has only the last writes to make durable.
+      try {
+        await Promise.all(opened.devices.map((d) => (d.readOnly ? undefined : d.flush())));
+      } catch (e) {
+        await send({ t: 'park-refused', message: `flushing before the handover failed: ${(e as Error).message}` });
+        return;
+      }
+      const tPark = performance.now();
+      void send({ t: 'parking' });
+      const list = await server.park();
+      const drainMs = ms(performance.now() - tPark);
+      if (debug) for (const p of list) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
       server = null;
+      // The connections leave now (the supervisor holds them until the new worker has opened the images), so
+      // that their passing overlaps the flush and close below.
+      for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
       const devices = opened.devices;
       opened = null;
       await closeDevices(devices);
-      await send({ t: 'parked', connections: parked.length });
+      await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs) });
       return;
     }
     case 'resume':
@@ -124,16 +150,11 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       } catch (e) {
         return fail(e);
       }
-      for (const p of parked.splice(0)) server!.adopt(p.socket, { state: p.state, pending: p.pending });
       await send({ t: 'resumed' });
       return;
-    case 'handoff': {
-      const list = parked.splice(0);
-      for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
-      await send({ t: 'handoff-done', count: list.length });
+    case 'exit':
       process.exit(0);
       return;
-    }
     case 'stop':
       return stop();
   }

@@ -127,7 +127,9 @@ describe('kscinc serve: crash restart', () => {
         const old = s.worker()!;
         const up = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...env }, stdio: 'ignore' });
         const upDone = new Promise((r) => up.once('exit', r));
-        await new Promise((r) => setTimeout(r, 100 + Math.floor(rand() * 400)));
+        // 0.1–1.5 s: the new worker starts (≈ 0.5 s) and warms up (≈ 0.3 s) before the old one parks, so the
+        // kill falls before, inside or after the serialized part of the handover.
+        await new Promise((r) => setTimeout(r, 100 + Math.floor(rand() * 1400)));
         // The handover may be over already (the old worker gone) or not begun (no new worker yet): then
         // the kill falls on whichever worker serves, which is still a kill during or right after it.
         const workers = childrenOf(s.proc.pid!);
