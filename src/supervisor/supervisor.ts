@@ -13,10 +13,10 @@
  */
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
-import { stopReading as stopReadingSocket } from '../nbd/reader.js';
 import type { ServeConfig } from '../cli/serve-open.js';
 import { Child } from './child.js';
 import type { FromWorker } from './protocol.js';
+import { Relay, markPhase } from './relay.js';
 
 /** Delays before restarting after the 1st, 2nd, 3rd and later crashes within a minute. */
 export const BACKOFF_MS = [0, 100, 1000, 5000];
@@ -249,17 +249,44 @@ export class Supervisor {
   }
 
   private async handover(old: Child): Promise<UpgradeResult> {
-    const log = this.opts.log;
-    log(`kscinc serve: upgrade: starting a new worker (old: ${old.pid}, version ${old.version})`);
-    const tStart = performance.now();
+    this.opts.log(`kscinc serve: upgrade: starting a new worker (old: ${old.pid}, version ${old.version})`);
     const phases: Record<string, number> = {};
-    const mark = (name: string, since: number): void => void (phases[name] = Math.round((performance.now() - since) * 10) / 10);
+    const neu = await this.startWarm(old, phases);
+    this.holding = true; // new connections wait in the supervisor from here
+    // The old worker flushes while serving, says `parking`, stops reading, sends each connection at once
+    // (`handoff`; held here until the new worker has opened the images), flushes and closes the images and
+    // says `parked`.
+    const relay = new Relay(neu);
+    old.onMessage = (m, handle) => {
+      this.took(m);
+      if (m.t === 'parking') relay.t0 = performance.now();
+      else if (m.t === 'handoff') relay.take(handle as Socket | undefined, m.state, m.pending, this.opts.log, DEBUG);
+    };
+    neu.onMessage = (m) => {
+      this.took(m);
+      if (m.t === 'adopted') relay.adopted();
+    };
+    const parked = await this.park(old, neu, relay);
+    markPhase(phases, 'parked', relay.t0);
+    if (parked.t === 'parked') {
+      if (parked.preFlushMs !== undefined) phases.preFlush = parked.preFlushMs;
+      if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
+      if (parked.closeMs !== undefined) phases.close = parked.closeMs;
+    }
+    this.opts.log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
+    // The old worker has closed the images (or is dead): the new one opens them.
+    await this.openInNew(old, neu, relay, phases);
+    return this.completeHandover(old, neu, relay, phases);
+  }
+
+  /** Starts the new worker and warms it up while the old one still serves (a failed warm-up only leaves it cold). */
+  private async startWarm(old: Child, phases: Record<string, number>): Promise<Child> {
+    const tStart = performance.now();
     const neu = new Child();
     try {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
-      mark('start', tStart);
-      // Warm the new worker up while the old one still serves (a failed warm-up only leaves it cold).
+      markPhase(phases, 'start', tStart);
       const tWarm = performance.now();
       const p = neu.next(['warmed'], WARM_MS, 'warming up').catch((e: unknown) => {
         if (!neu.alive) throw e;
@@ -267,53 +294,18 @@ export class Supervisor {
       });
       neu.send({ t: 'warm' });
       const warmed = await p;
-      mark('warm', tWarm);
-      if (warmed?.t === 'warmed' && warmed.error) log(`kscinc serve: upgrade: the new worker's warm-up failed (it serves all the same): ${warmed.error}`);
+      markPhase(phases, 'warm', tWarm);
+      if (warmed?.t === 'warmed' && warmed.error) this.opts.log(`kscinc serve: upgrade: the new worker's warm-up failed (it serves all the same): ${warmed.error}`);
+      return neu;
     } catch (e) {
-      log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
+      this.opts.log(`kscinc serve: upgrade: the new worker failed to start: ${(e as Error).message}`);
       await neu.kill();
       throw new KscError('KSC_E_IO', `upgrade: the new worker failed to start (${(e as Error).message}); the old one (${old.pid}) keeps serving`);
     }
-    this.holding = true; // new connections wait in the supervisor from here
-    // The old worker flushes while serving, says `parking`, stops reading, sends each connection at once
-    // (`handoff`; held here until the new worker has opened the images), flushes and closes the images and
-    // says `parked`.
-    let t0 = performance.now();
-    const handed: { sock: Socket; state: unknown; pending: string }[] = [];
-    let toNew = false;
-    let adopted = 0;
-    let forwarded = 0;
-    let onAdopted = (): void => undefined;
-    const forward = (h: { sock: Socket; state: unknown; pending: string }): void => {
-      forwarded++;
-      neu.send({ t: 'adopt', state: h.state, pending: h.pending }, h.sock);
-    };
-    old.onMessage = (m, handle) => {
-      this.took(m);
-      if (m.t === 'parking') {
-        t0 = performance.now();
-        return;
-      }
-      if (m.t !== 'handoff') return;
-      const sock = handle as Socket | undefined;
-      if (!sock || sock.destroyed) {
-        sock?.destroy();
-        return;
-      }
-      const extra = takeBuffered(sock);
-      if (extra.length && DEBUG) log(`kscinc serve: upgrade: ${extra.length} byte(s) of a connection read in the supervisor go with it`);
-      const pending = extra.length ? Buffer.concat([Buffer.from(m.pending, 'base64'), extra]).toString('base64') : m.pending;
-      const h = { sock, state: m.state, pending };
-      if (toNew) forward(h);
-      else handed.push(h);
-    };
-    neu.onMessage = (m) => {
-      this.took(m);
-      if (m.t === 'adopted') {
-        adopted++;
-        onAdopted();
-      }
-    };
+  }
+
+  /** Asks the old worker to park; on refusal or a live worker's failure the upgrade is off and it keeps serving. */
+  private async park(old: Child, neu: Child, relay: Relay): Promise<FromWorker> {
     let parked: FromWorker;
     try {
       const p = old.next(['parked', 'park-refused'], PARK_MS, 'parking its connections');
@@ -322,34 +314,32 @@ export class Supervisor {
     } catch (e) {
       if (old.alive) {
         await neu.kill();
-        for (const h of handed.splice(0)) h.sock.destroy();
+        relay.drop();
         this.release();
         throw e;
       }
-      parked = { t: 'parked', connections: handed.length }; // the old worker died: the connections it sent go on
+      parked = { t: 'parked', connections: relay.heldCount }; // the old worker died: the connections it sent go on
     }
     if (parked.t === 'park-refused') {
       await neu.kill();
       this.release();
       throw new KscError('KSC_E_LOCKED', `upgrade refused: ${parked.message}; try again when it has finished`);
     }
-    mark('parked', t0);
-    if (parked.t === 'parked') {
-      if (parked.preFlushMs !== undefined) phases.preFlush = parked.preFlushMs;
-      if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
-      if (parked.closeMs !== undefined) phases.close = parked.closeMs;
-    }
-    log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
-    // The old worker has closed the images (or is dead): the new one opens them.
+    return parked;
+  }
+
+  /** The new worker opens the images; if it cannot, the old one reopens them and gets its connections back. */
+  private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>): Promise<void> {
     neu.send({ t: 'open', config: this.opts.config });
     try {
       const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
       if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;
-      mark('ready', t0);
+      markPhase(phases, 'ready', relay.t0);
+      return;
     } catch (e) {
       await neu.kill();
       const why = (e as Error).message;
-      log(`kscinc serve: upgrade: the new worker failed to open the images: ${why}${old.alive ? '; the old worker reopens them' : ''}`);
+      this.opts.log(`kscinc serve: upgrade: the new worker failed to open the images: ${why}${old.alive ? '; the old worker reopens them' : ''}`);
       let back = false;
       if (old.alive) {
         old.send({ t: 'resume' });
@@ -357,14 +347,11 @@ export class Supervisor {
           await old.next(['resumed'], OPEN_MS, 'reopening the images');
           back = true;
         } catch (e2) {
-          log(`kscinc serve: upgrade: the old worker failed to resume: ${(e2 as Error).message}`);
+          this.opts.log(`kscinc serve: upgrade: the old worker failed to resume: ${(e2 as Error).message}`);
         }
       }
       // The connections go back to the old worker (or, when it cannot serve, are closed: the clients reconnect).
-      for (const h of handed.splice(0)) {
-        if (back) old.send({ t: 'adopt', state: h.state, pending: h.pending }, h.sock);
-        else h.sock.destroy();
-      }
+      relay.giveBack(back ? old : null);
       old.onMessage = (m, handle) => {
         this.took(m);
         if (m.t === 'handoff') (handle as Socket | undefined)?.destroy(); // a dead old worker's last: the client reconnects
@@ -372,33 +359,31 @@ export class Supervisor {
       if (back) this.release();
       throw new KscError('KSC_E_IO', `upgrade: the new worker failed to open the images (${why}); the old one (${old.pid}) keeps serving`);
     }
-    // Hand the connections over: supervisor → new. Every `handoff` came before `parked` (messages with a
-    // socket are delivered in order), so the ones held now are all there are.
-    toNew = true;
-    for (const h of handed.splice(0)) forward(h);
+  }
+
+  /** Hands the held connections to the new worker, waits for their adoption, and makes it the worker. */
+  private async completeHandover(old: Child, neu: Child, relay: Relay, phases: Record<string, number>): Promise<UpgradeResult> {
+    // Every `handoff` came before `parked` (messages with a socket are delivered in order), so the ones held
+    // now are all there are.
+    relay.forwardAll();
     old.send({ t: 'exit' });
-    const allAdopted = new Promise<void>((resolve) => {
-      onAdopted = () => {
-        if (adopted >= forwarded) resolve();
-      };
-      onAdopted();
-    });
     let timer: NodeJS.Timeout | null = null;
-    await Promise.race([allAdopted, neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
+    await Promise.race([relay.allAdopted(), neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
     clearTimeout(timer!);
+    const t0 = relay.t0;
     const pauseMs = Math.round(performance.now() - t0);
-    mark('adopted', t0);
+    markPhase(phases, 'adopted', t0);
     await old.exited.catch(() => undefined);
     // old.onMessage stays: a connection an old worker that died sent just before (its message read after its
     // exit) still goes to the new worker.
     const pausedAt = Math.round((performance.timeOrigin + t0) * 10) / 10;
-    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: adopted, phasesMs: phases, pausedAt };
+    const result: UpgradeResult = { version: { from: old.version, to: neu.version }, pauseMs, connections: relay.adoptedCount, phasesMs: phases, pausedAt };
     this.lastUpgrade = { ...result, at: new Date().toISOString() };
     this.worker = neu;
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
-    log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${adopted} connection(s); pause ${pauseMs} ms (${Object.entries(phases).map(([k, v]) => `${k} ${v}`).join(', ')})`);
+    this.opts.log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${relay.adoptedCount} connection(s); pause ${pauseMs} ms (${Object.entries(phases).map(([k, v]) => `${k} ${v}`).join(', ')})`);
     return result;
   }
 
@@ -452,13 +437,4 @@ function untrack(sock: Socket): void {
     s.server = null;
     s._server = null;
   }
-}
-
-/**
- * Takes what Node read from a socket received over IPC before it was stopped (normally nothing), and
- * keeps it from reading any more here: it may wait for the new worker's acknowledgement of the previous
- * socket before it leaves, and a byte read meanwhile would be lost (see stopReading).
- */
-function takeBuffered(sock: Socket): Buffer {
-  return stopReadingSocket(sock);
 }
