@@ -7,17 +7,13 @@
  * been unreferenced for a grace period, or it is that old and no other lock exists (§9.2), so the packs of
  * a backup that has not committed yet survive whatever the locks say.
  */
-import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, Repository, type RepoLock, indexKey, packKey } from '../repo/repository.js';
-import type { PackWriter } from '../repo/pack.js';
-import { mapLimit } from '../util/concurrency.js';
-import { readMark, writeMark } from '../repo/gcmark.js';
-import { visitIndex, type IndexEntry } from '../repo/index-object.js';
-import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
+import { KscError } from '../errors.js';
+import { Repository } from '../repo/repository.js';
 import { listBackups } from '../repo/catalog.js';
 import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
-import { type CopyReport, chooseCopies } from './copies.js';
+import type { CopyReport } from './copies.js';
 import { type KeepPolicy, assertPolicy, selectKeep } from './retention.js';
+import { collectGarbage } from './prune-gc.js';
 
 export interface PruneOptions extends KeepPolicy {
   dryRun?: boolean;
@@ -75,8 +71,11 @@ export interface PruneResult {
 }
 
 /** What prune reads about each backup: only what retention needs (a repository holds many manifests). */
-interface BackupMeta { id: string; disk: string; timeMs: number }
-type PackList = Map<string, { size: number; mtimeMs: number }>;
+interface BackupMeta {
+  id: string;
+  disk: string;
+  timeMs: number;
+}
 
 /**
  * Removes the backups retention does not keep, then garbage-collects (§9 rule 5, §9.2), under the exclusive
@@ -98,9 +97,23 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     const { refs, refBy } = await readLiveRefs(repo, now, forget);
     const { kept, removed } = decideKeep(metas, refBy, policy, opts.timeZone);
     const result: PruneResult = {
-      kept, removed, damagedManifests, packsDeleted: 0, packsRepacked: 0, bytesFreed: 0, chunksMissing: 0, packsWaiting: 0, bytesWaiting: 0,
+      kept,
+      removed,
+      damagedManifests,
+      packsDeleted: 0,
+      packsRepacked: 0,
+      bytesFreed: 0,
+      chunksMissing: 0,
+      packsWaiting: 0,
+      bytesWaiting: 0,
       copies: { chunksWithCopies: 0, copiesChecked: 0, copiesDamaged: [], chunksWithoutGoodCopy: [], chunksUndecided: [] },
-      packsUnreadable: [], tempParts: 0, tempBytes: 0, liveRefs: refs.map((r) => ({ key: r.key, backup: r.backup!, stale: r.stale, reason: r.reason })), lockless: !lock.written, dryRun: !!opts.dryRun, durationMs: 0,
+      packsUnreadable: [],
+      tempParts: 0,
+      tempBytes: 0,
+      liveRefs: refs.map((r) => ({ key: r.key, backup: r.backup!, stale: r.stale, reason: r.reason })),
+      lockless: !lock.written,
+      dryRun: !!opts.dryRun,
+      durationMs: 0,
     };
     if (!opts.dryRun) await collectGarbage(repo, lock, { opts, graceMs, now, otherLocks: otherLocks.length, forget, result });
     result.durationMs = Math.round(performance.now() - t0);
@@ -125,14 +138,25 @@ function checkOptions(opts: PruneOptions): { policy: KeepPolicy; forget: Set<str
  */
 async function readBackups(repo: Repository, forget: Set<string>): Promise<{ metas: BackupMeta[]; damagedManifests: string[] }> {
   const damageWhy = new Map<string, string>();
-  const metas = await listBackups(repo, (id, e) => void damageWhy.set(id, e.message), (m) => ({ id: m.meta.id, disk: m.disk, timeMs: m.timeMs }));
+  const metas = await listBackups(
+    repo,
+    (id, e) => void damageWhy.set(id, e.message),
+    (m) => ({ id: m.meta.id, disk: m.disk, timeMs: m.timeMs }),
+  );
   const damagedManifests = [...damageWhy.keys()].sort();
   for (const id of forget) {
-    if (!damagedManifests.includes(id)) throw new KscError('KSC_E_INVALID', `option forgetDamaged ${id}: ${metas.some((m) => m.id === id) ? 'that backup is readable (only damaged manifests can be forgotten)' : `no backup ${id} in ${repo.name}`}`);
+    if (!damagedManifests.includes(id))
+      throw new KscError(
+        'KSC_E_INVALID',
+        `option forgetDamaged ${id}: ${metas.some((m) => m.id === id) ? 'that backup is readable (only damaged manifests can be forgotten)' : `no backup ${id} in ${repo.name}`}`,
+      );
   }
   const unknown = damagedManifests.filter((id) => !forget.has(id));
   if (unknown.length > 0) {
-    throw new KscError('KSC_E_CORRUPT', `prune deletes nothing while manifests cannot be read: ${unknown.map((id) => damageWhy.get(id)).join('; ')}. Restore them from a copy, or remove them with option forgetDamaged ${unknown.join(' ')} (their backups are then gone and reference nothing)`);
+    throw new KscError(
+      'KSC_E_CORRUPT',
+      `prune deletes nothing while manifests cannot be read: ${unknown.map((id) => damageWhy.get(id)).join('; ')}. Restore them from a copy, or remove them with option forgetDamaged ${unknown.join(' ')} (their backups are then gone and reference nothing)`,
+    );
   }
   return { metas, damagedManifests };
 }
@@ -150,7 +174,11 @@ async function readLiveRefs(repo: Repository, now: number, forget: Set<string>):
   for (const r of refs) refBy.set(r.backup!, [...(refBy.get(r.backup!) ?? []), r]);
   for (const id of forget) {
     const rs = refBy.get(id);
-    if (rs) throw new KscError('KSC_E_LOCKED', `option forgetDamaged ${id}: a live-restored image still reads through to that backup (${rs.map((r) => `${r.key}: ${r.reason}`).join('; ')}); nothing was deleted`);
+    if (rs)
+      throw new KscError(
+        'KSC_E_LOCKED',
+        `option forgetDamaged ${id}: a live-restored image still reads through to that backup (${rs.map((r) => `${r.key}: ${r.reason}`).join('; ')}); nothing was deleted`,
+      );
   }
   return { refs, refBy };
 }
@@ -166,7 +194,11 @@ function decideKeep(metas: BackupMeta[], refBy: Map<string, LiveRefInfo[]>, poli
   const kept: PruneResult['kept'] = [];
   const removed: string[] = [];
   for (const list of byDisk.values()) {
-    const keep = selectKeep(list.map((m) => ({ id: m.id, timeMs: m.timeMs })), policy, timeZone);
+    const keep = selectKeep(
+      list.map((m) => ({ id: m.id, timeMs: m.timeMs })),
+      policy,
+      timeZone,
+    );
     for (const m of list) {
       const reasons = keep.get(m.id);
       const liveRefReasons = refBy.get(m.id)?.map((r) => `${r.stale ? 'stale ' : ''}live-restore reference ${r.key} (${r.reason})`) ?? [];
@@ -177,304 +209,4 @@ function decideKeep(metas: BackupMeta[], refBy: Map<string, LiveRefInfo[]>, poli
   kept.sort((a, b) => (a.id < b.id ? -1 : 1));
   removed.sort();
   return { kept, removed };
-}
-
-/** The steps' counter behind opts.progress (see PruneOptions.progress). */
-class Steps {
-  private done = 0;
-  constructor(private total: number, private readonly report?: (done: number, total: number) => void) {
-    report?.(0, total);
-  }
-  step(): void {
-    this.report?.(++this.done, this.total);
-  }
-  add(n: number): void {
-    this.total += n;
-    this.report?.(this.done, this.total);
-  }
-  end(): void {
-    this.report?.(this.total, this.total);
-  }
-}
-
-interface GcContext {
-  opts: PruneOptions;
-  graceMs: number;
-  now: number;
-  /** How many lock objects other than prune's own exist (stale ones too). */
-  otherLocks: number;
-  forget: Set<string>;
-  result: PruneResult;
-}
-
-/** Where each chunk lives, and what could not be read. */
-interface ChunkScan {
-  packs: PackList;
-  oldIndex: string[];
-  where: ChunkIndex;
-  damagedIndex: string[];
-  indexedPacks: Set<string>;
-  unreadable: Set<string>;
-}
-
-/** What happens to each pack that is not kept as it is. */
-interface PackPlan {
-  nextMark: Map<string, number>;
-  drop: string[];
-  repack: string[];
-}
-
-/** The garbage collection after the manifests prune removes are known; the numbered steps keep their order. */
-async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcContext): Promise<void> {
-  const { result, opts } = gc;
-  // 1. Where each chunk lives; then what the kept backups still reference; refuse when blind.
-  const scan = await locateChunks(repo);
-  // A kept manifest that cannot be read now stops prune here, before anything but the removed manifests is gone.
-  const steps = new Steps(result.kept.length, opts.progress);
-  const live = await markLive(repo, scan.where, gc, steps);
-  refuseBlind(repo, scan, result.chunksMissing);
-  // Of a chunk with several copies, the one that passes its check (all of them when none does or one
-  // could not be read): the copies kept are what the new index names (copy handles, see ChunkIndex).
-  const choice = await chooseCopies(repo, scan.where, live);
-  result.copies = choice.report;
-  lock.check();
-  const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
-
-  // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
-  for (const id of [...result.removed, ...gc.forget]) await repo.deleteManifest(id);
-  lock.check();
-  const plan = await planPacks(repo, scan, live, keptCopies, choice.keep, gc);
-  const markWritten = await writeScanMark(repo, plan.nextMark);
-  lock.check();
-  steps.add(plan.drop.length + plan.repack.length);
-  const orphans = await deleteOrphanPacks(repo, scan, plan.drop, result, steps);
-
-  // 3. Repack: copy the live blobs of sparse packs into new packs (checked on the way).
-  const writer = await repackSparse(repo, lock, scan.where, live, keptCopies, plan.repack, result);
-
-  // 4. One index object of everything in use, then drop the old ones, then the packs.
-  await writeNewIndex(repo, scan.where, live, keptCopies, writer, plan);
-  lock.check();
-  for (const id of scan.oldIndex) await repo.store.delete(indexKey(id));
-  for (const p of [...plan.drop.filter((x) => !orphans.has(x)), ...plan.repack]) {
-    await repo.store.delete(packKey(p));
-    result.bytesFreed += scan.packs.get(p)!.size;
-    steps.step();
-  }
-  result.bytesFreed -= writer.bytesUploaded;
-  if (!markWritten) await writeMark(repo.store, plan.nextMark);
-  // 5. Temporary parts of interrupted uploads (a local folder's .tmp, S3's incomplete multipart uploads),
-  // by the storage's clock.
-  const swept = await repo.store.sweepTemp?.(opts.tempGraceMs ?? TEMP_GRACE_MS, gc.now);
-  if (swept) {
-    result.tempParts = swept.count;
-    result.tempBytes = swept.bytes;
-    result.bytesFreed += swept.bytes;
-  }
-  result.packsDeleted = plan.drop.length;
-  result.packsRepacked = plan.repack.length;
-  steps.end();
-}
-
-/**
- * Where each chunk lives (the index objects, then the footers of packs no index object names), only in
- * packs that exist, in a compact table. A damaged index object is replaced later (its packs are read as
- * orphans); a pack whose footer cannot be read is unreadable (what it holds is unknown).
- */
-async function locateChunks(repo: Repository): Promise<ChunkScan> {
-  const packs = await repo.listPacks();
-  const oldIndex = await repo.listIndexObjects();
-  const where = new ChunkIndex();
-  const damagedIndex: string[] = [];
-  const indexedPacks = new Set<string>();
-  await mapLimit(oldIndex, 8, async (id) => {
-    try {
-      visitIndex(await repo.readIndexObject(id), repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
-        indexedPacks.add(pack);
-        if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
-      });
-    } catch (e) {
-      if (!isKscError(e)) throw e;
-      damagedIndex.push(indexKey(id));
-    }
-  });
-  const unreadable = new Set<string>();
-  await mapLimit([...packs.keys()].filter((p) => !indexedPacks.has(p)), 4, async (p) => {
-    try {
-      for (const e of await repo.readPackFooter(p, packs.get(p)!.size)) where.addAt(e.id, 0, p, e.offset, e.length, e.rawLength);
-    } catch (e) {
-      if (!isKscError(e)) throw e;
-      unreadable.add(p);
-    }
-  });
-  return { packs, oldIndex, where, damagedIndex, indexedPacks, unreadable };
-}
-
-/** What the kept backups reference (a mark a slot of `where`); counts the chunks no pack holds in result.chunksMissing. */
-async function markLive(repo: Repository, where: ChunkIndex, gc: GcContext, steps: Steps): Promise<Uint8Array> {
-  const live = new Uint8Array(where.slots);
-  const missing = new Set<string>();
-  await mapLimit(gc.result.kept, 8, async (k) => {
-    const m = await repo.readManifest(k.id);
-    m.ids.forEachNonZero((_k, cid) => {
-      const slot = where.slotOf(cid);
-      if (slot >= 0) live[slot] = 1;
-      else missing.add(cid.toString('hex'));
-    });
-    steps.step();
-  });
-  gc.result.chunksMissing = missing.size;
-  return live;
-}
-
-/**
- * §9.2 rule 1: kept backups miss chunks, and what a damaged index object or an unreadable pack holds is
- * unknown: they may be the missing chunks' only trace, so nothing goes until someone looks.
- */
-function refuseBlind(repo: Repository, scan: ChunkScan, chunksMissing: number): void {
-  if (chunksMissing > 0 && (scan.damagedIndex.length > 0 || scan.unreadable.size > 0)) {
-    const what = [...scan.damagedIndex.sort(), ...[...scan.unreadable].sort().map(packKey)].map((k) => repo.objName(k)).join(', ');
-    throw new KscError('KSC_E_CORRUPT', `prune deletes nothing: kept backups miss ${chunksMissing} chunk(s), and ${what} cannot be read (they may hold them); run "kscinc verify" and repair or restore those objects first`);
-  }
-}
-
-/**
- * Which packs stay, wait, go or are repacked. §9.2: a pack with unreferenced chunks goes once it has been
- * unreferenced for the grace period by the mark, or is that old itself and no other lock exists; the
- * others wait in the new mark. A pack whose contents are unknown stays while a kept backup misses chunks
- * (it may hold them). Reads the GC mark.
- */
-async function planPacks(repo: Repository, scan: ChunkScan, live: Uint8Array, keptCopies: (slot: number) => number[], keep: Map<number, number[]>, gc: GcContext): Promise<PackPlan> {
-  const { where, packs } = scan;
-  const { result, now, graceMs } = gc;
-  const used = new Map<string, number>();
-  for (let slot = 0; slot < live.length; slot++) {
-    if (live[slot] !== 1) continue;
-    for (const h of keptCopies(slot)) used.set(where.packName(h), (used.get(where.packName(h)) ?? 0) + where.blobLength(h));
-  }
-  // Packs holding copies prune could not choose between stay as they are (a repack would keep one).
-  const pinned = new Set<string>();
-  for (const hs of keep.values()) if (hs.length > 1) for (const h of hs) pinned.add(where.packName(h));
-  const threshold = gc.opts.repackBelow ?? 0.5;
-  const mark = await readMark(repo.store);
-  const nextMark = new Map<string, number>();
-  const drop: string[] = [];
-  const repack: string[] = [];
-  for (const [p, info] of packs) {
-    const u = used.get(p) ?? 0;
-    if (u > 0 && (u >= threshold * info.size || pinned.has(p))) continue;
-    if (scan.unreadable.has(p)) result.packsUnreadable.push(p); // unknown contents, but no kept backup misses a chunk
-    const since = mark.packs.get(p);
-    const old = (since !== undefined && now - since >= graceMs) || (gc.otherLocks === 0 && now - info.mtimeMs >= graceMs);
-    if (!old) {
-      nextMark.set(p, since ?? 0);
-      result.packsWaiting++;
-      result.bytesWaiting += info.size;
-    } else if (u === 0) drop.push(p);
-    else repack.push(p);
-  }
-  result.packsUnreadable.sort();
-  return { nextMark, drop, repack };
-}
-
-/**
- * The mark of this scan goes first (a pack's time in it is the mark's own, written after the scan); a full
- * file system may refuse it: then the old mark goes (nothing is old by an empty one) and this one is
- * written once space was freed. Returns whether it was written.
- */
-async function writeScanMark(repo: Repository, nextMark: Map<string, number>): Promise<boolean> {
-  try {
-    await writeMark(repo.store, nextMark);
-    return true;
-  } catch (e) {
-    if (!isKscError(e, 'KSC_E_NO_SPACE')) throw e;
-    await repo.store.delete('gc/mark');
-    return false;
-  }
-}
-
-/**
- * Packs no index object names go first: nothing finds chunks through them, so the order of §9 rule 5 does
- * not concern them, and on a full file system this makes room for the new packs and index.
- */
-async function deleteOrphanPacks(repo: Repository, scan: ChunkScan, drop: string[], result: PruneResult, steps: Steps): Promise<Set<string>> {
-  const orphans = new Set(drop.filter((p) => !scan.indexedPacks.has(p)));
-  for (const p of orphans) {
-    await repo.store.delete(packKey(p));
-    result.bytesFreed += scan.packs.get(p)!.size;
-    steps.step();
-  }
-  return orphans;
-}
-
-/**
- * Copies the live blobs of the packs to repack into new packs, checking each blob's id on the way; a blob
- * that fails and was a chunk's only kept copy counts as missing (and is no longer live).
- */
-async function repackSparse(repo: Repository, lock: RepoLock, where: ChunkIndex, live: Uint8Array, keptCopies: (slot: number) => number[], repack: string[], result: PruneResult): Promise<PackWriter> {
-  const writer = repo.packWriter();
-  const repackSet = new Set(repack);
-  const liveByPack = new Map<string, number[]>();
-  for (let slot = 0; slot < live.length; slot++) {
-    if (live[slot] !== 1) continue;
-    for (const h of keptCopies(slot)) {
-      if (!repackSet.has(where.packName(h))) continue;
-      let l = liveByPack.get(where.packName(h));
-      if (!l) liveByPack.set(where.packName(h), (l = []));
-      l.push(h);
-    }
-  }
-  for (const [p, handles] of liveByPack) {
-    for (const h of handles) {
-      const id = where.idAt(h);
-      const blob = await repo.store.getRange(packKey(p), where.blobOffset(h), where.blobLength(h));
-      if (blob.length < BLOB_HEADER_SIZE || !blob.subarray(16, 32).equals(id)) {
-        if (keptCopies(where.slotOfCopy(h)).length === 1) {
-          result.chunksMissing++;
-          live[where.slotOfCopy(h)] = 0;
-        }
-        continue;
-      }
-      await writer.add(id, blob, where.rawLengthAt(h));
-    }
-    lock.check();
-  }
-  await writer.finish();
-  return writer;
-}
-
-/**
- * One index object of every live chunk where it now lives, and every chunk of a pack that stays (a waiting
- * pack's chunks stay indexed: a writer that has not committed may need them); made as it is written.
- * None when nothing is indexed.
- */
-async function writeNewIndex(repo: Repository, where: ChunkIndex, live: Uint8Array, keptCopies: (slot: number) => number[], writer: PackWriter, plan: PackPlan): Promise<void> {
-  const moved = new ChunkIndex();
-  for (const e of writer.entries) moved.add(e);
-  const repackSet = new Set(plan.repack);
-  const goes = new Set([...plan.drop, ...plan.repack]);
-  // A live chunk: the copies chosen above; any other: every copy in a pack that stays.
-  const indexedCopies = (slot: number): number[] => (live[slot] === 1 ? keptCopies(slot)
-    : where.copies(slot).filter((h) => where.packNumber(h) >= 0 && !goes.has(where.packName(h))));
-  const indexed = (slot: number): boolean => live[slot] === 1 || indexedCopies(slot).length > 0;
-  const entries = {
-    *[Symbol.iterator](): Generator<IndexEntry> {
-      for (let slot = 0; slot < live.length; slot++) {
-        if (!indexed(slot)) continue;
-        const id = where.idAt(slot);
-        let movedDone = false;
-        for (const h of indexedCopies(slot)) {
-          if (!repackSet.has(where.packName(h))) yield { id, ...where.location(h) };
-          else if (!movedDone) {
-            movedDone = true;
-            const loc = moved.get(id);
-            if (loc) yield { id, ...loc };
-          }
-        }
-      }
-    },
-  };
-  let indexCount = 0;
-  for (let slot = 0; slot < live.length; slot++) if (indexed(slot)) indexCount++;
-  if (indexCount > 0) await repo.putIndex(entries);
 }

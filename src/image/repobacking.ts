@@ -14,7 +14,8 @@
  */
 import { KscError, isDamage, isKscError } from '../errors.js';
 import { SharedSlot, unpackInto } from '../compress/pool.js';
-import { type Blob, coalesce } from '../repo/fetch.js';
+import type { Read, ReadItem } from '../repo/fetch.js';
+import { planBulkReads } from './bulk-plan.js';
 import { mapLimit } from '../util/concurrency.js';
 import { BLOB_HEADER } from '../compress/codec.js';
 import type { BackupRef } from '../format/header.js';
@@ -96,8 +97,13 @@ export class BackupBacking implements BlockDevice {
   /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
   timeoutMs = liveTimeoutMs();
 
-  private constructor(readonly name: string, private readonly repo: Repository, private readonly store: ObjectStore,
-    readonly manifest: Manifest, private readonly lock: RepoLock | null) {
+  private constructor(
+    readonly name: string,
+    private readonly repo: Repository,
+    private readonly store: ObjectStore,
+    readonly manifest: Manifest,
+    private readonly lock: RepoLock | null,
+  ) {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
   }
@@ -117,11 +123,16 @@ export class BackupBacking implements BlockDevice {
       if (opts.hold) lock = await repo.readerLock(`live restore of backup ${ref.id} into ${image}`, 0);
       const m = await repo.readManifest(ref.id);
       const disk = bytesToUuid(ref.disk);
-      const why = m.disk !== disk ? `disk ${m.disk}, the image names ${disk}`
-        : m.size !== size ? `size ${m.size}, the image is ${size} bytes`
-          : m.chunkSize !== ref.chunkSize ? `chunk size ${m.chunkSize}, the image names ${ref.chunkSize}`
-            : !m.root.equals(ref.root) ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
-              : null;
+      const why =
+        m.disk !== disk
+          ? `disk ${m.disk}, the image names ${disk}`
+          : m.size !== size
+            ? `size ${m.size}, the image is ${size} bytes`
+            : m.chunkSize !== ref.chunkSize
+              ? `chunk size ${m.chunkSize}, the image names ${ref.chunkSize}`
+              : !m.root.equals(ref.root)
+                ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
+                : null;
       if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repo.name} is not the one it was restored from: ${why}`);
       const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
       if (opts.hold) {
@@ -200,21 +211,26 @@ export class BackupBacking implements BlockDevice {
       if (w.data) return Promise.resolve(Buffer.from(w.data));
       return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
     }
-    const p = this.fetch(k).then((data) => {
-      const fill = this.fill;
-      if (fill && !this.closed) {
-        const f = fill(k * this.blockSize, data).catch(() => undefined).finally(() => {
-          this.filledChunks.add(k);
-          this.inflight.delete(k);
-          this.fills.delete(f);
-        });
-        this.fills.add(f);
-      } else this.inflight.delete(k);
-      return data;
-    }, (e: unknown) => {
-      this.inflight.delete(k);
-      throw e;
-    });
+    const p = this.fetch(k).then(
+      (data) => {
+        const fill = this.fill;
+        if (fill && !this.closed) {
+          const f = fill(k * this.blockSize, data)
+            .catch(() => undefined)
+            .finally(() => {
+              this.filledChunks.add(k);
+              this.inflight.delete(k);
+              this.fills.delete(f);
+            });
+          this.fills.add(f);
+        } else this.inflight.delete(k);
+        return data;
+      },
+      (e: unknown) => {
+        this.inflight.delete(k);
+        throw e;
+      },
+    );
     this.inflight.set(k, p);
     return p;
   }
@@ -233,96 +249,108 @@ export class BackupBacking implements BlockDevice {
     const fill = this.fill;
     if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
     const index = await this.loadIndex();
-    // Positions needing the same chunk share one blob: group them by index slot.
-    const bySlot = new Map<number, number[]>();
-    for (const k of ks) {
-      if (this.isZeroChunk(k)) continue;
-      const s = index.slotOf(Buffer.from(this.manifest.ids.view(k)));
-      if (s < 0) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${Buffer.from(this.manifest.ids.view(k)).toString('hex')}) is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`);
-      const l = bySlot.get(s);
-      if (l) l.push(k);
-      else bySlot.set(s, [k]);
-    }
-    const slots = [...bySlot.keys()].sort((a, b) => index.packNumber(a) - index.packNumber(b) || index.blobOffset(a) - index.blobOffset(b));
-    const positions: number[][] = [];
-    const blobs: Blob[] = slots.map((s, i) => {
-      positions.push(bySlot.get(s)!);
-      return { pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s), item: { id: index.idAt(s), at: 0, length: index.blobLength(s), from: i } };
-    });
-    bySlot.clear();
-    const reads = [...coalesce(blobs, opts.maxRead ?? 4 * 1024 * 1024)];
-    let inBytes = 0;
-    let outBytes = 0;
-    for (const r of reads) {
-      inBytes = Math.max(inBytes, r.length);
-      outBytes = Math.max(outBytes, r.raw);
-    }
+    const plan = planBulkReads(
+      ks.filter((k) => !this.isZeroChunk(k)),
+      index,
+      (k) => Buffer.from(this.manifest.ids.view(k)),
+      (k, id) =>
+        new KscError(
+          'KSC_E_CORRUPT',
+          `${this.name}: chunk ${k} (${id.toString('hex')}) is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`,
+        ),
+      opts.maxRead ?? 4 * 1024 * 1024,
+    );
     const free: SharedSlot[] = [];
-    const C = this.blockSize;
-    await mapLimit(reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
+    await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
       this.live();
-      // At its start, a read leaves out what readers filled or are fetching, and shares the rest.
-      const items = r.items.filter((it) => {
-        const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
-        for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
-        positions[it.from!] = ps;
-        return ps.length > 0;
-      });
-      if (items.length === 0) return;
-      const mine = items.flatMap((it) => positions[it.from!]!);
-      for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
-      const slot = free.pop() ?? new SharedSlot(inBytes, Math.max(outBytes, BLOB_HEADER));
-      const key = packKey(r.pack);
+      const slot = free.pop() ?? new SharedSlot(plan.inBytes, Math.max(plan.outBytes, BLOB_HEADER));
       try {
-        let res: Awaited<ReturnType<typeof unpackInto>> | null = null;
-        try {
-          await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
-          res = await unpackInto(slot, items.map((it) => [it.at, it.length]), items.map((it) => it.id), C, this.repo.blobKeys);
-          for (let i = 0; i < res.length; i++) {
-            const x = res[i]!;
-            if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
-            for (const k of positions[items[i]!.from!]!) {
-              if (x.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${items[i]!.id.toString('hex')}) is ${x.data.length} bytes, ${this.lenAt(k)} expected`);
-            }
-          }
-          this.stats.bytesFetched += r.length;
-        } catch (e) {
-          if (!isDamage(e)) throw e;
-          res = null; // another copy, chunk by chunk (below)
-        }
-        await Promise.all(items.map(async (it, i) => {
-          const x = res?.[i];
-          const data = x && x.ok ? x.data : await this.fetch(positions[it.from!]![0]!);
-          if (x && x.ok) this.stats.chunksFetched++;
-          await Promise.all(positions[it.from!]!.map(async (k) => {
-            const w = this.bulk.get(k)!;
-            w.data = data;
-            for (const q of w.waiters.splice(0)) q.resolve(Buffer.from(data));
-            const f = fill(k * C, data);
-            this.fills.add(f);
-            try {
-              await f;
-            } finally {
-              this.fills.delete(f);
-            }
-            this.filledChunks.add(k);
-            w.data = null;
-            this.bulk.delete(k);
-            opts.onChunk?.(k);
-          }));
-        }));
-      } catch (e) {
-        for (const k of mine) {
-          const w = this.bulk.get(k);
-          if (!w) continue;
-          this.bulk.delete(k);
-          for (const q of w.waiters.splice(0)) q.reject(e);
-        }
-        throw e;
+        await this.bulkRead(r, plan.positions, slot, fill, opts);
       } finally {
         free.push(slot);
       }
     });
+  }
+
+  /**
+   * One coalesced read of fetchAll: at its start it leaves out what readers filled or are fetching and
+   * shares the rest (`bulk`); unpacks and checks every blob, falling back to other copies chunk by chunk
+   * when the read is damaged; fills each chunk into the overlay, then answers its waiters.
+   */
+  private async bulkRead(r: Read, positions: number[][], slot: SharedSlot, fill: FillFn, opts: FetchAllOptions): Promise<void> {
+    const items = r.items.filter((it) => {
+      const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
+      for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
+      positions[it.from!] = ps;
+      return ps.length > 0;
+    });
+    if (items.length === 0) return;
+    const mine = items.flatMap((it) => positions[it.from!]!);
+    for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
+    try {
+      const res = await this.unpackChecked(r, items, positions, slot);
+      await Promise.all(
+        items.map(async (it, i) => {
+          const x = res?.[i];
+          const data = x && x.ok ? x.data : await this.fetch(positions[it.from!]![0]!);
+          if (x && x.ok) this.stats.chunksFetched++;
+          await Promise.all(positions[it.from!]!.map((k) => this.fillBulk(k, data, fill, opts)));
+        }),
+      );
+    } catch (e) {
+      for (const k of mine) {
+        const w = this.bulk.get(k);
+        if (!w) continue;
+        this.bulk.delete(k);
+        for (const q of w.waiters.splice(0)) q.reject(e);
+      }
+      throw e;
+    }
+  }
+
+  /** Reads and unpacks one coalesced read, every blob checked; null when it is damaged (other copies then). */
+  private async unpackChecked(r: Read, items: ReadItem[], positions: number[][], slot: SharedSlot): Promise<Awaited<ReturnType<typeof unpackInto>> | null> {
+    const key = packKey(r.pack);
+    try {
+      await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
+      const res = await unpackInto(
+        slot,
+        items.map((it) => [it.at, it.length]),
+        items.map((it) => it.id),
+        this.blockSize,
+        this.repo.blobKeys,
+      );
+      for (let i = 0; i < res.length; i++) {
+        const x = res[i]!;
+        if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
+        for (const k of positions[items[i]!.from!]!) {
+          if (x.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${items[i]!.id.toString('hex')}) is ${x.data.length} bytes, ${this.lenAt(k)} expected`);
+        }
+      }
+      this.stats.bytesFetched += r.length;
+      return res;
+    } catch (e) {
+      if (!isDamage(e)) throw e;
+      return null;
+    }
+  }
+
+  /** Fills chunk k from a bulk read: waiters get the data at once, the fill is awaited before the next use. */
+  private async fillBulk(k: number, data: Buffer, fill: FillFn, opts: FetchAllOptions): Promise<void> {
+    const w = this.bulk.get(k)!;
+    w.data = data;
+    for (const q of w.waiters.splice(0)) q.resolve(Buffer.from(data));
+    const f = fill(k * this.blockSize, data);
+    this.fills.add(f);
+    try {
+      await f;
+    } finally {
+      this.fills.delete(f);
+    }
+    this.filledChunks.add(k);
+    w.data = null;
+    this.bulk.delete(k);
+    opts.onChunk?.(k);
   }
 
   /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
@@ -352,7 +380,11 @@ export class BackupBacking implements BlockDevice {
         if (attempt === 0) first = now;
         const left = this.timeoutMs - (now - first);
         if (left <= 0 || this.closed) {
-          throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: ${what}: the repository has been unreachable for ${((now - first) / 1000).toFixed(1)} s (KSCINC_LIVE_TIMEOUT: ${this.timeoutMs / 1000} s): ${(e as Error).message}`, { cause: e });
+          throw new KscError(
+            'KSC_E_UNAVAILABLE',
+            `${this.name}: ${what}: the repository has been unreachable for ${((now - first) / 1000).toFixed(1)} s (KSCINC_LIVE_TIMEOUT: ${this.timeoutMs / 1000} s): ${(e as Error).message}`,
+            { cause: e },
+          );
         }
         this.stats.retries++;
         const pause = Math.min(LIVE_RETRY_MAX_MS, 250 * 2 ** Math.min(attempt, 5)) * (0.75 + Math.random() * 0.5);
