@@ -28,7 +28,9 @@ const units = { K: 1024, M: 1024 ** 2, G: 1024 ** 3, T: 1024 ** 4 };
 const size = (t) => Number(t.replace(/[KMGT]$/, '')) * (units[t.at(-1)] ?? 1);
 const SIZES = arg('--size', '64G').split(',').map(size);
 const WRITES = Number(arg('--writes', '1000'));
-const REGIONS = arg('--intent-region', 'default').split(',').map((r) => (r === 'default' ? undefined : size(r)));
+const REGIONS = arg('--intent-region', 'default')
+  .split(',')
+  .map((r) => (r === 'default' ? undefined : size(r)));
 
 async function measure(SIZE, region) {
   const dir = mkdtempSync(join(tmpdir(), 'kscinc-overmark-'));
@@ -42,16 +44,20 @@ async function measure(SIZE, region) {
     const offsets = randomOffsets(RAND.writeSeed, WRITES, RAND.req, SIZE);
     const data = Buffer.alloc(RAND.req, 0x5a);
     let next = 0;
-    await Promise.all(Array.from({ length: RAND.depth }, async () => {
-      while (next < offsets.length) await img.write(offsets[next++], data);
-    }));
+    await Promise.all(
+      Array.from({ length: RAND.depth }, async () => {
+        while (next < offsets.length) await img.write(offsets[next++], data);
+      }),
+    );
     const written = new Set(offsets).size * RAND.req;
     await coreOf(img).file.close(); // crash: no flush, no clean close
     img = await openKsc(path);
     const dirty = (await img.bitmapExtents('backup')).reduce((s, e) => s + e.length, 0);
     await img.close();
     const ratio = dirty / written;
-    console.log(`size ${SIZE / units.G} GiB, intent region ${regionBytes / units.K} KiB${region === undefined ? ' (default)' : ''}, ${WRITES} writes of 64 KiB: written since flush ${(written / 1e6).toFixed(1)} MB, dirty after crash ${(dirty / 1e6).toFixed(1)} MB, ${ratio.toFixed(1)}x ${ratio <= 8 ? '(within 8x)' : '(over the 8x goal)'}`);
+    console.log(
+      `size ${SIZE / units.G} GiB, intent region ${regionBytes / units.K} KiB${region === undefined ? ' (default)' : ''}, ${WRITES} writes of 64 KiB: written since flush ${(written / 1e6).toFixed(1)} MB, dirty after crash ${(dirty / 1e6).toFixed(1)} MB, ${ratio.toFixed(1)}x ${ratio <= 8 ? '(within 8x)' : '(over the 8x goal)'}`,
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

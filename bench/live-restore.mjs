@@ -39,7 +39,7 @@ async function makeSource(path) {
   const fh = await fsp.open(path, 'w');
   try {
     let seed = 12345;
-    const rnd = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+    const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
     const piece = Buffer.alloc(4 * MiB);
     for (let pos = 0; pos < size; pos += piece.length) {
       if (rnd() < 0.25) continue;
@@ -163,10 +163,18 @@ try {
   const med = Object.fromEntries(names.map((n) => [n, median(res[n])]));
   const ratios = (a, b) => res[a].map((x, i) => (res[b][i] / x).toFixed(2)).join(', ');
   log('');
-  log(`pull vs restore, CLI:        ${(med.cliRestore / med.cliPull).toFixed(2)}× (restore ${med.cliRestore.toFixed(0)} ms / pull ${med.cliPull.toFixed(0)} ms; passes ${ratios('cliPull', 'cliRestore')}) goal ≥ 0.9`);
-  log(`restore --live + pull (two processes) vs restore, CLI: ${(med.cliRestore / med.cliLivePull).toFixed(2)}× (live+pull ${med.cliLivePull.toFixed(0)} ms; passes ${ratios('cliLivePull', 'cliRestore')})`);
-  log(`pull vs restore, in-process: ${(med.libRestore / med.libPull).toFixed(2)}× (restore ${med.libRestore.toFixed(0)} ms / live+pull ${med.libPull.toFixed(0)} ms; passes ${ratios('libPull', 'libRestore')}) goal ≥ 0.9`);
-  log(`first 4 KiB read after restore --live: in-process ${med.firstLib.toFixed(0)} ms, CLI restore --live + serve + qemu-io ${med.firstCli.toFixed(0)} ms (goal < 1000); full CLI restore ${med.cliRestore.toFixed(0)} ms`);
+  log(
+    `pull vs restore, CLI:        ${(med.cliRestore / med.cliPull).toFixed(2)}× (restore ${med.cliRestore.toFixed(0)} ms / pull ${med.cliPull.toFixed(0)} ms; passes ${ratios('cliPull', 'cliRestore')}) goal ≥ 0.9`,
+  );
+  log(
+    `restore --live + pull (two processes) vs restore, CLI: ${(med.cliRestore / med.cliLivePull).toFixed(2)}× (live+pull ${med.cliLivePull.toFixed(0)} ms; passes ${ratios('cliLivePull', 'cliRestore')})`,
+  );
+  log(
+    `pull vs restore, in-process: ${(med.libRestore / med.libPull).toFixed(2)}× (restore ${med.libRestore.toFixed(0)} ms / live+pull ${med.libPull.toFixed(0)} ms; passes ${ratios('libPull', 'libRestore')}) goal ≥ 0.9`,
+  );
+  log(
+    `first 4 KiB read after restore --live: in-process ${med.firstLib.toFixed(0)} ms, CLI restore --live + serve + qemu-io ${med.firstCli.toFixed(0)} ms (goal < 1000); full CLI restore ${med.cliRestore.toFixed(0)} ms`,
+  );
   // Untimed: the pulled image equals the restored one.
   const a = await openKsc(out('p'));
   const b = await openKsc(out('r'));

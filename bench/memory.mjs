@@ -35,7 +35,11 @@ if (process.argv[2] === '--child') {
   const size = Number(diskGiB) * 1024 * MiB;
   /** A read-only raw-like device whose chunk k is k (8 bytes) then zeros. */
   const dev = {
-    name: `synthetic-${diskGiB}GiB`, format: 'raw', size, blockSize: MiB, readOnly: true,
+    name: `synthetic-${diskGiB}GiB`,
+    format: 'raw',
+    size,
+    blockSize: MiB,
+    readOnly: true,
     async readInto(offset, target) {
       target.fill(0);
       for (let at = 0; at < target.length; at += MiB) {
@@ -43,17 +47,35 @@ if (process.argv[2] === '--child') {
         if (pos % MiB === 0) target.writeDoubleLE(pos / MiB + 1, at);
       }
     },
-    async read(offset, length) { const b = Buffer.allocUnsafe(length); await this.readInto(offset, b); return b; },
-    async extents(offset, length) { return [{ offset, length, state: 'data' }]; },
-    async write() { throw new Error('read-only'); }, async writeZeroes() { throw new Error('read-only'); },
-    async discard() { throw new Error('read-only'); }, async flush() {}, async close() {},
+    async read(offset, length) {
+      const b = Buffer.allocUnsafe(length);
+      await this.readInto(offset, b);
+      return b;
+    },
+    async extents(offset, length) {
+      return [{ offset, length, state: 'data' }];
+    },
+    async write() {
+      throw new Error('read-only');
+    },
+    async writeZeroes() {
+      throw new Error('read-only');
+    },
+    async discard() {
+      throw new Error('read-only');
+    },
+    async flush() {},
+    async close() {},
   };
   const repo = await Repository.open(await FsStore.open(repoDir));
   const t0 = performance.now();
   const r = await backupDevice(dev, repo, { bitmap: null, ...(kind === 'forced' ? { exactIds: Infinity } : {}) });
   const ms = performance.now() - t0;
   await closePool();
-  process.stdout.write(JSON.stringify({ kind, dedupe: r.dedupe, chunks: r.chunks, chunksNew: r.chunksNew, reread: r.chunksReread, ms: Math.round(ms), maxRssMiB: Math.round(process.resourceUsage().maxRSS / 1024) }) + '\n');
+  process.stdout.write(
+    JSON.stringify({ kind, dedupe: r.dedupe, chunks: r.chunks, chunksNew: r.chunksNew, reread: r.chunksReread, ms: Math.round(ms), maxRssMiB: Math.round(process.resourceUsage().maxRSS / 1024) }) +
+      '\n',
+  );
   process.exit(0);
 }
 
@@ -77,9 +99,14 @@ async function makeRepo(entries) {
     for (let done = 0; done < entries; done += per) {
       const n = Math.min(per, entries - done);
       const ids = randomBytes(n * 16);
-      await repo.store.put(`index/${randomBytes(16).toString('hex')}.idx`, encodeIndex({
-        *[Symbol.iterator]() { for (let i = 0; i < n; i++) yield { id: ids.subarray(i * 16, i * 16 + 16), pack, offset: 16, length: 64, rawLength: 64 }; },
-      }));
+      await repo.store.put(
+        `index/${randomBytes(16).toString('hex')}.idx`,
+        encodeIndex({
+          *[Symbol.iterator]() {
+            for (let i = 0; i < n; i++) yield { id: ids.subarray(i * 16, i * 16 + 16), pack, offset: 16, length: 64, rawLength: 64 };
+          },
+        }),
+      );
     }
   }
   return dir;

@@ -25,7 +25,8 @@ if (process.env.KSCINC_BENCH_CHILD !== '1') {
   const { spawnSync } = await import('node:child_process');
   const flags = process.execArgv.includes('--expose-gc') ? process.execArgv : [...process.execArgv, '--expose-gc'];
   const r = spawnSync(process.execPath, [...flags, fileURLToPath(import.meta.url), ...process.argv.slice(2)], {
-    stdio: 'inherit', env: { ...process.env, UV_THREADPOOL_SIZE: threads, KSCINC_BENCH_CHILD: '1' },
+    stdio: 'inherit',
+    env: { ...process.env, UV_THREADPOOL_SIZE: threads, KSCINC_BENCH_CHILD: '1' },
   });
   process.exit(r.status ?? 1);
 }
@@ -100,7 +101,10 @@ async function readWhole(path, size) {
 
 async function main() {
   const started = performance.now();
-  const only = args.only.split(',').map((s) => s.trim()).filter(Boolean);
+  const only = args.only
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
   for (const o of only) if (!RACES[o]) throw new Error(`unknown race "${o}" (use ${Object.keys(RACES).join(', ')})`);
   const reps = Number(args.reps);
   if (!(reps >= 1)) throw new Error('--reps must be ≥ 1');
@@ -112,7 +116,11 @@ async function main() {
   await fsp.mkdir(work, { recursive: true });
   const canDrop = dropCaches();
   const ctx = {
-    src, size, work, reps, log,
+    src,
+    size,
+    work,
+    reps,
+    log,
     cli: CLI, // the `kscinc` executable
     dataBytes: await dataBytesOf(src),
     /** The whole source image in memory (real data for the write races and for verification). */
@@ -126,9 +134,11 @@ async function main() {
   } catch {
     if (only.includes('backup')) throw new Error('the backup race needs the lz4 command (apt-get install lz4)');
   }
-  log(`kscinc bench: ${src} (${(size / GiB).toFixed(2)} GiB virtual, ${(ctx.dataBytes / 2 ** 20).toFixed(0)} MiB data), ${reps} reps (median), ` +
-    `page cache ${canDrop ? 'dropped' : 'NOT dropped (not root)'}, native addon ${nativeAvailable() ? 'loaded' : 'absent'}, ${qemuVersion}, ` +
-    `gc ${globalThis.gc ? 'between passes' : 'not exposed'}, libuv pool ${process.env.UV_THREADPOOL_SIZE} (process has ${readdirSync('/proc/self/task').length} threads)`);
+  log(
+    `kscinc bench: ${src} (${(size / GiB).toFixed(2)} GiB virtual, ${(ctx.dataBytes / 2 ** 20).toFixed(0)} MiB data), ${reps} reps (median), ` +
+      `page cache ${canDrop ? 'dropped' : 'NOT dropped (not root)'}, native addon ${nativeAvailable() ? 'loaded' : 'absent'}, ${qemuVersion}, ` +
+      `gc ${globalThis.gc ? 'between passes' : 'not exposed'}, libuv pool ${process.env.UV_THREADPOOL_SIZE} (process has ${readdirSync('/proc/self/task').length} threads)`,
+  );
 
   const rows = [];
   const raceMs = {};
@@ -146,18 +156,29 @@ async function main() {
   const goals = rows.filter((r) => r.goal).length;
   const totalS = (performance.now() - started) / 1000;
   log(`${goals - misses}/${goals} goals met; MB/s = 10^6 bytes/s; median of ${reps}; total ${totalS.toFixed(0)} s`);
-  log(`other load: waited ${(quiet.waitedMs / 1000).toFixed(0)} s for the CPUs to settle before ${quiet.waits} passes (${quiet.noisy} started busy); ` +
-    `${quiet.retries} passes re-run because other processes used > 10% of a CPU or > 64 MiB of disk I/O during them, ${quiet.contaminated} still over after 3 tries`);
+  log(
+    `other load: waited ${(quiet.waitedMs / 1000).toFixed(0)} s for the CPUs to settle before ${quiet.waits} passes (${quiet.noisy} started busy); ` +
+      `${quiet.retries} passes re-run because other processes used > 10% of a CPU or > 64 MiB of disk I/O during them, ${quiet.contaminated} still over after 3 tries`,
+  );
 
   const out = {
     date: new Date().toISOString(),
     environment: {
-      node: process.version, cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / GiB), loadavg: os.loadavg(),
-      qemuImg: qemuVersion, lz4: lz4Version, pageCacheDropped: canDrop, nativeAddon: nativeAvailable(), uvThreadpoolSize: Number(process.env.UV_THREADPOOL_SIZE),
+      node: process.version,
+      cpus: os.cpus().length,
+      cpuModel: os.cpus()[0]?.model,
+      memGiB: Math.round(os.totalmem() / GiB),
+      loadavg: os.loadavg(),
+      qemuImg: qemuVersion,
+      lz4: lz4Version,
+      pageCacheDropped: canDrop,
+      nativeAddon: nativeAvailable(),
+      uvThreadpoolSize: Number(process.env.UV_THREADPOOL_SIZE),
     },
     image: { path: src, virtualBytes: size, dataBytes: ctx.dataBytes },
     config: { reps, statistic: 'median', races: only, intentRegion: args['intent-region'] ?? 'create default' },
-    durationS: Math.round(totalS), raceMs,
+    durationS: Math.round(totalS),
+    raceMs,
     otherLoad: { passes: quiet.waits, waitedMs: Math.round(quiet.waitedMs), startedUnderLoad: quiet.noisy, reruns: quiet.retries, contaminated: quiet.contaminated },
     rows,
   };

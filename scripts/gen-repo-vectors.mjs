@@ -48,18 +48,43 @@ const PACK_ID = '00112233445566778899aabbccddeeff';
 lines.push(`# index object: the two chunks of that pack, as pack ${PACK_ID}`);
 lines.push(`index ${hex(encodeIndex(entries.map((e) => ({ ...e, pack: PACK_ID }))))}`);
 const man = {
-  full: true, disk: '6b736369-6e63-4000-8000-000000000001', timeMs: Date.UTC(2026, 10, 26, 12, 0, 0), size: 3 * 1024 * 1024 + 5,
-  chunkSize: 1024 * 1024, bitmapToken: 'ffeeddccbbaa99887766554433221100', ids: Buffer.concat([idAbc, Buffer.alloc(16), Buffer.alloc(16), chunkId(d2)]),
+  full: true,
+  disk: '6b736369-6e63-4000-8000-000000000001',
+  timeMs: Date.UTC(2026, 10, 26, 12, 0, 0),
+  size: 3 * 1024 * 1024 + 5,
+  chunkSize: 1024 * 1024,
+  bitmapToken: 'ffeeddccbbaa99887766554433221100',
+  ids: Buffer.concat([idAbc, Buffer.alloc(16), Buffer.alloc(16), chunkId(d2)]),
   meta: { id: '20261126T120000000Z-0000abcd', parent: null, tags: ['v'], source: 'disk.ksc', bitmap: 'backup', stats: { bytesRead: 1, bytesNew: 2, bytesStored: 3, chunksDirty: 4, durationMs: 5 } },
 };
 lines.push('# manifest, plain chunk-id section (the form earlier writers produced; readers still read it):');
 lines.push('# FULL, disk 6b736369-6e63-4000-8000-000000000001, 2026-11-26T12:00:00Z, size 3 MiB + 5, chunk size 1 MiB,');
 lines.push('# token ffeeddccbbaa99887766554433221100, chunks id("abc"), zero, zero, id(0x00…0xff), metadata JSON as shown in §7.2');
-lines.push(`manifest ${hex(legacyManifest(encodeManifest({ ...man, ids: ChunkList.fromBuffer(man.ids) }), man.ids, 'plain', { crc32, lz4: () => { throw new Error('plain form only'); } }))}`);
+lines.push(
+  `manifest ${hex(
+    legacyManifest(encodeManifest({ ...man, ids: ChunkList.fromBuffer(man.ids) }), man.ids, 'plain', {
+      crc32,
+      lz4: () => {
+        throw new Error('plain form only');
+      },
+    }),
+  )}`,
+);
 // §7.5 segmented forms.
 const seg1 = {
-  ...man, full: false, bitmapToken: null, size: 2 * 1024 * 1024, ids: ChunkList.fromBuffer(Buffer.concat([idAbc, chunkId(d2)])),
-  meta: { id: '20261126T120000000Z-0000abce', parent: '20261126T120000000Z-0000abcd', tags: [], source: 'disk.ksc', bitmap: null, stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 } },
+  ...man,
+  full: false,
+  bitmapToken: null,
+  size: 2 * 1024 * 1024,
+  ids: ChunkList.fromBuffer(Buffer.concat([idAbc, chunkId(d2)])),
+  meta: {
+    id: '20261126T120000000Z-0000abce',
+    parent: '20261126T120000000Z-0000abcd',
+    tags: [],
+    source: 'disk.ksc',
+    bitmap: null,
+    stats: { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 },
+  },
 };
 lines.push('# manifest, IDS_SEGMENTED: not FULL, same disk and time, size 2 MiB, no token, chunks id("abc"), id(0x00…0xff):');
 lines.push('# one RAW segment; metadata {"id":"20261126T120000000Z-0000abce","parent":"20261126T120000000Z-0000abcd",…}');
@@ -76,6 +101,9 @@ lines.push('```');
 const text = lines.join('\n') + '\n';
 if (process.argv.includes('--check')) {
   const spec = readFileSync(new URL('../formats/repository.md', import.meta.url), 'utf8');
-  if (!text.split('\n\n').every((block) => spec.includes(block.trim()))) { console.error('formats/repository.md §11 vectors differ from the code'); process.exit(1); }
+  if (!text.split('\n\n').every((block) => spec.includes(block.trim()))) {
+    console.error('formats/repository.md §11 vectors differ from the code');
+    process.exit(1);
+  }
   console.log('vectors match');
 } else process.stdout.write(text);

@@ -83,7 +83,14 @@ async function writerChild([image, journalPath, seedText]) {
   };
   const img = await openKsc(image, { write: true });
   const blocks = img.size / B;
-  let gen = Number(readFileSync(journalPath, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l)).reduce((m, o) => Math.max(m, o.gen ?? 0), 0));
+  let gen = Number(
+    readFileSync(journalPath, 'utf8')
+      .trim()
+      .split('\n')
+      .filter(Boolean)
+      .map((l) => JSON.parse(l))
+      .reduce((m, o) => Math.max(m, o.gen ?? 0), 0),
+  );
   log({ t: 'open' }); // acknowledgements of earlier sessions that no flush of theirs covered are void from here
   process.stdout.write('ready\n');
   for (;;) {
@@ -91,7 +98,7 @@ async function writerChild([image, journalPath, seedText]) {
     const used = new Set();
     for (let i = 0, n = 1 + Math.floor(rand() * 4); i < n; i++) {
       const b = Math.floor(rand() * blocks);
-      if (!used.has(b)) used.add(b), batch.push({ b, g: ++gen });
+      if (!used.has(b)) (used.add(b), batch.push({ b, g: ++gen }));
     }
     log({ t: 'w', ops: batch, gen });
     const jobs = batch.map((o) => (rand() < 0.1 ? img.discard(o.b * B, B).then(() => log({ t: 'd', b: o.b, g: o.g })) : img.write(o.b * B, stamped(o.b, o.g))));
@@ -202,12 +209,24 @@ async function commitRound(dir, rand, where) {
   for (let i = 0; i < n; i++) if (i % 3 === 2) await k.writeZeroes(i * B, B);
   await k.close();
   const how = await killAt([CLI, 'commit', top], rand, { maxSteps: 80, maxMs: 600 });
-  expectBlocks(await readAll(top), over.map((o) => [o]), `${where} (${how}): overlay`);
-  expectBlocks(await readAll(base), over.map((o, i) => [o, old[i]]), `${where} (${how}): base`);
+  expectBlocks(
+    await readAll(top),
+    over.map((o) => [o]),
+    `${where} (${how}): overlay`,
+  );
+  expectBlocks(
+    await readAll(base),
+    over.map((o, i) => [o, old[i]]),
+    `${where} (${how}): base`,
+  );
   await expectClean(top, where);
   await expectClean(base, where);
   cli(['commit', top]);
-  expectBlocks(await readAll(base), over.map((o) => [o]), `${where}, committed again: base`);
+  expectBlocks(
+    await readAll(base),
+    over.map((o) => [o]),
+    `${where}, committed again: base`,
+  );
 }
 
 async function rebaseRound(dir, rand, where) {
@@ -225,10 +244,18 @@ async function rebaseRound(dir, rand, where) {
   await k.write(0, Buffer.concat(visible.slice(0, 5)));
   await k.close();
   const how = await killAt([CLI, 'rebase', img, '--backing', join(dir, 'r-new.raw'), '--backing-format', 'raw'], rand, { maxSteps: 80, maxMs: 600 });
-  expectBlocks(await readAll(img), visible.map((v) => [v]), `${where} (${how})`);
+  expectBlocks(
+    await readAll(img),
+    visible.map((v) => [v]),
+    `${where} (${how})`,
+  );
   await expectClean(img, where);
   cli(['rebase', img, '--backing', join(dir, 'r-new.raw'), '--backing-format', 'raw']);
-  expectBlocks(await readAll(img), visible.map((v) => [v]), `${where}, rebased again`);
+  expectBlocks(
+    await readAll(img),
+    visible.map((v) => [v]),
+    `${where}, rebased again`,
+  );
 }
 
 async function bitmapRound(dir, rand, where) {
@@ -241,7 +268,12 @@ async function bitmapRound(dir, rand, where) {
   const data = Array.from({ length: 4 }, (_, i) => blockOf(6, i));
   await k.write(2 * B, Buffer.concat(data));
   await k.close();
-  const verbs = [['remove', img, 'x'], ['clear', img, 'x'], ['merge', img, 'x', 'y'], ['add', img, 'z']];
+  const verbs = [
+    ['remove', img, 'x'],
+    ['clear', img, 'x'],
+    ['merge', img, 'x', 'y'],
+    ['add', img, 'z'],
+  ];
   const args = verbs[Math.floor(rand() * verbs.length)];
   const how = await killAt([CLI, 'bitmap', ...args], rand, { maxSteps: 30, maxMs: 500 });
   const w = `${where} (bitmap ${args[0]}, ${how})`;
@@ -316,7 +348,12 @@ async function main(argv) {
   await k.addBitmap('b2');
   await k.close();
   writeFileSync(state.journal, '');
-  const rounds = [['writer', (w) => writerRound(state, rand, w)], ['commit', (w) => commitRound(dir, rand, w)], ['rebase', (w) => rebaseRound(dir, rand, w)], ['bitmap', (w) => bitmapRound(dir, rand, w)]];
+  const rounds = [
+    ['writer', (w) => writerRound(state, rand, w)],
+    ['commit', (w) => commitRound(dir, rand, w)],
+    ['rebase', (w) => rebaseRound(dir, rand, w)],
+    ['bitmap', (w) => bitmapRound(dir, rand, w)],
+  ];
   const counts = Object.fromEntries(rounds.map(([n]) => [n, 0]));
   const t0 = Date.now();
   try {
@@ -328,7 +365,11 @@ async function main(argv) {
     }
     const bound = 2 * diskSize + 2 * 1024 * KiB;
     if (state.maxSize > bound) throw new Error(`the writer's image grew to ${state.maxSize} bytes (bound ${bound}): leaks are not reclaimed`);
-    console.log(`killtest: OK, ${kills} kills (${Object.entries(counts).map(([n, c]) => `${n} ${c}`).join(', ')}) in ${((Date.now() - t0) / 1000).toFixed(0)} s; writer image at most ${(state.maxSize / 1024 / 1024).toFixed(2)} MiB for a ${diskSize / 1024 / 1024} MiB disk`);
+    console.log(
+      `killtest: OK, ${kills} kills (${Object.entries(counts)
+        .map(([n, c]) => `${n} ${c}`)
+        .join(', ')}) in ${((Date.now() - t0) / 1000).toFixed(0)} s; writer image at most ${(state.maxSize / 1024 / 1024).toFixed(2)} MiB for a ${diskSize / 1024 / 1024} MiB disk`,
+    );
   } finally {
     if (!keep) rmSync(dir, { recursive: true, force: true });
     else console.log(`files kept in ${dir}`);

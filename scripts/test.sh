@@ -5,12 +5,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 results=$(mktemp -d)
 status=0
-# Static checks first (seconds each): types of the library and of the tests, lint.
+# Static checks first (seconds each): types of the library and of the tests, lint, formatting.
 static_failed=()
-echo "== static checks: tsc (src, test), eslint =="
+echo "== static checks: tsc (src, test), eslint, prettier =="
 npx tsc -p tsconfig.json --noEmit || static_failed+=("tsc src")
 npx tsc -p test/tsconfig.json || static_failed+=("tsc test")
 npx eslint src test || static_failed+=("eslint (npx eslint src test)")
+npx prettier --check --log-level warn src test bench scripts || static_failed+=("prettier (npx prettier --write src test bench scripts)")
 [ ${#static_failed[@]} -eq 0 ] || status=1
 echo "== test suite (native addon) =="
 npx vitest run --reporter=default --reporter=json --outputFile.json="$results/native.json" || status=$?

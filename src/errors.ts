@@ -32,8 +32,13 @@ export class KscError extends Error {
 }
 
 export function isKscError(e: unknown, code?: KscErrorCode): e is KscError {
-  return typeof e === 'object' && e !== null && typeof (e as { code?: unknown }).code === 'string'
-    && (e as { code: string }).code.startsWith('KSC_E_') && (code === undefined || (e as KscError).code === code);
+  return (
+    typeof e === 'object' &&
+    e !== null &&
+    typeof (e as { code?: unknown }).code === 'string' &&
+    (e as { code: string }).code.startsWith('KSC_E_') &&
+    (code === undefined || (e as KscError).code === code)
+  );
 }
 
 /** A repository object damaged or gone (what verify reports and readers skip): CORRUPT, FORMAT or NOT_FOUND. */

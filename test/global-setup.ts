@@ -26,7 +26,6 @@ function stateParent(): string {
   return existsSync(want) ? want : tmpdir();
 }
 
-
 /** Stops the cluster in `state` (if one was started) and removes the folder. Synchronous: also runs at exit. */
 function destroyS3(state: string): void {
   if (!existsSync(state)) return;
@@ -34,7 +33,9 @@ function destroyS3(state: string): void {
     try {
       // The lock waits for a start still under way, so no daemon is left behind.
       execFileSync('flock', ['-o', '-w', '180', join(state, 'lock'), 'bash', cephScript, 'destroy'], {
-        env: { ...process.env, CEPH_DIR: join(state, 'ceph') }, stdio: ['ignore', 'ignore', 'pipe'], timeout: 200_000,
+        env: { ...process.env, CEPH_DIR: join(state, 'ceph') },
+        stdio: ['ignore', 'ignore', 'pipe'],
+        timeout: 200_000,
       });
     } catch (e) {
       // Keep the folder: its PID files are what a later run needs to stop the daemons (reapOrphans).

@@ -5,7 +5,23 @@ import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
 
 const src = fileURLToPath(new URL('../src', import.meta.url));
-const rank: Record<string, number> = { 'errors.ts': 0, util: 0, format: 1, io: 1, hash: 1, crypto: 1, compress: 1, objstore: 1, image: 2, repo: 2, engines: 3, nbd: 4, supervisor: 4, cli: 4, 'index.ts': 5 };
+const rank: Record<string, number> = {
+  'errors.ts': 0,
+  util: 0,
+  format: 1,
+  io: 1,
+  hash: 1,
+  crypto: 1,
+  compress: 1,
+  objstore: 1,
+  image: 2,
+  repo: 2,
+  engines: 3,
+  nbd: 4,
+  supervisor: 4,
+  cli: 4,
+  'index.ts': 5,
+};
 
 function files(dir: string): string[] {
   return readdirSync(dir).flatMap((f) => {

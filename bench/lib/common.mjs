@@ -251,7 +251,10 @@ export function row({ race, name, bytes, measure, ours, peer, oursLabel, peerLab
   const ratio = o / p;
   const paired = om.map((t, i) => pm[i] / t);
   const side = (label, mbpsv, med, xs) => ({
-    label, mbps: mbpsv, medianMs: med, samplesMs: xs.map((x) => round1(x.ms)),
+    label,
+    mbps: mbpsv,
+    medianMs: med,
+    samplesMs: xs.map((x) => round1(x.ms)),
     otherCpuShare: xs.map((x) => Math.round((x.bgShare ?? 0) * 100) / 100),
     otherIoMiB: xs.map((x) => Math.round((x.bgIoBytes ?? 0) / 2 ** 20)),
   });
@@ -296,7 +299,7 @@ export function renderTable(rows) {
   let lastMeasure = null;
   for (const r of rows) {
     notes.push(`${r.race} ${r.name}: ours = ${r.ours.label}; peer = ${r.peer.label}`);
-    if (r.measure !== lastMeasure) notes.push(`    measure: ${r.measure}`), (lastMeasure = r.measure);
+    if (r.measure !== lastMeasure) (notes.push(`    measure: ${r.measure}`), (lastMeasure = r.measure));
     const ex = Object.entries(r.extra);
     if (ex.length) notes.push(`    ${ex.map(([k, v]) => `${k}: ${v}`).join('; ')}`);
   }

@@ -72,8 +72,7 @@ export async function ioPass(side, { kind, offsets, req, depth, dataFor }) {
   const elu0 = performance.eventLoopUtilization();
   const bg0 = foreignUsage();
   const ms = await timed(async () => {
-    ioMs = await timed(() => pool(offsets.length, depth, (i, w) =>
-      kind === 'read' ? side.read(bufs[w], offsets[i]) : side.write(dataFor(i), offsets[i])));
+    ioMs = await timed(() => pool(offsets.length, depth, (i, w) => (kind === 'read' ? side.read(bufs[w], offsets[i]) : side.write(dataFor(i), offsets[i]))));
     if (kind === 'write') flushMs = await timed(() => side.flush());
   });
   // Main-thread (event loop) busy time during the pass: JS, checksums, syscall submission.

@@ -48,7 +48,10 @@ export function serveKscinc(args, { cli = CLI, timeoutMs = 30_000 } = {}) {
     const t = setTimeout(() => reject(new Error(`kscinc serve printed no URI in ${timeoutMs} ms: ${err}`)), timeoutMs);
     p.stdout.on('data', (d) => {
       out += d;
-      const uri = out.split('\n').slice(0, -1).find((l) => /^nbd(\+unix)?:\/\//.test(l));
+      const uri = out
+        .split('\n')
+        .slice(0, -1)
+        .find((l) => /^nbd(\+unix)?:\/\//.test(l));
       if (uri) {
         clearTimeout(t);
         resolve({ proc: p, uri, stop });

@@ -33,9 +33,7 @@ import { convertImage } from '../../dist/engines/convert.js';
 import { openImage, openKsc } from '../../dist/image/open.js';
 import { openStore } from '../../dist/objstore/open.js';
 import { Repository } from '../../dist/repo/repository.js';
-import {
-  KiB, MiB, dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, quiet, retrying, rmf, rng, row, timed, waitQuiet,
-} from '../lib/common.mjs';
+import { KiB, MiB, dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, quiet, retrying, rmf, rng, row, timed, waitQuiet } from '../lib/common.mjs';
 
 export const BACKUP = {
   /** Rewritten share of the disk in race 6. */
@@ -314,7 +312,9 @@ export async function backupRace(ctx) {
   if (s3 && lastS3) ctx.s3Repo = { location: lastS3, env: s3.env, settings: s3 };
 
   const sizes = {
-    repo: await allocatedBytes(repo.cli), lz4: await allocatedBytes(out.lz4), qcow2: await allocatedBytes(out.qcow2),
+    repo: await allocatedBytes(repo.cli),
+    lz4: await allocatedBytes(out.lz4),
+    qcow2: await allocatedBytes(out.qcow2),
   };
   await rmf(out.lz4, out.qcow2);
   await fsp.rm(repo.lib, { recursive: true, force: true });
@@ -329,18 +329,44 @@ export async function backupRace(ctx) {
   const cliLabel = `kscinc backup IMAGE --repo DIR --no-bitmap (${relative(process.cwd(), cli)}, a process, incl. Node start-up)`;
   const lz4Label = 'lz4 -1 IMAGE OUT (one thread, whole disk) + fdatasync';
   const rows = [
-    row({ race: 5, name: 'full backup (CLI) vs lz4 -1', bytes: size, measure, ours: res.cli, peer: res.lz4, oursLabel: cliLabel, peerLabel: lz4Label,
-      goal: { min: 1.2 }, extra: common }),
-    row({ race: 5, name: 'full backup (library) vs lz4 -1', bytes: size, measure, ours: res.lib, peer: res.lz4,
-      oursLabel: 'backupDevice(raw image, folder repository) in-process (warm worker pool), incl. opening both', peerLabel: lz4Label, goal: { min: 1.2 },
-      extra: { 'ours main-thread busy ms': median(res.lib.map((x) => x.busyMs)).toFixed(0), 'engine durationMs': median(stats.lib.map((x) => x.durationMs)).toFixed(0) } }),
-    row({ race: 5, name: 'full backup (CLI) vs qemu-img -c qcow2', bytes: size, measure, ours: res.cli, peer: res.qcow2, oursLabel: cliLabel,
-      peerLabel: 'qemu-img convert -c -f raw -O qcow2 (zlib) + fdatasync' }),
+    row({ race: 5, name: 'full backup (CLI) vs lz4 -1', bytes: size, measure, ours: res.cli, peer: res.lz4, oursLabel: cliLabel, peerLabel: lz4Label, goal: { min: 1.2 }, extra: common }),
+    row({
+      race: 5,
+      name: 'full backup (library) vs lz4 -1',
+      bytes: size,
+      measure,
+      ours: res.lib,
+      peer: res.lz4,
+      oursLabel: 'backupDevice(raw image, folder repository) in-process (warm worker pool), incl. opening both',
+      peerLabel: lz4Label,
+      goal: { min: 1.2 },
+      extra: { 'ours main-thread busy ms': median(res.lib.map((x) => x.busyMs)).toFixed(0), 'engine durationMs': median(stats.lib.map((x) => x.durationMs)).toFixed(0) },
+    }),
+    row({
+      race: 5,
+      name: 'full backup (CLI) vs qemu-img -c qcow2',
+      bytes: size,
+      measure,
+      ours: res.cli,
+      peer: res.qcow2,
+      oursLabel: cliLabel,
+      peerLabel: 'qemu-img convert -c -f raw -O qcow2 (zlib) + fdatasync',
+    }),
   ];
   if (s3) {
-    rows.push(row({ race: 5, name: 'full backup (CLI) into S3 vs lz4 -1 [S3]', bytes: size, measure: `${measure}; repository s3://${s3.bucket}/… at ${s3.endpoint}`,
-      ours: res.s3, peer: res.lz4, oursLabel: 'kscinc backup IMAGE --repo s3://BUCKET/PREFIX --no-bitmap (new prefix per pass)', peerLabel: lz4Label,
-      extra: { 'CLI engine ms': median(stats.s3.map((x) => x.durationMs)).toFixed(0) } }));
+    rows.push(
+      row({
+        race: 5,
+        name: 'full backup (CLI) into S3 vs lz4 -1 [S3]',
+        bytes: size,
+        measure: `${measure}; repository s3://${s3.bucket}/… at ${s3.endpoint}`,
+        ours: res.s3,
+        peer: res.lz4,
+        oursLabel: 'kscinc backup IMAGE --repo s3://BUCKET/PREFIX --no-bitmap (new prefix per pass)',
+        peerLabel: lz4Label,
+        extra: { 'CLI engine ms': median(stats.s3.map((x) => x.durationMs)).toFixed(0) },
+      }),
+    );
   }
   rows.push(...(await incrementalRace(ctx)));
   return rows;
@@ -374,9 +400,7 @@ async function incrementalRace(ctx) {
 
   const repoDir = join(work, 'inc-repo');
   let seed = BACKUP.dataSeed + 1;
-  const backup = (side) => (side === 'cli'
-    ? () => runCliJson(cli, ['backup', image, '--repo', repoDir], cliEnv())
-    : () => libBackup(image, repoDir, { bitmap: BACKUP.bitmap }));
+  const backup = (side) => (side === 'cli' ? () => runCliJson(cli, ['backup', image, '--repo', repoDir], cliEnv()) : () => libBackup(image, repoDir, { bitmap: BACKUP.bitmap }));
   // One chain: new repository, full backup (timed), rewrite (untimed), incremental (timed). The chain is the
   // unit of a retry (an incremental cannot be re-run on its own); the cleaner of up to 3 chains is kept.
   const chain = async (side, pattern) => {
@@ -416,15 +440,22 @@ async function incrementalRace(ctx) {
 
   const rowFor = (k, name, goalMax) => {
     const xs = res[k];
-    const r = row({ race: 6, name, bytes: size, measure: 'time share: incremental backup time / full backup time of the same side (MB/s columns: disk size / time; ours = incremental, peer = full)',
-      ours: xs.map((x) => x.inc), peer: xs.map((x) => x.full),
+    const r = row({
+      race: 6,
+      name,
+      bytes: size,
+      measure: 'time share: incremental backup time / full backup time of the same side (MB/s columns: disk size / time; ours = incremental, peer = full)',
+      ours: xs.map((x) => x.inc),
+      peer: xs.map((x) => x.full),
       oursLabel: `incremental backup after rewriting ${k.endsWith('scattered') ? `${patterns.scattered.offsets.length} scattered 64 KiB blocks (1% of the blocks)` : `${patterns.chunks.offsets.length} whole 1 MiB chunks (1% of the chunks)`}`,
       peerLabel: `full backup of the same ksc_inc image into a new repository (${k.startsWith('cli') ? 'kscinc backup IMAGE --repo DIR, a process' : 'backupDevice in-process'})`,
-      goal: goalMax ? { min: 0 } : null, goalText: goalMax ? `≤ ${goalMax.toFixed(2)}×` : '—',
+      goal: goalMax ? { min: 0 } : null,
+      goalText: goalMax ? `≤ ${goalMax.toFixed(2)}×` : '—',
       extra: {
         'chunks read incremental / full': `${median(xs.map((x) => x.inc.out.chunksDirty))} / ${median(xs.map((x) => x.full.out.chunksDirty))}`,
         'ms incremental / full': `${median(xs.map((x) => x.inc.ms)).toFixed(0)} / ${median(xs.map((x) => x.full.ms)).toFixed(0)}`,
-      } });
+      },
+    });
     // The ratio here is a share of time (smaller is better).
     r.ratio = r.peer.mbps > 0 ? r.ours.medianMs / r.peer.medianMs : NaN;
     const paired = xs.map((x) => x.inc.ms / x.full.ms);
@@ -440,4 +471,3 @@ async function incrementalRace(ctx) {
     rowFor('cli:chunks', 'incremental, 1% whole 1 MiB chunks (CLI)', 0.05),
   ];
 }
-

@@ -22,21 +22,23 @@ export async function bitmapRace(ctx) {
   const fresh = join(work, 'bitmap-new.ksc');
   const res = { fresh: { on: [], off: [] }, over: { on: [], off: [] } };
 
-  const pass = (bucket, withBitmap) => retrying(async () => {
-    gc();
-    const side = bucket === 'fresh'
-      ? await kscSide(fresh, { write: true, create: true, size, bitmap: withBitmap ? BITMAP : null })
-      : await kscSide(ctx.filled.ksc, { write: true, bitmap: withBitmap ? BITMAP : null });
-    try {
-      const before = side.img.intentSyncs;
-      const r = await ioPass(side, p);
-      const dirty = withBitmap ? (await side.img.bitmapExtents(BITMAP)).reduce((s, e) => s + e.length, 0) : 0;
-      if (withBitmap && bucket === 'over') await side.img.removeBitmap(BITMAP); // untimed: leave the image as it was
-      return { ...r, intentSyncs: side.img.intentSyncs - before, dirty };
-    } finally {
-      await side.close();
-    }
-  });
+  const pass = (bucket, withBitmap) =>
+    retrying(async () => {
+      gc();
+      const side =
+        bucket === 'fresh'
+          ? await kscSide(fresh, { write: true, create: true, size, bitmap: withBitmap ? BITMAP : null })
+          : await kscSide(ctx.filled.ksc, { write: true, bitmap: withBitmap ? BITMAP : null });
+      try {
+        const before = side.img.intentSyncs;
+        const r = await ioPass(side, p);
+        const dirty = withBitmap ? (await side.img.bitmapExtents(BITMAP)).reduce((s, e) => s + e.length, 0) : 0;
+        if (withBitmap && bucket === 'over') await side.img.removeBitmap(BITMAP); // untimed: leave the image as it was
+        return { ...r, intentSyncs: side.img.intentSyncs - before, dirty };
+      } finally {
+        await side.close();
+      }
+    });
   for (let rep = 0; rep < reps; rep++) {
     const order = rep % 2 ? [false, true] : [true, false];
     for (const b of order) res.fresh[b ? 'on' : 'off'].push(await pass('fresh', b));
@@ -57,9 +59,31 @@ export async function bitmapRace(ctx) {
   });
   const pattern = `MB/s of bytes written; ${RAND.count} × ${RAND.req / KiB} KiB random, ${RAND.depth} in flight; flush() inside the timing`;
   return [
-    row({ race: 4, name: 'bitmap cost: random write, new image (on vs off)', bytes, measure: `${pattern}; new images`, ours: res.fresh.on, peer: res.fresh.off,
-      oursLabel: 'ksc_inc with 1 enabled bitmap', peerLabel: 'ksc_inc without bitmaps', goal, goalText, extra: extra('fresh') }),
-    row({ race: 4, name: 'bitmap cost: random write, overwrite (on vs off)', bytes, measure: `${pattern}; fully written image`, ours: res.over.on, peer: res.over.off,
-      oursLabel: 'ksc_inc with 1 enabled bitmap', peerLabel: 'ksc_inc without bitmaps', goal, goalText, extra: extra('over') }),
+    row({
+      race: 4,
+      name: 'bitmap cost: random write, new image (on vs off)',
+      bytes,
+      measure: `${pattern}; new images`,
+      ours: res.fresh.on,
+      peer: res.fresh.off,
+      oursLabel: 'ksc_inc with 1 enabled bitmap',
+      peerLabel: 'ksc_inc without bitmaps',
+      goal,
+      goalText,
+      extra: extra('fresh'),
+    }),
+    row({
+      race: 4,
+      name: 'bitmap cost: random write, overwrite (on vs off)',
+      bytes,
+      measure: `${pattern}; fully written image`,
+      ours: res.over.on,
+      peer: res.over.off,
+      oursLabel: 'ksc_inc with 1 enabled bitmap',
+      peerLabel: 'ksc_inc without bitmaps',
+      goal,
+      goalText,
+      extra: extra('over'),
+    }),
   ];
 }

@@ -78,13 +78,39 @@ export async function convertRace(ctx) {
   const measure = `MB/s of virtual size (${(ctx.size / 2 ** 30).toFixed(0)} GiB; ${(ctx.dataBytes / 2 ** 20).toFixed(0)} MiB of it data), cold source (executables warm), until the output is durable`;
   const alloc = (n) => `${(sizes[n] / 2 ** 20).toFixed(0)} MiB`;
   return [
-    row({ race: 1, name: 'convert raw→ksc_inc (library) vs qemu-img -O qcow2', bytes: ctx.size, measure, ours: res.kscLib, peer: res.qcow2,
-      oursLabel: 'convertImage(format ksc_inc) in-process', peerLabel: 'qemu-img convert -f raw -O qcow2 (process) + fdatasync', goal: { min: 1.0 },
-      extra: { 'ours main-thread busy ms': median(res.kscLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('kscLib'), 'qcow2 allocated': alloc('qcow2') } }),
-    row({ race: 1, name: 'convert raw→ksc_inc (CLI) vs qemu-img -O qcow2', bytes: ctx.size, measure, ours: res.kscCli, peer: res.qcow2,
-      oursLabel: `kscinc convert -O kscinc (${relative(process.cwd(), cli)}, a process, incl. Node start-up)`, peerLabel: 'qemu-img convert -O qcow2 (process) + fdatasync', goal: { min: 1.0 } }),
-    row({ race: 1, name: 'convert raw→raw (library) vs qemu-img -O raw [ref]', bytes: ctx.size, measure, ours: res.rawLib, peer: res.rawQemu,
-      oursLabel: 'convertImage(format raw) in-process', peerLabel: 'qemu-img convert -f raw -O raw (process) + fdatasync',
-      extra: { 'ours main-thread busy ms': median(res.rawLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('rawLib'), 'qemu allocated': alloc('rawQemu') } }),
+    row({
+      race: 1,
+      name: 'convert raw→ksc_inc (library) vs qemu-img -O qcow2',
+      bytes: ctx.size,
+      measure,
+      ours: res.kscLib,
+      peer: res.qcow2,
+      oursLabel: 'convertImage(format ksc_inc) in-process',
+      peerLabel: 'qemu-img convert -f raw -O qcow2 (process) + fdatasync',
+      goal: { min: 1.0 },
+      extra: { 'ours main-thread busy ms': median(res.kscLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('kscLib'), 'qcow2 allocated': alloc('qcow2') },
+    }),
+    row({
+      race: 1,
+      name: 'convert raw→ksc_inc (CLI) vs qemu-img -O qcow2',
+      bytes: ctx.size,
+      measure,
+      ours: res.kscCli,
+      peer: res.qcow2,
+      oursLabel: `kscinc convert -O kscinc (${relative(process.cwd(), cli)}, a process, incl. Node start-up)`,
+      peerLabel: 'qemu-img convert -O qcow2 (process) + fdatasync',
+      goal: { min: 1.0 },
+    }),
+    row({
+      race: 1,
+      name: 'convert raw→raw (library) vs qemu-img -O raw [ref]',
+      bytes: ctx.size,
+      measure,
+      ours: res.rawLib,
+      peer: res.rawQemu,
+      oursLabel: 'convertImage(format raw) in-process',
+      peerLabel: 'qemu-img convert -f raw -O raw (process) + fdatasync',
+      extra: { 'ours main-thread busy ms': median(res.rawLib.map((x) => x.busyMs)).toFixed(0), 'ours allocated': alloc('rawLib'), 'qemu allocated': alloc('rawQemu') },
+    }),
   ];
 }

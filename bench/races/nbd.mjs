@@ -91,7 +91,8 @@ export async function nbdRace(ctx) {
     const peer = await startPeer(sock('peer-raw'), ['--read-only', '-f', 'raw', src]);
     try {
       for (const conns of [1, CONN_MULTI]) {
-        const o = [], p = [];
+        const o = [],
+          p = [];
         for (let rep = 0; rep < reps; rep++) {
           await hostWarm(src);
           const order = rep % 2 ? ['p', 'o'] : ['o', 'p'];
@@ -101,17 +102,44 @@ export async function nbdRace(ctx) {
           }
           log(`  nbd read raw ${conns} conn rep ${rep + 1}/${reps}: ours ${o[rep].ms.toFixed(0)} ms, qemu-nbd ${p[rep].ms.toFixed(0)} ms`);
         }
-        rows.push(row({ race: 'nbd', name: `seq read raw, nbdcopy ${conns} conn`, bytes: size, measure: 'nbdcopy → null:', ours: o, peer: p, oursLabel: 'kscinc serve', peerLabel: 'qemu-nbd', goal: { min: 0.8 } }));
+        rows.push(
+          row({
+            race: 'nbd',
+            name: `seq read raw, nbdcopy ${conns} conn`,
+            bytes: size,
+            measure: 'nbdcopy → null:',
+            ours: o,
+            peer: p,
+            oursLabel: 'kscinc serve',
+            peerLabel: 'qemu-nbd',
+            goal: { min: 0.8 },
+          }),
+        );
       }
       const count = 100_000;
-      const o = [], p = [];
+      const o = [],
+        p = [];
       for (let rep = 0; rep < reps; rep++) {
         const order = rep % 2 ? ['p', 'o'] : ['o', 'p'];
         for (const s of order) (s === 'o' ? o : p).push(await benchPass(s === 'o' ? ours.uri : peer.uri, count));
         log(`  nbd random 4K rep ${rep + 1}/${reps}: ours ${o[rep].ms.toFixed(0)} ms, qemu-nbd ${p[rep].ms.toFixed(0)} ms (${count} reads)`);
       }
-      rows.push(row({ race: 'nbd', name: 'random 4K reads, QD32', bytes: count * 4096, measure: 'qemu-img bench', ours: o, peer: p, oursLabel: 'kscinc serve', peerLabel: 'qemu-nbd', goal: { min: 0.5 },
-        extra: { 'IOPS ours/peer': `${Math.round(count / (o.map((x) => x.ms).sort((a, b) => a - b)[o.length >> 1] / 1000))}/${Math.round(count / (p.map((x) => x.ms).sort((a, b) => a - b)[p.length >> 1] / 1000))}` } }));
+      rows.push(
+        row({
+          race: 'nbd',
+          name: 'random 4K reads, QD32',
+          bytes: count * 4096,
+          measure: 'qemu-img bench',
+          ours: o,
+          peer: p,
+          oursLabel: 'kscinc serve',
+          peerLabel: 'qemu-nbd',
+          goal: { min: 0.5 },
+          extra: {
+            'IOPS ours/peer': `${Math.round(count / (o.map((x) => x.ms).sort((a, b) => a - b)[o.length >> 1] / 1000))}/${Math.round(count / (p.map((x) => x.ms).sort((a, b) => a - b)[p.length >> 1] / 1000))}`,
+          },
+        }),
+      );
     } finally {
       await ours.stop();
       await peer.stop();
@@ -120,7 +148,8 @@ export async function nbdRace(ctx) {
 
   // ---- sequential write into a new image (ksc_inc vs qcow2), flushed at the end
   for (const conns of [1, CONN_MULTI]) {
-    const o = [], p = [];
+    const o = [],
+      p = [];
     for (let rep = 0; rep < reps; rep++) {
       const k = join(work, 'nbd-w.ksc');
       const q = join(work, 'nbd-w.qcow2');
@@ -143,7 +172,19 @@ export async function nbdRace(ctx) {
       }
       log(`  nbd write ${conns} conn rep ${rep + 1}/${reps}: ours (ksc_inc) ${o[rep].ms.toFixed(0)} ms, qemu-nbd (qcow2) ${p[rep].ms.toFixed(0)} ms`);
     }
-    rows.push(row({ race: 'nbd', name: `seq write new image, nbdcopy ${conns} conn`, bytes: size, measure: 'nbdcopy file → server, --flush', ours: o, peer: p, oursLabel: 'kscinc serve (ksc_inc)', peerLabel: 'qemu-nbd (qcow2)', goal: { min: 0.8 } }));
+    rows.push(
+      row({
+        race: 'nbd',
+        name: `seq write new image, nbdcopy ${conns} conn`,
+        bytes: size,
+        measure: 'nbdcopy file → server, --flush',
+        ours: o,
+        peer: p,
+        oursLabel: 'kscinc serve (ksc_inc)',
+        peerLabel: 'qemu-nbd (qcow2)',
+        goal: { min: 0.8 },
+      }),
+    );
   }
 
   // ---- overlays: 10% of the 64 KiB blocks rewritten, same blocks and bytes on both sides
@@ -177,14 +218,27 @@ export async function nbdRace(ctx) {
     try {
       execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', ours.uri, peer.uri]); // the same disk on both sides
       for (const conns of [1, CONN_MULTI]) {
-        const o = [], p = [];
+        const o = [],
+          p = [];
         for (let rep = 0; rep < reps; rep++) {
           await hostWarm(src, k, q);
           const order = rep % 2 ? ['p', 'o'] : ['o', 'p'];
           for (const s of order) (s === 'o' ? o : p).push(await timedRun('nbdcopy', [`--connections=${conns}`, s === 'o' ? ours.uri : peer.uri, 'null:']));
           log(`  nbd read overlay ${conns} conn rep ${rep + 1}/${reps}: ours ${o[rep].ms.toFixed(0)} ms, qemu-nbd ${p[rep].ms.toFixed(0)} ms`);
         }
-        rows.push(row({ race: 'nbd', name: `seq read overlay (10% rewritten), ${conns} conn`, bytes: size, measure: 'nbdcopy → null:', ours: o, peer: p, oursLabel: 'kscinc serve (ksc_inc overlay)', peerLabel: 'qemu-nbd (qcow2 overlay)', goal: { min: 0.8 } }));
+        rows.push(
+          row({
+            race: 'nbd',
+            name: `seq read overlay (10% rewritten), ${conns} conn`,
+            bytes: size,
+            measure: 'nbdcopy → null:',
+            ours: o,
+            peer: p,
+            oursLabel: 'kscinc serve (ksc_inc overlay)',
+            peerLabel: 'qemu-nbd (qcow2 overlay)',
+            goal: { min: 0.8 },
+          }),
+        );
       }
     } finally {
       await ours.stop();

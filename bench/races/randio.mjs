@@ -33,15 +33,17 @@ export async function randRace(ctx) {
   const res = { read: { ksc: [], raw: [] }, over: { ksc: [], raw: [] }, fresh: { ksc: [], raw: [] } };
   const open = (s, opts) => (s === 'ksc' ? kscSide(opts.path, opts) : rawSide(opts.path, opts));
   const pass = async (bucket, s, opts, p) => {
-    res[bucket][s].push(await retrying(async () => {
-      gc();
-      const side = await open(s, opts);
-      try {
-        return { ...(await ioPass(side, p)), intentSyncs: side.img?.intentSyncs };
-      } finally {
-        await side.close();
-      }
-    }));
+    res[bucket][s].push(
+      await retrying(async () => {
+        gc();
+        const side = await open(s, opts);
+        try {
+          return { ...(await ioPass(side, p)), intentSyncs: side.img?.intentSyncs };
+        } finally {
+          await side.close();
+        }
+      }),
+    );
   };
   for (let rep = 0; rep < reps; rep++) {
     const order = rep % 2 ? ['raw', 'ksc'] : ['ksc', 'raw'];
@@ -50,8 +52,10 @@ export async function randRace(ctx) {
     for (const s of order) await pass('over', s, { path: ctx.filled[s], write: true }, { kind: 'write', offsets: writeOffsets, req: RAND.req, depth: RAND.depth, dataFor });
     for (const s of order) await pass('fresh', s, { path: fresh[s], write: true, create: true, size }, { kind: 'write', offsets: writeOffsets, req: RAND.req, depth: RAND.depth, dataFor });
     const f = (b, s) => `${res[b][s][rep].ms.toFixed(0)}`;
-    log(`  rand rep ${rep + 1}/${reps}: read ksc ${f('read', 'ksc')} / raw ${f('read', 'raw')} ms; overwrite ksc ${f('over', 'ksc')} / raw ${f('over', 'raw')} ms; ` +
-      `new-file write ksc ${f('fresh', 'ksc')} / raw ${f('fresh', 'raw')} ms`);
+    log(
+      `  rand rep ${rep + 1}/${reps}: read ksc ${f('read', 'ksc')} / raw ${f('read', 'raw')} ms; overwrite ksc ${f('over', 'ksc')} / raw ${f('over', 'raw')} ms; ` +
+        `new-file write ksc ${f('fresh', 'ksc')} / raw ${f('fresh', 'raw')} ms`,
+    );
   }
   await rmf(fresh.ksc, fresh.raw);
 
@@ -64,11 +68,40 @@ export async function randRace(ctx) {
     'ours intent syncs': median(res[b].ksc.map((x) => x.intentSyncs)),
   });
   return [
-    row({ race: 3, name: 'random read 64 KiB QD16 (cold)', bytes, measure: `MB/s of bytes read; ${pattern}; fully written files; page cache dropped (both files pre-read once)`,
-      ours: res.read.ksc, peer: res.read.raw, oursLabel: 'KscImage.readInto', peerLabel: 'FileHandle.read on a raw file', extra: busy(res.read) }),
-    row({ race: 3, name: 'random write 64 KiB QD16, overwrite (incl. flush)', bytes, measure: `MB/s of bytes written; ${pattern}; over fully written files; flush()/fdatasync inside the timing`,
-      ours: res.over.ksc, peer: res.over.raw, oursLabel: 'KscImage.write (in place) + flush()', peerLabel: 'FileHandle.write + datasync()', goal: { min: 0.8 }, extra: flushExtra('over') }),
-    row({ race: 3, name: 'random write 64 KiB QD16, new file (incl. flush)', bytes, measure: `MB/s of bytes written; ${pattern}; into new empty files (allocating); flush()/fdatasync inside the timing`,
-      ours: res.fresh.ksc, peer: res.fresh.raw, oursLabel: 'KscImage.write on a new image + flush()', peerLabel: 'FileHandle.write on a new sparse raw file + datasync()', goal: { min: 0.8 }, extra: flushExtra('fresh') }),
+    row({
+      race: 3,
+      name: 'random read 64 KiB QD16 (cold)',
+      bytes,
+      measure: `MB/s of bytes read; ${pattern}; fully written files; page cache dropped (both files pre-read once)`,
+      ours: res.read.ksc,
+      peer: res.read.raw,
+      oursLabel: 'KscImage.readInto',
+      peerLabel: 'FileHandle.read on a raw file',
+      extra: busy(res.read),
+    }),
+    row({
+      race: 3,
+      name: 'random write 64 KiB QD16, overwrite (incl. flush)',
+      bytes,
+      measure: `MB/s of bytes written; ${pattern}; over fully written files; flush()/fdatasync inside the timing`,
+      ours: res.over.ksc,
+      peer: res.over.raw,
+      oursLabel: 'KscImage.write (in place) + flush()',
+      peerLabel: 'FileHandle.write + datasync()',
+      goal: { min: 0.8 },
+      extra: flushExtra('over'),
+    }),
+    row({
+      race: 3,
+      name: 'random write 64 KiB QD16, new file (incl. flush)',
+      bytes,
+      measure: `MB/s of bytes written; ${pattern}; into new empty files (allocating); flush()/fdatasync inside the timing`,
+      ours: res.fresh.ksc,
+      peer: res.fresh.raw,
+      oursLabel: 'KscImage.write on a new image + flush()',
+      peerLabel: 'FileHandle.write on a new sparse raw file + datasync()',
+      goal: { min: 0.8 },
+      extra: flushExtra('fresh'),
+    }),
   ];
 }

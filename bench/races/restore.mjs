@@ -37,7 +37,10 @@ export async function restoreRace(ctx) {
   }
   const out = { cliRaw: join(work, 'rs-cli.raw'), cliKsc: join(work, 'rs-cli.ksc'), libRaw: join(work, 'rs-lib.raw'), cp: join(work, 'rs-cp.raw'), s3Raw: join(work, 'rs-s3.raw') };
   const stats = { cliRaw: [], cliKsc: [], libRaw: [], s3Raw: [] };
-  const cliRestore = (o, extra = [], env = cliEnv(), loc = repoDir) => () => runCliJson(cli, ['restore', 'latest', o, '--repo', loc, ...extra], env);
+  const cliRestore =
+    (o, extra = [], env = cliEnv(), loc = repoDir) =>
+    () =>
+      runCliJson(cli, ['restore', 'latest', o, '--repo', loc, ...extra], env);
   const sides = {
     cliRaw: cliRestore(out.cliRaw),
     cliKsc: cliRestore(out.cliKsc, ['-O', 'kscinc']),
@@ -59,13 +62,15 @@ export async function restoreRace(ctx) {
     const order = names.map((_, i) => names[(i + rep) % names.length]);
     await hostWarm(src, ...packs);
     for (const n of order) {
-      res[n].push(await retrying(async () => {
-        await rmf(out[n]);
-        const r = await timedPass(ctx, sides[n], [out[n]]);
-        if (n === 'libRaw') await recyclePool();
-        if (stats[n] && r.out) stats[n].push(r.out);
-        return r;
-      }));
+      res[n].push(
+        await retrying(async () => {
+          await rmf(out[n]);
+          const r = await timedPass(ctx, sides[n], [out[n]]);
+          if (n === 'libRaw') await recyclePool();
+          if (stats[n] && r.out) stats[n].push(r.out);
+          return r;
+        }),
+      );
     }
     log(`  restore rep ${rep + 1}/${reps}: ${names.map((n) => `${n} ${res[n][rep].ms.toFixed(0)} ms`).join(', ')}`);
   }
@@ -95,18 +100,57 @@ export async function restoreRace(ctx) {
   });
   const cliName = relative(process.cwd(), cli);
   const rows = [
-    row({ race: 7, name: 'restore to raw (CLI) vs cp --sparse=always', bytes: size, measure, ours: res.cliRaw, peer: res.cp,
+    row({
+      race: 7,
+      name: 'restore to raw (CLI) vs cp --sparse=always',
+      bytes: size,
+      measure,
+      ours: res.cliRaw,
+      peer: res.cp,
       oursLabel: `kscinc restore latest OUT --repo DIR (${cliName}, a process, incl. Node start-up); fetched ${mibs(st.bytesFetched)}, wrote ${mibs(st.bytesWritten)}`,
-      peerLabel: cpLabel, goal: { min: 0.7 }, extra: extra('cliRaw') }),
-    row({ race: 7, name: 'restore to ksc_inc (CLI -O kscinc) vs cp', bytes: size, measure, ours: res.cliKsc, peer: res.cp,
-      oursLabel: 'kscinc restore latest OUT --repo DIR -O kscinc', peerLabel: cpLabel, goal: { min: 0.7 }, extra: extra('cliKsc') }),
-    row({ race: 7, name: 'restore to raw (library) vs cp', bytes: size, measure, ours: res.libRaw, peer: res.cp,
-      oursLabel: 'restoreBackup(folder repository, "latest", new raw file) in-process (warm worker pool), incl. opening the repository', peerLabel: cpLabel,
-      goal: { min: 0.7 }, extra: extra('libRaw') }),
+      peerLabel: cpLabel,
+      goal: { min: 0.7 },
+      extra: extra('cliRaw'),
+    }),
+    row({
+      race: 7,
+      name: 'restore to ksc_inc (CLI -O kscinc) vs cp',
+      bytes: size,
+      measure,
+      ours: res.cliKsc,
+      peer: res.cp,
+      oursLabel: 'kscinc restore latest OUT --repo DIR -O kscinc',
+      peerLabel: cpLabel,
+      goal: { min: 0.7 },
+      extra: extra('cliKsc'),
+    }),
+    row({
+      race: 7,
+      name: 'restore to raw (library) vs cp',
+      bytes: size,
+      measure,
+      ours: res.libRaw,
+      peer: res.cp,
+      oursLabel: 'restoreBackup(folder repository, "latest", new raw file) in-process (warm worker pool), incl. opening the repository',
+      peerLabel: cpLabel,
+      goal: { min: 0.7 },
+      extra: extra('libRaw'),
+    }),
   ];
   if (s3) {
-    rows.push(row({ race: 7, name: 'restore to raw from S3 (CLI) vs cp [S3]', bytes: size, measure: `${measure}; repository s3://${s3s.bucket}/… at ${s3s.endpoint}`,
-      ours: res.s3Raw, peer: res.cp, oursLabel: 'kscinc restore latest OUT --repo s3://BUCKET/PREFIX', peerLabel: cpLabel, extra: extra('s3Raw') }));
+    rows.push(
+      row({
+        race: 7,
+        name: 'restore to raw from S3 (CLI) vs cp [S3]',
+        bytes: size,
+        measure: `${measure}; repository s3://${s3s.bucket}/… at ${s3s.endpoint}`,
+        ours: res.s3Raw,
+        peer: res.cp,
+        oursLabel: 'kscinc restore latest OUT --repo s3://BUCKET/PREFIX',
+        peerLabel: cpLabel,
+        extra: extra('s3Raw'),
+      }),
+    );
   }
   return rows;
 }

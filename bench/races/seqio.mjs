@@ -67,8 +67,10 @@ export async function seqRace(ctx) {
     for (const s of order) w[s].push(await retrying(() => (gc(), writePass(ctx, s))));
     await hostWarm(ctx.filled.ksc, ctx.filled.raw);
     for (const s of order) r[s].push(await retrying(() => (gc(), readPass(ctx, s))));
-    log(`  seq rep ${rep + 1}/${reps}: write ksc ${w.ksc[rep].ms.toFixed(0)} ms (flush ${w.ksc[rep].flushMs.toFixed(0)}), raw ${w.raw[rep].ms.toFixed(0)} ms (fdatasync ${w.raw[rep].flushMs.toFixed(0)}); ` +
-      `read ksc ${r.ksc[rep].ms.toFixed(0)} ms, raw ${r.raw[rep].ms.toFixed(0)} ms`);
+    log(
+      `  seq rep ${rep + 1}/${reps}: write ksc ${w.ksc[rep].ms.toFixed(0)} ms (flush ${w.ksc[rep].flushMs.toFixed(0)}), raw ${w.raw[rep].ms.toFixed(0)} ms (fdatasync ${w.raw[rep].flushMs.toFixed(0)}); ` +
+        `read ksc ${r.ksc[rep].ms.toFixed(0)} ms, raw ${r.raw[rep].ms.toFixed(0)} ms`,
+    );
   }
   ctx.filled.ready = true;
 
@@ -82,11 +84,33 @@ export async function seqRace(ctx) {
 
   const pattern = `${SEQ.req / MiB} MiB requests, ${SEQ.depth} in flight, whole ${(size / 2 ** 30).toFixed(0)} GiB disk`;
   return [
-    row({ race: 2, name: 'sequential write 1 MiB QD8 (incl. flush)', bytes: size, measure: `MB/s of bytes written; ${pattern}; new files; flush()/fdatasync inside the timing`,
-      ours: w.ksc, peer: w.raw, oursLabel: 'KscImage.write on a new ksc_inc image + flush()', peerLabel: 'FileHandle.write on a new sparse raw file + datasync()',
-      extra: { ...busy(w), 'ours flush ms': median(w.ksc.map((x) => x.flushMs)).toFixed(0), 'raw fdatasync ms': median(w.raw.map((x) => x.flushMs)).toFixed(0),
-        'ours intent syncs': median(w.ksc.map((x) => x.intentSyncs)) } }),
-    row({ race: 2, name: 'sequential read 1 MiB QD8 (cold)', bytes: size, measure: `MB/s of bytes read; ${pattern}; page cache dropped before each pass (both files pre-read once, see hostWarm)`,
-      ours: r.ksc, peer: r.raw, oursLabel: 'KscImage.readInto on the fully written ksc_inc image', peerLabel: 'FileHandle.read on the fully written raw file', goal: { min: 0.9 }, extra: busy(r) }),
+    row({
+      race: 2,
+      name: 'sequential write 1 MiB QD8 (incl. flush)',
+      bytes: size,
+      measure: `MB/s of bytes written; ${pattern}; new files; flush()/fdatasync inside the timing`,
+      ours: w.ksc,
+      peer: w.raw,
+      oursLabel: 'KscImage.write on a new ksc_inc image + flush()',
+      peerLabel: 'FileHandle.write on a new sparse raw file + datasync()',
+      extra: {
+        ...busy(w),
+        'ours flush ms': median(w.ksc.map((x) => x.flushMs)).toFixed(0),
+        'raw fdatasync ms': median(w.raw.map((x) => x.flushMs)).toFixed(0),
+        'ours intent syncs': median(w.ksc.map((x) => x.intentSyncs)),
+      },
+    }),
+    row({
+      race: 2,
+      name: 'sequential read 1 MiB QD8 (cold)',
+      bytes: size,
+      measure: `MB/s of bytes read; ${pattern}; page cache dropped before each pass (both files pre-read once, see hostWarm)`,
+      ours: r.ksc,
+      peer: r.raw,
+      oursLabel: 'KscImage.readInto on the fully written ksc_inc image',
+      peerLabel: 'FileHandle.read on the fully written raw file',
+      goal: { min: 0.9 },
+      extra: busy(r),
+    }),
   ];
 }

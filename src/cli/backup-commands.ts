@@ -38,13 +38,20 @@ function repoOperand(location: string | undefined): string {
   return r;
 }
 
-const count = (flag: string) => (v: string): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new Error(`${flag} must be a whole number ≥ 0`);
-  return n;
-};
+const count =
+  (flag: string) =>
+  (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new Error(`${flag} must be a whole number ≥ 0`);
+    return n;
+  };
 
-async function withRepo<T>(location: string, mode: 'open' | 'create' | 'openOrInit', fn: (repo: Repository) => Promise<T>, opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {}): Promise<T> {
+async function withRepo<T>(
+  location: string,
+  mode: 'open' | 'create' | 'openOrInit',
+  fn: (repo: Repository) => Promise<T>,
+  opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {},
+): Promise<T> {
   const store: ObjectStore = await openStore(location, { create: mode !== 'open' });
   try {
     const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, opts) : await Repository.openOrInit(store, opts);
@@ -65,7 +72,11 @@ export function restoreCounts(r: { chunks: number; chunksZero: number; chunksUnc
 /** Left-aligned columns with a header row, two spaces apart (the last column unpadded). */
 export function table(header: string[], rows: string[][]): string {
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
-  const line = (r: string[]): string => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ').trimEnd();
+  const line = (r: string[]): string =>
+    r
+      .map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!)))
+      .join('  ')
+      .trimEnd();
   return [line(header), ...rows.map(line)].join('\n');
 }
 
@@ -106,7 +117,11 @@ function registerBackup(program: Command): void {
       // A bitmap named on purpose that does not exist is a typo as often as a wish: it would become a
       // permanent bitmap tracking every write. Only the default one is created unasked.
       const mustExist = typeof bitmap === 'string' && bitmap !== DEFAULT_BITMAP && !o.createBitmap;
-      const missingBitmap = (): KscError => new KscError('KSC_E_NOT_FOUND', `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`);
+      const missingBitmap = (): KscError =>
+        new KscError(
+          'KSC_E_NOT_FOUND',
+          `${image}: has no bitmap "${bitmap}": add --create-bitmap to create it (it then tracks every write until removed), or check the name with "kscinc bitmap list ${image}"`,
+        );
       const print = (r: BackupResult): void => {
         if (o.json) return printJson(r);
         println(`backup ${r.id} of ${image} (disk ${r.disk}) -> ${r.repository}`);
@@ -130,8 +145,11 @@ function registerBackup(program: Command): void {
           if (!has) throw missingBitmap();
         }
         const bar = progressBar('backup');
-        const r = await requestBackup(image, { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
-          (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes)).finally(bar.stop);
+        const r = await requestBackup(
+          image,
+          { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
+          (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
+        ).finally(bar.stop);
         if (!r) throw e;
         return print(r);
       }
@@ -140,14 +158,22 @@ function registerBackup(program: Command): void {
         throw missingBitmap();
       }
       try {
-        await withRepo(o.repo, 'openOrInit', async (repo) => {
-          const bar = progressBar('backup');
-          const r = await backupDevice(dev, repo, {
-            bitmap, full: o.full, tags: o.tag, source: image,
-            progress: (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
-          }).finally(bar.stop);
-          print(r);
-        }, { chunkSize: o.chunkSize });
+        await withRepo(
+          o.repo,
+          'openOrInit',
+          async (repo) => {
+            const bar = progressBar('backup');
+            const r = await backupDevice(dev, repo, {
+              bitmap,
+              full: o.full,
+              tags: o.tag,
+              source: image,
+              progress: (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
+            }).finally(bar.stop);
+            print(r);
+          },
+          { chunkSize: o.chunkSize },
+        );
       } finally {
         await dev.close();
       }
@@ -163,12 +189,15 @@ function registerRestore(program: Command): void {
     .addOption(repoOption())
     .option('-O, --output-format <fmt>', 'raw or kscinc, for a new file (default raw)', parseFormat, 'raw' as const)
     .option('--disk <uuid>', 'with "latest": the disk whose newest backup to restore')
-    .option('--force', 'overwrite an existing target that is not a copy of the backup\'s disk')
+    .option('--force', "overwrite an existing target that is not a copy of the backup's disk")
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--live', 'live restore: create a kscinc image that reads through to the backup (only the manifest is read now); serve it at once with "kscinc serve TARGET"')
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
-    .addHelpText('after', '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 64 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).')
+    .addHelpText(
+      'after',
+      '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 64 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).',
+    )
     .action(async (backup: string, target: string, o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; live?: boolean; json?: boolean }) => {
       const format = o.outputFormat;
       if (o.live) {
@@ -177,7 +206,9 @@ function registerRestore(program: Command): void {
           const r = await liveRestore(repo, o.repo, backup, target, { disk: o.disk });
           if (o.json) return printJson(r);
           println(`live-restored backup ${r.backup} to ${target} (kscinc, ${formatSize(r.size)}, reading through to ${r.location})`);
-          println(`  serve it now: kscinc serve ${target}; guest writes are tracked in bitmap "${r.bitmap}"${r.tokenRecord ? ' (the next backup is incremental)' : ' (the backup had no bitmap token: the next backup is full)'}`);
+          println(
+            `  serve it now: kscinc serve ${target}; guest writes are tracked in bitmap "${r.bitmap}"${r.tokenRecord ? ' (the next backup is incremental)' : ' (the backup had no bitmap token: the next backup is full)'}`,
+          );
           println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
         });
         return;
@@ -186,7 +217,13 @@ function registerRestore(program: Command): void {
         const bar = progressBar('restore');
         let r;
         try {
-          r = await restoreBackup(repo, backup, target, { format, disk: o.disk, force: o.force, concurrency: Math.max(1, o.concurrency), progress: (p) => bar.update(p.doneBytes, p.totalBytes) }).finally(bar.stop);
+          r = await restoreBackup(repo, backup, target, {
+            format,
+            disk: o.disk,
+            force: o.force,
+            concurrency: Math.max(1, o.concurrency),
+            progress: (p) => bar.update(p.doneBytes, p.totalBytes),
+          }).finally(bar.stop);
         } catch (e) {
           if (!(e as { partial?: boolean }).partial) throw e;
           process.stderr.write(`kscinc: ${(e as Error).message}\n`);
@@ -280,31 +317,45 @@ function registerPrune(program: Command): void {
     .option('--keep-weekly <n>', 'keep the newest backup of each of the last N weeks', count('--keep-weekly'))
     .option('--keep-monthly <n>', 'keep the newest backup of each of the last N months', count('--keep-monthly'))
     .option('--dry-run', 'only say what would be removed')
-    .option('--grace <duration>', 'delete a pack only once it has been unreferenced this long (storage clock; default 24h; 0 when no other kscinc process can use the repository)', (v) => (/^\s*0+(ms|s|m|h|d|w)?\s*$/i.test(v) ? 0 : parseDuration(v, '--grace')))
+    .option('--grace <duration>', 'delete a pack only once it has been unreferenced this long (storage clock; default 24h; 0 when no other kscinc process can use the repository)', (v) =>
+      /^\s*0+(ms|s|m|h|d|w)?\s*$/i.test(v) ? 0 : parseDuration(v, '--grace'),
+    )
     .option('--forget-damaged <ids...>', 'remove these damaged manifests (their backups are lost) instead of refusing to prune')
     .option('--json', 'print JSON')
     .description('remove backups by retention, then the chunks and packs nothing references (refuses while a manifest cannot be read)')
-    .action(async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
-      const policy = { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly };
-      await withRepo(o.repo, 'open', async (repo) => {
-        if (policyIsEmpty(policy)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
-        const bar = progressBar('prune', 'steps');
-        const r = await pruneRepo(repo, { ...policy, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
-        if (o.json) return printJson(r);
-        for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
-        for (const id of o.forgetDamaged ?? []) println(`${r.dryRun ? 'would forget' : 'forgot'} damaged backup ${id}`);
-        if (r.lockless) println('note: the lock object could not be written (file system full); pruned under the folder lock alone');
-        println(`${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.tempParts} interrupted upload part(s) removed, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`);
-        if (r.packsWaiting) println(`${r.packsWaiting} unreferenced pack(s) (${formatSize(r.bytesWaiting)}) wait for the grace period (${formatDuration(o.grace ?? 24 * 3600_000)} unreferenced) before a later prune deletes them`);
-        if (r.packsUnreadable.length) println(`warning: ${r.packsUnreadable.length} pack(s) whose footer cannot be read and no index names (no kept backup misses a chunk, so they are garbage): ${r.packsUnreadable.join(', ')}`);
-        if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
-        const c = r.copies;
-        for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
-        if (c.chunksWithCopies) println(`${c.chunksWithCopies} chunk(s) had several copies: kept one that passed its check${c.chunksWithoutGoodCopy.length + c.chunksUndecided.length ? ', except as below' : ''}`);
-        if (c.chunksWithoutGoodCopy.length) println(`warning: no copy of ${c.chunksWithoutGoodCopy.length} chunk(s) passed its check (all copies kept; run "kscinc verify"): ${c.chunksWithoutGoodCopy.join(', ')}`);
-        if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
-      });
-    });
+    .action(
+      async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
+        const policy = { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly };
+        await withRepo(o.repo, 'open', async (repo) => {
+          if (policyIsEmpty(policy)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
+          const bar = progressBar('prune', 'steps');
+          const r = await pruneRepo(repo, { ...policy, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
+          if (o.json) return printJson(r);
+          for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);
+          for (const id of o.forgetDamaged ?? []) println(`${r.dryRun ? 'would forget' : 'forgot'} damaged backup ${id}`);
+          if (r.lockless) println('note: the lock object could not be written (file system full); pruned under the folder lock alone');
+          println(
+            `${r.kept.length} kept, ${r.removed.length} ${r.dryRun ? 'to remove' : 'removed'}${r.dryRun ? '' : `; ${r.packsDeleted} packs deleted, ${r.packsRepacked} repacked, ${r.tempParts} interrupted upload part(s) removed, ${formatSize(Math.max(0, r.bytesFreed))} freed`}`,
+          );
+          if (r.packsWaiting)
+            println(
+              `${r.packsWaiting} unreferenced pack(s) (${formatSize(r.bytesWaiting)}) wait for the grace period (${formatDuration(o.grace ?? 24 * 3600_000)} unreferenced) before a later prune deletes them`,
+            );
+          if (r.packsUnreadable.length)
+            println(
+              `warning: ${r.packsUnreadable.length} pack(s) whose footer cannot be read and no index names (no kept backup misses a chunk, so they are garbage): ${r.packsUnreadable.join(', ')}`,
+            );
+          if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
+          const c = r.copies;
+          for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);
+          if (c.chunksWithCopies)
+            println(`${c.chunksWithCopies} chunk(s) had several copies: kept one that passed its check${c.chunksWithoutGoodCopy.length + c.chunksUndecided.length ? ', except as below' : ''}`);
+          if (c.chunksWithoutGoodCopy.length)
+            println(`warning: no copy of ${c.chunksWithoutGoodCopy.length} chunk(s) passed its check (all copies kept; run "kscinc verify"): ${c.chunksWithoutGoodCopy.join(', ')}`);
+          if (c.chunksUndecided.length) println(`warning: ${c.chunksUndecided.length} chunk(s) could not be checked (all copies kept): ${c.chunksUndecided.join(', ')}`);
+        });
+      },
+    );
 }
 
 /** kscinc repo init. */
@@ -316,14 +367,21 @@ function registerRepoInit(repo: Command): void {
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
     .option('--encrypt', 'encrypt and authenticate everything stored (password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, and/or --key-file); default: not encrypted')
     .option('--key-file <file>', 'with --encrypt: also write the master key to this new file (mode 0600; keep it outside the repository)')
-    .option('--kdf-n <n>', 'with --encrypt: scrypt cost N of the password\'s key (power of two; default 32768)', kdfN)
+    .option('--kdf-n <n>', "with --encrypt: scrypt cost N of the password's key (power of two; default 32768)", kdfN)
     .description('create an empty repository')
     .action(async (location: string | undefined, o: { chunkSize?: number; packSize?: number; encrypt?: boolean; keyFile?: string; kdfN?: number }) => {
       if (!o.encrypt && (o.keyFile || o.kdfN)) throw new KscError('KSC_E_INVALID', '--key-file and --kdf-n go with --encrypt');
       const encrypt: EncryptOptions | undefined = o.encrypt ? { password: unlockFromEnv().password, keyFile: o.keyFile, scrypt: o.kdfN ? { N: o.kdfN, r: 8, p: 1 } : undefined } : undefined;
-      await withRepo(repoOperand(location), 'create', async (r) => {
-        println(`created ${r.encrypted ? 'encrypted ' : ''}repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)}${r.encrypted ? `; ${r.keyId ? `key ${r.keyId}` : ''}${r.keyId && o.keyFile ? ', ' : ''}${o.keyFile ? `key file ${o.keyFile}` : ''}` : ''})`);
-      }, { chunkSize: o.chunkSize, packSize: o.packSize, encrypt });
+      await withRepo(
+        repoOperand(location),
+        'create',
+        async (r) => {
+          println(
+            `created ${r.encrypted ? 'encrypted ' : ''}repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)}${r.encrypted ? `; ${r.keyId ? `key ${r.keyId}` : ''}${r.keyId && o.keyFile ? ', ' : ''}${o.keyFile ? `key file ${o.keyFile}` : ''}` : ''})`,
+          );
+        },
+        { chunkSize: o.chunkSize, packSize: o.packSize, encrypt },
+      );
     });
 }
 
@@ -342,8 +400,15 @@ function registerRepoRepair(repo: Command): void {
       try {
         const r = await repairConfig(store, o);
         if (o.json) return printJson(r);
-        const from = { manifests: `from ${r.manifestsRead} manifest(s)`, packs: 'from the largest chunk in the packs (no readable manifest)', option: 'from --chunk-size', default: 'the default (no manifest, no readable pack)' }[r.chunkSizeFrom];
-        println(`${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`);
+        const from = {
+          manifests: `from ${r.manifestsRead} manifest(s)`,
+          packs: 'from the largest chunk in the packs (no readable manifest)',
+          option: 'from --chunk-size',
+          default: 'the default (no manifest, no readable pack)',
+        }[r.chunkSizeFrom];
+        println(
+          `${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`,
+        );
         if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
         if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);
       } finally {
@@ -358,13 +423,27 @@ function registerRepoLocks(repo: Command): void {
     .command('locks')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--json', 'print JSON')
-    .description('list the locks held on a repository (ages by the storage\'s clock)')
+    .description("list the locks held on a repository (ages by the storage's clock)")
     .action(async (location: string | undefined, o: { json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
         const refs = await listLiveRefs(r.store);
         // JSON: the array of locks, then one entry per live-restore reference (kind "live-restore").
-        if (o.json) return printJson([...locks, ...refs.map((x) => ({ key: x.key, kind: 'live-restore', backup: x.backup, image: x.body?.image ?? null, host: x.body?.host ?? null, ageMs: x.ageMs, garbage: !x.body, stale: x.stale, reason: x.reason }))]);
+        if (o.json)
+          return printJson([
+            ...locks,
+            ...refs.map((x) => ({
+              key: x.key,
+              kind: 'live-restore',
+              backup: x.backup,
+              image: x.body?.image ?? null,
+              host: x.body?.host ?? null,
+              ageMs: x.ageMs,
+              garbage: !x.body,
+              stale: x.stale,
+              reason: x.reason,
+            })),
+          ]);
         if (locks.length === 0) println('no locks');
         for (const l of locks) println(`${l.key}  ${l.garbage ? 'GARBAGE' : `${l.kind}  ${l.what}  host ${l.host} pid ${l.pid}`}  ${l.stale ? 'STALE' : 'live'}: ${l.reason}`);
         for (const x of refs) println(`${x.key}  ${x.body ? 'reference' : 'GARBAGE'}  ${x.stale ? 'STALE' : 'live'}: ${x.reason} (prune keeps backup ${x.backup ?? '?'})`);
@@ -379,7 +458,7 @@ function registerRepoUnlock(repo: Command): void {
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--force', 'remove every lock, live ones too (only when no kscinc process uses the repository)')
     .option('--all', 'the same as --force')
-    .option('--ref <key...>', 'also remove these live-restore references (refs/live/…), live ones too: their images then lose prune\'s protection')
+    .option('--ref <key...>', "also remove these live-restore references (refs/live/…), live ones too: their images then lose prune's protection")
     .option('--json', 'print JSON')
     .description('remove stale locks and garbage lock objects, and stale live-restore references; say why the others are kept')
     .action(async (location: string | undefined, o: { force?: boolean; all?: boolean; ref?: string[]; json?: boolean }) => {

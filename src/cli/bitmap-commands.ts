@@ -60,11 +60,14 @@ export function registerBitmapCommands(program: Command): void {
     .argument('<image>')
     .option('--all', 'also the internal bitmaps backups keep (NAME#TOKEN, NAME~frozen)')
     .option('--json', 'print JSON')
-    .addHelpText('after', `
+    .addHelpText(
+      'after',
+      `
 Internal bitmaps (hidden unless --all):
   NAME#TOKEN    empty marker: which backup in which repository NAME's bits count from (one per repository)
   NAME~frozen   the bits a backup under way is reading; merged back into NAME if that backup fails
-Do not remove them while a backup runs; removing NAME#TOKEN makes the next backup through NAME a full one.`)
+Do not remove them while a backup runs; removing NAME#TOKEN makes the next backup through NAME a full one.`,
+    )
     .action(async (image: string, o: { all?: boolean; json?: boolean }) => {
       const all = await withImage(image, false, (img) => img.listBitmaps());
       const list = o.all ? all : all.filter((b) => !isInternalBitmap(b.name));

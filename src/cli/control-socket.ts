@@ -130,5 +130,3 @@ function readRequest(sock: Socket, image: string, idleMs: number, log: (line: st
   };
   sock.on('data', onData);
 }
-
-

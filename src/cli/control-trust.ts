@@ -54,7 +54,10 @@ function refuse(message: string): KscError {
 function assertPrivateDir(dir: string, st: Stats): void {
   if (!st.isDirectory()) throw refuse(`control socket folder ${dir} is not a directory (a symlink or file is not trusted)`);
   if (!trustedUid(st.uid)) throw refuse(`control socket folder ${dir} belongs to uid ${st.uid}, not to us (uid ${myUid()}): refusing to use it`);
-  if (st.mode & 0o022) throw refuse(`control socket folder ${dir} is writable by ${st.mode & 0o002 ? 'everyone' : 'its group'} (mode ${(st.mode & 0o7777).toString(8)}): another user could plant a socket there; use a private folder (mode 0700)`);
+  if (st.mode & 0o022)
+    throw refuse(
+      `control socket folder ${dir} is writable by ${st.mode & 0o002 ? 'everyone' : 'its group'} (mode ${(st.mode & 0o7777).toString(8)}): another user could plant a socket there; use a private folder (mode 0700)`,
+    );
 }
 
 /** Server side: creates the run directory (0700) if missing and checks it; throws KSC_E_PERMISSION when it is not private. */

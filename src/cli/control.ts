@@ -26,7 +26,6 @@ export interface BackupRequest {
   chunkSize?: number;
 }
 
-
 function invalid(message: string): KscError {
   return new KscError('KSC_E_INVALID', `bad control request: ${message}`);
 }
@@ -74,7 +73,10 @@ interface Busy {
 export class BackupRequests {
   private readonly busy: (Busy | null)[];
 
-  constructor(private devices: { image: string; device: BlockDevice }[], private readonly log: (line: string) => void) {
+  constructor(
+    private devices: { image: string; device: BlockDevice }[],
+    private readonly log: (line: string) => void,
+  ) {
     this.busy = devices.map(() => null);
   }
 
@@ -112,13 +114,16 @@ export class BackupRequests {
     const { device } = this.devices[index]!;
     this.log(`kscinc serve: backup of ${image} to ${req.repo} requested`);
     void runBackup(image, device, req, (p) => sendMessage(sock, { progress: p }))
-      .then((result) => {
-        this.log(`kscinc serve: backup ${result.id} of ${image} done`);
-        sendMessage(sock, { result });
-      }, (e: unknown) => {
-        this.log(`kscinc serve: backup of ${image} failed: ${(e as Error).message}`);
-        sendMessage(sock, { error: { code: isKscError(e) ? e.code : 'KSC_E_IO', message: (e as Error).message } });
-      })
+      .then(
+        (result) => {
+          this.log(`kscinc serve: backup ${result.id} of ${image} done`);
+          sendMessage(sock, { result });
+        },
+        (e: unknown) => {
+          this.log(`kscinc serve: backup of ${image} failed: ${(e as Error).message}`);
+          sendMessage(sock, { error: { code: isKscError(e) ? e.code : 'KSC_E_IO', message: (e as Error).message } });
+        },
+      )
       .finally(() => {
         this.busy[index] = null;
         sock.end();
@@ -133,10 +138,15 @@ export class BackupRequests {
  */
 export async function startControl(devices: { image: string; device: BlockDevice }[], log: (line: string) => void, opts: ControlOptions = {}): Promise<() => Promise<void>> {
   const backups = new BackupRequests(devices, log);
-  return listenControl(devices.map((d) => d.image), (sock, line, index) => {
-    if (opts.other?.(sock, line, requestOp(line), index)) return;
-    backups.handle(sock, line, index);
-  }, log, opts);
+  return listenControl(
+    devices.map((d) => d.image),
+    (sock, line, index) => {
+      if (opts.other?.(sock, line, requestOp(line), index)) return;
+      backups.handle(sock, line, index);
+    },
+    log,
+    opts,
+  );
 }
 
 async function runBackup(image: string, device: BlockDevice, req: BackupRequest, progress: (p: BackupProgress) => void): Promise<BackupResult> {

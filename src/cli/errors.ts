@@ -60,7 +60,11 @@ export function plainErrno(e: unknown): string | null {
  * flag that sets it. Only these options have a flag of that name.
  */
 const FLAGS: Record<string, string> = {
-  force: '--force', forgetDamaged: '--forget-damaged', disk: '--disk', chunkSize: '--chunk-size', keyFile: '--key-file',
+  force: '--force',
+  forgetDamaged: '--forget-damaged',
+  disk: '--disk',
+  chunkSize: '--chunk-size',
+  keyFile: '--key-file',
   ref: '"kscinc repo unlock --ref"',
 };
 
@@ -79,7 +83,12 @@ export function errorLine(e: unknown): string {
     if (plain && isErrno(cause) && msg.includes(cause.message)) msg = msg.replace(cause.message, plain.replace(`${cause.path}: `, ''));
     msg = withFlagNames(msg);
   } else msg = plainErrno(e) ?? (e instanceof Error ? e.message : String(e));
-  return msg.split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ').replace(/:$/, '');
+  return msg
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '')
+    .join(' ')
+    .replace(/:$/, '');
 }
 
 /** A stable code for --json errors: the KscError code, else the Node errno, else KSC_E_INTERNAL. */

@@ -36,7 +36,10 @@ async function refuseNonKsc(image: string): Promise<void> {
   throw Object.assign(new KscError('KSC_E_FORMAT', what), { exitCode: EXIT.NOT_KSC });
 }
 
-const sizeArg = (what: string) => (v: string): number => parseSize(v, what);
+const sizeArg =
+  (what: string) =>
+  (v: string): number =>
+    parseSize(v, what);
 
 export function registerImageCommands(program: Command): void {
   registerCreate(program);
@@ -93,7 +96,9 @@ function registerInfo(program: Command): void {
         if (shown.length > 0) {
           println('bitmaps:');
           for (const b of shown) {
-            println(`  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}${isInternalBitmap(b.name) ? ' (internal)' : ''}`);
+            println(
+              `  ${b.name}: granularity ${formatSize(b.granularity)}, ${b.enabled ? 'enabled' : 'disabled'}, dirty ${formatSize(b.dirtyBytes)}${b.consistent ? '' : ' (inconsistent)'}${b.damage ? ` (damaged: ${b.damage})` : ''}${isInternalBitmap(b.name) ? ' (internal)' : ''}`,
+            );
           }
         }
         const hidden = info.bitmaps.length - shown.length;

@@ -41,12 +41,17 @@ export function kdfN(v: string): number {
 }
 
 export function registerKeyCommands(program: Command): void {
-  const key = program.command('key').description('manage the keys (passwords) of an encrypted repository; passwords come from KSCINC_PASSWORD_FILE / KSCINC_PASSWORD_COMMAND, new ones from KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND');
-  const common = (c: Command): Command => c
-    .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX', process.env.KSCINC_REPO)
-    .option('--key-file <file>', 'open with this key file instead of a password (default: KSCINC_KEY_FILE)');
-  common(key.command('list').description('list the key objects').option('--json', 'print JSON'))
-    .action(async (o: KeyOpts) => withKeys(o, async (store, _repo, _m, current) => {
+  const key = program
+    .command('key')
+    .description(
+      'manage the keys (passwords) of an encrypted repository; passwords come from KSCINC_PASSWORD_FILE / KSCINC_PASSWORD_COMMAND, new ones from KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND',
+    );
+  const common = (c: Command): Command =>
+    c
+      .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX', process.env.KSCINC_REPO)
+      .option('--key-file <file>', 'open with this key file instead of a password (default: KSCINC_KEY_FILE)');
+  common(key.command('list').description('list the key objects').option('--json', 'print JSON')).action(async (o: KeyOpts) =>
+    withKeys(o, async (store, _repo, _m, current) => {
       const rows = [];
       for (const id of await listKeyIds(store)) {
         try {
@@ -57,27 +62,50 @@ export function registerKeyCommands(program: Command): void {
         }
       }
       if (o.json) return printJson(rows);
-      for (const r of rows) println(`${r.current ? '*' : ' '} ${r.id}  ${'damaged' in r ? `DAMAGED: ${r.damaged}` : `${r.created}  ${r.user}@${r.host}  scrypt N=${r.scrypt?.N} r=${r.scrypt?.r} p=${r.scrypt?.p}`}`);
-    }));
-  common(key.command('add').description('add a key object wrapping the master key under a new password').option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN).option('--json', 'print JSON'))
-    .action(async (o: KeyOpts) => withKeys(o, async (store, repo, master) => {
+      for (const r of rows)
+        println(`${r.current ? '*' : ' '} ${r.id}  ${'damaged' in r ? `DAMAGED: ${r.damaged}` : `${r.created}  ${r.user}@${r.host}  scrypt N=${r.scrypt?.N} r=${r.scrypt?.r} p=${r.scrypt?.p}`}`);
+    }),
+  );
+  common(
+    key
+      .command('add')
+      .description('add a key object wrapping the master key under a new password')
+      .option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN)
+      .option('--json', 'print JSON'),
+  ).action(async (o: KeyOpts) =>
+    withKeys(o, async (store, repo, master) => {
       const id = await addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o));
       if (o.json) return printJson({ added: id });
       println(`added key ${id} (${store.name}/${keyObjectKey(id)})`);
-    }));
-  common(key.command('remove').argument('<id>', 'the key to remove (kscinc key list)').description('remove a key object (never the last one, nor the one opening the repository now)').option('--json', 'print JSON'))
-    .action(async (id: string, o: KeyOpts) => withKeys(o, async (store, _repo, _m, current) => {
+    }),
+  );
+  common(
+    key
+      .command('remove')
+      .argument('<id>', 'the key to remove (kscinc key list)')
+      .description('remove a key object (never the last one, nor the one opening the repository now)')
+      .option('--json', 'print JSON'),
+  ).action(async (id: string, o: KeyOpts) =>
+    withKeys(o, async (store, _repo, _m, current) => {
       if (id === current) throw new KscError('KSC_E_INVALID', `key ${id} is the one your password opens: remove it with another key's password, or change it with "kscinc key passwd"`);
       await removeKey(store, id);
       if (o.json) return printJson({ removed: id });
       println(`removed key ${id}`);
-    }));
-  common(key.command('passwd').description('change the password of the key your password opens (a new key object replaces it)').option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN).option('--json', 'print JSON'))
-    .action(async (o: KeyOpts) => withKeys(o, async (store, repo, master, current) => {
+    }),
+  );
+  common(
+    key
+      .command('passwd')
+      .description('change the password of the key your password opens (a new key object replaces it)')
+      .option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN)
+      .option('--json', 'print JSON'),
+  ).action(async (o: KeyOpts) =>
+    withKeys(o, async (store, repo, master, current) => {
       if (!current) throw new KscError('KSC_E_INVALID', 'a key file has no password to change; use "kscinc key add" to add a password');
       const id = await addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o)); // the new key lands first
       await store.delete(keyObjectKey(current));
       if (o.json) return printJson({ added: id, removed: current });
       println(`changed the password: key ${current} replaced by ${id}`);
-    }));
+    }),
+  );
 }

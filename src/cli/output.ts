@@ -26,4 +26,3 @@ export function parseFormat(text: string): ImageFormat {
   if (t === 'kscinc' || t === 'ksc_inc' || t === 'ksc') return 'ksc_inc';
   throw new KscError('KSC_E_INVALID', `unknown format "${text}" (use raw or kscinc)`);
 }
-

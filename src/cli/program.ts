@@ -41,7 +41,12 @@ export function groupFor(argv: string[]): string | null {
 
 /** Commander's error lines ("error: …", "(Did you mean …?)") as one line with the one prefix. */
 function oneLine(text: string): string {
-  return `kscinc: ${text.replace(/^error: /, '').split('\n').map((l) => l.trim()).filter((l) => l !== '').join(' ')}\n`;
+  return `kscinc: ${text
+    .replace(/^error: /, '')
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '')
+    .join(' ')}\n`;
 }
 
 /** A parser's KscError (bad size, bad number) becomes commander's: reported as a usage error, one line. */

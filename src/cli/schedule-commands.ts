@@ -34,11 +34,13 @@ const cliBackupImage: BackupImageFn = async (image, repo, opts) => {
   }
 };
 
-const whole = (flag: string, min: number, max: number) => (v: string): number => {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < min || n > max) throw new KscError('KSC_E_INVALID', `${flag} must be a whole number ${min}–${max}, not "${v}"`);
-  return n;
-};
+const whole =
+  (flag: string, min: number, max: number) =>
+  (v: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min || n > max) throw new KscError('KSC_E_INVALID', `${flag} must be a whole number ${min}–${max}, not "${v}"`);
+    return n;
+  };
 
 /** An ISO date (UTC midnight) or date-time with Z or an offset. */
 function parseFrom(text: string): number {
@@ -73,7 +75,9 @@ function renderStatus(s: JobStatus, job: ScheduleJob, now: number): void {
   if (s.onShutdown) println('  next run: on shutdown');
   else if (s.nextRun) {
     const t = Date.parse(s.nextRun);
-    println(`  next run: ${s.nextRun} (${formatLocal(t, job.timezone)})${s.nextRunKind === 'retry' ? `, a retry after ${s.attempts} failed attempt(s)` : ''}${t < now ? ' — overdue: is the daemon running?' : ''}`);
+    println(
+      `  next run: ${s.nextRun} (${formatLocal(t, job.timezone)})${s.nextRunKind === 'retry' ? `, a retry after ${s.attempts} failed attempt(s)` : ''}${t < now ? ' — overdue: is the daemon running?' : ''}`,
+    );
   } else println('  next run: none');
   const age = s.newestBackup ? ` (${formatDuration(now - Date.parse(s.newestBackup))} ago)` : '';
   const rpo = s.rpo === null ? '' : `; rpo ${s.rpo}: ${s.rpoMet ? 'met' : 'MISSED'}`;
@@ -94,10 +98,16 @@ export function registerScheduleCommands(program: Command): void {
       const { loadConfig, ScheduleDaemon, systemClock, pruneAt } = await engine();
       const config = await loadConfig(o.config);
       const log = (line: string): void => void process.stderr.write(`${line}\n`);
-      const daemon = new ScheduleDaemon(config, {
-        clock: systemClock, backupImage: cliBackupImage, log,
-        prune: (repo, keep, { timeZone }) => pruneAt(repo, keep, { timeZone }),
-      }, { parallel: o.parallel, shutdownTimeoutMs: o.shutdownTimeout });
+      const daemon = new ScheduleDaemon(
+        config,
+        {
+          clock: systemClock,
+          backupImage: cliBackupImage,
+          log,
+          prune: (repo, keep, { timeZone }) => pruneAt(repo, keep, { timeZone }),
+        },
+        { parallel: o.parallel, shutdownTimeoutMs: o.shutdownTimeout },
+      );
       const onSignal = (sig: NodeJS.Signals): void => {
         log(`${new Date().toISOString()} received ${sig}`);
         daemon.shutdown();

@@ -61,7 +61,9 @@ const log = (l: string): void => void process.stderr.write(`${l}\n`);
 /** The URIs, a warning for a non-loopback address, "ready". */
 function announce(addr: ListenAddress, names: string[]): void {
   if (!('path' in addr) && !isLoopback(addr.host)) {
-    process.stderr.write(`kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`);
+    process.stderr.write(
+      `kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`,
+    );
   }
   for (const name of names) {
     const enc = encodeURIComponent(name);
@@ -103,25 +105,33 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
   if (!c.readOnly) {
     // Not owning the control socket is fatal: someone else's socket would answer `kscinc backup` for us.
     try {
-      stopControl = await startControl(c.images.map((image, i) => ({ image, device: devices[i]! })), log, {
-        other: (sock, _line, op) => {
-          if (op === 'status') {
-            const now = Date.now();
-            const r: StatusResult = {
-              supervisor: null, worker: { pid: process.pid, version: packageVersion(), startedAt: startedAt.toISOString(), uptimeMs: now - startedAt.getTime() },
-              connections: server.connections, inFlight: server.inFlight, restarts: 0, lastUpgrade: null,
-            };
-            sendMessage(sock, { result: r });
-            sock.end();
-            return true;
-          }
-          if (op === 'upgrade') {
-            failRequest(sock, 'KSC_E_INVALID', 'this server runs without a supervisor (--no-supervisor): it cannot be upgraded in place; restart it');
-            return true;
-          }
-          return false;
+      stopControl = await startControl(
+        c.images.map((image, i) => ({ image, device: devices[i]! })),
+        log,
+        {
+          other: (sock, _line, op) => {
+            if (op === 'status') {
+              const now = Date.now();
+              const r: StatusResult = {
+                supervisor: null,
+                worker: { pid: process.pid, version: packageVersion(), startedAt: startedAt.toISOString(), uptimeMs: now - startedAt.getTime() },
+                connections: server.connections,
+                inFlight: server.inFlight,
+                restarts: 0,
+                lastUpgrade: null,
+              };
+              sendMessage(sock, { result: r });
+              sock.end();
+              return true;
+            }
+            if (op === 'upgrade') {
+              failRequest(sock, 'KSC_E_INVALID', 'this server runs without a supervisor (--no-supervisor): it cannot be upgraded in place; restart it');
+              return true;
+            }
+            return false;
+          },
         },
-      });
+      );
     } catch (e) {
       await server.close();
       await closeDevices(devices);
@@ -142,7 +152,10 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
 async function serveSupervised(c: ServeConfig, target: ListenTarget, what: string, maxRestarts: number | undefined): Promise<void> {
   const signals = untilSignal(() => {
     log('kscinc serve: SIGHUP: upgrading the worker');
-    sup.upgrade().then((r) => log(`kscinc serve: upgrade done: ${JSON.stringify(r)}`), (e: unknown) => log(`kscinc serve: upgrade failed: ${(e as Error).message}`));
+    sup.upgrade().then(
+      (r) => log(`kscinc serve: upgrade done: ${JSON.stringify(r)}`),
+      (e: unknown) => log(`kscinc serve: upgrade failed: ${(e as Error).message}`),
+    );
   });
   const sup: Supervisor = new Supervisor({ config: c, log, maxRestarts, onGiveUp: (why) => signals.giveUp(why) });
   let listener: { server: Server; address: ListenAddress };
@@ -184,11 +197,14 @@ function supervisorRequest(sup: Supervisor, sock: Socket, line: string, index: n
   if (op !== 'status' && op !== 'upgrade') return sup.control(sock, line, index);
   sock.on('error', () => undefined);
   const work: Promise<StatusResult | UpgradeResult> = op === 'status' ? sup.status() : sup.upgrade();
-  work.then((result) => {
-    sendMessage(sock, { result });
-    sock.end();
-    sock.resume();
-  }, (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message));
+  work.then(
+    (result) => {
+      sendMessage(sock, { result });
+      sock.end();
+      sock.resume();
+    },
+    (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message),
+  );
 }
 
 export function registerServeCommands(program: Command): void {
@@ -198,10 +214,14 @@ export function registerServeCommands(program: Command): void {
     .argument('<images...>', 'raw or ksc_inc images')
     .option('--listen <host:port>', 'TCP address (port 0 picks a free port)', '127.0.0.1:10809')
     .option('--socket <path>', 'listen on a unix socket instead of TCP')
-    .option('--export-name <name>', 'export name (one image only; default: empty, or each file\'s basename with several images)')
+    .option('--export-name <name>', "export name (one image only; default: empty, or each file's basename with several images)")
     .option('--read-only', 'refuse writes')
     .option('--description <text>', 'export description shown to clients')
-    .option('--bitmap <name>', 'offer only this dirty bitmap as qemu:dirty-bitmap:NAME (repeatable; default: every bitmap of the image, including ones created while serving)', (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
+    .option(
+      '--bitmap <name>',
+      'offer only this dirty bitmap as qemu:dirty-bitmap:NAME (repeatable; default: every bitmap of the image, including ones created while serving)',
+      (v: string, prev: string[] | undefined) => [...(prev ?? []), v],
+    )
     .option('--max-connections <n>', 'connections served at once; more are refused (default 64)', positiveInt('--max-connections'))
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
@@ -214,8 +234,13 @@ export function registerServeCommands(program: Command): void {
       const target: ListenTarget = fds.length > 0 ? { fd: fds[0]! } : o.socket ? { path: o.socket } : parseListen(o.listen ?? '127.0.0.1:10809');
       const what = fds.length > 0 ? `the socket systemd passed (fd ${fds[0]})` : (o.socket ?? o.listen ?? '127.0.0.1:10809');
       const config: ServeConfig = {
-        images, names, readOnly: !!o.readOnly, description: o.description, bitmap: o.bitmap,
-        maxConnections: o.maxConnections, shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
+        images,
+        names,
+        readOnly: !!o.readOnly,
+        description: o.description,
+        bitmap: o.bitmap,
+        maxConnections: o.maxConnections,
+        shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
       };
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
@@ -235,7 +260,9 @@ export function registerServeCommands(program: Command): void {
       println(`connections: ${r.connections}`);
       println(`in flight:   ${r.inFlight}`);
       println(`restarts:    ${r.restarts}`);
-      println(`last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`);
+      println(
+        `last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`,
+      );
     });
 
   program

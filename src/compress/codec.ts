@@ -83,7 +83,13 @@ export function blobRawLength(b: Buffer, maxRaw: number, encrypted = false): num
   if (b.length < BLOB_HEADER) throw new BlobError(`blob shorter than its header (${b.length} bytes)`);
   const magic = b.readUInt32LE(0);
   if (magic !== (encrypted ? BLOB_MAGIC_ENCRYPTED : BLOB_MAGIC)) {
-    throw new BlobError(magic === BLOB_MAGIC_ENCRYPTED ? 'blob is encrypted (KBLE) in a repository read without its key' : magic === BLOB_MAGIC ? 'blob is not encrypted (KBLB) in an encrypted repository' : 'bad blob magic');
+    throw new BlobError(
+      magic === BLOB_MAGIC_ENCRYPTED
+        ? 'blob is encrypted (KBLE) in a repository read without its key'
+        : magic === BLOB_MAGIC
+          ? 'blob is not encrypted (KBLB) in an encrypted repository'
+          : 'bad blob magic',
+    );
   }
   if (b[5] !== 0 || b[6] !== 0 || b[7] !== 0) throw new BlobError('blob reserved bytes not zero');
   const raw = b.readUInt32LE(8);

@@ -81,7 +81,12 @@ export interface PackedChunk {
  * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and
  * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer.
  */
-export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[], compress = true, opts: { inline?: boolean; keys?: BlobKeys } = {}): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
+export async function packBatch(
+  batch: Uint8Array<ArrayBuffer>,
+  lengths: number[],
+  compress = true,
+  opts: { inline?: boolean; keys?: BlobKeys } = {},
+): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
   if (batch.byteOffset !== 0 || batch.byteLength !== batch.buffer.byteLength) throw new Error('packBatch needs a buffer that owns its whole ArrayBuffer');
   let res: Buffer;
   let input: Buffer;
@@ -109,7 +114,14 @@ export async function packBatch(batch: Uint8Array<ArrayBuffer>, lengths: number[
 /** packBatch for separate chunk buffers (copied into one batch). */
 export async function packChunks(chunks: Buffer[], compress = true, keys?: BlobKeys): Promise<PackedChunk[]> {
   const data = concatOwned(chunks);
-  return (await packBatch(data, chunks.map((c) => c.length), compress, { keys })).chunks;
+  return (
+    await packBatch(
+      data,
+      chunks.map((c) => c.length),
+      compress,
+      { keys },
+    )
+  ).chunks;
 }
 
 /** Hashes a batch of chunks in a worker (zero id for all-zero chunks). */
@@ -141,10 +153,10 @@ export class SharedSlot {
  */
 export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number, keys?: BlobKeys): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
-  const r = (await getPool().run(
-    { op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys },
-    { transferList: [idBuf.buffer] },
-  )) as { lengths: number[]; errors: Record<string, string> };
+  const r = (await getPool().run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
+    lengths: number[];
+    errors: Record<string, string>;
+  };
   const out: Unpacked[] = [];
   let p = 0;
   for (let i = 0; i < ranges.length; i++) {

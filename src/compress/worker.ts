@@ -38,7 +38,10 @@ export interface HashTask {
 
 /** A result that moves several buffers back to the caller (the output, and the input for reuse). */
 class Moved {
-  constructor(private readonly value: unknown, private readonly list: ArrayBuffer[]) {}
+  constructor(
+    private readonly value: unknown,
+    private readonly list: ArrayBuffer[],
+  ) {}
   get [Piscina.transferableSymbol](): ArrayBuffer[] {
     return this.list;
   }

@@ -39,7 +39,8 @@ export function seal(dataKey: Buffer, kind: number, key: string, plain: Buffer |
 
 /** Opens a sealed object of `kind` stored under `key`; AuthError when it is not one, or fails its tag. */
 export function open(dataKey: Buffer, kind: number, key: string, sealed: Buffer): Buffer {
-  if (sealed.length < SEAL_OVERHEAD || !sealed.subarray(0, 8).equals(SEAL_MAGIC)) throw new AuthError(`not a sealed ${KIND_NAMES[kind] ?? 'object'} (no KSCSEAL1 envelope; truncated, or written without encryption)`);
+  if (sealed.length < SEAL_OVERHEAD || !sealed.subarray(0, 8).equals(SEAL_MAGIC))
+    throw new AuthError(`not a sealed ${KIND_NAMES[kind] ?? 'object'} (no KSCSEAL1 envelope; truncated, or written without encryption)`);
   if (sealed[8] !== kind) throw new AuthError(`holds a ${KIND_NAMES[sealed[8]!] ?? `kind-${sealed[8]} object`}, not a ${KIND_NAMES[kind]}`);
   if (sealed[9] !== 0 || sealed[10] !== 0 || sealed[11] !== 0) throw new AuthError('envelope reserved bytes not zero');
   const d = createDecipheriv('aes-256-gcm', dataKey, sealed.subarray(12, SEAL_HEADER));

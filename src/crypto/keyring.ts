@@ -53,7 +53,10 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     const master = await unwrapMaster(k, u.password ?? null);
     const keys = master && deriveKeys(master);
     if (!master || !keys || k.repository !== repoId || !keyMatches(keys, check)) {
-      throw new KscError('KSC_E_AUTH', `key file ${u.keyFile} does not open ${store.name}${k.repository !== repoId ? ` (it is the key of repository ${k.repository})` : master ? ' (its key is not this repository\'s)' : ' (wrong password)'}; nothing was changed`);
+      throw new KscError(
+        'KSC_E_AUTH',
+        `key file ${u.keyFile} does not open ${store.name}${k.repository !== repoId ? ` (it is the key of repository ${k.repository})` : master ? " (its key is not this repository's)" : ' (wrong password)'}; nothing was changed`,
+      );
     }
     return { keys, master, keyId: null };
   }
@@ -82,7 +85,10 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     return { keys, master, keyId: id };
   }
   const names = ids.map((id) => `${store.name}/${keyObjectKey(id)}`).join(', ');
-  throw new KscError('KSC_E_AUTH', `wrong password for ${store.name}: no key object opens with it (tried ${names}; a key object that was modified fails the same way)${damaged.length ? `; ${damaged.join('; ')}` : ''}. Nothing was changed`);
+  throw new KscError(
+    'KSC_E_AUTH',
+    `wrong password for ${store.name}: no key object opens with it (tried ${names}; a key object that was modified fails the same way)${damaged.length ? `; ${damaged.join('; ')}` : ''}. Nothing was changed`,
+  );
 }
 
 /** Adds a key object wrapping `master` under `password`; returns its id. */

@@ -63,9 +63,19 @@ export interface KeyObject {
 
 function checkScrypt(s: unknown, object: string): ScryptParams {
   const p = s as ScryptParams;
-  const ok = typeof p === 'object' && p !== null && Number.isInteger(p.N) && p.N >= 2 && (p.N & (p.N - 1)) === 0
-    && Number.isInteger(p.r) && p.r >= 1 && p.r <= 64 && Number.isInteger(p.p) && p.p >= 1 && p.p <= 16
-    && 128 * p.N * p.r <= MAX_SCRYPT_MEM;
+  const ok =
+    typeof p === 'object' &&
+    p !== null &&
+    Number.isInteger(p.N) &&
+    p.N >= 2 &&
+    (p.N & (p.N - 1)) === 0 &&
+    Number.isInteger(p.r) &&
+    p.r >= 1 &&
+    p.r <= 64 &&
+    Number.isInteger(p.p) &&
+    p.p >= 1 &&
+    p.p <= 16 &&
+    128 * p.N * p.r <= MAX_SCRYPT_MEM;
   if (!ok) throw new KscError('KSC_E_CORRUPT', `key ${object}: scrypt parameters ${JSON.stringify(s)} are not valid (N a power of two, 128·N·r ≤ 1 GiB)`);
   return p;
 }
@@ -86,7 +96,17 @@ export async function wrapMaster(master: Buffer, password: Buffer, repository: s
   const c = createCipheriv('aes-256-gcm', w, nonce);
   c.setAAD(wrapAad(repository));
   const ct = Buffer.concat([c.update(master), c.final(), c.getAuthTag()]);
-  return { format: 'kscinc-key', version: 1, repository, kdf: 'scrypt', scrypt: { ...s }, salt: salt.toString('base64'), nonce: nonce.toString('base64'), wrapped: ct.toString('base64'), created: new Date().toISOString() };
+  return {
+    format: 'kscinc-key',
+    version: 1,
+    repository,
+    kdf: 'scrypt',
+    scrypt: { ...s },
+    salt: salt.toString('base64'),
+    nonce: nonce.toString('base64'),
+    wrapped: ct.toString('base64'),
+    created: new Date().toISOString(),
+  };
 }
 
 /** A key file holding the master key itself (§13.3, kdf "none"): protect it like a private key. */
@@ -106,7 +126,11 @@ export function decodeKeyObject(b: Buffer, object: string): KeyObject {
   if (typeof k.repository !== 'string' || !/^[0-9a-f]{32}$/.test(k.repository)) throw new KscError('KSC_E_CORRUPT', `key ${object}: repository id missing`);
   if (k.kdf === 'scrypt') {
     checkScrypt(k.scrypt, object);
-    for (const [f, n] of [['salt', -1], ['nonce', 12], ['wrapped', 48]] as const) {
+    for (const [f, n] of [
+      ['salt', -1],
+      ['nonce', 12],
+      ['wrapped', 48],
+    ] as const) {
       const v = (k as unknown as Record<string, unknown>)[f];
       const len = typeof v === 'string' ? Buffer.from(v, 'base64').length : -1;
       if (n > 0 ? len !== n : len < 16) throw new KscError('KSC_E_CORRUPT', `key ${object}: ${f} missing or of the wrong length`);

@@ -96,12 +96,30 @@ async function commitBackup(repo: Repository, writer: PackWriter, lock: RepoLock
 }
 
 /** The result, in the order callers print it. */
-function resultOf(b: Pick<BackupResult, 'id' | 'repository' | 'disk' | 'parent' | 'full' | 'fullReason' | 'size' | 'chunks' | 'chunksDirty' | 'dedupe' | 'durationMs'>, s: PipelineStats, bytesUploaded: number): BackupResult {
+function resultOf(
+  b: Pick<BackupResult, 'id' | 'repository' | 'disk' | 'parent' | 'full' | 'fullReason' | 'size' | 'chunks' | 'chunksDirty' | 'dedupe' | 'durationMs'>,
+  s: PipelineStats,
+  bytesUploaded: number,
+): BackupResult {
   return {
-    id: b.id, repository: b.repository, disk: b.disk, parent: b.parent, full: b.full, fullReason: b.fullReason, size: b.size, chunks: b.chunks,
-    chunksDirty: b.chunksDirty, chunksNew: s.chunksNew, chunksReread: s.chunksReread, dedupe: b.dedupe,
-    bytesRead: s.bytesRead, bytesNew: s.bytesNew, bytesStored: s.bytesStored, bytesUploaded,
-    dedupeRatio: s.bytesNew > 0 ? s.dirtyNonZeroBytes / s.bytesNew : 1, durationMs: b.durationMs,
+    id: b.id,
+    repository: b.repository,
+    disk: b.disk,
+    parent: b.parent,
+    full: b.full,
+    fullReason: b.fullReason,
+    size: b.size,
+    chunks: b.chunks,
+    chunksDirty: b.chunksDirty,
+    chunksNew: s.chunksNew,
+    chunksReread: s.chunksReread,
+    dedupe: b.dedupe,
+    bytesRead: s.bytesRead,
+    bytesNew: s.bytesNew,
+    bytesStored: s.bytesStored,
+    bytesUploaded,
+    dedupeRatio: s.bytesNew > 0 ? s.dirtyNonZeroBytes / s.bytesNew : 1,
+    durationMs: b.durationMs,
     throughput: b.durationMs > 0 ? (s.bytesRead / b.durationMs) * 1000 : 0,
   };
 }
@@ -172,7 +190,14 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     let durationMs = 0;
     await commitBackup(repo, writer, lock, indexExtra, () => {
       durationMs = Math.round(performance.now() - t0);
-      const meta = { id, parent: parent?.meta.id ?? null, tags: opts.tags ?? [], source: opts.source ?? dev.name, bitmap, stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored, chunksDirty: read.count, durationMs } };
+      const meta = {
+        id,
+        parent: parent?.meta.id ?? null,
+        tags: opts.tags ?? [],
+        source: opts.source ?? dev.name,
+        bitmap,
+        stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored, chunksDirty: read.count, durationMs },
+      };
       return { full, disk, timeMs: pit.frozenAt, size: dev.size, chunkSize: C, bitmapToken: handover.newToken, ids, meta };
     });
     await handover.commit(); // §10 step 3: the new token, then drop the frozen bits

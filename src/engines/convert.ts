@@ -68,13 +68,17 @@ async function refuseChainMember(input: BlockDevice, dst: string): Promise<void>
   if (target === null) return;
   for (const d of chainOf(input)) {
     if ((await realpath(d.name).catch(() => d.name)) === target) {
-      throw new KscError('KSC_E_INVALID', `${dst}: is ${d === input ? 'the source image' : 'in the source\'s backing chain'}: convert to another file`);
+      throw new KscError('KSC_E_INVALID', `${dst}: is ${d === input ? 'the source image' : "in the source's backing chain"}: convert to another file`);
     }
   }
 }
 
 /** Copies the data-bearing ranges of `input` to `output` (which must read as zeros beforehand). */
-export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'> = {}): Promise<{ bytesRead: number; bytesWritten: number }> {
+export async function copyDevice(
+  input: BlockDevice,
+  output: BlockDevice,
+  opts: Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'> = {},
+): Promise<{ bytesRead: number; bytesWritten: number }> {
   if (output.size < input.size) throw new KscError('KSC_E_RANGE', `${output.name} is smaller than ${input.name}`);
   const cluster = allocationOf(output)?.clusterSize ?? null;
   const unit = cluster ?? 4096;

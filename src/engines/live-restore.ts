@@ -75,14 +75,25 @@ export async function liveRestore(repo: Repository, location: string, which: str
     throw e;
   }
   return {
-    backup: m.meta.id, disk: m.disk, target, size: m.size, chunkSize: m.chunkSize, location: stored, bitmap, tokenRecord, reference,
+    backup: m.meta.id,
+    disk: m.disk,
+    target,
+    size: m.size,
+    chunkSize: m.chunkSize,
+    location: stored,
+    bitmap,
+    tokenRecord,
+    reference,
     durationMs: Math.round(performance.now() - t0),
   };
 
   async function build(): Promise<void> {
     await buildNewFile(target, {}, async (temp) => {
       await KscImage.create(temp, {
-        size: m.size, blockSize, diskUuid: uuidToBytes(m.disk), backingName: stored,
+        size: m.size,
+        blockSize,
+        diskUuid: uuidToBytes(m.disk),
+        backingName: stored,
         backup: { disk: uuidToBytes(m.disk), root: m.root, chunkSize: m.chunkSize, id: m.meta.id },
       });
       // Opened without its backing: adding bitmaps reads no data.

@@ -105,7 +105,7 @@ export async function rebaseImage(imagePath: string, newBacking: string | null, 
   let next: BlockDevice | null = null;
   let copied = 0;
   try {
-    const fmt = newBacking === null ? null : opts.format ?? (await probeFormat(newBacking));
+    const fmt = newBacking === null ? null : (opts.format ?? (await probeFormat(newBacking)));
     if (newBacking !== null) {
       const abs = path.resolve(newBacking);
       if (abs === path.resolve(imagePath)) throw new KscError('KSC_E_LOOP', `rebase ${imagePath}: an image cannot be its own backing`);
@@ -162,4 +162,3 @@ async function copyDiffering(img: KscImage, next: BlockDevice | null, onProgress
   await img.flush();
   return copied;
 }
-

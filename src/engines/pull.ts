@@ -72,17 +72,27 @@ export async function pullImage(path: string, opts: PullOptions = {}): Promise<P
     await img.flush();
     b.checkLock();
     const left = await remainingChunks(img, b);
-    if (left.length > 0) throw new KscError('KSC_E_IO', `image ${path}: ${left.length} chunks (first ${left[0]}) still read through ${b.name} after the pull (a guest change raced it?); run pull again`);
+    if (left.length > 0)
+      throw new KscError('KSC_E_IO', `image ${path}: ${left.length} chunks (first ${left[0]}) still read through ${b.name} after the pull (a guest change raced it?); run pull again`);
     const stats = { ...b.stats };
     await img.setBacking(null, null, null); // flushes first (§4.2 rule 6)
     // Only now, with the header without the backing durable, may prune delete what the image read from
     // (repository.md §8.1). A reference left behind (repository away) only keeps the backup longer.
     let referenceLeft: string | null = null;
-    await b.dropReference(path).catch((e: unknown) => (referenceLeft = `the live-restore reference of ${path} could not be deleted (${(e as Error).message}); "kscinc repo unlock" removes it once stale`));
+    await b
+      .dropReference(path)
+      .catch((e: unknown) => (referenceLeft = `the live-restore reference of ${path} could not be deleted (${(e as Error).message}); "kscinc repo unlock" removes it once stale`));
     await b.close();
     return {
-      image: path, backup: b.manifest.meta.id, chunksRemaining: todo.length, chunksFetched: stats.chunksFetched, bytesFetched: stats.bytesFetched, reads: stats.reads,
-      detached: true, referenceLeft, durationMs: Math.round(performance.now() - t0),
+      image: path,
+      backup: b.manifest.meta.id,
+      chunksRemaining: todo.length,
+      chunksFetched: stats.chunksFetched,
+      bytesFetched: stats.bytesFetched,
+      reads: stats.reads,
+      detached: true,
+      referenceLeft,
+      durationMs: Math.round(performance.now() - t0),
     };
   } finally {
     await img.close();

@@ -55,7 +55,10 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
   if (own === disk) return null;
   if (dev.format === 'ksc_inc') return `it is a ksc_inc image of disk ${own}, not ${disk}`;
   type Mark = { format?: string; disk?: string; size?: number };
-  const mark = await readFile(markPath(target), 'utf8').then((t) => JSON.parse(t) as Mark | null, () => null);
+  const mark = await readFile(markPath(target), 'utf8').then(
+    (t) => JSON.parse(t) as Mark | null,
+    () => null,
+  );
   if (mark?.format === MARK_FORMAT && mark.disk === disk && mark.size === dev.size) return null;
   if (mark?.format === MARK_FORMAT && typeof mark.disk === 'string') return `its restore mark ${markPath(target)} says it is a copy of disk ${mark.disk}, not ${disk}`;
   return `it is a raw file that kscinc did not restore from disk ${disk} (no restore mark ${markPath(target)})`;
@@ -83,10 +86,17 @@ export async function publish(temp: string, target: string): Promise<void> {
  */
 export class PartialRestoreError extends KscError {
   readonly partial = true;
-  constructor(readonly target: string, written: number, total: number, cause: KscError | Error) {
-    super(isCode(cause) ? cause.code : 'KSC_E_IO',
+  constructor(
+    readonly target: string,
+    written: number,
+    total: number,
+    cause: KscError | Error,
+  ) {
+    super(
+      isCode(cause) ? cause.code : 'KSC_E_IO',
       `${target} was left PARTLY RESTORED (${written} of ${total} chunks to change were written; the rest still hold the old contents): ${cause.message}. Fix the cause and run the restore again to finish it`,
-      { cause });
+      { cause },
+    );
   }
 }
 

@@ -48,8 +48,7 @@ export interface RestoreResult {
   warnings: string[];
 }
 
-const notIndexed = (what: string, id: Buffer): KscError =>
-  new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
+const notIndexed = (what: string, id: Buffer): KscError => new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
 
 /**
  * A restore's reads for the chunk positions `ks` (ids from `idAt`), held in 8 bytes a position: each
@@ -105,7 +104,10 @@ async function checkPacks(repo: Repository, index: ChunkIndex, what: string): Pr
     if (!index.hasSlot(s)) continue;
     const hs = index.extraCopies === 0 ? [s] : index.copies(s);
     if (hs.some((h) => present.get(index.packName(h)))) continue;
-    throw new KscError('KSC_E_NOT_FOUND', `${what}: chunk ${index.idAt(s).toString('hex')} is in ${hs.map((h) => repo.objName(packKey(index.packName(h)))).join(', ')}, which ${hs.length > 1 ? 'are' : 'is'} missing (repository damaged: run "kscinc verify"); nothing was written`);
+    throw new KscError(
+      'KSC_E_NOT_FOUND',
+      `${what}: chunk ${index.idAt(s).toString('hex')} is in ${hs.map((h) => repo.objName(packKey(index.packName(h)))).join(', ')}, which ${hs.length > 1 ? 'are' : 'is'} missing (repository damaged: run "kscinc verify"); nothing was written`,
+    );
   }
 }
 
@@ -192,8 +194,19 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     }
     const durationMs = Math.round(performance.now() - t0);
     return {
-      backup: m.meta.id, target, format, size: m.size, chunks, chunksZero, chunksFetched: fetched.chunks, chunksUnchanged,
-      bytesFetched: fetched.bytes, bytesWritten: p.bytesWritten, durationMs, throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0, warnings,
+      backup: m.meta.id,
+      target,
+      format,
+      size: m.size,
+      chunks,
+      chunksZero,
+      chunksFetched: fetched.chunks,
+      chunksUnchanged,
+      bytesFetched: fetched.bytes,
+      bytesWritten: p.bytesWritten,
+      durationMs,
+      throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0,
+      warnings,
     };
   } catch (e) {
     throw await failure(e, existing, dev, file, target, p);
@@ -343,14 +356,16 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
     chunks++;
     const ks: number[] = [];
     for (let i = item.from!; i < item.to!; i++) ks.push(fetch[plan.order[i]!]!);
-    await Promise.all(ks.map(async (k) => {
-      if (data.length !== chunkLength(m, k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${chunkLength(m, k)}`);
-      await dev.write(k * C, data);
-      p.changed++;
-      p.bytesWritten += data.length;
-      done += data.length;
-      sinceFlush += data.length;
-    }));
+    await Promise.all(
+      ks.map(async (k) => {
+        if (data.length !== chunkLength(m, k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${chunkLength(m, k)}`);
+        await dev.write(k * C, data);
+        p.changed++;
+        p.bytesWritten += data.length;
+        done += data.length;
+        sinceFlush += data.length;
+      }),
+    );
     if (sinceFlush >= 64 * 1024 * 1024 && !flushing) {
       sinceFlush = 0;
       flushing = dev.flush().finally(() => (flushing = null));

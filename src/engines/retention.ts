@@ -67,8 +67,17 @@ export function selectKeep(items: Dated[], p: KeepPolicy, timeZone?: string): Ma
       if (seen.size >= n) break;
     }
   };
-  bucket(p.daily, 'daily', (t) => { const x = parts(t, timeZone); return `${x.y}-${x.m}-${x.d}`; });
-  bucket(p.weekly, 'weekly', (t) => { const x = parts(t, timeZone); return isoWeek(x.y, x.m, x.d); });
-  bucket(p.monthly, 'monthly', (t) => { const x = parts(t, timeZone); return `${x.y}-${x.m}`; });
+  bucket(p.daily, 'daily', (t) => {
+    const x = parts(t, timeZone);
+    return `${x.y}-${x.m}-${x.d}`;
+  });
+  bucket(p.weekly, 'weekly', (t) => {
+    const x = parts(t, timeZone);
+    return isoWeek(x.y, x.m, x.d);
+  });
+  bucket(p.monthly, 'monthly', (t) => {
+    const x = parts(t, timeZone);
+    return `${x.y}-${x.m}`;
+  });
   return keep;
 }

@@ -32,7 +32,10 @@ export interface VerifyResult {
  * Under a shared lock (§8 rule 6: a prune cannot remove what verify is reading); a verify whose lock was
  * lost meanwhile fails with KSC_E_LOCKED rather than report what a prune removed as damage.
  */
-export async function verifyRepo(repo: Repository, opts: { backup?: string; concurrency?: number; lockWaitMs?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {}): Promise<VerifyResult> {
+export async function verifyRepo(
+  repo: Repository,
+  opts: { backup?: string; concurrency?: number; lockWaitMs?: number; progress?: (chunksDone: number, chunksTotal: number) => void } = {},
+): Promise<VerifyResult> {
   const lock = await repo.readerLock(`verify${opts.backup ? ` of backup ${opts.backup}` : ''}`, opts.lockWaitMs);
   try {
     const r = await verifyLocked(repo, opts);
@@ -89,7 +92,12 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
  * backup: only the index entries of its chunks are kept (memory follows the backup). All of them: the
  * whole index. Damaged index objects are named in `damage`.
  */
-async function loadManifestAndIndex(repo: Repository, backup: string | undefined, damage: Damage[], manifestDamage: (id: string, e: KscError) => void): Promise<{ single: Manifest | null; index: ChunkIndex }> {
+async function loadManifestAndIndex(
+  repo: Repository,
+  backup: string | undefined,
+  damage: Damage[],
+  manifestDamage: (id: string, e: KscError) => void,
+): Promise<{ single: Manifest | null; index: ChunkIndex }> {
   let single: Manifest | null = null;
   let only: ((b: Buffer, at: number) => boolean) | undefined;
   if (backup) {
@@ -114,7 +122,14 @@ async function loadManifestAndIndex(repo: Repository, backup: string | undefined
  * by id, with their users; named in `damage`). Manifests are marked as they are read and not kept.
  * Returns the marks and the ids of the backups read.
  */
-async function markUsed(repo: Repository, index: ChunkIndex, backup: string | undefined, single: Manifest | null, damage: Damage[], manifestDamage: (id: string, e: KscError) => void): Promise<{ used: Uint8Array; readable: string[] }> {
+async function markUsed(
+  repo: Repository,
+  index: ChunkIndex,
+  backup: string | undefined,
+  single: Manifest | null,
+  damage: Damage[],
+  manifestDamage: (id: string, e: KscError) => void,
+): Promise<{ used: Uint8Array; readable: string[] }> {
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
   const mark = (m: Manifest): string => {
@@ -164,7 +179,12 @@ function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]
  * Reads and checks every copy: each pack on its own (coalesced), so a bad blob or a missing pack names
  * that pack and the others keep going.
  */
-async function readChunks(repo: Repository, index: ChunkIndex, byPack: Map<number, number[]>, opts: VerifyOptions): Promise<{ badCopies: Set<number>; checked: number; bytesRead: number; damagedPacks: DamagedPack[] }> {
+async function readChunks(
+  repo: Repository,
+  index: ChunkIndex,
+  byPack: Map<number, number[]>,
+  opts: VerifyOptions,
+): Promise<{ badCopies: Set<number>; checked: number; bytesRead: number; damagedPacks: DamagedPack[] }> {
   /** Copy handles that failed their check (few: kept in a set). */
   const badCopies = new Set<number>();
   let checked = 0;
@@ -211,7 +231,10 @@ async function checkAllPackEnds(repo: Repository, index: ChunkIndex, byPack: Map
   const listed = await repo.listPacks();
   const ends = new Map<string, string>();
   const toCheck: [string, number][] = oneBackup
-    ? [...byPack.values()].map((hs) => index.packName(hs[0]!)).filter((p) => listed.has(p)).map((p) => [p, listed.get(p)!.size])
+    ? [...byPack.values()]
+        .map((hs) => index.packName(hs[0]!))
+        .filter((p) => listed.has(p))
+        .map((p) => [p, listed.get(p)!.size])
     : [...listed].map(([p, info]) => [p, info.size]);
   const packNo = new Map(index.packList().map((p, i) => [p, i]));
   await mapLimit(toCheck, 4, async ([pack, size]) => {
@@ -241,8 +264,14 @@ async function nameDamagedPacks(repo: Repository, index: ChunkIndex, readable: s
   });
   for (const d of damagedPacks) {
     const saved = d.copies.filter((h) => used[index.slotOfCopy(h)] !== 1);
-    const problem = saved.length === 0 ? d.problem
-      : `${d.problem}; ${saved.length} of its ${d.copies.length} damaged chunk(s) have an intact copy in another pack (restore reads it, prune keeps it), e.g. chunk ${index.idAt(saved[0]!).toString('hex')} also in ${index.copies(index.slotOfCopy(saved[0]!)).filter((c) => !badCopies.has(c)).map((c) => repo.objName(packKey(index.packName(c)))).join(', ')}`;
+    const problem =
+      saved.length === 0
+        ? d.problem
+        : `${d.problem}; ${saved.length} of its ${d.copies.length} damaged chunk(s) have an intact copy in another pack (restore reads it, prune keeps it), e.g. chunk ${index.idAt(saved[0]!).toString('hex')} also in ${index
+            .copies(index.slotOfCopy(saved[0]!))
+            .filter((c) => !badCopies.has(c))
+            .map((c) => repo.objName(packKey(index.packName(c))))
+            .join(', ')}`;
     damage.push({ object: d.object, problem, backups: [...broken.get(d.object)!].sort() });
   }
 }

@@ -2,8 +2,21 @@
 import { crc32 } from 'node:zlib';
 import { KscError, corrupt } from '../errors.js';
 import {
-  BackingFormat, BITMAP_SLOTS, HEADER_SIZE, KNOWN_INCOMPAT, MAGIC, MAP_PAGE_BITS, MAX_BACKING_NAME,
-  DEFAULT_INTENT_BITS, MAX_BLOCK_BITS, MAX_DEFAULT_INTENT_REGIONS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS, VERSION,
+  BackingFormat,
+  BITMAP_SLOTS,
+  HEADER_SIZE,
+  KNOWN_INCOMPAT,
+  MAGIC,
+  MAP_PAGE_BITS,
+  MAX_BACKING_NAME,
+  DEFAULT_INTENT_BITS,
+  MAX_BLOCK_BITS,
+  MAX_DEFAULT_INTENT_REGIONS,
+  MAX_DIRECTORY_ENTRIES,
+  MAX_INTENT_BITS,
+  MAX_VIRTUAL_SIZE,
+  MIN_BLOCK_BITS,
+  VERSION,
 } from './constants.js';
 
 /** §4.2: the backup a live-restored image reads through to (backing_format 3). */

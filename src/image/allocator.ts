@@ -9,7 +9,10 @@ export class Allocator {
   /** 4 KiB pieces for metadata (see allocMeta). */
   private metaPieces: number[] = [];
 
-  constructor(private end: number, readonly clusterSize: number) {}
+  constructor(
+    private end: number,
+    readonly clusterSize: number,
+  ) {}
 
   get fileEnd(): number {
     return this.end;

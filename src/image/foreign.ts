@@ -43,7 +43,10 @@ export function foreignFormat(head: Buffer, tail: Buffer | null): string | null 
 /** The one-line refusal: names the file and the format and says how to convert it. */
 export function foreignError(file: string, format: string): KscError {
   if (format === 'LUKS') {
-    return new KscError('KSC_E_FORMAT', `${file}: is a LUKS-encrypted image, which kscinc does not read (only raw and ksc_inc): decrypt it first, e.g. qemu-img convert --object secret,id=s0,file=KEYFILE --image-opts driver=luks,key-secret=s0,file.filename=${file} -O raw ${file}.raw`);
+    return new KscError(
+      'KSC_E_FORMAT',
+      `${file}: is a LUKS-encrypted image, which kscinc does not read (only raw and ksc_inc): decrypt it first, e.g. qemu-img convert --object secret,id=s0,file=KEYFILE --image-opts driver=luks,key-secret=s0,file.filename=${file} -O raw ${file}.raw`,
+    );
   }
   const qf = format.startsWith('vpc') ? 'vpc' : format;
   return new KscError('KSC_E_FORMAT', `${file}: is a ${format} image, which kscinc does not read (only raw and ksc_inc): convert it first, e.g. qemu-img convert -f ${qf} -O raw ${file} ${file}.raw`);

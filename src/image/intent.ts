@@ -70,13 +70,13 @@ export class IntentLog {
       const rec = raw.subarray(w * 16, w * 16 + 16);
       let bad: string | null = null;
       if (!sealOk(rec, TAG_INTENT, w) || rec.readUInt32LE(8) !== 0) bad = 'checksum mismatch';
-      else if (w * 64 + 64 > regions && (rec.readBigUInt64LE(0) >> BigInt(Math.max(0, regions - w * 64))) !== 0n) bad = 'has a bit past the end of the disk';
+      else if (w * 64 + 64 > regions && rec.readBigUInt64LE(0) >> BigInt(Math.max(0, regions - w * 64)) !== 0n) bad = 'has a bit past the end of the disk';
       if (bad !== null) {
         damaged.push(corrupt(file, 'intent words', `word ${w} at offset 0x${(offset + w * 16).toString(16)} ${bad}`).message);
         damagedWords.push(w);
         rec.fill(0);
         for (let r = w * 64; r < Math.min(regions, w * 64 + 64) && dirty; r++) {
-          const half = (r % 64) >= 32 ? 4 : 0;
+          const half = r % 64 >= 32 ? 4 : 0;
           rec.writeUInt32LE((rec.readUInt32LE(half) | (1 << (r % 32))) >>> 0, half);
         }
         seal(rec, TAG_INTENT, w);
@@ -96,7 +96,12 @@ export class IntentLog {
   /** Writes the 4 KiB spans holding these words from memory, durably (repairs damaged words, see decode). */
   async rewriteWords(words: number[]): Promise<void> {
     if (words.length === 0) return;
-    await this.enqueue(() => this.writeWords(words.map((w) => w * 64), true));
+    await this.enqueue(() =>
+      this.writeWords(
+        words.map((w) => w * 64),
+        true,
+      ),
+    );
   }
 
   adoptSet(regions: number[]): void {
@@ -250,7 +255,7 @@ export class IntentLog {
   private setRawBit(r: number, on: boolean): void {
     const w = Math.floor(r / 64);
     const rec = this.raw.subarray(w * 16, w * 16 + 16);
-    const half = (r % 64) >= 32 ? 4 : 0;
+    const half = r % 64 >= 32 ? 4 : 0;
     const bit = 1 << (r % 32);
     const v = rec.readUInt32LE(half);
     rec.writeUInt32LE((on ? v | bit : v & ~bit) >>> 0, half);

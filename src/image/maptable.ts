@@ -6,10 +6,7 @@
  */
 import { corrupt } from '../errors.js';
 import type { HostFile } from '../io/file.js';
-import {
-  BlockState, DESC_CSUM_VALID, DESC_RESERVED_MASK, DESC_STATE_MASK, MAP_PAGE_BYTES,
-  MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP,
-} from '../format/constants.js';
+import { BlockState, DESC_CSUM_VALID, DESC_RESERVED_MASK, DESC_STATE_MASK, MAP_PAGE_BYTES, MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP } from '../format/constants.js';
 import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
 
 const SUBPAGE = 4096;
@@ -29,7 +26,11 @@ export class MapPage {
   damaged: Map<number, string> | null = null;
   dirtyCount = 0;
 
-  constructor(readonly index: number, public hostOffset: number, readonly raw: Buffer) {}
+  constructor(
+    readonly index: number,
+    public hostOffset: number,
+    readonly raw: Buffer,
+  ) {}
 }
 
 export interface MapWrite {

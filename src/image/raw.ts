@@ -15,7 +15,11 @@ export class RawDevice implements BlockDevice {
   private dataRun: { start: number; end: number } | null = null;
   private punches = 0;
 
-  private constructor(private readonly file: HostFile, readonly size: number, readonly readOnly: boolean) {}
+  private constructor(
+    private readonly file: HostFile,
+    readonly size: number,
+    readonly readOnly: boolean,
+  ) {}
 
   get name(): string {
     return this.file.path;

@@ -115,7 +115,10 @@ class FaultHostFile implements HostFile {
   writeDurable?: HostFile['writeDurable'];
   writeWithCrcs?: HostFile['writeWithCrcs'];
 
-  constructor(private readonly inner: HostFile, private readonly gate: StepGate) {
+  constructor(
+    private readonly inner: HostFile,
+    private readonly gate: StepGate,
+  ) {
     if (inner.writeDurable) this.writeDurable = (buf, pos) => this.step(`durable write at ${pos}`, () => inner.writeDurable!(buf, pos));
     if (inner.writeWithCrcs) this.writeWithCrcs = (buf, pos, bs) => this.step(`write at ${pos}`, () => inner.writeWithCrcs!(buf, pos, bs));
   }

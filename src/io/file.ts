@@ -110,7 +110,11 @@ class NodeHostFile implements HostFile {
   /** The addon's readCached (null: not available or not supported by this file system); undefined until the first read. */
   private readCached: NativeOps['readCached'] | null | undefined = undefined;
 
-  constructor(readonly path: string, private readonly fh: fsp.FileHandle, readonly writable: boolean) {}
+  constructor(
+    readonly path: string,
+    private readonly fh: fsp.FileHandle,
+    readonly writable: boolean,
+  ) {}
 
   async read(buf: Buffer, position: number): Promise<number> {
     assertPosition(this.path, position, buf.length);
@@ -122,7 +126,8 @@ class NodeHostFile implements HostFile {
     if (this.readCached && buf.length <= CACHED_READ_MAX) {
       try {
         const n = this.readCached(this.fh.fd, buf, position);
-        if (n === -2) this.readCached = null; // not supported here: never again for this file
+        if (n === -2)
+          this.readCached = null; // not supported here: never again for this file
         else done = n;
       } catch {
         done = 0; // the read below meets the same error and reports it
@@ -173,7 +178,11 @@ class NodeHostFile implements HostFile {
   }
 
   async writev(bufs: Buffer[], position: number): Promise<void> {
-    assertPosition(this.path, position, bufs.reduce((n, b) => n + b.length, 0));
+    assertPosition(
+      this.path,
+      position,
+      bufs.reduce((n, b) => n + b.length, 0),
+    );
     const pending = bufs.filter((b) => b.length > 0);
     for (const b of pending) touchPages(b);
     let pos = position;
@@ -310,7 +319,6 @@ function assertPosition(path: string, position: number, length: number): void {
     throw new KscError('KSC_E_RANGE', `${path}: file offset ${position} is outside 0 … 2^53`);
   }
 }
-
 
 function lockedError(path: string): KscError {
   return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle`);

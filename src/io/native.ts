@@ -91,9 +91,7 @@ export interface NativeOps {
 const OP_NAMES = ['punchHole', 'zeroRange', 'seekData', 'seekHole', 'flock', 'funlock'] as const;
 
 /** dist/io/native.js and src/io/native.ts are both two levels below the package root. */
-const DEFAULT_ADDON_PATH = fileURLToPath(
-  new URL('../../native/build/Release/kscinc_native.node', import.meta.url),
-);
+const DEFAULT_ADDON_PATH = fileURLToPath(new URL('../../native/build/Release/kscinc_native.node', import.meta.url));
 
 const requireFromHere = createRequire(import.meta.url);
 

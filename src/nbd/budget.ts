@@ -53,7 +53,10 @@ export class ConnectionShare {
   private pending = 0;
   private released: { promise: Promise<void>; resolve: () => void } | null = null;
 
-  constructor(private readonly server: ByteBudget, private readonly max: number) {}
+  constructor(
+    private readonly server: ByteBudget,
+    private readonly max: number,
+  ) {}
 
   /**
    * Waits until `cost` bytes fit this share and the server budget, then holds them; the returned function

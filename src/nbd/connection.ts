@@ -54,7 +54,14 @@ export class Connection implements Link {
   private drained: Promise<void> | null = null;
   private transmission: Transmission | null = null;
 
-  constructor(private readonly server: ServerContext, private readonly socket: net.Socket, readonly id: number, private readonly peer: string, readonly log: (l: string) => void, private readonly adoption?: Adoption) {
+  constructor(
+    private readonly server: ServerContext,
+    private readonly socket: net.Socket,
+    readonly id: number,
+    private readonly peer: string,
+    readonly log: (l: string) => void,
+    private readonly adoption?: Adoption,
+  ) {
     socket.setNoDelay(true);
     widenSendBuffer(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process
@@ -120,7 +127,8 @@ export class Connection implements Link {
       if (state) {
         const found = this.server.findExport(state.exportName);
         if (!found) throw new Error(`export "${state.exportName}" is gone`);
-        if (this.adoption && found.exp.device.size !== state.exportSize) throw new Error(`adopted connection: export "${state.exportName}" is ${found.exp.device.size} bytes now, the client was told ${state.exportSize}`);
+        if (this.adoption && found.exp.device.size !== state.exportSize)
+          throw new Error(`adopted connection: export "${state.exportName}" is ${found.exp.device.size} bytes now, the client was told ${state.exportSize}`);
         this.transmission = new Transmission(this, this.server, Object.freeze(state), found.exp);
         if (this.pauseRequested && !this.stopRequested) this.transmission.paused = true;
         else await this.transmission.run();
@@ -192,14 +200,17 @@ export class Connection implements Link {
       const stallMs = this.server.stallTimeoutMs;
       let low = s.writableLength;
       let since = Date.now();
-      const tick = setInterval(() => {
-        if (s.writableLength < low) {
-          low = s.writableLength;
-          since = Date.now();
-        } else if (Date.now() - since >= stallMs) {
-          this.cut(`the client took no byte of its replies for ${stallMs} ms`);
-        }
-      }, Math.max(10, Math.min(1000, stallMs / 4)));
+      const tick = setInterval(
+        () => {
+          if (s.writableLength < low) {
+            low = s.writableLength;
+            since = Date.now();
+          } else if (Date.now() - since >= stallMs) {
+            this.cut(`the client took no byte of its replies for ${stallMs} ms`);
+          }
+        },
+        Math.max(10, Math.min(1000, stallMs / 4)),
+      );
       const done = (): void => {
         clearInterval(tick);
         s.off('drain', done);

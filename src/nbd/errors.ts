@@ -10,7 +10,10 @@ import { KscError, isKscError } from '../errors.js';
 import { CMD, ERR } from './wire.js';
 
 export class NbdRequestError extends Error {
-  constructor(readonly errno: number, message: string) {
+  constructor(
+    readonly errno: number,
+    message: string,
+  ) {
     super(message);
     this.name = 'NbdRequestError';
   }
@@ -24,7 +27,10 @@ export type NbdViolation =
   | 'timeout'; // handshake not completed in time
 
 export class NbdProtocolError extends KscError {
-  constructor(readonly violation: NbdViolation, message: string) {
+  constructor(
+    readonly violation: NbdViolation,
+    message: string,
+  ) {
     super('KSC_E_INVALID', message);
     this.name = 'NbdProtocolError';
   }

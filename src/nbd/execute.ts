@@ -8,10 +8,7 @@ import { statusOf } from './contexts.js';
 import { NbdRequestError } from './errors.js';
 import type { BufferPool } from './pool.js';
 import type { SessionState } from './state.js';
-import {
-  CMD, CMD_FLAG, ERR, TF, type Request,
-  encodeBlockStatusChunk, encodeNoneChunk, encodeOffsetDataHeader, encodeOffsetHole, encodeSimpleReply,
-} from './wire.js';
+import { CMD, CMD_FLAG, ERR, TF, type Request, encodeBlockStatusChunk, encodeNoneChunk, encodeOffsetDataHeader, encodeOffsetHole, encodeSimpleReply } from './wire.js';
 
 /** TRIM and WRITE_ZEROES run in slices of this much, yielding between them, so other requests are served meanwhile. */
 export const ZERO_SLICE = 32 * 1024 * 1024;

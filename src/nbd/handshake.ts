@@ -10,9 +10,25 @@ import { SocketClosedError } from './reader.js';
 import { SESSION_STATE_VERSION, type SessionState, preferredBlockSize, transmissionFlagsOf } from './state.js';
 import type { FoundExport, Link, ServerContext } from './types.js';
 import {
-  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, IHAVEOPT, INFO, MAX_PAYLOAD, OPT, OPTION_HEADER_SIZE, REP,
-  decodeGoData, decodeMetaContextData, decodeOptionHeader, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize,
-  encodeInfoExport, encodeInfoText, encodeOptionReply, encodeRepMetaContext, encodeRepServer,
+  CLIENT_FLAG_FIXED_NEWSTYLE,
+  CLIENT_FLAG_NO_ZEROES,
+  IHAVEOPT,
+  INFO,
+  MAX_PAYLOAD,
+  OPT,
+  OPTION_HEADER_SIZE,
+  REP,
+  decodeGoData,
+  decodeMetaContextData,
+  decodeOptionHeader,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoText,
+  encodeOptionReply,
+  encodeRepMetaContext,
+  encodeRepServer,
 } from './wire.js';
 
 /** Largest option payload we read; a larger one is skipped and answered ERR_TOO_BIG. */
@@ -35,7 +51,10 @@ class Negotiation {
   private readonly meta = new Map<number, string>();
   private metaExport: string | null = null;
 
-  constructor(private readonly link: Link, private readonly server: ServerContext) {}
+  constructor(
+    private readonly link: Link,
+    private readonly server: ServerContext,
+  ) {}
 
   async run(): Promise<SessionState | null> {
     const { link } = this;

@@ -34,7 +34,11 @@ export class SocketReader {
   private readonly listeners: [string, (arg: never) => void][];
 
   /** `pending`: bytes already read from this socket by someone else (a handed-over connection), read first. */
-  constructor(private readonly socket: Socket, private readonly lowWater = 64 * 1024, pending?: Buffer) {
+  constructor(
+    private readonly socket: Socket,
+    private readonly lowWater = 64 * 1024,
+    pending?: Buffer,
+  ) {
     if (pending && pending.length > 0) {
       this.chunks.push(pending);
       this.buffered = pending.length;
@@ -54,7 +58,12 @@ export class SocketReader {
       this.error = e;
       this.wake();
     };
-    this.listeners = [['data', onData], ['end', onEnd], ['close', onEnd], ['error', onError]];
+    this.listeners = [
+      ['data', onData],
+      ['end', onEnd],
+      ['close', onEnd],
+      ['error', onError],
+    ];
     startReading(socket); // a socket parked in this process (a handover undone) may read again
     for (const [ev, f] of this.listeners) socket.on(ev, f as (arg: unknown) => void);
   }
@@ -215,7 +224,7 @@ export function stopReading(socket: Socket): Buffer {
   if (s._readableState) s._readableState.reading = true; // no _read (so no readStart) from here on
   s[PARKED] = true;
   const parts: Buffer[] = [];
-  for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null; ) parts.push(c);
+  for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null;) parts.push(c);
   return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 

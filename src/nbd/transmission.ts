@@ -24,7 +24,12 @@ export class Transmission {
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
   paused = false;
 
-  constructor(private readonly link: Link, private readonly server: ServerContext, readonly state: Readonly<SessionState>, private readonly exp: NbdExport) {
+  constructor(
+    private readonly link: Link,
+    private readonly server: ServerContext,
+    readonly state: Readonly<SessionState>,
+    private readonly exp: NbdExport,
+  ) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
   }
 

@@ -24,7 +24,10 @@ class StepFaultStore implements ObjectStore {
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
 
-  constructor(private readonly inner: ObjectStore, private readonly gate: StepGate) {
+  constructor(
+    private readonly inner: ObjectStore,
+    private readonly gate: StepGate,
+  ) {
     this.name = inner.name;
     if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
     if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
@@ -90,7 +93,10 @@ export class FaultStore implements ObjectStore {
   readonly name: string;
   readonly calls: Record<FaultOp, number> = { put: 0, get: 0, getRange: 0, stat: 0, list: 0, delete: 0 };
 
-  constructor(private readonly inner: ObjectStore, public rule: FaultRule = () => undefined) {
+  constructor(
+    private readonly inner: ObjectStore,
+    public rule: FaultRule = () => undefined,
+  ) {
     this.name = inner.name;
   }
 

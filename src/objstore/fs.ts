@@ -265,4 +265,3 @@ export class FsStore implements ObjectStore {
     return ioError(file, `read ${key}`, e);
   }
 }
-

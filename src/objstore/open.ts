@@ -29,7 +29,10 @@ export function parseS3Url(location: string): { bucket: string; prefix: string }
   const bucket = m[1]!;
   if (bucket.includes('@') || bucket.includes(':')) {
     // Never echo it: it probably holds a secret.
-    throw new KscError('KSC_E_INVALID', 'S3 location must not carry credentials or a port (s3://BUCKET[/PREFIX]); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and KSCINC_S3_ENDPOINT, or KSCINC_S3_CONFIG');
+    throw new KscError(
+      'KSC_E_INVALID',
+      'S3 location must not carry credentials or a port (s3://BUCKET[/PREFIX]); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and KSCINC_S3_ENDPOINT, or KSCINC_S3_CONFIG',
+    );
   }
   if (!/^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$/.test(bucket) || bucket.includes('..')) {
     throw new KscError('KSC_E_INVALID', `bad S3 bucket name "${bucket}" in ${location}: 3-63 characters of a-z, 0-9, '.', '-', starting and ending with a letter or digit`);

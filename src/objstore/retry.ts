@@ -47,7 +47,11 @@ function pause(opts: RetryOptions, attempt: number): number {
 class Budget {
   private readonly start = Date.now();
   attempt = 0;
-  constructor(private readonly opts: RetryOptions, private readonly op: string, private readonly key: string) {}
+  constructor(
+    private readonly opts: RetryOptions,
+    private readonly op: string,
+    private readonly key: string,
+  ) {}
 
   /** The pause before the next try, or null when the error must go to the caller. */
   next(error: unknown): number | null {
@@ -80,7 +84,10 @@ export async function retryCall<T>(fn: () => Promise<T>, opts: RetryOptions = {}
 class RetryStore implements ObjectStore {
   readonly name: string;
   sweepTemp?: ObjectStore['sweepTemp'];
-  constructor(private readonly inner: ObjectStore, private readonly opts: RetryOptions) {
+  constructor(
+    private readonly inner: ObjectStore,
+    private readonly opts: RetryOptions,
+  ) {
     this.name = inner.name;
     // A sweep only removes what is old: running it again after a transient failure is harmless.
     if (inner.sweepTemp) this.sweepTemp = (ms, now) => retryCall(() => inner.sweepTemp!(ms, now), this.opts, 'sweep', '');

@@ -64,8 +64,7 @@ const FILE_FIELDS = ['endpoint', 'region', 'accessKey', 'secretKey', 'sessionTok
  * KSCINC_S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION or
  * AWS_DEFAULT_REGION, all overridden by `overrides`. KSC_E_INVALID when the file is unreadable or the credentials are missing.
  */
-export function s3ConfigFromEnv(bucket: string, prefix = '', env: NodeJS.ProcessEnv = process.env,
-  overrides: Partial<Omit<S3Config, 'bucket' | 'prefix'>> = {}): S3Config {
+export function s3ConfigFromEnv(bucket: string, prefix = '', env: NodeJS.ProcessEnv = process.env, overrides: Partial<Omit<S3Config, 'bucket' | 'prefix'>> = {}): S3Config {
   const file: Partial<Record<(typeof FILE_FIELDS)[number], unknown>> = {};
   const path = env.KSCINC_S3_CONFIG;
   if (path) {
@@ -91,7 +90,10 @@ export function s3ConfigFromEnv(bucket: string, prefix = '', env: NodeJS.Process
   const accessKey = str(overrides.accessKey) ?? str(env.AWS_ACCESS_KEY_ID) ?? str(file.accessKey);
   const secretKey = str(overrides.secretKey) ?? str(env.AWS_SECRET_ACCESS_KEY) ?? str(file.secretKey);
   if (!accessKey || !secretKey) {
-    throw new KscError('KSC_E_INVALID', `no S3 credentials for s3://${bucket}${prefix ? `/${prefix}` : ''}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or accessKey and secretKey in the file named by KSCINC_S3_CONFIG`);
+    throw new KscError(
+      'KSC_E_INVALID',
+      `no S3 credentials for s3://${bucket}${prefix ? `/${prefix}` : ''}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or accessKey and secretKey in the file named by KSCINC_S3_CONFIG`,
+    );
   }
   return {
     endpoint: str(overrides.endpoint) ?? str(env.KSCINC_S3_ENDPOINT) ?? str(file.endpoint),
@@ -203,7 +205,7 @@ export class S3Store implements ObjectStore {
     if (await this.call('open', '', () => this.client.bucketExists(this.bucket))) return;
     if (!create) throw new KscError('KSC_E_NOT_FOUND', `${this.name}: bucket ${this.bucket} does not exist`);
     try {
-      await this.client.makeBucket(this.bucket, (this.client.region ?? 'us-east-1'));
+      await this.client.makeBucket(this.bucket, this.client.region ?? 'us-east-1');
     } catch (e) {
       const code = (e as { code?: string }).code;
       if (code === 'BucketAlreadyOwnedByYou' || code === 'BucketAlreadyExists') return;
@@ -243,10 +245,7 @@ export class S3Store implements ObjectStore {
         const offset = n * partSize;
         const length = Math.min(partSize, size - offset);
         try {
-          const res = await this.client.uploadPart(
-            { bucketName: this.bucket, objectName: name, uploadID: uploadId, partNumber: n + 1, headers: {} },
-            take(offset, length),
-          );
+          const res = await this.client.uploadPart({ bucketName: this.bucket, objectName: name, uploadID: uploadId, partNumber: n + 1, headers: {} }, take(offset, length));
           etags[n] = { part: n + 1, etag: res.etag };
           this.onPart?.({ key, part: n + 1, parts: count, bytes: length });
         } catch (e) {

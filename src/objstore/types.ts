@@ -139,6 +139,5 @@ export function compareKeys(a: string, b: string): number {
 
 /** The object is shorter than a range read needs: a damaged or truncated object. */
 export function shortObject(store: string, key: string, offset: number, length: number, size: number): KscError {
-  return new KscError('KSC_E_CORRUPT',
-    `${store}: object ${key} is ${size} bytes, too short for ${length} bytes at offset ${offset}`);
+  return new KscError('KSC_E_CORRUPT', `${store}: object ${key} is ${size} bytes, too short for ${length} bytes at offset ${offset}`);
 }

@@ -25,8 +25,16 @@ export interface BackupSummary {
 
 export function summarize(m: Manifest): BackupSummary {
   return {
-    id: m.meta.id, disk: m.disk, time: isoUtc(m.timeMs), size: m.size, full: m.full, parent: m.meta.parent,
-    tags: m.meta.tags, bytesStored: m.meta.stats.bytesStored, bytesNew: m.meta.stats.bytesNew, source: m.meta.source,
+    id: m.meta.id,
+    disk: m.disk,
+    time: isoUtc(m.timeMs),
+    size: m.size,
+    full: m.full,
+    parent: m.meta.parent,
+    tags: m.meta.tags,
+    bytesStored: m.meta.stats.bytesStored,
+    bytesNew: m.meta.stats.bytesNew,
+    source: m.meta.source,
   };
 }
 
@@ -78,7 +86,11 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
         warn(`skipped damaged manifest ${repo.objName(manifestKey(id))} (its header names disk ${claimed}): ${e.message}`);
         continue;
       }
-      throw new KscError('KSC_E_CORRUPT', `the newest backup${disk ? ` of disk ${disk}` : ''} may be ${id}, whose manifest is damaged (${e.message}); restore an older backup by its id (see "kscinc backups"), or run "kscinc verify"`, { cause: e });
+      throw new KscError(
+        'KSC_E_CORRUPT',
+        `the newest backup${disk ? ` of disk ${disk}` : ''} may be ${id}, whose manifest is damaged (${e.message}); restore an older backup by its id (see "kscinc backups"), or run "kscinc verify"`,
+        { cause: e },
+      );
     }
     disks.add(d);
     if (!disk || d === disk) {

@@ -109,7 +109,7 @@ export class ChunkIndex {
       this.lastPack = pack;
       this.lastPackNo = n;
     }
-    if ((this.count + 1) > (this.mask + 1) * MAX_LOAD) this.allocate((this.mask + 1) * 2);
+    if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.allocate((this.mask + 1) * 2);
     const w0 = buf.readUInt32LE(at);
     const w1 = buf.readUInt32LE(at + 4);
     const w2 = buf.readUInt32LE(at + 8);

@@ -26,7 +26,11 @@ class Segment {
   pos = -1;
   dirty = true;
   readonly bytes: number;
-  constructor(ids: Buffer, public nonZero: number, readonly store: SegmentStore | null) {
+  constructor(
+    ids: Buffer,
+    public nonZero: number,
+    readonly store: SegmentStore | null,
+  ) {
     this.ids = ids;
     this.i32 = new Int32Array(ids.buffer, ids.byteOffset, ids.length >> 2);
     this.bytes = ids.length;
@@ -62,7 +66,10 @@ export class SegmentStore {
   reads = 0;
   writes = 0;
 
-  constructor(readonly cacheSegments = LIST_CACHE_SEGMENTS, private readonly dir = tmpdir()) {
+  constructor(
+    readonly cacheSegments = LIST_CACHE_SEGMENTS,
+    private readonly dir = tmpdir(),
+  ) {
     if (!(cacheSegments >= 1)) throw new RangeError('a segment store caches at least one segment');
   }
 
@@ -201,7 +208,10 @@ export class ChunkList {
   private readonly owned: Uint8Array;
 
   /** An all-zero list of `length` chunk ids; with a store, its segments beyond the store's cache wait in a file. */
-  constructor(readonly length: number, readonly store: SegmentStore | null = null) {
+  constructor(
+    readonly length: number,
+    readonly store: SegmentStore | null = null,
+  ) {
     if (!Number.isSafeInteger(length) || length < 0) throw new KscError('KSC_E_INVALID', `chunk list length ${length} is not a whole number`);
     const n = ChunkList.segmentsFor(length);
     this.segs = new Array<Segment | null>(n).fill(null);
@@ -312,12 +322,14 @@ export class ChunkList {
     if (wasZero && zero) return;
     if (!wasZero && !zero && s.ids!.subarray(o * 4, o * 4 + ID_BYTES).equals(id.subarray(0, ID_BYTES))) return;
     const nonZero = s.nonZero + (zero ? 0 : 1) - (wasZero ? 0 : 1);
-    if (nonZero === 0) { // the last non-zero id goes: the segment is all zeros again
+    if (nonZero === 0) {
+      // the last non-zero id goes: the segment is all zeros again
       this.segs[si] = null;
       this.owned[si] = 0;
       return;
     }
-    if (!this.owned[si]) { // copy-on-write
+    if (!this.owned[si]) {
+      // copy-on-write
       const copy = ownBuffer(s.bytes);
       s.ids!.copy(copy);
       s = new Segment(copy, s.nonZero, this.store);
@@ -375,7 +387,8 @@ export class ChunkList {
   equals(other: ChunkList): boolean {
     if (other.length !== this.length) return false;
     for (let i = 0; i < this.segs.length; i++) {
-      const a = this.segs[i], b = other.segs[i];
+      const a = this.segs[i],
+        b = other.segs[i];
       if (a === b) continue;
       if (!a || !b || !idsOf(a).equals(idsOf(b))) return false;
     }

@@ -63,10 +63,18 @@ export function* coalesce(blobs: Iterable<Blob>, maxRead: number): Generator<Rea
 
 /** Coalesced reads (of at most 16 MiB) of the chunks in index `slots`, which are all in one pack, sorted by offset. */
 export function readsOf(slots: number[], index: ChunkIndex): Read[] {
-  return [...coalesce(slots.map((s) => ({
-    pack: index.packName(s), offset: index.blobOffset(s), length: index.blobLength(s), rawLength: index.rawLengthAt(s),
-    item: { id: index.idAt(s), at: 0, length: index.blobLength(s) },
-  })), 16 * 1024 * 1024)];
+  return [
+    ...coalesce(
+      slots.map((s) => ({
+        pack: index.packName(s),
+        offset: index.blobOffset(s),
+        length: index.blobLength(s),
+        rawLength: index.rawLengthAt(s),
+        item: { id: index.idAt(s), at: 0, length: index.blobLength(s) },
+      })),
+      16 * 1024 * 1024,
+    ),
+  ];
 }
 
 /**
@@ -74,8 +82,15 @@ export function readsOf(slots: number[], index: ChunkIndex): Read[] {
  * its checks (or whose pack is missing) goes to `onFail` when given, which then owns its items (none of
  * them has reached `sink`); otherwise the error is thrown.
  */
-export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concurrency: number, maxRaw: number, what: string,
-  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>, onFail?: (r: Read, e: KscError) => Promise<void>): Promise<number> {
+export async function fetchChunks(
+  repo: Repository,
+  reads: Iterable<Read>,
+  concurrency: number,
+  maxRaw: number,
+  what: string,
+  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>,
+  onFail?: (r: Read, e: KscError) => Promise<void>,
+): Promise<number> {
   let fetched = 0;
   // One pair of shared buffers per read in flight, reused (see SharedSlot), sized by a first pass over the
   // reads (an iterable that is not an array is made twice).
@@ -102,10 +117,17 @@ export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concu
           got.copy(target);
         }
         fetched += r.length;
-        res = await unpackInto(slot, r.items.map((it) => [it.at, it.length]), r.items.map((it) => it.id), maxRaw, repo.blobKeys);
+        res = await unpackInto(
+          slot,
+          r.items.map((it) => [it.at, it.length]),
+          r.items.map((it) => it.id),
+          maxRaw,
+          repo.blobKeys,
+        );
         for (let i = 0; i < res.length; i++) {
           const x = res[i]!;
-          if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
+          if (!x.ok)
+            throw new KscError('KSC_E_CORRUPT', `repository object ${repo.objName(key)}: chunk ${r.items[i]!.id.toString('hex')} at offset ${r.offset + r.items[i]!.at}: ${x.error} (${what})`);
         }
       } catch (e) {
         if (!onFail || !isDamage(e)) throw e;
@@ -128,8 +150,15 @@ export async function fetchChunks(repo: Repository, reads: Iterable<Read>, concu
  * another was used. Throws when every copy of a chunk fails: the single copy's error, or KSC_E_CORRUPT
  * naming them all. Returns the bytes read.
  */
-export async function fetchFromCopies(repo: Repository, index: ChunkIndex, r: Read, maxRaw: number, what: string,
-  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>, note: (msg: string) => void): Promise<number> {
+export async function fetchFromCopies(
+  repo: Repository,
+  index: ChunkIndex,
+  r: Read,
+  maxRaw: number,
+  what: string,
+  sink: (id: Buffer, data: Buffer, item: ReadItem) => Promise<void>,
+  note: (msg: string) => void,
+): Promise<number> {
   let bytes = 0;
   for (const item of r.items) {
     const s = index.slotOf(item.id);
@@ -146,7 +175,8 @@ export async function fetchFromCopies(repo: Repository, index: ChunkIndex, r: Re
         errors.push({ pack: read.pack, e });
         continue;
       }
-      for (const x of errors) note(`chunk ${item.id.toString('hex')}: the copy in ${repo.objName(packKey(x.pack))} failed its check (${x.e.message}); used the copy in ${repo.objName(packKey(read.pack))}`);
+      for (const x of errors)
+        note(`chunk ${item.id.toString('hex')}: the copy in ${repo.objName(packKey(x.pack))} failed its check (${x.e.message}); used the copy in ${repo.objName(packKey(read.pack))}`);
       break;
     }
     if (done) continue;
@@ -156,4 +186,3 @@ export async function fetchFromCopies(repo: Repository, index: ChunkIndex, r: Re
   }
   return bytes;
 }
-

@@ -80,7 +80,11 @@ export class IndexDecoder {
   private readonly storedCrc: number;
   private crc: number;
 
-  constructor(head: Buffer, size: number, readonly object: string) {
+  constructor(
+    head: Buffer,
+    size: number,
+    readonly object: string,
+  ) {
     const h = indexHeader(head, size, object);
     this.packs = h.packs;
     this.entries = h.entries;

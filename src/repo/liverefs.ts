@@ -83,7 +83,7 @@ export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = R
   const objects: { key: string; mtimeMs: number }[] = [];
   for await (const o of store.list(REFS_PREFIX)) objects.push(o);
   if (objects.length === 0) return [];
-  const t = now ?? await storageNow(store);
+  const t = now ?? (await storageNow(store));
   const out: LiveRefInfo[] = [];
   for (const o of objects) {
     let raw: Buffer | null = null;
@@ -101,14 +101,19 @@ export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = R
       continue;
     }
     const who = `live restore of backup ${body.backup} into ${body.image} on host ${body.host}`;
-    out.push(ageMs > staleMs
-      ? { key: o.key, body, backup, ageMs, stale: true, reason: `${who}: not renewed for ${days(ageMs)} by the storage's clock (stale after ${days(staleMs)})` }
-      : { key: o.key, body, backup, ageMs, stale: false, reason: `${who}: renewed ${days(ageMs)} ago by the storage's clock` });
+    out.push(
+      ageMs > staleMs
+        ? { key: o.key, body, backup, ageMs, stale: true, reason: `${who}: not renewed for ${days(ageMs)} by the storage's clock (stale after ${days(staleMs)})` }
+        : { key: o.key, body, backup, ageMs, stale: false, reason: `${who}: renewed ${days(ageMs)} ago by the storage's clock` },
+    );
   }
   return out;
 }
 
 /** The error prune fails with while a reference cannot be read (it may name any backup). */
 export function garbageRefsError(store: ObjectStore, garbage: LiveRefInfo[]): KscError {
-  return new KscError('KSC_E_CORRUPT', `prune deletes nothing while live-restore references cannot be read (they may name any backup): ${garbage.map((g) => `${store.name}/${g.key}`).join(', ')}; check them, then remove each with option ref KEY`);
+  return new KscError(
+    'KSC_E_CORRUPT',
+    `prune deletes nothing while live-restore references cannot be read (they may name any backup): ${garbage.map((g) => `${store.name}/${g.key}`).join(', ')}; check them, then remove each with option ref KEY`,
+  );
 }

@@ -89,8 +89,13 @@ export function judgeLock(key: string, raw: Buffer | null, mtimeMs: number, now:
   const ageMs = Math.max(0, now - mtimeMs);
   const num = (v: unknown, dflt: number): number => (typeof v === 'number' && Number.isSafeInteger(v) ? v : dflt);
   const base = {
-    key, ageMs, host: String(body?.host ?? '?'), pid: num(body?.pid, 0), what: String(body?.what ?? ''),
-    created: num(body?.created, mtimeMs), refreshed: num(body?.refreshed, mtimeMs),
+    key,
+    ageMs,
+    host: String(body?.host ?? '?'),
+    pid: num(body?.pid, 0),
+    what: String(body?.what ?? ''),
+    created: num(body?.created, mtimeMs),
+    refreshed: num(body?.refreshed, mtimeMs),
   };
   if (!body || (body.kind !== 'shared' && body.kind !== 'exclusive') || !LOCK_KEY_RE.test(key)) {
     return { ...base, kind: 'shared', garbage: true, stale: true, reason: 'not a lock object (unreadable or not a lock body): never a live lock' };
@@ -123,8 +128,16 @@ export class RepoLock {
    * `storageNow`: the storage's time when the lock was taken (its own object's modification time). `host`:
    * the folder lock held with it, if any. `written`: false when the object could not be written (rule 7).
    */
-  constructor(private readonly store: ObjectStore, readonly key: string, private readonly body: LockBody, private readonly timing: LockTiming,
-    private readonly host: HostLock | null, readonly storageNow: number, readonly written = true, startedAt?: { mono: number; wall: number }) {
+  constructor(
+    private readonly store: ObjectStore,
+    readonly key: string,
+    private readonly body: LockBody,
+    private readonly timing: LockTiming,
+    private readonly host: HostLock | null,
+    readonly storageNow: number,
+    readonly written = true,
+    startedAt?: { mono: number; wall: number },
+  ) {
     this.lastOk = startedAt ?? { mono: timing.clock.mono(), wall: timing.clock.wall() };
   }
 
@@ -165,7 +178,9 @@ export class RepoLock {
   private late(now: { mono: number; wall: number }): void {
     const gap = this.elapsed(this.lastOk, now);
     if (gap > this.deadlineMs && !this.failed) {
-      this.failed = new Error(`no refresh for ${(gap / 1000).toFixed(1)} s (deadline ${(this.deadlineMs / 1000).toFixed(1)} s: the process was paused or the storage was slow), so the lock may have looked stale to others`);
+      this.failed = new Error(
+        `no refresh for ${(gap / 1000).toFixed(1)} s (deadline ${(this.deadlineMs / 1000).toFixed(1)} s: the process was paused or the storage was slow), so the lock may have looked stale to others`,
+      );
     }
   }
 

@@ -13,8 +13,20 @@ import { isoUtc } from '../util/time.js';
 import type { StreamBody } from '../objstore/types.js';
 import { ChunkList, ownBuffer, type SegmentStore } from './chunklist.js';
 import {
-  FLAG_FULL, FLAG_IDS_LZ4, FLAG_IDS_SEGMENTED, MANIFEST_END, MANIFEST_HEADER, MANIFEST_MAGIC, MANIFEST_TRAILER, MANIFEST_VERSION,
-  MAX_LZ4_INPUT, MAX_META, SEGMENT_IDS, SEG_LZ4, SEG_RAW, SEG_ZERO,
+  FLAG_FULL,
+  FLAG_IDS_LZ4,
+  FLAG_IDS_SEGMENTED,
+  MANIFEST_END,
+  MANIFEST_HEADER,
+  MANIFEST_MAGIC,
+  MANIFEST_TRAILER,
+  MANIFEST_VERSION,
+  MAX_LZ4_INPUT,
+  MAX_META,
+  SEGMENT_IDS,
+  SEG_LZ4,
+  SEG_RAW,
+  SEG_ZERO,
 } from './constants.js';
 import { assertChunkSize } from './config.js';
 import { corrupt, safeU64, unsupported } from './corrupt.js';
@@ -207,7 +219,8 @@ function decodeSegmented(section: Buffer, chunks: number, object: string, storeF
   for (let i = 0; i < n; i++) {
     const { enc, len } = segmentEntry(section, 8 + 8 * i, ids, i, n, object);
     if (enc === SEG_ZERO) continue;
-    if (len > section.length - pos) throw corrupt(object, `chunk-list segment ${i} of ${n}: ${len} stored bytes at section offset ${pos} run past the end of the section (${section.length} bytes; truncated?)`);
+    if (len > section.length - pos)
+      throw corrupt(object, `chunk-list segment ${i} of ${n}: ${len} stored bytes at section offset ${pos} run past the end of the section (${section.length} bytes; truncated?)`);
     putPayload(ids, i, n, enc, section.subarray(pos, pos + len), object);
     pos += len;
   }
@@ -221,7 +234,7 @@ function manifestFields(b: Buffer, object: string): { flags: number; size: numbe
   if (b.readUInt32LE(8) !== MANIFEST_VERSION) throw unsupported(object, `manifest version ${b.readUInt32LE(8)} is not supported`);
   const flags = b.readUInt32LE(12);
   if (flags & ~(FLAG_FULL | FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) throw corrupt(object, `unknown flags 0x${flags.toString(16)}`);
-  if ((flags & FLAG_IDS_LZ4) && (flags & FLAG_IDS_SEGMENTED)) throw corrupt(object, 'flags IDS_LZ4 and IDS_SEGMENTED are both set');
+  if (flags & FLAG_IDS_LZ4 && flags & FLAG_IDS_SEGMENTED) throw corrupt(object, 'flags IDS_LZ4 and IDS_SEGMENTED are both set');
   const size = safeU64(b, 40, object, 'virtual size');
   const chunkSize = b.readUInt32LE(48);
   try {
@@ -306,12 +319,17 @@ export async function readManifestFrom(size: number, read: (offset: number, leng
   const entries = Array.from({ length: n }, (_, i) => segmentEntry(table, 8 * i, ids, i, n, object));
   // Payloads in reads of about 8 MiB, each holding whole segments.
   for (let i = 0; i < n;) {
-    let j = i, len = 0;
+    let j = i,
+      len = 0;
     while (j < n && (j === i || len + entries[j]!.len <= 8 * 1024 * 1024)) len += entries[j++]!.len;
     if (len > t - pos) {
       let at = pos;
       for (let q = i; q < j; q++) {
-        if (entries[q]!.len > t - at) throw corrupt(object, `chunk-list segment ${q} of ${n}: ${entries[q]!.len} stored bytes at section offset ${at - MANIFEST_HEADER - f.metaLen} run past the end of the section (${t - MANIFEST_HEADER - f.metaLen} bytes; truncated?)`);
+        if (entries[q]!.len > t - at)
+          throw corrupt(
+            object,
+            `chunk-list segment ${q} of ${n}: ${entries[q]!.len} stored bytes at section offset ${at - MANIFEST_HEADER - f.metaLen} run past the end of the section (${t - MANIFEST_HEADER - f.metaLen} bytes; truncated?)`,
+          );
         at += entries[q]!.len;
       }
     }
@@ -341,8 +359,8 @@ export function decodeManifest(b: Buffer, object: string, storeFor: StoreFor = n
   if (b.readUInt32LE(t + 24) !== crc32(b.subarray(0, t + 24))) throw corrupt(object, 'checksum mismatch');
   const { flags, size, chunkSize, metaLen, chunks } = manifestFields(b, object);
   const plain = (flags & (FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED)) === 0;
-  if (b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER
-    || (plain && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER)) throw corrupt(object, 'length does not match its header (truncated?)');
+  if (b.length < MANIFEST_HEADER + metaLen + MANIFEST_TRAILER || (plain && b.length !== MANIFEST_HEADER + metaLen + chunks * ID_BYTES + MANIFEST_TRAILER))
+    throw corrupt(object, 'length does not match its header (truncated?)');
   const meta = manifestMeta(b.subarray(MANIFEST_HEADER, MANIFEST_HEADER + metaLen), object);
   const section = b.subarray(MANIFEST_HEADER + metaLen, t);
   let ids: ChunkList;

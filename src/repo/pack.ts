@@ -144,7 +144,10 @@ export class PackWriter {
   /** Index objects flushIndex wrote. */
   readonly indexObjects: string[] = [];
 
-  constructor(readonly repo: Repository, private readonly maxUploads: number) {}
+  constructor(
+    readonly repo: Repository,
+    private readonly maxUploads: number,
+  ) {}
 
   has(id: Buffer | string): boolean {
     return this.seen.has(id);
@@ -196,25 +199,28 @@ export class PackWriter {
     this.bytes = 0;
     while (this.inFlight.size >= this.maxUploads) await Promise.race(this.inFlight);
     if (this.error) throw this.error;
-    const p = this.repo.store.put(packKey(id), parts).then(
-      () => {
-        const n = entries.length;
-        const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
-        entries.forEach((e, i) => {
-          e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
-          g.offset[i] = e.offset;
-          g.length[i] = e.length;
-          g.rawLength[i] = e.rawLength;
-        });
-        this.written.push(g);
-        this.writtenCount += n;
-        this.packsWritten.push(id);
-        this.bytesUploaded += size;
-      },
-      (e) => {
-        this.error ??= e;
-      },
-    ).finally(() => this.inFlight.delete(p));
+    const p = this.repo.store
+      .put(packKey(id), parts)
+      .then(
+        () => {
+          const n = entries.length;
+          const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
+          entries.forEach((e, i) => {
+            e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
+            g.offset[i] = e.offset;
+            g.length[i] = e.length;
+            g.rawLength[i] = e.rawLength;
+          });
+          this.written.push(g);
+          this.writtenCount += n;
+          this.packsWritten.push(id);
+          this.bytesUploaded += size;
+        },
+        (e) => {
+          this.error ??= e;
+        },
+      )
+      .finally(() => this.inFlight.delete(p));
     this.inFlight.add(p);
   }
 
@@ -240,7 +246,12 @@ export class PackWriter {
     const entries = this.entries;
     let id: string | null = null;
     if (entries.count + extra.length > 0) {
-      id = await this.repo.putIndex({ *[Symbol.iterator]() { yield* entries; yield* extra; } });
+      id = await this.repo.putIndex({
+        *[Symbol.iterator]() {
+          yield* entries;
+          yield* extra;
+        },
+      });
       this.indexObjects.push(id);
     }
     this.written.length = 0;

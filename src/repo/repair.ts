@@ -82,7 +82,10 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     chunkSize = [...bySize.keys()][0]!;
     from = 'manifests';
   } else if (bySize.size > 1) {
-    const list = [...bySize].sort((a, b) => a[0] - b[0]).map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`).join(', ');
+    const list = [...bySize]
+      .sort((a, b) => a[0] - b[0])
+      .map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`)
+      .join(', ');
     throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with option chunkSize (the others stay unreadable)`);
   } else {
     // No readable manifest: the largest chunk any pack holds, rounded up to a valid chunk size. Only
@@ -92,7 +95,10 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     from = largest === 0 ? 'default' : 'packs';
     if (chunkSize === 0 || chunkSize > 4 * MIB) chunkSize = MIB;
   }
-  const other = [...bySize].filter(([c]) => c !== chunkSize).flatMap(([, ids]) => ids).sort();
+  const other = [...bySize]
+    .filter(([c]) => c !== chunkSize)
+    .flatMap(([, ids]) => ids)
+    .sort();
   const now = isoUtc(Date.now());
   const config = { format: 'kscinc-repository' as const, version: 1 as const, id: randomHexId(), chunkSize, packSize, created: now, rebuilt: now };
   if (!opts.dryRun) {
@@ -111,8 +117,12 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     await Repository.open(store); // reads back what it wrote
   }
   return {
-    config, chunkSizeFrom: from, manifestsRead: manifests.length - damaged.length, manifestsDamaged: damaged.sort(),
-    manifestsOtherChunkSize: other, dryRun: !!opts.dryRun,
+    config,
+    chunkSizeFrom: from,
+    manifestsRead: manifests.length - damaged.length,
+    manifestsDamaged: damaged.sort(),
+    manifestsOtherChunkSize: other,
+    dryRun: !!opts.dryRun,
   };
 }
 

@@ -12,8 +12,20 @@ import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
 import { mapLimit } from '../util/concurrency.js';
 import {
-  BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE,
-  REPO_PREFIXES, indexKey, manifestKey, randomHexId,
+  BACKUP_ID_RE,
+  CONFIG_KEY,
+  DEFAULT_CHUNK,
+  DEFAULT_PACK,
+  INDEX_KEY_RE,
+  INDEX_ENTRY,
+  INDEX_HEADER,
+  MANIFEST_KEY_RE,
+  MIB,
+  PACK_KEY_RE,
+  REPO_PREFIXES,
+  indexKey,
+  manifestKey,
+  randomHexId,
 } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
@@ -63,7 +75,10 @@ export async function locationState(store: ObjectStore): Promise<{ kind: 'empty'
 }
 
 function lostConfig(store: ObjectStore, example: string): KscError {
-  return new KscError('KSC_E_CORRUPT', `${store.name} holds repository objects (e.g. ${example}) but no config object: the repository's config was lost or deleted. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`);
+  return new KscError(
+    'KSC_E_CORRUPT',
+    `${store.name} holds repository objects (e.g. ${example}) but no config object: the repository's config was lost or deleted. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`,
+  );
 }
 
 /** Manifests above this size are read in ranges (a densely written disk of 512 GiB or more). */
@@ -80,7 +95,12 @@ export class Repository {
   readonly blobKeys: Uint8Array | undefined;
 
   /** `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that opened it. */
-  private constructor(readonly store: ObjectStore, readonly config: RepoConfig, readonly keys: RepoKeys | null = null, readonly keyId: string | null = null) {
+  private constructor(
+    readonly store: ObjectStore,
+    readonly config: RepoConfig,
+    readonly keys: RepoKeys | null = null,
+    readonly keyId: string | null = null,
+  ) {
     this.blobKeys = keys ? workerKeys(keys) : undefined;
   }
 
@@ -112,7 +132,11 @@ export class Repository {
    */
   private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock): Promise<Repository> {
     if (!isEncrypted(config)) {
-      if (u && (u.password || u.keyFile) && u.requireEncrypted) throw new KscError('KSC_E_AUTH', `${store.name} is not encrypted, but a password or key file was given: refusing (a config stripped of its encryption would make this client write in the clear; formats/repository.md §13.1)`);
+      if (u && (u.password || u.keyFile) && u.requireEncrypted)
+        throw new KscError(
+          'KSC_E_AUTH',
+          `${store.name} is not encrypted, but a password or key file was given: refusing (a config stripped of its encryption would make this client write in the clear; formats/repository.md §13.1)`,
+        );
       return new Repository(store, config);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? unlockFromEnv());
@@ -140,13 +164,17 @@ export class Repository {
     const where = await locationState(store);
     if (where.kind === 'repository') throw lostConfig(store, where.example);
     if (where.kind === 'other') {
-      throw new KscError('KSC_E_EXISTS', `${store.name} is not empty and is not a kscinc repository (it holds ${where.example}): refusing to create a repository among other files; use a new or empty folder or prefix`);
+      throw new KscError(
+        'KSC_E_EXISTS',
+        `${store.name} is not empty and is not a kscinc repository (it holds ${where.example}): refusing to create a repository among other files; use a new or empty folder or prefix`,
+      );
     }
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     let u: Unlock | undefined;
     const enc = opts.encrypt;
     if (enc) {
-      if (!enc.password && !enc.keyFile) throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile, or KSCINC_KEY_FILE)');
+      if (!enc.password && !enc.keyFile)
+        throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile, or KSCINC_KEY_FILE)');
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
       config.features = ['encrypted'];
@@ -177,9 +205,12 @@ export class Repository {
       if (!isKscError(e, 'KSC_E_NOT_FOUND')) throw e;
       const where = await locationState(store);
       if (where.kind === 'repository') throw lostConfig(store, where.example);
-      throw new KscError('KSC_E_NOT_FOUND', where.kind === 'empty'
-        ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
-        : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`);
+      throw new KscError(
+        'KSC_E_NOT_FOUND',
+        where.kind === 'empty'
+          ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
+          : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`,
+      );
     }
     let config: RepoConfig;
     try {
@@ -288,7 +319,6 @@ export class Repository {
     return st.size;
   }
 
-
   /**
    * Reads every index object whole (readIndex). A damaged one is reported through `onDamage` (or thrown when
    * absent). `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id
@@ -357,9 +387,11 @@ export class Repository {
 
   async readManifest(id: string): Promise<Manifest> {
     // A large manifest is read in ranges, never whole.
-    return this.manifestObject(id, (key, size) => (size > STREAM_MANIFEST && !this.keys
-      ? readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList)
-      : this.store.get(key).then((b) => decodeManifest(this.openObject(KIND_MANIFEST, key, b), this.objName(key), storeForList))));
+    return this.manifestObject(id, (key, size) =>
+      size > STREAM_MANIFEST && !this.keys
+        ? readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList)
+        : this.store.get(key).then((b) => decodeManifest(this.openObject(KIND_MANIFEST, key, b), this.objName(key), storeForList)),
+    );
   }
 
   /**

@@ -34,7 +34,7 @@ export function listenPaused(target: ListenTarget, onConnection: (sock: net.Sock
       server.on('error', (e) => log(`kscinc serve: listener error: ${e.message}`));
       const a = server.address();
       if (a && typeof a === 'object') resolve({ server, address: { host: a.address, port: a.port } });
-      else resolve({ server, address: { path: 'path' in target ? target.path : (a || ('fd' in target ? unixPathOfFd(target.fd) : '')) } });
+      else resolve({ server, address: { path: 'path' in target ? target.path : a || ('fd' in target ? unixPathOfFd(target.fd) : '') } });
     };
     if ('fd' in target) server.listen({ fd: target.fd }, ready);
     else if ('path' in target) server.listen(target.path, ready);

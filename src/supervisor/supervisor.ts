@@ -129,8 +129,7 @@ export class Supervisor {
       const id = ++this.connId;
       this.inTransit.set(id, { h, w });
       w.send({ t: 'conn', id }, h.sock, true);
-    }
-    else w.send({ t: 'control', index: h.index, line: h.line }, h.sock);
+    } else w.send({ t: 'control', index: h.index, line: h.line }, h.sock);
   }
 
   private release(): void {
@@ -383,7 +382,11 @@ export class Supervisor {
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
-    this.opts.log(`kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${relay.adoptedCount} connection(s); pause ${pauseMs} ms (${Object.entries(phases).map(([k, v]) => `${k} ${v}`).join(', ')})`);
+    this.opts.log(
+      `kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${relay.adoptedCount} connection(s); pause ${pauseMs} ms (${Object.entries(phases)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ')})`,
+    );
     return result;
   }
 

@@ -84,7 +84,16 @@ async function session(server: NbdServer, exp: Parameters<typeof transmissionFla
     const sock = await accepted;
     listener.close(); // accepts no more; the connection itself ends with the session
     const clientFlags = CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES;
-    const state = { v: SESSION_STATE_VERSION, exportName: 'w', exportSize: exp.device.size, transmissionFlags: transmissionFlagsOf(exp, structured), clientFlags, noZeroes: true, structuredReplies: structured, metaContexts: [] };
+    const state = {
+      v: SESSION_STATE_VERSION,
+      exportName: 'w',
+      exportSize: exp.device.size,
+      transmissionFlags: transmissionFlagsOf(exp, structured),
+      clientFlags,
+      noZeroes: true,
+      structuredReplies: structured,
+      metaContexts: [],
+    };
     server.adopt(sock, { state: state as never, pending: Buffer.alloc(0) });
     const reqs: Buffer[] = [];
     let cookie = 1n;

@@ -25,7 +25,6 @@ function unread(pending: Buffer): string {
   return `${pending.length} unread byte(s)${first ? `, first request: type ${first.type} cookie ${first.cookie}` : ''}`;
 }
 
-
 const ms = (x: number): number => Math.round(x * 10) / 10;
 
 function send(m: FromWorker, handle?: Socket): Promise<void> {

@@ -25,7 +25,8 @@ export class BitSet {
   /** Adds `k`; false when it was there already. */
   add(k: number): boolean {
     if (!(k >= 0 && k < this.size && Number.isInteger(k))) throw new RangeError(`${k} is outside the bit set of ${this.size}`);
-    const w = k >>> 5, bit = 1 << (k & 31);
+    const w = k >>> 5,
+      bit = 1 << (k & 31);
     if (this.words[w]! & bit) return false;
     this.words[w]! |= bit;
     this.n++;
@@ -34,9 +35,11 @@ export class BitSet {
 
   /** Adds first … last (inclusive, clipped to the set). */
   addRange(first: number, last: number): void {
-    const a = Math.max(0, first), b = Math.min(this.size - 1, last);
+    const a = Math.max(0, first),
+      b = Math.min(this.size - 1, last);
     for (let k = a; k <= b; k++) {
-      if ((k & 31) === 0 && k + 31 <= b && this.words[k >>> 5] === 0) { // a whole empty word at once
+      if ((k & 31) === 0 && k + 31 <= b && this.words[k >>> 5] === 0) {
+        // a whole empty word at once
         this.words[k >>> 5] = 0xffffffff;
         this.n += 32;
         k += 31;

@@ -30,10 +30,14 @@ export function processIdentity(): ProcessIdentity {
   const id: ProcessIdentity = {};
   try {
     id.boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
-  } catch { /* not Linux */ }
+  } catch {
+    /* not Linux */
+  }
   try {
     id.pidns = readlinkSync('/proc/self/ns/pid'); // "pid:[4026531836]"
-  } catch { /* not Linux, or no access */ }
+  } catch {
+    /* not Linux, or no access */
+  }
   const start = processStartTicks(process.pid);
   if (start !== null) id.start = start;
   return (selfIdentity = id);

@@ -51,10 +51,19 @@ describe('backup bitmap names', () => {
     const img = await openKsc(file, { write: true });
     // The engine checks the name before it touches the repository; past the check it asks for a lock.
     const reached = new Error('reached the repository');
-    const repo = { chunkSize: MiB, name: 'stub', lock: async () => { throw reached; } } as unknown as Repository;
+    const repo = {
+      chunkSize: MiB,
+      name: 'stub',
+      lock: async () => {
+        throw reached;
+      },
+    } as unknown as Repository;
     try {
       for (const [name, ok] of NAMES) {
-        const engine = await backupDevice(img, repo, { bitmap: name }).then(() => 'backed up', (e: unknown) => (e === reached ? true : isKscError(e) ? e.code : String(e)));
+        const engine = await backupDevice(img, repo, { bitmap: name }).then(
+          () => 'backed up',
+          (e: unknown) => (e === reached ? true : isKscError(e) ? e.code : String(e)),
+        );
         expect(engine, `engine on "${name}"`).toBe(ok ? true : 'KSC_E_INVALID');
         expect(scheduleTakes(name), `schedule on "${name}"`).toBe(engine);
       }
@@ -63,7 +72,7 @@ describe('backup bitmap names', () => {
     }
   });
 
-  it('the handover\'s own names are hidden everywhere, and only those', () => {
+  it("the handover's own names are hidden everywhere, and only those", () => {
     const token = '0123456789abcdef0123456789abcdef';
     for (const name of [frozenBitmapName(DEFAULT_BITMAP), tokenBitmapName(DEFAULT_BITMAP, token), frozenBitmapName('x'.repeat(31)), tokenBitmapName('daily', token)]) {
       expect([isHandoverBitmap(name), internalBitmap(name), isInternalBitmap(name)], name).toEqual([true, true, true]);

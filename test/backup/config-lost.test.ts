@@ -76,7 +76,10 @@ describe('a lost config', () => {
     expect(r.chunkSizeFrom).toBe('manifests');
     expect(r.manifestsRead).toBe(2);
     expect(kscinc(['repo', 'repair', repo]).stderr).toMatch(/intact config.*nothing to repair/);
-    for (const [id, want] of [[id1, v1], [id2, v2]] as const) {
+    for (const [id, want] of [
+      [id1, v1],
+      [id2, v2],
+    ] as const) {
       rmSync(out, { force: true });
       const rr = kscinc(['restore', id, out, '--repo', repo]);
       expect(rr.code, rr.stderr).toBe(0);
@@ -93,18 +96,31 @@ describe('a lost config', () => {
     const disk = join(dir, 'small.raw');
     writeFileSync(disk, Buffer.alloc(MiB, 7));
     const before = snapshot(other);
-    for (const args of [['backup', disk, '--repo', other, '--no-bitmap'], ['repo', 'init', other]]) {
+    for (const args of [
+      ['backup', disk, '--repo', other, '--no-bitmap'],
+      ['repo', 'init', other],
+    ]) {
       const r = kscinc(args);
       expect(r.code, args.join(' ')).not.toBe(0);
       expect(r.stderr).toMatch(/not empty and is not a kscinc repository.*letter\.txt/);
     }
-    for (const args of [['backups', '--repo', other], ['verify', '--repo', other], ['prune', '--repo', other, '--keep-last', '1'], ['repo', 'repair', other]]) {
+    for (const args of [
+      ['backups', '--repo', other],
+      ['verify', '--repo', other],
+      ['prune', '--repo', other, '--keep-last', '1'],
+      ['repo', 'repair', other],
+    ]) {
       const r = kscinc(args);
       expect(r.code, args.join(' ')).not.toBe(0);
     }
     expect(snapshot(other)).toEqual(before);
     const missing = join(dir, 'nowhere');
-    for (const args of [['backups', '--repo', missing], ['verify', '--repo', missing], ['prune', '--repo', missing, '--keep-last', '1'], ['restore', 'latest', join(dir, 'x.raw'), '--repo', missing]]) {
+    for (const args of [
+      ['backups', '--repo', missing],
+      ['verify', '--repo', missing],
+      ['prune', '--repo', missing, '--keep-last', '1'],
+      ['restore', 'latest', join(dir, 'x.raw'), '--repo', missing],
+    ]) {
       expect(kscinc(args).code, args.join(' ')).not.toBe(0);
       expect(existsSync(missing), args.join(' ')).toBe(false);
       expect(existsSync(join(dir, 'x.raw'))).toBe(false);

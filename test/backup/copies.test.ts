@@ -38,14 +38,16 @@ async function backUpSideBySide(repoName: string, names: string[], data: Buffer)
   await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
   const files = names.map((n) => join(dir, n));
   for (const f of files) writeFileSync(f, data);
-  const results = await Promise.all(files.map(async (f) => {
-    const dev = await openImage(f);
-    try {
-      return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
-    } finally {
-      await dev.close();
-    }
-  }));
+  const results = await Promise.all(
+    files.map(async (f) => {
+      const dev = await openImage(f);
+      try {
+        return await backupDevice(dev, await openRepo(repoDir), { bitmap: null });
+      } finally {
+        await dev.close();
+      }
+    }),
+  );
   return { repoDir, results };
 }
 
@@ -117,6 +119,11 @@ describe('two copies of every chunk, one of two chunks damaged', () => {
     const packs = await repo.listPacks();
     for (const e of copies) expect(packs.has(e.pack), e.pack).toBe(true);
     const idx = await repo.loadIndex();
-    expect(idx.copies(idx.slotOf(chunk)).map((h) => idx.packName(h)).sort()).toEqual(copies.map((e) => e.pack).sort());
+    expect(
+      idx
+        .copies(idx.slotOf(chunk))
+        .map((h) => idx.packName(h))
+        .sort(),
+    ).toEqual(copies.map((e) => e.pack).sort());
   });
 });

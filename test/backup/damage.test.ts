@@ -57,7 +57,9 @@ beforeAll(async () => {
   const points = new Map<string, Buffer>();
   const a = await makeDisk(dir, 'A', rng, { size: 32 * MiB });
   const b = await makeDisk(dir, 'B', rng, { size: 16 * MiB });
-  let a1 = '', a2 = '', b1 = '';
+  let a1 = '',
+    a2 = '',
+    b1 = '';
   let img = await openKsc(a, { write: true });
   try {
     for (let k = 0; k < 16; k++) await img.write(k * C, rng.bytes(C));
@@ -92,7 +94,10 @@ beforeAll(async () => {
   }
   const packs = new Map<string, { id: string; offset: number; length: number }[]>();
   for (const p of (await repo.listPacks()).keys()) {
-    packs.set(p, (await repo.readPackFooter(p)).map((e) => ({ id: e.id.toString('hex'), offset: e.offset, length: e.length })).sort((x, y) => x.offset - y.offset));
+    packs.set(
+      p,
+      (await repo.readPackFooter(p)).map((e) => ({ id: e.id.toString('hex'), offset: e.offset, length: e.length })).sort((x, y) => x.offset - y.offset),
+    );
   }
   const indexObjects = new Map<string, Set<string>>();
   for (const id of await repo.listIndexObjects()) {
@@ -105,7 +110,10 @@ beforeAll(async () => {
 });
 
 function usersOf(chunks: Set<string>): string[] {
-  return [...P.uses].filter(([, s]) => [...s].some((c) => chunks.has(c))).map(([id]) => id).sort();
+  return [...P.uses]
+    .filter(([, s]) => [...s].some((c) => chunks.has(c)))
+    .map(([id]) => id)
+    .sort();
 }
 
 let caseNo = 0;
@@ -156,7 +164,10 @@ async function checkDamage(repoDir: string, object: string, broken: string[], op
   const objects = v.damage.map((d) => d.object);
   expect(objects, 'the damaged object is named').toContain(name);
   const allowed = new Set([name, ...(opts.extraObjects ?? []).map((o) => repo.objName(o))]);
-  expect(objects.filter((o) => !allowed.has(o)), 'verify names objects that are fine').toEqual([]);
+  expect(
+    objects.filter((o) => !allowed.has(o)),
+    'verify names objects that are fine',
+  ).toEqual([]);
   const reported = [...new Set(v.damage.flatMap((d) => d.backups))].sort();
   expect.soft(reported, `backups verify says ${object} breaks (Damage.backups: "backups that cannot be restored because of it")`).toEqual([...broken].sort());
   // One backup at a time (only its chunks' index entries are loaded): damage is named for it exactly when
@@ -193,13 +204,14 @@ describe('damaged repository objects', () => {
     const d = copyRepo();
     // Preferably a cut that loses only chunks A1 alone needs, in a pack A2 needs too (so "the pack's users"
     // and "the backups it breaks" differ); the pack layout depends on timing, so fall back to any A1 pack.
-    const cuts = [...P.packs].flatMap(([pack, blobs]) => blobs.map((b) => {
-      const cut = b.offset + Math.floor(b.length / 2);
-      const lost = new Set(blobs.filter((x) => x.offset + x.length > cut).map((x) => x.id));
-      return { pack, cut, broken: usersOf(lost), packUsers: usersOf(new Set(blobs.map((x) => x.id))) };
-    }));
-    const pick = cuts.find((c) => c.broken.length === 1 && c.broken[0] === P.a1 && c.packUsers.includes(P.a2))
-      ?? cuts.find((c) => c.packUsers.includes(P.a1))!;
+    const cuts = [...P.packs].flatMap(([pack, blobs]) =>
+      blobs.map((b) => {
+        const cut = b.offset + Math.floor(b.length / 2);
+        const lost = new Set(blobs.filter((x) => x.offset + x.length > cut).map((x) => x.id));
+        return { pack, cut, broken: usersOf(lost), packUsers: usersOf(new Set(blobs.map((x) => x.id))) };
+      }),
+    );
+    const pick = cuts.find((c) => c.broken.length === 1 && c.broken[0] === P.a1 && c.packUsers.includes(P.a2)) ?? cuts.find((c) => c.packUsers.includes(P.a1))!;
     truncateSync(join(d, packKey(pick.pack)), pick.cut);
     expect(pick.broken).toContain(P.a1);
     await checkDamage(d, packKey(pick.pack), pick.broken);
@@ -238,15 +250,19 @@ describe('damaged repository objects', () => {
     // A1's manifest reads the first time and is gone the second (verify reads manifests again to name the
     // backups behind a damaged pack).
     let reads = 0;
-    const repo = await openRepo(d, (st) => new Proxy(st, {
-      get(target, prop, recv) {
-        if (prop !== 'get') return Reflect.get(target, prop, recv);
-        return async (key: string) => {
-          if (key === manifestKey(P.a1) && ++reads > 1) rmSync(join(d, key), { force: true });
-          return target.get(key);
-        };
-      },
-    }));
+    const repo = await openRepo(
+      d,
+      (st) =>
+        new Proxy(st, {
+          get(target, prop, recv) {
+            if (prop !== 'get') return Reflect.get(target, prop, recv);
+            return async (key: string) => {
+              if (key === manifestKey(P.a1) && ++reads > 1) rmSync(join(d, key), { force: true });
+              return target.get(key);
+            };
+          },
+        }),
+    );
     const v = await verifyRepo(repo);
     expect(reads, 'A1 was read twice').toBe(2);
     expect(v.ok).toBe(false);

@@ -19,8 +19,22 @@ import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { kscinc } from '../helpers/cli.js';
 import {
-  MiB, KiB, chunkLen, expectRestores, chunksOf, contents, differingChunks, expectKscError, expectSame, makeDisk, newRepo, randomChanges, readImage,
-  writeFile, writeRawRegions, zeroChunks,
+  MiB,
+  KiB,
+  chunkLen,
+  expectRestores,
+  chunksOf,
+  contents,
+  differingChunks,
+  expectKscError,
+  expectSame,
+  makeDisk,
+  newRepo,
+  randomChanges,
+  readImage,
+  writeFile,
+  writeRawRegions,
+  zeroChunks,
 } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-backup-engine-');
@@ -133,7 +147,10 @@ describe('backup → change → incremental → restore', () => {
       expect(b3.chunksDirty).toBe(5);
       expect(b3.chunksNew).toBe(2);
       const s3 = await contents(img);
-      for (const [b, data] of [[b2, s2], [b3, s3]] as const) {
+      for (const [b, data] of [
+        [b2, s2],
+        [b3, s3],
+      ] as const) {
         const target = join(dir, `dirtymap-${b.id}.raw`);
         await expectRestores(repo, b.id, target, data, `restore of ${b.id}`);
       }
@@ -191,7 +208,10 @@ describe('backup → change → incremental → restore', () => {
       expect(b2.parent).toBeNull();
       expect(b2.chunksNew).toBe(differingChunks(s1, s2).length);
       expect(b2.disk).toBe(b1.disk); // §7.4: derived from the path
-      for (const [id, data, name] of [[b1.id, s1, 'raw-1'], [b2.id, s2, 'raw-2']] as const) {
+      for (const [id, data, name] of [
+        [b1.id, s1, 'raw-1'],
+        [b2.id, s2, 'raw-2'],
+      ] as const) {
         await expectRestores(repo, id, join(dir, `${name}.out`), data, `restore of ${name}`);
       }
     } finally {
@@ -248,7 +268,10 @@ describe('backup → change → incremental → restore', () => {
     expect([r3.chunksUnchanged, r3.bytesWritten, r3.chunksFetched]).toEqual([r3.chunks, 0, 0]);
     // And back to backup 1, over the ksc_inc image of backup 1 after scribbling on it.
     const dev = await openImage(kOut, { write: true });
-    const scribble = [{ offset: 3 * MiB + 77, length: 5000 }, { offset: 40 * MiB, length: 2 * MiB }];
+    const scribble = [
+      { offset: 3 * MiB + 77, length: 5000 },
+      { offset: 40 * MiB, length: 2 * MiB },
+    ];
     try {
       for (const s of scribble) await dev.write(s.offset, rng.bytes(s.length));
     } finally {
@@ -323,7 +346,10 @@ describe('backup → change → incremental → restore', () => {
       const c = data.subarray(k * C, Math.min(size, (k + 1) * C));
       if (c.some((x) => x !== 0)) distinct.add(createHash('sha256').update(c).digest('hex'));
     }
-    expect([...used.values()].some((n) => n > 1), 'the disk repeats a chunk').toBe(true);
+    expect(
+      [...used.values()].some((n) => n > 1),
+      'the disk repeats a chunk',
+    ).toBe(true);
     expect(b.chunksNew).toBe(distinct.size);
     for (const maxReadBytes of [1, 300 * KiB, 4 * MiB]) {
       const out = join(dir, `repeat-${maxReadBytes}.raw`);

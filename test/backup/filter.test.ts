@@ -52,7 +52,14 @@ describe('dedupe through a Bloom filter', () => {
     const pool = Array.from({ length: 13 }, () => rng.bytes(C));
     // Chunks drawn from the pool (repeats inside and across windows) with some zero chunks.
     const layout = Array.from({ length: N }, () => (rng.int(0, 5) === 0 ? -1 : rng.int(0, 9)));
-    const change: [number, number][] = [[3, 10], [17, 11], [30, 12], [5, 2], [22, layout[0]! < 0 ? 4 : layout[0]!], [36, -1]];
+    const change: [number, number][] = [
+      [3, 10],
+      [17, 11],
+      [30, 12],
+      [5, 2],
+      [22, layout[0]! < 0 ? 4 : layout[0]!],
+      [36, -1],
+    ];
     const results = new Map<string, { ids: string[][]; news: number[]; entries: string[] }>();
     for (const [name, mode] of MODES) {
       const path = await makeDisk(dir, `d-${name}`, rng.fork(), { size: N * C });
@@ -188,17 +195,31 @@ describe('index objects read in ranges', () => {
       writeFileSync(file, bytes);
       const damaged: string[] = [];
       done = 0;
-      await repo.readIndex(objects, () => ({ visit: () => undefined, done: () => void done++ }), (key) => void damaged.push(key), { inRanges: true });
+      await repo.readIndex(
+        objects,
+        () => ({ visit: () => undefined, done: () => void done++ }),
+        (key) => void damaged.push(key),
+        { inRanges: true },
+      );
       expect(done).toBe(0);
       expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
       // Read whole, a damaged object shows nothing: no entry visited, no done.
       const seenWhole: string[] = [];
       damaged.length = 0;
-      expect(await repo.readIndex(objects, () => ({ visit: () => void seenWhole.push('x'), done: () => void done++ }), (key) => void damaged.push(key))).toEqual([]);
+      expect(
+        await repo.readIndex(
+          objects,
+          () => ({ visit: () => void seenWhole.push('x'), done: () => void done++ }),
+          (key) => void damaged.push(key),
+        ),
+      ).toEqual([]);
       expect(seenWhole).toEqual([]);
       expect(done).toBe(0);
       expect(damaged).toEqual([`index/${objects[0]!.id}.idx`]);
-      await expect(repo.readIndex(objects, () => ({ visit: () => undefined }), undefined, { inRanges: true })).rejects.toMatchObject({ code: 'KSC_E_CORRUPT', message: expect.stringMatching(/checksum mismatch/) });
+      await expect(repo.readIndex(objects, () => ({ visit: () => undefined }), undefined, { inRanges: true })).rejects.toMatchObject({
+        code: 'KSC_E_CORRUPT',
+        message: expect.stringMatching(/checksum mismatch/),
+      });
       // A blob offset above 2^53 under a valid checksum: refused in ranges as whole.
       const odd = encodeIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 8, rawLength: 8 }]);
       odd.writeUInt32LE(0x00200000, odd.length - 40 + 28);

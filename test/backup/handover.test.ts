@@ -83,17 +83,21 @@ describe('bitmap handover when a backup fails', () => {
         fault.rule = failNth(failure.prefix, failure.nth);
         const during: Touch[] = [];
         const pending: Promise<void>[] = [];
-        const err = await expectKscError(backupDevice(img, repo, {
-          progress: (p) => {
-            if (p.phase !== 'read' || pending.length > 0) return;
-            for (let i = 0; i < 5; i++) {
-              const offset = rng.int(0, img.size - 200 * KiB);
-              const length = rng.int(1, 200 * KiB);
-              during.push({ offset, length, kind: 'write' });
-              pending.push(img.write(offset, rng.bytes(length)));
-            }
-          },
-        }), 'KSC_E_UNAVAILABLE', `backup failing at ${failure.name}`);
+        const err = await expectKscError(
+          backupDevice(img, repo, {
+            progress: (p) => {
+              if (p.phase !== 'read' || pending.length > 0) return;
+              for (let i = 0; i < 5; i++) {
+                const offset = rng.int(0, img.size - 200 * KiB);
+                const length = rng.int(1, 200 * KiB);
+                during.push({ offset, length, kind: 'write' });
+                pending.push(img.write(offset, rng.bytes(length)));
+              }
+            },
+          }),
+          'KSC_E_UNAVAILABLE',
+          `backup failing at ${failure.name}`,
+        );
         expect(err.message).toMatch(/injected/);
         await Promise.all(pending);
         expect(during.length).toBe(5);
@@ -172,7 +176,7 @@ describe('bitmap handover when a backup fails', () => {
 });
 
 describe('the freeze made while the repository is read (an incremental when the image allows one)', () => {
-  it('a repository without the bitmap\'s parent: that freeze is undone and a full backup made; bits and later writes kept', async () => {
+  it("a repository without the bitmap's parent: that freeze is undone and a full backup made; bits and later writes kept", async () => {
     const rng = root.fork();
     const repoA = await newRepo(join(dir, 'spec-A'));
     const repoB = await newRepo(join(dir, 'spec-B'));

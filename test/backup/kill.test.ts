@@ -103,11 +103,13 @@ function runBackup(image: string, repo: string, at: KillAt | null): Promise<Chil
       }
     }, 2);
   }
-  return new Promise((res) => child.on('close', (code, signal) => {
-    if (timer) clearTimeout(timer);
-    if (poll) clearInterval(poll);
-    res({ code, signal, stdout, stderr, ms: performance.now() - t0, pid: child.pid! });
-  }));
+  return new Promise((res) =>
+    child.on('close', (code, signal) => {
+      if (timer) clearTimeout(timer);
+      if (poll) clearInterval(poll);
+      res({ code, signal, stdout, stderr, ms: performance.now() - t0, pid: child.pid! });
+    }),
+  );
 }
 
 /** Chunk ids of a disk state as the backup computes them (all-zero chunks: the zero id). */
@@ -187,8 +189,8 @@ describe('SIGKILL of kscinc backup', () => {
     // until a kill leaves uploaded packs behind for the rerun to adopt.
     const kinds = rng.shuffle(['time', 'time', 'lock', 'packs', ...Array.from({ length: KILLS - 5 }, () => rng.pick(['time', 'lock', 'packs'] as const))] as ('time' | 'lock' | 'packs')[]);
     kinds.push('packs');
-    const plan = (kind: 'time' | 'lock' | 'packs'): KillAt => kind === 'time' ? { kind, ms: Math.round(cal.ms * (0.05 + 0.9 * rng.float())) }
-      : kind === 'lock' ? { kind, ms: rng.int(0, Math.round(cal.ms / 2)) } : { kind, n: rng.int(1, NEW / 4 - 2) };
+    const plan = (kind: 'time' | 'lock' | 'packs'): KillAt =>
+      kind === 'time' ? { kind, ms: Math.round(cal.ms * (0.05 + 0.9 * rng.float())) } : kind === 'lock' ? { kind, ms: rng.int(0, Math.round(cal.ms / 2)) } : { kind, n: rng.int(1, NEW / 4 - 2) };
     for (let i = 0; i < KILLS || (orphans.length === 0 && i < KILLS + 3); i++) {
       const at = plan(kinds[i] ?? 'packs');
       const delay = describeKill(at);
@@ -220,7 +222,9 @@ describe('SIGKILL of kscinc backup', () => {
         await (ex as Awaited<ReturnType<Repository['lock']>>).release();
       }
       orphans = await orphanPacks(r);
-      notes.push(`#${i}: ${end.signal === 'SIGKILL' ? `killed ${delay}` : `finished before the kill (${delay})`}, ${orphans.length} orphan pack(s), ${newLocks.length} new stale lock(s)${completed.length ? ', manifest landed' : ''}`);
+      notes.push(
+        `#${i}: ${end.signal === 'SIGKILL' ? `killed ${delay}` : `finished before the kill (${delay})`}, ${orphans.length} orphan pack(s), ${newLocks.length} new stale lock(s)${completed.length ? ', manifest landed' : ''}`,
+      );
       if (completed.length) {
         good.set(completed[0]!, current);
         current = await dirty(); // give the next child work again
@@ -250,7 +254,9 @@ describe('SIGKILL of kscinc backup', () => {
     const rerun = await runBackup(image, repoDir, null);
     expect(rerun.code, rerun.stderr).toBe(0);
     const res = JSON.parse(rerun.stdout) as { id: string; chunksNew: number; bytesUploaded: number; full: boolean; fullReason: string | null };
-    console.log(`[kill] rerun: ${orphans.length} orphan packs held ${useful.size} needed chunks; it stored ${res.chunksNew} chunks, uploaded ${res.bytesUploaded} bytes (a fresh run: ${fresh.bytesUploaded})${res.full ? `; full: ${res.fullReason}` : ''}`);
+    console.log(
+      `[kill] rerun: ${orphans.length} orphan packs held ${useful.size} needed chunks; it stored ${res.chunksNew} chunks, uploaded ${res.bytesUploaded} bytes (a fresh run: ${fresh.bytesUploaded})${res.full ? `; full: ${res.fullReason}` : ''}`,
+    );
     expect(useful.size).toBeGreaterThan(0);
     expect(res.chunksNew).toBe(needed.size);
     // Random chunks do not compress: without adoption it would upload at least (needed + useful) × chunk size.

@@ -73,7 +73,11 @@ class Writers {
   completed = 0;
   private readonly sectors: number;
 
-  constructor(private readonly img: KscImage, private readonly rng: Rng, private readonly region: [number, number]) {
+  constructor(
+    private readonly img: KscImage,
+    private readonly rng: Rng,
+    private readonly region: [number, number],
+  ) {
     this.sectors = img.size / SECTOR;
   }
 
@@ -150,10 +154,11 @@ class Writers {
 async function liveBackup(img: KscImage, repo: Parameters<typeof backupDevice>[1], writers: Writers, mode: BackupOptions) {
   let frozen: Buffer | null = null;
   const orig = img.quiesce.bind(img);
-  img.quiesce = async <T>(fn: () => Promise<T>): Promise<T> => orig(async () => {
-    frozen = await img.read(0, img.size);
-    return fn();
-  });
+  img.quiesce = async <T>(fn: () => Promise<T>): Promise<T> =>
+    orig(async () => {
+      frozen = await img.read(0, img.size);
+      return fn();
+    });
   const completedBefore = writers.completedSet();
   let issuedBeforeFirstRead = -1;
   let completedAtFirstRead = 0;
@@ -233,9 +238,15 @@ describe.each(MODES)('live backup of an image under concurrent writes (dedupe: %
       expectMode(three);
       expect(three.full).toBe(false);
       expect(three.parent).toBe(two.result.id);
-      console.log(`[live] ${writers.log.length} writes; during the first backup's read phase ${one.writesDuringRead}, the second's ${two.writesDuringRead}; ${changed.length} chunks changed between the freezes`);
+      console.log(
+        `[live] ${writers.log.length} writes; during the first backup's read phase ${one.writesDuringRead}, the second's ${two.writesDuringRead}; ${changed.length} chunks changed between the freezes`,
+      );
 
-      for (const [name, id, want] of [['first', one.result.id, one.frozen], ['second', two.result.id, two.frozen], ['third', three.id, end]] as const) {
+      for (const [name, id, want] of [
+        ['first', one.result.id, one.frozen],
+        ['second', two.result.id, two.frozen],
+        ['third', three.id, end],
+      ] as const) {
         const target = join(dir, `${name}-${modeName}.raw`);
         await restoreBackup(repo, id, target);
         expectSame(await readImage(target), want, `restore of the ${name} backup vs the image at its freeze point`);

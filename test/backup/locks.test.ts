@@ -49,7 +49,7 @@ function backdate(file: string, ms: number): void {
 }
 
 describe('lock judgement', () => {
-  it('age is the storage time of the lock object, not the writer\'s clock nor the judge\'s', async () => {
+  it("age is the storage time of the lock object, not the writer's clock nor the judge's", async () => {
     const repoDir = join(dir, 'age');
     const repo = await newRepo(repoDir);
     // Written just now, but its writer's clock is a day behind: live. Written 11 minutes ago (storage
@@ -88,7 +88,10 @@ describe('lock judgement', () => {
       ];
       for (const [i, [, over]] of cases.entries()) await repo.store.put(lockKey(String(i).repeat(32)), body(over));
       const locks = await repo.listLocks();
-      expect(locks.map((l) => l.stale), cases.map((c) => c[0]).join('; ')).toEqual(cases.map((c) => c[2]));
+      expect(
+        locks.map((l) => l.stale),
+        cases.map((c) => c[0]).join('; '),
+      ).toEqual(cases.map((c) => c[2]));
       for (const l of locks) expect(l.reason.length).toBeGreaterThan(10);
     } finally {
       child.kill('SIGKILL');
@@ -203,10 +206,13 @@ function backupStalledAtCommit<T>(s: Stalled, meanwhile: () => Promise<T>): { ba
       during.catch(() => undefined); // the test awaits it
     },
   });
-  return { backup, meanwhile: async () => {
-    if (!during) throw new Error('the backup never reached its commit');
-    return during;
-  } };
+  return {
+    backup,
+    meanwhile: async () => {
+      if (!during) throw new Error('the backup never reached its commit');
+      return during;
+    },
+  };
 }
 
 /** The repository of case `name` holds exactly `backups` (each restoring its data) and verifies clean. */
@@ -285,7 +291,7 @@ describe('a backup stalled while its manifest goes up', () => {
 });
 
 describe('odd lock bodies', () => {
-  it('nonsense times and pids are shown as the object\'s own, and a fresh one still blocks with a readable message', async () => {
+  it("nonsense times and pids are shown as the object's own, and a fresh one still blocks with a readable message", async () => {
     const repoDir = join(dir, 'odd');
     const repo = await newRepo(repoDir);
     await repo.store.put(lockKey('9'.repeat(32)), Buffer.from(JSON.stringify({ kind: 'exclusive', host: 'x.example', pid: 'NaN', created: 'yesterday', refreshed: 1e300, what: 7 })));

@@ -72,7 +72,7 @@ describe('restore onto a full file system', () => {
     expect(cli.stderr).toMatch(/no space/i);
     expect(cli.stderr.trim().split('\n')).toHaveLength(1);
     expect(await treeDigest(repoDir)).toEqual(before);
-    expect((await repo.listLocks())).toEqual([]);
+    expect(await repo.listLocks()).toEqual([]);
     expect((await verifyRepo(repo)).ok).toBe(true);
     // And with room again, the same restore works.
     rmSync(join(mnt, 'cli.raw'), { force: true });

@@ -60,7 +60,7 @@ function fill(file: string): void {
 }
 
 describe('prune on a full file system', () => {
-  it('works under the folder lock alone and removes the failed backup\'s packs', async () => {
+  it("works under the folder lock alone and removes the failed backup's packs", async () => {
     expect(mountError, `this test mounts a tmpfs and needs root: ${mountError}`).toBeNull();
     const rng = new Rng(seed);
     const repoDir = join(mnt, 'repo');

@@ -72,21 +72,27 @@ async function expectAllRestore(repoDir: string, ids: string[]): Promise<void> {
 
 describe('prune refuses while a manifest cannot be read', () => {
   const damages: [string, (file: string) => void][] = [
-    ['a flipped byte', (f) => {
-      const b = readFileSync(f);
-      b[100] ^= 0x10;
-      writeFileSync(f, b);
-    }],
+    [
+      'a flipped byte',
+      (f) => {
+        const b = readFileSync(f);
+        b[100] ^= 0x10;
+        writeFileSync(f, b);
+      },
+    ],
     ['truncation', (f) => truncateSync(f, readFileSync(f).length - 10)],
     ['an empty file', (f) => writeFileSync(f, '')],
-    ['another backup\'s manifest', (f) => writeFileSync(f, readFileSync(f.replace(P.ids[0]!, P.ids[1]!)))],
-    ['an unknown flag bit (a newer writer)', (f) => {
-      const b = readFileSync(f);
-      b.writeUInt32LE(b.readUInt32LE(12) | 0x100, 12);
-      const t = b.length - 32;
-      b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
-      writeFileSync(f, b);
-    }],
+    ["another backup's manifest", (f) => writeFileSync(f, readFileSync(f.replace(P.ids[0]!, P.ids[1]!)))],
+    [
+      'an unknown flag bit (a newer writer)',
+      (f) => {
+        const b = readFileSync(f);
+        b.writeUInt32LE(b.readUInt32LE(12) | 0x100, 12);
+        const t = b.length - 32;
+        b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
+        writeFileSync(f, b);
+      },
+    ],
   ];
   for (const [what, damage] of damages) {
     it(`${what}: deletes nothing, names it; --forget-damaged removes it`, async () => {
@@ -138,12 +144,17 @@ describe('prune refuses while a manifest cannot be read', () => {
     // A pack of b1 holding a chunk the kept backup (b3) still uses: which pack that is depends on the order
     // the workers finished in, so it is looked up (b1Packs[0] held only rewritten chunks in some runs).
     const used = new Set<string>();
-    (await repo.readManifest(P.ids[2]!)).ids.forEachNonZero((_k, cid) => { used.add(cid.toString('hex')); });
+    (await repo.readManifest(P.ids[2]!)).ids.forEachNonZero((_k, cid) => {
+      used.add(cid.toString('hex'));
+    });
     const packs = await repo.listPacks();
     let victim = '';
     for (const p of P.b1Packs) {
       const entries = await repo.readPackFooter(p, packs.get(p)!.size);
-      if (entries.some((e) => used.has(e.id.toString('hex')))) { victim = p; break; }
+      if (entries.some((e) => used.has(e.id.toString('hex')))) {
+        victim = p;
+        break;
+      }
     }
     expect(victim, 'a pack of b1 that b3 still uses').not.toBe('');
     for (const idx of await repo.listIndexObjects()) flip(join(d, indexKey(idx)), 40);
@@ -260,11 +271,12 @@ describe('readers concurrent with prune', () => {
       let store!: ReturnType<typeof gatedReads>;
       const repo = await openRepo(d, (s) => (store = gatedReads(s)));
       store.arm();
-      const reading = reader === 'restore'
-        ? restoreBackup(repo, kept, join(d + '-out', 'r.raw')).then(() => null)
-        : verifyRepo(repo).then((v) => v.damage);
+      const reading = reader === 'restore' ? restoreBackup(repo, kept, join(d + '-out', 'r.raw')).then(() => null) : verifyRepo(repo).then((v) => v.damage);
       await store.waiting; // it has read the index and is about to read packs
-      const pruned = await pruneRepo(await openRepo(d), { last: 1, graceMs: 0 }).then(() => null, (e: unknown) => e as Error & { code?: string });
+      const pruned = await pruneRepo(await openRepo(d), { last: 1, graceMs: 0 }).then(
+        () => null,
+        (e: unknown) => e as Error & { code?: string },
+      );
       store.open();
       const got = await reading;
       if (reader === 'verify') expect(got, 'verify reported damage').toEqual([]);
@@ -285,15 +297,16 @@ describe('readers concurrent with prune', () => {
     const gate = new Promise<void>((r) => (release = r));
     let deleting = (): void => undefined;
     const started = new Promise<void>((r) => (deleting = r));
-    const slow = (s: ObjectStore): ObjectStore => Object.assign(Object.create(s) as ObjectStore, {
-      delete: async (key: string, opts?: Parameters<ObjectStore['delete']>[1]) => {
-        if (key.startsWith('packs/')) {
-          deleting();
-          await gate;
-        }
-        return s.delete(key, opts);
-      },
-    });
+    const slow = (s: ObjectStore): ObjectStore =>
+      Object.assign(Object.create(s) as ObjectStore, {
+        delete: async (key: string, opts?: Parameters<ObjectStore['delete']>[1]) => {
+          if (key.startsWith('packs/')) {
+            deleting();
+            await gate;
+          }
+          return s.delete(key, opts);
+        },
+      });
     const pruning = pruneRepo(await openRepo(d, slow), { last: 1, graceMs: 0 });
     await started;
     const repo = await openRepo(d);

@@ -63,7 +63,10 @@ beforeAll(async () => {
   const img2 = await openKsc(other, { write: true });
   try {
     await img2.write(0, rng.bytes(3 * C));
-    const failing = await openRepo(pristine, (s) => new FaultStore(s, (op, key) => (op === 'put' && (key.startsWith('index/') || key.startsWith('manifests/')) ? { error: new KscError('KSC_E_UNAVAILABLE', 'injected') } : undefined)));
+    const failing = await openRepo(
+      pristine,
+      (s) => new FaultStore(s, (op, key) => (op === 'put' && (key.startsWith('index/') || key.startsWith('manifests/')) ? { error: new KscError('KSC_E_UNAVAILABLE', 'injected') } : undefined)),
+    );
     const e = await backupDevice(img2, failing).catch((x: unknown) => x);
     expect(isKscError(e), String(e)).toBe(true);
   } finally {
@@ -88,7 +91,10 @@ async function checkStopped(repoDir: string, where: string): Promise<void> {
   expect(v.damage, `${where}: verify after the stop`).toEqual([]);
   await restoreAll(repo, left, where);
   const again = await pruneRepo(repo, POLICY);
-  expect(again.kept.map((k) => k.id), where).toEqual(kept);
+  expect(
+    again.kept.map((k) => k.id),
+    where,
+  ).toEqual(kept);
   const after = await openRepo(repoDir);
   expect(await after.listBackupIds(), `${where}: after the re-run`).toEqual(kept);
   const v2 = await verifyRepo(after);

@@ -259,12 +259,13 @@ describe('prune', () => {
     // Pack uploads of the backup wait until the prune attempt is over, so the backup surely runs meanwhile.
     let open!: () => void;
     const gate = new Promise<void>((r) => (open = r));
-    const gated = (s: ObjectStore): ObjectStore => Object.assign(Object.create(s) as ObjectStore, {
-      put: async (key: string, data: Buffer | Buffer[]) => {
-        if (key.startsWith('packs/')) await gate;
-        return s.put(key, data);
-      },
-    });
+    const gated = (s: ObjectStore): ObjectStore =>
+      Object.assign(Object.create(s) as ObjectStore, {
+        put: async (key: string, data: Buffer | Buffer[]) => {
+          if (key.startsWith('packs/')) await gate;
+          return s.put(key, data);
+        },
+      });
     const repo = await newRepo(repoDir, { wrap: gated });
     const path = await makeDisk(dir, 'locked', rng, { size: 16 * MiB, baseSize: 16 * MiB, baseRegions: 4, maxRegion: 4 * MiB });
     const img = await openKsc(path, { write: true });
@@ -274,11 +275,16 @@ describe('prune', () => {
       const b = await backupDevice(img, repo, {
         progress: (p) => {
           if (p.phase !== 'read' || attempt) return;
-          attempt = pruneRepo(other, { last: 1 }).then(() => null, (e: unknown) => e).finally(open);
+          attempt = pruneRepo(other, { last: 1 })
+            .then(
+              () => null,
+              (e: unknown) => e,
+            )
+            .finally(open);
         },
       }).finally(open);
       expect(attempt).not.toBeNull();
-      const err = (await attempt) as Error & { code?: string } | null;
+      const err = (await attempt) as (Error & { code?: string }) | null;
       expect(err?.code, String(err?.message)).toBe('KSC_E_LOCKED');
       expect(err!.message).toMatch(new RegExp(`backup ${b.id}`));
       expect(await other.listBackupIds()).toEqual([b.id]);
@@ -289,7 +295,8 @@ describe('prune', () => {
       // A lock of this host (same boot and pid namespace) by a dead process, and one of another host not
       // written for longer than the lifetime by the storage's clock (its file's mtime): stale, prune goes ahead.
       const dead = spawnSync(process.execPath, ['-e', '0']).pid!;
-      const lockBody = (over: object): Buffer => Buffer.from(JSON.stringify({ kind: 'shared', host: hostname(), pid: dead, created: Date.now(), refreshed: Date.now(), what: 'backup (test)', ...processIdentity(), ...over }));
+      const lockBody = (over: object): Buffer =>
+        Buffer.from(JSON.stringify({ kind: 'shared', host: hostname(), pid: dead, created: Date.now(), refreshed: Date.now(), what: 'backup (test)', ...processIdentity(), ...over }));
       await other.store.put(lockKey('a'.repeat(32)), lockBody({}));
       await other.store.put(lockKey('b'.repeat(32)), lockBody({ host: 'elsewhere.example', pid: 1 }));
       const old = new Date(Date.now() - STALE_MS - 60_000);

@@ -95,7 +95,10 @@ async function checkStopped(target: string, existing: boolean, where: string, er
   }
   await restoreBackup(await openRepo(repoDir), newId, target);
   expectSame(readFileSync(target), newData, `${where}: re-run`);
-  expect(readdirSync(join(target, '..')).filter((n) => n.endsWith('.part')), `${where}: temporaries left`).toEqual([]);
+  expect(
+    readdirSync(join(target, '..')).filter((n) => n.endsWith('.part')),
+    `${where}: temporaries left`,
+  ).toEqual([]);
 }
 
 describe('restore stopped after every step', () => {

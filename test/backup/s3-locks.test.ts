@@ -41,7 +41,11 @@ beforeAll(async () => {
 });
 afterAll(() => closePool());
 
-interface Child { stopped: Promise<void>; resume(): void; done: Promise<{ code: number | null; result: { ok: boolean; id?: string; code?: string; message?: string } }> }
+interface Child {
+  stopped: Promise<void>;
+  resume(): void;
+  done: Promise<{ code: number | null; result: { ok: boolean; id?: string; code?: string; message?: string } }>;
+}
 
 /** Starts the child backup; `stopped` resolves once it has stopped itself (state T in /proc). */
 function pausedBackup(image: string, location: string): Child {
@@ -55,11 +59,16 @@ function pausedBackup(image: string, location: string): Child {
     if (out.includes('stopping\n')) said();
   });
   p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-  const done = new Promise<{ code: number | null; result: { ok: boolean } }>((resolve) => p.on('exit', (code) => {
-    said();
-    const line = out.split('\n').filter((l) => l.startsWith('{')).pop();
-    resolve({ code, result: line ? JSON.parse(line) : { ok: false, message: `no result; stderr: ${err}` } });
-  }));
+  const done = new Promise<{ code: number | null; result: { ok: boolean } }>((resolve) =>
+    p.on('exit', (code) => {
+      said();
+      const line = out
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .pop();
+      resolve({ code, result: line ? JSON.parse(line) : { ok: false, message: `no result; stderr: ${err}` } });
+    }),
+  );
   const stopped = (async () => {
     await saidStopping;
     for (let i = 0; i < 200; i++) {
@@ -114,7 +123,10 @@ describe('a paused backup on S3 and a prune from a host whose clock is 11 minute
     await c.stopped;
     try {
       const other = await skewedRepo(location);
-      const e = await pruneRepo(other, { last: 1, graceMs: 0 }).then(() => null, (x: unknown) => x as Error & { code?: string });
+      const e = await pruneRepo(other, { last: 1, graceMs: 0 }).then(
+        () => null,
+        (x: unknown) => x as Error & { code?: string },
+      );
       expect(e?.code, String(e?.message)).toBe('KSC_E_LOCKED');
       expect(e!.message).toMatch(/locked by backup /);
       await other.store.close();

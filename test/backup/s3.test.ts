@@ -131,7 +131,10 @@ describe('the S3 server dies in the middle of a backup', () => {
       if (op === 'put' && key.startsWith('packs/') && ++packs === 3 && !killed) killed = gw.crash();
       return undefined;
     });
-    const err = await backupDevice(dev, await Repository.open(faulty)).then(() => null, (e: unknown) => e as { code?: string; message: string });
+    const err = await backupDevice(dev, await Repository.open(faulty)).then(
+      () => null,
+      (e: unknown) => e as { code?: string; message: string },
+    );
     expect(err, 'the backup should fail while the server is down').not.toBeNull();
     expect(['KSC_E_UNAVAILABLE', 'KSC_E_IO']).toContain(err!.code);
     await killed;
@@ -143,7 +146,7 @@ describe('the S3 server dies in the middle of a backup', () => {
     await store.close();
     store = await open(5);
     const repo2 = await Repository.open(store);
-    expect((await repo2.listBackupIds())).toEqual([b1.id]); // the failed backup left no manifest
+    expect(await repo2.listBackupIds()).toEqual([b1.id]); // the failed backup left no manifest
     const out1 = join(dir, 'c1.raw');
     await restoreBackup(repo2, b1.id, out1);
     expect(readFileSync(out1).equals(snap1)).toBe(true);

@@ -88,13 +88,15 @@ describe('a sparse 16 TiB disk', () => {
         // Every written range reads back as the last write there left it (ranges are compared in write order).
         const touched = new Set<number>();
         for (const w of writesApplied) {
-          const k0 = Math.floor(w.offset / C), k1 = Math.floor((w.offset + w.data.length - 1) / C);
+          const k0 = Math.floor(w.offset / C),
+            k1 = Math.floor((w.offset + w.data.length - 1) / C);
           for (let k = k0; k <= k1; k++) touched.add(k);
         }
         for (const k of touched) {
           const want = Buffer.alloc(Math.min(C, size - k * C));
           for (const w of writesApplied) {
-            const s = Math.max(w.offset, k * C), e = Math.min(w.offset + w.data.length, k * C + want.length);
+            const s = Math.max(w.offset, k * C),
+              e = Math.min(w.offset + w.data.length, k * C + want.length);
             if (s < e) w.data.copy(want, s - k * C, s - w.offset, e - w.offset);
           }
           expect((await r.read(k * C, want.length)).equals(want), `${what}: chunk ${k} (seed ${seed})`).toBe(true);

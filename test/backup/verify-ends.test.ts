@@ -60,14 +60,23 @@ const cases: [string, RegExp, (file: string, size: number, count: number) => voi
   ['a byte of the header magic', /header magic/, (f) => patch(f, 3, (b) => (b[0] ^= 1))],
   ['a byte of a footer entry', /footer entries checksum/, (f, size, n) => patch(f, size - 32 - 48 * n + 20, (b) => (b[0] ^= 0x10))],
   ['a byte of the footer tail', /footer (tail checksum|magic)/, (f, size) => patch(f, size - 5, (b) => (b[0] ^= 0x80))],
-  ['a footer re-sealed with a wrong blob offset', /footer does not list chunk/, (f, size, n) => {
-    const entriesAt = size - 32 - 48 * n;
-    patch(f, entriesAt, (b) => {
-      b.writeUInt32LE(b.readUInt32LE(16) + 1, 16); // entry 0's offset, one byte off
-      b.writeUInt32LE(crc32(b.subarray(0, 48 * n)), 48 * n + 4);
-      b.writeUInt32LE(crc32(b.subarray(48 * n, 48 * n + 20)), 48 * n + 20);
-    }, 48 * n + 32);
-  }],
+  [
+    'a footer re-sealed with a wrong blob offset',
+    /footer does not list chunk/,
+    (f, size, n) => {
+      const entriesAt = size - 32 - 48 * n;
+      patch(
+        f,
+        entriesAt,
+        (b) => {
+          b.writeUInt32LE(b.readUInt32LE(16) + 1, 16); // entry 0's offset, one byte off
+          b.writeUInt32LE(crc32(b.subarray(0, 48 * n)), 48 * n + 4);
+          b.writeUInt32LE(crc32(b.subarray(48 * n, 48 * n + 20)), 48 * n + 20);
+        },
+        48 * n + 32,
+      );
+    },
+  ],
 ];
 
 describe('verify checks pack headers and footers', () => {

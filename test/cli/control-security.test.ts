@@ -91,7 +91,14 @@ function exchange(path: string, line: string | null): Promise<Record<string, unk
     });
     sock.on('data', (d) => (buf += d.toString()));
     sock.on('error', reject);
-    sock.on('close', () => resolve(buf.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>)));
+    sock.on('close', () =>
+      resolve(
+        buf
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => JSON.parse(l) as Record<string, unknown>),
+      ),
+    );
   });
 }
 
@@ -123,7 +130,10 @@ describe('control socket: another local user', () => {
     const { img, run, repo } = setup();
     const path = await plantImpostor(run, img);
     chownSync(path, 0, 0);
-    const err = await requestBackup(img, { op: 'backup', repo }).then(() => null, (e: unknown) => e as Error & { code: string });
+    const err = await requestBackup(img, { op: 'backup', repo }).then(
+      () => null,
+      (e: unknown) => e as Error & { code: string },
+    );
     expect(err?.code).toBe('KSC_E_PERMISSION');
     expect(err?.message).toMatch(/served by uid 65534/);
   });
@@ -154,7 +164,8 @@ describe('control socket: another local user', () => {
     writeFileSync(img, Buffer.alloc(1 << 20));
     const run = join(dir, 'fresh', 'run');
     const proc = spawn('sh', ['-c', `umask 000; exec "${process.execPath}" "${CLI}" serve "${img}" --listen 127.0.0.1:0`], {
-      stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KSCINC_RUN_DIR: run },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, KSCINC_RUN_DIR: run },
     });
     children.push(proc);
     let err = '';

@@ -26,7 +26,14 @@ function exchange(path: string, line: string): Promise<Record<string, unknown>[]
     sock.on('connect', () => sock.write(line + '\n'));
     sock.on('data', (d) => (buf += d.toString()));
     sock.on('error', reject);
-    sock.on('close', () => resolve(buf.split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>)));
+    sock.on('close', () =>
+      resolve(
+        buf
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => JSON.parse(l) as Record<string, unknown>),
+      ),
+    );
   });
 }
 

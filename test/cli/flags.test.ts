@@ -29,11 +29,13 @@ describe('flags in error messages', () => {
   it('no message in src/engines, src/repo or src/image names a command-line flag', () => {
     const offenders: string[] = [];
     for (const f of ['engines', 'repo', 'image'].flatMap((d) => sources(join(src, d)))) {
-      readFileSync(f, 'utf8').split('\n').forEach((line, i) => {
-        if (/^\s*(\*|\/\/|\/\*)/.test(line)) return; // comments
-        // A flag inside a string literal; qemu-img's own flags in the LUKS hint are another tool's.
-        if (/['"`][^'"`]*(?<![\w)\]])--[a-z]/.test(line) && !line.includes('qemu-img convert')) offenders.push(`${relative(src, f)}:${i + 1}: ${line.trim()}`);
-      });
+      readFileSync(f, 'utf8')
+        .split('\n')
+        .forEach((line, i) => {
+          if (/^\s*(\*|\/\/|\/\*)/.test(line)) return; // comments
+          // A flag inside a string literal; qemu-img's own flags in the LUKS hint are another tool's.
+          if (/['"`][^'"`]*(?<![\w)\]])--[a-z]/.test(line) && !line.includes('qemu-img convert')) offenders.push(`${relative(src, f)}:${i + 1}: ${line.trim()}`);
+        });
     }
     expect(offenders).toEqual([]);
   });

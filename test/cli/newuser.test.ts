@@ -112,7 +112,7 @@ describe('files appear whole or not at all', () => {
     const seed = Number(process.env.TEST_SEED ?? Date.now() % 100000);
     console.log(`SIGKILL convert seed ${seed}`);
     let x = seed;
-    const rand = (): number => ((x = (x * 1103515245 + 12345) % 2147483648) / 2147483648);
+    const rand = (): number => (x = (x * 1103515245 + 12345) % 2147483648) / 2147483648;
     const src = p('kill-src.raw');
     writeFileSync(src, Buffer.alloc(12 << 20, 0x6b));
     const dst = p('kill-dst.raw');
@@ -188,12 +188,38 @@ describe('exit statuses', () => {
     expect(kscinc(['--help']).stdout).toMatch(/Exit status:[\s\S]*check: corruption found/);
   });
 
-  it('schedule status exits 5 when a job\'s last run failed (every rpo met)', () => {
+  it("schedule status exits 5 when a job's last run failed (every rpo met)", () => {
     const file = p('sched.yaml');
     writeFileSync(file, 'timezone: UTC\njobs:\n  - { name: web, images: [w.ksc], repo: r, when: every day at 02:00 }\n');
     const iso = (ago: number): string => new Date(Date.now() - ago).toISOString();
-    const lastRun = (result: string): object => ({ kind: 'scheduled', scheduled: iso(60_000), start: iso(60_000), end: iso(50_000), result, backups: [], errors: [], error: result === 'failed' ? 'repository unreachable' : null });
-    const state = (result: string): string => JSON.stringify({ version: 1, jobs: { web: { firstSeen: iso(86400_000), doneThrough: iso(60_000), attempts: 1, retryStep: 0, retryAt: null, retryImages: [], retryScheduled: null, lastSuccess: null, lastRun: lastRun(result), images: {} } } });
+    const lastRun = (result: string): object => ({
+      kind: 'scheduled',
+      scheduled: iso(60_000),
+      start: iso(60_000),
+      end: iso(50_000),
+      result,
+      backups: [],
+      errors: [],
+      error: result === 'failed' ? 'repository unreachable' : null,
+    });
+    const state = (result: string): string =>
+      JSON.stringify({
+        version: 1,
+        jobs: {
+          web: {
+            firstSeen: iso(86400_000),
+            doneThrough: iso(60_000),
+            attempts: 1,
+            retryStep: 0,
+            retryAt: null,
+            retryImages: [],
+            retryScheduled: null,
+            lastSuccess: null,
+            lastRun: lastRun(result),
+            images: {},
+          },
+        },
+      });
     writeFileSync(statePathFor(file), state('failed'));
     const r = kscinc(['schedule', 'status', '--config', file]);
     expect(r.code).toBe(5);
@@ -215,7 +241,11 @@ describe('bitmaps, backups and the repository from the environment', () => {
     expect(shown).not.toMatch(/backup#/);
     expect(shown).toMatch(/1 internal bitmap of backups not shown: --all/);
     expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--json'])).map((b: { name: string }) => b.name)).toEqual(['backup']);
-    expect(JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--all', '--json'])).map((b: { name: string }) => b.name).some((n: string) => n.startsWith('backup#'))).toBe(true);
+    expect(
+      JSON.parse(ok(['bitmap', 'list', p('bm.ksc'), '--all', '--json']))
+        .map((b: { name: string }) => b.name)
+        .some((n: string) => n.startsWith('backup#')),
+    ).toBe(true);
     expect(kscinc(['bitmap', 'list', '--help']).stdout).toMatch(/NAME#TOKEN[\s\S]*NAME~frozen/);
     // info too: internal bitmaps only with --all (human and JSON).
     const info = ok(['info', p('bm.ksc')]);
@@ -258,7 +288,11 @@ describe('bitmaps, backups and the repository from the environment', () => {
     const list = ok(['backups'], env).trim().split('\n');
     expect(list[0]).toMatch(/^ID\s+TIME\s+DISK\s+SIZE\s+STORED\s+TYPE\s+TAGS$/);
     expect(list).toHaveLength(3);
-    expect(ok(['backups', '--repo', p('otherrepo')], env).trim().split('\n')).toHaveLength(2);
+    expect(
+      ok(['backups', '--repo', p('otherrepo')], env)
+        .trim()
+        .split('\n'),
+    ).toHaveLength(2);
     const disk = JSON.parse(ok(['info', p('e1.ksc'), '--json'])).diskUuid as string;
     const byDisk = JSON.parse(ok(['backups', '--disk', disk.slice(0, 8), '--json'], env));
     expect(byDisk.map((b: { disk: string }) => b.disk)).toEqual([disk]);
@@ -379,7 +413,9 @@ describe('library and shell completion', () => {
     expect(run('bash', ['-n', p('comp.bash')]).code).toBe(0);
     const complete = (line: string): string[] => {
       const words = line.split(' ');
-      const r = run('bash', ['-c', `source ${p('comp.bash')}; COMP_WORDS=(${words.map((w) => `'${w}'`).join(' ')}); COMP_CWORD=${words.length - 1}; _kscinc; printf '%s\\n' "\${COMPREPLY[@]}"`], { cwd: dir });
+      const r = run('bash', ['-c', `source ${p('comp.bash')}; COMP_WORDS=(${words.map((w) => `'${w}'`).join(' ')}); COMP_CWORD=${words.length - 1}; _kscinc; printf '%s\\n' "\${COMPREPLY[@]}"`], {
+        cwd: dir,
+      });
       return r.stdout.split('\n').filter((l) => l !== '');
     };
     expect(complete('kscinc co')).toEqual(expect.arrayContaining(['convert', 'completion', 'commit']));
@@ -408,7 +444,10 @@ describe('library and shell completion', () => {
     }
     expect(checked).toBeGreaterThan(0);
     const units = new URL('../../scripts/systemd/', import.meta.url).pathname;
-    for (const [unit, as] of [['kscinc-schedule.service', 'kscinc-schedule.service'], ['kscinc-serve@.service', 'kscinc-serve@web1.service']]) {
+    for (const [unit, as] of [
+      ['kscinc-schedule.service', 'kscinc-schedule.service'],
+      ['kscinc-serve@.service', 'kscinc-serve@web1.service'],
+    ]) {
       const copy = p(as);
       writeFileSync(copy, readFileSync(join(units, unit)));
       const r = run('systemd-analyze', ['verify', copy]);

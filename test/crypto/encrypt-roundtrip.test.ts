@@ -63,11 +63,56 @@ describe('encrypted repository round trip (folder store)', () => {
 
   it('tampered blob, pack header, pack footer, index object, manifest: each named, nothing restored', () => {
     const cases: [string, (repo: string) => string][] = [
-      ['blob', (repo) => { const f = one(repo, 'packs'); const b = readFileSync(f); b[16 + 32 + 12 + 5]! ^= 1; writeFileSync(f, b); return f; }],
-      ['pack header', (repo) => { const f = one(repo, 'packs'); const b = readFileSync(f); b.writeUInt32LE(1, 8); writeFileSync(f, b); return f; }],
-      ['pack footer', (repo) => { const f = one(repo, 'packs'); const b = readFileSync(f); b[b.length - 32 - 20]! ^= 1; writeFileSync(f, b); return f; }],
-      ['index', (repo) => { const f = one(repo, 'index'); const b = readFileSync(f); b[40]! ^= 1; writeFileSync(f, b); return f; }],
-      ['manifest', (repo) => { const f = one(repo, 'manifests'); const b = readFileSync(f); b[b.length - 20]! ^= 1; writeFileSync(f, b); return f; }],
+      [
+        'blob',
+        (repo) => {
+          const f = one(repo, 'packs');
+          const b = readFileSync(f);
+          b[16 + 32 + 12 + 5]! ^= 1;
+          writeFileSync(f, b);
+          return f;
+        },
+      ],
+      [
+        'pack header',
+        (repo) => {
+          const f = one(repo, 'packs');
+          const b = readFileSync(f);
+          b.writeUInt32LE(1, 8);
+          writeFileSync(f, b);
+          return f;
+        },
+      ],
+      [
+        'pack footer',
+        (repo) => {
+          const f = one(repo, 'packs');
+          const b = readFileSync(f);
+          b[b.length - 32 - 20]! ^= 1;
+          writeFileSync(f, b);
+          return f;
+        },
+      ],
+      [
+        'index',
+        (repo) => {
+          const f = one(repo, 'index');
+          const b = readFileSync(f);
+          b[40]! ^= 1;
+          writeFileSync(f, b);
+          return f;
+        },
+      ],
+      [
+        'manifest',
+        (repo) => {
+          const f = one(repo, 'manifests');
+          const b = readFileSync(f);
+          b[b.length - 20]! ^= 1;
+          writeFileSync(f, b);
+          return f;
+        },
+      ],
     ];
     for (const [what, tamper] of cases) {
       const repo = join(dir, `t-${what.replace(' ', '-')}`);

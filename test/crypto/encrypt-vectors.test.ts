@@ -16,7 +16,12 @@ function block(name: string): string {
   if (!m) throw new Error(`no ${name} block in the spec`);
   return m[1]!;
 }
-const v = new Map(block('vectors-crypto').split('\n').filter((l) => l && !l.startsWith('#')).map((l) => l.split(' ') as [string, string]));
+const v = new Map(
+  block('vectors-crypto')
+    .split('\n')
+    .filter((l) => l && !l.startsWith('#'))
+    .map((l) => l.split(' ') as [string, string]),
+);
 const hex = (k: string): Buffer => Buffer.from(v.get(k)!, 'hex');
 
 describe('formats/repository.md §13.8 vectors', () => {
@@ -32,7 +37,10 @@ describe('formats/repository.md §13.8 vectors', () => {
 
   it('keyed chunk ids (§13.6)', () => {
     const kid = hex('K_id');
-    for (const [name, input] of [['id-abc', Buffer.from('abc')], ['id-empty', Buffer.alloc(0)]] as const) {
+    for (const [name, input] of [
+      ['id-abc', Buffer.from('abc')],
+      ['id-empty', Buffer.alloc(0)],
+    ] as const) {
       const out = Buffer.alloc(16);
       keyedId(kid, input, out, 0);
       expect(out.toString('hex'), name).toBe(v.get(name));

@@ -21,8 +21,22 @@ const B = pw('b', 'password B');
 const C = pw('c', 'password C');
 const WRONG = pw('wrong', 'not it');
 const env = (p: string, newP?: string): Record<string, string | undefined> => ({ KSCINC_PASSWORD_FILE: p, KSCINC_NEW_PASSWORD_FILE: newP });
-const snapshot = (repo: string): string => JSON.stringify(['', 'keys'].map((d) => { try { return readdirSync(join(repo, d)).sort().map((f) => [f, statSync(join(repo, d, f)).isFile() ? readFileSync(join(repo, d, f), 'utf8') : '']); } catch { return []; } }));
-const keyIds = (repo: string): string[] => readdirSync(join(repo, 'keys')).map((f) => f.replace(/\.key$/, '')).sort();
+const snapshot = (repo: string): string =>
+  JSON.stringify(
+    ['', 'keys'].map((d) => {
+      try {
+        return readdirSync(join(repo, d))
+          .sort()
+          .map((f) => [f, statSync(join(repo, d, f)).isFile() ? readFileSync(join(repo, d, f), 'utf8') : '']);
+      } catch {
+        return [];
+      }
+    }),
+  );
+const keyIds = (repo: string): string[] =>
+  readdirSync(join(repo, 'keys'))
+    .map((f) => f.replace(/\.key$/, ''))
+    .sort();
 
 describe('kscinc repo init --encrypt and kscinc key', () => {
   it('init records version 2, the feature and a key object; the default stays unencrypted', () => {
@@ -54,7 +68,12 @@ describe('kscinc repo init --encrypt and kscinc key', () => {
     const repo = join(dir, 'r2');
     expect(kscinc(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024'], { env: env(A) }).code).toBe(0);
     const before = snapshot(repo);
-    for (const args of [['key', 'list', '--repo', repo], ['key', 'add', '--repo', repo], ['backups', '--repo', repo], ['key', 'passwd', '--repo', repo]]) {
+    for (const args of [
+      ['key', 'list', '--repo', repo],
+      ['key', 'add', '--repo', repo],
+      ['backups', '--repo', repo],
+      ['key', 'passwd', '--repo', repo],
+    ]) {
       const r = kscinc(args, { env: env(WRONG, C) });
       expect(r.code, args.join(' ')).not.toBe(0);
       expect(r.stderr, args.join(' ')).toMatch(/KSC_E_AUTH|wrong password/);
@@ -75,7 +94,16 @@ describe('kscinc repo init --encrypt and kscinc key', () => {
     const kb = JSON.parse(add.stdout).added as string;
     expect(keyIds(repo)).toEqual([ka!, kb].sort());
     const list = kscinc(['key', 'list', '--repo', repo, '--json'], { env: env(B) });
-    expect(JSON.parse(list.stdout).map((r: { id: string; current: boolean }) => [r.id, r.current]).sort()).toEqual([[ka, false], [kb, true]].sort());
+    expect(
+      JSON.parse(list.stdout)
+        .map((r: { id: string; current: boolean }) => [r.id, r.current])
+        .sort(),
+    ).toEqual(
+      [
+        [ka, false],
+        [kb, true],
+      ].sort(),
+    );
     // Removing the key one's password opens is refused; with B, remove A.
     expect(kscinc(['key', 'remove', ka!, '--repo', repo], { env: env(A) }).stderr).toMatch(/is the one your password opens/);
     const rm = kscinc(['key', 'remove', ka!, '--repo', repo], { env: env(B) });

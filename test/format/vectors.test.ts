@@ -267,7 +267,11 @@ describe('§12.2 a small image', () => {
     expect(mapPage % 4096).toBe(0);
     for (let b = 0; b < 4096; b++) {
       const e = sealed(at(mapPage + b * 16), 2, b);
-      if (b !== 1) expect(e.subarray(0, 12).every((x) => x === 0), `block ${b}`).toBe(true);
+      if (b !== 1)
+        expect(
+          e.subarray(0, 12).every((x) => x === 0),
+          `block ${b}`,
+        ).toBe(true);
     }
     const desc = at(mapPage + 16).readBigUInt64LE(0);
     expect(desc & 3n).toBe(2n); // DATA
@@ -278,12 +282,20 @@ describe('§12.2 a small image', () => {
     expect(data.equals(Buffer.alloc(65536, 0xab))).toBe(true);
     expect(at(mapPage + 16).readUInt32LE(8)).toBe(crc32Ref(data));
     // Intent words: all clear after a clean close.
-    expect(sealed(at(Number(h.readBigUInt64LE(96))), 6, 0).subarray(0, 12).every((x) => x === 0)).toBe(true);
+    expect(
+      sealed(at(Number(h.readBigUInt64LE(96))), 6, 0)
+        .subarray(0, 12)
+        .every((x) => x === 0),
+    ).toBe(true);
     // Bitmap directory: slot 0 is b1 (IN_USE | ENABLED, granularity 2^16), the other 63 are empty.
     const bdir = Number(h.readBigUInt64LE(112));
     for (let s = 0; s < 64; s++) {
       const rec = sealed(at(bdir + s * 128, 128), 3, s);
-      if (s > 0) expect(rec.subarray(0, 124).every((x) => x === 0), `slot ${s}`).toBe(true);
+      if (s > 0)
+        expect(
+          rec.subarray(0, 124).every((x) => x === 0),
+          `slot ${s}`,
+        ).toBe(true);
     }
     const slot0 = at(bdir, 128);
     expect(slot0[0]).toBe(3);

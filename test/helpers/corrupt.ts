@@ -90,7 +90,7 @@ export function currentSlot(file: Buffer): number {
     if (h.length < 4096 || !h.subarray(0, 8).equals(MAGIC) || h.readUInt32LE(4092) !== crc32(h.subarray(0, 4092))) continue;
     if (h.readUInt32LE(8) !== 1 || h.readUInt32LE(12) !== 4096) continue;
     const gen = h.readBigUInt64LE(16);
-    if (gen > bestGen) (best = s), (bestGen = gen);
+    if (gen > bestGen) ((best = s), (bestGen = gen));
   }
   return best;
 }

@@ -36,7 +36,6 @@ export function fillPattern(length, seed) {
   return buf;
 }
 
-
 /** 1–4 ops on disjoint blocks: writes, write-zeroes, discards, aligned or not. */
 function makeBatch(rand, size, blockSize) {
   const int = (lo, hi) => lo + Math.floor(rand() * (hi - lo + 1));

@@ -19,10 +19,7 @@ import { coreOf } from '../../src/image/ksc/image.js';
 
 export const SECTOR = 512;
 
-export type DevOp =
-  | { kind: 'write'; offset: number; data: Buffer }
-  | { kind: 'zero'; offset: number; length: number; mayTrim: boolean }
-  | { kind: 'discard'; offset: number; length: number };
+export type DevOp = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number; mayTrim: boolean } | { kind: 'discard'; offset: number; length: number };
 
 export function opLength(op: DevOp): number {
   return op.kind === 'write' ? op.data.length : op.length;
@@ -160,7 +157,12 @@ export class BitmapModel {
   must: Uint8Array;
   may: Uint8Array;
 
-  constructor(readonly name: string, readonly granularity: number, public enabled: boolean, readonly size: number) {
+  constructor(
+    readonly name: string,
+    readonly granularity: number,
+    public enabled: boolean,
+    readonly size: number,
+  ) {
     this.bits = Math.ceil(size / granularity);
     this.must = new Uint8Array(this.bits);
     this.may = new Uint8Array(this.bits);
@@ -193,7 +195,10 @@ export class BitmapModel {
 
   /** dst |= src, byte range by byte range (granularities may differ). */
   mergeFrom(src: BitmapModel): void {
-    for (const [set, into] of [[src.must, this.must], [src.may, this.may]] as const) {
+    for (const [set, into] of [
+      [src.must, this.must],
+      [src.may, this.may],
+    ] as const) {
       for (let k = 0; k < src.bits; k++) {
         if (!set[k]) continue;
         const off = k * src.granularity;
@@ -362,8 +367,15 @@ export function checkCrashContent(actual: Buffer, base: Buffer, candidates: DevO
       if (!versions.some((v) => v.subarray(s, se).equals(sec))) {
         const detail = versions.map((v, k) => `    vs ${k === 0 ? 'the flushed state' : `after ${describeOp(ops[k - 1]!)}`}: ${sectorDifference(sec, v.subarray(s, se), start + s)}`);
         const names = versions.map((_, k) => (k === 0 ? 'the flushed state' : `after ${describeOp(ops[k - 1]!)}`));
-        const tear = tornBetween(sec, versions.map((v) => v.subarray(s, se)), names, start + s);
-        problems.push(`block ${b}, sector at 0x${(start + s).toString(16)}: holds data it never held (I3); candidates were the flushed state and ${ops.map(describeOp).join(', ')}; got ${sec.subarray(0, 8).toString('hex')}…${tear ? `\n    ${tear}` : ''}\n${detail.join('\n')}\n    got (whole sector): ${sec.toString('hex')}`);
+        const tear = tornBetween(
+          sec,
+          versions.map((v) => v.subarray(s, se)),
+          names,
+          start + s,
+        );
+        problems.push(
+          `block ${b}, sector at 0x${(start + s).toString(16)}: holds data it never held (I3); candidates were the flushed state and ${ops.map(describeOp).join(', ')}; got ${sec.subarray(0, 8).toString('hex')}…${tear ? `\n    ${tear}` : ''}\n${detail.join('\n')}\n    got (whole sector): ${sec.toString('hex')}`,
+        );
         break;
       }
     }
@@ -445,7 +457,13 @@ export async function owedBitmapProblems(img: KscImage, enabled: Map<string, num
   const problems: string[] = [];
   const list = await img.listBitmaps();
   const want = [...enabled.keys(), ...disabled].sort().join(',');
-  if (list.map((b) => b.name).sort().join(',') !== want) problems.push(`bitmaps ${list.map((b) => b.name)} but expected ${want}`);
+  if (
+    list
+      .map((b) => b.name)
+      .sort()
+      .join(',') !== want
+  )
+    problems.push(`bitmaps ${list.map((b) => b.name)} but expected ${want}`);
   for (const b of list) {
     if (!b.consistent) problems.push(`bitmap "${b.name}" reported inconsistent`);
     const g = enabled.get(b.name);

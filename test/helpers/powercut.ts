@@ -101,7 +101,10 @@ class FileState {
   readonly changes: ChangeRec[] = [];
   readonly syncs: SyncRec[] = [];
 
-  constructor(readonly path: string, readonly initial: Buffer) {
+  constructor(
+    readonly path: string,
+    readonly initial: Buffer,
+  ) {
     this.shadow = new Bytes(initial);
   }
 
@@ -125,7 +128,10 @@ export class PowerCut {
   private readonly files = new Map<string, FileState>();
   readonly opener: FileOpener;
 
-  constructor(private readonly inner: FileOpener = openHostFile, readonly realSync = false) {
+  constructor(
+    private readonly inner: FileOpener = openHostFile,
+    readonly realSync = false,
+  ) {
     this.opener = (path, opts) => this.open(path, opts);
   }
 
@@ -224,8 +230,9 @@ function applySectors(disk: Bytes, c: ChangeRec, take: (sectorStart: number) => 
       continue;
     }
     const piece = c.bytes.subarray(s, Math.min(s + SECTOR, c.bytes.length));
-    if (c.kind === 'punch') disk.putWithin(piece, c.start + s); // never past the end: KEEP_SIZE
-    else disk.put(piece, c.start + s), (lastEnd = c.start + s + piece.length);
+    if (c.kind === 'punch')
+      disk.putWithin(piece, c.start + s); // never past the end: KEEP_SIZE
+    else (disk.put(piece, c.start + s), (lastEnd = c.start + s + piece.length));
   }
   if (c.kind === 'data') disk.growTo(all || grow ? c.end : Math.max(lastEnd, 0));
 }
@@ -298,7 +305,11 @@ class DelegatingFile implements HostFile {
 }
 
 class RecordingFile extends DelegatingFile {
-  constructor(f: HostFile, private readonly state: FileState, private readonly pc: PowerCut) {
+  constructor(
+    f: HostFile,
+    private readonly state: FileState,
+    private readonly pc: PowerCut,
+  ) {
     super(f);
   }
 

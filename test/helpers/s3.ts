@@ -35,11 +35,17 @@ export interface S3TestConfig {
 
 /** Free TCP ports on 127.0.0.1 (held open together so they differ). */
 export async function freePorts(n: number): Promise<number[]> {
-  const servers = await Promise.all(Array.from({ length: n }, () => new Promise<ReturnType<typeof createServer>>((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => resolve(s));
-  })));
+  const servers = await Promise.all(
+    Array.from(
+      { length: n },
+      () =>
+        new Promise<ReturnType<typeof createServer>>((resolve, reject) => {
+          const s = createServer();
+          s.once('error', reject);
+          s.listen(0, '127.0.0.1', () => resolve(s));
+        }),
+    ),
+  );
   const ports = servers.map((s) => (s.address() as { port: number }).port);
   await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
   return ports;
@@ -94,8 +100,10 @@ async function startCluster(): Promise<S3TestConfig> {
     } catch {
       // no report: keep the exec error
     }
-    throw new Error(`the S3 tests need a local Ceph RGW (real S3 server) and it could not be started.\n${why.trim()}\n`
-      + 'Install Ceph with `bash scripts/ceph-rgw.sh install` as root (scripts/setup.sh does it when missing).');
+    throw new Error(
+      `the S3 tests need a local Ceph RGW (real S3 server) and it could not be started.\n${why.trim()}\n` +
+        'Install Ceph with `bash scripts/ceph-rgw.sh install` as root (scripts/setup.sh does it when missing).',
+    );
   }
   const env = parseEnv(readFileSync(join(state, 'env'), 'utf8'));
   return {

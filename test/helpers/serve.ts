@@ -33,7 +33,10 @@ export function spawnServe(args: string[], opts: { env?: Record<string, string>;
     });
     proc.stdout!.on('data', (d: Buffer) => {
       out += d.toString();
-      const lines = out.split('\n').slice(0, -1).filter((l) => uri.test(l)); // whole lines only
+      const lines = out
+        .split('\n')
+        .slice(0, -1)
+        .filter((l) => uri.test(l)); // whole lines only
       if (lines.length >= count) {
         clearTimeout(timer);
         resolve(lines);

@@ -124,8 +124,16 @@ export const commitCase: Case = {
     const top = join(dir, 'top.ksc');
     const base = join(dir, 'base.ksc');
     // The overlay reads its content whatever happened; the base gets the overlay's blocks or keeps its own.
-    expectBlocks(await readAll(top), OVERLAY.map((o) => [o]), `${where}: overlay`);
-    expectBlocks(await readAll(base), OVERLAY.map((o, i) => (done ? [o] : [o, BASE_OLD[i]!])), `${where}: base`);
+    expectBlocks(
+      await readAll(top),
+      OVERLAY.map((o) => [o]),
+      `${where}: overlay`,
+    );
+    expectBlocks(
+      await readAll(base),
+      OVERLAY.map((o, i) => (done ? [o] : [o, BASE_OLD[i]!])),
+      `${where}: base`,
+    );
     await expectClean(top, where);
     await expectClean(base, where);
     if (done) {
@@ -178,7 +186,11 @@ export function zeroCase(name: string, op: 'discard' | 'zero' | 'zero-notrim', b
     },
     verify: async (dir, done, where) => {
       const img = join(dir, 'img.ksc');
-      expectBlocks(await readAll(img), HELD.map((h, i) => (done ? [after[i]!] : [h, after[i]!])), where);
+      expectBlocks(
+        await readAll(img),
+        HELD.map((h, i) => (done ? [after[i]!] : [h, after[i]!])),
+        where,
+      );
       await expectClean(img, where);
       const k = await openKsc(img);
       try {
@@ -213,7 +225,11 @@ export const rebaseCase: Case = {
   },
   verify: async (dir, done, where) => {
     const img = join(dir, 'img.ksc');
-    expectBlocks(await readAll(img), REBASE_VISIBLE.map((v) => [v]), where);
+    expectBlocks(
+      await readAll(img),
+      REBASE_VISIBLE.map((v) => [v]),
+      where,
+    );
     await expectClean(img, where);
     const k = await openKsc(img);
     try {
@@ -288,9 +304,12 @@ export function reclaimCase(name: string, run: (img: string) => Promise<void>): 
     run: (dir) => run(join(dir, 'img.ksc')),
     verify: async (dir, done, where) => {
       const img = join(dir, 'img.ksc');
-      expectBlocks(await readAll(img), LEAKY_CONTENT.map((c) => [c]), where);
+      expectBlocks(
+        await readAll(img),
+        LEAKY_CONTENT.map((c) => [c]),
+        where,
+      );
       await expectClean(img, where);
     },
   };
 }
-

@@ -13,9 +13,7 @@ import { join } from 'node:path';
 import { createImage, openImage, openKsc, KscImage } from '../../src/index.js';
 import { openHostFile } from '../../src/io/file.js';
 import { checkImage } from '../../src/engines/check.js';
-import {
-  ROOT, currentSlot, editRecord, ensureDist, expectKscError, flipBit, layoutOf, patchHeader, readAt, sha256, type Layout,
-} from '../helpers/corrupt.js';
+import { ROOT, currentSlot, editRecord, ensureDist, expectKscError, flipBit, layoutOf, patchHeader, readAt, sha256, type Layout } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
 import { coreOf } from '../../src/image/ksc/image.js';
 
@@ -256,7 +254,7 @@ describe('header slots (§4: the valid slot with the higher generation is curren
     expect(sha256(p)).toBe(before);
   });
 
-  it('a flipped bit in the newest slot\'s magic also falls back to the older slot', async () => {
+  it("a flipped bit in the newest slot's magic also falls back to the older slot", async () => {
     const p = copyOf(T.vec);
     flipBit(p, 0, 0);
     const before = sha256(p);
@@ -322,7 +320,11 @@ describe('absurd header values with a valid CRC', () => {
     it(name, async () => {
       const p = copyOf(T.vec);
       patchHeader(p, edit);
-      await refusesToOpen(p, code, ['header', field].filter((x) => code === 'KSC_E_CORRUPT' || x !== 'header'));
+      await refusesToOpen(
+        p,
+        code,
+        ['header', field].filter((x) => code === 'KSC_E_CORRUPT' || x !== 'header'),
+      );
     });
   }
 
@@ -331,7 +333,10 @@ describe('absurd header values with a valid CRC', () => {
     patchHeader(p, (h) => h.writeBigUInt64LE(1n << 60n, 16));
     const before = sha256(p);
     for (const write of [false, true]) {
-      const err = await withImage(p, write, readEverything).then(() => null, (e: Error) => e);
+      const err = await withImage(p, write, readEverything).then(
+        () => null,
+        (e: Error) => e,
+      );
       expect(err?.name, err?.stack).toBe('KscError');
       expect((err as { code?: string }).code).toBe('KSC_E_CORRUPT');
       expect(err!.message).toContain(p);
@@ -447,7 +452,10 @@ describe('damaged sealed records', () => {
   });
 
   it('the bitmap directory: an in-use slot and an unused slot are listed as inconsistent', async () => {
-    for (const [slot, name] of [[0, '*'], [5, 'damaged-slot-5']] as const) {
+    for (const [slot, name] of [
+      [0, '*'],
+      [5, 'damaged-slot-5'],
+    ] as const) {
       const p = copyOf(T.vec);
       flipBit(p, layoutOf(p).bitmapDirOffset + slot * 128 + 17, 1);
       await degrades(p, name, new RegExp(`bitmap directory.*slot ${slot}`), { consistent: false });
@@ -723,11 +731,14 @@ describe('absurd sizes', () => {
     }
   });
 
-  it('createImage\'s messages name the file', async () => {
+  it("createImage's messages name the file", async () => {
     const unnamed: string[] = [];
     for (const [, opts] of cases) {
       const p = join(dir, `size-${++caseNo}.ksc`);
-      const msg = await createImage(p, opts).then(() => 'created', (e: Error) => e.message);
+      const msg = await createImage(p, opts).then(
+        () => 'created',
+        (e: Error) => e.message,
+      );
       if (!msg.includes(p)) unnamed.push(msg);
     }
     expect(unnamed).toEqual([]);

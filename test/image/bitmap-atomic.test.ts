@@ -83,10 +83,13 @@ describe('bitmap operations under concurrent writers', () => {
           ['remove frozen', () => img.removeBitmap('live.frozen')],
           ['add', () => img.addBitmap('added')],
           ['updateBitmaps', () => img.updateBitmaps(['tok'], ['other'])],
-          ['enable and disable', async () => {
-            await img.setBitmapEnabled('tok', true);
-            await img.setBitmapEnabled('tok', false);
-          }],
+          [
+            'enable and disable',
+            async () => {
+              await img.setBitmapEnabled('tok', true);
+              await img.setBitmapEnabled('tok', false);
+            },
+          ],
           ['freeze again', () => img.freezeBitmap('live', 'live.frozen')],
           ['merge another bitmap into the frozen one', () => img.mergeBitmap('added', 'live.frozen')],
           ['recover again', () => img.mergeBitmap('live.frozen', 'live')],

@@ -54,7 +54,10 @@ describe('bitmap slot allocator', () => {
   it('a full directory is refused by add, freeze and update; a removed slot is reused', async () => {
     const path = await fresh();
     const img = await openKsc(path, { write: true });
-    await img.updateBitmaps(Array.from({ length: BITMAP_SLOTS }, (_, i) => `s${i}`), []);
+    await img.updateBitmaps(
+      Array.from({ length: BITMAP_SLOTS }, (_, i) => `s${i}`),
+      [],
+    );
     expect(img.bitmapNames()).toHaveLength(BITMAP_SLOTS);
     await expect(img.addBitmap('x')).rejects.toMatchObject({ code: 'KSC_E_RANGE' });
     await expect(img.freezeBitmap('s0', 'x')).rejects.toMatchObject({ code: 'KSC_E_RANGE' });

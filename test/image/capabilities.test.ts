@@ -68,10 +68,19 @@ describe('BlockDevice capabilities', () => {
     const inner = await openImage(rawFile('w.raw', 65536));
     try {
       const wrapper: BlockDevice = {
-        name: 'wrapper', format: 'raw', size: inner.size, blockSize: inner.blockSize, readOnly: true,
-        read: (o, l) => inner.read(o, l), readInto: (o, t) => inner.readInto(o, t), write: (o, d) => inner.write(o, d),
-        writeZeroes: (o, l) => inner.writeZeroes(o, l), discard: (o, l) => inner.discard(o, l), flush: () => inner.flush(),
-        extents: (o, l) => inner.extents(o, l), close: () => inner.close(),
+        name: 'wrapper',
+        format: 'raw',
+        size: inner.size,
+        blockSize: inner.blockSize,
+        readOnly: true,
+        read: (o, l) => inner.read(o, l),
+        readInto: (o, t) => inner.readInto(o, t),
+        write: (o, d) => inner.write(o, d),
+        writeZeroes: (o, l) => inner.writeZeroes(o, l),
+        discard: (o, l) => inner.discard(o, l),
+        flush: () => inner.flush(),
+        extents: (o, l) => inner.extents(o, l),
+        close: () => inner.close(),
       };
       expect([bitmapsOf(wrapper), changeGateOf(wrapper), backingOf(wrapper), allocationOf(wrapper), identityOf(wrapper)]).toEqual([null, null, null, null, null]);
       expect([...chainOf(wrapper)]).toEqual([wrapper]);

@@ -69,7 +69,10 @@ describe('concurrent requests', () => {
       expect((await img.read(0, size)).equals(model)).toBe(true);
       const dirty = await img.bitmapExtents('b');
       for (const [at, len] of touched) {
-        expect(dirty.some((e) => e.offset <= at && at + len <= e.offset + e.length), `bitmap covers ${at}+${len}`).toBe(true);
+        expect(
+          dirty.some((e) => e.offset <= at && at + len <= e.offset + e.length),
+          `bitmap covers ${at}+${len}`,
+        ).toBe(true);
       }
       await img.close();
       const again = await openKsc(join(dir, 'top.ksc'));

@@ -67,7 +67,10 @@ describe('crash overmarking with the default intent region', () => {
       const distinct = [...new Set(offsets)];
       const written = distinct.length * REQ;
       for (const off of distinct) {
-        expect(extents.some((e) => e.offset <= off && off + REQ <= e.offset + e.length), `seed ${seed}: written block at ${off} not dirty`).toBe(true);
+        expect(
+          extents.some((e) => e.offset <= off && off + REQ <= e.offset + e.length),
+          `seed ${seed}: written block at ${off} not dirty`,
+        ).toBe(true);
       }
       console.log(`seed ${seed}: ${distinct.length} × 64 KiB written since the last flush, ${dirty / 2 ** 20} MiB dirty after the crash (${(dirty / written).toFixed(1)}x)`);
       expect(dirty, `seed ${seed}: dirty bytes over 8x the bytes written`).toBeLessThanOrEqual(8 * written);
@@ -127,7 +130,10 @@ describe('crash overmarking with the default intent region', () => {
 
   it('refuses an explicit region that would need more than 2^24 regions, naming the file', async () => {
     const file = join(tempDir(), 'tiny-regions.ksc');
-    const err = await createImage(file, { size: 16 * TiB, intentRegion: 64 * KiB }).then(() => null, (e: unknown) => e as KscError);
+    const err = await createImage(file, { size: 16 * TiB, intentRegion: 64 * KiB }).then(
+      () => null,
+      (e: unknown) => e as KscError,
+    );
     expect(err?.code).toBe('KSC_E_INVALID');
     expect(err?.message).toContain(file);
     expect(existsSync(file)).toBe(false);

@@ -36,10 +36,7 @@ import { createImage, isKscError, openKsc } from '../../src/index.js';
 import { openHostFile } from '../../src/io/file.js';
 // @ts-ignore -- a plain .mjs helper shared with the child process (no type declarations)
 import { fillPattern } from '../helpers/crash-child.mjs';
-import {
-  type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems,
-  provablyLanded,
-} from '../helpers/model.js';
+import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded } from '../helpers/model.js';
 import { countingOpener } from '../helpers/powercut.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -129,7 +126,9 @@ async function snapshotDist(into: string): Promise<string> {
     rmSync(join(into, 'dist'), { recursive: true, force: true });
     cpSync(join(ROOT, 'dist'), join(into, 'dist'), { recursive: true });
     try {
-      execFileSync(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(pathToFileURL(entry).href)}); if (typeof m.openKsc !== 'function') process.exit(2);`], { stdio: 'pipe' });
+      execFileSync(process.execPath, ['--input-type=module', '-e', `const m = await import(${JSON.stringify(pathToFileURL(entry).href)}); if (typeof m.openKsc !== 'function') process.exit(2);`], {
+        stdio: 'pipe',
+      });
       return pathToFileURL(entry).href;
     } catch (e) {
       last = String((e as { stderr?: Buffer }).stderr ?? e);
@@ -189,9 +188,13 @@ function readJournal(file: string): Journal {
     else if (e.t === 'ops') {
       j.batches.push({
         b: e.b!,
-        ops: e.ops!.map((o): DevOp => (o.k === 'w'
-          ? { kind: 'write', offset: o.o, data: fillPattern(o.l, o.s) as Buffer }
-          : o.k === 'z' ? { kind: 'zero', offset: o.o, length: o.l, mayTrim: !!o.trim } : { kind: 'discard', offset: o.o, length: o.l })),
+        ops: e.ops!.map((o): DevOp =>
+          o.k === 'w'
+            ? { kind: 'write', offset: o.o, data: fillPattern(o.l, o.s) as Buffer }
+            : o.k === 'z'
+              ? { kind: 'zero', offset: o.o, length: o.l, mayTrim: !!o.trim }
+              : { kind: 'discard', offset: o.o, length: o.l },
+        ),
       });
     } else if (e.t === 'ack') j.acked.add(e.b!);
     else if (e.t === 'flush') flushAfter.set(e.id!, e.after!);
@@ -332,7 +335,14 @@ async function setupImage(cfg: Config, dir: string, rng: Rng): Promise<State> {
   } else {
     await createImage(path, { size: cfg.size, blockSize: cfg.blockSize, intentRegion: cfg.intentRegion });
   }
-  const enabled = new Map<string, number>(cfg.bitmaps ? [['live', cfg.blockSize], ['fine', 4 * KiB]] : []);
+  const enabled = new Map<string, number>(
+    cfg.bitmaps
+      ? [
+          ['live', cfg.blockSize],
+          ['fine', 4 * KiB],
+        ]
+      : [],
+  );
   const img = await openKsc(path, { write: true });
   for (const [name, g] of enabled) await img.addBitmap(name, { granularity: g });
   await img.addBitmap('off', { enabled: false });
@@ -365,38 +375,42 @@ describe('crash: SIGKILL a writing child at random moments', () => {
 
   for (const [i, cfg] of CONFIGS.entries()) {
     if (KNOB_CONFIG !== null && KNOB_CONFIG !== i) continue;
-    it(`${cfg.name}: ${cfg.kills} kills`, async () => {
-      const rng = new Rng(caseSeeds[i]!);
-      let dir = mkdtempSync(join(root, `cfg${i}-`));
-      let st = await setupImage(cfg, dir, rng);
-      let batches = 0;
-      let flushes = 0;
-      let landedEarly = 0;
-      for (let k = 0; k < cfg.kills; k++) {
-        if (KNOB_FRESH && k > 0) {
-          rmSync(dir, { recursive: true, force: true });
-          dir = mkdtempSync(join(root, `cfg${i}-`));
-          st = await setupImage(cfg, dir, rng);
+    it(
+      `${cfg.name}: ${cfg.kills} kills`,
+      async () => {
+        const rng = new Rng(caseSeeds[i]!);
+        let dir = mkdtempSync(join(root, `cfg${i}-`));
+        let st = await setupImage(cfg, dir, rng);
+        let batches = 0;
+        let flushes = 0;
+        let landedEarly = 0;
+        for (let k = 0; k < cfg.kills; k++) {
+          if (KNOB_FRESH && k > 0) {
+            rmSync(dir, { recursive: true, force: true });
+            dir = mkdtempSync(join(root, `cfg${i}-`));
+            st = await setupImage(cfg, dir, rng);
+          }
+          const lockFile = rng.chance(0.3);
+          const journal = join(dir, `journal-${k}.jsonl`);
+          const how = await killOnce(st, rng, journal, lockFile);
+          // The lock died with the process (flock released by the kernel; a stale PID lock file taken over).
+          if (!(await tryLock(st.path, lockFile))) throw new Error(`seed ${seed}, kill ${k}: the write lock is still held after the child died (${lockFile ? 'lock file' : 'flock'})`);
+          const j = readJournal(journal);
+          if (!j.opened) landedEarly++;
+          batches += j.batches.length;
+          flushes += j.flushesDone;
+          const { problems, note } = await verifyAfterKill(st, j, rng);
+          if (problems.length) {
+            throw new Error(`seed ${seed} (KSC_SEED=${seed}), config ${i}, kill ${k} (${how}, ${lockFile ? 'lock file' : 'flock'}):\n  ${problems.join('\n  ')}\n  ${keepForStudy(dir)}`);
+          }
+          console.log(`[crash] config ${i} kill ${k}: ${how}, ${lockFile ? 'lock file' : 'flock'}, ${j.batches.length} batches, ${j.flushesDone} flushes, durable up to ${j.durableUpTo}; ${note}`);
         }
-        const lockFile = rng.chance(0.3);
-        const journal = join(dir, `journal-${k}.jsonl`);
-        const how = await killOnce(st, rng, journal, lockFile);
-        // The lock died with the process (flock released by the kernel; a stale PID lock file taken over).
-        if (!(await tryLock(st.path, lockFile))) throw new Error(`seed ${seed}, kill ${k}: the write lock is still held after the child died (${lockFile ? 'lock file' : 'flock'})`);
-        const j = readJournal(journal);
-        if (!j.opened) landedEarly++;
-        batches += j.batches.length;
-        flushes += j.flushesDone;
-        const { problems, note } = await verifyAfterKill(st, j, rng);
-        if (problems.length) {
-          throw new Error(`seed ${seed} (KSC_SEED=${seed}), config ${i}, kill ${k} (${how}, ${lockFile ? 'lock file' : 'flock'}):\n  ${problems.join('\n  ')}\n  ${keepForStudy(dir)}`);
-        }
-        console.log(`[crash] config ${i} kill ${k}: ${how}, ${lockFile ? 'lock file' : 'flock'}, ${j.batches.length} batches, ${j.flushesDone} flushes, durable up to ${j.durableUpTo}; ${note}`);
-      }
-      console.log(`[crash] config ${i}: ${cfg.kills} kills, ${batches} batches, ${flushes} completed flushes, ${landedEarly} kills before the image was open`);
-      // The children must have done real work for the test to mean anything.
-      expect(batches).toBeGreaterThan(cfg.kills);
-      expect(flushes).toBeGreaterThan(0);
-    }, KNOB_KILLS ? KNOB_KILLS * 10_000 : undefined);
+        console.log(`[crash] config ${i}: ${cfg.kills} kills, ${batches} batches, ${flushes} completed flushes, ${landedEarly} kills before the image was open`);
+        // The children must have done real work for the test to mean anything.
+        expect(batches).toBeGreaterThan(cfg.kills);
+        expect(flushes).toBeGreaterThan(0);
+      },
+      KNOB_KILLS ? KNOB_KILLS * 10_000 : undefined,
+    );
   }
 });

@@ -183,7 +183,10 @@ describe('damage outside the data degrades (issue 12 §4)', () => {
     const c = kscinc(['check', path]);
     expect(c.code).toBe(2);
     expect(c.stdout).toMatch(/intent words.*word 0/);
-    expect(bitmapList(path).map((b) => [b.name, b.dirtyBytes])).toEqual([['b', 2 * B], ['keep', 2 * B]]);
+    expect(bitmapList(path).map((b) => [b.name, b.dirtyBytes])).toEqual([
+      ['b', 2 * B],
+      ['keep', 2 * B],
+    ]);
     const r = kscinc(['check', '--repair', path]);
     expect(r.code, r.stdout).toBe(0);
     expect(r.stdout).toMatch(/repaired: rewrote the damaged intent words/);

@@ -115,17 +115,28 @@ interface Target {
 
 function targetsOf(path: string): Target[] {
   const regions = sealedRegions(layoutOf(path));
-  return [
-    { what: 'header slot A', start: 0, bytes: 4096 },
-    { what: 'header slot B', start: 4096, bytes: 4096 },
-    ...regions.map((r) => ({ what: r.what, start: r.start, bytes: r.bytes, region: r })),
-  ];
+  return [{ what: 'header slot A', start: 0, bytes: 4096 }, { what: 'header slot B', start: 4096, bytes: 4096 }, ...regions.map((r) => ({ what: r.what, start: r.start, bytes: r.bytes, region: r }))];
 }
 
 function interesting(rng: Rng, fileSize: number): bigint {
   return rng.pick([
-    0n, 1n, 2n, 3n, 0xffn, 0x1000n, 0x2000n, 0xffffffffn, 1n << 31n, BigInt(fileSize), BigInt(fileSize - 4096),
-    BigInt(fileSize + 4096), 1n << 52n, 1n << 53n, (1n << 53n) - 4096n, 1n << 63n, 0xffffffffffffffffn,
+    0n,
+    1n,
+    2n,
+    3n,
+    0xffn,
+    0x1000n,
+    0x2000n,
+    0xffffffffn,
+    1n << 31n,
+    BigInt(fileSize),
+    BigInt(fileSize - 4096),
+    BigInt(fileSize + 4096),
+    1n << 52n,
+    1n << 53n,
+    (1n << 53n) - 4096n,
+    1n << 63n,
+    0xffffffffffffffffn,
     BigInt(rng.u32()) | (BigInt(rng.u32()) << 32n),
   ]);
 }

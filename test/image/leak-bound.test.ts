@@ -53,7 +53,12 @@ describe('leaked clusters after crashes', () => {
       sizes.push(statSync(image).size);
     }
     const bound = 2 * size + 2 * MiB;
-    console.log(`leak bound: file sizes after ${KILLS} kills (MiB): ${sizes.filter((_, i) => i % 10 === 9).map((s) => (s / MiB).toFixed(1)).join(', ')}; bound ${(bound / MiB).toFixed(1)}`);
+    console.log(
+      `leak bound: file sizes after ${KILLS} kills (MiB): ${sizes
+        .filter((_, i) => i % 10 === 9)
+        .map((s) => (s / MiB).toFixed(1))
+        .join(', ')}; bound ${(bound / MiB).toFixed(1)}`,
+    );
     expect(Math.max(...sizes), `file size after ${KILLS} kills (seed ${seed})`).toBeLessThanOrEqual(bound);
     const r = await checkImage(image, { verify: true });
     expect(r.errors).toEqual([]);

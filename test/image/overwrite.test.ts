@@ -24,7 +24,11 @@ function fill(rng: Rng, length: number): Buffer {
 }
 
 describe('whole-block overwrites (synchronous path)', () => {
-  for (const [blockSize, jitter] of [[4096, false], [65536, false], [65536, true]] as const) {
+  for (const [blockSize, jitter] of [
+    [4096, false],
+    [65536, false],
+    [65536, true],
+  ] as const) {
     it(`in flight with partial writes, zeroes, discards, reads, flushes and quiesce (block ${blockSize}${jitter ? ', jittered I/O' : ''})`, async () => {
       const seed = Number(process.env.KSC_SEED ?? (Date.now() % 1e9) + blockSize + (jitter ? 1 : 0));
       console.log(`overwrite seed ${seed} (replay with KSC_SEED=${seed})`);
@@ -106,7 +110,10 @@ describe('whole-block overwrites (synchronous path)', () => {
       const dirty = await img.bitmapExtents('b');
       for (let b = 0; b < blocks; b++) {
         if (!touched[b]) continue;
-        expect(dirty.some((e) => e.offset <= b * B && (b + 1) * B <= e.offset + e.length), `bitmap covers block ${b} (seed ${seed})`).toBe(true);
+        expect(
+          dirty.some((e) => e.offset <= b * B && (b + 1) * B <= e.offset + e.length),
+          `bitmap covers block ${b} (seed ${seed})`,
+        ).toBe(true);
       }
       await img.close();
       const report = await checkImage(path, { verify: true });
@@ -129,11 +136,13 @@ describe('whole-block overwrites (synchronous path)', () => {
     await img.write(0, model);
     await img.flush();
     for (let round = 0; round < 3; round++) {
-      await Promise.all(Array.from({ length: 16 }, (_, b) => {
-        const data = fill(rng, B);
-        data.copy(model, b * B);
-        return img.write(b * B, data);
-      }));
+      await Promise.all(
+        Array.from({ length: 16 }, (_, b) => {
+          const data = fill(rng, B);
+          data.copy(model, b * B);
+          return img.write(b * B, data);
+        }),
+      );
     }
     for (let b = 0; b < 16; b++) {
       const st = await img.blockState(b);

@@ -21,10 +21,7 @@ import { join, resolve } from 'node:path';
 import { describe, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
-import {
-  type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems,
-  provablyLanded, randomData, randomOp, runOp,
-} from '../helpers/model.js';
+import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData, randomOp, runOp } from '../helpers/model.js';
 import { PowerCut, countingOpener, jitterOpener } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
@@ -86,7 +83,14 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   const img = await openKsc(path, { write: true });
   // Sometimes no enabled bitmap: changes that only fill unallocated blocks then skip the intent log.
   const noBitmaps = rng.chance(0.3);
-  const enabled = new Map<string, number>(noBitmaps ? [] : [['blk', blockSize], ['fine', 4 * KiB]]);
+  const enabled = new Map<string, number>(
+    noBitmaps
+      ? []
+      : [
+          ['blk', blockSize],
+          ['fine', 4 * KiB],
+        ],
+  );
   for (const [name, g] of enabled) await img.addBitmap(name, { granularity: g });
   await img.addBitmap('off', { enabled: false });
   const setupOps: DevOp[] = [];
@@ -211,7 +215,10 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
   // which a cut may leave to do; every other error is a failure.
   const report = await checkImage(file, { verify: true });
   if (!report.ok) problems.push(...report.errors.filter((e) => !/: header slot [AB]: /.test(e)).map((e) => `check: ${e}`));
-  if (problems.length) return problems.map((p) => `[read-only open] ${p}`).concat(`(last completed flush started at ${lastFlush}; ${candidates.length} unflushed ops: ${candidates.slice(-6).map(describeOp).join(', ')})`);
+  if (problems.length)
+    return problems
+      .map((p) => `[read-only open] ${p}`)
+      .concat(`(last completed flush started at ${lastFlush}; ${candidates.length} unflushed ops: ${candidates.slice(-6).map(describeOp).join(', ')})`);
 
   // Recovery by a writer, then a clean close: nothing may change, bitmaps stay supersets.
   for (const phase of ['read-write open (recovery)', 'reopen after clean close'] as const) {
@@ -246,7 +253,9 @@ describe('power cut: unsynced writes dropped, applied or torn', () => {
       rmSync(out);
     }
     const rec = pc.recorded(r.path);
-    console.log(`[powercut] case ${i}: ${summary}; ${r.ops.length} ops, ${r.flushes.length} flushes, ${r.clears.length} clears; ${rec.changes} host writes, ${rec.syncs} syncs; cuts at ${cuts.join(',')}; unsynced writes dropped ${stats.dropped}, applied ${stats.applied}, torn ${stats.torn}`);
+    console.log(
+      `[powercut] case ${i}: ${summary}; ${r.ops.length} ops, ${r.flushes.length} flushes, ${r.clears.length} clears; ${rec.changes} host writes, ${rec.syncs} syncs; cuts at ${cuts.join(',')}; unsynced writes dropped ${stats.dropped}, applied ${stats.applied}, torn ${stats.torn}`,
+    );
     expect(stats.dropped + stats.applied + stats.torn).toBeGreaterThan(0);
   });
 });

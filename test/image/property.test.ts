@@ -20,10 +20,7 @@ import { checkImage } from '../../src/engines/check.js';
 import { commitImage, rebaseImage, snapshotImage } from '../../src/engines/ops.js';
 import { createImage, openImage, openKsc, type KscImage } from '../../src/index.js';
 import { type FileOpener, openHostFile } from '../../src/io/file.js';
-import {
-  BitmapModel, type DevOp, applyOp, checkExtents, compareBitmap, describeOp, firstDifference, opBlocks, opLength,
-  randomData, randomOp, runOp,
-} from '../helpers/model.js';
+import { BitmapModel, type DevOp, applyOp, checkExtents, compareBitmap, describeOp, firstDifference, opBlocks, opLength, randomData, randomOp, runOp } from '../helpers/model.js';
 import { jitterOpener } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -67,7 +64,11 @@ class Harness {
   readonly history: string[] = [];
   private files = 0;
 
-  constructor(readonly rng: Rng, readonly dir: string, readonly blockSize: number) {}
+  constructor(
+    readonly rng: Rng,
+    readonly dir: string,
+    readonly blockSize: number,
+  ) {}
 
   get top(): Layer {
     return this.layers[this.layers.length - 1]!;
@@ -82,12 +83,23 @@ class Harness {
   }
 
   fail(problems: string[], what: string): never {
-    throw new Error(`${what}:\n  ${problems.join('\n  ')}\n  chain: ${this.layers.map((l) => `${l.path.split('/').pop()}(${l.format}, ${l.size})`).join(' <- ')}\n  last steps: ${this.history.slice(-14).join('; ')}`);
+    throw new Error(
+      `${what}:\n  ${problems.join('\n  ')}\n  chain: ${this.layers.map((l) => `${l.path.split('/').pop()}(${l.format}, ${l.size})`).join(' <- ')}\n  last steps: ${this.history.slice(-14).join('; ')}`,
+    );
   }
 
   addLayer(path: string, format: 'raw' | 'ksc_inc', size: number, content: Buffer): Layer {
     const hasBacking = this.layers.length > 0;
-    const l: Layer = { path, format, size, content, bitmaps: new Map(), touched: new Uint8Array(Math.ceil(size / UNIT)), frozenHash: null, held: hasBacking ? new Uint8Array(Math.ceil(size / this.blockSize)) : null };
+    const l: Layer = {
+      path,
+      format,
+      size,
+      content,
+      bitmaps: new Map(),
+      touched: new Uint8Array(Math.ceil(size / UNIT)),
+      frozenHash: null,
+      held: hasBacking ? new Uint8Array(Math.ceil(size / this.blockSize)) : null,
+    };
     this.layers.push(l);
     return l;
   }
@@ -424,8 +436,16 @@ async function runCase(rng: Rng, dir: string): Promise<string> {
 
   for (let step = 0; step < steps; step++) {
     const kind = rng.weighted({
-      single: 10, batch: 4, flush: 2, clear: 0.7, toggle: 0.7, merge: h.top.bitmaps.size >= 2 ? 0.5 : 0, reopen: 1,
-      snapshot: h.kscDepth() < 3 ? 0.8 : 0, commit: h.canCommit() ? 0.8 : 0, rebase: h.layers.length >= 2 ? 0.4 : 0,
+      single: 10,
+      batch: 4,
+      flush: 2,
+      clear: 0.7,
+      toggle: 0.7,
+      merge: h.top.bitmaps.size >= 2 ? 0.5 : 0,
+      reopen: 1,
+      snapshot: h.kscDepth() < 3 ? 0.8 : 0,
+      commit: h.canCommit() ? 0.8 : 0,
+      rebase: h.layers.length >= 2 ? 0.4 : 0,
     });
     await h[kind]();
     await h.checkTop(`step ${step} (${h.history[h.history.length - 1]})`);

@@ -15,7 +15,10 @@ describe('RawDevice extents', () => {
       await dev.discard(1 << 20, 1 << 20);
       const after = await dev.extents(0, 4 << 20);
       if (nativeAvailable()) {
-        expect(after).toEqual([{ offset: 0, length: 1 << 20, state: 'data', depth: 0 }, { offset: 1 << 20, length: 3 << 20, state: 'zero', depth: 0 }]);
+        expect(after).toEqual([
+          { offset: 0, length: 1 << 20, state: 'data', depth: 0 },
+          { offset: 1 << 20, length: 3 << 20, state: 'zero', depth: 0 },
+        ]);
       } else {
         expect(after).toEqual([{ offset: 0, length: 4 << 20, state: 'data', depth: 0 }]); // no SEEK_DATA: all data
       }

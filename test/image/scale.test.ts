@@ -59,7 +59,10 @@ describe('16 TiB image', () => {
       const off = offsetOf(i);
       const got = await img.read(off, PIECE);
       expect(got.equals(Buffer.alloc(PIECE, 0x77)), `piece ${i} at ${off}`).toBe(true);
-      expect(dirty.some((e) => e.offset <= off && off + PIECE <= e.offset + e.length), `bit for piece ${i}`).toBe(true);
+      expect(
+        dirty.some((e) => e.offset <= off && off + PIECE <= e.offset + e.length),
+        `bit for piece ${i}`,
+      ).toBe(true);
     }
     await img.close();
     const t1 = performance.now();

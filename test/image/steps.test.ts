@@ -8,9 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { join } from 'node:path';
 import { checkImage } from '../../src/engines/check.js';
 import { openKsc } from '../../src/index.js';
-import {
-  B, type Case, bitmapRemoveCase, commitCase, everyStep, rebaseCase, reclaimCase, setupLeaky, zeroCase,
-} from '../helpers/step-cases.js';
+import { B, type Case, bitmapRemoveCase, commitCase, everyStep, rebaseCase, reclaimCase, setupLeaky, zeroCase } from '../helpers/step-cases.js';
 import { tempDir } from '../helpers/tmp.js';
 import { coreOf } from '../../src/image/ksc/image.js';
 
@@ -36,10 +34,14 @@ describe('every step of every path that frees or reuses a cluster (fault injecti
     }),
   ];
   for (const c of cases) {
-    it(c.name, async () => {
-      const steps = await everyStep(c);
-      expect(steps).toBeGreaterThan(3);
-    }, 120_000);
+    it(
+      c.name,
+      async () => {
+        const steps = await everyStep(c);
+        expect(steps).toBeGreaterThan(3);
+      },
+      120_000,
+    );
   }
 
   it('the open sweep reuses the clusters a crash leaked', async () => {
@@ -49,7 +51,9 @@ describe('every step of every path that frees or reuses a cluster (fault injecti
     const before = (await checkImage(img)).leakedBytes;
     const k = await openKsc(img, { write: true });
     const sweep = k.sweep;
-    const free = coreOf(k).alloc.freeRuns().reduce((n, r) => n + r.count, 0);
+    const free = coreOf(k)
+      .alloc.freeRuns()
+      .reduce((n, r) => n + r.count, 0);
     await k.close();
     expect(sweep?.skipped ?? null).toBeNull();
     expect(sweep!.reclaimed).toBeGreaterThanOrEqual(4);

@@ -63,7 +63,10 @@ describe('qemu-img interop', () => {
     expect(ours.length).toBeGreaterThan(0);
     for (const e of ours) {
       for (let blk = e.offset; blk < e.offset + e.length; blk += 65536) {
-        expect(theirs.some((t) => t.start < blk + 65536 && blk < t.start + t.length), `block at ${blk}`).toBe(true);
+        expect(
+          theirs.some((t) => t.start < blk + 65536 && blk < t.start + t.length),
+          `block at ${blk}`,
+        ).toBe(true);
       }
     }
     const src = readFileSync(base);
@@ -72,7 +75,10 @@ describe('qemu-img interop', () => {
     for (const t of theirs) {
       for (let pos = t.start; pos < t.start + t.length; pos += 4096) {
         if (!inOurs(pos)) {
-          expect(src.subarray(pos, pos + 4096).every((b) => b === 0), `page at ${pos}`).toBe(true);
+          expect(
+            src.subarray(pos, pos + 4096).every((b) => b === 0),
+            `page at ${pos}`,
+          ).toBe(true);
           zeroSkipped++;
         }
       }

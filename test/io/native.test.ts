@@ -4,13 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as net from 'node:net';
-import {
-  loadNativeFrom,
-  nativeAddonPath,
-  nativeAvailable,
-  nativeOps,
-  type NativeOps,
-} from '../../src/io/native.js';
+import { loadNativeFrom, nativeAddonPath, nativeAvailable, nativeOps, type NativeOps } from '../../src/io/native.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -83,9 +77,7 @@ function expectErrno(fn: () => unknown, code: string, syscall?: string): void {
 
 describe('native loader', () => {
   it('resolves the addon path relative to the package root', () => {
-    expect(nativeAddonPath()).toBe(
-      path.join(fileURLToPath(new URL('../..', import.meta.url)), 'native', 'build', 'Release', 'kscinc_native.node'),
-    );
+    expect(nativeAddonPath()).toBe(path.join(fileURLToPath(new URL('../..', import.meta.url)), 'native', 'build', 'Release', 'kscinc_native.node'));
   });
 
   if (disabled) {
@@ -95,11 +87,7 @@ describe('native loader', () => {
     });
   } else {
     it('has the addon built (CI builds it; set KSCINC_NO_NATIVE=1 to run without)', () => {
-      expect(
-        ops,
-        `native addon did not load from ${nativeAddonPath()}: build it with ` +
-          '`node-gyp rebuild --directory native` or set KSCINC_NO_NATIVE=1',
-      ).not.toBeNull();
+      expect(ops, `native addon did not load from ${nativeAddonPath()}: build it with ` + '`node-gyp rebuild --directory native` or set KSCINC_NO_NATIVE=1').not.toBeNull();
       expect(nativeAvailable()).toBe(true);
       // Cached: the same object every time.
       expect(nativeOps()).toBe(ops);
@@ -493,7 +481,7 @@ describe.runIf(ops !== null)('native addon: page-cache reads and socket buffers'
     expect(() => loose().readCached!(0, 'not a buffer', 0)).toThrow(TypeError);
   });
 
-  it('setSendBuffer grows a socket\'s send buffer and refuses what is not a socket', async () => {
+  it("setSendBuffer grows a socket's send buffer and refuses what is not a socket", async () => {
     const sock = tmpFile('s.sock');
     const server = net.createServer(() => {});
     await new Promise<void>((r) => server.listen(sock, r));

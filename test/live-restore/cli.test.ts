@@ -28,7 +28,9 @@ function ok(r: { code: number; stdout: string; stderr: string }, what: string): 
 
 function packFiles(repo: string): string[] {
   const root = join(repo, 'packs');
-  return readdirSync(root).flatMap((d) => readdirSync(join(root, d)).map((f) => join(d, f))).sort();
+  return readdirSync(root)
+    .flatMap((d) => readdirSync(join(root, d)).map((f) => join(d, f)))
+    .sort();
 }
 
 describe('kscinc restore --live, then serve', () => {

@@ -23,10 +23,11 @@ const rng = new Rng(seed);
 afterAll(() => closePool());
 
 /** A disk of `size` with a base and scattered regions, backed up and live-restored (./helpers.ts). */
-const liveImageOf = (name: string, size: number): ReturnType<typeof liveImage> => liveImage(dir, name, async () => {
-  const path = await makeDisk(dir, name, rng.fork(), { size, baseSize: size - 2 * MiB - 777, baseRegions: 10, maxRegion: 4 * MiB });
-  return openKsc(path, { write: true });
-});
+const liveImageOf = (name: string, size: number): ReturnType<typeof liveImage> =>
+  liveImage(dir, name, async () => {
+    const path = await makeDisk(dir, name, rng.fork(), { size, baseSize: size - 2 * MiB - 777, baseRegions: 10, maxRegion: 4 * MiB });
+    return openKsc(path, { write: true });
+  });
 
 describe('bulk fetch of a live image (pull)', () => {
   it('coalesces reads; racing guest reads and writes see the right bytes; nothing is fetched twice; fills never overwrite a write', async () => {
@@ -56,7 +57,10 @@ describe('bulk fetch of a live image (pull)', () => {
       // Guest reads fetch chunk by chunk; the pull's reads are coalesced (test/live-restore/pull.test.ts counts them).
       expect(b.stats.reads, `at most one read per chunk (seed ${seed}): ${JSON.stringify(b.stats)}`).toBeLessThanOrEqual(nonZero.length);
       expectSame(await img.read(0, full.length), full, `after the pull, with the guest's writes (seed ${seed})`);
-      expect((await img.extents(0, img.size)).filter((e) => e.depth !== 0 && e.state === 'data'), 'nothing reads through any more').toEqual([]);
+      expect(
+        (await img.extents(0, img.size)).filter((e) => e.depth !== 0 && e.state === 'data'),
+        'nothing reads through any more',
+      ).toEqual([]);
       expect(b.stats.chunksFetched).toBe(nonZero.length);
     } finally {
       await img.close();

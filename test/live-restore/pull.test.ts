@@ -94,7 +94,8 @@ describe('kscinc pull', () => {
     expect(kills, `seed ${seed}`).toBeGreaterThan(0);
     expect(midway, `at least one pull was killed with work left (seed ${seed})`).toBeGreaterThan(0);
     const local = await localChunks(live, C);
-    if (local >= 0) { // else the last kill came after the pull had finished: nothing left to pull
+    if (local >= 0) {
+      // else the last kill came after the pull had finished: nothing left to pull
       const r = JSON.parse(ok(kscinc(['pull', live, '--json']), 'final pull'));
       expect(r.chunksRemaining, `seed ${seed}`).toBe(chunks - local);
       expect(r.chunksFetched, 'every chunk stored before is not fetched again').toBe(chunks - local);

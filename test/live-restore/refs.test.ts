@@ -29,7 +29,10 @@ function ok(r: { code: number; stdout: string; stderr: string }, what: string): 
 
 function files(root: string): string[] {
   if (!existsSync(root)) return [];
-  return readdirSync(root, { recursive: true, withFileTypes: true }).filter((d) => d.isFile()).map((d) => join(d.parentPath ?? (d as { path?: string }).path ?? '', d.name)).sort();
+  return readdirSync(root, { recursive: true, withFileTypes: true })
+    .filter((d) => d.isFile())
+    .map((d) => join(d.parentPath ?? (d as { path?: string }).path ?? '', d.name))
+    .sort();
 }
 
 /** A repository with two backups of one disk, rewritten in between (the older one is what retention drops). */

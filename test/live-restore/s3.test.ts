@@ -56,7 +56,9 @@ describe('live restore from S3 (Ceph RGW)', () => {
     const saved = { ...process.env };
     Object.assign(process.env, env);
     const s = await serve([live, '--listen', '127.0.0.1:0']).finally(() => {
-      for (const k of Object.keys(env)) if (saved[k] === undefined) delete process.env[k]; else process.env[k] = saved[k];
+      for (const k of Object.keys(env))
+        if (saved[k] === undefined) delete process.env[k];
+        else process.env[k] = saved[k];
     });
     try {
       // The whole disk through NBD (every chunk fetched and filled). The outage below reads a second live
@@ -72,17 +74,21 @@ describe('live restore from S3 (Ceph RGW)', () => {
     ok(kscinc(['restore', 'latest', live2, '--repo', repo, '--live'], { env }), 'restore --live (2)');
     Object.assign(process.env, env);
     const s2 = await serve([live2, '--listen', '127.0.0.1:0']).finally(() => {
-      for (const k of Object.keys(env)) if (saved[k] === undefined) delete process.env[k]; else process.env[k] = saved[k];
+      for (const k of Object.keys(env))
+        if (saved[k] === undefined) delete process.env[k];
+        else process.env[k] = saved[k];
     });
     try {
       const out = join(dir, 'during-outage.raw');
       gw.signal('SIGSTOP');
       let exited = false;
       const copy = spawn('nbdcopy', [s2.uris[0]!, out], { stdio: 'ignore' });
-      const done = new Promise<number | null>((resolve) => copy.once('exit', (c) => {
-        exited = true;
-        resolve(c);
-      }));
+      const done = new Promise<number | null>((resolve) =>
+        copy.once('exit', (c) => {
+          exited = true;
+          resolve(c);
+        }),
+      );
       await new Promise((res) => setTimeout(res, 4000));
       const waitedThrough = !exited;
       gw.signal('SIGCONT');

@@ -24,10 +24,24 @@ function vector(): { fields: Map<string, string>; bytes: { offset: number; hex: 
 
 function header(f: Map<string, string>): Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'> {
   return {
-    generation: 1, incompatible: 0n, compatible: 0n, autoclear: 0n, diskUuid: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'),
-    virtualSize: 1 << 30, blockBits: 16, directoryOffset: 8192, directoryEntries: 4, intentBits: 18, intentOffset: 12288, intentWords: 64,
-    bitmapSlots: 64, bitmapDirOffset: 16384, freeListOffset: 0, freeListEntries: 0,
-    backingFormat: 3, backingName: f.get('location')!,
+    generation: 1,
+    incompatible: 0n,
+    compatible: 0n,
+    autoclear: 0n,
+    diskUuid: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'),
+    virtualSize: 1 << 30,
+    blockBits: 16,
+    directoryOffset: 8192,
+    directoryEntries: 4,
+    intentBits: 18,
+    intentOffset: 12288,
+    intentWords: 64,
+    bitmapSlots: 64,
+    bitmapDirOffset: 16384,
+    freeListOffset: 0,
+    freeListEntries: 0,
+    backingFormat: 3,
+    backingName: f.get('location')!,
     backup: { disk: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'), root: Buffer.from(f.get('root')!, 'hex'), chunkSize: Number(f.get('chunk_size')), id: f.get('backup')! },
   };
 }

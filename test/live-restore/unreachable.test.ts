@@ -24,15 +24,19 @@ const rng = new Rng(seed);
 afterAll(() => closePool());
 
 /** A raw disk of random bytes, backed up and live-restored (./helpers.ts). */
-const liveImageOf = (name: string, size = 16 * MiB): ReturnType<typeof liveImage> => liveImage(dir, name, () => {
-  const path = join(dir, `${name}.raw`);
-  writeFileSync(path, rng.bytes(size)); // every chunk non-zero: every read of a chunk not yet local fetches
-  return openImage(path);
-});
+const liveImageOf = (name: string, size = 16 * MiB): ReturnType<typeof liveImage> =>
+  liveImage(dir, name, () => {
+    const path = join(dir, `${name}.raw`);
+    writeFileSync(path, rng.bytes(size)); // every chunk non-zero: every read of a chunk not yet local fetches
+    return openImage(path);
+  });
 
 const settledWithin = async (p: Promise<unknown>, ms: number): Promise<boolean> => {
   let done = false;
-  void p.then(() => (done = true), () => (done = true));
+  void p.then(
+    () => (done = true),
+    () => (done = true),
+  );
   await new Promise((r) => setTimeout(r, ms));
   return done;
 };

@@ -37,7 +37,12 @@ function kscincAsync(args: string[]): Promise<{ code: number | null; stdout: str
   });
 }
 
-interface Op { kind: 'write' | 'zero' | 'trim'; at: number; len: number; data?: Buffer }
+interface Op {
+  kind: 'write' | 'zero' | 'trim';
+  at: number;
+  len: number;
+  data?: Buffer;
+}
 
 /**
  * One writer over its own half of the disk, keeping `model` exact: requests in flight never overlap, so

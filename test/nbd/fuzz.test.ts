@@ -12,9 +12,7 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
 import type { BlockDevice } from '../../src/image/types.js';
 import { NbdServer } from '../../src/nbd/server.js';
-import {
-  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, IHAVEOPT, OPT, encodeOptionHeader, encodeRequest,
-} from '../../src/nbd/wire.js';
+import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, IHAVEOPT, OPT, encodeOptionHeader, encodeRequest } from '../../src/nbd/wire.js';
 import { kscinc } from '../helpers/cli.js';
 import { Rng, seedFor, withSeed } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -22,7 +20,7 @@ import { RawClient, closesWithin, goData, metaData, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-fuzz-');
 const SIZE = 8 << 20;
-const CASES = Number(process.env["KSC_FUZZ_CASES"] ?? 300);
+const CASES = Number(process.env['KSC_FUZZ_CASES'] ?? 300);
 const BATCH = 4;
 let ro: BlockDevice;
 let rw: BlockDevice;
@@ -70,21 +68,31 @@ const EXPORTS = ['ro', 'rw', '', 'nope', 'r'];
 
 function randomOffset(r: Rng): bigint {
   switch (r.int(0, 5)) {
-    case 0: return 0n;
-    case 1: return BigInt(SIZE - r.int(0, 4096));
-    case 2: return BigInt(SIZE + r.int(0, 4096));
-    case 3: return BigInt(r.u32()) * BigInt(r.u32());
-    case 4: return 2n ** 64n - BigInt(r.int(1, 4096));
-    default: return BigInt(r.int(0, SIZE - 1));
+    case 0:
+      return 0n;
+    case 1:
+      return BigInt(SIZE - r.int(0, 4096));
+    case 2:
+      return BigInt(SIZE + r.int(0, 4096));
+    case 3:
+      return BigInt(r.u32()) * BigInt(r.u32());
+    case 4:
+      return 2n ** 64n - BigInt(r.int(1, 4096));
+    default:
+      return BigInt(r.int(0, SIZE - 1));
   }
 }
 
 function randomLength(r: Rng): number {
   switch (r.int(0, 5)) {
-    case 0: return 0;
-    case 1: return r.u32();
-    case 2: return (32 << 20) + r.int(-2, 2);
-    default: return r.int(1, 70000);
+    case 0:
+      return 0;
+    case 1:
+      return r.u32();
+    case 2:
+      return (32 << 20) + r.int(-2, 2);
+    default:
+      return r.int(1, 70000);
   }
 }
 
@@ -114,7 +122,10 @@ function validSession(r: Rng, withRequests: boolean): Buffer {
   if (r.chance(0.7)) parts.push(option(OPT.STRUCTURED_REPLY, Buffer.alloc(0)));
   if (r.chance(0.3)) parts.push(option(OPT.LIST, Buffer.alloc(0)));
   if (r.chance(0.3)) parts.push(option(OPT.INFO, goData(r.pick(EXPORTS), [1, 2, 3])));
-  if (r.chance(0.4)) parts.push(option(r.pick([OPT.SET_META_CONTEXT, OPT.LIST_META_CONTEXT]), metaData(r.pick(EXPORTS), r.pick([[], ['base:allocation'], ['qemu:'], ['base:allocation', 'qemu:allocation-depth', 'x:y']]))));
+  if (r.chance(0.4))
+    parts.push(
+      option(r.pick([OPT.SET_META_CONTEXT, OPT.LIST_META_CONTEXT]), metaData(r.pick(EXPORTS), r.pick([[], ['base:allocation'], ['qemu:'], ['base:allocation', 'qemu:allocation-depth', 'x:y']]))),
+    );
   if (r.chance(0.1)) parts.push(option(OPT.EXPORT_NAME, Buffer.from(r.pick(EXPORTS))));
   else parts.push(option(OPT.GO, goData(r.chance(0.8) ? r.pick(['ro', 'rw']) : r.pick(EXPORTS), r.chance(0.5) ? [] : [3])));
   if (withRequests) {
@@ -139,17 +150,20 @@ function mutate(r: Rng, b: Buffer): Buffer {
       case 2: // truncate
         out = out.subarray(0, r.int(0, out.length));
         break;
-      case 3: { // insert random bytes
+      case 3: {
+        // insert random bytes
         const at = r.int(0, out.length);
         out = Buffer.concat([out.subarray(0, at), r.bytes(r.int(1, 16)), out.subarray(at)]);
         break;
       }
-      case 4: { // delete a range
+      case 4: {
+        // delete a range
         const at = r.int(0, out.length);
         out = Buffer.concat([out.subarray(0, at), out.subarray(Math.min(out.length, at + r.int(1, 16)))]);
         break;
       }
-      default: { // write an interesting u32 somewhere
+      default: {
+        // write an interesting u32 somewhere
         if (out.length >= 4) out.writeUInt32BE(r.pick([0, 1, 0x7fffffff, 0x80000000, 0xffffffff, 65536, 1 << 25]), r.int(0, out.length - 4));
       }
     }
@@ -178,16 +192,20 @@ function randomOptions(r: Rng): Buffer {
 function makeStream(r: Rng): { kind: string; bytes: Buffer } {
   const kind = r.weighted({ random: 2, 'mutated-handshake': 3, 'random-options': 3, 'mutated-requests': 4, 'valid-requests': 2 });
   switch (kind) {
-    case 'random': return { kind, bytes: r.bytes(r.int(0, 3000)) };
-    case 'mutated-handshake': return { kind, bytes: mutate(r, validSession(r, false)) };
-    case 'random-options': return { kind, bytes: randomOptions(r) };
+    case 'random':
+      return { kind, bytes: r.bytes(r.int(0, 3000)) };
+    case 'mutated-handshake':
+      return { kind, bytes: mutate(r, validSession(r, false)) };
+    case 'random-options':
+      return { kind, bytes: randomOptions(r) };
     case 'mutated-requests': {
       const s = validSession(r, true);
       // Mutate only the transmission part most of the time, so requests get parsed.
       const cut = r.chance(0.8) ? Math.min(s.length, 4 + r.int(0, 64)) : 0;
       return { kind, bytes: Buffer.concat([s.subarray(0, cut), mutate(r, s.subarray(cut))]) };
     }
-    default: return { kind, bytes: validSession(r, true) };
+    default:
+      return { kind, bytes: validSession(r, true) };
   }
 }
 

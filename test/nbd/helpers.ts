@@ -4,8 +4,18 @@ import * as net from 'node:net';
 import { afterAll } from 'vitest';
 import { SocketReader } from '../../src/nbd/reader.js';
 import {
-  CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, IHAVEOPT, NBDMAGIC, OPT, OPT_REPLY_MAGIC, REP, SIMPLE_REPLY_MAGIC,
-  STRUCTURED_REPLY_MAGIC, encodeOptionHeader, encodeRequest,
+  CLIENT_FLAG_FIXED_NEWSTYLE,
+  CLIENT_FLAG_NO_ZEROES,
+  CMD,
+  IHAVEOPT,
+  NBDMAGIC,
+  OPT,
+  OPT_REPLY_MAGIC,
+  REP,
+  SIMPLE_REPLY_MAGIC,
+  STRUCTURED_REPLY_MAGIC,
+  encodeOptionHeader,
+  encodeRequest,
 } from '../../src/nbd/wire.js';
 import { spawnServe } from '../helpers/serve.js';
 

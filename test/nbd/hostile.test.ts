@@ -319,14 +319,22 @@ describe('NBD server against hostile clients', () => {
     const dev = await openImage(join(dir, 'drain.ksc'), { write: true });
     // Writes take 200 ms, so they are surely still running when close() is called.
     const slow: BlockDevice = {
-      name: dev.name, format: dev.format, size: dev.size, blockSize: dev.blockSize, readOnly: false,
-      read: (o, l) => dev.read(o, l), readInto: (o, t) => dev.readInto(o, t),
+      name: dev.name,
+      format: dev.format,
+      size: dev.size,
+      blockSize: dev.blockSize,
+      readOnly: false,
+      read: (o, l) => dev.read(o, l),
+      readInto: (o, t) => dev.readInto(o, t),
       write: async (o, d, opts) => {
         await new Promise((r) => setTimeout(r, 200));
         await dev.write(o, d, opts);
       },
-      writeZeroes: (o, l, opts) => dev.writeZeroes(o, l, opts), discard: (o, l, opts) => dev.discard(o, l, opts),
-      flush: () => dev.flush(), extents: (o, l) => dev.extents(o, l), close: () => dev.close(),
+      writeZeroes: (o, l, opts) => dev.writeZeroes(o, l, opts),
+      discard: (o, l, opts) => dev.discard(o, l, opts),
+      flush: () => dev.flush(),
+      extents: (o, l) => dev.extents(o, l),
+      close: () => dev.close(),
     };
     const srv = new NbdServer({ exports: { '': { device: slow } } });
     const a = (await srv.listen({ host: '127.0.0.1', port: 0 })) as { port: number };

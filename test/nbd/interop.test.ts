@@ -65,7 +65,12 @@ function nbdMap(uri: string, ctx?: string): { offset: number; length: number; fl
   return list;
 }
 
-interface KExtent { offset: number; length: number; state: string; depth: number | null }
+interface KExtent {
+  offset: number;
+  length: number;
+  state: string;
+  depth: number | null;
+}
 function kscMap(image: string): KExtent[] {
   return JSON.parse(ok(kscinc(['map', '--json', image]), 'kscinc map')) as KExtent[];
 }
@@ -122,8 +127,16 @@ describe('kscinc serve with real NBD clients', () => {
     try {
       const u = s.uris[0]!;
       qemuIo(u, [
-        'write -P 0xab 0 1M', 'write -f -P 0xcd 1M 64k', 'write -P 0x11 2M 1M', 'write -z 2M 512k', 'write -z -u 2560k 512k',
-        'write -P 0x22 4M 1M', 'discard 4M 1M', 'write -P 0x33 8M 4k', 'write -P 0x44 8196 100', 'flush',
+        'write -P 0xab 0 1M',
+        'write -f -P 0xcd 1M 64k',
+        'write -P 0x11 2M 1M',
+        'write -z 2M 512k',
+        'write -z -u 2560k 512k',
+        'write -P 0x22 4M 1M',
+        'discard 4M 1M',
+        'write -P 0x33 8M 4k',
+        'write -P 0x44 8196 100',
+        'flush',
       ]);
       qemuIo(u, ['read -P 0xab 0 8196', 'read -P 0x44 8196 100', 'read -P 0xab 8296 1040280', 'read -P 0xcd 1M 64k', 'read -P 0 2M 1M', 'read -P 0 4M 1M', 'read -P 0x33 8M 4k', 'read -P 0 9M 1M']);
       // The check above can fail: a wrong pattern is reported.
@@ -137,13 +150,24 @@ describe('kscinc serve with real NBD clients', () => {
       dirty = nbdMap(u, 'qemu:dirty-bitmap:b0');
       // QEMU asks block status with REQ_ONE, one extent at a time: it must see the same data ranges.
       const qm = JSON.parse(ok(run('qemu-img', ['map', '--output=json', '-f', 'raw', u]), 'qemu-img map')) as { start: number; length: number; data: boolean }[];
-      qemuData = mergeBy(qm.map((e) => ({ offset: e.start, length: e.length, data: e.data })), (e) => (e.data ? 0 : 3));
+      qemuData = mergeBy(
+        qm.map((e) => ({ offset: e.start, length: e.length, data: e.data })),
+        (e) => (e.data ? 0 : 3),
+      );
       // QEMU's x-dirty-bitmap hack (inverted: dirty extents come out as data: false).
       const port = /:(\d+)\//.exec(u)![1];
-      const xm = JSON.parse(ok(run('qemu-img', ['map', '--output=json', '--image-opts',
-        `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${port},export=,x-dirty-bitmap=qemu:dirty-bitmap:b0`]), 'qemu-img map x-dirty-bitmap')) as { start: number; length: number; data: boolean }[];
-      qemuDirty = mergeBy(xm.map((e) => ({ offset: e.start, length: e.length, data: e.data })), (e) => (e.data ? 0 : 1))
-        .filter((e) => e.flags === 1).map((e) => ({ offset: e.offset, length: e.length }));
+      const xm = JSON.parse(
+        ok(
+          run('qemu-img', ['map', '--output=json', '--image-opts', `driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=${port},export=,x-dirty-bitmap=qemu:dirty-bitmap:b0`]),
+          'qemu-img map x-dirty-bitmap',
+        ),
+      ) as { start: number; length: number; data: boolean }[];
+      qemuDirty = mergeBy(
+        xm.map((e) => ({ offset: e.start, length: e.length, data: e.data })),
+        (e) => (e.data ? 0 : 1),
+      )
+        .filter((e) => e.flags === 1)
+        .map((e) => ({ offset: e.offset, length: e.length }));
     } finally {
       expect(await s.stop()).toBe(0);
     }
@@ -241,7 +265,10 @@ describe('kscinc serve with real NBD clients', () => {
     }
     // The same writes on the plain copy (discard there is a no-op on content we then compare): a discard on
     // the overlay makes whole blocks read as zero, so apply it as zeroes to the reference.
-    qemuIo(ref, cmds.map((c) => (c.startsWith('discard') ? 'write -z 5M 64k' : c)));
+    qemuIo(
+      ref,
+      cmds.map((c) => (c.startsWith('discard') ? 'write -z 5M 64k' : c)),
+    );
     compareRaw(ref, out);
   });
 

@@ -88,9 +88,19 @@ describe('NBD server: bounded resources', () => {
     }
     const t1 = Date.now();
     const good = await RawClient.connect(port);
-    const r = await good.handshake('').then(() => good.read(0, 4096)).catch((e: Error) => {
-      throw new Error(`${e.message}; server: ${srv.stderr().split('\n').filter((l) => !/connection \d+ (from|uses|closed)/.test(l)).slice(-10).join('\n')}`);
-    });
+    const r = await good
+      .handshake('')
+      .then(() => good.read(0, 4096))
+      .catch((e: Error) => {
+        throw new Error(
+          `${e.message}; server: ${srv
+            .stderr()
+            .split('\n')
+            .filter((l) => !/connection \d+ (from|uses|closed)/.test(l))
+            .slice(-10)
+            .join('\n')}`,
+        );
+      });
     expect(r.error).toBe(0);
     console.log(`a new client was served ${Date.now() - t1} ms after the stuck ones left`);
     good.socket.destroy();
@@ -138,7 +148,7 @@ describe('NBD server: bounded resources', () => {
     expect(chk.code, chk.stdout + chk.stderr).toBe(0);
   });
 
-  it('4 GiB WRITE_ZEROES on a 4 KiB-block image: another client\'s 4 KiB reads wait milliseconds, not the whole zeroing', async () => {
+  it("4 GiB WRITE_ZEROES on a 4 KiB-block image: another client's 4 KiB reads wait milliseconds, not the whole zeroing", async () => {
     const img = join(dir, 'zero.ksc');
     expect(kscinc(['create', '--size', '8G', '--block-size', '4K', img]).code).toBe(0);
     const srv = await serve([img, '--listen', '127.0.0.1:0']);

@@ -74,7 +74,11 @@ describe('live backup through kscinc serve', () => {
       expect(run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri, cur]).code).toBe(0);
       const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', r4, cur]);
       expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
-      expect(readFileSync(cur).subarray(16 * MIB, 24 * MIB).equals(Buffer.alloc(8 * MIB, 0x33))).toBe(true);
+      expect(
+        readFileSync(cur)
+          .subarray(16 * MIB, 24 * MIB)
+          .equals(Buffer.alloc(8 * MIB, 0x33)),
+      ).toBe(true);
     } finally {
       expect(await srv.stop()).toBe(0);
     }

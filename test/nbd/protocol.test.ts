@@ -44,7 +44,13 @@ async function inProcess(size = 8 * MiB): Promise<{ port: number; close: () => P
   const dev = await openKsc(f, { write: true });
   const server = new NbdServer({ exports: { '': { device: dev } } });
   const port = ((await server.listen({ host: '127.0.0.1', port: 0 })) as { port: number }).port;
-  return { port, close: async () => { await server.close(); await dev.close(); } };
+  return {
+    port,
+    close: async () => {
+      await server.close();
+      await dev.close();
+    },
+  };
 }
 
 describe('NBD protocol: requests', () => {
@@ -55,10 +61,20 @@ describe('NBD protocol: requests', () => {
       await contexts(c, OPT.SET_META_CONTEXT, ['base:allocation']);
       await go(c);
       const bad: [number, number, Buffer?][] = [
-        [CMD.READ, CMD_FLAG.NO_HOLE], [CMD.READ, CMD_FLAG.REQ_ONE], [CMD.READ, CMD_FLAG.FAST_ZERO],
-        [CMD.WRITE, CMD_FLAG.DF, Buffer.alloc(4096)], [CMD.WRITE, CMD_FLAG.NO_HOLE, Buffer.alloc(4096)], [CMD.WRITE, CMD_FLAG.FAST_ZERO, Buffer.alloc(4096)],
-        [CMD.TRIM, CMD_FLAG.NO_HOLE], [CMD.TRIM, CMD_FLAG.FAST_ZERO], [CMD.FLUSH, CMD_FLAG.REQ_ONE], [CMD.CACHE, CMD_FLAG.DF],
-        [CMD.WRITE_ZEROES, CMD_FLAG.DF], [CMD.WRITE_ZEROES, CMD_FLAG.REQ_ONE], [CMD.BLOCK_STATUS, CMD_FLAG.DF], [CMD.BLOCK_STATUS, CMD_FLAG.NO_HOLE],
+        [CMD.READ, CMD_FLAG.NO_HOLE],
+        [CMD.READ, CMD_FLAG.REQ_ONE],
+        [CMD.READ, CMD_FLAG.FAST_ZERO],
+        [CMD.WRITE, CMD_FLAG.DF, Buffer.alloc(4096)],
+        [CMD.WRITE, CMD_FLAG.NO_HOLE, Buffer.alloc(4096)],
+        [CMD.WRITE, CMD_FLAG.FAST_ZERO, Buffer.alloc(4096)],
+        [CMD.TRIM, CMD_FLAG.NO_HOLE],
+        [CMD.TRIM, CMD_FLAG.FAST_ZERO],
+        [CMD.FLUSH, CMD_FLAG.REQ_ONE],
+        [CMD.CACHE, CMD_FLAG.DF],
+        [CMD.WRITE_ZEROES, CMD_FLAG.DF],
+        [CMD.WRITE_ZEROES, CMD_FLAG.REQ_ONE],
+        [CMD.BLOCK_STATUS, CMD_FLAG.DF],
+        [CMD.BLOCK_STATUS, CMD_FLAG.NO_HOLE],
       ];
       let cookie = 1n;
       for (const [type, flags, payload] of bad) {
@@ -69,8 +85,13 @@ describe('NBD protocol: requests', () => {
         cookie++;
       }
       const good: [number, number, Buffer?][] = [
-        [CMD.READ, CMD_FLAG.DF], [CMD.READ, CMD_FLAG.FUA], [CMD.WRITE, CMD_FLAG.FUA, Buffer.alloc(4096, 1)], [CMD.WRITE_ZEROES, CMD_FLAG.NO_HOLE | CMD_FLAG.FUA],
-        [CMD.BLOCK_STATUS, CMD_FLAG.REQ_ONE], [CMD.FLUSH, CMD_FLAG.FUA], [CMD.TRIM, CMD_FLAG.FUA],
+        [CMD.READ, CMD_FLAG.DF],
+        [CMD.READ, CMD_FLAG.FUA],
+        [CMD.WRITE, CMD_FLAG.FUA, Buffer.alloc(4096, 1)],
+        [CMD.WRITE_ZEROES, CMD_FLAG.NO_HOLE | CMD_FLAG.FUA],
+        [CMD.BLOCK_STATUS, CMD_FLAG.REQ_ONE],
+        [CMD.FLUSH, CMD_FLAG.FUA],
+        [CMD.TRIM, CMD_FLAG.FUA],
       ];
       for (const [type, flags, payload] of good) {
         c.send(type, cookie, 0, type === CMD.FLUSH ? 0 : 4096, flags, payload); // FLUSH: offset and length MUST be 0
@@ -110,7 +131,12 @@ describe('NBD protocol: requests', () => {
     try {
       const c = await negotiating(s.port);
       await go(c);
-      const cases: [number, number, number][] = [[4096, 0, ERR.EINVAL], [0, 4096, ERR.EINVAL], [16 * MiB, 0, ERR.EINVAL], [0, 0, 0]];
+      const cases: [number, number, number][] = [
+        [4096, 0, ERR.EINVAL],
+        [0, 4096, ERR.EINVAL],
+        [16 * MiB, 0, ERR.EINVAL],
+        [0, 0, 0],
+      ];
       let cookie = 1n;
       for (const [offset, length, error] of cases) {
         c.send(CMD.FLUSH, cookie, offset, length);
@@ -220,7 +246,10 @@ describe('NBD protocol: dirty-bitmap contexts', () => {
     } finally {
       expect(await srv.stop()).toBe(0);
     }
-    const bad = await serve([img, '--listen', '127.0.0.1:0', '--bitmap', 'zz']).then(() => 'started', (e: Error) => e.message);
+    const bad = await serve([img, '--listen', '127.0.0.1:0', '--bitmap', 'zz']).then(
+      () => 'started',
+      (e: Error) => e.message,
+    );
     expect(bad).toMatch(/no bitmap named "zz"/);
   });
 });

@@ -88,7 +88,10 @@ describe('kscinc serve: robustness with real clients', () => {
     const data = readFileSync(raw);
     for (let j = 0; j < N; j++) {
       const s = data.subarray(j * STRIPE, (j + 1) * STRIPE);
-      expect(s.every((b) => b === pat(j)), `stripe ${j}`).toBe(true);
+      expect(
+        s.every((b) => b === pat(j)),
+        `stripe ${j}`,
+      ).toBe(true);
     }
   });
 

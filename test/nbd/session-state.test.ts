@@ -151,8 +151,17 @@ describe('NBD session state', () => {
 
   it('parseSessionState refuses a state that is incomplete or inconsistent, naming the member', () => {
     const good: SessionState = {
-      v: 1, exportName: 'disk', exportSize: 8 * MiB, transmissionFlags: TF.HAS_FLAGS, clientFlags: CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES,
-      noZeroes: true, structuredReplies: true, metaContexts: [{ id: 1, name: 'base:allocation' }, { id: 3, name: 'qemu:dirty-bitmap:daily' }],
+      v: 1,
+      exportName: 'disk',
+      exportSize: 8 * MiB,
+      transmissionFlags: TF.HAS_FLAGS,
+      clientFlags: CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES,
+      noZeroes: true,
+      structuredReplies: true,
+      metaContexts: [
+        { id: 1, name: 'base:allocation' },
+        { id: 3, name: 'qemu:dirty-bitmap:daily' },
+      ],
     };
     expect(parseSessionState(good)).toEqual(good);
     const bad: [Record<string, unknown>, RegExp][] = [
@@ -165,7 +174,15 @@ describe('NBD session state', () => {
       [{ structuredReplies: 'yes' }, /structuredReplies/],
       [{ metaContexts: {} }, /metaContexts/],
       [{ metaContexts: [{ id: 0, name: 'base:allocation' }] }, /meta context/],
-      [{ metaContexts: [{ id: 3, name: 'a' }, { id: 1, name: 'b' }] }, /ascending/],
+      [
+        {
+          metaContexts: [
+            { id: 3, name: 'a' },
+            { id: 1, name: 'b' },
+          ],
+        },
+        /ascending/,
+      ],
       [{ structuredReplies: false }, /without structured/],
     ];
     for (const [change, msg] of bad) {

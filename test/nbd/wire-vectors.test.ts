@@ -3,9 +3,28 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, it, expect } from 'vitest';
 import {
-  CMD, ERR, INFO, OPT, REP, TF, REQUEST_MAGIC, decodeRequest, encodeBlockStatusChunk, encodeErrorChunk, encodeExportNameReply,
-  encodeGreeting, encodeInfoBlockSize, encodeInfoExport, encodeOffsetDataHeader, encodeOffsetHole, encodeOptionReply,
-  encodeRepMetaContext, encodeRequest, encodeSimpleReply, decodeGoData, decodeMetaContextData,
+  CMD,
+  ERR,
+  INFO,
+  OPT,
+  REP,
+  TF,
+  REQUEST_MAGIC,
+  decodeRequest,
+  encodeBlockStatusChunk,
+  encodeErrorChunk,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeOffsetDataHeader,
+  encodeOffsetHole,
+  encodeOptionReply,
+  encodeRepMetaContext,
+  encodeRequest,
+  encodeSimpleReply,
+  decodeGoData,
+  decodeMetaContextData,
 } from '../../src/nbd/wire.js';
 
 const spec = readFileSync(fileURLToPath(new URL('../../formats/nbd.md', import.meta.url)), 'utf8');
@@ -13,7 +32,11 @@ const spec = readFileSync(fileURLToPath(new URL('../../formats/nbd.md', import.m
 function vectors(): Map<string, Buffer> {
   const out = new Map<string, Buffer>();
   for (const m of spec.matchAll(/<!-- vector: (\S+) -->[\s\S]*?```hex\n([\s\S]*?)```/g)) {
-    const hex = m[2]!.split('\n').map((l) => l.replace(/#.*$/, '')).join('').replace(/\s+/g, '');
+    const hex = m[2]!
+      .split('\n')
+      .map((l) => l.replace(/#.*$/, ''))
+      .join('')
+      .replace(/\s+/g, '');
     expect(hex, `vector ${m[1]}`).toMatch(/^([0-9a-f]{2})+$/);
     out.set(m[1]!, Buffer.from(hex, 'hex'));
   }
@@ -33,7 +56,16 @@ const encoders: Record<string, () => Buffer> = {
   'simple-reply-einval': () => encodeSimpleReply(ERR.EINVAL, 0x0102030405060708n),
   'chunk-offset-hole': () => encodeOffsetHole(1n, 0x10000, 0x20000, true),
   'chunk-offset-data': () => Buffer.concat([encodeOffsetDataHeader(3n, 0, 4, false), Buffer.from('abcd')]),
-  'chunk-block-status': () => encodeBlockStatusChunk(2n, 1, [{ length: 65536, flags: 0 }, { length: 983040, flags: 3 }], true),
+  'chunk-block-status': () =>
+    encodeBlockStatusChunk(
+      2n,
+      1,
+      [
+        { length: 65536, flags: 0 },
+        { length: 983040, flags: 3 },
+      ],
+      true,
+    ),
   'chunk-error': () => encodeErrorChunk(4n, ERR.EINVAL, 'bad', true),
 };
 

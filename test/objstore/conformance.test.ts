@@ -41,7 +41,11 @@ function pattern(size: number, seed: number): Buffer {
   const b = Buffer.allocUnsafe(size);
   let x = (seed * 2654435761) >>> 0 || 1;
   for (let i = 0; i < size; i += 4) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     if (i + 4 <= size) b.writeUInt32LE(x, i);
     else for (let j = i; j < size; j++) b[j] = (x >>> ((j - i) * 8)) & 0xff;
   }
@@ -65,12 +69,14 @@ async function code(p: Promise<unknown>): Promise<string> {
 
 async function putAll(store: ObjectStore, keys: string[], concurrency = 16): Promise<void> {
   let next = 0;
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    while (next < keys.length) {
-      const k = keys[next++]!;
-      await store.put(k, Buffer.from(k));
-    }
-  }));
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < keys.length) {
+        const k = keys[next++]!;
+        await store.put(k, Buffer.from(k));
+      }
+    }),
+  );
 }
 
 describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
@@ -133,10 +139,20 @@ describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
     expect(made).toBe(5);
     if (kind === 's3') expect(parts()).toBe(3);
     expect((await store.get('stream/big')).equals(big)).toBe(true);
-    const short = { size: 6000, *parts() { yield pattern(5000, 6); } };
+    const short = {
+      size: 6000,
+      *parts() {
+        yield pattern(5000, 6);
+      },
+    };
     await expect(store.put('stream/short', short)).rejects.toThrow(/5000|ended|declared/);
     expect(await store.stat('stream/short')).toBeNull();
-    const long = { size: 4000, *parts() { yield pattern(5000, 7); } };
+    const long = {
+      size: 4000,
+      *parts() {
+        yield pattern(5000, 7);
+      },
+    };
     await expect(store.put('stream/long', long)).rejects.toThrow(/5000|more than|declared/);
     expect(await store.stat('stream/long')).toBeNull();
   });
@@ -172,8 +188,17 @@ describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
 
   it('getRange past the end is KSC_E_CORRUPT naming the key; bad ranges are KSC_E_INVALID', async () => {
     await store.put('short/obj', pattern(100, 7));
-    for (const [offset, length] of [[90, 11], [100, 1], [5000, 10], [0, 101], [101, 0]] as const) {
-      const err = await store.getRange('short/obj', offset, length).then(() => null, (e: unknown) => e as Error & { code: string });
+    for (const [offset, length] of [
+      [90, 11],
+      [100, 1],
+      [5000, 10],
+      [0, 101],
+      [101, 0],
+    ] as const) {
+      const err = await store.getRange('short/obj', offset, length).then(
+        () => null,
+        (e: unknown) => e as Error & { code: string },
+      );
       expect(err, `range ${offset}+${length}`).not.toBeNull();
       expect(err!.code).toBe('KSC_E_CORRUPT');
       expect(err!.message).toContain('short/obj');
@@ -208,14 +233,17 @@ describe.each(backends)('ObjectStore conformance: $kind', ({ kind, open }) => {
     const model = (p: string) => keys.filter((k) => k.startsWith(p)).sort(compareKeys);
     for (const prefix of ['', 'a', 'a/', 'a/b', 'packs/', 'packs/0f/', 'packs/0f/0f0', 'z', 'nothing', 'packs/zz/']) {
       const got = await collect(store.list(prefix));
-      expect(got.map((o) => o.key), `prefix "${prefix}"`).toEqual(model(prefix));
+      expect(
+        got.map((o) => o.key),
+        `prefix "${prefix}"`,
+      ).toEqual(model(prefix));
     }
     const all = await collect(store.list(''));
     for (const o of all) expect(o.size).toBe(Buffer.byteLength(`v:${o.key}`));
   });
 
   it('lists more than 1000 keys (paged on S3) in order', async () => {
-    const keys = Array.from({ length: 1100 }, (_, i) => `many/${String(i * 7919 % 1100).padStart(5, '0')}`);
+    const keys = Array.from({ length: 1100 }, (_, i) => `many/${String((i * 7919) % 1100).padStart(5, '0')}`);
     await putAll(store, keys);
     const got = (await collect(store.list('many/'))).map((o) => o.key);
     expect(got.length).toBe(1100);

@@ -18,7 +18,10 @@ async function collect(it: AsyncIterable<ObjectInfo>): Promise<ObjectInfo[]> {
 }
 
 async function failure(p: Promise<unknown>): Promise<KscError> {
-  const r = await p.then(() => null, (e: unknown) => e);
+  const r = await p.then(
+    () => null,
+    (e: unknown) => e,
+  );
   if (r === null) throw new Error('expected a failure, the call succeeded');
   return r as KscError;
 }
@@ -29,8 +32,7 @@ describe('S3Store multipart tuning', () => {
   let parts: number[] = [];
   beforeAll(async () => {
     const cfg = await s3Config();
-    store = await S3Store.open({ ...cfg, bucket: freshBucket('mp'), prefix: 'p' },
-      { multipartThreshold: 5 * MiB, partSize: 5 * MiB, concurrency: 3, onPart: (i) => parts.push(i.bytes) });
+    store = await S3Store.open({ ...cfg, bucket: freshBucket('mp'), prefix: 'p' }, { multipartThreshold: 5 * MiB, partSize: 5 * MiB, concurrency: 3, onPart: (i) => parts.push(i.bytes) });
   });
   afterAll(async () => {
     await store?.close();
@@ -79,8 +81,10 @@ describe('S3Store against Ceph RGW', () => {
   });
 
   it('refuses data operations with a wrong secret too (bucket already checked)', async () => {
-    const store = await S3Store.open({ ...cfg, bucket, prefix: 'p', secretKey: 'wrong-secret-value' }, { create: false })
-      .then((s) => s, (e: KscError) => e);
+    const store = await S3Store.open({ ...cfg, bucket, prefix: 'p', secretKey: 'wrong-secret-value' }, { create: false }).then(
+      (s) => s,
+      (e: KscError) => e,
+    );
     // open checks the bucket, so the refusal comes there at the latest
     expect((store as KscError).code).toBe('KSC_E_AUTH');
   });
@@ -113,7 +117,8 @@ describe('S3Store against Ceph RGW', () => {
   it('gateway down: KSC_E_UNAVAILABLE after the retry budget; back up: works again', async () => {
     const retries: RetryInfo[] = [];
     const store = await openStore(`s3://${bucket}/${freshPrefix()}`, {
-      env: s3Env(gw.config), retry: { retries: 3, baseMs: 50, maxMs: 200, onRetry: (i) => retries.push(i) },
+      env: s3Env(gw.config),
+      retry: { retries: 3, baseMs: 50, maxMs: 200, onRetry: (i) => retries.push(i) },
     });
     await store.put('k', Buffer.from('value'));
     await stopGateway(gw);
@@ -138,7 +143,9 @@ describe('S3Store against Ceph RGW', () => {
 
   it('gateway hanging (SIGSTOP): the request timeout turns it into KSC_E_UNAVAILABLE', async () => {
     const store = await openStore(`s3://${bucket}/${freshPrefix()}`, {
-      env: s3Env(gw.config), retry: { retries: 1, baseMs: 50 }, s3Options: { requestTimeoutMs: 400 },
+      env: s3Env(gw.config),
+      retry: { retries: 1, baseMs: 50 },
+      s3Options: { requestTimeoutMs: 400 },
     });
     await store.put('k', Buffer.from('value'));
     gw.signal('SIGSTOP');
@@ -160,9 +167,14 @@ describe('S3Store against Ceph RGW', () => {
     let partsDone = 0;
     let crashed: Promise<void> | undefined;
     const store = await openStore(`s3://${bucket}/${freshPrefix()}`, {
-      env: s3Env(gw.config), retry: { retries: 2, baseMs: 100 },
+      env: s3Env(gw.config),
+      retry: { retries: 2, baseMs: 100 },
       // SIGKILL right when the first part is stored, while the next ones are in flight
-      s3Options: { onPart: () => { if (partsDone++ === 0) crashed = gw.crash(); } },
+      s3Options: {
+        onPart: () => {
+          if (partsDone++ === 0) crashed = gw.crash();
+        },
+      },
     });
     await store.put('before', Buffer.from('kept'));
     const err = await failure(store.put('big', data));
@@ -185,11 +197,15 @@ describe('S3Store against Ceph RGW', () => {
     let outage: Promise<void> | undefined;
     const retried: RetryInfo[] = [];
     const store = await openStore(`s3://${bucket}/${freshPrefix()}`, {
-      env: s3Env(gw.config), retry: { retries: 8, baseMs: 250, maxMs: 2000, onRetry: (i) => retried.push(i) },
+      env: s3Env(gw.config),
+      retry: { retries: 8, baseMs: 250, maxMs: 2000, onRetry: (i) => retried.push(i) },
       s3Options: {
         onPart: () => {
           if (outage) return;
-          outage = gw.crash().then(() => new Promise((r) => setTimeout(r, 300))).then(() => startGateway(gw));
+          outage = gw
+            .crash()
+            .then(() => new Promise((r) => setTimeout(r, 300)))
+            .then(() => startGateway(gw));
         },
       },
     });
@@ -215,11 +231,24 @@ describe('S3Store against Ceph RGW', () => {
     await store.close();
 
     // the environment wins over the file
-    const c = s3ConfigFromEnv('b', 'p', { KSCINC_S3_CONFIG: file, AWS_ACCESS_KEY_ID: 'envkey', AWS_SECRET_ACCESS_KEY: 'envsecret', AWS_DEFAULT_REGION: 'eu-west-3', KSCINC_S3_ENDPOINT: 'https://s3.example.net' });
+    const c = s3ConfigFromEnv('b', 'p', {
+      KSCINC_S3_CONFIG: file,
+      AWS_ACCESS_KEY_ID: 'envkey',
+      AWS_SECRET_ACCESS_KEY: 'envsecret',
+      AWS_DEFAULT_REGION: 'eu-west-3',
+      KSCINC_S3_ENDPOINT: 'https://s3.example.net',
+    });
     expect(c).toMatchObject({ accessKey: 'envkey', secretKey: 'envsecret', region: 'eu-west-3', endpoint: 'https://s3.example.net', bucket: 'b', prefix: 'p', pathStyle: true });
     expect(s3ConfigFromEnv('b', '', { KSCINC_S3_CONFIG: file, AWS_REGION: 'r1', AWS_DEFAULT_REGION: 'r2' }).region).toBe('r1');
 
-    const missing = (() => { try { s3ConfigFromEnv('b', 'p', {}); } catch (e) { return e as KscError; } return null; })();
+    const missing = (() => {
+      try {
+        s3ConfigFromEnv('b', 'p', {});
+      } catch (e) {
+        return e as KscError;
+      }
+      return null;
+    })();
     expect(missing?.code).toBe('KSC_E_INVALID');
     expect(missing?.message).toContain('AWS_ACCESS_KEY_ID');
 
@@ -235,9 +264,12 @@ describe('S3Store against Ceph RGW', () => {
 
   it('connection refused at open is KSC_E_UNAVAILABLE after the budget', async () => {
     const retries: RetryInfo[] = [];
-    const err = await failure(openStore(`s3://${bucket}`, {
-      env: { ...s3Env(cfg), KSCINC_S3_ENDPOINT: 'http://127.0.0.1:1' }, retry: { retries: 2, baseMs: 20, onRetry: (i) => retries.push(i) },
-    }));
+    const err = await failure(
+      openStore(`s3://${bucket}`, {
+        env: { ...s3Env(cfg), KSCINC_S3_ENDPOINT: 'http://127.0.0.1:1' },
+        retry: { retries: 2, baseMs: 20, onRetry: (i) => retries.push(i) },
+      }),
+    );
     expect(err.code).toBe('KSC_E_UNAVAILABLE');
     expect(retries.length).toBe(2);
   });

@@ -30,7 +30,11 @@ describe('withRetry', () => {
     const store = withRetry(faults, { retries: 5, baseMs: 8, onRetry: (r) => seen.push(r) });
     expect((await store.get('k')).toString()).toBe('value');
     expect(faults.calls.get).toBe(4);
-    expect(seen.map((r) => [r.op, r.key, r.attempt])).toEqual([['get', 'k', 1], ['get', 'k', 2], ['get', 'k', 3]]);
+    expect(seen.map((r) => [r.op, r.key, r.attempt])).toEqual([
+      ['get', 'k', 1],
+      ['get', 'k', 2],
+      ['get', 'k', 3],
+    ]);
     // 8, 16, 32 ms each within ±25 %
     seen.forEach((r, i) => {
       expect(r.delayMs).toBeGreaterThanOrEqual(8 * 2 ** i * 0.75 - 1);
@@ -46,7 +50,10 @@ describe('withRetry', () => {
       return { error: errors.at(-1) };
     });
     const store = withRetry(faults, { retries: 3, baseMs: 1 });
-    const err = await store.put('x', Buffer.from('y')).then(() => null, (e: unknown) => e);
+    const err = await store.put('x', Buffer.from('y')).then(
+      () => null,
+      (e: unknown) => e,
+    );
     expect(faults.calls.put).toBe(4);
     expect(err).toBe(errors[3]);
     expect(await inner.stat('x')).toBeNull();
@@ -100,10 +107,13 @@ describe('withRetry', () => {
 
   it('retryCall runs a bare function under the same rules', async () => {
     let calls = 0;
-    const v = await retryCall(async () => {
-      if (++calls < 3) throw unavailable();
-      return 42;
-    }, { baseMs: 1 });
+    const v = await retryCall(
+      async () => {
+        if (++calls < 3) throw unavailable();
+        return 42;
+      },
+      { baseMs: 1 },
+    );
     expect([v, calls]).toEqual([42, 3]);
   });
 });
@@ -124,7 +134,14 @@ describe('FaultStore', () => {
     await collect(store.list(''));
     await store.delete('a');
     expect(store.calls).toEqual({ put: 2, get: 1, getRange: 0, stat: 1, list: 1, delete: 1 });
-    expect(seen).toEqual([['put', 'a', 0], ['put', 'b', 1], ['get', 'a', 0], ['stat', 'zz', 0], ['list', '', 0], ['delete', 'a', 0]]);
+    expect(seen).toEqual([
+      ['put', 'a', 0],
+      ['put', 'b', 1],
+      ['get', 'a', 0],
+      ['stat', 'zz', 0],
+      ['list', '', 0],
+      ['delete', 'a', 0],
+    ]);
     expect(await inner.stat('a')).toBeNull();
   });
 
@@ -165,9 +182,16 @@ describe('openStore and parseS3Url', () => {
 
   it('refuses malformed S3 locations with KSC_E_INVALID and a reason', () => {
     const cases: [string, string][] = [
-      ['s3://', 'bucket name'], ['s3://ab', 'bucket name'], ['s3://Upper', 'bucket name'], ['s3://-x-', 'bucket name'],
-      ['s3://a..b', 'bucket name'], ['s3://bkt/a//c', 'empty segment'], ['s3://bkt/../c', '".."'], ['s3://bucket/p?x=1', 'query'],
-      ['s3://key:secret@bucket/p', 'credentials'], ['http://bucket/p', 'not an S3 location'],
+      ['s3://', 'bucket name'],
+      ['s3://ab', 'bucket name'],
+      ['s3://Upper', 'bucket name'],
+      ['s3://-x-', 'bucket name'],
+      ['s3://a..b', 'bucket name'],
+      ['s3://bkt/a//c', 'empty segment'],
+      ['s3://bkt/../c', '".."'],
+      ['s3://bucket/p?x=1', 'query'],
+      ['s3://key:secret@bucket/p', 'credentials'],
+      ['http://bucket/p', 'not an S3 location'],
     ];
     for (const [loc, why] of cases) {
       let err: KscError | undefined;
@@ -194,7 +218,8 @@ describe('openStore and parseS3Url', () => {
 
   it('needs credentials for S3 and says where to put them', async () => {
     await expect(openStore('s3://some-bucket/p', { env: {} })).rejects.toMatchObject({
-      code: 'KSC_E_INVALID', message: expect.stringContaining('AWS_SECRET_ACCESS_KEY'),
+      code: 'KSC_E_INVALID',
+      message: expect.stringContaining('AWS_SECRET_ACCESS_KEY'),
     });
   });
 });

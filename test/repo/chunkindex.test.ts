@@ -27,14 +27,20 @@ describe('ChunkIndex', () => {
     for (let n = 0; n < 60_000; n++) {
       let id: Buffer;
       const kind = rng.int(0, 9);
-      if (kind === 0 && ids.length > 0) id = ids[rng.int(0, ids.length - 1)]!; // again: the first location stays
+      if (kind === 0 && ids.length > 0)
+        id = ids[rng.int(0, ids.length - 1)]!; // again: the first location stays
       else if (kind === 1 && ids.length > 0) {
         // The same first and last words as an earlier id (what the slot is computed from), other middle words.
         id = Buffer.from(ids[rng.int(0, ids.length - 1)]!);
         id.writeUInt32LE(rng.int(0, 0xffffffff), 4 + 4 * rng.int(0, 1));
       } else id = randomId(rng);
       ids.push(id);
-      const loc = { pack: packs[rng.int(0, packs.length - 1)]!, offset: rng.int(0, 0x1fffff) * 0x100000000 + rng.int(0, 0xffffffff), length: rng.int(0, 0xffffffff), rawLength: rng.int(0, 0xffffffff) };
+      const loc = {
+        pack: packs[rng.int(0, packs.length - 1)]!,
+        offset: rng.int(0, 0x1fffff) * 0x100000000 + rng.int(0, 0xffffffff),
+        length: rng.int(0, 0xffffffff),
+        rawLength: rng.int(0, 0xffffffff),
+      };
       idx.add({ id, ...loc });
       const hex = id.toString('hex');
       if (!model.has(hex)) model.set(hex, loc);
@@ -49,7 +55,11 @@ describe('ChunkIndex', () => {
       const s = idx.slotOf(hex);
       const hs = idx.copies(s);
       if (hs.some((h) => idx.slotOfCopy(h) !== s || idx.idAt(h).toString('hex') !== hex) || idx.copyCount(s) !== want.length) expect.fail(`copies of ${hex}`);
-      if (want.length > 1 || rng.chance(0.05)) expect(hs.map((h) => idx.location(h)), hex).toEqual(want);
+      if (want.length > 1 || rng.chance(0.05))
+        expect(
+          hs.map((h) => idx.location(h)),
+          hex,
+        ).toEqual(want);
       extra += want.length - 1;
     }
     expect(idx.extraCopies).toBe(extra);
@@ -127,7 +137,13 @@ describe('ChunkIndex', () => {
     const seed = seedFor('test/repo/chunkindex.test.ts IndexDecoder');
     const rng = new Rng(seed);
     const packs = Array.from({ length: 5 }, () => randomId(rng).toString('hex'));
-    const entries: IndexEntry[] = Array.from({ length: 300 }, (_, i) => ({ id: randomId(rng), pack: packs[rng.int(0, 4)]!, offset: 16 + i * 4096, length: rng.int(33, 4096), rawLength: rng.int(1, 1 << 20) }));
+    const entries: IndexEntry[] = Array.from({ length: 300 }, (_, i) => ({
+      id: randomId(rng),
+      pack: packs[rng.int(0, 4)]!,
+      offset: 16 + i * 4096,
+      length: rng.int(33, 4096),
+      rawLength: rng.int(1, 1 << 20),
+    }));
     const obj = encodeIndex(entries);
     /** Feeds `b` to a decoder in runs of 1 … 40 entries; returns what it visited before end() and whether end() passed. */
     const feed = (b: Buffer): { seen: IndexEntry[]; ok: boolean; error?: string } => {

@@ -39,7 +39,8 @@ describe('ChunkList', () => {
     await initHash();
     const l = new ChunkList(3 * SEGMENT_IDS + 10);
     expect([l.segmentCount, l.allocatedSegments(), l.nonZeroCount()]).toEqual([4, 0, 0]);
-    const a = randomBytes(16), b = randomBytes(16);
+    const a = randomBytes(16),
+      b = randomBytes(16);
     l.set(5, a);
     l.set(3 * SEGMENT_IDS + 9, b);
     l.set(SEGMENT_IDS + 1, Buffer.alloc(16)); // a zero id in a zero segment allocates nothing
@@ -50,7 +51,10 @@ describe('ChunkList', () => {
     expect(l.isZero(SEGMENT_IDS + 1)).toBe(true);
     const seen: [number, string][] = [];
     l.forEachNonZero((k, id) => void seen.push([k, id.toString('hex')]));
-    expect(seen).toEqual([[5, a.toString('hex')], [3 * SEGMENT_IDS + 9, b.toString('hex')]]);
+    expect(seen).toEqual([
+      [5, a.toString('hex')],
+      [3 * SEGMENT_IDS + 9, b.toString('hex')],
+    ]);
     l.set(5, Buffer.alloc(16)); // the segment's last non-zero id: freed
     expect([l.allocatedSegments(), l.nonZeroCount()]).toEqual([1, 1]);
     expect(() => l.set(l.length, a)).toThrow(RangeError);
@@ -183,16 +187,40 @@ describe('manifest chunk lists', () => {
     await refuse(sec.subarray(0, 6), /too short for its header/, undefined, /length does not match its header/);
     await refuse(Buffer.concat([sec, Buffer.alloc(3)]), /3 bytes after its last segment/);
     // Wrong lengths and counts.
-    await refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 2, 0)), /131072 ids per segment, not 65536/);
-    await refuse(edit((s) => s.writeUInt32LE(4, 4)), /4 segments; 131136 chunks need 3/);
-    await refuse(edit((s) => s.writeUInt32LE(64 * 16 - 16, 28)), /segment 2 of 3: 1008 stored bytes, a raw segment of 64 ids is 1024/);
-    await refuse(edit((s) => s.writeUInt32LE(16, 20)), /segment 1 of 3: an all-zero segment with 16 stored bytes/);
-    await refuse(edit((s) => (s[8] = 7)), /segment 0 of 3: unknown encoding 7/);
-    await refuse(edit((s) => (s[17] = 1)), /segment 1 of 3: reserved bytes are not zero/);
-    await refuse(edit((s) => s.writeUInt32LE(3, 12)), /segment 0 of 3: 3 stored bytes is too short/);
+    await refuse(
+      edit((s) => s.writeUInt32LE(SEGMENT_IDS * 2, 0)),
+      /131072 ids per segment, not 65536/,
+    );
+    await refuse(
+      edit((s) => s.writeUInt32LE(4, 4)),
+      /4 segments; 131136 chunks need 3/,
+    );
+    await refuse(
+      edit((s) => s.writeUInt32LE(64 * 16 - 16, 28)),
+      /segment 2 of 3: 1008 stored bytes, a raw segment of 64 ids is 1024/,
+    );
+    await refuse(
+      edit((s) => s.writeUInt32LE(16, 20)),
+      /segment 1 of 3: an all-zero segment with 16 stored bytes/,
+    );
+    await refuse(
+      edit((s) => (s[8] = 7)),
+      /segment 0 of 3: unknown encoding 7/,
+    );
+    await refuse(
+      edit((s) => (s[17] = 1)),
+      /segment 1 of 3: reserved bytes are not zero/,
+    );
+    await refuse(
+      edit((s) => s.writeUInt32LE(3, 12)),
+      /segment 0 of 3: 3 stored bytes is too short/,
+    );
     // An LZ4 segment whose prefix lies, or whose block decodes to another size.
     const p0 = 8 + 8 * 3;
-    await refuse(edit((s) => s.writeUInt32LE(SEGMENT_IDS * 16 - 16, p0)), /segment 0 of 3: LZ4 raw length 1048560, the segment's 65536 ids are 1048576 bytes/);
+    await refuse(
+      edit((s) => s.writeUInt32LE(SEGMENT_IDS * 16 - 16, p0)),
+      /segment 0 of 3: LZ4 raw length 1048560, the segment's 65536 ids are 1048576 bytes/,
+    );
     const shortIds = Buffer.alloc(SEGMENT_IDS * 16 - 16);
     shortIds[48] = 1;
     const packed = Buffer.alloc(lz4Bound(shortIds.length));
@@ -202,7 +230,10 @@ describe('manifest chunk lists', () => {
     swapped.writeUInt32LE(n, 12);
     await refuse(swapped, /segment 0 of 3: the LZ4 block does not decode to 1048576 bytes/);
     // A well-formed list that is not the one the root was computed over.
-    await refuse(edit((s) => (s[s.length - 1]! ^= 1)), /Merkle root does not match/);
+    await refuse(
+      edit((s) => (s[s.length - 1]! ^= 1)),
+      /Merkle root does not match/,
+    );
     // Both compressed forms claimed at once.
     await refuse(sec, /IDS_LZ4 and IDS_SEGMENTED are both set/, FLAG_IDS_LZ4 | FLAG_IDS_SEGMENTED);
     // And without re-sealing, any damage is a checksum mismatch.

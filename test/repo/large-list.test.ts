@@ -63,9 +63,13 @@ describe('large chunk lists', () => {
     // The local store, with its reads recorded.
     const store: ObjectStore = {
       name: fs.name,
-      put: fs.put.bind(fs), get: (k: string) => (reads.push({ op: 'get', key: k, length: -1 }), fs.get(k)),
+      put: fs.put.bind(fs),
+      get: (k: string) => (reads.push({ op: 'get', key: k, length: -1 }), fs.get(k)),
       getRange: (k: string, o: number, n: number) => (reads.push({ op: 'getRange', key: k, length: n }), fs.getRange(k, o, n)),
-      stat: fs.stat.bind(fs), list: fs.list.bind(fs), delete: fs.delete.bind(fs), close: fs.close.bind(fs),
+      stat: fs.stat.bind(fs),
+      list: fs.list.bind(fs),
+      delete: fs.delete.bind(fs),
+      close: fs.close.bind(fs),
     };
     const repo = await Repository.init(store, { chunkSize: MIB });
     const segments = LIST_CACHE_SEGMENTS + 12;
@@ -84,7 +88,10 @@ describe('large chunk lists', () => {
     expect(m.ids.store!.cached).toBeLessThanOrEqual(LIST_CACHE_SEGMENTS);
     expect(m.ids.store!.writes, 'no segment went to the file').toBeGreaterThan(0);
     const mine = reads.filter((r) => r.key === key);
-    expect(mine.some((r) => r.op === 'get'), 'the large manifest was read whole').toBe(false);
+    expect(
+      mine.some((r) => r.op === 'get'),
+      'the large manifest was read whole',
+    ).toBe(false);
     expect(Math.max(...mine.map((r) => r.length))).toBeLessThanOrEqual(9 * MIB);
     expect(mine.reduce((n, r) => n + r.length, 0)).toBe(size);
 
@@ -102,7 +109,10 @@ describe('large chunk lists', () => {
       const at = rng.int(0, bad.length - 1);
       bad[at]! ^= 1 << rng.int(0, 7);
       writeFileSync(file, bad);
-      const e = await repo.readManifest(id).then(() => null, (x: unknown) => x);
+      const e = await repo.readManifest(id).then(
+        () => null,
+        (x: unknown) => x,
+      );
       expect(isKscError(e) && (e.code === 'KSC_E_CORRUPT' || e.code === 'KSC_E_FORMAT'), `flip at ${at} (seed ${seed}): ${String(e)}`).toBe(true);
       expect(String((e as Error).message)).toContain(key);
     }

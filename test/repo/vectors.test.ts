@@ -16,17 +16,24 @@ import { FOOTER_TAIL, FOOTER_ENTRY } from '../../src/repo/constants.js';
 import { encodeManifestLegacy } from '../helpers/manifest.js';
 
 const M = (1n << 64n) - 1n;
-const P1 = 11400714785074694791n, P2 = 14029467366897019727n, P3 = 1609587929392839161n, P4 = 9650029242287828579n, P5 = 2870177450012600261n;
+const P1 = 11400714785074694791n,
+  P2 = 14029467366897019727n,
+  P3 = 1609587929392839161n,
+  P4 = 9650029242287828579n,
+  P5 = 2870177450012600261n;
 const rotl = (x: bigint, r: bigint): bigint => ((x << r) | (x >> (64n - r))) & M;
 const round = (acc: bigint, lane: bigint): bigint => (rotl((acc + lane * P2) & M, 31n) * P1) & M;
-const merge = (h: bigint, v: bigint): bigint => (((h ^ round(0n, v)) * P1) + P4) & M;
+const merge = (h: bigint, v: bigint): bigint => ((h ^ round(0n, v)) * P1 + P4) & M;
 
 /** XXH64 from its specification. */
 function xxh64(b: Buffer, seed: bigint): bigint {
   let i = 0;
   let h: bigint;
   if (b.length >= 32) {
-    let v1 = (seed + P1 + P2) & M, v2 = (seed + P2) & M, v3 = seed, v4 = (seed - P1) & M;
+    let v1 = (seed + P1 + P2) & M,
+      v2 = (seed + P2) & M,
+      v3 = seed,
+      v4 = (seed - P1) & M;
     for (; i + 32 <= b.length; i += 32) {
       v1 = round(v1, b.readBigUInt64LE(i));
       v2 = round(v2, b.readBigUInt64LE(i + 8));
@@ -37,14 +44,16 @@ function xxh64(b: Buffer, seed: bigint): bigint {
     h = merge(merge(merge(merge(h, v1), v2), v3), v4);
   } else h = (seed + P5) & M;
   h = (h + BigInt(b.length)) & M;
-  for (; i + 8 <= b.length; i += 8) h = ((rotl(h ^ round(0n, b.readBigUInt64LE(i)), 27n) * P1) + P4) & M;
+  for (; i + 8 <= b.length; i += 8) h = (rotl(h ^ round(0n, b.readBigUInt64LE(i)), 27n) * P1 + P4) & M;
   if (i + 4 <= b.length) {
-    h = ((rotl(h ^ ((BigInt(b.readUInt32LE(i)) * P1) & M), 23n) * P2) + P3) & M;
+    h = (rotl(h ^ ((BigInt(b.readUInt32LE(i)) * P1) & M), 23n) * P2 + P3) & M;
     i += 4;
   }
   for (; i < b.length; i++) h = (rotl(h ^ ((BigInt(b[i]!) * P5) & M), 11n) * P1) & M;
-  h ^= h >> 33n; h = (h * P2) & M;
-  h ^= h >> 29n; h = (h * P3) & M;
+  h ^= h >> 33n;
+  h = (h * P2) & M;
+  h ^= h >> 29n;
+  h = (h * P3) & M;
   h ^= h >> 32n;
   return h;
 }
@@ -115,7 +124,11 @@ function block(name: string): string[] {
   return m[1]!.split('\n').filter((l) => l.trim() && !l.startsWith('#'));
 }
 const hexOf = (s: string): Buffer => Buffer.from(s === '-' ? '' : s, 'hex');
-const objects = new Map(block('vectors-objects').map((l) => l.split(' ') as [string, string]).map(([k, v]) => [k, hexOf(v)]));
+const objects = new Map(
+  block('vectors-objects')
+    .map((l) => l.split(' ') as [string, string])
+    .map(([k, v]) => [k, hexOf(v)]),
+);
 
 describe('formats/repository.md §11 vectors', () => {
   it('chunk ids (§2): the reference XXH64 and the code agree with every vector', async () => {
@@ -183,7 +196,10 @@ describe('formats/repository.md §11 vectors', () => {
     expect([p, e]).toEqual([1, 2]);
     expect(b.toString('hex', 32, 48)).toBe('00112233445566778899aabbccddeeff');
     const entries = decodeIndex(b, 'vector');
-    expect(entries.map((x) => [x.pack, x.offset, x.rawLength])).toEqual([['00112233445566778899aabbccddeeff', 16, 3], ['00112233445566778899aabbccddeeff', 16 + 35, 256]]);
+    expect(entries.map((x) => [x.pack, x.offset, x.rawLength])).toEqual([
+      ['00112233445566778899aabbccddeeff', 16, 3],
+      ['00112233445566778899aabbccddeeff', 16 + 35, 256],
+    ]);
     expect(encodeIndex(entries).equals(b)).toBe(true);
     const bad = Buffer.from(b);
     bad[60] ^= 1;
@@ -284,7 +300,10 @@ describe('formats/repository.md §11 vectors', () => {
     expect(s.flags).toBe(5);
     expect(s.chunks).toBe(2 * 65536 + 64);
     expect(s.table.map(([enc]) => enc)).toEqual([0, 0, 2]);
-    expect(s.table.slice(0, 2)).toEqual([[0, 0], [0, 0]]);
+    expect(s.table.slice(0, 2)).toEqual([
+      [0, 0],
+      [0, 0],
+    ]);
     const nonZero: number[] = [];
     for (let k = 0; k < s.chunks; k++) if (!s.ids.subarray(k * 16, k * 16 + 16).equals(Buffer.alloc(16))) nonZero.push(k);
     expect(nonZero).toEqual([2 * 65536, s.chunks - 1]);

@@ -116,17 +116,30 @@ describe('kscinc schedule status', () => {
     const now = Date.now();
     const iso = (ago: number): string => new Date(now - ago).toISOString();
     const js = (image: string, ago: number, result: string, error: string | null = null): object => ({
-      firstSeen: iso(10 * 86400_000), doneThrough: iso(ago), attempts: result === 'ok' ? 0 : 2, retryAt: null, retryImages: [], retryScheduled: null, lastSuccess: iso(ago),
+      firstSeen: iso(10 * 86400_000),
+      doneThrough: iso(ago),
+      attempts: result === 'ok' ? 0 : 2,
+      retryAt: null,
+      retryImages: [],
+      retryScheduled: null,
+      lastSuccess: iso(ago),
       lastRun: { kind: 'scheduled', scheduled: iso(ago), start: iso(ago), end: iso(ago - 1000), result, backups: [], errors: [], error },
       images: { [join(dir, image)]: { lastSuccess: iso(ago), lastBackup: 'x' } },
     });
     writeFileSync(statePathFor(file), JSON.stringify({ version: 1, jobs: { fresh: js('f.ksc', 3600_000, 'ok'), late: js('l.ksc', 2 * 3600_000, 'failed', 'repository unreachable') } }));
     const r = kscinc(['schedule', 'status', '--config', file, '--json']);
     expect(r.code, r.stderr).toBe(4);
-    const s = JSON.parse(r.stdout) as { daemon: { running: boolean }; rpoMissed: string[]; jobs: { job: string; rpoMet: boolean; lastRun: { result: string; error: string | null }; newestBackup: string }[] };
+    const s = JSON.parse(r.stdout) as {
+      daemon: { running: boolean };
+      rpoMissed: string[];
+      jobs: { job: string; rpoMet: boolean; lastRun: { result: string; error: string | null }; newestBackup: string }[];
+    };
     expect(s.daemon.running).toBe(false);
     expect(s.rpoMissed).toEqual(['late']);
-    expect(s.jobs.map((j) => [j.job, j.rpoMet, j.lastRun.result])).toEqual([['fresh', true, 'ok'], ['late', false, 'failed']]);
+    expect(s.jobs.map((j) => [j.job, j.rpoMet, j.lastRun.result])).toEqual([
+      ['fresh', true, 'ok'],
+      ['late', false, 'failed'],
+    ]);
     expect(s.jobs[1]!.lastRun.error).toBe('repository unreachable');
     expect(s.jobs[0]!.newestBackup).toBe(iso(3600_000));
     const text = kscinc(['schedule', 'status', '--config', file]);
@@ -146,13 +159,16 @@ describe('kscinc schedule run', () => {
     await makeImage('s1.ksc');
     await makeImage('s2.ksc');
     await makeImage('s3.ksc');
-    const file = writeConfig('run.yaml', `
+    const file = writeConfig(
+      'run.yaml',
+      `
 timezone: UTC
 jobs:
   - { name: later, images: [s1.ksc], repo: repo-later, when: at 2099-01-01 00:00 }
   - { name: final, images: ["s[12].ksc"], repo: repo-final, when: on shutdown, keep: { last: 5 } }
   - { name: final2, images: [s3.ksc], repo: repo-final2, when: on shutdown, tags: [last-words] }
-`);
+`,
+    );
     const d = await startDaemon(['--config', file, '--shutdown-timeout', '60s'], 'job final2: on shutdown');
     const st = kscinc(['schedule', 'status', '--config', file]);
     expect(st.stdout).toContain(`daemon: running (pid ${d.child.pid}`);
@@ -180,11 +196,14 @@ jobs:
   it('a shutdown budget too small: one log line per job it could not finish, exit 1', async () => {
     await makeImage('t1.ksc');
     await makeImage('t2.ksc');
-    const file = writeConfig('budget.yaml', `
+    const file = writeConfig(
+      'budget.yaml',
+      `
 jobs:
   - { name: first, images: [t1.ksc], repo: repo-budget, when: on shutdown }
   - { name: second, images: [t2.ksc], repo: repo-budget, when: on shutdown }
-`);
+`,
+    );
     const d = await startDaemon(['--config', file, '--shutdown-timeout', '1ms'], 'job second: on shutdown');
     const t0 = Date.now();
     d.child.kill('SIGTERM');

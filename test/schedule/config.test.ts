@@ -56,14 +56,27 @@ describe('schedule files', () => {
     expect(db!.tags).toEqual(['db']);
     expect(sd!.when.kind).toBe('shutdown');
 
-    const json = JSON.stringify({
-      timezone: 'Asia/Shanghai',
-      jobs: [
-        { name: 'web1', images: ['/var/lib/kscinc/web1.ksc'], repo: 's3://backups/web1', bitmap: 'backup', when: 'every 3 days at 02:00', keep: { last: 7, daily: 7, weekly: 4, monthly: 6 }, rpo: '6h', timezone: 'UTC' },
-        { name: 'db', images: ['disks/db-*.ksc', 'disks/log?.ksc'], repo: '../backups', when: '30 2 * * 1-5', tags: ['db'] },
-        { name: 'last-words', images: ['disks/db-1.ksc'], repo: '../backups', when: 'on shutdown' },
-      ],
-    }, null, 2);
+    const json = JSON.stringify(
+      {
+        timezone: 'Asia/Shanghai',
+        jobs: [
+          {
+            name: 'web1',
+            images: ['/var/lib/kscinc/web1.ksc'],
+            repo: 's3://backups/web1',
+            bitmap: 'backup',
+            when: 'every 3 days at 02:00',
+            keep: { last: 7, daily: 7, weekly: 4, monthly: 6 },
+            rpo: '6h',
+            timezone: 'UTC',
+          },
+          { name: 'db', images: ['disks/db-*.ksc', 'disks/log?.ksc'], repo: '../backups', when: '30 2 * * 1-5', tags: ['db'] },
+          { name: 'last-words', images: ['disks/db-1.ksc'], repo: '../backups', when: 'on shutdown' },
+        ],
+      },
+      null,
+      2,
+    );
     expect(parseConfigText(json, file)).toEqual(y);
   });
 

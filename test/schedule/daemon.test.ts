@@ -40,10 +40,14 @@ class FakeClock implements Clock {
       if (signal?.aborted) return resolve();
       const timer = { at: this.t + ms, resolve };
       this.timers.push(timer);
-      signal?.addEventListener('abort', () => {
-        this.drop(timer);
-        resolve();
-      }, { once: true });
+      signal?.addEventListener(
+        'abort',
+        () => {
+          this.drop(timer);
+          resolve();
+        },
+        { once: true },
+      );
     });
   private drop(timer: { at: number }): void {
     const i = this.timers.indexOf(timer as (typeof this.timers)[number]);
@@ -155,12 +159,14 @@ async function backupsIn(repoDir: string): Promise<Manifest[]> {
 const isoOf = (t: number): string => new Date(t).toISOString();
 
 describe('daemon with a fake clock and real backups', () => {
-  it('runs jobs on time, prunes by each job\'s keep, backs up globs, and the newest backup restores exactly', async () => {
+  it("runs jobs on time, prunes by each job's keep, backs up globs, and the newest backup restores exactly", async () => {
     const rng = root.fork();
     const a = await makeImage('a');
     await makeImage('b1');
     await makeImage('b2');
-    const h = harness('retention', `
+    const h = harness(
+      'retention',
+      `
 timezone: UTC
 jobs:
   - name: daily
@@ -174,7 +180,9 @@ jobs:
     when: weekly on monday at 03:00
     keep: { weekly: 2 }
     tags: [vm-b]
-`, '2026-01-01T00:00:00Z');
+`,
+      '2026-01-01T00:00:00Z',
+    );
     // 2026-01-01 is a Thursday: Mondays are the 5th, 12th and 19th.
     for (let day = 0; day < 20; day++) {
       await h.advanceTo(Date.parse('2026-01-01T01:00:00Z') + day * DAY);
@@ -193,14 +201,22 @@ jobs:
     const weeklyCalls = h.calls.filter((c) => c.repo.endsWith('repo-weekly')).map((c) => `${basename(c.image)} ${isoOf(c.at)}`);
     expect(weeklyCalls).toEqual(['05', '12', '19'].flatMap((d) => [`b1.ksc 2026-01-${d}T03:00:00.000Z`, `b2.ksc 2026-01-${d}T03:00:00.000Z`]));
     expect(weekly.map((m) => `${basename(m.meta.source)} ${isoOf(m.timeMs)}`).sort()).toEqual([
-      'b1.ksc 2026-01-12T03:00:00.000Z', 'b1.ksc 2026-01-19T03:00:00.000Z', 'b2.ksc 2026-01-12T03:00:00.000Z', 'b2.ksc 2026-01-19T03:00:00.000Z',
+      'b1.ksc 2026-01-12T03:00:00.000Z',
+      'b1.ksc 2026-01-19T03:00:00.000Z',
+      'b2.ksc 2026-01-12T03:00:00.000Z',
+      'b2.ksc 2026-01-19T03:00:00.000Z',
     ]);
     expect(weekly.every((m) => m.meta.tags.includes('vm-b'))).toBe(true);
 
     const state = await readState(statePathFor(join(dir, 'retention.yaml')));
     expect(state.jobs.daily!.lastRun).toMatchObject({ result: 'ok', kind: 'scheduled', scheduled: '2026-01-20T02:00:00.000Z', pruned: 1 });
     expect(state.jobs.daily!.lastRun!.backups).toEqual([{ image: a, id: daily[2]!.meta.id }]);
-    expect(state.jobs.weekly!.lastRun!.backups.map((b) => b.id).sort()).toEqual(weekly.filter((m) => m.timeMs === Date.parse('2026-01-19T03:00:00Z')).map((m) => m.meta.id).sort());
+    expect(state.jobs.weekly!.lastRun!.backups.map((b) => b.id).sort()).toEqual(
+      weekly
+        .filter((m) => m.timeMs === Date.parse('2026-01-19T03:00:00Z'))
+        .map((m) => m.meta.id)
+        .sort(),
+    );
     const store = await FsStore.open(join(dir, 'repo-daily'));
     const target = join(dir, 'a-restored.raw');
     try {
@@ -248,7 +264,15 @@ jobs:
     const file = join(dir, 'catchup.yaml');
     // The state says: last run on Jan 2; the daemon was then down until Jan 10 12:00 (8 runs and the one-time run missed).
     const js = (doneThrough: string, lastRun: object | null = null): object => ({
-      firstSeen: '2026-01-01T00:00:00.000Z', doneThrough, lastRun, attempts: 0, retryAt: null, retryImages: [], retryScheduled: null, lastSuccess: null, images: {},
+      firstSeen: '2026-01-01T00:00:00.000Z',
+      doneThrough,
+      lastRun,
+      attempts: 0,
+      retryAt: null,
+      retryImages: [],
+      retryScheduled: null,
+      lastSuccess: null,
+      images: {},
     });
     writeFileSync(statePathFor(file), JSON.stringify({ version: 1, jobs: { c: js('2026-01-02T02:00:05.000Z'), once: js('2026-01-01T00:00:00.000Z') } }));
     const h = harness('catchup', yaml, '2026-01-10T12:00:00Z');
@@ -281,14 +305,19 @@ jobs:
     await makeImage('lost');
     await makeImage('lost2');
     writeFileSync(join(dir, 'a-file'), 'not a folder');
-    const h = harness('unreachable', `
+    const h = harness(
+      'unreachable',
+      `
 timezone: UTC
 parallel: 2
 jobs:
   - { name: s3down, images: [lost.ksc], repo: "s3://kscinc-test/down", when: every day at 02:00, rpo: 1d }
   - { name: badpath, images: [lost2.ksc], repo: a-file/repo, when: every day at 02:00 }
   - { name: fine, images: [good.ksc], repo: repo-fine, when: every day at 02:00, rpo: 1d }
-`, '2026-01-01T00:00:00Z', { retryBaseMs: 60_000, retryMaxMs: 16 * 60_000 });
+`,
+      '2026-01-01T00:00:00Z',
+      { retryBaseMs: 60_000, retryMaxMs: 16 * 60_000 },
+    );
     const file = join(dir, 'unreachable.yaml');
     const config = parseConfigText(readFileSync(file, 'utf8'), file);
     await h.advanceTo('2026-01-01T02:05:00Z');
@@ -348,17 +377,22 @@ jobs:
     await makeImage('sd2');
     const hang = await makeImage('hang');
     const clockRef: { clock?: FakeClock } = {};
-    const h = harness('shutdown', `
+    const h = harness(
+      'shutdown',
+      `
 timezone: UTC
 parallel: 2
 jobs:
   - { name: nightly, images: [sd1.ksc], repo: repo-sd, when: every day at 02:00 }
   - { name: last, images: [sd1.ksc, sd2.ksc], repo: repo-sd, when: on shutdown }
   - { name: stuck, images: [hang.ksc], repo: repo-sd, when: on shutdown }
-`, '2026-01-01T00:00:00Z', {
-      shutdownTimeoutMs: 5 * 60_000,
-      backup: (image, repo, o) => (image === hang ? new Promise(() => undefined) : backupImageAt(image, repo, { ...o, now: () => clockRef.clock!.now() })),
-    });
+`,
+      '2026-01-01T00:00:00Z',
+      {
+        shutdownTimeoutMs: 5 * 60_000,
+        backup: (image, repo, o) => (image === hang ? new Promise(() => undefined) : backupImageAt(image, repo, { ...o, now: () => clockRef.clock!.now() })),
+      },
+    );
     clockRef.clock = h.clock;
     await h.advanceTo('2026-01-01T01:00:00Z');
     expect(h.calls.length).toBe(0);

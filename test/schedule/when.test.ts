@@ -14,9 +14,7 @@ const runs = (when: string, zone: string, from: string, n: number, anchor?: stri
 
 describe('every N days at HH:MM', () => {
   it('counts from the first HH:MM strictly after the start, then every N calendar days', () => {
-    expect(runs('every 3 days at 02:00', 'UTC', '2026-02-27T00:00:00Z', 4)).toEqual([
-      '2026-02-27T02:00:00.000Z', '2026-03-02T02:00:00.000Z', '2026-03-05T02:00:00.000Z', '2026-03-08T02:00:00.000Z',
-    ]);
+    expect(runs('every 3 days at 02:00', 'UTC', '2026-02-27T00:00:00Z', 4)).toEqual(['2026-02-27T02:00:00.000Z', '2026-03-02T02:00:00.000Z', '2026-03-05T02:00:00.000Z', '2026-03-08T02:00:00.000Z']);
     // From exactly 02:00: that one is not "after", so the first run is the next day's.
     expect(runs('every 3 days at 02:00', 'UTC', '2026-01-01T02:00:00Z', 2)).toEqual(['2026-01-02T02:00:00.000Z', '2026-01-05T02:00:00.000Z']);
     expect(runs('every 2 days at 02:00', 'UTC', '2026-12-30T03:00:00Z', 3)).toEqual(['2026-12-31T02:00:00.000Z', '2027-01-02T02:00:00.000Z', '2027-01-04T02:00:00.000Z']);
@@ -72,7 +70,12 @@ describe('weekly on WEEKDAY at HH:MM', () => {
 describe('monthly on day D at HH:MM', () => {
   it('day 31 runs on the last day of shorter months (no month skipped)', () => {
     expect(runs('monthly on day 31 at 04:00', 'UTC', '2026-01-01T00:00:00Z', 6)).toEqual([
-      '2026-01-31T04:00:00.000Z', '2026-02-28T04:00:00.000Z', '2026-03-31T04:00:00.000Z', '2026-04-30T04:00:00.000Z', '2026-05-31T04:00:00.000Z', '2026-06-30T04:00:00.000Z',
+      '2026-01-31T04:00:00.000Z',
+      '2026-02-28T04:00:00.000Z',
+      '2026-03-31T04:00:00.000Z',
+      '2026-04-30T04:00:00.000Z',
+      '2026-05-31T04:00:00.000Z',
+      '2026-06-30T04:00:00.000Z',
     ]);
   });
 

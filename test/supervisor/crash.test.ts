@@ -57,7 +57,10 @@ function expectIntact(img: string, acked: Map<number, number>): void {
   expect(r.code, r.stderr).toBe(0);
   const ext = JSON.parse(r.stdout) as { offset: number; length: number }[];
   for (const o of acked.keys()) {
-    expect(ext.some((e) => e.offset <= o && o + len <= e.offset + e.length), `bitmap b0 covers ${o}+${len}`).toBe(true);
+    expect(
+      ext.some((e) => e.offset <= o && o + len <= e.offset + e.length),
+      `bitmap b0 covers ${o}+${len}`,
+    ).toBe(true);
   }
 }
 
@@ -70,10 +73,14 @@ function seeded(what: string): () => number {
 
 async function waitNewWorker(s: Supervised, old: number): Promise<number> {
   let w: number | null = null;
-  await until(() => {
-    w = s.worker();
-    return w !== null && w !== old;
-  }, 60_000, 'a new worker');
+  await until(
+    () => {
+      w = s.worker();
+      return w !== null && w !== old;
+    },
+    60_000,
+    'a new worker',
+  );
   return w!;
 }
 

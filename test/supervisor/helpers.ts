@@ -82,7 +82,12 @@ export function runDir(): string {
 export async function startServe(args: string[], env: Record<string, string>, timeoutMs = 30_000): Promise<Supervised> {
   const { proc, stderr, exited, uris } = spawnServe(args, { env, uri: /^nbd:\/\/127\.0\.0\.1:\d+\/\S*$/, timeoutMs });
   const s: Supervised = {
-    uri: '', port: 0, proc, env, exited, stderr,
+    uri: '',
+    port: 0,
+    proc,
+    env,
+    exited,
+    stderr,
     workers: new Set(),
     worker: () => {
       const c = childrenOf(proc.pid!);

@@ -234,7 +234,10 @@ describe('kscinc upgrade: connections are handed over, not closed', () => {
       expect(r.code).toBe(1);
       expect(r.stderr).toMatch(/failed to start.*exited with status 3.*keeps serving/);
       // A build that starts but cannot open the image: the old worker has closed it and reopens it.
-      writeFileSync(entry, "process.send({ t: 'loaded', version: '9.9.9-broken', pid: process.pid });\nprocess.on('message', (m) => { if (m.t === 'open') process.send({ t: 'failed', code: 'KSC_E_CORRUPT', message: 'test: cannot open' }, () => process.exit(1)); });\n");
+      writeFileSync(
+        entry,
+        "process.send({ t: 'loaded', version: '9.9.9-broken', pid: process.pid });\nprocess.on('message', (m) => { if (m.t === 'open') process.send({ t: 'failed', code: 'KSC_E_CORRUPT', message: 'test: cannot open' }, () => process.exit(1)); });\n",
+      );
       r = s.cli(['upgrade', img]);
       expect(r.code).toBe(1);
       expect(r.stderr).toMatch(/failed to open the images \(test: cannot open\).*keeps serving/);

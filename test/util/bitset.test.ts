@@ -20,7 +20,8 @@ describe('BitSet', () => {
           expect(b.add(k), `seed ${seed}`).toBe(!model.has(k));
           model.add(k);
         } else if (r < 6) {
-          const first = rng.int(-40, size + 40), last = first + rng.int(-1, 200);
+          const first = rng.int(-40, size + 40),
+            last = first + rng.int(-1, 200);
           b.addRange(first, last);
           for (let k = Math.max(0, first); k <= Math.min(size - 1, last); k++) model.add(k);
         } else if (r < 8) {

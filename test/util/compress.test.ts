@@ -18,7 +18,9 @@ function sample(seed: number, size: number): Buffer {
   const r = (): number => rng.u32() / 2 ** 32;
   const b = Buffer.alloc(size);
   for (let o = 0; o < size; o += 64) {
-    const w = Math.floor(r() * 1e9).toString(36).repeat(8);
+    const w = Math.floor(r() * 1e9)
+      .toString(36)
+      .repeat(8);
     b.write(w, o, Math.min(64, size - o));
   }
   return b;
@@ -74,7 +76,10 @@ describe('LZ4 stored form', () => {
     expect(packed[2]!.blob[4]).toBe(0); // random: stored raw
     const blobs = [0, 2, 3].map((i) => Buffer.from(packed[i]!.blob));
     blobs[1]![100] ^= 0x40;
-    const slot = new SharedSlot(blobs.reduce((n, b) => n + b.length, 0), 3 << 20);
+    const slot = new SharedSlot(
+      blobs.reduce((n, b) => n + b.length, 0),
+      3 << 20,
+    );
     const ranges: [number, number][] = [];
     let at = 0;
     for (const b of blobs) {
@@ -82,7 +87,12 @@ describe('LZ4 stored form', () => {
       ranges.push([at, b.length]);
       at += b.length;
     }
-    const res = await unpackInto(slot, ranges, [0, 2, 3].map((i) => packed[i]!.id), 1 << 20);
+    const res = await unpackInto(
+      slot,
+      ranges,
+      [0, 2, 3].map((i) => packed[i]!.id),
+      1 << 20,
+    );
     expect(res[0]!.ok && res[0]!.data.equals(chunks[0]!)).toBe(true);
     expect(res[1]!.ok).toBe(false);
     expect(res[2]!.ok && res[2]!.data.equals(chunks[3]!)).toBe(true);
@@ -90,7 +100,7 @@ describe('LZ4 stored form', () => {
     await closePool();
   });
 
-  it('packing on the caller\'s thread gives the same ids and blobs as the workers', async () => {
+  it("packing on the caller's thread gives the same ids and blobs as the workers", async () => {
     const seed = 777;
     console.log(`seed ${seed}`);
     const lengths = [1 << 20, 1 << 20, 65536, 1 << 20, 4096];

@@ -18,7 +18,15 @@ describe('mapLimit', () => {
       inFlight--;
     });
     expect(most).toBe(3);
-    expect(seen.sort((a, b) => a[1] - b[1])).toEqual([[5, 0], [6, 1], [7, 2], [8, 3], [9, 4], [10, 5], [11, 6]]);
+    expect(seen.sort((a, b) => a[1] - b[1])).toEqual([
+      [5, 0],
+      [6, 1],
+      [7, 2],
+      [8, 3],
+      [9, 4],
+      [10, 5],
+      [11, 6],
+    ]);
   });
 
   it('consumes an iterable as it goes and takes no new item once one failed; rejects with the first error', async () => {
@@ -29,11 +37,13 @@ describe('mapLimit', () => {
         yield i;
       }
     }
-    await expect(mapLimit(items(), 2, async (i) => {
-      await settle();
-      if (i === 3) throw new Error('first');
-      if (i === 4) throw new Error('second');
-    })).rejects.toThrow('first');
+    await expect(
+      mapLimit(items(), 2, async (i) => {
+        await settle();
+        if (i === 3) throw new Error('first');
+        if (i === 4) throw new Error('second');
+      }),
+    ).rejects.toThrow('first');
     expect(taken.length).toBeLessThan(8);
   });
 
@@ -50,13 +60,14 @@ describe('Mutex and KeyedMutex', () => {
   it('Mutex runs sections one at a time in call order and releases when a section throws', async () => {
     const m = new Mutex();
     const log: string[] = [];
-    const section = (name: string, fail = false) => m.run(async () => {
-      log.push(`${name}+`);
-      await settle();
-      log.push(`${name}-`);
-      if (fail) throw new Error(name);
-      return name;
-    });
+    const section = (name: string, fail = false) =>
+      m.run(async () => {
+        log.push(`${name}+`);
+        await settle();
+        log.push(`${name}-`);
+        if (fail) throw new Error(name);
+        return name;
+      });
     const runs = [section('a'), section('b', true), section('c')];
     expect(m.idle).toBe(false);
     const got = await Promise.allSettled(runs);

@@ -10,7 +10,8 @@ export function chunkSetFromExtents(extents: { offset: number; length: number }[
 
 /** Runs of consecutive members of `set` as [first, last] pairs, in order. */
 export function* runsOf(set: BitSet): Generator<[number, number]> {
-  let first = -1, last = -2;
+  let first = -1,
+    last = -2;
   for (const k of set) {
     if (k !== last + 1) {
       if (first >= 0) yield [first, last];

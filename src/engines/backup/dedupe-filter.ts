@@ -89,18 +89,23 @@ export class FilterDedupe implements Dedupe {
   static async load(repo: Repository, objects: { id: string; size: number }[], expected: number, settings: DedupeSettings): Promise<FilterDedupe> {
     const d = new FilterDedupe(expected, settings);
     const f = d.filter;
-    await repo.readIndex(objects, () => {
-      const packs = new Set<string>();
-      return {
-        visit: (b, at, pack) => {
-          f.bloom.addAt(b, at);
-          packs.add(pack);
-        },
-        done: () => packs.forEach((p) => f.addPack(p)),
-      };
-    }, (key) => {
-      d.damagedIndex ??= key;
-    }, { inRanges: true });
+    await repo.readIndex(
+      objects,
+      () => {
+        const packs = new Set<string>();
+        return {
+          visit: (b, at, pack) => {
+            f.bloom.addAt(b, at);
+            packs.add(pack);
+          },
+          done: () => packs.forEach((p) => f.addPack(p)),
+        };
+      },
+      (key) => {
+        d.damagedIndex ??= key;
+      },
+      { inRanges: true },
+    );
     return d;
   }
 
@@ -182,13 +187,18 @@ export class FilterDedupe implements Dedupe {
     for (let j = 0; j < m.ks.length; j++) asked.addAt(m.ids, j * ID_BYTES, '', 0, 0, 0);
     const found = new ChunkIndex({ locations: false });
     const repo = this.repo!;
-    await repo.readIndex(await repo.indexObjects(), () => {
-      const mine: Buffer[] = [];
-      return {
-        visit: (b, at) => void (asked.hasAt(b, at) && mine.push(Buffer.from(b.subarray(at, at + ID_BYTES)))),
-        done: () => mine.forEach((id) => found.hasAt(id, 0) || found.addAt(id, 0, '', 0, 0, 0)),
-      };
-    }, () => undefined, { inRanges: true });
+    await repo.readIndex(
+      await repo.indexObjects(),
+      () => {
+        const mine: Buffer[] = [];
+        return {
+          visit: (b, at) => void (asked.hasAt(b, at) && mine.push(Buffer.from(b.subarray(at, at + ID_BYTES)))),
+          done: () => mine.forEach((id) => found.hasAt(id, 0) || found.addAt(id, 0, '', 0, 0, 0)),
+        };
+      },
+      () => undefined,
+      { inRanges: true },
+    );
     return found;
   }
 }

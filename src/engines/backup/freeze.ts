@@ -72,14 +72,22 @@ export class PointInTime {
   private async chunksToRead(dirty: BitSet | null): Promise<BitSet> {
     const { dev, chunkSize: C } = this;
     const read = new BitSet(this.chunks);
-    if (!dirty) chunkSetFromExtents((await dev.extents(0, dev.size)).filter((e) => e.state === 'data'), C, read);
+    if (!dirty)
+      chunkSetFromExtents(
+        (await dev.extents(0, dev.size)).filter((e) => e.state === 'data'),
+        C,
+        read,
+      );
     else if (dirty.count <= DIRECT_READ_CHUNKS) for (const k of dirty) read.add(k);
     else {
       await mapLimit(runsOf(dirty), 8, async ([first, last]) => {
-        const start = first * C, end = Math.min(dev.size, (last + 1) * C);
+        const start = first * C,
+          end = Math.min(dev.size, (last + 1) * C);
         const hasData = (await dev.extents(start, end - start)).filter((e) => e.state === 'data');
-        for (const e of hasData) { // clipped to the run: an extent may reach into clean chunks
-          const k0 = Math.max(first, Math.floor(e.offset / C)), k1 = Math.min(last, Math.floor((e.offset + e.length - 1) / C));
+        for (const e of hasData) {
+          // clipped to the run: an extent may reach into clean chunks
+          const k0 = Math.max(first, Math.floor(e.offset / C)),
+            k1 = Math.min(last, Math.floor((e.offset + e.length - 1) / C));
           if (e.length > 0) read.addRange(k0, k1);
         }
       });

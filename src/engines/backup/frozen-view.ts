@@ -19,7 +19,12 @@ export class FrozenView {
   private spill: { dir: string; fh: FileHandle; end: number } | null = null;
   private spillOpen: Promise<void> | null = null;
 
-  constructor(private readonly dev: BlockDevice, private readonly chunkSize: number, private readonly needed: BitSet, private readonly memLimit = 16 * 1024 * 1024) {
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly chunkSize: number,
+    private readonly needed: BitSet,
+    private readonly memLimit = 16 * 1024 * 1024,
+  ) {
     this.done = new BitSet(needed.size);
   }
 
@@ -45,7 +50,10 @@ export class FrozenView {
       const off = k * this.chunkSize;
       p = this.dev.read(off, Math.min(this.chunkSize, this.dev.size - off));
       this.pending.set(k, p);
-      void p.then((b) => (this.memBytes += b.length), () => undefined);
+      void p.then(
+        (b) => (this.memBytes += b.length),
+        () => undefined,
+      );
     }
     return p;
   }
@@ -80,7 +88,10 @@ export class FrozenView {
       else if (this.pending.has(k)) (await this.pending.get(k)!).copy(target);
       else {
         const p = this.dev.readInto(k * this.chunkSize, target).then(() => undefined);
-        this.reading.set(k, p.catch(() => undefined));
+        this.reading.set(
+          k,
+          p.catch(() => undefined),
+        );
         try {
           await p;
         } finally {
@@ -129,7 +140,10 @@ export class FrozenView {
     const p = this.pending.get(k);
     if (p) {
       this.pending.delete(k);
-      void p.then((b) => (this.memBytes -= b.length), () => undefined);
+      void p.then(
+        (b) => (this.memBytes -= b.length),
+        () => undefined,
+      );
     }
   }
 

@@ -46,7 +46,11 @@ export class Handover {
   /** From the freeze on, a failure merges the frozen bits back. */
   private handedOver = false;
 
-  constructor(readonly bitmaps: DirtyBitmaps | null, private readonly readOnly: boolean, readonly bitmap: string | null) {
+  constructor(
+    readonly bitmaps: DirtyBitmaps | null,
+    private readonly readOnly: boolean,
+    readonly bitmap: string | null,
+  ) {
     this.newToken = this.active() ? randomBytes(16).toString('hex') : null;
   }
 
@@ -62,7 +66,10 @@ export class Handover {
   async plan(chunkSize: number, fullAsked: boolean): Promise<ImagePlan> {
     const asked = fullAsked ? 'a full backup was asked for' : null;
     if (!this.active()) {
-      return { token: null, fullReason: asked ?? (this.bitmaps ? (this.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap') };
+      return {
+        token: null,
+        fullReason: asked ?? (this.bitmaps ? (this.readOnly ? 'the image is open read-only, so no bitmap can be handed over' : 'no bitmap was asked for') : 'a raw disk has no dirty bitmap'),
+      };
     }
     await recoverFrozenBitmap(this.bitmaps, this.bitmap);
     const tokens = tokenBitmapsOf(this.bitmaps.bitmapNames(), this.bitmap);

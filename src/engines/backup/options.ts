@@ -99,7 +99,11 @@ export function bitmapFor(opts: BackupOptions, image: { readOnly: boolean } | nu
 
 /** The dedupe settings of `opts`, checked (KSC_E_INVALID naming the option). */
 export function dedupeSettings(opts: BackupOptions, chunkSize: number): DedupeSettings {
-  for (const [name, v, min] of [['exactIds', opts.exactIds, 0], ['windowChunks', opts.windowChunks, 1], ['filterBitsPerId', opts.filterBitsPerId, 0]] as const) {
+  for (const [name, v, min] of [
+    ['exactIds', opts.exactIds, 0],
+    ['windowChunks', opts.windowChunks, 1],
+    ['filterBitsPerId', opts.filterBitsPerId, 0],
+  ] as const) {
     if (v !== undefined && !(v >= min)) throw new KscError('KSC_E_INVALID', `backup option ${name} must be a number ≥ ${min}, not ${v}`);
   }
   const perBatch = chunksPerBatch(opts, chunkSize);

@@ -56,7 +56,11 @@ export class BatchPipeline {
   private readonly spare: Buffer[] = [];
 
   /** `totalBytes`: the bytes of the chunks to read (for progress). */
-  constructor(private readonly parts: PipelineParts, private readonly shape: PipelineShape, totalBytes: number) {
+  constructor(
+    private readonly parts: PipelineParts,
+    private readonly shape: PipelineShape,
+    totalBytes: number,
+  ) {
     this.stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksNew: 0, chunksReread: 0, dirtyNonZeroBytes: 0, totalBytes };
   }
 
@@ -90,13 +94,18 @@ export class BatchPipeline {
     const lengths = batch.map((k) => Math.min(C, dev.size - k * C));
     const keep = dedupe.kind === 'filter' && !settled;
     let pos = 0;
-    await Promise.all(batch.map((k, i) => {
-      const target = buf.subarray(pos, pos + lengths[i]!);
-      pos += lengths[i]!;
-      return view ? view.takeInto(k, target, keep) : dev.readInto(k * C, target);
-    }));
+    await Promise.all(
+      batch.map((k, i) => {
+        const target = buf.subarray(pos, pos + lengths[i]!);
+        pos += lengths[i]!;
+        return view ? view.takeInto(k, target, keep) : dev.readInto(k * C, target);
+      }),
+    );
     for (const n of lengths) this.stats.bytesRead += n;
-    const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, { inline: this.shape.inline, keys: this.parts.writer.repo.blobKeys });
+    const { chunks: packed, input } = await packBatch(new Uint8Array(buf.buffer as ArrayBuffer, 0, buf.buffer.byteLength), lengths, true, {
+      inline: this.shape.inline,
+      keys: this.parts.writer.repo.blobKeys,
+    });
     this.spare.push(input);
     for (let i = 0; i < batch.length; i++) {
       const { id, blob } = packed[i]!;
@@ -111,7 +120,8 @@ export class BatchPipeline {
   private async place(k: number, id: Buffer, blob: Buffer, length: number, keep: boolean): Promise<void> {
     const { ids, dedupe, writer, view } = this.parts;
     ids.set(k, id);
-    if (blob.length > 0) { // not all zeros
+    if (blob.length > 0) {
+      // not all zeros
       this.stats.dirtyNonZeroBytes += length;
       const verdict = dedupe.verdict(id, writer);
       if (verdict === 'maybe') {
@@ -126,7 +136,8 @@ export class BatchPipeline {
   /** A chunk read again after a "maybe" the index objects did not confirm: it must not have changed. */
   private async storeAgain(k: number, id: Buffer, blob: Buffer, length: number): Promise<void> {
     const { dev, ids, writer } = this.parts;
-    if (!id.equals(ids.view(k))) throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (the device changed during the backup; no backup was committed)`);
+    if (!id.equals(ids.view(k)))
+      throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (the device changed during the backup; no backup was committed)`);
     if (!writer.has(id)) await this.store(id, blob, length);
   }
 

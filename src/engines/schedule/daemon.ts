@@ -105,7 +105,11 @@ export class ScheduleDaemon {
   private idleWaiters: (() => void)[] = [];
   private readonly report: ShutdownReport = { done: [], failed: [], unfinished: [] };
 
-  constructor(readonly config: ScheduleConfig, private readonly deps: DaemonDeps, private readonly opts: DaemonOptions = {}) {
+  constructor(
+    readonly config: ScheduleConfig,
+    private readonly deps: DaemonDeps,
+    private readonly opts: DaemonOptions = {},
+  ) {
     this.statePath = opts.statePath ?? statePathFor(config.file);
     this.parallel = Math.max(1, opts.parallel ?? config.parallel);
   }
@@ -204,7 +208,9 @@ export class ScheduleDaemon {
       if (!due) this.log(`job ${job.name}: ${job.when.text} (${job.timezone}): no run to come`);
       else if (due.at <= now) {
         const missed = due.kind === 'retry' ? 0 : countRuns(job, js, Date.parse(js.doneThrough), now);
-        this.log(`job ${job.name}: ${due.kind === 'retry' ? `retry due since ${iso(due.at)}` : `missed ${missed >= 1000 ? 'over 1000' : missed} run(s) since ${iso(due.at)} while not running; catching up once now`}`);
+        this.log(
+          `job ${job.name}: ${due.kind === 'retry' ? `retry due since ${iso(due.at)}` : `missed ${missed >= 1000 ? 'over 1000' : missed} run(s) since ${iso(due.at)} while not running; catching up once now`}`,
+        );
       } else this.log(`job ${job.name}: ${job.when.text} (${job.timezone}): next ${due.kind === 'retry' ? 'retry' : 'run'} ${iso(due.at)}`);
     }
   }

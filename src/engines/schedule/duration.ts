@@ -28,7 +28,12 @@ export function formatDuration(ms: number): string {
   if (ms < 1000) return `${Math.round(ms)}ms`;
   const out: string[] = [];
   let rest = Math.round(ms / 1000);
-  for (const [unit, secs] of [['d', 86400], ['h', 3600], ['m', 60], ['s', 1]] as const) {
+  for (const [unit, secs] of [
+    ['d', 86400],
+    ['h', 3600],
+    ['m', 60],
+    ['s', 1],
+  ] as const) {
     const n = Math.floor(rest / secs);
     if (n > 0) out.push(`${n}${unit}`);
     rest -= n * secs;

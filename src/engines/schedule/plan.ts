@@ -88,9 +88,17 @@ export function jobStatus(job: ScheduleJob, js: JobState | undefined, now: numbe
     if (t !== undefined) due = { at: t, kind: 'scheduled', scheduled: t, images: null };
   }
   return {
-    job: job.name, when: job.when.text, timezone: job.timezone, lastRun: js?.lastRun ?? null,
-    nextRun: due ? new Date(due.at).toISOString() : null, nextRunKind: due?.kind ?? null, onShutdown: shutdown,
-    attempts: js?.attempts ?? 0, newestBackup: newest === null ? null : new Date(newest).toISOString(),
-    rpo: job.rpo ?? null, rpoMet: job.rpoMs === undefined ? null : newest !== null && now - newest <= job.rpoMs, images,
+    job: job.name,
+    when: job.when.text,
+    timezone: job.timezone,
+    lastRun: js?.lastRun ?? null,
+    nextRun: due ? new Date(due.at).toISOString() : null,
+    nextRunKind: due?.kind ?? null,
+    onShutdown: shutdown,
+    attempts: js?.attempts ?? 0,
+    newestBackup: newest === null ? null : new Date(newest).toISOString(),
+    rpo: job.rpo ?? null,
+    rpoMet: job.rpoMs === undefined ? null : newest !== null && now - newest <= job.rpoMs,
+    images,
   };
 }

@@ -133,7 +133,10 @@ export async function writeFileAtomic(path: string, data: string | Buffer): Prom
 export class StateStore {
   private chain: Promise<void> = Promise.resolve();
 
-  constructor(readonly path: string, readonly data: StateData) {}
+  constructor(
+    readonly path: string,
+    readonly data: StateData,
+  ) {}
 
   static async open(path: string): Promise<StateStore> {
     return new StateStore(path, await readState(path));

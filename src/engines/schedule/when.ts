@@ -72,7 +72,8 @@ function parseEvery(text: string, w: string[]): When {
   } else if (w[1] !== 'day') {
     throw bad(text, w[1] === undefined ? `expected a number of days (${form})` : `"${w[1]}" is not a whole number of days (${form})`);
   }
-  if (w[i] !== 'day' && w[i] !== 'days') throw bad(text, w[i] === undefined ? `expected "days" at the end (${form})` : `expected "days", not "${w[i]}" (only days are supported: ${form}; use a cron expression for hours)`);
+  if (w[i] !== 'day' && w[i] !== 'days')
+    throw bad(text, w[i] === undefined ? `expected "days" at the end (${form})` : `expected "days", not "${w[i]}" (only days are supported: ${form}; use a cron expression for hours)`);
   expectWord(text, w, i + 1, 'at', form);
   const time = parseTime(text, w[i + 2]);
   expectEnd(text, w, i + 3);
@@ -184,7 +185,7 @@ export function nextRun(when: When, zone: string, after: number, anchor: number 
     case 'every': {
       const first = everyAnchorDay(when.time, zone, Math.min(anchor, after));
       let k = Math.max(0, Math.floor((localDay(after, zone) - first) / when.days) - 1);
-      for (;; k++) {
+      for (; ; k++) {
         const t = at(first + k * when.days, when.time);
         if (t > after) return t;
       }
@@ -200,7 +201,7 @@ export function nextRun(when: When, zone: string, after: number, anchor: number 
       const l = localParts(after, zone);
       for (let i = -1; ; i++) {
         const y = l.y + Math.floor((l.m - 1 + i) / 12);
-        const m = (((l.m - 1 + i) % 12) + 12) % 12 + 1;
+        const m = ((((l.m - 1 + i) % 12) + 12) % 12) + 1;
         // A month shorter than D runs on its last day, so no month is skipped.
         const t = at(dayNumber(y, m, Math.min(when.day, daysInMonth(y, m))), when.time);
         if (t > after) return t;

@@ -107,10 +107,12 @@ export async function bitmapExtents(c: KscCore, name: string, offset: number, le
 /** Runs a bitmap management change: after a full flush, serialized with flushes (§9 rule 6). */
 export function manage<T>(c: KscCore, fn: () => Promise<T>): Promise<T> {
   c.writable();
-  return flush(c).then(() => c.flushMutex.run(async () => {
-    await flushNow(c);
-    return fn();
-  }));
+  return flush(c).then(() =>
+    c.flushMutex.run(async () => {
+      await flushNow(c);
+      return fn();
+    }),
+  );
 }
 
 async function writeSlot(c: KscCore, slot: number, b: SparseBitmap | null): Promise<void> {
@@ -199,17 +201,27 @@ export async function setBitmapEnabled(c: KscCore, name: string, enabled: boolea
 }
 
 export async function clearBitmap(c: KscCore, name: string): Promise<void> {
-  await replaceBits(c, name, async () => undefined, () => new Map());
+  await replaceBits(
+    c,
+    name,
+    async () => undefined,
+    () => new Map(),
+  );
 }
 
 /** ORs bitmap `src` into `dst` (granularities may differ: each dirty byte range of src is marked in dst). */
 export async function mergeBitmap(c: KscCore, src: string, dst: string): Promise<void> {
   findBitmap(c, src);
   findBitmap(c, dst);
-  await replaceBits(c, dst, async () => {
-    await findBitmap(c, src).loadAll();
-    await findBitmap(c, dst).loadAll();
-  }, (d) => withExtents(c, d, findBitmap(c, src).loadedExtents(c.size)));
+  await replaceBits(
+    c,
+    dst,
+    async () => {
+      await findBitmap(c, src).loadAll();
+      await findBitmap(c, dst).loadAll();
+    },
+    (d) => withExtents(c, d, findBitmap(c, src).loadedExtents(c.size)),
+  );
 }
 
 /**
@@ -267,7 +279,12 @@ export async function copyBitmaps(src: KscCore, dst: KscCore): Promise<void> {
     await addBitmap(dst, b.name, { granularity: b.granularity, enabled: b.enabled });
     const extents = await bitmapExtents(src, b.name, 0, src.size);
     // OR'ed into what dst's bitmap holds by then: changes to dst made since the add stay marked.
-    await replaceBits(dst, b.name, () => findBitmap(dst, b.name).loadAll(), (d) => withExtents(dst, d, extents));
+    await replaceBits(
+      dst,
+      b.name,
+      () => findBitmap(dst, b.name).loadAll(),
+      (d) => withExtents(dst, d, extents),
+    );
   }
 }
 
@@ -292,7 +309,7 @@ export async function findDamage(c: KscCore): Promise<string[]> {
  */
 export async function repairDamage(c: KscCore): Promise<string[]> {
   c.writable();
-  const done = c.openDamage.map((d) => d.includes('intent words') ? `rewrote the damaged intent words (${d})` : `dropped the damaged free list (${d}); a new one is written at close`);
+  const done = c.openDamage.map((d) => (d.includes('intent words') ? `rewrote the damaged intent words (${d})` : `dropped the damaged free list (${d}); a new one is written at close`));
   for (const b of c.bitmapSlots) {
     if (!b) continue;
     await b.loadAll();
@@ -303,7 +320,12 @@ export async function repairDamage(c: KscCore): Promise<string[]> {
       done.push(`dropped bitmap slot ${b.slot} ("${b.name}"): ${why}; its space is reclaimed as leaked`);
     } else {
       const failed = b.failedPages();
-      await replaceBits(c, b.name, () => b.loadAll(), (x) => x.copyBits());
+      await replaceBits(
+        c,
+        b.name,
+        () => b.loadAll(),
+        (x) => x.copyBits(),
+      );
       done.push(`rebuilt bitmap "${b.name}": ${why}; pages ${failed.join(', ')} are now wholly dirty`);
     }
   }

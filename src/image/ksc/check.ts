@@ -257,7 +257,12 @@ async function findLeaks(c: KscCore, used: Range[]): Promise<{ offset: number; l
   return leaks;
 }
 
-async function verifyData(c: KscCore, clusters: Map<number, { host: number; csum: number; csumValid: boolean }>, fail: (m: string) => void, onProgress?: Progress): Promise<NonNullable<CheckReport['verify']>> {
+async function verifyData(
+  c: KscCore,
+  clusters: Map<number, { host: number; csum: number; csumValid: boolean }>,
+  fail: (m: string) => void,
+  onProgress?: Progress,
+): Promise<NonNullable<CheckReport['verify']>> {
   const result = { checked: 0, mismatches: [] as { offset: number; host: number }[], withoutChecksum: 0 };
   const buf = Buffer.alloc(c.blockSize);
   let done = 0;
@@ -282,7 +287,6 @@ async function verifyData(c: KscCore, clusters: Map<number, { host: number; csum
   }
   return result;
 }
-
 
 /** Clusters on the free list (reusable now or after the next flush). */
 function freeClusters(c: KscCore): number[] {

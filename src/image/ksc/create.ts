@@ -5,8 +5,20 @@
 import { KscError } from '../../errors.js';
 import { openHostFile } from '../../io/file.js';
 import {
-  AUTOCLEAR_BITMAPS, BackingFormat, BITMAP_DIR_ENTRY_SIZE, BITMAP_SLOTS, COMPAT_DATA_CSUM, DEFAULT_BLOCK_BITS, FIRST_FREE_OFFSET,
-  HEADER_SLOTS, MAX_BLOCK_BITS, MAX_DIRECTORY_ENTRIES, MAX_INTENT_BITS, MAX_INTENT_REGIONS, MAX_VIRTUAL_SIZE, MIN_BLOCK_BITS,
+  AUTOCLEAR_BITMAPS,
+  BackingFormat,
+  BITMAP_DIR_ENTRY_SIZE,
+  BITMAP_SLOTS,
+  COMPAT_DATA_CSUM,
+  DEFAULT_BLOCK_BITS,
+  FIRST_FREE_OFFSET,
+  HEADER_SLOTS,
+  MAX_BLOCK_BITS,
+  MAX_DIRECTORY_ENTRIES,
+  MAX_INTENT_BITS,
+  MAX_INTENT_REGIONS,
+  MAX_VIRTUAL_SIZE,
+  MIN_BLOCK_BITS,
 } from '../../format/constants.js';
 import { type Header, defaultIntentBits, directoryEntriesFor, encodeHeader, intentWordsFor } from '../../format/header.js';
 import { isPowerOfTwo, log2 } from '../../util/size.js';

@@ -215,19 +215,22 @@ function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | u
   } catch (e) {
     io = Promise.reject(e);
   }
-  return io.then((crcs) => {
-    try {
-      for (let k = 0; k < n; k++) c.map.set(b0 + k, BlockState.Data, host + k * B, crcs[k]!, true);
-      if (bitmaps) for (const b of bitmaps) b.mark(offset, length);
-    } finally {
+  return io.then(
+    (crcs) => {
+      try {
+        for (let k = 0; k < n; k++) c.map.set(b0 + k, BlockState.Data, host + k * B, crcs[k]!, true);
+        if (bitmaps) for (const b of bitmaps) b.mark(offset, length);
+      } finally {
+        finish();
+      }
+      if (fua) return flush(c);
+      return undefined;
+    },
+    (e: unknown) => {
       finish();
-    }
-    if (fua) return flush(c);
-    return undefined;
-  }, (e: unknown) => {
-    finish();
-    throw e;
-  });
+      throw e;
+    },
+  );
 }
 
 async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
@@ -297,15 +300,17 @@ async function writeCoalesced(c: KscCore, writes: PieceWrite[]): Promise<void> {
   }
   const B = c.blockSize;
   const file = c.file;
-  await Promise.all(groups.map(async (g) => {
-    if (g.bufs.length === 1 && file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
-      const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, B);
-      g.items.forEach((it, i) => it.crc!(crcs[i]!));
-      return;
-    }
-    await (g.bufs.length === 1 ? file.write(g.bufs[0]!, g.host) : file.writev(g.bufs, g.host));
-    for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
-  }));
+  await Promise.all(
+    groups.map(async (g) => {
+      if (g.bufs.length === 1 && file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
+        const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, B);
+        g.items.forEach((it, i) => it.crc!(crcs[i]!));
+        return;
+      }
+      await (g.bufs.length === 1 ? file.write(g.bufs[0]!, g.host) : file.writev(g.bufs, g.host));
+      for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
+    }),
+  );
 }
 
 // ---------------------------------------------------------------- zeroes and discard
@@ -398,7 +403,10 @@ async function fillLocked(c: KscCore, offset: number, data: Buffer): Promise<num
       const hosts = c.alloc.allocClusters(fresh.length);
       const crcs: number[] = new Array(fresh.length);
       try {
-        await writeCoalesced(c, fresh.map((f, k) => ({ host: hosts[k]!, buf: f.buf, crc: (x: number) => (crcs[k] = x) })));
+        await writeCoalesced(
+          c,
+          fresh.map((f, k) => ({ host: hosts[k]!, buf: f.buf, crc: (x: number) => (crcs[k] = x) })),
+        );
       } catch (e) {
         c.alloc.unusedAgain(hosts);
         throw e;

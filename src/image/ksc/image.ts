@@ -343,12 +343,14 @@ export class KscImage implements BlockDevice {
     const c = this.core;
     c.writable();
     await flush(c);
-    await c.flushMutex.run(() => c.writeHeader({
-      ...c.header,
-      backingName: name ?? '',
-      backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
-      backup: null,
-    }));
+    await c.flushMutex.run(() =>
+      c.writeHeader({
+        ...c.header,
+        backingName: name ?? '',
+        backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
+        backup: null,
+      }),
+    );
     c.backingDev = dev;
   }
 

@@ -214,7 +214,12 @@ export async function treeDigest(root: string): Promise<Map<string, string>> {
   const { createHash } = await import('node:crypto');
   const out = new Map<string, string>();
   for (const [rel] of listTree(root)) {
-    out.set(rel, createHash('sha256').update(await readFile(join(root, rel))).digest('hex'));
+    out.set(
+      rel,
+      createHash('sha256')
+        .update(await readFile(join(root, rel)))
+        .digest('hex'),
+    );
   }
   return out;
 }
