@@ -13,6 +13,14 @@ import { fillEmpty16, seal, sealOk } from '../format/seal.js';
 /** log2 of the bytes of a group of regions that want() sets together (the former default region, 4 MiB). */
 const GROUP_BITS = 22;
 
+/**
+ * Escalation budget: besides the half rule, a group goes whole at a first touch while the regions set (and
+ * on their way) stay within this many times the bytes changed in this flush cycle and the previous one.
+ * Scattered writes then pay about half the syncs, and after a crash the bitmaps overstate what changed by
+ * at most about this factor (issue 12 asks ≤ 8×; bench/crash-overmark.mjs measures 7.0–7.2×).
+ */
+const ESCALATION_BUDGET = 7;
+
 export class IntentLog {
   /** Durable state of each region's bit (what the file says). */
   private readonly persisted: Uint8Array;
@@ -31,6 +39,9 @@ export class IntentLog {
   syncs = 0;
   /** Counts whole groups set at once (see want). */
   escalations = 0;
+  /** Bytes of changes begun in this flush cycle, and in the previous one (the escalation budget's base). */
+  private changedNow = 0;
+  private changedBefore = 0;
   /** Bytes per region (2^regionBits). */
   private readonly regionSize: number;
   /** Regions per group: 4 MiB of regions (at most 64, one intent word), set together once half are set. */
@@ -126,6 +137,7 @@ export class IntentLog {
   tryBegin(offset: number, length: number): boolean {
     const [r0, r1] = this.regionsOf(offset, length);
     for (let r = r0; r <= r1; r++) if (!this.persisted[r]) return false;
+    this.changedNow += length;
     for (let r = r0; r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
     return true;
   }
@@ -137,6 +149,7 @@ export class IntentLog {
    */
   async begin(offset: number, length: number, coarse = false): Promise<void> {
     const [r0, r1] = this.regionsOf(offset, length);
+    this.changedNow += length;
     for (let r = r0; r <= r1; r++) this.inflight.set(r, (this.inflight.get(r) ?? 0) + 1);
     for (;;) {
       // Bits already on their way to the disk (in the batch being written) need only that batch; the others
@@ -171,7 +184,11 @@ export class IntentLog {
     const g1 = Math.min(this.regions, g0 + this.groupRegions);
     let on = 0;
     for (let q = g0; q < g1; q++) if (this.persisted[q] || this.wanted.has(q) || this.flying?.has(q)) on++;
-    if (!coarse && on * 2 < g1 - g0) return;
+    if (!coarse && on * 2 < g1 - g0) {
+      // Scattered writes: the group goes whole only while the budget allows (see ESCALATION_BUDGET).
+      const setOrComing = this.setList.size + this.wanted.size + (this.flying?.size ?? 0);
+      if ((setOrComing + (g1 - g0 - on)) * this.regionSize > ESCALATION_BUDGET * (this.changedNow + this.changedBefore)) return;
+    }
     for (let q = g0; q < g1; q++) if (!this.persisted[q] && !this.flying?.has(q)) this.wanted.add(q);
     this.escalations++;
   }
@@ -222,6 +239,8 @@ export class IntentLog {
    * early only drops a region whose changes are already durable.
    */
   clearIdle(epoch: number): Promise<void> {
+    this.changedBefore = this.changedNow;
+    this.changedNow = 0;
     const cleared: number[] = [];
     for (const r of this.setList) {
       if (!this.inflight.has(r) && this.lastTouch[r]! + 1 < epoch) cleared.push(r);

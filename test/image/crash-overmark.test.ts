@@ -104,7 +104,7 @@ describe('crash overmarking with the default intent region', () => {
     }
   });
 
-  it('sets a whole 4 MiB group of regions at once only when half of it is already set', async () => {
+  it('sets a whole 4 MiB group of regions at once when half of it is set (or the escalation budget allows), not for a few scattered writes', async () => {
     const MiB = 2 ** 20;
     const file = join(tempDir(), 'groups.ksc');
     await createImage(file, { size: 64 * MiB }); // 256 KiB regions, groups of 16
@@ -112,7 +112,8 @@ describe('crash overmarking with the default intent region', () => {
     await img.addBitmap('backup');
     await img.flush();
     const data = Buffer.alloc(REQ, 0x33);
-    // Group 0: 7 of its 16 regions, one write each (below half); group 1: 8 of 16 (half: the 8th sets it all).
+    // Group 0: 7 of its 16 regions, one write each (below half, and 7 × 448 KiB is under its 4 MiB); group 1:
+    // 8 of 16 (its 7th write finds 7 × 896 KiB above the 23 regions it would make set, its 8th is half).
     for (let i = 0; i < 7; i++) await img.write(i * 256 * KiB, data);
     for (let i = 0; i < 8; i++) await img.write(4 * MiB + i * 256 * KiB, data);
     await coreOf(img).file.close(); // crash: no flush, no clean close

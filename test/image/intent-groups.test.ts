@@ -1,7 +1,8 @@
 /**
  * Which intent bits a change sets (formats/ksc_inc.md §7): the region it needs, and its whole 4 MiB group
- * when no bitmap is enabled (the bits then only guard checksums, so precision buys nothing) or once half of
- * the group is set; with an enabled bitmap, sparse writes keep the small regions' precision.
+ * when no bitmap is enabled (the bits then only guard checksums, so precision buys nothing), once half of
+ * the group is set, or while the regions set stay within 7× the bytes changed lately (the escalation
+ * budget); with an enabled bitmap, sparse writes keep the small regions' precision.
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -52,6 +53,21 @@ describe('intent groups', () => {
       expect(img.intentRegions.filter((r) => r >= 32 && r < 48)).toEqual(Array.from({ length: 16 }, (_, i) => 32 + i));
       expect(img.intentRegions).toContain(120);
       expect(img.intentRegions.length).toBe(17);
+    } finally {
+      await img.close();
+    }
+  });
+
+  it('with an enabled bitmap, a first touch takes its whole group while the escalation budget allows', async () => {
+    const img = await openKsc(await filledImage('budget.ksc', true), { write: true });
+    try {
+      // 8 MiB changed (regions 128…159 set, 8 MiB): the budget is 7 × 8 MiB, so a first touch of group 0
+      // (4 MiB more) takes all of it in one sync.
+      await img.write(32 * MiB, Buffer.alloc(8 * MiB, 4));
+      const syncs = img.intentSyncs;
+      await img.write(64 * KiB, Buffer.alloc(64 * KiB, 5)); // region 0
+      expect(img.intentRegions.filter((r) => r < 16)).toEqual(Array.from({ length: 16 }, (_, i) => i));
+      expect(img.intentSyncs).toBe(syncs + 1);
     } finally {
       await img.close();
     }
