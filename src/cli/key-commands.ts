@@ -34,6 +34,11 @@ function scryptOf(o: KeyOpts): ScryptParams {
   return o.kdfN ? { ...DEFAULT_SCRYPT, N: o.kdfN } : DEFAULT_SCRYPT;
 }
 
+/** A new key object wrapping `master` under the new password from the environment; returns its id. */
+function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffer, o: KeyOpts): Promise<string> {
+  return addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o));
+}
+
 export function kdfN(v: string): number {
   const n = Number(v);
   if (!Number.isInteger(n) || n < 2 || (n & (n - 1)) !== 0 || n > 1 << 20) throw new Error('--kdf-n must be a power of two from 2 to 1048576');
@@ -66,15 +71,12 @@ export function registerKeyCommands(program: Command): void {
         println(`${r.current ? '*' : ' '} ${r.id}  ${'damaged' in r ? `DAMAGED: ${r.damaged}` : `${r.created}  ${r.user}@${r.host}  scrypt N=${r.scrypt?.N} r=${r.scrypt?.r} p=${r.scrypt?.p}`}`);
     }),
   );
-  common(
-    key
-      .command('add')
-      .description('add a key object wrapping the master key under a new password')
-      .option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN)
-      .option('--json', 'print JSON'),
-  ).action(async (o: KeyOpts) =>
+  /** A subcommand that makes a key object under a new password: its scrypt cost and JSON options. */
+  const makesKey = (name: string, description: string): Command =>
+    common(key.command(name).description(description).option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN).option('--json', 'print JSON'));
+  makesKey('add', 'add a key object wrapping the master key under a new password').action(async (o: KeyOpts) =>
     withKeys(o, async (store, repo, master) => {
-      const id = await addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o));
+      const id = await addKeyFromEnv(store, repo, master, o);
       if (o.json) return printJson({ added: id });
       println(`added key ${id} (${store.name}/${keyObjectKey(id)})`);
     }),
@@ -93,16 +95,10 @@ export function registerKeyCommands(program: Command): void {
       println(`removed key ${id}`);
     }),
   );
-  common(
-    key
-      .command('passwd')
-      .description('change the password of the key your password opens (a new key object replaces it)')
-      .option('--kdf-n <n>', 'scrypt cost N (power of two; default 32768)', kdfN)
-      .option('--json', 'print JSON'),
-  ).action(async (o: KeyOpts) =>
+  makesKey('passwd', 'change the password of the key your password opens (a new key object replaces it)').action(async (o: KeyOpts) =>
     withKeys(o, async (store, repo, master, current) => {
       if (!current) throw new KscError('KSC_E_INVALID', 'a key file has no password to change; use "kscinc key add" to add a password');
-      const id = await addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o)); // the new key lands first
+      const id = await addKeyFromEnv(store, repo, master, o); // the new key lands first
       await store.delete(keyObjectKey(current));
       if (o.json) return printJson({ added: id, removed: current });
       println(`changed the password: key ${current} replaced by ${id}`);

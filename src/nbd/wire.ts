@@ -140,13 +140,17 @@ export function encodeInfoExport(size: number, flags: number): Buffer {
   return b;
 }
 
+/** A big-endian u16 or u32 followed by UTF-8 texts (no lengths, no NULs). */
+function numberThenText(bytes: 2 | 4, n: number, ...texts: string[]): Buffer {
+  const head = Buffer.alloc(bytes);
+  if (bytes === 2) head.writeUInt16BE(n, 0);
+  else head.writeUInt32BE(n, 0);
+  return Buffer.concat([head, ...texts.map((t) => Buffer.from(t, 'utf8'))]);
+}
+
 /** NBD_INFO_NAME (1) or NBD_INFO_DESCRIPTION (2): u16 type, UTF-8 text (no length, no NUL). */
 export function encodeInfoText(type: number, text: string): Buffer {
-  const t = Buffer.from(text, 'utf8');
-  const b = Buffer.alloc(2 + t.length);
-  b.writeUInt16BE(type, 0);
-  t.copy(b, 2);
-  return b;
+  return numberThenText(2, type, text);
 }
 
 /** NBD_INFO_BLOCK_SIZE: u16 type 3, u32 minimum, u32 preferred, u32 maximum payload (14 bytes). */
@@ -161,22 +165,12 @@ export function encodeInfoBlockSize(min: number, preferred: number, maxPayload: 
 
 /** NBD_REP_SERVER payload: u32 name length, name, description. */
 export function encodeRepServer(name: string, description = ''): Buffer {
-  const n = Buffer.from(name, 'utf8');
-  const d = Buffer.from(description, 'utf8');
-  const b = Buffer.alloc(4 + n.length + d.length);
-  b.writeUInt32BE(n.length, 0);
-  n.copy(b, 4);
-  d.copy(b, 4 + n.length);
-  return b;
+  return numberThenText(4, Buffer.byteLength(name, 'utf8'), name, description);
 }
 
 /** NBD_REP_META_CONTEXT payload: u32 context id, name. */
 export function encodeRepMetaContext(id: number, name: string): Buffer {
-  const n = Buffer.from(name, 'utf8');
-  const b = Buffer.alloc(4 + n.length);
-  b.writeUInt32BE(id, 0);
-  n.copy(b, 4);
-  return b;
+  return numberThenText(4, id, name);
 }
 
 /** Reply to NBD_OPT_EXPORT_NAME: u64 size, u16 flags, 124 zero bytes unless NO_ZEROES was negotiated. */
