@@ -12,7 +12,7 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError, isDamage, isKscError } from '../errors.js';
+import { KscError, isDamage } from '../errors.js';
 import { SharedSlot, unpackInto } from '../compress/pool.js';
 import type { Read, ReadItem } from '../repo/fetch.js';
 import { planBulkReads } from './bulk-plan.js';
@@ -28,24 +28,11 @@ import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
+import { isUnreachable, liveTimeoutMs, waitReachable } from './live-wait.js';
+
+export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
-
-/** Default of §4.2 rule 7: reads wait this long for an unreachable repository before they fail. */
-export const LIVE_TIMEOUT_DEFAULT_MS = 300_000;
-/** Longest pause between two tries of an unreachable repository. */
-const LIVE_RETRY_MAX_MS = 5_000;
-
-/** The wait of §4.2 rule 7 from `KSCINC_LIVE_TIMEOUT` (seconds, may be fractional; 0: fail at once). */
-export function liveTimeoutMs(env: NodeJS.ProcessEnv = process.env): number {
-  const v = env.KSCINC_LIVE_TIMEOUT;
-  if (v === undefined || v === '') return LIVE_TIMEOUT_DEFAULT_MS;
-  const n = Number(v);
-  if (!/^\d+(\.\d+)?$/.test(v.trim()) || !Number.isFinite(n)) {
-    throw new KscError('KSC_E_INVALID', `KSCINC_LIVE_TIMEOUT=${v}: expected a number of seconds (the default is ${LIVE_TIMEOUT_DEFAULT_MS / 1000})`);
-  }
-  return Math.round(n * 1000);
-}
 
 export interface FetchAllOptions {
   /** Coalesced reads in flight (default 4). */
@@ -364,55 +351,20 @@ export class BackupBacking implements BlockDevice {
     });
   }
 
-  /**
-   * §4.2 rule 7: runs `op`; while it fails because the repository is unreachable, tries again after a
-   * jittered pause (250 ms doubling up to 5 s) until `timeoutMs` have passed since its first failure, then
-   * fails with KSC_E_UNAVAILABLE naming the repository and the wait. Other errors go to the caller at once.
-   */
-  private async reach<T>(what: string, op: () => Promise<T>): Promise<T> {
-    let first = 0;
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return await op();
-      } catch (e) {
-        if (!(await this.unreachable(e))) throw e;
-        const now = Date.now();
-        if (attempt === 0) first = now;
-        const left = this.timeoutMs - (now - first);
-        if (left <= 0 || this.closed) {
-          throw new KscError(
-            'KSC_E_UNAVAILABLE',
-            `${this.name}: ${what}: the repository has been unreachable for ${((now - first) / 1000).toFixed(1)} s (KSCINC_LIVE_TIMEOUT: ${this.timeoutMs / 1000} s): ${(e as Error).message}`,
-            { cause: e },
-          );
-        }
-        this.stats.retries++;
-        const pause = Math.min(LIVE_RETRY_MAX_MS, 250 * 2 ** Math.min(attempt, 5)) * (0.75 + Math.random() * 0.5);
-        await new Promise((r) => setTimeout(r, Math.min(left, pause)));
-      }
-    }
+  /** §4.2 rule 7: `op`, tried again while the repository is unreachable (see waitReachable). */
+  private reach<T>(what: string, op: () => Promise<T>): Promise<T> {
+    return waitReachable(`${this.name}: ${what}`, op, {
+      timeoutMs: this.timeoutMs,
+      closed: () => this.closed,
+      unreachable: (e) => isUnreachable(this.store, e),
+      onRetry: () => this.stats.retries++,
+    });
   }
 
-  /**
-   * Whether `e` means the repository cannot be reached (rule 7) rather than that it lacks or damaged what
-   * was asked: a retryable error or KSC_E_UNAVAILABLE, or a missing object / I/O error while the
-   * repository's config object cannot be read either (a folder unmounted, renamed or unreadable).
-   */
   /** Throws a retryable KSC_E_UNAVAILABLE when the repository's config object cannot be read. */
   private async present(): Promise<void> {
     if ((await this.store.stat(CONFIG_KEY)) === null) {
       throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: the repository's config object is not there (the repository is away)`, { retryable: true });
-    }
-  }
-
-  private async unreachable(e: unknown): Promise<boolean> {
-    if (!isKscError(e)) return false;
-    if (e.retryable || e.code === 'KSC_E_UNAVAILABLE') return true;
-    if (e.code !== 'KSC_E_NOT_FOUND' && e.code !== 'KSC_E_IO') return false;
-    try {
-      return (await this.store.stat(CONFIG_KEY)) === null;
-    } catch {
-      return true;
     }
   }
 
