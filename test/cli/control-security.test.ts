@@ -12,6 +12,7 @@ import { runDir } from '../../src/cli/control-trust.js';
 import { openImage } from '../../src/image/open.js';
 import { nativeOps } from '../../src/io/native.js';
 import { CLI, kscinc } from '../helpers/cli.js';
+import { exchange } from '../helpers/control-exchange.js';
 import { tempDir } from '../helpers/tmp.js';
 import { serve } from '../nbd/helpers.js';
 
@@ -82,26 +83,6 @@ async function holdLock(img: string): Promise<void> {
 }
 
 /** One request line on a fresh connection; the parsed response lines until the server closes. */
-function exchange(path: string, line: string | null): Promise<Record<string, unknown>[]> {
-  return new Promise((resolve, reject) => {
-    const sock = createConnection(path);
-    let buf = '';
-    sock.on('connect', () => {
-      if (line !== null) sock.write(line + '\n');
-    });
-    sock.on('data', (d) => (buf += d.toString()));
-    sock.on('error', reject);
-    sock.on('close', () =>
-      resolve(
-        buf
-          .split('\n')
-          .filter(Boolean)
-          .map((l) => JSON.parse(l) as Record<string, unknown>),
-      ),
-    );
-  });
-}
-
 describe('control socket: another local user', () => {
   it('serve fails when another user created the socket first', async () => {
     const { img, run } = setup();

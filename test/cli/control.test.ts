@@ -4,11 +4,11 @@
  */
 import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
-import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { controlPath } from '../../src/cli/control.js';
 import { createImage, openKsc } from '../../src/index.js';
 import { ROOT } from '../helpers/corrupt.js';
+import { exchange } from '../helpers/control-exchange.js';
 import { tempDir } from '../helpers/tmp.js';
 import { serve } from '../nbd/helpers.js';
 
@@ -17,24 +17,6 @@ function block(name: string): string[] {
   const m = new RegExp('```' + name + '\\n([\\s\\S]*?)```').exec(spec);
   if (!m) throw new Error(`formats/control.md has no ${name} block`);
   return m[1]!.split('\n').filter((l) => l.trim());
-}
-
-function exchange(path: string, line: string): Promise<Record<string, unknown>[]> {
-  return new Promise((resolve, reject) => {
-    const sock = createConnection(path);
-    let buf = '';
-    sock.on('connect', () => sock.write(line + '\n'));
-    sock.on('data', (d) => (buf += d.toString()));
-    sock.on('error', reject);
-    sock.on('close', () =>
-      resolve(
-        buf
-          .split('\n')
-          .filter(Boolean)
-          .map((l) => JSON.parse(l) as Record<string, unknown>),
-      ),
-    );
-  });
 }
 
 describe('formats/control.md', () => {
