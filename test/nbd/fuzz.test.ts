@@ -3,11 +3,18 @@
  * mutated valid handshakes, random options, mutated transmission requests, all sent split at arbitrary
  * points with small delays. After every batch: the server still accepts, a fresh well-behaved client gets
  * correct data, no connection is left open, and memory stays bounded. Seeded (KSC_SEED replays).
+ *
+ * Inputs that once failed, or that hit a path worth keeping, are a corpus: test/fixtures/fuzz-nbd/*.json,
+ * each { why, kind, hex, split } (the byte stream, and the seed of how it is split, paced and closed). They
+ * run first, every time, whatever the seed; a failing batch saves its streams as such files (the path is
+ * printed) to be added to the corpus with the fix.
  */
 import { execFile } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import * as net from 'node:net';
 import { join } from 'node:path';
+import { ROOT } from '../helpers/corrupt.js';
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
 import type { BlockDevice } from '../../src/image/types.js';
@@ -19,6 +26,7 @@ import { tempDir } from '../helpers/tmp.js';
 import { RawClient, closesWithin, goData, metaData, u32 } from './helpers.js';
 
 const dir = tempDir('kscinc-nbd-fuzz-');
+const CORPUS = join(ROOT, 'test/fixtures/fuzz-nbd');
 const SIZE = 8 << 20;
 const CASES = Number(process.env['KSC_FUZZ_CASES'] ?? 300);
 const BATCH = 4;
@@ -307,7 +315,58 @@ function inWritten(p: number): boolean {
   return p < 2 << 20 || (p >= 5 << 20 && p < 6 << 20);
 }
 
+// ------------------------------------------------------------------ the corpus
+
+/** One kept stream: its bytes and the seed of the generator that splits, paces and closes it. */
+interface Kept {
+  why: string;
+  kind: string;
+  hex: string;
+  split: number;
+}
+
+function loadCorpus(): { name: string; kept: Kept }[] {
+  return readdirSync(CORPUS)
+    .filter((f) => f.endsWith('.json'))
+    .sort()
+    .map((name) => {
+      const kept = JSON.parse(readFileSync(join(CORPUS, name), 'utf8')) as Kept;
+      if (typeof kept.hex !== 'string' || !/^([0-9a-f]{2})*$/.test(kept.hex) || !Number.isSafeInteger(kept.split)) throw new Error(`${name}: not a corpus file ({ why, kind, hex, split })`);
+      return { name, kept };
+    });
+}
+
+/** Writes the streams of a failing batch as corpus files; returns where. */
+function saveBatch(seed: number, cases: { i: number; kind: string; bytes: Buffer; split: number }[], error: string): string {
+  const out = join(tmpdir(), `kscinc-nbd-fuzz-failed-${seed}`);
+  mkdirSync(out, { recursive: true });
+  for (const c of cases) {
+    const kept: Kept = { why: `seed ${seed} case ${c.i} (its batch failed: ${error.slice(0, 300)})`, kind: c.kind, hex: c.bytes.toString('hex'), split: c.split };
+    writeFileSync(join(out, `seed-${seed}-case-${c.i}.json`), `${JSON.stringify(kept, null, 2)}\n`);
+  }
+  return out;
+}
+
+/** One batch: the fuzz connections at once, then no connection left, then a well-behaved client served. */
+async function runBatch(cases: { bytes: Buffer; split: number }[], good: Rng): Promise<number> {
+  await within(6000, 'fuzz connections', Promise.all(cases.map((c) => fuzzConnection(new Rng(c.split), c.bytes, 3000))));
+  const waited = await waitNoConnections(8000);
+  expect(server.connections, 'server-side connections still open after every client closed').toBe(0);
+  await within(5000, 'well-behaved client', wellBehaved(good));
+  expect(server.connections).toBe(0);
+  return waited;
+}
+
 describe('NBD server under fuzzed handshakes and requests', () => {
+  it('the kept corpus (test/fixtures/fuzz-nbd): each stream alone, then a good client is served', async () => {
+    const corpus = loadCorpus();
+    expect(corpus.length).toBeGreaterThan(0);
+    const good = new Rng(1);
+    for (const { name, kept } of corpus) {
+      await withSeed(`corpus ${name} (${kept.kind}: ${kept.why})`, () => runBatch([{ bytes: Buffer.from(kept.hex, 'hex'), split: kept.split }], good.fork()));
+    }
+  });
+
   it(`${CASES} fuzzed connections: no crash, no leaked connection, correct data for a good client, bounded memory`, async () => {
     const seed = seedFor('test/nbd/fuzz.test.ts');
     const rng = new Rng(seed);
@@ -317,19 +376,19 @@ describe('NBD server under fuzzed handshakes and requests', () => {
     const t0 = Date.now();
     for (let b = 0; b < CASES; b += BATCH) {
       const cases = Array.from({ length: Math.min(BATCH, CASES - b) }, (_, i) => {
-        const r = rng.fork();
-        const s = makeStream(r);
+        const s = makeStream(rng.fork());
         kinds[s.kind] = (kinds[s.kind] ?? 0) + 1;
-        return { i: b + i, r, ...s };
+        return { i: b + i, split: rng.u32(), ...s };
       });
       const what = `seed ${seed}, cases ${b}..${b + cases.length - 1} (${cases.map((c) => `${c.kind}:${c.bytes.length}B`).join(', ')})`;
       await withSeed(what, async () => {
-        await within(6000, 'fuzz connections', Promise.all(cases.map((c) => fuzzConnection(c.r, c.bytes, 3000))));
-        const waited = await waitNoConnections(8000);
-        maxDrain = Math.max(maxDrain, waited);
-        expect(server.connections, 'server-side connections still open after every client closed').toBe(0);
-        await within(5000, 'well-behaved client', wellBehaved(rng.fork()));
-        expect(server.connections).toBe(0);
+        try {
+          maxDrain = Math.max(maxDrain, await runBatch(cases, rng.fork()));
+        } catch (e) {
+          const where = saveBatch(seed, cases, (e as Error).message);
+          (e as Error).message = `${(e as Error).message}; streams saved as corpus files in ${where}: add the culprit to test/fixtures/fuzz-nbd/ with the fix`;
+          throw e;
+        }
       });
     }
     const elapsed = Date.now() - t0;
