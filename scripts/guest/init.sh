@@ -7,7 +7,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-echo 1 >/proc/sys/kernel/printk
+# Kernel errors (an I/O error on vda) stay visible on the console; the boot chatter does not.
+echo 4 >/proc/sys/kernel/printk
 while read -r m; do
   insmod "/lib/modules/$m.ko" || echo "KSC-ERROR insmod $m"
 done </etc/ksc-modules
@@ -28,7 +29,7 @@ else
   cat $script >/tmp/script.sh
   (
     . /lib/ksc.sh
-    set -e
+    set -e -o pipefail
     . /tmp/script.sh
   )
   rc=$?

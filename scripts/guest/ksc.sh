@@ -1,5 +1,6 @@
 # Helpers for kscinc guest scripts (sourced by /init; see scripts/guest-kit.mjs and test/helpers/guest.ts).
 # Offsets and lengths are in MiB of /dev/vda. Results go to the serial console as `KSC-RESULT <name> <value>`.
+# Scripts run with `set -e -o pipefail`: a failed read or write (EIO) ends the script with a non-zero status.
 #
 # The pattern of tag T (one letter) at a 4 KiB block of the disk with index B (its byte offset / 4096):
 #   printf '%s%014d\n' T B   (16 bytes), then T repeated 4079 times, then '\n'   = 4096 bytes.
@@ -24,7 +25,8 @@ ksc_write() {
 
 # ksc_sha NAME OFF_MIB LEN_MIB: sha256 of a range, read past the page cache.
 ksc_sha() {
-  ksc_result "$1" "$(dd if=/dev/vda bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)"
+  h=$(dd if=/dev/vda bs=1M skip="$2" count="$3" iflag=direct 2>/dev/null | sha256sum)
+  ksc_result "$1" "${h%% *}"
 }
 
 # ksc_ms: milliseconds since boot (from /proc/uptime, 10 ms resolution).

@@ -5,7 +5,7 @@
  * off. Afterwards the image is clean (`kscinc check`), and qemu-img compare finds it byte-identical to the
  * expected disk built on the host.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { kscinc, run } from '../helpers/cli.js';
@@ -92,4 +92,15 @@ describe('a QEMU guest on a ksc_inc image served by kscinc serve', () => {
     expect(cmp.stdout + cmp.stderr, `seed ${seed}`).toContain('Images are identical');
     expect(readFileSync(out).length).toBe(size);
   }, 300_000);
+
+  it("a guest that cannot reach its disk fails the run with QEMU's reason, and its console log is kept", async () => {
+    const err = await runGuest({ nbd: 'nbd://127.0.0.1:1/nothing', name: 'no-disk', script: 'ksc_size', timeoutMs: 60_000 }).then(
+      () => null,
+      (e: Error) => e,
+    );
+    expect(err?.message).toMatch(/guest no-disk: QEMU exited \(1\) without KSC-EXIT; console log kept in (\S+);/);
+    const file = /console log kept in (\S+);/.exec(err!.message)![1]!;
+    expect(readFileSync(file, 'utf8')).toMatch(/qemu stderr.*(Connection refused|Failed to connect)/);
+    rmSync(file);
+  });
 });
