@@ -211,8 +211,12 @@ const APPEND = [
   'cryptomgr.notests lsm= apparmor=0 audit=0 nowatchdog i8042.noaux i8042.nopnp',
 ].join(' ');
 
-/** The QEMU command line for one boot (test/helpers/guest.ts uses the same). */
-export function qemuArgs({ kernel, initrd, nbd, scriptFile, memMiB = 256, append = '' }) {
+/**
+ * The QEMU command line for one boot (test/helpers/guest.ts uses the same). `driveOpts` are appended to the
+ * disk's -drive (e.g. `file.reconnect-delay=5`), `extra` to the command line (e.g. -qmp, -incoming). The
+ * serial console is QEMU's stdin/stdout: what is written to stdin reaches the guest's /dev/console.
+ */
+export function qemuArgs({ kernel, initrd, nbd, scriptFile, memMiB = 256, append = '', driveOpts = '', extra = [] }) {
   const accel = existsSync('/dev/kvm') ? 'kvm' : 'tcg';
   return [
     ...['-machine', `pc,accel=${accel}`, '-cpu', accel === 'kvm' ? 'host' : 'max', '-m', String(memMiB), '-smp', '1'],
@@ -220,7 +224,8 @@ export function qemuArgs({ kernel, initrd, nbd, scriptFile, memMiB = 256, append
     ...['-kernel', kernel, '-initrd', initrd],
     ...['-append', `${APPEND} ${append}`.trim()],
     ...['-fw_cfg', `name=${SCRIPT_FW_CFG},file=${scriptFile}`],
-    ...['-drive', `file=${nbd},format=raw,if=virtio,cache=none,discard=unmap`],
+    ...['-drive', `file=${nbd},format=raw,if=virtio,cache=none,discard=unmap${driveOpts ? `,${driveOpts}` : ''}`],
+    ...extra,
   ];
 }
 

@@ -45,3 +45,14 @@ ksc_readspeed() {
 ksc_size() {
   ksc_result size "$(blockdev --getsize64 /dev/vda)"
 }
+
+# ksc_wait NAME: prints `KSC-WAIT NAME` and waits until the host writes the line NAME to the serial console
+# (test/helpers/guest.ts: handle.waitFor(/^KSC-WAIT NAME/), then handle.send('NAME')).
+ksc_wait() {
+  echo "KSC-WAIT $1"
+  while read -r line </dev/console; do
+    [ "$line" = "$1" ] && return 0
+  done
+  echo "KSC-ERROR console closed while waiting for $1"
+  return 1
+}
