@@ -12,7 +12,9 @@
  * fetching through the repository as the guest sees it.
  * Every pass starts from a dropped page cache (when allowed) after the packs were read once.
  *
- * `npx tsc -p tsconfig.json && node bench/guest-read.mjs [--size 128] [--reps 3] [--keep]` (size in MiB).
+ * `npx tsc -p tsconfig.json && node bench/guest-read.mjs [--size 128] [--reps 3] [--keep] [--serve-arg=ARG …]`
+ * (size in MiB). A server that pulls in the background makes the data local while the guest boots: pass
+ * --serve-arg=--no-pull there to measure reads of data that is not local yet.
  */
 import { spawn } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
@@ -24,7 +26,16 @@ const { MiB, dropCaches, median, hostWarm, rmf, timed, mbps } = await import('./
 const { kscinc: cli, log, serveKscinc } = await import('./lib/kscinc.mjs');
 const { buildGuest, qemuArgs } = await import('../scripts/guest-kit.mjs');
 
-const { values: args } = parseArgs({ options: { size: { type: 'string', default: '128' }, reps: { type: 'string', default: '3' }, keep: { type: 'boolean', default: false } } });
+const { values: args } = parseArgs({
+  options: {
+    size: { type: 'string', default: '128' },
+    reps: { type: 'string', default: '3' },
+    keep: { type: 'boolean', default: false },
+    'serve-arg': { type: 'string', multiple: true, default: [] },
+  },
+});
+/** More `kscinc serve` arguments for the live image, e.g. --serve-arg=--no-pull where serve pulls in the background. */
+const serveArgs = args['serve-arg'];
 const sizeMiB = Number(args.size);
 const size = sizeMiB * MiB;
 const reps = Number(args.reps);
@@ -86,7 +97,7 @@ try {
     dropCaches();
     await rmf(vm);
     await cli(['restore', 'latest', vm, '--repo', repo, '--live']);
-    let s = await serveKscinc([vm, '--listen', '127.0.0.1:0']);
+    let s = await serveKscinc([vm, '--listen', '127.0.0.1:0', ...serveArgs]);
     try {
       const r = await guest(s.uri, `ksc_readspeed live 0 ${sizeMiB}\nksc_readspeed again 0 ${sizeMiB}\n`, work);
       res.live.push(mbps(size, r.live));
