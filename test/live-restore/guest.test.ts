@@ -93,7 +93,7 @@ async function scenario(name: string, repo: string, env: Record<string, string>)
 
   // A server that pulls in the background may have finished (and dropped the backup) while the guest ran;
   // otherwise the CLI pull does it now. Either way the image ends without the repository.
-  const info = (): { backingChain: { file: string }[] } => JSON.parse(ok(kscinc(['info', vm, '--json']), 'info'));
+  const info = (): { backingChain: { file: string }[] } => JSON.parse(ok(kscinc(['info', vm, '--json'], { env: kenv }), 'info'));
   if (info().backingChain.some((b) => b.file.startsWith('backup '))) {
     const pulled = JSON.parse(ok(kscinc(['pull', vm, '--json'], { env: kenv }), 'pull'));
     expect(pulled.detached).toBe(true);
