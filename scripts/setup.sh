@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for kscinc: the Debian tools the demo and tests use (when run as root and
-# missing; Ceph for the S3 tests), the npm dependencies, the native addon and the TypeScript build.
+# missing; Ceph for the S3 tests; QEMU and a guest kernel for the guest tests), the npm dependencies, the
+# native addon and the TypeScript build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -26,5 +27,7 @@ if [ $((${#need[@]} + ${#need_ceph[@]})) -gt 0 ]; then
     exit 1
   fi
 fi
+# The QEMU guest of the interop tests: qemu-system-x86, busybox-static and a kernel under /opt/kscinc-guest.
+scripts/guest-install.sh
 npm ci --no-audit --no-fund --loglevel=error
 npm run build --silent

@@ -1,0 +1,131 @@
+#!/usr/bin/env node
+/**
+ * Guest-visible read throughput of live-restored data (issue 18): a QEMU guest (scripts/guest-kit.mjs, TCG
+ * unless /dev/kvm exists) reads a fresh `kscinc restore --live` image served by `kscinc serve` with
+ * sequential 1 MiB O_DIRECT reads (`dd bs=1M iflag=direct`), timed in the guest. Peers, same backup:
+ *  - a full `kscinc restore` (CLI), its throughput = disk size / time (the goal: live ≥ 0.7× this);
+ *  - the same guest reading the same range again once it is local (the guest's own ceiling under TCG);
+ *  - the guest reading the full restore's raw file served by `kscinc serve` (no repository involved), from a
+ *    dropped page cache as the live read.
+ * Under TCG the guest itself caps what it can read (the "again" figure): on a slow host the ratio to the full
+ * restore then measures the guest more than the live restore; the ratio to the raw file is the cost of
+ * fetching through the repository as the guest sees it.
+ * Every pass starts from a dropped page cache (when allowed) after the packs were read once.
+ *
+ * `npx tsc -p tsconfig.json && node bench/guest-read.mjs [--size 128] [--reps 3] [--keep] [--serve-arg=ARG …]`
+ * (size in MiB). A server that pulls in the background makes the data local while the guest boots: pass
+ * --serve-arg=--no-pull there to measure reads of data that is not local yet.
+ */
+import { spawn } from 'node:child_process';
+import { promises as fsp } from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+
+const { MiB, dropCaches, median, hostWarm, rmf, timed, mbps } = await import('./lib/common.mjs');
+const { kscinc: cli, log, serveKscinc } = await import('./lib/kscinc.mjs');
+const { buildGuest, qemuArgs } = await import('../scripts/guest-kit.mjs');
+
+const { values: args } = parseArgs({
+  options: {
+    size: { type: 'string', default: '128' },
+    reps: { type: 'string', default: '3' },
+    keep: { type: 'boolean', default: false },
+    'serve-arg': { type: 'string', multiple: true, default: [] },
+  },
+});
+/** More `kscinc serve` arguments for the live image, e.g. --serve-arg=--no-pull where serve pulls in the background. */
+const serveArgs = args['serve-arg'];
+const sizeMiB = Number(args.size);
+const size = sizeMiB * MiB;
+const reps = Number(args.reps);
+
+/** Random and repetitive 64 KiB runs (lz4 ≈ 2:1), no zero chunks: every chunk is fetched. */
+async function makeSource(path) {
+  const fh = await fsp.open(path, 'w');
+  try {
+    let seed = 4242;
+    const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
+    const piece = Buffer.alloc(4 * MiB);
+    for (let pos = 0; pos < size; pos += piece.length) {
+      for (let o = 0; o < piece.length; o += 65536) {
+        const run = piece.subarray(o, o + 65536);
+        if (rnd() < 0.5) for (let i = 0; i < run.length; i += 4) run.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
+        else run.fill(1 + Math.floor(rnd() * 255));
+      }
+      await fh.write(piece, 0, Math.min(piece.length, size - pos), pos);
+    }
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Boots the guest on `uri`, runs `script`, returns its KSC-RESULT values. */
+async function guest(uri, script, work) {
+  const g = buildGuest();
+  const scriptFile = join(work, 'guest.sh');
+  await fsp.writeFile(scriptFile, script);
+  const q = spawn('qemu-system-x86_64', qemuArgs({ ...g, nbd: uri, scriptFile }), { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  q.stdout.on('data', (d) => (out += d));
+  const timer = setTimeout(() => q.kill('SIGKILL'), 600_000);
+  await new Promise((r) => q.once('exit', r));
+  clearTimeout(timer);
+  if (!/^KSC-EXIT 0/m.test(out)) throw new Error(`guest failed:\n${out.slice(-3000)}`);
+  return Object.fromEntries([...out.matchAll(/^KSC-RESULT (\S+) (\S+)/gm)].map((m) => [m[1], Number(m[2])]));
+}
+
+const work = await fsp.mkdtemp(join(process.env.KSCINC_BENCH_DIR ?? os.tmpdir(), 'kscinc-bench-guest-'));
+try {
+  const src = join(work, 'src.raw');
+  const repo = join(work, 'repo');
+  log(`guest read bench: ${sizeMiB} MiB disk, ${reps} passes, in ${work}`);
+  await makeSource(src);
+  await cli(['backup', src, '--repo', repo, '--no-bitmap']);
+  const packs = [];
+  for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) packs.push(join(repo, 'packs', d, f));
+  const res = { restore: [], live: [], liveAgain: [], raw: [] };
+  const full = join(work, 'full.raw');
+  const vm = join(work, 'vm.ksc');
+  for (let rep = 0; rep < reps; rep++) {
+    await hostWarm(...packs);
+    dropCaches();
+    await rmf(full);
+    res.restore.push(mbps(size, await timed(() => cli(['restore', 'latest', full, '--repo', repo]))));
+
+    await hostWarm(...packs);
+    dropCaches();
+    await rmf(vm);
+    await cli(['restore', 'latest', vm, '--repo', repo, '--live']);
+    let s = await serveKscinc([vm, '--listen', '127.0.0.1:0', ...serveArgs]);
+    try {
+      const r = await guest(s.uri, `ksc_readspeed live 0 ${sizeMiB}\nksc_readspeed again 0 ${sizeMiB}\n`, work);
+      res.live.push(mbps(size, r.live));
+      res.liveAgain.push(mbps(size, r.again));
+    } finally {
+      await s.stop();
+    }
+    await hostWarm(full);
+    dropCaches();
+    s = await serveKscinc([full, '--listen', '127.0.0.1:0']);
+    try {
+      const r = await guest(s.uri, `ksc_readspeed raw 0 ${sizeMiB}\n`, work);
+      res.raw.push(mbps(size, r.raw));
+    } finally {
+      await s.stop();
+    }
+    log(
+      `  pass ${rep + 1}/${reps}: ${Object.entries(res)
+        .map(([k, v]) => `${k} ${v[rep].toFixed(1)} MB/s`)
+        .join(', ')}`,
+    );
+  }
+  const med = Object.fromEntries(Object.entries(res).map(([k, v]) => [k, median(v)]));
+  log('');
+  log(`full kscinc restore (CLI):                     ${med.restore.toFixed(1)} MB/s`);
+  log(`guest, live-restored data (not yet local):     ${med.live.toFixed(1)} MB/s = ${(med.live / med.restore).toFixed(2)}× the full restore (goal ≥ 0.7)`);
+  log(`guest, the same range again (local by now):    ${med.liveAgain.toFixed(1)} MB/s (live = ${(med.live / med.liveAgain).toFixed(2)}× of it)`);
+  log(`guest, the full restore's raw file via serve:  ${med.raw.toFixed(1)} MB/s (live = ${(med.live / med.raw).toFixed(2)}× of it)`);
+} finally {
+  if (!args.keep) await fsp.rm(work, { recursive: true, force: true });
+}
