@@ -56,12 +56,13 @@ export function registerKeyCommands(program: Command): void {
       .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX', process.env.KSCINC_REPO)
       .option('--key-file <file>', 'open with this key file instead of a password (default: KSCINC_KEY_FILE)');
   common(key.command('list').description('list the key objects').option('--json', 'print JSON')).action(async (o: KeyOpts) =>
-    withKeys(o, async (store, _repo, _m, current) => {
+    withKeys(o, async (store, repo, _m, current) => {
       const rows = [];
       for (const id of await listKeyIds(store)) {
         try {
           const k = await readKeyObject(store, id);
-          rows.push({ id, current: id === current, created: k.created, host: k.host ?? '', user: k.user ?? '', kdf: k.kdf, scrypt: k.scrypt });
+          if (k.repository !== repo.config.id) rows.push({ id, current: false, damaged: `a key of another repository (${k.repository}): left by an interrupted init, or planted` });
+          else rows.push({ id, current: id === current, created: k.created, host: k.host ?? '', user: k.user ?? '', kdf: k.kdf, scrypt: k.scrypt });
         } catch (e) {
           rows.push({ id, current: false, damaged: (e as Error).message });
         }

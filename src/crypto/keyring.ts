@@ -75,6 +75,11 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
       damaged.push((e as Error).message);
       continue;
     }
+    if (k.repository !== repoId) {
+      // Not run through scrypt: a stale key of an interrupted init (§13.1 rule 3), or planted.
+      damaged.push(`key ${store.name}/${keyObjectKey(id)} is a key of another repository (${k.repository})`);
+      continue;
+    }
     const master = await unwrapMaster(k, u.password);
     if (!master) continue;
     const keys = deriveKeys(master);
