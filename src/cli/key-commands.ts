@@ -5,7 +5,7 @@ import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
 import { addKey, keyObjectKey, listKeyIds, readKeyObject, removeKey, unlock } from '../crypto/keyring.js';
 import { DEFAULT_SCRYPT, type ScryptParams } from '../crypto/keys.js';
-import { newPasswordFromEnv, unlockFromEnv } from '../crypto/password.js';
+import { newPassword, unlockFromEnv } from '../crypto/password.js';
 import { println, printJson } from './output.js';
 import type { ObjectStore } from '../objstore/types.js';
 
@@ -35,8 +35,8 @@ function scryptOf(o: KeyOpts): ScryptParams {
 }
 
 /** A new key object wrapping `master` under the new password from the environment; returns its id. */
-function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffer, o: KeyOpts): Promise<string> {
-  return addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o));
+async function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffer, o: KeyOpts): Promise<string> {
+  return addKey(store, repo.config.id, master, await newPassword(), scryptOf(o));
 }
 
 export function kdfN(v: string): number {

@@ -61,8 +61,12 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     return { keys, master, keyId: null };
   }
   const ids = await listKeyIds(store);
+  if (!u.password && u.prompt) u.password = await u.prompt(); // kept: a second unlock with `u` asks no more
   if (!u.password) {
-    throw new KscError('KSC_E_AUTH', `${store.name} is encrypted: give its password in KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or a key file (--key-file or KSCINC_KEY_FILE)`);
+    throw new KscError(
+      'KSC_E_AUTH',
+      `${store.name} is encrypted: give its password in KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or a key file (--key-file or KSCINC_KEY_FILE), or run on a terminal to be asked for it`,
+    );
   }
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];

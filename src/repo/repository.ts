@@ -184,7 +184,10 @@ export class Repository {
     const enc = opts.encrypt;
     if (enc) {
       if (!enc.password && !enc.keyFile)
-        throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile, or KSCINC_KEY_FILE)');
+        throw new KscError(
+          'KSC_E_INVALID',
+          'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or typed on a terminal) or a key file (option keyFile, or KSCINC_KEY_FILE)',
+        );
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
       config.features = ['encrypted'];
