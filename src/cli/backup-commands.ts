@@ -22,6 +22,7 @@ import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
+import { clientKey } from './control-key.js';
 import { KscError, isKscError } from '../errors.js';
 import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
@@ -147,7 +148,7 @@ function registerBackup(program: Command): void {
         const bar = progressBar('backup');
         const r = await requestBackup(
           image,
-          { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
+          { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize, key: await clientKey(o.repo) },
           (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
         ).finally(bar.stop);
         if (!r) throw e;

@@ -42,6 +42,11 @@ export async function readKeyObject(store: ObjectStore, id: string): Promise<Key
  * nothing opens; never writes.
  */
 export async function unlock(store: ObjectStore, repoId: string, check: string, u: Unlock): Promise<Unlocked> {
+  if (u.master) {
+    const keys = u.master.length === 32 ? deriveKeys(u.master) : null;
+    if (!keys || !keyMatches(keys, check)) throw new KscError('KSC_E_AUTH', `the master key given does not open ${store.name} (another repository's key?); nothing was changed`);
+    return { keys, master: u.master, keyId: null };
+  }
   if (u.keyFile) {
     let k: KeyObject;
     try {

@@ -15,6 +15,8 @@ export interface Unlock {
   keyFile?: string | null;
   /** Refuse an unencrypted repository (the CLI sets it when the user gave a password or key file explicitly). */
   requireEncrypted?: boolean;
+  /** The master key itself (§13.3 rule 5: sent by a client over the control socket); checked against keyCheck. */
+  master?: Buffer | null;
   /** Asks for the password when one is needed and none was given (a terminal, tty.ts); its answer is kept in `password`. */
   prompt?: () => Promise<Buffer>;
 }
@@ -48,13 +50,18 @@ export function passwordFrom(env: NodeJS.ProcessEnv, fileVar: string, commandVar
   return null;
 }
 
+/** The unlock material of the environment only, never a prompt (a server, the scheduler). */
+export function unlockFromEnvOnly(env: NodeJS.ProcessEnv = process.env): Unlock {
+  return { password: passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND'), keyFile: env.KSCINC_KEY_FILE || null };
+}
+
 /**
  * The unlock material the environment gives (KSCINC_PASSWORD_FILE/COMMAND, KSCINC_KEY_FILE), and, when it
  * gives neither a password nor a key file and standard input is a terminal, a prompt (asked only if the
  * repository turns out to be encrypted).
  */
 export function unlockFromEnv(env: NodeJS.ProcessEnv = process.env): Unlock {
-  const u: Unlock = { password: passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND'), keyFile: env.KSCINC_KEY_FILE || null };
+  const u = unlockFromEnvOnly(env);
   if (!u.password && !u.keyFile && canPrompt()) u.prompt = () => readHidden('Repository password: ');
   return u;
 }

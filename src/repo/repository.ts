@@ -236,15 +236,15 @@ export class Repository {
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup); see init. */
-  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
+  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock } = {}): Promise<Repository> {
     try {
-      return await Repository.open(store);
+      return await Repository.open(store, opts.unlock);
     } catch (e) {
       if (!isKscError(e, 'KSC_E_NOT_FOUND') || (await store.stat(CONFIG_KEY))) throw e;
       try {
         return await Repository.init(store, opts);
       } catch (e2) {
-        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store); // a concurrent init won
+        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store, opts.unlock); // a concurrent init won
         throw e2;
       }
     }
