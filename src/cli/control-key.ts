@@ -8,7 +8,7 @@
  * for that backup. A request without `key` is opened with the server's own environment
  * (KSCINC_PASSWORD_FILE/COMMAND, KSCINC_KEY_FILE) and never prompts.
  */
-import { KscError, isKscError } from '../errors.js';
+import { KscError } from '../errors.js';
 import { openStore } from '../objstore/open.js';
 import { CONFIG_KEY } from '../repo/constants.js';
 import { decodeConfig, isEncrypted } from '../repo/config.js';
@@ -21,22 +21,21 @@ import { type Unlock, unlockFromEnv, unlockFromEnvOnly } from '../crypto/passwor
  * undefined when it is not encrypted or does not exist yet. `prompt`: whether a terminal may be asked.
  */
 export async function clientKey(repo: string, prompt = true): Promise<string | undefined> {
-  const store = await openStore(repo);
+  let store;
+  let raw: Buffer;
   try {
-    let raw: Buffer;
-    try {
-      raw = await store.get(CONFIG_KEY);
-    } catch (e) {
-      if (isKscError(e, 'KSC_E_NOT_FOUND')) return undefined; // the server's open says what is wrong
-      throw e;
-    }
+    store = await openStore(repo);
+    raw = await store.get(CONFIG_KEY);
+  } catch {
+    // No folder, bucket or config yet, or unreachable: the server's own open says what is wrong.
+    await store?.close();
+    return undefined;
+  }
+  try {
     const config = decodeConfig(raw, `${store.name}/config`);
     if (!isEncrypted(config)) return undefined;
     const k = await unlock(store, config.id, config.encryption!.keyCheck, prompt ? unlockFromEnv() : unlockFromEnvOnly());
     return k.master.toString('base64');
-  } catch (e) {
-    if (isKscError(e, 'KSC_E_NOT_FOUND')) return undefined; // no folder or bucket yet: a first backup creates it
-    throw e;
   } finally {
     await store.close();
   }
