@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng } from '../helpers/rng.js';
-import { ID_GMAC, ID_HMAC, keyedId } from '../../src/crypto/aead.js';
+import { ID_GMAC, ID_HMAC, type IdScheme, keyedId } from '../../src/crypto/aead.js';
 import { deriveKeys, workerKeys } from '../../src/crypto/keys.js';
 
 const dir = tempDir('kscinc-enc-');
@@ -148,7 +148,7 @@ describe('encrypted repository round trip (folder store)', () => {
     const data = disk(22, 3 * MiB);
     const img = join(dir, 'idisk.raw');
     writeFileSync(img, data);
-    for (const scheme of [ID_GMAC, ID_HMAC]) {
+    for (const scheme of [ID_GMAC, ID_HMAC] as IdScheme[]) {
       const repo = join(dir, `ids-${scheme}`);
       const keyFile = join(dir, `ids-${scheme}.key`);
       expect(run(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024', '--key-file', keyFile]).code).toBe(0);
