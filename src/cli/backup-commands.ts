@@ -5,7 +5,7 @@ import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { Repository, type EncryptOptions } from '../repo/repository.js';
-import { unlockFromEnv } from '../crypto/password.js';
+import { initPassword } from '../crypto/password.js';
 import { kdfN } from './key-commands.js';
 import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
@@ -22,6 +22,7 @@ import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
+import { clientKey } from './control-key.js';
 import { KscError, isKscError } from '../errors.js';
 import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
@@ -147,7 +148,7 @@ function registerBackup(program: Command): void {
         const bar = progressBar('backup');
         const r = await requestBackup(
           image,
-          { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize },
+          { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize, key: await clientKey(o.repo) },
           (p) => p.phase === 'read' && bar.update(p.doneBytes, p.totalBytes),
         ).finally(bar.stop);
         if (!r) throw e;
@@ -365,13 +366,16 @@ function registerRepoInit(repo: Command): void {
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--chunk-size <size>', 'chunk size (power of two, 1M … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
-    .option('--encrypt', 'encrypt and authenticate everything stored (password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, and/or --key-file); default: not encrypted')
+    .option(
+      '--encrypt',
+      'encrypt and authenticate everything stored (password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, else typed on a terminal, and/or --key-file); default: not encrypted',
+    )
     .option('--key-file <file>', 'with --encrypt: also write the master key to this new file (mode 0600; keep it outside the repository)')
     .option('--kdf-n <n>', "with --encrypt: scrypt cost N of the password's key (power of two; default 32768)", kdfN)
     .description('create an empty repository')
     .action(async (location: string | undefined, o: { chunkSize?: number; packSize?: number; encrypt?: boolean; keyFile?: string; kdfN?: number }) => {
       if (!o.encrypt && (o.keyFile || o.kdfN)) throw new KscError('KSC_E_INVALID', '--key-file and --kdf-n go with --encrypt');
-      const encrypt: EncryptOptions | undefined = o.encrypt ? { password: unlockFromEnv().password, keyFile: o.keyFile, scrypt: o.kdfN ? { N: o.kdfN, r: 8, p: 1 } : undefined } : undefined;
+      const encrypt: EncryptOptions | undefined = o.encrypt ? { password: await initPassword(!!o.keyFile), keyFile: o.keyFile, scrypt: o.kdfN ? { N: o.kdfN, r: 8, p: 1 } : undefined } : undefined;
       await withRepo(
         repoOperand(location),
         'create',

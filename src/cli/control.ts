@@ -14,6 +14,7 @@ import { Repository } from '../repo/repository.js';
 import { backupDevice, type BackupResult, type BackupProgress } from '../engines/backup.js';
 import { checkClientPath, controlPath, peerUid, trustedUid } from './control-trust.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
+import { checkRequestKey, serverUnlock } from './control-key.js';
 
 export { controlPath } from './control-trust.js';
 
@@ -24,6 +25,8 @@ export interface BackupRequest {
   full?: boolean;
   tags?: string[];
   chunkSize?: number;
+  /** An encrypted repository's master key, base64 (control-key.ts, formats/control.md §4). */
+  key?: string;
 }
 
 function invalid(message: string): KscError {
@@ -42,13 +45,14 @@ export function parseRequest(line: string): BackupRequest {
   const o = v as Record<string, unknown>;
   if (o.op !== 'backup') throw invalid(typeof o.op === 'string' ? `unknown op "${o.op.slice(0, 64)}"` : 'member "op" must be a string');
   for (const k of Object.keys(o)) {
-    if (!['op', 'repo', 'bitmap', 'full', 'tags', 'chunkSize'].includes(k)) throw invalid(`unknown member "${k.slice(0, 64)}"`);
+    if (!['op', 'repo', 'bitmap', 'full', 'tags', 'chunkSize', 'key'].includes(k)) throw invalid(`unknown member "${k.slice(0, 64)}"`);
   }
   if (typeof o.repo !== 'string' || o.repo === '') throw invalid('member "repo" must be a non-empty string');
   if (o.bitmap !== undefined && o.bitmap !== null && (typeof o.bitmap !== 'string' || o.bitmap === '')) throw invalid('member "bitmap" must be a non-empty string or null');
   if (o.full !== undefined && typeof o.full !== 'boolean') throw invalid('member "full" must be true or false');
   if (o.tags !== undefined && (!Array.isArray(o.tags) || !o.tags.every((t) => typeof t === 'string'))) throw invalid('member "tags" must be an array of strings');
   if (o.chunkSize !== undefined && (typeof o.chunkSize !== 'number' || !Number.isSafeInteger(o.chunkSize) || o.chunkSize <= 0)) throw invalid('member "chunkSize" must be a positive whole number');
+  checkRequestKey(o.key);
   return o as unknown as BackupRequest;
 }
 
@@ -152,7 +156,7 @@ export async function startControl(devices: { image: string; device: BlockDevice
 async function runBackup(image: string, device: BlockDevice, req: BackupRequest, progress: (p: BackupProgress) => void): Promise<BackupResult> {
   const store = await openStore(req.repo, { create: true });
   try {
-    const repo = await Repository.openOrInit(store, { chunkSize: req.chunkSize });
+    const repo = await Repository.openOrInit(store, { chunkSize: req.chunkSize, unlock: serverUnlock(req.key) });
     return await backupDevice(device, repo, { bitmap: req.bitmap, full: req.full, tags: req.tags, source: image, progress });
   } finally {
     await store.close();

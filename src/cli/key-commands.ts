@@ -5,7 +5,7 @@ import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
 import { addKey, keyObjectKey, listKeyIds, readKeyObject, removeKey, unlock } from '../crypto/keyring.js';
 import { DEFAULT_SCRYPT, type ScryptParams } from '../crypto/keys.js';
-import { newPasswordFromEnv, unlockFromEnv } from '../crypto/password.js';
+import { newPassword, unlockFromEnv } from '../crypto/password.js';
 import { println, printJson } from './output.js';
 import type { ObjectStore } from '../objstore/types.js';
 
@@ -35,8 +35,8 @@ function scryptOf(o: KeyOpts): ScryptParams {
 }
 
 /** A new key object wrapping `master` under the new password from the environment; returns its id. */
-function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffer, o: KeyOpts): Promise<string> {
-  return addKey(store, repo.config.id, master, newPasswordFromEnv(), scryptOf(o));
+async function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffer, o: KeyOpts): Promise<string> {
+  return addKey(store, repo.config.id, master, await newPassword(), scryptOf(o));
 }
 
 export function kdfN(v: string): number {
@@ -56,12 +56,13 @@ export function registerKeyCommands(program: Command): void {
       .requiredOption('--repo <repo>', 'repository: a folder, or s3://BUCKET/PREFIX', process.env.KSCINC_REPO)
       .option('--key-file <file>', 'open with this key file instead of a password (default: KSCINC_KEY_FILE)');
   common(key.command('list').description('list the key objects').option('--json', 'print JSON')).action(async (o: KeyOpts) =>
-    withKeys(o, async (store, _repo, _m, current) => {
+    withKeys(o, async (store, repo, _m, current) => {
       const rows = [];
       for (const id of await listKeyIds(store)) {
         try {
           const k = await readKeyObject(store, id);
-          rows.push({ id, current: id === current, created: k.created, host: k.host ?? '', user: k.user ?? '', kdf: k.kdf, scrypt: k.scrypt });
+          if (k.repository !== repo.config.id) rows.push({ id, current: false, damaged: `a key of another repository (${k.repository}): left by an interrupted init, or planted` });
+          else rows.push({ id, current: id === current, created: k.created, host: k.host ?? '', user: k.user ?? '', kdf: k.kdf, scrypt: k.scrypt });
         } catch (e) {
           rows.push({ id, current: false, damaged: (e as Error).message });
         }

@@ -8,14 +8,14 @@ import { compressInto, lz4Bound } from './lz4.js';
 import { encryptInto, keyedId, NONCE, TAG } from '../crypto/aead.js';
 
 /**
- * The keys of an encrypted repository as the workers take them (formats/repository.md §13.2): 64 bytes,
- * K_data then K_id. Absent: an unencrypted repository.
+ * The keys of an encrypted repository as the workers take them (formats/repository.md §13.2, keys.ts
+ * workerKeys): K_data first, then the chunk-id keys. Absent: an unencrypted repository.
  */
 export type BlobKeys = Uint8Array | undefined;
 
 /** The id of `chunk` into `out` at `at`: keyed (§13.6) or not (§2). */
 function idOf(chunk: Buffer, out: Buffer, at: number, keys: BlobKeys): void {
-  if (keys) keyedId(Buffer.from(keys.buffer, keys.byteOffset + 32, 32), chunk, out, at);
+  if (keys) keyedId(keys, chunk, out, at);
   else chunkId(chunk, out, at);
 }
 

@@ -4,7 +4,7 @@
  */
 import { decompressInto, lz4napi } from './lz4.js';
 import { chunkId, ID_BYTES } from '../hash/chunkid.js';
-import { AuthError, decrypt, keyedId } from '../crypto/aead.js';
+import { AuthError, decryptInto, keyedId, NONCE, TAG } from '../crypto/aead.js';
 
 export const BLOB_MAGIC = 0x424c424b; // "KBLB" read as u32 LE
 export const BLOB_MAGIC_ENCRYPTED = 0x454c424b; // "KBLE" read as u32 LE (§13.5)
@@ -55,14 +55,21 @@ export function decodeBlobInto(blob: Uint8Array, expectId: Uint8Array, maxRaw: n
   if (raw > dst.length - at) throw new BlobError(`blob raw_length ${raw} does not fit the output`);
   let stored = b.subarray(BLOB_HEADER);
   if (keys) {
-    // §13.5: authenticate before anything else reads the stored bytes.
+    // §13.5: authenticate before anything else reads the stored bytes. Stored (uncompressed) bytes are
+    // decrypted straight into dst, compressed ones into this thread's scratch buffer.
+    const direct = method === COMP_NONE && storedLen - NONCE - TAG === raw;
+    if (!direct && scratch.length < storedLen) scratch = Buffer.allocUnsafeSlow(Math.max(storedLen, 2 * scratch.length));
+    const into = direct ? dst : scratch;
+    const from = direct ? at : 0;
     try {
-      stored = decrypt(Buffer.from(keys.buffer, keys.byteOffset, 32), b.subarray(0, BLOB_HEADER), stored);
+      storedLen = decryptInto(Buffer.from(keys.buffer, keys.byteOffset, 32), b.subarray(0, BLOB_HEADER), stored, into, from);
     } catch (e) {
-      if (e instanceof AuthError) throw new BlobError(e.message);
-      throw e;
+      if (!(e instanceof AuthError)) throw e;
+      if (direct) dst.fill(0, at, at + raw); // no unauthenticated byte stays behind
+      throw new BlobError(e.message);
     }
-    storedLen = stored.length;
+    if (direct) return checkId(dst, at, raw, b, keys);
+    stored = scratch.subarray(0, storedLen);
   }
   if (method === COMP_NONE) {
     if (storedLen !== raw) throw new BlobError('uncompressed blob length differs from raw_length');
@@ -71,8 +78,16 @@ export function decodeBlobInto(blob: Uint8Array, expectId: Uint8Array, maxRaw: n
     if (storedLen < 4 || stored.readUInt32LE(0) !== raw) throw new BlobError('LZ4 size prefix differs from raw_length');
     if (decompressInto(stored, dst, at) !== raw) throw new BlobError(`LZ4 data does not decode to ${raw} bytes`);
   } else throw new BlobError(`unknown compression ${method}`);
+  return checkId(dst, at, raw, b, keys);
+}
+
+/** This thread's room for decrypted compressed bytes (grown, never shrunk: a worker decodes blob after blob). */
+let scratch = Buffer.alloc(0);
+
+/** The raw length, when the decoded chunk at `dst[at, at + raw)` has the id of blob header `b`; else BlobError. */
+function checkId(dst: Buffer, at: number, raw: number, b: Buffer, keys: Uint8Array | undefined): number {
   const id = Buffer.allocUnsafe(ID_BYTES);
-  if (keys) keyedId(Buffer.from(keys.buffer, keys.byteOffset + 32, 32), dst.subarray(at, at + raw), id, 0);
+  if (keys) keyedId(keys, dst.subarray(at, at + raw), id, 0);
   else chunkId(dst.subarray(at, at + raw), id, 0);
   if (!id.equals(b.subarray(16, 32))) throw new BlobError('chunk content does not match its id (hash mismatch)');
   return raw;

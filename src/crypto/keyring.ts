@@ -42,6 +42,11 @@ export async function readKeyObject(store: ObjectStore, id: string): Promise<Key
  * nothing opens; never writes.
  */
 export async function unlock(store: ObjectStore, repoId: string, check: string, u: Unlock): Promise<Unlocked> {
+  if (u.master) {
+    const keys = u.master.length === 32 ? deriveKeys(u.master) : null;
+    if (!keys || !keyMatches(keys, check)) throw new KscError('KSC_E_AUTH', `the master key given does not open ${store.name} (another repository's key?); nothing was changed`);
+    return { keys, master: u.master, keyId: null };
+  }
   if (u.keyFile) {
     let k: KeyObject;
     try {
@@ -61,8 +66,12 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     return { keys, master, keyId: null };
   }
   const ids = await listKeyIds(store);
+  if (!u.password && u.prompt) u.password = await u.prompt(); // kept: a second unlock with `u` asks no more
   if (!u.password) {
-    throw new KscError('KSC_E_AUTH', `${store.name} is encrypted: give its password in KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or a key file (--key-file or KSCINC_KEY_FILE)`);
+    throw new KscError(
+      'KSC_E_AUTH',
+      `${store.name} is encrypted: give its password in KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or a key file (--key-file or KSCINC_KEY_FILE), or run on a terminal to be asked for it`,
+    );
   }
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];
@@ -73,6 +82,11 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     } catch (e) {
       if (!(e as KscError).code?.startsWith('KSC_E_')) throw e;
       damaged.push((e as Error).message);
+      continue;
+    }
+    if (k.repository !== repoId) {
+      // Not run through scrypt: a stale key of an interrupted init (§13.1 rule 3), or planted.
+      damaged.push(`key ${store.name}/${keyObjectKey(id)} is a key of another repository (${k.repository})`);
       continue;
     }
     const master = await unwrapMaster(k, u.password);

@@ -5,11 +5,14 @@
  */
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes, scrypt, timingSafeEqual } from 'node:crypto';
 import { KscError } from '../errors.js';
+import { type IdScheme, ID_GMAC } from './aead.js';
 
 export const MASTER_KEY_BYTES = 32;
 /** §13.2: the subkeys' HKDF info strings (salt: none). */
 const INFO_DATA = 'kscinc/2 data';
 const INFO_ID = 'kscinc/2 chunk-id';
+const INFO_ID_GHASH = 'kscinc/2 chunk-id ghash';
+const INFO_ID_PRP = 'kscinc/2 chunk-id prp';
 const INFO_CHECK = 'kscinc/2 key-check';
 /** §13.3: default scrypt cost (2^15 × 8 × 128 B = 32 MiB, about 0.1 s); tunable, recorded in each key object. */
 export const DEFAULT_SCRYPT = { N: 32768, r: 8, p: 1 };
@@ -20,8 +23,11 @@ const MAX_SCRYPT_MEM = 1024 * 1024 * 1024;
 export interface RepoKeys {
   /** AES-256-GCM key of every encrypted object. */
   readonly data: Buffer;
-  /** HMAC-SHA256 key of chunk ids. */
+  /** HMAC-SHA256 key of chunk ids (scheme `hmac-sha256-128`, §13.6). */
   readonly id: Buffer;
+  /** GMAC key, then block-cipher key, of chunk ids (scheme `gmac-aes-256`, §13.6). */
+  readonly idGhash: Buffer;
+  readonly idPrp: Buffer;
   /** 16 bytes, recorded in the config: tells a key of this repository from another's. */
   readonly check: Buffer;
 }
@@ -29,12 +35,15 @@ export interface RepoKeys {
 export function deriveKeys(master: Buffer): RepoKeys {
   if (master.length !== MASTER_KEY_BYTES) throw new KscError('KSC_E_INVALID', `a master key is ${MASTER_KEY_BYTES} bytes, not ${master.length}`);
   const sub = (info: string, n: number): Buffer => Buffer.from(hkdfSync('sha256', master, Buffer.alloc(0), info, n));
-  return { data: sub(INFO_DATA, 32), id: sub(INFO_ID, 32), check: sub(INFO_CHECK, 16) };
+  return { data: sub(INFO_DATA, 32), id: sub(INFO_ID, 32), idGhash: sub(INFO_ID_GHASH, 32), idPrp: sub(INFO_ID_PRP, 32), check: sub(INFO_CHECK, 16) };
 }
 
-/** The 64 bytes the workers get (data key ‖ id key): what packBatch and unpackInto take. */
-export function workerKeys(k: RepoKeys): Uint8Array {
-  return Buffer.concat([k.data, k.id]);
+/**
+ * The bytes the workers get (what packBatch and unpackInto take): K_data, then the chunk-id keys of the
+ * repository's scheme — K_id (64 bytes in all) or K_gh and K_prp (96); aead.ts keyedId reads them.
+ */
+export function workerKeys(k: RepoKeys, scheme: IdScheme): Uint8Array {
+  return Buffer.concat(scheme === ID_GMAC ? [k.data, k.idGhash, k.idPrp] : [k.data, k.id]);
 }
 
 export interface ScryptParams {

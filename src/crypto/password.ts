@@ -1,11 +1,13 @@
 /**
  * Where a password comes from (formats/repository.md §13.3): KSCINC_PASSWORD_FILE, KSCINC_PASSWORD_COMMAND
  * (run by /bin/sh, its standard output), or a key file (KSCINC_KEY_FILE or --key-file) — never the command
- * line. A new password (key add, passwd) comes from KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND.
+ * line; without them, on a terminal, from a prompt (tty.ts). A new password (key add, passwd) comes from
+ * KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND, or is typed twice on a terminal.
  */
 import { readFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { KscError } from '../errors.js';
+import { canPrompt, readHidden, readNewPassword } from './tty.js';
 
 /** How to unlock an encrypted repository. */
 export interface Unlock {
@@ -13,6 +15,10 @@ export interface Unlock {
   keyFile?: string | null;
   /** Refuse an unencrypted repository (the CLI sets it when the user gave a password or key file explicitly). */
   requireEncrypted?: boolean;
+  /** The master key itself (§13.3 rule 5: sent by a client over the control socket); checked against keyCheck. */
+  master?: Buffer | null;
+  /** Asks for the password when one is needed and none was given (a terminal, tty.ts); its answer is kept in `password`. */
+  prompt?: () => Promise<Buffer>;
 }
 
 function trimNewline(b: Buffer): Buffer {
@@ -44,15 +50,40 @@ export function passwordFrom(env: NodeJS.ProcessEnv, fileVar: string, commandVar
   return null;
 }
 
-/** The unlock material the environment gives (KSCINC_PASSWORD_FILE/COMMAND, KSCINC_KEY_FILE). */
-export function unlockFromEnv(env: NodeJS.ProcessEnv = process.env): Unlock {
+/** The unlock material of the environment only, never a prompt (a server, the scheduler). */
+export function unlockFromEnvOnly(env: NodeJS.ProcessEnv = process.env): Unlock {
   return { password: passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND'), keyFile: env.KSCINC_KEY_FILE || null };
 }
 
-/** The new password of `key add` / `key passwd`, required. */
-export function newPasswordFromEnv(env: NodeJS.ProcessEnv = process.env): Buffer {
-  const p = passwordFrom(env, 'KSCINC_NEW_PASSWORD_FILE', 'KSCINC_NEW_PASSWORD_COMMAND');
-  if (!p) throw new KscError('KSC_E_INVALID', 'the new password is read from KSCINC_NEW_PASSWORD_FILE or KSCINC_NEW_PASSWORD_COMMAND (never from the command line): set one');
+/**
+ * The unlock material the environment gives (KSCINC_PASSWORD_FILE/COMMAND, KSCINC_KEY_FILE), and, when it
+ * gives neither a password nor a key file and standard input is a terminal, a prompt (asked only if the
+ * repository turns out to be encrypted).
+ */
+export function unlockFromEnv(env: NodeJS.ProcessEnv = process.env): Unlock {
+  const u = unlockFromEnvOnly(env);
+  if (!u.password && !u.keyFile && canPrompt()) u.prompt = () => readHidden('Repository password: ');
+  return u;
+}
+
+/**
+ * The password of a new repository (init --encrypt): the environment's, else — unless a key file is made
+ * instead (`withKeyFile`) — typed twice on a terminal, else null.
+ */
+export async function initPassword(withKeyFile: boolean, env: NodeJS.ProcessEnv = process.env): Promise<Buffer | null> {
+  const p = passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND');
+  if (p || withKeyFile || !canPrompt()) return p;
+  return readNewPassword('New repository password');
+}
+
+/** The new password of `key add` / `key passwd`, required: from the environment, else typed twice on a terminal. */
+export async function newPassword(env: NodeJS.ProcessEnv = process.env): Promise<Buffer> {
+  const p = passwordFrom(env, 'KSCINC_NEW_PASSWORD_FILE', 'KSCINC_NEW_PASSWORD_COMMAND') ?? (canPrompt() ? await readNewPassword('New password') : null);
+  if (!p)
+    throw new KscError(
+      'KSC_E_INVALID',
+      'the new password is read from KSCINC_NEW_PASSWORD_FILE or KSCINC_NEW_PASSWORD_COMMAND, or typed on a terminal (never from the command line): set one, or run on a terminal',
+    );
   if (p.length === 0) throw new KscError('KSC_E_INVALID', 'the new password is empty');
   return p;
 }

@@ -2,6 +2,7 @@
 import { KscError } from '../errors.js';
 import { CONFIG_FORMAT, CONFIG_VERSION, CONFIG_VERSION_2, FEATURE_ENCRYPTED, KNOWN_FEATURES, MAX_CHUNK, MAX_PACK, MIN_CHUNK, MIN_PACK } from './constants.js';
 import { corrupt, unsupported } from './corrupt.js';
+import { type IdScheme, ID_SCHEMES } from '../crypto/aead.js';
 
 export interface RepoConfig {
   format: 'kscinc-repository';
@@ -19,7 +20,8 @@ export interface RepoConfig {
 
 export interface EncryptionConfig {
   aead: 'aes-256-gcm';
-  chunkId: 'hmac-sha256-128';
+  /** §13.6: `gmac-aes-256` (new repositories) or `hmac-sha256-128` (written before it). */
+  chunkId: IdScheme;
   /** 32 hex digits: the key-check value of the master key (§13.2). */
   keyCheck: string;
 }
@@ -72,7 +74,7 @@ function assertFeatures(c: Partial<RepoConfig>, object: string): void {
   if (unknown.length) throw unsupported(object, `needs features this kscinc does not have: ${unknown.join(', ')}`);
   if (c.features.includes(FEATURE_ENCRYPTED)) {
     const e = c.encryption;
-    if (typeof e !== 'object' || e === null || e.aead !== 'aes-256-gcm' || e.chunkId !== 'hmac-sha256-128' || typeof e.keyCheck !== 'string' || !/^[0-9a-f]{32}$/.test(e.keyCheck)) {
+    if (typeof e !== 'object' || e === null || e.aead !== 'aes-256-gcm' || !ID_SCHEMES.includes(e.chunkId) || typeof e.keyCheck !== 'string' || !/^[0-9a-f]{32}$/.test(e.keyCheck)) {
       throw corrupt(object, `feature "encrypted" with encryption parameters ${JSON.stringify(e)} this kscinc does not know`);
     }
   }

@@ -30,8 +30,8 @@ import {
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
-import { addKey, unlock } from '../crypto/keyring.js';
-import { AuthError, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
+import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
+import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
@@ -74,6 +74,16 @@ export async function locationState(store: ObjectStore): Promise<{ kind: 'empty'
   return { kind: 'empty' };
 }
 
+/**
+ * Whether every object of the location is a key object: an `init --encrypt` stopped between its key object
+ * and its config (§13.1 rule 3, §13.3 rule 4). Init may go on there; the stale key objects name another
+ * repository id, so they never open this one.
+ */
+async function onlyKeyObjects(store: ObjectStore): Promise<boolean> {
+  for await (const o of store.list('')) if (!o.key.startsWith(KEY_PREFIX)) return false;
+  return true;
+}
+
 function lostConfig(store: ObjectStore, example: string): KscError {
   return new KscError(
     'KSC_E_CORRUPT',
@@ -101,7 +111,7 @@ export class Repository {
     readonly keys: RepoKeys | null = null,
     readonly keyId: string | null = null,
   ) {
-    this.blobKeys = keys ? workerKeys(keys) : undefined;
+    this.blobKeys = keys ? workerKeys(keys, config.encryption!.chunkId) : undefined;
   }
 
   /** §13.4: an object as stored (sealed in an encrypted repository). */
@@ -162,7 +172,7 @@ export class Repository {
     const packSize = opts.packSize ?? DEFAULT_PACK;
     if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
     const where = await locationState(store);
-    if (where.kind === 'repository') throw lostConfig(store, where.example);
+    if (where.kind === 'repository' && !(await onlyKeyObjects(store))) throw lostConfig(store, where.example);
     if (where.kind === 'other') {
       throw new KscError(
         'KSC_E_EXISTS',
@@ -174,11 +184,14 @@ export class Repository {
     const enc = opts.encrypt;
     if (enc) {
       if (!enc.password && !enc.keyFile)
-        throw new KscError('KSC_E_INVALID', 'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile, or KSCINC_KEY_FILE)');
+        throw new KscError(
+          'KSC_E_INVALID',
+          'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or typed on a terminal) or a key file (option keyFile, or KSCINC_KEY_FILE)',
+        );
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
       config.features = ['encrypted'];
-      config.encryption = { aead: 'aes-256-gcm', chunkId: 'hmac-sha256-128', keyCheck: deriveKeys(master).check.toString('hex') };
+      config.encryption = { aead: 'aes-256-gcm', chunkId: ID_GMAC, keyCheck: deriveKeys(master).check.toString('hex') };
       // §13.3: the key file (created, never overwritten) and the key object land before the config, so a
       // repository that is visible can always be opened.
       if (enc.keyFile) writeFileSync(enc.keyFile, JSON.stringify(plainKeyFile(master, config.id), null, 2) + '\n', { flag: 'wx', mode: 0o600 });
@@ -223,15 +236,15 @@ export class Repository {
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup); see init. */
-  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number } = {}): Promise<Repository> {
+  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock } = {}): Promise<Repository> {
     try {
-      return await Repository.open(store);
+      return await Repository.open(store, opts.unlock);
     } catch (e) {
       if (!isKscError(e, 'KSC_E_NOT_FOUND') || (await store.stat(CONFIG_KEY))) throw e;
       try {
         return await Repository.init(store, opts);
       } catch (e2) {
-        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store); // a concurrent init won
+        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store, opts.unlock); // a concurrent init won
         throw e2;
       }
     }

@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng } from '../helpers/rng.js';
+import { ID_GMAC, ID_HMAC, type IdScheme, keyedId } from '../../src/crypto/aead.js';
+import { deriveKeys, workerKeys } from '../../src/crypto/keys.js';
 
 const dir = tempDir('kscinc-enc-');
 const MiB = 1024 * 1024;
@@ -139,6 +141,38 @@ describe('encrypted repository round trip (folder store)', () => {
         expect(r.stderr, what).toMatch(/authentication failed|KSC_E_CORRUPT|damaged/);
         expect(existsSync(out), what).toBe(false);
       }
+    }
+  });
+
+  it('chunk ids: gmac-aes-256 in a new repository; a repository with hmac-sha256-128 ids is still read and written (§13.6)', () => {
+    const data = disk(22, 3 * MiB);
+    const img = join(dir, 'idisk.raw');
+    writeFileSync(img, data);
+    for (const scheme of [ID_GMAC, ID_HMAC] as IdScheme[]) {
+      const repo = join(dir, `ids-${scheme}`);
+      const keyFile = join(dir, `ids-${scheme}.key`);
+      expect(run(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024', '--key-file', keyFile]).code).toBe(0);
+      const config = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
+      expect(config.encryption.chunkId).toBe(ID_GMAC);
+      // A repository made before gmac-aes-256: the same config with the older scheme.
+      config.encryption.chunkId = scheme;
+      writeFileSync(join(repo, 'config'), JSON.stringify(config));
+      const b = run(['backup', img, '--repo', repo, '--no-bitmap', '--json']);
+      expect(b.code, b.stderr).toBe(0);
+      // The first blob's id is the scheme's id of one of the disk's chunks.
+      const keys = deriveKeys(Buffer.from(JSON.parse(readFileSync(keyFile, 'utf8')).master, 'base64'));
+      const ids = [0, 1].map((k) => {
+        const out = Buffer.alloc(16);
+        keyedId(workerKeys(keys, scheme), data.subarray(k * MiB, (k + 1) * MiB), out, 0);
+        return out.toString('hex');
+      });
+      const pack = readFileSync(one(repo, 'packs'));
+      expect(ids, scheme).toContain(pack.subarray(16 + 16, 16 + 32).toString('hex'));
+      const out = join(dir, `ids-${scheme}.raw`);
+      const r = run(['restore', 'latest', out, '--repo', repo]);
+      expect(r.code, r.stderr).toBe(0);
+      expect(readFileSync(out).equals(data)).toBe(true);
+      expect(run(['verify', '--repo', repo]).code).toBe(0);
     }
   });
 });

@@ -45,7 +45,7 @@ describe('kscinc repo init --encrypt and kscinc key', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/created encrypted repository/);
     const c = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
-    expect([c.version, c.features, c.encryption.aead, c.encryption.chunkId]).toEqual([2, ['encrypted'], 'aes-256-gcm', 'hmac-sha256-128']);
+    expect([c.version, c.features, c.encryption.aead, c.encryption.chunkId]).toEqual([2, ['encrypted'], 'aes-256-gcm', 'gmac-aes-256']);
     expect(keyIds(repo).length).toBe(1);
     const k = JSON.parse(readFileSync(join(repo, 'keys', `${keyIds(repo)[0]}.key`), 'utf8'));
     expect([k.kdf, k.scrypt, k.repository]).toEqual(['scrypt', { N: 1024, r: 8, p: 1 }, c.id]);

@@ -233,4 +233,27 @@ jobs:
     }
     expect(srv.stderr()).toMatch(/backup of .*served\.ksc to .*repo-served requested/);
   });
+
+  it('an encrypted repository: the scheduler unlocks the key and hands it to the server (formats/control.md §4)', async () => {
+    const pw = join(dir, 'enc.pw');
+    writeFileSync(pw, 'schedule-secret\n', { mode: 0o600 });
+    const repo = join(dir, 'repo-enc');
+    expect(kscinc(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024'], { env: { KSCINC_PASSWORD_FILE: pw } }).code).toBe(0);
+    const img = await makeImage('served-enc.ksc');
+    const srv = await serve([img, '--listen', '127.0.0.1:0']); // the server gets no password
+    try {
+      const file = writeConfig('served-enc.yaml', 'jobs:\n  - { name: enc, images: [served-enc.ksc], repo: repo-enc, when: on shutdown }\n');
+      process.env.KSCINC_PASSWORD_FILE = pw; // the daemon's environment only
+      const d = await startDaemon(['--config', file], 'job enc: on shutdown').finally(() => delete process.env.KSCINC_PASSWORD_FILE);
+      d.child.kill('SIGTERM');
+      expect(await d.exit, d.stderr()).toBe(0);
+      expect(d.stderr()).toContain('job enc: ok, 1 backup(s)');
+    } finally {
+      expect(await srv.stop()).toBe(0);
+    }
+    expect(srv.stderr()).not.toContain('schedule-secret');
+    const list = kscinc(['backups', '--repo', repo, '--json'], { env: { KSCINC_PASSWORD_FILE: pw } });
+    expect(list.code, list.stderr).toBe(0);
+    expect(list.stdout).toContain('schedule:enc');
+  });
 });
