@@ -38,6 +38,9 @@ export interface PullStatus {
   localBytes: number;
   /** Bytes read from the repository (stored, compressed) by this process since it opened the image: pull and guest reads. */
   fetchedBytes: number;
+  /** Chunks fetched by this process (pull and guest reads), and the non-zero chunks the image lacked when its pull started (null: not yet known). Every fetched chunk is one that was missing: fetched ≤ missing at start. */
+  chunksFetched: number;
+  chunksMissingAtStart: number | null;
   /** Bytes of the disk pulled per second over the last 10 s. */
   rate: number;
   /** The limit on repository reads, bytes per second (null: none). */
@@ -72,6 +75,8 @@ export class BackgroundPull {
   private run: Promise<void> = Promise.resolve();
   private wake: (() => void) | null = null;
   private readonly samples: { t: number; bytes: number }[] = [];
+  /** The backing's fetch counters when the pull started. */
+  private counts = { bytes: 0, chunks: 0 };
 
   private constructor(
     private readonly img: KscImage,
@@ -90,6 +95,8 @@ export class BackgroundPull {
       totalBytes: t.bytes,
       localBytes: 0,
       fetchedBytes: 0,
+      chunksFetched: 0,
+      chunksMissingAtStart: null,
       rate: 0,
       bandwidth: opts.bandwidth ?? null,
       yields: 0,
@@ -134,17 +141,17 @@ export class BackgroundPull {
 
   private async loop(): Promise<void> {
     const b = this.img.backing as BackupBacking;
-    const fetched0 = b.stats.bytesFetched;
     for (;;) {
       try {
         this.s.state = 'pulling';
         const r = await pullOpen(this.img, this.path, { concurrency: this.opts.concurrency, beforeRead: (n) => this.gate(n), progress: (p) => this.progress(p) });
-        Object.assign(this.s, { state: 'done', localChunks: this.s.totalChunks, localBytes: this.s.totalBytes, fetchedBytes: b.stats.bytesFetched - fetched0, error: null });
+        this.fetched(b);
+        Object.assign(this.s, { state: 'done', localChunks: this.s.totalChunks, localBytes: this.s.totalBytes, error: null });
         this.s.finishedAt = new Date().toISOString();
         this.opts.log(`kscinc serve: pull of ${this.path} done: ${r.chunksFetched} chunks fetched, the image no longer needs ${b.name}${r.referenceLeft ? `; ${r.referenceLeft}` : ''}`);
         return;
       } catch (e) {
-        this.s.fetchedBytes = b.stats.bytesFetched - fetched0;
+        this.fetched(b);
         if (this.stopping) {
           this.s.state = 'stopped';
           return;
@@ -173,9 +180,21 @@ export class BackgroundPull {
   private progress(p: { doneChunks: number; totalChunks: number; doneBytes: number; totalBytes: number }): void {
     this.s.localChunks = this.s.totalChunks - p.totalChunks + p.doneChunks;
     this.s.localBytes = this.s.totalBytes - p.totalBytes + p.doneBytes;
+    const b = this.img.backing as BackupBacking;
+    if (this.s.chunksMissingAtStart === null) {
+      // The counters start with the list of missing chunks: every chunk fetched from now on is one of them.
+      this.s.chunksMissingAtStart = p.totalChunks;
+      this.counts = { bytes: b.stats.bytesFetched, chunks: b.stats.chunksFetched };
+    }
     this.samples.push({ t: performance.now(), bytes: this.s.localBytes });
     if (this.samples.length > 4096) this.samples.splice(0, 2048);
-    this.s.fetchedBytes = (this.img.backing as BackupBacking | null)?.stats.bytesFetched ?? this.s.fetchedBytes;
+    this.fetched(b);
+  }
+
+  private fetched(b: BackupBacking): void {
+    if (this.s.chunksMissingAtStart === null) return;
+    this.s.fetchedBytes = b.stats.bytesFetched - this.counts.bytes;
+    this.s.chunksFetched = b.stats.chunksFetched - this.counts.chunks;
   }
 
   /** Before each read: guest requests first (bounded), then the bandwidth limit. */
