@@ -6,6 +6,8 @@ import { afterAll, expect } from 'vitest';
 import { kscinc, type CliResult } from '../helpers/cli.js';
 import type { Rng } from '../helpers/rng.js';
 import type { PullStatus } from '../../src/engines/pull-background.js';
+import { controlRequest } from '../../src/cli/control.js';
+import type { StatusResult } from '../../src/supervisor/supervisor.js';
 
 export function ok(r: CliResult, what: string): string {
   expect(r.code, `${what}: ${r.stdout}${r.stderr}`).toBe(0);
@@ -22,21 +24,23 @@ export function backedUp(dir: string, name: string, size: number, rng: Rng, env?
   return { repo, src, data, id: b.id };
 }
 
-/** `kscinc status IMAGE --json`; its pull of `image`, or null when none is reported. */
-export function pullStatus(image: string, env: Record<string, string>): PullStatus | null {
-  const r = kscinc(['status', image, '--json'], { env });
-  if (r.code !== 0) return null;
-  const s = JSON.parse(r.stdout) as { pulls?: PullStatus[] };
-  return s.pulls?.find((p) => p.image === image) ?? null;
+/**
+ * The server's status (asked in this process, on the control socket under `env.KSCINC_RUN_DIR`, as
+ * `kscinc status IMAGE --json` asks it); its pull of `image`, or null when none is reported or no server answers.
+ */
+export async function pullStatus(image: string, env: Record<string, string>): Promise<PullStatus | null> {
+  process.env.KSCINC_RUN_DIR = env.KSCINC_RUN_DIR;
+  const s = await controlRequest<StatusResult>(image, { op: 'status' }, 'answering').catch(() => null);
+  return s?.pulls?.find((p) => p.image === image) ?? null;
 }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-/** Polls `f` every 50 ms until it returns a value, or throws after `ms`. */
-export async function waitFor<T>(f: () => T | null | undefined, ms: number, what: string): Promise<T> {
+/** Polls `f` every 50 ms until it resolves to a value, or throws after `ms`. */
+export async function waitFor<T>(f: () => T | null | undefined | Promise<T | null | undefined>, ms: number, what: string): Promise<T> {
   const end = Date.now() + ms;
   for (;;) {
-    const v = f();
+    const v = await f();
     if (v !== null && v !== undefined) return v;
     if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await sleep(50);

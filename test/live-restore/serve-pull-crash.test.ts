@@ -1,7 +1,7 @@
 /**
  * The background pull of `kscinc serve` across crashes (issue 18):
- *  - under the supervisor, the worker SIGKILLed at seeded random points of the pull, a flushed qemu-io write
- *    before each kill: every restarted worker resumes (it lacks no more chunks than the one before), fetches
+ *  - under the supervisor, a hot upgrade mid-pull, then the worker SIGKILLed at seeded random points of the
+ *    pull, a flushed qemu-io write before each: every new worker resumes (it lacks no more chunks than the one before), fetches
  *    only chunks that were missing when it started (nothing stored is fetched twice), and the last one drops
  *    the backing; the image is the backup plus every flushed write;
  *  - `serve --from-backup` of an encrypted repository with --no-supervisor, the whole server SIGKILLed
@@ -26,6 +26,7 @@ const seed = seedFor('test/live-restore/serve-pull-crash.test.ts');
 const rng = new Rng(seed);
 const run = runDir();
 const KILLS = Number(process.env.KSCINC_TEST_KILLS ?? 5);
+
 const K64 = 65536;
 
 /** One qemu-io connection: a 64 KiB write of a random pattern at a random aligned offset, then a flush; applied to `model`. */
@@ -47,26 +48,26 @@ function finalImage(image: string, model: Buffer, name: string): void {
 }
 
 /** The status of a pull that has started (its missing count known), served by a worker other than `not`. */
-function started(image: string, env: Record<string, string>): PullStatus | null {
-  const p = pullStatus(image, env);
+async function started(image: string, env: Record<string, string>): Promise<PullStatus | null> {
+  const p = await pullStatus(image, env);
   return p && p.chunksMissingAtStart !== null ? p : null;
 }
 
 describe('background pull across crashes', () => {
-  it(`worker SIGKILLed ${KILLS} times at random points of the pull: each restart resumes, fetches only what was missing, loses no flushed write`, async () => {
+  it(`an upgrade, then the worker SIGKILLed up to ${KILLS} times at random points of the pull: each new worker resumes, fetches only what was missing, loses no flushed write`, async () => {
     const env = { KSCINC_RUN_DIR: run };
-    const size = 40 * MiB;
+    const size = 64 * MiB;
     const { repo, data, id } = backedUp(dir, 'k', size, rng);
     const model = Buffer.from(data);
     const live = join(dir, 'k-live.ksc');
     ok(kscinc(['restore', id, live, '--repo', repo, '--live']), 'restore --live');
-    const s = await startServe([live, '--listen', '127.0.0.1:0', '--bandwidth', '8M'], env);
+    const s = await startServe([live, '--listen', '127.0.0.1:0', '--bandwidth', '2M'], env);
     let kills = 0;
-    let lastMissing = Infinity;
+    let bound = Infinity;
     let last: PullStatus | null = null;
     try {
       let pid: number | null = null;
-      for (let i = 0; i < KILLS; i++) {
+      for (let i = 0; i <= KILLS; i++) {
         const w = await waitFor(
           () => {
             const p = s.worker();
@@ -76,23 +77,43 @@ describe('background pull across crashes', () => {
           'a new worker',
         );
         pid = w;
-        const st = await waitFor(() => started(live, env), 30_000, 'the pull to start');
+        const st = await waitFor(() => started(live, env), 30_000, 'the pull to start').catch((e: unknown) => {
+          throw new Error(`${(e as Error).message}; status: ${kscinc(['status', live, '--json'], { env }).stdout}; serve: ${s.stderr()}`);
+        });
         if (st.state === 'done') break;
-        expect(st.chunksMissingAtStart!, `a restarted worker resumes (seed ${seed})`).toBeLessThanOrEqual(lastMissing);
-        lastMissing = st.chunksMissingAtStart!;
-        await sleep(rng.int(100, 1200));
+        // Resumed: it lacks no chunk that was local before the last flushed write.
+        expect(st.chunksMissingAtStart!, `a new worker resumes from the last flush (seed ${seed})`).toBeLessThanOrEqual(bound);
+        // Once this worker has pulled a few chunks, a flushed write makes them durable: the next one must not lack them.
+        const before = await waitFor(
+          async () => {
+            const p = await pullStatus(live, env);
+            return p && (p.state === 'done' || p.localChunks >= p.totalChunks - p.chunksMissingAtStart! + 2) ? p : null;
+          },
+          30_000,
+          'some progress',
+        );
+        if (before.state === 'done') break;
         flushedWrite(s.uri, model);
-        await sleep(rng.int(0, 600));
-        last = pullStatus(live, env);
+        bound = before.totalChunks - before.localChunks;
+        await sleep(rng.int(0, 800));
+        last = await pullStatus(live, env);
         if (!last || last.state === 'done') break;
         expect(last.chunksFetched, `fetched only missing chunks: ${JSON.stringify(last)}`).toBeLessThanOrEqual(last.chunksMissingAtStart!);
-        console.log(`[seed ${seed}] kill ${i + 1}: worker ${w} at ${last.localChunks}/${last.totalChunks} chunks local (${last.chunksMissingAtStart} missing at its start)`);
+        if (i === 0) {
+          // A hot upgrade first: the old worker stops its pull and flushes (what status said was local is
+          // durable), the new one resumes it.
+          const u = JSON.parse(ok(s.cli(['upgrade', live, '--json']), 'upgrade mid-pull'));
+          expect(u.connections).toBe(0);
+          bound = Math.min(bound, last.totalChunks - last.localChunks);
+          continue;
+        }
+        console.log(`[seed ${seed}] kill ${i}: worker ${w} at ${last.localChunks}/${last.totalChunks} chunks local (${last.chunksMissingAtStart} missing at its start)`);
         expect(killFirstAlive([w])).toBe(w);
         kills++;
       }
       const done = await waitFor(
-        () => {
-          const p = pullStatus(live, env);
+        async () => {
+          const p = await pullStatus(live, env);
           return p?.state === 'done' ? p : null;
         },
         90_000,
@@ -104,7 +125,7 @@ describe('background pull across crashes', () => {
     } finally {
       expect(await s.stop()).toBe(0);
     }
-    expect(kills, 'kills that landed mid-pull').toBeGreaterThanOrEqual(2);
+    expect(kills, 'kills that landed mid-pull').toBeGreaterThanOrEqual(3);
     finalImage(live, model, 'k');
     expect(readdirSync(join(repo, 'refs', 'live', id))).toEqual([]);
   });
@@ -127,8 +148,8 @@ describe('background pull across crashes', () => {
     const uri = (await a.uris)[0]!;
     expect(a.stderr()).toMatch(/live-restored backup \S+ of disk/);
     await waitFor(
-      () => {
-        const p = started(overlay, env);
+      async () => {
+        const p = await started(overlay, env);
         return p && p.localChunks > 2 ? p : null;
       },
       30_000,
@@ -143,8 +164,8 @@ describe('background pull across crashes', () => {
       const uri2 = (await b.uris)[0]!;
       expect(b.stderr()).toMatch(/exists \(a live restore of backup \S+\): serving it/);
       const done = await waitFor(
-        () => {
-          const p = pullStatus(overlay, env);
+        async () => {
+          const p = await pullStatus(overlay, env);
           return p?.state === 'done' ? p : null;
         },
         60_000,

@@ -51,7 +51,7 @@ describe('serve pulls a live restore in the background', () => {
         model.fill(p, off, off + K64);
       };
       for (let i = 0; i < 4; i++) await read();
-      const early = pullStatus(live, env);
+      const early = await pullStatus(live, env);
       expect(early?.state, JSON.stringify(early)).toBe('pulling');
       const p = kscinc(['prune', '--repo', repo, '--keep-last', '1', '--grace', '0'], { env });
       expect(p.code, p.stdout + p.stderr).not.toBe(0);
@@ -71,11 +71,11 @@ describe('serve pulls a live restore in the background', () => {
           ops++;
           if (after > 0) after++;
         }
-        if (after === 0 && pullStatus(live, env)?.state === 'done') after = 1;
+        if (after === 0 && (await pullStatus(live, env))?.state === 'done') after = 1;
       }
       const st = await waitFor(
-        () => {
-          const x = pullStatus(live, env);
+        async () => {
+          const x = await pullStatus(live, env);
           return x?.state === 'done' ? x : null;
         },
         60_000,
