@@ -92,6 +92,13 @@ function registerInfo(program: Command): void {
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
+        const l = info.liveRestore;
+        if (l) {
+          const pct = l.totalBytes > 0 ? ((100 * l.localBytes) / l.totalBytes).toFixed(1) : '100.0';
+          println(
+            `live restore: backup ${l.backup}: ${formatSize(l.localBytes)} of ${formatSize(l.totalBytes)} local (${pct} %), ${l.localChunks}/${l.totalChunks} chunks; the rest is read from the repository`,
+          );
+        }
         const shown = o.all ? info.bitmaps : info.bitmaps.filter((b) => !isInternalBitmap(b.name));
         if (shown.length > 0) {
           println('bitmaps:');

@@ -16,6 +16,9 @@ import { closeDevices, openExports, type ServeConfig } from './serve-open.js';
 import { inheritedSockets, listenPaused } from '../supervisor/listeners.js';
 import { Supervisor, type StatusResult, type UpgradeResult } from '../supervisor/supervisor.js';
 import { packageVersion } from '../supervisor/version.js';
+import { ServePulls, printPull } from './pull-control.js';
+import { prepareFromBackup } from './serve-from-backup.js';
+import { parseSize } from '../util/size.js';
 
 /** "HOST:PORT", "[v6]:PORT" or ":PORT". */
 export function parseListen(text: string): { host: string; port: number } {
@@ -46,6 +49,11 @@ interface ServeOptions {
   shutdownGrace?: number;
   supervisor?: boolean;
   maxRestarts?: number;
+  bandwidth?: string;
+  pull?: boolean;
+  fromBackup?: string[];
+  overlay?: string;
+  disk?: string;
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -101,6 +109,8 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
     throw new KscError('KSC_E_IO', `cannot listen on ${what}: ${(e as Error).message}`, { cause: e });
   }
   const startedAt = new Date();
+  const pulls = new ServePulls(c.pull, () => server.inFlight > 0, log);
+  pulls.start(c.images, devices);
   let stopControl: () => Promise<void> = async () => undefined;
   if (!c.readOnly) {
     // Not owning the control socket is fatal: someone else's socket would answer `kscinc backup` for us.
@@ -119,6 +129,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
                 inFlight: server.inFlight,
                 restarts: 0,
                 lastUpgrade: null,
+                pulls: pulls.status(),
               };
               sendMessage(sock, { result: r });
               sock.end();
@@ -134,6 +145,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
       );
     } catch (e) {
       await server.close();
+      await pulls.stop();
       await closeDevices(devices);
       throw e;
     }
@@ -144,6 +156,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
   process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
   await stopControl();
   await server.close();
+  await pulls.stop();
   await closeDevices(devices);
   process.stderr.write('kscinc serve: images flushed and closed\n');
 }
@@ -211,7 +224,7 @@ export function registerServeCommands(program: Command): void {
   program
     .command('serve')
     .description('serve images over NBD (nbd://HOST:PORT/NAME) until SIGTERM or SIGINT; SIGHUP upgrades the worker in place')
-    .argument('<images...>', 'raw or ksc_inc images')
+    .argument('[images...]', 'raw or ksc_inc images (none with --from-backup)')
     .option('--listen <host:port>', 'TCP address (port 0 picks a free port)', '127.0.0.1:10809')
     .option('--socket <path>', 'listen on a unix socket instead of TCP')
     .option('--export-name <name>', "export name (one image only; default: empty, or each file's basename with several images)")
@@ -226,7 +239,18 @@ export function registerServeCommands(program: Command): void {
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
+    .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
+    .option('--no-pull', 'live restores: do not pull the rest of the backup in the background (reads still fetch what they need)')
+    .option('--from-backup <repo-and-backup...>', 'REPO ID|latest: live-restore that backup to --overlay (unless it exists) and serve it')
+    .option('--overlay <file>', 'with --from-backup: the local image the VM runs from')
+    .option('--disk <uuid>', 'with --from-backup latest: the disk whose newest backup to use')
     .action(async (images: string[], o: ServeOptions) => {
+      if (o.fromBackup) {
+        if (images.length > 0) throw new KscError('KSC_E_INVALID', `--from-backup serves --overlay only: remove ${images.join(' ')}`);
+        log(`kscinc serve: ${await prepareFromBackup(o.fromBackup, o.overlay, o.disk)}`);
+        images = [o.overlay!];
+      } else if (o.overlay || o.disk) throw new KscError('KSC_E_INVALID', '--overlay and --disk go with --from-backup');
+      if (images.length === 0) throw new KscError('KSC_E_INVALID', 'serve needs at least one image (or --from-backup REPO ID --overlay FILE)');
       if (o.exportName !== undefined && images.length !== 1) throw new KscError('KSC_E_INVALID', '--export-name needs exactly one image');
       const names = images.map((img) => (images.length === 1 ? (o.exportName ?? '') : path.basename(img)));
       if (new Set(names).size !== names.length) throw new KscError('KSC_E_INVALID', 'two images have the same basename: export names must differ');
@@ -241,6 +265,7 @@ export function registerServeCommands(program: Command): void {
         bitmap: o.bitmap,
         maxConnections: o.maxConnections,
         shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
+        pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null },
       };
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
@@ -263,6 +288,7 @@ export function registerServeCommands(program: Command): void {
       println(
         `last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`,
       );
+      printPull(image, r.pulls);
     });
 
   program
@@ -275,6 +301,12 @@ export function registerServeCommands(program: Command): void {
       if (o.json) return printJson(r);
       println(`upgraded ${r.version.from} -> ${r.version.to}: ${r.connections} connection(s) kept, longest pause ${r.pauseMs} ms`);
     });
+}
+
+function bandwidth(v: string): number {
+  const n = parseSize(v, '--bandwidth');
+  if (n < 1) throw new KscError('KSC_E_INVALID', `--bandwidth "${v}": expected a rate above 0 bytes per second`);
+  return n;
 }
 
 async function ask<R>(image: string, req: object, what: string): Promise<R> {

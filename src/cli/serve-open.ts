@@ -4,6 +4,7 @@ import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
 import type { NbdExport } from '../nbd/server.js';
+import type { PullConfig } from './pull-control.js';
 
 /** What the serving process needs to know; plain data, sent from the supervisor to its worker. */
 export interface ServeConfig {
@@ -15,6 +16,8 @@ export interface ServeConfig {
   bitmap?: string[];
   maxConnections?: number;
   shutdownGraceMs?: number;
+  /** The background pull of live restores (absent: on, no bandwidth limit). */
+  pull?: PullConfig;
 }
 
 export interface OpenedExports {

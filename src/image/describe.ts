@@ -7,6 +7,8 @@ import { bytesToUuid } from '../util/uuid.js';
 import { allocationOf, bitmapsOf, chainOf, identityOf, type BitmapStatus } from './capabilities.js';
 import { openImage, type ImageFormat } from './open.js';
 import type { FileOpener } from '../io/file.js';
+import { KscImage } from './ksc.js';
+import { localShare, type LocalShare } from './live-share.js';
 
 export interface ImageDescription {
   file: string;
@@ -22,6 +24,8 @@ export interface ImageDescription {
   /** The backing devices below the image, top first. */
   backingChain: { file: string; format: ImageFormat }[];
   bitmaps: BitmapStatus[];
+  /** A live restore (§4.2): how much of its backup the image holds itself (absent otherwise). */
+  liveRestore?: LocalShare;
 }
 
 /** Opens `file` read-only (no lock taken) with its backing chain and describes it. */
@@ -40,6 +44,7 @@ export async function describeImage(file: string, opts: { opener?: FileOpener } 
       dirty: identity?.wasDirty ?? false,
       backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
       bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
+      ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await localShare(dev)) ?? undefined } : {}),
     };
   } finally {
     await dev.close();

@@ -41,6 +41,8 @@ export interface FetchAllOptions {
   maxRead?: number;
   /** Called once chunk `k` is verified and filled (or found already held). */
   onChunk?: (k: number) => void;
+  /** Awaited before each coalesced read with its length (a throttle); throwing stops the fetch. */
+  beforeRead?: (bytes: number) => Promise<void>;
 }
 
 /** A chunk of a bulk fetch that readers may wait for: its data once verified (a view until `copyOut`). */
@@ -249,6 +251,7 @@ export class BackupBacking implements BlockDevice {
     );
     const free: SharedSlot[] = [];
     await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
+      await opts.beforeRead?.(r.length);
       this.live();
       const slot = free.pop() ?? new SharedSlot(plan.inBytes, Math.max(plan.outBytes, BLOB_HEADER));
       try {

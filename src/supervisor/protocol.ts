@@ -5,6 +5,7 @@
  * another worker (`adopt` / `handoff`, with its SessionState and the bytes read and not parsed, base64).
  */
 import type { ServeConfig } from '../cli/serve-open.js';
+import type { PullStatus } from '../engines/pull-background.js';
 
 export type ToWorker =
   | { t: 'open'; config: ServeConfig }
@@ -33,7 +34,7 @@ export type FromWorker =
   | { t: 'ready'; openMs?: number }
   | { t: 'warmed'; ms: number; error?: string }
   | { t: 'failed'; code: string; message: string }
-  | { t: 'stats'; id: number; connections: number; inFlight: number }
+  | { t: 'stats'; id: number; connections: number; inFlight: number; pulls?: PullStatus[] }
   /** `preFlushMs`: the flush before parking (still serving); `drainMs`: every connection parked (in-flight requests replied); `closeMs`: flush + close. */
   | { t: 'parked'; connections: number; preFlushMs?: number; drainMs?: number; closeMs?: number }
   | { t: 'park-refused'; message: string }

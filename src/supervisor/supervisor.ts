@@ -14,6 +14,7 @@
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { ServeConfig } from '../cli/serve-open.js';
+import type { PullStatus } from '../engines/pull-background.js';
 import { Child } from './child.js';
 import type { FromWorker } from './protocol.js';
 import { Relay, markPhase } from './relay.js';
@@ -46,6 +47,8 @@ export interface StatusResult {
   inFlight: number;
   restarts: number;
   lastUpgrade: (UpgradeResult & { at: string }) | null;
+  /** The background pull of each served live restore (formats/control.md §5). */
+  pulls?: PullStatus[];
 }
 
 export interface SupervisorOptions {
@@ -394,12 +397,13 @@ export class Supervisor {
     const w = this.worker;
     let connections = 0;
     let inFlight = 0;
+    let pulls: PullStatus[] = [];
     if (w && w.alive && !this.upgrading) {
       const id = ++this.statsId;
       const got = w.next(['stats'], 5000, 'stats').catch(() => null);
       w.send({ t: 'stats', id });
       const s = await got;
-      if (s && s.t === 'stats') ({ connections, inFlight } = s);
+      if (s && s.t === 'stats') ({ connections, inFlight, pulls = [] } = s);
     }
     const now = Date.now();
     return {
@@ -409,6 +413,7 @@ export class Supervisor {
       inFlight,
       restarts: this.restarts,
       lastUpgrade: this.lastUpgrade,
+      pulls,
     };
   }
 

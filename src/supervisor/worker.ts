@@ -9,6 +9,7 @@ import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
 import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
+import { ServePulls } from '../cli/pull-control.js';
 import { NbdServer } from '../nbd/server.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
@@ -39,6 +40,7 @@ let opened: OpenedExports | null = null;
 let server: NbdServer | null = null;
 let backups: BackupRequests | null = null;
 let stopping: Promise<void> | null = null;
+let pulls: ServePulls | null = null;
 
 async function open(): Promise<void> {
   const c = config!;
@@ -47,6 +49,8 @@ async function open(): Promise<void> {
   const devices = c.images.map((image, i) => ({ image, device: opened!.devices[i]! }));
   if (backups) backups.setDevices(devices);
   else backups = new BackupRequests(devices, log);
+  pulls = new ServePulls(c.pull, () => (server?.inFlight ?? 0) > 0, log);
+  pulls.start(c.images, opened.devices);
 }
 
 async function fail(e: unknown): Promise<never> {
@@ -58,6 +62,7 @@ async function fail(e: unknown): Promise<never> {
 function stop(): Promise<void> {
   stopping ??= (async () => {
     if (server) await server.close();
+    await pulls?.stop();
     if (opened) await closeDevices(opened.devices);
     opened = null;
     await send({ t: 'stopped' });
@@ -112,7 +117,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       else backups.handle(sock, m.line, m.index);
       return;
     case 'stats':
-      await send({ t: 'stats', id: m.id, connections: server?.connections ?? 0, inFlight: server?.inFlight ?? 0 });
+      await send({ t: 'stats', id: m.id, connections: server?.connections ?? 0, inFlight: server?.inFlight ?? 0, pulls: pulls?.status() ?? [] });
       return;
     case 'park': {
       const busy = backups?.running();
@@ -121,10 +126,12 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         return;
       }
       const t = performance.now();
+      await pulls?.stop(); // before the pre-flush: what it filled is flushed with the rest; the new worker resumes it
       // Flushed while still serving, so that the flush in the pause below has only the last writes to make durable.
       try {
         await Promise.all(opened.devices.map((d) => (d.readOnly ? undefined : d.flush())));
       } catch (e) {
+        pulls?.start(config!.images, opened.devices);
         await send({ t: 'park-refused', message: `flushing before the handover failed: ${(e as Error).message}` });
         return;
       }

@@ -51,7 +51,8 @@ describe('kscinc restore --live, then serve', () => {
     expect(again.code).not.toBe(0);
     expect(again.stderr).toMatch(/exists/);
 
-    const s = await serve([live, '--listen', '127.0.0.1:0']);
+    // --no-pull: the image keeps its backing (and the server its lock) while served, whatever the reads filled.
+    const s = await serve([live, '--listen', '127.0.0.1:0', '--no-pull']);
     const packsBefore = packFiles(repo);
     try {
       const out = join(dir, 'served.raw');

@@ -73,7 +73,8 @@ describe('live restore from S3 (Ceph RGW)', () => {
     const live2 = join(dir, 'live2.ksc');
     ok(kscinc(['restore', 'latest', live2, '--repo', repo, '--live'], { env }), 'restore --live (2)');
     Object.assign(process.env, env);
-    const s2 = await serve([live2, '--listen', '127.0.0.1:0']).finally(() => {
+    // --no-pull: the outage must meet chunks that are still remote (no background pull fetching them first).
+    const s2 = await serve([live2, '--listen', '127.0.0.1:0', '--no-pull']).finally(() => {
       for (const k of Object.keys(env))
         if (saved[k] === undefined) delete process.env[k];
         else process.env[k] = saved[k];

@@ -111,7 +111,8 @@ describe('live restore over an unreachable repository', () => {
     const { repoDir, target, full } = await liveImageOf('nbd');
     const old = process.env.KSCINC_LIVE_TIMEOUT;
     process.env.KSCINC_LIVE_TIMEOUT = '2';
-    const s = await serve([target, '--listen', '127.0.0.1:0']).finally(() => {
+    // --no-pull: the chunks must still be remote when the repository goes away (read-through is tested here).
+    const s = await serve([target, '--listen', '127.0.0.1:0', '--no-pull']).finally(() => {
       if (old === undefined) delete process.env.KSCINC_LIVE_TIMEOUT;
       else process.env.KSCINC_LIVE_TIMEOUT = old;
     });

@@ -1,0 +1,65 @@
+/**
+ * The background pull inside `kscinc serve` (issue 18), as the serving process (the worker, or the only
+ * process with --no-supervisor) runs it: one BackgroundPull (src/engines/pull-background.ts) per served
+ * live restore, started once the images are open, stopped before they are closed; and how `kscinc status`
+ * prints a pull's progress.
+ */
+import * as path from 'node:path';
+import { BackgroundPull, type PullStatus } from '../engines/pull-background.js';
+import type { BlockDevice } from '../image/types.js';
+import { formatSize } from '../util/size.js';
+import { println } from './output.js';
+
+/** `serve --bandwidth` / `--no-pull`: plain data, sent from the supervisor to its worker. */
+export interface PullConfig {
+  enabled: boolean;
+  /** Bytes per second read from the repository at most; null: no limit. */
+  bandwidth: number | null;
+}
+
+/** The pulls of one serving process. */
+export class ServePulls {
+  private pulls: BackgroundPull[] = [];
+
+  constructor(
+    private readonly config: PullConfig | undefined,
+    private readonly busy: () => boolean,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Starts a pull for each device that is a live restore open for writing. */
+  start(images: string[], devices: BlockDevice[]): void {
+    const c = this.config ?? { enabled: true, bandwidth: null };
+    for (let i = 0; i < devices.length; i++) {
+      const p = BackgroundPull.of(devices[i]!, path.resolve(images[i]!), { bandwidth: c.bandwidth, off: !c.enabled, busy: this.busy, log: this.log });
+      if (!p) continue;
+      if (c.enabled) this.log(`kscinc serve: pulling the rest of ${images[i]} from its backup${c.bandwidth ? ` (at most ${formatSize(c.bandwidth)}/s)` : ''}`);
+      p.start();
+      this.pulls.push(p);
+    }
+  }
+
+  /** Stops every pull (reads started finish, fills are flushed); call before closing the devices. */
+  async stop(): Promise<void> {
+    const ps = this.pulls;
+    this.pulls = [];
+    await Promise.all(ps.map((p) => p.stop()));
+  }
+
+  status(): PullStatus[] {
+    return this.pulls.map((p) => p.status());
+  }
+}
+
+/** The pull lines of `kscinc status IMAGE`. */
+export function printPull(image: string, pulls: PullStatus[] | undefined): void {
+  const p = pulls?.find((x) => x.image === path.resolve(image));
+  if (!p) {
+    println('pull:        none (the image does not read from a backup)');
+    return;
+  }
+  const pct = p.totalBytes > 0 ? ((100 * p.localBytes) / p.totalBytes).toFixed(1) : '100.0';
+  println(`pull:        ${p.state}, ${formatSize(p.localBytes)} of ${formatSize(p.totalBytes)} local (${pct} %), ${p.localChunks}/${p.totalChunks} chunks of backup ${p.backup}`);
+  println(`  rate:      ${formatSize(p.rate)}/s${p.bandwidth ? ` (limit ${formatSize(p.bandwidth)}/s)` : ''}, ${formatSize(p.fetchedBytes)} read from the repository`);
+  if (p.error) println(`  error:     ${p.error}`);
+}
