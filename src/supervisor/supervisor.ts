@@ -14,6 +14,7 @@
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { ServeConfig } from '../cli/serve-open.js';
+import type { HandoverRecord } from '../image/ksc.js';
 import { Child } from './child.js';
 import type { FromWorker } from './protocol.js';
 import { Relay, markPhase } from './relay.js';
@@ -274,7 +275,7 @@ export class Supervisor {
     }
     this.opts.log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
-    await this.openInNew(old, neu, relay, phases);
+    await this.openInNew(old, neu, relay, phases, parked.t === 'parked' ? parked.handover : undefined);
     return this.completeHandover(old, neu, relay, phases);
   }
 
@@ -328,8 +329,8 @@ export class Supervisor {
   }
 
   /** The new worker opens the images; if it cannot, the old one reopens them and gets its connections back. */
-  private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>): Promise<void> {
-    neu.send({ t: 'open', config: this.opts.config });
+  private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>, handover?: (HandoverRecord | null)[]): Promise<void> {
+    neu.send({ t: 'open', config: this.opts.config, handover });
     try {
       const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
       if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;

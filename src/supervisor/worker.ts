@@ -8,7 +8,8 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
-import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
+import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
+import type { HandoverRecord } from '../image/ksc.js';
 import { NbdServer } from '../nbd/server.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
@@ -39,10 +40,12 @@ let opened: OpenedExports | null = null;
 let server: NbdServer | null = null;
 let backups: BackupRequests | null = null;
 let stopping: Promise<void> | null = null;
+/** The records of this worker's own handover (park), for reopening when the upgrade fails (resume). */
+let handedOver: (HandoverRecord | null)[] | null = null;
 
-async function open(): Promise<void> {
+async function open(handover?: (HandoverRecord | null)[]): Promise<void> {
   const c = config!;
-  opened = await openExports(c);
+  opened = await openExports(c, handover);
   server = new NbdServer({ exports: opened.exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
   const devices = c.images.map((image, i) => ({ image, device: opened!.devices[i]! }));
   if (backups) backups.setDevices(devices);
@@ -73,7 +76,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       config = m.config;
       try {
         const t = performance.now();
-        await open();
+        await open(m.handover);
         await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
@@ -139,13 +142,14 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
       const devices = opened.devices;
       opened = null;
-      await closeDevices(devices);
-      await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs) });
+      // Handed over, not closed cleanly (formats/ksc_inc.md §9 rule 11): the next worker keeps the intent bits.
+      handedOver = await handOverDevices(devices);
+      await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs), handover: handedOver });
       return;
     }
     case 'resume':
       try {
-        await open();
+        await open(handedOver ?? undefined); // the new worker did not open them: the records still match
       } catch (e) {
         return fail(e);
       }
