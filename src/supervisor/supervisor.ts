@@ -18,6 +18,7 @@ import type { HandoverRecord } from '../image/ksc.js';
 import { Child } from './child.js';
 import type { FromWorker } from './protocol.js';
 import { Relay, markPhase } from './relay.js';
+import { supervisorKillPoint, supervisorKillPointNow } from './killpoint.js';
 
 /** Delays before restarting after the 1st, 2nd, 3rd and later crashes within a minute. */
 export const BACKOFF_MS = [0, 100, 1000, 5000];
@@ -259,8 +260,13 @@ export class Supervisor {
     const relay = new Relay(neu);
     old.onMessage = (m, handle) => {
       this.took(m);
-      if (m.t === 'parking') relay.t0 = performance.now();
-      else if (m.t === 'handoff') relay.take(handle as Socket | undefined, m.state, m.pending, this.opts.log, DEBUG);
+      if (m.t === 'parking') {
+        relay.t0 = performance.now();
+        supervisorKillPointNow('parking', old, neu);
+      } else if (m.t === 'handoff') {
+        relay.take(handle as Socket | undefined, m.state, m.pending, this.opts.log, DEBUG);
+        supervisorKillPointNow('handoff', old, neu);
+      }
     };
     neu.onMessage = (m) => {
       this.took(m);
@@ -268,6 +274,7 @@ export class Supervisor {
     };
     const parked = await this.park(old, neu, relay);
     markPhase(phases, 'parked', relay.t0);
+    await supervisorKillPoint('parked', old, neu);
     if (parked.t === 'parked') {
       if (parked.preFlushMs !== undefined) phases.preFlush = parked.preFlushMs;
       if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
@@ -276,6 +283,7 @@ export class Supervisor {
     this.opts.log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
     await this.openInNew(old, neu, relay, phases, parked.t === 'parked' ? parked.handover : undefined);
+    await supervisorKillPoint('ready', old, neu);
     return this.completeHandover(old, neu, relay, phases);
   }
 
@@ -287,6 +295,7 @@ export class Supervisor {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
       markPhase(phases, 'start', tStart);
+      await supervisorKillPoint('loaded', old, neu);
       const tWarm = performance.now();
       const p = neu.next(['warmed'], WARM_MS, 'warming up').catch((e: unknown) => {
         if (!neu.alive) throw e;
@@ -295,6 +304,7 @@ export class Supervisor {
       neu.send({ t: 'warm' });
       const warmed = await p;
       markPhase(phases, 'warm', tWarm);
+      await supervisorKillPoint('warmed', old, neu);
       if (warmed?.t === 'warmed' && warmed.error) this.opts.log(`kscinc serve: upgrade: the new worker's warm-up failed (it serves all the same): ${warmed.error}`);
       return neu;
     } catch (e) {
@@ -367,12 +377,14 @@ export class Supervisor {
     // now are all there are.
     relay.forwardAll();
     old.send({ t: 'exit' });
+    await supervisorKillPoint('forwarded', old, neu);
     let timer: NodeJS.Timeout | null = null;
     await Promise.race([relay.allAdopted(), neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
     clearTimeout(timer!);
     const t0 = relay.t0;
     const pauseMs = Math.round(performance.now() - t0);
     markPhase(phases, 'adopted', t0);
+    await supervisorKillPoint('adopted', old, neu);
     await old.exited.catch(() => undefined);
     // old.onMessage stays: a connection an old worker that died sent just before (its message read after its
     // exit) still goes to the new worker.

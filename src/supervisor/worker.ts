@@ -14,6 +14,7 @@ import { NbdServer } from '../nbd/server.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
 import { warmUp } from './warmup.js';
+import { workerKillPoint } from './killpoint.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
 
 const log = (l: string): void => void process.stderr.write(`${l}\n`);
@@ -42,6 +43,8 @@ let backups: BackupRequests | null = null;
 let stopping: Promise<void> | null = null;
 /** The records of this worker's own handover (park), for reopening when the upgrade fails (resume). */
 let handedOver: (HandoverRecord | null)[] | null = null;
+/** Told to warm up: this worker is the new one of a hot upgrade. */
+let warmed = false;
 
 async function open(handover?: (HandoverRecord | null)[]): Promise<void> {
   const c = config!;
@@ -77,12 +80,14 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       try {
         const t = performance.now();
         await open(m.handover);
+        if (warmed) workerKillPoint('opened', 'new'); // a new worker of a handover (a first or restarted one is not warmed)
         await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
       }
       return;
     case 'warm': {
+      warmed = true;
       const t = performance.now();
       let error: string | undefined;
       try {
@@ -105,7 +110,9 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       else {
         const pending = Buffer.from(m.pending, 'base64');
         debug?.(`kscinc worker ${process.pid}: adopting a connection with ${unread(pending)}`);
+        workerKillPoint('adopting', 'new');
         server.adopt(sock, { state: m.state as never, pending });
+        workerKillPoint('adopted-one', 'new');
       }
       await send({ t: 'adopted' });
       return;
@@ -132,18 +139,22 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         return;
       }
       const tPark = performance.now();
+      workerKillPoint('preflushed', 'old');
       void send({ t: 'parking' });
       const list = await server.park();
+      workerKillPoint('drained', 'old');
       const drainMs = ms(performance.now() - tPark);
       if (debug) for (const p of list) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
       server = null;
       // The connections leave now (the supervisor holds them until the new worker has opened the images), so
       // that their passing overlaps the flush and close below.
-      for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
+      const sent = list.map((p) => send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket));
+      void Promise.all(sent).then(() => workerKillPoint('handed-off', 'old'));
       const devices = opened.devices;
       opened = null;
       // Handed over, not closed cleanly (formats/ksc_inc.md §9 rule 11): the next worker keeps the intent bits.
       handedOver = await handOverDevices(devices);
+      workerKillPoint('closed', 'old');
       await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs), handover: handedOver });
       return;
     }
