@@ -9,7 +9,7 @@ import type { HandoverRecord } from '../image/ksc.js';
 
 export type ToWorker =
   /** `handover`: the records of the worker that handed the images over (formats/ksc_inc.md §9 rule 11), if it did. */
-  | { t: 'open'; config: ServeConfig; handover?: (HandoverRecord | null)[] }
+  | { t: 'open'; config: ServeConfig; handover?: (HandoverRecord | null)[]; upgrade?: boolean }
   /** Before a hot upgrade's pause: run the serving paths once on a throwaway image (warmup.ts); answer `warmed`. */
   | { t: 'warm' }
   /** A new connection; the worker answers `took` at once, before reading it. */

@@ -16,6 +16,7 @@ import { KscError } from '../errors.js';
 import type { ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
 import { Child } from './child.js';
+import { Spare } from './spare.js';
 import type { FromWorker } from './protocol.js';
 import { Relay, markPhase } from './relay.js';
 import { supervisorKillPoint, supervisorKillPointNow } from './killpoint.js';
@@ -89,7 +90,12 @@ export class Supervisor {
    */
   private readonly inTransit = new Map<number, { h: Held & { kind: 'conn' }; w: Child }>();
 
-  constructor(private readonly opts: SupervisorOptions) {}
+  /** A worker started in advance for the next crash restart (spare.ts). */
+  private readonly spare: Spare;
+
+  constructor(private readonly opts: SupervisorOptions) {
+    this.spare = new Spare(opts.log);
+  }
 
   /** Starts the first worker and opens the images; rejects with the worker's error (then nothing runs). */
   async start(): Promise<void> {
@@ -143,12 +149,15 @@ export class Supervisor {
     }
   }
 
-  /** Forks a worker and has it open the images; kills it and rejects when either step fails. */
+  /** Has the spare worker, or else a new one, open the images; kills it and rejects when a step fails. */
   private async launch(): Promise<Child> {
-    const w = new Child();
+    const spare = this.spare.take();
+    const w = spare ?? new Child();
     try {
-      const loaded = await w.next(['loaded'], LOAD_MS, 'starting');
-      if (loaded.t === 'loaded') w.version = loaded.version;
+      if (!spare) {
+        const loaded = await w.next(['loaded'], LOAD_MS, 'starting');
+        if (loaded.t === 'loaded') w.version = loaded.version;
+      } else this.opts.log(`kscinc serve: the spare worker ${w.pid} opens the images`);
       w.send({ t: 'open', config: this.opts.config });
       await w.next(['ready'], OPEN_MS, 'opening the images');
       return w;
@@ -182,6 +191,7 @@ export class Supervisor {
     w.onMessage = (m) => this.took(m);
     void w.exited.then((how) => this.workerExited(w, how));
     this.release();
+    this.spare.refill();
   }
 
   private workerExited(w: Child, how: string): void {
@@ -203,6 +213,7 @@ export class Supervisor {
       const why = `the worker died ${this.crashes.length} times within a minute (more than ${max}); giving up`;
       this.opts.log(`kscinc serve: ${why}`);
       this.stopped = true;
+      void this.spare.drop(true);
       for (const h of this.held.splice(0)) h.sock.destroy();
       this.opts.onGiveUp(why);
       return;
@@ -340,7 +351,7 @@ export class Supervisor {
 
   /** The new worker opens the images; if it cannot, the old one reopens them and gets its connections back. */
   private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>, handover?: (HandoverRecord | null)[]): Promise<void> {
-    neu.send({ t: 'open', config: this.opts.config, handover });
+    neu.send({ t: 'open', config: this.opts.config, handover, upgrade: true });
     try {
       const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
       if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;
@@ -395,6 +406,8 @@ export class Supervisor {
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
+    // The spare runs the code of before the upgrade: a new one, of the code installed now.
+    void this.spare.drop().then(() => this.spare.refill());
     this.opts.log(
       `kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${relay.adoptedCount} connection(s); pause ${pauseMs} ms (${Object.entries(phases)
         .map(([k, v]) => `${k} ${v}`)
@@ -429,6 +442,7 @@ export class Supervisor {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.restartTimer) clearTimeout(this.restartTimer);
+    await this.spare.drop(true);
     for (const h of this.held.splice(0)) h.sock.destroy();
     await this.upgrading?.catch(() => undefined);
     for (const { h } of this.inTransit.values()) h.sock.destroy();

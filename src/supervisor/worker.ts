@@ -27,6 +27,9 @@ function unread(pending: Buffer): string {
   return `${pending.length} unread byte(s)${first ? `, first request: type ${first.type} cookie ${first.cookie}` : ''}`;
 }
 
+/** A spare (spare.ts) is named so, in ps and /proc/PID/cmdline, until it opens images. */
+const SPARE_TITLE = 'kscinc-spare';
+
 const ms = (x: number): number => Math.round(x * 10) / 10;
 
 function send(m: FromWorker, handle?: Socket): Promise<void> {
@@ -43,8 +46,6 @@ let backups: BackupRequests | null = null;
 let stopping: Promise<void> | null = null;
 /** The records of this worker's own handover (park), for reopening when the upgrade fails (resume). */
 let handedOver: (HandoverRecord | null)[] | null = null;
-/** Told to warm up: this worker is the new one of a hot upgrade. */
-let warmed = false;
 
 async function open(handover?: (HandoverRecord | null)[]): Promise<void> {
   const c = config!;
@@ -76,18 +77,18 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
   const sock = handle as Socket | undefined;
   switch (m.t) {
     case 'open':
+      if (process.title === SPARE_TITLE) process.title = 'kscinc-worker';
       config = m.config;
       try {
         const t = performance.now();
         await open(m.handover);
-        if (warmed) workerKillPoint('opened', 'new'); // a new worker of a handover (a first or restarted one is not warmed)
+        if (m.upgrade) workerKillPoint('opened', 'new');
         await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
       }
       return;
     case 'warm': {
-      warmed = true;
       const t = performance.now();
       let error: string | undefined;
       try {
@@ -174,6 +175,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
   }
 }
 
+if (process.argv.includes('--spare')) process.title = SPARE_TITLE;
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => undefined);
 process.on('disconnect', () => void stop());
 process.on('message', (m: unknown, handle: unknown) => {

@@ -42,13 +42,15 @@ async function connect(port: number): Promise<RawClient> {
   return c;
 }
 
-function upgrade(s: Supervised, img: string): Promise<number | null> {
+function upgrade(s: Supervised, img: string): Promise<string> {
   return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...s.env }, stdio: 'ignore' });
+    const p = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...s.env }, stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
     const timer = setTimeout(() => p.kill('SIGKILL'), 120_000);
     p.on('exit', (code) => {
       clearTimeout(timer);
-      resolve(code);
+      resolve(`exit ${code}${err ? `: ${err.trim()}` : ''}`);
     });
   });
 }
@@ -72,8 +74,8 @@ describe('a hot upgrade killed at each phase boundary (old worker, new worker, s
         expect(await request(c, CMD.FLUSH, 0)).toBe(0);
         flushed.set(0, 1);
         expect(await request(c, CMD.WRITE, B, pattern(2))).toBe(0);
-        const code = await upgrade(s, img);
-        expect(s.stderr(), `the kill point fired (upgrade exit ${code})`).toContain(`test kill point ${phase}: SIGKILL ${victim}`);
+        const how = await upgrade(s, img);
+        expect(s.stderr(), `the kill point fired (upgrade ${how})`).toContain(`test kill point ${phase}: SIGKILL ${victim}`);
         c.socket.destroy();
         if (victim !== 'supervisor') {
           // Served again: by the new worker, the old one after a failed upgrade, or one restarted after the crash.
