@@ -33,13 +33,16 @@ const img = join(dir, 'b.ksc');
 execFileSync(process.execPath, [CLI, 'create', '--size', o.size, img], { env });
 execFileSync(process.execPath, [CLI, 'bitmap', 'add', img, 'b0'], { env });
 
-const children = (pid) =>
+/** The spare worker (src/supervisor/spare.ts): --spare until it names itself kscinc-spare; kscinc-worker once it serves. */
+const isSpare = (cmd) => cmd.startsWith('kscinc-spare') || (!cmd.startsWith('kscinc-worker') && cmd.split('\0').includes('--spare'));
+const children = (pid, all = false) =>
   readdirSync('/proc')
     .filter((d) => /^\d+$/.test(d))
     .filter((d) => {
       try {
         const s = readFileSync(`/proc/${d}/stat`, 'utf8');
-        return Number(s.slice(s.lastIndexOf(')') + 2).split(' ')[1]) === pid;
+        // not the spare worker (src/supervisor/spare.ts), serving nothing yet
+        return Number(s.slice(s.lastIndexOf(')') + 2).split(' ')[1]) === pid && (all || !isSpare(readFileSync(`/proc/${d}/cmdline`, 'utf8')));
       } catch {
         return false;
       }
@@ -265,7 +268,7 @@ try {
     `crash -> serving (${o.size} image with bitmap, SIGKILL worker -> first read by a new connection), per kill in order (the back-off 0, 0.1, 1, 5 s applies to the 1st, 2nd, 3rd, 4th+ crash within a minute): ${times.map((t) => t.toFixed(0)).join(', ')} ms`,
   );
 } finally {
-  for (const w of children(p.pid)) process.kill(w, 'SIGKILL');
+  for (const w of children(p.pid, true)) process.kill(w, 'SIGKILL');
   p.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
 }

@@ -3,6 +3,7 @@ import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
+import { KscImage, type HandoverRecord } from '../image/ksc.js';
 import type { NbdExport } from '../nbd/server.js';
 import type { PullConfig } from './pull-control.js';
 
@@ -25,13 +26,16 @@ export interface OpenedExports {
   exports: Map<string, NbdExport>;
 }
 
-/** Opens every image (all or none: on failure the ones opened are closed again). */
-export async function openExports(c: ServeConfig): Promise<OpenedExports> {
+/**
+ * Opens every image (all or none: on failure the ones opened are closed again). `handover[i]`: the record of
+ * the worker that handed image i over (formats/ksc_inc.md §9 rule 11), if any.
+ */
+export async function openExports(c: ServeConfig, handover: (HandoverRecord | null)[] = []): Promise<OpenedExports> {
   const devices: BlockDevice[] = [];
   const exports = new Map<string, NbdExport>();
   try {
     for (let i = 0; i < c.images.length; i++) {
-      const dev = await openImage(c.images[i]!, { write: !c.readOnly });
+      const dev = await openImage(c.images[i]!, { write: !c.readOnly, handover: handover[i] ?? undefined });
       devices.push(dev);
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
@@ -54,4 +58,21 @@ export async function closeDevices(devices: BlockDevice[]): Promise<void> {
       await d.close();
     }
   }
+}
+
+/**
+ * Closes each device for the next worker (a hot upgrade): a writable ksc_inc image is handed over (flushed,
+ * its DIRTY header and intent bits left in place, §9 rule 11), anything else flushed and closed. Returns the
+ * records, one per device (null where there is none), for openExports of the next worker.
+ */
+export async function handOverDevices(devices: BlockDevice[]): Promise<(HandoverRecord | null)[]> {
+  const out: (HandoverRecord | null)[] = [];
+  for (const d of devices) {
+    if (d instanceof KscImage && !d.readOnly) out.push(await d.handOver());
+    else {
+      await closeDevices([d]);
+      out.push(null);
+    }
+  }
+  return out;
 }

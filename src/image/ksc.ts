@@ -3,3 +3,4 @@
  * ksc/image.ts); this module is the name the rest of the code imports.
  */
 export { KscImage, type BitmapStatus, type CreateKscOptions, type OpenKscOptions } from './ksc/image.js';
+export type { HandoverRecord } from './ksc/handover.js';

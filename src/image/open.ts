@@ -14,6 +14,7 @@ import { RawDevice } from './raw.js';
 import { BackupBacking } from './repobacking.js';
 import type { BackupRef } from '../format/header.js';
 import type { BlockDevice } from './types.js';
+import type { HandoverRecord } from './ksc/handover.js';
 
 export type ImageFormat = 'raw' | 'ksc_inc';
 
@@ -27,6 +28,8 @@ export interface OpenImageOptions {
   /** Format of the top image; default: probed from its first bytes. */
   format?: ImageFormat;
   opener?: FileOpener;
+  /** The top image's handover record (formats/ksc_inc.md §9 rule 11), from the writer that handed it over. */
+  handover?: HandoverRecord;
 }
 
 /**
@@ -122,7 +125,7 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     }
   }
   try {
-    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force });
+    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force, handover: depth === 0 ? opts.handover : undefined });
     if (write && backing instanceof BackupBacking) backing.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
     return img;
   } catch (e) {

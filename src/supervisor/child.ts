@@ -26,8 +26,9 @@ export class Child {
   onMessage: (m: FromWorker, handle: unknown) => void = () => undefined;
   private readonly waiters = new Set<Waiter>();
 
-  constructor() {
-    this.proc = fork(workerEntry(), [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+  /** `spare`: started in advance (spare.ts); the process calls itself kscinc-spare until it opens images. */
+  constructor(spare?: 'spare') {
+    this.proc = fork(workerEntry(), spare ? ['--spare'] : [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
     this.proc.on('error', () => undefined); // a failed send: the exit tells
     this.proc.on('message', (m: unknown, handle: unknown) => {
       if (!isMessage(m)) return;

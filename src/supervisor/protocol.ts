@@ -6,9 +6,11 @@
  */
 import type { ServeConfig } from '../cli/serve-open.js';
 import type { PullStatus } from '../engines/pull-background.js';
+import type { HandoverRecord } from '../image/ksc.js';
 
 export type ToWorker =
-  | { t: 'open'; config: ServeConfig }
+  /** `handover`: the records of the worker that handed the images over (formats/ksc_inc.md §9 rule 11), if it did. */
+  | { t: 'open'; config: ServeConfig; handover?: (HandoverRecord | null)[]; upgrade?: boolean }
   /** Before a hot upgrade's pause: run the serving paths once on a throwaway image (warmup.ts); answer `warmed`. */
   | { t: 'warm' }
   /** A new connection; the worker answers `took` at once, before reading it. */
@@ -36,7 +38,7 @@ export type FromWorker =
   | { t: 'failed'; code: string; message: string }
   | { t: 'stats'; id: number; connections: number; inFlight: number; pulls?: PullStatus[] }
   /** `preFlushMs`: the flush before parking (still serving); `drainMs`: every connection parked (in-flight requests replied); `closeMs`: flush + close. */
-  | { t: 'parked'; connections: number; preFlushMs?: number; drainMs?: number; closeMs?: number }
+  | { t: 'parked'; connections: number; preFlushMs?: number; drainMs?: number; closeMs?: number; handover?: (HandoverRecord | null)[] }
   | { t: 'park-refused'; message: string }
   /** The pre-flush is done: the worker stops reading now (the pause starts). */
   | { t: 'parking' }

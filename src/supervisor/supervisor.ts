@@ -15,9 +15,12 @@ import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { ServeConfig } from '../cli/serve-open.js';
 import type { PullStatus } from '../engines/pull-background.js';
+import type { HandoverRecord } from '../image/ksc.js';
 import { Child } from './child.js';
+import { Spare } from './spare.js';
 import type { FromWorker } from './protocol.js';
 import { Relay, markPhase } from './relay.js';
+import { supervisorKillPoint, supervisorKillPointNow } from './killpoint.js';
 
 /** Delays before restarting after the 1st, 2nd, 3rd and later crashes within a minute. */
 export const BACKOFF_MS = [0, 100, 1000, 5000];
@@ -90,7 +93,12 @@ export class Supervisor {
    */
   private readonly inTransit = new Map<number, { h: Held & { kind: 'conn' }; w: Child }>();
 
-  constructor(private readonly opts: SupervisorOptions) {}
+  /** A worker started in advance for the next crash restart (spare.ts). */
+  private readonly spare: Spare;
+
+  constructor(private readonly opts: SupervisorOptions) {
+    this.spare = new Spare(opts.log);
+  }
 
   /** Starts the first worker and opens the images; rejects with the worker's error (then nothing runs). */
   async start(): Promise<void> {
@@ -144,12 +152,15 @@ export class Supervisor {
     }
   }
 
-  /** Forks a worker and has it open the images; kills it and rejects when either step fails. */
+  /** Has the spare worker, or else a new one, open the images; kills it and rejects when a step fails. */
   private async launch(): Promise<Child> {
-    const w = new Child();
+    const spare = this.spare.take();
+    const w = spare ?? new Child();
     try {
-      const loaded = await w.next(['loaded'], LOAD_MS, 'starting');
-      if (loaded.t === 'loaded') w.version = loaded.version;
+      if (!spare) {
+        const loaded = await w.next(['loaded'], LOAD_MS, 'starting');
+        if (loaded.t === 'loaded') w.version = loaded.version;
+      } else this.opts.log(`kscinc serve: the spare worker ${w.pid} opens the images`);
       w.send({ t: 'open', config: this.opts.config });
       await w.next(['ready'], OPEN_MS, 'opening the images');
       return w;
@@ -183,6 +194,7 @@ export class Supervisor {
     w.onMessage = (m) => this.took(m);
     void w.exited.then((how) => this.workerExited(w, how));
     this.release();
+    this.spare.refill();
   }
 
   private workerExited(w: Child, how: string): void {
@@ -204,6 +216,7 @@ export class Supervisor {
       const why = `the worker died ${this.crashes.length} times within a minute (more than ${max}); giving up`;
       this.opts.log(`kscinc serve: ${why}`);
       this.stopped = true;
+      void this.spare.drop(true);
       for (const h of this.held.splice(0)) h.sock.destroy();
       this.opts.onGiveUp(why);
       return;
@@ -261,8 +274,13 @@ export class Supervisor {
     const relay = new Relay(neu);
     old.onMessage = (m, handle) => {
       this.took(m);
-      if (m.t === 'parking') relay.t0 = performance.now();
-      else if (m.t === 'handoff') relay.take(handle as Socket | undefined, m.state, m.pending, this.opts.log, DEBUG);
+      if (m.t === 'parking') {
+        relay.t0 = performance.now();
+        supervisorKillPointNow('parking', old, neu);
+      } else if (m.t === 'handoff') {
+        relay.take(handle as Socket | undefined, m.state, m.pending, this.opts.log, DEBUG);
+        supervisorKillPointNow('handoff', old, neu);
+      }
     };
     neu.onMessage = (m) => {
       this.took(m);
@@ -270,6 +288,7 @@ export class Supervisor {
     };
     const parked = await this.park(old, neu, relay);
     markPhase(phases, 'parked', relay.t0);
+    await supervisorKillPoint('parked', old, neu);
     if (parked.t === 'parked') {
       if (parked.preFlushMs !== undefined) phases.preFlush = parked.preFlushMs;
       if (parked.drainMs !== undefined) phases.drain = parked.drainMs;
@@ -277,7 +296,8 @@ export class Supervisor {
     }
     this.opts.log(`kscinc serve: upgrade: old worker ${old.pid} ${old.alive ? `parked ${parked.t === 'parked' ? parked.connections : 0} connection(s) and closed the images` : old.exitedWith}`);
     // The old worker has closed the images (or is dead): the new one opens them.
-    await this.openInNew(old, neu, relay, phases);
+    await this.openInNew(old, neu, relay, phases, parked.t === 'parked' ? parked.handover : undefined);
+    await supervisorKillPoint('ready', old, neu);
     return this.completeHandover(old, neu, relay, phases);
   }
 
@@ -289,6 +309,7 @@ export class Supervisor {
       const loaded = await neu.next(['loaded'], LOAD_MS, 'starting');
       if (loaded.t === 'loaded') neu.version = loaded.version;
       markPhase(phases, 'start', tStart);
+      await supervisorKillPoint('loaded', old, neu);
       const tWarm = performance.now();
       const p = neu.next(['warmed'], WARM_MS, 'warming up').catch((e: unknown) => {
         if (!neu.alive) throw e;
@@ -297,6 +318,7 @@ export class Supervisor {
       neu.send({ t: 'warm' });
       const warmed = await p;
       markPhase(phases, 'warm', tWarm);
+      await supervisorKillPoint('warmed', old, neu);
       if (warmed?.t === 'warmed' && warmed.error) this.opts.log(`kscinc serve: upgrade: the new worker's warm-up failed (it serves all the same): ${warmed.error}`);
       return neu;
     } catch (e) {
@@ -331,8 +353,8 @@ export class Supervisor {
   }
 
   /** The new worker opens the images; if it cannot, the old one reopens them and gets its connections back. */
-  private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>): Promise<void> {
-    neu.send({ t: 'open', config: this.opts.config });
+  private async openInNew(old: Child, neu: Child, relay: Relay, phases: Record<string, number>, handover?: (HandoverRecord | null)[]): Promise<void> {
+    neu.send({ t: 'open', config: this.opts.config, handover, upgrade: true });
     try {
       const ready = await neu.next(['ready'], OPEN_MS, 'opening the images');
       if (ready.t === 'ready' && ready.openMs !== undefined) phases.open = ready.openMs;
@@ -369,12 +391,14 @@ export class Supervisor {
     // now are all there are.
     relay.forwardAll();
     old.send({ t: 'exit' });
+    await supervisorKillPoint('forwarded', old, neu);
     let timer: NodeJS.Timeout | null = null;
     await Promise.race([relay.allAdopted(), neu.exited, new Promise((r) => (timer = setTimeout(r, PARK_MS)))]);
     clearTimeout(timer!);
     const t0 = relay.t0;
     const pauseMs = Math.round(performance.now() - t0);
     markPhase(phases, 'adopted', t0);
+    await supervisorKillPoint('adopted', old, neu);
     await old.exited.catch(() => undefined);
     // old.onMessage stays: a connection an old worker that died sent just before (its message read after its
     // exit) still goes to the new worker.
@@ -385,6 +409,8 @@ export class Supervisor {
     neu.onMessage = (m) => this.took(m);
     void neu.exited.then((how) => this.workerExited(neu, how));
     if (neu.alive) this.release();
+    // The spare runs the code of before the upgrade: a new one, of the code installed now.
+    void this.spare.drop().then(() => this.spare.refill());
     this.opts.log(
       `kscinc serve: upgrade: worker ${neu.pid} (version ${neu.version}) serving ${relay.adoptedCount} connection(s); pause ${pauseMs} ms (${Object.entries(phases)
         .map(([k, v]) => `${k} ${v}`)
@@ -421,6 +447,7 @@ export class Supervisor {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.restartTimer) clearTimeout(this.restartTimer);
+    await this.spare.drop(true);
     for (const h of this.held.splice(0)) h.sock.destroy();
     await this.upgrading?.catch(() => undefined);
     for (const { h } of this.inTransit.values()) h.sock.destroy();

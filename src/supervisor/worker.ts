@@ -8,12 +8,14 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
-import { closeDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import { ServePulls } from '../cli/pull-control.js';
+import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
+import type { HandoverRecord } from '../image/ksc.js';
 import { NbdServer } from '../nbd/server.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
 import { warmUp } from './warmup.js';
+import { workerKillPoint } from './killpoint.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
 
 const log = (l: string): void => void process.stderr.write(`${l}\n`);
@@ -25,6 +27,9 @@ function unread(pending: Buffer): string {
   const first = pending.length >= REQUEST_SIZE ? decodeRequest(pending) : null;
   return `${pending.length} unread byte(s)${first ? `, first request: type ${first.type} cookie ${first.cookie}` : ''}`;
 }
+
+/** A spare (spare.ts) is named so, in ps and /proc/PID/cmdline, until it opens images. */
+const SPARE_TITLE = 'kscinc-spare';
 
 const ms = (x: number): number => Math.round(x * 10) / 10;
 
@@ -41,10 +46,12 @@ let server: NbdServer | null = null;
 let backups: BackupRequests | null = null;
 let stopping: Promise<void> | null = null;
 let pulls: ServePulls | null = null;
+/** The records of this worker's own handover (park), for reopening when the upgrade fails (resume). */
+let handedOver: (HandoverRecord | null)[] | null = null;
 
-async function open(): Promise<void> {
+async function open(handover?: (HandoverRecord | null)[]): Promise<void> {
   const c = config!;
-  opened = await openExports(c);
+  opened = await openExports(c, handover);
   server = new NbdServer({ exports: opened.exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
   const devices = c.images.map((image, i) => ({ image, device: opened!.devices[i]! }));
   if (backups) backups.setDevices(devices);
@@ -75,10 +82,12 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
   const sock = handle as Socket | undefined;
   switch (m.t) {
     case 'open':
+      if (process.title === SPARE_TITLE) process.title = 'kscinc-worker';
       config = m.config;
       try {
         const t = performance.now();
-        await open();
+        await open(m.handover);
+        if (m.upgrade) workerKillPoint('opened', 'new');
         await send({ t: 'ready', openMs: ms(performance.now() - t) });
       } catch (e) {
         return fail(e);
@@ -107,7 +116,9 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       else {
         const pending = Buffer.from(m.pending, 'base64');
         debug?.(`kscinc worker ${process.pid}: adopting a connection with ${unread(pending)}`);
+        workerKillPoint('adopting', 'new');
         server.adopt(sock, { state: m.state as never, pending });
+        workerKillPoint('adopted-one', 'new');
       }
       await send({ t: 'adopted' });
       return;
@@ -136,23 +147,28 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
         return;
       }
       const tPark = performance.now();
+      workerKillPoint('preflushed', 'old');
       void send({ t: 'parking' });
       const list = await server.park();
+      workerKillPoint('drained', 'old');
       const drainMs = ms(performance.now() - tPark);
       if (debug) for (const p of list) debug(`kscinc worker ${process.pid}: parked a connection with no request in flight, ${unread(p.pending)}`);
       server = null;
       // The connections leave now (the supervisor holds them until the new worker has opened the images), so
       // that their passing overlaps the flush and close below.
-      for (const p of list) void send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket);
+      const sent = list.map((p) => send({ t: 'handoff', state: p.state, pending: p.pending.toString('base64') }, p.socket));
+      void Promise.all(sent).then(() => workerKillPoint('handed-off', 'old'));
       const devices = opened.devices;
       opened = null;
-      await closeDevices(devices);
-      await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs) });
+      // Handed over, not closed cleanly (formats/ksc_inc.md §9 rule 11): the next worker keeps the intent bits.
+      handedOver = await handOverDevices(devices);
+      workerKillPoint('closed', 'old');
+      await send({ t: 'parked', connections: list.length, preFlushMs: ms(tPark - t), drainMs, closeMs: ms(performance.now() - tPark - drainMs), handover: handedOver });
       return;
     }
     case 'resume':
       try {
-        await open();
+        await open(handedOver ?? undefined); // the new worker did not open them: the records still match
       } catch (e) {
         return fail(e);
       }
@@ -166,6 +182,7 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
   }
 }
 
+if (process.argv.includes('--spare')) process.title = SPARE_TITLE;
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(sig, () => undefined);
 process.on('disconnect', () => void stop());
 process.on('message', (m: unknown, handle: unknown) => {

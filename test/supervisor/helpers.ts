@@ -24,15 +24,26 @@ export interface Supervised {
 
 const started = new Set<Supervised>();
 
-/** Children of `pid`, from /proc. */
-export function childrenOf(pid: number): number[] {
+/** A spare worker (src/supervisor/spare.ts): started in advance, serving nothing yet. */
+function isSpare(pid: number): boolean {
+  try {
+    // Named kscinc-spare once loaded; before that its arguments say --spare; kscinc-worker once it serves.
+    const cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return cmd.startsWith('kscinc-spare') || (!cmd.startsWith('kscinc-worker') && cmd.split('\0').includes('--spare'));
+  } catch {
+    return false;
+  }
+}
+
+/** Children of `pid`, from /proc; without the spare worker unless `spares`. */
+export function childrenOf(pid: number, spares = false): number[] {
   const out: number[] = [];
   for (const d of readdirSync('/proc')) {
     if (!/^\d+$/.test(d)) continue;
     try {
       const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
       const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-      if (ppid === pid) out.push(Number(d));
+      if (ppid === pid && (spares || !isSpare(Number(d)))) out.push(Number(d));
     } catch {
       // gone
     }
@@ -57,7 +68,7 @@ export function killFirstAlive(pids: number[]): number | undefined {
 }
 
 function killAll(s: Supervised): void {
-  for (const p of [...childrenOf(s.proc.pid!), ...s.workers]) {
+  for (const p of [...childrenOf(s.proc.pid!, true), ...s.workers]) {
     try {
       process.kill(p, 'SIGKILL');
     } catch {

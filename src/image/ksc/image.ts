@@ -20,6 +20,7 @@ import * as data from './datapath.js';
 import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
+import { type HandoverRecord, handOver } from './handover.js';
 
 export type { BitmapStatus } from './bitmaps.js';
 
@@ -44,6 +45,8 @@ export interface OpenKscOptions {
   /** Allow changes to a frozen image (§4.1 FROZEN: the backing of a snapshot overlay). */
   force?: boolean;
   opener?: FileOpener;
+  /** The record of the writer that handed this image over (§9 rule 11); ignored unless it still matches. */
+  handover?: HandoverRecord;
 }
 
 /** The state behind an image, for the modules of this folder (the checker) and white-box tests only. */
@@ -131,7 +134,7 @@ export class KscImage implements BlockDevice {
     const file = await (opts.opener ?? openHostFile)(path, { write });
     try {
       if (write) await file.lockExclusive();
-      const img = new KscImage(await openCore(file, write, opts.backing ?? null));
+      const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover));
       img.core.refuseChanges = write && img.frozen && !opts.force;
       return img;
     } catch (e) {
@@ -204,6 +207,19 @@ export class KscImage implements BlockDevice {
   /** §9 rule 7. Closes the backing chain too. Idempotent. */
   close(): Promise<void> {
     return close(this.core);
+  }
+
+  /**
+   * §9 rule 11: closes the image for the next writer (a hot upgrade): flushes, leaves the DIRTY header and the
+   * intent bits in place and returns the record to open it with (`handover` of open()). Null when read-only
+   * or unflushable (then closed as close() does). A crash after it is recovered like any other (§10).
+   */
+  handOver(): Promise<HandoverRecord | null> {
+    return handOver(
+      this.core,
+      () => flush(this.core),
+      () => close(this.core),
+    );
   }
 
   // ---------------------------------------------------------------- allocation view

@@ -17,6 +17,7 @@ import { MapTable } from '../maptable.js';
 import { findLeakedClusters } from '../sweep.js';
 import type { BlockDevice } from '../types.js';
 import { KscCore, punchRuns } from './core.js';
+import { type HandoverRecord, trustHandover } from './handover.js';
 
 /** Reads the current header of a ksc_inc file (for probing and `info`), and which slots are damaged. */
 export async function readHeader(file: HostFile): Promise<{ header: Header; slot: number; damagedSlots: string[] }> {
@@ -44,14 +45,19 @@ export async function readHeader(file: HostFile): Promise<{ header: Header; slot
   return { ...best, damagedSlots: damaged };
 }
 
-/** Opens the image in `file` (locked by the caller when `write`); the caller closes `file` on failure. */
-export async function openCore(file: HostFile, write: boolean, backing: BlockDevice | null): Promise<KscCore> {
+/**
+ * Opens the image in `file` (locked by the caller when `write`); the caller closes `file` on failure. With
+ * `handover` (a writer's record, §9 rule 11) that still matches the file, a writer continues that writer's
+ * session: no header write, no recovery, no sweep, its free list and its intent bits kept (§10).
+ */
+export async function openCore(file: HostFile, write: boolean, backing: BlockDevice | null, handover?: HandoverRecord): Promise<KscCore> {
   const { header, slot, damagedSlots } = await readHeader(file);
   // §10 step 1: a damaged header slot may have been the newer one (its generation is unreadable), e.g. a
   // DIRTY header torn or damaged after a crash: the image counts as not closed cleanly.
   const dirty = (header.incompatible & INCOMPAT_DIRTY) !== 0n || damagedSlots.length > 0;
   const damage: string[] = [];
   const fileSize = await file.size();
+  const handedFree = write ? trustHandover(handover, header, damagedSlots, fileSize, file.path) : null;
   const alloc = new Allocator(alignUp(fileSize, 4096), 2 ** header.blockBits);
   const dir = Buffer.alloc(header.directoryEntries * 16);
   if ((await file.read(dir, header.directoryOffset)) < dir.length) throw corrupt(file.path, 'directory', 'is truncated');
@@ -80,8 +86,15 @@ export async function openCore(file: HostFile, write: boolean, backing: BlockDev
     }
   }
   const c = new KscCore(file, header, slot, !write, map, alloc, intent, bitmaps, consistent, backing);
-  c.openedDirty = dirty;
   c.openDamage = damage;
+  if (handedFree) {
+    // §10 step 0: the header on disk is the handing writer's DIRTY header, durable (rule 1 holds); its last
+    // flush made every bitmap bit and checksum durable, so the set intent bits need no recovery.
+    alloc.addFree(handedFree);
+    await intent.rewriteWords(decoded.damagedWords);
+    return c;
+  }
+  c.openedDirty = dirty;
   if (write) {
     // §9 rule 1: DIRTY durable before any change; unknown autoclear bits dropped (§4.1). The header goes
     // into the other slot, which rewrites a damaged one.
