@@ -46,6 +46,7 @@ interface ServeOptions {
   shutdownGrace?: number;
   supervisor?: boolean;
   maxRestarts?: number;
+  incoming?: boolean;
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -207,6 +208,14 @@ function supervisorRequest(sup: Supervisor, sock: Socket, line: string, index: n
   );
 }
 
+/** `--incoming`: one writable image; its token is printed on stdout (formats/migrate.md §5). */
+async function incomingFor(images: string[], readOnly: boolean): Promise<ServeConfig['incoming']> {
+  if (images.length !== 1 || readOnly) throw new KscError('KSC_E_INVALID', '--incoming needs exactly one image, served writable');
+  const inc = await (await import('./migrate-commands.js')).prepareIncoming(images[0]!);
+  println(`incoming-token: ${inc.token}`);
+  return inc;
+}
+
 export function registerServeCommands(program: Command): void {
   program
     .command('serve')
@@ -225,6 +234,7 @@ export function registerServeCommands(program: Command): void {
     .option('--max-connections <n>', 'connections served at once; more are refused (default 64)', positiveInt('--max-connections'))
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
+    .option('--incoming', 'the target of a migration (formats/migrate.md §5): only the source holding the printed token may write until it completes')
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .action(async (images: string[], o: ServeOptions) => {
       if (o.exportName !== undefined && images.length !== 1) throw new KscError('KSC_E_INVALID', '--export-name needs exactly one image');
@@ -242,6 +252,7 @@ export function registerServeCommands(program: Command): void {
         maxConnections: o.maxConnections,
         shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
       };
+      if (o.incoming) config.incoming = await incomingFor(images, config.readOnly);
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
     });
