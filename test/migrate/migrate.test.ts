@@ -11,7 +11,10 @@ import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { run } from '../helpers/cli.js';
+import { exchange } from '../helpers/control-exchange.js';
 import { startQemuNbd } from '../helpers/qemu-nbd.js';
+import { spawnServe } from '../helpers/serve.js';
+import { controlPath } from '../../src/cli/control-trust.js';
 import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
@@ -136,6 +139,10 @@ describe('kscinc migrate', () => {
       await w.start();
       r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
       await w.atLeast(30);
+      // The migration's state lives in the worker: no hot upgrade meanwhile (and none after a completed one).
+      const up = r.cli(['upgrade', 'vm.ksc']);
+      expect(up.code).not.toBe(0);
+      expect(up.stderr).toMatch(/a migration of .*vm\.ksc to .* is (copying|converged)/);
       const c = r.json<MigrateStatus>(['migrate', 'cancel', 'vm.ksc']);
       expect(c.phase).toBe('cancelled');
       await w.atLeast(30); // still writing to the source
@@ -176,5 +183,35 @@ describe('kscinc migrate', () => {
       await dst.stop();
     }
     holdsModel(rawOf(r, 'vm.ksc'), w);
+  });
+
+  it('bad requests and a non-empty --incoming target are refused with clear errors', async () => {
+    const r = rig();
+    makeBaseAndOverlay(r, 'vm.ksc', 1);
+    // A target with data above its base would serve stale blocks the first pass does not send.
+    const bad = spawnServe([join(r.dir, 'vm.ksc'), '--listen', '127.0.0.1:0', '--incoming'], { env: r.env, timeoutMs: 30_000 });
+    await expect(bad.uris).rejects.toThrow(/holds blocks above its base/);
+    const src = await serveImage(r, 'vm.ksc');
+    try {
+      const old = process.env.KSCINC_RUN_DIR;
+      process.env.KSCINC_RUN_DIR = r.env.KSCINC_RUN_DIR;
+      const path = controlPath(join(r.dir, 'vm.ksc'));
+      process.env.KSCINC_RUN_DIR = old;
+      const cases: [object, RegExp][] = [
+        [{ op: 'migrate-start' }, /member "to" must be a non-empty string/],
+        [{ op: 'migrate-start', to: 'nbd://127.0.0.1:1/x', token: 'XYZ' }, /member "token" must be 32 lowercase hex digits/],
+        [{ op: 'migrate-start', to: 'nbd://127.0.0.1:1/x', connections: 99 }, /member "connections"/],
+        [{ op: 'migrate-status', extra: 1 }, /unknown member "extra"/],
+        [{ op: 'migrate-explode' }, /unknown op "migrate-explode"/],
+      ];
+      for (const [req, msg] of cases) {
+        const out = await exchange(path, JSON.stringify(req));
+        expect(out).toEqual([{ error: { code: 'KSC_E_INVALID', message: expect.stringMatching(msg) as unknown } }]);
+      }
+      const unreachable = r.cli(['migrate', 'start', 'vm.ksc', '--to', 'nbd://127.0.0.1:1/x']);
+      expect(unreachable.stderr).toMatch(/cannot connect to NBD server 127\.0\.0\.1:1/);
+    } finally {
+      expect(await src.stop()).toBe(0);
+    }
   });
 });
