@@ -207,9 +207,15 @@ export class Migration {
     await this.removeBitmaps().catch((x: unknown) => this.log(`kscinc migrate: removing the migration bitmaps failed: ${(x as Error).message}`));
   }
 
+  /** One complete or cancel at a time: a second one while the first waits for the round to end is refused. */
+  private refuseSecondStop(): void {
+    if (this.stopAsked) throw new KscError('KSC_E_LOCKED', `a ${this.stopAsked} of the migration of ${this.dev.name} is already under way`);
+  }
+
   /** Stops copying, removes the migration bitmaps, disconnects. KSC_E_INVALID unless copying or converged. */
   async cancel(): Promise<MigrateStatus> {
     if (this.phase !== 'copying' && this.phase !== 'converged') throw new KscError('KSC_E_INVALID', `the migration of ${this.dev.name} is ${this.phase}: nothing to cancel`);
+    this.refuseSecondStop();
     this.stopAsked = 'cancel';
     await this.loop;
     if ((this.phase as MigratePhase) === 'failed') return this.status();
@@ -227,6 +233,7 @@ export class Migration {
    */
   async complete(): Promise<MigrateStatus> {
     if (this.phase !== 'copying' && this.phase !== 'converged') throw new KscError('KSC_E_INVALID', `the migration of ${this.dev.name} is ${this.phase}: it cannot be completed`);
+    this.refuseSecondStop();
     this.stopAsked = 'complete';
     await this.loop;
     if ((this.phase as MigratePhase) === 'failed') throw this.error!;

@@ -119,7 +119,10 @@ describe('migration switch-over', () => {
       target.flushDelayMs = 50;
       let heldP: Promise<PromiseSettledResult<void>[]> | null = null;
       target.onFlush = () => (heldP = heldWrites(src, rnd, 10, Buffer.alloc(SIZE))); // issued inside the pause
-      const s = await m.complete();
+      const completing = m.complete();
+      await expect(m.cancel()).rejects.toMatchObject({ code: 'KSC_E_LOCKED' }); // one stop at a time
+      await expect(m.complete()).rejects.toMatchObject({ code: 'KSC_E_LOCKED' });
+      const s = await completing;
       const held = await heldP!;
       expect(held.length).toBe(10);
       expect(s.phase).toBe('completed');
