@@ -239,6 +239,11 @@ export class Migration {
     if ((this.phase as MigratePhase) === 'failed') throw this.error!;
     this.phase = 'completing';
     try {
+      // While still serving: one more round, and a flush of everything sent so far, so that the pause below
+      // has only the last blocks to send and make durable (a destination that fsyncs the whole first pass
+      // inside the pause took ~0.5 s for 300 MB here).
+      await this.round();
+      await this.target.flush();
       await this.switchOver();
     } catch (e) {
       await this.fail(e);

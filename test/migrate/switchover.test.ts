@@ -19,14 +19,21 @@ const SIZE = 16 * MiB;
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`switchover.test seed ${seed}`);
 
-/** A destination device as a MigrationTarget; `flushFails` makes its flush reject; `flushDelayMs` slows it. */
+/**
+ * A destination device as a MigrationTarget. complete() flushes twice: once still serving, once inside the
+ * pause (formats/migrate.md §4 steps 1 and 4); at the flush numbered `pauseFlush` it calls `inPause`, waits
+ * `flushDelayMs`, and fails when `flushFails`.
+ */
 class DeviceTarget implements MigrationTarget {
   readonly maxPayload = 32 * MiB;
   readonly parallelism = 8;
   flushFails = false;
-  flushDelayMs = 0;
-  /** Called at the start of each flush: inside the switch-over's pause (its step 4). */
-  onFlush: (() => void) | null = null;
+  flushDelayMs = 50;
+  flushes = 0;
+  pauseFlush = Infinity;
+  inPause: (() => void) | null = null;
+  /** Called after the delay inside the pause, before the flush answers. */
+  endOfPause: (() => void) | null = null;
   completed = false;
   constructor(private readonly dev: BlockDevice) {}
   get size(): number {
@@ -39,9 +46,12 @@ class DeviceTarget implements MigrationTarget {
     return this.dev.writeZeroes(o, n);
   }
   async flush(): Promise<void> {
-    this.onFlush?.();
-    await new Promise((r) => setTimeout(r, this.flushDelayMs));
-    if (this.flushFails) throw new Error('injected: destination flush failed');
+    if (++this.flushes === this.pauseFlush) {
+      this.inPause?.();
+      await new Promise((r) => setTimeout(r, this.flushDelayMs));
+      this.endOfPause?.();
+      if (this.flushFails) throw new Error('injected: destination flush failed');
+    }
     await this.dev.flush();
   }
   async complete(): Promise<void> {
@@ -66,12 +76,20 @@ async function setup(): Promise<{ src: BlockDevice; dst: BlockDevice; target: De
 }
 
 /** Writes issued while complete() runs: each resolves (acknowledged) or rejects; the model holds the acknowledged ones. */
-function heldWrites(src: BlockDevice, rnd: () => number, n: number, model: Buffer): Promise<PromiseSettledResult<void>[]> {
+function heldWrites(src: BlockDevice, rnd: () => number, n: number, model: Buffer, settled: { count: number }): Promise<PromiseSettledResult<void>[]> {
   const jobs: Promise<void>[] = [];
   for (let i = 0; i < n; i++) {
     const off = 4096 * Math.floor(rnd() * (SIZE / 4096 - 1));
     const data = Buffer.alloc(4096, 0x40 + i);
-    jobs.push(src.write(off, data).then(() => void data.copy(model, off)));
+    jobs.push(
+      src.write(off, data).then(
+        () => void (data.copy(model, off), settled.count++),
+        (e: unknown) => {
+          settled.count++;
+          throw e;
+        },
+      ),
+    );
   }
   return Promise.allSettled(jobs);
 }
@@ -88,11 +106,15 @@ describe('migration switch-over', () => {
       const m = await Migration.start(src, target, { to: 'test' });
       await src.write(5 * MiB, Buffer.alloc(64 * 1024, 0x33));
       target.flushFails = true;
-      target.flushDelayMs = 50; // the held writes arrive while complete() holds the gate
+      target.pauseFlush = 2; // the first flush is complete()'s, while still serving
       const model = await whole(src);
+      const settled = { count: 0 };
       let held: Promise<PromiseSettledResult<void>[]> | null = null;
-      target.onFlush = () => (held = heldWrites(src, rnd, 20, model)); // issued inside the pause
+      let settledInPause = -1;
+      target.inPause = () => (held = heldWrites(src, rnd, 20, model, settled));
+      target.endOfPause = () => (settledInPause = settled.count);
       await expect(m.complete()).rejects.toThrow(/injected/);
+      expect(settledInPause).toBe(0); // held, not answered, while the switch-over ran
       const results = await held!;
       expect(results.length).toBe(20);
       expect(results.filter((x) => x.status === 'rejected')).toEqual([]);
@@ -116,13 +138,18 @@ describe('migration switch-over', () => {
       for (let i = 0; i < 50; i++) before.push(src.write(4096 * Math.floor(rnd() * 4000), Buffer.alloc(8192, i + 1)));
       await Promise.all(before);
       const model = await whole(src);
-      target.flushDelayMs = 50;
+      target.pauseFlush = 2;
+      const settled = { count: 0 };
       let heldP: Promise<PromiseSettledResult<void>[]> | null = null;
-      target.onFlush = () => (heldP = heldWrites(src, rnd, 10, Buffer.alloc(SIZE))); // issued inside the pause
+      let settledInPause = -1;
+      target.inPause = () => (heldP = heldWrites(src, rnd, 10, Buffer.alloc(SIZE), settled));
+      target.endOfPause = () => (settledInPause = settled.count);
       const completing = m.complete();
       await expect(m.cancel()).rejects.toMatchObject({ code: 'KSC_E_LOCKED' }); // one stop at a time
       await expect(m.complete()).rejects.toMatchObject({ code: 'KSC_E_LOCKED' });
       const s = await completing;
+      expect(settledInPause).toBe(0);
+      expect(target.flushes).toBe(2);
       const held = await heldP!;
       expect(held.length).toBe(10);
       expect(s.phase).toBe('completed');
