@@ -110,7 +110,7 @@ describe('kscinc migrate', () => {
       expect(r.cli(['migrate', 'status', 'vm.ksc']).stderr).toMatch(/no migration/);
       r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', q.uri, '--base-fingerprint', fp.stdout.trim(), '--connections', '3']);
       await until(r, 'vm.ksc', (s) => s.phase === 'converged', 'converged');
-      await w.atLeast(30);
+      await w.atLeast(10);
       const done = r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']);
       console.log(`migrate to qemu-nbd: pauseMs ${done.pauseMs}, bytesSent ${done.bytesSent}, rounds ${done.rounds}`);
       expect(done.phase).toBe('completed');
@@ -138,14 +138,14 @@ describe('kscinc migrate', () => {
     try {
       await w.start();
       r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
-      await w.atLeast(30);
+      await w.atLeast(10);
       // The migration's state lives in the worker: no hot upgrade meanwhile (and none after a completed one).
       const up = r.cli(['upgrade', 'vm.ksc']);
       expect(up.code).not.toBe(0);
       expect(up.stderr).toMatch(/a migration of .*vm\.ksc to .* is (copying|converged)/);
       const c = r.json<MigrateStatus>(['migrate', 'cancel', 'vm.ksc']);
       expect(c.phase).toBe('cancelled');
-      await w.atLeast(30); // still writing to the source
+      await w.atLeast(10); // still writing to the source
       expect(w.failure).toBeNull();
       expect(r.cli(['migrate', 'complete', 'vm.ksc']).stderr).toMatch(/cancelled: it cannot be completed/);
     } finally {
@@ -174,7 +174,7 @@ describe('kscinc migrate', () => {
       const failed = await until(r, 'vm.ksc', (s) => s.phase === 'failed', 'failed');
       expect(failed.error?.message).toMatch(/NBD|closed|connection/);
       expect(failed.bytesSent).toBeLessThan(8 * MiB);
-      await w.atLeast(30);
+      await w.atLeast(10);
       expect(w.failure).toBeNull();
       expect(r.cli(['migrate', 'complete', 'vm.ksc']).stderr).toMatch(/is failed: it cannot be completed/);
     } finally {
