@@ -15,6 +15,7 @@ import { backupDevice, type BackupResult, type BackupProgress } from '../engines
 import { checkClientPath, controlPath, peerUid, trustedUid } from './control-trust.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
 import { checkRequestKey, serverUnlock } from './control-key.js';
+import { MigrateRequests } from './migrate-control.js';
 
 export { controlPath } from './control-trust.js';
 
@@ -76,21 +77,27 @@ interface Busy {
 /** Runs the backup requests of control connections for each device (one at a time per image). */
 export class BackupRequests {
   private readonly busy: (Busy | null)[];
+  /** The migrate-* operations (formats/migrate.md §6). */
+  private readonly migrations: MigrateRequests;
 
   constructor(
     private devices: { image: string; device: BlockDevice }[],
     private readonly log: (line: string) => void,
   ) {
     this.busy = devices.map(() => null);
+    this.migrations = new MigrateRequests(devices, log);
   }
 
   /** The devices to back up from now on (a worker that reopened its images). */
   setDevices(devices: { image: string; device: BlockDevice }[]): void {
     this.devices = devices;
+    this.migrations.setDevices(devices);
   }
 
   /** A sentence naming the operation running, or null when none runs. */
   running(): string | null {
+    const migration = this.migrations.running();
+    if (migration) return migration;
     for (let i = 0; i < this.busy.length; i++) {
       const b = this.busy[i];
       if (b) return `a ${b.op} of ${this.devices[i]!.image} is running (to ${b.repo}, started ${b.since.toISOString()})`;
@@ -101,6 +108,7 @@ export class BackupRequests {
   /** Handles one request line read from the control socket of devices[index]. */
   handle(sock: Socket, line: string, index: number): void {
     const { image } = this.devices[index]!;
+    if (this.migrations.handle(sock, line, requestOp(line), index, this.busy[index] !== null)) return;
     sock.on('error', () => undefined);
     let req: BackupRequest;
     try {
@@ -110,6 +118,11 @@ export class BackupRequests {
       return;
     }
     const busy = this.busy[index];
+    const migration = this.migrations.blocking(index);
+    if (migration) {
+      failRequest(sock, 'KSC_E_LOCKED', `${migration}: no backup meanwhile`);
+      return;
+    }
     if (busy) {
       failRequest(sock, 'KSC_E_LOCKED', `a ${busy.op} of ${image} is running (to ${busy.repo}, started ${busy.since.toISOString()}); try again when it has finished`);
       return;

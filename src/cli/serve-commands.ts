@@ -54,6 +54,7 @@ interface ServeOptions {
   fromBackup?: string[];
   overlay?: string;
   disk?: string;
+  incoming?: boolean;
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -220,6 +221,14 @@ function supervisorRequest(sup: Supervisor, sock: Socket, line: string, index: n
   );
 }
 
+/** `--incoming`: one writable image; its token is printed on stdout (formats/migrate.md §5). */
+async function incomingFor(images: string[], readOnly: boolean): Promise<ServeConfig['incoming']> {
+  if (images.length !== 1 || readOnly) throw new KscError('KSC_E_INVALID', '--incoming needs exactly one image, served writable');
+  const inc = await (await import('./migrate-commands.js')).prepareIncoming(images[0]!);
+  println(`incoming-token: ${inc.token}`);
+  return inc;
+}
+
 export function registerServeCommands(program: Command): void {
   program
     .command('serve')
@@ -238,6 +247,7 @@ export function registerServeCommands(program: Command): void {
     .option('--max-connections <n>', 'connections served at once; more are refused (default 64)', positiveInt('--max-connections'))
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
+    .option('--incoming', 'the target of a migration (formats/migrate.md §5): only the source holding the printed token may write until it completes')
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
     .option('--no-pull', 'live restores: do not pull the rest of the backup in the background (reads still fetch what they need)')
@@ -267,6 +277,7 @@ export function registerServeCommands(program: Command): void {
         shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
         pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null },
       };
+      if (o.incoming) config.incoming = await incomingFor(images, config.readOnly);
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
     });

@@ -19,6 +19,8 @@ export interface ServeConfig {
   shutdownGraceMs?: number;
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
+  /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
+  incoming?: { token: string; baseFingerprint: string };
 }
 
 export interface OpenedExports {
@@ -40,7 +42,8 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
       }
-      exports.set(c.names[i]!, { device: dev, readOnly: c.readOnly, description: c.description, bitmaps: c.bitmap });
+      const incoming = c.incoming ? { ...c.incoming, completed: false } : undefined;
+      exports.set(c.names[i]!, { device: dev, readOnly: c.readOnly, description: c.description, bitmaps: c.bitmap, incoming });
     }
   } catch (e) {
     await closeDevices(devices);

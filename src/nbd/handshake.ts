@@ -5,6 +5,7 @@
  * options decide is gathered here and handed on as one SessionState.
  */
 import { contextsOf } from './contexts.js';
+import { incomingContexts } from './incoming.js';
 import { NbdProtocolError } from './errors.js';
 import { SocketClosedError } from './reader.js';
 import { SESSION_STATE_VERSION, type SessionState, preferredBlockSize, transmissionFlagsOf } from './state.js';
@@ -140,8 +141,8 @@ class Negotiation {
     const parsed = await this.optionExport(opt, () => decodeMetaContextData(data));
     if (!parsed) return 'next';
     const { req, found } = parsed;
-    const all = contextsOf(found.exp.device, found.exp.bitmaps);
     const list = opt === OPT.LIST_META_CONTEXT;
+    const all = [...contextsOf(found.exp.device, found.exp.bitmaps), ...incomingContexts(found.exp, req.queries, !list, (l) => this.link.log(l))];
     const chosen = new Set<string>();
     if (list && req.queries.length === 0) all.forEach((c) => chosen.add(c));
     for (const q of req.queries) {

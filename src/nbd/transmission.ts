@@ -11,6 +11,7 @@ import { InterruptedError, SocketClosedError } from './reader.js';
 import type { SessionState } from './state.js';
 import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
+import { checkIncomingWrite } from './incoming.js';
 import { CMD, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
@@ -123,6 +124,7 @@ export class Transmission {
     const dev = this.exp.device;
     try {
       const off = validateRequest(req, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
+      checkIncomingWrite(this.exp, state, req);
       const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[] };
       const parts = await execute(x, req, off, payload);
       payload = null;

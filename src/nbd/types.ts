@@ -1,5 +1,6 @@
 /** What the parts of the NBD server share: an export, the server's limits and lookups, a connection's link. */
 import type { BlockDevice } from '../image/types.js';
+import type { IncomingState } from './incoming.js';
 import type { ByteBudget } from './budget.js';
 import type { BufferPool } from './pool.js';
 import type { SocketReader } from './reader.js';
@@ -13,6 +14,8 @@ export interface NbdExport {
    * (internal backup-handover bitmaps excepted). Given: only these (each must exist when the server starts).
    */
   bitmaps?: string[];
+  /** The target of an incoming migration (formats/migrate.md §5): writes only from the migration source. */
+  incoming?: IncomingState;
 }
 
 export interface FoundExport {

@@ -1,0 +1,118 @@
+/**
+ * kscinc migrate start|status|complete|cancel IMAGE: ask the `kscinc serve` holding IMAGE to migrate it
+ * (formats/migrate.md §6); kscinc migrate fingerprint IMAGE: the base fingerprint of §2, for a destination
+ * that cannot tell its own (qemu-nbd). Also what `kscinc serve --incoming` prepares before serving (§5).
+ */
+import { randomBytes } from 'node:crypto';
+import type { Command } from 'commander';
+import { KscError } from '../errors.js';
+import { openImage } from '../image/open.js';
+import { baseFingerprint, baseOf } from '../engines/migrate-base.js';
+import type { MigrateStatus } from '../engines/migrate.js';
+import { parseSize } from '../util/size.js';
+import { controlRequest } from './control.js';
+import { controlPath } from './control-trust.js';
+import { formatSize, printJson, println } from './output.js';
+
+/** For `serve --incoming`: a new token, and the base fingerprint; refuses an image with data above its base. */
+export async function prepareIncoming(image: string): Promise<{ token: string; baseFingerprint: string }> {
+  const dev = await openImage(image);
+  try {
+    const depth = baseOf(dev)?.depth ?? Infinity;
+    const above = (await dev.extents(0, dev.size)).find((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < depth);
+    if (above) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}); a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5)`,
+      );
+    }
+    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev) };
+  } finally {
+    await dev.close();
+  }
+}
+
+async function ask<R>(image: string, req: object, what: string): Promise<R> {
+  const r = await controlRequest<R>(image, req, what);
+  if (r === null) throw new KscError('KSC_E_NOT_FOUND', `no kscinc serve holds ${image} (no control socket at ${controlPath(image)}): migrate runs inside the server`);
+  return r;
+}
+
+function printStatus(s: MigrateStatus): void {
+  println(`phase:       ${s.phase}`);
+  println(`to:          ${s.to}`);
+  println(`first pass:  ${formatSize(s.firstPassBytes)} above the base (disk ${formatSize(s.size)})`);
+  println(`sent:        ${formatSize(s.bytesSent)} data, ${formatSize(s.bytesZeroed)} zeroed, ${s.rounds} round(s)`);
+  println(`left:        ${formatSize(s.bytesLeft)} (estimated pause ${s.estimatedPauseMs < 0 ? 'unknown' : `${s.estimatedPauseMs} ms`})`);
+  println(`rates:       ${formatSize(s.throughputBps)}/s sent, ${formatSize(s.dirtyRateBps)}/s dirtied`);
+  if (s.pauseMs !== null) println(`pause:       ${s.pauseMs} ms`);
+  if (s.error) println(`error:       ${s.error.code}: ${s.error.message}`);
+  if (s.warning) println(`warning:     ${s.warning}`);
+}
+
+interface StartOptions {
+  to: string;
+  token?: string;
+  baseFingerprint?: string;
+  bandwidth?: string;
+  connections?: string;
+  json?: boolean;
+}
+
+function registerStart(m: Command): void {
+  m.command('start')
+    .description('start migrating IMAGE (served by kscinc serve) to an NBD export: what lies above the shared base, then the blocks written meanwhile')
+    .argument('<image>', 'an image a running `kscinc serve` holds')
+    .requiredOption('--to <uri>', 'destination: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
+    .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
+    .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
+    .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: StartOptions) => {
+      const req = {
+        op: 'migrate-start',
+        to: o.to,
+        token: o.token,
+        baseFingerprint: o.baseFingerprint,
+        bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
+        connections: o.connections !== undefined ? Number(o.connections) : undefined,
+      };
+      const s = await ask<MigrateStatus>(image, req, 'the migration started');
+      if (o.json) printJson(s);
+      else printStatus(s);
+    });
+}
+
+function registerSimple(m: Command, name: 'status' | 'complete' | 'cancel', description: string): void {
+  m.command(name)
+    .description(description)
+    .argument('<image>', 'an image a running `kscinc serve` holds')
+    .option('--json', 'print JSON')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const s = await ask<MigrateStatus>(image, { op: `migrate-${name}` }, `the migration's ${name} answered`);
+      if (o.json) printJson(s);
+      else printStatus(s);
+    });
+}
+
+export function registerMigrateCommands(program: Command): void {
+  const m = program.command('migrate').description("move a running VM's disk to another host's NBD export (formats/migrate.md)");
+  registerStart(m);
+  registerSimple(m, 'status', 'phase, bytes sent and left, rates, estimated pause of the migration of IMAGE');
+  registerSimple(m, 'complete', 'switch over: hold new writes, send the rest, flush the destination; the source then refuses writes');
+  registerSimple(m, 'cancel', 'stop the migration; the source goes on serving as before');
+  m.command('fingerprint')
+    .description("print the fingerprint of IMAGE's base (the bottom of its chain; IMAGE itself when it has no backing)")
+    .argument('<image>', 'an image or a base file')
+    .action(async (image: string) => {
+      const dev = await openImage(image);
+      try {
+        const b = baseOf(dev);
+        const { fingerprintV1 } = await import('../engines/migrate-base.js');
+        println(await fingerprintV1(b ? b.base : dev));
+      } finally {
+        await dev.close();
+      }
+    });
+}

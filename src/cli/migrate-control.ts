@@ -1,0 +1,153 @@
+/**
+ * The migrate operations of the control socket (formats/migrate.md §6), run in the serving process next to
+ * the backups (control.ts hands it every line whose op starts with `migrate-`). One migration per image; its
+ * state lives here, so while one is active — and after one completed, since the source then refuses writes
+ * only as long as this process lives — the worker refuses a hot upgrade (running()).
+ */
+import type { Socket } from 'node:net';
+import { KscError, isKscError } from '../errors.js';
+import type { BlockDevice } from '../image/types.js';
+import { baseFingerprint } from '../engines/migrate-base.js';
+import { Migration } from '../engines/migrate.js';
+import { NbdTarget } from '../nbd/migrate-target.js';
+import { failRequest, sendMessage } from './control-socket.js';
+
+export interface MigrateStartRequest {
+  op: 'migrate-start';
+  to: string;
+  token?: string;
+  baseFingerprint?: string;
+  bandwidth?: number;
+  connections?: number;
+}
+
+/** Any migrate-* request; the members other than op only in migrate-start. */
+export type MigrateRequest = { op: string } & Partial<Omit<MigrateStartRequest, 'op'>>;
+
+function invalid(message: string): KscError {
+  return new KscError('KSC_E_INVALID', `bad control request: ${message}`);
+}
+
+const MEMBERS: Record<string, string[]> = {
+  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections'],
+  'migrate-status': ['op'],
+  'migrate-complete': ['op'],
+  'migrate-cancel': ['op'],
+};
+
+/** Decodes and checks a migrate-* request line (formats/migrate.md §6). */
+export function parseMigrateRequest(line: string): MigrateRequest {
+  const o = JSON.parse(line) as Record<string, unknown>;
+  const allowed = MEMBERS[o.op as string];
+  if (!allowed) throw invalid(`unknown op "${String(o.op).slice(0, 64)}"`);
+  for (const k of Object.keys(o)) if (!allowed.includes(k)) throw invalid(`unknown member "${k.slice(0, 64)}"`);
+  if (o.op !== 'migrate-start') return o as MigrateRequest;
+  if (typeof o.to !== 'string' || o.to === '') throw invalid('member "to" must be a non-empty string');
+  if (o.token !== undefined && (typeof o.token !== 'string' || !/^[0-9a-f]{32}$/.test(o.token))) throw invalid('member "token" must be 32 lowercase hex digits');
+  if (o.baseFingerprint !== undefined && (typeof o.baseFingerprint !== 'string' || !/^(none|v1:\d+:[0-9a-f]{64})$/.test(o.baseFingerprint))) {
+    throw invalid('member "baseFingerprint" must be "none" or "v1:SIZE:HEX" (kscinc migrate fingerprint prints it)');
+  }
+  if (o.bandwidth !== undefined && (typeof o.bandwidth !== 'number' || !Number.isSafeInteger(o.bandwidth) || o.bandwidth < 4096))
+    throw invalid('member "bandwidth" must be a whole number of bytes/s ≥ 4096');
+  if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
+    throw invalid('member "connections" must be a whole number from 1 to 16');
+  }
+  return o as unknown as MigrateRequest;
+}
+
+export class MigrateRequests {
+  private readonly migrations: (Migration | null)[];
+
+  constructor(
+    private devices: { image: string; device: BlockDevice }[],
+    private readonly log: (line: string) => void,
+  ) {
+    this.migrations = devices.map(() => null);
+  }
+
+  setDevices(devices: { image: string; device: BlockDevice }[]): void {
+    this.devices = devices;
+  }
+
+  /** Why the image may not be backed up or handed over now, or null. */
+  blocking(index: number): string | null {
+    const m = this.migrations[index];
+    if (!m || !(m.active || m.phase === 'completed')) return null;
+    const s = m.status();
+    return m.phase === 'completed'
+      ? `${this.devices[index]!.image} was migrated to ${s.to}; stop this server`
+      : `a migration of ${this.devices[index]!.image} to ${s.to} is ${s.phase} (started ${s.startedAt})`;
+  }
+
+  /** A sentence naming a migration that forbids an upgrade now, or null. */
+  running(): string | null {
+    for (let i = 0; i < this.migrations.length; i++) {
+      const b = this.blocking(i);
+      if (b) return b;
+    }
+    return null;
+  }
+
+  /**
+   * Answers `line` when its op is a migrate-* op (returns true); `backupBusy` says whether a backup of the
+   * image runs. Returns false for any other op.
+   */
+  handle(sock: Socket, line: string, op: string | null, index: number, backupBusy: boolean): boolean {
+    if (!op?.startsWith('migrate-')) return false;
+    sock.on('error', () => undefined);
+    let req: MigrateRequest;
+    try {
+      req = parseMigrateRequest(line);
+    } catch (e) {
+      failRequest(sock, 'KSC_E_INVALID', (e as Error).message);
+      return true;
+    }
+    void this.run(req, index, backupBusy).then(
+      (result) => {
+        sendMessage(sock, { result });
+        sock.end();
+        sock.resume();
+      },
+      (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message),
+    );
+    return true;
+  }
+
+  private async run(req: MigrateRequest, index: number, backupBusy: boolean): Promise<unknown> {
+    const m = this.migrations[index];
+    const { image } = this.devices[index]!;
+    if (req.op === 'migrate-start') {
+      if (backupBusy) throw new KscError('KSC_E_LOCKED', `a backup of ${image} is running; start the migration when it has finished`);
+      if (m?.active) throw new KscError('KSC_E_LOCKED', this.blocking(index)!);
+      if (m?.phase === 'completed') throw new KscError('KSC_E_INVALID', this.blocking(index)!);
+      return this.start(req as MigrateStartRequest, index);
+    }
+    if (!m) throw new KscError('KSC_E_NOT_FOUND', `no migration of ${image} since this server started`);
+    if (req.op === 'migrate-status') return m.status();
+    if (req.op === 'migrate-cancel') return m.cancel();
+    return m.complete();
+  }
+
+  private async start(req: MigrateStartRequest, index: number): Promise<unknown> {
+    const { image, device } = this.devices[index]!;
+    this.log(`kscinc serve: migration of ${image} to ${req.to} requested`);
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections });
+    try {
+      const theirs = req.baseFingerprint ?? target.baseFingerprint;
+      if (!theirs) {
+        throw new KscError(
+          'KSC_E_INVALID',
+          `cannot learn the base fingerprint of ${req.to} (not a kscinc --incoming export): run \`kscinc migrate fingerprint BASE\` on the destination and pass --base-fingerprint`,
+        );
+      }
+      const ours = await baseFingerprint(device);
+      if (ours !== theirs) throw new KscError('KSC_E_INVALID', `the base of ${image} (fingerprint ${ours}) is not the destination's (${theirs}): refusing to migrate only the layers above it`);
+      const m = await Migration.start(device, target, { to: req.to, bandwidth: req.bandwidth, log: this.log });
+      this.migrations[index] = m;
+      return m.status();
+    } catch (e) {
+      target.destroy();
+      throw e;
+    }
+  }
+}

@@ -1,0 +1,130 @@
+/**
+ * The sending half of a migration: ranges of the source device go to the target (WRITE, or WRITE_ZEROES for
+ * a range that reads as zeros or is known to), with a bounded number of requests in flight, an optional
+ * bandwidth cap, and counters for status. The first error stops it: every later send rejects with it.
+ */
+import type { BlockDevice } from '../image/types.js';
+import { isZero } from './migrate-base.js';
+
+/** Where a migration writes: an NBD export on the destination, over one or more connections. */
+export interface MigrationTarget {
+  /** Bytes of the destination export. */
+  readonly size: number;
+  /** Largest WRITE payload it takes. */
+  readonly maxPayload: number;
+  /** Requests it can keep in flight usefully (connections × per-connection depth). */
+  readonly parallelism: number;
+  write(offset: number, data: Buffer): Promise<void>;
+  writeZeroes(offset: number, length: number): Promise<void>;
+  /** FLUSH on every connection: everything acknowledged before is durable. */
+  flush(): Promise<void>;
+  /** Tells the destination the switch-over is done (formats/migrate.md §4 step 7); may do nothing. */
+  complete(): Promise<void>;
+  /** Disconnects politely. */
+  close(): Promise<void>;
+  /** Cuts every connection at once. */
+  destroy(): void;
+}
+
+/** Largest piece sent at once. */
+export const SEND_PIECE = 1024 * 1024;
+/** Bytes of protocol header per request, counted against the bandwidth cap. */
+const HEADER = 28;
+
+/** A token bucket: take(n) waits until n bytes may go on the wire at `rate` bytes/s (burst: 1/10 s). */
+class RateLimit {
+  private tokens: number;
+  private last = performance.now();
+
+  constructor(private readonly rate: number) {
+    this.tokens = rate / 10;
+  }
+
+  async take(n: number): Promise<void> {
+    for (;;) {
+      const now = performance.now();
+      this.tokens = Math.min(this.rate / 10, this.tokens + ((now - this.last) * this.rate) / 1000);
+      this.last = now;
+      if (this.tokens >= Math.min(n, this.rate / 10)) {
+        this.tokens -= n;
+        return;
+      }
+      await new Promise((r) => setTimeout(r, Math.max(1, ((Math.min(n, this.rate / 10) - this.tokens) * 1000) / this.rate)));
+    }
+  }
+}
+
+export class Sender {
+  bytesSent = 0;
+  bytesZeroed = 0;
+  /** Bytes put on the wire: payloads plus request headers. */
+  wireBytes = 0;
+  private readonly inFlight = new Set<Promise<void>>();
+  private failure: Error | null = null;
+  private readonly limit: RateLimit | null;
+  /** (time, cumulative bytes) samples for the throughput over the last second or so. */
+  private samples: [number, number][] = [];
+
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly target: MigrationTarget,
+    bandwidth: number | undefined,
+  ) {
+    this.limit = bandwidth ? new RateLimit(bandwidth) : null;
+  }
+
+  get error(): Error | null {
+    return this.failure;
+  }
+
+  /** Queues [offset, offset+length) (split into pieces); resolves once each piece is in flight. */
+  async send(offset: number, length: number, zero = false): Promise<void> {
+    const piece = Math.min(SEND_PIECE, this.target.maxPayload);
+    for (let pos = offset, end = offset + length; pos < end; pos += piece) {
+      const n = Math.min(piece, end - pos);
+      while (this.inFlight.size >= this.target.parallelism && !this.failure) await Promise.race(this.inFlight);
+      if (this.failure) throw this.failure;
+      const p: Promise<void> = this.one(pos, n, zero).then(
+        () => void this.inFlight.delete(p),
+        (e: unknown) => {
+          this.inFlight.delete(p);
+          this.failure ??= e as Error;
+        },
+      );
+      this.inFlight.add(p);
+    }
+  }
+
+  /** Waits for everything queued to be acknowledged; throws the first error. */
+  async drain(): Promise<void> {
+    while (this.inFlight.size > 0) await Promise.race(this.inFlight);
+    if (this.failure) throw this.failure;
+  }
+
+  /** Bytes per second acknowledged over the last ~1 s (0 before any sample). */
+  throughput(): number {
+    const now = performance.now();
+    while (this.samples.length > 1 && now - this.samples[0]![0] > 1000) this.samples.shift();
+    const first = this.samples[0];
+    if (!first || now - first[0] < 50) return 0;
+    return Math.round(((this.wireBytes - first[1]) * 1000) / (now - first[0]));
+  }
+
+  private async one(offset: number, length: number, zero: boolean): Promise<void> {
+    let data: Buffer | null = null;
+    if (!zero) {
+      data = await this.dev.read(offset, length);
+      if (isZero(data)) data = null;
+    }
+    await this.limit?.take(HEADER + (data?.length ?? 0));
+    if (data) {
+      await this.target.write(offset, data);
+      this.bytesSent += length;
+    } else {
+      await this.target.writeZeroes(offset, length);
+      this.bytesZeroed += length;
+    }
+    this.wireBytes += HEADER + (data?.length ?? 0);
+    this.samples.push([performance.now(), this.wireBytes]);
+  }
+}

@@ -1,0 +1,95 @@
+/**
+ * A migration's destination over NBD (the engine's MigrationTarget, src/engines/migrate-send.ts): N client
+ * connections to one export, each request on the least busy one. With a token (a kscinc `--incoming`
+ * destination, formats/migrate.md §5) every connection proves it is the migration source by selecting
+ * `kscinc:incoming-token=TOKEN`, and complete() selects `kscinc:incoming-done=TOKEN` on a last connection.
+ */
+import { KscError } from '../errors.js';
+import type { MigrationTarget } from '../engines/migrate-send.js';
+import { NbdClient, parseNbdUri } from './client.js';
+import { BASE_CONTEXT, DONE_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
+
+/** Requests in flight per connection. */
+const DEPTH = 16;
+
+export interface NbdTargetOptions {
+  uri: string;
+  token?: string;
+  connections?: number;
+  timeoutMs?: number;
+}
+
+export class NbdTarget implements MigrationTarget {
+  readonly size: number;
+  readonly maxPayload: number;
+  readonly parallelism: number;
+
+  private constructor(
+    private readonly clients: NbdClient[],
+    private readonly o: NbdTargetOptions,
+    /** What the destination said its base fingerprint is (`kscinc:base-fingerprint=`), or null. */
+    readonly baseFingerprint: string | null,
+  ) {
+    this.size = clients[0]!.size;
+    this.maxPayload = Math.min(...clients.map((c) => c.maxPayload));
+    this.parallelism = clients.length * DEPTH;
+  }
+
+  /** Connects every connection; KSC_E_PERMISSION when a kscinc destination refused the token, KSC_E_READ_ONLY for a read-only export. */
+  static async connect(o: NbdTargetOptions): Promise<NbdTarget> {
+    const where = parseNbdUri(o.uri);
+    const n = o.connections ?? 2;
+    const setContexts = o.token ? [TOKEN_CONTEXT + o.token] : [];
+    const clients: NbdClient[] = [];
+    try {
+      for (let i = 0; i < n; i++) {
+        const c = await NbdClient.connect({ ...where, structured: true, setContexts, listContexts: i === 0 ? ['kscinc:'] : [], maxInFlight: DEPTH, timeoutMs: o.timeoutMs });
+        clients.push(c);
+        if (c.readOnly) throw new KscError('KSC_E_READ_ONLY', `${o.uri} is a read-only export: it cannot take a migration`);
+        if (o.token && ![...c.selected.values()].includes(TOKEN_CONTEXT + o.token)) {
+          throw new KscError('KSC_E_PERMISSION', `${o.uri} refused the incoming token (is it the token \`kscinc serve --incoming\` printed there?)`);
+        }
+      }
+    } catch (e) {
+      for (const c of clients) c.destroy();
+      throw e;
+    }
+    const listed = clients[0]!.listed.find((l) => l.startsWith(BASE_CONTEXT));
+    return new NbdTarget(clients, o, listed ? listed.slice(BASE_CONTEXT.length) : null);
+  }
+
+  private pick(): NbdClient {
+    let best = this.clients[0]!;
+    for (const c of this.clients) if (c.inFlight < best.inFlight) best = c;
+    return best;
+  }
+
+  write(offset: number, data: Buffer): Promise<void> {
+    return this.pick().write(offset, data);
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.pick().writeZeroes(offset, length);
+  }
+
+  async flush(): Promise<void> {
+    await Promise.all(this.clients.map((c) => c.flush()));
+  }
+
+  async complete(): Promise<void> {
+    if (!this.o.token) return;
+    const done = DONE_CONTEXT + this.o.token;
+    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
+    const ok = [...c.selected.values()].includes(done);
+    await c.disconnect();
+    if (!ok) throw new KscError('KSC_E_PERMISSION', `${this.o.uri} did not accept the end of the migration`);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.clients.map((c) => c.disconnect()));
+  }
+
+  destroy(): void {
+    for (const c of this.clients) c.destroy();
+  }
+}

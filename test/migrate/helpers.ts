@@ -1,0 +1,171 @@
+/**
+ * Migration test rig: a base, a source overlay served by `kscinc serve` (supervised), a writer that keeps
+ * writing to the source over NBD (one request at a time, so the model of acknowledged bytes is exact), and
+ * the CLI run with the same private run folder so that `kscinc migrate` finds the source's control socket.
+ */
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { expect } from 'vitest';
+import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
+import { kscinc, run, type CliResult } from '../helpers/cli.js';
+import { spawnServe, type ServeChild } from '../helpers/serve.js';
+import { tempDir } from '../helpers/tmp.js';
+
+export const MiB = 1024 * 1024;
+export const SIZE = 64 * MiB;
+
+export interface Rig {
+  dir: string;
+  env: Record<string, string>;
+  cli: (args: string[]) => CliResult;
+  /** Runs kscinc and parses its --json output (asserting exit 0). */
+  json: <T>(args: string[]) => T;
+}
+
+export function rig(): Rig {
+  const dir = tempDir('kscinc-migrate-');
+  const env = { KSCINC_RUN_DIR: join(dir, 'run') };
+  const cli = (args: string[]): CliResult => kscinc(args, { cwd: dir, env });
+  const json = <T>(args: string[]): T => {
+    const r = cli([...args, '--json']);
+    expect(r.code, `kscinc ${args.join(' ')}: ${r.stderr}`).toBe(0);
+    return JSON.parse(r.stdout) as T;
+  };
+  return { dir, env, cli, json };
+}
+
+/** base.raw (32 MiB of 0x11 over 64 MiB) and an overlay `name` on it holding `above` MiB of its own. */
+export function makeBaseAndOverlay(r: Rig, name: string, above: number): void {
+  expect(run('qemu-img', ['create', '-q', '-f', 'raw', join(r.dir, 'base.raw'), String(SIZE)]).code).toBe(0);
+  expect(run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x11 0 32M', join(r.dir, 'base.raw')]).code).toBe(0);
+  expect(r.cli(['create', name, '--backing', 'base.raw']).code).toBe(0);
+  if (above > 0) {
+    writeFileSync(join(r.dir, 'above.bin'), Buffer.alloc(above * MiB, 0x22));
+    expect(r.cli(['write', name, '1M', '--from', 'above.bin']).code).toBe(0);
+  }
+}
+
+export interface Served {
+  child: ServeChild;
+  uri: string;
+  token: string | null;
+  stop: () => Promise<number | null>;
+}
+
+/** `kscinc serve IMAGE --listen 127.0.0.1:0 ARGS`; waits for its URI (and token with --incoming). */
+export async function serveImage(r: Rig, image: string, args: string[] = []): Promise<Served> {
+  const incoming = args.includes('--incoming');
+  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, ...args], {
+    env: r.env,
+    count: incoming ? 2 : 1,
+    uri: /^(nbd:\/\/|incoming-token: )/,
+    timeoutMs: 30_000,
+  });
+  const lines = await child.uris;
+  return {
+    child,
+    uri: lines.find((l) => l.startsWith('nbd://'))!,
+    token: lines.find((l) => l.startsWith('incoming-token: '))?.slice(16) ?? null,
+    stop: () => {
+      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
+      return child.exited;
+    },
+  };
+}
+
+/** A deterministic PRNG (mulberry32). */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * Writes random 4–64 KiB pieces into the first `span` bytes of the export, one at a time, until stop() or
+ * until a write fails (EPERM once the source migrated away). `model` holds every acknowledged byte.
+ */
+export class Writer {
+  model!: Buffer;
+  writes = 0;
+  bytes = 0;
+  /** The 64 KiB granules the writes touched, summed per write: what the migration bitmap can make resend. */
+  granuleBytes = 0;
+  failure: Error | null = null;
+  private stopping = false;
+  private done: Promise<void> = Promise.resolve();
+  private client!: NbdClient;
+
+  constructor(
+    private readonly uri: string,
+    private readonly seed: number,
+    private readonly span = 16 * MiB,
+  ) {}
+
+  async start(): Promise<void> {
+    this.client = await NbdClient.connect({ ...parseNbdUri(this.uri), structured: true });
+    const parts: Buffer[] = [];
+    for (let o = 0; o < this.client.size; o += 8 * MiB) parts.push(await this.client.read(o, 8 * MiB));
+    this.model = Buffer.concat(parts);
+    const rnd = prng(this.seed);
+    this.done = (async () => {
+      while (!this.stopping) {
+        const len = 4096 * (1 + Math.floor(rnd() * 16));
+        const off = 4096 * Math.floor((rnd() * (this.span - len)) / 4096);
+        const data = Buffer.alloc(len, Math.floor(rnd() * 255) + 1);
+        data.writeUInt32BE(this.writes, 0);
+        try {
+          await this.client.write(off, data);
+        } catch (e) {
+          this.failure = e as Error;
+          return;
+        }
+        data.copy(this.model, off);
+        this.writes++;
+        this.bytes += len;
+        const G = 64 * 1024;
+        this.granuleBytes += Math.ceil((off + len) / G) * G - Math.floor(off / G) * G;
+        if (this.writes % 8 === 0) await new Promise((r) => setTimeout(r, 2)); // a VM, not a flood
+      }
+    })();
+  }
+
+  /** Waits for `n` more acknowledged writes (bounded). */
+  async atLeast(n: number, timeoutMs = 20_000): Promise<void> {
+    const want = this.writes + n;
+    const t = Date.now();
+    while (this.writes < want && !this.failure) {
+      if (Date.now() - t > timeoutMs) throw new Error(`writer: ${this.writes}/${want} writes after ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
+  /** Resolves when the writer stopped by itself (a failed write); bounded. */
+  async stopped(timeoutMs = 20_000): Promise<void> {
+    await Promise.race([this.done, new Promise((_, rej) => setTimeout(() => rej(new Error('writer did not stop')), timeoutMs))]);
+  }
+
+  async stop(): Promise<void> {
+    this.stopping = true;
+    await this.done;
+    await this.client.disconnect();
+  }
+}
+
+/** The whole disk of `image` (ksc_inc, or qcow2 through qemu-img) converted to a raw file; returns its path. */
+export function rawOf(r: Rig, image: string): string {
+  const out = join(r.dir, `${image}.${Date.now()}.raw`);
+  if (image.endsWith('.qcow2')) expect(run('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', join(r.dir, image), out]).code).toBe(0);
+  else expect(r.cli(['convert', image, out, '-O', 'raw']).code).toBe(0);
+  return out;
+}
+
+/** qemu-img compare of two raw files: byte-identical, or the test fails with qemu-img's first difference. */
+export function sameBytes(a: string, b: string): void {
+  const c = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b]);
+  expect(c.code, `qemu-img compare ${a} ${b}: ${c.stdout}${c.stderr}`).toBe(0);
+}
