@@ -92,6 +92,7 @@ function registerInfo(program: Command): void {
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
+        if (info.backingError) println(`live restore: its repository cannot be opened from here (${info.backingError}); how much is local is unknown`);
         const l = info.liveRestore;
         if (l) {
           const pct = l.totalBytes > 0 ? ((100 * l.localBytes) / l.totalBytes).toFixed(1) : '100.0';

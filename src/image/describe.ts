@@ -9,6 +9,7 @@ import { openImage, type ImageFormat } from './open.js';
 import type { FileOpener } from '../io/file.js';
 import { KscImage } from './ksc.js';
 import { localShare, type LocalShare } from './live-share.js';
+import { OfflineBackupBacking } from './offline-backing.js';
 
 export interface ImageDescription {
   file: string;
@@ -26,11 +27,13 @@ export interface ImageDescription {
   bitmaps: BitmapStatus[];
   /** A live restore (§4.2): how much of its backup the image holds itself (absent otherwise). */
   liveRestore?: LocalShare;
+  /** A live restore whose repository could not be opened: why (its share is then unknown). */
+  backingError?: string;
 }
 
 /** Opens `file` read-only (no lock taken) with its backing chain and describes it. */
 export async function describeImage(file: string, opts: { opener?: FileOpener } = {}): Promise<ImageDescription> {
-  const dev = await openImage(file, { opener: opts.opener });
+  const dev = await openImage(file, { opener: opts.opener, offlineBackup: true });
   try {
     const identity = identityOf(dev);
     const allocation = allocationOf(dev);
@@ -45,6 +48,7 @@ export async function describeImage(file: string, opts: { opener?: FileOpener } 
       backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
       bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
       ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await localShare(dev)) ?? undefined } : {}),
+      ...(dev instanceof KscImage && dev.backing instanceof OfflineBackupBacking ? { backingError: dev.backing.reason.message } : {}),
     };
   } finally {
     await dev.close();

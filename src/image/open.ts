@@ -12,6 +12,7 @@ import { KscImage, type CreateKscOptions } from './ksc.js';
 import { FOREIGN_PROBE_BYTES, foreignError, foreignFormat } from './foreign.js';
 import { RawDevice } from './raw.js';
 import { BackupBacking } from './repobacking.js';
+import { OfflineBackupBacking } from './offline-backing.js';
 import type { BackupRef } from '../format/header.js';
 import type { BlockDevice } from './types.js';
 import type { HandoverRecord } from './ksc/handover.js';
@@ -30,6 +31,11 @@ export interface OpenImageOptions {
   opener?: FileOpener;
   /** The top image's handover record (formats/ksc_inc.md §9 rule 11), from the writer that handed it over. */
   handover?: HandoverRecord;
+  /**
+   * Read-only opens only: when the repository of a live restore (§4.2) cannot be opened, open the image over
+   * a stand-in whose reads fail with the reason (offline-backing.ts), for its metadata (`kscinc info`).
+   */
+  offlineBackup?: boolean;
 }
 
 /**
@@ -114,7 +120,11 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   let backing: BlockDevice | null = null;
   if (backup) {
     // §4.2: a live restore. The top image opened for writing holds the repository (rule 5) and fills.
-    backing = await BackupBacking.open(file, backingName!, backup.ref, backup.size, { hold: write && depth === 0 });
+    const ref = backup.ref;
+    backing = await BackupBacking.open(file, backingName!, ref, backup.size, { hold: write && depth === 0 }).catch((e: unknown) => {
+      if (write || !opts.offlineBackup || !isKscError(e)) throw e;
+      return new OfflineBackupBacking(`backup ${ref.id} in ${backingName!}`, backup!.size, ref.chunkSize, e);
+    });
   } else if (backingName !== null) {
     const bpath = resolveBackingPath(file, backingName);
     try {

@@ -3,7 +3,7 @@
  * clear error that changes nothing; an existing overlay of another backup is not served in its place;
  * `info` shows how much of the backup is local; `--no-pull` serves without pulling and `status` says so.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, renameSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { kscinc } from '../helpers/cli.js';
@@ -70,5 +70,27 @@ describe('serve options for live restores', () => {
     }
     // Nothing pulled: the image still reads through to the backup.
     expect(JSON.parse(ok(kscinc(['info', live, '--json']), 'info')).liveRestore.localChunks).toBe(0);
+  });
+
+  it('info of a live restore whose repository cannot be opened shows the image and why, and changes nothing', () => {
+    const { repo, id } = backedUp(dir, 'away', 4 * MiB, rng);
+    const live = join(dir, 'away-live.ksc');
+    ok(kscinc(['restore', id, live, '--repo', repo, '--live']), 'restore --live');
+    renameSync(repo, `${repo}.moved`);
+    try {
+      const info = JSON.parse(ok(kscinc(['info', live, '--json']), 'info --json with the repository away'));
+      expect(info.virtualSize).toBe(4 * MiB);
+      expect(info.liveRestore).toBeUndefined();
+      expect(info.backingError).toMatch(/cannot be opened/);
+      expect(info.backingChain).toEqual([{ file: `backup ${id} in ${repo}`, format: 'ksc_inc' }]);
+      expect(ok(kscinc(['info', live]), 'info')).toMatch(/live restore: its repository cannot be opened from here/);
+      // Reading still refuses: the stand-in is for metadata only.
+      const cmp = kscinc(['convert', live, join(dir, 'away-copy.raw'), '-O', 'raw']);
+      expect(cmp.code, cmp.stdout + cmp.stderr).not.toBe(0);
+      expect(cmp.stderr).toMatch(/cannot be opened/);
+    } finally {
+      renameSync(`${repo}.moved`, repo);
+    }
+    expect(JSON.parse(ok(kscinc(['info', live, '--json']), 'info')).liveRestore).toEqual({ backup: id, totalChunks: 4, localChunks: 0, totalBytes: 4 * MiB, localBytes: 0 });
   });
 });
