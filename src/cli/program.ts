@@ -5,7 +5,7 @@
 import { rmSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
-import { pendingFiles } from '../io/newfile.js';
+import { pendingFiles } from '../io/pending.js';
 import { errorCode, errorLine } from './errors.js';
 import { EXIT, exitHelp } from './exit.js';
 import { setProgressEnabled } from './progress.js';
