@@ -1,4 +1,4 @@
-// Builds dist/ once before the suite: the CLI tests and the crash tests run the compiled code in child processes.
+// Builds dist/ (tsc, then the CLI bundle) once before the suite: the CLI tests and the crash tests run the compiled code in child processes.
 // Also owns the lifetime of the local S3 server (Ceph RGW) used by test/objstore: it provides an empty state
 // folder to the test files; the first file that needs S3 starts the cluster there (test/helpers/s3.ts, under
 // a lock), and the teardown here destroys it, also when tests failed. A run without S3 tests starts nothing.
@@ -62,6 +62,8 @@ function reapOrphans(parent: string): void {
 
 export default function setup(project: TestProject): () => void {
   execFileSync(process.execPath, [`${root}node_modules/typescript/bin/tsc`, '-p', 'tsconfig.json'], { cwd: root, stdio: 'inherit' });
+  // The bundled CLI that dist/cli/kscinc.cjs runs (scripts/bundle-cli.mjs): the CLI tests run what users run.
+  execFileSync(process.execPath, [`${root}scripts/bundle-cli.mjs`], { cwd: root, stdio: 'inherit' });
 
   const parent = stateParent();
   reapOrphans(parent);

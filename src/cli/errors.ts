@@ -5,7 +5,7 @@
  */
 import { existsSync, statSync } from 'node:fs';
 import { isKscError } from '../errors.js';
-import { firstMissingFolder } from '../io/newfile.js';
+import { firstMissingFolder } from '../io/folders.js';
 
 interface ErrnoLike {
   code?: string;

@@ -5,7 +5,7 @@
 import { rmSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
-import { pendingFiles } from '../io/newfile.js';
+import { pendingFiles } from '../io/pending.js';
 import { errorCode, errorLine } from './errors.js';
 import { EXIT, exitHelp } from './exit.js';
 import { setProgressEnabled } from './progress.js';
@@ -38,6 +38,15 @@ export function groupFor(argv: string[]): string | null {
   if (first === undefined) return null;
   for (const [name, g] of Object.entries(COMMAND_GROUPS)) if (g.commands.includes(first)) return name;
   return null;
+}
+
+/**
+ * True when `argv` only asks for the version (`--version` or `-V`, no command, no help): then no command
+ * group is loaded, since commander answers before it would look at one.
+ */
+export function versionOnly(argv: string[]): boolean {
+  const args = argv.slice(2);
+  return args.some((a) => a === '--version' || a === '-V') && args.every((a) => a.startsWith('-') && a !== '--help' && a !== '-h');
 }
 
 /** Commander's error lines ("error: …", "(Did you mean …?)") as one line with the one prefix. */
@@ -74,8 +83,8 @@ export function walkCommands(cmd: Command, prefix = ''): { name: string; cmd: Co
   return out;
 }
 
-/** The program with every command group, or only `group`'s. */
-export async function buildProgram(group: string | null = null): Promise<Command> {
+/** The program with every command group, or only `group`'s, or none (`commands: false`). */
+export async function buildProgram(group: string | null = null, opts: { commands?: boolean } = {}): Promise<Command> {
   const program = new Command();
   program
     .name('kscinc')
@@ -86,7 +95,7 @@ export async function buildProgram(group: string | null = null): Promise<Command
     .configureOutput({ outputError: (text, write) => write(oneLine(text)) })
     .exitOverride();
   program.addHelpText('after', exitHelp(null));
-  const groups = group ? [COMMAND_GROUPS[group]!] : Object.values(COMMAND_GROUPS);
+  const groups = opts.commands === false ? [] : group ? [COMMAND_GROUPS[group]!] : Object.values(COMMAND_GROUPS);
   for (const register of await Promise.all(groups.map((g) => g.load()))) register(program);
   for (const { name, cmd } of walkCommands(program)) {
     for (const o of cmd.options) asUsageParser(o as Option & { parseArg?: (value: string, previous: never) => unknown });
@@ -127,7 +136,7 @@ export async function run(argv: string[]): Promise<number> {
   if (argv.includes('--quiet') || argv.includes('-q')) setProgressEnabled(false);
   const release = group !== null && !OWN_SIGNALS.has(group) ? removeUnfinishedOnSignal() : () => undefined;
   try {
-    const program = await buildProgram(group);
+    const program = await buildProgram(group, { commands: !versionOnly(argv) });
     await program.parseAsync(argv);
     return typeof process.exitCode === 'number' ? process.exitCode : 0;
   } catch (e) {

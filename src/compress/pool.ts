@@ -17,8 +17,8 @@ let pool: Piscina | null = null;
 function workerFile(): string {
   const here = fileURLToPath(import.meta.url);
   const js = here.replace(/pool\.(ts|js)$/, 'worker.js');
-  if (existsSync(js)) return js;
-  // Running from src/ (tests): use the compiled worker in dist/.
+  if (js !== here && existsSync(js)) return js;
+  // Running from src/ (tests) or from the bundled CLI (dist/bundle/): use the compiled worker in dist/.
   return fileURLToPath(new URL('../../dist/compress/worker.js', import.meta.url));
 }
 

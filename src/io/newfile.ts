@@ -15,15 +15,18 @@ import { existsSync } from 'node:fs';
 import { link, lstat, readdir, rename, rm, unlink } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
-import { basename, dirname, join, resolve } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { KscError, ioError, isKscError } from '../errors.js';
 import { syncDir } from './durable.js';
 import { faultStep } from './fault.js';
 import { openHostFile } from './file.js';
 import { pidAlive } from '../util/process.js';
 
-/** Temporary files being built right now (absolute or as given), with the lock files they may carry. */
-export const pendingFiles = new Set<string>();
+import { pendingFiles } from './pending.js';
+import { firstMissingFolder } from './folders.js';
+
+export { pendingFiles } from './pending.js';
+export { firstMissingFolder } from './folders.js';
 
 export interface NewFileOptions {
   /** Replace an existing target (default: refuse with KSC_E_EXISTS before any work is done). */
@@ -64,14 +67,6 @@ export async function removeStaleTemps(target: string): Promise<string[]> {
     removed.push(join(dir, name));
   }
   return removed;
-}
-
-/** The first folder on `file`'s path (from the top) that does not exist, or null when its folder exists. */
-export function firstMissingFolder(file: string): string | null {
-  let dir = dirname(resolve(file));
-  if (existsSync(dir)) return null;
-  while (dirname(dir) !== dir && !existsSync(dirname(dir))) dir = dirname(dir);
-  return dir;
 }
 
 /** Fails with KSC_E_EXISTS when `target` exists and `force` is not set; names the folder when it is missing. */

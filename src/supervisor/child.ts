@@ -10,7 +10,8 @@ import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
  * KSCINC_WORKER_ENTRY overrides it (tests point it at a broken build).
  */
 export function workerEntry(): string {
-  return process.env.KSCINC_WORKER_ENTRY || fileURLToPath(new URL('./worker.js', import.meta.url));
+  // '../supervisor/': the same file from dist/supervisor/ and from the bundled CLI in dist/bundle/.
+  return process.env.KSCINC_WORKER_ENTRY || fileURLToPath(new URL('../supervisor/worker.js', import.meta.url));
 }
 
 type Waiter = { types: string[]; resolve: (m: FromWorker) => void; reject: (e: Error) => void; timer: NodeJS.Timeout };

@@ -3,7 +3,7 @@
  * exactly which top-level commands each group's module registers, or a command would be "unknown".
  */
 import { describe, expect, it } from 'vitest';
-import { COMMAND_GROUPS, buildProgram, groupFor } from '../../src/cli/program.js';
+import { COMMAND_GROUPS, buildProgram, groupFor, versionOnly } from '../../src/cli/program.js';
 
 describe('CLI command groups', () => {
   it('each group registers exactly the commands the table names, and all groups together every command once', async () => {
@@ -34,5 +34,12 @@ describe('CLI command groups', () => {
     expect(groupFor(argv('--version'))).toBeNull();
     expect(groupFor(argv('frobnicate'))).toBeNull();
     expect(groupFor(argv())).toBeNull();
+  });
+
+  it('a version query alone loads no group; with a command or help it does', async () => {
+    const argv = (...a: string[]): string[] => ['node', 'kscinc', ...a];
+    expect([versionOnly(argv('--version')), versionOnly(argv('-V')), versionOnly(argv('--debug', '-V'))]).toEqual([true, true, true]);
+    expect([versionOnly(argv()), versionOnly(argv('--help', '--version')), versionOnly(argv('-h', '-V')), versionOnly(argv('info', '--version'))]).toEqual([false, false, false, false]);
+    expect((await buildProgram(null, { commands: false })).commands).toEqual([]);
   });
 });

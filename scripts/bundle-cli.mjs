@@ -1,0 +1,46 @@
+// Bundles the compiled CLI (dist/cli/main.js and what it imports) into a few CommonJS files in dist/bundle/,
+// then writes their V8 code caches (src/cli/code-cache.cts). Run after tsc: `npm run build` does both, and so
+// does test/global-setup.ts. dist/cli/kscinc.cjs runs the bundle when it is at least as new as itself.
+//
+// Why: loading ~150 ES modules (resolve, read, compile, link each one) took most of a short command's time;
+// one CommonJS file per command group loads synchronously and compiles from the code cache (bench/startup.mjs).
+// dist/bundle/ sits two levels below the package root like dist/<folder>/, so the paths the code builds from
+// import.meta.url (package.json, native/, dist/compress/worker.js, dist/supervisor/worker.js) still resolve.
+// Packages that load native code or start workers (lz4-napi, piscina) and the S3 client (minio, large, loaded
+// only for S3 repositories) stay outside the bundle and load from node_modules when first used.
+import { execFileSync } from 'node:child_process';
+import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs';
+import { builtinModules } from 'node:module';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { rolldown } from 'rolldown';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const dist = join(root, 'dist');
+const entry = join(dist, 'cli', 'main.js');
+if (!existsSync(entry)) throw new Error(`bundle-cli: ${entry} is missing: run tsc first`);
+
+const EXTERNAL = new Set(['minio', 'piscina', 'lz4-napi', ...builtinModules]);
+const temp = join(dist, `.bundle-${process.pid}`);
+const bundle = await rolldown({
+  input: { kscinc: entry },
+  platform: 'node',
+  external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
+  logLevel: 'warn',
+});
+await bundle.write({ dir: temp, format: 'cjs', minify: process.env.KSCINC_BUNDLE_MINIFY !== '0', entryFileNames: '[name].cjs', chunkFileNames: '[name].cjs', sourcemap: true });
+await bundle.close();
+
+// Replace dist/bundle/ as a whole; while it is missing, kscinc.cjs runs the ES modules instead.
+const target = join(dist, 'bundle');
+const old = join(dist, `.bundle-old-${process.pid}`);
+if (existsSync(target)) renameSync(target, old);
+renameSync(temp, target);
+rmSync(old, { recursive: true, force: true });
+
+// Code caches: one run that loads every command group (--help), its compiled functions saved at exit.
+execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: { ...process.env, KSCINC_CODE_CACHE: 'write' }, stdio: 'ignore' });
+const files = readdirSync(target);
+const chunks = files.filter((f) => f.endsWith('.cjs'));
+const cached = files.filter((f) => f.endsWith('.cjs.cache'));
+process.stdout.write(`bundle-cli: ${chunks.length} files in dist/bundle/, ${cached.length} with a code cache\n`);

@@ -1,0 +1,84 @@
+/**
+ * V8 code caches for the bundled CLI (dist/bundle/*.cjs), as Node 22's module.enableCompileCache() does
+ * for every module; Node 20 has no such switch. Compiling the bundle's JavaScript is most of what is
+ * left of the start-up once module resolution is gone (bench/startup.mjs).
+ *
+ * Each `X.cjs` may have an `X.cjs.cache` beside it: the source file's mtime in ms and its size (two
+ * float64 LE, 16 bytes), then V8's cached data. (Not a hash of the source: hashing the ~0.5 MB that a
+ * command loads cost more than the rest of this file; V8 itself checks the source length and its flags.) scripts/bundle-cli.mjs writes them at build time (KSCINC_CODE_CACHE=write: after a run that loaded
+ * every chunk, each chunk's cache holds the functions compiled so far). A cache whose stamp does not match
+ * the source file (edited, copied), or that V8 rejects (another Node version or other V8 flags), is ignored: the file compiles
+ * as usual, only slower. Nothing is written at run time.
+ */
+import Module = require('node:module');
+import vm = require('node:vm');
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+
+type Compile = (this: Module, content: string, filename: string) => unknown;
+interface Internal {
+  prototype: { _compile: Compile; require: (id: string) => unknown };
+  wrap(content: string): string;
+  _resolveFilename(request: string, parent: Module, isMain: boolean, options?: unknown): string;
+  _cache: Record<string, Module>;
+}
+const M = Module as unknown as Internal;
+
+const STAMP_BYTES = 16;
+
+/** The source file's stamp: its mtime and size. */
+function stampOf(source: string): Buffer {
+  const st = statSync(source);
+  const stamp = Buffer.alloc(STAMP_BYTES);
+  stamp.writeDoubleLE(st.mtimeMs, 0);
+  stamp.writeDoubleLE(st.size, 8);
+  return stamp;
+}
+
+/** The cached data of `source` from `file`, or undefined when there is none that matches its stamp. */
+function readCache(file: string, stamp: Buffer): Buffer | undefined {
+  let data: Buffer;
+  try {
+    data = readFileSync(file);
+  } catch {
+    return undefined;
+  }
+  return data.length > STAMP_BYTES && data.subarray(0, STAMP_BYTES).equals(stamp) ? data.subarray(STAMP_BYTES) : undefined;
+}
+
+function requireFor(mod: Module): NodeJS.Require {
+  const req = ((id: string) => mod.require(id)) as NodeJS.Require;
+  req.resolve = ((request: string, options?: unknown) => M._resolveFilename(request, mod, false, options)) as NodeJS.RequireResolve;
+  req.main = require.main;
+  req.cache = M._cache as NodeJS.Require['cache'];
+  return req;
+}
+
+/**
+ * From now on, CommonJS files whose path starts with `dir` compile with their code cache. With
+ * KSCINC_CODE_CACHE=write, each such file's cache is (re)written when the process exits.
+ */
+export function useCodeCache(dir: string): void {
+  const write = process.env.KSCINC_CODE_CACHE === 'write';
+  const scripts: { script: vm.Script; file: string; stamp: Buffer }[] = [];
+  const original = M.prototype._compile;
+  M.prototype._compile = function compile(this: Module, content: string, filename: string): unknown {
+    if (!filename.startsWith(dir)) return original.call(this, content, filename);
+    const stamp = stampOf(filename);
+    const file = `${filename}.cache`;
+    const cachedData = write ? undefined : readCache(file, stamp);
+    const script = new vm.Script(M.wrap(content), {
+      filename,
+      cachedData,
+      importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER,
+    } as vm.ScriptOptions);
+    if (write) scripts.push({ script, file, stamp });
+    const fn = script.runInThisContext({ displayErrors: true }) as (...args: unknown[]) => unknown;
+    return fn.call(this.exports, this.exports, requireFor(this), this, filename, dirname(filename));
+  };
+  if (write) {
+    process.on('exit', () => {
+      for (const s of scripts) writeFileSync(s.file, Buffer.concat([s.stamp, s.script.createCachedData()]));
+    });
+  }
+}
