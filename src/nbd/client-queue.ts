@@ -4,6 +4,7 @@
  */
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
+import { takeBytes } from './take-bytes.js';
 
 export class ByteQueue {
   private chunks: Buffer[] = [];
@@ -44,22 +45,6 @@ export class ByteQueue {
 
   private take(n: number): Buffer {
     this.buffered -= n;
-    const first = this.chunks[0];
-    if (first && first.length >= n) {
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-      return first.subarray(0, n);
-    }
-    const out = Buffer.allocUnsafe(n);
-    let pos = 0;
-    while (pos < n) {
-      const c = this.chunks[0]!;
-      const k = Math.min(c.length, n - pos);
-      c.copy(out, pos, 0, k);
-      pos += k;
-      if (k === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(k);
-    }
-    return out;
+    return takeBytes(this.chunks, n);
   }
 }

@@ -4,6 +4,7 @@
  * held in memory, whatever the client sends.
  */
 import type { Socket } from 'node:net';
+import { takeBytes } from './take-bytes.js';
 
 export class SocketClosedError extends Error {
   constructor() {
@@ -147,25 +148,7 @@ export class SocketReader {
   }
 
   private take(n: number): Buffer {
-    let out: Buffer;
-    const first = this.chunks[0];
-    if (n === 0) out = Buffer.alloc(0);
-    else if (first && first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.chunks.shift();
-      else this.chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let pos = 0;
-      while (pos < n) {
-        const c = this.chunks[0]!;
-        const k = Math.min(c.length, n - pos);
-        c.copy(out, pos, 0, k);
-        pos += k;
-        if (k === c.length) this.chunks.shift();
-        else this.chunks[0] = c.subarray(k);
-      }
-    }
+    const out = takeBytes(this.chunks, n);
     this.buffered -= n;
     if (this.buffered < this.lowWater && !this.ended && !this.stopped) this.socket.resume();
     return out;

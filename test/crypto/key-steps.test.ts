@@ -14,14 +14,10 @@ import { cpSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:f
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
-import { tempDir } from '../helpers/tmp.js';
+import { passwordFile, tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir('kscinc-key-steps-');
-const pw = (name: string, value: string): string => {
-  const f = join(dir, `${name}.pw`);
-  writeFileSync(f, `${value}\n`, { mode: 0o600 });
-  return f;
-};
+const pw = (name: string, value: string): string => passwordFile(dir, name, value);
 const A = pw('a', 'password A');
 const B = pw('b', 'password B');
 const env = (p: string, newP?: string): Record<string, string | undefined> => ({ KSCINC_PASSWORD_FILE: p, KSCINC_NEW_PASSWORD_FILE: newP });

@@ -8,14 +8,10 @@ import { describe, expect, it } from 'vitest';
 import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
-import { tempDir } from '../helpers/tmp.js';
+import { passwordFile, tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir('kscinc-keys-');
-const pw = (name: string, value: string): string => {
-  const f = join(dir, `${name}.pw`);
-  writeFileSync(f, `${value}\n`, { mode: 0o600 });
-  return f;
-};
+const pw = (name: string, value: string): string => passwordFile(dir, name, value);
 const A = pw('a', 'password A');
 const B = pw('b', 'password B');
 const C = pw('c', 'password C');

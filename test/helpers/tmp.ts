@@ -1,4 +1,4 @@
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll } from 'vitest';
@@ -16,4 +16,11 @@ export function tempDir(prefix = 'kscinc-'): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   made.push(dir);
   return dir;
+}
+
+/** A private file (mode 0600) in `dir` holding `password` and a newline, as KSCINC_PASSWORD_FILE reads it. */
+export function passwordFile(dir: string, name: string, password: string): string {
+  const f = join(dir, `${name}.pw`);
+  writeFileSync(f, `${password}\n`, { mode: 0o600 });
+  return f;
 }

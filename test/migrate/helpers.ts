@@ -10,6 +10,8 @@ import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscinc, run, type CliResult } from '../helpers/cli.js';
 import { spawnServe, type ServeChild } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
+// @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
+import { mulberry32 } from '../helpers/prng.mjs';
 
 export const MiB = 1024 * 1024;
 export const SIZE = 64 * MiB;
@@ -73,17 +75,8 @@ export async function serveImage(r: Rig, image: string, args: string[] = []): Pr
   };
 }
 
-/** A deterministic PRNG (mulberry32). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** A deterministic PRNG (mulberry32, shared with child processes and bench/). */
+export const prng = mulberry32 as (seed: number) => () => number;
 
 /**
  * Writes random 4–64 KiB pieces into the first `span` bytes of the export, one at a time, until stop() or
