@@ -7,6 +7,12 @@
  * background already) leaves an image without the repository, equal to the backup plus the
  * guest's writes, byte for byte (qemu-img compare), `kscinc check` clean, and the next backup is
  * incremental against the one restored, reading exactly the chunks the guest wrote.
+ *
+ * A third case stops the S3 server mid-read (issue 18): the image is served with `--no-pull` from a private
+ * radosgw of the same Ceph cluster (so stopping it disturbs no other test file), the gateway is SIGSTOPped
+ * for 10 s while the guest reads chunks not yet local, then SIGCONTed: the guest's read waits through the
+ * outage (no EIO: its script stops at the first failed read) and returns the backup's bytes
+ * (formats/ksc_inc.md §4.2 rule 7), and the server logs no error.
  */
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,14 +21,17 @@ import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { spawnServe } from '../helpers/serve.js';
-import { freshBucket, s3Config, s3Env } from '../helpers/s3.js';
-import { guestPattern, MiB, runGuest, sha256 } from '../helpers/guest.js';
+import { freshBucket, privateGateway, s3Config, s3Env } from '../helpers/s3.js';
+import { guestPattern, killGuests, MiB, runGuest, sha256, startGuest } from '../helpers/guest.js';
 import { closePool } from '../../src/compress/pool.js';
 
 const dir = tempDir('kscinc-live-guest-');
 const seed = seedFor('test/live-restore/guest.test.ts');
 const rng = new Rng(seed);
-afterAll(() => closePool());
+afterAll(() => {
+  killGuests();
+  return closePool();
+});
 
 function ok(r: { code: number; stdout: string; stderr: string }, what: string): string {
   expect(r.code, `${what}: ${r.stdout}${r.stderr}`).toBe(0);
@@ -135,5 +144,69 @@ describe('live restore under a real QEMU guest', () => {
   it('from a repository in Ceph RGW: the same', async () => {
     const env = s3Env(await s3Config()) as Record<string, string>;
     await scenario('s3', `s3://${freshBucket('guest')}/vm`, env);
+  }, 600_000);
+
+  it('from Ceph RGW stopped for 10 s mid-read: the guest waits, then reads the backup; the server logs no error', async () => {
+    const OUTAGE_MS = 10_000;
+    const gw = await privateGateway();
+    try {
+      const env = s3Env(gw.config) as Record<string, string>;
+      const repo = `s3://${freshBucket('outage')}/vm`;
+      const size = 16 * MiB;
+      const data = rng.bytes(size);
+      const src = join(dir, 'outage-src.raw');
+      writeFileSync(src, data);
+      ok(kscinc(['backup', src, '--repo', repo, '--no-bitmap'], { env }), 'backup to S3');
+      const vm = join(dir, 'outage-vm.ksc');
+      ok(kscinc(['restore', 'latest', vm, '--repo', repo, '--live'], { env }), 'restore --live');
+      // --no-pull: nothing fetches the chunks before the guest asks for them, so the read below meets the
+      // outage with every chunk of its range still remote.
+      const s = spawnServe([vm, '--listen', '127.0.0.1:0', '--no-pull'], { env, timeoutMs: 30_000 });
+      let readMs = -1;
+      let stillReading = false;
+      let r: Record<string, string> = {};
+      try {
+        const [uri] = await s.uris;
+        const g = await startGuest({
+          nbd: uri!,
+          name: 'live-s3-outage',
+          script: [
+            'ksc_sha a 0 4', // not local yet: fetched while the gateway runs
+            'ksc_wait go',
+            't0=$(ksc_ms)',
+            'ksc_sha b 4 12', // not local yet: issued while the gateway is stopped
+            'ksc_result bms $(($(ksc_ms) - t0))',
+          ].join('\n'),
+        });
+        await g.waitFor(/^KSC-WAIT go/, 180_000);
+        expect(g.log(), 'the first read finished before the outage').toMatch(/^KSC-RESULT a /m);
+        const stoppedAt = Date.now();
+        gw.signal('SIGSTOP');
+        try {
+          g.send('go');
+          await new Promise((res) => setTimeout(res, OUTAGE_MS));
+          stillReading = !/^KSC-RESULT b /m.test(g.log()) && g.proc.exitCode === null;
+        } finally {
+          gw.signal('SIGCONT');
+        }
+        const res = await g.result();
+        r = res.results;
+        readMs = Number(r.bms);
+        console.log(`s3 outage: gateway stopped ${Date.now() - stoppedAt} ms before the guest finished; guest read of 12 MiB took ${readMs} ms (guest clock)`);
+      } finally {
+        gw.signal('SIGCONT');
+        if (s.proc.exitCode === null) s.proc.kill('SIGTERM');
+        expect(await s.exited, `serve exit; stderr: ${s.stderr()}`).toBe(0);
+      }
+      expect(stillReading, 'the read was still waiting when the gateway was continued').toBe(true);
+      // The guest issues the read a moment after the SIGSTOP (it first reads the console line): allow 1 s.
+      expect(readMs, 'the read in progress waited through the outage').toBeGreaterThanOrEqual(OUTAGE_MS - 1000);
+      expect(r.a, `before the outage (seed ${seed})`).toBe(sha256(data.subarray(0, 4 * MiB)));
+      expect(r.b, `read through the outage equals the backup (seed ${seed})`).toBe(sha256(data.subarray(4 * MiB, 16 * MiB)));
+      expect(s.stderr(), 'the server logged nothing worse than waiting').not.toMatch(/error|KSC_E_|EIO|fail|warn/i);
+    } finally {
+      gw.signal('SIGCONT');
+      await gw.close();
+    }
   }, 600_000);
 });
