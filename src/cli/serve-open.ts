@@ -1,9 +1,9 @@
 /** Opens the images `kscinc serve` exports (in the serving process: the worker, or the only process with --no-supervisor). */
 import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
-import { openImage } from '../image/open.js';
+import { handOverOf, openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
-import { KscImage, type HandoverRecord } from '../image/ksc.js';
+import type { HandoverRecord } from '../image/ksc.js';
 import type { NbdExport } from '../nbd/server.js';
 import type { PullConfig } from './pull-control.js';
 
@@ -71,7 +71,8 @@ export async function closeDevices(devices: BlockDevice[]): Promise<void> {
 export async function handOverDevices(devices: BlockDevice[]): Promise<(HandoverRecord | null)[]> {
   const out: (HandoverRecord | null)[] = [];
   for (const d of devices) {
-    if (d instanceof KscImage && !d.readOnly) out.push(await d.handOver());
+    const handOver = handOverOf(d);
+    if (handOver) out.push(await handOver());
     else {
       await closeDevices([d]);
       out.push(null);

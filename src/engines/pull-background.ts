@@ -13,12 +13,12 @@
  * When it is done the image has no backing any more; the export goes on serving the same image object.
  */
 import { isKscError } from '../errors.js';
-import { KscImage } from '../image/ksc.js';
-import { BackupBacking } from '../image/repobacking.js';
+import type { KscImage } from '../image/ksc.js';
+import type { BackupBacking } from '../image/repobacking.js';
 import type { BlockDevice } from '../image/types.js';
 import { RateLimit } from '../util/ratelimit.js';
 import { pullOpen } from './pull.js';
-import { backupTotals, localShare } from '../image/live-share.js';
+import { backupTotals, localShare, writableLiveRestore } from '../image/live-share.js';
 
 /** The longest a pull read waits for guest requests to drain before it goes anyway. */
 export const YIELD_MAX_MS = 250;
@@ -108,8 +108,8 @@ export class BackgroundPull {
 
   /** A pull for `dev` when it is a live restore open for writing; null otherwise. Not started yet. */
   static of(dev: BlockDevice, path: string, opts: BackgroundPullOptions): BackgroundPull | null {
-    if (!(dev instanceof KscImage) || dev.readOnly || !(dev.backing instanceof BackupBacking)) return null;
-    return new BackgroundPull(dev, path, dev.backing, opts);
+    const live = writableLiveRestore(dev);
+    return live ? new BackgroundPull(live.img, path, live.backing, opts) : null;
   }
 
   start(): void {

@@ -3,7 +3,8 @@
  * still read through the backing (what a pull fetches), and the share of the backup that is local (what
  * `kscinc info` and `kscinc status` show). Zero chunks of the backup never count: they cost nothing.
  */
-import type { KscImage } from './ksc.js';
+import { KscImage } from './ksc.js';
+import type { BlockDevice } from './types.js';
 import { BackupBacking } from './repobacking.js';
 
 export interface LocalShare {
@@ -48,4 +49,9 @@ export async function localShare(img: KscImage): Promise<LocalShare | null> {
   let leftBytes = 0;
   for (const k of left) leftBytes += chunkBytes(b, k);
   return { backup: b.manifest.meta.id, totalChunks: t.chunks, localChunks: t.chunks - left.length, totalBytes: t.bytes, localBytes: t.bytes - leftBytes };
+}
+
+/** `dev` as a live restore open for writing (a ksc_inc image over a backup, §4.2); null for any other device. */
+export function writableLiveRestore(dev: BlockDevice): { img: KscImage; backing: BackupBacking } | null {
+  return dev instanceof KscImage && !dev.readOnly && dev.backing instanceof BackupBacking ? { img: dev, backing: dev.backing } : null;
 }

@@ -204,3 +204,8 @@ export async function writeNewImage(file: string, opts: CreateImageOptions): Pro
   }
   await KscImage.create(file, create);
 }
+
+/** The hand-over of a writable ksc_inc image for a hot upgrade (§9 rule 11); null for any other device. */
+export function handOverOf(dev: BlockDevice): (() => Promise<HandoverRecord | null>) | null {
+  return dev instanceof KscImage && !dev.readOnly ? () => dev.handOver() : null;
+}
