@@ -17,6 +17,7 @@ export type KscErrorCode =
   | 'KSC_E_CLOSED' // the device was closed
   | 'KSC_E_AUTH' // the object store refused our credentials
   | 'KSC_E_PERMISSION' // a file or a peer we must not trust (owner, mode, credentials)
+  | 'KSC_E_MIGRATED' // a writer refused an image marked migrated away (a stale copy; formats/ksc_inc.md §4.1)
   | 'KSC_E_UNAVAILABLE'; // the object store cannot be reached or keeps failing (retryable)
 
 export class KscError extends Error {

@@ -91,6 +91,7 @@ function registerInfo(program: Command): void {
         println(`block size: ${formatSize(info.blockSize)}`);
         println(`disk uuid: ${info.diskUuid}`);
         println(`clean: ${info.dirty ? 'no (not closed cleanly, or open for writing)' : 'yes'}`);
+        if (info.migratedAway) println('migrated away: yes (a stale copy: the disk moved to another host; serve and write refuse it without --force)');
         if (info.backingChain.length > 0) println(`backing chain: ${info.backingChain.map((b) => `${b.file} (${b.format})`).join(' -> ')}`);
         if (info.backingError) println(`live restore: its repository cannot be opened from here (${info.backingError}); how much is local is unknown`);
         const l = info.liveRestore;

@@ -18,9 +18,9 @@ export function registerIoCommands(program: Command): void {
     .requiredOption('--from <file>', 'source of the bytes ("-" for stdin)')
     .option('--length <n>', 'write only the first N bytes', (v) => parseSize(v, '--length'))
     .option('--fua', 'make the write durable before returning')
-    .option('--force', 'write even to a frozen image (the backing of a snapshot overlay)')
+    .option('--force', 'write even to a frozen image (the backing of a snapshot overlay) or one migrated away (a stale copy)')
     .action(async (image: string, offset: number, o: { from: string; length?: number; fua?: boolean; force?: boolean }) => {
-      const dev = await openImage(image, { write: true, force: o.force });
+      const dev = await openImage(image, { write: true, force: o.force, migratedAway: o.force });
       let written = 0;
       try {
         const stream = o.from === '-' ? process.stdin : createReadStream(o.from, { highWaterMark: CHUNK });

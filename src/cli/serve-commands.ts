@@ -55,6 +55,7 @@ interface ServeOptions {
   overlay?: string;
   disk?: string;
   incoming?: boolean;
+  force?: boolean;
 }
 
 function positiveInt(flag: string): (v: string) => number {
@@ -248,6 +249,7 @@ export function registerServeCommands(program: Command): void {
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
     .option('--incoming', 'the target of a migration (formats/migrate.md §5): only the source holding the printed token may write until it completes')
+    .option('--force', 'serve writable even an image migrated away to another host (a stale copy; formats/ksc_inc.md §4.1)')
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
     .option('--no-pull', 'live restores: do not pull the rest of the backup in the background (reads still fetch what they need)')
@@ -271,6 +273,7 @@ export function registerServeCommands(program: Command): void {
         images,
         names,
         readOnly: !!o.readOnly,
+        force: !!o.force,
         description: o.description,
         bitmap: o.bitmap,
         maxConnections: o.maxConnections,

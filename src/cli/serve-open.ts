@@ -13,6 +13,8 @@ export interface ServeConfig {
   /** Export name of each image. */
   names: string[];
   readOnly: boolean;
+  /** `--force`: serve writable even an image marked migrated away (formats/ksc_inc.md §4.1). */
+  force?: boolean;
   description?: string;
   bitmap?: string[];
   maxConnections?: number;
@@ -37,7 +39,7 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
   const exports = new Map<string, NbdExport>();
   try {
     for (let i = 0; i < c.images.length; i++) {
-      const dev = await openImage(c.images[i]!, { write: !c.readOnly, handover: handover[i] ?? undefined });
+      const dev = await openImage(c.images[i]!, { write: !c.readOnly, migratedAway: !!c.force, handover: handover[i] ?? undefined });
       devices.push(dev);
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);

@@ -4,6 +4,7 @@
  * bandwidth cap, and counters for status. The first error stops it: every later send rejects with it.
  */
 import type { BlockDevice } from '../image/types.js';
+import { migrateKillPointBytes } from '../util/killpoint.js';
 import { isZero } from './migrate-base.js';
 
 /** Where a migration writes: an NBD export on the destination, over one or more connections. */
@@ -120,6 +121,7 @@ export class Sender {
     if (data) {
       await this.target.write(offset, data);
       this.bytesSent += length;
+      migrateKillPointBytes(this.bytesSent);
     } else {
       await this.target.writeZeroes(offset, length);
       this.bytesZeroed += length;

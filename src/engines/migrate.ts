@@ -9,6 +9,7 @@
 import { KscError, isKscError, type KscErrorCode } from '../errors.js';
 import { bitmapsOf, changeGateOf, type ChangeGate, type DirtyBitmaps } from '../image/capabilities.js';
 import type { BlockDevice } from '../image/types.js';
+import { migrateKillPoint } from '../util/killpoint.js';
 import { baseOf } from './migrate-base.js';
 import { Sender, type MigrationTarget } from './migrate-send.js';
 
@@ -98,6 +99,7 @@ export class Migration {
       await m.removeBitmaps();
       await bitmaps.addBitmap(MIGRATE_BITMAP, { granularity: Math.max(GRANULARITY, dev.blockSize), enabled: true });
     });
+    migrateKillPoint('started');
     let plan: { offset: number; length: number; zero: boolean }[];
     try {
       plan = await m.firstPassPlan();
@@ -174,10 +176,12 @@ export class Migration {
   private async round(): Promise<number> {
     if (bytesOf(await this.bitmaps.bitmapExtents(MIGRATE_BITMAP)) === 0) return 0;
     await this.gate.quiesce(() => this.bitmaps.freezeBitmap(MIGRATE_BITMAP, MIGRATE_FROZEN));
+    migrateKillPoint('round-frozen');
     try {
       const dirty = await this.bitmaps.bitmapExtents(MIGRATE_FROZEN);
       for (const d of dirty) await this.sender.send(d.offset, Math.min(d.length, this.dev.size - d.offset));
       await this.sender.drain();
+      migrateKillPoint('round-sent');
       await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
       this.rounds++;
       return bytesOf(dirty);
@@ -194,8 +198,14 @@ export class Migration {
     await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
   }
 
-  private async removeBitmaps(): Promise<void> {
-    for (const b of [MIGRATE_FROZEN, MIGRATE_BITMAP]) if (this.bitmaps.hasBitmap(b)) await this.bitmaps.removeBitmap(b);
+  /** Removes the migration's state from the image, one item at a time (kill points `WHY-removed-N` after each). */
+  private async removeBitmaps(why = 'fail'): Promise<void> {
+    let n = 0;
+    for (const b of [MIGRATE_FROZEN, MIGRATE_BITMAP]) {
+      if (!this.bitmaps.hasBitmap(b)) continue;
+      await this.bitmaps.removeBitmap(b);
+      migrateKillPoint(`${why}-removed-${++n}`);
+    }
   }
 
   private async fail(e: unknown): Promise<void> {
@@ -220,9 +230,10 @@ export class Migration {
     await this.loop;
     if ((this.phase as MigratePhase) === 'failed') return this.status();
     await this.sender.drain().catch(() => undefined);
+    migrateKillPoint('cancel-stopped');
     this.phase = 'cancelled';
     this.target.destroy();
-    await this.removeBitmaps();
+    await this.removeBitmaps('cancel');
     this.log(`kscinc migrate: ${this.dev.name} to ${this.opts.to} cancelled; the source goes on serving`);
     return this.status();
   }
@@ -238,6 +249,7 @@ export class Migration {
     await this.loop;
     if ((this.phase as MigratePhase) === 'failed') throw this.error!;
     this.phase = 'completing';
+    migrateKillPoint('completing');
     try {
       // While still serving: one more round, and a flush of everything sent so far, so that the pause below
       // has only the last blocks to send and make durable (a destination that fsyncs the whole first pass
@@ -249,9 +261,9 @@ export class Migration {
       await this.fail(e);
       throw this.error!;
     }
+    migrateKillPoint('released');
     this.phase = 'completed';
     this.dirtyBytes = 0;
-    await this.removeBitmaps().catch((e: unknown) => (this.warning = `removing the migration bitmaps failed: ${(e as Error).message}`));
     try {
       await this.target.complete();
       await this.target.close();
@@ -259,6 +271,8 @@ export class Migration {
       this.warning = `the destination was not told that the migration completed: ${(e as Error).message}`;
       this.target.destroy();
     }
+    migrateKillPoint('told');
+    await this.removeBitmaps('complete').catch((e: unknown) => (this.warning = `removing the migration bitmaps failed: ${(e as Error).message}`));
     this.log(`kscinc migrate: ${this.dev.name} moved to ${this.opts.to}: pause ${this.pauseMs} ms; the source now refuses writes`);
     return this.status();
   }
@@ -268,9 +282,15 @@ export class Migration {
     const t0 = performance.now();
     await this.gate.quiesce(async () => {
       const dirty = await this.bitmaps.bitmapExtents(MIGRATE_BITMAP);
+      migrateKillPoint('held');
       for (const d of dirty) await this.sender.send(d.offset, Math.min(d.length, this.dev.size - d.offset));
       await this.sender.drain();
+      migrateKillPoint('sent');
       await this.target.flush();
+      migrateKillPoint('flushed');
+      // Step 5: the flag durable before any held write is let go or the destination takes writes (§4).
+      await this.gate.markMigratedAway();
+      migrateKillPoint('flagged');
       const name = this.dev.name;
       const to = this.opts.to;
       this.gate.setBeforeChange(() => Promise.reject(new KscError('KSC_E_READ_ONLY', `image ${name} was migrated to ${to}: the source takes no more writes`)));

@@ -11,7 +11,9 @@ export const FIRST_FREE_OFFSET = 8192;
 
 /** §4.1 feature bits. */
 export const INCOMPAT_DIRTY = 1n;
-export const KNOWN_INCOMPAT = INCOMPAT_DIRTY;
+/** §4.1: the disk was migrated to another host; this copy is stale and writers refuse it unless forced. */
+export const INCOMPAT_MIGRATED_AWAY = 2n;
+export const KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_MIGRATED_AWAY;
 export const COMPAT_DATA_CSUM = 1n;
 /** §4.1: the image is the backing of a snapshot overlay; writers refuse data changes unless forced. */
 export const COMPAT_FROZEN = 2n;

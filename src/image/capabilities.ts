@@ -71,6 +71,11 @@ export interface ChangeGate {
   quiesce<T>(fn: () => Promise<T>): Promise<T>;
   /** Installs (null: removes) a hook awaited before every change, with the range it is about to change. */
   setBeforeChange(hook: ((offset: number, length: number) => Promise<void>) | null): void;
+  /**
+   * Durably marks the device migrated away (formats/ksc_inc.md §4.1 MIGRATED_AWAY), before returning: later
+   * writable opens refuse it unless forced. It does not refuse this open's changes (the caller's hook does).
+   */
+  markMigratedAway(): Promise<void>;
 }
 
 /** A layer over a backing device (an overlay image): its reads fall through to `backing`. */

@@ -22,6 +22,8 @@ export interface ImageDescription {
   diskUuid: string | null;
   /** Not closed cleanly, or open for writing elsewhere. */
   dirty: boolean;
+  /** The disk was migrated to another host: this copy is stale, writers refuse it unless forced (ksc_inc.md §4.1). */
+  migratedAway: boolean;
   /** The backing devices below the image, top first. */
   backingChain: { file: string; format: ImageFormat }[];
   bitmaps: BitmapStatus[];
@@ -45,6 +47,7 @@ export async function describeImage(file: string, opts: { opener?: FileOpener } 
       allocatedBytes: allocation ? await allocation.allocatedBytes() : 0,
       diskUuid: identity ? bytesToUuid(identity.diskUuid) : null,
       dirty: identity?.wasDirty ?? false,
+      migratedAway: dev instanceof KscImage && dev.migratedAway,
       backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
       bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
       ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await localShare(dev)) ?? undefined } : {}),

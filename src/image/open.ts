@@ -26,6 +26,8 @@ export interface OpenImageOptions {
   backingWritable?: boolean;
   /** Allow writes to a frozen top image (§4.1 FROZEN). */
   force?: boolean;
+  /** Open for writing even an image marked migrated away (§4.1 MIGRATED_AWAY); default: KSC_E_MIGRATED. */
+  migratedAway?: boolean;
   /** Format of the top image; default: probed from its first bytes. */
   format?: ImageFormat;
   opener?: FileOpener;
@@ -135,7 +137,7 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     }
   }
   try {
-    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force, handover: depth === 0 ? opts.handover : undefined });
+    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force, migratedAway: !!opts.migratedAway, handover: depth === 0 ? opts.handover : undefined });
     if (write && backing instanceof BackupBacking) backing.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
     return img;
   } catch (e) {

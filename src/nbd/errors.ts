@@ -49,6 +49,7 @@ export function wireErrno(e: unknown, type: number): number {
     case 'KSC_E_RANGE':
       return WRITES.has(type) ? ERR.ENOSPC : ERR.EINVAL;
     case 'KSC_E_READ_ONLY':
+    case 'KSC_E_MIGRATED':
       return ERR.EPERM;
     case 'KSC_E_NO_SPACE':
       return ERR.ENOSPC;

@@ -89,6 +89,8 @@ export class Writer {
   /** The 64 KiB granules the writes touched, summed per write: what the migration bitmap can make resend. */
   granuleBytes = 0;
   failure: Error | null = null;
+  /** The write sent and not yet answered: its bytes may or may not be on the disk. */
+  pending: { offset: number; length: number } | null = null;
   private stopping = false;
   private done: Promise<void> = Promise.resolve();
   private client!: NbdClient;
@@ -111,8 +113,10 @@ export class Writer {
         const off = 4096 * Math.floor((rnd() * (this.span - len)) / 4096);
         const data = Buffer.alloc(len, Math.floor(rnd() * 255) + 1);
         data.writeUInt32BE(this.writes, 0);
+        this.pending = { offset: off, length: len };
         try {
           await this.client.write(off, data);
+          this.pending = null;
         } catch (e) {
           this.failure = e as Error;
           return;

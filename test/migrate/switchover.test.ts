@@ -94,6 +94,9 @@ function heldWrites(src: BlockDevice, rnd: () => number, n: number, model: Buffe
   return Promise.allSettled(jobs);
 }
 
+/** The image's MIGRATED_AWAY flag (formats/ksc_inc.md §4.1), as its header says now. */
+const migratedAway = (dev: BlockDevice): boolean => (dev as unknown as { migratedAway: boolean }).migratedAway;
+
 async function whole(dev: BlockDevice): Promise<Buffer> {
   return dev.read(0, dev.size);
 }
@@ -123,6 +126,7 @@ describe('migration switch-over', () => {
       Buffer.alloc(4096, 0x77).copy(model, 0);
       expect((await whole(src)).equals(model)).toBe(true);
       expect(src.dirtyBitmaps!.hasBitmap(MIGRATE_BITMAP) || src.dirtyBitmaps!.hasBitmap(MIGRATE_FROZEN)).toBe(false);
+      expect(migratedAway(src), 'a failed switch-over does not mark the source migrated away').toBe(false);
     } finally {
       await src.close();
       await dst.close();
@@ -159,6 +163,7 @@ describe('migration switch-over', () => {
       await expect(src.write(0, Buffer.alloc(512))).rejects.toMatchObject({ code: 'KSC_E_READ_ONLY' });
       expect((await whole(dst)).equals(model)).toBe(true);
       expect((await whole(src)).equals(model)).toBe(true);
+      expect(migratedAway(src), 'the source is marked migrated away (ksc_inc.md §4.1)').toBe(true);
     } finally {
       await src.close();
       await dst.close();

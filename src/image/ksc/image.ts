@@ -9,7 +9,8 @@
  *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
  */
 import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
-import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY } from '../../format/constants.js';
+import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY, INCOMPAT_MIGRATED_AWAY } from '../../format/constants.js';
+import { KscError } from '../../errors.js';
 import type { BackupRef, Header } from '../../format/header.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
@@ -44,9 +45,19 @@ export interface OpenKscOptions {
   backing?: BlockDevice | null;
   /** Allow changes to a frozen image (§4.1 FROZEN: the backing of a snapshot overlay). */
   force?: boolean;
+  /** Open for writing even an image marked migrated away (§4.1 MIGRATED_AWAY: a stale copy); `serve --force`. */
+  migratedAway?: boolean;
   opener?: FileOpener;
   /** The record of the writer that handed this image over (§9 rule 11); ignored unless it still matches. */
   handover?: HandoverRecord;
+}
+
+/** KSC_E_MIGRATED: a writer's refusal of an image marked migrated away (§4.1). */
+export function migratedAwayError(path: string): KscError {
+  return new KscError(
+    'KSC_E_MIGRATED',
+    `image ${path} was migrated away to another host (formats/ksc_inc.md §4.1 MIGRATED_AWAY): this copy is stale; open it for writing only if the migrated disk is lost (serve --force, write --force)`,
+  );
 }
 
 /** The state behind an image, for the modules of this folder (the checker) and white-box tests only. */
@@ -134,6 +145,8 @@ export class KscImage implements BlockDevice {
     const file = await (opts.opener ?? openHostFile)(path, { write });
     try {
       if (write) await file.lockExclusive();
+      // §4.1 MIGRATED_AWAY: refused before the writable open changes anything (DIRTY header, recovery).
+      if (write && !opts.migratedAway && (await readHeader(file)).header.incompatible & INCOMPAT_MIGRATED_AWAY) throw migratedAwayError(path);
       const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover));
       img.core.refuseChanges = write && img.frozen && !opts.force;
       return img;
@@ -344,6 +357,22 @@ export class KscImage implements BlockDevice {
   /** True when the image is the backing of a snapshot overlay (§4.1 FROZEN). */
   get frozen(): boolean {
     return (this.core.header.compatible & COMPAT_FROZEN) !== 0n;
+  }
+
+  /** True when the disk was migrated to another host and this copy is stale (§4.1 MIGRATED_AWAY). */
+  get migratedAway(): boolean {
+    return (this.core.header.incompatible & INCOMPAT_MIGRATED_AWAY) !== 0n;
+  }
+
+  /**
+   * Marks the image MIGRATED_AWAY, durable before returning (one header write and sync; formats/migrate.md
+   * §4 step 5). The data is not flushed: the destination holds it. From the next open on, writers refuse the
+   * image unless forced; this open's changes are refused by the caller (the migration's change hook).
+   */
+  async markMigratedAway(): Promise<void> {
+    const c = this.core;
+    c.writable();
+    await c.flushMutex.run(() => c.writeHeader({ ...c.header, incompatible: c.header.incompatible | INCOMPAT_MIGRATED_AWAY }));
   }
 
   /** Marks the image FROZEN (durable before returning); later writers refuse data changes unless forced. */
