@@ -3,34 +3,19 @@
  * (formats/migrate.md §6); kscinc migrate fingerprint IMAGE: the base fingerprint of §2, for a destination
  * that cannot tell its own (qemu-nbd). Also what `kscinc serve --incoming` prepares before serving (§5).
  */
-import { randomBytes } from 'node:crypto';
 import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
-import { baseFingerprint, baseOf } from '../engines/migrate-base.js';
+import { baseOf } from '../engines/migrate-base.js';
 import type { MigrateStatus } from '../engines/migrate.js';
 import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
+import { prepareIncomingImage } from './migrate-incoming.js';
 import { controlPath } from './control-trust.js';
 import { formatSize, printJson, println } from './output.js';
 
-/** For `serve --incoming`: a new token, and the base fingerprint; refuses an image with data above its base. */
-export async function prepareIncoming(image: string): Promise<{ token: string; baseFingerprint: string }> {
-  const dev = await openImage(image);
-  try {
-    const depth = baseOf(dev)?.depth ?? Infinity;
-    const above = (await dev.extents(0, dev.size)).find((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < depth);
-    if (above) {
-      throw new KscError(
-        'KSC_E_INVALID',
-        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}); a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5)`,
-      );
-    }
-    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev) };
-  } finally {
-    await dev.close();
-  }
-}
+/** For `serve --incoming`: a new token, the base fingerprint and the incoming id (migrate-incoming.ts). */
+export const prepareIncoming = prepareIncomingImage;
 
 async function ask<R>(image: string, req: object, what: string): Promise<R> {
   const r = await controlRequest<R>(image, req, what);

@@ -6,6 +6,7 @@ import type { BlockDevice } from '../image/types.js';
 import type { HandoverRecord } from '../image/ksc.js';
 import type { NbdExport } from '../nbd/server.js';
 import type { PullConfig } from './pull-control.js';
+import { firstAboveBase } from '../engines/migrate-base.js';
 
 /** What the serving process needs to know; plain data, sent from the supervisor to its worker. */
 export interface ServeConfig {
@@ -22,7 +23,7 @@ export interface ServeConfig {
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
   /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
-  incoming?: { token: string; baseFingerprint: string };
+  incoming?: { token: string; baseFingerprint: string; id?: string | null };
 }
 
 export interface OpenedExports {
@@ -44,7 +45,7 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
       }
-      const incoming = c.incoming ? { ...c.incoming, completed: false } : undefined;
+      const incoming = c.incoming ? { ...c.incoming, completed: false, empty: !(await firstAboveBase(dev)) } : undefined;
       exports.set(c.names[i]!, { device: dev, readOnly: c.readOnly, description: c.description, bitmaps: c.bitmap, incoming });
     }
   } catch (e) {

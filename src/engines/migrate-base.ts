@@ -55,3 +55,9 @@ export async function baseFingerprint(dev: BlockDevice): Promise<string> {
   const b = baseOf(dev);
   return b ? fingerprintV1(b.base) : 'none';
 }
+
+/** The first allocated extent of `dev` above its base (what a migration target must not hold yet), or null. */
+export async function firstAboveBase(dev: BlockDevice): Promise<{ offset: number } | null> {
+  const depth = baseOf(dev)?.depth ?? Infinity;
+  return (await dev.extents(0, dev.size)).find((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < depth) ?? null;
+}

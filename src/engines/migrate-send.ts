@@ -15,6 +15,11 @@ export interface MigrationTarget {
   readonly maxPayload: number;
   /** Requests it can keep in flight usefully (connections × per-connection depth). */
   readonly parallelism: number;
+  /**
+   * A kscinc `--incoming` destination's id and whether its top layer is still empty (formats/migrate.md §5,
+   * §8): a rerun resumes only to the same id. Absent or null: no resume, and the destination is assumed empty.
+   */
+  readonly incoming?: { id: string; empty: boolean } | null;
   write(offset: number, data: Buffer): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
   /** FLUSH on every connection: everything acknowledged before is durable. */
@@ -32,7 +37,7 @@ export const SEND_PIECE = 1024 * 1024;
 /** Bytes of protocol header per request, counted against the bandwidth cap. */
 const HEADER = 28;
 
-/** A token bucket: take(n) waits until n bytes may go on the wire at `rate` bytes/s (burst: 1/10 s). */
+/** A token bucket: take(n) waits until n bytes may go on the wire at `rate` bytes/s (burst: 1/10 s), first come first served. */
 class RateLimit {
   private tokens: number;
   private last = performance.now();
@@ -41,7 +46,16 @@ class RateLimit {
     this.tokens = rate / 10;
   }
 
-  async take(n: number): Promise<void> {
+  /** The takes queued before, in order: without it a waiting piece may lose every race to later ones. */
+  private tail: Promise<void> = Promise.resolve();
+
+  take(n: number): Promise<void> {
+    const t = this.tail.then(() => this.takeNow(n));
+    this.tail = t;
+    return t;
+  }
+
+  private async takeNow(n: number): Promise<void> {
     for (;;) {
       const now = performance.now();
       this.tokens = Math.min(this.rate / 10, this.tokens + ((now - this.last) * this.rate) / 1000);
@@ -78,15 +92,23 @@ export class Sender {
     return this.failure;
   }
 
-  /** Queues [offset, offset+length) (split into pieces); resolves once each piece is in flight. */
-  async send(offset: number, length: number, zero = false): Promise<void> {
+  /**
+   * Queues [offset, offset+length) (split into pieces); resolves once each piece is in flight. `onIssued` and
+   * `onAcked` see each piece when it is queued and when the destination acknowledged it.
+   */
+  async send(offset: number, length: number, zero = false, track?: { onIssued(o: number, n: number): void; onAcked(o: number): void }): Promise<void> {
     const piece = Math.min(SEND_PIECE, this.target.maxPayload);
     for (let pos = offset, end = offset + length; pos < end; pos += piece) {
       const n = Math.min(piece, end - pos);
       while (this.inFlight.size >= this.target.parallelism && !this.failure) await Promise.race(this.inFlight);
       if (this.failure) throw this.failure;
+      track?.onIssued(pos, n);
+      const at = pos;
       const p: Promise<void> = this.one(pos, n, zero).then(
-        () => void this.inFlight.delete(p),
+        () => {
+          this.inFlight.delete(p);
+          track?.onAcked(at);
+        },
         (e: unknown) => {
           this.inFlight.delete(p);
           this.failure ??= e as Error;

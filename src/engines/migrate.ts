@@ -12,9 +12,10 @@ import type { BlockDevice } from '../image/types.js';
 import { migrateKillPoint } from '../util/killpoint.js';
 import { baseOf } from './migrate-base.js';
 import { Sender, type MigrationTarget } from './migrate-send.js';
+import { MIGRATE_BITMAP, MIGRATE_FROZEN, removeState, resumable, setProgress, type Progress } from './migrate-state.js';
+import { checkpoint, fromCursor, sendPass, type PassContext, type Range } from './migrate-pass.js';
 
-export const MIGRATE_BITMAP = 'kscinc-migrate';
-export const MIGRATE_FROZEN = 'kscinc-migrate~frozen';
+export { MIGRATE_BITMAP, MIGRATE_FROZEN } from './migrate-state.js';
 const GRANULARITY = 64 * 1024;
 /** The pause goal the convergence test aims at (formats/migrate.md §3). */
 const PAUSE_GOAL_MS = 100;
@@ -41,6 +42,8 @@ export interface MigrateStatus {
   pauseMs: number | null;
   error: { code: KscErrorCode; message: string } | null;
   warning: string | null;
+  /** This run continued an earlier one's persistent state (§8) instead of starting over. */
+  resumed: boolean;
 }
 
 export interface MigrateOptions {
@@ -72,6 +75,9 @@ export class Migration {
   private stopAsked: 'complete' | 'cancel' | null = null;
   private loop: Promise<void> = Promise.resolve();
   private readonly log: (line: string) => void;
+  /** The destination's incoming id: the cursor is recorded (§8); null for a destination without one. */
+  private id: string | null = null;
+  private resumed = false;
 
   private constructor(
     private readonly dev: BlockDevice,
@@ -95,22 +101,46 @@ export class Migration {
     if (!bitmaps || !gate || dev.readOnly) throw new KscError('KSC_E_INVALID', `${dev.name}: only a writable ksc_inc image can be migrated live (it needs a dirty bitmap and a change gate)`);
     if (target.size !== dev.size) throw new KscError('KSC_E_INVALID', `${opts.to} is ${target.size} bytes, ${dev.name} is ${dev.size}: the sizes must be equal`);
     const m = new Migration(dev, bitmaps, gate, target, opts);
-    await gate.quiesce(async () => {
-      await m.removeBitmaps();
-      await bitmaps.addBitmap(MIGRATE_BITMAP, { granularity: Math.max(GRANULARITY, dev.blockSize), enabled: true });
-    });
+    const prev = await gate.quiesce(() => m.prepareState());
     migrateKillPoint('started');
-    let plan: { offset: number; length: number; zero: boolean }[];
+    let plan: Range[] = [];
     try {
-      plan = await m.firstPassPlan();
+      if (prev.stage === 'f') plan = fromCursor(await m.firstPassPlan(), prev.cursor);
     } catch (e) {
-      await m.removeBitmaps().catch(() => undefined);
+      await m.dropState('fail').catch(() => undefined);
       throw e;
     }
     m.firstPassBytes = m.firstPassLeft = bytesOf(plan);
-    m.log(`kscinc migrate: ${dev.name} to ${opts.to}: first pass of ${m.firstPassBytes} bytes above the base`);
-    m.loop = m.run(plan);
+    m.log(
+      `kscinc migrate: ${dev.name} to ${opts.to}: ${m.resumed ? `resumed (${prev.stage === 'f' ? 'first pass' : 'round'} from offset ${prev.cursor})` : 'started'}; first pass of ${m.firstPassBytes} bytes above the base`,
+    );
+    m.loop = m.run(plan, prev);
     return m;
+  }
+
+  /**
+   * Inside quiesce: resume the image's persistent state when it names this destination (§8), else start over
+   * (KSC_E_INVALID when the destination holds a partial copy it cannot resume). Returns where to go on from.
+   */
+  private async prepareState(): Promise<Progress> {
+    const dest = this.target.incoming ?? null;
+    const prev = resumable(this.bitmaps);
+    this.id = dest?.id ?? null;
+    if (prev && dest && prev.id === dest.id) {
+      this.resumed = true;
+      return prev;
+    }
+    if (dest && !dest.empty) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `${this.opts.to} already holds blocks of a migration that ${this.dev.name} cannot resume (its state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again with --incoming`,
+      );
+    }
+    await removeState(this.bitmaps, 'restart');
+    await this.bitmaps.addBitmap(MIGRATE_BITMAP, { granularity: Math.max(GRANULARITY, this.dev.blockSize), enabled: true });
+    const fresh: Progress = { id: dest?.id ?? '', stage: 'f', cursor: 0 };
+    if (this.id) await setProgress(this.bitmaps, fresh);
+    return fresh;
   }
 
   /** The ranges above the base: data as WRITE, known zeros as WRITE_ZEROES. */
@@ -139,6 +169,7 @@ export class Migration {
       pauseMs: this.pauseMs,
       error: this.error ? { code: this.error.code, message: this.error.message } : null,
       warning: this.warning,
+      resumed: this.resumed,
     };
   }
 
@@ -147,14 +178,27 @@ export class Migration {
     return this.phase === 'copying' || this.phase === 'converged' || this.phase === 'completing';
   }
 
-  private async run(plan: { offset: number; length: number; zero: boolean }[]): Promise<void> {
+  private passContext(): PassContext {
+    return {
+      sender: this.sender,
+      target: this.target,
+      bitmaps: this.bitmaps,
+      id: this.id,
+      stopped: () => this.stopAsked === 'cancel',
+      onQueued: (n) => (this.firstPassLeft = Math.max(0, this.firstPassLeft - n)),
+    };
+  }
+
+  /** The first pass (or the rest of an interrupted round, when resuming one), then rounds until stopped. */
+  private async run(plan: Range[], from: Progress): Promise<void> {
     try {
-      for (const r of plan) {
-        if (this.stopAsked === 'cancel') return;
-        await this.sender.send(r.offset, r.length, r.zero);
-        this.firstPassLeft -= r.length;
+      if (from.stage === 'f') {
+        if (!(await sendPass(this.passContext(), 'f', plan))) return;
+        // The first pass durable at the destination before the record leaves stage f (§8).
+        await checkpoint(this.passContext(), 'r', 0);
+      } else if (this.bitmaps.hasBitmap(MIGRATE_FROZEN)) {
+        if (!(await this.sendFrozen(from.cursor))) return;
       }
-      await this.sender.drain();
       this.firstPassLeft = 0;
       while (!this.stopAsked) {
         const t = performance.now();
@@ -175,46 +219,44 @@ export class Migration {
   /** One round: take the bits with no change in flight, send those granules, drop the frozen bitmap. Returns the bytes. */
   private async round(): Promise<number> {
     if (bytesOf(await this.bitmaps.bitmapExtents(MIGRATE_BITMAP)) === 0) return 0;
+    // §8: the cursor back to 0 before the new frozen bits exist.
+    if (this.id) await setProgress(this.bitmaps, { id: this.id, stage: 'r', cursor: 0 });
     await this.gate.quiesce(() => this.bitmaps.freezeBitmap(MIGRATE_BITMAP, MIGRATE_FROZEN));
     migrateKillPoint('round-frozen');
-    try {
-      const dirty = await this.bitmaps.bitmapExtents(MIGRATE_FROZEN);
-      for (const d of dirty) await this.sender.send(d.offset, Math.min(d.length, this.dev.size - d.offset));
-      await this.sender.drain();
-      migrateKillPoint('round-sent');
-      await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
-      this.rounds++;
-      return bytesOf(dirty);
-    } catch (e) {
-      await this.mergeBack();
-      throw e;
-    }
+    const sent = await this.sendFrozen(0);
+    if (sent) this.rounds++;
+    return sent ? this.sentInRound : 0;
   }
 
-  /** The frozen bits back into the migration bitmap (a round that failed). */
-  private async mergeBack(): Promise<void> {
-    if (!this.bitmaps.hasBitmap(MIGRATE_FROZEN)) return;
-    if (this.bitmaps.hasBitmap(MIGRATE_BITMAP)) await this.bitmaps.mergeBitmap(MIGRATE_FROZEN, MIGRATE_BITMAP);
+  private sentInRound = 0;
+
+  /** Sends the frozen bits from `cursor` on, then drops them (kill point `round-sent` between). False when cancelled. */
+  private async sendFrozen(cursor: number): Promise<boolean> {
+    const dirty = fromCursor(await this.bitmaps.bitmapExtents(MIGRATE_FROZEN), cursor).map((d) => ({ offset: d.offset, length: Math.min(d.length, this.dev.size - d.offset) }));
+    this.sentInRound = bytesOf(dirty);
+    if (!(await sendPass({ ...this.passContext(), onQueued: undefined }, 'r', dirty))) return false;
+    await this.sender.drain();
+    migrateKillPoint('round-sent');
     await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
+    return true;
   }
 
-  /** Removes the migration's state from the image, one item at a time (kill points `WHY-removed-N` after each). */
-  private async removeBitmaps(why = 'fail'): Promise<void> {
-    let n = 0;
-    for (const b of [MIGRATE_FROZEN, MIGRATE_BITMAP]) {
-      if (!this.bitmaps.hasBitmap(b)) continue;
-      await this.bitmaps.removeBitmap(b);
-      migrateKillPoint(`${why}-removed-${++n}`);
-    }
+  /** Removes the migration's state from the image (§8: the record first), logging rather than throwing for a failure. */
+  private async dropState(why: string): Promise<void> {
+    await removeState(this.bitmaps, why);
   }
 
+  /**
+   * A failure: the source goes on serving. The state stays for a rerun to resume (§8) when the destination
+   * has an id; without one nothing could resume it, so it goes.
+   */
   private async fail(e: unknown): Promise<void> {
     if (this.phase === 'failed' || this.phase === 'cancelled' || this.phase === 'completed') return;
     this.error = isKscError(e) ? e : new KscError('KSC_E_IO', (e as Error).message, { cause: e });
     this.phase = 'failed';
-    this.log(`kscinc migrate: ${this.dev.name} to ${this.opts.to} failed: ${this.error.message}; the source goes on serving`);
+    this.log(`kscinc migrate: ${this.dev.name} to ${this.opts.to} failed: ${this.error.message}; the source goes on serving${this.id ? '; a rerun of migrate start resumes' : ''}`);
     this.target.destroy();
-    await this.removeBitmaps().catch((x: unknown) => this.log(`kscinc migrate: removing the migration bitmaps failed: ${(x as Error).message}`));
+    if (!this.id) await this.dropState('fail').catch((x: unknown) => this.log(`kscinc migrate: removing the migration bitmaps failed: ${(x as Error).message}`));
   }
 
   /** One complete or cancel at a time: a second one while the first waits for the round to end is refused. */
@@ -222,8 +264,16 @@ export class Migration {
     if (this.stopAsked) throw new KscError('KSC_E_LOCKED', `a ${this.stopAsked} of the migration of ${this.dev.name} is already under way`);
   }
 
-  /** Stops copying, removes the migration bitmaps, disconnects. KSC_E_INVALID unless copying or converged. */
+  /**
+   * Stops copying, removes the migration's state, disconnects. A failed migration's kept state (§8) is
+   * removed too. KSC_E_INVALID unless copying, converged or failed.
+   */
   async cancel(): Promise<MigrateStatus> {
+    if (this.phase === 'failed' && !this.stopAsked) {
+      await this.dropState('cancel');
+      this.phase = 'cancelled';
+      return this.status();
+    }
     if (this.phase !== 'copying' && this.phase !== 'converged') throw new KscError('KSC_E_INVALID', `the migration of ${this.dev.name} is ${this.phase}: nothing to cancel`);
     this.refuseSecondStop();
     this.stopAsked = 'cancel';
@@ -233,7 +283,7 @@ export class Migration {
     migrateKillPoint('cancel-stopped');
     this.phase = 'cancelled';
     this.target.destroy();
-    await this.removeBitmaps('cancel');
+    await this.dropState('cancel');
     this.log(`kscinc migrate: ${this.dev.name} to ${this.opts.to} cancelled; the source goes on serving`);
     return this.status();
   }
@@ -272,7 +322,7 @@ export class Migration {
       this.target.destroy();
     }
     migrateKillPoint('told');
-    await this.removeBitmaps('complete').catch((e: unknown) => (this.warning = `removing the migration bitmaps failed: ${(e as Error).message}`));
+    await this.dropState('complete').catch((e: unknown) => (this.warning = `removing the migration bitmaps failed: ${(e as Error).message}`));
     this.log(`kscinc migrate: ${this.dev.name} moved to ${this.opts.to}: pause ${this.pauseMs} ms; the source now refuses writes`);
     return this.status();
   }
@@ -286,7 +336,8 @@ export class Migration {
       for (const d of dirty) await this.sender.send(d.offset, Math.min(d.length, this.dev.size - d.offset));
       await this.sender.drain();
       migrateKillPoint('sent');
-      await this.target.flush();
+      // Step 4, and the source's own flush beside it: the stale copy left behind equals the destination.
+      await Promise.all([this.target.flush(), this.dev.flush()]);
       migrateKillPoint('flushed');
       // Step 5: the flag durable before any held write is let go or the destination takes writes (§4).
       await this.gate.markMigratedAway();

@@ -7,6 +7,7 @@
  * it travels with the connection through a hot upgrade like the rest of the negotiated state.
  */
 import { timingSafeEqual } from 'node:crypto';
+import { bitmapsOf } from '../image/capabilities.js';
 import { NbdRequestError } from './errors.js';
 import type { SessionState } from './state.js';
 import type { NbdExport } from './types.js';
@@ -15,6 +16,11 @@ import { CMD, ERR, type Request } from './wire.js';
 export const TOKEN_CONTEXT = 'kscinc:incoming-token=';
 export const DONE_CONTEXT = 'kscinc:incoming-done=';
 export const BASE_CONTEXT = 'kscinc:base-fingerprint=';
+/** formats/migrate.md §5, §8: the destination's persistent incoming id, and whether its top layer is still empty. */
+export const ID_CONTEXT = 'kscinc:incoming-id=';
+export const EMPTY_CONTEXT = 'kscinc:incoming-empty';
+/** The destination image's record of its incoming id (an empty, disabled bitmap used as a name). */
+export const INCOMING_RECORD = 'kscinc-incoming#';
 
 /** What an `--incoming` export knows; `completed` turns true once the source said so (in this process only). */
 export interface IncomingState {
@@ -23,6 +29,10 @@ export interface IncomingState {
   /** formats/migrate.md §2: `v1:SIZE:HEX` or `none`. */
   baseFingerprint: string;
   completed: boolean;
+  /** The persistent incoming id (32 hex digits), recorded in the image; null when the image keeps no bitmaps. */
+  id?: string | null;
+  /** The top layer holds no block yet: a migration may start over here (set at open, cleared by the first write). */
+  empty?: boolean;
 }
 
 function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
@@ -42,6 +52,8 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
+  if (inc.id) out.push(ID_CONTEXT + inc.id);
+  if (inc.empty) out.push(EMPTY_CONTEXT);
   for (const q of queries) {
     if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);
     if (tokenMatches(exp, q, DONE_CONTEXT)) {
@@ -49,6 +61,7 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
       if (select && !inc.completed) {
         inc.completed = true;
         log('kscinc serve: incoming migration completed: the export now takes writes from every client');
+        forgetIncomingId(exp, log);
       }
     }
   }
@@ -60,6 +73,17 @@ export function checkIncomingWrite(exp: NbdExport, state: SessionState, req: Req
   const inc = exp.incoming;
   if (!inc || inc.completed) return;
   if (req.type !== CMD.WRITE && req.type !== CMD.WRITE_ZEROES && req.type !== CMD.TRIM) return;
-  if (state.metaContexts.some((m) => tokenMatches(exp, m.name, TOKEN_CONTEXT))) return;
+  if (state.metaContexts.some((m) => tokenMatches(exp, m.name, TOKEN_CONTEXT))) {
+    inc.empty = false;
+    return;
+  }
   throw new NbdRequestError(ERR.EPERM, `export "${state.exportName}" is the target of an incoming migration: only the migration source may write until it completes`);
+}
+
+/** After the migration completed the image is an ordinary one: its incoming record goes (§8), in the background. */
+function forgetIncomingId(exp: NbdExport, log: (line: string) => void): void {
+  const bitmaps = bitmapsOf(exp.device);
+  const rec = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
+  if (!bitmaps || rec.length === 0) return;
+  bitmaps.updateBitmaps([], rec).catch((e: unknown) => log(`kscinc serve: removing the incoming record failed: ${(e as Error).message}`));
 }

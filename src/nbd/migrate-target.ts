@@ -7,7 +7,7 @@
 import { KscError } from '../errors.js';
 import type { MigrationTarget } from '../engines/migrate-send.js';
 import { NbdClient, parseNbdUri } from './client.js';
-import { BASE_CONTEXT, DONE_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
+import { BASE_CONTEXT, DONE_CONTEXT, EMPTY_CONTEXT, ID_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
 
 /** Requests in flight per connection. */
 const DEPTH = 16;
@@ -29,6 +29,8 @@ export class NbdTarget implements MigrationTarget {
     private readonly o: NbdTargetOptions,
     /** What the destination said its base fingerprint is (`kscinc:base-fingerprint=`), or null. */
     readonly baseFingerprint: string | null,
+    /** Its incoming id and emptiness (`kscinc:incoming-id=`, `kscinc:incoming-empty`), or null. */
+    readonly incoming: { id: string; empty: boolean } | null,
   ) {
     this.size = clients[0]!.size;
     this.maxPayload = Math.min(...clients.map((c) => c.maxPayload));
@@ -54,8 +56,11 @@ export class NbdTarget implements MigrationTarget {
       for (const c of clients) c.destroy();
       throw e;
     }
-    const listed = clients[0]!.listed.find((l) => l.startsWith(BASE_CONTEXT));
-    return new NbdTarget(clients, o, listed ? listed.slice(BASE_CONTEXT.length) : null);
+    const listed = clients[0]!.listed;
+    const base = listed.find((l) => l.startsWith(BASE_CONTEXT));
+    const id = listed.find((l) => l.startsWith(ID_CONTEXT))?.slice(ID_CONTEXT.length);
+    const incoming = id && /^[0-9a-f]{32}$/.test(id) ? { id, empty: listed.includes(EMPTY_CONTEXT) } : null;
+    return new NbdTarget(clients, o, base ? base.slice(BASE_CONTEXT.length) : null, incoming);
   }
 
   private pick(): NbdClient {

@@ -1,0 +1,44 @@
+/**
+ * What `kscinc serve --incoming` prepares before serving (formats/migrate.md §5, §8): a new token, the base
+ * fingerprint, and the destination's persistent incoming id. The id is recorded in the image (an empty,
+ * disabled bitmap `kscinc-incoming#ID`), so a destination restarted part way through a migration is known
+ * as the same one and the source can resume; a fresh image gets a new id. An image holding blocks above its
+ * base is refused unless it carries such a record (a partial copy of a migration that may resume).
+ */
+import { randomBytes } from 'node:crypto';
+import { KscError } from '../errors.js';
+import { bitmapsOf } from '../image/capabilities.js';
+import { openImage } from '../image/open.js';
+import { baseFingerprint, firstAboveBase } from '../engines/migrate-base.js';
+import { INCOMING_RECORD } from '../nbd/incoming.js';
+
+export interface IncomingPrepared {
+  token: string;
+  baseFingerprint: string;
+  /** null: the image keeps no bitmaps (raw), so nothing can be recorded and no migration to it resumes. */
+  id: string | null;
+}
+
+export async function prepareIncomingImage(image: string): Promise<IncomingPrepared> {
+  const dev = await openImage(image, { write: true });
+  try {
+    const bitmaps = bitmapsOf(dev);
+    const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
+    const kept = records.map((n) => n.slice(INCOMING_RECORD.length)).find((id) => /^[0-9a-f]{32}$/.test(id)) ?? null;
+    const above = await firstAboveBase(dev);
+    if (above && !kept) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}) and is no partial copy of a migration; a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5)`,
+      );
+    }
+    let id = kept;
+    if (bitmaps && !id) {
+      id = randomBytes(16).toString('hex');
+      await bitmaps.updateBitmaps([INCOMING_RECORD + id], records);
+    }
+    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id };
+  } finally {
+    await dev.close();
+  }
+}
