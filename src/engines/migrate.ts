@@ -133,7 +133,7 @@ export class Migration {
     if (dest && !dest.empty) {
       throw new KscError(
         'KSC_E_INVALID',
-        `${this.opts.to} already holds blocks of a migration that ${this.dev.name} cannot resume (its state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again with --incoming`,
+        `${this.opts.to} already holds blocks of a migration that ${this.dev.name} cannot resume (its state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again as an incoming migration target`,
       );
     }
     await removeState(this.bitmaps, 'restart');

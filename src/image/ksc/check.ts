@@ -69,7 +69,7 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     img = await openKsc(file, { write: !!opts.repair });
     c = coreOf(img);
   } catch (e) {
-    if (isKscError(e, 'KSC_E_MIGRATED')) throw e; // --repair of a stale copy (§4.1): refused, not damage
+    if (isKscError(e, 'KSC_E_MIGRATED')) throw e; // a repair of a stale copy (§4.1): refused, not damage
     fail(messageOf(e));
     for (const d of opts.repair ? damagedSlots : []) fail(`image ${file}: ${d}`);
     return report;

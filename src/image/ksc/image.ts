@@ -56,7 +56,7 @@ export interface OpenKscOptions {
 export function migratedAwayError(path: string): KscError {
   return new KscError(
     'KSC_E_MIGRATED',
-    `image ${path} was migrated away to another host (formats/ksc_inc.md §4.1 MIGRATED_AWAY): this copy is stale; open it for writing only if the migrated disk is lost (serve --force, write --force)`,
+    `image ${path} was migrated away to another host (formats/ksc_inc.md §4.1 MIGRATED_AWAY): this copy is stale; open it for writing (option force) only if the migrated disk is lost`,
   );
 }
 
