@@ -99,6 +99,8 @@ export class Writer {
     private readonly uri: string,
     private readonly seed: number,
     private readonly span = 16 * MiB,
+    /** Each write FUA: acknowledged means durable, so a killed server loses none of them. */
+    private readonly fua = false,
   ) {}
 
   async start(): Promise<void> {
@@ -115,7 +117,7 @@ export class Writer {
         data.writeUInt32BE(this.writes, 0);
         this.pending = { offset: off, length: len };
         try {
-          await this.client.write(off, data);
+          await this.client.write(off, data, { fua: this.fua });
           this.pending = null;
         } catch (e) {
           this.failure = e as Error;
