@@ -234,4 +234,39 @@ describe('deferred leak sweep (§8.1)', () => {
     }
     expect(completedAt, 'the run completed within the bound').toBeGreaterThan(20);
   }, 300_000);
+  it('a handover while the sweep runs hands nothing of it over; the next writer continues, check stays clean', async () => {
+    const model = new Model();
+    const img = await setupCrashed(tempDir('kscinc-sweep-handover-'), model);
+    let release!: () => void;
+    const paused = new Promise<void>((r) => (release = r));
+    let reached!: () => void;
+    const atStep = new Promise<void>((r) => (reached = r));
+    let n = 0;
+    setSweepStepHook(async () => {
+      if (n++ === 1) {
+        reached();
+        await paused;
+      }
+    });
+    try {
+      const a = await openKsc(img, { write: true, deferSweep: true });
+      await writers(a, model, 2);
+      await atStep; // the sweep has scanned the bitmaps and waits before the first map page
+      const rec = await a.handOver();
+      release();
+      const sweep = await a.swept();
+      expect(sweep?.reclaimed ?? 0, JSON.stringify(sweep)).toBe(0);
+      expect(rec).not.toBeNull();
+      const b = await openKsc(img, { write: true, handover: rec!, deferSweep: true });
+      expect(b.sweep, 'the next writer continues the session: no sweep').toBeNull();
+      await writers(b, model, 3);
+      await expectOwnership(b, 'after the handover');
+      await b.close();
+    } finally {
+      setSweepStepHook(null);
+    }
+    await expectContent(img, model, 'after the handover', true);
+    // The crashed session's leaks are still there (a later crash's sweep or check --repair reclaims them).
+    expect((await checkImage(img)).leakedBytes).toBeGreaterThan(0);
+  });
 });
