@@ -6,7 +6,7 @@
  * pull's time bound on unflushed chunks: a slow (throttled) pull flushes every flushIntervalMs, not only
  * every 64 MiB.
  */
-import { renameSync, writeFileSync } from 'node:fs';
+import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openImage, openKsc } from '../../src/image/open.js';
@@ -15,6 +15,9 @@ import { BackgroundPull, PULL_RETRY_DEFAULT_MS } from '../../src/engines/pull-ba
 import { pullOpen } from '../../src/engines/pull.js';
 import { closePool } from '../../src/compress/pool.js';
 import { kscinc } from '../helpers/cli.js';
+import { spawnServe } from '../helpers/serve.js';
+import { runDir } from '../supervisor/helpers.js';
+import { backedUp, ok, pullStatus, sleep, waitFor as waitValue } from './serve-helpers.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { liveImage } from './helpers.js';
@@ -121,4 +124,44 @@ describe('background pull: repository away and back, time-bounded flushes', () =
       await img.close();
     }
   }, 60_000);
+  it('kscinc serve --pull-retry: the folder renamed away mid-pull -> retrying, back -> the pull completes; image = backup', async () => {
+    const env = { KSCINC_RUN_DIR: runDir(), KSCINC_LIVE_TIMEOUT: '0.3' };
+    const { repo, data, id } = backedUp(dir, 'serve', 16 * MiB, rng);
+    const live = join(dir, 'serve-live.ksc');
+    ok(kscinc(['restore', id, live, '--repo', repo, '--live']), 'restore --live');
+    const s = spawnServe([live, '--no-supervisor', '--listen', '127.0.0.1:0', '--bandwidth', '2M', '--pull-retry', '0.5'], { env, timeoutMs: 30_000 });
+    let away = false;
+    try {
+      await s.uris;
+      await waitValue(async () => ((await pullStatus(live, env))?.localChunks ?? 0) >= 1 || null, 30_000, 'a first chunk pulled');
+      renameSync(repo, `${repo}.away`);
+      away = true;
+      const st = await waitValue(
+        async () => {
+          const p = await pullStatus(live, env);
+          return p?.state === 'retrying' ? p : null;
+        },
+        30_000,
+        'the pull retrying',
+      );
+      expect(st.error).toMatch(/unreachable/);
+      await waitValue(() => (s.stderr().split('trying again in 0.5 s').length > 2 ? true : null), 30_000, 'a second attempt 0.5 s later');
+      const held = (await pullStatus(live, env))!.localChunks;
+      expect(held).toBeLessThan(st.totalChunks);
+      await sleep(700);
+      expect((await pullStatus(live, env))!.localChunks, 'nothing pulled while away').toBe(held);
+      renameSync(`${repo}.away`, repo);
+      away = false;
+      await waitValue(async () => ((await pullStatus(live, env))?.state === 'done' ? true : null), 60_000, 'the pull done');
+      expect(s.stderr()).toMatch(/pull of .* done/);
+    } finally {
+      if (away) renameSync(`${repo}.away`, repo);
+      s.proc.kill('SIGTERM');
+      expect(await s.exited, s.stderr()).toBe(0);
+    }
+    const out = join(dir, 'serve-out.raw');
+    ok(kscinc(['convert', live, out, '-O', 'raw']), 'convert');
+    expect(readFileSync(out).equals(data), `the pulled image is the backup (seed ${seed})`).toBe(true);
+    expect(JSON.parse(ok(kscinc(['info', live, '--json']), 'info')).liveRestore).toBeUndefined();
+  }, 120_000);
 });
