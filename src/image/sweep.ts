@@ -6,7 +6,8 @@
  *
  * Safety: a cluster is reported only when no durable structure references it. The caller runs this after
  * its DIRTY header sync (§9 rule 1), which made every earlier write of the file durable, so what is read
- * here is what the disk holds; and before any change of its own. The referenced set is everything a header
+ * here is what the disk holds; and before any change of its own, or, deferred, while the session changes
+ * the image (src/image/ksc/leak-sweep.ts says why the result stays right then). The referenced set is everything a header
  * can point at: both header slots, the directory, map pages and their DATA clusters, the bitmap directory,
  * each bitmap's table and pages, the intent words and the (void) free list's own pages. If any of it cannot
  * be read or is damaged, nothing is reported (what cannot be seen may reference data).
