@@ -16,7 +16,7 @@ import { closeDevices, openExports, type ServeConfig } from './serve-open.js';
 import { inheritedSockets, listenPaused } from '../supervisor/listeners.js';
 import { Supervisor, type StatusResult, type UpgradeResult } from '../supervisor/supervisor.js';
 import { packageVersion } from '../supervisor/version.js';
-import { ServePulls, printPull } from './pull-control.js';
+import { ServePulls, printPull, pullRetryMs } from './pull-control.js';
 import { prepareFromBackup } from './serve-from-backup.js';
 import { parseSize } from '../util/size.js';
 
@@ -51,6 +51,7 @@ interface ServeOptions {
   maxRestarts?: number;
   bandwidth?: string;
   pull?: boolean;
+  pullRetry?: number;
   fromBackup?: string[];
   overlay?: string;
   disk?: string;
@@ -251,6 +252,7 @@ export function registerServeCommands(program: Command): void {
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
     .option('--no-pull', 'live restores: do not pull the rest of the backup in the background (reads still fetch what they need)')
+    .option('--pull-retry <seconds>', 'live restores: after the pull failed (repository away past KSCINC_LIVE_TIMEOUT), try again after this long (default 30)', pullRetryMs)
     .option('--from-backup <repo-and-backup...>', 'REPO ID|latest: live-restore that backup to --overlay (unless it exists) and serve it')
     .option('--overlay <file>', 'with --from-backup: the local image the VM runs from')
     .option('--disk <uuid>', 'with --from-backup latest: the disk whose newest backup to use')
@@ -275,7 +277,7 @@ export function registerServeCommands(program: Command): void {
         bitmap: o.bitmap,
         maxConnections: o.maxConnections,
         shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
-        pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null },
+        pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null, retryMs: o.pullRetry },
       };
       if (o.incoming) config.incoming = await incomingFor(images, config.readOnly);
       if (o.supervisor === false) await serveAlone(config, target, what);

@@ -37,7 +37,8 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
   const exports = new Map<string, NbdExport>();
   try {
     for (let i = 0; i < c.images.length; i++) {
-      const dev = await openImage(c.images[i]!, { write: !c.readOnly, handover: handover[i] ?? undefined });
+      // After a crash the image serves before its leak sweep has read the map (formats/ksc_inc.md §8.1).
+      const dev = await openImage(c.images[i]!, { write: !c.readOnly, handover: handover[i] ?? undefined, deferSweep: true });
       devices.push(dev);
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);

@@ -47,6 +47,8 @@ export interface OpenKscOptions {
   opener?: FileOpener;
   /** The record of the writer that handed this image over (§9 rule 11); ignored unless it still matches. */
   handover?: HandoverRecord;
+  /** Run the leak sweep of a crashed image (§8.1) in the background instead of before open returns. */
+  deferSweep?: boolean;
 }
 
 /** The state behind an image, for the modules of this folder (the checker) and white-box tests only. */
@@ -103,8 +105,17 @@ export class KscImage implements BlockDevice {
     return this.core.openDamage;
   }
 
-  /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
+  /**
+   * What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only) or,
+   * deferred, has not finished (see swept()).
+   */
   get sweep(): { reclaimed: number; skipped: string | null } | null {
+    return this.core.sweep;
+  }
+
+  /** Resolves when a deferred leak sweep has finished (at once when none runs); never rejects. */
+  async swept(): Promise<{ reclaimed: number; skipped: string | null } | null> {
+    if (this.core.sweepDone) await this.core.sweepDone;
     return this.core.sweep;
   }
 
@@ -134,7 +145,7 @@ export class KscImage implements BlockDevice {
     const file = await (opts.opener ?? openHostFile)(path, { write });
     try {
       if (write) await file.lockExclusive();
-      const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover));
+      const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover, !!opts.deferSweep));
       img.core.refuseChanges = write && img.frozen && !opts.force;
       return img;
     } catch (e) {
