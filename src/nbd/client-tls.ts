@@ -3,7 +3,7 @@
  * out as QEMU's tls-creds-x509 client side (ca-cert.pem, client-cert.pem, client-key.pem) or QEMU's keys.psk
  * with the identity to use — and the TLS handshake over the plain socket after the server ACKed STARTTLS.
  * X.509: the server's certificate must be signed by ca-cert.pem and name the host of the URI (DNS or IP
- * subjectAltName), as QEMU checks it.
+ * subjectAltName), as QEMU checks it (over a unix socket only the chain is checked: there is no host name).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -83,7 +83,7 @@ function contextOptions(cfg: TlsClientConfig): tls.SecureContextOptions {
  * naming the failure (the server's certificate not signed by the CA or not naming `host`, a PSK the server
  * does not know, the server closing the connection because it refused our certificate).
  */
-export function clientTls(sock: Socket, cfg: TlsClientConfig, host: string, where: string): Promise<tls.TLSSocket> {
+export function clientTls(sock: Socket, cfg: TlsClientConfig, host: string | null, where: string): Promise<tls.TLSSocket> {
   const opts: tls.ConnectionOptions = { socket: sock, secureContext: tls.createSecureContext(contextOptions(cfg)) };
   if (cfg.psk) {
     const { identity, key } = cfg.psk;
@@ -91,7 +91,8 @@ export function clientTls(sock: Socket, cfg: TlsClientConfig, host: string, wher
     opts.checkServerIdentity = () => undefined; // no certificate: the key proves the server
   } else {
     if (host && !isIP(host)) opts.servername = host;
-    opts.checkServerIdentity = (_name, cert) => tls.checkServerIdentity(host, cert);
+    // A unix socket has no host name to check: the chain to ca-cert.pem is all that is checked.
+    opts.checkServerIdentity = (_name, cert) => (host === null ? undefined : tls.checkServerIdentity(host, cert));
   }
   return new Promise((resolve, reject) => {
     const t = tls.connect(opts);

@@ -101,7 +101,7 @@ export class NbdClient {
     let queue = new ByteQueue(sock, where);
     const startTls = o.tls
       ? async (): Promise<void> => {
-          sock = await clientTls(raw, o.tls!, o.host ?? '', where);
+          sock = await clientTls(raw, o.tls!, o.path ? null : (o.host ?? '127.0.0.1'), where);
           queue = new ByteQueue(sock, where);
         }
       : undefined;

@@ -3,7 +3,8 @@
  * of every client (proto.md's FORCEDTLS): before the TLS session is up, only STARTTLS and ABORT are served,
  * every other option is answered NBD_REP_ERR_TLS_REQD and EXPORT_NAME (which has no error reply) ends the
  * connection. After STARTTLS the negotiation starts over: nothing chosen before counts. A client whose
- * certificate did not verify gets NBD_REP_ERR_POLICY with the reason to its first option, then is closed.
+ * certificate did not verify gets NBD_REP_ERR_POLICY with the reason to every option (the same bounds as
+ * before TLS apply), and EXPORT_NAME closes it.
  */
 import { NbdProtocolError } from './errors.js';
 import type { Link, ServerContext } from './types.js';
@@ -19,9 +20,9 @@ export type TlsGate = 'go' | 'next' | 'restart';
 
 type ErrorReply = (opt: number, type: number, message: string) => Promise<'next'>;
 
-/** Before an option's data is read: the size and count bounds that hold until TLS is up. */
+/** Before an option's data is read: the size and count bounds that hold until TLS is up (and for a refused peer). */
 export function checkBeforeTls(link: Link, server: ServerContext, length: number, count: number): void {
-  if (!server.tls || link.tls) return;
+  if (!server.tls || (link.tls && !link.tls.refused)) return;
   if (length > MAX_OPTION_BEFORE_TLS) throw new NbdProtocolError('tls-required', `an option of ${length} bytes before STARTTLS (at most ${MAX_OPTION_BEFORE_TLS})`);
   if (count > MAX_OPTIONS_BEFORE_TLS) throw new NbdProtocolError('tls-required', `${count} options before STARTTLS (at most ${MAX_OPTIONS_BEFORE_TLS}); this server requires TLS`);
 }
@@ -46,8 +47,8 @@ export async function tlsGate(link: Link, server: ServerContext, opt: number, da
     return error(opt, REP.ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first (qemu: --object tls-creds-x509 or tls-creds-psk; nbdinfo: nbds://)');
   }
   if (link.tls.refused) {
-    if (opt !== OPT.EXPORT_NAME) await error(opt, REP.ERR_POLICY, link.tls.refused);
-    throw new NbdProtocolError('tls-refused', link.tls.refused);
+    if (opt === OPT.EXPORT_NAME) throw new NbdProtocolError('tls-refused', link.tls.refused);
+    return error(opt, REP.ERR_POLICY, link.tls.refused);
   }
   return 'go';
 }
