@@ -81,7 +81,7 @@ export class Connection implements Link {
     s.socket.on('error', () => {});
     this.socket = s.socket;
     this.reader = new SocketReader(s.socket);
-    this.tls = { peer: s.peer, refused: s.refused, version: s.socket.getProtocol() ?? '?' };
+    this.tls = { peer: s.peer, refused: s.refused, version: s.socket.getProtocol() ?? '?', cipher: s.socket.getCipher()?.name ?? '?' };
   }
 
   get stopping(): boolean {

@@ -38,7 +38,7 @@ export async function tlsGate(link: Link, server: ServerContext, opt: number, da
     await ack(opt);
     await link.startTls(cfg);
     const t = link.tls!;
-    link.log(`nbd: connection ${link.id}: TLS ${t.version} up, peer ${t.peer ?? 'not authenticated'}${t.refused ? ` (refused: ${t.refused})` : ''}`);
+    link.log(`nbd: connection ${link.id}: TLS ${t.version} up (${t.cipher}), peer ${t.peer ?? 'not authenticated'}${t.refused ? ` (refused: ${t.refused})` : ''}`);
     return 'restart';
   }
   if (!cfg || opt === OPT.ABORT) return 'go';

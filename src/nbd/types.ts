@@ -65,4 +65,5 @@ export interface LinkTls {
   /** Why the peer is refused (its next option gets ERR_POLICY with this), or null. */
   refused: string | null;
   version: string;
+  cipher: string;
 }

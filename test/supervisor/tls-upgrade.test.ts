@@ -82,7 +82,7 @@ describe('kscinc upgrade with TLS clients', () => {
       const log = child.stderr();
       expect(log.match(/a TLS session cannot move to another process: closed at the handover/g)?.length ?? 0).toBeGreaterThanOrEqual(N);
       // qemu-io connected once, then once more after each upgrade; our client once.
-      expect(log.match(/TLS TLSv1\.3 up, peer x509:migration-source/g)?.length).toBe(N + 2);
+      expect(log.match(/TLS TLSv1\.3 up \(TLS_\w+\), peer x509:migration-source/g)?.length).toBe(N + 2);
     } finally {
       io.kill('SIGKILL');
       ours.destroy();
