@@ -215,6 +215,14 @@ describe('NBD TLS', () => {
     writeFileSync(badPsk, 'qemu 00ff\n');
     expect(kscinc(['serve', img, '--tls-psk', badPsk]).stderr).toMatch(/line 1: expected IDENTITY:HEXKEY/);
     expect(kscinc(['serve', img, '--tls-psk', join(pki.psk, 'keys.psk'), '--insecure']).stderr).toMatch(/contradict/);
+    const garbage = join(dir, 'garbage.pem');
+    writeFileSync(garbage, 'not a certificate\n');
+    expect(kscinc(['serve', img, '--tls-cert', garbage, '--tls-key', join(pki.x509, 'server-key.pem'), '--tls-ca', join(pki.x509, 'ca-cert.pem')]).stderr).toMatch(
+      /TLS credentials .*garbage\.pem, .*server-key\.pem, .*ca-cert\.pem: /,
+    );
+    const mismatch = kscinc(['serve', img, '--tls-cert', join(pki.x509, 'server-cert.pem'), '--tls-key', join(pki.x509, 'client-key.pem'), '--tls-ca', join(pki.x509, 'ca-cert.pem')]);
+    expect(mismatch.code).not.toBe(0);
+    expect(mismatch.stderr).toMatch(/TLS credentials .*: .*(mismatch|key)/i);
     expect(kscinc(['serve', img, '--incoming-peer', 'x509:a']).stderr).toMatch(/--incoming-peer goes with --incoming and TLS/);
   }, 60_000);
 });
