@@ -13,6 +13,7 @@ import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
 import { formatSize, printJson, println } from './output.js';
+import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
 /** For `serve --incoming`: a new token, and the base fingerprint; refuses an image with data above its base. */
 export async function prepareIncoming(image: string): Promise<{ token: string; baseFingerprint: string }> {
@@ -50,7 +51,7 @@ function printStatus(s: MigrateStatus): void {
   if (s.warning) println(`warning:     ${s.warning}`);
 }
 
-interface StartOptions {
+interface StartOptions extends MigrateTlsOptions {
   to: string;
   token?: string;
   baseFingerprint?: string;
@@ -60,10 +61,11 @@ interface StartOptions {
 }
 
 function registerStart(m: Command): void {
-  m.command('start')
+  const start = m.command('start');
+  addMigrateTlsOptions(start)
     .description('start migrating IMAGE (served by kscinc serve) to an NBD export: what lies above the shared base, then the blocks written meanwhile')
     .argument('<image>', 'an image a running `kscinc serve` holds')
-    .requiredOption('--to <uri>', 'destination: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .requiredOption('--to <uri>', 'destination: nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH (nbds: TLS)')
     .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
     .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
     .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
@@ -77,6 +79,7 @@ function registerStart(m: Command): void {
         baseFingerprint: o.baseFingerprint,
         bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
         connections: o.connections !== undefined ? Number(o.connections) : undefined,
+        tls: migrateTls(o, o.to),
       };
       const s = await ask<MigrateStatus>(image, req, 'the migration started');
       if (o.json) printJson(s);

@@ -10,6 +10,7 @@ import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
 import { Migration } from '../engines/migrate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
+import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
 import { failRequest, sendMessage } from './control-socket.js';
 
 export interface MigrateStartRequest {
@@ -19,6 +20,8 @@ export interface MigrateStartRequest {
   baseFingerprint?: string;
   bandwidth?: number;
   connections?: number;
+  /** TLS credentials' files (formats/nbd.md §5), loaded by the server. */
+  tls?: TlsClientFiles;
 }
 
 /** Any migrate-* request; the members other than op only in migrate-start. */
@@ -29,7 +32,7 @@ function invalid(message: string): KscError {
 }
 
 const MEMBERS: Record<string, string[]> = {
-  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections'],
+  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'tls'],
   'migrate-status': ['op'],
   'migrate-complete': ['op'],
   'migrate-cancel': ['op'],
@@ -52,6 +55,7 @@ export function parseMigrateRequest(line: string): MigrateRequest {
   if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
     throw invalid('member "connections" must be a whole number from 1 to 16');
   }
+  if (o.tls !== undefined) checkTlsFiles(o.tls);
   return o as unknown as MigrateRequest;
 }
 
@@ -131,7 +135,7 @@ export class MigrateRequests {
   private async start(req: MigrateStartRequest, index: number): Promise<unknown> {
     const { image, device } = this.devices[index]!;
     this.log(`kscinc serve: migration of ${image} to ${req.to} requested`);
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections });
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, tls: loadClientTls(req.tls) });
     try {
       const theirs = req.baseFingerprint ?? target.baseFingerprint;
       if (!theirs) {

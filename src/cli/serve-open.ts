@@ -1,4 +1,5 @@
 /** Opens the images `kscinc serve` exports (in the serving process: the worker, or the only process with --no-supervisor). */
+import type { TlsServerFiles } from '../nbd/tls.js';
 import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
 import { handOverOf, openImage } from '../image/open.js';
@@ -20,7 +21,9 @@ export interface ServeConfig {
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
   /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
-  incoming?: { token: string; baseFingerprint: string };
+  incoming?: { token: string; baseFingerprint: string; peer?: string };
+  /** TLS credentials' files (formats/nbd.md §5), loaded by whoever builds the NbdServer; absent: plain NBD. */
+  tls?: TlsServerFiles;
 }
 
 export interface OpenedExports {

@@ -23,6 +23,11 @@ export interface IncomingState {
   /** formats/migrate.md §2: `v1:SIZE:HEX` or `none`. */
   baseFingerprint: string;
   completed: boolean;
+  /**
+   * With TLS (formats/nbd.md §5.4): the TLS peer (`x509:CN` or `psk:IDENTITY`) that alone may prove it is the
+   * source; absent: any authenticated TLS peer holding the token.
+   */
+  peer?: string;
 }
 
 function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
@@ -38,10 +43,11 @@ function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
  * and the token contexts only when a query names them exactly with the right token. Selecting (SET) the done
  * context marks the migration completed.
  */
-export function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void): string[] {
+export function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void, tlsPeer: string | null = null): string[] {
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
+  if (inc.peer !== undefined && tlsPeer !== inc.peer) return out; // not the source's TLS identity: no token context at all
   for (const q of queries) {
     if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);
     if (tokenMatches(exp, q, DONE_CONTEXT)) {

@@ -7,6 +7,7 @@
 import { KscError } from '../errors.js';
 import type { MigrationTarget } from '../engines/migrate-send.js';
 import { NbdClient, parseNbdUri } from './client.js';
+import type { TlsClientConfig } from './client-tls.js';
 import { BASE_CONTEXT, DONE_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
 
 /** Requests in flight per connection. */
@@ -17,6 +18,8 @@ export interface NbdTargetOptions {
   token?: string;
   connections?: number;
   timeoutMs?: number;
+  /** TLS credentials (formats/nbd.md §5); required for an nbds:// URI. */
+  tls?: TlsClientConfig | null;
 }
 
 export class NbdTarget implements MigrationTarget {
@@ -37,7 +40,8 @@ export class NbdTarget implements MigrationTarget {
 
   /** Connects every connection; KSC_E_PERMISSION when a kscinc destination refused the token, KSC_E_READ_ONLY for a read-only export. */
   static async connect(o: NbdTargetOptions): Promise<NbdTarget> {
-    const where = parseNbdUri(o.uri);
+    const where = { ...parseNbdUri(o.uri), tls: o.tls ?? null };
+    if (where.nbds && !where.tls) throw new KscError('KSC_E_INVALID', `${o.uri}: nbds:// means TLS: give --tls-creds DIR or --tls-psk FILE`);
     const n = o.connections ?? 2;
     const setContexts = o.token ? [TOKEN_CONTEXT + o.token] : [];
     const clients: NbdClient[] = [];
@@ -79,7 +83,7 @@ export class NbdTarget implements MigrationTarget {
   async complete(): Promise<void> {
     if (!this.o.token) return;
     const done = DONE_CONTEXT + this.o.token;
-    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
+    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), tls: this.o.tls ?? null, structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
     const ok = [...c.selected.values()].includes(done);
     await c.disconnect();
     if (!ok) throw new KscError('KSC_E_PERMISSION', `${this.o.uri} did not accept the end of the migration`);
