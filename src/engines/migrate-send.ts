@@ -28,12 +28,6 @@ export interface MigrationTarget {
 
 /** Largest piece sent at once. */
 export const SEND_PIECE = 1024 * 1024;
-/**
- * Source reads in flight at most, whatever the target's parallelism: the image's file I/O shares libuv's
- * thread pool (4 threads) with the VM's own writes, and 32 queued 1 MiB reads held a guest write behind
- * them for up to 2 s (bench/migrate.mjs, session 10). Network requests stay pipelined.
- */
-export const SOURCE_READS = 2;
 /** Bytes of protocol header per request, counted against the bandwidth cap. */
 const HEADER = 28;
 
@@ -116,25 +110,10 @@ export class Sender {
     return Math.round(((this.wireBytes - first[1]) * 1000) / (now - first[0]));
   }
 
-  private reading = 0;
-  private readWaiters: (() => void)[] = [];
-
-  /** dev.read with at most SOURCE_READS of them in flight. */
-  private async read(offset: number, length: number): Promise<Buffer> {
-    while (this.reading >= SOURCE_READS) await new Promise<void>((r) => this.readWaiters.push(r));
-    this.reading++;
-    try {
-      return await this.dev.read(offset, length);
-    } finally {
-      this.reading--;
-      this.readWaiters.shift()?.();
-    }
-  }
-
   private async one(offset: number, length: number, zero: boolean): Promise<void> {
     let data: Buffer | null = null;
     if (!zero) {
-      data = await this.read(offset, length);
+      data = await this.dev.read(offset, length);
       if (isZero(data)) data = null;
     }
     await this.limit?.take(HEADER + (data?.length ?? 0));
