@@ -54,6 +54,15 @@ function storageOf(image: string, o: WholeOptions): StorageSide {
 }
 
 async function whole(image: string, o: WholeOptions): Promise<void> {
+  // Checked here, not as commander's required options, so that a bare `kscinc migrate` (this is the default
+  // subcommand) says what is missing first: the image.
+  for (const [flag, v] of [
+    ['--to', o.to],
+    ['--qmp', o.qmp],
+    ['--vm-to', o.vmTo],
+  ] as const) {
+    if (!v) throw new KscError('KSC_E_INVALID', `kscinc migrate ${image}: ${flag} is required (or use kscinc migrate start|status|complete|cancel for the disk alone)`);
+  }
   const timeoutS = o.timeout !== undefined ? Number(o.timeout) : 600;
   if (!Number.isFinite(timeoutS) || timeoutS <= 0) throw new KscError('KSC_E_INVALID', `--timeout must be a positive number of seconds, not ${o.timeout}`);
   if (!/^(tcp|unix|exec|rdma|fd):/.test(o.vmTo)) throw new KscError('KSC_E_INVALID', `--vm-to ${o.vmTo}: expected a QEMU migration URI such as tcp:HOST:PORT`);
@@ -87,9 +96,9 @@ export function registerMigrateVm(m: Command): void {
   m.command('whole', { isDefault: true })
     .description("move the VM and its disk: QEMU's RAM migration (via QMP) and the disk's, switched over together at QEMU's pre-switchover pause")
     .argument('<image>', 'the VM disk a running `kscinc serve` holds')
-    .requiredOption('--to <uri>', "the disk's destination: nbd://HOST:PORT/EXPORT (a `kscinc serve --incoming`)")
-    .requiredOption('--qmp <socket>', "the source QEMU's QMP unix socket")
-    .requiredOption('--vm-to <uri>', 'where the destination QEMU waits with -incoming, e.g. tcp:HOST:PORT')
+    .option('--to <uri>', "the disk's destination: nbd://HOST:PORT/EXPORT (a `kscinc serve --incoming`)")
+    .option('--qmp <socket>', "the source QEMU's QMP unix socket")
+    .option('--vm-to <uri>', 'where the destination QEMU waits with -incoming, e.g. tcp:HOST:PORT')
     .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
     .option('--base-fingerprint <text>', "the destination base's fingerprint, when the destination is not kscinc")
     .option('--bandwidth <rate>', "the disk's bytes per second at most (K/M/G)")
