@@ -139,41 +139,42 @@ describe('kscinc migrate with qemu-io writing all along', () => {
     let askedAt = 0;
     let exitCode: number | null = null;
     let done: MigrateStatus | undefined;
+    let stopped: (number | null)[] = [];
     try {
-      w.start();
-      await w.atLeast(20);
-      const started = await kscincAsync(r, ['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--json']);
-      expect(started.code, started.stderr).toBe(0);
-      const before = w.acknowledged;
-      for (let i = 0; ; i++) {
-        const s = await kscincAsync(r, ['migrate', 'status', 'vm.ksc', '--json']);
-        const st = JSON.parse(s.stdout) as MigrateStatus;
-        if (st.phase === 'converged' && st.rounds >= 2) break;
-        expect(st.phase, s.stdout).toBe('copying');
-        expect(i, 'the migration converges within 60 s').toBeLessThan(600);
-        await new Promise((res) => setTimeout(res, 100));
+      try {
+        w.start();
+        await w.atLeast(20);
+        const started = await kscincAsync(r, ['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--json']);
+        expect(started.code, started.stderr).toBe(0);
+        const before = w.acknowledged;
+        for (let i = 0; ; i++) {
+          const s = await kscincAsync(r, ['migrate', 'status', 'vm.ksc', '--json']);
+          const st = JSON.parse(s.stdout) as MigrateStatus;
+          if (st.phase === 'converged' && st.rounds >= 2) break;
+          expect(st.phase, s.stdout).toBe('copying');
+          expect(i, 'the migration converges within 60 s').toBeLessThan(600);
+          await new Promise((res) => setTimeout(res, 100));
+        }
+        await w.atLeast(30);
+        expect(w.acknowledged - before, 'qemu-io wrote while the migration copied').toBeGreaterThanOrEqual(30);
+        askedAt = performance.now();
+        const c = await kscincAsync(r, ['migrate', 'complete', 'vm.ksc', '--json']);
+        expect(c.code, c.stderr).toBe(0);
+        done = JSON.parse(c.stdout) as MigrateStatus;
+        expect(done.phase).toBe('completed');
+        // The source refuses writes from now on: the writer's next write (or the one held) fails with EPERM.
+        const t = Date.now();
+        while (!w.outcomes.some((o) => o.error) && Date.now() - t < 30_000) await new Promise((res) => setTimeout(res, 20));
+      } finally {
+        exitCode = await w.stop().catch((e: unknown) => (console.log(`qemu-io writer: ${(e as Error).message}`), w.kill(), -1));
       }
-      await w.atLeast(30);
-      expect(w.acknowledged - before, 'qemu-io wrote while the migration copied').toBeGreaterThanOrEqual(30);
-      askedAt = performance.now();
-      const c = await kscincAsync(r, ['migrate', 'complete', 'vm.ksc', '--json']);
-      expect(c.code, c.stderr).toBe(0);
-      done = JSON.parse(c.stdout) as MigrateStatus;
-      expect(done.phase).toBe('completed');
-      // The source refuses writes from now on: the writer's next write (or the one held) fails with EPERM.
-      const t = Date.now();
-      while (!w.outcomes.some((o) => o.error) && Date.now() - t < 30_000) await new Promise((res) => setTimeout(res, 20));
-    } finally {
-      exitCode = await w.stop().catch((e: unknown) => (console.log(`qemu-io writer: ${(e as Error).message}`), w.kill(), -1));
-    }
-    console.log(`qemu-io writer: ${w.acknowledged} acknowledged writes; pauseMs ${done!.pauseMs}, bytesSent ${done!.bytesSent}, rounds ${done!.rounds}`);
-    const errors = w.outcomes.filter((o) => o.error);
-    expect(errors.length, 'exactly one failed write: the first after the switch-over (the writer then stops)').toBe(1);
-    expect(errors[0]!.error).toMatch(/Operation not permitted/);
-    expect(errors[0]!.at, 'no write failed before complete was asked').toBeGreaterThan(askedAt);
-    expect(w.outcomes.at(-1)!.error, 'no acknowledged write after the refusal').not.toBeNull();
-    expect(exitCode, 'qemu-io quit normally; its status 1 counts the one refused write').toBe(1);
-    try {
+      console.log(`qemu-io writer: ${w.acknowledged} acknowledged writes; pauseMs ${done!.pauseMs}, bytesSent ${done!.bytesSent}, rounds ${done!.rounds}`);
+      const errors = w.outcomes.filter((o) => o.error);
+      expect(errors.length, 'exactly one failed write: the first after the switch-over (the writer then stops)').toBe(1);
+      expect(errors[0]!.error).toMatch(/Operation not permitted/);
+      expect(errors[0]!.at, 'no write failed before complete was asked').toBeGreaterThan(askedAt);
+      expect(w.outcomes.at(-1)!.error, 'no acknowledged write after the refusal').not.toBeNull();
+      expect(exitCode, 'qemu-io quit normally; its status 1 counts the one refused write').toBe(1);
       // The source frozen at the switch-over (it takes no more writes) against the destination, both over NBD.
       const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src.uri, dst.uri]);
       expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
@@ -182,8 +183,8 @@ describe('kscinc migrate with qemu-io writing all along', () => {
       const m = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', want, dst.uri]);
       expect(m.code, `every write qemu-io saw acknowledged is on the destination: ${m.stdout}${m.stderr}`).toBe(0);
     } finally {
-      expect(await src.stop()).toBe(0);
-      expect(await dst.stop()).toBe(0);
+      stopped = [await src.stop(), await dst.stop()]; // whatever failed above: no server is left running
     }
+    expect(stopped, 'both servers exit cleanly').toEqual([0, 0]);
   }, 120_000);
 });
