@@ -12,6 +12,7 @@ import type { MigrateStatus } from '../engines/migrate.js';
 import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
+import { registerMigrateVm } from './migrate-vm-command.js';
 import { formatSize, printJson, println } from './output.js';
 import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
@@ -105,6 +106,7 @@ export function registerMigrateCommands(program: Command): void {
   registerSimple(m, 'status', 'phase, bytes sent and left, rates, estimated pause of the migration of IMAGE');
   registerSimple(m, 'complete', 'switch over: hold new writes, send the rest, flush the destination; the source then refuses writes');
   registerSimple(m, 'cancel', 'stop the migration; the source goes on serving as before');
+  registerMigrateVm(m); // the default subcommand: kscinc migrate IMAGE --to … --qmp … --vm-to … (formats/migrate.md §8)
   m.command('fingerprint')
     .description("print the fingerprint of IMAGE's base (the bottom of its chain; IMAGE itself when it has no backing)")
     .argument('<image>', 'an image or a base file')
