@@ -14,8 +14,9 @@ import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
 import { printJson, println } from './output.js';
+import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
-interface WholeOptions {
+interface WholeOptions extends MigrateTlsOptions {
   to: string;
   qmp: string;
   vmTo: string;
@@ -28,7 +29,7 @@ interface WholeOptions {
 }
 
 /** The disk's side over the source server's control socket. */
-function storageOf(image: string, o: WholeOptions): StorageSide {
+function storageOf(image: string, o: WholeOptions, tls: ReturnType<typeof migrateTls>): StorageSide {
   const ask = async (req: object, what: string): Promise<MigrateStatus> => {
     const r = await controlRequest<MigrateStatus>(image, req, what);
     if (r === null) throw new KscError('KSC_E_NOT_FOUND', `no kscinc serve holds ${image} (no control socket at ${controlPath(image)}): migrate runs inside the server`);
@@ -44,6 +45,7 @@ function storageOf(image: string, o: WholeOptions): StorageSide {
           baseFingerprint: o.baseFingerprint,
           bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
           connections: o.connections !== undefined ? Number(o.connections) : undefined,
+          tls,
         },
         'the migration started',
       ),
@@ -66,13 +68,14 @@ async function whole(image: string, o: WholeOptions): Promise<void> {
   const timeoutS = o.timeout !== undefined ? Number(o.timeout) : 600;
   if (!Number.isFinite(timeoutS) || timeoutS <= 0) throw new KscError('KSC_E_INVALID', `--timeout must be a positive number of seconds, not ${o.timeout}`);
   if (!/^(tcp|unix|exec|rdma|fd):/.test(o.vmTo)) throw new KscError('KSC_E_INVALID', `--vm-to ${o.vmTo}: expected a QEMU migration URI such as tcp:HOST:PORT`);
+  const tls = migrateTls(o, o.to); // checked (files read) before QEMU is touched
   const qmp = await Qmp.connect(o.qmp, 1000);
   const abort = new AbortController();
   const onSignal = (): void => abort.abort();
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {
-    const r = await migrateVm(storageOf(image, o), new QmpVmMigration(qmp), {
+    const r = await migrateVm(storageOf(image, o, tls), new QmpVmMigration(qmp), {
       vmTo: o.vmTo,
       timeoutMs: timeoutS * 1000,
       signal: abort.signal,
@@ -93,7 +96,8 @@ async function whole(image: string, o: WholeOptions): Promise<void> {
 
 /** Registers `whole` as the default subcommand of `migrate`, so `kscinc migrate IMAGE --to … --qmp …` works. */
 export function registerMigrateVm(m: Command): void {
-  m.command('whole', { isDefault: true })
+  const whole_ = m.command('whole', { isDefault: true });
+  addMigrateTlsOptions(whole_)
     .description("move the VM and its disk: QEMU's RAM migration (via QMP) and the disk's, switched over together at QEMU's pre-switchover pause")
     .argument('<image>', 'the VM disk a running `kscinc serve` holds')
     .option('--to <uri>', "the disk's destination: nbd://HOST:PORT/EXPORT (a `kscinc serve --incoming`)")

@@ -77,6 +77,11 @@ describe('kscinc migrate over TLS', () => {
       expect(plain.code).not.toBe(0);
       expect(plain.stderr).toMatch(/this server requires TLS/);
       expect(r.cli(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--tls-creds', join(pki.dir, 'none'), '--token', dst.token]).stderr).toMatch(/ca-cert\.pem: cannot read it/);
+      // The whole-VM form takes the same TLS options, checked before QEMU is asked anything.
+      const vmArgs = ['migrate', 'vm.ksc', '--to', dst.uri, '--token', dst.token, '--qmp', join(pki.dir, 'no-qmp.sock'), '--vm-to', 'tcp:127.0.0.1:1'];
+      expect(r.cli(vmArgs).stderr).toMatch(/nbds:\/\/ means TLS: give --tls-creds DIR or --tls-psk FILE/);
+      expect(r.cli([...vmArgs, '--tls-creds', join(pki.dir, 'none')]).stderr).toMatch(/ca-cert\.pem: cannot read it/);
+      expect(r.cli([...vmArgs, '--tls-creds', pki.x509]).stderr).toMatch(/no-qmp\.sock/);
 
       const started = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--tls-creds', pki.x509, '--token', dst.token]);
       expect(started.phase).toBe('copying');
