@@ -20,7 +20,7 @@ export interface ServeConfig {
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
   /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
-  incoming?: { token: string; baseFingerprint: string };
+  incoming?: { token: string; baseFingerprint: string; origin?: string };
 }
 
 export interface OpenedExports {

@@ -22,6 +22,8 @@ export interface IncomingState {
   token: string;
   /** formats/migrate.md §2: `v1:SIZE:HEX` or `none`. */
   baseFingerprint: string;
+  /** A destination restored from a backup: its `kscinc:origin=` context (formats/migrate.md §8.1). */
+  origin?: string;
   completed: boolean;
 }
 
@@ -42,6 +44,7 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
+  if (inc.origin) out.push(inc.origin);
   for (const q of queries) {
     if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);
     if (tokenMatches(exp, q, DONE_CONTEXT)) {
