@@ -59,7 +59,7 @@ async function checkClaim(file: string, raws: Map<string, Buffer>): Promise<stri
 }
 
 describe('restore -O kscinc: the origin record', () => {
-  it('is kept by writes, replaced by a restore over the image, and cleared before its bitmap is cleared', async () => {
+  it('is kept by writes, replaced by a restore over the image, and cleared before its bitmap is cleared or by a rebase', async () => {
     const dir = tempDir('kscinc-origin-');
     const { b1, b2, raw1, raw2 } = twoBackups(dir);
     const raws = new Map([
@@ -80,6 +80,10 @@ describe('restore -O kscinc: the origin record', () => {
     ok(dir, ['bitmap', 'clear', 'dst.ksc', after.origin.bitmap]);
     expect(JSON.parse(ok(dir, ['info', 'dst.ksc', '--json'])).origin).toBeUndefined();
     ok(dir, ['restore', b2, 'plain.raw', '--repo', 'repo']); // a raw target has no header to hold one
+    // An unsafe rebase changes what the image reads without marking anything: the record goes (rule 3).
+    ok(dir, ['restore', b2, 'r.ksc', '-O', 'kscinc', '--repo', 'repo']);
+    ok(dir, ['rebase', 'r.ksc', '--backing', 'b1.raw', '--backing-format', 'raw', '--unsafe']);
+    expect(JSON.parse(ok(dir, ['info', 'r.ksc', '--json'])).origin).toBeUndefined();
   });
 
   it('a restore over the image killed at each of its last steps leaves a true claim or none', async () => {

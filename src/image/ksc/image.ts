@@ -372,6 +372,7 @@ export class KscImage implements BlockDevice {
         backingName: name ?? '',
         backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
         backup: null,
+        origin: { state: 'none' }, // §4.3 rule 3: an unsafe rebase changes the content without marking any bitmap
       }),
     );
     c.backingDev = dev;
