@@ -21,7 +21,7 @@ import type { Unlock } from '../crypto/password.js';
 import type { Manifest } from '../repo/manifest.js';
 import { Repository } from '../repo/repository.js';
 import { bytesToUuid } from '../util/uuid.js';
-import { frozenBitmapName, isHandoverBitmap, tokenBitmapsOf, tokenOf } from './backup/bitmap-names.js';
+import { frozenBitmapName, isHandoverBitmap, tokenBitmapName, tokenBitmapsOf, tokenOf } from './backup/bitmap-names.js';
 import { isZero } from './migrate-base.js';
 import type { OriginClaim } from './migrate-origin.js';
 
@@ -130,7 +130,7 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
   };
   const plan = async (): Promise<SeedRange[]> => {
     try {
-      return bitmap ? await bitmapPlan(bitmaps!, bitmap) : await hashPlan(dev, repo, m, info);
+      return bitmap ? await bitmapPlan(bitmaps!, bitmap, claim.token!) : await hashPlan(dev, repo, m, info);
     } finally {
       await close();
     }
@@ -138,10 +138,18 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
   return { info, plan, close };
 }
 
-/** (a): the granules NAME and a leftover NAME~frozen mark. */
-async function bitmapPlan(bitmaps: DirtyBitmaps, name: string): Promise<SeedRange[]> {
+/**
+ * (a): the granules NAME and NAME~frozen (a backup in progress, or left by a crash) mark. A backup that
+ * started meanwhile moves bits from NAME to NAME~frozen (read after NAME: still seen); one that finished
+ * meanwhile replaced the token record and dropped NAME~frozen: then the bits since the destination's backup
+ * may be gone from both, so the start fails (KSC_E_LOCKED) rather than send too little.
+ */
+async function bitmapPlan(bitmaps: DirtyBitmaps, name: string, token: string): Promise<SeedRange[]> {
   const frozen = frozenBitmapName(name);
   const list = [...(await bitmaps.bitmapExtents(name)), ...(bitmaps.hasBitmap(frozen) ? await bitmaps.bitmapExtents(frozen) : [])];
+  if (!bitmaps.hasBitmap(tokenBitmapName(name, token))) {
+    throw new KscError('KSC_E_LOCKED', `a backup through bitmap ${name} finished while the migration started: its bits no longer count from the destination's backup; start the migration again`);
+  }
   return merge(list.map((e) => ({ offset: e.offset, length: e.length, zero: false })));
 }
 
