@@ -14,7 +14,7 @@
 import { KscError, isKscError } from '../errors.js';
 import { ZERO_ID } from '../hash/chunkid.js';
 import { hashChunks } from '../compress/pool.js';
-import { bitmapsOf, identityOf, type DirtyBitmaps } from '../image/capabilities.js';
+import { bitmapsOf, changeGateOf, identityOf, type ChangeGate, type DirtyBitmaps } from '../image/capabilities.js';
 import type { BlockDevice } from '../image/types.js';
 import { openStore } from '../objstore/open.js';
 import type { Unlock } from '../crypto/password.js';
@@ -130,7 +130,7 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
   };
   const plan = async (): Promise<SeedRange[]> => {
     try {
-      return bitmap ? await bitmapPlan(bitmaps!, bitmap, claim.token!) : await hashPlan(dev, repo, m, info);
+      return bitmap ? await bitmapPlan(bitmaps!, changeGateOf(dev)!, bitmap, claim.token!) : await hashPlan(dev, repo, m, info);
     } finally {
       await close();
     }
@@ -139,14 +139,17 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
 }
 
 /**
- * (a): the granules NAME and NAME~frozen (a backup in progress, or left by a crash) mark. A backup that
- * started meanwhile moves bits from NAME to NAME~frozen (read after NAME: still seen); one that finished
- * meanwhile replaced the token record and dropped NAME~frozen: then the bits since the destination's backup
- * may be gone from both, so the start fails (KSC_E_LOCKED) rather than send too little.
+ * (a): the granules NAME and NAME~frozen (a backup in progress, or left by a crash) mark, read with no
+ * change in flight (so no backup freezes meanwhile), NAME~frozen first (so a failed backup merging it back
+ * into NAME is seen in one or the other). A backup that finished meanwhile replaced the token record and
+ * dropped NAME~frozen: the bits since the destination's backup may be gone, so the start fails
+ * (KSC_E_LOCKED) rather than send too little.
  */
-async function bitmapPlan(bitmaps: DirtyBitmaps, name: string, token: string): Promise<SeedRange[]> {
+async function bitmapPlan(bitmaps: DirtyBitmaps, gate: ChangeGate, name: string, token: string): Promise<SeedRange[]> {
   const frozen = frozenBitmapName(name);
-  const list = [...(await bitmaps.bitmapExtents(name)), ...(bitmaps.hasBitmap(frozen) ? await bitmaps.bitmapExtents(frozen) : [])];
+  // Inside quiesce no backup can freeze (its freeze runs inside quiesce too); NAME~frozen is read first, so
+  // a failed backup merging it back into NAME meanwhile is seen in one or the other.
+  const list = await gate.quiesce(async () => [...(bitmaps.hasBitmap(frozen) ? await bitmaps.bitmapExtents(frozen) : []), ...(await bitmaps.bitmapExtents(name))]);
   if (!bitmaps.hasBitmap(tokenBitmapName(name, token))) {
     throw new KscError('KSC_E_LOCKED', `a backup through bitmap ${name} finished while the migration started: its bits no longer count from the destination's backup; start the migration again`);
   }
