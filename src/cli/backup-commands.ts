@@ -13,7 +13,7 @@ import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
 import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
-import { liveRestore } from '../engines/live-restore.js';
+import { liveRestore, storedLocation } from '../engines/live-restore.js';
 import { listLiveRefs } from '../repo/liverefs.js';
 import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
@@ -223,6 +223,7 @@ function registerRestore(program: Command): void {
             disk: o.disk,
             force: o.force,
             concurrency: Math.max(1, o.concurrency),
+            location: storedLocation(o.repo),
             progress: (p) => bar.update(p.doneBytes, p.totalBytes),
           }).finally(bar.stop);
         } catch (e) {
@@ -235,6 +236,7 @@ function registerRestore(program: Command): void {
         for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
         println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
         println(`  ${restoreCounts(r)}`);
+        if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
     });

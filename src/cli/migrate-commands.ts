@@ -8,27 +8,34 @@ import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { baseFingerprint, baseOf } from '../engines/migrate-base.js';
+import { incomingOrigin } from '../engines/migrate-origin.js';
 import type { MigrateStatus } from '../engines/migrate.js';
 import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
+import { clientKey } from './control-key.js';
 import { controlPath } from './control-trust.js';
 import { registerMigrateVm } from './migrate-vm-command.js';
 import { formatSize, printJson, println } from './output.js';
 import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
-/** For `serve --incoming`: a new token, and the base fingerprint; refuses an image with data above its base. */
-export async function prepareIncoming(image: string): Promise<{ token: string; baseFingerprint: string }> {
+/**
+ * For `serve --incoming`: a new token, the base fingerprint, and the origin of an image restored from a
+ * backup (formats/migrate.md §9.1); refuses an image with data above its base unless it has a trusted origin.
+ */
+export async function prepareIncoming(image: string): Promise<{ token: string; baseFingerprint: string; origin?: string }> {
   const dev = await openImage(image);
   try {
     const depth = baseOf(dev)?.depth ?? Infinity;
+    const origin = await incomingOrigin(dev, image);
     const above = (await dev.extents(0, dev.size)).find((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < depth);
-    if (above) {
+    if (above && !origin.context) {
       throw new KscError(
         'KSC_E_INVALID',
-        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}); a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5)`,
+        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}); a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5) or a restore of a backup of the disk (§8)${origin.problem ? `, but its ${origin.problem}` : ''}`,
       );
     }
-    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev) };
+    const token = randomBytes(16).toString('hex');
+    return { token, baseFingerprint: await baseFingerprint(dev), ...(origin.context ? { origin: origin.context } : {}) };
   } finally {
     await dev.close();
   }
@@ -47,6 +54,10 @@ function printStatus(s: MigrateStatus): void {
   println(`sent:        ${formatSize(s.bytesSent)} data, ${formatSize(s.bytesZeroed)} zeroed, ${s.rounds} round(s)`);
   println(`left:        ${formatSize(s.bytesLeft)} (estimated pause ${s.estimatedPauseMs < 0 ? 'unknown' : `${s.estimatedPauseMs} ms`})`);
   println(`rates:       ${formatSize(s.throughputBps)}/s sent, ${formatSize(s.dirtyRateBps)}/s dirtied`);
+  if (s.seed)
+    println(
+      `seeded:      the destination holds backup ${s.seed.backup}; first pass from ${s.seed.via === 'bitmap' ? `bitmap ${s.seed.bitmap}` : `chunk hashes (${s.seed.chunksDiffer} of ${s.seed.chunks} chunks differ)`}`,
+    );
   if (s.pauseMs !== null) println(`pause:       ${s.pauseMs} ms`);
   if (s.error) println(`error:       ${s.error.code}: ${s.error.message}`);
   if (s.warning) println(`warning:     ${s.warning}`);
@@ -58,6 +69,7 @@ interface StartOptions extends MigrateTlsOptions {
   baseFingerprint?: string;
   bandwidth?: string;
   connections?: string;
+  repo?: string;
   json?: boolean;
 }
 
@@ -71,6 +83,7 @@ function registerStart(m: Command): void {
     .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
     .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
     .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
+    .option('--repo <location>', 'a destination restored from a backup: the repository that holds it (default: the one it recorded)')
     .option('--json', 'print JSON')
     .action(async (image: string, o: StartOptions) => {
       const req = {
@@ -81,6 +94,8 @@ function registerStart(m: Command): void {
         bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
         connections: o.connections !== undefined ? Number(o.connections) : undefined,
         tls: migrateTls(o, o.to),
+        repo: o.repo,
+        key: o.repo !== undefined ? await clientKey(o.repo) : undefined,
       };
       const s = await ask<MigrateStatus>(image, req, 'the migration started');
       if (o.json) printJson(s);

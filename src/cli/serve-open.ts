@@ -21,7 +21,7 @@ export interface ServeConfig {
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
   /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
-  incoming?: { token: string; baseFingerprint: string; peer?: string };
+  incoming?: { token: string; baseFingerprint: string; peer?: string; origin?: string };
   /** TLS credentials' files (formats/nbd.md §5), loaded by whoever builds the NbdServer; absent: plain NBD. */
   tls?: TlsServerFiles;
 }

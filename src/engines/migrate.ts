@@ -11,6 +11,7 @@ import { bitmapsOf, changeGateOf, type ChangeGate, type DirtyBitmaps } from '../
 import type { BlockDevice } from '../image/types.js';
 import { baseOf } from './migrate-base.js';
 import { Sender, type MigrationTarget } from './migrate-send.js';
+import type { SeedInfo } from './migrate-seed.js';
 
 export const MIGRATE_BITMAP = 'kscinc-migrate';
 export const MIGRATE_FROZEN = 'kscinc-migrate~frozen';
@@ -40,6 +41,8 @@ export interface MigrateStatus {
   pauseMs: number | null;
   error: { code: KscErrorCode; message: string } | null;
   warning: string | null;
+  /** A seeded destination (formats/migrate.md §9.3); absent otherwise. */
+  seed?: SeedInfo;
 }
 
 export interface MigrateOptions {
@@ -47,6 +50,8 @@ export interface MigrateOptions {
   to: string;
   bandwidth?: number;
   log?: (line: string) => void;
+  /** A seeded destination (formats/migrate.md §9): the first pass instead of what lies above the base, and what status shows. */
+  seed?: { firstPass: () => Promise<{ offset: number; length: number; zero: boolean }[]>; info: SeedInfo };
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -113,6 +118,7 @@ export class Migration {
 
   /** The ranges above the base: data as WRITE, known zeros as WRITE_ZEROES. */
   private async firstPassPlan(): Promise<{ offset: number; length: number; zero: boolean }[]> {
+    if (this.opts.seed) return this.opts.seed.firstPass();
     const baseDepth = baseOf(this.dev)?.depth ?? Infinity;
     const exts = await this.dev.extents(0, this.dev.size);
     return exts.filter((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < baseDepth).map((e) => ({ offset: e.offset, length: e.length, zero: e.state === 'zero' }));
@@ -137,6 +143,7 @@ export class Migration {
       pauseMs: this.pauseMs,
       error: this.error ? { code: this.error.code, message: this.error.message } : null,
       warning: this.warning,
+      ...(this.opts.seed ? { seed: this.opts.seed.info } : {}),
     };
   }
 

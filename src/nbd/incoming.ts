@@ -22,6 +22,8 @@ export interface IncomingState {
   token: string;
   /** formats/migrate.md §2: `v1:SIZE:HEX` or `none`. */
   baseFingerprint: string;
+  /** A destination restored from a backup: its `kscinc:origin=` context (formats/migrate.md §9.1). */
+  origin?: string;
   completed: boolean;
   /**
    * With TLS (formats/nbd.md §5.4): the TLS peer (`x509:CN` or `psk:IDENTITY`) that alone may prove it is the
@@ -47,6 +49,7 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
+  if (inc.origin) out.push(inc.origin);
   if (inc.peer !== undefined && tlsPeer !== inc.peer) return out; // not the source's TLS identity: no token context at all
   for (const q of queries) {
     if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);

@@ -9,6 +9,7 @@ import type { MigrationTarget } from '../engines/migrate-send.js';
 import { NbdClient, parseNbdUri } from './client.js';
 import type { TlsClientConfig } from './client-tls.js';
 import { BASE_CONTEXT, DONE_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
+import { ORIGIN_CONTEXT } from '../engines/migrate-origin.js';
 
 /** Requests in flight per connection. */
 const DEPTH = 16;
@@ -26,6 +27,8 @@ export class NbdTarget implements MigrationTarget {
   readonly size: number;
   readonly maxPayload: number;
   readonly parallelism: number;
+  /** The `kscinc:origin=` context a destination restored from a backup announced, or null. */
+  origin: string | null = null;
 
   private constructor(
     private readonly clients: NbdClient[],
@@ -59,7 +62,9 @@ export class NbdTarget implements MigrationTarget {
       throw e;
     }
     const listed = clients[0]!.listed.find((l) => l.startsWith(BASE_CONTEXT));
-    return new NbdTarget(clients, o, listed ? listed.slice(BASE_CONTEXT.length) : null);
+    const t = new NbdTarget(clients, o, listed ? listed.slice(BASE_CONTEXT.length) : null);
+    t.origin = clients[0]!.listed.find((l) => l.startsWith(ORIGIN_CONTEXT)) ?? null; // a seeded destination (formats/migrate.md §9.1)
+    return t;
   }
 
   private pick(): NbdClient {

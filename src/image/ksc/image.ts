@@ -21,6 +21,8 @@ import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
 import { type HandoverRecord, handOver } from './handover.js';
+import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
+import type { OriginRecord } from '../../format/origin.js';
 
 export type { BitmapStatus } from './bitmaps.js';
 
@@ -292,15 +294,18 @@ export class KscImage implements BlockDevice {
     return bitmaps.addBitmap(this.core, name, opts);
   }
 
-  removeBitmap(name: string): Promise<void> {
+  async removeBitmap(name: string): Promise<void> {
+    await dropOriginFor(this.core, name); // §4.3 rule 3, here and below
     return bitmaps.removeBitmap(this.core, name);
   }
 
-  setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+  async setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+    if (!enabled) await dropOriginFor(this.core, name);
     return bitmaps.setBitmapEnabled(this.core, name, enabled);
   }
 
-  clearBitmap(name: string): Promise<void> {
+  async clearBitmap(name: string): Promise<void> {
+    await dropOriginFor(this.core, name);
     return bitmaps.clearBitmap(this.core, name);
   }
 
@@ -316,7 +321,8 @@ export class KscImage implements BlockDevice {
    * respect to changes: each is in the frozen bitmap or marked in `name` (the backup calls it inside
    * quiesce() for its own point in time).
    */
-  freezeBitmap(name: string, frozenName: string): Promise<void> {
+  async freezeBitmap(name: string, frozenName: string): Promise<void> {
+    await dropOriginFor(this.core, name);
     return bitmaps.freezeBitmap(this.core, name, frozenName);
   }
 
@@ -324,7 +330,8 @@ export class KscImage implements BlockDevice {
    * Adds empty, disabled bitmaps named `add` (default granularity) and removes the bitmaps named `remove`,
    * in one management step; each slot write is atomic on its own.
    */
-  updateBitmaps(add: string[], remove: string[]): Promise<void> {
+  async updateBitmaps(add: string[], remove: string[]): Promise<void> {
+    for (const n of remove) await dropOriginFor(this.core, n);
     return bitmaps.updateBitmaps(this.core, add, remove);
   }
 
@@ -376,9 +383,20 @@ export class KscImage implements BlockDevice {
         backingName: name ?? '',
         backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
         backup: null,
+        origin: { state: 'none' }, // §4.3 rule 3: an unsafe rebase changes the content without marking any bitmap
       }),
     );
     c.backingDev = dev;
+  }
+
+  /** §4.3: the backup this image is a copy of (with its origin bitmap), why the record is not trusted, or null. */
+  get origin(): OriginView | null {
+    return originView(this.core);
+  }
+
+  /** §4.3 rule 1: after a restore (every byte flushed), records the backup; returns the origin bitmap's name. */
+  setOrigin(r: Omit<OriginRecord, 'bitmapSuffix'>): Promise<string> {
+    return setOrigin(this.core, r, Math.max(64 * 1024, this.blockSize));
   }
 
   // ---------------------------------------------------------------- capabilities (../capabilities.ts)
