@@ -5,7 +5,7 @@
  * the password never appears in the terminal's output. Without a terminal: no prompt, one clear error.
  */
 import { spawn } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
@@ -83,6 +83,23 @@ describe('password from a terminal prompt (§13.3 rule 3)', () => {
     expect(wrong.code).not.toBe(0);
     expect(wrong.screen).toMatch(/wrong password/);
     expect(wrong.screen).not.toContain('not-it');
+  });
+
+  it('a first backup that creates the repository asks for its new password twice (the default: encrypted)', async () => {
+    const img = join(dir, 'disk.raw');
+    writeFileSync(img, Buffer.alloc(1 << 20, 3));
+    const fresh = join(dir, 'first-backup');
+    const b = await onTty(
+      ['backup', img, '--repo', fresh, '--no-bitmap'],
+      [
+        [/New repository password: $/, SECRET],
+        [/again: $/, SECRET],
+      ],
+    );
+    expect(b.code, b.screen).toBe(0);
+    expect(b.screen).not.toContain(SECRET);
+    expect(JSON.parse(readFileSync(join(fresh, 'config'), 'utf8')).features).toEqual(['encrypted']);
+    expect(kscinc(['backups', '--repo', fresh], { env: { KSCINC_PASSWORD_FILE: pwFile } }).code).toBe(0);
   });
 
   it('two different new passwords: refused, nothing created', async () => {
