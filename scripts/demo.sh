@@ -43,7 +43,14 @@ for f in /usr/bin/node /usr/bin/bash; do
 done
 echo "overlay file: $(du -h "$work/vm.ksc" | cut -f1) on disk for a $(du -h --apparent-size "$work/base.raw" | cut -f1) disk"
 
-step "3. first backup into a local repository (no bitmap yet, so it is full; it creates the bitmap)"
+step "3. first backup into a new local repository, encrypted (the default); no bitmap yet, so it is full"
+# The repository's password: yours when KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND is set, else a
+# random one in a private file of the demo's folder (never on a command line).
+if [ -z "${KSCINC_PASSWORD_FILE:-}" ] && [ -z "${KSCINC_PASSWORD_COMMAND:-}" ]; then
+  (umask 077; head -c 24 /dev/urandom | base64 > "$work/password")
+  export KSCINC_PASSWORD_FILE="$work/password"
+  echo "   password: a random one in $work/password (KSCINC_PASSWORD_FILE; --no-encrypt would make a plain repository)"
+fi
 k backup "$work/vm.ksc" --repo "$work/repo" --json > "$work/b1.json"
 k convert "$work/vm.ksc" "$work/point1.raw" -O raw >/dev/null   # what backup 1 must restore to
 node -e 'const r=require(process.argv[1]); console.log(`   ${r.full?"full":"incremental"} backup ${r.id}: read ${(r.bytesRead/1048576).toFixed(1)} MiB, stored ${(r.bytesStored/1048576).toFixed(1)} MiB, ${(r.durationMs/1000).toFixed(2)} s${r.fullReason?` (${r.fullReason})`:""}`)' "$work/b1.json"

@@ -5,9 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin mkfs.ext4:e2fsprogs lz4:lz4; do
+for tool in qemu-img:qemu-utils nbdinfo:libnbd-bin mkfs.ext4:e2fsprogs lz4:lz4 openssl:openssl script:bsdutils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
+# openssl makes the TLS tests' certificates (test/helpers/pki.ts); script (bsdutils) gives the password prompt test a pty.
 # liblz4's headers: the native addon then compresses with liblz4 itself (about twice lz4-napi's speed).
 [ -f /usr/include/lz4.h ] || need+=(liblz4-dev)
 [ -f /usr/include/libdeflate.h ] || need+=(libdeflate-dev)

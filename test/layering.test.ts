@@ -1,4 +1,4 @@
-/** Data flows one way: cli, supervisor, nbd → engines → image, repo → format/io/hash/crypto/compress/objstore/util/errors. A module never imports from a layer above. */
+/** Data flows one way: cli, supervisor, nbd, qmp → engines → image, repo → format/io/hash/crypto/compress/objstore/util/errors. A module never imports from a layer above. */
 import { readdirSync, readFileSync, statSync } from 'node:fs';
 import { join, relative, dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -18,6 +18,7 @@ const rank: Record<string, number> = {
   repo: 2,
   engines: 3,
   nbd: 4,
+  qmp: 4,
   supervisor: 4,
   cli: 4,
   'index.ts': 5,

@@ -4,8 +4,9 @@ import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { Repository, type EncryptOptions } from '../repo/repository.js';
-import { initPassword } from '../crypto/password.js';
+import { Repository, type EncryptChoice, resolveEncryption } from '../repo/repository.js';
+import { storeForBackup } from '../repo/open-at.js';
+import { createForServer, encryptChoice } from './new-repo.js';
 import { kdfN } from './key-commands.js';
 import { repairConfig } from '../repo/repair.js';
 import { parseSize } from '../util/size.js';
@@ -13,7 +14,7 @@ import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
 import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
 import { verifyRepo } from '../engines/verify.js';
-import { liveRestore } from '../engines/live-restore.js';
+import { liveRestore, storedLocation } from '../engines/live-restore.js';
 import { listLiveRefs } from '../repo/liverefs.js';
 import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
@@ -51,11 +52,19 @@ async function withRepo<T>(
   location: string,
   mode: 'open' | 'create' | 'openOrInit',
   fn: (repo: Repository) => Promise<T>,
-  opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {},
+  opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptChoice } = {},
 ): Promise<T> {
-  const store: ObjectStore = await openStore(location, { create: mode !== 'open' });
+  // A new repository's encryption is settled before its folder or bucket is made: a refusal creates nothing.
+  const s: { store: ObjectStore; encrypt?: EncryptChoice } =
+    mode === 'open'
+      ? { store: await openStore(location) }
+      : mode === 'create'
+        ? { encrypt: await resolveEncryption(opts.encrypt), store: await openStore(location, { create: true }) }
+        : await storeForBackup(location, opts.encrypt);
+  const store = s.store;
+  const o = { ...opts, encrypt: s.encrypt };
   try {
-    const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, opts) : await Repository.openOrInit(store, opts);
+    const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, o);
     return await fn(repo);
   } finally {
     await store.close();
@@ -111,9 +120,10 @@ function registerBackup(program: Command): void {
     .option('--full', 'read every chunk, even when the bitmap could be used')
     .option('--tag <tag>', 'tag the backup (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
     .option('--chunk-size <size>', 'chunk size of a repository this backup creates (1M … 4M)', (v) => parseSize(v, '--chunk-size'))
+    .option('--no-encrypt', 'a repository this backup creates is not encrypted (default: encrypted, password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, else typed on a terminal)')
     .option('--json', 'print the summary as JSON')
-    .description('back up what changed since the last backup of this disk into a repository')
-    .action(async (image: string, o: { repo: string; bitmap?: string | boolean; createBitmap?: boolean; full?: boolean; tag?: string[]; chunkSize?: number; json?: boolean }) => {
+    .description('back up what changed since the last backup of this disk into a repository (created when missing)')
+    .action(async (image: string, o: { repo: string; bitmap?: string | boolean; createBitmap?: boolean; full?: boolean; tag?: string[]; chunkSize?: number; encrypt?: boolean; json?: boolean }) => {
       const bitmap = o.bitmap === false ? null : typeof o.bitmap === 'string' ? o.bitmap : undefined;
       // A bitmap named on purpose that does not exist is a typo as often as a wish: it would become a
       // permanent bitmap tracking every write. Only the default one is created unasked.
@@ -145,6 +155,7 @@ function registerBackup(program: Command): void {
           await view.close();
           if (!has) throw missingBitmap();
         }
+        await createForServer(o.repo, encryptChoice(o), o.chunkSize);
         const bar = progressBar('backup');
         const r = await requestBackup(
           image,
@@ -173,7 +184,7 @@ function registerBackup(program: Command): void {
             }).finally(bar.stop);
             print(r);
           },
-          { chunkSize: o.chunkSize },
+          { chunkSize: o.chunkSize, encrypt: encryptChoice(o) },
         );
       } finally {
         await dev.close();
@@ -223,6 +234,7 @@ function registerRestore(program: Command): void {
             disk: o.disk,
             force: o.force,
             concurrency: Math.max(1, o.concurrency),
+            location: storedLocation(o.repo),
             progress: (p) => bar.update(p.doneBytes, p.totalBytes),
           }).finally(bar.stop);
         } catch (e) {
@@ -235,6 +247,7 @@ function registerRestore(program: Command): void {
         for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
         println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
         println(`  ${restoreCounts(r)}`);
+        if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
         println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
       });
     });
@@ -366,22 +379,21 @@ function registerRepoInit(repo: Command): void {
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
     .option('--chunk-size <size>', 'chunk size (power of two, 1M … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
-    .option(
-      '--encrypt',
-      'encrypt and authenticate everything stored (password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, else typed on a terminal, and/or --key-file); default: not encrypted',
+    .option('--encrypt', 'encrypt and authenticate everything stored (the default)')
+    .option('--no-encrypt', 'create an unencrypted repository (anyone who can read the storage reads the disks)')
+    .option('--key-file <file>', 'also write the master key to this new file (mode 0600; keep it outside the repository)')
+    .option('--kdf-n <n>', "scrypt cost N of the password's key (power of two; default KSCINC_KDF_N, else 32768)", kdfN)
+    .description(
+      'create an empty repository: encrypted unless --no-encrypt, its key protected by the password of KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND (else typed twice on a terminal) and/or a new --key-file',
     )
-    .option('--key-file <file>', 'with --encrypt: also write the master key to this new file (mode 0600; keep it outside the repository)')
-    .option('--kdf-n <n>', "with --encrypt: scrypt cost N of the password's key (power of two; default 32768)", kdfN)
-    .description('create an empty repository')
     .action(async (location: string | undefined, o: { chunkSize?: number; packSize?: number; encrypt?: boolean; keyFile?: string; kdfN?: number }) => {
-      if (!o.encrypt && (o.keyFile || o.kdfN)) throw new KscError('KSC_E_INVALID', '--key-file and --kdf-n go with --encrypt');
-      const encrypt: EncryptOptions | undefined = o.encrypt ? { password: await initPassword(!!o.keyFile), keyFile: o.keyFile, scrypt: o.kdfN ? { N: o.kdfN, r: 8, p: 1 } : undefined } : undefined;
+      const encrypt = encryptChoice(o);
       await withRepo(
         repoOperand(location),
         'create',
         async (r) => {
           println(
-            `created ${r.encrypted ? 'encrypted ' : ''}repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)}${r.encrypted ? `; ${r.keyId ? `key ${r.keyId}` : ''}${r.keyId && o.keyFile ? ', ' : ''}${o.keyFile ? `key file ${o.keyFile}` : ''}` : ''})`,
+            `created ${r.encrypted ? 'encrypted' : 'unencrypted'} repository ${r.name} (chunk size ${formatSize(r.config.chunkSize)}, pack size ${formatSize(r.config.packSize)}${r.encrypted ? `; ${r.keyId ? `key ${r.keyId}` : ''}${r.keyId && o.keyFile ? ', ' : ''}${o.keyFile ? `key file ${o.keyFile}` : ''}` : ''})`,
           );
         },
         { chunkSize: o.chunkSize, packSize: o.packSize, encrypt },

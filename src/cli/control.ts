@@ -9,8 +9,8 @@
 import { createConnection, type Socket } from 'node:net';
 import { KscError, isKscError, type KscErrorCode } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
-import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
+import { storeForBackup } from '../repo/open-at.js';
 import { backupDevice, type BackupResult, type BackupProgress } from '../engines/backup.js';
 import { checkClientPath, controlPath, peerUid, trustedUid } from './control-trust.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
@@ -167,9 +167,10 @@ export async function startControl(devices: { image: string; device: BlockDevice
 }
 
 async function runBackup(image: string, device: BlockDevice, req: BackupRequest, progress: (p: BackupProgress) => void): Promise<BackupResult> {
-  const store = await openStore(req.repo, { create: true });
+  // The client created a missing repository already (new-repo.ts); one still missing gets the default (§13.0).
+  const { store, encrypt } = await storeForBackup(req.repo, undefined);
   try {
-    const repo = await Repository.openOrInit(store, { chunkSize: req.chunkSize, unlock: serverUnlock(req.key) });
+    const repo = await Repository.openOrInit(store, { chunkSize: req.chunkSize, unlock: serverUnlock(req.key), encrypt });
     return await backupDevice(device, repo, { bitmap: req.bitmap, full: req.full, tags: req.tags, source: image, progress });
   } finally {
     await store.close();

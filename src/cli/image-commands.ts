@@ -101,6 +101,13 @@ function registerInfo(program: Command): void {
             `live restore: backup ${l.backup}: ${formatSize(l.localBytes)} of ${formatSize(l.totalBytes)} local (${pct} %), ${l.localChunks}/${l.totalChunks} chunks; the rest is read from the repository`,
           );
         }
+        const og = info.origin;
+        if (og)
+          println(
+            'problem' in og
+              ? `origin: none trusted (${og.problem})`
+              : `origin: backup ${og.backup} of disk ${og.disk} in repository ${og.repository} (${og.location || 'location not recorded'}); changes since in bitmap ${og.bitmap}`,
+          );
         const shown = o.all ? info.bitmaps : info.bitmaps.filter((b) => !isInternalBitmap(b.name));
         if (shown.length > 0) {
           println('bitmaps:');

@@ -4,7 +4,7 @@ import { KscError } from '../errors.js';
 import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
 import { addKey, keyObjectKey, listKeyIds, readKeyObject, removeKey, unlock } from '../crypto/keyring.js';
-import { DEFAULT_SCRYPT, type ScryptParams } from '../crypto/keys.js';
+import { DEFAULT_SCRYPT, type ScryptParams, defaultScrypt, parseKdfN } from '../crypto/keys.js';
 import { newPassword, unlockFromEnv } from '../crypto/password.js';
 import { println, printJson } from './output.js';
 import type { ObjectStore } from '../objstore/types.js';
@@ -31,7 +31,7 @@ async function withKeys<T>(o: KeyOpts, fn: (store: ObjectStore, repo: Repository
 }
 
 function scryptOf(o: KeyOpts): ScryptParams {
-  return o.kdfN ? { ...DEFAULT_SCRYPT, N: o.kdfN } : DEFAULT_SCRYPT;
+  return o.kdfN ? { ...DEFAULT_SCRYPT, N: o.kdfN } : defaultScrypt();
 }
 
 /** A new key object wrapping `master` under the new password from the environment; returns its id. */
@@ -40,9 +40,7 @@ async function addKeyFromEnv(store: ObjectStore, repo: Repository, master: Buffe
 }
 
 export function kdfN(v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 2 || (n & (n - 1)) !== 0 || n > 1 << 20) throw new Error('--kdf-n must be a power of two from 2 to 1048576');
-  return n;
+  return parseKdfN(v);
 }
 
 export function registerKeyCommands(program: Command): void {

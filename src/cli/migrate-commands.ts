@@ -10,9 +10,12 @@ import { baseOf } from '../engines/migrate-base.js';
 import type { MigrateStatus } from '../engines/migrate.js';
 import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
+import { clientKey } from './control-key.js';
 import { prepareIncomingImage } from './migrate-incoming.js';
 import { controlPath } from './control-trust.js';
+import { registerMigrateVm } from './migrate-vm-command.js';
 import { formatSize, printJson, println } from './output.js';
+import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
 /** For `serve --incoming`: a new token, the base fingerprint and the incoming id (migrate-incoming.ts). */
 export const prepareIncoming = prepareIncomingImage;
@@ -30,29 +33,36 @@ function printStatus(s: MigrateStatus): void {
   println(`sent:        ${formatSize(s.bytesSent)} data, ${formatSize(s.bytesZeroed)} zeroed, ${s.rounds} round(s)`);
   println(`left:        ${formatSize(s.bytesLeft)} (estimated pause ${s.estimatedPauseMs < 0 ? 'unknown' : `${s.estimatedPauseMs} ms`})`);
   println(`rates:       ${formatSize(s.throughputBps)}/s sent, ${formatSize(s.dirtyRateBps)}/s dirtied`);
+  if (s.seed)
+    println(
+      `seeded:      the destination holds backup ${s.seed.backup}; first pass from ${s.seed.via === 'bitmap' ? `bitmap ${s.seed.bitmap}` : `chunk hashes (${s.seed.chunksDiffer} of ${s.seed.chunks} chunks differ)`}`,
+    );
   if (s.pauseMs !== null) println(`pause:       ${s.pauseMs} ms`);
   if (s.error) println(`error:       ${s.error.code}: ${s.error.message}`);
   if (s.warning) println(`warning:     ${s.warning}`);
 }
 
-interface StartOptions {
+interface StartOptions extends MigrateTlsOptions {
   to: string;
   token?: string;
   baseFingerprint?: string;
   bandwidth?: string;
   connections?: string;
+  repo?: string;
   json?: boolean;
 }
 
 function registerStart(m: Command): void {
-  m.command('start')
+  const start = m.command('start');
+  addMigrateTlsOptions(start)
     .description('start migrating IMAGE (served by kscinc serve) to an NBD export: what lies above the shared base, then the blocks written meanwhile')
     .argument('<image>', 'an image a running `kscinc serve` holds')
-    .requiredOption('--to <uri>', 'destination: nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH')
+    .requiredOption('--to <uri>', 'destination: nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH (nbds: TLS)')
     .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
     .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
     .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
     .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
+    .option('--repo <location>', 'a destination restored from a backup: the repository that holds it (default: the one it recorded)')
     .option('--json', 'print JSON')
     .action(async (image: string, o: StartOptions) => {
       const req = {
@@ -62,6 +72,9 @@ function registerStart(m: Command): void {
         baseFingerprint: o.baseFingerprint,
         bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
         connections: o.connections !== undefined ? Number(o.connections) : undefined,
+        tls: migrateTls(o, o.to),
+        repo: o.repo,
+        key: o.repo !== undefined ? await clientKey(o.repo) : undefined,
       };
       const s = await ask<MigrateStatus>(image, req, 'the migration started');
       if (o.json) printJson(s);
@@ -87,6 +100,7 @@ export function registerMigrateCommands(program: Command): void {
   registerSimple(m, 'status', 'phase, bytes sent and left, rates, estimated pause of the migration of IMAGE');
   registerSimple(m, 'complete', 'switch over: hold new writes, send the rest, flush the destination; the source then refuses writes');
   registerSimple(m, 'cancel', 'stop the migration; the source goes on serving as before');
+  registerMigrateVm(m); // the default subcommand: kscinc migrate IMAGE --to … --qmp … --vm-to … (formats/migrate.md §8)
   m.command('fingerprint')
     .description("print the fingerprint of IMAGE's base (the bottom of its chain; IMAGE itself when it has no backing)")
     .argument('<image>', 'an image or a base file')

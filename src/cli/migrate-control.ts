@@ -10,7 +10,11 @@ import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
 import { Migration } from '../engines/migrate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
+import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
 import { failRequest, sendMessage } from './control-socket.js';
+import { checkRequestKey, serverUnlock } from './control-key.js';
+import { parseOriginContext } from '../engines/migrate-origin.js';
+import { prepareSeed, type Seed } from '../engines/migrate-seed.js';
 
 export interface MigrateStartRequest {
   op: 'migrate-start';
@@ -19,6 +23,11 @@ export interface MigrateStartRequest {
   baseFingerprint?: string;
   bandwidth?: number;
   connections?: number;
+  /** TLS credentials' files (formats/nbd.md §5), loaded by the server. */
+  tls?: TlsClientFiles;
+  /** A seeded destination's repository (formats/migrate.md §9), and its master key (control.md §4). */
+  repo?: string;
+  key?: string;
 }
 
 /** Any migrate-* request; the members other than op only in migrate-start. */
@@ -29,7 +38,7 @@ function invalid(message: string): KscError {
 }
 
 const MEMBERS: Record<string, string[]> = {
-  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections'],
+  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'tls', 'repo', 'key'],
   'migrate-status': ['op'],
   'migrate-complete': ['op'],
   'migrate-cancel': ['op'],
@@ -52,6 +61,9 @@ export function parseMigrateRequest(line: string): MigrateRequest {
   if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
     throw invalid('member "connections" must be a whole number from 1 to 16');
   }
+  if (o.tls !== undefined) checkTlsFiles(o.tls);
+  if (o.repo !== undefined && (typeof o.repo !== 'string' || o.repo === '')) throw invalid('member "repo" must be a non-empty string');
+  checkRequestKey(o.key);
   return o as unknown as MigrateRequest;
 }
 
@@ -131,8 +143,11 @@ export class MigrateRequests {
   private async start(req: MigrateStartRequest, index: number): Promise<unknown> {
     const { image, device } = this.devices[index]!;
     this.log(`kscinc serve: migration of ${image} to ${req.to} requested`);
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections });
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, tls: loadClientTls(req.tls) });
+    let seed: Seed | null = null;
     try {
+      seed = target.origin ? await prepareSeed(device, parseOriginContext(target.origin, req.to), { repo: req.repo, unlock: serverUnlock(req.key), to: req.to }) : null;
+      if (seed) return await this.begin(index, device, target, req, seed); // formats/migrate.md §9: no base check
       const theirs = req.baseFingerprint ?? target.baseFingerprint;
       if (!theirs) {
         throw new KscError(
@@ -146,8 +161,17 @@ export class MigrateRequests {
       this.migrations[index] = m;
       return m.status();
     } catch (e) {
+      await seed?.close();
       target.destroy();
       throw e;
     }
+  }
+
+  /** Starts a seeded migration (formats/migrate.md §9): its first pass is what differs from the destination's backup. */
+  private async begin(index: number, device: BlockDevice, target: NbdTarget, req: MigrateStartRequest, seed: Seed): Promise<unknown> {
+    this.log(`kscinc serve: ${req.to} holds backup ${seed.info.backup}: first pass from ${seed.info.via === 'bitmap' ? `bitmap ${seed.info.bitmap}` : 'chunk hashes against its manifest'}`);
+    const m = await Migration.start(device, target, { to: req.to, bandwidth: req.bandwidth, log: this.log, seed: { firstPass: () => seed.plan(), info: seed.info } });
+    this.migrations[index] = m;
+    return m.status();
   }
 }

@@ -1,6 +1,6 @@
 /**
- * What `kscinc serve --incoming` prepares before serving (formats/migrate.md §5, §8): a new token, the base
- * fingerprint, and the destination's persistent incoming id. The id is recorded in the image (an empty,
+ * What `kscinc serve --incoming` prepares before serving (formats/migrate.md §5, §10): a new token, the base
+ * fingerprint, the destination's persistent incoming id, and the origin of an image restored from a backup (§9.1). The id is recorded in the image (an empty,
  * disabled bitmap `kscinc-incoming#ID`), so a destination restarted part way through a migration is known
  * as the same one and the source can resume; a fresh image gets a new id. An image holding blocks above its
  * base is refused unless it carries such a record (a partial copy of a migration that may resume).
@@ -10,6 +10,7 @@ import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import { baseFingerprint, firstAboveBase } from '../engines/migrate-base.js';
+import { incomingOrigin } from '../engines/migrate-origin.js';
 import { INCOMING_RECORD } from '../nbd/incoming.js';
 
 export interface IncomingPrepared {
@@ -17,6 +18,8 @@ export interface IncomingPrepared {
   baseFingerprint: string;
   /** null: the image keeps no bitmaps (raw), so nothing can be recorded and no migration to it resumes. */
   id: string | null;
+  /** A restore of a backup of the disk: its `kscinc:origin=` context (formats/migrate.md §9.1). */
+  origin?: string;
 }
 
 export async function prepareIncomingImage(image: string): Promise<IncomingPrepared> {
@@ -25,11 +28,12 @@ export async function prepareIncomingImage(image: string): Promise<IncomingPrepa
     const bitmaps = bitmapsOf(dev);
     const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
     const kept = records.map((n) => n.slice(INCOMING_RECORD.length)).find((id) => /^[0-9a-f]{32}$/.test(id)) ?? null;
+    const origin = await incomingOrigin(dev, image);
     const above = await firstAboveBase(dev);
-    if (above && !kept) {
+    if (above && !kept && !origin.context) {
       throw new KscError(
         'KSC_E_INVALID',
-        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}) and is no partial copy of a migration; a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5)`,
+        `--incoming: ${image} holds blocks above its base (at offset ${above.offset}) and is no partial copy of a migration; a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5) or a restore of a backup of the disk (§9)${origin.problem ? `, but its ${origin.problem}` : ''}`,
       );
     }
     let id = kept;
@@ -37,7 +41,7 @@ export async function prepareIncomingImage(image: string): Promise<IncomingPrepa
       id = randomBytes(16).toString('hex');
       await bitmaps.updateBitmaps([INCOMING_RECORD + id], records);
     }
-    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id };
+    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id, ...(origin.context ? { origin: origin.context } : {}) };
   } finally {
     await dev.close();
   }

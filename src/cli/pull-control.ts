@@ -5,6 +5,7 @@
  * prints a pull's progress.
  */
 import * as path from 'node:path';
+import { KscError } from '../errors.js';
 import { BackgroundPull, type PullStatus } from '../engines/pull-background.js';
 import type { BlockDevice } from '../image/types.js';
 import { formatSize } from '../util/size.js';
@@ -15,6 +16,15 @@ export interface PullConfig {
   enabled: boolean;
   /** Bytes per second read from the repository at most; null: no limit. */
   bandwidth: number | null;
+  /** `serve --pull-retry SECONDS`: the pause after a failed pull (default PULL_RETRY_DEFAULT_MS). */
+  retryMs?: number;
+}
+
+/** Parses `--pull-retry SECONDS` (fractions allowed, above 0, at most a day). */
+export function pullRetryMs(v: string): number {
+  const s = /^\d+(\.\d+)?$/.test(v) ? Number(v) : NaN;
+  if (!(s > 0 && s <= 86_400)) throw new KscError('KSC_E_INVALID', `--pull-retry "${v}": expected seconds above 0 and at most 86400 (e.g. 30, 0.5)`);
+  return Math.round(s * 1000);
 }
 
 /** The pulls of one serving process. */
@@ -31,7 +41,7 @@ export class ServePulls {
   start(images: string[], devices: BlockDevice[]): void {
     const c = this.config ?? { enabled: true, bandwidth: null };
     for (let i = 0; i < devices.length; i++) {
-      const p = BackgroundPull.of(devices[i]!, path.resolve(images[i]!), { bandwidth: c.bandwidth, off: !c.enabled, busy: this.busy, log: this.log });
+      const p = BackgroundPull.of(devices[i]!, path.resolve(images[i]!), { bandwidth: c.bandwidth, off: !c.enabled, retryMs: c.retryMs, busy: this.busy, log: this.log });
       if (!p) continue;
       if (c.enabled) this.log(`kscinc serve: pulling the rest of ${images[i]} from its backup${c.bandwidth ? ` (at most ${formatSize(c.bandwidth)}/s)` : ''}`);
       p.start();

@@ -10,6 +10,7 @@ import { printJson, println } from './output.js';
 import { EXIT } from './exit.js';
 import { requestBackup } from './control.js';
 import { clientKey } from './control-key.js';
+import { createForServer, encryptChoice } from './new-repo.js';
 
 /** The schedule engine (YAML and cron parsers included), loaded only when a schedule command runs. */
 const engine = (): Promise<typeof import('../engines/schedule/index.js')> => import('../engines/schedule/index.js');
@@ -24,6 +25,7 @@ const cliBackupImage: BackupImageFn = async (image, repo, opts) => {
     dev = await openImage(image, { write: opts.bitmap !== null });
   } catch (e) {
     if (!isKscError(e, 'KSC_E_LOCKED')) throw e;
+    await createForServer(repo, opts.encrypt === false ? false : encryptChoice({}, false));
     const r = await requestBackup(image, { op: 'backup', repo, bitmap: opts.bitmap, tags: opts.tags, key: await clientKey(repo, false) });
     if (!r) throw e;
     return r;

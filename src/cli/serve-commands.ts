@@ -16,9 +16,11 @@ import { closeDevices, openExports, type ServeConfig } from './serve-open.js';
 import { inheritedSockets, listenPaused } from '../supervisor/listeners.js';
 import { Supervisor, type StatusResult, type UpgradeResult } from '../supervisor/supervisor.js';
 import { packageVersion } from '../supervisor/version.js';
-import { ServePulls, printPull } from './pull-control.js';
+import { ServePulls, printPull, pullRetryMs } from './pull-control.js';
 import { prepareFromBackup } from './serve-from-backup.js';
 import { parseSize } from '../util/size.js';
+import { loadServerTls } from '../nbd/tls.js';
+import { addServeTlsOptions, serveTls, type ServeTlsOptions } from './tls-options.js';
 
 /** "HOST:PORT", "[v6]:PORT" or ":PORT". */
 export function parseListen(text: string): { host: string; port: number } {
@@ -38,7 +40,7 @@ function uriHost(host: string): string {
   return host.includes(':') ? `[${host}]` : host;
 }
 
-interface ServeOptions {
+interface ServeOptions extends ServeTlsOptions {
   listen?: string;
   socket?: string;
   exportName?: string;
@@ -51,6 +53,7 @@ interface ServeOptions {
   maxRestarts?: number;
   bandwidth?: string;
   pull?: boolean;
+  pullRetry?: number;
   fromBackup?: string[];
   overlay?: string;
   disk?: string;
@@ -68,16 +71,17 @@ function positiveInt(flag: string): (v: string) => number {
 
 const log = (l: string): void => void process.stderr.write(`${l}\n`);
 
-/** The URIs, a warning for a non-loopback address, "ready". */
-function announce(addr: ListenAddress, names: string[]): void {
-  if (!('path' in addr) && !isLoopback(addr.host)) {
+/** The URIs (nbds:// with TLS), a warning for plain NBD on a non-loopback address, "ready". */
+function announce(addr: ListenAddress, names: string[], tls: boolean): void {
+  if (!('path' in addr) && !isLoopback(addr.host) && !tls) {
     process.stderr.write(
-      `kscinc serve: WARNING: listening on ${addr.host}, not a loopback address: anyone who can reach it may read and write these images (NBD has no authentication here and TLS is not implemented yet); bind to 127.0.0.1 or use --socket unless the network is trusted\n`,
+      `kscinc serve: WARNING: listening on ${addr.host}, not a loopback address, without TLS (--insecure): anyone who can reach it may read and write these images; use --tls-cert/--tls-key/--tls-ca or --tls-psk unless the network is trusted\n`,
     );
   }
+  const s = tls ? 's' : '';
   for (const name of names) {
     const enc = encodeURIComponent(name);
-    println('path' in addr ? `nbd+unix:///${enc}?socket=${addr.path}` : `nbd://${uriHost(addr.host)}:${addr.port}/${enc}`);
+    println('path' in addr ? `nbd${s}+unix:///${enc}?socket=${addr.path}` : `nbd${s}://${uriHost(addr.host)}:${addr.port}/${enc}`);
   }
   process.stderr.write(`kscinc serve: ready (${names.length} export${names.length === 1 ? '' : 's'})\n`);
 }
@@ -98,7 +102,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
   const { devices, exports } = await openExports(c);
   let server: NbdServer;
   try {
-    server = new NbdServer({ exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
+    server = new NbdServer({ exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs, tls: loadServerTls(c.tls) });
   } catch (e) {
     await closeDevices(devices);
     throw e;
@@ -152,7 +156,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
       throw e;
     }
   }
-  announce(addr, c.names);
+  announce(addr, c.names, !!c.tls);
   const { stopped } = untilSignal();
   const sig = await stopped;
   process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
@@ -197,7 +201,7 @@ async function serveSupervised(c: ServeConfig, target: ListenTarget, what: strin
       throw e;
     }
   }
-  announce(listener.address, c.names);
+  announce(listener.address, c.names, !!c.tls);
   const why = await signals.stopped;
   process.stderr.write(`kscinc serve: ${why}: finishing in-flight requests\n`);
   await stopControl();
@@ -253,6 +257,7 @@ export function registerServeCommands(program: Command): void {
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
     .option('--no-pull', 'live restores: do not pull the rest of the backup in the background (reads still fetch what they need)')
+    .option('--pull-retry <seconds>', 'live restores: after the pull failed (repository away past KSCINC_LIVE_TIMEOUT), try again after this long (default 30)', pullRetryMs)
     .option('--from-backup <repo-and-backup...>', 'REPO ID|latest: live-restore that backup to --overlay (unless it exists) and serve it')
     .option('--overlay <file>', 'with --from-backup: the local image the VM runs from')
     .option('--disk <uuid>', 'with --from-backup latest: the disk whose newest backup to use')
@@ -269,6 +274,7 @@ export function registerServeCommands(program: Command): void {
       const fds = inheritedSockets();
       const target: ListenTarget = fds.length > 0 ? { fd: fds[0]! } : o.socket ? { path: o.socket } : parseListen(o.listen ?? '127.0.0.1:10809');
       const what = fds.length > 0 ? `the socket systemd passed (fd ${fds[0]})` : (o.socket ?? o.listen ?? '127.0.0.1:10809');
+      const tls = serveTls(o, 'host' in target ? target.host : null, isLoopback, !!o.incoming);
       const config: ServeConfig = {
         images,
         names,
@@ -278,12 +284,16 @@ export function registerServeCommands(program: Command): void {
         bitmap: o.bitmap,
         maxConnections: o.maxConnections,
         shutdownGraceMs: o.shutdownGrace !== undefined ? o.shutdownGrace * 1000 : undefined,
-        pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null },
+        pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null, retryMs: o.pullRetry },
       };
+      if (tls) config.tls = tls;
       if (o.incoming) config.incoming = await incomingFor(images, config.readOnly);
+      if (config.incoming && o.incomingPeer !== undefined) config.incoming.peer = o.incomingPeer;
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
     });
+
+  addServeTlsOptions(program.commands.find((c) => c.name() === 'serve')!);
 
   program
     .command('status')

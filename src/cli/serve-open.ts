@@ -1,4 +1,5 @@
 /** Opens the images `kscinc serve` exports (in the serving process: the worker, or the only process with --no-supervisor). */
+import type { TlsServerFiles } from '../nbd/tls.js';
 import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
 import { handOverOf, openImage } from '../image/open.js';
@@ -23,7 +24,9 @@ export interface ServeConfig {
   /** The background pull of live restores (absent: on, no bandwidth limit). */
   pull?: PullConfig;
   /** `--incoming` (one image): the token and base fingerprint (formats/migrate.md §5). */
-  incoming?: { token: string; baseFingerprint: string; id?: string | null };
+  incoming?: { token: string; baseFingerprint: string; id?: string | null; peer?: string; origin?: string };
+  /** TLS credentials' files (formats/nbd.md §5), loaded by whoever builds the NbdServer; absent: plain NBD. */
+  tls?: TlsServerFiles;
 }
 
 export interface OpenedExports {
@@ -40,7 +43,8 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
   const exports = new Map<string, NbdExport>();
   try {
     for (let i = 0; i < c.images.length; i++) {
-      const dev = await openImage(c.images[i]!, { write: !c.readOnly, migratedAway: !!c.force, handover: handover[i] ?? undefined });
+      // After a crash the image serves before its leak sweep has read the map (formats/ksc_inc.md §8.1).
+      const dev = await openImage(c.images[i]!, { write: !c.readOnly, migratedAway: !!c.force, handover: handover[i] ?? undefined, deferSweep: true });
       devices.push(dev);
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);

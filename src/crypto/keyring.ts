@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { hostname, userInfo } from 'node:os';
 import { KscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { type KeyObject, type RepoKeys, type ScryptParams, DEFAULT_SCRYPT, decodeKeyObject, deriveKeys, keyMatches, unwrapMaster, wrapMaster } from './keys.js';
+import { type KeyObject, type RepoKeys, type ScryptParams, defaultScrypt, decodeKeyObject, deriveKeys, keyMatches, unwrapMaster, wrapMaster } from './keys.js';
 import type { Unlock } from './password.js';
 
 export const KEY_PREFIX = 'keys/';
@@ -106,7 +106,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
 }
 
 /** Adds a key object wrapping `master` under `password`; returns its id. */
-export async function addKey(store: ObjectStore, repoId: string, master: Buffer, password: Buffer, s: ScryptParams = DEFAULT_SCRYPT): Promise<string> {
+export async function addKey(store: ObjectStore, repoId: string, master: Buffer, password: Buffer, s: ScryptParams = defaultScrypt()): Promise<string> {
   const k = await wrapMaster(master, password, repoId, s);
   let user = '';
   try {

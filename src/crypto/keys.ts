@@ -16,6 +16,19 @@ const INFO_ID_PRP = 'kscinc/2 chunk-id prp';
 const INFO_CHECK = 'kscinc/2 key-check';
 /** §13.3: default scrypt cost (2^15 × 8 × 128 B = 32 MiB, about 0.1 s); tunable, recorded in each key object. */
 export const DEFAULT_SCRYPT = { N: 32768, r: 8, p: 1 };
+
+/** A scrypt cost N as --kdf-n and KSCINC_KDF_N take it: a power of two from 2 to 2^20 (`what` names the source in the error). */
+export function parseKdfN(v: string, what = '--kdf-n'): number {
+  const n = Number(v);
+  if (!/^\d+$/.test(v) || !Number.isInteger(n) || n < 2 || (n & (n - 1)) !== 0 || n > 1 << 20) throw new KscError('KSC_E_INVALID', `${what} must be a power of two from 2 to 1048576, not "${v}"`);
+  return n;
+}
+
+/** The scrypt cost of new key objects: N from KSCINC_KDF_N when set (§13.3), else DEFAULT_SCRYPT. */
+export function defaultScrypt(env: NodeJS.ProcessEnv = process.env): ScryptParams {
+  const v = env.KSCINC_KDF_N;
+  return v ? { ...DEFAULT_SCRYPT, N: parseKdfN(v, 'KSCINC_KDF_N') } : DEFAULT_SCRYPT;
+}
 /** The largest parameters a reader accepts (a planted key object must not make us allocate gigabytes). */
 const MAX_SCRYPT_MEM = 1024 * 1024 * 1024;
 

@@ -41,11 +41,23 @@ export function readHidden(prompt: string): Promise<Buffer> {
         } else if (c >= 0x20 || c === 0x09) bytes.push(c);
       }
     };
-    process.stderr.write(prompt);
+    // Echo off BEFORE the prompt shows: a password typed as soon as the prompt appears must find the
+    // terminal already raw, or its line discipline echoes it (found under load in CI).
     input.setRawMode(true);
+    process.stderr.write(prompt);
+    testPromptDelay();
     input.on('data', onData);
     input.resume();
   });
+}
+
+/**
+ * Test hook: KSCINC_TEST_PROMPT_DELAY_MS holds the process (synchronously) right after the prompt is written,
+ * so a test can type while the prompt shows and before input is read (test/crypto/password-tty.test.ts).
+ */
+function testPromptDelay(): void {
+  const ms = Number(process.env.KSCINC_TEST_PROMPT_DELAY_MS ?? 0);
+  if (ms > 0) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, Math.min(ms, 10_000));
 }
 
 /** A new password typed twice (init, key add, key passwd); KSC_E_INVALID when the two differ or it is empty. */

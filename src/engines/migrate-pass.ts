@@ -1,6 +1,6 @@
 /**
  * One pass of a migration (the first pass, or a round over the frozen bits) sent in offset order, with the
- * resume cursor of formats/migrate.md §8 moved forwards as the destination makes it durable: at most every
+ * resume cursor of formats/migrate.md §10 moved forwards as the destination makes it durable: at most every
  * CHECKPOINT_BYTES or CHECKPOINT_MS, everything queued is acknowledged, every destination connection is
  * FLUSHed, and only then the record `kscinc-migrate#ID@STAGE<cursor>` is written (one bitmap management
  * step of the source image). Without a destination id (not a kscinc destination) nothing is recorded.
@@ -67,7 +67,7 @@ class Watermark {
   }
 }
 
-/** FLUSHes the destination, then records `cursor` (§8 rule 2); without an id only waits for what is queued. */
+/** FLUSHes the destination, then records `cursor` (§10 rule 2); without an id only waits for what is queued. */
 export async function checkpoint(ctx: PassContext, stage: Stage, cursor: number): Promise<void> {
   if (!ctx.id) return ctx.sender.drain();
   await ctx.target.flush();

@@ -17,7 +17,7 @@ export interface MigrationTarget {
   readonly parallelism: number;
   /**
    * A kscinc `--incoming` destination's id and whether its top layer is still empty (formats/migrate.md §5,
-   * §8): a rerun resumes only to the same id. Absent or null: no resume, and the destination is assumed empty.
+   * §10): a rerun resumes only to the same id. Absent or null: no resume, and the destination is assumed empty.
    */
   readonly incoming?: { id: string; empty: boolean } | null;
   write(offset: number, data: Buffer): Promise<void>;

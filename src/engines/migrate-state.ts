@@ -1,5 +1,5 @@
 /**
- * The persistent state of a migration in the source image (formats/migrate.md §8): the migration bitmap
+ * The persistent state of a migration in the source image (formats/migrate.md §10): the migration bitmap
  * (`kscinc-migrate`, enabled: every change since the migration started that is not yet known durable at the
  * destination), the round's bits (`kscinc-migrate~frozen`, disabled: what the running round sends), and a
  * record naming the destination and how far the destination durably holds the current pass:

@@ -14,6 +14,7 @@ import { baseOf } from './migrate-base.js';
 import { Sender, type MigrationTarget } from './migrate-send.js';
 import { MIGRATE_BITMAP, MIGRATE_FROZEN, removeState, resumable, setProgress, type Progress } from './migrate-state.js';
 import { checkpoint, fromCursor, sendPass, type PassContext, type Range } from './migrate-pass.js';
+import type { SeedInfo } from './migrate-seed.js';
 
 export { MIGRATE_BITMAP, MIGRATE_FROZEN } from './migrate-state.js';
 const GRANULARITY = 64 * 1024;
@@ -42,8 +43,10 @@ export interface MigrateStatus {
   pauseMs: number | null;
   error: { code: KscErrorCode; message: string } | null;
   warning: string | null;
-  /** This run continued an earlier one's persistent state (§8) instead of starting over. */
+  /** This run continued an earlier one's persistent state (§10) instead of starting over. */
   resumed: boolean;
+  /** A seeded destination (formats/migrate.md §9.3); absent otherwise. */
+  seed?: SeedInfo;
 }
 
 export interface MigrateOptions {
@@ -51,6 +54,8 @@ export interface MigrateOptions {
   to: string;
   bandwidth?: number;
   log?: (line: string) => void;
+  /** A seeded destination (formats/migrate.md §9): the first pass instead of what lies above the base, and what status shows. */
+  seed?: { firstPass: () => Promise<{ offset: number; length: number; zero: boolean }[]>; info: SeedInfo };
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -75,7 +80,7 @@ export class Migration {
   private stopAsked: 'complete' | 'cancel' | null = null;
   private loop: Promise<void> = Promise.resolve();
   private readonly log: (line: string) => void;
-  /** The destination's incoming id: the cursor is recorded (§8); null for a destination without one. */
+  /** The destination's incoming id: the cursor is recorded (§10); null for a destination without one. */
   private id: string | null = null;
   private resumed = false;
 
@@ -119,7 +124,7 @@ export class Migration {
   }
 
   /**
-   * Inside quiesce: resume the image's persistent state when it names this destination (§8), else start over
+   * Inside quiesce: resume the image's persistent state when it names this destination (§10), else start over
    * (KSC_E_INVALID when the destination holds a partial copy it cannot resume). Returns where to go on from.
    */
   private async prepareState(): Promise<Progress> {
@@ -130,7 +135,8 @@ export class Migration {
       this.resumed = true;
       return prev;
     }
-    if (dest && !dest.empty) {
+    // A seeded destination (§9) holds the backup above its base, not a partial copy: its first pass says what differs.
+    if (dest && !dest.empty && !this.opts.seed) {
       throw new KscError(
         'KSC_E_INVALID',
         `${this.opts.to} already holds blocks of a migration that ${this.dev.name} cannot resume (its state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again as an incoming migration target`,
@@ -145,6 +151,7 @@ export class Migration {
 
   /** The ranges above the base: data as WRITE, known zeros as WRITE_ZEROES. */
   private async firstPassPlan(): Promise<{ offset: number; length: number; zero: boolean }[]> {
+    if (this.opts.seed) return this.opts.seed.firstPass();
     const baseDepth = baseOf(this.dev)?.depth ?? Infinity;
     const exts = await this.dev.extents(0, this.dev.size);
     return exts.filter((e) => e.state !== 'unallocated' && e.depth !== null && e.depth < baseDepth).map((e) => ({ offset: e.offset, length: e.length, zero: e.state === 'zero' }));
@@ -170,6 +177,7 @@ export class Migration {
       error: this.error ? { code: this.error.code, message: this.error.message } : null,
       warning: this.warning,
       resumed: this.resumed,
+      ...(this.opts.seed ? { seed: this.opts.seed.info } : {}),
     };
   }
 
@@ -194,7 +202,7 @@ export class Migration {
     try {
       if (from.stage === 'f') {
         if (!(await sendPass(this.passContext(), 'f', plan))) return;
-        // The first pass durable at the destination before the record leaves stage f (§8).
+        // The first pass durable at the destination before the record leaves stage f (§10).
         await checkpoint(this.passContext(), 'r', 0);
       } else if (this.bitmaps.hasBitmap(MIGRATE_FROZEN)) {
         if (!(await this.sendFrozen(from.cursor))) return;
@@ -219,7 +227,7 @@ export class Migration {
   /** One round: take the bits with no change in flight, send those granules, drop the frozen bitmap. Returns the bytes. */
   private async round(): Promise<number> {
     if (bytesOf(await this.bitmaps.bitmapExtents(MIGRATE_BITMAP)) === 0) return 0;
-    // §8: the cursor back to 0 before the new frozen bits exist.
+    // §10: the cursor back to 0 before the new frozen bits exist.
     if (this.id) await setProgress(this.bitmaps, { id: this.id, stage: 'r', cursor: 0 });
     await this.gate.quiesce(() => this.bitmaps.freezeBitmap(MIGRATE_BITMAP, MIGRATE_FROZEN));
     migrateKillPoint('round-frozen');
@@ -241,13 +249,13 @@ export class Migration {
     return true;
   }
 
-  /** Removes the migration's state from the image (§8: the record first), logging rather than throwing for a failure. */
+  /** Removes the migration's state from the image (§10: the record first), logging rather than throwing for a failure. */
   private async dropState(why: string): Promise<void> {
     await removeState(this.bitmaps, why);
   }
 
   /**
-   * A failure: the source goes on serving. The state stays for a rerun to resume (§8) when the destination
+   * A failure: the source goes on serving. The state stays for a rerun to resume (§10) when the destination
    * has an id; without one nothing could resume it, so it goes.
    */
   private async fail(e: unknown): Promise<void> {
@@ -265,7 +273,7 @@ export class Migration {
   }
 
   /**
-   * Stops copying, removes the migration's state, disconnects. A failed migration's kept state (§8) is
+   * Stops copying, removes the migration's state, disconnects. A failed migration's kept state (§10) is
    * removed too. KSC_E_INVALID unless copying, converged or failed.
    */
   async cancel(): Promise<MigrateStatus> {

@@ -20,6 +20,9 @@ import { RateLimit } from '../util/ratelimit.js';
 import { pullOpen } from './pull.js';
 import { backupTotals, localShare, writableLiveRestore } from '../image/live-share.js';
 
+/** The pause after a failed pull before it tries again (formats/ksc_inc.md §4.2 rule 8; `serve --pull-retry`). */
+export const PULL_RETRY_DEFAULT_MS = 30_000;
+
 /** The longest a pull read waits for guest requests to drain before it goes anyway. */
 export const YIELD_MAX_MS = 250;
 
@@ -61,8 +64,10 @@ export interface BackgroundPullOptions {
   busy?: () => boolean;
   /** Do not pull (`serve --no-pull`): status says "off". */
   off?: boolean;
-  /** Pause after a failure before trying again (default 30 s). */
+  /** Pause after a failure before trying again (default PULL_RETRY_DEFAULT_MS, 30 s). */
   retryMs?: number;
+  /** Flush at least this often while pulling, ms (pull.ts; default 5 s). */
+  flushIntervalMs?: number;
   log: (line: string) => void;
 }
 
@@ -141,10 +146,16 @@ export class BackgroundPull {
 
   private async loop(): Promise<void> {
     const b = this.img.backing as BackupBacking;
+    const retryMs = this.opts.retryMs ?? PULL_RETRY_DEFAULT_MS;
     for (;;) {
       try {
         this.s.state = 'pulling';
-        const r = await pullOpen(this.img, this.path, { concurrency: this.opts.concurrency, beforeRead: (n) => this.gate(n), progress: (p) => this.progress(p) });
+        const r = await pullOpen(this.img, this.path, {
+          concurrency: this.opts.concurrency,
+          flushIntervalMs: this.opts.flushIntervalMs,
+          beforeRead: (n) => this.gate(n),
+          progress: (p) => this.progress(p),
+        });
         this.fetched(b);
         Object.assign(this.s, { state: 'done', localChunks: this.s.totalChunks, localBytes: this.s.totalBytes, error: null });
         this.s.finishedAt = new Date().toISOString();
@@ -159,10 +170,10 @@ export class BackgroundPull {
         const damage = isKscError(e, 'KSC_E_CORRUPT') || isKscError(e, 'KSC_E_NOT_FOUND');
         this.s.state = damage ? 'failed' : 'retrying';
         this.s.error = (e as Error).message;
-        this.opts.log(`kscinc serve: pull of ${this.path} ${damage ? 'failed' : `failed, trying again in ${(this.opts.retryMs ?? 30_000) / 1000} s`}: ${(e as Error).message}`);
+        this.opts.log(`kscinc serve: pull of ${this.path} ${damage ? 'failed' : `failed, trying again in ${retryMs / 1000} s`}: ${(e as Error).message}`);
         if (damage) return;
         await new Promise<void>((r) => {
-          const t = setTimeout(r, this.opts.retryMs ?? 30_000);
+          const t = setTimeout(r, retryMs);
           this.wake = () => {
             clearTimeout(t);
             r();

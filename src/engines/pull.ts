@@ -3,7 +3,8 @@
  * repository. Every non-zero chunk of the backup that the image does not hold yet is fetched through the
  * image's backing the way a restore reads them (coalesced ranged reads of the packs, several in flight;
  * each chunk verified, then filled: copy-on-read, no bitmap marked); the image is flushed every
- * `flushEvery` chunks (64 MiB by default), so a pull killed at any point resumes where the last flush left it
+ * `flushEvery` chunks (64 MiB by default) and at least every `flushIntervalMs` (5 s by default: a slow or
+ * throttled pull loses little to a kill), so a pull killed at any point resumes where the last flush left it
  * (what was flushed is never fetched again). When nothing is left, the backing is dropped: a flush, then a
  * header without it (rule 6), and the image is a plain ksc_inc image.
  *
@@ -33,6 +34,8 @@ export interface PullOptions {
   concurrency?: number;
   /** Flush after this many chunks (default: 64 MiB worth of chunks, at least 16). */
   flushEvery?: number;
+  /** Also flush when this long has passed since the last flush and a chunk was filled since (default 5 s). */
+  flushIntervalMs?: number;
   progress?: (p: PullProgress) => void;
   /**
    * Awaited before each coalesced read with the stored bytes it reads: a throttle, a pause for guest
@@ -96,13 +99,36 @@ export async function pullOpen(img: KscImage, path: string, opts: PullOptions = 
   };
 }
 
-/** Fetches and fills chunks `todo`, flushing every `flushEvery`; ends with them durable. */
+/** The time bound on unflushed pulled chunks (formats/ksc_inc.md §4.2 rule 6). */
+export const PULL_FLUSH_INTERVAL_MS = 5000;
+
+/** Fetches and fills chunks `todo`, flushing every `flushEvery` chunks or `flushIntervalMs`; ends with them durable. */
 async function fetchRemaining(img: KscImage, b: BackupBacking, todo: number[], opts: PullOptions): Promise<void> {
   const flushEvery = Math.max(1, opts.flushEvery ?? Math.max(16, Math.floor((64 * 1024 * 1024) / b.blockSize)));
   let totalBytes = 0;
   for (const k of todo) totalBytes += chunkBytes(b, k);
   const p: PullProgress = { doneChunks: 0, totalChunks: todo.length, doneBytes: 0, totalBytes };
+  const interval = opts.flushIntervalMs ?? PULL_FLUSH_INTERVAL_MS;
   let flushing: Promise<void> | null = null;
+  let sinceFlush = 0;
+  let lastFlush = performance.now();
+  const flushNow = (): void => {
+    sinceFlush = 0;
+    lastFlush = performance.now();
+    // A failed flush breaks the image's session: the final flush below reports it.
+    flushing = img
+      .flush()
+      .catch(() => undefined)
+      .finally(() => (flushing = null));
+  };
+  // A chunk filled just before a pause (a throttle, a repository away) is flushed on time too.
+  const timer = setInterval(
+    () => {
+      if (sinceFlush > 0 && !flushing && performance.now() - lastFlush >= interval) flushNow();
+    },
+    Math.max(10, Math.min(interval, 1000)),
+  );
+  timer.unref();
   opts.progress?.(p);
   try {
     // Every chunk counted is filled (its clusters written, the map entry in memory): a flush makes it durable.
@@ -113,10 +139,12 @@ async function fetchRemaining(img: KscImage, b: BackupBacking, todo: number[], o
         p.doneChunks++;
         p.doneBytes += chunkBytes(b, k);
         opts.progress?.(p);
-        if (p.doneChunks % flushEvery === 0 && !flushing) flushing = img.flush().finally(() => (flushing = null));
+        sinceFlush++;
+        if (!flushing && (p.doneChunks % flushEvery === 0 || performance.now() - lastFlush >= interval)) flushNow();
       },
     });
   } finally {
+    clearInterval(timer);
     // Stopped or not, what was filled is made durable (a stopped pull resumes after it).
     await flushing;
     await b.settled();

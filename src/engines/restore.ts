@@ -19,6 +19,7 @@ import { resolveBackup } from '../repo/catalog.js';
 import type { Manifest } from '../repo/manifest.js';
 import { mapLimit } from '../util/concurrency.js';
 import { uuidToBytes } from '../util/uuid.js';
+import { recordRestoreOrigin } from './restore-origin.js';
 
 export interface RestoreOptions {
   /** Output format of a new target (default raw). An existing target keeps its format. */
@@ -28,6 +29,8 @@ export interface RestoreOptions {
   /** Largest coalesced read (default 8 MiB). */
   maxReadBytes?: number;
   progress?: (p: { doneBytes: number; totalBytes: number }) => void;
+  /** The repository's location recorded in a ksc_inc target's origin record (formats/ksc_inc.md §4.3; default its store's name). */
+  location?: string;
 }
 
 export interface RestoreResult {
@@ -46,6 +49,8 @@ export interface RestoreResult {
   throughput: number;
   /** Damage met and worked around (a chunk read from another copy because one failed its check). */
   warnings: string[];
+  /** A ksc_inc target: the bitmap that tracks its changes since this backup (formats/ksc_inc.md §4.3). */
+  originBitmap?: string;
 }
 
 const notIndexed = (what: string, id: Buffer): KscError => new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is in no index object (repository damaged: run "kscinc verify")`);
@@ -185,6 +190,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     await writeZeros(dev, m, zero, p);
     const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts });
     await dev.flush();
+    const originBitmap = format === 'ksc_inc' ? await recordRestoreOrigin(dev, repo, m, opts.location ?? repo.name) : null;
     if (!existing) {
       await dev.close();
       // §9.5 rule 2: the mark is durable before the target has its name, so a restore stopped in between
@@ -207,6 +213,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
       durationMs,
       throughput: durationMs > 0 ? (m.size / durationMs) * 1000 : 0,
       warnings,
+      ...(originBitmap ? { originBitmap } : {}),
     };
   } catch (e) {
     throw await failure(e, existing, dev, file, target, p);

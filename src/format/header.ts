@@ -18,6 +18,7 @@ import {
   MIN_BLOCK_BITS,
   VERSION,
 } from './constants.js';
+import { decodeOrigin, encodeOrigin, type OriginSlot } from './origin.js';
 
 /** §4.2: the backup a live-restored image reads through to (backing_format 3). */
 export interface BackupRef {
@@ -57,6 +58,8 @@ export interface Header {
   backingName: string;
   /** With backingFormat Backup (3): the backup (§4.2); absent or null otherwise. */
   backup?: BackupRef | null;
+  /** §4.3: the backup a restored image is a copy of; written only when `ok` (a damaged record is dropped). */
+  origin?: OriginSlot;
 }
 
 function encodeBackupRef(r: BackupRef, b: Buffer): void {
@@ -115,6 +118,7 @@ export function encodeHeader(h: Omit<Header, 'version' | 'mapPageBits' | 'backin
     if (!h.backup) throw new KscError('KSC_E_INVALID', 'backing_format 3 needs the backup it names (§4.2)');
     encodeBackupRef(h.backup, b);
   }
+  if (h.origin?.state === 'ok') encodeOrigin(h.origin.record, b);
   b.writeUInt32LE(crc32(b.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
   return b;
 }
@@ -159,6 +163,7 @@ export function decodeHeaderSlot(b: Buffer): SlotResult {
     backingFormat: b.readUInt32LE(132) as BackingFormat,
     backingName: nameLen <= MAX_BACKING_NAME ? b.subarray(144, 144 + nameLen).toString('utf8') : '',
     backup: b.readUInt32LE(132) === BackingFormat.Backup ? decodeBackupRef(b) : null,
+    origin: decodeOrigin(b),
   };
   return { ok: true, header };
 }

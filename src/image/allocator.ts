@@ -2,12 +2,19 @@
  * Host-space allocation for one ksc_inc file. Clusters come from the free list or from the end of the
  * file (bump). Freed clusters wait in `pending` until a flush has made the map change that freed them
  * durable (formats/ksc_inc.md §9 rule 4), so a crash can never leave two blocks pointing at one cluster's data.
+ *
+ * While a deferred leak sweep runs (§8.1), the free list holds only what this session freed, and every
+ * cluster the session frees or releases is also noted in `sweepTouched`: such a cluster was referenced when
+ * the image was opened (or was allocated since), so the sweep's result must not contain it even when its
+ * scan, racing the change that unlinked it, saw nothing referencing it.
  */
 export class Allocator {
   private free: number[] = [];
   private pending: { offset: number; epoch: number }[] = [];
   /** 4 KiB pieces for metadata (see allocMeta). */
   private metaPieces: number[] = [];
+  /** Cluster indexes this session freed or released while a deferred sweep runs; null when none runs. */
+  private sweepTouched: Set<number> | null = null;
 
   constructor(
     private end: number,
@@ -59,17 +66,20 @@ export class Allocator {
    * clusters are free.
    */
   releaseMeta(offset: number, bytes: number): void {
+    this.touch(offset, bytes);
     if (offset % 4096 !== 0) return;
     for (let o = 0; o + 4096 <= bytes; o += 4096) this.metaPieces.push(offset + o);
   }
 
   /** Gives back clusters that no durable or in-memory entry references (e.g. a failed write's). */
   unusedAgain(offsets: number[]): void {
+    for (const o of offsets) this.touch(o, 1);
     this.free.push(...offsets);
   }
 
   /** A cluster unlinked by a map change made in memory during flush epoch `epoch`. */
   freeAfterFlush(offset: number, epoch: number): void {
+    this.touch(offset, 1);
     this.pending.push({ offset, epoch });
   }
 
@@ -91,7 +101,38 @@ export class Allocator {
   }
 
   addFree(offsets: Iterable<number>): void {
-    for (const o of offsets) this.free.push(o);
+    for (const o of offsets) {
+      this.touch(o, 1);
+      this.free.push(o);
+    }
+  }
+
+  // ---------------------------------------------------------------- the deferred leak sweep (§8.1)
+
+  /** A deferred sweep starts: from now until sweepFinished, note every cluster freed or released. */
+  sweepStarted(): void {
+    this.sweepTouched = new Set();
+  }
+
+  /** Whether a deferred sweep is running (its result not yet handed over). */
+  get sweeping(): boolean {
+    return this.sweepTouched !== null;
+  }
+
+  /**
+   * The sweep's leaked clusters, less every cluster this session freed or released meanwhile (referenced at
+   * the open, so never leaked): what is safe to reuse. Stops the noting.
+   */
+  sweepResult(leaked: number[]): number[] {
+    const touched = this.sweepTouched;
+    this.sweepTouched = null;
+    return touched ? leaked.filter((o) => !touched.has(Math.floor(o / this.clusterSize))) : leaked;
+  }
+
+  private touch(offset: number, bytes: number): void {
+    if (!this.sweepTouched || bytes <= 0) return;
+    const last = Math.floor((offset + bytes - 1) / this.clusterSize);
+    for (let k = Math.floor(offset / this.clusterSize); k <= last; k++) this.sweepTouched.add(k);
   }
 
   /** Free clusters as sorted runs (for the free list written at clean close). */

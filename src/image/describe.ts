@@ -10,6 +10,7 @@ import type { FileOpener } from '../io/file.js';
 import { KscImage } from './ksc.js';
 import { localShare, type LocalShare } from './live-share.js';
 import { OfflineBackupBacking } from './offline-backing.js';
+import { originOf } from './origin.js';
 
 export interface ImageDescription {
   file: string;
@@ -31,6 +32,28 @@ export interface ImageDescription {
   liveRestore?: LocalShare;
   /** A live restore whose repository could not be opened: why (its share is then unknown). */
   backingError?: string;
+  /** formats/ksc_inc.md §4.3: the backup a restored image is a copy of (absent when it has no record). */
+  origin?: OriginInfo;
+}
+
+/** §4.3 as `info` shows it: the record's fields, or why it is not trusted. */
+export type OriginInfo = { repository: string; disk: string; backup: string; root: string; token: string | null; chunkSize: number; location: string; bitmap: string } | { problem: string };
+
+function originInfo(dev: Parameters<typeof originOf>[0]): OriginInfo | undefined {
+  const o = originOf(dev);
+  if (!o) return undefined;
+  if ('problem' in o) return { problem: o.problem };
+  const r = o.record;
+  return {
+    repository: r.repoId.toString('hex'),
+    disk: bytesToUuid(r.disk),
+    backup: r.backupId,
+    root: r.root.toString('hex'),
+    token: r.token?.toString('hex') ?? null,
+    chunkSize: r.chunkSize,
+    location: r.location,
+    bitmap: o.bitmap,
+  };
 }
 
 /** Opens `file` read-only (no lock taken) with its backing chain and describes it. */
@@ -51,6 +74,7 @@ export async function describeImage(file: string, opts: { opener?: FileOpener } 
       backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
       bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
       ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await localShare(dev)) ?? undefined } : {}),
+      ...(originOf(dev) ? { origin: originInfo(dev) } : {}),
       ...(dev instanceof KscImage && dev.backing instanceof OfflineBackupBacking ? { backingError: dev.backing.reason.message } : {}),
     };
   } finally {

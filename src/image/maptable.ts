@@ -12,6 +12,9 @@ import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
 const SUBPAGE = 4096;
 /** In-memory state of an entry that failed its checks (never written: it is 3, invalid on disk too). */
 export const DAMAGED = 3;
+
+/** Runs one step of a scan (e.g. under a lock). */
+export type Guard = <T>(fn: () => Promise<T>) => Promise<T>;
 const SUBPAGES = MAP_PAGE_BYTES / SUBPAGE;
 const ENTRIES_PER_SUBPAGE = SUBPAGE / 16;
 
@@ -239,34 +242,42 @@ export class MapTable {
    * Calls `visit` with the host offset of every DATA entry and of every map page, reading pages that are not
    * in memory into one reused buffer without keeping them (memory stays flat however large the map).
    * Returns false, having stopped, when any directory entry or map entry is damaged: then the caller
-   * cannot know every cluster in use and MUST NOT free anything on the strength of this scan.
+   * cannot know every cluster in use and MUST NOT free anything on the strength of this scan. `eachPage`
+   * runs the scan of each page (a deferred sweep holds the flush mutex there, so no flush writes the page
+   * while it is read).
    */
-  async scanReferences(visit: (host: number, bytes: number) => void): Promise<boolean> {
+  async scanReferences(visit: (host: number, bytes: number) => void, eachPage: Guard = (fn) => fn()): Promise<boolean> {
     const raw = Buffer.alloc(MAP_PAGE_BYTES);
-    const end = this.fileEnd();
     for (let p = 0; p < this.directoryEntries; p++) {
-      let off: number;
-      try {
-        off = this.pageOffset(p);
-      } catch {
-        return false;
-      }
-      const loaded = this.pages.get(p);
-      if (loaded) {
-        if (loaded.damaged) return false;
-        if (loaded.hostOffset !== 0) visit(loaded.hostOffset, MAP_PAGE_BYTES);
-        for (let i = 0; i < this.pageEntries; i++) if (loaded.state[i] === BlockState.Data) visit(loaded.host[i]!, this.blockSize);
-        continue;
-      }
-      if (off === 0) continue;
-      if ((await this.file.read(raw, off)) < MAP_PAGE_BYTES) return false;
-      visit(off, MAP_PAGE_BYTES);
-      for (let i = 0; i < this.pageEntries; i++) {
-        const o = i * 16;
-        if (this.entryProblem(raw, o, p * this.pageEntries + i, end)) return false;
-        const lo = raw.readUInt32LE(o);
-        if ((lo & DESC_STATE_MASK) === BlockState.Data) visit(raw.readUInt32LE(o + 4) * 0x100000000 + (((lo >>> 12) << 12) >>> 0), this.blockSize);
-      }
+      if (!(await eachPage(() => this.scanPage(p, raw, visit)))) return false;
+    }
+    return true;
+  }
+
+  /** scanReferences for page `p`: false when its directory entry or one of its entries is damaged. */
+  private async scanPage(p: number, raw: Buffer, visit: (host: number, bytes: number) => void): Promise<boolean> {
+    let off: number;
+    try {
+      off = this.pageOffset(p);
+    } catch {
+      return false;
+    }
+    const loaded = this.pages.get(p);
+    if (loaded) {
+      if (loaded.damaged) return false;
+      if (loaded.hostOffset !== 0) visit(loaded.hostOffset, MAP_PAGE_BYTES);
+      for (let i = 0; i < this.pageEntries; i++) if (loaded.state[i] === BlockState.Data) visit(loaded.host[i]!, this.blockSize);
+      return true;
+    }
+    if (off === 0) return true;
+    if ((await this.file.read(raw, off)) < MAP_PAGE_BYTES) return false;
+    visit(off, MAP_PAGE_BYTES);
+    const end = this.fileEnd();
+    for (let i = 0; i < this.pageEntries; i++) {
+      const o = i * 16;
+      if (this.entryProblem(raw, o, p * this.pageEntries + i, end)) return false;
+      const lo = raw.readUInt32LE(o);
+      if ((lo & DESC_STATE_MASK) === BlockState.Data) visit(raw.readUInt32LE(o + 4) * 0x100000000 + (((lo >>> 12) << 12) >>> 0), this.blockSize);
     }
     return true;
   }

@@ -33,6 +33,8 @@ export interface OpenImageOptions {
   opener?: FileOpener;
   /** The top image's handover record (formats/ksc_inc.md §9 rule 11), from the writer that handed it over. */
   handover?: HandoverRecord;
+  /** The top image, opened for writing after a crash: run its leak sweep in the background (§8.1). */
+  deferSweep?: boolean;
   /**
    * Read-only opens only: when the repository of a live restore (§4.2) cannot be opened, open the image over
    * a stand-in whose reads fail with the reason (offline-backing.ts), for its metadata (`kscinc info`).
@@ -137,7 +139,15 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     }
   }
   try {
-    const img = await KscImage.open(file, { write, backing, opener, force: !!opts.force, migratedAway: !!opts.migratedAway, handover: depth === 0 ? opts.handover : undefined });
+    const img = await KscImage.open(file, {
+      write,
+      backing,
+      opener,
+      force: !!opts.force,
+      migratedAway: !!opts.migratedAway,
+      handover: depth === 0 ? opts.handover : undefined,
+      deferSweep: depth === 0 && !!opts.deferSweep,
+    });
     if (write && backing instanceof BackupBacking) backing.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
     return img;
   } catch (e) {

@@ -6,7 +6,8 @@
  *
  * Safety: a cluster is reported only when no durable structure references it. The caller runs this after
  * its DIRTY header sync (§9 rule 1), which made every earlier write of the file durable, so what is read
- * here is what the disk holds; and before any change of its own. The referenced set is everything a header
+ * here is what the disk holds; and before any change of its own, or, deferred, while the session changes
+ * the image (src/image/ksc/leak-sweep.ts says why the result stays right then). The referenced set is everything a header
  * can point at: both header slots, the directory, map pages and their DATA clusters, the bitmap directory,
  * each bitmap's table and pages, the intent words and the (void) free list's own pages. If any of it cannot
  * be read or is damaged, nothing is reported (what cannot be seen may reference data).
@@ -16,7 +17,7 @@ import type { Header } from '../format/header.js';
 import { BitSet } from '../util/bitset.js';
 import { alignUp } from './allocator.js';
 import type { SparseBitmap } from './sparse-bitmap.js';
-import type { MapTable } from './maptable.js';
+import type { Guard, MapTable } from './maptable.js';
 
 /** Above this many map pages (4 Mi blocks) the sweep is skipped: opening would read too much. */
 export const SWEEP_MAX_MAP_PAGES = 1024;
@@ -30,7 +31,32 @@ export interface SweepResult {
   skipped: string | null;
 }
 
-export async function findLeakedClusters(s: { header: Header; map: MapTable; bitmaps: readonly (SparseBitmap | null)[]; clusterSize: number; fileEnd: number }): Promise<SweepResult> {
+export interface SweepInput {
+  header: Header;
+  map: MapTable;
+  bitmaps: readonly (SparseBitmap | null)[];
+  clusterSize: number;
+  /** The end of the file when the image was opened: clusters at or past it are the session's own. */
+  fileEnd: number;
+  /** Runs the bitmap scan and each map page's scan (a deferred sweep: under the flush mutex). */
+  guard?: Guard;
+}
+
+/** Test hook: awaited before each step of a sweep (`bitmaps`, `page N`, `result`). */
+let stepHook: ((step: string) => Promise<void>) | null = null;
+
+/** Installs (or removes, with null) a hook that runs before each step of every sweep (tests only). */
+export function setSweepStepHook(hook: ((step: string) => Promise<void>) | null): void {
+  stepHook = hook;
+}
+
+/** Awaits the step hook, if any. */
+export async function sweepStep(step: string): Promise<void> {
+  if (stepHook) await stepHook(step);
+}
+
+export async function findLeakedClusters(s: SweepInput): Promise<SweepResult> {
+  const guard: Guard = s.guard ?? ((fn) => fn());
   const B = s.clusterSize;
   const count = Math.floor(s.fileEnd / B);
   if (count > SWEEP_MAX_CLUSTERS) return { clusters: [], skipped: `the file has more than ${SWEEP_MAX_CLUSTERS} clusters` };
@@ -51,12 +77,24 @@ export async function findLeakedClusters(s: { header: Header; map: MapTable; bit
   mark(h.bitmapDirOffset, h.bitmapSlots * BITMAP_DIR_ENTRY_SIZE);
   mark(h.intentOffset, h.intentWords * 16);
   if (h.freeListOffset !== 0) mark(h.freeListOffset, alignUp(h.freeListEntries * 16, 4096));
-  try {
-    for (const b of s.bitmaps) if (b) for (const r of await b.hostRanges()) mark(r.offset, r.length);
-  } catch {
-    return { clusters: [], skipped: 'a bitmap table is damaged' };
-  }
-  if (!(await s.map.scanReferences(mark))) return { clusters: [], skipped: 'the map is damaged' };
+  await sweepStep('bitmaps');
+  // Under the guard: a bitmap management step (which holds the flush mutex) is wholly before or after the
+  // scan, so an old table it stops referencing is either seen here or already released (Allocator.sweepResult).
+  const bitmapsOk = await guard(async () => {
+    try {
+      for (const b of s.bitmaps) if (b) for (const r of await b.hostRanges()) mark(r.offset, r.length);
+      return true;
+    } catch {
+      return false;
+    }
+  });
+  if (!bitmapsOk) return { clusters: [], skipped: 'a bitmap table is damaged' };
+  let page = 0;
+  const eachPage: Guard = async (fn) => {
+    await sweepStep(`page ${page++}`);
+    return guard(fn);
+  };
+  if (!(await s.map.scanReferences(mark, eachPage))) return { clusters: [], skipped: 'the map is damaged' };
   const clusters: number[] = [];
   for (let c = Math.ceil(FIRST_FREE_OFFSET / B); c < count; c++) if (!used.has(c)) clusters.push(c * B);
   return { clusters, skipped: null };

@@ -21,6 +21,8 @@ export interface HandshakeRequest {
   listContexts: string[];
   /** Contexts selected with SET_META_CONTEXT before GO. */
   setContexts: string[];
+  /** TLS: sends NBD_OPT_STARTTLS first and, once ACKed, runs this (the TLS handshake; read/send then go through TLS). */
+  startTls?: () => Promise<void>;
 }
 
 export interface HandshakeResult {
@@ -116,10 +118,23 @@ async function greet(read: ReadExact, send: (b: Buffer) => void, where: string):
   send(c);
 }
 
+/** NBD_OPT_STARTTLS (formats/nbd.md §5): anything but ACK refuses (a plain server, or one without TLS). */
+async function starttls(n: ClientNegotiation, where: string, startTls: () => Promise<void>): Promise<void> {
+  n.sendOption(OPT.STARTTLS, Buffer.alloc(0));
+  const r = await n.reply(OPT.STARTTLS);
+  if (r.type !== REP.ACK) {
+    const msg = r.type >= 0x80000000 ? r.data.toString('utf8') : '';
+    throw new KscError('KSC_E_IO', `NBD server ${where} refused STARTTLS (reply 0x${r.type.toString(16)})${msg ? `: ${msg}` : ''}: it serves no TLS`);
+  }
+  if (r.data.length !== 0) throw bad(where, `answered STARTTLS with ${r.data.length} bytes of data`);
+  await startTls();
+}
+
 /** Runs the handshake; resolves when the connection is in transmission. */
 export async function clientHandshake(read: ReadExact, send: (b: Buffer) => void, where: string, req: HandshakeRequest): Promise<HandshakeResult> {
   await greet(read, send, where);
   const n = new ClientNegotiation(read, send, where);
+  if (req.startTls) await starttls(n, where, req.startTls);
   let structured = false;
   const wantsContexts = req.listContexts.length > 0 || req.setContexts.length > 0;
   if (req.structured || wantsContexts) {

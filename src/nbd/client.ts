@@ -1,6 +1,6 @@
 /**
- * A small NBD client (fixed newstyle, NBD_OPT_GO, simple and structured replies; no extended headers, no
- * TLS yet): what `kscinc migrate` writes the destination with, and a test peer for our server.
+ * A small NBD client (fixed newstyle, NBD_OPT_GO, simple and structured replies, STARTTLS with X.509 or PSK
+ * (client-tls.ts); no extended headers): what `kscinc migrate` writes the destination with, and a test peer for our server.
  *
  * Design: one socket per NbdClient; requests are written at once, each with its own cookie, up to
  * `maxInFlight` of them waiting for replies (more wait for a slot, in order). One reader loop takes replies
@@ -13,6 +13,7 @@ import { connect as tcpConnect, type Socket } from 'node:net';
 import { KscError, type KscErrorCode } from '../errors.js';
 import { clientHandshake, type HandshakeResult } from './client-handshake.js';
 import { ByteQueue } from './client-queue.js';
+import { clientTls, type TlsClientConfig } from './client-tls.js';
 import { CHUNK, CHUNK_FLAG_DONE, CMD, CMD_FLAG, ERR, MAX_PAYLOAD, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TF, encodeRequest } from './wire.js';
 
 export interface NbdClientOptions {
@@ -31,6 +32,8 @@ export interface NbdClientOptions {
   maxInFlight?: number;
   /** A handshake, or a request not answered, after this long ends the connection (default 30 s). */
   timeoutMs?: number;
+  /** TLS (NBD_OPT_STARTTLS first; formats/nbd.md §5): the credentials (client-tls.ts loadClientTls). */
+  tls?: TlsClientConfig | null;
 }
 
 interface Pending {
@@ -92,24 +95,35 @@ export class NbdClient {
     const exportName = o.exportName ?? '';
     const where = o.path ? `unix:${o.path} export "${exportName}"` : `${o.host ?? '127.0.0.1'}:${o.port ?? 10809} export "${exportName}"`;
     const timeoutMs = o.timeoutMs ?? 30_000;
-    const sock = o.path ? tcpConnect({ path: o.path }) : tcpConnect({ host: o.host ?? '127.0.0.1', port: o.port ?? 10809 });
-    sock.setNoDelay(true);
-    const queue = new ByteQueue(sock, where);
-    const timer = setTimeout(() => queue.fail(new KscError('KSC_E_IO', `NBD server ${where}: no handshake within ${timeoutMs} ms`)), timeoutMs);
+    const raw = o.path ? tcpConnect({ path: o.path }) : tcpConnect({ host: o.host ?? '127.0.0.1', port: o.port ?? 10809 });
+    raw.setNoDelay(true);
+    let sock: Socket = raw; // the TLS socket over `raw` once STARTTLS is done
+    let queue = new ByteQueue(sock, where);
+    const startTls = o.tls
+      ? async (): Promise<void> => {
+          sock = await clientTls(raw, o.tls!, o.path ? null : (o.host ?? '127.0.0.1'), where);
+          queue = new ByteQueue(sock, where);
+        }
+      : undefined;
+    const timer = setTimeout(() => {
+      queue.fail(new KscError('KSC_E_IO', `NBD server ${where}: no handshake within ${timeoutMs} ms`));
+      raw.destroy();
+    }, timeoutMs);
     try {
       await new Promise<void>((resolve, reject) => {
-        sock.once('connect', resolve);
-        sock.once('error', (e) => reject(new KscError('KSC_E_IO', `cannot connect to NBD server ${where}: ${e.message}`, { cause: e })));
+        raw.once('connect', resolve);
+        raw.once('error', (e) => reject(new KscError('KSC_E_IO', `cannot connect to NBD server ${where}: ${e.message}`, { cause: e })));
       });
       const hs = await clientHandshake(
         (n) => queue.read(n),
         (b) => sock.write(b),
         where,
-        { exportName, structured: !!o.structured, listContexts: o.listContexts ?? [], setContexts: o.setContexts ?? [] },
+        { exportName, structured: !!o.structured, listContexts: o.listContexts ?? [], setContexts: o.setContexts ?? [], startTls },
       );
       return new NbdClient(sock, queue, where, o.maxInFlight ?? 16, timeoutMs, hs);
     } catch (e) {
       sock.destroy();
+      raw.destroy();
       throw e;
     } finally {
       clearTimeout(timer);
@@ -266,8 +280,11 @@ export class NbdClient {
   }
 }
 
-/** Where an `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH` URI points. */
-export function parseNbdUri(uri: string): { host?: string; port?: number; path?: string; exportName: string } {
+/**
+ * Where an `nbd[s]://HOST[:PORT]/EXPORT` or `nbd[s]+unix:///EXPORT?socket=PATH` URI points; `nbds` for the
+ * TLS schemes (the caller must then give TLS credentials).
+ */
+export function parseNbdUri(uri: string): { host?: string; port?: number; path?: string; exportName: string; nbds: boolean } {
   let u: URL;
   try {
     u = new URL(uri);
@@ -275,12 +292,13 @@ export function parseNbdUri(uri: string): { host?: string; port?: number; path?:
     throw new KscError('KSC_E_INVALID', `"${uri}" is not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)`);
   }
   const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
-  if (u.protocol === 'nbd+unix:') {
+  const nbds = u.protocol.startsWith('nbds');
+  if (u.protocol === 'nbd+unix:' || u.protocol === 'nbds+unix:') {
     const path = u.searchParams.get('socket');
     if (!path) throw new KscError('KSC_E_INVALID', `"${uri}": nbd+unix needs ?socket=PATH`);
-    return { path, exportName };
+    return { path, exportName, nbds };
   }
-  if (u.protocol !== 'nbd:') throw new KscError('KSC_E_INVALID', `"${uri}": only nbd:// and nbd+unix:// are supported (TLS, nbds://, is not implemented yet)`);
+  if (u.protocol !== 'nbd:' && u.protocol !== 'nbds:') throw new KscError('KSC_E_INVALID', `"${uri}": only nbd://, nbds://, nbd+unix:// and nbds+unix:// are supported`);
   const port = u.port ? Number(u.port) : 10809;
-  return { host: u.hostname.replace(/^\[|\]$/g, '') || '127.0.0.1', port, exportName };
+  return { host: u.hostname.replace(/^\[|\]$/g, '') || '127.0.0.1', port, exportName, nbds };
 }

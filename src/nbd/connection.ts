@@ -10,7 +10,8 @@ import { negotiate } from './handshake.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
-import type { Link, ServerContext } from './types.js';
+import type { Link, LinkTls, ServerContext } from './types.js';
+import { startServerTls, type TlsServerConfig } from './tls.js';
 
 /** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
 const SEND_BUFFER = 4 * 1024 * 1024;
@@ -45,7 +46,10 @@ export interface Adoption {
 }
 
 export class Connection implements Link {
-  readonly reader: SocketReader;
+  reader: SocketReader;
+  /** The socket replies are written to: the accepted one, or the TLSSocket over it after STARTTLS. */
+  private socket: net.Socket;
+  tls: LinkTls | null = null;
   private stopRequested = false;
   private pauseRequested = false;
   /** Set when the connection ended by a pause: the socket is still open and belongs to whoever takes this. */
@@ -56,16 +60,28 @@ export class Connection implements Link {
 
   constructor(
     private readonly server: ServerContext,
-    private readonly socket: net.Socket,
+    private readonly raw: net.Socket,
     readonly id: number,
     private readonly peer: string,
     readonly log: (l: string) => void,
     private readonly adoption?: Adoption,
   ) {
+    const socket = raw;
+    this.socket = socket;
     socket.setNoDelay(true);
     widenSendBuffer(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process
     this.reader = new SocketReader(socket, undefined, adoption?.pending);
+  }
+
+  /** STARTTLS (formats/nbd.md §5): the TLS handshake, then replies and requests go through the TLS socket. */
+  async startTls(cfg: TlsServerConfig): Promise<void> {
+    this.reader.release(); // nothing is buffered: the handshake checked it before the ACK
+    const s = await startServerTls(this.raw, cfg, this.server.handshakeTimeoutMs);
+    s.socket.on('error', () => {});
+    this.socket = s.socket;
+    this.reader = new SocketReader(s.socket);
+    this.tls = { peer: s.peer, refused: s.refused, version: s.socket.getProtocol() ?? '?', cipher: s.socket.getCipher()?.name ?? '?' };
   }
 
   get stopping(): boolean {
@@ -111,6 +127,7 @@ export class Connection implements Link {
     this.log(`nbd: connection ${this.id} (${this.peer}): ${why}; disconnecting`);
     this.reader.abort();
     this.socket.destroy();
+    this.raw.destroy();
   }
 
   /** Reads no more requests, completes those read, then closes; resolves when the connection has ended. */
@@ -134,7 +151,8 @@ export class Connection implements Link {
         else await this.transmission.run();
         if (this.transmission.paused && !this.stopRequested) {
           await this.transmission.settled();
-          if (await this.replied()) {
+          if (this.tls) this.log(`nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects`);
+          else if (await this.replied()) {
             this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
             return;
           }
@@ -144,19 +162,28 @@ export class Connection implements Link {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
       this.reader.abort();
       await this.transmission?.settled();
+      // A refusal during the handshake (TLS required or refused) may have just written its error reply: let it leave.
+      if (e instanceof NbdProtocolError && e.violation.startsWith('tls-')) await this.ended(1000);
       this.socket.destroy();
+      this.raw.destroy();
       return;
     }
     await this.transmission?.settled();
-    await new Promise<void>((resolve) => {
+    await this.ended(5000); // a peer that never reads: give up on the last bytes
+    this.socket.destroy();
+    this.raw.destroy();
+  }
+
+  /** Ends the socket after what is queued has left, or after `ms`. */
+  private ended(ms: number): Promise<void> {
+    return new Promise<void>((resolve) => {
       if (this.socket.destroyed) return resolve();
-      const timer = setTimeout(resolve, 5000); // a peer that never reads: give up on the last bytes
+      const timer = setTimeout(resolve, ms);
       this.socket.end(() => {
         clearTimeout(timer);
         resolve();
       });
     });
-    this.socket.destroy();
   }
 
   /** Waits until every reply queued has been handed to the kernel; false when the socket went away first. */

@@ -22,6 +22,9 @@ export class NbdRequestError extends Error {
 export type NbdViolation =
   | 'bad-magic' // option or request magic wrong
   | 'client-flags' // unknown client flags, or no fixed newstyle
+  | 'tls-required' // TLS required (formats/nbd.md §5): EXPORT_NAME, too many or too big options before STARTTLS
+  | 'tls-refused' // the TLS peer did not authenticate (its certificate did not verify)
+  | 'starttls' // bytes sent after STARTTLS before its reply
   | 'unknown-export' // EXPORT_NAME of an export we do not have (that option has no error reply)
   | 'payload-too-big' // WRITE payload above MAX_PAYLOAD: the stream cannot be resynchronised
   | 'timeout'; // handshake not completed in time

@@ -1,13 +1,15 @@
 /**
  * The fixed-newstyle handshake (formats/nbd.md §1): greeting, client flags, then options until the client
  * enters transmission (GO, EXPORT_NAME) or leaves (ABORT). Options answered: EXPORT_NAME, ABORT, LIST,
- * INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT; any other gets ERR_UNSUP. What the
+ * INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT, SET_META_CONTEXT and STARTTLS (starttls.ts, §5); any other
+ * gets ERR_UNSUP. What the
  * options decide is gathered here and handed on as one SessionState.
  */
 import { contextsOf } from './contexts.js';
 import { incomingContexts } from './incoming.js';
 import { NbdProtocolError } from './errors.js';
 import { SocketClosedError } from './reader.js';
+import { checkBeforeTls, tlsGate } from './starttls.js';
 import { SESSION_STATE_VERSION, type SessionState, preferredBlockSize, transmissionFlagsOf } from './state.js';
 import type { FoundExport, Link, ServerContext } from './types.js';
 import {
@@ -64,10 +66,11 @@ class Negotiation {
     if (cflags & ~(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES)) throw new NbdProtocolError('client-flags', `unknown client flags 0x${cflags.toString(16)}`);
     if (!(cflags & CLIENT_FLAG_FIXED_NEWSTYLE)) throw new NbdProtocolError('client-flags', 'client does not speak fixed newstyle');
     this.clientFlags = cflags;
-    for (;;) {
+    for (let count = 1; ; count++) {
       if (link.stopping) throw new SocketClosedError();
       const h = decodeOptionHeader(await link.reader.read(OPTION_HEADER_SIZE));
       if (h.magic !== IHAVEOPT) throw new NbdProtocolError('bad-magic', 'bad option magic');
+      checkBeforeTls(link, this.server, h.length, count);
       if (h.length > MAX_OPTION_LENGTH) {
         // Skipped without holding it (the handshake timeout bounds how long), then refused: negotiation goes on.
         await link.reader.skip(h.length);
@@ -81,6 +84,20 @@ class Negotiation {
   }
 
   private async option(opt: number, data: Buffer): Promise<Outcome> {
+    const gate = await tlsGate(
+      this.link,
+      this.server,
+      opt,
+      data,
+      (o, t, m) => this.error(o, t, m),
+      (o) => this.reply(o, REP.ACK),
+    );
+    if (gate === 'restart') {
+      this.structured = false;
+      this.meta.clear();
+      this.metaExport = null;
+    }
+    if (gate !== 'go') return 'next';
     switch (opt) {
       case OPT.EXPORT_NAME:
         return this.exportName(data);
@@ -142,7 +159,7 @@ class Negotiation {
     if (!parsed) return 'next';
     const { req, found } = parsed;
     const list = opt === OPT.LIST_META_CONTEXT;
-    const all = [...contextsOf(found.exp.device, found.exp.bitmaps), ...incomingContexts(found.exp, req.queries, !list, (l) => this.link.log(l))];
+    const all = [...contextsOf(found.exp.device, found.exp.bitmaps), ...incomingContexts(found.exp, req.queries, !list, (l) => this.link.log(l), this.link.tls?.peer ?? null)];
     const chosen = new Set<string>();
     if (list && req.queries.length === 0) all.forEach((c) => chosen.add(c));
     for (const q of req.queries) {

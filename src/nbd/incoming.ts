@@ -16,7 +16,7 @@ import { CMD, ERR, type Request } from './wire.js';
 export const TOKEN_CONTEXT = 'kscinc:incoming-token=';
 export const DONE_CONTEXT = 'kscinc:incoming-done=';
 export const BASE_CONTEXT = 'kscinc:base-fingerprint=';
-/** formats/migrate.md §5, §8: the destination's persistent incoming id, and whether its top layer is still empty. */
+/** formats/migrate.md §5, §10: the destination's persistent incoming id, and whether its top layer is still empty. */
 export const ID_CONTEXT = 'kscinc:incoming-id=';
 export const EMPTY_CONTEXT = 'kscinc:incoming-empty';
 /** The destination image's record of its incoming id (an empty, disabled bitmap used as a name). */
@@ -28,11 +28,18 @@ export interface IncomingState {
   token: string;
   /** formats/migrate.md §2: `v1:SIZE:HEX` or `none`. */
   baseFingerprint: string;
+  /** A destination restored from a backup: its `kscinc:origin=` context (formats/migrate.md §9.1). */
+  origin?: string;
   completed: boolean;
   /** The persistent incoming id (32 hex digits), recorded in the image; null when the image keeps no bitmaps. */
   id?: string | null;
   /** The top layer holds no block yet: a migration may start over here (set at open, cleared by the first write). */
   empty?: boolean;
+  /**
+   * With TLS (formats/nbd.md §5.4): the TLS peer (`x509:CN` or `psk:IDENTITY`) that alone may prove it is the
+   * source; absent: any authenticated TLS peer holding the token.
+   */
+  peer?: string;
 }
 
 function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
@@ -48,12 +55,14 @@ function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
  * and the token contexts only when a query names them exactly with the right token. Selecting (SET) the done
  * context marks the migration completed.
  */
-export function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void): string[] {
+export function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void, tlsPeer: string | null = null): string[] {
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
   if (inc.id) out.push(ID_CONTEXT + inc.id);
   if (inc.empty) out.push(EMPTY_CONTEXT);
+  if (inc.origin) out.push(inc.origin);
+  if (inc.peer !== undefined && tlsPeer !== inc.peer) return out; // not the source's TLS identity: no token context at all
   for (const q of queries) {
     if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);
     if (tokenMatches(exp, q, DONE_CONTEXT)) {
@@ -80,7 +89,7 @@ export function checkIncomingWrite(exp: NbdExport, state: SessionState, req: Req
   throw new NbdRequestError(ERR.EPERM, `export "${state.exportName}" is the target of an incoming migration: only the migration source may write until it completes`);
 }
 
-/** After the migration completed the image is an ordinary one: its incoming record goes (§8), in the background. */
+/** After the migration completed the image is an ordinary one: its incoming record goes (§10), in the background. */
 function forgetIncomingId(exp: NbdExport, log: (line: string) => void): void {
   const bitmaps = bitmapsOf(exp.device);
   const rec = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];

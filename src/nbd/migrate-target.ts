@@ -7,7 +7,9 @@
 import { KscError } from '../errors.js';
 import type { MigrationTarget } from '../engines/migrate-send.js';
 import { NbdClient, parseNbdUri } from './client.js';
+import type { TlsClientConfig } from './client-tls.js';
 import { BASE_CONTEXT, DONE_CONTEXT, EMPTY_CONTEXT, ID_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
+import { ORIGIN_CONTEXT } from '../engines/migrate-origin.js';
 
 /** Requests in flight per connection. */
 const DEPTH = 16;
@@ -17,12 +19,16 @@ export interface NbdTargetOptions {
   token?: string;
   connections?: number;
   timeoutMs?: number;
+  /** TLS credentials (formats/nbd.md §5); required for an nbds:// URI. */
+  tls?: TlsClientConfig | null;
 }
 
 export class NbdTarget implements MigrationTarget {
   readonly size: number;
   readonly maxPayload: number;
   readonly parallelism: number;
+  /** The `kscinc:origin=` context a destination restored from a backup announced, or null. */
+  origin: string | null = null;
 
   private constructor(
     private readonly clients: NbdClient[],
@@ -39,7 +45,8 @@ export class NbdTarget implements MigrationTarget {
 
   /** Connects every connection; KSC_E_PERMISSION when a kscinc destination refused the token, KSC_E_READ_ONLY for a read-only export. */
   static async connect(o: NbdTargetOptions): Promise<NbdTarget> {
-    const where = parseNbdUri(o.uri);
+    const where = { ...parseNbdUri(o.uri), tls: o.tls ?? null };
+    if (where.nbds && !where.tls) throw new KscError('KSC_E_INVALID', `${o.uri}: nbds:// means TLS: give --tls-creds DIR or --tls-psk FILE`);
     const n = o.connections ?? 2;
     const setContexts = o.token ? [TOKEN_CONTEXT + o.token] : [];
     const clients: NbdClient[] = [];
@@ -60,7 +67,9 @@ export class NbdTarget implements MigrationTarget {
     const base = listed.find((l) => l.startsWith(BASE_CONTEXT));
     const id = listed.find((l) => l.startsWith(ID_CONTEXT))?.slice(ID_CONTEXT.length);
     const incoming = id && /^[0-9a-f]{32}$/.test(id) ? { id, empty: listed.includes(EMPTY_CONTEXT) } : null;
-    return new NbdTarget(clients, o, base ? base.slice(BASE_CONTEXT.length) : null, incoming);
+    const t = new NbdTarget(clients, o, base ? base.slice(BASE_CONTEXT.length) : null, incoming);
+    t.origin = listed.find((l) => l.startsWith(ORIGIN_CONTEXT)) ?? null; // a seeded destination (formats/migrate.md §9.1)
+    return t;
   }
 
   private pick(): NbdClient {
@@ -84,7 +93,7 @@ export class NbdTarget implements MigrationTarget {
   async complete(): Promise<void> {
     if (!this.o.token) return;
     const done = DONE_CONTEXT + this.o.token;
-    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
+    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), tls: this.o.tls ?? null, structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
     const ok = [...c.selected.values()].includes(done);
     await c.disconnect();
     if (!ok) throw new KscError('KSC_E_PERMISSION', `${this.o.uri} did not accept the end of the migration`);

@@ -163,6 +163,25 @@ export class SocketReader {
     }
   }
 
+  /** Bytes received and not yet taken. */
+  get pending(): number {
+    return this.buffered;
+  }
+
+  /**
+   * Gives the socket up to a wrapper in this process (STARTTLS): removes this reader's listeners and returns
+   * the bytes received and not taken. Unlike detach(), the socket's handle is left alone for the wrapper.
+   */
+  release(): Buffer {
+    this.stopped = true;
+    this.clearStall();
+    for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
+    const out = Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.buffered = 0;
+    return out;
+  }
+
   /** The peer has ended its side, failed, or we stopped reading: no more bytes will come. */
   get finished(): boolean {
     return this.ended || this.error !== null;

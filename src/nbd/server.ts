@@ -11,6 +11,7 @@ import { Connection, type Adoption, type ParkedConnection } from './connection.j
 import { BufferPool } from './pool.js';
 import type { SessionState } from './state.js';
 import type { FoundExport, NbdExport, ServerContext } from './types.js';
+import type { TlsServerConfig } from './tls.js';
 
 export type { NbdExport } from './types.js';
 export type { SessionState } from './state.js';
@@ -40,6 +41,8 @@ export interface NbdServerOptions {
   maxTotalPendingBytes?: number;
   /** close(): connections still busy after this long (a client that does not read) are cut (default 10 s). */
   shutdownGraceMs?: number;
+  /** TLS credentials (tls.ts loadServerTls): TLS is then required of every client (formats/nbd.md §5). */
+  tls?: TlsServerConfig | null;
 }
 
 export class NbdServer implements ServerContext {
@@ -51,6 +54,7 @@ export class NbdServer implements ServerContext {
   readonly shutdownGraceMs: number;
   readonly budget: ByteBudget;
   readonly pool = new BufferPool();
+  readonly tls: TlsServerConfig | null;
   private readonly exports: Map<string, NbdExport>;
   private readonly log: (line: string) => void;
   private server: net.Server | null = null;
@@ -62,6 +66,7 @@ export class NbdServer implements ServerContext {
   constructor(opts: NbdServerOptions) {
     this.exports = opts.exports instanceof Map ? new Map(opts.exports) : new Map(Object.entries(opts.exports));
     this.log = opts.log ?? (() => {});
+    this.tls = opts.tls ?? null;
     this.maxInFlight = opts.maxInFlight ?? 32;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
     this.stallTimeoutMs = opts.stallTimeoutMs ?? 60_000;

@@ -4,6 +4,7 @@ import type { IncomingState } from './incoming.js';
 import type { ByteBudget } from './budget.js';
 import type { BufferPool } from './pool.js';
 import type { SocketReader } from './reader.js';
+import type { TlsServerConfig } from './tls.js';
 
 export interface NbdExport {
   device: BlockDevice;
@@ -33,6 +34,8 @@ export interface ServerContext {
   /** Bytes of admitted requests over every connection. */
   readonly budget: ByteBudget;
   readonly pool: BufferPool;
+  /** TLS credentials: TLS is then required of every client (formats/nbd.md §5); null: plain NBD. */
+  readonly tls: TlsServerConfig | null;
   findExport(name: string): FoundExport | null;
   exportList(): [string, NbdExport][];
 }
@@ -50,4 +53,17 @@ export interface Link {
   /** Writes a whole reply in one burst; `sent` runs once the socket no longer needs the bytes. */
   send(parts: Buffer[], sent?: () => void): Promise<void>;
   log(line: string): void;
+  /** The TLS session once STARTTLS succeeded (formats/nbd.md §5); null while plain. */
+  readonly tls: LinkTls | null;
+  /** Runs the TLS handshake on the socket (the STARTTLS ACK was its last plain byte); the reader then reads the TLS stream. */
+  startTls(cfg: TlsServerConfig): Promise<void>;
+}
+
+export interface LinkTls {
+  /** `x509:CN` or `psk:IDENTITY`; null when the peer is not authenticated. */
+  peer: string | null;
+  /** Why the peer is refused (its next option gets ERR_POLICY with this), or null. */
+  refused: string | null;
+  version: string;
+  cipher: string;
 }

@@ -28,18 +28,20 @@ import {
   randomHexId,
 } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
-import { type RepoKeys, type ScryptParams, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
+import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
 import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
+import { type EncryptChoice, resolveEncryption } from './encryption-choice.js';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
 import { type IdVisitor, type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
 import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
 
 export { CONFIG_KEY, indexKey, manifestKey, packKey } from './constants.js';
 export { PackWriter } from './pack.js';
+export { type EncryptChoice, type EncryptOptions, resolveEncryption } from './encryption-choice.js';
 export type { IdVisitor, IndexVisitor } from './index-object.js';
 
 /** Index objects to read (default: all), with their sizes when known. */
@@ -50,14 +52,6 @@ type OnDamage = (key: string, e: KscError) => void;
 export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
-
-/** How `repo init --encrypt` protects the new master key (§13.3): a password, a key file, or both. */
-export interface EncryptOptions {
-  password?: Buffer | null;
-  /** A new file to write the master key into (kdf "none"; mode 0600; never overwritten). */
-  keyFile?: string | null;
-  scrypt?: ScryptParams;
-}
 
 /** How long a reader waits for a prune's exclusive lock to go. */
 const READER_WAIT_MS = 30 * 60_000;
@@ -163,9 +157,11 @@ export class Repository {
   /**
    * Creates a repository (§3.1): only where the location is empty. KSC_E_EXISTS when there is a repository
    * already or the location holds other objects; KSC_E_CORRUPT when it holds repository objects without a
-   * config (a lost config: see repo repair).
+   * config (a lost config: see repo repair). Encrypted unless `encrypt` is false (§13.0, EncryptChoice: by
+   * default with the password of the environment; KSC_E_INVALID before anything is written when there is
+   * none).
    */
-  static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptOptions } = {}): Promise<Repository> {
+  static async init(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptChoice } = {}): Promise<Repository> {
     if (await store.stat(CONFIG_KEY)) throw new KscError('KSC_E_EXISTS', `${store.name} is already a kscinc repository`);
     const chunkSize = opts.chunkSize ?? DEFAULT_CHUNK;
     assertChunkSize(chunkSize);
@@ -181,13 +177,8 @@ export class Repository {
     }
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     let u: Unlock | undefined;
-    const enc = opts.encrypt;
+    const enc = await resolveEncryption(opts.encrypt);
     if (enc) {
-      if (!enc.password && !enc.keyFile)
-        throw new KscError(
-          'KSC_E_INVALID',
-          'an encrypted repository needs a password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, or typed on a terminal) or a key file (option keyFile, or KSCINC_KEY_FILE)',
-        );
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
       config.features = ['encrypted'];
@@ -235,8 +226,8 @@ export class Repository {
     return Repository.unlocked(store, config, u);
   }
 
-  /** Opens the repository, or creates one when the location is empty (a first backup); see init. */
-  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock } = {}): Promise<Repository> {
+  /** Opens the repository, or creates one when the location is empty (a first backup; encrypted unless `encrypt` is false); see init. */
+  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock; encrypt?: EncryptChoice } = {}): Promise<Repository> {
     try {
       return await Repository.open(store, opts.unlock);
     } catch (e) {

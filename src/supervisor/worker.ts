@@ -12,6 +12,7 @@ import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
 import { NbdServer } from '../nbd/server.js';
+import { loadServerTls } from '../nbd/tls.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
 import { packageVersion } from './version.js';
 import { warmUp } from './warmup.js';
@@ -52,7 +53,7 @@ let handedOver: (HandoverRecord | null)[] | null = null;
 async function open(handover?: (HandoverRecord | null)[]): Promise<void> {
   const c = config!;
   opened = await openExports(c, handover);
-  server = new NbdServer({ exports: opened.exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs });
+  server = new NbdServer({ exports: opened.exports, log, maxConnections: c.maxConnections, shutdownGraceMs: c.shutdownGraceMs, tls: loadServerTls(c.tls) });
   const devices = c.images.map((image, i) => ({ image, device: opened!.devices[i]! }));
   if (backups) backups.setDevices(devices);
   else backups = new BackupRequests(devices, log);

@@ -35,7 +35,7 @@ afterAll(() => closePool());
  */
 async function backUpSideBySide(repoName: string, names: string[], data: Buffer): Promise<{ repoDir: string; results: { id: string }[] }> {
   const repoDir = join(dir, repoName);
-  await newRepo(repoDir); // 1 MiB chunks, 4 MiB packs
+  await newRepo(repoDir, { encrypt: false }); // 1 MiB chunks, 4 MiB packs; copies are made and damaged in the plain layout
   const files = names.map((n) => join(dir, n));
   for (const f of files) writeFileSync(f, data);
   const results = await Promise.all(

@@ -60,7 +60,7 @@ describe('dedupe through a Bloom filter', () => {
       [22, layout[0]! < 0 ? 4 : layout[0]!],
       [36, -1],
     ];
-    const results = new Map<string, { ids: string[][]; news: number[]; entries: string[] }>();
+    const results = new Map<string, { ids: number[][]; news: number[]; entries: string[] }>();
     for (const [name, mode] of MODES) {
       const path = await makeDisk(dir, `d-${name}`, rng.fork(), { size: N * C });
       const repo = await newRepo(join(dir, `repo-${name}`));
@@ -93,7 +93,11 @@ describe('dedupe through a Bloom filter', () => {
           const known = new Set(entries);
           m.ids.forEachNonZero((k, cid) => void expect(known.has(cid.toString('hex')), `${name}: chunk ${k} not indexed`).toBe(true));
         }
-        results.set(name, { ids, news: [b1.chunksNew, b2.chunksNew], entries });
+        // Each mode has its own repository, and keyed chunk ids (an encrypted repository's, §13.6) differ
+        // between repositories: compare the manifests' shapes — which chunks hold the same content.
+        const label = new Map<string, number>();
+        const shape = ids.map((l) => l.map((h) => (/^0+$/.test(h) ? -1 : (label.get(h) ?? label.set(h, label.size).get(h)!))));
+        results.set(name, { ids: shape, news: [b1.chunksNew, b2.chunksNew], entries });
         expect((await verifyRepo(repo)).ok).toBe(true);
       } finally {
         await img.close();
@@ -172,7 +176,7 @@ describe('index objects read in ranges', () => {
   it('gives the entries visitIndex gives; a damaged object is reported and its chunks are not taken as stored', async () => {
     const rng = new Rng(seed ^ 0x1d);
     const path = await makeDisk(dir, 'damaged-index', rng, { size: 16 * C, baseSize: 16 * C, baseRegions: 12 });
-    const repo = await newRepo(join(dir, 'repo-damaged-index'));
+    const repo = await newRepo(join(dir, 'repo-damaged-index'), { encrypt: false }); // damages an index entry in place
     const img = await openKsc(path, { write: true });
     try {
       const want = await contents(img);

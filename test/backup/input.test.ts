@@ -91,9 +91,9 @@ describe('restore: wrong input', () => {
     const future = join(dir, 'future');
     mkdirSync(future);
     const cfg = JSON.parse(readFileSync(join(repoDir, 'config'), 'utf8')) as Record<string, unknown>;
-    writeFileSync(join(future, 'config'), JSON.stringify({ ...cfg, version: 2 }));
-    const e3 = await expectKscError(Repository.open(await FsStore.open(future)), 'KSC_E_FORMAT', 'version 2');
-    expect(e3.message).toMatch(/version 2/);
+    writeFileSync(join(future, 'config'), JSON.stringify({ ...cfg, version: 3 }));
+    const e3 = await expectKscError(Repository.open(await FsStore.open(future)), 'KSC_E_FORMAT', 'version 3');
+    expect(e3.message).toMatch(/version 3/);
     // A folder that does not exist (and is not created by restore), and a file.
     const nowhere = join(dir, 'nowhere');
     await expectKscError(FsStore.open(nowhere), 'KSC_E_NOT_FOUND', 'missing folder');

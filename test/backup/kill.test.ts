@@ -27,6 +27,7 @@ import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { chunkId, initHash, ZERO_ID } from '../../src/hash/chunkid.js';
+import { keyedId } from '../../src/crypto/aead.js';
 import { closePool } from '../../src/compress/pool.js';
 import { isKscError } from '../../src/errors.js';
 import { Rng, seedFor } from '../helpers/rng.js';
@@ -112,13 +113,15 @@ function runBackup(image: string, repo: string, at: KillAt | null): Promise<Chil
   );
 }
 
-/** Chunk ids of a disk state as the backup computes them (all-zero chunks: the zero id). */
-function idsOf(data: Buffer): string[] {
+/** Chunk ids of a disk state as the backup computes them (all-zero chunks: the zero id; keyed in an encrypted repository, §13.6). */
+function idsOf(data: Buffer, keys: Uint8Array | undefined): string[] {
   const zero = ZERO_ID.toString('hex');
   const out: string[] = [];
   for (let k = 0; k < data.length / C; k++) {
     const c = data.subarray(k * C, (k + 1) * C);
-    out.push(c.every((x) => x === 0) ? zero : chunkId(c).toString('hex'));
+    const id = Buffer.alloc(16);
+    if (keys) keyedId(keys, c, id, 0);
+    out.push(c.every((x) => x === 0) ? zero : (keys ? id : chunkId(c)).toString('hex'));
   }
   return out;
 }
@@ -246,7 +249,7 @@ describe('SIGKILL of kscinc backup', () => {
     for (const p of orphans) for (const e of await before.readPackFooter(p)) inOrphans.add(e.id.toString('hex'));
     const needed = new Set<string>();
     const useful = new Set<string>();
-    for (const id of idsOf(current)) {
+    for (const id of idsOf(current, repo.blobKeys)) {
       if (id === ZERO_ID.toString('hex') || index.has(id)) continue;
       if (inOrphans.has(id)) useful.add(id);
       else needed.add(id);

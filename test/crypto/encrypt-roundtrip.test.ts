@@ -59,7 +59,7 @@ describe('encrypted repository round trip (folder store)', () => {
     expect(readFileSync(out2).equals(data)).toBe(true);
     expect(run(['verify', '--repo', repo]).code).toBe(0);
     // Without the password: one clear error.
-    const no = kscinc(['restore', id2, join(dir, 'x.raw'), '--repo', repo], { env: {} });
+    const no = kscinc(['restore', id2, join(dir, 'x.raw'), '--repo', repo], { env: { KSCINC_PASSWORD_FILE: undefined } });
     expect(no.stderr).toMatch(/encrypted: give its password/);
   });
 

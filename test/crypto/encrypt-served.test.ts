@@ -6,7 +6,7 @@
  * request without a key or with another key is refused by the server without a prompt; neither the password
  * nor the key ever reaches the server's log.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
@@ -17,6 +17,9 @@ import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { serve } from '../nbd/helpers.js';
 
+// The server must not inherit a password (test/setup-password.ts gives every test file one): the clients
+// below get theirs explicitly.
+delete process.env.KSCINC_PASSWORD_FILE;
 const dir = tempDir('kscinc-enc-served-');
 const MiB = 1024 * 1024;
 const PASSWORD = 'served-secret-0815';
@@ -59,6 +62,24 @@ describe('encrypted backup of a served image (control socket)', () => {
       const malformed = await exchange(controlPath(img), JSON.stringify({ op: 'backup', repo, key: 'c2VjcmV0' }));
       expect(JSON.stringify(malformed.at(-1))).toMatch(/KSC_E_INVALID.*key.* must be a master key/);
       expect(JSON.stringify(malformed)).not.toContain('c2VjcmV0');
+
+      // A repository that does not exist yet (repository.md §13.0 rule 4): the client creates it, encrypted
+      // by default with its own password, and sends the key; --no-encrypt makes a plain one; with no
+      // password at all the client refuses and nothing is created (the server is never asked).
+      const fresh = join(dir, 'fresh');
+      const f = kscinc(['backup', img, '--repo', fresh, '--json'], { env: { KSCINC_PASSWORD_FILE: pw } });
+      expect(f.code, f.stderr).toBe(0);
+      expect(JSON.parse(readFileSync(join(fresh, 'config'), 'utf8')).features).toEqual(['encrypted']);
+      expect(kscinc(['backups', '--repo', fresh], { env: { KSCINC_PASSWORD_FILE: wrong } }).stderr).toMatch(/wrong password/);
+      const plain = join(dir, 'plain');
+      const p = kscinc(['backup', img, '--repo', plain, '--no-encrypt', '--json']);
+      expect(p.code, p.stderr).toBe(0);
+      expect(JSON.parse(readFileSync(join(plain, 'config'), 'utf8')).version).toBe(1);
+      const none = join(dir, 'none');
+      const n = kscinc(['backup', img, '--repo', none]);
+      expect(n.code).not.toBe(0);
+      expect(n.stderr).toMatch(/KSCINC_PASSWORD_FILE.*KSCINC_PASSWORD_COMMAND.*terminal.*--no-encrypt.*Nothing was created/);
+      expect(existsSync(none)).toBe(false);
     } finally {
       expect(await srv.stop()).toBe(0);
     }
@@ -70,5 +91,8 @@ describe('encrypted backup of a served image (control socket)', () => {
     expect(r.code, r.stderr).toBe(0);
     expect(readFileSync(out).equals(data)).toBe(true);
     expect(kscinc(['backups', '--repo', repo, '--json'], { env: { KSCINC_PASSWORD_FILE: pw } }).stdout.match(/"id"/g)?.length).toBe(1);
+    const rf = kscinc(['restore', 'latest', join(dir, 'fresh.raw'), '--repo', join(dir, 'fresh')], { env: { KSCINC_PASSWORD_FILE: pw } });
+    expect(rf.code, rf.stderr).toBe(0);
+    expect(readFileSync(join(dir, 'fresh.raw')).equals(data)).toBe(true);
   });
 });

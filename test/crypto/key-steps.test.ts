@@ -125,7 +125,7 @@ describe('key management stopped after every step (§13.3 rule 4)', () => {
     const keyFile = join(dir, 'last.key');
     expect(kscinc(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024', '--key-file', keyFile], { env: env(A) }).code).toBe(0);
     const [only] = keyIds(repo);
-    const r = kscinc(['key', 'remove', only!, '--repo', repo, '--key-file', keyFile], { env: {} });
+    const r = kscinc(['key', 'remove', only!, '--repo', repo, '--key-file', keyFile], { env: { KSCINC_PASSWORD_FILE: undefined } });
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/last key/);
     expect(keyIds(repo)).toEqual([only]);

@@ -35,7 +35,7 @@ const keyIds = (repo: string): string[] =>
     .sort();
 
 describe('kscinc repo init --encrypt and kscinc key', () => {
-  it('init records version 2, the feature and a key object; the default stays unencrypted', () => {
+  it('init records version 2, the feature and a key object; --no-encrypt makes a plain one', () => {
     const repo = join(dir, 'r1');
     const r = kscinc(['repo', 'init', repo, '--encrypt', '--kdf-n', '1024'], { env: env(A) });
     expect(r.code, r.stderr).toBe(0);
@@ -48,16 +48,16 @@ describe('kscinc repo init --encrypt and kscinc key', () => {
     expect(JSON.stringify(k)).not.toContain('password A');
 
     const plain = join(dir, 'plain');
-    expect(kscinc(['repo', 'init', plain]).code).toBe(0);
+    expect(kscinc(['repo', 'init', plain, '--no-encrypt']).code).toBe(0);
     expect(JSON.parse(readFileSync(join(plain, 'config'), 'utf8')).version).toBe(1);
     // A password given explicitly and an unencrypted repository: refused (no silent downgrade).
     const refused = kscinc(['key', 'list', '--repo', plain], { env: env(A) });
     expect(refused.code).not.toBe(0);
     expect(refused.stderr).toMatch(/not encrypted/);
     // --encrypt without a password or key file: refused, nothing created.
-    const none = kscinc(['repo', 'init', join(dir, 'nopw'), '--encrypt']);
+    const none = kscinc(['repo', 'init', join(dir, 'nopw'), '--encrypt'], { env: { KSCINC_PASSWORD_FILE: undefined } });
     expect(none.code).not.toBe(0);
-    expect(none.stderr).toMatch(/needs a password/);
+    expect(none.stderr).toMatch(/no password was given/);
   });
 
   it('a wrong password is one KSC_E_AUTH error and changes nothing', () => {
@@ -75,7 +75,7 @@ describe('kscinc repo init --encrypt and kscinc key', () => {
       expect(r.stderr, args.join(' ')).toMatch(/KSC_E_AUTH|wrong password/);
       expect(r.stderr.trim().split('\n').length, r.stderr).toBeLessThanOrEqual(2);
     }
-    const nopw = kscinc(['backups', '--repo', repo], { env: {} });
+    const nopw = kscinc(['backups', '--repo', repo], { env: { KSCINC_PASSWORD_FILE: undefined } });
     expect(nopw.stderr).toMatch(/is encrypted: give its password/);
     expect(snapshot(repo)).toBe(before);
     expect(kscinc(['backups', '--repo', repo], { env: env(A) }).code).toBe(0);

@@ -1,5 +1,5 @@
 /**
- * The migration SOURCE killed at every step (formats/migrate.md §4.1, §8): `kscinc serve --no-supervisor`
+ * The migration SOURCE killed at every step (formats/migrate.md §4.1, §10): `kscinc serve --no-supervisor`
  * of the source runs with KSCINC_TEST_KILL_AT=migrate@PHASE (src/util/killpoint.ts), so it SIGKILLs itself
  * exactly there — during the first pass, in a dirty round, at each step of the switch-over, at each step of
  * the migration state's removal at complete and at cancel. The destination is a `kscinc serve --incoming`;
@@ -121,7 +121,7 @@ describe('the migration source killed at each step: one writable authority, noth
     try {
       if (!flagged) {
         // The source is the authority: the destination still refuses other writers; the source serves
-        // writable again, and a rerun to the same destination resumes (§8) and completes with equal bytes
+        // writable again, and a rerun to the same destination resumes (§10) and completes with equal bytes
         // — or, once the source's record is gone, is refused (the destination holds blocks already).
         expect(await intruderWrites(dst.uri)).toBe(false);
         const again = await serveImage(r, 'vm.ksc');

@@ -1,5 +1,5 @@
 /**
- * Resume (formats/migrate.md §8): a rerun of `migrate start` after the destination or the source server
+ * Resume (formats/migrate.md §10): a rerun of `migrate start` after the destination or the source server
  * restarted part way through a 40 MiB first pass continues from the persistent `kscinc-migrate` state —
  * the cursor the destination made durable — instead of sending everything again: the bytes sent after the
  * resume are a fraction of the first pass. The destination is known as the same one by its incoming id

@@ -124,11 +124,13 @@ describe('NBD client', () => {
     }
   });
 
-  it('URIs: nbd://, nbd+unix://, bad ones refused', () => {
-    expect(parseNbdUri('nbd://10.0.0.1:1234/vm%20a')).toEqual({ host: '10.0.0.1', port: 1234, exportName: 'vm a' });
-    expect(parseNbdUri('nbd://h/x')).toEqual({ host: 'h', port: 10809, exportName: 'x' });
-    expect(parseNbdUri('nbd+unix:///e?socket=/tmp/s')).toEqual({ path: '/tmp/s', exportName: 'e' });
-    expect(() => parseNbdUri('nbds://h/x')).toThrow(/TLS/);
+  it('URIs: nbd[s]://, nbd[s]+unix://, bad ones refused', () => {
+    expect(parseNbdUri('nbd://10.0.0.1:1234/vm%20a')).toEqual({ host: '10.0.0.1', port: 1234, exportName: 'vm a', nbds: false });
+    expect(parseNbdUri('nbd://h/x')).toEqual({ host: 'h', port: 10809, exportName: 'x', nbds: false });
+    expect(parseNbdUri('nbd+unix:///e?socket=/tmp/s')).toEqual({ path: '/tmp/s', exportName: 'e', nbds: false });
+    expect(parseNbdUri('nbds://h:99/x')).toEqual({ host: 'h', port: 99, exportName: 'x', nbds: true });
+    expect(parseNbdUri('nbds+unix:///e?socket=/tmp/s')).toEqual({ path: '/tmp/s', exportName: 'e', nbds: true });
+    expect(() => parseNbdUri('http://h/x')).toThrow(/only nbd/);
     expect(() => parseNbdUri('zz')).toThrow(/not an NBD URI/);
   });
 });

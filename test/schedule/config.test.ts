@@ -82,9 +82,13 @@ describe('schedule files', () => {
 
   it('loads from a file; the default zone is the system one; parallel and bitmap: null', async () => {
     const file = join(dir, 'plain.yml');
-    writeFileSync(file, 'parallel: 3\njobs:\n  - name: a\n    images: x.ksc\n    repo: r\n    when: weekly on mon at 01:00\n    bitmap: null\n');
+    writeFileSync(
+      file,
+      'parallel: 3\njobs:\n  - name: a\n    images: x.ksc\n    repo: r\n    when: weekly on mon at 01:00\n    bitmap: null\n    encrypt: false\n  - name: b\n    images: x.ksc\n    repo: r\n    when: on shutdown\n    encrypt: true\n',
+    );
     const c = await loadConfig(file);
     expect(c.parallel).toBe(3);
+    expect(c.jobs.map((j) => j.encrypt)).toEqual([false, undefined]); // a repository job a creates is plain, b's encrypted (the default)
     expect(c.timezone).toBe(systemZone());
     expect(c.jobs[0]!.bitmap).toBeNull();
     expect(c.jobs[0]!.images).toEqual([join(dir, 'x.ksc')]);
@@ -118,6 +122,7 @@ describe('schedule files', () => {
     ['bad rpo', `jobs:\n  - ${job}    rpo: soon\n`, ['job "web1"', 'rpo', '"soon" is not a duration']],
     ['bad bitmap', `jobs:\n  - ${job}    bitmap: "a#b"\n`, ['job "web1"', 'bitmap "a#b"']],
     ['bad tags', `jobs:\n  - ${job}    tags: db\n`, ['job "web1"', 'tags must be a list']],
+    ['bad encrypt', `jobs:\n  - ${job}    encrypt: no-thanks\n`, ['job "web1"', 'encrypt must be true or false']],
   ];
   for (const [what, text, mentions] of bad) {
     it(`refuses: ${what}`, async () => {

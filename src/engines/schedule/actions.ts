@@ -6,7 +6,8 @@
 import { openImage } from '../../image/open.js';
 import type { BlockDevice } from '../../image/types.js';
 import { openStore, type OpenStoreOptions } from '../../objstore/open.js';
-import { Repository } from '../../repo/repository.js';
+import { Repository, type EncryptChoice } from '../../repo/repository.js';
+import { storeForBackup } from '../../repo/open-at.js';
 import { backupDevice, type BackupResult } from '../backup.js';
 import { pruneRepo, type PruneResult } from '../prune.js';
 import type { KeepPolicy } from '../retention.js';
@@ -17,6 +18,8 @@ export interface BackupImageOptions {
   tags?: string[];
   /** Aborted when the daemon gives up on the run (shutdown budget); an implementation may ignore it. */
   signal?: AbortSignal;
+  /** A repository this backup creates: encrypted (by default with the environment's password) unless false (repository.md §13.0). */
+  encrypt?: EncryptChoice;
 }
 
 export type BackupImageFn = (image: string, repo: string, opts: BackupImageOptions) => Promise<{ id: string }>;
@@ -40,9 +43,9 @@ export interface BackupToOptions extends BackupImageOptions {
 
 /** Backs up an open device (whose file is `image`) into the repository at `location`, created when missing. */
 export async function backupDeviceTo(dev: BlockDevice, image: string, location: string, opts: BackupToOptions = {}): Promise<BackupResult> {
-  const store = await openStore(location, { create: true, ...opts.store });
+  const { store, encrypt } = await storeForBackup(location, opts.encrypt, opts.store);
   try {
-    const repo = await Repository.openOrInit(store);
+    const repo = await Repository.openOrInit(store, { encrypt });
     return await backupDevice(dev, repo, { bitmap: opts.bitmap, tags: opts.tags, source: image, now: opts.now });
   } finally {
     await store.close();

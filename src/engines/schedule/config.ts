@@ -30,6 +30,8 @@ export interface ScheduleJob {
   /** As written, for display. */
   rpo?: string;
   tags: string[];
+  /** false: a repository this job creates is not encrypted (YAML `encrypt: false`); default encrypted (repository.md §13.0). */
+  encrypt?: false;
 }
 
 export interface ScheduleConfig {
@@ -41,7 +43,7 @@ export interface ScheduleConfig {
 }
 
 const TOP_KEYS = new Set(['timezone', 'parallel', 'jobs']);
-const JOB_KEYS = new Set(['name', 'images', 'repo', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags']);
+const JOB_KEYS = new Set(['name', 'images', 'repo', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags', 'encrypt']);
 const KEEP_KEYS = new Set(['last', 'daily', 'weekly', 'monthly']);
 export const MAX_PARALLEL = 64;
 
@@ -149,6 +151,10 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
   if (v.rpo !== undefined && v.rpo !== null) {
     job.rpo = String(v.rpo);
     job.rpoMs = parseDuration(typeof v.rpo === 'string' ? v.rpo : '', `${where}: rpo`);
+  }
+  if (v.encrypt !== undefined) {
+    if (typeof v.encrypt !== 'boolean') throw invalid(where, `encrypt must be true or false (whether a repository this job creates is encrypted), not ${describe(v.encrypt)}`);
+    if (!v.encrypt) job.encrypt = false;
   }
   if (v.tags !== undefined) {
     if (!Array.isArray(v.tags)) throw invalid(where, `tags must be a list of strings, not ${describe(v.tags)}`);

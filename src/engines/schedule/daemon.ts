@@ -300,7 +300,7 @@ export class ScheduleDaemon {
         if (r.ac.signal.aborted) break;
         r.what = `backing up ${image}`;
         const t = this.now();
-        const b = await this.deps.backupImage(image, job.repo, { bitmap: job.bitmap, tags, signal: r.ac.signal });
+        const b = await this.deps.backupImage(image, job.repo, { bitmap: job.bitmap, tags, signal: r.ac.signal, encrypt: job.encrypt });
         rec.backups.push({ image, id: b.id });
         img.lastSuccess = iso(t);
         img.lastBackup = b.id;

@@ -72,6 +72,8 @@ export async function close(c: KscCore): Promise<void> {
   // the last flush with its clusters neither referenced nor free.
   c.closing = true;
   while (c.fills.size > 0) await Promise.allSettled([...c.fills]);
+  // A deferred leak sweep (§8.1) hands its clusters over first, so the free list below lists them.
+  if (c.sweepDone) await c.sweepDone;
   try {
     if (!c.readOnly && !c.broken) {
       await flush(c);

@@ -36,6 +36,8 @@ export async function handOver(c: KscCore, flush: () => Promise<void>, close: ()
     return null;
   }
   c.closing = true;
+  // A deferred leak sweep (§8.1) still running hands nothing over: its clusters stay leaked.
+  c.sweepCancelled = true;
   while (c.fills.size > 0) await Promise.allSettled([...c.fills]);
   let record: HandoverRecord | null = null;
   try {

@@ -22,6 +22,8 @@ import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
 import { type HandoverRecord, handOver } from './handover.js';
+import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
+import type { OriginRecord } from '../../format/origin.js';
 
 export type { BitmapStatus } from './bitmaps.js';
 
@@ -50,6 +52,8 @@ export interface OpenKscOptions {
   opener?: FileOpener;
   /** The record of the writer that handed this image over (§9 rule 11); ignored unless it still matches. */
   handover?: HandoverRecord;
+  /** Run the leak sweep of a crashed image (§8.1) in the background instead of before open returns. */
+  deferSweep?: boolean;
 }
 
 /** KSC_E_MIGRATED: a writer's refusal of an image marked migrated away (§4.1). */
@@ -114,8 +118,17 @@ export class KscImage implements BlockDevice {
     return this.core.openDamage;
   }
 
-  /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
+  /**
+   * What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only) or,
+   * deferred, has not finished (see swept()).
+   */
   get sweep(): { reclaimed: number; skipped: string | null } | null {
+    return this.core.sweep;
+  }
+
+  /** Resolves when a deferred leak sweep has finished (at once when none runs); never rejects. */
+  async swept(): Promise<{ reclaimed: number; skipped: string | null } | null> {
+    if (this.core.sweepDone) await this.core.sweepDone;
     return this.core.sweep;
   }
 
@@ -147,7 +160,7 @@ export class KscImage implements BlockDevice {
       if (write) await file.lockExclusive();
       // §4.1 MIGRATED_AWAY: refused before the writable open changes anything (DIRTY header, recovery).
       if (write && !opts.migratedAway && (await readHeader(file)).header.incompatible & INCOMPAT_MIGRATED_AWAY) throw migratedAwayError(path);
-      const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover));
+      const img = new KscImage(await openCore(file, write, opts.backing ?? null, opts.handover, !!opts.deferSweep));
       img.core.refuseChanges = write && img.frozen && !opts.force;
       return img;
     } catch (e) {
@@ -294,15 +307,18 @@ export class KscImage implements BlockDevice {
     return bitmaps.addBitmap(this.core, name, opts);
   }
 
-  removeBitmap(name: string): Promise<void> {
+  async removeBitmap(name: string): Promise<void> {
+    await dropOriginFor(this.core, name); // §4.3 rule 3, here and below
     return bitmaps.removeBitmap(this.core, name);
   }
 
-  setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+  async setBitmapEnabled(name: string, enabled: boolean): Promise<void> {
+    if (!enabled) await dropOriginFor(this.core, name);
     return bitmaps.setBitmapEnabled(this.core, name, enabled);
   }
 
-  clearBitmap(name: string): Promise<void> {
+  async clearBitmap(name: string): Promise<void> {
+    await dropOriginFor(this.core, name);
     return bitmaps.clearBitmap(this.core, name);
   }
 
@@ -318,7 +334,8 @@ export class KscImage implements BlockDevice {
    * respect to changes: each is in the frozen bitmap or marked in `name` (the backup calls it inside
    * quiesce() for its own point in time).
    */
-  freezeBitmap(name: string, frozenName: string): Promise<void> {
+  async freezeBitmap(name: string, frozenName: string): Promise<void> {
+    await dropOriginFor(this.core, name);
     return bitmaps.freezeBitmap(this.core, name, frozenName);
   }
 
@@ -326,7 +343,8 @@ export class KscImage implements BlockDevice {
    * Adds empty, disabled bitmaps named `add` (default granularity) and removes the bitmaps named `remove`,
    * in one management step; each slot write is atomic on its own.
    */
-  updateBitmaps(add: string[], remove: string[]): Promise<void> {
+  async updateBitmaps(add: string[], remove: string[]): Promise<void> {
+    for (const n of remove) await dropOriginFor(this.core, n);
     return bitmaps.updateBitmaps(this.core, add, remove);
   }
 
@@ -394,9 +412,20 @@ export class KscImage implements BlockDevice {
         backingName: name ?? '',
         backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
         backup: null,
+        origin: { state: 'none' }, // §4.3 rule 3: an unsafe rebase changes the content without marking any bitmap
       }),
     );
     c.backingDev = dev;
+  }
+
+  /** §4.3: the backup this image is a copy of (with its origin bitmap), why the record is not trusted, or null. */
+  get origin(): OriginView | null {
+    return originView(this.core);
+  }
+
+  /** §4.3 rule 1: after a restore (every byte flushed), records the backup; returns the origin bitmap's name. */
+  setOrigin(r: Omit<OriginRecord, 'bitmapSuffix'>): Promise<string> {
+    return setOrigin(this.core, r, Math.max(64 * 1024, this.blockSize));
   }
 
   // ---------------------------------------------------------------- capabilities (../capabilities.ts)

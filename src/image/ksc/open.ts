@@ -14,9 +14,9 @@ import { decodeBitmapSlot, guessBitmapSlot } from '../../format/bitmap-slot.js';
 import { SparseBitmap } from '../sparse-bitmap.js';
 import { IntentLog } from '../intent.js';
 import { MapTable } from '../maptable.js';
-import { findLeakedClusters } from '../sweep.js';
 import type { BlockDevice } from '../types.js';
-import { KscCore, punchRuns } from './core.js';
+import { KscCore } from './core.js';
+import { sweepLeaks } from './leak-sweep.js';
 import { type HandoverRecord, trustHandover } from './handover.js';
 
 /** Reads the current header of a ksc_inc file (for probing and `info`), and which slots are damaged. */
@@ -48,9 +48,10 @@ export async function readHeader(file: HostFile): Promise<{ header: Header; slot
 /**
  * Opens the image in `file` (locked by the caller when `write`); the caller closes `file` on failure. With
  * `handover` (a writer's record, §9 rule 11) that still matches the file, a writer continues that writer's
- * session: no header write, no recovery, no sweep, its free list and its intent bits kept (§10).
+ * session: no header write, no recovery, no sweep, its free list and its intent bits kept (§10). With
+ * `deferSweep` the leak sweep of a crashed image runs in the background after the open (leak-sweep.ts).
  */
-export async function openCore(file: HostFile, write: boolean, backing: BlockDevice | null, handover?: HandoverRecord): Promise<KscCore> {
+export async function openCore(file: HostFile, write: boolean, backing: BlockDevice | null, handover?: HandoverRecord, deferSweep = false): Promise<KscCore> {
   const { header, slot, damagedSlots } = await readHeader(file);
   // §10 step 1: a damaged header slot may have been the newer one (its generation is unreadable), e.g. a
   // DIRTY header torn or damaged after a crash: the image counts as not closed cleanly.
@@ -102,7 +103,7 @@ export async function openCore(file: HostFile, write: boolean, backing: BlockDev
     await intent.rewriteWords(decoded.damagedWords);
   }
   if (dirty && setRegions.length > 0) await recover(c, setRegions);
-  if (write && dirty) await sweepLeaks(c);
+  if (write && dirty) await sweepLeaks(c, deferSweep);
   return c;
 }
 
@@ -161,24 +162,4 @@ async function recover(c: KscCore, regions: number[]): Promise<void> {
       }
     }
   }
-}
-
-/**
- * §8.1: a writer opening a crashed image (after its DIRTY header sync, before any change) reuses the
- * clusters nothing references. Skipped, leaving them to `check --repair`, when anything that may
- * reference a cluster is damaged or the map is too large to read at open.
- */
-async function sweepLeaks(c: KscCore): Promise<void> {
-  // Damage found at open (§6.4, §10: a header slot, the free list, intent words, a bitmap's slot, table or
-  // pages) means something may point at clusters this cannot see: leave them to check --repair.
-  const damaged = c.openDamage.length > 0 || c.bitmapSlots.some((b) => b?.damage);
-  if (damaged) {
-    c.sweep = { reclaimed: 0, skipped: 'damaged metadata was found at open' };
-    return;
-  }
-  const r = await findLeakedClusters({ header: c.header, map: c.map, bitmaps: c.bitmapSlots, clusterSize: c.blockSize, fileEnd: c.alloc.fileEnd });
-  c.sweep = { reclaimed: r.clusters.length, skipped: r.skipped };
-  if (r.clusters.length === 0) return;
-  await punchRuns(c.file, r.clusters, c.blockSize).catch(() => undefined); // space only
-  c.alloc.addFree(r.clusters);
 }

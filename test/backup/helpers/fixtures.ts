@@ -20,11 +20,15 @@ import type { Rng } from '../../helpers/rng.js';
 export const KiB = 1024;
 export const MiB = 1024 * KiB;
 
-/** A fresh repository in `dir` (4 MiB packs so that small disks still make several). */
-export async function newRepo(dir: string, opts: { chunkSize?: number; packSize?: number; wrap?: (s: ObjectStore) => ObjectStore } = {}): Promise<Repository> {
+/**
+ * A fresh repository in `dir` (4 MiB packs so that small disks still make several): encrypted, the default
+ * (the test environment's password, test/setup-password.ts), unless `encrypt: false` — for tests that read
+ * or damage the plain byte layouts.
+ */
+export async function newRepo(dir: string, opts: { chunkSize?: number; packSize?: number; wrap?: (s: ObjectStore) => ObjectStore; encrypt?: false } = {}): Promise<Repository> {
   const fs = await FsStore.open(dir, { create: true });
   const store = opts.wrap ? opts.wrap(fs) : fs;
-  return Repository.init(store, { chunkSize: opts.chunkSize ?? MiB, packSize: opts.packSize ?? 4 * MiB });
+  return Repository.init(store, { chunkSize: opts.chunkSize ?? MiB, packSize: opts.packSize ?? 4 * MiB, encrypt: opts.encrypt });
 }
 
 /** Opens an existing repository folder, optionally through a wrapper (FaultStore). */
