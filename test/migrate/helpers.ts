@@ -3,6 +3,7 @@
  * writing to the source over NBD (one request at a time, so the model of acknowledged bytes is exact), and
  * the CLI run with the same private run folder so that `kscinc migrate` finds the source's control socket.
  */
+import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
@@ -167,4 +168,15 @@ export function rawOf(r: Rig, image: string): string {
 export function sameBytes(a: string, b: string): void {
   const c = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', a, b]);
   expect(c.code, `qemu-img compare ${a} ${b}: ${c.stdout}${c.stderr}`).toBe(0);
+}
+
+/** Polls `migrate status IMAGE` until `ok` (bounded by `timeoutMs`). */
+export async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boolean, what: string, timeoutMs = 30_000): Promise<MigrateStatus> {
+  const t = Date.now();
+  for (;;) {
+    const s = r.json<MigrateStatus>(['migrate', 'status', image]);
+    if (ok(s)) return s;
+    if (Date.now() - t > timeoutMs) throw new Error(`migration never ${what}: ${JSON.stringify(s)}`);
+    await new Promise((res) => setTimeout(res, 100));
+  }
 }

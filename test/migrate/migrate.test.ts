@@ -15,21 +15,10 @@ import { exchange } from '../helpers/control-exchange.js';
 import { startQemuNbd } from '../helpers/qemu-nbd.js';
 import { spawnServe } from '../helpers/serve.js';
 import { controlPath } from '../../src/cli/control-trust.js';
-import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig } from './helpers.js';
+import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`migrate.test seed ${seed}`);
-
-/** Polls `migrate status` until `ok` (bounded). */
-async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boolean, what: string, timeoutMs = 30_000): Promise<MigrateStatus> {
-  const t = Date.now();
-  for (;;) {
-    const s = r.json<MigrateStatus>(['migrate', 'status', image]);
-    if (ok(s)) return s;
-    if (Date.now() - t > timeoutMs) throw new Error(`migration never ${what}: ${JSON.stringify(s)}`);
-    await new Promise((res) => setTimeout(res, 100));
-  }
-}
 
 /** The acknowledged writes are all in `rawFile` (the model equals it wherever the writer wrote: the whole span). */
 function holdsModel(rawFile: string, w: Writer): void {

@@ -9,27 +9,20 @@
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig } from './helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from './helpers.js';
+
+/** `until` on vm.ksc, with the longer bound these runs need. */
+const untilVm = (r: Rig, ok: (s: MigrateStatus) => boolean, what: string): Promise<MigrateStatus> => until(r, 'vm.ksc', ok, what, 60_000);
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`resume.test seed ${seed}`);
 const ABOVE = 40; // MiB above the base: the first pass
 
-async function until(r: Rig, ok: (s: MigrateStatus) => boolean, what: string, timeoutMs = 60_000): Promise<MigrateStatus> {
-  const t = Date.now();
-  for (;;) {
-    const s = r.json<MigrateStatus>(['migrate', 'status', 'vm.ksc']);
-    if (ok(s)) return s;
-    if (Date.now() - t > timeoutMs) throw new Error(`migration never ${what}: ${JSON.stringify(s)}`);
-    await new Promise((res) => setTimeout(res, 100));
-  }
-}
-
 /** Reruns start to `dst`, checks that it resumed, completes; returns the rerun's bytes sent. */
 async function resumeAndComplete(r: Rig, dst: { uri: string; token: string | null }, w: Writer, before: number): Promise<number> {
   const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
   expect(rerun.resumed, 'the rerun resumed').toBe(true);
-  await until(r, (s) => s.phase === 'converged', 'converged');
+  await untilVm(r, (s) => s.phase === 'converged', 'converged');
   const done = r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']);
   expect(done.phase).toBe('completed');
   await w.stopped();
@@ -63,10 +56,10 @@ describe('migrate start resumes from the persistent state', () => {
     try {
       await w.start();
       r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--bandwidth', '4M', '--connections', '1']);
-      const at = await until(r, (s) => s.bytesSent >= 32 * MiB, 'sent 32 MiB');
+      const at = await untilVm(r, (s) => s.bytesSent >= 32 * MiB, 'sent 32 MiB');
       dst.child.proc.kill('SIGKILL');
       await dst.child.exited;
-      const failed = await until(r, (s) => s.phase === 'failed', 'failed');
+      const failed = await untilVm(r, (s) => s.phase === 'failed', 'failed');
       expect(failed.bytesSent).toBeLessThan(ABOVE * MiB);
       // A fresh start to the written destination would leave stale blocks: only a resume may go there.
       const token1 = dst.token;

@@ -13,21 +13,11 @@ import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { spawnServe } from '../helpers/serve.js';
-import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig, type Served } from './helpers.js';
+import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig, type Served } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`seed.test seed ${seed}`);
 const K64 = 64 * 1024;
-
-async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boolean, what: string, timeoutMs = 30_000): Promise<MigrateStatus> {
-  const t = Date.now();
-  for (;;) {
-    const s = r.json<MigrateStatus>(['migrate', 'status', image]);
-    if (ok(s)) return s;
-    if (Date.now() - t > timeoutMs) throw new Error(`migration never ${what}: ${JSON.stringify(s)}`);
-    await new Promise((res) => setTimeout(res, 100));
-  }
-}
 
 function backup(r: Rig): string {
   const b = r.json<{ id: string }>(['backup', 'vm.ksc', '--repo', join(r.dir, 'repo')]);

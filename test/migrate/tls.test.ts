@@ -13,7 +13,7 @@ import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { TOKEN_CONTEXT } from '../../src/nbd/incoming.js';
 import { makePki, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe } from '../helpers/serve.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig } from './helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`migrate tls.test seed ${seed}`);
@@ -22,16 +22,6 @@ let pki: Pki;
 beforeAll(() => {
   pki = makePki();
 }, 60_000);
-
-async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boolean, what: string, timeoutMs = 30_000): Promise<MigrateStatus> {
-  const t = Date.now();
-  for (;;) {
-    const s = r.json<MigrateStatus>(['migrate', 'status', image]);
-    if (ok(s)) return s;
-    if (Date.now() - t > timeoutMs) throw new Error(`migration never ${what}: ${JSON.stringify(s)}`);
-    await new Promise((res) => setTimeout(res, 100));
-  }
-}
 
 /** `kscinc serve IMAGE --incoming` with TLS arguments; its nbds:// URI and token. */
 async function serveIncomingTls(r: Rig, image: string, tls: string[]) {
