@@ -65,6 +65,8 @@ const FLAGS: Record<string, string> = {
   disk: '--disk',
   chunkSize: '--chunk-size',
   keyFile: '--key-file',
+  noEncrypt: '--no-encrypt',
+  repo: '--repo',
   ref: '"kscinc repo unlock --ref"',
 };
 

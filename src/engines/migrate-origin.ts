@@ -85,7 +85,7 @@ export async function incomingOrigin(dev: BlockDevice, image: string): Promise<{
     const bytes = dirty.reduce((s, e) => s + e.length, 0);
     throw new KscError(
       'KSC_E_INVALID',
-      `--incoming: ${image} was restored from backup ${o.record.backupId} but changed since (${bytes} bytes marked in bitmap ${o.bitmap}); restore that backup onto it again (only the changed chunks are fetched) or use a fresh image`,
+      `${image} (an incoming migration target) was restored from backup ${o.record.backupId} but changed since (${bytes} bytes marked in bitmap ${o.bitmap}); restore that backup onto it again (only the changed chunks are fetched) or use a fresh image`,
     );
   }
   return { context: originContext(o.record), problem: null };

@@ -81,7 +81,7 @@ function checkClaim(repo: Repository, m: Manifest, claim: OriginClaim, dev: Bloc
     );
   };
   if (repo.config.id !== claim.repoId) {
-    throw new KscError('KSC_E_INVALID', `${to} was restored from repository ${claim.repoId}, but ${repo.name} is repository ${repo.config.id}: give the right one with --repo`);
+    throw new KscError('KSC_E_INVALID', `${to} was restored from repository ${claim.repoId}, but ${repo.name} is repository ${repo.config.id}: name the right one with option repo`);
   }
   if (m.disk !== claim.disk) differs('disk', claim.disk, m.disk);
   if (m.root.toString('hex') !== claim.root) differs('Merkle root', claim.root, m.root.toString('hex'));
@@ -105,7 +105,7 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
     );
   }
   const location = o.repo ?? claim.location;
-  if (!location) throw new KscError('KSC_E_INVALID', `${o.to} does not say where its repository is: give it with --repo`);
+  if (!location) throw new KscError('KSC_E_INVALID', `${o.to} does not say where its repository is: name it with option repo`);
   const store = await openStore(location);
   let repo: Repository;
   let m: Manifest;

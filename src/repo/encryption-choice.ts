@@ -25,7 +25,7 @@ export interface EncryptOptions {
 export type EncryptChoice = EncryptOptions | false | (() => Promise<EncryptOptions | false>);
 
 /** The error of a new repository that would be encrypted (the default) with no password to protect its key. */
-export function noPasswordError(optOut = '--no-encrypt'): KscError {
+export function noPasswordError(optOut = 'option noEncrypt'): KscError {
   return new KscError(
     'KSC_E_INVALID',
     `new repositories are encrypted, and no password was given to protect the key: set KSCINC_PASSWORD_FILE (a file holding the password) or KSCINC_PASSWORD_COMMAND (a command printing it), or run on a terminal to type it; or create an unencrypted repository with ${optOut}. Nothing was created`,
@@ -38,7 +38,7 @@ export async function resolveEncryption(choice: EncryptChoice | undefined, env: 
   if (c === false) return false;
   if (c === undefined) {
     const password = passwordFrom(env, 'KSCINC_PASSWORD_FILE', 'KSCINC_PASSWORD_COMMAND');
-    if (!password) throw noPasswordError('--no-encrypt (library: encrypt: false)');
+    if (!password) throw noPasswordError('option noEncrypt (library: encrypt: false)');
     return checked({ password });
   }
   if (!c.password && !c.keyFile) throw noPasswordError();

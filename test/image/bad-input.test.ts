@@ -309,7 +309,7 @@ describe('absurd header values with a valid CRC', () => {
     ['backing_format 3 without a backup id', (h) => (h.writeUInt32LE(3, 132), h.writeUInt16LE(3, 136), h.write('/r1', 144)), 'KSC_E_CORRUPT', 'backup_id'],
     ['backing_format 2 without a name', u32(132, 2), 'KSC_E_CORRUPT', 'backing_name_length'],
     ['a backing name without backing_format', (h) => (h.writeUInt16LE(3, 136), h.write('x.k', 144)), 'KSC_E_CORRUPT', 'backing_name_length'],
-    ['an unknown incompatible feature bit', u64(24, 2n), 'KSC_E_FORMAT', 'incompatible'],
+    ['an unknown incompatible feature bit (bit 2; bit 1 is MIGRATED_AWAY)', u64(24, 4n), 'KSC_E_FORMAT', 'incompatible'],
     ['incompatible bit 63', u64(24, 1n << 63n), 'KSC_E_FORMAT', 'incompatible'],
     // §4: a valid slot whose field is out of range rejects the image; it does not fall back to the older slot.
     ['backing_name_length 2000', (h) => h.writeUInt16LE(2000, 136), 'KSC_E_CORRUPT', 'backing_name_length'],
