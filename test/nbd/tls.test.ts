@@ -224,5 +224,23 @@ describe('NBD TLS', () => {
     expect(mismatch.code).not.toBe(0);
     expect(mismatch.stderr).toMatch(/TLS credentials .*: .*(mismatch|key)/i);
     expect(kscinc(['serve', img, '--incoming-peer', 'x509:a']).stderr).toMatch(/--incoming-peer goes with --incoming and TLS/);
+    // The peer's kind must be the server's: an X.509 name on a PSK server (and the reverse) would match nobody.
+    const pskServe = ['serve', img, '--incoming', '--tls-psk', join(pki.psk, 'keys.psk')];
+    const kindPsk = kscinc([...pskServe, '--incoming-peer', 'x509:migration-source']);
+    expect(kindPsk.code).not.toBe(0);
+    expect(kindPsk.stderr).toMatch(/--incoming-peer "x509:migration-source": this server uses PSK TLS/);
+    expect(kscinc(['serve', img, '--incoming', ...x509ServeArgs(pki), '--incoming-peer', 'psk:source']).stderr).toMatch(/this server uses X\.509 TLS/);
+    expect(kscinc(['serve', img, '--incoming', ...x509ServeArgs(pki), '--incoming-peer', 'cn=source']).stderr).toMatch(/expected x509:CN or psk:IDENTITY/);
+    // A client credentials folder with a certificate but not its key (or the reverse) is refused up front.
+    for (const [has, lacks] of [
+      ['client-cert.pem', 'client-key.pem'],
+      ['client-key.pem', 'client-cert.pem'],
+    ]) {
+      const half = join(dir, `half-${lacks}`);
+      mkdirSync(half, { recursive: true });
+      copyFileSync(join(pki.x509, 'ca-cert.pem'), join(half, 'ca-cert.pem'));
+      copyFileSync(join(pki.x509, has), join(half, has));
+      expect(() => loadClientTls({ creds: half }), `${has} without ${lacks}`).toThrow(/client-cert\.pem and client-key\.pem go together/);
+    }
   }, 60_000);
 });
