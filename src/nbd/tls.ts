@@ -89,7 +89,7 @@ export function loadServerTls(f: TlsServerFiles | undefined): TlsServerConfig | 
   if (x509 && f.psk) throw new KscError('KSC_E_INVALID', '--tls-psk and --tls-cert/--tls-key/--tls-ca are exclusive: choose X.509 or PSK');
   if (f.psk) {
     const psk = parsePskFile(readCredential(f.psk, 'PSK file').toString('utf8'), f.psk);
-    return { psk, context: tls.createSecureContext({ minVersion: TLS_MIN_VERSION, ciphers: PSK_CIPHERS }) };
+    return { psk, context: tls.createSecureContext({ minVersion: TLS_MIN_VERSION, ciphers: PSK_CIPHERS, dhparam: 'auto' }) };
   }
   if (!f.cert || !f.key || !f.ca) throw new KscError('KSC_E_INVALID', 'X.509 TLS needs all of --tls-cert, --tls-key and --tls-ca (the CA that signs the client certificates)');
   const cert = readCredential(f.cert, 'TLS certificate');
@@ -129,6 +129,7 @@ export function startServerTls(socket: net.Socket, cfg: TlsServerConfig, timeout
   else {
     opts.ciphers = PSK_CIPHERS;
     opts.honorCipherOrder = true;
+    opts.dhparam = 'auto'; // the DHE-PSK suites need DH parameters: without them only ECDHE-PSK could be chosen
     opts.pskCallback = (_s, id) => {
       const key = cfg.psk!.get(id) ?? null;
       if (key) identity = id;

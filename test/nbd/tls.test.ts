@@ -4,7 +4,8 @@
  * client certificate of another CA, a server certificate the client does not trust, a wrong PSK key, an
  * unknown PSK identity, the raw-protocol rules before STARTTLS, and the CLI's checks before binding.
  */
-import { copyFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import * as tls from 'node:tls';
+import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
@@ -15,7 +16,9 @@ import { kscinc, run } from '../helpers/cli.js';
 import { makePki, qemuTls, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe, type ServeChild } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, closesWithin } from './helpers.js';
+import { SocketReader } from '../../src/nbd/reader.js';
+import { encodeOptionHeader } from '../../src/nbd/wire.js';
+import { RawClient, closesWithin, goData } from './helpers.js';
 
 const MiB = 1024 * 1024;
 let pki: Pki;
@@ -242,5 +245,47 @@ describe('NBD TLS', () => {
       copyFileSync(join(pki.x509, has), join(half, has));
       expect(() => loadClientTls({ creds: half }), `${has} without ${lacks}`).toThrow(/client-cert\.pem and client-key\.pem go together/);
     }
+  }, 60_000);
+  it('PSK over TLS 1.2 (a TLS 1.2-only client): the (EC)DHE-PSK AEAD suites work, plain PSK key exchange is refused', async () => {
+    const { child, port } = await serveTls(['--tls-psk', join(pki.psk, 'keys.psk')]);
+    const [identity, hex] = readFileSync(join(pki.psk, 'keys.psk'), 'utf8').trim().split(':');
+    /** STARTTLS, then a TLS 1.2 handshake offering only `ciphers`; resolves with the TLS socket or rejects. */
+    const tls12 = async (ciphers: string): Promise<tls.TLSSocket> => {
+      const c = await rawClient(port);
+      expect((await c.option(OPT.STARTTLS))[0]!.type).toBe(REP.ACK);
+      c.reader.release();
+      const t = tls.connect({
+        socket: c.socket,
+        minVersion: 'TLSv1.2',
+        maxVersion: 'TLSv1.2',
+        ciphers,
+        pskCallback: () => ({ identity: identity!, psk: Buffer.from(hex!, 'hex') }),
+        checkServerIdentity: () => undefined,
+      });
+      return new Promise((res, rej) => {
+        t.once('secureConnect', () => res(t));
+        t.once('error', rej);
+      });
+    };
+    for (const suite of ['ECDHE-PSK-CHACHA20-POLY1305', 'DHE-PSK-AES256-GCM-SHA384']) {
+      const t = await tls12(suite);
+      expect(t.getProtocol()).toBe('TLSv1.2');
+      expect(t.getCipher().name).toBe(suite);
+      const r = new SocketReader(t);
+      const go = goData('');
+      t.write(Buffer.concat([encodeOptionHeader(OPT.GO, go.length), go]));
+      let type: number;
+      do {
+        const h = await r.read(20);
+        type = h.readUInt32BE(12);
+        await r.read(h.readUInt32BE(16));
+      } while (type !== REP.ACK && type < 0x80000000);
+      expect(type, suite).toBe(REP.ACK);
+      t.destroy();
+    }
+    // Plain PSK (no DHE/ECDHE): no forward secrecy, not offered (formats/nbd.md §5.3).
+    await expect(tls12('PSK-AES128-GCM-SHA256')).rejects.toThrow(/handshake failure|no.*cipher|alert/i);
+    await stop(child);
+    expect(child.stderr()).toMatch(/TLSv1\.2/);
   }, 60_000);
 });
