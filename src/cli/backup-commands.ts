@@ -423,7 +423,7 @@ function registerRepoRepair(repo: Command): void {
           default: 'the default (no manifest, no readable pack)',
         }[r.chunkSizeFrom];
         println(
-          `${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`,
+          `${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, ${r.config.version === 2 ? 'encrypted, its repository id kept' : 'new repository id'} ${r.config.id}`,
         );
         if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
         if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);
