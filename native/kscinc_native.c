@@ -11,6 +11,7 @@
  *   readCached(fd, buf, position)   preadv2(RWF_NOWAIT): only what the page cache holds
  *   setSendBuffer(fd, bytes)        setsockopt(SO_SNDBUF), returns the size granted
  *   peerCred(fd)                    getsockopt(SO_PEERCRED): {pid, uid, gid} of a unix socket's peer
+ *   aesGcmOpen, aesGcmSeal, gmacId  AES-256-GCM in place through Node's OpenSSL (kscinc_aead.c)
  *
  * Conventions:
  *   - Wrong argument types throw a TypeError (code ERR_INVALID_ARG_TYPE);
@@ -48,6 +49,8 @@
 #include <unistd.h>
 
 #include <node_api.h>
+
+#include "kscinc_aead.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
 #define MAX_SAFE_INT 9007199254740991.0
@@ -735,5 +738,6 @@ NAPI_MODULE_INIT() {
     NAPI_CALL(env, napi_create_function(env, "writeCrc", NAPI_AUTO_LENGTH, WriteCrc, NULL, &fn));
     NAPI_CALL(env, napi_set_named_property(env, exports, "writeCrc", fn));
   }
+  if (!kscinc_aead_register(env, exports)) return throw_napi_failure(env, "kscinc_aead_register");
   return exports;
 }

@@ -20,7 +20,7 @@ import { pullImage } from '../engines/pull.js';
 import { pruneRepo } from '../engines/prune.js';
 import { policyIsEmpty } from '../engines/retention.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
-import { closePool } from '../compress/pool.js';
+import { closePool, warmPool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
 import { requestBackup } from './control.js';
 import { clientKey } from './control-key.js';
@@ -52,7 +52,7 @@ async function withRepo<T>(
   location: string,
   mode: 'open' | 'create' | 'openOrInit',
   fn: (repo: Repository) => Promise<T>,
-  opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptChoice } = {},
+  opts: { chunkSize?: number; packSize?: number; encrypt?: EncryptChoice; warm?: boolean } = {},
 ): Promise<T> {
   // A new repository's encryption is settled before its folder or bucket is made: a refusal creates nothing.
   const s: { store: ObjectStore; encrypt?: EncryptChoice } =
@@ -64,6 +64,8 @@ async function withRepo<T>(
   const store = s.store;
   const o = { ...opts, encrypt: s.encrypt };
   try {
+    // The workers start while the key is opened (scrypt runs on libuv's pool, ~0.2 s): a restore needs them next.
+    if (opts.warm) warmPool();
     const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, o);
     return await fn(repo);
   } finally {
@@ -225,31 +227,36 @@ function registerRestore(program: Command): void {
         });
         return;
       }
-      await withRepo(o.repo, 'open', async (repo) => {
-        const bar = progressBar('restore');
-        let r;
-        try {
-          r = await restoreBackup(repo, backup, target, {
-            format,
-            disk: o.disk,
-            force: o.force,
-            concurrency: Math.max(1, o.concurrency),
-            location: storedLocation(o.repo),
-            progress: (p) => bar.update(p.doneBytes, p.totalBytes),
-          }).finally(bar.stop);
-        } catch (e) {
-          if (!(e as { partial?: boolean }).partial) throw e;
-          process.stderr.write(`kscinc: ${(e as Error).message}\n`);
-          process.exitCode = 4;
-          return;
-        }
-        if (o.json) return printJson(r);
-        for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
-        println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
-        println(`  ${restoreCounts(r)}`);
-        if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
-        println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
-      });
+      await withRepo(
+        o.repo,
+        'open',
+        async (repo) => {
+          const bar = progressBar('restore');
+          let r;
+          try {
+            r = await restoreBackup(repo, backup, target, {
+              format,
+              disk: o.disk,
+              force: o.force,
+              concurrency: Math.max(1, o.concurrency),
+              location: storedLocation(o.repo),
+              progress: (p) => bar.update(p.doneBytes, p.totalBytes),
+            }).finally(bar.stop);
+          } catch (e) {
+            if (!(e as { partial?: boolean }).partial) throw e;
+            process.stderr.write(`kscinc: ${(e as Error).message}\n`);
+            process.exitCode = 4;
+            return;
+          }
+          if (o.json) return printJson(r);
+          for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
+          println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
+          println(`  ${restoreCounts(r)}`);
+          if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
+          println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
+        },
+        { warm: true },
+      );
     });
 }
 
@@ -423,7 +430,7 @@ function registerRepoRepair(repo: Command): void {
           default: 'the default (no manifest, no readable pack)',
         }[r.chunkSizeFrom];
         println(
-          `${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, new repository id ${r.config.id}`,
+          `${r.dryRun ? 'would write' : 'wrote'} ${store.name}/config: chunk size ${formatSize(r.config.chunkSize)} (${from}), pack size ${formatSize(r.config.packSize)}, ${r.config.version === 2 ? 'encrypted, its repository id kept' : 'new repository id'} ${r.config.id}`,
         );
         if (r.manifestsDamaged.length) println(`warning: ${r.manifestsDamaged.length} manifest(s) could not be read: ${r.manifestsDamaged.join(', ')}`);
         if (r.manifestsOtherChunkSize.length) println(`warning: ${r.manifestsOtherChunkSize.length} manifest(s) of another chunk size stay unreadable: ${r.manifestsOtherChunkSize.join(', ')}`);

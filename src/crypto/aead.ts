@@ -4,7 +4,8 @@
  * are sealed whole in an envelope bound to their kind and object key; blobs carry their own framing, bound
  * to their header (and so to their chunk id). Pure functions: they run in the workers too.
  */
-import { createCipheriv, createDecipheriv, createHmac, randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, createHmac, randomBytes, randomFillSync } from 'node:crypto';
+import { nativeOps } from '../io/native.js';
 
 export const SEAL_MAGIC = Buffer.from('KSCSEAL1');
 /** §13.4: magic, kind, reserved, nonce. */
@@ -74,6 +75,8 @@ const GMAC_NONCE = Buffer.alloc(NONCE);
  * K_gh is never used to encrypt anything, so its fixed nonce never meets a ciphertext; T never leaves here.
  */
 export function gmacId(ghKey: Uint8Array, prpKey: Uint8Array, data: Uint8Array, out: Buffer, at: number): void {
+  const n = nativeOps();
+  if (n?.gmacId) return n.gmacId(ghKey, prpKey, data, out, at);
   const g = createCipheriv('aes-256-gcm', ghKey, GMAC_NONCE);
   g.setAAD(data);
   g.final();
@@ -95,6 +98,8 @@ export function keyedId(workerKeys: Uint8Array, data: Uint8Array, out: Buffer, a
 }
 
 /**
+ * Blobs go through the addon's AES-256-GCM (native/kscinc_aead.c: OpenSSL's, in place, one context per
+ * thread, nothing allocated per call) when it is there; else through node:crypto in pieces (below).
  * Bytes given to one cipher update. Node's update() returns a fresh buffer; for 1 MiB that is a fresh
  * mapping of the kernel's (page faults, and the system time went up to half of the encryption's time);
  * 64 KiB pieces come from the allocator's free lists and measured 1.2–3× faster (bench/encrypt-idhash.mjs).
@@ -108,13 +113,18 @@ function pieces(c: { update(b: Uint8Array): Buffer }, data: Uint8Array, out: Buf
   return p - at;
 }
 
+/** This thread's nonce buffer (filled afresh for every blob). */
+const nonceBuf = Buffer.alloc(NONCE);
+
 /**
  * §13.5: encrypts `plain` into `out` at `at` as nonce ‖ ciphertext ‖ tag, with the blob header `aad`
- * authenticated. Returns the bytes written (plain.length + 28). `plain` may lie in `out` after `at + 12`
- * (encrypted in place: each piece is read before its ciphertext is written over it).
+ * authenticated. Returns the bytes written (plain.length + 28). `plain` may be `out[at + 12, …)` exactly
+ * (encrypted in place), else it must not overlap where the result goes.
  */
 export function encryptInto(dataKey: Buffer, aad: Buffer, plain: Uint8Array, out: Buffer, at: number): number {
-  const nonce = randomBytes(NONCE);
+  const nonce = randomFillSync(nonceBuf);
+  const nat = nativeOps();
+  if (nat?.aesGcmSeal) return nat.aesGcmSeal(dataKey, nonce, aad, plain, out, at);
   nonce.copy(out, at);
   const c = createCipheriv('aes-256-gcm', dataKey, nonce);
   c.setAAD(aad);
@@ -128,12 +138,19 @@ export function encryptInto(dataKey: Buffer, aad: Buffer, plain: Uint8Array, out
 /**
  * §13.5: decrypts nonce ‖ ciphertext ‖ tag (`sealed`) with `aad` into `out` at `at`; returns the plain
  * length. AuthError when the tag fails: then the bytes written to `out` are unauthenticated and the caller
- * MUST NOT use them (decodeBlobInto only ever returns an error for them).
+ * MUST NOT use them (decodeBlobInto only ever returns an error for them; the addon's open has zeroed them
+ * already). `out[at…]` may be the ciphertext itself (decrypted in place), else it must not overlap `sealed`.
  */
 export function decryptInto(dataKey: Buffer, aad: Buffer, sealed: Uint8Array, out: Buffer, at: number): number {
   if (sealed.length < NONCE + TAG) throw new AuthError('encrypted blob shorter than its nonce and tag');
   const n = sealed.length - NONCE - TAG;
   if (n > out.length - at) throw new AuthError('encrypted blob larger than its room');
+  const nat = nativeOps();
+  if (nat?.aesGcmOpen) {
+    // The tag is checked inside, before it returns; on a failure what it wrote is already zeroed.
+    if (nat.aesGcmOpen(dataKey, aad, sealed, out, at) !== n) throw new AuthError('blob authentication failed (modified, or the key is wrong)');
+    return n;
+  }
   const s = Buffer.from(sealed.buffer, sealed.byteOffset, sealed.byteLength);
   const d = createDecipheriv('aes-256-gcm', dataKey, s.subarray(0, NONCE));
   d.setAAD(aad);

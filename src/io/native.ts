@@ -20,6 +20,7 @@
  */
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import { isMainThread } from 'node:worker_threads';
 
 export interface NativeOps {
   /**
@@ -79,6 +80,17 @@ export interface NativeOps {
   setSendBuffer?(fd: number, bytes: number): number;
   /** getsockopt(SO_PEERCRED) of a connected unix socket: the peer's pid, uid and gid (Linux). */
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
+  /**
+   * Present when the node binary exports OpenSSL's EVP functions (native/kscinc_aead.c). AES-256-GCM open of
+   * `sealed` (12-byte nonce ‖ ciphertext ‖ 16-byte tag) with `aad` under `key` into `dst` at `at`: the
+   * plain length, or -1 when the tag fails (then the bytes written are zeroed). `dst[at…]` may be the
+   * ciphertext itself (in place); any other overlap throws a RangeError, as do lengths that do not fit.
+   */
+  aesGcmOpen?(key: Uint8Array, aad: Uint8Array, sealed: Uint8Array, dst: Uint8Array, at: number): number;
+  /** AES-256-GCM seal of `plain` into `dst` at `at` as nonce ‖ ciphertext ‖ tag; `plain` may be `dst[at + 12…]` (in place). Returns the bytes written. */
+  aesGcmSeal?(key: Uint8Array, nonce: Uint8Array, aad: Uint8Array, plain: Uint8Array, dst: Uint8Array, at: number): number;
+  /** formats/repository.md §13.6 `gmac-aes-256`: AES-256(prpKey, GCM tag of `data` as AAD under ghKey, nonce 0) into `out` at `at`. */
+  gmacId?(ghKey: Uint8Array, prpKey: Uint8Array, data: Uint8Array, out: Uint8Array, at: number): void;
 }
 
 /*
@@ -124,8 +136,13 @@ let cached: NativeOps | null | undefined;
 
 /** True when the environment asks to run without the addon. */
 function disabledByEnv(): boolean {
-  return process.env['KSCINC_NO_NATIVE'] === '1';
+  if (isMainThread) return process.env['KSCINC_NO_NATIVE'] === '1';
+  // A worker's environment is its own copy, taken when it started: read once (the workers ask for the
+  // addon several times per chunk, and a read of process.env is not free there).
+  workerDisabled ??= process.env['KSCINC_NO_NATIVE'] === '1';
+  return workerDisabled;
 }
+let workerDisabled: boolean | undefined;
 
 /**
  * The addon, or null when it did not build or KSCINC_NO_NATIVE=1 is set in

@@ -14,6 +14,8 @@ import { type RepoConfig, assertChunkSize, decodeConfig, validPackSize } from '.
 import { readPackFooter } from './pack.js';
 import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
+import { looksEncrypted, repairEncryptedConfig } from './repair-encrypted.js';
+import type { Unlock } from '../crypto/password.js';
 
 export interface RepairResult {
   /** The config written (or that would be written with dryRun). */
@@ -32,7 +34,7 @@ export interface RepairResult {
  * config is intact; KSC_E_NOT_FOUND when the location holds no repository objects; KSC_E_INVALID when the
  * manifests disagree on the chunk size and `chunkSize` does not say which.
  */
-export async function repairConfig(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; dryRun?: boolean } = {}): Promise<RepairResult> {
+export async function repairConfig(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; dryRun?: boolean; unlock?: Unlock } = {}): Promise<RepairResult> {
   try {
     decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
     throw new KscError('KSC_E_EXISTS', `${store.name} has an intact config object: nothing to repair`);
@@ -44,11 +46,9 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   if (where.kind !== 'repository') {
     throw new KscError('KSC_E_NOT_FOUND', `${store.name} holds no repository objects (no manifests/, index/ or packs/): nothing to rebuild a config from`);
   }
-  for await (const o of store.list('keys/')) {
-    // §13.1: an encrypted repository's config carries its key check; rebuilding it as version 1 would make
-    // the repository read as unencrypted.
-    throw new KscError('KSC_E_INVALID', `${store.name} is an encrypted repository (it holds ${o.key}): its config cannot be rebuilt by repo repair (not supported yet); nothing was changed`);
-  }
+  // §13.9: an encrypted repository's config is rebuilt with its password or key file (never as version 1,
+  // which would make it read as unencrypted).
+  if (await looksEncrypted(store, opts.unlock)) return { ...(await repairEncryptedConfig(store, opts)), dryRun: !!opts.dryRun };
   if (opts.chunkSize !== undefined) assertChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
   if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
