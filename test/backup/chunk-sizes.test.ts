@@ -108,6 +108,34 @@ describe('chunk sizes 64 KiB … 4 MiB', () => {
     expect(big.bytesStored).toBeGreaterThan(8 * bytesChanged);
   });
 
+  it('a bitmap granule larger than the chunk (256 KiB blocks, 64 KiB chunks) still gives incrementals: each dirty granule reads its chunks', async () => {
+    const rng = root.fork();
+    const C = 64 * KiB;
+    const repo = await newRepo(join(dir, 'granule'), { chunkSize: C });
+    const size = 16 * MiB;
+    const path = await makeDisk(dir, 'granule', rng, { size, blockSize: 256 * KiB });
+    const img = await openKsc(path, { write: true });
+    try {
+      await img.write(0, rng.bytes(size));
+      const b1 = await backupDevice(img, repo);
+      expect(b1.full).toBe(true);
+      expect(img.bitmapInfo('backup')!.granularity).toBe(256 * KiB);
+      // Two writes of 4 KiB inside two granules: 4 chunks each are dirty.
+      await img.write(1 * MiB + 8192, rng.bytes(4096));
+      await img.write(9 * MiB + 300 * KiB, rng.bytes(4096));
+      const b2 = await backupDevice(img, repo);
+      expect(b2.full, String(b2.fullReason)).toBe(false);
+      expect(b2.chunksDirty).toBe(8);
+      expect(b2.bytesRead).toBe(8 * C);
+      expect(b2.chunksNew).toBe(2);
+      const target = join(dir, 'granule.raw');
+      await restoreBackup(repo, b2.id, target);
+      expectSame(await readImage(target), await contents(img), `restore, seed ${seed}`);
+    } finally {
+      await img.close();
+    }
+  });
+
   it('refuses sizes outside 64 KiB … 4 MiB or not a power of two, in repo init, a config and a manifest', async () => {
     for (const bad of [32 * KiB, 8 * MiB, 3 * 64 * KiB, 0]) {
       const e = await expectKscError(Repository.init(await FsStore.open(join(dir, `bad-${bad}`), { create: true }), { chunkSize: bad }), 'KSC_E_INVALID', `chunk size ${bad}`);
