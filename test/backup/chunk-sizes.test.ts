@@ -136,6 +136,35 @@ describe('chunk sizes 64 KiB … 4 MiB', () => {
     }
   });
 
+  it('at 64 KiB the bounded-memory dedupe (Bloom filter, windows of chunks) gives the manifest of the exact one and restores (repository.md §3.2 rule 5)', async () => {
+    const rng = root.fork();
+    const C = 64 * KiB;
+    const size = 24 * MiB;
+    const path = await makeDisk(dir, 'filter64', rng, { size });
+    const img = await openKsc(path, { write: true });
+    try {
+      // Random data with repeats: a quarter of the chunks copy another, so dedupe has work in both modes.
+      const data = rng.bytes(size);
+      for (let k = 0; k < size / C; k += 4) data.copy(data, k * C, 0, C);
+      await img.write(0, data);
+      // Unencrypted: chunk ids (so Merkle roots) are then the same in both repositories (§2).
+      const exactRepo = await newRepo(join(dir, 'filter64-exact'), { chunkSize: C, encrypt: false });
+      const exact = await backupDevice(img, exactRepo, { bitmap: null });
+      const repo = await newRepo(join(dir, 'filter64-filter'), { chunkSize: C, encrypt: false });
+      const filtered = await backupDevice(img, repo, { bitmap: null, exactIds: 0, windowChunks: 16, batchBytes: 4 * C });
+      expect([exact.dedupe, filtered.dedupe]).toEqual(['exact', 'filter']);
+      expect(filtered.chunksNew).toBe(exact.chunksNew);
+      expect(filtered.chunksNew).toBe(size / C - size / C / 4 + 1);
+      expect((await repo.readManifest(filtered.id)).root.toString('hex')).toBe((await exactRepo.readManifest(exact.id)).root.toString('hex'));
+      const target = join(dir, 'filter64.raw');
+      await restoreBackup(repo, filtered.id, target);
+      expectSame(await readImage(target), data, `restore, seed ${seed}`);
+      expect((await verifyRepo(repo)).ok).toBe(true);
+    } finally {
+      await img.close();
+    }
+  });
+
   it('refuses sizes outside 64 KiB … 4 MiB or not a power of two, in repo init, a config and a manifest', async () => {
     for (const bad of [32 * KiB, 8 * MiB, 3 * 64 * KiB, 0]) {
       const e = await expectKscError(Repository.init(await FsStore.open(join(dir, `bad-${bad}`), { create: true }), { chunkSize: bad }), 'KSC_E_INVALID', `chunk size ${bad}`);
