@@ -322,7 +322,7 @@ async function loadPlan(repo: Repository, m: Manifest, fetch: number[], what: st
   const badIndex: string[] = [];
   const needed = new ChunkIndex({ locations: false, expected: fetch.length });
   for (const k of fetch) needed.addAt(idAt(k), 0, '', 0, 0, 0);
-  const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+  const index = await repo.loadIndex((key) => badIndex.push(repo.objName(key)), { only: (b, at) => needed.hasAt(b, at), expected: fetch.length });
   const plan = restorePlan(fetch, idAt, index, maxReadBytes ?? 4 * 1024 * 1024, badIndex.length ? `${what} (damaged index object ${badIndex.join(', ')})` : what);
   await checkPacks(repo, index, what);
   return { index, plan };
