@@ -121,7 +121,7 @@ function registerBackup(program: Command): void {
     .option('--no-bitmap', 'use no bitmap: read the whole disk')
     .option('--full', 'read every chunk, even when the bitmap could be used')
     .option('--tag <tag>', 'tag the backup (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
-    .option('--chunk-size <size>', 'chunk size of a repository this backup creates (1M … 4M)', (v) => parseSize(v, '--chunk-size'))
+    .option('--chunk-size <size>', 'chunk size of a repository this backup creates (64K … 4M)', (v) => parseSize(v, '--chunk-size'))
     .option('--no-encrypt', 'a repository this backup creates is not encrypted (default: encrypted, password from KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND, else typed on a terminal)')
     .option('--json', 'print the summary as JSON')
     .description('back up what changed since the last backup of this disk into a repository (created when missing)')
@@ -384,7 +384,7 @@ function registerRepoInit(repo: Command): void {
   repo
     .command('init')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
-    .option('--chunk-size <size>', 'chunk size (power of two, 1M … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
+    .option('--chunk-size <size>', 'chunk size (power of two, 64K … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
     .option('--encrypt', 'encrypt and authenticate everything stored (the default)')
     .option('--no-encrypt', 'create an unencrypted repository (anyone who can read the storage reads the disks)')

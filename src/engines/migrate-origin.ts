@@ -58,7 +58,7 @@ export function parseOriginContext(text: string, to: string): OriginClaim {
   if (!/^[0-9a-f]{32}$/.test(root)) bad('root');
   if (token !== 'none' && !/^[0-9a-f]{32}$/.test(token)) bad('token');
   const chunkSize = Number(chunk);
-  if (!Number.isInteger(chunkSize) || chunkSize < 1 << 20 || chunkSize > 4 << 20 || (chunkSize & (chunkSize - 1)) !== 0) bad('chunk size');
+  if (!Number.isInteger(chunkSize) || chunkSize < 64 << 10 || chunkSize > 4 << 20 || (chunkSize & (chunkSize - 1)) !== 0) bad('chunk size');
   let backupId = '';
   let location = '';
   try {

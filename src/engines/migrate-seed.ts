@@ -21,6 +21,7 @@ import type { Unlock } from '../crypto/password.js';
 import type { Manifest } from '../repo/manifest.js';
 import { Repository } from '../repo/repository.js';
 import { bytesToUuid } from '../util/uuid.js';
+import { BitSet } from '../util/bitset.js';
 import { frozenBitmapName, isHandoverBitmap, tokenBitmapName, tokenBitmapsOf, tokenOf } from './backup/bitmap-names.js';
 import { isZero } from './migrate-base.js';
 import type { OriginClaim } from './migrate-origin.js';
@@ -172,10 +173,11 @@ function merge(list: SeedRange[]): SeedRange[] {
 async function hashPlan(dev: BlockDevice, repo: Repository, m: Manifest, info: SeedInfo): Promise<SeedRange[]> {
   const C = m.chunkSize;
   const n = Math.ceil(dev.size / C);
-  const withData = new Set<number>();
+  // A bit set: V8 caps a Set at 2^24 members (a 1 TiB disk of 64 KiB chunks).
+  const withData = new BitSet(n);
   for (const e of await dev.extents(0, dev.size)) {
     if (e.state !== 'data' || e.length <= 0) continue;
-    for (let k = Math.floor(e.offset / C), k1 = Math.floor((e.offset + e.length - 1) / C); k <= k1; k++) withData.add(k);
+    withData.addRange(Math.floor(e.offset / C), Math.floor((e.offset + e.length - 1) / C));
   }
   const out: SeedRange[] = [];
   const len = (k: number): number => Math.min(C, dev.size - k * C);

@@ -222,7 +222,7 @@ export function validateHeader(h: Header, file: string, fileSize: number): void 
   if (h.backingFormat === BackingFormat.Backup) {
     const r = h.backup!;
     if (!/^[\x21-\x7e]{1,64}$/.test(r.id)) bad('backup_id', 'is not 1 … 64 printable ASCII characters');
-    if (!(r.chunkSize >= 1 << 20 && r.chunkSize <= 4 << 20 && (r.chunkSize & (r.chunkSize - 1)) === 0)) bad('chunk_size', `${r.chunkSize} is not a power of two from 1 MiB to 4 MiB`);
+    if (!(r.chunkSize >= 64 << 10 && r.chunkSize <= 4 << 20 && (r.chunkSize & (r.chunkSize - 1)) === 0)) bad('chunk_size', `${r.chunkSize} is not a power of two from 64 KiB to 4 MiB`);
   }
   if ((h.backingFormat === 0) !== (h.backingName.length === 0)) bad('backing_name_length', 'disagrees with backing_format');
 }

@@ -46,7 +46,7 @@ export function isOriginBitmapName(name: string): boolean {
   return name.startsWith(ORIGIN_BITMAP_PREFIX) && /^[0-9a-f]{16}$/.test(name.slice(ORIGIN_BITMAP_PREFIX.length));
 }
 
-const validChunkSize = (n: number): boolean => n >= 1 << 20 && n <= 4 << 20 && (n & (n - 1)) === 0;
+const validChunkSize = (n: number): boolean => n >= 64 << 10 && n <= 4 << 20 && (n & (n - 1)) === 0;
 
 /** Writes `r` into header buffer `b` at §4.3's offsets. KSC_E_INVALID for a field out of range. */
 export function encodeOrigin(r: OriginRecord, b: Buffer): void {
@@ -55,7 +55,7 @@ export function encodeOrigin(r: OriginRecord, b: Buffer): void {
   if (!/^[\x21-\x7e]{1,64}$/.test(r.backupId)) throw new KscError('KSC_E_INVALID', `origin backup id "${r.backupId}" must be 1 … ${MAX_ID} printable ASCII characters`);
   if (loc.length > MAX_ORIGIN_LOCATION || r.location.includes('\0'))
     throw new KscError('KSC_E_INVALID', `origin repository location is ${loc.length} bytes; the limit is ${MAX_ORIGIN_LOCATION} (no NUL)`);
-  if (!validChunkSize(r.chunkSize)) throw new KscError('KSC_E_INVALID', `origin chunk size ${r.chunkSize} is not a power of two from 1 MiB to 4 MiB`);
+  if (!validChunkSize(r.chunkSize)) throw new KscError('KSC_E_INVALID', `origin chunk size ${r.chunkSize} is not a power of two from 64 KiB to 4 MiB`);
   for (const [name, v, n] of [
     ['repository id', r.repoId, 16],
     ['disk UUID', r.disk, 16],
@@ -96,7 +96,7 @@ export function decodeOrigin(b: Buffer): OriginSlot {
   const chunkSize = rec.readUInt32LE(80);
   if (idLen < 1 || idLen > MAX_ID) return bad(`origin_id_length ${idLen} outside 1 … ${MAX_ID}`);
   if (locLen > MAX_ORIGIN_LOCATION) return bad(`origin_location_length ${locLen} above ${MAX_ORIGIN_LOCATION}`);
-  if (!validChunkSize(chunkSize)) return bad(`origin_chunk_size ${chunkSize} is not a power of two from 1 MiB to 4 MiB`);
+  if (!validChunkSize(chunkSize)) return bad(`origin_chunk_size ${chunkSize} is not a power of two from 64 KiB to 4 MiB`);
   const backupId = rec.subarray(88, 88 + idLen).toString('latin1');
   if (!/^[\x21-\x7e]+$/.test(backupId)) return bad('origin_backup_id is not printable ASCII');
   const locBytes = rec.subarray(152, 152 + locLen);

@@ -31,10 +31,10 @@ export function isEncrypted(c: RepoConfig): boolean {
   return c.version === 2 && (c.features ?? []).includes(FEATURE_ENCRYPTED);
 }
 
-/** KSC_E_INVALID unless `n` is a power of two from 1 MiB to 4 MiB. */
+/** KSC_E_INVALID unless `n` is a power of two from 64 KiB to 4 MiB (§3). */
 export function assertChunkSize(n: number): void {
   if (!Number.isInteger(n) || n < MIN_CHUNK || n > MAX_CHUNK || (n & (n - 1)) !== 0) {
-    throw new KscError('KSC_E_INVALID', `chunk size ${n} must be a power of two from 1 MiB to 4 MiB`);
+    throw new KscError('KSC_E_INVALID', `chunk size ${n} must be a power of two from 64 KiB to 4 MiB`);
   }
 }
 
@@ -61,7 +61,7 @@ export function decodeConfig(b: Buffer, object = 'config'): RepoConfig {
   try {
     assertChunkSize(c.chunkSize as number);
   } catch {
-    throw corrupt(object, `chunkSize ${String(c.chunkSize)} is not a power of two from 1 MiB to 4 MiB`);
+    throw corrupt(object, `chunkSize ${String(c.chunkSize)} is not a power of two from 64 KiB to 4 MiB`);
   }
   if (!validPackSize(c.packSize)) throw corrupt(object, `packSize ${String(c.packSize)} outside 4 MiB … 256 MiB`);
   return c as RepoConfig;

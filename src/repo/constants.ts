@@ -30,7 +30,8 @@ export const CONFIG_VERSION = 1;
 export const CONFIG_VERSION_2 = 2;
 export const FEATURE_ENCRYPTED = 'encrypted';
 export const KNOWN_FEATURES = [FEATURE_ENCRYPTED];
-export const MIN_CHUNK = 1 * MIB;
+/** §3: the smallest chunk size (64 KiB: one default bitmap granule, so an incremental reads only dirty granules). */
+export const MIN_CHUNK = 64 * 1024;
 export const MAX_CHUNK = 4 * MIB;
 export const DEFAULT_CHUNK = 1 * MIB;
 export const MIN_PACK = 4 * MIB;

@@ -240,7 +240,7 @@ function manifestFields(b: Buffer, object: string): { flags: number; size: numbe
   try {
     assertChunkSize(chunkSize);
   } catch {
-    throw corrupt(object, `chunk size ${chunkSize} is invalid`);
+    throw corrupt(object, `chunk size ${chunkSize} is not a power of two from 64 KiB to 4 MiB`);
   }
   const metaLen = b.readUInt32LE(52);
   const chunks = safeU64(b, 56, object, 'chunk count');

@@ -329,8 +329,10 @@ export class Repository {
    * (16 bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
    * needed, not the repository.
    */
-  async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean } = {}): Promise<ChunkIndex> {
-    const idx = new ChunkIndex({ locations: opts.locations ?? true });
+  async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean; expected?: number } = {}): Promise<ChunkIndex> {
+    // `expected`: entries the caller knows will come (a restore: its chunks), so the table never grows by
+    // rehashing, which holds the old and the new table at once (1.5× the memory at the peak).
+    const idx = new ChunkIndex({ locations: opts.locations ?? true, expected: opts.expected });
     const only = opts.only;
     // Entries go straight into the table (no object per entry: an index object can list millions).
     const visit: IndexVisitor = (b, at, pack, offset, length, rawLength) => {

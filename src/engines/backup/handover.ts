@@ -24,7 +24,7 @@ export interface ImagePlan {
 }
 
 /** Why `bitmap` cannot tell what changed (creating it when missing), or null when it can. */
-async function bitmapProblem(img: DirtyBitmaps, bitmap: string, chunkSize: number): Promise<string | null> {
+async function bitmapProblem(img: DirtyBitmaps, bitmap: string): Promise<string | null> {
   if (!img.hasBitmap(bitmap)) {
     await img.addBitmap(bitmap, { enabled: true });
     return `bitmap "${bitmap}" did not exist (created now: the next backup is incremental)`;
@@ -32,7 +32,8 @@ async function bitmapProblem(img: DirtyBitmaps, bitmap: string, chunkSize: numbe
   const st = img.bitmapInfo(bitmap)!;
   if (!st.consistent) return st.damage ? `bitmap "${bitmap}" is not consistent: ${st.damage}` : `bitmap "${bitmap}" is not consistent (image written by a writer that did not keep bitmaps)`;
   if (!st.enabled) return `bitmap "${bitmap}" is disabled`;
-  if (st.granularity > chunkSize) return `bitmap "${bitmap}" granularity ${st.granularity} is above the chunk size ${chunkSize}`;
+  // A granule larger than a chunk (an image of 256 KiB blocks into a repository of 64 KiB chunks) marks every
+  // chunk it overlaps: the plan is still a superset of what changed (repository.md §3.2 rule 3).
   return null;
 }
 
@@ -74,7 +75,7 @@ export class Handover {
     await recoverFrozenBitmap(this.bitmaps, this.bitmap);
     const tokens = tokenBitmapsOf(this.bitmaps.bitmapNames(), this.bitmap);
     let fullReason: string | null = asked;
-    const problem = await bitmapProblem(this.bitmaps, this.bitmap, chunkSize); // always: it creates a missing bitmap
+    const problem = await bitmapProblem(this.bitmaps, this.bitmap); // always: it creates a missing bitmap
     fullReason ??= problem;
     let token: string | null = null;
     if (tokens.length === 1) token = tokenOf(tokens[0]!, this.bitmap);
