@@ -16,6 +16,9 @@
  *
  * `npx tsc -p tsconfig.json && node bench/migrate.mjs [--size 1024] [--top 128] [--rate 8] [--wspan 256] [--reps 3] [--keep]`
  * (sizes in MiB, rate in MiB/s); BENCH_TRACE=1 also logs every writer request slower than 200 ms.
+ * `--start-only`: only the writer's latency while `migrate-start` runs (the source's base fingerprint, §2):
+ * per pass a fresh server, the writer on, then two starts in a row on it (each cancelled at once; the second
+ * may use the fingerprint cache), the writes overlapping each start's request → answer window.
  */
 import { spawn } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
@@ -37,6 +40,7 @@ const { values: args } = parseArgs({
     wspan: { type: 'string', default: '256' },
     reps: { type: 'string', default: '3' },
     keep: { type: 'boolean', default: false },
+    'start-only': { type: 'boolean', default: false },
   },
 });
 const size = Number(args.size) * MiB;
@@ -97,6 +101,7 @@ async function writer(uri, seed) {
   let bytes = 0;
   let stopping = false;
   const lat = [];
+  const samples = []; // [issued at, latency] of each write
   const t0 = performance.now();
   let failure = null;
   const loop = (async () => {
@@ -107,6 +112,7 @@ async function writer(uri, seed) {
       const t = performance.now();
       await c.write(off, data).catch((e) => (failure = e));
       lat.push(performance.now() - t);
+      samples.push([t, performance.now() - t]);
       if (process.env.BENCH_TRACE && performance.now() - t > 200) log(`    writer: ${(performance.now() - t).toFixed(0)} ms write issued at ${t.toFixed(0)}`);
       bytes += data.length;
     }
@@ -118,9 +124,45 @@ async function writer(uri, seed) {
       if (failure) throw new Error(`writer: ${failure.message}`);
       await c.disconnect();
       lat.sort((a, b) => a - b);
-      return { bytes, p99: lat[Math.floor(lat.length * 0.99)] ?? 0, max: lat.at(-1) ?? 0 };
+      return { bytes, p99: lat[Math.floor(lat.length * 0.99)] ?? 0, max: lat.at(-1) ?? 0, samples };
     },
   };
+}
+
+/** p99 and worst latency of the writes that overlap [t0, t1]. */
+function windowStats(samples, t0, t1) {
+  const lat = samples
+    .filter(([t, d]) => t < t1 && t + d > t0)
+    .map(([, d]) => d)
+    .sort((a, b) => a - b);
+  return { n: lat.length, p99: lat[Math.floor(lat.length * 0.99)] ?? 0, max: lat.at(-1) ?? 0 };
+}
+
+/** --start-only: the writer's latency while each of two `migrate-start`s in a row runs on one server. */
+async function startPass(i) {
+  await fsp.copyFile(p('vm-template.ksc'), p('vm.ksc'));
+  const src = await serveKscinc([p('vm.ksc'), '--listen', '127.0.0.1:0', '--export-name', 'vm']);
+  try {
+    const w = await writer(src.uri, 300 + i);
+    await sleep(1000);
+    const windows = [];
+    for (let k = 0; k < 2; k++) {
+      const tgt = await target(`s${i}-${k}`); // qemu-nbd leaves when its last client does: one per start
+      try {
+        const t0 = performance.now();
+        await ctl({ op: 'migrate-start', to: tgt.uri, baseFingerprint: fingerprint });
+        windows.push([t0, performance.now()]);
+        await ctl({ op: 'migrate-cancel' });
+      } finally {
+        await tgt.stop();
+      }
+      await sleep(1000);
+    }
+    const wr = await w.stop();
+    return windows.map(([a, b]) => ({ ms: b - a, ...windowStats(wr.samples, a, b) }));
+  } finally {
+    await src.stop();
+  }
 }
 
 async function ctl(req) {
@@ -225,6 +267,14 @@ try {
   await run('qemu-io', ['-f', 'qcow2', '-c', `write -s ${p('top.bin')} ${TOP_AT} ${top}`, p('vm-template.qcow2')]);
   await rmf(p('top.bin'));
   fingerprint = (await cli(['migrate', 'fingerprint', p('base.raw')])).trim();
+  if (args['start-only']) {
+    for (let i = 0; i < reps; i++) {
+      const r = await startPass(i);
+      log(`pass ${i + 1}: ` + r.map((x, k) => `start ${k + 1}: ${x.ms.toFixed(0)} ms, writer p99 ${x.p99.toFixed(1)} ms max ${x.max.toFixed(1)} ms (${x.n} writes)`).join('; '));
+    }
+    if (!args.keep) await fsp.rm(work, { recursive: true, force: true });
+    process.exit(0);
+  }
   const rows = { kscinc: [], mirror: [], first: [], nbdcopy: [] };
   const show = (name, r) =>
     log(

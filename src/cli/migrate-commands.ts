@@ -8,14 +8,12 @@ import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { baseOf } from '../engines/migrate-base.js';
 import type { MigrateStatus } from '../engines/migrate.js';
-import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
-import { clientKey } from './control-key.js';
 import { prepareIncomingImage } from './migrate-incoming.js';
 import { controlPath } from './control-trust.js';
 import { registerMigrateVm } from './migrate-vm-command.js';
 import { formatSize, printJson, println } from './output.js';
-import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
+import { addStartRequestOptions, migrateStartRequest, type StartRequestOptions } from './migrate-request.js';
 
 /** For `serve --incoming`: a new token, the base fingerprint and the incoming id (migrate-incoming.ts). */
 export const prepareIncoming = prepareIncomingImage;
@@ -42,41 +40,19 @@ function printStatus(s: MigrateStatus): void {
   if (s.warning) println(`warning:     ${s.warning}`);
 }
 
-interface StartOptions extends MigrateTlsOptions {
-  to: string;
-  token?: string;
-  baseFingerprint?: string;
-  bandwidth?: string;
-  connections?: string;
-  repo?: string;
+interface StartOptions extends StartRequestOptions {
   json?: boolean;
 }
 
 function registerStart(m: Command): void {
   const start = m.command('start');
-  addMigrateTlsOptions(start)
+  addStartRequestOptions(start)
     .description('start migrating IMAGE (served by kscinc serve) to an NBD export: what lies above the shared base, then the blocks written meanwhile')
     .argument('<image>', 'an image a running `kscinc serve` holds')
     .requiredOption('--to <uri>', 'destination: nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH (nbds: TLS)')
-    .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
-    .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
-    .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
-    .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
-    .option('--repo <location>', 'a destination restored from a backup: the repository that holds it (default: the one it recorded)')
     .option('--json', 'print JSON')
     .action(async (image: string, o: StartOptions) => {
-      const req = {
-        op: 'migrate-start',
-        to: o.to,
-        token: o.token,
-        baseFingerprint: o.baseFingerprint,
-        bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
-        connections: o.connections !== undefined ? Number(o.connections) : undefined,
-        tls: migrateTls(o, o.to),
-        repo: o.repo,
-        key: o.repo !== undefined ? await clientKey(o.repo) : undefined,
-      };
-      const s = await ask<MigrateStatus>(image, req, 'the migration started');
+      const s = await ask<MigrateStatus>(image, await migrateStartRequest(o), 'the migration started');
       if (o.json) printJson(s);
       else printStatus(s);
     });

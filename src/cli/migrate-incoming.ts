@@ -10,7 +10,7 @@ import { KscError } from '../errors.js';
 import { bitmapsOf } from '../image/capabilities.js';
 import { openImage } from '../image/open.js';
 import { baseFingerprint, firstAboveBase } from '../engines/migrate-base.js';
-import { incomingOrigin } from '../engines/migrate-origin.js';
+import { holdsOnlyOrigin, incomingOrigin } from '../engines/migrate-origin.js';
 import { INCOMING_RECORD } from '../nbd/incoming.js';
 
 export interface IncomingPrepared {
@@ -28,7 +28,7 @@ export async function prepareIncomingImage(image: string): Promise<IncomingPrepa
     const bitmaps = bitmapsOf(dev);
     const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
     const kept = records.map((n) => n.slice(INCOMING_RECORD.length)).find((id) => /^[0-9a-f]{32}$/.test(id)) ?? null;
-    const origin = await incomingOrigin(dev, image);
+    const origin = await incomingOrigin(dev, image, kept !== null);
     const above = await firstAboveBase(dev);
     if (above && !kept && !origin.context) {
       throw new KscError(
@@ -36,7 +36,9 @@ export async function prepareIncomingImage(image: string): Promise<IncomingPrepa
         `--incoming: ${image} holds blocks above its base (at offset ${above.offset}) and is no partial copy of a migration; a migration target must be a fresh overlay on the same base (formats/migrate.md §1 rule 5) or a restore of a backup of the disk (§9)${origin.problem ? `, but its ${origin.problem}` : ''}`,
       );
     }
-    let id = kept;
+    // Like an image with nothing above its base (§10.1), a restore holding exactly its backup gets a new id (§10.4):
+    // its blocks are the backup's, never a part copy, even if a migration to it started before (or it was restored again).
+    let id = origin.context && (await holdsOnlyOrigin(dev)) ? null : kept;
     if (bitmaps && !id) {
       id = randomBytes(16).toString('hex');
       await bitmaps.updateBitmaps([INCOMING_RECORD + id], records);

@@ -10,45 +10,28 @@ import { migrateVm, type StorageSide } from '../engines/migrate-vm.js';
 import type { MigrateStatus } from '../engines/migrate.js';
 import { Qmp } from '../qmp/client.js';
 import { QmpVmMigration } from '../qmp/vm-migration.js';
-import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
 import { printJson, println } from './output.js';
-import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
+import type { MigrateStartRequest } from './migrate-control.js';
+import { addStartRequestOptions, migrateStartRequest, type StartRequestOptions } from './migrate-request.js';
 
-interface WholeOptions extends MigrateTlsOptions {
-  to: string;
+interface WholeOptions extends StartRequestOptions {
   qmp: string;
   vmTo: string;
-  token?: string;
-  baseFingerprint?: string;
-  bandwidth?: string;
-  connections?: string;
   timeout?: string;
   json?: boolean;
 }
 
-/** The disk's side over the source server's control socket. */
-function storageOf(image: string, o: WholeOptions, tls: ReturnType<typeof migrateTls>): StorageSide {
+/** The disk's side over the source server's control socket; `start` sends `startRequest` (migrate-request.ts). */
+function storageOf(image: string, startRequest: MigrateStartRequest): StorageSide {
   const ask = async (req: object, what: string): Promise<MigrateStatus> => {
     const r = await controlRequest<MigrateStatus>(image, req, what);
     if (r === null) throw new KscError('KSC_E_NOT_FOUND', `no kscinc serve holds ${image} (no control socket at ${controlPath(image)}): migrate runs inside the server`);
     return r;
   };
   return {
-    start: () =>
-      ask(
-        {
-          op: 'migrate-start',
-          to: o.to,
-          token: o.token,
-          baseFingerprint: o.baseFingerprint,
-          bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
-          connections: o.connections !== undefined ? Number(o.connections) : undefined,
-          tls,
-        },
-        'the migration started',
-      ),
+    start: () => ask(startRequest, 'the migration started'),
     status: () => ask({ op: 'migrate-status' }, "the migration's status answered"),
     complete: () => ask({ op: 'migrate-complete' }, "the migration's complete answered"),
     cancel: () => ask({ op: 'migrate-cancel' }, "the migration's cancel answered"),
@@ -68,14 +51,14 @@ async function whole(image: string, o: WholeOptions): Promise<void> {
   const timeoutS = o.timeout !== undefined ? Number(o.timeout) : 600;
   if (!Number.isFinite(timeoutS) || timeoutS <= 0) throw new KscError('KSC_E_INVALID', `--timeout must be a positive number of seconds, not ${o.timeout}`);
   if (!/^(tcp|unix|exec|rdma|fd):/.test(o.vmTo)) throw new KscError('KSC_E_INVALID', `--vm-to ${o.vmTo}: expected a QEMU migration URI such as tcp:HOST:PORT`);
-  const tls = migrateTls(o, o.to); // checked (files read) before QEMU is touched
+  const startRequest = await migrateStartRequest(o); // TLS files checked, a repository's key opened: before QEMU is touched
   const qmp = await Qmp.connect(o.qmp, 1000);
   const abort = new AbortController();
   const onSignal = (): void => abort.abort();
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   try {
-    const r = await migrateVm(storageOf(image, o, tls), new QmpVmMigration(qmp), {
+    const r = await migrateVm(storageOf(image, startRequest), new QmpVmMigration(qmp), {
       vmTo: o.vmTo,
       timeoutMs: timeoutS * 1000,
       signal: abort.signal,
@@ -97,16 +80,12 @@ async function whole(image: string, o: WholeOptions): Promise<void> {
 /** Registers `whole` as the default subcommand of `migrate`, so `kscinc migrate IMAGE --to … --qmp …` works. */
 export function registerMigrateVm(m: Command): void {
   const whole_ = m.command('whole', { isDefault: true });
-  addMigrateTlsOptions(whole_)
+  addStartRequestOptions(whole_)
     .description("move the VM and its disk: QEMU's RAM migration (via QMP) and the disk's, switched over together at QEMU's pre-switchover pause")
     .argument('<image>', 'the VM disk a running `kscinc serve` holds')
     .option('--to <uri>', "the disk's destination: nbd://HOST:PORT/EXPORT (a `kscinc serve --incoming`)")
     .option('--qmp <socket>', "the source QEMU's QMP unix socket")
     .option('--vm-to <uri>', 'where the destination QEMU waits with -incoming, e.g. tcp:HOST:PORT')
-    .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
-    .option('--base-fingerprint <text>', "the destination base's fingerprint, when the destination is not kscinc")
-    .option('--bandwidth <rate>', "the disk's bytes per second at most (K/M/G)")
-    .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
     .option('--timeout <seconds>', 'give up (cancelling both) when the disk has not converged or QEMU not reached its switch-over after this long (default 600)')
     .option('--json', 'print JSON')
     .action(whole);

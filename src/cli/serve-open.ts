@@ -8,6 +8,7 @@ import type { HandoverRecord } from '../image/ksc.js';
 import type { NbdExport } from '../nbd/server.js';
 import type { PullConfig } from './pull-control.js';
 import { firstAboveBase } from '../engines/migrate-base.js';
+import { holdsOnlyOrigin } from '../engines/migrate-origin.js';
 
 /** What the serving process needs to know; plain data, sent from the supervisor to its worker. */
 export interface ServeConfig {
@@ -49,7 +50,9 @@ export async function openExports(c: ServeConfig, handover: (HandoverRecord | nu
       for (const b of c.bitmap ?? []) {
         if (!bitmapsOf(dev)?.hasBitmap(b)) throw new KscError('KSC_E_NOT_FOUND', `--bitmap ${b}: image ${c.images[i]} has no bitmap named "${b}"`);
       }
-      const incoming = c.incoming ? { ...c.incoming, completed: false, empty: !(await firstAboveBase(dev)) } : undefined;
+      // Empty (formats/migrate.md §5, §10.4): nothing above the base, or, seeded (§9), exactly the backup it was restored from.
+      const empty = c.incoming ? (c.incoming.origin ? await holdsOnlyOrigin(dev) : !(await firstAboveBase(dev))) : false;
+      const incoming = c.incoming ? { ...c.incoming, completed: false, empty } : undefined;
       exports.set(c.names[i]!, { device: dev, readOnly: c.readOnly, description: c.description, bitmaps: c.bitmap, incoming });
     }
   } catch (e) {

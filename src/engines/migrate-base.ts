@@ -7,6 +7,7 @@
 import { createHash } from 'node:crypto';
 import { chainOf } from '../image/capabilities.js';
 import type { BlockDevice } from '../image/types.js';
+import { fingerprintOffThread } from './migrate-base-cache.js';
 
 export const FINGERPRINT_CHUNK = 1024 * 1024;
 const TAG = 'kscinc-base-v1\n';
@@ -50,10 +51,13 @@ export async function fingerprintV1(base: BlockDevice, onProgress?: (done: numbe
   return `v1:${base.size}:${h.digest('hex')}`;
 }
 
-/** The fingerprint text of `dev`'s base: `none` without a backing. */
+/**
+ * The fingerprint text of `dev`'s base: `none` without a backing. Hashed in a worker thread and cached by the
+ * base file's identity (migrate-base-cache.ts, formats/migrate.md §2.1), so the caller's thread stays free.
+ */
 export async function baseFingerprint(dev: BlockDevice): Promise<string> {
   const b = baseOf(dev);
-  return b ? fingerprintV1(b.base) : 'none';
+  return b ? fingerprintOffThread(b.base, (base) => fingerprintV1(base)) : 'none';
 }
 
 /** The first allocated extent of `dev` above its base (what a migration target must not hold yet), or null. */

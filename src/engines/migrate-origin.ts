@@ -74,14 +74,16 @@ export function parseOriginContext(text: string, to: string): OriginClaim {
 /**
  * On the destination (`serve --incoming`, formats/migrate.md §9.1): the origin context to announce, or null
  * when the image has no trusted origin record. KSC_E_INVALID when it has one but its origin bitmap marks
- * changes (the image is no longer the backup: the source could not know which blocks to resend).
+ * changes (the image is no longer the backup: the source could not know which blocks to resend), unless
+ * `partCopy`: the image carries an incoming record (§10.1), so the changes are a seeded migration's part
+ * copy that the source may resume (§10.4; the source refuses it unless its state names this destination).
  */
-export async function incomingOrigin(dev: BlockDevice, image: string): Promise<{ context: string | null; problem: string | null }> {
+export async function incomingOrigin(dev: BlockDevice, image: string, partCopy = false): Promise<{ context: string | null; problem: string | null }> {
   const o = originOf(dev);
   if (!o) return { context: null, problem: null };
   if ('problem' in o) return { context: null, problem: o.problem };
   const dirty = (await bitmapsOf(dev)?.bitmapExtents(o.bitmap)) ?? [];
-  if (dirty.length > 0) {
+  if (dirty.length > 0 && !partCopy) {
     const bytes = dirty.reduce((s, e) => s + e.length, 0);
     throw new KscError(
       'KSC_E_INVALID',
@@ -89,4 +91,14 @@ export async function incomingOrigin(dev: BlockDevice, image: string): Promise<{
     );
   }
   return { context: originContext(o.record), problem: null };
+}
+
+/**
+ * True when `dev` holds exactly the backup its trusted origin record names (its origin bitmap marks no
+ * change): a seeded destination that is "empty" in the sense of formats/migrate.md §5 and §10.4.
+ */
+export async function holdsOnlyOrigin(dev: BlockDevice): Promise<boolean> {
+  const o = originOf(dev);
+  if (!o || 'problem' in o) return false;
+  return ((await bitmapsOf(dev)?.bitmapExtents(o.bitmap)) ?? []).length === 0;
 }

@@ -135,8 +135,8 @@ export class Migration {
       this.resumed = true;
       return prev;
     }
-    // A seeded destination (§9) holds the backup above its base, not a partial copy: its first pass says what differs.
-    if (dest && !dest.empty && !this.opts.seed) {
+    // A seeded destination (§9) is empty while it holds exactly its backup (§10.4): once written, only a resume may go there.
+    if (dest && !dest.empty) {
       throw new KscError(
         'KSC_E_INVALID',
         `${this.opts.to} already holds blocks of a migration that ${this.dev.name} cannot resume (its state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again as an incoming migration target`,

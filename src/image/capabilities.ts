@@ -12,6 +12,7 @@
  * A device that wraps another (a test's slow device, say) offers none unless it forwards them: asked
  * for, it then behaves as a plain device (a full backup, no bitmaps in `info`).
  */
+import type { FileStamp } from '../io/file.js';
 import type { BlockDevice } from './types.js';
 
 /** A bitmap's settings, without counting its bits. */
@@ -93,6 +94,8 @@ export interface Allocation {
   readonly clusterSize: number | null;
   /** Bytes the device's file occupies on the host (its backing chain not counted). */
   allocatedBytes(): Promise<number>;
+  /** Optional: fstat of the device's own open file (not its backing chain), null when the host cannot say. */
+  fileStamp?(): Promise<FileStamp | null>;
 }
 
 /** Which disk the device holds, and whether it was left open. */

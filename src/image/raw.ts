@@ -1,6 +1,6 @@
 /** A raw file as a BlockDevice. Holes (SEEK_HOLE, where the host supports it) report as zero extents. */
 import { KscError } from '../errors.js';
-import { type HostFile, type FileOpener, openHostFile } from '../io/file.js';
+import { type FileStamp, type HostFile, type FileOpener, openHostFile } from '../io/file.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange, mergeExtents } from './types.js';
 
 export class RawDevice implements BlockDevice {
@@ -147,6 +147,10 @@ export class RawDevice implements BlockDevice {
 
   async allocatedBytes(): Promise<number> {
     return this.file.allocatedBytes();
+  }
+
+  async fileStamp(): Promise<FileStamp | null> {
+    return (await this.file.stamp?.()) ?? null;
   }
 
   async close(): Promise<void> {

@@ -114,6 +114,7 @@ export function withFaults(file: HostFile): HostFile {
 class FaultHostFile implements HostFile {
   writeDurable?: HostFile['writeDurable'];
   writeWithCrcs?: HostFile['writeWithCrcs'];
+  stamp?: HostFile['stamp'];
 
   constructor(
     private readonly inner: HostFile,
@@ -121,6 +122,7 @@ class FaultHostFile implements HostFile {
   ) {
     if (inner.writeDurable) this.writeDurable = (buf, pos) => this.step(`durable write at ${pos}`, () => inner.writeDurable!(buf, pos));
     if (inner.writeWithCrcs) this.writeWithCrcs = (buf, pos, bs) => this.step(`write at ${pos}`, () => inner.writeWithCrcs!(buf, pos, bs));
+    if (inner.stamp) this.stamp = () => inner.stamp!();
   }
 
   get path(): string {

@@ -65,7 +65,18 @@ export interface HostFile {
   seekHole(offset: number): number | null;
   /** Takes the single-writer lock; throws KSC_E_LOCKED when another holder has it. */
   lockExclusive(): Promise<void>;
+  /** Optional: the open file's identity and change times (fstat), for caches keyed by them. */
+  stamp?(): Promise<FileStamp>;
   close(): Promise<void>;
+}
+
+/** fstat of an open file: which file (dev, ino) and when its bytes or inode last changed (ns). */
+export interface FileStamp {
+  dev: bigint;
+  ino: bigint;
+  size: bigint;
+  mtimeNs: bigint;
+  ctimeNs: bigint;
 }
 
 export interface OpenFileOptions {
@@ -228,6 +239,11 @@ class NodeHostFile implements HostFile {
 
   async allocatedBytes(): Promise<number> {
     return (await this.fh.stat()).blocks * 512;
+  }
+
+  async stamp(): Promise<FileStamp> {
+    const s = await this.fh.stat({ bigint: true });
+    return { dev: s.dev, ino: s.ino, size: s.size, mtimeNs: s.mtimeNs, ctimeNs: s.ctimeNs };
   }
 
   async truncate(length: number): Promise<void> {

@@ -8,7 +8,8 @@
  * `waitEvent('MIGRATION', (d) => …)`. Commands are answered in order (QMP replies in order on one monitor).
  */
 import { connect, type Socket } from 'node:net';
-import { KscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
+import { checkQmpPeer } from './peer.js';
 
 export interface QmpEvent {
   event: string;
@@ -51,11 +52,13 @@ export class Qmp {
           s.once('error', reject);
         });
         q = new Qmp(sock, path);
+        await checkQmpPeer(sock, path); // before anything is sent or believed (peer.ts)
         await q.greeting(Math.max(1000, end - Date.now()));
         await q.execute('qmp_capabilities');
         return q;
       } catch (e) {
         q?.close();
+        if (isKscError(e, 'KSC_E_PERMISSION')) throw e; // not ours: waiting changes nothing
         if (Date.now() > end) throw new KscError('KSC_E_UNAVAILABLE', `QMP ${path}: cannot connect within ${timeoutMs} ms: ${(e as Error).message}`, { cause: e });
         await sleep(100);
       }

@@ -8,7 +8,7 @@
  *    flush that unlinks them) and close (rule 7: flush, free list, clear intent, clean header);
  *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
  */
-import { type FileOpener, type HostFile, openHostFile } from '../../io/file.js';
+import { type FileOpener, type FileStamp, type HostFile, openHostFile } from '../../io/file.js';
 import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY, INCOMPAT_MIGRATED_AWAY } from '../../format/constants.js';
 import { KscError } from '../../errors.js';
 import type { BackupRef, Header } from '../../format/header.js';
@@ -272,6 +272,11 @@ export class KscImage implements BlockDevice {
   /** Bytes this file occupies on the host. */
   allocatedBytes(): Promise<number> {
     return this.core.file.allocatedBytes();
+  }
+
+  /** fstat of this file (the backing chain not counted), null when the host cannot say. */
+  async fileStamp(): Promise<FileStamp | null> {
+    return (await this.core.file.stamp?.()) ?? null;
   }
 
   // ---------------------------------------------------------------- bitmaps
