@@ -3,7 +3,9 @@
  * each stamped with its sequence number), so that a replica can be checked to be the source *as it was at
  * one instant*: the state after exactly the first k writes, for one k (§11.2 rule 1).
  */
+import { spawn } from 'node:child_process';
 import { expect } from 'vitest';
+import { CLI, type CliResult } from '../helpers/cli.js';
 import type { ReplicateStatus } from '../../src/engines/replicate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { MiB, prng, type Rig } from './helpers.js';
@@ -133,4 +135,30 @@ export async function untilReplica(r: Rig, image: string, ok: (s: ReplicateStatu
     if (Date.now() - t > timeoutMs) throw new Error(`replication never ${what}: ${JSON.stringify(s)}`);
     await new Promise((res) => setTimeout(res, 100));
   }
+}
+
+/** Runs kscinc without blocking this process (the writer keeps writing meanwhile); bounded by `timeoutMs`. */
+export function cliAsync(r: Rig, args: string[], timeoutMs = 120_000): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, ...args], { cwd: r.dir, env: { ...process.env, ...r.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    p.stdout.on('data', (d: Buffer) => out.push(d));
+    p.stderr.on('data', (d: Buffer) => err.push(d));
+    const timer = setTimeout(() => {
+      p.kill('SIGKILL');
+      reject(new Error(`kscinc ${args.join(' ')}: no answer in ${timeoutMs} ms`));
+    }, timeoutMs);
+    p.on('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code: code ?? -1, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() });
+    });
+  });
+}
+
+/** `kscinc replicate once IMAGE --to URI [--token T] ARGS --json`, without blocking; asserts exit 0. */
+export async function onceAsync(r: Rig, image: string, to: string, token: string | null, args: string[] = []): Promise<ReplicateStatus> {
+  const res = await cliAsync(r, ['replicate', 'once', image, '--to', to, ...(token ? ['--token', token] : []), ...args, '--json']);
+  expect(res.code, `replicate once: ${res.stderr}`).toBe(0);
+  return JSON.parse(res.stdout) as ReplicateStatus;
 }

@@ -6,10 +6,11 @@
  * cycle sends only the delta; backups run meanwhile; migrate start is refused meanwhile; at the end, with the
  * writer stopped, one more cycle makes the two images byte-identical (qemu-img compare).
  */
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { ReplicateStatus } from '../../src/engines/replicate.js';
 import { MiB, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage } from './helpers.js';
-import { LogWriter, readSpan, untilReplica } from './replicate-helpers.js';
+import { LogWriter, cliAsync, onceAsync, readSpan, untilReplica } from './replicate-helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`replicate.test seed ${seed}`);
@@ -23,14 +24,14 @@ describe('kscinc replicate', () => {
     const src = await serveImage(r, 'vm.ksc');
     const dst = await serveImage(r, 'dst.ksc', ['--incoming']);
     const w = new LogWriter(src.uri, seed);
-    const once = (): ReplicateStatus => r.json<ReplicateStatus>(['replicate', 'once', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
+    const once = (): Promise<ReplicateStatus> => onceAsync(r, 'vm.ksc', dst.uri, dst.token);
     try {
       await w.start();
       let prevK = 0;
       for (let cycle = 1; cycle <= 3; cycle++) {
         await w.atLeast(30);
         const before = w.writes;
-        const s = once();
+        const s = await once();
         const after = w.writes;
         const c = s.lastCycle!;
         expect(c.error).toBe(null);
@@ -48,7 +49,7 @@ describe('kscinc replicate', () => {
       }
       // Backups work while the image is replicated by `replicate start`, and a migration is refused meanwhile.
       r.json(['replicate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--every', '1s']);
-      const b = r.cli(['backup', 'vm.ksc', '--repo', 'repo']);
+      const b = await cliAsync(r, ['backup', 'vm.ksc', '--repo', join(r.dir, 'repo')]);
       expect(b.code, b.stderr).toBe(0);
       const m = r.cli(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
       expect(m.code).not.toBe(0);
@@ -61,7 +62,7 @@ describe('kscinc replicate', () => {
       expect(stopped.lagMs).toBeLessThan(60_000);
       w.prefixOf(await readSpan(dst.uri));
       await w.stop();
-      const last = once();
+      const last = await once();
       expect(last.lastCycle!.firstPass).toBe(false);
     } finally {
       await w.stop().catch(() => undefined);
