@@ -304,8 +304,7 @@ export class Replication {
    */
   private async round(ctx: PassContext, fence: boolean, report: CycleReport): Promise<void> {
     if (ctx.id) await setProgress(this.bitmaps, { id: ctx.id, stage: 'r', cursor: 0 });
-    const frozenRanges = async (): Promise<Range[]> =>
-      (await this.bitmaps.bitmapExtents(MIGRATE_FROZEN)).map((d) => ({ offset: d.offset, length: Math.min(d.length, this.dev.size - d.offset) }));
+    const frozenRanges = async (): Promise<Range[]> => (await this.bitmaps.bitmapExtents(MIGRATE_FROZEN)).map((d) => ({ offset: d.offset, length: Math.min(d.length, this.dev.size - d.offset) }));
     let at = 0;
     if (fence) {
       const t0 = performance.now();
