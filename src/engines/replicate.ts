@@ -278,7 +278,7 @@ export class Replication {
     if (dest && !dest.empty) {
       throw new KscError(
         'KSC_E_INVALID',
-        `${this.opts.to} already holds blocks that ${this.dev.name} cannot account for (its replication state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again with --incoming`,
+        `${this.opts.to} already holds blocks that ${this.dev.name} cannot account for (its replication state names ${prev ? `destination ${prev.id}` : 'no destination'}, the destination is ${dest.id}): recreate the destination image and serve it again as an incoming migration target`,
       );
     }
     await removeState(this.bitmaps, 'replicate-restart');

@@ -136,11 +136,11 @@ function parseReplicate(v: Obj, where: string): { to: string; token?: string } |
   }
   const to = str(v.replicate, where, 'replicate');
   if (!/^nbds?(\+unix)?:\/\//i.test(to)) throw invalid(where, `replicate "${to}": expected an NBD URI, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH`);
-  if (/^nbds/i.test(to)) throw invalid(where, `replicate "${to}": TLS (nbds://) is not offered by schedule jobs yet; run \`kscinc replicate start\` with --tls-creds or --tls-psk`);
+  if (/^nbds/i.test(to)) throw invalid(where, `replicate "${to}": TLS (nbds://) is not offered by schedule jobs yet; run \`kscinc replicate start\` with TLS credentials instead`);
   const bad = BACKUP_ONLY.find((k) => v[k] !== undefined);
   if (bad) throw invalid(where, `a replicate job takes no "${bad}" (it copies the disk to ${to}, it makes no backup)`);
   if (v.token !== undefined && (typeof v.token !== 'string' || !/^[0-9a-f]{32}$/.test(v.token))) {
-    throw invalid(where, `token must be the 32 lowercase hex digits \`kscinc serve --incoming\` printed, not ${describe(v.token)}`);
+    throw invalid(where, `token must be the 32 lowercase hex digits the destination's incoming server printed, not ${describe(v.token)}`);
   }
   return { to, ...(typeof v.token === 'string' ? { token: v.token } : {}) };
 }
