@@ -38,6 +38,8 @@ export class LogWriter {
     private readonly seed: number,
     /** Sequence numbers start here (a second writer after a restart goes on from the first's count). */
     private readonly first = 0,
+    /** The writes land in the first `span` bytes (≤ SPAN): a small span is a hot spot that outruns the link. */
+    private readonly span = SPAN,
   ) {}
 
   get writes(): number {
@@ -51,7 +53,7 @@ export class LogWriter {
     this.done = (async () => {
       while (!this.stopping) {
         const length = 4096 * (1 + Math.floor(rnd() * 16));
-        const offset = 4096 * Math.floor((rnd() * (SPAN - length)) / 4096);
+        const offset = 4096 * Math.floor((rnd() * (this.span - length)) / 4096);
         const w = { offset, length, fill: Math.floor(rnd() * 255) + 1 };
         try {
           await this.client.write(offset, dataOf(w, this.writes));

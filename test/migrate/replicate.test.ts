@@ -71,6 +71,32 @@ describe('kscinc replicate', () => {
     }
     sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
   });
+
+  it('a hot spot that outruns the link: 8 rounds, then the fence holds the writer; the replica is still one instant', async () => {
+    const r = rig();
+    makeBaseAndOverlay(r, 'vm.ksc', 2);
+    expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
+    const src = await serveImage(r, 'vm.ksc');
+    const dst = await serveImage(r, 'dst.ksc', ['--incoming']);
+    const w = new LogWriter(src.uri, seed + 7, 0, 2 * MiB);
+    try {
+      await w.start();
+      for (let cycle = 1; cycle <= 2; cycle++) {
+        await w.atLeast(30);
+        const before = w.writes;
+        const s = await onceAsync(r, 'vm.ksc', dst.uri, dst.token, ['--bandwidth', '4M']);
+        const c = s.lastCycle!;
+        const k = w.prefixOf(await readSpan(dst.uri));
+        console.log(`hot cycle ${cycle}: ${c.bytesSent} bytes, ${c.rounds} round(s), fence ${c.fenceMs} ms; replica = source after ${k} writes (${before}..${w.writes})`);
+        expect(k).toBeGreaterThanOrEqual(before);
+        expect(c.rounds).toBeLessThanOrEqual(8);
+      }
+    } finally {
+      await w.stop();
+      expect(await src.stop()).toBe(0);
+      expect(await dst.stop()).toBe(0);
+    }
+  });
 });
 
 /** Bytes of the 64 KiB granules touched by the first `k` writes, summed per write. */
