@@ -113,7 +113,7 @@ export class ReplicateRequests {
 
   /** A sentence naming the replication running on devices[index], or null. */
   blocking(index: number): string | null {
-    if (this.once.has(index)) return `a replication cycle of ${this.devices[index]!.image} runs (replicate once)`;
+    if (this.once.has(index)) return `a replication cycle of ${this.devices[index]!.image} runs`;
     const r = this.replications[index];
     if (!r?.running) return null;
     const s = r.status();
@@ -165,7 +165,8 @@ export class ReplicateRequests {
         this.once.add(index);
         return Replication.once(device, opts).finally(() => this.once.delete(index));
       }
-      const rep = Replication.start(device, { ...opts, everyMs: start.everyMs! });
+      this.once.add(index); // refuses a second start while the first one connects
+      const rep = await Replication.start(device, { ...opts, everyMs: start.everyMs! }).finally(() => this.once.delete(index));
       this.replications[index] = rep;
       return rep.status();
     }

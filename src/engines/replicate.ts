@@ -122,13 +122,27 @@ export class Replication {
     return new Replication(dev, bitmaps, gate, opts);
   }
 
-  /** Starts cycles on the timer, the first at once; returns as soon as it started (status: inCycle). */
-  static start(dev: BlockDevice, opts: ReplicateOptions): Replication {
+  /**
+   * Starts cycles on the timer, the first at once; resolves once the first cycle reached the destination
+   * and decided what to send (status: inCycle). A first cycle failing before that (unreachable, refused
+   * token, other base, a destination it cannot resume) rejects with its error and stops the timer.
+   */
+  static async start(dev: BlockDevice, opts: ReplicateOptions): Promise<Replication> {
     const r = Replication.make(dev, opts);
     r.inCycle = true;
+    const started = new Promise<void>((resolve, reject) => (r.started = { resolve, reject }));
     r.loop = r.run();
+    try {
+      await started;
+    } catch (e) {
+      await r.stop();
+      throw e;
+    }
     return r;
   }
+
+  /** The first cycle's start, for start(); null once settled. */
+  private started: { resolve: () => void; reject: (e: unknown) => void } | null = null;
 
   /** Runs one cycle; resolves with the status, rejects with the cycle's error. */
   static async once(dev: BlockDevice, opts: Omit<ReplicateOptions, 'everyMs'>): Promise<ReplicateStatus> {
@@ -175,7 +189,7 @@ export class Replication {
       await removeConsistent(this.bitmaps);
       this.known = null;
     }
-    this.log(`kscinc replicate: ${this.dev.name} to ${this.opts.to} stopped${drop ? '; its state removed' : '; a later replicate start resumes'}`);
+    if (this.cycles > 0 || drop) this.log(`kscinc replicate: ${this.dev.name} to ${this.opts.to} stopped${drop ? '; its state removed' : '; a later replicate start resumes'}`);
     return this.status();
   }
 
@@ -214,6 +228,11 @@ export class Replication {
     } catch (e) {
       const err = asKsc(e);
       report.error = { code: err.code, message: err.message };
+      if (this.started) {
+        this.started.reject(err);
+        this.started = null;
+        this.state = 'stopping';
+      }
       target?.destroy();
       this.log(`kscinc replicate: ${this.dev.name} to ${this.opts.to}: cycle failed: ${err.message}; the source goes on serving${this.opts.everyMs ? '; the next cycle retries' : ''}`);
     } finally {
@@ -231,6 +250,8 @@ export class Replication {
   private async cycleOn(target: MigrationTarget, sender: Sender, report: CycleReport): Promise<void> {
     const id = target.incoming?.id ?? null;
     const from = await this.gate.quiesce(() => this.decide(target, report));
+    this.started?.resolve();
+    this.started = null;
     migrateKillPoint('replicate-decided');
     const ctx: PassContext = { sender, target, bitmaps: this.bitmaps, id, stopped: () => false };
     if (from.stage === 'f') {

@@ -128,5 +128,21 @@ describe('kscinc replicate resumes', () => {
     expect(r.cli(['info', 'vm.ksc', '--json']).stdout).toBe(before);
     const status = r.cli(['replicate', 'status', 'vm.ksc']);
     expect(status.stderr).toMatch(/no kscinc serve holds/);
+    // Served: a start whose first cycle cannot reach the destination, or is refused by it, fails at once.
+    const src = await serveImage(r, 'vm.ksc');
+    const dst = await serveImage(r, 'dst.ksc', ['--incoming']);
+    try {
+      const unreachable = await cliAsync(r, ['replicate', 'start', 'vm.ksc', '--to', 'nbd://127.0.0.1:1/x', '--every', '5m']);
+      expect(unreachable.code).not.toBe(0);
+      expect(unreachable.stderr).toMatch(/127\.0\.0\.1:1/);
+      const wrong = await cliAsync(r, ['replicate', 'start', 'vm.ksc', '--to', dst.uri, '--token', 'ab'.repeat(16), '--every', '5m']);
+      expect(wrong.code).not.toBe(0);
+      expect(wrong.stderr).toMatch(/refused the incoming token/);
+      expect(r.cli(['replicate', 'status', 'vm.ksc']).stderr).toMatch(/no replication of .*vm\.ksc since this server started/);
+    } finally {
+      expect(await src.stop()).toBe(0);
+      expect(await dst.stop()).toBe(0);
+    }
+    expect(r.cli(['info', 'vm.ksc', '--json']).stdout).toBe(before); // nothing was created in the image
   });
 });
