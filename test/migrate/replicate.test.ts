@@ -54,6 +54,10 @@ describe('kscinc replicate', () => {
       const m = r.cli(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
       expect(m.code).not.toBe(0);
       expect(m.stderr).toMatch(/replication of .*vm\.ksc.* runs/);
+      // The worker holds the replication's timer: an upgrade is refused meanwhile (§11.5).
+      const up = await cliAsync(r, ['upgrade', 'vm.ksc']);
+      expect(up.code).not.toBe(0);
+      expect(up.stderr).toMatch(/replication of .*vm\.ksc.* runs/);
       const two = r.json<ReplicateStatus>(['replicate', 'status', 'vm.ksc']);
       await untilReplica(r, 'vm.ksc', (s) => s.cycles >= two.cycles + 2, 'did two more cycles');
       const stopped = r.json<ReplicateStatus>(['replicate', 'stop', 'vm.ksc']);
@@ -72,7 +76,7 @@ describe('kscinc replicate', () => {
     sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
   });
 
-  it('a hot spot that outruns the link: 8 rounds, then the fence holds the writer; the replica is still one instant', async () => {
+  it('a hot spot that outruns the link: rounds (at most 8), then the fence holds the writer; the replica is still one instant', async () => {
     const r = rig();
     makeBaseAndOverlay(r, 'vm.ksc', 2);
     expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
