@@ -16,6 +16,7 @@ import { checkClientPath, controlPath, peerUid, trustedUid } from './control-tru
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
 import { checkRequestKey, serverUnlock } from './control-key.js';
 import { MigrateRequests } from './migrate-control.js';
+import { ReplicateRequests } from './replicate-control.js';
 
 export { controlPath } from './control-trust.js';
 
@@ -79,6 +80,8 @@ export class BackupRequests {
   private readonly busy: (Busy | null)[];
   /** The migrate-* operations (formats/migrate.md §6). */
   private readonly migrations: MigrateRequests;
+  /** The replicate-* operations (formats/control.md §7). */
+  private readonly replications: ReplicateRequests;
 
   constructor(
     private devices: { image: string; device: BlockDevice }[],
@@ -86,17 +89,19 @@ export class BackupRequests {
   ) {
     this.busy = devices.map(() => null);
     this.migrations = new MigrateRequests(devices, log);
+    this.replications = new ReplicateRequests(devices, log);
   }
 
   /** The devices to back up from now on (a worker that reopened its images). */
   setDevices(devices: { image: string; device: BlockDevice }[]): void {
     this.devices = devices;
     this.migrations.setDevices(devices);
+    this.replications.setDevices(devices);
   }
 
   /** A sentence naming the operation running, or null when none runs. */
   running(): string | null {
-    const migration = this.migrations.running();
+    const migration = this.migrations.running() ?? this.replications.running();
     if (migration) return migration;
     for (let i = 0; i < this.busy.length; i++) {
       const b = this.busy[i];
@@ -108,7 +113,11 @@ export class BackupRequests {
   /** Handles one request line read from the control socket of devices[index]. */
   handle(sock: Socket, line: string, index: number): void {
     const { image } = this.devices[index]!;
-    if (this.migrations.handle(sock, line, requestOp(line), index, this.busy[index] !== null)) return;
+    const op = requestOp(line);
+    if (this.replications.handle(sock, line, op, index, this.migrations.blocking(index))) return;
+    const replicating = op === 'migrate-start' ? this.replications.blocking(index) : null;
+    if (replicating) return failRequest(sock, 'KSC_E_LOCKED', `${replicating}: no migration meanwhile`);
+    if (this.migrations.handle(sock, line, op, index, this.busy[index] !== null)) return;
     sock.on('error', () => undefined);
     let req: BackupRequest;
     try {

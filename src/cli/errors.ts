@@ -67,6 +67,7 @@ const FLAGS: Record<string, string> = {
   keyFile: '--key-file',
   noEncrypt: '--no-encrypt',
   repo: '--repo',
+  every: '--every',
   ref: '"kscinc repo unlock --ref"',
 };
 

@@ -23,6 +23,7 @@ export const COMMAND_GROUPS: Record<string, { commands: string[]; load: () => Pr
   io: { commands: ['write', 'read'], load: async () => (await import('./io-commands.js')).registerIoCommands },
   serve: { commands: ['serve', 'status', 'upgrade'], load: async () => (await import('./serve-commands.js')).registerServeCommands },
   migrate: { commands: ['migrate'], load: async () => (await import('./migrate-commands.js')).registerMigrateCommands },
+  replicate: { commands: ['replicate'], load: async () => (await import('./replicate-commands.js')).registerReplicateCommands },
   backup: { commands: ['backup', 'restore', 'pull', 'backups', 'verify', 'prune', 'repo'], load: async () => (await import('./backup-commands.js')).registerBackupCommands },
   key: { commands: ['key'], load: async () => (await import('./key-commands.js')).registerKeyCommands },
   schedule: { commands: ['schedule'], load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },

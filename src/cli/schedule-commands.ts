@@ -106,6 +106,10 @@ export function registerScheduleCommands(program: Command): void {
         {
           clock: systemClock,
           backupImage: cliBackupImage,
+          replicateImage: async (image, to, { token }) => {
+            const s = await (await import('./replicate-commands.js')).replicateOnce(image, { op: 'replicate-once', to, token });
+            return { consistentAt: s.lastCycle!.consistentAt! };
+          },
           log,
           prune: (repo, keep, { timeZone }) => pruneAt(repo, keep, { timeZone }),
         },

@@ -23,6 +23,8 @@ export interface BackupImageOptions {
 }
 
 export type BackupImageFn = (image: string, repo: string, opts: BackupImageOptions) => Promise<{ id: string }>;
+/** One replication cycle of `image` to the NBD export `to` (formats/migrate.md §11); resolves with the replica's consistent point (ISO time). */
+export type ReplicateImageFn = (image: string, to: string, opts: { token?: string; signal?: AbortSignal }) => Promise<{ consistentAt: string }>;
 export type PruneFn = (repo: string, keep: KeepPolicy, opts: { timeZone: string }) => Promise<{ removed: string[] }>;
 
 /** Opens `image` (ksc_inc or raw), backs it up into the repository at `location` (created when missing). */

@@ -32,6 +32,10 @@ export interface ScheduleJob {
   tags: string[];
   /** false: a repository this job creates is not encrypted (YAML `encrypt: false`); default encrypted (repository.md §13.0). */
   encrypt?: false;
+  /** A replication job (formats/migrate.md §11): one cycle to this NBD URI per run instead of a backup; `repo` is the URI too. */
+  replicate?: string;
+  /** The destination's incoming token (`kscinc serve --incoming` printed it). */
+  token?: string;
 }
 
 export interface ScheduleConfig {
@@ -43,7 +47,9 @@ export interface ScheduleConfig {
 }
 
 const TOP_KEYS = new Set(['timezone', 'parallel', 'jobs']);
-const JOB_KEYS = new Set(['name', 'images', 'repo', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags', 'encrypt']);
+const JOB_KEYS = new Set(['name', 'images', 'repo', 'replicate', 'token', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags', 'encrypt']);
+/** Fields of a backup job that a replication job does not take. */
+const BACKUP_ONLY = ['repo', 'bitmap', 'keep', 'tags', 'encrypt'];
 const KEEP_KEYS = new Set(['last', 'daily', 'weekly', 'monthly']);
 export const MAX_PARALLEL = 64;
 
@@ -122,6 +128,23 @@ function parseBitmap(v: unknown, where: string): string | null | undefined {
   return b;
 }
 
+/** The `replicate:` and `token:` fields of a replication job (formats/migrate.md §11), or null for a backup job. */
+function parseReplicate(v: Obj, where: string): { to: string; token?: string } | null {
+  if (v.replicate === undefined) {
+    if (v.token !== undefined) throw invalid(where, 'token belongs to a replicate job (replicate: nbd://HOST:PORT/EXPORT)');
+    return null;
+  }
+  const to = str(v.replicate, where, 'replicate');
+  if (!/^nbds?(\+unix)?:\/\//i.test(to)) throw invalid(where, `replicate "${to}": expected an NBD URI, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH`);
+  if (/^nbds/i.test(to)) throw invalid(where, `replicate "${to}": TLS (nbds://) is not offered by schedule jobs yet; run \`kscinc replicate start\` with TLS credentials instead`);
+  const bad = BACKUP_ONLY.find((k) => v[k] !== undefined);
+  if (bad) throw invalid(where, `a replicate job takes no "${bad}" (it copies the disk to ${to}, it makes no backup)`);
+  if (v.token !== undefined && (typeof v.token !== 'string' || !/^[0-9a-f]{32}$/.test(v.token))) {
+    throw invalid(where, `token must be the 32 lowercase hex digits the destination's incoming server printed, not ${describe(v.token)}`);
+  }
+  return { to, ...(typeof v.token === 'string' ? { token: v.token } : {}) };
+}
+
 function parseJob(v: unknown, i: number, top: { timezone: string; base: string; file: string }): ScheduleJob {
   const at = `${top.file}: jobs[${i}]`;
   if (!isObj(v)) throw invalid(at, `a job must be a mapping with name, images, repo and when, not ${describe(v)}`);
@@ -130,7 +153,8 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
   }
   const where = `${top.file}: job "${v.name}"`;
   assertKnownKeys(v, JOB_KEYS, where);
-  for (const k of ['images', 'repo', 'when']) if (v[k] === undefined) throw invalid(where, `missing field "${k}"`);
+  const replicate = parseReplicate(v, where);
+  for (const k of replicate ? ['images', 'when'] : ['images', 'repo', 'when']) if (v[k] === undefined) throw invalid(where, `missing field "${k}"`);
   const rawImages = typeof v.images === 'string' ? [v.images] : v.images;
   if (!Array.isArray(rawImages) || rawImages.length === 0) throw invalid(where, `images must be a non-empty list of paths or globs, not ${describe(v.images)}`);
   const images = rawImages.map((p, k) => {
@@ -144,7 +168,11 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
     throw invalid(where, typeof v.when === 'string' ? (e as Error).message : `when must be a string such as "every 1 day at 02:00", not ${describe(v.when)}`);
   }
   const timezone = v.timezone === undefined ? top.timezone : checkZone(str(v.timezone, where, 'timezone'), `${where}: timezone`);
-  const job: ScheduleJob = { name: v.name, images, repo: parseRepo(v.repo, where, top.base), when, timezone, tags: [] };
+  if (replicate && (images.length !== 1 || /[*?[]/.test(images[0]!))) {
+    throw invalid(where, `a replicate job copies one disk to one destination: images must be one path, not a list or a glob`);
+  }
+  const job: ScheduleJob = { name: v.name, images, repo: replicate ? replicate.to : parseRepo(v.repo, where, top.base), when, timezone, tags: [] };
+  if (replicate) Object.assign(job, { replicate: replicate.to }, replicate.token ? { token: replicate.token } : {});
   const bitmap = parseBitmap(v.bitmap, where);
   if (bitmap !== undefined) job.bitmap = bitmap;
   if (v.keep !== undefined && v.keep !== null) job.keep = parseKeep(v.keep, where);

@@ -15,7 +15,7 @@ import { realpath } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { isKscError } from '../../errors.js';
 import type { ScheduleConfig, ScheduleJob } from './config.js';
-import type { BackupImageFn, PruneFn } from './actions.js';
+import type { BackupImageFn, PruneFn, ReplicateImageFn } from './actions.js';
 import { expandImages } from './glob.js';
 import { KeyedMutex, KeyedRwLock } from '../../util/concurrency.js';
 import { countRuns, dueOf, regularNext, retryDelay, type Due } from './plan.js';
@@ -47,6 +47,8 @@ export interface DaemonDeps {
   clock: Clock;
   backupImage: BackupImageFn;
   prune: PruneFn;
+  /** Runs a `replicate:` job's cycle (formats/migrate.md §11); without it such jobs fail saying so. */
+  replicateImage?: ReplicateImageFn;
   /** One line per event (no newline). */
   log: (line: string) => void;
 }
@@ -298,24 +300,40 @@ export class ScheduleDaemon {
       const img = (js.images[image] ??= {});
       try {
         if (r.ac.signal.aborted) break;
-        r.what = `backing up ${image}`;
         const t = this.now();
-        const b = await this.deps.backupImage(image, job.repo, { bitmap: job.bitmap, tags, signal: r.ac.signal, encrypt: job.encrypt });
-        rec.backups.push({ image, id: b.id });
+        const id = job.replicate ? await this.replicateOne(r, image) : await this.backupOne(r, image, tags);
+        rec.backups.push({ image, id });
         img.lastSuccess = iso(t);
-        img.lastBackup = b.id;
+        img.lastBackup = id;
         delete img.lastError;
-        this.log(`job ${job.name}: backup ${b.id} of ${image} -> ${job.repo}`);
       } catch (e) {
         const text = isKscError(e) ? `${e.code}: ${msg(e)}` : msg(e);
         rec.errors.push({ image, error: text });
         img.lastError = text;
-        this.log(`job ${job.name}: backup of ${image} failed: ${text}`);
+        this.log(`job ${job.name}: ${job.replicate ? 'replication' : 'backup'} of ${image} failed: ${text}`);
       } finally {
         releaseRepo();
         releaseDisk();
       }
     }
+  }
+
+  private async backupOne(r: Running, image: string, tags: string[]): Promise<string> {
+    const { job } = r;
+    r.what = `backing up ${image}`;
+    const b = await this.deps.backupImage(image, job.repo, { bitmap: job.bitmap, tags, signal: r.ac.signal, encrypt: job.encrypt });
+    this.log(`job ${job.name}: backup ${b.id} of ${image} -> ${job.repo}`);
+    return b.id;
+  }
+
+  /** A `replicate:` job's run: one cycle; its id in the run record is `replica@` and the consistent point. */
+  private async replicateOne(r: Running, image: string): Promise<string> {
+    const { job } = r;
+    if (!this.deps.replicateImage) throw new Error('this daemon cannot run replicate jobs');
+    r.what = `replicating ${image}`;
+    const c = await this.deps.replicateImage(image, job.replicate!, { token: job.token, signal: r.ac.signal });
+    this.log(`job ${job.name}: replica of ${image} at ${job.replicate} consistent at ${c.consistentAt}`);
+    return `replica@${c.consistentAt}`;
   }
 
   private async pruneAfter(r: Running, rec: RunRecord): Promise<void> {
@@ -351,7 +369,7 @@ export class ScheduleDaemon {
       js.retryImages = [];
       js.retryScheduled = null;
       js.lastSuccess = rec.end;
-      this.log(`job ${job.name}: ok, ${rec.backups.length} backup(s) in ${formatDuration(end - start)}`);
+      this.log(`job ${job.name}: ok, ${rec.backups.length} ${job.replicate ? 'replication cycle(s)' : 'backup(s)'} in ${formatDuration(end - start)}`);
       if (kind === 'shutdown') this.report.done.push(job.name);
       return;
     }

@@ -5,6 +5,6 @@ export { loadConfig, parseConfig, parseConfigText, type ScheduleConfig, type Sch
 export { expandImages, matchesPattern } from './glob.js';
 export { readState, daemonHolder, statePathFor, writeFileAtomic, type StateData, type JobState, type RunRecord, type RunKind } from './state.js';
 export { dueOf, jobStatus, retryDelay, type Due, type JobStatus } from './plan.js';
-export { backupImageAt, backupDeviceTo, pruneAt, type BackupToOptions, type BackupImageFn, type BackupImageOptions, type PruneFn } from './actions.js';
+export { backupImageAt, backupDeviceTo, pruneAt, type BackupToOptions, type BackupImageFn, type BackupImageOptions, type PruneFn, type ReplicateImageFn } from './actions.js';
 export { ScheduleDaemon, systemClock, DEFAULT_SHUTDOWN_TIMEOUT_MS, type Clock, type DaemonDeps, type DaemonOptions, type ShutdownReport } from './daemon.js';
 export { checkZone, systemZone } from './zone.js';
