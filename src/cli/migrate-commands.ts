@@ -48,6 +48,7 @@ interface StartOptions extends MigrateTlsOptions {
   baseFingerprint?: string;
   bandwidth?: string;
   connections?: string;
+  compress?: boolean;
   repo?: string;
   json?: boolean;
 }
@@ -63,6 +64,7 @@ function registerStart(m: Command): void {
     .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
     .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
     .option('--repo <location>', 'a destination restored from a backup: the repository that holds it (default: the one it recorded)')
+    .option('--no-compress', 'never send lz4-compressed writes, even to a kscinc destination that takes them')
     .option('--json', 'print JSON')
     .action(async (image: string, o: StartOptions) => {
       const req = {
@@ -72,6 +74,7 @@ function registerStart(m: Command): void {
         baseFingerprint: o.baseFingerprint,
         bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
         connections: o.connections !== undefined ? Number(o.connections) : undefined,
+        compress: o.compress === false ? false : undefined,
         tls: migrateTls(o, o.to),
         repo: o.repo,
         key: o.repo !== undefined ? await clientKey(o.repo) : undefined,

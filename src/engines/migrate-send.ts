@@ -5,6 +5,7 @@
  */
 import type { BlockDevice } from '../image/types.js';
 import { migrateKillPointBytes } from '../util/killpoint.js';
+import { compressPiece } from '../compress/pool.js';
 import { isZero } from './migrate-base.js';
 
 /** Where a migration writes: an NBD export on the destination, over one or more connections. */
@@ -21,6 +22,10 @@ export interface MigrationTarget {
    */
   readonly incoming?: { id: string; empty: boolean } | null;
   write(offset: number, data: Buffer): Promise<void>;
+  /** The destination took compressed writes (formats/migrate.md §11): writeLz4 may be used. */
+  readonly compressed?: boolean;
+  /** KSC_WRITE_LZ4: writes the `length` bytes `stored` (u32 LE length + one LZ4 block) decodes to. */
+  writeLz4?(offset: number, length: number, stored: Buffer): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
   /** FLUSH on every connection: everything acknowledged before is durable. */
   flush(): Promise<void>;
@@ -36,6 +41,8 @@ export interface MigrationTarget {
 export const SEND_PIECE = 1024 * 1024;
 /** Bytes of protocol header per request, counted against the bandwidth cap. */
 const HEADER = 28;
+/** A compressed piece's own length field (formats/nbd.md §3.2). */
+const LZ4_HEADER = 4;
 
 /** A token bucket: take(n) waits until n bytes may go on the wire at `rate` bytes/s (burst: 1/10 s), first come first served. */
 class RateLimit {
@@ -74,6 +81,8 @@ export class Sender {
   bytesZeroed = 0;
   /** Bytes put on the wire: payloads plus request headers. */
   wireBytes = 0;
+  /** Bytes of the device sent compressed (counted in bytesSent too). */
+  compressedBytes = 0;
   private readonly inFlight = new Set<Promise<void>>();
   private failure: Error | null = null;
   private readonly limit: RateLimit | null;
@@ -133,11 +142,21 @@ export class Sender {
     return Math.round(((this.wireBytes - first[1]) * 1000) / (now - first[0]));
   }
 
+  /** Compressed pieces go as KSC_WRITE_LZ4 (formats/migrate.md §11). */
+  get compressed(): boolean {
+    return !!this.target.compressed && !!this.target.writeLz4;
+  }
+
   private async one(offset: number, length: number, zero: boolean): Promise<void> {
     let data: Buffer | null = null;
     if (!zero) {
       data = await this.dev.read(offset, length);
       if (isZero(data)) data = null;
+    }
+    if (data && this.compressed) {
+      const c = await compressPiece(data, Math.floor((data.length * 7) / 8));
+      if (c.stored) return this.oneCompressed(offset, length, c.stored);
+      data = c.data;
     }
     await this.limit?.take(HEADER + (data?.length ?? 0));
     if (data) {
@@ -149,6 +168,17 @@ export class Sender {
       this.bytesZeroed += length;
     }
     this.wireBytes += HEADER + (data?.length ?? 0);
+    this.samples.push([performance.now(), this.wireBytes]);
+  }
+
+  private async oneCompressed(offset: number, length: number, stored: Buffer): Promise<void> {
+    const wire = HEADER + LZ4_HEADER + stored.length;
+    await this.limit?.take(wire);
+    await this.target.writeLz4!(offset, length, stored);
+    this.bytesSent += length;
+    this.compressedBytes += length;
+    migrateKillPointBytes(this.bytesSent);
+    this.wireBytes += wire;
     this.samples.push([performance.now(), this.wireBytes]);
   }
 }
