@@ -142,6 +142,21 @@ export class Sender {
     return Math.round(((this.wireBytes - first[1]) * 1000) / (now - first[0]));
   }
 
+  /**
+   * Read buffers of whole pieces, reused once a piece is acknowledged (a fresh 1 MiB buffer per piece kept the
+   * serving thread's garbage collector busy: ~10% of its time in a first pass). Each owns its ArrayBuffer, so
+   * the compressor moves it to a worker and back instead of copying it.
+   */
+  private readonly spare: Buffer[] = [];
+
+  private buffer(n: number): Buffer {
+    return n === SEND_PIECE ? (this.spare.pop() ?? Buffer.allocUnsafeSlow(n)) : Buffer.allocUnsafeSlow(n);
+  }
+
+  private recycle(b: Buffer): void {
+    if (b.length === SEND_PIECE && b.byteOffset === 0 && this.spare.length < this.target.parallelism) this.spare.push(b);
+  }
+
   /** Compressed pieces go as KSC_WRITE_LZ4 (formats/migrate.md §11). */
   get compressed(): boolean {
     return !!this.target.compressed && !!this.target.writeLz4;
@@ -150,17 +165,25 @@ export class Sender {
   private async one(offset: number, length: number, zero: boolean): Promise<void> {
     let data: Buffer | null = null;
     if (!zero) {
-      data = await this.dev.read(offset, length);
-      if (isZero(data)) data = null;
+      data = this.buffer(length);
+      await this.dev.readInto(offset, data);
+      if (isZero(data)) {
+        this.recycle(data);
+        data = null;
+      }
     }
     if (data && this.compressed) {
       const c = await compressPiece(data, Math.floor((data.length * 7) / 8));
-      if (c.stored) return this.oneCompressed(offset, length, c.stored);
+      if (c.stored) {
+        this.recycle(c.data);
+        return this.oneCompressed(offset, length, c.stored);
+      }
       data = c.data;
     }
     await this.limit?.take(HEADER + (data?.length ?? 0));
     if (data) {
       await this.target.write(offset, data);
+      this.recycle(data); // acknowledged: the destination read all of it, so the socket is done with it
       this.bytesSent += length;
       migrateKillPointBytes(this.bytesSent);
     } else {
