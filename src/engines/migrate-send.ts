@@ -43,13 +43,15 @@ export const SEND_PIECE = 1024 * 1024;
 const HEADER = 28;
 /** A compressed piece's own length field (formats/nbd.md §3.2). */
 const LZ4_HEADER = 4;
+/** With a cap, pieces are compressed while the wire carries at least this share of it (formats/migrate.md §11). */
+const LINK_BOUND = 0.85;
 
 /** A token bucket: take(n) waits until n bytes may go on the wire at `rate` bytes/s (burst: 1/10 s), first come first served. */
 class RateLimit {
   private tokens: number;
   private last = performance.now();
 
-  constructor(private readonly rate: number) {
+  constructor(readonly rate: number) {
     this.tokens = rate / 10;
   }
 
@@ -86,8 +88,8 @@ export class Sender {
   private readonly inFlight = new Set<Promise<void>>();
   private failure: Error | null = null;
   private readonly limit: RateLimit | null;
-  /** (time, cumulative bytes) samples for the throughput over the last second or so. */
-  private samples: [number, number][] = [];
+  /** (time, cumulative wire bytes, cumulative bytes of the device sent) samples over the last second or so. */
+  private samples: [number, number, number][] = [];
 
   constructor(
     private readonly dev: BlockDevice,
@@ -134,12 +136,13 @@ export class Sender {
   }
 
   /** Bytes per second acknowledged over the last ~1 s (0 before any sample). */
-  throughput(): number {
+  throughput(which: 'wire' | 'data' = 'wire'): number {
     const now = performance.now();
     while (this.samples.length > 1 && now - this.samples[0]![0] > 1000) this.samples.shift();
     const first = this.samples[0];
     if (!first || now - first[0] < 50) return 0;
-    return Math.round(((this.wireBytes - first[1]) * 1000) / (now - first[0]));
+    const bytes = which === 'wire' ? this.wireBytes - first[1] : this.bytesSent - first[2];
+    return Math.round((bytes * 1000) / (now - first[0]));
   }
 
   /**
@@ -172,7 +175,7 @@ export class Sender {
         data = null;
       }
     }
-    if (data && this.compressed) {
+    if (data && this.compressed && this.linkBound()) {
       const c = await compressPiece(data, Math.floor((data.length * 7) / 8));
       if (c.stored) {
         this.recycle(c.data);
@@ -191,7 +194,17 @@ export class Sender {
       this.bytesZeroed += length;
     }
     this.wireBytes += HEADER + (data?.length ?? 0);
-    this.samples.push([performance.now(), this.wireBytes]);
+    this.samples.push([performance.now(), this.wireBytes, this.bytesSent]);
+  }
+
+  /**
+   * Whether compressing pays now (formats/migrate.md §11): without --bandwidth always; with it only while the
+   * device's bytes sent over the last second reach 85% of the cap (plain pieces: the link is full; compressed
+   * ones: compressing keeps up with what plain pieces could do). Below it the CPU is the limit, and
+   * compressing (here and decompressing at the destination) only slows the sender down.
+   */
+  private linkBound(): boolean {
+    return !this.limit || this.throughput('data') >= LINK_BOUND * this.limit.rate;
   }
 
   private async oneCompressed(offset: number, length: number, stored: Buffer): Promise<void> {
@@ -202,6 +215,6 @@ export class Sender {
     this.compressedBytes += length;
     migrateKillPointBytes(this.bytesSent);
     this.wireBytes += wire;
-    this.samples.push([performance.now(), this.wireBytes]);
+    this.samples.push([performance.now(), this.wireBytes, this.bytesSent]);
   }
 }
