@@ -14,7 +14,8 @@
  * 1.05); switch-over pause (kscinc: pauseMs; mirror: job-complete → BLOCK_JOB_COMPLETED); total time; first
  * pass: kscinc migrate with no writer (start → converged) against nbdcopy of the same data (goal ≥ 0.9×).
  *
- * `npx tsc -p tsconfig.json && node bench/migrate.mjs [--size 1024] [--top 128] [--rate 8] [--wspan 256] [--reps 3] [--keep]`
+ * `npx tsc -p tsconfig.json && node bench/migrate.mjs [--size 1024] [--top 128] [--rate 8] [--wspan 256] [--reps 3] [--keep] [--first-only]`
+ * (--first-only: only the first-pass race against nbdcopy)
  * (sizes in MiB, rate in MiB/s); BENCH_TRACE=1 also logs every writer request slower than 200 ms.
  * `--start-only`: only the writer's latency while `migrate-start` runs (the source's base fingerprint, §2):
  * per pass a fresh server, the writer on, then two starts in a row on it (each cancelled at once; the second
@@ -41,6 +42,8 @@ const { values: args } = parseArgs({
     reps: { type: 'string', default: '3' },
     keep: { type: 'boolean', default: false },
     'start-only': { type: 'boolean', default: false },
+    // Only the first-pass race (kscinc with no writer against nbdcopy): no writer pass, no QEMU mirror.
+    'first-only': { type: 'boolean', default: false },
   },
 });
 const size = Number(args.size) * MiB;
@@ -283,12 +286,14 @@ try {
     );
   for (let i = 0; i < reps; i++) {
     log(`pass ${i + 1}`);
-    const k = await kscincPass(i, true);
-    show('kscinc', k);
-    rows.kscinc.push(k);
-    const m = await mirrorPass(i);
-    show('mirror', m);
-    rows.mirror.push(m);
+    if (!args['first-only']) {
+      const k = await kscincPass(i, true);
+      show('kscinc', k);
+      rows.kscinc.push(k);
+      const m = await mirrorPass(i);
+      show('mirror', m);
+      rows.mirror.push(m);
+    }
     const f = await kscincPass(100 + i, false);
     const n = await nbdcopyPass(i);
     log(
@@ -299,7 +304,7 @@ try {
   }
   const med = (xs, f) => median(xs.map(f));
   log('medians:');
-  for (const side of ['kscinc', 'mirror']) {
+  for (const side of args['first-only'] ? [] : ['kscinc', 'mirror']) {
     const xs = rows[side];
     log(
       `  ${side}: wire ratio ${med(xs, (r) => r.sent / (top + r.rewritten)).toFixed(3)}, pause ${med(xs, (r) => r.pauseMs).toFixed(1)} ms, total ${med(xs, (r) => r.totalMs).toFixed(0)} ms, ` +

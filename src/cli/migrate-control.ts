@@ -23,6 +23,8 @@ export interface MigrateStartRequest {
   baseFingerprint?: string;
   bandwidth?: number;
   connections?: number;
+  /** false: never ask a kscinc destination for compressed writes (formats/migrate.md §12). */
+  compress?: boolean;
   /** TLS credentials' files (formats/nbd.md §5), loaded by the server. */
   tls?: TlsClientFiles;
   /** A seeded destination's repository (formats/migrate.md §9), and its master key (control.md §4). */
@@ -38,7 +40,7 @@ function invalid(message: string): KscError {
 }
 
 const MEMBERS: Record<string, string[]> = {
-  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'tls', 'repo', 'key'],
+  'migrate-start': ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'compress', 'tls', 'repo', 'key'],
   'migrate-status': ['op'],
   'migrate-complete': ['op'],
   'migrate-cancel': ['op'],
@@ -61,6 +63,7 @@ export function parseMigrateRequest(line: string): MigrateRequest {
   if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
     throw invalid('member "connections" must be a whole number from 1 to 16');
   }
+  if (o.compress !== undefined && typeof o.compress !== 'boolean') throw invalid('member "compress" must be true or false');
   if (o.tls !== undefined) checkTlsFiles(o.tls);
   if (o.repo !== undefined && (typeof o.repo !== 'string' || o.repo === '')) throw invalid('member "repo" must be a non-empty string');
   checkRequestKey(o.key);
@@ -143,7 +146,7 @@ export class MigrateRequests {
   private async start(req: MigrateStartRequest, index: number): Promise<unknown> {
     const { image, device } = this.devices[index]!;
     this.log(`kscinc serve: migration of ${image} to ${req.to} requested`);
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, tls: loadClientTls(req.tls) });
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls) });
     let seed: Seed | null = null;
     try {
       seed = target.origin ? await prepareSeed(device, parseOriginContext(target.origin, req.to), { repo: req.repo, unlock: serverUnlock(req.key), to: req.to }) : null;

@@ -170,3 +170,16 @@ export async function unpackInto(slot: SharedSlot, ranges: [number, number][], i
   }
   return out;
 }
+
+/**
+ * Compresses one piece in a worker into the stored form (u32 LE length + one LZ4 block; formats/nbd.md §3.2).
+ * `data` is copied into a transferable buffer unless it owns its whole ArrayBuffer (then it is moved to the
+ * worker and back: use the returned `data`, not the argument). `stored` is null when longer than `maxStored`.
+ */
+export async function compressPiece(data: Buffer, maxStored: number): Promise<{ stored: Buffer | null; data: Buffer }> {
+  const owned = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && !(data.buffer instanceof SharedArrayBuffer);
+  const input = owned ? new Uint8Array(data.buffer as ArrayBuffer, 0, data.byteLength) : concatOwned([data]);
+  const r = (await getPool().run({ op: 'lz4', data: input, maxStored }, { transferList: [input.buffer] })) as { out: Uint8Array; input: Uint8Array };
+  const back = Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength);
+  return { stored: r.out.byteLength > 0 ? Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength) : null, data: back };
+}

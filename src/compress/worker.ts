@@ -7,6 +7,7 @@ import { Piscina } from 'piscina';
 import { initHash, ID_BYTES } from '../hash/chunkid.js';
 import { hashBatch, packBatchSync } from './batch.js';
 import { decodeBlobInto, BlobError } from './codec.js';
+import { compressInto, lz4Bound } from './lz4.js';
 
 export interface PackTask {
   op: 'pack';
@@ -56,7 +57,8 @@ class Moved {
  * unpack → { lengths (0 = failed), errors: { index: reason } }; the chunks are in task.out
  * hash → [n ids]
  */
-export default async function run(task: PackTask | UnpackTask | HashTask): Promise<unknown> {
+export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task): Promise<unknown> {
+  if (task.op === 'lz4') return lz4Piece(task);
   await initHash();
   if (task.op === 'unpack') return unpack(task);
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
@@ -88,4 +90,21 @@ function unpack(task: UnpackTask): { lengths: number[]; errors: Record<number, s
     }
   }
   return { lengths, errors };
+}
+
+/** One piece compressed for a migration (formats/migrate.md §12). */
+export interface Lz4Task {
+  op: 'lz4';
+  data: Uint8Array;
+  /** Stored forms longer than this are not returned. */
+  maxStored: number;
+}
+
+/** lz4 → { out: the stored form (u32 LE length + block), empty when longer than maxStored; input } */
+function lz4Piece(task: Lz4Task): unknown {
+  const out = Buffer.allocUnsafeSlow(lz4Bound(task.data.byteLength));
+  const n = compressInto(task.data, out, 0);
+  const keep = n > 0 && n <= task.maxStored ? n : 0;
+  const input = task.data.buffer as ArrayBuffer;
+  return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, 0, keep), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
 }

@@ -35,6 +35,9 @@ export interface MigrateStatus {
   firstPassBytes: number;
   bytesSent: number;
   bytesZeroed: number;
+  /** Bytes put on the wire (request headers and payloads), and whether pieces go compressed (formats/migrate.md §12). */
+  wireBytes: number;
+  compressed: boolean;
   bytesLeft: number;
   rounds: number;
   throughputBps: number;
@@ -168,6 +171,8 @@ export class Migration {
       firstPassBytes: this.firstPassBytes,
       bytesSent: this.sender.bytesSent,
       bytesZeroed: this.sender.bytesZeroed,
+      wireBytes: this.sender.wireBytes,
+      compressed: this.sender.compressed,
       bytesLeft: left,
       rounds: this.rounds,
       throughputBps: rate,

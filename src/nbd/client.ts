@@ -14,6 +14,7 @@ import { KscError, type KscErrorCode } from '../errors.js';
 import { clientHandshake, type HandshakeResult } from './client-handshake.js';
 import { ByteQueue } from './client-queue.js';
 import { clientTls, type TlsClientConfig } from './client-tls.js';
+import { KSC_WRITE_LZ4, LZ4_PREFIX } from './lz4-write.js';
 import { CHUNK, CHUNK_FLAG_DONE, CMD, CMD_FLAG, ERR, MAX_PAYLOAD, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, TF, encodeRequest } from './wire.js';
 
 export interface NbdClientOptions {
@@ -49,7 +50,7 @@ interface Pending {
   reject: (e: Error) => void;
 }
 
-const NAMES: Record<number, string> = { 0: 'READ', 1: 'WRITE', 3: 'FLUSH', 4: 'TRIM', 6: 'WRITE_ZEROES' };
+const NAMES: Record<number, string> = { 0: 'READ', 1: 'WRITE', 3: 'FLUSH', 4: 'TRIM', 6: 'WRITE_ZEROES', [KSC_WRITE_LZ4]: 'KSC_WRITE_LZ4' };
 
 /** The KscError an NBD error reply becomes: EPERM is a refusal, ENOSPC a full disk, the rest an I/O error. */
 function replyError(errno: number, what: string, message: string): KscError {
@@ -146,6 +147,16 @@ export class NbdClient {
     await this.request(CMD.WRITE, opts.fua ? CMD_FLAG.FUA : 0, offset, data.length, data);
   }
 
+  /**
+   * KSC_WRITE_LZ4 (formats/nbd.md §3.2; only after selecting `kscinc:lz4-write`): writes the `length` bytes
+   * that `stored` (u32 LE length + one LZ4 block) decodes to.
+   */
+  async writeLz4(offset: number, length: number, stored: Buffer, opts: { fua?: boolean } = {}): Promise<void> {
+    const n = Buffer.allocUnsafe(LZ4_PREFIX);
+    n.writeUInt32BE(stored.length, 0);
+    await this.request(KSC_WRITE_LZ4, opts.fua ? CMD_FLAG.FUA : 0, offset, length, [n, stored]);
+  }
+
   /** WRITE_ZEROES; `noHole`: the server must write zeros rather than deallocate. */
   async writeZeroes(offset: number, length: number, opts: { fua?: boolean; noHole?: boolean } = {}): Promise<void> {
     await this.request(CMD.WRITE_ZEROES, (opts.fua ? CMD_FLAG.FUA : 0) | (opts.noHole ? CMD_FLAG.NO_HOLE : 0), offset, length, null);
@@ -177,7 +188,7 @@ export class NbdClient {
     this.fail(new KscError('KSC_E_CLOSED', `NBD connection to ${this.where} was closed`));
   }
 
-  private async request(type: number, flags: number, offset: number, length: number, payload: Buffer | null): Promise<Buffer | null> {
+  private async request(type: number, flags: number, offset: number, length: number, payload: Buffer | Buffer[] | null): Promise<Buffer | null> {
     const what = `${NAMES[type]} ${offset}+${length} on ${this.where}`;
     if (!Number.isSafeInteger(offset) || offset < 0 || length < 0 || offset + length > this.size) throw new KscError('KSC_E_RANGE', `${what}: past the end of the export (${this.size} bytes)`);
     if ((type === CMD.READ || type === CMD.WRITE) && length > this.maxPayload) throw new KscError('KSC_E_RANGE', `${what}: above the server's ${this.maxPayload}-byte payload limit`);
@@ -188,7 +199,14 @@ export class NbdClient {
     return new Promise<Buffer | null>((resolve, reject) => {
       const timer = setTimeout(() => this.fail(new KscError('KSC_E_IO', `${what}: no reply within ${this.timeoutMs} ms`)), this.timeoutMs);
       this.pending.set(cookie, { type, offset, length, data: null, error: null, timer, resolve, reject });
-      this.sock.write(payload ? Buffer.concat([header, payload]) : header);
+      if (!payload) this.sock.write(header);
+      else {
+        // One writev of header and payload, without copying the payload into a new buffer.
+        this.sock.cork();
+        this.sock.write(header);
+        for (const b of Array.isArray(payload) ? payload : [payload]) this.sock.write(b);
+        this.sock.uncork();
+      }
     });
   }
 

@@ -27,6 +27,7 @@ export type NbdViolation =
   | 'starttls' // bytes sent after STARTTLS before its reply
   | 'unknown-export' // EXPORT_NAME of an export we do not have (that option has no error reply)
   | 'payload-too-big' // WRITE payload above MAX_PAYLOAD: the stream cannot be resynchronised
+  | 'lz4-too-big' // KSC_WRITE_LZ4 payload above its limit (formats/nbd.md §3.2)
   | 'timeout'; // handshake not completed in time
 
 export class NbdProtocolError extends KscError {

@@ -9,6 +9,7 @@
 import { timingSafeEqual } from 'node:crypto';
 import { bitmapsOf } from '../image/capabilities.js';
 import { NbdRequestError } from './errors.js';
+import { LZ4_CONTEXT } from './lz4-write.js';
 import type { SessionState } from './state.js';
 import type { NbdExport } from './types.js';
 import { CMD, ERR, type Request } from './wire.js';
@@ -64,7 +65,11 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
   if (inc.origin) out.push(inc.origin);
   if (inc.peer !== undefined && tlsPeer !== inc.peer) return out; // not the source's TLS identity: no token context at all
   for (const q of queries) {
-    if (tokenMatches(exp, q, TOKEN_CONTEXT)) out.push(q);
+    if (tokenMatches(exp, q, TOKEN_CONTEXT)) {
+      out.push(q);
+      // formats/nbd.md §3.2: compressed writes, for the token holder only, when asked for by name.
+      if (queries.includes(LZ4_CONTEXT) && !out.includes(LZ4_CONTEXT)) out.push(LZ4_CONTEXT);
+    }
     if (tokenMatches(exp, q, DONE_CONTEXT)) {
       out.push(q);
       if (select && !inc.completed) {

@@ -10,6 +10,7 @@ import { NbdClient, parseNbdUri } from './client.js';
 import type { TlsClientConfig } from './client-tls.js';
 import { BASE_CONTEXT, DONE_CONTEXT, EMPTY_CONTEXT, ID_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
 import { ORIGIN_CONTEXT } from '../engines/migrate-origin.js';
+import { LZ4_CONTEXT } from './lz4-write.js';
 
 /** Requests in flight per connection. */
 const DEPTH = 16;
@@ -21,6 +22,8 @@ export interface NbdTargetOptions {
   timeoutMs?: number;
   /** TLS credentials (formats/nbd.md §5); required for an nbds:// URI. */
   tls?: TlsClientConfig | null;
+  /** Ask a kscinc destination for compressed writes (formats/migrate.md §12; default true; needs a token). */
+  compress?: boolean;
 }
 
 export class NbdTarget implements MigrationTarget {
@@ -29,6 +32,8 @@ export class NbdTarget implements MigrationTarget {
   readonly parallelism: number;
   /** The `kscinc:origin=` context a destination restored from a backup announced, or null. */
   origin: string | null = null;
+  /** Every connection selected `kscinc:lz4-write` (formats/nbd.md §3.2): writeLz4 may be used. */
+  readonly compressed: boolean;
 
   private constructor(
     private readonly clients: NbdClient[],
@@ -41,6 +46,7 @@ export class NbdTarget implements MigrationTarget {
     this.size = clients[0]!.size;
     this.maxPayload = Math.min(...clients.map((c) => c.maxPayload));
     this.parallelism = clients.length * DEPTH;
+    this.compressed = clients.every((c) => [...c.selected.values()].includes(LZ4_CONTEXT));
   }
 
   /** Connects every connection; KSC_E_PERMISSION when a kscinc destination refused the token, KSC_E_READ_ONLY for a read-only export. */
@@ -48,7 +54,7 @@ export class NbdTarget implements MigrationTarget {
     const where = { ...parseNbdUri(o.uri), tls: o.tls ?? null };
     if (where.nbds && !where.tls) throw new KscError('KSC_E_INVALID', `${o.uri}: nbds:// means TLS: give --tls-creds DIR or --tls-psk FILE`);
     const n = o.connections ?? 2;
-    const setContexts = o.token ? [TOKEN_CONTEXT + o.token] : [];
+    const setContexts = o.token ? [TOKEN_CONTEXT + o.token, ...(o.compress !== false ? [LZ4_CONTEXT] : [])] : [];
     const clients: NbdClient[] = [];
     try {
       for (let i = 0; i < n; i++) {
@@ -80,6 +86,10 @@ export class NbdTarget implements MigrationTarget {
 
   write(offset: number, data: Buffer): Promise<void> {
     return this.pick().write(offset, data);
+  }
+
+  writeLz4(offset: number, length: number, stored: Buffer): Promise<void> {
+    return this.pick().writeLz4(offset, length, stored);
   }
 
   writeZeroes(offset: number, length: number): Promise<void> {

@@ -12,6 +12,7 @@ import type { SessionState } from './state.js';
 import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
 import { checkIncomingWrite } from './incoming.js';
+import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } from './lz4-write.js';
 import { CMD, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
@@ -89,7 +90,9 @@ export class Transmission {
         return;
       }
       if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) throw new NbdProtocolError('payload-too-big', `write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
-      const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : SMALL_REQUEST_COST;
+      // formats/nbd.md §3.2: a negotiated KSC_WRITE_LZ4 says its payload's length first (unnegotiated: unknown command).
+      const lz4 = req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
+      const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
       let release: () => void;
       try {
         release = await this.share.admit(cost, () => (this.gone() ? new SocketClosedError() : null));
@@ -98,10 +101,11 @@ export class Transmission {
         throw e;
       }
       let payload: Buffer | null = null;
-      if (req.type === CMD.WRITE) {
+      if (req.type === CMD.WRITE || lz4 >= 0) {
         // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
+        const n = lz4 >= 0 ? lz4 : req.length;
         try {
-          payload = await link.reader.read(req.length, { ms: stall, what: `write payload of ${req.length} bytes` });
+          payload = await link.reader.read(n, { ms: stall, what: `write payload of ${n} bytes` });
         } catch (e) {
           release();
           throw e;
@@ -122,18 +126,21 @@ export class Transmission {
   private async handle(req: Request, payload: Buffer | null, release: () => void): Promise<void> {
     const { link, state } = this;
     const dev = this.exp.device;
+    // A negotiated KSC_WRITE_LZ4 (its payload read) is checked and run as the WRITE it decodes to (§3.2).
+    const w = req.type === KSC_WRITE_LZ4 && payload ? { ...req, type: CMD.WRITE } : req;
     try {
-      const off = validateRequest(req, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
-      checkIncomingWrite(this.exp, state, req);
+      const off = validateRequest(w, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
+      checkIncomingWrite(this.exp, state, w);
+      if (w !== req) payload = decodeLz4Write(req, payload!);
       const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[] };
-      const parts = await execute(x, req, off, payload);
+      const parts = await execute(x, w, off, payload);
       payload = null;
       await link.send(parts, () => {
         if (x.recycle.length) this.server.pool.give(x.recycle);
         release();
       });
     } catch (e) {
-      const errno = wireErrno(e, req.type);
+      const errno = wireErrno(e, w.type);
       const msg = e instanceof Error ? e.message : String(e);
       if (!(e instanceof NbdRequestError)) link.log(`nbd: connection ${link.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
       if (state.structuredReplies) await link.send([encodeErrorChunk(req.cookie, errno, msg)], release);

@@ -21,6 +21,8 @@ function status(phase: MigratePhase): MigrateStatus {
     firstPassBytes: 0,
     bytesSent: 0,
     bytesZeroed: 0,
+    wireBytes: 0,
+    compressed: false,
     bytesLeft: 0,
     rounds: 1,
     throughputBps: 0,

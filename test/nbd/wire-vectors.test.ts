@@ -26,6 +26,7 @@ import {
   decodeGoData,
   decodeMetaContextData,
 } from '../../src/nbd/wire.js';
+import { KSC_WRITE_LZ4 } from '../../src/nbd/lz4-write.js';
 
 const spec = readFileSync(fileURLToPath(new URL('../../formats/nbd.md', import.meta.url)), 'utf8');
 
@@ -67,6 +68,15 @@ const encoders: Record<string, () => Buffer> = {
       true,
     ),
   'chunk-error': () => encodeErrorChunk(4n, ERR.EINVAL, 'bad', true),
+  // §3.2 (the server's decoding of it: test/nbd/lz4-write.test.ts): header, u32 BE n, u32 LE L, the LZ4 block
+  // as the spec describes it: token 1|15, literal "a", distance 1, match length 4 + 15 + 15 × 255 + 246, token 5|0, "aaaaa".
+  'request-write-lz4': () => {
+    const block = Buffer.concat([Buffer.from([0x1f, 0x61, 0x01, 0x00]), Buffer.alloc(15, 0xff), Buffer.from([0xf6, 0x50]), Buffer.from('aaaaa')]);
+    const head = Buffer.alloc(8);
+    head.writeUInt32BE(4 + block.length, 0);
+    head.writeUInt32LE(4096, 4);
+    return Buffer.concat([encodeRequest({ flags: 0, type: KSC_WRITE_LZ4, cookie: 7n, offset: 0x10000n, length: 4096 }), head, block]);
+  },
 };
 
 describe('formats/nbd.md test vectors', () => {
