@@ -243,12 +243,15 @@ export class Migration {
 
   private sentInRound = 0;
 
-  /** Sends the frozen bits from `cursor` on, then drops them (kill point `round-sent` between). False when cancelled. */
+  /** Sends the frozen bits from `cursor` on, FLUSHes the destination, then drops them (kill point `round-sent` between). False when cancelled. */
   private async sendFrozen(cursor: number): Promise<boolean> {
     const dirty = fromCursor(await this.bitmaps.bitmapExtents(MIGRATE_FROZEN), cursor).map((d) => ({ offset: d.offset, length: Math.min(d.length, this.dev.size - d.offset) }));
     this.sentInRound = bytesOf(dirty);
     if (!(await sendPass({ ...this.passContext(), onQueued: undefined }, 'r', dirty))) return false;
     await this.sender.drain();
+    // §10 rule 2: the bits go only once the destination made their blocks durable (acknowledged is not
+    // durable: a destination host that loses power would keep them unsent on a resume).
+    await this.target.flush();
     migrateKillPoint('round-sent');
     await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
     return true;
@@ -316,9 +319,8 @@ export class Migration {
     try {
       // While still serving: one more round, and a flush of everything sent so far, so that the pause below
       // has only the last blocks to send and make durable (a destination that fsyncs the whole first pass
-      // inside the pause took ~0.5 s for 300 MB here).
-      await this.round();
-      await this.target.flush();
+      // inside the pause took ~0.5 s for 300 MB here). A round that sent blocks has flushed already.
+      if ((await this.round()) === 0) await this.target.flush();
       await this.switchOver();
     } catch (e) {
       await this.fail(e);

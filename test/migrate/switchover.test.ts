@@ -97,6 +97,20 @@ function heldWrites(src: BlockDevice, rnd: () => number, n: number, model: Buffe
 /** The image's MIGRATED_AWAY flag (formats/ksc_inc.md §4.1), as its header says now. */
 const migratedAway = (dev: BlockDevice): boolean => (dev as unknown as { migratedAway: boolean }).migratedAway;
 
+/**
+ * Waits until the copy loop is idle (first pass and at least one round done, nothing dirty): from then on
+ * no flush happens until complete(), whose flushes are counted from here (a round that sends blocks
+ * flushes the destination, §10 rule 2).
+ */
+async function quiet(m: Migration): Promise<void> {
+  for (let t = 0; t < 800; t++) {
+    const s = m.status();
+    if (s.rounds >= 1 && s.bytesLeft === 0) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error(`the migration did not go quiet: ${JSON.stringify(m.status())}`);
+}
+
 async function whole(dev: BlockDevice): Promise<Buffer> {
   return dev.read(0, dev.size);
 }
@@ -108,8 +122,9 @@ describe('migration switch-over', () => {
     try {
       const m = await Migration.start(src, target, { to: 'test' });
       await src.write(5 * MiB, Buffer.alloc(64 * 1024, 0x33));
+      await quiet(m);
       target.flushFails = true;
-      target.pauseFlush = 2; // the first flush is complete()'s, while still serving
+      target.pauseFlush = target.flushes + 2; // the first flush is complete()'s, while still serving
       const model = await whole(src);
       const settled = { count: 0 };
       let held: Promise<PromiseSettledResult<void>[]> | null = null;
@@ -142,7 +157,9 @@ describe('migration switch-over', () => {
       for (let i = 0; i < 50; i++) before.push(src.write(4096 * Math.floor(rnd() * 4000), Buffer.alloc(8192, i + 1)));
       await Promise.all(before);
       const model = await whole(src);
-      target.pauseFlush = 2;
+      await quiet(m);
+      const flushesBefore = target.flushes;
+      target.pauseFlush = flushesBefore + 2;
       const settled = { count: 0 };
       let heldP: Promise<PromiseSettledResult<void>[]> | null = null;
       let settledInPause = -1;
@@ -153,7 +170,7 @@ describe('migration switch-over', () => {
       await expect(m.complete()).rejects.toMatchObject({ code: 'KSC_E_LOCKED' });
       const s = await completing;
       expect(settledInPause).toBe(0);
-      expect(target.flushes).toBe(2);
+      expect(target.flushes - flushesBefore).toBe(2);
       const held = await heldP!;
       expect(held.length).toBe(10);
       expect(s.phase).toBe('completed');
@@ -169,4 +186,41 @@ describe('migration switch-over', () => {
       await dst.close();
     }
   });
+});
+
+describe('migration rounds', () => {
+  it("a round's frozen bits are dropped only after a destination FLUSH made its blocks durable (formats/migrate.md §10 rule 2)", async () => {
+    const { src, dst, target } = await setup();
+    // The destination's writes are volatile until its next FLUSH (a host that loses power loses them): count them.
+    let unflushed = 0;
+    const write = target.write.bind(target);
+    const flush = target.flush.bind(target);
+    target.write = async (o, d) => void (await write(o, d), unflushed++);
+    target.flush = async () => {
+      const before = unflushed;
+      await flush();
+      unflushed -= before;
+    };
+    const violations: number[] = [];
+    const bitmaps = src.dirtyBitmaps!;
+    const remove = bitmaps.removeBitmap.bind(bitmaps);
+    bitmaps.removeBitmap = async (name: string) => {
+      if (name === MIGRATE_FROZEN && unflushed > 0) violations.push(unflushed);
+      return remove(name);
+    };
+    try {
+      const m = await Migration.start(src, target, { to: 'test' });
+      for (let i = 0; i < 6; i++) {
+        await src.write((4 + i) * MiB, Buffer.alloc(64 * 1024, 0x50 + i));
+        const rounds = m.status().rounds;
+        for (let t = 0; t < 200 && m.status().rounds === rounds; t++) await new Promise((r) => setTimeout(r, 25));
+      }
+      expect(m.status().rounds).toBeGreaterThanOrEqual(3);
+      await m.cancel();
+      expect(violations, 'unflushed destination writes when the frozen bits were dropped').toEqual([]);
+    } finally {
+      await src.close();
+      await dst.close();
+    }
+  }, 60_000);
 });
