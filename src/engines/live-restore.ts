@@ -131,7 +131,11 @@ export async function liveRestore(repo: Repository, location: string, which: str
 async function checkLocalBase(m: Manifest, file: string): Promise<LocalBaseRef> {
   const rec = parseBaseRecord(m);
   const abs = path.resolve(file);
-  if (!rec) throw new KscError('KSC_E_INVALID', `backup ${m.meta.id} records no raw base (its disk was not an overlay over a raw file, or it was made by an older kscinc): it cannot be live-restored over ${abs}; leave out the base to pull it whole`);
+  if (!rec)
+    throw new KscError(
+      'KSC_E_INVALID',
+      `backup ${m.meta.id} records no raw base (its disk was not an overlay over a raw file, or it was made by an older kscinc): it cannot be live-restored over ${abs}; leave out the base to pull it whole`,
+    );
   const dev = await RawDevice.open(abs, { write: false });
   try {
     const what = `${abs} is not the raw base backup ${m.meta.id} was made over (recorded there as ${rec.path})`;

@@ -166,7 +166,10 @@ async function detach(img: KscImage, b: BackupBacking, path: string): Promise<st
     await img.flush();
     const now = await fingerprintV1(local.device);
     if (now !== fingerprintText(local.ref)) {
-      throw new KscError('KSC_E_INVALID', `image ${path}: its local base ${local.ref.name} changed since the live restore (fingerprint ${now}, ${fingerprintText(local.ref)} expected): the backing is not dropped; the image stays a live restore`);
+      throw new KscError(
+        'KSC_E_INVALID',
+        `image ${path}: its local base ${local.ref.name} changed since the live restore (fingerprint ${now}, ${fingerprintText(local.ref)} expected): the backing is not dropped; the image stays a live restore`,
+      );
     }
     await img.setBacking(local.ref.name, 'raw', local.device); // flushes first
     local.handOver();

@@ -164,7 +164,8 @@ async function openLocalBase(file: string, ref: LocalBaseRef, opener: FileOpener
   try {
     return { ref, dev: await RawDevice.open(ref.name, { write: false, opener }) };
   } catch (e) {
-    if (isKscError(e, 'KSC_E_NOT_FOUND') || (e as NodeJS.ErrnoException).code === 'ENOENT') throw new KscError('KSC_E_NOT_FOUND', `image ${file}: its local base ${ref.name} (formats/ksc_inc.md §4.2 rule 9) not found`, { cause: e });
+    if (isKscError(e, 'KSC_E_NOT_FOUND') || (e as NodeJS.ErrnoException).code === 'ENOENT')
+      throw new KscError('KSC_E_NOT_FOUND', `image ${file}: its local base ${ref.name} (formats/ksc_inc.md §4.2 rule 9) not found`, { cause: e });
     throw e;
   }
 }
