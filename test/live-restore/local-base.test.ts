@@ -23,6 +23,8 @@ import { CLI, kscinc, run } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { runDir, startServe } from '../supervisor/helpers.js';
+import { pullStatus, waitFor } from './serve-helpers.js';
 
 const dir = tempDir('kscinc-localbase-');
 const seed = seedFor('test/live-restore/local-base.test.ts');
@@ -127,6 +129,54 @@ describe('live restore over a local raw base', () => {
     }
   });
 
+  it('serve --from-backup … --backing BASE: served, pulled onto the base in the background; run again, it serves that overlay', async () => {
+    const env = { KSCINC_RUN_DIR: runDir() };
+    const live = join(dir, 's.ksc');
+    const args = ['--from-backup', repoDir, backupId, '--overlay', live, '--backing', base, '--listen', '127.0.0.1:0'];
+    const s = await startServe(args, env, 60_000);
+    try {
+      const st = await waitFor(
+        async () => {
+          const x = await pullStatus(live, env);
+          return x?.state === 'done' ? x : null;
+        },
+        120_000,
+        'the pull to finish',
+      );
+      expect(st.chunksFetched, JSON.stringify(st)).toBe(overlayChunks.length);
+      const out = join(dir, 's.raw');
+      const cp = run('nbdcopy', [s.uri, out]);
+      expect(cp.code, cp.stderr).toBe(0);
+      const cmp = run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', srcRaw, out]);
+      expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0);
+    } finally {
+      expect(await s.stop()).toBe(0);
+    }
+    expect(await headerOf(live)).toMatchObject({ backingFormat: 1, backingName: base });
+    const again = await startServe(args, env, 60_000);
+    try {
+      const out = join(dir, 's2.raw');
+      expect(run('nbdcopy', [again.uri, out]).code).toBe(0);
+      expect(firstDiff(readFileSync(out))).toBe(-1);
+    } finally {
+      expect(await again.stop()).toBe(0);
+    }
+  }, 300_000);
+
+  it('without --backing the same backup is pulled whole into a plain image (as before rule 9)', async () => {
+    const live = join(dir, 'w.ksc');
+    const repo = await openRepo(repoDir);
+    const r = await liveRestore(repo, repoDir, backupId, live);
+    const nonZero = (await repo.readManifest(backupId)).ids.nonZeroCount();
+    await repo.store.close();
+    expect(r.localBase).toBeNull();
+    const p = await pullImage(live);
+    expect(p.chunksFetched).toBe(nonZero);
+    expect(p.chunksFetched).toBeGreaterThan(overlayChunks.length);
+    expect(await headerOf(live)).toMatchObject({ backingFormat: 0 });
+    expect(firstDiff(await readAll(live))).toBe(-1);
+  });
+
   it('refuses a wrong base (size, content) and a backup without a base record; nothing is created', async () => {
     const wrongSize = join(dir, 'wrong-size.raw');
     copyFileSync(base, wrongSize);
@@ -189,6 +239,7 @@ describe('live restore over a local raw base', () => {
     expect(kscinc(['pull', live], { env: { KSC_FAULT_AFTER: '1000000000', KSC_FAULT_COUNT_FILE: countFile } }).code).toBe(0);
     const steps = Number(readFileSync(countFile, 'utf8'));
     expect(steps).toBeGreaterThan(5);
+    console.log(`kill at every step: ${steps} steps (seed ${seed})`);
     let killed = 0;
     for (let n = 0; n < steps; n++) {
       copyFileSync(pristine, live);
