@@ -206,58 +206,67 @@ function registerRestore(program: Command): void {
     .option('--force', "overwrite an existing target that is not a copy of the backup's disk")
     .option('--concurrency <n>', 'ranged reads in flight', count('--concurrency'), 6)
     .option('--live', 'live restore: create a kscinc image that reads through to the backup (only the manifest is read now); serve it at once with "kscinc serve TARGET"')
+    .option('--backing <base>', "with --live: a local copy of the disk's raw base (checked: size and fingerprint); only the overlay's chunks are fetched, and the pulled image is an overlay over it")
     .option('--json', 'print the summary as JSON')
     .description('restore a backup to a file')
     .addHelpText(
       'after',
       '\nExit codes: 0 restored; 1 failed, target untouched (a new target is never left behind); 64 usage;\n4 failed after writing began: an existing target was left partly restored (run the restore again).',
     )
-    .action(async (backup: string, target: string, o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; live?: boolean; json?: boolean }) => {
-      const format = o.outputFormat;
-      if (o.live) {
-        if (o.force) throw new KscError('KSC_E_INVALID', 'restore --live makes a new image: --force does not apply');
-        await withRepo(o.repo, 'open', async (repo) => {
-          const r = await liveRestore(repo, o.repo, backup, target, { disk: o.disk });
-          if (o.json) return printJson(r);
-          println(`live-restored backup ${r.backup} to ${target} (kscinc, ${formatSize(r.size)}, reading through to ${r.location})`);
-          println(
-            `  serve it now: kscinc serve ${target}; guest writes are tracked in bitmap "${r.bitmap}"${r.tokenRecord ? ' (the next backup is incremental)' : ' (the backup had no bitmap token: the next backup is full)'}`,
-          );
-          println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
-        });
-        return;
-      }
-      await withRepo(
-        o.repo,
-        'open',
-        async (repo) => {
-          const bar = progressBar('restore');
-          let r;
-          try {
-            r = await restoreBackup(repo, backup, target, {
-              format,
-              disk: o.disk,
-              force: o.force,
-              concurrency: Math.max(1, o.concurrency),
-              location: storedLocation(o.repo),
-              progress: (p) => bar.update(p.doneBytes, p.totalBytes),
-            }).finally(bar.stop);
-          } catch (e) {
-            if (!(e as { partial?: boolean }).partial) throw e;
-            process.stderr.write(`kscinc: ${(e as Error).message}\n`);
-            process.exitCode = 4;
-            return;
-          }
-          if (o.json) return printJson(r);
-          for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
-          println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
-          println(`  ${restoreCounts(r)}`);
-          if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
-          println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
-        },
-        { warm: true },
-      );
-    });
+    .action(
+      async (
+        backup: string,
+        target: string,
+        o: { repo: string; outputFormat: 'raw' | 'ksc_inc'; disk?: string; force?: boolean; concurrency: number; live?: boolean; backing?: string; json?: boolean },
+      ) => {
+        const format = o.outputFormat;
+        if (o.backing !== undefined && !o.live) throw new KscError('KSC_E_INVALID', '--backing goes with --live only');
+        if (o.live) {
+          if (o.force) throw new KscError('KSC_E_INVALID', 'restore --live makes a new image: --force does not apply');
+          await withRepo(o.repo, 'open', async (repo) => {
+            const r = await liveRestore(repo, o.repo, backup, target, { disk: o.disk, base: o.backing });
+            if (o.json) return printJson(r);
+            println(`live-restored backup ${r.backup} to ${target} (kscinc, ${formatSize(r.size)}, reading through to ${r.location})`);
+            println(
+              `  serve it now: kscinc serve ${target}; guest writes are tracked in bitmap "${r.bitmap}"${r.tokenRecord ? ' (the next backup is incremental)' : ' (the backup had no bitmap token: the next backup is full)'}`,
+            );
+            if (r.localBase) println(`  ${r.localBase.baseChunks} chunks read the local base ${r.localBase.path} (${r.localBase.fingerprint}); the pulled image is an overlay over it`);
+            println(`  ${(r.durationMs / 1000).toFixed(2)} s`);
+          });
+          return;
+        }
+        await withRepo(
+          o.repo,
+          'open',
+          async (repo) => {
+            const bar = progressBar('restore');
+            let r;
+            try {
+              r = await restoreBackup(repo, backup, target, {
+                format,
+                disk: o.disk,
+                force: o.force,
+                concurrency: Math.max(1, o.concurrency),
+                location: storedLocation(o.repo),
+                progress: (p) => bar.update(p.doneBytes, p.totalBytes),
+              }).finally(bar.stop);
+            } catch (e) {
+              if (!(e as { partial?: boolean }).partial) throw e;
+              process.stderr.write(`kscinc: ${(e as Error).message}\n`);
+              process.exitCode = 4;
+              return;
+            }
+            if (o.json) return printJson(r);
+            for (const w of r.warnings) process.stderr.write(`kscinc: warning: ${w}\n`);
+            println(`restored backup ${r.backup} to ${target} (${formatName(r.format)}, ${formatSize(r.size)})`);
+            println(`  ${restoreCounts(r)}`);
+            if (r.originBitmap) println(`  records its origin (this backup); changes since are tracked in bitmap "${r.originBitmap}"`);
+            println(`  ${(r.durationMs / 1000).toFixed(2)} s, ${rate(r.size, r.durationMs)}`);
+          },
+          { warm: true },
+        );
+      },
+    );
 }
 
 /** kscinc pull IMAGE: make a live-restored image stand alone. */

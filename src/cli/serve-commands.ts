@@ -41,6 +41,7 @@ function uriHost(host: string): string {
 }
 
 interface ServeOptions extends ServeTlsOptions {
+  backing?: string;
   listen?: string;
   socket?: string;
   exportName?: string;
@@ -261,12 +262,13 @@ export function registerServeCommands(program: Command): void {
     .option('--from-backup <repo-and-backup...>', 'REPO ID|latest: live-restore that backup to --overlay (unless it exists) and serve it')
     .option('--overlay <file>', 'with --from-backup: the local image the VM runs from')
     .option('--disk <uuid>', 'with --from-backup latest: the disk whose newest backup to use')
+    .option('--backing <base>', "with --from-backup: a local copy of the disk's raw base (checked); only the overlay's chunks are fetched")
     .action(async (images: string[], o: ServeOptions) => {
       if (o.fromBackup) {
         if (images.length > 0) throw new KscError('KSC_E_INVALID', `--from-backup serves --overlay only: remove ${images.join(' ')}`);
-        log(`kscinc serve: ${await prepareFromBackup(o.fromBackup, o.overlay, o.disk)}`);
+        log(`kscinc serve: ${await prepareFromBackup(o.fromBackup, o.overlay, o.disk, o.backing)}`);
         images = [o.overlay!];
-      } else if (o.overlay || o.disk) throw new KscError('KSC_E_INVALID', '--overlay and --disk go with --from-backup');
+      } else if (o.overlay || o.disk || o.backing) throw new KscError('KSC_E_INVALID', '--overlay, --disk and --backing go with --from-backup');
       if (images.length === 0) throw new KscError('KSC_E_INVALID', 'serve needs at least one image (or --from-backup REPO ID --overlay FILE)');
       if (o.exportName !== undefined && images.length !== 1) throw new KscError('KSC_E_INVALID', '--export-name needs exactly one image');
       const names = images.map((img) => (images.length === 1 ? (o.exportName ?? '') : path.basename(img)));

@@ -14,6 +14,7 @@
  *   pipeline.ts      read → hash/compress in workers → dedupe → pack → upload
  *   options.ts       the options, the result, their defaults and checks
  */
+import { baseRecordOf } from './backup/base-record.js';
 import { resolve } from 'node:path';
 import type { BlockDevice } from '../image/types.js';
 import { bitmapsOf, changeGateOf, identityOf } from '../image/capabilities.js';
@@ -182,6 +183,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
     const writer = (held.writer = repo.packWriter());
     const lock = held.lock!;
     const pipeline = new BatchPipeline({ dev, chunkSize: C, view: pit.view, ids, dedupe, writer, lock, progress: opts.progress }, shape, totalBytes);
+    const baseRecord = await baseRecordOf(dev, C, parent ?? null);
     await pipeline.run(read);
     await pit.releaseView();
     const stats = pipeline.stats;
@@ -197,6 +199,7 @@ export async function backupDevice(dev: BlockDevice, repo: Repository, opts: Bac
         source: opts.source ?? dev.name,
         bitmap,
         stats: { bytesRead: stats.bytesRead, bytesNew: stats.bytesNew, bytesStored: stats.bytesStored, chunksDirty: read.count, durationMs },
+        ...(baseRecord ? { base: baseRecord } : {}),
       };
       return { full, disk, timeMs: pit.frozenAt, size: dev.size, chunkSize: C, bitmapToken: handover.newToken, ids, meta };
     });

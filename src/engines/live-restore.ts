@@ -12,12 +12,23 @@ import type { Repository } from '../repo/repository.js';
 import { uuidToBytes } from '../util/uuid.js';
 import { resolveBackup } from '../repo/catalog.js';
 import { deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
+import type { Manifest } from '../repo/manifest.js';
+import { parseBaseRecord } from '../repo/base-record.js';
+import { RawDevice } from '../image/raw.js';
+import { fingerprintBytes, fingerprintText, type LocalBaseRef } from '../format/local-base.js';
+import { fingerprintV1 } from './migrate-base.js';
 
 export interface LiveRestoreOptions {
   /** With "latest": the disk whose newest backup to use. */
   disk?: string;
   /** Block size of the new image (default 64 KiB; at most the chunk size, so every fetched chunk fills whole blocks). */
   blockSize?: number;
+  /**
+   * §4.2 rule 9: a local copy of the backed-up disk's raw base (the manifest's base record): base chunks
+   * then read it and only the overlay's chunks are fetched. Checked (size, fingerprint v1 from its bytes)
+   * before anything is created; KSC_E_INVALID when it does not match or the backup records no base.
+   */
+  base?: string;
 }
 
 export interface LiveRestoreResult {
@@ -33,6 +44,8 @@ export interface LiveRestoreResult {
   tokenRecord: string | null;
   /** The reference that keeps the backup from prune until the image is pulled (repository.md §8.1). */
   reference: string;
+  /** §4.2 rule 9: the local base the image reads base chunks from (absolute), and how many chunks those are; null without. */
+  localBase: { path: string; fingerprint: string; baseChunks: number } | null;
   durationMs: number;
 }
 
@@ -55,6 +68,7 @@ export async function liveRestore(repo: Repository, location: string, which: str
   const bitmap = m.meta.bitmap ?? 'backup';
   const tokenRecord = m.bitmapToken ? `${bitmap}#${m.bitmapToken}` : null;
   const stored = storedLocation(location);
+  const localBase = opts.base === undefined ? null : await checkLocalBase(m, opts.base);
   // The reference is durable before the image exists, and taken under a shared lock (no prune between
   // reading the manifest and it); the image that needs the backup appears only after both.
   const abs = path.resolve(target);
@@ -84,6 +98,7 @@ export async function liveRestore(repo: Repository, location: string, which: str
     bitmap,
     tokenRecord,
     reference,
+    localBase: localBase && { path: localBase.name, fingerprint: fingerprintText(localBase), baseChunks: parseBaseRecord(m)!.chunks.reduce((n, r) => n + r[1], 0) },
     durationMs: Math.round(performance.now() - t0),
   };
 
@@ -95,6 +110,7 @@ export async function liveRestore(repo: Repository, location: string, which: str
         diskUuid: uuidToBytes(m.disk),
         backingName: stored,
         backup: { disk: uuidToBytes(m.disk), root: m.root, chunkSize: m.chunkSize, id: m.meta.id },
+        localBase: localBase ?? undefined,
       });
       // Opened without its backing: adding bitmaps reads no data.
       const img = await KscImage.open(temp, { write: true, backing: null });
@@ -105,5 +121,29 @@ export async function liveRestore(repo: Repository, location: string, which: str
         await img.close();
       }
     });
+  }
+}
+
+/**
+ * §4.2 rule 9a: `file` as the local base of a live restore of `m`: the manifest must record a raw base, and
+ * `file` must have its size and, computed now from its bytes, its fingerprint v1. Nothing is created.
+ */
+async function checkLocalBase(m: Manifest, file: string): Promise<LocalBaseRef> {
+  const rec = parseBaseRecord(m);
+  const abs = path.resolve(file);
+  if (!rec)
+    throw new KscError(
+      'KSC_E_INVALID',
+      `backup ${m.meta.id} records no raw base (its disk was not an overlay over a raw file, or it was made by an older kscinc): it cannot be live-restored over ${abs}; leave out the base to pull it whole`,
+    );
+  const dev = await RawDevice.open(abs, { write: false });
+  try {
+    const what = `${abs} is not the raw base backup ${m.meta.id} was made over (recorded there as ${rec.path})`;
+    if (dev.size !== rec.size) throw new KscError('KSC_E_INVALID', `${what}: it is ${dev.size} bytes, the base was ${rec.size}; nothing created`);
+    const fp = await fingerprintV1(dev);
+    if (fp !== rec.fingerprint) throw new KscError('KSC_E_INVALID', `${what}: its fingerprint is ${fp}, the base's was ${rec.fingerprint}; nothing created`);
+    return { name: abs, size: rec.size, fingerprint: fingerprintBytes(fp, rec.size)! };
+  } finally {
+    await dev.close();
   }
 }

@@ -20,6 +20,8 @@ import { openKsc } from '../image/open.js';
 import { BackupBacking } from '../image/repobacking.js';
 import type { KscImage } from '../image/ksc.js';
 import { chunkBytes, remainingChunks } from '../image/live-share.js';
+import { fingerprintText } from '../format/local-base.js';
+import { fingerprintV1 } from './migrate-base.js';
 
 export interface PullProgress {
   doneChunks: number;
@@ -158,7 +160,20 @@ async function fetchRemaining(img: KscImage, b: BackupBacking, todo: number[], o
  * backing closed. Returns why the reference is still there (null: deleted).
  */
 async function detach(img: KscImage, b: BackupBacking, path: string): Promise<string | null> {
-  await img.setBacking(null, null, null); // flushes first
+  const local = b.localBase;
+  if (local) {
+    // §4.2 rule 9d: the base checked again from its bytes, then one header: an overlay over it.
+    await img.flush();
+    const now = await fingerprintV1(local.device);
+    if (now !== fingerprintText(local.ref)) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `image ${path}: its local base ${local.ref.name} changed since the live restore (fingerprint ${now}, ${fingerprintText(local.ref)} expected): the backing is not dropped; the image stays a live restore`,
+      );
+    }
+    await img.setBacking(local.ref.name, 'raw', local.device); // flushes first
+    local.handOver();
+  } else await img.setBacking(null, null, null); // flushes first
   // Only now, with the header without the backing durable, may prune delete what the image read from
   // (repository.md §8.1). A reference left behind (repository away) only keeps the backup longer.
   let referenceLeft: string | null = null;

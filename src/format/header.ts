@@ -19,6 +19,7 @@ import {
   VERSION,
 } from './constants.js';
 import { decodeOrigin, encodeOrigin, type OriginSlot } from './origin.js';
+import { decodeLocalBase, encodeLocalBase, localBaseProblem, type LocalBaseRef } from './local-base.js';
 
 /** §4.2: the backup a live-restored image reads through to (backing_format 3). */
 export interface BackupRef {
@@ -60,6 +61,8 @@ export interface Header {
   backup?: BackupRef | null;
   /** §4.3: the backup a restored image is a copy of; written only when `ok` (a damaged record is dropped). */
   origin?: OriginSlot;
+  /** §4.2 rule 9: with backingFormat Backup, the local copy of the disk's raw base; absent or null when none. */
+  localBase?: LocalBaseRef | null;
 }
 
 function encodeBackupRef(r: BackupRef, b: Buffer): void {
@@ -119,6 +122,10 @@ export function encodeHeader(h: Omit<Header, 'version' | 'mapPageBits' | 'backin
     encodeBackupRef(h.backup, b);
   }
   if (h.origin?.state === 'ok') encodeOrigin(h.origin.record, b);
+  if (h.localBase) {
+    if (h.backingFormat !== BackingFormat.Backup) throw new KscError('KSC_E_INVALID', 'a local base goes with backing_format 3 only (§4.2 rule 9)');
+    encodeLocalBase(h.localBase, b);
+  }
   b.writeUInt32LE(crc32(b.subarray(0, HEADER_SIZE - 4)), HEADER_SIZE - 4);
   return b;
 }
@@ -164,6 +171,7 @@ export function decodeHeaderSlot(b: Buffer): SlotResult {
     backingName: nameLen <= MAX_BACKING_NAME ? b.subarray(144, 144 + nameLen).toString('utf8') : '',
     backup: b.readUInt32LE(132) === BackingFormat.Backup ? decodeBackupRef(b) : null,
     origin: decodeOrigin(b),
+    localBase: decodeLocalBase(b),
   };
   return { ok: true, header };
 }
@@ -225,4 +233,6 @@ export function validateHeader(h: Header, file: string, fileSize: number): void 
     if (!(r.chunkSize >= 64 << 10 && r.chunkSize <= 4 << 20 && (r.chunkSize & (r.chunkSize - 1)) === 0)) bad('chunk_size', `${r.chunkSize} is not a power of two from 64 KiB to 4 MiB`);
   }
   if ((h.backingFormat === 0) !== (h.backingName.length === 0)) bad('backing_name_length', 'disagrees with backing_format');
+  const lb = h.localBase ? localBaseProblem(h.localBase, h.backingFormat) : null;
+  if (lb) bad(lb[0], lb[1]);
 }

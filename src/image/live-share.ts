@@ -23,7 +23,7 @@ export async function remainingChunks(img: KscImage, b: BackupBacking): Promise<
   const out = new Set<number>();
   for (const e of await img.extents(0, img.size)) {
     if (e.depth === 0 || e.state !== 'data') continue;
-    for (let k = Math.floor(e.offset / C); k * C < e.offset + e.length; k++) if (!b.isZeroChunk(k)) out.add(k);
+    for (let k = Math.floor(e.offset / C); k * C < e.offset + e.length; k++) if (!b.isZeroChunk(k) && !b.isBaseChunk(k)) out.add(k);
   }
   return [...out].sort((x, y) => x - y);
 }
@@ -33,11 +33,16 @@ export function chunkBytes(b: BackupBacking, k: number): number {
   return Math.min(b.blockSize, b.size - k * b.blockSize);
 }
 
-/** Non-zero chunks of the backup and the bytes they cover. */
+/** Non-zero chunks of the backup that are fetched (not base chunks) and the bytes they cover. */
 export function backupTotals(b: BackupBacking): { chunks: number; bytes: number } {
   let bytes = 0;
-  b.manifest.ids.forEachNonZero((k) => void (bytes += chunkBytes(b, k)));
-  return { chunks: b.manifest.ids.nonZeroCount(), bytes };
+  let chunks = 0;
+  b.manifest.ids.forEachNonZero((k) => {
+    if (b.isBaseChunk(k)) return; // §4.2 rule 9: read from the local base, never fetched
+    bytes += chunkBytes(b, k);
+    chunks++;
+  });
+  return { chunks, bytes };
 }
 
 /** The share of its backup `img` holds; null when its backing is not a backup. */

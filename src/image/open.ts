@@ -2,6 +2,7 @@
  * Opening images by path: format probing, backing-chain resolution (relative names resolve against the
  * image's folder; loops and chains deeper than 64 are refused), and creation of new images.
  */
+import type { LocalBaseRef } from '../format/local-base.js';
 import { promises as fsp } from 'node:fs';
 import * as path from 'node:path';
 import { KscError, isKscError } from '../errors.js';
@@ -112,12 +113,12 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   const probe = await opener(file, { write: false });
   let backingName: string | null;
   let backingFormat: ImageFormat;
-  let backup: { ref: BackupRef; size: number } | null = null;
+  let backup: { ref: BackupRef; size: number; localBase: LocalBaseRef | null } | null = null;
   try {
     const { header } = await KscImage.readHeader(probe);
     backingName = header.backingFormat === 0 ? null : header.backingName;
     backingFormat = header.backingFormat === 1 ? 'raw' : 'ksc_inc';
-    if (header.backingFormat === 3 && header.backup) backup = { ref: header.backup, size: header.virtualSize };
+    if (header.backingFormat === 3 && header.backup) backup = { ref: header.backup, size: header.virtualSize, localBase: header.localBase ?? null };
   } finally {
     await probe.close();
   }
@@ -125,7 +126,9 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
   if (backup) {
     // §4.2: a live restore. The top image opened for writing holds the repository (rule 5) and fills.
     const ref = backup.ref;
-    backing = await BackupBacking.open(file, backingName!, ref, backup.size, { hold: write && depth === 0 }).catch((e: unknown) => {
+    const localBase = backup.localBase ? await openLocalBase(file, backup.localBase, opener) : undefined;
+    backing = await BackupBacking.open(file, backingName!, ref, backup.size, { hold: write && depth === 0, localBase }).catch(async (e: unknown) => {
+      await localBase?.dev.close();
       if (write || !opts.offlineBackup || !isKscError(e)) throw e;
       return new OfflineBackupBacking(`backup ${ref.id} in ${backingName!}`, backup!.size, ref.chunkSize, e);
     });
@@ -152,6 +155,17 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     return img;
   } catch (e) {
     await backing?.close();
+    throw e;
+  }
+}
+
+/** §4.2 rule 9: the local raw base a live restore names, opened read-only (KSC_E_NOT_FOUND naming it when absent). */
+async function openLocalBase(file: string, ref: LocalBaseRef, opener: FileOpener): Promise<{ ref: LocalBaseRef; dev: BlockDevice }> {
+  try {
+    return { ref, dev: await RawDevice.open(ref.name, { write: false, opener }) };
+  } catch (e) {
+    if (isKscError(e, 'KSC_E_NOT_FOUND') || (e as NodeJS.ErrnoException).code === 'ENOENT')
+      throw new KscError('KSC_E_NOT_FOUND', `image ${file}: its local base ${ref.name} (formats/ksc_inc.md §4.2 rule 9) not found`, { cause: e });
     throw e;
   }
 }

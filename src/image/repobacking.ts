@@ -30,6 +30,8 @@ import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
 import { isUnreachable, liveTimeoutMs, waitReachable } from './live-wait.js';
+import type { LocalBaseRef } from '../format/local-base.js';
+import { LocalBase } from './local-base.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 
@@ -94,6 +96,8 @@ export class BackupBacking implements BlockDevice {
     private readonly store: ObjectStore,
     readonly manifest: Manifest,
     private readonly lock: RepoLock | null,
+    /** §4.2 rule 9: the local raw base that base chunks read, or null. */
+    readonly localBase: LocalBase | null,
   ) {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
@@ -105,7 +109,7 @@ export class BackupBacking implements BlockDevice {
    * `size`). `hold`: take the shared lock of §4.2 rule 5 (a writer's open). Refuses (KSC_E_CORRUPT) a
    * manifest that is not the one the image names (rule 1).
    */
-  static async open(image: string, location: string, ref: BackupRef, size: number, opts: { hold: boolean }): Promise<BackupBacking> {
+  static async open(image: string, location: string, ref: BackupRef, size: number, opts: { hold: boolean; localBase?: { ref: LocalBaseRef; dev: BlockDevice } }): Promise<BackupBacking> {
     const store = await openStore(location).catch((e: unknown) => {
       throw new KscError((e as KscError).code ?? 'KSC_E_UNAVAILABLE', `image ${image}: its backing repository ${location} cannot be opened: ${(e as Error).message}`, { cause: e });
     });
@@ -126,7 +130,8 @@ export class BackupBacking implements BlockDevice {
                 ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
                 : null;
       if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repo.name} is not the one it was restored from: ${why}`);
-      const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock);
+      const local = opts.localBase ? LocalBase.check(image, m, opts.localBase.ref, opts.localBase.dev) : null;
+      const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock, local);
       if (opts.hold) {
         // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, the
         // manifest just checked), and renews it daily while open.
@@ -151,6 +156,11 @@ export class BackupBacking implements BlockDevice {
   /** Whether chunk `k` is a zero chunk (no fetch needed). */
   isZeroChunk(k: number): boolean {
     return isZeroId(this.manifest.ids.view(k));
+  }
+
+  /** §4.2 rule 9: whether chunk `k` reads the local base (never fetched, never filled). */
+  isBaseChunk(k: number): boolean {
+    return this.localBase?.isBaseChunk(k) ?? false;
   }
 
   get chunks(): number {
@@ -184,6 +194,7 @@ export class BackupBacking implements BlockDevice {
       const inChunk = pos - k * C;
       const n = end - pos;
       if (this.isZeroChunk(k)) target.fill(0, at, at + n);
+      else if (this.isBaseChunk(k)) parts.push(this.localBase!.readInto(pos, target.subarray(at, at + n)));
       else parts.push(this.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
@@ -242,7 +253,7 @@ export class BackupBacking implements BlockDevice {
     if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
     const index = await this.loadIndex();
     const plan = planBulkReads(
-      ks.filter((k) => !this.isZeroChunk(k)),
+      ks.filter((k) => !this.isZeroChunk(k) && !this.isBaseChunk(k)),
       index,
       (k) => Buffer.from(this.manifest.ids.view(k)),
       (k, id) =>
@@ -485,6 +496,7 @@ export class BackupBacking implements BlockDevice {
     await Promise.all([...this.fills]).catch(() => undefined);
     await this.lock?.release();
     await this.store.close();
+    await this.localBase?.close();
   }
 
   private live(): void {

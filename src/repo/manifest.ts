@@ -46,6 +46,8 @@ export interface ManifestMeta {
   source: string;
   bitmap: string | null;
   stats: BackupStats;
+  /** §7.2: the disk's raw base (formats/ksc_inc.md §4.2 rule 9); read it through parseBaseRecord (src/repo/base-record.ts). */
+  base?: unknown;
 }
 
 export interface Manifest {

@@ -99,6 +99,7 @@ async function createFile(path: string, opts: CreateKscOptions): Promise<void> {
     backingFormat: backingName === '' ? BackingFormat.None : opts.backup ? BackingFormat.Backup : opts.backingFormat === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
     backingName,
     backup: opts.backup ?? null,
+    localBase: opts.localBase ?? null,
   };
   const headerBuf = encodeHeader(header); // validates the backing name before the file exists
   const file = await (opts.opener ?? openHostFile)(path, { write: true, create: true });

@@ -8,6 +8,7 @@
  *    flush that unlinks them) and close (rule 7: flush, free list, clear intent, clean header);
  *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
  */
+import type { LocalBaseRef } from '../../format/local-base.js';
 import { type FileOpener, type FileStamp, type HostFile, openHostFile } from '../../io/file.js';
 import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY, INCOMPAT_MIGRATED_AWAY } from '../../format/constants.js';
 import { KscError } from '../../errors.js';
@@ -35,6 +36,8 @@ export interface CreateKscOptions {
   backingFormat?: 'raw' | 'ksc_inc';
   /** §4.2: the backing is this backup, in the repository whose location is `backingName` (a live restore). */
   backup?: BackupRef;
+  /** §4.2 rule 9: with `backup`, the local copy of the disk's raw base that base chunks read through to. */
+  localBase?: LocalBaseRef;
   diskUuid?: Buffer;
   /** Bytes per intent region (§7), a power of two ≥ the block size; default: defaultIntentBits (256 KiB up to 1 TiB). */
   intentRegion?: number;
@@ -207,6 +210,11 @@ export class KscImage implements BlockDevice {
   get backupBacking(): { location: string; id: string; disk: Buffer; root: Buffer; chunkSize: number } | null {
     const h = this.core.header;
     return h.backingFormat === BackingFormat.Backup && h.backup ? { location: h.backingName, ...h.backup } : null;
+  }
+
+  /** §4.2 rule 9: the local raw base this live restore's base chunks read through to, or null. */
+  get localBase(): LocalBaseRef | null {
+    return this.core.header.localBase ?? null;
   }
 
   /**
@@ -417,6 +425,7 @@ export class KscImage implements BlockDevice {
         backingName: name ?? '',
         backingFormat: name === null ? BackingFormat.None : format === 'raw' ? BackingFormat.Raw : BackingFormat.Ksc,
         backup: null,
+        localBase: null,
         origin: { state: 'none' }, // §4.3 rule 3: an unsafe rebase changes the content without marking any bitmap
       }),
     );
