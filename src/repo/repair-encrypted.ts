@@ -64,7 +64,7 @@ async function openMasters(store: ObjectStore, u: Unlock): Promise<Candidate[]> 
   if (!u.password) {
     throw new KscError(
       'KSC_E_AUTH',
-      `${store.name} is encrypted: rebuilding its config needs its password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (--key-file or KSCINC_KEY_FILE); nothing was changed`,
+      `${store.name} is encrypted: rebuilding its config needs its password (KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND) or a key file (option keyFile or KSCINC_KEY_FILE); nothing was changed`,
     );
   }
   const ids = await listKeyIds(store);
