@@ -6,7 +6,7 @@
  */
 import { chmod, unlink } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
-import type { KscErrorCode } from '../errors.js';
+import { isKscError, type KscErrorCode } from '../errors.js';
 import { checkStaleSocket, controlPath, ensureRunDir, peerUid, trustedUid } from './control-trust.js';
 
 /** Longest request line (formats/control.md §2). */
@@ -32,6 +32,29 @@ export function failRequest(sock: Socket, code: KscErrorCode, message: string): 
   sendMessage(sock, { error: { code, message } });
   sock.end();
   sock.resume(); // read (and drop) to the peer's end, so the socket closes and server.close() can finish
+}
+
+/**
+ * Answers one request line with one result: `parse` it (a throw is KSC_E_INVALID), `run` it, then send
+ * `{result}` or the error (its KscError code, else KSC_E_IO), and end the connection.
+ */
+export function answerRequest<R>(sock: Socket, line: string, parse: (line: string) => R, run: (req: R) => Promise<unknown>): void {
+  sock.on('error', () => undefined);
+  let req: R;
+  try {
+    req = parse(line);
+  } catch (e) {
+    failRequest(sock, 'KSC_E_INVALID', (e as Error).message);
+    return;
+  }
+  void run(req).then(
+    (result) => {
+      sendMessage(sock, { result });
+      sock.end();
+      sock.resume();
+    },
+    (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message),
+  );
 }
 
 /** The `op` member of a request line, or null when the line is not a JSON object with a string op. */

@@ -5,13 +5,13 @@
  * only as long as this process lives — the worker refuses a hot upgrade (running()).
  */
 import type { Socket } from 'node:net';
-import { KscError, isKscError } from '../errors.js';
+import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
 import { Migration } from '../engines/migrate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
 import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
-import { failRequest, sendMessage } from './control-socket.js';
+import { answerRequest } from './control-socket.js';
 import { checkRequestKey, serverUnlock } from './control-key.js';
 import { parseOriginContext } from '../engines/migrate-origin.js';
 import { prepareSeed, type Seed } from '../engines/migrate-seed.js';
@@ -109,22 +109,7 @@ export class MigrateRequests {
    */
   handle(sock: Socket, line: string, op: string | null, index: number, backupBusy: boolean): boolean {
     if (!op?.startsWith('migrate-')) return false;
-    sock.on('error', () => undefined);
-    let req: MigrateRequest;
-    try {
-      req = parseMigrateRequest(line);
-    } catch (e) {
-      failRequest(sock, 'KSC_E_INVALID', (e as Error).message);
-      return true;
-    }
-    void this.run(req, index, backupBusy).then(
-      (result) => {
-        sendMessage(sock, { result });
-        sock.end();
-        sock.resume();
-      },
-      (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message),
-    );
+    answerRequest(sock, line, parseMigrateRequest, (req) => this.run(req, index, backupBusy));
     return true;
   }
 

@@ -5,14 +5,14 @@
  * whether a replication runs (a migration start and an upgrade are refused meanwhile).
  */
 import type { Socket } from 'node:net';
-import { KscError, isKscError } from '../errors.js';
+import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
 import type { MigrationTarget } from '../engines/migrate-send.js';
 import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicateStatus } from '../engines/replicate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
 import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
-import { failRequest, sendMessage } from './control-socket.js';
+import { answerRequest } from './control-socket.js';
 
 export interface ReplicateStartRequest {
   op: 'replicate-start' | 'replicate-once';
@@ -132,22 +132,7 @@ export class ReplicateRequests {
   /** Answers `line` when its op is a replicate-* op (returns true); `migration` says why a migration forbids it, or null. */
   handle(sock: Socket, line: string, op: string | null, index: number, migration: string | null): boolean {
     if (!op?.startsWith('replicate-')) return false;
-    sock.on('error', () => undefined);
-    let req: ReplicateRequest;
-    try {
-      req = parseReplicateRequest(line);
-    } catch (e) {
-      failRequest(sock, 'KSC_E_INVALID', (e as Error).message);
-      return true;
-    }
-    void this.run(req, index, migration).then(
-      (result) => {
-        sendMessage(sock, { result });
-        sock.end();
-        sock.resume();
-      },
-      (e: unknown) => failRequest(sock, isKscError(e) ? e.code : 'KSC_E_IO', (e as Error).message),
-    );
+    answerRequest(sock, line, parseReplicateRequest, (req) => this.run(req, index, migration));
     return true;
   }
 
