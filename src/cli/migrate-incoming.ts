@@ -22,7 +22,8 @@ export interface IncomingPrepared {
   origin?: string;
 }
 
-export async function prepareIncomingImage(image: string): Promise<IncomingPrepared> {
+/** `token`: the one to use (`--token-file`), else a new random one. */
+export async function prepareIncomingImage(image: string, token?: string): Promise<IncomingPrepared> {
   const dev = await openImage(image, { write: true });
   try {
     const bitmaps = bitmapsOf(dev);
@@ -43,7 +44,7 @@ export async function prepareIncomingImage(image: string): Promise<IncomingPrepa
       id = randomBytes(16).toString('hex');
       await bitmaps.updateBitmaps([INCOMING_RECORD + id], records);
     }
-    return { token: randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id, ...(origin.context ? { origin: origin.context } : {}) };
+    return { token: token ?? randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id, ...(origin.context ? { origin: origin.context } : {}) };
   } finally {
     await dev.close();
   }

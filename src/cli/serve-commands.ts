@@ -59,6 +59,7 @@ interface ServeOptions extends ServeTlsOptions {
   overlay?: string;
   disk?: string;
   incoming?: boolean;
+  tokenFile?: string;
   force?: boolean;
 }
 
@@ -228,9 +229,10 @@ function supervisorRequest(sup: Supervisor, sock: Socket, line: string, index: n
 }
 
 /** `--incoming`: one writable image; its token is printed on stdout (formats/migrate.md §5). */
-async function incomingFor(images: string[], readOnly: boolean): Promise<ServeConfig['incoming']> {
+async function incomingFor(images: string[], readOnly: boolean, tokenFile: string | undefined): Promise<ServeConfig['incoming']> {
   if (images.length !== 1 || readOnly) throw new KscError('KSC_E_INVALID', '--incoming needs exactly one image, served writable');
-  const inc = await (await import('./migrate-commands.js')).prepareIncoming(images[0]!);
+  const token = tokenFile !== undefined ? await (await import('./incoming-token.js')).tokenFromFile(tokenFile) : undefined;
+  const inc = await (await import('./migrate-commands.js')).prepareIncoming(images[0]!, token);
   println(`incoming-token: ${inc.token}`);
   return inc;
 }
@@ -254,6 +256,7 @@ export function registerServeCommands(program: Command): void {
     .option('--shutdown-grace <seconds>', 'on SIGTERM, cut connections still busy after this long (a client that does not read; default 10)', positiveInt('--shutdown-grace'))
     .option('--no-supervisor', 'serve in this one process (no crash restart, no hot upgrade)')
     .option('--incoming', 'the target of a migration (formats/migrate.md §5): only the source holding the printed token may write until it completes')
+    .option('--token-file <file>', 'with --incoming: keep the token in this file (created, mode 0600, when missing) so a restarted destination takes the same one')
     .option('--force', 'serve writable even an image migrated away to another host (a stale copy; formats/ksc_inc.md §4.1)')
     .option('--max-restarts <n>', 'give up after this many worker crashes within a minute (default 10)', positiveInt('--max-restarts'))
     .option('--bandwidth <rate>', 'live restores: read the rest of the backup from the repository at most this fast, bytes per second (200M, 1G)')
@@ -289,7 +292,8 @@ export function registerServeCommands(program: Command): void {
         pull: { enabled: o.pull !== false, bandwidth: o.bandwidth !== undefined ? bandwidth(o.bandwidth) : null, retryMs: o.pullRetry },
       };
       if (tls) config.tls = tls;
-      if (o.incoming) config.incoming = await incomingFor(images, config.readOnly);
+      if (o.tokenFile !== undefined && !o.incoming) throw new KscError('KSC_E_INVALID', '--token-file goes with --incoming');
+      if (o.incoming) config.incoming = await incomingFor(images, config.readOnly, o.tokenFile);
       if (config.incoming && o.incomingPeer !== undefined) config.incoming.peer = o.incomingPeer;
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);
