@@ -40,7 +40,9 @@ let caseNo = 0;
 beforeAll(async () => {
   const rng = new Rng(seed);
   P.repoDir = join(dir, 'base');
-  const repo = await newRepo(P.repoDir);
+  // Plain: the damages below edit the manifest's plain layout (repository.md §7.2: flags at byte 12, the CRC at
+  // the end); tampering with sealed objects is test/crypto's (encrypt-roundtrip, blob-open).
+  const repo = await newRepo(P.repoDir, { encrypt: false });
   const path = await makeDisk(dir, 'disk', rng, { size: 24 * MiB });
   const img = await openKsc(path, { write: true });
   try {
@@ -87,7 +89,7 @@ describe('prune refuses while a manifest cannot be read', () => {
       'an unknown flag bit (a newer writer)',
       (f) => {
         const b = readFileSync(f);
-        b.writeUInt32LE(b.readUInt32LE(12) | 0x100, 12);
+        b.writeUInt32LE((b.readUInt32LE(12) | 0x100) >>> 0, 12);
         const t = b.length - 32;
         b.writeUInt32LE(crc32(b.subarray(0, t + 24)), t + 24);
         writeFileSync(f, b);
