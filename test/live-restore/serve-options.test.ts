@@ -33,7 +33,8 @@ describe('serve options for live restores', () => {
     fails(['serve', '--from-backup', repo, '--overlay', ov], 'KSC_E_INVALID', /--from-backup takes two values/);
     fails(['serve', '--from-backup', repo, 'latest'], 'KSC_E_INVALID', /--from-backup needs --overlay FILE/);
     fails(['serve', '--from-backup', repo, 'latest', '--overlay', ov, src], 'KSC_E_INVALID', /--from-backup serves --overlay only/);
-    fails(['serve', src, '--overlay', ov], 'KSC_E_INVALID', /--overlay and --disk go with --from-backup/);
+    fails(['serve', src, '--overlay', ov], 'KSC_E_INVALID', /--overlay, --disk and --backing go with --from-backup/);
+    fails(['serve', src, '--backing', src], 'KSC_E_INVALID', /--overlay, --disk and --backing go with --from-backup/);
     fails(['serve'], 'KSC_E_INVALID', /at least one image/);
     fails(['serve', src, '--bandwidth', 'fast'], 'KSC_E_INVALID', /--bandwidth "fast" is not a size/);
     fails(['serve', src, '--bandwidth', '0'], 'KSC_E_INVALID', /--bandwidth "0": expected a rate above 0/);

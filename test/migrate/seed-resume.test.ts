@@ -61,7 +61,7 @@ describe('resume of a seeded migration (§10.4)', () => {
     const w = new Writer(src.uri, seed);
     try {
       await w.start();
-      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1']);
+      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1', '--no-compress']);
       await untilVm(r, (s) => s.bytesSent >= 24 * MiB, 'sent 24 MiB');
       dst.child.proc.kill('SIGKILL');
       await dst.child.exited;
@@ -85,7 +85,7 @@ describe('resume of a seeded migration (§10.4)', () => {
     let w: Writer | null = null;
     try {
       const dying = await serveImage({ ...r, env: { ...r.env, KSCINC_TEST_KILL_AT: `migrate@copied-${24 * MiB}` } }, 'vm.ksc', ['--no-supervisor']);
-      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1']);
+      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1', '--no-compress']);
       expect(await dying.child.exited).toBe(null);
       expect(dying.child.stderr()).toContain('test kill point migrate@copied-');
       const src = await serveImage(r, 'vm.ksc');
@@ -111,7 +111,7 @@ describe('resume of a seeded migration (§10.4)', () => {
     const src = await serveImage(r, 'vm.ksc');
     let dst = await serveImage(r, 'dst.ksc', ['--incoming']);
     try {
-      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1']);
+      r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--repo', repo, '--bandwidth', '4M', '--connections', '1', '--no-compress']);
       await untilVm(r, (s) => s.bytesSent >= 8 * MiB, 'sent 8 MiB');
       expect(r.json<MigrateStatus>(['migrate', 'cancel', 'vm.ksc']).phase).toBe('cancelled');
       // The same destination, still serving: it holds the first attempt's blocks; starting over would trust them.
