@@ -24,6 +24,7 @@ interface TargetOptions extends MigrateTlsOptions {
   baseFingerprint?: string;
   bandwidth?: string;
   connections?: string;
+  compress?: boolean;
   json?: boolean;
 }
 
@@ -46,6 +47,7 @@ function targetRequest(op: 'replicate-start' | 'replicate-once', o: TargetOption
     baseFingerprint: o.baseFingerprint,
     bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
     connections,
+    compress: o.compress === false ? false : undefined,
     tls: migrateTls(o, o.to),
   };
 }
@@ -92,6 +94,7 @@ function addTargetOptions(cmd: Command): Command {
     .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
     .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
     .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
+    .option('--no-compress', 'never send lz4-compressed writes, even to a kscinc destination that takes them')
     .option('--json', 'print JSON');
 }
 

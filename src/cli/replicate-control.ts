@@ -22,6 +22,8 @@ export interface ReplicateStartRequest {
   baseFingerprint?: string;
   bandwidth?: number;
   connections?: number;
+  /** false: never lz4-compressed writes (formats/migrate.md §12). */
+  compress?: boolean;
   tls?: TlsClientFiles;
 }
 
@@ -29,7 +31,7 @@ export type ReplicateRequest = { op: string; drop?: boolean } & Partial<Omit<Rep
 
 const invalid = (message: string): KscError => new KscError('KSC_E_INVALID', `bad control request: ${message}`);
 
-const TARGET_MEMBERS = ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'tls'];
+const TARGET_MEMBERS = ['op', 'to', 'token', 'baseFingerprint', 'bandwidth', 'connections', 'compress', 'tls'];
 const MEMBERS: Record<string, string[]> = {
   'replicate-start': [...TARGET_MEMBERS, 'everyMs'],
   'replicate-once': TARGET_MEMBERS,
@@ -55,6 +57,7 @@ export function parseReplicateRequest(line: string): ReplicateRequest {
   }
   if (o.bandwidth !== undefined && (typeof o.bandwidth !== 'number' || !Number.isSafeInteger(o.bandwidth) || o.bandwidth < 4096))
     throw invalid('member "bandwidth" must be a whole number of bytes/s ≥ 4096');
+  if (o.compress !== undefined && typeof o.compress !== 'boolean') throw invalid('member "compress" must be true or false');
   if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
     throw invalid('member "connections" must be a whole number from 1 to 16');
   }
@@ -70,7 +73,7 @@ export function parseReplicateRequest(line: string): ReplicateRequest {
 export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<MigrationTarget> {
   let ours: Promise<string> | null = null;
   return async () => {
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, tls: loadClientTls(req.tls) });
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls) });
     try {
       if (target.size !== device.size) throw new KscError('KSC_E_INVALID', `${req.to} is ${target.size} bytes, ${image} is ${device.size}: the sizes must be equal`);
       if (target.origin) throw new KscError('KSC_E_INVALID', `${req.to} is a restore of a backup (a seeded destination): replication to it is not offered; use a fresh overlay on the same base`);

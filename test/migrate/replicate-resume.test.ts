@@ -29,7 +29,7 @@ describe('kscinc replicate resumes', () => {
     try {
       // Killed once 24 MiB of the first pass were acknowledged.
       const dying = await serveImage({ ...r, env: { ...r.env, KSCINC_TEST_KILL_AT: `migrate@copied-${24 * MiB}` } }, 'vm.ksc', ['--no-supervisor']);
-      const cut = await cliAsync(r, ['replicate', 'once', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--bandwidth', '8M', '--connections', '1']);
+      const cut = await cliAsync(r, ['replicate', 'once', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--bandwidth', '8M', '--connections', '1', '--no-compress']);
       expect(cut.code).not.toBe(0);
       expect(await dying.child.exited).toBe(null);
       // Killed inside the next cycle's fence (writes held), after the first pass was resumed.
@@ -82,7 +82,7 @@ describe('kscinc replicate resumes', () => {
     const w = new LogWriter(src.uri, seed + 2);
     try {
       await w.start();
-      r.json(['replicate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--every', '2s', '--bandwidth', '8M', '--connections', '1']);
+      r.json(['replicate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, '--every', '2s', '--bandwidth', '8M', '--connections', '1', '--no-compress']);
       await untilReplica(r, 'vm.ksc', (s) => s.bytesSent >= 16 * MiB, 'sent 16 MiB');
       dst.child.proc.kill('SIGKILL');
       await dst.child.exited;
