@@ -37,6 +37,22 @@ export async function readKeyObject(store: ObjectStore, id: string): Promise<Key
 }
 
 /**
+ * Reads the key file at `path` (formats/repository.md §13.3) and unwraps its master key with `password`:
+ * `master` is null when the password does not open it. KSC_E_INVALID when the file cannot be read; the
+ * decoder's KSC_E_ errors as they are.
+ */
+export async function unwrapKeyFile(path: string, password: Buffer | null): Promise<{ key: KeyObject; master: Buffer | null }> {
+  let key: KeyObject;
+  try {
+    key = decodeKeyObject(readFileSync(path), path);
+  } catch (e) {
+    if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
+    throw new KscError('KSC_E_INVALID', `key file ${path} cannot be read: ${(e as Error).message}`, { cause: e });
+  }
+  return { key, master: await unwrapMaster(key, password) };
+}
+
+/**
  * Unlocks the master key of the repository `repoId` (config keyCheck `check`): from the key file when
  * given, else by trying the password on every key object. KSC_E_AUTH (naming the objects tried) when
  * nothing opens; never writes.
@@ -48,14 +64,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     return { keys, master: u.master, keyId: null };
   }
   if (u.keyFile) {
-    let k: KeyObject;
-    try {
-      k = decodeKeyObject(readFileSync(u.keyFile), u.keyFile);
-    } catch (e) {
-      if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
-      throw new KscError('KSC_E_INVALID', `key file ${u.keyFile} cannot be read: ${(e as Error).message}`, { cause: e });
-    }
-    const master = await unwrapMaster(k, u.password ?? null);
+    const { key: k, master } = await unwrapKeyFile(u.keyFile, u.password ?? null);
     const keys = master && deriveKeys(master);
     if (!master || !keys || k.repository !== repoId || !keyMatches(keys, check)) {
       throw new KscError(

@@ -6,21 +6,21 @@
  * K_data (a key of another repository fails there). Nothing but `config` is written, and never over a
  * config that is not damaged.
  */
-import { readFileSync } from 'node:fs';
-import { KscError, isDamage, isKscError } from '../errors.js';
+import { KscError, isDamage } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { AuthError, ID_GMAC, ID_HMAC, type IdScheme, KIND_MANIFEST, NONCE, SEAL_MAGIC, TAG, decryptInto, keyedId, open as openSealed } from '../crypto/aead.js';
-import { type KeyObject, type RepoKeys, decodeKeyObject, deriveKeys, unwrapMaster, workerKeys } from '../crypto/keys.js';
-import { keyObjectKey, listKeyIds, readKeyObject } from '../crypto/keyring.js';
+import { type KeyObject, type RepoKeys, deriveKeys, unwrapMaster, workerKeys } from '../crypto/keys.js';
+import { keyObjectKey, listKeyIds, readKeyObject, unwrapKeyFile } from '../crypto/keyring.js';
 import { type Unlock, unlockFromEnv, unlockFromEnvOnly } from '../crypto/password.js';
 import { BLOB_HEADER, BLOB_MAGIC_ENCRYPTED, COMP_LZ4, COMP_NONE } from '../compress/codec.js';
 import { decompressInto } from '../compress/lz4.js';
 import { initHash } from '../hash/chunkid.js';
 import { DEFAULT_PACK, MANIFEST_KEY_RE, MIB, PACK_KEY_RE, PACK_VERSION_ENCRYPTED, BACKUP_ID_RE, manifestKey, packKey } from './constants.js';
-import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, validPackSize } from './config.js';
+import { type RepoConfig, assertChunkSize, validPackSize } from './config.js';
+import { chunkSizeFromManifests, otherChunkSize, writeRepairedConfig } from './repair-common.js';
 import { readPackFooter } from './pack.js';
 import { decodeManifest } from './manifest.js';
-import { CONFIG_KEY, Repository } from './repository.js';
+import { Repository } from './repository.js';
 import { isoUtc } from '../util/time.js';
 
 export interface EncryptedRepair {
@@ -49,14 +49,7 @@ interface Candidate {
  */
 async function openMasters(store: ObjectStore, u: Unlock): Promise<Candidate[]> {
   if (u.keyFile) {
-    let k: KeyObject;
-    try {
-      k = decodeKeyObject(readFileSync(u.keyFile), u.keyFile);
-    } catch (e) {
-      if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
-      throw new KscError('KSC_E_INVALID', `key file ${u.keyFile} cannot be read: ${(e as Error).message}`, { cause: e });
-    }
-    const master = await unwrapMaster(k, u.password ?? null);
+    const { key: k, master } = await unwrapKeyFile(u.keyFile, u.password ?? null);
     if (!master) throw new KscError('KSC_E_AUTH', `key file ${u.keyFile} does not open with the password given; nothing was changed`);
     return [{ keys: deriveKeys(master), repository: k.repository, keyId: null }];
   }
@@ -214,21 +207,12 @@ export async function repairEncryptedConfig(store: ObjectStore, opts: { chunkSiz
   if (!packs.scheme) {
     throw new KscError('KSC_E_INVALID', `no intact blob in ${store.name} tells its chunk-id scheme (formats/repository.md §13.9): its config cannot be rebuilt; nothing was changed`);
   }
-  let chunkSize: number;
-  let from: EncryptedRepair['chunkSizeFrom'];
-  if (opts.chunkSize !== undefined) [chunkSize, from] = [opts.chunkSize, 'option'];
-  else if (bySize.size === 1) [chunkSize, from] = [[...bySize.keys()][0]!, 'manifests'];
-  else if (bySize.size > 1) {
-    const list = [...bySize]
-      .sort((a, b) => a[0] - b[0])
-      .map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`)
-      .join(', ');
-    throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with option chunkSize (the others stay unreadable)`);
-  } else {
-    chunkSize = Math.max(MIB, 2 ** Math.ceil(Math.log2(Math.max(1, packs.largest))));
-    if (chunkSize > 4 * MIB) chunkSize = MIB;
-    from = 'packs';
-  }
+  // No manifest opens: the largest chunk a pack holds, rounded up to a valid chunk size.
+  const fromPackSize = Math.max(MIB, 2 ** Math.ceil(Math.log2(Math.max(1, packs.largest))));
+  const { chunkSize, from }: { chunkSize: number; from: EncryptedRepair['chunkSizeFrom'] } = chunkSizeFromManifests(store.name, bySize, opts.chunkSize) ?? {
+    chunkSize: fromPackSize > 4 * MIB ? MIB : fromPackSize,
+    from: 'packs',
+  };
   const now = isoUtc(Date.now());
   const config: RepoConfig & { rebuilt: string } = {
     format: 'kscinc-repository',
@@ -241,26 +225,8 @@ export async function repairEncryptedConfig(store: ObjectStore, opts: { chunkSiz
     features: ['encrypted'],
     encryption: { aead: 'aes-256-gcm', chunkId: packs.scheme, keyCheck: keys.check.toString('hex') },
   };
-  if (!opts.dryRun) {
-    repairSteps.hook?.('config');
-    if (await store.stat(CONFIG_KEY)) {
-      let ok: boolean;
-      try {
-        decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
-        ok = true;
-      } catch (e) {
-        ok = !isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND');
-      }
-      if (ok) throw new KscError('KSC_E_EXISTS', `${store.name} got a config object meanwhile that is not damaged: nothing to repair`);
-    }
-    await store.put(CONFIG_KEY, encodeConfig(config));
-    repairSteps.hook?.('reopen');
-    await Repository.open(store, u); // reads back what it wrote
-  }
-  const other = [...bySize]
-    .filter(([c]) => c !== chunkSize)
-    .flatMap(([, ids]) => ids)
-    .sort();
+  if (!opts.dryRun) await writeRepairedConfig(store, config, () => Repository.open(store, u), repairSteps.hook);
+  const other = otherChunkSize(bySize, chunkSize);
   return {
     config,
     chunkSizeFrom: from,

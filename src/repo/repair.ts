@@ -11,6 +11,7 @@ import { CONFIG_KEY, Repository, locationState } from './repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { BACKUP_ID_RE, DEFAULT_PACK, MANIFEST_KEY_RE, MIB, PACK_KEY_RE, manifestKey, randomHexId } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, validPackSize } from './config.js';
+import { chunkSizeFromManifests, otherChunkSize, writeRepairedConfig } from './repair-common.js';
 import { readPackFooter } from './pack.js';
 import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
@@ -73,21 +74,9 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
       damaged.push(id);
     }
   });
-  let chunkSize: number;
-  let from: RepairResult['chunkSizeFrom'];
-  if (opts.chunkSize !== undefined) {
-    chunkSize = opts.chunkSize;
-    from = 'option';
-  } else if (bySize.size === 1) {
-    chunkSize = [...bySize.keys()][0]!;
-    from = 'manifests';
-  } else if (bySize.size > 1) {
-    const list = [...bySize]
-      .sort((a, b) => a[0] - b[0])
-      .map(([c, ids]) => `${c / MIB} MiB (${ids.length} manifest(s), e.g. ${ids[0]})`)
-      .join(', ');
-    throw new KscError('KSC_E_INVALID', `the manifests of ${store.name} disagree on the chunk size: ${list}; say which with option chunkSize (the others stay unreadable)`);
-  } else {
+  const chosen = chunkSizeFromManifests(store.name, bySize, opts.chunkSize);
+  let { chunkSize, from }: { chunkSize: number; from: RepairResult['chunkSizeFrom'] } = chosen ?? { chunkSize: 0, from: 'default' };
+  if (!chosen) {
     // No readable manifest: the largest chunk any pack holds, rounded up to a valid chunk size. Only
     // future backups' dedupe depends on it (there is no backup to restore).
     const largest = await largestChunk(store);
@@ -95,27 +84,11 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
     from = largest === 0 ? 'default' : 'packs';
     if (chunkSize === 0 || chunkSize > 4 * MIB) chunkSize = MIB;
   }
-  const other = [...bySize]
-    .filter(([c]) => c !== chunkSize)
-    .flatMap(([, ids]) => ids)
-    .sort();
+  const other = otherChunkSize(bySize, chunkSize);
   const now = isoUtc(Date.now());
   const config = { format: 'kscinc-repository' as const, version: 1 as const, id: randomHexId(), chunkSize, packSize, created: now, rebuilt: now };
-  if (!opts.dryRun) {
-    // §3.1: a concurrent repair or init may have written one meanwhile; never replace a good config.
-    if (await store.stat(CONFIG_KEY)) {
-      let ok: boolean;
-      try {
-        decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
-        ok = true;
-      } catch (e) {
-        ok = !isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND');
-      }
-      if (ok) throw new KscError('KSC_E_EXISTS', `${store.name} got a config object meanwhile that is not damaged: nothing to repair`);
-    }
-    await store.put(CONFIG_KEY, Buffer.from(JSON.stringify(config, null, 2) + '\n'));
-    await Repository.open(store); // reads back what it wrote
-  }
+  // §3.1: a concurrent repair or init may have written one meanwhile; never replace a good config.
+  if (!opts.dryRun) await writeRepairedConfig(store, config, () => Repository.open(store));
   return {
     config,
     chunkSizeFrom: from,
