@@ -1,26 +1,13 @@
 /** formats/ksc_inc.md §12.4: the origin record of a restored image (§4.3), read from the spec. */
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import { decodeHeaderSlot, encodeHeader, type Header } from '../../src/format/header.js';
 import { ORIGIN_OFFSET, ORIGIN_SIZE, decodeOrigin, encodeOrigin, originBitmapName, type OriginRecord } from '../../src/format/origin.js';
-import { ROOT } from '../helpers/corrupt.js';
-
-const SPEC = readFileSync(join(ROOT, 'formats/ksc_inc.md'), 'utf8');
+import { specVector, uuidBytes, vectorHeader } from '../helpers/spec-vector.js';
 
 function vector(): { f: Map<string, string>; bytes: { offset: number; hex: string }[] } {
-  const m = /```vectors-origin\n([\s\S]*?)\n```/.exec(SPEC);
-  if (!m) throw new Error('formats/ksc_inc.md has no ```vectors-origin block');
-  const f = new Map<string, string>();
-  const bytes: { offset: number; hex: string }[] = [];
-  for (const line of m[1]!.split('\n')) {
-    if (line.trim() === '' || line.startsWith('#')) continue;
-    const [k, ...rest] = line.trim().split(/\s+/);
-    if (k === 'bytes') bytes.push({ offset: Number(rest[0]), hex: rest[1]! });
-    else f.set(k!, rest.join(' '));
-  }
-  return { f, bytes };
+  const { fields, bytes } = specVector('vectors-origin');
+  return { f: fields, bytes };
 }
 
 function record(f: Map<string, string>): OriginRecord {
@@ -63,24 +50,8 @@ describe('ksc_inc §12.4 origin record vector', () => {
   it('a header carries the record through encode and decode; a header without one reads as none', () => {
     const { f } = vector();
     const h: Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'> = {
-      generation: 1,
-      incompatible: 0n,
-      compatible: 0n,
+      ...vectorHeader(uuidBytes(f.get('disk')!)),
       autoclear: 1n,
-      diskUuid: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'),
-      virtualSize: 1 << 30,
-      blockBits: 16,
-      directoryOffset: 8192,
-      directoryEntries: 4,
-      intentBits: 18,
-      intentOffset: 12288,
-      intentWords: 64,
-      bitmapSlots: 64,
-      bitmapDirOffset: 16384,
-      freeListOffset: 0,
-      freeListEntries: 0,
-      backingFormat: 0,
-      backingName: '',
       origin: { state: 'ok', record: record(f) },
     };
     const got = decodeHeaderSlot(encodeHeader(h));

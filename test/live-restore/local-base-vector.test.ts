@@ -1,47 +1,18 @@
 /** formats/ksc_inc.md §12.3: the header bytes of a live restore's local base (§4.2 rule 9), read from the spec. */
 import { describe, expect, it } from 'vitest';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { decodeHeaderSlot, encodeHeader, validateHeader, type Header } from '../../src/format/header.js';
 import { fingerprintBytes, fingerprintText } from '../../src/format/local-base.js';
-import { ROOT } from '../helpers/corrupt.js';
+import { specVector, uuidBytes, vectorHeader } from '../helpers/spec-vector.js';
 
-const SPEC = readFileSync(join(ROOT, 'formats/ksc_inc.md'), 'utf8');
-
-function block(name: string): Map<string, string> {
-  const m = new RegExp('```' + name + '\\n([\\s\\S]*?)\\n```').exec(SPEC);
-  if (!m) throw new Error(`formats/ksc_inc.md has no \`\`\`${name} block`);
-  const fields = new Map<string, string>();
-  for (const line of m[1]!.split('\n')) {
-    const [k, ...rest] = line.trim().split(/\s+/);
-    if (k) fields.set(k === 'bytes' ? `bytes ${rest[0]}` : k, k === 'bytes' ? rest[1]! : rest.join(' '));
-  }
-  return fields;
-}
-
-const repo = block('vectors-repo-backing');
-const local = block('vectors-local-base');
+const repo = specVector('vectors-repo-backing').fields;
+const localVector = specVector('vectors-local-base');
+const local = localVector.fields;
 const size = Number(local.get('size'));
 const ref = { name: local.get('name')!, size, fingerprint: fingerprintBytes(local.get('fingerprint')!, size)! };
-const uuid = Buffer.from(repo.get('disk')!.replace(/-/g, ''), 'hex');
+const uuid = uuidBytes(repo.get('disk')!);
 const h: Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'> = {
-  generation: 1,
-  incompatible: 0n,
-  compatible: 0n,
-  autoclear: 0n,
-  diskUuid: uuid,
-  virtualSize: 1 << 30,
-  blockBits: 16,
-  directoryOffset: 8192,
-  directoryEntries: 4,
-  intentBits: 18,
-  intentOffset: 12288,
-  intentWords: 64,
-  bitmapSlots: 64,
-  bitmapDirOffset: 16384,
-  freeListOffset: 0,
-  freeListEntries: 0,
+  ...vectorHeader(uuid),
   backingFormat: 3,
   backingName: repo.get('location')!,
   backup: { disk: uuid, root: Buffer.from(repo.get('root')!, 'hex'), chunkSize: Number(repo.get('chunk_size')), id: repo.get('backup')! },
@@ -52,7 +23,7 @@ describe('ksc_inc §12.3 local base vector', () => {
   it('encodes the record into the bytes the spec lists, and decodes them back', () => {
     expect(ref.fingerprint).not.toBeNull();
     const b = encodeHeader(h);
-    const hex = local.get('bytes 1944')!;
+    const hex = localVector.bytes.find((x) => x.offset === 1944)!.hex;
     expect(b.subarray(1944, 1944 + hex.length / 2).toString('hex')).toBe(hex);
     expect(b.subarray(1944 + hex.length / 2, 4092).every((x) => x === 0)).toBe(true);
     const got = decodeHeaderSlot(b);

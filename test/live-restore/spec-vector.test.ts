@@ -1,54 +1,22 @@
 /** formats/ksc_inc.md §12.3: the header bytes of a repository backing (§4.2), read from the spec. */
 import { describe, expect, it } from 'vitest';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { decodeHeaderSlot, encodeHeader, validateHeader, type Header } from '../../src/format/header.js';
-import { ROOT } from '../helpers/corrupt.js';
-
-const SPEC = readFileSync(join(ROOT, 'formats/ksc_inc.md'), 'utf8');
-
-function vector(): { fields: Map<string, string>; bytes: { offset: number; hex: string }[] } {
-  const m = /```vectors-repo-backing\n([\s\S]*?)\n```/.exec(SPEC);
-  if (!m) throw new Error('formats/ksc_inc.md has no ```vectors-repo-backing block');
-  const fields = new Map<string, string>();
-  const bytes: { offset: number; hex: string }[] = [];
-  for (const line of m[1]!.split('\n')) {
-    if (line.trim() === '' || line.startsWith('#')) continue;
-    const [k, ...rest] = line.trim().split(/\s+/);
-    if (k === 'bytes') bytes.push({ offset: Number(rest[0]), hex: rest[1]! });
-    else fields.set(k!, rest.join(' '));
-  }
-  return { fields, bytes };
-}
+import { specVector, uuidBytes, vectorHeader } from '../helpers/spec-vector.js';
 
 function header(f: Map<string, string>): Omit<Header, 'version' | 'mapPageBits' | 'backingNameLength'> {
+  const disk = uuidBytes(f.get('disk')!);
   return {
-    generation: 1,
-    incompatible: 0n,
-    compatible: 0n,
-    autoclear: 0n,
-    diskUuid: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'),
-    virtualSize: 1 << 30,
-    blockBits: 16,
-    directoryOffset: 8192,
-    directoryEntries: 4,
-    intentBits: 18,
-    intentOffset: 12288,
-    intentWords: 64,
-    bitmapSlots: 64,
-    bitmapDirOffset: 16384,
-    freeListOffset: 0,
-    freeListEntries: 0,
+    ...vectorHeader(disk),
     backingFormat: 3,
     backingName: f.get('location')!,
-    backup: { disk: Buffer.from(f.get('disk')!.replace(/-/g, ''), 'hex'), root: Buffer.from(f.get('root')!, 'hex'), chunkSize: Number(f.get('chunk_size')), id: f.get('backup')! },
+    backup: { disk, root: Buffer.from(f.get('root')!, 'hex'), chunkSize: Number(f.get('chunk_size')), id: f.get('backup')! },
   };
 }
 
 describe('ksc_inc §12.3 repository backing vector', () => {
   it('encodes the backup into the bytes the spec lists, and decodes them back', () => {
-    const { fields, bytes } = vector();
+    const { fields, bytes } = specVector('vectors-repo-backing');
     expect(bytes.length).toBeGreaterThanOrEqual(2);
     const h = header(fields);
     const b = encodeHeader(h);
@@ -68,7 +36,7 @@ describe('ksc_inc §12.3 repository backing vector', () => {
   });
 
   it('refuses a backing_format 3 header with a bad backup id or chunk size (a named field)', () => {
-    const { fields } = vector();
+    const { fields } = specVector('vectors-repo-backing');
     const h = header(fields);
     const bad = Buffer.from(encodeHeader(h));
     bad.writeUInt32LE(3 << 20, 1200); // not a power of two
