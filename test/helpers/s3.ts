@@ -13,7 +13,7 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { inject } from 'vitest';
+import { afterAll, beforeAll, inject } from 'vitest';
 
 declare module 'vitest' {
   export interface ProvidedContext {
@@ -207,4 +207,43 @@ export function stopGateway(gw: Gateway): Promise<void> {
 /** Restarts the gateway's radosgw and waits until it answers. */
 export function startGateway(gw: Gateway): Promise<void> {
   return gw.start();
+}
+
+/**
+ * A private gateway (privateGateway) for the tests of one file: started before them (4 minutes allowed: a
+ * first start brings the cluster up), and after them continued (a test may have SIGSTOPped it) and closed.
+ * Call at the top level of the file; the object stands for the gateway once beforeAll has run.
+ */
+export function gatewayForFile(): Gateway & { env(): Record<string, string> } {
+  let g: Gateway | undefined;
+  beforeAll(async () => {
+    g = await privateGateway();
+  }, 240_000);
+  afterAll(async () => {
+    if (!g) return;
+    try {
+      g.signal('SIGCONT');
+    } catch {
+      /* not running: close says so */
+    }
+    await g.close();
+  });
+  const it = (): Gateway => {
+    if (!g) throw new Error('the private gateway has not started (gatewayForFile: beforeAll failed or has not run)');
+    return g;
+  };
+  return {
+    get name() {
+      return it().name;
+    },
+    get config() {
+      return it().config;
+    },
+    stop: () => it().stop(),
+    start: () => it().start(),
+    signal: (sig) => it().signal(sig),
+    crash: () => it().crash(),
+    close: () => it().close(),
+    env: () => s3Env(it().config) as Record<string, string>,
+  };
 }

@@ -8,12 +8,12 @@
 import { spawn } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { serve } from '../nbd/helpers.js';
-import { freshBucket, privateGateway, s3Env, type Gateway } from '../helpers/s3.js';
+import { freshBucket, gatewayForFile } from '../helpers/s3.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { MiB } from '../backup/helpers/fixtures.js';
@@ -21,16 +21,8 @@ import { MiB } from '../backup/helpers/fixtures.js';
 const dir = tempDir('kscinc-live-s3-');
 const seed = seedFor('test/live-restore/s3.test.ts');
 const rng = new Rng(seed);
-let gw: Gateway;
-
-beforeAll(async () => {
-  gw = await privateGateway();
-}, 240_000);
-afterAll(async () => {
-  gw?.signal('SIGCONT');
-  await gw?.close();
-  await closePool();
-});
+const gw = gatewayForFile();
+afterAll(closePool);
 
 function ok(r: { code: number; stdout: string; stderr: string }, what: string): string {
   expect(r.code, `${what}: ${r.stdout}${r.stderr}`).toBe(0);
@@ -39,7 +31,7 @@ function ok(r: { code: number; stdout: string; stderr: string }, what: string): 
 
 describe('live restore from S3 (Ceph RGW)', () => {
   it('restore --live + serve reads identical, waits through a SIGSTOPped gateway, then pull leaves a plain image', async () => {
-    const env = s3Env(gw.config) as Record<string, string>;
+    const env = gw.env();
     const repo = `s3://${freshBucket('live')}/vm`;
     const src = join(dir, 'src.raw');
     const size = 24 * MiB;

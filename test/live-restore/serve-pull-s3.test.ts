@@ -7,11 +7,11 @@
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { freshBucket, privateGateway, s3Env, type Gateway } from '../helpers/s3.js';
+import { freshBucket, gatewayForFile } from '../helpers/s3.js';
 import { runDir, startServe } from '../supervisor/helpers.js';
 import { RawClient } from '../nbd/helpers.js';
 import { MiB } from '../backup/helpers/fixtures.js';
@@ -20,18 +20,11 @@ import { ok, pullStatus, waitFor } from './serve-helpers.js';
 const dir = tempDir('kscinc-serve-pull-s3-');
 const seed = seedFor('test/live-restore/serve-pull-s3.test.ts');
 const rng = new Rng(seed);
-let gw: Gateway;
-
-beforeAll(async () => {
-  gw = await privateGateway();
-}, 240_000);
-afterAll(async () => {
-  await gw?.close();
-});
+const gw = gatewayForFile();
 
 describe('served pull from Ceph RGW', () => {
   it('serve --from-backup s3://…: readers during the throttled pull see the backup; the pull completes, the backing is dropped, the image compares equal', async () => {
-    const env = { ...(s3Env(gw.config) as Record<string, string>), KSCINC_RUN_DIR: runDir() };
+    const env = { ...gw.env(), KSCINC_RUN_DIR: runDir() };
     const repo = `s3://${freshBucket('spull')}/vm`;
     const size = 32 * MiB;
     const src = join(dir, 'src.raw');
