@@ -14,14 +14,10 @@ npx eslint src test || static_failed+=("eslint (npx eslint src test)")
 npx prettier --check --log-level warn src test bench scripts || static_failed+=("prettier (npx prettier --write src test bench scripts)")
 [ ${#static_failed[@]} -eq 0 ] || status=1
 echo "== test suite (native addon) =="
-# Two test files at a time: vitest's default on 2 cores is ONE worker (cores - 1), and most files spend
-# their time waiting on child processes, servers, Ceph and kill/restart cycles, not on this process's CPU.
-# The tests are written to pass at load 15+ (DEVELOPERS.md); each file uses its own temp dirs and ports.
-workers=$(( $(nproc) > 2 ? $(nproc) - 1 : 2 ))
-npx vitest run --maxWorkers="$workers" --reporter=default --reporter=json --outputFile.json="$results/native.json" || status=$?
+npx vitest run --reporter=default --reporter=json --outputFile.json="$results/native.json" || status=$?
 echo "== image, CLI, interop and backup-engine tests without the native addon (TypeScript and lz4-napi fallback) =="
 KSCINC_NO_NATIVE=1 npx vitest run test/image test/cli/cli.test.ts test/interop test/util/compress.test.ts test/backup/engine.test.ts \
-  --maxWorkers="$workers" --reporter=default --reporter=json --outputFile.json="$results/fallback.json" || status=$?
+  --reporter=default --reporter=json --outputFile.json="$results/fallback.json" || status=$?
 node -e '
   let passed = 0, failed = 0, skipped = 0; const failures = [];
   for (const f of process.argv.slice(1)) {
