@@ -100,7 +100,8 @@ function renderStatus(s: JobStatus, job: ScheduleJob, now: number): void {
   const r = s.lastRun;
   if (!r) println('  last run: never');
   else {
-    const what = r.result === 'ok' ? `ok, ${r.backups.length} backup(s)` : r.result === 'running' ? 'running' : `FAILED: ${r.error ?? 'unknown error'}`;
+    const done = `${r.backups.length} ${job.replicate ? 'replication cycle(s)' : 'backup(s)'}`;
+    const what = r.result === 'ok' ? `ok, ${done}` : r.result === 'running' ? 'running' : `FAILED: ${r.error ?? 'unknown error'}`;
     println(`  last run: ${r.kind} at ${r.start}${r.scheduled ? ` (scheduled ${r.scheduled})` : ''}: ${what}${r.pruneError ? `; prune failed: ${r.pruneError}` : ''}`);
   }
   if (s.onShutdown) println('  next run: on shutdown');
@@ -112,7 +113,7 @@ function renderStatus(s: JobStatus, job: ScheduleJob, now: number): void {
   } else println('  next run: none');
   const age = s.newestBackup ? ` (${formatDuration(now - Date.parse(s.newestBackup))} ago)` : '';
   const rpo = s.rpo === null ? '' : `; rpo ${s.rpo}: ${s.rpoMet ? 'met' : 'MISSED'}`;
-  println(`  newest backup of every image: ${s.newestBackup ?? 'none'}${age}${rpo}`);
+  println(`  ${job.replicate ? `last replication cycle to ${job.replicate}` : 'newest backup of every image'}: ${s.newestBackup ?? 'none'}${age}${rpo}`);
   for (const [image, i] of Object.entries(s.images)) if (i.lastError) println(`  ${image}: last error: ${i.lastError}`);
 }
 

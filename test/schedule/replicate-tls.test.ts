@@ -108,6 +108,9 @@ describe('schedule: replicate jobs over TLS', () => {
       const ws = await readState(statePathFor(wrong));
       expect(ws.jobs.wrongkey!.lastRun).toMatchObject({ kind: 'shutdown', result: 'failed' });
       expect(ws.jobs.wrongkey!.lastRun!.errors[0]!.error).toMatch(/TLS with NBD server/);
+      const wst = r.cli(['schedule', 'status', '--config', wrong]);
+      expect(wst.code).toBe(5); // a last run failed
+      expect(wst.stdout).toMatch(/vm2\.ksc: last error: KSC_E_\w+: TLS with NBD server 127\.0\.0\.1:\d+ export "dst-p\.ksc" failed/);
 
       const good = join(r.dir, 'good.yaml');
       writeFileSync(
@@ -127,6 +130,11 @@ describe('schedule: replicate jobs over TLS', () => {
         expect(st.jobs[name]!.lastRun!.backups[0]!.id).toMatch(/^replica@\d{4}-\d\d-\d\dT/);
       }
       expect(src.child.stderr()).toMatch(/replication of \S+vm\.ksc to nbds:/); // the x509 cycle ran in the server
+      const gst = r.cli(['schedule', 'status', '--config', good]);
+      expect(gst.code, gst.stdout + gst.stderr).toBe(0);
+      expect(gst.stdout).toContain('last run: shutdown at');
+      expect(gst.stdout).toContain('ok, 1 replication cycle(s)');
+      expect(gst.stdout).toContain(`last replication cycle to ${dx.uri}: 20`);
     } finally {
       expect(await src.stop()).toBe(0);
       expect(await dx.stop()).toBe(0);
