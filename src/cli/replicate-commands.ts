@@ -9,22 +9,15 @@ import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicateStatus } from '../engines/replicate.js';
 import { parseDuration } from '../engines/schedule/duration.js';
-import { parseSize } from '../util/size.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
 import { formatSize, printJson, println } from './output.js';
+import { addTargetOptions as addRequestOptions, replicateRequest, type TargetOptions as RequestOptions } from './migrate-request.js';
 import { replicaConnector, type ReplicateStartRequest } from './replicate-control.js';
-import { addMigrateTlsOptions, migrateTls, type MigrateTlsOptions } from './tls-options.js';
 
-interface TargetOptions extends MigrateTlsOptions {
-  to: string;
+interface TargetOptions extends RequestOptions {
   every?: string;
   once?: boolean;
-  token?: string;
-  baseFingerprint?: string;
-  bandwidth?: string;
-  connections?: string;
-  compress?: boolean;
   json?: boolean;
 }
 
@@ -33,23 +26,6 @@ export function parseEvery(text: string): number {
   const ms = parseDuration(text, '--every');
   if (ms < MIN_EVERY_MS || ms > MAX_EVERY_MS) throw new KscError('KSC_E_INVALID', `--every "${text}": the period must be from 1s to 7d`);
   return ms;
-}
-
-function targetRequest(op: 'replicate-start' | 'replicate-once', o: TargetOptions): ReplicateStartRequest {
-  const connections = o.connections !== undefined ? Number(o.connections) : undefined;
-  if (connections !== undefined && !(Number.isInteger(connections) && connections >= 1 && connections <= 16))
-    throw new KscError('KSC_E_INVALID', `--connections "${o.connections}": a whole number from 1 to 16`);
-  return {
-    op,
-    to: o.to,
-    ...(op === 'replicate-start' ? { everyMs: parseEvery(o.every ?? '') } : {}),
-    token: o.token,
-    baseFingerprint: o.baseFingerprint,
-    bandwidth: o.bandwidth !== undefined ? parseSize(o.bandwidth, '--bandwidth') : undefined,
-    connections,
-    compress: o.compress === false ? false : undefined,
-    tls: migrateTls(o, o.to),
-  };
 }
 
 async function ask(image: string, req: object, what: string): Promise<ReplicateStatus> {
@@ -86,22 +62,18 @@ function printStatus(s: ReplicateStatus): void {
   if (s.nextCycleAt) println(`next cycle:  ${s.nextCycleAt}`);
 }
 
+/** The target options are migrate start's (migrate-request.ts): one builder for both. */
 function addTargetOptions(cmd: Command): Command {
-  return addMigrateTlsOptions(cmd)
+  return addRequestOptions(cmd)
     .argument('<image>', 'the image (held by a running `kscinc serve`)')
     .requiredOption('--to <uri>', 'the replica: nbd[s]://HOST:PORT/EXPORT or nbd[s]+unix:///EXPORT?socket=PATH (a `kscinc serve --incoming` export, or any NBD server)')
-    .option('--token <hex>', 'the incoming token the destination `kscinc serve --incoming` printed')
-    .option('--base-fingerprint <text>', "the destination base's fingerprint (`kscinc migrate fingerprint BASE` there); needed when the destination is not kscinc")
-    .option('--bandwidth <rate>', 'bytes per second at most (K/M/G)')
-    .option('--connections <n>', 'NBD connections to the destination (1-16, default 2)')
-    .option('--no-compress', 'never send lz4-compressed writes, even to a kscinc destination that takes them')
     .option('--json', 'print JSON');
 }
 
 async function startOrOnce(image: string, o: TargetOptions, once: boolean): Promise<void> {
   let s: ReplicateStatus;
-  if (once) s = await replicateOnce(image, targetRequest('replicate-once', o));
-  else s = await ask(image, targetRequest('replicate-start', o), 'the replication started');
+  if (once) s = await replicateOnce(image, replicateRequest(o));
+  else s = await ask(image, replicateRequest(o, parseEvery(o.every ?? '')), 'the replication started');
   if (o.json) printJson(s);
   else printStatus(s);
 }

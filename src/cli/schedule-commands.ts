@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 import { KscError, isKscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { closePool } from '../compress/pool.js';
-import type { BackupImageFn, JobStatus, ScheduleJob } from '../engines/schedule/index.js';
+import type { BackupImageFn, JobStatus, ReplicateImageFn, ScheduleConfig, ScheduleJob } from '../engines/schedule/index.js';
 import { parseDuration, formatDuration } from '../engines/schedule/duration.js';
 import { localParts, offsetAt } from '../engines/schedule/zone.js';
 import { printJson, println } from './output.js';
@@ -36,6 +36,34 @@ const cliBackupImage: BackupImageFn = async (image, repo, opts) => {
     await dev.close();
   }
 };
+
+/**
+ * One cycle of a `replicate:` job: by the server holding the image, or here (replicateOnce); the request made
+ * by the one builder of `migrate start` and `replicate once` (migrate-request.ts), which loads the TLS files.
+ */
+const cliReplicateImage: ReplicateImageFn = async (image, to, { signal: _signal, ...target }) => {
+  const { replicateRequest } = await import('./migrate-request.js');
+  const s = await (await import('./replicate-commands.js')).replicateOnce(image, replicateRequest({ to, ...target }));
+  return { consistentAt: s.lastCycle!.consistentAt! };
+};
+
+/**
+ * Refuses, before the daemon starts, a `replicate:` job whose request cannot be made (a TLS file missing or
+ * unreadable, a bad key file): KSC_E_INVALID / KSC_E_NOT_FOUND naming the file and the job. Each run makes
+ * it again (the files are read again: replaced credentials are taken).
+ */
+async function checkReplicateJobs(config: ScheduleConfig): Promise<void> {
+  const { replicateRequest } = await import('./migrate-request.js');
+  for (const job of config.jobs) {
+    if (!job.replicate) continue;
+    try {
+      replicateRequest({ to: job.replicate, ...job.target });
+    } catch (e) {
+      if (!isKscError(e)) throw e;
+      throw new KscError(e.code, `${config.file}: job "${job.name}": ${e.message}`, { cause: e });
+    }
+  }
+}
 
 const whole =
   (flag: string, min: number, max: number) =>
@@ -72,7 +100,8 @@ function renderStatus(s: JobStatus, job: ScheduleJob, now: number): void {
   const r = s.lastRun;
   if (!r) println('  last run: never');
   else {
-    const what = r.result === 'ok' ? `ok, ${r.backups.length} backup(s)` : r.result === 'running' ? 'running' : `FAILED: ${r.error ?? 'unknown error'}`;
+    const done = `${r.backups.length} ${job.replicate ? 'replication cycle(s)' : 'backup(s)'}`;
+    const what = r.result === 'ok' ? `ok, ${done}` : r.result === 'running' ? 'running' : `FAILED: ${r.error ?? 'unknown error'}`;
     println(`  last run: ${r.kind} at ${r.start}${r.scheduled ? ` (scheduled ${r.scheduled})` : ''}: ${what}${r.pruneError ? `; prune failed: ${r.pruneError}` : ''}`);
   }
   if (s.onShutdown) println('  next run: on shutdown');
@@ -84,7 +113,7 @@ function renderStatus(s: JobStatus, job: ScheduleJob, now: number): void {
   } else println('  next run: none');
   const age = s.newestBackup ? ` (${formatDuration(now - Date.parse(s.newestBackup))} ago)` : '';
   const rpo = s.rpo === null ? '' : `; rpo ${s.rpo}: ${s.rpoMet ? 'met' : 'MISSED'}`;
-  println(`  newest backup of every image: ${s.newestBackup ?? 'none'}${age}${rpo}`);
+  println(`  ${job.replicate ? `last replication cycle to ${job.replicate}` : 'newest backup of every image'}: ${s.newestBackup ?? 'none'}${age}${rpo}`);
   for (const [image, i] of Object.entries(s.images)) if (i.lastError) println(`  ${image}: last error: ${i.lastError}`);
 }
 
@@ -100,16 +129,14 @@ export function registerScheduleCommands(program: Command): void {
     .action(async (o: { config: string; parallel?: number; shutdownTimeout?: number }) => {
       const { loadConfig, ScheduleDaemon, systemClock, pruneAt } = await engine();
       const config = await loadConfig(o.config);
+      await checkReplicateJobs(config);
       const log = (line: string): void => void process.stderr.write(`${line}\n`);
       const daemon = new ScheduleDaemon(
         config,
         {
           clock: systemClock,
           backupImage: cliBackupImage,
-          replicateImage: async (image, to, { token }) => {
-            const s = await (await import('./replicate-commands.js')).replicateOnce(image, { op: 'replicate-once', to, token });
-            return { consistentAt: s.lastCycle!.consistentAt! };
-          },
+          replicateImage: cliReplicateImage,
           log,
           prune: (repo, keep, { timeZone }) => pruneAt(repo, keep, { timeZone }),
         },

@@ -18,17 +18,38 @@ const job = (extra: string): string => `jobs:\n  - name: standby\n    images: [/
 const parse = (text: string): ReturnType<typeof parseConfigText> => parseConfigText(text, '/etc/s.yaml');
 
 describe('schedule: replicate jobs', () => {
-  it('parses replicate and token, and refuses what does not fit', () => {
+  it('parses replicate and its target options (named like the flags of replicate once), and refuses what does not fit', () => {
     const j = parse(job(`    replicate: nbd://10.0.0.2:10809/vm\n    token: ${'ab'.repeat(16)}\n`)).jobs[0]!;
     expect(j.replicate).toBe('nbd://10.0.0.2:10809/vm');
-    expect(j.token).toBe('ab'.repeat(16));
+    expect(j.target).toEqual({ token: 'ab'.repeat(16) });
+    const all = parse(
+      job(
+        `    replicate: nbds://10.0.0.2:10809/vm\n    tls-psk: keys/keys.psk\n    tls-psk-user: source\n    bandwidth: 50M\n    connections: 4\n    compress: false\n    base-fingerprint: v1:67108864:${'0f'.repeat(32)}\n`,
+      ),
+    ).jobs[0]!;
+    expect(all.target).toEqual({ tlsPsk: '/etc/keys/keys.psk', tlsPskUser: 'source', bandwidth: '50M', connections: 4, compress: false, baseFingerprint: `v1:67108864:${'0f'.repeat(32)}` });
+    expect(parse(job(`    replicate: nbds://h/vm\n    tls-creds: /etc/pki/kscinc\n    compress: true\n    bandwidth: 8192\n`)).jobs[0]!.target).toEqual({
+      tlsCreds: '/etc/pki/kscinc',
+      bandwidth: '8192',
+    });
     const bad: [string, RegExp][] = [
       [`    replicate: nbd://h/vm\n    repo: /r\n`, /replicate job takes no "repo"/],
       [`    replicate: nbd://h/vm\n    keep: { last: 1 }\n`, /takes no "keep"/],
       [`    replicate: /srv/vm.ksc\n`, /expected an NBD URI/],
-      [`    replicate: nbds://h/vm\n`, /TLS .* not offered by schedule jobs/],
+      [`    replicate: nbds://h/vm\n`, /job "standby": replicate "nbds:\/\/h\/vm": nbds:\/\/ means TLS: give tls-creds .* or tls-psk/],
+      [`    replicate: nbd://h/vm\n    tls-creds: /a\n    tls-psk: /b\n`, /tls-creds and tls-psk are exclusive/],
+      [`    replicate: nbd://h/vm\n    tls-psk-user: me\n`, /tls-psk-user goes with tls-psk/],
+      [`    replicate: nbd://h/vm\n    tls-creds: ""\n`, /tls-creds must be a non-empty string/],
+      [`    replicate: nbd://h/vm\n    tls-psk: [a]\n`, /tls-psk must be a non-empty string, not a list/],
+      [`    replicate: nbd://h/vm\n    tls-cert: /a\n`, /unknown field "tls-cert"/],
       [`    replicate: nbd://h/vm\n    token: xyz\n`, /token must be the 32 lowercase hex digits/],
+      [`    replicate: nbd://h/vm\n    bandwidth: 1K\n`, /bandwidth "1K": at least 4096 bytes per second/],
+      [`    replicate: nbd://h/vm\n    bandwidth: fast\n`, /bandwidth "fast" is not a size/],
+      [`    replicate: nbd://h/vm\n    connections: 17\n`, /connections must be a whole number from 1 to 16, not 17/],
+      [`    replicate: nbd://h/vm\n    compress: no\n`, /compress must be true or false/],
+      [`    replicate: nbd://h/vm\n    base-fingerprint: abc\n`, /base-fingerprint must be "none" or what `kscinc migrate fingerprint BASE` printed/],
       [`    repo: /r\n    token: ${'ab'.repeat(16)}\n`, /token belongs to a replicate job/],
+      [`    repo: /r\n    tls-psk: /k\n`, /tls-psk belongs to a replicate job/],
     ];
     for (const [extra, re] of bad) expect(() => parse(job(extra)), extra).toThrow(re);
     expect(() => parse(`jobs:\n  - name: s\n    images: ["/v/*.ksc"]\n    when: every 1 day at 02:00\n    replicate: nbd://h/vm\n`)).toThrow(/images must be one path/);

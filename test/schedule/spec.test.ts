@@ -33,6 +33,14 @@ describe('formats/schedule.md examples', () => {
     }
   });
 
+  it('the replication example (§1.1) parses into the target options of replicate once', () => {
+    const [job] = parseConfigText(block('schedule-replicate-example'), '/etc/kscinc/schedule.yaml').jobs;
+    expect(job!.replicate).toBe('nbds://10.0.0.2:10809/web1');
+    expect(job!.images).toEqual(['/etc/kscinc/disks/web1.ksc']);
+    expect(job!.target).toEqual({ token: '0123456789abcdef0123456789abcdef', tlsPsk: '/etc/kscinc/keys.psk', tlsPskUser: 'web1-source', bandwidth: '50M' });
+    expect(job!.rpoMs).toBe(30 * 60 * 1000);
+  });
+
   it('the example state file reads back with every member', async () => {
     const path = join(tempDir(), 's.yaml.state.json');
     const text = block('state-example').trim();

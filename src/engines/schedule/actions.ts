@@ -11,6 +11,7 @@ import { storeForBackup } from '../../repo/open-at.js';
 import { backupDevice, type BackupResult } from '../backup.js';
 import { pruneRepo, type PruneResult } from '../prune.js';
 import type { KeepPolicy } from '../retention.js';
+import type { ReplicaTarget } from './replicate-job.js';
 
 export interface BackupImageOptions {
   /** undefined: the default bitmap ("backup"); null: none. */
@@ -24,7 +25,7 @@ export interface BackupImageOptions {
 
 export type BackupImageFn = (image: string, repo: string, opts: BackupImageOptions) => Promise<{ id: string }>;
 /** One replication cycle of `image` to the NBD export `to` (formats/migrate.md §11); resolves with the replica's consistent point (ISO time). */
-export type ReplicateImageFn = (image: string, to: string, opts: { token?: string; signal?: AbortSignal }) => Promise<{ consistentAt: string }>;
+export type ReplicateImageFn = (image: string, to: string, opts: ReplicaTarget & { signal?: AbortSignal }) => Promise<{ consistentAt: string }>;
 export type PruneFn = (repo: string, keep: KeepPolicy, opts: { timeZone: string }) => Promise<{ removed: string[] }>;
 
 /** Opens `image` (ksc_inc or raw), backs it up into the repository at `location` (created when missing). */

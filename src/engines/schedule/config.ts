@@ -11,6 +11,7 @@ import { parseS3Url } from '../../objstore/open.js';
 import { backupBitmapNameProblem } from '../backup/bitmap-names.js';
 import { assertPolicy, type KeepPolicy } from '../retention.js';
 import { parseDuration } from './duration.js';
+import { TARGET_KEYS, parseReplicate, type ReplicaTarget } from './replicate-job.js';
 import { parseWhen, type When } from './when.js';
 import { checkZone, systemZone } from './zone.js';
 
@@ -34,8 +35,8 @@ export interface ScheduleJob {
   encrypt?: false;
   /** A replication job (formats/migrate.md §11): one cycle to this NBD URI per run instead of a backup; `repo` is the URI too. */
   replicate?: string;
-  /** The destination's incoming token (`kscinc serve --incoming` printed it). */
-  token?: string;
+  /** A replication job's target options (token, TLS, bandwidth…: formats/schedule.md §1.1). */
+  target?: ReplicaTarget;
 }
 
 export interface ScheduleConfig {
@@ -47,9 +48,7 @@ export interface ScheduleConfig {
 }
 
 const TOP_KEYS = new Set(['timezone', 'parallel', 'jobs']);
-const JOB_KEYS = new Set(['name', 'images', 'repo', 'replicate', 'token', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags', 'encrypt']);
-/** Fields of a backup job that a replication job does not take. */
-const BACKUP_ONLY = ['repo', 'bitmap', 'keep', 'tags', 'encrypt'];
+const JOB_KEYS = new Set(['name', 'images', 'repo', 'bitmap', 'when', 'keep', 'rpo', 'timezone', 'tags', 'encrypt', 'replicate', ...TARGET_KEYS]);
 const KEEP_KEYS = new Set(['last', 'daily', 'weekly', 'monthly']);
 export const MAX_PARALLEL = 64;
 
@@ -128,23 +127,6 @@ function parseBitmap(v: unknown, where: string): string | null | undefined {
   return b;
 }
 
-/** The `replicate:` and `token:` fields of a replication job (formats/migrate.md §11), or null for a backup job. */
-function parseReplicate(v: Obj, where: string): { to: string; token?: string } | null {
-  if (v.replicate === undefined) {
-    if (v.token !== undefined) throw invalid(where, 'token belongs to a replicate job (replicate: nbd://HOST:PORT/EXPORT)');
-    return null;
-  }
-  const to = str(v.replicate, where, 'replicate');
-  if (!/^nbds?(\+unix)?:\/\//i.test(to)) throw invalid(where, `replicate "${to}": expected an NBD URI, nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH`);
-  if (/^nbds/i.test(to)) throw invalid(where, `replicate "${to}": TLS (nbds://) is not offered by schedule jobs yet; run \`kscinc replicate start\` with TLS credentials instead`);
-  const bad = BACKUP_ONLY.find((k) => v[k] !== undefined);
-  if (bad) throw invalid(where, `a replicate job takes no "${bad}" (it copies the disk to ${to}, it makes no backup)`);
-  if (v.token !== undefined && (typeof v.token !== 'string' || !/^[0-9a-f]{32}$/.test(v.token))) {
-    throw invalid(where, `token must be the 32 lowercase hex digits the destination's incoming server printed, not ${describe(v.token)}`);
-  }
-  return { to, ...(typeof v.token === 'string' ? { token: v.token } : {}) };
-}
-
 function parseJob(v: unknown, i: number, top: { timezone: string; base: string; file: string }): ScheduleJob {
   const at = `${top.file}: jobs[${i}]`;
   if (!isObj(v)) throw invalid(at, `a job must be a mapping with name, images, repo and when, not ${describe(v)}`);
@@ -153,7 +135,7 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
   }
   const where = `${top.file}: job "${v.name}"`;
   assertKnownKeys(v, JOB_KEYS, where);
-  const replicate = parseReplicate(v, where);
+  const replicate = parseReplicate(v, where, top.base);
   for (const k of replicate ? ['images', 'when'] : ['images', 'repo', 'when']) if (v[k] === undefined) throw invalid(where, `missing field "${k}"`);
   const rawImages = typeof v.images === 'string' ? [v.images] : v.images;
   if (!Array.isArray(rawImages) || rawImages.length === 0) throw invalid(where, `images must be a non-empty list of paths or globs, not ${describe(v.images)}`);
@@ -172,7 +154,7 @@ function parseJob(v: unknown, i: number, top: { timezone: string; base: string; 
     throw invalid(where, `a replicate job copies one disk to one destination: images must be one path, not a list or a glob`);
   }
   const job: ScheduleJob = { name: v.name, images, repo: replicate ? replicate.to : parseRepo(v.repo, where, top.base), when, timezone, tags: [] };
-  if (replicate) Object.assign(job, { replicate: replicate.to }, replicate.token ? { token: replicate.token } : {});
+  if (replicate) Object.assign(job, { replicate: replicate.to, target: replicate.target });
   const bitmap = parseBitmap(v.bitmap, where);
   if (bitmap !== undefined) job.bitmap = bitmap;
   if (v.keep !== undefined && v.keep !== null) job.keep = parseKeep(v.keep, where);

@@ -331,7 +331,7 @@ export class ScheduleDaemon {
     const { job } = r;
     if (!this.deps.replicateImage) throw new Error('this daemon cannot run replicate jobs');
     r.what = `replicating ${image}`;
-    const c = await this.deps.replicateImage(image, job.replicate!, { token: job.token, signal: r.ac.signal });
+    const c = await this.deps.replicateImage(image, job.replicate!, { ...job.target, signal: r.ac.signal });
     this.log(`job ${job.name}: replica of ${image} at ${job.replicate} consistent at ${c.consistentAt}`);
     return `replica@${c.consistentAt}`;
   }
