@@ -55,6 +55,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
       if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
       throw new KscError('KSC_E_INVALID', `key file ${u.keyFile} cannot be read: ${(e as Error).message}`, { cause: e });
     }
+    if (k.kdf === 'scrypt' && u.password) u.deriving?.();
     const master = await unwrapMaster(k, u.password ?? null);
     const keys = master && deriveKeys(master);
     if (!master || !keys || k.repository !== repoId || !keyMatches(keys, check)) {
@@ -75,6 +76,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
   }
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];
+  u.deriving?.();
   for (const id of ids) {
     let k: KeyObject;
     try {
