@@ -6,7 +6,7 @@
  * waits and times out as formats/ksc_inc.md §4.2 rule 7 says. liveRestore takes its shared lock while it
  * looks the backup up: when the lookup fails the lock is released and no reference is left.
  */
-import { readFileSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
+import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { liveRestore } from '../../src/engines/live-restore.js';
@@ -16,7 +16,7 @@ import { closePool, poolReady, poolStarted } from '../../src/compress/pool.js';
 import { listLiveRefs } from '../../src/repo/liverefs.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { liveImage } from './helpers.js';
+import { damagePacks, liveImage } from './helpers.js';
 import { MiB, expectKscError, expectSame, openRepo } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-live-first-');
@@ -30,19 +30,6 @@ const liveImageOf = (name: string): ReturnType<typeof liveImage> =>
     writeFileSync(path, rng.bytes(8 * MiB)); // every chunk non-zero
     return openImage(path);
   });
-
-/** Flips bytes all through every pack: every blob fails its check. */
-function damagePacks(repoDir: string): void {
-  const packs = join(repoDir, 'packs');
-  for (const sub of readdirSync(packs)) {
-    for (const f of readdirSync(join(packs, sub))) {
-      const p = join(packs, sub, f);
-      const b = readFileSync(p);
-      for (let at = 200; at < b.length - 200; at += 4096) b[at] ^= 0x5a;
-      writeFileSync(p, b);
-    }
-  }
-}
 
 describe('the first read of a live restore', () => {
   it('before the worker pool is up: decoded on this thread, right bytes, the pool started for later reads', async () => {
