@@ -20,7 +20,7 @@
  *
  * `npm run build --silent && node bench/live-restore-big.mjs [--repo s3://b/p] [--size 16] [--data 64] [--reps 3] [--bandwidth 2M] [--no-latency]`
  */
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
@@ -104,8 +104,9 @@ function cpuTree(pid) {
 
 /** Runs `kscinc ARGV` to its end under /usr/bin/time: its CPU time (user + system, ms). */
 function cliCpu(argv) {
-  const out = execFileSync('/usr/bin/time', ['-f', '%U %S', process.execPath, CLI, ...argv], { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
-  const [u, sy] = out.trim().split('\n').at(-1).split(' ').map(Number);
+  const r = spawnSync('/usr/bin/time', ['-f', '%U %S', process.execPath, CLI, ...argv], { encoding: 'utf8', stdio: ['ignore', 'ignore', 'pipe'] });
+  if (r.status !== 0) throw new Error(`kscinc ${argv.join(' ')}: exit ${r.status}: ${r.stderr}`);
+  const [u, sy] = r.stderr.trim().split('\n').at(-1).split(' ').map(Number);
   return (u + sy) * 1000;
 }
 
