@@ -191,20 +191,8 @@ async function firstReadsInProcess(repo, live) {
   log(`  in-process liveRestore → open → first 4 KiB read: first pass (fresh process) ${xs[0].toFixed(0)} ms, all ${fmt(xs)}`);
 }
 
-const work = await fsp.mkdtemp(join(process.env.KSCINC_BENCH_DIR ?? os.tmpdir(), 'kscinc-bench-livebig-'));
-try {
-  const src = join(work, 'src.raw');
-  const repo = args.repo ?? join(work, 'repo');
-  log(`live restore of a ${size / GiB} GiB backup holding ${dataChunks} MiB of data (1 MiB chunks every ${stride / MiB} MiB, the rest zero chunks), repository ${repo}`);
-  await makeSource(src);
-  const tb = await timed(() => cli(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']));
-  log(`  backup (untimed for the goal): ${(tb / 1000).toFixed(1)} s`);
-  const live = join(work, 'live.ksc');
-  await firstReads(repo, live, join(work, 'full.raw'));
-  await firstReadsInProcess(repo, live);
-  if (args['no-latency']) process.exit(0);
-
-  // Latency: reads of remote data chunks (a fetch each) and of local ones, idle vs a throttled pull.
+/** Latency: reads of remote data chunks (a fetch each) and of local ones, idle vs a throttled pull. */
+async function latencies(repo, live) {
   const n = Number(args.reads);
   let seed = 99;
   const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
@@ -231,6 +219,20 @@ try {
       `  4 KiB reads, serve ${mode === 'pull' ? `--bandwidth ${args.bandwidth} (pull running)` : '--no-pull'}: not-yet-local median ${median(l.remote).toFixed(1)} ms p90 ${pct(l.remote, 90).toFixed(1)} ms; local median ${median(l.local).toFixed(2)} ms p90 ${pct(l.local, 90).toFixed(2)} ms`,
     );
   }
+}
+
+const work = await fsp.mkdtemp(join(process.env.KSCINC_BENCH_DIR ?? os.tmpdir(), 'kscinc-bench-livebig-'));
+try {
+  const src = join(work, 'src.raw');
+  const repo = args.repo ?? join(work, 'repo');
+  log(`live restore of a ${size / GiB} GiB backup holding ${dataChunks} MiB of data (1 MiB chunks every ${stride / MiB} MiB, the rest zero chunks), repository ${repo}`);
+  await makeSource(src);
+  const tb = await timed(() => cli(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']));
+  log(`  backup (untimed for the goal): ${(tb / 1000).toFixed(1)} s`);
+  const live = join(work, 'live.ksc');
+  await firstReads(repo, live, join(work, 'full.raw'));
+  await firstReadsInProcess(repo, live);
+  if (!args['no-latency']) await latencies(repo, live);
 } finally {
   await fsp.rm(work, { recursive: true, force: true });
 }
