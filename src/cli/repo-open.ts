@@ -38,7 +38,8 @@ export async function withRepo<T>(
   try {
     // The workers start while the key is opened (scrypt runs on libuv's pool, ~0.2 s): a restore needs them next.
     if (opts.warm) warmPool();
-    const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, o);
+    // A backup's workers start while a password's key is derived (scrypt), not after it.
+    const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, { ...o, deriving: warmPool });
     return await fn(repo);
   } finally {
     await store.close();

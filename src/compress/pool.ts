@@ -13,6 +13,8 @@ import { type BlobKeys, packBatchSync } from './batch.js';
 export type { BlobKeys } from './batch.js';
 
 let pool: Piscina | null = null;
+/** Whether a task of the current pool has finished: its workers are up. */
+let ready = false;
 
 function workerFile(): string {
   const here = fileURLToPath(import.meta.url);
@@ -46,8 +48,19 @@ export function warmPool(): void {
   const p = getPool();
   for (let i = 0; i < poolSize(); i++) {
     const data = new Uint8Array(new ArrayBuffer(0));
-    p.run({ op: 'hash', data, lengths: [] }).catch(() => undefined);
+    p.run({ op: 'hash', data, lengths: [] }).then(
+      () => void (ready ||= pool === p),
+      () => undefined,
+    );
   }
+}
+
+/**
+ * True once the pool's workers are up (a task has finished since it started). Until then a caller with a
+ * single small job (a live restore's first read) does it on its own thread rather than wait for them.
+ */
+export function poolReady(): boolean {
+  return pool !== null && ready;
 }
 
 /** True once the workers were started (by warmPool or a first task) and not closed since. */
@@ -58,6 +71,7 @@ export function poolStarted(): boolean {
 export async function closePool(): Promise<void> {
   const p = pool;
   pool = null;
+  ready = false;
   if (p) await p.destroy();
 }
 
@@ -153,10 +167,12 @@ export class SharedSlot {
  */
 export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number, keys?: BlobKeys): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
-  const r = (await getPool().run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
+  const running = getPool();
+  const r = (await running.run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
     lengths: number[];
     errors: Record<string, string>;
   };
+  ready ||= pool === running;
   const out: Unpacked[] = [];
   let p = 0;
   for (let i = 0; i < ranges.length; i++) {

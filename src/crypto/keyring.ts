@@ -41,7 +41,7 @@ export async function readKeyObject(store: ObjectStore, id: string): Promise<Key
  * `master` is null when the password does not open it. KSC_E_INVALID when the file cannot be read; the
  * decoder's KSC_E_ errors as they are.
  */
-export async function unwrapKeyFile(path: string, password: Buffer | null): Promise<{ key: KeyObject; master: Buffer | null }> {
+export async function unwrapKeyFile(path: string, password: Buffer | null, deriving?: () => void): Promise<{ key: KeyObject; master: Buffer | null }> {
   let key: KeyObject;
   try {
     key = decodeKeyObject(readFileSync(path), path);
@@ -49,6 +49,7 @@ export async function unwrapKeyFile(path: string, password: Buffer | null): Prom
     if ((e as KscError).code?.startsWith('KSC_E_')) throw e;
     throw new KscError('KSC_E_INVALID', `key file ${path} cannot be read: ${(e as Error).message}`, { cause: e });
   }
+  if (key.kdf === 'scrypt' && password) deriving?.();
   return { key, master: await unwrapMaster(key, password) };
 }
 
@@ -64,7 +65,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     return { keys, master: u.master, keyId: null };
   }
   if (u.keyFile) {
-    const { key: k, master } = await unwrapKeyFile(u.keyFile, u.password ?? null);
+    const { key: k, master } = await unwrapKeyFile(u.keyFile, u.password ?? null, u.deriving);
     const keys = master && deriveKeys(master);
     if (!master || !keys || k.repository !== repoId || !keyMatches(keys, check)) {
       throw new KscError(
@@ -84,6 +85,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
   }
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];
+  u.deriving?.();
   for (const id of ids) {
     let k: KeyObject;
     try {

@@ -19,6 +19,11 @@ export interface Unlock {
   master?: Buffer | null;
   /** Asks for the password when one is needed and none was given (a terminal, tty.ts); its answer is kept in `password`. */
   prompt?: () => Promise<Buffer>;
+  /**
+   * Called once when a key derivation (scrypt, ~0.1-0.2 s of a core, on libuv's thread pool) is about to
+   * start: the caller may start what does not need the key meanwhile (a backup starts its worker pool).
+   */
+  deriving?: () => void;
 }
 
 function trimNewline(b: Buffer): Buffer {

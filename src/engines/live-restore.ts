@@ -61,25 +61,29 @@ export function storedLocation(location: string): string {
  * record, so the next backup of the image is incremental against it (§4.2 rule 4).
  */
 export async function liveRestore(repo: Repository, location: string, which: string, target: string, opts: LiveRestoreOptions = {}): Promise<LiveRestoreResult> {
-  const t0 = performance.now();
-  const m = await resolveBackup(repo, which, opts.disk);
   const blockSize = opts.blockSize ?? 64 * 1024;
-  if (blockSize > m.chunkSize) throw new KscError('KSC_E_INVALID', `block size ${blockSize} is above the backup's chunk size ${m.chunkSize}: fetched chunks could not fill whole blocks`);
-  const bitmap = m.meta.bitmap ?? 'backup';
-  const tokenRecord = m.bitmapToken ? `${bitmap}#${m.bitmapToken}` : null;
-  const stored = storedLocation(location);
-  const localBase = opts.base === undefined ? null : await checkLocalBase(m, opts.base);
-  // The reference is durable before the image exists, and taken under a shared lock (no prune between
-  // reading the manifest and it); the image that needs the backup appears only after both.
+  const t0 = performance.now();
   const abs = path.resolve(target);
-  const lock = await repo.readerLock(`live restore of backup ${m.meta.id} into ${abs}`);
+  // The shared lock (no prune until the reference is durable) is taken while the backup is looked up: on S3
+  // each is a few round trips, and the first read of a live restore waits for both (issue 18).
+  const [found, locked] = await Promise.allSettled([resolveBackup(repo, which, opts.disk), repo.readerLock(`live restore of backup ${which} into ${abs}`)]);
+  const lock = locked.status === 'fulfilled' ? locked.value : null;
+  let m: Manifest;
+  let localBase: LocalBaseRef | null;
   let reference: string;
   try {
-    if (!(await repo.readManifest(m.meta.id)).root.equals(m.root)) throw new KscError('KSC_E_CORRUPT', `backup ${m.meta.id} in ${repo.name}: its manifest changed while the live restore read it`);
-    reference = await putLiveRef(repo.store, { backup: m.meta.id, disk: m.disk, image: abs });
+    if (found.status === 'rejected') throw found.reason;
+    if (locked.status === 'rejected') throw locked.reason;
+    m = found.value;
+    if (blockSize > m.chunkSize) throw new KscError('KSC_E_INVALID', `block size ${blockSize} is above the backup's chunk size ${m.chunkSize}: fetched chunks could not fill whole blocks`);
+    localBase = opts.base === undefined ? null : await checkLocalBase(m, opts.base);
+    reference = await referenceUnderLock(repo, m, abs);
   } finally {
     await lock?.release();
   }
+  const bitmap = m.meta.bitmap ?? 'backup';
+  const tokenRecord = m.bitmapToken ? `${bitmap}#${m.bitmapToken}` : null;
+  const stored = storedLocation(location);
   try {
     await build();
   } catch (e) {
@@ -122,6 +126,21 @@ export async function liveRestore(repo: Repository, location: string, which: str
       }
     });
   }
+}
+
+/**
+ * Under the caller's shared lock: puts the reference that keeps backup `m` from prune until `image` is
+ * pulled, beside a second read of the manifest, which must still be `m` (the lock may have been taken after
+ * `m` was read: a prune before it could have replaced the backup). When it is not, the reference goes again.
+ */
+async function referenceUnderLock(repo: Repository, m: Manifest, image: string): Promise<string> {
+  const [again, reference] = await Promise.all([repo.readManifest(m.meta.id).catch((e: unknown) => e as Error), putLiveRef(repo.store, { backup: m.meta.id, disk: m.disk, image })]);
+  if (again instanceof Error || !again.root.equals(m.root)) {
+    await deleteLiveRef(repo.store, m.meta.id, image).catch(() => undefined);
+    if (again instanceof Error) throw again;
+    throw new KscError('KSC_E_CORRUPT', `backup ${m.meta.id} in ${repo.name}: its manifest changed while the live restore read it`);
+  }
+  return reference;
 }
 
 /**

@@ -12,9 +12,9 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError, isDamage } from '../errors.js';
-import { SharedSlot, unpackInto } from '../compress/pool.js';
-import type { Read, ReadItem } from '../repo/fetch.js';
+import { KscError } from '../errors.js';
+import { SharedSlot } from '../compress/pool.js';
+import type { Read } from '../repo/fetch.js';
 import { planBulkReads } from './bulk-plan.js';
 import { mapLimit } from '../util/concurrency.js';
 import { BitSet } from '../util/bitset.js';
@@ -24,16 +24,17 @@ import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { CONFIG_KEY, ChunkIndex, Repository, type RepoLock, packKey } from '../repo/repository.js';
+import { Repository, type RepoLock } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
-import { isUnreachable, liveTimeoutMs, waitReachable } from './live-wait.js';
 import type { LocalBaseRef } from '../format/local-base.js';
 import { LocalBase } from './local-base.js';
+import { type BackupBackingStats, RepoChunks } from './repo-chunks.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
+export type { BackupBackingStats } from './repo-chunks.js';
 
 export type FillFn = (offset: number, data: Buffer) => Promise<void>;
 
@@ -54,26 +55,13 @@ interface Waiting {
   waiters: { resolve: (b: Buffer) => void; reject: (e: unknown) => void }[];
 }
 
-export interface BackupBackingStats {
-  /** Chunks fetched from the repository (each verified). */
-  chunksFetched: number;
-  bytesFetched: number;
-  /** Ranged reads of packs issued (a bulk fetch coalesces many chunks into one). */
-  reads: number;
-  /** Chunk reads answered from a fetch already in flight or not yet filled. */
-  chunksShared: number;
-  /** Tries of the repository that failed because it was unreachable, and were tried again (rule 7). */
-  retries: number;
-}
-
 export class BackupBacking implements BlockDevice {
   readonly format = 'raw' as const;
   readonly readOnly = true;
   readonly blockSize: number;
   readonly size: number;
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0 };
-  private index: Promise<ChunkIndex> | null = null;
-  private readonly badIndex: string[] = [];
+  /** The repository side: index, ranged reads, decoding (repo-chunks.ts). */
+  private readonly src: RepoChunks;
   /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
   private readonly inflight = new Map<number, Promise<Buffer>>();
   private readonly fills = new Set<Promise<void>>();
@@ -87,12 +75,10 @@ export class BackupBacking implements BlockDevice {
   /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
   private image: string | null = null;
   private renewTimer: NodeJS.Timeout | null = null;
-  /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
-  timeoutMs = liveTimeoutMs();
 
   private constructor(
     readonly name: string,
-    private readonly repo: Repository,
+    repo: Repository,
     private readonly store: ObjectStore,
     readonly manifest: Manifest,
     private readonly lock: RepoLock | null,
@@ -102,6 +88,20 @@ export class BackupBacking implements BlockDevice {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
     this.filledChunks = new BitSet(manifest.ids.length);
+    this.src = new RepoChunks(name, repo, store, manifest, () => this.closed);
+  }
+
+  get stats(): BackupBackingStats {
+    return this.src.stats;
+  }
+
+  /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
+  get timeoutMs(): number {
+    return this.src.timeoutMs;
+  }
+
+  set timeoutMs(ms: number) {
+    this.src.timeoutMs = ms;
   }
 
   /**
@@ -117,28 +117,19 @@ export class BackupBacking implements BlockDevice {
     try {
       const repo = await Repository.open(store);
       if (opts.hold) lock = await repo.readerLock(`live restore of backup ${ref.id} into ${image}`, 0);
-      const m = await repo.readManifest(ref.id);
-      const disk = bytesToUuid(ref.disk);
-      const why =
-        m.disk !== disk
-          ? `disk ${m.disk}, the image names ${disk}`
-          : m.size !== size
-            ? `size ${m.size}, the image is ${size} bytes`
-            : m.chunkSize !== ref.chunkSize
-              ? `chunk size ${m.chunkSize}, the image names ${ref.chunkSize}`
-              : !m.root.equals(ref.root)
-                ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
-                : null;
-      if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repo.name} is not the one it was restored from: ${why}`);
+      // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, beside the
+      // check of the manifest: a reference put for a manifest found wrong only names this image, as before).
+      const abs = nodePath.resolve(image);
+      const [m] = await Promise.all([repo.readManifest(ref.id), opts.hold ? putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs }) : null]);
+      checkManifest(image, m, ref, size, repo.name);
       const local = opts.localBase ? LocalBase.check(image, m, opts.localBase.ref, opts.localBase.dev) : null;
       const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock, local);
       if (opts.hold) {
-        // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, the
-        // manifest just checked), and renews it daily while open.
-        b.image = nodePath.resolve(image);
-        await b.renewReference();
+        // Renewed daily while open; the index loads while the server starts (the first read needs it).
+        b.image = abs;
         b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
         b.renewTimer.unref();
+        b.src.prefetchIndex();
       }
       return b;
     } catch (e) {
@@ -170,10 +161,6 @@ export class BackupBacking implements BlockDevice {
   /** Capability (capabilities.ts): the backed-up disk; a backup is never left half-written. */
   get identity(): { diskUuid: Buffer; wasDirty: boolean } {
     return { diskUuid: uuidToBytes(this.manifest.disk), wasDirty: false };
-  }
-
-  private lenAt(k: number): number {
-    return Math.min(this.blockSize, this.size - k * this.blockSize);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -214,7 +201,7 @@ export class BackupBacking implements BlockDevice {
       if (w.data) return Promise.resolve(Buffer.from(w.data));
       return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
     }
-    const p = this.fetch(k).then(
+    const p = this.src.fetch(k).then(
       (data) => {
         const fill = this.fill;
         if (fill && !this.closed) {
@@ -251,16 +238,12 @@ export class BackupBacking implements BlockDevice {
     this.live();
     const fill = this.fill;
     if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
-    const index = await this.loadIndex();
+    const index = await this.src.loadIndex();
     const plan = planBulkReads(
       ks.filter((k) => !this.isZeroChunk(k) && !this.isBaseChunk(k)),
       index,
       (k) => Buffer.from(this.manifest.ids.view(k)),
-      (k, id) =>
-        new KscError(
-          'KSC_E_CORRUPT',
-          `${this.name}: chunk ${k} (${id.toString('hex')}) is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`,
-        ),
+      (k, id) => this.src.notIndexed(k, id),
       opts.maxRead ?? 4 * 1024 * 1024,
     );
     const free: SharedSlot[] = [];
@@ -292,11 +275,11 @@ export class BackupBacking implements BlockDevice {
     const mine = items.flatMap((it) => positions[it.from!]!);
     for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
     try {
-      const res = await this.unpackChecked(r, items, positions, slot);
+      const res = await this.src.readUnpacked(r, items, positions, slot);
       await Promise.all(
         items.map(async (it, i) => {
           const x = res?.[i];
-          const data = x && x.ok ? x.data : await this.fetch(positions[it.from!]![0]!);
+          const data = x && x.ok ? x.data : await this.src.fetch(positions[it.from!]![0]!);
           if (x && x.ok) this.stats.chunksFetched++;
           await Promise.all(positions[it.from!]!.map((k) => this.fillBulk(k, data, fill, opts)));
         }),
@@ -309,33 +292,6 @@ export class BackupBacking implements BlockDevice {
         for (const q of w.waiters.splice(0)) q.reject(e);
       }
       throw e;
-    }
-  }
-
-  /** Reads and unpacks one coalesced read, every blob checked; null when it is damaged (other copies then). */
-  private async unpackChecked(r: Read, items: ReadItem[], positions: number[][], slot: SharedSlot): Promise<Awaited<ReturnType<typeof unpackInto>> | null> {
-    const key = packKey(r.pack);
-    try {
-      await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
-      const res = await unpackInto(
-        slot,
-        items.map((it) => [it.at, it.length]),
-        items.map((it) => it.id),
-        this.blockSize,
-        this.repo.blobKeys,
-      );
-      for (let i = 0; i < res.length; i++) {
-        const x = res[i]!;
-        if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
-        for (const k of positions[items[i]!.from!]!) {
-          if (x.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${this.name}: chunk ${k} (${items[i]!.id.toString('hex')}) is ${x.data.length} bytes, ${this.lenAt(k)} expected`);
-        }
-      }
-      this.stats.bytesFetched += r.length;
-      return res;
-    } catch (e) {
-      if (!isDamage(e)) throw e;
-      return null;
     }
   }
 
@@ -357,88 +313,9 @@ export class BackupBacking implements BlockDevice {
     opts.onChunk?.(k);
   }
 
-  /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
-  private readRange(key: string, offset: number, target: Buffer): Promise<void> {
-    this.stats.reads++;
-    return this.reach(`reading ${this.repo.objName(key)}`, async () => {
-      if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
-      const got = await this.store.getRange(key, offset, target.length);
-      if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
-      got.copy(target);
-    });
-  }
-
-  /** §4.2 rule 7: `op`, tried again while the repository is unreachable (see waitReachable). */
-  private reach<T>(what: string, op: () => Promise<T>): Promise<T> {
-    return waitReachable(`${this.name}: ${what}`, op, {
-      timeoutMs: this.timeoutMs,
-      closed: () => this.closed,
-      unreachable: (e) => isUnreachable(this.store, e),
-      onRetry: () => this.stats.retries++,
-    });
-  }
-
-  /** Throws a retryable KSC_E_UNAVAILABLE when the repository's config object cannot be read. */
-  private async present(): Promise<void> {
-    if ((await this.store.stat(CONFIG_KEY)) === null) {
-      throw new KscError('KSC_E_UNAVAILABLE', `${this.name}: the repository's config object is not there (the repository is away)`, { retryable: true });
-    }
-  }
-
   /** Resolves when every fill started so far has finished (tests, pull). */
   async settled(): Promise<void> {
     while (this.fills.size > 0) await Promise.all([...this.fills]);
-  }
-
-  private loadIndex(): Promise<ChunkIndex> {
-    if (!this.index) {
-      const m = this.manifest;
-      const needed = new ChunkIndex({ locations: false, expected: m.ids.nonZeroCount() });
-      m.ids.forEachNonZero((k) => void needed.addAt(m.ids.view(k), 0, '', 0, 0, 0));
-      // A folder that is away lists as empty: the index is only trusted when the repository was there
-      // before and after it was listed (rule 7).
-      this.index = this.reach('loading its index', async () => {
-        this.badIndex.length = 0;
-        await this.present();
-        const index = await this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
-        await this.present();
-        return index;
-      });
-      this.index.catch(() => (this.index = null));
-    }
-    return this.index;
-  }
-
-  /** §4.2 rule 2: index → pack → ranged read → decompress and check the id; another copy when one fails. */
-  private async fetch(k: number): Promise<Buffer> {
-    const id = Buffer.from(this.manifest.ids.view(k));
-    const what = `${this.name}: chunk ${k} (${id.toString('hex')})`;
-    const index = await this.loadIndex();
-    const s = index.slotOf(id);
-    if (s < 0) {
-      throw new KscError('KSC_E_CORRUPT', `${what} is in no index object${this.badIndex.length ? ` (damaged: ${this.badIndex.join(', ')})` : ''}: repository damaged, run "kscinc verify"`);
-    }
-    const copies = index.extraCopies === 0 ? [s] : index.copies(s);
-    const errors: string[] = [];
-    for (const h of copies) {
-      const key = packKey(index.packName(h));
-      const offset = index.blobOffset(h);
-      const length = index.blobLength(h);
-      try {
-        const slot = new SharedSlot(length, Math.max(this.blockSize, BLOB_HEADER));
-        await this.readRange(key, offset, slot.input);
-        const [r] = await unpackInto(slot, [[0, length]], [id], this.blockSize, this.repo.blobKeys);
-        if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
-        if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
-        this.stats.chunksFetched++;
-        this.stats.bytesFetched += length;
-        return Buffer.from(r!.data); // out of the shared slot: the fill and the readers keep it
-      } catch (e) {
-        if (!isDamage(e)) throw e;
-        errors.push((e as Error).message);
-      }
-    }
-    throw new KscError('KSC_E_CORRUPT', `${what}: every copy failed its check: ${errors.join('; ')}`);
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -506,4 +383,20 @@ export class BackupBacking implements BlockDevice {
   private readOnlyError(): KscError {
     return new KscError('KSC_E_READ_ONLY', `${this.name}: a backup is read-only (writes go to the image above it)`);
   }
+}
+
+/** Rule 1: KSC_E_CORRUPT unless `m` is the manifest the image names (disk, size, chunk size, Merkle root). */
+function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number, repoName: string): void {
+  const disk = bytesToUuid(ref.disk);
+  const why =
+    m.disk !== disk
+      ? `disk ${m.disk}, the image names ${disk}`
+      : m.size !== size
+        ? `size ${m.size}, the image is ${size} bytes`
+        : m.chunkSize !== ref.chunkSize
+          ? `chunk size ${m.chunkSize}, the image names ${ref.chunkSize}`
+          : !m.root.equals(ref.root)
+            ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
+            : null;
+  if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repoName} is not the one it was restored from: ${why}`);
 }

@@ -134,7 +134,7 @@ export class Repository {
    * A client given a password or key file refuses an unencrypted repository (a config stripped of its
    * encryption must not make it write in the clear). KSC_E_AUTH when nothing opens it; never writes.
    */
-  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock): Promise<Repository> {
+  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void): Promise<Repository> {
     if (!isEncrypted(config)) {
       if (u && (u.password || u.keyFile) && u.requireEncrypted)
         throw new KscError(
@@ -143,7 +143,7 @@ export class Repository {
         );
       return new Repository(store, config);
     }
-    const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? unlockFromEnv());
+    const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
     return new Repository(store, config, k.keys, k.keyId);
   }
 
@@ -200,7 +200,7 @@ export class Repository {
    * Opens the repository at `store`; never writes. Without a config: KSC_E_CORRUPT when the location holds
    * repository objects (a lost config, §3.1), KSC_E_NOT_FOUND otherwise.
    */
-  static async open(store: ObjectStore, u?: Unlock): Promise<Repository> {
+  static async open(store: ObjectStore, u?: Unlock, deriving?: () => void): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
     let raw: Buffer;
     try {
@@ -223,19 +223,19 @@ export class Repository {
       if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
       throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
     }
-    return Repository.unlocked(store, config, u);
+    return Repository.unlocked(store, config, u, deriving);
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup; encrypted unless `encrypt` is false); see init. */
-  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock; encrypt?: EncryptChoice } = {}): Promise<Repository> {
+  static async openOrInit(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; unlock?: Unlock; encrypt?: EncryptChoice; deriving?: () => void } = {}): Promise<Repository> {
     try {
-      return await Repository.open(store, opts.unlock);
+      return await Repository.open(store, opts.unlock, opts.deriving);
     } catch (e) {
       if (!isKscError(e, 'KSC_E_NOT_FOUND') || (await store.stat(CONFIG_KEY))) throw e;
       try {
         return await Repository.init(store, opts);
       } catch (e2) {
-        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store, opts.unlock); // a concurrent init won
+        if (isKscError(e2, 'KSC_E_EXISTS') && (await store.stat(CONFIG_KEY))) return Repository.open(store, opts.unlock, opts.deriving); // a concurrent init won
         throw e2;
       }
     }

@@ -1,5 +1,5 @@
 /** Test helpers for live restore: a disk backed up and live-restored, with a full restore to compare with. */
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
@@ -26,5 +26,18 @@ export async function liveImage(dir: string, name: string, open: () => Promise<B
     return { repoDir, target, full: readFileSync(full) };
   } finally {
     await img.close();
+  }
+}
+
+/** Flips a byte every 4 KiB all through every pack of the folder repository `repoDir`: every blob fails its check. */
+export function damagePacks(repoDir: string): void {
+  const packs = join(repoDir, 'packs');
+  for (const sub of readdirSync(packs)) {
+    for (const f of readdirSync(join(packs, sub))) {
+      const p = join(packs, sub, f);
+      const b = readFileSync(p);
+      for (let at = 200; at < b.length - 200; at += 4096) b[at] ^= 0x5a;
+      writeFileSync(p, b);
+    }
   }
 }

@@ -19,6 +19,7 @@ import { closePool } from '../../src/compress/pool.js';
 import { checkImage } from '../../src/engines/check.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { damagePacks } from './helpers.js';
 import { MiB, expectKscError, expectSame, makeDisk, newRepo, openRepo, zeroChunks } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-live-');
@@ -141,16 +142,7 @@ describe('live restore read-through', () => {
     const target = join(dir, 'bad-live.ksc');
     await liveRestore(repo, repoDir, 'latest', target);
     await repo.store.close();
-    // Flip a byte in the middle of every pack (every blob's stored bytes are checked against its id).
-    const packs = join(repoDir, 'packs');
-    for (const sub of readdirSync(packs)) {
-      for (const f of readdirSync(join(packs, sub))) {
-        const p = join(packs, sub, f);
-        const b = readFileSync(p);
-        for (let at = 200; at < b.length - 200; at += 4096) b[at] ^= 0x5a;
-        writeFileSync(p, b);
-      }
-    }
+    damagePacks(repoDir); // every blob's stored bytes are checked against its id
     const img = await openKsc(target, { write: true });
     try {
       const b = backingOf(img);
