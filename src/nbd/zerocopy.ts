@@ -1,5 +1,5 @@
 /**
- * Zero-copy READ replies (formats/nbd.md §2.3): a reply's data may be a DeviceRange instead of a buffer.
+ * Zero-copy READ replies (formats/nbd.md §2, "Zero-copy READ replies"): a reply's data may be a DeviceRange instead of a buffer.
  * When the socket has nothing queued, every range lies in host files (capabilities.ts HostSpans) and all of
  * it is in the page cache, the reply is sent right there — header by send(2), data by sendfile(2) from the
  * image file — in one synchronous run on the event loop: no copy through this process, no replies of
@@ -52,6 +52,9 @@ export type ZeroCopyResult =
   | { kind: 'partial'; rest: ReplyPart[] };
 
 const NONE: ZeroCopyResult = { kind: 'none', unsupported: false };
+
+/** Replies of this process sent zero-copy whole, and those the socket took only part of (for tests and bench). */
+export const zeroCopyStats = { whole: 0, partial: 0 };
 
 /** Plans the reply: its buffers and the host spans of its ranges, all cached; null when it cannot go zero-copy. */
 function plan(ops: SendOps, parts: ReplyPart[]): Step[] | 'unsupported' | null {
@@ -112,8 +115,10 @@ export function sendZeroCopy(ops: SendOps, sock: number, parts: ReplyPart[]): Ze
     const n = sendStep(ops, sock, s, 0, i < steps.length - 1);
     if (n === s.length) continue;
     if (i === 0 && n === 0) return NONE;
+    zeroCopyStats.partial++;
     return { kind: 'partial', rest: [restOf(s, n), ...steps.slice(i + 1).map((x) => restOf(x, 0))] };
   }
+  zeroCopyStats.whole++;
   return { kind: 'all' };
 }
 
