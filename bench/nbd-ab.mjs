@@ -11,12 +11,13 @@
  * in the page cache; nbdcopy (1 and 4 connections) and qemu-img bench (100k random 4 KiB reads, QD32).
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadavg, tmpdir } from 'node:os';
 import { parseArgs } from 'node:util';
 import { MiB, hostWarm, median, rng, run } from './lib/common.mjs';
 import { CLI, serveKscinc } from './lib/kscinc.mjs';
+import { startPeer } from './races/nbd.mjs';
 
 const { values: a } = parseArgs({
   options: {
@@ -40,27 +41,6 @@ const size = Number(execFileSync('stat', ['-c', '%s', src], { encoding: 'utf8' }
 const uriFor = (sock) => `nbd+unix:///?socket=${sock}`;
 const say = (s) => process.stdout.write(`${s}\n`);
 
-async function startPeer(sock, args) {
-  const p = spawn('qemu-nbd', ['--persistent', '--shared=8', '--socket', sock, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let err = '';
-  p.stderr.on('data', (d) => (err += d));
-  for (let i = 0; i < 200; i++) {
-    if (p.exitCode !== null) throw new Error(`qemu-nbd exited ${p.exitCode}: ${err}`);
-    if (existsSync(sock)) {
-      try {
-        execFileSync('nbdinfo', ['--size', uriFor(sock)], { stdio: 'ignore' });
-        const exited = new Promise((r) => p.once('exit', r));
-        return { uri: uriFor(sock), pid: p.pid, stop: async () => (p.kill('SIGTERM'), await exited) };
-      } catch {
-        /* not ready */
-      }
-    }
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  p.kill('SIGKILL');
-  throw new Error(`qemu-nbd did not come up: ${err}`);
-}
-
 /** Every side: the builds, then qemu-nbd; `mk(side)` starts a server for it. */
 async function startAll(tag, oursArgs, peerArgs) {
   const out = [];
@@ -70,7 +50,7 @@ async function startAll(tag, oursArgs, peerArgs) {
     out.push({ name: b.name, uri: uriFor(sock), pid: s.proc.pid, stop: s.stop });
   }
   const p = await startPeer(join(work, `${tag}-qemu.sock`), peerArgs);
-  out.push({ name: 'qemu-nbd', ...p });
+  out.push({ name: 'qemu-nbd', uri: p.uri, pid: p.proc.pid, stop: p.stop });
   return out;
 }
 
