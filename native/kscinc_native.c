@@ -51,6 +51,7 @@
 #include <node_api.h>
 
 #include "kscinc_aead.h"
+#include "kscinc_send.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
 #define MAX_SAFE_INT 9007199254740991.0
@@ -136,7 +137,7 @@ static napi_value throw_napi_failure(napi_env env, const char* what) {
 
 /* Throw an Error like Node's fs errors: "EBADF: Bad file descriptor, fallocate"
  * with .code, .errno (negative) and .syscall. */
-static napi_value throw_errno(napi_env env, int err, const char* syscall) {
+napi_value throw_errno(napi_env env, int err, const char* syscall) {
   const char* code = errno_name(err);
   char msg[256];
   napi_value code_v, msg_v, error_v, errno_v, syscall_v;
@@ -171,7 +172,7 @@ static napi_value throw_type(napi_env env, const char* fn, const char* arg,
 /* ------------------------------------------------------------------------ */
 /* Argument parsing. Each returns false with a JS exception pending.        */
 
-static bool get_args(napi_env env, napi_callback_info info, size_t want,
+bool get_args(napi_env env, napi_callback_info info, size_t want,
                      napi_value* argv) {
   size_t argc = want;
   /* Missing arguments are filled in with `undefined` by N-API, so the type
@@ -216,7 +217,7 @@ static bool get_integer(napi_env env, napi_value v, const char* fn,
   return true;
 }
 
-static bool get_fd(napi_env env, napi_value v, const char* fn,
+bool get_fd(napi_env env, napi_value v, const char* fn,
                    const char* syscall, int* out) {
   int64_t fd;
   if (!get_integer(env, v, fn, "fd", &fd)) return false;
@@ -229,7 +230,7 @@ static bool get_fd(napi_env env, napi_value v, const char* fn,
 }
 
 /* A non-negative safe integer; negative values throw EINVAL. */
-static bool get_offset(napi_env env, napi_value v, const char* fn,
+bool get_offset(napi_env env, napi_value v, const char* fn,
                        const char* arg, const char* syscall, off_t* out) {
   int64_t n;
   if (!get_integer(env, v, fn, arg, &n)) return false;
@@ -241,7 +242,7 @@ static bool get_offset(napi_env env, napi_value v, const char* fn,
   return true;
 }
 
-static bool get_bool(napi_env env, napi_value v, const char* fn,
+bool get_bool(napi_env env, napi_value v, const char* fn,
                      const char* arg, bool* out) {
   napi_valuetype type;
   if (napi_typeof(env, v, &type) != napi_ok) {
@@ -265,7 +266,7 @@ static napi_value make_bool(napi_env env, bool b) {
   return result;
 }
 
-static napi_value make_int64(napi_env env, int64_t n) {
+napi_value make_int64(napi_env env, int64_t n) {
   napi_value result;
   NAPI_CALL(env, napi_create_int64(env, n, &result));
   return result;
@@ -423,7 +424,7 @@ static napi_value Funlock(napi_env env, napi_callback_info info) {
   return undefined;
 }
 
-static bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint8_t** data, size_t* len) {
+bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint8_t** data, size_t* len) {
   bool is_typed = false;
   if (napi_is_typedarray(env, v, &is_typed) != napi_ok || !is_typed) {
     throw_type(env, fn, arg, "Uint8Array");
@@ -739,5 +740,6 @@ NAPI_MODULE_INIT() {
     NAPI_CALL(env, napi_set_named_property(env, exports, "writeCrc", fn));
   }
   if (!kscinc_aead_register(env, exports)) return throw_napi_failure(env, "kscinc_aead_register");
+  if (!kscinc_send_register(env, exports)) return throw_napi_failure(env, "kscinc_send_register");
   return exports;
 }

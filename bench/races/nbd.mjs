@@ -30,8 +30,8 @@ async function startOurs(ctx, sock, args) {
   return { proc: s.proc, uri: uriFor(sock), stop: s.stop };
 }
 
-/** Starts qemu-nbd on a unix socket; resolves once nbdinfo can connect. */
-async function startPeer(sock, args) {
+/** Starts qemu-nbd on a unix socket; resolves once nbdinfo can connect (also used by bench/nbd-ab.mjs). */
+export async function startPeer(sock, args) {
   const p = spawn('qemu-nbd', ['--persistent', '--shared=8', '--socket', sock, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   p.stderr.on('data', (d) => (err += d));

@@ -9,6 +9,7 @@
  *   KscImage        yes           yes         yes     yes         yes
  *   RawDevice       -             -           -       yes         -
  *   BackupBacking   -             -           -       -           yes (the backed-up disk's UUID)
+ * and hostSpans (where a range's bytes lie in host files, for zero-copy NBD replies): KscImage and RawDevice.
  * A device that wraps another (a test's slow device, say) offers none unless it forwards them: asked
  * for, it then behaves as a plain device (a full backup, no bitmaps in `info`).
  */
@@ -129,6 +130,28 @@ export function* chainOf(dev: BlockDevice): Generator<BlockDevice> {
 /** How the device allocates, or null when it cannot say. */
 export function allocationOf(dev: BlockDevice): Allocation | null {
   return dev.allocation ?? null;
+}
+
+/** A piece of a device range as it lies on the host: `length` bytes of descriptor `fd` at `position`; fd -1: zeros. */
+export interface HostSpan {
+  fd: number;
+  position: number;
+  length: number;
+}
+
+/** Where a device's bytes lie in host files right now (a zero-copy NBD reply sends them from there). */
+export interface HostSpans {
+  /**
+   * The spans [offset, offset+length) reads from at this moment, in order, covering it exactly; null when
+   * that cannot be told synchronously (metadata not in memory, a change holds the blocks, damage, a layer
+   * without host files). Valid only until the event loop turns: send from them before awaiting anything.
+   */
+  hostSpans(offset: number, length: number): HostSpan[] | null;
+}
+
+/** The device's host spans, or null when its bytes do not lie in host files it can name. */
+export function hostSpansOf(dev: BlockDevice): HostSpans | null {
+  return dev.readsFrom ?? null;
 }
 
 /** The device's identity, or null when it has none of its own (a raw file). */

@@ -1,6 +1,7 @@
 /** A raw file as a BlockDevice. Holes (SEEK_HOLE, where the host supports it) report as zero extents. */
 import { KscError } from '../errors.js';
 import { type FileStamp, type HostFile, type FileOpener, openHostFile } from '../io/file.js';
+import type { HostSpan } from './capabilities.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange, mergeExtents } from './types.js';
 
 export class RawDevice implements BlockDevice {
@@ -141,6 +142,18 @@ export class RawDevice implements BlockDevice {
   /** Capability (capabilities.ts): allocation; the host file system allocates, so no cluster size. */
   get allocation(): this {
     return this;
+  }
+
+  /** Capability (capabilities.ts): host spans, when the host file names its descriptor. */
+  get readsFrom(): this | undefined {
+    return this.file.readFd ? this : undefined;
+  }
+
+  /** The file itself: [offset, offset+length) of it (a file that shrank ends short; the reader sees that). */
+  hostSpans(offset: number, length: number): HostSpan[] | null {
+    const fd = this.closed ? null : (this.file.readFd?.() ?? null);
+    if (fd === null || length <= 0 || offset < 0 || offset + length > this.size) return null;
+    return [{ fd, position: offset, length }];
   }
 
   readonly clusterSize = null;

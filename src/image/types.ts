@@ -1,5 +1,5 @@
 /** The block-device contract every image, chain and (later) remote device implements. */
-import type { Allocation, ChangeGate, DirtyBitmaps, Identity, Layers } from './capabilities.js';
+import type { Allocation, ChangeGate, DirtyBitmaps, HostSpans, Identity, Layers } from './capabilities.js';
 
 export type ExtentState = 'data' | 'zero' | 'unallocated';
 
@@ -55,6 +55,8 @@ export interface BlockDevice {
   readonly allocation?: Allocation;
   /** Disk UUID and clean-close state. */
   readonly identity?: Identity;
+  /** Where its bytes lie in host files (zero-copy NBD replies). */
+  readonly readsFrom?: HostSpans;
 }
 
 export type { DirtyBitmapCapability } from './capabilities.js';

@@ -115,6 +115,8 @@ class FaultHostFile implements HostFile {
   writeDurable?: HostFile['writeDurable'];
   writeWithCrcs?: HostFile['writeWithCrcs'];
   stamp?: HostFile['stamp'];
+  /** Reads are never faulted: a zero-copy reply may read the descriptor directly. */
+  readFd?: HostFile['readFd'];
 
   constructor(
     private readonly inner: HostFile,
@@ -123,6 +125,7 @@ class FaultHostFile implements HostFile {
     if (inner.writeDurable) this.writeDurable = (buf, pos) => this.step(`durable write at ${pos}`, () => inner.writeDurable!(buf, pos));
     if (inner.writeWithCrcs) this.writeWithCrcs = (buf, pos, bs) => this.step(`write at ${pos}`, () => inner.writeWithCrcs!(buf, pos, bs));
     if (inner.stamp) this.stamp = () => inner.stamp!();
+    if (inner.readFd) this.readFd = () => inner.readFd!();
   }
 
   get path(): string {

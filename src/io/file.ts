@@ -67,6 +67,11 @@ export interface HostFile {
   lockExclusive(): Promise<void>;
   /** Optional: the open file's identity and change times (fstat), for caches keyed by them. */
   stamp?(): Promise<FileStamp>;
+  /**
+   * Optional: the descriptor reads go to, for a zero-copy NBD reply (sendfile from it, src/nbd/zerocopy.ts);
+   * null once closed. Files that stand between the caller and the descriptor (power-cut simulation) have none.
+   */
+  readFd?(): number | null;
   close(): Promise<void>;
 }
 
@@ -126,6 +131,10 @@ class NodeHostFile implements HostFile {
     private readonly fh: fsp.FileHandle,
     readonly writable: boolean,
   ) {}
+
+  readFd(): number | null {
+    return this.closed ? null : this.fh.fd;
+  }
 
   async read(buf: Buffer, position: number): Promise<number> {
     assertPosition(this.path, position, buf.length);

@@ -76,6 +76,19 @@ export interface NativeOps {
    * not support RWF_NOWAIT.
    */
   readCached?(fd: number, buf: Uint8Array, position: number): number;
+  /**
+   * cachestat(2) of [position, position+length): 1 when every page is in the page cache, 0 when not, -2
+   * when the kernel (Linux < 6.5) or file system cannot tell.
+   */
+  cachedRange?(fd: number, position: number, length: number): number;
+  /**
+   * sendfile(2) of the file's [position, position+length) to a non-blocking socket, looping: the bytes the
+   * socket took (short when its buffer filled up or the file ended). Throws only when nothing was sent.
+   * Call it on the event loop only for ranges cachedRange() found cached.
+   */
+  sendFile?(socket: number, fd: number, position: number, length: number): number;
+  /** send(2) with MSG_DONTWAIT (| MSG_MORE when `more`): the bytes the socket took; throws only when none. */
+  sendBytes?(socket: number, buf: Uint8Array, more: boolean): number;
   /** setsockopt(SO_SNDBUF); returns the size the kernel granted (it doubles the request, up to wmem_max). */
   setSendBuffer?(fd: number, bytes: number): number;
   /** getsockopt(SO_PEERCRED) of a connected unix socket: the peer's pid, uid and gid (Linux). */

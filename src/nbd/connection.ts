@@ -12,6 +12,7 @@ import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
 import type { Link, LinkTls, ServerContext } from './types.js';
 import { startServerTls, type TlsServerConfig } from './tls.js';
+import { DeviceRange, type ReplyPart, materialize, sendOps, sendZeroCopy } from './zerocopy.js';
 
 /** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
 const SEND_BUFFER = 4 * 1024 * 1024;
@@ -21,8 +22,12 @@ const SEND_BUFFER = 4 * 1024 * 1024;
  * pieces, each after another wake-up of the event loop; with a few MiB of buffer most replies leave in one
  * writev. Needs the addon (Node offers no setsockopt); without it the default stays.
  */
+function socketFd(socket: net.Socket): number | undefined {
+  return (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+}
+
 function widenSendBuffer(socket: net.Socket): void {
-  const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  const fd = socketFd(socket);
   const set = nativeOps()?.setSendBuffer;
   if (!set || typeof fd !== 'number' || fd < 0) return;
   try {
@@ -31,6 +36,15 @@ function widenSendBuffer(socket: net.Socket): void {
     // not a socket option this descriptor takes: keep the default
   }
 }
+
+/** The addon's send functions and the socket's descriptor, when READ replies may go zero-copy (zerocopy.ts). */
+function zeroCopyFor(socket: net.Socket): { ops: NonNullable<ReturnType<typeof sendOps>>; fd: number } | null {
+  const ops = sendOps(nativeOps());
+  const fd = socketFd(socket);
+  return ops && typeof fd === 'number' && fd >= 0 ? { ops, fd } : null;
+}
+
+const isRange = (p: ReplyPart): boolean => p instanceof DeviceRange;
 
 /** A connection given up at a request boundary for a handover: its socket, negotiated state and unread bytes. */
 export interface ParkedConnection {
@@ -57,6 +71,12 @@ export class Connection implements Link {
   private done: Promise<void> | null = null;
   private drained: Promise<void> | null = null;
   private transmission: Transmission | null = null;
+  /** Zero-copy sends on the plain socket (null over TLS, without the addon, or once found unsupported). */
+  private zc: ReturnType<typeof zeroCopyFor> = null;
+  /** The rest of a reply the socket took only part of, being read and queued: other replies wait for it. */
+  private holding: Promise<void> | null = null;
+  /** Ends the shared waitDrain() once a reply's last byte has left Node's queue and nothing is queued. */
+  private flushed: (() => void) | null = null;
 
   constructor(
     private readonly server: ServerContext,
@@ -70,6 +90,7 @@ export class Connection implements Link {
     this.socket = socket;
     socket.setNoDelay(true);
     widenSendBuffer(socket);
+    this.zc = zeroCopyFor(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process
     this.reader = new SocketReader(socket, undefined, adoption?.pending);
   }
@@ -77,11 +98,17 @@ export class Connection implements Link {
   /** STARTTLS (formats/nbd.md §5): the TLS handshake, then replies and requests go through the TLS socket. */
   async startTls(cfg: TlsServerConfig): Promise<void> {
     this.reader.release(); // nothing is buffered: the handshake checked it before the ACK
+    this.zc = null; // replies go through the TLS socket
     const s = await startServerTls(this.raw, cfg, this.server.handshakeTimeoutMs);
     s.socket.on('error', () => {});
     this.socket = s.socket;
     this.reader = new SocketReader(s.socket);
     this.tls = { peer: s.peer, refused: s.refused, version: s.socket.getProtocol() ?? '?', cipher: s.socket.getCipher()?.name ?? '?' };
+  }
+
+  /** READ replies may carry DeviceRanges (zerocopy.ts) instead of their data. */
+  get zeroCopy(): boolean {
+    return this.zc !== null;
   }
 
   get stopping(): boolean {
@@ -217,9 +244,10 @@ export class Connection implements Link {
   }
 
   /**
-   * Waits for the socket to drain. One shared waiter per socket, however many replies are queued behind it.
-   * No progress (the bytes queued do not shrink) for the stall timeout cuts the connection: a client that
-   * stops reading holds its replies' memory only that long.
+   * Waits for the socket to drain, or for the last reply queued to have been handed to the kernel (then
+   * nothing is queued: see write()). One shared waiter per socket, however many replies are queued behind
+   * it; callers check their condition again. No progress (the bytes queued do not shrink) for the stall
+   * timeout cuts the connection: a client that stops reading holds its replies' memory only that long.
    */
   private waitDrain(): Promise<void> {
     const s = this.socket;
@@ -243,28 +271,92 @@ export class Connection implements Link {
         s.off('drain', done);
         s.off('close', done);
         this.drained = null;
+        this.flushed = null;
         resolve();
       };
       s.on('drain', done);
       s.on('close', done);
+      this.flushed = done;
     });
     return this.drained;
   }
 
   /**
-   * Writes a whole reply (several buffers) in one go; waits for the socket to drain first if it is full.
-   * `sent` runs once the socket no longer needs the bytes (written, or the socket failed).
+   * Writes a whole reply (several parts) in one go; waits for the socket to drain first if it is full.
+   * `sent` runs once the socket no longer needs the bytes (written, or the socket failed). A reply with
+   * DeviceRanges goes zero-copy when it can (zerocopy.ts), else its ranges are read first; a failed read
+   * throws with nothing sent (the caller replies with the error).
    */
-  async send(parts: Buffer[], sent?: () => void): Promise<void> {
+  async send(parts: ReplyPart[], sent?: () => void): Promise<void> {
     const s = this.socket;
-    while (!s.destroyed && s.writableNeedDrain) await this.waitDrain();
+    for (;;) {
+      while (this.holding) await this.holding;
+      if (s.destroyed) {
+        sent?.();
+        return;
+      }
+      if (parts.some(isRange)) {
+        if (this.zc) {
+          // Zero-copy bytes go straight to the kernel: only once Node has queued nothing (ordering).
+          while (!s.destroyed && s.writableLength > 0) await this.waitDrain();
+          if (this.holding || s.destroyed) continue;
+          const r = sendZeroCopy(this.zc.ops, this.zc.fd, parts);
+          if (r.kind === 'all') {
+            sent?.();
+            return;
+          }
+          if (r.kind === 'partial') {
+            this.holding = this.sendRest(r.rest, sent);
+            return this.holding;
+          }
+          if (r.unsupported) this.zc = null;
+        }
+        const m = await materialize(this.server.pool, parts);
+        const then = sent;
+        parts = m.bufs;
+        sent = () => {
+          this.server.pool.give(m.taken);
+          then?.();
+        };
+        continue; // the socket may have changed meanwhile
+      }
+      while (!s.destroyed && s.writableNeedDrain) await this.waitDrain();
+      if (!this.holding) break;
+    }
     if (s.destroyed) {
       sent?.();
       return;
     }
+    this.write(parts as Buffer[], sent);
+  }
+
+  /** Reads and queues the rest of a reply the socket took part of; a failed read cannot be reported: cut. */
+  private async sendRest(rest: ReplyPart[], sent?: () => void): Promise<void> {
+    try {
+      const m = await materialize(this.server.pool, rest);
+      const done = (): void => {
+        this.server.pool.give(m.taken);
+        sent?.();
+      };
+      if (this.socket.destroyed) done();
+      else this.write(m.bufs, done);
+    } catch (e) {
+      this.cut(`a read failed after part of its reply was sent (${e instanceof Error ? e.message : String(e)})`);
+      sent?.();
+    } finally {
+      this.holding = null;
+    }
+  }
+
+  /** Queues a reply's buffers on the socket in one burst. */
+  private write(parts: Buffer[], sent?: () => void): void {
+    const s = this.socket;
     s.cork();
     for (let i = 0; i < parts.length - 1; i++) s.write(parts[i]!);
-    s.write(parts[parts.length - 1]!, sent);
+    s.write(parts[parts.length - 1]!, () => {
+      sent?.();
+      if (s.writableLength === 0) this.flushed?.();
+    });
     s.uncork();
   }
 }

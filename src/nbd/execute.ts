@@ -3,10 +3,12 @@
  * the reply's buffers (simple or structured, as negotiated). Errors are thrown, not encoded: the caller
  * turns them into the error reply (wireErrno).
  */
+import { hostSpansOf } from '../image/capabilities.js';
 import { type BlockDevice, type Extent, mergeExtents } from '../image/types.js';
 import { statusOf } from './contexts.js';
 import { NbdRequestError } from './errors.js';
 import type { BufferPool } from './pool.js';
+import { DeviceRange, type ReplyPart, ZERO_COPY_MIN } from './zerocopy.js';
 import type { SessionState } from './state.js';
 import { CMD, CMD_FLAG, ERR, TF, type Request, encodeBlockStatusChunk, encodeNoneChunk, encodeOffsetDataHeader, encodeOffsetHole, encodeSimpleReply } from './wire.js';
 
@@ -25,10 +27,12 @@ export interface Execution {
   pool: BufferPool;
   /** Buffers of the pool the reply holds: given back once the socket has taken them. */
   recycle: Buffer[];
+  /** The connection sends DeviceRanges zero-copy (zerocopy.ts): large READs return ranges, not data. */
+  zeroCopy?: boolean;
 }
 
 /** Runs `req` (its offset `off` already checked); WRITE brings its `payload`. */
-export async function execute(x: Execution, req: Request, off: number, payload: Buffer | null): Promise<Buffer[]> {
+export async function execute(x: Execution, req: Request, off: number, payload: Buffer | null): Promise<ReplyPart[]> {
   const { dev } = x;
   const fua = (req.flags & CMD_FLAG.FUA) !== 0;
   switch (req.type) {
@@ -88,10 +92,12 @@ async function writeZeroes(dev: BlockDevice, req: Request, off: number, fua: boo
   if (fua && !one) await dev.flush();
 }
 
-async function read(x: Execution, req: Request, off: number): Promise<Buffer[]> {
+async function read(x: Execution, req: Request, off: number): Promise<ReplyPart[]> {
   const { dev, pool, recycle } = x;
   const len = req.length;
-  const readData = async (o: number, n: number): Promise<Buffer> => {
+  const ranges = x.zeroCopy === true && len >= ZERO_COPY_MIN && hostSpansOf(dev) !== null;
+  const readData = async (o: number, n: number): Promise<ReplyPart> => {
+    if (ranges) return new DeviceRange(dev, o, n);
     const b = pool.take(n);
     const view = b.length === n ? b : b.subarray(0, n);
     try {
@@ -114,7 +120,7 @@ async function read(x: Execution, req: Request, off: number): Promise<Buffer[]> 
   let runs = mergeExtents(exts, dataOrNot);
   if (runs.length === 0 || runs.length > MAX_READ_CHUNKS) runs = [{ offset: off, length: len, state: 'data', depth: 0 }];
   const datas = await Promise.all(runs.map((r) => (r.state === 'data' ? readData(r.offset, r.length) : null)));
-  const parts: Buffer[] = [];
+  const parts: ReplyPart[] = [];
   for (let i = 0; i < runs.length; i++) {
     const r = runs[i]!;
     const last = i === runs.length - 1;

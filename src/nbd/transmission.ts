@@ -132,7 +132,7 @@ export class Transmission {
       const off = validateRequest(w, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
       checkIncomingWrite(this.exp, state, w);
       if (w !== req) payload = decodeLz4Write(req, payload!);
-      const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[] };
+      const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[], zeroCopy: link.zeroCopy };
       const parts = await execute(x, w, off, payload);
       payload = null;
       await link.send(parts, () => {

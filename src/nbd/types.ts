@@ -3,6 +3,7 @@ import type { BlockDevice } from '../image/types.js';
 import type { IncomingState } from './incoming.js';
 import type { ByteBudget } from './budget.js';
 import type { BufferPool } from './pool.js';
+import type { ReplyPart } from './zerocopy.js';
 import type { SocketReader } from './reader.js';
 import type { TlsServerConfig } from './tls.js';
 
@@ -51,7 +52,9 @@ export interface Link {
   /** The socket is gone (closed by the peer, cut, or failed). */
   readonly destroyed: boolean;
   /** Writes a whole reply in one burst; `sent` runs once the socket no longer needs the bytes. */
-  send(parts: Buffer[], sent?: () => void): Promise<void>;
+  send(parts: ReplyPart[], sent?: () => void): Promise<void>;
+  /** READ replies may carry DeviceRanges instead of their data (zerocopy.ts). */
+  readonly zeroCopy?: boolean;
   log(line: string): void;
   /** The TLS session once STARTTLS succeeded (formats/nbd.md §5); null while plain. */
   readonly tls: LinkTls | null;

@@ -9,6 +9,7 @@ import { KscError, corrupt } from '../../errors.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { BlockState } from '../../format/constants.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
+import type { HostSpan } from '../capabilities.js';
 import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
@@ -93,6 +94,62 @@ export async function readBacking(c: KscCore, offset: number, dst: Buffer): Prom
   const avail = b ? Math.max(0, Math.min(dst.length, b.size - offset)) : 0;
   if (avail > 0) await b!.readInto(offset, dst.subarray(0, avail));
   if (avail < dst.length) dst.fill(0, avail);
+}
+
+/**
+ * Where [offset, offset+length) lies in host files now (capabilities.ts HostSpans), for a reply sent before
+ * the event loop turns: the image's own clusters, the backing's spans, zeros. Null, so the caller reads
+ * the usual way, when a map page is not in memory, a change holds or waits for one of the blocks (the
+ * shared lock is taken and given back at once: nothing runs in between), a block is damaged, or the
+ * backing cannot tell. Clusters freed by a change are reused only after a flush, which also waits for
+ * the event loop: the spans stay right until then.
+ */
+export function hostSpans(c: KscCore, offset: number, length: number): HostSpan[] | null {
+  const fd = c.closed ? null : (c.file.readFd?.() ?? null);
+  if (fd === null || length <= 0 || offset < 0 || offset + length > c.size) return null;
+  const B = c.blockSize;
+  const release = c.locks.tryAcquire(Math.floor(offset / B), Math.floor((offset + length - 1) / B), false);
+  if (!release) return null;
+  try {
+    const out: HostSpan[] = [];
+    const push = (f: number, position: number, n: number): void => {
+      const l = out[out.length - 1];
+      if (l && l.fd === f && (f === -1 || l.position + l.length === position)) l.length += n;
+      else out.push({ fd: f, position: f === -1 ? 0 : position, length: n });
+    };
+    let backing: { at: number; length: number } | null = null;
+    const flushBacking = (): boolean => {
+      if (!backing) return true;
+      const { at, length: n } = backing;
+      backing = null;
+      const b = c.backingDev!;
+      const avail = Math.max(0, Math.min(n, b.size - at));
+      if (avail > 0) {
+        const sub = b.readsFrom?.hostSpans(at, avail);
+        if (!sub) return false;
+        for (const s of sub) push(s.fd, s.position, s.length);
+      }
+      if (avail < n) push(-1, 0, n - avail);
+      return true;
+    };
+    for (const s of c.segments(offset, length)) {
+      const page = c.map.page(Math.floor(s.block / 4096));
+      if (!page) return null;
+      const i = s.block % 4096;
+      const state = page.state[i]!;
+      if (state === BlockState.Unallocated && c.backingDev) {
+        if (backing) backing.length += s.length;
+        else backing = { at: offset + s.at, length: s.length };
+        continue;
+      }
+      if (!flushBacking() || state === DAMAGED) return null;
+      if (state === BlockState.Data) push(fd, page.host[i]! + s.inBlock, s.length);
+      else push(-1, 0, s.length);
+    }
+    return flushBacking() ? out : null;
+  } finally {
+    release();
+  }
 }
 
 // ---------------------------------------------------------------- the change protocol

@@ -14,6 +14,7 @@ import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY, INCOMPAT
 import { KscError } from '../../errors.js';
 import type { BackupRef, Header } from '../../format/header.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
+import type { HostSpans } from '../capabilities.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
 import type { KscCore } from './core.js';
@@ -463,6 +464,11 @@ export class KscImage implements BlockDevice {
 
   get identity(): this {
     return this;
+  }
+
+  /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (datapath.ts). */
+  get readsFrom(): HostSpans | undefined {
+    return this.core.file.readFd ? { hostSpans: (o, n) => data.hostSpans(this.core, o, n) } : undefined;
   }
 
   /** Allocation.clusterSize: the image's block size (its map allocates whole blocks). */
