@@ -45,7 +45,8 @@ export async function flushNow(c: KscCore): Promise<void> {
     throw c.broken;
   }
   await releaseClusters(c, c.alloc.released(epoch - 1));
-  await c.intent.clearIdle(epoch);
+  // Not on the way to a handover (§9 rule 11): the next writer would pay an intent sync for every region cleared.
+  if (!c.keepIntent) await c.intent.clearIdle(epoch);
 }
 
 /**

@@ -6,7 +6,10 @@
  * instead flushes, leaves the DIRTY header and the intent words on disk exactly as they are, and passes a
  * small record (the header generation it leaves, and the free clusters) to the next writer. That writer
  * trusts the record only if the file still carries exactly that header generation (any other writer's open
- * bumps it); otherwise it opens the image as after a crash, which is always safe.
+ * bumps it); otherwise it opens the image as after a crash, which is always safe. From the first flush on
+ * the way to a handover (prepareHandOver, the flush the old worker makes while still serving) no flush
+ * clears an intent bit: the next writer keeps every region set that the session had set, so its first
+ * writes pay no intent sync where the first writer's did not either (rule 5 makes clearing optional).
  */
 import { encodeFreeList, decodeFreeList } from '../../format/freelist.js';
 import type { Header } from '../../format/header.js';
@@ -25,6 +28,17 @@ export interface HandoverRecord {
 }
 
 /**
+ * §9 rule 11, before the handover itself: flush while the image still serves, so that the handover's own
+ * flush has only the changes made since to write; from here on no flush clears an intent bit (the next
+ * writer keeps them). The image goes on serving as usual.
+ */
+export async function prepareHandOver(c: KscCore, flush: () => Promise<void>): Promise<void> {
+  if (c.closed || c.readOnly || c.broken) return;
+  c.keepIntent = true;
+  await flush();
+}
+
+/**
  * §9 rule 11: flush (every acknowledged change durable, every bitmap bit and map entry of it too), then close
  * the file leaving the DIRTY header and the set intent bits in place. Returns the record for the next writer,
  * or null when the image was read-only or could not be flushed (then it is closed as close() would).
@@ -36,6 +50,7 @@ export async function handOver(c: KscCore, flush: () => Promise<void>, close: ()
     return null;
   }
   c.closing = true;
+  c.keepIntent = true;
   // A deferred leak sweep (§8.1) still running hands nothing over: its clusters stay leaked.
   c.sweepCancelled = true;
   while (c.fills.size > 0) await Promise.allSettled([...c.fills]);

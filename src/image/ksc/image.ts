@@ -22,7 +22,7 @@ import * as data from './datapath.js';
 import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
-import { type HandoverRecord, handOver } from './handover.js';
+import { type HandoverRecord, handOver, prepareHandOver } from './handover.js';
 import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
 import type { OriginRecord } from '../../format/origin.js';
 
@@ -254,6 +254,14 @@ export class KscImage implements BlockDevice {
       () => flush(this.core),
       () => close(this.core),
     );
+  }
+
+  /**
+   * §9 rule 11: the flush before a handover, made while still serving (the handover's own flush then has
+   * little left to write); from now on no flush clears an intent bit, so the next writer keeps them all.
+   */
+  prepareHandOver(): Promise<void> {
+    return prepareHandOver(this.core, () => flush(this.core));
   }
 
   // ---------------------------------------------------------------- allocation view
