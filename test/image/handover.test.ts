@@ -102,6 +102,31 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
     }
   });
 
+  it("a cluster unlinked in the handover's flush (its record not synced) is released only after the next writer's first flush", async () => {
+    const img = await setupFine(tempDir('kscinc-handover-'));
+    const a = await openKsc(img, { write: true });
+    await a.write(3 * B, block(1, 3));
+    await a.flush();
+    await a.discard(3 * B, B); // unlinks block 3's cluster; the handover's flush writes that record
+    const rec = (await a.handOver())!;
+    expect(rec.pending).toHaveLength(1);
+    const [cluster, count] = rec.pending![0]!;
+    expect(count).toBe(1);
+    for (const [o, n] of rec.free) expect(cluster >= o && cluster < o + n * B, 'the cluster is also listed free').toBe(false);
+    const b = await openKsc(img, { write: true, handover: rec });
+    try {
+      const pendingOf = (): number[] => (coreOf(b).alloc as unknown as { pending: { offset: number }[] }).pending.map((p) => p.offset);
+      expect(pendingOf()).toEqual([cluster]);
+      await b.write(7 * B, block(2, 7));
+      await b.flush(); // its syncs make the handing writer's records durable: the cluster is released
+      expect(pendingOf()).toEqual([]);
+      expect(await b.read(3 * B, B)).toEqual(Z);
+    } finally {
+      await b.close();
+    }
+    await expectClean(img, 'after the handover and a clean close');
+  });
+
   it('a clean close and reopen pays the intent sync again (what a handover saves)', async () => {
     const img = await setup(tempDir('kscinc-handover-'));
     const a = await openKsc(img, { write: true });
@@ -178,7 +203,7 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
   });
 
   // Writer A: blocks 0, 1 (region 0), flush; block 5 (region 1), the flush before a handover; block 6 (not
-  // flushed); hand over. Writer B (with the
+  // flushed), discard block 0; hand over. Writer B (with the
   // record): block 1 again and block 9 (region 2), flush; block 2 (not flushed); hand over; a third writer
   // opens with B's record and closes. Allowed contents per block; `floor` drops the states a completed
   // flush rules out.
@@ -216,12 +241,15 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
           await a.prepareHandOver(); // the old worker's flush while still serving
           allowed[5] = [X(5)];
           await a.write(6 * B, X(6));
+          await a.discard(0, B); // its cluster: released by B after B's first flush (the record's `pending`)
+          allowed[0] = [X(0), Z];
           const ra = (await a.handOver())!;
-          allowed[6] = [X(6)]; // the handover's flush
+          allowed[6] = [X(6)]; // the handover's flush (written, its last sync left to B)
           const b = await opened(ra);
           await b.write(B, Y(1));
           await b.write(9 * B, Y(9));
           await b.flush();
+          allowed[0] = [Z];
           allowed[1] = [Y(1)];
           allowed[9] = [Y(9)];
           await b.write(2 * B, Y(2));

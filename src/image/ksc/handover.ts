@@ -15,6 +15,7 @@ import { encodeFreeList, decodeFreeList } from '../../format/freelist.js';
 import type { Header } from '../../format/header.js';
 import { INCOMPAT_DIRTY, KNOWN_AUTOCLEAR } from '../../format/constants.js';
 import type { KscCore } from './core.js';
+import { flushNow } from './flush.js';
 
 /** What a writer that handed an image over tells the next writer (plain data: it crosses processes). */
 export interface HandoverRecord {
@@ -25,6 +26,11 @@ export interface HandoverRecord {
   diskUuid: string;
   /** Free clusters as [host offset, count] runs (what a clean close would have written as the free list). */
   free: [number, number][];
+  /**
+   * Clusters unlinked by the records the handover's flush rewrote in place, which it did not sync: the next
+   * writer releases them only after its first completed flush (absent from records of older writers).
+   */
+  pending?: [number, number][];
 }
 
 /**
@@ -43,7 +49,7 @@ export async function prepareHandOver(c: KscCore, flush: () => Promise<void>): P
  * the file leaving the DIRTY header and the set intent bits in place. Returns the record for the next writer,
  * or null when the image was read-only or could not be flushed (then it is closed as close() would).
  */
-export async function handOver(c: KscCore, flush: () => Promise<void>, close: () => Promise<void>): Promise<HandoverRecord | null> {
+export async function handOver(c: KscCore, close: () => Promise<void>): Promise<HandoverRecord | null> {
   if (c.closed) return null;
   if (c.readOnly || c.broken) {
     await close();
@@ -56,14 +62,19 @@ export async function handOver(c: KscCore, flush: () => Promise<void>, close: ()
   while (c.fills.size > 0) await Promise.allSettled([...c.fills]);
   let record: HandoverRecord | null = null;
   try {
-    await flush();
-    // The flush mutex: no flush or bitmap management step runs past this point (none can start: closing).
-    record = await c.flushMutex.run(async () => ({
-      v: 1 as const,
-      generation: c.header.generation,
-      diskUuid: c.header.diskUuid.toString('hex'),
-      free: c.alloc.freeRuns().map((r) => [r.offset, r.count] as [number, number]),
-    }));
+    // Under the flush mutex: no flush or bitmap management step runs past this point (none can start:
+    // closing). The flush's last sync is the next writer's (rule 11): see flushNow.
+    record = await c.flushMutex.run(async () => {
+      if (c.broken) throw c.broken;
+      const pending = await flushNow(c, true);
+      return {
+        v: 1 as const,
+        generation: c.header.generation,
+        diskUuid: c.header.diskUuid.toString('hex'),
+        free: c.alloc.freeRuns().map((r) => [r.offset, r.count] as [number, number]),
+        pending: toRuns(pending, c.blockSize),
+      };
+    });
   } finally {
     c.closed = true;
     await c.file.close();
@@ -78,16 +89,34 @@ export async function handOver(c: KscCore, flush: () => Promise<void>, close: ()
  * the record's free clusters pass the checks of an on-disk free list (§8). Returns the free clusters when
  * so, null when the image must be opened as after a crash.
  */
-export function trustHandover(rec: HandoverRecord | undefined, header: Header, damagedSlots: string[], fileSize: number, path: string): number[] | null {
+export function trustHandover(rec: HandoverRecord | undefined, header: Header, damagedSlots: string[], fileSize: number, path: string): { free: number[]; pending: number[] } | null {
   if (!rec || rec.v !== 1 || !Array.isArray(rec.free)) return null;
   if (damagedSlots.length > 0 || (header.incompatible & INCOMPAT_DIRTY) === 0n) return null;
   // An autoclear bit this code does not know must be cleared by a header write (§4.1): open as usual.
   if ((header.autoclear & ~KNOWN_AUTOCLEAR) !== 0n) return null;
   if (header.generation !== rec.generation || header.diskUuid.toString('hex') !== rec.diskUuid) return null;
+  if (rec.pending !== undefined && !Array.isArray(rec.pending)) return null;
   try {
-    const runs = rec.free.map(([offset, count]) => ({ offset, count }));
-    return decodeFreeList(encodeFreeList(runs), runs.length, 2 ** header.blockBits, fileSize, path);
+    const check = (list: [number, number][]): number[] => {
+      const runs = list.map(([offset, count]) => ({ offset, count })).sort((a, b) => a.offset - b.offset);
+      return decodeFreeList(encodeFreeList(runs), runs.length, 2 ** header.blockBits, fileSize, path);
+    };
+    const free = check(rec.free);
+    const pending = check(rec.pending ?? []);
+    check([...rec.free, ...(rec.pending ?? [])]); // no cluster both free and pending
+    return { free, pending };
   } catch {
     return null;
   }
+}
+
+/** Sorted cluster offsets as [offset, count] runs. */
+function toRuns(offsets: number[], clusterSize: number): [number, number][] {
+  const runs: [number, number][] = [];
+  for (const o of [...offsets].sort((a, b) => a - b)) {
+    const last = runs[runs.length - 1];
+    if (last && last[0] + last[1] * clusterSize === o) last[1]++;
+    else runs.push([o, 1]);
+  }
+  return runs;
 }

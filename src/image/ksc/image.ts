@@ -249,11 +249,7 @@ export class KscImage implements BlockDevice {
    * or unflushable (then closed as close() does). A crash after it is recovered like any other (§10).
    */
   handOver(): Promise<HandoverRecord | null> {
-    return handOver(
-      this.core,
-      () => flush(this.core),
-      () => close(this.core),
-    );
+    return handOver(this.core, () => close(this.core));
   }
 
   /**
