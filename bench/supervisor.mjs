@@ -1,13 +1,12 @@
 #!/usr/bin/env node
 /**
  * Issue 16 figures (run after `npx tsc -p tsconfig.json`):
- *   node bench/supervisor.mjs [--upgrades 20] [--kills 10] [--size 16G] [--seconds 5]
+ *   node bench/supervisor.mjs [--upgrades 20] [--kills 10] [--size 16G] [--seconds 5] [--trace]
  * 1. Upgrade pause under load: one NBD connection doing queue-depth-8 4 KiB random reads and writes; the p99
  *    latency for --seconds without upgrades, then the longest latency across each of --upgrades upgrades
  *    (each measured while it runs), with `kscinc upgrade --json`'s own pauseMs.
  *    --reads F: the fraction of reads (default 0.5). --trace: per upgrade, where its longest request fell
  *    (start and end relative to the pause's start) beside the phases.
- *    node bench/supervisor.mjs [--upgrades 20] [--kills 10] [--size 16G] [--seconds 5] [--trace]
  * 2. Crash -> serving: SIGKILL of the worker to the first completed 4 KiB read by a client connecting
  *    anew (polling connect + handshake + read every 5 ms), --kills times.
  */
