@@ -1,11 +1,12 @@
 #!/usr/bin/env node
 /**
  * Issue 16 figures (run after `npx tsc -p tsconfig.json`):
- *   node bench/supervisor.mjs [--upgrades 20] [--kills 10] [--size 16G] [--seconds 5]
+ *   node bench/supervisor.mjs [--upgrades 20] [--kills 10] [--size 16G] [--seconds 5] [--trace]
  * 1. Upgrade pause under load: one NBD connection doing queue-depth-8 4 KiB random reads and writes; the p99
  *    latency for --seconds without upgrades, then the longest latency across each of --upgrades upgrades
  *    (each measured while it runs), with `kscinc upgrade --json`'s own pauseMs.
- *    --reads F: the fraction of reads (default 0.5).
+ *    --reads F: the fraction of reads (default 0.5). --trace: per upgrade, where its longest request fell
+ *    (start and end relative to the pause's start) beside the phases.
  * 2. Crash -> serving: SIGKILL of the worker to the first completed 4 KiB read by a client connecting
  *    anew (polling connect + handshake + read every 5 ms), --kills times.
  */
@@ -24,6 +25,7 @@ const { values: o } = parseArgs({
     size: { type: 'string', default: '16G' },
     seconds: { type: 'string', default: '5' },
     reads: { type: 'string', default: '0.5' },
+    trace: { type: 'boolean', default: false },
   },
 });
 const CLI = fileURLToPath(new URL('../dist/cli/kscinc.cjs', import.meta.url));
@@ -120,7 +122,7 @@ class Client {
         if (p) {
           const now = performance.now();
           done.push(now);
-          spans.push([p.t0, now]);
+          spans.push([p.t0, now, p.read]);
           p.resolve(now - p.t0);
         }
       }
@@ -175,6 +177,22 @@ const pct = (a, q) => {
   return s[Math.min(s.length - 1, Math.floor(q * s.length))];
 };
 
+/**
+ * --trace: per upgrade, the longest request's start and end relative to the pause start (the old worker
+ * stopped reading), its kind, and the phase boundaries on the same axis: the pre-flush began at -preFlush, the
+ * last adoption at +adopted.
+ */
+function trace(i, r) {
+  let worst = null;
+  for (const s of spans) if (!worst || s[1] - s[0] > worst[1] - worst[0]) worst = s;
+  if (!worst) return;
+  const rel = (t) => (abs(t) - r.pausedAt).toFixed(1);
+  const ph = r.phasesMs ?? {};
+  console.log(
+    `  #${i} longest ${(worst[1] - worst[0]).toFixed(1)} ms (${worst[2] ? 'read' : 'write'}) from ${rel(worst[0])} to ${rel(worst[1])} ms; pre-flush from -${ph.preFlush}, drain ${ph.drain}, close ${ph.close}, open ${ph.open}, ready ${ph.ready}, adopted ${ph.adopted}; load ${readFileSync('/proc/loadavg', 'utf8').split(' ')[0]}`,
+  );
+}
+
 const load0 = readFileSync('/proc/loadavg', 'utf8').split(' ').slice(0, 3).join(' ');
 const { p, port } = await startServe();
 try {
@@ -223,6 +241,7 @@ try {
       else outWin = Math.max(outWin, l);
     }
     inWindow.push(inWin);
+    if (o.trace) trace(i, r);
     outWindow.push(outWin);
     for (const [k, v] of Object.entries(r.phasesMs ?? {})) (phases[k] ??= []).push(v);
   }

@@ -235,3 +235,9 @@ export async function writeNewImage(file: string, opts: CreateImageOptions): Pro
 export function handOverOf(dev: BlockDevice): (() => Promise<HandoverRecord | null>) | null {
   return dev instanceof KscImage && !dev.readOnly ? () => dev.handOver() : null;
 }
+
+/** The flush before a hot upgrade's handover (§9 rule 11): prepareHandOver of a ksc_inc image, flush of any other. */
+export function prepareHandOverOf(dev: BlockDevice): Promise<void> {
+  if (dev.readOnly) return Promise.resolve();
+  return dev instanceof KscImage ? dev.prepareHandOver() : dev.flush();
+}

@@ -29,7 +29,9 @@ export class Child {
 
   /** `spare`: started in advance (spare.ts); the process calls itself kscinc-spare until it opens images. */
   constructor(spare?: 'spare') {
-    this.proc = fork(workerEntry(), spare ? ['--spare'] : [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json' });
+    // --expose-gc: the worker collects the warm-up's garbage before it serves (worker.ts), not in the pause.
+    const execArgv = [...process.execArgv, '--expose-gc'];
+    this.proc = fork(workerEntry(), spare ? ['--spare'] : [], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], serialization: 'json', execArgv });
     this.proc.on('error', () => undefined); // a failed send: the exit tells
     this.proc.on('message', (m: unknown, handle: unknown) => {
       if (!isMessage(m)) return;

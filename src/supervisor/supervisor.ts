@@ -7,7 +7,8 @@
  *   - Hot upgrade (upgrade(), SIGHUP, the control op "upgrade"): a new worker is started from the code
  *     installed now and warmed up (warmup.ts); the old one flushes while still serving, parks its
  *     connections at request boundaries, sends them here at once (held until the new worker is ready) and
- *     flushes and closes the images; the new one opens them and adopts every connection, socket and
+ *     hands the images over (flushed, the last sync left to the new worker, no intent bit cleared:
+ *     formats/ksc_inc.md §9 rule 11); the new one opens them and adopts every connection, socket and
  *     negotiated state. Only drain → close → open → adopt is serialized (the pause). If the new one fails
  *     to start or to open, the old one reopens and the connections go back to it.
  */

@@ -5,8 +5,12 @@
  * worker still serves, the new one runs the same paths once on a small throwaway image with a bitmap in a
  * private temporary folder: create, open, an NBD connection adopted with a negotiated state (simple and
  * structured replies), writes, reads, a flush, close. It touches nothing of the served images. Its folder
- * is named after the process (kscinc-warmup-PID-*): a later warm-up removes those of processes gone.
+ * is named after the process (kscinc-warmup-PID-*): a later warm-up removes those of processes gone. The
+ * folder is in /dev/shm when that is a writable folder (memory; KSCINC_WARMUP_DIR overrides it), else in
+ * the temporary folder: on the served images' file system the warm-up's syncs (create, flush, close) went
+ * through the same journal as the serving worker's, and its requests waited for them.
  */
+import { accessSync, constants, statSync } from 'node:fs';
 import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import * as net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -21,13 +25,27 @@ import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, SIMPLE_REPLY_MA
 const SIZE = 64 * 1024 * 1024;
 const PREFIX = 'kscinc-warmup-';
 
+/** Where the warm-up makes its folder: KSCINC_WARMUP_DIR, else /dev/shm when writable, else the temporary folder. */
+export function warmupRoot(): string {
+  const forced = process.env.KSCINC_WARMUP_DIR;
+  if (forced) return forced;
+  try {
+    if (!statSync(SHM).isDirectory()) return tmpdir();
+    accessSync(SHM, constants.W_OK | constants.X_OK);
+    return SHM;
+  } catch {
+    return tmpdir();
+  }
+}
+const SHM = '/dev/shm';
+
 /** Folders of warm-ups whose process is gone (a worker killed while warming up); errors are ignored. */
-async function removeStale(): Promise<void> {
-  const names = await readdir(tmpdir()).catch(() => [] as string[]);
+async function removeStale(root: string): Promise<void> {
+  const names = await readdir(root).catch(() => [] as string[]);
   for (const n of names) {
     const m = /^kscinc-warmup-(\d+)-/.exec(n);
     if (!m || alive(Number(m[1]))) continue;
-    await rm(join(tmpdir(), n), { recursive: true, force: true }).catch(() => undefined);
+    await rm(join(root, n), { recursive: true, force: true }).catch(() => undefined);
   }
 }
 
@@ -43,8 +61,9 @@ const IO = 4096;
 
 /** Runs the warm-up; resolves when done (errors are the caller's to ignore: a cold worker still works). */
 export async function warmUp(): Promise<void> {
-  await removeStale();
-  const dir = await mkdtemp(join(tmpdir(), `${PREFIX}${process.pid}-`));
+  const root = warmupRoot();
+  await removeStale(root);
+  const dir = await mkdtemp(join(root, `${PREFIX}${process.pid}-`));
   try {
     const file = join(dir, 'w.ksc');
     await createImage(file, { size: SIZE });

@@ -11,6 +11,7 @@ import { BackupRequests } from '../cli/control.js';
 import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
+import { prepareHandOverOf } from '../image/open.js';
 import { NbdServer } from '../nbd/server.js';
 import { loadServerTls } from '../nbd/tls.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
@@ -102,6 +103,9 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       } catch (e) {
         error = (e as Error).message; // a cold worker serves all the same, only its first requests are slower
       }
+      // The warm-up's garbage is collected now, while the old worker still serves, rather than by a GC that
+      // would fall into the pause (the open and the first requests allocate).
+      (globalThis as { gc?: () => void }).gc?.();
       await send({ t: 'warmed', ms: ms(performance.now() - t), error });
       return;
     }
@@ -139,9 +143,11 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       }
       const t = performance.now();
       await pulls?.stop(); // before the pre-flush: what it filled is flushed with the rest; the new worker resumes it
-      // Flushed while still serving, so that the flush in the pause below has only the last writes to make durable.
+      // Flushed while still serving, so that the flush in the pause below has only the last writes to make
+      // durable; from here on no flush clears an intent bit (formats/ksc_inc.md §9 rule 11): the new worker
+      // keeps every region set, and its first writes pay no intent sync where this one's did not.
       try {
-        await Promise.all(opened.devices.map((d) => (d.readOnly ? undefined : d.flush())));
+        await Promise.all(opened.devices.map((d) => prepareHandOverOf(d)));
       } catch (e) {
         pulls?.start(config!.images, opened.devices);
         await send({ t: 'park-refused', message: `flushing before the handover failed: ${(e as Error).message}` });

@@ -53,6 +53,80 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
     await expectClean(img, 'after the handover and a clean close');
   });
 
+  // One region per block and 64 regions to a group, so that no first touch sets a whole group (src/image/intent.ts).
+  async function setupFine(dir: string): Promise<string> {
+    const img = join(dir, 'fine.ksc');
+    await createImage(img, { size: 256 * B, blockSize: B, intentRegion: B });
+    const k = await openKsc(img, { write: true });
+    await k.addBitmap('b1'); // with no bitmap, filling unallocated blocks needs no intent bit (§9 rule 2)
+    await k.close();
+    return img;
+  }
+
+  it('no flush on the way to a handover clears an intent bit: the next writer pays no sync where the first had set one', async () => {
+    const img = await setupFine(tempDir('kscinc-handover-'));
+    const a = await openKsc(img, { write: true });
+    await a.write(0, block(1, 0)); // region 0
+    await a.flush(); // a flush as a client makes: region 0 stays set (busy in this cycle)
+    await a.write(10 * B, block(1, 10)); // region 10
+    await a.prepareHandOver(); // the old worker's flush while still serving: a plain flush would clear region 0
+    expect(a.intentRegions).toEqual([0, 10]);
+    await a.write(20 * B, block(1, 20)); // region 20, after the pre-flush
+    const rec = await a.handOver(); // its flush would clear region 10 (idle for a whole cycle)
+    const b = await openKsc(img, { write: true, handover: rec! });
+    try {
+      expect(b.intentRegions).toEqual([0, 10, 20]);
+      for (const i of [0, 10, 20]) await b.write(i * B, block(2, i));
+      expect(b.intentSyncs).toBe(0);
+      // They are cleared once the next writer's own flushes find them idle (rule 5).
+      for (let i = 0; i < 3; i++) await b.flush();
+      expect(b.intentRegions).toEqual([]);
+    } finally {
+      await b.close();
+    }
+    await expectClean(img, 'after the handover and a clean close');
+  });
+
+  it('a handover with no flush before it keeps the bits its own flush would clear', async () => {
+    const img = await setupFine(tempDir('kscinc-handover-'));
+    const a = await openKsc(img, { write: true });
+    await a.write(0, block(1, 0));
+    await a.flush();
+    const b = await openKsc(img, { write: true, handover: (await a.handOver())! });
+    try {
+      expect(b.intentRegions).toEqual([0]);
+      await b.write(0, block(2, 0));
+      expect(b.intentSyncs).toBe(0);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it("a cluster unlinked in the handover's flush (its record not synced) is released only after the next writer's first flush", async () => {
+    const img = await setupFine(tempDir('kscinc-handover-'));
+    const a = await openKsc(img, { write: true });
+    await a.write(3 * B, block(1, 3));
+    await a.flush();
+    await a.discard(3 * B, B); // unlinks block 3's cluster; the handover's flush writes that record
+    const rec = (await a.handOver())!;
+    expect(rec.pending).toHaveLength(1);
+    const [cluster, count] = rec.pending![0]!;
+    expect(count).toBe(1);
+    for (const [o, n] of rec.free) expect(cluster >= o && cluster < o + n * B, 'the cluster is also listed free').toBe(false);
+    const b = await openKsc(img, { write: true, handover: rec });
+    try {
+      const pendingOf = (): number[] => (coreOf(b).alloc as unknown as { pending: { offset: number }[] }).pending.map((p) => p.offset);
+      expect(pendingOf()).toEqual([cluster]);
+      await b.write(7 * B, block(2, 7));
+      await b.flush(); // its syncs make the handing writer's records durable: the cluster is released
+      expect(pendingOf()).toEqual([]);
+      expect(await b.read(3 * B, B)).toEqual(Z);
+    } finally {
+      await b.close();
+    }
+    await expectClean(img, 'after the handover and a clean close');
+  });
+
   it('a clean close and reopen pays the intent sync again (what a handover saves)', async () => {
     const img = await setup(tempDir('kscinc-handover-'));
     const a = await openKsc(img, { write: true });
@@ -128,7 +202,8 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
     expect(await a.handOver()).toBeNull();
   });
 
-  // Writer A: blocks 0, 1 (region 0), flush; block 5 (region 1, not flushed); hand over. Writer B (with the
+  // Writer A: blocks 0, 1 (region 0), flush; block 5 (region 1), the flush before a handover; block 6 (not
+  // flushed), discard block 0; hand over. Writer B (with the
   // record): block 1 again and block 9 (region 2), flush; block 2 (not flushed); hand over; a third writer
   // opens with B's record and closes. Allowed contents per block; `floor` drops the states a completed
   // flush rules out.
@@ -144,6 +219,7 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
         allowed[0] = [Z, X(0)];
         allowed[1] = [Z, X(1), Y(1)];
         allowed[5] = [Z, X(5)];
+        allowed[6] = [Z, X(6)];
         allowed[9] = [Z, Y(9)];
         allowed[2] = [Z, Y(2)];
       },
@@ -162,12 +238,18 @@ describe('handover of an image to the next writer (§9 rule 11)', () => {
           allowed[0] = [X(0)];
           allowed[1] = allowed[1]!.filter((x) => x !== Z);
           await a.write(5 * B, X(5));
+          await a.prepareHandOver(); // the old worker's flush while still serving
+          allowed[5] = [X(5)];
+          await a.write(6 * B, X(6));
+          await a.discard(0, B); // its cluster: released by B after B's first flush (the record's `pending`)
+          allowed[0] = [X(0), Z];
           const ra = (await a.handOver())!;
-          allowed[5] = [X(5)]; // the handover's flush
+          allowed[6] = [X(6)]; // the handover's flush (written, its last sync left to B)
           const b = await opened(ra);
           await b.write(B, Y(1));
           await b.write(9 * B, Y(9));
           await b.flush();
+          allowed[0] = [Z];
           allowed[1] = [Y(1)];
           allowed[9] = [Y(9)];
           await b.write(2 * B, Y(2));

@@ -61,6 +61,8 @@ export class KscCore {
   sweepDone: Promise<void> | null = null;
   /** Set by a handover: a deferred sweep still running hands nothing over. */
   sweepCancelled = false;
+  /** Set once a handover is being prepared (§9 rule 11): flushes clear no intent bit from then on. */
+  keepIntent = false;
 
   constructor(
     readonly file: HostFile,

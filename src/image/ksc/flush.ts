@@ -23,8 +23,13 @@ export function flush(c: KscCore): Promise<void> {
   return c.pendingFlush;
 }
 
-/** The flush itself; the caller holds flushMutex. */
-export async function flushNow(c: KscCore): Promise<void> {
+/**
+ * The flush itself; the caller holds flushMutex. `handover` (§9 rule 11, the last flush before a handover):
+ * the records rewritten in place are written but not synced, and the clusters their change unlinked are
+ * returned instead of released: the next writer releases them after its first completed flush, whose sync
+ * makes those records durable.
+ */
+export async function flushNow(c: KscCore, handover = false): Promise<number[]> {
   const fresh: MapWrite[] = [];
   const inPlace: MapWrite[] = [];
   const allocMeta = (n: number): number => c.alloc.allocMeta(n);
@@ -36,7 +41,7 @@ export async function flushNow(c: KscCore): Promise<void> {
     await c.file.sync(); // data and new pages durable before anything points at them
     if (inPlace.length > 0) {
       await Promise.all(inPlace.map((w) => c.file.write(w.data, w.offset)));
-      await c.file.sync();
+      if (!handover) await c.file.sync();
     }
   } catch (e) {
     // Records that did not reach the disk are lost to this session: refuse further changes rather than
@@ -44,8 +49,11 @@ export async function flushNow(c: KscCore): Promise<void> {
     c.broken = ioError(c.name, 'flush', e);
     throw c.broken;
   }
+  if (handover) return c.alloc.released(epoch - 1);
   await releaseClusters(c, c.alloc.released(epoch - 1));
-  await c.intent.clearIdle(epoch);
+  // Not on the way to a handover (§9 rule 11): the next writer would pay an intent sync for every region cleared.
+  if (!c.keepIntent) await c.intent.clearIdle(epoch);
+  return [];
 }
 
 /**

@@ -23,7 +23,7 @@ import * as data from './datapath.js';
 import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
-import { type HandoverRecord, handOver } from './handover.js';
+import { type HandoverRecord, handOver, prepareHandOver } from './handover.js';
 import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
 import type { OriginRecord } from '../../format/origin.js';
 
@@ -250,11 +250,15 @@ export class KscImage implements BlockDevice {
    * or unflushable (then closed as close() does). A crash after it is recovered like any other (§10).
    */
   handOver(): Promise<HandoverRecord | null> {
-    return handOver(
-      this.core,
-      () => flush(this.core),
-      () => close(this.core),
-    );
+    return handOver(this.core, () => close(this.core));
+  }
+
+  /**
+   * §9 rule 11: the flush before a handover, made while still serving (the handover's own flush then has
+   * little left to write); from now on no flush clears an intent bit, so the next writer keeps them all.
+   */
+  prepareHandOver(): Promise<void> {
+    return prepareHandOver(this.core, () => flush(this.core));
   }
 
   // ---------------------------------------------------------------- allocation view

@@ -91,7 +91,9 @@ export async function openCore(file: HostFile, write: boolean, backing: BlockDev
   if (handedFree) {
     // §10 step 0: the header on disk is the handing writer's DIRTY header, durable (rule 1 holds); its last
     // flush made every bitmap bit and checksum durable, so the set intent bits need no recovery.
-    alloc.addFree(handedFree);
+    alloc.addFree(handedFree.free);
+    // Unlinked by records the handing writer wrote and did not sync: released after this writer's first flush.
+    for (const o of handedFree.pending) alloc.freeAfterFlush(o, 0);
     await intent.rewriteWords(decoded.damagedWords);
     return c;
   }
