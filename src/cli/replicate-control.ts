@@ -8,8 +8,8 @@ import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
-import type { MigrationTarget } from '../engines/migrate-send.js';
-import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicateStatus } from '../engines/replicate.js';
+import { randomBytes } from 'node:crypto';
+import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicaTarget, type ReplicateStatus } from '../engines/replicate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
 import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
 import { answerRequest } from './control-socket.js';
@@ -70,10 +70,10 @@ export function parseReplicateRequest(line: string): ReplicateRequest {
  * the same (the source's fingerprint computed once, at the first connect; the destination's told by
  * `baseFingerprint` or learnt from a kscinc destination at every connect).
  */
-export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<MigrationTarget> {
+export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<ReplicaTarget> {
   let ours: Promise<string> | null = null;
   return async () => {
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls) });
+    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls), cycle: randomBytes(16).toString('hex') });
     try {
       if (target.size !== device.size) throw new KscError('KSC_E_INVALID', `${req.to} is ${target.size} bytes, ${image} is ${device.size}: the sizes must be equal`);
       if (target.origin) throw new KscError('KSC_E_INVALID', `${req.to} is a restore of a backup (a seeded destination): replication to it is not offered; use a fresh overlay on the same base`);
