@@ -71,7 +71,10 @@ export async function settleCycleLogs(images: string[], force: boolean): Promise
     const dev = await openImage(abs, { write: true, migratedAway: force });
     try {
       const done = await settleLog(abs, dev);
-      if (done) out.push(`kscinc serve: replication cycle log of ${image} ${done === 'applied' ? 'applied (a committed cycle finished)' : 'discarded (an uncommitted cycle: the last consistent point is served)'}`);
+      if (done)
+        out.push(
+          `kscinc serve: replication cycle log of ${image} ${done === 'applied' ? 'applied (a committed cycle finished)' : 'discarded (an uncommitted cycle: the last consistent point is served)'}`,
+        );
     } finally {
       await dev.close();
     }

@@ -73,7 +73,14 @@ export function parseReplicateRequest(line: string): ReplicateRequest {
 export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<ReplicaTarget> {
   let ours: Promise<string> | null = null;
   return async () => {
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls), cycle: randomBytes(16).toString('hex') });
+    const target = await NbdTarget.connect({
+      uri: req.to,
+      token: req.token,
+      connections: req.connections,
+      compress: req.compress,
+      tls: loadClientTls(req.tls),
+      cycle: randomBytes(16).toString('hex'),
+    });
     try {
       if (target.size !== device.size) throw new KscError('KSC_E_INVALID', `${req.to} is ${target.size} bytes, ${image} is ${device.size}: the sizes must be equal`);
       if (target.origin) throw new KscError('KSC_E_INVALID', `${req.to} is a restore of a backup (a seeded destination): replication to it is not offered; use a fresh overlay on the same base`);

@@ -231,7 +231,19 @@ export class Replication {
   /** One cycle (§11.2); records its report; never throws. */
   private async cycle(): Promise<void> {
     this.inCycle = true;
-    const report: CycleReport = { startedAt: iso(this.now())!, endedAt: '', firstPass: false, resumed: false, bytesSent: 0, bytesZeroed: 0, rounds: 0, fenceMs: null, consistentAt: null, staged: false, error: null };
+    const report: CycleReport = {
+      startedAt: iso(this.now())!,
+      endedAt: '',
+      firstPass: false,
+      resumed: false,
+      bytesSent: 0,
+      bytesZeroed: 0,
+      rounds: 0,
+      fenceMs: null,
+      consistentAt: null,
+      staged: false,
+      error: null,
+    };
     let target: ReplicaTarget | null = null;
     let sender: Sender | null = null;
     try {

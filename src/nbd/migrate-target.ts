@@ -130,7 +130,8 @@ export class NbdTarget implements MigrationTarget {
 
   /** §11.7: the destination answers once the cycle is committed (durably) and applied to its image. */
   async commitCycle(): Promise<void> {
-    if (!this.staged || !(await this.signal(`${COMMIT_CONTEXT}${this.o.token!}:${this.o.cycle!}`))) throw new KscError('KSC_E_IO', `${this.o.uri} did not commit replication cycle ${this.o.cycle} (see its log)`);
+    if (!this.staged || !(await this.signal(`${COMMIT_CONTEXT}${this.o.token!}:${this.o.cycle!}`)))
+      throw new KscError('KSC_E_IO', `${this.o.uri} did not commit replication cycle ${this.o.cycle} (see its log)`);
   }
 
   async close(): Promise<void> {
