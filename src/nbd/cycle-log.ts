@@ -71,6 +71,16 @@ export interface LogScan {
   committed: boolean;
 }
 
+/** Opens `path`, or null when it does not exist. */
+async function openIfAny(path: string, write: boolean): Promise<HostFile | null> {
+  try {
+    return await openHostFile(path, { write });
+  } catch (e) {
+    if ((e as KscError).code === 'KSC_E_NOT_FOUND') return null;
+    throw e;
+  }
+}
+
 async function readFull(f: HostFile, at: number, n: number): Promise<Buffer | null> {
   const b = Buffer.alloc(n);
   return (await f.read(b, at)) === n ? b : null;
@@ -117,13 +127,8 @@ async function scanOpen(f: HostFile, size: number): Promise<LogScan | null> {
 
 /** The state of IMAGE's cycle log without changing it: null when there is none (or it is unreadable garbage: `{garbage: true}`). */
 export async function inspectLog(image: string, size: number): Promise<(LogScan & { bytes: number }) | { garbage: true } | null> {
-  let f: HostFile;
-  try {
-    f = await openHostFile(logPathOf(image), { write: false });
-  } catch (e) {
-    if ((e as KscError).code === 'KSC_E_NOT_FOUND') return null;
-    throw e;
-  }
+  const f = await openIfAny(logPathOf(image), false);
+  if (!f) return null;
   try {
     const s = await scanOpen(f, size);
     return s ? { ...s, bytes: await f.size() } : { garbage: true };
@@ -153,13 +158,8 @@ async function applyLog(f: HostFile, dev: BlockDevice): Promise<void> {
  */
 export async function settleLog(image: string, dev: BlockDevice): Promise<'applied' | 'discarded' | null> {
   const path = logPathOf(image);
-  let f: HostFile;
-  try {
-    f = await openHostFile(path, { write: false });
-  } catch (e) {
-    if ((e as KscError).code === 'KSC_E_NOT_FOUND') return null;
-    throw e;
-  }
+  const f = await openIfAny(path, false);
+  if (!f) return null;
   let committed = false;
   try {
     committed = (await scanOpen(f, dev.size))?.committed ?? false;
@@ -205,13 +205,8 @@ export class CycleLog {
   /** Reopens IMAGE's uncommitted log to append (cut to its valid records); null when there is none. */
   static async reopen(image: string, size: number): Promise<CycleLog | null> {
     const path = logPathOf(image);
-    let f: HostFile;
-    try {
-      f = await openHostFile(path, { write: true });
-    } catch (e) {
-      if ((e as KscError).code === 'KSC_E_NOT_FOUND') return null;
-      throw e;
-    }
+    const f = await openIfAny(path, true);
+    if (!f) return null;
     const s = await scanOpen(f, size);
     if (!s || s.committed) {
       await f.close();
