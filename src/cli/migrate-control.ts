@@ -12,6 +12,7 @@ import { Migration } from '../engines/migrate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
 import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
 import { answerRequest } from './control-socket.js';
+import { DeviceSlots } from './device-slots.js';
 import { checkRequestKey, serverUnlock } from './control-key.js';
 import { parseOriginContext } from '../engines/migrate-origin.js';
 import { prepareSeed, type Seed } from '../engines/migrate-seed.js';
@@ -46,13 +47,17 @@ const MEMBERS: Record<string, string[]> = {
   'migrate-cancel': ['op'],
 };
 
-/** Decodes and checks a migrate-* request line (formats/migrate.md §6). */
-export function parseMigrateRequest(line: string): MigrateRequest {
+/** A control request line as an object whose op is one of `members`' keys and whose members are that op's (else KSC_E_INVALID). */
+export function parseOp(line: string, members: Record<string, string[]>): Record<string, unknown> {
   const o = JSON.parse(line) as Record<string, unknown>;
-  const allowed = MEMBERS[o.op as string];
+  const allowed = members[o.op as string];
   if (!allowed) throw invalid(`unknown op "${String(o.op).slice(0, 64)}"`);
   for (const k of Object.keys(o)) if (!allowed.includes(k)) throw invalid(`unknown member "${k.slice(0, 64)}"`);
-  if (o.op !== 'migrate-start') return o as MigrateRequest;
+  return o;
+}
+
+/** The members naming a destination, shared by migrate-start and replicate-start/once (formats/control.md §7). */
+export function checkTargetMembers(o: Record<string, unknown>): void {
   if (typeof o.to !== 'string' || o.to === '') throw invalid('member "to" must be a non-empty string');
   if (o.token !== undefined && (typeof o.token !== 'string' || !/^[0-9a-f]{32}$/.test(o.token))) throw invalid('member "token" must be 32 lowercase hex digits');
   if (o.baseFingerprint !== undefined && (typeof o.baseFingerprint !== 'string' || !/^(none|v1:\d+:[0-9a-f]{64})$/.test(o.baseFingerprint))) {
@@ -65,42 +70,27 @@ export function parseMigrateRequest(line: string): MigrateRequest {
   }
   if (o.compress !== undefined && typeof o.compress !== 'boolean') throw invalid('member "compress" must be true or false');
   if (o.tls !== undefined) checkTlsFiles(o.tls);
+}
+
+/** Decodes and checks a migrate-* request line (formats/migrate.md §6). */
+export function parseMigrateRequest(line: string): MigrateRequest {
+  const o = parseOp(line, MEMBERS);
+  if (o.op !== 'migrate-start') return o as MigrateRequest;
+  checkTargetMembers(o);
   if (o.repo !== undefined && (typeof o.repo !== 'string' || o.repo === '')) throw invalid('member "repo" must be a non-empty string');
   checkRequestKey(o.key);
   return o as unknown as MigrateRequest;
 }
 
-export class MigrateRequests {
-  private readonly migrations: (Migration | null)[];
-
-  constructor(
-    private devices: { image: string; device: BlockDevice }[],
-    private readonly log: (line: string) => void,
-  ) {
-    this.migrations = devices.map(() => null);
-  }
-
-  setDevices(devices: { image: string; device: BlockDevice }[]): void {
-    this.devices = devices;
-  }
-
+export class MigrateRequests extends DeviceSlots<Migration> {
   /** Why the image may not be backed up or handed over now, or null. */
   blocking(index: number): string | null {
-    const m = this.migrations[index];
+    const m = this.slots[index];
     if (!m || !(m.active || m.phase === 'completed')) return null;
     const s = m.status();
     return m.phase === 'completed'
       ? `${this.devices[index]!.image} was migrated to ${s.to}; stop this server`
       : `a migration of ${this.devices[index]!.image} to ${s.to} is ${s.phase} (started ${s.startedAt})`;
-  }
-
-  /** A sentence naming a migration that forbids an upgrade now, or null. */
-  running(): string | null {
-    for (let i = 0; i < this.migrations.length; i++) {
-      const b = this.blocking(i);
-      if (b) return b;
-    }
-    return null;
   }
 
   /**
@@ -114,7 +104,7 @@ export class MigrateRequests {
   }
 
   private async run(req: MigrateRequest, index: number, backupBusy: boolean): Promise<unknown> {
-    const m = this.migrations[index];
+    const m = this.slots[index];
     const { image } = this.devices[index]!;
     if (req.op === 'migrate-start') {
       if (backupBusy) throw new KscError('KSC_E_LOCKED', `a backup of ${image} is running; start the migration when it has finished`);
@@ -146,7 +136,7 @@ export class MigrateRequests {
       const ours = await baseFingerprint(device);
       if (ours !== theirs) throw new KscError('KSC_E_INVALID', `the base of ${image} (fingerprint ${ours}) is not the destination's (${theirs}): refusing to migrate only the layers above it`);
       const m = await Migration.start(device, target, { to: req.to, bandwidth: req.bandwidth, log: this.log });
-      this.migrations[index] = m;
+      this.slots[index] = m;
       return m.status();
     } catch (e) {
       await seed?.close();
@@ -159,7 +149,7 @@ export class MigrateRequests {
   private async begin(index: number, device: BlockDevice, target: NbdTarget, req: MigrateStartRequest, seed: Seed): Promise<unknown> {
     this.log(`kscinc serve: ${req.to} holds backup ${seed.info.backup}: first pass from ${seed.info.via === 'bitmap' ? `bitmap ${seed.info.bitmap}` : 'chunk hashes against its manifest'}`);
     const m = await Migration.start(device, target, { to: req.to, bandwidth: req.bandwidth, log: this.log, seed: { firstPass: () => seed.plan(), info: seed.info } });
-    this.migrations[index] = m;
+    this.slots[index] = m;
     return m.status();
   }
 }

@@ -12,6 +12,9 @@ import { openImage } from '../image/open.js';
 import { baseFingerprint, firstAboveBase } from '../engines/migrate-base.js';
 import { holdsOnlyOrigin, incomingOrigin } from '../engines/migrate-origin.js';
 import { INCOMING_RECORD } from '../nbd/incoming.js';
+import { logPathOf, settleLog } from '../nbd/cycle-log.js';
+import { existsSync } from 'node:fs';
+import { resolve } from 'node:path';
 
 export interface IncomingPrepared {
   token: string;
@@ -20,12 +23,17 @@ export interface IncomingPrepared {
   id: string | null;
   /** A restore of a backup of the disk: its `kscinc:origin=` context (formats/migrate.md §9.1). */
   origin?: string;
+  /** The image's absolute path: its replication cycle log is named after it (formats/migrate.md §11.7). */
+  image?: string;
 }
 
 /** `token`: the one to use (`--token-file`), else a new random one. */
 export async function prepareIncomingImage(image: string, token?: string): Promise<IncomingPrepared> {
   const dev = await openImage(image, { write: true });
   try {
+    // §11.7: a cycle a replication committed is finished, one it did not is dropped, before anything is served.
+    const settled = await settleLog(resolve(image), dev);
+    if (settled) process.stderr.write(`kscinc serve: replication cycle log of ${image} ${settled}\n`);
     const bitmaps = bitmapsOf(dev);
     const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
     const kept = records.map((n) => n.slice(INCOMING_RECORD.length)).find((id) => /^[0-9a-f]{32}$/.test(id)) ?? null;
@@ -44,8 +52,32 @@ export async function prepareIncomingImage(image: string, token?: string): Promi
       id = randomBytes(16).toString('hex');
       await bitmaps.updateBitmaps([INCOMING_RECORD + id], records);
     }
-    return { token: token ?? randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id, ...(origin.context ? { origin: origin.context } : {}) };
+    return { token: token ?? randomBytes(16).toString('hex'), baseFingerprint: await baseFingerprint(dev), id, ...(origin.context ? { origin: origin.context } : { image: resolve(image) }) };
   } finally {
     await dev.close();
   }
+}
+
+/**
+ * Promotion (formats/migrate.md §11.7): before `kscinc serve` (without --incoming) serves an image that has a
+ * replication cycle log, the log is settled: a committed cycle is applied, an uncommitted one dropped, so the
+ * image served is the replica's last consistent point. Returns a line per image it settled.
+ */
+export async function settleCycleLogs(images: string[], force: boolean): Promise<string[]> {
+  const out: string[] = [];
+  for (const image of images) {
+    const abs = resolve(image);
+    if (!existsSync(logPathOf(abs))) continue;
+    const dev = await openImage(abs, { write: true, migratedAway: force });
+    try {
+      const done = await settleLog(abs, dev);
+      if (done)
+        out.push(
+          `kscinc serve: replication cycle log of ${image} ${done === 'applied' ? 'applied (a committed cycle finished)' : 'discarded (an uncommitted cycle: the last consistent point is served)'}`,
+        );
+    } finally {
+      await dev.close();
+    }
+  }
+  return out;
 }

@@ -8,11 +8,13 @@ import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { baseFingerprint } from '../engines/migrate-base.js';
-import type { MigrationTarget } from '../engines/migrate-send.js';
-import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicateStatus } from '../engines/replicate.js';
+import { randomBytes } from 'node:crypto';
+import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicaTarget, type ReplicateStatus } from '../engines/replicate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
-import { checkTlsFiles, loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
+import { loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
 import { answerRequest } from './control-socket.js';
+import { DeviceSlots } from './device-slots.js';
+import { checkTargetMembers, parseOp } from './migrate-control.js';
 
 export interface ReplicateStartRequest {
   op: 'replicate-start' | 'replicate-once';
@@ -41,27 +43,13 @@ const MEMBERS: Record<string, string[]> = {
 
 /** Decodes and checks a replicate-* request line (formats/control.md §7). */
 export function parseReplicateRequest(line: string): ReplicateRequest {
-  const o = JSON.parse(line) as Record<string, unknown>;
-  const allowed = MEMBERS[o.op as string];
-  if (!allowed) throw invalid(`unknown op "${String(o.op).slice(0, 64)}"`);
-  for (const k of Object.keys(o)) if (!allowed.includes(k)) throw invalid(`unknown member "${k.slice(0, 64)}"`);
+  const o = parseOp(line, MEMBERS);
   if (o.op === 'replicate-stop' && o.drop !== undefined && typeof o.drop !== 'boolean') throw invalid('member "drop" must be true or false');
   if (o.op !== 'replicate-start' && o.op !== 'replicate-once') return o as ReplicateRequest;
-  if (typeof o.to !== 'string' || o.to === '') throw invalid('member "to" must be a non-empty string');
+  checkTargetMembers(o);
   if (o.op === 'replicate-start' && (typeof o.everyMs !== 'number' || !Number.isSafeInteger(o.everyMs) || o.everyMs < MIN_EVERY_MS || o.everyMs > MAX_EVERY_MS)) {
     throw invalid(`member "everyMs" must be a whole number of ms from ${MIN_EVERY_MS} to ${MAX_EVERY_MS} (7 days)`);
   }
-  if (o.token !== undefined && (typeof o.token !== 'string' || !/^[0-9a-f]{32}$/.test(o.token))) throw invalid('member "token" must be 32 lowercase hex digits');
-  if (o.baseFingerprint !== undefined && (typeof o.baseFingerprint !== 'string' || !/^(none|v1:\d+:[0-9a-f]{64})$/.test(o.baseFingerprint))) {
-    throw invalid('member "baseFingerprint" must be "none" or "v1:SIZE:HEX" (kscinc migrate fingerprint prints it)');
-  }
-  if (o.bandwidth !== undefined && (typeof o.bandwidth !== 'number' || !Number.isSafeInteger(o.bandwidth) || o.bandwidth < 4096))
-    throw invalid('member "bandwidth" must be a whole number of bytes/s ≥ 4096');
-  if (o.compress !== undefined && typeof o.compress !== 'boolean') throw invalid('member "compress" must be true or false');
-  if (o.connections !== undefined && (typeof o.connections !== 'number' || !Number.isInteger(o.connections) || o.connections < 1 || o.connections > 16)) {
-    throw invalid('member "connections" must be a whole number from 1 to 16');
-  }
-  if (o.tls !== undefined) checkTlsFiles(o.tls);
   return o as unknown as ReplicateRequest;
 }
 
@@ -70,10 +58,17 @@ export function parseReplicateRequest(line: string): ReplicateRequest {
  * the same (the source's fingerprint computed once, at the first connect; the destination's told by
  * `baseFingerprint` or learnt from a kscinc destination at every connect).
  */
-export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<MigrationTarget> {
+export function replicaConnector(device: BlockDevice, image: string, req: ReplicateStartRequest): () => Promise<ReplicaTarget> {
   let ours: Promise<string> | null = null;
   return async () => {
-    const target = await NbdTarget.connect({ uri: req.to, token: req.token, connections: req.connections, compress: req.compress, tls: loadClientTls(req.tls) });
+    const target = await NbdTarget.connect({
+      uri: req.to,
+      token: req.token,
+      connections: req.connections,
+      compress: req.compress,
+      tls: loadClientTls(req.tls),
+      cycle: randomBytes(16).toString('hex'),
+    });
     try {
       if (target.size !== device.size) throw new KscError('KSC_E_INVALID', `${req.to} is ${target.size} bytes, ${image} is ${device.size}: the sizes must be equal`);
       if (target.origin) throw new KscError('KSC_E_INVALID', `${req.to} is a restore of a backup (a seeded destination): replication to it is not offered; use a fresh overlay on the same base`);
@@ -98,38 +93,17 @@ export function replicaConnector(device: BlockDevice, image: string, req: Replic
   };
 }
 
-export class ReplicateRequests {
-  private readonly replications: (Replication | null)[];
+export class ReplicateRequests extends DeviceSlots<Replication> {
   /** Images with a `replicate-once` cycle running (not on a timer, but it holds the state meanwhile). */
   private readonly once = new Set<number>();
-
-  constructor(
-    private devices: { image: string; device: BlockDevice }[],
-    private readonly log: (line: string) => void,
-  ) {
-    this.replications = devices.map(() => null);
-  }
-
-  setDevices(devices: { image: string; device: BlockDevice }[]): void {
-    this.devices = devices;
-  }
 
   /** A sentence naming the replication running on devices[index], or null. */
   blocking(index: number): string | null {
     if (this.once.has(index)) return `a replication cycle of ${this.devices[index]!.image} runs`;
-    const r = this.replications[index];
+    const r = this.slots[index];
     if (!r?.running) return null;
     const s = r.status();
     return `a replication of ${this.devices[index]!.image} to ${s.to} runs (started ${s.startedAt}); stop it first (kscinc replicate stop)`;
-  }
-
-  /** A sentence naming a replication that forbids an upgrade now, or null. */
-  running(): string | null {
-    for (let i = 0; i < this.replications.length; i++) {
-      const b = this.blocking(i);
-      if (b) return b;
-    }
-    return null;
   }
 
   /** Answers `line` when its op is a replicate-* op (returns true); `migration` says why a migration forbids it, or null. */
@@ -140,7 +114,7 @@ export class ReplicateRequests {
   }
 
   private async run(req: ReplicateRequest, index: number, migration: string | null): Promise<ReplicateStatus> {
-    const r = this.replications[index];
+    const r = this.slots[index];
     const { image, device } = this.devices[index]!;
     if (req.op === 'replicate-start' || req.op === 'replicate-once') {
       if (migration) throw new KscError(migration.includes('was migrated') ? 'KSC_E_INVALID' : 'KSC_E_LOCKED', `${migration}: no replication meanwhile`);
@@ -155,7 +129,7 @@ export class ReplicateRequests {
       }
       this.once.add(index); // refuses a second start while the first one connects
       const rep = await Replication.start(device, { ...opts, everyMs: start.everyMs! }).finally(() => this.once.delete(index));
-      this.replications[index] = rep;
+      this.slots[index] = rep;
       return rep.status();
     }
     if (!r) throw new KscError('KSC_E_NOT_FOUND', `no replication of ${image} since this server started`);

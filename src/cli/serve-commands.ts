@@ -294,6 +294,7 @@ export function registerServeCommands(program: Command): void {
       if (tls) config.tls = tls;
       if (o.tokenFile !== undefined && !o.incoming) throw new KscError('KSC_E_INVALID', '--token-file goes with --incoming');
       if (o.incoming) config.incoming = await incomingFor(images, config.readOnly, o.tokenFile);
+      else if (!config.readOnly) for (const l of await (await import('./migrate-incoming.js')).settleCycleLogs(images, !!o.force)) log(l); // promotion of a replica (formats/migrate.md §11.7)
       if (config.incoming && o.incomingPeer !== undefined) config.incoming.peer = o.incomingPeer;
       if (o.supervisor === false) await serveAlone(config, target, what);
       else await serveSupervised(config, target, what, o.maxRestarts);

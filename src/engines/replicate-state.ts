@@ -8,6 +8,11 @@
 import type { DirtyBitmaps } from '../image/capabilities.js';
 
 const PREFIX = 'kscinc-replica#';
+/**
+ * A staged cycle's bits (formats/migrate.md §11.7): every round's frozen bits go here before they are dropped,
+ * until the destination committed the cycle; a cycle that did not commit merges them back (disabled, internal).
+ */
+export const CYCLE_BITS = 'kscinc-cycle~frozen';
 const RECORD = /^kscinc-replica#([0-9a-f]{32}|-)@([0-9a-f]{1,13})$/;
 
 const idText = (id: string | null): string => id ?? '-';
@@ -34,4 +39,11 @@ export async function recordConsistent(bitmaps: DirtyBitmaps, id: string | null,
 export async function removeConsistent(bitmaps: DirtyBitmaps): Promise<void> {
   const old = bitmaps.bitmapNames().filter((n) => n.startsWith(PREFIX));
   if (old.length > 0) await bitmaps.updateBitmaps([], old);
+}
+
+/** Puts a staged cycle's bits that never committed back into the migration bitmap (a superset: sent again). */
+export async function mergeCycleBits(bitmaps: DirtyBitmaps, into: string): Promise<void> {
+  if (!bitmaps.hasBitmap(CYCLE_BITS)) return;
+  await bitmaps.mergeBitmap(CYCLE_BITS, into);
+  await bitmaps.removeBitmap(CYCLE_BITS);
 }

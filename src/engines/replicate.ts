@@ -15,7 +15,7 @@ import { baseOf } from './migrate-base.js';
 import { checkpoint, fromCursor, sendPass, type PassContext, type Range } from './migrate-pass.js';
 import { Sender, type MigrationTarget } from './migrate-send.js';
 import { MIGRATE_BITMAP, MIGRATE_FROZEN, removeState, resumable, setProgress, type Progress } from './migrate-state.js';
-import { consistentPoint, recordConsistent, removeConsistent } from './replicate-state.js';
+import { CYCLE_BITS, consistentPoint, mergeCycleBits, recordConsistent, removeConsistent } from './replicate-state.js';
 
 const GRANULARITY = 64 * 1024;
 /** Rounds while writing before the fence, at most (§11.2 step 3). */
@@ -30,6 +30,13 @@ export const MAX_EVERY_MS = 7 * 86_400_000;
 
 export type ReplicateState = 'running' | 'stopping' | 'stopped';
 
+/** A destination that may keep a cycle apart until it is committed (formats/migrate.md §11.7: src/nbd/migrate-target.ts). */
+export interface ReplicaTarget extends MigrationTarget {
+  staged?: boolean;
+  beginCycle?(): Promise<void>;
+  commitCycle?(): Promise<void>;
+}
+
 export interface CycleReport {
   startedAt: string;
   endedAt: string;
@@ -40,6 +47,8 @@ export interface CycleReport {
   rounds: number;
   fenceMs: number | null;
   consistentAt: string | null;
+  /** The cycle went to the destination's cycle log and was committed there at once (formats/migrate.md §11.7). */
+  staged: boolean;
   error: { code: KscErrorCode; message: string } | null;
 }
 
@@ -66,7 +75,7 @@ export interface ReplicateOptions {
   everyMs: number | null;
   bandwidth?: number;
   /** Connects to the destination (a new set of connections per cycle), its size and base checked. */
-  connect: () => Promise<MigrationTarget>;
+  connect: () => Promise<ReplicaTarget>;
   log?: (line: string) => void;
   /** The server's clock (tests may pass another). */
   now?: () => number;
@@ -185,8 +194,14 @@ export class Replication {
     await this.loop;
     this.state = 'stopped';
     if (drop) {
+      // The record first (nothing resumable is left with bits missing), then the bits, then the consistent points.
       await removeState(this.bitmaps, 'replicate-drop');
+      if (this.bitmaps.hasBitmap(CYCLE_BITS)) {
+        await this.bitmaps.removeBitmap(CYCLE_BITS);
+        migrateKillPoint('replicate-drop-cycle-removed');
+      }
       await removeConsistent(this.bitmaps);
+      migrateKillPoint('replicate-drop-consistent-removed');
       this.known = null;
     }
     if (this.cycles > 0 || drop) this.log(`kscinc replicate: ${this.dev.name} to ${this.opts.to} stopped${drop ? '; its state removed' : '; a later replicate start resumes'}`);
@@ -216,8 +231,20 @@ export class Replication {
   /** One cycle (§11.2); records its report; never throws. */
   private async cycle(): Promise<void> {
     this.inCycle = true;
-    const report: CycleReport = { startedAt: iso(this.now())!, endedAt: '', firstPass: false, resumed: false, bytesSent: 0, bytesZeroed: 0, rounds: 0, fenceMs: null, consistentAt: null, error: null };
-    let target: MigrationTarget | null = null;
+    const report: CycleReport = {
+      startedAt: iso(this.now())!,
+      endedAt: '',
+      firstPass: false,
+      resumed: false,
+      bytesSent: 0,
+      bytesZeroed: 0,
+      rounds: 0,
+      fenceMs: null,
+      consistentAt: null,
+      staged: false,
+      error: null,
+    };
+    let target: ReplicaTarget | null = null;
     let sender: Sender | null = null;
     try {
       target = await this.opts.connect();
@@ -247,7 +274,7 @@ export class Replication {
     }
   }
 
-  private async cycleOn(target: MigrationTarget, sender: Sender, report: CycleReport): Promise<void> {
+  private async cycleOn(target: ReplicaTarget, sender: Sender, report: CycleReport): Promise<void> {
     const id = target.incoming?.id ?? null;
     const from = await this.gate.quiesce(() => this.decide(target, report));
     this.started?.resolve();
@@ -261,12 +288,19 @@ export class Replication {
       await checkpoint(ctx, 'r', 0);
     }
     this.known = { id, ready: true };
+    // §11.7: once the destination has a consistent point, the cycle is kept apart there until its commit.
+    if (!report.firstPass && id && target.staged && target.beginCycle && consistentPoint(this.bitmaps, id) !== null) {
+      if (!this.bitmaps.hasBitmap(CYCLE_BITS)) await this.bitmaps.addBitmap(CYCLE_BITS, { granularity: this.bitmaps.bitmapInfo(MIGRATE_BITMAP)!.granularity, enabled: false });
+      await target.beginCycle();
+      report.staged = true;
+      migrateKillPoint('replicate-begun');
+    }
     const goal = (): number => Math.max(MIN_FENCE_BYTES, (sender.throughput() * FENCE_GOAL_MS) / 1000);
     while (report.rounds < MAX_ROUNDS && bytesOf(await this.bitmaps.bitmapExtents(MIGRATE_BITMAP)) > goal()) {
-      await this.round(ctx, false, report);
+      await this.round(ctx, false, report, target);
       report.rounds++;
     }
-    await this.round(ctx, true, report);
+    await this.round(ctx, true, report, target);
     this.log(`kscinc replicate: ${this.dev.name} to ${this.opts.to}: replica consistent at ${report.consistentAt} (fence ${report.fenceMs} ms, ${sender.bytesSent} bytes sent)`);
   }
 
@@ -290,6 +324,7 @@ export class Replication {
       }
     }
     if (from) {
+      await mergeCycleBits(this.bitmaps, MIGRATE_BITMAP); // a staged cycle that did not commit (§11.7)
       if (this.bitmaps.hasBitmap(MIGRATE_FROZEN)) {
         await this.bitmaps.mergeBitmap(MIGRATE_FROZEN, MIGRATE_BITMAP);
         await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
@@ -303,6 +338,7 @@ export class Replication {
       );
     }
     await removeState(this.bitmaps, 'replicate-restart');
+    if (this.bitmaps.hasBitmap(CYCLE_BITS)) await this.bitmaps.removeBitmap(CYCLE_BITS);
     await removeConsistent(this.bitmaps);
     await this.bitmaps.addBitmap(MIGRATE_BITMAP, { granularity: Math.max(GRANULARITY, this.dev.blockSize), enabled: true });
     const fresh: Progress = { id: id ?? '', stage: 'f', cursor: 0 };
@@ -323,7 +359,7 @@ export class Replication {
    * quiesce for the fence), acknowledged, FLUSHed at the destination; then the consistent point recorded
    * (fence), then the frozen bits dropped.
    */
-  private async round(ctx: PassContext, fence: boolean, report: CycleReport): Promise<void> {
+  private async round(ctx: PassContext, fence: boolean, report: CycleReport, target: ReplicaTarget): Promise<void> {
     if (ctx.id) await setProgress(this.bitmaps, { id: ctx.id, stage: 'r', cursor: 0 });
     const frozenRanges = async (): Promise<Range[]> => (await this.bitmaps.bitmapExtents(MIGRATE_FROZEN)).map((d) => ({ offset: d.offset, length: Math.min(d.length, this.dev.size - d.offset) }));
     let at = 0;
@@ -345,11 +381,18 @@ export class Replication {
     }
     await ctx.target.flush();
     migrateKillPoint(fence ? 'replicate-flushed' : 'replicate-round-flushed');
+    // §11.7: a staged cycle's bits are kept until its commit (the destination discards a cycle it did not commit).
+    if (report.staged) await this.bitmaps.mergeBitmap(MIGRATE_FROZEN, CYCLE_BITS);
+    if (fence && report.staged) {
+      await target.commitCycle!();
+      migrateKillPoint('replicate-committed');
+    }
     if (fence) {
       await recordConsistent(this.bitmaps, ctx.id, at);
       this.lastConsistent = at;
       report.consistentAt = iso(at);
     }
     await this.bitmaps.removeBitmap(MIGRATE_FROZEN);
+    if (fence && report.staged) await this.bitmaps.removeBitmap(CYCLE_BITS);
   }
 }

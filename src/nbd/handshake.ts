@@ -159,7 +159,7 @@ class Negotiation {
     if (!parsed) return 'next';
     const { req, found } = parsed;
     const list = opt === OPT.LIST_META_CONTEXT;
-    const all = [...contextsOf(found.exp.device, found.exp.bitmaps), ...incomingContexts(found.exp, req.queries, !list, (l) => this.link.log(l), this.link.tls?.peer ?? null)];
+    const all = [...contextsOf(found.exp.device, found.exp.bitmaps), ...(await incomingContexts(found.exp, req.queries, !list, (l) => this.link.log(l), this.link.tls?.peer ?? null))];
     const chosen = new Set<string>();
     if (list && req.queries.length === 0) all.forEach((c) => chosen.add(c));
     for (const q of req.queries) {

@@ -8,6 +8,8 @@
  */
 import { timingSafeEqual } from 'node:crypto';
 import { bitmapsOf } from '../image/capabilities.js';
+import type { BlockDevice } from '../image/types.js';
+import { CycleStage, stagedDevice } from './cycle-stage.js';
 import { NbdRequestError } from './errors.js';
 import { LZ4_CONTEXT } from './lz4-write.js';
 import type { SessionState } from './state.js';
@@ -20,6 +22,10 @@ export const BASE_CONTEXT = 'kscinc:base-fingerprint=';
 /** formats/migrate.md §5, §10: the destination's persistent incoming id, and whether its top layer is still empty. */
 export const ID_CONTEXT = 'kscinc:incoming-id=';
 export const EMPTY_CONTEXT = 'kscinc:incoming-empty';
+/** formats/migrate.md §11.7: a connection's cycle tag, and the begin and commit of a staged cycle (each `TOKEN:CYCLE`). */
+export const CYCLE_CONTEXT = 'kscinc:incoming-cycle=';
+export const BEGIN_CONTEXT = 'kscinc:incoming-begin=';
+export const COMMIT_CONTEXT = 'kscinc:incoming-commit=';
 /** The destination image's record of its incoming id (an empty, disabled bitmap used as a name). */
 export const INCOMING_RECORD = 'kscinc-incoming#';
 
@@ -41,6 +47,25 @@ export interface IncomingState {
    * source; absent: any authenticated TLS peer holding the token.
    */
   peer?: string;
+  /** The image's path: its cycle log (formats/migrate.md §11.7) is named after it; absent: no staged cycles. */
+  image?: string;
+}
+
+/** Each export's cycle stage, made at first use in this process. */
+const stages = new WeakMap<IncomingState, CycleStage>();
+
+function stageOf(exp: NbdExport, log: (line: string) => void): CycleStage | null {
+  const inc = exp.incoming;
+  if (!inc?.image) return null;
+  let s = stages.get(inc);
+  if (!s) stages.set(inc, (s = new CycleStage(inc.image, exp.device, log)));
+  return s;
+}
+
+/** The cycle named by `ctx` = PREFIX + TOKEN:CYCLE with the right token, or null. */
+function cycleOf(exp: NbdExport, ctx: string, prefix: string): string | null {
+  const m = /^([0-9a-f]+):([0-9a-f]{32})$/.exec(ctx.startsWith(prefix) ? ctx.slice(prefix.length) : '');
+  return m && tokenMatches(exp, TOKEN_CONTEXT + m[1]!, TOKEN_CONTEXT) ? m[2]! : null;
 }
 
 function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
@@ -56,7 +81,7 @@ function tokenMatches(exp: NbdExport, ctx: string, prefix: string): boolean {
  * and the token contexts only when a query names them exactly with the right token. Selecting (SET) the done
  * context marks the migration completed.
  */
-export function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void, tlsPeer: string | null = null): string[] {
+export async function incomingContexts(exp: NbdExport, queries: string[], select: boolean, log: (line: string) => void, tlsPeer: string | null = null): Promise<string[]> {
   const inc = exp.incoming;
   if (!inc) return [];
   const out = [BASE_CONTEXT + inc.baseFingerprint];
@@ -70,6 +95,7 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
       // formats/nbd.md §3.2: compressed writes, for the token holder only, when asked for by name.
       if (queries.includes(LZ4_CONTEXT) && !out.includes(LZ4_CONTEXT)) out.push(LZ4_CONTEXT);
     }
+    if (await cycleContext(exp, q, select, log)) out.push(q);
     if (tokenMatches(exp, q, DONE_CONTEXT)) {
       out.push(q);
       if (select && !inc.completed) {
@@ -82,14 +108,42 @@ export function incomingContexts(exp: NbdExport, queries: string[], select: bool
   return out;
 }
 
-/** Throws EPERM for a write on an incoming export from a connection that is not the migration source. */
-export function checkIncomingWrite(exp: NbdExport, state: SessionState, req: Request): void {
+/**
+ * The cycle contexts (§11.7): a tag is answered for the right token; begin and commit are answered only once
+ * done (a SET), so the source knows the log is durable, or the cycle committed and applied.
+ */
+async function cycleContext(exp: NbdExport, q: string, select: boolean, log: (line: string) => void): Promise<boolean> {
+  const stage = stageOf(exp, log);
+  if (!stage) return false;
+  if (cycleOf(exp, q, CYCLE_CONTEXT)) return true;
+  const begin = cycleOf(exp, q, BEGIN_CONTEXT);
+  const commit = begin ? null : cycleOf(exp, q, COMMIT_CONTEXT);
+  if (!select || (!begin && !commit)) return false;
+  try {
+    if (begin) await stage.begin(begin);
+    else return await stage.commit(commit!);
+    return true;
+  } catch (e) {
+    log(`kscinc serve: replication cycle ${begin ?? commit}: ${begin ? 'begin' : 'commit'} failed: ${(e as Error).message}`);
+    return false;
+  }
+}
+
+/**
+ * Throws EPERM for a write on an incoming export from a connection that is not the migration source. For the
+ * source's requests on an export with staged cycles (§11.7), returns the device they go to (writes routed
+ * into the open cycle's log); else undefined (the export's device).
+ */
+export function checkIncomingWrite(exp: NbdExport, state: SessionState, req: Request, log: (line: string) => void = () => undefined): BlockDevice | undefined {
   const inc = exp.incoming;
-  if (!inc || inc.completed) return;
-  if (req.type !== CMD.WRITE && req.type !== CMD.WRITE_ZEROES && req.type !== CMD.TRIM) return;
-  if (state.metaContexts.some((m) => tokenMatches(exp, m.name, TOKEN_CONTEXT))) {
+  if (!inc || inc.completed) return undefined;
+  const source = state.metaContexts.some((m) => tokenMatches(exp, m.name, TOKEN_CONTEXT));
+  const stage = source ? stageOf(exp, log) : null;
+  const staged = (): BlockDevice => stagedDevice(exp.device, stage!, state.metaContexts.map((m) => cycleOf(exp, m.name, CYCLE_CONTEXT)).find((c) => c !== null) ?? null);
+  if (req.type !== CMD.WRITE && req.type !== CMD.WRITE_ZEROES && req.type !== CMD.TRIM) return stage && req.type === CMD.FLUSH ? staged() : undefined;
+  if (source) {
     inc.empty = false;
-    return;
+    return stage ? staged() : undefined;
   }
   throw new NbdRequestError(ERR.EPERM, `export "${state.exportName}" is the target of an incoming migration: only the migration source may write until it completes`);
 }

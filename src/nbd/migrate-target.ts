@@ -8,7 +8,7 @@ import { KscError } from '../errors.js';
 import type { MigrationTarget } from '../engines/migrate-send.js';
 import { NbdClient, parseNbdUri } from './client.js';
 import type { TlsClientConfig } from './client-tls.js';
-import { BASE_CONTEXT, DONE_CONTEXT, EMPTY_CONTEXT, ID_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
+import { BASE_CONTEXT, BEGIN_CONTEXT, COMMIT_CONTEXT, CYCLE_CONTEXT, DONE_CONTEXT, EMPTY_CONTEXT, ID_CONTEXT, TOKEN_CONTEXT } from './incoming.js';
 import { ORIGIN_CONTEXT } from '../engines/migrate-origin.js';
 import { LZ4_CONTEXT } from './lz4-write.js';
 
@@ -24,6 +24,11 @@ export interface NbdTargetOptions {
   tls?: TlsClientConfig | null;
   /** Ask a kscinc destination for compressed writes (formats/migrate.md §12; default true; needs a token). */
   compress?: boolean;
+  /**
+   * A replication cycle's id (32 hex digits, formats/migrate.md §11.7): every connection is tagged with it, and
+   * `staged` tells whether the destination took the tag (it can keep a cycle in its log until committed).
+   */
+  cycle?: string;
 }
 
 export class NbdTarget implements MigrationTarget {
@@ -34,6 +39,8 @@ export class NbdTarget implements MigrationTarget {
   origin: string | null = null;
   /** Every connection selected `kscinc:lz4-write` (formats/nbd.md §3.2): writeLz4 may be used. */
   readonly compressed: boolean;
+  /** Every connection's cycle tag was taken (§11.7): beginCycle()/commitCycle() may be used. */
+  readonly staged: boolean;
 
   private constructor(
     private readonly clients: NbdClient[],
@@ -47,6 +54,8 @@ export class NbdTarget implements MigrationTarget {
     this.maxPayload = Math.min(...clients.map((c) => c.maxPayload));
     this.parallelism = clients.length * DEPTH;
     this.compressed = clients.every((c) => [...c.selected.values()].includes(LZ4_CONTEXT));
+    const tag = o.cycle && o.token ? `${CYCLE_CONTEXT}${o.token}:${o.cycle}` : null;
+    this.staged = tag !== null && clients.every((c) => [...c.selected.values()].includes(tag));
   }
 
   /** Connects every connection; KSC_E_PERMISSION when a kscinc destination refused the token, KSC_E_READ_ONLY for a read-only export. */
@@ -54,7 +63,8 @@ export class NbdTarget implements MigrationTarget {
     const where = { ...parseNbdUri(o.uri), tls: o.tls ?? null };
     if (where.nbds && !where.tls) throw new KscError('KSC_E_INVALID', `${o.uri}: nbds:// means TLS: give --tls-creds DIR or --tls-psk FILE`);
     const n = o.connections ?? 2;
-    const setContexts = o.token ? [TOKEN_CONTEXT + o.token, ...(o.compress !== false ? [LZ4_CONTEXT] : [])] : [];
+    const tag = o.token && o.cycle ? [`${CYCLE_CONTEXT}${o.token}:${o.cycle}`] : [];
+    const setContexts = o.token ? [TOKEN_CONTEXT + o.token, ...(o.compress !== false ? [LZ4_CONTEXT] : []), ...tag] : [];
     const clients: NbdClient[] = [];
     try {
       for (let i = 0; i < n; i++) {
@@ -100,13 +110,28 @@ export class NbdTarget implements MigrationTarget {
     await Promise.all(this.clients.map((c) => c.flush()));
   }
 
+  /** Selects `context` on a connection of its own; whether the destination answered it. */
+  private async signal(context: string): Promise<boolean> {
+    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), tls: this.o.tls ?? null, structured: true, setContexts: [context], timeoutMs: this.o.timeoutMs });
+    const ok = [...c.selected.values()].includes(context);
+    await c.disconnect();
+    return ok;
+  }
+
   async complete(): Promise<void> {
     if (!this.o.token) return;
-    const done = DONE_CONTEXT + this.o.token;
-    const c = await NbdClient.connect({ ...parseNbdUri(this.o.uri), tls: this.o.tls ?? null, structured: true, setContexts: [done], timeoutMs: this.o.timeoutMs });
-    const ok = [...c.selected.values()].includes(done);
-    await c.disconnect();
-    if (!ok) throw new KscError('KSC_E_PERMISSION', `${this.o.uri} did not accept the end of the migration`);
+    if (!(await this.signal(DONE_CONTEXT + this.o.token))) throw new KscError('KSC_E_PERMISSION', `${this.o.uri} did not accept the end of the migration`);
+  }
+
+  /** §11.7: the destination opens this cycle's log (durably) before it answers; later writes of the tagged connections go there. */
+  async beginCycle(): Promise<void> {
+    if (!this.staged || !(await this.signal(`${BEGIN_CONTEXT}${this.o.token!}:${this.o.cycle!}`))) throw new KscError('KSC_E_IO', `${this.o.uri} did not begin replication cycle ${this.o.cycle}`);
+  }
+
+  /** §11.7: the destination answers once the cycle is committed (durably) and applied to its image. */
+  async commitCycle(): Promise<void> {
+    if (!this.staged || !(await this.signal(`${COMMIT_CONTEXT}${this.o.token!}:${this.o.cycle!}`)))
+      throw new KscError('KSC_E_IO', `${this.o.uri} did not commit replication cycle ${this.o.cycle} (see its log)`);
   }
 
   async close(): Promise<void> {

@@ -130,9 +130,9 @@ export class Transmission {
     const w = req.type === KSC_WRITE_LZ4 && payload ? { ...req, type: CMD.WRITE } : req;
     try {
       const off = validateRequest(w, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
-      checkIncomingWrite(this.exp, state, w);
+      const via = checkIncomingWrite(this.exp, state, w, (l) => link.log(l)); // a staged replication cycle's writes go to its log (formats/migrate.md §11.7)
       if (w !== req) payload = decodeLz4Write(req, payload!);
-      const x = { dev, state, pool: this.server.pool, recycle: [] as Buffer[], zeroCopy: link.zeroCopy };
+      const x = { dev: via ?? dev, state, pool: this.server.pool, recycle: [] as Buffer[], zeroCopy: link.zeroCopy };
       const parts = await execute(x, w, off, payload);
       payload = null;
       await link.send(parts, () => {
