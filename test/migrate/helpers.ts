@@ -180,3 +180,23 @@ export async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boo
     await new Promise((res) => setTimeout(res, 100));
   }
 }
+
+/** `kscinc serve IMAGE --incoming` with TLS arguments: its nbds:// URI, its token, and a stop. */
+export async function serveIncomingTls(r: Rig, image: string, tls: string[]) {
+  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, '--incoming', ...tls], {
+    env: r.env,
+    count: 2,
+    uri: /^(nbds:\/\/|incoming-token: )/,
+    timeoutMs: 30_000,
+  });
+  const lines = await child.uris;
+  return {
+    child,
+    uri: lines.find((l) => l.startsWith('nbds://'))!,
+    token: lines.find((l) => l.startsWith('incoming-token: '))!.slice(16),
+    stop: () => {
+      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
+      return child.exited;
+    },
+  };
+}

@@ -13,7 +13,7 @@ import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { TOKEN_CONTEXT } from '../../src/nbd/incoming.js';
 import { makePki, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe } from '../helpers/serve.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from './helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, serveIncomingTls, until, type Rig } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`migrate tls.test seed ${seed}`);
@@ -24,25 +24,6 @@ beforeAll(() => {
 }, 60_000);
 
 /** `kscinc serve IMAGE --incoming` with TLS arguments; its nbds:// URI and token. */
-async function serveIncomingTls(r: Rig, image: string, tls: string[]) {
-  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, '--incoming', ...tls], {
-    env: r.env,
-    count: 2,
-    uri: /^(nbds:\/\/|incoming-token: )/,
-    timeoutMs: 30_000,
-  });
-  const lines = await child.uris;
-  return {
-    child,
-    uri: lines.find((l) => l.startsWith('nbds://'))!,
-    token: lines.find((l) => l.startsWith('incoming-token: '))!.slice(16),
-    stop: () => {
-      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
-      return child.exited;
-    },
-  };
-}
-
 describe('kscinc migrate over TLS', () => {
   it('X.509 (--tls-creds) to an --incoming destination that takes writes only from x509:migration-source, a writer writing all along', async () => {
     const r = rig();

@@ -16,7 +16,7 @@ import { readState, statePathFor } from '../../src/engines/schedule/state.js';
 import { CLI } from '../helpers/cli.js';
 import { makePki, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe } from '../helpers/serve.js';
-import { makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, type Rig } from '../migrate/helpers.js';
+import { makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, serveIncomingTls, type Rig } from '../migrate/helpers.js';
 
 let pki: Pki;
 beforeAll(() => {
@@ -29,25 +29,6 @@ afterAll(() => {
 });
 
 /** `kscinc serve IMAGE --incoming` with TLS arguments: its nbds:// URI and token. */
-async function serveIncomingTls(r: Rig, image: string, tls: string[]) {
-  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, '--incoming', ...tls], {
-    env: r.env,
-    count: 2,
-    uri: /^(nbds:\/\/|incoming-token: )/,
-    timeoutMs: 30_000,
-  });
-  const lines = await child.uris;
-  return {
-    child,
-    uri: lines.find((l) => l.startsWith('nbds://'))!,
-    token: lines.find((l) => l.startsWith('incoming-token: '))!.slice(16),
-    stop: () => {
-      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
-      return child.exited;
-    },
-  };
-}
-
 /**
  * `kscinc schedule run --config FILE` in the rig's run folder: once it has logged its last job, SIGTERM (its
  * `on shutdown` jobs run then); resolves with the exit code and the log. Without `ready`, it is expected to
