@@ -115,7 +115,7 @@ try {
     const src = await serve([img, '--listen', '127.0.0.1:0'], 1);
     try {
       await write(src.uri, Math.floor(size * Number(o.fill)), rnd, true);
-      const first = (await json(['backup', img, '--repo', repo])).id;
+      const first = (await json(['backup', img, '--repo', repo, '--no-encrypt'])).id;
       await write(src.uri, changed, rnd, false);
       if (c === 'b') await json(['backup', img, '--repo', repo]); // the bitmap now counts from this one
       results.push([c, await migrateTo(first, `dst-${c}.ksc`)]);

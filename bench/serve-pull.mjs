@@ -56,7 +56,7 @@ try {
   const repo = join(work, 'repo');
   log(`serve-pull bench: ${size / MiB} MiB disk, ${reps} passes, in ${work}`);
   await makeSource(src);
-  await cli(['backup', src, '--repo', repo, '--no-bitmap']);
+  await cli(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']);
   const packs = [];
   for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) packs.push(join(repo, 'packs', d, f));
   const img = (n) => join(work, `${n}.ksc`);

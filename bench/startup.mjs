@@ -36,7 +36,7 @@ const q = (s) => `'${s.replaceAll("'", "'\\''")}'`;
 const cli = (args) => [node, opt.cli, ...args].map(q).join(' ');
 
 execFileSync(node, [opt.cli, 'create', img, '--size', '1G']);
-execFileSync(node, [opt.cli, 'repo', 'init', repo]);
+execFileSync(node, [opt.cli, 'repo', 'init', repo, '--no-encrypt']);
 
 const ALL = {
   'node -e 0': `${q(node)} -e 0`,

@@ -190,7 +190,7 @@ export async function libBackup(image, location, { bitmap = null, s3env = null }
   try {
     const store = await openRepoStore(location, s3env, true);
     try {
-      return await backupDevice(dev, await Repository.openOrInit(store), { bitmap, source: image });
+      return await backupDevice(dev, await Repository.openOrInit(store, { encrypt: false }), { bitmap, source: image });
     } finally {
       await store.close();
     }
@@ -272,7 +272,7 @@ export async function backupRace(ctx) {
   const sides = {
     cli: async () => {
       await fsp.rm(repo.cli, { recursive: true, force: true });
-      const r = await timedPass(ctx, () => runCliJson(cli, ['backup', src, '--repo', repo.cli, '--no-bitmap'], cliEnv()));
+      const r = await timedPass(ctx, () => runCliJson(cli, ['backup', src, '--repo', repo.cli, '--no-bitmap', '--no-encrypt'], cliEnv()));
       stats.cli.push(r.out);
       return r;
     },
@@ -296,7 +296,7 @@ export async function backupRace(ctx) {
     sides.s3 = async () => {
       if (lastS3) await removeS3Repo(lastS3, s3.env);
       lastS3 = s3Loc();
-      const r = await timedPass(ctx, () => runCliJson(cli, ['backup', src, '--repo', lastS3, '--no-bitmap'], cliEnv(s3.env)));
+      const r = await timedPass(ctx, () => runCliJson(cli, ['backup', src, '--repo', lastS3, '--no-bitmap', '--no-encrypt'], cliEnv(s3.env)));
       stats.s3.push(r.out);
       return r;
     };
@@ -400,7 +400,7 @@ async function incrementalRace(ctx) {
 
   const repoDir = join(work, 'inc-repo');
   let seed = BACKUP.dataSeed + 1;
-  const backup = (side) => (side === 'cli' ? () => runCliJson(cli, ['backup', image, '--repo', repoDir], cliEnv()) : () => libBackup(image, repoDir, { bitmap: BACKUP.bitmap }));
+  const backup = (side) => (side === 'cli' ? () => runCliJson(cli, ['backup', image, '--repo', repoDir, '--no-encrypt'], cliEnv()) : () => libBackup(image, repoDir, { bitmap: BACKUP.bitmap }));
   // One chain: new repository, full backup (timed), rewrite (untimed), incremental (timed). The chain is the
   // unit of a retry (an incremental cannot be re-run on its own); the cleaner of up to 3 chains is kept.
   const chain = async (side, pattern) => {
