@@ -35,6 +35,16 @@ node -e '
       }
     } catch { failed += 1; failures.push(`no report: ${f}`); }
   }
+  // The slowest files (what to trim when the suite outgrows its 30 minutes).
+  const files = [];
+  for (const f of process.argv.slice(1)) {
+    try {
+      for (const file of JSON.parse(require("fs").readFileSync(f, "utf8")).testResults ?? [])
+        files.push([(file.endTime - file.startTime) / 1000, file.name.replace(process.cwd() + "/", "")]);
+    } catch {}
+  }
+  files.sort((a, b) => b[0] - a[0]);
+  console.log("slowest test files (s): " + files.slice(0, 15).map(([t, n]) => `${n} ${t.toFixed(0)}`).join(", "));
   // CI shows only the tail of the output: the failures are repeated here, last.
   for (const line of failures) console.log(line);
   console.log(`tests: ${passed} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
