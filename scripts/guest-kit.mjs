@@ -16,7 +16,7 @@
  * The initramfs is cached under --cache (default $TMPDIR/kscinc-guest) by a key of its inputs.
  */
 import { createHash } from 'node:crypto';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
@@ -212,12 +212,65 @@ const APPEND = [
 ].join(' ');
 
 /**
+ * KVM when it works, else TCG. A /dev/kvm that opens is not enough: on some virtual machines (nested
+ * virtualisation) a KVM guest runs the firmware, then hangs in the kernel's decompressor and prints nothing
+ * more. So the kernel is booted once under KVM without an initramfs: a working KVM prints "Linux version" and
+ * panics (no root) within a second or two; a broken one prints nothing within the probe's 10 s. The answer is
+ * kept per boot of the host (its boot_id) in the temporary folder. KSCINC_GUEST_ACCEL=kvm|tcg decides instead.
+ */
+let accelChosen;
+export function accelerator(kernel) {
+  if (accelChosen) return accelChosen;
+  const forced = process.env.KSCINC_GUEST_ACCEL;
+  if (forced === 'kvm' || forced === 'tcg') return (accelChosen = forced);
+  if (!existsSync('/dev/kvm')) return (accelChosen = 'tcg');
+  let boot = 'unknown';
+  try {
+    boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {}
+  const memo = join(tmpdir(), `kscinc-guest-accel-${boot}`);
+  try {
+    const v = readFileSync(memo, 'utf8').trim();
+    if (v === 'kvm' || v === 'tcg') return (accelChosen = v);
+  } catch {}
+  const r = spawnSync(
+    'qemu-system-x86_64',
+    [
+      '-machine',
+      'pc,accel=kvm',
+      '-cpu',
+      'host',
+      '-m',
+      '128',
+      '-nodefaults',
+      '-no-user-config',
+      '-display',
+      'none',
+      '-serial',
+      'stdio',
+      '-no-reboot',
+      '-kernel',
+      kernel,
+      '-append',
+      'console=ttyS0 panic=-1',
+    ],
+    { encoding: 'latin1', timeout: 10_000, killSignal: 'SIGKILL', stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  accelChosen = /Linux version/.test(r.stdout ?? '') ? 'kvm' : 'tcg';
+  try {
+    writeFileSync(memo, accelChosen + '\n');
+  } catch {}
+  if (accelChosen === 'tcg') process.stderr.write('guest-kit: /dev/kvm is present but a KVM guest did not boot within 10 s: using TCG\n');
+  return accelChosen;
+}
+
+/**
  * The QEMU command line for one boot (test/helpers/guest.ts uses the same). `driveOpts` are appended to the
  * disk's -drive (e.g. `file.reconnect-delay=5`), `extra` to the command line (e.g. -qmp, -incoming). The
  * serial console is QEMU's stdin/stdout: what is written to stdin reaches the guest's /dev/console.
  */
 export function qemuArgs({ kernel, initrd, nbd, scriptFile, memMiB = 256, append = '', driveOpts = '', extra = [] }) {
-  const accel = existsSync('/dev/kvm') ? 'kvm' : 'tcg';
+  const accel = accelerator(kernel);
   return [
     ...['-machine', `pc,accel=${accel}`, '-cpu', accel === 'kvm' ? 'host' : 'max', '-m', String(memMiB), '-smp', '1'],
     ...['-nodefaults', '-no-user-config', '-display', 'none', '-serial', 'stdio', '-no-reboot'],

@@ -1,5 +1,5 @@
 /**
- * A real QEMU guest as a peer (qemu-system-x86_64, TCG unless /dev/kvm exists): a Debian kernel and a
+ * A real QEMU guest as a peer (qemu-system-x86_64, TCG unless a KVM guest boots: scripts/guest-kit.mjs accelerator()): a Debian kernel and a
  * busybox initramfs built by scripts/guest-kit.mjs boot against one NBD export as /dev/vda, run a shell
  * script with the helpers of scripts/guest/ksc.sh (ksc_write, ksc_sha, ksc_readspeed, …), print
  * `KSC-RESULT <name> <value>` lines on the serial console and power off.
