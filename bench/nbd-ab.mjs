@@ -13,13 +13,13 @@
  * (user + system, the serving process and its workers): the figure that holds at any load.
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadavg, tmpdir } from 'node:os';
 import { parseArgs } from 'node:util';
 import { MiB, hostWarm, median, rng, run } from './lib/common.mjs';
 import { CLI, serveKscinc } from './lib/kscinc.mjs';
-import { startPeer } from './races/nbd.mjs';
+import { settled, startPeer, treeCpu } from './races/nbd.mjs';
 
 const { values: a } = parseArgs({
   options: {
@@ -49,6 +49,7 @@ async function startAll(tag, oursArgs, peerArgs) {
   for (const b of builds) {
     const sock = join(work, `${tag}-${b.name}.sock`);
     const s = await serveKscinc([...oursArgs(b), '--socket', sock], { cli: b.cli });
+    await settled(s.proc.pid); // its spare worker started: not counted in the first pass
     out.push({ name: b.name, uri: uriFor(sock), pid: s.proc.pid, stop: s.stop });
   }
   const p = await startPeer(join(work, `${tag}-qemu.sock`), peerArgs);
@@ -56,28 +57,7 @@ async function startAll(tag, oursArgs, peerArgs) {
   return out;
 }
 
-/** CPU seconds (user + system) used so far by process `pid` and its descendants (the serving workers). */
-function cpuOf(pid) {
-  const tree = new Map();
-  for (const l of execFileSync('ps', ['-e', '-o', 'pid=,ppid='], { encoding: 'utf8' }).trim().split('\n')) {
-    const [p, pp] = l.trim().split(/\s+/).map(Number);
-    if (!tree.has(pp)) tree.set(pp, []);
-    tree.get(pp).push(p);
-  }
-  let ticks = 0;
-  const visit = (p) => {
-    try {
-      const f = readFileSync(`/proc/${p}/stat`, 'utf8');
-      const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
-      ticks += Number(rest[11]) + Number(rest[12]);
-    } catch {
-      /* gone */
-    }
-    for (const c of tree.get(p) ?? []) visit(c);
-  };
-  visit(pid);
-  return ticks / 100;
-}
+const cpuOf = treeCpu;
 
 /** Server CPU seconds per pass, per side (filled by measured()). */
 const cpu = {};

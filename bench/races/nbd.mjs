@@ -13,7 +13,7 @@
  * load detector would count them as foreign.
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, readFileSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { MiB, hostWarm, row, rng, run, rmf } from '../lib/common.mjs';
 import { serveKscinc } from '../lib/kscinc.mjs';
@@ -24,10 +24,51 @@ function uriFor(sock) {
   return `nbd+unix:///?socket=${sock}`;
 }
 
-/** Starts `kscinc serve` on a unix socket; resolves once it printed its URI. */
+/** Starts `kscinc serve` on a unix socket; resolves once it printed its URI and has settled (settled()). */
 async function startOurs(ctx, sock, args) {
   const s = await serveKscinc([...args, '--socket', sock], { cli: ctx.cli });
+  await settled(s.proc.pid);
   return { proc: s.proc, uri: uriFor(sock), stop: s.stop };
+}
+
+/** CPU seconds (user + system) used so far by process `pid` and its descendants (also used by bench/nbd-ab.mjs). */
+export function treeCpu(pid) {
+  const tree = new Map();
+  for (const l of execFileSync('ps', ['-e', '-o', 'pid=,ppid='], { encoding: 'utf8' }).trim().split('\n')) {
+    const [p, pp] = l.trim().split(/\s+/).map(Number);
+    if (!tree.has(pp)) tree.set(pp, []);
+    tree.get(pp).push(p);
+  }
+  let ticks = 0;
+  const visit = (p) => {
+    try {
+      const f = readFileSync(`/proc/${p}/stat`, 'utf8');
+      const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(rest[11]) + Number(rest[12]);
+    } catch {
+      /* gone */
+    }
+    for (const c of tree.get(p) ?? []) visit(c);
+  };
+  visit(pid);
+  return ticks / 100;
+}
+
+/**
+ * Waits until `kscinc serve` (process `pid` and its children) is idle: its URI line comes before the
+ * supervisor's spare worker has started (≈ 0.3 s of CPU at the first seconds, as much as a whole pass of
+ * reading the 1 GiB image), which a pass measured right away would pay for, in CPU and, on a loaded
+ * 2-core machine, in wall time. Idle: under 0.02 s of CPU in half a second (at most 20 s).
+ */
+export async function settled(pid) {
+  const until = Date.now() + 20_000;
+  let last = treeCpu(pid);
+  while (Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 500));
+    const now = treeCpu(pid);
+    if (now - last < 0.02) return;
+    last = now;
+  }
 }
 
 /** Starts qemu-nbd on a unix socket; resolves once nbdinfo can connect (also used by bench/nbd-ab.mjs). */
