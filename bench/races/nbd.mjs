@@ -6,7 +6,8 @@
  *    connections, with a final flush;
  *  - sequential read of an overlay (ours ksc_inc, theirs qcow2) on the raw image with 10% of its 64 KiB
  *    blocks rewritten (the same blocks and bytes on both sides);
- *  - random 4 KiB reads, 32 in flight (qemu-img bench; a step of 1 MiB + 4 KiB scatters them over the disk).
+ *  - random 4 KiB reads, 32 in flight (qemu-img bench; a step of 1 MiB + 4 KiB scatters them over the disk);
+ *  - 4 KiB writes, 32 in flight, back to back into a new image (qemu-img bench -w; ksc_inc vs qcow2).
  * Goals (issue 3): ≥ 0.8× qemu-nbd's sequential throughput, ≥ 0.5× its random 4 KiB rate.
  * Both servers' files stay in the page cache (warmed before each pass): this measures the servers, not
  * the disk. Passes are not re-run for "other load": the servers are separate processes, so the suite's
@@ -106,10 +107,11 @@ async function timedRun(cmd, args) {
   return { ms: performance.now() - t0 };
 }
 
-/** Parses "Run completed in X seconds." from qemu-img bench. */
-function benchPass(uri, count) {
+/** Parses "Run completed in X seconds." from qemu-img bench: 4 KiB reads a MiB + 4 KiB apart, or (`write`) writes back to back. */
+function benchPass(uri, count, write = false) {
   return new Promise((resolve, reject) => {
-    const p = spawn('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', '-S', String(MiB + 4096), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const how = write ? ['-w', '-t', 'none'] : ['-S', String(MiB + 4096)];
+    const p = spawn('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', ...how, uri], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     p.stdout.on('data', (d) => (out += d));
     p.stderr.on('data', (d) => (out += d));
@@ -228,6 +230,43 @@ export async function nbdRace(ctx) {
     );
   }
 
+  // ---- 4 KiB writes, 32 in flight, into a new image (ksc_inc vs qcow2; issue 19)
+  {
+    const count = 100_000;
+    const o = [],
+      p = [];
+    for (let rep = 0; rep < reps; rep++) {
+      const k = join(work, 'nbd-w4k.ksc');
+      const q = join(work, 'nbd-w4k.qcow2');
+      await rmf(k, q);
+      execFileSync(process.execPath, [ctx.cli, 'create', k, '--size', String(size)], { stdio: 'ignore' });
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', q, String(size)]);
+      const ours = await startOurs(ctx, sock('ours-w4k'), [k]);
+      const peer = await startPeer(sock('peer-w4k'), ['-f', 'qcow2', q]);
+      try {
+        const order = rep % 2 ? ['p', 'o'] : ['o', 'p'];
+        for (const s of order) (s === 'o' ? o : p).push(await benchPass(s === 'o' ? ours.uri : peer.uri, count, true));
+      } finally {
+        await ours.stop();
+        await peer.stop();
+        await rmf(k, q);
+      }
+      log(`  nbd 4K writes rep ${rep + 1}/${reps}: ours (ksc_inc) ${o[rep].ms.toFixed(0)} ms, qemu-nbd (qcow2) ${p[rep].ms.toFixed(0)} ms (${count} writes)`);
+    }
+    rows.push(
+      row({
+        race: 'nbd',
+        name: '4K writes QD32, new image',
+        bytes: count * 4096,
+        measure: 'qemu-img bench -w (back to back)',
+        ours: o,
+        peer: p,
+        oursLabel: 'kscinc serve (ksc_inc)',
+        peerLabel: 'qemu-nbd (qcow2)',
+        goal: { min: 1.0 },
+      }),
+    );
+  }
   // ---- overlays: 10% of the 64 KiB blocks rewritten, same blocks and bytes on both sides
   {
     const k = join(work, 'nbd-ov.ksc');
