@@ -4,26 +4,28 @@
  * the same peer under the same load. Prints, per row, the median time of each side, its range, and each
  * build's median of per-pass ratios against qemu-nbd.
  *
- *   node bench/nbd-ab.mjs --image FILE [--passes 5] [--rows read1,read4,rand,write1,write4,ov1,ov4]
+ *   node bench/nbd-ab.mjs --image FILE [--passes 5] [--rows read1,read4,rand,write1,write4,randw,ov1,ov4]
  *        [--side new=dist/cli/kscinc.cjs] [--side old=/tmp/old/dist/cli/kscinc.cjs] [--work DIR]
  *
  * Servers as in the race: unix sockets, `kscinc serve FILE [--read-only]`, `qemu-nbd --shared=8`; files warm
- * in the page cache; nbdcopy (1 and 4 connections) and qemu-img bench (100k random 4 KiB reads, QD32).
+ * in the page cache; nbdcopy (1 and 4 connections) and qemu-img bench (100k 4 KiB reads a MiB apart, or
+ * 100k 4 KiB writes back to back into a new image, QD32). Each row prints the servers' CPU time per pass
+ * (user + system, the serving process and its workers): the figure that holds at any load.
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadavg, tmpdir } from 'node:os';
 import { parseArgs } from 'node:util';
 import { MiB, hostWarm, median, rng, run } from './lib/common.mjs';
 import { CLI, serveKscinc } from './lib/kscinc.mjs';
-import { startPeer } from './races/nbd.mjs';
+import { settled, startPeer, treeCpu } from './races/nbd.mjs';
 
 const { values: a } = parseArgs({
   options: {
     image: { type: 'string' },
     passes: { type: 'string', default: '5' },
-    rows: { type: 'string', default: 'read1,read4,rand,write1,write4,ov1,ov4' },
+    rows: { type: 'string', default: 'read1,read4,rand,write1,write4,randw,ov1,ov4' },
     side: { type: 'string', multiple: true, default: [] },
     work: { type: 'string' },
   },
@@ -47,6 +49,7 @@ async function startAll(tag, oursArgs, peerArgs) {
   for (const b of builds) {
     const sock = join(work, `${tag}-${b.name}.sock`);
     const s = await serveKscinc([...oursArgs(b), '--socket', sock], { cli: b.cli });
+    await settled(s.proc.pid); // its spare worker started: not counted in the first pass
     out.push({ name: b.name, uri: uriFor(sock), pid: s.proc.pid, stop: s.stop });
   }
   const p = await startPeer(join(work, `${tag}-qemu.sock`), peerArgs);
@@ -54,28 +57,7 @@ async function startAll(tag, oursArgs, peerArgs) {
   return out;
 }
 
-/** CPU seconds (user + system) used so far by process `pid` and its descendants (the serving workers). */
-function cpuOf(pid) {
-  const tree = new Map();
-  for (const l of execFileSync('ps', ['-e', '-o', 'pid=,ppid='], { encoding: 'utf8' }).trim().split('\n')) {
-    const [p, pp] = l.trim().split(/\s+/).map(Number);
-    if (!tree.has(pp)) tree.set(pp, []);
-    tree.get(pp).push(p);
-  }
-  let ticks = 0;
-  const visit = (p) => {
-    try {
-      const f = readFileSync(`/proc/${p}/stat`, 'utf8');
-      const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
-      ticks += Number(rest[11]) + Number(rest[12]);
-    } catch {
-      /* gone */
-    }
-    for (const c of tree.get(p) ?? []) visit(c);
-  };
-  visit(pid);
-  return ticks / 100;
-}
+const cpuOf = treeCpu;
 
 /** Server CPU seconds per pass, per side (filled by measured()). */
 const cpu = {};
@@ -94,8 +76,10 @@ async function timedMs(cmd, args) {
   return performance.now() - t0;
 }
 
-function benchMs(uri, count) {
-  const out = execFileSync('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', '-S', String(MiB + 4096), uri], { encoding: 'utf8' });
+/** `qemu-img bench` of `count` 4 KiB requests at QD32: reads a MiB + 4 KiB apart, or (`write`) writes back to back. */
+function benchMs(uri, count, write = false) {
+  const how = write ? ['-w', '-t', 'none'] : ['-S', String(MiB + 4096)];
+  const out = execFileSync('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', ...how, uri], { encoding: 'utf8' });
   const m = /Run completed in ([\d.]+) seconds/.exec(out);
   if (!m) throw new Error(`qemu-img bench: ${out}`);
   return Number(m[1]) * 1000;
@@ -156,8 +140,8 @@ try {
       for (const s of sides) await s.stop();
     }
   }
-  for (const c of [1, 4]) {
-    if (!rows.includes(`write${c}`)) continue;
+  for (const c of [1, 4, 'randw']) {
+    if (!rows.includes(c === 'randw' ? c : `write${c}`)) continue;
     const samples = Object.fromEntries([...builds.map((b) => b.name), 'qemu-nbd'].map((n) => [n, []]));
     for (let p = 0; p < passes; p++) {
       const files = builds.map((b) => join(work, `w-${b.name}.ksc`));
@@ -169,13 +153,13 @@ try {
       try {
         await hostWarm(src);
         const order = sides.map((_, i) => sides[(i + p) % sides.length]);
-        for (const x of order) samples[x.name].push(await measured(x, () => timedMs('nbdcopy', ['--flush', `--connections=${c}`, src, x.uri])));
-        if (p === 0) for (const x of sides) execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, x.uri]);
+        for (const x of order) samples[x.name].push(await measured(x, async () => (c === 'randw' ? benchMs(x.uri, 100_000, true) : timedMs('nbdcopy', ['--flush', `--connections=${c}`, src, x.uri]))));
+        if (p === 0 && c !== 'randw') for (const x of sides) execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, x.uri]);
       } finally {
         for (const s of sides) await s.stop();
       }
     }
-    report(`seq write new image, ${c} conn`, size, samples);
+    report(c === 'randw' ? '4K writes QD32 (100k, qemu-img bench -w), new image' : `seq write new image, ${c} conn`, c === 'randw' ? 100_000 * 4096 : size, samples);
   }
   if (rows.includes('ov1') || rows.includes('ov4')) {
     const q = join(work, 'ov.qcow2');

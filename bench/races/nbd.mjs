@@ -6,14 +6,15 @@
  *    connections, with a final flush;
  *  - sequential read of an overlay (ours ksc_inc, theirs qcow2) on the raw image with 10% of its 64 KiB
  *    blocks rewritten (the same blocks and bytes on both sides);
- *  - random 4 KiB reads, 32 in flight (qemu-img bench; a step of 1 MiB + 4 KiB scatters them over the disk).
+ *  - random 4 KiB reads, 32 in flight (qemu-img bench; a step of 1 MiB + 4 KiB scatters them over the disk);
+ *  - 4 KiB writes, 32 in flight, back to back into a new image (qemu-img bench -w; ksc_inc vs qcow2).
  * Goals (issue 3): ≥ 0.8× qemu-nbd's sequential throughput, ≥ 0.5× its random 4 KiB rate.
  * Both servers' files stay in the page cache (warmed before each pass): this measures the servers, not
  * the disk. Passes are not re-run for "other load": the servers are separate processes, so the suite's
  * load detector would count them as foreign.
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, promises as fsp } from 'node:fs';
+import { existsSync, readFileSync, promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import { MiB, hostWarm, row, rng, run, rmf } from '../lib/common.mjs';
 import { serveKscinc } from '../lib/kscinc.mjs';
@@ -24,10 +25,51 @@ function uriFor(sock) {
   return `nbd+unix:///?socket=${sock}`;
 }
 
-/** Starts `kscinc serve` on a unix socket; resolves once it printed its URI. */
+/** Starts `kscinc serve` on a unix socket; resolves once it printed its URI and has settled (settled()). */
 async function startOurs(ctx, sock, args) {
   const s = await serveKscinc([...args, '--socket', sock], { cli: ctx.cli });
+  await settled(s.proc.pid);
   return { proc: s.proc, uri: uriFor(sock), stop: s.stop };
+}
+
+/** CPU seconds (user + system) used so far by process `pid` and its descendants (also used by bench/nbd-ab.mjs). */
+export function treeCpu(pid) {
+  const tree = new Map();
+  for (const l of execFileSync('ps', ['-e', '-o', 'pid=,ppid='], { encoding: 'utf8' }).trim().split('\n')) {
+    const [p, pp] = l.trim().split(/\s+/).map(Number);
+    if (!tree.has(pp)) tree.set(pp, []);
+    tree.get(pp).push(p);
+  }
+  let ticks = 0;
+  const visit = (p) => {
+    try {
+      const f = readFileSync(`/proc/${p}/stat`, 'utf8');
+      const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
+      ticks += Number(rest[11]) + Number(rest[12]);
+    } catch {
+      /* gone */
+    }
+    for (const c of tree.get(p) ?? []) visit(c);
+  };
+  visit(pid);
+  return ticks / 100;
+}
+
+/**
+ * Waits until `kscinc serve` (process `pid` and its children) is idle: its URI line comes before the
+ * supervisor's spare worker has started (≈ 0.3 s of CPU at the first seconds, as much as a whole pass of
+ * reading the 1 GiB image), which a pass measured right away would pay for, in CPU and, on a loaded
+ * 2-core machine, in wall time. Idle: under 0.02 s of CPU in half a second (at most 20 s).
+ */
+export async function settled(pid) {
+  const until = Date.now() + 20_000;
+  let last = treeCpu(pid);
+  while (Date.now() < until) {
+    await new Promise((r) => setTimeout(r, 500));
+    const now = treeCpu(pid);
+    if (now - last < 0.02) return;
+    last = now;
+  }
 }
 
 /** Starts qemu-nbd on a unix socket; resolves once nbdinfo can connect (also used by bench/nbd-ab.mjs). */
@@ -65,10 +107,11 @@ async function timedRun(cmd, args) {
   return { ms: performance.now() - t0 };
 }
 
-/** Parses "Run completed in X seconds." from qemu-img bench. */
-function benchPass(uri, count) {
+/** Parses "Run completed in X seconds." from qemu-img bench: 4 KiB reads a MiB + 4 KiB apart, or (`write`) writes back to back. */
+function benchPass(uri, count, write = false) {
   return new Promise((resolve, reject) => {
-    const p = spawn('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', '-S', String(MiB + 4096), uri], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const how = write ? ['-w', '-t', 'none'] : ['-S', String(MiB + 4096)];
+    const p = spawn('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', ...how, uri], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     p.stdout.on('data', (d) => (out += d));
     p.stderr.on('data', (d) => (out += d));
@@ -187,6 +230,43 @@ export async function nbdRace(ctx) {
     );
   }
 
+  // ---- 4 KiB writes, 32 in flight, into a new image (ksc_inc vs qcow2; issue 19)
+  {
+    const count = 100_000;
+    const o = [],
+      p = [];
+    for (let rep = 0; rep < reps; rep++) {
+      const k = join(work, 'nbd-w4k.ksc');
+      const q = join(work, 'nbd-w4k.qcow2');
+      await rmf(k, q);
+      execFileSync(process.execPath, [ctx.cli, 'create', k, '--size', String(size)], { stdio: 'ignore' });
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', q, String(size)]);
+      const ours = await startOurs(ctx, sock('ours-w4k'), [k]);
+      const peer = await startPeer(sock('peer-w4k'), ['-f', 'qcow2', q]);
+      try {
+        const order = rep % 2 ? ['p', 'o'] : ['o', 'p'];
+        for (const s of order) (s === 'o' ? o : p).push(await benchPass(s === 'o' ? ours.uri : peer.uri, count, true));
+      } finally {
+        await ours.stop();
+        await peer.stop();
+        await rmf(k, q);
+      }
+      log(`  nbd 4K writes rep ${rep + 1}/${reps}: ours (ksc_inc) ${o[rep].ms.toFixed(0)} ms, qemu-nbd (qcow2) ${p[rep].ms.toFixed(0)} ms (${count} writes)`);
+    }
+    rows.push(
+      row({
+        race: 'nbd',
+        name: '4K writes QD32, new image',
+        bytes: count * 4096,
+        measure: 'qemu-img bench -w (back to back)',
+        ours: o,
+        peer: p,
+        oursLabel: 'kscinc serve (ksc_inc)',
+        peerLabel: 'qemu-nbd (qcow2)',
+        goal: { min: 1.0 },
+      }),
+    );
+  }
   // ---- overlays: 10% of the 64 KiB blocks rewritten, same blocks and bytes on both sides
   {
     const k = join(work, 'nbd-ov.ksc');

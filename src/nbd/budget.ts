@@ -63,6 +63,8 @@ export class ConnectionShare {
    * gives them back (once). Rejects with what `gone()` says once the connection no longer needs them.
    */
   async admit(cost: number, gone: () => Error | null): Promise<() => void> {
+    const now = this.tryAdmit(cost, gone);
+    if (now) return now;
     const check = (): void => {
       const e = gone();
       if (e) throw e;
@@ -80,6 +82,23 @@ export class ConnectionShare {
       await this.server.next();
       check();
     }
+    return this.hold(cost);
+  }
+
+  /**
+   * admit() without a promise when `cost` fits now (the common case: the request loop takes no hop);
+   * null when it would have to wait. Throws what `gone()` says.
+   */
+  tryAdmit(cost: number, gone: () => Error | null): (() => void) | null {
+    const e = gone();
+    if (e) throw e;
+    if (this.pending > 0 && this.pending + cost > this.max) return null;
+    if (!this.server.tryTake(cost)) return null;
+    return this.hold(cost);
+  }
+
+  /** Counts `cost` (already taken from the server budget) as this share's; returns the give-back. */
+  private hold(cost: number): () => void {
     this.pending += cost;
     let given = false;
     return () => {

@@ -98,6 +98,7 @@ export class Connection implements Link {
   /** STARTTLS (formats/nbd.md §5): the TLS handshake, then replies and requests go through the TLS socket. */
   async startTls(cfg: TlsServerConfig): Promise<void> {
     this.reader.release(); // nothing is buffered: the handshake checked it before the ACK
+    this.uncorkNow(); // the ACK leaves before the TLS handshake, which writes to the socket's handle directly
     this.zc = null; // replies go through the TLS socket
     const s = await startServerTls(this.raw, cfg, this.server.handshakeTimeoutMs);
     s.socket.on('error', () => {});
@@ -189,6 +190,7 @@ export class Connection implements Link {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
       this.reader.abort();
       await this.transmission?.settled();
+      this.uncorkNow(); // the replies of requests read before the violation leave before the socket closes
       // A refusal during the handshake (TLS required or refused) may have just written its error reply: let it leave.
       if (e instanceof NbdProtocolError && e.violation.startsWith('tls-')) await this.ended(1000);
       this.socket.destroy();
@@ -298,6 +300,7 @@ export class Connection implements Link {
       if (parts.some(isRange)) {
         if (this.zc) {
           // Zero-copy bytes go straight to the kernel: only once Node has queued nothing (ordering).
+          this.uncorkNow();
           while (!s.destroyed && s.writableLength > 0) await this.waitDrain();
           if (this.holding || s.destroyed) continue;
           const r = sendZeroCopy(this.zc.ops, this.zc.fd, parts);
@@ -348,15 +351,34 @@ export class Connection implements Link {
     }
   }
 
-  /** Queues a reply's buffers on the socket in one burst. */
+  /**
+   * Queues a reply's buffers on the socket in one burst. The socket stays corked until the event loop's
+   * check phase: every reply completed in the same turn of the loop (a queue of small WRITEs and READs
+   * finishing together) leaves in one writev instead of one system call each.
+   */
   private write(parts: Buffer[], sent?: () => void): void {
     const s = this.socket;
-    s.cork();
+    if (this.corked !== s) {
+      this.uncorkNow();
+      s.cork();
+      this.corked = s;
+      setImmediate(this.uncorkNow);
+    }
     for (let i = 0; i < parts.length - 1; i++) s.write(parts[i]!);
     s.write(parts[parts.length - 1]!, () => {
       sent?.();
       if (s.writableLength === 0) this.flushed?.();
     });
-    s.uncork();
   }
+
+  /** The socket write() corked, until uncorkNow(). */
+  private corked: net.Socket | null = null;
+
+  /** Sends the replies write() has queued now (also before zero-copy sends and STARTTLS, which bypass the queue). */
+  private readonly uncorkNow = (): void => {
+    const s = this.corked;
+    if (!s) return;
+    this.corked = null;
+    s.uncork();
+  };
 }

@@ -124,9 +124,10 @@ export class SocketReader {
   /**
    * Exactly n bytes; rejects with SocketClosedError when the peer goes away first. With `stall`, rejects with
    * StallError when no byte arrives for `stall.ms` while waiting (with `idleOk`, the clock starts only once
-   * a first byte of these n is here: a peer may idle between requests, not inside one).
+   * a first byte of these n is here: a peer may idle between requests, not inside one). Bytes spanning
+   * several received chunks are gathered into `alloc(n)` when given (a pool's buffer), else a fresh one.
    */
-  async read(n: number, stall?: { ms: number; what: string; idleOk?: boolean }): Promise<Buffer> {
+  async read(n: number, stall?: { ms: number; what: string; idleOk?: boolean }, alloc?: (n: number) => Buffer): Promise<Buffer> {
     if (this.buffered < n) {
       if (this.error || this.ended) throw this.error ?? new SocketClosedError();
       this.want = n;
@@ -144,11 +145,20 @@ export class SocketReader {
         this.want = 0;
       }
     }
-    return this.take(n);
+    return this.take(n, alloc);
   }
 
-  private take(n: number): Buffer {
-    const out = takeBytes(this.chunks, n);
+  /**
+   * The next n bytes if they are here already, without a promise (the request loop's fast path); null
+   * otherwise (then read() waits for them). `alloc` as for read().
+   */
+  takeNow(n: number, alloc?: (n: number) => Buffer): Buffer | null {
+    return this.buffered >= n ? this.take(n, alloc) : null;
+  }
+
+  /** `alloc` (read(), takeNow()): where bytes spanning several received chunks are gathered (takeBytes). */
+  private take(n: number, alloc?: (n: number) => Buffer): Buffer {
+    const out = takeBytes(this.chunks, n, alloc);
     this.buffered -= n;
     if (this.buffered < this.lowWater && !this.ended && !this.stopped) this.socket.resume();
     return out;

@@ -68,20 +68,23 @@ export class Transmission {
         this.paused = true;
         return;
       }
-      let hdr: Buffer;
-      try {
-        // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
-        this.atBoundary = true;
-        hdr = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
-      } catch (e) {
-        if (e instanceof InterruptedError) {
-          this.paused = true;
-          return;
+      // A header already received is taken without a promise hop (a client's queue of requests arrives in one chunk).
+      let hdr = link.reader.takeNow(REQUEST_SIZE);
+      if (!hdr) {
+        try {
+          // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
+          this.atBoundary = true;
+          hdr = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
+        } catch (e) {
+          if (e instanceof InterruptedError) {
+            this.paused = true;
+            return;
+          }
+          if (e instanceof SocketClosedError) return;
+          throw e;
+        } finally {
+          this.atBoundary = false;
         }
-        if (e instanceof SocketClosedError) return;
-        throw e;
-      } finally {
-        this.atBoundary = false;
       }
       const req = decodeRequest(hdr);
       if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);
@@ -95,35 +98,44 @@ export class Transmission {
       const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
       let release: () => void;
       try {
-        release = await this.share.admit(cost, () => (this.gone() ? new SocketClosedError() : null));
+        release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
       } catch (e) {
         if (e instanceof SocketClosedError) return;
         throw e;
       }
       let payload: Buffer | null = null;
+      // A payload spanning several received chunks is gathered into a pool buffer (given back once written).
+      let pooled: Buffer | null = null;
       if (req.type === CMD.WRITE || lz4 >= 0) {
         // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
         const n = lz4 >= 0 ? lz4 : req.length;
+        const alloc = (k: number): Buffer => (pooled = this.server.pool.take(k));
         try {
-          payload = await link.reader.read(n, { ms: stall, what: `write payload of ${n} bytes` });
+          payload = link.reader.takeNow(n, alloc) ?? (await link.reader.read(n, { ms: stall, what: `write payload of ${n} bytes` }, alloc));
         } catch (e) {
           release();
           throw e;
         }
       }
       while (this.inflight.size >= this.server.maxInFlight) await Promise.race(this.inflight);
-      const p: Promise<void> = this.handle(req, payload, release).finally(() => this.inflight.delete(p));
+      const p: Promise<void> = this.handle(req, payload, pooled, release).finally(() => this.inflight.delete(p));
       this.inflight.add(p);
     }
   }
+
+  private readonly goneError = (): Error | null => (this.gone() ? new SocketClosedError() : null);
 
   /** Stopping, cut, or the peer went away (it will not read replies to requests not yet run). */
   private gone(): boolean {
     return this.link.stopping || this.link.destroyed || this.link.reader.finished;
   }
 
-  /** Validates, executes and answers one request; its budget is given back once the socket has taken the reply. */
-  private async handle(req: Request, payload: Buffer | null, release: () => void): Promise<void> {
+  /**
+   * Validates, executes and answers one request; its budget is given back once the socket has taken the
+   * reply. `pooled`, the pool buffer under `payload` if any, goes back to the pool once the device has
+   * written it; not after a failure (a failed write may leave some of its pieces still being written).
+   */
+  private async handle(req: Request, payload: Buffer | null, pooled: Buffer | null, release: () => void): Promise<void> {
     const { link, state } = this;
     const dev = this.exp.device;
     // A negotiated KSC_WRITE_LZ4 (its payload read) is checked and run as the WRITE it decodes to (§3.2).
@@ -131,10 +143,15 @@ export class Transmission {
     try {
       const off = validateRequest(w, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
       const via = checkIncomingWrite(this.exp, state, w, (l) => link.log(l)); // a staged replication cycle's writes go to its log (formats/migrate.md §11.7)
-      if (w !== req) payload = decodeLz4Write(req, payload!);
+      if (w !== req) {
+        payload = decodeLz4Write(req, payload!);
+        if (pooled) this.server.pool.give([pooled]); // decoded into a buffer of its own
+        pooled = null;
+      }
       const x = { dev: via ?? dev, state, pool: this.server.pool, recycle: [] as Buffer[], zeroCopy: link.zeroCopy };
       const parts = await execute(x, w, off, payload);
       payload = null;
+      if (pooled) this.server.pool.give([pooled]);
       await link.send(parts, () => {
         if (x.recycle.length) this.server.pool.give(x.recycle);
         release();
