@@ -12,7 +12,7 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
 import { SharedSlot } from '../compress/pool.js';
 import type { Read } from '../repo/fetch.js';
 import { planBulkReads } from './bulk-plan.js';
@@ -24,7 +24,8 @@ import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { Repository, type RepoLock } from '../repo/repository.js';
+import { Repository, STALE_MS, systemLockClock, type RepoLock } from '../repo/repository.js';
+import { takeLock } from '../repo/locks.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
@@ -114,13 +115,27 @@ export class BackupBacking implements BlockDevice {
       throw new KscError((e as KscError).code ?? 'KSC_E_UNAVAILABLE', `image ${image}: its backing repository ${location} cannot be opened: ${(e as Error).message}`, { cause: e });
     });
     let lock: RepoLock | null = null;
+    // Side by side (issue 18: each is a round trip on S3): the config, the shared lock, the manifest (read
+    // once the config is; checked against the image below, rule 1, so it need not wait for the lock).
+    // repository.md §8.1: a writer's open renews the image's reference, under the shared lock: put once the
+    // lock is held and the location proved a repository (a reference put for a manifest found wrong only
+    // names this image, as before).
+    const abs = nodePath.resolve(image);
+    const opened = Repository.open(store);
+    const locked = opts.hold ? readerLockOf(store, opened, `live restore of backup ${ref.id} into ${image}`) : Promise.resolve(null);
+    const read = opened.then((repo) => repo.readManifest(ref.id));
+    // The index objects are listed beside the manifest read once the lock is held (no prune changes them
+    // then): the index a writer's open prefetches needs them (below).
+    const listing = opts.hold ? Promise.all([opened, locked]).then(([repo]) => repo.indexObjects()) : null;
+    listing?.catch(() => undefined);
+    const renewed = opts.hold ? Promise.all([locked, opened]).then(() => putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs })) : Promise.resolve(null);
+    const all = await Promise.allSettled([opened, locked, read, renewed]);
     try {
-      const repo = await Repository.open(store);
-      if (opts.hold) lock = await repo.readerLock(`live restore of backup ${ref.id} into ${image}`, 0);
-      // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, beside the
-      // check of the manifest: a reference put for a manifest found wrong only names this image, as before).
-      const abs = nodePath.resolve(image);
-      const [m] = await Promise.all([repo.readManifest(ref.id), opts.hold ? putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs }) : null]);
+      if (all[1].status === 'fulfilled') lock = all[1].value;
+      const failed = all.find((x) => x.status === 'rejected');
+      if (failed) throw failed.reason;
+      const repo = (all[0] as PromiseFulfilledResult<Repository>).value;
+      const m = (all[2] as PromiseFulfilledResult<Manifest>).value;
       checkManifest(image, m, ref, size, repo.name);
       const local = opts.localBase ? LocalBase.check(image, m, opts.localBase.ref, opts.localBase.dev) : null;
       const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock, local);
@@ -129,7 +144,7 @@ export class BackupBacking implements BlockDevice {
         b.image = abs;
         b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
         b.renewTimer.unref();
-        b.src.prefetchIndex();
+        b.src.prefetchIndex(listing!);
       }
       return b;
     } catch (e) {
@@ -382,6 +397,20 @@ export class BackupBacking implements BlockDevice {
 
   private readOnlyError(): KscError {
     return new KscError('KSC_E_READ_ONLY', `${this.name}: a backup is read-only (writes go to the image above it)`);
+  }
+}
+
+/**
+ * Repository.readerLock with no wait (§4.2 rule 5), taken while `opened` reads the config: a lock needs
+ * only the store. The repository's lock timing is the default one (no repository is there yet to ask).
+ */
+async function readerLockOf(store: ObjectStore, opened: Promise<Repository>, what: string): Promise<RepoLock | null> {
+  try {
+    return await takeLock(store, { staleMs: STALE_MS, clock: systemLockClock }, 'shared', what, { waitMs: 0 });
+  } catch (e) {
+    if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
+    await opened.catch(() => undefined);
+    return null; // a read-only repository: no lock object can be written (as readerLock)
   }
 }
 

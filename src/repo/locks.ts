@@ -221,8 +221,8 @@ export async function listLocks(store: ObjectStore, timing: LockTiming, now?: nu
   return (await scanLocks(store, timing, now, own)).locks;
 }
 
-/** listLocks, and the storage time it judged them at. */
-export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: number, own?: string): Promise<{ now: number; locks: LockInfo[] }> {
+/** listLocks, and the storage time it judged them at. `ownBody`: the body of lock `own` as this process put it (not read back). */
+export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: number, own?: string, ownBody?: LockBody): Promise<{ now: number; locks: LockInfo[] }> {
   const objects: { key: string; mtimeMs: number }[] = [];
   for await (const o of store.list('locks/')) objects.push(o);
   let t = now ?? objects.find((o) => o.key === own)?.mtimeMs;
@@ -238,6 +238,11 @@ export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: nu
   const out: LockInfo[] = [];
   for (const o of objects) {
     if (PROBE_KEY_RE.test(o.key) && t - o.mtimeMs <= timing.staleMs) continue;
+    if (o.key === own && ownBody) {
+      // Its body is the one just put: not read back (a round trip of every lock taken, issue 18).
+      out.push(judgeLock(o.key, Buffer.from(JSON.stringify(ownBody)), o.mtimeMs, t, timing.staleMs));
+      continue;
+    }
     let raw: Buffer | null = null;
     try {
       raw = await store.get(o.key);
@@ -292,7 +297,7 @@ async function tryLock(store: ObjectStore, timing: LockTiming, kind: 'shared' | 
   let now: number;
   try {
     // Without its own object, the storage time is the host's: a local folder's mtimes come from this kernel.
-    const scan = await scanLocks(store, timing, written ? undefined : timing.clock.wall(), key);
+    const scan = await scanLocks(store, timing, written ? undefined : timing.clock.wall(), key, body);
     others = scan.locks.filter((l) => l.key !== key);
     now = scan.now;
   } catch (e) {

@@ -327,9 +327,12 @@ export class Repository {
    * Reads every index object whole (readIndex). A damaged one is reported through `onDamage` (or thrown when
    * absent). `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id
    * (16 bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
-   * needed, not the repository.
+   * needed, not the repository. `objects`: the index objects to read (default: a listing made now).
    */
-  async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean; expected?: number } = {}): Promise<ChunkIndex> {
+  async loadIndex(
+    onDamage?: (key: string, e: KscError) => void,
+    opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean; expected?: number; objects?: IndexObjects } = {},
+  ): Promise<ChunkIndex> {
     // `expected`: entries the caller knows will come (a restore: its chunks), so the table never grows by
     // rehashing, which holds the old and the new table at once (1.5× the memory at the peak).
     const idx = new ChunkIndex({ locations: opts.locations ?? true, expected: opts.expected });
@@ -338,7 +341,7 @@ export class Repository {
     const visit: IndexVisitor = (b, at, pack, offset, length, rawLength) => {
       if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
     };
-    const read = await this.readIndex(undefined, () => ({ visit }), onDamage);
+    const read = await this.readIndex(opts.objects, () => ({ visit }), onDamage);
     idx.objects.push(...read);
     return idx;
   }
@@ -411,6 +414,20 @@ export class Repository {
       const { ids: _ids, root: _root, ...info } = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key));
       return info;
     });
+  }
+
+  /**
+   * readManifestInfo, with the whole manifest too when reading the metadata read it all anyway (a small
+   * manifest): a search that then needs the one it found reads it once, not twice (issue 18).
+   */
+  async readManifestInfoOrWhole(id: string): Promise<{ info: ManifestInfo; whole: Manifest | null }> {
+    let whole: Manifest | null = null;
+    const info = await this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
+      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
+      whole = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key), storeForList);
+      return whole;
+    });
+    return { info, whole };
   }
 
   /**
