@@ -111,7 +111,8 @@ export class BackupBacking implements BlockDevice {
    * manifest that is not the one the image names (rule 1).
    */
   static async open(image: string, location: string, ref: BackupRef, size: number, opts: { hold: boolean; localBase?: { ref: LocalBaseRef; dev: BlockDevice } }): Promise<BackupBacking> {
-    const store = await openStore(location).catch((e: unknown) => {
+    // No bucket check first (S3): the config and lock requests below find a missing bucket as well.
+    const store = await openStore(location, { s3Options: { check: false } }).catch((e: unknown) => {
       throw new KscError((e as KscError).code ?? 'KSC_E_UNAVAILABLE', `image ${image}: its backing repository ${location} cannot be opened: ${(e as Error).message}`, { cause: e });
     });
     let lock: RepoLock | null = null;

@@ -64,9 +64,15 @@ async function openAny(location: string, opts: OpenStoreOptions): Promise<Object
     const s3opts: S3StoreOptions = { ...opts.s3Options, create: opts.create ?? false };
     // Traced (KSCINC_STORE_TRACE, trace.ts) under the retries: every request sent is seen, the retried too.
     const open = (): Promise<ObjectStore> =>
-      storeTraceOn()
-        ? traced(location, 'open', '', () => S3Store.open(config, s3opts), () => 0).then((s) => withStoreTrace(s))
-        : S3Store.open(config, s3opts);
+      storeTraceOn() && s3opts.check !== false
+        ? traced(
+            location,
+            'open',
+            '',
+            () => S3Store.open(config, s3opts),
+            () => 0,
+          ).then((s) => withStoreTrace(s))
+        : S3Store.open(config, s3opts).then((s) => withStoreTrace(s));
     if (opts.retry === false) return open();
     const retry = opts.retry ?? {};
     const store = await retryCall(open, retry, 'open', location);

@@ -43,11 +43,24 @@ let t0: number | null = null;
 /** The highest round among the requests that have ended. */
 let doneRound = 0;
 
-/** Subscribes `sink` to every request of stores opened from now on; returns the unsubscribe. */
-export function onStoreRequest(sink: Sink): () => void {
+/** Each traced request waits this long before it is sent (tests: see onStoreRequest). */
+let delayMs = 0;
+
+/**
+ * Subscribes `sink` to every request of stores opened from now on; returns the unsubscribe. `delayMs`
+ * (tests counting rounds): every traced request waits that long before it is sent, so requests sent side by
+ * side overlap, and share a round, however fast the store answers.
+ */
+export function onStoreRequest(sink: Sink, opts: { delayMs?: number } = {}): () => void {
   sinks.add(sink);
-  return () => void sinks.delete(sink);
+  delayMs = opts.delayMs ?? delayMs;
+  return () => {
+    sinks.delete(sink);
+    if (opts.delayMs !== undefined) delayMs = 0;
+  };
 }
+
+const pause = (): Promise<void> | undefined => (delayMs > 0 ? new Promise((r) => setTimeout(r, delayMs)) : undefined);
 
 /** Starts counting rounds from 0 again (a test measuring one path). */
 export function resetStoreRounds(): void {
@@ -61,9 +74,7 @@ function tracing(env: NodeJS.ProcessEnv): boolean {
 function stderrLine(r: StoreRequest): void {
   const range = r.offset !== undefined ? ` [${r.offset}+${r.length}]` : '';
   const err = r.error ? ` FAILED ${r.error}` : '';
-  process.stderr.write(
-    `kscinc store: #${r.seq} ${r.store} ${r.op} ${r.key}${range} +${(r.startMs - t0!).toFixed(1)} ms ${(r.endMs - r.startMs).toFixed(1)} ms ${r.bytes} B round ${r.round}${err}\n`,
-  );
+  process.stderr.write(`kscinc store: #${r.seq} ${r.store} ${r.op} ${r.key}${range} +${(r.startMs - t0!).toFixed(1)} ms ${(r.endMs - r.startMs).toFixed(1)} ms ${r.bytes} B round ${r.round}${err}\n`);
 }
 
 interface Started {
@@ -90,6 +101,7 @@ function end(t: Started, store: string, op: TracedOp, key: string, bytes: number
 export async function traced<T>(store: string, op: TracedOp, key: string, fn: () => Promise<T>, size: (v: T) => number, range?: { offset: number; length: number }): Promise<T> {
   const t = begin();
   try {
+    await pause();
     const v = await fn();
     end(t, store, op, key, size(v), undefined, range);
     return v;
@@ -120,7 +132,15 @@ class TraceStore implements ObjectStore {
   constructor(private readonly inner: ObjectStore) {
     this.name = inner.name;
     if (inner.getRangeInto) {
-      this.getRangeInto = (key, offset, target) => traced(this.name, 'getRange', key, () => inner.getRangeInto!(key, offset, target), () => target.length, { offset, length: target.length });
+      this.getRangeInto = (key, offset, target) =>
+        traced(
+          this.name,
+          'getRange',
+          key,
+          () => inner.getRangeInto!(key, offset, target),
+          () => target.length,
+          { offset, length: target.length },
+        );
     }
     if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
     if (inner.sweepTemp) this.sweepTemp = (ms, now) => inner.sweepTemp!(ms, now);
@@ -140,10 +160,23 @@ class TraceStore implements ObjectStore {
     );
   }
   get(key: string): Promise<Buffer> {
-    return traced(this.name, 'get', key, () => this.inner.get(key), (b) => b.length);
+    return traced(
+      this.name,
+      'get',
+      key,
+      () => this.inner.get(key),
+      (b) => b.length,
+    );
   }
   getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return traced(this.name, 'getRange', key, () => this.inner.getRange(key, offset, length), (b) => b.length, { offset, length });
+    return traced(
+      this.name,
+      'getRange',
+      key,
+      () => this.inner.getRange(key, offset, length),
+      (b) => b.length,
+      { offset, length },
+    );
   }
   stat(key: string): Promise<ObjectInfo | null> {
     return traced(this.name, 'stat', key, () => this.inner.stat(key), none);
@@ -160,6 +193,7 @@ class TraceStore implements ObjectStore {
     let n = 0;
     let error: unknown;
     try {
+      await pause();
       for await (const o of this.inner.list(prefix)) {
         n++;
         yield o;
