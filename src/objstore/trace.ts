@@ -8,8 +8,9 @@
  * the process, how long it took, the bytes it moved, and its round: 1 + the highest round among the
  * requests that had ended when it started, so requests sent side by side share a round and the last round
  * is the number of sequential round trips so far). `open` is the connection check a store makes when it
- * is opened (S3: one HEAD of the bucket). A listing is one line however many pages it took. Tests and
- * benches subscribe with `onStoreRequest` instead (stores opened while a subscriber is there are traced).
+ * is opened (S3: one HEAD of the bucket). A listing is one line however many pages it took (its items
+ * counted instead of bytes). Tests and benches subscribe with `onStoreRequest` instead (stores opened
+ * while a subscriber is there are traced).
  */
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from './types.js';
 
@@ -74,7 +75,9 @@ function tracing(env: NodeJS.ProcessEnv): boolean {
 function stderrLine(r: StoreRequest): void {
   const range = r.offset !== undefined ? ` [${r.offset}+${r.length}]` : '';
   const err = r.error ? ` FAILED ${r.error}` : '';
-  process.stderr.write(`kscinc store: #${r.seq} ${r.store} ${r.op} ${r.key}${range} +${(r.startMs - t0!).toFixed(1)} ms ${(r.endMs - r.startMs).toFixed(1)} ms ${r.bytes} B round ${r.round}${err}\n`);
+  process.stderr.write(
+    `kscinc store: #${r.seq} ${r.store} ${r.op} ${r.key}${range} +${(r.startMs - t0!).toFixed(1)} ms ${(r.endMs - r.startMs).toFixed(1)} ms ${r.bytes} ${r.op === 'list' ? 'items' : 'B'} round ${r.round}${err}\n`,
+  );
 }
 
 interface Started {
