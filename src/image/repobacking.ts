@@ -12,7 +12,7 @@
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
-import { KscError, isKscError } from '../errors.js';
+import { KscError } from '../errors.js';
 import { SharedSlot } from '../compress/pool.js';
 import type { Read } from '../repo/fetch.js';
 import { planBulkReads } from './bulk-plan.js';
@@ -24,8 +24,7 @@ import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { Repository, STALE_MS, systemLockClock, type RepoLock } from '../repo/repository.js';
-import { takeLock } from '../repo/locks.js';
+import { Repository, STALE_MS, readerLockOn, systemLockClock, type RepoLock } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
@@ -123,7 +122,7 @@ export class BackupBacking implements BlockDevice {
     // names this image, as before).
     const abs = nodePath.resolve(image);
     const opened = Repository.open(store);
-    const locked = opts.hold ? readerLockOf(store, opened, `live restore of backup ${ref.id} into ${image}`) : Promise.resolve(null);
+    const locked = opts.hold ? readerLockOn(store, { staleMs: STALE_MS, clock: systemLockClock }, `live restore of backup ${ref.id} into ${image}`, 0) : Promise.resolve(null);
     const read = opened.then((repo) => repo.readManifest(ref.id));
     // The index objects are listed beside the manifest read once the lock is held (no prune changes them
     // then): the index a writer's open prefetches needs them (below).
@@ -398,20 +397,6 @@ export class BackupBacking implements BlockDevice {
 
   private readOnlyError(): KscError {
     return new KscError('KSC_E_READ_ONLY', `${this.name}: a backup is read-only (writes go to the image above it)`);
-  }
-}
-
-/**
- * Repository.readerLock with no wait (§4.2 rule 5), taken while `opened` reads the config: a lock needs
- * only the store. The repository's lock timing is the default one (no repository is there yet to ask).
- */
-async function readerLockOf(store: ObjectStore, opened: Promise<Repository>, what: string): Promise<RepoLock | null> {
-  try {
-    return await takeLock(store, { staleMs: STALE_MS, clock: systemLockClock }, 'shared', what, { waitMs: 0 });
-  } catch (e) {
-    if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
-    await opened.catch(() => undefined);
-    return null; // a read-only repository: no lock object can be written (as readerLock)
   }
 }
 

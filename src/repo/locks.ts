@@ -315,6 +315,23 @@ async function tryLock(store: ObjectStore, timing: LockTiming, kind: 'shared' | 
   return lock;
 }
 
+/** How long a reader waits for a prune's exclusive lock to go. */
+export const READER_WAIT_MS = 30 * 60_000;
+
+/**
+ * §8 rule 6: a reader's shared lock (restore, verify), waiting up to `waitMs` for a prune to end. Null when
+ * the lock object cannot be written at all (a read-only repository): the reader then goes on without one.
+ * Needs only the store (a live restore's open takes it while the config is read).
+ */
+export async function readerLockOn(store: ObjectStore, timing: LockTiming, what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
+  try {
+    return await takeLock(store, timing, 'shared', what, { waitMs });
+  } catch (e) {
+    if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
+    return null;
+  }
+}
+
 function lockedError(store: ObjectStore, l: LockInfo | null, why: string): KscError {
   const holder = l ? `${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}, since ${isoUtc(l.created)}: ${l.reason})` : 'another kscinc process';
   return new KscError('KSC_E_LOCKED', `repository ${store.name} is locked by ${holder}${why ? `; ${why}` : ''}; try again later, or remove a stale lock with "kscinc repo unlock"`);
