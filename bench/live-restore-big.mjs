@@ -34,6 +34,7 @@ const { openKsc } = await import('../dist/image/open.js');
 const { Repository } = await import('../dist/repo/repository.js');
 const { openStore } = await import('../dist/objstore/open.js');
 const { closePool } = await import('../dist/compress/pool.js');
+const { onStoreRequest, resetStoreRounds } = await import('../dist/objstore/trace.js');
 const { CLI, kscinc: cli, log, serveKscinc } = await import('./lib/kscinc.mjs');
 
 const { values: args } = parseArgs({
@@ -168,8 +169,14 @@ async function firstReads(repo, live, full) {
 /** In one process: liveRestore → open → read (no Node start-ups, no supervisor); a pass per fresh repository handle. */
 async function firstReadsInProcess(repo, live) {
   const xs = [];
+  // Requests to the repository (src/objstore/trace.ts) of the last pass: how many, and in how many rounds
+  // (sequential round trips) until the first pack read was sent.
+  let reqs = [];
+  const unsubscribe = onStoreRequest((q) => reqs.push(q));
   for (let r = 0; r < reps; r++) {
     await rmf(live);
+    reqs = [];
+    resetStoreRounds();
     const store = await openStore(repo);
     try {
       xs.push(
@@ -187,8 +194,14 @@ async function firstReadsInProcess(repo, live) {
       await store.close();
     }
   }
+  unsubscribe();
   await closePool();
-  log(`  in-process liveRestore → open → first 4 KiB read: first pass (fresh process) ${xs[0].toFixed(0)} ms, all ${fmt(xs)}`);
+  const first = reqs.find((q) => q.op === 'getRange' && q.key.startsWith('packs/'));
+  const before = reqs.filter((q) => q.seq < (first?.seq ?? Infinity));
+  log(`  in-process liveRestore → open → first 4 KiB read: first pass (fresh process) ${xs[0].toFixed(0)} ms, all ${fmt(xs)}; load ${os.loadavg()[0].toFixed(1)}`);
+  log(
+    `  requests before the first pack read: ${before.length} (${before.filter((q) => q.bytes > 0 && q.op !== 'put').length} with a body), the pack read in round ${first?.round} (rounds depend on overlap: count under load)`,
+  );
 }
 
 /** Latency: reads of remote data chunks (a fetch each) and of local ones, idle vs a throttled pull. */

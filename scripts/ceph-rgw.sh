@@ -178,7 +178,8 @@ start_rgw() { # start_rgw <name>: start one gateway (if not running) and wait un
   local name="$1" port; port=$(rgw_port "$name")
   mkdir -p "$DIR/rgw/client.rgw.$name"
   [ -s "$DIR/keyring/client.rgw.$name.keyring" ] || C auth get-or-create "client.rgw.$name" mon 'allow rw' osd 'allow rwx' mgr 'allow rw' -o "$DIR/keyring/client.rgw.$name.keyring"
-  alive "rgw.$name" || daemon "rgw.$name" radosgw -c "$CONF" -f -n "client.rgw.$name" --rgw-frontends "beast endpoint=127.0.0.1:$port"
+  # tcp_nodelay=1: with Nagle on, every response with a body waits ~40 ms for the client's delayed ACK.
+  alive "rgw.$name" || daemon "rgw.$name" radosgw -c "$CONF" -f -n "client.rgw.$name" --rgw-frontends "beast endpoint=127.0.0.1:$port tcp_nodelay=1"
   wait_for "radosgw $name http on 127.0.0.1:$port" "rgw.$name" curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/"
 }
 ensure_user() {

@@ -66,11 +66,13 @@ export class RepoChunks {
 
   /**
    * Starts loading the index now, one try (a writer's open: it is ready by the first read). The first
-   * loadIndex adopts it, and loads again, waiting as rule 7 says, if it failed.
+   * loadIndex adopts it, and loads again, waiting as rule 7 says, if it failed. `listing`: the index
+   * objects, listed by the opener beside its manifest read, after it read the repository's config (so the
+   * repository was there before the listing, rule 7).
    */
-  prefetchIndex(): void {
+  prefetchIndex(listing?: Promise<{ id: string; size: number }[]>): void {
     if (this.index || this.early) return;
-    this.early = this.readIndex();
+    this.early = this.readIndex(listing);
     this.early.catch(() => undefined);
   }
 
@@ -90,13 +92,14 @@ export class RepoChunks {
    * One try at the index: only this backup's entries. A folder that is away lists as empty: the index is
    * only trusted when the repository was there before and after it was listed (rule 7).
    */
-  private async readIndex(): Promise<ChunkIndex> {
+  private async readIndex(listing?: Promise<{ id: string; size: number }[]>): Promise<ChunkIndex> {
     const m = this.manifest;
     const needed = new ChunkIndex({ locations: false, expected: m.ids.nonZeroCount() });
     m.ids.forEachNonZero((k) => void needed.addAt(m.ids.view(k), 0, '', 0, 0, 0));
     this.badIndex.length = 0;
-    await this.present();
-    const index = await this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at) });
+    if (!listing) await this.present(); // else the caller's listing began after it read the config
+    const objects = await listing;
+    const index = await this.repo.loadIndex((key) => this.badIndex.push(this.repo.objName(key)), { only: (b, at) => needed.hasAt(b, at), objects });
     await this.present();
     return index;
   }

@@ -24,7 +24,7 @@ import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
-import { Repository, type RepoLock } from '../repo/repository.js';
+import { Repository, STALE_MS, readerLockOn, systemLockClock, type RepoLock } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
@@ -110,17 +110,32 @@ export class BackupBacking implements BlockDevice {
    * manifest that is not the one the image names (rule 1).
    */
   static async open(image: string, location: string, ref: BackupRef, size: number, opts: { hold: boolean; localBase?: { ref: LocalBaseRef; dev: BlockDevice } }): Promise<BackupBacking> {
-    const store = await openStore(location).catch((e: unknown) => {
+    // No bucket check first (S3): the config and lock requests below find a missing bucket as well.
+    const store = await openStore(location, { s3Options: { check: false } }).catch((e: unknown) => {
       throw new KscError((e as KscError).code ?? 'KSC_E_UNAVAILABLE', `image ${image}: its backing repository ${location} cannot be opened: ${(e as Error).message}`, { cause: e });
     });
     let lock: RepoLock | null = null;
+    // Side by side (issue 18: each is a round trip on S3): the config, the shared lock, the manifest (read
+    // once the config is; checked against the image below, rule 1, so it need not wait for the lock).
+    // repository.md §8.1: a writer's open renews the image's reference, under the shared lock: put once the
+    // lock is held and the location proved a repository (a reference put for a manifest found wrong only
+    // names this image, as before).
+    const abs = nodePath.resolve(image);
+    const opened = Repository.open(store);
+    const locked = opts.hold ? readerLockOn(store, { staleMs: STALE_MS, clock: systemLockClock }, `live restore of backup ${ref.id} into ${image}`, 0) : Promise.resolve(null);
+    const read = opened.then((repo) => repo.readManifest(ref.id));
+    // The index objects are listed beside the manifest read once the lock is held (no prune changes them
+    // then): the index a writer's open prefetches needs them (below).
+    const listing = opts.hold ? Promise.all([opened, locked]).then(([repo]) => repo.indexObjects()) : null;
+    listing?.catch(() => undefined);
+    const renewed = opts.hold ? Promise.all([locked, opened]).then(() => putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs })) : Promise.resolve(null);
+    const all = await Promise.allSettled([opened, locked, read, renewed]);
     try {
-      const repo = await Repository.open(store);
-      if (opts.hold) lock = await repo.readerLock(`live restore of backup ${ref.id} into ${image}`, 0);
-      // repository.md §8.1: a writer's open renews the image's reference (under the shared lock, beside the
-      // check of the manifest: a reference put for a manifest found wrong only names this image, as before).
-      const abs = nodePath.resolve(image);
-      const [m] = await Promise.all([repo.readManifest(ref.id), opts.hold ? putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs }) : null]);
+      if (all[1].status === 'fulfilled') lock = all[1].value;
+      const failed = all.find((x) => x.status === 'rejected');
+      if (failed) throw failed.reason;
+      const repo = (all[0] as PromiseFulfilledResult<Repository>).value;
+      const m = (all[2] as PromiseFulfilledResult<Manifest>).value;
       checkManifest(image, m, ref, size, repo.name);
       const local = opts.localBase ? LocalBase.check(image, m, opts.localBase.ref, opts.localBase.dev) : null;
       const b = new BackupBacking(`backup ${ref.id} in ${location}`, repo, store, m, lock, local);
@@ -129,7 +144,7 @@ export class BackupBacking implements BlockDevice {
         b.image = abs;
         b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
         b.renewTimer.unref();
-        b.src.prefetchIndex();
+        b.src.prefetchIndex(listing!);
       }
       return b;
     } catch (e) {

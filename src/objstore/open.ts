@@ -5,6 +5,7 @@
 import { KscError } from '../errors.js';
 import { withStoreFaults } from './fault.js';
 import { FsStore } from './fs.js';
+import { storeTraceOn, traced, withStoreTrace } from './trace.js';
 import { retryCall, withRetry, type RetryOptions } from './retry.js';
 import type { S3Config, S3StoreOptions } from './s3.js';
 import { keyProblem, type ObjectStore } from './types.js';
@@ -61,12 +62,23 @@ async function openAny(location: string, opts: OpenStoreOptions): Promise<Object
     const { S3Store, s3ConfigFromEnv } = await import('./s3.js');
     const config: S3Config = s3ConfigFromEnv(bucket, prefix, opts.env ?? process.env, opts.s3);
     const s3opts: S3StoreOptions = { ...opts.s3Options, create: opts.create ?? false };
-    if (opts.retry === false) return S3Store.open(config, s3opts);
+    // Traced (KSCINC_STORE_TRACE, trace.ts) under the retries: every request sent is seen, the retried too.
+    const open = (): Promise<ObjectStore> =>
+      storeTraceOn() && s3opts.check !== false
+        ? traced(
+            location,
+            'open',
+            '',
+            () => S3Store.open(config, s3opts),
+            () => 0,
+          ).then((s) => withStoreTrace(s))
+        : S3Store.open(config, s3opts).then((s) => withStoreTrace(s));
+    if (opts.retry === false) return open();
     const retry = opts.retry ?? {};
-    const store = await retryCall(() => S3Store.open(config, s3opts), retry, 'open', location);
+    const store = await retryCall(open, retry, 'open', location);
     return withRetry(store, retry);
   }
   const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(location);
   if (scheme) throw new KscError('KSC_E_INVALID', `unsupported location scheme "${scheme[1]}://": use s3://BUCKET[/PREFIX] or a local folder`);
-  return FsStore.open(location, { create: opts.create });
+  return withStoreTrace(await FsStore.open(location, { create: opts.create }));
 }

@@ -43,6 +43,13 @@ export interface S3Config {
 export interface S3StoreOptions {
   /** Create the bucket when missing (default true); otherwise a missing bucket is KSC_E_NOT_FOUND. */
   create?: boolean;
+  /**
+   * False: no request at open (the bucket is not checked; a missing one, refused credentials or an
+   * unreachable endpoint fail the first request, with the same errors). For a caller whose first requests
+   * go out at once and which wants no round trip before them (a live restore's open, issue 18). Default
+   * true; ignored with `create`.
+   */
+  check?: boolean;
   /** Bodies above this many bytes go up as multipart uploads (default 16 MiB). */
   multipartThreshold?: number;
   /** Multipart part size (default 16 MiB, at least 5 MiB; grown when an object would need > 10000 parts). */
@@ -191,6 +198,7 @@ export class S3Store implements ObjectStore {
   static async open(config: S3Config, opts: S3StoreOptions = {}): Promise<S3Store> {
     if (!config.bucket) throw new KscError('KSC_E_INVALID', 'S3 bucket name is empty');
     const store = new S3Store(config, opts);
+    if (opts.check === false && opts.create === false) return store;
     try {
       await store.ensureBucket(opts.create ?? true);
     } catch (e) {

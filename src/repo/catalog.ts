@@ -60,6 +60,9 @@ export async function listBackups<T>(repo: Repository, onDamage?: (id: string, e
   return got.filter((x) => x !== null).map((x) => x!.v);
 }
 
+/** Manifests read side by side while "latest" is looked for. */
+const READ_AHEAD = 8;
+
 /**
  * Resolves "latest" (of `disk` when given) or a backup id to its manifest. A damaged manifest newer than the
  * answer could be the answer: KSC_E_CORRUPT naming it, unless its header (magic and disk UUID, read without
@@ -73,11 +76,26 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
   }
   const ids = (await repo.listBackupIds()).reverse();
   let found: string | null = null;
+  let foundWhole: Manifest | null = null;
   const disks = new Set<string>();
-  for (const id of ids) {
+  // Read ahead, up to READ_AHEAD at a time (on S3 each is a round trip), judged one by one newest first.
+  // Headers only of a large manifest (its chunk list is read below); a small one is read whole once.
+  type Got = Awaited<ReturnType<Repository['readManifestInfoOrWhole']>>;
+  const reads: Promise<Got>[] = [];
+  const read = (i: number): Promise<Got> => {
+    for (let j = reads.length; j < Math.min(ids.length, i + READ_AHEAD); j++) {
+      reads.push(repo.readManifestInfoOrWhole(ids[j]!));
+      reads[j]!.catch(() => undefined); // judged when its turn comes
+    }
+    return reads[i]!;
+  };
+  for (const [i, id] of ids.entries()) {
     let d: string;
+    let whole: Manifest | null;
     try {
-      d = (await repo.readManifestInfo(id)).disk; // headers only: the chunk list of the one found is read below
+      const got = await read(i);
+      d = got.info.disk;
+      whole = got.whole;
     } catch (e) {
       if (!isDamage(e)) throw e;
       if (found) continue; // older than the answer: it cannot be the answer
@@ -94,13 +112,16 @@ export async function resolveBackup(repo: Repository, which: string, disk?: stri
     }
     disks.add(d);
     if (!disk || d === disk) {
-      found ??= id;
+      if (!found) {
+        found = id;
+        foundWhole = whole;
+      }
       if (disk) break;
     }
   }
   if (!found) throw new KscError('KSC_E_NOT_FOUND', disk ? `no backup of disk ${disk} in ${repo.name}` : `no backups in ${repo.name}`);
   if (!disk && disks.size > 1) throw new KscError('KSC_E_INVALID', `${repo.name} holds backups of ${disks.size} disks (${[...disks].join(', ')}): say which disk with option disk`);
-  return repo.readManifest(found);
+  return foundWhole ?? repo.readManifest(found);
 }
 
 /** The disk UUID a damaged manifest's header names (magic checked, checksum not), or null. */

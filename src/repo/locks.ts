@@ -221,8 +221,8 @@ export async function listLocks(store: ObjectStore, timing: LockTiming, now?: nu
   return (await scanLocks(store, timing, now, own)).locks;
 }
 
-/** listLocks, and the storage time it judged them at. */
-export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: number, own?: string): Promise<{ now: number; locks: LockInfo[] }> {
+/** listLocks, and the storage time it judged them at. `ownBody`: the body of lock `own` as this process put it (not read back). */
+export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: number, own?: string, ownBody?: LockBody): Promise<{ now: number; locks: LockInfo[] }> {
   const objects: { key: string; mtimeMs: number }[] = [];
   for await (const o of store.list('locks/')) objects.push(o);
   let t = now ?? objects.find((o) => o.key === own)?.mtimeMs;
@@ -238,6 +238,11 @@ export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: nu
   const out: LockInfo[] = [];
   for (const o of objects) {
     if (PROBE_KEY_RE.test(o.key) && t - o.mtimeMs <= timing.staleMs) continue;
+    if (o.key === own && ownBody) {
+      // Its body is the one just put: not read back (a round trip of every lock taken, issue 18).
+      out.push(judgeLock(o.key, Buffer.from(JSON.stringify(ownBody)), o.mtimeMs, t, timing.staleMs));
+      continue;
+    }
     let raw: Buffer | null = null;
     try {
       raw = await store.get(o.key);
@@ -292,7 +297,7 @@ async function tryLock(store: ObjectStore, timing: LockTiming, kind: 'shared' | 
   let now: number;
   try {
     // Without its own object, the storage time is the host's: a local folder's mtimes come from this kernel.
-    const scan = await scanLocks(store, timing, written ? undefined : timing.clock.wall(), key);
+    const scan = await scanLocks(store, timing, written ? undefined : timing.clock.wall(), key, body);
     others = scan.locks.filter((l) => l.key !== key);
     now = scan.now;
   } catch (e) {
@@ -308,6 +313,23 @@ async function tryLock(store: ObjectStore, timing: LockTiming, kind: 'shared' | 
   }
   lock.startRefresh();
   return lock;
+}
+
+/** How long a reader waits for a prune's exclusive lock to go. */
+export const READER_WAIT_MS = 30 * 60_000;
+
+/**
+ * §8 rule 6: a reader's shared lock (restore, verify), waiting up to `waitMs` for a prune to end. Null when
+ * the lock object cannot be written at all (a read-only repository): the reader then goes on without one.
+ * Needs only the store (a live restore's open takes it while the config is read).
+ */
+export async function readerLockOn(store: ObjectStore, timing: LockTiming, what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
+  try {
+    return await takeLock(store, timing, 'shared', what, { waitMs });
+  } catch (e) {
+    if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
+    return null;
+  }
 }
 
 function lockedError(store: ObjectStore, l: LockInfo | null, why: string): KscError {

@@ -6,7 +6,7 @@
 import { KscError, isDamage, isKscError } from '../errors.js';
 import { type Body, type ObjectStore, bodyParts } from '../objstore/types.js';
 import { initHash } from '../hash/chunkid.js';
-import { STALE_MS, RepoLock, listLocks, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
+import { STALE_MS, RepoLock, READER_WAIT_MS, listLocks, readerLockOn, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
 import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
@@ -49,12 +49,9 @@ type IndexObjects = { id: string; size?: number }[] | undefined;
 /** Told of a damaged object instead of throwing. */
 type OnDamage = (key: string, e: KscError) => void;
 
-export { STALE_MS, lockKey, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
+export { STALE_MS, lockKey, readerLockOn, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
-
-/** How long a reader waits for a prune's exclusive lock to go. */
-const READER_WAIT_MS = 30 * 60_000;
 
 /**
  * What a location without a config holds (§3.1): nothing, repository objects (its config was lost), or
@@ -327,9 +324,12 @@ export class Repository {
    * Reads every index object whole (readIndex). A damaged one is reported through `onDamage` (or thrown when
    * absent). `locations: false` keeps ids and packs only (for dedupe); `only` keeps just the entries whose id
    * (16 bytes of `b` at `at`) it accepts (for a restore: the chunks of one backup), so memory follows what is
-   * needed, not the repository.
+   * needed, not the repository. `objects`: the index objects to read (default: a listing made now).
    */
-  async loadIndex(onDamage?: (key: string, e: KscError) => void, opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean; expected?: number } = {}): Promise<ChunkIndex> {
+  async loadIndex(
+    onDamage?: (key: string, e: KscError) => void,
+    opts: { locations?: boolean; only?: (b: Buffer, at: number) => boolean; expected?: number; objects?: IndexObjects } = {},
+  ): Promise<ChunkIndex> {
     // `expected`: entries the caller knows will come (a restore: its chunks), so the table never grows by
     // rehashing, which holds the old and the new table at once (1.5× the memory at the peak).
     const idx = new ChunkIndex({ locations: opts.locations ?? true, expected: opts.expected });
@@ -338,7 +338,7 @@ export class Repository {
     const visit: IndexVisitor = (b, at, pack, offset, length, rawLength) => {
       if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
     };
-    const read = await this.readIndex(undefined, () => ({ visit }), onDamage);
+    const read = await this.readIndex(opts.objects, () => ({ visit }), onDamage);
     idx.objects.push(...read);
     return idx;
   }
@@ -406,11 +406,24 @@ export class Repository {
    * backups of large disks then reads a few hundred bytes of each, not all their ids).
    */
   async readManifestInfo(id: string): Promise<ManifestInfo> {
-    return this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
+    const { info, whole } = await this.readManifestInfoOrWhole(id);
+    if (!whole) return info;
+    const { ids: _ids, root: _root, ...rest } = whole;
+    return rest;
+  }
+
+  /**
+   * readManifestInfo, and the whole manifest when that read it all anyway (a small one, then also `info`):
+   * a search that then needs the one it found reads it once, not twice (issue 18).
+   */
+  async readManifestInfoOrWhole(id: string): Promise<{ info: ManifestInfo; whole: Manifest | null }> {
+    let whole: Manifest | null = null;
+    const info = await this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
       if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
-      const { ids: _ids, root: _root, ...info } = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key));
-      return info;
+      whole = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key), storeForList);
+      return whole;
     });
+    return { info, whole };
   }
 
   /**
@@ -469,12 +482,7 @@ export class Repository {
    * goes on without one.
    */
   async readerLock(what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
-    try {
-      return await this.lock('shared', what, { waitMs });
-    } catch (e) {
-      if (isKscError(e, 'KSC_E_LOCKED') || !isKscError(e) || e.code === 'KSC_E_UNAVAILABLE') throw e;
-      return null;
-    }
+    return readerLockOn(this.store, this.lockTiming, what, waitMs);
   }
 
   /** Deletes stale locks and garbage lock objects (every lock with `force`): what it removed and kept, with reasons. */
