@@ -8,7 +8,7 @@
 // import.meta.url (package.json, native/, dist/compress/worker.js, dist/supervisor/worker.js) still resolve.
 // Packages that load native code or start workers (lz4-napi, piscina) and the S3 client (minio, large, loaded
 // only for S3 repositories) stay outside the bundle and load from node_modules when first used.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, fork } from 'node:child_process';
 import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { join } from 'node:path';
@@ -22,14 +22,19 @@ if (!existsSync(entry)) throw new Error(`bundle-cli: ${entry} is missing: run ts
 
 const EXTERNAL = new Set(['minio', 'piscina', 'lz4-napi', ...builtinModules]);
 const temp = join(dist, `.bundle-${process.pid}`);
-const bundle = await rolldown({
-  input: { kscinc: entry },
-  platform: 'node',
-  external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
-  logLevel: 'warn',
-});
-await bundle.write({ dir: temp, format: 'cjs', minify: process.env.KSCINC_BUNDLE_MINIFY !== '0', entryFileNames: '[name].cjs', chunkFileNames: '[name].cjs', sourcemap: true });
-await bundle.close();
+const minify = process.env.KSCINC_BUNDLE_MINIFY !== '0';
+
+/** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
+async function build(input, chunks) {
+  const bundle = await rolldown({ input, platform: 'node', external: (id) => id.startsWith('node:') || EXTERNAL.has(id), logLevel: 'warn' });
+  await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: chunks, sourcemap: true });
+  await bundle.close();
+}
+// The CLI: one chunk per command group and per module that several share.
+await build({ kscinc: entry }, '[name].cjs');
+// The worker of `kscinc serve` (src/supervisor/child.ts forks it through dist/supervisor/bundled-worker.cjs): a
+// build of its own, so that its chunks (worker-*.cjs) and their code caches are not shared with the CLI's.
+await build({ worker: join(dist, 'supervisor', 'worker.js') }, 'worker-[name].cjs');
 
 // Replace dist/bundle/ as a whole; while it is missing, kscinc.cjs runs the ES modules instead.
 const target = join(dist, 'bundle');
@@ -39,7 +44,24 @@ renameSync(temp, target);
 rmSync(old, { recursive: true, force: true });
 
 // Code caches: one run that loads every command group (--help), its compiled functions saved at exit.
-execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: { ...process.env, KSCINC_CODE_CACHE: 'write' }, stdio: 'ignore' });
+const cacheEnv = { ...process.env, KSCINC_CODE_CACHE: 'write' };
+delete cacheEnv.KSCINC_NO_BUNDLE;
+execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: cacheEnv, stdio: 'ignore' });
+// And one worker, started as a spare and warmed up (the paths of opening an image and serving it), then told to stop.
+await new Promise((resolve, reject) => {
+  const w = fork(join(dist, 'supervisor', 'bundled-worker.cjs'), ['--spare'], { env: cacheEnv, stdio: ['ignore', 'ignore', 'inherit', 'ipc'], execArgv: ['--expose-gc'] });
+  const timer = setTimeout(() => w.kill('SIGKILL'), 120_000);
+  w.on('message', (m) => {
+    if (m?.t === 'loaded') w.send({ t: 'warm' });
+    else if (m?.t === 'warmed' || m?.t === 'failed') w.send({ t: 'stop' });
+  });
+  w.on('error', reject);
+  w.on('exit', (code, signal) => {
+    clearTimeout(timer);
+    if (code === 0) resolve();
+    else reject(new Error(`bundle-cli: the worker that writes the code caches ${signal ? `was killed by ${signal}` : `exited with status ${code}`}`));
+  });
+});
 const files = readdirSync(target);
 const chunks = files.filter((f) => f.endsWith('.cjs'));
 const cached = files.filter((f) => f.endsWith('.cjs.cache'));

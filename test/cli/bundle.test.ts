@@ -5,11 +5,13 @@
  * ran, so a launcher that silently fell back to dist/ (or a bundle whose code caches V8 rejects) fails here.
  * Not timed: bench/startup.mjs measures the start-up.
  */
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { pickWorkerEntry } from '../../src/supervisor/child.js';
 import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { childrenOf, runDir, startServe, until } from '../supervisor/helpers.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);
@@ -29,16 +31,27 @@ vm.Script = class extends Script {
 };
 process.on('exit', () => {
   const bundled = Object.keys(require.cache).filter((f) => f.includes('/dist/bundle/')).length;
-  process.stderr.write('PROBE ' + JSON.stringify({ bundled, ...caches }) + '\\n');
+  const main = require('node:path').basename(process.argv[1] || '');
+  process.stderr.write('PROBE ' + JSON.stringify({ bundled, ...caches, main, spare: process.argv.includes('--spare'), pid: process.pid }) + '\\n');
 });
 `,
 );
+
+interface Probe {
+  bundled: number;
+  given: number;
+  rejected: number;
+  /** The file the process was started with (process.argv[1]). */
+  main: string;
+  spare: boolean;
+  pid: number;
+}
 
 interface Probed {
   code: number;
   stdout: string;
   stderr: string;
-  probe: { bundled: number; given: number; rejected: number };
+  probe: Probe;
 }
 
 function probed(args: string[], env: Record<string, string> = {}): Probed {
@@ -101,4 +114,73 @@ describe('bundled CLI', () => {
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).toMatch(/^kscinc: .*missing\.ksc/);
   });
+});
+
+describe('the worker of kscinc serve from the bundle', () => {
+  it('the bundle launcher is picked only when dist/bundle/worker.cjs is at least as new as dist/supervisor/worker.js', () => {
+    const d = p('fake-dist');
+    mkdirSync(join(d, 'supervisor'), { recursive: true });
+    mkdirSync(join(d, 'bundle'));
+    const esm = join(d, 'supervisor', 'worker.js');
+    const launcher = join(d, 'supervisor', 'bundled-worker.cjs');
+    const bundle = join(d, 'bundle', 'worker.cjs');
+    const at = (f: string, s: number): void => utimesSync(f, s, s);
+    writeFileSync(esm, '');
+    writeFileSync(launcher, '');
+    expect(pickWorkerEntry(d), 'no bundle').toBe(esm);
+    writeFileSync(bundle, '');
+    at(esm, 1_000_000);
+    at(bundle, 1_000_000);
+    expect(pickWorkerEntry(d), 'bundle as new as dist/').toBe(launcher);
+    expect(pickWorkerEntry(d, true), 'KSCINC_NO_BUNDLE').toBe(esm);
+    at(esm, 1_000_001);
+    expect(pickWorkerEntry(d), 'tsc ran after the bundle was built: stale').toBe(esm);
+    at(bundle, 1_000_002);
+    expect(pickWorkerEntry(d), 'the bundle rebuilt after it').toBe(launcher);
+    rmSync(launcher);
+    expect(pickWorkerEntry(d), 'no launcher').toBe(esm);
+  });
+
+  it('serve: the worker and the spare that replaces it after a crash run the bundle with its code caches; KSCINC_NO_BUNDLE=1 runs dist/', async () => {
+    const img = p('serve.ksc');
+    expect(kscinc(['create', img, '--size', '64M']).code).toBe(0);
+    for (const noBundle of [false, true]) {
+      const env: Record<string, string> = { KSCINC_RUN_DIR: runDir(), NODE_OPTIONS: `--require ${PROBE}`, ...(noBundle ? { KSCINC_NO_BUNDLE: '1' } : {}) };
+      const s = await startServe([img, '--listen', '127.0.0.1:0'], env, 120_000);
+      let fromSpare = 0;
+      try {
+        // Crash the worker once a spare is loaded, until the supervisor hands the images to the spare (it takes
+        // one only when it has also warmed up, which the test cannot see from outside).
+        for (let attempt = 0; attempt < 8 && !fromSpare; attempt++) {
+          const w = s.worker();
+          expect(w).not.toBeNull();
+          await until(() => childrenOf(s.proc.pid!, true).some((c) => c !== w && readFileSync(`/proc/${c}/cmdline`, 'utf8').startsWith('kscinc-spare')), 120_000, 'a loaded spare worker');
+          await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
+          const serving = (): number => [...s.stderr().matchAll(/kscinc serve: worker \d+ serving/g)].length;
+          const before = serving();
+          process.kill(w!, 'SIGKILL');
+          await until(() => serving() > before, 120_000, 'the worker replaced and serving');
+          for (const x of s.stderr().matchAll(/the spare worker (\d+) opens the images/g)) fromSpare = Number(x[1]);
+        }
+        expect(fromSpare, 'a spare took over after a crash').toBeGreaterThan(0);
+        const info = run('nbdinfo', ['--json', s.uri]);
+        expect(info.code, info.stderr).toBe(0);
+      } finally {
+        expect(await s.stop()).toBe(0);
+      }
+      const probes = s
+        .stderr()
+        .split('\n')
+        .filter((l) => l.startsWith('PROBE '))
+        .map((l) => JSON.parse(l.slice(6)) as Probe);
+      const serving = probes.find((x) => x.pid === fromSpare);
+      expect(serving, `no probe of the spare ${fromSpare} in ${s.stderr()}`).toBeDefined();
+      expect(serving!.spare).toBe(true);
+      if (noBundle) expect([serving!.main, serving!.bundled]).toEqual(['worker.js', 0]);
+      else {
+        expect([serving!.main, serving!.bundled > 0, serving!.rejected]).toEqual(['bundled-worker.cjs', true, 0]);
+        expect(serving!.given, 'code caches used').toBeGreaterThan(0);
+      }
+    }
+  }, 600_000);
 });
