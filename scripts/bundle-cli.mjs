@@ -6,12 +6,13 @@
 // one CommonJS file per command group loads synchronously and compiles from the code cache (bench/startup.mjs).
 // dist/bundle/ sits two levels below the package root like dist/<folder>/, so the paths the code builds from
 // import.meta.url (package.json, native/, dist/compress/worker.js, dist/supervisor/worker.js) still resolve.
-// Packages that load native code or start workers (lz4-napi, piscina) and the S3 client (minio, large, loaded
-// only for S3 repositories) stay outside the bundle and load from node_modules when first used.
-import { execFileSync, fork } from 'node:child_process';
+// Packages that load native code or start workers (lz4-napi, piscina) stay outside the bundle and load from
+// node_modules when first used. The S3 client (minio and its dependencies, ~90 CommonJS files) is bundled into
+// the chunk of src/objstore/s3.ts (s3.cjs, worker-s3.cjs), which only an S3 location loads.
+import { execFileSync, fork, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
-import { join } from 'node:path';
+import { join, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rolldown } from 'rolldown';
 
@@ -20,9 +21,11 @@ const dist = join(root, 'dist');
 const entry = join(dist, 'cli', 'main.js');
 if (!existsSync(entry)) throw new Error(`bundle-cli: ${entry} is missing: run tsc first`);
 
-const EXTERNAL = new Set(['minio', 'piscina', 'lz4-napi', ...builtinModules]);
+const EXTERNAL = new Set(['piscina', 'lz4-napi', ...builtinModules]);
 const temp = join(dist, `.bundle-${process.pid}`);
-const minify = process.env.KSCINC_BUNDLE_MINIFY !== '0';
+// Minified, but functions and classes keep their names: code reads them (minio's errors are told apart by
+// `name`, which its classes set from constructor.name; src/objstore/s3.ts maps them by that).
+const minify = process.env.KSCINC_BUNDLE_MINIFY === '0' ? false : { compress: { keepNames: { function: true, class: true } }, mangle: { keepNames: true } };
 
 /** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
 async function build(input, chunks) {
@@ -62,6 +65,15 @@ await new Promise((resolve, reject) => {
     else reject(new Error(`bundle-cli: the worker that writes the code caches ${signal ? `was killed by ${signal}` : `exited with status ${code}`}`));
   });
 });
+// The S3 chunk, which neither run loads: a command on an S3 repository without credentials loads it (and
+// runs the S3 client's module code), then fails before any request. `add`: the caches written above stay.
+const addEnv = { ...cacheEnv, KSCINC_CODE_CACHE: 'add', AWS_ACCESS_KEY_ID: '', AWS_SECRET_ACCESS_KEY: '', KSCINC_S3_CONFIG: '' };
+const s3 = spawnSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), 'backups', '--repo', 's3://kscinc-code-cache'], { env: addEnv, encoding: 'utf8' });
+if (!/no S3 credentials/.test(s3.stderr)) throw new Error(`bundle-cli: the run that loads the S3 chunk did not fail as expected: ${s3.stderr}`);
+// The worker's S3 chunk, likewise: required in a plain process (worker.cjs, which it requires, has no IPC
+// channel there: it sets up its message handler, nothing comes, the process ends).
+const loadWorkerS3 = `require(${JSON.stringify(join(dist, 'cli', 'code-cache.cjs'))}).useCodeCache(${JSON.stringify(target + sep)}); require(${JSON.stringify(join(target, 'worker-s3.cjs'))});`;
+execFileSync(process.execPath, ['-e', loadWorkerS3], { env: addEnv, stdio: 'ignore', timeout: 60_000 });
 const files = readdirSync(target);
 const chunks = files.filter((f) => f.endsWith('.cjs'));
 const cached = files.filter((f) => f.endsWith('.cjs.cache'));

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { pickWorkerEntry } from '../../src/supervisor/child.js';
 import { kscinc, run } from '../helpers/cli.js';
+import { freshBucket, s3Config, s3Env } from '../helpers/s3.js';
 import { tempDir } from '../helpers/tmp.js';
 import { childrenOf, runDir, startServe, until } from '../supervisor/helpers.js';
 
@@ -30,15 +31,19 @@ vm.Script = class extends Script {
   }
 };
 process.on('exit', () => {
-  const bundled = Object.keys(require.cache).filter((f) => f.includes('/dist/bundle/')).length;
+  const loaded = Object.keys(require.cache);
+  const bundled = loaded.filter((f) => f.includes('/dist/bundle/')).length;
+  const minio = loaded.filter((f) => f.includes('/node_modules/minio/')).length;
   const main = require('node:path').basename(process.argv[1] || '');
-  process.stderr.write('PROBE ' + JSON.stringify({ bundled, ...caches, main, spare: process.argv.includes('--spare'), pid: process.pid }) + '\\n');
+  process.stderr.write('PROBE ' + JSON.stringify({ bundled, minio, ...caches, main, spare: process.argv.includes('--spare'), pid: process.pid }) + '\\n');
 });
 `,
 );
 
 interface Probe {
   bundled: number;
+  /** Files of the minio package loaded from node_modules (CommonJS ones; its ES modules are not in require.cache). */
+  minio: number;
   given: number;
   rejected: number;
   /** The file the process was started with (process.argv[1]). */
@@ -114,6 +119,46 @@ describe('bundled CLI', () => {
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).toMatch(/^kscinc: .*missing\.ksc/);
   });
+});
+
+describe('the S3 client in the bundle', () => {
+  it('an S3 repository through the bundle (minio in s3.cjs, with its code cache) as through dist/: init, backup, listing, restore, a missing object', async () => {
+    const env = s3Env(await s3Config()) as Record<string, string>;
+    const bucket = freshBucket('bundle');
+    run('truncate', ['-s', '8M', p('s3disk.raw')]);
+    writeFileSync(p('s3data.bin'), Buffer.alloc(1 << 20, 9));
+    expect(kscinc(['write', p('s3disk.raw'), '2M', '--from', p('s3data.bin')]).code).toBe(0);
+    for (const [tag, extra] of [
+      ['b', {}],
+      ['m', { KSCINC_NO_BUNDLE: '1' }],
+    ] as const) {
+      const e = { ...env, ...extra };
+      const repo = `s3://${bucket}/${tag}`;
+      // A new repository: "is there a config?" is answered by S3 with NotFound, which must map to "none"
+      // (it did not when minification renamed minio's S3Error class: the bundle failed here).
+      const init = probed(['repo', 'init', repo, '--no-encrypt'], e);
+      expect(init.code, init.stderr).toBe(0);
+      const backup = probed(['backup', p('s3disk.raw'), '--repo', repo, '--no-bitmap'], e);
+      expect(backup.code, backup.stderr).toBe(0);
+      const list = probed(['backups', '--repo', repo, '--json'], e);
+      expect((JSON.parse(list.stdout) as unknown[]).length).toBe(1);
+      const restore = probed(['restore', '--repo', repo, 'latest', p(`s3restored-${tag}.raw`)], e);
+      expect(restore.code, restore.stderr).toBe(0);
+      expect(readFileSync(p(`s3restored-${tag}.raw`)).equals(readFileSync(p('s3disk.raw')))).toBe(true);
+      const missing = probed(['backups', '--repo', `s3://${bucket}/nothing-${tag}`], e);
+      expect(missing.code, 'a repository that is not there').not.toBe(0);
+      for (const r of [init, backup, list, restore, missing]) {
+        if (tag === 'b') {
+          expect([r.probe.bundled > 0, r.probe.minio, r.probe.rejected], 'the S3 client from the bundle').toEqual([true, 0, 0]);
+          expect(r.probe.given).toBeGreaterThan(0);
+        } else expect(r.probe.bundled).toBe(0);
+      }
+    }
+    const bad = (extra: Record<string, string>): Probed => probed(['backups', '--repo', `s3://${bucket}/nothing`], { ...env, ...extra });
+    const [b, m] = [bad({}), bad({ KSCINC_NO_BUNDLE: '1' })];
+    expect([b.code, b.stderr]).toEqual([m.code, m.stderr]);
+    expect(b.code).not.toBe(0);
+  }, 600_000);
 });
 
 describe('the worker of kscinc serve from the bundle', () => {
