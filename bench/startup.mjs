@@ -8,6 +8,7 @@
  * X's command group as running X does and ends where X's work would begin: the start-up of X.
  *
  *   node bench/startup.mjs [--reps 20] [--cli dist/cli/kscinc.cjs] [--modes bundle,esm] [--only version,info,worker,…]
+ *                          [--peer OTHER/dist/cli/kscinc.cjs]   (adds the mode `peer`: another build, same runs)
  *
  * Modes: `bundle` is the CLI as installed (dist/bundle/, scripts/bundle-cli.mjs); `esm` sets KSCINC_NO_BUNDLE=1
  * (the ES modules in dist/, as before the bundle). Both run in the same rounds. The commands run on
@@ -23,7 +24,7 @@ import { CLI, log } from './lib/kscinc.mjs';
 import { median } from './lib/common.mjs';
 
 const { values: opt } = parseArgs({
-  options: { reps: { type: 'string', default: '20' }, cli: { type: 'string', default: CLI }, modes: { type: 'string', default: 'bundle,esm' }, only: { type: 'string' } },
+  options: { reps: { type: 'string', default: '20' }, cli: { type: 'string', default: CLI }, modes: { type: 'string', default: 'bundle,esm' }, only: { type: 'string' }, peer: { type: 'string' } },
 });
 const reps = Number(opt.reps);
 const dir = mkdtempSync(join(tmpdir(), 'kscinc-startup-'));
@@ -31,6 +32,7 @@ const img = join(dir, 'a.ksc');
 const repo = join(dir, 'repo');
 const MODES = { bundle: '', esm: 'KSCINC_NO_BUNDLE=1 ' };
 const modes = opt.modes.split(',');
+if (opt.peer && !modes.includes('peer')) modes.push('peer');
 const node = process.execPath;
 const q = (s) => `'${s.replaceAll("'", "'\\''")}'`;
 const cli = (args) => [node, opt.cli, ...args].map(q).join(' ');
@@ -39,8 +41,10 @@ execFileSync(node, [opt.cli, 'create', img, '--size', '1G']);
 execFileSync(node, [opt.cli, 'repo', 'init', repo, '--no-encrypt']);
 
 const distDir = join(dirname(opt.cli), '..');
+// The worker's entry as src/supervisor/child.ts picks it (a build without the bundled worker: dist/'s).
 const workerStart = `const { fork } = require('node:child_process');
-const entry = process.env.KSCINC_NO_BUNDLE ? ${JSON.stringify(join(distDir, 'supervisor', 'worker.js'))} : ${JSON.stringify(join(distDir, 'supervisor', 'bundled-worker.cjs'))};
+const bundled = ${JSON.stringify(join(distDir, 'supervisor', 'bundled-worker.cjs'))};
+const entry = process.env.KSCINC_NO_BUNDLE || !require('node:fs').existsSync(bundled) ? ${JSON.stringify(join(distDir, 'supervisor', 'worker.js'))} : bundled;
 const w = fork(entry, ['--spare'], { execArgv: ['--expose-gc'] });
 w.on('message', (m) => { if (m.t === 'loaded') w.send({ t: 'exit' }); });`;
 
@@ -65,7 +69,7 @@ const only = opt.only ? new Set(opt.only.split(',')) : null;
 const cases = [['node -e 0', ALL['node -e 0']]];
 for (const [name, cmd] of Object.entries(ALL)) {
   if (name === 'node -e 0' || (only && !only.has(name))) continue;
-  for (const m of modes) cases.push([modes.length > 1 ? `${name} (${m})` : name, `${MODES[m]}${cmd}`]);
+  for (const m of modes) cases.push([modes.length > 1 ? `${name} (${m})` : name, m === 'peer' ? cmd.replaceAll(distDir, join(dirname(opt.peer), '..')) : `${MODES[m]}${cmd}`]);
 }
 
 /** One run: [wall ms, CPU ms of the command's processes]. */
