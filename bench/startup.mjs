@@ -7,7 +7,8 @@
  * Prints per command the median and the range of both, and the median over node -e 0. `X --help` loads
  * X's command group as running X does and ends where X's work would begin: the start-up of X.
  *
- *   node bench/startup.mjs [--reps 20] [--cli dist/cli/kscinc.cjs] [--modes bundle,esm] [--only version,info,…]
+ *   node bench/startup.mjs [--reps 20] [--cli dist/cli/kscinc.cjs] [--modes bundle,esm] [--only version,info,worker,…]
+ *                          [--peer OTHER/dist/cli/kscinc.cjs]   (adds the mode `peer`: another build, same runs)
  *
  * Modes: `bundle` is the CLI as installed (dist/bundle/, scripts/bundle-cli.mjs); `esm` sets KSCINC_NO_BUNDLE=1
  * (the ES modules in dist/, as before the bundle). Both run in the same rounds. The commands run on
@@ -17,13 +18,13 @@
 import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { CLI, log } from './lib/kscinc.mjs';
 import { median } from './lib/common.mjs';
 
 const { values: opt } = parseArgs({
-  options: { reps: { type: 'string', default: '20' }, cli: { type: 'string', default: CLI }, modes: { type: 'string', default: 'bundle,esm' }, only: { type: 'string' } },
+  options: { reps: { type: 'string', default: '20' }, cli: { type: 'string', default: CLI }, modes: { type: 'string', default: 'bundle,esm' }, only: { type: 'string' }, peer: { type: 'string' } },
 });
 const reps = Number(opt.reps);
 const dir = mkdtempSync(join(tmpdir(), 'kscinc-startup-'));
@@ -31,12 +32,21 @@ const img = join(dir, 'a.ksc');
 const repo = join(dir, 'repo');
 const MODES = { bundle: '', esm: 'KSCINC_NO_BUNDLE=1 ' };
 const modes = opt.modes.split(',');
+if (opt.peer && !modes.includes('peer')) modes.push('peer');
 const node = process.execPath;
 const q = (s) => `'${s.replaceAll("'", "'\\''")}'`;
 const cli = (args) => [node, opt.cli, ...args].map(q).join(' ');
 
 execFileSync(node, [opt.cli, 'create', img, '--size', '1G']);
 execFileSync(node, [opt.cli, 'repo', 'init', repo, '--no-encrypt']);
+
+const distDir = join(dirname(opt.cli), '..');
+// The worker's entry as src/supervisor/child.ts picks it (a build without the bundled worker: dist/'s).
+const workerStart = `const { fork } = require('node:child_process');
+const bundled = ${JSON.stringify(join(distDir, 'supervisor', 'bundled-worker.cjs'))};
+const entry = process.env.KSCINC_NO_BUNDLE || !require('node:fs').existsSync(bundled) ? ${JSON.stringify(join(distDir, 'supervisor', 'worker.js'))} : bundled;
+const w = fork(entry, ['--spare'], { execArgv: ['--expose-gc'] });
+w.on('message', (m) => { if (m.t === 'loaded') w.send({ t: 'exit' }); });`;
 
 const ALL = {
   'node -e 0': `${q(node)} -e 0`,
@@ -49,12 +59,17 @@ const ALL = {
   create: `${cli(['create', join(dir, 'new.ksc'), '--size', '1G'])} && rm ${q(join(dir, 'new.ksc'))}`,
   'bitmap list': cli(['bitmap', 'list', img]),
   backups: cli(['backups', '--repo', repo]),
+  // The S3 client's load: a command on an S3 repository without credentials fails right after loading it.
+  's3 client': `AWS_ACCESS_KEY_ID= AWS_SECRET_ACCESS_KEY= KSCINC_S3_CONFIG= ${cli(['backups', '--repo', 's3://kscinc-startup'])} 2>/dev/null`,
+  // The worker of `kscinc serve` (issue 16): forked as the supervisor forks it, until it says it has loaded;
+  // the forking `node -e` is one more `node -e 0` in the figure.
+  worker: `${q(node)} -e ${q(workerStart)}`,
 };
 const only = opt.only ? new Set(opt.only.split(',')) : null;
 const cases = [['node -e 0', ALL['node -e 0']]];
 for (const [name, cmd] of Object.entries(ALL)) {
   if (name === 'node -e 0' || (only && !only.has(name))) continue;
-  for (const m of modes) cases.push([modes.length > 1 ? `${name} (${m})` : name, `${MODES[m]}${cmd}`]);
+  for (const m of modes) cases.push([modes.length > 1 ? `${name} (${m})` : name, m === 'peer' ? cmd.replaceAll(distDir, join(dirname(opt.peer), '..')) : `${MODES[m]}${cmd}`]);
 }
 
 /** One run: [wall ms, CPU ms of the command's processes]. */

@@ -6,12 +6,13 @@
 // one CommonJS file per command group loads synchronously and compiles from the code cache (bench/startup.mjs).
 // dist/bundle/ sits two levels below the package root like dist/<folder>/, so the paths the code builds from
 // import.meta.url (package.json, native/, dist/compress/worker.js, dist/supervisor/worker.js) still resolve.
-// Packages that load native code or start workers (lz4-napi, piscina) and the S3 client (minio, large, loaded
-// only for S3 repositories) stay outside the bundle and load from node_modules when first used.
-import { execFileSync } from 'node:child_process';
+// Packages that load native code or start workers (lz4-napi, piscina) stay outside the bundle and load from
+// node_modules when first used. The S3 client (minio and its dependencies, ~90 CommonJS files) is bundled into
+// the chunk of src/objstore/s3.ts (s3.cjs, worker-s3.cjs), which only an S3 location loads.
+import { execFileSync, fork, spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, renameSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
-import { join } from 'node:path';
+import { join, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rolldown } from 'rolldown';
 
@@ -20,16 +21,48 @@ const dist = join(root, 'dist');
 const entry = join(dist, 'cli', 'main.js');
 if (!existsSync(entry)) throw new Error(`bundle-cli: ${entry} is missing: run tsc first`);
 
-const EXTERNAL = new Set(['minio', 'piscina', 'lz4-napi', ...builtinModules]);
+const EXTERNAL = new Set(['piscina', 'lz4-napi', ...builtinModules]);
 const temp = join(dist, `.bundle-${process.pid}`);
-const bundle = await rolldown({
-  input: { kscinc: entry },
-  platform: 'node',
-  external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
-  logLevel: 'warn',
-});
-await bundle.write({ dir: temp, format: 'cjs', minify: process.env.KSCINC_BUNDLE_MINIFY !== '0', entryFileNames: '[name].cjs', chunkFileNames: '[name].cjs', sourcemap: true });
-await bundle.close();
+// Minified, but functions and classes keep their names: code reads them (minio's errors are told apart by
+// `name`, which its classes set from constructor.name; src/objstore/s3.ts maps them by that).
+const minify = process.env.KSCINC_BUNDLE_MINIFY === '0' ? false : { compress: { keepNames: { function: true, class: true } }, mangle: { keepNames: true } };
+
+// Node's modules that a command seldom uses but a chunk requires at its top because some module in it
+// imports them (commander: child_process; TLS for servers and S3; worker threads and zlib for backups):
+// each is required when one of its properties is first read, not when the chunk loads (LAZY_REQUIRE below).
+const LAZY = ['child_process', 'tls', 'net', 'http', 'https', 'readline', 'worker_threads', 'zlib', 'dgram', 'cluster'];
+const LAZY_CALL = new RegExp(`\\brequire\\(("(?:node:)?(?:${LAZY.join('|')})")\\)`, 'g');
+// Appended to a chunk that uses it (a function declaration: hoisted). A Proxy that stands for the module: any
+// read of it (a property, `in`, its keys) requires the module first. Node's own modules have no getters
+// that depend on `this` being the module object, and a class extended at a chunk's top is read at once.
+const LAZY_HELPER = `;function __kscL(id){let m;const l=()=>m??=require(id);return new Proxy({},{get:(_,k)=>l()[k],set:(_,k,v)=>(l()[k]=v,!0),has:(_,k)=>k in l(),ownKeys:()=>Reflect.ownKeys(l()),getOwnPropertyDescriptor:(_,k)=>{const d=Reflect.getOwnPropertyDescriptor(l(),k);return d&&{...d,configurable:!0}},getPrototypeOf:()=>Reflect.getPrototypeOf(l())})}`;
+const lazyRequire = {
+  name: 'kscinc-lazy-require',
+  renderChunk(code) {
+    if (!LAZY_CALL.test(code)) return null;
+    // `__kscL(` is one character shorter than `require(`: a space after the call keeps every column, so the
+    // source map stays right; the helper goes at the end.
+    return { code: code.replace(LAZY_CALL, '__kscL($1) ') + LAZY_HELPER, map: null };
+  },
+};
+
+/** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
+async function build(input, chunks) {
+  const bundle = await rolldown({
+    input,
+    platform: 'node',
+    external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
+    logLevel: 'warn',
+    plugins: process.env.KSCINC_BUNDLE_LAZY === '0' ? [] : [lazyRequire],
+  });
+  await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: chunks, sourcemap: true });
+  await bundle.close();
+}
+// The CLI: one chunk per command group and per module that several share.
+await build({ kscinc: entry }, '[name].cjs');
+// The worker of `kscinc serve` (src/supervisor/child.ts forks it through dist/supervisor/bundled-worker.cjs): a
+// build of its own, so that its chunks (worker-*.cjs) and their code caches are not shared with the CLI's.
+await build({ worker: join(dist, 'supervisor', 'worker.js') }, 'worker-[name].cjs');
 
 // Replace dist/bundle/ as a whole; while it is missing, kscinc.cjs runs the ES modules instead.
 const target = join(dist, 'bundle');
@@ -39,7 +72,33 @@ renameSync(temp, target);
 rmSync(old, { recursive: true, force: true });
 
 // Code caches: one run that loads every command group (--help), its compiled functions saved at exit.
-execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: { ...process.env, KSCINC_CODE_CACHE: 'write' }, stdio: 'ignore' });
+const cacheEnv = { ...process.env, KSCINC_CODE_CACHE: 'write' };
+delete cacheEnv.KSCINC_NO_BUNDLE;
+execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: cacheEnv, stdio: 'ignore' });
+// And one worker, started as a spare and warmed up (the paths of opening an image and serving it), then told to stop.
+await new Promise((resolve, reject) => {
+  const w = fork(join(dist, 'supervisor', 'bundled-worker.cjs'), ['--spare'], { env: cacheEnv, stdio: ['ignore', 'ignore', 'inherit', 'ipc'], execArgv: ['--expose-gc'] });
+  const timer = setTimeout(() => w.kill('SIGKILL'), 120_000);
+  w.on('message', (m) => {
+    if (m?.t === 'loaded') w.send({ t: 'warm' });
+    else if (m?.t === 'warmed' || m?.t === 'failed') w.send({ t: 'stop' });
+  });
+  w.on('error', reject);
+  w.on('exit', (code, signal) => {
+    clearTimeout(timer);
+    if (code === 0) resolve();
+    else reject(new Error(`bundle-cli: the worker that writes the code caches ${signal ? `was killed by ${signal}` : `exited with status ${code}`}`));
+  });
+});
+// The S3 chunk, which neither run loads: a command on an S3 repository without credentials loads it (and
+// runs the S3 client's module code), then fails before any request. `add`: the caches written above stay.
+const addEnv = { ...cacheEnv, KSCINC_CODE_CACHE: 'add', AWS_ACCESS_KEY_ID: '', AWS_SECRET_ACCESS_KEY: '', KSCINC_S3_CONFIG: '' };
+const s3 = spawnSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), 'backups', '--repo', 's3://kscinc-code-cache'], { env: addEnv, encoding: 'utf8' });
+if (!/no S3 credentials/.test(s3.stderr)) throw new Error(`bundle-cli: the run that loads the S3 chunk did not fail as expected: ${s3.stderr}`);
+// The worker's S3 chunk, likewise: required in a plain process (worker.cjs, which it requires, has no IPC
+// channel there: it sets up its message handler, nothing comes, the process ends).
+const loadWorkerS3 = `require(${JSON.stringify(join(dist, 'cli', 'code-cache.cjs'))}).useCodeCache(${JSON.stringify(target + sep)}); require(${JSON.stringify(join(target, 'worker-s3.cjs'))});`;
+execFileSync(process.execPath, ['-e', loadWorkerS3], { env: addEnv, stdio: 'ignore', timeout: 60_000 });
 const files = readdirSync(target);
 const chunks = files.filter((f) => f.endsWith('.cjs'));
 const cached = files.filter((f) => f.endsWith('.cjs.cache'));

@@ -8,11 +8,12 @@
  * command loads cost more than the rest of this file; V8 itself checks the source length and its flags.) scripts/bundle-cli.mjs writes them at build time (KSCINC_CODE_CACHE=write: after a run that loaded
  * every chunk, each chunk's cache holds the functions compiled so far). A cache whose stamp does not match
  * the source file (edited, copied), or that V8 rejects (another Node version or other V8 flags), is ignored: the file compiles
- * as usual, only slower. Nothing is written at run time.
+ * as usual, only slower. Nothing is written at run time. KSCINC_CODE_CACHE=add writes only the caches that are
+ * missing (a later build run that loads a chunk no earlier run did, without replacing what those runs saved).
  */
 import Module = require('node:module');
 import vm = require('node:vm');
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 type Compile = (this: Module, content: string, filename: string) => unknown;
@@ -56,10 +57,12 @@ function requireFor(mod: Module): NodeJS.Require {
 
 /**
  * From now on, CommonJS files whose path starts with `dir` compile with their code cache. With
- * KSCINC_CODE_CACHE=write, each such file's cache is (re)written when the process exits.
+ * KSCINC_CODE_CACHE=write, each such file's cache is (re)written when the process exits; with `add`, only
+ * those that have none.
  */
 export function useCodeCache(dir: string): void {
-  const write = process.env.KSCINC_CODE_CACHE === 'write';
+  const mode = process.env.KSCINC_CODE_CACHE;
+  const write = mode === 'write' || mode === 'add';
   const scripts: { script: vm.Script; file: string; stamp: Buffer }[] = [];
   const original = M.prototype._compile;
   M.prototype._compile = function compile(this: Module, content: string, filename: string): unknown {
@@ -72,7 +75,7 @@ export function useCodeCache(dir: string): void {
       cachedData,
       importModuleDynamically: vm.constants?.USE_MAIN_CONTEXT_DEFAULT_LOADER,
     } as vm.ScriptOptions);
-    if (write) scripts.push({ script, file, stamp });
+    if (write && (mode === 'write' || !existsSync(file))) scripts.push({ script, file, stamp });
     const fn = script.runInThisContext({ displayErrors: true }) as (...args: unknown[]) => unknown;
     return fn.call(this.exports, this.exports, requireFor(this), this, filename, dirname(filename));
   };

@@ -1,6 +1,8 @@
 /** One worker process as the supervisor sees it: fork, typed messages, waiting for a reply, its end. */
 import { fork, type ChildProcess } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
 import type { Socket } from 'node:net';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KscError, type KscErrorCode } from '../errors.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
@@ -10,8 +12,24 @@ import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
  * KSCINC_WORKER_ENTRY overrides it (tests point it at a broken build).
  */
 export function workerEntry(): string {
-  // '../supervisor/': the same file from dist/supervisor/ and from the bundled CLI in dist/bundle/.
-  return process.env.KSCINC_WORKER_ENTRY || fileURLToPath(new URL('../supervisor/worker.js', import.meta.url));
+  // '../': dist/ from dist/supervisor/ and from the bundled CLI in dist/bundle/ alike.
+  return process.env.KSCINC_WORKER_ENTRY || pickWorkerEntry(fileURLToPath(new URL('../', import.meta.url)), Boolean(process.env.KSCINC_NO_BUNDLE));
+}
+
+/**
+ * The worker entry in the build `dist`: the bundle's launcher (bundled-worker.cts) when dist/bundle/worker.cjs
+ * is at least as new as dist/supervisor/worker.js, else worker.js. tsc rewrites worker.js at every build and
+ * scripts/bundle-cli.mjs writes the bundle after it, so a bundle of older code than dist/ is never run (the
+ * rule of kscinc.cts). Three stat calls at each start, none cached: a hot upgrade sees what is installed now.
+ */
+export function pickWorkerEntry(dist: string, noBundle = false): string {
+  const esm = join(dist, 'supervisor', 'worker.js');
+  if (noBundle) return esm;
+  const launcher = join(dist, 'supervisor', 'bundled-worker.cjs');
+  const bundle = statSync(join(dist, 'bundle', 'worker.cjs'), { throwIfNoEntry: false });
+  const source = statSync(esm, { throwIfNoEntry: false });
+  if (!bundle || !source || bundle.mtimeMs < source.mtimeMs || !existsSync(launcher)) return esm;
+  return launcher;
 }
 
 type Waiter = { types: string[]; resolve: (m: FromWorker) => void; reject: (e: Error) => void; timer: NodeJS.Timeout };
