@@ -27,34 +27,9 @@ const temp = join(dist, `.bundle-${process.pid}`);
 // `name`, which its classes set from constructor.name; src/objstore/s3.ts maps them by that).
 const minify = process.env.KSCINC_BUNDLE_MINIFY === '0' ? false : { compress: { keepNames: { function: true, class: true } }, mangle: { keepNames: true } };
 
-// Node's modules that a command seldom uses but a chunk requires at its top because some module in it
-// imports them (commander: child_process; TLS for servers and S3; worker threads and zlib for backups):
-// each is required when one of its properties is first read, not when the chunk loads (LAZY_REQUIRE below).
-const LAZY = ['child_process', 'tls', 'net', 'http', 'https', 'readline', 'worker_threads', 'zlib', 'dgram', 'cluster'];
-const LAZY_CALL = new RegExp(`\\brequire\\(("(?:node:)?(?:${LAZY.join('|')})")\\)`, 'g');
-// Appended to a chunk that uses it (a function declaration: hoisted). A Proxy that stands for the module: any
-// read of it (a property, `in`, its keys) requires the module first. Node's own modules have no getters
-// that depend on `this` being the module object, and a class extended at a chunk's top is read at once.
-const LAZY_HELPER = `;function __kscL(id){let m;const l=()=>m??=require(id);return new Proxy({},{get:(_,k)=>l()[k],set:(_,k,v)=>(l()[k]=v,!0),has:(_,k)=>k in l(),ownKeys:()=>Reflect.ownKeys(l()),getOwnPropertyDescriptor:(_,k)=>{const d=Reflect.getOwnPropertyDescriptor(l(),k);return d&&{...d,configurable:!0}},getPrototypeOf:()=>Reflect.getPrototypeOf(l())})}`;
-const lazyRequire = {
-  name: 'kscinc-lazy-require',
-  renderChunk(code) {
-    if (!LAZY_CALL.test(code)) return null;
-    // `__kscL(` is one character shorter than `require(`: a space after the call keeps every column, so the
-    // source map stays right; the helper goes at the end.
-    return { code: code.replace(LAZY_CALL, '__kscL($1) ') + LAZY_HELPER, map: null };
-  },
-};
-
 /** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
 async function build(input, chunks) {
-  const bundle = await rolldown({
-    input,
-    platform: 'node',
-    external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
-    logLevel: 'warn',
-    plugins: process.env.KSCINC_BUNDLE_LAZY === '0' ? [] : [lazyRequire],
-  });
+  const bundle = await rolldown({ input, platform: 'node', external: (id) => id.startsWith('node:') || EXTERNAL.has(id), logLevel: 'warn' });
   await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: chunks, sourcemap: true });
   await bundle.close();
 }

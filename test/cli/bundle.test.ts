@@ -35,8 +35,7 @@ process.on('exit', () => {
   const bundled = loaded.filter((f) => f.includes('/dist/bundle/')).length;
   const minio = loaded.filter((f) => f.includes('/node_modules/minio/')).length;
   const main = require('node:path').basename(process.argv[1] || '');
-  const lazy = process.moduleLoadList.filter((m) => /^NativeModule (child_process|zlib|worker_threads|readline)$/.test(m)).map((m) => m.slice(13));
-  process.stderr.write('PROBE ' + JSON.stringify({ bundled, minio, lazy, ...caches, main, spare: process.argv.includes('--spare'), pid: process.pid }) + '\\n');
+  process.stderr.write('PROBE ' + JSON.stringify({ bundled, minio, ...caches, main, spare: process.argv.includes('--spare'), pid: process.pid }) + '\\n');
 });
 `,
 );
@@ -47,8 +46,6 @@ interface Probe {
   minio: number;
   given: number;
   rejected: number;
-  /** Which of Node's child_process, zlib, worker_threads and readline were loaded. */
-  lazy: string[];
   /** The file the process was started with (process.argv[1]). */
   main: string;
   spare: boolean;
@@ -86,12 +83,6 @@ describe('bundled CLI', () => {
     expect(same(['--version']).stdout.trim()).toMatch(/^\d+\.\d+\.\d+$/);
     expect(same(['--help']).stdout).toContain('Usage: kscinc');
     expect(same(['backup', '--help']).stdout).toContain('Usage: kscinc backup');
-  });
-
-  it("Node's modules that a command does not use are not loaded (required on first use: scripts/bundle-cli.mjs LAZY)", () => {
-    for (const args of [['--version'], ['info', '--help'], ['backup', '--help']]) expect(probed(args).probe.lazy, args.join(' ')).toEqual([]);
-    // dist/ loads them (commander imports child_process), so the probe sees them when they are loaded.
-    expect(probed(['--version'], { KSCINC_NO_BUNDLE: '1' }).probe.lazy).toContain('child_process');
   });
 
   it('create, info, bitmap add and list, with and without the native addon', () => {
