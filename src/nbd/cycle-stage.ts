@@ -27,7 +27,7 @@ export class CycleStage {
   /** The open cycle, loaded once per process (a worker after an upgrade reopens the log; a committed one is finished). */
   async current(): Promise<CycleLog | null> {
     this.loaded ??= (async () => {
-      this.log = await CycleLog.reopen(this.image, this.dev.size);
+      this.log = await CycleLog.reopen(this.image, this.dev);
       if (!this.log) {
         const done = await settleLog(this.image, this.dev);
         if (done) this.say(`kscinc serve: replication cycle log of ${this.image} ${done} (a restart part way)`);
@@ -53,7 +53,7 @@ export class CycleStage {
         await old.discard();
         this.say(`kscinc serve: replication cycle ${old.cycle} of ${this.image} discarded (never committed)`);
       }
-      this.log = await CycleLog.create(this.image, cycle, this.dev.size);
+      this.log = await CycleLog.create(this.image, cycle, this.dev);
     });
   }
 
