@@ -218,6 +218,7 @@ export async function settleLog(image: string, dev: BlockDevice, foundClean = fa
 export class CycleLog {
   private chain: Promise<unknown> = Promise.resolve();
   private records: number;
+  private broken = false;
 
   private constructor(
     readonly path: string,
@@ -267,24 +268,42 @@ export class CycleLog {
     return p;
   }
 
-  /** Appends one change (`data` for a WRITE); `sync`: durable before it resolves (FUA). */
+  /** Appends one change (`data` for a WRITE); `sync`: durable before it resolves (FUA). A failure breaks the log (no commit). */
   append(kind: number, offset: number, length: number, data: Buffer | null, sync = false): Promise<void> {
     return this.serial(async () => {
-      const n = REC + (data?.length ?? 0);
-      if (this.end + n > maxLogBytes(this.size)) {
-        throw new KscError('KSC_E_NO_SPACE', `${this.path}: the cycle log would exceed ${maxLogBytes(this.size)} bytes (formats/migrate.md §11.7)`);
+      try {
+        const n = REC + (data?.length ?? 0);
+        if (this.end + n > maxLogBytes(this.size)) {
+          throw new KscError('KSC_E_NO_SPACE', `${this.path}: the cycle log would exceed ${maxLogBytes(this.size)} bytes (formats/migrate.md §11.7)`);
+        }
+        const h = record(kind, offset, length, data ? crc32(data) : 0);
+        await this.f.writev(data ? [h, data] : [h], this.end);
+        this.end += n;
+        this.records++;
+        if (sync) await this.f.sync();
+      } catch (e) {
+        this.broken = true;
+        throw e;
       }
-      const h = record(kind, offset, length, data ? crc32(data) : 0);
-      await this.f.writev(data ? [h, data] : [h], this.end);
-      this.end += n;
-      this.records++;
-      if (sync) await this.f.sync();
     });
+  }
+
+  /**
+   * True once an append or a sync failed: the log lacks a change its cycle made (and the source was told), so
+   * the cycle can never be committed (formats/migrate.md §11.7 rule 5); the next begin discards it.
+   */
+  get isBroken(): boolean {
+    return this.broken;
   }
 
   /** Every append made before the call is durable when it resolves. */
   sync(): Promise<void> {
-    return this.serial(() => this.f.sync());
+    return this.serial(() =>
+      this.f.sync().catch((e: unknown) => {
+        this.broken = true;
+        throw e;
+      }),
+    );
   }
 
   /** The commit point: the records durable, then the COMMIT record durable. Then applied to `dev` and removed. */
