@@ -119,7 +119,7 @@ describe('the cycle contexts under abuse', () => {
     const before = statSync(logPath()).size;
     // A second source connection of the same cycle: a WRITE header and half its payload, then gone.
     const u = parseNbdUri(d.uri);
-    const sock = tcpConnect({ host: u.host, port: u.port });
+    const sock = tcpConnect({ host: u.host ?? '127.0.0.1', port: u.port ?? 10809 });
     await new Promise<void>((resolve, reject) => sock.once('connect', resolve).once('error', reject));
     const q = new ByteQueue(sock, 'cut');
     await clientHandshake(
