@@ -6,6 +6,12 @@
  * must not take from A's, since the map on disk may still point A at them; then the new worker (and the
  * supervisor) are SIGKILLed before any flush. Reopened (crash recovery), every block of A must hold its old
  * bytes or zeros, never B's bytes, and `kscinc check --verify` must be clean. Seeded.
+ *
+ * What it cannot see: a SIGKILL keeps the page cache, so the old worker's unsynced map records survive it and
+ * a too-early reuse of the pending clusters is harmless here (checked: releasing them at adoption, in
+ * src/image/ksc/open.ts, still passes). That rule is held by test/image/handover.test.ts (the record's
+ * `pending` stays pending until the first flush) and its every-step test; this one guards the real
+ * upgrade path with a trim in the handover window and the new worker's crash recovery.
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
