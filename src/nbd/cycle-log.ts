@@ -312,8 +312,11 @@ export class CycleLog {
       await this.f.sync();
       await this.f.write(record(KIND.COMMIT, this.records, this.end), this.end);
       await this.f.sync();
-      await applyLog(this.f, dev);
-      await this.f.close();
+      try {
+        await applyLog(this.f, dev);
+      } finally {
+        await this.f.close();
+      }
       await removeLog(this.path);
     });
   }

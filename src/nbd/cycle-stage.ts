@@ -70,7 +70,14 @@ export class CycleStage {
       if (log?.cycle !== cycle || log.isBroken) return false; // a broken log lost a change: never committed
       this.log = null;
       this.ended(cycle);
-      await log.commit(this.dev);
+      try {
+        await log.commit(this.dev);
+      } catch (e) {
+        // Past the commit point the log may be left committed but not (wholly) applied: the next use settles
+        // it again (applies it, or fails again) before any write or begin reaches the image (§11.7 rule 6).
+        this.loaded = null;
+        throw e;
+      }
       this.say(`kscinc serve: replication cycle ${cycle} of ${this.image} committed and applied`);
       return true;
     });
