@@ -12,7 +12,7 @@ import { openImage } from '../image/open.js';
 import { baseFingerprint, firstAboveBase } from '../engines/migrate-base.js';
 import { holdsOnlyOrigin, incomingOrigin } from '../engines/migrate-origin.js';
 import { INCOMING_RECORD } from '../nbd/incoming.js';
-import { logPathOf, settleLog } from '../nbd/cycle-log.js';
+import { closedCleanly, logPathOf, settleLog } from '../nbd/cycle-log.js';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 
@@ -29,10 +29,11 @@ export interface IncomingPrepared {
 
 /** `token`: the one to use (`--token-file`), else a new random one. */
 export async function prepareIncomingImage(image: string, token?: string): Promise<IncomingPrepared> {
+  const clean = existsSync(logPathOf(resolve(image))) && (await closedCleanly(image));
   const dev = await openImage(image, { write: true });
   try {
     // §11.7: a cycle a replication committed is finished, one it did not is dropped, before anything is served.
-    const settled = await settleLog(resolve(image), dev);
+    const settled = await settleLog(resolve(image), dev, clean);
     if (settled) process.stderr.write(`kscinc serve: replication cycle log of ${image} ${settled}\n`);
     const bitmaps = bitmapsOf(dev);
     const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
@@ -68,9 +69,10 @@ export async function settleCycleLogs(images: string[], force: boolean): Promise
   for (const image of images) {
     const abs = resolve(image);
     if (!existsSync(logPathOf(abs))) continue;
+    const clean = await closedCleanly(abs);
     const dev = await openImage(abs, { write: true, migratedAway: force });
     try {
-      const done = await settleLog(abs, dev);
+      const done = await settleLog(abs, dev, clean);
       if (done)
         out.push(
           `kscinc serve: replication cycle log of ${image} ${done === 'applied' ? 'applied (a committed cycle finished)' : 'discarded (an uncommitted cycle: the last consistent point is served)'}`,

@@ -16,6 +16,8 @@ import { KscError } from '../errors.js';
 import { faultStep } from '../io/fault.js';
 import { openHostFile, type HostFile } from '../io/file.js';
 import { syncDir } from '../io/durable.js';
+import { identityOf } from '../image/capabilities.js';
+import { openImage } from '../image/open.js';
 import type { BlockDevice } from '../image/types.js';
 
 export const LOG_SUFFIX = '.cycle-log';
@@ -33,12 +35,17 @@ export const maxLogBytes = (size: number): number => Math.max(2 * size, 256 * 10
 
 export const logPathOf = (image: string): string => image + LOG_SUFFIX;
 
-function header(cycle: string, size: number): Buffer {
+/** The disk UUID a log is bound to (bytes 40–55 of its header): the image's, or zeros when it has none (raw). */
+const diskOf = (dev: BlockDevice): Buffer => identityOf(dev)?.diskUuid ?? Buffer.alloc(16);
+const NO_DISK = Buffer.alloc(16);
+
+function header(cycle: string, size: number, disk: Buffer): Buffer {
   const b = Buffer.alloc(HEADER);
   MAGIC.copy(b, 0);
   b.writeUInt32LE(1, 8);
   Buffer.from(cycle, 'hex').copy(b, 16);
   b.writeBigUInt64LE(BigInt(size), 32);
+  disk.copy(b, 40);
   b.writeUInt32LE(crc32(b.subarray(0, HEADER - 4)), HEADER - 4);
   return b;
 }
@@ -66,6 +73,8 @@ interface Rec {
 /** What a log file holds: its cycle, the end of its valid records, and whether it is committed. */
 export interface LogScan {
   cycle: string;
+  /** The disk UUID of the image the log was made for (zeros: none recorded). */
+  disk: Buffer;
   end: number;
   records: number;
   committed: boolean;
@@ -122,7 +131,7 @@ async function scanOpen(f: HostFile, size: number): Promise<LogScan | null> {
   const h = await readFull(f, 0, HEADER);
   if (!h || !h.subarray(0, 8).equals(MAGIC) || h.readUInt32LE(8) !== 1 || h.readUInt32LE(HEADER - 4) !== crc32(h.subarray(0, HEADER - 4))) return null;
   if (Number(h.readBigUInt64LE(32)) !== size) return null;
-  return { cycle: h.subarray(16, 32).toString('hex'), ...(await walk(f, size)) };
+  return { cycle: h.subarray(16, 32).toString('hex'), disk: Buffer.from(h.subarray(40, 56)), ...(await walk(f, size)) };
 }
 
 /** The state of IMAGE's cycle log without changing it: null when there is none (or it is unreadable garbage: `{garbage: true}`). */
@@ -152,17 +161,51 @@ async function applyLog(f: HostFile, dev: BlockDevice): Promise<void> {
   await dev.flush();
 }
 
+/** Whether a log's recorded disk is not `dev`'s (both known). */
+const otherDisk = (s: LogScan, dev: BlockDevice): boolean => !s.disk.equals(NO_DISK) && identityOf(dev) !== null && !s.disk.equals(diskOf(dev));
+
+/**
+ * Whether IMAGE was closed cleanly by its last writer (read from a read-only open, before a settling writer
+ * opens it; false when the image cannot tell: raw). A committed log is left only by a writer that died
+ * (DIRTY), so a clean image beside one was opened for writing by someone else after the commit point.
+ */
+export async function closedCleanly(image: string): Promise<boolean> {
+  const dev = await openImage(image);
+  try {
+    const id = identityOf(dev);
+    return id !== null && !id.wasDirty;
+  } finally {
+    await dev.close();
+  }
+}
+
 /**
  * Settles IMAGE's cycle log against `dev` (the image, open for writing): a committed log is applied and
  * removed; anything else (uncommitted, torn, another size) is removed. Returns what it did, or null.
+ * A committed log that is no longer this image's is refused (KSC_E_INVALID) and both are left as they are
+ * (formats/migrate.md §11.7 rule 6): it records another disk, or `foundClean` (closedCleanly() before `dev`
+ * was opened) says the image was written and closed by another writer since the commit point.
  */
-export async function settleLog(image: string, dev: BlockDevice): Promise<'applied' | 'discarded' | null> {
+export async function settleLog(image: string, dev: BlockDevice, foundClean = false): Promise<'applied' | 'discarded' | null> {
   const path = logPathOf(image);
   const f = await openIfAny(path, false);
   if (!f) return null;
   let committed = false;
   try {
-    committed = (await scanOpen(f, dev.size))?.committed ?? false;
+    const s = await scanOpen(f, dev.size);
+    committed = s?.committed ?? false;
+    if (s && committed && otherDisk(s, dev)) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `${path}: a committed replication cycle of another disk (${s.disk.toString('hex')}; ${image} is ${diskOf(dev).toString('hex')}): not applied; remove the log to serve the image as it is (formats/migrate.md §11.7 rule 6)`,
+      );
+    }
+    if (committed && foundClean) {
+      throw new KscError(
+        'KSC_E_INVALID',
+        `${path}: a committed replication cycle that was never applied, but ${image} was opened for writing and closed cleanly since: applying it would lay the older cycle over later writes; not applied; remove the log to serve the image as it is (formats/migrate.md §11.7 rule 6)`,
+      );
+    }
     if (committed) await applyLog(f, dev);
   } finally {
     await f.close();
@@ -175,6 +218,7 @@ export async function settleLog(image: string, dev: BlockDevice): Promise<'appli
 export class CycleLog {
   private chain: Promise<unknown> = Promise.resolve();
   private records: number;
+  private broken = false;
 
   private constructor(
     readonly path: string,
@@ -188,11 +232,12 @@ export class CycleLog {
   }
 
   /** A new log for `cycle` (any old one already removed), durable (file and name) before it returns. */
-  static async create(image: string, cycle: string, size: number): Promise<CycleLog> {
+  static async create(image: string, cycle: string, dev: BlockDevice): Promise<CycleLog> {
     const path = logPathOf(image);
+    const size = dev.size;
     const f = await openHostFile(path, { write: true, create: true });
     try {
-      await f.write(header(cycle, size), 0);
+      await f.write(header(cycle, size, diskOf(dev)), 0);
       await f.sync();
       await syncDir(dirname(path));
     } catch (e) {
@@ -202,13 +247,14 @@ export class CycleLog {
     return new CycleLog(path, cycle, f, size, HEADER, 0);
   }
 
-  /** Reopens IMAGE's uncommitted log to append (cut to its valid records); null when there is none. */
-  static async reopen(image: string, size: number): Promise<CycleLog | null> {
+  /** Reopens IMAGE's uncommitted log to append (cut to its valid records); null when there is none (or it is another disk's). */
+  static async reopen(image: string, dev: BlockDevice): Promise<CycleLog | null> {
     const path = logPathOf(image);
+    const size = dev.size;
     const f = await openIfAny(path, true);
     if (!f) return null;
     const s = await scanOpen(f, size);
-    if (!s || s.committed) {
+    if (!s || s.committed || otherDisk(s, dev)) {
       await f.close();
       return null;
     }
@@ -222,24 +268,42 @@ export class CycleLog {
     return p;
   }
 
-  /** Appends one change (`data` for a WRITE); `sync`: durable before it resolves (FUA). */
+  /** Appends one change (`data` for a WRITE); `sync`: durable before it resolves (FUA). A failure breaks the log (no commit). */
   append(kind: number, offset: number, length: number, data: Buffer | null, sync = false): Promise<void> {
     return this.serial(async () => {
-      const n = REC + (data?.length ?? 0);
-      if (this.end + n > maxLogBytes(this.size)) {
-        throw new KscError('KSC_E_NO_SPACE', `${this.path}: the cycle log would exceed ${maxLogBytes(this.size)} bytes (formats/migrate.md §11.7)`);
+      try {
+        const n = REC + (data?.length ?? 0);
+        if (this.end + n > maxLogBytes(this.size)) {
+          throw new KscError('KSC_E_NO_SPACE', `${this.path}: the cycle log would exceed ${maxLogBytes(this.size)} bytes (formats/migrate.md §11.7)`);
+        }
+        const h = record(kind, offset, length, data ? crc32(data) : 0);
+        await this.f.writev(data ? [h, data] : [h], this.end);
+        this.end += n;
+        this.records++;
+        if (sync) await this.f.sync();
+      } catch (e) {
+        this.broken = true;
+        throw e;
       }
-      const h = record(kind, offset, length, data ? crc32(data) : 0);
-      await this.f.writev(data ? [h, data] : [h], this.end);
-      this.end += n;
-      this.records++;
-      if (sync) await this.f.sync();
     });
+  }
+
+  /**
+   * True once an append or a sync failed: the log lacks a change its cycle made (and the source was told), so
+   * the cycle can never be committed (formats/migrate.md §11.7 rule 5); the next begin discards it.
+   */
+  get isBroken(): boolean {
+    return this.broken;
   }
 
   /** Every append made before the call is durable when it resolves. */
   sync(): Promise<void> {
-    return this.serial(() => this.f.sync());
+    return this.serial(() =>
+      this.f.sync().catch((e: unknown) => {
+        this.broken = true;
+        throw e;
+      }),
+    );
   }
 
   /** The commit point: the records durable, then the COMMIT record durable. Then applied to `dev` and removed. */
@@ -248,8 +312,11 @@ export class CycleLog {
       await this.f.sync();
       await this.f.write(record(KIND.COMMIT, this.records, this.end), this.end);
       await this.f.sync();
-      await applyLog(this.f, dev);
-      await this.f.close();
+      try {
+        await applyLog(this.f, dev);
+      } finally {
+        await this.f.close();
+      }
       await removeLog(this.path);
     });
   }

@@ -12,8 +12,13 @@ import { CycleLog, KIND, settleLog } from './cycle-log.js';
 import { NbdRequestError } from './errors.js';
 import { ERR } from './wire.js';
 
+/** How many cycles that are over this process remembers, to refuse their connections' late writes. */
+const OVER_KEPT = 256;
+
 export class CycleStage {
   private log: CycleLog | null = null;
+  /** Cycles begun here that are over (discarded or committed), oldest first: their connections may not write. */
+  private readonly over = new Set<string>();
   private loaded: Promise<void> | null = null;
   /** Begin and commit, one at a time. */
   private chain: Promise<unknown> = Promise.resolve();
@@ -27,7 +32,7 @@ export class CycleStage {
   /** The open cycle, loaded once per process (a worker after an upgrade reopens the log; a committed one is finished). */
   async current(): Promise<CycleLog | null> {
     this.loaded ??= (async () => {
-      this.log = await CycleLog.reopen(this.image, this.dev.size);
+      this.log = await CycleLog.reopen(this.image, this.dev);
       if (!this.log) {
         const done = await settleLog(this.image, this.dev);
         if (done) this.say(`kscinc serve: replication cycle log of ${this.image} ${done} (a restart part way)`);
@@ -50,10 +55,11 @@ export class CycleStage {
       if (old?.cycle === cycle) return;
       this.log = null;
       if (old) {
+        this.ended(old.cycle);
         await old.discard();
         this.say(`kscinc serve: replication cycle ${old.cycle} of ${this.image} discarded (never committed)`);
       }
-      this.log = await CycleLog.create(this.image, cycle, this.dev.size);
+      this.log = await CycleLog.create(this.image, cycle, this.dev);
     });
   }
 
@@ -61,17 +67,35 @@ export class CycleStage {
   commit(cycle: string): Promise<boolean> {
     return this.serial(async () => {
       const log = await this.current();
-      if (log?.cycle !== cycle) return false;
+      if (log?.cycle !== cycle || log.isBroken) return false; // a broken log lost a change: never committed
       this.log = null;
-      await log.commit(this.dev);
+      this.ended(cycle);
+      try {
+        await log.commit(this.dev);
+      } catch (e) {
+        // Past the commit point the log may be left committed but not (wholly) applied: the next use settles
+        // it again (applies it, or fails again) before any write or begin reaches the image (§11.7 rule 6).
+        this.loaded = null;
+        throw e;
+      }
       this.say(`kscinc serve: replication cycle ${cycle} of ${this.image} committed and applied`);
       return true;
     });
   }
 
-  /** Where a write of a connection tagged `tag` (null: untagged) goes: the log, the image (null), or refused. */
+  private ended(cycle: string): void {
+    this.over.add(cycle);
+    if (this.over.size > OVER_KEPT) this.over.delete(this.over.values().next().value!);
+  }
+
+  /**
+   * Where a write of a connection tagged `tag` (null: untagged) goes: the log, the image (null), or refused.
+   * A connection of a cycle that is over (a late write of a cycle discarded or committed) is refused even
+   * when no cycle is open: it would change the image, the last consistent point, outside any cycle.
+   */
   async route(tag: string | null): Promise<CycleLog | null> {
     const log = await this.current();
+    if (!log && tag !== null && this.over.has(tag)) throw new NbdRequestError(ERR.EPERM, `replication cycle ${tag} is over on this export: its connections may not write`);
     if (!log) return null;
     if (log.cycle === tag) return log;
     throw new NbdRequestError(ERR.EPERM, `replication cycle ${log.cycle} is open on this export: a write of ${tag ? `cycle ${tag}` : 'no cycle'} is refused`);
