@@ -73,6 +73,7 @@ for (let rep = 0; rep < Number(a.reps); rep++) {
   const size0 = (await fsp.stat(path)).blocks * 512;
   const ru0 = process.resourceUsage();
   const cpu0 = process.cpuUsage();
+  const syncs0 = side.img?.intentSyncs ?? 0;
   const elu0 = performance.eventLoopUtilization();
   const t0 = performance.now();
   await pool(offsets.length, RAND.depth, (i) => side.write(dataFor(i), offsets[i]));
@@ -93,6 +94,7 @@ for (let rep = 0; rep < Number(a.reps); rep++) {
     ioMs: Math.round(t1 - t0),
     flushMs: Math.round(t2 - t1),
     busyMs,
+    intentSyncs: (side.img?.intentSyncs ?? 0) - syncs0,
     userMs: Math.round(cpu.user / 1000),
     sysMs: Math.round(cpu.system / 1000),
     fsWrites: ru.fsWrite - ru0.fsWrite,
