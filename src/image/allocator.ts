@@ -38,6 +38,19 @@ export class Allocator {
   }
 
   /**
+   * `n` host-contiguous clusters for a write issued at once (datapath.ts writeNow): a free cluster when one
+   * is asked for, else a run at the end while the free list is empty. Null when only scattered free
+   * clusters would do (the caller takes allocClusters' way then, which reuses them first).
+   */
+  allocRun(n: number): number | null {
+    if (n === 1 && this.free.length > 0) return this.free.pop()!;
+    if (this.free.length > 0) return null;
+    const pos = alignUp(this.end, this.clusterSize);
+    this.end = pos + n * this.clusterSize;
+    return pos;
+  }
+
+  /**
    * Space for metadata (`bytes` a multiple of 4096), 4096-aligned. A 4 KiB piece (a bitmap page or small
    * table) comes from the pieces of dead metadata (releaseMeta) or is carved out of a free cluster, and a
    * piece of one cluster's size takes a free cluster whole: metadata does not push the end of the file out

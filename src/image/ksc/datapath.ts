@@ -216,7 +216,7 @@ function rangeHoldsData(c: KscCore, b0: number, b1: number): boolean {
 export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptions): Promise<void> {
   let now: Promise<void> | null;
   try {
-    now = overwriteNow(c, offset, data, opts.fua);
+    now = writeNow(c, offset, data, opts.fua);
   } catch (e) {
     return Promise.reject(e);
   }
@@ -224,14 +224,20 @@ export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptio
 }
 
 /**
- * The common overwrite without a promise hop before the I/O: whole blocks that all hold data in this
- * layer, host-contiguous, with their map page loaded, their intent bits already durable and the pages of
- * every enabled bitmap loaded, and the block lock free now. It keeps change()'s protocol step for step
- * (exclusive lock, intent registered, data, then map entries and bitmap bits, intent end, release), only
- * synchronously. Returns null, having changed nothing, whenever any of that does not hold: the caller
+ * The common whole-block writes without a promise hop before the I/O (no async change() around them):
+ *  - an overwrite: blocks that all hold data in this layer, host-contiguous, their intent bits already
+ *    durable;
+ *  - an allocating write: blocks that all hold no data (UNALLOCATED or ZERO, none damaged), given one run of
+ *    new host-contiguous clusters (Allocator.allocRun); an intent bit only when a bitmap is enabled (as in
+ *    changeLocked), and then it must already be durable;
+ * in both, the map page loaded, the pages of every enabled bitmap loaded, and the block lock free now. It
+ * keeps change()'s protocol step for step (exclusive lock, intent registered, data, then map entries and
+ * bitmap bits, intent end, release), only synchronously; new clusters are referenced only by entries set
+ * after their data is written, so a flush makes them durable first (§9 rule 3), and a failed write gives
+ * them back unused. Returns null, having changed nothing, whenever any of that does not hold: the caller
  * takes the general path (which also produces every error).
  */
-function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
+function writeNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined): Promise<void> | null {
   const length = data.length;
   const B = c.blockSize;
   if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
@@ -243,9 +249,11 @@ function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | u
   const page = c.map.page(p);
   if (!page) return null;
   const i0 = b0 - p * 4096;
-  const host = page.host[i0]!;
+  const overwrite = page.state[i0] === BlockState.Data;
+  let host = overwrite ? page.host[i0]! : -1;
   for (let k = 0; k < n; k++) {
-    if (page.state[i0 + k] !== BlockState.Data || page.host[i0 + k] !== host + k * B) return null;
+    const state = page.state[i0 + k];
+    if (overwrite ? state !== BlockState.Data || page.host[i0 + k] !== host + k * B : state === BlockState.Data || state === DAMAGED) return null;
   }
   let bitmaps: SparseBitmap[] | null = null;
   for (const b of c.bitmapSlots) {
@@ -255,14 +263,24 @@ function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | u
   }
   const release = c.locks.tryAcquire(b0, b0 + n - 1, true);
   if (!release) return null;
-  if (!c.intent.tryBegin(offset, length)) {
+  const intent = overwrite || bitmaps !== null;
+  if (intent && !c.intent.tryBegin(offset, length)) {
     release();
     return null;
+  }
+  if (!overwrite) {
+    const run = c.alloc.allocRun(n);
+    if (run === null) {
+      if (intent) c.intent.end(offset, length, c.epoch);
+      release();
+      return null;
+    }
+    host = run;
   }
   // From here on, as in change(): registered in flight, intent held, lock held, all undone by finish().
   c.changesInFlight++;
   const finish = (): void => {
-    c.intent.end(offset, length, c.epoch);
+    if (intent) c.intent.end(offset, length, c.epoch);
     release();
     c.leaveChange();
   };
@@ -284,10 +302,15 @@ function overwriteNow(c: KscCore, offset: number, data: Buffer, fua: boolean | u
       return undefined;
     },
     (e: unknown) => {
+      if (!overwrite) c.alloc.unusedAgain(clusterRun(host, n, B));
       finish();
       throw e;
     },
   );
+}
+
+function clusterRun(host: number, n: number, B: number): number[] {
+  return Array.from({ length: n }, (_, k) => host + k * B);
 }
 
 async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
