@@ -360,25 +360,25 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
   let chunks = 0;
   let sinceFlush = 0;
   let flushing: Promise<void> | null = null;
-  const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
-    chunks++;
-    const ks: number[] = [];
-    for (let i = item.from!; i < item.to!; i++) ks.push(fetch[plan.order[i]!]!);
-    await Promise.all(
-      ks.map(async (k) => {
-        if (data.length !== chunkLength(m, k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${chunkLength(m, k)}`);
-        await dev.write(k * C, data);
-        p.changed++;
-        p.bytesWritten += data.length;
-        done += data.length;
-        sinceFlush += data.length;
-      }),
-    );
+  const writer = new ExtentWriter(dev, C, (bytes, positions) => {
+    p.changed += positions;
+    p.bytesWritten += bytes;
+    done += bytes;
+    sinceFlush += bytes;
     if (sinceFlush >= 64 * 1024 * 1024 && !flushing) {
       sinceFlush = 0;
       flushing = dev.flush().finally(() => (flushing = null));
     }
     opts.progress?.({ doneBytes: done, totalBytes });
+  });
+  const sink = async (id: Buffer, data: Buffer, item: ReadItem): Promise<void> => {
+    chunks++;
+    const ks: number[] = [];
+    for (let i = item.from!; i < item.to!; i++) ks.push(fetch[plan.order[i]!]!);
+    for (const k of ks) {
+      if (data.length !== chunkLength(m, k)) throw new KscError('KSC_E_CORRUPT', `${what}: chunk ${id.toString('hex')} is ${data.length} bytes, position ${k} needs ${chunkLength(m, k)}`);
+    }
+    await Promise.all(ks.map((k) => writer.write(k, data)));
   };
   let bytes = 0;
   const main = await fetchChunks(repo, plan.reads, opts.concurrency ?? 6, C, what, sink, async (r) => {
@@ -389,6 +389,64 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
   await flushing;
   return { chunks, bytes };
 }
+
+/**
+ * Writes chunks to their positions in few, large writes, one at a time. The chunks a read decodes reach
+ * write() in one go (fetchChunks hands them to its sink synchronously): they are gathered until the
+ * current job yields, sorted by position, and every run of consecutive positions whose bytes also lie back
+ * to back in memory (the read's output buffer) goes out as one write of the run. One write in flight: the
+ * file system takes each file's write lock for every write, and writers queued on it spin (issue 19).
+ * Each write() resolves when its chunk is written, so the caller keeps its buffer until then.
+ */
+class ExtentWriter {
+  private pending: { k: number; data: Buffer; resolve: () => void; reject: (e: unknown) => void }[] = [];
+  private tail: Promise<void> = Promise.resolve();
+
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly chunkSize: number,
+    private readonly written: (bytes: number, positions: number) => void,
+  ) {}
+
+  write(k: number, data: Buffer): Promise<void> {
+    return new Promise((resolve, reject) => {
+      if (this.pending.push({ k, data, resolve, reject }) === 1) queueMicrotask(() => this.drain());
+    });
+  }
+
+  private drain(): void {
+    const batch = this.pending.sort((a, b) => a.k - b.k);
+    this.pending = [];
+    for (let i = 0; i < batch.length;) {
+      let j = i + 1;
+      let length = batch[i]!.data.length;
+      while (j < batch.length && batch[j]!.k === batch[j - 1]!.k + 1 && batch[j - 1]!.data.length === this.chunkSize && follows(batch[j - 1]!.data, batch[j]!.data)) {
+        length += batch[j]!.data.length;
+        j++;
+      }
+      const run = batch.slice(i, j);
+      const first = run[0]!.data;
+      const buf = j - i === 1 ? first : Buffer.from(first.buffer, first.byteOffset, length);
+      const offset = run[0]!.k * this.chunkSize;
+      // Never rejects: a failed write (or progress callback) fails the run's chunks, and the next run still goes.
+      const settle = async (): Promise<void> => {
+        try {
+          await this.dev.write(offset, buf);
+          this.written(length, run.length);
+        } catch (e) {
+          for (const w of run) w.reject(e);
+          return;
+        }
+        for (const w of run) w.resolve();
+      };
+      this.tail = this.tail.then(settle);
+      i = j;
+    }
+  }
+}
+
+/** Whether `b` starts in memory where `a` ends. */
+const follows = (a: Buffer, b: Buffer): boolean => a.buffer === b.buffer && a.byteOffset + a.length === b.byteOffset;
 
 /**
  * The error a failed restore throws. A new target that did not receive the whole backup is not a restore:
