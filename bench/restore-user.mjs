@@ -9,8 +9,9 @@
  * unencrypted and encrypted with a key file (KSCINC_KEY_FILE). Nothing is warmed: not the inputs (race 7
  * reads them once to warm this VM's host cache), not Node or the CLI's files (race 7 runs `backup --help`
  * after the drop). Each command and its `sync` run under /usr/bin/time, so every row has wall time, CPU
- * (user+sys, the process and everything it waited for) and the bytes it read from and wrote to the block
- * layer (rusage inblock/oublock); beside them the dirty page cache left when the command exited (what the
+ * (user+sys, the process and everything it waited for), the bytes it read from and wrote to the block
+ * layer (rusage inblock/oublock) and its voluntary context switches (each a wait: for a lock, the disk,
+ * a worker); beside them the dirty page cache left when the command exited (what the
  * `sync` still had to write). Sides alternate their order from pass to pass. Wall time on a loaded machine
  * is noise: CPU and bytes are not. The load average is printed with every pass.
  *
@@ -95,11 +96,11 @@ function dirtyBytes() {
 
 /** Runs argv under /usr/bin/time: wall and CPU seconds, bytes read/written at the block layer, max RSS. */
 function timed(argv, e) {
-  const r = spawnSync('/usr/bin/time', ['-f', 'TIME %e %U %S %I %O %M', ...argv], { env: e, encoding: 'utf8', maxBuffer: 64 * MiB });
+  const r = spawnSync('/usr/bin/time', ['-f', 'TIME %e %U %S %I %O %M %w %c', ...argv], { env: e, encoding: 'utf8', maxBuffer: 64 * MiB });
   const line = r.stderr.split('\n').findLast((l) => l.startsWith('TIME '));
   if (r.status !== 0 || !line) throw new Error(`${argv.join(' ')}: exit ${r.status}: ${r.stderr.trim().slice(-500)}`);
-  const [wall, user, sys, inb, outb, rss] = line.split(' ').slice(1).map(Number);
-  return { wall, cpu: user + sys, user, sys, read: inb * 512, written: outb * 512, rssMiB: rss / 1024 };
+  const [wall, user, sys, inb, outb, rss, vcs, ics] = line.split(' ').slice(1).map(Number);
+  return { wall, cpu: user + sys, user, sys, read: inb * 512, written: outb * 512, rssMiB: rss / 1024, switches: vcs + ics, waits: vcs };
 }
 
 function removeOut(out) {
@@ -143,14 +144,14 @@ const f = (x, d = 2) => x.toFixed(d);
 const mib = (b) => f(b / MiB, 0);
 const results = Object.fromEntries(sides.map((s) => [s.name, []]));
 console.log(`image ${image}; ${passes} passes; cli ${cli}`);
-console.log('side | load | cmd wall s | cmd cpu s (user+sys) | cmd read MiB | cmd wrote MiB | dirty at exit MiB | sync wall s | sync cpu s | total wall s | rss MiB');
+console.log('side | load | cmd wall s | cmd cpu s (user+sys) | cmd read MiB | cmd wrote MiB | dirty at exit MiB | sync wall s | sync cpu s | total wall s | rss MiB | voluntary switches');
 for (let p = 0; p < passes; p++) {
   const order = p % 2 === 0 ? sides : [...sides].reverse();
   for (const s of order) {
     const r = s.run();
     results[s.name].push(r);
     console.log(
-      `${s.name} | ${r.load} | ${f(r.cmd.wall)} | ${f(r.cmd.cpu)} (${f(r.cmd.user)}+${f(r.cmd.sys)}) | ${mib(r.cmd.read)} | ${mib(r.cmd.written)} | ${mib(r.dirty)} | ${f(r.sync.wall)} | ${f(r.sync.cpu)} | ${f(r.total)} | ${f(r.cmd.rssMiB, 0)}`,
+      `${s.name} | ${r.load} | ${f(r.cmd.wall)} | ${f(r.cmd.cpu)} (${f(r.cmd.user)}+${f(r.cmd.sys)}) | ${mib(r.cmd.read)} | ${mib(r.cmd.written)} | ${mib(r.dirty)} | ${f(r.sync.wall)} | ${f(r.sync.cpu)} | ${f(r.total)} | ${f(r.cmd.rssMiB, 0)} | ${r.cmd.waits}`,
     );
     if (verify && p === 0 && s.name.startsWith('raw-')) {
       const c = spawnSync('cmp', [image, s.out]);
@@ -166,14 +167,14 @@ const median = (xs) => {
   return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
 };
 if (passes === 0) process.exit(0);
-console.log('\nmedians | total wall s | ratio cp/ours (wall) | cmd cpu s | cmd+sync cpu s | cpu ours/cp (cmd+sync) | read MiB | wrote MiB | sync wall s');
+console.log('\nmedians | total wall s | ratio cp/ours (wall) | cmd cpu s | cmd+sync cpu s | cpu ours/cp (cmd+sync) | read MiB | wrote MiB | sync wall s | voluntary switches');
 const cp = results.cp;
 const mcp = (g) => median(cp.map(g));
 for (const s of sides) {
   const rs = results[s.name];
   const m = (g) => median(rs.map(g));
   console.log(
-    `${s.name} | ${f(m((r) => r.total))} | ${f(mcp((r) => r.total) / m((r) => r.total))}× | ${f(m((r) => r.cmd.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu) / mcp((r) => r.cmd.cpu + r.sync.cpu), 1)}× | ${mib(m((r) => r.cmd.read))} | ${mib(m((r) => r.cmd.written))} | ${f(m((r) => r.sync.wall))}`,
+    `${s.name} | ${f(m((r) => r.total))} | ${f(mcp((r) => r.total) / m((r) => r.total))}× | ${f(m((r) => r.cmd.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu) / mcp((r) => r.cmd.cpu + r.sync.cpu), 1)}× | ${mib(m((r) => r.cmd.read))} | ${mib(m((r) => r.cmd.written))} | ${f(m((r) => r.sync.wall))} | ${m((r) => r.cmd.waits)}`,
   );
 }
 console.log(`load average at the end: ${load()}`);

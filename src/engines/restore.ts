@@ -190,13 +190,16 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     p.writing = true;
     await writeZeros(dev, m, zero, p);
     const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts });
-    await dev.flush();
+    // §9.5 rule 2: a new raw target's mark is durable before the target has its name, so a restore stopped
+    // in between leaves a target that the next restore recognises as a copy of the disk. It is written
+    // while the data is flushed (two syncs waited for at once, not one after the other: issue 19).
+    const mark = !existing && format === 'raw' ? writeMark(target, m.disk, m.size, m.meta.id) : null;
+    const [flushed, marked] = await Promise.allSettled([dev.flush(), mark]);
+    if (flushed.status === 'rejected') throw flushed.reason;
+    if (marked.status === 'rejected') throw marked.reason;
     const originBitmap = format === 'ksc_inc' ? await recordRestoreOrigin(dev, repo, m, opts.location ?? repo.name) : null;
     if (!existing) {
       await dev.close();
-      // §9.5 rule 2: the mark is durable before the target has its name, so a restore stopped in between
-      // leaves a target that the next restore recognises as a copy of the disk.
-      if (format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
       await publish(file, target);
     }
     const durationMs = Math.round(performance.now() - t0);
