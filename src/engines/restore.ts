@@ -189,7 +189,7 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     if (existing && format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
     p.writing = true;
     await writeZeros(dev, m, zero, p);
-    const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts });
+    const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts, existing });
     // §9.5 rule 2: a new raw target's mark is durable before the target has its name, so a restore stopped
     // in between leaves a target that the next restore recognises as a copy of the disk. It is written
     // while the data is flushed (two syncs waited for at once, not one after the other: issue 19).
@@ -348,6 +348,8 @@ interface FetchJob {
   p: Progress;
   warnings: string[];
   opts: RestoreOptions;
+  /** The target existed (it is written in place). */
+  existing: boolean;
 }
 
 /**
@@ -363,8 +365,11 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
   let chunks = 0;
   let sinceFlush = 0;
   let flushing: Promise<void> | null = null;
-  // A ksc_inc target keeps one write per chunk (its own write path places them); a raw file gets WRITE_PIECE.
-  const writer = new ExtentWriter(dev, C, dev.format === 'raw' ? WRITE_PIECE : C, (bytes, positions) => {
+  // A new raw file gets WRITE_PIECE writes. An existing target keeps one write per chunk: stopped at any
+  // step it holds each chunk's old or new contents (§9.5 rule 4). A ksc_inc target too (its own write
+  // path places the chunks).
+  const piece = dev.format === 'raw' && !job.existing ? WRITE_PIECE : C;
+  const writer = new ExtentWriter(dev, C, piece, (bytes, positions) => {
     p.changed += positions;
     p.bytesWritten += bytes;
     done += bytes;
@@ -399,8 +404,9 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
  * in one go (fetchChunks hands them to its sink synchronously): they are gathered until the current job
  * yields and sorted by position; every run of consecutive positions whose bytes also lie back to back in
  * memory (the read's output buffer) is written as one stream, cut into `piece`-sized writes issued one
- * after another (small chunks are merged, large ones split). Runs of different reads are written
- * concurrently. Each write() resolves when its chunk is written, so the caller keeps its buffer until then.
+ * after another (small chunks are merged, large ones split); with `piece` the chunk size, one write per
+ * chunk, all at once. Runs of different reads are written concurrently. Each write() resolves when its
+ * chunk is written, so the caller keeps its buffer until then.
  */
 class ExtentWriter {
   private pending: { k: number; data: Buffer; resolve: () => void; reject: (e: unknown) => void }[] = [];
@@ -435,7 +441,12 @@ class ExtentWriter {
       // Never rejects: a failed write (or progress callback) fails the run's chunks.
       const settle = async (): Promise<void> => {
         try {
-          for (let at = 0; at < length; at += this.piece) await this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece)));
+          if (this.piece === this.chunkSize) {
+            // One write per chunk, all at once (as before issue 19: an existing or ksc_inc target).
+            const writes: Promise<void>[] = [];
+            for (let at = 0; at < length; at += this.piece) writes.push(this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece))));
+            await Promise.all(writes);
+          } else for (let at = 0; at < length; at += this.piece) await this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece)));
           this.written(length, run.length);
         } catch (e) {
           for (const w of run) w.reject(e);
