@@ -9,13 +9,20 @@
  * The restored files are compared with the image afterwards (untimed).
  *
  * With S3 settings in the environment, also restores the S3 backup of race 5 (or one made here) to raw.
+ *
+ * The rows above measure the engines, on equal terms: inputs warm in the host's cache, Node and the CLI's
+ * files warm (timedPass runs `backup --help` after the drop), only the output fdatasynced. A user waits for
+ * more (issue 19): a fourth row times `kscinc restore … && sync` against `cp --sparse=always … && sync`
+ * right after the drop, with nothing warmed on either side (cold Node start-up, cold CLI files, `sync`).
+ * bench/restore-user.mjs measures that view alone, with CPU and bytes.
  */
+import { execFileSync } from 'node:child_process';
 import { promises as fsp } from 'node:fs';
 import { join, relative } from 'node:path';
 import { restoreBackup } from '../../dist/engines/restore.js';
 import { openImage } from '../../dist/image/open.js';
 import { Repository } from '../../dist/repo/repository.js';
-import { MiB, hostWarm, median, retrying, rmf, row, verifyDevice } from '../lib/common.mjs';
+import { MiB, dropCaches, foreignSince, foreignUsage, hostWarm, median, retrying, rmf, row, timed, verifyDevice, waitQuiet } from '../lib/common.mjs';
 import { allocatedBytes, cliEnv, filesUnder, libBackup, openRepoStore, procRun, recyclePool, removeS3Repo, runCliJson, s3Settings, timedPass } from './backup.mjs';
 
 export async function restoreRace(ctx) {
@@ -35,7 +42,15 @@ export async function restoreRace(ctx) {
     log(`  (S3: making a full backup into ${s3.location}, untimed)`);
     await libBackup(src, s3.location, { s3env: s3.env });
   }
-  const out = { cliRaw: join(work, 'rs-cli.raw'), cliKsc: join(work, 'rs-cli.ksc'), libRaw: join(work, 'rs-lib.raw'), cp: join(work, 'rs-cp.raw'), s3Raw: join(work, 'rs-s3.raw') };
+  const out = {
+    cliRaw: join(work, 'rs-cli.raw'),
+    cliKsc: join(work, 'rs-cli.ksc'),
+    libRaw: join(work, 'rs-lib.raw'),
+    cp: join(work, 'rs-cp.raw'),
+    s3Raw: join(work, 'rs-s3.raw'),
+    userRaw: join(work, 'rs-user.raw'),
+    userCp: join(work, 'rs-user-cp.raw'),
+  };
   const stats = { cliRaw: [], cliKsc: [], libRaw: [], s3Raw: [] };
   const cliRestore =
     (o, extra = [], env = cliEnv(), loc = repoDir) =>
@@ -53,6 +68,21 @@ export async function restoreRace(ctx) {
       }
     },
     cp: () => procRun('cp', ['--sparse=always', src, out.cp]),
+    userRaw: cliRestore(out.userRaw),
+    userCp: () => procRun('cp', ['--sparse=always', src, out.userCp]),
+  };
+  /** As a user waits: nothing warmed after the drop, and `sync` (not an fdatasync of the output) inside the time. */
+  const userSide = new Set(['userRaw', 'userCp']);
+  const userPass = async (fn) => {
+    dropCaches();
+    await waitQuiet();
+    const bg0 = foreignUsage();
+    let r;
+    const ms = await timed(async () => {
+      r = await fn();
+      execFileSync('sync');
+    });
+    return { ms, ...foreignSince(bg0), out: r };
   };
   if (s3) sides.s3Raw = cliRestore(out.s3Raw, [], cliEnv(s3.env), s3.location);
   const packs = await filesUnder(join(repoDir, 'packs'));
@@ -65,7 +95,7 @@ export async function restoreRace(ctx) {
       res[n].push(
         await retrying(async () => {
           await rmf(out[n]);
-          const r = await timedPass(ctx, sides[n], [out[n]]);
+          const r = userSide.has(n) ? await userPass(sides[n]) : await timedPass(ctx, sides[n], [out[n]]);
           if (n === 'libRaw') await recyclePool();
           if (stats[n] && r.out) stats[n].push(r.out);
           return r;
@@ -76,7 +106,7 @@ export async function restoreRace(ctx) {
   }
 
   // Untimed: every restored file reads back as the source.
-  for (const n of names.filter((x) => x !== 'cp')) {
+  for (const n of names.filter((x) => x !== 'cp' && x !== 'userCp')) {
     const dev = await openImage(out[n]);
     try {
       await verifyDevice(dev, ctx.source(), out[n]);
@@ -135,6 +165,18 @@ export async function restoreRace(ctx) {
       peerLabel: cpLabel,
       goal: { min: 0.7 },
       extra: extra('libRaw'),
+    }),
+    row({
+      race: 7,
+      name: 'restore to raw as a user waits (cold CLI, && sync) vs cp && sync',
+      bytes: size,
+      measure: `MB/s of disk size into a new file from a dropped page cache with nothing warmed (Node, the CLI's files), until \`sync\` returns`,
+      ours: res.userRaw,
+      peer: res.userCp,
+      oursLabel: 'kscinc restore latest OUT --repo DIR && sync',
+      peerLabel: 'cp --sparse=always IMAGE OUT && sync',
+      goal: { min: 0.9 },
+      extra: { 'allocated ours / cp': `${mibs(alloc.userRaw)} / ${mibs(alloc.userCp)}` },
     }),
   ];
   if (s3) {

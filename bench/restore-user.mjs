@@ -1,0 +1,181 @@
+/**
+ * Restore as a user waits for it (issue 19): for each pass, from a dropped page cache, the time until the
+ * restored disk is durable, measured the way a user at a shell would:
+ *
+ *   sync; echo 3 > /proc/sys/vm/drop_caches; time (kscinc restore latest OUT --repo R && sync)
+ *   sync; echo 3 > /proc/sys/vm/drop_caches; time (cp --sparse=always IMG OUT && sync)
+ *
+ * and the same restore with `-O kscinc`, for repositories of each chunk size (`repo init --chunk-size`),
+ * unencrypted and encrypted with a key file (KSCINC_KEY_FILE). Nothing is warmed: not the inputs (race 7
+ * reads them once to warm this VM's host cache), not Node or the CLI's files (race 7 runs `backup --help`
+ * after the drop). Each command and its `sync` run under /usr/bin/time, so every row has wall time, CPU
+ * (user+sys, the process and everything it waited for), the bytes it read from and wrote to the block
+ * layer (rusage inblock/oublock) and its voluntary context switches (each a wait: for a lock, the disk,
+ * a worker); beside them the dirty page cache left when the command exited (what the
+ * `sync` still had to write). Sides alternate their order from pass to pass. Wall time on a loaded machine
+ * is noise: CPU and bytes are not. The load average is printed with every pass.
+ *
+ *   node bench/restore-user.mjs [--image /tmp/bench-img/test-1g.raw] [--passes 3] [--chunks 1M,256K]
+ *        [--modes plain,key] [--sides raw,ksc] [--work /tmp/restore-user] [--cli dist/cli/kscinc.cjs]
+ *        [--verify] [--json FILE] [--before OLD/dist/cli/kscinc.cjs]
+ *
+ * --before adds, for every restore side, the same restore run by another build's CLI (an old commit's
+ * copy), alternating with this one in the same passes.
+ *
+ * Repositories are made once under --work (untimed, reused by later runs: delete the folder to remake them).
+ */
+import { execFileSync, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
+import { basename, dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const args = process.argv.slice(2);
+const opt = (name, def) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : def;
+};
+const image = resolve(opt('image', '/tmp/bench-img/test-1g.raw'));
+const passes = Number(opt('passes', '3'));
+const chunks = opt('chunks', '1M,256K').split(',');
+const modes = opt('modes', 'plain,key').split(',');
+const kinds = opt('sides', 'raw,ksc').split(',');
+const work = resolve(opt('work', '/tmp/restore-user'));
+const cli = resolve(opt('cli', join(here, '..', 'dist', 'cli', 'kscinc.cjs')));
+const before = opt('before', null) ? resolve(opt('before')) : null;
+const verify = args.includes('--verify');
+const jsonOut = opt('json', null);
+
+const MiB = 1024 * 1024;
+const load = () =>
+  loadavg()
+    .map((x) => x.toFixed(1))
+    .join(' ');
+const env = (mode, dir) => {
+  const e = { ...process.env };
+  delete e.KSCINC_PASSWORD_FILE;
+  delete e.KSCINC_PASSWORD_COMMAND;
+  delete e.KSCINC_KEY_FILE;
+  delete e.UV_THREADPOOL_SIZE;
+  if (mode === 'key') e.KSCINC_KEY_FILE = join(dir, '..', `${basename(dir)}.key`);
+  return e;
+};
+const kscinc = (argv, e) => {
+  const r = spawnSync(process.execPath, [cli, ...argv], { env: e, encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`kscinc ${argv.join(' ')}: exit ${r.status}: ${r.stderr.trim()}`);
+  return r.stdout;
+};
+
+/** The repository of chunk size `cs` and mode `mode`, made (untimed) when missing. */
+function repoFor(cs, mode) {
+  const dir = join(work, `repo-${cs}-${mode}`);
+  if (existsSync(join(dir, 'config')) || existsSync(join(dir, 'kscinc-repo'))) return dir;
+  rmSync(dir, { recursive: true, force: true });
+  const e = env(mode, dir);
+  if (mode === 'key') {
+    rmSync(e.KSCINC_KEY_FILE, { force: true });
+    kscinc(['repo', 'init', dir, '--chunk-size', cs, '--key-file', e.KSCINC_KEY_FILE], e);
+  } else kscinc(['repo', 'init', dir, '--chunk-size', cs, '--no-encrypt'], e);
+  process.stderr.write(`  (backing up ${image} into ${dir}, untimed)\n`);
+  kscinc(['backup', image, '--repo', dir, '--no-bitmap'], e);
+  return dir;
+}
+
+function dropCaches() {
+  execFileSync('sync');
+  writeFileSync('/proc/sys/vm/drop_caches', '3');
+}
+
+/** Dirty + Writeback bytes of the whole page cache. */
+function dirtyBytes() {
+  const m = readFileSync('/proc/meminfo', 'utf8');
+  const kb = (k) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0);
+  return (kb('Dirty') + kb('Writeback')) * 1024;
+}
+
+/** Runs argv under /usr/bin/time: wall and CPU seconds, bytes read/written at the block layer, max RSS. */
+function timed(argv, e) {
+  const r = spawnSync('/usr/bin/time', ['-f', 'TIME %e %U %S %I %O %M %w %c', ...argv], { env: e, encoding: 'utf8', maxBuffer: 64 * MiB });
+  const line = r.stderr.split('\n').findLast((l) => l.startsWith('TIME '));
+  if (r.status !== 0 || !line) throw new Error(`${argv.join(' ')}: exit ${r.status}: ${r.stderr.trim().slice(-500)}`);
+  const [wall, user, sys, inb, outb, rss, vcs, ics] = line.split(' ').slice(1).map(Number);
+  return { wall, cpu: user + sys, user, sys, read: inb * 512, written: outb * 512, rssMiB: rss / 1024, switches: vcs + ics, waits: vcs };
+}
+
+function removeOut(out) {
+  rmSync(out, { force: true });
+  rmSync(join(dirname(out), `.${basename(out)}.kscinc-restored`), { force: true });
+}
+
+/** One measured side: drop the cache, run the command, then `sync`, each timed. */
+function measure(name, argv, e, out) {
+  removeOut(out);
+  dropCaches();
+  const l = load();
+  const cmd = timed(argv, e);
+  const dirty = dirtyBytes();
+  const sync = timed(['sync'], e);
+  const total = cmd.wall + sync.wall;
+  return { name, load: l, cmd, sync, dirty, total };
+}
+
+function side(name, cs, mode, kind, bin = cli) {
+  const out = join(work, `out-${name}.${kind === 'ksc' ? 'ksc' : 'raw'}`);
+  if (name === 'cp') return { name, out, run: () => measure(name, ['cp', '--sparse=always', image, out], process.env, out) };
+  const repo = repoFor(cs, mode);
+  const e = env(mode, repo);
+  const argv = [process.execPath, bin, 'restore', 'latest', out, '--repo', repo, ...(kind === 'ksc' ? ['-O', 'kscinc'] : [])];
+  return { name, out, run: () => measure(name, argv, e, out) };
+}
+
+mkdirSync(work, { recursive: true });
+const sides = [side('cp')];
+for (const cs of chunks)
+  for (const mode of modes)
+    for (const kind of kinds) {
+      sides.push(side(`${kind}-${cs}-${mode}`, cs, mode, kind));
+      if (before) sides.push(side(`${kind}-${cs}-${mode}-before`, cs, mode, kind, before));
+    }
+// Node's own start-up, cold, as a reference: the CLI's cheapest command that loads the restore group.
+sides.push({ name: 'cli-start', out: join(work, 'none'), run: () => measure('cli-start', [process.execPath, cli, 'restore', '--help'], process.env, join(work, 'none')) });
+
+const f = (x, d = 2) => x.toFixed(d);
+const mib = (b) => f(b / MiB, 0);
+const results = Object.fromEntries(sides.map((s) => [s.name, []]));
+console.log(`image ${image}; ${passes} passes; cli ${cli}`);
+console.log('side | load | cmd wall s | cmd cpu s (user+sys) | cmd read MiB | cmd wrote MiB | dirty at exit MiB | sync wall s | sync cpu s | total wall s | rss MiB | voluntary switches');
+for (let p = 0; p < passes; p++) {
+  const order = p % 2 === 0 ? sides : [...sides].reverse();
+  for (const s of order) {
+    const r = s.run();
+    results[s.name].push(r);
+    console.log(
+      `${s.name} | ${r.load} | ${f(r.cmd.wall)} | ${f(r.cmd.cpu)} (${f(r.cmd.user)}+${f(r.cmd.sys)}) | ${mib(r.cmd.read)} | ${mib(r.cmd.written)} | ${mib(r.dirty)} | ${f(r.sync.wall)} | ${f(r.sync.cpu)} | ${f(r.total)} | ${f(r.cmd.rssMiB, 0)} | ${r.cmd.waits}`,
+    );
+    if (verify && p === 0 && s.name.startsWith('raw-')) {
+      const c = spawnSync('cmp', [image, s.out]);
+      if (c.status !== 0) throw new Error(`${s.out} differs from ${image}`);
+    }
+  }
+}
+for (const s of sides) removeOut(s.out);
+
+const median = (xs) => {
+  const v = [...xs].sort((a, b) => a - b);
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+};
+if (passes === 0) process.exit(0);
+console.log('\nmedians | total wall s | ratio cp/ours (wall) | cmd cpu s | cmd+sync cpu s | cpu ours/cp (cmd+sync) | read MiB | wrote MiB | sync wall s | voluntary switches');
+const cp = results.cp;
+const mcp = (g) => median(cp.map(g));
+for (const s of sides) {
+  const rs = results[s.name];
+  const m = (g) => median(rs.map(g));
+  console.log(
+    `${s.name} | ${f(m((r) => r.total))} | ${f(mcp((r) => r.total) / m((r) => r.total))}× | ${f(m((r) => r.cmd.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu) / mcp((r) => r.cmd.cpu + r.sync.cpu), 1)}× | ${mib(m((r) => r.cmd.read))} | ${mib(m((r) => r.cmd.written))} | ${f(m((r) => r.sync.wall))} | ${m((r) => r.cmd.waits)}`,
+  );
+}
+console.log(`load average at the end: ${load()}`);
+if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ image, passes, results }, null, 1));
