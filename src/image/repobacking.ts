@@ -75,6 +75,10 @@ export class BackupBacking implements BlockDevice {
   /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
   private image: string | null = null;
   private renewTimer: NodeJS.Timeout | null = null;
+  /** Where the last read through to the repository ended (readahead's sequential test), or -1. */
+  private seqEnd = -1;
+  /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
+  private readonly readahead = readaheadChunks();
 
   private constructor(
     readonly name: string,
@@ -200,7 +204,31 @@ export class BackupBacking implements BlockDevice {
       else parts.push(this.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
+    if (this.fill && this.readahead > 0) this.readAhead(offset, target.length);
     await Promise.all(parts);
+  }
+
+  /**
+   * Readahead for a sequential reader (a guest reading a file or the disk in order): when a read through to
+   * the repository continues where the previous one ended (within a chunk), the next `readahead` chunks
+   * not local, not zero and not already coming are fetched and filled now, each shared with the reads that
+   * reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk then stays local,
+   * fetched once. Its failure is the reader's to see when it gets there, not this read's.
+   */
+  private readAhead(offset: number, length: number): void {
+    const C = this.blockSize;
+    const sequential = this.seqEnd >= 0 && Math.abs(offset - this.seqEnd) <= C;
+    this.seqEnd = offset + length;
+    if (!sequential || this.closed) return;
+    const last = Math.floor((offset + length - 1) / C);
+    const count = Math.ceil(this.size / C);
+    const ks: number[] = [];
+    for (let j = last + 1; j <= last + this.readahead && j < count; j++) {
+      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j)) continue;
+      ks.push(j);
+    }
+    // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool.
+    if (ks.length > 0) this.fetchAll(ks, { concurrency: 2 }).catch(() => undefined);
   }
 
   /** Chunk `k`'s verified data: one fetch for concurrent readers, kept until the overlay has filled it. */
@@ -414,4 +442,12 @@ function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number,
             ? `Merkle root ${m.root.toString('hex')}, the image names ${ref.root.toString('hex')} (another backup under the same id)`
             : null;
   if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repoName} is not the one it was restored from: ${why}`);
+}
+
+/** KSCINC_LIVE_READAHEAD: chunks a sequential reader's misses fetch ahead (0 turns readahead off). */
+function readaheadChunks(): number {
+  const v = process.env.KSCINC_LIVE_READAHEAD;
+  if (v === undefined || v === '') return 4;
+  const n = Number(v);
+  return Number.isInteger(n) && n >= 0 && n <= 64 ? n : 4;
 }

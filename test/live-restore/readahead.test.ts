@@ -1,0 +1,91 @@
+/**
+ * Readahead of a live-restored image (src/image/repobacking.ts readAhead): a reader that goes on where its
+ * last read through to the repository ended gets the next KSCINC_LIVE_READAHEAD chunks (default 4) fetched
+ * and filled before it asks, each fetched once; a reader that jumps around gets nothing extra; 0 turns it off.
+ */
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
+import { backupDevice } from '../../src/engines/backup.js';
+import { liveRestore } from '../../src/engines/live-restore.js';
+import { openImage, openKsc } from '../../src/image/open.js';
+import { BackupBacking } from '../../src/image/repobacking.js';
+import { closePool } from '../../src/compress/pool.js';
+import { tempDir } from '../helpers/tmp.js';
+import { MiB, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+
+const dir = tempDir('kscinc-readahead-');
+afterAll(() => closePool());
+afterEach(() => {
+  delete process.env.KSCINC_LIVE_READAHEAD;
+});
+
+/** A 16 MiB disk of random bytes (no zero chunk), backed up with 1 MiB chunks, live-restored to a new image. */
+async function liveImage(name: string): Promise<{ target: string; data: Buffer }> {
+  const data = randomBytes(16 * MiB);
+  const raw = join(dir, `${name}.raw`);
+  writeFileSync(raw, data);
+  const repoDir = join(dir, `${name}-repo`);
+  const repo = await newRepo(repoDir, { encrypt: false });
+  const dev = await openImage(raw);
+  try {
+    await backupDevice(dev, repo);
+  } finally {
+    await dev.close();
+    await repo.store.close();
+  }
+  const repo2 = await openRepo(repoDir);
+  const target = join(dir, `${name}.ksc`);
+  await liveRestore(repo2, repoDir, 'latest', target);
+  await repo2.store.close();
+  return { target, data };
+}
+
+/** Reads the chunks `ks` in that order, one after the other; returns the backing's fetch count once it is still. */
+async function readChunks(name: string, ks: number[]): Promise<number> {
+  const { target, data } = await liveImage(name);
+  const img = await openKsc(target, { write: true });
+  try {
+    const b = img.backing as BackupBacking;
+    expect(b).toBeInstanceOf(BackupBacking);
+    for (const k of ks) expectSame(await img.read(k * MiB, MiB), data.subarray(k * MiB, (k + 1) * MiB), `chunk ${k}`);
+    // Readahead runs behind the reads: wait until the count stops moving (and the fills are done).
+    let last = -1;
+    await vi.waitFor(
+      async () => {
+        await b.settled();
+        const now = b.stats.chunksFetched;
+        const still = now === last;
+        last = now;
+        if (!still) throw new Error('still fetching');
+      },
+      { timeout: 30_000, interval: 200 },
+    );
+    // Whatever was fetched ahead reads right, from the image now (no fetch).
+    const before = b.stats.chunksFetched;
+    expectSame(await img.read(0, 16 * MiB), data, 'whole disk');
+    expect(b.stats.chunksFetched).toBe(16); // every chunk fetched once in all, the ones ahead included
+    return before;
+  } finally {
+    await img.close();
+  }
+}
+
+describe('live restore readahead', () => {
+  it('a sequential reader gets the next 4 chunks fetched ahead, each once', async () => {
+    // Chunk 0, then chunk 1 (continuing): 2 read + chunks 2..5 ahead.
+    expect(await readChunks('seq', [0, 1])).toBe(6);
+  });
+
+  it('a reader that jumps around gets nothing ahead', async () => {
+    expect(await readChunks('rand', [9, 2, 13])).toBe(3);
+  });
+
+  it('KSCINC_LIVE_READAHEAD=0 turns it off, =2 fetches 2 ahead', async () => {
+    process.env.KSCINC_LIVE_READAHEAD = '0';
+    expect(await readChunks('off', [0, 1, 2])).toBe(3);
+    process.env.KSCINC_LIVE_READAHEAD = '2';
+    expect(await readChunks('two', [0, 1])).toBe(4);
+  });
+});
