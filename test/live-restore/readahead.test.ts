@@ -13,7 +13,8 @@ import { openImage, openKsc } from '../../src/image/open.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
-import { MiB, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { MiB, expectKscError, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { damagePacks } from './helpers.js';
 
 const dir = tempDir('kscinc-readahead-');
 afterAll(() => closePool());
@@ -22,7 +23,7 @@ afterEach(() => {
 });
 
 /** A 16 MiB disk of random bytes (no zero chunk), backed up with 1 MiB chunks, live-restored to a new image. */
-async function liveImage(name: string): Promise<{ target: string; data: Buffer }> {
+async function liveImage(name: string): Promise<{ target: string; data: Buffer; repoDir: string }> {
   const data = randomBytes(16 * MiB);
   const raw = join(dir, `${name}.raw`);
   writeFileSync(raw, data);
@@ -39,7 +40,7 @@ async function liveImage(name: string): Promise<{ target: string; data: Buffer }
   const target = join(dir, `${name}.ksc`);
   await liveRestore(repo2, repoDir, 'latest', target);
   await repo2.store.close();
-  return { target, data };
+  return { target, data, repoDir };
 }
 
 /** Reads the chunks `ks` in that order, one after the other; returns the backing's fetch count once it is still. */
@@ -80,6 +81,23 @@ describe('live restore readahead', () => {
 
   it('a reader that jumps around gets nothing ahead', async () => {
     expect(await readChunks('rand', [9, 2, 13])).toBe(3);
+  });
+
+  it('damaged chunks: every read of them fails with KSC_E_CORRUPT, whether or not readahead reached them first; nothing wrong is filled', async () => {
+    const { target, repoDir } = await liveImage('bad');
+    damagePacks(repoDir);
+    const img = await openKsc(target, { write: true });
+    try {
+      const b = img.backing as BackupBacking;
+      // 0 then 1: sequential, so 2..5 are fetched ahead (and fail there, quietly); reads of each still fail.
+      for (const k of [0, 1, 2, 3, 4, 5]) await expectKscError(img.read(k * MiB, MiB), 'KSC_E_CORRUPT');
+      await b.settled();
+      expect(b.stats.chunksFetched).toBe(0);
+      const held = (await img.extents(0, img.size)).filter((e) => e.depth === 0 && e.state === 'data');
+      expect(held).toEqual([]);
+    } finally {
+      await img.close();
+    }
   });
 
   it('KSCINC_LIVE_READAHEAD=0 turns it off, =2 fetches 2 ahead', async () => {
