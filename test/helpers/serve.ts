@@ -45,3 +45,30 @@ export function spawnServe(args: string[], opts: { env?: Record<string, string>;
   });
   return { proc, stderr: () => err, exited, uris };
 }
+
+/** A `kscinc serve` started by serveListening: its URI, its incoming token (with --incoming, else null), a stop. */
+export interface Served {
+  child: ServeChild;
+  uri: string;
+  token: string | null;
+  /** SIGTERM unless it has exited; resolves with its exit code. */
+  stop: () => Promise<number | null>;
+}
+
+/**
+ * `kscinc serve ARGS` (ARGS with a `--listen`): waits for its nbd:// or nbds:// URI and, with `--incoming`,
+ * its `incoming-token:` line.
+ */
+export async function serveListening(args: string[], opts: { env?: Record<string, string>; timeoutMs: number }): Promise<Served> {
+  const child = spawnServe(args, { env: opts.env, count: args.includes('--incoming') ? 2 : 1, uri: /^(nbds?:\/\/|incoming-token: )/, timeoutMs: opts.timeoutMs });
+  const lines = await child.uris;
+  return {
+    child,
+    uri: lines.find((l) => /^nbds?:\/\//.test(l))!,
+    token: lines.find((l) => l.startsWith('incoming-token: '))?.slice(16) ?? null,
+    stop: () => {
+      if (child.proc.exitCode === null && child.proc.signalCode === null) child.proc.kill('SIGTERM');
+      return child.exited;
+    },
+  };
+}

@@ -9,33 +9,14 @@ import { expect } from 'vitest';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { BEGIN_CONTEXT, COMMIT_CONTEXT, CYCLE_CONTEXT, TOKEN_CONTEXT } from '../../src/nbd/incoming.js';
 import { run } from '../helpers/cli.js';
-import { spawnServe, type ServeChild } from '../helpers/serve.js';
+import { serveListening, spawnServe, type ServeChild, type Served } from '../helpers/serve.js';
 
-export interface Dest {
-  child: ServeChild;
-  uri: string;
-  token: string;
-  stop: () => Promise<number | null>;
-}
+export type Dest = Served & { token: string };
 
 /** `kscinc serve FILE --incoming --no-supervisor` with `env` (a fault plan, say); waits for its URI and token. */
 export async function serveIncoming(file: string, env: Record<string, string> = {}, extra: string[] = []): Promise<Dest> {
-  const child = spawnServe([file, '--listen', '127.0.0.1:0', '--export-name', 'd', '--incoming', '--no-supervisor', ...extra], {
-    env,
-    count: 2,
-    uri: /^(nbd:\/\/|incoming-token: )/,
-    timeoutMs: 60_000,
-  });
-  const lines = await child.uris;
-  return {
-    child,
-    uri: lines.find((l) => l.startsWith('nbd://'))!,
-    token: lines.find((l) => l.startsWith('incoming-token: '))!.slice(16),
-    stop: () => {
-      if (child.proc.exitCode === null && child.proc.signalCode === null) child.proc.kill('SIGTERM');
-      return child.exited;
-    },
-  };
+  const s = await serveListening([file, '--listen', '127.0.0.1:0', '--export-name', 'd', '--incoming', '--no-supervisor', ...extra], { env, timeoutMs: 60_000 });
+  return { ...s, token: s.token! };
 }
 
 /** `kscinc serve FILE --no-supervisor` (promotion when FILE has a cycle log); waits for its URI. */

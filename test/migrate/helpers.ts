@@ -9,7 +9,8 @@ import { join } from 'node:path';
 import { expect } from 'vitest';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscinc, run, type CliResult } from '../helpers/cli.js';
-import { spawnServe, type ServeChild } from '../helpers/serve.js';
+import { serveListening, spawnServe, type ServeChild, type Served } from '../helpers/serve.js';
+export type { Served } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
 // @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
 import { mulberry32 } from '../helpers/prng.mjs';
@@ -48,32 +49,9 @@ export function makeBaseAndOverlay(r: Rig, name: string, above: number): void {
   }
 }
 
-export interface Served {
-  child: ServeChild;
-  uri: string;
-  token: string | null;
-  stop: () => Promise<number | null>;
-}
-
 /** `kscinc serve IMAGE --listen 127.0.0.1:0 ARGS`; waits for its URI (and token with --incoming). */
 export async function serveImage(r: Rig, image: string, args: string[] = []): Promise<Served> {
-  const incoming = args.includes('--incoming');
-  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, ...args], {
-    env: r.env,
-    count: incoming ? 2 : 1,
-    uri: /^(nbd:\/\/|incoming-token: )/,
-    timeoutMs: 30_000,
-  });
-  const lines = await child.uris;
-  return {
-    child,
-    uri: lines.find((l) => l.startsWith('nbd://'))!,
-    token: lines.find((l) => l.startsWith('incoming-token: '))?.slice(16) ?? null,
-    stop: () => {
-      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
-      return child.exited;
-    },
-  };
+  return serveListening([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, ...args], { env: r.env, timeoutMs: 30_000 });
 }
 
 /** A deterministic PRNG (mulberry32, shared with child processes and bench/). */
@@ -182,21 +160,7 @@ export async function until(r: Rig, image: string, ok: (s: MigrateStatus) => boo
 }
 
 /** `kscinc serve IMAGE --incoming` with TLS arguments: its nbds:// URI, its token, and a stop. */
-export async function serveIncomingTls(r: Rig, image: string, tls: string[]) {
-  const child = spawnServe([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, '--incoming', ...tls], {
-    env: r.env,
-    count: 2,
-    uri: /^(nbds:\/\/|incoming-token: )/,
-    timeoutMs: 30_000,
-  });
-  const lines = await child.uris;
-  return {
-    child,
-    uri: lines.find((l) => l.startsWith('nbds://'))!,
-    token: lines.find((l) => l.startsWith('incoming-token: '))!.slice(16),
-    stop: () => {
-      if (child.proc.exitCode === null) child.proc.kill('SIGTERM');
-      return child.exited;
-    },
-  };
+export async function serveIncomingTls(r: Rig, image: string, tls: string[]): Promise<Served & { token: string }> {
+  const s = await serveListening([join(r.dir, image), '--listen', '127.0.0.1:0', '--export-name', image, '--incoming', ...tls], { env: r.env, timeoutMs: 30_000 });
+  return { ...s, token: s.token! };
 }
