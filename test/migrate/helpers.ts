@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { expect } from 'vitest';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscinc, run, type CliResult } from '../helpers/cli.js';
-import { serveListening, spawnServe, type ServeChild, type Served } from '../helpers/serve.js';
+import { serveListening, type Served } from '../helpers/serve.js';
 export type { Served } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
 // @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
