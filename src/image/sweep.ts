@@ -27,9 +27,16 @@ const SWEEP_MAX_CLUSTERS = 2 ** 28;
 export interface SweepResult {
   /** Leaked clusters, ascending. */
   clusters: number[];
+  /**
+   * Leaked 4 KiB pieces, ascending: unreferenced pages of a cluster that also holds referenced metadata (a
+   * bitmap page or table carved out of it, §8.1), or of the file's last, partial cluster.
+   */
+  pieces: number[];
   /** Why nothing was swept, or null. */
   skipped: string | null;
 }
+
+const PIECE = 4096;
 
 export interface SweepInput {
   header: Header;
@@ -59,17 +66,36 @@ export async function findLeakedClusters(s: SweepInput): Promise<SweepResult> {
   const guard: Guard = s.guard ?? ((fn) => fn());
   const B = s.clusterSize;
   const count = Math.floor(s.fileEnd / B);
-  if (count > SWEEP_MAX_CLUSTERS) return { clusters: [], skipped: `the file has more than ${SWEEP_MAX_CLUSTERS} clusters` };
+  if (count > SWEEP_MAX_CLUSTERS) return { clusters: [], pieces: [], skipped: `the file has more than ${SWEEP_MAX_CLUSTERS} clusters` };
   let pages = 0;
   try {
     for (let p = 0; p < s.map.directoryEntries; p++) if (s.map.pageOffset(p) !== 0) pages++;
   } catch {
-    return { clusters: [], skipped: 'the directory is damaged' };
+    return { clusters: [], pieces: [], skipped: 'the directory is damaged' };
   }
-  if (pages > SWEEP_MAX_MAP_PAGES) return { clusters: [], skipped: `the map has ${pages} pages (more than ${SWEEP_MAX_MAP_PAGES})` };
+  if (pages > SWEEP_MAX_MAP_PAGES) return { clusters: [], pieces: [], skipped: `the map has ${pages} pages (more than ${SWEEP_MAX_MAP_PAGES})` };
   const used = new BitSet(count);
+  // Clusters only partly covered (metadata pieces; the file's last, partial cluster): their used 4 KiB pages.
+  const partly = new Map<number, Set<number>>();
+  const tail = s.fileEnd % B === 0 ? -1 : count;
+  const notePages = (from: number, to: number): void => {
+    for (let pg = Math.floor(from / PIECE); pg * PIECE < to; pg++) {
+      const cl = Math.floor((pg * PIECE) / B);
+      if (cl >= count && cl !== tail) continue;
+      const pages = partly.get(cl) ?? new Set<number>();
+      pages.add(pg);
+      partly.set(cl, pages);
+    }
+  };
   const mark = (offset: number, bytes: number): void => {
-    if (bytes > 0) used.addRange(Math.floor(offset / B), Math.floor((offset + bytes - 1) / B));
+    if (bytes <= 0) return;
+    const end = offset + bytes;
+    const first = Math.ceil(offset / B);
+    const last = Math.floor(end / B) - 1; // the clusters wholly inside [offset, end)
+    if (first > last) return notePages(offset, end);
+    used.addRange(first, last);
+    notePages(offset, first * B);
+    notePages((last + 1) * B, end);
   };
   const h = s.header;
   mark(0, FIRST_FREE_OFFSET);
@@ -88,14 +114,22 @@ export async function findLeakedClusters(s: SweepInput): Promise<SweepResult> {
       return false;
     }
   });
-  if (!bitmapsOk) return { clusters: [], skipped: 'a bitmap table is damaged' };
+  if (!bitmapsOk) return { clusters: [], pieces: [], skipped: 'a bitmap table is damaged' };
   let page = 0;
   const eachPage: Guard = async (fn) => {
     await sweepStep(`page ${page++}`);
     return guard(fn);
   };
-  if (!(await s.map.scanReferences(mark, eachPage))) return { clusters: [], skipped: 'the map is damaged' };
+  if (!(await s.map.scanReferences(mark, eachPage))) return { clusters: [], pieces: [], skipped: 'the map is damaged' };
+  const firstCluster = Math.ceil(FIRST_FREE_OFFSET / B);
   const clusters: number[] = [];
-  for (let c = Math.ceil(FIRST_FREE_OFFSET / B); c < count; c++) if (!used.has(c)) clusters.push(c * B);
-  return { clusters, skipped: null };
+  for (let c = firstCluster; c < count; c++) if (!used.has(c) && !partly.has(c)) clusters.push(c * B);
+  const pieces: number[] = [];
+  if (tail >= 0 && tail >= firstCluster && !partly.has(tail)) partly.set(tail, new Set());
+  for (const [c, pages] of [...partly].sort((a, b) => a[0] - b[0])) {
+    if (c < firstCluster || (c < count && used.has(c))) continue;
+    const stop = Math.min((c + 1) * B, s.fileEnd);
+    for (let o = c * B; o < stop; o += PIECE) if (!pages.has(o / PIECE)) pieces.push(o);
+  }
+  return { clusters, pieces, skipped: null };
 }

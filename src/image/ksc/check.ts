@@ -90,7 +90,10 @@ export async function checkImage(file: string, opts: { verify?: boolean; repair?
     await findMappedHoles(c, clusters, fail, (m) => report.warnings.push(m));
     const leaks = await findLeaks(c, used);
     report.leakedBytes = leaks.reduce((s, l) => s + l.length, 0);
-    if (report.leakedBytes > 0) report.warnings.push(`${report.leakedBytes} bytes of leaked space (unreferenced after a crash)`);
+    if (report.leakedBytes > 0) {
+      const where = leaks.slice(0, 8).map((l) => `0x${l.offset.toString(16)}+${l.length}`);
+      report.warnings.push(`${report.leakedBytes} bytes of leaked space (unreferenced after a crash) at ${where.join(', ')}${leaks.length > 8 ? ', …' : ''}`);
+    }
     if (opts.verify) report.verify = await verifyData(c, clusters, fail, opts.onProgress);
     if (opts.repair && report.ok) {
       const swept = (img.sweep?.reclaimed ?? 0) * c.blockSize;

@@ -56,7 +56,7 @@ export class KscCore {
   openedDirty = false;
   openDamage: string[] = [];
   /** What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only). */
-  sweep: { reclaimed: number; skipped: string | null } | null = null;
+  sweep: { reclaimed: number; reclaimedPieces?: number; skipped: string | null } | null = null;
   /** A deferred leak sweep still running (§8.1, leak-sweep.ts); close waits for it. */
   sweepDone: Promise<void> | null = null;
   /** Set by a handover: a deferred sweep still running hands nothing over. */

@@ -126,12 +126,12 @@ export class KscImage implements BlockDevice {
    * What the leak sweep at this open did (§8.1); null when it did not run (clean image or read-only) or,
    * deferred, has not finished (see swept()).
    */
-  get sweep(): { reclaimed: number; skipped: string | null } | null {
+  get sweep(): { reclaimed: number; reclaimedPieces?: number; skipped: string | null } | null {
     return this.core.sweep;
   }
 
   /** Resolves when a deferred leak sweep has finished (at once when none runs); never rejects. */
-  async swept(): Promise<{ reclaimed: number; skipped: string | null } | null> {
+  async swept(): Promise<{ reclaimed: number; reclaimedPieces?: number; skipped: string | null } | null> {
     if (this.core.sweepDone) await this.core.sweepDone;
     return this.core.sweep;
   }

@@ -24,7 +24,7 @@
 import { findLeakedClusters, sweepStep } from '../sweep.js';
 import type { Header } from '../../format/header.js';
 import type { Guard } from '../maptable.js';
-import { type KscCore, punchRuns } from './core.js';
+import { type KscCore, punchOrZero, punchRuns } from './core.js';
 
 /** Runs the sweep now (`deferred` false) or starts it in the background, leaving c.sweepDone to await. */
 export async function sweepLeaks(c: KscCore, deferred: boolean): Promise<void> {
@@ -59,9 +59,36 @@ async function sweepNow(c: KscCore, header: Header, fileEnd: number, guard: Guar
     c.sweep = { reclaimed: 0, skipped: c.broken ? 'the session failed' : 'the image was handed over before the sweep finished' };
     return;
   }
-  const clusters = c.alloc.sweepResult(r.clusters);
-  c.sweep = { reclaimed: clusters.length, skipped: r.skipped };
-  if (clusters.length === 0) return;
-  await punchRuns(c.file, clusters, c.blockSize).catch(() => undefined); // space only
-  c.alloc.addFree(clusters);
+  // One call: the allocator's note of what the session touched ends with it (pieces are dropped by cluster too).
+  const kept = new Set(c.alloc.sweepResult([...r.clusters, ...r.pieces]));
+  const clusters = r.clusters.filter((o) => kept.has(o));
+  const pieces = r.pieces.filter((o) => kept.has(o));
+  c.sweep = { reclaimed: clusters.length, reclaimedPieces: pieces.length, skipped: r.skipped };
+  if (clusters.length > 0) {
+    await punchRuns(c.file, clusters, c.blockSize).catch(() => undefined); // space only
+    c.alloc.addFree(clusters);
+  }
+  // A piece must read as zeros before it serves metadata again (check's leak scan looks for non-zero pages):
+  // if zeroing fails it stays out of the pool, leaked as before.
+  for (const run of runsOf(pieces, PIECE)) {
+    try {
+      await punchOrZero(c.file, run.offset, run.length);
+      c.alloc.releaseMeta(run.offset, run.length);
+    } catch {
+      // space only
+    }
+  }
+}
+
+const PIECE = 4096;
+
+/** Adjacent `size`-byte units (ascending offsets) as runs. */
+function runsOf(offsets: number[], size: number): { offset: number; length: number }[] {
+  const runs: { offset: number; length: number }[] = [];
+  for (const o of offsets) {
+    const last = runs[runs.length - 1];
+    if (last && last.offset + last.length === o) last.length += size;
+    else runs.push({ offset: o, length: size });
+  }
+  return runs;
 }
