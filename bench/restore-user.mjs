@@ -17,10 +17,11 @@
  *
  *   node bench/restore-user.mjs [--image /tmp/bench-img/test-1g.raw] [--passes 3] [--chunks 1M,256K]
  *        [--modes plain,key] [--sides raw,ksc] [--work /tmp/restore-user] [--cli dist/cli/kscinc.cjs]
- *        [--verify] [--json FILE] [--before OLD/dist/cli/kscinc.cjs]
+ *        [--verify] [--json FILE] [--before OLD/dist/cli/kscinc.cjs] [--build NAME=CLI]...
  *
  * --before adds, for every restore side, the same restore run by another build's CLI (an old commit's
- * copy), alternating with this one in the same passes.
+ * copy), alternating with this one in the same passes. --build NAME=CLI (repeatable) does the same for any
+ * number of other builds, their rows suffixed -NAME (to compare several variants in one run).
  *
  * Repositories are made once under --work (untimed, reused by later runs: delete the folder to remake them).
  */
@@ -44,6 +45,8 @@ const kinds = opt('sides', 'raw,ksc').split(',');
 const work = resolve(opt('work', '/tmp/restore-user'));
 const cli = resolve(opt('cli', join(here, '..', 'dist', 'cli', 'kscinc.cjs')));
 const before = opt('before', null) ? resolve(opt('before')) : null;
+const builds = args.flatMap((a, i) => (a === '--build' ? [args[i + 1].split('=')] : [])).map(([n, p]) => [n, resolve(p)]);
+if (before) builds.unshift(['before', before]);
 const verify = args.includes('--verify');
 const jsonOut = opt('json', null);
 
@@ -135,7 +138,7 @@ for (const cs of chunks)
   for (const mode of modes)
     for (const kind of kinds) {
       sides.push(side(`${kind}-${cs}-${mode}`, cs, mode, kind));
-      if (before) sides.push(side(`${kind}-${cs}-${mode}-before`, cs, mode, kind, before));
+      for (const [n, bin] of builds) sides.push(side(`${kind}-${cs}-${mode}-${n}`, cs, mode, kind, bin));
     }
 // Node's own start-up, cold, as a reference: the CLI's cheapest command that loads the restore group.
 sides.push({ name: 'cli-start', out: join(work, 'none'), run: () => measure('cli-start', [process.execPath, cli, 'restore', '--help'], process.env, join(work, 'none')) });

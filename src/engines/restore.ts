@@ -365,10 +365,11 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
   let chunks = 0;
   let sinceFlush = 0;
   let flushing: Promise<void> | null = null;
-  // A new raw file gets WRITE_PIECE writes. An existing target keeps one write per chunk: stopped at any
-  // step it holds each chunk's old or new contents (§9.5 rule 4). A ksc_inc target too (its own write
-  // path places the chunks).
-  const piece = dev.format === 'raw' && !job.existing ? WRITE_PIECE : C;
+  // A new raw file gets writes of WRITE_MIN … WRITE_MAX bytes: runs of small chunks merged, chunks of
+  // 2 and 4 MiB split, others whole. An existing target keeps one write per chunk: stopped at any step
+  // it holds each chunk's old or new contents (§9.5 rule 4). A ksc_inc target too (its own write path
+  // places the chunks).
+  const piece = dev.format === 'raw' && !job.existing ? Math.min(WRITE_MAX, Math.max(C, WRITE_MIN)) : C;
   const writer = new ExtentWriter(dev, C, piece, (bytes, positions) => {
     p.changed += positions;
     p.bytesWritten += bytes;
@@ -400,13 +401,12 @@ async function fetchAndWrite(repo: Repository, dev: BlockDevice, job: FetchJob):
 }
 
 /**
- * Writes chunks to their positions in writes of `piece` bytes. The chunks a read decodes reach write()
- * in one go (fetchChunks hands them to its sink synchronously): they are gathered until the current job
+ * Writes chunks to their positions in writes of `piece` bytes. The chunks a read decodes reach write() in
+ * one go (fetchChunks hands them to its sink synchronously): they are gathered until the current job
  * yields and sorted by position; every run of consecutive positions whose bytes also lie back to back in
- * memory (the read's output buffer) is written as one stream, cut into `piece`-sized writes issued one
- * after another (small chunks are merged, large ones split); with `piece` the chunk size, one write per
- * chunk, all at once. Runs of different reads are written concurrently. Each write() resolves when its
- * chunk is written, so the caller keeps its buffer until then.
+ * memory (the read's output buffer) is cut into `piece`-sized writes, all issued at once (small chunks
+ * are merged, large ones split; with `piece` the chunk size, one write per chunk). Each write() resolves
+ * when its chunk is written, so the caller keeps its buffer until then.
  */
 class ExtentWriter {
   private pending: { k: number; data: Buffer; resolve: () => void; reject: (e: unknown) => void }[] = [];
@@ -441,12 +441,9 @@ class ExtentWriter {
       // Never rejects: a failed write (or progress callback) fails the run's chunks.
       const settle = async (): Promise<void> => {
         try {
-          if (this.piece === this.chunkSize) {
-            // One write per chunk, all at once (as before issue 19: an existing or ksc_inc target).
-            const writes: Promise<void>[] = [];
-            for (let at = 0; at < length; at += this.piece) writes.push(this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece))));
-            await Promise.all(writes);
-          } else for (let at = 0; at < length; at += this.piece) await this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece)));
+          const writes: Promise<void>[] = [];
+          for (let at = 0; at < length; at += this.piece) writes.push(this.dev.write(offset + at, buf.subarray(at, Math.min(length, at + this.piece))));
+          await Promise.all(writes);
           this.written(length, run.length);
         } catch (e) {
           for (const w of run) w.reject(e);
@@ -461,12 +458,16 @@ class ExtentWriter {
 }
 
 /**
- * The size of the restore's writes. Measured on this project's machines (a Firecracker guest, Linux 6.18,
- * ext4; bench/README.md, issue 19): buffered writes of 1 MiB cost 2.5× the kernel CPU per byte of 256 KiB
- * ones, 4 MiB ones 8× (the page cache takes folios as large as each write, and copying into fresh large
- * folios is slow there); 128–256 KiB writes cost the least, as `cp` (128 KiB) does.
+ * The sizes of a new raw target's writes. Runs of small chunks (64, 128 KiB) are merged up to WRITE_MIN
+ * (fewer system calls); chunks above WRITE_MAX are split. On this project's machines (a Firecracker guest,
+ * Linux 6.18, ext4; bench/README.md, issue 19) a buffered write into fresh page-cache folios as large as
+ * the write cost up to 8× the kernel CPU per byte at 4 MiB (`dd bs=4M` 1.44 s of system time for 586 MiB,
+ * 0.14 s when run again). Session 13 also split 1 MiB chunks into 256 KiB writes issued one after another;
+ * measured again in session 14 that cost 0.03–0.06 s of CPU per 586 MiB and twice the context switches,
+ * and 1 MiB writes were not dearer than 256 KiB ones, so they are written whole.
  */
-const WRITE_PIECE = 256 * 1024;
+const WRITE_MIN = 256 * 1024;
+const WRITE_MAX = 1024 * 1024;
 
 /** Whether `b` starts in memory where `a` ends. */
 const follows = (a: Buffer, b: Buffer): boolean => a.buffer === b.buffer && a.byteOffset + a.length === b.byteOffset;

@@ -1,6 +1,7 @@
 /**
- * How a restore writes its raw target (issue 19): the chunks one read decodes go out as 256 KiB writes of
- * runs of consecutive positions, not one write per chunk, and duplicates and zero chunks still land right. The
+ * How a restore writes a new raw target (issue 19): runs of consecutive small chunks one read decodes go
+ * out as 256 KiB writes, not one write per chunk; chunks above 1 MiB are split into 1 MiB writes; and
+ * duplicates and zero chunks still land right. The
  * writes are counted with the fault layer's step counter (io/fault.ts: every write, sync, truncate and
  * naming step of the process), which counts one step per write call.
  */
@@ -55,5 +56,37 @@ describe(`restore writes (seed ${seed})`, () => {
     // chunks each): about 18 writes for the runs 0–39 and 41–63 (50 and 51, the repeated chunk, cut the
     // second run), plus a truncate, the syncs, the mark and the naming steps.
     expect(run.steps, `${run.steps} steps for ${chunks - 1} chunks`).toBeLessThanOrEqual(36);
+  });
+
+  it('writes 2 MiB chunks as 1 MiB writes, 1 MiB chunks whole', async () => {
+    const rng = new Rng(seed + 1);
+    for (const [C, writesPerChunk] of [
+      [2 * MiB, 2],
+      [1 * MiB, 1],
+    ] as const) {
+      const chunks = 8;
+      const data = rng.bytes(chunks * C);
+      const src = join(dir, `disk-${C}.raw`);
+      writeFileSync(src, data);
+      const repo = await newRepo(join(dir, `repo-${C}`), { chunkSize: C, packSize: 32 * MiB });
+      const dev = await RawDevice.open(src);
+      let id: string;
+      try {
+        id = (await backupDevice(dev, repo)).id;
+      } finally {
+        await dev.close();
+      }
+      const target = join(dir, `out-${C}.raw`);
+      const run = await runStoppedAfter(Infinity, async () => {
+        await restoreBackup(repo, id, target);
+      });
+      expect(run.err).toBeNull();
+      expectSame(await readImage(target), data, `restored disk of ${C}-byte chunks`);
+      // The writes plus 6 other steps here (truncate, syncs, the mark, naming); 256 KiB pieces would be
+      // 8 × C / 256 KiB writes (64 and 32), 2 MiB chunks written whole 8.
+      const writes = chunks * writesPerChunk;
+      expect(run.steps, `${run.steps} steps for ${chunks} chunks of ${C} bytes`).toBeLessThanOrEqual(writes + 10);
+      expect(run.steps).toBeGreaterThan(writes);
+    }
   });
 });
