@@ -28,12 +28,14 @@ export interface BackupBackingStats {
   chunksShared: number;
   /** Tries of the repository that failed because it was unreachable, and were tried again (rule 7). */
   retries: number;
+  /** Other positions holding a chunk a read fetched, filled from that one fetch (repobacking.ts DUP_FILLS). */
+  duplicatesFilled: number;
 }
 
 type UnpackResult = Awaited<ReturnType<typeof unpackInto>>;
 
 export class RepoChunks {
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0 };
+  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0, duplicatesFilled: 0 };
   /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
   timeoutMs = liveTimeoutMs();
   private index: Promise<ChunkIndex> | null = null;
