@@ -42,6 +42,8 @@ export class RepoChunks {
   /** A prefetch's one try, until the first loadIndex adopts it. */
   private early: Promise<ChunkIndex> | null = null;
   private readonly badIndex: string[] = [];
+  /** Buffers of chunk-by-chunk fetches, reused (fresh shared memory per fetch cost page faults and zeroing). */
+  private readonly slots: SharedSlot[] = [];
 
   constructor(
     private readonly name: string,
@@ -119,21 +121,38 @@ export class RepoChunks {
       const key = packKey(index.packName(h));
       const offset = index.blobOffset(h);
       const length = index.blobLength(h);
+      const slot = this.takeSlot(length);
       try {
-        const slot = new SharedSlot(length, Math.max(this.chunkSize, BLOB_HEADER));
-        await this.readRange(key, offset, slot.input);
+        await this.readRange(key, offset, slot.input.subarray(0, length));
         const [r] = await this.decode(slot, length, id);
         if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
         if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
         this.stats.chunksFetched++;
         this.stats.bytesFetched += length;
-        return Buffer.from(r!.data); // out of the shared slot: the fill and the readers keep it
+        // Out of the shared slot (the fill and the readers keep it), into memory that is not shared.
+        const out = Buffer.allocUnsafe(r!.data.length);
+        r!.data.copy(out);
+        return out;
       } catch (e) {
         if (!isDamage(e)) throw e;
         errors.push((e as Error).message);
+      } finally {
+        this.giveSlot(slot);
       }
     }
     throw new KscError('KSC_E_CORRUPT', `${what}: every copy failed its check: ${errors.join('; ')}`);
+  }
+
+  /** A slot whose input holds `length` bytes: a free one, or a new one (sized for a whole stored chunk). */
+  private takeSlot(length: number): SharedSlot {
+    const i = this.slots.findIndex((s) => s.input.length >= length);
+    if (i >= 0) return this.slots.splice(i, 1)[0]!;
+    return new SharedSlot(Math.max(length, this.chunkSize + BLOB_HEADER), Math.max(this.chunkSize, BLOB_HEADER));
+  }
+
+  /** Returns a slot for reuse (a few are kept: as many as fetches run at once, about). */
+  private giveSlot(slot: SharedSlot): void {
+    if (this.slots.length < 8) this.slots.push(slot);
   }
 
   /**

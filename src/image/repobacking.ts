@@ -87,6 +87,8 @@ export class BackupBacking implements BlockDevice {
   /** Positions holding the same chunk (filled from one fetch: `DUP_FILLS`), built once the index is loaded. */
   private readonly dups = new DuplicateChunks();
   private dupsStarted = false;
+  /** Slots of bulk reads kept for the next fetchAll (fresh shared memory per read cost page faults and zeroing). */
+  private readonly bulkSlots: SharedSlot[] = [];
 
   private constructor(
     readonly name: string,
@@ -346,17 +348,31 @@ export class BackupBacking implements BlockDevice {
       (k, id) => this.src.notIndexed(k, id),
       opts.maxRead ?? 4 * 1024 * 1024,
     );
-    const free: SharedSlot[] = [];
+    const outBytes = Math.max(plan.outBytes, BLOB_HEADER);
     await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
       await opts.beforeRead?.(r.length);
       this.live();
-      const slot = free.pop() ?? new SharedSlot(plan.inBytes, Math.max(plan.outBytes, BLOB_HEADER));
+      const slot = this.takeBulkSlot(plan.inBytes, outBytes);
       try {
         await this.bulkRead(r, plan.positions, slot, fill, opts);
       } finally {
-        free.push(slot);
+        this.giveBulkSlot(slot);
       }
     });
+  }
+
+  /** A free bulk-read slot with room for `inBytes` read and `outBytes` decoded, or a new one. */
+  private takeBulkSlot(inBytes: number, outBytes: number): SharedSlot {
+    const i = this.bulkSlots.findIndex((s) => s.input.length >= inBytes && s.output.length >= outBytes);
+    if (i >= 0) return this.bulkSlots.splice(i, 1)[0]!;
+    // Readahead's reads are small: room for a few more chunks than asked, so the next ones fit as well.
+    const grow = (n: number): number => (n <= BULK_SLOT_KEEP / 2 ? Math.max(n, Math.min(2 * n, BULK_SLOT_KEEP / 2)) : n);
+    return new SharedSlot(grow(inBytes), grow(outBytes));
+  }
+
+  /** Keeps a few slots of readahead's size for the next fetch (readahead runs one fetchAll per miss). */
+  private giveBulkSlot(slot: SharedSlot): void {
+    if (this.bulkSlots.length < 4 && slot.input.length + slot.output.length <= BULK_SLOT_KEEP && !this.closed) this.bulkSlots.push(slot);
   }
 
   /**
@@ -507,6 +523,9 @@ function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number,
  * decoded chunk everywhere it goes; bounded so that one read never writes much more than it asked for.
  */
 const DUP_FILLS = 16;
+
+/** Bulk-read slots up to this size (input and output together) are kept for reuse. */
+const BULK_SLOT_KEEP = 32 * 1024 * 1024;
 
 /** KSCINC_LIVE_READAHEAD: chunks a sequential reader's misses fetch ahead (0 turns readahead off). */
 function readaheadChunks(): number {
