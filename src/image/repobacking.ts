@@ -260,6 +260,7 @@ export class BackupBacking implements BlockDevice {
       .then((index) =>
         this.dups.build(
           ids.length,
+          index.slots,
           (k) => !this.isZeroChunk(k) && !this.isBaseChunk(k),
           slotFinder(index, (k) => ids.view(k)),
           () => this.closed,
