@@ -12,18 +12,22 @@
  * fetching through the repository as the guest sees it.
  * Every pass starts from a dropped page cache (when allowed) after the packs were read once.
  *
- * `npx tsc -p tsconfig.json && node bench/guest-read.mjs [--size 128] [--reps 3] [--keep] [--serve-arg=ARG …]`
- * (size in MiB). A server that pulls in the background makes the data local while the guest boots: pass
- * --serve-arg=--no-pull there to measure reads of data that is not local yet.
+ * `npx tsc -p tsconfig.json && node bench/guest-read.mjs [--size 128] [--reps 3] [--keep] [--serve-arg=ARG …]
+ * [--side NAME=CLI …] [--no-raw]` (size in MiB). A server that pulls in the background makes the data local
+ * while the guest boots: pass --serve-arg=--no-pull there to measure reads of data that is not local yet.
+ * --side (repeatable) runs the restore and live sides with another built `kscinc` (e.g. a copy of an older
+ * dist/cli/kscinc.cjs), the sides alternating within each pass; the load average is printed with each pass.
+ * --no-raw leaves out the raw-file peer.
  */
 import { spawn } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
 const { MiB, dropCaches, median, hostWarm, rmf, timed, mbps } = await import('./lib/common.mjs');
-const { kscinc: cli, log, serveKscinc } = await import('./lib/kscinc.mjs');
+const { CLI, kscinc, log, serveKscinc } = await import('./lib/kscinc.mjs');
 const { buildGuest, qemuArgs } = await import('../scripts/guest-kit.mjs');
 
 const { values: args } = parseArgs({
@@ -31,7 +35,10 @@ const { values: args } = parseArgs({
     size: { type: 'string', default: '128' },
     reps: { type: 'string', default: '3' },
     keep: { type: 'boolean', default: false },
+    random: { type: 'boolean', default: false },
     'serve-arg': { type: 'string', multiple: true, default: [] },
+    side: { type: 'string', multiple: true, default: [] },
+    'no-raw': { type: 'boolean', default: false },
   },
 });
 /** More `kscinc serve` arguments for the live image, e.g. --serve-arg=--no-pull where serve pulls in the background. */
@@ -39,8 +46,23 @@ const serveArgs = args['serve-arg'];
 const sizeMiB = Number(args.size);
 const size = sizeMiB * MiB;
 const reps = Number(args.reps);
+const sides = (args.side.length ? args.side : [`tree=${CLI}`]).map((s) => {
+  const i = s.indexOf('=');
+  return { name: s.slice(0, i), cli: s.slice(i + 1) };
+});
+const cli = (argv, side = sides[0]) => kscinc(argv, { cli: side.cli });
+const load = () =>
+  os
+    .loadavg()
+    .map((x) => x.toFixed(1))
+    .join(' ');
 
-/** Random and repetitive 64 KiB runs (lz4 ≈ 2:1), no zero chunks: every chunk is fetched. */
+/**
+ * Random and repetitive 64 KiB runs, no zero chunks. The "random" runs come from an LCG computed in doubles
+ * (its products pass 2^53 and lose bits), so they repeat: a 256 MiB disk holds 42 distinct 1 MiB chunks
+ * (dedupe 6.1×, stored ≈ 550 KiB). Kept as it is, so that figures stay comparable from session to session;
+ * --random makes those runs truly random (crypto): no repeated chunk, lz4 ≈ 2:1.
+ */
 async function makeSource(path) {
   const fh = await fsp.open(path, 'w');
   try {
@@ -50,8 +72,10 @@ async function makeSource(path) {
     for (let pos = 0; pos < size; pos += piece.length) {
       for (let o = 0; o < piece.length; o += 65536) {
         const run = piece.subarray(o, o + 65536);
-        if (rnd() < 0.5) for (let i = 0; i < run.length; i += 4) run.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
-        else run.fill(1 + Math.floor(rnd() * 255));
+        if (rnd() < 0.5) {
+          if (args.random) randomFillSync(run);
+          else for (let i = 0; i < run.length; i += 4) run.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
+        } else run.fill(1 + Math.floor(rnd() * 255));
       }
       await fh.write(piece, 0, Math.min(piece.length, size - pos), pos);
     }
@@ -84,48 +108,60 @@ try {
   await cli(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']);
   const packs = [];
   for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) packs.push(join(repo, 'packs', d, f));
-  const res = { restore: [], live: [], liveAgain: [], raw: [] };
   const full = join(work, 'full.raw');
   const vm = join(work, 'vm.ksc');
+  const all = Object.fromEntries(sides.map((side) => [side.name, { restore: [], live: [], liveAgain: [], raw: [] }]));
   for (let rep = 0; rep < reps; rep++) {
-    await hostWarm(...packs);
-    dropCaches();
-    await rmf(full);
-    res.restore.push(mbps(size, await timed(() => cli(['restore', 'latest', full, '--repo', repo]))));
+    for (const side of rep % 2 === 0 ? sides : [...sides].reverse()) {
+      const res = all[side.name];
+      const l0 = load();
+      await hostWarm(...packs);
+      dropCaches();
+      await rmf(full);
+      res.restore.push(mbps(size, await timed(() => cli(['restore', 'latest', full, '--repo', repo], side))));
 
-    await hostWarm(...packs);
-    dropCaches();
-    await rmf(vm);
-    await cli(['restore', 'latest', vm, '--repo', repo, '--live']);
-    let s = await serveKscinc([vm, '--listen', '127.0.0.1:0', ...serveArgs]);
-    try {
-      const r = await guest(s.uri, `ksc_readspeed live 0 ${sizeMiB}\nksc_readspeed again 0 ${sizeMiB}\n`, work);
-      res.live.push(mbps(size, r.live));
-      res.liveAgain.push(mbps(size, r.again));
-    } finally {
-      await s.stop();
+      await hostWarm(...packs);
+      dropCaches();
+      await rmf(vm);
+      await cli(['restore', 'latest', vm, '--repo', repo, '--live'], side);
+      let s = await serveKscinc([vm, '--listen', '127.0.0.1:0', ...serveArgs], { cli: side.cli });
+      try {
+        const r = await guest(s.uri, `ksc_readspeed live 0 ${sizeMiB}\nksc_readspeed again 0 ${sizeMiB}\n`, work);
+        res.live.push(mbps(size, r.live));
+        res.liveAgain.push(mbps(size, r.again));
+      } finally {
+        await s.stop();
+      }
+      if (!args['no-raw']) {
+        await hostWarm(full);
+        dropCaches();
+        s = await serveKscinc([full, '--listen', '127.0.0.1:0'], { cli: side.cli });
+        try {
+          const r = await guest(s.uri, `ksc_readspeed raw 0 ${sizeMiB}\n`, work);
+          res.raw.push(mbps(size, r.raw));
+        } finally {
+          await s.stop();
+        }
+      }
+      const i = res.live.length - 1;
+      log(
+        `  pass ${rep + 1}/${reps} ${side.name}: ${Object.entries(res)
+          .filter(([, v]) => v.length > i)
+          .map(([k, v]) => `${k} ${v[i].toFixed(1)} MB/s`)
+          .join(', ')}, live/restore ${(res.live[i] / res.restore[i]).toFixed(2)}× (load ${l0} → ${load()})`,
+      );
     }
-    await hostWarm(full);
-    dropCaches();
-    s = await serveKscinc([full, '--listen', '127.0.0.1:0']);
-    try {
-      const r = await guest(s.uri, `ksc_readspeed raw 0 ${sizeMiB}\n`, work);
-      res.raw.push(mbps(size, r.raw));
-    } finally {
-      await s.stop();
-    }
-    log(
-      `  pass ${rep + 1}/${reps}: ${Object.entries(res)
-        .map(([k, v]) => `${k} ${v[rep].toFixed(1)} MB/s`)
-        .join(', ')}`,
-    );
   }
-  const med = Object.fromEntries(Object.entries(res).map(([k, v]) => [k, median(v)]));
-  log('');
-  log(`full kscinc restore (CLI):                     ${med.restore.toFixed(1)} MB/s`);
-  log(`guest, live-restored data (not yet local):     ${med.live.toFixed(1)} MB/s = ${(med.live / med.restore).toFixed(2)}× the full restore (goal ≥ 0.7)`);
-  log(`guest, the same range again (local by now):    ${med.liveAgain.toFixed(1)} MB/s (live = ${(med.live / med.liveAgain).toFixed(2)}× of it)`);
-  log(`guest, the full restore's raw file via serve:  ${med.raw.toFixed(1)} MB/s (live = ${(med.live / med.raw).toFixed(2)}× of it)`);
+  for (const side of sides) {
+    const res = all[side.name];
+    const med = Object.fromEntries(Object.entries(res).map(([k, v]) => [k, v.length ? median(v) : NaN]));
+    log('');
+    if (sides.length > 1) log(`${side.name} (${side.cli}):`);
+    log(`full kscinc restore (CLI):                     ${med.restore.toFixed(1)} MB/s`);
+    log(`guest, live-restored data (not yet local):     ${med.live.toFixed(1)} MB/s = ${(med.live / med.restore).toFixed(2)}× the full restore (goal ≥ 0.7)`);
+    log(`guest, the same range again (local by now):    ${med.liveAgain.toFixed(1)} MB/s (live = ${(med.live / med.liveAgain).toFixed(2)}× of it)`);
+    if (!args['no-raw']) log(`guest, the full restore's raw file via serve:  ${med.raw.toFixed(1)} MB/s (live = ${(med.live / med.raw).toFixed(2)}× of it)`);
+  }
 } finally {
   if (!args.keep) await fsp.rm(work, { recursive: true, force: true });
 }

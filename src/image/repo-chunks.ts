@@ -28,18 +28,22 @@ export interface BackupBackingStats {
   chunksShared: number;
   /** Tries of the repository that failed because it was unreachable, and were tried again (rule 7). */
   retries: number;
+  /** Other positions holding a chunk a read fetched, filled from that one fetch (repobacking.ts DUP_FILLS). */
+  duplicatesFilled: number;
 }
 
 type UnpackResult = Awaited<ReturnType<typeof unpackInto>>;
 
 export class RepoChunks {
-  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0 };
+  readonly stats: BackupBackingStats = { chunksFetched: 0, bytesFetched: 0, reads: 0, chunksShared: 0, retries: 0, duplicatesFilled: 0 };
   /** §4.2 rule 7: how long an access waits for an unreachable repository (KSCINC_LIVE_TIMEOUT). */
   timeoutMs = liveTimeoutMs();
   private index: Promise<ChunkIndex> | null = null;
   /** A prefetch's one try, until the first loadIndex adopts it. */
   private early: Promise<ChunkIndex> | null = null;
   private readonly badIndex: string[] = [];
+  /** Buffers of chunk-by-chunk fetches, reused (fresh shared memory per fetch cost page faults and zeroing). */
+  private readonly slots: SharedSlot[] = [];
 
   constructor(
     private readonly name: string,
@@ -117,21 +121,38 @@ export class RepoChunks {
       const key = packKey(index.packName(h));
       const offset = index.blobOffset(h);
       const length = index.blobLength(h);
+      const slot = this.takeSlot(length);
       try {
-        const slot = new SharedSlot(length, Math.max(this.chunkSize, BLOB_HEADER));
-        await this.readRange(key, offset, slot.input);
+        await this.readRange(key, offset, slot.input.subarray(0, length));
         const [r] = await this.decode(slot, length, id);
         if (!r!.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${id.toString('hex')} at offset ${offset}: ${r!.error}`);
         if (r!.data.length !== this.lenAt(k)) throw new KscError('KSC_E_CORRUPT', `${what} is ${r!.data.length} bytes, ${this.lenAt(k)} expected`);
         this.stats.chunksFetched++;
         this.stats.bytesFetched += length;
-        return Buffer.from(r!.data); // out of the shared slot: the fill and the readers keep it
+        // Out of the shared slot (the fill and the readers keep it), into memory that is not shared.
+        const out = Buffer.allocUnsafe(r!.data.length);
+        r!.data.copy(out);
+        return out;
       } catch (e) {
         if (!isDamage(e)) throw e;
         errors.push((e as Error).message);
+      } finally {
+        this.giveSlot(slot);
       }
     }
     throw new KscError('KSC_E_CORRUPT', `${what}: every copy failed its check: ${errors.join('; ')}`);
+  }
+
+  /** A slot whose input holds `length` bytes: a free one, or a new one (sized for a whole stored chunk). */
+  private takeSlot(length: number): SharedSlot {
+    const i = this.slots.findIndex((s) => s.input.length >= length);
+    if (i >= 0) return this.slots.splice(i, 1)[0]!;
+    return new SharedSlot(Math.max(length, this.chunkSize + BLOB_HEADER), Math.max(this.chunkSize, BLOB_HEADER));
+  }
+
+  /** Returns a slot for reuse (a few are kept: as many as fetches run at once, about). */
+  private giveSlot(slot: SharedSlot): void {
+    if (this.slots.length < 8) this.slots.push(slot);
   }
 
   /**

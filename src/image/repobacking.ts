@@ -7,7 +7,9 @@
  * read, decompressed and checked against its id in the worker pool (the same decoder restore uses), and only
  * then returned (§4.2 rule 2). Concurrent reads of one chunk share one fetch; when the overlay above
  * installed a fill (`setFill`, a writable open), the verified chunk is handed to it (copy-on-read, rule 3)
- * and stays in memory until the fill is done, so no read between fetch and fill fetches it again.
+ * and stays in memory until the fill is done, so no read between fetch and fill fetches it again. Positions
+ * holding the same chunk id (repo-dups.ts) share its fetch and are filled from it, up to DUP_FILLS a fetch:
+ * a disk that repeats a chunk fetches and decodes it once, as a restore does.
  *
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
@@ -32,6 +34,7 @@ import { type BlockDevice, type Extent, assertRange, mergeExtents } from './type
 import type { LocalBaseRef } from '../format/local-base.js';
 import { LocalBase } from './local-base.js';
 import { type BackupBackingStats, RepoChunks } from './repo-chunks.js';
+import { DuplicateChunks, slotFinder } from './repo-dups.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 export type { BackupBackingStats } from './repo-chunks.js';
@@ -64,6 +67,8 @@ export class BackupBacking implements BlockDevice {
   private readonly src: RepoChunks;
   /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
   private readonly inflight = new Map<number, Promise<Buffer>>();
+  /** Chunk position → its own fetch from the repository, while it runs (positions holding the same chunk share it). */
+  private readonly fetching = new Map<number, Promise<Buffer>>();
   private readonly fills = new Set<Promise<void>>();
   /** Chunks of a bulk fetch (fetchAll) whose read has started and whose fill is not done. */
   private readonly bulk = new Map<number, Waiting>();
@@ -79,6 +84,11 @@ export class BackupBacking implements BlockDevice {
   private seqEnd = -1;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
+  /** Positions holding the same chunk (filled from one fetch: `DUP_FILLS`), built once the index is loaded. */
+  private readonly dups = new DuplicateChunks();
+  private dupsStarted = false;
+  /** Slots of bulk reads kept for the next fetchAll (fresh shared memory per read cost page faults and zeroing). */
+  private readonly bulkSlots: SharedSlot[] = [];
 
   private constructor(
     readonly name: string,
@@ -227,35 +237,76 @@ export class BackupBacking implements BlockDevice {
       if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j)) continue;
       ks.push(j);
     }
+    // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
+    const all = new Set(ks);
+    for (const k of ks) for (const j of this.duplicatesOf(k)) all.add(j);
     // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool.
-    if (ks.length > 0) this.fetchAll(ks, { concurrency: 2 }).catch(() => undefined);
+    if (all.size > 0) this.fetchAll([...all], { concurrency: 2 }).catch(() => undefined);
+  }
+
+  /** Up to DUP_FILLS other positions holding chunk k's data that are not local and not coming yet. */
+  private duplicatesOf(k: number): number[] {
+    if (!this.fill || !this.dups.ready) return [];
+    return this.dups.others(k, DUP_FILLS, (j) => !this.filledChunks.has(j) && !this.inflight.has(j) && !this.bulk.has(j));
+  }
+
+  /** Builds the map of positions sharing a chunk once, in the background, when the index is loaded. */
+  private startDuplicates(): void {
+    if (this.dupsStarted || !this.fill) return;
+    this.dupsStarted = true;
+    const ids = this.manifest.ids;
+    this.src
+      .loadIndex()
+      .then((index) =>
+        this.dups.build(
+          ids.length,
+          index.slots,
+          (k) => !this.isZeroChunk(k) && !this.isBaseChunk(k),
+          slotFinder(index, (k) => ids.view(k)),
+          () => this.closed,
+        ),
+      )
+      .catch(() => (this.dupsStarted = false));
   }
 
   /** Chunk `k`'s verified data: one fetch for concurrent readers, kept until the overlay has filled it. */
   chunk(k: number): Promise<Buffer> {
-    const have = this.inflight.get(k);
+    const have = this.inflight.get(k) ?? this.fromBulk(k);
     if (have) {
       this.stats.chunksShared++;
       return have;
     }
-    const w = this.bulk.get(k);
-    if (w) {
+    this.startDuplicates();
+    // Another position holding the same chunk being fetched: its fetch serves this one too.
+    const twin = this.dups.others(k, DUP_FILLS, (j) => this.fetching.has(j) || this.bulk.has(j))[0];
+    let src: Promise<Buffer>;
+    if (twin !== undefined) {
       this.stats.chunksShared++;
-      if (w.data) return Promise.resolve(Buffer.from(w.data));
-      return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
+      src = this.fetching.get(twin) ?? this.fromBulk(twin)!;
+    } else {
+      src = this.src.fetch(k);
+      this.fetching.set(k, src);
+      const done = (): void => void this.fetching.delete(k);
+      src.then(done, done);
     }
-    const p = this.src.fetch(k).then(
+    const p: Promise<Buffer> = src.then(
       (data) => {
         const fill = this.fill;
         if (fill && !this.closed) {
-          const f = fill(k * this.blockSize, data)
-            .catch(() => undefined)
-            .finally(() => {
-              this.filledChunks.add(k);
-              this.inflight.delete(k);
-              this.fills.delete(f);
-            });
-          this.fills.add(f);
+          // The positions holding the same chunk, filled from this one fetch and shared with their readers.
+          const same = twin === undefined ? this.duplicatesOf(k) : [];
+          for (const j of same) this.inflight.set(j, p);
+          for (const j of [k, ...same]) {
+            const f = fill(j * this.blockSize, data)
+              .catch(() => undefined)
+              .finally(() => {
+                this.filledChunks.add(j);
+                this.inflight.delete(j);
+                this.fills.delete(f);
+              });
+            this.fills.add(f);
+          }
+          this.stats.duplicatesFilled += same.length;
         } else this.inflight.delete(k);
         return data;
       },
@@ -266,6 +317,14 @@ export class BackupBacking implements BlockDevice {
     );
     this.inflight.set(k, p);
     return p;
+  }
+
+  /** Chunk k's data from a bulk fetch whose read has started (a copy: the read's buffers are reused), or null. */
+  private fromBulk(k: number): Promise<Buffer> | null {
+    const w = this.bulk.get(k);
+    if (!w) return null;
+    if (w.data) return Promise.resolve(Buffer.from(w.data));
+    return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
   }
 
   /**
@@ -281,6 +340,7 @@ export class BackupBacking implements BlockDevice {
     this.live();
     const fill = this.fill;
     if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
+    this.startDuplicates();
     const index = await this.src.loadIndex();
     const plan = planBulkReads(
       ks.filter((k) => !this.isZeroChunk(k) && !this.isBaseChunk(k)),
@@ -289,17 +349,31 @@ export class BackupBacking implements BlockDevice {
       (k, id) => this.src.notIndexed(k, id),
       opts.maxRead ?? 4 * 1024 * 1024,
     );
-    const free: SharedSlot[] = [];
+    const outBytes = Math.max(plan.outBytes, BLOB_HEADER);
     await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
       await opts.beforeRead?.(r.length);
       this.live();
-      const slot = free.pop() ?? new SharedSlot(plan.inBytes, Math.max(plan.outBytes, BLOB_HEADER));
+      const slot = this.takeBulkSlot(plan.inBytes, outBytes);
       try {
         await this.bulkRead(r, plan.positions, slot, fill, opts);
       } finally {
-        free.push(slot);
+        this.giveBulkSlot(slot);
       }
     });
+  }
+
+  /** A free bulk-read slot with room for `inBytes` read and `outBytes` decoded, or a new one. */
+  private takeBulkSlot(inBytes: number, outBytes: number): SharedSlot {
+    const i = this.bulkSlots.findIndex((s) => s.input.length >= inBytes && s.output.length >= outBytes);
+    if (i >= 0) return this.bulkSlots.splice(i, 1)[0]!;
+    // Readahead's reads are small: room for a few more chunks than asked, so the next ones fit as well.
+    const grow = (n: number): number => (n <= BULK_SLOT_KEEP / 2 ? Math.max(n, Math.min(2 * n, BULK_SLOT_KEEP / 2)) : n);
+    return new SharedSlot(grow(inBytes), grow(outBytes));
+  }
+
+  /** Keeps a few slots of readahead's size for the next fetch (readahead runs one fetchAll per miss). */
+  private giveBulkSlot(slot: SharedSlot): void {
+    if (this.bulkSlots.length < 4 && slot.input.length + slot.output.length <= BULK_SLOT_KEEP && !this.closed) this.bulkSlots.push(slot);
   }
 
   /**
@@ -443,6 +517,16 @@ function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number,
             : null;
   if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repoName} is not the one it was restored from: ${why}`);
 }
+
+/**
+ * Other positions holding a fetched chunk that are filled from it at most (per chunk fetched): a read of
+ * one position then makes its duplicates local without another fetch and decode, as a restore writes one
+ * decoded chunk everywhere it goes; bounded so that one read never writes much more than it asked for.
+ */
+const DUP_FILLS = 16;
+
+/** Bulk-read slots up to this size (input and output together) are kept for reuse. */
+const BULK_SLOT_KEEP = 32 * 1024 * 1024;
 
 /** KSCINC_LIVE_READAHEAD: chunks a sequential reader's misses fetch ahead (0 turns readahead off). */
 function readaheadChunks(): number {
