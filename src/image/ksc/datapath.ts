@@ -382,9 +382,13 @@ async function writeCoalesced(c: KscCore, writes: PieceWrite[]): Promise<void> {
   const file = c.file;
   await Promise.all(
     groups.map(async (g) => {
-      if (g.bufs.length === 1 && file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
-        const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, B);
-        g.items.forEach((it, i) => it.crc!(crcs[i]!));
+      if (g.bufs.length === 1 && file.writeWithCrcs) {
+        // Also pieces of blocks (their checksums are unused; one CRC-32 of the piece costs far less than
+        // a pool job of its own: the addon queues the writes of one event-loop turn as one job).
+        const whole = g.items.every((it) => it.crc && it.buf.length === B);
+        const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, whole ? B : g.len);
+        if (whole) g.items.forEach((it, i) => it.crc!(crcs[i]!));
+        else for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
         return;
       }
       await (g.bufs.length === 1 ? file.write(g.bufs[0]!, g.host) : file.writev(g.bufs, g.host));
