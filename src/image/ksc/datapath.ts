@@ -14,6 +14,7 @@ import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
 import { flush } from './flush.js';
+import { writePartialNow } from './partial.js';
 
 const ZERO_BLOCK_CRC = new Map<number, number>();
 function zeroCrc(blockSize: number): number {
@@ -216,7 +217,7 @@ function rangeHoldsData(c: KscCore, b0: number, b1: number): boolean {
 export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptions): Promise<void> {
   let now: Promise<void> | null;
   try {
-    now = writeNow(c, offset, data, opts.fua);
+    now = writeNow(c, offset, data, opts.fua) ?? writePartialNow(c, offset, data, opts.fua, flush);
   } catch (e) {
     return Promise.reject(e);
   }
