@@ -614,13 +614,11 @@ static void wstate_idle(uv_idle_t* h) {
   napi_close_handle_scope(st->env, scope);
 }
 
-static void wstate_closed(uv_handle_t* h) { free(h->data); }
-
-static void wstate_cleanup(void* arg) {
-  wstate_t* st = (wstate_t*)arg;
-  /* The environment is going away: pending jobs are dropped with it (their promises never settle). */
-  uv_close((uv_handle_t*)&st->idle, wstate_closed);
-}
+/* The environment is going away: pending jobs are dropped with it (their promises never settle). No close
+ * callback, and the state is not freed: a worker thread's environment unloads this addon before its loop
+ * runs the closing handles' callbacks (a callback of ours would be gone), and libuv still touches the
+ * handle then. So each environment that wrote leaves its few dozen bytes behind. */
+static void wstate_cleanup(void* arg) { uv_close((uv_handle_t*)&((wstate_t*)arg)->idle, NULL); }
 
 /* The environment's batching state, created at its first write. */
 static wstate_t* wstate_of(napi_env env) {
@@ -638,7 +636,7 @@ static wstate_t* wstate_of(napi_env env) {
   }
   st->idle.data = st; /* active (and so keeping the loop alive) only while writes wait to be queued */
   if (napi_set_instance_data(env, st, NULL, NULL) != napi_ok || napi_add_env_cleanup_hook(env, wstate_cleanup, st) != napi_ok) {
-    uv_close((uv_handle_t*)&st->idle, wstate_closed);
+    uv_close((uv_handle_t*)&st->idle, NULL); /* st stays allocated: see wstate_cleanup */
     return NULL;
   }
   return st;

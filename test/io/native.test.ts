@@ -484,6 +484,30 @@ describe.runIf(ops !== null)('writeCrc batches the writes of one event-loop turn
     }
   });
 
+  it('worker threads that wrote exit cleanly (their environment and the addon go before their loop closes)', async () => {
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wbatch-'));
+    try {
+      const file = path.join(d, 'f');
+      const script = `const { Worker, isMainThread } = require('worker_threads');
+        if (isMainThread) {
+          let n = 0;
+          const go = () => new Worker(__filename).on('exit', (c) => { if (c !== 0) console.log('exit ' + c); else if (++n < 8) go(); else console.log('8 workers'); });
+          go();
+        } else {
+          const n = require(${JSON.stringify(nativeAddonPath())}); const fd = require('fs').openSync(${JSON.stringify(file)}, 'w');
+          for (let i = 0; i < 10; i++) void n.writeCrc(fd, Buffer.alloc(4096, i), i * 4096, 4096);
+          void n.writeCrc(fd, Buffer.alloc(4096, 1), 0, 4096).then(() => require('fs').closeSync(fd));
+        }`;
+      const file2 = path.join(d, 'w.cjs');
+      fs.writeFileSync(file2, script);
+      const { spawnSync } = await import('node:child_process');
+      const r = spawnSync(process.execPath, [file2], { encoding: 'utf8' });
+      expect({ status: r.status, signal: r.signal, out: r.stdout.trim() }).toEqual({ status: 0, signal: null, out: '8 workers' });
+    } finally {
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+
   it('keeps the process alive until a write asked for in its last turn is done', async () => {
     const d = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wbatch-'));
     try {
