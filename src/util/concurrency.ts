@@ -131,6 +131,12 @@ export class RangeLock {
     return () => this.release(h);
   }
 
+  /** True when a request for a range overlapping [first, last] waits in the queue (not granted yet). */
+  waiting(first: number, last: number): boolean {
+    for (const o of this.queue) if (!o.granted && o.first <= last && first <= o.last) return true;
+    return false;
+  }
+
   /** Queues for the lock (in call order) and resolves with its release function once granted. */
   acquire(first: number, last: number, exclusive: boolean): Promise<Release> {
     const now = this.tryAcquire(first, last, exclusive);

@@ -453,6 +453,76 @@ describe.runIf(ops !== null)('writeCrc (pwrite + per-block CRC-32 on the pool)',
   });
 });
 
+describe.runIf(ops !== null)('writeCrc batches the writes of one event-loop turn', () => {
+  it('settles each write on its own, in the order asked, across the batch size and with a failing one among them', async () => {
+    const { crc32 } = await import('node:zlib');
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wbatch-'));
+    const fd = fs.openSync(path.join(d, 'f'), 'w+');
+    try {
+      // 600 writes of 4 KiB plus 3 of 512 KiB in one turn: past the 1 MiB at which a batch is queued at once.
+      const small = Array.from({ length: 600 }, (_, i) => Buffer.alloc(4096, i & 0xff));
+      const big = [1, 2, 3].map((i) => Buffer.alloc(512 * KiB, 0x80 + i));
+      const ps: Promise<number[]>[] = small.map((b, i) => N().writeCrc!(fd, b, i * 4096, 4096));
+      const bad = N().writeCrc!(987654, small[0]!, 0, 4096);
+      const bigPs = big.map((b, i) => N().writeCrc!(fd, b, 4 * MiB + i * 512 * KiB, 64 * KiB));
+      // Written twice in the same turn: the later write wins.
+      const again = N().writeCrc!(fd, Buffer.alloc(4096, 0xee), 7 * 4096, 4096);
+      await expect(bad).rejects.toMatchObject({ code: 'EBADF' });
+      const crcs = await Promise.all(ps);
+      crcs.forEach((c, i) => expect(c).toEqual([crc32(small[i]!)]));
+      for (const [i, p] of bigPs.entries()) expect(await p).toEqual(Array.from({ length: 8 }, () => crc32(Buffer.alloc(64 * KiB, 0x81 + i))));
+      expect(await again).toEqual([crc32(Buffer.alloc(4096, 0xee))]);
+      const back = Buffer.alloc(600 * 4096);
+      fs.readSync(fd, back, 0, back.length, 0);
+      for (let i = 0; i < 600; i++) expect(allBytes(back.subarray(i * 4096, (i + 1) * 4096), i === 7 ? 0xee : i & 0xff), `block ${i}`).toBe(true);
+      const tail = Buffer.alloc(3 * 512 * KiB);
+      fs.readSync(fd, tail, 0, tail.length, 4 * MiB);
+      for (let i = 0; i < 3; i++) expect(allBytes(tail.subarray(i * 512 * KiB, (i + 1) * 512 * KiB), 0x81 + i)).toBe(true);
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+
+  it('worker threads that wrote exit cleanly (their environment and the addon go before their loop closes)', async () => {
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wbatch-'));
+    try {
+      const file = path.join(d, 'f');
+      const script = `const { Worker, isMainThread } = require('worker_threads');
+        if (isMainThread) {
+          let n = 0;
+          const go = () => new Worker(__filename).on('exit', (c) => { if (c !== 0) console.log('exit ' + c); else if (++n < 8) go(); else console.log('8 workers'); });
+          go();
+        } else {
+          const n = require(${JSON.stringify(nativeAddonPath())}); const fd = require('fs').openSync(${JSON.stringify(file)}, 'w');
+          for (let i = 0; i < 10; i++) void n.writeCrc(fd, Buffer.alloc(4096, i), i * 4096, 4096);
+          void n.writeCrc(fd, Buffer.alloc(4096, 1), 0, 4096).then(() => require('fs').closeSync(fd));
+        }`;
+      const file2 = path.join(d, 'w.cjs');
+      fs.writeFileSync(file2, script);
+      const { spawnSync } = await import('node:child_process');
+      const r = spawnSync(process.execPath, [file2], { encoding: 'utf8' });
+      expect({ status: r.status, signal: r.signal, out: r.stdout.trim() }).toEqual({ status: 0, signal: null, out: '8 workers' });
+    } finally {
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+
+  it('keeps the process alive until a write asked for in its last turn is done', async () => {
+    const d = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wbatch-'));
+    try {
+      const file = path.join(d, 'f');
+      const script = `const n = require(${JSON.stringify(nativeAddonPath())}); const fd = require('fs').openSync(${JSON.stringify(file)}, 'w');
+        n.writeCrc(fd, Buffer.alloc(4096, 7), 0, 4096).then((c) => console.log('done ' + c.length));`;
+      const { execFileSync } = await import('node:child_process');
+      expect(execFileSync(process.execPath, ['-e', script], { encoding: 'utf8' }).trim()).toBe('done 1');
+      expect(allBytes(fs.readFileSync(file), 7)).toBe(true);
+    } finally {
+      fs.rmSync(d, { recursive: true, force: true });
+    }
+  });
+});
+
 describe.runIf(ops !== null)('native addon: page-cache reads and socket buffers', () => {
   it('readCached reads what the page cache holds, stops at end of file, never writes past what it read', () => {
     withFile('cached', (fd) => {

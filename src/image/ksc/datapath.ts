@@ -14,6 +14,7 @@ import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
 import { flush } from './flush.js';
+import { writePartialNow } from './partial.js';
 
 const ZERO_BLOCK_CRC = new Map<number, number>();
 function zeroCrc(blockSize: number): number {
@@ -216,7 +217,7 @@ function rangeHoldsData(c: KscCore, b0: number, b1: number): boolean {
 export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptions): Promise<void> {
   let now: Promise<void> | null;
   try {
-    now = writeNow(c, offset, data, opts.fua);
+    now = writeNow(c, offset, data, opts.fua) ?? writePartialNow(c, offset, data, opts.fua, flush);
   } catch (e) {
     return Promise.reject(e);
   }
@@ -382,9 +383,13 @@ async function writeCoalesced(c: KscCore, writes: PieceWrite[]): Promise<void> {
   const file = c.file;
   await Promise.all(
     groups.map(async (g) => {
-      if (g.bufs.length === 1 && file.writeWithCrcs && g.items.every((it) => it.crc && it.buf.length === B)) {
-        const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, B);
-        g.items.forEach((it, i) => it.crc!(crcs[i]!));
+      if (g.bufs.length === 1 && file.writeWithCrcs) {
+        // Also pieces of blocks (their checksums are unused; one CRC-32 of the piece costs far less than
+        // a pool job of its own: the addon queues the writes of one event-loop turn as one job).
+        const whole = g.items.every((it) => it.crc && it.buf.length === B);
+        const crcs = await file.writeWithCrcs(g.bufs[0]!, g.host, whole ? B : g.len);
+        if (whole) g.items.forEach((it, i) => it.crc!(crcs[i]!));
+        else for (const it of g.items) if (it.crc) it.crc(crc32(it.buf));
         return;
       }
       await (g.bufs.length === 1 ? file.write(g.bufs[0]!, g.host) : file.writev(g.bufs, g.host));

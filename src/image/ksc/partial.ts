@@ -1,0 +1,207 @@
+/**
+ * Writes of part of one block without a promise hop before the I/O (datapath.ts writeNow does whole
+ * blocks), in groups per block: the small writes that clients send to neighbouring offsets at a high
+ * queue depth (4 KiB writes at queue depth 32 put 16 writes into each 64 KiB block at once) would
+ * otherwise wait for each other's block lock one by one, and a new block would be copied once per write.
+ *
+ *  - In place (the block holds data in this layer): the first write takes the block's exclusive lock and
+ *    opens the group; later ones join it while it has writes in flight, when their bytes overlap none of
+ *    those, and nothing waits for the lock (issue order stays that of the lock queue). Each writes its
+ *    piece at once; the group gives the lock back when its last write is done. As writeLocked does, a
+ *    piece leaves the block's checksum invalid, and every write needs its intent bit durable already.
+ *  - A new block (UNALLOCATED without a backing, or ZERO): the first write takes the lock, one new cluster
+ *    (Allocator.allocRun) and a zeroed block buffer with its piece copied in; the writes to that block that
+ *    arrive in the same turn of the event loop copy their pieces in after it (later writes win, as in issue
+ *    order); at the turn's end (setImmediate) the whole block is written once, with its CRC-32, and only then
+ *    its map entry set (§9 rule 3: referenced only after it is written); a failed write gives the cluster
+ *    back. Intent bits as in changeLocked: only when a bitmap is enabled, and then they must be durable.
+ *
+ * Every write of a group counts itself in flight (changesInFlight), holds its intent range and marks its
+ * bitmaps as change() does; the group holds the lock for all. Null, having changed nothing, whenever a
+ * condition does not hold: the caller takes the general path, which also produces every error.
+ */
+import { BlockState } from '../../format/constants.js';
+import { writeThenCrcs } from '../../io/file.js';
+import { DAMAGED } from '../maptable.js';
+import type { SparseBitmap } from '../sparse-bitmap.js';
+import type { KscCore } from './core.js';
+
+interface Member {
+  offset: number;
+  length: number;
+  /** In-block [start, end) of the bytes. */
+  start: number;
+  end: number;
+  intent: boolean;
+  fua: boolean;
+  done: (e: unknown) => void;
+}
+
+interface Group {
+  block: number;
+  host: number;
+  /** A new block being assembled; null once submitted, or for an in-place group. */
+  blk: Buffer | null;
+  fresh: boolean;
+  members: Member[];
+  bitmaps: SparseBitmap[] | null;
+  release: () => void;
+}
+
+const groups = new WeakMap<KscCore, Map<number, Group>>();
+
+/** Flush hook: datapath.ts passes its flush (a FUA write flushes before it returns). */
+export type FlushFn = (c: KscCore) => Promise<void>;
+
+export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined, flush: FlushFn): Promise<void> | null {
+  const length = data.length;
+  const B = c.blockSize;
+  if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
+  if (!(length > 0 && offset >= 0 && Number.isSafeInteger(offset) && offset + length <= c.size)) return null;
+  const block = Math.floor(offset / B);
+  const start = offset - block * B;
+  if (start + length > B || length === B) return null; // whole blocks: writeNow or the general path
+  const page = c.map.page(Math.floor(block / 4096));
+  if (!page) return null;
+  const i = block % 4096;
+  const state = page.state[i];
+  const inPlace = state === BlockState.Data;
+  if (!inPlace && (state === DAMAGED || (state === BlockState.Unallocated && c.backingDev))) return null;
+  let bitmaps: SparseBitmap[] | null = null;
+  for (const b of c.bitmapSlots) {
+    if (!b || !b.enabled) continue;
+    if (!b.prepared(offset, length)) return null;
+    (bitmaps ??= []).push(b);
+  }
+  let byBlock = groups.get(c);
+  const g = byBlock?.get(block);
+  if (g) {
+    // Join: the same kind of group, nothing queued for the lock meanwhile, no overlap with a piece in flight.
+    if (g.fresh !== !inPlace || (g.fresh && g.blk === null) || c.locks.waiting(block, block) || !sameBitmaps(g.bitmaps, bitmaps)) return null;
+    if (!g.fresh && g.members.some((m) => m.start < start + length && start < m.end)) return null;
+  }
+  const intent = inPlace || bitmaps !== null;
+  if (intent && !c.intent.tryBegin(offset, length)) return null;
+  let group = g;
+  if (!group) {
+    const release = c.locks.tryAcquire(block, block, true);
+    if (!release) {
+      if (intent) c.intent.end(offset, length, c.epoch);
+      return null;
+    }
+    let host = inPlace ? page.host[i]! : -1;
+    if (!inPlace) {
+      const run = c.alloc.allocRun(1);
+      if (run === null) {
+        if (intent) c.intent.end(offset, length, c.epoch);
+        release();
+        return null;
+      }
+      host = run;
+    }
+    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), fresh: !inPlace, members: [], bitmaps, release };
+    if (!byBlock) groups.set(c, (byBlock = new Map()));
+    byBlock.set(block, group);
+    if (group.fresh) {
+      const fresh = group;
+      setImmediate(() => submitFresh(c, fresh));
+    }
+  }
+  c.changesInFlight++;
+  const grp = group;
+  return new Promise<void>((resolve, reject) => {
+    const m: Member = {
+      offset,
+      length,
+      start,
+      end: start + length,
+      intent,
+      fua: fua === true,
+      done: (e) => {
+        if (e !== undefined) reject(e);
+        else if (m.fua) flush(c).then(resolve, reject);
+        else resolve();
+      },
+    };
+    grp.members.push(m);
+    if (grp.blk) data.copy(grp.blk, start);
+    else writeInPlace(c, grp, m, data);
+  });
+}
+
+function sameBitmaps(a: SparseBitmap[] | null, b: SparseBitmap[] | null): boolean {
+  if (a === null || b === null) return a === b;
+  return a.length === b.length && a.every((x, k) => x === b[k]);
+}
+
+/** Ends a member as change() would (intent range, in-flight count), and the group with its last member. */
+function finish(c: KscCore, g: Group, m: Member): void {
+  if (m.intent) c.intent.end(m.offset, m.length, c.epoch);
+  const k = g.members.indexOf(m);
+  if (k >= 0) g.members.splice(k, 1);
+  if (g.members.length === 0) {
+    groups.get(c)?.delete(g.block);
+    g.release();
+  }
+  c.leaveChange();
+}
+
+function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
+  const at = g.host + m.start;
+  let io: Promise<unknown>;
+  try {
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, at, data.length) : c.file.write(data, at);
+  } catch (e) {
+    io = Promise.reject(e);
+  }
+  io.then(
+    () => {
+      try {
+        const page = c.map.page(Math.floor(g.block / 4096))!;
+        if (page.csumValid[g.block % 4096] === 1) c.map.set(g.block, BlockState.Data, g.host, 0, false);
+        if (g.bitmaps) for (const b of g.bitmaps) b.mark(m.offset, m.length);
+      } catch (e) {
+        finish(c, g, m);
+        m.done(e);
+        return;
+      }
+      finish(c, g, m);
+      m.done(undefined);
+    },
+    (e: unknown) => {
+      finish(c, g, m);
+      m.done(e);
+    },
+  );
+}
+
+function submitFresh(c: KscCore, g: Group): void {
+  const blk = g.blk!;
+  g.blk = null; // no more joiners
+  const B = c.blockSize;
+  let io: Promise<number[]>;
+  try {
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B);
+  } catch (e) {
+    io = Promise.reject(e);
+  }
+  const members = g.members.slice();
+  io.then(
+    (crcs) => {
+      let err: unknown = undefined;
+      try {
+        c.map.set(g.block, BlockState.Data, g.host, crcs[0]!, true);
+        if (g.bitmaps) for (const b of g.bitmaps) for (const m of members) b.mark(m.offset, m.length);
+      } catch (e) {
+        err = e;
+      }
+      for (const m of members) finish(c, g, m);
+      for (const m of members) m.done(err);
+    },
+    (e: unknown) => {
+      c.alloc.unusedAgain([g.host]);
+      for (const m of members) finish(c, g, m);
+      for (const m of members) m.done(e);
+    },
+  );
+}
