@@ -125,11 +125,13 @@ export async function findLeakedClusters(s: SweepInput): Promise<SweepResult> {
   const clusters: number[] = [];
   for (let c = firstCluster; c < count; c++) if (!used.has(c) && !partly.has(c)) clusters.push(c * B);
   const pieces: number[] = [];
-  if (tail >= 0 && tail >= firstCluster && !partly.has(tail)) partly.set(tail, new Set());
+  if (tail >= 0 && !partly.has(tail)) partly.set(tail, new Set());
   for (const [c, pages] of [...partly].sort((a, b) => a[0] - b[0])) {
-    if (c < firstCluster || (c < count && used.has(c))) continue;
+    // Cluster 0 too: past the header slots it holds the first metadata (directory, intent words, and the
+    // pieces appended while the file was shorter than a cluster).
+    if (c < count && used.has(c)) continue;
     const stop = Math.min((c + 1) * B, s.fileEnd);
-    for (let o = c * B; o < stop; o += PIECE) if (!pages.has(o / PIECE)) pieces.push(o);
+    for (let o = Math.max(c * B, FIRST_FREE_OFFSET); o < stop; o += PIECE) if (!pages.has(o / PIECE)) pieces.push(o);
   }
   return { clusters, pieces, skipped: null };
 }

@@ -91,6 +91,32 @@ describe('the leak sweep reclaims 4 KiB metadata pieces', () => {
     expect(r.pieces).toBeGreaterThanOrEqual(1);
   });
 
+  it('an unreferenced page in the first cluster, past the header, directory and intent words', async () => {
+    const img = join(tempDir('kscinc-pieces-'), 'img.ksc');
+    await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
+    const k = await openKsc(img, { write: true });
+    await k.addBitmap('b1');
+    await k.write(0, Buffer.alloc(4 * B, 7));
+    await k.flush();
+    const pages = await bitmapPages(k);
+    const c = coreOf(k);
+    const h = c.header;
+    await c.file.close();
+    // The last page of cluster 0: the first structures and the bitmap's pieces (appended while the file was
+    // shorter than a cluster) end before it, and data clusters start at the next cluster.
+    const planted = B - PAGE;
+    const ends = [h.directoryOffset + h.directoryEntries * 16, h.intentOffset + h.intentWords * 16, ...pages.map((p) => p + PAGE)];
+    expect(Math.max(...ends.filter((e) => e <= B))).toBeLessThanOrEqual(planted);
+    expect(pages).not.toContain(planted);
+    plantPage(img, planted);
+    const before = await checkImage(img);
+    expect(before.leakedBytes, before.warnings.join('; ')).toBe(PAGE);
+    const r = await sweepAndClose(img);
+    expect(r.errors).toEqual([]);
+    expect(r.leakedBytes, `planted at 0x${planted.toString(16)}: ${r.warnings.join('; ')}`).toBe(0);
+    expect(r.pieces).toBeGreaterThanOrEqual(1);
+  });
+
   it('pieces the sweep reclaimed serve later metadata, and no referenced page is reclaimed', async () => {
     const img = join(tempDir('kscinc-pieces-'), 'img.ksc');
     await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
