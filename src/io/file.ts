@@ -276,6 +276,7 @@ class NodeHostFile implements HostFile {
       .catch(() => undefined)
       .finally(() => {
         this.writeback = null;
+        this.wrote(0); // what was written meanwhile, if it is a batch already
       });
   }
 
