@@ -152,6 +152,8 @@ class NodeHostFile implements HostFile {
    * and this file's next fdatasync must still report it. null once it could not be opened.
    */
   private writebackFd: Promise<fsp.FileHandle | null> | null = null;
+  /** Write-behind cannot work for this file (no /proc, or sync_file_range unsupported here). */
+  private noWriteBehind = false;
 
   constructor(
     readonly path: string,
@@ -262,7 +264,7 @@ class NodeHostFile implements HostFile {
    * sync writes what is left and reports what went wrong.
    */
   private wrote(n: number): void {
-    if (writeBehindBytes === 0 || this.closed) return;
+    if (writeBehindBytes === 0 || this.closed || this.noWriteBehind) return;
     this.unstarted += n;
     if (this.unstarted < writeBehindBytes || this.writeback) return;
     const start = nativeOps()?.syncFileRange;
@@ -271,9 +273,13 @@ class NodeHostFile implements HostFile {
     this.writeback = (async () => {
       this.writebackFd ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_RDONLY).catch(() => null);
       const fh = await this.writebackFd;
-      if (fh && !this.closed) await start(fh.fd, 0, 0, SYNC_RANGE.WAIT_BEFORE | SYNC_RANGE.WRITE);
+      if (!fh) this.noWriteBehind = true;
+      else if (!this.closed) await start(fh.fd, 0, 0, SYNC_RANGE.WAIT_BEFORE | SYNC_RANGE.WRITE);
     })()
-      .catch(() => undefined)
+      .catch((e: unknown) => {
+        // This kernel or file system has no such call: do not try again for this file.
+        if (['ENOSYS', 'EINVAL', 'ESPIPE', 'EOPNOTSUPP'].includes((e as { code?: string }).code ?? '')) this.noWriteBehind = true;
+      })
       .finally(() => {
         this.writeback = null;
         this.wrote(0); // what was written meanwhile, if it is a batch already

@@ -159,6 +159,42 @@ describe.runIf(ops?.syncFileRange !== undefined)('write-behind of a host file', 
   });
 });
 
+describe.runIf(ops?.syncFileRange !== undefined)('write-behind where sync_file_range is unsupported', () => {
+  it('stops trying for that file after the first ENOSYS; other errors are ignored and it goes on', async () => {
+    setWriteBehind(16 * KiB);
+    const real = addon!.syncFileRange!;
+    for (const [code, wantCalls] of [
+      ['ENOSYS', 1],
+      ['EIO', 4],
+    ] as const) {
+      let calls = 0;
+      addon!.syncFileRange = () => {
+        calls++;
+        return Promise.reject(Object.assign(new Error(code), { code }));
+      };
+      try {
+        const { file, name } = await newFile();
+        for (let i = 0; i < 4; i++) {
+          await file.write(Buffer.alloc(16 * KiB, i + 1), i * 16 * KiB);
+          await until(() => calls > i || (code === 'ENOSYS' && calls === 1));
+          await new Promise((r) => setTimeout(r, 10));
+        }
+        await file.sync();
+        await file.close();
+        expect(calls).toBe(wantCalls);
+        expect(
+          fs
+            .readFileSync(name)
+            .subarray(48 * KiB)
+            .equals(Buffer.alloc(16 * KiB, 4)),
+        ).toBe(true);
+      } finally {
+        addon!.syncFileRange = real;
+      }
+    }
+  });
+});
+
 describe('write-behind without the addon', () => {
   it('with KSCINC_NO_NATIVE=1 writes and syncs work and nothing is started', async () => {
     const saved = process.env.KSCINC_NO_NATIVE;
