@@ -217,6 +217,10 @@ try {
   const gaps = [];
   const inWindow = [];
   const outWindow = [];
+  // The longest request in flight at some moment of the old worker's pre-flush (still serving, before the
+  // pause), and the longest of those that ended before the pre-flush began (start and warm-up of the new one).
+  const inPreFlush = [];
+  const beforePreFlush = [];
   const baseMax = base.reduce((a, b) => Math.max(a, b), 0);
   for (let i = 0; i < Number(o.upgrades); i++) {
     lat = [];
@@ -233,14 +237,21 @@ try {
     // the old one (CPU) or plain noise of the machine.
     const w0 = r.pausedAt,
       w1 = r.pausedAt + r.pauseMs;
+    const p0 = r.pausedAt - (r.phasesMs?.preFlush ?? 0);
     let inWin = 0,
-      outWin = 0;
+      outWin = 0,
+      inPre = 0,
+      beforePre = 0;
     for (const [a, b] of spans) {
       const l = b - a;
       if (abs(a) <= w1 && abs(b) >= w0) inWin = Math.max(inWin, l);
       else outWin = Math.max(outWin, l);
+      if (abs(a) <= w0 && abs(b) >= p0) inPre = Math.max(inPre, l);
+      else if (abs(b) < p0) beforePre = Math.max(beforePre, l);
     }
     inWindow.push(inWin);
+    inPreFlush.push(inPre);
+    beforePreFlush.push(beforePre);
     if (o.trace) trace(i, r);
     outWindow.push(outWin);
     for (const [k, v] of Object.entries(r.phasesMs ?? {})) (phases[k] ??= []).push(v);
@@ -256,6 +267,9 @@ try {
   );
   console.log(
     `  longest request outside that window (while the new worker started/warmed up, or the old one pre-flushed): p50 ${pct(outWindow, 0.5).toFixed(0)} ms, max ${Math.max(...outWindow).toFixed(0)} ms`,
+  );
+  console.log(
+    `  of those: in flight during the old worker's pre-flush p50 ${pct(inPreFlush, 0.5).toFixed(0)} ms, max ${Math.max(...inPreFlush).toFixed(0)} ms; ended before it (new worker starting and warming up) p50 ${pct(beforePreFlush, 0.5).toFixed(0)} ms, max ${Math.max(...beforePreFlush).toFixed(0)} ms`,
   );
   console.log(`  longest stretch with no reply at all during an upgrade: p50 ${pct(gaps, 0.5).toFixed(0)} ms, max ${Math.max(...gaps).toFixed(0)} ms`);
   console.log(

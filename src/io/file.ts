@@ -6,7 +6,7 @@ import { crc32 } from 'node:zlib';
 import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
-import { type NativeOps, nativeOps } from './native.js';
+import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
@@ -32,6 +32,24 @@ export function touchPages(buf: Uint8Array): void {
   let x = 0;
   for (let i = 0; i < n; i += TOUCH_STEP) x ^= buf[i]!;
   touchSink ^= x ^ buf[n - 1]!; // a read the compiler cannot drop
+}
+
+/** Bytes a writable host file may take in writes before it starts their writeback (0: never); see setWriteBehind. */
+let writeBehindBytes = 0;
+
+/**
+ * Write-behind, for this whole process: every writable host file starts the writeback of its dirty pages
+ * (sync_file_range WRITE, on a pool thread) each time `bytes` more have been written through it, instead of
+ * leaving them all to the next sync. A serving image's data then reaches the disk in small batches as it is
+ * written, and a flush (a client's, or the one before a hot upgrade) has only the last batch left to write
+ * and the disk's cache to flush: no burst of seconds' worth of random writes that every request waits
+ * behind (bench/README.md, issue 16, session 14). It makes nothing durable and changes no ordering: the
+ * kernel may write a dirty page back at any moment anyway, so nothing may rely on a page staying unwritten
+ * until a sync. 0 turns it off (the default; CLI commands that write whole files leave it to the kernel).
+ * Needs the addon's syncFileRange; without it, nothing happens (the syncs do all the writing, as before).
+ */
+export function setWriteBehind(bytes: number): void {
+  writeBehindBytes = Number.isSafeInteger(bytes) && bytes > 0 ? bytes : 0;
 }
 
 export interface HostFile {
@@ -125,6 +143,17 @@ class NodeHostFile implements HostFile {
   private writeCrc: NativeOps['writeCrc'] | null | undefined = undefined;
   /** The addon's readCached (null: not available or not supported by this file system); undefined until the first read. */
   private readCached: NativeOps['readCached'] | null | undefined = undefined;
+  /** Write-behind (setWriteBehind): bytes written since the last writeback start, and the one running. */
+  private unstarted = 0;
+  private writeback: Promise<void> | null = null;
+  /**
+   * The descriptor write-behind calls sync_file_range on: one of its own (the same inode, reopened through
+   * /proc/self/fd), because waiting for writeback consumes a writeback error on the descriptor that waits,
+   * and this file's next fdatasync must still report it. null once it could not be opened.
+   */
+  private writebackFd: Promise<fsp.FileHandle | null> | null = null;
+  /** Write-behind cannot work for this file (no /proc, or sync_file_range unsupported here). */
+  private noWriteBehind = false;
 
   constructor(
     readonly path: string,
@@ -178,6 +207,7 @@ class NodeHostFile implements HostFile {
     } catch (e) {
       throw ioError(this.path, `write at offset ${position}`, e);
     }
+    this.wrote(buf.length);
   }
 
   writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
@@ -187,9 +217,15 @@ class NodeHostFile implements HostFile {
       if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
       if (this.writeCrc) {
         touchPages(buf);
-        return this.writeCrc(this.fh.fd, buf, position, blockSize).catch((e: unknown) => {
-          throw ioError(this.path, `write at offset ${position}`, e);
-        });
+        return this.writeCrc(this.fh.fd, buf, position, blockSize).then(
+          (crcs) => {
+            this.wrote(buf.length);
+            return crcs;
+          },
+          (e: unknown) => {
+            throw ioError(this.path, `write at offset ${position}`, e);
+          },
+        );
       }
     } catch (e) {
       return Promise.reject(e instanceof KscError ? e : ioError(this.path, `write at offset ${position}`, e));
@@ -217,6 +253,37 @@ class NodeHostFile implements HostFile {
     } catch (e) {
       throw ioError(this.path, `write at offset ${position}`, e);
     }
+    this.wrote(pos - position);
+  }
+
+  /**
+   * Write-behind (setWriteBehind): after `n` more bytes written, starts the writeback of every dirty page of
+   * the file once enough have gathered. One at a time: WAIT_BEFORE lets the previous batch (or a sync's)
+   * finish first, so the device queue never holds more than about one batch of ours, and a request that
+   * must wait for the disk (an intent sync, a read) waits behind little. Failures are ignored: the next
+   * sync writes what is left and reports what went wrong.
+   */
+  private wrote(n: number): void {
+    if (writeBehindBytes === 0 || this.closed || this.noWriteBehind) return;
+    this.unstarted += n;
+    if (this.unstarted < writeBehindBytes || this.writeback) return;
+    const start = nativeOps()?.syncFileRange;
+    if (!start) return;
+    this.unstarted = 0;
+    this.writeback = (async () => {
+      this.writebackFd ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_RDONLY).catch(() => null);
+      const fh = await this.writebackFd;
+      if (!fh) this.noWriteBehind = true;
+      else if (!this.closed) await start(fh.fd, 0, 0, SYNC_RANGE.WAIT_BEFORE | SYNC_RANGE.WRITE);
+    })()
+      .catch((e: unknown) => {
+        // This kernel or file system has no such call: do not try again for this file.
+        if (['ENOSYS', 'EINVAL', 'ESPIPE', 'EOPNOTSUPP'].includes((e as { code?: string }).code ?? '')) this.noWriteBehind = true;
+      })
+      .finally(() => {
+        this.writeback = null;
+        this.wrote(0); // what was written meanwhile, if it is a batch already
+      });
   }
 
   async writeDurable(buf: Buffer, position: number): Promise<void> {
@@ -235,6 +302,7 @@ class NodeHostFile implements HostFile {
   }
 
   async sync(): Promise<void> {
+    this.unstarted = 0; // all of it is written now
     try {
       await this.fh.datasync();
     } catch (e) {
@@ -331,6 +399,8 @@ class NodeHostFile implements HostFile {
     this.closed = true;
     if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
     if (this.dsync) await (await this.dsync.catch(() => null))?.close();
+    await this.writeback; // not on a descriptor number that may be reused once closed
+    if (this.writebackFd) await (await this.writebackFd)?.close();
     await this.fh.close();
   }
 }

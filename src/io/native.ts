@@ -87,6 +87,13 @@ export interface NativeOps {
    * Call it on the event loop only for ranges cachedRange() found cached.
    */
   sendFile?(socket: number, fd: number, position: number, length: number): number;
+  /**
+   * sync_file_range(2) of [offset, offset+nbytes) (nbytes 0: to the end of the file) on a libuv pool
+   * thread; `flags` are the kernel's SYNC_FILE_RANGE_* bits (see SYNC_RANGE below). Rejects with an
+   * errno-coded Error. WAIT_BEFORE and WAIT_AFTER consume a writeback error the descriptor's next fdatasync
+   * would have reported: call them on a descriptor of its own (src/io/file.ts, write-behind).
+   */
+  syncFileRange?(fd: number, offset: number, nbytes: number, flags: number): Promise<void>;
   /** send(2) with MSG_DONTWAIT (| MSG_MORE when `more`): the bytes the socket took; throws only when none. */
   sendBytes?(socket: number, buf: Uint8Array, more: boolean): number;
   /** setsockopt(SO_SNDBUF); returns the size the kernel granted (it doubles the request, up to wmem_max). */
@@ -105,6 +112,9 @@ export interface NativeOps {
   /** formats/repository.md §13.6 `gmac-aes-256`: AES-256(prpKey, GCM tag of `data` as AAD under ghKey, nonce 0) into `out` at `at`. */
   gmacId?(ghKey: Uint8Array, prpKey: Uint8Array, data: Uint8Array, out: Uint8Array, at: number): void;
 }
+
+/** The flags of NativeOps.syncFileRange (linux/fs.h). */
+export const SYNC_RANGE = { WAIT_BEFORE: 1, WRITE: 2, WAIT_AFTER: 4 } as const;
 
 /*
  * All functions throw a TypeError for arguments of the wrong type, a

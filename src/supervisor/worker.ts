@@ -12,6 +12,7 @@ import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
 import { prepareHandOverOf } from '../image/open.js';
+import { setWriteBehind } from '../io/file.js';
 import { NbdServer } from '../nbd/server.js';
 import { loadServerTls } from '../nbd/tls.js';
 import { REQUEST_SIZE, decodeRequest } from '../nbd/wire.js';
@@ -34,6 +35,14 @@ function unread(pending: Buffer): string {
 const SPARE_TITLE = 'kscinc-spare';
 
 const ms = (x: number): number => Math.round(x * 10) / 10;
+
+/**
+ * Write-behind for the served images (src/io/file.ts): their writeback starts after every this many bytes
+ * written, so that no flush (a client's, or the pre-flush of a hot upgrade, which requests wait behind)
+ * finds seconds of random writes still to be written. KSCINC_WRITE_BEHIND=bytes overrides it (0: off).
+ */
+const WRITE_BEHIND_BYTES = 1024 * 1024;
+setWriteBehind(process.env.KSCINC_WRITE_BEHIND !== undefined ? Number(process.env.KSCINC_WRITE_BEHIND) : WRITE_BEHIND_BYTES);
 
 function send(m: FromWorker, handle?: Socket): Promise<void> {
   return new Promise((resolve) => {
