@@ -73,6 +73,9 @@ async function refuseChainMember(input: BlockDevice, dst: string): Promise<void>
   }
 }
 
+/** The size of the pieces copyDevice reads and writes (above io/file.ts's CACHED_READ_MAX: see copyDevice). */
+const PIECE = 2 << 20;
+
 /** Copies the data-bearing ranges of `input` to `output` (which must read as zeros beforehand). */
 export async function copyDevice(
   input: BlockDevice,
@@ -82,10 +85,12 @@ export async function copyDevice(
   if (output.size < input.size) throw new KscError('KSC_E_RANGE', `${output.name} is smaller than ${input.name}`);
   const cluster = allocationOf(output)?.clusterSize ?? null;
   const unit = cluster ?? 4096;
-  // 1 MiB pieces, 8 in flight: the buffers stay in the CPU's caches between the read and the write (both are
-  // copies through the page cache). Measured with 4 MiB pieces: ≈ 10% more kernel time, and some runs took
-  // twice as long.
-  const chunk = Math.max(unit, 1 << 20);
+  // 2 MiB pieces (as qemu-img convert's), 8 in flight. A piece above 1 MiB is read on the thread pool only:
+  // HostFile.read copies what the page cache already holds (the kernel's readahead) on the calling thread
+  // for reads up to 1 MiB, which for a whole disk made the main thread copy most of it, one piece at a time,
+  // while the pool waited (bench/README.md, session 14: half the main thread's busy time, ≈ 10 % less CPU).
+  // Measured with 4 MiB pieces (session 4): ≈ 10 % more kernel time, and some runs took twice as long.
+  const chunk = Math.max(unit, PIECE);
   const inFlight = opts.inFlight ?? 8;
   const pool: Buffer[] = [];
   const zero = Buffer.alloc(unit);
