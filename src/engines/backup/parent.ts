@@ -21,12 +21,17 @@ export interface ParentChoice {
   why: string | null;
 }
 
-/** The newest readable backup of `backupIds` whose header matches `key`. */
+/**
+ * The newest readable backup of `backupIds` whose header matches `key`. A small manifest is read whole to
+ * check its header, and that read is the parent when it matches (one read of it, not two: a fixed cost of
+ * every incremental, a round trip on S3); a large one is read as far as its metadata first.
+ */
 async function newestMatching(repo: Repository, backupIds: string[], key: ParentKey): Promise<Manifest | null> {
   for (const bid of [...backupIds].reverse()) {
-    const h = await repo.readManifestInfo(bid).catch(() => null); // the header says whether it is the one
+    const got = await repo.readManifestInfoOrWhole(bid).catch(() => null); // the header says whether it is the one
+    const h = got?.info;
     if (!h || h.disk !== key.disk || h.bitmapToken !== key.token || h.size !== key.size) continue;
-    const parent = await repo.readManifest(bid).catch(() => null);
+    const parent = got!.whole ?? (await repo.readManifest(bid).catch(() => null));
     if (parent) return parent;
   }
   return null;
