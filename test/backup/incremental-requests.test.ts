@@ -2,7 +2,7 @@
  * What a small incremental backup asks of the repository, counted with the store trace
  * (src/objstore/trace.ts), never timed: the parent's manifest is read once (the search for the parent reads
  * a small manifest whole, and that read is the parent: issue 19, a fixed cost of every incremental, one
- * round trip on S3), and no other backup's manifest is read whole.
+ * round trip on S3), no other backup's manifest is read whole, and no folder of the repository is listed twice.
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -22,7 +22,7 @@ const rng = new Rng(seed);
 afterAll(() => closePool());
 
 describe('an incremental backup', () => {
-  it(`reads its parent's manifest once (seed ${seed})`, async () => {
+  it(`reads its parent's manifest once and lists each folder once (seed ${seed})`, async () => {
     const log: StoreRequest[] = [];
     const unsubscribe = onStoreRequest((r) => log.push(r));
     try {
@@ -52,6 +52,9 @@ describe('an incremental backup', () => {
             fmt,
           ).toHaveLength(1);
           expect(reads, fmt).toHaveLength(1); // the newest backup matched: no older one was read
+          // Each listing once (the index objects were listed twice: once to size the dedupe, once to read them).
+          const lists = log.filter((r) => r.op === 'list').map((r) => r.key);
+          expect(lists.length, lists.join(', ')).toBe(new Set(lists).size);
         } finally {
           await img.close();
         }
