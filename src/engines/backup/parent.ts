@@ -55,11 +55,20 @@ function unvouched(parent: Manifest, dedupe: Dedupe): string | null {
   return null;
 }
 
-/** The parent among `backupIds` (null: none was looked for, as for a full backup). */
-export async function findParent(repo: Repository, backupIds: string[] | null, key: ParentKey, dedupe: Dedupe): Promise<ParentChoice> {
-  if (!backupIds) return { parent: null, why: null };
-  const parent = await newestMatching(repo, backupIds, key);
-  if (!parent) return { parent: null, why: `no backup in ${repo.name} matches bitmap "${key.bitmap}"'s state (backed up elsewhere, or the backup was pruned)` };
-  const why = unvouched(parent, dedupe);
-  return why ? { parent: null, why } : { parent, why: null };
+/**
+ * The search for the parent among the backups `backupIds` names, which needs nothing of the index: it runs
+ * while the index is read (one round trip to the repository less before the backup can start reading).
+ * `vouch` then judges the candidate against the dedupe (with the orphans adopted).
+ */
+export function searchParent(repo: Repository, backupIds: Promise<string[]>, key: ParentKey): { vouch(dedupe: Dedupe): Promise<ParentChoice> } {
+  const found = backupIds.then((ids) => newestMatching(repo, ids, key));
+  found.catch(() => undefined); // judged by vouch
+  return {
+    async vouch(dedupe) {
+      const parent = await found;
+      if (!parent) return { parent: null, why: `no backup in ${repo.name} matches bitmap "${key.bitmap}"'s state (backed up elsewhere, or the backup was pruned)` };
+      const why = unvouched(parent, dedupe);
+      return why ? { parent: null, why } : { parent, why: null };
+    },
+  };
 }
