@@ -7,7 +7,7 @@
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
+import { backupDevice, type BackupResult } from '../../src/engines/backup.js';
 import { createImage, openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { openStore } from '../../src/objstore/open.js';
@@ -37,7 +37,7 @@ describe('an incremental backup', () => {
         const img = await openKsc(path, { write: true });
         try {
           await img.write(0, rng.bytes(16 * MiB));
-          const backups = [];
+          const backups: BackupResult[] = [];
           for (let i = 0; i < 3; i++) {
             if (i > 0) await img.write(rng.int(0, 15) * MiB, rng.bytes(MiB)); // one chunk changed
             backups.push(await backupDevice(img, repo));
