@@ -30,7 +30,7 @@ import { adoptOrphans, loadDedupe, type Dedupe, type DedupeSettings } from './ba
 import { PointInTime } from './backup/freeze.js';
 import { Handover } from './backup/handover.js';
 import { bitmapFor, dedupeSettings, pipelineShape, type BackupOptions, type BackupResult } from './backup/options.js';
-import { findParent, type ParentKey } from './backup/parent.js';
+import { searchParent, type ParentKey } from './backup/parent.js';
 import { BatchPipeline, type PipelineStats } from './backup/pipeline.js';
 
 export { FROZEN_SUFFIX, TOKEN_SEPARATOR, DEFAULT_BITMAP, MAX_BACKUP_BITMAP_NAME, backupBitmapNameProblem, isHandoverBitmap } from './backup/bitmap-names.js';
@@ -65,15 +65,14 @@ interface RepoSide {
  * The repository side: the shared lock (into `held` at once, so it is released whatever follows), what the
  * repository holds, orphans adopted, and the parent when `key` is given. A damaged index object is skipped:
  * the packs only it named are adopted like orphans (§9 rule 6). The listings run side by side (a pack
- * landing in between is adopted twice at worst: harmless).
+ * landing in between is adopted twice at worst: harmless), and so do the index and the parent's manifest.
  */
 async function prepareRepository(repo: Repository, held: Held, what: string, chunks: number, settings: DedupeSettings, key: ParentKey | null): Promise<RepoSide> {
   held.lock = await repo.lock('shared', what);
-  const backupIds = key ? repo.listBackupIds() : null;
-  backupIds?.catch(() => undefined);
+  const search = key ? searchParent(repo, repo.listBackupIds(), key) : null;
   const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPacks()]);
   const adopted = await adoptOrphans(repo, dedupe, packs);
-  const { parent, why } = key ? await findParent(repo, await backupIds!, key, dedupe) : { parent: null, why: null };
+  const { parent, why } = search ? await search.vouch(dedupe) : { parent: null, why: null };
   return { dedupe, adopted, parent, why };
 }
 

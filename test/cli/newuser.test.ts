@@ -83,7 +83,7 @@ describe('other image formats are refused by their headers', () => {
 describe('files appear whole or not at all', () => {
   it('SIGINT half-way through convert removes the unfinished file; a rerun works; --force replaces', async () => {
     const src = p('conv-src.raw');
-    writeFileSync(src, Buffer.alloc(24 << 20, 0x5a)); // 24 chunks of 1 MiB, 60 ms each: ≈ 1.4 s
+    writeFileSync(src, Buffer.alloc(48 << 20, 0x5a)); // 24 pieces of 2 MiB, 60 ms each: ≈ 1.4 s
     const dst = p('conv-dst.ksc');
     const child = spawn(process.execPath, [CLI, 'convert', src, dst], { env: { ...process.env, KSCINC_TEST_CONVERT_DELAY_MS: '60' }, stdio: ['ignore', 'pipe', 'pipe'] });
     let stderr = '';
@@ -118,7 +118,7 @@ describe('files appear whole or not at all', () => {
     let x = seed;
     const rand = (): number => (x = (x * 1103515245 + 12345) % 2147483648) / 2147483648;
     const src = p('kill-src.raw');
-    writeFileSync(src, Buffer.alloc(12 << 20, 0x6b));
+    writeFileSync(src, Buffer.alloc(24 << 20, 0x6b)); // 12 pieces of 2 MiB, 40 ms each
     const dst = p('kill-dst.raw');
     const old = Buffer.alloc(1 << 20, 0x11);
     writeFileSync(dst, old);

@@ -103,7 +103,8 @@ export class ExactDedupe implements Dedupe {
 export async function loadDedupe(repo: Repository, more: number, settings: DedupeSettings): Promise<Dedupe> {
   const objects = await repo.indexObjects();
   const entries = Repository.entriesIn(objects);
-  if (entries <= settings.exactIds) return new ExactDedupe(await repo.loadIndex(() => undefined, { locations: false }));
+  // The objects just listed are the ones read (a second listing would cost a round trip more).
+  if (entries <= settings.exactIds) return new ExactDedupe(await repo.loadIndex(() => undefined, { locations: false, objects }));
   return FilterDedupe.load(repo, objects, entries + more, settings);
 }
 

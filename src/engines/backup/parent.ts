@@ -21,12 +21,17 @@ export interface ParentChoice {
   why: string | null;
 }
 
-/** The newest readable backup of `backupIds` whose header matches `key`. */
+/**
+ * The newest readable backup of `backupIds` whose header matches `key`. A small manifest is read whole to
+ * check its header, and that read is the parent when it matches (one read of it, not two: a fixed cost of
+ * every incremental, a round trip on S3); a large one is read as far as its metadata first.
+ */
 async function newestMatching(repo: Repository, backupIds: string[], key: ParentKey): Promise<Manifest | null> {
   for (const bid of [...backupIds].reverse()) {
-    const h = await repo.readManifestInfo(bid).catch(() => null); // the header says whether it is the one
+    const got = await repo.readManifestInfoOrWhole(bid).catch(() => null); // the header says whether it is the one
+    const h = got?.info;
     if (!h || h.disk !== key.disk || h.bitmapToken !== key.token || h.size !== key.size) continue;
-    const parent = await repo.readManifest(bid).catch(() => null);
+    const parent = got!.whole ?? (await repo.readManifest(bid).catch(() => null));
     if (parent) return parent;
   }
   return null;
@@ -50,11 +55,20 @@ function unvouched(parent: Manifest, dedupe: Dedupe): string | null {
   return null;
 }
 
-/** The parent among `backupIds` (null: none was looked for, as for a full backup). */
-export async function findParent(repo: Repository, backupIds: string[] | null, key: ParentKey, dedupe: Dedupe): Promise<ParentChoice> {
-  if (!backupIds) return { parent: null, why: null };
-  const parent = await newestMatching(repo, backupIds, key);
-  if (!parent) return { parent: null, why: `no backup in ${repo.name} matches bitmap "${key.bitmap}"'s state (backed up elsewhere, or the backup was pruned)` };
-  const why = unvouched(parent, dedupe);
-  return why ? { parent: null, why } : { parent, why: null };
+/**
+ * The search for the parent among the backups `backupIds` names, which needs nothing of the index: it runs
+ * while the index is read (one round trip to the repository less before the backup can start reading).
+ * `vouch` then judges the candidate against the dedupe (with the orphans adopted).
+ */
+export function searchParent(repo: Repository, backupIds: Promise<string[]>, key: ParentKey): { vouch(dedupe: Dedupe): Promise<ParentChoice> } {
+  const found = backupIds.then((ids) => newestMatching(repo, ids, key));
+  found.catch(() => undefined); // judged by vouch
+  return {
+    async vouch(dedupe) {
+      const parent = await found;
+      if (!parent) return { parent: null, why: `no backup in ${repo.name} matches bitmap "${key.bitmap}"'s state (backed up elsewhere, or the backup was pruned)` };
+      const why = unvouched(parent, dedupe);
+      return why ? { parent: null, why } : { parent, why: null };
+    },
+  };
 }
