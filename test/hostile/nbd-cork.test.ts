@@ -206,72 +206,73 @@ describe('corked replies beside zero-copy and error replies', () => {
     await c.closed;
   }, 120_000);
 
-  it('a client pipelining thousands of requests that stops reading: memory bounded, others served, then every reply whole', async () => {
-    const stuck = await connect(rng.chance(0.5));
-    const sent = new Map<bigint, Expect>();
-    const mem0 = process.memoryUsage();
-    let cookie = 1n;
-    let blocked = false;
-    stuck.socket.pause();
-    // Send until the server stops reading (its budget for this connection is full) and our own buffer too.
-    const start = Date.now();
-    while (Date.now() - start < 60_000) {
-      for (let k = 0; k < 256; k++) {
-        const id = cookie++;
-        const kind = rng.weighted({ read: 3, large: 1, write: 3, flush: 1 });
-        if (kind === 'read' || kind === 'large') {
-          const len = kind === 'read' ? 4 * KiB : 256 * KiB;
-          const off = rng.int(0, (R_END - len) / (4 * KiB)) * 4 * KiB;
-          const bad = poisoned(off, len);
-          sent.set(id, { what: `READ ${off}+${len}`, length: bad ? 0 : len, offset: off, error: bad ? -1 : 0 });
-          stuck.send(CMD.READ, id, off, len);
-        } else if (kind === 'write') {
-          // The same bytes as the model already holds: order among these does not matter.
-          const off = R_END + rng.int(0, (SIZE - R_END) / (4 * KiB) - 1) * 4 * KiB;
-          sent.set(id, { what: `WRITE ${off}`, length: 0, offset: 0, error: 0 });
-          stuck.send(CMD.WRITE, id, off, 4 * KiB, 0, Buffer.from(model.subarray(off, off + 4 * KiB)));
-        } else {
-          sent.set(id, { what: 'FLUSH', length: 0, offset: 0, error: 0 });
-          stuck.send(CMD.FLUSH, id, 0, 0);
+  for (const structured of [true, false])
+    it(`a client pipelining thousands of requests that stops reading (${structured ? 'structured' : 'simple'} replies): memory bounded, others served, then every reply whole`, async () => {
+      const stuck = await connect(structured);
+      const sent = new Map<bigint, Expect>();
+      const mem0 = process.memoryUsage();
+      let cookie = 1n;
+      let blocked = false;
+      stuck.socket.pause();
+      // Send until the server stops reading (its budget for this connection is full) and our own buffer too.
+      const start = Date.now();
+      while (Date.now() - start < 60_000) {
+        for (let k = 0; k < 256; k++) {
+          const id = cookie++;
+          const kind = rng.weighted({ read: 3, large: 1, write: 3, flush: 1 });
+          if (kind === 'read' || kind === 'large') {
+            const len = kind === 'read' ? 4 * KiB : 256 * KiB;
+            const off = rng.int(0, (R_END - len) / (4 * KiB)) * 4 * KiB;
+            const bad = poisoned(off, len);
+            sent.set(id, { what: `READ ${off}+${len}`, length: bad ? 0 : len, offset: off, error: bad ? -1 : 0 });
+            stuck.send(CMD.READ, id, off, len);
+          } else if (kind === 'write') {
+            // The same bytes as the model already holds: order among these does not matter.
+            const off = R_END + rng.int(0, (SIZE - R_END) / (4 * KiB) - 1) * 4 * KiB;
+            sent.set(id, { what: `WRITE ${off}`, length: 0, offset: 0, error: 0 });
+            stuck.send(CMD.WRITE, id, off, 4 * KiB, 0, Buffer.from(model.subarray(off, off + 4 * KiB)));
+          } else {
+            sent.set(id, { what: 'FLUSH', length: 0, offset: 0, error: 0 });
+            stuck.send(CMD.FLUSH, id, 0, 0);
+          }
+        }
+        if (stuck.socket.writableLength > 8 * 1024 * 1024) {
+          // Our buffer no longer drains: the server stopped reading requests.
+          const drained = await new Promise<boolean>((r) => {
+            const t = setTimeout(() => r(false), 2000);
+            stuck.socket.once('drain', () => (clearTimeout(t), r(true)));
+          });
+          if (!drained) {
+            blocked = true;
+            break;
+          }
         }
       }
-      if (stuck.socket.writableLength > 8 * 1024 * 1024) {
-        // Our buffer no longer drains: the server stopped reading requests.
-        const drained = await new Promise<boolean>((r) => {
-          const t = setTimeout(() => r(false), 2000);
-          stuck.socket.once('drain', () => (clearTimeout(t), r(true)));
-        });
-        if (!drained) {
-          blocked = true;
-          break;
-        }
+      expect(blocked, 'the server stopped reading requests of a client that does not read replies').toBe(true);
+      expect(sent.size, 'requests pipelined').toBeGreaterThan(1000);
+      const mem1 = process.memoryUsage();
+      // The server holds at most its 64 MiB connection budget of replies; the client's own unsent requests
+      // (≤ 8 MiB plus one batch) and GC slack come on top.
+      const grew = (mem1.arrayBuffers - mem0.arrayBuffers) / (1024 * 1024);
+      console.log(`[nbd-cork] ${sent.size} requests pipelined, array buffers +${grew.toFixed(0)} MiB, rss ${(mem1.rss / 1048576).toFixed(0)} MiB`);
+      expect(grew, 'array buffers held while the client does not read (MiB)').toBeLessThan(160);
+      // Another client is served meanwhile.
+      const other = await connect();
+      for (let k = 0; k < 20; k++) {
+        const off = rng.int(0, (R_END - 64 * KiB) / (4 * KiB)) * 4 * KiB;
+        if (poisoned(off, 64 * KiB)) continue;
+        const r = await other.read(off, 64 * KiB, BigInt(k + 1));
+        expect(r.error).toBe(0);
+        expect(r.data.equals(model.subarray(off, off + 64 * KiB)), `other client's read ${k}`).toBe(true);
       }
-    }
-    expect(blocked, 'the server stopped reading requests of a client that does not read replies').toBe(true);
-    expect(sent.size, 'requests pipelined').toBeGreaterThan(1000);
-    const mem1 = process.memoryUsage();
-    // The server holds at most its 64 MiB connection budget of replies; the client's own unsent requests
-    // (≤ 8 MiB plus one batch) and GC slack come on top.
-    const grew = (mem1.arrayBuffers - mem0.arrayBuffers) / (1024 * 1024);
-    console.log(`[nbd-cork] ${sent.size} requests pipelined, array buffers +${grew.toFixed(0)} MiB, rss ${(mem1.rss / 1048576).toFixed(0)} MiB`);
-    expect(grew, 'array buffers held while the client does not read (MiB)').toBeLessThan(160);
-    // Another client is served meanwhile.
-    const other = await connect();
-    for (let k = 0; k < 20; k++) {
-      const off = rng.int(0, (R_END - 64 * KiB) / (4 * KiB)) * 4 * KiB;
-      if (poisoned(off, 64 * KiB)) continue;
-      const r = await other.read(off, 64 * KiB, BigInt(k + 1));
-      expect(r.error).toBe(0);
-      expect(r.data.equals(model.subarray(off, off + 64 * KiB)), `other client's read ${k}`).toBe(true);
-    }
-    other.disc();
-    await other.closed;
-    // The stuck client reads again: every reply arrives, whole, once.
-    stuck.socket.resume();
-    const total = sent.size;
-    for (let k = 0; k < total; k++) checkReply(await nextReply(stuck, sent), sent, `stuck client, reply ${k}`);
-    expect(sent.size, 'unanswered').toBe(0);
-    stuck.disc();
-    await stuck.closed;
-  }, 180_000);
+      other.disc();
+      await other.closed;
+      // The stuck client reads again: every reply arrives, whole, once.
+      stuck.socket.resume();
+      const total = sent.size;
+      for (let k = 0; k < total; k++) checkReply(await nextReply(stuck, sent), sent, `stuck client, reply ${k}`);
+      expect(sent.size, 'unanswered').toBe(0);
+      stuck.disc();
+      await stuck.closed;
+    }, 180_000);
 });
