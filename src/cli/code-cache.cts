@@ -3,17 +3,20 @@
  * for every module; Node 20 has no such switch. Compiling the bundle's JavaScript is most of what is
  * left of the start-up once module resolution is gone (bench/startup.mjs).
  *
- * Each `X.cjs` may have an `X.cjs.cache` beside it: the source file's mtime in ms and its size (two
- * float64 LE, 16 bytes), then V8's cached data. (Not a hash of the source: hashing the ~0.5 MB that a
- * command loads cost more than the rest of this file; V8 itself checks the source length and its flags.) scripts/bundle-cli.mjs writes them at build time (KSCINC_CODE_CACHE=write: after a run that loaded
+ * Each `X.cjs` may have an `X.cjs.cache` beside it: the source's length (float64 LE) and CRC-32 (u32 LE),
+ * 4 zero bytes (16 bytes), then V8's cached data. V8 itself checks only the source's length and its flags:
+ * given the cache of other code of the same length it runs that other code, so the stamp is of the content,
+ * not of the file (an mtime and size match a new bundle whose copy kept the mtime: cp -p, tar, npm's fixed
+ * mtimes). The CRC costs ~0.2–0.7 ms for the worker's 345 KB (bench/README.md, session 14). scripts/bundle-cli.mjs writes them at build time (KSCINC_CODE_CACHE=write: after a run that loaded
  * every chunk, each chunk's cache holds the functions compiled so far). A cache whose stamp does not match
- * the source file (edited, copied), or that V8 rejects (another Node version or other V8 flags), is ignored: the file compiles
+ * the source, or that V8 rejects (another Node version or other V8 flags), is ignored: the file compiles
  * as usual, only slower. Nothing is written at run time. KSCINC_CODE_CACHE=add writes only the caches that are
  * missing (a later build run that loads a chunk no earlier run did, without replacing what those runs saved).
  */
 import Module = require('node:module');
 import vm = require('node:vm');
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { crc32 } from 'node:zlib';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 type Compile = (this: Module, content: string, filename: string) => unknown;
@@ -27,12 +30,11 @@ const M = Module as unknown as Internal;
 
 const STAMP_BYTES = 16;
 
-/** The source file's stamp: its mtime and size. */
-function stampOf(source: string): Buffer {
-  const st = statSync(source);
+/** The stamp of a source's content: its length and CRC-32. */
+function stampOf(content: string): Buffer {
   const stamp = Buffer.alloc(STAMP_BYTES);
-  stamp.writeDoubleLE(st.mtimeMs, 0);
-  stamp.writeDoubleLE(st.size, 8);
+  stamp.writeDoubleLE(content.length, 0);
+  stamp.writeUInt32LE(crc32(content), 8);
   return stamp;
 }
 
@@ -67,7 +69,7 @@ export function useCodeCache(dir: string): void {
   const original = M.prototype._compile;
   M.prototype._compile = function compile(this: Module, content: string, filename: string): unknown {
     if (!filename.startsWith(dir)) return original.call(this, content, filename);
-    const stamp = stampOf(filename);
+    const stamp = stampOf(content);
     const file = `${filename}.cache`;
     const cachedData = write ? undefined : readCache(file, stamp);
     const script = new vm.Script(M.wrap(content), {
