@@ -2,15 +2,10 @@
  * Hostile, on the leak-bound flake (test/image/leak-bound.test.ts "stays bounded over 50 SIGKILLs" once
  * ended with 4096 leaked bytes after a reopen and a clean close). A session that writes, flushes and clears
  * a bitmap is stopped after every single step (src/io/fault.ts); then a writer opens the image (its leak
- * sweep, formats/ksc_inc.md §8.1) and closes it cleanly, and `check` counts the leaked bytes. The sweep
- * reclaims whole clusters only (§8.1 speaks of clusters): a 4 KiB metadata piece written but not yet
- * referenced (a bitmap's fresh table before its slot is switched, at the file's partial last cluster) or no
- * longer referenced but not yet punched (the old table after the switch, in a cluster that holds live
- * metadata too) stays leaked across the sweep and the clean close. Deterministic: the stops after the
- * fresh table's write and sync, and after the slot's write and sync, leave 4096 bytes each time (printed;
- * not asserted, so a sweep that reclaims pieces too passes). This test holds what §8.1 promises (no whole cluster left leaked; what remains is 4 KiB pieces, less than a cluster)
- * and prints the steps that leave pieces: the leak-bound test's final `leakedBytes === 0` is stricter than
- * that whenever its last SIGKILL lands in such a window (with the addon or without).
+ * sweep, formats/ksc_inc.md §8.1) and closes it cleanly, and `check` counts the leaked bytes. Before the
+ * sweep reclaimed 4 KiB pieces, the stops after a bitmap's fresh table was written (at the file's partial
+ * last cluster, before its slot switched) and after the slot's write (the old table, in a cluster that holds
+ * live metadata, not yet punched) left 4096 bytes each time: 10 of about 80 stops. Now no stop leaves any.
  */
 import { join } from 'node:path';
 import { expect, it } from 'vitest';
@@ -21,7 +16,7 @@ import { tempDir } from '../helpers/tmp.js';
 
 const MiB = 1024 * 1024;
 const B = 64 * 1024;
-it('a session with bitmap clears stopped after every step, then a sweep and a clean close: only 4 KiB metadata pieces stay leaked', async () => {
+it('a session with bitmap clears stopped after every step, then a sweep and a clean close: nothing stays leaked', async () => {
   const found: string[] = [];
   for (let n = 0; n < 80; n++) {
     const dir = tempDir('kscinc-scratch-');
@@ -59,10 +54,8 @@ it('a session with bitmap clears stopped after every step, then a sweep and a cl
     const r = await checkImage(image, { verify: true });
     expect(r.errors).toEqual([]);
     expect(sweep?.skipped ?? null, `step ${n}: the sweep ran`).toBeNull();
-    expect(r.leakedBytes % 4096, `step ${n}: leaked bytes in 4 KiB pieces`).toBe(0);
-    expect(r.leakedBytes, `step ${n}: less than a cluster stays leaked`).toBeLessThan(B);
-    if (r.leakedBytes > 0) found.push(`stopped after step ${n}: ${r.leakedBytes} bytes leaked after the sweep (${JSON.stringify(sweep)}) and a clean close`);
+    if (r.leakedBytes > 0) found.push(`stopped after step ${n}: ${r.leakedBytes} bytes leaked after the sweep (${JSON.stringify(sweep)}) and a clean close: ${r.warnings.join('; ')}`);
     if (done) break;
   }
-  console.log(`[sweep-pieces] ${found.length} stops leave 4 KiB pieces:\n${found.join('\n')}`);
+  expect(found, 'stops that leave leaked space after the sweep and a clean close').toEqual([]);
 }, 300_000);
