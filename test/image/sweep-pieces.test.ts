@@ -33,88 +33,72 @@ function plantPage(file: string, offset: number): void {
   }
 }
 
-/** Reopens (the sweep runs), closes cleanly, and returns check's report. */
-async function sweepAndClose(img: string): Promise<{ leakedBytes: number; warnings: string[]; errors: string[]; pieces: number }> {
+/** A crashed image with a bitmap and four written blocks (more steps in `more`), abandoned: its core as left. */
+async function crashedImage(img: string, more: (k: KscImage) => Promise<void> = async () => {}): Promise<{ pages: number[]; end: number }> {
+  await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
+  const k = await openKsc(img, { write: true });
+  await k.addBitmap('b1');
+  await k.write(0, Buffer.alloc(4 * B, 7));
+  await k.flush();
+  await more(k);
+  const pages = await bitmapPages(k);
+  const c = coreOf(k);
+  const end = c.header.intentOffset + c.header.intentWords * 16;
+  await c.file.close(); // abandoned: a crash
+  return { pages, end };
+}
+
+/**
+ * Plants a page a crashed writer wrote at `planted` (check must see it leaked), then reopens (the sweep
+ * runs) and closes cleanly: nothing may stay leaked, and the sweep must say it reclaimed pieces.
+ */
+async function expectPieceReclaimed(img: string, planted: number): Promise<void> {
+  plantPage(img, planted);
+  const before = await checkImage(img);
+  expect(before.leakedBytes, before.warnings.join('; ')).toBe(PAGE);
   const k = await openKsc(img, { write: true });
   const pieces = k.sweep?.reclaimedPieces ?? 0;
   expect(k.sweep?.skipped ?? null).toBeNull();
   await k.close();
   const r = await checkImage(img, { verify: true });
-  return { leakedBytes: r.leakedBytes, warnings: r.warnings, errors: r.errors, pieces };
+  expect(r.errors).toEqual([]);
+  expect(r.leakedBytes, `planted at 0x${planted.toString(16)}: ${r.warnings.join('; ')}`).toBe(0);
+  expect(pieces).toBeGreaterThanOrEqual(1);
 }
 
 describe('the leak sweep reclaims 4 KiB metadata pieces', () => {
   it('an unreferenced page inside a cluster that holds a referenced bitmap table', async () => {
     const img = join(tempDir('kscinc-pieces-'), 'img.ksc');
-    await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
-    const k = await openKsc(img, { write: true });
-    await k.addBitmap('b1');
-    await k.write(0, Buffer.alloc(4 * B, 7));
-    await k.flush();
-    await k.discard(B, B); // frees a cluster: the next bitmap table is carved out of it
-    await k.flush();
-    await k.clearBitmap('b1');
-    await k.flush();
-    const pages = await bitmapPages(k);
-    await coreOf(k).file.close(); // abandoned: a crash
+    const { pages } = await crashedImage(img, async (k) => {
+      await k.discard(B, B); // frees a cluster: the next bitmap table is carved out of it
+      await k.flush();
+      await k.clearBitmap('b1');
+      await k.flush();
+    });
     // A page of a cluster that holds a referenced bitmap piece, itself referenced by nothing.
     const cluster = Math.floor(pages[0]! / B) * B;
     const free = [...Array(B / PAGE).keys()].map((i) => cluster + i * PAGE).filter((o) => !pages.includes(o));
     expect(free.length).toBeGreaterThan(0);
-    const planted = free[free.length - 1]!;
-    plantPage(img, planted);
-    const before = await checkImage(img);
-    expect(before.leakedBytes, before.warnings.join('; ')).toBe(PAGE);
-    const r = await sweepAndClose(img);
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes, `planted at 0x${planted.toString(16)}: ${r.warnings.join('; ')}`).toBe(0);
-    expect(r.pieces).toBeGreaterThanOrEqual(1);
+    await expectPieceReclaimed(img, free[free.length - 1]!);
   });
 
   it("an unreferenced page in the file's last, partial cluster", async () => {
     const img = join(tempDir('kscinc-pieces-'), 'img.ksc');
-    await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
-    const k = await openKsc(img, { write: true });
-    await k.addBitmap('b1');
-    await k.write(0, Buffer.alloc(4 * B, 7));
-    await k.flush();
-    await coreOf(k).file.close();
+    await crashedImage(img);
     const size = statSync(img).size;
     // The bitmap's page went to the end of the file (no free cluster to carve): its last cluster is partial.
     expect(size % B).not.toBe(0);
-    plantPage(img, size); // a page appended after it, never referenced
-    const before = await checkImage(img);
-    expect(before.leakedBytes, before.warnings.join('; ')).toBe(PAGE);
-    const r = await sweepAndClose(img);
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes, `planted at 0x${size.toString(16)}: ${r.warnings.join('; ')}`).toBe(0);
-    expect(r.pieces).toBeGreaterThanOrEqual(1);
+    await expectPieceReclaimed(img, size); // a page appended after it, never referenced
   });
 
   it('an unreferenced page in the first cluster, past the header, directory and intent words', async () => {
     const img = join(tempDir('kscinc-pieces-'), 'img.ksc');
-    await createImage(img, { size: 4 * 1024 * 1024, blockSize: B });
-    const k = await openKsc(img, { write: true });
-    await k.addBitmap('b1');
-    await k.write(0, Buffer.alloc(4 * B, 7));
-    await k.flush();
-    const pages = await bitmapPages(k);
-    const c = coreOf(k);
-    const h = c.header;
-    await c.file.close();
+    const { pages, end } = await crashedImage(img);
     // The last page of cluster 0: the first structures and the bitmap's pieces (appended while the file was
     // shorter than a cluster) end before it, and data clusters start at the next cluster.
     const planted = B - PAGE;
-    const ends = [h.directoryOffset + h.directoryEntries * 16, h.intentOffset + h.intentWords * 16, ...pages.map((p) => p + PAGE)];
-    expect(Math.max(...ends.filter((e) => e <= B))).toBeLessThanOrEqual(planted);
-    expect(pages).not.toContain(planted);
-    plantPage(img, planted);
-    const before = await checkImage(img);
-    expect(before.leakedBytes, before.warnings.join('; ')).toBe(PAGE);
-    const r = await sweepAndClose(img);
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes, `planted at 0x${planted.toString(16)}: ${r.warnings.join('; ')}`).toBe(0);
-    expect(r.pieces).toBeGreaterThanOrEqual(1);
+    expect(Math.max(end, ...pages.filter((p) => p < B).map((p) => p + PAGE))).toBeLessThanOrEqual(planted);
+    await expectPieceReclaimed(img, planted);
   });
 
   it('pieces the sweep reclaimed serve later metadata, and no referenced page is reclaimed', async () => {
