@@ -21,6 +21,7 @@ import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { liveFromBytes } from '../live-restore/helpers.js';
 
 const dir = tempDir('kscinc-hostile-ra-');
 const seed = seedFor('test/hostile/readahead-races.test.ts');
@@ -30,23 +31,7 @@ afterAll(() => closePool());
 
 /** A disk of random bytes backed up with 1 MiB chunks, live-restored to a new image. */
 async function liveImage(name: string, size: number): Promise<{ target: string; data: Buffer }> {
-  const data = randomBytes(size);
-  const raw = join(dir, `${name}.raw`);
-  writeFileSync(raw, data);
-  const repoDir = join(dir, `${name}-repo`);
-  const repo = await newRepo(repoDir, { encrypt: false });
-  const dev = await openImage(raw);
-  try {
-    await backupDevice(dev, repo);
-  } finally {
-    await dev.close();
-    await repo.store.close();
-  }
-  const repo2 = await openRepo(repoDir);
-  const target = join(dir, `${name}.ksc`);
-  await liveRestore(repo2, repoDir, 'latest', target);
-  await repo2.store.close();
-  return { target, data };
+  return liveFromBytes(dir, name, randomBytes(size));
 }
 
 const tick = (): Promise<void> => new Promise((r) => (rng.chance(0.5) ? setImmediate(r) : setTimeout(r, rng.int(0, 4))));

@@ -15,7 +15,7 @@ import type { KscImage } from '../../src/image/ksc.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, expectKscError, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
-import { damagePacks } from './helpers.js';
+import { damagePacks, liveFromBytes } from './helpers.js';
 
 const dir = tempDir('kscinc-dups-');
 afterAll(() => closePool());
@@ -26,23 +26,7 @@ afterEach(() => {
 /** 8 distinct random 1 MiB chunks, three times over (24 MiB: chunk k holds distinct chunk k % 8), live-restored. */
 async function liveImage(name: string): Promise<{ target: string; data: Buffer; repoDir: string }> {
   const one = randomBytes(8 * MiB);
-  const data = Buffer.concat([one, one, one]);
-  const raw = join(dir, `${name}.raw`);
-  writeFileSync(raw, data);
-  const repoDir = join(dir, `${name}-repo`);
-  const repo = await newRepo(repoDir, { encrypt: false });
-  const dev = await openImage(raw);
-  try {
-    await backupDevice(dev, repo);
-  } finally {
-    await dev.close();
-    await repo.store.close();
-  }
-  const repo2 = await openRepo(repoDir);
-  const target = join(dir, `${name}.ksc`);
-  await liveRestore(repo2, repoDir, 'latest', target);
-  await repo2.store.close();
-  return { target, data, repoDir };
+  return liveFromBytes(dir, name, Buffer.concat([one, one, one]));
 }
 
 /** The chunk positions whose whole 1 MiB the image itself holds. */

@@ -4,8 +4,9 @@ import { join } from 'node:path';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { liveRestore } from '../../src/engines/live-restore.js';
+import { openImage } from '../../src/image/open.js';
 import type { BlockDevice } from '../../src/image/types.js';
-import { newRepo } from '../backup/helpers/fixtures.js';
+import { newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 /**
  * Makes a new repository `dir/NAME-repo`, backs up the device `open()` gives, restores that backup in full
@@ -27,6 +28,29 @@ export async function liveImage(dir: string, name: string, open: () => Promise<B
   } finally {
     await img.close();
   }
+}
+
+/**
+ * Writes `data` to `dir/NAME.raw`, backs it up (1 MiB chunks, unencrypted) into a new repository
+ * `dir/NAME-repo` and live-restores that backup, through a second open of the repository, to `dir/NAME.ksc`.
+ */
+export async function liveFromBytes(dir: string, name: string, data: Buffer): Promise<{ target: string; data: Buffer; repoDir: string }> {
+  const raw = join(dir, `${name}.raw`);
+  writeFileSync(raw, data);
+  const repoDir = join(dir, `${name}-repo`);
+  const repo = await newRepo(repoDir, { encrypt: false });
+  const dev = await openImage(raw);
+  try {
+    await backupDevice(dev, repo);
+  } finally {
+    await dev.close();
+    await repo.store.close();
+  }
+  const repo2 = await openRepo(repoDir);
+  const target = join(dir, `${name}.ksc`);
+  await liveRestore(repo2, repoDir, 'latest', target);
+  await repo2.store.close();
+  return { target, data, repoDir };
 }
 
 /** Flips a byte every 4 KiB all through every pack of the folder repository `repoDir`: every blob fails its check. */

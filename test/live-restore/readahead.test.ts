@@ -14,7 +14,7 @@ import { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, expectKscError, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
-import { damagePacks } from './helpers.js';
+import { damagePacks, liveFromBytes } from './helpers.js';
 
 const dir = tempDir('kscinc-readahead-');
 afterAll(() => closePool());
@@ -24,23 +24,7 @@ afterEach(() => {
 
 /** A 16 MiB disk of random bytes (no zero chunk), backed up with 1 MiB chunks, live-restored to a new image. */
 async function liveImage(name: string): Promise<{ target: string; data: Buffer; repoDir: string }> {
-  const data = randomBytes(16 * MiB);
-  const raw = join(dir, `${name}.raw`);
-  writeFileSync(raw, data);
-  const repoDir = join(dir, `${name}-repo`);
-  const repo = await newRepo(repoDir, { encrypt: false });
-  const dev = await openImage(raw);
-  try {
-    await backupDevice(dev, repo);
-  } finally {
-    await dev.close();
-    await repo.store.close();
-  }
-  const repo2 = await openRepo(repoDir);
-  const target = join(dir, `${name}.ksc`);
-  await liveRestore(repo2, repoDir, 'latest', target);
-  await repo2.store.close();
-  return { target, data, repoDir };
+  return liveFromBytes(dir, name, randomBytes(16 * MiB));
 }
 
 /** Reads the chunks `ks` in that order, one after the other; returns the backing's fetch count once it is still. */
