@@ -76,13 +76,16 @@ describe('the sweep reclaims no page anything may still reference', () => {
   }
 });
 
-// ---------------------------------------------------------------- the deferred sweep, 64 KiB blocks
+// ---------------------------------------------------------------- the deferred sweep
 
-const B64 = 64 * 1024;
+/** The block size of the run (set by each test). */
+const cur = { bs: 64 * 1024 };
+/** The sweep's steps: the bitmaps, three map pages, the result. */
+const STEPS = 5;
 
 function content(tag: number, block: number): Buffer {
-  const buf = Buffer.alloc(B64);
-  for (let o = 0; o < B64; o += 4) buf.writeUInt32LE((tag * 0x1000193 + block * 0x9e3779b1 + o) >>> 0, o);
+  const buf = Buffer.alloc(cur.bs);
+  for (let o = 0; o < cur.bs; o += 4) buf.writeUInt32LE((tag * 0x1000193 + block * 0x9e3779b1 + o) >>> 0, o);
   return buf;
 }
 
@@ -102,7 +105,7 @@ class Model {
   ]);
   private pending = new Set<number>();
   set(block: number, data: Buffer): void {
-    this.states.set(block, [...(this.states.get(block) ?? [Buffer.alloc(B64)]), data]);
+    this.states.set(block, [...(this.states.get(block) ?? [Buffer.alloc(cur.bs)]), data]);
     this.pending.add(block);
     for (const s of this.since.values()) s.add(block);
   }
@@ -133,28 +136,28 @@ class Model {
  */
 async function crashedWithPieces(model: Model): Promise<string> {
   const img = join(tempDir('kscinc-pieces-d-'), 'img.ksc');
-  await createImage(img, { size: 64 * 1024 * 1024, blockSize: B64 });
+  await createImage(img, { size: 3 * 4096 * cur.bs, blockSize: cur.bs }); // three map pages
   const k = await openKsc(img, { write: true });
   await k.addBitmap('b1');
   await k.addBitmap('b2', { granularity: 4096 });
-  for (const b of [0, 1, 2, 3, 4, 5, 100, 200]) {
+  for (const b of [0, 1, 2, 3, 4, 5, 100, 200, 4100, 8200]) {
     model.set(b, content(1, b));
-    await k.write(b * B64, content(1, b));
+    await k.write(b * cur.bs, content(1, b));
   }
   await model.flush(k);
-  model.set(3, Buffer.alloc(B64));
-  await k.discard(3 * B64, B64); // a free cluster: the next tables and pages are carved out of it
+  model.set(3, Buffer.alloc(cur.bs));
+  await k.discard(3 * cur.bs, cur.bs); // a free cluster: the next tables and pages are carved out of it
   await model.flush(k);
   await model.clear(k, 'b1');
   model.set(6, content(1, 6));
-  await k.write(6 * B64, content(1, 6));
+  await k.write(6 * cur.bs, content(1, 6));
   await model.flush(k);
   const used = new Set<number>();
   for (const r of (await bitmapRanges(k)).flat()) for (let o = r.offset; o < r.offset + r.length; o += PAGE) used.add(o);
   await coreOf(k).file.close(); // the crash
-  const carved = [...used].map((o) => Math.floor(o / B64) * B64).find((c) => [...Array(B64 / PAGE).keys()].some((i) => !used.has(c + i * PAGE)));
+  const carved = [...used].map((o) => Math.floor(o / cur.bs) * cur.bs).find((c) => [...Array(cur.bs / PAGE).keys()].some((i) => !used.has(c + i * PAGE)));
   expect(carved, 'a cluster partly holding bitmap pieces').toBeDefined();
-  for (let i = 0; i < B64 / PAGE; i++) if (!used.has(carved! + i * PAGE) && i % 3 === 0) writeAt(img, carved! + i * PAGE, Buffer.alloc(PAGE, 0xa5));
+  for (let i = 0; i < cur.bs / PAGE; i++) if (!used.has(carved! + i * PAGE) && i % 3 === 0) writeAt(img, carved! + i * PAGE, Buffer.alloc(PAGE, 0xa5));
   writeAt(img, statSync(img).size, Buffer.alloc(PAGE, 0x5a));
   return img;
 }
@@ -163,16 +166,16 @@ async function crashedWithPieces(model: Model): Promise<string> {
 async function churn(k: KscImage, model: Model, tag: number): Promise<void> {
   const w = async (b: number): Promise<void> => {
     model.set(b, content(tag, b));
-    await k.write(b * B64, content(tag, b));
+    await k.write(b * cur.bs, content(tag, b));
   };
   await w(1);
   await model.clear(k, 'b1');
   await w(300 + tag);
-  model.set(4, Buffer.alloc(B64));
-  await k.discard(4 * B64, B64);
+  model.set(4, Buffer.alloc(cur.bs));
+  await k.discard(4 * cur.bs, cur.bs);
   await model.flush(k);
   await k.addBitmap(`t${tag}`);
-  await w(400 + tag);
+  await w(4400 + tag);
   await model.flush(k);
   await model.merge(k, 'b2', 'b1');
   await k.removeBitmap(`t${tag}`);
@@ -212,14 +215,14 @@ async function expectImage(img: string, model: Model, where: string, exact: bool
   const k = await openKsc(img);
   try {
     for (const [b, states] of model.states) {
-      const got = await k.read(b * B64, B64);
+      const got = await k.read(b * cur.bs, cur.bs);
       const ok = exact ? got.equals(states[states.length - 1]!) : states.some((s) => s.equals(got));
       expect(ok, `${where}: block ${b} reads none of its ${exact ? 'final' : 'allowed'} contents`).toBe(true);
     }
     for (const [name, must] of model.must) {
       const ext = await k.bitmapExtents(name);
       for (const b of must) {
-        const has = ext.some((e) => e.offset <= b * B64 && e.offset + e.length >= (b + 1) * B64);
+        const has = ext.some((e) => e.offset <= b * cur.bs && e.offset + e.length >= (b + 1) * cur.bs);
         expect(has, `${where}: bitmap ${name} lost block ${b}`).toBe(true);
       }
     }
@@ -232,12 +235,16 @@ async function expectImage(img: string, model: Model, where: string, exact: bool
 
 async function deferredRun(img: string, model: Model, at: number, held: { k: KscImage | null }): Promise<KscImage> {
   let n = 0;
+  let reached = false;
   setSweepStepHook(async () => {
-    if (n++ === at) await churn(held.k!, model, 2);
+    if (n++ !== at) return;
+    reached = true;
+    await churn(held.k!, model, 2);
   });
   try {
     const k = (held.k = await openKsc(img, { write: true, deferSweep: true }));
     await k.swept();
+    expect(reached || faultFired(), `the sweep reached step ${at}`).toBe(true);
     await expectPool(k, `after the sweep (paused at step ${at})`);
     for (let round = 3; round < 6; round++) {
       await churn(k, model, round); // the reclaimed pieces serve metadata now
@@ -249,25 +256,29 @@ async function deferredRun(img: string, model: Model, at: number, held: { k: Ksc
   }
 }
 
-describe('the deferred sweep with 64 KiB blocks, metadata pieces allocated and released at each step', () => {
-  it('paused at each step: data and bitmaps read back, check --verify clean', async () => {
-    const probeModel = new Model();
-    const probe = await openKsc(await crashedWithPieces(probeModel), { write: true, deferSweep: true });
-    const sw = await probe.swept();
-    await probe.close();
-    expect(sw?.reclaimedPieces ?? 0, JSON.stringify(sw)).toBeGreaterThanOrEqual(2);
-    for (let at = 0; at < 3; at++) {
-      const model = new Model();
-      const img = await crashedWithPieces(model);
-      const held: { k: KscImage | null } = { k: null };
-      const k = await deferredRun(img, model, at, held);
-      await k.close();
-      // Pieces in clusters the session released metadata in are not reclaimed (§8.1): no leak count here.
-      await expectImage(img, model, `paused at step ${at}`, true);
-    }
-  }, 300_000);
+describe('the deferred sweep, metadata pieces allocated and released at each step', () => {
+  for (const bs of [64 * 1024, 1024 * 1024, 2 * 1024 * 1024]) {
+    it(`${bs / 1024} KiB blocks, paused at each step: data and bitmaps read back, check --verify clean`, async () => {
+      cur.bs = bs;
+      const probeModel = new Model();
+      const probe = await openKsc(await crashedWithPieces(probeModel), { write: true, deferSweep: true });
+      const sw = await probe.swept();
+      await probe.close();
+      expect(sw?.reclaimedPieces ?? 0, JSON.stringify(sw)).toBeGreaterThanOrEqual(2);
+      for (let at = 0; at < STEPS; at++) {
+        const model = new Model();
+        const img = await crashedWithPieces(model);
+        const held: { k: KscImage | null } = { k: null };
+        const k = await deferredRun(img, model, at, held);
+        await k.close();
+        // Pieces in clusters the session released metadata in are not reclaimed (§8.1): no leak count here.
+        await expectImage(img, model, `paused at step ${at}`, true);
+      }
+    }, 300_000);
+  }
 
-  it('stopped after the Nth write, punch or sync: flushed writes and bitmaps intact, check clean', async () => {
+  it('64 KiB blocks, stopped after the Nth write, punch or sync: flushed writes and bitmaps intact, check clean', async () => {
+    cur.bs = 64 * 1024;
     let completedAt = -1;
     for (let n = 0; n < 400 && completedAt < 0; n += 3) {
       const model = new Model();
@@ -276,7 +287,7 @@ describe('the deferred sweep with 64 KiB blocks, metadata pieces allocated and r
       const held: { k: KscImage | null } = { k: null };
       setFaultPlan({ after: n, action: 'throw' });
       try {
-        await (await deferredRun(img, model, n % 3, held)).close();
+        await (await deferredRun(img, model, n % STEPS, held)).close();
         if (!faultFired()) completedAt = n;
       } catch (e) {
         if (!faultFired()) throw e;
