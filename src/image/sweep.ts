@@ -108,7 +108,14 @@ export async function findLeakedClusters(s: SweepInput): Promise<SweepResult> {
   // scan, so an old table it stops referencing is either seen here or already released (Allocator.sweepResult).
   const bitmapsOk = await guard(async () => {
     try {
-      for (const b of s.bitmaps) if (b) for (const r of await b.hostRanges()) mark(r.offset, r.length);
+      for (const b of s.bitmaps) {
+        if (!b) continue;
+        const ranges = await b.hostRanges();
+        // A table entry or table that failed its check names nothing it can be trusted for: what it pointed
+        // at may still be a page of the bitmap (hostRanges leaves it out), so nothing is reclaimed.
+        if (b.damage) return false;
+        for (const r of ranges) mark(r.offset, r.length);
+      }
       return true;
     } catch {
       return false;
