@@ -33,12 +33,7 @@ export const KNOWN_FEATURES = [FEATURE_ENCRYPTED];
 /** §3: the smallest chunk size (64 KiB: one default bitmap granule, so an incremental reads only dirty granules). */
 export const MIN_CHUNK = 64 * 1024;
 export const MAX_CHUNK = 4 * MIB;
-/**
- * The chunk size of a new repository (§3.2): 256 KiB. Measured (bench/README.md, session 14, quiet): a
- * scattered 1 % incremental reads 3.98× and stores 1.83× the changed bytes (1 MiB: 14.9× and 4.9×), full
- * backup 2.29× lz4 -1 and restore 0.87× cp (1 MiB: 2.28× and 0.85×), for 4× the index and manifests of 1 MiB.
- */
-export const DEFAULT_CHUNK = 256 * 1024;
+export const DEFAULT_CHUNK = 1 * MIB;
 export const MIN_PACK = 4 * MIB;
 export const MAX_PACK = 256 * MIB;
 export const DEFAULT_PACK = 32 * MIB;
