@@ -151,7 +151,8 @@ describe('kscinc migrate with qemu-io writing all along', () => {
           const s = await kscincAsync(r, ['migrate', 'status', 'vm.ksc', '--json']);
           const st = JSON.parse(s.stdout) as MigrateStatus;
           if (st.phase === 'converged' && st.rounds >= 2) break;
-          expect(st.phase, s.stdout).toBe('copying');
+          // Converged after the first round is no end yet: rounds go on until a second one shows writes were carried.
+          expect(['copying', 'converged'], s.stdout).toContain(st.phase);
           expect(i, 'the migration converges within 60 s').toBeLessThan(600);
           await new Promise((res) => setTimeout(res, 100));
         }
