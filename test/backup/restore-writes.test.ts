@@ -20,6 +20,19 @@ const dir = tempDir('kscinc-restore-writes-');
 const seed = seedFor('test/backup/restore-writes.test.ts');
 clearFaultsAfterAll();
 
+/** `data` written to `dir/diskTAG.raw` and backed up into a new repository `dir/repoTAG` with `chunkSize` chunks. */
+async function backedUp(tag: string, data: Buffer, chunkSize: number, packSize: number): Promise<{ repo: Awaited<ReturnType<typeof newRepo>>; id: string }> {
+  const src = join(dir, `disk${tag}.raw`);
+  writeFileSync(src, data);
+  const repo = await newRepo(join(dir, `repo${tag}`), { chunkSize, packSize });
+  const dev = await RawDevice.open(src);
+  try {
+    return { repo, id: (await backupDevice(dev, repo)).id };
+  } finally {
+    await dev.close();
+  }
+}
+
 describe(`restore writes (seed ${seed})`, () => {
   it('writes runs of consecutive small chunks in 256 KiB writes; zero chunks stay holes and repeated chunks land at every position', async () => {
     const rng = new Rng(seed);
@@ -30,16 +43,7 @@ describe(`restore writes (seed ${seed})`, () => {
     for (let k = 0; k < chunks; k++) if (k !== 40) rng.bytes(C).copy(data, k * C);
     data.copy(data, 50 * C, 7 * C, 8 * C);
     data.copy(data, 51 * C, 7 * C, 8 * C);
-    const src = join(dir, 'disk.raw');
-    writeFileSync(src, data);
-    const repo = await newRepo(join(dir, 'repo'), { chunkSize: C, packSize: 8 * MiB });
-    const dev = await RawDevice.open(src);
-    let id: string;
-    try {
-      id = (await backupDevice(dev, repo)).id;
-    } finally {
-      await dev.close();
-    }
+    const { repo, id } = await backedUp('', data, C, 8 * MiB);
 
     const target = join(dir, 'out.raw');
     let res: Awaited<ReturnType<typeof restoreBackup>> | null = null;
@@ -66,16 +70,7 @@ describe(`restore writes (seed ${seed})`, () => {
     ] as const) {
       const chunks = 8;
       const data = rng.bytes(chunks * C);
-      const src = join(dir, `disk-${C}.raw`);
-      writeFileSync(src, data);
-      const repo = await newRepo(join(dir, `repo-${C}`), { chunkSize: C, packSize: 32 * MiB });
-      const dev = await RawDevice.open(src);
-      let id: string;
-      try {
-        id = (await backupDevice(dev, repo)).id;
-      } finally {
-        await dev.close();
-      }
+      const { repo, id } = await backedUp(`-${C}`, data, C, 32 * MiB);
       const target = join(dir, `out-${C}.raw`);
       const run = await runStoppedAfter(Infinity, async () => {
         await restoreBackup(repo, id, target);
