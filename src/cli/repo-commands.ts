@@ -23,7 +23,7 @@ function registerRepoInit(repo: Command): void {
   repo
     .command('init')
     .argument('[repo]', 'a folder, or s3://BUCKET/PREFIX (default: KSCINC_REPO)')
-    .option('--chunk-size <size>', 'chunk size (power of two, 64K … 4M; default 1M)', (v) => parseSize(v, '--chunk-size'))
+    .option('--chunk-size <size>', 'chunk size (power of two, 64K … 4M; default 256K)', (v) => parseSize(v, '--chunk-size'))
     .option('--pack-size <size>', 'target pack size (4M … 256M; default 32M)', (v) => parseSize(v, '--pack-size'))
     .option('--encrypt', 'encrypt and authenticate everything stored (the default)')
     .option('--no-encrypt', 'create an unencrypted repository (anyone who can read the storage reads the disks)')

@@ -167,7 +167,8 @@ describe('restore through the workers never writes a tampered blob', () => {
       const repo = join(dir, `repo-${tag}`);
       const keyFile = join(dir, `${tag}.key`);
       const env = { KSCINC_KEY_FILE: keyFile, KSCINC_PASSWORD_FILE: undefined, KSCINC_NO_NATIVE: noNative ? '1' : undefined };
-      expect(kscinc(['repo', 'init', repo, '--key-file', keyFile], { env: { ...env, KSCINC_KEY_FILE: undefined } }).code).toBe(0);
+      // 1 MiB chunks: the test places one chunk per MiB of the disk
+      expect(kscinc(['repo', 'init', repo, '--key-file', keyFile, '--chunk-size', '1M'], { env: { ...env, KSCINC_KEY_FILE: undefined } }).code).toBe(0);
       // chunk 0 compressible (an LZ4 blob), chunk 1 random (stored), chunk 2 compressible
       const data = Buffer.alloc(3 * MiB, 'disk text ');
       for (let i = MiB; i < 2 * MiB; i += 4) data.writeUInt32LE(rng.u32(), i);

@@ -163,7 +163,7 @@ describe('encrypted repository round trip (folder store)', () => {
       const keys = deriveKeys(Buffer.from(JSON.parse(readFileSync(keyFile, 'utf8')).master, 'base64'));
       const ids = [0, 1].map((k) => {
         const out = Buffer.alloc(16);
-        keyedId(workerKeys(keys, scheme), data.subarray(k * MiB, (k + 1) * MiB), out, 0);
+        keyedId(workerKeys(keys, scheme), data.subarray(k * config.chunkSize, (k + 1) * config.chunkSize), out, 0);
         return out.toString('hex');
       });
       const pack = readFileSync(one(repo, 'packs'));

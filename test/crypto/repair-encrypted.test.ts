@@ -116,7 +116,7 @@ describe('repo repair of an encrypted repository (§13.9)', () => {
     expect(existsSync(join(repo, 'config'))).toBe(false);
     const r = kscinc(['repo', 'repair', repo], { env });
     expect(r.code, r.stderr).toBe(0);
-    expect(JSON.parse(readFileSync(join(repo, 'config'), 'utf8'))).toMatchObject({ id: old.id, encryption: old.encryption, chunkSize: MiB });
+    expect(JSON.parse(readFileSync(join(repo, 'config'), 'utf8'))).toMatchObject({ id: old.id, encryption: old.encryption, chunkSize: old.chunkSize });
     restoresTo(repo, data, env);
   });
 

@@ -15,6 +15,7 @@ import { openKsc } from '../../src/image/open.js';
 import { KscImage } from '../../src/image/ksc.js';
 import { closePool } from '../../src/compress/pool.js';
 import { MiB } from '../backup/helpers/fixtures.js';
+import { DEFAULT_CHUNK } from '../../src/repo/constants.js';
 
 const dir = tempDir('kscinc-pull-');
 const seed = seedFor('test/live-restore/pull.test.ts');
@@ -75,7 +76,7 @@ describe('kscinc pull', () => {
     ok(kscinc(['restore', 'latest', full, '--repo', repo]), 'full restore');
     const live = join(dir, 'live.ksc');
     ok(kscinc(['restore', 'latest', live, '--repo', repo, '--live']), 'restore --live');
-    const C = MiB;
+    const C = DEFAULT_CHUNK; // the repository's chunk size (the backup made it)
     const chunks = size / C;
     let kills = 0;
     let midway = 0; // kills that left the image partly pulled

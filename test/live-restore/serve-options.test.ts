@@ -13,6 +13,7 @@ import { Rng, seedFor } from '../helpers/rng.js';
 import { runDir } from '../supervisor/helpers.js';
 import { MiB } from '../backup/helpers/fixtures.js';
 import { backedUp, ok, pullStatus, waitFor } from './serve-helpers.js';
+import { DEFAULT_CHUNK } from '../../src/repo/constants.js';
 
 const dir = tempDir('kscinc-serve-options-');
 const seed = seedFor('test/live-restore/serve-options.test.ts');
@@ -55,8 +56,8 @@ describe('serve options for live restores', () => {
     const live = join(dir, 'n-live.ksc');
     ok(kscinc(['restore', id, live, '--repo', repo, '--live']), 'restore --live');
     const info = JSON.parse(ok(kscinc(['info', live, '--json']), 'info'));
-    expect(info.liveRestore).toEqual({ backup: id, totalChunks: 6, localChunks: 0, totalBytes: 6 * MiB, localBytes: 0 });
-    expect(ok(kscinc(['info', live]), 'info')).toMatch(/live restore: backup \S+: 0 B of 6\.00 MiB local \(0\.0 %\), 0\/6 chunks/);
+    expect(info.liveRestore).toEqual({ backup: id, totalChunks: (6 * MiB) / DEFAULT_CHUNK, localChunks: 0, totalBytes: 6 * MiB, localBytes: 0 });
+    expect(ok(kscinc(['info', live]), 'info')).toMatch(new RegExp(String.raw`live restore: backup \S+: 0 B of 6\.00 MiB local \(0\.0 %\), 0\/${(6 * MiB) / DEFAULT_CHUNK} chunks`));
     const s = spawnServe([live, '--no-supervisor', '--no-pull', '--listen', '127.0.0.1:0'], { env, timeoutMs: 30_000 });
     try {
       await s.uris;
@@ -92,6 +93,6 @@ describe('serve options for live restores', () => {
     } finally {
       renameSync(`${repo}.moved`, repo);
     }
-    expect(JSON.parse(ok(kscinc(['info', live, '--json']), 'info')).liveRestore).toEqual({ backup: id, totalChunks: 4, localChunks: 0, totalBytes: 4 * MiB, localBytes: 0 });
+    expect(JSON.parse(ok(kscinc(['info', live, '--json']), 'info')).liveRestore).toEqual({ backup: id, totalChunks: (4 * MiB) / DEFAULT_CHUNK, localChunks: 0, totalBytes: 4 * MiB, localBytes: 0 });
   });
 });

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { kscinc, run } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { serve } from './helpers.js';
+import { DEFAULT_CHUNK } from '../../src/repo/constants.js';
 
 const MIB = 1024 * 1024;
 
@@ -41,7 +42,7 @@ describe('live backup through kscinc serve', () => {
       expect(run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x22 8M 2M', uri]).code).toBe(0);
       const b2 = backup(img, repo);
       expect(b2.full).toBe(false);
-      expect(b2.chunksDirty).toBe(2);
+      expect(b2.chunksDirty).toBe((2 * MIB) / DEFAULT_CHUNK); // the 2 MiB written, in chunks of the default size
       expect(b2.parent).toBe(b1.id);
 
       // Writes of 0x33 over 16M…24M run while the third backup runs.
