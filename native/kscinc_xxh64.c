@@ -72,44 +72,56 @@ static uint64_t finish(uint64_t h, const uint8_t* p, size_t n) {
   return h;
 }
 
+/* Whole 32-byte stripes of p[0, n) (n a multiple of 32) into the accumulators, kept in registers meanwhile.
+ * The prefetch 2 KiB ahead (a hint: it never faults, even past the end) nearly halves the time on data
+ * that is not in the cache, on the project's machines (bench/chunkid-hash.mjs --cold). */
+static void stripes(uint64_t v[4], const uint8_t* p, size_t n) {
+  uint64_t v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+  for (const uint8_t* end = p + n; p < end; p += 32) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p + 2048);
+#endif
+    v0 = round64(v0, le64(p));
+    v1 = round64(v1, le64(p + 8));
+    v2 = round64(v2, le64(p + 16));
+    v3 = round64(v3, le64(p + 24));
+  }
+  v[0] = v0;
+  v[1] = v1;
+  v[2] = v2;
+  v[3] = v3;
+}
+
 uint64_t kscinc_xxh64(const uint8_t* data, size_t len, uint64_t seed) {
-  const uint8_t* p = data;
-  size_t n = len;
+  size_t whole = len & ~(size_t)31;
   uint64_t h;
-  if (n >= 32) {
+  if (whole > 0) {
     uint64_t v[4];
     init_acc(v, seed);
-    for (; n >= 32; p += 32, n -= 32) {
-      v[0] = round64(v[0], le64(p));
-      v[1] = round64(v[1], le64(p + 8));
-      v[2] = round64(v[2], le64(p + 16));
-      v[3] = round64(v[3], le64(p + 24));
-    }
+    stripes(v, data, whole);
     h = converge(v);
   } else {
     h = seed + P5;
   }
-  return finish(h + (uint64_t)len, p, n);
+  return finish(h + (uint64_t)len, data + whole, len - whole);
 }
 
+/* The data goes by in blocks that stay in the L1 cache between the two seeds' passes over them: one read
+ * from memory, and four accumulators at a time (eight would not fit in x86-64's registers, and the speed
+ * is bound by the multiplier anyway). */
+#define PAIR_BLOCK 32768
+
 void kscinc_xxh64_pair(const uint8_t* data, size_t len, uint64_t seed_a, uint64_t seed_b, uint64_t* a, uint64_t* b) {
-  const uint8_t* p = data;
-  size_t n = len;
+  size_t whole = len & ~(size_t)31;
   uint64_t ha, hb;
-  if (n >= 32) {
+  if (whole > 0) {
     uint64_t va[4], vb[4];
     init_acc(va, seed_a);
     init_acc(vb, seed_b);
-    for (; n >= 32; p += 32, n -= 32) {
-      uint64_t l0 = le64(p), l1 = le64(p + 8), l2 = le64(p + 16), l3 = le64(p + 24);
-      va[0] = round64(va[0], l0);
-      vb[0] = round64(vb[0], l0);
-      va[1] = round64(va[1], l1);
-      vb[1] = round64(vb[1], l1);
-      va[2] = round64(va[2], l2);
-      vb[2] = round64(vb[2], l2);
-      va[3] = round64(va[3], l3);
-      vb[3] = round64(vb[3], l3);
+    for (size_t at = 0; at < whole; at += PAIR_BLOCK) {
+      size_t n = whole - at < PAIR_BLOCK ? whole - at : PAIR_BLOCK;
+      stripes(va, data + at, n);
+      stripes(vb, data + at, n);
     }
     ha = converge(va);
     hb = converge(vb);
@@ -117,8 +129,8 @@ void kscinc_xxh64_pair(const uint8_t* data, size_t len, uint64_t seed_a, uint64_
     ha = seed_a + P5;
     hb = seed_b + P5;
   }
-  *a = finish(ha + (uint64_t)len, p, n);
-  *b = finish(hb + (uint64_t)len, p, n);
+  *a = finish(ha + (uint64_t)len, data + whole, len - whole);
+  *b = finish(hb + (uint64_t)len, data + whole, len - whole);
 }
 
 /* ------------------------------------------------------------------------ */
