@@ -4,7 +4,6 @@
  * one pass; without it (KSCINC_NO_NATIVE=1, or no compiler), xxhash-wasm's h64Raw, which copies the data
  * into its wasm memory for each seed. Each thread (main thread, each worker) chooses once, in initHash().
  */
-import xxhash from 'xxhash-wasm';
 import { nativeOps, type NativeOps } from '../io/native.js';
 
 /** §2: the second seed is ASCII "kscinc!1" as a big-endian u64. */
@@ -34,8 +33,9 @@ export async function initHash(): Promise<void> {
     native = ops.xxh64Id.bind(ops);
     return;
   }
-  loading ??= xxhash().then((x) => {
-    h64 = x.h64Raw;
+  // Imported only here: with the addon, a thread (each worker too) neither loads nor compiles the wasm.
+  loading ??= import('xxhash-wasm').then(async ({ default: xxhash }) => {
+    h64 = (await xxhash()).h64Raw;
   });
   await loading;
 }
