@@ -62,10 +62,17 @@ function moved(P: PiscinaClass, value: unknown, list: ArrayBuffer[]): unknown {
  *   (the input buffer goes back too, so the caller reuses it: no allocation per batch on either side)
  * unpack → { lengths (0 = failed), errors: { index: reason } }; the chunks are in task.out
  * hash → [n ids]
+ * warm → null
  */
-export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task): Promise<unknown> {
+/** Starts the worker (pool.ts warmPool): its hasher, and nothing a restore's workers do not need. */
+export interface WarmTask {
+  op: 'warm';
+}
+
+export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task | WarmTask): Promise<unknown> {
   if (task.op === 'lz4') return lz4Piece(await mover(), task);
   await initHash();
+  if (task.op === 'warm') return null;
   if (task.op === 'unpack') return unpack(task);
   const P = await mover();
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
