@@ -50,7 +50,8 @@ describe('chunk ids', () => {
     const want = addon && typeof addon.xxh64Id === 'function' ? 'native' : 'wasm';
     console.log(`hasher: ${hashBackend()} (KSCINC_NO_NATIVE=${process.env['KSCINC_NO_NATIVE'] ?? ''})`);
     expect(hashBackend()).toBe(want);
-    if (process.env['KSCINC_NO_NATIVE'] !== '1') expect(hashBackend(), 'the addon should be built (npm run build:native)').toBe('native');
+    // A loaded addon without XXH64 is a stale build (npm run build:native).
+    if (addon) expect(typeof addon.xxh64Id, 'the addon exports xxh64Id').toBe('function');
   });
 
   it('match the vectors of formats/repository.md §11', async () => {
