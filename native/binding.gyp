@@ -11,6 +11,7 @@
       "cflags": ["-Wall", "-Wextra", "-O2"],
       "cflags_c": ["-std=gnu11"],
       "conditions": [
+        ["1==1", { "sources": ["kscinc_xxh64.c"] }],
         ["have_lz4==1", { "defines": ["KSCINC_HAVE_LZ4"], "libraries": ["-llz4"] }],
         ["have_libdeflate==1", { "defines": ["KSCINC_HAVE_LIBDEFLATE"], "libraries": ["-ldeflate"] }]
       ],

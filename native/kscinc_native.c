@@ -53,6 +53,7 @@
 #include "kscinc_aead.h"
 #include "kscinc_send.h"
 #include "kscinc_sync.h"
+#include "kscinc_xxh64.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
 #define MAX_SAFE_INT 9007199254740991.0
@@ -864,5 +865,6 @@ NAPI_MODULE_INIT() {
   if (!kscinc_aead_register(env, exports)) return throw_napi_failure(env, "kscinc_aead_register");
   if (!kscinc_send_register(env, exports)) return throw_napi_failure(env, "kscinc_send_register");
   if (!kscinc_sync_register(env, exports)) return throw_napi_failure(env, "kscinc_sync_register");
+  if (!kscinc_xxh64_register(env, exports)) return throw_napi_failure(env, "kscinc_xxh64_register");
   return exports;
 }

@@ -47,8 +47,7 @@ export function warmPool(): void {
   if (pool) return;
   const p = getPool();
   for (let i = 0; i < poolSize(); i++) {
-    const data = new Uint8Array(new ArrayBuffer(0));
-    p.run({ op: 'hash', data, lengths: [] }).then(
+    p.run({ op: 'warm' }).then(
       () => void (ready ||= pool === p),
       () => undefined,
     );

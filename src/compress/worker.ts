@@ -3,7 +3,6 @@
  * several MiB: per-chunk tasks cost more in messaging than the work itself). Input buffers arrive
  * transferred; results go back transferred as one buffer.
  */
-import { Piscina } from 'piscina';
 import { initHash, ID_BYTES } from '../hash/chunkid.js';
 import { hashBatch, packBatchSync } from './batch.js';
 import { decodeBlobInto, BlobError } from './codec.js';
@@ -37,18 +36,25 @@ export interface HashTask {
   keys?: Uint8Array;
 }
 
+/**
+ * piscina's main module, loaded by the first task that moves buffers back (pack, hash, lz4): a restore's
+ * workers only unpack, into shared memory, and are spared loading it (its pool, queues and histograms) as
+ * they start, while the first chunks wait for them.
+ */
+type PiscinaClass = (typeof import('piscina'))['Piscina'];
+let piscina: PiscinaClass | null = null;
+const mover = async (): Promise<PiscinaClass> => (piscina ??= (await import('piscina')).Piscina);
+
 /** A result that moves several buffers back to the caller (the output, and the input for reuse). */
-class Moved {
-  constructor(
-    private readonly value: unknown,
-    private readonly list: ArrayBuffer[],
-  ) {}
-  get [Piscina.transferableSymbol](): ArrayBuffer[] {
-    return this.list;
-  }
-  get [Piscina.valueSymbol](): unknown {
-    return this.value;
-  }
+function moved(P: PiscinaClass, value: unknown, list: ArrayBuffer[]): unknown {
+  return P.move({
+    get [P.transferableSymbol](): ArrayBuffer[] {
+      return list;
+    },
+    get [P.valueSymbol](): unknown {
+      return value;
+    },
+  } as never);
 }
 
 /**
@@ -56,19 +62,27 @@ class Moved {
  *   (the input buffer goes back too, so the caller reuses it: no allocation per batch on either side)
  * unpack → { lengths (0 = failed), errors: { index: reason } }; the chunks are in task.out
  * hash → [n ids]
+ * warm → null
  */
-export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task): Promise<unknown> {
-  if (task.op === 'lz4') return lz4Piece(task);
+/** Starts the worker (pool.ts warmPool): its hasher, and nothing a restore's workers do not need. */
+export interface WarmTask {
+  op: 'warm';
+}
+
+export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task | WarmTask): Promise<unknown> {
+  if (task.op === 'lz4') return lz4Piece(await mover(), task);
   await initHash();
+  if (task.op === 'warm') return null;
   if (task.op === 'unpack') return unpack(task);
+  const P = await mover();
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   if (task.op === 'hash') {
     const ids = hashBatch(src, task.lengths, task.keys);
-    return Piscina.move(new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
+    return P.move(new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
   }
   const out = packBatchSync(src, task.lengths, task.compress, task.keys);
   const input = task.data.buffer as ArrayBuffer;
-  return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, out.byteOffset, out.byteLength), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
+  return moved(P, { out: new Uint8Array(out.buffer as ArrayBuffer, out.byteOffset, out.byteLength), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]);
 }
 
 function unpack(task: UnpackTask): { lengths: number[]; errors: Record<number, string> } {
@@ -101,10 +115,10 @@ export interface Lz4Task {
 }
 
 /** lz4 → { out: the stored form (u32 LE length + block), empty when longer than maxStored; input } */
-function lz4Piece(task: Lz4Task): unknown {
+function lz4Piece(P: PiscinaClass, task: Lz4Task): unknown {
   const out = Buffer.allocUnsafeSlow(lz4Bound(task.data.byteLength));
   const n = compressInto(task.data, out, 0);
   const keep = n > 0 && n <= task.maxStored ? n : 0;
   const input = task.data.buffer as ArrayBuffer;
-  return Piscina.move(new Moved({ out: new Uint8Array(out.buffer as ArrayBuffer, 0, keep), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]) as never);
+  return moved(P, { out: new Uint8Array(out.buffer as ArrayBuffer, 0, keep), input: new Uint8Array(input) }, [out.buffer as ArrayBuffer, input]);
 }
