@@ -179,8 +179,16 @@ start_rgw() { # start_rgw <name>: start one gateway (if not running) and wait un
   mkdir -p "$DIR/rgw/client.rgw.$name"
   [ -s "$DIR/keyring/client.rgw.$name.keyring" ] || C auth get-or-create "client.rgw.$name" mon 'allow rw' osd 'allow rwx' mgr 'allow rw' -o "$DIR/keyring/client.rgw.$name.keyring"
   # tcp_nodelay=1: with Nagle on, every response with a body waits ~40 ms for the client's delayed ACK.
-  alive "rgw.$name" || daemon "rgw.$name" radosgw -c "$CONF" -f -n "client.rgw.$name" --rgw-frontends "beast endpoint=127.0.0.1:$port tcp_nodelay=1"
-  wait_for "radosgw $name http on 127.0.0.1:$port" "rgw.$name" curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/"
+  # A gateway restarted right after a SIGKILL may find its port still held while the old process is torn down
+  # (slow on a loaded machine; CI saw a restart die at once): a start that dies is tried twice more.
+  local try
+  for try in 1 2 3; do
+    alive "rgw.$name" || daemon "rgw.$name" radosgw -c "$CONF" -f -n "client.rgw.$name" --rgw-frontends "beast endpoint=127.0.0.1:$port tcp_nodelay=1"
+    if wait_for "radosgw $name http on 127.0.0.1:$port" "rgw.$name" curl -s -o /dev/null -m 2 "http://127.0.0.1:$port/"; then return 0; fi
+    alive "rgw.$name" && return 1 # answered nothing in time, yet runs: not a start that died
+    [ "$try" = 3 ] || { log "radosgw $name died while starting (try $try); again in 2 s"; sleep 2; }
+  done
+  return 1
 }
 ensure_user() {
   if ! timeout 60 radosgw-admin -c "$CONF" user info --uid=s3local >/dev/null 2>&1; then

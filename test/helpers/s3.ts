@@ -193,7 +193,7 @@ export async function privateGateway(): Promise<Gateway> {
     crash: async () => {
       const pid = pidOf(name);
       process.kill(pid, 'SIGKILL');
-      for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25));
+      for (let i = 0; i < 1200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 25)); // up to 30 s on a loaded machine
     },
     close: async () => void (await rgwCommand(['stop-rgw', name], { RGW_STOP_SIGNAL: 'KILL' })),
   };

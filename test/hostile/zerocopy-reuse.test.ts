@@ -45,6 +45,31 @@ async function until(ok: () => boolean, what: string, ms = 60_000): Promise<void
   }
 }
 
+/**
+ * Waits until `want` zero-copy replies went out, or the count has not grown for 3 s. Fewer go out when the
+ * paused client's socket buffers are full (under system-wide TCP memory pressure, e.g. other tests' clients
+ * that never read, the kernel stops growing them) or when the blocks' pages left the page cache (a reply is
+ * zero-copy only from cached pages; under memory pressure none may be): both seen in CI under load. Replies
+ * not sent then are read later; the counts are logged.
+ */
+async function repliesOut(since: number, want: number): Promise<void> {
+  const sent = (): number => zeroCopyStats.whole + zeroCopyStats.partial - since;
+  let last = -1;
+  let stillSince = Date.now();
+  await until(
+    () => {
+      const n = sent();
+      if (n !== last) {
+        last = n;
+        stillSince = Date.now();
+      }
+      return n >= want || Date.now() - stillSince > 3000;
+    },
+    'the READ replies to go out',
+    120_000,
+  );
+}
+
 /** The host position of each block's data (a number) or null when it has none. */
 function positions(first: number, count: number): (number | null)[] {
   const hs = hostSpansOf(dev)!;
@@ -112,7 +137,7 @@ describe('zero-copy replies and cluster reuse', () => {
     r.socket.pause();
     const zc0 = zeroCopyStats.whole + zeroCopyStats.partial;
     for (let i = 0; i < A; i++) r.send(CMD.READ, BigInt(i + 1), i * BS, BS);
-    if (native) await until(() => zeroCopyStats.whole + zeroCopyStats.partial - zc0 >= A, 'the READ replies to go out');
+    if (native) await repliesOut(zc0, A);
     else await new Promise((res) => setTimeout(res, 500));
     const sentZc = zeroCopyStats.whole + zeroCopyStats.partial - zc0;
     // Another connection frees A's clusters and fills blocks B = 128… (new clusters, or A's old ones).
@@ -141,7 +166,7 @@ describe('zero-copy replies and cluster reuse', () => {
     await w.disconnect();
     expect(wrong, `READ replies of blocks ${wrong.join(', ')} did not hold the bytes the blocks had when the replies were sent`).toEqual([]);
     expect(reused, 'the allocator reused A’s clusters (else this test proves nothing)').toBeGreaterThan(0);
-  }, 120_000);
+  }, 240_000);
   it('random rounds: every other block trimmed while its reply waits (large folios split), clusters reused, replies exact', async () => {
     const w = await writer();
     let reusedTotal = 0;
@@ -161,7 +186,7 @@ describe('zero-copy replies and cluster reuse', () => {
       r.socket.pause();
       const zc0 = zeroCopyStats.whole + zeroCopyStats.partial;
       picked.forEach((b, i) => r.send(CMD.READ, BigInt(i + 1), b * BS, BS));
-      if (native) await until(() => zeroCopyStats.whole + zeroCopyStats.partial - zc0 >= picked.length, 'the READ replies to go out');
+      if (native) await repliesOut(zc0, picked.length);
       zcTotal += zeroCopyStats.whole + zeroCopyStats.partial - zc0;
       for (const b of picked) {
         if (rng.chance(0.5)) await w.trim(b * BS, BS);
@@ -201,7 +226,7 @@ describe('zero-copy replies and cluster reuse', () => {
     await w.disconnect();
     console.log(`random rounds: ${zcTotal} zero-copy replies, ${reusedTotal} writes into freed clusters of waiting replies`);
     expect(reusedTotal).toBeGreaterThan(0);
-  }, 120_000);
+  }, 240_000);
   it('a client gone in the middle of zero-copy replies (paused, then cut) leaves the server serving others', async () => {
     for (let round = 0; round < 3; round++) {
       const r = await RawClient.connect(port);
@@ -209,7 +234,7 @@ describe('zero-copy replies and cluster reuse', () => {
       r.socket.pause();
       const zc0 = zeroCopyStats.whole + zeroCopyStats.partial;
       for (let i = 0; i < 40; i++) r.send(CMD.READ, BigInt(i + 1), rng.int(0, BLOCKS - 16) * BS, 16 * BS);
-      if (native) await until(() => zeroCopyStats.whole + zeroCopyStats.partial > zc0, 'a zero-copy reply');
+      if (native) await repliesOut(zc0, 1);
       if (round === 2) r.socket.resetAndDestroy();
       else r.socket.destroy();
       const c = await writer();
