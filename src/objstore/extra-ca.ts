@@ -7,7 +7,7 @@
  * scripts/bundle-cli.mjs writes into dist/cli/kscinc.cjs) and moves the variable aside before Node starts;
  * the entry (src/cli/kscinc.cts) puts it back into the environment, so child processes see it as before,
  * and records its value under DEFERRED_EXTRA_CA for this process. The S3 store's agent then trusts Node's
- * bundled roots plus that file, as Node itself would have. A library user's process is untouched: Node read
+ * default roots plus that file, as Node itself would have. A library user's process is untouched: Node read
  * the variable itself and nothing is recorded.
  */
 import { readFileSync } from 'node:fs';
@@ -24,17 +24,33 @@ export function deferredExtraCa(): string | null {
   return typeof file === 'string' && file !== '' ? file : null;
 }
 
+/** Node's SecureContext object behind tls.SecureContext (not in the typings; present in Node 20 … 24). */
+interface NativeContext {
+  addCACert?: (pem: string) => void;
+}
+
 /**
- * The TLS options of an https agent: a context trusting the bundled roots and the deferred file, made once
- * per process; none when nothing was deferred. An unreadable file is ignored with a warning, as Node does
- * (`Ignoring extra certs from …, load failed`): the bundled roots alone are trusted.
+ * The TLS options of an https agent: a context trusting Node's default roots and the deferred file, made
+ * once per process; none when nothing was deferred. The default context gets the file's certificates added
+ * (Node copies its shared root store first, so other contexts are unchanged): the same store Node makes
+ * for NODE_EXTRA_CA_CERTS, whichever roots it uses (bundled, or OpenSSL's with --use-openssl-ca). Should
+ * that method be missing, the bundled roots and the file are given as `ca`. An unreadable file is ignored
+ * with a warning, as Node does (`Ignoring extra certs from …, load failed`): the default roots are trusted.
  */
 export function extraCaOptions(): { secureContext?: tls.SecureContext } {
   const file = deferredExtraCa();
   if (file === null) return {};
   if (context === undefined) {
     try {
-      context = tls.createSecureContext({ ca: [...tls.rootCertificates, readFileSync(file, 'utf8')] });
+      const pem = readFileSync(file, 'utf8');
+      const c = tls.createSecureContext();
+      const native = (c as unknown as { context?: NativeContext }).context;
+      if (typeof native?.addCACert === 'function') {
+        native.addCACert(pem);
+        context = c;
+      } else {
+        context = tls.createSecureContext({ ca: [...tls.rootCertificates, pem] });
+      }
     } catch (e) {
       process.emitWarning(`Ignoring extra certs from \`${file}\`, load failed: ${(e as Error).message}`);
       context = null;
