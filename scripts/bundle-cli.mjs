@@ -10,7 +10,8 @@
 // node_modules when first used. The S3 client (minio and its dependencies, ~90 CommonJS files) is bundled into
 // the chunk of src/objstore/s3.ts (s3.cjs, worker-s3.cjs), which only an S3 location loads.
 import { execFileSync, fork, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { builtinModules } from 'node:module';
 import { join, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -63,10 +64,18 @@ if (existsSync(target)) renameSync(target, old);
 renameSync(temp, target);
 rmSync(old, { recursive: true, force: true });
 
-// Code caches: one run that loads every command group (--help), its compiled functions saved at exit.
+// Code caches: one run that loads every command group (--help) and then runs the commands users time on a
+// small image and repository (scripts/bundle-train.cjs), its compiled functions saved at exit.
 const cacheEnv = { ...process.env, KSCINC_CODE_CACHE: 'write' };
 delete cacheEnv.KSCINC_NO_BUNDLE;
-execFileSync(process.execPath, [join(dist, 'cli', 'kscinc.cjs'), '--help'], { env: cacheEnv, stdio: 'ignore' });
+{
+  const work = mkdtempSync(join(tmpdir(), 'kscinc-bundle-train-'));
+  try {
+    execFileSync(process.execPath, [join(root, 'scripts', 'bundle-train.cjs'), dist, work], { env: cacheEnv, stdio: ['ignore', 'ignore', 'inherit'], timeout: 300_000 });
+  } finally {
+    rmSync(work, { recursive: true, force: true });
+  }
+}
 // And one worker, started as a spare and warmed up (the paths of opening an image and serving it), then told to stop.
 await new Promise((resolve, reject) => {
   const w = fork(join(dist, 'supervisor', 'bundled-worker.cjs'), ['--spare'], { env: cacheEnv, stdio: ['ignore', 'ignore', 'inherit', 'ipc'], execArgv: ['--expose-gc'] });
