@@ -6,22 +6,23 @@
  * although only S3 over https uses it. The `kscinc` executable therefore starts under /bin/sh (the header
  * scripts/bundle-cli.mjs writes into dist/cli/kscinc.cjs) and moves the variable aside before Node starts;
  * the entry (src/cli/kscinc.cts) puts it back into the environment, so child processes see it as before,
- * and records its value under DEFERRED_EXTRA_CA for this process. The S3 store's agent then trusts Node's
+ * and sets DEFERRED_IN to its pid: this process (and its worker threads, which share the pid and copy the
+ * environment) did not parse the file; a child, whose Node did, has another pid. The S3 store's agent then trusts Node's
  * default roots plus that file, as Node itself would have. A library user's process is untouched: Node read
  * the variable itself and nothing is recorded.
  */
 import { readFileSync } from 'node:fs';
 import * as tls from 'node:tls';
 
-/** The global slot (a registered symbol: one for the bundle and the ES modules alike) the entry fills. */
-export const DEFERRED_EXTRA_CA = Symbol.for('kscinc.deferredExtraCaCerts');
+/** The environment variable naming the process (pid) whose Node left NODE_EXTRA_CA_CERTS unread. */
+export const DEFERRED_IN = 'KSCINC_EXTRA_CA_DEFERRED_IN';
 
 let context: tls.SecureContext | null | undefined;
 
 /** The file this process left for later, or null (Node loaded it at start, or none was set). */
 export function deferredExtraCa(): string | null {
-  const file = (globalThis as Record<symbol, unknown>)[DEFERRED_EXTRA_CA];
-  return typeof file === 'string' && file !== '' ? file : null;
+  const file = process.env.NODE_EXTRA_CA_CERTS;
+  return process.env[DEFERRED_IN] === String(process.pid) && file ? file : null;
 }
 
 /** Node's SecureContext object behind tls.SecureContext (not in the typings; present in Node 20 … 24). */

@@ -10,7 +10,7 @@ import * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { DEFERRED_EXTRA_CA } from '../../src/objstore/extra-ca.js';
+import { DEFERRED_IN } from '../../src/objstore/extra-ca.js';
 import { S3Store } from '../../src/objstore/s3.js';
 import { CLI } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -21,7 +21,7 @@ const MISSING = p('no-such-ca.pem');
 
 /** Runs the executable as a user does (its own #! line), or through `node FILE`. */
 function runCli(args: string[], env: Record<string, string | undefined>, via: 'exec' | 'node'): { status: number | null; stdout: string; stderr: string } {
-  const e: Record<string, string | undefined> = { ...process.env, KSCINC_DEFERRED_EXTRA_CA_CERTS: undefined, ...env };
+  const e: Record<string, string | undefined> = { ...process.env, KSCINC_DEFERRED_EXTRA_CA_CERTS: undefined, KSCINC_EXTRA_CA_DEFERRED_IN: undefined, ...env };
   for (const k of Object.keys(e)) if (e[k] === undefined) delete e[k];
   const r = via === 'exec' ? spawnSync(CLI, args, { env: e, encoding: 'utf8' }) : spawnSync(process.execPath, [CLI, ...args], { env: e, encoding: 'utf8' });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
@@ -40,10 +40,13 @@ describe('NODE_EXTRA_CA_CERTS deferred by the kscinc executable', () => {
 
   it('child processes see the variable as it was, and not the deferred copy', () => {
     const seen = p('seen.txt');
-    const command = `printf '%s|%s' "$NODE_EXTRA_CA_CERTS" "$KSCINC_DEFERRED_EXTRA_CA_CERTS" > '${seen}'; echo secret-password`;
+    const command = `printf '%s|%s|%s|%s' "$NODE_EXTRA_CA_CERTS" "$KSCINC_DEFERRED_EXTRA_CA_CERTS" "$KSCINC_EXTRA_CA_DEFERRED_IN" "$PPID" > '${seen}'; echo secret-password`;
     const r = runCli(['repo', 'init', p('repo'), '--kdf-n', '1024'], { NODE_EXTRA_CA_CERTS: MISSING, KSCINC_PASSWORD_COMMAND: command, KSCINC_PASSWORD_FILE: undefined }, 'exec');
     expect(r.status, r.stderr).toBe(0);
-    expect(readFileSync(seen, 'utf8')).toBe(`${MISSING}|`);
+    const [file, moved, deferredIn, parent] = readFileSync(seen, 'utf8').split('|');
+    expect([file, moved]).toEqual([MISSING, '']);
+    // Marked as deferred in kscinc's process (the command's parent), not in the command's own.
+    expect(deferredIn).toBe(parent);
   });
 });
 
@@ -68,16 +71,25 @@ describe('the S3 store over TLS trusts a deferred CA file', () => {
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     endpoint = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
   });
+  const saved = { ca: process.env.NODE_EXTRA_CA_CERTS, deferredIn: process.env[DEFERRED_IN] };
   afterAll(async () => {
-    delete (globalThis as Record<symbol, unknown>)[DEFERRED_EXTRA_CA];
+    for (const [k, v] of [
+      ['NODE_EXTRA_CA_CERTS', saved.ca],
+      [DEFERRED_IN, saved.deferredIn],
+    ] as const) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
     await new Promise((resolve) => server?.close(resolve));
   });
 
   const open = (): Promise<S3Store> => S3Store.open({ endpoint, bucket: 'bucket', accessKey: 'a', secretKey: 'b' }, { create: false, requestTimeoutMs: 30_000 });
 
   it('refuses the server without the CA, then connects once the CA file is deferred to it', async () => {
+    process.env.NODE_EXTRA_CA_CERTS = caFile;
+    process.env[DEFERRED_IN] = String(process.pid + 1); // another process's mark: not this one's
     await expect(open()).rejects.toThrow();
-    (globalThis as Record<symbol, unknown>)[DEFERRED_EXTRA_CA] = caFile;
+    process.env[DEFERRED_IN] = String(process.pid);
     const store = await open();
     await store.close();
   });
