@@ -6,16 +6,20 @@
  *  - convert: `kscinc convert -O kscinc IMAGE OUT` against `qemu-img convert -f raw -O qcow2 IMAGE OUT` plus
  *    `sync -d OUT` (qemu-img leaves its data in the page cache; our convert syncs before it exits).
  *    Ratio per pass: qemu's time / ours (≥ 1.0 is the goal).
- *  - incr: a new repository, a full `kscinc backup IMAGE.ksc --repo DIR --no-encrypt` (timed), 1 % of the
- *    1 MiB chunks rewritten whole (seeded, untimed, as bench/races/backup.mjs), then the incremental
+ *  - incr: a new repository, a full `kscinc backup IMAGE.ksc --repo DIR --no-encrypt --chunk-size SIZE` (timed),
+ *    1 % of the chunks rewritten whole (seeded, untimed, as bench/races/backup.mjs), then the incremental
  *    (timed). Ratio per pass: incremental time / full time (≤ 0.08 is the goal).
+ *
+ * Each CLI runs as a user runs it: the file itself, through its #! line (session 15: a /bin/sh header that
+ * defers NODE_EXTRA_CA_CERTS; an older build's `#!/usr/bin/env node`). --via-node runs `node FILE` instead.
  *
  * Each run is `/usr/bin/time`d: wall and the CPU (user + system) of the process and its threads, which other
  * load hardly changes. The load average is printed with every pass.
  *
  *   node bench/cli-ab.mjs --image /tmp/bench-img/test-1g.raw --old OLD/dist/cli/kscinc.cjs [--new dist/cli/kscinc.cjs]
- *                         [--passes 5] [--rows convert,incr] [--work DIR] [--no-extra-ca]
- * OLD is a copy of an earlier build (dist/, native/build/Release and package.json, node_modules linked).
+ *                         [--passes 5] [--rows convert,incr] [--work DIR] [--no-extra-ca] [--chunk-size 1M] [--via-node]
+ * OLD is a copy of an earlier build (dist/, native/build/Release and package.json, node_modules linked; its
+ * dist/cli/kscinc.cjs made executable).
  */
 import { spawn } from 'node:child_process';
 import { promises as fsp, readFileSync } from 'node:fs';
@@ -35,6 +39,8 @@ const { values: opt } = parseArgs({
     rows: { type: 'string', default: 'convert,incr' },
     work: { type: 'string', default: join(os.tmpdir(), 'kscinc-cli-ab') },
     'no-extra-ca': { type: 'boolean', default: false },
+    'chunk-size': { type: 'string', default: '1M' },
+    'via-node': { type: 'boolean', default: false },
   },
 });
 if (!opt.old) throw new Error('--old OLD/dist/cli/kscinc.cjs is required');
@@ -76,24 +82,33 @@ async function cold(warm) {
 }
 
 const sides = { old: opt.old, new: opt.new };
+/** The command line of CLI `cli` running `args`: the file itself (its #! line), or `node FILE` with --via-node. */
+const cliCmd = (cli, args) => (opt['via-node'] ? [process.execPath, [cli, ...args]] : [cli, args]);
 const warmAll = [
-  [process.execPath, [opt.old, 'convert', '--help']],
-  [process.execPath, [opt.new, 'convert', '--help']],
-  [process.execPath, [opt.old, 'backup', '--help']],
-  [process.execPath, [opt.new, 'backup', '--help']],
+  cliCmd(opt.old, ['convert', '--help']),
+  cliCmd(opt.new, ['convert', '--help']),
+  cliCmd(opt.old, ['backup', '--help']),
+  cliCmd(opt.new, ['backup', '--help']),
   ['qemu-img', ['--version']],
   // The addon and the libraries it links (liblz4, libdeflate), as bench/run.mjs's process holds them mapped
   // (a page cache drop keeps mapped pages): warm executables, as qemu-img --version warms qemu's libraries.
   ...[opt.old, opt.new].map((cli) => [process.execPath, ['-e', `require(${JSON.stringify(join(cli, '../../../native/build/Release/kscinc_native.node'))})`]]),
 ];
 
+/** 1M, 256K, 1048576 → bytes. */
+function parseSize(text) {
+  const m = /^(\d+)([KM]?)$/i.exec(text);
+  if (!m) throw new Error(`--chunk-size ${text}: expected e.g. 256K or 1M`);
+  return Number(m[1]) * { '': 1, K: 1024, M: 1 << 20 }[m[2].toUpperCase()];
+}
+
 const fmt = (xs, f = (x) => x.toFixed(2)) => `${f(median(xs))} [${f(Math.min(...xs))}–${f(Math.max(...xs))}]`;
 
 async function convertRows() {
   const outs = { old: join(work, 'c-old.ksc'), new: join(work, 'c-new.ksc'), qemu: join(work, 'c-qemu.qcow2') };
   const run = {
-    old: () => timedRun(process.execPath, [sides.old, 'convert', '-O', 'kscinc', opt.image, outs.old]),
-    new: () => timedRun(process.execPath, [sides.new, 'convert', '-O', 'kscinc', opt.image, outs.new]),
+    old: () => timedRun(...cliCmd(sides.old, ['convert', '-O', 'kscinc', opt.image, outs.old])),
+    new: () => timedRun(...cliCmd(sides.new, ['convert', '-O', 'kscinc', opt.image, outs.new])),
     qemu: async () => {
       const a = await timedRun('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', opt.image, outs.qemu]);
       const b = await timedRun('sync', ['-d', outs.qemu]);
@@ -141,7 +156,7 @@ async function incrRows() {
   const { convertImage } = await import(join(newDist, 'engines/convert.js'));
   const { openKsc } = await import(join(newDist, 'image/open.js'));
   const image = join(work, 'inc.ksc');
-  const C = 1 << 20;
+  const C = parseSize(opt['chunk-size']);
   await fsp.rm(image, { force: true });
   await convertImage(opt.image, image, { format: 'ksc_inc' });
   const size = (await fsp.stat(opt.image)).size;
@@ -172,7 +187,8 @@ async function incrRows() {
   }
   await rewrite(); // every place allocated once, so each full backup sees the same image
   const repo = join(work, 'inc-repo');
-  const backup = (n) => timedRun(process.execPath, [sides[n], 'backup', image, '--repo', repo, '--no-encrypt', '--json']);
+  // The full backup creates the repository with the chunk size asked for; the incremental's option is ignored.
+  const backup = (n) => timedRun(...cliCmd(sides[n], ['backup', image, '--repo', repo, '--no-encrypt', '--chunk-size', opt['chunk-size'], '--json']));
   const names = ['old', 'new'];
   const res = { old: [], new: [] };
   for (let p = 0; p < passes; p++) {
@@ -224,7 +240,7 @@ async function incrRows() {
 }
 
 log(
-  `cli-ab: old ${opt.old}, new ${opt.new}, image ${opt.image}, ${passes} passes, load ${os
+  `cli-ab: old ${opt.old}, new ${opt.new}, image ${opt.image}, ${passes} passes, chunk size ${opt['chunk-size']}, ${opt['via-node'] ? 'node FILE' : 'executables'}${opt['no-extra-ca'] ? ', no NODE_EXTRA_CA_CERTS' : ''}, load ${os
     .loadavg()
     .map((x) => x.toFixed(1))
     .join(' ')}`,

@@ -4,6 +4,7 @@
  * turn with the others and with `node -e 0` (so load that comes and goes hits all alike), each run in
  * `bash -c 'CMD; times'`: the wall time of the run and the CPU time (user + system) of the command itself,
  * which bash's `times` reports for its children and which other load on the machine hardly changes.
+ * The CLI runs as a user runs it: the executable file (its #! line), `node FILE` when it is not executable.
  * Prints per command the median and the range of both, and the median over node -e 0. `X --help` loads
  * X's command group as running X does and ends where X's work would begin: the start-up of X.
  *
@@ -16,7 +17,7 @@
  * 1 GiB image each run (and removes it), which includes its fsyncs.
  */
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { accessSync, constants as fsConstants, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -35,7 +36,17 @@ const modes = opt.modes.split(',');
 if (opt.peer && !modes.includes('peer')) modes.push('peer');
 const node = process.execPath;
 const q = (s) => `'${s.replaceAll("'", "'\\''")}'`;
-const cli = (args) => [node, opt.cli, ...args].map(q).join(' ');
+// As a user runs it: the file itself, through its #! line (since session 15 a /bin/sh header that leaves
+// NODE_EXTRA_CA_CERTS for the first S3 connection over TLS); `node FILE` for a build that is not executable.
+const executable = (f) => {
+  try {
+    accessSync(f, fsConstants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+};
+const cli = (args) => (executable(opt.cli) ? [opt.cli, ...args] : [node, opt.cli, ...args]).map(q).join(' ');
 
 execFileSync(node, [opt.cli, 'create', img, '--size', '1G']);
 execFileSync(node, [opt.cli, 'repo', 'init', repo, '--no-encrypt']);
@@ -50,6 +61,8 @@ w.on('message', (m) => { if (m.t === 'loaded') w.send({ t: 'exit' }); });`;
 
 const ALL = {
   'node -e 0': `${q(node)} -e 0`,
+  // Node alone without the CA bundle a machine may name in NODE_EXTRA_CA_CERTS (Node 20 parses it at start).
+  'node -e 0, no extra CA': `env -u NODE_EXTRA_CA_CERTS ${q(node)} -e 0`,
   version: cli(['--version']),
   // A command's help loads its command group as a run of it does, and stops where its work would begin.
   'info --help': cli(['info', '--help']),
@@ -66,9 +79,10 @@ const ALL = {
   worker: `${q(node)} -e ${q(workerStart)}`,
 };
 const only = opt.only ? new Set(opt.only.split(',')) : null;
-const cases = [['node -e 0', ALL['node -e 0']]];
+const BASELINES = ['node -e 0', 'node -e 0, no extra CA'];
+const cases = BASELINES.map((n) => [n, ALL[n]]);
 for (const [name, cmd] of Object.entries(ALL)) {
-  if (name === 'node -e 0' || (only && !only.has(name))) continue;
+  if (BASELINES.includes(name) || (only && !only.has(name))) continue;
   for (const m of modes) cases.push([modes.length > 1 ? `${name} (${m})` : name, m === 'peer' ? cmd.replaceAll(distDir, join(dirname(opt.peer), '..')) : `${MODES[m]}${cmd}`]);
 }
 
@@ -111,6 +125,6 @@ log('|---|---|---|---|---|');
 for (const [name] of cases) {
   const w = wall.get(name);
   const c = cpu.get(name);
-  const over = name === 'node -e 0' ? ['—', '—'] : [`+${(median(w) - base.wall).toFixed(0)}`, `+${(median(c) - base.cpu).toFixed(0)}`];
+  const over = BASELINES.includes(name) ? ['—', '—'] : [`+${(median(w) - base.wall).toFixed(0)}`, `+${(median(c) - base.cpu).toFixed(0)}`];
   log(`| ${name} | ${fmt(w)} | ${over[0]} | ${fmt(c)} | ${over[1]} |`);
 }

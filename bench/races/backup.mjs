@@ -24,7 +24,7 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { accessSync, constants as fsConstants, promises as fsp } from 'node:fs';
 import { join, relative } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { closePool, packChunks } from '../../dist/compress/pool.js';
@@ -105,9 +105,23 @@ export function cliEnv(extra = {}) {
   return env;
 }
 
-/** Runs `node CLI args…` and returns its stdout parsed as JSON (every call passes --json). */
+/**
+ * The command line of the CLI as a user runs it: the file itself, through its #! line (a /bin/sh header that
+ * leaves NODE_EXTRA_CA_CERTS for the first S3 connection over TLS: src/objstore/extra-ca.ts); `node FILE` when
+ * the file is not executable (a build without scripts/bundle-cli.mjs).
+ */
+export function cliCommand(cli, args) {
+  try {
+    accessSync(cli, fsConstants.X_OK);
+    return [cli, args];
+  } catch {
+    return [process.execPath, [cli, ...args]];
+  }
+}
+
+/** Runs the CLI (cliCommand) with `args` and returns its stdout parsed as JSON (every call passes --json). */
 export async function runCliJson(cli, args, env) {
-  const out = await procRun(process.execPath, [cli, ...args, '--json'], { env, capture: true });
+  const out = await procRun(...cliCommand(cli, [...args, '--json']), { env, capture: true });
   try {
     return JSON.parse(out);
   } catch {
@@ -207,7 +221,7 @@ export async function timedPass(ctx, fn, outputs = []) {
   gc();
   dropCaches();
   // `backup --help` loads the backup command group (the CLI loads only the group it runs): its files warm too.
-  await procRun(process.execPath, [ctx.cli, 'backup', '--help'], { capture: true });
+  await procRun(...cliCommand(ctx.cli, ['backup', '--help']), { capture: true });
   await procRun('qemu-img', ['--version']);
   await procRun('lz4', ['--version']).catch(() => undefined);
   await waitQuiet();

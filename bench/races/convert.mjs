@@ -14,7 +14,7 @@ import { openImage } from '../../dist/image/open.js';
 import { dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, retrying, rmf, row, timed, verifyDevice, waitQuiet } from '../lib/common.mjs';
 // Processes are started by backup.mjs's small helper process, not by the suite's: a fork of the suite (the
 // 1 GiB source in memory, and more) cost tens of ms per spawn inside the timing of both process sides.
-import { procRun as run } from './backup.mjs';
+import { cliCommand, procRun as run } from './backup.mjs';
 
 const cliEnv = { ...process.env };
 delete cliEnv.UV_THREADPOOL_SIZE;
@@ -31,8 +31,8 @@ export async function convertRace(ctx) {
   };
   const sides = {
     kscLib: () => convertImage(src, out.kscLib, { format: 'ksc_inc' }),
-    // As a user runs it: without the suite's UV_THREADPOOL_SIZE (the CLI chooses its own pool size).
-    kscCli: () => run(process.execPath, [cli, 'convert', '-O', 'kscinc', src, out.kscCli], { env: cliEnv }),
+    // As a user runs it: the executable (cliCommand), without the suite's UV_THREADPOOL_SIZE (the CLI chooses its own pool size).
+    kscCli: () => run(...cliCommand(cli, ['convert', '-O', 'kscinc', src, out.kscCli]), { env: cliEnv }),
     qcow2: () => run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', src, out.qcow2]),
     rawLib: () => convertImage(src, out.rawLib, { format: 'raw' }),
     rawQemu: () => run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', src, out.rawQemu]),
@@ -44,7 +44,7 @@ export async function convertRace(ctx) {
     gc();
     dropCaches();
     // Cold data, warm executables: re-read both tools' binaries and our modules after the drop.
-    await run(process.execPath, [cli, 'convert', '--help']); // loads the image command group (the CLI loads only the group it runs)
+    await run(...cliCommand(cli, ['convert', '--help'])); // loads the image command group (the CLI loads only the group it runs)
     await run('qemu-img', ['--version']);
     await waitQuiet();
     const elu0 = performance.eventLoopUtilization();

@@ -10,6 +10,19 @@
 // KSCINC_NO_BUNDLE is unset; otherwise the ES modules in dist/ run, as before.
 process.env.UV_THREADPOOL_SIZE ??= '16';
 
+// NODE_EXTRA_CA_CERTS (src/objstore/extra-ca.ts): the executable's /bin/sh header (scripts/bundle-cli.mjs)
+// moved it to KSCINC_DEFERRED_EXTRA_CA_CERTS so that Node would not parse the CA file at start. It goes back
+// into the environment for child processes (whose Node parses it as before), marked as deferred in this
+// process (its pid: worker threads share it, children do not); the S3 agent reads the file when it first connects.
+{
+  const deferred = process.env.KSCINC_DEFERRED_EXTRA_CA_CERTS;
+  delete process.env.KSCINC_DEFERRED_EXTRA_CA_CERTS;
+  if (deferred && process.env.NODE_EXTRA_CA_CERTS === undefined) {
+    process.env.NODE_EXTRA_CA_CERTS = deferred;
+    process.env.KSCINC_EXTRA_CA_DEFERRED_IN = String(process.pid);
+  }
+}
+
 function fail(e: unknown): void {
   process.stderr.write(`kscinc: ${e instanceof Error ? e.message : String(e)}\n`);
   process.exitCode = 1;

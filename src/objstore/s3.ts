@@ -20,6 +20,7 @@ import * as https from 'node:https';
 import type { Readable } from 'node:stream';
 import { Client } from 'minio';
 import { KscError } from '../errors.js';
+import { extraCaOptions } from './extra-ca.js';
 import { assertKey, assertRange, bodyBuffer, bodySize, isStreamBody, shortObject, type Body, type ObjectInfo, type ObjectStore, type StreamBody } from './types.js';
 
 const MiB = 1024 * 1024;
@@ -168,7 +169,8 @@ export class S3Store implements ObjectStore {
     this.onPart = opts.onPart;
     const timeout = opts.requestTimeoutMs ?? 60_000;
     const lib = this.endpoint.secure ? https : http;
-    this.agent = new lib.Agent({ keepAlive: true, maxSockets: 32 });
+    // The `kscinc` executable leaves NODE_EXTRA_CA_CERTS for the first TLS connection (extra-ca.ts).
+    this.agent = this.endpoint.secure ? new https.Agent({ keepAlive: true, maxSockets: 32, ...extraCaOptions() }) : new http.Agent({ keepAlive: true, maxSockets: 32 });
     const request = (options: http.RequestOptions, cb?: (res: http.IncomingMessage) => void): http.ClientRequest => {
       const req = lib.request(options, cb);
       req.setTimeout(timeout, () => {
