@@ -19,6 +19,7 @@ import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.
 import { PowerCut } from '../helpers/powercut.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { readImage } from './helpers.js';
 
 const KiB = 1024;
 const B = 64 * KiB;
@@ -186,14 +187,7 @@ async function runBursts(label: string, bitmap: boolean): Promise<void> {
   }
 }
 
-async function readBack(path: string): Promise<Buffer> {
-  const k = await openKsc(path);
-  try {
-    return await k.read(0, BLOCKS * B);
-  } finally {
-    await k.close();
-  }
-}
+const readBack = (path: string): Promise<Buffer> => readImage(path, BLOCKS * B);
 
 describe('partial-block groups and batched writes: bursts in one turn under power cuts', () => {
   const saved = process.env['KSCINC_NO_NATIVE'];
