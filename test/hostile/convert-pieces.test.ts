@@ -63,7 +63,7 @@ async function readAll(path: string): Promise<Buffer> {
 
 /** The bytes of `path` in data extents (SEEK_DATA / SEEK_HOLE). */
 async function dataBytes(path: string): Promise<number> {
-  const f = await openHostFile(path, {});
+  const f = await openHostFile(path, { write: false });
   try {
     const size = await f.size();
     let n = 0;
