@@ -18,6 +18,7 @@ import { createImage, openKsc } from '../../src/index.js';
 import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
 import { PowerCut } from '../helpers/powercut.js';
 import { Rng, seedFor } from '../helpers/rng.js';
+import { type Case, everyStep } from '../helpers/step-cases.js';
 import { tempDir } from '../helpers/tmp.js';
 import { readImage } from './helpers.js';
 
@@ -203,6 +204,138 @@ describe('partial-block groups and batched writes: bursts in one turn under powe
     it(`request order wins; every cut: check clean, each block an allowed version (${label})`, async () => {
       if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
       await runBursts(label, bitmap);
+    }, 120_000);
+  }
+});
+
+// ---------------------------------------------------------------- stopped at every step
+
+/** One op of the stepped turn: its blocks' versions come from applying it to the model in order. */
+interface StepOp {
+  what: string;
+  block: number;
+  inPlace: boolean;
+  fua?: boolean;
+  apply: (m: Buffer) => void;
+  issue: (k: Awaited<ReturnType<typeof openKsc>>) => Promise<unknown>;
+}
+
+const stepPiece = (tag: number, n = 4 * KiB): Buffer => {
+  const b = Buffer.alloc(n);
+  for (let o = 0; o + 4 <= n; o += 4) b.writeUInt32LE((tag * 0x9e3779b1 + o) >>> 0, o);
+  return b;
+};
+const HELD = stepPiece(900, B);
+const OLD4 = stepPiece(901, B);
+
+function stepOps(): StepOp[] {
+  const w = (what: string, block: number, inPlace: boolean, at: number, data: Buffer, fua = false): StepOp => ({
+    what,
+    block,
+    inPlace,
+    fua,
+    apply: (m) => data.copy(m, at),
+    issue: (k) => k.write(at, data, { fua }),
+  });
+  return [
+    w('piece of new block 2 at 0', 2, false, 2 * B, stepPiece(1)),
+    w('piece of new block 2 at 4 KiB', 2, false, 2 * B + 4 * KiB, stepPiece(2)),
+    { what: 'discard block 2', block: 2, inPlace: false, apply: (m) => m.fill(0, 2 * B, 3 * B), issue: (k) => k.discard(2 * B, B) },
+    w('piece of block 2 at 8 KiB after the discard', 2, false, 2 * B + 8 * KiB, stepPiece(3)),
+    w('piece of block 0 at 8 KiB in place', 0, true, 8 * KiB, stepPiece(4)),
+    w('piece of block 0 at 16 KiB in place', 0, true, 16 * KiB, stepPiece(5)),
+    { what: 'zeroes over the 16 KiB piece', block: 0, inPlace: true, apply: (m) => m.fill(0, 16 * KiB + 2048, 16 * KiB + 3048), issue: (k) => k.writeZeroes(16 * KiB + 2048, 1000) },
+    w('whole block 4 over its data', 4, true, 4 * B, stepPiece(6, B)),
+    w('piece of block 4 after it', 4, true, 4 * B + 4 * KiB, stepPiece(7)),
+    w('odd FUA piece of new block 3', 3, false, 3 * B + 100, stepPiece(8, 3000), true),
+  ];
+}
+
+/** Shared by run and verify: when each op of the turn was acknowledged, and the flushes that completed. */
+const stepState = { clock: 0, acked: [] as number[], flushes: [] as { issued: number; done: number }[] };
+
+const stepCase: Case = {
+  name: 'a turn of partial groups racing a discard, zeroes, a whole write, a FUA piece and a flush',
+  setup: async (dir) => {
+    stepState.clock = 0;
+    stepState.acked = [];
+    stepState.flushes = [];
+    const img = join(dir, 'img.ksc');
+    await createImage(img, { size: BLOCKS * B, blockSize: B, intentRegion: 4 * B });
+    const k = await openKsc(img, { write: true });
+    await k.write(0, HELD);
+    await k.write(4 * B, OLD4);
+    await k.write(8 * KiB, stepPiece(4)); // the intent bits of blocks 0 and 4 durable: in-place pieces go at once
+    await k.write(4 * B + 4 * KiB, stepPiece(7));
+    await k.close();
+  },
+  run: async (dir) => {
+    const k = await openKsc(join(dir, 'img.ksc'), { write: true });
+    try {
+      await k.read(0, B); // the map page loaded
+      const ops = stepOps();
+      const ps: Promise<unknown>[] = ops.map((op, i) => op.issue(k).then(() => (stepState.acked[i] = ++stepState.clock)));
+      const f = { issued: ++stepState.clock, done: Infinity };
+      stepState.flushes.push(f);
+      ps.push(k.flush().then(() => (f.done = ++stepState.clock)));
+      await Promise.all(ps);
+      const g = { issued: ++stepState.clock, done: Infinity };
+      stepState.flushes.push(g);
+      await k.flush();
+      g.done = ++stepState.clock;
+    } finally {
+      await k.close();
+    }
+  },
+  verify: async (dir, done, where) => {
+    const img = join(dir, 'img.ksc');
+    const base = Buffer.alloc(BLOCKS * B);
+    HELD.copy(base, 0);
+    stepPiece(4).copy(base, 8 * KiB);
+    OLD4.copy(base, 4 * B);
+    stepPiece(7).copy(base, 4 * B + 4 * KiB);
+    const ops = stepOps();
+    const versions = new Map<number, { data: Buffer; op: number; inPlace: boolean }[]>();
+    const m = Buffer.from(base);
+    ops.forEach((op, i) => {
+      op.apply(m);
+      const h = versions.get(op.block) ?? [{ data: Buffer.from(base.subarray(op.block * B, (op.block + 1) * B)), op: -1, inPlace: false }];
+      h.push({ data: Buffer.from(m.subarray(op.block * B, (op.block + 1) * B)), op: i, inPlace: op.inPlace });
+      versions.set(op.block, h);
+    });
+    const content = await readImage(img, BLOCKS * B);
+    // A completed flush covers what was acknowledged before it was issued; an acknowledged FUA write is durable.
+    const covered = Math.max(0, ...stepState.flushes.filter((f) => f.done !== Infinity).map((f) => f.issued));
+    const durable = (i: number): boolean => stepState.acked[i] !== undefined && (stepState.acked[i]! < covered || ops[i]!.fua === true);
+    for (let b = 0; b < BLOCKS; b++) {
+      const got = content.subarray(b * B, (b + 1) * B);
+      const h = versions.get(b);
+      if (!h) {
+        expect(got.equals(base.subarray(b * B, (b + 1) * B)), `${where}: untouched block ${b}`).toBe(true);
+        continue;
+      }
+      let floor = 0;
+      for (let j = 1; j < h.length && durable(h[j]!.op); j++) floor = j;
+      const allowed = done ? [h[h.length - 1]!] : h.slice(floor);
+      if (allowed.some((v) => v.data.equals(got))) continue;
+      const tearable = !done && allowed.some((v, j) => j > 0 && v.inPlace);
+      const bad = Array.from({ length: B / SECTOR }, (_, s) => s * SECTOR).find((o) => !allowed.some((v) => v.data.subarray(o, o + SECTOR).equals(got.subarray(o, o + SECTOR))));
+      expect(tearable && bad === undefined, `${where}: block ${b} is none of its versions from ${floor} (first sector none explains: ${bad})`).toBe(true);
+    }
+    expect((await checkImage(img, { verify: true })).errors, `${where}: check --verify`).toEqual([]);
+  },
+};
+
+describe('partial-block groups: one racing turn stopped after every write and sync', () => {
+  const saved = process.env['KSCINC_NO_NATIVE'];
+  afterEach(() => {
+    if (saved === undefined) delete process.env['KSCINC_NO_NATIVE'];
+    else process.env['KSCINC_NO_NATIVE'] = saved;
+  });
+  for (const native of [true, false]) {
+    it(`every stop: each block a version no older than what a flush or FUA made durable, check clean (${native ? 'addon' : 'KSCINC_NO_NATIVE=1'})`, async () => {
+      if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
+      expect(await everyStep(stepCase)).toBeGreaterThan(4);
     }, 120_000);
   }
 });
