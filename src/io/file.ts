@@ -148,8 +148,8 @@ class NodeHostFile implements HostFile {
   private writeback: Promise<void> | null = null;
   /**
    * The descriptor write-behind calls sync_file_range on: one of its own (the same inode, reopened through
-   * /proc/self/fd), because waiting for writeback consumes a writeback error on the descriptor that waits,
-   * and this file's next fdatasync must still report it. null once it could not be opened.
+   * /proc/self/fd), so that no call of ours ever touches this descriptor's writeback error cursor. null once
+   * it could not be opened.
    */
   private writebackFd: Promise<fsp.FileHandle | null> | null = null;
   /** Write-behind cannot work for this file (no /proc, or sync_file_range unsupported here). */
@@ -258,10 +258,11 @@ class NodeHostFile implements HostFile {
 
   /**
    * Write-behind (setWriteBehind): after `n` more bytes written, starts the writeback of every dirty page of
-   * the file once enough have gathered. One at a time: WAIT_BEFORE lets the previous batch (or a sync's)
-   * finish first, so the device queue never holds more than about one batch of ours, and a request that
-   * must wait for the disk (an intent sync, a read) waits behind little. Failures are ignored: the next
-   * sync writes what is left and reports what went wrong.
+   * the file once enough have gathered, one call at a time. WRITE only, never a WAIT flag: waiting for
+   * writeback (on any descriptor) marks a writeback error as seen, and a descriptor opened after that (the
+   * next worker's, after this one was killed before its flush) is then never told that pages the page cache
+   * still holds were lost by the disk; left unseen, its first sync reports it. Failures are ignored: the
+   * next sync writes what is left and reports what went wrong.
    */
   private wrote(n: number): void {
     if (writeBehindBytes === 0 || this.closed || this.noWriteBehind) return;
@@ -274,7 +275,7 @@ class NodeHostFile implements HostFile {
       this.writebackFd ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_RDONLY).catch(() => null);
       const fh = await this.writebackFd;
       if (!fh) this.noWriteBehind = true;
-      else if (!this.closed) await start(fh.fd, 0, 0, SYNC_RANGE.WAIT_BEFORE | SYNC_RANGE.WRITE);
+      else if (!this.closed) await start(fh.fd, 0, 0, SYNC_RANGE.WRITE);
     })()
       .catch((e: unknown) => {
         // This kernel or file system has no such call: do not try again for this file.

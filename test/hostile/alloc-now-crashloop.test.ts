@@ -13,12 +13,11 @@
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
-import { createImage, openKsc } from '../../src/index.js';
-import { CMD } from '../../src/nbd/wire.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
-import { runDir, startServe, until } from '../supervisor/helpers.js';
+import { until } from '../supervisor/helpers.js';
+import { readImage, sendStormRequest, serveNewImage } from './helpers.js';
 
 const BS = 64 * 1024;
 const BLOCKS = 48;
@@ -37,10 +36,7 @@ async function crashLoop(native: boolean): Promise<void> {
   const rng = new Rng(seed);
   const dir = tempDir('kscinc-hostile-crashloop-');
   const img = join(dir, 'c.ksc');
-  await createImage(img, { size: BLOCKS * BS, blockSize: BS });
-  const env: Record<string, string> = { KSCINC_RUN_DIR: runDir() };
-  if (!native) env['KSCINC_NO_NATIVE'] = '1';
-  const s = await startServe([img, '--listen', '127.0.0.1:0'], env, 60_000);
+  const s = await serveNewImage(img, BLOCKS, BS, native);
   const history: Version[][] = Array.from({ length: BLOCKS }, () => [{ data: Buffer.alloc(BS), acked: 0, session: 0 }]);
   const flushes: { issued: number; done: number; session: number }[] = [];
   let clock = 0;
@@ -48,7 +44,7 @@ async function crashLoop(native: boolean): Promise<void> {
   const kills: number[] = [];
   let stop = false;
   let answered = 0;
-  let seq = 0;
+  const seq = { n: 0 };
   const errors: string[] = [];
   /** One connection's life: sends until it closes (a crash) or the test stops; returns whether it closed. */
   let sessions = 0;
@@ -82,27 +78,15 @@ async function crashLoop(native: boolean): Promise<void> {
       await until(() => sent.size < WINDOW || stop || closed, 120_000, 'a free slot');
       if (stop || closed) break;
       const free = Array.from({ length: BLOCKS }, (_, b) => b).filter((b) => !busy.has(b));
-      const b = rng.pick(free);
-      const kind = rng.weighted({ write: 10, trim: 4, zero: 1, flush: 1 });
-      const k = cookie++;
-      if (kind === 'flush') {
-        const f = { issued: ++clock, done: Infinity, session: id };
-        flushes.push(f);
-        sent.set(k, () => (f.done = ++clock));
-        c.send(CMD.FLUSH, k, 0, 0);
-        continue;
-      }
-      busy.add(b);
-      const data = kind === 'write' ? rng.bytes(BS) : Buffer.alloc(BS);
-      if (kind === 'write') for (let o = 0; o < BS; o += 4096) data.writeUInt32LE(++seq, o);
-      const v: Version = { data, acked: Infinity, session: id };
-      history[b]!.push(v);
-      sent.set(k, () => {
-        v.acked = ++clock;
-        busy.delete(b);
+      sendStormRequest(c, rng, rng.pick(free), cookie++, sent, busy, {
+        bs: BS,
+        history,
+        flushes,
+        tick: () => ++clock,
+        seq,
+        version: (data) => ({ data, acked: Infinity, session: id }),
+        flush: (issued) => ({ issued, done: Infinity, session: id }),
       });
-      if (kind === 'write') c.send(CMD.WRITE, k, b * BS, BS, 0, data);
-      else c.send(kind === 'trim' ? CMD.TRIM : CMD.WRITE_ZEROES, k, b * BS, BS);
     }
     if (!closed) {
       await replies;
@@ -139,13 +123,7 @@ async function crashLoop(native: boolean): Promise<void> {
   expect(errors).toEqual([]);
   const chk = await checkImage(img, { verify: true });
   expect(chk.errors, `check --verify (seed ${seed})`).toEqual([]);
-  const k = await openKsc(img);
-  let content: Buffer;
-  try {
-    content = await k.read(0, BLOCKS * BS);
-  } finally {
-    await k.close();
-  }
+  const content = await readImage(img, BLOCKS * BS);
   // A version is durable once a FLUSH sent after its acknowledgement was answered on the same connection
   // (the same worker: a crash ends the connection, and a later worker's flush cannot bring back what it lost).
   const durable = (v: Version): boolean => v.acked === 0 || flushes.some((f) => f.session === v.session && f.issued > v.acked && f.done !== Infinity);

@@ -16,6 +16,7 @@ import { createImage, openKsc } from '../../src/index.js';
 import { PowerCut } from '../helpers/powercut.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { readImage } from './helpers.js';
 
 const B = 4096;
 const BLOCKS = 64;
@@ -112,13 +113,7 @@ async function runStorm(native: boolean): Promise<void> {
     const where = `cut ${c} at ${at} of ${end} (seed ${seed})`;
     const chk = await checkImage(out, { verify: true });
     expect(chk.errors, `${where}: check --verify`).toEqual([]);
-    const k = await openKsc(out);
-    let content: Buffer;
-    try {
-      content = await k.read(0, BLOCKS * B);
-    } finally {
-      await k.close();
-    }
+    const content = await readBack(out);
     // The durable floor: the newest acknowledged version covered by a flush issued after its ack and done before the cut.
     const coveredUpTo = Math.max(0, ...flushes.filter((f) => f.done < at).map((f) => f.issued));
     for (let i = 0; i < BLOCKS; i++) {
@@ -144,14 +139,7 @@ async function runStorm(native: boolean): Promise<void> {
   expect(digest(await readBack(path)), 'final image').toBe(digest(model));
 }
 
-async function readBack(path: string): Promise<Buffer> {
-  const k = await openKsc(path);
-  try {
-    return await k.read(0, BLOCKS * B);
-  } finally {
-    await k.close();
-  }
-}
+const readBack = (path: string): Promise<Buffer> => readImage(path, BLOCKS * B);
 
 describe('power cuts in a storm of whole writes issued at once', () => {
   const saved = process.env['KSCINC_NO_NATIVE'];

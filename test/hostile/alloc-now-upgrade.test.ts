@@ -13,13 +13,12 @@ import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
-import { createImage, openKsc } from '../../src/index.js';
-import { CMD } from '../../src/nbd/wire.js';
 import { CLI } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
-import { childrenOf, runDir, startServe, type Supervised, until } from '../supervisor/helpers.js';
+import { childrenOf, type Supervised, until } from '../supervisor/helpers.js';
+import { readImage, sendStormRequest, serveNewImage } from './helpers.js';
 
 const BS = 64 * 1024;
 const BLOCKS = 48;
@@ -49,16 +48,13 @@ async function storm(native: boolean, kill: boolean): Promise<void> {
   const rng = new Rng(seed);
   const dir = tempDir('kscinc-hostile-allocup-');
   const img = join(dir, 'u.ksc');
-  await createImage(img, { size: BLOCKS * BS, blockSize: BS });
-  const env: Record<string, string> = { KSCINC_RUN_DIR: runDir() };
-  if (!native) env['KSCINC_NO_NATIVE'] = '1';
-  const s = await startServe([img, '--listen', '127.0.0.1:0'], env, 60_000);
+  const s = await serveNewImage(img, BLOCKS, BS, native);
   // Per block: its versions in order (one request per block in flight, so acknowledgement order is issue order).
   const history: Version[][] = Array.from({ length: BLOCKS }, () => [{ data: Buffer.alloc(BS), acked: 0 }]);
   let clock = 0;
   const flushes: { issued: number; done: number }[] = [];
   let stop = false;
-  let seq = 0;
+  const seq = { n: 0 };
   const errors: string[] = [];
   const client = async (id: number): Promise<number> => {
     const c = await RawClient.connect(s.port);
@@ -92,27 +88,15 @@ async function storm(native: boolean, kill: boolean): Promise<void> {
     while (!stop) {
       await free();
       if (stop) break;
-      const b = rng.pick(mine.filter((x) => !busy.has(x)));
-      const kind = rng.weighted({ write: 10, trim: 4, zero: 1, flush: 1 });
-      const k = cookie++;
-      if (kind === 'flush') {
-        const f = { issued: ++clock, done: Infinity };
-        flushes.push(f);
-        sent.set(k, () => (f.done = ++clock));
-        c.send(CMD.FLUSH, k, 0, 0);
-        continue;
-      }
-      busy.add(b);
-      const data = kind === 'write' ? rng.bytes(BS) : Buffer.alloc(BS);
-      if (kind === 'write') for (let o = 0; o < BS; o += 4096) data.writeUInt32LE(++seq, o);
-      const v: Version = { data, acked: Infinity };
-      history[b]!.push(v);
-      sent.set(k, () => {
-        v.acked = ++clock;
-        busy.delete(b);
+      sendStormRequest(c, rng, rng.pick(mine.filter((x) => !busy.has(x))), cookie++, sent, busy, {
+        bs: BS,
+        history,
+        flushes,
+        tick: () => ++clock,
+        seq,
+        version: (data): Version => ({ data, acked: Infinity }),
+        flush: (issued) => ({ issued, done: Infinity }),
       });
-      if (kind === 'write') c.send(CMD.WRITE, k, b * BS, BS, 0, data);
-      else c.send(kind === 'trim' ? CMD.TRIM : CMD.WRITE_ZEROES, k, b * BS, BS);
     }
     if (!kill) {
       await replies;
@@ -160,13 +144,7 @@ async function storm(native: boolean, kill: boolean): Promise<void> {
   }
   const chk = await checkImage(img, { verify: true });
   expect(chk.errors, `check --verify (seed ${seed})`).toEqual([]);
-  const k = await openKsc(img);
-  let content: Buffer;
-  try {
-    content = await k.read(0, BLOCKS * BS);
-  } finally {
-    await k.close();
-  }
+  const content = await readImage(img, BLOCKS * BS);
   const covered = Math.max(0, ...flushes.filter((f) => f.done < cut).map((f) => f.issued));
   const bad: string[] = [];
   for (let b = 0; b < BLOCKS; b++) {
