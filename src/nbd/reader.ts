@@ -77,10 +77,12 @@ export class SocketReader {
       ['close', onEnd],
       ['error', onError],
     ];
+    // A socket a reader of this process put in user-buffer mode stays in it: take its reads over first.
+    const parked = userSymbols(socket) !== null && !!(socket as unknown as Record<symbol, unknown>)[USER_BUF];
+    if (parked) this.useUserBuffer();
     startReading(socket); // a socket parked in this process (a handover undone) may read again
     for (const [ev, f] of this.listeners) socket.on(ev, f as (arg: unknown) => void);
-    // A socket a reader of this process put in user-buffer mode stays in it: take its reads over.
-    if (userBufferOf(socket)) this.useUserBuffer();
+    if (parked) socket.off('data', this.listeners[0]![1] as (arg: unknown) => void);
   }
 
   /**
@@ -93,12 +95,16 @@ export class SocketReader {
     const syms = userSymbols(socket);
     const h = (socket as unknown as Internals)._handle as UserHandle | null | undefined;
     if (!syms || !h || typeof h.useUserBuffer !== 'function' || socket.destroyed || this.stopped) return false;
-    const onData = this.listeners[0]![1];
-    socket.off('data', onData as (arg: unknown) => void);
-    // What Node's stream buffered and did not deliver yet (a paused socket) comes first.
-    for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null;) {
-      this.chunks.push(c);
-      this.buffered += c.length;
+    const s = socket as unknown as Record<symbol, unknown>;
+    const parked = s[USER_BUF] as Buffer | undefined;
+    if (!parked) {
+      if (s[syms.kBuffer]) return false; // another reader's (not parked): not ours to take
+      socket.off('data', this.listeners[0]![1] as (arg: unknown) => void);
+      // What Node's stream buffered and did not deliver yet (a paused socket) comes first.
+      for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null;) {
+        this.chunks.push(c);
+        this.buffered += c.length;
+      }
     }
     const had = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
     this.chunks = [];
@@ -106,9 +112,11 @@ export class SocketReader {
     had.copy(this.acc, 0);
     this.accStart = 0;
     this.accEnd = had.length;
-    const s = socket as unknown as Record<symbol, unknown>;
     s[syms.kBufferCb] = this.onUserBytes;
-    if (!s[syms.kBuffer]) {
+    if (parked) {
+      s[syms.kBuffer] = parked;
+      s[USER_BUF] = undefined;
+    } else {
       const buf = Buffer.allocUnsafeSlow(READ_SIZE);
       s[syms.kBuffer] = buf;
       h.useUserBuffer(buf);
@@ -168,6 +176,7 @@ export class SocketReader {
   detach(): Buffer {
     this.stopped = true;
     for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
+    if (this.acc) parkUserBuffer(this.socket);
     const rest = stopReading(this.socket);
     const out = Buffer.concat([...this.userBytes(), ...this.chunks, ...(rest.length ? [rest] : [])]);
     this.chunks = [];
@@ -352,10 +361,22 @@ function userSymbols(socket: Socket): UserSymbols | null {
   return userSyms;
 }
 
-/** Whether a reader put this socket in user-buffer mode (it cannot be undone). */
-function userBufferOf(socket: Socket): boolean {
-  const syms = userSymbols(socket);
-  return !!syms && !!(socket as unknown as Record<symbol, unknown>)[syms.kBuffer];
+/** Where a parked socket's user buffer waits for the next reader of this process (see parkUserBuffer). */
+const USER_BUF = Symbol('kscinc.userBuffer');
+
+/**
+ * A socket in user-buffer mode being given up (detach): Node's pause(), resume() and read() restart the
+ * handle's reading by themselves in that mode, whatever stopReading did, and the bytes would go to the
+ * reader that left. With the mode's buffer put aside they cannot (Node then only reads when its stream asks,
+ * which stopReading prevents); the next reader of this process puts it back (it cannot be undone in Node).
+ */
+function parkUserBuffer(socket: Socket): void {
+  const syms = userSymbols(socket)!;
+  const s = socket as unknown as Record<symbol, unknown>;
+  socket.pause(); // the handle stops reading while the mode still knows it
+  s[USER_BUF] = s[syms.kBuffer];
+  s[syms.kBuffer] = null;
+  s[syms.kBufferCb] = null;
 }
 
 type Internals = {
