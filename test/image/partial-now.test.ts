@@ -159,7 +159,7 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
       const wave1 = [img.write(3 * B, piece(1)), img.write(3 * B + P, piece(2))];
       await new Promise((r) => setImmediate(r));
       expect(s.n - before, 'the first wave is being written').toBe(1);
-      const wave2 = [img.write(3 * B + 2 * P, piece(3)), img.write(3 * B, piece(4)), img.write(3 * B + 2 * P + 100, piece(5).subarray(0, 200))];
+      const wave2 = [img.write(3 * B + 8 * P, piece(3)), img.write(3 * B, piece(4)), img.write(3 * B + 8 * P + 100, piece(5).subarray(0, 200))];
       await new Promise((r) => setImmediate(r));
       expect(s.n - before, 'the later pieces wait for the first wave, none took a write of its own').toBe(1);
       s.hold = false;
@@ -169,10 +169,10 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
       const want = Buffer.alloc(B);
       piece(4).copy(want, 0);
       piece(2).copy(want, P);
-      piece(3).copy(want, 2 * P);
+      piece(3).copy(want, 8 * P);
       piece(5)
         .subarray(0, 200)
-        .copy(want, 2 * P + 100);
+        .copy(want, 8 * P + 100);
       expect((await img.read(3 * B, B)).equals(want)).toBe(true);
       expect(coreOf(img).map.page(0)!.csumValid[3], 'the rewritten block keeps a valid checksum').toBe(1);
       if (withBitmap) expect(covers(await img.bitmapExtents('b1'), 3 * B, B)).toBe(true);
@@ -183,6 +183,37 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
       expect(r.leakedBytes).toBe(0);
     });
   }
+
+  it('a later wave whose pieces lie close together writes only their span (the checksum then not valid)', async () => {
+    const dir = tempDir();
+    const path = join(dir, 'img.ksc');
+    await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
+    const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
+    const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
+    await img.write(0, HELD0);
+    s.hold = true;
+    const before = s.n;
+    const wave1 = img.write(3 * B, piece(1));
+    await new Promise((r) => setImmediate(r));
+    const wave2 = [img.write(3 * B + 5 * P, piece(2)), img.write(3 * B + 6 * P + 10, piece(3).subarray(0, 10))];
+    s.hold = false;
+    for (const r of s.held.splice(0)) r();
+    await Promise.all([wave1, ...wave2]);
+    expect(s.n - before, 'the block, then the span of the second wave').toBe(2);
+    const want = Buffer.alloc(B);
+    piece(1).copy(want, 0);
+    piece(2).copy(want, 5 * P);
+    piece(3)
+      .subarray(0, 10)
+      .copy(want, 6 * P + 10);
+    expect((await img.read(3 * B, B)).equals(want)).toBe(true);
+    expect(coreOf(img).map.page(0)!.csumValid[3]).toBe(0);
+    await img.close();
+    expect((await readAll(path)).subarray(3 * B, 4 * B).equals(want)).toBe(true);
+    const r = await checkImage(path, { verify: true });
+    expect(r.errors).toEqual([]);
+    expect(r.leakedBytes).toBe(0);
+  });
 
   it('a failed later wave rejects its pieces and the queued ones, and leaves the block reading its earlier waves', async () => {
     const dir = tempDir();

@@ -18,7 +18,8 @@
  *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
  *    while a wave is being written queue for the next one; when a wave is done, the next is copied into the
  *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
- *    whole block written again in place, with its CRC-32, and then its map entry set valid. The lock stays
+ *    whole block written again in place, with its CRC-32, and then its map entry set valid (a wave whose
+ *    pieces lie within a quarter of the block writes only that span, and the entry stays not valid). The lock stays
  *    held from wave to wave; nothing waiting for it may be overtaken (a piece that finds the lock awaited
  *    takes the general path, behind it), and the chain ends, giving the lock back, when a wave finds no
  *    piece queued. Such a rewrite needs no intent bit while no map snapshot (a flush, which moves c.epoch)
@@ -268,11 +269,18 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   const blk = g.blk!;
   g.members = g.next;
   g.next = [];
+  let lo = Infinity;
+  let hi = 0;
   for (const m of g.members) {
     m.data!.copy(blk, m.start);
     m.data = null;
+    lo = Math.min(lo, m.start);
+    hi = Math.max(hi, m.end);
   }
   const B = c.blockSize;
+  // Pieces within a quarter of the block are written as that span (from the block's content), leaving the
+  // checksum not valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
+  const whole = (hi - lo) * 4 > B;
   const at = g.block * B;
   const len = Math.min(B, c.size - at);
   let intent = false;
@@ -292,7 +300,11 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
     }
     // Not valid while the block is being rewritten: a flush meanwhile records no checksum to contradict.
     c.map.set(g.block, BlockState.Data, g.host, 0, false);
-    crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B));
+    if (whole) crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B));
+    else {
+      const span = blk.subarray(lo, hi);
+      crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(span, g.host + lo, span.length) : c.file.write(span, g.host + lo).then(() => []));
+    }
   } catch (e) {
     if (intent) c.intent.end(at, len, c.epoch);
     waveDone(c, g, e);
@@ -300,8 +312,10 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   }
   let err: unknown = undefined;
   try {
-    c.map.set(g.block, BlockState.Data, g.host, crcs[0]!, true);
-    g.validEpoch = c.epoch;
+    if (whole) {
+      c.map.set(g.block, BlockState.Data, g.host, crcs[0]!, true);
+      g.validEpoch = c.epoch;
+    }
     markWave(g);
   } catch (e) {
     err = e;
