@@ -2,6 +2,12 @@
  * A buffered reader over a socket: `read(n)` resolves with exactly n bytes. The socket is paused whenever
  * more than the current demand (at least `lowWater`) is buffered, so at most about one request payload is
  * held in memory, whatever the client sends.
+ *
+ * useUserBuffer() (the transmission phase of a plain socket) makes Node read into one buffer of the
+ * reader's instead of a new 64 KiB buffer per read (net.Socket's `onread` option, set on an accepted
+ * socket): the bytes are copied out at once, into the reader's own buffer, or, while a large payload is
+ * awaited, straight into its destination. No buffer per read means far less for the garbage collector
+ * under many small requests.
  */
 import type { Socket } from 'node:net';
 import { takeBytes } from './take-bytes.js';
@@ -31,6 +37,12 @@ export class SocketReader {
   private ended = false;
   private error: Error | null = null;
   private stopped = false;
+  /** User-buffer mode: the bytes received and not taken are acc[accStart, accEnd) (after direct's). */
+  private acc: Buffer | null = null;
+  private accStart = 0;
+  private accEnd = 0;
+  /** User-buffer mode: the payload being awaited by read(), filled straight from Node's read buffer. */
+  private direct: { buf: Buffer; got: number } | null = null;
 
   private readonly listeners: [string, (arg: never) => void][];
 
@@ -65,8 +77,87 @@ export class SocketReader {
       ['close', onEnd],
       ['error', onError],
     ];
+    // A socket a reader of this process put in user-buffer mode stays in it: take its reads over first.
+    const parked = userSymbols(socket) !== null && !!(socket as unknown as Record<symbol, unknown>)[USER_BUF];
+    if (parked) this.useUserBuffer();
     startReading(socket); // a socket parked in this process (a handover undone) may read again
     for (const [ev, f] of this.listeners) socket.on(ev, f as (arg: unknown) => void);
+    if (parked) socket.off('data', this.listeners[0]![1] as (arg: unknown) => void);
+  }
+
+  /**
+   * Switches the socket to user-buffer mode (see the header): false, changing nothing, when this Node does
+   * not offer it. The bytes already received are kept, in order.
+   */
+  useUserBuffer(): boolean {
+    if (this.acc) return true;
+    const socket = this.socket;
+    const syms = userSymbols(socket);
+    const h = (socket as unknown as Internals)._handle as UserHandle | null | undefined;
+    if (!syms || !h || typeof h.useUserBuffer !== 'function' || socket.destroyed || this.stopped) return false;
+    const s = socket as unknown as Record<symbol, unknown>;
+    const parked = s[USER_BUF] as Buffer | undefined;
+    if (!parked) {
+      if (s[syms.kBuffer]) return false; // another reader's (not parked): not ours to take
+      socket.off('data', this.listeners[0]![1] as (arg: unknown) => void);
+      // What Node's stream buffered and did not deliver yet (a paused socket) comes first.
+      for (let c: Buffer | null; (c = socket.read() as Buffer | null) !== null;) {
+        this.chunks.push(c);
+        this.buffered += c.length;
+      }
+    }
+    const had = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks);
+    this.chunks = [];
+    this.acc = Buffer.allocUnsafeSlow(Math.max(ACC_SIZE, had.length));
+    had.copy(this.acc, 0);
+    this.accStart = 0;
+    this.accEnd = had.length;
+    s[syms.kBufferCb] = this.onUserBytes;
+    if (parked) {
+      s[syms.kBuffer] = parked;
+      s[USER_BUF] = undefined;
+    } else {
+      const buf = Buffer.allocUnsafeSlow(READ_SIZE);
+      s[syms.kBuffer] = buf;
+      h.useUserBuffer(buf);
+    }
+    if (this.buffered < this.lowWater) socket.resume();
+    return true;
+  }
+
+  /** Node's read callback in user-buffer mode: `b` is reused by the next read, so its bytes are copied now. */
+  private readonly onUserBytes = (n: number, b: Buffer): boolean => {
+    let at = 0;
+    const d = this.direct;
+    if (d && d.got < d.buf.length) {
+      const k = Math.min(n, d.buf.length - d.got);
+      b.copy(d.buf, d.got, 0, k);
+      d.got += k;
+      at = k;
+    }
+    if (at < n) this.append(b, at, n);
+    this.buffered += n;
+    if (this.stall) this.armStall(); // progress: the clock restarts
+    this.wake();
+    return this.buffered < Math.max(this.want, this.lowWater); // false: Node stops reading until resume()
+  };
+
+  /** Appends b[from, to) to acc, compacting or growing it. */
+  private append(b: Buffer, from: number, to: number): void {
+    const n = to - from;
+    let acc = this.acc!;
+    if (this.accEnd + n > acc.length) {
+      const live = this.accEnd - this.accStart;
+      if (live + n > acc.length) {
+        const bigger = Buffer.allocUnsafeSlow(Math.max(acc.length * 2, live + n));
+        acc.copy(bigger, 0, this.accStart, this.accEnd);
+        this.acc = acc = bigger;
+      } else acc.copyWithin(0, this.accStart, this.accEnd);
+      this.accStart = 0;
+      this.accEnd = live;
+    }
+    b.copy(acc, this.accEnd, from, to);
+    this.accEnd += n;
   }
 
   /** Rejects a pending read with InterruptedError (taking no byte); no effect when none is pending. */
@@ -85,10 +176,21 @@ export class SocketReader {
   detach(): Buffer {
     this.stopped = true;
     for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
+    if (this.acc) parkUserBuffer(this.socket);
     const rest = stopReading(this.socket);
-    const out = Buffer.concat(rest.length ? [...this.chunks, rest] : this.chunks);
+    const out = Buffer.concat([...this.userBytes(), ...this.chunks, ...(rest.length ? [rest] : [])]);
     this.chunks = [];
     this.buffered = 0;
+    return out;
+  }
+
+  /** User-buffer mode: the bytes not taken, in order (views), and the mode's buffers let go. */
+  private userBytes(): Buffer[] {
+    const out: Buffer[] = [];
+    if (this.direct) out.push(this.direct.buf.subarray(0, this.direct.got));
+    if (this.acc) out.push(this.acc.subarray(this.accStart, this.accEnd));
+    this.direct = null;
+    this.accStart = this.accEnd = 0;
     return out;
   }
 
@@ -131,6 +233,14 @@ export class SocketReader {
     if (this.buffered < n) {
       if (this.error || this.ended) throw this.error ?? new SocketClosedError();
       this.want = n;
+      if (this.acc && alloc && n >= DIRECT_MIN && !this.direct) {
+        // A large payload: what is here moves into its destination, the rest is copied there as it comes.
+        const buf = alloc(n).subarray(0, n);
+        const have = this.accEnd - this.accStart;
+        this.acc.copy(buf, 0, this.accStart, this.accEnd);
+        this.accStart = this.accEnd = 0;
+        this.direct = { buf, got: have };
+      }
       try {
         await new Promise<void>((resolve, reject) => {
           this.waiter = { resolve, reject };
@@ -158,9 +268,28 @@ export class SocketReader {
 
   /** `alloc` (read(), takeNow()): where bytes spanning several received chunks are gathered (takeBytes). */
   private take(n: number, alloc?: (n: number) => Buffer): Buffer {
-    const out = takeBytes(this.chunks, n, alloc);
+    const out = this.acc ? this.takeUser(n, alloc) : takeBytes(this.chunks, n, alloc);
     this.buffered -= n;
     if (this.buffered < this.lowWater && !this.ended && !this.stopped) this.socket.resume();
+    return out;
+  }
+
+  /** take() in user-buffer mode: a direct payload as it is, else a copy out of acc (into `alloc(n)` when given). */
+  private takeUser(n: number, alloc?: (n: number) => Buffer): Buffer {
+    const d = this.direct;
+    if (d) {
+      // read() made it for exactly these n bytes, and returns only once they are all here.
+      this.direct = null;
+      return d.buf;
+    }
+    if (n === 0) return Buffer.alloc(0);
+    const out = alloc ? alloc(n).subarray(0, n) : Buffer.allocUnsafe(n);
+    this.acc!.copy(out, 0, this.accStart, this.accStart + n);
+    this.accStart += n;
+    if (this.accStart === this.accEnd) {
+      this.accStart = this.accEnd = 0;
+      if (this.acc!.length > ACC_KEEP) this.acc = Buffer.allocUnsafeSlow(ACC_SIZE); // a large burst's room goes back
+    }
     return out;
   }
 
@@ -186,7 +315,7 @@ export class SocketReader {
     this.stopped = true;
     this.clearStall();
     for (const [ev, f] of this.listeners) this.socket.off(ev, f as (arg: unknown) => void);
-    const out = Buffer.concat(this.chunks);
+    const out = Buffer.concat([...this.userBytes(), ...this.chunks]);
     this.chunks = [];
     this.buffered = 0;
     return out;
@@ -204,6 +333,50 @@ export class SocketReader {
     this.socket.pause();
     this.wake();
   }
+}
+
+/** Node's read buffer in user-buffer mode, acc's usual size, and the largest acc kept once empty. */
+const READ_SIZE = 64 * 1024;
+const ACC_SIZE = 256 * 1024;
+const ACC_KEEP = 4 * 1024 * 1024;
+/** Payloads at least this large are copied straight into their destination as they arrive. */
+const DIRECT_MIN = 64 * 1024;
+
+type UserHandle = { useUserBuffer?: (b: Buffer) => void };
+type UserSymbols = { kBuffer: symbol; kBufferCb: symbol };
+let userSyms: UserSymbols | null | undefined;
+
+/**
+ * The symbols net.Socket keeps its `onread` option under (every instance has them as own properties); null
+ * when this Node has none. Node calls socket[kBufferCb](n, socket[kBuffer]) for each read then, and its
+ * pause() and resume() stop and start the handle's reading.
+ */
+function userSymbols(socket: Socket): UserSymbols | null {
+  if (userSyms === undefined) {
+    const all = Object.getOwnPropertySymbols(socket);
+    const kBuffer = all.find((x) => x.description === 'kBuffer');
+    const kBufferCb = all.find((x) => x.description === 'kBufferCb');
+    userSyms = kBuffer && kBufferCb ? { kBuffer, kBufferCb } : null;
+  }
+  return userSyms;
+}
+
+/** Where a parked socket's user buffer waits for the next reader of this process (see parkUserBuffer). */
+const USER_BUF = Symbol('kscinc.userBuffer');
+
+/**
+ * A socket in user-buffer mode being given up (detach): Node's pause(), resume() and read() restart the
+ * handle's reading by themselves in that mode, whatever stopReading did, and the bytes would go to the
+ * reader that left. With the mode's buffer put aside they cannot (Node then only reads when its stream asks,
+ * which stopReading prevents); the next reader of this process puts it back (it cannot be undone in Node).
+ */
+function parkUserBuffer(socket: Socket): void {
+  const syms = userSymbols(socket)!;
+  const s = socket as unknown as Record<symbol, unknown>;
+  socket.pause(); // the handle stops reading while the mode still knows it
+  s[USER_BUF] = s[syms.kBuffer];
+  s[syms.kBuffer] = null;
+  s[syms.kBufferCb] = null;
 }
 
 type Internals = {

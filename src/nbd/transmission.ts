@@ -62,6 +62,7 @@ export class Transmission {
   async run(): Promise<void> {
     const { link } = this;
     const stall = this.server.stallTimeoutMs;
+    if (!link.tls) link.reader.useUserBuffer();
     for (;;) {
       if (link.stopping) return;
       if (link.pausing) {

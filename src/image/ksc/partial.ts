@@ -15,6 +15,17 @@
  *    order); at the turn's end (setImmediate) the whole block is written once, with its CRC-32, and only then
  *    its map entry set (§9 rule 3: referenced only after it is written); a failed write gives the cluster
  *    back. Intent bits as in changeLocked: only when a bitmap is enabled, and then they must be durable.
+ *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
+ *    while a wave is being written queue for the next one; when a wave is done, the next is copied into the
+ *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
+ *    whole block written again in place, with its CRC-32, and then its map entry set valid (a wave whose
+ *    pieces lie within a quarter of the block writes only that span, and the entry stays not valid). The lock stays
+ *    held from wave to wave; nothing waiting for it may be overtaken (a piece that finds the lock awaited
+ *    takes the general path, behind it), and the chain ends, giving the lock back, when a wave finds no
+ *    piece queued. Such a rewrite needs no intent bit while no map snapshot (a flush, which moves c.epoch)
+ *    has been taken since the entry was last set valid: the entry is then set not valid before the write,
+ *    so any flush during it records no checksum that a torn write could contradict (the bytes of earlier
+ *    waves are rewritten identical). Otherwise the wave takes the block's intent bit first (as writeLocked).
  *
  * Every write of a group counts itself in flight (changesInFlight), holds its intent range and marks its
  * bitmaps as change() does; the group holds the lock for all. Null, having changed nothing, whenever a
@@ -35,15 +46,24 @@ interface Member {
   intent: boolean;
   fua: boolean;
   done: (e: unknown) => void;
+  /** A piece queued for the next wave of a new block's chain: its bytes, copied in when the wave starts. */
+  data: Buffer | null;
 }
 
 interface Group {
   block: number;
   host: number;
-  /** A new block being assembled; null once submitted, or for an in-place group. */
+  /** A new block's content (its chain's buffer); null for an in-place group. */
   blk: Buffer | null;
+  /** A new block's first wave is being assembled: pieces copy straight into blk. */
+  assembling: boolean;
   fresh: boolean;
+  /** In place: the writes in flight. A new block: the wave being assembled or written. */
   members: Member[];
+  /** A new block: the pieces queued for the wave after the one being written. */
+  next: Member[];
+  /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
+  validEpoch: number;
   bitmaps: SparseBitmap[] | null;
   release: () => void;
 }
@@ -76,11 +96,14 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
   let byBlock = groups.get(c);
   const g = byBlock?.get(block);
   if (g) {
-    // Join: the same kind of group, nothing queued for the lock meanwhile, no overlap with a piece in flight.
-    if (g.fresh !== !inPlace || (g.fresh && g.blk === null) || c.locks.waiting(block, block) || !sameBitmaps(g.bitmaps, bitmaps)) return null;
-    if (!g.fresh && g.members.some((m) => m.start < start + length && start < m.end)) return null;
+    // Join: nothing queued for the lock meanwhile, the same bitmaps; a new block's chain takes any piece
+    // (its block reads as data once the first wave is written); an in-place group the same kind of piece,
+    // overlapping none in flight.
+    if (c.locks.waiting(block, block) || !sameBitmaps(g.bitmaps, bitmaps)) return null;
+    if (!g.fresh && (!inPlace || g.members.some((m) => m.start < start + length && start < m.end))) return null;
   }
-  const intent = inPlace || bitmaps !== null;
+  // A new block's chain takes intent per wave (submitWave) unless a bitmap asks for it per piece.
+  const intent = g?.fresh ? bitmaps !== null : inPlace || bitmaps !== null;
   if (intent && !c.intent.tryBegin(offset, length)) return null;
   let group = g;
   if (!group) {
@@ -99,7 +122,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
       }
       host = run;
     }
-    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), fresh: !inPlace, members: [], bitmaps, release };
+    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), assembling: !inPlace, fresh: !inPlace, members: [], next: [], validEpoch: -1, bitmaps, release };
     if (!byBlock) groups.set(c, (byBlock = new Map()));
     byBlock.set(block, group);
     if (group.fresh) {
@@ -122,10 +145,18 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
         else if (m.fua) flush(c).then(resolve, reject);
         else resolve();
       },
+      data: null,
     };
-    grp.members.push(m);
-    if (grp.blk) data.copy(grp.blk, start);
-    else writeInPlace(c, grp, m, data);
+    if (grp.assembling) {
+      grp.members.push(m);
+      data.copy(grp.blk!, start);
+    } else if (grp.fresh) {
+      m.data = data;
+      grp.next.push(m);
+    } else {
+      grp.members.push(m);
+      writeInPlace(c, grp, m, data);
+    }
   });
 }
 
@@ -134,16 +165,21 @@ function sameBitmaps(a: SparseBitmap[] | null, b: SparseBitmap[] | null): boolea
   return a.length === b.length && a.every((x, k) => x === b[k]);
 }
 
-/** Ends a member as change() would (intent range, in-flight count), and the group with its last member. */
+/** Ends a member as change() would (intent range, in-flight count), and an in-place group with its last member. */
 function finish(c: KscCore, g: Group, m: Member): void {
   if (m.intent) c.intent.end(m.offset, m.length, c.epoch);
-  const k = g.members.indexOf(m);
-  if (k >= 0) g.members.splice(k, 1);
-  if (g.members.length === 0) {
-    groups.get(c)?.delete(g.block);
-    g.release();
+  if (!g.fresh) {
+    const k = g.members.indexOf(m);
+    if (k >= 0) g.members.splice(k, 1);
+    if (g.members.length === 0) endGroup(c, g);
   }
   c.leaveChange();
+}
+
+function endGroup(c: KscCore, g: Group): void {
+  groups.get(c)?.delete(g.block);
+  g.blk = null;
+  g.release();
 }
 
 function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
@@ -175,33 +211,115 @@ function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
   );
 }
 
+/** The first wave of a new block: the whole block written to its new cluster, then its map entry set. */
 function submitFresh(c: KscCore, g: Group): void {
-  const blk = g.blk!;
-  g.blk = null; // no more joiners
+  g.assembling = false;
   const B = c.blockSize;
   let io: Promise<number[]>;
   try {
-    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B);
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(g.blk!, g.host, B) : writeThenCrcs(c.file, g.blk!, g.host, B);
   } catch (e) {
     io = Promise.reject(e);
   }
-  const members = g.members.slice();
   io.then(
     (crcs) => {
       let err: unknown = undefined;
       try {
         c.map.set(g.block, BlockState.Data, g.host, crcs[0]!, true);
-        if (g.bitmaps) for (const b of g.bitmaps) for (const m of members) b.mark(m.offset, m.length);
+        g.validEpoch = c.epoch;
+        markWave(g);
       } catch (e) {
         err = e;
       }
-      for (const m of members) finish(c, g, m);
-      for (const m of members) m.done(err);
+      waveDone(c, g, err);
     },
     (e: unknown) => {
       c.alloc.unusedAgain([g.host]);
-      for (const m of members) finish(c, g, m);
-      for (const m of members) m.done(e);
+      waveDone(c, g, e);
     },
   );
+}
+
+function markWave(g: Group): void {
+  if (g.bitmaps) for (const b of g.bitmaps) for (const m of g.members) b.mark(m.offset, m.length);
+}
+
+/** Settles the wave written (or failed: then the queued pieces too, and the chain ends); starts the next one. */
+function waveDone(c: KscCore, g: Group, err: unknown): void {
+  const wave = g.members;
+  g.members = [];
+  let queued: Member[] = [];
+  if (err !== undefined || g.next.length === 0) {
+    queued = g.next;
+    g.next = [];
+    endGroup(c, g);
+  }
+  for (const m of wave) finish(c, g, m);
+  for (const m of queued) finish(c, g, m);
+  for (const m of wave) m.done(err);
+  for (const m of queued) m.done(err);
+  if (g.blk) void submitWave(c, g);
+}
+
+/**
+ * A later wave of a new block's chain: the queued pieces copied into the block's content, in issue order,
+ * and the whole block rewritten in place with its CRC-32 (see the header for when an intent bit is needed).
+ */
+async function submitWave(c: KscCore, g: Group): Promise<void> {
+  const blk = g.blk!;
+  g.members = g.next;
+  g.next = [];
+  let lo = Infinity;
+  let hi = 0;
+  for (const m of g.members) {
+    m.data!.copy(blk, m.start);
+    m.data = null;
+    lo = Math.min(lo, m.start);
+    hi = Math.max(hi, m.end);
+  }
+  const B = c.blockSize;
+  // Pieces within a quarter of the block are written as that span (from the block's content), leaving the
+  // checksum not valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
+  const whole = (hi - lo) * 4 > B;
+  const at = g.block * B;
+  const len = Math.min(B, c.size - at);
+  let intent = false;
+  let crcs: number[];
+  try {
+    if (g.bitmaps === null && c.epoch !== g.validEpoch) {
+      intent = true;
+      if (!c.intent.tryBegin(at, len)) {
+        try {
+          await c.intent.begin(at, len, true);
+        } catch (e) {
+          c.intent.end(at, len, c.epoch);
+          intent = false;
+          throw e;
+        }
+      }
+    }
+    // Not valid while the block is being rewritten: a flush meanwhile records no checksum to contradict.
+    c.map.set(g.block, BlockState.Data, g.host, 0, false);
+    if (whole) crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B));
+    else {
+      const span = blk.subarray(lo, hi);
+      crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(span, g.host + lo, span.length) : c.file.write(span, g.host + lo).then(() => []));
+    }
+  } catch (e) {
+    if (intent) c.intent.end(at, len, c.epoch);
+    waveDone(c, g, e);
+    return;
+  }
+  let err: unknown = undefined;
+  try {
+    if (whole) {
+      c.map.set(g.block, BlockState.Data, g.host, crcs[0]!, true);
+      g.validEpoch = c.epoch;
+    }
+    markWave(g);
+  } catch (e) {
+    err = e;
+  }
+  if (intent) c.intent.end(at, len, c.epoch);
+  waveDone(c, g, err);
 }
