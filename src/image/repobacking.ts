@@ -35,6 +35,7 @@ import type { LocalBaseRef } from '../format/local-base.js';
 import { LocalBase } from './local-base.js';
 import { type BackupBackingStats, RepoChunks } from './repo-chunks.js';
 import { DuplicateChunks, slotFinder } from './repo-dups.js';
+import { ReadaheadWindow } from './repo-readahead.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 export type { BackupBackingStats } from './repo-chunks.js';
@@ -80,10 +81,10 @@ export class BackupBacking implements BlockDevice {
   /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
   private image: string | null = null;
   private renewTimer: NodeJS.Timeout | null = null;
-  /** Where the last read through to the repository ended (readahead's sequential test), or -1. */
-  private seqEnd = -1;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
+  /** Which chunks a sequential reader gets fetched ahead (repo-readahead.ts). */
+  private readonly ahead: ReadaheadWindow;
   /** Positions holding the same chunk (filled from one fetch: `DUP_FILLS`), built once the index is loaded. */
   private readonly dups = new DuplicateChunks();
   private dupsStarted = false;
@@ -102,6 +103,13 @@ export class BackupBacking implements BlockDevice {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
     this.filledChunks = new BitSet(manifest.ids.length);
+    this.ahead = new ReadaheadWindow(
+      this.blockSize,
+      manifest.ids.length,
+      this.readahead,
+      Math.max(this.readahead, Math.floor(MAX_AHEAD / this.blockSize)),
+      (k) => this.isZeroChunk(k) || this.isBaseChunk(k),
+    );
     this.src = new RepoChunks(name, repo, store, manifest, () => this.closed);
   }
 
@@ -219,22 +227,17 @@ export class BackupBacking implements BlockDevice {
   }
 
   /**
-   * Readahead for a sequential reader (a guest reading a file or the disk in order): when a read through to
-   * the repository continues where the previous one ended (within a chunk), the next `readahead` chunks
-   * not local, not zero and not already coming are fetched and filled now, each shared with the reads that
-   * reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk then stays local,
-   * fetched once. Its failure is the reader's to see when it gets there, not this read's.
+   * Readahead for a sequential reader (a guest reading a file or the disk in order; repo-readahead.ts says
+   * which chunks): those not local, not zero and not already coming are fetched and filled now, each shared
+   * with the reads that reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk
+   * then stays local, fetched once. Its failure is the reader's to see when it gets there, not this read's.
    */
   private readAhead(offset: number, length: number): void {
-    const C = this.blockSize;
-    const sequential = this.seqEnd >= 0 && Math.abs(offset - this.seqEnd) <= C;
-    this.seqEnd = offset + length;
-    if (!sequential || this.closed) return;
-    const last = Math.floor((offset + length - 1) / C);
-    const count = Math.ceil(this.size / C);
+    const range = this.ahead.onRead(offset, length);
+    if (!range || this.closed) return;
     const ks: number[] = [];
-    for (let j = last + 1; j <= last + this.readahead && j < count; j++) {
-      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j)) continue;
+    for (let j = range.from; j < range.to; j++) {
+      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j) || this.twinFetching(j)) continue;
       ks.push(j);
     }
     // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
@@ -248,6 +251,11 @@ export class BackupBacking implements BlockDevice {
   private duplicatesOf(k: number): number[] {
     if (!this.fill || !this.dups.ready) return [];
     return this.dups.others(k, DUP_FILLS, (j) => !this.filledChunks.has(j) && !this.inflight.has(j) && !this.bulk.has(j));
+  }
+
+  /** Whether another position holding chunk k's data is being fetched chunk by chunk (its fetch fills k too). */
+  private twinFetching(k: number): boolean {
+    return this.fetching.size > 0 && this.dups.others(k, 1, (j) => this.fetching.has(j)).length > 0;
   }
 
   /** Builds the map of positions sharing a chunk once, in the background, when the index is loaded. */
@@ -382,13 +390,21 @@ export class BackupBacking implements BlockDevice {
    * when the read is damaged; fills each chunk into the overlay, then answers its waiters.
    */
   private async bulkRead(r: Read, positions: number[][], slot: SharedSlot, fill: FillFn, opts: FetchAllOptions): Promise<void> {
+    // Positions whose chunk a twin is fetching chunk by chunk are left to that fetch (it fills them too).
+    const twins: Promise<void>[] = [];
     const items = r.items.filter((it) => {
-      const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
-      for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
+      const ps: number[] = [];
+      for (const k of positions[it.from!]!) {
+        if (this.filledChunks.has(k) || this.inflight.has(k) || this.bulk.has(k)) opts.onChunk?.(k);
+        else if (this.twinFetching(k)) twins.push(this.afterTwin(k, opts));
+        else ps.push(k);
+      }
       positions[it.from!] = ps;
       return ps.length > 0;
     });
-    if (items.length === 0) return;
+    const waited = Promise.all(twins);
+    waited.catch(() => undefined);
+    if (items.length === 0) return waited.then(() => undefined);
     const mine = items.flatMap((it) => positions[it.from!]!);
     for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
     try {
@@ -401,6 +417,7 @@ export class BackupBacking implements BlockDevice {
           await Promise.all(positions[it.from!]!.map((k) => this.fillBulk(k, data, fill, opts)));
         }),
       );
+      await waited;
     } catch (e) {
       for (const k of mine) {
         const w = this.bulk.get(k);
@@ -410,6 +427,15 @@ export class BackupBacking implements BlockDevice {
       }
       throw e;
     }
+  }
+
+  /** Chunk k, whose twin was being fetched chunk by chunk: filled by that fetch, or else fetched now. */
+  private async afterTwin(k: number, opts: FetchAllOptions): Promise<void> {
+    const twin = this.dups.others(k, 1, (j) => this.fetching.has(j))[0];
+    await (twin === undefined ? undefined : this.fetching.get(twin))?.catch(() => undefined);
+    // That fetch marked k in flight (DUP_FILLS) unless it failed or k was past its limit.
+    if (!this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k)) await this.chunk(k);
+    opts.onChunk?.(k);
   }
 
   /** Fills chunk k from a bulk read: waiters get the data at once, the fill is awaited before the next use. */
@@ -528,7 +554,10 @@ const DUP_FILLS = 16;
 /** Bulk-read slots up to this size (input and output together) are kept for reuse. */
 const BULK_SLOT_KEEP = 32 * 1024 * 1024;
 
-/** KSCINC_LIVE_READAHEAD: chunks a sequential reader's misses fetch ahead (0 turns readahead off). */
+/** Bytes of disk readahead's window grows to at most (repo-readahead.ts). */
+const MAX_AHEAD = 32 * 1024 * 1024;
+
+/** KSCINC_LIVE_READAHEAD: chunks a sequential reader's first window fetches ahead (0 turns readahead off). */
 function readaheadChunks(): number {
   const v = process.env.KSCINC_LIVE_READAHEAD;
   if (v === undefined || v === '') return 4;
