@@ -222,8 +222,16 @@ export class BackupBacking implements BlockDevice {
       else parts.push(this.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
-    if (this.fill && this.readahead > 0) this.readAhead(offset, target.length);
+    this.noteRead(offset, target.length);
     await Promise.all(parts);
+  }
+
+  /**
+   * A read of [offset, offset+length) of the image above, local or not (KscImage.onRead, open.ts): a
+   * sequential reader's readahead goes on while it reads chunks already filled.
+   */
+  noteRead(offset: number, length: number): void {
+    if (this.fill && this.readahead > 0 && !this.closed) this.readAhead(offset, length);
   }
 
   /**
@@ -234,7 +242,7 @@ export class BackupBacking implements BlockDevice {
    */
   private readAhead(offset: number, length: number): void {
     const range = this.ahead.onRead(offset, length);
-    if (!range || this.closed) return;
+    if (!range) return;
     const ks: number[] = [];
     for (let j = range.from; j < range.to; j++) {
       if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j) || this.twinFetching(j)) continue;

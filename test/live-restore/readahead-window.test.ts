@@ -19,24 +19,42 @@ describe('readahead window', () => {
   });
 
   it('asks for the next batch when less than half a window is left ahead, not one chunk per read', () => {
-    const w = new ReadaheadWindow(C, 1000, 8, 32);
+    const w = new ReadaheadWindow(C, 1000, 8, 8);
     at(w, 0);
     expect(at(w, 1)).toEqual({ from: 2, to: 10 });
     for (const k of [2, 3, 4, 5]) expect(at(w, k)).toBeNull(); // 7, 6, 5, 4 ahead
     expect(at(w, 6)).toEqual({ from: 10, to: 15 }); // 3 ahead: up to 8 ahead
-    expect(w.window).toBe(8);
   });
 
-  it('a reader that got past the whole window (it read the filled chunks from the image) doubles it, up to the maximum', () => {
+  it('the window doubles with each batch of a sequential reader, up to the maximum; a jump starts it again', () => {
     const w = new ReadaheadWindow(C, 1000, 4, 16);
     at(w, 0);
     expect(at(w, 1)).toEqual({ from: 2, to: 6 });
-    // Chunks 2..5 read from the image (not seen); 6 goes through.
-    expect(at(w, 6)).toEqual({ from: 7, to: 15 });
     expect(w.window).toBe(8);
-    expect(at(w, 15)).toEqual({ from: 16, to: 32 });
-    expect(at(w, 32)).toEqual({ from: 33, to: 49 });
+    expect(at(w, 2)).toEqual({ from: 6, to: 11 }); // 3 ahead, less than 4
+    expect(at(w, 3)).toEqual({ from: 11, to: 20 }); // 7 ahead, less than 8
     expect(w.window).toBe(16);
+    for (let k = 4; k < 12; k++) expect(at(w, k)).toBeNull();
+    expect(at(w, 12)).toEqual({ from: 20, to: 29 });
+    expect(w.window).toBe(16);
+    at(w, 500);
+    expect(w.window).toBe(4);
+  });
+
+  it('the same read told twice (the image, then the backing) counts once', () => {
+    const w = new ReadaheadWindow(C, 1000, 4, 16);
+    at(w, 0);
+    expect(at(w, 1)).toEqual({ from: 2, to: 6 });
+    expect(at(w, 1)).toBeNull();
+    expect(w.window).toBe(8);
+  });
+
+  it('without the image telling it of local reads: a read just past the window (the reader read the filled chunks unseen) is sequential', () => {
+    const w = new ReadaheadWindow(C, 1000, 4, 16);
+    at(w, 0);
+    expect(at(w, 1)).toEqual({ from: 2, to: 6 });
+    expect(at(w, 6)).toEqual({ from: 7, to: 15 });
+    expect(at(w, 15)).toEqual({ from: 16, to: 32 });
   });
 
   it('a read past a run of chunks that need no fetch (zero chunks: NBD holes, never read through) is still sequential', () => {
