@@ -1,7 +1,8 @@
 /**
  * Readahead of a live restore's backing (src/image/repobacking.ts, issue 18): which chunks to fetch ahead
  * of a sequential reader. The image tells the backing of every read (KscImage.onRead, installed by open.ts
- * with the fill), local or not, so the window keeps going while the reader reads chunks already filled;
+ * with the fill), local or not, so a window keeps going while the reader reads chunks already filled (only
+ * reads that go through to the repository start one);
  * a backing used without that hook sees only the reads that go through to the repository, so a read also
  * counts as sequential when it lands inside the window fetched ahead or just past it (the reader went
  * through the filled chunks unseen). The same read told twice (the hook, then the backing) counts once.
@@ -48,9 +49,13 @@ export class ReadaheadWindow {
     return this.win;
   }
 
-  /** A read of [offset, offset+length) went through to the repository: the chunks to fetch ahead now, or null. */
-  onRead(offset: number, length: number): AheadRange | null {
-    if (this.initial <= 0 || length <= 0) return null;
+  /**
+   * A read of [offset, offset+length): the chunks to fetch ahead now, or null. `mayStart` false (a read
+   * the image tells of before it knows whether it is local) only keeps a window going: a reader of what the
+   * guest wrote itself gets nothing fetched; its reads that go through to the repository start one.
+   */
+  onRead(offset: number, length: number, mayStart = true): AheadRange | null {
+    if (this.initial <= 0 || length <= 0 || (!mayStart && this.next < 0)) return null;
     if (offset === this.seqStart && offset + length === this.seqEnd) return null; // told twice
     const C = this.chunkSize;
     const first = Math.floor(offset / C);

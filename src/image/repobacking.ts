@@ -189,16 +189,17 @@ export class BackupBacking implements BlockDevice {
       else parts.push(this.fills.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
-    this.noteRead(offset, target.length);
+    this.noteRead(offset, target.length, true);
     await Promise.all(parts);
   }
 
   /**
    * A read of [offset, offset+length) of the image above, local or not (KscImage.onRead, open.ts): a
-   * sequential reader's readahead goes on while it reads chunks already filled.
+   * sequential reader's readahead goes on while it reads chunks already filled. `mayStart`: a read through
+   * to the repository (readInto), which may start a window.
    */
-  noteRead(offset: number, length: number): void {
-    if (this.fills.fill && this.readahead > 0 && !this.closed) this.readAhead(offset, length);
+  noteRead(offset: number, length: number, mayStart = false): void {
+    if (this.fills.fill && this.readahead > 0 && !this.closed) this.readAhead(offset, length, mayStart);
   }
 
   /**
@@ -207,8 +208,8 @@ export class BackupBacking implements BlockDevice {
    * with the reads that reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk
    * then stays local, fetched once. Its failure is the reader's to see when it gets there, not this read's.
    */
-  private readAhead(offset: number, length: number): void {
-    const range = this.ahead.onRead(offset, length);
+  private readAhead(offset: number, length: number, mayStart: boolean): void {
+    const range = this.ahead.onRead(offset, length, mayStart);
     if (!range) return;
     const ks: number[] = [];
     for (let j = range.from; j < range.to; j++) {

@@ -72,6 +72,16 @@ describe('readahead window', () => {
     expect(at(v, 40)).toBeNull();
   });
 
+  it('a read the image tells of (local or not: mayStart false) keeps a window going but starts none', () => {
+    const w = new ReadaheadWindow(C, 1000, 4, 16);
+    expect(w.onRead(0, C, false)).toBeNull();
+    expect(w.onRead(C, C, false)).toBeNull(); // a reader of what the guest wrote: nothing fetched
+    expect(at(w, 1)).toBeNull(); // the backing hears of chunk 1 now: the reader's first read through
+    expect(at(w, 2)).toEqual({ from: 3, to: 7 });
+    expect(w.onRead(3 * C, C, false)).toEqual({ from: 7, to: 12 }); // read from the image, the window goes on
+    expect(at(w, 3)).toBeNull(); // told twice
+  });
+
   it('stops at the end of the disk; off with an initial window of 0', () => {
     const w = new ReadaheadWindow(C, 8, 4, 16);
     at(w, 4);
