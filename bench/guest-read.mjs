@@ -17,10 +17,11 @@
  * while the guest boots: pass --serve-arg=--no-pull there to measure reads of data that is not local yet.
  * --side (repeatable) runs the restore and live sides with another built `kscinc` (e.g. a copy of an older
  * dist/cli/kscinc.cjs), the sides alternating within each pass; the load average is printed with each pass.
- * --no-raw leaves out the raw-file peer.
+ * --no-raw leaves out the raw-file peer. The disk (bench/lib/live.mjs makeLiveDisk): random and repetitive 64 KiB
+ * runs from a seeded PRNG, no chunk repeated; --random takes the random runs from crypto; --dedupe makes the
+ * disk of sessions 9–14 (its generator lost bits: 42 distinct 1 MiB chunks in 256 MiB, dedupe 6.1×).
  */
 import { spawn } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
@@ -29,6 +30,7 @@ import { parseArgs } from 'node:util';
 const { MiB, dropCaches, median, hostWarm, rmf, timed, mbps } = await import('./lib/common.mjs');
 const { CLI, kscinc, log, serveKscinc } = await import('./lib/kscinc.mjs');
 const { buildGuest, qemuArgs } = await import('../scripts/guest-kit.mjs');
+const { load, makeLiveDisk, parseSides } = await import('./lib/live.mjs');
 
 const { values: args } = parseArgs({
   options: {
@@ -36,6 +38,7 @@ const { values: args } = parseArgs({
     reps: { type: 'string', default: '3' },
     keep: { type: 'boolean', default: false },
     random: { type: 'boolean', default: false },
+    dedupe: { type: 'boolean', default: false },
     'serve-arg': { type: 'string', multiple: true, default: [] },
     side: { type: 'string', multiple: true, default: [] },
     'no-raw': { type: 'boolean', default: false },
@@ -46,43 +49,8 @@ const serveArgs = args['serve-arg'];
 const sizeMiB = Number(args.size);
 const size = sizeMiB * MiB;
 const reps = Number(args.reps);
-const sides = (args.side.length ? args.side : [`tree=${CLI}`]).map((s) => {
-  const i = s.indexOf('=');
-  return { name: s.slice(0, i), cli: s.slice(i + 1) };
-});
+const sides = parseSides(args.side, CLI);
 const cli = (argv, side = sides[0]) => kscinc(argv, { cli: side.cli });
-const load = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(1))
-    .join(' ');
-
-/**
- * Random and repetitive 64 KiB runs, no zero chunks. The "random" runs come from an LCG computed in doubles
- * (its products pass 2^53 and lose bits), so they repeat: a 256 MiB disk holds 42 distinct 1 MiB chunks
- * (dedupe 6.1×, stored ≈ 550 KiB). Kept as it is, so that figures stay comparable from session to session;
- * --random makes those runs truly random (crypto): no repeated chunk, lz4 ≈ 2:1.
- */
-async function makeSource(path) {
-  const fh = await fsp.open(path, 'w');
-  try {
-    let seed = 4242;
-    const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
-    const piece = Buffer.alloc(4 * MiB);
-    for (let pos = 0; pos < size; pos += piece.length) {
-      for (let o = 0; o < piece.length; o += 65536) {
-        const run = piece.subarray(o, o + 65536);
-        if (rnd() < 0.5) {
-          if (args.random) randomFillSync(run);
-          else for (let i = 0; i < run.length; i += 4) run.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
-        } else run.fill(1 + Math.floor(rnd() * 255));
-      }
-      await fh.write(piece, 0, Math.min(piece.length, size - pos), pos);
-    }
-  } finally {
-    await fh.close();
-  }
-}
 
 /** Boots the guest on `uri`, runs `script`, returns its KSC-RESULT values. */
 async function guest(uri, script, work) {
@@ -104,7 +72,7 @@ try {
   const src = join(work, 'src.raw');
   const repo = join(work, 'repo');
   log(`guest read bench: ${sizeMiB} MiB disk, ${reps} passes, in ${work}`);
-  await makeSource(src);
+  await makeLiveDisk(src, size, args.random ? 'random' : args.dedupe ? 'dedupe' : 'seeded');
   await cli(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']);
   const packs = [];
   for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) packs.push(join(repo, 'packs', d, f));

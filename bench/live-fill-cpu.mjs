@@ -12,18 +12,22 @@
  * Sides (--side NAME=CLI, repeatable; default the built tree) alternate within each pass. The load
  * average is printed with every pass.
  *
- * `npm run build --silent && node bench/live-fill-cpu.mjs [--size 256] [--passes 3] [--random] [--side old=/tmp/old/dist/cli/kscinc.cjs --side new=dist/cli/kscinc.cjs]`
+ * The server's main thread is also measured alone (at queue depth 1 it is the path every request waits on).
+ * The disk: bench/lib/live.mjs makeLiveDisk (--random: crypto runs; --dedupe: the old disk of 42 distinct
+ * chunks in 256 MiB).
+ *
+ * `npm run build --silent && node bench/live-fill-cpu.mjs [--size 256] [--passes 3] [--random|--dedupe] [--side old=/tmp/old/dist/cli/kscinc.cjs --side new=dist/cli/kscinc.cjs]`
  * Environment passed to serve (e.g. KSCINC_LIVE_READAHEAD=16) applies to every side.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { randomFillSync } from 'node:crypto';
-import { promises as fsp, readFileSync } from 'node:fs';
+import { promises as fsp } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 
 const { MiB, median, rmf } = await import('./lib/common.mjs');
 const { CLI, kscinc, log, serveKscinc } = await import('./lib/kscinc.mjs');
+const { cpuOf, load, makeLiveDisk, parseSides } = await import('./lib/live.mjs');
 
 const { values: args } = parseArgs({
   options: {
@@ -32,29 +36,14 @@ const { values: args } = parseArgs({
     side: { type: 'string', multiple: true, default: [] },
     keep: { type: 'boolean', default: false },
     random: { type: 'boolean', default: false },
+    dedupe: { type: 'boolean', default: false },
     'request-size': { type: 'string', default: '1048576' },
   },
 });
 const sizeMiB = Number(args.size);
 const size = sizeMiB * MiB;
 const passes = Number(args.passes);
-const sides = (args.side.length ? args.side : [`tree=${CLI}`]).map((s) => {
-  const i = s.indexOf('=');
-  return { name: s.slice(0, i), cli: s.slice(i + 1) };
-});
-
-const TICK = 100; // clock ticks per second (USER_HZ)
-/** utime+stime of process `pid` in seconds (its own, not its children's). */
-function cpuOf(pid) {
-  const f = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const rest = f.slice(f.lastIndexOf(')') + 2).split(' ');
-  return (Number(rest[11]) + Number(rest[12])) / TICK;
-}
-const load = () =>
-  os
-    .loadavg()
-    .map((x) => x.toFixed(1))
-    .join(' ');
+const sides = parseSides(args.side, CLI);
 
 /** Runs `node CLI ARGV` under /usr/bin/time; its user+sys in seconds. */
 function timedCpu(cli, argv) {
@@ -73,38 +62,16 @@ function nbdcopy(uri) {
   });
 }
 
-/** Random and repetitive 64 KiB runs: bench/guest-read.mjs's disk (42 distinct chunks in 256 MiB; --random: none repeated). */
-async function makeSource(path) {
-  const fh = await fsp.open(path, 'w');
-  try {
-    let seed = 4242;
-    const rnd = () => (seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32;
-    const piece = Buffer.alloc(4 * MiB);
-    for (let pos = 0; pos < size; pos += piece.length) {
-      for (let o = 0; o < piece.length; o += 65536) {
-        const run = piece.subarray(o, o + 65536);
-        if (rnd() < 0.5) {
-          if (args.random) randomFillSync(run);
-          else for (let i = 0; i < run.length; i += 4) run.writeUInt32LE((rnd() * 2 ** 32) >>> 0, i);
-        } else run.fill(1 + Math.floor(rnd() * 255));
-      }
-      await fh.write(piece, 0, Math.min(piece.length, size - pos), pos);
-    }
-  } finally {
-    await fh.close();
-  }
-}
-
 const work = await fsp.mkdtemp(join(process.env.KSCINC_BENCH_DIR ?? os.tmpdir(), 'kscinc-bench-fillcpu-'));
 try {
   const src = join(work, 'src.raw');
   const repo = join(work, 'repo');
-  await makeSource(src);
+  await makeLiveDisk(src, size, args.random ? 'random' : args.dedupe ? 'dedupe' : 'seeded');
   await kscinc(['backup', src, '--repo', repo, '--no-bitmap', '--no-encrypt']);
   const full = join(work, 'full.raw');
   const vm = join(work, 'vm.ksc');
   log(`live fill CPU bench: ${sizeMiB} MiB disk, ${passes} passes, sides ${sides.map((s) => s.name).join(', ')}; CPU s (user+sys)`);
-  const res = Object.fromEntries(sides.map((s) => [s.name, { startup: [], restore: [], live: [], again: [] }]));
+  const res = Object.fromEntries(sides.map((s) => [s.name, { startup: [], restore: [], live: [], again: [], liveMain: [], againMain: [] }]));
   for (let pass = 0; pass < passes; pass++) {
     const order = pass % 2 === 0 ? sides : [...sides].reverse();
     for (const side of order) {
@@ -117,29 +84,32 @@ try {
       await kscinc(['restore', 'latest', vm, '--repo', repo, '--live'], { cli: side.cli });
       const s = await serveKscinc([vm, '--listen', '127.0.0.1:0', '--no-supervisor', '--no-pull'], { cli: side.cli });
       try {
-        const c0 = cpuOf(s.proc.pid);
+        const pid = s.proc.pid;
+        const [c0, m0] = [cpuOf(pid), cpuOf(pid, pid)];
         await nbdcopy(s.uri);
-        const c1 = cpuOf(s.proc.pid);
+        const [c1, m1] = [cpuOf(pid), cpuOf(pid, pid)];
         await nbdcopy(s.uri);
-        const c2 = cpuOf(s.proc.pid);
+        const [c2, m2] = [cpuOf(pid), cpuOf(pid, pid)];
         r.live.push(c1 - c0);
         r.again.push(c2 - c1);
+        r.liveMain.push(m1 - m0);
+        r.againMain.push(m2 - m1);
       } finally {
         await s.stop();
       }
       const i = r.live.length - 1;
       log(
-        `  pass ${pass + 1} ${side.name}: start-up ${r.startup[i].toFixed(2)}, restore ${r.restore[i].toFixed(2)}, live ${r.live[i].toFixed(2)}, again ${r.again[i].toFixed(2)} (load ${l0} → ${load()})`,
+        `  pass ${pass + 1} ${side.name}: start-up ${r.startup[i].toFixed(2)}, restore ${r.restore[i].toFixed(2)}, live ${r.live[i].toFixed(2)} (main thread ${r.liveMain[i].toFixed(2)}), again ${r.again[i].toFixed(2)} (${r.againMain[i].toFixed(2)}) (load ${l0} → ${load()})`,
       );
     }
   }
   log('');
-  log('median CPU ms per MiB: restore (start-up subtracted) | live read-through (server) | again, local (server) | live − again (the fill)');
+  log('median CPU ms per MiB: restore (start-up subtracted) | live read-through (server; its main thread) | again, local (server; main) | live − again (the fill)');
   for (const side of sides) {
     const r = res[side.name];
     const per = (x) => ((x * 1000) / sizeMiB).toFixed(2);
     const rest = median(r.restore) - median(r.startup);
-    log(`  ${side.name}: ${per(rest)} | ${per(median(r.live))} | ${per(median(r.again))} | ${per(median(r.live) - median(r.again))}`);
+    log(`  ${side.name}: ${per(rest)} | ${per(median(r.live))}; ${per(median(r.liveMain))} | ${per(median(r.again))}; ${per(median(r.againMain))} | ${per(median(r.live) - median(r.again))}`);
   }
 } finally {
   if (!args.keep) await fsp.rm(work, { recursive: true, force: true });

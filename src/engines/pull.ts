@@ -174,6 +174,7 @@ async function detach(img: KscImage, b: BackupBacking, path: string): Promise<st
     await img.setBacking(local.ref.name, 'raw', local.device); // flushes first
     local.handOver();
   } else await img.setBacking(null, null, null); // flushes first
+  img.onRead = null; // no readahead from a backing the image no longer reads (open.ts)
   // Only now, with the header without the backing durable, may prune delete what the image read from
   // (repository.md §8.1). A reference left behind (repository away) only keeps the backup longer.
   let referenceLeft: string | null = null;

@@ -151,7 +151,11 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
       handover: depth === 0 ? opts.handover : undefined,
       deferSweep: depth === 0 && !!opts.deferSweep,
     });
-    if (write && backing instanceof BackupBacking) backing.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
+    if (write && backing instanceof BackupBacking) {
+      const b = backing;
+      b.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
+      img.onRead = (off, n) => b.noteRead(off, n);
+    }
     return img;
   } catch (e) {
     await backing?.close();

@@ -5,22 +5,15 @@
  * `k`. A zero id reads as zeros without a request. Any other chunk is looked up in the repository's index
  * (loaded once, on the first fetch, keeping only this backup's chunks), read from its pack with one ranged
  * read, decompressed and checked against its id in the worker pool (the same decoder restore uses), and only
- * then returned (§4.2 rule 2). Concurrent reads of one chunk share one fetch; when the overlay above
- * installed a fill (`setFill`, a writable open), the verified chunk is handed to it (copy-on-read, rule 3)
- * and stays in memory until the fill is done, so no read between fetch and fill fetches it again. Positions
- * holding the same chunk id (repo-dups.ts) share its fetch and are filled from it, up to DUP_FILLS a fetch:
- * a disk that repeats a chunk fetches and decodes it once, as a restore does.
+ * then returned (§4.2 rule 2): repo-chunks.ts. When the overlay above installed a fill (`setFill`, a
+ * writable open), the verified chunk is handed to it (copy-on-read, rule 3); one fetch per chunk for all its
+ * readers, duplicate positions and bulk fetches are repo-fills.ts. A sequential reader gets chunks fetched
+ * ahead (repo-readahead.ts decides which).
  *
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
  */
 import { KscError } from '../errors.js';
-import { SharedSlot } from '../compress/pool.js';
-import type { Read } from '../repo/fetch.js';
-import { planBulkReads } from './bulk-plan.js';
-import { mapLimit } from '../util/concurrency.js';
-import { BitSet } from '../util/bitset.js';
-import { BLOB_HEADER } from '../compress/codec.js';
 import type { BackupRef } from '../format/header.js';
 import { isZeroId } from '../hash/chunkid.js';
 import { openStore } from '../objstore/open.js';
@@ -34,29 +27,12 @@ import { type BlockDevice, type Extent, assertRange, mergeExtents } from './type
 import type { LocalBaseRef } from '../format/local-base.js';
 import { LocalBase } from './local-base.js';
 import { type BackupBackingStats, RepoChunks } from './repo-chunks.js';
-import { DuplicateChunks, slotFinder } from './repo-dups.js';
+import { ChunkFills, type FetchAllOptions, type FillFn } from './repo-fills.js';
+import { ReadaheadWindow } from './repo-readahead.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 export type { BackupBackingStats } from './repo-chunks.js';
-
-export type FillFn = (offset: number, data: Buffer) => Promise<void>;
-
-export interface FetchAllOptions {
-  /** Coalesced reads in flight (default 4). */
-  concurrency?: number;
-  /** Bytes of pack a coalesced read spans at most (default 4 MiB). */
-  maxRead?: number;
-  /** Called once chunk `k` is verified and filled (or found already held). */
-  onChunk?: (k: number) => void;
-  /** Awaited before each coalesced read with its length (a throttle); throwing stops the fetch. */
-  beforeRead?: (bytes: number) => Promise<void>;
-}
-
-/** A chunk of a bulk fetch that readers may wait for: its data once verified (a view until `copyOut`). */
-interface Waiting {
-  data: Buffer | null;
-  waiters: { resolve: (b: Buffer) => void; reject: (e: unknown) => void }[];
-}
+export type { FetchAllOptions, FillFn } from './repo-fills.js';
 
 export class BackupBacking implements BlockDevice {
   readonly format = 'raw' as const;
@@ -65,30 +41,16 @@ export class BackupBacking implements BlockDevice {
   readonly size: number;
   /** The repository side: index, ranged reads, decoding (repo-chunks.ts). */
   private readonly src: RepoChunks;
-  /** Chunk position → its verified data, from the start of its fetch until it is filled (or returned). */
-  private readonly inflight = new Map<number, Promise<Buffer>>();
-  /** Chunk position → its own fetch from the repository, while it runs (positions holding the same chunk share it). */
-  private readonly fetching = new Map<number, Promise<Buffer>>();
-  private readonly fills = new Set<Promise<void>>();
-  /** Chunks of a bulk fetch (fetchAll) whose read has started and whose fill is not done. */
-  private readonly bulk = new Map<number, Waiting>();
-  /** Chunks this backing has filled into the overlay (no bulk fetch reads them again). */
-  /** A bit set: V8 caps a Set at 2^24 members, a 1 TiB disk of 64 KiB chunks. */
-  private readonly filledChunks: BitSet;
-  private fill: FillFn | null = null;
+  /** Fetches into the overlay: one per chunk for all its readers, duplicates, bulk fetches (repo-fills.ts). */
+  private readonly fills: ChunkFills;
   private closed = false;
   /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
   private image: string | null = null;
   private renewTimer: NodeJS.Timeout | null = null;
-  /** Where the last read through to the repository ended (readahead's sequential test), or -1. */
-  private seqEnd = -1;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
-  /** Positions holding the same chunk (filled from one fetch: `DUP_FILLS`), built once the index is loaded. */
-  private readonly dups = new DuplicateChunks();
-  private dupsStarted = false;
-  /** Slots of bulk reads kept for the next fetchAll (fresh shared memory per read cost page faults and zeroing). */
-  private readonly bulkSlots: SharedSlot[] = [];
+  /** Which chunks a sequential reader gets fetched ahead (repo-readahead.ts). */
+  private readonly ahead: ReadaheadWindow;
 
   private constructor(
     readonly name: string,
@@ -101,8 +63,21 @@ export class BackupBacking implements BlockDevice {
   ) {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
-    this.filledChunks = new BitSet(manifest.ids.length);
+    this.ahead = new ReadaheadWindow(
+      this.blockSize,
+      manifest.ids.length,
+      this.readahead,
+      Math.max(this.readahead, Math.floor(MAX_AHEAD / this.blockSize)),
+      (k) => this.isZeroChunk(k) || this.isBaseChunk(k),
+    );
     this.src = new RepoChunks(name, repo, store, manifest, () => this.closed);
+    this.fills = new ChunkFills(
+      name,
+      this.src,
+      manifest,
+      (k) => this.isZeroChunk(k) || this.isBaseChunk(k),
+      () => this.closed,
+    );
   }
 
   get stats(): BackupBackingStats {
@@ -170,7 +145,7 @@ export class BackupBacking implements BlockDevice {
 
   /** Installs the copy-on-read fill of the overlay above (a writable open). */
   setFill(fill: FillFn | null): void {
-    this.fill = fill;
+    this.fills.fill = fill;
   }
 
   /** Whether chunk `k` is a zero chunk (no fetch needed). */
@@ -211,228 +186,55 @@ export class BackupBacking implements BlockDevice {
       const n = end - pos;
       if (this.isZeroChunk(k)) target.fill(0, at, at + n);
       else if (this.isBaseChunk(k)) parts.push(this.localBase!.readInto(pos, target.subarray(at, at + n)));
-      else parts.push(this.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
+      else parts.push(this.fills.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
-    if (this.fill && this.readahead > 0) this.readAhead(offset, target.length);
+    this.noteRead(offset, target.length, true);
     await Promise.all(parts);
   }
 
   /**
-   * Readahead for a sequential reader (a guest reading a file or the disk in order): when a read through to
-   * the repository continues where the previous one ended (within a chunk), the next `readahead` chunks
-   * not local, not zero and not already coming are fetched and filled now, each shared with the reads that
-   * reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk then stays local,
-   * fetched once. Its failure is the reader's to see when it gets there, not this read's.
+   * A read of [offset, offset+length) of the image above, local or not (KscImage.onRead, open.ts): a
+   * sequential reader's readahead goes on while it reads chunks already filled. `mayStart`: a read through
+   * to the repository (readInto), which may start a window.
    */
-  private readAhead(offset: number, length: number): void {
-    const C = this.blockSize;
-    const sequential = this.seqEnd >= 0 && Math.abs(offset - this.seqEnd) <= C;
-    this.seqEnd = offset + length;
-    if (!sequential || this.closed) return;
-    const last = Math.floor((offset + length - 1) / C);
-    const count = Math.ceil(this.size / C);
+  noteRead(offset: number, length: number, mayStart = false): void {
+    if (this.fills.fill && this.readahead > 0 && !this.closed) this.readAhead(offset, length, mayStart);
+  }
+
+  /**
+   * Readahead for a sequential reader (a guest reading a file or the disk in order; repo-readahead.ts says
+   * which chunks): those not local, not zero and not already coming are fetched and filled now, each shared
+   * with the reads that reach it meanwhile (`chunk`). Only with a fill (a writable open): a fetched chunk
+   * then stays local, fetched once. Its failure is the reader's to see when it gets there, not this read's.
+   */
+  private readAhead(offset: number, length: number, mayStart: boolean): void {
+    const range = this.ahead.onRead(offset, length, mayStart);
+    if (!range) return;
     const ks: number[] = [];
-    for (let j = last + 1; j <= last + this.readahead && j < count; j++) {
-      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.filledChunks.has(j) || this.inflight.has(j) || this.bulk.has(j)) continue;
+    for (let j = range.from; j < range.to; j++) {
+      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.fills.held(j) || this.fills.twinFetching(j)) continue;
       ks.push(j);
     }
     // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
     const all = new Set(ks);
-    for (const k of ks) for (const j of this.duplicatesOf(k)) all.add(j);
+    for (const k of ks) for (const j of this.fills.duplicatesOf(k)) all.add(j);
     // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool.
     if (all.size > 0) this.fetchAll([...all], { concurrency: 2 }).catch(() => undefined);
   }
 
-  /** Up to DUP_FILLS other positions holding chunk k's data that are not local and not coming yet. */
-  private duplicatesOf(k: number): number[] {
-    if (!this.fill || !this.dups.ready) return [];
-    return this.dups.others(k, DUP_FILLS, (j) => !this.filledChunks.has(j) && !this.inflight.has(j) && !this.bulk.has(j));
-  }
-
-  /** Builds the map of positions sharing a chunk once, in the background, when the index is loaded. */
-  private startDuplicates(): void {
-    if (this.dupsStarted || !this.fill) return;
-    this.dupsStarted = true;
-    const ids = this.manifest.ids;
-    this.src
-      .loadIndex()
-      .then((index) =>
-        this.dups.build(
-          ids.length,
-          index.slots,
-          (k) => !this.isZeroChunk(k) && !this.isBaseChunk(k),
-          slotFinder(index, (k) => ids.view(k)),
-          () => this.closed,
-        ),
-      )
-      .catch(() => (this.dupsStarted = false));
-  }
-
-  /** Chunk `k`'s verified data: one fetch for concurrent readers, kept until the overlay has filled it. */
-  chunk(k: number): Promise<Buffer> {
-    const have = this.inflight.get(k) ?? this.fromBulk(k);
-    if (have) {
-      this.stats.chunksShared++;
-      return have;
-    }
-    this.startDuplicates();
-    // Another position holding the same chunk being fetched: its fetch serves this one too.
-    const twin = this.dups.others(k, DUP_FILLS, (j) => this.fetching.has(j) || this.bulk.has(j))[0];
-    let src: Promise<Buffer>;
-    if (twin !== undefined) {
-      this.stats.chunksShared++;
-      src = this.fetching.get(twin) ?? this.fromBulk(twin)!;
-    } else {
-      src = this.src.fetch(k);
-      this.fetching.set(k, src);
-      const done = (): void => void this.fetching.delete(k);
-      src.then(done, done);
-    }
-    const p: Promise<Buffer> = src.then(
-      (data) => {
-        const fill = this.fill;
-        if (fill && !this.closed) {
-          // The positions holding the same chunk, filled from this one fetch and shared with their readers.
-          const same = twin === undefined ? this.duplicatesOf(k) : [];
-          for (const j of same) this.inflight.set(j, p);
-          for (const j of [k, ...same]) {
-            const f = fill(j * this.blockSize, data)
-              .catch(() => undefined)
-              .finally(() => {
-                this.filledChunks.add(j);
-                this.inflight.delete(j);
-                this.fills.delete(f);
-              });
-            this.fills.add(f);
-          }
-          this.stats.duplicatesFilled += same.length;
-        } else this.inflight.delete(k);
-        return data;
-      },
-      (e: unknown) => {
-        this.inflight.delete(k);
-        throw e;
-      },
-    );
-    this.inflight.set(k, p);
-    return p;
-  }
-
-  /** Chunk k's data from a bulk fetch whose read has started (a copy: the read's buffers are reused), or null. */
-  private fromBulk(k: number): Promise<Buffer> | null {
-    const w = this.bulk.get(k);
-    if (!w) return null;
-    if (w.data) return Promise.resolve(Buffer.from(w.data));
-    return new Promise((resolve, reject) => w.waiters.push({ resolve, reject }));
-  }
-
   /**
-   * Fetches chunks `ks` the way a restore reads (src/repo/fetch.ts): their blobs sorted by pack and offset,
-   * coalesced into ranged reads of up to `maxRead` bytes, several in flight, decoded and checked in the
-   * worker pool, each verified chunk filled into the overlay (awaited: a read's buffers are reused only
-   * after its fills) before `onChunk`. A chunk whose read has started is shared with readers (`chunk`);
-   * one that a reader fetched and filled meanwhile, or is fetching, is left out when its read starts. A
-   * read that fails its checks falls back to the chunk-by-chunk path (other copies). Needs a fill (a
-   * writable open).
+   * Fetches chunks `ks` the way a restore reads and fills each into the overlay (repo-fills.ts); needs a
+   * fill (a writable open).
    */
-  async fetchAll(ks: number[], opts: FetchAllOptions = {}): Promise<void> {
+  fetchAll(ks: number[], opts: FetchAllOptions = {}): Promise<void> {
     this.live();
-    const fill = this.fill;
-    if (!fill) throw new KscError('KSC_E_READ_ONLY', `${this.name}: fetching into the image needs it open for writing`);
-    this.startDuplicates();
-    const index = await this.src.loadIndex();
-    const plan = planBulkReads(
-      ks.filter((k) => !this.isZeroChunk(k) && !this.isBaseChunk(k)),
-      index,
-      (k) => Buffer.from(this.manifest.ids.view(k)),
-      (k, id) => this.src.notIndexed(k, id),
-      opts.maxRead ?? 4 * 1024 * 1024,
-    );
-    const outBytes = Math.max(plan.outBytes, BLOB_HEADER);
-    await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
-      await opts.beforeRead?.(r.length);
-      this.live();
-      const slot = this.takeBulkSlot(plan.inBytes, outBytes);
-      try {
-        await this.bulkRead(r, plan.positions, slot, fill, opts);
-      } finally {
-        this.giveBulkSlot(slot);
-      }
-    });
-  }
-
-  /** A free bulk-read slot with room for `inBytes` read and `outBytes` decoded, or a new one. */
-  private takeBulkSlot(inBytes: number, outBytes: number): SharedSlot {
-    const i = this.bulkSlots.findIndex((s) => s.input.length >= inBytes && s.output.length >= outBytes);
-    if (i >= 0) return this.bulkSlots.splice(i, 1)[0]!;
-    // Readahead's reads are small: room for a few more chunks than asked, so the next ones fit as well.
-    const grow = (n: number): number => (n <= BULK_SLOT_KEEP / 2 ? Math.max(n, Math.min(2 * n, BULK_SLOT_KEEP / 2)) : n);
-    return new SharedSlot(grow(inBytes), grow(outBytes));
-  }
-
-  /** Keeps a few slots of readahead's size for the next fetch (readahead runs one fetchAll per miss). */
-  private giveBulkSlot(slot: SharedSlot): void {
-    if (this.bulkSlots.length < 4 && slot.input.length + slot.output.length <= BULK_SLOT_KEEP && !this.closed) this.bulkSlots.push(slot);
-  }
-
-  /**
-   * One coalesced read of fetchAll: at its start it leaves out what readers filled or are fetching and
-   * shares the rest (`bulk`); unpacks and checks every blob, falling back to other copies chunk by chunk
-   * when the read is damaged; fills each chunk into the overlay, then answers its waiters.
-   */
-  private async bulkRead(r: Read, positions: number[][], slot: SharedSlot, fill: FillFn, opts: FetchAllOptions): Promise<void> {
-    const items = r.items.filter((it) => {
-      const ps = positions[it.from!]!.filter((k) => !this.filledChunks.has(k) && !this.inflight.has(k) && !this.bulk.has(k));
-      for (const k of positions[it.from!]!) if (!ps.includes(k)) opts.onChunk?.(k);
-      positions[it.from!] = ps;
-      return ps.length > 0;
-    });
-    if (items.length === 0) return;
-    const mine = items.flatMap((it) => positions[it.from!]!);
-    for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
-    try {
-      const res = await this.src.readUnpacked(r, items, positions, slot);
-      await Promise.all(
-        items.map(async (it, i) => {
-          const x = res?.[i];
-          const data = x && x.ok ? x.data : await this.src.fetch(positions[it.from!]![0]!);
-          if (x && x.ok) this.stats.chunksFetched++;
-          await Promise.all(positions[it.from!]!.map((k) => this.fillBulk(k, data, fill, opts)));
-        }),
-      );
-    } catch (e) {
-      for (const k of mine) {
-        const w = this.bulk.get(k);
-        if (!w) continue;
-        this.bulk.delete(k);
-        for (const q of w.waiters.splice(0)) q.reject(e);
-      }
-      throw e;
-    }
-  }
-
-  /** Fills chunk k from a bulk read: waiters get the data at once, the fill is awaited before the next use. */
-  private async fillBulk(k: number, data: Buffer, fill: FillFn, opts: FetchAllOptions): Promise<void> {
-    const w = this.bulk.get(k)!;
-    w.data = data;
-    for (const q of w.waiters.splice(0)) q.resolve(Buffer.from(data));
-    const f = fill(k * this.blockSize, data);
-    this.fills.add(f);
-    try {
-      await f;
-    } finally {
-      this.fills.delete(f);
-    }
-    this.filledChunks.add(k);
-    w.data = null;
-    this.bulk.delete(k);
-    opts.onChunk?.(k);
+    return this.fills.fetchAll(ks, opts);
   }
 
   /** Resolves when every fill started so far has finished (tests, pull). */
-  async settled(): Promise<void> {
-    while (this.fills.size > 0) await Promise.all([...this.fills]);
+  settled(): Promise<void> {
+    return this.fills.settled();
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
@@ -487,7 +289,7 @@ export class BackupBacking implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     if (this.renewTimer) clearInterval(this.renewTimer);
-    await Promise.all([...this.fills]).catch(() => undefined);
+    await this.fills.settled().catch(() => undefined);
     await this.lock?.release();
     await this.store.close();
     await this.localBase?.close();
@@ -518,17 +320,10 @@ function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number,
   if (why) throw new KscError('KSC_E_CORRUPT', `image ${image}: the manifest of backup ${ref.id} in ${repoName} is not the one it was restored from: ${why}`);
 }
 
-/**
- * Other positions holding a fetched chunk that are filled from it at most (per chunk fetched): a read of
- * one position then makes its duplicates local without another fetch and decode, as a restore writes one
- * decoded chunk everywhere it goes; bounded so that one read never writes much more than it asked for.
- */
-const DUP_FILLS = 16;
+/** Bytes of disk readahead's window grows to at most (repo-readahead.ts). */
+const MAX_AHEAD = 32 * 1024 * 1024;
 
-/** Bulk-read slots up to this size (input and output together) are kept for reuse. */
-const BULK_SLOT_KEEP = 32 * 1024 * 1024;
-
-/** KSCINC_LIVE_READAHEAD: chunks a sequential reader's misses fetch ahead (0 turns readahead off). */
+/** KSCINC_LIVE_READAHEAD: chunks a sequential reader's first window fetches ahead (0 turns readahead off). */
 function readaheadChunks(): number {
   const v = process.env.KSCINC_LIVE_READAHEAD;
   if (v === undefined || v === '') return 4;

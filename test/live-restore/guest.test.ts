@@ -159,9 +159,10 @@ describe('live restore under a real QEMU guest', () => {
       ok(kscinc(['backup', src, '--repo', repo, '--no-bitmap'], { env }), 'backup to S3');
       const vm = join(dir, 'outage-vm.ksc');
       ok(kscinc(['restore', 'latest', vm, '--repo', repo, '--live'], { env }), 'restore --live');
-      // --no-pull: nothing fetches the chunks before the guest asks for them, so the read below meets the
-      // outage with every chunk of its range still remote.
-      const s = spawnServe([vm, '--listen', '127.0.0.1:0', '--no-pull'], { env, timeoutMs: 30_000 });
+      // --no-pull and no readahead: nothing fetches the chunks before the guest asks for them, so the read
+      // below meets the outage with every chunk of its range still remote (readahead's window, up to 32 MiB,
+      // would fetch this whole 16 MiB disk behind the first read).
+      const s = spawnServe([vm, '--listen', '127.0.0.1:0', '--no-pull'], { env: { ...env, KSCINC_LIVE_READAHEAD: '0' }, timeoutMs: 30_000 });
       let readMs = -1;
       let stillReading = false;
       let r: Record<string, string> = {};

@@ -1,7 +1,8 @@
 /**
- * Readahead of a live-restored image (src/image/repobacking.ts readAhead): a reader that goes on where its
- * last read through to the repository ended gets the next KSCINC_LIVE_READAHEAD chunks (default 4) fetched
- * and filled before it asks, each fetched once; a reader that jumps around gets nothing extra; 0 turns it off.
+ * Readahead of a live-restored image (src/image/repobacking.ts readAhead, repo-readahead.ts): a reader that
+ * goes on where its last read ended gets the next KSCINC_LIVE_READAHEAD chunks (default 4) fetched and
+ * filled before it asks, each fetched once, and more as it goes on, also while it reads the chunks already
+ * filled; a reader that jumps around gets nothing extra; 0 turns it off.
  */
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -27,26 +28,36 @@ async function liveImage(name: string): Promise<{ target: string; data: Buffer; 
   return liveFromBytes(dir, name, randomBytes(16 * MiB));
 }
 
-/** Reads the chunks `ks` in that order, one after the other; returns the backing's fetch count once it is still. */
-async function readChunks(name: string, ks: number[]): Promise<number> {
+/** Readahead runs behind the reads: waits until the backing's fetch count stops moving (and the fills are done). */
+async function still(b: BackupBacking): Promise<void> {
+  let last = -1;
+  await vi.waitFor(
+    async () => {
+      await b.settled();
+      const now = b.stats.chunksFetched;
+      const same = now === last;
+      last = now;
+      if (!same) throw new Error('still fetching');
+    },
+    { timeout: 30_000, interval: 200 },
+  );
+}
+
+/**
+ * Reads the chunks `ks` in that order, one after the other (a group of them, then waits until readahead is
+ * still before the next group); returns the backing's fetch count once it is still.
+ */
+async function readChunks(name: string, ks: (number | number[])[]): Promise<number> {
   const { target, data } = await liveImage(name);
   const img = await openKsc(target, { write: true });
   try {
     const b = img.backing as BackupBacking;
     expect(b).toBeInstanceOf(BackupBacking);
-    for (const k of ks) expectSame(await img.read(k * MiB, MiB), data.subarray(k * MiB, (k + 1) * MiB), `chunk ${k}`);
-    // Readahead runs behind the reads: wait until the count stops moving (and the fills are done).
-    let last = -1;
-    await vi.waitFor(
-      async () => {
-        await b.settled();
-        const now = b.stats.chunksFetched;
-        const still = now === last;
-        last = now;
-        if (!still) throw new Error('still fetching');
-      },
-      { timeout: 30_000, interval: 200 },
-    );
+    for (const group of ks) {
+      for (const k of [group].flat()) expectSame(await img.read(k * MiB, MiB), data.subarray(k * MiB, (k + 1) * MiB), `chunk ${k}`);
+      if (Array.isArray(group)) await still(b);
+    }
+    await still(b);
     // Whatever was fetched ahead reads right, from the image now (no fetch).
     const before = b.stats.chunksFetched;
     expectSame(await img.read(0, 16 * MiB), data, 'whole disk');
@@ -61,6 +72,13 @@ describe('live restore readahead', () => {
   it('a sequential reader gets the next 4 chunks fetched ahead, each once', async () => {
     // Chunk 0, then chunk 1 (continuing): 2 read + chunks 2..5 ahead.
     expect(await readChunks('seq', [0, 1])).toBe(6);
+  });
+
+  it('readahead goes on while the reader reads chunks it filled (the image tells the backing of local reads)', async () => {
+    process.env.KSCINC_LIVE_READAHEAD = '2';
+    // 0, 1 (2 and 3 ahead, then the window is 4); 2 from the image, 1 chunk ahead of it: 4..6 ahead.
+    // (Before, a read of a local chunk reached no one: 4 in all.)
+    expect(await readChunks('local', [[0, 1], [2]])).toBe(7);
   });
 
   it('a reader that jumps around gets nothing ahead', async () => {

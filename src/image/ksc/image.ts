@@ -175,15 +175,20 @@ export class KscImage implements BlockDevice {
 
   // ---------------------------------------------------------------- data path
 
+  /** Told of every read before it is served, local or not (a live restore's readahead follows its reader: open.ts). */
+  onRead: ((offset: number, length: number) => void) | null = null;
+
   async read(offset: number, length: number): Promise<Buffer> {
     this.core.live();
     assertRange(this, offset, length);
+    this.onRead?.(offset, length);
     const buf = Buffer.allocUnsafe(length);
     await data.readInto(this.core, offset, buf);
     return buf;
   }
 
   readInto(offset: number, target: Buffer): Promise<void> {
+    this.onRead?.(offset, target.length);
     return data.readInto(this.core, offset, target);
   }
 
@@ -472,7 +477,13 @@ export class KscImage implements BlockDevice {
 
   /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (datapath.ts). */
   get readsFrom(): HostSpans | undefined {
-    return this.core.file.readFd ? { hostSpans: (o, n) => data.hostSpans(this.core, o, n) } : undefined;
+    if (!this.core.file.readFd) return undefined;
+    return {
+      hostSpans: (o, n) => {
+        this.onRead?.(o, n);
+        return data.hostSpans(this.core, o, n);
+      },
+    };
   }
 
   /** Allocation.clusterSize: the image's block size (its map allocates whole blocks). */
