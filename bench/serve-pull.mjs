@@ -6,10 +6,11 @@
  *  - seqread: guest-visible sequential reads of data not local yet: `kscinc restore --live` and
  *    `kscinc serve --no-pull` (untimed), then `nbdcopy --connections=1 --requests=1 --request-size=1M
  *    --no-extents URI null:` timed (one 1 MiB read at a time, zero chunks read too, as a guest reads);
+ *  - clipull: `restore --live` (untimed), then `kscinc pull IMAGE` timed as the restore is (a process each);
  *  - servepull: the server's background pull: `restore --live` (untimed), then `kscinc serve` with no
  *    client, timed from its start to status `done` (`wall`, includes the server's start-up) and by the pull's
  *    own startedAt/finishedAt (`pull`).
- * Ratios: restore time / side time (goals: seqread ≥ 0.7, servepull ≥ 0.9).
+ * Ratios: restore time / side time (goals: seqread ≥ 0.7, servepull and clipull ≥ 0.9).
  *
  * `npx tsc -p tsconfig.json && node bench/serve-pull.mjs [--size 256] [--reps 3] [--keep]` (size in MiB).
  */
@@ -60,7 +61,7 @@ try {
   const packs = [];
   for (const d of await fsp.readdir(join(repo, 'packs'))) for (const f of await fsp.readdir(join(repo, 'packs', d))) packs.push(join(repo, 'packs', d, f));
   const img = (n) => join(work, `${n}.ksc`);
-  const res = { restore: [], seqread: [], servepullWall: [], servepull: [] };
+  const res = { restore: [], seqread: [], servepullWall: [], servepull: [], clipull: [] };
   const sides = {
     restore: async () => {
       await rmf(img('r'));
@@ -75,6 +76,11 @@ try {
       } finally {
         await s.stop();
       }
+    },
+    clipull: async () => {
+      await rmf(img('c'));
+      await cli(['restore', 'latest', img('c'), '--repo', repo, '--live']);
+      res.clipull.push(await timed(() => cli(['pull', img('c')])));
     },
     servepull: async () => {
       await rmf(img('p'));
@@ -106,7 +112,7 @@ try {
       await sides[n]();
     }
     log(
-      `  pass ${rep + 1}/${reps}: restore ${res.restore[rep].toFixed(0)} ms, seqread ${res.seqread[rep].toFixed(0)} ms, servepull ${res.servepull[rep].toFixed(0)} ms (wall ${res.servepullWall[rep].toFixed(0)} ms)`,
+      `  pass ${rep + 1}/${reps}: restore ${res.restore[rep].toFixed(0)} ms, seqread ${res.seqread[rep].toFixed(0)} ms, servepull ${res.servepull[rep].toFixed(0)} ms (wall ${res.servepullWall[rep].toFixed(0)} ms), clipull ${res.clipull[rep].toFixed(0)} ms`,
     );
   }
   const med = Object.fromEntries(Object.keys(res).map((n) => [n, median(res[n])]));
@@ -116,6 +122,7 @@ try {
   log(`sequential 1 MiB reads, not yet local:      ${med.seqread.toFixed(0)} ms (${mbs(med.seqread)}): ${(med.restore / med.seqread).toFixed(2)}× restore (goal ≥ 0.7)`);
   log(`background pull in serve (pull's own time): ${med.servepull.toFixed(0)} ms (${mbs(med.servepull)}): ${(med.restore / med.servepull).toFixed(2)}× restore (goal ≥ 0.9)`);
   log(`  serve start to pull done (wall):          ${med.servepullWall.toFixed(0)} ms: ${(med.restore / med.servepullWall).toFixed(2)}× restore`);
+  log(`\`kscinc pull\` (CLI, as restore is timed):   ${med.clipull.toFixed(0)} ms (${mbs(med.clipull)}): ${(med.restore / med.clipull).toFixed(2)}× restore (goal ≥ 0.9)`);
 } finally {
   if (!args.keep) await fsp.rm(work, { recursive: true, force: true });
 }

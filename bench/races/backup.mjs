@@ -13,9 +13,11 @@
  * "backup". One chain per side and pattern: a full backup into a new, empty repository (timed), then 1% of
  * the disk rewritten with seeded random data through KscImage.write (untimed, flushed), page cache dropped,
  * then the incremental backup (timed). Reported: incremental time / full-backup time (goal ≤ 5%), for
- *  - 1% of the 64 KiB blocks, scattered at seeded random offsets (≈ 15% of the 1 MiB chunks get dirty:
- *    the chunk is the unit of reading, hashing, dedup and storage, so this case cannot reach 5%), and
- *  - 1% of the 1 MiB chunks rewritten whole (the same bytes, chunk-aligned).
+ *  - 1% of the 64 KiB blocks, scattered at seeded random offsets (≈ 15% of the 1 MiB chunks get dirty, ≈ 4%
+ *    of the 256 KiB ones: the chunk is the unit of reading, hashing, dedup and storage, so this case
+ *    cannot reach 5%), and
+ *  - 1% of the chunks rewritten whole (the same bytes, chunk-aligned), at the default chunk size (DEFAULT_CHUNK,
+ *    the size both repositories are created with: 256 KiB since session 15, 1 MiB before).
  * The rewritten places are the same every pass (the data differs per pass), and were written once before
  * the first pass, so every full backup sees the same allocation.
  *
@@ -32,6 +34,7 @@ import { backupDevice } from '../../dist/engines/backup.js';
 import { convertImage } from '../../dist/engines/convert.js';
 import { openImage, openKsc } from '../../dist/image/open.js';
 import { openStore } from '../../dist/objstore/open.js';
+import { DEFAULT_CHUNK } from '../../dist/repo/constants.js';
 import { Repository } from '../../dist/repo/repository.js';
 import { KiB, MiB, dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, quiet, retrying, rmf, rng, row, timed, waitQuiet } from '../lib/common.mjs';
 
@@ -403,7 +406,7 @@ async function incrementalRace(ctx) {
     }
   }
   const blocks = Math.floor(size / BACKUP.block);
-  const C = 1 * MiB; // the default chunk size (both repositories are created with it)
+  const C = DEFAULT_CHUNK; // both repositories are created with the default
   const patterns = {
     scattered: { unit: BACKUP.block, offsets: distinctOffsets(BACKUP.offsetSeed, Math.round(blocks * BACKUP.share), BACKUP.block, size) },
     chunks: { unit: C, offsets: distinctOffsets(BACKUP.chunkSeed, Math.round((size / C) * BACKUP.share), C, size) },
@@ -461,7 +464,7 @@ async function incrementalRace(ctx) {
       measure: 'time share: incremental backup time / full backup time of the same side (MB/s columns: disk size / time; ours = incremental, peer = full)',
       ours: xs.map((x) => x.inc),
       peer: xs.map((x) => x.full),
-      oursLabel: `incremental backup after rewriting ${k.endsWith('scattered') ? `${patterns.scattered.offsets.length} scattered 64 KiB blocks (1% of the blocks)` : `${patterns.chunks.offsets.length} whole 1 MiB chunks (1% of the chunks)`}`,
+      oursLabel: `incremental backup after rewriting ${k.endsWith('scattered') ? `${patterns.scattered.offsets.length} scattered 64 KiB blocks (1% of the blocks)` : `${patterns.chunks.offsets.length} whole ${C / 1024} KiB chunks (1% of the chunks)`}`,
       peerLabel: `full backup of the same ksc_inc image into a new repository (${k.startsWith('cli') ? 'kscinc backup IMAGE --repo DIR, a process' : 'backupDevice in-process'})`,
       goal: goalMax ? { min: 0 } : null,
       goalText: goalMax ? `≤ ${goalMax.toFixed(2)}×` : '—',
@@ -481,7 +484,7 @@ async function incrementalRace(ctx) {
   return [
     rowFor('lib:scattered', `incremental, 1% scattered 64 KiB blocks (${expectChunks} chunks dirty) (library)`, 0.05),
     rowFor('cli:scattered', 'incremental, 1% scattered 64 KiB blocks (CLI)', 0.05),
-    rowFor('lib:chunks', 'incremental, 1% whole 1 MiB chunks (library)', 0.05),
-    rowFor('cli:chunks', 'incremental, 1% whole 1 MiB chunks (CLI)', 0.05),
+    rowFor('lib:chunks', `incremental, 1% whole chunks of ${DEFAULT_CHUNK / 1024} KiB (library)`, 0.05),
+    rowFor('cli:chunks', `incremental, 1% whole chunks of ${DEFAULT_CHUNK / 1024} KiB (CLI)`, 0.05),
   ];
 }
