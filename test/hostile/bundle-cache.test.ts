@@ -144,7 +144,9 @@ describe('the worker bundle and its code cache after an upgrade', () => {
     const r = spawnSync(process.execPath, [cli, 'serve', img, '--listen', '127.0.0.1:0'], { env: { ...process.env, KSCINC_RUN_DIR: run }, encoding: 'utf8', timeout: 90_000 });
     expect(r.signal, 'serve hung with a broken worker bundle').toBeNull();
     expect(r.status).not.toBe(0);
-    expect(r.stderr).toMatch(/SyntaxError/);
+    // Cut at a third, the file mostly ends inside a construct (a SyntaxError); a cut that leaves complete
+    // statements fails at the first name it lost (a ReferenceError: seen in CI after the bundle changed).
+    expect(r.stderr).toMatch(/SyntaxError|ReferenceError/);
     expect(r.stderr).toMatch(/worker \d+ exited with status 1/);
   }, 120_000);
 });

@@ -102,7 +102,8 @@ describe('live restore: duplicate fills racing the guest', () => {
           // index is loaded); wait until it is built.
           expectSame(await img.read(64 * MiB, MiB), other, 'the other chunk');
           await b.settled();
-          const dups = (b as unknown as { dups: { ready: boolean } }).dups;
+          // The fills (src/image/repo-fills.ts, split out of the backing in session 15) hold the map.
+          const dups = (b as unknown as { fills: { dups: { ready: boolean } } }).fills.dups;
           for (let i = 0; i < 2000 && !dups.ready; i++) await new Promise((r) => setTimeout(r, 5));
           expect(dups.ready, 'the map of duplicates is built').toBe(true);
         }

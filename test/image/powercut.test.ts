@@ -22,7 +22,7 @@ import { describe, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
 import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData, randomOp, runOp } from '../helpers/model.js';
-import { PowerCut, countingOpener, jitterOpener } from '../helpers/powercut.js';
+import { PowerCut, countingOpener, jitterOpener, crashCheckErrors } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -214,7 +214,7 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
   // check reports it as corruption (issue 12 §3: the older slot may be stale) and --repair rewrites it,
   // which a cut may leave to do; every other error is a failure.
   const report = await checkImage(file, { verify: true });
-  if (!report.ok) problems.push(...report.errors.filter((e) => !/: header slot [AB]: /.test(e)).map((e) => `check: ${e}`));
+  if (!report.ok) problems.push(...crashCheckErrors(report.errors).map((e) => `check: ${e}`));
   if (problems.length)
     return problems
       .map((p) => `[read-only open] ${p}`)
