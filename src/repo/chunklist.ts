@@ -362,6 +362,14 @@ export class ChunkList {
    * `fn` returns false.
    */
   forEachNonZero(fn: (k: number, id: Buffer) => boolean | void): void {
+    this.forEachNonZeroAt((k, b, at) => fn(k, b.subarray(at, at + ID_BYTES)));
+  }
+
+  /**
+   * forEachNonZero without a view per chunk: `fn` gets the buffer holding the id and where in it (valid during
+   * the call). For a pass over every id of a list that only reads them (a parent vouched for, issue 19).
+   */
+  forEachNonZeroAt(fn: (k: number, ids: Buffer, at: number) => boolean | void): void {
     for (let si = 0; si < this.segs.length; si++) {
       const s = this.segs[si];
       if (!s) continue;
@@ -372,7 +380,7 @@ export class ChunkList {
       const n = ids.length / ID_BYTES;
       for (let j = 0, o = 0; j < n; j++, o += 4) {
         if (zeroAt(i32, o)) continue;
-        if (fn(base + j, ids.subarray(o * 4, o * 4 + ID_BYTES)) === false) return;
+        if (fn(base + j, ids, o * 4) === false) return;
       }
     }
   }

@@ -55,6 +55,13 @@ describe('ChunkList', () => {
       [5, a.toString('hex')],
       [3 * SEGMENT_IDS + 9, b.toString('hex')],
     ]);
+    // The same without a view per id (the buffer holding it and where), and a stop after the first.
+    const at: [number, string][] = [];
+    l.forEachNonZeroAt((k, buf, o) => void at.push([k, buf.toString('hex', o, o + 16)]));
+    expect(at).toEqual(seen);
+    let calls = 0;
+    l.forEachNonZeroAt(() => ++calls > 1);
+    expect(calls).toBe(1);
     l.set(5, Buffer.alloc(16)); // the segment's last non-zero id: freed
     expect([l.allocatedSegments(), l.nonZeroCount()]).toEqual([1, 1]);
     expect(() => l.set(l.length, a)).toThrow(RangeError);

@@ -109,8 +109,8 @@ export class FilterDedupe implements Dedupe {
     return d;
   }
 
-  mayHold(id: Buffer): boolean {
-    return this.filter.bloom.mayHaveAt(id, 0);
+  mayHoldAt(buf: Buffer, at: number): boolean {
+    return this.filter.bloom.mayHaveAt(buf, at);
   }
 
   hasPack(pack: string): boolean {
@@ -139,7 +139,7 @@ export class FilterDedupe implements Dedupe {
 
   verdict(id: Buffer, writer: PackWriter): Verdict {
     if (writer.has(id)) return 'stored';
-    return this.mayHold(id) ? 'maybe' : 'new';
+    return this.mayHoldAt(id, 0) ? 'maybe' : 'new';
   }
 
   defer(k: number, id: Buffer): void {

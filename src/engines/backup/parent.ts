@@ -42,8 +42,8 @@ function unvouched(parent: Manifest, dedupe: Dedupe): string | null {
   // Exact with the index in memory; through the filter, a missing chunk passes 1 time in 100 (it was
   // missing for the parent already: `verify` names it for both).
   let missing = false;
-  parent.ids.forEachNonZero((_k, cid) => {
-    if (dedupe.mayHold(cid)) return true;
+  parent.ids.forEachNonZeroAt((_k, b, at) => {
+    if (dedupe.mayHoldAt(b, at)) return true;
     missing = true;
     return false;
   });
