@@ -11,24 +11,16 @@ export const SEED_B = 0x6b7363696e632131n;
 export const ID_BYTES = 16;
 export const ZERO_ID = Buffer.alloc(ID_BYTES);
 
-/** What native/kscinc_xxh64.c adds to the addon (declared here: only this module calls it). */
-interface Xxh64Ops {
-  /** XXH64 of `data` with `seed`. */
-  xxh64(data: Uint8Array, seed: bigint): bigint;
-  /** xxh64(data, 0) ‖ xxh64(data, seedB), each big-endian, into out[at, at + 16). */
-  xxh64Id(data: Uint8Array, seedB: bigint, out: Uint8Array, at: number): void;
-}
-
 type H64 = (data: Uint8Array, seed?: bigint) => bigint;
 /** The thread's hasher once initHash() chose it: the addon's, or xxhash-wasm's h64Raw. */
-let native: Xxh64Ops['xxh64Id'] | null = null;
+let native: NonNullable<NativeOps['xxh64Id']> | null = null;
 let h64: H64 | null = null;
 let loading: Promise<void> | null = null;
 
 /** Chooses and loads the hasher (idempotent). Must be awaited once before chunkId(). */
 export async function initHash(): Promise<void> {
   if (native || h64) return;
-  const ops = nativeOps() as (NativeOps & Partial<Xxh64Ops>) | null;
+  const ops = nativeOps();
   if (ops && typeof ops.xxh64Id === 'function') {
     native = ops.xxh64Id.bind(ops);
     return;

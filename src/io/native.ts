@@ -87,6 +87,10 @@ export interface NativeOps {
    * Call it on the event loop only for ranges cachedRange() found cached.
    */
   sendFile?(socket: number, fd: number, position: number, length: number): number;
+  /** XXH64 of `data` with `seed` (native/kscinc_xxh64.c; chunk ids: src/hash/chunkid.ts). */
+  xxh64?(data: Uint8Array, seed: bigint): bigint;
+  /** xxh64(data, 0) ‖ xxh64(data, seedB), each big-endian, into out[at, at + 16), hashing `data` in place. */
+  xxh64Id?(data: Uint8Array, seedB: bigint, out: Uint8Array, at: number): void;
   /**
    * sync_file_range(2) of [offset, offset+nbytes) (nbytes 0: to the end of the file) on a libuv pool
    * thread; `flags` are the kernel's SYNC_FILE_RANGE_* bits (see SYNC_RANGE below). Rejects with an

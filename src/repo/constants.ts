@@ -33,6 +33,7 @@ export const KNOWN_FEATURES = [FEATURE_ENCRYPTED];
 /** §3: the smallest chunk size (64 KiB: one default bitmap granule, so an incremental reads only dirty granules). */
 export const MIN_CHUNK = 64 * 1024;
 export const MAX_CHUNK = 4 * MIB;
+/** §3.2 rule 6: the chunk size of a repository created without one (256 KiB since session 15; why: the rule). */
 export const DEFAULT_CHUNK = 256 * 1024;
 export const MIN_PACK = 4 * MIB;
 export const MAX_PACK = 256 * MIB;
