@@ -15,6 +15,10 @@ export type { BlobKeys } from './batch.js';
 let pool: Piscina | null = null;
 /** Whether a task of the current pool has finished: its workers are up. */
 let ready = false;
+/** Settles once every worker of the current pool has loaded its module (or failed to). */
+let loading: Promise<void> = Promise.resolve();
+/** How long closePool waits for workers still loading before it terminates them all the same. */
+const LOAD_WAIT_MS = 30_000;
 
 function workerFile(): string {
   const here = fileURLToPath(import.meta.url);
@@ -33,7 +37,21 @@ function getPool(): Piscina {
   if (!pool) {
     // Loaded on first use: commands that never compress do not pay for it at start-up.
     const { Piscina: Pool } = createRequire(import.meta.url)('piscina') as typeof import('piscina');
-    pool = new Pool({ filename: workerFile(), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+    const p = new Pool({ filename: workerFile(), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+    pool = p;
+    // One warm task per worker, sent before any other task so each lands on its own worker (one task per
+    // worker at a time): once they have all settled, every worker has loaded its module. closePool waits for
+    // that: Node 20 aborts the whole process when a worker is terminated while it loads an ES module.
+    const warm: Promise<void>[] = [];
+    for (let i = 0; i < poolSize(); i++) {
+      warm.push(
+        p.run({ op: 'warm' }).then(
+          () => void (ready ||= pool === p),
+          () => undefined,
+        ),
+      );
+    }
+    loading = Promise.all(warm).then(() => undefined);
   }
   return pool;
 }
@@ -44,14 +62,7 @@ function getPool(): Piscina {
  * is already running.
  */
 export function warmPool(): void {
-  if (pool) return;
-  const p = getPool();
-  for (let i = 0; i < poolSize(); i++) {
-    p.run({ op: 'warm' }).then(
-      () => void (ready ||= pool === p),
-      () => undefined,
-    );
-  }
+  getPool();
 }
 
 /**
@@ -69,9 +80,17 @@ export function poolStarted(): boolean {
 
 export async function closePool(): Promise<void> {
   const p = pool;
+  const loaded = loading;
   pool = null;
   ready = false;
-  if (p) await p.destroy();
+  loading = Promise.resolve();
+  if (!p) return;
+  // Not while a worker loads its module (see getPool). A worker that cannot load fails its warm task; one
+  // that hangs is terminated after LOAD_WAIT_MS.
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([loaded, new Promise<void>((resolve) => (timer = setTimeout(resolve, LOAD_WAIT_MS)))]);
+  clearTimeout(timer);
+  await p.destroy();
 }
 
 /** Concatenates buffers into one fresh, transferable buffer. */
