@@ -15,9 +15,19 @@
  * `sync` still had to write). Sides alternate their order from pass to pass. Wall time on a loaded machine
  * is noise: CPU and bytes are not. The load average is printed with every pass.
  *
- *   node bench/restore-user.mjs [--image /tmp/bench-img/test-1g.raw] [--passes 3] [--chunks 1M,256K]
+ * After each drop the bench lets the machine settle before it starts the clock (untimed): it waits until
+ * Dirty + Writeback in /proc/meminfo are under --settle-dirty MiB (running `sync` again while they are not)
+ * and MemFree and Cached have held still (within --settle-still MiB) for --settle-quiet ms, at most
+ * --settle-max s; each row prints the wait and what was still dirty when the clock started. A pass runs the
+ * sides in one order, the next in the reverse order (ABBA), so no side always follows the same one. The
+ * summary gives per side the min, median and max of N passes and their spread (max − min, max / min); best
+ * against best (min) is the comparison a loaded machine allows, the spread says how far to trust it. What is
+ * timed is unchanged: the command and its `sync`, until the output is durable.
+ *
+ *   node bench/restore-user.mjs [--image /tmp/bench-img/test-1g.raw] [--passes 5] [--chunks 1M,256K]
  *        [--modes plain,key] [--sides raw,ksc] [--work /tmp/restore-user] [--cli dist/cli/kscinc.cjs]
  *        [--verify] [--json FILE] [--before OLD/dist/cli/kscinc.cjs] [--build NAME=CLI]... [--extra-ca]
+ *        [--settle-dirty 2] [--settle-still 8] [--settle-quiet 500] [--settle-max 30]
  *
  * --before adds, for every restore side, the same restore run by another build's CLI (an old commit's
  * copy), alternating with this one in the same passes. --build NAME=CLI (repeatable) does the same for any
@@ -38,7 +48,7 @@ const opt = (name, def) => {
   return i >= 0 ? args[i + 1] : def;
 };
 const image = resolve(opt('image', '/tmp/bench-img/test-1g.raw'));
-const passes = Number(opt('passes', '3'));
+const passes = Number(opt('passes', '5'));
 const chunks = opt('chunks', '1M,256K').split(',');
 const modes = opt('modes', 'plain,key').split(',');
 const kinds = opt('sides', 'raw,ksc').split(',');
@@ -53,6 +63,10 @@ const verify = args.includes('--verify');
 // user's shell does not have and cp never pays. Dropped from the kscinc commands unless --extra-ca.
 const extraCa = args.includes('--extra-ca');
 const jsonOut = opt('json', null);
+const settleDirty = Number(opt('settle-dirty', '2')) * 1024 * 1024;
+const settleStill = Number(opt('settle-still', '8')) * 1024 * 1024;
+const settleQuiet = Number(opt('settle-quiet', '500'));
+const settleMax = Number(opt('settle-max', '30')) * 1000;
 
 const MiB = 1024 * 1024;
 const load = () =>
@@ -95,11 +109,41 @@ function dropCaches() {
   writeFileSync('/proc/sys/vm/drop_caches', '3');
 }
 
+/** The page cache's counters in /proc/meminfo, bytes. */
+function meminfo() {
+  const m = readFileSync('/proc/meminfo', 'utf8');
+  const kb = (k) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0) * 1024;
+  return { dirty: kb('Dirty') + kb('Writeback'), free: kb('MemFree'), cached: kb('Cached') };
+}
+
 /** Dirty + Writeback bytes of the whole page cache. */
 function dirtyBytes() {
-  const m = readFileSync('/proc/meminfo', 'utf8');
-  const kb = (k) => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(m)?.[1] ?? 0);
-  return (kb('Dirty') + kb('Writeback')) * 1024;
+  return meminfo().dirty;
+}
+
+const sleepMs = (ms) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+
+/**
+ * After a drop (the write to drop_caches returns once it is done): waits until Dirty + Writeback are under
+ * settleDirty (a `sync` while they are not) and MemFree and Cached have moved less than settleStill over
+ * settleQuiet ms, at most settleMax. Returns the wait in seconds, the dirty bytes left, whether it settled.
+ */
+function settle() {
+  const t0 = performance.now();
+  let last = meminfo();
+  let stillSince = t0;
+  for (;;) {
+    sleepMs(50);
+    const now = meminfo();
+    const t = performance.now();
+    if (now.dirty > settleDirty) execFileSync('sync');
+    if (Math.abs(now.free - last.free) > settleStill || Math.abs(now.cached - last.cached) > settleStill || now.dirty > settleDirty) {
+      stillSince = t;
+      last = now;
+    }
+    if (t - stillSince >= settleQuiet) return { wait: (t - t0) / 1000, dirty: now.dirty, settled: true };
+    if (t - t0 >= settleMax) return { wait: (t - t0) / 1000, dirty: now.dirty, settled: false };
+  }
 }
 
 /** Runs argv under /usr/bin/time: wall and CPU seconds, bytes read/written at the block layer, max RSS. */
@@ -120,12 +164,13 @@ function removeOut(out) {
 function measure(name, argv, e, out) {
   removeOut(out);
   dropCaches();
+  const settled = settle();
   const l = load();
   const cmd = timed(argv, e);
   const dirty = dirtyBytes();
   const sync = timed(['sync'], e);
   const total = cmd.wall + sync.wall;
-  return { name, load: l, cmd, sync, dirty, total };
+  return { name, load: l, settled, cmd, sync, dirty, total };
 }
 
 function side(name, cs, mode, kind, bin = cli) {
@@ -152,14 +197,17 @@ const f = (x, d = 2) => x.toFixed(d);
 const mib = (b) => f(b / MiB, 0);
 const results = Object.fromEntries(sides.map((s) => [s.name, []]));
 console.log(`image ${image}; ${passes} passes; cli ${cli}; NODE_EXTRA_CA_CERTS ${extraCa ? 'kept' : 'dropped'} for kscinc (--extra-ca keeps it)`);
-console.log('side | load | cmd wall s | cmd cpu s (user+sys) | cmd read MiB | cmd wrote MiB | dirty at exit MiB | sync wall s | sync cpu s | total wall s | rss MiB | voluntary switches');
+console.log(`settle after each drop: Dirty+Writeback < ${mib(settleDirty)} MiB, MemFree and Cached still within ${mib(settleStill)} MiB for ${settleQuiet} ms, at most ${settleMax / 1000} s`);
+console.log(
+  'pass | side | load | settle s | dirty at start MiB | cmd wall s | cmd cpu s (user+sys) | cmd read MiB | cmd wrote MiB | dirty at exit MiB | sync wall s | sync cpu s | total wall s | rss MiB | voluntary switches',
+);
 for (let p = 0; p < passes; p++) {
   const order = p % 2 === 0 ? sides : [...sides].reverse();
   for (const s of order) {
     const r = s.run();
     results[s.name].push(r);
     console.log(
-      `${s.name} | ${r.load} | ${f(r.cmd.wall)} | ${f(r.cmd.cpu)} (${f(r.cmd.user)}+${f(r.cmd.sys)}) | ${mib(r.cmd.read)} | ${mib(r.cmd.written)} | ${mib(r.dirty)} | ${f(r.sync.wall)} | ${f(r.sync.cpu)} | ${f(r.total)} | ${f(r.cmd.rssMiB, 0)} | ${r.cmd.waits}`,
+      `${p + 1} | ${s.name} | ${r.load} | ${f(r.settled.wait, 1)}${r.settled.settled ? '' : ' (not settled)'} | ${mib(r.settled.dirty)} | ${f(r.cmd.wall)} | ${f(r.cmd.cpu)} (${f(r.cmd.user)}+${f(r.cmd.sys)}) | ${mib(r.cmd.read)} | ${mib(r.cmd.written)} | ${mib(r.dirty)} | ${f(r.sync.wall)} | ${f(r.sync.cpu)} | ${f(r.total)} | ${f(r.cmd.rssMiB, 0)} | ${r.cmd.waits}`,
     );
     if (verify && p === 0 && s.name.startsWith('raw-')) {
       const c = spawnSync('cmp', [image, s.out]);
@@ -175,15 +223,30 @@ const median = (xs) => {
   return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
 };
 if (passes === 0) process.exit(0);
-console.log('\nmedians | total wall s | ratio cp/ours (wall) | cmd cpu s | cmd+sync cpu s | cpu ours/cp (cmd+sync) | read MiB | wrote MiB | sync wall s | voluntary switches');
+/** min, median, max of `g` over a side's passes. */
+const stats = (rs, g) => {
+  const v = rs.map(g);
+  return { min: Math.min(...v), med: median(v), max: Math.max(...v) };
+};
 const cp = results.cp;
-const mcp = (g) => median(cp.map(g));
+const cpTotal = stats(cp, (r) => r.total);
+const cpCpu = stats(cp, (r) => r.cmd.cpu + r.sync.cpu);
+console.log(`\nper side over ${passes} passes: total wall (command + sync, until durable) and CPU (user+sys, command + sync)`);
+console.log(
+  'side | total wall s min / median / max | spread s (max − min) | max / min | cp/ours wall, best vs best | cp/ours wall, medians | cpu s min / median / max | cpu ours/cp (medians) | read MiB | wrote MiB | sync wall s (median) | voluntary switches (median)',
+);
 for (const s of sides) {
   const rs = results[s.name];
+  const t = stats(rs, (r) => r.total);
+  const c = stats(rs, (r) => r.cmd.cpu + r.sync.cpu);
   const m = (g) => median(rs.map(g));
   console.log(
-    `${s.name} | ${f(m((r) => r.total))} | ${f(mcp((r) => r.total) / m((r) => r.total))}× | ${f(m((r) => r.cmd.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu))} | ${f(m((r) => r.cmd.cpu + r.sync.cpu) / mcp((r) => r.cmd.cpu + r.sync.cpu), 1)}× | ${mib(m((r) => r.cmd.read))} | ${mib(m((r) => r.cmd.written))} | ${f(m((r) => r.sync.wall))} | ${m((r) => r.cmd.waits)}`,
+    `${s.name} | ${f(t.min)} / ${f(t.med)} / ${f(t.max)} | ${f(t.max - t.min)} | ${f(t.max / t.min, 1)}× | ${f(cpTotal.min / t.min)}× | ${f(cpTotal.med / t.med)}× | ${f(c.min)} / ${f(c.med)} / ${f(c.max)} | ${f(c.med / cpCpu.med, 1)}× | ${mib(m((r) => r.cmd.read))} | ${mib(m((r) => r.cmd.written))} | ${f(m((r) => r.sync.wall))} | ${m((r) => r.cmd.waits)}`,
   );
 }
+const waits = Object.values(results).flat();
+console.log(
+  `settling: median ${f(median(waits.map((r) => r.settled.wait)), 1)} s, max ${f(Math.max(...waits.map((r) => r.settled.wait)), 1)} s; ${waits.filter((r) => !r.settled.settled).length} of ${waits.length} runs started unsettled (the cap)`,
+);
 console.log(`load average at the end: ${load()}`);
 if (jsonOut) writeFileSync(jsonOut, JSON.stringify({ image, passes, results }, null, 1));
