@@ -13,25 +13,12 @@ import { createImage, openImage } from '../../src/image/open.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { CMD } from '../../src/nbd/wire.js';
 import { RawClient, closesWithin } from '../nbd/helpers.js';
+import { sleep, xorshiftBytes } from '../helpers/sockets.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const dir = tempDir('kscinc-hostile-ubuf-');
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/** A seeded pattern (xorshift32) that tells positions apart. */
-function pattern(n: number, seed: number): Buffer {
-  const b = Buffer.alloc(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
 
 async function withServer(name: string, stallTimeoutMs: number, body: (port: number, logs: string[]) => Promise<void>): Promise<void> {
   const f = join(dir, name);
@@ -84,8 +71,8 @@ for (const native of [true, false]) {
           const c = await client(port);
           const seed = 0x5eed0000 + (native ? 1 : 2);
           console.log(`seed ${seed}`);
-          const a = pattern(64 * KiB + 3 * 512, seed); // just over the direct threshold, odd sectors
-          const b = pattern(200 * KiB, seed + 1);
+          const a = xorshiftBytes(64 * KiB + 3 * 512, seed); // just over the direct threshold, odd sectors
+          const b = xorshiftBytes(200 * KiB, seed + 1);
           // Header of a, then its payload one byte per write for the first and last 4 KiB (each its own
           // segment: setNoDelay and a turn between), 1000-byte pieces between.
           c.send(CMD.WRITE, 1n, 4096, a.length);
@@ -128,7 +115,7 @@ for (const native of [true, false]) {
         await withServer(`cut-${native}.ksc`, 700, async (port, logs) => {
           const seed = 0x5eed1000 + (native ? 1 : 2);
           console.log(`seed ${seed}`);
-          const big = pattern(1 * MiB, seed);
+          const big = xorshiftBytes(1 * MiB, seed);
           // A stalls after half of a 1 MiB payload (direct into a 1 MiB pool buffer).
           const stall = await client(port);
           stall.send(CMD.WRITE, 1n, 0, MiB, 0, big.subarray(0, MiB / 2));
@@ -142,7 +129,7 @@ for (const native of [true, false]) {
           // Good clients now: the same sizes (the pool's 1 MiB class), content of their own.
           const good = await client(port);
           for (let k = 0; k < 4; k++) {
-            const d = pattern(MiB, seed + 10 + k);
+            const d = xorshiftBytes(MiB, seed + 10 + k);
             good.send(CMD.WRITE, BigInt(10 + k), (8 + k) * MiB, MiB, 0, d);
             expect((await good.reply(0)).error).toBe(0);
             expect((await good.read((8 + k) * MiB, MiB, 20n)).data.equals(d)).toBe(true);

@@ -6,55 +6,23 @@
  * request boundary (a handover) must hand back what it holds, the next reader of the socket taking over
  * the mode.
  */
-import * as net from 'node:net';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { SocketReader } from '../../src/nbd/reader.js';
+import { sleep, socketPairs, xorshiftBytes } from '../helpers/sockets.js';
 
-const cleanup: (() => void)[] = [];
-afterEach(() => {
-  for (const f of cleanup.splice(0)) f();
-});
-
-async function pair(): Promise<{ server: net.Socket; client: net.Socket }> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const accepted = new Promise<net.Socket>((r) => srv.once('connection', r));
-  const client = net.connect((srv.address() as net.AddressInfo).port, '127.0.0.1');
-  const server = await accepted;
-  cleanup.push(() => {
-    client.destroy();
-    server.destroy();
-    srv.close();
-  });
-  return { server, client };
-}
-
-const tick = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-/** n bytes of a pattern that tells positions apart. */
-function stream(n: number, seed: number): Buffer {
-  const b = Buffer.alloc(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+const pair = socketPairs();
 
 describe('SocketReader in user-buffer mode', () => {
   it('every byte once and in order: across the switch, small takes, a large payload into its destination, back-pressure', async () => {
     const { server, client } = await pair();
-    const data = stream(6 * 1024 * 1024 + 333, 20261206);
+    const data = xorshiftBytes(6 * 1024 * 1024 + 333, 20261206);
     const reader = new SocketReader(server);
     client.write(data.subarray(0, 1000));
     expect((await reader.read(10)).equals(data.subarray(0, 10))).toBe(true);
-    await tick(50); // the rest of the first 1000 bytes is in Node's hands (chunk mode)
+    await sleep(50); // the rest of the first 1000 bytes is in Node's hands (chunk mode)
     expect(reader.useUserBuffer()).toBe(true);
     client.write(data.subarray(1000));
-    await tick(300);
+    await sleep(300);
     // Nothing taken meanwhile: Node stopped reading at about the low-water mark, the rest waits in the kernel.
     expect(reader.pending).toBeLessThan(256 * 1024);
     let at = 10;
@@ -82,18 +50,18 @@ describe('SocketReader in user-buffer mode', () => {
 
   it('detached at a boundary, it hands back what it holds; the next reader of the socket reads the rest in the same mode', async () => {
     const { server, client } = await pair();
-    const data = stream(300_000, 7);
+    const data = xorshiftBytes(300_000, 7);
     const reader = new SocketReader(server);
     expect(reader.useUserBuffer()).toBe(true);
     client.write(data.subarray(0, 100_000));
     expect((await reader.read(40_000)).equals(data.subarray(0, 40_000))).toBe(true);
-    await tick(100);
+    await sleep(100);
     const rest = reader.detach();
     // Node restarts a user-buffer socket's reading on resume() or read(): the parked socket must not read.
     server.resume();
     server.read(0);
     client.write(data.subarray(100_000));
-    await tick(200);
+    await sleep(200);
     let events = 0;
     server.on('data', () => void events++);
     const next = new SocketReader(server, 64 * 1024, rest);
