@@ -9,15 +9,14 @@
  *    bytes), `check --verify` clean (no cluster both free and mapped).
  * Each with the addon and with KSCINC_NO_NATIVE=1. Seeded (the timing of upgrades and kills is not).
  */
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
-import { CLI } from '../helpers/cli.js';
+import { kscincAsync } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
-import { childrenOf, type Supervised, until } from '../supervisor/helpers.js';
+import { childrenOf, until } from '../supervisor/helpers.js';
 import { readImage, sendStormRequest, serveNewImage } from './helpers.js';
 
 const BS = 64 * 1024;
@@ -27,19 +26,6 @@ const WINDOW = 8;
 interface Version {
   data: Buffer;
   acked: number;
-}
-
-function upgradeAsync(s: Supervised, img: string): Promise<{ code: number | null; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...s.env }, stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 120_000);
-    p.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, err });
-    });
-  });
 }
 
 async function storm(native: boolean, kill: boolean): Promise<void> {
@@ -113,8 +99,8 @@ async function storm(native: boolean, kill: boolean): Promise<void> {
     const upgrades = kill ? 2 : 3;
     for (let i = 0; i < upgrades; i++) {
       const before = s.worker();
-      const up = await upgradeAsync(s, img);
-      expect(up.code, `upgrade ${i + 1}: ${up.err}\n${s.stderr()}`).toBe(0);
+      const up = await kscincAsync(['upgrade', img], s.env);
+      expect(up.code, `upgrade ${i + 1}: ${up.stderr}\n${s.stderr()}`).toBe(0);
       await until(() => s.worker() !== null && s.worker() !== before, 60_000, 'the new worker');
     }
     if (kill) {

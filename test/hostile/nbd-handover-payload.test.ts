@@ -10,15 +10,14 @@
  * image must read as the writes applied once each, in order (a WRITE replayed by the new worker would
  * overwrite a later one's bytes). With the addon and with KSCINC_NO_NATIVE=1.
  */
-import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CMD, encodeRequest } from '../../src/nbd/wire.js';
-import { CLI, kscinc } from '../helpers/cli.js';
+import { kscinc, kscincAsync } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
-import { type Supervised, until } from '../supervisor/helpers.js';
+import { until } from '../supervisor/helpers.js';
 import { serveNewImage } from './helpers.js';
 
 const dir = tempDir('kscinc-hostile-hopayload-');
@@ -26,19 +25,6 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 16 * MiB;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function upgradeAsync(s: Supervised, img: string): Promise<{ code: number | null; err: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, 'upgrade', img], { env: { ...process.env, ...s.env }, stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    p.stderr.on('data', (d: Buffer) => (err += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 120_000);
-    p.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, err });
-    });
-  });
-}
 
 async function writeAll(c: RawClient, b: Buffer): Promise<void> {
   if (!c.socket.write(b)) await new Promise((r) => c.socket.once('drain', r));
@@ -82,7 +68,7 @@ for (const native of [true, false]) {
         const half = 28 + 3 * MiB;
         await writeAll(c, stream.subarray(0, half));
         await sleep(200);
-        const up = upgradeAsync(s, img);
+        const up = kscincAsync(['upgrade', img], s.env);
         // Held there until the supervisor has started the new worker and (a second later, as a rule) asked
         // the old one to park: the old worker is then inside the payload, its pause waiting for the rest.
         await until(() => /upgrade: starting a new worker/.test(s.stderr()), 60_000, 'the upgrade to begin');
@@ -94,7 +80,7 @@ for (const native of [true, false]) {
           await sleep(2);
         }
         const u = await up;
-        expect(u.code, `upgrade: ${u.err}\n${s.stderr().slice(-3000)}`).toBe(0);
+        expect(u.code, `upgrade: ${u.stderr}\n${s.stderr().slice(-3000)}`).toBe(0);
         await until(() => s.worker() !== null && s.worker() !== before, 60_000, 'the new worker');
         // The rest, odd pieces.
         for (let p = hold; p < stream.length; p += 40_000 + 13) {
