@@ -9,7 +9,7 @@
  * (its page then fails its own, sealed for the bitmap, and is never rewritten): there the sweep may reclaim
  * the bitmap's old, now unreferenced page, and must leave the map and the data intact.
  */
-import { closeSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
@@ -17,29 +17,10 @@ import { TAG_DIR, tagBitmapTable } from '../../src/format/constants.js';
 import { seal } from '../../src/format/seal.js';
 import { coreOf } from '../../src/image/ksc/image.js';
 import { createImage, openKsc } from '../../src/index.js';
+import { readAt, writeAt } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const PAGE = 4096;
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = openSync(file, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function writeAt(file: string, offset: number, data: Buffer): void {
-  const fd = openSync(file, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, offset);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 type Table = 'directory' | 'bitmap table';
 type Target = 'header slot 2' | 'the directory' | 'the intent words';

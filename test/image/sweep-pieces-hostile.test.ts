@@ -3,7 +3,7 @@
  * src/image/ksc/leak-sweep.ts): a page the sweep zeroes and hands to the metadata pool must be one nothing
  * may still reference.
  */
-import { closeSync, openSync, readSync, statSync, writeSync } from 'node:fs';
+import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
@@ -11,29 +11,10 @@ import { createImage, openKsc } from '../../src/index.js';
 import { coreOf, type KscImage } from '../../src/image/ksc/image.js';
 import { setSweepStepHook } from '../../src/image/sweep.js';
 import { faultFired, setFaultPlan } from '../../src/io/fault.js';
+import { readAt, writeAt } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const PAGE = 4096;
-
-function readAt(file: string, offset: number, length: number): Buffer {
-  const fd = openSync(file, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function writeAt(file: string, offset: number, data: Buffer): void {
-  const fd = openSync(file, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, offset);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 async function bitmapRanges(k: KscImage): Promise<{ offset: number; length: number }[][]> {
   const out: { offset: number; length: number }[][] = [];
