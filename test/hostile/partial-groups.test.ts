@@ -10,13 +10,14 @@
  *    512-byte sector), no older than what a completed flush, or a FUA acknowledged before the cut, covered.
  * With and without the addon (KSCINC_NO_NATIVE=1), and with a bitmap enabled (intent bits for new blocks).
  */
-import { createHash } from 'node:crypto';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
 import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { PowerCut, crashCheckErrors } from '../helpers/powercut.js';
+import { PowerCut } from '../helpers/powercut.js';
+import { type BlockVersion, ackedWhen, cutLoop, digest, recordFlush, recordVersion, stormRounds } from '../helpers/powercut-storm.js';
+import { restoreEnvAfterEach } from '../helpers/env.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { type Case, everyStep } from '../helpers/step-cases.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -27,17 +28,6 @@ const B = 64 * KiB;
 const BLOCKS = 16;
 const HOT = [1, 2, 3, 5, 6, 9];
 const SECTOR = 512;
-
-const digest = (b: Buffer): string => createHash('sha1').update(b).digest('hex').slice(0, 16);
-
-interface Version {
-  data: Buffer;
-  issued: number;
-  acked: number;
-  /** Written in place over the block's cluster (may tear per sector); else a new cluster or an unmap. */
-  inPlace: boolean;
-  fua: boolean;
-}
 
 type Recorder = { record(buf: Buffer, position: number, durable: boolean, io: () => Promise<void>): Promise<void> };
 
@@ -78,124 +68,92 @@ async function runBursts(label: string, bitmap: boolean): Promise<void> {
   await img.read(0, B); // the map page loaded: the synchronous paths can take the first burst
   const model = Buffer.alloc(BLOCKS * B);
   const allocated = new Array<boolean>(BLOCKS).fill(false);
-  const history = new Map<number, Version[]>();
+  const history = new Map<number, BlockVersion[]>();
   const flushes: { issued: number; done: number }[] = [];
-  const version = (i: number, issued: number, inPlace: boolean, fua: boolean): Version => {
-    const v: Version = { data: Buffer.from(model.subarray(i * B, (i + 1) * B)), issued, acked: Infinity, inPlace, fua };
-    let h = history.get(i);
-    if (!h) history.set(i, (h = [{ data: Buffer.alloc(B), issued: 0, acked: 0, inPlace: false, fua: false }]));
-    h.push(v);
-    return v;
-  };
+  const version = (i: number, issued: number, inPlace: boolean, fua: boolean): BlockVersion => recordVersion(history, model, B, i, issued, inPlace, fua);
   let seq = 0;
   let kinds = '';
-  for (let r = 0; r < 40; r++) {
-    const ops: Promise<unknown>[] = [];
-    for (let k = rng.int(6, 24); k > 0; k--) {
-      if (rng.chance(0.08)) await new Promise((res) => setImmediate(res));
-      const b = rng.pick(HOT);
-      const off = b * B;
-      const kind = rng.weighted({ piece: 12, odd: 3, fua: 2, whole: 2, trim: 2, zeroPart: 2, zeroKeep: 1, flush: 2 });
-      kinds += kind[0];
-      const issued = cut.tick();
-      let vs: Version[] = [];
-      let p: Promise<unknown>;
-      if (kind === 'piece' || kind === 'odd' || kind === 'fua') {
-        const at = kind === 'odd' ? rng.int(0, B - 2) : rng.int(0, B / (4 * KiB) - 1) * 4 * KiB;
-        const len = kind === 'odd' ? rng.int(1, Math.min(B - at, 3 * 4 * KiB) - (at === 0 ? 1 : 0)) : 4 * KiB;
-        const data = rng.bytes(len);
-        if (len >= 4) data.writeUInt32LE(++seq, 0);
-        data.copy(model, off + at);
-        vs = [version(b, issued, allocated[b]!, kind === 'fua')];
-        allocated[b] = true;
-        p = img.write(off + at, data, { fua: kind === 'fua' });
-      } else if (kind === 'whole') {
-        const data = rng.bytes(B);
-        for (let o = 0; o < B; o += SECTOR) data.writeUInt32LE(++seq, o);
-        data.copy(model, off);
-        vs = [version(b, issued, allocated[b]!, false)];
-        allocated[b] = true;
-        p = img.write(off, data);
-      } else if (kind === 'trim') {
-        model.fill(0, off, off + B);
-        vs = [version(b, issued, false, false)];
-        allocated[b] = false;
-        p = rng.chance(0.5) ? img.writeZeroes(off, B, { mayTrim: true }) : img.discard(off, B);
-      } else if (kind === 'zeroKeep') {
-        model.fill(0, off, off + B);
-        vs = [version(b, issued, allocated[b]!, false)];
-        p = img.writeZeroes(off, B, { mayTrim: false });
-      } else if (kind === 'zeroPart') {
-        const at = rng.int(0, B / SECTOR - 2) * SECTOR;
-        const len = rng.int(1, Math.min(B - at - 1, 16 * KiB));
-        model.fill(0, off + at, off + at + len);
-        // Zeroes of part of an unallocated block change nothing there (it reads zeros).
-        vs = [version(b, issued, allocated[b]!, false)];
-        p = img.writeZeroes(off + at, len, { mayTrim: true });
-      } else {
-        const f = { issued, done: Infinity };
-        flushes.push(f);
-        p = img.flush().then(() => (f.done = cut.tick()));
-      }
-      ops.push(
-        p.then(() => {
-          const t = cut.tick();
-          for (const v of vs) v.acked = t;
-        }),
-      );
+  await stormRounds(cut, rng, 40, [6, 24], 0.08, (issued) => {
+    const b = rng.pick(HOT);
+    const off = b * B;
+    const kind = rng.weighted({ piece: 12, odd: 3, fua: 2, whole: 2, trim: 2, zeroPart: 2, zeroKeep: 1, flush: 2 });
+    kinds += kind[0];
+    let vs: BlockVersion[] = [];
+    let p: Promise<unknown>;
+    if (kind === 'piece' || kind === 'odd' || kind === 'fua') {
+      const at = kind === 'odd' ? rng.int(0, B - 2) : rng.int(0, B / (4 * KiB) - 1) * 4 * KiB;
+      const len = kind === 'odd' ? rng.int(1, Math.min(B - at, 3 * 4 * KiB) - (at === 0 ? 1 : 0)) : 4 * KiB;
+      const data = rng.bytes(len);
+      if (len >= 4) data.writeUInt32LE(++seq, 0);
+      data.copy(model, off + at);
+      vs = [version(b, issued, allocated[b]!, kind === 'fua')];
+      allocated[b] = true;
+      p = img.write(off + at, data, { fua: kind === 'fua' });
+    } else if (kind === 'whole') {
+      const data = rng.bytes(B);
+      for (let o = 0; o < B; o += SECTOR) data.writeUInt32LE(++seq, o);
+      data.copy(model, off);
+      vs = [version(b, issued, allocated[b]!, false)];
+      allocated[b] = true;
+      p = img.write(off, data);
+    } else if (kind === 'trim') {
+      model.fill(0, off, off + B);
+      vs = [version(b, issued, false, false)];
+      allocated[b] = false;
+      p = rng.chance(0.5) ? img.writeZeroes(off, B, { mayTrim: true }) : img.discard(off, B);
+    } else if (kind === 'zeroKeep') {
+      model.fill(0, off, off + B);
+      vs = [version(b, issued, allocated[b]!, false)];
+      p = img.writeZeroes(off, B, { mayTrim: false });
+    } else if (kind === 'zeroPart') {
+      const at = rng.int(0, B / SECTOR - 2) * SECTOR;
+      const len = rng.int(1, Math.min(B - at - 1, 16 * KiB));
+      model.fill(0, off + at, off + at + len);
+      // Zeroes of part of an unallocated block change nothing there (it reads zeros).
+      vs = [version(b, issued, allocated[b]!, false)];
+      p = img.writeZeroes(off + at, len, { mayTrim: true });
+    } else {
+      p = recordFlush(cut, flushes, issued, img.flush());
     }
-    await Promise.all(ops);
-  }
+    return ackedWhen(cut, p, vs);
+  });
   await img.close();
   const end = cut.tick();
   const tag = `seed ${seed}, ops ${kinds.length}`;
   expect(digest(await readBack(path)), `${tag}: the image after the bursts reads as the model in request order`).toBe(digest(model));
 
-  for (let c = 0; c < 60; c++) {
-    const at = c === 0 ? end : rng.int(1, end);
-    const out = join(dir, `cut-${c}.ksc`);
-    await cut.materialise(path, at, out, rng);
-    const where = `cut ${c} at ${at} of ${end} (${tag})`;
-    const chk = await checkImage(out, { verify: true });
-    expect(crashCheckErrors(chk.errors), `${where}: check --verify`).toEqual([]);
-    const content = await readBack(out);
-    const coveredUpTo = Math.max(0, ...flushes.filter((f) => f.done < at).map((f) => f.issued));
-    for (let i = 0; i < BLOCKS; i++) {
-      const got = content.subarray(i * B, (i + 1) * B);
-      const hist = history.get(i);
-      if (!hist) {
-        expect(got.equals(Buffer.alloc(B)), `${where}: cold block ${i} holds bytes`).toBe(true);
-        continue;
-      }
-      // The floor: the newest version that it and every older one are durable by now: acknowledged before
-      // a flush that completed before the cut started, or acknowledged FUA writes (pieces of one group are
-      // acknowledged in any order, and each version holds the pieces issued before it).
+  await cutLoop({
+    cut,
+    path,
+    dir,
+    rng,
+    cuts: 60,
+    end,
+    blocks: BLOCKS,
+    bs: B,
+    history,
+    flushes,
+    readBack,
+    // The floor: the newest version that it and every older one are durable by now: acknowledged before a
+    // flush that completed before the cut started, or acknowledged FUA writes (pieces of one group are
+    // acknowledged in any order, and each version holds the pieces issued before it).
+    floor: (hist, coveredUpTo, at) => {
       let floor = 0;
       for (let j = 1; j < hist.length; j++) {
         const v = hist[j]!;
         if (v.acked < coveredUpTo || (v.fua && v.acked < at)) floor = j;
         else break;
       }
-      const allowed = hist.slice(floor).filter((v) => v.issued < at);
-      if (allowed.some((v) => v.data.equals(got))) continue;
-      const tearable = allowed.some((v, j) => j > 0 && v.inPlace);
-      const bad = Array.from({ length: B / SECTOR }, (_, s) => s * SECTOR).find((o) => !allowed.some((v) => v.data.subarray(o, o + SECTOR).equals(got.subarray(o, o + SECTOR))));
-      expect(
-        tearable && bad === undefined,
-        `${where}: block ${i} reads ${digest(got)}, none of its ${allowed.length} allowed versions (floor ${floor} of ${hist.length}; first sector no version explains: ${bad})`,
-      ).toBe(true);
-    }
-  }
+      return floor;
+    },
+    tag,
+  });
 }
 
 const readBack = (path: string): Promise<Buffer> => readImage(path, BLOCKS * B);
 
 describe('partial-block groups and batched writes: bursts in one turn under power cuts', () => {
-  const saved = process.env['KSCINC_NO_NATIVE'];
-  afterEach(() => {
-    if (saved === undefined) delete process.env['KSCINC_NO_NATIVE'];
-    else process.env['KSCINC_NO_NATIVE'] = saved;
-  });
+  restoreEnvAfterEach('KSCINC_NO_NATIVE');
   for (const [label, native, bitmap] of [
     ['addon', true, false],
     ['addon, a bitmap', true, true],
@@ -327,11 +285,7 @@ const stepCase: Case = {
 };
 
 describe('partial-block groups: one racing turn stopped after every write and sync', () => {
-  const saved = process.env['KSCINC_NO_NATIVE'];
-  afterEach(() => {
-    if (saved === undefined) delete process.env['KSCINC_NO_NATIVE'];
-    else process.env['KSCINC_NO_NATIVE'] = saved;
-  });
+  restoreEnvAfterEach('KSCINC_NO_NATIVE');
   for (const native of [true, false]) {
     it(`every stop: each block a version no older than what a flush or FUA made durable, check clean (${native ? 'addon' : 'KSCINC_NO_NATIVE=1'})`, async () => {
       if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
