@@ -14,13 +14,13 @@ import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
 import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { B, type Case, SIZE, block, covers, everyStep, expectBlocks, expectClean, readAll } from '../helpers/step-cases.js';
+import { B, type Case, SIZE, block, covers, readAll } from '../helpers/step-cases.js';
 import { PowerCut } from '../helpers/powercut.js';
 import { Rng } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { HELD0, everyStepTests, expectNoLeaks, runLoaded, setupHeld0, verifyBlocks } from '../helpers/write-path.js';
 
 const BLOCKS = SIZE / B;
-const HELD0 = block(5, 0);
 /** The sequence the run writes: [first block, count], in order; flushes between some (see run). */
 const WRITES: [number, number][] = [
   [1, 1],
@@ -35,18 +35,10 @@ const NEW = Array.from({ length: BLOCKS }, (_, i) => block(6, i));
 function allocCase(withBitmap: boolean): Case {
   return {
     name: `allocating writes${withBitmap ? ' with a bitmap' : ''}`,
-    setup: async (dir) => {
-      const img = join(dir, 'img.ksc');
-      await createImage(img, { size: SIZE, blockSize: B, intentRegion: 4 * B });
-      const k = await openKsc(img, { write: true });
-      if (withBitmap) await k.addBitmap('b1');
-      await k.write(0, HELD0);
-      await k.close();
-    },
-    run: async (dir) => {
-      const k = await openKsc(join(dir, 'img.ksc'), { write: true });
-      try {
-        await k.read(0, B); // the map page loaded: the writes below can take the synchronous path
+    setup: (dir) => setupHeld0(dir, withBitmap),
+    run: (dir) =>
+      // The map page loaded: the writes below can take the synchronous path.
+      runLoaded(dir, async (k) => {
         const w = (i: number): Promise<void> => {
           const [b, n] = WRITES[i]!;
           return k.write(b * B, Buffer.concat(NEW.slice(b, b + n)));
@@ -56,31 +48,23 @@ function allocCase(withBitmap: boolean): Case {
         await Promise.all([w(1), w(2), w(3)]);
         await k.flush();
         await Promise.all([w(4), w(5)]);
-      } finally {
-        await k.close();
-      }
-    },
+      }),
     verify: async (dir, done, where) => {
-      const img = join(dir, 'img.ksc');
       const written = new Set(WRITES.flatMap(([b, n]) => Array.from({ length: n }, (_, k) => b + k)));
       const zero = Buffer.alloc(B);
-      const content = await readAll(img);
-      expectBlocks(
-        content,
-        Array.from({ length: BLOCKS }, (_, i) => (i === 0 ? [HELD0] : !written.has(i) ? [zero] : done ? [NEW[i]!] : [zero, NEW[i]!])),
+      await verifyBlocks(
+        dir,
         where,
+        (i) => (i === 0 ? [HELD0] : !written.has(i) ? [zero] : done ? [NEW[i]!] : [zero, NEW[i]!]),
+        withBitmap
+          ? async (content, k) => {
+              const ext = await k.bitmapExtents('b1');
+              for (const i of written) {
+                if (content.subarray(i * B, (i + 1) * B).equals(NEW[i]!)) expect(covers(ext, i * B, B), `${where}: bitmap lacks block ${i}`).toBe(true);
+              }
+            }
+          : null,
       );
-      await expectClean(img, where);
-      if (!withBitmap) return;
-      const k = await openKsc(img);
-      try {
-        const ext = await k.bitmapExtents('b1');
-        for (const i of written) {
-          if (content.subarray(i * B, (i + 1) * B).equals(NEW[i]!)) expect(covers(ext, i * B, B), `${where}: bitmap lacks block ${i}`).toBe(true);
-        }
-      } finally {
-        await k.close();
-      }
     },
   };
 }
@@ -152,17 +136,10 @@ describe('allocating whole-block writes (synchronous path)', () => {
     await img.quiesce(async () => undefined);
     expect((await img.read(0, 4 * B)).equals(Buffer.concat([NEW[0]!, Buffer.alloc(B), NEW[2]!, NEW[3]!]))).toBe(true);
     await img.close();
-    const r = await checkImage(path, { verify: true });
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes).toBe(0);
+    await expectNoLeaks(path);
   });
 
-  for (const withBitmap of [false, true]) {
-    const c = allocCase(withBitmap);
-    it(`${c.name}: stopped after every write and sync (fault injection)`, async () => {
-      expect(await everyStep(c)).toBeGreaterThan(5);
-    }, 300_000);
-  }
+  everyStepTests(allocCase, 5);
 
   it('a flush started while the data write is in flight does not reference the new clusters (power cuts after it)', async () => {
     const dir = tempDir();

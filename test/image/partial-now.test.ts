@@ -12,22 +12,24 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
-import { coreOf } from '../../src/image/ksc/image.js';
+import { coreOf, type KscImage } from '../../src/image/ksc/image.js';
 import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { B, type Case, KiB, SIZE, block, covers, everyStep, expectBlocks, readAll } from '../helpers/step-cases.js';
+import { B, type Case, KiB, SIZE, block, covers, readAll } from '../helpers/step-cases.js';
 import { tempDir } from '../helpers/tmp.js';
+import { HELD0, everyStepTests, expectNoLeaks, overlay, runLoaded, setupHeld0, verifyBlocks } from '../helpers/write-path.js';
 
 const P = 4 * KiB;
-const HELD0 = block(5, 0);
 /** 4 KiB pieces: a piece of `tag`. */
 const piece = (tag: number): Buffer => block(7, tag).subarray(0, P);
+
+type Counts = { n: number; fail: boolean; hold: boolean; held: (() => void)[] };
 
 /**
  * An opener whose files count the data writes (pieces and blocks; not the metadata at offsets below the
  * data area's first cluster, nor the inner write of writeWithCrcs without the addon), can hold them back,
  * and fail them when told.
  */
-function countingOpener(s: { n: number; fail: boolean; hold: boolean; held: (() => void)[] }, dataFrom: () => number): FileOpener {
+function countingOpener(s: Counts, dataFrom: () => number): FileOpener {
   return async (p, o) => {
     const f: HostFile = await openHostFile(p, o);
     const write = f.write.bind(f);
@@ -61,41 +63,57 @@ function countingOpener(s: { n: number; fail: boolean; hold: boolean; held: (() 
   };
 }
 
+/**
+ * A new image of SIZE (an intent region over all of it unless `intent` is false) opened through the counting
+ * opener, with bitmap "b1" when `withBitmap`, then block 0 written by the general path (which loads the map
+ * page and sets the intent bits).
+ */
+async function rig(intent: boolean, withBitmap = false): Promise<{ path: string; s: Counts; img: KscImage }> {
+  const path = join(tempDir(), 'img.ksc');
+  await createImage(path, { size: SIZE, blockSize: B, ...(intent ? { intentRegion: SIZE } : {}) });
+  const s: Counts = { n: 0, fail: false, hold: false, held: [] };
+  const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
+  if (withBitmap) await img.addBitmap('b1');
+  await img.write(0, HELD0);
+  return { path, s, img };
+}
+
+/** Lets the held writes go (and the later ones through). */
+function release(s: Counts): void {
+  s.hold = false;
+  for (const r of s.held.splice(0)) r();
+}
+
+const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+/** Closes `img`; the file then holds `want` at `at`, and `check --verify` finds no error and no leak. */
+async function closeHolding(img: KscImage, path: string, at: number, want: Buffer): Promise<void> {
+  await img.close();
+  expect((await readAll(path)).subarray(at, at + want.length).equals(want)).toBe(true);
+  await expectNoLeaks(path);
+}
+
 describe('writes of parts of a block (synchronous path, groups per block)', () => {
   for (const withBitmap of [false, true]) {
     it(`pieces of a new block written in one turn are one write of the block, in issue order${withBitmap ? ' (a bitmap enabled)' : ''}`, async () => {
-      const dir = tempDir();
-      const path = join(dir, 'img.ksc');
-      await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
-      const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-      const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-      if (withBitmap) await img.addBitmap('b1');
-      await img.write(0, HELD0); // general path: loads the map page (and sets the intent bits)
+      const { path, s, img } = await rig(true, withBitmap);
       const before = s.n;
       const ps = [img.write(3 * B, piece(1)), img.write(3 * B + P, piece(2)), img.write(3 * B, piece(3)), img.write(4 * B - P, piece(4))];
       await Promise.all(ps);
       expect(s.n - before, 'one data write for the four pieces').toBe(1);
-      const want = Buffer.alloc(B);
-      piece(3).copy(want, 0);
-      piece(2).copy(want, P);
-      piece(4).copy(want, B - P);
+      const want = overlay(B, [
+        [piece(3), 0],
+        [piece(2), P],
+        [piece(4), B - P],
+      ]);
       expect((await img.read(3 * B, B)).equals(want)).toBe(true);
       if (withBitmap) expect(covers(await img.bitmapExtents('b1'), 3 * B, B)).toBe(true);
-      await img.close();
-      expect((await readAll(path)).subarray(3 * B, 4 * B).equals(want)).toBe(true);
-      const r = await checkImage(path, { verify: true });
-      expect(r.errors).toEqual([]);
-      expect(r.leakedBytes).toBe(0);
+      await closeHolding(img, path, 3 * B, want);
     });
   }
 
   it('pieces written in place go out side by side; an overlapping one waits for them and wins', async () => {
-    const dir = tempDir();
-    const path = join(dir, 'img.ksc');
-    await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
-    const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-    const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-    await img.write(0, HELD0);
+    const { path, s, img } = await rig(true);
     await img.write(8 * KiB, piece(9)); // the intent bit is durable now
     s.hold = true;
     const before = s.n;
@@ -103,18 +121,16 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     const b = img.write(16 * KiB, piece(2));
     const c = img.write(32 * KiB + 100, piece(3).subarray(0, 1000));
     const over = img.write(16 * KiB + 2048, piece(4));
-    await new Promise((r) => setImmediate(r));
+    await turn();
     expect(s.n - before, 'the three disjoint pieces issued at once, the overlapping one not yet').toBe(3);
-    s.hold = false;
-    for (const r of s.held.splice(0)) r();
+    release(s);
     await Promise.all([a, b, c, over]);
-    const want = Buffer.from(HELD0);
-    piece(1).copy(want, 8 * KiB);
-    piece(2).copy(want, 16 * KiB);
-    piece(3)
-      .subarray(0, 1000)
-      .copy(want, 32 * KiB + 100);
-    piece(4).copy(want, 16 * KiB + 2048);
+    const want = overlay(HELD0, [
+      [piece(1), 8 * KiB],
+      [piece(2), 16 * KiB],
+      [piece(3).subarray(0, 1000), 32 * KiB + 100],
+      [piece(4), 16 * KiB + 2048],
+    ]);
     expect((await img.read(0, B)).equals(want)).toBe(true);
     await img.close();
     expect((await readAll(path)).subarray(0, B).equals(want)).toBe(true);
@@ -122,12 +138,7 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
   });
 
   it('a failed block write rejects every piece, gives its cluster back and leaves the image usable', async () => {
-    const dir = tempDir();
-    const path = join(dir, 'img.ksc');
-    await createImage(path, { size: SIZE, blockSize: B });
-    const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-    const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-    await img.write(0, HELD0);
+    const { path, s, img } = await rig(false);
     s.fail = true;
     const ps = [img.write(2 * B, piece(1)), img.write(2 * B + P, piece(2))];
     for (const p of ps) await expect(p).rejects.toThrow(/injected/);
@@ -136,99 +147,68 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     await img.write(2 * B + P, piece(2));
     await img.write(3 * B, block(6, 3));
     await img.quiesce(async () => undefined);
-    const want2 = Buffer.alloc(B);
-    piece(2).copy(want2, P);
+    const want2 = overlay(B, [[piece(2), P]]);
     expect((await img.read(0, 4 * B)).equals(Buffer.concat([HELD0, Buffer.alloc(B), want2, block(6, 3)]))).toBe(true);
     await img.close();
-    const r = await checkImage(path, { verify: true });
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes).toBe(0);
+    await expectNoLeaks(path);
   });
 
   for (const withBitmap of [false, true]) {
     it(`pieces of a new block that arrive while its write is in flight are the next wave: one more write of the whole block, checksum valid${withBitmap ? ' (a bitmap enabled)' : ''}`, async () => {
-      const dir = tempDir();
-      const path = join(dir, 'img.ksc');
-      await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
-      const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-      const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-      if (withBitmap) await img.addBitmap('b1');
-      await img.write(0, HELD0); // general path: loads the map page (and sets the intent bits)
+      const { path, s, img } = await rig(true, withBitmap);
       s.hold = true;
       const before = s.n;
       const wave1 = [img.write(3 * B, piece(1)), img.write(3 * B + P, piece(2))];
-      await new Promise((r) => setImmediate(r));
+      await turn();
       expect(s.n - before, 'the first wave is being written').toBe(1);
       const wave2 = [img.write(3 * B + 8 * P, piece(3)), img.write(3 * B, piece(4)), img.write(3 * B + 8 * P + 100, piece(5).subarray(0, 200))];
-      await new Promise((r) => setImmediate(r));
+      await turn();
       expect(s.n - before, 'the later pieces wait for the first wave, none took a write of its own').toBe(1);
-      s.hold = false;
-      for (const r of s.held.splice(0)) r();
+      release(s);
       await Promise.all([...wave1, ...wave2]);
       expect(s.n - before, 'one more write: the whole block').toBe(2);
-      const want = Buffer.alloc(B);
-      piece(4).copy(want, 0);
-      piece(2).copy(want, P);
-      piece(3).copy(want, 8 * P);
-      piece(5)
-        .subarray(0, 200)
-        .copy(want, 8 * P + 100);
+      const want = overlay(B, [
+        [piece(4), 0],
+        [piece(2), P],
+        [piece(3), 8 * P],
+        [piece(5).subarray(0, 200), 8 * P + 100],
+      ]);
       expect((await img.read(3 * B, B)).equals(want)).toBe(true);
       expect(coreOf(img).map.page(0)!.csumValid[3], 'the rewritten block keeps a valid checksum').toBe(1);
       if (withBitmap) expect(covers(await img.bitmapExtents('b1'), 3 * B, B)).toBe(true);
-      await img.close();
-      expect((await readAll(path)).subarray(3 * B, 4 * B).equals(want)).toBe(true);
-      const r = await checkImage(path, { verify: true });
-      expect(r.errors).toEqual([]);
-      expect(r.leakedBytes).toBe(0);
+      await closeHolding(img, path, 3 * B, want);
     });
   }
 
   it('a later wave whose pieces lie close together writes only their span (the checksum then not valid)', async () => {
-    const dir = tempDir();
-    const path = join(dir, 'img.ksc');
-    await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
-    const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-    const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-    await img.write(0, HELD0);
+    const { path, s, img } = await rig(true);
     s.hold = true;
     const before = s.n;
     const wave1 = img.write(3 * B, piece(1));
-    await new Promise((r) => setImmediate(r));
+    await turn();
     const wave2 = [img.write(3 * B + 5 * P, piece(2)), img.write(3 * B + 6 * P + 10, piece(3).subarray(0, 10))];
-    s.hold = false;
-    for (const r of s.held.splice(0)) r();
+    release(s);
     await Promise.all([wave1, ...wave2]);
     expect(s.n - before, 'the block, then the span of the second wave').toBe(2);
-    const want = Buffer.alloc(B);
-    piece(1).copy(want, 0);
-    piece(2).copy(want, 5 * P);
-    piece(3)
-      .subarray(0, 10)
-      .copy(want, 6 * P + 10);
+    const want = overlay(B, [
+      [piece(1), 0],
+      [piece(2), 5 * P],
+      [piece(3).subarray(0, 10), 6 * P + 10],
+    ]);
     expect((await img.read(3 * B, B)).equals(want)).toBe(true);
     expect(coreOf(img).map.page(0)!.csumValid[3]).toBe(0);
-    await img.close();
-    expect((await readAll(path)).subarray(3 * B, 4 * B).equals(want)).toBe(true);
-    const r = await checkImage(path, { verify: true });
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes).toBe(0);
+    await closeHolding(img, path, 3 * B, want);
   });
 
   it('a failed later wave rejects its pieces and the queued ones, and leaves the block reading its earlier waves', async () => {
-    const dir = tempDir();
-    const path = join(dir, 'img.ksc');
-    await createImage(path, { size: SIZE, blockSize: B, intentRegion: SIZE });
-    const s = { n: 0, fail: false, hold: false, held: [] as (() => void)[] };
-    const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
-    await img.write(0, HELD0);
+    const { path, s, img } = await rig(true);
     s.hold = true;
     const wave1 = img.write(3 * B, piece(1));
-    await new Promise((r) => setImmediate(r));
+    await turn();
     const wave2 = img.write(3 * B + P, piece(2));
     for (const r of s.held.splice(0)) r();
     await wave1;
-    await new Promise((r) => setImmediate(r));
+    await turn();
     expect(s.held.length, 'the second wave is being written').toBe(1);
     const queued = img.write(3 * B + 2 * P, piece(3));
     s.fail = true;
@@ -244,32 +224,20 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     piece(2).copy(want, P);
     expect((await img.read(3 * B, B)).equals(want)).toBe(true);
     await img.close();
-    const r = await checkImage(path, { verify: true });
-    expect(r.errors).toEqual([]);
-    expect(r.leakedBytes).toBe(0);
+    await expectNoLeaks(path);
   });
 
-  for (const withBitmap of [false, true]) {
-    const c = chainCase(withBitmap);
-    it(`${c.name}: stopped after every write and sync (fault injection)`, async () => {
-      expect(await everyStep(c)).toBeGreaterThan(4);
-    }, 300_000);
-  }
-
-  for (const withBitmap of [false, true]) {
-    const c = partialCase(withBitmap);
-    it(`${c.name}: stopped after every write and sync (fault injection)`, async () => {
-      expect(await everyStep(c)).toBeGreaterThan(4);
-    }, 300_000);
-  }
+  everyStepTests(chainCase, 4);
+  everyStepTests(partialCase, 4);
 });
 
 /** Block 0 holds HELD0; the run writes pieces of new block 2, flushes, writes pieces of block 0 in place. */
 function partialCase(withBitmap: boolean): Case {
-  const new2 = Buffer.alloc(B);
-  piece(3).copy(new2, 0);
-  piece(2).copy(new2, P);
-  piece(4).copy(new2, B - P);
+  const new2 = overlay(B, [
+    [piece(3), 0],
+    [piece(2), P],
+    [piece(4), B - P],
+  ]);
   const variants0: Buffer[] = [];
   for (const at8 of [null, piece(5), piece(7)]) {
     for (const at16 of [null, piece(6)]) {
@@ -282,47 +250,29 @@ function partialCase(withBitmap: boolean): Case {
   const final0 = variants0[5]!; // piece 7 at 8 KiB, piece 6 at 16 KiB
   return {
     name: `pieces of a new block, then in place${withBitmap ? ' with a bitmap' : ''}`,
-    setup: async (dir) => {
-      const img = join(dir, 'img.ksc');
-      await createImage(img, { size: SIZE, blockSize: B, intentRegion: 4 * B });
-      const k = await openKsc(img, { write: true });
-      if (withBitmap) await k.addBitmap('b1');
-      await k.write(0, HELD0);
-      await k.close();
-    },
-    run: async (dir) => {
-      const k = await openKsc(join(dir, 'img.ksc'), { write: true });
-      try {
-        await k.read(0, B); // the map page loaded
+    setup: (dir) => setupHeld0(dir, withBitmap),
+    run: (dir) =>
+      runLoaded(dir, async (k) => {
         await Promise.all([k.write(2 * B, piece(1)), k.write(2 * B + P, piece(2)), k.write(2 * B, piece(3)), k.write(3 * B - P, piece(4))]);
         await k.flush();
         await k.write(8 * KiB, piece(5)); // the intent bit (general path), then side by side:
         await Promise.all([k.write(8 * KiB, piece(7)), k.write(16 * KiB, piece(6))]);
         await k.flush();
-      } finally {
-        await k.close();
-      }
-    },
+      }),
     verify: async (dir, done, where) => {
-      const img = join(dir, 'img.ksc');
-      const content = await readAll(img);
       const zero = Buffer.alloc(B);
-      expectBlocks(
-        content,
-        Array.from({ length: SIZE / B }, (_, i) => (i === 0 ? (done ? [final0] : variants0) : i === 2 ? (done ? [new2] : [zero, new2]) : [zero])),
+      await verifyBlocks(
+        dir,
         where,
+        (i) => (i === 0 ? (done ? [final0] : variants0) : i === 2 ? (done ? [new2] : [zero, new2]) : [zero]),
+        withBitmap
+          ? async (content, k) => {
+              const ext = await k.bitmapExtents('b1');
+              if (!content.subarray(2 * B, 3 * B).equals(zero)) expect(covers(ext, 2 * B, B), `${where}: bitmap lacks block 2`).toBe(true);
+              if (!content.subarray(0, B).equals(HELD0)) expect(covers(ext, 8 * KiB, P) && covers(ext, 16 * KiB, P), `${where}: bitmap lacks block 0`).toBe(true);
+            }
+          : null,
       );
-      const r = await checkImage(img, { verify: true });
-      expect(r.errors, `${where}: check --verify`).toEqual([]);
-      if (!withBitmap) return;
-      const k = await openKsc(img);
-      try {
-        const ext = await k.bitmapExtents('b1');
-        if (!content.subarray(2 * B, 3 * B).equals(zero)) expect(covers(ext, 2 * B, B), `${where}: bitmap lacks block 2`).toBe(true);
-        if (!content.subarray(0, B).equals(HELD0)) expect(covers(ext, 8 * KiB, P) && covers(ext, 16 * KiB, P), `${where}: bitmap lacks block 0`).toBe(true);
-      } finally {
-        await k.close();
-      }
     },
   };
 }
@@ -337,34 +287,31 @@ function partialCase(withBitmap: boolean): Case {
  */
 function chainCase(withBitmap: boolean): Case {
   const waves: Buffer[] = [Buffer.alloc(B)];
-  const w = Buffer.alloc(B);
-  piece(1).copy(w, 0);
-  piece(2).copy(w, P);
-  waves.push(Buffer.from(w));
-  piece(3).copy(w, 0);
-  piece(4).copy(w, 5 * P);
-  waves.push(Buffer.from(w));
-  piece(5).copy(w, B - P);
-  waves.push(Buffer.from(w));
+  waves.push(
+    overlay(waves[0]!, [
+      [piece(1), 0],
+      [piece(2), P],
+    ]),
+  );
+  waves.push(
+    overlay(waves[1]!, [
+      [piece(3), 0],
+      [piece(4), 5 * P],
+    ]),
+  );
+  waves.push(overlay(waves[2]!, [[piece(5), B - P]]));
   let flushed = 0; // waves the run knows durable (set as its flushes return)
   return {
     name: `waves of a new block around a flush${withBitmap ? ' with a bitmap' : ''}`,
     setup: async (dir) => {
       flushed = 0;
-      const img = join(dir, 'img.ksc');
-      await createImage(img, { size: SIZE, blockSize: B, intentRegion: 4 * B });
-      const k = await openKsc(img, { write: true });
-      if (withBitmap) await k.addBitmap('b1');
-      await k.write(0, HELD0);
-      await k.close();
+      await setupHeld0(dir, withBitmap);
     },
-    run: async (dir) => {
-      const k = await openKsc(join(dir, 'img.ksc'), { write: true });
-      try {
-        await k.read(0, B); // the map page loaded
+    run: (dir) =>
+      runLoaded(dir, async (k) => {
         const handled = <T>(p: Promise<T>): Promise<T> => (p.catch(() => undefined), p); // a stop rejects them all
         const wave1 = [handled(k.write(2 * B, piece(1))), handled(k.write(2 * B + P, piece(2)))];
-        await new Promise((r) => setImmediate(r));
+        await turn();
         const wave2 = [handled(k.write(2 * B, piece(3))), handled(k.write(2 * B + 5 * P, piece(4)))];
         await Promise.all(wave1);
         const f1 = handled(k.flush());
@@ -374,28 +321,19 @@ function chainCase(withBitmap: boolean): Case {
         await Promise.all([...wave2, wave3]);
         await k.flush();
         flushed = 3;
-      } finally {
-        await k.close();
-      }
-    },
+      }),
     verify: async (dir, done, where) => {
-      const img = join(dir, 'img.ksc');
-      const content = await readAll(img);
       const b2 = done ? [waves[3]!] : waves.slice(flushed);
-      expectBlocks(
-        content,
-        Array.from({ length: SIZE / B }, (_, i) => (i === 0 ? [HELD0] : i === 2 ? b2 : [Buffer.alloc(B)])),
+      await verifyBlocks(
+        dir,
         where,
+        (i) => (i === 0 ? [HELD0] : i === 2 ? b2 : [Buffer.alloc(B)]),
+        withBitmap
+          ? async (content, k) => {
+              if (!content.subarray(2 * B, 3 * B).equals(waves[0]!)) expect(covers(await k.bitmapExtents('b1'), 2 * B, B), `${where}: bitmap lacks block 2`).toBe(true);
+            }
+          : null,
       );
-      const r = await checkImage(img, { verify: true });
-      expect(r.errors, `${where}: check --verify`).toEqual([]);
-      if (!withBitmap) return;
-      const k = await openKsc(img);
-      try {
-        if (!content.subarray(2 * B, 3 * B).equals(waves[0]!)) expect(covers(await k.bitmapExtents('b1'), 2 * B, B), `${where}: bitmap lacks block 2`).toBe(true);
-      } finally {
-        await k.close();
-      }
     },
   };
 }
