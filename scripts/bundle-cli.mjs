@@ -57,7 +57,8 @@ const lazyChildProcess = {
     if (!code.includes(eager) || (code.match(/childProcess\.(\w+)/g) ?? []).some((use) => use !== 'childProcess.spawn')) {
       throw new Error(`bundle-cli: ${id} does not use node:child_process as expected (one require, spawn only): update lazyChildProcess`);
     }
-    return code.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };");
+    // The same line, so the source map stays true (map: null keeps the one the code had).
+    return { code: code.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };"), map: null };
   },
 };
 
