@@ -45,9 +45,32 @@ const temp = join(dist, `.bundle-${process.pid}`);
 // `name`, which its classes set from constructor.name; src/objstore/s3.ts maps them by that).
 const minify = process.env.KSCINC_BUNDLE_MINIFY === '0' ? false : { compress: { keepNames: { function: true, class: true } }, mangle: { keepNames: true } };
 
+// commander loads node:child_process (and with it net, dgram and more: ≈ 3 ms of CPU) when it is loaded, for the
+// one thing the CLI never asks of it, running an executable subcommand (its only use: childProcess.spawn). The
+// bundle loads it on that first use instead; a convert or an info no longer loads it at all (bench/README.md,
+// session 16). A commander whose line differs fails the build here rather than loading it eagerly unseen.
+const lazyChildProcess = {
+  name: 'kscinc-lazy-child-process',
+  transform(code, id) {
+    if (!/[\\/]commander[\\/]lib[\\/]command\.js$/.test(id)) return null;
+    const eager = "const childProcess = require('node:child_process');";
+    if (!code.includes(eager) || (code.match(/childProcess\.(\w+)/g) ?? []).some((use) => use !== 'childProcess.spawn')) {
+      throw new Error(`bundle-cli: ${id} does not use node:child_process as expected (one require, spawn only): update lazyChildProcess`);
+    }
+    // The same line, so the source map stays true (map: null keeps the one the code had).
+    return { code: code.replace(eager, "const childProcess = { spawn: (...args) => require('node:child_process').spawn(...args) };"), map: null };
+  },
+};
+
 /** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
 async function build(input, chunks) {
-  const bundle = await rolldown({ input, platform: 'node', external: (id) => id.startsWith('node:') || EXTERNAL.has(id), logLevel: 'warn' });
+  const bundle = await rolldown({
+    input,
+    platform: 'node',
+    external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
+    logLevel: 'warn',
+    plugins: [lazyChildProcess],
+  });
   await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: chunks, sourcemap: true });
   await bundle.close();
 }

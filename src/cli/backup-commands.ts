@@ -5,23 +5,29 @@ import { openImage } from '../image/open.js';
 import { createForServer, encryptChoice } from './new-repo.js';
 import { parseSize } from '../util/size.js';
 import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
-import { restoreBackup } from '../engines/restore.js';
 import { listBackups, summarize } from '../repo/catalog.js';
-import { verifyRepo } from '../engines/verify.js';
-import { liveRestore, storedLocation } from '../engines/live-restore.js';
-import { pullImage } from '../engines/pull.js';
-import { pruneRepo } from '../engines/prune.js';
 import { policyIsEmpty } from '../engines/retention.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
-import { requestBackup } from './control.js';
-import { clientKey } from './control-key.js';
 import { KscError, isKscError } from '../errors.js';
 import { EXIT } from './exit.js';
 import type { BackupResult } from '../engines/backup.js';
 import { registerRepoCommands } from './repo-commands.js';
 import { repoOption, withRepo } from './repo-open.js';
+
+// Each command's engine is imported in its action, not here: a run loads the code of the command it runs
+// (the serve control client, about a sixth of this group's load, only when a server holds the image).
+// bench/README.md, session 16.
+const engines = {
+  restore: () => import('../engines/restore.js'),
+  verify: () => import('../engines/verify.js'),
+  liveRestore: () => import('../engines/live-restore.js'),
+  pull: () => import('../engines/pull.js'),
+  prune: () => import('../engines/prune.js'),
+  control: () => import('./control.js'),
+  controlKey: () => import('./control-key.js'),
+};
 
 const count =
   (flag: string) =>
@@ -112,6 +118,7 @@ function registerBackup(program: Command): void {
         }
         await createForServer(o.repo, encryptChoice(o), o.chunkSize);
         const bar = progressBar('backup');
+        const [{ requestBackup }, { clientKey }] = await Promise.all([engines.control(), engines.controlKey()]);
         const r = await requestBackup(
           image,
           { op: 'backup', repo: o.repo, bitmap, full: o.full, tags: o.tag, chunkSize: o.chunkSize, key: await clientKey(o.repo) },
@@ -177,6 +184,7 @@ function registerRestore(program: Command): void {
         if (o.live) {
           if (o.force) throw new KscError('KSC_E_INVALID', 'restore --live makes a new image: --force does not apply');
           await withRepo(o.repo, 'open', async (repo) => {
+            const { liveRestore } = await engines.liveRestore();
             const r = await liveRestore(repo, o.repo, backup, target, { disk: o.disk, base: o.backing });
             if (o.json) return printJson(r);
             println(`live-restored backup ${r.backup} to ${target} (kscinc, ${formatSize(r.size)}, reading through to ${r.location})`);
@@ -192,6 +200,7 @@ function registerRestore(program: Command): void {
           o.repo,
           'open',
           async (repo) => {
+            const [{ restoreBackup }, { storedLocation }] = await Promise.all([engines.restore(), engines.liveRestore()]);
             const bar = progressBar('restore');
             let r;
             try {
@@ -235,6 +244,7 @@ function registerPull(program: Command): void {
     .action(async (image: string, o: { concurrency: number; flushEvery?: number; json?: boolean }) => {
       const bar = progressBar('pull', 'chunks');
       try {
+        const { pullImage } = await engines.pull();
         const r = await pullImage(image, { concurrency: Math.max(1, o.concurrency), flushEvery: o.flushEvery, progress: (p) => bar.update(p.doneChunks, p.totalChunks) }).finally(bar.stop);
         if (o.json) return printJson(r);
         println(`pulled ${r.chunksFetched} chunks (${formatSize(r.bytesFetched)}) of backup ${r.backup} into ${image}; it no longer needs the repository`);
@@ -281,6 +291,7 @@ function registerVerify(program: Command): void {
     .action(async (backup: string | undefined, o: { repo: string; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
         const bar = progressBar('verify', 'chunks');
+        const { verifyRepo } = await engines.verify();
         const r = await verifyRepo(repo, { backup, progress: bar.update }).finally(bar.stop);
         if (!r.ok) process.exitCode = EXIT.LEAKS_OR_DAMAGE;
         if (o.json) return printJson(r);
@@ -312,6 +323,7 @@ function registerPrune(program: Command): void {
         await withRepo(o.repo, 'open', async (repo) => {
           if (policyIsEmpty(policy)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
           const bar = progressBar('prune', 'steps');
+          const { pruneRepo } = await engines.prune();
           const r = await pruneRepo(repo, { ...policy, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
           if (o.json) return printJson(r);
           for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);

@@ -5,7 +5,6 @@ import { EXIT } from './exit.js';
 import { checkImage } from '../engines/check.js';
 import { convertImage } from '../engines/convert.js';
 import { commitImage, rebaseImage, snapshotImage } from '../engines/ops.js';
-import { describeImage } from '../image/describe.js';
 import { createImage, openImage, probeFormat, type ImageFormat } from '../image/open.js';
 import { parseSize } from '../util/size.js';
 import { isInternalBitmap } from './bitmap-commands.js';
@@ -34,6 +33,14 @@ async function refuseNonKsc(image: string): Promise<void> {
     what = e.message;
   }
   throw Object.assign(new KscError('KSC_E_FORMAT', what), { exitCode: EXIT.NOT_KSC });
+}
+
+/**
+ * image/describe.js on first use: it reaches a live restore's backing and the repository code under it, which
+ * convert, check and the other commands of this group never need (CLI start-up, bench/README.md session 16).
+ */
+async function describeImage(image: string): Promise<Awaited<ReturnType<typeof import('../image/describe.js').describeImage>>> {
+  return (await import('../image/describe.js')).describeImage(image);
 }
 
 const sizeArg =

@@ -11,6 +11,7 @@ import { RawDevice } from '../image/raw.js';
 import type { BlockDevice } from '../image/types.js';
 import { allocationOf, chainOf } from '../image/capabilities.js';
 import type { Progress } from './ops.js';
+import { DEFAULT_BLOCK_BITS } from '../format/constants.js';
 
 export interface ConvertOptions {
   format: 'raw' | 'ksc_inc';
@@ -43,23 +44,29 @@ export async function convertImage(src: string, dst: string, opts: ConvertOption
   try {
     await refuseChainMember(input, dst);
     return await buildNewFile(dst, { force: opts.force }, async (temp) => {
-      let output: BlockDevice;
-      if (opts.format === 'raw') output = await RawDevice.create(temp, input.size);
-      else {
-        await writeNewImage(temp, { size: input.size, blockSize: opts.blockSize ?? allocationOf(input)?.clusterSize ?? undefined });
-        output = await openKsc(temp, { write: true });
-      }
+      // The output is made (a ksc_inc image's header and tables written and synced: three fdatasyncs) while the
+      // first pieces of the source are read: neither waits for the other (bench/README.md, session 16).
+      const blockSize = opts.format === 'raw' ? null : (opts.blockSize ?? allocationOf(input)?.clusterSize ?? 2 ** DEFAULT_BLOCK_BITS);
+      const making = makeOutput(temp, input.size, blockSize);
+      making.catch(() => undefined); // a failure is reported where the output is awaited, never as unhandled
       try {
-        const r = await copyDevice(input, output, opts);
-        await output.flush();
+        const r = await copyInto(input, making, { unit: blockSize ?? RAW_UNIT, ownMap: blockSize !== null }, opts);
+        await (await making).flush();
         return { size: input.size, ...r, durationMs: performance.now() - started };
       } finally {
-        await output.close();
+        await (await making.catch(() => null))?.close();
       }
     });
   } finally {
     await input.close();
   }
+}
+
+/** A new raw file (blockSize null) or ksc_inc image of `size` bytes at `temp`, open for writing. */
+async function makeOutput(temp: string, size: number, blockSize: number | null): Promise<BlockDevice> {
+  if (blockSize === null) return RawDevice.create(temp, size);
+  await writeNewImage(temp, { size, blockSize });
+  return openKsc(temp, { write: true });
 }
 
 /** With option force, `dst` must not be the source or a file of its backing chain (others may share it). */
@@ -75,16 +82,25 @@ async function refuseChainMember(input: BlockDevice, dst: string): Promise<void>
 
 /** The size of the pieces copyDevice reads and writes (above io/file.ts's CACHED_READ_MAX: see copyDevice). */
 const PIECE = 2 << 20;
+/** The unit of zero detection into a device without an allocation map of its own (a raw file). */
+const RAW_UNIT = 4096;
+
+type CopyOptions = Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'>;
 
 /** Copies the data-bearing ranges of `input` to `output` (which must read as zeros beforehand). */
-export async function copyDevice(
-  input: BlockDevice,
-  output: BlockDevice,
-  opts: Pick<ConvertOptions, 'onProgress' | 'inFlight' | 'beforeChunk'> = {},
-): Promise<{ bytesRead: number; bytesWritten: number }> {
+export async function copyDevice(input: BlockDevice, output: BlockDevice, opts: CopyOptions = {}): Promise<{ bytesRead: number; bytesWritten: number }> {
   if (output.size < input.size) throw new KscError('KSC_E_RANGE', `${output.name} is smaller than ${input.name}`);
   const cluster = allocationOf(output)?.clusterSize ?? null;
-  const unit = cluster ?? 4096;
+  return copyInto(input, Promise.resolve(output), { unit: cluster ?? RAW_UNIT, ownMap: cluster !== null }, opts);
+}
+
+/**
+ * copyDevice into an output that may still be being made: pieces are read at once and each waits for the
+ * output only before it is written. `unit`: the output's allocation unit (its cluster size, or RAW_UNIT);
+ * `ownMap`: the output keeps its own allocation map (a ksc_inc image).
+ */
+async function copyInto(input: BlockDevice, target: Promise<BlockDevice>, shape: { unit: number; ownMap: boolean }, opts: CopyOptions): Promise<{ bytesRead: number; bytesWritten: number }> {
+  const { unit, ownMap } = shape;
   // 2 MiB pieces (as qemu-img convert's), 8 in flight. A piece above 1 MiB is read on the thread pool only:
   // HostFile.read copies what the page cache already holds (the kernel's readahead) on the calling thread
   // for reads up to 1 MiB, which for a whole disk made the main thread copy most of it, one piece at a time,
@@ -100,7 +116,7 @@ export async function copyDevice(
   // Into a device with its own allocation map (a ksc_inc image), a flush every `flushEvery` bytes runs in the
   // background while copying goes on, so the final flush finds little left to write (measured: faster). Into
   // a raw file it only stalls writers.
-  const flushEvery = cluster !== null ? 128 << 20 : Number.POSITIVE_INFINITY;
+  const flushEvery = ownMap ? 128 << 20 : Number.POSITIVE_INFINITY;
   let sinceFlush = 0;
   const background: Promise<void>[] = [];
   const worker = async (): Promise<void> => {
@@ -115,6 +131,7 @@ export async function copyDevice(
         const words = new Int32Array(buf.buffer, buf.byteOffset, length >>> 2);
         await input.readInto(offset, view);
         bytesRead += length;
+        const output = await target;
         // Write maximal runs of non-zero units.
         let runStart = -1;
         for (let pos = 0; pos < length; pos += unit) {

@@ -12,7 +12,7 @@ import { HEADER_SLOTS, MAGIC, MAX_CHAIN_DEPTH } from '../format/constants.js';
 import { KscImage, type CreateKscOptions } from './ksc.js';
 import { FOREIGN_PROBE_BYTES, foreignError, foreignFormat } from './foreign.js';
 import { RawDevice } from './raw.js';
-import { BackupBacking } from './repobacking.js';
+import type { BackupBacking } from './repobacking.js';
 import { OfflineBackupBacking } from './offline-backing.js';
 import type { BackupRef } from '../format/header.js';
 import type { BlockDevice } from './types.js';
@@ -123,8 +123,13 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     await probe.close();
   }
   let backing: BlockDevice | null = null;
+  /** The live restore's backing when this image has one (its repository code is loaded only then). */
+  let live: BackupBacking | null = null;
   if (backup) {
     // §4.2: a live restore. The top image opened for writing holds the repository (rule 5) and fills.
+    // repobacking.js (and the repository code under it) is imported here, not at the top: the other images,
+    // and so convert, info and the like, never load it (CLI start-up, bench/README.md session 16).
+    const { BackupBacking } = await import('./repobacking.js');
     const ref = backup.ref;
     const localBase = backup.localBase ? await openLocalBase(file, backup.localBase, opener) : undefined;
     backing = await BackupBacking.open(file, backingName!, ref, backup.size, { hold: write && depth === 0, localBase }).catch(async (e: unknown) => {
@@ -132,6 +137,7 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
       if (write || !opts.offlineBackup || !isKscError(e)) throw e;
       return new OfflineBackupBacking(`backup ${ref.id} in ${backingName!}`, backup!.size, ref.chunkSize, e);
     });
+    if (backing instanceof BackupBacking) live = backing;
   } else if (backingName !== null) {
     const bpath = resolveBackingPath(file, backingName);
     try {
@@ -151,8 +157,8 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
       handover: depth === 0 ? opts.handover : undefined,
       deferSweep: depth === 0 && !!opts.deferSweep,
     });
-    if (write && backing instanceof BackupBacking) {
-      const b = backing;
+    if (write && live) {
+      const b = live;
       b.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
       img.onRead = (off, n) => b.noteRead(off, n);
     }
