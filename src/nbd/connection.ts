@@ -333,6 +333,13 @@ export class Connection implements Link {
     this.write(parts as Buffer[], sent);
   }
 
+  sendNow(parts: Buffer[], sent?: () => void): boolean {
+    const s = this.socket;
+    if (this.holding || s.destroyed || s.writableNeedDrain) return false;
+    this.write(parts, sent);
+    return true;
+  }
+
   /** Reads and queues the rest of a reply the socket took part of; a failed read cannot be reported: cut. */
   private async sendRest(rest: ReplyPart[], sent?: () => void): Promise<void> {
     try {

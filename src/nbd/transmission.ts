@@ -13,13 +13,17 @@ import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
 import { checkIncomingWrite } from './incoming.js';
 import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } from './lz4-write.js';
-import { CMD, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
+import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
 const SMALL_REQUEST_COST = 64 * 1024;
 
 export class Transmission {
-  private readonly inflight = new Set<Promise<void>>();
+  /** Requests being run now; `waiters` resolve whenever one of them ends. */
+  private running = 0;
+  private waiters: (() => void)[] = [];
+  /** A request's handling that failed itself (not an error reply): run() throws it. */
+  private failure: { e: unknown } | null = null;
   private readonly share: ConnectionShare;
   /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
   private atBoundary = false;
@@ -50,12 +54,35 @@ export class Transmission {
 
   /** Requests being run now. */
   get inFlight(): number {
-    return this.inflight.size;
+    return this.running;
   }
 
   /** Resolves once every request in flight has completed (replied or failed). */
   async settled(): Promise<void> {
-    await Promise.allSettled([...this.inflight]);
+    while (this.running > 0) await this.oneEnds();
+  }
+
+  private oneEnds(): Promise<void> {
+    return new Promise<void>((resolve) => this.waiters.push(resolve));
+  }
+
+  /** A request has ended (replied, or its handling failed). */
+  private readonly ended = (): void => {
+    this.running--;
+    const w = this.waiters;
+    if (w.length === 0) return;
+    this.waiters = [];
+    for (const f of w) f();
+  };
+
+  private readonly endedBadly = (e: unknown): void => {
+    this.failure ??= { e };
+    this.ended();
+  };
+
+  /** Counts a request's handling as in flight until `p` settles. */
+  private track(p: Promise<void>): void {
+    p.then(this.ended, this.endedBadly);
   }
 
   /** Reads requests until the client disconnects (DISC or EOF) or the connection stops; throws on a protocol violation. */
@@ -118,10 +145,53 @@ export class Transmission {
           throw e;
         }
       }
-      while (this.inflight.size >= this.server.maxInFlight) await Promise.race(this.inflight);
-      const p: Promise<void> = this.handle(req, payload, pooled, release).finally(() => this.inflight.delete(p));
-      this.inflight.add(p);
+      while (this.running >= this.server.maxInFlight && !this.failure) await this.oneEnds();
+      if (this.failure) throw this.failure.e;
+      this.running++;
+      if (req.type === CMD.WRITE && payload !== null && payload.length > 0 && this.plainWrites()) this.writeNow(req, payload, pooled, release);
+      else this.track(this.handle(req, payload, pooled, release));
     }
+  }
+
+  /** WRITEs go straight to the export's device (not an incoming migration's target still being filled). */
+  private plainWrites(): boolean {
+    const inc = this.exp.incoming;
+    return !inc || inc.completed;
+  }
+
+  /**
+   * handle() for a plain WRITE without a promise of its own: validated and handed to the device at once,
+   * its reply queued from the write's completion (sendNow), its pool buffer given back once written.
+   */
+  private writeNow(req: Request, payload: Buffer, pooled: Buffer | null, release: () => void): void {
+    const { link, state } = this;
+    const dev = this.exp.device;
+    let io: Promise<void>;
+    try {
+      const off = validateRequest(req, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
+      io = dev.write(off, payload, { fua: (req.flags & CMD_FLAG.FUA) !== 0 });
+    } catch (e) {
+      this.track(this.replyError(req, e, release));
+      return;
+    }
+    io.then(
+      () => {
+        try {
+          if (pooled) this.server.pool.give([pooled]);
+          const parts = [encodeSimpleReply(0, req.cookie)];
+          if (!link.sendNow(parts, release)) {
+            this.track(link.send(parts, release).finally(() => link.destroyed && release()));
+            return;
+          }
+          if (link.destroyed) release();
+        } catch (e) {
+          this.endedBadly(e);
+          return;
+        }
+        this.ended();
+      },
+      (e: unknown) => this.track(this.replyError(req, e, release)),
+    );
   }
 
   private readonly goneError = (): Error | null => (this.gone() ? new SocketClosedError() : null);
@@ -158,7 +228,17 @@ export class Transmission {
         release();
       });
     } catch (e) {
-      const errno = wireErrno(e, w.type);
+      await this.replyError(req, e, release, w.type);
+    } finally {
+      if (link.destroyed) release();
+    }
+  }
+
+  /** Answers `req` with the error `e` (as a request of type `type`: a decoded KSC_WRITE_LZ4 is a WRITE). */
+  private async replyError(req: Request, e: unknown, release: () => void, type = req.type): Promise<void> {
+    const { link, state } = this;
+    try {
+      const errno = wireErrno(e, type);
       const msg = e instanceof Error ? e.message : String(e);
       if (!(e instanceof NbdRequestError)) link.log(`nbd: connection ${link.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
       if (state.structuredReplies) await link.send([encodeErrorChunk(req.cookie, errno, msg)], release);

@@ -53,6 +53,8 @@ export interface Link {
   readonly destroyed: boolean;
   /** Writes a whole reply in one burst; `sent` runs once the socket no longer needs the bytes. */
   send(parts: ReplyPart[], sent?: () => void): Promise<void>;
+  /** send() when the socket takes the reply now (nothing held back, no drain awaited): false, sending nothing, otherwise. */
+  sendNow(parts: Buffer[], sent?: () => void): boolean;
   /** READ replies may carry DeviceRanges instead of their data (zerocopy.ts). */
   readonly zeroCopy?: boolean;
   log(line: string): void;
