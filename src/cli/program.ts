@@ -113,12 +113,12 @@ function removeUnfinishedOnSignal(): () => void {
     for (const temp of pendingFiles) {
       for (const f of [temp, `${temp}.lock`]) {
         try {
-          rmSync(f, { force: true });
+          rmSync(f);
+          if (f === temp) removed.push(temp);
         } catch {
-          // nothing more can be done on the way out
+          // already gone (a restore's temporary once published under the target's name), or nothing more can be done on the way out
         }
       }
-      removed.push(temp);
     }
     process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
     process.exit(sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED);

@@ -7,6 +7,7 @@ import { constants as fsc } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { pendingFiles } from './pending.js';
 
 /** Writes `parts` into a new file (it must not exist), then fsyncs it unless `durable` is false. */
 export async function writeNewFile(file: string, parts: Iterable<Buffer>, durable = true, expectedSize?: number): Promise<void> {
@@ -58,6 +59,7 @@ export async function syncDir(dir: string): Promise<void> {
 export async function replaceFile(path: string, data: string | Buffer): Promise<void> {
   const dir = dirname(path);
   const temp = join(dir, `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  pendingFiles.add(temp); // the CLI removes it when interrupted by a signal
   try {
     await writeNewFile(temp, [typeof data === 'string' ? Buffer.from(data, 'utf8') : data]);
     await rename(temp, path);
@@ -65,5 +67,7 @@ export async function replaceFile(path: string, data: string | Buffer): Promise<
   } catch (e) {
     await unlink(temp).catch(() => undefined);
     throw e;
+  } finally {
+    pendingFiles.delete(temp);
   }
 }
