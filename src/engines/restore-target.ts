@@ -14,7 +14,7 @@
  * then runs one body for both cases (an existing copy is written in place), its `force` means "overwrite a
  * target that is not a copy of the disk", and its own sweep also removes older temporary names.
  */
-import { readFile, readdir, rm } from 'node:fs/promises';
+import { readFile, readdir, rm, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
@@ -54,19 +54,40 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
   const own = await diskUuidOf(dev);
   if (own === disk) return null;
   if (dev.format === 'ksc_inc') return `it is a ksc_inc image of disk ${own}, not ${disk}`;
-  type Mark = { format?: string; disk?: string; size?: number };
+  type Mark = { format?: string; disk?: string; size?: number; ino?: number; born?: number };
   const mark = await readFile(markPath(target), 'utf8').then(
     (t) => JSON.parse(t) as Mark | null,
     () => null,
   );
-  if (mark?.format === MARK_FORMAT && mark.disk === disk && mark.size === dev.size) return null;
+  if (mark?.format === MARK_FORMAT && mark.disk === disk && mark.size === dev.size) {
+    // The mark names the file it was written for (§9.5 rule 2): a mark left behind by a target that was
+    // removed (or never published) does not vouch for another file put under the same name later.
+    const other = typeof mark.ino === 'number' ? await otherFile(target, mark.ino, mark.born ?? 0) : null;
+    if (other === null) return null;
+    return `its restore mark ${markPath(target)} was written for another file (${other}); this one was put under the name since`;
+  }
   if (mark?.format === MARK_FORMAT && typeof mark.disk === 'string') return `its restore mark ${markPath(target)} says it is a copy of disk ${mark.disk}, not ${disk}`;
   return `it is a raw file that kscinc did not restore from disk ${disk} (no restore mark ${markPath(target)})`;
 }
 
-/** Records that raw file `target` is (becoming) a copy of `disk` (§9.5). Durable before it returns. */
-export async function writeMark(target: string, disk: string, size: number, backup: string): Promise<void> {
-  await faultStep(`${markPath(target)}: write`, () => replaceFile(markPath(target), `${JSON.stringify({ format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString() })}\n`));
+/** How `target` differs from the file a mark names (inode number, birth time when both are known), or null. */
+async function otherFile(target: string, ino: number, born: number): Promise<string | null> {
+  const st = await stat(target, { bigint: false });
+  if (st.ino !== ino) return `inode ${ino}, this file's is ${st.ino}`;
+  const own = Math.round(st.birthtimeMs);
+  if (born > 0 && own > 0 && own !== born) return `born ${new Date(born).toISOString()}, this file ${new Date(own).toISOString()}`;
+  return null;
+}
+
+/**
+ * Records that raw file `target` is (becoming) a copy of `disk` (§9.5). `file` is the file that has or will
+ * have the name (the temporary of a new target: publishing keeps its inode): the mark names its inode number
+ * and birth time. Durable before it returns.
+ */
+export async function writeMark(target: string, file: string, disk: string, size: number, backup: string): Promise<void> {
+  const st = await stat(file);
+  const mark = { format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString(), ino: st.ino, born: Math.round(st.birthtimeMs) };
+  await faultStep(`${markPath(target)}: write`, () => replaceFile(markPath(target), `${JSON.stringify(mark)}\n`));
 }
 
 /**

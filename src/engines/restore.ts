@@ -186,14 +186,14 @@ async function restoreLocked(repo: Repository, which: string, target: string, op
     p.toChange = zero.length + fetch.length;
     const { index, plan } = await loadPlan(repo, m, fetch, what, opts.maxReadBytes);
     // Everything checkable is checked: from here on the target changes.
-    if (existing && format === 'raw') await writeMark(target, m.disk, m.size, m.meta.id);
+    if (existing && format === 'raw') await writeMark(target, target, m.disk, m.size, m.meta.id);
     p.writing = true;
     await writeZeros(dev, m, zero, p);
     const fetched = await fetchAndWrite(repo, dev, { m, fetch, index, plan, what, p, warnings, opts, existing });
     // §9.5 rule 2: a new raw target's mark is durable before the target has its name, so a restore stopped
     // in between leaves a target that the next restore recognises as a copy of the disk. It is written
     // while the data is flushed (two syncs waited for at once, not one after the other: issue 19).
-    const mark = !existing && format === 'raw' ? writeMark(target, m.disk, m.size, m.meta.id) : null;
+    const mark = !existing && format === 'raw' ? writeMark(target, file, m.disk, m.size, m.meta.id) : null;
     const [flushed, marked] = await Promise.allSettled([dev.flush(), mark]);
     if (flushed.status === 'rejected') throw flushed.reason;
     if (marked.status === 'rejected') throw marked.reason;

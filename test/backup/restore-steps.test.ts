@@ -11,7 +11,7 @@
  *    identical data.
  * Library runs use the plan's `throw` action; `kscinc restore` runs are SIGKILLed (KSC_FAULT_AFTER=N).
  */
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -66,8 +66,12 @@ function caseDir(name: string, existing: boolean): string {
   const d = join(dir, name);
   mkdirSync(d);
   if (existing) {
-    copyFileSync(base, join(d, 'disk.raw'));
-    copyFileSync(markPath(base), markPath(join(d, 'disk.raw')));
+    const copy = join(d, 'disk.raw');
+    copyFileSync(base, copy);
+    // The mark names its file (formats/repository.md §9.5 rule 2): the copy's mark names the copy.
+    const st = statSync(copy);
+    const mark = { ...(JSON.parse(readFileSync(markPath(base), 'utf8')) as object), ino: st.ino, born: Math.round(st.birthtimeMs) };
+    writeFileSync(markPath(copy), JSON.stringify(mark));
   }
   return join(d, 'disk.raw');
 }

@@ -11,7 +11,7 @@
  *    temporary (removed by the next restore to that target). Before: a full-size file that looked complete.
  */
 import { spawn } from 'node:child_process';
-import { cpSync, existsSync, openSync, readSync, writeSync, closeSync, writeFileSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { cpSync, existsSync, openSync, readSync, writeSync, closeSync, writeFileSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
@@ -108,6 +108,36 @@ describe('restore targets', () => {
       expect(r.chunksUnchanged, format).toBe(4);
       expect((await readImage(copy)).equals(s2), format).toBe(true);
     }
+  });
+
+  it('a restore mark vouches only for the file it was written for (a target deleted, another put in its place)', async () => {
+    // Found by session 16's hostile round: a mark outlives its target (the target deleted, or a restore
+    // stopped between the mark and the name), and a different raw file of the same size later put under that
+    // name was overwritten without --force.
+    const rng = new Rng(seed + 7);
+    const repo = await openRepo(pristine);
+    const target = join(dir, 'replaced.raw');
+    await restoreBackup(repo, a1, target);
+    const mark = JSON.parse(readFileSync(join(dir, '.replaced.raw.kscinc-restored'), 'utf8')) as { ino?: number; born?: number };
+    expect(mark.ino).toBe(statSync(target).ino);
+    rmSync(target);
+    const theirs = rng.bytes(SIZE);
+    writeFileSync(target, theirs);
+    const e = await restoreBackup(repo, a2, target).catch((x: unknown) => x);
+    expect(isKscError(e, 'KSC_E_EXISTS'), String(e)).toBe(true);
+    expect((e as Error).message).toMatch(/written for another file/);
+    expect(readFileSync(target).equals(theirs)).toBe(true);
+    // --force once: the mark now names this file, and the next restore needs no flag.
+    expect(kscinc(['restore', a1, target, '--repo', pristine, '--force']).code).toBe(0);
+    expect((await restoreBackup(repo, a2, target)).chunksUnchanged).toBe(4);
+    expect(readFileSync(target).equals(s2)).toBe(true);
+    // A mark of an earlier version (no inode) still vouches by disk and size.
+    const older = join(dir, 'older.raw');
+    writeFileSync(older, rng.bytes(SIZE));
+    const disk = (JSON.parse(readFileSync(join(dir, '.replaced.raw.kscinc-restored'), 'utf8')) as { disk: string }).disk;
+    writeFileSync(join(dir, '.older.raw.kscinc-restored'), JSON.stringify({ format: 'kscinc-restore-mark', disk, size: SIZE, backup: a1, time: new Date().toISOString() }));
+    await restoreBackup(repo, a2, older);
+    expect(readFileSync(older).equals(s2)).toBe(true);
   });
 
   it('checks the packs before the first write: an existing target is left untouched', async () => {
