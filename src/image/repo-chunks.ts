@@ -8,9 +8,11 @@
  * fetched before the worker pool is up is decoded on this thread (one chunk: a few milliseconds) instead of
  * waiting for the workers to start, which took 0.5–1 s of a loaded 2-core machine.
  *
- * Readahead never delays a reader's own fetch in the worker pool (a queue in call order): its decoding
- * (readUnpacked with `background`) waits while a reader's chunk is being decoded, and keeps at most one
- * worker fewer than the pool has (one, with one worker), so a reader's chunk finds a worker free.
+ * Readahead does not hold up a reader's own fetch in the worker pool (a queue in call order): its decoding
+ * (readUnpacked with `background`) is not handed to the pool while a reader's chunk is decoding or waiting
+ * for a worker, and takes at most one worker fewer than the pool has when it has 3 or more (a reader's
+ * chunk finds a worker free); with 1 or 2 workers it may take them all (one worker for readahead halved
+ * its decoding on 2 cores), so a reader's chunk waits at most for one readahead decode (≤ 4 MiB) to end.
  */
 import { KscError, isDamage } from '../errors.js';
 import { SharedSlot, poolReady, poolSize, unpackInto, warmPool } from '../compress/pool.js';
@@ -230,7 +232,8 @@ export class RepoChunks {
 
   /** Waits until no reader's chunk is decoding and a background decode may run, and takes that turn. */
   private async backgroundTurn(): Promise<void> {
-    while (this.demandDecodes > 0 || this.backgroundDecodes >= Math.max(1, poolSize() - 1)) {
+    const n = poolSize();
+    while (this.demandDecodes > 0 || this.backgroundDecodes >= (n > 2 ? n - 1 : n)) {
       await new Promise<void>((resolve) => this.backgroundWaiting.push(resolve));
     }
     this.backgroundDecodes++;
