@@ -7,9 +7,15 @@
  * writer's open starts loading it in the background (`prefetchIndex`) while the server starts; a chunk
  * fetched before the worker pool is up is decoded on this thread (one chunk: a few milliseconds) instead of
  * waiting for the workers to start, which took 0.5–1 s of a loaded 2-core machine.
+ *
+ * Readahead does not hold up a reader's own fetch in the worker pool (a queue in call order): its decoding
+ * (readUnpacked with `background`) is not handed to the pool while a reader's chunk is decoding or waiting
+ * for a worker, and takes at most one worker fewer than the pool has when it has 3 or more (a reader's
+ * chunk finds a worker free); with 1 or 2 workers it may take them all (one worker for readahead halved
+ * its decoding on 2 cores), so a reader's chunk waits at most for one readahead decode (≤ 4 MiB) to end.
  */
 import { KscError, isDamage } from '../errors.js';
-import { SharedSlot, poolReady, unpackInto, warmPool } from '../compress/pool.js';
+import { SharedSlot, poolReady, poolSize, unpackInto, warmPool } from '../compress/pool.js';
 import type { Read, ReadItem } from '../repo/fetch.js';
 import { BLOB_HEADER, BlobError, decodeBlobInto } from '../compress/codec.js';
 import { initHash } from '../hash/chunkid.js';
@@ -44,6 +50,10 @@ export class RepoChunks {
   private readonly badIndex: string[] = [];
   /** Buffers of chunk-by-chunk fetches, reused (fresh shared memory per fetch cost page faults and zeroing). */
   private readonly slots: SharedSlot[] = [];
+  /** Readers' chunks decoding in the pool now, readahead's decodes running, and those waiting for a turn. */
+  private demandDecodes = 0;
+  private backgroundDecodes = 0;
+  private readonly backgroundWaiting: (() => void)[] = [];
 
   constructor(
     private readonly name: string,
@@ -160,7 +170,15 @@ export class RepoChunks {
    * thread (the same decoder), and the pool is started for the reads that follow.
    */
   private async decode(slot: SharedSlot, length: number, id: Buffer): Promise<UnpackResult> {
-    if (poolReady()) return unpackInto(slot, [[0, length]], [id], this.chunkSize, this.repo.blobKeys);
+    if (poolReady()) {
+      this.demandDecodes++;
+      try {
+        return await unpackInto(slot, [[0, length]], [id], this.chunkSize, this.repo.blobKeys);
+      } finally {
+        this.demandDecodes--;
+        this.wakeBackground();
+      }
+    }
     warmPool();
     await initHash();
     try {
@@ -175,19 +193,28 @@ export class RepoChunks {
   /**
    * Reads and unpacks one coalesced read of a bulk fetch, every blob checked against its id and the
    * length of each chunk `positions[item.from]` names; null when it is damaged (the caller then tries other
-   * copies chunk by chunk).
+   * copies chunk by chunk). `background` (readahead): decoded only when no reader's chunk is (see above).
    */
-  async readUnpacked(r: Read, items: ReadItem[], positions: number[][], slot: SharedSlot): Promise<UnpackResult | null> {
+  async readUnpacked(r: Read, items: ReadItem[], positions: number[][], slot: SharedSlot, background = false): Promise<UnpackResult | null> {
     const key = packKey(r.pack);
     try {
       await this.readRange(key, r.offset, slot.input.subarray(0, r.length));
-      const res = await unpackInto(
-        slot,
-        items.map((it) => [it.at, it.length]),
-        items.map((it) => it.id),
-        this.chunkSize,
-        this.repo.blobKeys,
-      );
+      if (background) await this.backgroundTurn();
+      let res: UnpackResult;
+      try {
+        res = await unpackInto(
+          slot,
+          items.map((it) => [it.at, it.length]),
+          items.map((it) => it.id),
+          this.chunkSize,
+          this.repo.blobKeys,
+        );
+      } finally {
+        if (background) {
+          this.backgroundDecodes--;
+          this.wakeBackground();
+        }
+      }
       for (let i = 0; i < res.length; i++) {
         const x = res[i]!;
         if (!x.ok) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: chunk ${items[i]!.id.toString('hex')} at offset ${r.offset + items[i]!.at}: ${x.error}`);
@@ -201,6 +228,20 @@ export class RepoChunks {
       if (!isDamage(e)) throw e;
       return null;
     }
+  }
+
+  /** Waits until no reader's chunk is decoding and a background decode may run, and takes that turn. */
+  private async backgroundTurn(): Promise<void> {
+    const n = poolSize();
+    while (this.demandDecodes > 0 || this.backgroundDecodes >= (n > 2 ? n - 1 : n)) {
+      await new Promise<void>((resolve) => this.backgroundWaiting.push(resolve));
+    }
+    this.backgroundDecodes++;
+  }
+
+  /** Lets the background decodes waiting look again. */
+  private wakeBackground(): void {
+    for (const w of this.backgroundWaiting.splice(0)) w();
   }
 
   /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */

@@ -29,6 +29,10 @@ export interface FetchAllOptions {
   onChunk?: (k: number) => void;
   /** Awaited before each coalesced read with its length (a throttle); throwing stops the fetch. */
   beforeRead?: (bytes: number) => Promise<void>;
+  /** Called when a coalesced read whose `beforeRead` returned has ended, however it ended. */
+  afterRead?: () => void;
+  /** Readahead: its decoding waits while a reader's own chunk is decoding (RepoChunks.readUnpacked). */
+  background?: boolean;
 }
 
 /** A chunk of a bulk fetch that readers may wait for: its data once verified (a view until `copyOut`). */
@@ -186,12 +190,16 @@ export class ChunkFills {
     const outBytes = Math.max(plan.outBytes, BLOB_HEADER);
     await mapLimit(plan.reads, Math.max(1, opts.concurrency ?? 4), async (r) => {
       await opts.beforeRead?.(r.length);
-      if (this.closed()) throw new KscError('KSC_E_CLOSED', `${this.name}: closed`);
-      const slot = this.takeBulkSlot(plan.inBytes, outBytes);
       try {
-        await this.bulkRead(r, plan.positions, slot, fill, opts);
+        if (this.closed()) throw new KscError('KSC_E_CLOSED', `${this.name}: closed`);
+        const slot = this.takeBulkSlot(plan.inBytes, outBytes);
+        try {
+          await this.bulkRead(r, plan.positions, slot, fill, opts);
+        } finally {
+          this.giveBulkSlot(slot);
+        }
       } finally {
-        this.giveBulkSlot(slot);
+        opts.afterRead?.();
       }
     });
   }
@@ -234,7 +242,7 @@ export class ChunkFills {
     const mine = items.flatMap((it) => positions[it.from!]!);
     for (const k of mine) this.bulk.set(k, { data: null, waiters: [] });
     try {
-      const res = await this.src.readUnpacked(r, items, positions, slot);
+      const res = await this.src.readUnpacked(r, items, positions, slot, opts.background);
       await Promise.all(
         items.map(async (it, i) => {
           const x = res?.[i];

@@ -8,7 +8,11 @@
  * then returned (§4.2 rule 2): repo-chunks.ts. When the overlay above installed a fill (`setFill`, a
  * writable open), the verified chunk is handed to it (copy-on-read, rule 3); one fetch per chunk for all its
  * readers, duplicate positions and bulk fetches are repo-fills.ts. A sequential reader gets chunks fetched
- * ahead (repo-readahead.ts decides which).
+ * ahead (repo-readahead.ts decides which: a window per reader, up to 8 readers at once).
+ *
+ * Readahead's bound, per image: at most AHEAD_BYTES (64 MiB) of chunks asked for ahead and not yet filled,
+ * at most AHEAD_READS (8) ranged reads of packs in flight for it (each up to 4 MiB), and its decoding
+ * waits while a reader's own chunk is decoding (repo-chunks.ts): a reader's fetch never queues behind it.
  *
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
@@ -28,7 +32,7 @@ import type { LocalBaseRef } from '../format/local-base.js';
 import { LocalBase } from './local-base.js';
 import { type BackupBackingStats, RepoChunks } from './repo-chunks.js';
 import { ChunkFills, type FetchAllOptions, type FillFn } from './repo-fills.js';
-import { ReadaheadWindow } from './repo-readahead.js';
+import { type AheadRange, ReadaheadStreams } from './repo-readahead.js';
 
 export { LIVE_TIMEOUT_DEFAULT_MS, liveTimeoutMs } from './live-wait.js';
 export type { BackupBackingStats } from './repo-chunks.js';
@@ -49,8 +53,13 @@ export class BackupBacking implements BlockDevice {
   private renewTimer: NodeJS.Timeout | null = null;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
-  /** Which chunks a sequential reader gets fetched ahead (repo-readahead.ts). */
-  private readonly ahead: ReadaheadWindow;
+  /** Which chunks each sequential reader gets fetched ahead (repo-readahead.ts). */
+  private readonly ahead: ReadaheadStreams;
+  /** Bytes of chunks readahead asked for and has not filled yet (at most AHEAD_BYTES). */
+  private aheadBytes = 0;
+  /** Readahead's ranged reads of packs in flight, and the reads waiting for a turn (at most AHEAD_READS run). */
+  private aheadReads = 0;
+  private readonly aheadQueue: (() => void)[] = [];
 
   private constructor(
     readonly name: string,
@@ -63,7 +72,7 @@ export class BackupBacking implements BlockDevice {
   ) {
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
-    this.ahead = new ReadaheadWindow(
+    this.ahead = new ReadaheadStreams(
       this.blockSize,
       manifest.ids.length,
       this.readahead,
@@ -209,18 +218,56 @@ export class BackupBacking implements BlockDevice {
    * then stays local, fetched once. Its failure is the reader's to see when it gets there, not this read's.
    */
   private readAhead(offset: number, length: number, mayStart: boolean): void {
-    const range = this.ahead.onRead(offset, length, mayStart);
-    if (!range) return;
+    const C = this.blockSize;
     const ks: number[] = [];
-    for (let j = range.from; j < range.to; j++) {
-      if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.fills.held(j) || this.fills.twinFetching(j)) continue;
-      ks.push(j);
-    }
+    // The window's batch, cut where the image's bound on readahead in flight (AHEAD_BYTES) is reached.
+    const grant = (r: AheadRange): number => {
+      for (let j = r.from; j < r.to; j++) {
+        if (this.isZeroChunk(j) || this.isBaseChunk(j) || this.fills.held(j) || this.fills.twinFetching(j)) continue;
+        if (this.aheadBytes + C > AHEAD_BYTES) return j;
+        this.aheadBytes += C;
+        ks.push(j);
+      }
+      return r.to;
+    };
+    this.ahead.onRead(offset, length, mayStart, grant);
+    if (ks.length === 0) return;
+    // Each chunk's share of the bound is given back once it is filled (or when the fetch ends).
+    const pending = new Set(ks);
+    const done = (k: number): void => {
+      if (pending.delete(k)) this.aheadBytes -= C;
+    };
     // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
     const all = new Set(ks);
     for (const k of ks) for (const j of this.fills.duplicatesOf(k)) all.add(j);
-    // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool.
-    if (all.size > 0) this.fetchAll([...all], { concurrency: 2 }).catch(() => undefined);
+    // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool behind the
+    // readers' own chunks (background), at most AHEAD_READS at once for the image.
+    this.fetchAll([...all], { concurrency: 2, onChunk: done, background: true, beforeRead: () => this.aheadTurn(), afterRead: () => this.aheadDone() })
+      .catch(() => undefined)
+      .finally(() => {
+        for (const k of [...pending]) done(k);
+      });
+  }
+
+  /** Waits for one of readahead's AHEAD_READS turns at reading a pack. */
+  private aheadTurn(): Promise<void> {
+    if (this.aheadReads < AHEAD_READS) {
+      this.aheadReads++;
+      return Promise.resolve();
+    }
+    return new Promise((resolve) => this.aheadQueue.push(resolve));
+  }
+
+  /** Gives a turn back (to the next waiting read: the count stays). */
+  private aheadDone(): void {
+    const next = this.aheadQueue.shift();
+    if (next) next();
+    else this.aheadReads--;
+  }
+
+  /** Readahead in flight now: bytes of chunks asked for and not filled, ranged reads running (tests). */
+  get readaheadInFlight(): { bytes: number; reads: number } {
+    return { bytes: this.aheadBytes, reads: this.aheadReads };
   }
 
   /**
@@ -322,6 +369,12 @@ function checkManifest(image: string, m: Manifest, ref: BackupRef, size: number,
 
 /** Bytes of disk readahead's window grows to at most (repo-readahead.ts). */
 const MAX_AHEAD = 32 * 1024 * 1024;
+
+/** Bytes of chunks readahead has asked for and not yet filled, per image, at most (all its readers). */
+export const AHEAD_BYTES = 64 * 1024 * 1024;
+
+/** Readahead's ranged reads of packs in flight per image, at most (an S3 store has 32 sockets). */
+export const AHEAD_READS = 8;
 
 /** KSCINC_LIVE_READAHEAD: chunks a sequential reader's first window fetches ahead (0 turns readahead off). */
 function readaheadChunks(): number {

@@ -1,9 +1,11 @@
 /**
  * The readahead window of a live restore (src/image/repo-readahead.ts): which chunks a sequential reader
- * gets fetched ahead, seeing only the reads that go through to the repository.
+ * gets fetched ahead, seeing only the reads that go through to the repository; and the streams of an image
+ * (ReadaheadStreams: a window per reader, interleaved readers each followed).
  */
 import { describe, expect, it } from 'vitest';
-import { ReadaheadWindow } from '../../src/image/repo-readahead.js';
+import { type AheadRange, ReadaheadStreams, ReadaheadWindow } from '../../src/image/repo-readahead.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 
 const C = 1024 * 1024;
 /** A read of chunk k, whole. */
@@ -97,5 +99,89 @@ describe('readahead window', () => {
     expect(w.onRead(0, 4096)).toBeNull();
     expect(w.onRead(4096, 4096)).toEqual({ from: 1, to: 5 });
     expect(w.onRead(8192, 4096)).toBeNull();
+  });
+});
+
+/** A read of chunk k, whole, told to the streams. */
+const sat = (s: ReadaheadStreams, k: number, grant?: (r: AheadRange) => number) => s.onRead(k * C, C, true, grant);
+
+describe('readahead streams (a window per reader)', () => {
+  it('4 interleaved sequential readers each keep a growing window (one window per image saw only jumps)', () => {
+    const s = new ReadaheadStreams(C, 10_000, 4, 32);
+    const asked = [0, 0, 0, 0];
+    const batches = [0, 0, 0, 0];
+    for (let r = 0; r < 40; r++) {
+      for (let i = 0; i < 4; i++) {
+        const got = sat(s, i * 1000 + r);
+        if (got) {
+          asked[i] += got.to - got.from;
+          batches[i]++;
+          expect(got.from).toBeGreaterThan(i * 1000 + r); // ahead of that reader, not another's
+        }
+      }
+    }
+    expect(s.count).toBe(4);
+    expect(s.windows).toEqual([32, 32, 32, 32]);
+    for (let i = 0; i < 4; i++) {
+      expect(asked[i]).toBeGreaterThanOrEqual(38); // everything after its first two reads, and more ahead
+      expect(batches[i]).toBeLessThan(12); // in batches, not a chunk per read
+    }
+    // The single window of before, for the record: every read of these readers was a jump.
+    const one = new ReadaheadWindow(C, 10_000, 4, 32);
+    let n = 0;
+    for (let r = 0; r < 40; r++) for (let i = 0; i < 4; i++) if (one.onRead((i * 1000 + r) * C, C)) n++;
+    expect(n).toBe(0);
+  });
+
+  it('a random reader starts no readahead, and leaves the sequential readers theirs', () => {
+    const seed = seedFor('test/live-restore/readahead-window.test.ts');
+    const rng = new Rng(seed);
+    const CHUNKS = 100_000_000; // positions far apart: a random read lands next to an earlier one about never
+    const s = new ReadaheadStreams(C, CHUNKS, 4, 32);
+    let randomAsked = 0;
+    let seqAsked = 0;
+    for (let r = 0; r < 2000; r++) {
+      if (sat(s, rng.int(0, CHUNKS - 1))) randomAsked++;
+      const got = sat(s, 5 + r);
+      if (got) seqAsked += got.to - got.from;
+      if (sat(s, rng.int(0, CHUNKS - 1))) randomAsked++;
+    }
+    expect(randomAsked, `seed ${seed}`).toBe(0);
+    expect(seqAsked).toBeGreaterThanOrEqual(1998);
+  });
+
+  it('up to 8 streams: a 9th reader replaces the least recently used one', () => {
+    const s = new ReadaheadStreams(C, 100_000, 4, 32);
+    for (let i = 0; i < 8; i++) sat(s, i * 1000);
+    for (let i = 1; i < 8; i++) expect(sat(s, i * 1000 + 1)).toEqual({ from: i * 1000 + 2, to: i * 1000 + 6 }); // 0 is now the oldest
+    expect(s.count).toBe(8);
+    expect(sat(s, 50_000)).toBeNull(); // a 9th reader: in place of reader 0
+    expect(s.count).toBe(8);
+    expect(sat(s, 1)).toBeNull(); // reader 0 again: its stream is gone, a new one (in place of reader 1's)
+    expect(sat(s, 2)).toEqual({ from: 3, to: 7 });
+    expect(sat(s, 2002)).toEqual({ from: 2006, to: 2011 }); // reader 2 kept its window (3 ahead of 8)
+  });
+
+  it('a read told by the image (mayStart false) never starts a stream; the same read told twice counts once', () => {
+    const s = new ReadaheadStreams(C, 1000, 4, 32);
+    expect(s.onRead(0, C, false)).toBeNull();
+    expect(s.count).toBe(0);
+    sat(s, 0);
+    expect(s.onRead(C, C, false)).toBeNull(); // no window yet: nothing
+    expect(sat(s, 1)).toEqual({ from: 2, to: 6 });
+    expect(s.onRead(2 * C, C, false)).toEqual({ from: 6, to: 11 });
+    expect(sat(s, 2)).toBeNull(); // told twice
+    expect(s.count).toBe(1);
+  });
+
+  it('a batch the caller cuts short (the bound on readahead in flight) is asked for again at the next read', () => {
+    const s = new ReadaheadStreams(C, 1000, 4, 32);
+    sat(s, 0);
+    expect(sat(s, 1, (r) => r.from)).toBeNull(); // nothing granted
+    expect(s.windows).toEqual([4]);
+    expect(sat(s, 2, (r) => r.from + 2)).toEqual({ from: 3, to: 5 }); // 2 of 4 granted: the window does not grow
+    expect(s.windows).toEqual([4]);
+    expect(sat(s, 3)).toEqual({ from: 5, to: 8 }); // the rest, up to a window ahead
+    expect(s.windows).toEqual([8]);
   });
 });
