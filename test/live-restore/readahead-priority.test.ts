@@ -60,6 +60,9 @@ describe('readahead behind the readers', () => {
       let stop = false;
       const random = (async () => {
         while (!stop) {
+          // A turn of the event loop per read: reads of chunks already local may complete without one, and
+          // this loop would then keep the sequential readers (and the test's timeout) from ever running.
+          await new Promise((resolve) => setImmediate(resolve));
           const k = 64 + rng.int(0, 13);
           const got = await img.read(k * MiB, MiB);
           if (!got.equals(data.subarray(k * MiB, (k + 1) * MiB))) throw new Error(`chunk ${k} read wrong`);
