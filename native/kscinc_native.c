@@ -53,6 +53,7 @@
 #include "kscinc_aead.h"
 #include "kscinc_send.h"
 #include "kscinc_sync.h"
+#include "kscinc_ident.h"
 #include "kscinc_xxh64.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
@@ -866,5 +867,6 @@ NAPI_MODULE_INIT() {
   if (!kscinc_send_register(env, exports)) return throw_napi_failure(env, "kscinc_send_register");
   if (!kscinc_sync_register(env, exports)) return throw_napi_failure(env, "kscinc_sync_register");
   if (!kscinc_xxh64_register(env, exports)) return throw_napi_failure(env, "kscinc_xxh64_register");
+  if (!kscinc_ident_register(env, exports)) return throw_napi_failure(env, "kscinc_ident_register");
   return exports;
 }

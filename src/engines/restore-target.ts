@@ -14,12 +14,14 @@
  * then runs one body for both cases (an existing copy is written in place), its `force` means "overwrite a
  * target that is not a copy of the disk", and its own sweep also removes older temporary names.
  */
-import { readFile, readdir, rm, stat } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, readFile, readdir, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { KscError } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { replaceFile } from '../io/durable.js';
 import { faultStep } from '../io/fault.js';
+import { nativeOps } from '../io/native.js';
 import { nameNewFile, removeStaleTemps, tempNameFor } from '../io/newfile.js';
 import { pidAlive } from '../util/process.js';
 import { diskUuidOf } from './backup.js';
@@ -54,7 +56,7 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
   const own = await diskUuidOf(dev);
   if (own === disk) return null;
   if (dev.format === 'ksc_inc') return `it is a ksc_inc image of disk ${own}, not ${disk}`;
-  type Mark = { format?: string; disk?: string; size?: number; ino?: number; born?: number };
+  type Mark = { format?: string; disk?: string; size?: number; ino?: number; born?: number; gen?: number };
   const mark = await readFile(markPath(target), 'utf8').then(
     (t) => JSON.parse(t) as Mark | null,
     () => null,
@@ -62,7 +64,7 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
   if (mark?.format === MARK_FORMAT && mark.disk === disk && mark.size === dev.size) {
     // The mark names the file it was written for (§9.5 rule 2): a mark left behind by a target that was
     // removed (or never published) does not vouch for another file put under the same name later.
-    const other = typeof mark.ino === 'number' ? await otherFile(target, mark.ino, mark.born ?? 0) : null;
+    const other = typeof mark.ino === 'number' ? await otherFile(target, mark.ino, mark.born ?? 0, mark.gen) : null;
     if (other === null) return null;
     return `its restore mark ${markPath(target)} was written for another file (${other}); this one was put under the name since`;
   }
@@ -70,23 +72,41 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
   return `it is a raw file that kscinc did not restore from disk ${disk} (no restore mark ${markPath(target)})`;
 }
 
-/** How `target` differs from the file a mark names (inode number, birth time when both are known), or null. */
-async function otherFile(target: string, ino: number, born: number): Promise<string | null> {
-  const st = await stat(target, { bigint: false });
-  if (st.ino !== ino) return `inode ${ino}, this file's is ${st.ino}`;
-  const own = Math.round(st.birthtimeMs);
-  if (born > 0 && own > 0 && own !== born) return `born ${new Date(born).toISOString()}, this file ${new Date(own).toISOString()}`;
+/**
+ * How `target` differs from the file a mark names (inode number; birth time and inode generation when both
+ * are known), or null.
+ */
+async function otherFile(target: string, ino: number, born: number, gen: number | undefined): Promise<string | null> {
+  const own = await identity(target);
+  if (own.ino !== ino) return `inode ${ino}, this file's is ${own.ino}`;
+  if (born > 0 && own.born > 0 && own.born !== born) return `born ${new Date(born).toISOString()}, this file ${new Date(own.born).toISOString()}`;
+  // Where the file system keeps no birth time (ext2/ext3, ext4 with 128-byte inodes) the inode number of a
+  // deleted file goes to the next one made: its generation tells them apart.
+  if (typeof gen === 'number' && own.gen !== undefined && own.gen !== gen) return `inode ${ino} generation ${gen}, this file's is ${own.gen}`;
   return null;
+}
+
+/** The inode number, birth time (ms, 0 when unknown) and inode generation (when known) of `path`'s file. */
+async function identity(path: string): Promise<{ ino: number; born: number; gen?: number }> {
+  // O_NONBLOCK: a fifo put under the name must not block the open.
+  const fh = await open(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  try {
+    const st = await fh.stat();
+    const gen = nativeOps()?.inodeGeneration?.(fh.fd) ?? -2;
+    return { ino: st.ino, born: Math.round(st.birthtimeMs), ...(gen >= 0 ? { gen } : {}) };
+  } finally {
+    await fh.close();
+  }
 }
 
 /**
  * Records that raw file `target` is (becoming) a copy of `disk` (§9.5). `file` is the file that has or will
- * have the name (the temporary of a new target: publishing keeps its inode): the mark names its inode number
- * and birth time. Durable before it returns.
+ * have the name (the temporary of a new target: publishing keeps its inode): the mark names its inode number,
+ * birth time and inode generation. Durable before it returns.
  */
 export async function writeMark(target: string, file: string, disk: string, size: number, backup: string): Promise<void> {
-  const st = await stat(file);
-  const mark = { format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString(), ino: st.ino, born: Math.round(st.birthtimeMs) };
+  const id = await identity(file);
+  const mark = { format: MARK_FORMAT, disk, size, backup, time: new Date().toISOString(), ...id };
   await faultStep(`${markPath(target)}: write`, () => replaceFile(markPath(target), `${JSON.stringify(mark)}\n`));
 }
 

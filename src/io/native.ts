@@ -102,6 +102,11 @@ export interface NativeOps {
   sendBytes?(socket: number, buf: Uint8Array, more: boolean): number;
   /** setsockopt(SO_SNDBUF); returns the size the kernel granted (it doubles the request, up to wmem_max). */
   setSendBuffer?(fd: number, bytes: number): number;
+  /**
+   * ioctl(FS_IOC_GETVERSION): the generation number the file system gave the inode of `fd` when it was
+   * allocated (a later file given the same inode number gets another), or -2 when it has none (Linux).
+   */
+  inodeGeneration?(fd: number): number;
   /** getsockopt(SO_PEERCRED) of a connected unix socket: the peer's pid, uid and gid (Linux). */
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
   /**

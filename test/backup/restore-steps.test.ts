@@ -68,9 +68,10 @@ function caseDir(name: string, existing: boolean): string {
   if (existing) {
     const copy = join(d, 'disk.raw');
     copyFileSync(base, copy);
-    // The mark names its file (formats/repository.md §9.5 rule 2): the copy's mark names the copy.
+    // The mark names its file (formats/repository.md §9.5 rule 2): the copy's mark names the copy (its inode
+    // generation left out: a mark may lack it).
     const st = statSync(copy);
-    const mark = { ...(JSON.parse(readFileSync(markPath(base), 'utf8')) as object), ino: st.ino, born: Math.round(st.birthtimeMs) };
+    const mark = { ...(JSON.parse(readFileSync(markPath(base), 'utf8')) as object), ino: st.ino, born: Math.round(st.birthtimeMs), gen: undefined };
     writeFileSync(markPath(copy), JSON.stringify(mark));
   }
   return join(d, 'disk.raw');
