@@ -93,6 +93,13 @@ export async function openKsc(file: string, opts: Omit<OpenImageOptions, 'format
   return dev;
 }
 
+function specialKind(st: { isBlockDevice(): boolean; isCharacterDevice(): boolean; isFIFO(): boolean; isSocket(): boolean }): string {
+  if (st.isBlockDevice()) return 'block device';
+  if (st.isCharacterDevice()) return 'character device';
+  if (st.isFIFO()) return 'fifo';
+  return st.isSocket() ? 'socket' : 'special file';
+}
+
 async function openChain(file: string, format: ImageFormat | undefined, write: boolean, opts: OpenImageOptions, seen: Set<string>, depth: number): Promise<BlockDevice> {
   if (depth > MAX_CHAIN_DEPTH) throw new KscError('KSC_E_RANGE', `${file}: backing chain is deeper than ${MAX_CHAIN_DEPTH}`);
   let real: string;
@@ -103,7 +110,11 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     if (missing) throw new KscError('KSC_E_NOT_FOUND', `${file}: folder ${missing} does not exist`, { cause: e });
     throw new KscError('KSC_E_NOT_FOUND', depth === 0 ? `${file}: no such file` : `backing file ${file} not found`, { cause: e });
   }
-  if ((await fsp.stat(real)).isDirectory()) throw new KscError('KSC_E_INVALID', `${file}: is a folder, not an image file`);
+  const st = await fsp.stat(real);
+  if (st.isDirectory()) throw new KscError('KSC_E_INVALID', `${file}: is a folder, not an image file`);
+  // Images are regular files: a fifo's open would block for ever (and keep a killed process alive), a
+  // device's size reads as 0 (an empty backup of a disk).
+  if (!st.isFile()) throw new KscError('KSC_E_INVALID', `${file}: is a ${specialKind(st)}, not an image file (images are regular files: copy a device into one first)`);
   if (seen.has(real)) throw new KscError('KSC_E_LOOP', `${file}: backing chain loops back to ${real}`);
   seen.add(real);
   const opener = opts.opener ?? openHostFile;
