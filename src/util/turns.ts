@@ -12,13 +12,13 @@
  * (a setImmediate queued at the first of a run resets the count when it runs) and, after RUN_MAX of them in
  * a row or RUN_MS since the first, hands back a promise the caller awaits: it settles on a setImmediate,
  * after timers and I/O callbacks had their turn. Otherwise null, and the caller goes on at once: one
- * counter step per completion and a clock read every fourth, one setImmediate per loop turn that had any.
+ * counter step per completion and a clock read every eighth, one setImmediate per loop turn that had any.
  */
 
 /** Completions in a row without a turn of the event loop, at most. */
-export const RUN_MAX = 64;
-/** Time since the first completion of a run, at most (checked every fourth completion). */
-export const RUN_MS = 4;
+export const RUN_MAX = 256;
+/** Time since the first completion of a run, at most (checked every eighth completion). */
+export const RUN_MS = 2;
 
 let run = 0;
 let since = 0;
@@ -35,7 +35,7 @@ export function pace(): Promise<void> | null {
     since = performance.now();
     setImmediate(turned);
   }
-  if (run < RUN_MAX && ((run & 3) !== 0 || performance.now() - since < RUN_MS)) return null;
+  if (run < RUN_MAX && ((run & 7) !== 0 || performance.now() - since < RUN_MS)) return null;
   forced++;
   return new Promise((resolve) => setImmediate(resolve));
 }

@@ -3,13 +3,13 @@
  *  - a backup of a ksc_inc overlay over a raw base fingerprints the base on the main thread (1 MiB reads,
  *    each SHA-256'd: engines/migrate-base.ts); over a base the page cache holds, every read settled without
  *    a turn of the event loop, so nothing else ran — not the lock's refresh — until the fingerprint ended
- *    (128 base reads in a row without a turn on the old code; the longest run is counted here, bounded by
+ *    (all 320 base reads in a row without a turn on the old code; the longest run is counted here, bounded by
  *    RUN_MAX, and the lock's refreshes are counted and printed);
  *  - a writer whose event loop really was starved past the refresh deadline (a progress callback that keeps
  *    the thread busy, as such a loop did) notices at its next check and fails with KSC_E_LOCKED; nothing is
  *    committed (§8 rule 4: "a writer that lost its lock aborts").
  */
-import { writeFileSync } from 'node:fs';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -40,9 +40,13 @@ function countingLocks(s: ObjectStore): ObjectStore & { lockPuts: number } {
 /** A raw base of `mib` MiB of random bytes (in the page cache: just written) and a ksc_inc overlay on it. */
 async function overlayOnBase(name: string, mib: number): Promise<string> {
   const base = join(dir, `${name}-base.raw`);
-  const data = Buffer.allocUnsafe(mib * MiB);
-  randomFillSync(data);
-  writeFileSync(base, data);
+  const fd = openSync(base, 'w');
+  try {
+    const piece = Buffer.allocUnsafe(32 * MiB);
+    for (let o = 0; o < mib * MiB; o += piece.length) writeSync(fd, randomFillSync(piece), 0, Math.min(piece.length, mib * MiB - o), o);
+  } finally {
+    closeSync(fd);
+  }
   const ksc = join(dir, `${name}.ksc`);
   await createImage(ksc, { size: mib * MiB, blockSize: 64 * 1024, backing: base, backingFormat: 'raw' });
   return ksc;
@@ -50,7 +54,7 @@ async function overlayOnBase(name: string, mib: number): Promise<string> {
 
 describe('a backup over a cached raw base', () => {
   it(`fingerprinting the base gives the event loop a turn at least every ${RUN_MAX} reads; the lock keeps being refreshed`, async () => {
-    const mib = 128;
+    const mib = 320; // more 1 MiB reads than RUN_MAX: the old code read them all without a turn
     const path = await overlayOnBase('fp', mib);
     const repoDir = join(dir, 'fp-repo');
     await newRepo(repoDir, { encrypt: false });
