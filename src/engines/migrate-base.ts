@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { chainOf } from '../image/capabilities.js';
 import type { BlockDevice } from '../image/types.js';
 import { fingerprintOffThread } from './migrate-base-cache.js';
+import { pace } from '../util/turns.js';
 
 export const FINGERPRINT_CHUNK = 1024 * 1024;
 const TAG = 'kscinc-base-v1\n';
@@ -47,6 +48,9 @@ export async function fingerprintV1(base: BlockDevice, onProgress?: (done: numbe
       }
     }
     onProgress?.(off + n);
+    // Holes need no read, and a cached base's reads settle without a turn: the loop must not starve timers.
+    const turn = pace();
+    if (turn) await turn;
   }
   return `v1:${base.size}:${h.digest('hex')}`;
 }

@@ -25,6 +25,7 @@ import type { ObjectStore } from '../objstore/types.js';
 import type { Manifest } from '../repo/manifest.js';
 import { Repository, STALE_MS, readerLockOn, systemLockClock, type RepoLock } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
+import { pace } from '../util/turns.js';
 import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
@@ -200,6 +201,9 @@ export class BackupBacking implements BlockDevice {
     }
     this.noteRead(offset, target.length, true);
     await Promise.all(parts);
+    // Zero chunks and chunks decoded already settle without a turn of the event loop (util/turns.ts).
+    const turn = pace();
+    if (turn) await turn;
   }
 
   /**

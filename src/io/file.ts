@@ -8,6 +8,7 @@ import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
+import { pace } from '../util/turns.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
 const CACHED_READ_MAX = 1024 * 1024;
@@ -170,7 +171,8 @@ class NodeHostFile implements HostFile {
     let done = 0;
     // What the page cache holds is copied right here (preadv2 RWF_NOWAIT never waits for the disk): a
     // trip through the thread pool and back costs more than copying a few hundred KiB. The rest, if any,
-    // goes the usual way.
+    // goes the usual way. A read answered whole here settles without a turn of the event loop: pace()
+    // gives it one every so often (util/turns.ts).
     if (this.readCached === undefined) this.readCached = nativeOps()?.readCached ?? null;
     if (this.readCached && buf.length <= CACHED_READ_MAX) {
       try {
@@ -181,7 +183,12 @@ class NodeHostFile implements HostFile {
       } catch {
         done = 0; // the read below meets the same error and reports it
       }
-      if (done === buf.length) return done;
+      if (done === buf.length) {
+        // Settled without a turn of the event loop: a loop of such reads must still let timers run.
+        const turn = pace();
+        if (turn) await turn;
+        return done;
+      }
     }
     try {
       while (done < buf.length) {

@@ -26,6 +26,7 @@ import { openCore, readHeader } from './open.js';
 import { type HandoverRecord, handOver, prepareHandOver } from './handover.js';
 import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
 import type { OriginRecord } from '../../format/origin.js';
+import { pace } from '../../util/turns.js';
 
 export type { BitmapStatus } from './bitmaps.js';
 
@@ -184,12 +185,16 @@ export class KscImage implements BlockDevice {
     this.onRead?.(offset, length);
     const buf = Buffer.allocUnsafe(length);
     await data.readInto(this.core, offset, buf);
+    const turn = pace(); // a hole, or clusters the page cache held: maybe no turn of the event loop yet (util/turns.ts)
+    if (turn) await turn;
     return buf;
   }
 
-  readInto(offset: number, target: Buffer): Promise<void> {
+  async readInto(offset: number, target: Buffer): Promise<void> {
     this.onRead?.(offset, target.length);
-    return data.readInto(this.core, offset, target);
+    await data.readInto(this.core, offset, target);
+    const turn = pace();
+    if (turn) await turn;
   }
 
   write(offset: number, buf: Buffer, opts: WriteOptions = {}): Promise<void> {
