@@ -453,11 +453,11 @@ bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint
 /* at position (looping over short writes) and returns the CRC-32 of each    */
 /* blockSize slice. writeCrc(fd, buf, position, blockSize, lo, hi): buf goes */
 /* into fresh space (never written, reads as zeros, formats/ksc_inc.md §9    */
-/* rule 12): fallocate(position, len) gives the file the whole range (its    */
-/* size covers it; unwritten, so it reads as zeros) and only buf[lo, hi) is  */
-/* written; where fallocate is unsupported all of buf is. The CRCs are still */
-/* of all of buf (what a reader sees: zeros around the span). Both run on a  */
-/* pool thread: for in-place overwrites the                                  */
+/* rule 12): only buf[lo, hi) is written, and buf's last 512 bytes when the  */
+/* span ends before them (so that the file covers the whole range; a         */
+/* fallocate per block cost the pool more CPU than the bytes it saved). The  */
+/* CRCs are still of all of buf (what a reader sees: zeros around the span). */
+/* Both run on a pool thread: for in-place overwrites the                    */
 /* main thread had been spending as long on the checksum as on everything    */
 /* else. CRC-32 is libdeflate's when its headers were installed, else Node's */
 /* own zlib (exported as Cr_z_crc32); without either, no writeCrc.           */
@@ -519,18 +519,15 @@ typedef struct {
 
 static void wjob_run(wjob_t* w) {
   size_t done = 0, end = w->len;
-  if (w->hi > w->lo) {
-    int r;
-    do r = fallocate(w->fd, 0, (off_t)w->pos, (off_t)w->len);
-    while (r != 0 && errno == EINTR);
-    if (r == 0) {
-      done = w->lo;
-      end = w->hi;
-    } else if (errno != EOPNOTSUPP && errno != ENOSYS) {
-      w->err = errno;
-      return;
-    }
+  /* Fresh space: the span, and the last sector of the range when the span does not reach it (so that the
+   * file covers the whole range); what lies between is never written and reads as zeros. */
+  size_t tail = 0;
+  if (w->hi > w->lo && w->len >= 512) {
+    done = w->lo;
+    end = w->hi;
+    if (end < w->len) tail = w->len - 512 > end ? w->len - 512 : end;
   }
+again:
   while (done < end) {
     ssize_t n = pwrite(w->fd, w->data + done, end - done, (off_t)(w->pos + (int64_t)done));
     if (n < 0) {
@@ -543,6 +540,12 @@ static void wjob_run(wjob_t* w) {
       return;
     }
     done += (size_t)n;
+  }
+  if (tail) {
+    done = tail;
+    end = w->len;
+    tail = 0;
+    goto again;
   }
   for (size_t i = 0; i < w->ncrc; i++) {
     size_t off = i * w->block;

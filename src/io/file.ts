@@ -68,8 +68,8 @@ export interface HostFile {
   /**
    * Optional: write(buf, position) and return the CRC-32 (IEEE) of each `blockSize` slice of buf, computed
    * off the main thread where the host can. Callers fall back to write + crc32. `span` [lo, hi) says the
-   * range is fresh space that reads as zeros (formats/ksc_inc.md §9 rule 12): the host MAY then give the
-   * file the range (fallocate) and write only buf[lo, hi); the CRCs are of all of buf either way.
+   * range is fresh space that reads as zeros (formats/ksc_inc.md §9 rule 12): the host MAY then
+   * write only buf[lo, hi) and what makes the file cover the whole range; the CRCs are of all of buf.
    */
   writeWithCrcs?(buf: Buffer, position: number, blockSize: number, span?: readonly [number, number]): Promise<number[]>;
   /** fdatasync: every completed write is durable when this resolves. */

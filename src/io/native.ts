@@ -67,8 +67,8 @@ export interface NativeOps {
   /**
    * Present when Node's zlib is reachable from the addon: pwrite of `buf` at `position` and the CRC-32 of
    * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error. With `lo < hi`
-   * the range is fresh space (formats/ksc_inc.md §9 rule 12): fallocate(position, buf.length), then only
-   * buf[lo, hi) is written (all of buf where fallocate is unsupported); the CRCs are still of all of buf.
+   * the range is fresh space (formats/ksc_inc.md §9 rule 12): only buf[lo, hi) is written, and buf's last
+   * 512 bytes when the span ends before them (the file then covers the range); the CRCs are of all of buf.
    */
   writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number, lo?: number, hi?: number): Promise<number[]>;
   /**

@@ -1,7 +1,7 @@
 /**
  * Pieces into fresh space (formats/ksc_inc.md §9 rule 12, src/image/ksc/partial.ts submitFresh): the first
  * write of a new block whose cluster comes from the end of the file writes only the span of its pieces
- * (the addon's writeCrc gives the file the cluster with fallocate first); the block's checksum is still that
+ * (and the block's last sector, so that the file covers the cluster); the block's checksum is still that
  * of the whole block, zeros included. A cluster from the free list (which may hold old bytes) is written
  * whole. The stepped case stops after every write, punch and sync of a run that frees a block, reuses its
  * cluster for the pieces of a new block and puts the pieces of another into fresh space: no block ever reads

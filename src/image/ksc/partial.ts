@@ -222,7 +222,7 @@ function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
 
 /**
  * The first wave of a new block: the whole block written to its new cluster (in fresh space, only the span
- * of its pieces: the host file gives the file the cluster and writes the span, §9 rule 12), with the CRC-32
+ * of its pieces and what makes the file cover the cluster, §9 rule 12), with the CRC-32
  * of the whole block either way, then its map entry set.
  */
 function submitFresh(c: KscCore, g: Group): void {
