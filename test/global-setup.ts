@@ -62,6 +62,8 @@ function reapOrphans(parent: string): void {
 
 export default function setup(project: TestProject): () => void {
   execFileSync(process.execPath, [`${root}node_modules/typescript/bin/tsc`, '-p', 'tsconfig.json'], { cwd: root, stdio: 'inherit' });
+  // The worker threads' CommonJS files (scripts/bundle-worker.mjs): src/compress/pool.ts runs them from tests too.
+  execFileSync(process.execPath, [`${root}scripts/bundle-worker.mjs`], { cwd: root, stdio: 'inherit' });
   // The bundled CLI that dist/cli/kscinc.cjs runs (scripts/bundle-cli.mjs): the CLI tests run what users run.
   execFileSync(process.execPath, [`${root}scripts/bundle-cli.mjs`], { cwd: root, stdio: 'inherit' });
 

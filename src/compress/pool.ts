@@ -3,30 +3,18 @@
  * use and destroyed by closePool(). Batches go in as one transferred buffer and come back as one.
  */
 import { availableParallelism } from 'node:os';
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
+import { workerEntry } from '../util/worker-entry.js';
 import { type BlobKeys, packBatchSync } from './batch.js';
 
 export type { BlobKeys } from './batch.js';
 
-let pool: Piscina | null = null;
-/** Whether a task of the current pool has finished: its workers are up. */
-let ready = false;
-/** Settles once every worker of the current pool has loaded its module (or failed to). */
-let loading: Promise<void> = Promise.resolve();
+/** The running pool: its workers have all loaded their module once `loading` settles; `ready` once one has. */
+let current: { pool: Piscina; loading: Promise<void>; ready: boolean } | null = null;
 /** How long closePool waits for workers still loading before it terminates them all the same. */
 const LOAD_WAIT_MS = 30_000;
-
-function workerFile(): string {
-  const here = fileURLToPath(import.meta.url);
-  const js = here.replace(/pool\.(ts|js)$/, 'worker.js');
-  if (js !== here && existsSync(js)) return js;
-  // Running from src/ (tests) or from the bundled CLI (dist/bundle/): use the compiled worker in dist/.
-  return fileURLToPath(new URL('../../dist/compress/worker.js', import.meta.url));
-}
 
 export function poolSize(): number {
   const env = Number(process.env.KSCINC_WORKERS);
@@ -34,26 +22,30 @@ export function poolSize(): number {
 }
 
 function getPool(): Piscina {
-  if (!pool) {
+  if (!current) {
     // Loaded on first use: commands that never compress do not pay for it at start-up.
     const { Piscina: Pool } = createRequire(import.meta.url)('piscina') as typeof import('piscina');
-    const p = new Pool({ filename: workerFile(), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
-    pool = p;
+    const pool = new Pool({ filename: workerEntry(import.meta.url, 'compress-worker.cjs', 'compress/worker.js'), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+    const run = { pool, loading: Promise.resolve(), ready: false };
     // One warm task per worker, sent before any other task so each lands on its own worker (one task per
-    // worker at a time): once they have all settled, every worker has loaded its module. closePool waits for
-    // that: Node 20 aborts the whole process when a worker is terminated while it loads an ES module.
+    // worker at a time): once they have all settled, every worker has loaded its module, and a worker runs
+    // any other task only after its warm task. closePool waits for them: a belt now that the workers run a
+    // CommonJS build (scripts/bundle-worker.mjs), which they may be terminated in at any point, but needed
+    // when they fall back to the ES module (a build by tsc alone): Node 20 aborts the whole process when a
+    // worker is terminated inside require() of an ES module. Cost: bench/README.md, session 17.
     const warm: Promise<void>[] = [];
     for (let i = 0; i < poolSize(); i++) {
       warm.push(
-        p.run({ op: 'warm' }).then(
-          () => void (ready ||= pool === p),
+        pool.run({ op: 'warm' }).then(
+          () => void (run.ready = true),
           () => undefined,
         ),
       );
     }
-    loading = Promise.all(warm).then(() => undefined);
+    run.loading = Promise.all(warm).then(() => undefined);
+    current = run;
   }
-  return pool;
+  return current.pool;
 }
 
 /**
@@ -66,31 +58,28 @@ export function warmPool(): void {
 }
 
 /**
- * True once the pool's workers are up (a task has finished since it started). Until then a caller with a
+ * True once a worker of the pool is up (its warm task has finished). Until then a caller with a
  * single small job (a live restore's first read) does it on its own thread rather than wait for them.
  */
 export function poolReady(): boolean {
-  return pool !== null && ready;
+  return current?.ready ?? false;
 }
 
 /** True once the workers were started (by warmPool or a first task) and not closed since. */
 export function poolStarted(): boolean {
-  return pool !== null;
+  return current !== null;
 }
 
 export async function closePool(): Promise<void> {
-  const p = pool;
-  const loaded = loading;
-  pool = null;
-  ready = false;
-  loading = Promise.resolve();
-  if (!p) return;
+  const run = current;
+  current = null;
+  if (!run) return;
   // Not while a worker loads its module (see getPool). A worker that cannot load fails its warm task; one
-  // that hangs is terminated after LOAD_WAIT_MS.
+  // that hangs is terminated after LOAD_WAIT_MS. Replacement workers (after one died) are not waited for.
   let timer: NodeJS.Timeout | undefined;
-  await Promise.race([loaded, new Promise<void>((resolve) => (timer = setTimeout(resolve, LOAD_WAIT_MS)))]);
+  await Promise.race([run.loading, new Promise<void>((resolve) => (timer = setTimeout(resolve, LOAD_WAIT_MS)))]);
   clearTimeout(timer);
-  await p.destroy();
+  await run.pool.destroy();
 }
 
 /** Concatenates buffers into one fresh, transferable buffer. */
@@ -185,12 +174,10 @@ export class SharedSlot {
  */
 export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number, keys?: BlobKeys): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
-  const running = getPool();
-  const r = (await running.run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
+  const r = (await getPool().run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
     lengths: number[];
     errors: Record<string, string>;
   };
-  ready ||= pool === running;
   const out: Unpacked[] = [];
   let p = 0;
   for (let i = 0; i < ranges.length; i++) {

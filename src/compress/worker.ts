@@ -3,6 +3,7 @@
  * several MiB: per-chunk tasks cost more in messaging than the work itself). Input buffers arrive
  * transferred; results go back transferred as one buffer.
  */
+import { createRequire } from 'node:module';
 import { initHash, ID_BYTES } from '../hash/chunkid.js';
 import { hashBatch, packBatchSync } from './batch.js';
 import { decodeBlobInto, BlobError } from './codec.js';
@@ -43,7 +44,8 @@ export interface HashTask {
  */
 type PiscinaClass = (typeof import('piscina'))['Piscina'];
 let piscina: PiscinaClass | null = null;
-const mover = async (): Promise<PiscinaClass> => (piscina ??= (await import('piscina')).Piscina);
+// require(), not import(): the bundled worker (scripts/bundle-worker.mjs) loads no ES module at all.
+const mover = (): PiscinaClass => (piscina ??= (createRequire(import.meta.url)('piscina') as typeof import('piscina')).Piscina);
 
 /** A result that moves several buffers back to the caller (the output, and the input for reuse). */
 function moved(P: PiscinaClass, value: unknown, list: ArrayBuffer[]): unknown {
@@ -70,11 +72,11 @@ export interface WarmTask {
 }
 
 export default async function run(task: PackTask | UnpackTask | HashTask | Lz4Task | WarmTask): Promise<unknown> {
-  if (task.op === 'lz4') return lz4Piece(await mover(), task);
+  if (task.op === 'lz4') return lz4Piece(mover(), task);
   await initHash();
   if (task.op === 'warm') return null;
   if (task.op === 'unpack') return unpack(task);
-  const P = await mover();
+  const P = mover();
   const src = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
   if (task.op === 'hash') {
     const ids = hashBatch(src, task.lengths, task.keys);

@@ -10,13 +10,12 @@
  *     are at least the time it happens, minus the file system's granularity — moves one of them.
  * A base with no host file (a device without fileStamp) is hashed on the serving thread as before, uncached.
  */
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { KscError } from '../errors.js';
 import { allocationOf } from '../image/capabilities.js';
 import type { BlockDevice } from '../image/types.js';
 import type { FileStamp } from '../io/file.js';
+import { workerEntry } from '../util/worker-entry.js';
 
 /** A change this recent (ns) before the hashing started may share its timestamps with a later one: not cached. */
 export const RACY_NS = 2_000_000_000n;
@@ -37,14 +36,6 @@ export function clearFingerprintCache(): void {
   cache.clear();
 }
 
-function workerFile(): string {
-  const here = fileURLToPath(import.meta.url);
-  const js = here.replace(/migrate-base-cache\.(ts|js)$/, 'fingerprint-worker.js');
-  if (js !== here && existsSync(js)) return js;
-  // Running from src/ (tests) or from the bundled CLI (dist/bundle/): the compiled worker in dist/.
-  return fileURLToPath(new URL('../../dist/engines/fingerprint-worker.js', import.meta.url));
-}
-
 export interface WorkerAnswer {
   fingerprint: string;
   before: FileStamp | null;
@@ -54,7 +45,7 @@ export interface WorkerAnswer {
 /** Runs fingerprint-worker.ts on `path` (opened there read-only as `format`); rejects with its error. */
 function inWorker(path: string, format: 'raw' | 'ksc_inc'): Promise<WorkerAnswer> {
   return new Promise((resolve, reject) => {
-    const w = new Worker(workerFile(), { workerData: { path, format } });
+    const w = new Worker(workerEntry(import.meta.url, 'fingerprint-worker.cjs', 'engines/fingerprint-worker.js'), { workerData: { path, format } });
     let settled = false;
     w.once('message', (m: { ok: WorkerAnswer } | { error: { code: string; message: string } }) => {
       settled = true;

@@ -8,7 +8,7 @@ import { allocationOf, bitmapsOf, chainOf, identityOf, type BitmapStatus } from 
 import { openImage, type ImageFormat } from './open.js';
 import type { FileOpener } from '../io/file.js';
 import { KscImage } from './ksc.js';
-import { localShare, type LocalShare } from './live-share.js';
+import type { LocalShare } from './live-share.js';
 import { OfflineBackupBacking } from './offline-backing.js';
 import { originOf } from './origin.js';
 
@@ -73,7 +73,8 @@ export async function describeImage(file: string, opts: { opener?: FileOpener } 
       migratedAway: dev instanceof KscImage && dev.migratedAway,
       backingChain: [...chainOf(dev)].slice(1).map((d) => ({ file: d.name, format: d.format })),
       bitmaps: (await bitmapsOf(dev)?.listBitmaps()) ?? [],
-      ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await localShare(dev)) ?? undefined } : {}),
+      // live-share.js (and the repository code under it) only for a live restore: `kscinc info` of other images never loads it.
+      ...(dev instanceof KscImage && dev.backupBacking ? { liveRestore: (await (await import('./live-share.js')).localShare(dev)) ?? undefined } : {}),
       ...(originOf(dev) ? { origin: originInfo(dev) } : {}),
       ...(dev instanceof KscImage && dev.backing instanceof OfflineBackupBacking ? { backingError: dev.backing.reason.message } : {}),
     };

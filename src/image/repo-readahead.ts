@@ -127,7 +127,7 @@ export class ReadaheadWindow {
 export const STREAMS = 8;
 
 /**
- * Up to `streams` readahead windows of one image, each following one reader (see the top of this file):
+ * Up to STREAMS readahead windows of one image, each following one reader (see the top of this file):
  * a read goes to the window it continues or lands in (the nearest when several), else starts a new one in
  * place of the least recently used. A read told without `mayStart` never starts a stream.
  */
@@ -136,16 +136,12 @@ export class ReadaheadStreams {
   /** When each window was last used (a counter), for least-recently-used replacement. */
   private readonly used: number[] = [];
   private tick = 0;
+  private readonly args: ConstructorParameters<typeof ReadaheadWindow>;
 
-  constructor(
-    private readonly chunkSize: number,
-    private readonly chunks: number,
-    private readonly initial: number,
-    private readonly max: number,
-    /** Whether chunk k needs no fetch (zero, or the local base's). */
-    private readonly noFetch: (k: number) => boolean = () => false,
-    private readonly streams = STREAMS,
-  ) {}
+  /** Takes what each of its windows is made with (ReadaheadWindow's constructor). */
+  constructor(...args: ConstructorParameters<typeof ReadaheadWindow>) {
+    this.args = args;
+  }
 
   /** The windows kept now (tests). */
   get count(): number {
@@ -159,7 +155,8 @@ export class ReadaheadStreams {
 
   /** A read of [offset, offset+length): the chunks to fetch ahead now, or null (ReadaheadWindow.onRead). */
   onRead(offset: number, length: number, mayStart = true, grant?: (r: AheadRange) => number): AheadRange | null {
-    if (this.initial <= 0 || length <= 0 || this.streams <= 0) return null;
+    const initial = this.args[2];
+    if (initial <= 0 || length <= 0) return null;
     let best = -1;
     let bestDist = Infinity;
     for (let i = 0; i < this.wins.length; i++) {
@@ -182,9 +179,9 @@ export class ReadaheadStreams {
     }
     if (!mayStart) return null;
     // Another reader (or a jump): a stream of its own, in place of the least recently used one.
-    const w = new ReadaheadWindow(this.chunkSize, this.chunks, this.initial, this.max, this.noFetch);
+    const w = new ReadaheadWindow(...this.args);
     let slot = this.wins.length;
-    if (slot >= this.streams) {
+    if (slot >= STREAMS) {
       slot = 0;
       for (let i = 1; i < this.used.length; i++) if (this.used[i]! < this.used[slot]!) slot = i;
     }

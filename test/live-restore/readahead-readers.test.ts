@@ -48,6 +48,24 @@ function countReads(b: BackupBacking, delayMs = 0): { single: number; bulk: numb
   return c;
 }
 
+/**
+ * A live restore of a `mib` MiB disk behind a slow repository (countReads with 20 ms per coalesced read), split
+ * in `readers` stripes; `read(k)` reads chunk k, checks it and notes the readahead in flight after it.
+ */
+async function slowRestore(name: string, mib: number, readers: number) {
+  const { target, data } = await liveFromBytes(dir, name, disk(mib));
+  const img = await openKsc(target, { write: true });
+  const b = img.backing as BackupBacking;
+  const c = countReads(b, 20);
+  const peak = { bytes: 0, reads: 0 };
+  const read = async (k: number): Promise<void> => {
+    await readChunk(img, data, k);
+    peak.bytes = Math.max(peak.bytes, b.readaheadInFlight.bytes);
+    peak.reads = Math.max(peak.reads, b.readaheadInFlight.reads);
+  };
+  return { img, data, b, c, stripe: mib / readers, peak, read };
+}
+
 /** A disk of `mib` MiB: 64 KiB runs, half random and half one repeated byte (stored ≈ 2:1, no chunk repeated). */
 function disk(mib: number): Buffer {
   const b = Buffer.alloc(mib * MiB);
@@ -130,14 +148,8 @@ describe('live restore readahead, several readers', () => {
     const rng = new Rng(seed);
     const READERS = 32;
     const SIZE = 128 * MiB;
-    const { target, data } = await liveFromBytes(dir, 'bound', disk(SIZE / MiB));
-    const img = await openKsc(target, { write: true });
+    const { img, data, b, c, stripe, peak, read } = await slowRestore('bound', SIZE / MiB, READERS);
     try {
-      const b = img.backing as BackupBacking;
-      const c = countReads(b, 20);
-      const stripe = SIZE / MiB / READERS;
-      let peakBytes = 0;
-      let peakReads = 0;
       // Readers run in turns of a few sequential reads each (processes in time slices), so streams grow
       // windows and their readahead piles up behind the slow repository.
       const turn = new Mutex();
@@ -145,23 +157,19 @@ describe('live restore readahead, several readers', () => {
         for (let k = i * stripe; k < (i + 1) * stripe;) {
           const n = rng.int(2, 4);
           await turn.run(async () => {
-            for (const end = Math.min(k + n, (i + 1) * stripe); k < end; k++) {
-              await readChunk(img, data, k);
-              peakBytes = Math.max(peakBytes, b.readaheadInFlight.bytes);
-              peakReads = Math.max(peakReads, b.readaheadInFlight.reads);
-            }
+            for (const end = Math.min(k + n, (i + 1) * stripe); k < end; k++) await read(k);
           });
         }
       });
       await Promise.all(readers);
       await idle(b);
-      peakBytes = Math.max(peakBytes, c.aheadPeak);
+      const peakBytes = Math.max(peak.bytes, c.aheadPeak);
       console.log(
-        `[readahead-readers] seed ${seed}: ${READERS} readers of ${SIZE / MiB} MiB: ${b.stats.chunksFetched} chunks fetched, ${c.single} chunk by chunk + ${c.bulk} coalesced reads, readahead in flight at most ${peakBytes / MiB} MiB and ${Math.max(peakReads, c.bulkPeak)} reads`,
+        `[readahead-readers] seed ${seed}: ${READERS} readers of ${SIZE / MiB} MiB: ${b.stats.chunksFetched} chunks fetched, ${c.single} chunk by chunk + ${c.bulk} coalesced reads, readahead in flight at most ${peakBytes / MiB} MiB and ${Math.max(peak.reads, c.bulkPeak)} reads`,
       );
       expect(b.stats.chunksFetched).toBe(SIZE / MiB);
       expect(peakBytes).toBeLessThanOrEqual(AHEAD_BYTES);
-      expect(peakReads).toBeLessThanOrEqual(AHEAD_READS);
+      expect(peak.reads).toBeLessThanOrEqual(AHEAD_READS);
       expect(c.bulkPeak).toBeLessThanOrEqual(AHEAD_READS);
       expect((await img.read(0, SIZE)).equals(data)).toBe(true);
     } finally {
@@ -172,31 +180,19 @@ describe('live restore readahead, several readers', () => {
   it('8 interleaved sequential readers (a stream each), a slow repository: readahead reaches the bound and stays within it', async () => {
     const READERS = 8;
     const SIZE = 128 * MiB;
-    const { target, data } = await liveFromBytes(dir, 'eight', disk(SIZE / MiB));
-    const img = await openKsc(target, { write: true });
+    const { img, b, c, stripe, peak, read } = await slowRestore('eight', SIZE / MiB, READERS);
     try {
-      const b = img.backing as BackupBacking;
-      const c = countReads(b, 20);
-      const stripe = SIZE / MiB / READERS;
-      let peakBytes = 0;
-      let peakReads = 0;
-      for (let r = 0; r < stripe; r++) {
-        for (let i = 0; i < READERS; i++) {
-          await readChunk(img, data, i * stripe + r);
-          peakBytes = Math.max(peakBytes, b.readaheadInFlight.bytes);
-          peakReads = Math.max(peakReads, b.readaheadInFlight.reads);
-        }
-      }
+      for (let r = 0; r < stripe; r++) for (let i = 0; i < READERS; i++) await read(i * stripe + r);
       await idle(b);
-      peakBytes = Math.max(peakBytes, c.aheadPeak);
+      const peakBytes = Math.max(peak.bytes, c.aheadPeak);
       console.log(
-        `[readahead-readers] ${READERS} readers of ${SIZE / MiB} MiB: ${c.single} chunk by chunk + ${c.bulk} coalesced reads, readahead in flight at most ${peakBytes / MiB} MiB and ${Math.max(peakReads, c.bulkPeak)} reads`,
+        `[readahead-readers] ${READERS} readers of ${SIZE / MiB} MiB: ${c.single} chunk by chunk + ${c.bulk} coalesced reads, readahead in flight at most ${peakBytes / MiB} MiB and ${Math.max(peak.reads, c.bulkPeak)} reads`,
       );
       expect(b.stats.chunksFetched).toBe(SIZE / MiB);
       // More than one stream's largest window (32 MiB) at once: the bound is what holds it.
       expect(peakBytes).toBeGreaterThan(32 * MiB);
       expect(peakBytes).toBeLessThanOrEqual(AHEAD_BYTES);
-      expect(Math.max(peakReads, c.bulkPeak)).toBeLessThanOrEqual(AHEAD_READS);
+      expect(Math.max(peak.reads, c.bulkPeak)).toBeLessThanOrEqual(AHEAD_READS);
     } finally {
       await img.close();
     }
