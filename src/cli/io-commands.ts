@@ -4,6 +4,7 @@ import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { buildNewFile } from '../io/newfile.js';
+import { trackCreate } from '../io/pending.js';
 import { parseSize } from '../util/size.js';
 import { println } from './output.js';
 
@@ -74,7 +75,7 @@ export function registerIoCommands(program: Command): void {
           return;
         }
         await buildNewFile(o.to, { force: true }, async (temp) => {
-          const fh = await fsp.open(temp, 'wx');
+          const fh = await trackCreate(fsp.open(temp, 'wx'));
           try {
             await copy(fh);
             await fh.sync();

@@ -5,7 +5,7 @@
 import { rmSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
-import { pendingFiles } from '../io/pending.js';
+import { creatingNow, creatingSettled, pendingFiles } from '../io/pending.js';
 import { errorCode, errorLine } from './errors.js';
 import { EXIT, exitHelp } from './exit.js';
 import { setProgressEnabled } from './progress.js';
@@ -106,22 +106,46 @@ export async function buildProgram(group: string | null = null, opts: { commands
   return program;
 }
 
-/** Until the command ends, Ctrl-C or SIGTERM removes the files being made and exits (130 / 143). */
-function removeUnfinishedOnSignal(): () => void {
-  const handler = (sig: NodeJS.Signals): void => {
-    const removed: string[] = [];
+/** How long a signal's handler waits for opens that may create a file before it exits anyway. */
+const CREATES_WAIT_MS = 2000;
+
+/**
+ * Until the command ends, Ctrl-C or SIGTERM removes the files being made and exits (130 / 143). An open that
+ * creates one may be running on a libuv thread right then: the file would appear after the removal (and
+ * the exit waits for that thread), so the handler waits for such opens (at most CREATES_WAIT_MS) and removes
+ * again before it exits. A second signal meanwhile exits at once.
+ */
+export function removeUnfinishedOnSignal(): () => void {
+  const removed: string[] = [];
+  const removePending = (): void => {
     for (const temp of pendingFiles) {
       for (const f of [temp, `${temp}.lock`]) {
         try {
           rmSync(f);
-          if (f === temp) removed.push(temp);
+          if (f === temp && !removed.includes(temp)) removed.push(temp);
         } catch {
           // already gone (a restore's temporary once published under the target's name), or nothing more can be done on the way out
         }
       }
     }
-    process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
-    process.exit(sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED);
+  };
+  let exiting = false;
+  const handler = (sig: NodeJS.Signals): void => {
+    const code = sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED;
+    const finish = (): never => {
+      removePending();
+      process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
+      process.exit(code);
+    };
+    if (exiting) process.exit(code);
+    exiting = true;
+    removePending();
+    if (creatingNow() === 0) finish();
+    const timer = setTimeout(finish, CREATES_WAIT_MS);
+    void creatingSettled().then(() => {
+      clearTimeout(timer);
+      finish();
+    });
   };
   process.on('SIGINT', handler);
   process.on('SIGTERM', handler);

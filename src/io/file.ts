@@ -9,6 +9,7 @@ import { KscError, ioError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
+import { trackCreate } from './pending.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
 const CACHED_READ_MAX = 1024 * 1024;
@@ -116,7 +117,7 @@ export const openHostFile: FileOpener = async (path, opts) => {
   let flags = opts.write ? fsc.O_RDWR : fsc.O_RDONLY;
   if (opts.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
   try {
-    const fh = await fsp.open(path, flags, 0o644);
+    const fh = await (opts.create ? trackCreate(fsp.open(path, flags, 0o644)) : fsp.open(path, flags, 0o644));
     return withFaults(new NodeHostFile(path, fh, opts.write));
   } catch (e) {
     const errno = (e as { code?: string }).code;
@@ -391,7 +392,7 @@ class NodeHostFile implements HostFile {
     const lockPath = `${this.path}.lock`;
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
-        await fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' });
+        await trackCreate(fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' }));
         this.lockFile = lockPath;
         return;
       } catch (e) {

@@ -5,3 +5,27 @@
  * src/engines/restore.ts fill it.
  */
 export const pendingFiles = new Set<string>();
+
+/**
+ * Opens that may create a file, still running on libuv's threads. A signal's handler that removed the
+ * pending files while one of these was in flight would see the file appear after it: it waits for them
+ * (creatingSettled) and removes again before the process exits.
+ */
+const creating = new Set<Promise<unknown>>();
+
+/** `open` (a call that may create a file) tracked until it settles; returns it. */
+export function trackCreate<T>(open: Promise<T>): Promise<T> {
+  creating.add(open);
+  const done = (): void => void creating.delete(open);
+  open.then(done, done);
+  return open;
+}
+
+/** Whether a create is in flight; `creatingSettled()` resolves once every one now in flight has settled. */
+export function creatingNow(): number {
+  return creating.size;
+}
+
+export function creatingSettled(): Promise<unknown> {
+  return Promise.allSettled([...creating]);
+}
