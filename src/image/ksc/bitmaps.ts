@@ -64,9 +64,21 @@ async function createEmpty(c: KscCore, name: string, granularityBits: number, en
 
 /** Empties `b`'s slot (durable); its table and pages are punched unless `keepSpace` (then they leak). */
 async function dropSlot(c: KscCore, b: SparseBitmap, keepSpace = false): Promise<void> {
-  const ranges = keepSpace ? [] : await b.hostRanges();
-  await writeSlot(c, b.slot, null);
-  c.bitmapSlots[b.slot] = null;
+  await dropSlots(c, [b], keepSpace);
+}
+
+/**
+ * Empties the slots of `gone` under one sync (each slot record is atomic on its own: a cut before the sync
+ * leaves any subset of them emptied), then punches their tables and pages unless `keepSpace`.
+ */
+async function dropSlots(c: KscCore, bitmaps: SparseBitmap[], keepSpace = false): Promise<void> {
+  const gone = [...new Set(bitmaps)]; // a name given twice is dropped (and its space released) once
+  if (gone.length === 0) return;
+  const ranges = [];
+  if (!keepSpace) for (const b of gone) ranges.push(...(await b.hostRanges()));
+  for (const b of gone) await c.file.write(slotRecord(c, b.slot, null), slotAt(c, b.slot));
+  await c.file.sync();
+  for (const b of gone) c.bitmapSlots[b.slot] = null;
   await c.punchRanges(ranges);
 }
 
@@ -118,14 +130,24 @@ export function manage<T>(c: KscCore, fn: () => Promise<T>): Promise<T> {
   });
 }
 
+function slotRecord(c: KscCore, slot: number, b: SparseBitmap | null): Buffer {
+  return encodeBitmapSlot(slot, b && { name: b.name, granularityBits: b.granularityBits, enabled: b.enabled, tableEntries: b.tableEntries, tableOffset: b.tableOffset });
+}
+
+function slotAt(c: KscCore, slot: number): number {
+  return c.header.bitmapDirOffset + slot * BITMAP_DIR_ENTRY_SIZE;
+}
+
 async function writeSlot(c: KscCore, slot: number, b: SparseBitmap | null): Promise<void> {
-  const rec = encodeBitmapSlot(slot, b && { name: b.name, granularityBits: b.granularityBits, enabled: b.enabled, tableEntries: b.tableEntries, tableOffset: b.tableOffset });
-  await c.file.write(rec, c.header.bitmapDirOffset + slot * BITMAP_DIR_ENTRY_SIZE);
+  await c.file.write(slotRecord(c, slot, b), slotAt(c, slot));
   await c.file.sync();
 }
 
-/** Writes a complete new table (and pages for `pages`) for a bitmap, synced, not yet referenced. */
-async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, pages: Map<number, Uint32Array>): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
+/**
+ * Writes a complete new table (and pages for `pages`) for a bitmap, not yet referenced; synced unless
+ * `sync` is false (then the caller syncs before any slot references it).
+ */
+async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, pages: Map<number, Uint32Array>, sync = true): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
   const table = SparseBitmap.emptyTable(slot, tableEntries);
   const offset = c.alloc.allocMeta(table.length);
   const pageOffsets = new Map<number, number>();
@@ -141,7 +163,7 @@ async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, p
     seal(rec, tagBitmapTable(slot), p);
   }
   await c.file.write(table, offset);
-  await c.file.sync();
+  if (sync) await c.file.sync();
   return { offset, table, pageOffsets };
 }
 
@@ -243,12 +265,16 @@ export async function freezeBitmap(c: KscCore, name: string, frozenName: string)
     const bits = b.copyBits();
     b.startRecording();
     try {
-      const copy = await writeFreshTable(c, slot, b.tableEntries, bits);
+      // Both fresh tables under one sync: neither is referenced until its slot is written, and the frozen
+      // slot is durable before the live one points at the empty table (a cut between them leaves the bits
+      // in both: a superset).
+      const copy = await writeFreshTable(c, slot, b.tableEntries, bits, false);
+      const empty = await writeFreshTable(c, b.slot, b.tableEntries, new Map(), false);
+      await c.file.sync();
       const f = new SparseBitmap(c.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, c.size, () => c.alloc.fileEnd);
       f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
       await writeSlot(c, slot, f);
       c.bitmapSlots[slot] = f;
-      const empty = await writeFreshTable(c, b.slot, b.tableEntries, new Map());
       await writeSlot(c, b.slot, new SparseBitmap(c.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, c.size));
       b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
     } finally {
@@ -260,8 +286,11 @@ export async function freezeBitmap(c: KscCore, name: string, frozenName: string)
 
 /**
  * Adds empty, disabled bitmaps named `add` (granularity: the block size) and removes the bitmaps named
- * `remove`, in one management step; each slot write is atomic on its own. Names are checked (taken, or
- * twice in `add`: KSC_E_EXISTS; unknown in `remove`: KSC_E_NOT_FOUND) before anything is written.
+ * `remove`, in one management step; each slot write is atomic on its own. Every addition is durable before
+ * any removal starts; the removals share one sync, so a cut may leave any subset of them done (the backup
+ * handover relies on both: its new token record lands first, then the old record and the frozen bitmap go
+ * in either order, formats/repository.md §10). Names are checked (taken, or twice in `add`: KSC_E_EXISTS;
+ * unknown in `remove`: KSC_E_NOT_FOUND) before anything is written.
  */
 export async function updateBitmaps(c: KscCore, add: string[], remove: string[]): Promise<void> {
   for (const n of add) assertBitmapName(n);
@@ -271,7 +300,7 @@ export async function updateBitmaps(c: KscCore, add: string[], remove: string[])
     });
     const gone = remove.map((n) => findBitmap(c, n));
     for (const n of add) await createEmpty(c, n, log2(c.blockSize), false);
-    for (const b of gone) await dropSlot(c, b);
+    await dropSlots(c, gone);
   });
 }
 
