@@ -253,7 +253,7 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
   return problems;
 }
 
-describe('the backup handover (freeze, commit) cut at every moment', () => {
+describe('the backup handover (freeze, commit) cut at every moment', { timeout: 600_000 }, () => {
   seededCases('test/image/powercut-handover.test.ts', CASES, 'kscinc-powercut-handover-', async ({ rng, dir, index }) => {
     const { run, summary } = await setup(rng, dir);
     const pc = new PowerCut(jitterOpener(rng.fork()));

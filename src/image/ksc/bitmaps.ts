@@ -147,7 +147,13 @@ async function writeSlot(c: KscCore, slot: number, b: SparseBitmap | null): Prom
  * Writes a complete new table (and pages for `pages`) for a bitmap, not yet referenced; synced unless
  * `sync` is false (then the caller syncs before any slot references it).
  */
-async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, pages: Map<number, Uint32Array>, sync = true): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
+async function writeFreshTable(
+  c: KscCore,
+  slot: number,
+  tableEntries: number,
+  pages: Map<number, Uint32Array>,
+  sync = true,
+): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
   const table = SparseBitmap.emptyTable(slot, tableEntries);
   const offset = c.alloc.allocMeta(table.length);
   const pageOffsets = new Map<number, number>();
