@@ -54,8 +54,13 @@ function claimSlot(c: KscCore, name: string): number {
 /** Creates an empty bitmap in a newly claimed slot: table durable, then the slot, then it is in use. */
 async function createEmpty(c: KscCore, name: string, granularityBits: number, enabled: boolean): Promise<void> {
   const slot = claimSlot(c, name);
+  const fresh = await writeFreshTable(c, slot, SparseBitmap.tableEntriesFor(c.size, granularityBits), new Map());
+  await installEmpty(c, slot, name, granularityBits, enabled, fresh);
+}
+
+/** Points `slot` at the durable, empty table `fresh` (the slot synced), then the bitmap is in use. */
+async function installEmpty(c: KscCore, slot: number, name: string, granularityBits: number, enabled: boolean, fresh: { offset: number; table: Buffer }): Promise<void> {
   const entries = SparseBitmap.tableEntriesFor(c.size, granularityBits);
-  const fresh = await writeFreshTable(c, slot, entries, new Map());
   const b = new SparseBitmap(c.file, slot, name, granularityBits, enabled, fresh.offset, entries, c.size, () => c.alloc.fileEnd);
   b.adoptTable(fresh.offset, fresh.table, new Map(), new Map());
   await writeSlot(c, slot, b);
@@ -64,9 +69,21 @@ async function createEmpty(c: KscCore, name: string, granularityBits: number, en
 
 /** Empties `b`'s slot (durable); its table and pages are punched unless `keepSpace` (then they leak). */
 async function dropSlot(c: KscCore, b: SparseBitmap, keepSpace = false): Promise<void> {
-  const ranges = keepSpace ? [] : await b.hostRanges();
-  await writeSlot(c, b.slot, null);
-  c.bitmapSlots[b.slot] = null;
+  await dropSlots(c, [b], keepSpace);
+}
+
+/**
+ * Empties the slots of `gone` under one sync (each slot record is atomic on its own: a cut before the sync
+ * leaves any subset of them emptied), then punches their tables and pages unless `keepSpace`.
+ */
+async function dropSlots(c: KscCore, bitmaps: SparseBitmap[], keepSpace = false): Promise<void> {
+  const gone = [...new Set(bitmaps)]; // a name given twice is dropped (and its space released) once
+  if (gone.length === 0) return;
+  const ranges = [];
+  if (!keepSpace) for (const b of gone) ranges.push(...(await b.hostRanges()));
+  for (const b of gone) await c.file.write(slotRecord(c, b.slot, null), slotAt(c, b.slot));
+  await c.file.sync();
+  for (const b of gone) c.bitmapSlots[b.slot] = null;
   await c.punchRanges(ranges);
 }
 
@@ -111,21 +128,51 @@ export async function bitmapExtents(c: KscCore, name: string, offset: number, le
  * cost a sync more per step (two per backup: the freeze and the commit's token update).
  */
 export function manage<T>(c: KscCore, fn: () => Promise<T>): Promise<T> {
+  return manageAfter(
+    c,
+    async () => undefined,
+    () => fn(),
+  );
+}
+
+/**
+ * manage() with writes no durable structure references yet (fresh tables, their slots still elsewhere)
+ * made first: `prepare` runs under the mutex before the flush, whose sync then makes them durable with
+ * everything else (one sync less per table set); `fn` changes slots after that full flush, as in manage().
+ */
+function manageAfter<P, T>(c: KscCore, prepare: () => Promise<P>, fn: (p: P) => Promise<T>): Promise<T> {
   c.writable();
   return c.flushMutex.run(async () => {
+    const p = await prepare();
     await flushNow(c);
-    return fn();
+    return fn(p);
   });
 }
 
+function slotRecord(c: KscCore, slot: number, b: SparseBitmap | null): Buffer {
+  return encodeBitmapSlot(slot, b && { name: b.name, granularityBits: b.granularityBits, enabled: b.enabled, tableEntries: b.tableEntries, tableOffset: b.tableOffset });
+}
+
+function slotAt(c: KscCore, slot: number): number {
+  return c.header.bitmapDirOffset + slot * BITMAP_DIR_ENTRY_SIZE;
+}
+
 async function writeSlot(c: KscCore, slot: number, b: SparseBitmap | null): Promise<void> {
-  const rec = encodeBitmapSlot(slot, b && { name: b.name, granularityBits: b.granularityBits, enabled: b.enabled, tableEntries: b.tableEntries, tableOffset: b.tableOffset });
-  await c.file.write(rec, c.header.bitmapDirOffset + slot * BITMAP_DIR_ENTRY_SIZE);
+  await c.file.write(slotRecord(c, slot, b), slotAt(c, slot));
   await c.file.sync();
 }
 
-/** Writes a complete new table (and pages for `pages`) for a bitmap, synced, not yet referenced. */
-async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, pages: Map<number, Uint32Array>): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
+/**
+ * Writes a complete new table (and pages for `pages`) for a bitmap, not yet referenced; synced unless
+ * `sync` is false (then the caller syncs before any slot references it).
+ */
+async function writeFreshTable(
+  c: KscCore,
+  slot: number,
+  tableEntries: number,
+  pages: Map<number, Uint32Array>,
+  sync = true,
+): Promise<{ offset: number; table: Buffer; pageOffsets: Map<number, number> }> {
   const table = SparseBitmap.emptyTable(slot, tableEntries);
   const offset = c.alloc.allocMeta(table.length);
   const pageOffsets = new Map<number, number>();
@@ -141,7 +188,7 @@ async function writeFreshTable(c: KscCore, slot: number, tableEntries: number, p
     seal(rec, tagBitmapTable(slot), p);
   }
   await c.file.write(table, offset);
-  await c.file.sync();
+  if (sync) await c.file.sync();
   return { offset, table, pageOffsets };
 }
 
@@ -233,22 +280,28 @@ export async function mergeBitmap(c: KscCore, src: string, dst: string): Promise
  */
 export async function freezeBitmap(c: KscCore, name: string, frozenName: string): Promise<void> {
   assertBitmapName(frozenName);
-  await manage(c, async () => {
+  c.writable();
+  await c.flushMutex.run(async () => {
     const b = findBitmap(c, name);
     const slot = claimSlot(c, frozenName);
     await b.loadAll();
-    const old = await b.hostRanges();
     // The frozen copy is the bits of this instant; marks from here on are replayed into the emptied
     // bitmap, so every change is in one of the two (§9 rule 6).
     const bits = b.copyBits();
     b.startRecording();
+    let old: Ranges = [];
     try {
-      const copy = await writeFreshTable(c, slot, b.tableEntries, bits);
+      // Both fresh tables are written first, referenced by nothing, and made durable by the management
+      // step's full flush (its sync: as manageAfter). Then the slots change: the frozen slot is durable
+      // before the live one points at the empty table (a cut between them leaves the bits in both).
+      const copy = await writeFreshTable(c, slot, b.tableEntries, bits, false);
+      const empty = await writeFreshTable(c, b.slot, b.tableEntries, new Map(), false);
+      await flushNow(c);
+      old = await b.hostRanges(); // after the flush: it may have given dirty pages their first place
       const f = new SparseBitmap(c.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, c.size, () => c.alloc.fileEnd);
       f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
       await writeSlot(c, slot, f);
       c.bitmapSlots[slot] = f;
-      const empty = await writeFreshTable(c, b.slot, b.tableEntries, new Map());
       await writeSlot(c, b.slot, new SparseBitmap(c.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, c.size));
       b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
     } finally {
@@ -260,19 +313,35 @@ export async function freezeBitmap(c: KscCore, name: string, frozenName: string)
 
 /**
  * Adds empty, disabled bitmaps named `add` (granularity: the block size) and removes the bitmaps named
- * `remove`, in one management step; each slot write is atomic on its own. Names are checked (taken, or
- * twice in `add`: KSC_E_EXISTS; unknown in `remove`: KSC_E_NOT_FOUND) before anything is written.
+ * `remove`, in one management step; each slot write is atomic on its own. Every addition is durable before
+ * any removal starts; the removals share one sync, so a cut may leave any subset of them done (the backup
+ * handover relies on both: its new token record lands first, then the old record and the frozen bitmap go
+ * in either order, formats/repository.md §10). Names are checked (taken, or twice in `add`: KSC_E_EXISTS;
+ * unknown in `remove`: KSC_E_NOT_FOUND) before anything is written.
  */
 export async function updateBitmaps(c: KscCore, add: string[], remove: string[]): Promise<void> {
   for (const n of add) assertBitmapName(n);
-  await manage(c, async () => {
-    add.forEach((n, i) => {
-      if (hasBitmap(c, n) || add.indexOf(n) !== i) throw new KscError('KSC_E_EXISTS', `image ${c.name}: bitmap "${n}" already exists`);
-    });
-    const gone = remove.map((n) => findBitmap(c, n));
-    for (const n of add) await createEmpty(c, n, log2(c.blockSize), false);
-    for (const b of gone) await dropSlot(c, b);
-  });
+  const g = log2(c.blockSize);
+  await manageAfter(
+    c,
+    async () => {
+      add.forEach((n, i) => {
+        if (hasBitmap(c, n) || add.indexOf(n) !== i) throw new KscError('KSC_E_EXISTS', `image ${c.name}: bitmap "${n}" already exists`);
+      });
+      const gone = remove.map((n) => findBitmap(c, n));
+      // The additions' slots (the free ones in order, as claimSlot would hand them out) and their empty
+      // tables, written before the step's flush, which makes them durable.
+      const slots = c.bitmapSlots.flatMap((x, i) => (x === null ? [i] : [])).slice(0, add.length);
+      if (slots.length < add.length) throw new KscError('KSC_E_RANGE', `image ${c.name}: all ${c.bitmapSlots.length} bitmap slots are in use`);
+      const tables = [];
+      for (const slot of slots) tables.push(await writeFreshTable(c, slot, SparseBitmap.tableEntriesFor(c.size, g), new Map(), false));
+      return { gone, slots, tables };
+    },
+    async ({ gone, slots, tables }) => {
+      for (const [i, n] of add.entries()) await installEmpty(c, slots[i]!, n, g, false, tables[i]!);
+      await dropSlots(c, gone);
+    },
+  );
 }
 
 /** Copies bitmap definitions and bits of `src` into `dst` (used by snapshot). */
