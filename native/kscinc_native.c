@@ -452,13 +452,7 @@ bool get_bytes(napi_env env, napi_value v, const char* fn, const char* arg, uint
 /*                                                                          */
 /* writeCrc(fd, buf, position, blockSize) -> Promise<number[]>: writes buf   */
 /* at position (looping over short writes) and returns the CRC-32 of each    */
-/* blockSize slice. writeCrc(fd, buf, position, blockSize, lo, hi): buf goes */
-/* into fresh space (never written, reads as zeros, formats/ksc_inc.md §9    */
-/* rule 12): only buf[lo, hi) is written, and buf's last 512 bytes when the  */
-/* span ends before them (so that the file covers the whole range; a         */
-/* fallocate per block cost the pool more CPU than the bytes it saved). The  */
-/* CRCs are still of all of buf (what a reader sees: zeros around the span). */
-/* Both run on a pool thread: for in-place overwrites the                    */
+/* blockSize slice. Both run on a pool thread: for in-place overwrites the   */
 /* main thread had been spending as long on the checksum as on everything    */
 /* else. CRC-32 is libdeflate's when its headers were installed, else Node's */
 /* own zlib (exported as Cr_z_crc32); without either, no writeCrc.           */
@@ -499,8 +493,6 @@ typedef struct wjob {
   size_t block;
   size_t ncrc;
   uint32_t* crcs;
-  /* Fresh space: only data[lo, hi) is written after fallocate (hi > lo); else all of data. */
-  size_t lo, hi;
   int err;
 } wjob_t;
 
@@ -519,18 +511,9 @@ typedef struct {
 } wstate_t;
 
 static void wjob_run(wjob_t* w) {
-  size_t done = 0, end = w->len;
-  /* Fresh space: the span, and the last sector of the range when the span does not reach it (so that the
-   * file covers the whole range); what lies between is never written and reads as zeros. */
-  size_t tail = 0;
-  if (w->hi > w->lo && w->len >= 512) {
-    done = w->lo;
-    end = w->hi;
-    if (end < w->len) tail = w->len - 512 > end ? w->len - 512 : end;
-  }
-again:
-  while (done < end) {
-    ssize_t n = pwrite(w->fd, w->data + done, end - done, (off_t)(w->pos + (int64_t)done));
+  size_t done = 0;
+  while (done < w->len) {
+    ssize_t n = pwrite(w->fd, w->data + done, w->len - done, (off_t)(w->pos + (int64_t)done));
     if (n < 0) {
       if (errno == EINTR) continue;
       w->err = errno;
@@ -541,12 +524,6 @@ again:
       return;
     }
     done += (size_t)n;
-  }
-  if (tail) {
-    done = tail;
-    end = w->len;
-    tail = 0;
-    goto again;
   }
   for (size_t i = 0; i < w->ncrc; i++) {
     size_t off = i * w->block;
@@ -669,10 +646,10 @@ static wstate_t* wstate_of(napi_env env) {
 }
 
 static napi_value WriteCrc(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
-  size_t argc = 6;
+  napi_value argv[4];
+  size_t argc = 4;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 4) return throw_type(env, "writeCrc", "arguments", "(fd, buf, position, blockSize[, lo, hi])");
+  if (argc < 4) return throw_type(env, "writeCrc", "arguments", "(fd, buf, position, blockSize)");
   int fd;
   int64_t pos, block;
   uint8_t* data;
@@ -682,12 +659,6 @@ static napi_value WriteCrc(napi_env env, napi_callback_info info) {
   if (!get_integer(env, argv[2], "writeCrc", "position", &pos)) return NULL;
   if (!get_integer(env, argv[3], "writeCrc", "blockSize", &block)) return NULL;
   if (pos < 0 || block <= 0 || block > (int64_t)UINT32_MAX) return throw_errno(env, EINVAL, "pwrite");
-  int64_t lo = 0, hi = 0;
-  if (argc >= 6) {
-    if (!get_integer(env, argv[4], "writeCrc", "lo", &lo)) return NULL;
-    if (!get_integer(env, argv[5], "writeCrc", "hi", &hi)) return NULL;
-    if (lo < 0 || hi < lo || (uint64_t)hi > len) return throw_errno(env, EINVAL, "pwrite");
-  }
   wstate_t* st = wstate_of(env);
   if (!st) return throw_errno(env, ENOMEM, "writeCrc");
   wjob_t* w = (wjob_t*)calloc(1, sizeof(wjob_t));
@@ -696,8 +667,6 @@ static napi_value WriteCrc(napi_env env, napi_callback_info info) {
   w->data = data;
   w->len = len;
   w->pos = pos;
-  w->lo = (size_t)lo;
-  w->hi = (size_t)hi;
   w->block = (size_t)block;
   w->ncrc = (len + w->block - 1) / w->block;
   w->crcs = (uint32_t*)calloc(w->ncrc ? w->ncrc : 1, sizeof(uint32_t));

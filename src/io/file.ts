@@ -69,11 +69,9 @@ export interface HostFile {
   writeDurable?(buf: Buffer, position: number): Promise<void>;
   /**
    * Optional: write(buf, position) and return the CRC-32 (IEEE) of each `blockSize` slice of buf, computed
-   * off the main thread where the host can. Callers fall back to write + crc32. `span` [lo, hi) says the
-   * range is fresh space that reads as zeros (formats/ksc_inc.md §9 rule 12): the host MAY then
-   * write only buf[lo, hi) and what makes the file cover the whole range; the CRCs are of all of buf.
+   * off the main thread where the host can. Callers fall back to write + crc32.
    */
-  writeWithCrcs?(buf: Buffer, position: number, blockSize: number, span?: readonly [number, number]): Promise<number[]>;
+  writeWithCrcs?(buf: Buffer, position: number, blockSize: number): Promise<number[]>;
   /** fdatasync: every completed write is durable when this resolves. */
   sync(): Promise<void>;
   size(): Promise<number>;
@@ -220,15 +218,14 @@ class NodeHostFile implements HostFile {
     this.wrote(buf.length);
   }
 
-  writeWithCrcs(buf: Buffer, position: number, blockSize: number, span?: readonly [number, number]): Promise<number[]> {
+  writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
     try {
       assertPosition(this.path, position, buf.length);
       // The addon's writeCrc, looked up once per file (at its first use) rather than per write.
       if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
       if (this.writeCrc) {
         touchPages(buf);
-        const io = span ? this.writeCrc(this.fh.fd, buf, position, blockSize, span[0], span[1]) : this.writeCrc(this.fh.fd, buf, position, blockSize);
-        return io.then(
+        return this.writeCrc(this.fh.fd, buf, position, blockSize).then(
           (crcs) => {
             this.wrote(buf.length);
             return crcs;

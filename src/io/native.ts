@@ -66,11 +66,9 @@ export interface NativeOps {
   lz4Decompress?(src: Uint8Array, dst: Uint8Array, offset: number): number;
   /**
    * Present when Node's zlib is reachable from the addon: pwrite of `buf` at `position` and the CRC-32 of
-   * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error. With `lo < hi`
-   * the range is fresh space (formats/ksc_inc.md §9 rule 12): only buf[lo, hi) is written, and buf's last
-   * 512 bytes when the span ends before them (the file then covers the range); the CRCs are of all of buf.
+   * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error.
    */
-  writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number, lo?: number, hi?: number): Promise<number[]>;
+  writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number): Promise<number[]>;
   /**
    * preadv2(RWF_NOWAIT) into `buf` from `position`, looping over short reads: copies only what the page
    * cache holds, never waiting for the disk, so the event loop may call it. Returns the bytes read (fewer

@@ -168,9 +168,8 @@ async function collectClusters(c: KscCore, used: Range[], report: CheckReport, f
 }
 
 /**
- * A mapped DATA cluster must hold its data: a cluster that is a hole throughout (punched while an entry on
- * disk still pointed at it, formats/ksc_inc.md §9 rule 4 and I6) reads as zeros the block never held. A
- * cluster only partly a hole is a block first written into fresh space (§9 rule 12): not judged here. Found with
+ * A mapped DATA cluster must hold its data: a hole there (a cluster punched while an entry on disk still
+ * pointed at it, formats/ksc_inc.md §9 rule 4 and I6) reads as zeros the block never held. Found with
  * SEEK_HOLE where the host can tell (no data read); elsewhere verifyData catches it by its checksum. A
  * hole is corruption when the entry's checksum says the block is not all zeros. A block whose checksum is
  * the zero checksum may legitimately sit on a hole (a sparse copy of the file, `cp --sparse=always`, turns
@@ -192,10 +191,8 @@ async function findMappedHoles(c: KscCore, clusters: Map<number, { host: number;
       const d = hole >= 0 ? file.seekData(hole) : -1;
       holeEnd = d === null || d < 0 ? Number.MAX_SAFE_INTEGER : d;
     }
-    // Only a cluster that is a hole throughout: a block written first into fresh space (§9 rule 12) holds
-    // its pieces and reads as zeros (unwritten or never-written space, a hole to SEEK_HOLE) elsewhere.
-    if (!(hole >= 0 && hole <= host && holeEnd >= host + B)) continue;
-    const what = `block ${block} (virtual offset ${block * B}) is mapped to the cluster at 0x${host.toString(16)}, which is a hole in the file`;
+    if (!(hole >= 0 && hole < host + B && holeEnd > host)) continue;
+    const what = `block ${block} (virtual offset ${block * B}) is mapped to the cluster at 0x${host.toString(16)}, which is (partly) a hole in the file`;
     // Recovery distrusts the checksums of recently written regions in memory; the one on disk still says
     // what the block held when it was written whole, and a hole (unlike zeros written in place) is never
     // the result of a write. So the entry on disk decides.

@@ -58,11 +58,6 @@ interface Group {
   /** A new block's first wave is being assembled: pieces copy straight into blk. */
   assembling: boolean;
   fresh: boolean;
-  /**
-   * The new cluster is fresh space at the end of the file (§9 rule 12): never written, so it reads as
-   * zeros; the first wave writes only its pieces' span there, not the whole block.
-   */
-  freshSpace: boolean;
   /** In place: the writes in flight. A new block: the wave being assembled or written. */
   members: Member[];
   /** A new block: the pieces queued for the wave after the one being written. */
@@ -118,9 +113,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
       return null;
     }
     let host = inPlace ? page.host[i]! : -1;
-    let freshSpace = false;
     if (!inPlace) {
-      const end = c.alloc.fileEnd;
       const run = c.alloc.allocRun(1);
       if (run === null) {
         if (intent) c.intent.end(offset, length, c.epoch);
@@ -128,10 +121,8 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
         return null;
       }
       host = run;
-      // A cluster at or past the end of the file is fresh; one from the free list may hold old bytes.
-      freshSpace = run >= end;
     }
-    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), assembling: !inPlace, fresh: !inPlace, freshSpace, members: [], next: [], validEpoch: -1, bitmaps, release };
+    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), assembling: !inPlace, fresh: !inPlace, members: [], next: [], validEpoch: -1, bitmaps, release };
     if (!byBlock) groups.set(c, (byBlock = new Map()));
     byBlock.set(block, group);
     if (group.fresh) {
@@ -220,24 +211,13 @@ function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
   );
 }
 
-/**
- * The first wave of a new block: the whole block written to its new cluster (in fresh space, only the span
- * of its pieces and what makes the file cover the cluster, §9 rule 12), with the CRC-32
- * of the whole block either way, then its map entry set.
- */
+/** The first wave of a new block: the whole block written to its new cluster, then its map entry set. */
 function submitFresh(c: KscCore, g: Group): void {
   g.assembling = false;
   const B = c.blockSize;
   let io: Promise<number[]>;
   try {
-    if (c.file.writeWithCrcs) {
-      let span: [number, number] | undefined;
-      if (g.freshSpace) {
-        span = [B, 0];
-        for (const m of g.members) span = [Math.min(span[0], m.start), Math.max(span[1], m.end)];
-      }
-      io = c.file.writeWithCrcs(g.blk!, g.host, B, span);
-    } else io = writeThenCrcs(c.file, g.blk!, g.host, B);
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(g.blk!, g.host, B) : writeThenCrcs(c.file, g.blk!, g.host, B);
   } catch (e) {
     io = Promise.reject(e);
   }
