@@ -11,6 +11,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { type Ran, runNode } from '../helpers/child.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const DIST = fileURLToPath(new URL('../../dist/', import.meta.url));
@@ -43,26 +44,11 @@ const SCRIPTS: { name: string; body: string; code: number; stderr?: RegExp }[] =
 ];
 
 let scripts = 0;
-type Ran = { code: number | null; signal: NodeJS.Signals | null; stderr: string; hung: boolean };
-
 function runScript(body: string, delay: number): Promise<Ran> {
-  return new Promise((resolve) => {
-    // A script file, not --input-type=module -e: a Worker inherits execArgv, and --input-type fails its start.
-    const file = join(dir, `s${scripts++}.mjs`);
-    writeFileSync(file, PRELUDE + body);
-    const c = spawn(process.execPath, [file, String(delay)], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    let hung = false;
-    c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      hung = true;
-      c.kill('SIGKILL');
-    }, 60_000);
-    c.on('close', (code, signal) => {
-      clearTimeout(t);
-      resolve({ code, signal, stderr, hung });
-    });
-  });
+  // A script file, not --input-type=module -e: a Worker inherits execArgv, and --input-type fails its start.
+  const file = join(dir, `s${scripts++}.mjs`);
+  writeFileSync(file, PRELUDE + body);
+  return runNode([file, String(delay)], 60_000);
 }
 
 describe('the fingerprint worker and the end of its process', () => {

@@ -12,6 +12,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { type Ran, runNode } from '../helpers/child.js';
 
 const poolJs = fileURLToPath(new URL('../../dist/compress/pool.js', import.meta.url));
 const chunkIdJs = fileURLToPath(new URL('../../dist/hash/chunkid.js', import.meta.url));
@@ -60,23 +61,8 @@ const ids = (await hashChunks(chunks)).map((b) => b.toString('hex')).join(); if 
   },
 ];
 
-type Ran = { code: number | null; signal: NodeJS.Signals | null; stderr: string; hung: boolean };
-
 function runScript(body: string, delay: number): Promise<Ran> {
-  return new Promise((resolve) => {
-    const c = spawn(process.execPath, ['--input-type=module', '-e', PRELUDE + body, String(delay)], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    let hung = false;
-    c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      hung = true;
-      c.kill('SIGKILL');
-    }, 60_000);
-    c.on('close', (code, signal) => {
-      clearTimeout(t);
-      resolve({ code, signal, stderr, hung });
-    });
-  });
+  return runNode(['--input-type=module', '-e', PRELUDE + body, String(delay)], 60_000);
 }
 
 const busy: ChildProcess[] = [];

@@ -15,6 +15,7 @@ import { openHostFile, type HostFile } from '../../src/io/file.js';
 import { nativeOps } from '../../src/io/native.js';
 import { RUN_MAX, pacedTurns } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
+import { turnsDuring } from '../helpers/turns.js';
 
 const dir = tempDir('kscinc-cached-turns-');
 const SIZE = 16 << 20;
@@ -65,16 +66,9 @@ describe.skipIf(!fast)('cached reads in a loop give the event loop turns', () =>
 
   it('a chain of setImmediates keeps running beside the loop (about one turn per RUN_MAX reads)', async () => {
     const reads = 20_000;
-    let turns = 0;
-    let stop = false;
-    const tick = (): void => {
-      if (stop) return;
-      turns++;
-      setImmediate(tick);
-    };
-    setImmediate(tick);
-    for (let i = 0; i < reads; i++) await file.read(buf, at(i));
-    stop = true;
+    const turns = await turnsDuring(async () => {
+      for (let i = 0; i < reads; i++) await file.read(buf, at(i));
+    });
     console.log(`[cached-read-turns] ${turns} turns of a setImmediate chain during ${reads} cached 4 KiB reads`);
     expect(turns).toBeGreaterThanOrEqual(Math.floor(reads / RUN_MAX / 2));
   });

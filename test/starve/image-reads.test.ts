@@ -15,30 +15,12 @@ import { fingerprintV1 } from '../../src/engines/migrate-base.js';
 import { closePool } from '../../src/compress/pool.js';
 import { RUN_MAX } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
+import { turnsDuring } from '../helpers/turns.js';
 import { MiB } from '../backup/helpers/fixtures.js';
 import { liveFromBytes } from '../live-restore/helpers.js';
 
 const dir = tempDir('kscinc-starve-reads-');
 afterAll(() => closePool());
-
-/** Runs `loop` beside a chain of setImmediates; returns the chain's turns. */
-async function turnsDuring(loop: () => Promise<void>): Promise<number> {
-  await new Promise((resolve) => setImmediate(resolve));
-  let turns = 0;
-  let stop = false;
-  const tick = (): void => {
-    if (stop) return;
-    turns++;
-    setImmediate(tick);
-  };
-  setImmediate(tick);
-  try {
-    await loop();
-  } finally {
-    stop = true;
-  }
-  return turns;
-}
 
 /** At least one turn per 2 × RUN_MAX steps (pace() gives one per RUN_MAX at most; slack for the ends). */
 const enough = (steps: number): number => Math.floor(steps / RUN_MAX / 2);

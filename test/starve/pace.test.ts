@@ -6,6 +6,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { RUN_MAX, pace, pacedTurns } from '../../src/util/turns.js';
+import { turnsDuring } from '../helpers/turns.js';
 
 const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
@@ -27,19 +28,12 @@ describe('pace()', () => {
   it('a chain of setImmediates runs beside the loop, about once per RUN_MAX steps', async () => {
     await turn();
     const steps = 50 * RUN_MAX;
-    let turns = 0;
-    let stop = false;
-    const tick = (): void => {
-      if (stop) return;
-      turns++;
-      setImmediate(tick);
-    };
-    setImmediate(tick);
-    for (let i = 0; i < steps; i++) {
-      const t = pace();
-      if (t) await t;
-    }
-    stop = true;
+    const turns = await turnsDuring(async () => {
+      for (let i = 0; i < steps; i++) {
+        const t = pace();
+        if (t) await t;
+      }
+    });
     console.log(`[pace] ${turns} turns of the chain in ${steps} steps`);
     expect(turns).toBeGreaterThanOrEqual(steps / RUN_MAX - 1);
   });

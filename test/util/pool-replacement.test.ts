@@ -10,9 +10,9 @@
  * replacements are then at every point of loading the worker file), closes the pool. The next round's task
  * checks that a new pool still works. On the old code, 3 of 6 such children (25 rounds each) aborted.
  */
-import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { type Ran, runNode } from '../helpers/child.js';
 
 const poolJs = fileURLToPath(new URL('../../dist/compress/pool.js', import.meta.url));
 const chunkIdJs = fileURLToPath(new URL('../../dist/hash/chunkid.js', import.meta.url));
@@ -56,24 +56,8 @@ for (let i = 0; i < ${ROUNDS}; i++) {
 }
 `;
 
-function runChild(seed: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string; hung: boolean }> {
-  return new Promise((resolve) => {
-    const c = spawn(process.execPath, ['--input-type=module', '-e', SCRIPT, String(seed)], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-      env: { ...process.env, KSCINC_WORKERS: '4' },
-    });
-    let stderr = '';
-    let hung = false;
-    c.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const t = setTimeout(() => {
-      hung = true;
-      c.kill('SIGKILL');
-    }, 150_000);
-    c.on('close', (code, signal) => {
-      clearTimeout(t);
-      resolve({ code, signal, stderr, hung });
-    });
-  });
+function runChild(seed: number): Promise<Ran> {
+  return runNode(['--input-type=module', '-e', SCRIPT, String(seed)], 150_000, { ...process.env, KSCINC_WORKERS: '4' });
 }
 
 describe('closePool while replacement workers load', () => {
