@@ -22,6 +22,7 @@
 import { type FileOpener, type HostFile, type OpenFileOptions, openHostFile } from '../../src/io/file.js';
 import { promises as fsp, readFileSync, existsSync } from 'node:fs';
 import { resolve } from 'node:path';
+import type { DevOp } from './model.js';
 import type { Rng } from './rng.js';
 
 const SECTOR = 512;
@@ -114,6 +115,20 @@ class FileState {
     const e0 = Math.min(Math.ceil(end / SECTOR) * SECTOR, this.shadow.size);
     return { start: s0, bytes: Buffer.from(this.shadow.buf.subarray(s0, Math.max(s0, e0))) };
   }
+}
+
+/** A device operation of a power-cut run, with the clock values at which it was issued and acknowledged. */
+export interface OpEvent {
+  op: DevOp;
+  issued: number;
+  acked: number; // Infinity until acknowledged
+}
+
+/** A flush or other step of a power-cut run, from its start to its end on the cut's clock. */
+export interface Span {
+  started: number;
+  done: number; // Infinity until it returned
+  name?: string;
 }
 
 export interface CutStats {

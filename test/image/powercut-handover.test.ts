@@ -28,7 +28,7 @@ import { frozenBitmapName, tokenBitmapName, tokenBitmapsOf } from '../../src/eng
 import { createImage, openKsc } from '../../src/index.js';
 import type { KscImage } from '../../src/image/ksc.js';
 import { type DevOp, applyOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded, randomOp, runOp } from '../helpers/model.js';
-import { PowerCut, crashCheckErrors, jitterOpener } from '../helpers/powercut.js';
+import { type OpEvent, PowerCut, type Span, crashCheckErrors, jitterOpener } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -37,17 +37,6 @@ const CASES = 4;
 const NAME = 'backup';
 /** Random cuts per clock value inside the handover's steps (plus one as a kill leaves the file). */
 const RANDOM_CUTS = 2;
-
-interface OpEvent {
-  op: DevOp;
-  issued: number;
-  acked: number; // Infinity until acknowledged
-}
-
-interface Span {
-  started: number;
-  done: number;
-}
 
 interface Run {
   path: string;

@@ -22,7 +22,7 @@ import { describe, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
 import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData, randomOp, runOp } from '../helpers/model.js';
-import { PowerCut, countingOpener, jitterOpener, crashCheckErrors } from '../helpers/powercut.js';
+import { type OpEvent, PowerCut, type Span, countingOpener, jitterOpener, crashCheckErrors } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -32,18 +32,6 @@ const CUTS_PER_CASE = 10;
 // The bytes read on open (openReadBound) are the machine-independent check of I1; the time is measured in
 // bench/ and here only catches a hang (500 and 1000 ms failed on a loaded 2-core CI machine).
 const OPEN_TIME_LIMIT_MS = 10_000;
-
-interface OpEvent {
-  op: DevOp;
-  issued: number;
-  acked: number; // Infinity until acknowledged
-}
-
-interface Span {
-  started: number;
-  done: number;
-  name?: string;
-}
 
 interface Run {
   path: string;
