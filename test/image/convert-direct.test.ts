@@ -74,20 +74,34 @@ async function readAll(path: string, size: number): Promise<Buffer> {
   }
 }
 
-describe(`convert reads a raw source that is not cached with O_DIRECT (seed ${seed})`, () => {
-  const rnd = mulberry32(seed) as () => number;
-  // 7 MiB + 3000 bytes: whole 2 MiB pieces, a short last one, a size that is not a multiple of 4 KiB.
-  const size = 7 * MiB + 3000;
-  const data = Buffer.alloc(size);
-  for (let pos = 0; pos < size; pos += 65536) {
-    const kind = Math.floor(rnd() * 3); // a hole, random data, or one byte of data at a random place
-    const end = Math.min(size, pos + 65536);
-    if (kind === 1) for (let i = pos; i < end; i++) data[i] = Math.floor(rnd() * 256);
-    if (kind === 2) data[pos + Math.floor(rnd() * (end - pos))] = 1 + Math.floor(rnd() * 255);
-  }
-  data.fill(0x5a, size - 100); // data in the last, partial 4 KiB block
-  const src = join(dir, 'cold.raw');
+const rnd = mulberry32(seed) as () => number;
+// 7 MiB + 3000 bytes: whole 2 MiB pieces, a short last one, a size that is not a multiple of 4 KiB.
+const size = 7 * MiB + 3000;
+const data = Buffer.alloc(size);
+for (let pos = 0; pos < size; pos += 65536) {
+  const kind = Math.floor(rnd() * 3); // a hole, random data, or one byte of data at a random place
+  const end = Math.min(size, pos + 65536);
+  if (kind === 1) for (let i = pos; i < end; i++) data[i] = Math.floor(rnd() * 256);
+  if (kind === 2) data[pos + Math.floor(rnd() * (end - pos))] = 1 + Math.floor(rnd() * 255);
+}
+data.fill(0x5a, size - 100); // data in the last, partial 4 KiB block
+const src = join(dir, 'cold.raw');
+/** The suite's pure-TypeScript run (scripts/test.sh): no addon, so no direct reads; convert must read the usual way. */
+const noNative = process.env.KSCINC_NO_NATIVE === '1';
 
+describe.runIf(noNative)(`without the addon, convert reads a raw source that is not cached the usual way (seed ${seed})`, () => {
+  for (const format of ['ksc_inc', 'raw'] as const) {
+    it(`into ${format}: the output reads as the source`, async () => {
+      writeCold(src, data);
+      const out = join(dir, `plain-${format}`);
+      const r = await convertImage(src, out, { format, force: true });
+      expect(r.size).toBe(size);
+      expect((await readAll(out, size)).equals(data)).toBe(true);
+    });
+  }
+});
+
+describe.skipIf(noNative)(`convert reads a raw source that is not cached with O_DIRECT (seed ${seed})`, () => {
   beforeAll(() => {
     // The addon and cachestat are what the feature stands on: without them this file tests nothing.
     expect(nativeOps()?.cachedRange, 'the native addon with cachedRange').toBeTypeOf('function');
