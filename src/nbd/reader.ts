@@ -29,7 +29,8 @@ export class InterruptedError extends Error {
 }
 
 export class SocketReader {
-  private stall: { ms: number; idleOk: boolean; what: string; timer: NodeJS.Timeout | null } | null = null;
+  /** The no-progress clock of a pending read: `since` is the last progress (Date.now()); the timer checks it when it fires. */
+  private stall: { ms: number; idleOk: boolean; what: string; timer: NodeJS.Timeout | null; since: number } | null = null;
   private chunks: Buffer[] = [];
   private buffered = 0;
   private want = 0;
@@ -60,8 +61,8 @@ export class SocketReader {
       this.chunks.push(d);
       this.buffered += d.length;
       if (this.buffered >= Math.max(this.want, this.lowWater)) socket.pause();
-      if (this.stall) this.armStall(); // progress: the clock restarts
       this.wake();
+      if (this.stall) this.armStall(); // progress, and still waiting: the clock restarts
     };
     const onEnd = (): void => {
       this.ended = true;
@@ -137,8 +138,8 @@ export class SocketReader {
     }
     if (at < n) this.append(b, at, n);
     this.buffered += n;
-    if (this.stall) this.armStall(); // progress: the clock restarts
     this.wake();
+    if (this.stall) this.armStall(); // progress, and still waiting: the clock restarts
     return this.buffered < Math.max(this.want, this.lowWater); // false: Node stops reading until resume()
   };
 
@@ -194,31 +195,47 @@ export class SocketReader {
     return out;
   }
 
-  /** (Re)starts the no-progress clock; with `idleOk`, only once part of the wanted bytes is here. */
+  /**
+   * (Re)starts the no-progress clock; with `idleOk`, only once part of the wanted bytes is here. The timer
+   * is not moved on each progress (a timer per received chunk cost more than the chunk's copy): it looks at
+   * `since` when it fires and waits again for what is left.
+   */
   private armStall(): void {
     const st = this.stall!;
-    if (st.timer) clearTimeout(st.timer);
-    st.timer = null;
     if (st.idleOk && this.buffered === 0) return;
-    st.timer = setTimeout(() => {
-      this.error = new StallError(`${st.what}: no byte received for ${st.ms} ms`);
-      this.abort();
-    }, st.ms);
+    st.since = Date.now();
+    st.timer ??= setTimeout(this.stallCheck, st.ms);
   }
+
+  private readonly stallCheck = (): void => {
+    const st = this.stall;
+    if (!st) return;
+    const left = st.since + st.ms - Date.now();
+    if (left > 0) {
+      st.timer = setTimeout(this.stallCheck, left);
+      return;
+    }
+    st.timer = null;
+    this.error = new StallError(`${st.what}: no byte received for ${st.ms} ms`);
+    this.abort();
+  };
 
   private clearStall(): void {
     if (this.stall?.timer) clearTimeout(this.stall.timer);
     this.stall = null;
   }
 
+  /** Settles a pending read that can be settled now (its clock stops then). */
   private wake(): void {
     const w = this.waiter;
     if (!w) return;
     if (this.buffered >= this.want) {
       this.waiter = null;
+      this.clearStall();
       w.resolve();
     } else if (this.error || this.ended) {
       this.waiter = null;
+      this.clearStall();
       w.reject(this.error ?? new SocketClosedError());
     }
   }
@@ -245,7 +262,7 @@ export class SocketReader {
         await new Promise<void>((resolve, reject) => {
           this.waiter = { resolve, reject };
           if (stall && stall.ms > 0) {
-            this.stall = { ms: stall.ms, idleOk: !!stall.idleOk, what: stall.what, timer: null };
+            this.stall = { ms: stall.ms, idleOk: !!stall.idleOk, what: stall.what, timer: null, since: 0 };
             this.armStall();
           }
           this.socket.resume();
@@ -266,6 +283,26 @@ export class SocketReader {
     return this.buffered >= n ? this.take(n, alloc) : null;
   }
 
+  /**
+   * User-buffer mode: takes the next n bytes if they are here, without copying them: returns where they
+   * start in `inPlace` (read them at once: the buffer is reused by the next bytes received); -1, taking
+   * nothing, when they are not here or the reader is not in that mode (then takeNow or read).
+   */
+  takeInPlace(n: number): number {
+    if (!this.acc || this.direct || this.buffered < n || this.accEnd - this.accStart < n) return -1;
+    const at = this.accStart;
+    this.accStart += n;
+    this.buffered -= n;
+    if (this.accStart === this.accEnd) this.accStart = this.accEnd = 0;
+    if (this.buffered < this.lowWater && !this.ended && !this.stopped) this.socket.resume();
+    return at;
+  }
+
+  /** The buffer takeInPlace() answered for (valid until the next bytes are received or taken). */
+  get inPlace(): Buffer {
+    return this.acc!;
+  }
+
   /** `alloc` (read(), takeNow()): where bytes spanning several received chunks are gathered (takeBytes). */
   private take(n: number, alloc?: (n: number) => Buffer): Buffer {
     const out = this.acc ? this.takeUser(n, alloc) : takeBytes(this.chunks, n, alloc);
@@ -283,8 +320,12 @@ export class SocketReader {
       return d.buf;
     }
     if (n === 0) return Buffer.alloc(0);
-    const out = alloc ? alloc(n).subarray(0, n) : Buffer.allocUnsafe(n);
-    this.acc!.copy(out, 0, this.accStart, this.accStart + n);
+    const into = alloc ? alloc(n) : Buffer.allocUnsafe(n);
+    const out = into.length === n ? into : into.subarray(0, n);
+    // A view of acc's bytes and the typed array's own set(): Buffer's copy() is shared by every caller in
+    // the process and its property loads take V8's generic lookups.
+    const acc = this.acc!;
+    out.set(new Uint8Array(acc.buffer, acc.byteOffset + this.accStart, n));
     this.accStart += n;
     if (this.accStart === this.accEnd) {
       this.accStart = this.accEnd = 0;

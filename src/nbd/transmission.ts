@@ -13,7 +13,7 @@ import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
 import { checkIncomingWrite } from './incoming.js';
 import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } from './lz4-write.js';
-import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
+import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, SIMPLE_REPLY_MAGIC, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
 const SMALL_REQUEST_COST = 64 * 1024;
@@ -96,34 +96,47 @@ export class Transmission {
         this.paused = true;
         return;
       }
-      // A header already received is taken without a promise hop (a client's queue of requests arrives in one chunk).
-      let hdr = link.reader.takeNow(REQUEST_SIZE);
-      if (!hdr) {
-        try {
-          // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
-          this.atBoundary = true;
-          hdr = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
-        } catch (e) {
-          if (e instanceof InterruptedError) {
-            this.paused = true;
-            return;
+      // A header already received is taken without a promise hop (a client's queue of requests arrives in one
+      // chunk), and read where it lies when it can (no Buffer per header).
+      let h: Buffer;
+      let at = link.reader.takeInPlace(REQUEST_SIZE);
+      if (at >= 0) h = link.reader.inPlace;
+      else {
+        at = 0;
+        const now = link.reader.takeNow(REQUEST_SIZE);
+        if (now) h = now;
+        else {
+          try {
+            // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
+            this.atBoundary = true;
+            h = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
+          } catch (e) {
+            if (e instanceof InterruptedError) {
+              this.paused = true;
+              return;
+            }
+            if (e instanceof SocketClosedError) return;
+            throw e;
+          } finally {
+            this.atBoundary = false;
           }
-          if (e instanceof SocketClosedError) return;
-          throw e;
-        } finally {
-          this.atBoundary = false;
         }
       }
-      const req = decodeRequest(hdr);
-      if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);
-      if (req.type === CMD.DISC) {
-        link.reader.abort();
-        return;
+      // A WRITE that needs no other check is run from these fields alone (fastWrite); any other request is decoded.
+      const length = u32(h, at + 24);
+      const fw = this.fastWrite(h, at, length);
+      const req = fw ? null : decodeRequest(h.subarray(at, at + REQUEST_SIZE));
+      if (req) {
+        if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);
+        if (req.type === CMD.DISC) {
+          link.reader.abort();
+          return;
+        }
+        if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) throw new NbdProtocolError('payload-too-big', `write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
       }
-      if (req.type === CMD.WRITE && req.length > MAX_PAYLOAD) throw new NbdProtocolError('payload-too-big', `write payload of ${req.length} bytes is above the ${MAX_PAYLOAD} limit`);
       // formats/nbd.md §3.2: a negotiated KSC_WRITE_LZ4 says its payload's length first (unnegotiated: unknown command).
-      const lz4 = req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
-      const cost = req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(req.length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
+      const lz4 = req && req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
+      const cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
       let release: () => void;
       try {
         release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
@@ -134,9 +147,9 @@ export class Transmission {
       let payload: Buffer | null = null;
       // A payload spanning several received chunks is gathered into a pool buffer (given back once written).
       let pooled: Buffer | null = null;
-      if (req.type === CMD.WRITE || lz4 >= 0) {
+      if (!req || req.type === CMD.WRITE || lz4 >= 0) {
         // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
-        const n = lz4 >= 0 ? lz4 : req.length;
+        const n = lz4 >= 0 ? lz4 : length;
         const alloc = (k: number): Buffer => (pooled = this.server.pool.take(k));
         try {
           payload = link.reader.takeNow(n, alloc) ?? (await link.reader.read(n, { ms: stall, what: `write payload of ${n} bytes` }, alloc));
@@ -148,9 +161,23 @@ export class Transmission {
       while (this.running >= this.server.maxInFlight && !this.failure) await this.oneEnds();
       if (this.failure) throw this.failure.e;
       this.running++;
-      if (req.type === CMD.WRITE && payload !== null && payload.length > 0 && this.plainWrites()) this.writeNow(req, payload, pooled, release);
-      else this.track(this.handle(req, payload, pooled, release));
+      if (fw && this.plainWrites()) this.writeNow(fw, payload!, pooled, release);
+      else this.track(this.handle(req ?? fw!.request(), payload, pooled, release));
     }
+  }
+
+  /**
+   * The fields of a WRITE header at h[at…] that validateRequest would let through (magic, flags, length, range,
+   * a writable export), read at once (h may be the reader's buffer); null for anything else.
+   */
+  private fastWrite(h: Buffer, at: number, length: number): FastWrite | null {
+    if (u16(h, at + 6) !== CMD.WRITE || u32(h, at) !== REQUEST_MAGIC || length === 0 || length > MAX_PAYLOAD) return null;
+    const flags = u16(h, at + 4);
+    if ((flags & ~CMD_FLAG.FUA) !== 0 || (this.state.transmissionFlags & TF.READ_ONLY) !== 0) return null;
+    const hi = u32(h, at + 16);
+    const offset = hi * 0x1_0000_0000 + u32(h, at + 20);
+    if (hi >= 0x20_0000 || offset + length > this.exp.device.size) return null;
+    return new FastWrite(flags, u32(h, at + 8), u32(h, at + 12), offset, length);
   }
 
   /** WRITEs go straight to the export's device (not an incoming migration's target still being filled). */
@@ -160,25 +187,23 @@ export class Transmission {
   }
 
   /**
-   * handle() for a plain WRITE without a promise of its own: validated and handed to the device at once,
-   * its reply queued from the write's completion (sendNow), its pool buffer given back once written.
+   * handle() for a plain WRITE without a promise of its own: checked already (fastWrite), handed to the device
+   * at once, its reply queued from the write's completion (sendNow), its pool buffer given back once written.
    */
-  private writeNow(req: Request, payload: Buffer, pooled: Buffer | null, release: () => void): void {
-    const { link, state } = this;
-    const dev = this.exp.device;
+  private writeNow(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
+    const { link } = this;
     let io: Promise<void>;
     try {
-      const off = validateRequest(req, { size: dev.size, readOnly: (state.transmissionFlags & TF.READ_ONLY) !== 0, structured: state.structuredReplies, exportName: state.exportName });
-      io = dev.write(off, payload, { fua: (req.flags & CMD_FLAG.FUA) !== 0 });
+      io = this.exp.device.write(w.offset, payload, (w.flags & CMD_FLAG.FUA) !== 0 ? FUA : NOT_FUA);
     } catch (e) {
-      this.track(this.replyError(req, e, release));
+      this.track(this.replyError(w.request(), e, release));
       return;
     }
     io.then(
       () => {
         try {
           if (pooled) this.server.pool.give([pooled]);
-          const parts = [encodeSimpleReply(0, req.cookie)];
+          const parts = [w.reply()];
           if (!link.sendNow(parts, release)) {
             this.track(link.send(parts, release).finally(() => link.destroyed && release()));
             return;
@@ -190,7 +215,7 @@ export class Transmission {
         }
         this.ended();
       },
-      (e: unknown) => this.track(this.replyError(req, e, release)),
+      (e: unknown) => this.track(this.replyError(w.request(), e, release)),
     );
   }
 
@@ -247,4 +272,51 @@ export class Transmission {
       if (link.destroyed) release();
     }
   }
+}
+
+const FUA = Object.freeze({ fua: true });
+const NOT_FUA = Object.freeze({ fua: false });
+
+/** A WRITE read by Transmission.fastWrite: its fields as numbers (the cookie's two halves), no BigInt. */
+class FastWrite {
+  constructor(
+    readonly flags: number,
+    private readonly cookieHi: number,
+    private readonly cookieLo: number,
+    readonly offset: number,
+    readonly length: number,
+  ) {}
+
+  /** The simple reply of a success (16 bytes). */
+  reply(): Buffer {
+    const b = Buffer.allocUnsafe(16);
+    put32(b, 0, SIMPLE_REPLY_MAGIC);
+    put32(b, 4, 0);
+    put32(b, 8, this.cookieHi);
+    put32(b, 12, this.cookieLo);
+    return b;
+  }
+
+  /** The request as decodeRequest gives it (an error reply, or the general path). */
+  request(): Request {
+    const cookie = (BigInt(this.cookieHi) << 32n) | BigInt(this.cookieLo);
+    return { magic: REQUEST_MAGIC, flags: this.flags, type: CMD.WRITE, cookie, offset: BigInt(this.offset), length: this.length };
+  }
+}
+
+// Big-endian fields by hand: Node's readUInt32BE and the like are shared by every caller in the process, so
+// their property loads see every kind of buffer and go through V8's generic (slow) lookups.
+function u16(b: Buffer, at: number): number {
+  return (b[at]! << 8) | b[at + 1]!;
+}
+
+function u32(b: Buffer, at: number): number {
+  return b[at]! * 0x100_0000 + ((b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!);
+}
+
+function put32(b: Buffer, at: number, v: number): void {
+  b[at] = v >>> 24;
+  b[at + 1] = (v >>> 16) & 0xff;
+  b[at + 2] = (v >>> 8) & 0xff;
+  b[at + 3] = v & 0xff;
 }

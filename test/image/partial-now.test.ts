@@ -112,6 +112,20 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     });
   }
 
+  it('a new block whose buffer held an earlier block reads zeros wherever no piece of it went (pieces out of order)', async () => {
+    const { path, img } = await rig(false);
+    // Block 3 whole from pieces: its buffer goes back to the free list once written, full of piece bytes.
+    await Promise.all(Array.from({ length: B / P }, (_, k) => img.write(3 * B + k * P, piece(20 + k))));
+    // Block 5: a piece in the middle, then one before it (not in ascending order), gaps before, between and after.
+    await Promise.all([img.write(5 * B + 8 * P, piece(2)), img.write(5 * B + 2 * P + 512, piece(1).subarray(0, 1000))]);
+    const want = overlay(B, [
+      [piece(1).subarray(0, 1000), 2 * P + 512],
+      [piece(2), 8 * P],
+    ]);
+    expect((await img.read(5 * B, B)).equals(want), 'block 5: its pieces and zeros').toBe(true);
+    await closeHolding(img, path, 5 * B, want);
+  });
+
   it('pieces written in place go out side by side; an overlapping one waits for them and wins', async () => {
     const { path, s, img } = await rig(true);
     await img.write(8 * KiB, piece(9)); // the intent bit is durable now

@@ -88,7 +88,9 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
   const inPlace = state === BlockState.Data;
   if (!inPlace && (state === DAMAGED || (state === BlockState.Unallocated && c.backingDev))) return null;
   let bitmaps: SparseBitmap[] | null = null;
-  for (const b of c.bitmapSlots) {
+  const slots = c.bitmapSlots; // 64 slots, mostly empty: an indexed loop (an iterator cost more than the rest of this check)
+  for (let k = 0; k < slots.length; k++) {
+    const b = slots[k];
     if (!b || !b.enabled) continue;
     if (!b.prepared(offset, length)) return null;
     (bitmaps ??= []).push(b);
@@ -100,7 +102,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
     // (its block reads as data once the first wave is written); an in-place group the same kind of piece,
     // overlapping none in flight.
     if (c.locks.waiting(block, block) || !sameBitmaps(g.bitmaps, bitmaps)) return null;
-    if (!g.fresh && (!inPlace || g.members.some((m) => m.start < start + length && start < m.end))) return null;
+    if (!g.fresh && (!inPlace || overlapsAny(g.members, start, start + length))) return null;
   }
   // A new block's chain takes intent per wave (submitWave) unless a bitmap asks for it per piece.
   const intent = g?.fresh ? bitmaps !== null : inPlace || bitmaps !== null;
@@ -122,7 +124,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
       }
       host = run;
     }
-    group = { block, host, blk: inPlace ? null : Buffer.alloc(B), assembling: !inPlace, fresh: !inPlace, members: [], next: [], validEpoch: -1, bitmaps, release };
+    group = { block, host, blk: inPlace ? null : takeBlockBuffer(B), assembling: !inPlace, fresh: !inPlace, members: [], next: [], validEpoch: -1, bitmaps, release };
     if (!byBlock) groups.set(c, (byBlock = new Map()));
     byBlock.set(block, group);
     if (group.fresh) {
@@ -149,7 +151,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
     };
     if (grp.assembling) {
       grp.members.push(m);
-      data.copy(grp.blk!, start);
+      grp.blk!.set(data, start);
     } else if (grp.fresh) {
       m.data = data;
       grp.next.push(m);
@@ -158,6 +160,11 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
       writeInPlace(c, grp, m, data);
     }
   });
+}
+
+function overlapsAny(ms: Member[], start: number, end: number): boolean {
+  for (let k = 0; k < ms.length; k++) if (ms[k]!.start < end && start < ms[k]!.end) return true;
+  return false;
 }
 
 function sameBitmaps(a: SparseBitmap[] | null, b: SparseBitmap[] | null): boolean {
@@ -169,17 +176,74 @@ function sameBitmaps(a: SparseBitmap[] | null, b: SparseBitmap[] | null): boolea
 function finish(c: KscCore, g: Group, m: Member): void {
   if (m.intent) c.intent.end(m.offset, m.length, c.epoch);
   if (!g.fresh) {
-    const k = g.members.indexOf(m);
-    if (k >= 0) g.members.splice(k, 1);
+    // An in-place group's members are in no order that matters (overlap checks, the count): swap-remove.
+    const ms = g.members;
+    const k = ms.indexOf(m);
+    if (k >= 0) {
+      ms[k] = ms[ms.length - 1]!;
+      ms.pop();
+    }
     if (g.members.length === 0) endGroup(c, g);
   }
   c.leaveChange();
 }
 
-function endGroup(c: KscCore, g: Group): void {
+/** `ok`: the block buffer is no longer used by any write (false after a failed one: it is dropped, not reused). */
+function endGroup(c: KscCore, g: Group, ok = true): void {
   groups.get(c)?.delete(g.block);
+  if (g.blk && ok) giveBlockBuffer(g.blk);
   g.blk = null;
   g.release();
+}
+
+/**
+ * New blocks' buffers, reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
+ * zeroed, then garbage) cost more of the serving thread than the block's own write. Contents are garbage:
+ * submitFresh zeroes what no piece of the first wave covers. At most FREE_BLOCK_BYTES are kept per process.
+ */
+const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
+const freeBlocks: Buffer[] = [];
+let freeBlockBytes = 0;
+
+function takeBlockBuffer(size: number): Buffer {
+  for (let k = freeBlocks.length - 1; k >= 0; k--) {
+    const b = freeBlocks[k]!;
+    if (b.length !== size) continue;
+    freeBlocks[k] = freeBlocks[freeBlocks.length - 1]!;
+    freeBlocks.pop();
+    freeBlockBytes -= size;
+    return b;
+  }
+  return Buffer.allocUnsafeSlow(size);
+}
+
+function giveBlockBuffer(b: Buffer): void {
+  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES) return;
+  freeBlocks.push(b);
+  freeBlockBytes += b.length;
+}
+
+/** Zeroes the bytes of blk that no member's [start, end) covers (the first wave's pieces are in it already). */
+function zeroGaps(blk: Buffer, members: Member[]): void {
+  let ms = members;
+  for (let k = 1; k < ms.length; k++) {
+    if (ms[k]!.start < ms[k - 1]!.start) {
+      ms = [...members].sort((x, y) => x.start - y.start); // pieces mostly come in ascending order
+      break;
+    }
+  }
+  let at = 0;
+  for (const m of ms) {
+    if (m.start > at) zero(blk, at, m.start);
+    if (m.end > at) at = m.end;
+  }
+  if (at < blk.length) zero(blk, at, blk.length);
+}
+
+/** The typed array's own fill: Buffer's checks its arguments first, a cost per call on this path. */
+const typedFill = Uint8Array.prototype.fill;
+function zero(b: Buffer, from: number, to: number): void {
+  typedFill.call(b, 0, from, to);
 }
 
 function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
@@ -215,6 +279,7 @@ function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
 function submitFresh(c: KscCore, g: Group): void {
   g.assembling = false;
   const B = c.blockSize;
+  zeroGaps(g.blk!, g.members);
   let io: Promise<number[]>;
   try {
     io = c.file.writeWithCrcs ? c.file.writeWithCrcs(g.blk!, g.host, B) : writeThenCrcs(c.file, g.blk!, g.host, B);
@@ -252,7 +317,7 @@ function waveDone(c: KscCore, g: Group, err: unknown): void {
   if (err !== undefined || g.next.length === 0) {
     queued = g.next;
     g.next = [];
-    endGroup(c, g);
+    endGroup(c, g, err === undefined);
   }
   for (const m of wave) finish(c, g, m);
   for (const m of queued) finish(c, g, m);
@@ -272,7 +337,7 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   let lo = Infinity;
   let hi = 0;
   for (const m of g.members) {
-    m.data!.copy(blk, m.start);
+    blk.set(m.data!, m.start);
     m.data = null;
     lo = Math.min(lo, m.start);
     hi = Math.max(hi, m.end);
