@@ -113,7 +113,8 @@ const CREATES_WAIT_MS = 2000;
  * Until the command ends, Ctrl-C or SIGTERM removes the files being made and exits (130 / 143). An open that
  * creates one may be running on a libuv thread right then: the file would appear after the removal (and
  * the exit waits for that thread), so the handler waits for such opens (at most CREATES_WAIT_MS) and removes
- * again before it exits. A second signal meanwhile exits at once.
+ * again before it exits. A second signal meanwhile exits at once. A create still running then ends the process
+ * by the signal itself (see exit below).
  */
 export function removeUnfinishedOnSignal(): () => void {
   const removed: string[] = [];
@@ -130,14 +131,25 @@ export function removeUnfinishedOnSignal(): () => void {
     }
   };
   let exiting = false;
+  // process.exit waits for libuv's threads: with a create that never returns (a hung NFS or FUSE server) it
+  // never ends. Then the signal is raised again with its default action, which ends the process at once
+  // (the shell's 128 + n, as the exit code would have been).
+  const exit = (sig: NodeJS.Signals, code: number): never => {
+    if (creatingNow() > 0) {
+      process.off('SIGINT', handler);
+      process.off('SIGTERM', handler);
+      process.kill(process.pid, sig);
+    }
+    process.exit(code);
+  };
   const handler = (sig: NodeJS.Signals): void => {
     const code = sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED;
     const finish = (): never => {
       removePending();
       process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
-      process.exit(code);
+      return exit(sig, code);
     };
-    if (exiting) process.exit(code);
+    if (exiting) exit(sig, code);
     exiting = true;
     removePending();
     if (creatingNow() === 0) finish();

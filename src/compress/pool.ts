@@ -5,6 +5,7 @@
 import { availableParallelism } from 'node:os';
 import { createRequire } from 'node:module';
 import type { Piscina } from 'piscina';
+import { KscError } from '../errors.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { workerEntry } from '../util/worker-entry.js';
 import { type BlobKeys, packBatchSync } from './batch.js';
@@ -12,7 +13,7 @@ import { type BlobKeys, packBatchSync } from './batch.js';
 export type { BlobKeys } from './batch.js';
 
 /** The running pool: its workers have all loaded their module once `loading` settles; `ready` once one has. */
-let current: { pool: Piscina; loading: Promise<void>; ready: boolean } | null = null;
+let current: { pool: Piscina; loading: Promise<void>; ready: boolean; failed: Promise<never> } | null = null;
 /** How long closePool waits for workers still loading before it terminates them all the same. */
 const LOAD_WAIT_MS = 30_000;
 
@@ -25,8 +26,15 @@ function getPool(): Piscina {
   if (!current) {
     // Loaded on first use: commands that never compress do not pay for it at start-up.
     const { Piscina: Pool } = createRequire(import.meta.url)('piscina') as typeof import('piscina');
-    const pool = new Pool({ filename: workerEntry(import.meta.url, 'compress-worker.cjs', 'compress/worker.js'), minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
-    const run = { pool, loading: Promise.resolve(), ready: false };
+    const filename = workerEntry(import.meta.url, 'compress-worker.cjs', 'compress/worker.js');
+    const pool = new Pool({ filename, minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
+    // A worker that cannot load its file (missing: dist/ copied in part; broken) makes the pool emit
+    // 'error': unheard, that ended the process with a stack trace. Every task then fails with this error.
+    let fail: (e: KscError) => void = () => undefined;
+    const failed = new Promise<never>((_, reject) => (fail = reject));
+    failed.catch(() => undefined);
+    pool.on('error', (e: Error) => fail(new KscError('KSC_E_UNAVAILABLE', `a worker thread could not load ${filename}: ${e.message} (rebuild with npm run build, or copy dist/ whole)`, { cause: e })));
+    const run = { pool, loading: Promise.resolve(), ready: false, failed };
     // One warm task per worker, sent before any other task so each lands on its own worker (one task per
     // worker at a time): once they have all settled, every worker has loaded its module, and a worker runs
     // any other task only after its warm task. closePool waits for them: a belt now that the workers run a
@@ -42,10 +50,19 @@ function getPool(): Piscina {
         ),
       );
     }
-    run.loading = Promise.all(warm).then(() => undefined);
+    run.loading = Promise.race([Promise.all(warm), failed]).then(
+      () => undefined,
+      () => undefined,
+    );
     current = run;
   }
   return current.pool;
+}
+
+/** `task` run by the pool, or the pool's failure to start a worker. */
+function runInPool(task: object, opts?: { transferList?: ArrayBuffer[] }): Promise<unknown> {
+  const pool = getPool();
+  return Promise.race([pool.run(task, opts as never), current!.failed]);
 }
 
 /**
@@ -117,7 +134,7 @@ export async function packBatch(
     input = Buffer.from(batch.buffer, 0, batch.byteLength);
     res = packBatchSync(input, lengths, compress, opts.keys);
   } else {
-    const r = (await getPool().run({ op: 'pack', data: batch, lengths, compress, keys: opts.keys }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
+    const r = (await runInPool({ op: 'pack', data: batch, lengths, compress, keys: opts.keys }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };
     res = Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength);
     input = Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength);
   }
@@ -148,7 +165,7 @@ export async function packChunks(chunks: Buffer[], compress = true, keys?: BlobK
 /** Hashes a batch of chunks in a worker (zero id for all-zero chunks). */
 export async function hashChunks(chunks: Buffer[], keys?: BlobKeys): Promise<Buffer[]> {
   const data = concatOwned(chunks);
-  const res = Buffer.from((await getPool().run({ op: 'hash', data, lengths: chunks.map((c) => c.length), keys }, { transferList: [data.buffer] })) as Uint8Array);
+  const res = Buffer.from((await runInPool({ op: 'hash', data, lengths: chunks.map((c) => c.length), keys }, { transferList: [data.buffer] })) as Uint8Array);
   return chunks.map((_, i) => res.subarray(i * ID_BYTES, (i + 1) * ID_BYTES));
 }
 
@@ -174,7 +191,7 @@ export class SharedSlot {
  */
 export async function unpackInto(slot: SharedSlot, ranges: [number, number][], ids: Buffer[], maxRaw: number, keys?: BlobKeys): Promise<Unpacked[]> {
   const idBuf = concatOwned(ids);
-  const r = (await getPool().run({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
+  const r = (await runInPool({ op: 'unpack', data: slot.input, ranges, ids: idBuf, maxRaw, out: slot.output, keys }, { transferList: [idBuf.buffer] })) as {
     lengths: number[];
     errors: Record<string, string>;
   };
@@ -200,7 +217,7 @@ export async function unpackInto(slot: SharedSlot, ranges: [number, number][], i
 export async function compressPiece(data: Buffer, maxStored: number): Promise<{ stored: Buffer | null; data: Buffer }> {
   const owned = data.byteOffset === 0 && data.byteLength === data.buffer.byteLength && !(data.buffer instanceof SharedArrayBuffer);
   const input = owned ? new Uint8Array(data.buffer as ArrayBuffer, 0, data.byteLength) : concatOwned([data]);
-  const r = (await getPool().run({ op: 'lz4', data: input, maxStored }, { transferList: [input.buffer] })) as { out: Uint8Array; input: Uint8Array };
+  const r = (await runInPool({ op: 'lz4', data: input, maxStored }, { transferList: [input.buffer] })) as { out: Uint8Array; input: Uint8Array };
   const back = Buffer.from(r.input.buffer, r.input.byteOffset, r.input.byteLength);
   return { stored: r.out.byteLength > 0 ? Buffer.from(r.out.buffer, r.out.byteOffset, r.out.byteLength) : null, data: back };
 }

@@ -66,7 +66,8 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
     // removed (or never published) does not vouch for another file put under the same name later.
     const other = typeof mark.ino === 'number' ? await otherFile(target, mark.ino, mark.born ?? 0, mark.gen) : null;
     if (other === null) return null;
-    return `its restore mark ${markPath(target)} was written for another file (${other}); this one was put under the name since`;
+    if (other.unknown) return `its restore mark ${markPath(target)} cannot tell this file from another put under the name since (${other.why})`;
+    return `its restore mark ${markPath(target)} was written for another file (${other.why}); this one was put under the name since`;
   }
   if (mark?.format === MARK_FORMAT && typeof mark.disk === 'string') return `its restore mark ${markPath(target)} says it is a copy of disk ${mark.disk}, not ${disk}`;
   return `it is a raw file that kscinc did not restore from disk ${disk} (no restore mark ${markPath(target)})`;
@@ -74,15 +75,20 @@ export async function notACopy(dev: BlockDevice, target: string, disk: string): 
 
 /**
  * How `target` differs from the file a mark names (inode number; birth time and inode generation when both
- * are known), or null.
+ * are known), or null. `unknown`: the inode number matches but neither a birth time nor a generation is
+ * known on both sides (no birth time on this file system, and the addon missing now or when the mark was
+ * written): the number alone cannot tell the file from one made under the name after it was removed.
  */
-async function otherFile(target: string, ino: number, born: number, gen: number | undefined): Promise<string | null> {
+async function otherFile(target: string, ino: number, born: number, gen: number | undefined): Promise<{ why: string; unknown?: true } | null> {
   const own = await identity(target);
-  if (own.ino !== ino) return `inode ${ino}, this file's is ${own.ino}`;
-  if (born > 0 && own.born > 0 && own.born !== born) return `born ${new Date(born).toISOString()}, this file ${new Date(own.born).toISOString()}`;
+  if (own.ino !== ino) return { why: `inode ${ino}, this file's is ${own.ino}` };
+  if (born > 0 && own.born > 0 && own.born !== born) return { why: `born ${new Date(born).toISOString()}, this file ${new Date(own.born).toISOString()}` };
   // Where the file system keeps no birth time (ext2/ext3, ext4 with 128-byte inodes) the inode number of a
   // deleted file goes to the next one made: its generation tells them apart.
-  if (typeof gen === 'number' && own.gen !== undefined && own.gen !== gen) return `inode ${ino} generation ${gen}, this file's is ${own.gen}`;
+  if (typeof gen === 'number' && own.gen !== undefined && own.gen !== gen) return { why: `inode ${ino} generation ${gen}, this file's is ${own.gen}` };
+  if (!(born > 0 && own.born > 0) && !(typeof gen === 'number' && own.gen !== undefined)) {
+    return { why: `inode ${ino} is all it names: this file system keeps no birth time and the inode generation needs the native addon`, unknown: true };
+  }
   return null;
 }
 

@@ -112,10 +112,16 @@ export interface OpenFileOptions {
 export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<HostFile>;
 
 export const openHostFile: FileOpener = async (path, opts) => {
-  let flags = opts.write ? fsc.O_RDWR : fsc.O_RDONLY;
+  // O_NONBLOCK (no effect on a regular file's I/O): a fifo put under the name after the caller looked at it
+  // must not block the open (and a libuv thread) for ever; it is refused below.
+  let flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK;
   if (opts.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
   try {
     const fh = await (opts.create ? trackCreate(fsp.open(path, flags, 0o644)) : fsp.open(path, flags, 0o644));
+    if (!opts.create && (await fh.stat().catch(() => null))?.isFIFO()) {
+      await fh.close();
+      throw new KscError('KSC_E_INVALID', `${path}: is a fifo, not a regular file`);
+    }
     return withFaults(new NodeHostFile(path, fh, opts.write));
   } catch (e) {
     const errno = (e as { code?: string }).code;

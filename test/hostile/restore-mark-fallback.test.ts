@@ -1,0 +1,165 @@
+/**
+ * Hostile: a restore mark names its file by inode number, birth time and inode generation (src/engines/
+ * restore-target.ts; formats/repository.md §9.5 rule 2). The generation comes from the native addon only.
+ *  - Without the addon (KSCINC_NO_NATIVE=1, the suite's pure-TypeScript run, a build without a compiler) on a
+ *    file system without birth time (ext4 with 128-byte inodes) nothing but the inode number was left, and ext4
+ *    gives a deleted target's number to the next file made: `rm disk.raw; cp theirs disk.raw` was overwritten
+ *    without --force, whether the mark was written with the addon (its generation then went unchecked) or
+ *    without. Such a mark must not vouch for the file: the restore asks for --force (a re-run over the very
+ *    file the mark was written for too: nothing tells the two apart).
+ *  - On XFS (birth times) and on ext4, with and without the addon: a file put in place by rename, and a file
+ *    made after the target was removed, are not vouched for; the file the mark was written for is, where its
+ *    identity can be told (a re-run needs no flag).
+ * The file systems need root (mount, losetup, mkfs); without root the tests are skipped, and say so.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { backupDevice } from '../../src/engines/backup.js';
+import { restoreBackup } from '../../src/engines/restore.js';
+import { closePool } from '../../src/compress/pool.js';
+import { isKscError } from '../../src/errors.js';
+import { createImage, openImage } from '../../src/image/open.js';
+import { uuidToBytes } from '../../src/util/uuid.js';
+import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { Rng, seedFor } from '../helpers/rng.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const root = process.getuid?.() === 0;
+const xfs = root && existsSync('/usr/sbin/mkfs.xfs');
+const seed = seedFor('test/hostile/restore-mark-fallback.test.ts');
+const DISK = '6b736369-6e63-4000-8000-0000000000f8';
+const SIZE = 4 * MiB;
+const dir = tempDir('kscinc-hostile-markfb-');
+let repoDir: string;
+let backup: string;
+let disk: Buffer;
+const undo: (() => void)[] = [];
+const envBefore = process.env.KSCINC_NO_NATIVE;
+
+afterEach(() => {
+  if (envBefore === undefined) delete process.env.KSCINC_NO_NATIVE;
+  else process.env.KSCINC_NO_NATIVE = envBefore;
+});
+
+afterAll(async () => {
+  for (const s of undo.splice(0).reverse()) {
+    try {
+      s();
+    } catch {
+      // best effort: the rest still runs
+    }
+  }
+  await closePool();
+});
+
+beforeAll(async () => {
+  const rng = new Rng(seed);
+  repoDir = join(dir, 'repo');
+  await newRepo(repoDir);
+  const image = join(dir, 'disk.ksc');
+  await createImage(image, { size: SIZE, diskUuid: uuidToBytes(DISK) });
+  const dev = await openImage(image, { write: true });
+  try {
+    await dev.write(0, rng.bytes(SIZE));
+    disk = await dev.read(0, SIZE);
+    backup = (await backupDevice(dev, await openRepo(repoDir), { bitmap: null })).id;
+  } finally {
+    await dev.close();
+  }
+});
+
+/** A file system made by `mkfs` with `args` on a loop device over a `mib` MiB file, mounted; its mount point. */
+function mounted(name: string, mkfs: string, args: string[], mib: number): string {
+  const backing = join(dir, `${name}.fs`);
+  const mnt = join(dir, name);
+  mkdirSync(mnt);
+  execFileSync('truncate', ['-s', `${mib}m`, backing]);
+  const dev = execFileSync('losetup', ['-f', '--show', backing]).toString().trim();
+  undo.push(() => execFileSync('losetup', ['-d', dev]));
+  execFileSync(mkfs, [...args, dev], { stdio: 'ignore' });
+  execFileSync('mount', [dev, mnt]);
+  undo.push(() => execFileSync('umount', ['-l', mnt]));
+  return mnt;
+}
+
+/** With the addon or without it (KSCINC_NO_NATIVE=1, read on every call). */
+function addon(on: boolean): void {
+  if (on) delete process.env.KSCINC_NO_NATIVE;
+  else process.env.KSCINC_NO_NATIVE = '1';
+}
+
+async function refused(target: string, theirs: Buffer): Promise<void> {
+  const e = await restoreBackup(await openRepo(repoDir), backup, target).catch((x: unknown) => x);
+  expect(isKscError(e, 'KSC_E_EXISTS'), `restore over ${target}: ${e instanceof Error ? e.message : 'no error: it overwrote the file'}`).toBe(true);
+  expect(readFileSync(target).equals(theirs), `${target} kept its contents`).toBe(true);
+}
+
+/** `rm target; write theirs` (the number reused, where `sameIno`), then the restore must refuse. */
+async function replacedAfterRemove(target: string, theirs: Buffer, sameIno: boolean): Promise<void> {
+  const ino = statSync(target).ino;
+  rmSync(target);
+  writeFileSync(target, theirs);
+  if (sameIno) expect(statSync(target).ino, 'the file system reused the inode number (the case under test)').toBe(ino);
+  await refused(target, theirs);
+}
+
+describe(`restore marks without the addon, or on other file systems (seed ${seed})`, () => {
+  for (const [writeWith, checkWith] of [
+    [false, false],
+    [true, false],
+  ] as const) {
+    it.skipIf(!root)(
+      `ext4 without birth time, mark written ${writeWith ? 'with' : 'without'} the addon, checked without: a file under a deleted target's name, same inode number, is not vouched for`,
+      async () => {
+        const mnt = mounted(`ext4-128-${writeWith}`, 'mkfs.ext4', ['-q', '-F', '-I', '128'], 64);
+        const target = join(mnt, 'disk.raw');
+        const repo = await openRepo(repoDir);
+        addon(writeWith);
+        await restoreBackup(repo, backup, target);
+        expect(readFileSync(target).equals(disk)).toBe(true);
+        expect(statSync(target).birthtimeMs, 'this file system keeps no birth time').toBe(0);
+        addon(checkWith);
+        // Nothing tells this file from one made under its name since: even a re-run asks for --force.
+        await refused(target, disk);
+        await replacedAfterRemove(target, new Rng(seed + 1).bytes(SIZE), true);
+        // --force still restores over it.
+        await restoreBackup(repo, backup, target, { force: true });
+        expect(readFileSync(target).equals(disk)).toBe(true);
+      },
+    );
+  }
+
+  for (const withAddon of [true, false]) {
+    it.skipIf(!xfs)(`XFS, ${withAddon ? 'with' : 'without'} the addon: the same file is vouched for; one put in place by rename, or made after the target was removed, is not`, async () => {
+      const mnt = mounted(`xfs-${withAddon}`, 'mkfs.xfs', ['-q', '-f'], 320);
+      const target = join(mnt, 'disk.raw');
+      const repo = await openRepo(repoDir);
+      addon(withAddon);
+      await restoreBackup(repo, backup, target);
+      expect(statSync(target).birthtimeMs, 'XFS keeps birth times').toBeGreaterThan(0);
+      expect((await restoreBackup(repo, backup, target)).chunksUnchanged, 'a re-run over the same file needs no flag').toBe(SIZE / MiB);
+      const theirs = new Rng(seed + 2).bytes(SIZE);
+      writeFileSync(join(mnt, 'theirs.tmp'), theirs);
+      renameSync(join(mnt, 'theirs.tmp'), target);
+      await refused(target, theirs);
+      await restoreBackup(repo, backup, target, { force: true });
+      await replacedAfterRemove(target, theirs, false);
+    });
+  }
+
+  it.skipIf(!root)('ext4 with birth times, without the addon: the same file is vouched for; one put in place by rename is not', async () => {
+    const mnt = mounted('ext4-256', 'mkfs.ext4', ['-q', '-F', '-I', '256'], 64);
+    const target = join(mnt, 'disk.raw');
+    const repo = await openRepo(repoDir);
+    addon(false);
+    await restoreBackup(repo, backup, target);
+    expect(statSync(target).birthtimeMs).toBeGreaterThan(0);
+    expect((await restoreBackup(repo, backup, target)).chunksUnchanged, 'a re-run over the same file needs no flag').toBe(SIZE / MiB);
+    const theirs = new Rng(seed + 3).bytes(SIZE);
+    writeFileSync(join(mnt, 'theirs.tmp'), theirs);
+    renameSync(join(mnt, 'theirs.tmp'), target);
+    await refused(target, theirs);
+  });
+});
