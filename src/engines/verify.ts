@@ -10,6 +10,7 @@ import { assertPackHeader } from '../repo/pack.js';
 import type { Manifest } from '../repo/manifest.js';
 import { listBackups } from '../repo/catalog.js';
 import { fetchChunks, readsOf } from '../repo/fetch.js';
+import { turnDue } from './paced.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
@@ -68,7 +69,7 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
   };
   const { single, index } = await loadManifestAndIndex(repo, opts.backup, damage, manifestDamage);
   const { used, readable } = await markUsed(repo, index, opts.backup, single, damage, manifestDamage);
-  const byPack = copiesByPack(index, used);
+  const byPack = await copiesByPack(index, used);
   used.fill(0);
   const chunks = await readChunks(repo, index, byPack, opts);
   const ends = await checkAllPackEnds(repo, index, byPack, !!opts.backup);
@@ -159,7 +160,7 @@ async function markUsed(
  * The needed chunks by pack number, every copy of each (§6: a chunk may live in several packs; each copy
  * is checked, so a damaged one is named even when another is intact).
  */
-function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]> {
+async function copiesByPack(index: ChunkIndex, used: Uint8Array): Promise<Map<number, number[]>> {
   const byPack = new Map<number, number[]>();
   const addCopy = (h: number): void => {
     const p = index.packNumber(h);
@@ -168,6 +169,8 @@ function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]
     l.push(h);
   };
   for (let s = 0; s < used.length; s++) {
+    const t = turnDue(s); // a loop over the whole index: turns of the event loop (engines/paced.ts)
+    if (t) await t;
     if (used[s] === 0) continue;
     if (index.extraCopies === 0) addCopy(s);
     else for (const h of index.copies(s)) addCopy(h);
