@@ -2,15 +2,15 @@
  * Verify: reads and checks every chunk the selected backups need (every backup by default), and names each
  * damaged object together with the backups that depend on it.
  */
-import { KscError, isKscError } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { PACK_HEADER } from '../repo/constants.js';
 import { assertPackHeader } from '../repo/pack.js';
 import type { Manifest } from '../repo/manifest.js';
-import { listBackups } from '../repo/catalog.js';
+import { ID_BYTES } from '../hash/chunkid.js';
 import { fetchChunks, readsOf } from '../repo/fetch.js';
-import { turnDue } from './paced.js';
+import { forEachNonZeroPaced, turnDue } from './paced.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
@@ -75,7 +75,10 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
   const ends = await checkAllPackEnds(repo, index, byPack, !!opts.backup);
 
   // A chunk is lost only when every copy of it failed; its slot is marked.
+  let step = 0;
   for (const h of chunks.badCopies) {
+    const t = turnDue(step++); // up to every copy of the index
+    if (t) await t;
     const s = index.slotOfCopy(h);
     if (index.copies(s).every((c) => chunks.badCopies.has(c))) used[s] = 1;
   }
@@ -133,9 +136,11 @@ async function markUsed(
 ): Promise<{ used: Uint8Array; readable: string[] }> {
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
-  const mark = (m: Manifest): string => {
+  // With turns of the event loop (engines/paced.ts): a manifest lists up to millions of chunks.
+  const mark = async (m: Manifest): Promise<string> => {
     const id = m.meta.id;
-    m.ids.forEachNonZero((_k, cid) => {
+    await forEachNonZeroPaced(m.ids, (_k, ids, at) => {
+      const cid = ids.subarray(at, at + ID_BYTES);
       const s = index.slotOf(cid);
       if (s >= 0) used[s] = 1;
       else {
@@ -147,13 +152,32 @@ async function markUsed(
     });
     return id;
   };
-  const readable = backup ? (single ? [mark(single)] : []) : await listBackups(repo, manifestDamage, mark);
+  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, manifestDamage, mark);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
     damage.push({ object: repo.objName('index/'), problem: `${missing.size} chunk(s) are in no index object (e.g. ${missing.keys().next().value})`, backups: [...backups].sort() });
   }
   return { used, readable };
+}
+
+/**
+ * Every backup's manifest through `mark`, 8 read side by side, each marked as it is read and not kept (as
+ * listBackups, whose pick cannot wait); a damaged one goes to `onDamage`. Returns the ids marked, sorted.
+ */
+async function markAll(repo: Repository, onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>): Promise<string[]> {
+  const marked: string[] = [];
+  await mapLimit(await repo.listBackupIds(), 8, async (id) => {
+    let m: Manifest;
+    try {
+      m = await repo.readManifest(id);
+    } catch (e) {
+      if (isDamage(e)) return onDamage(id, e);
+      throw e;
+    }
+    marked.push(await mark(m));
+  });
+  return marked.sort();
 }
 
 /**

@@ -6,12 +6,15 @@
  * packName, addAt, blob accessors) are counted between turns of a setImmediate chain: on the old code the
  * pass over every slot that plans the packs and the encoding of the new index ran 131 072 chunks' lookups
  * (each several) in one go; now at most STEPS × RUN_MAX slots run without a turn (a count, so load does not
- * change it). The lock's refreshes during the prune are counted and printed.
+ * change it: 5 505 024 lookups in one go on the old code). The lock's refreshes during the prune are counted
+ * and printed. Verify's marking of each manifest is counted the same way (8 manifests of 65 536 chunks no
+ * index object names: 393 216 lookups in one go on the old code).
  */
 import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { pruneRepo } from '../../src/engines/prune.js';
+import { verifyRepo } from '../../src/engines/verify.js';
 import { STEPS } from '../../src/engines/paced.js';
 import { ChunkIndex } from '../../src/repo/chunkindex.js';
 import { ChunkList } from '../../src/repo/chunklist.js';
@@ -22,7 +25,6 @@ import { tempDir } from '../helpers/tmp.js';
 import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-starve-loops-');
-afterAll(() => undefined);
 
 const BACKUPS = 64;
 const CHUNKS = 4096;
@@ -120,5 +122,37 @@ describe('prune of a large synthetic repository', () => {
     expect((await after.listBackupIds()).length).toBe(BACKUPS / 2);
     const index = await after.loadIndex();
     expect(index.size).toBe((BACKUPS / 2) * CHUNKS);
+  }, 600_000);
+
+  it(`verify marks what each manifest lists with a turn at least every ${2 * STEPS * RUN_MAX} chunks`, async () => {
+    // 8 backups of 65 536 chunks each that no index object names: verify marks them all missing (damage,
+    // named) and reads nothing, so its marking is the loop measured (one lookup a chunk).
+    const repoDir = join(dir, 'verify-repo');
+    const repo = await newRepo(repoDir, { encrypt: false });
+    const disk = '6f1c2d3e-0000-4000-8000-000000000002';
+    const n = 65_536;
+    for (let b = 0; b < 8; b++) {
+      const timeMs = Date.UTC(2026, 1, 1 + b);
+      const id = backupId(timeMs);
+      const stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
+      await repo.putManifest({
+        full: true,
+        disk,
+        timeMs,
+        size: n * MiB,
+        chunkSize: MiB,
+        bitmapToken: null,
+        meta: { id, parent: null, tags: [], source: 'synthetic', bitmap: null, stats },
+        ids: ChunkList.fromBuffer(randomFillSync(Buffer.alloc(n * 16))),
+      });
+    }
+    const { value: v, longest, lookups, turns } = await lookupsBetweenTurns(async () => verifyRepo(await openRepo(repoDir)));
+    console.log(
+      `[starve] verify of 8 backups × ${n} chunks no index names: ${lookups} index lookups, at most ${longest} between two turns of the event loop (${turns} turns); damage: ${v.damage.map((d) => d.problem.slice(0, 60)).join('; ')}`,
+    );
+    expect(v.ok).toBe(false);
+    expect(v.damage[0]!.problem).toMatch(/524288 chunk\(s\) are in no index object/);
+    expect(lookups).toBeGreaterThanOrEqual(8 * n);
+    expect(longest).toBeLessThanOrEqual(2 * STEPS * RUN_MAX);
   }, 600_000);
 });
