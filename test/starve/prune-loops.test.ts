@@ -115,8 +115,9 @@ describe('prune of a large synthetic repository', () => {
     expect(r.packsDeleted).toBeGreaterThan(0);
     // The kept half's chunks (131 072) each take several lookups in the planning pass alone.
     expect(lookups).toBeGreaterThan(4 * (BACKUPS / 2) * CHUNKS);
-    // Up to 6 lookups per slot in the longest paced loop (the new index's entries), STEPS × RUN_MAX slots at most.
-    expect(longest).toBeLessThanOrEqual(6 * STEPS * RUN_MAX);
+    // Up to 8 lookups per slot in the longest paced loop (the new index's entries: packName counts twice, it calls
+    // packNumber), STEPS × RUN_MAX slots at most without a turn (fewer when RUN_MS comes first).
+    expect(longest).toBeLessThanOrEqual(8 * STEPS * RUN_MAX);
     // What the kept backups reference is all still there.
     const after = await openRepo(repoDir);
     expect((await after.listBackupIds()).length).toBe(BACKUPS / 2);
