@@ -7,15 +7,23 @@
  *    time: a starved timer never fires however long the loop runs);
  *  - a fill of every chunk (the bulk fetch a pull makes: ranged reads, decoding in the worker pool): its
  *    turns of the event loop are counted (a timer runs at each), renewals printed.
+ * And a renewal late beyond the reference's lifetime (30 days: a holder suspended that long): the holder does
+ * not notice; while the image is open its shared lock is what keeps prune away (a lock refresh late beyond
+ * its deadline loses the lock: pull then stops with KSC_E_LOCKED, and a chunk a prune removed reads as an
+ * error, never as other data, ksc_inc.md §4.2 rule 2), and its next renewal puts back a reference that
+ * `repo unlock` removed as stale.
  */
 import { randomFillSync } from 'node:crypto';
+import { existsSync, utimesSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { openKsc } from '../../src/image/open.js';
 import type { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
-import { MiB } from '../backup/helpers/fixtures.js';
+import { MiB, openRepo } from '../backup/helpers/fixtures.js';
+import { listLiveRefs } from '../../src/repo/liverefs.js';
 import { liveFromBytes } from '../live-restore/helpers.js';
 
 const dir = tempDir('kscinc-starve-renew-');
@@ -65,6 +73,40 @@ describe("a live restore's reference renewal", () => {
       expect(duringReads, `renewals within ${MAX_READS} reads`).toBe(3);
     } finally {
       await img.close();
+    }
+  }, 300_000);
+
+  it('late beyond its lifetime: the holder does not notice, but its shared lock guards the backup and the next renewal puts the reference back', async () => {
+    const data = randomFillSync(Buffer.alloc(4 * MiB));
+    const { target, repoDir } = await liveFromBytes(dir, 'late', data);
+    const img = await openKsc(target, { write: true });
+    const repo = await openRepo(repoDir);
+    try {
+      const b = img.backing as BackupBacking;
+      const [ref] = await listLiveRefs(repo.store);
+      expect(ref, 'the open put the reference').toBeDefined();
+      // As if the holder had been suspended for 31 days: the reference is stale, and repo unlock removes it.
+      const file = join(repoDir, ref!.key);
+      const old = (Date.now() - 31 * 24 * 3600_000) / 1000;
+      utimesSync(file, old, old);
+      expect((await listLiveRefs(repo.store))[0]!.stale).toBe(true);
+      await repo.store.delete(ref!.key);
+      // Meanwhile the open image holds a shared lock that names it: no prune can run (its refreshes are the
+      // holder's real guard while open; a lock refresh late beyond its deadline fails the pull, KSC_E_LOCKED).
+      const locks = await repo.listLocks();
+      expect(
+        locks.some((l) => l.kind === 'shared' && !l.stale && /live restore of backup/.test(l.what ?? '')),
+        'a live shared lock of the live restore',
+      ).toBe(true);
+      // The next renewals put the reference back, fresh: the holder re-asserts it without noticing the gap.
+      const r0 = b.renewals;
+      for (let i = 0; i < 3000 && (b.renewals - r0 < 2 || !existsSync(file)); i++) await new Promise((r) => setTimeout(r, 10));
+      const again = await listLiveRefs(repo.store);
+      console.log(`[starve] reference after 2 renewals: ${again.map((x) => `${x.key} ${x.stale ? 'STALE' : 'live'}`).join(', ')}`);
+      expect(again).toEqual([expect.objectContaining({ key: ref!.key, stale: false })]);
+    } finally {
+      await img.close();
+      await repo.store.close();
     }
   }, 300_000);
 });
