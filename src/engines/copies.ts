@@ -10,6 +10,7 @@ import { isDamage } from '../errors.js';
 import { type ChunkIndex, type Repository, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { fetchChunks, readsOf } from '../repo/fetch.js';
+import { turnDue } from './paced.js';
 
 export interface CopyReport {
   /** Chunks in use that have more than one copy. */
@@ -33,7 +34,11 @@ export async function chooseCopies(repo: Repository, index: ChunkIndex, live: Ui
   const report: CopyReport = { chunksWithCopies: 0, copiesChecked: 0, copiesDamaged: [], chunksWithoutGoodCopy: [], chunksUndecided: [] };
   if (index.extraCopies === 0) return { keep, report };
   const multi: number[] = [];
-  for (let s = 0; s < live.length; s++) if (live[s] === 1 && index.copyCount(s) > 1) multi.push(s);
+  for (let s = 0; s < live.length; s++) {
+    const t = turnDue(s); // a loop over the whole index: turns of the event loop (engines/paced.ts)
+    if (t) await t;
+    if (live[s] === 1 && index.copyCount(s) > 1) multi.push(s);
+  }
   report.chunksWithCopies = multi.length;
   await mapLimit(multi, 4, async (s) => {
     const hs = index.copies(s);

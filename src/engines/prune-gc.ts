@@ -5,13 +5,15 @@
  * what it replaces, sweep temporary parts — in that order, under prune's exclusive lock.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, Repository, type RepoLock, indexKey, packKey } from '../repo/repository.js';
+import { ChunkIndex, type ChunkLocation, Repository, type RepoLock, indexKey, packKey } from '../repo/repository.js';
 import type { PackWriter } from '../repo/pack.js';
 import { mapLimit } from '../util/concurrency.js';
+import { ID_BYTES } from '../hash/chunkid.js';
 import { readMark, writeMark } from '../repo/gcmark.js';
 import { visitIndex, type IndexEntry } from '../repo/index-object.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { chooseCopies } from './copies.js';
+import { forEachNonZeroPaced, oneTurnEach, turnDue } from './paced.js';
 import { TEMP_GRACE_MS, type PruneOptions, type PruneResult } from './prune.js';
 
 type PackList = Map<string, { size: number; mtimeMs: number }>;
@@ -127,12 +129,17 @@ async function locateChunks(repo: Repository): Promise<ChunkScan> {
   const where = new ChunkIndex();
   const damagedIndex: string[] = [];
   const indexedPacks = new Set<string>();
+  // Read side by side, visited one at a time, each in a turn of its own (an object lists up to millions of entries).
+  const inTurn = oneTurnEach();
   await mapLimit(oldIndex, 8, async (id) => {
     try {
-      visitIndex(await repo.readIndexObject(id), repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
-        indexedPacks.add(pack);
-        if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
-      });
+      const plain = await repo.readIndexObject(id);
+      await inTurn(() =>
+        visitIndex(plain, repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
+          indexedPacks.add(pack);
+          if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
+        }),
+      );
     } catch (e) {
       if (!isKscError(e)) throw e;
       damagedIndex.push(indexKey(id));
@@ -160,7 +167,9 @@ async function markLive(repo: Repository, where: ChunkIndex, gc: GcContext, step
   const missing = new Set<string>();
   await mapLimit(gc.result.kept, 8, async (k) => {
     const m = await repo.readManifest(k.id);
-    m.ids.forEachNonZero((_k, cid) => {
+    // With turns of the event loop (engines/paced.ts): a manifest lists up to millions of chunks.
+    await forEachNonZeroPaced(m.ids, (_k, ids, at) => {
+      const cid = ids.subarray(at, at + ID_BYTES);
       const slot = where.slotOf(cid);
       if (slot >= 0) live[slot] = 1;
       else missing.add(cid.toString('hex'));
@@ -196,6 +205,8 @@ async function planPacks(repo: Repository, scan: ChunkScan, live: Uint8Array, ke
   const { result, now, graceMs } = gc;
   const used = new Map<string, number>();
   for (let slot = 0; slot < live.length; slot++) {
+    const t = turnDue(slot); // a loop over the whole index: turns of the event loop (engines/paced.ts)
+    if (t) await t;
     if (live[slot] !== 1) continue;
     for (const h of keptCopies(slot)) used.set(where.packName(h), (used.get(where.packName(h)) ?? 0) + where.blobLength(h));
   }
@@ -263,6 +274,8 @@ async function repackSparse(repo: Repository, lock: RepoLock, where: ChunkIndex,
   const repackSet = new Set(repack);
   const liveByPack = new Map<string, number[]>();
   for (let slot = 0; slot < live.length; slot++) {
+    const t = turnDue(slot);
+    if (t) await t;
     if (live[slot] !== 1) continue;
     for (const h of keptCopies(slot)) {
       if (!repackSet.has(where.packName(h))) continue;
@@ -292,35 +305,67 @@ async function repackSparse(repo: Repository, lock: RepoLock, where: ChunkIndex,
 
 /**
  * One index object of every live chunk where it now lives, and every chunk of a pack that stays (a waiting
- * pack's chunks stay indexed: a writer that has not committed may need them); made as it is written.
- * None when nothing is indexed.
+ * pack's chunks stay indexed: a writer that has not committed may need them). None when nothing is indexed.
+ * The entries are gathered first, in passes over the whole index with turns of the event loop
+ * (engines/paced.ts), into flat arrays (33 bytes an entry) that the encoder then reads twice.
  */
 async function writeNewIndex(repo: Repository, where: ChunkIndex, live: Uint8Array, keptCopies: (slot: number) => number[], writer: PackWriter, plan: PackPlan): Promise<void> {
   const moved = new ChunkIndex();
-  for (const e of writer.entries) moved.add(e);
+  let step = 0;
+  for (const e of writer.entries) {
+    moved.add(e);
+    const t = turnDue(step++);
+    if (t) await t;
+  }
   const repackSet = new Set(plan.repack);
   const goes = new Set([...plan.drop, ...plan.repack]);
   // A live chunk: the copies chosen above; any other: every copy in a pack that stays.
   const indexedCopies = (slot: number): number[] => (live[slot] === 1 ? keptCopies(slot) : where.copies(slot).filter((h) => where.packNumber(h) >= 0 && !goes.has(where.packName(h))));
-  const indexed = (slot: number): boolean => live[slot] === 1 || indexedCopies(slot).length > 0;
-  const entries = {
-    *[Symbol.iterator](): Generator<IndexEntry> {
-      for (let slot = 0; slot < live.length; slot++) {
-        if (!indexed(slot)) continue;
-        const id = where.idAt(slot);
-        let movedDone = false;
-        for (const h of indexedCopies(slot)) {
-          if (!repackSet.has(where.packName(h))) yield { id, ...where.location(h) };
-          else if (!movedDone) {
-            movedDone = true;
-            const loc = moved.get(id);
-            if (loc) yield { id, ...loc };
-          }
+  // Calls `add` for each entry of the new index, in slot order: copy handle `h`, or a moved location.
+  const visit = async (add: (h: number, loc: ChunkLocation | null, id: Buffer | null) => void): Promise<void> => {
+    for (let slot = 0; slot < live.length; slot++) {
+      const t = turnDue(slot);
+      if (t) await t;
+      let movedDone = false;
+      for (const h of indexedCopies(slot)) {
+        if (!repackSet.has(where.packName(h))) add(h, null, null);
+        else if (!movedDone) {
+          movedDone = true;
+          const id = where.idAt(slot);
+          const loc = moved.get(id);
+          if (loc) add(h, loc, id);
         }
       }
+    }
+  };
+  let count = 0;
+  await visit(() => void count++);
+  if (count === 0) return;
+  const packNames: string[] = [];
+  const packNo = new Map<string, number>();
+  const ids = Buffer.allocUnsafe(count * ID_BYTES);
+  const pack = new Uint32Array(count);
+  const offset = new Float64Array(count);
+  const length = new Uint32Array(count);
+  const rawLength = new Uint32Array(count);
+  let i = 0;
+  await visit((h, loc, id) => {
+    if (i >= count) throw new Error('prune: the new index changed between its two passes');
+    const p = loc ? loc.pack : where.packName(h);
+    let n = packNo.get(p);
+    if (n === undefined) packNo.set(p, (n = packNames.push(p) - 1));
+    (id ?? where.idAt(h)).copy(ids, i * ID_BYTES);
+    pack[i] = n;
+    offset[i] = loc ? loc.offset : where.blobOffset(h);
+    length[i] = loc ? loc.length : where.blobLength(h);
+    rawLength[i] = loc ? loc.rawLength : where.rawLengthAt(h);
+    i++;
+  });
+  if (i !== count) throw new Error('prune: the new index changed between its two passes');
+  const entries = {
+    *[Symbol.iterator](): Generator<IndexEntry> {
+      for (let j = 0; j < count; j++) yield { id: ids.subarray(j * ID_BYTES, (j + 1) * ID_BYTES), pack: packNames[pack[j]!]!, offset: offset[j]!, length: length[j]!, rawLength: rawLength[j]! };
     },
   };
-  let indexCount = 0;
-  for (let slot = 0; slot < live.length; slot++) if (indexed(slot)) indexCount++;
-  if (indexCount > 0) await repo.putIndex(entries);
+  await repo.putIndex(entries);
 }

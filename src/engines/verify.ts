@@ -2,14 +2,15 @@
  * Verify: reads and checks every chunk the selected backups need (every backup by default), and names each
  * damaged object together with the backups that depend on it.
  */
-import { KscError, isKscError } from '../errors.js';
+import { KscError, isDamage, isKscError } from '../errors.js';
 import { ChunkIndex, Repository, manifestKey, packKey } from '../repo/repository.js';
 import { mapLimit } from '../util/concurrency.js';
 import { PACK_HEADER } from '../repo/constants.js';
 import { assertPackHeader } from '../repo/pack.js';
 import type { Manifest } from '../repo/manifest.js';
-import { listBackups } from '../repo/catalog.js';
+import { ID_BYTES } from '../hash/chunkid.js';
 import { fetchChunks, readsOf } from '../repo/fetch.js';
+import { forEachNonZeroPaced, turnDue } from './paced.js';
 
 export interface Damage {
   /** The damaged or missing object, e.g. "/srv/repo/packs/ab/ab….pack". */
@@ -68,13 +69,16 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
   };
   const { single, index } = await loadManifestAndIndex(repo, opts.backup, damage, manifestDamage);
   const { used, readable } = await markUsed(repo, index, opts.backup, single, damage, manifestDamage);
-  const byPack = copiesByPack(index, used);
+  const byPack = await copiesByPack(index, used);
   used.fill(0);
   const chunks = await readChunks(repo, index, byPack, opts);
   const ends = await checkAllPackEnds(repo, index, byPack, !!opts.backup);
 
   // A chunk is lost only when every copy of it failed; its slot is marked.
+  let step = 0;
   for (const h of chunks.badCopies) {
+    const t = turnDue(step++); // up to every copy of the index
+    if (t) await t;
     const s = index.slotOfCopy(h);
     if (index.copies(s).every((c) => chunks.badCopies.has(c))) used[s] = 1;
   }
@@ -132,9 +136,11 @@ async function markUsed(
 ): Promise<{ used: Uint8Array; readable: string[] }> {
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
-  const mark = (m: Manifest): string => {
+  // With turns of the event loop (engines/paced.ts): a manifest lists up to millions of chunks.
+  const mark = async (m: Manifest): Promise<string> => {
     const id = m.meta.id;
-    m.ids.forEachNonZero((_k, cid) => {
+    await forEachNonZeroPaced(m.ids, (_k, ids, at) => {
+      const cid = ids.subarray(at, at + ID_BYTES);
       const s = index.slotOf(cid);
       if (s >= 0) used[s] = 1;
       else {
@@ -146,7 +152,7 @@ async function markUsed(
     });
     return id;
   };
-  const readable = backup ? (single ? [mark(single)] : []) : await listBackups(repo, manifestDamage, mark);
+  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, manifestDamage, mark);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
@@ -156,10 +162,29 @@ async function markUsed(
 }
 
 /**
+ * Every backup's manifest through `mark`, 8 read side by side, each marked as it is read and not kept (as
+ * listBackups, whose pick cannot wait); a damaged one goes to `onDamage`. Returns the ids marked, sorted.
+ */
+async function markAll(repo: Repository, onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>): Promise<string[]> {
+  const marked: string[] = [];
+  await mapLimit(await repo.listBackupIds(), 8, async (id) => {
+    let m: Manifest;
+    try {
+      m = await repo.readManifest(id);
+    } catch (e) {
+      if (isDamage(e)) return onDamage(id, e);
+      throw e;
+    }
+    marked.push(await mark(m));
+  });
+  return marked.sort();
+}
+
+/**
  * The needed chunks by pack number, every copy of each (§6: a chunk may live in several packs; each copy
  * is checked, so a damaged one is named even when another is intact).
  */
-function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]> {
+async function copiesByPack(index: ChunkIndex, used: Uint8Array): Promise<Map<number, number[]>> {
   const byPack = new Map<number, number[]>();
   const addCopy = (h: number): void => {
     const p = index.packNumber(h);
@@ -168,6 +193,8 @@ function copiesByPack(index: ChunkIndex, used: Uint8Array): Map<number, number[]
     l.push(h);
   };
   for (let s = 0; s < used.length; s++) {
+    const t = turnDue(s); // a loop over the whole index: turns of the event loop (engines/paced.ts)
+    if (t) await t;
     if (used[s] === 0) continue;
     if (index.extraCopies === 0) addCopy(s);
     else for (const h of index.copies(s)) addCopy(h);

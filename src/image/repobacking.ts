@@ -52,6 +52,8 @@ export class BackupBacking implements BlockDevice {
   /** The image's absolute path, when a writer holds it open (its reference, repository.md §8.1). */
   private image: string | null = null;
   private renewTimer: NodeJS.Timeout | null = null;
+  /** Renewals of the reference started since the open (the open's own put not counted; tests). */
+  renewals = 0;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
   /** Which chunks each sequential reader gets fetched ahead (repo-readahead.ts). */
@@ -141,7 +143,7 @@ export class BackupBacking implements BlockDevice {
       if (opts.hold) {
         // Renewed daily while open; the index loads while the server starts (the first read needs it).
         b.image = abs;
-        b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), REF_RENEW_MS);
+        b.renewTimer = setInterval(() => void b.renewReference().catch(() => undefined), renewMs());
         b.renewTimer.unref();
         b.src.prefetchIndex(listing!);
       }
@@ -317,7 +319,9 @@ export class BackupBacking implements BlockDevice {
 
   /** Puts the image's live-restore reference again (repository.md §8.1). */
   async renewReference(): Promise<void> {
-    if (this.image && !this.closed) await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image: this.image });
+    if (!this.image || this.closed) return;
+    this.renewals++;
+    await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image: this.image });
   }
 
   /**
@@ -379,6 +383,12 @@ export const AHEAD_BYTES = 64 * 1024 * 1024;
 
 /** Readahead's ranged reads of packs in flight per image, at most (an S3 store has 32 sockets). */
 export const AHEAD_READS = 8;
+
+/** How often an open image renews its reference: REF_RENEW_MS, or KSCINC_LIVE_REF_RENEW_MS (tests, ≥ 10 ms). */
+function renewMs(): number {
+  const v = Number(process.env.KSCINC_LIVE_REF_RENEW_MS);
+  return Number.isSafeInteger(v) && v >= 10 ? v : REF_RENEW_MS;
+}
 
 /** KSCINC_LIVE_READAHEAD: chunks a sequential reader's first window fetches ahead (0 turns readahead off). */
 function readaheadChunks(): number {
