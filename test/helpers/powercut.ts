@@ -143,6 +143,18 @@ export interface StampedRun {
   flushes: Span[];
 }
 
+/** Runs `count` random changes on `dev` one after the other (before a run), each applied to `content` too; returns them. */
+export async function setupChanges(rng: Rng, dev: BlockDevice, content: Buffer, count: number, blockSize: number): Promise<DevOp[]> {
+  const ops: DevOp[] = [];
+  for (let i = count; i > 0; i--) {
+    const op = randomOp(rng, { size: content.length, blockSize })!;
+    await runOp(dev, op);
+    applyOp(content, op, blockSize);
+    ops.push(op);
+  }
+  return ops;
+}
+
 /**
  * Issues `count` random changes (up to 4 blocks each, on blocks not in `taken`) on `dev`, each stamped on
  * `pc`'s clock when issued and when acknowledged and added to `run.ops`; returns their promises.

@@ -27,8 +27,8 @@ import { Handover } from '../../src/engines/backup/handover.js';
 import { frozenBitmapName, tokenBitmapName, tokenBitmapsOf } from '../../src/engines/backup/bitmap-names.js';
 import { createImage, openKsc } from '../../src/index.js';
 import type { KscImage } from '../../src/image/ksc.js';
-import { type DevOp, applyOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded, randomOp, runOp } from '../helpers/model.js';
-import { PowerCut, type Span, type StampedRun, contentAt, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
+import { type DevOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded } from '../helpers/model.js';
+import { PowerCut, type Span, type StampedRun, contentAt, setupChanges, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -66,13 +66,7 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   const other = rng.chance(0.5);
   if (other) await img.addBitmap('other', { granularity: 4 * KiB });
   const initial = Buffer.alloc(size);
-  const setupOps: DevOp[] = [];
-  for (let i = rng.int(2, 8); i > 0; i--) {
-    const op = randomOp(rng, { size, blockSize })!;
-    await runOp(img, op);
-    applyOp(initial, op, blockSize);
-    setupOps.push(op);
-  }
+  const setupOps = await setupChanges(rng, img, initial, rng.int(2, 8), blockSize);
   await img.close();
   const run: Run = {
     path,

@@ -20,8 +20,8 @@ import { rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect } from 'vitest';
 import { createImage, openKsc } from '../../src/index.js';
-import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData, randomOp, runOp } from '../helpers/model.js';
-import { PowerCut, type Span, type StampedRun, contentAt, countingOpener, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
+import { type DevOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData } from '../helpers/model.js';
+import { PowerCut, type Span, type StampedRun, contentAt, setupChanges, countingOpener, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -75,13 +75,7 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   );
   for (const [name, g] of enabled) await img.addBitmap(name, { granularity: g });
   await img.addBitmap('off', { enabled: false });
-  const setupOps: DevOp[] = [];
-  for (let i = rng.int(3, 12); i > 0; i--) {
-    const op = randomOp(rng, { size, blockSize })!;
-    await runOp(img, op);
-    applyOp(initial, op, blockSize);
-    setupOps.push(op);
-  }
+  const setupOps = await setupChanges(rng, img, initial, rng.int(3, 12), blockSize);
   await img.close();
   const run: Run = { path, size, blockSize, initial, setupOps, ops: [], flushes: [], clears: [], enabled, disabled: ['off'] };
   return { run, summary: `block ${blockSize}, size ${size}, intent region ${intentRegion}, base ${baseKind}${noBitmaps ? ', no enabled bitmap' : ''}` };
