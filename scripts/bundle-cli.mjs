@@ -123,6 +123,17 @@ if (!/no S3 credentials/.test(s3.stderr)) throw new Error(`bundle-cli: the run t
 // channel there: it sets up its message handler, nothing comes, the process ends).
 const loadWorkerS3 = `require(${JSON.stringify(join(dist, 'cli', 'code-cache.cjs'))}).useCodeCache(${JSON.stringify(target + sep)}); require(${JSON.stringify(join(target, 'worker-s3.cjs'))});`;
 execFileSync(process.execPath, ['-e', loadWorkerS3], { env: addEnv, stdio: 'ignore', timeout: 60_000 });
+// A live restore's chunks (the background pull, image/repobacking.js and the repository code under it), in
+// the CLI and in the worker: only a live restore's image loads them (image/open.ts, cli/pull-control.ts), and
+// the runs above open none. Required in a plain process each, as above (the CLI's entry, which they require,
+// runs --version).
+for (const [chunk, argv] of [
+  ['pull-background.cjs', `process.argv = [process.argv[0], ${JSON.stringify(launcher)}, '--version'];`],
+  ['worker-pull-background.cjs', ''],
+]) {
+  const load = `require(${JSON.stringify(join(dist, 'cli', 'code-cache.cjs'))}).useCodeCache(${JSON.stringify(target + sep)}); ${argv} require(${JSON.stringify(join(target, chunk))});`;
+  execFileSync(process.execPath, ['-e', load], { env: addEnv, stdio: 'ignore', timeout: 60_000 });
+}
 const files = readdirSync(target);
 const chunks = files.filter((f) => f.endsWith('.cjs'));
 const cached = files.filter((f) => f.endsWith('.cjs.cache'));

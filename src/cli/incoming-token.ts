@@ -8,6 +8,7 @@
 import { randomBytes } from 'node:crypto';
 import { constants, promises as fs } from 'node:fs';
 import { KscError } from '../errors.js';
+import { createFile } from '../io/create.js';
 
 const TOKEN = /^[0-9a-f]{32}\n?$/;
 
@@ -40,7 +41,7 @@ async function createTokenFile(file: string): Promise<string> {
   const token = randomBytes(16).toString('hex');
   let fh: fs.FileHandle;
   try {
-    fh = await fs.open(file, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+    fh = await createFile(file, constants.O_WRONLY | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
   } catch (e) {
     throw new KscError('KSC_E_INVALID', `token file ${file}: cannot create it (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`, { cause: e });
   }

@@ -1,10 +1,10 @@
 /** kscinc write / read: byte-level access for scripts and tests. */
-import { createReadStream, promises as fsp } from 'node:fs';
+import { constants as fsc, createReadStream, promises as fsp } from 'node:fs';
 import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openImage } from '../image/open.js';
 import { buildNewFile } from '../io/newfile.js';
-import { trackCreate } from '../io/pending.js';
+import { createFile } from '../io/create.js';
 import { parseSize } from '../util/size.js';
 import { println } from './output.js';
 
@@ -65,8 +65,8 @@ export function registerIoCommands(program: Command): void {
         if (!o.to) return await copy(null);
         const st = await fsp.stat(o.to).catch(() => null);
         if (st && !st.isFile() && !st.isDirectory()) {
-          // A device or a pipe (/dev/null, a FIFO): written in place, never replaced.
-          const fh = await fsp.open(o.to, 'w');
+          // A device or a pipe (/dev/null, a FIFO): written in place, never replaced (nor created: it exists).
+          const fh = await fsp.open(o.to, fsc.O_WRONLY);
           try {
             await copy(fh);
           } finally {
@@ -75,7 +75,7 @@ export function registerIoCommands(program: Command): void {
           return;
         }
         await buildNewFile(o.to, { force: true }, async (temp) => {
-          const fh = await trackCreate(fsp.open(temp, 'wx'));
+          const fh = await createFile(temp);
           try {
             await copy(fh);
             await fh.sync();

@@ -6,7 +6,7 @@
  */
 import * as path from 'node:path';
 import { KscError } from '../errors.js';
-import { BackgroundPull, type PullStatus } from '../engines/pull-background.js';
+import type { BackgroundPull, PullStatus } from '../engines/pull-background.js';
 import type { BlockDevice } from '../image/types.js';
 import { formatSize } from '../util/size.js';
 import { println } from './output.js';
@@ -27,9 +27,17 @@ export function pullRetryMs(v: string): number {
   return Math.round(s * 1000);
 }
 
-/** The pulls of one serving process. */
+/**
+ * The pulls of one serving process. engines/pull-background.js (and image/repobacking.js, the repository
+ * code under it) is imported only when a device reads from a backup, which image/open.ts imported them for
+ * already: a worker serving other images never loads them (scripts/bundle-cli.mjs: the worker's bundle keeps
+ * them in a chunk of their own).
+ */
 export class ServePulls {
   private pulls: BackgroundPull[] = [];
+  /** The pulls being made (the import of pull-background.js); start() of an older round is void after stop(). */
+  private starting: Promise<void> = Promise.resolve();
+  private round = 0;
 
   constructor(
     private readonly config: PullConfig | undefined,
@@ -39,9 +47,20 @@ export class ServePulls {
 
   /** Starts a pull for each device that is a live restore open for writing. */
   start(images: string[], devices: BlockDevice[]): void {
+    if (!devices.some((d) => 'backupBacking' in d && d.backupBacking)) return;
+    const round = this.round;
+    this.starting = import('../engines/pull-background.js').then(
+      ({ BackgroundPull }) => {
+        if (round === this.round) this.startEach(BackgroundPull, images, devices);
+      },
+      (e: unknown) => this.log(`kscinc serve: cannot start pulling from the backups: ${(e as Error).message}`),
+    );
+  }
+
+  private startEach(Pull: typeof BackgroundPull, images: string[], devices: BlockDevice[]): void {
     const c = this.config ?? { enabled: true, bandwidth: null };
     for (let i = 0; i < devices.length; i++) {
-      const p = BackgroundPull.of(devices[i]!, path.resolve(images[i]!), { bandwidth: c.bandwidth, off: !c.enabled, retryMs: c.retryMs, busy: this.busy, log: this.log });
+      const p = Pull.of(devices[i]!, path.resolve(images[i]!), { bandwidth: c.bandwidth, off: !c.enabled, retryMs: c.retryMs, busy: this.busy, log: this.log });
       if (!p) continue;
       if (c.enabled) this.log(`kscinc serve: pulling the rest of ${images[i]} from its backup${c.bandwidth ? ` (at most ${formatSize(c.bandwidth)}/s)` : ''}`);
       p.start();
@@ -51,6 +70,8 @@ export class ServePulls {
 
   /** Stops every pull (reads started finish, fills are flushed); call before closing the devices. */
   async stop(): Promise<void> {
+    this.round++;
+    await this.starting;
     const ps = this.pulls;
     this.pulls = [];
     await Promise.all(ps.map((p) => p.stop()));

@@ -7,11 +7,12 @@ import { constants as fsc } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { pendingFiles, trackCreate } from './pending.js';
+import { pendingFiles } from './pending.js';
+import { createFile } from './create.js';
 
 /** Writes `parts` into a new file (it must not exist), then fsyncs it unless `durable` is false. */
 export async function writeNewFile(file: string, parts: Iterable<Buffer>, durable = true, expectedSize?: number): Promise<void> {
-  const fh = await trackCreate(open(file, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644));
+  const fh = await createFile(file, fsc.O_WRONLY | fsc.O_EXCL);
   try {
     // writev takes at most IOV_MAX buffers per call and may write less than asked. Parts are taken as they
     // are made, 8 MiB at a time at most (a body made as it is sent is never held whole).

@@ -9,7 +9,7 @@ import { KscError, ioError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
-import { trackCreate } from './pending.js';
+import { createFile } from './create.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
 const CACHED_READ_MAX = 1024 * 1024;
@@ -114,10 +114,9 @@ export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<HostFi
 export const openHostFile: FileOpener = async (path, opts) => {
   // O_NONBLOCK (no effect on a regular file's I/O): a fifo put under the name after the caller looked at it
   // must not block the open (and a libuv thread) for ever; it is refused below.
-  let flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK;
-  if (opts.create) flags |= fsc.O_CREAT | fsc.O_EXCL;
+  const flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK;
   try {
-    const fh = await (opts.create ? trackCreate(fsp.open(path, flags, 0o644)) : fsp.open(path, flags, 0o644));
+    const fh = await (opts.create ? createFile(path, flags | fsc.O_EXCL) : fsp.open(path, flags));
     if (!opts.create && (await fh.stat().catch(() => null))?.isFIFO()) {
       await fh.close();
       throw new KscError('KSC_E_INVALID', `${path}: is a fifo, not a regular file`);
@@ -395,8 +394,13 @@ class NodeHostFile implements HostFile {
     const lockPath = `${this.path}.lock`;
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
-        await trackCreate(fsp.writeFile(lockPath, `${process.pid}\n`, { flag: 'wx' }));
+        const fh = await createFile(lockPath);
         this.lockFile = lockPath;
+        try {
+          await fh.writeFile(`${process.pid}\n`);
+        } finally {
+          await fh.close();
+        }
         return;
       } catch (e) {
         if ((e as { code?: string }).code !== 'EEXIST') throw ioError(lockPath, 'create lock file', e);

@@ -4,16 +4,15 @@
  * back for child processes, and the S3 store's agent trusts that file. A missing file shows whether Node
  * parsed it at start: Node then warns "Ignoring extra certs". Not timed: bench/startup.mjs measures.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
-import * as https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import { spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DEFERRED_IN } from '../../src/objstore/extra-ca.js';
 import { S3Store } from '../../src/objstore/s3.js';
 import { CLI } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { httpsWithOwnCa, kscincEnv } from '../helpers/extra-ca.js';
 
 const dir = tempDir();
 const p = (f: string): string => join(dir, f);
@@ -21,8 +20,7 @@ const MISSING = p('no-such-ca.pem');
 
 /** Runs the executable as a user does (its own #! line), or through `node FILE`. */
 function runCli(args: string[], env: Record<string, string | undefined>, via: 'exec' | 'node'): { status: number | null; stdout: string; stderr: string } {
-  const e: Record<string, string | undefined> = { ...process.env, KSCINC_DEFERRED_EXTRA_CA_CERTS: undefined, KSCINC_EXTRA_CA_DEFERRED_IN: undefined, ...env };
-  for (const k of Object.keys(e)) if (e[k] === undefined) delete e[k];
+  const e = kscincEnv(env);
   const r = via === 'exec' ? spawnSync(CLI, args, { env: e, encoding: 'utf8' }) : spawnSync(process.execPath, [CLI, ...args], { env: e, encoding: 'utf8' });
   return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
@@ -51,25 +49,13 @@ describe('NODE_EXTRA_CA_CERTS deferred by the kscinc executable', () => {
 });
 
 describe('the S3 store over TLS trusts a deferred CA file', () => {
-  let server: https.Server;
+  let server: Awaited<ReturnType<typeof httpsWithOwnCa>> | undefined;
   let endpoint = '';
   let caFile = '';
 
   beforeAll(async () => {
-    const ssl = (...args: string[]): void => void execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
-    const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-    ssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=kscinc test CA');
-    ssl('req', ...ec, '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1');
-    writeFileSync(p('san.cnf'), 'subjectAltName=IP:127.0.0.1\n');
-    ssl('x509', '-req', '-in', 'srv.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'srv.pem', '-days', '2', '-extfile', 'san.cnf');
-    caFile = p('ca.pem');
-    // Answers every request with 200 and no body: HEAD /bucket (bucketExists) is all that open() asks.
-    server = https.createServer({ key: readFileSync(p('srv.key')), cert: readFileSync(p('srv.pem')) }, (req, res) => {
-      req.resume();
-      res.writeHead(200, { 'content-length': '0' }).end();
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    endpoint = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    server = await httpsWithOwnCa(dir, 'kscinc test CA');
+    ({ endpoint, caFile } = server);
   });
   const saved = { ca: process.env.NODE_EXTRA_CA_CERTS, deferredIn: process.env[DEFERRED_IN] };
   afterAll(async () => {
@@ -80,7 +66,7 @@ describe('the S3 store over TLS trusts a deferred CA file', () => {
       if (v === undefined) delete process.env[k];
       else process.env[k] = v;
     }
-    await new Promise((resolve) => server?.close(resolve));
+    await server?.close();
   });
 
   const open = (): Promise<S3Store> => S3Store.open({ endpoint, bucket: 'bucket', accessKey: 'a', secretKey: 'b' }, { create: false, requestTimeoutMs: 30_000 });

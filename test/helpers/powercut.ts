@@ -22,7 +22,9 @@
 import { type FileOpener, type HostFile, type OpenFileOptions, openHostFile } from '../../src/io/file.js';
 import { promises as fsp, readFileSync, existsSync } from 'node:fs';
 import { resolve } from 'node:path';
-import type { DevOp } from './model.js';
+import { checkImage } from '../../src/engines/check.js';
+import type { BlockDevice } from '../../src/image/types.js';
+import { type DevOp, applyOp, randomOp, runOp } from './model.js';
 import type { Rng } from './rng.js';
 
 const SECTOR = 512;
@@ -129,6 +131,69 @@ export interface Span {
   started: number;
   done: number; // Infinity until it returned
   name?: string;
+}
+
+/** What a power-cut run records of its workload (the part the power-cut tests share). */
+export interface StampedRun {
+  size: number;
+  blockSize: number;
+  /** Content when the run started (durable). */
+  initial: Buffer;
+  ops: OpEvent[];
+  flushes: Span[];
+}
+
+/** Runs `count` random changes on `dev` one after the other (before a run), each applied to `content` too; returns them. */
+export async function setupChanges(rng: Rng, dev: BlockDevice, content: Buffer, count: number, blockSize: number): Promise<DevOp[]> {
+  const ops: DevOp[] = [];
+  for (let i = count; i > 0; i--) {
+    const op = randomOp(rng, { size: content.length, blockSize })!;
+    await runOp(dev, op);
+    applyOp(content, op, blockSize);
+    ops.push(op);
+  }
+  return ops;
+}
+
+/**
+ * Issues `count` random changes (up to 4 blocks each, on blocks not in `taken`) on `dev`, each stamped on
+ * `pc`'s clock when issued and when acknowledged and added to `run.ops`; returns their promises.
+ */
+export function issueOps(rng: Rng, run: StampedRun, pc: PowerCut, dev: BlockDevice, count: number, taken = new Set<number>()): Promise<void>[] {
+  const jobs: Promise<void>[] = [];
+  for (let i = count; i > 0; i--) {
+    const op = randomOp(rng, { size: run.size, blockSize: run.blockSize, taken, maxLength: 4 * run.blockSize });
+    if (!op) continue;
+    const ev: OpEvent = { op, issued: pc.tick(), acked: Infinity };
+    run.ops.push(ev);
+    jobs.push(runOp(dev, op).then(() => void (ev.acked = pc.tick())));
+  }
+  return jobs;
+}
+
+/** Runs `step` (a flush, a close, a clear) as a span of `pc`'s clock added to `spans` (started when called). */
+export async function stampedSpan(pc: PowerCut, spans: Span[], step: () => Promise<unknown>, name?: string): Promise<void> {
+  const span: Span = { started: pc.tick(), done: Infinity, ...(name === undefined ? {} : { name }) };
+  spans.push(span);
+  await step();
+  span.done = pc.tick();
+}
+
+/**
+ * The content a cut at T must show: `base`, the content as of the last flush completed before T (every op
+ * acknowledged before that flush started applied), and the later ops issued before T that may have landed.
+ */
+export function contentAt(run: StampedRun, T: number): { base: Buffer; candidates: DevOp[]; lastFlush: number } {
+  let lastFlush = -1;
+  for (const f of run.flushes) if (f.done < T && f.started > lastFlush) lastFlush = f.started;
+  const base = Buffer.from(run.initial);
+  const candidates: DevOp[] = [];
+  for (const ev of run.ops) {
+    if (ev.issued >= T) continue;
+    if (ev.acked < lastFlush) applyOp(base, ev.op, run.blockSize);
+    else candidates.push(ev.op);
+  }
+  return { base, candidates, lastFlush };
 }
 
 export interface CutStats {
@@ -444,4 +509,10 @@ export function jitterOpener(rng: Rng, inner: FileOpener = openHostFile): FileOp
  */
 export function crashCheckErrors(errors: string[]): string[] {
   return errors.filter((e) => !/: header slot [AB]: /.test(e));
+}
+
+/** `check --verify` of an image a cut left: its errors (crashCheckErrors), each as "check: …". */
+export async function crashCheckProblems(file: string): Promise<string[]> {
+  const report = await checkImage(file, { verify: true });
+  return report.ok ? [] : crashCheckErrors(report.errors).map((e) => `check: ${e}`);
 }

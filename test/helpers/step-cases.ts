@@ -18,6 +18,7 @@ import { commitImage, rebaseImage } from '../../src/engines/ops.js';
 import { createImage, openImage, openKsc } from '../../src/index.js';
 import { faultFired, setFaultPlan } from '../../src/io/fault.js';
 import { tempDir } from './tmp.js';
+import { readAll } from './read-all.js';
 import { coreOf } from '../../src/image/ksc/image.js';
 
 export const KiB = 1024;
@@ -32,14 +33,7 @@ export function block(tag: number, i: number): Buffer {
   return buf;
 }
 
-export async function readAll(path: string): Promise<Buffer> {
-  const dev = await openImage(path);
-  try {
-    return await dev.read(0, dev.size);
-  } finally {
-    await dev.close();
-  }
-}
+export { readAll };
 
 export async function expectClean(path: string, where: string): Promise<void> {
   const r = await checkImage(path, { verify: true });

@@ -7,14 +7,13 @@
  * succeeds (control: whatever the fake server's empty answers lead to, it is not a certificate error).
  * Run as root, an unreadable mode is not testable (root reads it); a folder fails the read instead.
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import * as https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import { spawn } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CLI } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { httpsWithOwnCa, kscincEnv } from '../helpers/extra-ca.js';
 
 const dir = tempDir('kscinc-hostile-extraca-');
 const p = (f: string): string => join(dir, f);
@@ -24,8 +23,7 @@ type Ran = { status: number | null; signal: NodeJS.Signals | null; stdout: strin
 /** The executable run as a user does (its #! line), with NODE_EXTRA_CA_CERTS=`ca`; asynchronous, as the
  * test's own https server must answer meanwhile. */
 function runExec(args: string[], ca: string, env: Record<string, string> = {}): Promise<Ran> {
-  const e: Record<string, string | undefined> = { ...process.env, KSCINC_DEFERRED_EXTRA_CA_CERTS: undefined, KSCINC_EXTRA_CA_DEFERRED_IN: undefined, NODE_EXTRA_CA_CERTS: ca, ...env };
-  for (const k of Object.keys(e)) if (e[k] === undefined) delete e[k];
+  const e = kscincEnv({ NODE_EXTRA_CA_CERTS: ca, ...env });
   return new Promise((resolve) => {
     const c = spawn(CLI, args, { env: e, cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
@@ -46,34 +44,23 @@ function runExec(args: string[], ca: string, env: Record<string, string> = {}): 
 
 const crashed = (r: Ran): boolean => r.signal !== null || r.timedOut || /FATAL ERROR|Check failed|Segmentation|v8::/i.test(r.stderr);
 
-let server: https.Server;
+let server: Awaited<ReturnType<typeof httpsWithOwnCa>> | undefined;
 let endpoint = '';
 const BAD: [string, string][] = [];
 let goodCa = '';
 
 beforeAll(async () => {
-  const ssl = (...args: string[]): void => void execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
-  const ec = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
-  ssl('req', '-x509', ...ec, '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=kscinc hostile CA');
-  ssl('req', ...ec, '-keyout', 'srv.key', '-out', 'srv.csr', '-subj', '/CN=127.0.0.1');
-  writeFileSync(p('san.cnf'), 'subjectAltName=IP:127.0.0.1\n');
-  ssl('x509', '-req', '-in', 'srv.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'srv.pem', '-days', '2', '-extfile', 'san.cnf');
-  goodCa = p('ca.pem');
+  server = await httpsWithOwnCa(dir, 'kscinc hostile CA');
+  ({ endpoint, caFile: goodCa } = server);
   mkdirSync(p('a-folder.pem'));
   writeFileSync(p('empty.pem'), '');
   writeFileSync(p('garbage.pem'), Buffer.from(Array.from({ length: 4096 }, (_, i) => (i * 131 + 7) & 255)));
   writeFileSync(p('bad-block.pem'), '-----BEGIN CERTIFICATE-----\nMIIBzzzz!!!!\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\n');
   BAD.push(['missing', p('no-such.pem')], ['a folder', p('a-folder.pem')], ['empty', p('empty.pem')], ['garbage bytes', p('garbage.pem')], ['a PEM block of garbage', p('bad-block.pem')]);
-  server = https.createServer({ key: readFileSync(p('srv.key')), cert: readFileSync(p('srv.pem')) }, (req, res) => {
-    req.resume();
-    res.writeHead(200, { 'content-length': '0' }).end();
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  endpoint = `https://127.0.0.1:${(server.address() as AddressInfo).port}`;
 }, 60_000);
 
 afterAll(async () => {
-  await new Promise((resolve) => server?.close(resolve));
+  await server?.close();
 });
 
 const s3env = (): Record<string, string> => ({ KSCINC_S3_ENDPOINT: endpoint, AWS_ACCESS_KEY_ID: 'a', AWS_SECRET_ACCESS_KEY: 'b', AWS_REGION: 'us-east-1' });

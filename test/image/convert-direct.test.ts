@@ -17,6 +17,7 @@ import { nativeOps } from '../../src/io/native.js';
 // @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
 import { mulberry32 } from '../helpers/prng.mjs';
 import { tempDir } from '../helpers/tmp.js';
+import { readAll } from '../helpers/read-all.js';
 
 declare const WebAssembly: { Memory: new (d: { initial: number }) => { readonly buffer: ArrayBuffer } };
 
@@ -61,17 +62,6 @@ function dataBlocks(data: Buffer): number[] {
 /** Offsets (from `from` on) of the 64 KiB blocks of `data` that hold data and are wholly in the page cache. */
 function cachedDataBlocks(path: string, data: Buffer, from = 0): number[] {
   return dataBlocks(data).filter((pos) => pos >= from && cached(path, pos, 65536) === 1);
-}
-
-async function readAll(path: string, size: number): Promise<Buffer> {
-  const dev = await openImage(path);
-  try {
-    const buf = Buffer.alloc(size);
-    await dev.readInto(0, buf);
-    return buf;
-  } finally {
-    await dev.close();
-  }
 }
 
 const rnd = mulberry32(seed) as () => number;

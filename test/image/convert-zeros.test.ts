@@ -12,6 +12,7 @@ import { openImage } from '../../src/index.js';
 // @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
 import { mulberry32 } from '../helpers/prng.mjs';
 import { tempDir } from '../helpers/tmp.js';
+import { readAll } from '../helpers/read-all.js';
 
 const dir = tempDir();
 
@@ -23,17 +24,6 @@ function nonZeroUnitBytes(data: Buffer, unit: number): number {
     if (u.some((b) => b !== 0)) n += u.length;
   }
   return n;
-}
-
-async function readAll(path: string, size: number): Promise<Buffer> {
-  const dev = await openImage(path);
-  try {
-    const buf = Buffer.alloc(size);
-    await dev.readInto(0, buf);
-    return buf;
-  } finally {
-    await dev.close();
-  }
 }
 
 describe('convert skips all-zero units only', () => {

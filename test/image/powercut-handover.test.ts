@@ -27,8 +27,8 @@ import { Handover } from '../../src/engines/backup/handover.js';
 import { frozenBitmapName, tokenBitmapName, tokenBitmapsOf } from '../../src/engines/backup/bitmap-names.js';
 import { createImage, openKsc } from '../../src/index.js';
 import type { KscImage } from '../../src/image/ksc.js';
-import { type DevOp, applyOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded, randomOp, runOp } from '../helpers/model.js';
-import { type OpEvent, PowerCut, type Span, crashCheckErrors, jitterOpener } from '../helpers/powercut.js';
+import { type DevOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded } from '../helpers/model.js';
+import { PowerCut, type Span, type StampedRun, contentAt, setupChanges, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -38,15 +38,10 @@ const NAME = 'backup';
 /** Random cuts per clock value inside the handover's steps (plus one as a kill leaves the file). */
 const RANDOM_CUTS = 2;
 
-interface Run {
+interface Run extends StampedRun {
   path: string;
-  size: number;
-  blockSize: number;
-  initial: Buffer;
   /** Changes after the OLD backup and before the run: NAME owes them until a backup counts from NEW. */
   setupOps: DevOp[];
-  ops: OpEvent[];
-  flushes: Span[];
   oldToken: string;
   newToken: string;
   freeze: Span;
@@ -71,13 +66,7 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   const other = rng.chance(0.5);
   if (other) await img.addBitmap('other', { granularity: 4 * KiB });
   const initial = Buffer.alloc(size);
-  const setupOps: DevOp[] = [];
-  for (let i = rng.int(2, 8); i > 0; i--) {
-    const op = randomOp(rng, { size, blockSize })!;
-    await runOp(img, op);
-    applyOp(initial, op, blockSize);
-    setupOps.push(op);
-  }
+  const setupOps = await setupChanges(rng, img, initial, rng.int(2, 8), blockSize);
   await img.close();
   const run: Run = {
     path,
@@ -95,27 +84,15 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   return { run, summary: `block ${blockSize}, size ${size}${other ? ', another bitmap' : ''}, ${setupOps.length} changes since the last backup` };
 }
 
-/** A batch of 0–3 concurrent changes on distinct blocks, stamped; `also` runs beside them (issued in between). */
+/** A batch of 0–3 concurrent changes on distinct blocks (not in `taken`), stamped. */
 function batch(rng: Rng, run: Run, pc: PowerCut, img: KscImage, taken: Set<number>): Promise<void>[] {
-  const jobs: Promise<void>[] = [];
-  for (let i = rng.int(0, 3); i > 0; i--) {
-    const op = randomOp(rng, { size: run.size, blockSize: run.blockSize, taken, maxLength: 4 * run.blockSize });
-    if (!op) continue;
-    const ev: OpEvent = { op, issued: pc.tick(), acked: Infinity };
-    run.ops.push(ev);
-    jobs.push(runOp(img, op).then(() => void (ev.acked = pc.tick())));
-  }
-  return jobs;
+  return issueOps(rng, run, pc, img, rng.int(0, 3), taken);
 }
 
 async function changes(rng: Rng, run: Run, pc: PowerCut, img: KscImage, rounds: number): Promise<void> {
   for (let r = 0; r < rounds; r++) {
     const jobs = batch(rng, run, pc, img, new Set());
-    if (rng.chance(0.3)) {
-      const span: Span = { started: pc.tick(), done: Infinity };
-      run.flushes.push(span);
-      jobs.push(img.flush().then(() => void (span.done = pc.tick())));
-    }
+    if (rng.chance(0.3)) jobs.push(stampedSpan(pc, run.flushes, () => img.flush()));
     await Promise.all(jobs);
   }
 }
@@ -147,24 +124,7 @@ async function workload(rng: Rng, run: Run, pc: PowerCut): Promise<void> {
   await Promise.all(jobs);
   await changes(rng, run, pc, img, rng.int(0, 2));
 
-  const span: Span = { started: pc.tick(), done: Infinity };
-  run.flushes.push(span);
-  await img.close();
-  span.done = pc.tick();
-}
-
-/** The flushed content and the later ops that may have landed, for a cut at T (as test/image/powercut.test.ts). */
-function contentAt(run: Run, T: number): { base: Buffer; candidates: DevOp[] } {
-  let lastFlush = -1;
-  for (const f of run.flushes) if (f.done < T && f.started > lastFlush) lastFlush = f.started;
-  const base = Buffer.from(run.initial);
-  const candidates: DevOp[] = [];
-  for (const ev of run.ops) {
-    if (ev.issued >= T) continue;
-    if (ev.acked < lastFlush) applyOp(base, ev.op, run.blockSize);
-    else candidates.push(ev.op);
-  }
-  return { base, candidates };
+  await stampedSpan(pc, run.flushes, () => img.close());
 }
 
 /** The bits NAME must hold when the next backup counts from `token`, for a cut at T. */
@@ -195,8 +155,7 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
     await ro.close();
   }
   problems.push(...checkCrashContent(actual, base, candidates, run.blockSize));
-  const report = await checkImage(file, { verify: true });
-  if (!report.ok) problems.push(...crashCheckErrors(report.errors).map((e) => `check: ${e}`));
+  problems.push(...(await crashCheckProblems(file)));
   if (problems.length) return problems;
 
   // What the next backup makes of it.

@@ -19,10 +19,9 @@
 import { rmSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect } from 'vitest';
-import { checkImage } from '../../src/engines/check.js';
 import { createImage, openKsc } from '../../src/index.js';
-import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData, randomOp, runOp } from '../helpers/model.js';
-import { type OpEvent, PowerCut, type Span, countingOpener, jitterOpener, crashCheckErrors } from '../helpers/powercut.js';
+import { type DevOp, checkCrashContent, describeOp, firstDifference, markOp, openReadBound, owedBitmapProblems, provablyLanded, randomData } from '../helpers/model.js';
+import { PowerCut, type Span, type StampedRun, contentAt, setupChanges, countingOpener, crashCheckProblems, issueOps, jitterOpener, stampedSpan } from '../helpers/powercut.js';
 import { Rng, seededCases } from '../helpers/rng.js';
 
 const KiB = 1024;
@@ -33,16 +32,11 @@ const CUTS_PER_CASE = 10;
 // bench/ and here only catches a hang (500 and 1000 ms failed on a loaded 2-core CI machine).
 const OPEN_TIME_LIMIT_MS = 10_000;
 
-interface Run {
+/** `initial`: the content when the PowerCut run started (durable: the image had been closed cleanly). */
+interface Run extends StampedRun {
   path: string;
-  size: number;
-  blockSize: number;
-  /** Content when the PowerCut run started (durable: the image had been closed cleanly). */
-  initial: Buffer;
   /** Changes made before the run (bits the bitmaps still owe until a clear). */
   setupOps: DevOp[];
-  ops: OpEvent[];
-  flushes: Span[];
   clears: Span[];
   enabled: Map<string, number>; // name -> granularity
   disabled: string[];
@@ -81,13 +75,7 @@ async function setup(rng: Rng, dir: string): Promise<{ run: Run; summary: string
   );
   for (const [name, g] of enabled) await img.addBitmap(name, { granularity: g });
   await img.addBitmap('off', { enabled: false });
-  const setupOps: DevOp[] = [];
-  for (let i = rng.int(3, 12); i > 0; i--) {
-    const op = randomOp(rng, { size, blockSize })!;
-    await runOp(img, op);
-    applyOp(initial, op, blockSize);
-    setupOps.push(op);
-  }
+  const setupOps = await setupChanges(rng, img, initial, rng.int(3, 12), blockSize);
   await img.close();
   const run: Run = { path, size, blockSize, initial, setupOps, ops: [], flushes: [], clears: [], enabled, disabled: ['off'] };
   return { run, summary: `block ${blockSize}, size ${size}, intent region ${intentRegion}, base ${baseKind}${noBitmaps ? ', no enabled bitmap' : ''}` };
@@ -101,44 +89,21 @@ async function workload(rng: Rng, run: Run, pc: PowerCut): Promise<void> {
     const kind = rng.weighted({ ops: 8, flush: 2, clear: run.enabled.size > 0 ? 0.6 : 0, reopen: 0.6 });
     if (kind === 'reopen') {
       // A clean close (a flush too) and a new open: cuts land inside both.
-      const span: Span = { started: pc.tick(), done: Infinity };
-      run.flushes.push(span);
-      await img.close();
-      span.done = pc.tick();
+      await stampedSpan(pc, run.flushes, () => img.close());
       img = await openKsc(run.path, { write: true, opener: pc.opener });
       continue;
     }
     if (kind === 'clear') {
       const name = rng.pick([...run.enabled.keys()]);
-      const span: Span = { started: pc.tick(), done: Infinity, name };
-      run.clears.push(span);
-      await img.clearBitmap(name);
-      span.done = pc.tick();
+      await stampedSpan(pc, run.clears, () => img.clearBitmap(name), name);
       continue;
     }
-    const jobs: Promise<void>[] = [];
-    if (kind === 'ops') {
-      const taken = new Set<number>();
-      for (let i = rng.int(1, 4); i > 0; i--) {
-        const op = randomOp(rng, { size: run.size, blockSize: run.blockSize, taken, maxLength: 4 * run.blockSize });
-        if (!op) continue;
-        const ev: OpEvent = { op, issued: pc.tick(), acked: Infinity };
-        run.ops.push(ev);
-        jobs.push(runOp(img, op).then(() => void (ev.acked = pc.tick())));
-      }
-    }
-    if (kind === 'flush' || rng.chance(0.25)) {
-      const span: Span = { started: pc.tick(), done: Infinity };
-      run.flushes.push(span);
-      jobs.push(img.flush().then(() => void (span.done = pc.tick())));
-    }
+    const jobs = kind === 'ops' ? issueOps(rng, run, pc, img, rng.int(1, 4)) : [];
+    if (kind === 'flush' || rng.chance(0.25)) jobs.push(stampedSpan(pc, run.flushes, () => img.flush()));
     await Promise.all(jobs);
   }
   // A clean close is a flush too (§9 rule 7).
-  const span: Span = { started: pc.tick(), done: Infinity };
-  run.flushes.push(span);
-  await img.close();
-  span.done = pc.tick();
+  await stampedSpan(pc, run.flushes, () => img.close());
 }
 
 /**
@@ -148,15 +113,7 @@ async function workload(rng: Rng, run: Run, pc: PowerCut): Promise<void> {
  * (`actual` decides; an in-flight op whose intent bits were not yet durable cannot have written anything).
  */
 function expectations(run: Run, T: number): { base: Buffer; candidates: DevOp[]; lastFlush: number; required(actual: Buffer): Map<string, Uint8Array> } {
-  let lastFlush = -1;
-  for (const f of run.flushes) if (f.done < T && f.started > lastFlush) lastFlush = f.started;
-  const base = Buffer.from(run.initial);
-  const candidates: DevOp[] = [];
-  for (const ev of run.ops) {
-    if (ev.issued >= T) continue;
-    if (ev.acked < lastFlush) applyOp(base, ev.op, run.blockSize);
-    else candidates.push(ev.op);
-  }
+  const { base, candidates, lastFlush } = contentAt(run, T);
   const required = (actual: Buffer): Map<string, Uint8Array> => {
     const landed = provablyLanded(actual, base, candidates, run.blockSize);
     const out = new Map<string, Uint8Array>();
@@ -201,8 +158,7 @@ async function verifyCut(run: Run, file: string, T: number): Promise<string[]> {
   // A cut can tear the header write of an open or a close: that slot is damaged, the other one is current.
   // check reports it as corruption (issue 12 §3: the older slot may be stale) and --repair rewrites it,
   // which a cut may leave to do; every other error is a failure.
-  const report = await checkImage(file, { verify: true });
-  if (!report.ok) problems.push(...crashCheckErrors(report.errors).map((e) => `check: ${e}`));
+  problems.push(...(await crashCheckProblems(file)));
   if (problems.length)
     return problems
       .map((p) => `[read-only open] ${p}`)

@@ -4,7 +4,8 @@
  * and without pace() a loop of `await file.read(…)` ran on microtasks only — no timer, no I/O callback, no
  * setImmediate until it ended (session 16: a test's random reader starved the other readers and its own
  * timeout). Counted, not timed: a setImmediate queued before the loop runs before read RUN_MAX + 1 settles;
- * a 1 ms timer fires within a bounded number of reads; a run of reads yields about once per RUN_MAX.
+ * a 1 ms timer fires within a bounded number of reads; a run of reads yields about once per RUN_MAX. A
+ * ksc_inc read of such clusters counts one completion, not two (the image paces only what no file read did).
  * Needs the addon's readCached (without it every read goes through the thread pool and yields anyway).
  */
 import { writeFileSync } from 'node:fs';
@@ -13,7 +14,8 @@ import { randomFillSync } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openHostFile, type HostFile } from '../../src/io/file.js';
 import { nativeOps } from '../../src/io/native.js';
-import { RUN_MAX, pacedTurns } from '../../src/util/turns.js';
+import { RUN_MAX, paceCalls, pacedTurns } from '../../src/util/turns.js';
+import { createImage, openKsc } from '../../src/image/open.js';
 import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
 
@@ -71,5 +73,30 @@ describe.skipIf(!fast)('cached reads in a loop give the event loop turns', () =>
     });
     console.log(`[cached-read-turns] ${turns} turns of a setImmediate chain during ${reads} cached 4 KiB reads`);
     expect(turns).toBeGreaterThanOrEqual(Math.floor(reads / RUN_MAX / 2));
+  });
+
+  it('a ksc_inc read counts one completion: the cached file read below it, or the image itself for a hole', async () => {
+    const path = join(dir, 'cached.ksc');
+    await createImage(path, { size: SIZE, blockSize: 65536 });
+    const img = await openKsc(path, { write: true });
+    try {
+      await img.write(0, randomFillSync(Buffer.alloc(SIZE / 2))); // the first half data, the rest holes
+      await img.flush();
+      for (let i = 0; i < 1000; i++) await img.readInto(at(i) % (SIZE / 2), buf);
+      const reads = 2000;
+      for (const [what, base] of [
+        ['data clusters', 0],
+        ['holes', SIZE / 2],
+      ] as const) {
+        const calls0 = paceCalls();
+        for (let i = 0; i < reads; i++) await img.readInto(base + (at(i) % (SIZE / 2)), buf);
+        const calls = paceCalls() - calls0;
+        console.log(`[cached-read-turns] ${calls} pace() calls for ${reads} ksc_inc reads of ${what}`);
+        // One each: a page the fast path cannot answer goes through the thread pool, and the image paces that one.
+        expect(calls, what).toBe(reads);
+      }
+    } finally {
+      await img.close();
+    }
   });
 });

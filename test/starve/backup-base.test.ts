@@ -20,6 +20,7 @@ import type { ObjectStore } from '../../src/objstore/types.js';
 import { closePool } from '../../src/compress/pool.js';
 import { RUN_MAX } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
+import { turnsDuring } from '../helpers/turns.js';
 import { MiB, expectKscError, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-starve-base-');
@@ -65,12 +66,6 @@ describe('a backup over a cached raw base', () => {
     // A chain of setImmediates counts the event loop's turns; each base read notes whether one happened
     // since the read before.
     let turns = 0;
-    let stop = false;
-    const tick = (): void => {
-      if (stop) return;
-      turns++;
-      setImmediate(tick);
-    };
     const base = [...chainOf(img)].at(-1)!;
     expect(base.format).toBe('raw');
     const readInto = base.readInto.bind(base);
@@ -86,10 +81,12 @@ describe('a backup over a cached raw base', () => {
       longest = Math.max(longest, run);
     };
     try {
-      setImmediate(tick);
       const t0 = performance.now();
-      const r = await backupDevice(img, repo, { bitmap: null });
-      stop = true;
+      let r!: Awaited<ReturnType<typeof backupDevice>>;
+      turns = await turnsDuring(
+        async () => void (r = await backupDevice(img, repo, { bitmap: null })),
+        (n) => (turns = n),
+      );
       const ms = performance.now() - t0;
       console.log(
         `[starve] backup of ${mib} MiB over a cached raw base: ${reads} base reads, longest run without a turn ${longest} (RUN_MAX ${RUN_MAX}), ${turns} turns, ${store.lockPuts - 1} lock refreshes in ${ms.toFixed(0)} ms`,
@@ -98,7 +95,6 @@ describe('a backup over a cached raw base', () => {
       expect(reads).toBeGreaterThanOrEqual(mib); // the fingerprint reads it all
       expect(longest).toBeLessThanOrEqual(RUN_MAX);
     } finally {
-      stop = true;
       await img.close();
     }
   });

@@ -5,11 +5,12 @@
  * no change in flight. Invariant: a chunk the backup still needs reads as it was at the freeze, whichever of
  * the change and the backup's read comes first.
  */
-import { mkdtemp, open, rm, type FileHandle } from 'node:fs/promises';
+import { mkdtemp, rm, type FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { BlockDevice } from '../../image/types.js';
 import { BitSet } from '../../util/bitset.js';
+import { createFile } from '../../io/create.js';
 
 export class FrozenView {
   private readonly pending = new Map<number, Promise<Buffer>>();
@@ -63,7 +64,7 @@ export class FrozenView {
     const data = Buffer.from(shared);
     this.spillOpen ??= (async () => {
       const dir = await mkdtemp(join(tmpdir(), 'kscinc-frozen-'));
-      this.spill = { dir, fh: await open(join(dir, 'stash'), 'w+'), end: 0 };
+      this.spill = { dir, fh: await createFile(join(dir, 'stash'), 'w+'), end: 0 };
     })();
     await this.spillOpen;
     if (this.done.has(k) || !this.pending.has(k)) return;

@@ -10,10 +10,11 @@
  * One daemon per state file: `<state>.lock` holds its pid.
  */
 import { hostname } from 'node:os';
-import { open, readFile, unlink } from 'node:fs/promises';
+import { readFile, unlink } from 'node:fs/promises';
 import { KscError, ioError } from '../../errors.js';
 import { pidAlive } from '../../util/process.js';
 import { replaceFile } from '../../io/durable.js';
+import { createFile } from '../../io/create.js';
 
 export type RunKind = 'scheduled' | 'catch-up' | 'retry' | 'shutdown';
 
@@ -160,7 +161,7 @@ export async function lockState(statePath: string): Promise<() => Promise<void>>
   const body = JSON.stringify({ pid: process.pid, host: hostname(), since: new Date().toISOString() }) + '\n';
   for (let attempt = 0; attempt < 3; attempt++) {
     try {
-      const fh = await open(lock, 'wx', 0o644);
+      const fh = await createFile(lock);
       await fh.writeFile(body);
       await fh.close();
       return async () => void (await unlink(lock).catch(() => undefined));

@@ -26,7 +26,7 @@ import { openCore, readHeader } from './open.js';
 import { type HandoverRecord, handOver, prepareHandOver } from './handover.js';
 import { type OriginView, dropOriginFor, originView, setOrigin } from './origin.js';
 import type { OriginRecord } from '../../format/origin.js';
-import { pace } from '../../util/turns.js';
+import { paceCalls, paceUnlessPaced } from '../../util/turns.js';
 
 export type { BitmapStatus } from './bitmaps.js';
 
@@ -184,16 +184,18 @@ export class KscImage implements BlockDevice {
     assertRange(this, offset, length);
     this.onRead?.(offset, length);
     const buf = Buffer.allocUnsafe(length);
+    const mark = paceCalls();
     await data.readInto(this.core, offset, buf);
-    const turn = pace(); // a hole, or clusters the page cache held: maybe no turn of the event loop yet (util/turns.ts)
+    const turn = paceUnlessPaced(mark); // holes and zero clusters: no file read below paced it (util/turns.ts)
     if (turn) await turn;
     return buf;
   }
 
   async readInto(offset: number, target: Buffer): Promise<void> {
     this.onRead?.(offset, target.length);
+    const mark = paceCalls();
     await data.readInto(this.core, offset, target);
-    const turn = pace();
+    const turn = paceUnlessPaced(mark);
     if (turn) await turn;
   }
 
