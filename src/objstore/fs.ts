@@ -72,15 +72,14 @@ export class FsStore implements ObjectStore {
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
     const durable = opts.durable ?? true;
     try {
-      await writeNewFile(temp, bodyParts(data), durable, bodySize(data));
-      const created = await mkdir(dirname(target), { recursive: true });
+      // The folder is made (with every folder on the way, each one's name synced in its parent) while the part
+      // is written and synced: neither waits for the other, and both are done before the rename.
+      const [written, made] = await Promise.allSettled([writeNewFile(temp, bodyParts(data), durable, bodySize(data)), this.makeFolder(dirname(target), durable)]);
+      if (written.status === 'rejected') throw written.reason;
+      if (made.status === 'rejected') throw made.reason;
       await rename(temp, target);
-      if (!durable) return;
-      // The new name must be durable, and so must every folder the put created on the way to it.
-      await syncDir(dirname(target));
-      if (created !== undefined) {
-        for (let d = dirname(target); d !== this.root && d.length >= created.length; d = dirname(d)) await syncDir(dirname(d));
-      }
+      // The new name must be durable (the folders on the way to it are, above).
+      if (durable) await syncDir(dirname(target));
     } catch (e) {
       await unlink(temp).catch(() => undefined);
       const code = (e as { code?: string }).code;
@@ -89,6 +88,18 @@ export class FsStore implements ObjectStore {
       }
       throw ioError(target, `put ${key}`, e);
     }
+  }
+
+  /**
+   * Makes `folder` and any missing folder on the way to it; when `durable`, each created folder's name is
+   * synced in its parent (side by side: any order makes all of them durable) before this resolves.
+   */
+  private async makeFolder(folder: string, durable: boolean): Promise<void> {
+    const created = await mkdir(folder, { recursive: true });
+    if (!durable || created === undefined) return;
+    const parents: string[] = [];
+    for (let d = folder; d !== this.root && d.length >= created.length; d = dirname(d)) parents.push(dirname(d));
+    await Promise.all(parents.map((p) => syncDir(p)));
   }
 
   async get(key: string): Promise<Buffer> {

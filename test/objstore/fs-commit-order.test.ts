@@ -116,13 +116,15 @@ describe('the commit sync order of a folder repository, cut at every step', () =
       expect(keys.filter((k) => k.startsWith('packs/')).length, `${r.name}: packs renamed`).toBeGreaterThan(0);
       expect(keys.filter((k) => k.startsWith('index/')).length, `${r.name}: index objects renamed`).toBeGreaterThan(0);
       expect(keys, `${r.name}: manifest renamed`).toContain(r.manifest);
+      // New pack folders were made (their names synced in packs/, side by side with the parts' writes).
+      if (r.full) expect([...trace.mkdirs.keys()].filter((d) => d.startsWith(join(repoDir, 'packs/'))).length, 'pack folders made').toBeGreaterThan(0);
       const { violations, steps } = checkCommitOrder(trace, contents, r.manifest);
       console.log(`seed ${seed}: ${r.name}: ${steps} steps judged, ${keys.length} renames, violations: ${violations.length}`);
       expect(violations, `${r.name} (seed ${seed})`).toEqual([]);
     }
   });
 
-  it('fails when a pack folder is not synced, a part is not synced, or the index is renamed before its packs', () => {
+  it('fails when a pack folder or its name is not synced, a part is not synced, the index is renamed before its packs, or the manifest is not synced', () => {
     const r = runs[1]!;
     const base = new RepoTrace(repoDir, r.calls);
     const packKeys = [...base.renames.keys()].filter((k) => k.startsWith('packs/'));
@@ -141,7 +143,12 @@ describe('the commit sync order of a folder repository, cut at every step', () =
     const firstPack = Math.min(...packKeys.map((k) => base.renames.get(k)!.start));
     const early = r.calls.map((c) => (/^rename/.test(c.name) && c.args.includes(`"${join(repoDir, indexKey)}"`) ? { ...c, start: firstPack + 1, end: firstPack + 2 } : c));
     expect(checkCommitOrder(new RepoTrace(repoDir, early), contents, r.manifest).violations.join('\n')).toMatch(/rule 1/);
-    // (4) The manifest's folder never synced: the success is reported before the manifest is durable.
+    // (4) The new pack folders' names never synced in packs/ (the full backup made them).
+    const f = runs[0]!;
+    const noPacksSync = f.calls.filter((c) => !isSyncOf(c, join(repoDir, 'packs')));
+    expect(noPacksSync.length).toBeLessThan(f.calls.length);
+    expect(checkCommitOrder(new RepoTrace(repoDir, noPacksSync), contents, f.manifest).violations.join('\n')).toMatch(/rule 1/);
+    // (5) The manifest's folder never synced: the success is reported before the manifest is durable.
     const noManifestSync = r.calls.filter((c) => !isSyncOf(c, join(repoDir, 'manifests')));
     expect(checkCommitOrder(new RepoTrace(repoDir, noManifestSync), contents, r.manifest).violations.join('\n')).toMatch(/rule 3/);
   });
