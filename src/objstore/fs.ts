@@ -67,14 +67,33 @@ export class FsStore implements ObjectStore {
     return join(this.root, key);
   }
 
-  async put(key: string, data: Body, opts: WriteOpts = {}): Promise<void> {
-    const target = this.path(key);
+  put(key: string, data: Body, opts: WriteOpts = {}): Promise<void> {
+    return this.putOrdered(key, data, null, opts);
+  }
+
+  /** The part is written and synced while `after` is pending (a part is never an object); the rename waits for it. */
+  putAfter(key: string, data: Body, after: Promise<unknown>, opts: WriteOpts = {}): Promise<void> {
+    return this.putOrdered(key, data, after, opts);
+  }
+
+  private async putOrdered(key: string, data: Body, after: Promise<unknown> | null, opts: WriteOpts): Promise<void> {
+    let target: string;
+    try {
+      target = this.path(key);
+    } catch (e) {
+      await after;
+      throw e;
+    }
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
     const durable = opts.durable ?? true;
+    // The folder is made (with every folder on the way, each one's name synced in its parent) while the part is
+    // written and synced, and while `after` is pending: none waits for another; all are done before the rename.
+    const [written, made, before] = await Promise.allSettled([writeNewFile(temp, bodyParts(data), durable, bodySize(data)), this.makeFolder(dirname(target), durable), after]);
+    if (before.status === 'rejected') {
+      await unlink(temp).catch(() => undefined);
+      throw before.reason; // the caller's own error, as it is
+    }
     try {
-      // The folder is made (with every folder on the way, each one's name synced in its parent) while the part
-      // is written and synced: neither waits for the other, and both are done before the rename.
-      const [written, made] = await Promise.allSettled([writeNewFile(temp, bodyParts(data), durable, bodySize(data)), this.makeFolder(dirname(target), durable)]);
       if (written.status === 'rejected') throw written.reason;
       if (made.status === 'rejected') throw made.reason;
       await rename(temp, target);
