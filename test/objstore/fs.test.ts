@@ -32,6 +32,31 @@ describe('FsStore', () => {
     expect(await store.stat('locks/a.lock')).toBeNull();
   });
 
+  it('putAfter: the object appears only once `after` resolves (its part exists before); a rejected `after` stores nothing and is thrown as it is', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    let go!: () => void;
+    const after = new Promise<void>((r) => (go = r));
+    const put = store.putAfter('packs/cd/cd34.pack', Buffer.from('body'), after);
+    // Wait for the part (written and synced while `after` is pending); the key has no object yet.
+    while (readdirSync(join(root, '.tmp')).length === 0) await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(await store.stat('packs/cd/cd34.pack')).toBeNull();
+    go();
+    await put;
+    expect((await store.get('packs/cd/cd34.pack')).toString()).toBe('body');
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+    const why = new Error('the pack upload failed');
+    await expect(store.putAfter('index/ef56.idx', Buffer.from('index'), Promise.reject(why))).rejects.toBe(why);
+    expect(await store.stat('index/ef56.idx')).toBeNull();
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+    // A bad key waits for `after` too before it fails (nothing is left pending).
+    let settled = false;
+    const late = new Promise<void>((r) => setTimeout(() => ((settled = true), r()), 30));
+    await expect(store.putAfter('../x', Buffer.from('x'), late)).rejects.toThrow();
+    expect(settled).toBe(true);
+  });
+
   it('never lists its temp folder, and a stray temp file is not an object', async () => {
     const root = fresh();
     const store = await FsStore.open(root, { create: true });
