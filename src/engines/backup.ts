@@ -70,7 +70,7 @@ interface RepoSide {
 async function prepareRepository(repo: Repository, held: Held, what: string, chunks: number, settings: DedupeSettings, key: ParentKey | null): Promise<RepoSide> {
   held.lock = await repo.lock('shared', what);
   const search = key ? searchParent(repo, repo.listBackupIds(), key) : null;
-  const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPacks()]);
+  const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPackIds()]);
   const adopted = await adoptOrphans(repo, dedupe, packs);
   const { parent, why } = search ? await search.vouch(dedupe) : { parent: null, why: null };
   return { dedupe, adopted, parent, why };

@@ -15,6 +15,7 @@ import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
 import { syncDir, writeNewFile } from '../io/durable.js';
 import { nativeOps } from '../io/native.js';
+import { mapLimit } from '../util/concurrency.js';
 import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, type Body, type HostLock, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
@@ -207,6 +208,36 @@ export class FsStore implements ObjectStore {
         else if (r) yield r;
       }
     }
+  }
+
+  async *listKeys(prefix: string): AsyncIterable<string> {
+    const cut = prefix.lastIndexOf('/');
+    const dirKey = cut < 0 ? '' : prefix.slice(0, cut + 1);
+    if (dirKey !== '') assertKey(this.name, dirKey.slice(0, -1));
+    yield* await this.keysUnder(dirKey, prefix);
+  }
+
+  /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
+  private async keysUnder(dirKey: string, prefix: string): Promise<string[]> {
+    const dir = join(this.root, dirKey);
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return [];
+      throw ioError(dir, 'list', e);
+    }
+    const keys: string[] = [];
+    const dirs: string[] = [];
+    for (const d of entries) {
+      if (dirKey === '' && d.name === TEMP) continue;
+      const key = dirKey + d.name;
+      if (d.isFile() && key.startsWith(prefix)) keys.push(key);
+      else if (d.isDirectory() && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
+    }
+    await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix))));
+    return keys;
   }
 
   private async collect(dirKey: string, prefix: string): Promise<ObjectInfo[]> {

@@ -83,6 +83,11 @@ export interface ObjectStore {
   stat(key: string): Promise<ObjectInfo | null>;
   /** Every object whose key starts with `prefix`, in key order. */
   list(prefix: string): AsyncIterable<ObjectInfo>;
+  /**
+   * Optional: the keys of list(prefix) without sizes and times, in any order (a local folder then reads its
+   * folders only, not every file's inode). Without it, callers take the keys of list().
+   */
+  listKeys?(prefix: string): AsyncIterable<string>;
   /** Removes the object; no error when it is already gone. */
   delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */

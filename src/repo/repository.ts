@@ -82,6 +82,10 @@ function lostConfig(store: ObjectStore, example: string): KscError {
   );
 }
 
+async function* keysOf(list: AsyncIterable<{ key: string }>): AsyncIterable<string> {
+  for await (const o of list) yield o.key;
+}
+
 /** Manifests above this size are read in ranges (a densely written disk of 512 GiB or more). */
 const STREAM_MANIFEST = 8 * MIB;
 
@@ -381,6 +385,20 @@ export class Repository {
     for await (const o of this.store.list('packs/')) {
       const m = PACK_KEY_RE.exec(o.key);
       if (m) out.set(m[1]!, { size: o.size, mtimeMs: o.mtimeMs });
+    }
+    return out;
+  }
+
+  /**
+   * The ids of the packs, without their sizes (a local folder reads its folders only, not every pack's
+   * inode): what a backup needs to find orphans (§9 rule 6), whose sizes it then asks for alone.
+   */
+  async listPackIds(): Promise<string[]> {
+    const out: string[] = [];
+    const keys = this.store.listKeys ? this.store.listKeys('packs/') : keysOf(this.store.list('packs/'));
+    for await (const k of keys) {
+      const m = PACK_KEY_RE.exec(k);
+      if (m) out.push(m[1]!);
     }
     return out;
   }

@@ -57,6 +57,24 @@ describe('FsStore', () => {
     expect(settled).toBe(true);
   });
 
+  it('listKeys gives the keys list gives (names only, no temp parts), for folder and partial prefixes', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    for (const k of ['packs/ab/ab01.pack', 'packs/ab/ab02.pack', 'packs/cd/cd03.pack', 'packs/e', 'index/x.idx', 'config']) await store.put(k, Buffer.from(k));
+    writeFileSync(join(root, '.tmp', 'crashed.part'), 'half');
+    const keysOf = async (it: AsyncIterable<string>): Promise<string[]> => {
+      const out: string[] = [];
+      for await (const k of it) out.push(k);
+      return out.sort();
+    };
+    for (const prefix of ['packs/', 'packs/a', 'packs/ab/', 'packs/ab/ab0', 'index/', '', 'nothing/']) {
+      const listed: string[] = [];
+      for await (const o of store.list(prefix)) listed.push(o.key);
+      expect(await keysOf(store.listKeys(prefix)), prefix).toEqual(listed.sort());
+    }
+    expect(await keysOf(store.listKeys('packs/'))).toEqual(['packs/ab/ab01.pack', 'packs/ab/ab02.pack', 'packs/cd/cd03.pack', 'packs/e']);
+  });
+
   it('never lists its temp folder, and a stray temp file is not an object', async () => {
     const root = fresh();
     const store = await FsStore.open(root, { create: true });
