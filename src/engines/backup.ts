@@ -70,23 +70,30 @@ interface RepoSide {
 async function prepareRepository(repo: Repository, held: Held, what: string, chunks: number, settings: DedupeSettings, key: ParentKey | null): Promise<RepoSide> {
   held.lock = await repo.lock('shared', what);
   const search = key ? searchParent(repo, repo.listBackupIds(), key) : null;
-  const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPacks()]);
+  const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPackIds()]);
   const adopted = await adoptOrphans(repo, dedupe, packs);
   const { parent, why } = search ? await search.vouch(dedupe) : { parent: null, why: null };
   return { dedupe, adopted, parent, why };
 }
 
 /**
- * §9 rules 1–3: the packs have landed; now the index object naming them (and `indexExtra`, adopted
- * orphans), the manifest last. §8 rule 4: a lock lost while the manifest went up (the process paused there)
- * may have let a prune delete what it names, so the manifest is taken back and the backup fails (the
- * caller then undoes the handover). `manifest` is made once the index is durable (its stats time that).
+ * §9 rules 1–3: the index object naming the packs (and `indexExtra`, adopted orphans) gets its key once the
+ * last packs have landed, the manifest once that index object is durable and the lock still held (§8 rule 4);
+ * each is made meanwhile (on a local folder: written and synced as a part, which no reader sees). A lock lost
+ * while the manifest went up (the process paused there) may have let a prune delete what it names, so the
+ * manifest is taken back and the backup fails (the caller then undoes the handover). `manifest` is made once
+ * the last pack is sealed (its stats time the backup until then).
  */
 async function commitBackup(repo: Repository, writer: PackWriter, lock: RepoLock, indexExtra: IndexEntry[], manifest: () => Omit<Manifest, 'root'>): Promise<void> {
-  await writer.flushIndex(indexExtra);
-  lock.check();
-  const m = manifest();
-  await repo.putManifest(m);
+  const indexed = writer.flushIndex(indexExtra).then(() => lock.check());
+  let m: Omit<Manifest, 'root'>;
+  try {
+    m = manifest();
+  } catch (e) {
+    await indexed.catch(() => undefined);
+    throw e;
+  }
+  await repo.putManifest(m, indexed);
   try {
     lock.check();
   } catch (e) {

@@ -15,6 +15,7 @@ import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
 import { syncDir, writeNewFile } from '../io/durable.js';
 import { nativeOps } from '../io/native.js';
+import { mapLimit } from '../util/concurrency.js';
 import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, type Body, type HostLock, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
 
 const TEMP = '.tmp';
@@ -67,20 +68,38 @@ export class FsStore implements ObjectStore {
     return join(this.root, key);
   }
 
-  async put(key: string, data: Body, opts: WriteOpts = {}): Promise<void> {
-    const target = this.path(key);
+  put(key: string, data: Body, opts: WriteOpts = {}): Promise<void> {
+    return this.putOrdered(key, data, null, opts);
+  }
+
+  /** The part is written and synced while `after` is pending (a part is never an object); the rename waits for it. */
+  putAfter(key: string, data: Body, after: Promise<unknown>, opts: WriteOpts = {}): Promise<void> {
+    return this.putOrdered(key, data, after, opts);
+  }
+
+  private async putOrdered(key: string, data: Body, after: Promise<unknown> | null, opts: WriteOpts): Promise<void> {
+    let target: string;
+    try {
+      target = this.path(key);
+    } catch (e) {
+      await after;
+      throw e;
+    }
     const temp = join(this.root, TEMP, `${randomBytes(12).toString('hex')}.part`);
     const durable = opts.durable ?? true;
+    // The folder is made (with every folder on the way, each one's name synced in its parent) while the part is
+    // written and synced, and while `after` is pending: none waits for another; all are done before the rename.
+    const [written, made, before] = await Promise.allSettled([writeNewFile(temp, bodyParts(data), durable, bodySize(data)), this.makeFolder(dirname(target), durable), after]);
+    if (before.status === 'rejected') {
+      await unlink(temp).catch(() => undefined);
+      throw before.reason; // the caller's own error, as it is
+    }
     try {
-      await writeNewFile(temp, bodyParts(data), durable, bodySize(data));
-      const created = await mkdir(dirname(target), { recursive: true });
+      if (written.status === 'rejected') throw written.reason;
+      if (made.status === 'rejected') throw made.reason;
       await rename(temp, target);
-      if (!durable) return;
-      // The new name must be durable, and so must every folder the put created on the way to it.
-      await syncDir(dirname(target));
-      if (created !== undefined) {
-        for (let d = dirname(target); d !== this.root && d.length >= created.length; d = dirname(d)) await syncDir(dirname(d));
-      }
+      // The new name must be durable (the folders on the way to it are, above).
+      if (durable) await syncDir(dirname(target));
     } catch (e) {
       await unlink(temp).catch(() => undefined);
       const code = (e as { code?: string }).code;
@@ -89,6 +108,18 @@ export class FsStore implements ObjectStore {
       }
       throw ioError(target, `put ${key}`, e);
     }
+  }
+
+  /**
+   * Makes `folder` and any missing folder on the way to it; when `durable`, each created folder's name is
+   * synced in its parent (side by side: any order makes all of them durable) before this resolves.
+   */
+  private async makeFolder(folder: string, durable: boolean): Promise<void> {
+    const created = await mkdir(folder, { recursive: true });
+    if (!durable || created === undefined) return;
+    const parents: string[] = [];
+    for (let d = folder; d !== this.root && d.length >= created.length; d = dirname(d)) parents.push(dirname(d));
+    await Promise.all(parents.map((p) => syncDir(p)));
   }
 
   async get(key: string): Promise<Buffer> {
@@ -177,6 +208,36 @@ export class FsStore implements ObjectStore {
         else if (r) yield r;
       }
     }
+  }
+
+  async *listKeys(prefix: string): AsyncIterable<string> {
+    const cut = prefix.lastIndexOf('/');
+    const dirKey = cut < 0 ? '' : prefix.slice(0, cut + 1);
+    if (dirKey !== '') assertKey(this.name, dirKey.slice(0, -1));
+    yield* await this.keysUnder(dirKey, prefix);
+  }
+
+  /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
+  private async keysUnder(dirKey: string, prefix: string): Promise<string[]> {
+    const dir = join(this.root, dirKey);
+    let entries;
+    try {
+      entries = await readdir(dir, { withFileTypes: true });
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return [];
+      throw ioError(dir, 'list', e);
+    }
+    const keys: string[] = [];
+    const dirs: string[] = [];
+    for (const d of entries) {
+      if (dirKey === '' && d.name === TEMP) continue;
+      const key = dirKey + d.name;
+      if (d.isFile() && key.startsWith(prefix)) keys.push(key);
+      else if (d.isDirectory() && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
+    }
+    await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix))));
+    return keys;
   }
 
   private async collect(dirKey: string, prefix: string): Promise<ObjectInfo[]> {

@@ -63,6 +63,13 @@ export interface ObjectStore {
    * resolves.
    */
   put(key: string, data: Body, opts?: WriteOpts): Promise<void>;
+  /**
+   * Optional: put() that gives the object its key only once `after` has resolved (and not at all when it
+   * rejects: then that error is thrown, the store unchanged). What no reader sees may be done before (a local
+   * folder writes and syncs its part meanwhile). Waits for `after` whatever happens. Without it, callers
+   * await `after` and then put().
+   */
+  putAfter?(key: string, data: Body, after: Promise<unknown>, opts?: WriteOpts): Promise<void>;
   /** The whole object; KSC_E_NOT_FOUND when missing. */
   get(key: string): Promise<Buffer>;
   /** `length` bytes from `offset`; KSC_E_NOT_FOUND when missing, KSC_E_CORRUPT when the object is shorter. */
@@ -76,6 +83,11 @@ export interface ObjectStore {
   stat(key: string): Promise<ObjectInfo | null>;
   /** Every object whose key starts with `prefix`, in key order. */
   list(prefix: string): AsyncIterable<ObjectInfo>;
+  /**
+   * Optional: the keys of list(prefix) without sizes and times, in any order (a local folder then reads its
+   * folders only, not every file's inode). Without it, callers take the keys of list().
+   */
+  listKeys?(prefix: string): AsyncIterable<string>;
   /** Removes the object; no error when it is already gone. */
   delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */

@@ -123,6 +123,28 @@ export async function readPackFooter(store: ObjectStore, pack: string, size?: nu
   return decodePackEntries(plain, tail.count, crc32(plain), tail.entriesOffset, name);
 }
 
+/** The chunks of one pack, 32 bytes each. */
+interface PackGroup {
+  pack: string;
+  ids: Buffer;
+  offset: Float64Array;
+  length: Uint32Array;
+  rawLength: Uint32Array;
+}
+
+/** Index entries of `groups`, made as they are iterated (each iteration starts afresh). */
+function entriesOf(groups: PackGroup[]): Iterable<IndexEntry> {
+  return {
+    *[Symbol.iterator](): Generator<IndexEntry> {
+      for (const g of groups) {
+        for (let i = 0; i < g.offset.length; i++) {
+          yield { id: g.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), pack: g.pack, offset: g.offset[i]!, length: g.length[i]!, rawLength: g.rawLength[i]! };
+        }
+      }
+    },
+  };
+}
+
 /**
  * Groups blobs into packs of about `packSize` bytes and uploads each when full (at most `uploads` in
  * flight, so memory stays bounded at (uploads + 1) × packSize). `entries` lists every chunk of every pack
@@ -135,7 +157,9 @@ export class PackWriter {
   private inFlight = new Set<Promise<void>>();
   private error: unknown = null;
   /** The chunks of the uploaded packs, 32 bytes each (a full backup of a large disk writes millions). */
-  private readonly written: { pack: string; ids: Buffer; offset: Float64Array; length: Uint32Array; rawLength: Uint32Array }[] = [];
+  private readonly written: PackGroup[] = [];
+  /** The chunks of the packs sealed since the last flushIndex, uploaded or still in flight. */
+  private sealed: PackGroup[] = [];
   private writtenCount = 0;
   readonly packsWritten: string[] = [];
   bytesUploaded = 0;
@@ -158,17 +182,7 @@ export class PackWriter {
    * as it goes (nothing is held per entry but the 32 bytes above).
    */
   get entries(): Iterable<IndexEntry> & { readonly count: number } {
-    const written = this.written;
-    return {
-      count: this.writtenCount,
-      *[Symbol.iterator](): Generator<IndexEntry> {
-        for (const g of written) {
-          for (let i = 0; i < g.offset.length; i++) {
-            yield { id: g.ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES), pack: g.pack, offset: g.offset[i]!, length: g.length[i]!, rawLength: g.rawLength[i]! };
-          }
-        }
-      },
-    };
+    return { count: this.writtenCount, [Symbol.iterator]: () => entriesOf(this.written)[Symbol.iterator]() };
   }
 
   /** Adds a blob; resolves when there is room for more (back-pressure). */
@@ -199,18 +213,19 @@ export class PackWriter {
     this.bytes = 0;
     while (this.inFlight.size >= this.maxUploads) await Promise.race(this.inFlight);
     if (this.error) throw this.error;
+    const n = entries.length;
+    const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
+    entries.forEach((e, i) => {
+      e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
+      g.offset[i] = e.offset;
+      g.length[i] = e.length;
+      g.rawLength[i] = e.rawLength;
+    });
+    this.sealed.push(g);
     const p = this.repo.store
       .put(packKey(id), parts)
       .then(
         () => {
-          const n = entries.length;
-          const g = { pack: id, ids: Buffer.allocUnsafe(n * ID_BYTES), offset: new Float64Array(n), length: new Uint32Array(n), rawLength: new Uint32Array(n) };
-          entries.forEach((e, i) => {
-            e.id.copy(g.ids, i * ID_BYTES, 0, ID_BYTES);
-            g.offset[i] = e.offset;
-            g.length[i] = e.length;
-            g.rawLength[i] = e.rawLength;
-          });
           this.written.push(g);
           this.writtenCount += n;
           this.packsWritten.push(id);
@@ -237,23 +252,31 @@ export class PackWriter {
   }
 
   /**
-   * Seals the open pack, waits for every upload, and writes one index object naming the chunks uploaded
-   * since the last flush and `extra` (§9 rules 1–2); then forgets them, `has` included: from here on the
-   * repository's index objects name them. Returns the object's id (null when there was nothing to name).
+   * Seals the open pack and writes one index object naming the chunks of the packs sealed since the last
+   * flush and `extra`; the object is made while the last uploads are in flight and gets its key only once
+   * every one of them has completed (§9 rule 1), not at all when one failed (that error is thrown). Then
+   * forgets them, `has` included: from here on the repository's index objects name them. Returns the
+   * object's id (null when there was nothing to name).
    */
   async flushIndex(extra: IndexEntry[] = []): Promise<string | null> {
-    await this.finish();
-    const entries = this.entries;
+    if (!this.error) await this.seal().catch((e) => (this.error ??= e));
+    const groups = this.sealed;
+    this.sealed = [];
+    const uploaded = this.finish();
     let id: string | null = null;
-    if (entries.count + extra.length > 0) {
-      id = await this.repo.putIndex({
-        *[Symbol.iterator]() {
-          yield* entries;
-          yield* extra;
+    if (groups.length + extra.length > 0) {
+      const packs = entriesOf(groups);
+      id = await this.repo.putIndex(
+        {
+          *[Symbol.iterator]() {
+            yield* packs;
+            yield* extra;
+          },
         },
-      });
+        uploaded,
+      );
       this.indexObjects.push(id);
-    }
+    } else await uploaded;
     this.written.length = 0;
     this.writtenCount = 0;
     this.seen = new ChunkIndex({ locations: false });

@@ -82,6 +82,10 @@ function lostConfig(store: ObjectStore, example: string): KscError {
   );
 }
 
+async function* keysOf(list: AsyncIterable<{ key: string }>): AsyncIterable<string> {
+  for await (const o of list) yield o.key;
+}
+
 /** Manifests above this size are read in ranges (a densely written disk of 512 GiB or more). */
 const STREAM_MANIFEST = 8 * MIB;
 
@@ -348,11 +352,30 @@ export class Repository {
     return this.openObject(KIND_INDEX, indexKey(id), await this.store.get(indexKey(id)));
   }
 
-  /** Writes an index object of `entries` (iterated twice: see encodeIndex). */
-  async putIndex(entries: Iterable<IndexEntry>): Promise<string> {
+  /**
+   * Writes an index object of `entries` (iterated twice: see encodeIndex). With `after`, the object gets its
+   * key only once `after` has resolved (§9 rule 1: the uploads of the packs it names), and not at all when it
+   * rejects; it is encoded (and on a local folder written and synced as a part) meanwhile.
+   */
+  async putIndex(entries: Iterable<IndexEntry>, after?: Promise<unknown>): Promise<string> {
     const id = randomHexId();
-    await this.store.put(indexKey(id), this.sealObject(KIND_INDEX, indexKey(id), encodeIndex(entries)));
+    await this.putOrdered(indexKey(id), () => this.sealObject(KIND_INDEX, indexKey(id), encodeIndex(entries)), after);
     return id;
+  }
+
+  /** store.put of `body()` once `after` resolved (store.putAfter where the store has it); waits for `after` whatever happens. */
+  private async putOrdered(key: string, body: () => Body, after: Promise<unknown> | undefined): Promise<void> {
+    if (!after) return this.store.put(key, body());
+    let data: Body;
+    try {
+      data = body();
+    } catch (e) {
+      await after.catch(() => undefined);
+      throw e;
+    }
+    if (this.store.putAfter) return this.store.putAfter(key, data, after);
+    await after;
+    await this.store.put(key, data);
   }
 
   // packs ----------------------------------------------------------------------------------------------
@@ -362,6 +385,20 @@ export class Repository {
     for await (const o of this.store.list('packs/')) {
       const m = PACK_KEY_RE.exec(o.key);
       if (m) out.set(m[1]!, { size: o.size, mtimeMs: o.mtimeMs });
+    }
+    return out;
+  }
+
+  /**
+   * The ids of the packs, without their sizes (a local folder reads its folders only, not every pack's
+   * inode): what a backup needs to find orphans (§9 rule 6), whose sizes it then asks for alone.
+   */
+  async listPackIds(): Promise<string[]> {
+    const out: string[] = [];
+    const keys = this.store.listKeys ? this.store.listKeys('packs/') : keysOf(this.store.list('packs/'));
+    for await (const k of keys) {
+      const m = PACK_KEY_RE.exec(k);
+      if (m) out.push(m[1]!);
     }
     return out;
   }
@@ -452,9 +489,14 @@ export class Repository {
     return m;
   }
 
-  /** §9 rule 3: the commit point of a backup. */
-  async putManifest(m: Omit<Manifest, 'root'>): Promise<void> {
-    await this.store.put(manifestKey(m.meta.id), this.sealObject(KIND_MANIFEST, manifestKey(m.meta.id), manifestBody(m)));
+  /**
+   * §9 rule 3: the commit point of a backup. With `after`, the manifest gets its key only once `after` has
+   * resolved (§9 rule 2: the index object naming its chunks is durable; §8 rule 4: the lock still held), and
+   * not at all when it rejects.
+   */
+  async putManifest(m: Omit<Manifest, 'root'>, after?: Promise<unknown>): Promise<void> {
+    const key = manifestKey(m.meta.id);
+    await this.putOrdered(key, () => this.sealObject(KIND_MANIFEST, key, manifestBody(m)), after);
   }
 
   async deleteManifest(id: string): Promise<void> {

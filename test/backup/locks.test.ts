@@ -133,6 +133,7 @@ function stallable(s: ObjectStore, stallOn: (key: string) => boolean = () => fal
   let open = (): void => undefined;
   const w = Object.assign(Object.create(s) as ObjectStore, {
     hostLock: undefined,
+    putAfter: undefined, // every put goes through put() below (the repository then awaits what comes first itself)
     packsPut: 0,
     stall: () => void (gate ??= new Promise<void>((r) => (open = r))),
     resume: () => {

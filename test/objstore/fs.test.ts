@@ -32,6 +32,49 @@ describe('FsStore', () => {
     expect(await store.stat('locks/a.lock')).toBeNull();
   });
 
+  it('putAfter: the object appears only once `after` resolves (its part exists before); a rejected `after` stores nothing and is thrown as it is', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    let go!: () => void;
+    const after = new Promise<void>((r) => (go = r));
+    const put = store.putAfter('packs/cd/cd34.pack', Buffer.from('body'), after);
+    // Wait for the part (written and synced while `after` is pending); the key has no object yet.
+    while (readdirSync(join(root, '.tmp')).length === 0) await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(await store.stat('packs/cd/cd34.pack')).toBeNull();
+    go();
+    await put;
+    expect((await store.get('packs/cd/cd34.pack')).toString()).toBe('body');
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+    const why = new Error('the pack upload failed');
+    await expect(store.putAfter('index/ef56.idx', Buffer.from('index'), Promise.reject(why))).rejects.toBe(why);
+    expect(await store.stat('index/ef56.idx')).toBeNull();
+    expect(readdirSync(join(root, '.tmp'))).toEqual([]);
+    // A bad key waits for `after` too before it fails (nothing is left pending).
+    let settled = false;
+    const late = new Promise<void>((r) => setTimeout(() => ((settled = true), r()), 30));
+    await expect(store.putAfter('../x', Buffer.from('x'), late)).rejects.toThrow();
+    expect(settled).toBe(true);
+  });
+
+  it('listKeys gives the keys list gives (names only, no temp parts), for folder and partial prefixes', async () => {
+    const root = fresh();
+    const store = await FsStore.open(root, { create: true });
+    for (const k of ['packs/ab/ab01.pack', 'packs/ab/ab02.pack', 'packs/cd/cd03.pack', 'packs/e', 'index/x.idx', 'config']) await store.put(k, Buffer.from(k));
+    writeFileSync(join(root, '.tmp', 'crashed.part'), 'half');
+    const keysOf = async (it: AsyncIterable<string>): Promise<string[]> => {
+      const out: string[] = [];
+      for await (const k of it) out.push(k);
+      return out.sort();
+    };
+    for (const prefix of ['packs/', 'packs/a', 'packs/ab/', 'packs/ab/ab0', 'index/', '', 'nothing/']) {
+      const listed: string[] = [];
+      for await (const o of store.list(prefix)) listed.push(o.key);
+      expect(await keysOf(store.listKeys(prefix)), prefix).toEqual(listed.sort());
+    }
+    expect(await keysOf(store.listKeys('packs/'))).toEqual(['packs/ab/ab01.pack', 'packs/ab/ab02.pack', 'packs/cd/cd03.pack', 'packs/e']);
+  });
+
   it('never lists its temp folder, and a stray temp file is not an object', async () => {
     const root = fresh();
     const store = await FsStore.open(root, { create: true });

@@ -112,13 +112,13 @@ export async function loadDedupe(repo: Repository, more: number, settings: Dedup
   return FilterDedupe.load(repo, objects, entries + more, settings);
 }
 
-/** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6). */
-export async function adoptOrphans(repo: Repository, dedupe: Dedupe, packs: Map<string, { size: number }>): Promise<IndexEntry[]> {
+/** Adopts packs an interrupted writer uploaded but never indexed (§9 rule 6); `packs`: every pack's id. */
+export async function adoptOrphans(repo: Repository, dedupe: Dedupe, packs: string[]): Promise<IndexEntry[]> {
   const adopted: IndexEntry[] = [];
-  const orphans = [...packs].filter(([id]) => !dedupe.hasPack(id));
-  await mapLimit(orphans, 4, async ([id, info]) => {
+  const orphans = packs.filter((id) => !dedupe.hasPack(id));
+  await mapLimit(orphans, 4, async (id) => {
     try {
-      for (const e of await repo.readPackFooter(id, info.size)) {
+      for (const e of await repo.readPackFooter(id)) {
         const entry = { id: e.id, pack: id, offset: e.offset, length: e.length, rawLength: e.rawLength };
         adopted.push(entry);
         dedupe.add(entry);
