@@ -111,15 +111,25 @@ export class FsStore implements ObjectStore {
   }
 
   /**
-   * Makes `folder` and any missing folder on the way to it; when `durable`, each created folder's name is
-   * synced in its parent (side by side: any order makes all of them durable) before this resolves.
+   * Folders whose names this process has made durable in their parents (synced after they existed). Folders
+   * are never removed, so an entry stays true; at most one per folder of the store.
+   */
+  private readonly durableDirs = new Set<string>();
+
+  /**
+   * Makes `folder` and any missing folder on the way to it; when `durable`, each folder on the way whose name
+   * this process has not yet seen synced is synced in its parent (side by side: any order makes all of them
+   * durable) before this resolves — also when the folder already existed: another put in flight may have just
+   * made it and not yet synced its name, or a killed process may have made it and never synced it.
    */
   private async makeFolder(folder: string, durable: boolean): Promise<void> {
-    const created = await mkdir(folder, { recursive: true });
-    if (!durable || created === undefined) return;
-    const parents: string[] = [];
-    for (let d = folder; d !== this.root && d.length >= created.length; d = dirname(d)) parents.push(dirname(d));
-    await Promise.all(parents.map((p) => syncDir(p)));
+    if (durable && (folder === this.root || this.durableDirs.has(folder))) return;
+    await mkdir(folder, { recursive: true });
+    if (!durable) return;
+    const chain: string[] = [];
+    for (let d = folder; d !== this.root && d.length > this.root.length && !this.durableDirs.has(d); d = dirname(d)) chain.push(d);
+    await Promise.all(chain.map((d) => syncDir(dirname(d))));
+    for (const d of chain) this.durableDirs.add(d);
   }
 
   async get(key: string): Promise<Buffer> {
