@@ -29,7 +29,7 @@ export class InterruptedError extends Error {
 }
 
 export class SocketReader {
-  /** The no-progress clock of a pending read: `since` is the last progress (Date.now()); the timer checks it when it fires. */
+  /** The no-progress clock of a pending read: `since` is the last progress (performance.now(): monotonic, as the timer's clock; a wall-clock step must not end a progressing read nor extend a stalled one); the timer checks it when it fires. */
   private stall: { ms: number; idleOk: boolean; what: string; timer: NodeJS.Timeout | null; since: number } | null = null;
   private chunks: Buffer[] = [];
   private buffered = 0;
@@ -203,14 +203,14 @@ export class SocketReader {
   private armStall(): void {
     const st = this.stall!;
     if (st.idleOk && this.buffered === 0) return;
-    st.since = Date.now();
+    st.since = performance.now();
     st.timer ??= setTimeout(this.stallCheck, st.ms);
   }
 
   private readonly stallCheck = (): void => {
     const st = this.stall;
     if (!st) return;
-    const left = st.since + st.ms - Date.now();
+    const left = st.since + st.ms - performance.now();
     if (left > 0) {
       st.timer = setTimeout(this.stallCheck, left);
       return;
