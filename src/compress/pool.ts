@@ -30,11 +30,16 @@ function getPool(): Piscina {
     const pool = new Pool({ filename, minThreads: poolSize(), maxThreads: poolSize(), idleTimeout: 5_000 });
     // A worker that cannot load its file (missing: dist/ copied in part; broken) makes the pool emit
     // 'error': unheard, that ended the process with a stack trace. Every task then fails with this error.
+    // Once a worker is up, the pool's 'error' is one worker's own failure while it held no task (piscina
+    // rejects a task whose worker fails, and replaces the worker): not a reason to fail every later task (a
+    // schedule daemon would fail each backup until restarted).
     let fail: (e: KscError) => void = () => undefined;
     const failed = new Promise<never>((_, reject) => (fail = reject));
     failed.catch(() => undefined);
-    pool.on('error', (e: Error) => fail(new KscError('KSC_E_UNAVAILABLE', `a worker thread could not load ${filename}: ${e.message} (rebuild with npm run build, or copy dist/ whole)`, { cause: e })));
     const run = { pool, loading: Promise.resolve(), ready: false, failed };
+    pool.on('error', (e: Error) => {
+      if (!run.ready) fail(new KscError('KSC_E_UNAVAILABLE', `a worker thread could not load ${filename}: ${e.message} (rebuild with npm run build, or copy dist/ whole)`, { cause: e }));
+    });
     // One warm task per worker, sent before any other task so each lands on its own worker (one task per
     // worker at a time): once they have all settled, every worker has loaded its module, and a worker runs
     // any other task only after its warm task. closePool waits for them: a belt now that the workers run a
