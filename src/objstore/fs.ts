@@ -220,6 +220,23 @@ export class FsStore implements ObjectStore {
     }
   }
 
+  async syncObject(key: string): Promise<void> {
+    const file = this.path(key);
+    let fh: FileHandle;
+    try {
+      fh = await open(file, 'r');
+    } catch (e) {
+      throw ioError(file, 'open', e);
+    }
+    try {
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await this.makeFolder(dirname(file), true);
+    await syncDir(dirname(file));
+  }
+
   async *listKeys(prefix: string): AsyncIterable<string> {
     const cut = prefix.lastIndexOf('/');
     const dirKey = cut < 0 ? '' : prefix.slice(0, cut + 1);

@@ -88,6 +88,12 @@ export interface ObjectStore {
    * folders only, not every file's inode). Without it, callers take the keys of list().
    */
   listKeys?(prefix: string): AsyncIterable<string>;
+  /**
+   * Optional: makes an object that exists durable under its key — its bytes, its name and the folders on the
+   * way — for objects a killed writer may have named and never synced (a backup adopting orphans, §9 rule 6).
+   * Stores whose objects are durable once visible (S3) lack it.
+   */
+  syncObject?(key: string): Promise<void>;
   /** Removes the object; no error when it is already gone. */
   delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */

@@ -6,7 +6,7 @@
  */
 import { isKscError } from '../../errors.js';
 import type { IndexEntry } from '../../repo/index-object.js';
-import { Repository, type ChunkIndex, type PackWriter } from '../../repo/repository.js';
+import { Repository, packKey, type ChunkIndex, type PackWriter } from '../../repo/repository.js';
 import { mapLimit } from '../../util/concurrency.js';
 import type { BitSet } from '../../util/bitset.js';
 import { FilterDedupe } from './dedupe-filter.js';
@@ -118,7 +118,11 @@ export async function adoptOrphans(repo: Repository, dedupe: Dedupe, packs: stri
   const orphans = packs.filter((id) => !dedupe.hasPack(id));
   await mapLimit(orphans, 4, async (id) => {
     try {
-      for (const e of await repo.readPackFooter(id)) {
+      const entries = await repo.readPackFooter(id);
+      // Its writer was stopped somewhere after the rename, maybe before the name was synced: durable before an
+      // index object of ours names it (§9 rule 1).
+      await repo.store.syncObject?.(packKey(id));
+      for (const e of entries) {
         const entry = { id: e.id, pack: id, offset: e.offset, length: e.length, rawLength: e.rawLength };
         adopted.push(entry);
         dedupe.add(entry);
