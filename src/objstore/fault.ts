@@ -23,12 +23,15 @@ class StepFaultStore implements ObjectStore {
   getRangeInto?: ObjectStore['getRangeInto'];
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
+  syncObject?: ObjectStore['syncObject'];
 
   constructor(
     private readonly inner: ObjectStore,
     private readonly gate: StepGate,
   ) {
     this.name = inner.name;
+    // Passed on, not a step of its own (it makes an object durable, changes nothing a reader sees).
+    if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
     if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
     if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
     if (inner.sweepTemp) this.sweepTemp = (ms, now) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms, now));

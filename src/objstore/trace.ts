@@ -131,9 +131,12 @@ class TraceStore implements ObjectStore {
   getRangeInto?: ObjectStore['getRangeInto'];
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
+  syncObject?: ObjectStore['syncObject'];
 
   constructor(private readonly inner: ObjectStore) {
     this.name = inner.name;
+    // Not a request (a local folder's fsyncs), so not traced; but never dropped: an adoption relies on it (§9 rule 6).
+    if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
     if (inner.getRangeInto) {
       this.getRangeInto = (key, offset, target) =>
         traced(
