@@ -59,7 +59,7 @@ describe('two backups into one repository at once, SIGKILLed at random moments (
     console.log(`seed ${seed}`);
     const rng = new Rng(seed);
     const repoDir = join(dir, 'repo');
-    await newRepo(repoDir, { encrypt: false });
+    await newRepo(repoDir); // encrypted (the test environment's password): adoption reads sealed footers
     const SIZE = 24 * MiB;
     const shared = rng.bytes(2 * MiB); // written into both disks: the same chunks uploaded by both writers
     const disks = [await makeDisk(dir, 'a', rng, { size: SIZE }), await makeDisk(dir, 'b', rng, { size: SIZE })];
