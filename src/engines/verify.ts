@@ -67,8 +67,11 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
   const manifestDamage = (id: string, e: KscError): void => {
     damage.push({ object: repo.objName(manifestKey(id)), problem: e.message, backups: [id] });
   };
+  // The manifests are listed before the index is loaded: a backup commits its manifest only after the index
+  // object naming its chunks (§9 rule 2), so one committing meanwhile is either not listed or fully indexed.
+  const ids = opts.backup ? [] : await repo.listBackupIds();
   const { single, index } = await loadManifestAndIndex(repo, opts.backup, damage, manifestDamage);
-  const { used, readable } = await markUsed(repo, index, opts.backup, single, damage, manifestDamage);
+  const { used, readable } = await markUsed(repo, index, opts.backup, ids, single, damage, manifestDamage);
   const byPack = await copiesByPack(index, used);
   used.fill(0);
   const chunks = await readChunks(repo, index, byPack, opts);
@@ -130,6 +133,7 @@ async function markUsed(
   repo: Repository,
   index: ChunkIndex,
   backup: string | undefined,
+  ids: string[],
   single: Manifest | null,
   damage: Damage[],
   manifestDamage: (id: string, e: KscError) => void,
@@ -152,7 +156,7 @@ async function markUsed(
     });
     return id;
   };
-  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, manifestDamage, mark);
+  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, ids, manifestDamage, mark);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
@@ -165,9 +169,9 @@ async function markUsed(
  * Every backup's manifest through `mark`, 8 read side by side, each marked as it is read and not kept (as
  * listBackups, whose pick cannot wait); a damaged one goes to `onDamage`. Returns the ids marked, sorted.
  */
-async function markAll(repo: Repository, onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>): Promise<string[]> {
+async function markAll(repo: Repository, ids: string[], onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>): Promise<string[]> {
   const marked: string[] = [];
-  await mapLimit(await repo.listBackupIds(), 8, async (id) => {
+  await mapLimit(ids, 8, async (id) => {
     let m: Manifest;
     try {
       m = await repo.readManifest(id);
