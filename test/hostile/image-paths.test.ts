@@ -8,14 +8,14 @@
  *    0 B". They must be refused, naming the file system.
  *  - A symlink to a regular image still works wherever an image path is taken: info, convert, backup, serve.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync, renameSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { isKscError } from '../../src/errors.js';
 import { openImage } from '../../src/image/open.js';
 import { openHostFile } from '../../src/io/file.js';
-import { CLI, kscinc } from '../helpers/cli.js';
+import { type SpawnResult, cliKilled, kscinc } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { servePlain } from './helpers.js';
@@ -24,20 +24,7 @@ const dir = tempDir('kscinc-hostile-paths-');
 const seed = seedFor('test/hostile/image-paths.test.ts');
 
 /** The CLI with `args`, SIGKILLed after 60 s (a hung one then fails with what it printed). */
-function cli(args: string[]): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
+const cli = (args: string[]): Promise<SpawnResult> => cliKilled(args, { cwd: dir });
 
 describe(`image paths (seed ${seed})`, () => {
   it('a path that becomes a fifo between the check and the open: refused at once, no hang', async () => {

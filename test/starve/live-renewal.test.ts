@@ -17,7 +17,6 @@ import { randomFillSync } from 'node:crypto';
 import { existsSync, statSync, utimesSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { openKsc } from '../../src/image/open.js';
 import type { BackupBacking } from '../../src/image/repobacking.js';
 import type { KscImage } from '../../src/image/ksc.js';
 import { closePool } from '../../src/compress/pool.js';
@@ -25,7 +24,7 @@ import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
 import { MiB, openRepo } from '../backup/helpers/fixtures.js';
 import { listLiveRefs } from '../../src/repo/liverefs.js';
-import { liveFromBytes } from '../live-restore/helpers.js';
+import { dataThenZeros, openLiveWritable } from '../helpers/live-open.js';
 import { expectKscError } from '../helpers/corrupt.js';
 
 const dir = tempDir('kscinc-starve-renew-');
@@ -42,12 +41,9 @@ const MAX_READS = 400_000;
 
 describe("a live restore's reference renewal", () => {
   it('keeps firing during a fill of every chunk and during a long loop of reads of local and zero chunks', async () => {
-    const data = Buffer.alloc(24 * MiB);
-    randomFillSync(data.subarray(0, 16 * MiB)); // chunks 0–15 data, 16–23 zero chunks of the backup
-    const { target } = await liveFromBytes(dir, 'renew', data);
-    const img = await openKsc(target, { write: true });
+    const data = dataThenZeros(24, 16); // chunks 0–15 data, 16–23 zero chunks of the backup
+    const { img, backing: b } = await openLiveWritable(dir, 'renew', data);
     try {
-      const b = img.backing as BackupBacking;
       // The fill: every data chunk fetched, decoded, checked and written into the image.
       const r0 = b.renewals;
       const t0 = performance.now();
@@ -79,16 +75,10 @@ describe("a live restore's reference renewal", () => {
   }, 300_000);
 
   /** A live image opened for writing with its renewal timer out of the way (once an hour): the test renews by hand. */
-  async function openQuiet(name: string): Promise<{ img: KscImage; b: BackupBacking; repoDir: string }> {
-    const { target, repoDir } = await liveFromBytes(dir, name, randomFillSync(Buffer.alloc(4 * MiB)));
-    process.env.KSCINC_LIVE_REF_RENEW_MS = '3600000';
-    try {
-      const img = await openKsc(target, { write: true });
-      return { img, b: img.backing as BackupBacking, repoDir };
-    } finally {
-      process.env.KSCINC_LIVE_REF_RENEW_MS = '20';
-    }
-  }
+  const openQuiet = async (name: string): Promise<{ img: KscImage; b: BackupBacking; repoDir: string }> => {
+    const { img, backing, repoDir } = await openLiveWritable(dir, name, randomFillSync(Buffer.alloc(4 * MiB)), { renewMs: 3_600_000 });
+    return { img, b: backing, repoDir };
+  };
 
   it('renewed while open; late beyond its lifetime and removed by repo unlock: not put back, and the repository is read no more', async () => {
     const { img, b, repoDir } = await openQuiet('late');
