@@ -1,6 +1,6 @@
 /**
- * Hostile: an image path must name a regular file (src/image/open.ts), checked on what is opened.
- *  - A path that becomes a fifo between open.ts's check of the name and the open of the file (the opener
+ * Hostile: an image path must name a regular file, checked on what is opened (src/io/file.ts openHostFile).
+ *  - A path that becomes a fifo between open.ts's look at the name (realpath) and the open of the file (the opener
  *    swaps it in, as another process could at that moment): the open blocked a libuv thread for ever (the
  *    command hung, as before session 17's check). It must fail at once (KSC_E_INVALID, "fifo").
  *  - A file of /proc or /sys is a regular file whose size means nothing (/proc/cpuinfo: 0 bytes, a /sys
@@ -36,7 +36,7 @@ describe(`image paths (seed ${seed})`, () => {
     const opener: typeof openHostFile = (p, o) => {
       if (!swapped) {
         swapped = true;
-        renameSync(fifo, p); // after open.ts looked at the name, before the file is opened
+        renameSync(fifo, p); // after open.ts resolved the name, before the file is opened
       }
       return openHostFile(p, o);
     };
