@@ -93,25 +93,6 @@ export async function openKsc(file: string, opts: Omit<OpenImageOptions, 'format
   return dev;
 }
 
-/** statfs(2) f_type of the kernel's pseudo file systems, whose files' sizes mean nothing. */
-const PSEUDO_FS = new Map<number, string>([
-  [0x9fa0, 'proc'],
-  [0x62656572, 'sysfs'],
-  [0x64626720, 'debugfs'],
-  [0x74726163, 'tracefs'],
-  [0x27e0eb, 'cgroup'],
-  [0x63677270, 'cgroup2'],
-  [0x73636673, 'securityfs'],
-  [0x62656570, 'configfs'],
-]);
-
-function specialKind(st: { isBlockDevice(): boolean; isCharacterDevice(): boolean; isFIFO(): boolean; isSocket(): boolean }): string {
-  if (st.isBlockDevice()) return 'block device';
-  if (st.isCharacterDevice()) return 'character device';
-  if (st.isFIFO()) return 'fifo';
-  return st.isSocket() ? 'socket' : 'special file';
-}
-
 async function openChain(file: string, format: ImageFormat | undefined, write: boolean, opts: OpenImageOptions, seen: Set<string>, depth: number): Promise<BlockDevice> {
   if (depth > MAX_CHAIN_DEPTH) throw new KscError('KSC_E_RANGE', `${file}: backing chain is deeper than ${MAX_CHAIN_DEPTH}`);
   let real: string;
@@ -122,15 +103,7 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     if (missing) throw new KscError('KSC_E_NOT_FOUND', `${file}: folder ${missing} does not exist`, { cause: e });
     throw new KscError('KSC_E_NOT_FOUND', depth === 0 ? `${file}: no such file` : `backing file ${file} not found`, { cause: e });
   }
-  const st = await fsp.stat(real);
-  if (st.isDirectory()) throw new KscError('KSC_E_INVALID', `${file}: is a folder, not an image file`);
-  // Images are regular files: a fifo's open would block for ever (and keep a killed process alive), a
-  // device's size reads as 0 (an empty backup of a disk).
-  if (!st.isFile()) throw new KscError('KSC_E_INVALID', `${file}: is a ${specialKind(st)}, not an image file (images are regular files: copy a device into one first)`);
-  // A file of /proc or /sys (and their kind) is a regular file whose size means nothing: /proc/cpuinfo read
-  // as a 0-byte raw image (an empty backup, exit 0).
-  const pseudo = PSEUDO_FS.get((await fsp.statfs(real).catch(() => null))?.type ?? 0);
-  if (pseudo) throw new KscError('KSC_E_INVALID', `${file}: is a file of the ${pseudo} file system, not an image file (copy what it holds into a regular file first)`);
+  // Its kind (a regular file, not of /proc or /sys) is checked on what is opened (io/file.ts openHostFile).
   if (seen.has(real)) throw new KscError('KSC_E_LOOP', `${file}: backing chain loops back to ${real}`);
   seen.add(real);
   const opener = opts.opener ?? openHostFile;

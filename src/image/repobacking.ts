@@ -16,6 +16,13 @@
  *
  * While a writer has the image open, the device holds a shared repository lock naming the live restore
  * (rule 5), refreshed in the background: prune's exclusive lock cannot be taken meanwhile.
+ *
+ * A holder that may have lost what protects the backup stops reading it (repository.md §8 rule 4, applied to
+ * the reference of §8.1): when a renewal of the reference finds it gone (`repo unlock` removed it as stale
+ * while the holder was suspended), older than half its lifetime (someone may have judged it stale), or the
+ * shared lock lost, it does not put the reference back — a prune may have removed the backup meanwhile —
+ * and every later fetch from the repository fails with that reason (KSC_E_LOCKED). Only a new writable
+ * open, under a new shared lock and with the manifest read again, puts the reference again.
  */
 import { KscError } from '../errors.js';
 import type { BackupRef } from '../format/header.js';
@@ -26,7 +33,8 @@ import type { Manifest } from '../repo/manifest.js';
 import { Repository, STALE_MS, readerLockOn, systemLockClock, type RepoLock } from '../repo/repository.js';
 import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { pace } from '../util/turns.js';
-import { REF_RENEW_MS, deleteLiveRef, putLiveRef } from '../repo/liverefs.js';
+import { REF_RENEW_MS, REF_STALE_MS, deleteLiveRef, liveRefKey, putLiveRef } from '../repo/liverefs.js';
+import { storageNow } from '../repo/locks.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
 import type { LocalBaseRef } from '../format/local-base.js';
@@ -54,6 +62,8 @@ export class BackupBacking implements BlockDevice {
   private renewTimer: NodeJS.Timeout | null = null;
   /** Renewals of the reference started since the open (the open's own put not counted; tests). */
   renewals = 0;
+  /** Why the repository may no longer be read (the reference or the lock lost); null while it may. */
+  private lost: KscError | null = null;
   /** Chunks fetched ahead of a sequential reader (KSCINC_LIVE_READAHEAD, default 4; 0: none). */
   private readonly readahead = readaheadChunks();
   /** Which chunks each sequential reader gets fetched ahead (repo-readahead.ts). */
@@ -198,6 +208,7 @@ export class BackupBacking implements BlockDevice {
       const n = end - pos;
       if (this.isZeroChunk(k)) target.fill(0, at, at + n);
       else if (this.isBaseChunk(k)) parts.push(this.localBase!.readInto(pos, target.subarray(at, at + n)));
+      else if (this.lost) parts.push(Promise.reject(this.lost));
       else parts.push(this.fills.chunk(k).then((d) => void d.copy(target, at, inChunk, inChunk + n)));
       pos = end;
     }
@@ -282,6 +293,7 @@ export class BackupBacking implements BlockDevice {
    */
   fetchAll(ks: number[], opts: FetchAllOptions = {}): Promise<void> {
     this.live();
+    if (this.lost) return Promise.reject(this.lost);
     return this.fills.fetchAll(ks, opts);
   }
 
@@ -317,11 +329,47 @@ export class BackupBacking implements BlockDevice {
 
   async flush(): Promise<void> {}
 
-  /** Puts the image's live-restore reference again (repository.md §8.1). */
+  /**
+   * Puts the image's live-restore reference again (repository.md §8.1), only while nothing says that it
+   * or the shared lock may have been lost (the module's notes); otherwise puts nothing, stops the renewals
+   * and fails every later fetch from the repository with the reason, which it throws (KSC_E_LOCKED). A
+   * failure to look (the repository away) throws and changes nothing: the next renewal looks again.
+   */
   async renewReference(): Promise<void> {
     if (!this.image || this.closed) return;
+    if (this.lost) throw this.lost;
     this.renewals++;
-    await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image: this.image });
+    const image = this.image;
+    const key = liveRefKey(this.manifest.meta.id, image);
+    const stop = (why: string, cause?: unknown): never => {
+      this.lose(
+        new KscError(
+          'KSC_E_LOCKED',
+          `image ${image}: ${why}: it is not put back (a prune may have removed backup ${this.manifest.meta.id} meanwhile), and what the image has not pulled yet is no longer read from ${this.name}; open the image again (its open puts the reference back under a new lock if the backup is still there) to go on`,
+          { cause },
+        ),
+      );
+      throw this.lost;
+    };
+    try {
+      this.lock?.check();
+    } catch (e) {
+      stop((e as Error).message, e);
+    }
+    const st = await this.store.stat(key);
+    if (!st) stop(`its live-restore reference ${key} is gone (removed as stale by repo unlock, or by hand)`);
+    const age = (await storageNow(this.store)) - st!.mtimeMs;
+    if (age > REF_STALE_MS / 2)
+      stop(`its live-restore reference ${key} was last renewed ${(age / 86_400_000).toFixed(1)} days ago by the storage's clock: it may have looked stale (after ${REF_STALE_MS / 86_400_000} days)`);
+    if (this.closed || this.image !== image) return; // closed or pulled meanwhile: not put back
+    await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image });
+  }
+
+  /** From now on the repository is not read: every fetch fails with `why`; the renewals stop. */
+  private lose(why: KscError): void {
+    this.lost ??= why;
+    if (this.renewTimer) clearInterval(this.renewTimer);
+    this.renewTimer = null;
   }
 
   /**
@@ -335,8 +383,9 @@ export class BackupBacking implements BlockDevice {
     return deleteLiveRef(this.store, this.manifest.meta.id, nodePath.resolve(image));
   }
 
-  /** Throws KSC_E_LOCKED when the shared lock of §4.2 rule 5 was lost. */
+  /** Throws KSC_E_LOCKED when the shared lock of §4.2 rule 5, or the reference (renewReference), was lost. */
   checkLock(): void {
+    if (this.lost) throw this.lost;
     this.lock?.check();
   }
 

@@ -111,22 +111,77 @@ export interface OpenFileOptions {
 
 export type FileOpener = (path: string, opts: OpenFileOptions) => Promise<HostFile>;
 
+/** statfs(2) f_type of the kernel's pseudo file systems, whose files' sizes mean nothing. */
+const PSEUDO_FS = new Map<number, string>([
+  [0x9fa0, 'proc'],
+  [0x62656572, 'sysfs'],
+  [0x64626720, 'debugfs'],
+  [0x74726163, 'tracefs'],
+  [0x27e0eb, 'cgroup'],
+  [0x63677270, 'cgroup2'],
+  [0x73636673, 'securityfs'],
+  [0x62656570, 'configfs'],
+]);
+
+type FileKind = { isDirectory(): boolean; isBlockDevice(): boolean; isCharacterDevice(): boolean; isFIFO(): boolean; isSocket(): boolean };
+
+function specialKind(st: FileKind): string {
+  if (st.isBlockDevice()) return 'block device';
+  if (st.isCharacterDevice()) return 'character device';
+  if (st.isFIFO()) return 'fifo';
+  return st.isSocket() ? 'socket' : 'special file';
+}
+
+function notRegular(path: string, st: FileKind): KscError {
+  if (st.isDirectory()) return new KscError('KSC_E_INVALID', `${path}: is a folder, not an image file`);
+  // A fifo's read would block for ever, a device's size reads as 0 (an empty backup of a disk).
+  return new KscError('KSC_E_INVALID', `${path}: is a ${specialKind(st)}, not an image file (images are regular files: copy a device into one first)`);
+}
+
+/**
+ * The one check that a file opened by name is an image's kind of file, made on the descriptor (what is
+ * read is what was checked, whatever the name pointed at a moment before): a regular file, and not one of
+ * /proc, /sys and their kind, regular files whose size means nothing (/proc/cpuinfo read as a 0-byte raw
+ * image: an empty backup, exit 0). statfs of /proc/self/fd/N is fstatfs(2) (the link names the open file);
+ * without /proc that part is skipped.
+ */
+async function checkOpened(path: string, fh: fsp.FileHandle): Promise<void> {
+  const st = await fh.stat();
+  if (!st.isFile()) throw notRegular(path, st);
+  const fsType = (await fsp.statfs(`/proc/self/fd/${fh.fd}`).catch(() => null))?.type ?? 0;
+  const pseudo = PSEUDO_FS.get(fsType);
+  if (pseudo) throw new KscError('KSC_E_INVALID', `${path}: is a file of the ${pseudo} file system, not an image file (copy what it holds into a regular file first)`);
+}
+
+/**
+ * Opens a host file; one that exists must be a regular file of a real file system (checkOpened), else
+ * KSC_E_INVALID naming its kind. KSC_E_NOT_FOUND when missing, KSC_E_EXISTS when `create` finds one.
+ */
 export const openHostFile: FileOpener = async (path, opts) => {
-  // O_NONBLOCK (no effect on a regular file's I/O): a fifo put under the name after the caller looked at it
-  // must not block the open (and a libuv thread) for ever; it is refused below.
-  const flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK;
+  // O_NONBLOCK (no effect on a regular file's I/O): the open of a fifo must not block (and a libuv thread)
+  // for ever; it is refused below. O_NOCTTY: a terminal opened by mistake must not become ours.
+  const flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK | fsc.O_NOCTTY;
   try {
     const fh = await (opts.create ? createFile(path, flags | fsc.O_EXCL) : fsp.open(path, flags));
-    if (!opts.create && (await fh.stat().catch(() => null))?.isFIFO()) {
-      await fh.close();
-      throw new KscError('KSC_E_INVALID', `${path}: is a fifo, not a regular file`);
+    if (!opts.create) {
+      try {
+        await checkOpened(path, fh);
+      } catch (e) {
+        await fh.close().catch(() => undefined);
+        throw e;
+      }
     }
     return withFaults(new NodeHostFile(path, fh, opts.write));
   } catch (e) {
     const errno = (e as { code?: string }).code;
     if (errno === 'ENOENT') throw new KscError('KSC_E_NOT_FOUND', `${path}: no such file`, { cause: e });
     if (errno === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${path}: already exists`, { cause: e });
-    if (errno === 'EISDIR') throw new KscError('KSC_E_INVALID', `${path}: is a directory`, { cause: e });
+    if (errno === 'EISDIR') throw new KscError('KSC_E_INVALID', `${path}: is a folder, not an image file`, { cause: e });
+    // A socket (or a device without its driver) cannot be opened at all: name what it is.
+    if (errno === 'ENXIO') {
+      const st = await fsp.stat(path).catch(() => null);
+      if (st && !st.isFile()) throw notRegular(path, st);
+    }
     throw ioError(path, 'open', e);
   }
 };

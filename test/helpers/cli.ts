@@ -16,24 +16,45 @@ export function kscinc(args: string[], opts: { cwd?: string; input?: Buffer; env
   return { code: r.status ?? -1, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
 }
 
+export interface SpawnResult {
+  code: number | null;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+}
+
+/**
+ * Runs `cmd` without blocking the event loop, its output gathered; SIGKILLed after `timeoutMs` (60 s): a
+ * hung command then ends with signal SIGKILL and what it printed, instead of timing the test out. `env` goes
+ * over this process's.
+ */
+export function spawnKilled(cmd: string, args: string[], opts: { cwd?: string; env?: Record<string, string>; timeoutMs?: number } = {}): Promise<SpawnResult> {
+  return new Promise((resolve) => {
+    const p = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ? { ...process.env, ...opts.env } : undefined, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => p.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
+    p.on('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+/** The built CLI (`cli`: another copy of it) with `args`, as spawnKilled runs it. */
+export function cliKilled(args: string[], opts: { cwd?: string; env?: Record<string, string>; timeoutMs?: number; cli?: string } = {}): Promise<SpawnResult> {
+  return spawnKilled(process.execPath, [opts.cli ?? CLI, ...args], opts);
+}
+
 /**
  * Runs the compiled CLI without blocking the event loop (the test goes on serving or streaming meanwhile),
  * with `env` over this process's. SIGKILLed after `timeoutMs`: a hung command then fails the test with its
  * output instead of timing the test out.
  */
 export function kscincAsync(args: string[], env: Record<string, string> = {}, timeoutMs = 120_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), timeoutMs);
-    p.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stdout, stderr });
-    });
-  });
+  return cliKilled(args, { env, timeoutMs });
 }
 
 export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): CliResult {

@@ -20,3 +20,39 @@ export async function turnsDuring(loop: () => Promise<void>, onTurn?: (turns: nu
   }
   return turns;
 }
+
+/**
+ * Counts events (`count()`) between turns of a chain of setImmediates started at construction, until
+ * `stop()`: `longest` is the most events counted between two turns (the run since the last turn included),
+ * `turns` the turns the chain got.
+ */
+export class RunsBetweenTurns {
+  turns = 0;
+  private run = 0;
+  private most = 0;
+  private stopped = false;
+
+  constructor() {
+    setImmediate(this.tick);
+  }
+
+  count(): void {
+    this.run++;
+  }
+
+  get longest(): number {
+    return Math.max(this.most, this.run);
+  }
+
+  stop(): void {
+    this.stopped = true;
+  }
+
+  private readonly tick = (): void => {
+    if (this.stopped) return;
+    this.most = Math.max(this.most, this.run);
+    this.run = 0;
+    this.turns++;
+    setImmediate(this.tick);
+  };
+}

@@ -6,11 +6,12 @@
  * function/constructor", SyntaxError) or hang. Run from another folder, and from a copy of the package in
  * another folder (dist/, native/build and package.json copied, node_modules linked).
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { cpSync, mkdirSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { spawnKilled } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -51,18 +52,9 @@ function walk(cli: string): { words: string[]; usage: string }[] {
   return leaves;
 }
 
-function runTo(cli: string, args: string[], cwd: string): Promise<{ code: number | null; signal: string | null; out: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(cli, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, KSCINC_PASSWORD_FILE: '/nonexistent-kscinc/pw' } });
-    let out = '';
-    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (out += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, out });
-    });
-  });
+async function runTo(cli: string, args: string[], cwd: string): Promise<{ code: number | null; signal: string | null; out: string }> {
+  const r = await spawnKilled(cli, args, { cwd, env: { KSCINC_PASSWORD_FILE: '/nonexistent-kscinc/pw' } });
+  return { code: r.code, signal: r.signal, out: r.stdout + r.stderr };
 }
 
 async function everyCommand(cli: string, cwd: string): Promise<number> {

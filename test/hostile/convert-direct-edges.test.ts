@@ -13,17 +13,18 @@
  *    the target's folder, not even after the workers still running when the error came have finished.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, constants as fsc, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, fdatasyncSync, ftruncateSync, mkdirSync, openSync, readdirSync, readSync, readFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { convertImage } from '../../src/engines/convert.js';
 import { isKscError } from '../../src/errors.js';
-import { openImage } from '../../src/index.js';
 import { nativeOps } from '../../src/io/native.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-
-declare const WebAssembly: { Memory: new (d: { initial: number }) => { readonly buffer: ArrayBuffer } };
+import { undoAfterAll } from '../helpers/undo.js';
+import { loopFs } from '../helpers/loop-fs.js';
+import { writeCold } from '../helpers/cold-file.js';
+import { readAll } from '../helpers/read-all.js';
 
 const root = process.getuid?.() === 0;
 const native = process.env.KSCINC_NO_NATIVE !== '1' && typeof nativeOps()?.cachedRange === 'function';
@@ -32,17 +33,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const PIECE = 2 * MiB;
 const dir = tempDir('kscinc-hostile-direct-');
-const undo: (() => void)[] = [];
-
-afterAll(() => {
-  for (const s of undo.splice(0).reverse()) {
-    try {
-      s();
-    } catch {
-      // best effort: the rest still runs
-    }
-  }
-});
+const undo = undoAfterAll();
 
 /** A model of `size` bytes: random 64 KiB blocks, zero blocks, lone bytes, and data in the last byte. */
 function model(rng: Rng, size: number): Buffer {
@@ -58,22 +49,6 @@ function model(rng: Rng, size: number): Buffer {
   return m;
 }
 
-/** Writes `m` to a new file `path` with O_DIRECT (zero 4 KiB blocks left as holes), then cuts it to size: nothing cached. */
-function writeCold(path: string, m: Buffer): void {
-  const aligned = Math.ceil(m.length / 4096) * 4096;
-  const mem = Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(aligned / 65536) }).buffer, 0, aligned);
-  m.copy(mem);
-  const fd = openSync(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_TRUNC | fsc.O_DIRECT, 0o644);
-  try {
-    for (let pos = 0; pos < aligned; pos += 4096) {
-      if (mem.subarray(pos, pos + 4096).some((b) => b !== 0)) writeSync(fd, mem, pos, 4096, pos);
-    }
-    ftruncateSync(fd, m.length);
-  } finally {
-    closeSync(fd);
-  }
-}
-
 function cachedPages(path: string, from: number, to: number): number[] {
   const fd = openSync(path, 'r');
   try {
@@ -82,15 +57,6 @@ function cachedPages(path: string, from: number, to: number): number[] {
     return out;
   } finally {
     closeSync(fd);
-  }
-}
-
-async function readAll(path: string): Promise<Buffer> {
-  const d = await openImage(path);
-  try {
-    return await d.read(0, d.size);
-  } finally {
-    await d.close();
   }
 }
 
@@ -142,7 +108,7 @@ describe(`convert of a cold raw source: odd sizes, holes, file systems (seed ${s
   it('on tmpfs (every page cached): each size reads back as qemu-img convert makes it', async () => {
     const shm = join('/dev/shm', `kscinc-hostile-direct-${process.pid}`);
     mkdirSync(shm);
-    undo.push(() => execFileSync('rm', ['-rf', shm]));
+    undo(() => execFileSync('rm', ['-rf', shm]));
     const rng = new Rng(seed + 1);
     for (const size of sizes) {
       const m = model(rng, size);
@@ -206,18 +172,9 @@ describe.skipIf(!native)(`convert of a raw source partly in the page cache (seed
   });
 });
 
-/** An ext4 on a loop device over a `mib` MiB file in `dir`, made with `mkfsArgs` and mounted; its device, backing file and mount point. */
+/** An ext4 without a journal on a loop device over a `mib` MiB file in `dir`, made with `mkfsArgs` and mounted (errors=continue). */
 function loopExt4(name: string, mib: number, mkfsArgs: string[]): { dev: string; backing: string; mnt: string } {
-  const backing = join(dir, `${name}.fs`);
-  const mnt = join(dir, name);
-  mkdirSync(mnt);
-  execFileSync('truncate', ['-s', `${mib}m`, backing]);
-  const dev = execFileSync('losetup', ['-f', '--show', backing]).toString().trim();
-  undo.push(() => execFileSync('losetup', ['-d', dev]));
-  execFileSync('mkfs.ext4', ['-q', '-F', '-O', '^has_journal', ...mkfsArgs, dev], { stdio: 'ignore' });
-  execFileSync('mount', ['-o', 'errors=continue', dev, mnt]);
-  undo.push(() => execFileSync('umount', ['-l', mnt]));
-  return { dev, backing, mnt };
+  return loopFs(dir, name, { mkfs: 'mkfs.ext4', args: ['-q', '-F', '-O', '^has_journal', ...mkfsArgs], mib, mountOptions: 'errors=continue' }, undo);
 }
 
 /** Physical 4 KiB blocks of `path`'s extents (filefrag -v): [logical, physical, length] each. */

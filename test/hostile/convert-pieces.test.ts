@@ -14,9 +14,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { convertImage } from '../../src/engines/convert.js';
-import { createImage, openImage, openKsc } from '../../src/index.js';
+import { createImage, openKsc } from '../../src/index.js';
 import { openHostFile } from '../../src/io/file.js';
 import { tempDir } from '../helpers/tmp.js';
+import { readAll } from '../helpers/read-all.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -50,15 +51,6 @@ function rawSource(path: string, size: number, bytes: number[]): Buffer {
     closeSync(fd);
   }
   return model;
-}
-
-async function readAll(path: string): Promise<Buffer> {
-  const d = await openImage(path);
-  try {
-    return await d.read(0, d.size);
-  } finally {
-    await d.close();
-  }
 }
 
 /** The bytes of `path` in data extents (SEEK_DATA / SEEK_HOLE). */

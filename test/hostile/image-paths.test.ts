@@ -1,6 +1,6 @@
 /**
- * Hostile: an image path must name a regular file (src/image/open.ts), checked on what is opened.
- *  - A path that becomes a fifo between open.ts's check of the name and the open of the file (the opener
+ * Hostile: an image path must name a regular file, checked on what is opened (src/io/file.ts openHostFile).
+ *  - A path that becomes a fifo between open.ts's look at the name (realpath) and the open of the file (the opener
  *    swaps it in, as another process could at that moment): the open blocked a libuv thread for ever (the
  *    command hung, as before session 17's check). It must fail at once (KSC_E_INVALID, "fifo").
  *  - A file of /proc or /sys is a regular file whose size means nothing (/proc/cpuinfo: 0 bytes, a /sys
@@ -8,14 +8,14 @@
  *    0 B". They must be refused, naming the file system.
  *  - A symlink to a regular image still works wherever an image path is taken: info, convert, backup, serve.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { readFileSync, renameSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { isKscError } from '../../src/errors.js';
 import { openImage } from '../../src/image/open.js';
 import { openHostFile } from '../../src/io/file.js';
-import { CLI, kscinc } from '../helpers/cli.js';
+import { type SpawnResult, cliKilled, kscinc } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { servePlain } from './helpers.js';
@@ -24,20 +24,7 @@ const dir = tempDir('kscinc-hostile-paths-');
 const seed = seedFor('test/hostile/image-paths.test.ts');
 
 /** The CLI with `args`, SIGKILLed after 60 s (a hung one then fails with what it printed). */
-function cli(args: string[]): Promise<{ code: number | null; signal: string | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { cwd: dir, stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stdout, stderr });
-    });
-  });
-}
+const cli = (args: string[]): Promise<SpawnResult> => cliKilled(args, { cwd: dir });
 
 describe(`image paths (seed ${seed})`, () => {
   it('a path that becomes a fifo between the check and the open: refused at once, no hang', async () => {
@@ -49,7 +36,7 @@ describe(`image paths (seed ${seed})`, () => {
     const opener: typeof openHostFile = (p, o) => {
       if (!swapped) {
         swapped = true;
-        renameSync(fifo, p); // after open.ts looked at the name, before the file is opened
+        renameSync(fifo, p); // after open.ts resolved the name, before the file is opened
       }
       return openHostFile(p, o);
     };

@@ -12,19 +12,18 @@
  *    identity can be told (a re-run needs no flag).
  * The file systems need root (mount, losetup, mkfs); without root the tests are skipped, and say so.
  */
-import { execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { closePool } from '../../src/compress/pool.js';
 import { isKscError } from '../../src/errors.js';
-import { createImage, openImage } from '../../src/image/open.js';
-import { uuidToBytes } from '../../src/util/uuid.js';
-import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { MiB, openRepo } from '../backup/helpers/fixtures.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { undoAfterAll } from '../helpers/undo.js';
+import { loopFs } from '../helpers/loop-fs.js';
+import { oneBackup } from '../helpers/one-backup.js';
 
 const root = process.getuid?.() === 0;
 const xfs = root && existsSync('/usr/sbin/mkfs.xfs');
@@ -35,7 +34,7 @@ const dir = tempDir('kscinc-hostile-markfb-');
 let repoDir: string;
 let backup: string;
 let disk: Buffer;
-const undo: (() => void)[] = [];
+const undo = undoAfterAll();
 const envBefore = process.env.KSCINC_NO_NATIVE;
 
 afterEach(() => {
@@ -43,46 +42,14 @@ afterEach(() => {
   else process.env.KSCINC_NO_NATIVE = envBefore;
 });
 
-afterAll(async () => {
-  for (const s of undo.splice(0).reverse()) {
-    try {
-      s();
-    } catch {
-      // best effort: the rest still runs
-    }
-  }
-  await closePool();
-});
+afterAll(() => closePool());
 
 beforeAll(async () => {
-  const rng = new Rng(seed);
-  repoDir = join(dir, 'repo');
-  await newRepo(repoDir);
-  const image = join(dir, 'disk.ksc');
-  await createImage(image, { size: SIZE, diskUuid: uuidToBytes(DISK) });
-  const dev = await openImage(image, { write: true });
-  try {
-    await dev.write(0, rng.bytes(SIZE));
-    disk = await dev.read(0, SIZE);
-    backup = (await backupDevice(dev, await openRepo(repoDir), { bitmap: null })).id;
-  } finally {
-    await dev.close();
-  }
+  ({ repoDir, backup, disk } = await oneBackup(dir, DISK, SIZE, new Rng(seed)));
 });
 
 /** A file system made by `mkfs` with `args` on a loop device over a `mib` MiB file, mounted; its mount point. */
-function mounted(name: string, mkfs: string, args: string[], mib: number): string {
-  const backing = join(dir, `${name}.fs`);
-  const mnt = join(dir, name);
-  mkdirSync(mnt);
-  execFileSync('truncate', ['-s', `${mib}m`, backing]);
-  const dev = execFileSync('losetup', ['-f', '--show', backing]).toString().trim();
-  undo.push(() => execFileSync('losetup', ['-d', dev]));
-  execFileSync(mkfs, [...args, dev], { stdio: 'ignore' });
-  execFileSync('mount', [dev, mnt]);
-  undo.push(() => execFileSync('umount', ['-l', mnt]));
-  return mnt;
-}
+const mounted = (name: string, mkfs: string, args: string[], mib: number): string => loopFs(dir, name, { mkfs, args, mib }, undo).mnt;
 
 /** With the addon or without it (KSCINC_NO_NATIVE=1, read on every call). */
 function addon(on: boolean): void {

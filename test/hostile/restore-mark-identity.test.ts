@@ -9,19 +9,18 @@
  *    symlink pointed at another file of the same size is not.
  * The file systems need root (mount, losetup); without root those tests are skipped, and say so.
  */
-import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { closePool } from '../../src/compress/pool.js';
 import { isKscError } from '../../src/errors.js';
-import { createImage, openImage } from '../../src/image/open.js';
-import { uuidToBytes } from '../../src/util/uuid.js';
-import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { MiB, openRepo } from '../backup/helpers/fixtures.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { undoAfterAll } from '../helpers/undo.js';
+import { loopFs } from '../helpers/loop-fs.js';
+import { oneBackup } from '../helpers/one-backup.js';
 
 const root = process.getuid?.() === 0;
 const seed = seedFor('test/hostile/restore-mark-identity.test.ts');
@@ -31,48 +30,15 @@ const dir = tempDir('kscinc-hostile-mark-');
 let repoDir: string;
 let backup: string;
 let disk: Buffer;
-const undo: (() => void)[] = [];
-
-afterAll(async () => {
-  for (const s of undo.splice(0).reverse()) {
-    try {
-      s();
-    } catch {
-      // best effort: the rest still runs
-    }
-  }
-  await closePool();
-});
+const undo = undoAfterAll();
+afterAll(() => closePool());
 
 beforeAll(async () => {
-  const rng = new Rng(seed);
-  repoDir = join(dir, 'repo');
-  await newRepo(repoDir);
-  const image = join(dir, 'disk.ksc');
-  await createImage(image, { size: SIZE, diskUuid: uuidToBytes(DISK) });
-  const dev = await openImage(image, { write: true });
-  try {
-    await dev.write(0, rng.bytes(SIZE));
-    disk = await dev.read(0, SIZE);
-    backup = (await backupDevice(dev, await openRepo(repoDir), { bitmap: null })).id;
-  } finally {
-    await dev.close();
-  }
+  ({ repoDir, backup, disk } = await oneBackup(dir, DISK, SIZE, new Rng(seed)));
 });
 
 /** An ext4 file system made with `mkfsArgs` on a loop device over a file in `dir`, mounted; its mount point. */
-function ext4(name: string, mkfsArgs: string[]): string {
-  const backing = join(dir, `${name}.fs`);
-  const mnt = join(dir, name);
-  mkdirSync(mnt);
-  execFileSync('truncate', ['-s', '64m', backing]);
-  const dev = execFileSync('losetup', ['-f', '--show', backing]).toString().trim();
-  undo.push(() => execFileSync('losetup', ['-d', dev]));
-  execFileSync('mkfs.ext4', ['-q', '-F', ...mkfsArgs, dev], { stdio: 'ignore' });
-  execFileSync('mount', [dev, mnt]);
-  undo.push(() => execFileSync('umount', ['-l', mnt]));
-  return mnt;
-}
+const ext4 = (name: string, mkfsArgs: string[]): string => loopFs(dir, name, { mkfs: 'mkfs.ext4', args: ['-q', '-F', ...mkfsArgs], mib: 64 }, undo).mnt;
 
 async function refused(target: string, theirs: Buffer): Promise<void> {
   const e = await restoreBackup(await openRepo(repoDir), backup, target).catch((x: unknown) => x);

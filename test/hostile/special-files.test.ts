@@ -8,39 +8,20 @@
  *  - A character device (/dev/null): the same 0-byte raw image.
  * Each must fail at once with a clear error naming what the file is, and leave nothing behind.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
-import { CLI } from '../helpers/cli.js';
+import { describe, expect, it } from 'vitest';
+import { type SpawnResult, cliKilled } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { undoAfterAll } from '../helpers/undo.js';
 
 const root = process.getuid?.() === 0;
 const dir = tempDir('kscinc-hostile-special-');
-const undo: (() => void)[] = [];
-afterAll(() => {
-  for (const s of undo.splice(0).reverse()) {
-    try {
-      s();
-    } catch {
-      // best effort
-    }
-  }
-});
+const undo = undoAfterAll();
 
 /** The CLI with `args`, SIGKILLed after 60 s (a hung one then fails with what it printed). */
-function cli(args: string[]): Promise<{ code: number | null; signal: string | null; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stderr });
-    });
-  });
-}
+const cli = (args: string[]): Promise<SpawnResult> => cliKilled(args, { cwd: dir });
 
 async function refused(args: string[], what: RegExp): Promise<void> {
   const r = await cli(args);
@@ -72,7 +53,7 @@ describe('images that are not regular files', () => {
       const backing = join(dir, 'blk');
       writeFileSync(backing, Buffer.alloc(4 << 20, 0x5a));
       const dev = execFileSync('losetup', ['-f', '--show', backing]).toString().trim();
-      undo.push(() => execFileSync('losetup', ['-d', dev]));
+      undo(() => execFileSync('losetup', ['-d', dev]));
       await refused(['info', dev], /block device.*not an image file/);
       const repo = join(dir, 'repo-b');
       await refused(['backup', dev, '--repo', repo, '--no-encrypt', '--no-bitmap'], /block device.*not an image file/);

@@ -5,11 +5,11 @@
  * loads: piscina's 'error' event had no listener, and `kscinc backup` died of an uncaught exception with a
  * stack trace. It must fail with a clear error naming the worker file, exit 1, and never hang.
  */
-import { spawn } from 'node:child_process';
 import { cpSync, mkdirSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
+import { type SpawnResult, cliKilled } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 
@@ -27,17 +27,8 @@ function copyOfCli(dir: string): string {
   return join(pkg, 'dist', 'cli', 'kscinc.cjs');
 }
 
-function backup(cli: string, dir: string, disk: string): Promise<{ code: number | null; signal: string | null; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [cli, 'backup', disk, '--repo', join(dir, `repo-${Date.now()}`), '--no-encrypt'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    p.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 60_000);
-    p.on('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve({ code, signal, stderr });
-    });
-  });
+function backup(cli: string, dir: string, disk: string): Promise<SpawnResult> {
+  return cliKilled(['backup', disk, '--repo', join(dir, `repo-${Date.now()}`), '--no-encrypt'], { cli });
 }
 
 describe(`the pool's worker file missing or broken (seed ${seed})`, () => {

@@ -6,7 +6,7 @@
  * reads (the reads were direct: a buffered read would have cached it). A source that shrinks under the
  * reader reads as zeros past its new end; a cached source and a ksc_inc source are read the usual way.
  */
-import { closeSync, constants as fsc, ftruncateSync, openSync, readFileSync, writeSync } from 'node:fs';
+import { closeSync, ftruncateSync, openSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { pieceReader } from '../../src/engines/convert-direct.js';
@@ -18,29 +18,14 @@ import { nativeOps } from '../../src/io/native.js';
 import { mulberry32 } from '../helpers/prng.mjs';
 import { tempDir } from '../helpers/tmp.js';
 import { readAll } from '../helpers/read-all.js';
-
-declare const WebAssembly: { Memory: new (d: { initial: number }) => { readonly buffer: ArrayBuffer } };
+import { writeCold as writeColdFile } from '../helpers/cold-file.js';
 
 const dir = tempDir();
 const seed = Number(process.env.TEST_SEED ?? Date.now() % 100000);
 const MiB = 1 << 20;
 
 /** Writes `data` to a new file with O_DIRECT (whole 4 KiB blocks; holes where `data` is zero for a whole 64 KiB), then sets its size. */
-function writeCold(path: string, data: Buffer): void {
-  const aligned = Math.ceil(data.length / 4096) * 4096;
-  const mem = Buffer.from(new WebAssembly.Memory({ initial: Math.ceil(aligned / 65536) }).buffer, 0, aligned);
-  data.copy(mem);
-  const fd = openSync(path, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_TRUNC | fsc.O_DIRECT, 0o644);
-  try {
-    for (let pos = 0; pos < aligned; pos += 65536) {
-      const piece = mem.subarray(pos, Math.min(aligned, pos + 65536));
-      if (piece.some((b) => b !== 0)) writeSync(fd, piece, 0, piece.length, pos);
-    }
-    ftruncateSync(fd, data.length);
-  } finally {
-    closeSync(fd);
-  }
-}
+const writeCold = (path: string, data: Buffer): void => writeColdFile(path, data, 65536);
 
 /** cachestat of [position, position + length) of `path`: 1 all cached, 0 not, -2 cannot tell. */
 function cached(path: string, position: number, length: number): number {

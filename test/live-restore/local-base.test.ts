@@ -12,7 +12,7 @@ import { backupDevice } from '../../src/engines/backup.js';
 import { liveRestore } from '../../src/engines/live-restore.js';
 import { pullImage } from '../../src/engines/pull.js';
 import { fingerprintV1 } from '../../src/engines/migrate-base.js';
-import { openImage, openKsc } from '../../src/image/open.js';
+import { openKsc } from '../../src/image/open.js';
 import { KscImage } from '../../src/image/ksc.js';
 import { RawDevice } from '../../src/image/raw.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
@@ -22,6 +22,7 @@ import { closePool } from '../../src/compress/pool.js';
 import { CLI, kscinc, run } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { readAll } from '../helpers/read-all.js';
 import { MiB, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 import { runDir, startServe } from '../supervisor/helpers.js';
 import { pullStatus, waitFor } from './serve-helpers.js';
@@ -39,15 +40,6 @@ let src: Buffer;
 /** Chunks the overlay holds blocks of and whose backup chunk is not zero: what a pull must fetch. */
 let overlayChunks: number[];
 let backupId: string;
-
-async function readAll(path: string): Promise<Buffer> {
-  const dev = await openImage(path);
-  try {
-    return await dev.read(0, dev.size);
-  } finally {
-    await dev.close();
-  }
-}
 
 beforeAll(async () => {
   const ksc = await makeDisk(dir, 'd', rng.fork(), { size, baseSize: size - MiB - 777, baseRegions: 14, maxRegion: 2 * MiB });

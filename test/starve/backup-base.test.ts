@@ -16,27 +16,15 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
 import { createImage, openKsc } from '../../src/image/open.js';
 import { chainOf } from '../../src/image/capabilities.js';
-import type { ObjectStore } from '../../src/objstore/types.js';
 import { closePool } from '../../src/compress/pool.js';
 import { RUN_MAX } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
+import { countingLocks } from '../helpers/counting-store.js';
 import { MiB, expectKscError, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-starve-base-');
 afterAll(() => closePool());
-
-/** A store that counts the puts of lock objects (the take, then each refresh). */
-function countingLocks(s: ObjectStore): ObjectStore & { lockPuts: number } {
-  const w = Object.assign(Object.create(s) as ObjectStore, {
-    lockPuts: 0,
-    put: async (key: string, data: Parameters<ObjectStore['put']>[1], opts?: Parameters<ObjectStore['put']>[2]) => {
-      if (/^locks\/[^/]+\.lock$/.test(key)) w.lockPuts++;
-      return s.put(key, data, opts);
-    },
-  });
-  return w;
-}
 
 /** A raw base of `mib` MiB of random bytes (in the page cache: just written) and a ksc_inc overlay on it. */
 async function overlayOnBase(name: string, mib: number): Promise<string> {

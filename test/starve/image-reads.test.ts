@@ -7,7 +7,6 @@
  *  - the fingerprint of a sparse raw base (engines/migrate-base.ts: holes are skipped without a read).
  */
 import { closeSync, ftruncateSync, openSync } from 'node:fs';
-import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage, openKsc } from '../../src/image/open.js';
@@ -17,7 +16,7 @@ import { RUN_MAX } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
 import { MiB } from '../backup/helpers/fixtures.js';
-import { liveFromBytes } from '../live-restore/helpers.js';
+import { dataThenZeros, openLiveWritable } from '../helpers/live-open.js';
 
 const dir = tempDir('kscinc-starve-reads-');
 afterAll(() => closePool());
@@ -43,10 +42,8 @@ describe('reads without I/O give the event loop turns', () => {
   });
 
   it("a live restore's zero chunks and its chunks filled already", async () => {
-    const data = Buffer.alloc(32 * MiB);
-    randomFillSync(data.subarray(0, 16 * MiB)); // chunks 0–15 data, 16–31 zero chunks of the backup
-    const { target } = await liveFromBytes(dir, 'live', data);
-    const img = await openKsc(target, { write: true });
+    const data = dataThenZeros(32, 16); // chunks 0–15 data, 16–31 zero chunks of the backup
+    const { img } = await openLiveWritable(dir, 'live', data);
     try {
       for (let o = 0; o < 16 * MiB; o += MiB) await img.read(o, MiB); // filled: local from now on
       const reads = 20_000;

@@ -7,24 +7,25 @@
  *    time: a starved timer never fires however long the loop runs);
  *  - a fill of every chunk (the bulk fetch a pull makes: ranged reads, decoding in the worker pool): its
  *    turns of the event loop are counted (a timer runs at each), renewals printed.
- * And a renewal late beyond the reference's lifetime (30 days: a holder suspended that long): the holder does
- * not notice; while the image is open its shared lock is what keeps prune away (a lock refresh late beyond
- * its deadline loses the lock: pull then stops with KSC_E_LOCKED, and a chunk a prune removed reads as an
- * error, never as other data, ksc_inc.md §4.2 rule 2), and its next renewal puts back a reference that
- * `repo unlock` removed as stale.
+ * And a renewal late beyond the reference's lifetime (30 days: a holder suspended that long), after `repo unlock`
+ * removed it as stale: it must not put the reference back (a prune may have removed the backup in the gap;
+ * session 18 found it silently re-created), and the image must read the repository no more (KSC_E_LOCKED
+ * naming the reference). The same when the reference is older than half its lifetime (it may have looked
+ * stale, repository.md §8 rule 4's margin). A renewal on time puts it again.
  */
 import { randomFillSync } from 'node:crypto';
-import { existsSync, utimesSync } from 'node:fs';
+import { existsSync, statSync, utimesSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { openKsc } from '../../src/image/open.js';
 import type { BackupBacking } from '../../src/image/repobacking.js';
+import type { KscImage } from '../../src/image/ksc.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
 import { turnsDuring } from '../helpers/turns.js';
 import { MiB, openRepo } from '../backup/helpers/fixtures.js';
 import { listLiveRefs } from '../../src/repo/liverefs.js';
-import { liveFromBytes } from '../live-restore/helpers.js';
+import { dataThenZeros, openLiveWritable } from '../helpers/live-open.js';
+import { expectKscError } from '../helpers/corrupt.js';
 
 const dir = tempDir('kscinc-starve-renew-');
 const before = process.env.KSCINC_LIVE_REF_RENEW_MS;
@@ -40,12 +41,9 @@ const MAX_READS = 400_000;
 
 describe("a live restore's reference renewal", () => {
   it('keeps firing during a fill of every chunk and during a long loop of reads of local and zero chunks', async () => {
-    const data = Buffer.alloc(24 * MiB);
-    randomFillSync(data.subarray(0, 16 * MiB)); // chunks 0–15 data, 16–23 zero chunks of the backup
-    const { target } = await liveFromBytes(dir, 'renew', data);
-    const img = await openKsc(target, { write: true });
+    const data = dataThenZeros(24, 16); // chunks 0–15 data, 16–23 zero chunks of the backup
+    const { img, backing: b } = await openLiveWritable(dir, 'renew', data);
     try {
-      const b = img.backing as BackupBacking;
       // The fill: every data chunk fetched, decoded, checked and written into the image.
       const r0 = b.renewals;
       const t0 = performance.now();
@@ -76,34 +74,56 @@ describe("a live restore's reference renewal", () => {
     }
   }, 300_000);
 
-  it('late beyond its lifetime: the holder does not notice, but its shared lock guards the backup and the next renewal puts the reference back', async () => {
-    const data = randomFillSync(Buffer.alloc(4 * MiB));
-    const { target, repoDir } = await liveFromBytes(dir, 'late', data);
-    const img = await openKsc(target, { write: true });
+  /** A live image opened for writing with its renewal timer out of the way (once an hour): the test renews by hand. */
+  const openQuiet = async (name: string): Promise<{ img: KscImage; b: BackupBacking; repoDir: string }> => {
+    const { img, backing, repoDir } = await openLiveWritable(dir, name, randomFillSync(Buffer.alloc(4 * MiB)), { renewMs: 3_600_000 });
+    return { img, b: backing, repoDir };
+  };
+
+  it('renewed while open; late beyond its lifetime and removed by repo unlock: not put back, and the repository is read no more', async () => {
+    const { img, b, repoDir } = await openQuiet('late');
     const repo = await openRepo(repoDir);
     try {
-      const b = img.backing as BackupBacking;
       const [ref] = await listLiveRefs(repo.store);
       expect(ref, 'the open put the reference').toBeDefined();
-      // As if the holder had been suspended for 31 days: the reference is stale, and repo unlock removes it.
       const file = join(repoDir, ref!.key);
+      // A renewal on time (a day old) puts it again.
+      const dayOld = (Date.now() - 24 * 3600_000) / 1000;
+      utimesSync(file, dayOld, dayOld);
+      await b.renewReference();
+      expect(Date.now() - statSync(file).mtimeMs, 'renewed').toBeLessThan(3600_000);
+      // As if the holder had been suspended for 31 days: the reference is stale, and repo unlock removes it.
       const old = (Date.now() - 31 * 24 * 3600_000) / 1000;
       utimesSync(file, old, old);
       expect((await listLiveRefs(repo.store))[0]!.stale).toBe(true);
       await repo.store.delete(ref!.key);
-      // Meanwhile the open image holds a shared lock that names it: no prune can run (its refreshes are the
-      // holder's real guard while open; a lock refresh late beyond its deadline fails the pull, KSC_E_LOCKED).
-      const locks = await repo.listLocks();
-      expect(
-        locks.some((l) => l.kind === 'shared' && !l.stale && /live restore of backup/.test(l.what ?? '')),
-        'a live shared lock of the live restore',
-      ).toBe(true);
-      // The next renewals put the reference back, fresh: the holder re-asserts it without noticing the gap.
-      const r0 = b.renewals;
-      for (let i = 0; i < 3000 && (b.renewals - r0 < 2 || !existsSync(file)); i++) await new Promise((r) => setTimeout(r, 10));
-      const again = await listLiveRefs(repo.store);
-      console.log(`[starve] reference after 2 renewals: ${again.map((x) => `${x.key} ${x.stale ? 'STALE' : 'live'}`).join(', ')}`);
-      expect(again).toEqual([expect.objectContaining({ key: ref!.key, stale: false })]);
+      // The next renewal must not put it back (a prune may have removed the backup in the gap) ...
+      await expectKscError(() => b.renewReference(), 'KSC_E_LOCKED', [/live-restore reference .* is gone/]);
+      expect(existsSync(file), 'a renewal put back the reference repo unlock removed').toBe(false);
+      expect(await listLiveRefs(repo.store)).toEqual([]);
+      // ... and the image reads the repository no more: a clear error, not data.
+      const gone = /live-restore reference .* is gone .*not put back/;
+      await expectKscError(() => img.read(0, 4096), 'KSC_E_LOCKED', [gone]);
+      await expectKscError(() => b.fetchAll([1]), 'KSC_E_LOCKED', [gone]);
+      expect(() => b.checkLock()).toThrow(gone);
+      expect(existsSync(file)).toBe(false);
+    } finally {
+      await img.close();
+      await repo.store.close();
+    }
+  }, 300_000);
+
+  it('a reference older than half its lifetime (it may have looked stale): not renewed, the repository read no more', async () => {
+    const { img, b, repoDir } = await openQuiet('half');
+    const repo = await openRepo(repoDir);
+    try {
+      const [ref] = await listLiveRefs(repo.store);
+      const file = join(repoDir, ref!.key);
+      const old = Date.now() - 16 * 24 * 3600_000;
+      utimesSync(file, old / 1000, old / 1000);
+      await expectKscError(() => b.renewReference(), 'KSC_E_LOCKED', [/may have looked stale/]);
+      expect(Math.abs(statSync(file).mtimeMs - old), 'the reference was not renewed').toBeLessThan(2000);
+      await expectKscError(() => img.read(MiB, 4096), 'KSC_E_LOCKED', [/renewed 16\.0 days ago .*may have looked stale/]);
     } finally {
       await img.close();
       await repo.store.close();

@@ -20,6 +20,7 @@ import { RawClient } from '../nbd/helpers.js';
 import { CMD } from '../../src/nbd/wire.js';
 import { encodeRequest } from '../../src/nbd/wire.js';
 import { MiB } from '../backup/helpers/fixtures.js';
+import { RunsBetweenTurns } from '../helpers/turns.js';
 
 const dir = tempDir('kscinc-starve-nbd-');
 afterAll(() => closePool());
@@ -40,38 +41,27 @@ describe('an NBD server kept busy with cached READs', () => {
     await dev.write(0, data);
     await dev.flush();
     // The device reads the server makes, counted between turns of the event loop.
-    let run = 0;
-    let longest = 0;
+    const runs = new RunsBetweenTurns();
     let reads = 0;
     const readInto = dev.readInto.bind(dev);
     dev.readInto = (offset: number, target: Buffer): Promise<void> => {
-      run++;
+      runs.count();
       reads++;
       return readInto(offset, target);
     };
     const read = dev.read.bind(dev);
     dev.read = (offset: number, length: number): Promise<Buffer> => {
-      run++;
+      runs.count();
       reads++;
       return read(offset, length);
     };
     const server = new NbdServer({ exports: { '': { device: dev } } });
     const port = ((await server.listen({ host: '127.0.0.1', port: 0 })) as { port: number }).port;
-    let stop = false;
-    let turns = 0;
-    const tick = (): void => {
-      if (stop) return;
-      longest = Math.max(longest, run);
-      run = 0;
-      turns++;
-      setImmediate(tick);
-    };
     let fired = 0;
     const timer = setInterval(() => fired++, 1);
     try {
       const c = await RawClient.connect(port);
       await c.handshake('', false);
-      setImmediate(tick);
       for (let b = 0; b < BATCHES; b++) {
         const reqs: Buffer[] = [];
         const at: number[] = [];
@@ -88,15 +78,15 @@ describe('an NBD server kept busy with cached READs', () => {
           if (!r.data!.equals(data.subarray(off, off + 4096))) throw new Error(`READ at ${off} returned wrong data`);
         }
       }
-      stop = true;
+      runs.stop();
       c.disc();
       console.log(
-        `[starve] ${reads} device reads for ${BATCHES * PIPELINED} pipelined READs: at most ${longest} between two turns of the event loop (${turns} turns); a 1 ms timer fired ${fired} times`,
+        `[starve] ${reads} device reads for ${BATCHES * PIPELINED} pipelined READs: at most ${runs.longest} between two turns of the event loop (${runs.turns} turns); a 1 ms timer fired ${fired} times`,
       );
       expect(reads).toBeGreaterThanOrEqual(BATCHES * PIPELINED);
-      expect(longest).toBeLessThanOrEqual(2 * RUN_MAX);
+      expect(runs.longest).toBeLessThanOrEqual(2 * RUN_MAX);
     } finally {
-      stop = true;
+      runs.stop();
       clearInterval(timer);
       await server.close();
       await dev.close();

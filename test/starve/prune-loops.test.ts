@@ -19,9 +19,11 @@ import { STEPS } from '../../src/engines/paced.js';
 import { ChunkIndex } from '../../src/repo/chunkindex.js';
 import { ChunkList } from '../../src/repo/chunklist.js';
 import { backupId } from '../../src/repo/manifest.js';
-import type { ObjectStore } from '../../src/objstore/types.js';
+import type { Repository } from '../../src/repo/repository.js';
 import { RUN_MAX } from '../../src/util/turns.js';
 import { tempDir } from '../helpers/tmp.js';
+import { countingLocks } from '../helpers/counting-store.js';
+import { RunsBetweenTurns } from '../helpers/turns.js';
 import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-starve-loops-');
@@ -29,51 +31,43 @@ const dir = tempDir('kscinc-starve-loops-');
 const BACKUPS = 64;
 const CHUNKS = 4096;
 
-/** A store that counts the puts of lock objects (the take, then each refresh). */
-function countingLocks(s: ObjectStore): ObjectStore & { lockPuts: number } {
-  const w = Object.assign(Object.create(s) as ObjectStore, {
-    lockPuts: 0,
-    put: async (key: string, data: Parameters<ObjectStore['put']>[1], opts?: Parameters<ObjectStore['put']>[2]) => {
-      if (/^locks\/[^/]+\.lock$/.test(key)) w.lockPuts++;
-      return s.put(key, data, opts);
-    },
-  });
-  return w;
-}
-
 /** Counts calls of ChunkIndex's lookups between turns of the event loop while `f` runs; returns the longest run. */
 async function lookupsBetweenTurns<T>(f: () => Promise<T>): Promise<{ value: T; longest: number; lookups: number; turns: number }> {
   const names = ['slotOf', 'idAt', 'packName', 'packNumber', 'addAt', 'blobOffset', 'blobLength', 'rawLengthAt', 'copies'] as const;
   const proto = ChunkIndex.prototype as unknown as Record<string, (...a: unknown[]) => unknown>;
   const saved = names.map((n) => proto[n]!);
-  let run = 0;
-  let longest = 0;
   let lookups = 0;
-  let turns = 0;
+  const runs = new RunsBetweenTurns();
   names.forEach((n, i) => {
     const orig = saved[i]!;
     proto[n] = function (this: unknown, ...a: unknown[]) {
-      run++;
+      runs.count();
       lookups++;
       return orig.apply(this, a);
     };
   });
-  let stop = false;
-  const tick = (): void => {
-    if (stop) return;
-    longest = Math.max(longest, run);
-    run = 0;
-    turns++;
-    setImmediate(tick);
-  };
-  setImmediate(tick);
   try {
     const value = await f();
-    return { value, longest: Math.max(longest, run), lookups, turns };
+    return { value, longest: runs.longest, lookups, turns: runs.turns };
   } finally {
-    stop = true;
+    runs.stop();
     names.forEach((n, i) => (proto[n] = saved[i]!));
   }
+}
+
+/** Puts the manifest of a synthetic full backup of `disk` taken at `timeMs`: `ids` (16 bytes each), chunks of 1 MiB. */
+async function putSynthetic(repo: Repository, disk: string, timeMs: number, ids: Buffer): Promise<void> {
+  const stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
+  await repo.putManifest({
+    full: true,
+    disk,
+    timeMs,
+    size: (ids.length / 16) * MiB,
+    chunkSize: MiB,
+    bitmapToken: null,
+    meta: { id: backupId(timeMs), parent: null, tags: [], source: 'synthetic', bitmap: null, stats },
+    ids: ChunkList.fromBuffer(ids),
+  });
 }
 
 describe('prune of a large synthetic repository', () => {
@@ -87,19 +81,7 @@ describe('prune of a large synthetic repository', () => {
       const blob = Buffer.alloc(64, b);
       for (let i = 0; i < CHUNKS; i++) await w.add(ids.subarray(i * 16, i * 16 + 16), blob, MiB);
       await w.flushIndex();
-      const timeMs = Date.UTC(2026, 0, 1 + b);
-      const id = backupId(timeMs);
-      const stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
-      await repo.putManifest({
-        full: true,
-        disk,
-        timeMs,
-        size: CHUNKS * MiB,
-        chunkSize: MiB,
-        bitmapToken: null,
-        meta: { id, parent: null, tags: [], source: 'synthetic', bitmap: null, stats },
-        ids: ChunkList.fromBuffer(ids),
-      });
+      await putSynthetic(repo, disk, Date.UTC(2026, 0, 1 + b), ids);
     }
     const store = countingLocks((await openRepo(repoDir)).store);
     const pruning = await openRepo(repoDir, () => store);
@@ -133,19 +115,7 @@ describe('prune of a large synthetic repository', () => {
     const disk = '6f1c2d3e-0000-4000-8000-000000000002';
     const n = 65_536;
     for (let b = 0; b < 8; b++) {
-      const timeMs = Date.UTC(2026, 1, 1 + b);
-      const id = backupId(timeMs);
-      const stats = { bytesRead: 0, bytesNew: 0, bytesStored: 0, chunksDirty: 0, durationMs: 0 };
-      await repo.putManifest({
-        full: true,
-        disk,
-        timeMs,
-        size: n * MiB,
-        chunkSize: MiB,
-        bitmapToken: null,
-        meta: { id, parent: null, tags: [], source: 'synthetic', bitmap: null, stats },
-        ids: ChunkList.fromBuffer(randomFillSync(Buffer.alloc(n * 16))),
-      });
+      await putSynthetic(repo, disk, Date.UTC(2026, 1, 1 + b), randomFillSync(Buffer.alloc(n * 16)));
     }
     const { value: v, longest, lookups, turns } = await lookupsBetweenTurns(async () => verifyRepo(await openRepo(repoDir)));
     console.log(
