@@ -139,40 +139,74 @@ function notRegular(path: string, st: FileKind): KscError {
 }
 
 /**
- * The one check that a file opened by name is an image's kind of file, made on the descriptor (what is
- * read is what was checked, whatever the name pointed at a moment before): a regular file, and not one of
- * /proc, /sys and their kind, regular files whose size means nothing (/proc/cpuinfo read as a 0-byte raw
- * image: an empty backup, exit 0). statfs of /proc/self/fd/N is fstatfs(2) (the link names the open file);
- * without /proc that part is skipped.
+ * O_PATH (Linux; not in Node's constants): a descriptor that names a file without opening it, so no driver's
+ * open runs (a tape rewinds on close, a watchdog arms) and no fifo rendezvous happens (a writer waiting in its
+ * open is let through by a reader's open).
  */
-async function checkOpened(path: string, fh: fsp.FileHandle): Promise<void> {
+const O_PATH = 0o10000000;
+const PROC_FDS = '/proc/self/fd';
+
+/**
+ * The one check that a file opened by name is an image's kind of file, made on a descriptor (what is opened
+ * is what was checked, whatever the name pointed at a moment before): a regular file, and not one of /proc,
+ * /sys and their kind, regular files whose size means nothing (/proc/cpuinfo read as a 0-byte raw image: an
+ * empty backup, exit 0). statfs of /proc/self/fd/N is fstatfs(2) (the link names the descriptor's file).
+ */
+async function checkKind(path: string, fh: fsp.FileHandle): Promise<void> {
   const st = await fh.stat();
   if (!st.isFile()) throw notRegular(path, st);
-  const fsType = (await fsp.statfs(`/proc/self/fd/${fh.fd}`).catch(() => null))?.type ?? 0;
+  const fsType = (await fsp.statfs(`${PROC_FDS}/${fh.fd}`).catch(() => null))?.type ?? 0;
   const pseudo = PSEUDO_FS.get(fsType);
   if (pseudo) throw new KscError('KSC_E_INVALID', `${path}: is a file of the ${pseudo} file system, not an image file (copy what it holds into a regular file first)`);
 }
 
 /**
- * Opens a host file; one that exists must be a regular file of a real file system (checkOpened), else
+ * Opens an existing file after checking its kind without opening it: an O_PATH descriptor is checked, then
+ * the same file is opened through /proc/self/fd/N (a rename meanwhile cannot swap it). Without /proc the file
+ * is opened by name and checked after (O_NONBLOCK keeps a fifo's open from blocking).
+ */
+async function openExisting(path: string, flags: number): Promise<fsp.FileHandle> {
+  const ref = await fsp.open(path, O_PATH).catch((e: unknown) => {
+    if ((e as { code?: string }).code === 'EINVAL') return null; // a kernel without O_PATH
+    throw e;
+  });
+  if (ref) {
+    try {
+      await checkKind(path, ref);
+      const fh = await fsp.open(`${PROC_FDS}/${ref.fd}`, flags).catch((e: unknown) => {
+        const err = e as NodeJS.ErrnoException;
+        if (err.code === 'ENOENT') return null; // no /proc
+        // Name the file the caller named (EACCES on a file its user may not read), not the /proc link.
+        throw Object.assign(new Error(err.message.replace(`${PROC_FDS}/${ref.fd}`, path)), { code: err.code, errno: err.errno });
+      });
+      if (fh) return fh;
+    } finally {
+      await ref.close().catch(() => undefined);
+    }
+  }
+  const fh = await fsp.open(path, flags);
+  try {
+    await checkKind(path, fh);
+    return fh;
+  } catch (e) {
+    await fh.close().catch(() => undefined);
+    throw e;
+  }
+}
+
+/**
+ * Opens a host file; one that exists must be a regular file of a real file system (checkKind), else
  * KSC_E_INVALID naming its kind. KSC_E_NOT_FOUND when missing, KSC_E_EXISTS when `create` finds one.
  */
 export const openHostFile: FileOpener = async (path, opts) => {
-  // O_NONBLOCK (no effect on a regular file's I/O): the open of a fifo must not block (and a libuv thread)
-  // for ever; it is refused below. O_NOCTTY: a terminal opened by mistake must not become ours.
+  // O_NONBLOCK (no effect on a regular file's I/O): an open of a fifo must never block (and a libuv thread)
+  // for ever. O_NOCTTY: a terminal opened by mistake must not become ours.
   const flags = (opts.write ? fsc.O_RDWR : fsc.O_RDONLY) | fsc.O_NONBLOCK | fsc.O_NOCTTY;
   try {
-    const fh = await (opts.create ? createFile(path, flags | fsc.O_EXCL) : fsp.open(path, flags));
-    if (!opts.create) {
-      try {
-        await checkOpened(path, fh);
-      } catch (e) {
-        await fh.close().catch(() => undefined);
-        throw e;
-      }
-    }
+    const fh = await (opts.create ? createFile(path, flags | fsc.O_EXCL) : openExisting(path, flags));
     return withFaults(new NodeHostFile(path, fh, opts.write));
   } catch (e) {
+    if (e instanceof KscError) throw e;
     const errno = (e as { code?: string }).code;
     if (errno === 'ENOENT') throw new KscError('KSC_E_NOT_FOUND', `${path}: no such file`, { cause: e });
     if (errno === 'EEXIST') throw new KscError('KSC_E_EXISTS', `${path}: already exists`, { cause: e });

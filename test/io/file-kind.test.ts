@@ -4,8 +4,8 @@
  * blocking), sockets, devices, folders and the files of /proc and /sys are refused with KSC_E_INVALID naming
  * what they are. A regular file, also through a symlink, opens.
  */
-import { execFileSync } from 'node:child_process';
-import { symlinkSync, writeFileSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
@@ -21,6 +21,29 @@ describe('openHostFile refuses what is not a regular file', () => {
     const fifo = join(dir, 'fifo');
     execFileSync('mkfifo', [fifo]);
     for (const write of [false, true]) await expectKscError(() => openHostFile(fifo, { write }), 'KSC_E_INVALID', [`${fifo}: is a fifo, not an image file`]);
+  }, 60_000);
+
+  it('a refused file is never opened: a writer waiting on a fifo is not let through', async () => {
+    // Opening a fifo for reading is a rendezvous (it releases a writer blocked in its open); a device's open
+    // runs its driver (a tape rewinds on close, a watchdog arms). Checking must not open what it refuses.
+    const fifo = join(dir, 'fifo-waiting');
+    execFileSync('mkfifo', [fifo]);
+    const writer = spawn('sh', ['-c', `echo x > '${fifo}'; echo opened`], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    writer.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    try {
+      // Wait until the writer is blocked in its open, waiting for a reader (else the check below proves nothing).
+      for (let i = 0; readFileSync(`/proc/${writer.pid}/wchan`, 'utf8') !== 'wait_for_partner'; i++) {
+        if (i > 600) throw new Error(`the writer never blocked in its open (wchan ${readFileSync(`/proc/${writer.pid}/wchan`, 'utf8')})`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      await expectKscError(() => openHostFile(fifo, { write: false }), 'KSC_E_INVALID', [`${fifo}: is a fifo, not an image file`]);
+      await new Promise((r) => setTimeout(r, 500));
+      expect(out, 'the writer got through its open: the fifo was opened for reading').toBe('');
+      expect(writer.exitCode, 'the writer is still waiting in its open').toBeNull();
+    } finally {
+      writer.kill('SIGKILL');
+    }
   }, 60_000);
 
   it('a character device and a folder', async () => {
