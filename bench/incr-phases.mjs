@@ -16,7 +16,7 @@
  *    (the parts, the renames, the folder syncs: manifests/ last), the handover commit (the image's slots),
  *    the lock's removal, the summary's write to stdout, the image closed, exit_group, the process gone
  *    (strace's "exited"), and the parent's wait (its 'exit' event, on the same clock). Every pass runs the
- *    same incremental once more without strace: its wall (spawn → exit) and CPU (/usr/bin/time) are the
+ *    same incremental once more without strace: its wall (spawn → exit) and CPU (perf stat's task-clock) are the
  *    figures; the strace marks give the shape (ptrace costs each traced call a few µs more).
  *  - lib: backupDevice in a child process per side (the side's own dist), warm as race 6's library case is
  *    (a full backup ran first in the same process), with stamps from patched prototypes (Handover, PointInTime,
@@ -188,6 +188,13 @@ function marksOf(calls, image, repo, mainPid, parentEnd) {
   m['exit_group'] = ms(find(new RegExp('^exit_group'), manRename?.t0 ?? 0)?.t0);
   m['process gone (strace: exited)'] = ms(calls.findLast((c) => c.pid === mainPid && c.text.startsWith('+++ exited'))?.t0);
   m["the parent's 'exit' event"] = ms(parentEnd);
+  // spans of one run (a median of differences, not a difference of medians)
+  const span = (a, b) => (m[a] === undefined || m[b] === undefined ? undefined : m[b] - m[a]);
+  m['span: lock taken → index read done'] = span('lock taken (renamed)', 'index read: last closed');
+  m['span: freeze: last sync → first chunk read'] = span('freeze: last image sync done', 'pipeline: first chunk read');
+  m['span: image opened → first chunk read'] = span('image opened (DIRTY header synced)', 'pipeline: first chunk read');
+  m['span: image closed → exit_group'] = span('image closed', 'exit_group');
+  m["span: summary written → the parent's 'exit'"] = span('summary written (stdout)', "the parent's 'exit' event");
   const counts = {
     imageSyncs: calls.filter((c) => onImage('fdatasync').test(c.text)).length,
     freezeSyncs: freezeSyncs.length,
@@ -224,12 +231,14 @@ async function cliMode(ctx) {
           res[n].marks.push(m);
           res[n].counts.push(counts);
         } else {
-          const r = await run('/usr/bin/time', ['-f', '%U %S', '-o', timeFile, cli, ...args]);
+          // perf stat's task-clock: the CPU of the process and its threads in ms, to the µs (time(1) gives 10 ms steps)
+          const r = await run('perf', ['stat', '-x,', '-e', 'task-clock', '-o', timeFile, cli, ...args]);
           const j = JSON.parse(r.out);
           if (j.full) throw new Error('the incremental was full');
-          const [u, s] = readFileSync(timeFile, 'utf8').trim().split('\n').at(-1).split(' ').map(Number);
+          const clock = /^([\d.]+),msec,task-clock/m.exec(readFileSync(timeFile, 'utf8'));
+          if (!clock) throw new Error(`perf stat gave no task-clock: ${readFileSync(timeFile, 'utf8')}`);
           res[n].wall.push(r.endEpoch - r.startEpoch);
-          res[n].cpu.push((u + s) * 1000);
+          res[n].cpu.push(Number(clock[1]));
           res[n].engine = [...(res[n].engine ?? []), j.durationMs];
         }
       }
@@ -247,7 +256,7 @@ async function cliMode(ctx) {
   for (const k of keys) console.log(`| ${k} | ${names.map((n) => f(res[n].marks.map((m) => m[k]))).join(' | ')} |`);
   for (const c of Object.keys(res[names[0]].counts[0])) console.log(`| count: ${c} | ${names.map((n) => res[n].counts.map((x) => x[c]).join(', ')).join(' | ')} |`);
   console.log(`| untraced wall, spawn → exit (ms) | ${names.map((n) => f(res[n].wall)).join(' | ')} |`);
-  console.log(`| untraced CPU, user + sys (ms) | ${names.map((n) => f(res[n].cpu)).join(' | ')} |`);
+  console.log(`| untraced CPU, task-clock (ms) | ${names.map((n) => f(res[n].cpu)).join(' | ')} |`);
   console.log(`| untraced engine durationMs | ${names.map((n) => f(res[n].engine)).join(' | ')} |`);
 }
 
