@@ -9,7 +9,7 @@
  * an object, and `sweepTemp` removes the old ones.
  */
 import { randomBytes } from 'node:crypto';
-import { constants as fsc } from 'node:fs';
+import { constants as fsc, type Dirent } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { KscError, ioError } from '../errors.js';
@@ -21,6 +21,8 @@ import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, 
 const TEMP = '.tmp';
 /** Entries of one folder listed (stat, sub-folder read) side by side. */
 const LIST_WINDOW = 32;
+/** warm() reads this much at a time into one scratch buffer. */
+const WARM_READ = 1 << 20;
 
 export interface FsStoreOptions {
   /** Create the root folder when missing (otherwise a missing root is KSC_E_NOT_FOUND). */
@@ -194,15 +196,8 @@ export class FsStore implements ObjectStore {
   }
 
   private async *walk(dirKey: string, prefix: string): AsyncGenerator<ObjectInfo> {
-    const dir = join(this.root, dirKey);
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (e) {
-      const code = (e as { code?: string }).code;
-      if (code === 'ENOENT' || code === 'ENOTDIR') return;
-      throw ioError(dir, 'list', e);
-    }
+    const entries = await readdirOrNone(join(this.root, dirKey));
+    if (!entries) return;
     const named = entries
       .filter((d) => (d.isDirectory() || d.isFile()) && !(dirKey === '' && d.name === TEMP))
       .map((d) => ({ key: dirKey + d.name + (d.isDirectory() ? '/' : ''), dir: d.isDirectory() }))
@@ -237,6 +232,28 @@ export class FsStore implements ObjectStore {
     await syncDir(dirname(file));
   }
 
+  async warm(keys: string[], maxBytes: number): Promise<void> {
+    const scratch = Buffer.allocUnsafe(Math.min(WARM_READ, Math.max(0, maxBytes)));
+    let left = maxBytes;
+    for (const key of keys) {
+      if (left <= 0) return;
+      let fh: FileHandle | undefined;
+      try {
+        fh = await open(this.path(key), fsc.O_RDONLY);
+        for (let pos = 0; left > 0;) {
+          const { bytesRead } = await fh.read(scratch, 0, Math.min(scratch.length, left), pos);
+          if (bytesRead === 0) break;
+          pos += bytesRead;
+          left -= bytesRead;
+        }
+      } catch {
+        // a hint: whatever cannot be read now is read (or reported) by the real read
+      } finally {
+        await fh?.close().catch(() => undefined);
+      }
+    }
+  }
+
   async *listKeys(prefix: string): AsyncIterable<string> {
     const cut = prefix.lastIndexOf('/');
     const dirKey = cut < 0 ? '' : prefix.slice(0, cut + 1);
@@ -246,15 +263,8 @@ export class FsStore implements ObjectStore {
 
   /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
   private async keysUnder(dirKey: string, prefix: string): Promise<string[]> {
-    const dir = join(this.root, dirKey);
-    let entries;
-    try {
-      entries = await readdir(dir, { withFileTypes: true });
-    } catch (e) {
-      const code = (e as { code?: string }).code;
-      if (code === 'ENOENT' || code === 'ENOTDIR') return [];
-      throw ioError(dir, 'list', e);
-    }
+    const entries = await readdirOrNone(join(this.root, dirKey));
+    if (!entries) return [];
     const keys: string[] = [];
     const dirs: string[] = [];
     for (const d of entries) {
@@ -351,5 +361,16 @@ export class FsStore implements ObjectStore {
       return new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`, { cause: e });
     }
     return ioError(file, `read ${key}`, e);
+  }
+}
+
+/** A folder's entries, or null when there is no such folder (a prefix nothing was put under). */
+async function readdirOrNone(dir: string): Promise<Dirent[] | null> {
+  try {
+    return await readdir(dir, { withFileTypes: true });
+  } catch (e) {
+    const code = (e as { code?: string }).code;
+    if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+    throw ioError(dir, 'list', e);
   }
 }
