@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { servePlain } from './helpers.js';
 
 /** Whether one of `pid`'s threads waits in the open of a fifo for the other side. */
 function waitsForPartner(pid: number): boolean {
@@ -73,3 +74,33 @@ for (const native of [true, false]) {
     }
   });
 }
+
+describe('one image under two paths: serve and migrate', () => {
+  it('served as disk.ksc: migrate status and fingerprint through link.ksc reach the same server and file; a writer through the link is refused', async () => {
+    const dir = tempDir('kscinc-hostile-symlock-');
+    const disk = join(dir, 'disk.ksc');
+    const link = join(dir, 'link.ksc');
+    const other = join(dir, 'other.ksc');
+    for (const f of [disk, other]) expect(kscinc(['create', f, '--size', '4M']).code).toBe(0);
+    symlinkSync('disk.ksc', link);
+    const s = await servePlain(disk);
+    try {
+      const viaReal = kscinc(['migrate', 'status', disk, '--json']);
+      const viaLink = kscinc(['migrate', 'status', link, '--json']);
+      const unserved = kscinc(['migrate', 'status', other, '--json']);
+      expect({ code: viaLink.code, stdout: viaLink.stdout }, viaLink.stderr).toEqual({ code: viaReal.code, stdout: viaReal.stdout });
+      // The comparison means something: an image no server holds answers otherwise.
+      expect(`${unserved.code} ${unserved.stdout}`).not.toBe(`${viaReal.code} ${viaReal.stdout}`);
+      const data = join(dir, 'data');
+      writeFileSync(data, Buffer.alloc(4096, 7));
+      const w = kscinc(['write', link, '0', '--from', data]);
+      expect(w.code, `a writer through the link while serve holds the real file: ${w.stdout}${w.stderr}`).not.toBe(0);
+    } finally {
+      await s.stop();
+    }
+    const f1 = kscinc(['migrate', 'fingerprint', disk]);
+    const f2 = kscinc(['migrate', 'fingerprint', link]);
+    expect(f1.code, f1.stderr).toBe(0);
+    expect(f2.stdout).toBe(f1.stdout);
+  }, 120_000);
+});
