@@ -868,5 +868,6 @@ NAPI_MODULE_INIT() {
   if (!kscinc_sync_register(env, exports)) return throw_napi_failure(env, "kscinc_sync_register");
   if (!kscinc_xxh64_register(env, exports)) return throw_napi_failure(env, "kscinc_xxh64_register");
   if (!kscinc_ident_register(env, exports)) return throw_napi_failure(env, "kscinc_ident_register");
+  if (!kscinc_exit_register(env, exports)) return throw_napi_failure(env, "kscinc_exit_register");
   return exports;
 }

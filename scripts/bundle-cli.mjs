@@ -16,6 +16,7 @@ import { builtinModules } from 'node:module';
 import { join, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rolldown } from 'rolldown';
+import { buildId, stampBuildId } from './build-id.mjs';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const dist = join(root, 'dist');
@@ -62,6 +63,9 @@ const lazyChildProcess = {
   },
 };
 
+// The build's id, stamped into the bundle (src/util/build-id.ts): it loads only worker builds of the same id.
+const id = buildId(dist);
+
 /** One rolldown build of `input` into `temp`; `chunks`: the name pattern of its shared chunks. */
 async function build(input, chunks) {
   const bundle = await rolldown({
@@ -69,7 +73,7 @@ async function build(input, chunks) {
     platform: 'node',
     external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
     logLevel: 'warn',
-    plugins: [lazyChildProcess],
+    plugins: [lazyChildProcess, stampBuildId(id)],
   });
   await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: chunks, sourcemap: true });
   await bundle.close();

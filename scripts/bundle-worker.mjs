@@ -13,13 +13,14 @@
 // dist/workers/ sits two levels below the package root like dist/<folder>/, so the paths the code builds from
 // import.meta.url (native/, package.json) still resolve. Packages with native code (lz4-napi) and piscina
 // (the worker hands results back through piscina's own module, which its worker thread has loaded) stay
-// outside and load from node_modules. The callers use these files when they are at least as new as the ES
-// modules they were built from (a build by tsc alone leaves them stale), else the ES modules.
+// outside and load from node_modules. A CLI bundle loads only the ones of its own build (their first line, src/util/
+// build-id.ts); the ES modules use them when they are at least as new (a build by tsc alone leaves them stale).
 import { existsSync, renameSync, rmSync } from 'node:fs';
 import { builtinModules } from 'node:module';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { rolldown } from 'rolldown';
+import { buildId } from './build-id.mjs';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const dist = join(root, 'dist');
@@ -31,6 +32,9 @@ for (const file of Object.values(ENTRIES)) if (!existsSync(file)) throw new Erro
 
 const EXTERNAL = new Set(['piscina', 'lz4-napi', ...builtinModules]);
 const temp = join(dist, `.workers-${process.pid}`);
+// The first line of each worker build names the build (src/util/build-id.ts): a CLI loads only its own.
+const { buildLine } = await import(join(dist, 'util', 'build-id.js'));
+const banner = buildLine(buildId(dist)).trimEnd();
 const minify = process.env.KSCINC_BUNDLE_MINIFY === '0' ? false : { compress: { keepNames: { function: true, class: true } }, mangle: { keepNames: true } };
 
 // One build per entry: each worker loads one file of its own (chunks that a dynamic import needs are named
@@ -42,7 +46,7 @@ for (const [name, input] of Object.entries(ENTRIES)) {
     external: (id) => id.startsWith('node:') || EXTERNAL.has(id),
     logLevel: 'warn',
   });
-  const { output } = await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: `${name}-[name].cjs`, sourcemap: true });
+  const { output } = await bundle.write({ dir: temp, format: 'cjs', minify, entryFileNames: '[name].cjs', chunkFileNames: `${name}-[name].cjs`, sourcemap: true, postBanner: banner });
   await bundle.close();
   // The point of the file: no ES module loaded by the worker at start-up (an import() left in the entry
   // would load piscina's or a package's ES module wrapper).

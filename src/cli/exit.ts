@@ -19,7 +19,12 @@ export const EXIT = {
   NOT_KSC: 63,
   /** The command line could not be parsed: unknown command or option, missing or malformed argument. */
   USAGE: 64,
-  /** Interrupted by SIGINT (Ctrl-C); a file being made was removed. SIGTERM: 143. */
+  /**
+   * Interrupted by SIGINT (Ctrl-C); a file being made was removed. SIGTERM: 143. Also when a file operation
+   * never returns (a hung NFS server): the exit watchdog ends the process with it (src/cli/program.ts); without
+   * the addon (KSCINC_NO_NATIVE=1) the process is then ended by the signal itself (the shell's 130 / 143; a
+   * parent process sees the signal, not an exit code).
+   */
   INTERRUPTED: 130,
   TERMINATED: 143,
 } as const;

@@ -5,7 +5,8 @@
 import { rmSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
-import { creatingNow, creatingSettled, pendingFiles } from '../io/pending.js';
+import { nativeOps } from '../io/native.js';
+import { creatingNow, pendingFiles } from '../io/pending.js';
 import { errorCode, errorLine } from './errors.js';
 import { EXIT, exitHelp } from './exit.js';
 import { setProgressEnabled } from './progress.js';
@@ -106,15 +107,33 @@ export async function buildProgram(group: string | null = null, opts: { commands
   return program;
 }
 
-/** How long a signal's handler waits for opens that may create a file before it exits anyway. */
-const CREATES_WAIT_MS = 2000;
+/**
+ * How long a signal's handler waits, the command's loop still running, for opens that may create a file
+ * (and, without the addon, for every fs request in flight) before it exits anyway.
+ */
+const SETTLE_WAIT_MS = 2000;
+/** How long the exit may go without any I/O before the watchdog ends the process (native/kscinc_exit.c). */
+const EXIT_QUIET_MS = 2000;
+
+/** Whether an fs request of this thread is running on libuv's threads (process.exit would wait for it). */
+function fsInFlight(): boolean {
+  return process.getActiveResourcesInfo().some((r) => r.startsWith('FSReq'));
+}
 
 /**
  * Until the command ends, Ctrl-C or SIGTERM removes the files being made and exits (130 / 143). An open that
- * creates one may be running on a libuv thread right then: the file would appear after the removal (and
- * the exit waits for that thread), so the handler waits for such opens (at most CREATES_WAIT_MS) and removes
- * again before it exits. A second signal meanwhile exits at once. A create still running then ends the process
- * by the signal itself (see exit below).
+ * creates one may be running on a libuv thread right then: the file would appear after the removal, so the
+ * handler waits for such opens (at most SETTLE_WAIT_MS) and removes again before it exits. A second signal
+ * meanwhile exits at once.
+ *
+ * process.exit waits for libuv's threads: an fs request that never returns (a hard NFS mount hung in read or
+ * fsync, the open of a fifo nobody opens from the other side) would keep the process alive for ever. With the
+ * addon the handler arms a watchdog first, which ends the process with the same status once the exit has gone
+ * EXIT_QUIET_MS without any I/O (an exit still writing is never cut; what is in flight then is the kernel's
+ * to finish or abandon, as with SIGKILL). Without it (KSCINC_NO_NATIVE=1) the handler also waits for the fs
+ * requests in flight (at most SETTLE_WAIT_MS); one still running then, the signal is raised again with its
+ * default action: the process ends by the signal itself (the shell's 128 + n; a parent sees the signal, not
+ * an exit code).
  */
 export function removeUnfinishedOnSignal(): () => void {
   const removed: string[] = [];
@@ -131,11 +150,10 @@ export function removeUnfinishedOnSignal(): () => void {
     }
   };
   let exiting = false;
-  // process.exit waits for libuv's threads: with a create that never returns (a hung NFS or FUSE server) it
-  // never ends. Then the signal is raised again with its default action, which ends the process at once
-  // (the shell's 128 + n, as the exit code would have been).
   const exit = (sig: NodeJS.Signals, code: number): never => {
-    if (creatingNow() > 0) {
+    const watchdog = nativeOps()?.armExitWatchdog;
+    if (watchdog) watchdog(code, EXIT_QUIET_MS);
+    else if (creatingNow() > 0 || fsInFlight()) {
       process.off('SIGINT', handler);
       process.off('SIGTERM', handler);
       process.kill(process.pid, sig);
@@ -144,20 +162,22 @@ export function removeUnfinishedOnSignal(): () => void {
   };
   const handler = (sig: NodeJS.Signals): void => {
     const code = sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED;
+    if (exiting) exit(sig, code);
+    exiting = true;
+    const settled = (): boolean => creatingNow() === 0 && (nativeOps()?.armExitWatchdog !== undefined || !fsInFlight());
     const finish = (): never => {
       removePending();
       process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
       return exit(sig, code);
     };
-    if (exiting) exit(sig, code);
-    exiting = true;
     removePending();
-    if (creatingNow() === 0) finish();
-    const timer = setTimeout(finish, CREATES_WAIT_MS);
-    void creatingSettled().then(() => {
-      clearTimeout(timer);
+    if (settled()) finish();
+    const since = performance.now();
+    const poll = setInterval(() => {
+      if (!settled() && performance.now() - since < SETTLE_WAIT_MS) return;
+      clearInterval(poll);
       finish();
-    });
+    }, 20);
   };
   process.on('SIGINT', handler);
   process.on('SIGTERM', handler);

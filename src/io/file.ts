@@ -478,9 +478,13 @@ class NodeHostFile implements HostFile {
     await this.lockWithFile();
   }
 
-  /** Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. */
+  /**
+   * Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. IMAGE is the file's
+   * real path (the one opened, as /proc names it), so two paths to one file (a symlink) take one lock.
+   */
   private async lockWithFile(): Promise<void> {
-    const lockPath = `${this.path}.lock`;
+    const real = await fsp.readlink(`/proc/self/fd/${this.fh.fd}`).catch(() => fsp.realpath(this.path).catch(() => this.path));
+    const lockPath = `${real.startsWith('/') && !real.endsWith(' (deleted)') ? real : this.path}.lock`;
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
         const fh = await createFile(lockPath);

@@ -107,6 +107,12 @@ export interface NativeOps {
    * allocated (a later file given the same inode number gets another), or -2 when it has none (Linux).
    */
   inodeGeneration?(fd: number): number;
+  /**
+   * Starts a thread that _exit()s the process with `status` once it has done no I/O (/proc/self/io) for
+   * `quietMs` in a row: armed by the CLI's signal handler before process.exit, which waits for libuv's threads
+   * (native/kscinc_exit.c). False when one was armed already or the thread did not start.
+   */
+  armExitWatchdog?(status: number, quietMs: number): boolean;
   /** getsockopt(SO_PEERCRED) of a connected unix socket: the peer's pid, uid and gid (Linux). */
   peerCred?(fd: number): { pid: number; uid: number; gid: number };
   /**

@@ -8,8 +8,8 @@ export const pendingFiles = new Set<string>();
 
 /**
  * Opens that may create a file, still running on libuv's threads. A signal's handler that removed the
- * pending files while one of these was in flight would see the file appear after it: it waits for them
- * (creatingSettled) and removes again before the process exits.
+ * pending files while one of these was in flight would see the file appear after it: it waits until none
+ * is (creatingNow) and removes again before the process exits.
  */
 const creating = new Set<Promise<unknown>>();
 
@@ -21,11 +21,7 @@ export function trackCreate<T>(open: Promise<T>): Promise<T> {
   return open;
 }
 
-/** Whether a create is in flight; `creatingSettled()` resolves once every one now in flight has settled. */
+/** How many creates are in flight. */
 export function creatingNow(): number {
   return creating.size;
-}
-
-export function creatingSettled(): Promise<unknown> {
-  return Promise.allSettled([...creating]);
 }

@@ -5,7 +5,7 @@
  * loads: piscina's 'error' event had no listener, and `kscinc backup` died of an uncaught exception with a
  * stack trace. It must fail with a clear error naming the worker file, exit 1, and never hang.
  */
-import { cpSync, mkdirSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -38,8 +38,10 @@ describe(`the pool's worker file missing or broken (seed ${seed})`, () => {
       const cli = copyOfCli(dir);
       if (kind === 'throws when loaded') {
         mkdirSync(join(dir, 'pkg', 'dist', 'workers'));
-        writeFileSync(join(dir, 'pkg', 'dist', 'workers', 'compress-worker.cjs'), "throw new Error('a broken worker file');\n");
-        writeFileSync(join(dir, 'pkg', 'dist', 'workers', 'fingerprint-worker.cjs'), "throw new Error('a broken worker file');\n");
+        // With the build's line (src/util/build-id.ts), so the bundle loads it (a file of another build is refused unloaded).
+        const line = readFileSync(join(ROOT, 'dist', 'workers', 'compress-worker.cjs'), 'utf8').split('\n')[0]!;
+        writeFileSync(join(dir, 'pkg', 'dist', 'workers', 'compress-worker.cjs'), `${line}\nthrow new Error('a broken worker file');\n`);
+        writeFileSync(join(dir, 'pkg', 'dist', 'workers', 'fingerprint-worker.cjs'), `${line}\nthrow new Error('a broken worker file');\n`);
       }
       const disk = join(dir, 'disk.raw');
       writeFileSync(disk, new Rng(seed).bytes(3 << 20));

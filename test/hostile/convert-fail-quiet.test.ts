@@ -1,0 +1,82 @@
+/**
+ * Hostile: a convert fails while its 8 copy workers (src/engines/convert.ts copyInto) have pieces in flight:
+ * one worker fails (here its beforeChunk hook throws at the n-th piece), Promise.all rejects at once, and
+ * the other workers are still reading the source and writing the output. Nothing may be read or written
+ * after the convert removed its temporary and reported the failure: the output's close waits for the writes
+ * in flight and later ones are refused, the source's close likewise. Shown with strace (every pread/pwrite/
+ * sync/fallocate/ftruncate of every thread, after the unlink of the temporary and after the report).
+ */
+import { spawnSync } from 'node:child_process';
+import { readdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { Rng, seedFor } from '../helpers/rng.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const DIST = fileURLToPath(new URL('../../dist/', import.meta.url));
+const strace = spawnSync('strace', ['-V']).status === 0;
+const seed = seedFor('test/hostile/convert-fail-quiet.test.ts');
+const IO = /\b(pread64|preadv2?|pwrite64|pwritev2?|read|write|fdatasync|fsync|fallocate|ftruncate|copy_file_range)\(/;
+
+describe(`a convert that fails with pieces in flight (seed ${seed})`, () => {
+  for (const format of ['raw', 'ksc_inc'] as const) {
+    for (const n of [3, 9, 14]) {
+      it.skipIf(!strace)(
+        `${format}, piece ${n} fails: no read or write after the temporary is removed and the failure reported`,
+        () => {
+          const dir = tempDir('kscinc-hostile-convquiet-');
+          const src = join(dir, 'src.raw');
+          writeFileSync(src, new Rng(seed + n).bytes(32 << 20));
+          const script = join(dir, 'conv.mjs');
+          writeFileSync(
+            script,
+            `import { convertImage } from ${JSON.stringify(join(DIST, 'engines/convert.js'))};
+let n = 0;
+try {
+  await convertImage(${JSON.stringify(src)}, ${JSON.stringify(join(dir, 'out.img'))}, { format: ${JSON.stringify(format)}, beforeChunk: async () => { if (++n === ${n}) throw new Error('injected'); } });
+  process.stderr.write('CONVERTED\\n');
+} catch (e) {
+  process.stderr.write('REPORTED ' + e.message + '\\n');
+}
+// Two more seconds for anything still running to show.
+setTimeout(() => process.stderr.write('END\\n'), 2000);
+`,
+          );
+          const log = join(dir, 'strace.log');
+          const r = spawnSync(
+            'strace',
+            [
+              '-f',
+              '-o',
+              log,
+              '-e',
+              'trace=openat,unlink,unlinkat,close,read,write,pread64,preadv,preadv2,pwrite64,pwritev,pwritev2,fdatasync,fsync,fallocate,ftruncate,copy_file_range',
+              process.execPath,
+              script,
+            ],
+            {
+              encoding: 'utf8',
+              timeout: 120_000,
+            },
+          );
+          expect(r.stderr).toContain('REPORTED injected');
+          expect(r.stderr).toContain('END');
+          const lines = (spawnSync('cat', [log], { encoding: 'utf8', maxBuffer: 1 << 28 }).stdout ?? '').split('\n');
+          const unlinked = lines.findIndex((l) => /unlink(at)?\(.*\.out\.img\..*\.part"/.test(l));
+          const reported = lines.findIndex((l) => l.includes('REPORTED injected'));
+          expect(unlinked, 'the temporary was removed').toBeGreaterThanOrEqual(0);
+          expect(reported).toBeGreaterThan(unlinked);
+          // After the unlink: only the event loop's own eventfd wake-ups (write of 8 bytes to the loop's fd) and the
+          // report itself may be written; no pread/pwrite/sync of any file.
+          const late = lines
+            .slice(unlinked + 1)
+            .filter((l) => IO.test(l) && !/\bwrite\(\d+, "\\1\\0\\0\\0\\0\\0\\0\\0", 8/.test(l) && !/\bwrite\(2, /.test(l) && !/\bread\(\d+, "\\1\\0\\0\\0\\0\\0\\0\\0", 1024\)/.test(l));
+          expect(late, 'reads or writes after the temporary was removed').toEqual([]);
+          expect(readdirSync(dir).sort()).toEqual(['conv.mjs', 'src.raw', 'strace.log']);
+        },
+        180_000,
+      );
+    }
+  }
+});
