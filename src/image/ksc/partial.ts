@@ -20,8 +20,10 @@
  *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
  *    while a wave is being written queue for the next one; when a wave is done, the next is copied into the
  *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
- *    whole block written again in place, with its CRC-32, and then its map entry set valid (a wave whose
- *    pieces lie within a quarter of the block writes only that span, and the entry stays not valid). The lock stays
+ *    span of its pieces written in place with the CRC-32 of the whole block (HostFile.writeWithCrcs with a
+ *    span: the file holds the rest of the block already), then its map entry set valid (without such a host
+ *    file: the whole block with its CRC-32, or, for pieces within a quarter of the block, only their span,
+ *    the entry then not valid). The lock stays
  *    held from wave to wave; nothing waiting for it may be overtaken (a piece that finds the lock awaited
  *    takes the general path, behind it), and the chain ends, giving the lock back, when a wave finds no
  *    piece queued. Such a rewrite needs no intent bit while no map snapshot (a flush, which moves c.epoch)
@@ -380,7 +382,8 @@ function waveDone(c: KscCore, g: Group, err: unknown): void {
 
 /**
  * A later wave of a new block's chain: the queued pieces copied into the block's content, in issue order,
- * and the whole block rewritten in place with its CRC-32 (see the header for when an intent bit is needed).
+ * and their span written in place with the whole block's CRC-32 (see the header for the fallbacks, and for
+ * when an intent bit is needed).
  */
 async function submitWave(c: KscCore, g: Group): Promise<void> {
   const blk = g.blk!;
@@ -395,9 +398,12 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
     hi = Math.max(hi, m.end);
   }
   const B = c.blockSize;
-  // Pieces within a quarter of the block are written as that span (from the block's content), leaving the
-  // checksum not valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
-  const whole = (hi - lo) * 4 > B;
+  // The file holds the block's content outside [lo, hi) already (earlier waves, each written before the next
+  // began, from this buffer): where the host file can, only the span is written, with the CRC-32 of the whole
+  // block. Otherwise pieces within a quarter of the block are written as that span, leaving the checksum not
+  // valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
+  const withCrcs = c.file.writeWithCrcs?.bind(c.file);
+  const whole = withCrcs !== undefined || (hi - lo) * 4 > B;
   const at = g.block * B;
   const len = Math.min(B, c.size - at);
   let intent = false;
@@ -417,11 +423,9 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
     }
     // Not valid while the block is being rewritten: a flush meanwhile records no checksum to contradict.
     c.map.set(g.block, BlockState.Data, g.host, 0, false);
-    if (whole) crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B));
-    else {
-      const span = blk.subarray(lo, hi);
-      crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(span, g.host + lo, span.length) : c.file.write(span, g.host + lo).then(() => []));
-    }
+    if (withCrcs) crcs = await withCrcs(blk, g.host, B, lo, hi);
+    else if (whole) crcs = await writeThenCrcs(c.file, blk, g.host, B);
+    else crcs = await c.file.write(blk.subarray(lo, hi), g.host + lo).then(() => []);
   } catch (e) {
     if (intent) c.intent.end(at, len, c.epoch);
     waveDone(c, g, e);
