@@ -80,6 +80,43 @@ const groups = new WeakMap<KscCore, Map<number, Group>>();
 export type FlushFn = (c: KscCore) => Promise<void>;
 
 export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined, flush: FlushFn): Promise<void> | null {
+  const m = join(c, offset, data, fua === true);
+  if (!m) return null;
+  return new Promise<void>((resolve, reject) => {
+    m.done = (e) => {
+      if (e !== undefined) reject(e);
+      else if (m.fua) flush(c).then(resolve, reject);
+      else resolve();
+    };
+  });
+}
+
+/**
+ * writePartialNow settled by a callback (no promise per piece): true once the piece is taken, `done` called
+ * later, once; false, having changed nothing, when the general path must take it.
+ */
+export function writePartialCb(c: KscCore, offset: number, data: Buffer, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
+  const m = join(c, offset, data, fua);
+  if (!m) return false;
+  m.done = fua
+    ? (e) => {
+        if (e !== undefined) done(e);
+        else flush(c).then(() => done(undefined), done);
+      }
+    : done;
+  return true;
+}
+
+/** Never called: a member's done until its writer sets it (nothing settles a member in the turn it joins). */
+const unset = (): void => {
+  throw new Error('partial.ts: a member settled before its done was set');
+};
+
+/**
+ * Takes the piece into its block's group (see the header): its member, whose `done` the caller sets at once
+ * (nothing settles it before the event loop turns); null, having changed nothing, when a condition fails.
+ */
+function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | null {
   const length = data.length;
   const B = c.blockSize;
   if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
@@ -140,37 +177,23 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
   }
   c.changesInFlight++;
   const grp = group;
-  return new Promise<void>((resolve, reject) => {
-    const m: Member = {
-      offset,
-      length,
-      start,
-      end: start + length,
-      intent,
-      fua: fua === true,
-      done: (e) => {
-        if (e !== undefined) reject(e);
-        else if (m.fua) flush(c).then(resolve, reject);
-        else resolve();
-      },
-      data: null,
-    };
-    if (grp.assembling) {
-      grp.members.push(m);
-      grp.blk!.set(data, start);
-    } else if (grp.fresh) {
-      m.data = data;
-      grp.next.push(m);
-    } else {
-      grp.members.push(m);
-      m.data = data;
-      if (grp.open) grp.open.push(m);
-      else {
-        grp.open = [m];
-        setImmediate(() => submitInPlace(c, grp));
-      }
+  const m: Member = { offset, length, start, end: start + length, intent, fua, done: unset, data: null };
+  if (grp.assembling) {
+    grp.members.push(m);
+    grp.blk!.set(data, start);
+  } else if (grp.fresh) {
+    m.data = data;
+    grp.next.push(m);
+  } else {
+    grp.members.push(m);
+    m.data = data;
+    if (grp.open) grp.open.push(m);
+    else {
+      grp.open = [m];
+      setImmediate(() => submitInPlace(c, grp));
     }
-  });
+  }
+  return m;
 }
 
 function overlapsAny(ms: Member[], start: number, end: number): boolean {
