@@ -490,10 +490,13 @@ typedef struct wjob {
   uint8_t* data;
   size_t len;
   int64_t pos;
+  /* Only data[lo, hi) is written (at pos + lo); the CRCs are of all of data. */
+  size_t lo;
+  size_t hi;
   size_t block;
   size_t ncrc;
-  uint32_t* crcs;
   int err;
+  uint32_t crcs[]; /* ncrc of them: one allocation per job */
 } wjob_t;
 
 typedef struct {
@@ -511,9 +514,9 @@ typedef struct {
 } wstate_t;
 
 static void wjob_run(wjob_t* w) {
-  size_t done = 0;
-  while (done < w->len) {
-    ssize_t n = pwrite(w->fd, w->data + done, w->len - done, (off_t)(w->pos + (int64_t)done));
+  size_t done = w->lo;
+  while (done < w->hi) {
+    ssize_t n = pwrite(w->fd, w->data + done, w->hi - done, (off_t)(w->pos + (int64_t)done));
     if (n < 0) {
       if (errno == EINTR) continue;
       w->err = errno;
@@ -560,7 +563,6 @@ static void wjob_settle(napi_env env, napi_status status, wjob_t* w) {
     napi_resolve_deferred(env, w->deferred, result);
   }
   napi_delete_reference(env, w->buf_ref);
-  free(w->crcs);
   free(w);
 }
 
@@ -645,45 +647,52 @@ static wstate_t* wstate_of(napi_env env) {
   return st;
 }
 
+/* writeCrc(fd, buf, position, blockSize[, lo, hi]): with lo and hi, only buf[lo, hi) is written (at
+ * position + lo; the rest of buf is what the file holds there already), the CRCs still those of all of buf. */
 static napi_value WriteCrc(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  size_t argc = 4;
+  napi_value argv[6];
+  size_t argc = 6;
   NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 4) return throw_type(env, "writeCrc", "arguments", "(fd, buf, position, blockSize)");
+  if (argc < 4) return throw_type(env, "writeCrc", "arguments", "(fd, buf, position, blockSize[, lo, hi])");
   int fd;
-  int64_t pos, block;
+  int64_t pos, block, lo = 0, hi = -1;
   uint8_t* data;
   size_t len;
   if (!get_fd(env, argv[0], "writeCrc", "pwrite", &fd)) return NULL;
   if (!get_bytes(env, argv[1], "writeCrc", "buf", &data, &len)) return NULL;
   if (!get_integer(env, argv[2], "writeCrc", "position", &pos)) return NULL;
   if (!get_integer(env, argv[3], "writeCrc", "blockSize", &block)) return NULL;
-  if (pos < 0 || block <= 0 || block > (int64_t)UINT32_MAX) return throw_errno(env, EINVAL, "pwrite");
+  if (argc >= 6) {
+    if (!get_integer(env, argv[4], "writeCrc", "lo", &lo)) return NULL;
+    if (!get_integer(env, argv[5], "writeCrc", "hi", &hi)) return NULL;
+  } else {
+    hi = (int64_t)len;
+  }
+  if (pos < 0 || block <= 0 || block > (int64_t)UINT32_MAX || lo < 0 || hi < lo || hi > (int64_t)len) return throw_errno(env, EINVAL, "pwrite");
   wstate_t* st = wstate_of(env);
   if (!st) return throw_errno(env, ENOMEM, "writeCrc");
-  wjob_t* w = (wjob_t*)calloc(1, sizeof(wjob_t));
+  size_t ncrc = (len + (size_t)block - 1) / (size_t)block;
+  wjob_t* w = (wjob_t*)malloc(sizeof(wjob_t) + ncrc * sizeof(uint32_t));
   if (!w) return throw_errno(env, ENOMEM, "writeCrc");
+  w->next = NULL;
+  w->err = 0;
   w->fd = fd;
   w->data = data;
   w->len = len;
   w->pos = pos;
+  w->lo = (size_t)lo;
+  w->hi = (size_t)hi;
   w->block = (size_t)block;
-  w->ncrc = (len + w->block - 1) / w->block;
-  w->crcs = (uint32_t*)calloc(w->ncrc ? w->ncrc : 1, sizeof(uint32_t));
-  if (!w->crcs) {
-    free(w);
-    return throw_errno(env, ENOMEM, "writeCrc");
-  }
+  w->ncrc = ncrc;
   napi_value promise;
   if (napi_create_promise(env, &w->deferred, &promise) != napi_ok ||
       napi_create_reference(env, argv[1], 1, &w->buf_ref) != napi_ok) { /* keep the buffer alive */
-    free(w->crcs);
     free(w);
     return throw_napi_failure(env, "writeCrc");
   }
   *st->tail = w;
   st->tail = &w->next;
-  st->bytes += len;
+  st->bytes += w->hi - w->lo;
   if (st->bytes >= BATCH_BYTES) {
     wstate_submit(st);
   } else if (!st->idle_on) {

@@ -149,6 +149,21 @@ export interface HostSpans {
   hostSpans(offset: number, length: number): HostSpan[] | null;
 }
 
+/** Writes started at once, settled by a callback instead of a promise (an NBD WRITE's path). */
+export interface WritesNow {
+  /**
+   * Starts writing `data` at `offset` now and calls `done` once as write() would settle (`e` undefined: written,
+   * and durable first when `fua`), returning true; false, having done nothing, when it cannot (then write()).
+   * `data` must stay unchanged until `done`.
+   */
+  writeNow(offset: number, data: Buffer, fua: boolean, done: (e: unknown) => void): boolean;
+}
+
+/** The device's callback writes, or null when it has none. */
+export function writesNowOf(dev: BlockDevice): WritesNow | null {
+  return dev.writesNow ?? null;
+}
+
 /** The device's host spans, or null when its bytes do not lie in host files it can name. */
 export function hostSpansOf(dev: BlockDevice): HostSpans | null {
   return dev.readsFrom ?? null;

@@ -1,5 +1,5 @@
 /** The block-device contract every image, chain and (later) remote device implements. */
-import type { Allocation, ChangeGate, DirtyBitmaps, HostSpans, Identity, Layers } from './capabilities.js';
+import type { Allocation, ChangeGate, DirtyBitmaps, HostSpans, Identity, Layers, WritesNow } from './capabilities.js';
 
 export type ExtentState = 'data' | 'zero' | 'unallocated';
 
@@ -57,6 +57,8 @@ export interface BlockDevice {
   readonly identity?: Identity;
   /** Where its bytes lie in host files (zero-copy NBD replies). */
   readonly readsFrom?: HostSpans;
+  /** Writes settled by a callback (an NBD WRITE's path). */
+  readonly writesNow?: WritesNow;
 }
 
 export type { DirtyBitmapCapability } from './capabilities.js';

@@ -123,7 +123,7 @@ class FaultHostFile implements HostFile {
     private readonly gate: StepGate,
   ) {
     if (inner.writeDurable) this.writeDurable = (buf, pos) => this.step(`durable write at ${pos}`, () => inner.writeDurable!(buf, pos));
-    if (inner.writeWithCrcs) this.writeWithCrcs = (buf, pos, bs) => this.step(`write at ${pos}`, () => inner.writeWithCrcs!(buf, pos, bs));
+    if (inner.writeWithCrcs) this.writeWithCrcs = (buf, pos, bs, lo, hi) => this.step(`write at ${pos}`, () => inner.writeWithCrcs!(buf, pos, bs, lo, hi));
     if (inner.stamp) this.stamp = () => inner.stamp!();
     if (inner.readFd) this.readFd = () => inner.readFd!();
   }

@@ -69,9 +69,11 @@ export interface HostFile {
   writeDurable?(buf: Buffer, position: number): Promise<void>;
   /**
    * Optional: write(buf, position) and return the CRC-32 (IEEE) of each `blockSize` slice of buf, computed
-   * off the main thread where the host can. Callers fall back to write + crc32.
+   * off the main thread where the host can. Callers fall back to write + crc32. With `lo` and `hi`, the caller
+   * says the file holds buf's bytes outside [lo, hi) already: only buf[lo, hi) need be written (at position +
+   * lo; writing all of buf is the same), the CRC-32s are still those of buf's slices.
    */
-  writeWithCrcs?(buf: Buffer, position: number, blockSize: number): Promise<number[]>;
+  writeWithCrcs?(buf: Buffer, position: number, blockSize: number, lo?: number, hi?: number): Promise<number[]>;
   /** fdatasync: every completed write is durable when this resolves. */
   sync(): Promise<void>;
   size(): Promise<number>;
@@ -312,16 +314,17 @@ class NodeHostFile implements HostFile {
     this.wrote(buf.length);
   }
 
-  writeWithCrcs(buf: Buffer, position: number, blockSize: number): Promise<number[]> {
+  writeWithCrcs(buf: Buffer, position: number, blockSize: number, lo?: number, hi?: number): Promise<number[]> {
     try {
       assertPosition(this.path, position, buf.length);
       // The addon's writeCrc, looked up once per file (at its first use) rather than per write.
       if (this.writeCrc === undefined) this.writeCrc = nativeOps()?.writeCrc ?? null;
       if (this.writeCrc) {
         touchPages(buf);
-        return this.writeCrc(this.fh.fd, buf, position, blockSize).then(
+        const span = lo !== undefined && hi !== undefined;
+        return (span ? this.writeCrc(this.fh.fd, buf, position, blockSize, lo, hi) : this.writeCrc(this.fh.fd, buf, position, blockSize)).then(
           (crcs) => {
-            this.wrote(buf.length);
+            this.wrote(span ? hi - lo : buf.length);
             return crcs;
           },
           (e: unknown) => {

@@ -68,7 +68,7 @@ export interface NativeOps {
    * Present when Node's zlib is reachable from the addon: pwrite of `buf` at `position` and the CRC-32 of
    * each `blockSize` slice, both on a libuv pool thread. Rejects with an errno-coded Error.
    */
-  writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number): Promise<number[]>;
+  writeCrc?(fd: number, buf: Uint8Array, position: number, blockSize: number, lo?: number, hi?: number): Promise<number[]>;
   /**
    * preadv2(RWF_NOWAIT) into `buf` from `position`, looping over short reads: copies only what the page
    * cache holds, never waiting for the disk, so the event loop may call it. Returns the bytes read (fewer

@@ -4,6 +4,7 @@
  * next ones are read — up to maxInFlight at once. Everything it knows of the negotiation is the
  * SessionState it was built with.
  */
+import { type WritesNow, writesNowOf } from '../image/capabilities.js';
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
@@ -25,6 +26,8 @@ export class Transmission {
   /** A request's handling that failed itself (not an error reply): run() throws it. */
   private failure: { e: unknown } | null = null;
   private readonly share: ConnectionShare;
+  /** The device's callback writes (no promise per WRITE), if it has them. */
+  private readonly now: WritesNow | null;
   /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
   private atBoundary = false;
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
@@ -37,6 +40,7 @@ export class Transmission {
     private readonly exp: NbdExport,
   ) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
+    this.now = writesNowOf(exp.device);
   }
 
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
@@ -191,32 +195,39 @@ export class Transmission {
    * at once, its reply queued from the write's completion (sendNow), its pool buffer given back once written.
    */
   private writeNow(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
-    const { link } = this;
+    const fua = (w.flags & CMD_FLAG.FUA) !== 0;
     let io: Promise<void>;
     try {
-      io = this.exp.device.write(w.offset, payload, (w.flags & CMD_FLAG.FUA) !== 0 ? FUA : NOT_FUA);
+      // The device's callback write when it takes this one (a piece of a block), else its write().
+      const now = this.now;
+      if (now && now.writeNow(w.offset, payload, fua, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))))) return;
+      io = this.exp.device.write(w.offset, payload, fua ? FUA : NOT_FUA);
     } catch (e) {
       this.track(this.replyError(w.request(), e, release));
       return;
     }
     io.then(
-      () => {
-        try {
-          if (pooled) this.server.pool.give([pooled]);
-          const parts = [w.reply()];
-          if (!link.sendNow(parts, release)) {
-            this.track(link.send(parts, release).finally(() => link.destroyed && release()));
-            return;
-          }
-          if (link.destroyed) release();
-        } catch (e) {
-          this.endedBadly(e);
-          return;
-        }
-        this.ended();
-      },
+      () => this.written(w, pooled, release),
       (e: unknown) => this.track(this.replyError(w.request(), e, release)),
     );
+  }
+
+  /** A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. */
+  private written(w: FastWrite, pooled: Buffer | null, release: () => void): void {
+    const { link } = this;
+    try {
+      if (pooled) this.server.pool.give([pooled]);
+      const parts = [w.reply()];
+      if (!link.sendNow(parts, release)) {
+        this.track(link.send(parts, release).finally(() => link.destroyed && release()));
+        return;
+      }
+      if (link.destroyed) release();
+    } catch (e) {
+      this.endedBadly(e);
+      return;
+    }
+    this.ended();
   }
 
   private readonly goneError = (): Error | null => (this.gone() ? new SocketClosedError() : null);

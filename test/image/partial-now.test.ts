@@ -22,7 +22,8 @@ const P = 4 * KiB;
 /** 4 KiB pieces: a piece of `tag`. */
 const piece = (tag: number): Buffer => block(7, tag).subarray(0, P);
 
-type Counts = { n: number; fail: boolean; hold: boolean; held: (() => void)[] };
+/** `n` data writes, `bytes` what each wrote (its span when it names one). */
+type Counts = { n: number; bytes: number[]; fail: boolean; hold: boolean; held: (() => void)[] };
 
 /**
  * An opener whose files count the data writes (pieces and blocks; not the metadata at offsets below the
@@ -42,18 +43,20 @@ function countingOpener(s: Counts, dataFrom: () => number): FileOpener {
     f.write = async (buf, pos) => {
       if (inner || pos < dataFrom()) return write(buf, pos);
       s.n++;
+      s.bytes.push(buf.length);
       await gate();
       return s.fail ? eio() : write(buf, pos);
     };
     if (withCrcs) {
-      f.writeWithCrcs = async (buf, pos, bs) => {
-        if (pos < dataFrom()) return withCrcs(buf, pos, bs);
+      f.writeWithCrcs = async (buf, pos, bs, lo, hi) => {
+        if (pos < dataFrom()) return withCrcs(buf, pos, bs, lo, hi);
         s.n++;
+        s.bytes.push(lo !== undefined && hi !== undefined ? hi - lo : buf.length);
         await gate();
         if (s.fail) return eio();
         inner = true;
         try {
-          return await withCrcs(buf, pos, bs);
+          return await withCrcs(buf, pos, bs, lo, hi);
         } finally {
           inner = false;
         }
@@ -71,7 +74,7 @@ function countingOpener(s: Counts, dataFrom: () => number): FileOpener {
 async function rig(intent: boolean, withBitmap = false): Promise<{ path: string; s: Counts; img: KscImage }> {
   const path = join(tempDir(), 'img.ksc');
   await createImage(path, { size: SIZE, blockSize: B, ...(intent ? { intentRegion: SIZE } : {}) });
-  const s: Counts = { n: 0, fail: false, hold: false, held: [] };
+  const s: Counts = { n: 0, bytes: [], fail: false, hold: false, held: [] };
   const img = await openKsc(path, { write: true, opener: countingOpener(s, () => 0) });
   if (withBitmap) await img.addBitmap('b1');
   await img.write(0, HELD0);
@@ -151,6 +154,48 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     expect((await checkImage(path, { verify: true })).errors).toEqual([]);
   });
 
+  it('pieces written in place in one turn without a gap between them are one write; a piece apart is its own', async () => {
+    const { path, s, img } = await rig(true);
+    await img.write(8 * KiB, piece(9)); // the intent bit is durable now
+    s.hold = true;
+    const before = s.n;
+    // Out of order: 12 KiB, 8 KiB and 16 KiB make one run (8…20 KiB); 40 KiB is apart.
+    const ps = [img.write(12 * KiB, piece(2)), img.write(8 * KiB, piece(1)), img.write(40 * KiB, piece(4)), img.write(16 * KiB, piece(3))];
+    await turn();
+    expect(s.n - before, 'one write for the run, one for the piece apart').toBe(2);
+    release(s);
+    await Promise.all(ps);
+    const want = overlay(HELD0, [
+      [piece(1), 8 * KiB],
+      [piece(2), 12 * KiB],
+      [piece(3), 16 * KiB],
+      [piece(4), 40 * KiB],
+    ]);
+    expect((await img.read(0, B)).equals(want)).toBe(true);
+    expect(coreOf(img).map.page(0)!.csumValid[0], 'a piece in place leaves the checksum not valid').toBe(0);
+    await img.close();
+    expect((await readAll(path)).subarray(0, B).equals(want)).toBe(true);
+    expect((await checkImage(path, { verify: true })).errors).toEqual([]);
+  });
+
+  it('a failed in-place run rejects each of its pieces and leaves the image usable', async () => {
+    const { path, s, img } = await rig(true);
+    await img.write(8 * KiB, piece(9));
+    s.fail = true;
+    const ps = [img.write(8 * KiB, piece(1)), img.write(12 * KiB, piece(2))];
+    for (const p of ps) await expect(p).rejects.toThrow(/injected/);
+    s.fail = false;
+    await img.write(8 * KiB, piece(3));
+    await img.write(12 * KiB, piece(4));
+    const want = overlay(HELD0, [
+      [piece(3), 8 * KiB],
+      [piece(4), 12 * KiB],
+    ]);
+    expect((await img.read(0, B)).equals(want)).toBe(true);
+    await img.close();
+    await expectNoLeaks(path);
+  });
+
   it('a failed block write rejects every piece, gives its cluster back and leaves the image usable', async () => {
     const { path, s, img } = await rig(false);
     s.fail = true;
@@ -168,7 +213,7 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
   });
 
   for (const withBitmap of [false, true]) {
-    it(`pieces of a new block that arrive while its write is in flight are the next wave: one more write of the whole block, checksum valid${withBitmap ? ' (a bitmap enabled)' : ''}`, async () => {
+    it(`pieces of a new block that arrive while its write is in flight are the next wave: one more write of their span, the whole block's checksum valid${withBitmap ? ' (a bitmap enabled)' : ''}`, async () => {
       const { path, s, img } = await rig(true, withBitmap);
       s.hold = true;
       const before = s.n;
@@ -180,7 +225,8 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
       expect(s.n - before, 'the later pieces wait for the first wave, none took a write of its own').toBe(1);
       release(s);
       await Promise.all([...wave1, ...wave2]);
-      expect(s.n - before, 'one more write: the whole block').toBe(2);
+      expect(s.n - before, 'one more write').toBe(2);
+      expect(s.bytes.at(-1), 'of the span of the later pieces only (0 … 9 pieces), the file holding the rest').toBe(9 * P);
       const want = overlay(B, [
         [piece(4), 0],
         [piece(2), P],
@@ -194,7 +240,7 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     });
   }
 
-  it('a later wave whose pieces lie close together writes only their span (the checksum then not valid)', async () => {
+  it('a later wave whose pieces lie close together writes only their span, with the checksum of the whole block', async () => {
     const { path, s, img } = await rig(true);
     s.hold = true;
     const before = s.n;
@@ -204,13 +250,14 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     release(s);
     await Promise.all([wave1, ...wave2]);
     expect(s.n - before, 'the block, then the span of the second wave').toBe(2);
+    expect(s.bytes.slice(-2)).toEqual([B, P + 20]);
     const want = overlay(B, [
       [piece(1), 0],
       [piece(2), 5 * P],
       [piece(3).subarray(0, 10), 6 * P + 10],
     ]);
     expect((await img.read(3 * B, B)).equals(want)).toBe(true);
-    expect(coreOf(img).map.page(0)!.csumValid[3]).toBe(0);
+    expect(coreOf(img).map.page(0)!.csumValid[3], 'valid: check --verify (closeHolding) proves it right').toBe(1);
     await closeHolding(img, path, 3 * B, want);
   });
 
@@ -254,14 +301,17 @@ function partialCase(withBitmap: boolean): Case {
   ]);
   const variants0: Buffer[] = [];
   for (const at8 of [null, piece(5), piece(7)]) {
-    for (const at16 of [null, piece(6)]) {
-      const v = Buffer.from(HELD0);
-      if (at8) at8.copy(v, 8 * KiB);
-      if (at16) at16.copy(v, 16 * KiB);
-      variants0.push(v);
+    for (const at12 of [null, piece(8)]) {
+      for (const at16 of [null, piece(6)]) {
+        const v = Buffer.from(HELD0);
+        if (at8) at8.copy(v, 8 * KiB);
+        if (at12) at12.copy(v, 12 * KiB);
+        if (at16) at16.copy(v, 16 * KiB);
+        variants0.push(v);
+      }
     }
   }
-  const final0 = variants0[5]!; // piece 7 at 8 KiB, piece 6 at 16 KiB
+  const final0 = variants0[11]!; // piece 7 at 8 KiB, piece 8 at 12 KiB, piece 6 at 16 KiB
   return {
     name: `pieces of a new block, then in place${withBitmap ? ' with a bitmap' : ''}`,
     setup: (dir) => setupHeld0(dir, withBitmap),
@@ -270,7 +320,7 @@ function partialCase(withBitmap: boolean): Case {
         await Promise.all([k.write(2 * B, piece(1)), k.write(2 * B + P, piece(2)), k.write(2 * B, piece(3)), k.write(3 * B - P, piece(4))]);
         await k.flush();
         await k.write(8 * KiB, piece(5)); // the intent bit (general path), then side by side:
-        await Promise.all([k.write(8 * KiB, piece(7)), k.write(16 * KiB, piece(6))]);
+        await Promise.all([k.write(8 * KiB, piece(7)), k.write(16 * KiB, piece(6)), k.write(12 * KiB, piece(8))]); // one run: one write
         await k.flush();
       }),
     verify: async (dir, done, where) => {
@@ -283,7 +333,7 @@ function partialCase(withBitmap: boolean): Case {
           ? async (content, k) => {
               const ext = await k.bitmapExtents('b1');
               if (!content.subarray(2 * B, 3 * B).equals(zero)) expect(covers(ext, 2 * B, B), `${where}: bitmap lacks block 2`).toBe(true);
-              if (!content.subarray(0, B).equals(HELD0)) expect(covers(ext, 8 * KiB, P) && covers(ext, 16 * KiB, P), `${where}: bitmap lacks block 0`).toBe(true);
+              if (!content.subarray(0, B).equals(HELD0)) expect(covers(ext, 8 * KiB, 3 * P), `${where}: bitmap lacks block 0`).toBe(true);
             }
           : null,
       );

@@ -453,6 +453,34 @@ describe.runIf(ops !== null)('writeCrc (pwrite + per-block CRC-32 on the pool)',
   });
 });
 
+describe.runIf(ops !== null)('writeCrc with a span', () => {
+  it('writes only buf[lo, hi) (at position + lo) and returns the CRC-32 of every slice of all of buf; a bad span is refused', async () => {
+    const { nativeOps } = await import('../../src/io/native.js');
+    const { crc32 } = await import('node:zlib');
+    const { randomBytes } = await import('node:crypto');
+    const n = nativeOps()!;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kscinc-wspan-'));
+    const fd = fs.openSync(path.join(dir, 'f'), 'w+');
+    try {
+      fs.writeSync(fd, Buffer.alloc(2 * 65536, 0x11), 0, 2 * 65536, 8192);
+      const buf = randomBytes(2 * 65536);
+      const crcs = await n.writeCrc!(fd, buf, 8192, 65536, 5000, 70000);
+      expect(crcs).toEqual([crc32(buf.subarray(0, 65536)), crc32(buf.subarray(65536))]);
+      const back = Buffer.alloc(2 * 65536);
+      fs.readSync(fd, back, 0, back.length, 8192);
+      expect(allBytes(back.subarray(0, 5000), 0x11), 'before the span: untouched').toBe(true);
+      expect(back.subarray(5000, 70000).equals(buf.subarray(5000, 70000)), 'the span').toBe(true);
+      expect(allBytes(back.subarray(70000), 0x11), 'after the span: untouched').toBe(true);
+      expect(await n.writeCrc!(fd, buf, 8192, 65536, 100, 100), 'an empty span writes nothing').toEqual(crcs);
+      expect(() => n.writeCrc!(fd, buf, 0, 65536, 10, 5)).toThrow();
+      expect(() => n.writeCrc!(fd, buf, 0, 65536, 0, buf.length + 1)).toThrow();
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe.runIf(ops !== null)('writeCrc batches the writes of one event-loop turn', () => {
   it('settles each write on its own, in the order asked, across the batch size and with a failing one among them', async () => {
     const { crc32 } = await import('node:zlib');

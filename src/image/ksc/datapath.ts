@@ -14,7 +14,7 @@ import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
 import { flush } from './flush.js';
-import { writePartialNow } from './partial.js';
+import { writePartialCb, writePartialNow } from './partial.js';
 
 const ZERO_BLOCK_CRC = new Map<number, number>();
 function zeroCrc(blockSize: number): number {
@@ -222,6 +222,14 @@ export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptio
     return Promise.reject(e);
   }
   return now ?? change(c, offset, data.length, opts.fua, () => writeLocked(c, offset, data));
+}
+
+/**
+ * write() settled by a callback (capabilities.ts WritesNow): for now the writes of part of a block that
+ * partial.ts takes at once; false, having done nothing, for anything else (the caller then calls write()).
+ */
+export function writeCb(c: KscCore, offset: number, data: Buffer, fua: boolean, done: (e: unknown) => void): boolean {
+  return writePartialCb(c, offset, data, fua, flush, done);
 }
 
 /**

@@ -14,7 +14,7 @@ import { BackingFormat, type BlockState, COMPAT_FROZEN, INCOMPAT_DIRTY, INCOMPAT
 import { KscError } from '../../errors.js';
 import type { BackupRef, Header } from '../../format/header.js';
 import type { SparseBitmap } from '../sparse-bitmap.js';
-import type { HostSpans } from '../capabilities.js';
+import type { HostSpans, WritesNow } from '../capabilities.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import * as bitmaps from './bitmaps.js';
 import type { KscCore } from './core.js';
@@ -481,6 +481,9 @@ export class KscImage implements BlockDevice {
   get identity(): this {
     return this;
   }
+
+  /** Callback writes (an NBD WRITE's path): datapath.ts writeCb. */
+  readonly writesNow: WritesNow = { writeNow: (o, b, fua, done) => data.writeCb(this.core, o, b, fua, done) };
 
   /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (datapath.ts). */
   get readsFrom(): HostSpans | undefined {

@@ -6,8 +6,10 @@
  *
  *  - In place (the block holds data in this layer): the first write takes the block's exclusive lock and
  *    opens the group; later ones join it while it has writes in flight, when their bytes overlap none of
- *    those, and nothing waits for the lock (issue order stays that of the lock queue). Each writes its
- *    piece at once; the group gives the lock back when its last write is done. As writeLocked does, a
+ *    those, and nothing waits for the lock (issue order stays that of the lock queue). The pieces that join
+ *    in one turn of the event loop are issued at its end (setImmediate, before the native writes of the turn
+ *    go to the pool anyway), each run of them without a gap as one write; the group gives the lock back
+ *    when its last write is done. As writeLocked does, a
  *    piece leaves the block's checksum invalid, and every write needs its intent bit durable already.
  *  - A new block (UNALLOCATED without a backing, or ZERO): the first write takes the lock, one new cluster
  *    (Allocator.allocRun) and a zeroed block buffer with its piece copied in; the writes to that block that
@@ -18,8 +20,10 @@
  *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
  *    while a wave is being written queue for the next one; when a wave is done, the next is copied into the
  *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
- *    whole block written again in place, with its CRC-32, and then its map entry set valid (a wave whose
- *    pieces lie within a quarter of the block writes only that span, and the entry stays not valid). The lock stays
+ *    span of its pieces written in place with the CRC-32 of the whole block (HostFile.writeWithCrcs with a
+ *    span: the file holds the rest of the block already), then its map entry set valid (without such a host
+ *    file: the whole block with its CRC-32, or, for pieces within a quarter of the block, only their span,
+ *    the entry then not valid). The lock stays
  *    held from wave to wave; nothing waiting for it may be overtaken (a piece that finds the lock awaited
  *    takes the general path, behind it), and the chain ends, giving the lock back, when a wave finds no
  *    piece queued. Such a rewrite needs no intent bit while no map snapshot (a flush, which moves c.epoch)
@@ -60,6 +64,8 @@ interface Group {
   fresh: boolean;
   /** In place: the writes in flight. A new block: the wave being assembled or written. */
   members: Member[];
+  /** In place: the pieces that joined in this turn, not yet issued (submitInPlace issues them at its end). */
+  open: Member[] | null;
   /** A new block: the pieces queued for the wave after the one being written. */
   next: Member[];
   /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
@@ -74,6 +80,43 @@ const groups = new WeakMap<KscCore, Map<number, Group>>();
 export type FlushFn = (c: KscCore) => Promise<void>;
 
 export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undefined, flush: FlushFn): Promise<void> | null {
+  const m = join(c, offset, data, fua === true);
+  if (!m) return null;
+  return new Promise<void>((resolve, reject) => {
+    m.done = (e) => {
+      if (e !== undefined) reject(e);
+      else if (m.fua) flush(c).then(resolve, reject);
+      else resolve();
+    };
+  });
+}
+
+/**
+ * writePartialNow settled by a callback (no promise per piece): true once the piece is taken, `done` called
+ * later, once; false, having changed nothing, when the general path must take it.
+ */
+export function writePartialCb(c: KscCore, offset: number, data: Buffer, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
+  const m = join(c, offset, data, fua);
+  if (!m) return false;
+  m.done = fua
+    ? (e) => {
+        if (e !== undefined) done(e);
+        else flush(c).then(() => done(undefined), done);
+      }
+    : done;
+  return true;
+}
+
+/** Never called: a member's done until its writer sets it (nothing settles a member in the turn it joins). */
+const unset = (): void => {
+  throw new Error('partial.ts: a member settled before its done was set');
+};
+
+/**
+ * Takes the piece into its block's group (see the header): its member, whose `done` the caller sets at once
+ * (nothing settles it before the event loop turns); null, having changed nothing, when a condition fails.
+ */
+function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | null {
   const length = data.length;
   const B = c.blockSize;
   if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
@@ -124,7 +167,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
       }
       host = run;
     }
-    group = { block, host, blk: inPlace ? null : takeBlockBuffer(B), assembling: !inPlace, fresh: !inPlace, members: [], next: [], validEpoch: -1, bitmaps, release };
+    group = { block, host, blk: inPlace ? null : takeBlockBuffer(B), assembling: !inPlace, fresh: !inPlace, members: [], open: null, next: [], validEpoch: -1, bitmaps, release };
     if (!byBlock) groups.set(c, (byBlock = new Map()));
     byBlock.set(block, group);
     if (group.fresh) {
@@ -134,32 +177,23 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
   }
   c.changesInFlight++;
   const grp = group;
-  return new Promise<void>((resolve, reject) => {
-    const m: Member = {
-      offset,
-      length,
-      start,
-      end: start + length,
-      intent,
-      fua: fua === true,
-      done: (e) => {
-        if (e !== undefined) reject(e);
-        else if (m.fua) flush(c).then(resolve, reject);
-        else resolve();
-      },
-      data: null,
-    };
-    if (grp.assembling) {
-      grp.members.push(m);
-      grp.blk!.set(data, start);
-    } else if (grp.fresh) {
-      m.data = data;
-      grp.next.push(m);
-    } else {
-      grp.members.push(m);
-      writeInPlace(c, grp, m, data);
+  const m: Member = { offset, length, start, end: start + length, intent, fua, done: unset, data: null };
+  if (grp.assembling) {
+    grp.members.push(m);
+    grp.blk!.set(data, start);
+  } else if (grp.fresh) {
+    m.data = data;
+    grp.next.push(m);
+  } else {
+    grp.members.push(m);
+    m.data = data;
+    if (grp.open) grp.open.push(m);
+    else {
+      grp.open = [m];
+      setImmediate(() => submitInPlace(c, grp));
     }
-  });
+  }
+  return m;
 }
 
 function overlapsAny(ms: Member[], start: number, end: number): boolean {
@@ -246,8 +280,50 @@ function zero(b: Buffer, from: number, to: number): void {
   typedFill.call(b, 0, from, to);
 }
 
-function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
-  const at = g.host + m.start;
+/**
+ * Issues the in-place pieces that joined the group in this turn: each run of pieces that follow each other
+ * without a gap (sequential writes arrive that way) is one write, its pieces copied side by side into a block
+ * buffer (a lone piece is written from its own buffer). The pieces overlap none of each other nor any in
+ * flight (the join rule), so the order of the writes does not matter. The native writes of one turn go to
+ * the pool as one job either way (HostFile.writeWithCrcs); this saves a call, a promise and a pwrite per piece.
+ */
+function submitInPlace(c: KscCore, g: Group): void {
+  let ms = g.open!;
+  g.open = null;
+  for (let k = 1; k < ms.length; k++) {
+    if (ms[k]!.start < ms[k - 1]!.start) {
+      ms = [...ms].sort((x, y) => x.start - y.start);
+      break;
+    }
+  }
+  for (let k = 0; k < ms.length;) {
+    const first = ms[k]!;
+    let end = first.end;
+    let j = k + 1;
+    while (j < ms.length && ms[j]!.start === end) end = ms[j++]!.end;
+    if (j === k + 1) {
+      const data = first.data!;
+      first.data = null;
+      writeRun(c, g, [first], data, null);
+    } else {
+      const run = ms.slice(k, j);
+      const own = takeBlockBuffer(c.blockSize);
+      for (const m of run) {
+        own.set(m.data!, m.start);
+        m.data = null;
+      }
+      writeRun(c, g, run, own.subarray(first.start, end), own);
+    }
+    k = j;
+  }
+}
+
+/**
+ * Writes one run of in-place pieces (`data`: their bytes side by side, at the first one's place in the block;
+ * `own`: the block buffer under it, given back once written) and settles them as change() would.
+ */
+function writeRun(c: KscCore, g: Group, run: Member[], data: Buffer, own: Buffer | null): void {
+  const at = g.host + run[0]!.start;
   let io: Promise<unknown>;
   try {
     io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, at, data.length) : c.file.write(data, at);
@@ -256,21 +332,22 @@ function writeInPlace(c: KscCore, g: Group, m: Member, data: Buffer): void {
   }
   io.then(
     () => {
+      let err: unknown = undefined;
       try {
         const page = c.map.page(Math.floor(g.block / 4096))!;
         if (page.csumValid[g.block % 4096] === 1) c.map.set(g.block, BlockState.Data, g.host, 0, false);
-        if (g.bitmaps) for (const b of g.bitmaps) b.mark(m.offset, m.length);
+        if (g.bitmaps) for (const b of g.bitmaps) for (const m of run) b.mark(m.offset, m.length);
       } catch (e) {
-        finish(c, g, m);
-        m.done(e);
-        return;
+        err = e;
       }
-      finish(c, g, m);
-      m.done(undefined);
+      if (own) giveBlockBuffer(own);
+      for (const m of run) finish(c, g, m);
+      for (const m of run) m.done(err);
     },
     (e: unknown) => {
-      finish(c, g, m);
-      m.done(e);
+      // A failed write may leave its buffer still being read by the pool: `own` is dropped, not reused.
+      for (const m of run) finish(c, g, m);
+      for (const m of run) m.done(e);
     },
   );
 }
@@ -328,7 +405,8 @@ function waveDone(c: KscCore, g: Group, err: unknown): void {
 
 /**
  * A later wave of a new block's chain: the queued pieces copied into the block's content, in issue order,
- * and the whole block rewritten in place with its CRC-32 (see the header for when an intent bit is needed).
+ * and their span written in place with the whole block's CRC-32 (see the header for the fallbacks, and for
+ * when an intent bit is needed).
  */
 async function submitWave(c: KscCore, g: Group): Promise<void> {
   const blk = g.blk!;
@@ -343,9 +421,12 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
     hi = Math.max(hi, m.end);
   }
   const B = c.blockSize;
-  // Pieces within a quarter of the block are written as that span (from the block's content), leaving the
-  // checksum not valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
-  const whole = (hi - lo) * 4 > B;
+  // The file holds the block's content outside [lo, hi) already (earlier waves, each written before the next
+  // began, from this buffer): where the host file can, only the span is written, with the CRC-32 of the whole
+  // block. Otherwise pieces within a quarter of the block are written as that span, leaving the checksum not
+  // valid; more, the whole block with its CRC-32 (a trickle of pieces is not 16× the bytes).
+  const withCrcs = c.file.writeWithCrcs?.bind(c.file);
+  const whole = withCrcs !== undefined || (hi - lo) * 4 > B;
   const at = g.block * B;
   const len = Math.min(B, c.size - at);
   let intent = false;
@@ -365,11 +446,9 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
     }
     // Not valid while the block is being rewritten: a flush meanwhile records no checksum to contradict.
     c.map.set(g.block, BlockState.Data, g.host, 0, false);
-    if (whole) crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B));
-    else {
-      const span = blk.subarray(lo, hi);
-      crcs = await (c.file.writeWithCrcs ? c.file.writeWithCrcs(span, g.host + lo, span.length) : c.file.write(span, g.host + lo).then(() => []));
-    }
+    if (withCrcs) crcs = await withCrcs(blk, g.host, B, lo, hi);
+    else if (whole) crcs = await writeThenCrcs(c.file, blk, g.host, B);
+    else crcs = await c.file.write(blk.subarray(lo, hi), g.host + lo).then(() => []);
   } catch (e) {
     if (intent) c.intent.end(at, len, c.epoch);
     waveDone(c, g, e);

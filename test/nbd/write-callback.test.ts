@@ -1,0 +1,131 @@
+/**
+ * A plain NBD WRITE of part of a block to a ksc_inc export goes through the device's callback write
+ * (capabilities.ts WritesNow, partial.ts writePartialCb: no promise per WRITE) rather than its write(); these
+ * show that it does, that its reply waits for the write (and for the flush of a FUA write), that a failed
+ * write answers EIO and leaves the connection serving, and that a whole-block WRITE still goes through write().
+ */
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createImage, openImage } from '../../src/image/open.js';
+import type { BlockDevice } from '../../src/image/types.js';
+import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
+import { NbdServer } from '../../src/nbd/server.js';
+import { CMD, CMD_FLAG } from '../../src/nbd/wire.js';
+import { tempDir } from '../helpers/tmp.js';
+import { RawClient } from './helpers.js';
+
+const KiB = 1024;
+const B = 64 * KiB;
+const SIZE = 64 * B;
+const dir = tempDir('kscinc-nbd-wcb-');
+/** The host file's data writes (writeWithCrcs: metadata goes by write) fail while `fail`; `syncs` counts its syncs; `held` holds data writes back while `hold`. */
+const st = { fail: false, syncs: 0, hold: false, held: [] as (() => void)[] };
+let dev: BlockDevice;
+let server: NbdServer;
+let port = 0;
+const calls = { write: 0, writeNow: 0 };
+
+const opener: FileOpener = async (p, o) => {
+  const f: HostFile = await openHostFile(p, o);
+  const withCrcs = f.writeWithCrcs?.bind(f);
+  const sync = f.sync.bind(f);
+  f.sync = async () => {
+    st.syncs++;
+    return sync();
+  };
+  if (withCrcs) {
+    f.writeWithCrcs = async (buf, pos, bs, lo, hi) => {
+      if (st.hold) await new Promise<void>((r) => st.held.push(r));
+      if (st.fail) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
+      return withCrcs(buf, pos, bs, lo, hi);
+    };
+  }
+  return f;
+};
+
+beforeAll(async () => {
+  const path = join(dir, 'a.ksc');
+  await createImage(path, { size: SIZE, blockSize: B });
+  dev = await openImage(path, { write: true, opener });
+  await dev.write(0, Buffer.alloc(B, 1)); // the general path loads the map page (the callback path needs it loaded)
+  const write = dev.write.bind(dev);
+  dev.write = (o, d, opts) => {
+    calls.write++;
+    return write(o, d, opts);
+  };
+  const now = dev.writesNow!;
+  const writeNow = now.writeNow.bind(now);
+  now.writeNow = (o, d, fua, done) => {
+    calls.writeNow++;
+    return writeNow(o, d, fua, done);
+  };
+  server = new NbdServer({ exports: { a: { device: dev } }, log: () => {} });
+  const a = await server.listen({ host: '127.0.0.1', port: 0 });
+  port = (a as { port: number }).port;
+});
+
+afterAll(async () => {
+  await server?.close();
+  await dev?.close();
+});
+
+async function connect(): Promise<RawClient> {
+  const c = await RawClient.connect(port);
+  await c.handshake('a', false);
+  return c;
+}
+
+const fill = (n: number, v: number): Buffer => Buffer.alloc(n, v);
+
+describe('NBD WRITE through the device callback write', () => {
+  it('a piece of a block takes the callback path, its reply once written; a whole block takes write()', async () => {
+    const c = await connect();
+    const before = { ...calls };
+    c.send(CMD.WRITE, 1n, 3 * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x31));
+    expect((await c.reply()).error).toBe(0);
+    expect(calls.writeNow - before.writeNow, 'the piece: callback write').toBe(1);
+    expect(calls.write - before.write, 'no write() for it').toBe(0);
+    c.send(CMD.WRITE, 2n, 5 * B, B, 0, fill(B, 0x32));
+    expect((await c.reply()).error).toBe(0);
+    expect(calls.write - before.write, 'the whole block: write()').toBe(1);
+    const r = await c.read(3 * B, 2 * B);
+    expect(r.error).toBe(0);
+    expect(r.data.subarray(4 * KiB, 8 * KiB).equals(fill(4 * KiB, 0x31))).toBe(true);
+    expect(r.data.subarray(0, 4 * KiB).equals(fill(4 * KiB, 0))).toBe(true);
+    c.disc();
+  });
+
+  it('the reply waits for the write; a FUA piece is answered only after a sync', async () => {
+    const c = await connect();
+    st.hold = true;
+    c.send(CMD.WRITE, 3n, 6 * B, 4 * KiB, 0, fill(4 * KiB, 0x41));
+    let answered = false;
+    const rep = c.reply().then((r) => ((answered = true), r));
+    for (let i = 0; i < 200 && st.held.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(st.held.length, 'the write is being held').toBe(1);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(answered, 'no reply while the write is held').toBe(false);
+    st.hold = false;
+    for (const r of st.held.splice(0)) r();
+    expect((await rep).error).toBe(0);
+    const syncs = st.syncs;
+    c.send(CMD.WRITE, 4n, 7 * B + 8 * KiB, 4 * KiB, CMD_FLAG.FUA, fill(4 * KiB, 0x42));
+    expect((await c.reply()).error).toBe(0);
+    expect(st.syncs, 'a sync before the FUA reply').toBeGreaterThan(syncs);
+    c.disc();
+  });
+
+  it('a failed piece answers EIO; the connection goes on serving', async () => {
+    const c = await connect();
+    st.fail = true;
+    c.send(CMD.WRITE, 5n, 9 * B, 4 * KiB, 0, fill(4 * KiB, 0x51));
+    expect((await c.reply()).error, 'EIO').toBe(5);
+    st.fail = false;
+    c.send(CMD.WRITE, 6n, 9 * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x52));
+    expect((await c.reply()).error).toBe(0);
+    const r = await c.read(9 * B, B);
+    expect(r.data.subarray(4 * KiB, 8 * KiB).equals(fill(4 * KiB, 0x52))).toBe(true);
+    expect(r.data.subarray(0, 4 * KiB).equals(fill(4 * KiB, 0)), 'the failed piece left nothing').toBe(true);
+    c.disc();
+  });
+});
