@@ -21,6 +21,9 @@ import { chunkId, ZERO_ID } from '../../src/hash/chunkid.js';
 import { keyedId } from '../../src/crypto/aead.js';
 import { isKscError } from '../../src/errors.js';
 import { withStoreFaults } from '../../src/objstore/fault.js';
+import { openStore } from '../../src/objstore/open.js';
+import { onStoreRequest, type StoreRequest } from '../../src/objstore/trace.js';
+import { Repository as Repo } from '../../src/repo/repository.js';
 import type { ObjectStore } from '../../src/objstore/types.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { Rng, seedFor } from '../helpers/rng.js';
@@ -161,4 +164,41 @@ describe('a backup stopped at every step of the production commit path (folder s
     expect(total, 'the backup completed within the step limit').toBeGreaterThanOrEqual(5);
     expect(stopsWithOrphans).toBeGreaterThan(0);
   }, 900_000);
+});
+
+describe('a traced backup (KSCINC_STORE_TRACE / a subscriber) takes the production commit path', () => {
+  it('the index and manifest puts are issued while the last pack is still being stored (putAfter), and it restores', async () => {
+    const repoDir = join(dir, 'traced');
+    const disk = join(dir, 'traced.ksc');
+    cpSync(pristineRepo, repoDir, { recursive: true });
+    copyFileSync(pristineDisk, disk);
+    const seen: StoreRequest[] = [];
+    // Each traced request waits a little before it is sent, so a pack put lasts long enough to be overlapped.
+    const undo = onStoreRequest((r) => seen.push(r), { delayMs: 250 });
+    const img = await openKsc(disk, { write: true });
+    try {
+      const store = await openStore(repoDir);
+      expect(store.putAfter, 'the trace wrapper passes putAfter on').toBeTypeOf('function');
+      expect(store.listKeys, 'the trace wrapper passes listKeys on').toBeTypeOf('function');
+      const res = await backupDevice(img, await Repo.open(store), { now: () => Date.parse('2024-05-02T12:00:00Z') });
+      const puts = seen.filter((r) => r.op === 'put');
+      const packs = puts.filter((r) => r.key.startsWith('packs/'));
+      const index = puts.filter((r) => r.key.startsWith('index/'));
+      const manifest = puts.filter((r) => r.key.startsWith('manifests/'));
+      expect(packs.length).toBeGreaterThanOrEqual(3);
+      expect([index.length, manifest.length]).toEqual([1, 1]);
+      const lastPackEnd = Math.max(...packs.map((r) => r.endMs));
+      console.log(`traced: last pack put ended at ${lastPackEnd.toFixed(1)}; index put started ${index[0]!.startMs.toFixed(1)}, manifest put ${manifest[0]!.startMs.toFixed(1)}`);
+      expect(index[0]!.startMs, 'the index put was issued beside the last pack (putAfter), not after it').toBeLessThan(lastPackEnd);
+      expect(index[0]!.endMs).toBeGreaterThanOrEqual(lastPackEnd);
+      expect(manifest[0]!.endMs).toBeGreaterThanOrEqual(index[0]!.endMs);
+      const target = join(dir, 'traced.raw');
+      await restoreBackup(await openRepo(repoDir), res.id, target);
+      expectSame(await readImage(target), current, 'the traced backup restored');
+    } finally {
+      undo();
+      await img.close();
+      rmSync(repoDir, { recursive: true, force: true });
+    }
+  }, 300_000);
 });
