@@ -17,6 +17,7 @@ import { pruneRepo } from '../../src/engines/prune.js';
 import { restoreBackup } from '../../src/engines/restore.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
+import type { KscImage } from '../../src/image/ksc/image.js';
 import { chunkId, ZERO_ID } from '../../src/hash/chunkid.js';
 import { keyedId } from '../../src/crypto/aead.js';
 import { isKscError } from '../../src/errors.js';
@@ -28,7 +29,7 @@ import type { ObjectStore } from '../../src/objstore/types.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { clearFaultsAfterAll, runStoppedAfter } from '../helpers/fault-runs.js';
+import { clearFaultsAfterAll, runCliStoppedAfter, runStoppedAfter } from '../helpers/fault-runs.js';
 import { MiB, contents, expectSame, makeDisk, newRepo, openRepo, orphanPacks, readImage } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-s19b-commit-steps-');
@@ -93,6 +94,42 @@ async function dangling(repo: Repository): Promise<string[]> {
   return out;
 }
 
+/**
+ * What must hold after a stop (`where`): verify clean, nothing dangles; the rerun (`img`, no plan) stores only
+ * what neither the index nor the orphans hold; unlock + prune with no grace leaves no orphan and the rerun's
+ * backup restores exactly. Returns the number of orphan packs the stop left.
+ */
+async function checkStop(repoDir: string, img: KscImage, where: string): Promise<number> {
+  const repo = await openRepo(repoDir);
+  expect(await dangling(repo), `${where}: dangling names`).toEqual([]);
+  expect((await verifyRepo(repo)).damage, `${where}: verify`).toEqual([]);
+  const backups = await repo.listBackupIds();
+  const orphans = await orphanPacks(repo);
+
+  // The rerun: what it must store, by our own arithmetic.
+  const index = await repo.loadIndex();
+  const inOrphans = new Set<string>();
+  for (const p of orphans) for (const e of await repo.readPackFooter(p)) inOrphans.add(e.id.toString('hex'));
+  const needed = new Set<string>();
+  for (const id of idsOf(current, repo.blobKeys)) if (id !== ZERO_ID.toString('hex') && !index.has(id) && !inOrphans.has(id)) needed.add(id);
+  const res = await backupDevice(img, await openRepo(repoDir), { now: () => Date.parse('2024-05-03T12:00:00Z') });
+  console.log(`${where}: ${backups.length} backup(s), ${orphans.length} orphan pack(s) holding ${inOrphans.size} chunk(s); rerun stored ${res.chunksNew} (needed ${needed.size})`);
+  expect(res.chunksNew, `${where}: the rerun stores only what neither the index nor the orphans hold`).toBe(needed.size);
+
+  const after = await openRepo(repoDir);
+  await after.unlock();
+  await pruneRepo(after, { last: 100, graceMs: 0 });
+  const final = await openRepo(repoDir);
+  expect(await orphanPacks(final), `${where}: orphans after unlock + prune --grace 0`).toEqual([]);
+  expect((await verifyRepo(final)).damage, `${where}: verify after prune`).toEqual([]);
+  expect(await dangling(final)).toEqual([]);
+  const target = `${repoDir}.raw`;
+  await restoreBackup(final, res.id, target);
+  expectSame(await readImage(target), current, `${where}: the rerun's backup restored`);
+  rmSync(target, { force: true });
+  return orphans.length;
+}
+
 describe('a backup stopped at every step of the production commit path (folder store, fault plan)', () => {
   it('each stop: verify clean, nothing dangles; the rerun stores only what index and orphans lack; unlock + prune --grace 0 leaves no orphan', async () => {
     let total = -1;
@@ -124,36 +161,9 @@ describe('a backup stopped at every step of the production commit path (folder s
           expect(await orphanPacks(after)).toEqual([]);
           break;
         }
-        const repo = await openRepo(repoDir);
-        expect(await dangling(repo), `${where}: dangling names`).toEqual([]);
-        expect((await verifyRepo(repo)).damage, `${where}: verify`).toEqual([]);
+        if ((await checkStop(repoDir, img, where)) > 0) stopsWithOrphans++;
         expect(isKscError(err, 'KSC_E_IO') && /injected fault/.test((err as Error).message), `${where}: the backup fails with the fault: ${String(err)}`).toBe(true);
         expect(steps).toBe(n);
-        const backups = await repo.listBackupIds();
-        const orphans = await orphanPacks(repo);
-        if (orphans.length > 0) stopsWithOrphans++;
-
-        // The rerun: what it must store, by our own arithmetic.
-        const index = await repo.loadIndex();
-        const inOrphans = new Set<string>();
-        for (const p of orphans) for (const e of await repo.readPackFooter(p)) inOrphans.add(e.id.toString('hex'));
-        const needed = new Set<string>();
-        for (const id of idsOf(current, repo.blobKeys)) if (id !== ZERO_ID.toString('hex') && !index.has(id) && !inOrphans.has(id)) needed.add(id);
-        const res = await backupDevice(img, await openRepo(repoDir), { now: () => Date.parse('2024-05-03T12:00:00Z') });
-        console.log(`${where}: ${backups.length} backup(s), ${orphans.length} orphan pack(s) holding ${inOrphans.size} chunk(s); rerun stored ${res.chunksNew} (needed ${needed.size})`);
-        expect(res.chunksNew, `${where}: the rerun stores only what neither the index nor the orphans hold`).toBe(needed.size);
-
-        const after = await openRepo(repoDir);
-        await after.unlock();
-        await pruneRepo(after, { last: 100, graceMs: 0 });
-        const final = await openRepo(repoDir);
-        expect(await orphanPacks(final), `${where}: orphans after unlock + prune --grace 0`).toEqual([]);
-        expect((await verifyRepo(final)).damage, `${where}: verify after prune`).toEqual([]);
-        expect(await dangling(final)).toEqual([]);
-        const target = join(dir, `t-${n}.raw`);
-        await restoreBackup(final, res.id, target);
-        expectSame(await readImage(target), current, `${where}: the rerun's backup restored`);
-        rmSync(target, { force: true });
       } finally {
         await img.close();
         rmSync(repoDir, { recursive: true, force: true });
@@ -164,6 +174,45 @@ describe('a backup stopped at every step of the production commit path (folder s
     expect(total, 'the backup completed within the step limit').toBeGreaterThanOrEqual(5);
     expect(stopsWithOrphans).toBeGreaterThan(0);
   }, 900_000);
+});
+
+describe('kscinc backup killed at every step (its own fault layer: KSC_FAULT_AFTER, SIGKILL)', () => {
+  it('each kill (also during part writes in flight): verify clean, nothing dangles; the rerun stores only what index and orphans lack; unlock + prune --grace 0 leaves no orphan', async () => {
+    let total = -1;
+    let killsWithOrphans = 0;
+    for (let n = 0; n < 100; n++) {
+      const where = `kscinc backup killed after step ${n}`;
+      const repoDir = join(dir, `c-${n}`);
+      const disk = join(dir, `cd-${n}.ksc`);
+      cpSync(pristineRepo, repoDir, { recursive: true });
+      copyFileSync(pristineDisk, disk);
+      try {
+        // Its steps are the image's writes as well as the store's: every one of them is a kill point.
+        const { r, steps } = runCliStoppedAfter(['backup', disk, '--repo', repoDir, '--json'], n, join(dir, `c-steps-${n}`));
+        if (steps !== null) {
+          total = steps;
+          const after = await openRepo(repoDir);
+          expect((await verifyRepo(after)).damage).toEqual([]);
+          expect(await orphanPacks(after)).toEqual([]);
+          expect(await after.listBackupIds()).toHaveLength(2);
+          break;
+        }
+        expect(r.signal, `${where}: ${r.stderr}`).toBe('SIGKILL');
+        const img = await openKsc(disk, { write: true });
+        try {
+          if ((await checkStop(repoDir, img, where)) > 0) killsWithOrphans++;
+        } finally {
+          await img.close();
+        }
+      } finally {
+        rmSync(repoDir, { recursive: true, force: true });
+        rmSync(disk, { force: true });
+      }
+    }
+    console.log(`kscinc backup: ${total} steps, killed at each; ${killsWithOrphans} kill(s) left orphan packs`);
+    expect(total, 'the backup completed within the step limit').toBeGreaterThanOrEqual(5);
+    expect(killsWithOrphans).toBeGreaterThan(0);
+  }, 1_800_000);
 });
 
 describe('a traced backup (KSCINC_STORE_TRACE / a subscriber) takes the production commit path', () => {
