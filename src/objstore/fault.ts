@@ -24,12 +24,17 @@ class StepFaultStore implements ObjectStore {
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
   syncObject?: ObjectStore['syncObject'];
+  putAfter?: ObjectStore['putAfter'];
+  listKeys?: ObjectStore['listKeys'];
 
   constructor(
     private readonly inner: ObjectStore,
     private readonly gate: StepGate,
   ) {
     this.name = inner.name;
+    // Passed on where the store has them, so a crash test runs production's commit path, not the fallback.
+    if (inner.putAfter) this.putAfter = (key, data, after, opts) => this.putAfterStep(inner, key, data, after, opts);
+    if (inner.listKeys) this.listKeys = (prefix) => inner.listKeys!(prefix);
     // Passed on, not a step of its own (it makes an object durable, changes nothing a reader sees).
     if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
     if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
@@ -40,6 +45,26 @@ class StepFaultStore implements ObjectStore {
   put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     if (opts?.durable === false) return this.inner.put(key, data, opts);
     return this.gate(`${this.name}/${key}: put`, () => this.inner.put(key, data, opts));
+  }
+  /**
+   * One step, asked for once `after` resolved (where the object gets its key: its part is written meanwhile,
+   * as without the plan), so steps are numbered in the order objects appear; a step refused fails `after` as
+   * the inner store sees it, which then names nothing. The step lasts until the inner put ends.
+   */
+  private putAfterStep(inner: ObjectStore, key: string, data: Body, after: Promise<unknown>, opts?: WriteOpts): Promise<void> {
+    if (opts?.durable === false) return inner.putAfter!(key, data, after, opts);
+    const admitted = after.then(
+      () =>
+        new Promise<void>((admit, refuse) => {
+          this.gate(`${this.name}/${key}: put`, () => {
+            admit();
+            return put;
+          }).catch(refuse);
+        }),
+    );
+    // `put` is read only once `after` resolved (a later microtask), never before it is set.
+    const put = inner.putAfter!(key, data, admitted, opts);
+    return put;
   }
   delete(key: string, opts?: WriteOpts): Promise<void> {
     if (opts?.durable === false) return this.inner.delete(key, opts);

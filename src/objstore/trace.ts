@@ -132,9 +132,15 @@ class TraceStore implements ObjectStore {
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
   syncObject?: ObjectStore['syncObject'];
+  putAfter?: ObjectStore['putAfter'];
+  listKeys?: ObjectStore['listKeys'];
 
   constructor(private readonly inner: ObjectStore) {
     this.name = inner.name;
+    // Passed on where the store has them, so a traced run takes production's path (the commit writes its index
+    // and manifest parts beside the last pack; a backup lists pack names only), not the fallback.
+    if (inner.putAfter) this.putAfter = (key, data, after, opts) => this.tracedPut(key, data, () => inner.putAfter!(key, data, after, opts));
+    if (inner.listKeys) this.listKeys = (prefix) => this.tracedList(prefix, inner.listKeys!(prefix));
     // Not a request (a local folder's fsyncs), so not traced; but never dropped: an adoption relies on it (§9 rule 6).
     if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
     if (inner.getRangeInto) {
@@ -153,13 +159,17 @@ class TraceStore implements ObjectStore {
   }
 
   put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+    return this.tracedPut(key, data, () => this.inner.put(key, data, opts));
+  }
+  /** A put (or putAfter: from its call, so its wait for `after` is in its time) traced as one request. */
+  private tracedPut(key: string, data: Body, run: () => Promise<void>): Promise<void> {
     let n = 0;
     return traced(
       this.name,
       'put',
       key,
       async () => {
-        await this.inner.put(key, data, opts);
+        await run();
         n = Buffer.isBuffer(data) ? data.length : Array.isArray(data) ? data.reduce((a, b) => a + b.length, 0) : data.size;
       },
       () => n,
@@ -193,14 +203,17 @@ class TraceStore implements ObjectStore {
   close(): Promise<void> {
     return this.inner.close();
   }
+  list(prefix: string): AsyncIterable<ObjectInfo> {
+    return this.tracedList(prefix, this.inner.list(prefix));
+  }
   /** One traced request for the whole listing, from its start until it ends or the caller stops early. */
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+  private async *tracedList<T>(prefix: string, items: AsyncIterable<T>): AsyncIterable<T> {
     const t = begin();
     let n = 0;
     let error: unknown;
     try {
       await pause();
-      for await (const o of this.inner.list(prefix)) {
+      for await (const o of items) {
         n++;
         yield o;
       }
