@@ -5,11 +5,12 @@
 /* armExitWatchdog(status, quietMs) -> boolean starts a detached thread that _exit()s the process with    */
 /* `status` once the process has done no I/O for `quietMs` in a row; the handler arms it just before it   */
 /* calls process.exit, so an exit that finishes ends as before, and one that is stuck ends quietMs later. */
-/* An exit that is still working (an 'exit' listener writing, queued writes draining on the pool) is     */
-/* never cut: "I/O" is any change of the counters of /proc/self/io (bytes and calls of read and write,    */
-/* bytes sent to and dropped from storage) other than the watchdog's own reads of them. Where /proc is    */
-/* not readable, quietMs after arming. A request in flight when the watchdog ends the process is the     */
-/* kernel's to finish or abandon, as with SIGKILL: it was issued only after what it depends on was done. */
+/* An exit that is still reading or writing (an 'exit' listener writing, queued writes draining on the   */
+/* pool) is not cut: "I/O" is any change of the counters of /proc/self/io (bytes and calls of read and     */
+/* write, bytes sent to and dropped from storage) other than the watchdog's own reads of them. An fsync,  */
+/* open or rename moves no counter: one taking longer than quietMs is cut. Where /proc is not readable,   */
+/* quietMs after arming. A request in flight when the watchdog ends the process is the kernel's to finish */
+/* or abandon, as with SIGKILL: it was issued only after what it depends on was done.                     */
 /* False when a watchdog was armed already (the first status stands) or the thread could not start.      */
 #include <errno.h>
 #include <fcntl.h>

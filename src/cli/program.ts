@@ -109,7 +109,7 @@ export async function buildProgram(group: string | null = null, opts: { commands
 
 /**
  * How long a signal's handler waits, the command's loop still running, for opens that may create a file
- * (and, without the addon, for every fs request in flight) before it exits anyway.
+ * before it exits anyway.
  */
 const SETTLE_WAIT_MS = 2000;
 /** How long the exit may go without any I/O before the watchdog ends the process (native/kscinc_exit.c). */
@@ -129,11 +129,11 @@ function fsInFlight(): boolean {
  * process.exit waits for libuv's threads: an fs request that never returns (a hard NFS mount hung in read or
  * fsync, the open of a fifo nobody opens from the other side) would keep the process alive for ever. With the
  * addon the handler arms a watchdog first, which ends the process with the same status once the exit has gone
- * EXIT_QUIET_MS without any I/O (an exit still writing is never cut; what is in flight then is the kernel's
- * to finish or abandon, as with SIGKILL). Without it (KSCINC_NO_NATIVE=1) the handler also waits for the fs
- * requests in flight (at most SETTLE_WAIT_MS); one still running then, the signal is raised again with its
- * default action: the process ends by the signal itself (the shell's 128 + n; a parent sees the signal, not
- * an exit code).
+ * EXIT_QUIET_MS without a read or write call (an fsync, open or rename in flight then may be cut: the kernel
+ * finishes or abandons it, as with SIGKILL). Without it (KSCINC_NO_NATIVE=1), when any fs request is in
+ * flight at the exit, the signal is raised again with its default action at once: the process ends by the
+ * signal itself (the shell's 128 + n; a parent sees the signal, not an exit code), never waiting on a request
+ * that may never return, and the command's loop runs no further.
  */
 export function removeUnfinishedOnSignal(): () => void {
   const removed: string[] = [];
@@ -164,7 +164,9 @@ export function removeUnfinishedOnSignal(): () => void {
     const code = sig === 'SIGINT' ? EXIT.INTERRUPTED : EXIT.TERMINATED;
     if (exiting) exit(sig, code);
     exiting = true;
-    const settled = (): boolean => creatingNow() === 0 && (nativeOps()?.armExitWatchdog !== undefined || !fsInFlight());
+    // Only creates are waited for (the command's loop runs on meanwhile): anything else in flight is the
+    // exit's to finish, or the watchdog's / the re-raised signal's to cut.
+    const settled = (): boolean => creatingNow() === 0;
     const finish = (): never => {
       removePending();
       process.stderr.write(`kscinc: interrupted by ${sig}${removed.length ? `; removed the unfinished ${removed.join(', ')}` : ''}\n`);
