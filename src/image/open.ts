@@ -159,7 +159,10 @@ async function openChain(file: string, format: ImageFormat | undefined, write: b
     });
     if (write && live) {
       const b = live;
-      b.setFill((off, data) => img.fillFromBacking(off, data).then(() => undefined));
+      b.setFill(
+        (off, data) => img.fillFromBacking(off, data).then(() => undefined),
+        (off, n) => img.extents(off, n),
+      );
       img.onRead = (off, n) => b.noteRead(off, n);
     }
     return img;

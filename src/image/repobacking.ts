@@ -73,6 +73,8 @@ export class BackupBacking implements BlockDevice {
   /** Readahead's ranged reads of packs in flight, and the reads waiting for a turn (at most AHEAD_READS run). */
   private aheadReads = 0;
   private readonly aheadQueue: (() => void)[] = [];
+  /** Where the overlay above holds its own blocks (its extents at depth 0), or null: readahead leaves them. */
+  private overlayExtents: ((offset: number, length: number) => Promise<Extent[]>) | null = null;
 
   private constructor(
     readonly name: string,
@@ -165,9 +167,14 @@ export class BackupBacking implements BlockDevice {
     }
   }
 
-  /** Installs the copy-on-read fill of the overlay above (a writable open). */
-  setFill(fill: FillFn | null): void {
+  /**
+   * Installs the copy-on-read fill of the overlay above (a writable open), and how to ask it which blocks
+   * it holds: readahead fetches no chunk the overlay holds wholly (filled before a reopen: `held` knows only
+   * this open's fills).
+   */
+  setFill(fill: FillFn | null, overlayExtents: ((offset: number, length: number) => Promise<Extent[]>) | null = null): void {
     this.fills.fill = fill;
+    this.overlayExtents = overlayExtents;
   }
 
   /** Whether chunk `k` is a zero chunk (no fetch needed). */
@@ -254,16 +261,38 @@ export class BackupBacking implements BlockDevice {
     const done = (k: number): void => {
       if (pending.delete(k)) this.aheadBytes -= C;
     };
-    // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
-    const all = new Set(ks);
-    for (const k of ks) for (const j of this.fills.duplicatesOf(k)) all.add(j);
-    // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool behind the
-    // readers' own chunks (background), at most AHEAD_READS at once for the image.
-    this.fetchAll([...all], { concurrency: 2, onChunk: done, background: true, beforeRead: () => this.aheadTurn(), afterRead: () => this.aheadDone() })
+    // Chunks the overlay already holds wholly (filled before a reopen) are left out; a guest write after
+    // this look is safe either way (a fill never overwrites a block that is no longer UNALLOCATED).
+    this.notInOverlay(ks)
+      .then((need) => {
+        for (const k of ks) if (!need.has(k)) done(k);
+        if (need.size === 0 || this.closed) return;
+        // The positions holding the same chunks come along: one decode fills them all (planBulkReads).
+        const all = new Set(need);
+        for (const k of need) for (const j of this.fills.duplicatesOf(k)) all.add(j);
+        // As a restore reads them: coalesced ranged reads of the packs, decoded in the worker pool behind
+        // the readers' own chunks (background), at most AHEAD_READS at once for the image.
+        return this.fetchAll([...all], { concurrency: 2, onChunk: done, background: true, beforeRead: () => this.aheadTurn(), afterRead: () => this.aheadDone() });
+      })
       .catch(() => undefined)
       .finally(() => {
         for (const k of [...pending]) done(k);
       });
+  }
+
+  /** Of chunks `ks` (ascending), those the overlay above does not hold wholly (all of them without a way to ask). */
+  private async notInOverlay(ks: number[]): Promise<Set<number>> {
+    const need = new Set<number>();
+    if (!this.overlayExtents) return new Set(ks);
+    const C = this.blockSize;
+    const from = ks[0]! * C;
+    const to = Math.min(this.size, (ks[ks.length - 1]! + 1) * C);
+    const wanted = new Set(ks);
+    for (const e of await this.overlayExtents(from, to - from)) {
+      if (e.depth === 0) continue;
+      for (let k = Math.floor(e.offset / C); k <= Math.floor((e.offset + e.length - 1) / C); k++) if (wanted.has(k)) need.add(k);
+    }
+    return need;
   }
 
   /** Waits for one of readahead's AHEAD_READS turns at reading a pack. */
