@@ -74,4 +74,18 @@ describe('store wrappers pass the folder store durability methods on (session 19
     expect(s, "the pack's folder (its name) was synced").toContain(join(root, packKey(pack), '..'));
     expect(s).toContain(join(root, 'packs'));
   });
+
+  it("each wrapper keeps the folder store's optional methods (a wrapped run takes production's path)", async () => {
+    const { root } = await withOrphan();
+    for (const [what, on] of [
+      ['traced', () => onStoreRequest(() => undefined)],
+      ['fault plan', () => (setFaultPlan({ after: 1000, action: 'throw' }), () => setFaultPlan(null))],
+    ] as const) {
+      undo = on();
+      const store = await openStore(root);
+      for (const m of ['syncObject', 'putAfter', 'listKeys', 'warm'] as const) expect(typeof store[m], `${what}: ${m}`).toBe('function');
+      undo();
+      undo = null;
+    }
+  });
 });
