@@ -39,7 +39,7 @@ export async function verifyRepo(
 ): Promise<VerifyResult> {
   const lock = await repo.readerLock(`verify${opts.backup ? ` of backup ${opts.backup}` : ''}`, opts.lockWaitMs);
   try {
-    const r = await verifyLocked(repo, opts);
+    const r = await verifyLocked(repo, opts, lock !== null);
     if (!r.ok) lock?.check(); // damage seen after the lock was lost may be a prune's legitimate work
     return r;
   } finally {
@@ -61,7 +61,7 @@ interface DamagedPack {
  * copy of those chunks pack by pack; check the packs' headers and footers; then name, for each damaged
  * pack, the backups that lost chunks with it.
  */
-async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<VerifyResult> {
+async function verifyLocked(repo: Repository, opts: VerifyOptions, locked: boolean): Promise<VerifyResult> {
   const t0 = performance.now();
   const damage: Damage[] = [];
   const manifestDamage = (id: string, e: KscError): void => {
@@ -71,7 +71,7 @@ async function verifyLocked(repo: Repository, opts: VerifyOptions): Promise<Veri
   // object naming its chunks (§9 rule 2), so one committing meanwhile is either not listed or fully indexed.
   const ids = opts.backup ? [] : await repo.listBackupIds();
   const { single, index } = await loadManifestAndIndex(repo, opts.backup, damage, manifestDamage);
-  const { used, readable } = await markUsed(repo, index, opts.backup, ids, single, damage, manifestDamage);
+  const { used, readable } = await markUsed(repo, index, opts.backup, ids, single, damage, manifestDamage, locked);
   const byPack = await copiesByPack(index, used);
   used.fill(0);
   const chunks = await readChunks(repo, index, byPack, opts);
@@ -137,6 +137,7 @@ async function markUsed(
   single: Manifest | null,
   damage: Damage[],
   manifestDamage: (id: string, e: KscError) => void,
+  locked: boolean,
 ): Promise<{ used: Uint8Array; readable: string[] }> {
   const used = new Uint8Array(index.slots);
   const missing = new Map<string, Set<string>>();
@@ -156,7 +157,7 @@ async function markUsed(
     });
     return id;
   };
-  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, ids, manifestDamage, mark);
+  const readable = backup ? (single ? [await mark(single)] : []) : await markAll(repo, ids, manifestDamage, mark, locked);
   if (missing.size > 0) {
     const backups = new Set<string>();
     for (const users of missing.values()) for (const b of users) backups.add(b);
@@ -169,13 +170,15 @@ async function markUsed(
  * Every backup's manifest through `mark`, 8 read side by side, each marked as it is read and not kept (as
  * listBackups, whose pick cannot wait); a damaged one goes to `onDamage`. Returns the ids marked, sorted.
  */
-async function markAll(repo: Repository, ids: string[], onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>): Promise<string[]> {
+async function markAll(repo: Repository, ids: string[], onDamage: (id: string, e: KscError) => void, mark: (m: Manifest) => Promise<string>, locked: boolean): Promise<string[]> {
   const marked: string[] = [];
   await mapLimit(ids, 8, async (id) => {
     let m: Manifest;
     try {
       m = await repo.readManifest(id);
     } catch (e) {
+      // Listed, then gone: without a lock (§8 rule 6, a read-only store) nothing kept a prune away meanwhile.
+      if (!locked && isKscError(e, 'KSC_E_NOT_FOUND')) return;
       if (isDamage(e)) return onDamage(id, e);
       throw e;
     }

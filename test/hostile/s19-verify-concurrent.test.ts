@@ -12,7 +12,8 @@ import { backupDevice } from '../../src/engines/backup.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
-import { Repository } from '../../src/repo/repository.js';
+import { Repository, manifestKey } from '../../src/repo/repository.js';
+import { KscError } from '../../src/errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from '../../src/objstore/types.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -84,6 +85,43 @@ describe('verify while a backup commits (session 19, hostile 4)', () => {
       const again = await verifyRepo(repo);
       expect(again.damage).toEqual([]);
       expect(again.backupsChecked).toBe(2);
+    } finally {
+      await img.close();
+    }
+  }, 120_000);
+
+  it('without a lock (a read-only store), a backup pruned between the listing and its read is no damage', async () => {
+    // Verify lists the manifests before it loads the index: without a lock nothing keeps a prune away meanwhile,
+    // so a listed manifest may be gone when it is read. That is a prune's work, not damage.
+    const rng = new Rng(seed + 1);
+    const dir = tempDir('kscinc-s19-verify-nolock-');
+    const repo = await newRepo(join(dir, 'repo'), { encrypt: false });
+    const path = await makeDisk(dir, 'disk', rng, { size: 8 * MiB });
+    const img = await openKsc(path, { write: true });
+    let pruned = '';
+    try {
+      await img.write(0, rng.bytes(4 * MiB));
+      const first = await backupDevice(img, repo, { bitmap: null });
+      await img.write(4 * MiB, rng.bytes(2 * MiB));
+      await backupDevice(img, repo, { bitmap: null });
+      const victim = manifestKey(first.id);
+      const inner = repo.store;
+      const store = new GatedList(inner, () => Promise.resolve());
+      // Lock objects cannot be written (read-only credentials): verify reads without a lock (§8 rule 6).
+      store.put = (key: string, data: Body, opts?: WriteOpts) => (key.startsWith('locks/') ? Promise.reject(new KscError('KSC_E_IO', `${key}: read-only`)) : inner.put(key, data, opts));
+      // The first read of the older manifest finds it deleted by a prune that ran meanwhile.
+      store.get = async (key: string) => {
+        if (key === victim && pruned === '') {
+          pruned = key;
+          await inner.delete(key);
+        }
+        return inner.get(key);
+      };
+      const v = await verifyRepo(await Repository.open(store));
+      expect(pruned, 'the manifest was deleted during the verify').toBe(victim);
+      console.log(`verify without a lock: ok ${v.ok}, ${v.backupsChecked} backups checked; damage: ${JSON.stringify(v.damage)}`);
+      expect(v.damage, 'a pruned backup is no damage').toEqual([]);
+      expect(v.backupsChecked).toBe(1);
     } finally {
       await img.close();
     }
