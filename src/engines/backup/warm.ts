@@ -19,9 +19,9 @@ async function keysUnder(list: AsyncIterable<string>, re: RegExp): Promise<strin
 
 /** Warms what a backup of `repo` reads after its lock, on a store that can (a local folder). Never fails. */
 export async function warmForBackup(repo: Repository): Promise<void> {
-  const store = repo.store;
-  if (!store.warm || !store.listKeys) return;
   try {
+    const store = repo.store;
+    if (!store.warm || !store.listKeys) return;
     const [index, manifests] = await Promise.all([keysUnder(store.listKeys('index/'), INDEX_KEY_RE), keysUnder(store.listKeys('manifests/'), MANIFEST_KEY_RE)]);
     const newest = manifests.sort().at(-1); // ids begin with their UTC time
     await store.warm(newest ? [newest, ...index] : index, WARM_BYTES);
