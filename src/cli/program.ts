@@ -2,11 +2,11 @@
  * The `kscinc` CLI. Thin: each command parses its options, calls the library, renders text or --json and
  * picks an exit code. Errors print as one line on stderr (a stack trace only with --debug).
  */
-import { rmSync } from 'node:fs';
+import { rmSync, statSync } from 'node:fs';
 import { Command, CommanderError, InvalidArgumentError, Option, type Argument } from 'commander';
 import { isKscError } from '../errors.js';
 import { nativeOps } from '../io/native.js';
-import { creatingNow, pendingFiles } from '../io/pending.js';
+import { creatingNow, pendingFiles, publishingAs } from '../io/pending.js';
 import { errorCode, errorLine } from './errors.js';
 import { EXIT, exitHelp } from './exit.js';
 import { setProgressEnabled } from './progress.js';
@@ -137,12 +137,25 @@ function fsInFlight(): boolean {
  */
 export function removeUnfinishedOnSignal(): () => void {
   const removed: string[] = [];
+  const inode = (p: string): string | null => {
+    try {
+      const st = statSync(p);
+      return `${st.dev}:${st.ino}`;
+    } catch {
+      return null;
+    }
+  };
   const removePending = (): void => {
     for (const temp of pendingFiles) {
+      const target = publishingAs.get(temp);
+      const was = target === undefined ? null : inode(temp);
       for (const f of [temp, `${temp}.lock`]) {
         try {
           rmSync(f);
-          if (f === temp && !removed.includes(temp)) removed.push(temp);
+          // Looked at after the removal: a link not made by now fails (its source name is gone), so a target
+          // with the temporary's inode was published whole and only its second name went.
+          const published = was !== null && inode(target!) === was;
+          if (f === temp && !published && !removed.includes(temp)) removed.push(temp);
         } catch {
           // already gone (a restore's temporary once published under the target's name), or nothing more can be done on the way out
         }

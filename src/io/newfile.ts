@@ -22,7 +22,7 @@ import { faultStep } from './fault.js';
 import { openHostFile } from './file.js';
 import { pidAlive } from '../util/process.js';
 
-import { pendingFiles } from './pending.js';
+import { pendingFiles, publishingAs } from './pending.js';
 import { firstMissingFolder } from './folders.js';
 
 export { pendingFiles } from './pending.js';
@@ -139,6 +139,7 @@ export function namingTarget(e: unknown, temp: string, target: string): unknown 
 export async function nameNewFile(temp: string, target: string, opts: { force?: boolean; appeared: () => KscError }): Promise<void> {
   if (opts.force) await faultStep(`${target}: rename`, () => rename(temp, target));
   else {
+    publishingAs.set(temp, target);
     try {
       await faultStep(`${target}: link`, () => link(temp, target));
       await faultStep(`${temp}: unlink`, () => unlink(temp));
@@ -148,6 +149,8 @@ export async function nameNewFile(temp: string, target: string, opts: { force?: 
       if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw isKscError(e) ? e : ioError(target, 'name the new file', e);
       if (existsSync(target)) throw opts.appeared();
       await faultStep(`${target}: rename`, () => rename(temp, target));
+    } finally {
+      publishingAs.delete(temp);
     }
   }
   await faultStep(`${dirname(target)}: folder sync`, () => syncDir(dirname(target)));

@@ -7,6 +7,13 @@
 export const pendingFiles = new Set<string>();
 
 /**
+ * Pending temporaries being published under their final name by a hard link (io/newfile.ts nameNewFile):
+ * temporary → target. Once the target names the temporary's inode the file is finished and the temporary
+ * only its second name: a signal's handler removes that name but does not call the file unfinished.
+ */
+export const publishingAs = new Map<string, string>();
+
+/**
  * Opens that may create a file, still running on libuv's threads. A signal's handler that removed the
  * pending files while one of these was in flight would see the file appear after it: it waits until none
  * is (creatingNow) and removes again before the process exits.
