@@ -26,6 +26,19 @@ import { supervisorKillPoint, supervisorKillPointNow } from './killpoint.js';
 /** Delays before restarting after the 1st, 2nd, 3rd and later crashes within a minute. */
 export const BACKOFF_MS = [0, 100, 1000, 5000];
 
+/**
+ * The delays in force: BACKOFF_MS, or KSCINC_TEST_RESTART_BACKOFF_MS=a,b,c,… (milliseconds) for tests that
+ * kill the worker many times to test something else and would otherwise sleep 5 s after each kill from the
+ * 4th on; test/supervisor/crash.test.ts checks the defaults.
+ */
+export function restartBackoffMs(env: NodeJS.ProcessEnv = process.env): number[] {
+  const v = env.KSCINC_TEST_RESTART_BACKOFF_MS;
+  if (v === undefined) return BACKOFF_MS;
+  const ms = v.split(',').map((x) => (x.trim() === '' ? NaN : Number(x)));
+  if (ms.some((x) => !Number.isInteger(x) || x < 0)) throw new KscError('KSC_E_INVALID', `KSCINC_TEST_RESTART_BACKOFF_MS "${v}": expected milliseconds separated by commas`);
+  return ms;
+}
+
 export interface UpgradeResult {
   version: { from: string; to: string };
   /** Longest time a client request could wait because of the handover: from parking to the last adoption. */
@@ -79,6 +92,8 @@ export class Supervisor {
   /** Connections are held (not passed on) while set: no worker, or a handover running. */
   private holding = true;
   private crashes: number[] = [];
+  /** Delays before a restart (BACKOFF_MS unless a test sets its own). */
+  private readonly backoff = restartBackoffMs();
   private restartTimer: NodeJS.Timeout | null = null;
   private restarting = false;
   private upgrading: Promise<UpgradeResult> | null = null;
@@ -222,7 +237,7 @@ export class Supervisor {
       this.opts.onGiveUp(why);
       return;
     }
-    const delay = BACKOFF_MS[Math.min(this.crashes.length - 1, BACKOFF_MS.length - 1)]!;
+    const delay = this.backoff[Math.min(this.crashes.length - 1, this.backoff.length - 1)]!;
     this.restartTimer = setTimeout(() => void this.restart(), delay);
   }
 

@@ -9,12 +9,18 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { BACKOFF_MS, restartBackoffMs } from '../../src/supervisor/supervisor.js';
 import { CLI, kscinc } from '../helpers/cli.js';
 import { childrenOf, killFirstAlive, rng, runDir, startServe, until, type Supervised } from './helpers.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kscinc-crash-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 const KILLS = Number(process.env.KSCINC_TEST_KILLS ?? 8);
+/**
+ * The kill tests restart the worker after 0, 20, 50, 100 ms: they test what a restart serves, not the wait
+ * before it (the defaults would sleep 5 s after each kill from the 4th on; their own test is below).
+ */
+const QUICK = { KSCINC_TEST_RESTART_BACKOFF_MS: '0,20,50,100' };
 
 function image(name: string): string {
   const p = join(dir, name);
@@ -88,7 +94,7 @@ describe('kscinc serve: crash restart', () => {
   it(`qemu-io (reconnect-delay=5) across ${KILLS} worker SIGKILLs at random moments: served again each time, acknowledged writes intact, bitmap a superset, check clean`, async () => {
     const rand = seeded('crash qemu-io');
     const img = image('crash.ksc');
-    const s = await startServe([img, '--listen', '127.0.0.1:0'], { KSCINC_RUN_DIR: runDir() });
+    const s = await startServe([img, '--listen', '127.0.0.1:0'], { KSCINC_RUN_DIR: runDir(), ...QUICK });
     const q = qemuIo(s.port);
     const acked = new Map<number, number>();
     try {
@@ -121,7 +127,7 @@ describe('kscinc serve: crash restart', () => {
   it('kills of the old worker, the new worker or the supervisor during a handover lose nothing acknowledged; the image opens and checks clean', async () => {
     const rand = seeded('crash handover');
     const img = image('handover.ksc');
-    const env = { KSCINC_RUN_DIR: runDir() };
+    const env = { KSCINC_RUN_DIR: runDir(), ...QUICK };
     const acked = new Map<number, number>();
     let s = await startServe([img, '--listen', '127.0.0.1:0'], env);
     try {
@@ -163,6 +169,32 @@ describe('kscinc serve: crash restart', () => {
     }
     expectIntact(img, acked);
   }, 600_000);
+
+  it('restarts back off 0, 0.1, 1 and 5 s after the 1st to 4th crash within a minute (BACKOFF_MS); the test setting is checked', async () => {
+    expect(BACKOFF_MS).toEqual([0, 100, 1000, 5000]);
+    expect(restartBackoffMs({})).toBe(BACKOFF_MS);
+    expect(restartBackoffMs({ KSCINC_TEST_RESTART_BACKOFF_MS: '0,20' })).toEqual([0, 20]);
+    for (const bad of ['', 'x', '1,-2', '1.5']) expect(() => restartBackoffMs({ KSCINC_TEST_RESTART_BACKOFF_MS: bad }), bad).toThrow(/KSCINC_TEST_RESTART_BACKOFF_MS/);
+    const img = image('backoff.ksc');
+    const s = await startServe([img, '--listen', '127.0.0.1:0'], { KSCINC_RUN_DIR: runDir() });
+    const waited: number[] = [];
+    try {
+      let w = s.worker()!;
+      for (let i = 0; i < BACKOFF_MS.length; i++) {
+        const t0 = performance.now();
+        process.kill(w, 'SIGKILL');
+        w = await waitNewWorker(s, w); // started after the delay (the spare, made in advance, is not counted)
+        waited.push(Math.round(performance.now() - t0));
+      }
+      console.log(`[backoff] kill to the next worker started: ${waited.join(', ')} ms`);
+      // A lower bound only: the timer never fires early, whatever the load; the restart itself adds to it.
+      for (let i = 0; i < BACKOFF_MS.length; i++) expect(waited[i], `restart ${i + 1}: ${waited.join(', ')} ms`).toBeGreaterThanOrEqual(BACKOFF_MS[i]!);
+      // Each kill was one crash (a worker killed while it still started counts as one: 'a new worker failed').
+      expect(s.stderr().match(/killed by SIGKILL/g), s.stderr()).toHaveLength(BACKOFF_MS.length);
+    } finally {
+      expect(await s.stop()).toBe(0);
+    }
+  }, 300_000);
 
   it('more crashes within a minute than --max-restarts: the supervisor logs why it gives up and exits 1', async () => {
     const img = image('giveup.ksc');
