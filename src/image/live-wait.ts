@@ -39,13 +39,23 @@ export interface WaitOptions {
  */
 export async function waitReachable<T>(what: string, op: () => Promise<T>, o: WaitOptions): Promise<T> {
   let first = 0;
+  let again = true;
   for (let attempt = 0; ; attempt++) {
     try {
       return await op();
     } catch (e) {
-      if (!(await o.unreachable(e))) throw e;
+      if (!(await o.unreachable(e))) {
+        // The repository is there now, but may have come back after `op` failed (a folder renamed back, a
+        // remount): `op` is tried once more, the repository seen there just before it. An object missing
+        // then is missing from a repository that was there before and after the try: damage (isUnreachable).
+        if (again && isKscError(e) && (e.code === 'KSC_E_NOT_FOUND' || e.code === 'KSC_E_IO')) {
+          again = false;
+          continue;
+        }
+        throw e;
+      }
       const now = Date.now();
-      if (attempt === 0) first = now;
+      if (first === 0) first = now;
       const left = o.timeoutMs - (now - first);
       if (left <= 0 || o.closed()) {
         throw new KscError(
@@ -57,6 +67,7 @@ export async function waitReachable<T>(what: string, op: () => Promise<T>, o: Wa
         );
       }
       o.onRetry();
+      again = true; // a new outage: its end may again come between a failure and the look
       const pause = Math.min(LIVE_RETRY_MAX_MS, 250 * 2 ** Math.min(attempt, 5)) * (0.75 + Math.random() * 0.5);
       await new Promise((r) => setTimeout(r, Math.min(left, pause)));
     }
