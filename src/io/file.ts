@@ -153,7 +153,7 @@ export async function writeThenCrcs(file: Pick<HostFile, 'write'>, buf: Buffer, 
 
 class NodeHostFile implements HostFile {
   private lockFile: string | null = null;
-  private dsync: Promise<fsp.FileHandle> | null = null;
+  private dsync: Promise<fsp.FileHandle | null> | null = null;
   private closed = false;
   /** The addon's writeCrc (null: not available); undefined until the first writeWithCrcs. */
   private writeCrc: NativeOps['writeCrc'] | null | undefined = undefined;
@@ -314,12 +314,16 @@ class NodeHostFile implements HostFile {
     assertPosition(this.path, position, buf.length);
     try {
       // A second descriptor opened O_DSYNC: each write on it is durable on return, and the kernel syncs only
-      // that range, not the megabytes of data writes that may be dirty in the same file.
-      this.dsync ??= fsp.open(this.path, fsc.O_WRONLY | fsc.O_DSYNC);
-      const fh = await this.dsync;
+      // that range, not the megabytes of data writes that may be dirty in the same file. Opened through
+      // /proc/self/fd, never by name: the name may hold another file by now (the image renamed while open, a
+      // symlink retargeted). Where it cannot be opened (no /proc, the mode changed since), this descriptor's
+      // write and fdatasync.
+      this.dsync ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_WRONLY | fsc.O_DSYNC).catch(() => null);
+      const fh = (await this.dsync) ?? this.fh;
       touchPages(buf);
       let done = 0;
       while (done < buf.length) done += (await fh.write(buf, done, buf.length - done, position + done)).bytesWritten;
+      if (fh === this.fh) await fh.datasync();
     } catch (e) {
       throw ioError(this.path, `durable write at offset ${position}`, e);
     }
@@ -431,7 +435,7 @@ class NodeHostFile implements HostFile {
     if (this.closed) return;
     this.closed = true;
     if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
-    if (this.dsync) await (await this.dsync.catch(() => null))?.close();
+    if (this.dsync) await (await this.dsync)?.close();
     await this.writeback; // not on a descriptor number that may be reused once closed
     if (this.writebackFd) await (await this.writebackFd)?.close();
     await this.fh.close();
