@@ -26,6 +26,8 @@
  *        [--image /tmp/bench-img/test-1g.raw] [--passes 3] [--mode cli,lib] [--chunk-size 256K] [--work DIR] [--keep]
  *   node bench/incr-phases.mjs --warm-ab [--passes 8] ...: the library side only, the NEW build twice, alternated:
  *        "warm on" as built, "warm off" with FsStore.prototype.warm removed (warmForBackup then does nothing).
+ *        Session 20 removed warm (it did not pay, bench/README.md): pass --new OLD/dist/cli/kscinc.cjs of a build
+ *        that has it (main before session 20) to repeat that measurement.
  * OLD is a copy of an earlier build (dist/, native/build/Release, package.json; node_modules linked).
  */
 import { spawn, spawnSync } from 'node:child_process';
