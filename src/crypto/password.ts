@@ -5,7 +5,7 @@
  * KSCINC_NEW_PASSWORD_FILE / KSCINC_NEW_PASSWORD_COMMAND, or is typed twice on a terminal.
  */
 import { readFileSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { KscError } from '../errors.js';
 import { canPrompt, readHidden, readNewPassword } from './tty.js';
 
@@ -47,6 +47,9 @@ export function passwordFrom(env: NodeJS.ProcessEnv, fileVar: string, commandVar
   }
   if (command) {
     try {
+      // Loaded here, not at the top: node:child_process brings net, dgram and more with it, and every backup and
+      // restore loads this file (test/cli/builtins.test.ts; bench/README.md, session 20).
+      const { execFileSync } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
       return trimNewline(execFileSync('/bin/sh', ['-c', command], { stdio: ['ignore', 'pipe', 'inherit'], timeout: 60_000, maxBuffer: 64 * 1024 }));
     } catch (e) {
       throw new KscError('KSC_E_INVALID', `${commandVar} failed: ${(e as Error).message}`, { cause: e });

@@ -12,7 +12,6 @@
  *   dedupe.ts        what the repository holds: exact (dedupe.ts) or through a filter (dedupe-filter.ts)
  *   parent.ts        which backup an incremental starts from
  *   pipeline.ts      read → hash/compress in workers → dedupe → pack → upload
- *   warm.ts          what the repository side reads after its lock, started into the page cache before it
  *   options.ts       the options, the result, their defaults and checks
  */
 import { baseRecordOf } from './backup/base-record.js';
@@ -33,7 +32,6 @@ import { Handover } from './backup/handover.js';
 import { bitmapFor, dedupeSettings, pipelineShape, type BackupOptions, type BackupResult } from './backup/options.js';
 import { searchParent, type ParentKey } from './backup/parent.js';
 import { BatchPipeline, type PipelineStats } from './backup/pipeline.js';
-import { warmForBackup } from './backup/warm.js';
 
 export { FROZEN_SUFFIX, TOKEN_SEPARATOR, DEFAULT_BITMAP, MAX_BACKUP_BITMAP_NAME, backupBitmapNameProblem, isHandoverBitmap } from './backup/bitmap-names.js';
 export { recoverFrozenBitmap } from './backup/handover.js';
@@ -70,13 +68,11 @@ interface RepoSide {
  * landing in between is adopted twice at worst: harmless), and so do the index and the parent's manifest.
  */
 async function prepareRepository(repo: Repository, held: Held, what: string, chunks: number, settings: DedupeSettings, key: ParentKey | null): Promise<RepoSide> {
-  const warming = warmForBackup(repo); // a hint, read again below: never fails
   held.lock = await repo.lock('shared', what);
   const search = key ? searchParent(repo, repo.listBackupIds(), key) : null;
   const [dedupe, packs] = await Promise.all([loadDedupe(repo, chunks, settings), repo.listPackIds()]);
   const adopted = await adoptOrphans(repo, dedupe, packs);
   const { parent, why } = search ? await search.vouch(dedupe) : { parent: null, why: null };
-  await warming;
   return { dedupe, adopted, parent, why };
 }
 

@@ -26,7 +26,6 @@ class StepFaultStore implements ObjectStore {
   syncObject?: ObjectStore['syncObject'];
   putAfter?: ObjectStore['putAfter'];
   listKeys?: ObjectStore['listKeys'];
-  warm?: ObjectStore['warm'];
 
   constructor(
     private readonly inner: ObjectStore,
@@ -38,8 +37,6 @@ class StepFaultStore implements ObjectStore {
     if (inner.listKeys) this.listKeys = (prefix) => inner.listKeys!(prefix);
     // Passed on, not a step of its own (it makes an object durable, changes nothing a reader sees).
     if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
-    // A read-ahead hint, neither a step nor a request: passed on so the backup warms as in production.
-    if (inner.warm) this.warm = (keys, maxBytes) => inner.warm!(keys, maxBytes);
     if (inner.getRangeInto) this.getRangeInto = (key, offset, target) => inner.getRangeInto!(key, offset, target);
     if (inner.hostLock) this.hostLock = (exclusive) => inner.hostLock!(exclusive);
     if (inner.sweepTemp) this.sweepTemp = (ms, now) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms, now));

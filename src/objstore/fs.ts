@@ -21,8 +21,6 @@ import { assertKey, assertRange, bodyParts, bodySize, compareKeys, shortObject, 
 const TEMP = '.tmp';
 /** Entries of one folder listed (stat, sub-folder read) side by side. */
 const LIST_WINDOW = 32;
-/** warm() reads this much at a time into one scratch buffer. */
-const WARM_READ = 1 << 20;
 
 export interface FsStoreOptions {
   /** Create the root folder when missing (otherwise a missing root is KSC_E_NOT_FOUND). */
@@ -230,28 +228,6 @@ export class FsStore implements ObjectStore {
     }
     await this.makeFolder(dirname(file), true);
     await syncDir(dirname(file));
-  }
-
-  async warm(keys: string[], maxBytes: number): Promise<void> {
-    const scratch = Buffer.allocUnsafe(Math.min(WARM_READ, Math.max(0, maxBytes)));
-    let left = maxBytes;
-    for (const key of keys) {
-      if (left <= 0) return;
-      let fh: FileHandle | undefined;
-      try {
-        fh = await open(this.path(key), fsc.O_RDONLY);
-        for (let pos = 0; left > 0;) {
-          const { bytesRead } = await fh.read(scratch, 0, Math.min(scratch.length, left), pos);
-          if (bytesRead === 0) break;
-          pos += bytesRead;
-          left -= bytesRead;
-        }
-      } catch {
-        // a hint: whatever cannot be read now is read (or reported) by the real read
-      } finally {
-        await fh?.close().catch(() => undefined);
-      }
-    }
   }
 
   async *listKeys(prefix: string): AsyncIterable<string> {

@@ -143,8 +143,6 @@ class TraceStore implements ObjectStore {
     if (inner.listKeys) this.listKeys = (prefix) => this.tracedList(prefix, inner.listKeys!(prefix));
     // Not a request (a local folder's fsyncs), so not traced; but never dropped: an adoption relies on it (§9 rule 6).
     if (inner.syncObject) this.syncObject = (key) => inner.syncObject!(key);
-    // Not warm: a local folder's page-cache hint whose own listings would be counted as the backup's requests
-    // (test/backup/incremental-requests counts each listing once); a traced backup skips it.
     if (inner.getRangeInto) {
       this.getRangeInto = (key, offset, target) =>
         traced(

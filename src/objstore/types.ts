@@ -94,12 +94,6 @@ export interface ObjectStore {
    * Stores whose objects are durable once visible (S3) lack it.
    */
   syncObject?(key: string): Promise<void>;
-  /**
-   * Optional, a hint: reads the objects `keys` (in that order, at most `maxBytes` in all) into the host's page
-   * cache and throws the bytes away, so that a read of them soon after finds them there. Never fails (a
-   * missing or unreadable object is skipped). A store whose reads are not served from a local cache lacks it.
-   */
-  warm?(keys: string[], maxBytes: number): Promise<void>;
   /** Removes the object; no error when it is already gone. */
   delete(key: string, opts?: WriteOpts): Promise<void>;
   /** Releases connections and agents. */

@@ -84,8 +84,6 @@ describe('store wrappers pass the folder store durability methods on (session 19
       undo = on();
       const store = await openStore(root);
       for (const m of ['syncObject', 'putAfter', 'listKeys'] as const) expect(typeof store[m], `${what}: ${m}`).toBe('function');
-      // warm (a page-cache hint) under the fault plan only: the trace counts requests, and warm's listings are not the backup's.
-      expect(typeof store.warm, `${what}: warm`).toBe(what === 'traced' ? 'undefined' : 'function');
       undo();
       undo = null;
     }

@@ -76,27 +76,6 @@ describe('FsStore', () => {
     expect(await keysOf(store.listKeys('packs/'))).toEqual(['packs/ab/ab01.pack', 'packs/ab/ab02.pack', 'packs/cd/cd03.pack', 'packs/e']);
   });
 
-  it('warm reads the objects named in order, at most maxBytes in all, skips what it cannot read, and leaves no descriptor open', async () => {
-    const root = fresh();
-    const store = await FsStore.open(root, { create: true });
-    const MiB = 1 << 20;
-    await store.put('manifests/m.manifest', Buffer.alloc(4096, 1));
-    await store.put('index/a.idx', Buffer.alloc(3 * MiB, 2));
-    // bytes this process read through read(2) (the test file runs in its own process: pool 'forks')
-    const rchar = (): number => Number(/^rchar: (\d+)$/m.exec(readFileSync('/proc/self/io', 'utf8'))![1]);
-    const fds = async (): Promise<number> => (await readdir('/proc/self/fd')).length;
-    const fds0 = await fds();
-    let r0 = rchar();
-    await store.warm(['manifests/m.manifest', 'index/missing.idx', 'index', '../escape', 'index/a.idx'], MiB + 4096);
-    const read = rchar() - r0;
-    expect(read).toBeGreaterThanOrEqual(MiB + 4096); // the manifest and the first MiB of the index object
-    expect(read).toBeLessThan(2 * MiB); // not the rest of it
-    r0 = rchar();
-    await store.warm(['index/a.idx'], 0);
-    expect(rchar() - r0).toBeLessThan(64 * 1024);
-    expect(await fds()).toBe(fds0);
-  });
-
   it('never lists its temp folder, and a stray temp file is not an object', async () => {
     const root = fresh();
     const store = await FsStore.open(root, { create: true });
