@@ -19,6 +19,9 @@ const CACHED_READ_MAX = 1024 * 1024;
 const TOUCH_STEP = 4096;
 let touchSink = 0;
 
+/** Failures to open the O_DSYNC descriptor that will not pass: writeDurable uses the file's own descriptor for good. */
+const DSYNC_FOR_GOOD = ['ENOENT', 'ENOTDIR', 'EACCES', 'EPERM', 'ENXIO', 'EROFS'];
+
 /**
  * Makes every page of `buf` present in this process's page tables before a write hands it to the kernel
  * (formats/ksc_inc.md §9 rule 10). Linux copies a write into the page cache page by page with page faults
@@ -312,13 +315,18 @@ class NodeHostFile implements HostFile {
 
   async writeDurable(buf: Buffer, position: number): Promise<void> {
     assertPosition(this.path, position, buf.length);
+    // Not after close: a descriptor opened then would never be closed.
+    if (this.closed) throw ioError(this.path, `durable write at offset ${position}`, Object.assign(new Error('the file is closed'), { code: 'EBADF' }));
     try {
       // A second descriptor opened O_DSYNC: each write on it is durable on return, and the kernel syncs only
       // that range, not the megabytes of data writes that may be dirty in the same file. Opened through
       // /proc/self/fd, never by name: the name may hold another file by now (the image renamed while open, a
-      // symlink retargeted). Where it cannot be opened (no /proc, the mode changed since), this descriptor's
-      // write and fdatasync.
-      this.dsync ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_WRONLY | fsc.O_DSYNC).catch(() => null);
+      // symlink retargeted). Where it cannot be opened for good (no /proc, the mode changed since), this
+      // descriptor's write and fdatasync from then on; after a passing shortage (EMFILE…) only this once.
+      this.dsync ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_WRONLY | fsc.O_DSYNC).catch((e: unknown) => {
+        if (!DSYNC_FOR_GOOD.includes((e as { code?: string }).code ?? '')) this.dsync = null;
+        return null;
+      });
       const fh = (await this.dsync) ?? this.fh;
       touchPages(buf);
       let done = 0;
