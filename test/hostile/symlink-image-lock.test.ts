@@ -6,32 +6,13 @@
  * The first writer is `kscinc write` holding the image open while it waits for its --from fifo.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readdirSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
+import { untilWaitsForPartner } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 import { servePlain } from './helpers.js';
-
-/** Whether one of `pid`'s threads waits in the open of a fifo for the other side. */
-function waitsForPartner(pid: number): boolean {
-  try {
-    return readdirSync(`/proc/${pid}/task`).some((t) => {
-      try {
-        return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8').includes('wait_for_partner');
-      } catch {
-        return false;
-      }
-    });
-  } catch {
-    return false;
-  }
-}
-
-async function until(cond: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 3000 && !cond(); i++) await new Promise((r) => setTimeout(r, 20));
-  if (!cond()) throw new Error(`timed out waiting for ${what}`);
-}
 
 for (const native of [true, false]) {
   const env: Record<string, string> = native ? {} : { KSCINC_NO_NATIVE: '1' };
@@ -55,7 +36,7 @@ for (const native of [true, false]) {
         holder.stderr.on('data', (d: Buffer) => (held += d.toString()));
         const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
         try {
-          await until(() => waitsForPartner(holder.pid!), `${first}'s writer to wait for its fifo`);
+          await untilWaitsForPartner(holder.pid!, `${first}'s writer to wait for its fifo`);
           const w = kscinc(['write', join(dir, second), '65536', '--from', data], { env });
           expect(w.code, `a second writer through ${second} while ${first} is open for writing: ${w.stdout}${w.stderr}`).toBe(1);
           expect(w.stderr).toMatch(/already open for writing/); // KSC_E_LOCKED's message (src/io/file.ts)
