@@ -13,19 +13,37 @@ import { setProgressEnabled } from './progress.js';
 
 type Register = (program: Command) => void;
 
+/** A command group: its module, the top-level commands it registers and how a run of them ends. */
+interface CommandGroup {
+  commands: string[];
+  /**
+   * The commands of `commands` that end with their action: the action awaits all its work (the image closed,
+   * the repository's lock released, the summary written), so the process exits once it has returned (and
+   * stdout and stderr have drained, src/cli/main.ts) instead of tearing down Node's environment handle by
+   * handle first (≈ 5–11 ms of a small incremental's wall, bench/README.md session 19). Only commands known to
+   * leave nothing running: others (serve, a server's control) end when their handles close.
+   */
+  endsWithAction?: string[];
+  load: () => Promise<Register>;
+}
+
 /**
  * The command groups, each a module of its own, and the top-level commands each registers. A run loads only
  * the group of the command it names (module loading is a large share of a short command's time); help, a
  * version query or an unknown command load them all. test/cli/groups.test.ts keeps this table true.
  */
-export const COMMAND_GROUPS: Record<string, { commands: string[]; load: () => Promise<Register> }> = {
+export const COMMAND_GROUPS: Record<string, CommandGroup> = {
   image: { commands: ['create', 'info', 'map', 'check', 'convert', 'snapshot', 'commit', 'rebase'], load: async () => (await import('./image-commands.js')).registerImageCommands },
   bitmap: { commands: ['bitmap'], load: async () => (await import('./bitmap-commands.js')).registerBitmapCommands },
   io: { commands: ['write', 'read'], load: async () => (await import('./io-commands.js')).registerIoCommands },
   serve: { commands: ['serve', 'status', 'upgrade'], load: async () => (await import('./serve-commands.js')).registerServeCommands },
   migrate: { commands: ['migrate'], load: async () => (await import('./migrate-commands.js')).registerMigrateCommands },
   replicate: { commands: ['replicate'], load: async () => (await import('./replicate-commands.js')).registerReplicateCommands },
-  backup: { commands: ['backup', 'restore', 'pull', 'backups', 'verify', 'prune', 'repo'], load: async () => (await import('./backup-commands.js')).registerBackupCommands },
+  backup: {
+    commands: ['backup', 'restore', 'pull', 'backups', 'verify', 'prune', 'repo'],
+    endsWithAction: ['backup'],
+    load: async () => (await import('./backup-commands.js')).registerBackupCommands,
+  },
   key: { commands: ['key'], load: async () => (await import('./key-commands.js')).registerKeyCommands },
   schedule: { commands: ['schedule'], load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },
   completion: { commands: ['completion'], load: async () => (await import('./completion.js')).registerCompletionCommand },
@@ -40,6 +58,17 @@ export function groupFor(argv: string[]): string | null {
   if (first === undefined) return null;
   for (const [name, g] of Object.entries(COMMAND_GROUPS)) if (g.commands.includes(first)) return name;
   return null;
+}
+
+/**
+ * True when the command `argv` runs ends with its action (its group's `endsWithAction`): not for help
+ * (`--help`, `-h`), which only prints.
+ */
+export function endsWithItsAction(argv: string[]): boolean {
+  const first = argv.slice(2).find((a) => !a.startsWith('-'));
+  const group = groupFor(argv);
+  if (first === undefined || group === null || argv.includes('--help') || argv.includes('-h')) return false;
+  return COMMAND_GROUPS[group]!.endsWithAction?.includes(first) ?? false;
 }
 
 /**

@@ -414,10 +414,26 @@ class NodeHostFile implements HostFile {
   /**
    * Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. IMAGE is the file's
    * real path (the one opened, as /proc names it), so two paths to one file (a symlink) take one lock.
+   *
+   * Where the real folder cannot take a file (EACCES: another user's folder, reached through a link in one of
+   * ours; EROFS: a read-only mount holding a writable file) the lock file is made beside the path given
+   * instead. Limit: a writer through the real path and one through such a link then take different lock
+   * files and do not exclude each other (flock, with the addon, has no such gap; formats/ksc_inc.md §9 rule 1).
    */
   private async lockWithFile(): Promise<void> {
     const real = await fsp.readlink(`/proc/self/fd/${this.fh.fd}`).catch(() => fsp.realpath(this.path).catch(() => this.path));
-    const lockPath = `${real.startsWith('/') && !real.endsWith(' (deleted)') ? real : this.path}.lock`;
+    const realLock = `${real.startsWith('/') && !real.endsWith(' (deleted)') ? real : this.path}.lock`;
+    try {
+      await this.takeLockFile(realLock);
+    } catch (e) {
+      const code = (e as { cause?: { code?: string } }).cause?.code;
+      if (realLock === `${this.path}.lock` || (code !== 'EACCES' && code !== 'EROFS')) throw e;
+      await this.takeLockFile(`${this.path}.lock`);
+    }
+  }
+
+  /** Creates the lock file `lockPath` holding our PID; a stale one (its holder gone) is replaced. */
+  private async takeLockFile(lockPath: string): Promise<void> {
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
         const fh = await createFile(lockPath);

@@ -11,6 +11,7 @@
  */
 import { faultGate, type StepGate } from '../io/fault.js';
 import { bodyBuffer, type Body, type ObjectInfo, type ObjectStore, type WriteOpts } from './types.js';
+import { StoreWrapper } from './wrapper.js';
 
 /** `store` behind the fault plan's steps when a plan is installed (see io/fault.ts); otherwise `store` itself. */
 export function withStoreFaults(store: ObjectStore): ObjectStore {
@@ -18,8 +19,7 @@ export function withStoreFaults(store: ObjectStore): ObjectStore {
   return gate ? new StepFaultStore(store, gate) : store;
 }
 
-class StepFaultStore implements ObjectStore {
-  readonly name: string;
+class StepFaultStore extends StoreWrapper {
   getRangeInto?: ObjectStore['getRangeInto'];
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
@@ -28,10 +28,10 @@ class StepFaultStore implements ObjectStore {
   listKeys?: ObjectStore['listKeys'];
 
   constructor(
-    private readonly inner: ObjectStore,
+    inner: ObjectStore,
     private readonly gate: StepGate,
   ) {
-    this.name = inner.name;
+    super(inner);
     // Passed on where the store has them, so a crash test runs production's commit path, not the fallback.
     if (inner.putAfter) this.putAfter = (key, data, after, opts) => this.putAfterStep(inner, key, data, after, opts);
     if (inner.listKeys) this.listKeys = (prefix) => inner.listKeys!(prefix);
@@ -42,7 +42,7 @@ class StepFaultStore implements ObjectStore {
     if (inner.sweepTemp) this.sweepTemp = (ms, now) => gate(`${inner.name}: sweep of temporary parts`, () => inner.sweepTemp!(ms, now));
   }
 
-  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+  override put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     if (opts?.durable === false) return this.inner.put(key, data, opts);
     return this.gate(`${this.name}/${key}: put`, () => this.inner.put(key, data, opts));
   }
@@ -66,24 +66,9 @@ class StepFaultStore implements ObjectStore {
     const put = inner.putAfter!(key, data, admitted, opts);
     return put;
   }
-  delete(key: string, opts?: WriteOpts): Promise<void> {
+  override delete(key: string, opts?: WriteOpts): Promise<void> {
     if (opts?.durable === false) return this.inner.delete(key, opts);
     return this.gate(`${this.name}/${key}: delete`, () => this.inner.delete(key, opts));
-  }
-  get(key: string): Promise<Buffer> {
-    return this.inner.get(key);
-  }
-  getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return this.inner.getRange(key, offset, length);
-  }
-  stat(key: string): Promise<ObjectInfo | null> {
-    return this.inner.stat(key);
-  }
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.inner.list(prefix);
-  }
-  close(): Promise<void> {
-    return this.inner.close();
   }
 }
 

@@ -97,8 +97,13 @@ export class ChunkIndex {
     this.addAt(e.id, 0, e.pack, e.offset, e.length, e.rawLength);
   }
 
-  /** `add` with the id read from `buf` at `at` (no copy of it is kept). */
+  /**
+   * `add` with the id read from `buf` at `at` (no copy of it is kept). Throws a RangeError, and adds
+   * nothing, when the 16 bytes at `at` do not lie inside `buf` (callers bound `at`; a byte read past the end
+   * would be taken as 0 by the word arithmetic below).
+   */
   addAt(buf: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number): void {
+    if (at >>> 0 !== at || at + ID_BYTES > buf.length) throw new RangeError(`chunk id at ${at} is outside a buffer of ${buf.length} bytes`);
     if (pack !== this.lastPack) {
       let n = this.packNumbers.get(pack);
       if (n === undefined) {

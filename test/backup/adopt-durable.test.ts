@@ -9,17 +9,8 @@ import { join } from 'node:path';
 import { describe, expect, it, vi } from 'vitest';
 import { tempDir } from '../helpers/tmp.js';
 
-const synced: string[] = [];
-vi.mock('../../src/io/durable.js', async (importOriginal) => {
-  const real = await importOriginal<typeof import('../../src/io/durable.js')>();
-  return {
-    ...real,
-    syncDir: async (d: string): Promise<void> => {
-      await real.syncDir(d);
-      synced.push(d);
-    },
-  };
-});
+vi.mock('../../src/io/durable.js', async (original) => (await import('../helpers/synced-dirs.js')).recordSyncDirs(original));
+const { synced } = await import('../helpers/synced-dirs.js');
 
 const { MiB, newRepo, openRepo } = await import('./helpers/fixtures.js');
 const { adoptOrphans } = await import('../../src/engines/backup/dedupe.js');

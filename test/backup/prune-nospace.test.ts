@@ -6,37 +6,24 @@
  * remove the failed backup's packs and say so; the earlier backup restores, and a new backup fits again.
  * Before: prune failed to write its lock, and the orphans could only be removed by hand.
  */
-import { execFileSync } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, openSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { tmpfsForFile } from '../helpers/tmpfs.js';
 import { kscinc } from '../helpers/cli.js';
 import { MiB, contents, expectKscError, expectRestores, makeDisk, newRepo, openRepo } from './helpers/fixtures.js';
 
 const dir = tempDir('kscinc-prune-nospace-');
 const seed = seedFor('test/backup/prune-nospace.test.ts');
-let mnt = '';
-let mountError: string | null = null;
-
-beforeAll(() => {
-  mnt = mkdtempSync(join(tmpdir(), 'kscinc-prune-tmpfs-'));
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', mnt], { stdio: 'pipe' });
-  } catch (e) {
-    mountError = String((e as { stderr?: Buffer }).stderr ?? e).trim();
-  }
-});
+const fsys = tmpfsForFile('kscinc-prune-tmpfs-', '16m');
 afterAll(async () => {
   await closePool();
-  if (!mountError) execFileSync('umount', ['-l', mnt]);
-  rmSync(mnt, { recursive: true, force: true });
 });
 
 /** Writes zeros to `file` until the file system refuses even one more byte. */
@@ -61,9 +48,9 @@ function fill(file: string): void {
 
 describe('prune on a full file system', () => {
   it("works under the folder lock alone and removes the failed backup's packs", async () => {
-    expect(mountError, `this test mounts a tmpfs and needs root: ${mountError}`).toBeNull();
+    expect(fsys.mountError, `this test mounts a tmpfs and needs root: ${fsys.mountError}`).toBeNull();
     const rng = new Rng(seed);
-    const repoDir = join(mnt, 'repo');
+    const repoDir = join(fsys.mnt, 'repo');
     const repo = await newRepo(repoDir);
     const path = await makeDisk(dir, 'disk', rng, { size: 40 * MiB });
     const img = await openKsc(path, { write: true });
@@ -75,7 +62,7 @@ describe('prune on a full file system', () => {
       await expectKscError(backupDevice(img, repo, { bitmap: null }), 'KSC_E_NO_SPACE', 'the backup that fills the file system');
       const orphans = (await repo.listPacks()).size - 1;
       expect(orphans, 'the failed backup left packs behind').toBeGreaterThan(0);
-      fill(join(mnt, 'filler'));
+      fill(join(fsys.mnt, 'filler'));
       await expectKscError(repo.store.put('locks/probe.lock', Buffer.from('{}')), 'KSC_E_NO_SPACE', 'setup: the file system is full');
 
       // Listing and unlocking still work (the clock probe is an empty file: it needs no data block).
@@ -86,7 +73,7 @@ describe('prune on a full file system', () => {
       expect(p.code, p.stdout + p.stderr).toBe(0);
       expect(p.stdout).toMatch(/lock object could not be written/);
       expect(p.stdout).toMatch(new RegExp(`1 kept, 0 removed; ${orphans} packs deleted`));
-      rmSync(join(mnt, 'filler'));
+      rmSync(join(fsys.mnt, 'filler'));
       const after = await openRepo(repoDir);
       expect((await after.listPacks()).size).toBe(1);
       expect(await after.listLocks()).toEqual([]);

@@ -3,7 +3,7 @@
  * exactly which top-level commands each group's module registers, or a command would be "unknown".
  */
 import { describe, expect, it } from 'vitest';
-import { COMMAND_GROUPS, buildProgram, groupFor, versionOnly } from '../../src/cli/program.js';
+import { COMMAND_GROUPS, buildProgram, endsWithItsAction, groupFor, versionOnly } from '../../src/cli/program.js';
 
 describe('CLI command groups', () => {
   it('each group registers exactly the commands the table names, and all groups together every command once', async () => {
@@ -34,6 +34,18 @@ describe('CLI command groups', () => {
     expect(groupFor(argv('--version'))).toBeNull();
     expect(groupFor(argv('frobnicate'))).toBeNull();
     expect(groupFor(argv())).toBeNull();
+  });
+
+  it('the commands that end with their action are declared with their group: backup only, never its help', () => {
+    const argv = (...a: string[]): string[] => ['node', 'kscinc', ...a];
+    const declared = Object.entries(COMMAND_GROUPS).flatMap(([name, g]) => (g.endsWithAction ?? []).map((c) => `${name}:${c}`));
+    expect(declared).toEqual(['backup:backup']);
+    for (const [name, g] of Object.entries(COMMAND_GROUPS)) for (const c of g.endsWithAction ?? []) expect(g.commands, `group ${name}`).toContain(c);
+    expect(endsWithItsAction(argv('backup', 'disk.ksc', '--repo', 'r'))).toBe(true);
+    expect(endsWithItsAction(argv('--quiet', 'backup', 'disk.ksc', '--repo', 'r'))).toBe(true);
+    for (const a of [['backup', '--help'], ['backup', '-h'], ['help', 'backup'], ['restore', 'latest', 'x'], ['serve', 'x'], ['--version'], []]) {
+      expect(endsWithItsAction(argv(...a)), a.join(' ')).toBe(false);
+    }
   });
 
   it('a version query alone loads no group; with a command or help it does', async () => {

@@ -62,3 +62,28 @@ export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): C
   if (r.error) throw r.error;
   return { code: r.status ?? -1, stdout: r.stdout, stderr: r.stderr };
 }
+
+export interface TimedEnd extends SpawnResult {
+  /** From the spawn to the close of its output. */
+  ms: number;
+}
+
+/**
+ * Runs the CLI copy `cli` with `args`, its output gathered; SIGKILLed `killMs` after its start unless it
+ * ends first (null: never).
+ */
+export function cliKilledAt(cli: string, args: string[], killMs: number | null): Promise<TimedEnd> {
+  const t0 = performance.now();
+  const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const timer = killMs === null ? null : setTimeout(() => void child.kill('SIGKILL'), killMs);
+  return new Promise((res) =>
+    child.on('close', (code, signal) => {
+      if (timer) clearTimeout(timer);
+      res({ code, signal, stdout, stderr, ms: performance.now() - t0 });
+    }),
+  );
+}

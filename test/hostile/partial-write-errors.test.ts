@@ -10,7 +10,7 @@
  * With and without the addon (KSCINC_NO_NATIVE=1).
  */
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, openSync, rmSync, writeSync, closeSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { coreOf, type KscImage } from '../../src/image/ksc/image.js';
@@ -18,6 +18,7 @@ import { createImage, openKsc } from '../../src/index.js';
 import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
 import { restoreEnvAfterEach } from '../helpers/env.js';
 import { tempDir } from '../helpers/tmp.js';
+import { fillUp, mountTmpfs } from '../helpers/tmpfs.js';
 import { expectNoLeaks } from '../helpers/write-path.js';
 
 const KiB = 1024;
@@ -30,21 +31,6 @@ const pattern = (tag: number, n: number): Buffer => {
   for (let o = 0; o + 4 <= n; o += 4) b.writeUInt32LE((tag * 0x9e3779b1 + o * 7) >>> 0, o);
   return b;
 };
-
-/** Writes `filler` in 4 KiB pieces until the file system is full; returns the bytes written. */
-function fillUp(filler: string): number {
-  const fd = openSync(filler, 'w');
-  const chunk = Buffer.alloc(4 * KiB, 0xee);
-  let n = 0;
-  try {
-    for (;;) n += writeSync(fd, chunk);
-  } catch (e) {
-    if ((e as { code?: string }).code !== 'ENOSPC') throw e;
-  } finally {
-    closeSync(fd);
-  }
-  return n;
-}
 
 async function settle(ps: Promise<unknown>[]): Promise<({ ok: true } | { ok: false; e: { code?: string; message: string } })[]> {
   return Promise.all(
@@ -79,9 +65,7 @@ describe('a failing write among partial-block groups and batched writes', () => 
       `ENOSPC on the new blocks of a full tmpfs: the in-place pieces of the same turn succeed, nothing else claims success (${label}, root)`,
       async () => {
         if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
-        const mnt = join(tempDir(), 'mnt');
-        mkdirSync(mnt);
-        execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=3m', 'tmpfs', mnt]);
+        const mnt = mountTmpfs('kscinc-', '3m');
         try {
           const path = join(mnt, 'img.ksc');
           await createImage(path, { size: BLOCKS * B, blockSize: B, intentRegion: 4 * B });

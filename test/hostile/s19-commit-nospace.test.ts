@@ -7,11 +7,9 @@
  * only packs that exist, no lock is left; with room again a backup of the same disk succeeds, restores,
  * prune --grace 0 leaves no orphan pack and verify is clean.
  */
-import { execFileSync } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { closeSync, existsSync, openSync, readdirSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { verifyRepo } from '../../src/engines/verify.js';
@@ -21,25 +19,14 @@ import { isKscError } from '../../src/errors.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { tmpfsForFile } from '../helpers/tmpfs.js';
 import { MiB, contents, expectRestores, makeDisk, newRepo, orphanPacks, treeBytes } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-s19-commit-nospace-');
 const seed = seedFor('test/hostile/s19-commit-nospace.test.ts');
-let mnt = '';
-let mountError: string | null = null;
-
-beforeAll(() => {
-  mnt = mkdtempSync(join(tmpdir(), 'kscinc-s19-tmpfs-'));
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=40m', 'tmpfs', mnt], { stdio: 'pipe' });
-  } catch (e) {
-    mountError = String((e as { stderr?: Buffer }).stderr ?? e).trim();
-  }
-});
+const fsys = tmpfsForFile('kscinc-s19-tmpfs-', '40m');
 afterAll(async () => {
   await closePool();
-  if (!mountError) execFileSync('umount', ['-l', mnt]);
-  rmSync(mnt, { recursive: true, force: true });
 });
 
 const PAGE = 4096;
@@ -48,7 +35,7 @@ const PAGE = 4096;
 function leave(file: string, free: number): void {
   const fd = openSync(file, 'w');
   try {
-    let todo = Math.floor((statfsSync(mnt).bavail * statfsSync(mnt).bsize - free) / PAGE) * PAGE;
+    let todo = Math.floor((statfsSync(fsys.mnt).bavail * statfsSync(fsys.mnt).bsize - free) / PAGE) * PAGE;
     const b = Buffer.alloc(MiB);
     while (todo > 0) {
       const n = Math.min(todo, b.length);
@@ -69,7 +56,7 @@ async function indexedPacks(repo: Repository): Promise<Set<string>> {
 
 describe('a backup commit on a file system that fills up (session 19, hostile 1)', () => {
   it('at every fill level: fails with KSC_E_NO_SPACE leaving no part, no manifest, no index naming a missing pack, no lock — or succeeds whole', async () => {
-    expect(mountError, `this test mounts a tmpfs and needs root: ${mountError}`).toBeNull();
+    expect(fsys.mountError, `this test mounts a tmpfs and needs root: ${fsys.mountError}`).toBeNull();
     console.log(`seed ${seed}`);
     const rng = new Rng(seed);
     const disk = await makeDisk(dir, 'disk', rng, { size: 20 * MiB });
@@ -79,20 +66,20 @@ describe('a backup commit on a file system that fills up (session 19, hostile 1)
       await img.write(17 * MiB, rng.bytes(MiB));
       const data = await contents(img);
       // What one backup adds to a fresh repository (measured on the tmpfs itself: its own page rounding).
-      const probe = join(mnt, 'probe');
+      const probe = join(fsys.mnt, 'probe');
       const probeRepo = await newRepo(probe, { encrypt: false });
-      const empty = statfsSync(mnt).bavail;
+      const empty = statfsSync(fsys.mnt).bavail;
       await backupDevice(img, probeRepo, { bitmap: null });
-      const need = (empty - statfsSync(mnt).bavail) * statfsSync(mnt).bsize;
+      const need = (empty - statfsSync(fsys.mnt).bavail) * statfsSync(fsys.mnt).bsize;
       console.log(`one backup takes ${need} bytes of the tmpfs (${treeBytes(probe)} in files)`);
       rmSync(probe, { recursive: true });
       // Free room left for the backup: from not one pack to a page or two short of the whole.
       const levels = [MiB, 3 * MiB, 5 * MiB, 9 * MiB, need - 5 * MiB, need - 3 * MiB, need - MiB, need - 256 * 1024, need - 64 * 1024, need - 3 * PAGE, need - 2 * PAGE, need - PAGE, need + 64 * 1024];
       const outcomes: string[] = [];
       for (const [k, level] of levels.entries()) {
-        const repoDir = join(mnt, `repo${k}`);
+        const repoDir = join(fsys.mnt, `repo${k}`);
         const repo = await newRepo(repoDir, { encrypt: false });
-        const filler = join(mnt, 'filler');
+        const filler = join(fsys.mnt, 'filler');
         leave(filler, level);
         let err: unknown = null;
         try {

@@ -12,17 +12,8 @@ import { afterAll, describe, expect, it, vi } from 'vitest';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 
-const synced: string[] = [];
-vi.mock('../../src/io/durable.js', async (importOriginal) => {
-  const real = await importOriginal<typeof import('../../src/io/durable.js')>();
-  return {
-    ...real,
-    syncDir: async (d: string): Promise<void> => {
-      await real.syncDir(d);
-      synced.push(d);
-    },
-  };
-});
+vi.mock('../../src/io/durable.js', async (original) => (await import('../helpers/synced-dirs.js')).recordSyncDirs(original));
+const { synced } = await import('../helpers/synced-dirs.js');
 
 const { FsStore } = await import('../../src/objstore/fs.js');
 const { isKscError } = await import('../../src/errors.js');
@@ -63,7 +54,8 @@ describe('FsStore folders and durableDirs (session 19, hostile 5)', () => {
     const repo = await newRepo(repoDir, { encrypt: false });
     // Retention is per disk: three backups of one disk, each of new random data (no chunk shared).
     const path = await makeDisk(dir, 'a', rng, { size: 12 * MiB });
-    for (let k = 0; k < 3; k++) {
+    /** 10 MiB of new random data written to the disk, then a backup of it. */
+    const backupNewData = async (): Promise<void> => {
       const img = await openKsc(path, { write: true });
       try {
         await img.write(0, rng.bytes(10 * MiB));
@@ -71,7 +63,8 @@ describe('FsStore folders and durableDirs (session 19, hostile 5)', () => {
       } finally {
         await img.close();
       }
-    }
+    };
+    for (let k = 0; k < 3; k++) await backupNewData();
     const before = packFolders(repoDir);
     const packsBefore = await repo.listPacks();
     const r = await pruneRepo(repo, { last: 1, graceMs: 0 });
@@ -88,13 +81,7 @@ describe('FsStore folders and durableDirs (session 19, hostile 5)', () => {
     expect(synced).toContain(join(repoDir, 'packs', emptied[0]!));
     await repo.store.delete(`packs/${emptied[0]}/${'e'.repeat(64)}.probe`);
     // And a whole backup again with the same repository object.
-    const img = await openKsc(path, { write: true });
-    try {
-      await img.write(0, rng.bytes(10 * MiB));
-      await backupDevice(img, repo, { bitmap: null });
-    } finally {
-      await img.close();
-    }
+    await backupNewData();
     const v = await verifyRepo(repo);
     expect(v.damage).toEqual([]);
     expect(v.ok).toBe(true);

@@ -8,7 +8,7 @@
  * refused write's byte, never a byte of another block or an earlier buffer. With and without the addon.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
@@ -16,7 +16,7 @@ import { NbdServer } from '../../src/nbd/server.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { restoreEnvAfterEach } from '../helpers/env.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { tempDir } from '../helpers/tmp.js';
+import { fillUp, mountTmpfs } from '../helpers/tmpfs.js';
 
 const KiB = 1024;
 const B = 64 * KiB;
@@ -24,18 +24,6 @@ const BLOCKS = 512;
 const CLIENTS = 24;
 const root = process.getuid?.() === 0;
 const seed = seedFor('test/hostile/s19-nbd-many-fresh.test.ts');
-
-function fillUp(filler: string): void {
-  const fd = openSync(filler, 'w');
-  const chunk = Buffer.alloc(4 * KiB, 0xee);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch (e) {
-    if ((e as { code?: string }).code !== 'ENOSPC') throw e;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 interface W {
   at: number;
@@ -54,9 +42,7 @@ describe('many NBD connections writing new blocks through a fill-up (session 19,
         console.log(`seed ${seed} (${label})`);
         if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
         const rng = new Rng(seed);
-        const mnt = join(tempDir('kscinc-s19-nbd-fresh-'), 'mnt');
-        mkdirSync(mnt);
-        execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=36m', 'tmpfs', mnt]);
+        const mnt = mountTmpfs('kscinc-s19-nbd-fresh-', '36m');
         let server: NbdServer | null = null;
         const clients: NbdClient[] = [];
         try {

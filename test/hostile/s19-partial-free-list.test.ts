@@ -11,13 +11,13 @@
  * is what the acknowledged writes made or zero, never a byte of another block. With and without the addon.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createImage, openKsc } from '../../src/index.js';
 import { restoreEnvAfterEach } from '../helpers/env.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { tempDir } from '../helpers/tmp.js';
+import { fillUp, mountTmpfs } from '../helpers/tmpfs.js';
 import { expectNoLeaks } from '../helpers/write-path.js';
 
 const KiB = 1024;
@@ -25,19 +25,6 @@ const B = 64 * KiB;
 const BLOCKS = 640;
 const root = process.getuid?.() === 0;
 const seed = seedFor('test/hostile/s19-partial-free-list.test.ts');
-
-/** Fills `filler` until the file system is full. */
-function fillUp(filler: string): void {
-  const fd = openSync(filler, 'w');
-  const chunk = Buffer.alloc(4 * KiB, 0xee);
-  try {
-    for (;;) writeSync(fd, chunk);
-  } catch (e) {
-    if ((e as { code?: string }).code !== 'ENOSPC') throw e;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 type Settled = { ok: true } | { ok: false; code?: string; message: string };
 const settle = (p: Promise<unknown>): Promise<Settled> =>
@@ -71,9 +58,7 @@ describe('new-block buffers reused after a failed write (session 19, hostile 2)'
         console.log(`seed ${seed} (${label})`);
         if (!native) process.env['KSCINC_NO_NATIVE'] = '1';
         const rng = new Rng(seed);
-        const mnt = join(tempDir('kscinc-s19-freelist-'), 'mnt');
-        mkdirSync(mnt);
-        execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=44m', 'tmpfs', mnt]);
+        const mnt = mountTmpfs('kscinc-s19-freelist-', '44m');
         try {
           const path = join(mnt, 'img.ksc');
           await createImage(path, { size: BLOCKS * B, blockSize: B, intentRegion: 4 * B });

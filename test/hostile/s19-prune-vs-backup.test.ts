@@ -7,10 +7,8 @@
  * still restores. At the end, with no writer left: unlock, prune --grace 0 leaves no orphan pack.
  * The seed (printed) fixes the data and the plan; the exact interleaving is not replayable.
  */
-import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { verifyRepo } from '../../src/engines/verify.js';
@@ -18,43 +16,20 @@ import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { snapshotCli } from '../backup/helpers/dist.js';
+import { cliCopyForFile } from '../backup/helpers/dist.js';
+import { cliKilledAt, type TimedEnd } from '../helpers/cli.js';
 import { MiB, contents, expectRestores, makeDisk, newRepo, openRepo, orphanPacks } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-s19-prune-race-');
 const seed = seedFor('test/hostile/s19-prune-vs-backup.test.ts');
 const ROUNDS = 8;
-let cli = '';
+const cli = cliCopyForFile(dir);
 afterAll(() => closePool());
-beforeAll(async () => {
-  cli = await snapshotCli(mkdtempSync(join(dir, 'cli-')));
-});
-
-interface End {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
 
 /** Runs the CLI with `args` after `startMs`; SIGKILL `killMs` after its start unless it ends first. */
-function run(args: string[], startMs: number, killMs: number | null): Promise<End> {
-  return new Promise((res) =>
-    setTimeout(() => {
-      const t0 = performance.now();
-      const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let stdout = '';
-      let stderr = '';
-      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-      const timer = killMs === null ? null : setTimeout(() => void child.kill('SIGKILL'), killMs);
-      child.on('close', (code, signal) => {
-        if (timer) clearTimeout(timer);
-        res({ code, signal, stdout, stderr, ms: performance.now() - t0 });
-      });
-    }, startMs),
-  );
+async function run(args: string[], startMs: number, killMs: number | null): Promise<TimedEnd> {
+  await new Promise((r) => setTimeout(r, startMs));
+  return cliKilledAt(cli.path, args, killMs);
 }
 
 describe('prune racing backups (session 19, hostile 4)', () => {
@@ -102,7 +77,7 @@ describe('prune racing backups (session 19, hostile 4)', () => {
         run(['prune', '--repo', repoDir, '--keep-last', '1', '--json'], pruneAt, kill),
         run(['backup', disks[k]!, '--repo', repoDir, '--json', '--no-bitmap'], backupAt, null),
       ]);
-      const line = (e: End): string => (e.signal ? e.signal : e.code === 0 ? 'ok' : `exit ${e.code}: ${e.stderr.trim().split('\n')[0]}`);
+      const line = (e: TimedEnd): string => (e.signal ? e.signal : e.code === 0 ? 'ok' : `exit ${e.code}: ${e.stderr.trim().split('\n')[0]}`);
       notes.push(`round ${round}: prune at +${pruneAt}${kill === null ? '' : ` (kill at ${kill})`} → ${line(p)}; backup ${'ab'[k]} at +${backupAt} → ${line(b)}`);
       for (const e of [p, b]) {
         if (e.signal || e.code === 0) continue;

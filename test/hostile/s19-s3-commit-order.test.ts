@@ -14,7 +14,7 @@ import { readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImage, openKsc } from '../../src/index.js';
 import { openStore } from '../../src/objstore/open.js';
-import type { Body, ObjectInfo, ObjectStore, WriteOpts } from '../../src/objstore/types.js';
+import type { Body, ObjectStore, WriteOpts } from '../../src/objstore/types.js';
 import { Repository } from '../../src/repo/repository.js';
 import { backupDevice } from '../../src/engines/backup.js';
 import { restoreBackup } from '../../src/engines/restore.js';
@@ -22,6 +22,7 @@ import { verifyRepo } from '../../src/engines/verify.js';
 import { closePool } from '../../src/compress/pool.js';
 import { KscError } from '../../src/errors.js';
 import { tempDir } from '../helpers/tmp.js';
+import { PassThroughStore } from '../helpers/pass-through-store.js';
 import { freshBucket, s3Config, s3Env, type S3TestConfig } from '../helpers/s3.js';
 
 const MiB = 1024 * 1024;
@@ -39,19 +40,18 @@ interface Put {
   failed: boolean;
 }
 
-/** Delegates to `inner`, recording each put; `hold(key, n)` may delay and fail the n-th pack put. */
-class Recording implements ObjectStore {
-  readonly name: string;
+/** Delegates to `inner`, recording each put; `failPack` (n) delays and fails the n-th pack put. */
+class Recording extends PassThroughStore {
   readonly puts: Put[] = [];
   private seq = 0;
   private packs = 0;
   constructor(
-    private readonly inner: ObjectStore,
+    inner: ObjectStore,
     private readonly failPack: number | null,
   ) {
-    this.name = inner.name;
+    super(inner);
   }
-  async put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+  override async put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     const p: Put = { key, start: ++this.seq, end: 0, failed: false };
     this.puts.push(p);
     try {
@@ -66,24 +66,6 @@ class Recording implements ObjectStore {
     } finally {
       p.end = ++this.seq;
     }
-  }
-  get(key: string): Promise<Buffer> {
-    return this.inner.get(key);
-  }
-  getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return this.inner.getRange(key, offset, length);
-  }
-  stat(key: string): Promise<ObjectInfo | null> {
-    return this.inner.stat(key);
-  }
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.inner.list(prefix);
-  }
-  delete(key: string, opts?: WriteOpts): Promise<void> {
-    return this.inner.delete(key, opts);
-  }
-  close(): Promise<void> {
-    return Promise.resolve();
   }
 }
 

@@ -7,51 +7,28 @@
  * leave no orphan pack and no temp part — nothing orphaned forever — and both latest backups restore.
  * The seed (printed) fixes the data and the kill plan; the exact moment a kill lands is not replayable.
  */
-import { spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { snapshotCli } from '../backup/helpers/dist.js';
+import { cliCopyForFile } from '../backup/helpers/dist.js';
+import { cliKilledAt, type TimedEnd } from '../helpers/cli.js';
 import { MiB, contents, expectRestores, makeDisk, newRepo, openRepo, orphanPacks } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-s19-two-kill-');
 const seed = seedFor('test/hostile/s19-two-backups-kill.test.ts');
 const ROUNDS = 10;
-let cli = '';
+const cli = cliCopyForFile(dir);
 afterAll(() => closePool());
-beforeAll(async () => {
-  cli = await snapshotCli(mkdtempSync(join(dir, 'cli-')));
-});
-
-interface End {
-  code: number | null;
-  signal: NodeJS.Signals | null;
-  stdout: string;
-  stderr: string;
-  ms: number;
-}
 
 /** Runs `kscinc backup image`; SIGKILL after `killMs` unless it ends first. */
-function runBackup(image: string, repo: string, killMs: number | null): Promise<End> {
-  const t0 = performance.now();
-  const child = spawn(process.execPath, [cli, 'backup', image, '--repo', repo, '--json', '--no-bitmap'], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
-  const timer = killMs === null ? null : setTimeout(() => void child.kill('SIGKILL'), killMs);
-  return new Promise((res) =>
-    child.on('close', (code, signal) => {
-      if (timer) clearTimeout(timer);
-      res({ code, signal, stdout, stderr, ms: performance.now() - t0 });
-    }),
-  );
+function runBackup(image: string, repo: string, killMs: number | null): Promise<TimedEnd> {
+  return cliKilledAt(cli.path, ['backup', image, '--repo', repo, '--json', '--no-bitmap'], killMs);
 }
 
 describe('two backups into one repository at once, SIGKILLed at random moments (session 19, hostile 1)', () => {

@@ -17,41 +17,23 @@ import { KscError } from '../../src/errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from '../../src/objstore/types.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { PassThroughStore } from '../helpers/pass-through-store.js';
 import { MiB, makeDisk, newRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s19-verify-concurrent.test.ts');
 afterAll(() => closePool());
 
 /** `inner`, except that listing manifests/ first calls `onList` and waits for what it returns. */
-class GatedList implements ObjectStore {
-  readonly name: string;
+class GatedList extends PassThroughStore {
   constructor(
-    private readonly inner: ObjectStore,
+    inner: ObjectStore,
     private readonly onList: () => Promise<void>,
   ) {
-    this.name = inner.name;
+    super(inner);
   }
-  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
-    return this.inner.put(key, data, opts);
-  }
-  get(key: string): Promise<Buffer> {
-    return this.inner.get(key);
-  }
-  getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return this.inner.getRange(key, offset, length);
-  }
-  stat(key: string): Promise<ObjectInfo | null> {
-    return this.inner.stat(key);
-  }
-  async *list(prefix: string): AsyncIterable<ObjectInfo> {
+  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
     if (prefix.startsWith('manifests/')) await this.onList();
     yield* this.inner.list(prefix);
-  }
-  delete(key: string, opts?: WriteOpts): Promise<void> {
-    return this.inner.delete(key, opts);
-  }
-  close(): Promise<void> {
-    return Promise.resolve();
   }
 }
 

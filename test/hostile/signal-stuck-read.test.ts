@@ -15,26 +15,12 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
+import { waitsForPartner } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const DIST = fileURLToPath(new URL('../../dist/', import.meta.url));
 
 type Ended = { code: number | null; signal: string | null; stderr: string; afterSignalMs: number };
-
-/** Whether one of `pid`'s threads waits in the open of a fifo for the other side (wchan wait_for_partner). */
-function waitsForPartner(pid: number): boolean {
-  try {
-    return readdirSync(`/proc/${pid}/task`).some((t) => {
-      try {
-        return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8').includes('wait_for_partner');
-      } catch {
-        return false;
-      }
-    });
-  } catch {
-    return false;
-  }
-}
 
 /**
  * Runs `node args` (env over this process's); once a thread of it waits in a fifo's open, sends `sig`.

@@ -5,33 +5,14 @@
  * after the path (src/io/file.ts lockWithFile), so it must be named after the real path, not the link.
  * The first writer is `kscinc write` holding the image open while it waits for its --from fifo.
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { closeSync, openSync, readFileSync, readdirSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { chmodSync, chownSync, mkdirSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
+import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 import { servePlain } from './helpers.js';
-
-/** Whether one of `pid`'s threads waits in the open of a fifo for the other side. */
-function waitsForPartner(pid: number): boolean {
-  try {
-    return readdirSync(`/proc/${pid}/task`).some((t) => {
-      try {
-        return readFileSync(`/proc/${pid}/task/${t}/wchan`, 'utf8').includes('wait_for_partner');
-      } catch {
-        return false;
-      }
-    });
-  } catch {
-    return false;
-  }
-}
-
-async function until(cond: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 3000 && !cond(); i++) await new Promise((r) => setTimeout(r, 20));
-  if (!cond()) throw new Error(`timed out waiting for ${what}`);
-}
 
 for (const native of [true, false]) {
   const env: Record<string, string> = native ? {} : { KSCINC_NO_NATIVE: '1' };
@@ -55,14 +36,12 @@ for (const native of [true, false]) {
         holder.stderr.on('data', (d: Buffer) => (held += d.toString()));
         const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
         try {
-          await until(() => waitsForPartner(holder.pid!), `${first}'s writer to wait for its fifo`);
+          await untilWaitsForPartner(holder.pid!, `${first}'s writer to wait for its fifo`);
           const w = kscinc(['write', join(dir, second), '65536', '--from', data], { env });
           expect(w.code, `a second writer through ${second} while ${first} is open for writing: ${w.stdout}${w.stderr}`).toBe(1);
           expect(w.stderr).toMatch(/already open for writing/); // KSC_E_LOCKED's message (src/io/file.ts)
         } finally {
-          const fd = openSync(fifo, 'w'); // the holder's --from: 4 KiB, then its end
-          writeSync(fd, Buffer.alloc(4096, 9));
-          closeSync(fd);
+          if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL'); // the holder's --from: 4 KiB, then its end
         }
         expect(await ended, held).toBe(0);
         const w = kscinc(['write', join(dir, second), '65536', '--from', data], { env });
@@ -74,6 +53,72 @@ for (const native of [true, false]) {
     }
   });
 }
+
+/**
+ * Without the addon, a user who reaches an image through a symlink in a folder of their own, the image's real
+ * folder not writable by them (another user's, or a read-only mount), cannot make the lock file beside the
+ * real name (EACCES, EROFS): the lock file is then made beside the path given, as before the lock followed the
+ * real path. Runs the CLI as an unprivileged user (root writes anywhere, so it would prove nothing).
+ */
+describe('KSCINC_NO_NATIVE=1: the real folder not writable by the user, the lock file beside the link', () => {
+  const NOBODY = 65534;
+  const why =
+    process.getuid?.() !== 0 ? 'the tests do not run as root (needed to run the CLI as another user)' : spawnSync('setpriv', ['--version']).status !== 0 ? 'setpriv (util-linux) is missing' : '';
+  if (why) console.log(`skipped: ${why}`);
+  it.skipIf(why !== '')(
+    'a writer through the link writes (the lock file beside the link, removed after); a second one meanwhile is refused',
+    async () => {
+      const dir = tempDir('kscinc-hostile-symlock-');
+      chmodSync(dir, 0o755);
+      const real = join(dir, 'real');
+      const mine = join(dir, 'mine');
+      mkdirSync(real, { mode: 0o755 });
+      mkdirSync(mine, { mode: 0o755 });
+      chownSync(mine, NOBODY, NOBODY);
+      const c = kscinc(['create', join(real, 'disk.ksc'), '--size', '4M']);
+      expect(c.code, c.stderr).toBe(0);
+      chmodSync(join(real, 'disk.ksc'), 0o666);
+      symlinkSync('../real/disk.ksc', join(mine, 'link.ksc'));
+      const data = join(mine, 'data');
+      writeFileSync(data, Buffer.alloc(4096, 7), { mode: 0o644 });
+      const fifo = join(mine, 'fifo');
+      execFileSync('mkfifo', ['-m', '666', fifo]);
+      const asNobody = ['--reuid', `${NOBODY}`, '--regid', `${NOBODY}`, '--clear-groups', process.execPath, CLI];
+      const env = { ...process.env, KSCINC_NO_NATIVE: '1' };
+      const writeAsNobody = (): { code: number | null; out: string } => {
+        const r = spawnSync('setpriv', [...asNobody, 'write', join(mine, 'link.ksc'), '65536', '--from', data], { env, encoding: 'utf8' });
+        return { code: r.status, out: `${r.stdout}${r.stderr}` };
+      };
+
+      const holder = spawn('setpriv', [...asNobody, 'write', join(mine, 'link.ksc'), '0', '--from', fifo], { env, stdio: ['ignore', 'ignore', 'pipe'] });
+      let held = '';
+      holder.stderr.on('data', (d: Buffer) => (held += d.toString()));
+      const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
+      try {
+        await untilWaitsForPartner(holder.pid!, 'the writer through link.ksc to wait for its fifo').catch(async (e: Error) => {
+          holder.kill('SIGKILL');
+          throw new Error(`${e.message}: exit ${await ended}, ${held}`);
+        });
+        expect(readdirSync(mine).sort(), held).toEqual(['data', 'fifo', 'link.ksc', 'link.ksc.lock']);
+        const second = writeAsNobody();
+        expect(second.code, `a second writer through link.ksc while the first holds it: ${second.out}`).toBe(1);
+        expect(second.out).toMatch(/already open for writing/);
+      } finally {
+        if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL'); // the holder's --from: 4 KiB, then its end
+      }
+      expect(await ended, held).toBe(0);
+      const w = writeAsNobody();
+      expect(w.code, w.out).toBe(0);
+      const r = kscinc(['read', join(real, 'disk.ksc'), '0', '69632']);
+      expect(r.code, r.stderr).toBe(0);
+      const want = Buffer.concat([Buffer.alloc(4096, 9), Buffer.alloc(65536 - 4096), Buffer.alloc(4096, 7)]);
+      expect(r.stdout === want.toString(), 'the two writes through the link landed in the real file').toBe(true);
+      expect(readdirSync(mine).sort()).toEqual(['data', 'fifo', 'link.ksc']);
+      expect(readdirSync(real)).toEqual(['disk.ksc']);
+    },
+    120_000,
+  );
+});
 
 describe('one image under two paths: serve and migrate', () => {
   it('served as disk.ksc: migrate status and fingerprint through link.ksc reach the same server and file; a writer through the link is refused', async () => {

@@ -94,6 +94,23 @@ describe('ChunkIndex', () => {
     expect(idx.has(Buffer.alloc(16))).toBe(false);
   });
 
+  it('addAt with an id that does not lie whole inside the buffer is a RangeError, and adds nothing', () => {
+    // Callers bound the position; this is the defence behind them: a byte read past a Buffer's end is
+    // undefined, which the word arithmetic would have taken as 0 (an id padded with zeros added silently).
+    const idx = new ChunkIndex();
+    const buf = Buffer.from('00112233445566778899aabbccddeeff', 'hex');
+    const pack = 'ab'.repeat(16);
+    for (const at of [1, 15, 16, -1, 0.5, Number.NaN, 2 ** 32]) {
+      expect(() => idx.addAt(buf, at, pack, 0, 1, 1), `at ${at}`).toThrow(RangeError);
+    }
+    expect(() => idx.addAt(buf.subarray(0, 15), 0, pack, 0, 1, 1)).toThrow(RangeError);
+    expect(idx.size).toBe(0);
+    expect(idx.packList()).toEqual([]);
+    idx.addAt(Buffer.concat([Buffer.alloc(3), buf]), 3, pack, 0, 1, 1);
+    expect(idx.has(buf)).toBe(true);
+    expect(idx.size).toBe(1);
+  });
+
   it('without locations: a set of ids (has, hasAt, packs), and asking for a location is an error', () => {
     const rng = new Rng(seedFor('test/repo/chunkindex.test.ts ids-only'));
     const set = new ChunkIndex({ locations: false });

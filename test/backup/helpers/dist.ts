@@ -4,9 +4,10 @@
  * linked beside the copy, where dist's relative imports look. Checked by running the CLI once.
  */
 import { execFileSync } from 'node:child_process';
-import { cpSync, existsSync, rmSync, symlinkSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { beforeAll } from 'vitest';
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
 
@@ -28,4 +29,13 @@ export async function snapshotCli(into: string): Promise<string> {
     }
   }
   throw new Error(`could not take a working copy of dist/: ${last}`);
+}
+
+/** A copy of dist/ for the test file's children, taken in a new folder of `dir` before its tests. */
+export function cliCopyForFile(dir: string): { path: string } {
+  const copy = { path: '' };
+  beforeAll(async () => {
+    copy.path = await snapshotCli(mkdtempSync(join(dir, 'cli-')));
+  });
+  return copy;
 }
