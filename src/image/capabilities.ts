@@ -156,7 +156,7 @@ export interface WritesNow {
    * and durable first when `fua`), returning true; false, having done nothing, when it cannot (then write()).
    * `data` is read only during this call (what the device keeps it copies): the caller may reuse it at once.
    */
-  writeNow(offset: number, data: Buffer, fua: boolean, done: (e: unknown) => void): boolean;
+  writeNow(offset: number, data: Uint8Array, fua: boolean, done: (e: unknown) => void): boolean;
 }
 
 /** The device's callback writes, or null when it has none. */

@@ -238,7 +238,8 @@ export class Transmission {
    * goes the usual way.
    */
   private writeInPlace(w: FastWrite, buf: Buffer, at: number, release: () => void): void {
-    const view = buf.subarray(at, at + w.length);
+    // A plain view (Node's Buffer.subarray, shared by every caller, takes V8's generic property lookups).
+    const view = new Uint8Array(buf.buffer, buf.byteOffset + at, w.length);
     try {
       if (this.now!.writeNow(w.offset, view, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, null, release) : this.track(this.replyError(w.request(), e, release))))) return;
     } catch (e) {

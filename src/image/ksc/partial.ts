@@ -139,7 +139,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
  * writePartialNow settled by a callback (no promise per piece): true once the piece is taken, `done` called
  * later, once; false, having changed nothing, when the general path must take it.
  */
-export function writePartialCb(c: KscCore, offset: number, data: Buffer, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
+export function writePartialCb(c: KscCore, offset: number, data: Uint8Array, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
   const m = join(c, offset, data, fua);
   if (!m) return false;
   m.done = fua
@@ -160,7 +160,7 @@ const unset = (): void => {
  * Takes the piece into its block's group (see the header): its member, whose `done` the caller sets at once
  * (nothing settles it before the event loop turns); null, having changed nothing, when a condition fails.
  */
-function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | null {
+function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Member | null {
   const length = data.length;
   const B = c.blockSize;
   if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
