@@ -154,9 +154,9 @@ export interface WritesNow {
   /**
    * Starts writing `data` at `offset` now and calls `done` once as write() would settle (`e` undefined: written,
    * and durable first when `fua`), returning true; false, having done nothing, when it cannot (then write()).
-   * `data` must stay unchanged until `done`.
+   * `data` is read only during this call (what the device keeps it copies): the caller may reuse it at once.
    */
-  writeNow(offset: number, data: Buffer, fua: boolean, done: (e: unknown) => void): boolean;
+  writeNow(offset: number, data: Uint8Array, fua: boolean, done: (e: unknown) => void): boolean;
 }
 
 /** The device's callback writes, or null when it has none. */

@@ -17,6 +17,12 @@ import { bitmapTableEntries } from '../format/bitmap-slot.js';
 import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
 import type { MapWrite } from './maptable.js';
 
+/**
+ * Moves whenever a bitmap is enabled or disabled, or an image's bitmap slots change (ksc/bitmaps.ts
+ * setSlot): a list of the enabled bitmaps cached with an older value is stale (ksc/partial.ts).
+ */
+export const bitmapsGeneration = { n: 0 };
+
 export interface BitmapInfo {
   name: string;
   granularity: number;
@@ -60,7 +66,7 @@ export class SparseBitmap {
     readonly slot: number,
     public name: string,
     readonly granularityBits: number,
-    public enabled: boolean,
+    enabled: boolean,
     public tableOffset: number,
     readonly tableEntries: number,
     virtualSize: number,
@@ -68,6 +74,19 @@ export class SparseBitmap {
   ) {
     this.bits = Math.ceil(virtualSize / 2 ** granularityBits);
     this.gran = 2 ** granularityBits;
+    this.on = enabled;
+  }
+
+  private on: boolean;
+
+  /** Whether writes mark this bitmap; a change moves bitmapsGeneration (the writers' cached lists). */
+  get enabled(): boolean {
+    return this.on;
+  }
+
+  set enabled(v: boolean) {
+    this.on = v;
+    bitmapsGeneration.n++;
   }
 
   private readonly gran: number;

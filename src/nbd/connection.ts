@@ -12,6 +12,7 @@ import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
 import type { Link, LinkTls, ServerContext } from './types.js';
 import { startServerTls, type TlsServerConfig } from './tls.js';
+import { putSimpleSuccess } from './wire.js';
 import { DeviceRange, type ReplyPart, materialize, sendOps, sendZeroCopy } from './zerocopy.js';
 
 /** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
@@ -45,6 +46,9 @@ function zeroCopyFor(socket: net.Socket): { ops: NonNullable<ReturnType<typeof s
 }
 
 const isRange = (p: ReplyPart): boolean => p instanceof DeviceRange;
+
+/** Simple replies of success gathered into one buffer (replyNow) before it is written. */
+const REPLY_BATCH = 64;
 
 /** A connection given up at a request boundary for a handover: its socket, negotiated state and unread bytes. */
 export interface ParkedConnection {
@@ -205,6 +209,7 @@ export class Connection implements Link {
 
   /** Ends the socket after what is queued has left, or after `ms`. */
   private ended(ms: number): Promise<void> {
+    this.writeBatch(); // the gathered replies go before the end
     return new Promise<void>((resolve) => {
       if (this.socket.destroyed) return resolve();
       const timer = setTimeout(resolve, ms);
@@ -218,6 +223,7 @@ export class Connection implements Link {
   /** Waits until every reply queued has been handed to the kernel; false when the socket went away first. */
   private async replied(): Promise<boolean> {
     const s = this.socket;
+    this.writeBatch(); // the gathered replies count in writableLength from here
     const since = Date.now();
     while (!s.destroyed && s.writableLength > 0) {
       if (Date.now() - since > this.server.stallTimeoutMs) {
@@ -340,6 +346,41 @@ export class Connection implements Link {
     return true;
   }
 
+  /** The simple replies of success replyNow() gathered in this turn, and their `sent` callbacks. */
+  private batch: { buf: Buffer; n: number; sent: (() => void)[] } | null = null;
+
+  replyNow(cookieHi: number, cookieLo: number, sent: () => void): boolean {
+    const s = this.socket;
+    if (this.holding || s.destroyed || s.writableNeedDrain) return false;
+    this.corkNow();
+    let b = this.batch;
+    if (b && b.n === b.buf.length) {
+      this.writeBatch();
+      b = null;
+    }
+    b ??= this.batch = { buf: Buffer.allocUnsafe(REPLY_BATCH * 16), n: 0, sent: [] };
+    putSimpleSuccess(b.buf, b.n, cookieHi, cookieLo);
+    b.n += 16;
+    b.sent.push(sent);
+    return true;
+  }
+
+  /** Queues the batch of replies on the (corked) socket as one write. */
+  private writeBatch(): void {
+    const b = this.batch;
+    if (!b) return;
+    this.batch = null;
+    const s = this.socket;
+    if (s.destroyed) {
+      for (const f of b.sent) f();
+      return;
+    }
+    s.write(b.n === b.buf.length ? b.buf : b.buf.subarray(0, b.n), () => {
+      for (const f of b.sent) f();
+      if (s.writableLength === 0) this.flushed?.();
+    });
+  }
+
   /** Reads and queues the rest of a reply the socket took part of; a failed read cannot be reported: cut. */
   private async sendRest(rest: ReplyPart[], sent?: () => void): Promise<void> {
     try {
@@ -365,12 +406,7 @@ export class Connection implements Link {
    */
   private write(parts: Buffer[], sent?: () => void): void {
     const s = this.socket;
-    if (this.corked !== s) {
-      this.uncorkNow();
-      s.cork();
-      this.corked = s;
-      setImmediate(this.uncorkNow);
-    }
+    this.corkNow();
     for (let i = 0; i < parts.length - 1; i++) s.write(parts[i]!);
     s.write(parts[parts.length - 1]!, () => {
       sent?.();
@@ -385,7 +421,18 @@ export class Connection implements Link {
   private readonly uncorkNow = (): void => {
     const s = this.corked;
     if (!s) return;
+    this.writeBatch();
     this.corked = null;
     s.uncork();
   };
+
+  /** Corks the socket until the event loop's check phase (uncorkNow), if it is not already. */
+  private corkNow(): void {
+    const s = this.socket;
+    if (this.corked === s) return;
+    this.uncorkNow();
+    s.cork();
+    this.corked = s;
+    setImmediate(this.uncorkNow);
+  }
 }

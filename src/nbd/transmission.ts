@@ -14,7 +14,7 @@ import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
 import { checkIncomingWrite } from './incoming.js';
 import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } from './lz4-write.js';
-import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, SIMPLE_REPLY_MAGIC, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply } from './wire.js';
+import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply, putSimpleSuccess } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
 const SMALL_REQUEST_COST = 64 * 1024;
@@ -148,6 +148,16 @@ export class Transmission {
         if (e instanceof SocketClosedError) return;
         throw e;
       }
+      // A plain WRITE whose payload lies whole in the reader's buffer is handed to the device from there (its
+      // callback write copies what it keeps before returning): no pool buffer, one copy fewer.
+      if (fw && this.now && this.running < this.server.maxInFlight && !this.failure && this.plainWrites()) {
+        const p = link.reader.takeInPlace(length);
+        if (p >= 0) {
+          this.running++;
+          this.writeInPlace(fw, link.reader.inPlace, p, release);
+          continue;
+        }
+      }
       let payload: Buffer | null = null;
       // A payload spanning several received chunks is gathered into a pool buffer (given back once written).
       let pooled: Buffer | null = null;
@@ -196,12 +206,22 @@ export class Transmission {
    */
   private writeNow(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
     const fua = (w.flags & CMD_FLAG.FUA) !== 0;
-    let io: Promise<void>;
     try {
       // The device's callback write when it takes this one (a piece of a block), else its write().
       const now = this.now;
       if (now && now.writeNow(w.offset, payload, fua, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))))) return;
-      io = this.exp.device.write(w.offset, payload, fua ? FUA : NOT_FUA);
+    } catch (e) {
+      this.track(this.replyError(w.request(), e, release));
+      return;
+    }
+    this.writeDevice(w, payload, pooled, release);
+  }
+
+  /** writeNow() through the device's write() (a promise). */
+  private writeDevice(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
+    let io: Promise<void>;
+    try {
+      io = this.exp.device.write(w.offset, payload, (w.flags & CMD_FLAG.FUA) !== 0 ? FUA : NOT_FUA);
     } catch (e) {
       this.track(this.replyError(w.request(), e, release));
       return;
@@ -212,11 +232,35 @@ export class Transmission {
     );
   }
 
+  /**
+   * writeNow() for a payload at buf[at…] that is valid only until this returns (the reader's buffer): the
+   * device's callback write copies it; when that write does not take it, it is copied into a pool buffer and
+   * goes the usual way.
+   */
+  private writeInPlace(w: FastWrite, buf: Buffer, at: number, release: () => void): void {
+    // A plain view (Node's Buffer.subarray, shared by every caller, takes V8's generic property lookups).
+    const view = new Uint8Array(buf.buffer, buf.byteOffset + at, w.length);
+    try {
+      if (this.now!.writeNow(w.offset, view, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, null, release) : this.track(this.replyError(w.request(), e, release))))) return;
+    } catch (e) {
+      this.track(this.replyError(w.request(), e, release));
+      return;
+    }
+    const pooled = this.server.pool.take(w.length);
+    const payload = pooled.length === w.length ? pooled : pooled.subarray(0, w.length);
+    payload.set(view);
+    this.writeDevice(w, payload, pooled, release);
+  }
+
   /** A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. */
   private written(w: FastWrite, pooled: Buffer | null, release: () => void): void {
     const { link } = this;
     try {
       if (pooled) this.server.pool.give([pooled]);
+      if (link.replyNow(w.cookieHi, w.cookieLo, release)) {
+        this.ended();
+        return;
+      }
       const parts = [w.reply()];
       if (!link.sendNow(parts, release)) {
         this.track(link.send(parts, release).finally(() => link.destroyed && release()));
@@ -292,8 +336,8 @@ const NOT_FUA = Object.freeze({ fua: false });
 class FastWrite {
   constructor(
     readonly flags: number,
-    private readonly cookieHi: number,
-    private readonly cookieLo: number,
+    readonly cookieHi: number,
+    readonly cookieLo: number,
     readonly offset: number,
     readonly length: number,
   ) {}
@@ -301,10 +345,7 @@ class FastWrite {
   /** The simple reply of a success (16 bytes). */
   reply(): Buffer {
     const b = Buffer.allocUnsafe(16);
-    put32(b, 0, SIMPLE_REPLY_MAGIC);
-    put32(b, 4, 0);
-    put32(b, 8, this.cookieHi);
-    put32(b, 12, this.cookieLo);
+    putSimpleSuccess(b, 0, this.cookieHi, this.cookieLo);
     return b;
   }
 
@@ -323,11 +364,4 @@ function u16(b: Buffer, at: number): number {
 
 function u32(b: Buffer, at: number): number {
   return b[at]! * 0x100_0000 + ((b[at + 1]! << 16) | (b[at + 2]! << 8) | b[at + 3]!);
-}
-
-function put32(b: Buffer, at: number, v: number): void {
-  b[at] = v >>> 24;
-  b[at + 1] = (v >>> 16) & 0xff;
-  b[at + 2] = (v >>> 8) & 0xff;
-  b[at + 3] = v & 0xff;
 }

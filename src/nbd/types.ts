@@ -55,6 +55,11 @@ export interface Link {
   send(parts: ReplyPart[], sent?: () => void): Promise<void>;
   /** send() when the socket takes the reply now (nothing held back, no drain awaited): false, sending nothing, otherwise. */
   sendNow(parts: Buffer[], sent?: () => void): boolean;
+  /**
+   * sendNow() of a WRITE's simple reply of success (16 bytes, the cookie's two 32-bit halves): the replies of
+   * one turn leave in one buffer and one socket write.
+   */
+  replyNow(cookieHi: number, cookieLo: number, sent: () => void): boolean;
   /** READ replies may carry DeviceRanges instead of their data (zerocopy.ts). */
   readonly zeroCopy?: boolean;
   log(line: string): void;

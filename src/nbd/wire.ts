@@ -285,6 +285,24 @@ export function encodeSimpleReply(error: number, cookie: bigint): Buffer {
   return b;
 }
 
+/**
+ * A simple reply of success written at b[at…] (16 bytes), the cookie as its two 32-bit halves: by hand, as
+ * numbers (Node's readUInt32BE and the like are shared by every caller and take V8's generic lookups).
+ */
+export function putSimpleSuccess(b: Buffer, at: number, cookieHi: number, cookieLo: number): void {
+  put32(b, at, SIMPLE_REPLY_MAGIC);
+  put32(b, at + 4, 0);
+  put32(b, at + 8, cookieHi);
+  put32(b, at + 12, cookieLo);
+}
+
+function put32(b: Buffer, at: number, v: number): void {
+  b[at] = v >>> 24;
+  b[at + 1] = (v >>> 16) & 0xff;
+  b[at + 2] = (v >>> 8) & 0xff;
+  b[at + 3] = v & 0xff;
+}
+
 /** Structured reply chunk header: u32 magic, u16 flags, u16 type, u64 cookie, u32 payload length (20 bytes). */
 export function encodeChunkHeader(flags: number, type: number, cookie: bigint, length: number): Buffer {
   const b = Buffer.alloc(20);

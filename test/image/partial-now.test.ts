@@ -178,6 +178,69 @@ describe('writes of parts of a block (synchronous path, groups per block)', () =
     expect((await checkImage(path, { verify: true })).errors).toEqual([]);
   });
 
+  it("a piece's bytes are taken before the callback write returns: its buffer may be reused at once (first wave, in place, queued wave)", async () => {
+    const { path, s, img } = await rig(true);
+    await img.write(8 * KiB, piece(9)); // block 0 holds data in place; the intent bit is durable now
+    const pending: Promise<void>[] = [];
+    const put = (offset: number, data: Buffer): void => {
+      const buf = Buffer.from(data);
+      let taken = false;
+      pending.push(new Promise<void>((resolve, reject) => (taken = img.writesNow.writeNow(offset, buf, false, (e) => (e === undefined ? resolve() : reject(e))))));
+      expect(taken, `the piece at ${offset} taken by the callback path`).toBe(true);
+      buf.fill(0xee); // the caller reuses its buffer (an NBD WRITE's payload: the socket reader's)
+    };
+    s.hold = true;
+    put(3 * B, piece(1)); // a new block's first wave
+    put(16 * KiB, piece(2)); // in place
+    put(20 * KiB, piece(3)); // in place, the same run
+    await turn();
+    put(3 * B + 5 * P, piece(4)); // queued for the new block's next wave
+    put(3 * B + 5 * P + 100, piece(5).subarray(0, 200)); // queued too, over the one before: it wins
+    release(s);
+    await Promise.all(pending);
+    const want3 = overlay(B, [
+      [piece(1), 0],
+      [piece(4), 5 * P],
+      [piece(5).subarray(0, 200), 5 * P + 100],
+    ]);
+    const want0 = overlay(HELD0, [
+      [piece(9), 8 * KiB],
+      [piece(2), 16 * KiB],
+      [piece(3), 20 * KiB],
+    ]);
+    expect((await img.read(0, B)).equals(want0), 'block 0: the in-place pieces as given').toBe(true);
+    expect((await img.read(3 * B, B)).equals(want3), 'block 3: both waves as given').toBe(true);
+    await img.close();
+    const file = await readAll(path);
+    expect(file.subarray(0, B).equals(want0)).toBe(true);
+    expect((await checkImage(path, { verify: true })).errors).toEqual([]);
+  });
+
+  it('each piece marks the bitmaps enabled when it is written: added, disabled, enabled, removed between pieces', async () => {
+    const { path, img } = await rig(true);
+    const marked = async (at: number): Promise<boolean> => (await img.bitmapExtents('b1')).some((e) => e.offset < at + P && at < e.offset + e.length);
+    await img.write(3 * B, piece(1)); // no bitmap yet
+    await img.addBitmap('b1');
+    await img.write(4 * B + 2 * P, piece(2)); // a new block
+    await img.write(8 * KiB, piece(3)); // in place
+    expect(await marked(4 * B + 2 * P), 'added: marked').toBe(true);
+    expect(await marked(8 * KiB), 'added: marked in place').toBe(true);
+    expect(await marked(3 * B), 'before the bitmap: not marked').toBe(false);
+    await img.setBitmapEnabled('b1', false);
+    await img.write(5 * B, piece(4));
+    expect(await marked(5 * B), 'disabled: not marked').toBe(false);
+    await img.setBitmapEnabled('b1', true);
+    await img.write(6 * B, piece(5));
+    expect(await marked(6 * B), 'enabled again: marked').toBe(true);
+    await img.removeBitmap('b1');
+    await img.addBitmap('b1'); // a new bitmap of the same name in the slot
+    await img.write(7 * B, piece(6));
+    expect(await marked(7 * B), 'the new bitmap: marked').toBe(true);
+    expect(await marked(6 * B), 'the new bitmap: empty before').toBe(false);
+    await img.close();
+    expect((await checkImage(path, { verify: true })).errors).toEqual([]);
+  });
+
   it('a failed in-place run rejects each of its pieces and leaves the image usable', async () => {
     const { path, s, img } = await rig(true);
     await img.write(8 * KiB, piece(9));

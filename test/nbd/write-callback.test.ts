@@ -4,6 +4,7 @@
  * show that it does, that its reply waits for the write (and for the flush of a FUA write), that a failed
  * write answers EIO and leaves the connection serving, and that a whole-block WRITE still goes through write().
  */
+import * as net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
@@ -24,6 +25,8 @@ let dev: BlockDevice;
 let server: NbdServer;
 let port = 0;
 const calls = { write: 0, writeNow: 0 };
+/** Per callback write: whether its data was a view into a larger buffer (the socket reader's) rather than a buffer of its own. */
+const views: boolean[] = [];
 
 const opener: FileOpener = async (p, o) => {
   const f: HostFile = await openHostFile(p, o);
@@ -57,6 +60,7 @@ beforeAll(async () => {
   const writeNow = now.writeNow.bind(now);
   now.writeNow = (o, d, fua, done) => {
     calls.writeNow++;
+    views.push(d.byteLength < d.buffer.byteLength);
     return writeNow(o, d, fua, done);
   };
   server = new NbdServer({ exports: { a: { device: dev } }, log: () => {} });
@@ -92,6 +96,46 @@ describe('NBD WRITE through the device callback write', () => {
     expect(r.error).toBe(0);
     expect(r.data.subarray(4 * KiB, 8 * KiB).equals(fill(4 * KiB, 0x31))).toBe(true);
     expect(r.data.subarray(0, 4 * KiB).equals(fill(4 * KiB, 0))).toBe(true);
+    c.disc();
+  });
+
+  it("a piece received whole is handed over where it lies in the reader's buffer (no pool buffer, no copy)", async () => {
+    const c = await connect();
+    views.length = 0;
+    c.send(CMD.WRITE, 11n, 12 * B + 8 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x61));
+    expect((await c.reply()).error).toBe(0);
+    expect(views, "the callback write's data: a view of the reader's buffer").toEqual([true]);
+    const r = await c.read(12 * B, B);
+    expect(r.data.subarray(8 * KiB, 12 * KiB).equals(fill(4 * KiB, 0x61))).toBe(true);
+    c.disc();
+  });
+
+  it('the replies of WRITEs written together leave in one socket write', async () => {
+    const c = await connect();
+    const n = 8;
+    let writes = 0;
+    const write = net.Socket.prototype.write;
+    net.Socket.prototype.write = function (this: net.Socket, ...a: Parameters<typeof write>) {
+      if (this.localPort === port) writes++; // the server's side of a connection
+      return write.apply(this, a);
+    } as typeof write;
+    try {
+      c.socket.cork(); // the n requests in one burst: their pieces of one new block are written together
+      for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(100 + k), 13 * B + k * 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x70 + k));
+      c.socket.uncork();
+      const cookies: bigint[] = [];
+      for (let k = 0; k < n; k++) {
+        const r = await c.reply();
+        expect(r.error).toBe(0);
+        cookies.push(r.cookie);
+      }
+      expect(cookies.sort((x, y) => Number(x - y))).toEqual(Array.from({ length: n }, (_, k) => BigInt(100 + k)));
+    } finally {
+      net.Socket.prototype.write = write;
+    }
+    expect(writes, `socket writes for ${n} replies`).toBeLessThanOrEqual(2);
+    const r = await c.read(13 * B, B);
+    for (let k = 0; k < n; k++) expect(r.data.subarray(k * 4 * KiB, (k + 1) * 4 * KiB).equals(fill(4 * KiB, 0x70 + k))).toBe(true);
     c.disc();
   });
 

@@ -13,7 +13,7 @@ import { BITMAP_DIR_ENTRY_SIZE, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS, tagB
 import { seal } from '../../format/seal.js';
 import { isPowerOfTwo, log2 } from '../../util/size.js';
 import { assertBitmapName, encodeBitmapSlot } from '../../format/bitmap-slot.js';
-import { type BitmapInfo, SparseBitmap } from '../sparse-bitmap.js';
+import { type BitmapInfo, SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
 import { assertRange } from '../types.js';
 import type { KscCore } from './core.js';
 import { flushNow } from './flush.js';
@@ -64,7 +64,13 @@ async function installEmpty(c: KscCore, slot: number, name: string, granularityB
   const b = new SparseBitmap(c.file, slot, name, granularityBits, enabled, fresh.offset, entries, c.size, () => c.alloc.fileEnd);
   b.adoptTable(fresh.offset, fresh.table, new Map(), new Map());
   await writeSlot(c, slot, b);
+  setSlot(c, slot, b);
+}
+
+/** Every change of c.bitmapSlots goes through here: it moves bitmapsGeneration (writers' cached lists). */
+function setSlot(c: KscCore, slot: number, b: SparseBitmap | null): void {
   c.bitmapSlots[slot] = b;
+  bitmapsGeneration.n++;
 }
 
 /** Empties `b`'s slot (durable); its table and pages are punched unless `keepSpace` (then they leak). */
@@ -83,7 +89,7 @@ async function dropSlots(c: KscCore, bitmaps: SparseBitmap[], keepSpace = false)
   if (!keepSpace) for (const b of gone) ranges.push(...(await b.hostRanges()));
   for (const b of gone) await c.file.write(slotRecord(c, b.slot, null), slotAt(c, b.slot));
   await c.file.sync();
-  for (const b of gone) c.bitmapSlots[b.slot] = null;
+  for (const b of gone) setSlot(c, b.slot, null);
   await c.punchRanges(ranges);
 }
 
@@ -301,7 +307,7 @@ export async function freezeBitmap(c: KscCore, name: string, frozenName: string)
       const f = new SparseBitmap(c.file, slot, frozenName, b.granularityBits, false, copy.offset, b.tableEntries, c.size, () => c.alloc.fileEnd);
       f.adoptTable(copy.offset, copy.table, bits, copy.pageOffsets);
       await writeSlot(c, slot, f);
-      c.bitmapSlots[slot] = f;
+      setSlot(c, slot, f);
       await writeSlot(c, b.slot, new SparseBitmap(c.file, b.slot, b.name, b.granularityBits, b.enabled, empty.offset, b.tableEntries, c.size));
       b.adoptTable(empty.offset, empty.table, new Map(), empty.pageOffsets);
     } finally {

@@ -228,7 +228,7 @@ export function write(c: KscCore, offset: number, data: Buffer, opts: WriteOptio
  * write() settled by a callback (capabilities.ts WritesNow): for now the writes of part of a block that
  * partial.ts takes at once; false, having done nothing, for anything else (the caller then calls write()).
  */
-export function writeCb(c: KscCore, offset: number, data: Buffer, fua: boolean, done: (e: unknown) => void): boolean {
+export function writeCb(c: KscCore, offset: number, data: Uint8Array, fua: boolean, done: (e: unknown) => void): boolean {
   return writePartialCb(c, offset, data, fua, flush, done);
 }
 

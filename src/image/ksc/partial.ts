@@ -7,10 +7,11 @@
  *  - In place (the block holds data in this layer): the first write takes the block's exclusive lock and
  *    opens the group; later ones join it while it has writes in flight, when their bytes overlap none of
  *    those, and nothing waits for the lock (issue order stays that of the lock queue). The pieces that join
- *    in one turn of the event loop are issued at its end (setImmediate, before the native writes of the turn
- *    go to the pool anyway), each run of them without a gap as one write; the group gives the lock back
- *    when its last write is done. As writeLocked does, a
- *    piece leaves the block's checksum invalid, and every write needs its intent bit durable already.
+ *    in one turn of the event loop are copied at once into one block buffer at their places and issued at the
+ *    turn's end (setImmediate, before the native writes of the turn go to the pool anyway), each run of them
+ *    without a gap as one write of that buffer's span; the group gives the lock back when its last write
+ *    is done. As writeLocked does, a piece leaves the block's checksum invalid, and every write needs its
+ *    intent bit durable already.
  *  - A new block (UNALLOCATED without a backing, or ZERO): the first write takes the lock, one new cluster
  *    (Allocator.allocRun) and a zeroed block buffer with its piece copied in; the writes to that block that
  *    arrive in the same turn of the event loop copy their pieces in after it (later writes win, as in issue
@@ -18,27 +19,31 @@
  *    its map entry set (§9 rule 3: referenced only after it is written); a failed write gives the cluster
  *    back. Intent bits as in changeLocked: only when a bitmap is enabled, and then they must be durable.
  *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
- *    while a wave is being written queue for the next one; when a wave is done, the next is copied into the
+ *    while a wave is being written queue for the next one (their bytes copied at once into a second block
+ *    buffer at their places, later over earlier); when a wave is done, the next is copied into the
  *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
  *    span of its pieces written in place with the CRC-32 of the whole block (HostFile.writeWithCrcs with a
  *    span: the file holds the rest of the block already), then its map entry set valid (without such a host
  *    file: the whole block with its CRC-32, or, for pieces within a quarter of the block, only their span,
- *    the entry then not valid). The lock stays
- *    held from wave to wave; nothing waiting for it may be overtaken (a piece that finds the lock awaited
- *    takes the general path, behind it), and the chain ends, giving the lock back, when a wave finds no
- *    piece queued. Such a rewrite needs no intent bit while no map snapshot (a flush, which moves c.epoch)
+ *    the entry then not valid). The lock stays held from wave to wave; nothing waiting for it may be
+ *    overtaken (a piece that finds the lock awaited takes the general path, behind it), and the chain
+ *    ends, giving the lock back, when a wave finds no piece queued. Such a rewrite needs no intent bit
+ *    while no map snapshot (a flush, which moves c.epoch)
  *    has been taken since the entry was last set valid: the entry is then set not valid before the write,
  *    so any flush during it records no checksum that a torn write could contradict (the bytes of earlier
  *    waves are rewritten identical). Otherwise the wave takes the block's intent bit first (as writeLocked).
  *
- * Every write of a group counts itself in flight (changesInFlight), holds its intent range and marks its
- * bitmaps as change() does; the group holds the lock for all. Null, having changed nothing, whenever a
+ * Every piece's bytes are copied before join returns: the caller may reuse its buffer at once (an NBD WRITE's
+ * payload is read where the socket's bytes lie). Every write of a group counts itself in flight
+ * (changesInFlight), holds its intent range and marks its bitmaps as change() does; the group holds the lock
+ * for all. Null, having changed nothing, whenever a
  * condition does not hold: the caller takes the general path, which also produces every error.
  */
 import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
-import type { SparseBitmap } from '../sparse-bitmap.js';
+import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
+import { giveBlockBuffer, takeBlockBuffer } from './block-buffers.js';
 import type { KscCore } from './core.js';
 
 interface Member {
@@ -50,31 +55,70 @@ interface Member {
   intent: boolean;
   fua: boolean;
   done: (e: unknown) => void;
-  /** A piece queued for the next wave of a new block's chain: its bytes, copied in when the wave starts. */
-  data: Buffer | null;
 }
 
-interface Group {
-  block: number;
-  host: number;
-  /** A new block's content (its chain's buffer); null for an in-place group. */
-  blk: Buffer | null;
+/** The in-place pieces of one turn: their bytes at their places in one block buffer, written as runs. */
+interface Turn {
+  buf: Buffer;
+  /** Runs not settled yet; the buffer goes back once all are written (dropped if one failed). */
+  left: number;
+  failed: boolean;
+}
+
+class Group {
   /** A new block's first wave is being assembled: pieces copy straight into blk. */
   assembling: boolean;
-  fresh: boolean;
+  readonly fresh: boolean;
   /** In place: the writes in flight. A new block: the wave being assembled or written. */
-  members: Member[];
+  members: Member[] = [];
   /** In place: the pieces that joined in this turn, not yet issued (submitInPlace issues them at its end). */
-  open: Member[] | null;
+  open: Member[] | null = null;
+  /** In place: the block buffer the open pieces' bytes are copied into, at their places. */
+  openBuf: Buffer | null = null;
   /** A new block: the pieces queued for the wave after the one being written. */
-  next: Member[];
+  next: Member[] = [];
+  /** A new block: the queued pieces' bytes at their places, in issue order (later ones over earlier ones). */
+  nextBuf: Buffer | null = null;
   /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
-  validEpoch: number;
-  bitmaps: SparseBitmap[] | null;
-  release: () => void;
+  validEpoch = -1;
+
+  constructor(
+    readonly block: number,
+    readonly host: number,
+    /** A new block's content (its chain's buffer); null for an in-place group. */
+    public blk: Buffer | null,
+    readonly bitmaps: SparseBitmap[] | null,
+    readonly release: () => void,
+  ) {
+    this.fresh = this.assembling = blk !== null;
+  }
 }
 
-const groups = new WeakMap<KscCore, Map<number, Group>>();
+/** Per image: its groups by block, and its enabled bitmaps as of bitmapsGeneration `gen` (null: none). */
+interface State {
+  groups: Map<number, Group>;
+  enabled: SparseBitmap[] | null;
+  gen: number;
+}
+
+const states = new WeakMap<KscCore, State>();
+
+/**
+ * The enabled bitmaps of c's 64 slots (null: none), scanned again only when a bitmap or a slot changed
+ * since (bitmapsGeneration): the scan per piece was two thirds of join's own instructions.
+ */
+function enabledBitmaps(c: KscCore, st: State): SparseBitmap[] | null {
+  if (st.gen === bitmapsGeneration.n) return st.enabled;
+  let out: SparseBitmap[] | null = null;
+  const slots = c.bitmapSlots;
+  for (let k = 0; k < slots.length; k++) {
+    const b = slots[k];
+    if (b && b.enabled) (out ??= []).push(b);
+  }
+  st.enabled = out;
+  st.gen = bitmapsGeneration.n;
+  return out;
+}
 
 /** Flush hook: datapath.ts passes its flush (a FUA write flushes before it returns). */
 export type FlushFn = (c: KscCore) => Promise<void>;
@@ -95,7 +139,7 @@ export function writePartialNow(c: KscCore, offset: number, data: Buffer, fua: b
  * writePartialNow settled by a callback (no promise per piece): true once the piece is taken, `done` called
  * later, once; false, having changed nothing, when the general path must take it.
  */
-export function writePartialCb(c: KscCore, offset: number, data: Buffer, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
+export function writePartialCb(c: KscCore, offset: number, data: Uint8Array, fua: boolean, flush: FlushFn, done: (e: unknown) => void): boolean {
   const m = join(c, offset, data, fua);
   if (!m) return false;
   m.done = fua
@@ -116,7 +160,7 @@ const unset = (): void => {
  * Takes the piece into its block's group (see the header): its member, whose `done` the caller sets at once
  * (nothing settles it before the event loop turns); null, having changed nothing, when a condition fails.
  */
-function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | null {
+function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Member | null {
   const length = data.length;
   const B = c.blockSize;
   if (c.closed || c.readOnly || c.broken || c.gate || c.beforeChange || c.refuseChanges) return null;
@@ -130,16 +174,12 @@ function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | 
   const state = page.state[i];
   const inPlace = state === BlockState.Data;
   if (!inPlace && (state === DAMAGED || (state === BlockState.Unallocated && c.backingDev))) return null;
-  let bitmaps: SparseBitmap[] | null = null;
-  const slots = c.bitmapSlots; // 64 slots, mostly empty: an indexed loop (an iterator cost more than the rest of this check)
-  for (let k = 0; k < slots.length; k++) {
-    const b = slots[k];
-    if (!b || !b.enabled) continue;
-    if (!b.prepared(offset, length)) return null;
-    (bitmaps ??= []).push(b);
-  }
-  let byBlock = groups.get(c);
-  const g = byBlock?.get(block);
+  let st = states.get(c);
+  if (!st) states.set(c, (st = { groups: new Map(), enabled: null, gen: -1 }));
+  const bitmaps = enabledBitmaps(c, st);
+  if (bitmaps) for (let k = 0; k < bitmaps.length; k++) if (!bitmaps[k]!.prepared(offset, length)) return null;
+  const byBlock = st.groups;
+  const g = byBlock.get(block);
   if (g) {
     // Join: nothing queued for the lock meanwhile, the same bitmaps; a new block's chain takes any piece
     // (its block reads as data once the first wave is written); an in-place group the same kind of piece,
@@ -167,8 +207,7 @@ function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | 
       }
       host = run;
     }
-    group = { block, host, blk: inPlace ? null : takeBlockBuffer(B), assembling: !inPlace, fresh: !inPlace, members: [], open: null, next: [], validEpoch: -1, bitmaps, release };
-    if (!byBlock) groups.set(c, (byBlock = new Map()));
+    group = new Group(block, host, inPlace ? null : takeBlockBuffer(B), bitmaps, release);
     byBlock.set(block, group);
     if (group.fresh) {
       const fresh = group;
@@ -177,21 +216,23 @@ function join(c: KscCore, offset: number, data: Buffer, fua: boolean): Member | 
   }
   c.changesInFlight++;
   const grp = group;
-  const m: Member = { offset, length, start, end: start + length, intent, fua, done: unset, data: null };
+  const m: Member = { offset, length, start, end: start + length, intent, fua, done: unset };
+  // The piece's bytes are copied now, wherever they go (the caller's buffer may be reused once this returns).
   if (grp.assembling) {
     grp.members.push(m);
     grp.blk!.set(data, start);
   } else if (grp.fresh) {
-    m.data = data;
+    (grp.nextBuf ??= takeBlockBuffer(B)).set(data, start);
     grp.next.push(m);
   } else {
     grp.members.push(m);
-    m.data = data;
     if (grp.open) grp.open.push(m);
     else {
       grp.open = [m];
+      grp.openBuf = takeBlockBuffer(B);
       setImmediate(() => submitInPlace(c, grp));
     }
+    grp.openBuf!.set(data, start);
   }
   return m;
 }
@@ -224,37 +265,11 @@ function finish(c: KscCore, g: Group, m: Member): void {
 
 /** `ok`: the block buffer is no longer used by any write (false after a failed one: it is dropped, not reused). */
 function endGroup(c: KscCore, g: Group, ok = true): void {
-  groups.get(c)?.delete(g.block);
+  states.get(c)?.groups.delete(g.block);
   if (g.blk && ok) giveBlockBuffer(g.blk);
-  g.blk = null;
+  if (g.nextBuf) giveBlockBuffer(g.nextBuf); // the pool never reads it
+  g.blk = g.nextBuf = null;
   g.release();
-}
-
-/**
- * New blocks' buffers, reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
- * zeroed, then garbage) cost more of the serving thread than the block's own write. Contents are garbage:
- * submitFresh zeroes what no piece of the first wave covers. At most FREE_BLOCK_BYTES are kept per process.
- */
-const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
-const freeBlocks: Buffer[] = [];
-let freeBlockBytes = 0;
-
-function takeBlockBuffer(size: number): Buffer {
-  for (let k = freeBlocks.length - 1; k >= 0; k--) {
-    const b = freeBlocks[k]!;
-    if (b.length !== size) continue;
-    freeBlocks[k] = freeBlocks[freeBlocks.length - 1]!;
-    freeBlocks.pop();
-    freeBlockBytes -= size;
-    return b;
-  }
-  return Buffer.allocUnsafeSlow(size);
-}
-
-function giveBlockBuffer(b: Buffer): void {
-  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES) return;
-  freeBlocks.push(b);
-  freeBlockBytes += b.length;
 }
 
 /** Zeroes the bytes of blk that no member's [start, end) covers (the first wave's pieces are in it already). */
@@ -281,49 +296,44 @@ function zero(b: Buffer, from: number, to: number): void {
 }
 
 /**
- * Issues the in-place pieces that joined the group in this turn: each run of pieces that follow each other
- * without a gap (sequential writes arrive that way) is one write, its pieces copied side by side into a block
- * buffer (a lone piece is written from its own buffer). The pieces overlap none of each other nor any in
- * flight (the join rule), so the order of the writes does not matter. The native writes of one turn go to
- * the pool as one job either way (HostFile.writeWithCrcs); this saves a call, a promise and a pwrite per piece.
+ * Issues the in-place pieces that joined the group in this turn: their bytes lie at their places in the
+ * turn's block buffer (join copied them there), and each run of pieces that follow each other without a gap
+ * (sequential writes arrive that way) is one write of that buffer's span. The pieces overlap none of each
+ * other nor any in flight (the join rule), so the order of the writes does not matter. The native writes of
+ * one turn go to the pool as one job either way (HostFile.writeWithCrcs); this saves a call, a promise and a
+ * pwrite per piece.
  */
 function submitInPlace(c: KscCore, g: Group): void {
   let ms = g.open!;
+  const turn: Turn = { buf: g.openBuf!, left: 0, failed: false };
   g.open = null;
+  g.openBuf = null;
   for (let k = 1; k < ms.length; k++) {
     if (ms[k]!.start < ms[k - 1]!.start) {
       ms = [...ms].sort((x, y) => x.start - y.start);
       break;
     }
   }
+  const runs: [Member[], number, number][] = [];
   for (let k = 0; k < ms.length;) {
     const first = ms[k]!;
     let end = first.end;
     let j = k + 1;
     while (j < ms.length && ms[j]!.start === end) end = ms[j++]!.end;
-    if (j === k + 1) {
-      const data = first.data!;
-      first.data = null;
-      writeRun(c, g, [first], data, null);
-    } else {
-      const run = ms.slice(k, j);
-      const own = takeBlockBuffer(c.blockSize);
-      for (const m of run) {
-        own.set(m.data!, m.start);
-        m.data = null;
-      }
-      writeRun(c, g, run, own.subarray(first.start, end), own);
-    }
+    runs.push([j === k + 1 ? [first] : ms.slice(k, j), first.start, end]);
     k = j;
   }
+  turn.left = runs.length;
+  for (const [run, from, to] of runs) writeRun(c, g, run, turn, from, to);
 }
 
 /**
- * Writes one run of in-place pieces (`data`: their bytes side by side, at the first one's place in the block;
- * `own`: the block buffer under it, given back once written) and settles them as change() would.
+ * Writes one run of in-place pieces (their bytes are turn.buf[from, to)) and settles them as change() would;
+ * the turn's buffer goes back once its last run is written.
  */
-function writeRun(c: KscCore, g: Group, run: Member[], data: Buffer, own: Buffer | null): void {
-  const at = g.host + run[0]!.start;
+function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number, to: number): void {
+  const at = g.host + from;
+  const data = turn.buf.subarray(from, to);
   let io: Promise<unknown>;
   try {
     io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, at, data.length) : c.file.write(data, at);
@@ -340,12 +350,14 @@ function writeRun(c: KscCore, g: Group, run: Member[], data: Buffer, own: Buffer
       } catch (e) {
         err = e;
       }
-      if (own) giveBlockBuffer(own);
+      if (--turn.left === 0 && !turn.failed) giveBlockBuffer(turn.buf);
       for (const m of run) finish(c, g, m);
       for (const m of run) m.done(err);
     },
     (e: unknown) => {
-      // A failed write may leave its buffer still being read by the pool: `own` is dropped, not reused.
+      // A failed write may leave its buffer still being read by the pool: the turn's buffer is dropped, not reused.
+      turn.failed = true;
+      turn.left--;
       for (const m of run) finish(c, g, m);
       for (const m of run) m.done(e);
     },
@@ -414,9 +426,10 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   g.next = [];
   let lo = Infinity;
   let hi = 0;
+  // The queued pieces' bytes, latest first wherever they overlap, are in nextBuf at their places.
+  const nb = g.nextBuf!;
   for (const m of g.members) {
-    blk.set(m.data!, m.start);
-    m.data = null;
+    blk.set(nb.subarray(m.start, m.end), m.start);
     lo = Math.min(lo, m.start);
     hi = Math.max(hi, m.end);
   }
