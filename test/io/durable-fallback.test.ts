@@ -43,7 +43,7 @@ describe('writeDurable without its O_DSYNC descriptor', () => {
     const f = await openHostFile(path, { write: true });
     const opens = failProcOpens('ENOENT');
     const before = syncs();
-    for (let i = 0; i < 3; i++) await f.writeDurable(Buffer.alloc(512, i + 1), i * 4096);
+    for (let i = 0; i < 3; i++) await f.writeDurable!(Buffer.alloc(512, i + 1), i * 4096);
     expect(syncs() - before, 'one fdatasync per durable write').toBe(3);
     expect(opens.tries(), 'the O_DSYNC open is not tried again once it failed for good').toBe(1);
     await f.close();
@@ -58,10 +58,10 @@ describe('writeDurable without its O_DSYNC descriptor', () => {
     const f = await openHostFile(path, { write: true });
     const opens = failProcOpens('EMFILE', 1);
     const before = syncs();
-    await f.writeDurable(Buffer.alloc(512, 7), 0);
+    await f.writeDurable!(Buffer.alloc(512, 7), 0);
     expect(syncs() - before, 'the write without O_DSYNC was synced').toBe(1);
-    await f.writeDurable(Buffer.alloc(512, 8), 4096);
-    await f.writeDurable(Buffer.alloc(512, 9), 8192);
+    await f.writeDurable!(Buffer.alloc(512, 8), 4096);
+    await f.writeDurable!(Buffer.alloc(512, 9), 8192);
     expect(opens.tries(), 'tried again after EMFILE, then kept').toBe(2);
     expect(syncs() - before, 'O_DSYNC writes need no fdatasync').toBe(1);
     await f.close();
@@ -75,7 +75,7 @@ describe('writeDurable without its O_DSYNC descriptor', () => {
     const f = await openHostFile(path, { write: true });
     await f.close();
     const opens = failProcOpens('ENOENT', 0); // counts only
-    await expect(f.writeDurable(Buffer.alloc(512, 1), 0)).rejects.toThrow(/closed/);
+    await expect(f.writeDurable!(Buffer.alloc(512, 1), 0)).rejects.toThrow(/closed/);
     expect(opens.tries()).toBe(0);
     expect(readFileSync(path).every((b) => b === 0)).toBe(true);
   });
