@@ -9,7 +9,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BACKOFF_MS, restartBackoffMs } from '../../src/supervisor/supervisor.js';
+import { BACKOFF_MS, restartBackoffMs } from '../../src/supervisor/backoff.js';
 import { CLI, kscinc } from '../helpers/cli.js';
 import { childrenOf, killFirstAlive, rng, runDir, startServe, until, type Supervised } from './helpers.js';
 
