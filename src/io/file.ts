@@ -416,9 +416,8 @@ class NodeHostFile implements HostFile {
    * real path (the one opened, as /proc names it), so two paths to one file (a symlink) take one lock.
    *
    * Where the real folder cannot take a file (EACCES: another user's folder, reached through a link in one of
-   * ours; EROFS: a read-only mount holding a writable file) the lock file is made beside the path given
-   * instead. Limit: a writer through the real path and one through such a link then take different lock
-   * files and do not exclude each other (flock, with the addon, has no such gap; formats/ksc_inc.md §9 rule 1).
+   * ours; EROFS) the open is refused, saying why: a lock file beside the path given instead would not exclude
+   * a writer through the real path (formats/ksc_inc.md §9 rule 1). flock, with the addon, has no such limit.
    */
   private async lockWithFile(): Promise<void> {
     const real = await fsp.readlink(`/proc/self/fd/${this.fh.fd}`).catch(() => fsp.realpath(this.path).catch(() => this.path));
@@ -427,8 +426,11 @@ class NodeHostFile implements HostFile {
       await this.takeLockFile(realLock);
     } catch (e) {
       const code = (e as { cause?: { code?: string } }).cause?.code;
-      if (realLock === `${this.path}.lock` || (code !== 'EACCES' && code !== 'EROFS')) throw e;
-      await this.takeLockFile(`${this.path}.lock`);
+      if (code !== 'EACCES' && code !== 'EROFS') throw e;
+      throw new KscError(
+        code === 'EROFS' ? 'KSC_E_READ_ONLY' : 'KSC_E_PERMISSION',
+        `${this.path}: cannot open for writing without the native addon: its lock file ${realLock} cannot be made (${code === 'EROFS' ? 'read-only file system' : 'permission denied'}); a lock file elsewhere would not keep out a writer through the real path — build the addon (flock) or open the image from a folder you can write`,
+      );
     }
   }
 
