@@ -19,8 +19,8 @@ const CACHED_READ_MAX = 1024 * 1024;
 const TOUCH_STEP = 4096;
 let touchSink = 0;
 
-/** Failures to open the O_DSYNC descriptor that will not pass: writeDurable uses the file's own descriptor for good. */
-const DSYNC_FOR_GOOD = ['ENOENT', 'ENOTDIR', 'EACCES', 'EPERM', 'ENXIO', 'EROFS'];
+/** Failures to open the O_DSYNC descriptor that pass (a shortage): writeDurable tries it again next time; after any other, never. */
+const DSYNC_PASSING = ['EMFILE', 'ENFILE', 'ENOMEM', 'EAGAIN', 'EINTR'];
 
 /**
  * Makes every page of `buf` present in this process's page tables before a write hands it to the kernel
@@ -324,7 +324,7 @@ class NodeHostFile implements HostFile {
       // symlink retargeted). Where it cannot be opened for good (no /proc, the mode changed since), this
       // descriptor's write and fdatasync from then on; after a passing shortage (EMFILE…) only this once.
       this.dsync ??= fsp.open(`/proc/self/fd/${this.fh.fd}`, fsc.O_WRONLY | fsc.O_DSYNC).catch((e: unknown) => {
-        if (!DSYNC_FOR_GOOD.includes((e as { code?: string }).code ?? '')) this.dsync = null;
+        if (DSYNC_PASSING.includes((e as { code?: string }).code ?? '')) this.dsync = null;
         return null;
       });
       const fh = (await this.dsync) ?? this.fh;

@@ -61,8 +61,8 @@ async function measure(location: string, name: string): Promise<void> {
 
   // restore --live: a fresh store, as the command opens it. A round counts every request that had ended when
   // it started, dependent or not, so on a loaded machine a slow answer (RGW's lock put outlasting the manifest
-  // get sent beside it) can add a round the code did not cause; up to 3 restores to new targets, the fewest
-  // rounds counted (code that waits where it need not adds its rounds to every one of them).
+  // get sent beside it) can add a round the code did not cause; up to 3 restores to new targets, until one
+  // is within the bound, each printed (code that waits where it need not adds its rounds to every one of them).
   let live: StoreRequest[] = [];
   let liveRounds = Infinity;
   let target = '';
