@@ -159,6 +159,31 @@ describe('NBD WRITE through the device callback write', () => {
     c.disc();
   });
 
+  it('WRITEs completing as the connection ends (DISC read) have their batched replies sent, each once, before it closes', async () => {
+    const c = await connect();
+    const n = 8;
+    st.hold = true;
+    c.socket.cork(); // the WRITEs and the DISC in one burst: the DISC is read while the writes are held
+    for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(200 + k), (20 + k) * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x20 + k));
+    c.disc();
+    c.socket.uncork();
+    for (let i = 0; i < 400 && st.held.length < n; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(st.held.length, 'the writes are held').toBe(n);
+    st.hold = false;
+    for (const r of st.held.splice(0)) r(); // they complete together: their replies are batched as the connection ends
+    const cookies: bigint[] = [];
+    for (let k = 0; k < n; k++) {
+      const r = await c.reply().catch((e: Error) => {
+        throw new Error(`${k} of ${n} replies before the server closed (${e.message})`);
+      });
+      expect(r.error).toBe(0);
+      cookies.push(r.cookie);
+    }
+    expect(cookies.sort((x, y) => Number(x - y))).toEqual(Array.from({ length: n }, (_, k) => BigInt(200 + k)));
+    await expect(c.reply(), 'no reply more: the server closed').rejects.toThrow();
+    await c.closed;
+  });
+
   it('a failed piece answers EIO; the connection goes on serving', async () => {
     const c = await connect();
     st.fail = true;
