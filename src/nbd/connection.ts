@@ -305,9 +305,14 @@ export class Connection implements Link {
       }
       if (parts.some(isRange)) {
         if (this.zc) {
-          // Zero-copy bytes go straight to the kernel: only once Node has queued nothing (ordering).
+          // Zero-copy bytes go straight to the kernel: only once Node has queued nothing (ordering). The batch
+          // of WRITE replies (replyNow) is queued too though not yet in writableLength: one gathered while
+          // waiting, in the turn the wait ends, is written and waited for before, never inside, this reply.
           this.uncorkNow();
-          while (!s.destroyed && s.writableLength > 0) await this.waitDrain();
+          while (!s.destroyed && s.writableLength > 0) {
+            await this.waitDrain();
+            this.uncorkNow();
+          }
           if (this.holding || s.destroyed) continue;
           const r = sendZeroCopy(this.zc.ops, this.zc.fd, parts);
           if (r.kind === 'all') {

@@ -2,7 +2,8 @@
  * A plain NBD WRITE of part of a block to a ksc_inc export goes through the device's callback write
  * (capabilities.ts WritesNow, partial.ts writePartialCb: no promise per WRITE) rather than its write(); these
  * show that it does, that its reply waits for the write (and for the flush of a FUA write), that a failed
- * write answers EIO and leaves the connection serving, and that a whole-block WRITE still goes through write().
+ * write answers EIO and leaves the connection serving, and that a whole-block WRITE still goes through write();
+ * and that replies batched as the connection ends (DISC) or is parked for a handover are sent before it is given up.
  */
 import * as net from 'node:net';
 import { join } from 'node:path';
@@ -159,6 +160,31 @@ describe('NBD WRITE through the device callback write', () => {
     c.disc();
   });
 
+  it('WRITEs completing as the connection ends (DISC read) have their batched replies sent, each once, before it closes', async () => {
+    const c = await connect();
+    const n = 8;
+    st.hold = true;
+    c.socket.cork(); // the WRITEs and the DISC in one burst: the DISC is read while the writes are held
+    for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(200 + k), (20 + k) * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x20 + k));
+    c.disc();
+    c.socket.uncork();
+    for (let i = 0; i < 400 && st.held.length < n; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(st.held.length, 'the writes are held').toBe(n);
+    st.hold = false;
+    for (const r of st.held.splice(0)) r(); // they complete together: their replies are batched as the connection ends
+    const cookies: bigint[] = [];
+    for (let k = 0; k < n; k++) {
+      const r = await c.reply().catch((e: Error) => {
+        throw new Error(`${k} of ${n} replies before the server closed (${e.message})`);
+      });
+      expect(r.error).toBe(0);
+      cookies.push(r.cookie);
+    }
+    expect(cookies.sort((x, y) => Number(x - y))).toEqual(Array.from({ length: n }, (_, k) => BigInt(200 + k)));
+    await expect(c.reply(), 'no reply more: the server closed').rejects.toThrow();
+    await c.closed;
+  });
+
   it('a failed piece answers EIO; the connection goes on serving', async () => {
     const c = await connect();
     st.fail = true;
@@ -171,5 +197,34 @@ describe('NBD WRITE through the device callback write', () => {
     expect(r.data.subarray(4 * KiB, 8 * KiB).equals(fill(4 * KiB, 0x52))).toBe(true);
     expect(r.data.subarray(0, 4 * KiB).equals(fill(4 * KiB, 0)), 'the failed piece left nothing').toBe(true);
     c.disc();
+  });
+  // Last: the server takes no connection after a park.
+  it('a handover (park) as WRITEs complete: their batched replies are handed to the kernel before the socket is given up', async () => {
+    const c = await connect();
+    const n = 8;
+    st.hold = true;
+    c.socket.cork();
+    for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(300 + k), (40 + k) * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x30 + k));
+    c.socket.uncork();
+    for (let i = 0; i < 400 && st.held.length < n; i++) await new Promise((r) => setTimeout(r, 5));
+    expect(st.held.length, 'the writes are held').toBe(n);
+    const parking = server.park();
+    await new Promise((r) => setTimeout(r, 20)); // the connection is pausing: it waits for the held writes
+    st.hold = false;
+    for (const r of st.held.splice(0)) r(); // they complete together: their replies are batched as the handover goes on
+    const parked = await parking;
+    expect(parked.length, 'the connection is parked').toBe(1);
+    // Given up at once, as by a process that passed the socket on: whatever it had not handed to the kernel is lost.
+    for (const p of parked) p.socket.destroy();
+    const cookies: bigint[] = [];
+    for (let k = 0; k < n; k++) {
+      const r = await c.reply().catch((e: Error) => {
+        throw new Error(`${k} of ${n} replies before the parked socket closed (${e.message})`);
+      });
+      expect(r.error).toBe(0);
+      cookies.push(r.cookie);
+    }
+    expect(cookies.sort((x, y) => Number(x - y))).toEqual(Array.from({ length: n }, (_, k) => BigInt(300 + k)));
+    await expect(c.reply(), 'no reply more').rejects.toThrow();
   });
 });
