@@ -9,6 +9,9 @@ const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
 const freeBlocks: Buffer[] = [];
 let freeBlockBytes = 0;
 
+/** Bytes handed out by takeBlockBuffer, and of those the ones newly allocated (tests read these). */
+export const blockBufferStats = { taken: 0, allocated: 0 };
+
 export function takeBlockBuffer(size: number): Buffer {
   for (let k = freeBlocks.length - 1; k >= 0; k--) {
     const b = freeBlocks[k]!;
@@ -16,8 +19,11 @@ export function takeBlockBuffer(size: number): Buffer {
     freeBlocks[k] = freeBlocks[freeBlocks.length - 1]!;
     freeBlocks.pop();
     freeBlockBytes -= size;
+    blockBufferStats.taken += size;
     return b;
   }
+  blockBufferStats.taken += size;
+  blockBufferStats.allocated += size;
   return Buffer.allocUnsafeSlow(size);
 }
 
