@@ -1,11 +1,13 @@
 /**
  * Block buffers of partial.ts (a new block's content, the queued pieces of its next wave, the in-place
- * pieces of one turn), reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
+ * pieces of one turn: these two only as large as their pieces span, see Span), reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
  * zeroed, then garbage) cost more of the serving thread than the block's own write. Contents are garbage
  * (partial.ts submitFresh zeroes what no piece of a new block's first wave covers). At most FREE_BLOCK_BYTES
  * are kept per process.
  */
 const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
+/** And at most this many (spans of a few KiB would otherwise make the search below long). */
+const FREE_BLOCK_COUNT = 64;
 const freeBlocks: Buffer[] = [];
 let freeBlockBytes = 0;
 
@@ -28,7 +30,57 @@ export function takeBlockBuffer(size: number): Buffer {
 }
 
 export function giveBlockBuffer(b: Buffer): void {
-  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES) return;
+  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES || freeBlocks.length >= FREE_BLOCK_COUNT) return;
   freeBlocks.push(b);
   freeBlockBytes += b.length;
+}
+
+/**
+ * Bytes [lo, lo + buf.length) of one block, holding pieces at their places (buf[start - lo]): sized to
+ * what the pieces span (a power of two of at least 512 bytes, at most the block), grown as pieces come.
+ * `bytes`: the pieces' own bytes, what a writer's admission counts.
+ */
+export interface Span {
+  buf: Buffer;
+  lo: number;
+  bytes: number;
+}
+
+function spanLength(n: number, B: number): number {
+  let p = 512;
+  while (p < n) p *= 2;
+  return Math.min(p, B);
+}
+
+/** A span holding only `data` at `start` of a block of B bytes. */
+export function newSpan(data: Uint8Array, start: number, B: number): Span {
+  const len = spanLength(data.length, B);
+  const lo = Math.min(start, B - len);
+  const buf = takeBlockBuffer(len);
+  buf.set(data, start - lo);
+  return { buf, lo, bytes: data.length };
+}
+
+/**
+ * Copies `data` into s at `start` (over what it holds there), growing s when the piece lies outside it;
+ * with `bounded`, refuses (false, s unchanged) when s would grow beyond twice its pieces' bytes. A grown
+ * span's old buffer goes back to the free list: no write may be reading it.
+ */
+export function spanPut(s: Span, data: Uint8Array, start: number, B: number, bounded: boolean): boolean {
+  const end = start + data.length;
+  const lo = Math.min(s.lo, start);
+  const hi = Math.max(s.lo + s.buf.length, end);
+  if (hi - lo > s.buf.length) {
+    const len = spanLength(hi - lo, B);
+    if (bounded && len > 2 * (s.bytes + data.length)) return false;
+    const at = start < s.lo ? Math.max(0, hi - len) : Math.min(lo, B - len);
+    const buf = takeBlockBuffer(len);
+    buf.set(s.buf, s.lo - at);
+    giveBlockBuffer(s.buf);
+    s.buf = buf;
+    s.lo = at;
+  }
+  s.buf.set(data, start - s.lo);
+  s.bytes += data.length;
+  return true;
 }
