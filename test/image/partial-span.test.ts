@@ -83,8 +83,9 @@ describe('block buffers of partial writes are sized to their pieces', () => {
     const first = put(B, 1); // the chain's first wave: the block's content buffer
     await new Promise((res) => setImmediate(res));
     const before = blockBufferStats.taken;
-    const queued = [put(B + 10 * P, 2), put(B + 11 * P, 3), put(B + 10 * P + 512, 4)];
-    expect(blockBufferStats.taken - before, 'bytes taken for 3 queued pieces within 8 KiB').toBeLessThanOrEqual(4 * P);
+    // Pieces queued for the next wave: three within 8 KiB, one at the block's other end, one over two of them.
+    const queued = [put(B + 10 * P, 2), put(B + 11 * P, 3), put(B + 10 * P + 512, 4), put(2 * B - P, 5), put(B + 11 * P - 1024, 6)];
+    expect(blockBufferStats.taken - before, 'bytes taken for 5 queued 4 KiB pieces, two far apart').toBeLessThanOrEqual(8 * P);
     await Promise.all([first, ...queued]);
     expect((await img.read(0, SIZE)).equals(ref)).toBe(true);
     await img.close();

@@ -53,7 +53,7 @@ function spanLength(n: number, B: number): number {
 }
 
 /** A span holding only `data` at `start` of a block of B bytes. */
-export function newSpan(data: Uint8Array, start: number, B: number): Span {
+function newSpan(data: Uint8Array, start: number, B: number): Span {
   const len = spanLength(data.length, B);
   const lo = Math.min(start, B - len);
   const buf = takeBlockBuffer(len);
@@ -63,16 +63,16 @@ export function newSpan(data: Uint8Array, start: number, B: number): Span {
 
 /**
  * Copies `data` into s at `start` (over what it holds there), growing s when the piece lies outside it;
- * with `bounded`, refuses (false, s unchanged) when s would grow beyond twice its pieces' bytes. A grown
- * span's old buffer goes back to the free list: no write may be reading it.
+ * refuses (false, s unchanged) when s would grow beyond twice its pieces' bytes. A grown span's old buffer
+ * goes back to the free list: no write may be reading it.
  */
-export function spanPut(s: Span, data: Uint8Array, start: number, B: number, bounded: boolean): boolean {
+function spanPut(s: Span, data: Uint8Array, start: number, B: number): boolean {
   const end = start + data.length;
   const lo = Math.min(s.lo, start);
   const hi = Math.max(s.lo + s.buf.length, end);
   if (hi - lo > s.buf.length) {
     const len = spanLength(hi - lo, B);
-    if (bounded && len > 2 * (s.bytes + data.length)) return false;
+    if (len > 2 * (s.bytes + data.length)) return false;
     const at = start < s.lo ? Math.max(0, hi - len) : Math.min(lo, B - len);
     const buf = takeBlockBuffer(len);
     buf.set(s.buf, s.lo - at);
@@ -83,4 +83,16 @@ export function spanPut(s: Span, data: Uint8Array, start: number, B: number, bou
   s.buf.set(data, start - s.lo);
   s.bytes += data.length;
   return true;
+}
+
+/**
+ * Copies `data` (at `start` of a block of B bytes) into the last of `spans` that takes it without growing
+ * beyond twice its pieces' bytes, or into a new one appended: the span that holds it. Where pieces overlap,
+ * a span holds the latest of its own; copying each piece from its span in issue order gives issue order.
+ */
+export function putInSpans(spans: Span[], data: Uint8Array, start: number, B: number): Span {
+  for (let k = spans.length - 1; k >= 0; k--) if (spanPut(spans[k]!, data, start, B)) return spans[k]!;
+  const s = newSpan(data, start, B);
+  spans.push(s);
+  return s;
 }

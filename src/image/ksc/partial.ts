@@ -44,7 +44,7 @@ import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { type Span, giveBlockBuffer, newSpan, spanPut, takeBlockBuffer } from './block-buffers.js';
+import { type Span, giveBlockBuffer, putInSpans, takeBlockBuffer } from './block-buffers.js';
 import type { KscCore } from './core.js';
 
 interface Member {
@@ -56,7 +56,7 @@ interface Member {
   intent: boolean;
   fua: boolean;
   done: (e: unknown) => void;
-  /** In place: the span of its turn that holds its bytes. */
+  /** In place, or queued for a new block's next wave: the span that holds its bytes. */
   span?: Span;
 }
 
@@ -84,7 +84,7 @@ class Group {
   /** A new block: the pieces queued for the wave after the one being written. */
   next: Member[] = [];
   /** A new block: the queued pieces' bytes at their places, in issue order (later ones over earlier ones). */
-  nextSpan: Span | null = null;
+  nextSpans: Span[] = [];
   /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
   validEpoch = -1;
 
@@ -228,8 +228,7 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
     grp.members.push(m);
     grp.blk!.set(data, start);
   } else if (grp.fresh) {
-    if (grp.nextSpan) spanPut(grp.nextSpan, data, start, B, false);
-    else grp.nextSpan = newSpan(data, start, B);
+    m.span = putInSpans(grp.nextSpans, data, start, B);
     grp.next.push(m);
   } else {
     grp.members.push(m);
@@ -238,11 +237,7 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
       grp.open = [m];
       setImmediate(() => submitInPlace(c, grp));
     }
-    const spans = grp.openSpans;
-    let k = spans.length - 1;
-    while (k >= 0 && !spanPut(spans[k]!, data, start, B, true)) k--;
-    m.span = k >= 0 ? spans[k]! : newSpan(data, start, B);
-    if (k < 0) spans.push(m.span);
+    m.span = putInSpans(grp.openSpans, data, start, B);
   }
   return m;
 }
@@ -277,9 +272,9 @@ function finish(c: KscCore, g: Group, m: Member): void {
 function endGroup(c: KscCore, g: Group, ok = true): void {
   states.get(c)?.groups.delete(g.block);
   if (g.blk && ok) giveBlockBuffer(g.blk);
-  if (g.nextSpan) giveBlockBuffer(g.nextSpan.buf); // the pool never reads it
+  for (const s of g.nextSpans) giveBlockBuffer(s.buf); // the pool never reads them
   g.blk = null;
-  g.nextSpan = null;
+  g.nextSpans = [];
   g.release();
 }
 
@@ -452,16 +447,16 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   g.next = [];
   let lo = Infinity;
   let hi = 0;
-  // The queued pieces' bytes, latest first wherever they overlap, are in nextSpan at their places; copied
-  // now, its buffer goes back (pieces queued from here on take a span of their own).
-  const nb = g.nextSpan!;
-  g.nextSpan = null;
+  // Each queued piece's bytes from its span, in issue order (putInSpans); the spans then go back (pieces
+  // queued from here on take spans of their own).
   for (const m of g.members) {
-    blk.set(nb.buf.subarray(m.start - nb.lo, m.end - nb.lo), m.start);
+    const s = m.span!;
+    blk.set(s.buf.subarray(m.start - s.lo, m.end - s.lo), m.start);
     lo = Math.min(lo, m.start);
     hi = Math.max(hi, m.end);
   }
-  giveBlockBuffer(nb.buf);
+  for (const s of g.nextSpans) giveBlockBuffer(s.buf);
+  g.nextSpans = [];
   const B = c.blockSize;
   // The file holds the block's content outside [lo, hi) already (earlier waves, each written before the next
   // began, from this buffer): where the host file can, only the span is written, with the CRC-32 of the whole
