@@ -1,13 +1,18 @@
 /**
  * Block buffers of partial.ts (a new block's content, the queued pieces of its next wave, the in-place
- * pieces of one turn), reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
+ * pieces of one turn: these two only as large as their pieces span, see Span), reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
  * zeroed, then garbage) cost more of the serving thread than the block's own write. Contents are garbage
  * (partial.ts submitFresh zeroes what no piece of a new block's first wave covers). At most FREE_BLOCK_BYTES
  * are kept per process.
  */
 const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
+/** And at most this many (spans of a few KiB would otherwise make the search below long). */
+const FREE_BLOCK_COUNT = 64;
 const freeBlocks: Buffer[] = [];
 let freeBlockBytes = 0;
+
+/** Bytes handed out by takeBlockBuffer, and of those the ones newly allocated (tests read these). */
+export const blockBufferStats = { taken: 0, allocated: 0 };
 
 export function takeBlockBuffer(size: number): Buffer {
   for (let k = freeBlocks.length - 1; k >= 0; k--) {
@@ -16,13 +21,78 @@ export function takeBlockBuffer(size: number): Buffer {
     freeBlocks[k] = freeBlocks[freeBlocks.length - 1]!;
     freeBlocks.pop();
     freeBlockBytes -= size;
+    blockBufferStats.taken += size;
     return b;
   }
+  blockBufferStats.taken += size;
+  blockBufferStats.allocated += size;
   return Buffer.allocUnsafeSlow(size);
 }
 
 export function giveBlockBuffer(b: Buffer): void {
-  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES) return;
+  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES || freeBlocks.length >= FREE_BLOCK_COUNT) return;
   freeBlocks.push(b);
   freeBlockBytes += b.length;
+}
+
+/**
+ * Bytes [lo, lo + buf.length) of one block, holding pieces at their places (buf[start - lo]): sized to
+ * what the pieces span (a power of two of at least 512 bytes, at most the block), grown as pieces come.
+ * `bytes`: the pieces' own bytes, what a writer's admission counts.
+ */
+export interface Span {
+  buf: Buffer;
+  lo: number;
+  bytes: number;
+}
+
+function spanLength(n: number, B: number): number {
+  let p = 512;
+  while (p < n) p *= 2;
+  return Math.min(p, B);
+}
+
+/** A span holding only `data` at `start` of a block of B bytes. */
+function newSpan(data: Uint8Array, start: number, B: number): Span {
+  const len = spanLength(data.length, B);
+  const lo = Math.min(start, B - len);
+  const buf = takeBlockBuffer(len);
+  buf.set(data, start - lo);
+  return { buf, lo, bytes: data.length };
+}
+
+/**
+ * Copies `data` into s at `start` (over what it holds there), growing s when the piece lies outside it;
+ * refuses (false, s unchanged) when s would grow beyond twice its pieces' bytes. A grown span's old buffer
+ * goes back to the free list: no write may be reading it.
+ */
+function spanPut(s: Span, data: Uint8Array, start: number, B: number): boolean {
+  const end = start + data.length;
+  const lo = Math.min(s.lo, start);
+  const hi = Math.max(s.lo + s.buf.length, end);
+  if (hi - lo > s.buf.length) {
+    const len = spanLength(hi - lo, B);
+    if (len > 2 * (s.bytes + data.length)) return false;
+    const at = start < s.lo ? Math.max(0, hi - len) : Math.min(lo, B - len);
+    const buf = takeBlockBuffer(len);
+    buf.set(s.buf, s.lo - at);
+    giveBlockBuffer(s.buf);
+    s.buf = buf;
+    s.lo = at;
+  }
+  s.buf.set(data, start - s.lo);
+  s.bytes += data.length;
+  return true;
+}
+
+/**
+ * Copies `data` (at `start` of a block of B bytes) into the last of `spans` that takes it without growing
+ * beyond twice its pieces' bytes, or into a new one appended: the span that holds it. Where pieces overlap,
+ * a span holds the latest of its own; copying each piece from its span in issue order gives issue order.
+ */
+export function putInSpans(spans: Span[], data: Uint8Array, start: number, B: number): Span {
+  for (let k = spans.length - 1; k >= 0; k--) if (spanPut(spans[k]!, data, start, B)) return spans[k]!;
+  const s = newSpan(data, start, B);
+  spans.push(s);
+  return s;
 }

@@ -7,7 +7,8 @@
  *  - In place (the block holds data in this layer): the first write takes the block's exclusive lock and
  *    opens the group; later ones join it while it has writes in flight, when their bytes overlap none of
  *    those, and nothing waits for the lock (issue order stays that of the lock queue). The pieces that join
- *    in one turn of the event loop are copied at once into one block buffer at their places and issued at the
+ *    in one turn of the event loop are copied at once into a buffer at their places (block-buffers.ts Span:
+ *    sized to what they span, a new one where that would be more than twice their bytes) and issued at the
  *    turn's end (setImmediate, before the native writes of the turn go to the pool anyway), each run of them
  *    without a gap as one write of that buffer's span; the group gives the lock back when its last write
  *    is done. As writeLocked does, a piece leaves the block's checksum invalid, and every write needs its
@@ -19,8 +20,8 @@
  *    its map entry set (§9 rule 3: referenced only after it is written); a failed write gives the cluster
  *    back. Intent bits as in changeLocked: only when a bitmap is enabled, and then they must be durable.
  *  - The group of a new block lives on while writes keep coming (a chain of waves): the pieces that arrive
- *    while a wave is being written queue for the next one (their bytes copied at once into a second block
- *    buffer at their places, later over earlier); when a wave is done, the next is copied into the
+ *    while a wave is being written queue for the next one (their bytes copied at once into a Span sized to
+ *    theirs, at their places, later over earlier); when a wave is done, the next is copied into the
  *    block buffer (which holds the block's whole content: what earlier waves wrote, in issue order) and the
  *    span of its pieces written in place with the CRC-32 of the whole block (HostFile.writeWithCrcs with a
  *    span: the file holds the rest of the block already), then its map entry set valid (without such a host
@@ -43,7 +44,7 @@ import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { giveBlockBuffer, takeBlockBuffer } from './block-buffers.js';
+import { type Span, giveBlockBuffer, putInSpans, takeBlockBuffer } from './block-buffers.js';
 import type { KscCore } from './core.js';
 
 interface Member {
@@ -55,11 +56,13 @@ interface Member {
   intent: boolean;
   fua: boolean;
   done: (e: unknown) => void;
+  /** In place, or queued for a new block's next wave: the span that holds its bytes. */
+  span?: Span;
 }
 
-/** The in-place pieces of one turn: their bytes at their places in one block buffer, written as runs. */
+/** In-place pieces of one turn: their bytes at their places in one span, written as runs. */
 interface Turn {
-  buf: Buffer;
+  span: Span;
   /** Runs not settled yet; the buffer goes back once all are written (dropped if one failed). */
   left: number;
   failed: boolean;
@@ -73,12 +76,15 @@ class Group {
   members: Member[] = [];
   /** In place: the pieces that joined in this turn, not yet issued (submitInPlace issues them at its end). */
   open: Member[] | null = null;
-  /** In place: the block buffer the open pieces' bytes are copied into, at their places. */
-  openBuf: Buffer | null = null;
+  /**
+   * In place: the spans the open pieces' bytes are copied into, at their places; a piece that would make
+   * every one of them more than twice its pieces' bytes takes a new one (memory stays about the pieces').
+   */
+  openSpans: Span[] = [];
   /** A new block: the pieces queued for the wave after the one being written. */
   next: Member[] = [];
   /** A new block: the queued pieces' bytes at their places, in issue order (later ones over earlier ones). */
-  nextBuf: Buffer | null = null;
+  nextSpans: Span[] = [];
   /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
   validEpoch = -1;
 
@@ -222,17 +228,16 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
     grp.members.push(m);
     grp.blk!.set(data, start);
   } else if (grp.fresh) {
-    (grp.nextBuf ??= takeBlockBuffer(B)).set(data, start);
+    m.span = putInSpans(grp.nextSpans, data, start, B);
     grp.next.push(m);
   } else {
     grp.members.push(m);
     if (grp.open) grp.open.push(m);
     else {
       grp.open = [m];
-      grp.openBuf = takeBlockBuffer(B);
       setImmediate(() => submitInPlace(c, grp));
     }
-    grp.openBuf!.set(data, start);
+    m.span = putInSpans(grp.openSpans, data, start, B);
   }
   return m;
 }
@@ -267,8 +272,9 @@ function finish(c: KscCore, g: Group, m: Member): void {
 function endGroup(c: KscCore, g: Group, ok = true): void {
   states.get(c)?.groups.delete(g.block);
   if (g.blk && ok) giveBlockBuffer(g.blk);
-  if (g.nextBuf) giveBlockBuffer(g.nextBuf); // the pool never reads it
-  g.blk = g.nextBuf = null;
+  for (const s of g.nextSpans) giveBlockBuffer(s.buf); // the pool never reads them
+  g.blk = null;
+  g.nextSpans = [];
   g.release();
 }
 
@@ -297,17 +303,32 @@ function zero(b: Buffer, from: number, to: number): void {
 
 /**
  * Issues the in-place pieces that joined the group in this turn: their bytes lie at their places in the
- * turn's block buffer (join copied them there), and each run of pieces that follow each other without a gap
+ * turn's spans (join copied them there), and each run of pieces that follow each other without a gap
  * (sequential writes arrive that way) is one write of that buffer's span. The pieces overlap none of each
  * other nor any in flight (the join rule), so the order of the writes does not matter. The native writes of
  * one turn go to the pool as one job either way (HostFile.writeWithCrcs); this saves a call, a promise and a
  * pwrite per piece.
  */
 function submitInPlace(c: KscCore, g: Group): void {
-  let ms = g.open!;
-  const turn: Turn = { buf: g.openBuf!, left: 0, failed: false };
+  const all = g.open!;
+  const spans = g.openSpans;
   g.open = null;
-  g.openBuf = null;
+  g.openSpans = [];
+  if (spans.length === 1) submitSpan(c, g, all, spans[0]!);
+  else
+    for (const s of spans)
+      submitSpan(
+        c,
+        g,
+        all.filter((m) => m.span === s),
+        s,
+      );
+}
+
+/** Issues the pieces whose bytes lie in span s, each run without a gap as one write. */
+function submitSpan(c: KscCore, g: Group, pieces: Member[], s: Span): void {
+  let ms = pieces;
+  const turn: Turn = { span: s, left: 0, failed: false };
   for (let k = 1; k < ms.length; k++) {
     if (ms[k]!.start < ms[k - 1]!.start) {
       ms = [...ms].sort((x, y) => x.start - y.start);
@@ -328,12 +349,12 @@ function submitInPlace(c: KscCore, g: Group): void {
 }
 
 /**
- * Writes one run of in-place pieces (their bytes are turn.buf[from, to)) and settles them as change() would;
+ * Writes one run of in-place pieces (their bytes are block bytes [from, to) of the turn's span) and settles them as change() would;
  * the turn's buffer goes back once its last run is written.
  */
 function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number, to: number): void {
   const at = g.host + from;
-  const data = turn.buf.subarray(from, to);
+  const data = turn.span.buf.subarray(from - turn.span.lo, to - turn.span.lo);
   let io: Promise<unknown>;
   try {
     io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, at, data.length) : c.file.write(data, at);
@@ -350,7 +371,7 @@ function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number,
       } catch (e) {
         err = e;
       }
-      if (--turn.left === 0 && !turn.failed) giveBlockBuffer(turn.buf);
+      if (--turn.left === 0 && !turn.failed) giveBlockBuffer(turn.span.buf);
       for (const m of run) finish(c, g, m);
       for (const m of run) m.done(err);
     },
@@ -426,13 +447,16 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   g.next = [];
   let lo = Infinity;
   let hi = 0;
-  // The queued pieces' bytes, latest first wherever they overlap, are in nextBuf at their places.
-  const nb = g.nextBuf!;
+  // Each queued piece's bytes from its span, in issue order (putInSpans); the spans then go back (pieces
+  // queued from here on take spans of their own).
   for (const m of g.members) {
-    blk.set(nb.subarray(m.start, m.end), m.start);
+    const s = m.span!;
+    blk.set(s.buf.subarray(m.start - s.lo, m.end - s.lo), m.start);
     lo = Math.min(lo, m.start);
     hi = Math.max(hi, m.end);
   }
+  for (const s of g.nextSpans) giveBlockBuffer(s.buf);
+  g.nextSpans = [];
   const B = c.blockSize;
   // The file holds the block's content outside [lo, hi) already (earlier waves, each written before the next
   // began, from this buffer): where the host file can, only the span is written, with the CRC-32 of the whole
