@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createImage, openKsc } from '../../src/index.js';
 import { blockBufferStats } from '../../src/image/ksc/block-buffers.js';
+import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -17,44 +18,26 @@ const B = 2048 * KiB; // the largest block size (MAX_BLOCK_BITS 21)
 const P = 4 * KiB;
 const SIZE = 4 * B;
 
-/** mulberry32: a seeded generator (the seed is printed). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-function fill(r: () => number, n: number): Buffer {
-  const b = Buffer.allocUnsafe(n);
-  for (let k = 0; k < n; k += 4) b.writeUInt32LE((r() * 4294967296) >>> 0, k);
-  return b;
-}
+const seed = seedFor('test/image/partial-span.test.ts');
 
 describe('block buffers of partial writes are sized to their pieces', () => {
   it('random 4 KiB in-place pieces (2 MiB blocks): bytes taken per turn are about the pieces, data as the reference', async () => {
-    const seed = Number(process.env.SEED ?? Date.now() % 2 ** 31);
-    console.log(`partial-span seed ${seed}`);
-    const r = rng(seed);
+    const r = new Rng(seed);
     const path = join(tempDir(), 'img.ksc');
     await createImage(path, { size: SIZE, blockSize: B });
     const img = await openKsc(path, { write: true });
-    const ref = fill(r, SIZE);
+    const ref = r.bytes(SIZE);
     for (let b = 0; b < SIZE / B; b++) await img.write(b * B, ref.subarray(b * B, (b + 1) * B));
     const perTurn: number[] = [];
     for (let t = 0; t < 40; t++) {
       // 1 to 8 pieces at distinct random 4 KiB places (several may fall in one block).
-      const n = 1 + Math.floor(r() * 8);
+      const n = r.int(1, 8);
       const at = new Set<number>();
-      while (at.size < n) at.add(Math.floor(r() * (SIZE / P)) * P);
+      while (at.size < n) at.add(r.int(0, SIZE / P - 1) * P);
       const before = blockBufferStats.taken;
       const ps: Promise<void>[] = [];
       for (const o of at) {
-        const d = fill(r, P);
+        const d = r.bytes(P);
         d.copy(ref, o);
         ps.push(img.write(o, d));
       }
