@@ -3,13 +3,13 @@
  * put a fault-injecting or power-cut-simulating layer in between (see test/helpers/powercut.ts).
  */
 import { crc32 } from 'node:zlib';
-import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
 import { KscError, ioError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
 import { createFile } from './create.js';
+import { type IdentityLock, lockedError, takeIdentityLock } from './image-lock.js';
 import { notRegular, openExisting } from './file-kind.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
@@ -155,7 +155,8 @@ export async function writeThenCrcs(file: Pick<HostFile, 'write'>, buf: Buffer, 
 }
 
 class NodeHostFile implements HostFile {
-  private lockFile: string | null = null;
+  /** The lock held without the addon (lockWithName), released after the descriptor is closed. */
+  private identityLock: IdentityLock | null = null;
   private dsync: Promise<fsp.FileHandle | null> | null = null;
   private closed = false;
   /** The addon's writeCrc (null: not available); undefined until the first writeWithCrcs. */
@@ -408,63 +409,35 @@ class NodeHostFile implements HostFile {
       if (!got) throw lockedError(this.path);
       return;
     }
-    await this.lockWithFile();
+    await this.lockWithName();
   }
 
   /**
-   * Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. IMAGE is the file's
-   * real path (the one opened, as /proc names it), so two paths to one file (a symlink) take one lock.
-   *
-   * Where the real folder cannot take a file (EACCES: another user's folder, reached through a link in one of
-   * ours; EROFS) the open is refused, saying why: a lock file beside the path given instead would not exclude
-   * a writer through the real path (formats/ksc_inc.md §9 rule 1). flock, with the addon, has no such limit.
+   * Fallback where flock is unavailable: the lock named after this file's identity (device and inode of the
+   * open descriptor), held by a socket of this process (io/image-lock.ts; formats/ksc_inc.md §9 rule 1).
    */
-  private async lockWithFile(): Promise<void> {
-    const real = await fsp.readlink(`/proc/self/fd/${this.fh.fd}`).catch(() => fsp.realpath(this.path).catch(() => this.path));
-    const realLock = `${real.startsWith('/') && !real.endsWith(' (deleted)') ? real : this.path}.lock`;
+  private async lockWithName(): Promise<void> {
+    if (this.identityLock) throw lockedError(this.path);
+    let st: { dev: bigint; ino: bigint };
     try {
-      await this.takeLockFile(realLock);
+      st = await this.fh.stat({ bigint: true });
     } catch (e) {
-      const code = (e as { cause?: { code?: string } }).cause?.code;
-      if (code !== 'EACCES' && code !== 'EROFS') throw e;
-      throw new KscError(
-        code === 'EROFS' ? 'KSC_E_READ_ONLY' : 'KSC_E_PERMISSION',
-        `${this.path}: cannot open for writing without the native addon: its lock file ${realLock} cannot be made (${code === 'EROFS' ? 'read-only file system' : 'permission denied'}); a lock file elsewhere would not keep out a writer through the real path — build the addon (flock) or open the image from a folder you can write`,
-      );
+      throw ioError(this.path, 'stat', e);
     }
-  }
-
-  /** Creates the lock file `lockPath` holding our PID; a stale one (its holder gone) is replaced. */
-  private async takeLockFile(lockPath: string): Promise<void> {
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        const fh = await createFile(lockPath);
-        this.lockFile = lockPath;
-        try {
-          await fh.writeFile(`${process.pid}\n`);
-        } finally {
-          await fh.close();
-        }
-        return;
-      } catch (e) {
-        if ((e as { code?: string }).code !== 'EEXIST') throw ioError(lockPath, 'create lock file', e);
-        const pid = Number((await fsp.readFile(lockPath, 'utf8').catch(() => '')).trim());
-        if (pid > 0 && pid !== process.pid && pidAlive(pid)) throw lockedError(this.path);
-        if (pid === process.pid) throw lockedError(this.path);
-        await fsp.rm(lockPath, { force: true }); // stale: its holder is gone
-      }
-    }
-    throw lockedError(this.path);
+    this.identityLock = await takeIdentityLock({ dev: st.dev, ino: st.ino }, this.path);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
-    if (this.dsync) await (await this.dsync)?.close();
-    await this.writeback; // not on a descriptor number that may be reused once closed
-    if (this.writebackFd) await (await this.writebackFd)?.close();
-    await this.fh.close();
+    try {
+      if (this.dsync) await (await this.dsync)?.close();
+      await this.writeback; // not on a descriptor number that may be reused once closed
+      if (this.writebackFd) await (await this.writebackFd)?.close();
+      await this.fh.close();
+    } finally {
+      await this.identityLock?.release(); // only once the descriptor is gone: nothing more reaches the file
+    }
   }
 }
 
@@ -476,8 +449,4 @@ function assertPosition(path: string, position: number, length: number): void {
   if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + length)) {
     throw new KscError('KSC_E_RANGE', `${path}: file offset ${position} is outside 0 … 2^53`);
   }
-}
-
-function lockedError(path: string): KscError {
-  return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle`);
 }
