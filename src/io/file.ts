@@ -3,13 +3,13 @@
  * put a fault-injecting or power-cut-simulating layer in between (see test/helpers/powercut.ts).
  */
 import { crc32 } from 'node:zlib';
-import { pidAlive } from '../util/process.js';
 import { promises as fsp, constants as fsc } from 'node:fs';
-import { KscError, ioError } from '../errors.js';
+import { KscError, ioError, isKscError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
 import { createFile } from './create.js';
+import { type IdentityLock, lockedError, takeIdentityLock } from './image-lock.js';
 import { notRegular, openExisting } from './file-kind.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
@@ -155,7 +155,8 @@ export async function writeThenCrcs(file: Pick<HostFile, 'write'>, buf: Buffer, 
 }
 
 class NodeHostFile implements HostFile {
-  private lockFile: string | null = null;
+  /** The lock held without the addon (lockWithName), released after the descriptor is closed. */
+  private identityLock: IdentityLock | null = null;
   private dsync: Promise<fsp.FileHandle | null> | null = null;
   private closed = false;
   /** The addon's writeCrc (null: not available); undefined until the first writeWithCrcs. */
@@ -396,75 +397,63 @@ class NodeHostFile implements HostFile {
     }
   }
 
+  /**
+   * Takes the lock named after this file's identity (io/image-lock.ts), then, with the addon, flock on the
+   * descriptor too (formats/ksc_inc.md §9 rule 1). Both, so that a writer with the addon and one without
+   * (two installs on one host, KSCINC_NO_NATIVE=1 for one) exclude each other: flock alone is the addon's,
+   * and the name alone is one network namespace's. With the addon, a name that cannot be bound for a reason
+   * other than being held is passed over: flock still excludes every writer with the addon.
+   */
   async lockExclusive(): Promise<void> {
     const n = nativeOps();
-    if (n) {
-      let got: boolean;
-      try {
-        got = n.flock(this.fh.fd, true, true);
-      } catch (e) {
-        throw ioError(this.path, 'flock', e);
-      }
-      if (!got) throw lockedError(this.path);
-      return;
-    }
-    await this.lockWithFile();
-  }
-
-  /**
-   * Fallback where flock is unavailable: IMAGE.lock created exclusively, holding our PID. IMAGE is the file's
-   * real path (the one opened, as /proc names it), so two paths to one file (a symlink) take one lock.
-   *
-   * Where the real folder cannot take a file (EACCES: another user's folder, reached through a link in one of
-   * ours; EROFS) the open is refused, saying why: a lock file beside the path given instead would not exclude
-   * a writer through the real path (formats/ksc_inc.md §9 rule 1). flock, with the addon, has no such limit.
-   */
-  private async lockWithFile(): Promise<void> {
-    const real = await fsp.readlink(`/proc/self/fd/${this.fh.fd}`).catch(() => fsp.realpath(this.path).catch(() => this.path));
-    const realLock = `${real.startsWith('/') && !real.endsWith(' (deleted)') ? real : this.path}.lock`;
     try {
-      await this.takeLockFile(realLock);
+      await this.lockWithName();
     } catch (e) {
-      const code = (e as { cause?: { code?: string } }).cause?.code;
-      if (code !== 'EACCES' && code !== 'EROFS') throw e;
-      throw new KscError(
-        code === 'EROFS' ? 'KSC_E_READ_ONLY' : 'KSC_E_PERMISSION',
-        `${this.path}: cannot open for writing without the native addon: its lock file ${realLock} cannot be made (${code === 'EROFS' ? 'read-only file system' : 'permission denied'}); a lock file elsewhere would not keep out a writer through the real path — build the addon (flock) or open the image from a folder you can write`,
-      );
+      if (!n || isKscError(e, 'KSC_E_LOCKED')) throw e;
+    }
+    if (!n) return;
+    let got: boolean;
+    try {
+      got = n.flock(this.fh.fd, true, true);
+    } catch (e) {
+      await this.releaseName();
+      throw ioError(this.path, 'flock', e);
+    }
+    if (!got) {
+      await this.releaseName();
+      throw lockedError(this.path);
     }
   }
 
-  /** Creates the lock file `lockPath` holding our PID; a stale one (its holder gone) is replaced. */
-  private async takeLockFile(lockPath: string): Promise<void> {
-    for (let attempt = 0; attempt < 2; attempt++) {
-      try {
-        const fh = await createFile(lockPath);
-        this.lockFile = lockPath;
-        try {
-          await fh.writeFile(`${process.pid}\n`);
-        } finally {
-          await fh.close();
-        }
-        return;
-      } catch (e) {
-        if ((e as { code?: string }).code !== 'EEXIST') throw ioError(lockPath, 'create lock file', e);
-        const pid = Number((await fsp.readFile(lockPath, 'utf8').catch(() => '')).trim());
-        if (pid > 0 && pid !== process.pid && pidAlive(pid)) throw lockedError(this.path);
-        if (pid === process.pid) throw lockedError(this.path);
-        await fsp.rm(lockPath, { force: true }); // stale: its holder is gone
-      }
+  /** The lock named after this file's device and inode, held by a socket of this process. */
+  private async lockWithName(): Promise<void> {
+    if (this.identityLock) throw lockedError(this.path);
+    let st: { dev: bigint; ino: bigint };
+    try {
+      st = await this.fh.stat({ bigint: true });
+    } catch (e) {
+      throw ioError(this.path, 'stat', e);
     }
-    throw lockedError(this.path);
+    this.identityLock = await takeIdentityLock({ dev: st.dev, ino: st.ino }, this.path);
+  }
+
+  private async releaseName(): Promise<void> {
+    const l = this.identityLock;
+    this.identityLock = null;
+    await l?.release();
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    if (this.lockFile) await fsp.rm(this.lockFile, { force: true }).catch(() => undefined);
-    if (this.dsync) await (await this.dsync)?.close();
-    await this.writeback; // not on a descriptor number that may be reused once closed
-    if (this.writebackFd) await (await this.writebackFd)?.close();
-    await this.fh.close();
+    try {
+      if (this.dsync) await (await this.dsync)?.close();
+      await this.writeback; // not on a descriptor number that may be reused once closed
+      if (this.writebackFd) await (await this.writebackFd)?.close();
+      await this.fh.close();
+    } finally {
+      await this.identityLock?.release(); // only once the descriptor is gone: nothing more reaches the file
+    }
   }
 }
 
@@ -476,8 +465,4 @@ function assertPosition(path: string, position: number, length: number): void {
   if (!Number.isSafeInteger(position) || position < 0 || !Number.isSafeInteger(position + length)) {
     throw new KscError('KSC_E_RANGE', `${path}: file offset ${position} is outside 0 … 2^53`);
   }
-}
-
-function lockedError(path: string): KscError {
-  return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle`);
 }

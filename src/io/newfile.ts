@@ -158,5 +158,5 @@ export async function nameNewFile(temp: string, target: string, opts: { force?: 
 
 async function removeTemp(temp: string): Promise<void> {
   await rm(temp, { force: true }).catch(() => undefined);
-  await rm(`${temp}.lock`, { force: true }).catch(() => undefined); // the no-flock fallback's lock file
+  await rm(`${temp}.lock`, { force: true }).catch(() => undefined); // the no-flock lock file of versions before session 21
 }

@@ -1,8 +1,8 @@
 /**
  * Hostile: the image file layer where /proc is not mounted (a minimal container, a chroot): the kind check
  * opens by name and checks after (src/io/file-kind.ts), the durable writes of intent bits fall back to the
- * file's own descriptor with fdatasync (io/file.ts writeDurable), the fallback lock file is named by
- * realpath, write-behind is off. Run in a mount namespace whose /proc is unmounted (root: unshare -m), a
+ * file's own descriptor with fdatasync (io/file.ts writeDurable), the lock without the addon is named by
+ * the descriptor's device and inode (fstat; io/image-lock.ts), write-behind is off. Run in a mount namespace whose /proc is unmounted (root: unshare -m), a
  * child makes an image, writes it, overwrites in place (intent bits: durable writes) with the image renamed
  * meanwhile and another file made at its old name, is refused a fifo (without blocking), /dev/null and a
  * folder, and with KSCINC_NO_NATIVE=1 a second writer of the same image; then `kscinc check` and a backup

@@ -12,7 +12,7 @@
  *  - I5 and no damage: `checkImage(…, { verify: true })` finds no error (leaked space is allowed);
  * then, half of the time, it opens the image for writing (recovery), closes it cleanly and checks again;
  * the other half the next child does the recovery. Some children run without the native addon, so the
- * lock is the PID lock file, which must be taken over once its owner is dead.
+ * lock is the socket name of src/io/image-lock.ts, which the kernel must have dropped with its owner.
  *
  * The seed is printed; KSC_SEED=<n> replays what the children do (not when they are killed). On a failure
  * the image and the journals are copied to a folder under the temp dir, whose path the message names.
@@ -393,7 +393,7 @@ describe('crash: SIGKILL a writing child at random moments', () => {
           const lockFile = rng.chance(0.3);
           const journal = join(dir, `journal-${k}.jsonl`);
           const how = await killOnce(st, rng, journal, lockFile);
-          // The lock died with the process (flock released by the kernel; a stale PID lock file taken over).
+          // The lock died with the process (flock, or the lock's socket name, released by the kernel).
           if (!(await tryLock(st.path, lockFile))) throw new Error(`seed ${seed}, kill ${k}: the write lock is still held after the child died (${lockFile ? 'lock file' : 'flock'})`);
           const j = readJournal(journal);
           if (!j.opened) landedEarly++;

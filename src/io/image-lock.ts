@@ -1,0 +1,76 @@
+/**
+ * The single-writer lock of an image file named after the file's identity: formats/ksc_inc.md §9 rule 1.
+ * The only lock where flock(2) is unavailable (no native addon, or KSCINC_NO_NATIVE=1); with the addon it is
+ * taken beside flock, so that writers with and without the addon exclude each other.
+ *
+ * Design notes. The lock is a *name* in Linux's abstract unix-socket namespace,
+ * `kscinc-image-lock/v1/<st_dev>/<st_ino>` of the open file, bound by a listening socket of the holding
+ * process. So:
+ * - it is the file's, not a path's: a rename, a hard link, a symlink or a bind mount of the image reaches the
+ *   same (device, inode), hence the same name; an inode number is reused only once no descriptor holds the
+ *   inode, and the holder holds one, so no other file can have the name while it is held;
+ * - taking it is one atomic bind(2) (EADDRINUSE: someone holds it), and nothing is ever broken: the kernel
+ *   drops the name when the holder's socket closes, also when the process dies (SIGKILL, a crash), so there
+ *   is no stale lock to judge, no PID to check or to have been reused, and no race between two breakers;
+ * - it needs no folder, so no file is made beside the image (a read-only or another user's folder is no
+ *   obstacle) or anywhere else (no shared lock folder that another user could fill, swap or point
+ *   elsewhere). Any local user may bind any name: one who can stat the image can keep it from being opened
+ *   for writing (a denial of service, never a second writer), and `ss -xlp` names that process.
+ * Its scope is one network namespace (containers with their own network do not see each other's names);
+ * flock, with the addon, is the file system's and has no such limit.
+ */
+import { createServer, type Server } from 'node:net';
+import { KscError, ioError } from '../errors.js';
+
+/** What names a file for its lock: the device and inode of the open descriptor (fstat, never a path). */
+export interface FileIdentity {
+  dev: bigint;
+  ino: bigint;
+}
+
+/** The abstract socket name (leading NUL) of a file's lock; `ss -xl` shows it with an `@` for the NUL. */
+export function identityLockName(id: FileIdentity): string {
+  return `\0kscinc-image-lock/v1/${id.dev}/${id.ino}`;
+}
+
+/** A held lock; release() is idempotent. */
+export interface IdentityLock {
+  readonly name: string;
+  release(): Promise<void>;
+}
+
+/**
+ * Takes the lock of the file `id` (opened as `path`, named in errors). KSC_E_LOCKED when any socket, of this
+ * process or another, holds the name; KSC_E_IO when the name cannot be bound for another reason.
+ */
+export async function takeIdentityLock(id: FileIdentity, path: string): Promise<IdentityLock> {
+  const name = identityLockName(id);
+  // A connection to the name (someone asking who holds it) learns nothing and is closed at once.
+  const server = createServer((sock) => sock.destroy());
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      // exclusive: in a cluster worker, bind here, never through the primary (which would share one bind).
+      server.listen({ path: name, backlog: 1, exclusive: true }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+  } catch (e) {
+    if ((e as { code?: string }).code === 'EADDRINUSE') throw lockedError(path, name);
+    throw ioError(path, `take the write lock (abstract socket @${name.slice(1)})`, e);
+  }
+  server.unref(); // a held lock keeps no process alive
+  return { name, release: () => closeServer(server) };
+}
+
+function closeServer(server: Server): Promise<void> {
+  if (!server.listening) return Promise.resolve();
+  return new Promise<void>((resolve) => server.close(() => resolve()));
+}
+
+/** KSC_E_LOCKED for `path`, naming the lock so that `ss -xlp` finds its holder. */
+export function lockedError(path: string, name?: string): KscError {
+  const how = name ? ` (the write lock without the addon: abstract socket @${name.slice(1)}; \`ss -xlp\` names its holder)` : '';
+  return new KscError('KSC_E_LOCKED', `image ${path}: already open for writing by another process or handle${how}`);
+}
