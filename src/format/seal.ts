@@ -61,7 +61,6 @@ export function sealOk(record: Buffer, tag: number, index: number): boolean {
   return sealOkAt(record, 0, record.length, tag, index);
 }
 
-/** True when the `size`-byte record at `offset` of `buf` carries its seal (no views made: for page loops). */
 /**
  * The seal of a 16-byte record whose three payload words (little-endian, as stored) are `w0`, `w1`, `w2`: the
  * same value as sealAt over those 12 bytes, computed from words a caller has already read (a map page's decode
@@ -72,6 +71,7 @@ export function sealWords(tag: number, index: number, w0: number, w1: number, w2
   return (crcU32(crcU32(crcU32(c, w0), w1), w2) ^ -1) >>> 0;
 }
 
+/** True when the `size`-byte record at `offset` of `buf` carries its seal (no views made: for page loops). */
 export function sealOkAt(buf: Buffer, offset: number, size: number, tag: number, index: number): boolean {
   const n = size - 4;
   return buf.readUInt32LE(offset + n) === sealAt(buf, offset, n, tag, index);
