@@ -14,7 +14,7 @@ import { corrupt, isKscError } from '../errors.js';
 import type { HostFile } from '../io/file.js';
 import { BITMAP_PAGE_BYTES, BITS_PER_PAGE, WORDS_PER_PAGE, tagBitmapTable, tagBitmapWord } from '../format/constants.js';
 import { bitmapTableEntries } from '../format/bitmap-slot.js';
-import { fillEmpty16, seal, sealOk, sealOkAt } from '../format/seal.js';
+import { fillEmpty16, seal, sealOk, sealWords } from '../format/seal.js';
 import type { MapWrite } from './maptable.js';
 
 /**
@@ -198,13 +198,18 @@ export class SparseBitmap {
       const raw = Buffer.alloc(BITMAP_PAGE_BYTES);
       if ((await this.file.read(raw, off)) < raw.length) throw corrupt(this.file.path, this.where(), `page ${p} at 0x${off.toString(16)} is truncated`);
       const tag = tagBitmapWord(this.slot);
+      // Each record's words read once, through a DataView (as the map table's pages: maptable.ts decode).
+      const words = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
       for (let w = 0; w < WORDS_PER_PAGE; w++) {
         const o = w * 16;
-        if (!sealOkAt(raw, o, 16, tag, p * WORDS_PER_PAGE + w) || raw.readUInt32LE(o + 8) !== 0) {
+        const lo = words.getUint32(o, true);
+        const hi = words.getUint32(o + 4, true);
+        const zero = words.getUint32(o + 8, true);
+        if (zero !== 0 || words.getUint32(o + 12, true) !== sealWords(tag, p * WORDS_PER_PAGE + w, lo, hi, zero)) {
           throw corrupt(this.file.path, this.where(), `word ${p * WORDS_PER_PAGE + w} at offset 0x${(off + o).toString(16)} checksum mismatch`);
         }
-        page.bits[2 * w] = raw.readUInt32LE(o);
-        page.bits[2 * w + 1] = raw.readUInt32LE(o + 4);
+        page.bits[2 * w] = lo;
+        page.bits[2 * w + 1] = hi;
       }
     }
     if (gen !== this.tableGen) return this.readPage(p); // cleared or merged meanwhile: read the new table

@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createImage, openKsc } from '../../src/index.js';
-import { fillEmpty16, seal, sealAt, sealOf, sealOk, sealOkAt } from '../../src/format/seal.js';
+import { fillEmpty16, seal, sealAt, sealOf, sealOk, sealOkAt, sealWords } from '../../src/format/seal.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { ROOT } from '../helpers/corrupt.js';
 import { tempDir } from '../helpers/tmp.js';
@@ -174,6 +174,18 @@ describe('§3 seals of any payload length, at any offset', () => {
       expect(sealOkAt(buf, offset, length + 4, tag, index), what).toBe(true);
       buf[offset + rng.int(0, length + 3)]! ^= 1 << rng.int(0, 7);
       expect(sealOkAt(buf, offset, length + 4, tag, index), `${what}, one bit flipped`).toBe(false);
+    }
+  });
+
+  it('sealWords gives the reference seal of a 12-byte payload from its three little-endian words', () => {
+    const rng = new Rng(seedFor('test/format/vectors.test.ts'));
+    for (let n = 0; n < 2000; n++) {
+      const payload = Buffer.alloc(12);
+      for (let i = 0; i < 12; i++) payload[i] = rng.int(0, 255);
+      const tag = rng.int(0, 0xffffffff);
+      const index = n < 1000 ? rng.int(0, 0xffffffff) : rng.int(0, 0x1fffff) * 0x100000000 + rng.int(0, 0xffffffff);
+      const got = sealWords(tag, index, payload.readUInt32LE(0), payload.readUInt32LE(4), payload.readUInt32LE(8));
+      expect(got, `case ${n}: tag ${tag}, index ${index}, payload ${payload.toString('hex')}`).toBe(sealRef(tag, BigInt(index), payload));
     }
   });
 
