@@ -24,10 +24,6 @@
  *
  *   node bench/incr-phases.mjs --old /tmp/old19/dist/cli/kscinc.cjs [--new dist/cli/kscinc.cjs]
  *        [--image /tmp/bench-img/test-1g.raw] [--passes 3] [--mode cli,lib] [--chunk-size 256K] [--work DIR] [--keep]
- *   node bench/incr-phases.mjs --warm-ab [--passes 8] ...: the library side only, the NEW build twice, alternated:
- *        "warm on" as built, "warm off" with FsStore.prototype.warm removed (warmForBackup then does nothing).
- *        Session 20 removed warm (it did not pay, bench/README.md): pass --new OLD/dist/cli/kscinc.cjs of a build
- *        that has it (main before session 20) to repeat that measurement.
  * OLD is a copy of an earlier build (dist/, native/build/Release, package.json; node_modules linked).
  */
 import { spawn, spawnSync } from 'node:child_process';
@@ -51,7 +47,6 @@ const { values: opt } = parseArgs({
     'chunk-size': { type: 'string', default: '256K' },
     work: { type: 'string', default: join(os.tmpdir(), 'kscinc-incr-phases') },
     keep: { type: 'boolean', default: false },
-    'warm-ab': { type: 'boolean', default: false },
     // internal: the library side's child process
     child: { type: 'string' },
   },
@@ -270,7 +265,6 @@ async function cliMode(ctx) {
 /** The child: one side's dist, warm, stamps from patched prototypes. Prints JSON lines of stamps. */
 async function libChild(dist) {
   const imp = (p) => import(pathToFileURL(join(dist, p)).href);
-  if (process.env.INCR_PHASES_NO_WARM) delete (await imp('objstore/fs.js')).FsStore.prototype.warm;
   const [{ backupDevice }, { openImage, openKsc }, { openStore }, { Repository }, { Handover }, { PointInTime }, { BatchPipeline }, { closePool }] = await Promise.all([
     imp('engines/backup.js'),
     imp('image/open.js'),
@@ -351,12 +345,17 @@ async function libMode(ctx) {
   for (let p = 0; p < Number(opt.passes); p++) {
     const names = Object.keys(sides);
     for (const n of p % 2 ? names.reverse() : names) {
-      const env = n === 'warm off' ? { ...process.env, INCR_PHASES_NO_WARM: '1' } : process.env;
-      const r = await run(
-        process.execPath,
-        [fileURLToPath(import.meta.url), '--child', distOf(sides[n]), '--', image, join(opt.work, `lib-repo-${n.replace(' ', '-')}`), String(C), '1', JSON.stringify(offs)],
-        env,
-      );
+      const r = await run(process.execPath, [
+        fileURLToPath(import.meta.url),
+        '--child',
+        distOf(sides[n]),
+        '--',
+        image,
+        join(opt.work, `lib-repo-${n.replace(' ', '-')}`),
+        String(C),
+        '1',
+        JSON.stringify(offs),
+      ]);
       (res[n] ??= []).push(JSON.parse(r.out.trim().split('\n').at(-1)));
       log(`lib pass ${p + 1} ${n}: ${JSON.stringify(res[n].at(-1), (k, v) => (typeof v === 'number' ? Math.round(v * 10) / 10 : v))} (load ${load()})`);
     }
@@ -377,8 +376,8 @@ async function libMode(ctx) {
 if (opt.child) {
   await libChild(opt.child);
 } else {
-  if (!opt.old && !opt['warm-ab']) throw new Error('--old OLD/dist/cli/kscinc.cjs is required');
-  const sides = opt['warm-ab'] ? { 'warm on': resolve(opt.new), 'warm off': resolve(opt.new) } : { old: resolve(opt.old), new: resolve(opt.new) };
+  if (!opt.old) throw new Error('--old OLD/dist/cli/kscinc.cjs is required');
+  const sides = { old: resolve(opt.old), new: resolve(opt.new) };
   await fsp.mkdir(opt.work, { recursive: true });
   const { convertImage } = await import(pathToFileURL(join(distOf(resolve(opt.new)), 'engines/convert.js')).href);
   const { openKsc } = await import(pathToFileURL(join(distOf(resolve(opt.new)), 'image/open.js')).href);
@@ -399,7 +398,7 @@ if (opt.child) {
   const offs = offsets(size);
   await rewrite(openKsc, image, offs, 1); // every place allocated once
   const ctx = { image, offs, openKsc, sides };
-  const modes = opt['warm-ab'] ? ['lib'] : opt.mode.split(',');
+  const modes = opt.mode.split(',');
   if (modes.includes('cli')) await cliMode(ctx);
   if (modes.includes('lib')) await libMode(ctx);
   if (!opt.keep) await fsp.rm(opt.work, { recursive: true, force: true });

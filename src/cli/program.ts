@@ -24,6 +24,11 @@ interface CommandGroup {
    * leave nothing running: others (serve, a server's control) end when their handles close.
    */
   endsWithAction?: string[];
+  /**
+   * The group's commands handle SIGINT and SIGTERM themselves (a server drains, the daemon runs its shutdown
+   * jobs): run() then installs no handler of its own (the one that removes files a killed command was making).
+   */
+  ownsSignals?: true;
   load: () => Promise<Register>;
 }
 
@@ -36,7 +41,7 @@ export const COMMAND_GROUPS: Record<string, CommandGroup> = {
   image: { commands: ['create', 'info', 'map', 'check', 'convert', 'snapshot', 'commit', 'rebase'], load: async () => (await import('./image-commands.js')).registerImageCommands },
   bitmap: { commands: ['bitmap'], load: async () => (await import('./bitmap-commands.js')).registerBitmapCommands },
   io: { commands: ['write', 'read'], load: async () => (await import('./io-commands.js')).registerIoCommands },
-  serve: { commands: ['serve', 'status', 'upgrade'], load: async () => (await import('./serve-commands.js')).registerServeCommands },
+  serve: { commands: ['serve', 'status', 'upgrade'], ownsSignals: true, load: async () => (await import('./serve-commands.js')).registerServeCommands },
   migrate: { commands: ['migrate'], load: async () => (await import('./migrate-commands.js')).registerMigrateCommands },
   replicate: { commands: ['replicate'], load: async () => (await import('./replicate-commands.js')).registerReplicateCommands },
   backup: {
@@ -45,12 +50,9 @@ export const COMMAND_GROUPS: Record<string, CommandGroup> = {
     load: async () => (await import('./backup-commands.js')).registerBackupCommands,
   },
   key: { commands: ['key'], load: async () => (await import('./key-commands.js')).registerKeyCommands },
-  schedule: { commands: ['schedule'], load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },
+  schedule: { commands: ['schedule'], ownsSignals: true, load: async () => (await import('./schedule-commands.js')).registerScheduleCommands },
   completion: { commands: ['completion'], load: async () => (await import('./completion.js')).registerCompletionCommand },
 };
-
-/** Groups whose commands handle SIGINT/SIGTERM themselves (a server drains, the daemon runs shutdown jobs). */
-const OWN_SIGNALS = new Set(['serve', 'schedule']);
 
 /** The group whose command `argv` runs (its first operand), or null when every group is needed. */
 export function groupFor(argv: string[]): string | null {
@@ -235,7 +237,7 @@ export async function run(argv: string[]): Promise<number> {
   const group = groupFor(argv);
   const json = argv.includes('--json');
   if (argv.includes('--quiet') || argv.includes('-q')) setProgressEnabled(false);
-  const release = group !== null && !OWN_SIGNALS.has(group) ? removeUnfinishedOnSignal() : () => undefined;
+  const release = group !== null && COMMAND_GROUPS[group]!.ownsSignals !== true ? removeUnfinishedOnSignal() : () => undefined;
   try {
     const program = await buildProgram(group, { commands: !versionOnly(argv) });
     await program.parseAsync(argv);

@@ -224,7 +224,11 @@ export class Supervisor {
       return;
     }
     const delay = this.backoff[Math.min(this.crashes.length - 1, this.backoff.length - 1)]!;
-    this.restartTimer = setTimeout(() => void this.restart(), delay);
+    const t0 = performance.now();
+    this.restartTimer = setTimeout(() => {
+      this.opts.log(`kscinc serve: restarting the worker ${Math.round(performance.now() - t0)} ms after the crash (back-off ${delay} ms)`);
+      void this.restart();
+    }, delay);
   }
 
   private async restart(): Promise<void> {

@@ -48,6 +48,11 @@ describe('CLI command groups', () => {
     }
   });
 
+  it('the groups that handle SIGINT and SIGTERM themselves are the server and the daemon', () => {
+    const owning = Object.entries(COMMAND_GROUPS).flatMap(([name, g]) => (g.ownsSignals === true ? [name] : []));
+    expect(owning).toEqual(['serve', 'schedule']);
+  });
+
   it('a version query alone loads no group; with a command or help it does', async () => {
     const argv = (...a: string[]): string[] => ['node', 'kscinc', ...a];
     expect([versionOnly(argv('--version')), versionOnly(argv('-V')), versionOnly(argv('--debug', '-V'))]).toEqual([true, true, true]);

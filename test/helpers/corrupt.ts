@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { crc32 } from 'node:zlib';
 import { expect } from 'vitest';
+import { bundleDist } from './build-dist.js';
 
 export const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 
@@ -237,4 +238,5 @@ export function ensureDist(): void {
   const index = join(ROOT, 'dist/index.js');
   if (existsSync(index) && statSync(index).mtimeMs >= newestMtime(join(ROOT, 'src')) - 1) return;
   execFileSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', 'tsconfig.json'], { cwd: ROOT, stdio: 'inherit' });
+  bundleDist(ROOT, 'inherit');
 }

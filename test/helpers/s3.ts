@@ -33,21 +33,51 @@ export interface S3TestConfig {
   startMs: number;
 }
 
-/** Free TCP ports on 127.0.0.1 (held open together so they differ). */
+/** The kernel's range for ports it picks itself (listen on port 0, a connect's source port). */
+export function ephemeralPorts(): [number, number] {
+  try {
+    const [lo, hi] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (lo! > 0 && hi! >= lo!) return [lo!, hi!];
+  } catch {
+    // not Linux: its default range
+  }
+  return [32768, 60999];
+}
+
+/** Listens on 127.0.0.1:`port`; null when it is taken. */
+function hold(port: number): Promise<ReturnType<typeof createServer> | null> {
+  return new Promise((resolve) => {
+    const s = createServer();
+    s.once('error', () => resolve(null));
+    s.listen(port, '127.0.0.1', () => resolve(s));
+  });
+}
+
+/**
+ * Free TCP ports on 127.0.0.1 for servers started later (held open together so they differ). Outside the
+ * kernel's ephemeral range: a port from listen(0) may be handed to any other listen(0) or outgoing connection
+ * on the machine before the server binds it (the S3 cluster binds its gateway's port tens of seconds later,
+ * after the monitor and the OSD; test files running side by side make that likely). Random ones, tried.
+ */
 export async function freePorts(n: number): Promise<number[]> {
-  const servers = await Promise.all(
-    Array.from(
-      { length: n },
-      () =>
-        new Promise<ReturnType<typeof createServer>>((resolve, reject) => {
-          const s = createServer();
-          s.once('error', reject);
-          s.listen(0, '127.0.0.1', () => resolve(s));
-        }),
-    ),
-  );
-  const ports = servers.map((s) => (s.address() as { port: number }).port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  const [lo, hi] = ephemeralPorts();
+  // Below the range when there is room (above 10000: clear of the usual services), else above it.
+  const [from, to] = lo - 1 >= 12_000 ? [10_000, lo - 1] : [hi + 1, 65_535];
+  const held: ReturnType<typeof createServer>[] = [];
+  const ports: number[] = [];
+  try {
+    for (let tries = 0; ports.length < n; tries++) {
+      if (tries > 1000) throw new Error(`no ${n} free ports in ${from}–${to}`);
+      const port = from + Math.floor(Math.random() * (to - from + 1));
+      if (ports.includes(port)) continue;
+      const s = await hold(port);
+      if (!s) continue;
+      held.push(s);
+      ports.push(port);
+    }
+  } finally {
+    await Promise.all(held.map((s) => new Promise((r) => s.close(r))));
+  }
   return ports;
 }
 

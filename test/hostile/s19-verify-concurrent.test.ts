@@ -17,23 +17,36 @@ import { KscError } from '../../src/errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from '../../src/objstore/types.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { PassThroughStore } from '../helpers/pass-through-store.js';
+import { PassThroughStore, type PassThroughOpts } from '../helpers/pass-through-store.js';
 import { MiB, makeDisk, newRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s19-verify-concurrent.test.ts');
 afterAll(() => closePool());
 
-/** `inner`, except that listing manifests/ first calls `onList` and waits for what it returns. */
+/**
+ * `inner`, except that listing manifests/ (list or listKeys) first calls `onList` and waits for what it returns.
+ * With `passOptional`, the optional methods of `inner` are passed on (production's paths over FsStore).
+ */
 class GatedList extends PassThroughStore {
   constructor(
     inner: ObjectStore,
-    private readonly onList: () => Promise<void>,
+    protected readonly onList: () => Promise<void>,
+    opts: PassThroughOpts = {},
   ) {
-    super(inner);
+    super(inner, opts);
   }
   override async *list(prefix: string): AsyncIterable<ObjectInfo> {
     if (prefix.startsWith('manifests/')) await this.onList();
     yield* this.inner.list(prefix);
+  }
+}
+
+/** GatedList that lists keys the way `inner` does (FsStore: its folders only) behind the same gate. */
+class GatedListKeys extends GatedList {
+  override async *listKeys(prefix: string): AsyncIterable<string> {
+    if (!this.inner.listKeys) throw new Error(`${this.inner.name} has no listKeys`);
+    if (prefix.startsWith('manifests/')) await this.onList();
+    yield* this.inner.listKeys(prefix);
   }
 }
 
@@ -52,12 +65,17 @@ describe('verify while a backup commits (session 19, hostile 4)', () => {
       let second: string | null = null;
       // Each listing of manifests/ by the verify waits for one whole backup (the first listing only).
       let backedUp: Promise<void> | null = null;
-      const gated = await Repository.open(
-        new GatedList(repo.store, () => {
+      // Production's paths over FsStore (putAfter, listKeys, hostLock, …), not the wrapper's fallbacks.
+      const store = new GatedListKeys(
+        repo.store,
+        () => {
           backedUp ??= backupDevice(img, repo, { bitmap: null }).then((b) => void (second = b.id));
           return backedUp;
-        }),
+        },
+        { passOptional: true },
       );
+      expect([store.putAfter, store.listKeys, store.hostLock, store.syncObject].map((f) => typeof f)).toEqual(['function', 'function', 'function', 'function']);
+      const gated = await Repository.open(store);
       const v = await verifyRepo(gated);
       expect(second, 'the backup committed during the verify').not.toBeNull();
       console.log(`verify: ok ${v.ok}, ${v.backupsChecked} backups checked; damage: ${JSON.stringify(v.damage)}`);
@@ -88,7 +106,10 @@ describe('verify while a backup commits (session 19, hostile 4)', () => {
       await backupDevice(img, repo, { bitmap: null });
       const victim = manifestKey(first.id);
       const inner = repo.store;
+      // No optional methods (no passOptional): a passed hostLock would let verify take the folder's lock instead
+      // of reading without one, which is what this case is about.
       const store = new GatedList(inner, () => Promise.resolve());
+      expect(store.hostLock, 'no optional method passed on').toBeUndefined();
       // Lock objects cannot be written (read-only credentials): verify reads without a lock (§8 rule 6).
       store.put = (key: string, data: Body, opts?: WriteOpts) => (key.startsWith('locks/') ? Promise.reject(new KscError('KSC_E_IO', `${key}: read-only`)) : inner.put(key, data, opts));
       // The first read of the older manifest finds it deleted by a prune that ran meanwhile.

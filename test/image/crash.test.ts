@@ -40,6 +40,7 @@ import { type DevOp, applyOp, checkCrashContent, describeOp, firstDifference, ma
 import { countingOpener } from '../helpers/powercut.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { bundleDist } from '../helpers/build-dist.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -108,6 +109,7 @@ function buildDist(): void {
     if (!existsSync(index)) throw new Error(`building dist/ failed: ${String((e as { stdout?: Buffer }).stdout ?? e)}`);
     console.warn(`[crash] tsc reported errors; using what it emitted: ${String((e as { stdout?: Buffer }).stdout ?? '').slice(0, 500)}`);
   }
+  bundleDist(ROOT);
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));

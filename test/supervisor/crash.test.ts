@@ -189,6 +189,16 @@ describe('kscinc serve: crash restart', () => {
       console.log(`[backoff] kill to the next worker started: ${waited.join(', ')} ms`);
       // A lower bound only: the timer never fires early, whatever the load; the restart itself adds to it.
       for (let i = 0; i < BACKOFF_MS.length; i++) expect(waited[i], `restart ${i + 1}: ${waited.join(', ')} ms`).toBeGreaterThanOrEqual(BACKOFF_MS[i]!);
+      // That bound holds for the 0 and 0.1 s steps without any wait too (a worker takes longer to start), so
+      // each step is checked on the supervisor's own clock as well: from the crash to the restart's start.
+      // 10 ms of slack: a Node timer counts from the event loop's cached time, which may lag the crash's
+      // clock reading by the length of that loop turn (the supervisor's turns are short: it only relays).
+      const after = [...s.stderr().matchAll(/restarting the worker (\d+) ms after the crash \(back-off (\d+) ms\)/g)].map((m) => [Number(m[1]), Number(m[2])]);
+      expect(
+        after.map(([, b]) => b),
+        s.stderr(),
+      ).toEqual(BACKOFF_MS);
+      for (const [i, [ms, b]] of after.entries()) expect(ms, `restart ${i + 1} after ${ms} ms, back-off ${b} ms`).toBeGreaterThanOrEqual(Math.max(0, b! - 10));
       // Each kill was one crash (a worker killed while it still started counts as one: 'a new worker failed').
       expect(s.stderr().match(/killed by SIGKILL/g), s.stderr()).toHaveLength(BACKOFF_MS.length);
     } finally {
