@@ -11,8 +11,11 @@ const FREE_BLOCK_COUNT = 64;
 const freeBlocks: Buffer[] = [];
 let freeBlockBytes = 0;
 
-/** Bytes handed out by takeBlockBuffer, and of those the ones newly allocated (tests read these). */
-export const blockBufferStats = { taken: 0, allocated: 0 };
+/**
+ * Bytes handed out by takeBlockBuffer, of those the ones newly allocated, and the ones held now (taken, not
+ * given back nor dropped): tests read these, the NBD admission tests compare `held` with what was admitted.
+ */
+export const blockBufferStats = { taken: 0, allocated: 0, held: 0 };
 
 export function takeBlockBuffer(size: number): Buffer {
   for (let k = freeBlocks.length - 1; k >= 0; k--) {
@@ -22,17 +25,25 @@ export function takeBlockBuffer(size: number): Buffer {
     freeBlocks.pop();
     freeBlockBytes -= size;
     blockBufferStats.taken += size;
+    blockBufferStats.held += size;
     return b;
   }
   blockBufferStats.taken += size;
+  blockBufferStats.held += size;
   blockBufferStats.allocated += size;
   return Buffer.allocUnsafeSlow(size);
 }
 
 export function giveBlockBuffer(b: Buffer): void {
+  blockBufferStats.held -= b.length;
   if (freeBlockBytes + b.length > FREE_BLOCK_BYTES || freeBlocks.length >= FREE_BLOCK_COUNT) return;
   freeBlocks.push(b);
   freeBlockBytes += b.length;
+}
+
+/** A buffer of takeBlockBuffer that a failed write may still be reading: not reused, no longer held. */
+export function dropBlockBuffer(b: Buffer): void {
+  blockBufferStats.held -= b.length;
 }
 
 /**

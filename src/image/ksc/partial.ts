@@ -44,7 +44,7 @@ import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { type Span, giveBlockBuffer, putInSpans, takeBlockBuffer } from './block-buffers.js';
+import { type Span, dropBlockBuffer, giveBlockBuffer, putInSpans, takeBlockBuffer } from './block-buffers.js';
 import type { KscCore } from './core.js';
 
 interface Member {
@@ -271,7 +271,7 @@ function finish(c: KscCore, g: Group, m: Member): void {
 /** `ok`: the block buffer is no longer used by any write (false after a failed one: it is dropped, not reused). */
 function endGroup(c: KscCore, g: Group, ok = true): void {
   states.get(c)?.groups.delete(g.block);
-  if (g.blk && ok) giveBlockBuffer(g.blk);
+  if (g.blk) (ok ? giveBlockBuffer : dropBlockBuffer)(g.blk);
   for (const s of g.nextSpans) giveBlockBuffer(s.buf); // the pool never reads them
   g.blk = null;
   g.nextSpans = [];
@@ -378,7 +378,7 @@ function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number,
     (e: unknown) => {
       // A failed write may leave its buffer still being read by the pool: the turn's buffer is dropped, not reused.
       turn.failed = true;
-      turn.left--;
+      if (--turn.left === 0) dropBlockBuffer(turn.span.buf);
       for (const m of run) finish(c, g, m);
       for (const m of run) m.done(e);
     },
