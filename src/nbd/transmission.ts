@@ -226,16 +226,21 @@ export class Transmission {
    * at once, its reply queued from the write's completion (sendNow), its pool buffer given back once written.
    */
   private writeNow(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
-    const fua = (w.flags & CMD_FLAG.FUA) !== 0;
+    if (this.now && this.callbackWrite(w, payload, pooled, release)) return;
+    this.writeDevice(w, payload, pooled, release);
+  }
+
+  /**
+   * The device's callback write of `data` (a piece of a block): true once it took it (or failed at once: the
+   * error is answered), its completion then replying; false, nothing done, when the device does not take it.
+   */
+  private callbackWrite(w: FastWrite, data: Uint8Array, pooled: Buffer | null, release: () => void): boolean {
     try {
-      // The device's callback write when it takes this one (a piece of a block), else its write().
-      const now = this.now;
-      if (now && now.writeNow(w.offset, payload, fua, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))))) return;
+      return this.now!.writeNow(w.offset, data, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))));
     } catch (e) {
       this.track(this.replyError(w.request(), e, release));
-      return;
+      return true;
     }
-    this.writeDevice(w, payload, pooled, release);
   }
 
   /** writeNow() through the device's write() (a promise). */
@@ -261,12 +266,7 @@ export class Transmission {
   private writeInPlace(w: FastWrite, buf: Buffer, at: number, release: () => void): void {
     // A plain view (Node's Buffer.subarray, shared by every caller, takes V8's generic property lookups).
     const view = new Uint8Array(buf.buffer, buf.byteOffset + at, w.length);
-    try {
-      if (this.now!.writeNow(w.offset, view, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, null, release) : this.track(this.replyError(w.request(), e, release))))) return;
-    } catch (e) {
-      this.track(this.replyError(w.request(), e, release));
-      return;
-    }
+    if (this.callbackWrite(w, view, null, release)) return;
     const pooled = this.server.pool.take(w.length);
     const payload = pooled.length === w.length ? pooled : pooled.subarray(0, w.length);
     payload.set(view);
