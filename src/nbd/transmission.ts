@@ -5,6 +5,7 @@
  * SessionState it was built with.
  */
 import { type WritesNow, writesNowOf } from '../image/capabilities.js';
+import { BlockCharges, type ChargePlan } from './block-charges.js';
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
@@ -28,6 +29,8 @@ export class Transmission {
   private readonly share: ConnectionShare;
   /** The device's callback writes (no promise per WRITE), if it has them. */
   private readonly now: WritesNow | null;
+  /** The whole-block buffers the device may hold for this connection's WRITEs of part of a block (null: none). */
+  private readonly charges: BlockCharges | null;
   /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
   private atBoundary = false;
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
@@ -41,6 +44,7 @@ export class Transmission {
   ) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
     this.now = writesNowOf(exp.device);
+    this.charges = this.now && this.now.blockBytes > 0 ? new BlockCharges(this.now.blockBytes) : null;
   }
 
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
@@ -140,11 +144,19 @@ export class Transmission {
       }
       // formats/nbd.md §3.2: a negotiated KSC_WRITE_LZ4 says its payload's length first (unnegotiated: unknown command).
       const lz4 = req && req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
-      const cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
+      let cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
+      // A WRITE of part of a block is also charged what the device may hold for it (block-charges.ts).
+      const ch = this.charges;
+      const plan = ch && (fw || req!.type === CMD.WRITE || lz4 >= 0) ? (fw ? ch.plan(fw.offset, fw.length) : ch.plan(Number(req!.offset), req!.length)) : null;
       let release: () => void;
       try {
-        release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
+        if (plan) {
+          cost += plan.extra + plan.spans;
+          release = this.share.tryAdmit(cost, this.goneError, plan.extra, plan.mine) ?? (await this.share.admit(cost, this.goneError, plan.extra, plan.mine));
+          release = this.charged(ch!, plan, release);
+        } else release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
       } catch (e) {
+        if (plan) ch!.end(plan); // its pins
         if (e instanceof SocketClosedError) return;
         throw e;
       }
@@ -194,6 +206,15 @@ export class Transmission {
     return new FastWrite(flags, u32(h, at + 8), u32(h, at + 12), offset, length);
   }
 
+  /** The admitted request of `plan` begins its block charges; the returned give-back also ends them. */
+  private charged(ch: BlockCharges, plan: ChargePlan, release: () => void): () => void {
+    ch.commit(plan, this.share);
+    return () => {
+      release();
+      ch.end(plan);
+    };
+  }
+
   /** WRITEs go straight to the export's device (not an incoming migration's target still being filled). */
   private plainWrites(): boolean {
     const inc = this.exp.incoming;
@@ -205,16 +226,21 @@ export class Transmission {
    * at once, its reply queued from the write's completion (sendNow), its pool buffer given back once written.
    */
   private writeNow(w: FastWrite, payload: Buffer, pooled: Buffer | null, release: () => void): void {
-    const fua = (w.flags & CMD_FLAG.FUA) !== 0;
+    if (this.now && this.callbackWrite(w, payload, pooled, release)) return;
+    this.writeDevice(w, payload, pooled, release);
+  }
+
+  /**
+   * The device's callback write of `data` (a piece of a block): true once it took it (or failed at once: the
+   * error is answered), its completion then replying; false, nothing done, when the device does not take it.
+   */
+  private callbackWrite(w: FastWrite, data: Uint8Array, pooled: Buffer | null, release: () => void): boolean {
     try {
-      // The device's callback write when it takes this one (a piece of a block), else its write().
-      const now = this.now;
-      if (now && now.writeNow(w.offset, payload, fua, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))))) return;
+      return this.now!.writeNow(w.offset, data, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, pooled, release) : this.track(this.replyError(w.request(), e, release))));
     } catch (e) {
       this.track(this.replyError(w.request(), e, release));
-      return;
+      return true;
     }
-    this.writeDevice(w, payload, pooled, release);
   }
 
   /** writeNow() through the device's write() (a promise). */
@@ -240,12 +266,7 @@ export class Transmission {
   private writeInPlace(w: FastWrite, buf: Buffer, at: number, release: () => void): void {
     // A plain view (Node's Buffer.subarray, shared by every caller, takes V8's generic property lookups).
     const view = new Uint8Array(buf.buffer, buf.byteOffset + at, w.length);
-    try {
-      if (this.now!.writeNow(w.offset, view, (w.flags & CMD_FLAG.FUA) !== 0, (e) => (e === undefined ? this.written(w, null, release) : this.track(this.replyError(w.request(), e, release))))) return;
-    } catch (e) {
-      this.track(this.replyError(w.request(), e, release));
-      return;
-    }
+    if (this.callbackWrite(w, view, null, release)) return;
     const pooled = this.server.pool.take(w.length);
     const payload = pooled.length === w.length ? pooled : pooled.subarray(0, w.length);
     payload.set(view);

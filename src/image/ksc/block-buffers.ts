@@ -1,38 +1,93 @@
 /**
  * Block buffers of partial.ts (a new block's content, the queued pieces of its next wave, the in-place
- * pieces of one turn: these two only as large as their pieces span, see Span), reused: a fresh zeroed 64 KiB buffer per new block (an allocation outside V8's heap,
- * zeroed, then garbage) cost more of the serving thread than the block's own write. Contents are garbage
- * (partial.ts submitFresh zeroes what no piece of a new block's first wave covers). At most FREE_BLOCK_BYTES
- * are kept per process.
+ * pieces of one turn: these two only as large as their pieces span, see Span), reused: a fresh zeroed
+ * 64 KiB buffer per new block (an allocation outside V8's heap, zeroed, then garbage) cost more of the
+ * serving thread than the block's own write. Contents are garbage (partial.ts submitFresh zeroes what no
+ * piece of a new block's first wave covers). Every size is a power of two (a span's from 512 bytes, a
+ * block's up to 2 MiB): one free list per size, so a take is O(1). At most FREE_BLOCK_BYTES are kept per
+ * process, and at most FREE_PER_SIZE of each size.
  */
 const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
-/** And at most this many (spans of a few KiB would otherwise make the search below long). */
-const FREE_BLOCK_COUNT = 64;
-const freeBlocks: Buffer[] = [];
+const FREE_PER_SIZE = 64;
+/** Free buffers by log2 of their size. */
+const freeBySize: Buffer[][] = Array.from({ length: 32 }, () => []);
 let freeBlockBytes = 0;
 
-/** Bytes handed out by takeBlockBuffer, and of those the ones newly allocated (tests read these). */
-export const blockBufferStats = { taken: 0, allocated: 0 };
+/** The free list of buffers of `size` bytes, or null for a size that is not a power of two (never kept). */
+function freeList(size: number): Buffer[] | null {
+  return size > 0 && (size & (size - 1)) === 0 ? freeBySize[31 - Math.clz32(size)]! : null;
+}
+
+/**
+ * Bytes handed out by takeBlockBuffer, of those the ones newly allocated, and the ones held now (taken, not
+ * given back nor dropped): tests read these, the NBD admission tests compare `held` with what was admitted.
+ */
+export const blockBufferStats = { taken: 0, allocated: 0, held: 0 };
 
 export function takeBlockBuffer(size: number): Buffer {
-  for (let k = freeBlocks.length - 1; k >= 0; k--) {
-    const b = freeBlocks[k]!;
-    if (b.length !== size) continue;
-    freeBlocks[k] = freeBlocks[freeBlocks.length - 1]!;
-    freeBlocks.pop();
+  blockBufferStats.taken += size;
+  blockBufferStats.held += size;
+  const b = freeList(size)?.pop();
+  if (b) {
     freeBlockBytes -= size;
-    blockBufferStats.taken += size;
     return b;
   }
-  blockBufferStats.taken += size;
   blockBufferStats.allocated += size;
   return Buffer.allocUnsafeSlow(size);
 }
 
 export function giveBlockBuffer(b: Buffer): void {
-  if (freeBlockBytes + b.length > FREE_BLOCK_BYTES || freeBlocks.length >= FREE_BLOCK_COUNT) return;
-  freeBlocks.push(b);
+  blockBufferStats.held -= b.length;
+  const list = freeList(b.length);
+  if (!list || freeBlockBytes + b.length > FREE_BLOCK_BYTES || list.length >= FREE_PER_SIZE) return;
+  list.push(b);
   freeBlockBytes += b.length;
+}
+
+/**
+ * A new block's content buffer (partial.ts), with the extent [lo, hi) outside which its bytes are all zero
+ * (lo >= hi: all zero). Given back with the extent of what it held, it comes back with it: a new block's
+ * first wave then zeroes only the part of its gaps within that extent (random 4 KiB writes into new 64 KiB
+ * blocks zeroed 60 KiB a block; now about the one piece the buffer held before).
+ */
+export class FreshBlock {
+  constructor(
+    readonly buf: Buffer,
+    public lo: number,
+    public hi: number,
+  ) {}
+}
+
+/** Free FreshBlocks by log2 of their size (as the free lists above, within the same bytes). */
+const freshBySize: FreshBlock[][] = Array.from({ length: 32 }, () => []);
+
+/** A FreshBlock of `size` bytes (a power of two): a free one, or a new zeroed one. */
+export function takeFreshBlock(size: number): FreshBlock {
+  blockBufferStats.taken += size;
+  blockBufferStats.held += size;
+  const f = size > 0 && (size & (size - 1)) === 0 ? freshBySize[31 - Math.clz32(size)]!.pop() : undefined;
+  if (f) {
+    freeBlockBytes -= size;
+    return f;
+  }
+  blockBufferStats.allocated += size;
+  return new FreshBlock(Buffer.alloc(size), size, 0);
+}
+
+/** Gives a FreshBlock back (its lo, hi as they are: the extent of what it holds). */
+export function giveFreshBlock(f: FreshBlock): void {
+  const size = f.buf.length;
+  blockBufferStats.held -= size;
+  if (!(size > 0 && (size & (size - 1)) === 0) || freeBlockBytes + size > FREE_BLOCK_BYTES) return;
+  const list = freshBySize[31 - Math.clz32(size)]!;
+  if (list.length >= FREE_PER_SIZE) return;
+  list.push(f);
+  freeBlockBytes += size;
+}
+
+/** A buffer of takeBlockBuffer that a failed write may still be reading: not reused, no longer held. */
+export function dropBlockBuffer(b: Buffer): void {
+  blockBufferStats.held -= b.length;
 }
 
 /**

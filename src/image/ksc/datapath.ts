@@ -13,6 +13,7 @@ import type { HostSpan } from '../capabilities.js';
 import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
+import { blockBufferStats } from './block-buffers.js';
 import { flush } from './flush.js';
 import { writePartialCb, writePartialNow } from './partial.js';
 
@@ -323,6 +324,16 @@ function clusterRun(host: number, n: number, B: number): number[] {
 }
 
 async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
+  // Whole-block buffers assembled for copy-on-write are counted as held (block-buffers.ts) until written.
+  const cow = { bytes: 0 };
+  try {
+    await writeSegs(c, offset, data, cow);
+  } finally {
+    blockBufferStats.held -= cow.bytes;
+  }
+}
+
+async function writeSegs(c: KscCore, offset: number, data: Buffer, cow: { bytes: number }): Promise<void> {
   const segs = c.segments(offset, data.length);
   // change() has loaded the map pages of the whole range.
   const B = c.blockSize;
@@ -340,6 +351,8 @@ async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<vo
     } else {
       // Copy-on-write: assemble the whole block from what it reads as now, then the new bytes.
       const blk = Buffer.alloc(B);
+      cow.bytes += B;
+      blockBufferStats.held += B;
       if (page.state[i] === BlockState.Unallocated && c.backingDev) {
         const start = s.block * B;
         await readBacking(c, start, blk.subarray(0, Math.min(B, c.size - start)));

@@ -37,77 +37,20 @@
  * Every piece's bytes are copied before join returns: the caller may reuse its buffer at once (an NBD WRITE's
  * payload is read where the socket's bytes lie). Every write of a group counts itself in flight
  * (changesInFlight), holds its intent range and marks its bitmaps as change() does; the group holds the lock
- * for all. Null, having changed nothing, whenever a
- * condition does not hold: the caller takes the general path, which also produces every error.
+ * for all. Null, having changed nothing, whenever a condition does not hold: the caller takes the general
+ * path, which also produces every error.
+ *
+ * Here: joining, and a new block's waves; partial-group.ts: groups and members, how they end;
+ * partial-inplace.ts: the issue of an in-place turn's pieces; block-buffers.ts: the buffers and spans.
  */
 import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { type Span, giveBlockBuffer, putInSpans, takeBlockBuffer } from './block-buffers.js';
+import { type FreshBlock, giveBlockBuffer, putInSpans, takeFreshBlock } from './block-buffers.js';
 import type { KscCore } from './core.js';
-
-interface Member {
-  offset: number;
-  length: number;
-  /** In-block [start, end) of the bytes. */
-  start: number;
-  end: number;
-  intent: boolean;
-  fua: boolean;
-  done: (e: unknown) => void;
-  /** In place, or queued for a new block's next wave: the span that holds its bytes. */
-  span?: Span;
-}
-
-/** In-place pieces of one turn: their bytes at their places in one span, written as runs. */
-interface Turn {
-  span: Span;
-  /** Runs not settled yet; the buffer goes back once all are written (dropped if one failed). */
-  left: number;
-  failed: boolean;
-}
-
-class Group {
-  /** A new block's first wave is being assembled: pieces copy straight into blk. */
-  assembling: boolean;
-  readonly fresh: boolean;
-  /** In place: the writes in flight. A new block: the wave being assembled or written. */
-  members: Member[] = [];
-  /** In place: the pieces that joined in this turn, not yet issued (submitInPlace issues them at its end). */
-  open: Member[] | null = null;
-  /**
-   * In place: the spans the open pieces' bytes are copied into, at their places; a piece that would make
-   * every one of them more than twice its pieces' bytes takes a new one (memory stays about the pieces').
-   */
-  openSpans: Span[] = [];
-  /** A new block: the pieces queued for the wave after the one being written. */
-  next: Member[] = [];
-  /** A new block: the queued pieces' bytes at their places, in issue order (later ones over earlier ones). */
-  nextSpans: Span[] = [];
-  /** A new block: c.epoch when its map entry was last set valid (-1: not yet). */
-  validEpoch = -1;
-
-  constructor(
-    readonly block: number,
-    readonly host: number,
-    /** A new block's content (its chain's buffer); null for an in-place group. */
-    public blk: Buffer | null,
-    readonly bitmaps: SparseBitmap[] | null,
-    readonly release: () => void,
-  ) {
-    this.fresh = this.assembling = blk !== null;
-  }
-}
-
-/** Per image: its groups by block, and its enabled bitmaps as of bitmapsGeneration `gen` (null: none). */
-interface State {
-  groups: Map<number, Group>;
-  enabled: SparseBitmap[] | null;
-  gen: number;
-}
-
-const states = new WeakMap<KscCore, State>();
+import { Group, type Member, type State, endGroup, finish, states } from './partial-group.js';
+import { submitInPlace } from './partial-inplace.js';
 
 /**
  * The enabled bitmaps of c's 64 slots (null: none), scanned again only when a bitmap or a slot changed
@@ -213,7 +156,7 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
       }
       host = run;
     }
-    group = new Group(block, host, inPlace ? null : takeBlockBuffer(B), bitmaps, release);
+    group = new Group(block, host, inPlace ? null : takeFreshBlock(B), bitmaps, release);
     byBlock.set(block, group);
     if (group.fresh) {
       const fresh = group;
@@ -226,7 +169,7 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
   // The piece's bytes are copied now, wherever they go (the caller's buffer may be reused once this returns).
   if (grp.assembling) {
     grp.members.push(m);
-    grp.blk!.set(data, start);
+    grp.blk!.buf.set(data, start);
   } else if (grp.fresh) {
     m.span = putInSpans(grp.nextSpans, data, start, B);
     grp.next.push(m);
@@ -252,34 +195,11 @@ function sameBitmaps(a: SparseBitmap[] | null, b: SparseBitmap[] | null): boolea
   return a.length === b.length && a.every((x, k) => x === b[k]);
 }
 
-/** Ends a member as change() would (intent range, in-flight count), and an in-place group with its last member. */
-function finish(c: KscCore, g: Group, m: Member): void {
-  if (m.intent) c.intent.end(m.offset, m.length, c.epoch);
-  if (!g.fresh) {
-    // An in-place group's members are in no order that matters (overlap checks, the count): swap-remove.
-    const ms = g.members;
-    const k = ms.indexOf(m);
-    if (k >= 0) {
-      ms[k] = ms[ms.length - 1]!;
-      ms.pop();
-    }
-    if (g.members.length === 0) endGroup(c, g);
-  }
-  c.leaveChange();
-}
-
-/** `ok`: the block buffer is no longer used by any write (false after a failed one: it is dropped, not reused). */
-function endGroup(c: KscCore, g: Group, ok = true): void {
-  states.get(c)?.groups.delete(g.block);
-  if (g.blk && ok) giveBlockBuffer(g.blk);
-  for (const s of g.nextSpans) giveBlockBuffer(s.buf); // the pool never reads them
-  g.blk = null;
-  g.nextSpans = [];
-  g.release();
-}
-
-/** Zeroes the bytes of blk that no member's [start, end) covers (the first wave's pieces are in it already). */
-function zeroGaps(blk: Buffer, members: Member[]): void {
+/**
+ * Zeroes the bytes of f that no member's [start, end) covers (the first wave's pieces are in it already) and
+ * that may not be zero (within [f.lo, f.hi)); f's extent becomes that of the pieces.
+ */
+function zeroGaps(f: FreshBlock, members: Member[]): void {
   let ms = members;
   for (let k = 1; k < ms.length; k++) {
     if (ms[k]!.start < ms[k - 1]!.start) {
@@ -287,102 +207,21 @@ function zeroGaps(blk: Buffer, members: Member[]): void {
       break;
     }
   }
+  const { buf, lo, hi } = f;
   let at = 0;
   for (const m of ms) {
-    if (m.start > at) zero(blk, at, m.start);
+    if (m.start > at) zero(buf, Math.max(at, lo), Math.min(m.start, hi));
     if (m.end > at) at = m.end;
   }
-  if (at < blk.length) zero(blk, at, blk.length);
+  if (at < buf.length) zero(buf, Math.max(at, lo), Math.min(buf.length, hi));
+  f.lo = ms[0]!.start;
+  f.hi = at;
 }
 
 /** The typed array's own fill: Buffer's checks its arguments first, a cost per call on this path. */
 const typedFill = Uint8Array.prototype.fill;
 function zero(b: Buffer, from: number, to: number): void {
-  typedFill.call(b, 0, from, to);
-}
-
-/**
- * Issues the in-place pieces that joined the group in this turn: their bytes lie at their places in the
- * turn's spans (join copied them there), and each run of pieces that follow each other without a gap
- * (sequential writes arrive that way) is one write of that buffer's span. The pieces overlap none of each
- * other nor any in flight (the join rule), so the order of the writes does not matter. The native writes of
- * one turn go to the pool as one job either way (HostFile.writeWithCrcs); this saves a call, a promise and a
- * pwrite per piece.
- */
-function submitInPlace(c: KscCore, g: Group): void {
-  const all = g.open!;
-  const spans = g.openSpans;
-  g.open = null;
-  g.openSpans = [];
-  if (spans.length === 1) submitSpan(c, g, all, spans[0]!);
-  else
-    for (const s of spans)
-      submitSpan(
-        c,
-        g,
-        all.filter((m) => m.span === s),
-        s,
-      );
-}
-
-/** Issues the pieces whose bytes lie in span s, each run without a gap as one write. */
-function submitSpan(c: KscCore, g: Group, pieces: Member[], s: Span): void {
-  let ms = pieces;
-  const turn: Turn = { span: s, left: 0, failed: false };
-  for (let k = 1; k < ms.length; k++) {
-    if (ms[k]!.start < ms[k - 1]!.start) {
-      ms = [...ms].sort((x, y) => x.start - y.start);
-      break;
-    }
-  }
-  const runs: [Member[], number, number][] = [];
-  for (let k = 0; k < ms.length;) {
-    const first = ms[k]!;
-    let end = first.end;
-    let j = k + 1;
-    while (j < ms.length && ms[j]!.start === end) end = ms[j++]!.end;
-    runs.push([j === k + 1 ? [first] : ms.slice(k, j), first.start, end]);
-    k = j;
-  }
-  turn.left = runs.length;
-  for (const [run, from, to] of runs) writeRun(c, g, run, turn, from, to);
-}
-
-/**
- * Writes one run of in-place pieces (their bytes are block bytes [from, to) of the turn's span) and settles them as change() would;
- * the turn's buffer goes back once its last run is written.
- */
-function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number, to: number): void {
-  const at = g.host + from;
-  const data = turn.span.buf.subarray(from - turn.span.lo, to - turn.span.lo);
-  let io: Promise<unknown>;
-  try {
-    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, at, data.length) : c.file.write(data, at);
-  } catch (e) {
-    io = Promise.reject(e);
-  }
-  io.then(
-    () => {
-      let err: unknown = undefined;
-      try {
-        const page = c.map.page(Math.floor(g.block / 4096))!;
-        if (page.csumValid[g.block % 4096] === 1) c.map.set(g.block, BlockState.Data, g.host, 0, false);
-        if (g.bitmaps) for (const b of g.bitmaps) for (const m of run) b.mark(m.offset, m.length);
-      } catch (e) {
-        err = e;
-      }
-      if (--turn.left === 0 && !turn.failed) giveBlockBuffer(turn.span.buf);
-      for (const m of run) finish(c, g, m);
-      for (const m of run) m.done(err);
-    },
-    (e: unknown) => {
-      // A failed write may leave its buffer still being read by the pool: the turn's buffer is dropped, not reused.
-      turn.failed = true;
-      turn.left--;
-      for (const m of run) finish(c, g, m);
-      for (const m of run) m.done(e);
-    },
-  );
+  if (from < to) typedFill.call(b, 0, from, to);
 }
 
 /** The first wave of a new block: the whole block written to its new cluster, then its map entry set. */
@@ -390,9 +229,10 @@ function submitFresh(c: KscCore, g: Group): void {
   g.assembling = false;
   const B = c.blockSize;
   zeroGaps(g.blk!, g.members);
+  const blk = g.blk!.buf;
   let io: Promise<number[]>;
   try {
-    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(g.blk!, g.host, B) : writeThenCrcs(c.file, g.blk!, g.host, B);
+    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(blk, g.host, B) : writeThenCrcs(c.file, blk, g.host, B);
   } catch (e) {
     io = Promise.reject(e);
   }
@@ -442,7 +282,8 @@ function waveDone(c: KscCore, g: Group, err: unknown): void {
  * when an intent bit is needed).
  */
 async function submitWave(c: KscCore, g: Group): Promise<void> {
-  const blk = g.blk!;
+  const f = g.blk!;
+  const blk = f.buf;
   g.members = g.next;
   g.next = [];
   let lo = Infinity;
@@ -457,6 +298,8 @@ async function submitWave(c: KscCore, g: Group): Promise<void> {
   }
   for (const s of g.nextSpans) giveBlockBuffer(s.buf);
   g.nextSpans = [];
+  f.lo = Math.min(f.lo, lo); // the buffer may hold non-zero bytes there now
+  f.hi = Math.max(f.hi, hi);
   const B = c.blockSize;
   // The file holds the block's content outside [lo, hi) already (earlier waves, each written before the next
   // began, from this buffer): where the host file can, only the span is written, with the CRC-32 of the whole
