@@ -93,6 +93,8 @@ export class Connection implements Link {
     const socket = raw;
     this.socket = socket;
     socket.setNoDelay(true);
+    // A client's end of sending (after its DISC) must not end ours: the requests it sent before still get their replies; main() ends it.
+    socket.allowHalfOpen = true;
     widenSendBuffer(socket);
     this.zc = zeroCopyFor(socket);
     socket.on('error', () => {}); // reported through the reader; never crash the process

@@ -297,9 +297,9 @@ export class Transmission {
 
   private readonly goneError = (): Error | null => (this.gone() ? new SocketClosedError() : null);
 
-  /** Stopping, cut, or the peer went away (it will not read replies to requests not yet run). */
+  /** Stopping, or cut (the peer may have ended its sending and still read: the requests it sent are run, NBD DISC). */
   private gone(): boolean {
-    return this.link.stopping || this.link.destroyed || this.link.reader.finished;
+    return this.link.stopping || this.link.destroyed;
   }
 
   /**
