@@ -4,7 +4,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { promises as fsp, constants as fsc } from 'node:fs';
-import { KscError, ioError, isKscError } from '../errors.js';
+import { KscError, ioError } from '../errors.js';
 import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
@@ -397,35 +397,25 @@ class NodeHostFile implements HostFile {
     }
   }
 
-  /**
-   * Takes the lock named after this file's identity (io/image-lock.ts), then, with the addon, flock on the
-   * descriptor too (formats/ksc_inc.md §9 rule 1). Both, so that a writer with the addon and one without
-   * (two installs on one host, KSCINC_NO_NATIVE=1 for one) exclude each other: flock alone is the addon's,
-   * and the name alone is one network namespace's. With the addon, a name that cannot be bound for a reason
-   * other than being held is passed over: flock still excludes every writer with the addon.
-   */
   async lockExclusive(): Promise<void> {
     const n = nativeOps();
-    try {
-      await this.lockWithName();
-    } catch (e) {
-      if (!n || isKscError(e, 'KSC_E_LOCKED')) throw e;
+    if (n) {
+      let got: boolean;
+      try {
+        got = n.flock(this.fh.fd, true, true);
+      } catch (e) {
+        throw ioError(this.path, 'flock', e);
+      }
+      if (!got) throw lockedError(this.path);
+      return;
     }
-    if (!n) return;
-    let got: boolean;
-    try {
-      got = n.flock(this.fh.fd, true, true);
-    } catch (e) {
-      await this.releaseName();
-      throw ioError(this.path, 'flock', e);
-    }
-    if (!got) {
-      await this.releaseName();
-      throw lockedError(this.path);
-    }
+    await this.lockWithName();
   }
 
-  /** The lock named after this file's device and inode, held by a socket of this process. */
+  /**
+   * Fallback where flock is unavailable: the lock named after this file's identity (device and inode of the
+   * open descriptor), held by a socket of this process (io/image-lock.ts; formats/ksc_inc.md §9 rule 1).
+   */
   private async lockWithName(): Promise<void> {
     if (this.identityLock) throw lockedError(this.path);
     let st: { dev: bigint; ino: bigint };
@@ -435,12 +425,6 @@ class NodeHostFile implements HostFile {
       throw ioError(this.path, 'stat', e);
     }
     this.identityLock = await takeIdentityLock({ dev: st.dev, ino: st.ino }, this.path);
-  }
-
-  private async releaseName(): Promise<void> {
-    const l = this.identityLock;
-    this.identityLock = null;
-    await l?.release();
   }
 
   async close(): Promise<void> {

@@ -1,7 +1,6 @@
 /**
- * The single-writer lock of an image file named after the file's identity: formats/ksc_inc.md §9 rule 1.
- * The only lock where flock(2) is unavailable (no native addon, or KSCINC_NO_NATIVE=1); with the addon it is
- * taken beside flock, so that writers with and without the addon exclude each other.
+ * The single-writer lock of an image file where flock(2) is unavailable (no native addon, or
+ * KSCINC_NO_NATIVE=1): formats/ksc_inc.md §9 rule 1.
  *
  * Design notes. The lock is a *name* in Linux's abstract unix-socket namespace,
  * `kscinc-image-lock/v1/<st_dev>/<st_ino>` of the open file, bound by a listening socket of the holding

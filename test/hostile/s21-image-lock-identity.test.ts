@@ -8,8 +8,7 @@
  * nothing that keeps the image locked, whatever a left lock file of an older version names (a dead PID, or a
  * PID now another live process's); and an image whose folder is on a read-only mount while the file itself
  * is writable (a file bind-mounted rw into a ro mount, as root in a mount namespace) opens for writing and
- * still excludes a second writer through either path. And a writer with the addon and one without exclude
- * each other (two installs on one host, or KSCINC_NO_NATIVE=1 set for one of them).
+ * still excludes a second writer through either path.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, linkSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
@@ -99,22 +98,6 @@ for (const native of [true, false]) {
     }
   });
 }
-
-describe('one writer with the addon, the other without (two installs on one host)', () => {
-  for (const holderNative of [true, false]) {
-    it(`the holder ${holderNative ? 'with' : 'without'} the addon: a writer ${holderNative ? 'without' : 'with'} it is refused`, async () => {
-      const { disk, fifo, data } = setup();
-      const holderEnv: Record<string, string | undefined> = { KSCINC_NO_NATIVE: holderNative ? undefined : '1' };
-      const otherEnv: Record<string, string | undefined> = { KSCINC_NO_NATIVE: holderNative ? '1' : undefined };
-      const holder = await hold(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], fifo, holderEnv);
-      try {
-        expectLocked(kscinc(['write', disk, '65536', '--from', data], { env: otherEnv }), 'a second writer of the other kind');
-      } finally {
-        expect(await holder.release(), holder.stderr()).toBe(0);
-      }
-    }, 120_000);
-  }
-});
 
 describe('KSCINC_NO_NATIVE=1: other users, killed holders, a read-only folder', () => {
   const env = { KSCINC_NO_NATIVE: '1' };

@@ -3,7 +3,7 @@
  * in one process: handles racing for one file get it exactly once, whatever a lock file of an older version
  * left beside it names; the lock follows the file through a rename; a closed handle frees it; and a name
  * taken by someone else (a hostile process binding it first) refuses the open (a denial of service, never a
- * second writer). The same hold with the addon (flock, and the name beside it).
+ * second writer). The same assertions hold with the addon (flock), except the last (flock knows no name).
  */
 import { spawn } from 'node:child_process';
 import { renameSync, statSync, writeFileSync } from 'node:fs';
@@ -83,37 +83,34 @@ for (const native of [true, false]) {
   });
 }
 
-for (const native of [true, false]) {
-  describe(`the lock name bound by someone else (${native ? 'with the addon' : 'KSCINC_NO_NATIVE=1'})`, () => {
-    it('an open for writing is refused (KSC_E_LOCKED, naming the lock), never let in; once the name is free it opens', async () => {
-      const prev = process.env['KSCINC_NO_NATIVE'];
-      if (native) delete process.env['KSCINC_NO_NATIVE'];
-      else process.env['KSCINC_NO_NATIVE'] = '1';
-      const squatter = createServer();
-      try {
-        const dir = tempDir('kscinc-imglock-');
-        const path = join(dir, 'disk.raw');
-        writeFileSync(path, Buffer.alloc(4096));
-        const st = statSync(path, { bigint: true });
-        const name = identityLockName({ dev: st.dev, ino: st.ino });
-        await new Promise<void>((resolve, reject) => squatter.once('error', reject).listen({ path: name }, resolve));
-        const f = await openHostFile(path, { write: true });
-        const e = await f.lockExclusive().then(
-          () => null,
-          (err: unknown) => err,
-        );
-        await f.close();
-        expect(isKscError(e, 'KSC_E_LOCKED'), String(e)).toBe(true);
-        expect((e as Error).message).toContain(`@${name.slice(1)}`);
-        await new Promise<void>((resolve) => squatter.close(() => resolve()));
-        const g = await take(path);
-        expect(g, 'the name free again').not.toBeNull();
-        await g!.close();
-      } finally {
-        if (squatter.listening) squatter.close();
-        if (prev === undefined) delete process.env['KSCINC_NO_NATIVE'];
-        else process.env['KSCINC_NO_NATIVE'] = prev;
-      }
-    });
+describe('KSCINC_NO_NATIVE=1: the lock name bound by someone else', () => {
+  it('an open for writing is refused (KSC_E_LOCKED, naming the lock), never let in; once the name is free it opens', async () => {
+    const prev = process.env['KSCINC_NO_NATIVE'];
+    process.env['KSCINC_NO_NATIVE'] = '1';
+    const squatter = createServer();
+    try {
+      const dir = tempDir('kscinc-imglock-');
+      const path = join(dir, 'disk.raw');
+      writeFileSync(path, Buffer.alloc(4096));
+      const st = statSync(path, { bigint: true });
+      const name = identityLockName({ dev: st.dev, ino: st.ino });
+      await new Promise<void>((resolve, reject) => squatter.once('error', reject).listen({ path: name }, resolve));
+      const f = await openHostFile(path, { write: true });
+      const e = await f.lockExclusive().then(
+        () => null,
+        (err: unknown) => err,
+      );
+      await f.close();
+      expect(isKscError(e, 'KSC_E_LOCKED'), String(e)).toBe(true);
+      expect((e as Error).message).toContain(`@${name.slice(1)}`);
+      await new Promise<void>((resolve) => squatter.close(() => resolve()));
+      const g = await take(path);
+      expect(g, 'the name free again').not.toBeNull();
+      await g!.close();
+    } finally {
+      if (squatter.listening) squatter.close();
+      if (prev === undefined) delete process.env['KSCINC_NO_NATIVE'];
+      else process.env['KSCINC_NO_NATIVE'] = prev;
+    }
   });
-}
+});
