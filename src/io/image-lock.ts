@@ -52,6 +52,9 @@ export async function takeIdentityLock(id: FileIdentity, path: string): Promise<
       // exclusive: in a cluster worker, bind here, never through the primary (which would share one bind).
       server.listen({ path: name, backlog: 1, exclusive: true }, () => {
         server.off('error', reject);
+        // Any local user can connect: an accept that fails (EMFILE, ENOBUFS…) is emitted as 'error', which
+        // unheard would end the process. The name stays held either way.
+        server.on('error', () => undefined);
         resolve();
       });
     });
