@@ -157,11 +157,6 @@ export interface WritesNow {
    * `data` is read only during this call (what the device keeps it copies): the caller may reuse it at once.
    */
   writeNow(offset: number, data: Uint8Array, fua: boolean, done: (e: unknown) => void): boolean;
-  /**
-   * A write of part of a block may hold a buffer of the whole block (this many bytes) while it is in flight,
-   * beyond its own bytes (a new block's content): what a server's admission counts per block (nbd/block-charges.ts).
-   */
-  readonly blockBytes: number;
 }
 
 /** The device's callback writes, or null when it has none. */

@@ -15,12 +15,9 @@ export class ByteBudget {
     return this.used;
   }
 
-  /**
-   * Takes `n` bytes if they fit (a request larger than the whole budget fits only an empty budget; `mine`:
-   * bytes in use that only the taker's own end gives back, counted as empty for that rule).
-   */
-  tryTake(n: number, mine = 0): boolean {
-    if (this.used > mine && this.used + n > this.limit) return false;
+  /** Takes `n` bytes if they fit (a request larger than the whole budget fits only an empty budget). */
+  tryTake(n: number): boolean {
+    if (this.used > 0 && this.used + n > this.limit) return false;
     this.used += n;
     return true;
   }
@@ -63,20 +60,17 @@ export class ConnectionShare {
 
   /**
    * Waits until `cost` bytes fit this share and the server budget, then holds them; the returned function
-   * gives them back (once), all but `keep` of them: those the caller gives back through a giver(keep) of its
-   * own. `mine`: bytes this share holds that only the request's own end gives back (block-charges.ts: a
-   * block charge it shares), counted as nothing pending for the rule that a request fits an empty share.
-   * Rejects with what `gone()` says once the connection no longer needs them.
+   * gives them back (once). Rejects with what `gone()` says once the connection no longer needs them.
    */
-  async admit(cost: number, gone: () => Error | null, keep = 0, mine = 0): Promise<() => void> {
-    const now = this.tryAdmit(cost, gone, keep, mine);
+  async admit(cost: number, gone: () => Error | null): Promise<() => void> {
+    const now = this.tryAdmit(cost, gone);
     if (now) return now;
     const check = (): void => {
       const e = gone();
       if (e) throw e;
     };
     check();
-    while (this.pending > mine && this.pending + cost > this.max) {
+    while (this.pending > 0 && this.pending + cost > this.max) {
       check();
       this.released ??= (() => {
         let resolve!: () => void;
@@ -84,39 +78,34 @@ export class ConnectionShare {
       })();
       await this.released.promise;
     }
-    while (!this.server.tryTake(cost, mine)) {
+    while (!this.server.tryTake(cost)) {
       await this.server.next();
       check();
     }
-    return this.hold(cost, keep);
+    return this.hold(cost);
   }
 
   /**
    * admit() without a promise when `cost` fits now (the common case: the request loop takes no hop);
    * null when it would have to wait. Throws what `gone()` says.
    */
-  tryAdmit(cost: number, gone: () => Error | null, keep = 0, mine = 0): (() => void) | null {
+  tryAdmit(cost: number, gone: () => Error | null): (() => void) | null {
     const e = gone();
     if (e) throw e;
-    if (this.pending > mine && this.pending + cost > this.max) return null;
-    if (!this.server.tryTake(cost, mine)) return null;
-    return this.hold(cost, keep);
+    if (this.pending > 0 && this.pending + cost > this.max) return null;
+    if (!this.server.tryTake(cost)) return null;
+    return this.hold(cost);
   }
 
-  /** Counts `cost` (already taken from the server budget) as this share's; returns the give-back of all but `keep`. */
-  private hold(cost: number, keep: number): () => void {
+  /** Counts `cost` (already taken from the server budget) as this share's; returns the give-back. */
+  private hold(cost: number): () => void {
     this.pending += cost;
-    return this.giver(cost - keep);
-  }
-
-  /** Gives back `n` bytes this share holds, once (what admit() left to its caller with `keep`). */
-  giver(n: number): () => void {
     let given = false;
     return () => {
       if (given) return;
       given = true;
-      this.pending -= n;
-      this.server.give(n);
+      this.pending -= cost;
+      this.server.give(cost);
       this.wake();
     };
   }

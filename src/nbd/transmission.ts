@@ -5,7 +5,6 @@
  * SessionState it was built with.
  */
 import { type WritesNow, writesNowOf } from '../image/capabilities.js';
-import { BlockCharges, type ChargePlan } from './block-charges.js';
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
@@ -29,8 +28,6 @@ export class Transmission {
   private readonly share: ConnectionShare;
   /** The device's callback writes (no promise per WRITE), if it has them. */
   private readonly now: WritesNow | null;
-  /** The whole-block buffers the device may hold for this connection's WRITEs of part of a block (null: none). */
-  private readonly charges: BlockCharges | null;
   /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
   private atBoundary = false;
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
@@ -44,7 +41,6 @@ export class Transmission {
   ) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
     this.now = writesNowOf(exp.device);
-    this.charges = this.now && this.now.blockBytes > 0 ? new BlockCharges(this.now.blockBytes) : null;
   }
 
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
@@ -144,19 +140,11 @@ export class Transmission {
       }
       // formats/nbd.md §3.2: a negotiated KSC_WRITE_LZ4 says its payload's length first (unnegotiated: unknown command).
       const lz4 = req && req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
-      let cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
-      // A WRITE of part of a block is also charged what the device may hold for it (block-charges.ts).
-      const ch = this.charges;
-      const plan = ch && (fw || req!.type === CMD.WRITE || lz4 >= 0) ? (fw ? ch.plan(fw.offset, fw.length) : ch.plan(Number(req!.offset), req!.length)) : null;
+      const cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
       let release: () => void;
       try {
-        if (plan) {
-          cost += plan.extra + plan.spans;
-          release = this.share.tryAdmit(cost, this.goneError, plan.extra, plan.mine) ?? (await this.share.admit(cost, this.goneError, plan.extra, plan.mine));
-          release = this.charged(ch!, plan, release);
-        } else release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
+        release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
       } catch (e) {
-        if (plan) ch!.end(plan); // its pins
         if (e instanceof SocketClosedError) return;
         throw e;
       }
@@ -204,15 +192,6 @@ export class Transmission {
     const offset = hi * 0x1_0000_0000 + u32(h, at + 20);
     if (hi >= 0x20_0000 || offset + length > this.exp.device.size) return null;
     return new FastWrite(flags, u32(h, at + 8), u32(h, at + 12), offset, length);
-  }
-
-  /** The admitted request of `plan` begins its block charges; the returned give-back also ends them. */
-  private charged(ch: BlockCharges, plan: ChargePlan, release: () => void): () => void {
-    ch.commit(plan, this.share);
-    return () => {
-      release();
-      ch.end(plan);
-    };
   }
 
   /** WRITEs go straight to the export's device (not an incoming migration's target still being filled). */

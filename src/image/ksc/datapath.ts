@@ -13,7 +13,7 @@ import type { HostSpan } from '../capabilities.js';
 import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
-import { blockBufferStats } from './block-buffers.js';
+import { blockBufferStats, releaseAssembly, reserveAssembly } from './block-buffers.js';
 import { flush } from './flush.js';
 import { writePartialCb, writePartialNow } from './partial.js';
 
@@ -324,12 +324,19 @@ function clusterRun(host: number, n: number, B: number): number[] {
 }
 
 async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
-  // Whole-block buffers assembled for copy-on-write are counted as held (block-buffers.ts) until written.
+  // Whole-block buffers assembled for copy-on-write are reserved in the process's block assembly before they
+  // are made (block-buffers.ts; only this write's own block locks are held meanwhile) and counted as held
+  // until written. change() has loaded the map pages of the whole range.
+  const B = c.blockSize;
+  let need = 0;
+  for (const s of c.segments(offset, data.length)) if (s.length !== B && c.map.page(Math.floor(s.block / 4096))!.state[s.block % 4096] !== BlockState.Data) need += B;
+  if (need > 0) await reserveAssembly(need);
   const cow = { bytes: 0 };
   try {
     await writeSegs(c, offset, data, cow);
   } finally {
     blockBufferStats.held -= cow.bytes;
+    if (need > 0) releaseAssembly(need);
   }
 }
 

@@ -84,7 +84,6 @@ export class KscImage implements BlockDevice {
 
   private constructor(private readonly core: KscCore) {
     this.blockSize = core.blockSize;
-    this.writesNow = { writeNow: (o, b, fua, done) => data.writeCb(core, o, b, fua, done), blockBytes: core.blockSize };
     this.size = core.size;
     this.readOnly = core.readOnly;
   }
@@ -484,7 +483,7 @@ export class KscImage implements BlockDevice {
   }
 
   /** Callback writes (an NBD WRITE's path): datapath.ts writeCb. */
-  readonly writesNow: WritesNow;
+  readonly writesNow: WritesNow = { writeNow: (o, b, fua, done) => data.writeCb(this.core, o, b, fua, done) };
 
   /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (datapath.ts). */
   get readsFrom(): HostSpans | undefined {

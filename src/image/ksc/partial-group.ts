@@ -3,7 +3,7 @@
  * chain of waves), per image; how a member ends and how a group ends (see partial.ts's header).
  */
 import type { SparseBitmap } from '../sparse-bitmap.js';
-import { type FreshBlock, type Span, dropBlockBuffer, giveBlockBuffer, giveFreshBlock } from './block-buffers.js';
+import { type FreshBlock, type Span, dropBlockBuffer, giveBlockBuffer, giveFreshBlock, releaseAssembly } from './block-buffers.js';
 import type { KscCore } from './core.js';
 
 export interface Member {
@@ -86,5 +86,6 @@ export function endGroup(c: KscCore, g: Group, ok = true): void {
   for (const s of g.nextSpans) giveBlockBuffer(s.buf); // the pool never reads them
   g.blk = null;
   g.nextSpans = [];
+  if (g.fresh) releaseAssembly(c.blockSize); // reserved by join with the block's buffer
   g.release();
 }

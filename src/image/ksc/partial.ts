@@ -47,7 +47,7 @@ import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { type FreshBlock, giveBlockBuffer, putInSpans, takeFreshBlock } from './block-buffers.js';
+import { type FreshBlock, giveBlockBuffer, putInSpans, releaseAssembly, takeFreshBlock, tryReserveAssembly } from './block-buffers.js';
 import type { KscCore } from './core.js';
 import { Group, type Member, type State, endGroup, finish, states } from './partial-group.js';
 import { submitInPlace } from './partial-inplace.js';
@@ -141,9 +141,16 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
   if (intent && !c.intent.tryBegin(offset, length)) return null;
   let group = g;
   if (!group) {
+    // A new block's buffer counts in the process's block assembly (block-buffers.ts); none left: the general
+    // path, which waits for it.
+    if (!inPlace && !tryReserveAssembly(B)) {
+      if (intent) c.intent.end(offset, length, c.epoch);
+      return null;
+    }
     const release = c.locks.tryAcquire(block, block, true);
     if (!release) {
       if (intent) c.intent.end(offset, length, c.epoch);
+      if (!inPlace) releaseAssembly(B);
       return null;
     }
     let host = inPlace ? page.host[i]! : -1;
@@ -151,6 +158,7 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
       const run = c.alloc.allocRun(1);
       if (run === null) {
         if (intent) c.intent.end(offset, length, c.epoch);
+        releaseAssembly(B);
         release();
         return null;
       }
