@@ -37,7 +37,7 @@ import { compressInto, lz4Bound } from '../dist/compress/lz4.js';
 import { convertImage } from '../dist/engines/convert.js';
 import { chunkId, ID_BYTES, initHash } from '../dist/hash/chunkid.js';
 import { openKsc } from '../dist/image/open.js';
-import { fdatasyncPath, median, rmf, rng } from './lib/common.mjs';
+import { fdatasyncPath, median, randomData, rmf, rng } from './lib/common.mjs';
 import { CLI, log } from './lib/kscinc.mjs';
 import { libBackup, procRun, recyclePool, timedPass } from './races/backup.mjs';
 
@@ -62,15 +62,6 @@ function chunkOffsets(size) {
   const picked = new Set();
   while (picked.size < Math.round(slots * 0.01)) picked.add(Math.floor(r() * slots));
   return [...picked].sort((a, b) => a - b).map((s) => s * C);
-}
-
-/** Seeded random bytes (race 6 writes such data: incompressible, never zero). */
-function randomData(seed, bytes) {
-  const r = rng(seed);
-  const buf = Buffer.allocUnsafe(bytes);
-  const w = new Uint32Array(buf.buffer, buf.byteOffset, bytes >>> 2);
-  for (let i = 0; i < w.length; i++) w[i] = (r() * 4294967296) >>> 0;
-  return buf;
 }
 
 async function rewrite(image, offs, seed) {

@@ -173,6 +173,15 @@ export async function timed(fn) {
 import { mulberry32 as rng } from '../../test/helpers/prng.mjs';
 export { rng };
 
+/** `bytes` of seeded random data (incompressible, never zero pages): what race 6 and incr-ceiling write. */
+export function randomData(seed, bytes) {
+  const r = rng(seed);
+  const buf = Buffer.allocUnsafe(bytes);
+  const w = new Uint32Array(buf.buffer, buf.byteOffset, bytes >>> 2);
+  for (let i = 0; i < w.length; i++) w[i] = (r() * 4294967296) >>> 0;
+  return buf;
+}
+
 /** `count` request offsets, `size`-aligned, uniformly inside [0, span). */
 export function randomOffsets(seed, count, size, span) {
   const r = rng(seed);

@@ -36,7 +36,7 @@ import { openImage, openKsc } from '../../dist/image/open.js';
 import { openStore } from '../../dist/objstore/open.js';
 import { DEFAULT_CHUNK } from '../../dist/repo/constants.js';
 import { Repository } from '../../dist/repo/repository.js';
-import { KiB, MiB, dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, quiet, retrying, rmf, rng, row, timed, waitQuiet } from '../lib/common.mjs';
+import { KiB, MiB, dropCaches, fdatasyncPath, foreignSince, foreignUsage, gc, median, quiet, randomData, retrying, rmf, rng, row, timed, waitQuiet } from '../lib/common.mjs';
 
 export const BACKUP = {
   /** Rewritten share of the disk in race 6. */
@@ -236,15 +236,6 @@ export async function timedPass(ctx, fn, outputs = []) {
     for (const o of outputs) await fdatasyncPath(o);
   });
   return { ms, busyMs: performance.eventLoopUtilization(elu0).active, ...foreignSince(bg0), out };
-}
-
-/** `bytes` of seeded random data (incompressible, never zero pages). */
-function randomData(seed, bytes) {
-  const r = rng(seed);
-  const buf = Buffer.allocUnsafe(bytes);
-  const w = new Uint32Array(buf.buffer, buf.byteOffset, bytes >>> 2);
-  for (let i = 0; i < w.length; i++) w[i] = (r() * 4294967296) >>> 0;
-  return buf;
 }
 
 /** `count` distinct `unit`-aligned offsets in [0, size), seeded. */
