@@ -173,7 +173,12 @@ export class Transmission {
         }
       }
       while (this.running >= this.server.maxInFlight && !this.failure) await this.oneEnds();
-      if (this.failure) throw this.failure.e;
+      if (this.failure) {
+        // The connection failed: this request, admitted and read, is never run; its bytes and buffer go back.
+        release();
+        if (pooled) this.server.pool.give([pooled]);
+        throw this.failure.e;
+      }
       this.running++;
       if (fw && this.plainWrites()) this.writeNow(fw, payload!, pooled, release);
       else this.track(this.handle(req ?? fw!.request(), payload, pooled, release));
@@ -323,6 +328,9 @@ export class Transmission {
       if (!(e instanceof NbdRequestError)) link.log(`nbd: connection ${link.id}: command ${req.type} at ${req.offset}+${req.length}: ${msg}`);
       if (state.structuredReplies) await link.send([encodeErrorChunk(req.cookie, errno, msg)], release);
       else await link.send([encodeSimpleReply(errno, req.cookie)], release);
+    } catch (e2) {
+      release(); // no reply is sent: the connection fails (its request loop throws this), the bytes go back
+      throw e2;
     } finally {
       if (link.destroyed) release();
     }

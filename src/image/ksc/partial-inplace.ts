@@ -85,7 +85,8 @@ function writeRun(c: KscCore, g: Group, run: Member[], turn: Turn, from: number,
       } catch (e) {
         err = e;
       }
-      if (--turn.left === 0 && !turn.failed) giveBlockBuffer(turn.span.buf);
+      // The last run: the buffer goes back, or is dropped when an earlier run of the turn failed.
+      if (--turn.left === 0) (turn.failed ? dropBlockBuffer : giveBlockBuffer)(turn.span.buf);
       for (const m of run) finish(c, g, m);
       for (const m of run) m.done(err);
     },
