@@ -18,9 +18,20 @@ import { flush } from './flush.js';
 import { writePartialCb, writePartialNow } from './partial.js';
 
 const ZERO_BLOCK_CRC = new Map<number, number>();
+const ZERO_BLOCK = new Map<number, Buffer>();
+/**
+ * A zeroed block of `blockSize` bytes, one per size, shared by every write of zeroes: only ever written from,
+ * never into (a WRITE_ZEROES is admitted as a small request, so a zeroed buffer of its own per request was
+ * memory no budget counted).
+ */
+function zeroBlock(blockSize: number): Buffer {
+  let z = ZERO_BLOCK.get(blockSize);
+  if (z === undefined) ZERO_BLOCK.set(blockSize, (z = Buffer.alloc(blockSize)));
+  return z;
+}
 function zeroCrc(blockSize: number): number {
   let c = ZERO_BLOCK_CRC.get(blockSize);
-  if (c === undefined) ZERO_BLOCK_CRC.set(blockSize, (c = crc32(Buffer.alloc(blockSize))));
+  if (c === undefined) ZERO_BLOCK_CRC.set(blockSize, (c = crc32(zeroBlock(blockSize))));
   return c;
 }
 
@@ -453,11 +464,11 @@ async function zeroLocked(c: KscCore, offset: number, length: number, mayTrim: b
     if (state === DAMAGED) throw c.map.damagedError(s.block);
     if (!whole) {
       if (isDiscard || state === BlockState.Zero || (state === BlockState.Unallocated && !c.backingDev)) continue;
-      await writeLocked(c, start + s.inBlock, Buffer.alloc(s.length));
+      await writeLocked(c, start + s.inBlock, zeroBlock(B).subarray(0, s.length));
       continue;
     }
     if (state === BlockState.Data && !mayTrim) {
-      await c.file.write(Buffer.alloc(B), page.host[i]!);
+      await c.file.write(zeroBlock(B), page.host[i]!);
       c.map.set(s.block, BlockState.Data, page.host[i]!, zeroCrc(B), true);
     } else if (state === BlockState.Data) {
       // The cluster is punched and reused only after the flush that makes this entry durable (§9 rule 4):
