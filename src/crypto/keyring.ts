@@ -37,6 +37,32 @@ export async function readKeyObject(store: ObjectStore, id: string): Promise<Key
 }
 
 /**
+ * §13.1 rule 2 for a config without the `encrypted` feature: the key objects of the location, and the key
+ * file `keyFile` when one is given, that name repository `repoId` — what a config stripped of its
+ * encryption leaves behind. Key objects of another id (a stopped init, §13.1 rule 3) and objects or a file
+ * that cannot be read do not count.
+ */
+export async function keysNaming(store: ObjectStore, repoId: string, keyFile: string | null | undefined): Promise<string[]> {
+  const out: string[] = [];
+  if (keyFile) {
+    try {
+      if (decodeKeyObject(readFileSync(keyFile), keyFile).repository === repoId) out.push(`key file ${keyFile}`);
+    } catch {
+      /* not a key file of this repository */
+    }
+  }
+  for (const id of await listKeyIds(store)) {
+    try {
+      if ((await readKeyObject(store, id)).repository === repoId) out.push(`key object ${store.name}/${keyObjectKey(id)}`);
+    } catch (e) {
+      // Damaged, of an unknown version, or gone meanwhile: names nothing. Unreachable storage: not known.
+      if (!['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes((e as KscError).code)) throw e;
+    }
+  }
+  return out;
+}
+
+/**
  * Reads the key file at `path` (formats/repository.md §13.3) and unwraps its master key with `password`:
  * `master` is null when the password does not open it. KSC_E_INVALID when the file cannot be read; the
  * decoder's KSC_E_ errors as they are.

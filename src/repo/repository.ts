@@ -30,7 +30,7 @@ import {
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
-import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
+import { KEY_PREFIX, addKey, keysNaming, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -141,6 +141,12 @@ export class Repository {
         throw new KscError(
           'KSC_E_AUTH',
           `${store.name} is not encrypted, but a password or key file was given: refusing (a config stripped of its encryption would make this client write in the clear; formats/repository.md §13.1)`,
+        );
+      const left = await keysNaming(store, config.id, u ? u.keyFile : process.env.KSCINC_KEY_FILE);
+      if (left.length > 0)
+        throw new KscError(
+          'KSC_E_AUTH',
+          `${store.name}: its config says it is not encrypted, but ${left.join(' and ')} ${left.length > 1 ? 'hold' : 'holds'} the key of repository ${config.id}: the config was stripped of its encryption; refusing, nothing was written (it would write in the clear; formats/repository.md §13.1 rule 2). Put back the config from a copy, or delete it and run "kscinc repo repair" with the password or key file (§13.9)`,
         );
       return new Repository(store, config);
     }
