@@ -8,6 +8,7 @@ import { readFileSync } from 'node:fs';
 import { hostname, userInfo } from 'node:os';
 import { KscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
+import { getSmall } from '../repo/small-object.js';
 import { type KeyObject, type RepoKeys, type ScryptParams, defaultScrypt, decodeKeyObject, deriveKeys, keyMatches, unwrapMaster, wrapMaster } from './keys.js';
 import type { Unlock } from './password.js';
 
@@ -24,16 +25,22 @@ export interface Unlocked {
 
 /** The ids of the key objects, sorted. */
 export async function listKeyIds(store: ObjectStore): Promise<string[]> {
-  const out: string[] = [];
-  for await (const o of store.list(KEY_PREFIX)) {
-    const m = KEY_RE.exec(o.key);
-    if (m) out.push(m[1]!);
-  }
-  return out.sort();
+  return (await listKeyObjects(store)).map((k) => k.id);
 }
 
-export async function readKeyObject(store: ObjectStore, id: string): Promise<KeyObject> {
-  return decodeKeyObject(await store.get(keyObjectKey(id)), `${store.name}/${keyObjectKey(id)}`);
+/** The key objects' ids and sizes, sorted by id. */
+async function listKeyObjects(store: ObjectStore): Promise<{ id: string; size: number }[]> {
+  const out: { id: string; size: number }[] = [];
+  for await (const o of store.list(KEY_PREFIX)) {
+    const m = KEY_RE.exec(o.key);
+    if (m) out.push({ id: m[1]!, size: o.size });
+  }
+  return out.sort((a, b) => (a.id < b.id ? -1 : 1));
+}
+
+/** Key object `id` (`size`: its listed size, else it is looked up); one larger than a key object is damaged, not read. */
+export async function readKeyObject(store: ObjectStore, id: string, size?: number): Promise<KeyObject> {
+  return decodeKeyObject(await getSmall(store, keyObjectKey(id), 'key object', size), `${store.name}/${keyObjectKey(id)}`);
 }
 
 /**
@@ -51,9 +58,9 @@ export async function keysNaming(store: ObjectStore, repoId: string, keyFile: st
       /* not a key file of this repository */
     }
   }
-  for (const id of await listKeyIds(store)) {
+  for (const { id, size } of await listKeyObjects(store)) {
     try {
-      if ((await readKeyObject(store, id)).repository === repoId) out.push(`key object ${store.name}/${keyObjectKey(id)}`);
+      if ((await readKeyObject(store, id, size)).repository === repoId) out.push(`key object ${store.name}/${keyObjectKey(id)}`);
     } catch (e) {
       // Damaged, of an unknown version, or gone meanwhile: names nothing. Unreachable storage: not known.
       if (!['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_NOT_FOUND'].includes((e as KscError).code)) throw e;
@@ -101,7 +108,8 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
     }
     return { keys, master, keyId: null };
   }
-  const ids = await listKeyIds(store);
+  const objects = await listKeyObjects(store);
+  const ids = objects.map((k) => k.id);
   if (!u.password && u.prompt) u.password = await u.prompt(); // kept: a second unlock with `u` asks no more
   if (!u.password) {
     throw new KscError(
@@ -112,10 +120,10 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];
   u.deriving?.();
-  for (const id of ids) {
+  for (const { id, size } of objects) {
     let k: KeyObject;
     try {
-      k = await readKeyObject(store, id);
+      k = await readKeyObject(store, id, size);
     } catch (e) {
       if (!(e as KscError).code?.startsWith('KSC_E_')) throw e;
       damaged.push((e as Error).message);

@@ -7,6 +7,7 @@
  * renewed for REF_STALE_MS by the storage's clock is stale: prune still honours it and says so, and
  * `kscinc repo unlock` deletes it.
  */
+import { getSmall } from './small-object.js';
 import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';
@@ -80,7 +81,7 @@ const days = (ms: number): string => `${(ms / 86_400_000).toFixed(1)} days`;
 
 /** Every object under refs/live/, judged at storage time `now` (default: a probe's). */
 export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = REF_STALE_MS): Promise<LiveRefInfo[]> {
-  const objects: { key: string; mtimeMs: number }[] = [];
+  const objects: { key: string; size: number; mtimeMs: number }[] = [];
   for await (const o of store.list(REFS_PREFIX)) objects.push(o);
   if (objects.length === 0) return [];
   const t = now ?? (await storageNow(store));
@@ -88,7 +89,7 @@ export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = R
   for (const o of objects) {
     let raw: Buffer | null = null;
     try {
-      raw = await store.get(o.key);
+      raw = await getSmall(store, o.key, 'live-restore reference', o.size);
     } catch (e) {
       if (isKscError(e, 'KSC_E_NOT_FOUND')) continue; // deleted meanwhile (a pull finished)
       if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_IO'].includes(e.code)) throw e;

@@ -16,6 +16,7 @@
  * folder (ObjectStore.hostLock), which lets an exclusive taker work when its lock object cannot be written
  * (a full file system): rule 7.
  */
+import { getSmall } from './small-object.js';
 import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';
 import type { HostLock, ObjectStore } from '../objstore/types.js';
@@ -223,7 +224,7 @@ export async function listLocks(store: ObjectStore, timing: LockTiming, now?: nu
 
 /** listLocks, and the storage time it judged them at. `ownBody`: the body of lock `own` as this process put it (not read back). */
 export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: number, own?: string, ownBody?: LockBody): Promise<{ now: number; locks: LockInfo[] }> {
-  const objects: { key: string; mtimeMs: number }[] = [];
+  const objects: { key: string; size: number; mtimeMs: number }[] = [];
   for await (const o of store.list('locks/')) objects.push(o);
   let t = now ?? objects.find((o) => o.key === own)?.mtimeMs;
   if (t === undefined) {
@@ -245,7 +246,7 @@ export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: nu
     }
     let raw: Buffer | null = null;
     try {
-      raw = await store.get(o.key);
+      raw = await getSmall(store, o.key, 'lock', o.size);
     } catch (e) {
       if (isKscError(e, 'KSC_E_NOT_FOUND')) continue; // released meanwhile
       if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_IO'].includes(e.code)) throw e;
