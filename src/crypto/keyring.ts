@@ -119,7 +119,7 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
   }
   if (ids.length === 0) throw new KscError('KSC_E_AUTH', `${store.name} is encrypted but holds no key object (keys/): only a key file opens it`);
   const damaged: string[] = [];
-  u.deriving?.();
+  const candidates: { id: string; k: KeyObject; cost: number }[] = [];
   for (const { id, size } of objects) {
     let k: KeyObject;
     try {
@@ -134,6 +134,13 @@ export async function unlock(store: ObjectStore, repoId: string, check: string, 
       damaged.push(`key ${store.name}/${keyObjectKey(id)} is a key of another repository (${k.repository})`);
       continue;
     }
+    candidates.push({ id, k, cost: k.scrypt ? k.scrypt.N * k.scrypt.r * k.scrypt.p : 0 });
+  }
+  // Cheapest first (stable: by id among equals): a key object planted with the highest cost a reader
+  // accepts (1 GiB, p 16: minutes of scrypt) is tried only when no other key opens.
+  candidates.sort((a, b) => a.cost - b.cost);
+  u.deriving?.();
+  for (const { id, k } of candidates) {
     const master = await unwrapMaster(k, u.password);
     if (!master) continue;
     const keys = deriveKeys(master);
