@@ -8,7 +8,7 @@ import { readFileSync } from 'node:fs';
 import { hostname, userInfo } from 'node:os';
 import { KscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
-import { getSmall } from '../repo/small-object.js';
+import { getSmall } from '../objstore/small-object.js';
 import { type KeyObject, type RepoKeys, type ScryptParams, defaultScrypt, decodeKeyObject, deriveKeys, keyMatches, unwrapMaster, wrapMaster } from './keys.js';
 import type { Unlock } from './password.js';
 

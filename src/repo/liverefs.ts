@@ -7,7 +7,7 @@
  * renewed for REF_STALE_MS by the storage's clock is stale: prune still honours it and says so, and
  * `kscinc repo unlock` deletes it.
  */
-import { getSmall } from './small-object.js';
+import { getSmall } from '../objstore/small-object.js';
 import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';

@@ -16,7 +16,7 @@
  * folder (ObjectStore.hostLock), which lets an exclusive taker work when its lock object cannot be written
  * (a full file system): rule 7.
  */
-import { getSmall } from './small-object.js';
+import { getSmall } from '../objstore/small-object.js';
 import { hostname } from 'node:os';
 import { KscError, isKscError } from '../errors.js';
 import type { HostLock, ObjectStore } from '../objstore/types.js';

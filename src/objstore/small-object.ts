@@ -5,7 +5,7 @@
  * allocated from an unchecked length; a planted 1.5 GiB lock cost every backup 1.6 GB of memory).
  */
 import { KscError } from '../errors.js';
-import type { ObjectStore } from '../objstore/types.js';
+import type { ObjectStore } from './types.js';
 
 /** The largest lock, live-restore reference or key object read (each is well under 8 KiB). */
 export const MAX_SMALL_OBJECT = 64 * 1024;
