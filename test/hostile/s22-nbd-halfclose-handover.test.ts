@@ -67,7 +67,9 @@ describe('half-closed client during a hot upgrade', () => {
       const u = await up;
       expect(u.code, `upgrade: ${u.stderr}\n${s.stderr().slice(-3000)}`).toBe(0);
       expect(s.worker(), 'a new worker after the upgrade').not.toBe(before);
+      const closed = await Promise.race([c.closed.then(() => true), sleep(20_000).then(() => false)]);
       c.socket.destroy();
+      expect(closed, 'the server ends the connection after the replies').toBe(true);
       const wrote = [...answered.keys()].filter((k) => k >= 100n).length;
       expect({ answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length }, `requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}); seed ${seed}\n${s.stderr().slice(-2000)}`).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0 });
     } finally {
