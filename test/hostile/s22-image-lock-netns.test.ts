@@ -6,7 +6,8 @@
  * network namespace: a second writer started with `unshare -n` (a container with its own network, as root
  * here) bound the same name in its own namespace and wrote to an image another process held open for writing.
  * The lock must be the file's: a second writer in another network namespace is refused (either way round, with
- * and without the addon), and a name bound by another user keeps no writer out.
+ * and without the addon), and a name bound by another user keeps no writer out. Without the addon the lock is
+ * now flock(1) on the open descriptor (io/image-lock.ts flockByTool); without flock(1) too, still the name.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { chmodSync, statSync, writeFileSync } from 'node:fs';
@@ -26,17 +27,22 @@ interface Run {
   out: string;
 }
 
+/** KSCINC_NO_NATIVE=1, and with noFlock no flock(1) on PATH either (the lock then is the abstract name). */
+function envOf(native: boolean, noFlock = false): NodeJS.ProcessEnv {
+  return { ...process.env, ...(native ? {} : { KSCINC_NO_NATIVE: '1' }), ...(noFlock ? { PATH: '/nonexistent' } : {}) };
+}
+
 /** `[prefix…] node kscinc ARGS` with or without the addon. */
-function run(prefix: string[], args: string[], native: boolean): Run {
+function run(prefix: string[], args: string[], native: boolean, noFlock = false): Run {
   const cmd = [...prefix, process.execPath, CLI, ...args];
-  const r = spawnSync(cmd[0]!, cmd.slice(1), { env: { ...process.env, ...(native ? {} : { KSCINC_NO_NATIVE: '1' }) }, encoding: 'utf8' });
+  const r = spawnSync(cmd[0]!, cmd.slice(1), { env: envOf(native, noFlock), encoding: 'utf8' });
   return { code: r.status, out: `${r.stdout}${r.stderr}` };
 }
 
 /** A writer holding `disk` open (kscinc write … --from FIFO, waiting for its fifo); release() lets it finish. */
-async function hold(prefix: string[], disk: string, fifo: string, native: boolean): Promise<{ release: () => Promise<number | null>; err: () => string }> {
+async function hold(prefix: string[], disk: string, fifo: string, native: boolean, noFlock = false): Promise<{ release: () => Promise<number | null>; err: () => string }> {
   const cmd = [...prefix, process.execPath, CLI, 'write', disk, '0', '--from', fifo];
-  const proc: ChildProcess = spawn(cmd[0]!, cmd.slice(1), { env: { ...process.env, ...(native ? {} : { KSCINC_NO_NATIVE: '1' }) }, stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc: ChildProcess = spawn(cmd[0]!, cmd.slice(1), { env: envOf(native, noFlock), stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const ended = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
@@ -94,6 +100,18 @@ describe.skipIf(!canUnshare)('the write lock across network namespaces', () => {
       expect(after.code, after.out).toBe(0);
     }, 120_000);
   }
+
+  it('without flock(1) on the host (KSCINC_NO_NATIVE=1, PATH without it): the abstract name, a second writer in the namespace refused', async () => {
+    const { disk, fifo, data } = setup();
+    const holder = await hold([], disk, fifo, false, true);
+    try {
+      const r = run([], ['write', disk, '65536', '--from', data], false, true);
+      expectRefused(r, 'a second writer without flock(1)');
+      expect(r.out, 'the abstract name refused it').toMatch(/abstract socket @kscinc-image-lock/);
+    } finally {
+      expect(await holder.release(), holder.err()).toBe(0);
+    }
+  }, 60_000);
 
   it.skipIf(!hasSetpriv)('another user binding the image’s lock name keeps no writer out (KSCINC_NO_NATIVE=1)', async () => {
     const { disk, data } = setup();
