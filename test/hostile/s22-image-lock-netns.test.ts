@@ -113,21 +113,29 @@ describe.skipIf(!canUnshare)('the write lock across network namespaces', () => {
     }
   }, 60_000);
 
-  it.skipIf(!hasSetpriv)('another user binding the image’s lock name keeps no writer out (KSCINC_NO_NATIVE=1)', async () => {
-    const { disk, data } = setup();
-    const st = statSync(disk, { bigint: true });
-    const name = `\\0kscinc-image-lock/v1/${st.dev}/${st.ino}`;
-    // nobody binds the name session 21's lock used (any user can bind any abstract name) and holds it.
-    const squat = spawn('setpriv', ['--reuid', `${NOBODY}`, '--regid', `${NOBODY}`, '--clear-groups', process.execPath, '-e', `require('net').createServer().listen({ path: '${name}' }, () => console.log('bound'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
-    try {
-      await new Promise<void>((resolve, reject) => {
-        squat.stdout!.on('data', () => resolve());
-        squat.on('exit', (c) => reject(new Error(`the squatter exited ${c}`)));
-      });
-      const r = run([], ['write', disk, '0', '--from', data], false);
-      expect(r.code, `a writer while another user holds the name: ${r.out}`).toBe(0);
-    } finally {
-      squat.kill('SIGKILL');
-    }
-  }, 60_000);
+  it.skipIf(!hasSetpriv)(
+    'another user binding the image’s lock name keeps no writer out (KSCINC_NO_NATIVE=1)',
+    async () => {
+      const { disk, data } = setup();
+      const st = statSync(disk, { bigint: true });
+      const name = `\\0kscinc-image-lock/v1/${st.dev}/${st.ino}`;
+      // nobody binds the name session 21's lock used (any user can bind any abstract name) and holds it.
+      const squat = spawn(
+        'setpriv',
+        ['--reuid', `${NOBODY}`, '--regid', `${NOBODY}`, '--clear-groups', process.execPath, '-e', `require('net').createServer().listen({ path: '${name}' }, () => console.log('bound'))`],
+        { stdio: ['ignore', 'pipe', 'inherit'] },
+      );
+      try {
+        await new Promise<void>((resolve, reject) => {
+          squat.stdout!.on('data', () => resolve());
+          squat.on('exit', (c) => reject(new Error(`the squatter exited ${c}`)));
+        });
+        const r = run([], ['write', disk, '0', '--from', data], false);
+        expect(r.code, `a writer while another user holds the name: ${r.out}`).toBe(0);
+      } finally {
+        squat.kill('SIGKILL');
+      }
+    },
+    60_000,
+  );
 });

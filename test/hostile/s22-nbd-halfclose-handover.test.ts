@@ -71,7 +71,10 @@ describe('half-closed client during a hot upgrade', () => {
       c.socket.destroy();
       expect(closed, 'the server ends the connection after the replies').toBe(true);
       const wrote = [...answered.keys()].filter((k) => k >= 100n).length;
-      expect({ answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length }, `requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}); seed ${seed}\n${s.stderr().slice(-2000)}`).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0 });
+      expect(
+        { answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length },
+        `requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}); seed ${seed}\n${s.stderr().slice(-2000)}`,
+      ).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0 });
     } finally {
       expect(await s.stop()).toBe(0);
     }

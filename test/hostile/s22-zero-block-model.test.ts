@@ -112,7 +112,10 @@ describe('the shared zero block is never written into', () => {
               for (const op of ops) if (op.kind !== 'read') apply(model, op, bs);
               // Reads see the state before the batch (their ranges are disjoint from the batch's changes).
               const errs = await Promise.all(ops.map((op) => run(dev!, op, before)));
-              expect(errs.filter((e) => e !== null), `round ${round}, seed ${seed}`).toEqual([]);
+              expect(
+                errs.filter((e) => e !== null),
+                `round ${round}, seed ${seed}`,
+              ).toEqual([]);
               const got = await dev.read(0, size);
               const d = firstDiff(got, model);
               expect(d, `round ${round}: the image differs from the model at byte ${d} (ops ${JSON.stringify(ops.map((o) => [o.kind, o.off, o.len]))}), seed ${seed}`).toBe(-1);
