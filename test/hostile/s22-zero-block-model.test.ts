@@ -84,7 +84,7 @@ describe('the shared zero block is never written into', () => {
     for (const native of [true, false]) {
       for (const backed of [false, true]) {
         it(`${bs / KiB} KiB blocks, ${native ? 'addon' : 'KSCINC_NO_NATIVE=1'}${backed ? ', over a backing' : ''}: reads equal the model`, async () => {
-          const label = `test/hostile/s22-zero-block-model.test.ts ${bs} ${native} ${backed}`;
+          const label = 'test/hostile/s22-zero-block-model.test.ts'; // one KSC_SEED replays every case with it
           const seed = seedFor(label);
           const rng = new Rng(seed);
           const prev = process.env['KSCINC_NO_NATIVE'];
