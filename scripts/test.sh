@@ -20,7 +20,7 @@ native_s=$((SECONDS - t0))
 echo "== image, CLI, interop and backup-engine tests without the native addon (TypeScript and lz4-napi fallback) =="
 # Why these files (session 21): each runs code that takes another path without the addon (src/io/native.ts),
 # and none was dropped. Every file of test/image and test/interop opens an image or a raw file for writing (lock:
-# flock with the addon, the lock name of the file's device and inode without: src/io/file.ts lockExclusive); most also punch holes, seek
+# flock with the addon, flock through flock(1) or else the lock name of the file's device and inode without: src/io/file.ts lockExclusive); most also punch holes, seek
 # data and holes, read through readCached and write through writeCrc (same file) or serve over NBD (sendfile);
 # raw-extents checks SEEK_DATA against its absence; cli.test runs the CLI on images; compress.test and
 # engine.test the addon's LZ4 and XXH64 against lz4-napi and the TypeScript hash. A run with the addon's

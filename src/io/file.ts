@@ -9,7 +9,7 @@ import { type NativeOps, SYNC_RANGE, nativeOps } from './native.js';
 import { withFaults } from './fault.js';
 import { pace } from '../util/turns.js';
 import { createFile } from './create.js';
-import { type IdentityLock, lockedError, takeIdentityLock } from './image-lock.js';
+import { type IdentityLock, flockByTool, lockedError, takeIdentityLock } from './image-lock.js';
 import { notRegular, openExisting } from './file-kind.js';
 
 /** Reads up to this size try the page cache on the calling thread first (larger copies would stall it). */
@@ -413,11 +413,15 @@ class NodeHostFile implements HostFile {
   }
 
   /**
-   * Fallback where flock is unavailable: the lock named after this file's identity (device and inode of the
-   * open descriptor), held by a socket of this process (io/image-lock.ts; formats/ksc_inc.md §9 rule 1).
+   * Fallback where the addon is unavailable: flock through flock(1) (the addon's lock), else the lock named
+   * after this file's identity (device and inode of the open descriptor), held by a socket of this process
+   * (io/image-lock.ts; formats/ksc_inc.md §9 rule 1).
    */
   private async lockWithName(): Promise<void> {
     if (this.identityLock) throw lockedError(this.path);
+    const flocked = await flockByTool(this.fh.fd);
+    if (flocked === true) return;
+    if (flocked === false) throw lockedError(this.path);
     let st: { dev: bigint; ino: bigint };
     try {
       st = await this.fh.stat({ bigint: true });

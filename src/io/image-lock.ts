@@ -15,9 +15,12 @@
  *   obstacle) or anywhere else (no shared lock folder that another user could fill, swap or point
  *   elsewhere). Any local user may bind any name: one who can stat the image can keep it from being opened
  *   for writing (a denial of service, never a second writer), and `ss -xlp` names that process.
- * Its scope is one network namespace (containers with their own network do not see each other's names);
- * flock, with the addon, is the file system's and has no such limit.
+ * Its scope is one network namespace (containers with their own network do not see each other's names:
+ * a writer started with `unshare -n` took the name of a file another writer held), and it does not see the
+ * addon's flock. So flock(1), when the host has it (flockByTool), takes the addon's lock instead; the name is
+ * the last resort.
  */
+import { spawn } from 'node:child_process';
 import { createServer, type Server } from 'node:net';
 import { KscError, ioError } from '../errors.js';
 
@@ -25,6 +28,30 @@ import { KscError, ioError } from '../errors.js';
 export interface FileIdentity {
   dev: bigint;
   ino: bigint;
+}
+
+/** flock(1)'s exit code when the lock is held elsewhere (asked for with -E: its default, 1, is also its usage error). */
+const FLOCK_CONFLICT = 75;
+
+/**
+ * flock(2) on the open file `fd` without the addon: util-linux's flock(1), given the descriptor as its fd 3,
+ * locks the open file description it shares with this process; the lock outlives flock(1), held until this
+ * process closes the descriptor or dies: the addon's very lock, so it excludes writers with the addon, in
+ * other network namespaces, and lets no user who cannot open the file keep writers out (the abstract name's
+ * scope is one network namespace, and any user can bind it). true: taken; false: held elsewhere; null:
+ * no flock(1) here, or it failed otherwise (the caller takes the name instead).
+ */
+export function flockByTool(fd: number): Promise<boolean | null> {
+  return new Promise((resolve) => {
+    let child;
+    try {
+      child = spawn('flock', ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3'], { stdio: ['ignore', 'ignore', 'ignore', fd] });
+    } catch {
+      return resolve(null);
+    }
+    child.once('error', () => resolve(null));
+    child.once('exit', (code) => resolve(code === 0 ? true : code === FLOCK_CONFLICT ? false : null));
+  });
 }
 
 /** The abstract socket name (leading NUL) of a file's lock; `ss -xl` shows it with an `@` for the NUL. */

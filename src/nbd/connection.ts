@@ -222,7 +222,10 @@ export class Connection implements Link {
     });
   }
 
-  /** Waits until every reply queued has been handed to the kernel; false when the socket went away first. */
+  /**
+   * Waits until every reply queued has been handed to the kernel; false when the socket went away first, or
+   * the peer ended its sending and sent nothing left to run.
+   */
   private async replied(): Promise<boolean> {
     const s = this.socket;
     this.writeBatch(); // the gathered replies count in writableLength from here
@@ -234,7 +237,9 @@ export class Connection implements Link {
       }
       await new Promise((r) => setTimeout(r, 1));
     }
-    return !s.destroyed && !this.reader.finished;
+    // A peer that ended its sending (after a DISC, say) with requests still unread goes over with them: the
+    // new worker runs them and replies (the socket reads its end again there); with none left it is closed.
+    return !s.destroyed && (!this.reader.finished || this.reader.pending > 0);
   }
 
   /** Runs `p`; if it has not settled after `ms`, ends the session (the pending read rejects). */

@@ -169,6 +169,9 @@ export class Transmission {
           payload = link.reader.takeNow(n, alloc) ?? (await link.reader.read(n, { ms: stall, what: `write payload of ${n} bytes` }, alloc));
         } catch (e) {
           release();
+          // The session ends: the reader, stopped now, copies nothing more into the payload's pool buffer.
+          link.reader.abort();
+          if (pooled) this.server.pool.give([pooled]);
           throw e;
         }
       }

@@ -3,7 +3,8 @@
  * in one process: handles racing for one file get it exactly once, whatever a lock file of an older version
  * left beside it names; the lock follows the file through a rename; a closed handle frees it; and a name
  * taken by someone else (a hostile process binding it first) refuses the open (a denial of service, never a
- * second writer). The same assertions hold with the addon (flock), except the last (flock knows no name).
+ * second writer; without flock(1) on the host only: with it the lock is flock, see
+ * test/hostile/s22-image-lock-netns). The same assertions hold with the addon (flock), except the last.
  */
 import { spawn } from 'node:child_process';
 import { renameSync, statSync, writeFileSync } from 'node:fs';
@@ -83,10 +84,12 @@ for (const native of [true, false]) {
   });
 }
 
-describe('KSCINC_NO_NATIVE=1: the lock name bound by someone else', () => {
+describe('KSCINC_NO_NATIVE=1 without flock(1): the lock name bound by someone else', () => {
   it('an open for writing is refused (KSC_E_LOCKED, naming the lock), never let in; once the name is free it opens', async () => {
     const prev = process.env['KSCINC_NO_NATIVE'];
+    const prevPath = process.env['PATH'];
     process.env['KSCINC_NO_NATIVE'] = '1';
+    process.env['PATH'] = '/nonexistent'; // no flock(1): the lock is the abstract name (image-lock.ts)
     const squatter = createServer();
     try {
       const dir = tempDir('kscinc-imglock-');
@@ -109,6 +112,7 @@ describe('KSCINC_NO_NATIVE=1: the lock name bound by someone else', () => {
       await g!.close();
     } finally {
       if (squatter.listening) squatter.close();
+      process.env['PATH'] = prevPath;
       if (prev === undefined) delete process.env['KSCINC_NO_NATIVE'];
       else process.env['KSCINC_NO_NATIVE'] = prev;
     }

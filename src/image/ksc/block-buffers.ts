@@ -49,7 +49,8 @@ export function giveBlockBuffer(b: Buffer): void {
  * copy-on-write of part of one — over the process: a 4 KiB NBD WRITE into a new 2 MiB block holds 2 MiB that
  * NBD admission, counting the request's bytes, does not see (16 connections of 32 such WRITEs held 1.1 GiB).
  * At most ASSEMBLY_BYTES are reserved at once (or one reservation of any size when none is held); waiters are
- * served in order. A holder never waits for another reservation while it holds one, so every holder ends.
+ * served in order. A holder never waits for another reservation while it holds one, so every holder ends;
+ * and a new block's chain takes no more pieces while someone waits (assemblyWaited), so it ends soon.
  */
 export const ASSEMBLY_BYTES = 32 * 1024 * 1024;
 let assembling = 0;
@@ -58,6 +59,14 @@ const assemblyWaiters: { n: number; resolve: () => void }[] = [];
 /** Bytes of block assembly reserved now (tests). */
 export function assemblyReserved(): number {
   return assembling;
+}
+
+/**
+ * Someone waits for block assembly: a holder that could go on holding (partial.ts, a new block's chain of
+ * waves while pieces keep coming) ends instead, so that the waiter is served while its writers go on.
+ */
+export function assemblyWaited(): boolean {
+  return assemblyWaiters.length > 0;
 }
 
 /** Reserves n bytes of block assembly if they fit now and nobody waits (else false, nothing reserved). */

@@ -28,8 +28,9 @@
  *    file: the whole block with its CRC-32, or, for pieces within a quarter of the block, only their span,
  *    the entry then not valid). The lock stays held from wave to wave; nothing waiting for it may be
  *    overtaken (a piece that finds the lock awaited takes the general path, behind it), and the chain
- *    ends, giving the lock back, when a wave finds no piece queued. Such a rewrite needs no intent bit
- *    while no map snapshot (a flush, which moves c.epoch)
+ *    ends, giving the lock back, when a wave finds no piece queued (no piece joins a chain while a writer waits
+ *    for the block assembly: it would keep its reservation for as long as its writers go on). Such a rewrite
+ *    needs no intent bit while no map snapshot (a flush, which moves c.epoch)
  *    has been taken since the entry was last set valid: the entry is then set not valid before the write,
  *    so any flush during it records no checksum that a torn write could contradict (the bytes of earlier
  *    waves are rewritten identical). Otherwise the wave takes the block's intent bit first (as writeLocked).
@@ -47,7 +48,7 @@ import { BlockState } from '../../format/constants.js';
 import { writeThenCrcs } from '../../io/file.js';
 import { DAMAGED } from '../maptable.js';
 import { type SparseBitmap, bitmapsGeneration } from '../sparse-bitmap.js';
-import { type FreshBlock, giveBlockBuffer, putInSpans, releaseAssembly, takeFreshBlock, tryReserveAssembly } from './block-buffers.js';
+import { type FreshBlock, assemblyWaited, giveBlockBuffer, putInSpans, releaseAssembly, takeFreshBlock, tryReserveAssembly } from './block-buffers.js';
 import type { KscCore } from './core.js';
 import { Group, type Member, type State, endGroup, finish, states } from './partial-group.js';
 import { submitInPlace } from './partial-inplace.js';
@@ -134,6 +135,9 @@ function join(c: KscCore, offset: number, data: Uint8Array, fua: boolean): Membe
     // (its block reads as data once the first wave is written); an in-place group the same kind of piece,
     // overlapping none in flight.
     if (c.locks.waiting(block, block) || !sameBitmaps(g.bitmaps, bitmaps)) return null;
+    // A new block's chain holds its block's assembly while pieces keep coming: none joins while a writer waits
+    // for assembly (the piece takes the general path, behind the block's lock, which the chain soon gives back).
+    if (g.fresh && !g.assembling && assemblyWaited()) return null;
     if (!g.fresh && (!inPlace || overlapsAny(g.members, start, start + length))) return null;
   }
   // A new block's chain takes intent per wave (submitWave) unless a bitmap asks for it per piece.
