@@ -55,6 +55,7 @@
 #include "kscinc_sync.h"
 #include "kscinc_ident.h"
 #include "kscinc_xxh64.h"
+#include "kscinc_idtable.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
 #define MAX_SAFE_INT 9007199254740991.0
@@ -878,5 +879,6 @@ NAPI_MODULE_INIT() {
   if (!kscinc_xxh64_register(env, exports)) return throw_napi_failure(env, "kscinc_xxh64_register");
   if (!kscinc_ident_register(env, exports)) return throw_napi_failure(env, "kscinc_ident_register");
   if (!kscinc_exit_register(env, exports)) return throw_napi_failure(env, "kscinc_exit_register");
+  if (!kscinc_idtable_register(env, exports)) return throw_napi_failure(env, "kscinc_idtable_register");
   return exports;
 }

@@ -126,6 +126,15 @@ export interface NativeOps {
   aesGcmSeal?(key: Uint8Array, nonce: Uint8Array, aad: Uint8Array, plain: Uint8Array, dst: Uint8Array, at: number): number;
   /** formats/repository.md §13.6 `gmac-aes-256`: AES-256(prpKey, GCM tag of `data` as AAD under ghKey, nonce 0) into `out` at `at`. */
   gmacId?(ghKey: Uint8Array, prpKey: Uint8Array, data: Uint8Array, out: Uint8Array, at: number): void;
+  /**
+   * ChunkIndex's id table (src/repo/chunkindex.ts, native/kscinc_idtable.c): adds the ids of the `n` index
+   * entries at `entries[at…]` into the table (`keys` 4 words a slot, `pack` 0 for an empty slot), each slot's
+   * pack `plusOne[entry's pack number]`, an id present already skipped; stops before an id that would make
+   * `state[0]` (the count) exceed `state[1]`. Returns the entries done; `state[0]` is the new count.
+   */
+  idTableAdd?(keys: Uint32Array, pack: Uint32Array, seed: number, state: Uint32Array, entries: Uint8Array, at: number, n: number, plusOne: Uint32Array): number;
+  /** True when every id of `words` (four words each) but the zero id is in the table. */
+  idTableHasAll?(keys: Uint32Array, pack: Uint32Array, seed: number, words: Uint32Array): boolean;
 }
 
 /** The flags of NativeOps.syncFileRange (linux/fs.h). */

@@ -18,6 +18,8 @@
  */
 import { randomInt } from 'node:crypto';
 import { ID_BYTES } from '../hash/chunkid.js';
+import { nativeOps } from '../io/native.js';
+import { INDEX_ENTRY } from './constants.js';
 
 export interface ChunkLocation {
   pack: string;
@@ -105,14 +107,8 @@ export class ChunkIndex {
   addAt(buf: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number): void {
     if (at >>> 0 !== at || at + ID_BYTES > buf.length) throw new RangeError(`chunk id at ${at} is outside a buffer of ${buf.length} bytes`);
     if (pack !== this.lastPack) {
-      let n = this.packNumbers.get(pack);
-      if (n === undefined) {
-        n = this.packNames.length;
-        this.packNames.push(pack);
-        this.packNumbers.set(pack, n);
-      }
       this.lastPack = pack;
-      this.lastPackNo = n;
+      this.lastPackNo = this.packNumberOf(pack);
     }
     if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.allocate((this.mask + 1) * 2);
     // the id's four words, read without a call per word (cold code: see index-object.ts's viewOf)
@@ -127,6 +123,90 @@ export class ChunkIndex {
     }
     this.place(s, w0, w1, w2, w3, this.lastPackNo + 1, offset, length, rawLength);
     this.count++;
+  }
+
+  /**
+   * `addAt` for the `n` entries of an index object at `b[at…]` (formats/repository.md §6: 40 bytes each, the
+   * pack number at +16 into `packs`, the object's pack table; checked by the caller, IndexDecoder.visit), in
+   * one loop: a backup's one index load per process runs mostly before V8 has compiled anything, where a call
+   * per entry through a visitor costs ≈ 14 000 instructions (bench/README.md, session 22).
+   */
+  addEntries(b: Buffer, at: number, n: number, packs: readonly string[]): void {
+    if (at >>> 0 !== at || at + n * INDEX_ENTRY > b.length) throw new RangeError(`${n} index entries at ${at} are outside a buffer of ${b.length} bytes`);
+    const plusOne = new Uint32Array(packs.length);
+    for (let i = 0; i < packs.length; i++) plusOne[i] = this.packNumberOf(packs[i]!) + 1;
+    const add = this.locations ? undefined : nativeOps()?.idTableAdd;
+    if (add) {
+      // In C (native/kscinc_idtable.c), on this table: stops when it is full, grown here, then goes on.
+      const state = new Uint32Array([this.count, 0]);
+      const entries = new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+      for (let j = 0; ;) {
+        state[0] = this.count;
+        state[1] = Math.floor((this.mask + 1) * MAX_LOAD);
+        j += add(this.keys, this.pack, SEED, state, entries, at + j * INDEX_ENTRY, n - j, plusOne);
+        this.count = state[0]!;
+        if (j >= n) return;
+        this.allocate((this.mask + 1) * 2);
+      }
+    }
+    const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+    const withLocations = this.locations;
+    for (let j = 0, o = at; j < n; j++, o += INDEX_ENTRY) {
+      if (this.count + 1 > (this.mask + 1) * MAX_LOAD) this.allocate((this.mask + 1) * 2);
+      const w0 = v.getUint32(o, true);
+      const w1 = v.getUint32(o + 4, true);
+      const w2 = v.getUint32(o + 8, true);
+      const w3 = v.getUint32(o + 12, true);
+      const packPlusOne = plusOne[v.getUint32(o + 16, true)]!;
+      const offset = withLocations ? v.getUint32(o + 28, true) * 0x100000000 + v.getUint32(o + 24, true) : 0;
+      const s = this.find(w0, w1, w2, w3);
+      if (this.pack[s] !== 0) {
+        if (withLocations) this.addCopy(s, packPlusOne, offset, v.getUint32(o + 32, true), v.getUint32(o + 36, true));
+        continue;
+      }
+      this.place(s, w0, w1, w2, w3, packPlusOne, offset, withLocations ? v.getUint32(o + 32, true) : 0, withLocations ? v.getUint32(o + 36, true) : 0);
+      this.count++;
+    }
+  }
+
+  /**
+   * True when every id of `words` but the zero id is present: `words` holds ids back to back, four words each
+   * (a chunk list's segment, ChunkList.everySegment). One loop, for the same reason as addEntries: a parent's
+   * whole list is looked up once per backup, in a cold process.
+   */
+  hasAllNonZero(words: Int32Array): boolean {
+    const hasAll = nativeOps()?.idTableHasAll;
+    if (hasAll) return hasAll(this.keys, this.pack, SEED, new Uint32Array(words.buffer, words.byteOffset, words.length));
+    const keys = this.keys;
+    const pack = this.pack;
+    const mask = this.mask;
+    for (let o = 0; o + 3 < words.length; o += 4) {
+      const w0 = words[o]! >>> 0;
+      const w1 = words[o + 1]! >>> 0;
+      const w2 = words[o + 2]! >>> 0;
+      const w3 = words[o + 3]! >>> 0;
+      if ((w0 | w1 | w2 | w3) === 0) continue;
+      // find(), inline: this loop is the one V8 compiles (on-stack), not a call per id
+      let s = (Math.imul(w0 ^ w3 ^ SEED, 0x9e3779b1) ^ Math.imul(w1 ^ w2, 0x85ebca6b)) & mask;
+      for (;;) {
+        if (pack[s] === 0) return false;
+        const k = s * 4;
+        if (keys[k] === w0 && keys[k + 1] === w1 && keys[k + 2] === w2 && keys[k + 3] === w3) break;
+        s = (s + 1) & mask;
+      }
+    }
+    return true;
+  }
+
+  /** The number of `pack` (added to the pack table when new). */
+  private packNumberOf(pack: string): number {
+    let n = this.packNumbers.get(pack);
+    if (n === undefined) {
+      n = this.packNames.length;
+      this.packNames.push(pack);
+      this.packNumbers.set(pack, n);
+    }
+    return n;
   }
 
   /** Keeps another location of the chunk in slot `s`, unless it is one already kept. */

@@ -385,6 +385,20 @@ export class ChunkList {
     }
   }
 
+  /**
+   * True when `fn` returns true for every segment: the segment's ids (16 bytes each, zero ids included) as
+   * bytes and as little-endian words, valid during the call. A pass over every id with a call per segment,
+   * not per id (a parent vouched for, issue 19).
+   */
+  everySegment(fn: (ids: Buffer, words: Int32Array) => boolean): boolean {
+    for (const s of this.segs) {
+      if (!s) continue;
+      const ids = idsOf(s);
+      if (!fn(ids, s.i32!)) return false;
+    }
+    return true;
+  }
+
   /** The flat list (16 bytes per chunk). O(length): for tests and small lists. */
   toBuffer(): Buffer {
     const out = Buffer.alloc(this.length * ID_BYTES);

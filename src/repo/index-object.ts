@@ -18,6 +18,11 @@ export interface IndexEntry {
 
 /** Called for each index entry: the id is the 16 bytes of `b` at `at` (a view valid during the call). */
 export type IndexVisitor = (b: Buffer, at: number, pack: string, offset: number, length: number, rawLength: number) => void;
+/**
+ * Called once for an index object read whole, instead of an IndexVisitor per entry: its `n` entries at
+ * `b[at…]` have passed every check; their pack numbers index `packs`.
+ */
+export type IndexEntries = (b: Buffer, at: number, n: number, packs: readonly string[]) => void;
 /** An IndexVisitor of ids and packs only. */
 export type IdVisitor = (b: Buffer, at: number, pack: string) => void;
 
@@ -109,6 +114,11 @@ export class IndexDecoder {
     for (let i = 0; i < this.packs; i++) this.packIds.push(t.toString('hex', i * INDEX_PACK_ID, (i + 1) * INDEX_PACK_ID));
   }
 
+  /** The pack table's ids in hex, by pack number (complete once table() has run). */
+  get packTable(): readonly string[] {
+    return this.packIds;
+  }
+
   /** Adds bytes of the object after the pack table to the running checksum. */
   checksum(b: Buffer): void {
     this.crc = crc32(b, this.crc);
@@ -168,12 +178,21 @@ export class IndexDecoder {
  * Nothing is visited when any check fails.
  */
 export function visitIndex(b: Buffer, object: string, fn: IndexVisitor): void {
+  const d = checkIndex(b, object);
+  d.visitChecked(b, d.entriesAt, d.entries, fn);
+}
+
+/**
+ * Checks an index object in memory whole, as visitIndex does, and returns its decoder: its `entries` entries
+ * at `b[entriesAt…]` have passed every check, their pack numbers index `packTable`.
+ */
+export function checkIndex(b: Buffer, object: string): IndexDecoder {
   const d = new IndexDecoder(b, b.length, object);
   d.table(b.subarray(d.tableAt, d.entriesAt));
   d.checksum(b.subarray(d.entriesAt));
   d.end();
   d.visit(b, d.entriesAt, d.entries, 0);
-  d.visitChecked(b, d.entriesAt, d.entries, fn);
+  return d;
 }
 
 /** The entries of an index object in memory (see visitIndex). */

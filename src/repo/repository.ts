@@ -36,7 +36,7 @@ import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { type EncryptChoice, resolveEncryption } from './encryption-choice.js';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
-import { type IdVisitor, type IndexEntry, type IndexVisitor, IndexDecoder, encodeIndex, entriesIn, visitIndex } from './index-object.js';
+import { type IdVisitor, type IndexEntries, type IndexEntry, type IndexVisitor, IndexDecoder, checkIndex, encodeIndex, entriesIn, visitIndex } from './index-object.js';
 import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
 
 export { CONFIG_KEY, indexKey, manifestKey, packKey } from './constants.js';
@@ -275,17 +275,23 @@ export class Repository {
 
   /**
    * Reads index objects (`objects`, default all) through the one decoder (IndexDecoder), without keeping
-   * them. For each object `open(id)` gives a visitor of its entries and a `done` called once the whole object
-   * has passed its checks. Whole (the default): each object is read whole, 8 at a time, and nothing of a
+   * them. For each object `open(id)` gives a visitor of its entries (or `entries`, which an object read whole
+   * gives all of its entries at once, once checked) and a `done` called once the whole object has passed its
+   * checks. Whole (the default): each object is read whole, 8 at a time, and nothing of a
    * damaged one is visited. `inRanges`: ids and packs only (IdVisitor), read in ranges of about 4 MiB, two
    * objects at a time, so memory stays flat however large they are (prune writes one object naming every
    * chunk in use); entries are then seen before the checksum is, so whatever must not come from a damaged
    * object waits for `done`. A damaged object is reported through `onDamage` (or thrown when absent).
    * Returns the ids of the objects read whole and checked.
    */
-  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor; done?: () => void }, onDamage?: OnDamage, opts?: { inRanges?: false }): Promise<string[]>;
+  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor; entries?: IndexEntries; done?: () => void }, onDamage?: OnDamage, opts?: { inRanges?: false }): Promise<string[]>;
   async readIndex(objects: IndexObjects, open: (id: string) => { visit: IdVisitor; done?: () => void }, onDamage: OnDamage | undefined, opts: { inRanges: true }): Promise<string[]>;
-  async readIndex(objects: IndexObjects, open: (id: string) => { visit: IndexVisitor | IdVisitor; done?: () => void }, onDamage?: OnDamage, opts: { inRanges?: boolean } = {}): Promise<string[]> {
+  async readIndex(
+    objects: IndexObjects,
+    open: (id: string) => { visit: IndexVisitor | IdVisitor; entries?: IndexEntries; done?: () => void },
+    onDamage?: OnDamage,
+    opts: { inRanges?: boolean } = {},
+  ): Promise<string[]> {
     const list = objects ?? (await this.indexObjects());
     const read: string[] = [];
     await mapLimit(list, opts.inRanges ? 2 : 8, async ({ id, size }) => {
@@ -294,7 +300,11 @@ export class Repository {
         if (opts.inRanges && !this.keys) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
         else {
           const v = open(id);
-          visitIndex(this.openObject(KIND_INDEX, key, await this.store.get(key)), this.objName(key), v.visit as IndexVisitor);
+          const b = this.openObject(KIND_INDEX, key, await this.store.get(key));
+          if (v.entries) {
+            const d = checkIndex(b, this.objName(key));
+            v.entries(b, d.entriesAt, d.entries, d.packTable);
+          } else visitIndex(b, this.objName(key), v.visit as IndexVisitor);
           v.done?.();
         }
         read.push(id);
@@ -348,7 +358,9 @@ export class Repository {
     const visit: IndexVisitor = (b, at, pack, offset, length, rawLength) => {
       if (!only || only(b, at)) idx.addAt(b, at, pack, offset, length, rawLength);
     };
-    const read = await this.readIndex(opts.objects, () => ({ visit }), onDamage);
+    // Without a filter, each object's entries go in with one call (ChunkIndex.addEntries: no call per entry).
+    const entries: IndexEntries | undefined = only ? undefined : (b, at, n, packs) => idx.addEntries(b, at, n, packs);
+    const read = await this.readIndex(opts.objects, () => ({ visit, entries }), onDamage);
     idx.objects.push(...read);
     return idx;
   }

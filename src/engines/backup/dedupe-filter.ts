@@ -113,6 +113,13 @@ export class FilterDedupe implements Dedupe {
     return this.filter.bloom.mayHaveAt(buf, at);
   }
 
+  mayHoldAll(ids: Buffer, words: Int32Array): boolean {
+    for (let o = 0; o + 3 < words.length; o += 4) {
+      if ((words[o]! | words[o + 1]! | words[o + 2]! | words[o + 3]!) !== 0 && !this.mayHoldAt(ids, o * 4)) return false;
+    }
+    return true;
+  }
+
   hasPack(pack: string): boolean {
     return this.filter.hasPack(pack);
   }

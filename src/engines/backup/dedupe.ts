@@ -29,6 +29,8 @@ export interface Dedupe {
    * 'exact' (for a parent's chunks; no view is made per id).
    */
   mayHoldAt(buf: Buffer, at: number): boolean;
+  /** mayHoldAt for every id but the zero id of `ids` (16 bytes each; `words`: the same as little-endian words). */
+  mayHoldAll(ids: Buffer, words: Int32Array): boolean;
   /** An index object found damaged while loading, when that makes mayHoldAt() unfit to vouch for a parent. */
   readonly damagedIndex: string | null;
   /** For adoption: the index names the pack / takes an adopted entry. */
@@ -61,6 +63,10 @@ export class ExactDedupe implements Dedupe {
 
   mayHoldAt(buf: Buffer, at: number): boolean {
     return this.index.hasAt(buf, at);
+  }
+
+  mayHoldAll(_ids: Buffer, words: Int32Array): boolean {
+    return this.index.hasAllNonZero(words);
   }
 
   hasPack(pack: string): boolean {

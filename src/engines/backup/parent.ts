@@ -41,13 +41,8 @@ async function newestMatching(repo: Repository, backupIds: string[], key: Parent
 function unvouched(parent: Manifest, dedupe: Dedupe): string | null {
   // Exact with the index in memory; through the filter, a missing chunk passes 1 time in 100 (it was
   // missing for the parent already: `verify` names it for both).
-  let missing = false;
-  parent.ids.forEachNonZeroAt((_k, b, at) => {
-    if (dedupe.mayHoldAt(b, at)) return true;
-    missing = true;
-    return false;
-  });
-  if (missing) return `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
+  // A call per segment of the list, not per chunk (issue 19: a cold process looks up every id here).
+  if (!parent.ids.everySegment((ids, words) => dedupe.mayHoldAll(ids, words))) return `backup ${parent.meta.id} refers to chunks the repository no longer holds`;
   if (dedupe.damagedIndex !== null) {
     // The filter took ids from that object before its checksum failed: it cannot vouch for the parent.
     return `index object ${dedupe.damagedIndex} is damaged, so backup ${parent.meta.id}'s chunks cannot be checked through the filter (verify names the damage; prune repairs the index)`;
