@@ -52,6 +52,7 @@
 
 #include "kscinc_aead.h"
 #include "kscinc_send.h"
+#include "kscinc_exit.h"
 #include "kscinc_sync.h"
 #include "kscinc_ident.h"
 #include "kscinc_xxh64.h"
