@@ -257,24 +257,38 @@ export class Transmission {
     this.writeDevice(w, payload, pooled, release);
   }
 
-  /** A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. */
+  /**
+   * A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. Whatever
+   * throws on the way (a socket's write), its bytes go back (release() is once only: a reply queued before the
+   * throw gives back nothing more).
+   */
   private written(w: FastWrite, pooled: Buffer | null, release: () => void): void {
     const { link } = this;
+    let ok = false;
     try {
       if (pooled) this.server.pool.give([pooled]);
       if (link.replyNow(w.cookieHi, w.cookieLo, release)) {
+        ok = true;
         this.ended();
         return;
       }
       const parts = [w.reply()];
       if (!link.sendNow(parts, release)) {
-        this.track(link.send(parts, release).finally(() => link.destroyed && release()));
+        const sent = link.send(parts, release).catch((e: unknown) => {
+          release();
+          throw e;
+        });
+        ok = true;
+        this.track(sent.finally(() => link.destroyed && release()));
         return;
       }
       if (link.destroyed) release();
+      ok = true;
     } catch (e) {
       this.endedBadly(e);
       return;
+    } finally {
+      if (!ok) release();
     }
     this.ended();
   }
