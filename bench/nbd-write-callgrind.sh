@@ -19,7 +19,7 @@ else
   node "$CLI" create $W/a.ksc --size 1073741824 >/dev/null
   $VG node --perf-basic-prof "$CLI" serve --no-supervisor $W/a.ksc --socket $W/a.sock > $W/serve.log 2>&1 & SP=$!
 fi
-for i in $(seq 600); do [ -S $W/a.sock ] && break; sleep 0.1; done
+for i in $(seq ${WAIT:-600}); do [ -S $W/a.sock ] && break; sleep 0.1; done  # WAIT: tenths of a second for the server to listen (valgrind on a loaded machine)
 sleep 2
 callgrind_control -z $SP >/dev/null 2>&1
 qemu-img bench -f raw -c $N -d 32 -s 4096 -w -t none "nbd+unix:///?socket=$W/a.sock" | grep Run | tr '\n' ' '

@@ -44,6 +44,9 @@ export class SocketReader {
   private accEnd = 0;
   /** User-buffer mode: the payload being awaited by read(), filled straight from Node's read buffer. */
   private direct: { buf: Buffer; got: number } | null = null;
+  /** User-buffer mode: the sink given each chunk first (see ChunkSink), and the bytes in all the request it holds in acc needs (0: none held). */
+  private chunkSink: ChunkSink | null = null;
+  private sinkNeed = 0;
 
   private readonly listeners: [string, (arg: never) => void][];
 
@@ -126,7 +129,36 @@ export class SocketReader {
     return true;
   }
 
-  /** Node's read callback in user-buffer mode: `b` is reused by the next read, so its bytes are copied now. */
+  /**
+   * User-buffer mode: a consumer of whole requests straight from the chunks Node reads (see ChunkSink), or
+   * null. Set only while nothing taken is outstanding (the request loop waits for its next header): the sink
+   * sees the bytes in their order, before anyone else. Cleared, it lets go of what it held (the loop reads it).
+   */
+  set sink(s: ChunkSink | null) {
+    this.chunkSink = s;
+    if (!s) {
+      if (this.sinkNeed > 0) {
+        this.sinkNeed = 0;
+        this.wake();
+      }
+      return;
+    }
+    // A request cut at the end of what is here already: held for the sink too, when it asks (see `holding`).
+    if (this.buffered > 0 && this.acc && !this.direct && !this.stopped && this.sinkNeed === 0) {
+      const more = s.need(this.acc, this.accStart, this.accEnd);
+      if (more > this.buffered && more <= ACC_SIZE) this.sinkNeed = more;
+    }
+  }
+
+  /**
+   * The bytes here are the start of a request the sink holds until it is whole: read() waits (and resolves
+   * only if the sink declines it, or is taken away, or the peer ends), takeNow and takeInPlace must not take.
+   */
+  get holding(): boolean {
+    return this.sinkNeed > 0;
+  }
+
+  /** Node's read callback in user-buffer mode: `b` is reused by the next read, so its bytes are used or copied now. */
   private readonly onUserBytes = (n: number, b: Buffer): boolean => {
     let at = 0;
     const d = this.direct;
@@ -134,14 +166,52 @@ export class SocketReader {
       const k = Math.min(n, d.buf.length - d.got);
       b.copy(d.buf, d.got, 0, k);
       d.got += k;
+      this.buffered += k;
       at = k;
+    } else if (this.chunkSink && !this.stopped) at = this.feedSink(b, n);
+    if (at < n) {
+      this.append(b, at, n);
+      this.buffered += n - at;
     }
-    if (at < n) this.append(b, at, n);
-    this.buffered += n;
     this.wake();
     if (this.stall) this.armStall(); // progress, and still waiting: the clock restarts
-    return this.buffered < Math.max(this.want, this.lowWater); // false: Node stops reading until resume()
+    return this.buffered < Math.max(this.want, this.lowWater, this.sinkNeed); // false: Node stops reading until resume()
   };
+
+  /**
+   * Gives b[0, n) to the sink: first the rest of a request it holds in acc (copied there, then consumed from
+   * acc), then whole requests where they lie in b. Returns how many bytes of b were used (copied or consumed);
+   * the rest is the caller's to keep. A fragment left at the end is held for the sink (sinkNeed) when it asks.
+   */
+  private feedSink(b: Buffer, n: number): number {
+    const sink = this.chunkSink!;
+    let at = 0;
+    while (this.buffered > 0) {
+      // Bytes in acc come first: only a request the sink holds may be completed from b; else b goes after them.
+      const need = this.sinkNeed;
+      if (need === 0) return at;
+      const k = Math.min(need - this.buffered, n - at);
+      this.append(b, at, at + k);
+      this.buffered += k;
+      at += k;
+      if (this.buffered < need) return at; // b used up, still not whole
+      const used = sink.consume(this.acc!, this.accStart, this.accEnd);
+      this.accStart += used;
+      this.buffered -= used;
+      if (this.accStart === this.accEnd) this.accStart = this.accEnd = 0;
+      const more = this.buffered > 0 ? sink.need(this.acc!, this.accStart, this.accEnd) : 0;
+      // Held on only while it grows (a header then its payload); a request the sink declines is the loop's.
+      this.sinkNeed = more > this.buffered && more <= ACC_SIZE ? more : 0;
+      if (this.sinkNeed === 0) return at;
+    }
+    if (at === n) return at;
+    at += sink.consume(b, at, n);
+    if (at < n) {
+      const more = sink.need(b, at, n);
+      if (more > n - at && more <= ACC_SIZE) this.sinkNeed = more;
+    }
+    return at;
+  }
 
   /** Appends b[from, to) to acc, compacting or growing it. */
   private append(b: Buffer, from: number, to: number): void {
@@ -216,7 +286,9 @@ export class SocketReader {
       return;
     }
     st.timer = null;
-    this.error = new StallError(`${st.what}: no byte received for ${st.ms} ms`);
+    // A request the sink holds stalls as what it is (its payload, typically), not as the header read waiting.
+    const what = this.sinkNeed > 0 && this.chunkSink ? this.chunkSink.what(this.acc!, this.accStart, this.accEnd) : st.what;
+    this.error = new StallError(`${what}: no byte received for ${st.ms} ms`);
     this.abort();
   };
 
@@ -229,7 +301,7 @@ export class SocketReader {
   private wake(): void {
     const w = this.waiter;
     if (!w) return;
-    if (this.buffered >= this.want) {
+    if (this.buffered >= this.want && (this.sinkNeed === 0 || this.ended || this.error)) {
       this.waiter = null;
       this.clearStall();
       w.resolve();
@@ -247,8 +319,9 @@ export class SocketReader {
    * several received chunks are gathered into `alloc(n)` when given (a pool's buffer), else a fresh one.
    */
   async read(n: number, stall?: { ms: number; what: string; idleOk?: boolean }, alloc?: (n: number) => Buffer): Promise<Buffer> {
-    if (this.buffered < n) {
-      if (this.error || this.ended) throw this.error ?? new SocketClosedError();
+    if (this.sinkNeed > 0 && (this.error || this.ended)) this.sinkNeed = 0; // no more bytes: no completion
+    if (this.buffered < n || this.sinkNeed > 0) {
+      if (this.buffered < n && (this.error || this.ended)) throw this.error ?? new SocketClosedError();
       this.want = n;
       if (this.acc && alloc && n >= DIRECT_MIN && !this.direct) {
         // A large payload: what is here moves into its destination, the rest is copied there as it comes.
@@ -374,6 +447,22 @@ export class SocketReader {
     this.socket.pause();
     this.wake();
   }
+}
+
+/**
+ * Takes whole requests straight from the buffer Node reads into (user-buffer mode), so that they need not be
+ * copied into the reader's own: consume(b, at, end) uses the requests lying whole at b[at…] at once (b is
+ * reused by the next read) and returns how many bytes they took (0: none; it stops at the first request it
+ * does not take, which is then read as usual). need(b, at, end), for bytes left at the end of a chunk: the
+ * bytes in all that the request starting there needs before consume() can take it (a header's size while the
+ * header is not whole), or 0 when consume() would not take it anyway. The reader holds such a request (read()
+ * waits, and Node reads on until it is whole) and gives it to consume() once it is, from its own buffer.
+ */
+export interface ChunkSink {
+  consume(b: Buffer, at: number, end: number): number;
+  need(b: Buffer, at: number, end: number): number;
+  /** What the request held at b[at, end) is waiting for, for a no-progress error ("write payload of n bytes"). */
+  what(b: Buffer, at: number, end: number): string;
 }
 
 /** Node's read buffer in user-buffer mode, acc's usual size, and the largest acc kept once empty. */

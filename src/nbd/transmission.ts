@@ -8,7 +8,7 @@ import { type WritesNow, writesNowOf } from '../image/capabilities.js';
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
-import { InterruptedError, SocketClosedError } from './reader.js';
+import { type ChunkSink, InterruptedError, SocketClosedError } from './reader.js';
 import type { SessionState } from './state.js';
 import type { Link, NbdExport, ServerContext } from './types.js';
 import { validateRequest } from './validate.js';
@@ -102,19 +102,25 @@ export class Transmission {
       }
       // A header already received is taken without a promise hop (a client's queue of requests arrives in one
       // chunk), and read where it lies when it can (no Buffer per header).
+      // With the device's callback writes, a plain WRITE cut at the end of what is here is held for the sink
+      // (run from the next chunk as it comes, instead of its rest gathered in the reader's buffer).
       let h: Buffer;
-      let at = link.reader.takeInPlace(REQUEST_SIZE);
+      if (this.now && link.reader.pending > 0) link.reader.sink = this.sink;
+      const held = link.reader.holding;
+      let at = held ? -1 : link.reader.takeInPlace(REQUEST_SIZE);
       if (at >= 0) h = link.reader.inPlace;
       else {
         at = 0;
-        const now = link.reader.takeNow(REQUEST_SIZE);
+        const now = held ? null : link.reader.takeNow(REQUEST_SIZE);
         if (now) h = now;
         else {
           try {
             // Idle between requests is fine; a header begun and not finished is subject to the no-progress timeout.
             this.atBoundary = true;
+            if (this.now) link.reader.sink = this.sink;
             h = await link.reader.read(REQUEST_SIZE, { ms: stall, what: 'request header', idleOk: true });
           } catch (e) {
+            if (this.failure) throw this.failure.e; // the sink's (a request it took failed to start)
             if (e instanceof InterruptedError) {
               this.paused = true;
               return;
@@ -123,9 +129,11 @@ export class Transmission {
             throw e;
           } finally {
             this.atBoundary = false;
+            link.reader.sink = null;
           }
         }
       }
+      link.reader.sink = null;
       // A WRITE that needs no other check is run from these fields alone (fastWrite); any other request is decoded.
       const length = u32(h, at + 24);
       const fw = this.fastWrite(h, at, length);
@@ -202,6 +210,55 @@ export class Transmission {
     return new FastWrite(flags, u32(h, at + 8), u32(h, at + 12), offset, length);
   }
 
+  /**
+   * The reader's sink while the loop waits for a header (reader.ts ChunkSink): the plain WRITEs lying whole in
+   * a chunk just read are run from that chunk (writeInPlace), in order, as the loop would run them — no copy
+   * into the reader's buffer. It stops at the first request the loop's own fast path would not take at once.
+   */
+  private readonly sink: ChunkSink = {
+    consume: (b, at, end) => {
+      const start = at;
+      while (end - at >= REQUEST_SIZE) {
+        const length = u32(b, at + 24);
+        if (end - at - REQUEST_SIZE < length || !this.sinkMayTake()) break;
+        const fw = this.fastWrite(b, at, length);
+        if (!fw) break;
+        let release: (() => void) | null;
+        try {
+          release = this.share.tryAdmit(length, this.goneError);
+        } catch {
+          break; // gone: the loop finds out
+        }
+        if (!release) break;
+        this.running++;
+        try {
+          this.writeInPlace(fw, b, at + REQUEST_SIZE, release);
+        } catch (e) {
+          // Not started (a pool buffer not had): the connection fails, as it would in the loop.
+          release();
+          this.endedBadly(e);
+          this.link.reader.abort();
+          return at + REQUEST_SIZE + length - start;
+        }
+        at += REQUEST_SIZE + length;
+      }
+      return at - start;
+    },
+    need: (b, at, end) => {
+      if (end - at < REQUEST_SIZE) return this.sinkMayTake() ? REQUEST_SIZE : 0;
+      const length = u32(b, at + 24);
+      if (end - at - REQUEST_SIZE >= length || !this.sinkMayTake()) return 0; // whole: the loop's
+      return this.fastWrite(b, at, length) ? REQUEST_SIZE + length : 0;
+    },
+    what: (b, at, end) => (end - at < REQUEST_SIZE ? 'request header' : `write payload of ${u32(b, at + 24)} bytes`),
+  };
+
+  /** The loop's fast path for a WRITE in place could run one now (sink). */
+  private sinkMayTake(): boolean {
+    const { link } = this;
+    return !link.stopping && !link.pausing && !link.destroyed && this.running < this.server.maxInFlight && !this.failure && this.plainWrites();
+  }
+
   /** WRITEs go straight to the export's device (not an incoming migration's target still being filled). */
   private plainWrites(): boolean {
     const inc = this.exp.incoming;
@@ -260,24 +317,38 @@ export class Transmission {
     this.writeDevice(w, payload, pooled, release);
   }
 
-  /** A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. */
+  /**
+   * A plain WRITE is written: its pool buffer goes back, its reply is queued (sendNow), it has ended. Whatever
+   * throws on the way (a socket's write), its bytes go back (release() is once only: a reply queued before the
+   * throw gives back nothing more).
+   */
   private written(w: FastWrite, pooled: Buffer | null, release: () => void): void {
     const { link } = this;
+    let ok = false;
     try {
       if (pooled) this.server.pool.give([pooled]);
       if (link.replyNow(w.cookieHi, w.cookieLo, release)) {
+        ok = true;
         this.ended();
         return;
       }
       const parts = [w.reply()];
       if (!link.sendNow(parts, release)) {
-        this.track(link.send(parts, release).finally(() => link.destroyed && release()));
+        const sent = link.send(parts, release).catch((e: unknown) => {
+          release();
+          throw e;
+        });
+        ok = true;
+        this.track(sent.finally(() => link.destroyed && release()));
         return;
       }
       if (link.destroyed) release();
+      ok = true;
     } catch (e) {
       this.endedBadly(e);
       return;
+    } finally {
+      if (!ok) release();
     }
     this.ended();
   }
