@@ -12,7 +12,7 @@ import type { SparseBitmap } from '../sparse-bitmap.js';
 import { DAMAGED } from '../maptable.js';
 import { type WriteOptions, type ZeroOptions, assertRange } from '../types.js';
 import type { KscCore, Seg } from './core.js';
-import { blockBufferStats, releaseAssembly, reserveAssembly } from './block-buffers.js';
+import { dropBlockBuffer, giveBlockBuffer, releaseAssembly, reserveAssembly, takeBlockBuffer } from './block-buffers.js';
 import { flush } from './flush.js';
 import { writePartialCb, writePartialNow } from './partial.js';
 import { readBacking } from './read.js';
@@ -212,25 +212,27 @@ function clusterRun(host: number, n: number, B: number): number[] {
 }
 
 async function writeLocked(c: KscCore, offset: number, data: Buffer): Promise<void> {
-  // Whole-block buffers assembled for copy-on-write are reserved in the process's block assembly before they
-  // are made (block-buffers.ts; only this write's own block locks are held meanwhile) and counted as held
-  // until written. change() has loaded the map pages of the whole range.
+  // The whole-block buffers a copy-on-write assembles are reserved in the process's block assembly before
+  // they are taken (block-buffers.ts; only this write's own block locks are held meanwhile), and given back
+  // once written (dropped if a write may still read them). change() has loaded the map pages of the range.
   const B = c.blockSize;
+  const segs = c.segments(offset, data.length);
   let need = 0;
-  for (const s of c.segments(offset, data.length)) if (s.length !== B && c.map.page(Math.floor(s.block / 4096))!.state[s.block % 4096] !== BlockState.Data) need += B;
+  for (const s of segs) if (s.length !== B && c.map.page(Math.floor(s.block / 4096))!.state[s.block % 4096] !== BlockState.Data) need += B;
   if (need > 0) await reserveAssembly(need);
-  const cow = { bytes: 0 };
+  const cows: Buffer[] = [];
+  let written = false;
   try {
-    await writeSegs(c, offset, data, cow);
+    await writeSegs(c, segs, data, cows);
+    written = true;
   } finally {
-    blockBufferStats.held -= cow.bytes;
+    for (const b of cows) (written ? giveBlockBuffer : dropBlockBuffer)(b);
     if (need > 0) releaseAssembly(need);
   }
 }
 
-async function writeSegs(c: KscCore, offset: number, data: Buffer, cow: { bytes: number }): Promise<void> {
-  const segs = c.segments(offset, data.length);
-  // change() has loaded the map pages of the whole range.
+/** writeLocked's work on the segments of its range; the copy-on-write buffers it takes go into `cows`. */
+async function writeSegs(c: KscCore, segs: Seg[], data: Buffer, cows: Buffer[]): Promise<void> {
   const B = c.blockSize;
   const inPlace: { seg: Seg; host: number; full: boolean; wasValid: boolean }[] = [];
   const fresh: { seg: Seg; buf: Buffer }[] = [];
@@ -245,13 +247,12 @@ async function writeSegs(c: KscCore, offset: number, data: Buffer, cow: { bytes:
       fresh.push({ seg: s, buf: piece });
     } else {
       // Copy-on-write: assemble the whole block from what it reads as now, then the new bytes.
-      const blk = Buffer.alloc(B);
-      cow.bytes += B;
-      blockBufferStats.held += B;
-      if (page.state[i] === BlockState.Unallocated && c.backingDev) {
-        const start = s.block * B;
-        await readBacking(c, start, blk.subarray(0, Math.min(B, c.size - start)));
-      }
+      const blk = takeBlockBuffer(B);
+      cows.push(blk);
+      const start = s.block * B;
+      const fromBacking = page.state[i] === BlockState.Unallocated && c.backingDev ? Math.min(B, c.size - start) : 0;
+      if (fromBacking > 0) await readBacking(c, start, blk.subarray(0, fromBacking));
+      blk.fill(0, fromBacking);
       piece.copy(blk, s.inBlock);
       fresh.push({ seg: s, buf: blk });
     }
