@@ -18,6 +18,11 @@ export type Guard = <T>(fn: () => Promise<T>) => Promise<T>;
 const SUBPAGES = MAP_PAGE_BYTES / SUBPAGE;
 const ENTRIES_PER_SUBPAGE = SUBPAGE / 16;
 
+/** The host offset a map entry's descriptor words hold (bits 12..52; §5.2). */
+function hostOf(lo: number, hi: number): number {
+  return hi * 0x100000000 + (((lo >>> 12) << 12) >>> 0);
+}
+
 export class MapPage {
   readonly state = new Uint8Array(MAP_PAGE_ENTRIES);
   readonly host = new Float64Array(MAP_PAGE_ENTRIES);
@@ -140,7 +145,7 @@ export class MapTable {
       const lo = words.getUint32(o, true);
       const hi = words.getUint32(o + 4, true);
       const csum = words.getUint32(o + 8, true);
-      const problem = this.wordsProblem(lo, hi, csum, words.getUint32(o + 12, true), block, end);
+      const problem = this.entryProblem(lo, hi, csum, words.getUint32(o + 12, true), block, end);
       if (problem) {
         // Damage stays local: this block refuses I/O, its 4095 neighbours keep working.
         page.state[i] = DAMAGED;
@@ -148,22 +153,20 @@ export class MapTable {
         continue;
       }
       page.state[i] = lo & DESC_STATE_MASK;
-      page.host[i] = hi * 0x100000000 + (((lo >>> 12) << 12) >>> 0);
+      page.host[i] = hostOf(lo, hi);
       page.csum[i] = csum;
       page.csumValid[i] = (lo & DESC_CSUM_VALID) !== 0 ? 1 : 0;
     }
   }
 
-  /** What is wrong with the entry at `o` of a page buffer, or null when it is sound (§5.2). */
-  private entryProblem(raw: Buffer, o: number, block: number, end: number): string | null {
-    return this.wordsProblem(raw.readUInt32LE(o), raw.readUInt32LE(o + 4), raw.readUInt32LE(o + 8), raw.readUInt32LE(o + 12), block, end);
-  }
-
-  /** entryProblem of an entry given as its four words: the descriptor's two, the data checksum, the seal. */
-  private wordsProblem(lo: number, hi: number, csum: number, stored: number, block: number, end: number): string | null {
+  /**
+   * What is wrong with the map entry of `block`, given as its four words (the descriptor's two, the data
+   * checksum, the seal), or null when it is sound (§5.2).
+   */
+  private entryProblem(lo: number, hi: number, csum: number, stored: number, block: number, end: number): string | null {
     if (stored !== sealWords(TAG_MAP, block, lo, hi, csum)) return 'checksum mismatch';
     const state = lo & DESC_STATE_MASK;
-    const hostOff = hi * 0x100000000 + (((lo >>> 12) << 12) >>> 0);
+    const hostOff = hostOf(lo, hi);
     if (state === 3 || (lo & DESC_RESERVED_MASK) !== 0 || hi >= 0x200000) return 'has an invalid descriptor';
     if (block >= this.blocks && state !== BlockState.Unallocated) return 'is past the end of the disk but allocated';
     if (state === BlockState.Data) {
@@ -253,14 +256,15 @@ export class MapTable {
    */
   async scanReferences(visit: (host: number, bytes: number) => void, eachPage: Guard = (fn) => fn()): Promise<boolean> {
     const raw = Buffer.alloc(MAP_PAGE_BYTES);
+    const words = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
     for (let p = 0; p < this.directoryEntries; p++) {
-      if (!(await eachPage(() => this.scanPage(p, raw, visit)))) return false;
+      if (!(await eachPage(() => this.scanPage(p, raw, words, visit)))) return false;
     }
     return true;
   }
 
-  /** scanReferences for page `p`: false when its directory entry or one of its entries is damaged. */
-  private async scanPage(p: number, raw: Buffer, visit: (host: number, bytes: number) => void): Promise<boolean> {
+  /** scanReferences for page `p` (read into `raw`, whose words are `words`): false when its directory entry or one of its entries is damaged. */
+  private async scanPage(p: number, raw: Buffer, words: DataView, visit: (host: number, bytes: number) => void): Promise<boolean> {
     let off: number;
     try {
       off = this.pageOffset(p);
@@ -280,9 +284,10 @@ export class MapTable {
     const end = this.fileEnd();
     for (let i = 0; i < this.pageEntries; i++) {
       const o = i * 16;
-      if (this.entryProblem(raw, o, p * this.pageEntries + i, end)) return false;
-      const lo = raw.readUInt32LE(o);
-      if ((lo & DESC_STATE_MASK) === BlockState.Data) visit(raw.readUInt32LE(o + 4) * 0x100000000 + (((lo >>> 12) << 12) >>> 0), this.blockSize);
+      const lo = words.getUint32(o, true);
+      const hi = words.getUint32(o + 4, true);
+      if (this.entryProblem(lo, hi, words.getUint32(o + 8, true), words.getUint32(o + 12, true), p * this.pageEntries + i, end)) return false;
+      if ((lo & DESC_STATE_MASK) === BlockState.Data) visit(hostOf(lo, hi), this.blockSize);
     }
     return true;
   }

@@ -189,6 +189,24 @@ export class RawClient {
   }
 }
 
+/** n clients connected to `port` one after another, each through the handshake on export `name` (simple replies). */
+export async function connectAll(port: number, n: number, name = 'a'): Promise<RawClient[]> {
+  const clients: RawClient[] = [];
+  for (let k = 0; k < n; k++) {
+    const c = await RawClient.connect(port);
+    await c.handshake(name, false);
+    clients.push(c);
+  }
+  return clients;
+}
+
+/** The error codes of c's next n replies, read one at a time. */
+export async function replyErrors(c: RawClient, n: number): Promise<number[]> {
+  const errors: number[] = [];
+  for (let j = 0; j < n; j++) errors.push((await c.reply()).error);
+  return errors;
+}
+
 /** The READ data a reply stands for. */
 export function assemble(r: Reply, offset: number, length: number): Buffer {
   if (r.data) return r.data;

@@ -10,13 +10,10 @@
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ASSEMBLY_BYTES, assemblyReserved, blockBufferStats } from '../../src/image/ksc/block-buffers.js';
-import { createImage, openImage } from '../../src/image/open.js';
-import type { BlockDevice } from '../../src/image/types.js';
-import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { NbdServer } from '../../src/nbd/server.js';
 import { CMD } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient } from './helpers.js';
+import { type HeldServer, heldServer, releaseHeld, serveDevice } from './held-writes.js';
+import { type RawClient, connectAll, replyErrors } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -24,38 +21,15 @@ const B = 2 * MiB;
 const SIZE = 64 * B;
 const LIMIT = 4 * MiB;
 const dir = tempDir('kscinc-nbd-wadm-');
-/** Data writes (writeWithCrcs) wait while `hold`; `sample` runs at each one. */
-const st = { hold: false, held: [] as (() => void)[], sample: () => {} };
-let dev: BlockDevice;
-let server: NbdServer;
-let port = 0;
-
-const opener: FileOpener = async (p, o) => {
-  const f: HostFile = await openHostFile(p, o);
-  const withCrcs = f.writeWithCrcs?.bind(f);
-  if (withCrcs) {
-    f.writeWithCrcs = async (buf, pos, bs, lo, hi) => {
-      st.sample();
-      if (st.hold) await new Promise<void>((r) => st.held.push(r));
-      return withCrcs(buf, pos, bs, lo, hi);
-    };
-  }
-  return f;
-};
+let t: HeldServer;
 
 beforeAll(async () => {
-  const path = join(dir, 'a.ksc');
-  await createImage(path, { size: SIZE, blockSize: B });
-  dev = await openImage(path, { write: true, opener });
-  await dev.write(0, Buffer.alloc(B, 1)); // loads the map page (the callback path needs it loaded)
-  server = new NbdServer({ exports: { a: { device: dev } }, maxPendingBytes: LIMIT, maxTotalPendingBytes: LIMIT, log: () => {} });
-  const a = await server.listen({ host: '127.0.0.1', port: 0 });
-  port = (a as { port: number }).port;
+  // The first write loads the map page (the callback path needs it loaded).
+  t = await heldServer(join(dir, 'a.ksc'), { size: SIZE, blockSize: B, limit: LIMIT, prepare: (dev) => dev.write(0, Buffer.alloc(B, 1)) });
 });
 
 afterAll(async () => {
-  await server?.close();
-  await dev?.close();
+  await t?.close();
 });
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -67,6 +41,7 @@ describe('NBD admission of the block buffers a WRITE of part of a new block take
     const base = blockBufferStats.held;
     let worst = { over: -Infinity, held: 0, admitted: 0 };
     let most = 0;
+    const { st, server } = t;
     st.sample = () => {
       const held = blockBufferStats.held - base;
       const admitted = server.budget.inUse;
@@ -76,14 +51,10 @@ describe('NBD admission of the block buffers a WRITE of part of a new block take
     };
     const timer = setInterval(st.sample, 1);
     st.hold = true;
-    const clients: RawClient[] = [];
+    let clients: RawClient[] = [];
     const expected: { offset: number; value: number }[] = [];
     try {
-      for (let k = 0; k < conns; k++) {
-        const c = await RawClient.connect(port);
-        await c.handshake('a', false);
-        clients.push(c);
-      }
+      clients = await connectAll(t.port, conns);
       const replies: Promise<number[]>[] = [];
       clients.forEach((c, k) => {
         c.socket.cork(); // each connection's WRITEs arrive as one burst, all admitted at once (27 new blocks: 54 MiB of buffers unbounded)
@@ -96,13 +67,7 @@ describe('NBD admission of the block buffers a WRITE of part of a new block take
           c.send(CMD.WRITE, BigInt(j), offset, 4 * KiB, 0, Buffer.alloc(4 * KiB, value));
         }
         c.socket.uncork();
-        replies.push(
-          (async () => {
-            const errors: number[] = [];
-            for (let j = 0; j < perConn; j++) errors.push((await c.reply()).error); // one reply at a time per connection
-            return errors;
-          })(),
-        );
+        replies.push(replyErrors(c, perConn)); // one reply at a time per connection
       });
       let answered = 0;
       void Promise.all(replies).then(() => (answered = replies.length));
@@ -112,13 +77,11 @@ describe('NBD admission of the block buffers a WRITE of part of a new block take
         st.sample();
         if (i % 4 === 3) for (const r of st.held.splice(0, 2)) r();
       }
-      st.hold = false;
-      for (const r of st.held.splice(0)) r();
+      releaseHeld(st);
       expect(await Promise.all(replies), 'every WRITE answered without error').toEqual(replies.map(() => Array<number>(perConn).fill(0)));
     } finally {
       clearInterval(timer);
-      st.hold = false;
-      for (const r of st.held.splice(0)) r();
+      releaseHeld(st);
     }
     expect(most, 'block buffers were held at some sample').toBeGreaterThanOrEqual(B);
     expect(assemblyReserved(), 'every assembly reservation given back').toBe(0);
@@ -133,11 +96,9 @@ describe('NBD admission of the block buffers a WRITE of part of a new block take
   });
 
   it('a share smaller than a block: WRITEs into one new block are all admitted in turn and answered', async () => {
-    const small = new NbdServer({ exports: { a: { device: dev } }, maxPendingBytes: MiB, maxTotalPendingBytes: MiB, log: () => {} });
-    const a = await small.listen({ host: '127.0.0.1', port: 0 });
+    const { server: small, port } = await serveDevice(t.dev, MiB);
     try {
-      const c = await RawClient.connect((a as { port: number }).port);
-      await c.handshake('a', false);
+      const [c] = (await connectAll(port, 1)) as [RawClient];
       const block = 60;
       c.socket.cork();
       for (let j = 0; j < 6; j++) c.send(CMD.WRITE, BigInt(j), (j < 5 ? block : block + 1) * B + j * 4 * KiB, 4 * KiB, 0, Buffer.alloc(4 * KiB, 0x60 + j));

@@ -8,76 +8,49 @@
 import * as net from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createImage, openImage } from '../../src/image/open.js';
-import type { BlockDevice } from '../../src/image/types.js';
-import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { NbdServer } from '../../src/nbd/server.js';
 import { CMD, CMD_FLAG } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient } from './helpers.js';
+import { type HeldServer, heldAtLeast, heldServer, releaseHeld } from './held-writes.js';
+import { type RawClient, connectAll } from './helpers.js';
 
 const KiB = 1024;
 const B = 64 * KiB;
 const SIZE = 64 * B;
 const dir = tempDir('kscinc-nbd-wcb-');
-/** The host file's data writes (writeWithCrcs: metadata goes by write) fail while `fail`; `syncs` counts its syncs; `held` holds data writes back while `hold`. */
-const st = { fail: false, syncs: 0, hold: false, held: [] as (() => void)[] };
-let dev: BlockDevice;
-let server: NbdServer;
-let port = 0;
+/** The held server: its data writes (writeWithCrcs: metadata goes by write) fail while `t.st.fail`, wait while `t.st.hold`; `t.st.syncs` counts syncs. */
+let t: HeldServer;
 const calls = { write: 0, writeNow: 0 };
 /** Per callback write: whether its data was a view into a larger buffer (the socket reader's) rather than a buffer of its own. */
 const views: boolean[] = [];
 
-const opener: FileOpener = async (p, o) => {
-  const f: HostFile = await openHostFile(p, o);
-  const withCrcs = f.writeWithCrcs?.bind(f);
-  const sync = f.sync.bind(f);
-  f.sync = async () => {
-    st.syncs++;
-    return sync();
-  };
-  if (withCrcs) {
-    f.writeWithCrcs = async (buf, pos, bs, lo, hi) => {
-      if (st.hold) await new Promise<void>((r) => st.held.push(r));
-      if (st.fail) throw Object.assign(new Error('EIO: injected'), { code: 'EIO' });
-      return withCrcs(buf, pos, bs, lo, hi);
-    };
-  }
-  return f;
-};
-
 beforeAll(async () => {
-  const path = join(dir, 'a.ksc');
-  await createImage(path, { size: SIZE, blockSize: B });
-  dev = await openImage(path, { write: true, opener });
-  await dev.write(0, Buffer.alloc(B, 1)); // the general path loads the map page (the callback path needs it loaded)
-  const write = dev.write.bind(dev);
-  dev.write = (o, d, opts) => {
-    calls.write++;
-    return write(o, d, opts);
-  };
-  const now = dev.writesNow!;
-  const writeNow = now.writeNow.bind(now);
-  now.writeNow = (o, d, fua, done) => {
-    calls.writeNow++;
-    views.push(d.byteLength < d.buffer.byteLength);
-    return writeNow(o, d, fua, done);
-  };
-  server = new NbdServer({ exports: { a: { device: dev } }, log: () => {} });
-  const a = await server.listen({ host: '127.0.0.1', port: 0 });
-  port = (a as { port: number }).port;
+  t = await heldServer(join(dir, 'a.ksc'), {
+    size: SIZE,
+    blockSize: B,
+    prepare: async (dev) => {
+      await dev.write(0, Buffer.alloc(B, 1)); // the general path loads the map page (the callback path needs it loaded)
+      const write = dev.write.bind(dev);
+      dev.write = (o, d, opts) => {
+        calls.write++;
+        return write(o, d, opts);
+      };
+      const now = dev.writesNow!;
+      const writeNow = now.writeNow.bind(now);
+      now.writeNow = (o, d, fua, done) => {
+        calls.writeNow++;
+        views.push(d.byteLength < d.buffer.byteLength);
+        return writeNow(o, d, fua, done);
+      };
+    },
+  });
 });
 
 afterAll(async () => {
-  await server?.close();
-  await dev?.close();
+  await t?.close();
 });
 
 async function connect(): Promise<RawClient> {
-  const c = await RawClient.connect(port);
-  await c.handshake('a', false);
-  return c;
+  return (await connectAll(t.port, 1))[0]!;
 }
 
 const fill = (n: number, v: number): Buffer => Buffer.alloc(n, v);
@@ -103,7 +76,7 @@ describe('NBD WRITE through the device callback write', () => {
   it("a piece received whole is handed over where it lies in the reader's buffer (no pool buffer, no copy)", async () => {
     const c = await connect();
     views.length = 0;
-    const pool = server.pool;
+    const pool = t.server.pool;
     const take = pool.take.bind(pool);
     let takes = 0;
     pool.take = (n) => {
@@ -129,7 +102,7 @@ describe('NBD WRITE through the device callback write', () => {
     let writes = 0;
     const write = net.Socket.prototype.write;
     net.Socket.prototype.write = function (this: net.Socket, ...a: Parameters<typeof write>) {
-      if (this.localPort === port) writes++; // the server's side of a connection
+      if (this.localPort === t.port) writes++; // the server's side of a connection
       return write.apply(this, a);
     } as typeof write;
     try {
@@ -154,36 +127,32 @@ describe('NBD WRITE through the device callback write', () => {
 
   it('the reply waits for the write; a FUA piece is answered only after a sync', async () => {
     const c = await connect();
-    st.hold = true;
+    t.st.hold = true;
     c.send(CMD.WRITE, 3n, 6 * B, 4 * KiB, 0, fill(4 * KiB, 0x41));
     let answered = false;
     const rep = c.reply().then((r) => ((answered = true), r));
-    for (let i = 0; i < 200 && st.held.length === 0; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(st.held.length, 'the write is being held').toBe(1);
+    expect(await heldAtLeast(t.st, 1, 200), 'the write is being held').toBe(1);
     await new Promise((r) => setTimeout(r, 50));
     expect(answered, 'no reply while the write is held').toBe(false);
-    st.hold = false;
-    for (const r of st.held.splice(0)) r();
+    releaseHeld(t.st);
     expect((await rep).error).toBe(0);
-    const syncs = st.syncs;
+    const syncs = t.st.syncs;
     c.send(CMD.WRITE, 4n, 7 * B + 8 * KiB, 4 * KiB, CMD_FLAG.FUA, fill(4 * KiB, 0x42));
     expect((await c.reply()).error).toBe(0);
-    expect(st.syncs, 'a sync before the FUA reply').toBeGreaterThan(syncs);
+    expect(t.st.syncs, 'a sync before the FUA reply').toBeGreaterThan(syncs);
     c.disc();
   });
 
   it('WRITEs completing as the connection ends (DISC read) have their batched replies sent, each once, before it closes', async () => {
     const c = await connect();
     const n = 8;
-    st.hold = true;
+    t.st.hold = true;
     c.socket.cork(); // the WRITEs and the DISC in one burst: the DISC is read while the writes are held
     for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(200 + k), (20 + k) * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x20 + k));
     c.disc();
     c.socket.uncork();
-    for (let i = 0; i < 400 && st.held.length < n; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(st.held.length, 'the writes are held').toBe(n);
-    st.hold = false;
-    for (const r of st.held.splice(0)) r(); // they complete together: their replies are batched as the connection ends
+    expect(await heldAtLeast(t.st, n), 'the writes are held').toBe(n);
+    releaseHeld(t.st); // they complete together: their replies are batched as the connection ends
     const cookies: bigint[] = [];
     for (let k = 0; k < n; k++) {
       const r = await c.reply().catch((e: Error) => {
@@ -199,10 +168,10 @@ describe('NBD WRITE through the device callback write', () => {
 
   it('a failed piece answers EIO; the connection goes on serving', async () => {
     const c = await connect();
-    st.fail = true;
+    t.st.fail = true;
     c.send(CMD.WRITE, 5n, 9 * B, 4 * KiB, 0, fill(4 * KiB, 0x51));
     expect((await c.reply()).error, 'EIO').toBe(5);
-    st.fail = false;
+    t.st.fail = false;
     c.send(CMD.WRITE, 6n, 9 * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x52));
     expect((await c.reply()).error).toBe(0);
     const r = await c.read(9 * B, B);
@@ -214,16 +183,14 @@ describe('NBD WRITE through the device callback write', () => {
   it('a handover (park) as WRITEs complete: their batched replies are handed to the kernel before the socket is given up', async () => {
     const c = await connect();
     const n = 8;
-    st.hold = true;
+    t.st.hold = true;
     c.socket.cork();
     for (let k = 0; k < n; k++) c.send(CMD.WRITE, BigInt(300 + k), (40 + k) * B + 4 * KiB, 4 * KiB, 0, fill(4 * KiB, 0x30 + k));
     c.socket.uncork();
-    for (let i = 0; i < 400 && st.held.length < n; i++) await new Promise((r) => setTimeout(r, 5));
-    expect(st.held.length, 'the writes are held').toBe(n);
-    const parking = server.park();
+    expect(await heldAtLeast(t.st, n), 'the writes are held').toBe(n);
+    const parking = t.server.park();
     await new Promise((r) => setTimeout(r, 20)); // the connection is pausing: it waits for the held writes
-    st.hold = false;
-    for (const r of st.held.splice(0)) r(); // they complete together: their replies are batched as the handover goes on
+    releaseHeld(t.st); // they complete together: their replies are batched as the handover goes on
     const parked = await parking;
     expect(parked.length, 'the connection is parked').toBe(1);
     // Given up at once, as by a process that passed the socket on: whatever it had not handed to the kernel is lost.

@@ -8,13 +8,10 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createImage, openImage } from '../../src/image/open.js';
-import type { BlockDevice } from '../../src/image/types.js';
-import { type FileOpener, type HostFile, openHostFile } from '../../src/io/file.js';
-import { NbdServer } from '../../src/nbd/server.js';
 import { CMD } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient } from './helpers.js';
+import { type HeldServer, heldServer, releaseHeld } from './held-writes.js';
+import { connectAll, replyErrors } from './helpers.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -23,52 +20,30 @@ const CONNS = 4;
 const PER_CONN = 16;
 const SIZE = (CONNS * PER_CONN + 1) * B;
 const dir = tempDir('kscinc-nbd-zmem-');
-/** Data writes wait while `hold`. */
-const st = { hold: false, held: [] as (() => void)[] };
-let dev: BlockDevice;
-let server: NbdServer;
-let port = 0;
-
-const opener: FileOpener = async (p, o) => {
-  const f: HostFile = await openHostFile(p, o);
-  const wait = async (): Promise<void> => {
-    if (st.hold) await new Promise<void>((r) => st.held.push(r));
-  };
-  const write = f.write.bind(f);
-  const writev = f.writev.bind(f);
-  const withCrcs = f.writeWithCrcs?.bind(f);
-  f.write = async (buf, pos) => (await wait(), write(buf, pos));
-  f.writev = async (bufs, pos) => (await wait(), writev(bufs, pos));
-  if (withCrcs) f.writeWithCrcs = async (buf, pos, bs, lo, hi) => (await wait(), withCrcs(buf, pos, bs, lo, hi));
-  return f;
-};
+let t: HeldServer;
 
 beforeAll(async () => {
-  const path = join(dir, 'a.ksc');
-  await createImage(path, { size: SIZE, blockSize: B });
-  dev = await openImage(path, { write: true, opener });
-  for (let b = 0; b < SIZE / B; b++) await dev.write(b * B, Buffer.alloc(B, 0x5a)); // every block holds data
-  await dev.flush();
-  server = new NbdServer({ exports: { a: { device: dev } }, log: () => {} });
-  const a = await server.listen({ host: '127.0.0.1', port: 0 });
-  port = (a as { port: number }).port;
+  t = await heldServer(join(dir, 'a.ksc'), {
+    size: SIZE,
+    blockSize: B,
+    allWrites: true,
+    prepare: async (dev) => {
+      for (let b = 0; b < SIZE / B; b++) await dev.write(b * B, Buffer.alloc(B, 0x5a)); // every block holds data
+      await dev.flush();
+    },
+  });
 });
 
 afterAll(async () => {
-  await server?.close();
-  await dev?.close();
+  await t?.close();
 });
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 describe('NBD WRITE_ZEROES of part of a block', () => {
   it(`${CONNS} connections × ${PER_CONN} pipelined WRITE_ZEROES of 2 MiB − 8 KiB into distinct allocated 2 MiB blocks: no buffer per request`, async () => {
-    const clients: RawClient[] = [];
-    for (let k = 0; k < CONNS; k++) {
-      const c = await RawClient.connect(port);
-      await c.handshake('a', false);
-      clients.push(c);
-    }
+    const { st } = t;
+    const clients = await connectAll(t.port, CONNS);
     (globalThis as { gc?: () => void }).gc?.();
     const base = process.memoryUsage().arrayBuffers;
     let peak = base;
@@ -79,13 +54,7 @@ describe('NBD WRITE_ZEROES of part of a block', () => {
     try {
       clients.forEach((c, k) => {
         for (let j = 0; j < PER_CONN; j++) c.send(CMD.WRITE_ZEROES, BigInt(j), (1 + k * PER_CONN + j) * B + 4 * KiB, length);
-        replies.push(
-          (async () => {
-            const errors: number[] = [];
-            for (let j = 0; j < PER_CONN; j++) errors.push((await c.reply()).error);
-            return errors;
-          })(),
-        );
+        replies.push(replyErrors(c, PER_CONN));
       });
       // Wait until the held writes stop growing (every request that can start has started).
       let seen = -1;
@@ -97,8 +66,7 @@ describe('NBD WRITE_ZEROES of part of a block', () => {
       expect(st.held.length, 'requests reached their writes while held').toBeGreaterThan(CONNS);
     } finally {
       clearInterval(timer);
-      st.hold = false;
-      for (const r of st.held.splice(0)) r();
+      releaseHeld(st);
     }
     expect(await Promise.all(replies), 'every WRITE_ZEROES answered without error').toEqual(replies.map(() => Array<number>(PER_CONN).fill(0)));
     const grew = peak - base;

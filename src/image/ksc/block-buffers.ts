@@ -1,11 +1,12 @@
 /**
  * Block buffers of partial.ts (a new block's content, the queued pieces of its next wave, the in-place
- * pieces of one turn: these two only as large as their pieces span, see Span), reused: a fresh zeroed
- * 64 KiB buffer per new block (an allocation outside V8's heap, zeroed, then garbage) cost more of the
- * serving thread than the block's own write. Contents are garbage (partial.ts submitFresh zeroes what no
- * piece of a new block's first wave covers). Every size is a power of two (a span's from 512 bytes, a
- * block's up to 2 MiB): one free list per size, so a take is O(1). At most FREE_BLOCK_BYTES are kept per
- * process, and at most FREE_PER_SIZE of each size.
+ * pieces of one turn: these two only as large as their pieces span, see Span) and of datapath.ts (the
+ * whole block a copy-on-write assembles), reused: a fresh zeroed 64 KiB buffer per new block (an
+ * allocation outside V8's heap, zeroed, then garbage) cost more of the serving thread than the block's own
+ * write. Contents are garbage (partial.ts submitFresh zeroes what no piece of a new block's first wave
+ * covers; a copy-on-write zeroes what the backing does not fill). Every size is a power of two (a span's
+ * from 512 bytes, a block's up to 2 MiB): one free list per size, so a take is O(1). At most
+ * FREE_BLOCK_BYTES are kept per process, and at most FREE_PER_SIZE of each size.
  */
 const FREE_BLOCK_BYTES = 4 * 1024 * 1024;
 const FREE_PER_SIZE = 64;
@@ -19,8 +20,10 @@ function freeList(size: number): Buffer[] | null {
 }
 
 /**
- * Bytes handed out by takeBlockBuffer, of those the ones newly allocated, and the ones held now (taken, not
- * given back nor dropped): tests read these, the NBD admission tests compare `held` with what was admitted.
+ * The count of block buffer bytes (every buffer above, whoever takes it): handed out by takeBlockBuffer and
+ * takeFreshBlock, of those the ones newly allocated, and the ones held now (taken, not given back nor
+ * dropped). Tests read these; the NBD admission tests compare `held` with what was admitted. The block
+ * assembly below counts no buffers: it is the bound on the whole-block ones, reserved before they are taken.
  */
 export const blockBufferStats = { taken: 0, allocated: 0, held: 0 };
 

@@ -1,8 +1,8 @@
 /**
  * The state of one open ksc_inc image (formats/ksc_inc.md), shared by the modules of this folder: the
  * host file and header, the map, allocator, intent log and bitmap slots, and the session's counters.
- * KscImage (image.ts) is the public face; open.ts, datapath.ts, flush.ts, extents.ts, bitmaps.ts and
- * check.ts are functions over a KscCore. Only modules of this folder (and white-box tests) see it.
+ * KscImage (image.ts) is the public face; open.ts, read.ts, datapath.ts, flush.ts, extents.ts, bitmaps.ts
+ * and check.ts are functions over a KscCore. Only modules of this folder (and white-box tests) see it.
  *
  * It also owns the in-flight gate: every change (write, zero, discard) enters and leaves it, and
  * quiesce() closes it to run something at a point in time with no change in flight.

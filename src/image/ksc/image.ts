@@ -2,8 +2,8 @@
  * A ksc_inc image as a BlockDevice (formats/ksc_inc.md). The public face of this folder: each method
  * checks nothing itself and hands its KscCore (core.ts) to the module that owns the concern:
  *  - create.ts, open.ts: create; open with recovery (rule 1: a durable DIRTY header before anything else);
- *  - datapath.ts: read, write, zero, discard (rule 2: intent bits durable first, then data, then map and
- *    bitmaps in memory); core.ts holds the in-flight gate (quiesce);
+ *  - read.ts: read; datapath.ts: write, zero, discard (rule 2: intent bits durable first, then data, then
+ *    map and bitmaps in memory); core.ts holds the in-flight gate (quiesce);
  *  - flush.ts: flush (rule 3: new pages, sync, records in place, sync; rule 4: freed clusters wait for the
  *    flush that unlinks them) and close (rule 7: flush, free list, clear intent, clean header);
  *  - extents.ts: allocation view; bitmaps.ts: bitmap management (rule 6); check.ts: the checker.
@@ -20,6 +20,7 @@ import * as bitmaps from './bitmaps.js';
 import type { KscCore } from './core.js';
 import { createKscFile } from './create.js';
 import * as data from './datapath.js';
+import * as reads from './read.js';
 import { type BlockInfo, allocatedBlocks, blockState, dropBlocks, extents } from './extents.js';
 import { close, flush } from './flush.js';
 import { openCore, readHeader } from './open.js';
@@ -185,7 +186,7 @@ export class KscImage implements BlockDevice {
     this.onRead?.(offset, length);
     const buf = Buffer.allocUnsafe(length);
     const mark = paceCalls();
-    await data.readInto(this.core, offset, buf);
+    await reads.readInto(this.core, offset, buf);
     const turn = paceUnlessPaced(mark); // holes and zero clusters: no file read below paced it (util/turns.ts)
     if (turn) await turn;
     return buf;
@@ -194,7 +195,7 @@ export class KscImage implements BlockDevice {
   async readInto(offset: number, target: Buffer): Promise<void> {
     this.onRead?.(offset, target.length);
     const mark = paceCalls();
-    await data.readInto(this.core, offset, target);
+    await reads.readInto(this.core, offset, target);
     const turn = paceUnlessPaced(mark);
     if (turn) await turn;
   }
@@ -485,13 +486,13 @@ export class KscImage implements BlockDevice {
   /** Callback writes (an NBD WRITE's path): datapath.ts writeCb. */
   readonly writesNow: WritesNow = { writeNow: (o, b, fua, done) => data.writeCb(this.core, o, b, fua, done) };
 
-  /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (datapath.ts). */
+  /** Host spans (zero-copy NBD replies): where [offset, offset+length) lies now, or null (read.ts). */
   get readsFrom(): HostSpans | undefined {
     if (!this.core.file.readFd) return undefined;
     return {
       hostSpans: (o, n) => {
         this.onRead?.(o, n);
-        return data.hostSpans(this.core, o, n);
+        return reads.hostSpans(this.core, o, n);
       },
     };
   }
