@@ -20,7 +20,7 @@
  * addon's flock. So flock(1), when the host has it (flockByTool), takes the addon's lock instead; the name is
  * the last resort.
  */
-import { spawn } from 'node:child_process';
+import { createRequire } from 'node:module';
 import { createServer, type Server } from 'node:net';
 import { KscError, ioError } from '../errors.js';
 
@@ -45,6 +45,9 @@ export function flockByTool(fd: number): Promise<boolean | null> {
   return new Promise((resolve) => {
     let child;
     try {
+      // Required here, not imported: node:child_process brings net and dgram with it, and a backup with the addon
+      // never needs them (test/cli/builtins).
+      const { spawn } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
       child = spawn('flock', ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3'], { stdio: ['ignore', 'ignore', 'ignore', fd] });
     } catch {
       return resolve(null);
