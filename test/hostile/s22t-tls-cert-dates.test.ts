@@ -148,7 +148,7 @@ describe('s22t: certificates of the right CA that must be refused', () => {
       ['not yet valid', FUTURE, /not yet valid|not.*activated/i],
     ] as const) {
       const sdir = join(dir, `server-${what.replace(/ /g, '-')}`);
-      dated(pki.x509, 'ca', sdir, 'server', 'localhost', ...dates, SERVER);
+      dated(pki.x509, 'ca', sdir, 'server', 'localhost', dates[0], dates[1], SERVER);
       copyFileSync(join(pki.x509, 'ca-cert.pem'), join(sdir, 'ca-cert.pem'));
       const { child, port } = await serve(x509ServeArgs(pki, sdir));
       const got = await NbdClient.connect({ port, tls: loadClientTls({ creds: pki.x509 }) }).then(
