@@ -30,7 +30,7 @@ import {
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
-import { refuseDowngrade } from './downgrade.js';
+import { firstSealedObject, refuseDowngrade } from './downgrade.js';
 import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
@@ -144,9 +144,9 @@ export class Repository {
    * (`u.requireEncrypted`, KSCINC_REQUIRE_ENCRYPTION=1), or when the location shows it was stripped: a key
    * object or the given key file naming its id, or a sealed index object or manifest (§13.1 rule 2).
    */
-  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void): Promise<Repository> {
+  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, sealed?: Promise<string | null>): Promise<Repository> {
     if (!isEncrypted(config)) {
-      await refuseDowngrade(store, config, u);
+      await refuseDowngrade(store, config, u, sealed);
       return new Repository(store, config);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
@@ -208,6 +208,24 @@ export class Repository {
    */
   static async open(store: ObjectStore, u?: Unlock, deriving?: () => void): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
+    // §13.1 rule 2's probe for sealed objects, beside the read of the config (no round of its own): its LIST
+    // is spent on an encrypted repository, its 8-byte read only when the config says unencrypted.
+    const probe = { wanted: true };
+    const sealed = firstSealedObject(store, () => probe.wanted);
+    sealed.catch(() => {}); // awaited by the unencrypted path; by the others below
+    try {
+      const config = await Repository.readConfig(store);
+      if (isEncrypted(config)) probe.wanted = false;
+      return await Repository.unlocked(store, config, u, deriving, probe.wanted ? sealed : undefined);
+    } finally {
+      // No request outlives the open: an encrypted or missing config stops the probe before its read.
+      probe.wanted = false;
+      await sealed.catch(() => null);
+    }
+  }
+
+  /** The config at `store`, decoded (the errors of open). */
+  private static async readConfig(store: ObjectStore): Promise<RepoConfig> {
     let raw: Buffer;
     try {
       raw = await store.get(CONFIG_KEY);
@@ -229,7 +247,7 @@ export class Repository {
       if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
       throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
     }
-    return Repository.unlocked(store, config, u, deriving);
+    return config;
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup; encrypted unless `encrypt` is false); see init. */
