@@ -20,7 +20,7 @@ interface KeyOpts {
 async function withKeys<T>(o: KeyOpts, fn: (store: ObjectStore, repo: Repository, master: Buffer, keyId: string | null) => Promise<T>): Promise<T> {
   const store = await openStore(o.repo);
   try {
-    const u = { ...unlockFromEnv(), ...(o.keyFile ? { keyFile: o.keyFile } : {}) };
+    const u = { ...unlockFromEnv(), ...(o.keyFile ? { keyFile: o.keyFile, requireEncrypted: true } : {}) };
     const repo = await Repository.open(store, u);
     if (!repo.encrypted) throw new KscError('KSC_E_INVALID', `${store.name} is not encrypted: it has no keys`);
     const k = await unlock(store, repo.config.id, repo.config.encryption!.keyCheck, u);

@@ -10,6 +10,12 @@ import { nativeOps } from '../io/native.js';
 export const SEAL_MAGIC = Buffer.from('KSCSEAL1');
 /** §13.4: magic, kind, reserved, nonce. */
 export const SEAL_HEADER = 24;
+
+/** Whether `b` starts with the sealed envelope's magic (§13.4): a sealed object, whatever its key. */
+export function isSealed(b: Buffer): boolean {
+  return b.length >= SEAL_MAGIC.length && b.subarray(0, SEAL_MAGIC.length).equals(SEAL_MAGIC);
+}
+
 export const NONCE = 12;
 export const TAG = 16;
 /** The bytes sealing adds to an object. */

@@ -13,7 +13,7 @@ import { canPrompt, readHidden, readNewPassword } from './tty.js';
 export interface Unlock {
   password?: Buffer | null;
   keyFile?: string | null;
-  /** Refuse an unencrypted repository (the CLI sets it when the user gave a password or key file explicitly). */
+  /** Refuse an unencrypted repository (§13.1 rule 2: the CLI sets it when the user gave a key file with --key-file). */
   requireEncrypted?: boolean;
   /** The master key itself (§13.3 rule 5: sent by a client over the control socket); checked against keyCheck. */
   master?: Buffer | null;
@@ -56,6 +56,18 @@ export function passwordFrom(env: NodeJS.ProcessEnv, fileVar: string, commandVar
     }
   }
   return null;
+}
+
+/**
+ * KSCINC_REQUIRE_ENCRYPTION=1: refuse every repository without encryption (§13.1 rule 2), the opt-in of a
+ * client that keeps its password in the environment for every repository. Other values than 0/1/empty are
+ * an error, not a silent no.
+ */
+export function requireEncryptionFromEnv(env: NodeJS.ProcessEnv = process.env): boolean {
+  const v = env.KSCINC_REQUIRE_ENCRYPTION;
+  if (v === undefined || v === '' || v === '0') return false;
+  if (v === '1') return true;
+  throw new KscError('KSC_E_INVALID', `KSCINC_REQUIRE_ENCRYPTION is ${JSON.stringify(v)}: set it to 1 (refuse a repository without encryption) or 0`);
 }
 
 /** The unlock material of the environment only, never a prompt (a server, the scheduler). */

@@ -30,8 +30,9 @@ import {
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, unlockFromEnv } from '../crypto/password.js';
-import { KEY_PREFIX, addKey, keysNaming, unlock } from '../crypto/keyring.js';
-import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, open as openSealed, seal } from '../crypto/aead.js';
+import { firstSealedObject, refuseDowngrade } from './downgrade.js';
+import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
+import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { type EncryptChoice, resolveEncryption } from './encryption-choice.js';
@@ -117,7 +118,14 @@ export class Repository {
 
   /** §13.4: the plain bytes of a stored object, authenticated first in an encrypted repository (KSC_E_CORRUPT naming it). */
   private openObject(kind: number, key: string, stored: Buffer): Buffer {
-    if (!this.keys) return stored;
+    if (!this.keys) {
+      if (isSealed(stored))
+        throw new KscError(
+          'KSC_E_AUTH',
+          `repository object ${this.objName(key)} is sealed (encrypted, §13.4) but the config says the repository is not encrypted: the config was stripped of its encryption; refusing (formats/repository.md §13.1 rule 2)`,
+        );
+      return stored;
+    }
     try {
       return openSealed(this.keys.data, kind, key, stored);
     } catch (e) {
@@ -132,22 +140,13 @@ export class Repository {
 
   /**
    * §13.1: opens an encrypted config's master key with `u` (default: the environment's password or key file).
-   * A client given a password or key file refuses an unencrypted repository (a config stripped of its
-   * encryption must not make it write in the clear). KSC_E_AUTH when nothing opens it; never writes.
+   * Refuses (KSC_E_AUTH, never writes) a config without encryption when the client asked for encryption
+   * (`u.requireEncrypted`, KSCINC_REQUIRE_ENCRYPTION=1), or when the location shows it was stripped: a key
+   * object or the given key file naming its id, or a sealed index object or manifest (§13.1 rule 2).
    */
-  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void): Promise<Repository> {
+  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, sealed?: Promise<string | null>): Promise<Repository> {
     if (!isEncrypted(config)) {
-      if (u && (u.password || u.keyFile) && u.requireEncrypted)
-        throw new KscError(
-          'KSC_E_AUTH',
-          `${store.name} is not encrypted, but a password or key file was given: refusing (a config stripped of its encryption would make this client write in the clear; formats/repository.md §13.1)`,
-        );
-      const left = await keysNaming(store, config.id, u ? u.keyFile : process.env.KSCINC_KEY_FILE);
-      if (left.length > 0)
-        throw new KscError(
-          'KSC_E_AUTH',
-          `${store.name}: its config says it is not encrypted, but ${left.join(' and ')} ${left.length > 1 ? 'hold' : 'holds'} the key of repository ${config.id}: the config was stripped of its encryption; refusing, nothing was written (it would write in the clear; formats/repository.md §13.1 rule 2). Put back the config from a copy, or delete it and run "kscinc repo repair" with the password or key file (§13.9)`,
-        );
+      await refuseDowngrade(store, config, u, sealed);
       return new Repository(store, config);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
@@ -209,6 +208,24 @@ export class Repository {
    */
   static async open(store: ObjectStore, u?: Unlock, deriving?: () => void): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
+    // §13.1 rule 2's probe for sealed objects, beside the read of the config (no round of its own): its LIST
+    // is spent on an encrypted repository, its 8-byte read only when the config says unencrypted.
+    const probe = { wanted: true };
+    const sealed = firstSealedObject(store, () => probe.wanted);
+    sealed.catch(() => {}); // awaited by the unencrypted path; by the others below
+    try {
+      const config = await Repository.readConfig(store);
+      if (isEncrypted(config)) probe.wanted = false;
+      return await Repository.unlocked(store, config, u, deriving, probe.wanted ? sealed : undefined);
+    } finally {
+      // No request outlives the open: an encrypted or missing config stops the probe before its read.
+      probe.wanted = false;
+      await sealed.catch(() => null);
+    }
+  }
+
+  /** The config at `store`, decoded (the errors of open). */
+  private static async readConfig(store: ObjectStore): Promise<RepoConfig> {
     let raw: Buffer;
     try {
       raw = await store.get(CONFIG_KEY);
@@ -230,7 +247,7 @@ export class Repository {
       if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
       throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
     }
-    return Repository.unlocked(store, config, u, deriving);
+    return config;
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup; encrypted unless `encrypt` is false); see init. */
