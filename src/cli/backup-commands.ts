@@ -5,8 +5,6 @@ import { openImage } from '../image/open.js';
 import { createForServer, encryptChoice } from './new-repo.js';
 import { parseSize } from '../util/size.js';
 import { backupDevice, DEFAULT_BITMAP } from '../engines/backup.js';
-import { listBackups, summarize } from '../repo/catalog.js';
-import { policyIsEmpty } from '../engines/retention.js';
 import { formatDuration, parseDuration } from '../engines/schedule/duration.js';
 import { closePool } from '../compress/pool.js';
 import { formatName, formatSize, parseFormat, printJson, println, progressBar } from './output.js';
@@ -18,7 +16,8 @@ import { repoOption, withRepo } from './repo-open.js';
 
 // Each command's engine is imported in its action, not here: a run loads the code of the command it runs
 // (the serve control client, about a sixth of this group's load, only when a server holds the image).
-// bench/README.md, session 16.
+// bench/README.md, session 16. So are the listing (catalog, through backups-list.ts) and the retention policy
+// (through the prune engine): a backup loaded their chunks before it opened its image (session 22).
 const engines = {
   restore: () => import('../engines/restore.js'),
   verify: () => import('../engines/verify.js'),
@@ -27,6 +26,7 @@ const engines = {
   prune: () => import('../engines/prune.js'),
   control: () => import('./control.js'),
   controlKey: () => import('./control-key.js'),
+  list: () => import('./backups-list.js'),
 };
 
 const count =
@@ -267,6 +267,7 @@ function registerBackups(program: Command): void {
     .action(async (o: { repo: string; disk?: string; tag?: string[]; json?: boolean }) => {
       await withRepo(o.repo, 'open', async (repo) => {
         const damaged: string[] = [];
+        const { listBackups, summarize } = await engines.list();
         const all = await listBackups(repo, (id, e) => damaged.push(`${id}: ${e.message}`), summarize);
         const disk = o.disk?.toLowerCase();
         const list = all.filter((b) => (!disk || b.disk.toLowerCase().startsWith(disk)) && (o.tag ?? []).every((t) => b.tags.includes(t)));
@@ -321,9 +322,9 @@ function registerPrune(program: Command): void {
       async (o: { repo: string; keepLast?: number; keepDaily?: number; keepWeekly?: number; keepMonthly?: number; dryRun?: boolean; grace?: number; forgetDamaged?: string[]; json?: boolean }) => {
         const policy = { last: o.keepLast, daily: o.keepDaily, weekly: o.keepWeekly, monthly: o.keepMonthly };
         await withRepo(o.repo, 'open', async (repo) => {
+          const { policyIsEmpty, pruneRepo } = await engines.prune();
           if (policyIsEmpty(policy)) throw new KscError('KSC_E_INVALID', 'a retention policy must keep something (--keep-last, --keep-daily, --keep-weekly or --keep-monthly)');
           const bar = progressBar('prune', 'steps');
-          const { pruneRepo } = await engines.prune();
           const r = await pruneRepo(repo, { ...policy, dryRun: o.dryRun, graceMs: o.grace, forgetDamaged: o.forgetDamaged, progress: bar.update }).finally(bar.stop);
           if (o.json) return printJson(r);
           for (const id of r.removed) println(`${r.dryRun ? 'would remove' : 'removed'} ${id}`);

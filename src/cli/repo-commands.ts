@@ -1,11 +1,13 @@
-/** kscinc repo init | repo repair | repo unlock | repo locks. */
+/**
+ * kscinc repo init | repo repair | repo unlock | repo locks. Every run of the backup group loads this module,
+ * so what only these commands use (repair, the live-restore references) is imported in their actions, and
+ * --kdf-n is parsed here, not with key-commands.ts's kdfN (that would load the key group).
+ */
 import type { Command } from 'commander';
 import { openStore } from '../objstore/open.js';
 import { encryptChoice } from './new-repo.js';
-import { kdfN } from './key-commands.js';
-import { repairConfig } from '../repo/repair.js';
+import { parseKdfN } from '../crypto/keys.js';
 import { parseSize } from '../util/size.js';
-import { listLiveRefs } from '../repo/liverefs.js';
 import { formatSize, printJson, println } from './output.js';
 import { KscError } from '../errors.js';
 import { repoOperand, withRepo } from './repo-open.js';
@@ -28,7 +30,7 @@ function registerRepoInit(repo: Command): void {
     .option('--encrypt', 'encrypt and authenticate everything stored (the default)')
     .option('--no-encrypt', 'create an unencrypted repository (anyone who can read the storage reads the disks)')
     .option('--key-file <file>', 'also write the master key to this new file (mode 0600; keep it outside the repository)')
-    .option('--kdf-n <n>', "scrypt cost N of the password's key (power of two; default KSCINC_KDF_N, else 32768)", kdfN)
+    .option('--kdf-n <n>', "scrypt cost N of the password's key (power of two; default KSCINC_KDF_N, else 32768)", (v) => parseKdfN(v))
     .description(
       'create an empty repository: encrypted unless --no-encrypt, its key protected by the password of KSCINC_PASSWORD_FILE or KSCINC_PASSWORD_COMMAND (else typed twice on a terminal) and/or a new --key-file',
     )
@@ -60,6 +62,7 @@ function registerRepoRepair(repo: Command): void {
     .action(async (location: string, o: { chunkSize?: number; packSize?: number; dryRun?: boolean; json?: boolean }) => {
       const store = await openStore(location);
       try {
+        const { repairConfig } = await import('../repo/repair.js');
         const r = await repairConfig(store, o);
         if (o.json) return printJson(r);
         const from = {
@@ -89,6 +92,7 @@ function registerRepoLocks(repo: Command): void {
     .action(async (location: string | undefined, o: { json?: boolean }) => {
       await withRepo(repoOperand(location), 'open', async (r) => {
         const locks = await r.listLocks();
+        const { listLiveRefs } = await import('../repo/liverefs.js');
         const refs = await listLiveRefs(r.store);
         // JSON: the array of locks, then one entry per live-restore reference (kind "live-restore").
         if (o.json)
@@ -128,6 +132,7 @@ function registerRepoUnlock(repo: Command): void {
         const { removed, kept } = await r.unlock(!!(o.force || o.all));
         // repository.md §8.1: stale references go; live ones (and garbage) only when named (--force does not touch them).
         const named = new Set(o.ref ?? []);
+        const { listLiveRefs } = await import('../repo/liverefs.js');
         const refs = await listLiveRefs(r.store);
         for (const k of named) if (!refs.some((x) => x.key === k)) throw new KscError('KSC_E_NOT_FOUND', `--ref ${k}: no such live-restore reference in ${r.name} ("kscinc repo locks" lists them)`);
         const refsRemoved = refs.filter((x) => x.stale || named.has(x.key));

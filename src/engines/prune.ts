@@ -15,6 +15,9 @@ import type { CopyReport } from './copies.js';
 import { type KeepPolicy, assertPolicy, selectKeep } from './retention.js';
 import { collectGarbage } from './prune-gc.js';
 
+/** For the CLI, which imports this module when prune runs (retention.js alone would be a chunk of its own). */
+export { policyIsEmpty } from './retention.js';
+
 export interface PruneOptions extends KeepPolicy {
   dryRun?: boolean;
   timeZone?: string;
