@@ -272,7 +272,12 @@ export class SocketReader {
    */
   private armStall(): void {
     const st = this.stall!;
-    if (st.idleOk && this.buffered === 0) return;
+    if (st.idleOk && this.buffered === 0) {
+      // Idle again (the sink ran a request it held, to its last byte): a clock a fragment started stops.
+      if (st.timer) clearTimeout(st.timer);
+      st.timer = null;
+      return;
+    }
     st.since = performance.now();
     st.timer ??= setTimeout(this.stallCheck, st.ms);
   }
@@ -280,6 +285,10 @@ export class SocketReader {
   private readonly stallCheck = (): void => {
     const st = this.stall;
     if (!st) return;
+    if (st.idleOk && this.buffered === 0) {
+      st.timer = null; // idle between requests: no clock until a first byte comes
+      return;
+    }
     const left = st.since + st.ms - performance.now();
     if (left > 0) {
       st.timer = setTimeout(this.stallCheck, left);
