@@ -306,11 +306,15 @@ export class SocketReader {
     this.stall = null;
   }
 
-  /** Settles a pending read that can be settled now (its clock stops then). */
+  /**
+   * Settles a pending read that can be settled now (its clock stops then). Stopped (abort()), it rejects even
+   * with the bytes here: they may be a request the sink held and is consuming as it stops (a failure to start
+   * it), which are not the read's to take.
+   */
   private wake(): void {
     const w = this.waiter;
     if (!w) return;
-    if (this.buffered >= this.want && (this.sinkNeed === 0 || this.ended || this.error)) {
+    if (this.buffered >= this.want && !this.stopped && (this.sinkNeed === 0 || this.ended || this.error)) {
       this.waiter = null;
       this.clearStall();
       w.resolve();

@@ -2,7 +2,8 @@
  * The reader's chunk sink (reader.ts ChunkSink) and the no-progress timeout: a WRITE cut across socket reads is
  * held by the reader until whole, then run by the sink, leaving no byte buffered. The client, its reply had,
  * may then idle between requests for as long as it likes: the stall clock the held fragment started must not
- * cut it. A client that stops inside a request is still cut.
+ * cut it. A client that stops inside a request is still cut. And a request the sink held that fails to start
+ * (a pool buffer not had) ends the connection with its own error, logged, not a bogus one.
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -83,5 +84,30 @@ describe('NBD chunk sink and the stall timeout', () => {
     cl.socket.write(bytes.subarray(0, 32 + 100));
     expect(await closesWithin(cl, STALL * 6)).toBe(true);
     expect(logs.slice(before).join('\n')).toContain('write payload of 4096 bytes: no byte received');
+  });
+
+  it('a held WRITE that fails to start ends the connection with its own error, logged', async () => {
+    const cl = await connect();
+    const before = logs.length;
+    const take = server.pool.take.bind(server.pool);
+    let failed = 0;
+    // A whole block declines the callback write: the sink copies it into a pool buffer, which fails once here.
+    server.pool.take = (n) => {
+      if (failed++ === 0) throw new Error('planted pool failure');
+      return take(n);
+    };
+    try {
+      const bytes = writeBytes(30 * B, Buffer.alloc(B, 5), 13n);
+      cl.socket.write(bytes.subarray(0, 32 + 100));
+      await sleep(50);
+      cl.socket.write(bytes.subarray(32 + 100));
+      expect(await closesWithin(cl, 3000)).toBe(true);
+    } finally {
+      server.pool.take = take;
+    }
+    expect(failed, 'the sink took a pool buffer').toBeGreaterThan(0);
+    const said = logs.slice(before).join('\n');
+    expect(said).toContain('planted pool failure');
+    expect(said).not.toContain('bad request magic');
   });
 });
