@@ -272,7 +272,12 @@ export class SocketReader {
    */
   private armStall(): void {
     const st = this.stall!;
-    if (st.idleOk && this.buffered === 0) return;
+    if (st.idleOk && this.buffered === 0) {
+      // Idle again (the sink ran a request it held, to its last byte): a clock a fragment started stops.
+      if (st.timer) clearTimeout(st.timer);
+      st.timer = null;
+      return;
+    }
     st.since = performance.now();
     st.timer ??= setTimeout(this.stallCheck, st.ms);
   }
@@ -280,6 +285,10 @@ export class SocketReader {
   private readonly stallCheck = (): void => {
     const st = this.stall;
     if (!st) return;
+    if (st.idleOk && this.buffered === 0) {
+      st.timer = null; // idle between requests: no clock until a first byte comes
+      return;
+    }
     const left = st.since + st.ms - performance.now();
     if (left > 0) {
       st.timer = setTimeout(this.stallCheck, left);
@@ -297,11 +306,15 @@ export class SocketReader {
     this.stall = null;
   }
 
-  /** Settles a pending read that can be settled now (its clock stops then). */
+  /**
+   * Settles a pending read that can be settled now (its clock stops then). Stopped (abort()), it rejects even
+   * with the bytes here: they may be a request the sink held and is consuming as it stops (a failure to start
+   * it), which are not the read's to take.
+   */
   private wake(): void {
     const w = this.waiter;
     if (!w) return;
-    if (this.buffered >= this.want && (this.sinkNeed === 0 || this.ended || this.error)) {
+    if (this.buffered >= this.want && !this.stopped && (this.sinkNeed === 0 || this.ended || this.error)) {
       this.waiter = null;
       this.clearStall();
       w.resolve();
