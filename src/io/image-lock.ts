@@ -21,7 +21,7 @@
  * the last resort.
  */
 import { createRequire } from 'node:module';
-import { createServer, type Server } from 'node:net';
+import type { Server } from 'node:net';
 import { KscError, ioError } from '../errors.js';
 
 /** What names a file for its lock: the device and inode of the open descriptor (fstat, never a path). */
@@ -74,6 +74,8 @@ export interface IdentityLock {
  */
 export async function takeIdentityLock(id: FileIdentity, path: string): Promise<IdentityLock> {
   const name = identityLockName(id);
+  // Required here, not imported: node:net (with tcp_wrap, pipe_wrap) is for this fallback only.
+  const { createServer } = createRequire(import.meta.url)('node:net') as typeof import('node:net');
   // A connection to the name (someone asking who holds it) learns nothing and is closed at once.
   const server = createServer((sock) => sock.destroy());
   try {
