@@ -413,13 +413,13 @@ class NodeHostFile implements HostFile {
   }
 
   /**
-   * Fallback where the addon is unavailable: flock through flock(1) (the addon's lock), else the lock named
-   * after this file's identity (device and inode of the open descriptor), held by a socket of this process
+   * Fallback where the addon is unavailable: flock through flock(1) (the addon's lock), else, only where the
+   * host has no flock(1) (any other failure of it is KSC_E_IO), the lock named after this file's identity (device and inode of the open descriptor), held by a socket of this process
    * (io/image-lock.ts; formats/ksc_inc.md §9 rule 1).
    */
   private async lockWithName(): Promise<void> {
     if (this.identityLock) throw lockedError(this.path);
-    const flocked = await flockByTool(this.fh.fd);
+    const flocked = await flockByTool(this.fh.fd, this.path);
     if (flocked === true) return;
     if (flocked === false) throw lockedError(this.path);
     let st: { dev: bigint; ino: bigint };

@@ -18,7 +18,7 @@
  * Its scope is one network namespace (containers with their own network do not see each other's names:
  * a writer started with `unshare -n` took the name of a file another writer held), and it does not see the
  * addon's flock. So flock(1), when the host has it (flockByTool), takes the addon's lock instead; the name is
- * the last resort.
+ * the last resort, taken only where flock(1) is not found (any other failure of flock(1) refuses the open).
  */
 import { createRequire } from 'node:module';
 import type { Server } from 'node:net';
@@ -39,21 +39,30 @@ const FLOCK_CONFLICT = 75;
  * process closes the descriptor or dies: the addon's very lock, so it excludes writers with the addon, in
  * other network namespaces, and lets no user who cannot open the file keep writers out (the abstract name's
  * scope is one network namespace, and any user can bind it). true: taken; false: held elsewhere; null:
- * no flock(1) here, or it failed otherwise (the caller takes the name instead).
+ * no flock(1) on this host (the spawn failed with ENOENT: the caller takes the name instead). Any other
+ * failure (flock(1) killed by a signal or with another exit code, the fork failing with EAGAIN or EMFILE…)
+ * is KSC_E_IO: falling back to the name then would admit a second writer beside one holding flock, which
+ * does not see the name (formats/ksc_inc.md §9 rule 1).
  */
-export function flockByTool(fd: number): Promise<boolean | null> {
-  return new Promise((resolve) => {
+export function flockByTool(fd: number, path: string): Promise<boolean | null> {
+  return new Promise((resolve, reject) => {
+    const failed = (how: string, cause?: unknown): void => reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) ${how}); nothing written`, { cause }));
     let child;
     try {
       // Required here, not imported: node:child_process brings net and dgram with it, and a backup with the addon
       // never needs them (test/cli/builtins).
       const { spawn } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
       child = spawn('flock', ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3'], { stdio: ['ignore', 'ignore', 'ignore', fd] });
-    } catch {
-      return resolve(null);
+    } catch (e) {
+      if ((e as { code?: string }).code === 'ENOENT') return resolve(null);
+      return failed(`could not be started: ${(e as Error).message}`, e);
     }
-    child.once('error', () => resolve(null));
-    child.once('exit', (code) => resolve(code === 0 ? true : code === FLOCK_CONFLICT ? false : null));
+    child.once('error', (e) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(`could not be started: ${e.message}`, e)));
+    child.once('exit', (code, signal) => {
+      if (code === 0) resolve(true);
+      else if (code === FLOCK_CONFLICT) resolve(false);
+      else failed(signal ? `was killed by ${signal}` : `exited ${code}`);
+    });
   });
 }
 

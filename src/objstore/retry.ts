@@ -99,6 +99,9 @@ class RetryStore implements ObjectStore {
   get(key: string): Promise<Buffer> {
     return retryCall(() => this.inner.get(key), this.opts, 'get', key);
   }
+  getUpTo(key: string, max: number): Promise<Buffer> {
+    return retryCall(() => this.inner.getUpTo(key, max), this.opts, 'get', key);
+  }
   getRange(key: string, offset: number, length: number): Promise<Buffer> {
     return retryCall(() => this.inner.getRange(key, offset, length), this.opts, 'getRange', key);
   }

@@ -279,6 +279,27 @@ export class S3Store implements ObjectStore {
     return this.call('get', key, async () => readAll(await this.client.getObject(this.bucket, name)));
   }
 
+  async getUpTo(key: string, max: number): Promise<Buffer> {
+    const name = this.objectName(key);
+    assertRange(this.name, key, 0, max);
+    if (max === 0) {
+      if (!(await this.stat(key))) throw new KscError('KSC_E_NOT_FOUND', `${this.name}: no object ${key}`);
+      return Buffer.alloc(0);
+    }
+    try {
+      // A range past the end is answered with the bytes there are (an empty object: InvalidRange).
+      const buf = await this.call('get', key, async () => readAll(await this.client.getPartialObject(this.bucket, name, 0, max)));
+      if (buf.length > max) throw new KscError('KSC_E_CORRUPT', `${this.name}: object ${key}: ${buf.length} bytes answered for at most ${max}`);
+      return buf;
+    } catch (e) {
+      if ((e as { cause?: { code?: string } }).cause?.code === 'InvalidRange') {
+        const st = await this.stat(key);
+        if (st?.size === 0) return Buffer.alloc(0);
+      }
+      throw e;
+    }
+  }
+
   async getRange(key: string, offset: number, length: number): Promise<Buffer> {
     const name = this.objectName(key);
     assertRange(this.name, key, offset, length);

@@ -18,7 +18,11 @@ export async function getSmall(store: ObjectStore, key: string, what: string, si
   const n = size ?? (await store.stat(key))?.size;
   if (n === undefined) throw new KscError('KSC_E_NOT_FOUND', `${what} ${store.name}/${key} is not there`);
   if (n > MAX_SMALL_OBJECT) throw new KscError('KSC_E_CORRUPT', `${what} ${store.name}/${key} is ${n} bytes, more than a ${what} ever is (${MAX_SMALL_OBJECT}): not read`);
-  // Read whole, not as a range of n bytes: a lock re-put meanwhile with a longer body must not read as a
-  // cut one (a garbage lock counts for less than a live one).
-  return store.get(key);
+  // At most one byte more than any such object, not a range of n bytes (a lock re-put meanwhile with a longer
+  // body must not read as a cut one: a garbage lock counts for less than a live one), and never the whole
+  // object: whoever can write the storage can swap it between the listing and this read (an S3 PUT of a huge
+  // object, a sparse file or a symlink to /dev/zero renamed over it in a folder).
+  const body = await store.getUpTo(key, MAX_SMALL_OBJECT + 1);
+  if (body.length > MAX_SMALL_OBJECT) throw new KscError('KSC_E_CORRUPT', `${what} ${store.name}/${key} is more than ${MAX_SMALL_OBJECT} bytes, more than a ${what} ever is: not read`);
+  return body;
 }

@@ -184,6 +184,16 @@ class TraceStore implements ObjectStore {
       (b) => b.length,
     );
   }
+  /** Traced as a get (it reads a whole small object). */
+  getUpTo(key: string, max: number): Promise<Buffer> {
+    return traced(
+      this.name,
+      'get',
+      key,
+      () => this.inner.getUpTo(key, max),
+      (b) => b.length,
+    );
+  }
   getRange(key: string, offset: number, length: number): Promise<Buffer> {
     return traced(
       this.name,

@@ -72,6 +72,12 @@ export interface ObjectStore {
   putAfter?(key: string, data: Body, after: Promise<unknown>, opts?: WriteOpts): Promise<void>;
   /** The whole object; KSC_E_NOT_FOUND when missing. */
   get(key: string): Promise<Buffer>;
+  /**
+   * At most `max` bytes from its start: the whole object when it is no longer, its first `max` bytes otherwise,
+   * never more read (a reader of a small object that anyone who can write the storage may swap for a huge one
+   * between its listing and this read: objstore/small-object.ts); KSC_E_NOT_FOUND when missing.
+   */
+  getUpTo(key: string, max: number): Promise<Buffer>;
   /** `length` bytes from `offset`; KSC_E_NOT_FOUND when missing, KSC_E_CORRUPT when the object is shorter. */
   getRange(key: string, offset: number, length: number): Promise<Buffer>;
   /**

@@ -18,6 +18,9 @@ export class StoreWrapper implements ObjectStore {
   get(key: string): Promise<Buffer> {
     return this.inner.get(key);
   }
+  getUpTo(key: string, max: number): Promise<Buffer> {
+    return this.inner.getUpTo(key, max);
+  }
   getRange(key: string, offset: number, length: number): Promise<Buffer> {
     return this.inner.getRange(key, offset, length);
   }

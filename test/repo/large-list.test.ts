@@ -65,6 +65,7 @@ describe('large chunk lists', () => {
       name: fs.name,
       put: fs.put.bind(fs),
       get: (k: string) => (reads.push({ op: 'get', key: k, length: -1 }), fs.get(k)),
+      getUpTo: (k: string, max: number) => (reads.push({ op: 'get', key: k, length: -1 }), fs.getUpTo(k, max)),
       getRange: (k: string, o: number, n: number) => (reads.push({ op: 'getRange', key: k, length: n }), fs.getRange(k, o, n)),
       stat: fs.stat.bind(fs),
       list: fs.list.bind(fs),

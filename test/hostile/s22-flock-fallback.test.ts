@@ -1,0 +1,89 @@
+/**
+ * Hostile (session 22, review): without the addon (KSCINC_NO_NATIVE=1) the image write lock is flock taken
+ * through util-linux's flock(1) (io/image-lock.ts flockByTool). Only a host without flock(1) may fall back to
+ * the abstract-socket name (formats/ksc_inc.md §9 rule 1): flock and the name do not see each other, so a
+ * writer that fell back to the name because flock(1) failed otherwise (killed by a signal, an unexpected exit
+ * code) wrote beside a holder of flock ('wrote 4096 bytes at offset 65536', exit 0). Any other failure of
+ * flock(1) must refuse the open (KSC_E_IO), nothing written.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { CLI } from '../helpers/cli.js';
+import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const hasFlock = spawnSync('flock', ['--version']).status === 0;
+
+/** A folder with a `flock` script running `body`, to put first on PATH. */
+function stubFlock(dir: string, body: string): string {
+  const bin = join(dir, `bin-${Math.random().toString(36).slice(2)}`);
+  execFileSync('mkdir', [bin]);
+  writeFileSync(join(bin, 'flock'), `#!/bin/sh\n${body}\n`, { mode: 0o755 });
+  return bin;
+}
+
+function env(path?: string): NodeJS.ProcessEnv {
+  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(path ? { PATH: `${path}:${process.env.PATH}` } : {}) };
+}
+
+function setup(): { dir: string; disk: string; fifo: string; data: string } {
+  const dir = tempDir('kscinc-hostile-s22-flockfb-');
+  const disk = join(dir, 'disk.ksc');
+  execFileSync(process.execPath, [CLI, 'create', disk, '--size', '4M']);
+  const fifo = join(dir, 'fifo');
+  execFileSync('mkfifo', [fifo]);
+  const data = join(dir, 'data');
+  writeFileSync(data, Buffer.alloc(4096, 7));
+  return { dir, disk, fifo, data };
+}
+
+/** `kscinc write DISK 65536 --from DATA` without the addon, with `bin` first on PATH. */
+function second(disk: string, data: string, bin: string): { code: number | null; out: string } {
+  const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: env(bin), encoding: 'utf8' });
+  return { code: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+const failures = [
+  { how: 'killed by a signal (kill -9 $$)', body: 'kill -9 $$' },
+  { how: 'killed by SIGTERM', body: 'kill -TERM $$' },
+  { how: 'exit 1 (its usage error)', body: 'exit 1' },
+  { how: 'exit 64', body: 'exit 64' },
+];
+
+describe.skipIf(!hasFlock)('flock(1) failing otherwise than "not found" (KSCINC_NO_NATIVE=1)', () => {
+  for (const f of failures) {
+    it(`a second writer whose flock(1) is ${f.how} is refused while a holder has flock`, async () => {
+      const { dir, disk, fifo, data } = setup();
+      const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
+      let err = '';
+      holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+      const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
+      try {
+        await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+        const before = readFileSync(disk);
+        const r = second(disk, data, stubFlock(dir, f.body));
+        expect({ code: r.code, wrote: /wrote/.test(r.out), lockNotTaken: /write lock could not be taken/.test(r.out) }, r.out).toEqual({ code: 1, wrote: false, lockNotTaken: true });
+        expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
+      } finally {
+        if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
+      }
+      expect(await ended, err).toBe(0);
+    }, 60_000);
+  }
+
+  it('with no holder, a failing flock(1) still refuses (never the name): nothing written', () => {
+    const { dir, disk, data } = setup();
+    const before = readFileSync(disk);
+    const r = second(disk, data, stubFlock(dir, 'kill -9 $$'));
+    expect({ code: r.code, lockNotTaken: /write lock could not be taken/.test(r.out) }, r.out).toEqual({ code: 1, lockNotTaken: true });
+    expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
+  }, 60_000);
+
+  it('flock(1) missing from PATH falls back to the name: a lone writer writes', () => {
+    const { disk, data } = setup();
+    const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: { ...env(), PATH: '/nonexistent' }, encoding: 'utf8' });
+    expect(r.status, `${r.stdout}${r.stderr}`).toBe(0);
+  }, 60_000);
+});
