@@ -1,0 +1,74 @@
+/**
+ * Hostile (session 22, second review): without the addon (KSCINC_NO_NATIVE=1) the write lock is flock taken
+ * through flock(1) (io/image-lock.ts flockByTool), asked for with util-linux's `-E 75` (its conflict exit
+ * code). BusyBox's flock(1) has no -E: it prints its usage and exits 1, which was taken for a failure of the
+ * lock (KSC_E_IO), so on a BusyBox host (Alpine) without the addon no image could be opened for writing. A
+ * flock(1) that refuses -E is asked again without it, where exit 1 is its conflict: held elsewhere (refused,
+ * never a second writer). The stub below is such a flock(1): it refuses -E, else runs the real one.
+ */
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { CLI } from '../helpers/cli.js';
+import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const realFlock = spawnSync('sh', ['-c', 'command -v flock'], { encoding: 'utf8' }).stdout.trim();
+const hasFlock = realFlock !== '' && spawnSync(realFlock, ['--version']).status === 0;
+
+/** A folder holding a BusyBox-like `flock`: usage error (exit 1) on -E, else the real flock(1). */
+function busyboxFlock(dir: string): string {
+  const bin = join(dir, 'bin');
+  execFileSync('mkdir', [bin]);
+  const body = `#!/bin/sh\nfor a in "$@"; do [ "$a" = -E ] && { echo "flock: invalid option -- 'E'" >&2; exit 1; }; done\nexec ${realFlock} "$@"\n`;
+  writeFileSync(join(bin, 'flock'), body, { mode: 0o755 });
+  return bin;
+}
+
+function env(bin?: string): NodeJS.ProcessEnv {
+  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(bin ? { PATH: `${bin}:${process.env.PATH}` } : {}) };
+}
+
+function setup(): { dir: string; disk: string; data: string } {
+  const dir = tempDir('kscinc-hostile-s22-flockbb-');
+  const disk = join(dir, 'disk.ksc');
+  execFileSync(process.execPath, [CLI, 'create', disk, '--size', '4M']);
+  const data = join(dir, 'data');
+  writeFileSync(data, Buffer.alloc(4096, 7));
+  return { dir, disk, data };
+}
+
+function write(disk: string, data: string, bin: string): { code: number | null; out: string } {
+  const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: env(bin), encoding: 'utf8' });
+  return { code: r.status, out: `${r.stdout}${r.stderr}` };
+}
+
+describe.skipIf(!hasFlock)('a BusyBox-like flock(1) without -E (KSCINC_NO_NATIVE=1)', () => {
+  it('a lone writer takes the lock and writes', () => {
+    const { dir, disk, data } = setup();
+    const r = write(disk, data, busyboxFlock(dir));
+    expect({ code: r.code, wrote: /wrote 4096 bytes/.test(r.out) }, r.out).toEqual({ code: 0, wrote: true });
+    expect(readFileSync(disk).length).toBeGreaterThan(0);
+  }, 60_000);
+
+  it('a second writer is refused while another holds the image, nothing written', async () => {
+    const { dir, disk, data } = setup();
+    const fifo = join(dir, 'fifo');
+    execFileSync('mkfifo', [fifo]);
+    const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
+    try {
+      await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+      const before = readFileSync(disk);
+      const r = write(disk, data, busyboxFlock(dir));
+      expect({ code: r.code, wrote: /wrote/.test(r.out), locked: /already open for writing/.test(r.out) }, r.out).toEqual({ code: 1, wrote: false, locked: true });
+      expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
+    } finally {
+      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
+    }
+    expect(await ended, err).toBe(0);
+  }, 60_000);
+});
