@@ -30,7 +30,7 @@ export interface FileIdentity {
   ino: bigint;
 }
 
-/** flock(1)'s exit code when the lock is held elsewhere (asked for with -E: its default, 1, is also its usage error). */
+/** util-linux flock(1)'s exit code when the lock is held elsewhere (asked for with -E: its default, 1, is also BusyBox's usage error). */
 const FLOCK_CONFLICT = 75;
 
 /**
@@ -42,28 +42,46 @@ const FLOCK_CONFLICT = 75;
  * no flock(1) on this host (the spawn failed with ENOENT: the caller takes the name instead). Any other
  * failure (flock(1) killed by a signal or with another exit code, the fork failing with EAGAIN or EMFILE…)
  * is KSC_E_IO: falling back to the name then would admit a second writer beside one holding flock, which
- * does not see the name (formats/ksc_inc.md §9 rule 1).
+ * does not see the name (formats/ksc_inc.md §9 rule 1). A flock(1) without -E (BusyBox: usage, exit 1) is asked
+ * again without it, its exit 1 then taken as held elsewhere.
  */
-export function flockByTool(fd: number, path: string): Promise<boolean | null> {
+export async function flockByTool(fd: number, path: string): Promise<boolean | null> {
+  const first = await runFlock(fd, path, ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3']);
+  if (first === null || first.code === 0) return first && true;
+  if (first.code === FLOCK_CONFLICT) return false;
+  // BusyBox's flock(1) has no -E: it prints its usage and exits 1 (util-linux's never exits 1 when given -E).
+  // Asked again without it, its exit 1 is the conflict: held elsewhere (refused, never a second writer).
+  if (first.code === 1) {
+    const again = await runFlock(fd, path, ['-x', '-n', '3']);
+    if (again === null || again.code === 0) return again && true;
+    if (again.code === 1) return false;
+    return flockFailed(path, again);
+  }
+  return flockFailed(path, first);
+}
+
+/** flock(1) with `args`, the descriptor `fd` as its fd 3: its exit, or null when there is no flock(1) (ENOENT). */
+function runFlock(fd: number, path: string, args: string[]): Promise<{ code: number | null; signal: string | null } | null> {
   return new Promise((resolve, reject) => {
-    const failed = (how: string, cause?: unknown): void => reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) ${how}); nothing written`, { cause }));
+    const failed = (e: Error): void =>
+      reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) could not be started: ${e.message}); nothing written`, { cause: e }));
     let child;
     try {
       // Required here, not imported: node:child_process brings net and dgram with it, and a backup with the addon
       // never needs them (test/cli/builtins).
       const { spawn } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
-      child = spawn('flock', ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3'], { stdio: ['ignore', 'ignore', 'ignore', fd] });
+      child = spawn('flock', args, { stdio: ['ignore', 'ignore', 'ignore', fd] });
     } catch (e) {
       if ((e as { code?: string }).code === 'ENOENT') return resolve(null);
-      return failed(`could not be started: ${(e as Error).message}`, e);
+      return failed(e as Error);
     }
-    child.once('error', (e) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(`could not be started: ${e.message}`, e)));
-    child.once('exit', (code, signal) => {
-      if (code === 0) resolve(true);
-      else if (code === FLOCK_CONFLICT) resolve(false);
-      else failed(signal ? `was killed by ${signal}` : `exited ${code}`);
-    });
+    child.once('error', (e) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(e)));
+    child.once('exit', (code, signal) => resolve({ code, signal }));
   });
+}
+
+function flockFailed(path: string, r: { code: number | null; signal: string | null }): never {
+  throw new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) ${r.signal ? `was killed by ${r.signal}` : `exited ${r.code}`}); nothing written`);
 }
 
 /** The abstract socket name (leading NUL) of a file's lock; `ss -xl` shows it with an `@` for the NUL. */
