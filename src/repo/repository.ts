@@ -29,7 +29,7 @@ import {
 } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
-import { type Unlock, unlockFromEnv } from '../crypto/password.js';
+import { type Unlock, requireEncryptionFromEnv, unlockFromEnv } from '../crypto/password.js';
 import { firstSealedObject, refuseDowngrade } from './downgrade.js';
 import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
@@ -184,6 +184,12 @@ export class Repository {
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     let u: Unlock | undefined;
     const enc = await resolveEncryption(opts.encrypt);
+    // §13.1 rule 2's opt-in refuses before anything is put (the config written first would refuse every later open).
+    if (!enc && requireEncryptionFromEnv())
+      throw new KscError(
+        'KSC_E_AUTH',
+        `${store.name}: a repository without encryption was asked for, but encryption is required (KSCINC_REQUIRE_ENCRYPTION=1): refusing, nothing was written (formats/repository.md §13.1 rule 2)`,
+      );
     if (enc) {
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
