@@ -29,7 +29,7 @@ import {
 } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
-import { type Unlock, unlockFromEnv } from '../crypto/password.js';
+import { type Unlock, requireEncryptionFromEnv, unlockFromEnv } from '../crypto/password.js';
 import { firstSealedObject, refuseDowngrade } from './downgrade.js';
 import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
@@ -116,14 +116,28 @@ export class Repository {
     return this.keys ? seal(this.keys.data, kind, key, [...bodyParts(plain)]) : plain;
   }
 
+  /** §13.1 rule 2 without keys: `head` (an object's first bytes, or all of it) sealed means a stripped config (KSC_E_AUTH). */
+  private refuseSealed(key: string, head: Buffer): void {
+    if (isSealed(head))
+      throw new KscError(
+        'KSC_E_AUTH',
+        `repository object ${this.objName(key)} is sealed (encrypted, §13.4) but the config says the repository is not encrypted: the config was stripped of its encryption; refusing (formats/repository.md §13.1 rule 2)`,
+      );
+  }
+
+  /** Ranged reads of an object read in the clear (no keys): its first range is refused when sealed, as openObject does. */
+  private plainRanges(key: string): (offset: number, length: number) => Promise<Buffer> {
+    return async (offset, length) => {
+      const b = await this.store.getRange(key, offset, length);
+      if (offset === 0) this.refuseSealed(key, b);
+      return b;
+    };
+  }
+
   /** §13.4: the plain bytes of a stored object, authenticated first in an encrypted repository (KSC_E_CORRUPT naming it). */
   private openObject(kind: number, key: string, stored: Buffer): Buffer {
     if (!this.keys) {
-      if (isSealed(stored))
-        throw new KscError(
-          'KSC_E_AUTH',
-          `repository object ${this.objName(key)} is sealed (encrypted, §13.4) but the config says the repository is not encrypted: the config was stripped of its encryption; refusing (formats/repository.md §13.1 rule 2)`,
-        );
+      this.refuseSealed(key, stored);
       return stored;
     }
     try {
@@ -184,6 +198,12 @@ export class Repository {
     const config: RepoConfig = { format: 'kscinc-repository', version: 1, id: randomHexId(), chunkSize, packSize, created: isoUtc(Date.now()) };
     let u: Unlock | undefined;
     const enc = await resolveEncryption(opts.encrypt);
+    // §13.1 rule 2's opt-in refuses before anything is put (the config written first would refuse every later open).
+    if (!enc && requireEncryptionFromEnv())
+      throw new KscError(
+        'KSC_E_AUTH',
+        `${store.name}: a repository without encryption was asked for, but encryption is required (KSCINC_REQUIRE_ENCRYPTION=1): refusing, nothing was written (formats/repository.md §13.1 rule 2)`,
+      );
     if (enc) {
       const master = randomBytes(MASTER_KEY_BYTES);
       config.version = 2;
@@ -337,7 +357,7 @@ export class Repository {
   private async readIndexInRanges(key: string, size: number, open: () => { visit: IdVisitor; done?: () => void }): Promise<void> {
     const name = this.objName(key);
     if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
-    const d = new IndexDecoder(await this.store.getRange(key, 0, INDEX_HEADER), size, name);
+    const d = new IndexDecoder(await this.plainRanges(key)(0, INDEX_HEADER), size, name); // only without keys (readIndex)
     d.table(await this.store.getRange(key, d.tableAt, d.entriesAt - d.tableAt));
     const v = open();
     const per = Math.max(1, Math.floor((4 * MIB) / INDEX_ENTRY));
@@ -467,7 +487,7 @@ export class Repository {
     // A large manifest is read in ranges, never whole.
     return this.manifestObject(id, (key, size) =>
       size > STREAM_MANIFEST && !this.keys
-        ? readManifestFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key), storeForList)
+        ? readManifestFrom(size, this.plainRanges(key), this.objName(key), storeForList)
         : this.store.get(key).then((b) => decodeManifest(this.openObject(KIND_MANIFEST, key, b), this.objName(key), storeForList)),
     );
   }
@@ -491,7 +511,7 @@ export class Repository {
   async readManifestInfoOrWhole(id: string): Promise<{ info: ManifestInfo; whole: Manifest | null }> {
     let whole: Manifest | null = null;
     const info = await this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
-      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, (offset, length) => this.store.getRange(key, offset, length), this.objName(key));
+      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, this.plainRanges(key), this.objName(key));
       whole = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key), storeForList);
       return whole;
     });

@@ -3,6 +3,7 @@
  * an incremental. Its chunk list is the start of the new one, so it must be there, match this disk, and
  * refer only to chunks the repository still holds; otherwise the backup is full and says why.
  */
+import { isKscError } from '../../errors.js';
 import type { Manifest } from '../../repo/manifest.js';
 import type { Repository } from '../../repo/repository.js';
 import type { Dedupe } from './dedupe.js';
@@ -21,6 +22,12 @@ export interface ParentChoice {
   why: string | null;
 }
 
+/** An unreadable manifest is passed over, but a sealed one under a stripped config (KSC_E_AUTH, §13.1 rule 2) refuses. */
+function unreadable(e: unknown): null {
+  if (isKscError(e, 'KSC_E_AUTH')) throw e;
+  return null;
+}
+
 /**
  * The newest readable backup of `backupIds` whose header matches `key`. A small manifest is read whole to
  * check its header, and that read is the parent when it matches (one read of it, not two: a fixed cost of
@@ -28,10 +35,10 @@ export interface ParentChoice {
  */
 async function newestMatching(repo: Repository, backupIds: string[], key: ParentKey): Promise<Manifest | null> {
   for (const bid of [...backupIds].reverse()) {
-    const got = await repo.readManifestInfoOrWhole(bid).catch(() => null); // the header says whether it is the one
+    const got = await repo.readManifestInfoOrWhole(bid).catch(unreadable); // the header says whether it is the one
     const h = got?.info;
     if (!h || h.disk !== key.disk || h.bitmapToken !== key.token || h.size !== key.size) continue;
-    const parent = got!.whole ?? (await repo.readManifest(bid).catch(() => null));
+    const parent = got!.whole ?? (await repo.readManifest(bid).catch(unreadable));
     if (parent) return parent;
   }
   return null;
