@@ -56,7 +56,10 @@ async function pruneThenVerify(repoDir: string, id: string): Promise<void> {
   const repo = await openRepo(repoDir);
   const pruned = await pruneRepo(repo, { last: 1, graceMs: 0 });
   console.log(`prune: kept ${pruned.kept.map((k) => k.id).join(',')}, ${pruned.packsDeleted} pack(s) deleted, ${pruned.chunksMissing} chunk(s) missing`);
-  expect(pruned.kept.map((k) => k.id), 'the backup is kept').toEqual([id]);
+  expect(
+    pruned.kept.map((k) => k.id),
+    'the backup is kept',
+  ).toEqual([id]);
   expect(pruned.packsDeleted, 'no pack deleted').toBe(0);
   const v = await verifyRepo(await openRepo(repoDir));
   expect(v.damage.map((d) => JSON.stringify(d)).join('\n'), 'verify after prune finds no damage').toBe('');
