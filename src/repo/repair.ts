@@ -16,7 +16,7 @@ import { readPackFooter } from './pack.js';
 import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
 import { looksEncrypted, repairEncryptedConfig } from './repair-encrypted.js';
-import type { Unlock } from '../crypto/password.js';
+import { type Unlock, requireEncryptionFromEnv } from '../crypto/password.js';
 
 export interface RepairResult {
   /** The config written (or that would be written with dryRun). */
@@ -50,6 +50,12 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   // §13.9: an encrypted repository's config is rebuilt with its password or key file (never as version 1,
   // which would make it read as unencrypted).
   if (await looksEncrypted(store, opts.unlock)) return { ...(await repairEncryptedConfig(store, opts)), dryRun: !!opts.dryRun };
+  // §13.1 rule 2: a client that requires encryption writes no plain config (the open after it would refuse).
+  if (opts.unlock?.requireEncrypted || requireEncryptionFromEnv())
+    throw new KscError(
+      'KSC_E_AUTH',
+      `${store.name} shows no encryption (no key object, no sealed object), but encryption was required (${opts.unlock?.requireEncrypted ? 'a key file was given explicitly' : 'KSCINC_REQUIRE_ENCRYPTION=1'}): refusing to rebuild a plain config, nothing was written (formats/repository.md §13.1 rule 2)`,
+    );
   if (opts.chunkSize !== undefined) assertChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
   if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);
