@@ -17,6 +17,7 @@ import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
 import { looksEncrypted, repairEncryptedConfig } from './repair-encrypted.js';
 import { type Unlock, requireEncryptionFromEnv } from '../crypto/password.js';
+import { readSmall } from '../objstore/small-object.js';
 
 export interface RepairResult {
   /** The config written (or that would be written with dryRun). */
@@ -37,7 +38,7 @@ export interface RepairResult {
  */
 export async function repairConfig(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; dryRun?: boolean; unlock?: Unlock } = {}): Promise<RepairResult> {
   try {
-    decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+    decodeConfig(await readSmall(store, CONFIG_KEY, 'config'), `${store.name}/config`);
     throw new KscError('KSC_E_EXISTS', `${store.name} has an intact config object: nothing to repair`);
   } catch (e) {
     // A config of a newer version (KSC_E_FORMAT) is not damage: never replaced.
