@@ -217,11 +217,11 @@ export class FsStore implements ObjectStore {
   }
 
   private async *walk(dirKey: string, prefix: string): AsyncGenerator<ObjectInfo> {
-    const entries = await readdirOrNone(join(this.root, dirKey));
+    const entries = await listFolder(join(this.root, dirKey));
     if (!entries) return;
     const named = entries
-      .filter((d) => (d.isDirectory() || d.isFile()) && !(dirKey === '' && d.name === TEMP))
-      .map((d) => ({ key: dirKey + d.name + (d.isDirectory() ? '/' : ''), dir: d.isDirectory() }))
+      .filter((d) => !(dirKey === '' && d.name === TEMP))
+      .map((d) => ({ key: dirKey + d.name + (d.dir ? '/' : ''), dir: d.dir }))
       .sort((a, b) => compareKeys(a.key, b.key));
     // Stats and sub-folders are read a window at a time, side by side; results are yielded in key order.
     const wanted = named.filter((e) => e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)));
@@ -262,15 +262,15 @@ export class FsStore implements ObjectStore {
 
   /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
   private async keysUnder(dirKey: string, prefix: string): Promise<string[]> {
-    const entries = await readdirOrNone(join(this.root, dirKey));
+    const entries = await listFolder(join(this.root, dirKey));
     if (!entries) return [];
     const keys: string[] = [];
     const dirs: string[] = [];
     for (const d of entries) {
       if (dirKey === '' && d.name === TEMP) continue;
       const key = dirKey + d.name;
-      if (d.isFile() && key.startsWith(prefix)) keys.push(key);
-      else if (d.isDirectory() && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
+      if (!d.dir && key.startsWith(prefix)) keys.push(key);
+      else if (d.dir && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
     }
     await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix))));
     return keys;
@@ -361,6 +361,32 @@ export class FsStore implements ObjectStore {
     }
     return ioError(file, `read ${key}`, e);
   }
+}
+
+/**
+ * A folder's files and sub-folders, or null when there is no such folder. A symbolic link is what it points
+ * to, as for a read (a manifest or packs/XX folder moved elsewhere and linked back is still seen by prune);
+ * one that points nowhere is no object (like a file deleted while listing); a loop fails (ELOOP). Other
+ * types (fifo, socket, device) are no objects.
+ */
+async function listFolder(dir: string): Promise<{ name: string; dir: boolean }[] | null> {
+  const entries = await readdirOrNone(dir);
+  if (!entries) return null;
+  const out: { name: string; dir: boolean }[] = [];
+  const links: string[] = [];
+  for (const d of entries) {
+    if (d.isFile() || d.isDirectory()) out.push({ name: d.name, dir: d.isDirectory() });
+    else if (d.isSymbolicLink()) links.push(d.name);
+  }
+  await mapLimit(links, LIST_WINDOW, async (name) => {
+    const st = await stat(join(dir, name)).catch((e: unknown) => {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+      throw ioError(join(dir, name), 'list', e);
+    });
+    if (st && (st.isFile() || st.isDirectory())) out.push({ name, dir: st.isDirectory() });
+  });
+  return out;
 }
 
 /** A folder's entries, or null when there is no such folder (a prefix nothing was put under). */

@@ -22,6 +22,15 @@ export async function getSmall(store: ObjectStore, key: string, what: string, si
   // body must not read as a cut one: a garbage lock counts for less than a live one), and never the whole
   // object: whoever can write the storage can swap it between the listing and this read (an S3 PUT of a huge
   // object, a sparse file or a symlink to /dev/zero renamed over it in a folder).
+  return readSmall(store, key, what);
+}
+
+/**
+ * The whole object `key` in one request, no stat before it (the config, read by every open): at most
+ * MAX_SMALL_OBJECT + 1 bytes are read, so a fifo, a link to /dev/zero or a huge object planted under the key
+ * fails at once (KSC_E_IO, KSC_E_CORRUPT) instead of blocking or filling memory; KSC_E_NOT_FOUND when missing.
+ */
+export async function readSmall(store: ObjectStore, key: string, what: string): Promise<Buffer> {
   const body = await store.getUpTo(key, MAX_SMALL_OBJECT + 1);
   if (body.length > MAX_SMALL_OBJECT) throw new KscError('KSC_E_CORRUPT', `${what} ${store.name}/${key} is more than ${MAX_SMALL_OBJECT} bytes, more than a ${what} ever is: not read`);
   return body;

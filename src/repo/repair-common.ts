@@ -8,6 +8,7 @@ import type { ObjectStore } from '../objstore/types.js';
 import { MIB } from './constants.js';
 import { type RepoConfig, decodeConfig, encodeConfig } from './config.js';
 import { CONFIG_KEY } from './repository.js';
+import { readSmall } from '../objstore/small-object.js';
 
 /**
  * The chunk size from option chunkSize, else the one all readable manifests (`bySize`: chunk size → backup
@@ -43,7 +44,7 @@ export async function writeRepairedConfig(store: ObjectStore, config: RepoConfig
   if (await store.stat(CONFIG_KEY)) {
     let ok: boolean;
     try {
-      decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+      decodeConfig(await readSmall(store, CONFIG_KEY, 'config'), `${store.name}/config`);
       ok = true;
     } catch (e) {
       ok = !isKscError(e, 'KSC_E_CORRUPT') && !isKscError(e, 'KSC_E_NOT_FOUND');

@@ -16,7 +16,8 @@ import { readPackFooter } from './pack.js';
 import { readManifestInfoFrom } from './manifest.js';
 import { isoUtc } from '../util/time.js';
 import { looksEncrypted, repairEncryptedConfig } from './repair-encrypted.js';
-import type { Unlock } from '../crypto/password.js';
+import { type Unlock, requireEncryptionFromEnv } from '../crypto/password.js';
+import { readSmall } from '../objstore/small-object.js';
 
 export interface RepairResult {
   /** The config written (or that would be written with dryRun). */
@@ -37,7 +38,7 @@ export interface RepairResult {
  */
 export async function repairConfig(store: ObjectStore, opts: { chunkSize?: number; packSize?: number; dryRun?: boolean; unlock?: Unlock } = {}): Promise<RepairResult> {
   try {
-    decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`);
+    decodeConfig(await readSmall(store, CONFIG_KEY, 'config'), `${store.name}/config`);
     throw new KscError('KSC_E_EXISTS', `${store.name} has an intact config object: nothing to repair`);
   } catch (e) {
     // A config of a newer version (KSC_E_FORMAT) is not damage: never replaced.
@@ -50,6 +51,12 @@ export async function repairConfig(store: ObjectStore, opts: { chunkSize?: numbe
   // §13.9: an encrypted repository's config is rebuilt with its password or key file (never as version 1,
   // which would make it read as unencrypted).
   if (await looksEncrypted(store, opts.unlock)) return { ...(await repairEncryptedConfig(store, opts)), dryRun: !!opts.dryRun };
+  // §13.1 rule 2: a client that requires encryption writes no plain config (the open after it would refuse).
+  if (opts.unlock?.requireEncrypted || requireEncryptionFromEnv())
+    throw new KscError(
+      'KSC_E_AUTH',
+      `${store.name} shows no encryption (no key object, no sealed object), but encryption was required (${opts.unlock?.requireEncrypted ? 'a key file was given explicitly' : 'KSCINC_REQUIRE_ENCRYPTION=1'}): refusing to rebuild a plain config, nothing was written (formats/repository.md §13.1 rule 2)`,
+    );
   if (opts.chunkSize !== undefined) assertChunkSize(opts.chunkSize);
   const packSize = opts.packSize ?? DEFAULT_PACK;
   if (!validPackSize(packSize)) throw new KscError('KSC_E_INVALID', `pack size ${packSize} must be 4 MiB … 256 MiB`);

@@ -39,6 +39,7 @@ import { type EncryptChoice, resolveEncryption } from './encryption-choice.js';
 import { type PackEntry, PackWriter, readPackFooter } from './pack.js';
 import { type IdVisitor, type IndexEntries, type IndexEntry, type IndexVisitor, IndexDecoder, checkIndex, encodeIndex, entriesIn, visitIndex } from './index-object.js';
 import { type Manifest, type ManifestInfo, decodeManifest, manifestBody, readManifestFrom, readManifestInfoFrom } from './manifest.js';
+import { readSmall } from '../objstore/small-object.js';
 
 export { CONFIG_KEY, indexKey, manifestKey, packKey } from './constants.js';
 export { PackWriter } from './pack.js';
@@ -219,7 +220,7 @@ export class Repository {
     await initHash();
     // Two inits racing on an empty location both put a config; whichever landed last is the repository's,
     // and both go on with it (§3.1).
-    return Repository.unlocked(store, decodeConfig(await store.get(CONFIG_KEY), `${store.name}/config`), u);
+    return Repository.unlocked(store, decodeConfig(await readSmall(store, CONFIG_KEY, 'config'), `${store.name}/config`), u);
   }
 
   /**
@@ -248,7 +249,7 @@ export class Repository {
   private static async readConfig(store: ObjectStore): Promise<RepoConfig> {
     let raw: Buffer;
     try {
-      raw = await store.get(CONFIG_KEY);
+      raw = await readSmall(store, CONFIG_KEY, 'config');
     } catch (e) {
       if (!isKscError(e, 'KSC_E_NOT_FOUND')) throw e;
       const where = await locationState(store);
