@@ -1,6 +1,7 @@
-/* A ksc_inc map page's decode (src/image/maptable.ts, formats/ksc_inc.md §5.2), in C (issue 19: a fresh     */
-/* process, the CLI, decodes a whole page of 4096 sealed entries to read one block of it; in V8's          */
-/* interpreter and then TurboFan that cost ≈ 4 000 instructions an entry, here ≈ 100).                     */
+/* ksc_inc's pages of sealed 16-byte records decoded in C (issue 19: a fresh process, the CLI, decodes a     */
+/* whole page of 4096 records to use one of them; in V8's interpreter and then TurboFan that cost ≈ 4 000   */
+/* instructions a record, here ≈ 100): map pages (src/image/maptable.ts, formats/ksc_inc.md §5.2) and      */
+/* bitmap pages (src/image/sparse-bitmap.ts, §6).                                                          */
 /*                                                                                                         */
 /* mapPageDecode(raw: Uint8Array, first, tag, limits: Float64Array [blocks, blockSize, fileEnd],            */
 /*               state: Uint8Array, host: Float64Array, csum: Uint32Array, csumValid: Uint8Array,          */
@@ -11,11 +12,15 @@
 /*   lists i in `suspects` when any check fails. Returns the count of suspects; the caller decides what      */
 /*   each of them is (entryProblem) and what goes into its arrays. A TypeError or RangeError when the      */
 /*   arguments do not match.                                                                               */
+/* bitmapPageDecode(raw: Uint8Array, first, tag, bits: Uint32Array) -> number                              */
+/*   For each 16-byte record w of raw (bits holds 2 words a record): its third word must be 0 and its seal  */
+/*   (as above, index first + w) must hold; its two bit words go to bits[2w], bits[2w + 1]. Returns -1, or   */
+/*   the first record that fails (the records from it on are not decoded).                                 */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "kscinc_mappage.h"
+#include "kscinc_pages.h"
 
 /* formats/ksc_inc.md §5.2 (src/format/constants.ts): descriptor bits and block states. */
 #define STATE_MASK 3u
@@ -44,24 +49,24 @@ static inline uint32_t crc_u32(uint32_t c, uint32_t w) {
 
 static inline uint32_t le32(const uint8_t* p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24; }
 
-static bool typed(napi_env env, napi_value v, napi_typedarray_type want, const char* arg, void** data, size_t* n) {
+static bool typed(napi_env env, napi_value v, napi_typedarray_type want, const char* fn, const char* arg, void** data, size_t* n) {
   bool is = false;
   napi_typedarray_type type;
   napi_value ab;
   size_t off;
   if (napi_is_typedarray(env, v, &is) != napi_ok || !is || napi_get_typedarray_info(env, v, &type, n, data, &ab, &off) != napi_ok || type != want) {
     char msg[160];
-    snprintf(msg, sizeof msg, "mapPageDecode: %s has the wrong type", arg);
+    snprintf(msg, sizeof msg, "%s: %s has the wrong type", fn, arg);
     napi_throw_type_error(env, NULL, msg);
     return false;
   }
   return true;
 }
 
-static bool number_arg(napi_env env, napi_value v, const char* arg, double max, double* out) {
+static bool number_arg(napi_env env, napi_value v, const char* fn, const char* arg, double max, double* out) {
   if (napi_get_value_double(env, v, out) != napi_ok || !(*out >= 0 && *out <= max) || *out != (double)(uint64_t)*out) {
     char msg[160];
-    snprintf(msg, sizeof msg, "mapPageDecode: %s must be a whole number in [0, %.0f]", arg, max);
+    snprintf(msg, sizeof msg, "%s: %s must be a whole number in [0, %.0f]", fn, arg, max);
     napi_throw_type_error(env, NULL, msg);
     return false;
   }
@@ -79,11 +84,11 @@ static napi_value MapPageDecode(napi_env env, napi_callback_info info) {
   void *raw_d, *lim_d, *state_d, *host_d, *csum_d, *valid_d, *sus_d;
   size_t raw_n, lim_n, state_n, host_n, csum_n, valid_n, sus_n;
   double first_d, tag_d;
-  if (!typed(env, argv[0], napi_uint8_array, "raw", &raw_d, &raw_n) || !number_arg(env, argv[1], "first", 9007199254740991.0, &first_d) ||
-      !number_arg(env, argv[2], "tag", 4294967295.0, &tag_d) || !typed(env, argv[3], napi_float64_array, "limits", &lim_d, &lim_n) ||
-      !typed(env, argv[4], napi_uint8_array, "state", &state_d, &state_n) || !typed(env, argv[5], napi_float64_array, "host", &host_d, &host_n) ||
-      !typed(env, argv[6], napi_uint32_array, "csum", &csum_d, &csum_n) || !typed(env, argv[7], napi_uint8_array, "csumValid", &valid_d, &valid_n) ||
-      !typed(env, argv[8], napi_uint32_array, "suspects", &sus_d, &sus_n))
+  if (!typed(env, argv[0], napi_uint8_array, "mapPageDecode", "raw", &raw_d, &raw_n) || !number_arg(env, argv[1], "mapPageDecode", "first", 9007199254740991.0, &first_d) ||
+      !number_arg(env, argv[2], "mapPageDecode", "tag", 4294967295.0, &tag_d) || !typed(env, argv[3], napi_float64_array, "mapPageDecode", "limits", &lim_d, &lim_n) ||
+      !typed(env, argv[4], napi_uint8_array, "mapPageDecode", "state", &state_d, &state_n) || !typed(env, argv[5], napi_float64_array, "mapPageDecode", "host", &host_d, &host_n) ||
+      !typed(env, argv[6], napi_uint32_array, "mapPageDecode", "csum", &csum_d, &csum_n) || !typed(env, argv[7], napi_uint8_array, "mapPageDecode", "csumValid", &valid_d, &valid_n) ||
+      !typed(env, argv[8], napi_uint32_array, "mapPageDecode", "suspects", &sus_d, &sus_n))
     return NULL;
   size_t n = raw_n / 16;
   if (raw_n % 16 != 0 || lim_n < 3 || state_n < n || host_n < n || csum_n < n || valid_n < n || sus_n < n) {
@@ -129,10 +134,53 @@ static napi_value MapPageDecode(napi_env env, napi_callback_info info) {
   return out;
 }
 
-bool kscinc_mappage_register(napi_env env, napi_value exports) {
+static napi_value BitmapPageDecode(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok) return NULL;
+  if (argc < 4) {
+    napi_throw_type_error(env, NULL, "bitmapPageDecode: 4 arguments expected");
+    return NULL;
+  }
+  void *raw_d, *bits_d;
+  size_t raw_n, bits_n;
+  double first_d, tag_d;
+  if (!typed(env, argv[0], napi_uint8_array, "bitmapPageDecode", "raw", &raw_d, &raw_n) || !number_arg(env, argv[1], "bitmapPageDecode", "first", 9007199254740991.0, &first_d) ||
+      !number_arg(env, argv[2], "bitmapPageDecode", "tag", 4294967295.0, &tag_d) || !typed(env, argv[3], napi_uint32_array, "bitmapPageDecode", "bits", &bits_d, &bits_n))
+    return NULL;
+  size_t n = raw_n / 16;
+  if (raw_n % 16 != 0 || bits_n < 2 * n) {
+    napi_throw_range_error(env, NULL, "bitmapPageDecode: the arrays do not match the page");
+    return NULL;
+  }
+  const uint8_t* raw = raw_d;
+  uint32_t* bits = bits_d;
+  const uint64_t first = (uint64_t)first_d;
+  const uint32_t head = crc_u32(0xffffffffu, (uint32_t)tag_d);
+  int64_t bad = -1;
+  for (size_t w = 0; w < n; w++) {
+    const uint8_t* e = raw + w * 16;
+    const uint32_t lo = le32(e), hi = le32(e + 4), zero = le32(e + 8), stored = le32(e + 12);
+    const uint64_t index = first + w;
+    uint32_t c = crc_u32(crc_u32(head, (uint32_t)index), (uint32_t)(index >> 32));
+    c = crc_u32(crc_u32(crc_u32(c, lo), hi), zero) ^ 0xffffffffu;
+    if (zero != 0 || c != stored) {
+      bad = (int64_t)w;
+      break;
+    }
+    bits[2 * w] = lo;
+    bits[2 * w + 1] = hi;
+  }
+  napi_value out;
+  if (napi_create_int64(env, bad, &out) != napi_ok) return NULL;
+  return out;
+}
+
+bool kscinc_pages_register(napi_env env, napi_value exports) {
   crc_init();
   napi_property_descriptor props[] = {
       {"mapPageDecode", NULL, MapPageDecode, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"bitmapPageDecode", NULL, BitmapPageDecode, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   return napi_define_properties(env, exports, sizeof(props) / sizeof(props[0]), props) == napi_ok;
 }

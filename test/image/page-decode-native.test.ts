@@ -1,15 +1,16 @@
 /**
- * A map page's decode (src/image/maptable.ts; issue 19): in C with the addon (native/kscinc_mappage.c) and in
+ * A map page's decode (src/image/maptable.ts; issue 19): in C with the addon (native/kscinc_pages.c) and in
  * TypeScript without it (KSCINC_NO_NATIVE=1, set here per case). Both must give, for pages mixing every kind
  * of sound entry with every kind of damage formats/ksc_inc.md §5.2 names, the same states, host offsets,
- * checksums and checksum flags, and the same DAMAGED entries with the same messages.
+ * checksums and checksum flags, and the same DAMAGED entries with the same messages. A bitmap page's decode
+ * (src/image/sparse-bitmap.ts) in C gives the bits sealWords vouches for and stops at the first bad record.
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { MapTable, type MapPage } from '../../src/image/maptable.js';
 import type { HostFile } from '../../src/io/file.js';
 import { nativeOps } from '../../src/io/native.js';
-import { BlockState, DESC_CSUM_VALID, MAP_PAGE_BYTES, MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP } from '../../src/format/constants.js';
-import { fillEmpty16, seal } from '../../src/format/seal.js';
+import { BlockState, BITMAP_PAGE_BYTES, DESC_CSUM_VALID, MAP_PAGE_BYTES, MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP, WORDS_PER_PAGE, tagBitmapWord } from '../../src/format/constants.js';
+import { fillEmpty16, seal, sealWords } from '../../src/format/seal.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 
 const before = process.env['KSCINC_NO_NATIVE'];
@@ -85,10 +86,11 @@ function view(p: MapPage): unknown {
   return { state: [...p.state], host: [...p.host], csum: [...p.csum], csumValid: [...p.csumValid], damaged: [...(p.damaged ?? new Map())] };
 }
 
-describe('map page decode', () => {
-  it('the addon has mapPageDecode', () => {
+describe('map and bitmap page decode', () => {
+  it('the addon has mapPageDecode and bitmapPageDecode', () => {
     if (process.env['KSCINC_NO_NATIVE'] === '1') return;
     expect(typeof nativeOps()?.mapPageDecode).toBe('function');
+    expect(typeof nativeOps()?.bitmapPageDecode).toBe('function');
   });
 
   it('C and TypeScript decode pages of sound and damaged entries alike', async () => {
@@ -120,5 +122,37 @@ describe('map page decode', () => {
       ]),
     );
     for (const s of [BlockState.Unallocated, BlockState.Zero, BlockState.Data]) expect(native[0]!.state).toContain(s);
+  });
+
+  it("C's bitmap page decode: the bits of sound records, -1; else the first record whose zero word or seal is wrong", () => {
+    const decode = nativeOps()?.bitmapPageDecode;
+    if (!decode) return; // KSCINC_NO_NATIVE=1: sparse-bitmap.ts's own loop, which the image tests run
+    const seed = seedFor('page-decode-native bitmap');
+    const rng = new Rng(seed);
+    const p = 3;
+    const tag = tagBitmapWord(rng.int(0, 7));
+    const raw = Buffer.alloc(BITMAP_PAGE_BYTES);
+    for (let w = 0; w < WORDS_PER_PAGE; w++) {
+      const [lo, hi] = [rng.u32(), rng.u32()];
+      raw.writeUInt32LE(lo, w * 16);
+      raw.writeUInt32LE(hi, w * 16 + 4);
+      raw.writeUInt32LE(sealWords(tag, p * WORDS_PER_PAGE + w, lo, hi, 0), w * 16 + 12);
+    }
+    const bits = new Uint32Array(2 * WORDS_PER_PAGE);
+    expect(decode(raw, p * WORDS_PER_PAGE, tag, bits)).toBe(-1);
+    for (let w = 0; w < WORDS_PER_PAGE; w++) expect([bits[2 * w], bits[2 * w + 1]]).toEqual([raw.readUInt32LE(w * 16), raw.readUInt32LE(w * 16 + 4)]);
+    // Another page's index or another slot's tag: the first record fails.
+    expect(decode(raw, (p + 1) * WORDS_PER_PAGE, tag, bits)).toBe(0);
+    expect(decode(raw, p * WORDS_PER_PAGE, tag + 256, bits)).toBe(0);
+    for (const [w, at, bit] of [
+      [rng.int(1, WORDS_PER_PAGE - 1), 8, rng.int(0, 31)], // the zero word set (the seal still as stored)
+      [rng.int(1, WORDS_PER_PAGE - 1), rng.int(0, 7), rng.int(0, 31)], // a bit word flipped
+      [rng.int(1, WORDS_PER_PAGE - 1), 12, rng.int(0, 31)], // the seal flipped
+    ] as const) {
+      const bad = Buffer.from(raw);
+      const o = w * 16 + (at === 8 || at === 12 ? at : at & 4);
+      bad.writeUInt32LE((bad.readUInt32LE(o) ^ (1 << bit)) >>> 0, o);
+      expect(decode(bad, p * WORDS_PER_PAGE, tag, bits), `record ${w} at +${o % 16}`).toBe(w);
+    }
   });
 });
