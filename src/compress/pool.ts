@@ -113,7 +113,6 @@ function concatOwned(parts: Buffer[]): Uint8Array<ArrayBuffer> {
   return new Uint8Array(out.buffer as ArrayBuffer, 0, total);
 }
 
-
 /**
  * Hashes, zero-checks and (optionally) compresses a batch of chunks in a worker. `batch` holds the chunks
  * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and

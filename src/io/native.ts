@@ -141,17 +141,7 @@ export interface NativeOps {
    * block size, file end) as MapTable.entryProblem does, `state`/`host`/`csum`/`csumValid` set from its
    * words, and `i` listed in `suspects` when a check fails. Returns the count of suspects.
    */
-  mapPageDecode?(
-    raw: Uint8Array,
-    first: number,
-    tag: number,
-    limits: Float64Array,
-    state: Uint8Array,
-    host: Float64Array,
-    csum: Uint32Array,
-    csumValid: Uint8Array,
-    suspects: Uint32Array,
-  ): number;
+  mapPageDecode?(raw: Uint8Array, first: number, tag: number, limits: Float64Array, state: Uint8Array, host: Float64Array, csum: Uint32Array, csumValid: Uint8Array, suspects: Uint32Array): number;
   /**
    * A ksc_inc bitmap page's decode (native/kscinc_pages.c, src/image/sparse-bitmap.ts): each 16-byte record `w`
    * of `raw` (word `first + w`) must have a zero third word and its seal under `tag`; its two bit words go to

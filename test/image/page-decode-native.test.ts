@@ -48,16 +48,26 @@ function page(rng: Rng, p: number): Buffer {
     if (kind === 0) entry(buf, i, block, 0, 0, 0);
     else if (kind === 1) entry(buf, i, block, BlockState.Zero, 0, 0);
     else if (kind <= 4) entry(buf, i, block, dlo + BlockState.Data + (rng.chance(0.5) ? DESC_CSUM_VALID : 0), dhi, csum);
-    else if (kind === 5) entry(buf, i, block, dlo + BlockState.Data, dhi, csum, true); // seal mismatch
-    else if (kind === 6) entry(buf, i, block, 3, 0, 0); // state 3
-    else if (kind === 7) entry(buf, i, block, dlo + BlockState.Data + 8 * rng.int(1, 511), dhi, csum); // reserved bits
-    else if (kind === 8) entry(buf, i, block, BlockState.Data, 0x200000 + rng.int(0, 5), csum); // offset too large
-    else if (kind === 9) entry(buf, i, block, dlo + BlockState.Data + 4096, dhi, csum); // misaligned
-    else if (kind === 10) entry(buf, i, block, 4096 + BlockState.Data, 0, csum); // inside the header
-    else if (kind === 11) entry(buf, i, block, BlockState.Data, Math.floor(END / 2 ** 32) + 1, csum); // past the file's end
-    else if (kind === 12) entry(buf, i, block, dlo + BlockState.Zero, dhi, 0); // zero with an offset
-    else if (kind === 13) entry(buf, i, block, DESC_CSUM_VALID, 0, 0); // unallocated with a checksum flag
-    else if (kind === 14) entry(buf, i, block, (END - BLOCK / 2) % 2 ** 32 - ((END - BLOCK / 2) % 4096) + BlockState.Data, Math.floor((END - BLOCK / 2) / 2 ** 32), csum); // runs past the end
+    else if (kind === 5)
+      entry(buf, i, block, dlo + BlockState.Data, dhi, csum, true); // seal mismatch
+    else if (kind === 6)
+      entry(buf, i, block, 3, 0, 0); // state 3
+    else if (kind === 7)
+      entry(buf, i, block, dlo + BlockState.Data + 8 * rng.int(1, 511), dhi, csum); // reserved bits
+    else if (kind === 8)
+      entry(buf, i, block, BlockState.Data, 0x200000 + rng.int(0, 5), csum); // offset too large
+    else if (kind === 9)
+      entry(buf, i, block, dlo + BlockState.Data + 4096, dhi, csum); // misaligned
+    else if (kind === 10)
+      entry(buf, i, block, 4096 + BlockState.Data, 0, csum); // inside the header
+    else if (kind === 11)
+      entry(buf, i, block, BlockState.Data, Math.floor(END / 2 ** 32) + 1, csum); // past the file's end
+    else if (kind === 12)
+      entry(buf, i, block, dlo + BlockState.Zero, dhi, 0); // zero with an offset
+    else if (kind === 13)
+      entry(buf, i, block, DESC_CSUM_VALID, 0, 0); // unallocated with a checksum flag
+    else if (kind === 14)
+      entry(buf, i, block, ((END - BLOCK / 2) % 2 ** 32) - ((END - BLOCK / 2) % 4096) + BlockState.Data, Math.floor((END - BLOCK / 2) / 2 ** 32), csum); // runs past the end
     else entry(buf, i, block, rng.chance(0.5) ? BlockState.Zero : dlo + BlockState.Data, rng.chance(0.5) ? 0 : dhi, csum); // past the disk's end when block ≥ BLOCKS
   }
   return buf;
