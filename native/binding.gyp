@@ -6,7 +6,7 @@
   "targets": [
     {
       "target_name": "kscinc_native",
-      "sources": ["kscinc_native.c", "kscinc_aead.c", "kscinc_send.c", "kscinc_sync.c", "kscinc_ident.c", "kscinc_exit.c", "kscinc_idtable.c"],
+      "sources": ["kscinc_native.c", "kscinc_aead.c", "kscinc_send.c", "kscinc_sync.c", "kscinc_ident.c", "kscinc_exit.c", "kscinc_idtable.c", "kscinc_pages.c"],
       "defines": ["NAPI_VERSION=8", "_GNU_SOURCE", "_FILE_OFFSET_BITS=64"],
       "cflags": ["-Wall", "-Wextra", "-O2"],
       "cflags_c": ["-std=gnu11"],

@@ -57,6 +57,7 @@
 #include "kscinc_ident.h"
 #include "kscinc_xxh64.h"
 #include "kscinc_idtable.h"
+#include "kscinc_pages.h"
 
 /* Largest integer a JS number holds exactly (Number.MAX_SAFE_INTEGER). */
 #define MAX_SAFE_INT 9007199254740991.0
@@ -881,5 +882,6 @@ NAPI_MODULE_INIT() {
   if (!kscinc_ident_register(env, exports)) return throw_napi_failure(env, "kscinc_ident_register");
   if (!kscinc_exit_register(env, exports)) return throw_napi_failure(env, "kscinc_exit_register");
   if (!kscinc_idtable_register(env, exports)) return throw_napi_failure(env, "kscinc_idtable_register");
+  if (!kscinc_pages_register(env, exports)) return throw_napi_failure(env, "kscinc_pages_register");
   return exports;
 }

@@ -46,6 +46,60 @@ export function hashBatch(src: Buffer, lengths: number[], keys?: BlobKeys): Buff
 }
 
 /**
+ * A packed chunk: its 16-byte id (all zeros for an all-zero chunk, whose blob is then empty) and its blob.
+ * With `tail`, the blob is `blob` (its 32-byte header) followed by `tail`: the chunk stored as it is, a
+ * view of the caller's input (LZ4 could not shrink it; it was not copied), which must then stay unchanged
+ * for as long as the blob is used.
+ */
+export interface PackedChunk {
+  id: Buffer;
+  blob: Buffer;
+  tail?: Buffer;
+}
+
+/**
+ * packBatchSync for the caller's own thread and an unencrypted repository: the same ids and blob bytes,
+ * but a chunk LZ4 cannot shrink is not copied: its blob is a header and a `tail` view of `src` (§5.2's
+ * stored form), so `src` must not be reused while the blobs are. Fresh pages are dear (a page fault per
+ * 4 KiB); for random data this writes ≈ 32 bytes a chunk instead of the whole chunk.
+ */
+export function packBatchViews(src: Buffer, lengths: number[], compress: boolean): PackedChunk[] {
+  const n = lengths.length;
+  const ids = Buffer.alloc(n * ID_BYTES);
+  const zero: boolean[] = [];
+  let cap = 0;
+  let off = 0;
+  for (let i = 0; i < n; i++) {
+    const chunk = src.subarray(off, off + lengths[i]!);
+    off += lengths[i]!;
+    zero.push(isZero(chunk));
+    if (zero[i]) continue;
+    idOf(chunk, ids, i * ID_BYTES, undefined);
+    cap += BLOB_HEADER + (compress ? lz4Bound(chunk.length) : 0);
+  }
+  // A failed LZ4 attempt leaves its room to the next chunk: only what is kept advances `p`.
+  const out = Buffer.allocUnsafeSlow(cap);
+  const chunks: PackedChunk[] = [];
+  let p = 0;
+  off = 0;
+  for (let i = 0; i < n; i++) {
+    const len = lengths[i]!;
+    const chunk = src.subarray(off, off + len);
+    const id = ids.subarray(i * ID_BYTES, (i + 1) * ID_BYTES);
+    off += len;
+    if (zero[i]) {
+      chunks.push({ id, blob: out.subarray(0, 0) });
+      continue;
+    }
+    const stored = compress ? compressInto(chunk, out, p + BLOB_HEADER) : 0;
+    writeBlobHeader(out, p, stored === 0 ? COMP_NONE : COMP_LZ4, len, stored === 0 ? len : stored, ids, i * ID_BYTES);
+    chunks.push(stored === 0 ? { id, blob: out.subarray(p, p + BLOB_HEADER), tail: chunk } : { id, blob: out.subarray(p, p + BLOB_HEADER + stored) });
+    p += BLOB_HEADER + stored;
+  }
+  return chunks;
+}
+
+/**
  * Packs chunks lying back to back in `src` into one buffer:
  *   [n ids (16 bytes each, the zero id for all-zero chunks)] [n u32 LE blob lengths (0: all zeros)] [blobs]
  * Each blob is a 32-byte header and the chunk, LZ4-compressed when `compress` and smaller, else stored.

@@ -8,9 +8,9 @@ import type { Piscina } from 'piscina';
 import { KscError } from '../errors.js';
 import { ID_BYTES, initHash } from '../hash/chunkid.js';
 import { workerEntry } from '../util/worker-entry.js';
-import { type BlobKeys, packBatchSync } from './batch.js';
+import { type BlobKeys, type PackedChunk, packBatchSync, packBatchViews } from './batch.js';
 
-export type { BlobKeys } from './batch.js';
+export type { BlobKeys, PackedChunk } from './batch.js';
 
 /** The running pool: its workers have all loaded their module once `loading` settles; `ready` once one has. */
 let current: { pool: Piscina; loading: Promise<void>; ready: boolean; failed: Promise<never> } | null = null;
@@ -113,23 +113,19 @@ function concatOwned(parts: Buffer[]): Uint8Array<ArrayBuffer> {
   return new Uint8Array(out.buffer as ArrayBuffer, 0, total);
 }
 
-export interface PackedChunk {
-  /** 16-byte id; all zeros for an all-zero chunk (then blob is empty). */
-  id: Buffer;
-  blob: Buffer;
-}
-
 /**
  * Hashes, zero-checks and (optionally) compresses a batch of chunks in a worker. `batch` holds the chunks
  * back to back from its start and must own its whole ArrayBuffer (it is transferred to the worker and
- * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer.
+ * comes back as `input`, for the caller to reuse). The blobs are views into one result buffer; packed on
+ * this thread (`inline`, unencrypted), a chunk LZ4 cannot shrink is a header and a `tail` view of the
+ * batch (packBatchViews), and `input` is then null: the batch stays with the blobs, not to be reused.
  */
 export async function packBatch(
   batch: Uint8Array<ArrayBuffer>,
   lengths: number[],
   compress = true,
   opts: { inline?: boolean; keys?: BlobKeys } = {},
-): Promise<{ chunks: PackedChunk[]; input: Buffer }> {
+): Promise<{ chunks: PackedChunk[]; input: Buffer | null }> {
   if (batch.byteOffset !== 0 || batch.byteLength !== batch.buffer.byteLength) throw new Error('packBatch needs a buffer that owns its whole ArrayBuffer');
   let res: Buffer;
   let input: Buffer;
@@ -137,6 +133,10 @@ export async function packBatch(
     // On this thread: for a few MiB, starting workers costs more than the work.
     await initHash();
     input = Buffer.from(batch.buffer, 0, batch.byteLength);
+    if (!opts.keys) {
+      const chunks = packBatchViews(input, lengths, compress);
+      return { chunks, input: chunks.some((c) => c.tail) ? null : input };
+    }
     res = packBatchSync(input, lengths, compress, opts.keys);
   } else {
     const r = (await runInPool({ op: 'pack', data: batch, lengths, compress, keys: opts.keys }, { transferList: [batch.buffer] })) as { out: Uint8Array; input: Uint8Array };

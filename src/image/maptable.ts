@@ -8,6 +8,7 @@ import { corrupt } from '../errors.js';
 import type { HostFile } from '../io/file.js';
 import { BlockState, DESC_CSUM_VALID, DESC_RESERVED_MASK, DESC_STATE_MASK, MAP_PAGE_BYTES, MAP_PAGE_ENTRIES, TAG_DIR, TAG_MAP } from '../format/constants.js';
 import { fillEmpty16, seal, sealOk, sealWords } from '../format/seal.js';
+import { nativeOps } from '../io/native.js';
 
 const SUBPAGE = 4096;
 /** In-memory state of an entry that failed its checks (never written: it is 3, invalid on disk too). */
@@ -135,28 +136,43 @@ export class MapTable {
   private decode(page: MapPage): void {
     const base = page.index * this.pageEntries;
     const raw = page.raw;
+    const native = nativeOps()?.mapPageDecode;
+    if (native) {
+      // In C (a fresh process decodes a whole page to read one block of it); the entries it suspects are
+      // judged here, by the same checks as the loop below.
+      const suspects = new Uint32Array(this.pageEntries);
+      const limits = new Float64Array([this.blocks, this.blockSize, this.fileEnd()]);
+      const n = native(raw, base, TAG_MAP, limits, page.state, page.host, page.csum, page.csumValid, suspects);
+      const words = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
+      for (let s = 0; s < n; s++) this.decodeEntry(page, words, suspects[s]!, limits[2]!);
+      return;
+    }
     // Each entry's four words read once, through a DataView (a builtin: no per-read call into Buffer's checks,
     // which a first decode in a fresh process pays in full).
     const words = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
     const end = this.fileEnd();
-    for (let i = 0; i < this.pageEntries; i++) {
-      const o = i * 16;
-      const block = base + i;
-      const lo = words.getUint32(o, true);
-      const hi = words.getUint32(o + 4, true);
-      const csum = words.getUint32(o + 8, true);
-      const problem = this.entryProblem(lo, hi, csum, words.getUint32(o + 12, true), block, end);
-      if (problem) {
-        // Damage stays local: this block refuses I/O, its 4095 neighbours keep working.
-        page.state[i] = DAMAGED;
-        (page.damaged ??= new Map()).set(i, `entry for block ${block} (map page ${page.index} at 0x${(page.hostOffset + o).toString(16)}) ${problem}`);
-        continue;
-      }
-      page.state[i] = lo & DESC_STATE_MASK;
-      page.host[i] = hostOf(lo, hi);
-      page.csum[i] = csum;
-      page.csumValid[i] = (lo & DESC_CSUM_VALID) !== 0 ? 1 : 0;
+    for (let i = 0; i < this.pageEntries; i++) this.decodeEntry(page, words, i, end);
+  }
+
+  /** Entry `i` of `page` checked and decoded into the page's arrays (DAMAGED when a check fails). */
+  private decodeEntry(page: MapPage, words: DataView, i: number, end: number): void {
+    const o = i * 16;
+    const block = page.index * this.pageEntries + i;
+    const lo = words.getUint32(o, true);
+    const hi = words.getUint32(o + 4, true);
+    const csum = words.getUint32(o + 8, true);
+    const problem = this.entryProblem(lo, hi, csum, words.getUint32(o + 12, true), block, end);
+    if (problem) {
+      // Damage stays local: this block refuses I/O, its 4095 neighbours keep working.
+      page.state[i] = DAMAGED;
+      page.host[i] = page.csum[i] = page.csumValid[i] = 0; // as a fresh page's (the C decode set them)
+      (page.damaged ??= new Map()).set(i, `entry for block ${block} (map page ${page.index} at 0x${(page.hostOffset + o).toString(16)}) ${problem}`);
+      return;
     }
+    page.state[i] = lo & DESC_STATE_MASK;
+    page.host[i] = hostOf(lo, hi);
+    page.csum[i] = csum;
+    page.csumValid[i] = (lo & DESC_CSUM_VALID) !== 0 ? 1 : 0;
   }
 
   /**

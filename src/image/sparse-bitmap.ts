@@ -16,6 +16,7 @@ import { BITMAP_PAGE_BYTES, BITS_PER_PAGE, WORDS_PER_PAGE, tagBitmapTable, tagBi
 import { bitmapTableEntries } from '../format/bitmap-slot.js';
 import { fillEmpty16, seal, sealOk, sealWords } from '../format/seal.js';
 import type { MapWrite } from './maptable.js';
+import { nativeOps } from '../io/native.js';
 
 /**
  * Moves whenever a bitmap is enabled or disabled, or an image's bitmap slots change (ksc/bitmaps.ts
@@ -198,9 +199,12 @@ export class SparseBitmap {
       const raw = Buffer.alloc(BITMAP_PAGE_BYTES);
       if ((await this.file.read(raw, off)) < raw.length) throw corrupt(this.file.path, this.where(), `page ${p} at 0x${off.toString(16)} is truncated`);
       const tag = tagBitmapWord(this.slot);
-      // Each record's words read once, through a DataView (as the map table's pages: maptable.ts decode).
+      // In C with the addon (native/kscinc_pages.c); else each record's words read once, through a DataView
+      // (as the map table's pages: maptable.ts decode). The first record that fails is reported as below.
+      const native = nativeOps()?.bitmapPageDecode;
+      const from = native ? native(raw, p * WORDS_PER_PAGE, tag, page.bits) : 0;
       const words = new DataView(raw.buffer, raw.byteOffset, raw.byteLength);
-      for (let w = 0; w < WORDS_PER_PAGE; w++) {
+      for (let w = from; w >= 0 && w < WORDS_PER_PAGE; w++) {
         const o = w * 16;
         const lo = words.getUint32(o, true);
         const hi = words.getUint32(o + 4, true);

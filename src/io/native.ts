@@ -135,6 +135,19 @@ export interface NativeOps {
   idTableAdd?(keys: Uint32Array, pack: Uint32Array, seed: number, state: Uint32Array, entries: Uint8Array, at: number, n: number, plusOne: Uint32Array): number;
   /** True when every id of `words` (four words each) but the zero id is in the table. */
   idTableHasAll?(keys: Uint32Array, pack: Uint32Array, seed: number, words: Uint32Array): boolean;
+  /**
+   * A ksc_inc map page's decode (native/kscinc_pages.c, src/image/maptable.ts): for each 16-byte entry `i`
+   * of `raw` (block `first + i`), its seal under `tag` and its descriptor checked against `limits` (blocks,
+   * block size, file end) as MapTable.entryProblem does, `state`/`host`/`csum`/`csumValid` set from its
+   * words, and `i` listed in `suspects` when a check fails. Returns the count of suspects.
+   */
+  mapPageDecode?(raw: Uint8Array, first: number, tag: number, limits: Float64Array, state: Uint8Array, host: Float64Array, csum: Uint32Array, csumValid: Uint8Array, suspects: Uint32Array): number;
+  /**
+   * A ksc_inc bitmap page's decode (native/kscinc_pages.c, src/image/sparse-bitmap.ts): each 16-byte record `w`
+   * of `raw` (word `first + w`) must have a zero third word and its seal under `tag`; its two bit words go to
+   * `bits[2w]`, `bits[2w + 1]`. Returns -1, or the first record that fails (none from it on is decoded).
+   */
+  bitmapPageDecode?(raw: Uint8Array, first: number, tag: number, bits: Uint32Array): number;
 }
 
 /** The flags of NativeOps.syncFileRange (linux/fs.h). */

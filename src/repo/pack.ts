@@ -185,8 +185,11 @@ export class PackWriter {
     return { count: this.writtenCount, [Symbol.iterator]: () => entriesOf(this.written)[Symbol.iterator]() };
   }
 
-  /** Adds a blob; resolves when there is room for more (back-pressure). */
-  async add(id: Buffer, blob: Buffer, rawLength: number): Promise<void> {
+  /**
+   * Adds a blob: `blob`, then `tail` when given (a blob whose stored bytes are a view of the chunk as read:
+   * PackedChunk.tail); resolves when there is room for more (back-pressure).
+   */
+  async add(id: Buffer, blob: Buffer, rawLength: number, tail?: Buffer): Promise<void> {
     if (this.error) throw this.error;
     if (this.seen.has(id)) return;
     this.seen.addAt(id, 0, '', 0, 0, 0);
@@ -194,9 +197,11 @@ export class PackWriter {
       this.parts.push(packHeader(this.repo.encrypted));
       this.bytes = PACK_HEADER;
     }
-    this.pending.push({ id: Buffer.from(id), offset: this.bytes, length: blob.length, rawLength });
+    const length = blob.length + (tail?.length ?? 0);
+    this.pending.push({ id: Buffer.from(id), offset: this.bytes, length, rawLength });
     this.parts.push(blob); // a view into a worker's result buffer, kept until the pack is uploaded
-    this.bytes += blob.length;
+    if (tail) this.parts.push(tail);
+    this.bytes += length;
     if (this.bytes >= this.repo.config.packSize) await this.seal();
   }
 

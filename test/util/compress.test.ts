@@ -116,13 +116,27 @@ describe('LZ4 stored form', () => {
     expect(poolStarted()).toBe(false); // no worker was started for it
     const workers = await packBatch(batch(), lengths, true);
     expect(poolStarted()).toBe(true);
-    expect(inline.input.equals(Buffer.concat(parts))).toBe(true); // the input comes back untouched
+    expect(workers.input!.equals(Buffer.concat(parts))).toBe(true); // the input comes back untouched
+    // Inline, the random chunk (LZ4 cannot shrink it) is a header and a view of the batch, not a copy:
+    // the batch is not handed back for reuse.
+    expect(inline.input).toBe(null);
+    expect(inline.chunks.map((c) => c.tail !== undefined)).toEqual([false, false, true, false, false]);
+    const tail = inline.chunks[2]!.tail!;
+    expect(tail.equals(parts[2]!)).toBe(true);
+    expect(tail.byteOffset).toBe(2 << 20);
     for (let i = 0; i < lengths.length; i++) {
-      expect(inline.chunks[i]!.id.equals(workers.chunks[i]!.id)).toBe(true);
-      expect(inline.chunks[i]!.blob.equals(workers.chunks[i]!.blob)).toBe(true);
+      const { id, blob, tail } = inline.chunks[i]!;
+      expect(id.equals(workers.chunks[i]!.id)).toBe(true);
+      expect(Buffer.concat(tail ? [blob, tail] : [blob]).equals(workers.chunks[i]!.blob)).toBe(true);
+      expect(workers.chunks[i]!.tail).toBe(undefined);
     }
     expect(inline.chunks[1]!.blob.length).toBe(0);
     expect(decodeBlob(inline.chunks[3]!.blob, inline.chunks[3]!.id, 1 << 20).equals(parts[3]!)).toBe(true);
+    expect(decodeBlob(Buffer.concat([inline.chunks[2]!.blob, tail]), inline.chunks[2]!.id, 1 << 20).equals(parts[2]!)).toBe(true);
+    // Compressible chunks only: nothing views the batch, which comes back to be reused.
+    const plain = await packBatch(new Uint8Array(parts[0]!.length).fill(3), [parts[0]!.length], true, { inline: true });
+    expect(plain.chunks[0]!.tail).toBe(undefined);
+    expect(plain.input).not.toBe(null);
     await closePool();
   });
 });

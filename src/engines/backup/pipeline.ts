@@ -6,7 +6,7 @@
  */
 import { KscError } from '../../errors.js';
 import type { BlockDevice } from '../../image/types.js';
-import { packBatch } from '../../compress/pool.js';
+import { packBatch, type PackedChunk } from '../../compress/pool.js';
 import type { ChunkList } from '../../repo/chunklist.js';
 import type { PackWriter, RepoLock } from '../../repo/repository.js';
 import { mapLimit } from '../../util/concurrency.js';
@@ -106,19 +106,20 @@ export class BatchPipeline {
       inline: this.shape.inline,
       keys: this.parts.writer.repo.blobKeys,
     });
-    this.spare.push(input);
+    if (input) this.spare.push(input); // null: blobs hold views of it (a small increment packed inline)
     for (let i = 0; i < batch.length; i++) {
-      const { id, blob } = packed[i]!;
-      if (settled) await this.storeAgain(batch[i]!, id, blob, lengths[i]!);
-      else await this.place(batch[i]!, id, blob, lengths[i]!, keep);
+      const chunk = packed[i]!;
+      if (settled) await this.storeAgain(batch[i]!, chunk, lengths[i]!);
+      else await this.place(batch[i]!, chunk, lengths[i]!, keep);
     }
     lock.check();
     this.parts.progress?.({ phase: 'read', doneBytes: this.stats.bytesRead, totalBytes: this.stats.totalBytes });
   }
 
   /** A chunk read the first time: its id into the list; stored unless the repository holds it (or may). */
-  private async place(k: number, id: Buffer, blob: Buffer, length: number, keep: boolean): Promise<void> {
+  private async place(k: number, chunk: PackedChunk, length: number, keep: boolean): Promise<void> {
     const { ids, dedupe, writer, view } = this.parts;
+    const { id, blob } = chunk;
     ids.set(k, id);
     if (blob.length > 0) {
       // not all zeros
@@ -128,24 +129,25 @@ export class BatchPipeline {
         dedupe.defer(k, id);
         return; // kept in the view
       }
-      if (verdict === 'new') await this.store(id, blob, length);
+      if (verdict === 'new') await this.store(chunk, length);
     }
     if (keep) view?.release(k);
   }
 
   /** A chunk read again after a "maybe" the index objects did not confirm: it must not have changed. */
-  private async storeAgain(k: number, id: Buffer, blob: Buffer, length: number): Promise<void> {
+  private async storeAgain(k: number, chunk: PackedChunk, length: number): Promise<void> {
     const { dev, ids, writer } = this.parts;
+    const { id } = chunk;
     if (!id.equals(ids.view(k)))
       throw new KscError('KSC_E_IO', `${dev.name}: chunk ${k} read again differs from its first read at the freeze (the device changed during the backup; no backup was committed)`);
-    if (!writer.has(id)) await this.store(id, blob, length);
+    if (!writer.has(id)) await this.store(chunk, length);
   }
 
-  private async store(id: Buffer, blob: Buffer, length: number): Promise<void> {
+  private async store({ id, blob, tail }: PackedChunk, length: number): Promise<void> {
     this.stats.chunksNew++;
     this.stats.bytesNew += length;
-    this.stats.bytesStored += blob.length;
+    this.stats.bytesStored += blob.length + (tail?.length ?? 0);
     this.parts.dedupe.stored(id);
-    await this.parts.writer.add(id, blob, length);
+    await this.parts.writer.add(id, blob, length, tail);
   }
 }
