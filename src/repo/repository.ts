@@ -30,7 +30,8 @@ import {
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, requireEncryptionFromEnv, unlockFromEnv } from '../crypto/password.js';
-import { firstSealedObject, refuseDowngrade } from './downgrade.js';
+import { firstSealedObject, refuseDowngrade, refuseUnencrypted } from './downgrade.js';
+import { WriteGate } from '../objstore/write-gate.js';
 import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
 import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
 import { randomBytes } from 'node:crypto';
@@ -100,12 +101,16 @@ export class Repository {
   /** The 64 bytes the workers take (data key ‖ id key), or undefined for an unencrypted repository. */
   readonly blobKeys: Uint8Array | undefined;
 
-  /** `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that opened it. */
+  /**
+   * `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that
+   * opened it. `readerStore`: where a reader's lock goes (readerLock), the store without its WriteGate.
+   */
   private constructor(
     readonly store: ObjectStore,
     readonly config: RepoConfig,
     readonly keys: RepoKeys | null = null,
     readonly keyId: string | null = null,
+    private readonly readerStore: ObjectStore = store,
   ) {
     this.blobKeys = keys ? workerKeys(keys, config.encryption!.chunkId) : undefined;
   }
@@ -160,8 +165,9 @@ export class Repository {
    */
   private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, sealed?: Promise<string | null>): Promise<Repository> {
     if (!isEncrypted(config)) {
-      await refuseDowngrade(store, config, u, sealed);
-      return new Repository(store, config);
+      refuseUnencrypted(store, u);
+      // The rest of rule 2's check goes on meanwhile: only a change of the store waits for it (WriteGate).
+      return new Repository(new WriteGate(store, refuseDowngrade(store, config, u, sealed)), config, null, null, store);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
     return new Repository(store, config, k.keys, k.keyId);
@@ -228,19 +234,22 @@ export class Repository {
    */
   static async open(store: ObjectStore, u?: Unlock, deriving?: () => void): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
-    // §13.1 rule 2's probe for sealed objects, beside the read of the config (no round of its own): its LIST
-    // is spent on an encrypted repository, its 8-byte read only when the config says unencrypted.
-    const probe = { wanted: true };
-    const sealed = firstSealedObject(store, () => probe.wanted);
-    sealed.catch(() => {}); // awaited by the unencrypted path; by the others below
+    // §13.1 rule 2's probe for sealed objects: its LIST beside the read of the config (no round of its own),
+    // its 8-byte read only once the config has said it is without encryption.
+    const config = Repository.readConfig(store);
+    const plain = config.then(
+      (c) => !isEncrypted(c),
+      () => false,
+    );
+    const sealed = firstSealedObject(store, plain);
+    sealed.catch(() => undefined); // awaited by the unencrypted repository's writes (WriteGate); by the others below
     try {
-      const config = await Repository.readConfig(store);
-      if (isEncrypted(config)) probe.wanted = false;
-      return await Repository.unlocked(store, config, u, deriving, probe.wanted ? sealed : undefined);
+      const c = await config;
+      if (!isEncrypted(c)) return await Repository.unlocked(store, c, u, deriving, sealed);
+      return await Repository.unlocked(store, c, u, deriving);
     } finally {
-      // No request outlives the open: an encrypted or missing config stops the probe before its read.
-      probe.wanted = false;
-      await sealed.catch(() => null);
+      // An encrypted or missing config: its LIST (sent beside the config's read) ends within the open.
+      if (!(await plain)) await sealed.catch(() => null);
     }
   }
 
@@ -576,10 +585,12 @@ export class Repository {
   /**
    * §8 rule 6: a reader's shared lock (restore, verify), waiting up to `waitMs` (default 30 min) for a prune
    * to end. Null when the lock object cannot be written at all (a read-only repository): the reader then
-   * goes on without one.
+   * goes on without one. Not held up by §13.1 rule 2's check of an unencrypted repository (the WriteGate of
+   * its other changes): a lock object is plain in an encrypted repository too, and a reader refuses the
+   * sealed objects it meets where it reads them.
    */
   async readerLock(what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
-    return readerLockOn(this.store, this.lockTiming, what, waitMs);
+    return readerLockOn(this.readerStore, this.lockTiming, what, waitMs);
   }
 
   /** Deletes stale locks and garbage lock objects (every lock with `force`): what it removed and kept, with reasons. */

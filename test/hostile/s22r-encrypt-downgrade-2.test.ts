@@ -131,6 +131,9 @@ describe('what the check costs and where else it holds', () => {
     try {
       const r = await Repository.open(store);
       expect(r.encrypted).toBe(false);
+      // The check goes on after the open (only the repository's changes wait for it); closing the
+      // repository's store waits for its last request.
+      await r.store.close();
     } finally {
       off();
       await store.close();
