@@ -12,9 +12,9 @@ import { kscinc } from '../helpers/cli.js';
 import { openStore } from '../../src/objstore/open.js';
 import { Repository } from '../../src/repo/repository.js';
 import { tempDir } from '../helpers/tmp.js';
+import { stripConfig, walk } from './s22r-downgrade-helpers.js';
 
 const dir = tempDir('kscinc-s23-downgrade-writer-');
-const walk = (d: string): string[] => readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(join(d, e.name)) : [join(d, e.name)]));
 /** Every file of the repository (locks and temporary parts too), with its bytes. */
 const everything = (repo: string): Map<string, string> => new Map(walk(repo).map((f) => [f, readFileSync(f).toString('base64')]));
 
@@ -26,12 +26,7 @@ function stripped(name: string): { repo: string; img: string } {
   expect(kscinc(['repo', 'init', repo, '--encrypt']).code).toBe(0);
   const b = kscinc(['backup', img, '--repo', repo, '--no-bitmap']);
   expect(b.code, b.stderr).toBe(0);
-  const c = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
-  delete c.features;
-  delete c.encryption;
-  c.version = 1;
-  writeFileSync(join(repo, 'config'), JSON.stringify(c));
-  rmSync(join(repo, 'keys'), { recursive: true, force: true });
+  stripConfig(repo, { deleteKeys: true });
   rmSync(join(repo, 'locks'), { recursive: true, force: true });
   expect(walk(join(repo, 'index')).length).toBe(1);
   return { repo, img };
