@@ -37,12 +37,17 @@ export class RawDevice implements BlockDevice {
     }
   }
 
-  /** Creates a sparse raw file of `size` bytes (fails if it exists). */
+  /** Creates a sparse raw file of `size` bytes (fails if it exists); closed again when it cannot be sized or locked. */
   static async create(path: string, size: number, opts: { opener?: FileOpener } = {}): Promise<RawDevice> {
     const file = await (opts.opener ?? openHostFile)(path, { write: true, create: true });
-    await file.truncate(size);
-    await file.lockExclusive();
-    return new RawDevice(file, size, false);
+    try {
+      await file.truncate(size);
+      await file.lockExclusive();
+      return new RawDevice(file, size, false);
+    } catch (e) {
+      await file.close();
+      throw e;
+    }
   }
 
   private live(): void {

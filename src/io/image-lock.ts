@@ -20,6 +20,7 @@
  * addon's flock. So flock(1), when the host has it (flockByTool), takes the addon's lock instead; the name is
  * the last resort, taken only where flock(1) is not found (any other failure of flock(1) refuses the open).
  */
+import { accessSync, constants as fsc } from 'node:fs';
 import { createRequire } from 'node:module';
 import type { Server } from 'node:net';
 import { KscError, ioError } from '../errors.js';
@@ -33,6 +34,9 @@ export interface FileIdentity {
 /** util-linux flock(1)'s exit code when the lock is held elsewhere (asked for with -E: its default, 1, is also BusyBox's usage error). */
 const FLOCK_CONFLICT = 75;
 
+/** The flock(1) of this process known to lack -E (it exited 1 to -E and answered without it: BusyBox), never asked with it again. */
+let withoutE: string | null = null;
+
 /**
  * flock(2) on the open file `fd` without the addon: util-linux's flock(1), given the descriptor as its fd 3,
  * locks the open file description it shares with this process; the lock outlives flock(1), held until this
@@ -43,25 +47,49 @@ const FLOCK_CONFLICT = 75;
  * failure (flock(1) killed by a signal or with another exit code, the fork failing with EAGAIN or EMFILE…)
  * is KSC_E_IO: falling back to the name then would admit a second writer beside one holding flock, which
  * does not see the name (formats/ksc_inc.md §9 rule 1). A flock(1) without -E (BusyBox: usage, exit 1) is asked
- * again without it, its exit 1 then taken as held elsewhere.
+ * again without it, its exit 1 then taken as held elsewhere, and from then on in this process asked without it.
  */
 export async function flockByTool(fd: number, path: string): Promise<boolean | null> {
-  const first = await runFlock(fd, path, ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3']);
-  if (first === null || first.code === 0) return first && true;
-  if (first.code === FLOCK_CONFLICT) return false;
-  // BusyBox's flock(1) has no -E: it prints its usage and exits 1 (util-linux's never exits 1 when given -E).
-  // Asked again without it, its exit 1 is the conflict: held elsewhere (refused, never a second writer).
-  if (first.code === 1) {
-    const again = await runFlock(fd, path, ['-x', '-n', '3']);
-    if (again === null || again.code === 0) return again && true;
-    if (again.code === 1) return false;
-    return flockFailed(path, again);
+  const tool = flockTool();
+  if (withoutE !== tool) {
+    const first = await runFlock(tool, fd, path, ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3']);
+    if (first === null || first.code === 0) return first && true;
+    if (first.code === FLOCK_CONFLICT) return false;
+    // BusyBox's flock(1) has no -E: it prints its usage and exits 1 (util-linux's never exits 1 when given -E).
+    if (first.code !== 1) return flockFailed(path, first);
   }
-  return flockFailed(path, first);
+  // Asked (again) without -E, its exit 1 is the conflict: held elsewhere (refused, never a second writer).
+  const again = await runFlock(tool, fd, path, ['-x', '-n', '3']);
+  if (again === null || again.code === 0 || again.code === 1) {
+    if (again !== null) withoutE = tool; // this flock(1) is known now: the next open asks once
+    return again && again.code === 0;
+  }
+  return flockFailed(path, again);
 }
 
-/** flock(1) with `args`, the descriptor `fd` as its fd 3: its exit, or null when there is no flock(1) (ENOENT). */
-function runFlock(fd: number, path: string, args: string[]): Promise<{ code: number | null; signal: string | null } | null> {
+/**
+ * Where flock(1) is: KSCINC_FLOCK when set (a path: the tests name a stub there, or a missing file for a host
+ * without one), else /usr/bin/flock or /bin/flock, else `flock` looked up on PATH. The fixed places come
+ * first so that a PATH without /usr/bin (cron, a service's minimal environment) cannot drop a writer to the
+ * abstract name, which a holder of flock does not see (§9 rule 1); a variable rather than PATH for the tests,
+ * because a stub first on PATH would then never be reached where /usr/bin/flock exists.
+ */
+function flockTool(): string {
+  const named = process.env.KSCINC_FLOCK;
+  if (named) return named;
+  for (const p of ['/usr/bin/flock', '/bin/flock']) {
+    try {
+      accessSync(p, fsc.X_OK); // one access(2) per open for writing without the addon
+      return p;
+    } catch {
+      /* not there: the next place */
+    }
+  }
+  return 'flock';
+}
+
+/** flock(1) (`tool`) with `args`, the descriptor `fd` as its fd 3: its exit, or null when there is no flock(1) (ENOENT). */
+function runFlock(tool: string, fd: number, path: string, args: string[]): Promise<{ code: number | null; signal: string | null } | null> {
   return new Promise((resolve, reject) => {
     const failed = (e: Error): void =>
       reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) could not be started: ${e.message}); nothing written`, { cause: e }));
@@ -70,7 +98,7 @@ function runFlock(fd: number, path: string, args: string[]): Promise<{ code: num
       // Required here, not imported: node:child_process brings net and dgram with it, and a backup with the addon
       // never needs them (test/cli/builtins).
       const { spawn } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
-      child = spawn('flock', args, { stdio: ['ignore', 'ignore', 'ignore', fd] });
+      child = spawn(tool, args, { stdio: ['ignore', 'ignore', 'ignore', fd] });
     } catch (e) {
       if ((e as { code?: string }).code === 'ENOENT') return resolve(null);
       return failed(e as Error);

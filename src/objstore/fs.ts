@@ -9,10 +9,10 @@
  * an object, and `sweepTemp` removes the old ones.
  */
 import { randomBytes } from 'node:crypto';
-import { constants as fsc, type Dirent } from 'node:fs';
+import { constants as fsc, type Dirent, type Stats } from 'node:fs';
 import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
-import { KscError, ioError } from '../errors.js';
+import { KscError, ioError, isKscError } from '../errors.js';
 import { syncDir, writeNewFile } from '../io/durable.js';
 import { nativeOps } from '../io/native.js';
 import { mapLimit } from '../util/concurrency.js';
@@ -148,8 +148,14 @@ export class FsStore implements ObjectStore {
     let got = 0;
     let fh: FileHandle | undefined;
     try {
-      // O_NONBLOCK: a fifo planted under the key reads as empty, never waits for a writer.
-      fh = await open(file, fsc.O_RDONLY | fsc.O_NONBLOCK);
+      // O_NONBLOCK: a fifo planted under the key is opened without waiting for a writer, then refused.
+      fh = await open(file, fsc.O_RDONLY | fsc.O_NONBLOCK).catch((e: unknown) => {
+        throw (e as { code?: string }).code === 'ENXIO' ? notAFile(this.name, key, 'a socket or a device without a driver') : e;
+      });
+      // Only a regular file is an object: a fifo, device, directory or socket planted under the key (or a
+      // symlink to one) is damage, named, and never read (it may read for ever, block, or not be data).
+      const st = await fh.stat();
+      if (!st.isFile()) throw notAFile(this.name, key, fileKind(st));
       for (;;) {
         const { bytesRead } = await fh.read(buf, got, max - got, got);
         if (bytesRead === 0) break;
@@ -157,7 +163,7 @@ export class FsStore implements ObjectStore {
         if (got === max) break;
       }
     } catch (e) {
-      throw this.readError(file, key, e);
+      throw isKscError(e) ? e : this.readError(file, key, e);
     } finally {
       await fh?.close().catch(() => undefined);
     }
@@ -387,6 +393,20 @@ async function listFolder(dir: string): Promise<{ name: string; dir: boolean }[]
     if (st && (st.isFile() || st.isDirectory())) out.push({ name, dir: st.isDirectory() });
   });
   return out;
+}
+
+/** What a file that is not regular is, for a message. */
+function fileKind(st: Stats): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isFIFO()) return 'a fifo';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isBlockDevice()) return 'a block device';
+  if (st.isSocket()) return 'a socket';
+  return 'of another kind';
+}
+
+function notAFile(store: string, key: string, kind: string): KscError {
+  return new KscError('KSC_E_CORRUPT', `${store}: object ${key} is ${kind}, not a regular file: not read (a repository object is a regular file)`);
 }
 
 /** A folder's entries, or null when there is no such folder (a prefix nothing was put under). */

@@ -288,8 +288,10 @@ export class S3Store implements ObjectStore {
     }
     try {
       // A range past the end is answered with the bytes there are (an empty object: InvalidRange).
-      const buf = await this.call('get', key, async () => readAll(await this.client.getPartialObject(this.bucket, name, 0, max)));
-      if (buf.length > max) throw new KscError('KSC_E_CORRUPT', `${this.name}: object ${key}: ${buf.length} bytes answered for at most ${max}`);
+      // At most max + 1 bytes taken from the answer, whatever it says (a gateway that ignores the Range
+      // answers the whole object): one more than asked for is damage, and the rest is never read.
+      const buf = await this.call('get', key, async () => readAtMost(await this.client.getPartialObject(this.bucket, name, 0, max), max + 1));
+      if (buf.length > max) throw new KscError('KSC_E_CORRUPT', `${this.name}: object ${key}: more than the ${max} bytes asked for answered: not read further`);
       return buf;
     } catch (e) {
       if ((e as { cause?: { code?: string } }).cause?.code === 'InvalidRange') {
@@ -480,6 +482,28 @@ function gather(bufs: Buffer[], offset: number, length: number): Buffer {
 }
 
 /** The whole body; a body shorter than its Content-Length (connection cut) is a retryable failure. */
+/** The first `limit` bytes of `stream` (all of it when shorter); destroyed once it gave that many. */
+async function readAtMost(stream: Readable, limit: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let n = 0;
+  for await (const c of stream) {
+    const b = c as Buffer;
+    if (n + b.length >= limit) {
+      chunks.push(b.subarray(0, limit - n));
+      n = limit;
+      stream.destroy();
+      return Buffer.concat(chunks, n);
+    }
+    chunks.push(b);
+    n += b.length;
+  }
+  const declared = Number((stream as Partial<http.IncomingMessage>).headers?.['content-length'] ?? NaN);
+  if (Number.isFinite(declared) && declared !== n) {
+    throw Object.assign(new Error(`response cut short: ${n} of ${declared} bytes`), { code: 'ECONNRESET' });
+  }
+  return Buffer.concat(chunks, n);
+}
+
 async function readAll(stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let n = 0;

@@ -4,35 +4,23 @@
  * names and the §9 write ordering of the pieces it writes.
  */
 import { KscError, isDamage, isKscError } from '../errors.js';
-import { type Body, type ObjectStore, bodyParts } from '../objstore/types.js';
+import type { Body, ObjectStore } from '../objstore/types.js';
 import { initHash } from '../hash/chunkid.js';
 import { STALE_MS, RepoLock, READER_WAIT_MS, listLocks, readerLockOn, takeLock, unlockStale, systemLockClock, type LockInfo, type LockTiming } from './locks.js';
 import { ChunkIndex } from './chunkindex.js';
 import { storeForList } from './chunklist.js';
 import { isoUtc } from '../util/time.js';
 import { mapLimit } from '../util/concurrency.js';
-import {
-  BACKUP_ID_RE,
-  CONFIG_KEY,
-  DEFAULT_CHUNK,
-  DEFAULT_PACK,
-  INDEX_KEY_RE,
-  INDEX_ENTRY,
-  INDEX_HEADER,
-  MANIFEST_KEY_RE,
-  MIB,
-  PACK_KEY_RE,
-  REPO_PREFIXES,
-  indexKey,
-  manifestKey,
-  randomHexId,
-} from './constants.js';
+import { BACKUP_ID_RE, CONFIG_KEY, DEFAULT_CHUNK, DEFAULT_PACK, INDEX_KEY_RE, INDEX_ENTRY, INDEX_HEADER, MANIFEST_KEY_RE, MIB, PACK_KEY_RE, indexKey, manifestKey, randomHexId } from './constants.js';
 import { type RepoConfig, assertChunkSize, decodeConfig, encodeConfig, isEncrypted, validPackSize } from './config.js';
 import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys } from '../crypto/keys.js';
 import { type Unlock, requireEncryptionFromEnv, unlockFromEnv } from '../crypto/password.js';
-import { firstSealedObject, refuseDowngrade } from './downgrade.js';
-import { KEY_PREFIX, addKey, unlock } from '../crypto/keyring.js';
-import { AuthError, ID_GMAC, KIND_INDEX, KIND_MANIFEST, isSealed, open as openSealed, seal } from '../crypto/aead.js';
+import { lostConfig, locationState, onlyKeyObjects, readConfig } from './location.js';
+import { firstSealedObject, refuseDowngrade, refuseUnencrypted } from './downgrade.js';
+import { WriteGate } from '../objstore/write-gate.js';
+import { addKey, unlock } from '../crypto/keyring.js';
+import { ID_GMAC, KIND_INDEX, KIND_MANIFEST } from '../crypto/aead.js';
+import { SealedObjects } from './sealed-objects.js';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
 import { type EncryptChoice, resolveEncryption } from './encryption-choice.js';
@@ -51,38 +39,10 @@ type IndexObjects = { id: string; size?: number }[] | undefined;
 /** Told of a damaged object instead of throwing. */
 type OnDamage = (key: string, e: KscError) => void;
 
+export { locationState } from './location.js';
 export { STALE_MS, lockKey, readerLockOn, RepoLock, type LockInfo, type LockTiming, type LockClock, systemLockClock } from './locks.js';
 
 export { ChunkIndex, type ChunkLocation } from './chunkindex.js';
-
-/**
- * What a location without a config holds (§3.1): nothing, repository objects (its config was lost), or
- * other objects. Reads one listing entry per repository folder, then the first entry of the location.
- */
-export async function locationState(store: ObjectStore): Promise<{ kind: 'empty' } | { kind: 'repository' | 'other'; example: string }> {
-  for (const prefix of REPO_PREFIXES) {
-    for await (const o of store.list(prefix)) return { kind: 'repository', example: o.key };
-  }
-  for await (const o of store.list('')) return { kind: 'other', example: o.key };
-  return { kind: 'empty' };
-}
-
-/**
- * Whether every object of the location is a key object: an `init --encrypt` stopped between its key object
- * and its config (§13.1 rule 3, §13.3 rule 4). Init may go on there; the stale key objects name another
- * repository id, so they never open this one.
- */
-async function onlyKeyObjects(store: ObjectStore): Promise<boolean> {
-  for await (const o of store.list('')) if (!o.key.startsWith(KEY_PREFIX)) return false;
-  return true;
-}
-
-function lostConfig(store: ObjectStore, example: string): KscError {
-  return new KscError(
-    'KSC_E_CORRUPT',
-    `${store.name} holds repository objects (e.g. ${example}) but no config object: the repository's config was lost or deleted. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`,
-  );
-}
 
 async function* keysOf(list: AsyncIterable<{ key: string }>): AsyncIterable<string> {
   for await (const o of list) yield o.key;
@@ -98,55 +58,25 @@ export class Repository {
   /** The lock lifetime and the clocks locks use (tests shorten the one and skew the others). */
   lockTiming: LockTiming = { staleMs: STALE_MS, clock: systemLockClock };
 
+  /** Index objects and manifests sealed and opened (§13.4), sealed ones refused without keys (§13.1 rule 2). */
+  private readonly objects: SealedObjects;
+
   /** The 64 bytes the workers take (data key ‖ id key), or undefined for an unencrypted repository. */
   readonly blobKeys: Uint8Array | undefined;
 
-  /** `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that opened it. */
+  /**
+   * `keys`: the derived keys of an encrypted repository (null: unencrypted); `keyId`: the key object that
+   * opened it. `readerStore`: where a reader's lock goes (readerLock), the store without its WriteGate.
+   */
   private constructor(
     readonly store: ObjectStore,
     readonly config: RepoConfig,
     readonly keys: RepoKeys | null = null,
     readonly keyId: string | null = null,
+    private readonly readerStore: ObjectStore = store,
   ) {
     this.blobKeys = keys ? workerKeys(keys, config.encryption!.chunkId) : undefined;
-  }
-
-  /** §13.4: an object as stored (sealed in an encrypted repository). */
-  private sealObject(kind: number, key: string, plain: Body): Body {
-    // Sealed whole: an encrypted manifest or index object is held in memory once (not streamed).
-    return this.keys ? seal(this.keys.data, kind, key, [...bodyParts(plain)]) : plain;
-  }
-
-  /** §13.1 rule 2 without keys: `head` (an object's first bytes, or all of it) sealed means a stripped config (KSC_E_AUTH). */
-  private refuseSealed(key: string, head: Buffer): void {
-    if (isSealed(head))
-      throw new KscError(
-        'KSC_E_AUTH',
-        `repository object ${this.objName(key)} is sealed (encrypted, §13.4) but the config says the repository is not encrypted: the config was stripped of its encryption; refusing (formats/repository.md §13.1 rule 2)`,
-      );
-  }
-
-  /** Ranged reads of an object read in the clear (no keys): its first range is refused when sealed, as openObject does. */
-  private plainRanges(key: string): (offset: number, length: number) => Promise<Buffer> {
-    return async (offset, length) => {
-      const b = await this.store.getRange(key, offset, length);
-      if (offset === 0) this.refuseSealed(key, b);
-      return b;
-    };
-  }
-
-  /** §13.4: the plain bytes of a stored object, authenticated first in an encrypted repository (KSC_E_CORRUPT naming it). */
-  private openObject(kind: number, key: string, stored: Buffer): Buffer {
-    if (!this.keys) {
-      this.refuseSealed(key, stored);
-      return stored;
-    }
-    try {
-      return openSealed(this.keys.data, kind, key, stored);
-    } catch (e) {
-      if (e instanceof AuthError) throw new KscError('KSC_E_CORRUPT', `repository object ${this.objName(key)}: ${e.message}`);
-      throw e;
-    }
+    this.objects = new SealedObjects(store, keys);
   }
 
   get encrypted(): boolean {
@@ -161,8 +91,9 @@ export class Repository {
    */
   private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, sealed?: Promise<string | null>): Promise<Repository> {
     if (!isEncrypted(config)) {
-      await refuseDowngrade(store, config, u, sealed);
-      return new Repository(store, config);
+      refuseUnencrypted(store, u);
+      // The rest of rule 2's check goes on meanwhile: only a change of the store waits for it (WriteGate).
+      return new Repository(new WriteGate(store, refuseDowngrade(store, config, u, sealed)), config, null, null, store);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
     return new Repository(store, config, k.keys, k.keyId);
@@ -229,46 +160,23 @@ export class Repository {
    */
   static async open(store: ObjectStore, u?: Unlock, deriving?: () => void): Promise<Repository> {
     await initHash(); // manifests are checked against their Merkle root
-    // §13.1 rule 2's probe for sealed objects, beside the read of the config (no round of its own): its LIST
-    // is spent on an encrypted repository, its 8-byte read only when the config says unencrypted.
-    const probe = { wanted: true };
-    const sealed = firstSealedObject(store, () => probe.wanted);
-    sealed.catch(() => {}); // awaited by the unencrypted path; by the others below
+    // §13.1 rule 2's probe for sealed objects: its LIST beside the read of the config (no round of its own),
+    // its 8-byte read only once the config has said it is without encryption.
+    const config = readConfig(store);
+    const plain = config.then(
+      (c) => !isEncrypted(c),
+      () => false,
+    );
+    const sealed = firstSealedObject(store, plain);
+    sealed.catch(() => undefined); // awaited by the unencrypted repository's writes (WriteGate); by the others below
     try {
-      const config = await Repository.readConfig(store);
-      if (isEncrypted(config)) probe.wanted = false;
-      return await Repository.unlocked(store, config, u, deriving, probe.wanted ? sealed : undefined);
+      const c = await config;
+      if (!isEncrypted(c)) return await Repository.unlocked(store, c, u, deriving, sealed);
+      return await Repository.unlocked(store, c, u, deriving);
     } finally {
-      // No request outlives the open: an encrypted or missing config stops the probe before its read.
-      probe.wanted = false;
-      await sealed.catch(() => null);
+      // An encrypted or missing config: its LIST (sent beside the config's read) ends within the open.
+      if (!(await plain)) await sealed.catch(() => null);
     }
-  }
-
-  /** The config at `store`, decoded (the errors of open). */
-  private static async readConfig(store: ObjectStore): Promise<RepoConfig> {
-    let raw: Buffer;
-    try {
-      raw = await readSmall(store, CONFIG_KEY, 'config');
-    } catch (e) {
-      if (!isKscError(e, 'KSC_E_NOT_FOUND')) throw e;
-      const where = await locationState(store);
-      if (where.kind === 'repository') throw lostConfig(store, where.example);
-      throw new KscError(
-        'KSC_E_NOT_FOUND',
-        where.kind === 'empty'
-          ? `${store.name} is not a kscinc repository (it is empty; create one with "kscinc repo init" or a first backup)`
-          : `${store.name} is not a kscinc repository (no config object; it holds other files, e.g. ${where.example})`,
-      );
-    }
-    let config: RepoConfig;
-    try {
-      config = decodeConfig(raw, `${store.name}/config`);
-    } catch (e) {
-      if (!isKscError(e, 'KSC_E_CORRUPT')) throw e;
-      throw new KscError('KSC_E_CORRUPT', `${e.message}. Nothing was changed. Rebuild it from the manifests with "kscinc repo repair ${store.name}" (formats/repository.md §3.1)`, { cause: e });
-    }
-    return config;
   }
 
   /** Opens the repository, or creates one when the location is empty (a first backup; encrypted unless `encrypt` is false); see init. */
@@ -338,7 +246,7 @@ export class Repository {
         if (opts.inRanges && !this.keys) await this.readIndexInRanges(key, size ?? (await this.objectSize(key)), () => open(id) as { visit: IdVisitor; done?: () => void });
         else {
           const v = open(id);
-          const b = this.openObject(KIND_INDEX, key, await this.store.get(key));
+          const b = this.objects.open(KIND_INDEX, key, await this.store.get(key));
           if (v.entries) {
             const d = checkIndex(b, this.objName(key));
             v.entries(b, d.entriesAt, d.entries, d.packTable);
@@ -358,7 +266,7 @@ export class Repository {
   private async readIndexInRanges(key: string, size: number, open: () => { visit: IdVisitor; done?: () => void }): Promise<void> {
     const name = this.objName(key);
     if (size < INDEX_HEADER) throw new KscError('KSC_E_CORRUPT', `repository object ${name}: not an index object (bad magic or truncated)`);
-    const d = new IndexDecoder(await this.plainRanges(key)(0, INDEX_HEADER), size, name); // only without keys (readIndex)
+    const d = new IndexDecoder(await this.objects.plainRanges(key)(0, INDEX_HEADER), size, name); // only without keys (readIndex)
     d.table(await this.store.getRange(key, d.tableAt, d.entriesAt - d.tableAt));
     const v = open();
     const per = Math.max(1, Math.floor((4 * MIB) / INDEX_ENTRY));
@@ -405,7 +313,7 @@ export class Repository {
 
   /** The plain bytes of index object `id` (authenticated first in an encrypted repository, §13.4). */
   async readIndexObject(id: string): Promise<Buffer> {
-    return this.openObject(KIND_INDEX, indexKey(id), await this.store.get(indexKey(id)));
+    return this.objects.open(KIND_INDEX, indexKey(id), await this.store.get(indexKey(id)));
   }
 
   /**
@@ -415,7 +323,7 @@ export class Repository {
    */
   async putIndex(entries: Iterable<IndexEntry>, after?: Promise<unknown>): Promise<string> {
     const id = randomHexId();
-    await this.putOrdered(indexKey(id), () => this.sealObject(KIND_INDEX, indexKey(id), encodeIndex(entries)), after);
+    await this.putOrdered(indexKey(id), () => this.objects.seal(KIND_INDEX, indexKey(id), encodeIndex(entries)), after);
     return id;
   }
 
@@ -488,8 +396,8 @@ export class Repository {
     // A large manifest is read in ranges, never whole.
     return this.manifestObject(id, (key, size) =>
       size > STREAM_MANIFEST && !this.keys
-        ? readManifestFrom(size, this.plainRanges(key), this.objName(key), storeForList)
-        : this.store.get(key).then((b) => decodeManifest(this.openObject(KIND_MANIFEST, key, b), this.objName(key), storeForList)),
+        ? readManifestFrom(size, this.objects.plainRanges(key), this.objName(key), storeForList)
+        : this.store.get(key).then((b) => decodeManifest(this.objects.open(KIND_MANIFEST, key, b), this.objName(key), storeForList)),
     );
   }
 
@@ -512,8 +420,8 @@ export class Repository {
   async readManifestInfoOrWhole(id: string): Promise<{ info: ManifestInfo; whole: Manifest | null }> {
     let whole: Manifest | null = null;
     const info = await this.manifestObject(id, async (key, size): Promise<ManifestInfo> => {
-      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, this.plainRanges(key), this.objName(key));
-      whole = decodeManifest(this.openObject(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key), storeForList);
+      if (size > STREAM_MANIFEST && !this.keys) return readManifestInfoFrom(size, this.objects.plainRanges(key), this.objName(key));
+      whole = decodeManifest(this.objects.open(KIND_MANIFEST, key, await this.store.get(key)), this.objName(key), storeForList);
       return whole;
     });
     return { info, whole };
@@ -552,7 +460,7 @@ export class Repository {
    */
   async putManifest(m: Omit<Manifest, 'root'>, after?: Promise<unknown>): Promise<void> {
     const key = manifestKey(m.meta.id);
-    await this.putOrdered(key, () => this.sealObject(KIND_MANIFEST, key, manifestBody(m)), after);
+    await this.putOrdered(key, () => this.objects.seal(KIND_MANIFEST, key, manifestBody(m)), after);
   }
 
   async deleteManifest(id: string): Promise<void> {
@@ -577,10 +485,12 @@ export class Repository {
   /**
    * §8 rule 6: a reader's shared lock (restore, verify), waiting up to `waitMs` (default 30 min) for a prune
    * to end. Null when the lock object cannot be written at all (a read-only repository): the reader then
-   * goes on without one.
+   * goes on without one. Not held up by §13.1 rule 2's check of an unencrypted repository (the WriteGate of
+   * its other changes): a lock object is plain in an encrypted repository too, and a reader refuses the
+   * sealed objects it meets where it reads them.
    */
   async readerLock(what: string, waitMs = READER_WAIT_MS): Promise<RepoLock | null> {
-    return readerLockOn(this.store, this.lockTiming, what, waitMs);
+    return readerLockOn(this.readerStore, this.lockTiming, what, waitMs);
   }
 
   /** Deletes stale locks and garbage lock objects (every lock with `force`): what it removed and kept, with reasons. */

@@ -7,7 +7,7 @@
  * never a second writer). The stub below is such a flock(1): it refuses -E, else runs the real one.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI } from '../helpers/cli.js';
@@ -26,8 +26,9 @@ function busyboxFlock(dir: string): string {
   return bin;
 }
 
+/** Without the addon; with `bin`, its flock named by KSCINC_FLOCK (flockByTool looks at /usr/bin before PATH) and first on PATH. */
 function env(bin?: string): NodeJS.ProcessEnv {
-  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(bin ? { PATH: `${bin}:${process.env.PATH}` } : {}) };
+  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(bin ? { PATH: `${bin}:${process.env.PATH}`, KSCINC_FLOCK: join(bin, 'flock') } : {}) };
 }
 
 function setup(): { dir: string; disk: string; data: string } {
@@ -71,4 +72,36 @@ describe.skipIf(!hasFlock)('a BusyBox-like flock(1) without -E (KSCINC_NO_NATIVE
     }
     expect(await ended, err).toBe(0);
   }, 60_000);
+
+  it('one process asks a flock(1) without -E once with -E, then never again (the flavour is kept)', async () => {
+    const { dir } = setup();
+    const bin = busyboxFlock(dir);
+    const log = join(dir, 'flock.log');
+    // The stub, logging each call's arguments first.
+    const body = readFileSync(join(bin, 'flock'), 'utf8').replace('#!/bin/sh\n', `#!/bin/sh\necho "$*" >> ${log}\n`);
+    writeFileSync(join(bin, 'flock'), body, { mode: 0o755 });
+    const saved = { PATH: process.env.PATH, KSCINC_FLOCK: process.env.KSCINC_FLOCK };
+    Object.assign(process.env, { PATH: `${bin}:${process.env.PATH}`, KSCINC_FLOCK: join(bin, 'flock') });
+    const fds: number[] = [];
+    try {
+      const { flockByTool } = await import('../../src/io/image-lock.js');
+      const taken: (boolean | null)[] = [];
+      for (let i = 0; i < 3; i++) {
+        const f = join(dir, `f${i}`);
+        writeFileSync(f, 'x');
+        fds.push(openSync(f, 'r+'));
+        taken.push(await flockByTool(fds[i]!, f));
+      }
+      const calls = readFileSync(log, 'utf8').trim().split('\n');
+      console.log(`flock(1) calls for 3 opens: ${JSON.stringify(calls)}`);
+      expect(taken).toEqual([true, true, true]);
+      expect(calls).toEqual(['-x -n -E 75 3', '-x -n 3', '-x -n 3', '-x -n 3']);
+    } finally {
+      for (const fd of fds) closeSync(fd);
+      for (const [k, v] of Object.entries(saved)) {
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
+      }
+    }
+  });
 });

@@ -24,8 +24,9 @@ function stubFlock(dir: string, body: string): string {
   return bin;
 }
 
+/** Without the addon; with `path`, its stub named by KSCINC_FLOCK (flockByTool looks at /usr/bin before PATH) and first on PATH. */
 function env(path?: string): NodeJS.ProcessEnv {
-  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(path ? { PATH: `${path}:${process.env.PATH}` } : {}) };
+  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(path ? { PATH: `${path}:${process.env.PATH}`, KSCINC_FLOCK: join(path, 'flock') } : {}) };
 }
 
 function setup(): { dir: string; disk: string; fifo: string; data: string } {
@@ -82,9 +83,28 @@ describe.skipIf(!hasFlock)('flock(1) failing otherwise than "not found" (KSCINC_
     expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
   }, 60_000);
 
-  it('flock(1) missing from PATH falls back to the name: a lone writer writes', () => {
+  it('no flock(1) on the host (KSCINC_FLOCK naming a missing file) falls back to the name: a lone writer writes', () => {
     const { disk, data } = setup();
-    const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: { ...env(), PATH: '/nonexistent' }, encoding: 'utf8' });
+    const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: { ...env(), PATH: '/nonexistent', KSCINC_FLOCK: '/nonexistent/flock' }, encoding: 'utf8' });
     expect(r.status, `${r.stdout}${r.stderr}`).toBe(0);
+  }, 60_000);
+
+  it('a PATH without /usr/bin still finds flock(1) (/usr/bin/flock, /bin/flock first): refused while a holder has flock, never the name', async () => {
+    const { disk, fifo, data } = setup();
+    const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
+    try {
+      await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+      const before = readFileSync(disk);
+      const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: { ...env(), PATH: '/nonexistent' }, encoding: 'utf8' });
+      const out = `${r.stdout}${r.stderr}`;
+      expect({ code: r.status, wrote: /wrote/.test(out), refused: /already open for writing/.test(out) }, out).toEqual({ code: 1, wrote: false, refused: true });
+      expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
+    } finally {
+      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
+    }
+    expect(await ended, err).toBe(0);
   }, 60_000);
 });

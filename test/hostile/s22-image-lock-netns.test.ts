@@ -27,9 +27,9 @@ interface Run {
   out: string;
 }
 
-/** KSCINC_NO_NATIVE=1, and with noFlock no flock(1) on PATH either (the lock then is the abstract name). */
+/** KSCINC_NO_NATIVE=1, and with noFlock no flock(1) either (KSCINC_FLOCK naming a missing file: the lock then is the abstract name). */
 function envOf(native: boolean, noFlock = false): NodeJS.ProcessEnv {
-  return { ...process.env, ...(native ? {} : { KSCINC_NO_NATIVE: '1' }), ...(noFlock ? { PATH: '/nonexistent' } : {}) };
+  return { ...process.env, ...(native ? {} : { KSCINC_NO_NATIVE: '1' }), ...(noFlock ? { PATH: '/nonexistent', KSCINC_FLOCK: '/nonexistent/flock' } : {}) };
 }
 
 /** `[prefix…] node kscinc ARGS` with or without the addon. */
@@ -101,7 +101,7 @@ describe.skipIf(!canUnshare)('the write lock across network namespaces', () => {
     }, 120_000);
   }
 
-  it('without flock(1) on the host (KSCINC_NO_NATIVE=1, PATH without it): the abstract name, a second writer in the namespace refused', async () => {
+  it('without flock(1) on the host (KSCINC_NO_NATIVE=1, KSCINC_FLOCK naming a missing file): the abstract name, a second writer in the namespace refused', async () => {
     const { disk, fifo, data } = setup();
     const holder = await hold([], disk, fifo, false, true);
     try {

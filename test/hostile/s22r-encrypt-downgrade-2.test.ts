@@ -7,37 +7,16 @@
  * key file given with --key-file) refuses a repository without encryption.
  */
 import { describe, expect, it } from 'vitest';
-import { readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
 import { openStore } from '../../src/objstore/open.js';
 import { onStoreRequest, type StoreRequest } from '../../src/objstore/trace.js';
 import { Repository } from '../../src/repo/repository.js';
 import { tempDir } from '../helpers/tmp.js';
+import { disk, inTheClear, stripConfig, walk } from './s22r-downgrade-helpers.js';
 
 const dir = tempDir('kscinc-s22r-downgrade2-');
-const MiB = 1024 * 1024;
-const walk = (d: string): string[] => readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(join(d, e.name)) : [join(d, e.name)]));
-
-/** A compressible disk whose every 64 bytes carry a marker that must never be stored in the clear. */
-function disk(tag: string): Buffer {
-  const b = Buffer.alloc(2 * MiB);
-  for (let i = 0; i < b.length; i += 64) b.write(`MARKER-PLAINTEXT ${tag} ${i} `.padEnd(64, 'x'), i);
-  return b;
-}
-
-/** Rewrites the config as a version-1 one with the same id and sizes, and deletes keys/ (a hostile writer). */
-function stripConfigAndKeys(repo: string): void {
-  const c = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
-  expect(c.features).toEqual(['encrypted']);
-  delete c.features;
-  delete c.encryption;
-  c.version = 1;
-  writeFileSync(join(repo, 'config'), JSON.stringify(c));
-  rmSync(join(repo, 'keys'), { recursive: true, force: true });
-}
-
-const inTheClear = (repo: string): string[] => walk(repo).filter((f) => readFileSync(f).includes('MARKER-PLAINTEXT'));
 /** Every object but locks (a refused command may leave nothing else), with its bytes. */
 const snapshot = (repo: string): Map<string, string> =>
   new Map(
@@ -55,7 +34,7 @@ describe('a config stripped of its encryption, keys/ deleted, password in the en
     writeFileSync(img, disk('one'));
     const b1 = kscinc(['backup', img, '--repo', repo, '--no-bitmap']);
     expect(b1.code, b1.stderr).toBe(0);
-    stripConfigAndKeys(repo);
+    stripConfig(repo, { deleteKeys: true });
     const before = snapshot(repo);
     writeFileSync(img, disk('two'));
     const b2 = kscinc(['backup', img, '--repo', repo, '--no-bitmap', '--json']);
@@ -131,6 +110,9 @@ describe('what the check costs and where else it holds', () => {
     try {
       const r = await Repository.open(store);
       expect(r.encrypted).toBe(false);
+      // The check goes on after the open (only the repository's changes wait for it); closing the
+      // repository's store waits for its last request.
+      await r.store.close();
     } finally {
       off();
       await store.close();

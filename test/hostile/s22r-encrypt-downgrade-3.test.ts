@@ -5,23 +5,15 @@
  * as whole-object reads do, even when a planted unsealed decoy lists first and passes the open's probe.
  */
 import { describe, expect, it } from 'vitest';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { openStore } from '../../src/objstore/open.js';
 import { Repository, manifestKey } from '../../src/repo/repository.js';
+import { MiB, disk, stripConfig, walk } from './s22r-downgrade-helpers.js';
 
 const dir = tempDir('kscinc-s22r-downgrade3-');
-const MiB = 1024 * 1024;
-const walk = (d: string): string[] => readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(join(d, e.name)) : [join(d, e.name)]));
-
-/** A compressible disk whose every 64 bytes carry a marker that must never be stored in the clear. */
-function disk(tag: string): Buffer {
-  const b = Buffer.alloc(2 * MiB);
-  for (let i = 0; i < b.length; i += 64) b.write(`MARKER-PLAINTEXT ${tag} ${i} `.padEnd(64, 'x'), i);
-  return b;
-}
 
 describe('KSCINC_REQUIRE_ENCRYPTION=1 and an unencrypted init', () => {
   it('repo init --no-encrypt refuses (KSC_E_AUTH) and leaves the location empty', () => {
@@ -51,17 +43,6 @@ describe('KSCINC_REQUIRE_ENCRYPTION=1 and an unencrypted init', () => {
   });
 });
 
-/** Rewrites the config as a version-1 one with the same id and sizes, and deletes keys/ (a hostile writer). */
-function stripConfigAndKeys(repo: string): void {
-  const c = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
-  expect(c.features).toEqual(['encrypted']);
-  delete c.features;
-  delete c.encryption;
-  c.version = 1;
-  writeFileSync(join(repo, 'config'), JSON.stringify(c));
-  rmSync(join(repo, 'keys'), { recursive: true, force: true });
-}
-
 describe('a stripped config, keys/ deleted, and an unsealed decoy index object listed first (§13.1 rule 2)', () => {
   it('a backup through the dedupe filter (ranged index reads) refuses (KSC_E_AUTH) and writes no pack, nothing in the clear', () => {
     const repo = join(dir, 'decoy');
@@ -70,7 +51,7 @@ describe('a stripped config, keys/ deleted, and an unsealed decoy index object l
     writeFileSync(img, disk('one'));
     const b1 = kscinc(['backup', img, '--repo', repo, '--no-bitmap']);
     expect(b1.code, b1.stderr).toBe(0);
-    stripConfigAndKeys(repo);
+    stripConfig(repo, { deleteKeys: true });
     // The decoy: unsealed (zeros; the open's 8-byte probe of the first index object passes), its size claiming
     // more entries than the exact index takes (1 Mi by default), so the backup's dedupe goes through the
     // filter, which reads index objects in ranges. Sparse: 40 MiB of size, next to nothing on disk.

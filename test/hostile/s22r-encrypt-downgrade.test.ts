@@ -12,31 +12,9 @@ import { mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'nod
 import { join } from 'node:path';
 import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
+import { disk, inTheClear, stripConfig, walk } from './s22r-downgrade-helpers.js';
 
 const dir = tempDir('kscinc-s22r-downgrade-');
-const MiB = 1024 * 1024;
-const walk = (d: string): string[] => readdirSync(d, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? walk(join(d, e.name)) : [join(d, e.name)]));
-
-/** A compressible disk whose every 64 bytes carry a marker that must never be stored in the clear. */
-function disk(tag: string): Buffer {
-  const b = Buffer.alloc(2 * MiB);
-  for (let i = 0; i < b.length; i += 64) b.write(`MARKER-PLAINTEXT ${tag} ${i} `.padEnd(64, 'x'), i);
-  return b;
-}
-
-/** Rewrites the config as a version-1 one with the same id and sizes (what a hostile writer would put). */
-function stripConfig(repo: string): void {
-  const c = JSON.parse(readFileSync(join(repo, 'config'), 'utf8'));
-  expect(c.features).toEqual(['encrypted']);
-  delete c.features;
-  delete c.encryption;
-  c.version = 1;
-  writeFileSync(join(repo, 'config'), JSON.stringify(c));
-}
-
-function inTheClear(repo: string): string[] {
-  return walk(repo).filter((f) => readFileSync(f).includes('MARKER-PLAINTEXT'));
-}
 
 describe('a config stripped of its encryption (§13.1 rule 2)', () => {
   it('key objects of this repository still there, password in the environment: backup refuses, nothing in the clear', () => {

@@ -87,9 +87,9 @@ for (const native of [true, false]) {
 describe('KSCINC_NO_NATIVE=1 without flock(1): the lock name bound by someone else', () => {
   it('an open for writing is refused (KSC_E_LOCKED, naming the lock), never let in; once the name is free it opens', async () => {
     const prev = process.env['KSCINC_NO_NATIVE'];
-    const prevPath = process.env['PATH'];
+    const prevTool = process.env['KSCINC_FLOCK'];
     process.env['KSCINC_NO_NATIVE'] = '1';
-    process.env['PATH'] = '/nonexistent'; // no flock(1): the lock is the abstract name (image-lock.ts)
+    process.env['KSCINC_FLOCK'] = '/nonexistent/flock'; // no flock(1): the lock is the abstract name (image-lock.ts)
     const squatter = createServer();
     try {
       const dir = tempDir('kscinc-imglock-');
@@ -112,7 +112,8 @@ describe('KSCINC_NO_NATIVE=1 without flock(1): the lock name bound by someone el
       await g!.close();
     } finally {
       if (squatter.listening) squatter.close();
-      process.env['PATH'] = prevPath;
+      if (prevTool === undefined) delete process.env['KSCINC_FLOCK'];
+      else process.env['KSCINC_FLOCK'] = prevTool;
       if (prev === undefined) delete process.env['KSCINC_NO_NATIVE'];
       else process.env['KSCINC_NO_NATIVE'] = prev;
     }

@@ -48,9 +48,7 @@ describe('kscinc restore --live, then serve', () => {
     const made = kscinc(['restore', 'latest', live, '--repo', repo, '--live', '--json'], { env: { KSCINC_STORE_TRACE: '1' } });
     const r = JSON.parse(ok(made, 'restore --live'));
     expect(r.backup).toBe(id);
-    // The 8 bytes of the first index object an unencrypted repository's open reads are the downgrade check
-    // (formats/repository.md §13.1 rule 2: is that object sealed?), not an index read: left out.
-    const reads = [...made.stderr.matchAll(/^kscinc store: #\d+ .* (get|getRange) (\S+)( \[0\+8\])?/gm)].filter((m) => !(m[1] === 'getRange' && m[3] && m[2]!.startsWith('index/'))).map((m) => m[2]!);
+    const reads = [...made.stderr.matchAll(/^kscinc store: #\d+ .* (get|getRange) (\S+)/gm)].map((m) => m[2]!);
     console.log(`restore --live: ${r.durationMs} ms; objects read: ${reads.join(', ')}`);
     expect(reads, made.stderr).toContain(`manifests/${id}.manifest`);
     expect(

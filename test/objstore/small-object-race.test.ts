@@ -64,7 +64,11 @@ describe('getSmall: an object swapped for a huge one after its size was listed (
     symlinkSync('/dev/zero', file);
     const r = childGetSmall(root, key);
     console.log(`/dev/zero: ${JSON.stringify(r)}`);
-    expect({ timedOut: r.timedOut, result: r.result }).toMatchObject({ timedOut: false, result: expect.stringMatching(/^KSC_E_CORRUPT: .*more than a lock ever is/) as unknown });
+    // Since session 23 the folder store refuses what is not a regular file before reading it (getupto-bounds.test.ts).
+    expect({ timedOut: r.timedOut, result: r.result }).toMatchObject({
+      timedOut: false,
+      result: expect.stringMatching(/^KSC_E_CORRUPT: .*locks\/backup-1 is a character device, not a regular file/) as unknown,
+    });
     expect(r.maxRssMb, 'peak RSS of the reader (MB)').toBeLessThan(256);
   }, 60_000);
 
