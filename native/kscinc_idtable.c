@@ -8,7 +8,8 @@
 /*            Uint8Array, at, n, plusOne: Uint32Array) -> number                                           */
 /*   Adds the ids of the n index entries (formats/repository.md §6: 40 bytes, pack number at +16) at       */
 /*   entries[at...], an id already present skipped, the slot's pack set to plusOne[pack number]. Stops     */
-/*   before an id that would make count exceed maxCount (the caller grows the table and calls again), and  */
+/*   before an id that would make count exceed maxCount or that finds no empty slot (the caller grows the   */
+/*   table and calls again), and                                                                           */
 /*   returns the number of entries done; state[0] is the new count. Throws a RangeError when the entries   */
 /*   lie outside `entries`, a pack number has no plusOne, or the table's arrays do not match.              */
 /* idTableHasAll(keys, pack, seed, words: Uint32Array) -> boolean                                          */
@@ -82,15 +83,19 @@ static bool table_of(napi_env env, napi_value k, napi_value p, const char* fn, t
   return true;
 }
 
-/* The slot holding the id, or the empty slot where it would go. */
+#define FULL UINT32_MAX
+
+/* The slot holding the id, or the empty slot where it would go; FULL when every slot holds another id (the */
+/* probe is bounded by the table, not by a count the caller keeps: a count that lies cannot make it spin).  */
 static inline uint32_t find(const table_t* t, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3, uint32_t seed) {
   uint32_t s = first_slot(w0, w1, w2, w3, seed, t->mask);
-  for (;;) {
+  for (uint32_t i = 0; i <= t->mask; i++) {
     if (t->pack[s] == 0) return s;
     const uint32_t* k = t->keys + (size_t)s * 4;
     if (k[0] == w0 && k[1] == w1 && k[2] == w2 && k[3] == w3) return s;
     s = (s + 1) & t->mask;
   }
+  return FULL;
 }
 
 static napi_value IdTableAdd(napi_env env, napi_callback_info info) {
@@ -124,6 +129,7 @@ static napi_value IdTableAdd(napi_env env, napi_callback_info info) {
       return range_error(env, fn, "an entry's pack number has no pack"), NULL;
     }
     uint32_t s = find(&t, w0, w1, w2, w3, seed);
+    if (s == FULL) break; /* as when count reaches max_count: the caller grows the table */
     if (t.pack[s] != 0) continue;
     if (count + 1 > max_count) break;
     uint32_t* k = t.keys + (size_t)s * 4;
@@ -154,7 +160,8 @@ static napi_value IdTableHasAll(napi_env env, napi_callback_info info) {
   bool all = true;
   for (size_t o = 0; o + 3 < wn; o += 4) {
     if ((w[o] | w[o + 1] | w[o + 2] | w[o + 3]) == 0) continue;
-    if (t.pack[find(&t, w[o], w[o + 1], w[o + 2], w[o + 3], seed)] == 0) {
+    uint32_t s = find(&t, w[o], w[o + 1], w[o + 2], w[o + 3], seed);
+    if (s == FULL || t.pack[s] == 0) {
       all = false;
       break;
     }

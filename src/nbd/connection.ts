@@ -185,7 +185,14 @@ export class Connection implements Link {
         else await this.transmission.run();
         if (this.transmission.paused && !this.stopRequested) {
           await this.transmission.settled();
-          if (this.tls) this.log(`nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects`);
+          if (this.tls && this.reader.finished && this.reader.pending > 0) {
+            // A TLS session cannot move, and a peer that ended its sending (after a DISC, say) will not send its
+            // unread requests again: they run here, before the images close (park waits), then the connection ends.
+            this.log(`nbd: connection ${this.id} (${this.peer}): the TLS peer ended its sending with requests unread: running them before the handover`);
+            this.pauseRequested = false;
+            this.transmission.paused = false;
+            await this.transmission.run();
+          } else if (this.tls) this.log(`nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects`);
           else if (await this.replied()) {
             this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
             return;

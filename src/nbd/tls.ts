@@ -153,12 +153,41 @@ export function startServerTls(socket: net.Socket, cfg: TlsServerConfig, timeout
       if (!cfg.x509) return resolve({ socket: t, peer: identity ? `psk:${identity}` : null, refused: identity ? null : 'no PSK identity' });
       const cert = t.getPeerCertificate();
       const cn = cert && typeof cert.subject?.CN === 'string' ? cert.subject.CN : '';
-      if (!t.authorized) {
-        const why = t.authorizationError ? String(t.authorizationError) : 'no client certificate';
-        return resolve({ socket: t, peer: null, refused: `TLS client certificate refused (${why}): it must be signed by the server's --tls-ca` });
-      }
+      if (!t.authorized) return resolve({ socket: t, peer: null, refused: clientCertRefusal(t.authorizationError, cert) });
       resolve({ socket: t, peer: `x509:${cn}`, refused: null });
     });
     server.emit('connection', socket);
   });
+}
+
+/** OpenSSL's verify errors that say the chain does not lead to a trusted CA (node:tls's codes). */
+const NOT_SIGNED = new Set([
+  'UNABLE_TO_GET_ISSUER_CERT',
+  'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  'UNABLE_TO_DECRYPT_CERT_SIGNATURE',
+  'CERT_SIGNATURE_FAILURE',
+  'DEPTH_ZERO_SELF_SIGNED_CERT',
+  'SELF_SIGNED_CERT_IN_CHAIN',
+  'CERT_CHAIN_TOO_LONG',
+  'CERT_UNTRUSTED',
+]);
+
+/**
+ * Why a client certificate that did not verify is refused, in words: the verify error node:tls gives
+ * (`code`, OpenSSL's name) and what it means for this certificate (its dates, its purpose), so that an expired
+ * certificate is not reported as one signed by the wrong CA.
+ */
+export function clientCertRefusal(code: unknown, cert: tls.PeerCertificate | null | undefined): string {
+  const has = !!cert && typeof cert.subject === 'object' && cert.subject !== null;
+  if (!has) return `TLS client certificate refused (none sent): the server requires a client certificate signed by its --tls-ca`;
+  const c = String(code);
+  let why: string;
+  if (c === 'CERT_HAS_EXPIRED') why = `it expired on ${cert.valid_to}`;
+  else if (c === 'CERT_NOT_YET_VALID') why = `it is not valid before ${cert.valid_from}`;
+  else if (c === 'INVALID_PURPOSE') why = 'it is not for TLS client authentication (its extended key usage has no clientAuth)';
+  else if (c === 'CERT_REVOKED') why = 'it has been revoked';
+  else if (NOT_SIGNED.has(c)) why = "it must be signed by the server's --tls-ca";
+  else why = "its chain did not verify against the server's --tls-ca (a certificate in it that signs others must be a CA)";
+  return `TLS client certificate refused (${c}): ${why}`;
 }

@@ -143,8 +143,13 @@ export class ChunkIndex {
       for (let j = 0; ;) {
         state[0] = this.count;
         state[1] = Math.floor((this.mask + 1) * MAX_LOAD);
-        j += add(this.keys, this.pack, SEED, state, entries, at + j * INDEX_ENTRY, n - j, plusOne);
-        this.count = state[0]!;
+        let done: number;
+        try {
+          done = add(this.keys, this.pack, SEED, state, entries, at + j * INDEX_ENTRY, n - j, plusOne);
+        } finally {
+          this.count = state[0]!; // also when it throws part way: the ids added before stay, and count them
+        }
+        j += done;
         if (j >= n) return;
         this.allocate((this.mask + 1) * 2);
       }
@@ -157,7 +162,8 @@ export class ChunkIndex {
       const w1 = v.getUint32(o + 4, true);
       const w2 = v.getUint32(o + 8, true);
       const w3 = v.getUint32(o + 12, true);
-      const packPlusOne = plusOne[v.getUint32(o + 16, true)]!;
+      const packPlusOne = plusOne[v.getUint32(o + 16, true)];
+      if (packPlusOne === undefined) throw new RangeError(`index entry ${j} at ${o} names pack number ${v.getUint32(o + 16, true)} of ${packs.length}`);
       const offset = withLocations ? v.getUint32(o + 28, true) * 0x100000000 + v.getUint32(o + 24, true) : 0;
       const s = this.find(w0, w1, w2, w3);
       if (this.pack[s] !== 0) {
