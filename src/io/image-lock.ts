@@ -103,10 +103,29 @@ function runFlock(tool: string, fd: number, path: string, args: string[]): Promi
       if ((e as { code?: string }).code === 'ENOENT') return resolve(null);
       return failed(e as Error);
     }
-    child.once('error', (e) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(e)));
-    child.once('exit', (code, signal) => resolve({ code, signal }));
+    // flock -n answers at once; one that does not (a hung file system's lock, a broken tool) is killed and the
+    // open refused: the lock it may have taken goes with the descriptor, which the caller closes on failure.
+    const c = child;
+    const timer = setTimeout(() => {
+      c.kill('SIGKILL');
+      reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) did not answer within ${FLOCK_WAIT_MS / 1000} s; killed); nothing written`));
+    }, FLOCK_WAIT_MS);
+    const settle =
+      <T>(f: (x: T) => void) =>
+      (x: T): void => {
+        clearTimeout(timer);
+        f(x);
+      };
+    child.once(
+      'error',
+      settle((e: Error) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(e))),
+    );
+    child.once('exit', (code, signal) => settle(resolve)({ code, signal }));
   });
 }
+
+/** How long flock(1) -n may take before the open is refused (it answers in milliseconds). */
+const FLOCK_WAIT_MS = 10_000;
 
 function flockFailed(path: string, r: { code: number | null; signal: string | null }): never {
   throw new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) ${r.signal ? `was killed by ${r.signal}` : `exited ${r.code}`}); nothing written`);

@@ -25,7 +25,7 @@ function setup(): { dir: string; disk: string; data: string } {
   return { dir, disk, data };
 }
 
-/** A folder holding a `flock` script running `body`, to put first on PATH. */
+/** A folder holding a `flock` script running `body`, named by KSCINC_FLOCK (formats/ksc_inc.md §9 rule 1). */
 function stub(dir: string, body: string): string {
   const bin = join(dir, `bin-${Math.random().toString(36).slice(2)}`);
   execFileSync('mkdir', [bin]);
@@ -34,7 +34,7 @@ function stub(dir: string, body: string): string {
 }
 
 function env(bin?: string): NodeJS.ProcessEnv {
-  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(bin ? { PATH: `${bin}:${process.env.PATH}` } : {}) };
+  return { ...process.env, KSCINC_NO_NATIVE: '1', ...(bin ? { KSCINC_FLOCK: join(bin, 'flock') } : {}) };
 }
 
 function alive(pid: number): boolean {
