@@ -102,7 +102,8 @@ async function readsMatch(name: string, model: Buffer, n: number, structured: bo
     const q = asked.get(r.cookie)!;
     expect(r.error).toBe(0);
     expect(assemble(r, q.offset, q.length).equals(model.subarray(q.offset, q.offset + q.length))).toBe(true);
-    if (structured && name === 'raw' && (flags & CMD_FLAG.DF) === 0) {
+    // Holes of a raw file are known through SEEK_HOLE (the addon): without it the whole file reads as data.
+    if (structured && name === 'raw' && (flags & CMD_FLAG.DF) === 0 && nativeOps()) {
       const k = kindOf(q.offset, q.length);
       const types = r.chunks!.map((x) => x.type);
       if (k === 'hole') expect(types).toEqual([2]);
