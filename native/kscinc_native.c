@@ -9,6 +9,7 @@
  *   flock(fd, exclusive, nonblock)  flock(LOCK_EX|LOCK_SH [|LOCK_NB])
  *   funlock(fd)                     flock(LOCK_UN)
  *   readCached(fd, buf, position)   preadv2(RWF_NOWAIT): only what the page cache holds
+ *   readCachedAt(fd, buf, at, length, position)   the same into buf[at, at+length)
  *   setSendBuffer(fd, bytes)        setsockopt(SO_SNDBUF), returns the size granted
  *   peerCred(fd)                    getsockopt(SO_PEERCRED): {pid, uid, gid} of a unix socket's peer
  *   aesGcmOpen, aesGcmSeal, gmacId  AES-256-GCM in place through Node's OpenSSL (kscinc_aead.c)
@@ -812,6 +813,52 @@ static napi_value ReadCached(napi_env env, napi_callback_info info) {
 #endif
 }
 
+/* readCachedAt(fd, buf, at, length, position) -> bytes read, or -2          */
+/*                                                                          */
+/* readCached into buf[at, at+length): an NBD READ's data read straight into */
+/* its place in a batch of replies, with no view made per request.          */
+
+static napi_value ReadCachedAt(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int fd;
+  uint8_t* data;
+  size_t len;
+  off_t at, want, pos;
+  if (!get_args(env, info, 5, argv)) return NULL;
+  if (!get_fd(env, argv[0], "readCachedAt", "preadv2", &fd)) return NULL;
+  if (!get_bytes(env, argv[1], "readCachedAt", "buf", &data, &len)) return NULL;
+  if (!get_offset(env, argv[2], "readCachedAt", "at", "preadv2", &at)) return NULL;
+  if (!get_offset(env, argv[3], "readCachedAt", "length", "preadv2", &want)) return NULL;
+  if (!get_offset(env, argv[4], "readCachedAt", "position", "preadv2", &pos)) return NULL;
+  if ((size_t)at > len || (size_t)want > len - (size_t)at) {
+    napi_throw_range_error(env, NULL, "readCachedAt: at + length is past the end of buf");
+    return NULL;
+  }
+#ifdef RWF_NOWAIT
+  size_t done = 0;
+  size_t n_want = (size_t)want;
+  data += at;
+  while (done < n_want) {
+    struct iovec iov = {data + done, n_want - done};
+    ssize_t n = preadv2(fd, &iov, 1, pos + (off_t)done, RWF_NOWAIT);
+    if (n > 0) {
+      done += (size_t)n;
+      continue;
+    }
+    if (n == 0) break; /* end of file */
+    if (errno == EINTR) continue;
+    if (errno == EAGAIN) break; /* the rest needs the disk */
+    if (done == 0 && (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL)) return make_int64(env, -2);
+    if (done > 0) break;
+    return throw_errno(env, errno, "preadv2");
+  }
+  return make_int64(env, (int64_t)done);
+#else
+  (void)data; (void)at; (void)pos; (void)fd;
+  return make_int64(env, -2);
+#endif
+}
+
 /* setSendBuffer(fd, bytes) -> the send buffer size the kernel reports after */
 /* setsockopt(SO_SNDBUF) (it doubles the request, capped by wmem_max).       */
 
@@ -861,6 +908,7 @@ NAPI_MODULE_INIT() {
     {"flock", NULL, Flock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"funlock", NULL, Funlock, NULL, NULL, NULL, napi_enumerable, NULL},
     {"readCached", NULL, ReadCached, NULL, NULL, NULL, napi_enumerable, NULL},
+    {"readCachedAt", NULL, ReadCachedAt, NULL, NULL, NULL, napi_enumerable, NULL},
     {"setSendBuffer", NULL, SetSendBuffer, NULL, NULL, NULL, napi_enumerable, NULL},
     {"peerCred", NULL, PeerCred, NULL, NULL, NULL, napi_enumerable, NULL},
 #ifdef KSCINC_HAVE_LZ4

@@ -4,16 +4,22 @@ import { type FileStamp, type HostFile, type FileOpener, openHostFile } from '..
 import type { HostSpan } from './capabilities.js';
 import { type BlockDevice, type Extent, type WriteOptions, type ZeroOptions, assertRange, mergeExtents } from './types.js';
 
+/** Data runs RawDevice keeps (beyond this many, it forgets them all and learns again). */
+const MAX_RUNS = 16384;
+
 export class RawDevice implements BlockDevice {
   readonly format = 'raw' as const;
   readonly blockSize = 4096;
   private closed = false;
   /**
-   * One data run [start, end) found by SEEK_DATA/SEEK_HOLE: sequential readers ask for extents once per
-   * request, and the two lseeks each time showed up in NBD profiles. A run of data stays data until a
-   * hole is punched, so only punching (writeZeroes, discard) forgets it.
+   * Data runs [start, end) found by SEEK_DATA/SEEK_HOLE, sorted by start: readers ask for extents once per
+   * request (an NBD READ), and the two lseeks each time showed up in NBD profiles (random 4 KiB reads: one
+   * pair per read with only the last run kept). A run of data stays data until a hole is punched, so only
+   * punching (writeZeroes, discard) forgets them. Holes are not kept (a write, ours or another process's,
+   * may fill one).
    */
-  private dataRun: { start: number; end: number } | null = null;
+  private runStarts: number[] = [];
+  private runEnds: number[] = [];
   private punches = 0;
 
   private constructor(
@@ -113,11 +119,15 @@ export class RawDevice implements BlockDevice {
   }
 
   async extents(offset: number, length: number): Promise<Extent[]> {
+    return this.extentsNow(offset, length);
+  }
+
+  /** extents(), answered at once (lseeks, or the known data runs). */
+  private extentsNow(offset: number, length: number): Extent[] {
     this.live();
     assertRange(this, offset, length);
     const end = offset + length;
-    const run = this.dataRun;
-    if (run && offset >= run.start && end <= run.end && length > 0) return [{ offset, length, state: 'data', depth: 0 }];
+    if (length > 0 && this.knownData(offset, end)) return [{ offset, length, state: 'data', depth: 0 }];
     const punches = this.punches;
     const out: Extent[] = [];
     let pos = offset;
@@ -132,16 +142,54 @@ export class RawDevice implements BlockDevice {
       if (dataStart >= end) break;
       const hole = this.file.seekHole(dataStart);
       const dataEnd = hole === null || hole < 0 ? end : Math.min(hole, end);
-      if (hole !== null && hole > dataStart && punches === this.punches) this.dataRun = { start: dataStart, end: hole };
+      if (hole !== null && hole > dataStart && punches === this.punches) this.learnData(dataStart, hole);
       out.push({ offset: dataStart, length: dataEnd - dataStart, state: 'data', depth: 0 });
       pos = dataEnd;
     }
     return mergeExtents(out);
   }
 
+  /** The index of the last known data run starting at or before `pos`, or -1. */
+  private runBefore(pos: number): number {
+    const s = this.runStarts;
+    let lo = 0;
+    let hi = s.length - 1;
+    let found = -1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      if (s[mid]! <= pos) {
+        found = mid;
+        lo = mid + 1;
+      } else hi = mid - 1;
+    }
+    return found;
+  }
+
+  /** [start, end) lies inside one known data run. */
+  private knownData(start: number, end: number): boolean {
+    const i = this.runBefore(start);
+    return i >= 0 && end <= this.runEnds[i]!;
+  }
+
+  private learnData(start: number, end: number): void {
+    const i = this.runBefore(start);
+    if (i >= 0 && this.runStarts[i] === start) {
+      this.runEnds[i] = Math.max(this.runEnds[i]!, end);
+      return;
+    }
+    if (this.runStarts.length >= MAX_RUNS) this.forgetDataRuns();
+    this.runStarts.splice(i + 1, 0, start);
+    this.runEnds.splice(i + 1, 0, end);
+  }
+
   private forgetDataRun(): void {
-    this.dataRun = null;
+    this.forgetDataRuns();
     this.punches++;
+  }
+
+  private forgetDataRuns(): void {
+    this.runStarts = [];
+    this.runEnds = [];
   }
 
   /** Capability (capabilities.ts): allocation; the host file system allocates, so no cluster size. */
@@ -158,7 +206,10 @@ export class RawDevice implements BlockDevice {
   hostSpans(offset: number, length: number): HostSpan[] | null {
     const fd = this.closed ? null : (this.file.readFd?.() ?? null);
     if (fd === null || length <= 0 || offset < 0 || offset + length > this.size) return null;
-    return [{ fd, position: offset, length }];
+    const end = offset + length;
+    if (this.knownData(offset, end)) return [{ fd, position: offset, length }];
+    // The file's holes are spans of zeros (fd -1): an NBD READ answers them as holes, as extents() says.
+    return this.extentsNow(offset, length).map((e) => ({ fd: e.state === 'data' ? fd : -1, position: e.offset, length: e.length }));
   }
 
   readonly clusterSize = null;

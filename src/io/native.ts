@@ -76,6 +76,8 @@ export interface NativeOps {
    * not support RWF_NOWAIT.
    */
   readCached?(fd: number, buf: Uint8Array, position: number): number;
+  /** readCached() into buf[at, at+length) (an NBD READ's data read into its place in a batch of replies). */
+  readCachedAt?(fd: number, buf: Uint8Array, at: number, length: number, position: number): number;
   /**
    * cachestat(2) of [position, position+length): 1 when every page is in the page cache, 0 when not, -2
    * when the kernel (Linux < 6.5) or file system cannot tell.

@@ -49,6 +49,13 @@ const isRange = (p: ReplyPart): boolean => p instanceof DeviceRange;
 
 /** Simple replies of success gathered into one buffer (replyNow) before it is written. */
 const REPLY_BATCH = 64;
+/**
+ * A batch that holds READ replies (their data) takes a pool buffer of this size (a larger reply: its own). Its
+ * room beyond the replies in it is not kept once it is written (writeBatch).
+ */
+const READ_BATCH = 16 * 1024;
+/** READ replies (replySpace) are queued at once while the socket holds less than this. */
+const READ_QUEUE = 1024 * 1024;
 
 /** A connection given up at a request boundary for a handover: its socket, negotiated state and unread bytes. */
 export interface ParkedConnection {
@@ -365,23 +372,54 @@ export class Connection implements Link {
     return true;
   }
 
-  /** The simple replies of success replyNow() gathered in this turn, and their `sent` callbacks. */
-  private batch: { buf: Buffer; n: number; sent: (() => void)[] } | null = null;
+  /**
+   * The replies gathered in this turn (replyNow: WRITEs' simple replies; replySpace/commitReply: small READs'
+   * replies with their data), their `sent` callbacks, and the pool buffer under them if any (given back once
+   * the socket has taken them).
+   */
+  private batch: { buf: Buffer; n: number; sent: (() => void)[]; pooled: boolean } | null = null;
 
   replyNow(cookieHi: number, cookieLo: number, sent: () => void): boolean {
-    const s = this.socket;
-    if (this.holding || s.destroyed || s.writableNeedDrain) return false;
-    this.corkNow();
-    let b = this.batch;
-    if (b && b.n === b.buf.length) {
-      this.writeBatch();
-      b = null;
-    }
-    b ??= this.batch = { buf: Buffer.allocUnsafe(REPLY_BATCH * 16), n: 0, sent: [] };
+    const b = this.space(16);
+    if (!b) return false;
     putSimpleSuccess(b.buf, b.n, cookieHi, cookieLo);
     b.n += 16;
     b.sent.push(sent);
     return true;
+  }
+
+  replySpace(n: number): Buffer | null {
+    return this.space(n)?.buf ?? null;
+  }
+
+  get replyAt(): number {
+    return this.batch?.n ?? 0;
+  }
+
+  commitReply(n: number, sent: () => void): void {
+    const b = this.batch!;
+    b.n += n;
+    b.sent.push(sent);
+  }
+
+  /** The batch, with room for `n` more bytes (the socket corked); null when replies cannot be queued now. */
+  private space(n: number): { buf: Buffer; n: number; sent: (() => void)[]; pooled: boolean } | null {
+    const s = this.socket;
+    // READ replies queue up to READ_QUEUE bytes (at 16 KiB, Node's mark, a queue of 4 KiB READs would send
+    // all but the first four the slow way); each one's budget bytes are held until the socket took it.
+    if (this.holding || s.destroyed || (n > 16 ? s.writableLength >= READ_QUEUE : s.writableNeedDrain)) return null;
+    this.corkNow();
+    let b = this.batch;
+    if (b && b.buf.length - b.n < n) {
+      this.writeBatch();
+      b = null;
+    }
+    if (!b) {
+      // WRITE replies alone: a small buffer of Node's; READ data: a pool buffer of READ_BATCH (or its own size).
+      const pooled = n > 16;
+      b = this.batch = { buf: pooled ? this.server.pool.take(Math.max(n, READ_BATCH)) : Buffer.allocUnsafe(REPLY_BATCH * 16), n: 0, sent: [], pooled };
+    }
+    return b;
   }
 
   /** Queues the batch of replies on the (corked) socket as one write. */
@@ -390,12 +428,23 @@ export class Connection implements Link {
     if (!b) return;
     this.batch = null;
     const s = this.socket;
-    if (s.destroyed) {
+    const done = (): void => {
+      if (b.pooled) this.server.pool.give([b.buf]);
       for (const f of b.sent) f();
-      return;
+    };
+    if (b.n === 0) return void (b.pooled && this.server.pool.give([b.buf]));
+    if (s.destroyed) return done();
+    let out = b.n === b.buf.length ? b.buf : b.buf.subarray(0, b.n);
+    if (b.pooled && b.n <= b.buf.length / 2) {
+      // Mostly empty: its bytes go in a buffer of their size and the pool's goes back now, so that what the
+      // socket holds is what its queue counts (a client sending one small READ per turn: no 16 KiB each).
+      out = Buffer.allocUnsafe(b.n);
+      b.buf.copy(out, 0, 0, b.n);
+      this.server.pool.give([b.buf]);
+      b.pooled = false;
     }
-    s.write(b.n === b.buf.length ? b.buf : b.buf.subarray(0, b.n), () => {
-      for (const f of b.sent) f();
+    s.write(out, () => {
+      done();
       if (s.writableLength === 0) this.flushed?.();
     });
   }

@@ -8,6 +8,8 @@ import { type WritesNow, writesNowOf } from '../image/capabilities.js';
 import { ConnectionShare } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
+import { type FastRead, FastReads } from './fast-read.js';
+import { nativeOps } from '../io/native.js';
 import { type ChunkSink, InterruptedError, SocketClosedError } from './reader.js';
 import type { SessionState } from './state.js';
 import type { Link, NbdExport, ServerContext } from './types.js';
@@ -28,6 +30,8 @@ export class Transmission {
   private readonly share: ConnectionShare;
   /** The device's callback writes (no promise per WRITE), if it has them. */
   private readonly now: WritesNow | null;
+  /** Small READs answered in the turn they are read (fast-read.ts), when the device and the addon allow it. */
+  private readonly reads: FastReads | null;
   /** Waiting for the next request's header: the boundary where a pause may interrupt the read. */
   private atBoundary = false;
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
@@ -41,6 +45,7 @@ export class Transmission {
   ) {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
     this.now = writesNowOf(exp.device);
+    this.reads = FastReads.of(exp.device, nativeOps(), state, link);
   }
 
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
@@ -137,7 +142,8 @@ export class Transmission {
       // A WRITE that needs no other check is run from these fields alone (fastWrite); any other request is decoded.
       const length = u32(h, at + 24);
       const fw = this.fastWrite(h, at, length);
-      const req = fw ? null : decodeRequest(h.subarray(at, at + REQUEST_SIZE));
+      const fr = fw || !this.reads ? null : this.reads.take(h, at, length);
+      const req = fw || fr ? null : decodeRequest(h.subarray(at, at + REQUEST_SIZE));
       if (req) {
         if (req.magic !== REQUEST_MAGIC) throw new NbdProtocolError('bad-magic', `bad request magic 0x${req.magic.toString(16)}`);
         if (req.type === CMD.DISC) {
@@ -169,7 +175,7 @@ export class Transmission {
       let payload: Buffer | null = null;
       // A payload spanning several received chunks is gathered into a pool buffer (given back once written).
       let pooled: Buffer | null = null;
-      if (!req || req.type === CMD.WRITE || lz4 >= 0) {
+      if (fw || req?.type === CMD.WRITE || lz4 >= 0) {
         // A client leaving mid-payload ends the session here; one that sends nothing for the timeout, too.
         const n = lz4 >= 0 ? lz4 : length;
         const alloc = (k: number): Buffer => (pooled = this.server.pool.take(k));
@@ -190,9 +196,21 @@ export class Transmission {
         if (pooled) this.server.pool.give([pooled]);
         throw this.failure.e;
       }
+      if (fr && this.readNow(fr, release)) continue;
       this.running++;
       if (fw && this.plainWrites()) this.writeNow(fw, payload!, pooled, release);
-      else this.track(this.handle(req ?? fw!.request(), payload, pooled, release));
+      else this.track(this.handle(req ?? fw?.request() ?? fr!.request(), payload, pooled, release));
+    }
+  }
+
+  /** A small READ answered now (fast-read.ts): true once its reply is queued; false, nothing done, else. */
+  private readNow(r: FastRead, release: () => void): boolean {
+    const reads = this.reads!;
+    if (reads.off || this.link.destroyed) return false;
+    try {
+      return reads.run(this.link, r, release);
+    } catch {
+      return false; // the general path meets the same failure and answers it
     }
   }
 

@@ -60,6 +60,14 @@ export interface Link {
    * one turn leave in one buffer and one socket write.
    */
   replyNow(cookieHi: number, cookieLo: number, sent: () => void): boolean;
+  /**
+   * Room for a reply of `n` bytes in this turn's batch (the one replyNow() fills): the buffer, to be filled
+   * from `replyAt` before commitReply(n, sent) is called in the same synchronous run; null when replies
+   * cannot be queued now (as sendNow()). Not calling commitReply() leaves the batch as it was.
+   */
+  replySpace?(n: number): Buffer | null;
+  readonly replyAt?: number;
+  commitReply?(n: number, sent: () => void): void;
   /** READ replies may carry DeviceRanges instead of their data (zerocopy.ts). */
   readonly zeroCopy?: boolean;
   log(line: string): void;
