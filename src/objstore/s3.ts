@@ -481,8 +481,10 @@ function gather(bufs: Buffer[], offset: number, length: number): Buffer {
   return pieces.length === 1 ? pieces[0]! : Buffer.concat(pieces, length);
 }
 
-/** The whole body; a body shorter than its Content-Length (connection cut) is a retryable failure. */
-/** The first `limit` bytes of `stream` (all of it when shorter); destroyed once it gave that many. */
+/**
+ * The first `limit` bytes of `stream` (all of it when shorter); destroyed once it gave that many. A body shorter
+ * than its Content-Length (connection cut) is a retryable failure.
+ */
 async function readAtMost(stream: Readable, limit: number): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let n = 0;
@@ -504,6 +506,7 @@ async function readAtMost(stream: Readable, limit: number): Promise<Buffer> {
   return Buffer.concat(chunks, n);
 }
 
+/** The whole body; a body shorter than its Content-Length (connection cut) is a retryable failure. */
 async function readAll(stream: Readable): Promise<Buffer> {
   const chunks: Buffer[] = [];
   let n = 0;
