@@ -341,6 +341,10 @@ function registerPrune(program: Command): void {
             println(
               `warning: ${r.packsUnreadable.length} pack(s) whose footer cannot be read and no index names (no kept backup misses a chunk, so they are garbage): ${r.packsUnreadable.join(', ')}`,
             );
+          if (r.packsUnlisted.length)
+            println(
+              `warning: ${r.packsUnlisted.length} pack(s) the index named but the listing did not show (no kept backup misses a chunk, so nothing kept needs them; the new index no longer names them): ${r.packsUnlisted.join(', ')}`,
+            );
           if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
           const c = r.copies;
           for (const d of c.copiesDamaged) println(`warning: chunk ${d.chunk}: the copy in ${d.object} failed its check (${d.problem})`);

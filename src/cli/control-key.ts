@@ -10,6 +10,7 @@
  */
 import { KscError } from '../errors.js';
 import { openStore } from '../objstore/open.js';
+import { readSmall } from '../objstore/small-object.js';
 import { CONFIG_KEY } from '../repo/constants.js';
 import { decodeConfig, isEncrypted } from '../repo/config.js';
 import { unlock } from '../crypto/keyring.js';
@@ -25,9 +26,10 @@ export async function clientKey(repo: string, prompt = true): Promise<string | u
   let raw: Buffer;
   try {
     store = await openStore(repo);
-    raw = await store.get(CONFIG_KEY);
+    // Bounded, as every open reads it (repo/location.ts): a planted fifo, link or huge object is not read whole.
+    raw = await readSmall(store, CONFIG_KEY, 'config');
   } catch {
-    // No folder, bucket or config yet, or unreachable: the server's own open says what is wrong.
+    // No folder, bucket or config yet, unreachable, or a config no config ever is: the server's own open says what is wrong.
     await store?.close();
     return undefined;
   }

@@ -74,7 +74,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   // A kept manifest that cannot be read now stops prune here, before anything but the removed manifests is gone.
   const steps = new Steps(result.kept.length, opts.progress);
   const live = await markLive(repo, scan.where, gc, steps);
-  refuseBlind(repo, scan, result.chunksMissing);
+  refuseBlind(repo, scan, result);
   // Of a chunk with several copies, the one that passes its check (all of them when none does or one
   // could not be read): the copies kept are what the new index names (copy handles, see ChunkIndex).
   const choice = await chooseCopies(repo, scan.where, live);
@@ -182,14 +182,28 @@ async function markLive(repo: Repository, where: ChunkIndex, gc: GcContext, step
 
 /**
  * §9.2 rule 1: kept backups miss chunks, and what a damaged index object or an unreadable pack holds is
- * unknown: they may be the missing chunks' only trace, so nothing goes until someone looks.
+ * unknown, or an index object names a pack the listing did not show (a folder the listing missed, an S3
+ * listing that lagged, a pack moved away): they may be the missing chunks' only trace (the old index
+ * objects are the only map to an unlisted pack), so nothing goes until someone looks. With no chunk
+ * missing, an unlisted pack holds nothing a kept backup needs: prune goes on and names it (result.packsUnlisted).
  */
-function refuseBlind(repo: Repository, scan: ChunkScan, chunksMissing: number): void {
-  if (chunksMissing > 0 && (scan.damagedIndex.length > 0 || scan.unreadable.size > 0)) {
+function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): void {
+  const unlisted = [...scan.indexedPacks].filter((p) => !scan.packs.has(p)).sort();
+  result.packsUnlisted = unlisted;
+  const chunksMissing = result.chunksMissing;
+  if (chunksMissing === 0) return;
+  if (scan.damagedIndex.length > 0 || scan.unreadable.size > 0) {
     const what = [...scan.damagedIndex.sort(), ...[...scan.unreadable].sort().map(packKey)].map((k) => repo.objName(k)).join(', ');
     throw new KscError(
       'KSC_E_CORRUPT',
       `prune deletes nothing: kept backups miss ${chunksMissing} chunk(s), and ${what} cannot be read (they may hold them); run "kscinc verify" and repair or restore those objects first`,
+    );
+  }
+  if (unlisted.length > 0) {
+    const what = unlisted.map((p) => repo.objName(packKey(p))).join(', ');
+    throw new KscError(
+      'KSC_E_CORRUPT',
+      `prune deletes nothing: kept backups miss ${chunksMissing} chunk(s), and the index names ${unlisted.length} pack(s) the listing does not show (they may hold them): ${what}; put them back where the listing sees them (or find why the listing misses them: a moved folder, a lagging S3 listing), then run prune again`,
     );
   }
 }

@@ -62,6 +62,8 @@ export interface PruneResult {
   bytesWaiting: number;
   /** Packs whose contents could not be read (footer damaged, no index names them); prune refuses instead when a kept backup misses chunks. */
   packsUnreadable: string[];
+  /** Packs an index object names that the listing did not show; prune refuses instead when a kept backup misses chunks (§9.2 rule 1). */
+  packsUnlisted: string[];
   /** Temporary parts of interrupted uploads removed (.tmp files; S3 incomplete multipart uploads), and their bytes (also counted in bytesFreed). */
   tempParts: number;
   tempBytes: number;
@@ -111,6 +113,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       bytesWaiting: 0,
       copies: { chunksWithCopies: 0, copiesChecked: 0, copiesDamaged: [], chunksWithoutGoodCopy: [], chunksUndecided: [] },
       packsUnreadable: [],
+      packsUnlisted: [],
       tempParts: 0,
       tempBytes: 0,
       liveRefs: refs.map((r) => ({ key: r.key, backup: r.backup!, stale: r.stale, reason: r.reason })),
