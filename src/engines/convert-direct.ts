@@ -50,7 +50,11 @@ export async function pieceReader(input: BlockDevice, chunk: number, workers: nu
   };
   // The descriptor the raw device reads through; reopened through /proc so the direct reads see the very
   // file the device has open, whatever has become of its name since.
-  const fd = hostSpansOf(input)?.hostSpans(0, Math.min(ALIGN, input.size))?.[0]?.fd ?? -1;
+  // A hole's span names no descriptor (-1): the first span that names one (a file with a hole at 0 too).
+  const spans = hostSpansOf(input);
+  const named = (length: number): number => spans?.hostSpans(0, length)?.find((s) => s.fd >= 0)?.fd ?? -1;
+  const first = named(Math.min(ALIGN, input.size));
+  const fd = first >= 0 ? first : named(input.size);
   if (fd < 0 || cached(fd, 0, ALIGN) === -2) return plain;
   let fh: FileHandle;
   try {

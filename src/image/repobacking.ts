@@ -76,6 +76,9 @@ export class BackupBacking implements BlockDevice {
   /** Where the overlay above holds its own blocks (its extents at depth 0), or null: readahead leaves them. */
   private overlayExtents: ((offset: number, length: number) => Promise<Extent[]>) | null = null;
 
+  /** Where the reference is put and deleted: the repository's store, whose changes wait for §13.1 rule 2's check. */
+  private readonly changes: ObjectStore;
+
   private constructor(
     readonly name: string,
     repo: Repository,
@@ -85,6 +88,7 @@ export class BackupBacking implements BlockDevice {
     /** §4.2 rule 9: the local raw base that base chunks read, or null. */
     readonly localBase: LocalBase | null,
   ) {
+    this.changes = repo.store;
     this.blockSize = manifest.chunkSize;
     this.size = manifest.size;
     this.ahead = new ReadaheadStreams(
@@ -141,7 +145,8 @@ export class BackupBacking implements BlockDevice {
     // then): the index a writer's open prefetches needs them (below).
     const listing = opts.hold ? Promise.all([opened, locked]).then(([repo]) => repo.indexObjects()) : null;
     listing?.catch(() => undefined);
-    const renewed = opts.hold ? Promise.all([locked, opened]).then(() => putLiveRef(store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs })) : Promise.resolve(null);
+    // Through repo.store: a change, so it waits for §13.1 rule 2's check (WriteGate), as every change does.
+    const renewed = opts.hold ? Promise.all([locked, opened]).then(([, repo]) => putLiveRef(repo.store, { backup: ref.id, disk: bytesToUuid(ref.disk), image: abs })) : Promise.resolve(null);
     const all = await Promise.allSettled([opened, locked, read, renewed]);
     try {
       if (all[1].status === 'fulfilled') lock = all[1].value;
@@ -391,7 +396,7 @@ export class BackupBacking implements BlockDevice {
     if (age > REF_STALE_MS / 2)
       stop(`its live-restore reference ${key} was last renewed ${(age / 86_400_000).toFixed(1)} days ago by the storage's clock: it may have looked stale (after ${REF_STALE_MS / 86_400_000} days)`);
     if (this.closed || this.image !== image) return; // closed or pulled meanwhile: not put back
-    await putLiveRef(this.store, { backup: this.manifest.meta.id, disk: this.manifest.disk, image });
+    await putLiveRef(this.changes, { backup: this.manifest.meta.id, disk: this.manifest.disk, image });
   }
 
   /** From now on the repository is not read: every fetch fails with `why`; the renewals stop. */
@@ -409,7 +414,7 @@ export class BackupBacking implements BlockDevice {
     if (this.renewTimer) clearInterval(this.renewTimer);
     this.renewTimer = null;
     this.image = null;
-    return deleteLiveRef(this.store, this.manifest.meta.id, nodePath.resolve(image));
+    return deleteLiveRef(this.changes, this.manifest.meta.id, nodePath.resolve(image));
   }
 
   /** Throws KSC_E_LOCKED when the shared lock of §4.2 rule 5, or the reference (renewReference), was lost. */

@@ -55,11 +55,14 @@ export async function flockByTool(fd: number, path: string): Promise<boolean | n
     const first = await runFlock(tool, fd, path, ['-x', '-n', '-E', String(FLOCK_CONFLICT), '3']);
     if (first === null || first.code === 0) return first && true;
     if (first.code === FLOCK_CONFLICT) return false;
-    // BusyBox's flock(1) has no -E: it prints its usage and exits 1 (util-linux's never exits 1 when given -E).
-    if (first.code !== 1) return flockFailed(path, first);
+    // BusyBox's flock(1) has no -E: it says so and exits 1. util-linux's exits 1 too on an error other than a
+    // conflict (ENOLCK on NFS…), printing it: that is a failure, told as such, not a flavour to keep.
+    if (first.code !== 1 || !REFUSES_E.test(first.stderr)) return flockFailed(path, first);
   }
-  // Asked (again) without -E, its exit 1 is the conflict: held elsewhere (refused, never a second writer).
+  // Asked (again) without -E, a silent exit 1 is the conflict: held elsewhere (refused, never a second writer);
+  // one with a message is an error (BusyBox prints it, as for a descriptor it cannot lock).
   const again = await runFlock(tool, fd, path, ['-x', '-n', '3']);
+  if (again !== null && again.code === 1 && again.stderr.trim() !== '') return flockFailed(path, again);
   if (again === null || again.code === 0 || again.code === 1) {
     if (again !== null) withoutE = tool; // this flock(1) is known now: the next open asks once
     return again && again.code === 0;
@@ -89,7 +92,7 @@ function flockTool(): string {
 }
 
 /** flock(1) (`tool`) with `args`, the descriptor `fd` as its fd 3: its exit, or null when there is no flock(1) (ENOENT). */
-function runFlock(tool: string, fd: number, path: string, args: string[]): Promise<{ code: number | null; signal: string | null } | null> {
+function runFlock(tool: string, fd: number, path: string, args: string[]): Promise<FlockExit | null> {
   return new Promise((resolve, reject) => {
     const failed = (e: Error): void =>
       reject(new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) could not be started: ${e.message}); nothing written`, { cause: e }));
@@ -98,7 +101,7 @@ function runFlock(tool: string, fd: number, path: string, args: string[]): Promi
       // Required here, not imported: node:child_process brings net and dgram with it, and a backup with the addon
       // never needs them (test/cli/builtins).
       const { spawn } = createRequire(import.meta.url)('node:child_process') as typeof import('node:child_process');
-      child = spawn(tool, args, { stdio: ['ignore', 'ignore', 'ignore', fd] });
+      child = spawn(tool, args, { stdio: ['ignore', 'ignore', 'pipe', fd] });
     } catch (e) {
       if ((e as { code?: string }).code === 'ENOENT') return resolve(null);
       return failed(e as Error);
@@ -120,15 +123,31 @@ function runFlock(tool: string, fd: number, path: string, args: string[]): Promi
       'error',
       settle((e: Error) => ((e as { code?: string }).code === 'ENOENT' ? resolve(null) : failed(e))),
     );
-    child.once('exit', (code, signal) => settle(resolve)({ code, signal }));
+    let stderr = '';
+    child.stderr!.on('data', (d: Buffer) => void (stderr.length < 4096 && (stderr += d.toString())));
+    child.once('close', (code, signal) => settle(resolve)({ code, signal, stderr }));
   });
 }
 
 /** How long flock(1) -n may take before the open is refused (it answers in milliseconds). */
 const FLOCK_WAIT_MS = 10_000;
 
-function flockFailed(path: string, r: { code: number | null; signal: string | null }): never {
-  throw new KscError('KSC_E_IO', `image ${path}: the write lock could not be taken (flock(1) ${r.signal ? `was killed by ${r.signal}` : `exited ${r.code}`}); nothing written`);
+function flockFailed(path: string, r: FlockExit): never {
+  const said = r.stderr.trim().split('\n')[0] ?? '';
+  throw new KscError(
+    'KSC_E_IO',
+    `image ${path}: the write lock could not be taken (flock(1) ${r.signal ? `was killed by ${r.signal}` : `exited ${r.code}`}${said ? `: ${said}` : ''}); nothing written`,
+  );
+}
+
+/** What flock(1) prints when it does not know -E (BusyBox: "invalid option -- 'E'" and its usage). */
+const REFUSES_E = /invalid option|unrecognized option|illegal option|unknown option|usage/i;
+
+/** flock(1)'s exit and the start of what it printed on stderr. */
+interface FlockExit {
+  code: number | null;
+  signal: string | null;
+  stderr: string;
 }
 
 /** The abstract socket name (leading NUL) of a file's lock; `ss -xl` shows it with an `@` for the NUL. */

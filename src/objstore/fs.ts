@@ -222,9 +222,10 @@ export class FsStore implements ObjectStore {
     yield* this.walk(dirKey, prefix);
   }
 
-  private async *walk(dirKey: string, prefix: string): AsyncGenerator<ObjectInfo> {
-    const entries = await listFolder(join(this.root, dirKey));
-    if (!entries) return;
+  private async *walk(dirKey: string, prefix: string, above: Above = new Map()): AsyncGenerator<ObjectInfo> {
+    const listed = await this.listFolder(dirKey, above);
+    if (!listed) return;
+    const { entries, path } = listed;
     const named = entries
       .filter((d) => !(dirKey === '' && d.name === TEMP))
       .map((d) => ({ key: dirKey + d.name + (d.dir ? '/' : ''), dir: d.dir }))
@@ -232,7 +233,7 @@ export class FsStore implements ObjectStore {
     // Stats and sub-folders are read a window at a time, side by side; results are yielded in key order.
     const wanted = named.filter((e) => e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)));
     for (let w = 0; w < wanted.length; w += LIST_WINDOW) {
-      const window = wanted.slice(w, w + LIST_WINDOW).map((e) => (e.dir ? this.collect(e.key, prefix) : this.statKey(e.key)));
+      const window = wanted.slice(w, w + LIST_WINDOW).map((e) => (e.dir ? this.collect(e.key, prefix, path) : this.statKey(e.key)));
       for (const p of window) p.catch(() => undefined); // each is awaited below, in order
       for (const p of window) {
         const r = await p;
@@ -267,9 +268,10 @@ export class FsStore implements ObjectStore {
   }
 
   /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
-  private async keysUnder(dirKey: string, prefix: string): Promise<string[]> {
-    const entries = await listFolder(join(this.root, dirKey));
-    if (!entries) return [];
+  private async keysUnder(dirKey: string, prefix: string, above: Above = new Map()): Promise<string[]> {
+    const listed = await this.listFolder(dirKey, above);
+    if (!listed) return [];
+    const { entries, path } = listed;
     const keys: string[] = [];
     const dirs: string[] = [];
     for (const d of entries) {
@@ -278,14 +280,40 @@ export class FsStore implements ObjectStore {
       if (!d.dir && key.startsWith(prefix)) keys.push(key);
       else if (d.dir && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
     }
-    await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix))));
+    await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix, path))));
     return keys;
   }
 
-  private async collect(dirKey: string, prefix: string): Promise<ObjectInfo[]> {
+  private async collect(dirKey: string, prefix: string, above: Above): Promise<ObjectInfo[]> {
     const out: ObjectInfo[] = [];
-    for await (const o of this.walk(dirKey, prefix)) out.push(o);
+    for await (const o of this.walk(dirKey, prefix, above)) out.push(o);
     return out;
+  }
+
+  /**
+   * Folder `dirKey`'s entries (listFolder) and the folders on the way down to it, by device and inode. A
+   * symbolic link is followed, so a link to the folder itself or to one above it (`ln -s . packs/l0`) would
+   * be walked until the kernel's link limit, 2^40 paths with two such links: a folder met again on the way
+   * down fails the listing instead (a listing that cannot end cannot see everything; prune refuses).
+   */
+  private async listFolder(dirKey: string, above: Above): Promise<{ entries: { name: string; dir: boolean }[]; path: Above } | null> {
+    const dir = join(this.root, dirKey);
+    const st = await stat(dir).catch((e: unknown) => {
+      const code = (e as { code?: string }).code;
+      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+      throw ioError(dir, 'list', e);
+    });
+    if (!st) return null;
+    const id = `${st.dev}:${st.ino}`;
+    const again = above.get(id);
+    if (again !== undefined) {
+      throw new KscError(
+        'KSC_E_CORRUPT',
+        `${this.name}: folder ${dirKey} is the folder ${again === '' ? '(the store itself)' : again} again, through a symbolic link: a loop, not listed (remove the link)`,
+      );
+    }
+    const entries = await listFolder(dir);
+    return entries ? { entries, path: new Map(above).set(id, dirKey) } : null;
   }
 
   private async statKey(key: string): Promise<ObjectInfo | null> {
@@ -369,10 +397,13 @@ export class FsStore implements ObjectStore {
   }
 }
 
+/** The folders on the way down to the one being listed: "device:inode" → key. */
+type Above = ReadonlyMap<string, string>;
+
 /**
  * A folder's files and sub-folders, or null when there is no such folder. A symbolic link is what it points
  * to, as for a read (a manifest or packs/XX folder moved elsewhere and linked back is still seen by prune);
- * one that points nowhere is no object (like a file deleted while listing); a loop fails (ELOOP). Other
+ * one that points nowhere is no object (like a file deleted while listing); a loop fails (FsStore.listFolder). Other
  * types (fifo, socket, device) are no objects.
  */
 async function listFolder(dir: string): Promise<{ name: string; dir: boolean }[] | null> {

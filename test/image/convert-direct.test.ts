@@ -132,6 +132,30 @@ describe.skipIf(noNative)(`convert reads a raw source that is not cached with O_
     }
   });
 
+  it('a source whose first 64 KiB is a hole is still read with O_DIRECT (its first span names no descriptor)', async () => {
+    const holed = Buffer.from(data);
+    holed.fill(0, 0, 65536);
+    const path = join(dir, 'cold-hole0.raw');
+    writeCold(path, holed);
+    expect(cachedDataBlocks(path, holed), 'precondition: the source is not cached').toEqual([]);
+    const dev = await RawDevice.open(path);
+    expect(dev.hostSpans(0, 4096)?.[0]?.fd, 'precondition: the first 4 KiB is a hole (no descriptor)').toBe(-1);
+    const reader = await pieceReader(dev, 2 * MiB, 2);
+    try {
+      const buf = reader.buffer();
+      expect(buf.byteOffset % 4096, 'the aligned memory of the direct reads').toBe(0);
+      await reader.readInto(2 * MiB, buf, 2 * MiB);
+      expect(buf.equals(holed.subarray(2 * MiB, 4 * MiB))).toBe(true);
+    } finally {
+      await reader.close();
+      await dev.close();
+    }
+    const out = join(dir, 'out-hole0');
+    await convertImage(path, out, { format: 'ksc_inc', force: true });
+    expect((await readAll(out, size)).equals(holed)).toBe(true);
+    expect(cachedDataBlocks(path, holed, 2 * MiB), 'data blocks of the source in the page cache').toEqual([]);
+  });
+
   it('a ksc_inc source is read through the image', async () => {
     writeCold(src, data);
     const img = join(dir, 'src.ksc');
