@@ -69,7 +69,7 @@ describe('serve --from-backup from a gateway that hangs mid-pull', () => {
       gw.signal('SIGCONT');
       stopped = false;
       const back = await c.read(last, MiB);
-      expect(back.error).toBe(0);
+      expect(back.error, `the block once the gateway answers again: ${s.stderr().slice(-1500)}`).toBe(0);
       expect(back.data.equals(data.subarray(last)), `the block once the gateway answers (seed ${seed})`).toBe(true);
       const done = await waitFor(
         async () => {
