@@ -37,12 +37,15 @@ export interface WaitOptions {
  * ms doubling up to 5 s) until `timeoutMs` have passed since its first failure, then fails with
  * KSC_E_UNAVAILABLE naming `what` and the wait. Other errors go to the caller at once.
  */
-export async function waitReachable<T>(what: string, op: () => Promise<T>, o: WaitOptions): Promise<T> {
+export async function waitReachable<T>(what: string, op: (retry: boolean) => Promise<T>, o: WaitOptions): Promise<T> {
   let first = 0;
   let again = true;
   for (let attempt = 0; ; attempt++) {
     try {
-      return await op();
+      // After a first failure a try gets only the time left: a hung one (a gateway stopped, its request
+      // idle up to S3's 60 s timeout) must not stretch the wait past the live timeout. It is left running,
+      // unheard (`op(true)` then writes into no caller's buffer).
+      return first === 0 ? await op(false) : await within(op(true), first + o.timeoutMs - Date.now());
     } catch (e) {
       if (!(await o.unreachable(e))) {
         // The repository is there now, but may have come back after `op` failed (a folder renamed back, a
@@ -72,6 +75,16 @@ export async function waitReachable<T>(what: string, op: () => Promise<T>, o: Wa
       await new Promise((r) => setTimeout(r, Math.min(left, pause)));
     }
   }
+}
+
+/** `p`, or a retryable KSC_E_UNAVAILABLE once `ms` have passed first (`p` is then ignored, its failure too). */
+function within<T>(p: Promise<T>, ms: number): Promise<T> {
+  p.catch(() => undefined);
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new KscError('KSC_E_UNAVAILABLE', `no answer within the ${(Math.max(0, ms) / 1000).toFixed(1)} s left of the live timeout`, { retryable: true })), Math.max(0, ms));
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }
 
 /**

@@ -247,8 +247,9 @@ export class RepoChunks {
   /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
   private readRange(key: string, offset: number, target: Buffer): Promise<void> {
     this.stats.reads++;
-    return this.reach(`reading ${this.repo.objName(key)}`, async () => {
-      if (this.store.getRangeInto) return this.store.getRangeInto(key, offset, target);
+    return this.reach(`reading ${this.repo.objName(key)}`, async (retry) => {
+      // A retry may be given up while it runs (live-wait.ts): it reads into a buffer of its own, not `target`.
+      if (this.store.getRangeInto && !retry) return this.store.getRangeInto(key, offset, target);
       const got = await this.store.getRange(key, offset, target.length);
       if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
       got.copy(target);
@@ -256,7 +257,7 @@ export class RepoChunks {
   }
 
   /** §4.2 rule 7: `op`, tried again while the repository is unreachable (see waitReachable). */
-  private reach<T>(what: string, op: () => Promise<T>): Promise<T> {
+  private reach<T>(what: string, op: (retry: boolean) => Promise<T>): Promise<T> {
     return waitReachable(`${this.name}: ${what}`, op, {
       timeoutMs: this.timeoutMs,
       closed: this.closed,

@@ -7,7 +7,7 @@
  * Bulk fetches (fetchAll: readahead and the pull) read as a restore reads, coalesced ranged reads of the
  * packs decoded in the worker pool, and share each chunk with the readers that reach it meanwhile.
  */
-import { KscError } from '../errors.js';
+import { KscError, isKscError } from '../errors.js';
 import { SharedSlot } from '../compress/pool.js';
 import type { Read } from '../repo/fetch.js';
 import { planBulkReads } from './bulk-plan.js';
@@ -109,11 +109,11 @@ export class ChunkFills {
   }
 
   /** Chunk `k`'s verified data: one fetch for concurrent readers, kept until the overlay has filled it. */
-  chunk(k: number): Promise<Buffer> {
+  chunk(k: number, joined = false): Promise<Buffer> {
     const have = this.inflight.get(k) ?? this.fromBulk(k);
     if (have) {
       this.src.stats.chunksShared++;
-      return have;
+      return joined ? have : this.ownWait(k, have);
     }
     this.startDuplicates();
     // Another position holding the same chunk being fetched: its fetch serves this one too.
@@ -156,6 +156,18 @@ export class ChunkFills {
     );
     this.inflight.set(k, p);
     return p;
+  }
+
+  /**
+   * A fetch started by another reader or the pull, joined: when it gives up on an unreachable repository
+   * (its live timeout ran from its own first failure, perhaps long before this read), this read fetches once
+   * on its own, with a wait of its own (formats/ksc_inc.md §4.2 rule 7).
+   */
+  private ownWait(k: number, shared: Promise<Buffer>): Promise<Buffer> {
+    return shared.catch((e: unknown) => {
+      if (!isKscError(e, 'KSC_E_UNAVAILABLE') || this.closed()) throw e;
+      return this.chunk(k, true);
+    });
   }
 
   /** Chunk k's data from a bulk fetch whose read has started (a copy: the read's buffers are reused), or null. */
