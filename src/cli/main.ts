@@ -1,19 +1,17 @@
 // Runs the kscinc program (started by kscinc.cjs, which sizes the libuv pool first). Also the entry of the
 // bundled CLI (scripts/bundle-cli.mjs), hence no top-level await: the bundle is CommonJS.
 import { endsWithItsAction, run } from './program.js';
+import { queuedStdio, watchStdio } from './stdio.js';
 
-// A closed stdout (`kscinc map … | head`) ends the program quietly, as other Unix tools do.
-process.stdout.on('error', (e: NodeJS.ErrnoException) => {
-  if (e.code === 'EPIPE') process.exit(0);
-  throw e;
-});
+// stdout and stderr are made on first use only (src/cli/stdio.ts); a closed stdout ends the program quietly.
+watchStdio();
 // A command that ends with its action (declared with its group, src/cli/program.ts COMMAND_GROUPS) exits at
 // once when the action has returned. Not while the build writes code caches (scripts/bundle-train.cjs runs
 // several commands in one process).
 const endsEarly = process.env.KSCINC_CODE_CACHE === undefined && endsWithItsAction(process.argv);
 /** process.exit once what stdout and stderr queued (a pipe's slow reader) is written: exit would drop it. */
 function exitWhenDrained(code: number): void {
-  const queued = [process.stdout, process.stderr].filter((s) => s.writableLength > 0);
+  const queued = queuedStdio();
   if (queued.length === 0) process.exit(code);
   let left = queued.length;
   for (const s of queued) s.write('', () => --left === 0 && process.exit(code));

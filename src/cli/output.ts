@@ -2,13 +2,14 @@
 import { KscError } from '../errors.js';
 import type { ImageFormat } from '../image/open.js';
 import { formatSize } from '../util/size.js';
+import { writeOut } from './stdio.js';
 
 export function printJson(value: unknown): void {
-  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
+  writeOut(`${JSON.stringify(value, null, 2)}\n`);
 }
 
 export function println(line = ''): void {
-  process.stdout.write(`${line}\n`);
+  writeOut(`${line}\n`);
 }
 
 export { formatSize };

@@ -7,6 +7,7 @@
  * (concurrent workers report out of order); `stop` erases the line.
  */
 import { formatSize } from '../util/size.js';
+import { stderrIfTerminal } from './stdio.js';
 
 export type ProgressUnit = 'bytes' | 'blocks' | 'chunks' | 'steps';
 
@@ -62,8 +63,10 @@ export function renderBar(label: string, done: number, total: number, unit: Prog
  * A progress reporter for `label`: a bar on `sink` (default stderr) when it is a terminal and bars are
  * enabled, else nothing. `now` is injectable for tests.
  */
-export function progressBar(label: string, unit: ProgressUnit = 'bytes', sink: ProgressSink = process.stderr, now: () => number = () => Date.now()): Progress {
-  if (!enabled || !sink.isTTY) return NONE;
+export function progressBar(label: string, unit: ProgressUnit = 'bytes', to?: ProgressSink, now: () => number = () => Date.now()): Progress {
+  if (!enabled) return NONE;
+  const sink = to ?? stderrIfTerminal(); // stderr is not made for nothing (src/cli/stdio.ts)
+  if (!sink?.isTTY) return NONE;
   let start = -1;
   let lastDraw = -Infinity;
   let best = 0;

@@ -1,0 +1,70 @@
+// The CLI's stdout and stderr are made only when needed (src/cli/stdio.ts, issue 19): a command that prints
+// only its result writes it with write(2), so on a pipe Node's `net` is never loaded; what it prints, and a
+// reader that closes the pipe early, behave as before.
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { CLI, kscinc } from '../helpers/cli.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'kscinc-stdio-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const p = (n: string) => join(dir, n);
+function ok(args: string[]): string {
+  const r = kscinc(args);
+  expect(r.stderr).toBe('');
+  expect(r.code).toBe(0);
+  return r.stdout;
+}
+
+/** Runs the CLI with stdout and stderr on pipes, and a preload that prints the modules Node loaded to `list`. */
+function withModuleList(args: string[], list: string) {
+  const preload = p('list-modules.cjs');
+  writeFileSync(preload, `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(list)}, process.moduleLoadList.join('\\n')));\n`);
+  const r = spawnSync(process.execPath, ['-r', preload, CLI, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr, modules: readFileSync(list, 'utf8').split('\n') };
+}
+
+describe('stdout and stderr made on first use', () => {
+  it('a small incremental backup on pipes prints its summary without loading net; a full backup and a restore print theirs', () => {
+    ok(['create', p('a.ksc'), '--size', '4M']);
+    writeFileSync(p('data'), Buffer.alloc(1 << 20, 0x5a));
+    ok(['write', p('a.ksc'), '1M', '--from', p('data')]);
+    for (const [i, args] of [
+      ['backup', p('a.ksc'), '--repo', p('repo'), '--no-encrypt', '--json'],
+      ['backup', p('a.ksc'), '--repo', p('repo'), '--no-encrypt', '--json'],
+      ['restore', 'latest', p('out.raw'), '--repo', p('repo'), '--json'],
+    ].entries()) {
+      const r = withModuleList(args, p(`modules-${i}`));
+      expect(r.stderr).toBe('');
+      expect(r.code).toBe(0);
+      const summary = JSON.parse(r.stdout) as Record<string, unknown>;
+      if (i < 2) expect(summary.full).toBe(i === 0);
+      else expect(Object.keys(summary).length).toBeGreaterThan(0);
+      // The incremental packs inline (no worker: a worker's stdio would make process.stdout).
+      if (i === 1) expect(r.modules.filter((m) => m === 'NativeModule net' || m === 'NativeModule tty')).toEqual([]);
+      else expect(r.modules.length).toBeGreaterThan(50);
+    }
+  });
+
+  it('a reader that closes the pipe early ends the command quietly with status 0', async () => {
+    ok(['create', p('m.ksc'), '--size', '64M', '--block-size', '64K']);
+    // Every other 64 KiB block written: the map lists ~512 extents, far more than the reader takes.
+    const block = Buffer.alloc(64 << 10, 1);
+    const img = p('m.raw');
+    const buf = Buffer.alloc(64 << 20);
+    for (let off = 0; off < buf.length; off += 128 << 10) block.copy(buf, off);
+    writeFileSync(img, buf);
+    ok(['convert', '-O', 'kscinc', img, p('m2.ksc')]);
+    const child = spawn(process.execPath, [CLI, 'map', p('m2.ksc')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let err = '';
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    const first = await new Promise<string>((resolve) => child.stdout.once('data', (d: Buffer) => resolve(d.toString())));
+    child.stdout.destroy();
+    const code = await new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+    expect(first).toMatch(/^offset/);
+    expect(err).toBe('');
+    expect(code).toBe(0);
+  });
+});
