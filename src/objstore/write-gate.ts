@@ -5,7 +5,53 @@
  * that the config was not stripped of its encryption then costs a reader nothing, and a writer waits for it
  * before its first change of anything (lock, pack, index, manifest, reference…), whichever engine sends it.
  */
+import { KscError } from '../errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from './types.js';
+import { StoreWrapper } from './wrapper.js';
+
+/**
+ * The store as a gate's check reads it: once the gate is closed, a request of the check not yet sent fails
+ * (KSC_E_CLOSED) instead of going out after the store was closed (on S3 a new connection to a gateway that
+ * hangs would hold the process for its idle timeout), and the check settles.
+ */
+export class CheckView extends StoreWrapper {
+  private ended = false;
+  /** No request goes out from now on. */
+  end(): void {
+    this.ended = true;
+  }
+  private live(): void {
+    if (this.ended) throw new KscError('KSC_E_CLOSED', `${this.name}: closed while the check of its config was reading it`);
+  }
+  override async get(key: string): Promise<Buffer> {
+    this.live();
+    return this.inner.get(key);
+  }
+  override async getUpTo(key: string, max: number): Promise<Buffer> {
+    this.live();
+    return this.inner.getUpTo(key, max);
+  }
+  override async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    this.live();
+    return this.inner.getRange(key, offset, length);
+  }
+  override async stat(key: string): Promise<ObjectInfo | null> {
+    this.live();
+    return this.inner.stat(key);
+  }
+  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    this.live();
+    for await (const o of this.inner.list(prefix)) {
+      this.live();
+      yield o;
+    }
+  }
+  /** The view does not own the store: closing it only ends it. */
+  override close(): Promise<void> {
+    this.end();
+    return Promise.resolve();
+  }
+}
 
 export class WriteGate implements ObjectStore {
   readonly name: string;
@@ -16,10 +62,14 @@ export class WriteGate implements ObjectStore {
   putAfter?: ObjectStore['putAfter'];
   listKeys?: ObjectStore['listKeys'];
 
-  /** `check`: awaited before each change; a rejection refuses it (a caller that never writes never sees it). */
+  /**
+   * `check`: awaited before each change; a rejection refuses it (a caller that never writes never sees it).
+   * `view`: the store as the check reads it, ended when the gate is closed.
+   */
   constructor(
     private readonly inner: ObjectStore,
     private readonly check: Promise<void>,
+    private readonly view?: CheckView,
   ) {
     this.name = inner.name;
     check.catch(() => undefined); // told to a writer only, never unhandled
@@ -65,9 +115,16 @@ export class WriteGate implements ObjectStore {
   list(prefix: string): AsyncIterable<ObjectInfo> {
     return this.inner.list(prefix);
   }
-  /** Lets the check end first (no request of it outlives the store), then closes the store. */
+  /**
+   * Ends the check: no request of it goes out any more (its view ends), the store closes (on S3 that cuts
+   * the requests in flight), and the check has settled when this returns (nothing of it outlives the close).
+   */
   async close(): Promise<void> {
-    await this.check.catch(() => undefined);
-    return this.inner.close();
+    this.view?.end();
+    try {
+      await this.inner.close();
+    } finally {
+      await this.check.catch(() => undefined);
+    }
   }
 }
