@@ -4,6 +4,7 @@
  * a config without encryption takes its store through one (formats/repository.md §13.1 rule 2): the check
  * that the config was not stripped of its encryption then costs a reader nothing, and a writer waits for it
  * before its first change of anything (lock, pack, index, manifest, reference…), whichever engine sends it.
+ * A StoreWrapper: only the changes (put, delete, putAfter, sweepTemp) and close are its own.
  */
 import { KscError } from '../errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from './types.js';
@@ -53,8 +54,7 @@ export class CheckView extends StoreWrapper {
   }
 }
 
-export class WriteGate implements ObjectStore {
-  readonly name: string;
+export class WriteGate extends StoreWrapper {
   getRangeInto?: ObjectStore['getRangeInto'];
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
@@ -67,11 +67,11 @@ export class WriteGate implements ObjectStore {
    * `view`: the store as the check reads it, ended when the gate is closed.
    */
   constructor(
-    private readonly inner: ObjectStore,
+    inner: ObjectStore,
     private readonly check: Promise<void>,
     private readonly view?: CheckView,
   ) {
-    this.name = inner.name;
+    super(inner);
     check.catch(() => undefined); // told to a writer only, never unhandled
     // Passed on where the store has them, so the engines take production's paths, not the fallbacks.
     if (inner.putAfter) this.putAfter = async (key, data, after, opts) => this.gated(() => inner.putAfter!(key, data, after, opts), after);
@@ -94,32 +94,17 @@ export class WriteGate implements ObjectStore {
     return run();
   }
 
-  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+  override put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     return this.gated(() => this.inner.put(key, data, opts));
   }
-  delete(key: string, opts?: WriteOpts): Promise<void> {
+  override delete(key: string, opts?: WriteOpts): Promise<void> {
     return this.gated(() => this.inner.delete(key, opts));
-  }
-  get(key: string): Promise<Buffer> {
-    return this.inner.get(key);
-  }
-  getUpTo(key: string, max: number): Promise<Buffer> {
-    return this.inner.getUpTo(key, max);
-  }
-  getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return this.inner.getRange(key, offset, length);
-  }
-  stat(key: string): Promise<ObjectInfo | null> {
-    return this.inner.stat(key);
-  }
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.inner.list(prefix);
   }
   /**
    * Ends the check: no request of it goes out any more (its view ends), the store closes (on S3 that cuts
    * the requests in flight), and the check has settled when this returns (nothing of it outlives the close).
    */
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     this.view?.end();
     try {
       await this.inner.close();
