@@ -19,7 +19,7 @@ export function repoOperand(location: string | undefined): string {
   return r;
 }
 
-/** Runs `fn` on the repository at `location` (opened, created, or either), then closes its store and the worker pool. */
+/** Runs `fn` on the repository at `location` (opened, created, or either), then closes its store (its WriteGate's check too) and the worker pool. */
 export async function withRepo<T>(
   location: string,
   mode: 'open' | 'create' | 'openOrInit',
@@ -35,14 +35,16 @@ export async function withRepo<T>(
         : await storeForBackup(location, opts.encrypt);
   const store = s.store;
   const o = { ...opts, encrypt: s.encrypt };
+  let repo: Repository | undefined;
   try {
     // The workers start while the key is opened (scrypt runs on libuv's pool, ~0.2 s): a restore needs them next.
     if (opts.warm) warmPool();
     // A backup's workers start while a password's key is derived (scrypt), not after it.
-    const repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, { ...o, deriving: warmPool });
+    repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, { ...o, deriving: warmPool });
     return await fn(repo);
   } finally {
-    await store.close();
+    // The repository's store: a WriteGate's check (§13.1 rule 2) ends with it, none of its requests after.
+    await (repo ? repo.store.close() : store.close());
     await closePool();
   }
 }

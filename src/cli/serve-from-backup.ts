@@ -22,11 +22,13 @@ export async function prepareFromBackup(from: string[], overlay: string | undefi
   const [location, which] = from as [string, string];
   if (existsSync(overlay)) return checkOverlay(overlay, location, which, base);
   const store = await openStore(location);
+  let repo: Repository | undefined;
   try {
-    const r = await liveRestore(await Repository.open(store), location, which, overlay, { disk, base });
+    repo = await Repository.open(store);
+    const r = await liveRestore(repo, location, which, overlay, { disk, base });
     return `live-restored backup ${r.backup} of disk ${r.disk} to ${overlay} in ${r.durationMs} ms`;
   } finally {
-    await store.close();
+    await (repo ? repo.store.close() : store.close()); // its WriteGate's check too (§13.1 rule 2)
     await closePool();
   }
 }

@@ -222,18 +222,21 @@ export class FsStore implements ObjectStore {
     yield* this.walk(dirKey, prefix);
   }
 
-  private async *walk(dirKey: string, prefix: string, above: Above = new Map()): AsyncGenerator<ObjectInfo> {
-    const listed = await this.listFolder(dirKey, above);
+  private async *walk(dirKey: string, prefix: string, above: Above = new Map(), st?: Stats): AsyncGenerator<ObjectInfo> {
+    const listed = await this.listFolder(dirKey, above, st);
     if (!listed) return;
     const { entries, path } = listed;
     const named = entries
       .filter((d) => !(dirKey === '' && d.name === TEMP))
-      .map((d) => ({ key: dirKey + d.name + (d.dir ? '/' : ''), dir: d.dir }))
+      .map((d) => ({ key: dirKey + d.name + (d.dir ? '/' : ''), dir: d.dir, st: d.st }))
       .sort((a, b) => compareKeys(a.key, b.key));
-    // Stats and sub-folders are read a window at a time, side by side; results are yielded in key order.
+    // Stats and sub-folders are read a window at a time, side by side; results are yielded in key order. A
+    // symbolic link's stat, taken by the listing, is used as it is (no second stat of it).
     const wanted = named.filter((e) => e.key.startsWith(prefix) || (e.dir && prefix.startsWith(e.key)));
     for (let w = 0; w < wanted.length; w += LIST_WINDOW) {
-      const window = wanted.slice(w, w + LIST_WINDOW).map((e) => (e.dir ? this.collect(e.key, prefix, path) : this.statKey(e.key)));
+      const window = wanted
+        .slice(w, w + LIST_WINDOW)
+        .map((e) => (e.dir ? this.collect(e.key, prefix, path, e.st) : e.st ? Promise.resolve({ key: e.key, size: e.st.size, mtimeMs: e.st.mtimeMs }) : this.statKey(e.key)));
       for (const p of window) p.catch(() => undefined); // each is awaited below, in order
       for (const p of window) {
         const r = await p;
@@ -268,25 +271,25 @@ export class FsStore implements ObjectStore {
   }
 
   /** The keys with `prefix` under folder `dirKey` (sub-folders read side by side, a window at a time): names only. */
-  private async keysUnder(dirKey: string, prefix: string, above: Above = new Map()): Promise<string[]> {
-    const listed = await this.listFolder(dirKey, above);
+  private async keysUnder(dirKey: string, prefix: string, above: Above = new Map(), st?: Stats): Promise<string[]> {
+    const listed = await this.listFolder(dirKey, above, st);
     if (!listed) return [];
     const { entries, path } = listed;
     const keys: string[] = [];
-    const dirs: string[] = [];
+    const dirs: { key: string; st?: Stats }[] = [];
     for (const d of entries) {
       if (dirKey === '' && d.name === TEMP) continue;
       const key = dirKey + d.name;
       if (!d.dir && key.startsWith(prefix)) keys.push(key);
-      else if (d.dir && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push(`${key}/`);
+      else if (d.dir && (`${key}/`.startsWith(prefix) || prefix.startsWith(`${key}/`))) dirs.push({ key: `${key}/`, st: d.st });
     }
-    await mapLimit(dirs, LIST_WINDOW, async (k) => void keys.push(...(await this.keysUnder(k, prefix, path))));
+    await mapLimit(dirs, LIST_WINDOW, async (d) => void keys.push(...(await this.keysUnder(d.key, prefix, path, d.st))));
     return keys;
   }
 
-  private async collect(dirKey: string, prefix: string, above: Above): Promise<ObjectInfo[]> {
+  private async collect(dirKey: string, prefix: string, above: Above, st?: Stats): Promise<ObjectInfo[]> {
     const out: ObjectInfo[] = [];
-    for await (const o of this.walk(dirKey, prefix, above)) out.push(o);
+    for await (const o of this.walk(dirKey, prefix, above, st)) out.push(o);
     return out;
   }
 
@@ -295,14 +298,17 @@ export class FsStore implements ObjectStore {
    * symbolic link is followed, so a link to the folder itself or to one above it (`ln -s . packs/l0`) would
    * be walked until the kernel's link limit, 2^40 paths with two such links: a folder met again on the way
    * down fails the listing instead (a listing that cannot end cannot see everything; prune refuses).
+   * `known`: the folder's stat when the parent's listing took it (a symbolic link), so it is not taken again.
    */
-  private async listFolder(dirKey: string, above: Above): Promise<{ entries: { name: string; dir: boolean }[]; path: Above } | null> {
+  private async listFolder(dirKey: string, above: Above, known?: Stats): Promise<{ entries: Entry[]; path: Above } | null> {
     const dir = join(this.root, dirKey);
-    const st = await stat(dir).catch((e: unknown) => {
-      const code = (e as { code?: string }).code;
-      if (code === 'ENOENT' || code === 'ENOTDIR') return null;
-      throw ioError(dir, 'list', e);
-    });
+    const st =
+      known ??
+      (await stat(dir).catch((e: unknown) => {
+        const code = (e as { code?: string }).code;
+        if (code === 'ENOENT' || code === 'ENOTDIR') return null;
+        throw ioError(dir, 'list', e);
+      }));
     if (!st) return null;
     const id = `${st.dev}:${st.ino}`;
     const again = above.get(id);
@@ -400,16 +406,23 @@ export class FsStore implements ObjectStore {
 /** The folders on the way down to the one being listed: "device:inode" → key. */
 type Above = ReadonlyMap<string, string>;
 
+/** A folder's entry; `st`: the stat of what a symbolic link points to (taken once, used by the walk). */
+interface Entry {
+  name: string;
+  dir: boolean;
+  st?: Stats;
+}
+
 /**
  * A folder's files and sub-folders, or null when there is no such folder. A symbolic link is what it points
  * to, as for a read (a manifest or packs/XX folder moved elsewhere and linked back is still seen by prune);
  * one that points nowhere is no object (like a file deleted while listing); a loop fails (FsStore.listFolder). Other
  * types (fifo, socket, device) are no objects.
  */
-async function listFolder(dir: string): Promise<{ name: string; dir: boolean }[] | null> {
+async function listFolder(dir: string): Promise<Entry[] | null> {
   const entries = await readdirOrNone(dir);
   if (!entries) return null;
-  const out: { name: string; dir: boolean }[] = [];
+  const out: Entry[] = [];
   const links: string[] = [];
   for (const d of entries) {
     if (d.isFile() || d.isDirectory()) out.push({ name: d.name, dir: d.isDirectory() });
@@ -421,7 +434,7 @@ async function listFolder(dir: string): Promise<{ name: string; dir: boolean }[]
       if (code === 'ENOENT' || code === 'ENOTDIR') return null;
       throw ioError(join(dir, name), 'list', e);
     });
-    if (st && (st.isFile() || st.isDirectory())) out.push({ name, dir: st.isDirectory() });
+    if (st && (st.isFile() || st.isDirectory())) out.push({ name, dir: st.isDirectory(), st });
   });
   return out;
 }

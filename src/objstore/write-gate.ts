@@ -4,11 +4,57 @@
  * a config without encryption takes its store through one (formats/repository.md §13.1 rule 2): the check
  * that the config was not stripped of its encryption then costs a reader nothing, and a writer waits for it
  * before its first change of anything (lock, pack, index, manifest, reference…), whichever engine sends it.
+ * A StoreWrapper: only the changes (put, delete, putAfter, sweepTemp) and close are its own.
  */
+import { KscError } from '../errors.js';
 import type { Body, ObjectInfo, ObjectStore, WriteOpts } from './types.js';
+import { StoreWrapper } from './wrapper.js';
 
-export class WriteGate implements ObjectStore {
-  readonly name: string;
+/**
+ * The store as a gate's check reads it: once the gate is closed, a request of the check not yet sent fails
+ * (KSC_E_CLOSED) instead of going out after the store was closed (on S3 a new connection to a gateway that
+ * hangs would hold the process for its idle timeout), and the check settles.
+ */
+export class CheckView extends StoreWrapper {
+  private ended = false;
+  /** No request goes out from now on. */
+  end(): void {
+    this.ended = true;
+  }
+  private live(): void {
+    if (this.ended) throw new KscError('KSC_E_CLOSED', `${this.name}: closed while the check of its config was reading it`);
+  }
+  override async get(key: string): Promise<Buffer> {
+    this.live();
+    return this.inner.get(key);
+  }
+  override async getUpTo(key: string, max: number): Promise<Buffer> {
+    this.live();
+    return this.inner.getUpTo(key, max);
+  }
+  override async getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    this.live();
+    return this.inner.getRange(key, offset, length);
+  }
+  override async stat(key: string): Promise<ObjectInfo | null> {
+    this.live();
+    return this.inner.stat(key);
+  }
+  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    this.live();
+    for await (const o of this.inner.list(prefix)) {
+      this.live();
+      yield o;
+    }
+  }
+  /** The view does not own the store: closing it only ends it. */
+  override close(): Promise<void> {
+    this.end();
+    return Promise.resolve();
+  }
+}
+
+export class WriteGate extends StoreWrapper {
   getRangeInto?: ObjectStore['getRangeInto'];
   hostLock?: ObjectStore['hostLock'];
   sweepTemp?: ObjectStore['sweepTemp'];
@@ -16,12 +62,16 @@ export class WriteGate implements ObjectStore {
   putAfter?: ObjectStore['putAfter'];
   listKeys?: ObjectStore['listKeys'];
 
-  /** `check`: awaited before each change; a rejection refuses it (a caller that never writes never sees it). */
+  /**
+   * `check`: awaited before each change; a rejection refuses it (a caller that never writes never sees it).
+   * `view`: the store as the check reads it, ended when the gate is closed.
+   */
   constructor(
-    private readonly inner: ObjectStore,
+    inner: ObjectStore,
     private readonly check: Promise<void>,
+    private readonly view?: CheckView,
   ) {
-    this.name = inner.name;
+    super(inner);
     check.catch(() => undefined); // told to a writer only, never unhandled
     // Passed on where the store has them, so the engines take production's paths, not the fallbacks.
     if (inner.putAfter) this.putAfter = async (key, data, after, opts) => this.gated(() => inner.putAfter!(key, data, after, opts), after);
@@ -44,30 +94,22 @@ export class WriteGate implements ObjectStore {
     return run();
   }
 
-  put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
+  override put(key: string, data: Body, opts?: WriteOpts): Promise<void> {
     return this.gated(() => this.inner.put(key, data, opts));
   }
-  delete(key: string, opts?: WriteOpts): Promise<void> {
+  override delete(key: string, opts?: WriteOpts): Promise<void> {
     return this.gated(() => this.inner.delete(key, opts));
   }
-  get(key: string): Promise<Buffer> {
-    return this.inner.get(key);
-  }
-  getUpTo(key: string, max: number): Promise<Buffer> {
-    return this.inner.getUpTo(key, max);
-  }
-  getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    return this.inner.getRange(key, offset, length);
-  }
-  stat(key: string): Promise<ObjectInfo | null> {
-    return this.inner.stat(key);
-  }
-  list(prefix: string): AsyncIterable<ObjectInfo> {
-    return this.inner.list(prefix);
-  }
-  /** Lets the check end first (no request of it outlives the store), then closes the store. */
-  async close(): Promise<void> {
-    await this.check.catch(() => undefined);
-    return this.inner.close();
+  /**
+   * Ends the check: no request of it goes out any more (its view ends), the store closes (on S3 that cuts
+   * the requests in flight), and the check has settled when this returns (nothing of it outlives the close).
+   */
+  override async close(): Promise<void> {
+    this.view?.end();
+    try {
+      await this.inner.close();
+    } finally {
+      await this.check.catch(() => undefined);
+    }
   }
 }

@@ -17,7 +17,7 @@ import { type RepoKeys, MASTER_KEY_BYTES, deriveKeys, plainKeyFile, workerKeys }
 import { type Unlock, requireEncryptionFromEnv, unlockFromEnv } from '../crypto/password.js';
 import { lostConfig, locationState, onlyKeyObjects, readConfig } from './location.js';
 import { firstSealedObject, refuseDowngrade, refuseUnencrypted } from './downgrade.js';
-import { WriteGate } from '../objstore/write-gate.js';
+import { CheckView, WriteGate } from '../objstore/write-gate.js';
 import { addKey, unlock } from '../crypto/keyring.js';
 import { ID_GMAC, KIND_INDEX, KIND_MANIFEST } from '../crypto/aead.js';
 import { SealedObjects } from './sealed-objects.js';
@@ -89,11 +89,13 @@ export class Repository {
    * (`u.requireEncrypted`, KSCINC_REQUIRE_ENCRYPTION=1), or when the location shows it was stripped: a key
    * object or the given key file naming its id, or a sealed index object or manifest (§13.1 rule 2).
    */
-  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, sealed?: Promise<string | null>): Promise<Repository> {
+  private static async unlocked(store: ObjectStore, config: RepoConfig, u?: Unlock, deriving?: () => void, probe?: { sealed: Promise<string | null>; view: CheckView }): Promise<Repository> {
     if (!isEncrypted(config)) {
       refuseUnencrypted(store, u);
-      // The rest of rule 2's check goes on meanwhile: only a change of the store waits for it (WriteGate).
-      return new Repository(new WriteGate(store, refuseDowngrade(store, config, u, sealed)), config, null, null, store);
+      // The rest of rule 2's check goes on meanwhile: only a change of the store waits for it (WriteGate),
+      // and closing the repository's store ends it (its requests go through the view the gate ends).
+      const view = probe?.view ?? new CheckView(store);
+      return new Repository(new WriteGate(store, refuseDowngrade(view, config, u, probe?.sealed), view), config, null, null, store);
     }
     const k = await unlock(store, config.id, config.encryption!.keyCheck, u ?? { ...unlockFromEnv(), deriving });
     return new Repository(store, config, k.keys, k.keyId);
@@ -167,11 +169,12 @@ export class Repository {
       (c) => !isEncrypted(c),
       () => false,
     );
-    const sealed = firstSealedObject(store, plain);
+    const view = new CheckView(store);
+    const sealed = firstSealedObject(view, plain);
     sealed.catch(() => undefined); // awaited by the unencrypted repository's writes (WriteGate); by the others below
     try {
       const c = await config;
-      if (!isEncrypted(c)) return await Repository.unlocked(store, c, u, deriving, sealed);
+      if (!isEncrypted(c)) return await Repository.unlocked(store, c, u, deriving, { sealed, view });
       return await Repository.unlocked(store, c, u, deriving);
     } finally {
       // An encrypted or missing config: its LIST (sent beside the config's read) ends within the open.

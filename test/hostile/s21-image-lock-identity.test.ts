@@ -10,45 +10,21 @@
  * is writable (a file bind-mounted rw into a ro mount, as root in a mount namespace) opens for writing and
  * still excludes a second writer through either path.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, linkSync, mkdirSync, readdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
-import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { holdAtFifo, type FifoHolder } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const NOBODY = 65534;
 const asRoot = process.getuid?.() === 0;
 const hasSetpriv = spawnSync('setpriv', ['--version']).status === 0;
 
-interface Holder {
-  proc: ChildProcess;
-  ended: Promise<number | null>;
-  stderr: () => string;
-  /** Lets the holder finish (4 KiB of 9s through its fifo) and returns its exit code. */
-  release: () => Promise<number | null>;
-}
-
 /** Starts `cmd args` (a `kscinc write IMAGE 0 --from FIFO`) and waits until it waits for its fifo. */
-async function hold(cmd: string, args: string[], fifo: string, env: Record<string, string | undefined>): Promise<Holder> {
-  const proc = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'ignore', 'pipe'] });
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const ended = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  await untilWaitsForPartner(proc.pid!, 'the first writer to wait for its fifo').catch(async (e: Error) => {
-    proc.kill('SIGKILL');
-    throw new Error(`${e.message}: exit ${await ended}, ${err}`);
-  });
-  return {
-    proc,
-    ended,
-    stderr: () => err,
-    release: async () => {
-      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) proc.kill('SIGKILL');
-      return ended;
-    },
-  };
+function hold(cmd: string, args: string[], fifo: string, env: Record<string, string | undefined>): Promise<FifoHolder> {
+  return holdAtFifo([cmd, ...args], fifo, { ...process.env, ...env });
 }
 
 function setup(): { dir: string; disk: string; fifo: string; data: string } {

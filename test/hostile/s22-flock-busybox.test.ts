@@ -6,12 +6,12 @@
  * flock(1) that refuses -E is asked again without it, where exit 1 is its conflict: held elsewhere (refused,
  * never a second writer). The stub below is such a flock(1): it refuses -E, else runs the real one.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { closeSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI } from '../helpers/cli.js';
-import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { whileWriterHolds } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const realFlock = spawnSync('sh', ['-c', 'command -v flock'], { encoding: 'utf8' }).stdout.trim();
@@ -57,20 +57,12 @@ describe.skipIf(!hasFlock)('a BusyBox-like flock(1) without -E (KSCINC_NO_NATIVE
     const { dir, disk, data } = setup();
     const fifo = join(dir, 'fifo');
     execFileSync('mkfifo', [fifo]);
-    const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-    const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
-    try {
-      await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+    await whileWriterHolds(disk, fifo, env(), () => {
       const before = readFileSync(disk);
       const r = write(disk, data, busyboxFlock(dir));
       expect({ code: r.code, wrote: /wrote/.test(r.out), locked: /already open for writing/.test(r.out) }, r.out).toEqual({ code: 1, wrote: false, locked: true });
       expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
-    } finally {
-      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
-    }
-    expect(await ended, err).toBe(0);
+    });
   }, 60_000);
 
   it('one process asks a flock(1) without -E once with -E, then never again (the flavour is kept)', async () => {

@@ -6,12 +6,12 @@
  * code) wrote beside a holder of flock ('wrote 4096 bytes at offset 65536', exit 0). Any other failure of
  * flock(1) must refuse the open (KSC_E_IO), nothing written.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { chmodSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI } from '../helpers/cli.js';
-import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { whileWriterHolds } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const hasFlock = spawnSync('flock', ['--version']).status === 0;
@@ -59,20 +59,12 @@ describe.skipIf(!hasFlock)('flock(1) failing otherwise than "not found" (KSCINC_
   for (const f of failures) {
     it(`a second writer whose flock(1) is ${f.how} is refused while a holder has flock`, async () => {
       const { dir, disk, fifo, data } = setup();
-      const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
-      let err = '';
-      holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-      const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
-      try {
-        await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+      await whileWriterHolds(disk, fifo, env(), () => {
         const before = readFileSync(disk);
         const r = second(disk, data, stubFlock(dir, f.body));
         expect({ code: r.code, wrote: /wrote/.test(r.out), refused: f.refusal.test(r.out) }, r.out).toEqual({ code: 1, wrote: false, refused: true });
         expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
-      } finally {
-        if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
-      }
-      expect(await ended, err).toBe(0);
+      });
     }, 60_000);
   }
 
@@ -92,20 +84,12 @@ describe.skipIf(!hasFlock)('flock(1) failing otherwise than "not found" (KSCINC_
 
   it('a PATH without /usr/bin still finds flock(1) (/usr/bin/flock, /bin/flock first): refused while a holder has flock, never the name', async () => {
     const { disk, fifo, data } = setup();
-    const holder: ChildProcess = spawn(process.execPath, [CLI, 'write', disk, '0', '--from', fifo], { env: env(), stdio: ['ignore', 'ignore', 'pipe'] });
-    let err = '';
-    holder.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-    const ended = new Promise<number | null>((resolve) => holder.on('exit', (code) => resolve(code)));
-    try {
-      await untilWaitsForPartner(holder.pid!, 'the holder to wait for its fifo');
+    await whileWriterHolds(disk, fifo, env(), () => {
       const before = readFileSync(disk);
       const r = spawnSync(process.execPath, [CLI, 'write', disk, '65536', '--from', data], { env: { ...env(), PATH: '/nonexistent' }, encoding: 'utf8' });
       const out = `${r.stdout}${r.stderr}`;
       expect({ code: r.status, wrote: /wrote/.test(out), refused: /already open for writing/.test(out) }, out).toEqual({ code: 1, wrote: false, refused: true });
       expect(readFileSync(disk).equals(before), 'the image unchanged').toBe(true);
-    } finally {
-      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) holder.kill('SIGKILL');
-    }
-    expect(await ended, err).toBe(0);
+    });
   }, 60_000);
 });

@@ -9,12 +9,12 @@
  * and without the addon), and a name bound by another user keeps no writer out. Without the addon the lock is
  * now flock(1) on the open descriptor (io/image-lock.ts flockByTool); without flock(1) too, still the name.
  */
-import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI } from '../helpers/cli.js';
-import { feedFifo, untilWaitsForPartner } from '../helpers/fifo-wait.js';
+import { holdAtFifo, type FifoHolder } from '../helpers/fifo-wait.js';
 import { tempDir } from '../helpers/tmp.js';
 
 const NOBODY = 65534;
@@ -40,24 +40,9 @@ function run(prefix: string[], args: string[], native: boolean, noFlock = false)
 }
 
 /** A writer holding `disk` open (kscinc write … --from FIFO, waiting for its fifo); release() lets it finish. */
-async function hold(prefix: string[], disk: string, fifo: string, native: boolean, noFlock = false): Promise<{ release: () => Promise<number | null>; err: () => string }> {
-  const cmd = [...prefix, process.execPath, CLI, 'write', disk, '0', '--from', fifo];
-  const proc: ChildProcess = spawn(cmd[0]!, cmd.slice(1), { env: envOf(native, noFlock), stdio: ['ignore', 'ignore', 'pipe'] });
-  let err = '';
-  proc.stderr!.on('data', (d: Buffer) => (err += d.toString()));
-  const ended = new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
-  // The writer is node (unshare execs it in place: the same pid).
-  await untilWaitsForPartner(proc.pid!, 'the first writer to wait for its fifo').catch(async (e: Error) => {
-    proc.kill('SIGKILL');
-    throw new Error(`${e.message}: exit ${await ended}, ${err}`);
-  });
-  return {
-    err: () => err,
-    release: async () => {
-      if (!feedFifo(fifo, Buffer.alloc(4096, 9))) proc.kill('SIGKILL');
-      return ended;
-    },
-  };
+function hold(prefix: string[], disk: string, fifo: string, native: boolean, noFlock = false): Promise<FifoHolder> {
+  // The writer is node (unshare execs it in place: the same pid, the one waited on).
+  return holdAtFifo([...prefix, process.execPath, CLI, 'write', disk, '0', '--from', fifo], fifo, envOf(native, noFlock));
 }
 
 function setup(): { disk: string; fifo: string; data: string; dir: string } {
@@ -93,7 +78,7 @@ describe.skipIf(!canUnshare)('the write lock across network namespaces', () => {
         expectRefused(run(['unshare', '-n'], ['write', disk, '65536', '--from', data], w.second), 'a second writer in another network namespace');
         expectRefused(run([], ['write', disk, '65536', '--from', data], w.second), 'a second writer in the same network namespace');
       } finally {
-        expect(await holder.release(), holder.err()).toBe(0);
+        expect(await holder.release(), holder.stderr()).toBe(0);
       }
       // Free again: the lock went with the holder.
       const after = run(['unshare', '-n'], ['write', disk, '65536', '--from', data], w.second);
@@ -109,7 +94,7 @@ describe.skipIf(!canUnshare)('the write lock across network namespaces', () => {
       expectRefused(r, 'a second writer without flock(1)');
       expect(r.out, 'the abstract name refused it').toMatch(/abstract socket @kscinc-image-lock/);
     } finally {
-      expect(await holder.release(), holder.err()).toBe(0);
+      expect(await holder.release(), holder.stderr()).toBe(0);
     }
   }, 60_000);
 

@@ -8,13 +8,12 @@
  *    rerun complete end byte-identical;
  *  - flagged: the destination's image holds every acknowledged write and equals the source byte for byte.
  */
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
-import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscincAsync } from '../helpers/cli.js';
-import { MiB, Writer, makeBaseAndOverlay, prng, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { MiB, Writer, prng, rawOf, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { convergeWhileWriting, destinationIsAuthority, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`s22t-migrate-dst-kill seed ${seed}`);
@@ -27,31 +26,15 @@ const rnd = prng(seed);
 /** S22T_DELAYS=95,105 (a list) replays chosen moments. */
 const DELAYS = process.env.S22T_DELAYS ? process.env.S22T_DELAYS.split(',').map(Number) : [-1, -2, ...Array.from({ length: 4 }, () => 80 + Math.floor(rnd() * 50))];
 
-function holdsAcknowledged(raw: string, w: Writer, what: string): void {
-  const got = readFileSync(raw);
-  const want = Buffer.from(w.model);
-  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
-  expect(got.length).toBe(want.length);
-  let first = -1;
-  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
-  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
-}
-
 async function oneCase(delay: number): Promise<string> {
-  const r: Rig = rig();
-  makeBaseAndOverlay(r, 'vm.ksc', 8);
-  expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
+  const r: Rig = migrationRig();
   const src = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
   let dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
   const w = new Writer(src.uri, seed + delay, 16 * MiB, true);
   let completed: { code: number | null; stdout: string; stderr: string } | null = null;
   let held = '';
   try {
-    await w.start();
-    await w.atLeast(10);
-    r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
-    await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
-    await w.atLeast(w.writes + 5);
+    await convergeWhileWriting(r, w, dst);
     const kill = async (): Promise<void> => {
       if (dst.child.proc.exitCode !== null || dst.child.proc.signalCode !== null) held += ` (destination already gone: ${dst.child.proc.exitCode ?? dst.child.proc.signalCode})`;
       dst.child.proc.kill('SIGKILL');
@@ -80,20 +63,13 @@ async function oneCase(delay: number): Promise<string> {
   } finally {
     await w.stop().catch(() => undefined);
   }
-  const flagged = (JSON.parse(r.cli(['info', 'vm.ksc', '--json']).stdout) as { migratedAway: boolean }).migratedAway;
+  const flagged = migratedAway(r);
   const line = `delay ${delay} ms ${held}: complete exit ${completed?.code} (${(completed?.stderr ?? '').trim().split('\n').pop()?.slice(0, 160)}), flagged ${flagged}, ${w.writes} writes, writer ${w.failure ? (w.failure as Error & { code?: string }).code : 'ok'}`;
   console.log(line);
   try {
     if (!flagged) {
       // The source is the authority: it holds every acknowledged write and still takes writes.
-      expect(completed!.code, line).not.toBe(0);
-      expect(w.failure, line).toBe(null);
-      const c = await NbdClient.connect({ ...parseNbdUri(src.uri), structured: true });
-      await c.write(20 * MiB, Buffer.alloc(4096, 0x5a));
-      w.model.fill(0x5a, 20 * MiB, 20 * MiB + 4096);
-      await c.disconnect();
-      expect(await src.stop()).toBe(0);
-      holdsAcknowledged(rawOf(r, 'vm.ksc'), w, `source (${line})`);
+      await sourceIsAuthority(r, src, w, completed!, line);
       // A restarted destination and a rerun: resumed or refused cleanly, never mixed data.
       const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
       dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
@@ -114,8 +90,7 @@ async function oneCase(delay: number): Promise<string> {
     } else {
       // The destination is the authority: its image holds every acknowledged write, equal to the source.
       expect(await src.stop()).toBe(0);
-      holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
-      sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+      destinationIsAuthority(r, w, line);
     }
   } finally {
     await src.stop();

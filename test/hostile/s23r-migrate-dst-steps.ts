@@ -11,26 +11,16 @@
  *  - flagged: the restarted source refuses to serve; the destination's image holds every acknowledged
  *    write and equals the source byte for byte.
  */
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscincAsync } from '../helpers/cli.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { MiB, Writer, rawOf, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { convergeWhileWriting, destinationIsAuthority, holdsAcknowledged, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
 
 /** The source's switch-over steps (src/engines/migrate.ts complete/switchOver), in order. */
 export const SWITCH_OVER_PHASES = ['completing', 'held', 'sent', 'flushed', 'flagged', 'released', 'told'];
-
-function holdsAcknowledged(raw: string, w: Writer, what: string): void {
-  const got = readFileSync(raw);
-  const want = Buffer.from(w.model);
-  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
-  expect(got.length).toBe(want.length);
-  let first = -1;
-  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
-  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
-}
 
 /** A write from a client that is not the migration source: true when the export took it. */
 async function intruderWrites(uri: string): Promise<boolean> {
@@ -47,19 +37,13 @@ async function intruderWrites(uri: string): Promise<boolean> {
 
 /** One case: the destination killed at `phase`; returns the line it printed. */
 export async function oneCase(phase: string, seed: number): Promise<string> {
-  const r: Rig = rig();
-  makeBaseAndOverlay(r, 'vm.ksc', 8);
-  expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
+  const r: Rig = migrationRig();
   let dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
   const src = await serveImage({ ...r, env: { ...r.env, KSCINC_TEST_KILL_AT: `migrate@${phase}`, KSCINC_TEST_KILL_PEER: String(dst.child.proc.pid) } }, 'vm.ksc', ['--no-supervisor']);
   const w = new Writer(src.uri, seed, 16 * MiB, true);
   let completed: { code: number | null; stdout: string; stderr: string };
   try {
-    await w.start();
-    await w.atLeast(10);
-    r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
-    await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
-    await w.atLeast(w.writes + 5);
+    await convergeWhileWriting(r, w, dst);
     completed = await kscincAsync(['migrate', 'complete', join(r.dir, 'vm.ksc')], r.env, 60_000);
     expect(src.child.stderr(), 'the kill point fired').toContain(`test kill point migrate@${phase}: SIGKILL peer`);
     await dst.child.exited;
@@ -67,19 +51,12 @@ export async function oneCase(phase: string, seed: number): Promise<string> {
   } finally {
     await w.stop().catch(() => undefined);
   }
-  const flagged = (JSON.parse(r.cli(['info', 'vm.ksc', '--json']).stdout) as { migratedAway: boolean }).migratedAway;
+  const flagged = migratedAway(r);
   const line = `destination killed at ${phase}: complete exit ${completed.code} (${completed.stderr.trim().split('\n').pop()?.slice(0, 140)}), flagged ${flagged}, ${w.writes} writes, writer ${w.failure ? (w.failure as Error & { code?: string }).code : 'ok'}`;
   console.log(line);
   try {
     if (!flagged) {
-      expect(completed.code, line).not.toBe(0);
-      expect(w.failure, line).toBe(null);
-      const c = await NbdClient.connect({ ...parseNbdUri(src.uri), structured: true });
-      await c.write(20 * MiB, Buffer.alloc(4096, 0x5a));
-      w.model.fill(0x5a, 20 * MiB, 20 * MiB + 4096);
-      await c.disconnect();
-      expect(await src.stop()).toBe(0);
-      holdsAcknowledged(rawOf(r, 'vm.ksc'), w, `source (${line})`);
+      await sourceIsAuthority(r, src, w, completed, line);
       const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
       dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
       try {
@@ -97,8 +74,7 @@ export async function oneCase(phase: string, seed: number): Promise<string> {
       const refused = r.cli(['serve', 'vm.ksc', '--no-supervisor', '--listen', '127.0.0.1:0']);
       expect(refused.code, `${line}: the flagged source refuses to serve`).toBe(1);
       expect(refused.stderr).toMatch(/was migrated away/);
-      holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
-      sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+      destinationIsAuthority(r, w, line);
     }
   } finally {
     await src.stop();

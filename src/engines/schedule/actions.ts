@@ -58,9 +58,11 @@ export async function backupDeviceTo(dev: BlockDevice, image: string, location: 
 /** Prunes the repository at `location` with `keep` (periods in `timeZone`). */
 export async function pruneAt(location: string, keep: KeepPolicy, opts: { timeZone?: string; store?: OpenStoreOptions } = {}): Promise<PruneResult> {
   const store = await openStore(location, opts.store);
+  let repo: Repository | undefined;
   try {
-    return await pruneRepo(await Repository.open(store), { ...keep, timeZone: opts.timeZone });
+    repo = await Repository.open(store);
+    return await pruneRepo(repo, { ...keep, timeZone: opts.timeZone });
   } finally {
-    await store.close();
+    await (repo ? repo.store.close() : store.close()); // its WriteGate's check too (§13.1 rule 2)
   }
 }

@@ -1,0 +1,65 @@
+/**
+ * The set-up and checks the hostile tests of a migration destination killed during the switch-over share
+ * (s22t-migrate-dst-kill: killed by timing; s23r-migrate-dst-steps: by the source's kill points): a source
+ * and destination image, a writer on the source converged to the destination, and what each side holds
+ * once one of them is the authority.
+ */
+import { readFileSync } from 'node:fs';
+import { expect } from 'vitest';
+import type { MigrateStatus } from '../../src/engines/migrate.js';
+import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
+import { MiB, type Served, type Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, until, type Rig } from '../migrate/helpers.js';
+
+/** A rig with the source vm.ksc (8 MiB written above its base) and the destination dst.ksc on the same base. */
+export function migrationRig(): Rig {
+  const r = rig();
+  makeBaseAndOverlay(r, 'vm.ksc', 8);
+  expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
+  return r;
+}
+
+/** Starts `w` on the source, migrates vm.ksc to `dst` until converged, with writes before and after. */
+export async function convergeWhileWriting(r: Rig, w: Writer, dst: Served): Promise<void> {
+  await w.start();
+  await w.atLeast(10);
+  r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
+  await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
+  await w.atLeast(w.writes + 5);
+}
+
+/** Whether the source's image carries the MIGRATED_AWAY flag (the destination is the authority). */
+export function migratedAway(r: Rig): boolean {
+  return (JSON.parse(r.cli(['info', 'vm.ksc', '--json']).stdout) as { migratedAway: boolean }).migratedAway;
+}
+
+/** `raw` holds every write the writer had acknowledged (the one in flight may be old or new). */
+export function holdsAcknowledged(raw: string, w: Writer, what: string): void {
+  const got = readFileSync(raw);
+  const want = Buffer.from(w.model);
+  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
+  expect(got.length).toBe(want.length);
+  let first = -1;
+  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
+  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
+}
+
+/**
+ * Not flagged: `migrate complete` failed, the writer saw no error, and the source still takes a write;
+ * stopped, it holds every acknowledged write.
+ */
+export async function sourceIsAuthority(r: Rig, src: Served, w: Writer, completed: { code: number | null }, line: string): Promise<void> {
+  expect(completed.code, line).not.toBe(0);
+  expect(w.failure, line).toBe(null);
+  const c = await NbdClient.connect({ ...parseNbdUri(src.uri), structured: true });
+  await c.write(20 * MiB, Buffer.alloc(4096, 0x5a));
+  w.model.fill(0x5a, 20 * MiB, 20 * MiB + 4096);
+  await c.disconnect();
+  expect(await src.stop()).toBe(0);
+  holdsAcknowledged(rawOf(r, 'vm.ksc'), w, `source (${line})`);
+}
+
+/** Flagged (the source stopped): the destination holds every acknowledged write and equals the source. */
+export function destinationIsAuthority(r: Rig, w: Writer, line: string): void {
+  holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
+  sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+}

@@ -1,0 +1,100 @@
+/**
+ * Session 24: closing an unencrypted repository's store (its WriteGate) ends §13.1 rule 2's check — the
+ * sealed-object probe that Repository.open starts beside its read of the config — whatever state it is in,
+ * and sends none of its requests after the close. The folder store below answers like a gateway that hangs
+ * on reads of index objects: a request in flight when the store closes is cut (as closing the S3 store
+ * destroys its connections), one sent after the close never answers (a new connection to the hung gateway,
+ * which would hold the process for the S3 idle timeout). On the old code the gate's close waited for the
+ * probe before closing the store: it never returned.
+ */
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { describe, expect, it } from 'vitest';
+import { KscError } from '../../src/errors.js';
+import { FsStore } from '../../src/objstore/fs.js';
+import type { ObjectInfo } from '../../src/objstore/types.js';
+import { StoreWrapper } from '../../src/objstore/wrapper.js';
+import { Repository } from '../../src/repo/repository.js';
+import { tempDir } from '../helpers/tmp.js';
+
+const dir = tempDir('kscinc-gate-close-');
+let n = 0;
+
+/** A folder store whose reads of index objects hang (see the header); `listDelayMs` delays the LIST of index/. */
+class HungReads extends StoreWrapper {
+  closed = false;
+  readonly sent: string[] = [];
+  readonly sentAfterClose: string[] = [];
+  private readonly cut: (() => void)[] = [];
+  constructor(
+    inner: FsStore,
+    private readonly listDelayMs: number,
+  ) {
+    super(inner);
+  }
+  private record(what: string): void {
+    this.sent.push(what);
+    if (this.closed) this.sentAfterClose.push(what);
+  }
+  override getRange(key: string, offset: number, length: number): Promise<Buffer> {
+    this.record(`GET ${key}`);
+    if (!key.startsWith('index/')) return this.inner.getRange(key, offset, length);
+    if (this.closed) return new Promise(() => undefined);
+    return new Promise((_, reject) => this.cut.push(() => reject(new KscError('KSC_E_UNAVAILABLE', `${key}: connection destroyed by close`))));
+  }
+  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
+    this.record(`LIST ${prefix}`);
+    if (prefix === 'index/') await sleep(this.listDelayMs);
+    yield* this.inner.list(prefix);
+  }
+  override async close(): Promise<void> {
+    this.closed = true;
+    for (const c of this.cut) c();
+    await this.inner.close();
+  }
+}
+
+/** An unencrypted repository with one index object, opened through HungReads. */
+async function openHung(listDelayMs: number): Promise<{ repo: Repository; store: HungReads }> {
+  const path = join(dir, `r${n++}`);
+  const made = await Repository.init(await FsStore.open(path, { create: true }), { encrypt: false });
+  await made.putIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 100, rawLength: 100 }]);
+  await made.store.close();
+  const store = new HungReads(await FsStore.open(path), listDelayMs);
+  return { repo: await Repository.open(store), store };
+}
+
+/** 'closed' when the close returned within `ms`, else 'hung'. */
+async function closeWithin(repo: Repository, ms: number): Promise<string> {
+  const t = sleep(ms).then(() => 'hung');
+  return Promise.race([repo.store.close().then(() => 'closed'), t]);
+}
+
+describe("an unencrypted repository's store closes its sealed-object probe (session 24)", () => {
+  it('the probe has its GET of an index object in flight: the close cuts it and returns', async () => {
+    const { repo, store } = await openHung(0);
+    for (let i = 0; i < 200 && !store.sent.some((s) => s.startsWith('GET index/')); i++) await sleep(10);
+    expect(store.sent.filter((s) => s.startsWith('GET index/')).length, `the probe's GET is in flight (sent: ${store.sent.join(', ')})`).toBe(1);
+    expect(await closeWithin(repo, 5000), 'the close of the gate, a GET of the probe hanging').toBe('closed');
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('the probe still waits for its LIST: the close returns and the probe sends no GET after it', async () => {
+    const { repo, store } = await openHung(300);
+    expect(store.sent, 'the LIST of index/ is sent, the GET not yet').toContain('LIST index/');
+    expect(
+      store.sent.some((s) => s.startsWith('GET index/')),
+      'no GET yet',
+    ).toBe(false);
+    expect(await closeWithin(repo, 5000), 'the close of the gate, the LIST answering after it').toBe('closed');
+    await sleep(400); // the LIST has answered by now
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('a change after the close is refused, not sent', async () => {
+    const { repo, store } = await openHung(300);
+    expect(await closeWithin(repo, 5000)).toBe('closed');
+    await expect(repo.store.put('locks/x.lock', Buffer.from('{}'))).rejects.toMatchObject({ code: 'KSC_E_CLOSED' });
+    expect(store.sentAfterClose).toEqual([]);
+  });
+});
