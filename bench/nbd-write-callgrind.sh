@@ -24,9 +24,9 @@ else
 fi
 for i in $(seq ${WAIT:-600}); do [ -S $W/a.sock ] && break; sleep 0.1; done  # WAIT: tenths of a second for the server to listen (valgrind on a loaded machine)
 sleep 2
-# WARM=N: N untimed writes at 512 MiB first (a fresh server's JIT tiers up and compiles during its first writes;
+# WARM=N: N untimed writes at 600 MiB first (N ≤ 100000) (a fresh server's JIT tiers up and compiles during its first writes;
 # under valgrind, whose threads take turns, its baseline code runs far longer than on a real run).
-[ -n "$WARM" ] && qemu-img bench -f raw -c $WARM -d 32 -s 4096 -w -t none -o 536870912 "nbd+unix:///?socket=$W/a.sock" >/dev/null
+[ -n "$WARM" ] && qemu-img bench -f raw -c $WARM -d 32 -s 4096 -w -t none -o 629145600 "nbd+unix:///?socket=$W/a.sock" >/dev/null
 [ -z "$STRACE" ] && callgrind_control -z $SP >/dev/null 2>&1
 qemu-img bench -f raw -c $N -d 32 -s 4096 -w -t none "nbd+unix:///?socket=$W/a.sock" | grep Run | tr '\n' ' '
 [ -z "$STRACE" ] && callgrind_control -d $SP >/dev/null 2>&1
