@@ -10,7 +10,8 @@
  * Servers as in the race: unix sockets, `kscinc serve FILE [--read-only]`, `qemu-nbd --shared=8`; files warm
  * in the page cache; nbdcopy (1 and 4 connections) and qemu-img bench (100k 4 KiB reads a MiB apart, or
  * 100k 4 KiB writes back to back into a new image, QD32). Random reads: one untimed pass of 20k reads per side
- * first, and the image read into the page cache before every pass. Each row prints the servers' CPU time per pass
+ * first, and the image read into the page cache before every pass; 4K writes: each pass's fresh servers take an
+ * untimed 100k writes at 600 MiB first (images of 1 GiB and more). Each row prints the servers' CPU time per pass
  * (user + system, the serving process and its workers): the figure that holds at any load.
  */
 import { spawn, execFileSync } from 'node:child_process';
@@ -18,7 +19,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadavg, tmpdir } from 'node:os';
 import { parseArgs } from 'node:util';
-import { MiB, hostWarm, median, rng, run } from './lib/common.mjs';
+import { GiB, MiB, hostWarm, median, rng, run } from './lib/common.mjs';
 import { CLI, serveKscinc } from './lib/kscinc.mjs';
 import { settled, startPeer, treeCpu } from './races/nbd.mjs';
 
@@ -77,9 +78,12 @@ async function timedMs(cmd, args) {
   return performance.now() - t0;
 }
 
-/** `qemu-img bench` of `count` 4 KiB requests at QD32: reads a MiB + 4 KiB apart, or (`write`) writes back to back. */
-function benchMs(uri, count, write = false) {
-  const how = write ? ['-w', '-t', 'none'] : ['-S', String(MiB + 4096)];
+/**
+ * `qemu-img bench` of `count` 4 KiB requests at QD32: reads a MiB + 4 KiB apart, or (`write`) writes back to back,
+ * from `offset`.
+ */
+function benchMs(uri, count, write = false, offset = 0) {
+  const how = [...(write ? ['-w', '-t', 'none'] : ['-S', String(MiB + 4096)]), ...(offset ? ['-o', String(offset)] : [])];
   const out = execFileSync('qemu-img', ['bench', '-f', 'raw', '-c', String(count), '-d', '32', '-s', '4096', ...how, uri], { encoding: 'utf8' });
   const m = /Run completed in ([\d.]+) seconds/.exec(out);
   if (!m) throw new Error(`qemu-img bench: ${out}`);
@@ -168,6 +172,10 @@ try {
       const sides = await startAll('w', (b) => [files[builds.indexOf(b)]], ['-f', 'qcow2', q]);
       try {
         await hostWarm(src);
+        // randw, fair to every side as the rand row is: one untimed pass of as many writes each, past the timed
+        // pass's 400 MB (a fresh server's first writes pay for its JIT: after 20k, V8 still optimized 106
+        // functions and deoptimized 17 during the next 100k; qemu-nbd's pay for its first allocations).
+        if (c === 'randw' && size >= GiB) for (const x of sides) benchMs(x.uri, 100_000, true, 600 * MiB);
         const order = sides.map((_, i) => sides[(i + p) % sides.length]);
         for (const x of order) samples[x.name].push(await measured(x, async () => (c === 'randw' ? benchMs(x.uri, 100_000, true) : timedMs('nbdcopy', ['--flush', `--connections=${c}`, src, x.uri]))));
         if (p === 0 && c !== 'randw') for (const x of sides) execFileSync('qemu-img', ['compare', '-q', '-f', 'raw', '-F', 'raw', src, x.uri]);

@@ -191,21 +191,18 @@ bool get_args(napi_env env, napi_callback_info info, size_t want,
   return true;
 }
 
-/* A JS number that is a safe integer. */
+/* A JS number that is a safe integer. One napi call: napi_get_value_double
+ * itself reports a value that is not a number, and a safe integer's double
+ * converts to int64 exactly (this runs several times per NBD request). */
 static bool get_integer(napi_env env, napi_value v, const char* fn,
                         const char* arg, int64_t* out) {
-  napi_valuetype type;
   double d;
-
-  if (napi_typeof(env, v, &type) != napi_ok) {
-    throw_napi_failure(env, "napi_typeof");
-    return false;
-  }
-  if (type != napi_number) {
+  napi_status st = napi_get_value_double(env, v, &d);
+  if (st == napi_number_expected) {
     throw_type(env, fn, arg, "number");
     return false;
   }
-  if (napi_get_value_double(env, v, &d) != napi_ok) {
+  if (st != napi_ok) {
     throw_napi_failure(env, "napi_get_value_double");
     return false;
   }
@@ -217,10 +214,7 @@ static bool get_integer(napi_env env, napi_value v, const char* fn,
     napi_throw_range_error(env, "ERR_OUT_OF_RANGE", msg);
     return false;
   }
-  if (napi_get_value_int64(env, v, out) != napi_ok) {
-    throw_napi_failure(env, "napi_get_value_int64");
-    return false;
-  }
+  *out = (int64_t)d;
   return true;
 }
 

@@ -163,6 +163,8 @@ class NodeHostFile implements HostFile {
   private writeCrc: NativeOps['writeCrc'] | null | undefined = undefined;
   /** The addon's readCached (null: not available or not supported by this file system); undefined until the first read. */
   private readCached: NativeOps['readCached'] | null | undefined = undefined;
+  /** The addon for seekData/seekHole (null: not available); undefined until the first seek (raw devices seek per READ in a hole). */
+  private seekOps: NativeOps | null | undefined = undefined;
   /** Write-behind (setWriteBehind): bytes written since the last writeback start, and the one running. */
   private unstarted = 0;
   private writeback: Promise<void> | null = null;
@@ -387,7 +389,8 @@ class NodeHostFile implements HostFile {
   }
 
   private seek(offset: number, data: boolean): number | null {
-    const n = nativeOps();
+    if (this.seekOps === undefined) this.seekOps = nativeOps();
+    const n = this.seekOps;
     if (!n) return null;
     try {
       const r = data ? n.seekData(this.fh.fd, offset) : n.seekHole(this.fh.fd, offset);
