@@ -187,6 +187,9 @@ describe('kscinc serve: crash restart', () => {
         waited.push(Math.round(performance.now() - t0));
       }
       console.log(`[backoff] kill to the next worker started: ${waited.join(', ')} ms`);
+      // The new worker is seen in /proc by a timer of this process, which may run before this process has read the
+      // supervisor's stderr pipe (the line logged just before the spawn): wait for the lines, not only the worker.
+      await until(() => (s.stderr().match(/restarting the worker \d+ ms after the crash/g) ?? []).length >= BACKOFF_MS.length, 30_000, 'the restart lines on stderr');
       // A lower bound only: the timer never fires early, whatever the load; the restart itself adds to it.
       for (let i = 0; i < BACKOFF_MS.length; i++) expect(waited[i], `restart ${i + 1}: ${waited.join(', ')} ms`).toBeGreaterThanOrEqual(BACKOFF_MS[i]!);
       // That bound holds for the 0 and 0.1 s steps without any wait too (a worker takes longer to start), so
