@@ -9,9 +9,7 @@
  * (KSCINC_NO_NATIVE=1) give the table addAt gives, or both refuse. (4) A batch refused part way leaves a table
  * whose size is what it holds.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { crc32 } from 'node:zlib';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -20,9 +18,9 @@ import { ChunkIndex } from '../../src/repo/chunkindex.js';
 import { checkIndex, encodeIndex, type IndexEntry } from '../../src/repo/index-object.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { asanBuild, asanEnv } from './asan-addon.js';
 
 const CHILD = fileURLToPath(new URL('./s23-idtable-child.mjs', import.meta.url));
-const NATIVE = fileURLToPath(new URL('../../native/', import.meta.url));
 const dir = tempDir('kscinc-s23-idtable-');
 const before = process.env['KSCINC_NO_NATIVE'];
 afterEach(() => {
@@ -30,33 +28,8 @@ afterEach(() => {
   else process.env['KSCINC_NO_NATIVE'] = before;
 });
 
-/** The addon built with -fsanitize=address,undefined into the test's folder, and its LD_PRELOAD; null without gcc's ASan. */
-function asanBuild(): { path: string; preload: string } | null {
-  try {
-    const lib = (n: string): string => execFileSync('gcc', [`-print-file-name=${n}`], { encoding: 'utf8' }).trim();
-    const preload = [lib('libasan.so'), lib('libubsan.so')];
-    if (!preload.every((p) => p.startsWith('/') && existsSync(p)) || !existsSync('/usr/include/node/node_api.h')) return null;
-    const out = join(dir, 'asan');
-    mkdirSync(out, { recursive: true });
-    // The sources binding.gyp builds (a list kept here went stale when kscinc_pages.c came: the ASan child could
-    // not load the addon, exit 127 in ci23).
-    const srcs = [...readFileSync(join(NATIVE, 'binding.gyp'), 'utf8').matchAll(/"(kscinc_\w+\.c)"/g)].map((m) => m[1]!);
-    const defs = ['-DNAPI_VERSION=8', '-D_GNU_SOURCE', '-D_FILE_OFFSET_BITS=64'];
-    const libs: string[] = [];
-    if (existsSync('/usr/include/lz4.h')) (defs.push('-DKSCINC_HAVE_LZ4'), libs.push('-llz4'));
-    if (existsSync('/usr/include/libdeflate.h')) (defs.push('-DKSCINC_HAVE_LIBDEFLATE'), libs.push('-ldeflate'));
-    const path = join(out, 'kscinc_native.node');
-    const args = ['-std=gnu11', '-O1', '-g', '-fno-omit-frame-pointer', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fPIC', '-shared', ...defs];
-    execFileSync('gcc', [...args, '-I/usr/include/node', ...srcs, ...libs, '-o', path], { cwd: NATIVE, stdio: ['ignore', 'ignore', 'pipe'] });
-    return { path, preload: preload.join(':') };
-  } catch (e) {
-    console.log(`no AddressSanitizer build: ${(e as Error).message.split('\n')[0]}`);
-    return null;
-  }
-}
-
 function child(addon: string, seed: number, rounds: number, preload?: string): { status: number | null; signal: string | null; out: string; err: string } {
-  const env = { ...process.env, ...(preload ? { LD_PRELOAD: preload, ASAN_OPTIONS: 'detect_leaks=0:abort_on_error=1', UBSAN_OPTIONS: 'halt_on_error=1:print_stacktrace=1' } : {}) };
+  const env = asanEnv(preload);
   const r = spawnSync(process.execPath, [CHILD, addon, String(seed), String(rounds)], { env, encoding: 'utf8', timeout: 40_000 });
   return { status: r.status, signal: r.signal, out: r.stdout, err: r.stderr };
 }
@@ -71,7 +44,7 @@ describe('s23: the index loops in C fed hostile input', () => {
     if (!nativeOps()?.idTableAdd) return void console.log('no addon: nothing to check');
     const seed = seedFor('test/hostile/s23-idtable-hostile.test.ts calls');
     const builds: [string, string, string | undefined][] = [['built', nativeAddonPath(), undefined]];
-    const asan = asanBuild();
+    const asan = asanBuild(dir);
     if (asan) builds.push(['asan', asan.path, asan.preload]);
     for (const [what, path, preload] of builds) {
       const r = child(path, seed, what === 'asan' ? 1500 : 4000, preload);

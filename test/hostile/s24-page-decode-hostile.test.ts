@@ -8,8 +8,8 @@
  * the built addon and an ASan+UBSan build of it (as test/hostile/s23-idtable-hostile does), against a model of
  * what TypeScript decides: no crash, no sanitizer report, no entry TypeScript refuses left unsuspected.
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -18,9 +18,9 @@ import { nativeAddonPath, nativeOps } from '../../src/io/native.js';
 import { layoutOf, resealRecord, ROOT, type Layout } from '../helpers/corrupt.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
+import { asanBuild, asanEnv } from './asan-addon.js';
 
 const CHILD = fileURLToPath(new URL('./s24-page-decode-child.mjs', import.meta.url));
-const NATIVE = fileURLToPath(new URL('../../native/', import.meta.url));
 const DIST = join(ROOT, 'dist/index.js');
 const dir = tempDir('kscinc-s24-pages-');
 const K = 4096;
@@ -115,29 +115,6 @@ function runImages(list: string, native: boolean): { status: number | null; sign
   return { status: r.status, signal: r.signal, lines, err: r.stderr };
 }
 
-/** The addon built with -fsanitize=address,undefined (test/hostile/s23-idtable-hostile's way); null without gcc's ASan. */
-function asanBuild(): { path: string; preload: string } | null {
-  try {
-    const lib = (n: string): string => execFileSync('gcc', [`-print-file-name=${n}`], { encoding: 'utf8' }).trim();
-    const preload = [lib('libasan.so'), lib('libubsan.so')];
-    if (!preload.every((p) => p.startsWith('/') && existsSync(p)) || !existsSync('/usr/include/node/node_api.h')) return null;
-    const out = join(dir, 'asan');
-    mkdirSync(out, { recursive: true });
-    const srcs = [...readFileSync(join(NATIVE, 'binding.gyp'), 'utf8').matchAll(/"(kscinc_\w+\.c)"/g)].map((m) => m[1]!);
-    const defs = ['-DNAPI_VERSION=8', '-D_GNU_SOURCE', '-D_FILE_OFFSET_BITS=64'];
-    const libs: string[] = [];
-    if (existsSync('/usr/include/lz4.h')) (defs.push('-DKSCINC_HAVE_LZ4'), libs.push('-llz4'));
-    if (existsSync('/usr/include/libdeflate.h')) (defs.push('-DKSCINC_HAVE_LIBDEFLATE'), libs.push('-ldeflate'));
-    const path = join(out, 'kscinc_native.node');
-    const args = ['-std=gnu11', '-O1', '-g', '-fno-omit-frame-pointer', '-fsanitize=address,undefined', '-fno-sanitize-recover=all', '-fPIC', '-shared', ...defs];
-    execFileSync('gcc', [...args, '-I/usr/include/node', ...srcs, ...libs, '-o', path], { cwd: NATIVE, stdio: ['ignore', 'ignore', 'pipe'] });
-    return { path, preload: preload.join(':') };
-  } catch (e) {
-    console.log(`no AddressSanitizer build: ${(e as Error).message.split('\n')[0]}`);
-    return null;
-  }
-}
-
 describe('s24: map and bitmap pages decoded in C from hostile images', () => {
   const pages: { maps: (Page & { hex: string })[]; bitmaps: (Page & { hex: string })[] } = { maps: [], bitmaps: [] };
   const seed = seedFor('test/hostile/s24-page-decode-hostile.test.ts');
@@ -188,10 +165,10 @@ describe('s24: map and bitmap pages decoded in C from hostile images', () => {
     const file = join(dir, 'pages.json');
     writeFileSync(file, JSON.stringify(pages));
     const builds: [string, string, string | undefined][] = [['built', nativeAddonPath(), undefined]];
-    const asan = asanBuild();
+    const asan = asanBuild(dir);
     if (asan) builds.push(['asan', asan.path, asan.preload]);
     for (const [what, addon, preload] of builds) {
-      const env = { ...process.env, ...(preload ? { LD_PRELOAD: preload, ASAN_OPTIONS: 'detect_leaks=0:abort_on_error=1', UBSAN_OPTIONS: 'halt_on_error=1:print_stacktrace=1' } : {}) };
+      const env = asanEnv(preload);
       const r = spawnSync(process.execPath, [CHILD, 'calls', addon, file, String(seed)], { env, encoding: 'utf8', timeout: 50_000 });
       console.log(`${what}: ${r.stdout.trim()} (exit ${r.status}, signal ${r.signal})`);
       expect({ status: r.status, signal: r.signal }, `${what} addon, seed ${seed}: the child died\n${r.stderr.slice(-3000)}`).toEqual({ status: 0, signal: null });
