@@ -343,7 +343,7 @@ function registerPrune(program: Command): void {
             );
           if (r.packsUnlisted.length)
             println(
-              `warning: ${r.packsUnlisted.length} pack(s) the index named but the listing did not show (no kept backup misses a chunk; the new index still names them, unchanged: put them back where the listing sees them, or find why it misses them): ${r.packsUnlisted.join(', ')}`,
+              `warning: ${r.packsUnlisted.length} pack(s) the index named but the listing did not show (no kept backup misses a chunk, so nothing kept needs them; the new index no longer names them): ${r.packsUnlisted.join(', ')}`,
             );
           if (r.chunksMissing) println(`warning: ${r.chunksMissing} chunks kept backups need are missing (run "kscinc verify")`);
           const c = r.copies;

@@ -56,8 +56,6 @@ interface ChunkScan {
   where: ChunkIndex;
   damagedIndex: string[];
   indexedPacks: Set<string>;
-  /** The index entries of packs the listing did not show: the new index keeps them unchanged (§9.2 rule 1). */
-  unlistedEntries: ChunkIndex;
   unreadable: Set<string>;
 }
 
@@ -97,7 +95,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   const writer = await repackSparse(repo, lock, scan.where, live, keptCopies, plan.repack, result);
 
   // 4. One index object of everything in use, then drop the old ones, then the packs.
-  await writeNewIndex(repo, scan, live, keptCopies, writer, plan);
+  await writeNewIndex(repo, scan.where, live, keptCopies, writer, plan);
   lock.check();
   for (const id of scan.oldIndex) await repo.store.delete(indexKey(id));
   for (const p of [...plan.drop.filter((x) => !orphans.has(x)), ...plan.repack]) {
@@ -122,9 +120,8 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
 
 /**
  * Where each chunk lives (the index objects, then the footers of packs no index object names), only in
- * packs that exist, in a compact table; the entries naming packs the listing did not show, in a table of
- * their own (kept, not used). A damaged index object is replaced later (its packs are read as orphans); a
- * pack whose footer cannot be read is unreadable (what it holds is unknown).
+ * packs that exist, in a compact table. A damaged index object is replaced later (its packs are read as
+ * orphans); a pack whose footer cannot be read is unreadable (what it holds is unknown).
  */
 async function locateChunks(repo: Repository): Promise<ChunkScan> {
   const packs = await repo.listPacks();
@@ -132,7 +129,6 @@ async function locateChunks(repo: Repository): Promise<ChunkScan> {
   const where = new ChunkIndex();
   const damagedIndex: string[] = [];
   const indexedPacks = new Set<string>();
-  const unlistedEntries = new ChunkIndex();
   // Read side by side, visited one at a time, each in a turn of its own (an object lists up to millions of entries).
   const inTurn = oneTurnEach();
   await mapLimit(oldIndex, 8, async (id) => {
@@ -142,7 +138,6 @@ async function locateChunks(repo: Repository): Promise<ChunkScan> {
         visitIndex(plain, repo.objName(indexKey(id)), (b, at, pack, offset, length, rawLength) => {
           indexedPacks.add(pack);
           if (packs.has(pack)) where.addAt(b, at, pack, offset, length, rawLength);
-          else unlistedEntries.addAt(b, at, pack, offset, length, rawLength);
         }),
       );
     } catch (e) {
@@ -163,7 +158,7 @@ async function locateChunks(repo: Repository): Promise<ChunkScan> {
       }
     },
   );
-  return { packs, oldIndex, where, damagedIndex, indexedPacks, unlistedEntries, unreadable };
+  return { packs, oldIndex, where, damagedIndex, indexedPacks, unreadable };
 }
 
 /** What the kept backups reference (a mark a slot of `where`); counts the chunks no pack holds in result.chunksMissing. */
@@ -190,8 +185,7 @@ async function markLive(repo: Repository, where: ChunkIndex, gc: GcContext, step
  * unknown, or an index object names a pack the listing did not show (a folder the listing missed, an S3
  * listing that lagged, a pack moved away): they may be the missing chunks' only trace (the old index
  * objects are the only map to an unlisted pack), so nothing goes until someone looks. With no chunk
- * missing, an unlisted pack holds nothing a kept backup needs: prune goes on, names it (result.packsUnlisted)
- * and keeps its index entries unchanged (a writer whose manifest has not landed may need them).
+ * missing, an unlisted pack holds nothing a kept backup needs: prune goes on and names it (result.packsUnlisted).
  */
 function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): void {
   const unlisted = [...scan.indexedPacks].filter((p) => !scan.packs.has(p)).sort();
@@ -324,15 +318,12 @@ async function repackSparse(repo: Repository, lock: RepoLock, where: ChunkIndex,
 }
 
 /**
- * One index object of every live chunk where it now lives, every chunk of a pack that stays (a waiting
- * pack's chunks stay indexed: a writer that has not committed may need them), and, last (a reader takes a
- * chunk's first location), every entry naming a pack the listing did not show, unchanged (§9.2 rule 1:
- * prune keeps what it cannot see). None when nothing is indexed.
+ * One index object of every live chunk where it now lives, and every chunk of a pack that stays (a waiting
+ * pack's chunks stay indexed: a writer that has not committed may need them). None when nothing is indexed.
  * The entries are gathered first, in passes over the whole index with turns of the event loop
  * (engines/paced.ts), into flat arrays (33 bytes an entry) that the encoder then reads twice.
  */
-async function writeNewIndex(repo: Repository, scan: ChunkScan, live: Uint8Array, keptCopies: (slot: number) => number[], writer: PackWriter, plan: PackPlan): Promise<void> {
-  const { where, unlistedEntries: unlisted } = scan;
+async function writeNewIndex(repo: Repository, where: ChunkIndex, live: Uint8Array, keptCopies: (slot: number) => number[], writer: PackWriter, plan: PackPlan): Promise<void> {
   const moved = new ChunkIndex();
   let step = 0;
   for (const e of writer.entries) {
@@ -344,26 +335,21 @@ async function writeNewIndex(repo: Repository, scan: ChunkScan, live: Uint8Array
   const goes = new Set([...plan.drop, ...plan.repack]);
   // A live chunk: the copies chosen above; any other: every copy in a pack that stays.
   const indexedCopies = (slot: number): number[] => (live[slot] === 1 ? keptCopies(slot) : where.copies(slot).filter((h) => where.packNumber(h) >= 0 && !goes.has(where.packName(h))));
-  // Calls `add` for each entry of the new index, in slot order: copy handle `h` of `from`, or a moved location.
-  const visit = async (add: (from: ChunkIndex, h: number, loc: ChunkLocation | null, id: Buffer | null) => void): Promise<void> => {
+  // Calls `add` for each entry of the new index, in slot order: copy handle `h`, or a moved location.
+  const visit = async (add: (h: number, loc: ChunkLocation | null, id: Buffer | null) => void): Promise<void> => {
     for (let slot = 0; slot < live.length; slot++) {
       const t = turnDue(slot);
       if (t) await t;
       let movedDone = false;
       for (const h of indexedCopies(slot)) {
-        if (!repackSet.has(where.packName(h))) add(where, h, null, null);
+        if (!repackSet.has(where.packName(h))) add(h, null, null);
         else if (!movedDone) {
           movedDone = true;
           const id = where.idAt(slot);
           const loc = moved.get(id);
-          if (loc) add(where, h, loc, id);
+          if (loc) add(h, loc, id);
         }
       }
-    }
-    for (let slot = 0; slot < unlisted.slots; slot++) {
-      const t = turnDue(slot);
-      if (t) await t;
-      if (unlisted.hasSlot(slot)) for (const h of unlisted.copies(slot)) add(unlisted, h, null, null);
     }
   };
   let count = 0;
@@ -377,16 +363,16 @@ async function writeNewIndex(repo: Repository, scan: ChunkScan, live: Uint8Array
   const length = new Uint32Array(count);
   const rawLength = new Uint32Array(count);
   let i = 0;
-  await visit((from, h, loc, id) => {
+  await visit((h, loc, id) => {
     if (i >= count) throw new Error('prune: the new index changed between its two passes');
-    const p = loc ? loc.pack : from.packName(h);
+    const p = loc ? loc.pack : where.packName(h);
     let n = packNo.get(p);
     if (n === undefined) packNo.set(p, (n = packNames.push(p) - 1));
-    (id ?? from.idAt(h)).copy(ids, i * ID_BYTES);
+    (id ?? where.idAt(h)).copy(ids, i * ID_BYTES);
     pack[i] = n;
-    offset[i] = loc ? loc.offset : from.blobOffset(h);
-    length[i] = loc ? loc.length : from.blobLength(h);
-    rawLength[i] = loc ? loc.rawLength : from.rawLengthAt(h);
+    offset[i] = loc ? loc.offset : where.blobOffset(h);
+    length[i] = loc ? loc.length : where.blobLength(h);
+    rawLength[i] = loc ? loc.rawLength : where.rawLengthAt(h);
     i++;
   });
   if (i !== count) throw new Error('prune: the new index changed between its two passes');

@@ -62,7 +62,7 @@ export interface PruneResult {
   bytesWaiting: number;
   /** Packs whose contents could not be read (footer damaged, no index names them); prune refuses instead when a kept backup misses chunks. */
   packsUnreadable: string[];
-  /** Packs an index object names that the listing did not show: the new index keeps their entries unchanged; prune refuses instead when a kept backup misses chunks (§9.2 rule 1). */
+  /** Packs an index object names that the listing did not show; prune refuses instead when a kept backup misses chunks (§9.2 rule 1). */
   packsUnlisted: string[];
   /** Temporary parts of interrupted uploads removed (.tmp files; S3 incomplete multipart uploads), and their bytes (also counted in bytesFreed). */
   tempParts: number;
