@@ -185,7 +185,9 @@ async function markLive(repo: Repository, where: ChunkIndex, gc: GcContext, step
  * unknown, or an index object names a pack the listing did not show (a folder the listing missed, an S3
  * listing that lagged, a pack moved away): they may be the missing chunks' only trace (the old index
  * objects are the only map to an unlisted pack), so nothing goes until someone looks. With no chunk
- * missing, an unlisted pack holds nothing a kept backup needs: prune goes on and names it (result.packsUnlisted).
+ * missing, an unlisted pack holds nothing a kept backup needs: prune goes on and names it (result.packsUnlisted);
+ * its entries are dropped (kept, a pack lost for good would make every later backup deduplicate against it),
+ * and if it was only hidden it comes back as an orphan the next writer adopts (§9 rule 6).
  */
 function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): void {
   const unlisted = [...scan.indexedPacks].filter((p) => !scan.packs.has(p)).sort();

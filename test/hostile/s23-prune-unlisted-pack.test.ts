@@ -17,7 +17,7 @@ import { backupDevice } from '../../src/engines/backup.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
-import { packKey } from '../../src/repo/constants.js';
+import { manifestKey, packKey } from '../../src/repo/constants.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo, treeDigest } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s23-prune-unlisted-pack.test.ts');
@@ -58,11 +58,11 @@ async function twoBackups(name: string, rng: Rng): Promise<Two> {
   return out;
 }
 
-/** Moves a pack out of packs/ (to `dir`/away) and returns the function that moves it back. */
-function moveAway(t: Two, pack: string): () => void {
+/** Moves an object (a pack by default) out of the repository (to `dir`/away) and returns the function that moves it back. */
+function moveAway(t: Two, pack: string, key = packKey(pack)): () => void {
   mkdirSync(join(t.dir, 'away'), { recursive: true });
-  const from = join(t.repoDir, packKey(pack));
-  const to = join(t.dir, 'away', `${pack}.pack`);
+  const from = join(t.repoDir, key);
+  const to = join(t.dir, 'away', key.replaceAll('/', '_'));
   renameSync(from, to);
   return () => renameSync(to, from);
 }
@@ -107,6 +107,59 @@ describe('prune when the index names a pack the listing does not show (session 2
     await expectRestores(repo, t.ids[1]!, join(t.dir, 'restored.ksc'), t.data[1]!, 'the kept backup after prune');
     const v = await verifyRepo(await openRepo(t.repoDir));
     expect(v.damage.map((d) => JSON.stringify(d)).join('\n'), 'verify after prune finds no damage').toBe('');
+    expect(v.ok).toBe(true);
+  });
+  it('a pack lost for good with its backup: prune drops its index entries, so a later backup of the same data stores it again and restores (session 24 review)', async () => {
+    const t = await twoBackups('lost', new Rng(seed + 3));
+    const pack = t.packs[0]![0]!;
+    expect(t.packs[0]!.length, 'the first backup wrote one pack').toBe(1);
+    moveAway(t, pack);
+    moveAway(t, pack, manifestKey(t.ids[0]!));
+    const r = kscinc(['prune', '--repo', t.repoDir, '--keep-last', '5', '--grace', '0']);
+    console.log(`prune with ${pack} and manifest ${t.ids[0]} lost: exit ${r.code}\n${r.stdout}${r.stderr}`);
+    expect(r.code, 'prune succeeds (no kept backup misses a chunk)').toBe(0);
+    expect(r.stdout, 'the output names the pack the index named but the listing lacked').toContain(pack);
+    // The same data backed up again: with the lost pack's entries kept, the backup deduplicated against a pack
+    // that is gone, said it succeeded and could not be restored (the review's repro).
+    const repo = await openRepo(t.repoDir);
+    const path = await makeDisk(t.dir, 'again', new Rng(seed + 4), { size: 3 * MiB });
+    const img = await openKsc(path, { write: true });
+    let id: string;
+    try {
+      await img.write(0, t.data[0]!);
+      id = (await backupDevice(img, repo, { bitmap: null })).id;
+    } finally {
+      await img.close();
+    }
+    await expectRestores(repo, id, join(t.dir, 'restored-again.ksc'), t.data[0]!, 'the data of the lost pack, backed up again');
+    const v = await verifyRepo(await openRepo(t.repoDir));
+    expect(v.damage.map((d) => JSON.stringify(d)).join('\n'), 'verify finds no damage').toBe('');
+    expect(v.ok).toBe(true);
+  });
+
+  it('a pack hidden from the listing when prune ran comes back: the next backup adopts it (an orphan), and the backup that needed it restores', async () => {
+    const t = await twoBackups('back', new Rng(seed + 5));
+    // The first backup stands for a writer whose manifest had not landed when prune ran (prune does not see
+    // it), whose chunks are only in a pack the listing missed.
+    const pack = t.packs[0]![0]!;
+    const packBack = moveAway(t, pack);
+    const manifestBack = moveAway(t, pack, manifestKey(t.ids[0]!));
+    const r = kscinc(['prune', '--repo', t.repoDir, '--keep-last', '5', '--grace', '0']);
+    expect(r.code, `prune succeeds (no kept backup misses a chunk): ${r.stdout}${r.stderr}`).toBe(0);
+    packBack();
+    manifestBack();
+    // The pack is an orphan now (no index object names it): the next backup adopts it (§9 rule 6).
+    const repo = await openRepo(t.repoDir);
+    const img = await openKsc(await makeDisk(t.dir, 'next', new Rng(seed + 6), { size: 1 * MiB }), { write: true });
+    try {
+      await backupDevice(img, repo, { bitmap: null });
+    } finally {
+      await img.close();
+    }
+    const again = await openRepo(t.repoDir);
+    for (let k = 0; k < 2; k++) await expectRestores(again, t.ids[k]!, join(t.dir, `restored-back-${k}.ksc`), t.data[k]!, `backup ${k} after the pack came back and was adopted`);
+    const v = await verifyRepo(await openRepo(t.repoDir));
+    expect(v.damage.map((d) => JSON.stringify(d)).join('\n'), 'verify finds no damage').toBe('');
     expect(v.ok).toBe(true);
   });
 });
