@@ -18,11 +18,23 @@ function quietOnEpipe(e: NodeJS.ErrnoException): void {
   throw e;
 }
 
+/**
+ * Code preloaded into the process (`-r`, `--import`, a loader) may have made the streams before the entry
+ * ran, and Node's getter does not say so (the review of session 24: a preload's queued output, then write(2),
+ * came out of order). Making one loads the module of its kind (a pipe or socket: net; a terminal: tty; a
+ * file: the sync write stream): with any of them loaded, the streams are taken as made.
+ */
+const STREAM_MODULES = ['NativeModule net', 'NativeModule tty', 'NativeModule internal/fs/sync_write_stream'];
+function maybeMade(): boolean {
+  const loaded = (process as unknown as { moduleLoadList?: string[] }).moduleLoadList;
+  return !Array.isArray(loaded) || STREAM_MODULES.some((m) => loaded.includes(m));
+}
+
 /** Notes process[name]'s first use (Node's own getter still makes and keeps the stream). */
 function watch(name: Name): void {
   const d = Object.getOwnPropertyDescriptor(process, name);
   const get = d?.get;
-  if (!d || !get || !d.configurable) {
+  if (!d || !get || !d.configurable || maybeMade()) {
     made[name] = true; // already made, or not Node's lazy getter: treat it as made
     if (name === 'stdout') process.stdout.on('error', quietOnEpipe);
     return;

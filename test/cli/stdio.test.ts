@@ -67,4 +67,20 @@ describe('stdout and stderr made on first use', () => {
     expect(err).toBe('');
     expect(code).toBe(0);
   });
+  it("once a preload has made process.stdout, the command's output goes through it too, so it cannot pass the stream's queue (the review of session 24)", () => {
+    ok(['create', p('o.ksc'), '--size', '1M']);
+    const preload = p('stdout-first.cjs');
+    const seen = p('stdout-writes');
+    // The preload makes the stream (as a preload that prints would), then records what goes through it.
+    writeFileSync(
+      preload,
+      `const w = process.stdout.write.bind(process.stdout); const got = [];
+process.stdout.write = (c, ...a) => (got.push(String(c)), w(c, ...a));
+process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(seen)}, got.join('')));\n`,
+    );
+    const r = spawnSync(process.execPath, ['-r', preload, CLI, 'info', p('o.ksc'), '--json'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(r.stdout), 'the command printed its JSON').toHaveProperty('format');
+    expect(readFileSync(seen, 'utf8'), 'the JSON went through the stream the preload made (else write(2) may pass its queue)').toBe(r.stdout);
+  });
 });
