@@ -1,9 +1,28 @@
+import { MAX_PAYLOAD } from './wire.js';
+
+/**
+ * What every admitted request is charged beyond its payload (formats/nbd.md §2.2): its reply's header (16 B
+ * simple, 20–32 B structured) and the objects that wait with it until the socket has taken it (the give-back
+ * closure and its slot in the batch of replies). Measured: ~140 B more held per 1-byte READ whose reply
+ * waits (8 connections: 10.5 MiB more live for 12 MiB more budget); without it a READ of 1 byte (or 0) was
+ * charged 1 (or 0) (test/nbd/request-overhead-memory.test.ts).
+ */
+export const REQUEST_OVERHEAD = 160;
+
+/**
+ * What a READ or WRITE of `length` bytes is charged: its payload and the fixed overhead, at most MAX_PAYLOAD
+ * (so that two requests of the largest size still fit one connection's 64 MiB share).
+ */
+export function payloadCost(length: number): number {
+  return Math.min(length + REQUEST_OVERHEAD, MAX_PAYLOAD);
+}
+
 /**
  * A byte budget shared by every connection of a server (formats/nbd.md §2.2): the bytes of requests
  * admitted and not yet done with — WRITE payloads held in memory, READ replies read and not yet taken by
- * the socket. A connection that cannot take what its next request needs stops reading requests until
- * another gives bytes back, so memory stays bounded whatever clients do (a client that never reads holds
- * at most its own share until the no-progress timeout cuts it).
+ * the socket, each with REQUEST_OVERHEAD more. A connection that cannot take what its next request needs
+ * stops reading requests until another gives bytes back, so memory stays bounded whatever clients do (a
+ * client that never reads holds at most its own share until the no-progress timeout cuts it).
  */
 export class ByteBudget {
   private used = 0;

@@ -5,7 +5,7 @@
  * SessionState it was built with.
  */
 import { type WritesNow, writesNowOf } from '../image/capabilities.js';
-import { ConnectionShare } from './budget.js';
+import { ConnectionShare, REQUEST_OVERHEAD, payloadCost } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
 import { execute } from './execute.js';
 import { type FastRead, FastReads } from './fast-read.js';
@@ -19,7 +19,7 @@ import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } 
 import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply, putSimpleSuccess } from './wire.js';
 
 /** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
-const SMALL_REQUEST_COST = 64 * 1024;
+const SMALL_REQUEST_COST = 64 * 1024 + REQUEST_OVERHEAD;
 
 export class Transmission {
   /** Requests being run now; `waiters` resolve whenever one of them ends. */
@@ -154,7 +154,8 @@ export class Transmission {
       }
       // formats/nbd.md §3.2: a negotiated KSC_WRITE_LZ4 says its payload's length first (unnegotiated: unknown command).
       const lz4 = req && req.type === KSC_WRITE_LZ4 && lz4Negotiated(this.state) ? await readLz4Length(link.reader, stall) : -1;
-      const cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? Math.min(length, MAX_PAYLOAD) : lz4 >= 0 ? lz4Cost(req, lz4) : SMALL_REQUEST_COST;
+      // Payload plus the fixed overhead of a request and its reply (budget.ts), in the fast paths too.
+      const cost = !req || req.type === CMD.READ || req.type === CMD.WRITE ? payloadCost(length) : lz4 >= 0 ? lz4Cost(req, lz4) + REQUEST_OVERHEAD : SMALL_REQUEST_COST;
       let release: () => void;
       try {
         release = this.share.tryAdmit(cost, this.goneError) ?? (await this.share.admit(cost, this.goneError));
@@ -243,7 +244,7 @@ export class Transmission {
         if (!fw) break;
         let release: (() => void) | null;
         try {
-          release = this.share.tryAdmit(length, this.goneError);
+          release = this.share.tryAdmit(payloadCost(length), this.goneError);
         } catch {
           break; // gone: the loop finds out
         }

@@ -7,6 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { BlockDevice } from '../../src/image/types.js';
+import { payloadCost } from '../../src/nbd/budget.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { CMD, encodeRequest } from '../../src/nbd/wire.js';
 import { RawClient } from './helpers.js';
@@ -79,8 +80,8 @@ describe('a connection that fails with a request admitted and waiting', () => {
     c.socket.write(Buffer.concat([h2, Buffer.alloc(N / 2, 2)]));
     await sleep(100);
     c.socket.write(Buffer.alloc(N / 2, 2));
-    await until(() => server.budget.inUse === 2 * N && outstanding.size === first.size + 1, 5000);
-    expect(server.budget.inUse, 'both WRITEs admitted').toBe(2 * N);
+    await until(() => server.budget.inUse === 2 * payloadCost(N) && outstanding.size === first.size + 1, 5000);
+    expect(server.budget.inUse, 'both WRITEs admitted (payload and fixed overhead each)').toBe(2 * payloadCost(N));
     expect(outstanding.size - first.size, "WRITE 2's payload gathered in a pool buffer").toBe(1);
     // The client goes; then WRITE 1 fails in a way its error reply cannot be made: the connection fails.
     c.socket.resetAndDestroy();
