@@ -1,0 +1,120 @@
+/**
+ * Session 24, hostile: the migration SOURCE SIGKILLed inside its switch-over (KSCINC_TEST_KILL_AT=migrate@PHASE,
+ * src/util/killpoint.ts), then what the operator does next, beyond test/migrate/kill.test.ts: `kscinc check`
+ * finds no error on either image (leaks only on the killed source), `kscinc info` and the refusals say which
+ * side is the authority, and when the source is flagged the destination, restarted WITHOUT --incoming as the
+ * operator is told, serves every acknowledged write and takes new ones; the stale source refuses `serve`
+ * and `write` alike. When not flagged, a restarted source resumes (`resumed: true`) and completes.
+ */
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import type { MigrateStatus } from '../../src/engines/migrate.js';
+import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
+import { kscincAsync } from '../helpers/cli.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+
+const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
+console.log(`s24m-src-kill-after seed ${seed} (replay: SEED=${seed})`);
+/** S24M_PHASES=a,b replays chosen steps; [phase, flagged after it]. */
+const ALL: Record<string, boolean> = { sent: false, flushed: false, flagged: true, released: true, told: true };
+const PHASES = process.env.S24M_PHASES ? process.env.S24M_PHASES.split(',') : ['flushed', 'flagged', 'released'];
+
+function holdsAcknowledged(raw: string, w: Writer, what: string): void {
+  const got = readFileSync(raw);
+  const want = Buffer.from(w.model);
+  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
+  expect(got.length).toBe(want.length);
+  let first = -1;
+  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
+  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
+}
+
+/** `kscinc check` finds no error: exit 0, or 3 (leaked space only) where `leaks`. */
+function checkClean(r: Rig, image: string, what: string, leaks = false): void {
+  const c = r.cli(['check', image]);
+  expect(leaks ? [0, 3] : [0], `${what}: kscinc check ${image}: ${c.stdout}${c.stderr}`).toContain(c.code);
+  expect(c.stdout, `${what}: kscinc check ${image}`).toMatch(/No errors were found/);
+}
+
+async function oneCase(phase: string, caseSeed: number): Promise<string> {
+  const flaggedWant = ALL[phase];
+  expect(flaggedWant, `a known phase: ${phase}`).toBeDefined();
+  const r = rig();
+  makeBaseAndOverlay(r, 'vm.ksc', 8);
+  expect(r.cli(['create', 'dst.ksc', '--backing', 'base.raw']).code).toBe(0);
+  let dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
+  const src = await serveImage({ ...r, env: { ...r.env, KSCINC_TEST_KILL_AT: `migrate@${phase}` } }, 'vm.ksc', ['--no-supervisor']);
+  const w = new Writer(src.uri, caseSeed, 16 * MiB, true);
+  let completed: { code: number | null; stderr: string };
+  try {
+    await w.start();
+    await w.atLeast(10);
+    r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
+    await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
+    await w.atLeast(5);
+    completed = await kscincAsync(['migrate', 'complete', join(r.dir, 'vm.ksc')], r.env, 60_000);
+    expect(await src.child.exited, `the source died at ${phase}`).toBe(null);
+    expect(src.child.stderr()).toContain(`test kill point migrate@${phase}: SIGKILL self`);
+    await w.stopped().catch(() => undefined);
+  } finally {
+    await w.stop().catch(() => undefined);
+  }
+  const info = JSON.parse(r.cli(['info', 'vm.ksc', '--json']).stdout) as { migratedAway: boolean };
+  const line = `source killed at ${phase}: complete exit ${completed.code} (${completed.stderr.trim().split('\n').pop()?.slice(0, 100)}), flagged ${info.migratedAway}, ${w.writes} writes`;
+  console.log(line);
+  try {
+    expect(completed.code, line).not.toBe(0);
+    expect(info.migratedAway, `${line}: flagged exactly from step 5 on`).toBe(flaggedWant);
+    holdsAcknowledged(rawOf(r, 'vm.ksc'), w, `source (${line})`);
+    checkClean(r, 'vm.ksc', line, true);
+    const st = r.cli(['migrate', 'status', 'vm.ksc']);
+    expect(st.code, `${line}: migrate status with the source down`).not.toBe(0);
+    if (!flaggedWant) {
+      const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
+      try {
+        const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
+        expect(rerun.resumed, `${line}: the restarted source resumes`).toBe(true);
+        await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
+        expect(r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']).phase).toBe('completed');
+      } finally {
+        expect(await again.stop()).toBe(0);
+        expect(await dst.stop()).toBe(0);
+      }
+      sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+      checkClean(r, 'dst.ksc', `${line}, after the rerun`);
+      return line;
+    }
+    // Flagged: the stale source refuses serve and write; the destination is the authority.
+    const refused = r.cli(['serve', 'vm.ksc', '--no-supervisor', '--listen', '127.0.0.1:0']);
+    expect(refused.code, `${line}: serve of the stale source`).toBe(1);
+    expect(refused.stderr).toMatch(/was migrated away/);
+    writeFileSync(join(r.dir, 'one.bin'), Buffer.alloc(4096, 0x77));
+    const wr = r.cli(['write', 'vm.ksc', '0', '--from', 'one.bin']);
+    expect(wr.code, `${line}: write to the stale source: ${wr.stderr}`).not.toBe(0);
+    expect(wr.stderr).toMatch(/migrated away/);
+    expect(await dst.stop()).toBe(0);
+    checkClean(r, 'dst.ksc', line);
+    holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
+    sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+    dst = await serveImage(r, 'dst.ksc', ['--no-supervisor']);
+    const c = await NbdClient.connect({ ...parseNbdUri(dst.uri), structured: true });
+    await c.write(20 * MiB, Buffer.alloc(4096, 0x5a), { fua: true });
+    expect((await c.read(20 * MiB, 4096)).equals(Buffer.alloc(4096, 0x5a)), `${line}: the destination takes writes`).toBe(true);
+    await c.disconnect();
+    expect(await dst.stop()).toBe(0);
+    checkClean(r, 'dst.ksc', `${line}, after serving it`);
+    return line;
+  } finally {
+    await src.stop();
+    await dst.stop();
+  }
+}
+
+describe('s24m: the migration source SIGKILLed in its switch-over, then check, info and the takeover', () => {
+  it(`one authority, check clean, the destination takes over (seed ${seed}, phases ${PHASES.join(', ')})`, async () => {
+    const lines: string[] = [];
+    for (const [k, p] of PHASES.entries()) lines.push(await oneCase(p, seed + k));
+    console.log(lines.join('\n'));
+  }, 240_000);
+});
