@@ -125,7 +125,7 @@ async function rounds(name: string, n: number): Promise<number> {
       if (r < 6) {
         // A change on sectors no other change of this round touches (the new state is then one).
         const length = rng.chance(0.5) ? S * rng.int(1, 4) : rng.int(1, 40 * 1024);
-        const offset = rng.chance(0.5) ? rng.int(0, (SIZE - length) / S) * S : rng.int(0, SIZE - length);
+        const offset = rng.chance(0.5) ? rng.int(0, Math.floor((SIZE - length) / S)) * S : rng.int(0, SIZE - length);
         const first = Math.floor(offset / S);
         const last = Math.floor((offset + length - 1) / S);
         let free = true;
