@@ -174,7 +174,14 @@ export class Repository {
     sealed.catch(() => undefined); // awaited by the unencrypted repository's writes (WriteGate); by the others below
     try {
       const c = await config;
-      if (!isEncrypted(c)) return await Repository.unlocked(store, c, u, deriving, { sealed, view });
+      if (!isEncrypted(c)) {
+        try {
+          return await Repository.unlocked(store, c, u, deriving, { sealed, view });
+        } catch (e) {
+          view.end(); // refused (KSCINC_REQUIRE_ENCRYPTION, a bad config): no read of the probe after the caller's close
+          throw e;
+        }
+      }
       return await Repository.unlocked(store, c, u, deriving);
     } finally {
       // An encrypted or missing config: its LIST (sent beside the config's read) ends within the open.

@@ -97,4 +97,22 @@ describe("an unencrypted repository's store closes its sealed-object probe (sess
     await expect(repo.store.put('locks/x.lock', Buffer.from('{}'))).rejects.toMatchObject({ code: 'KSC_E_CLOSED' });
     expect(store.sentAfterClose).toEqual([]);
   });
+  it('an open refused after the probe started (KSCINC_REQUIRE_ENCRYPTION) ends it: nothing is sent after the caller closes the store (the review of session 24)', async () => {
+    const path = join(dir, `r${n++}`);
+    const made = await Repository.init(await FsStore.open(path, { create: true }), { encrypt: false });
+    await made.putIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 100, rawLength: 100 }]);
+    await made.store.close();
+    const store = new HungReads(await FsStore.open(path), 300);
+    const before = process.env['KSCINC_REQUIRE_ENCRYPTION'];
+    process.env['KSCINC_REQUIRE_ENCRYPTION'] = '1';
+    try {
+      await expect(Repository.open(store)).rejects.toThrow(/encrypt/i);
+    } finally {
+      if (before === undefined) delete process.env['KSCINC_REQUIRE_ENCRYPTION'];
+      else process.env['KSCINC_REQUIRE_ENCRYPTION'] = before;
+    }
+    await store.close();
+    await sleep(500); // the LIST has answered by now: the probe would send its GET
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
 });
