@@ -8,6 +8,7 @@ import { readFileSync } from 'node:fs';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
+import type { TlsClientConfig } from '../../src/nbd/client-tls.js';
 import { MiB, type Served, type Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, until, type Rig } from '../migrate/helpers.js';
 
 /** A rig with the source vm.ksc (8 MiB written above its base) and the destination dst.ksc on the same base. */
@@ -62,4 +63,24 @@ export async function sourceIsAuthority(r: Rig, src: Served, w: Writer, complete
 export function destinationIsAuthority(r: Rig, w: Writer, line: string): void {
   holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
   sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+}
+
+/** `kscinc check` finds no error: exit 0, or 3 (leaked space only) where `leaks` (a SIGKILLed writer's image, like qemu-img's). */
+export function checkClean(r: Rig, image: string, what: string, leaks = false): void {
+  const c = r.cli(['check', image]);
+  expect(leaks ? [0, 3] : [0], `${what}: kscinc check ${image}: ${c.stdout}${c.stderr}`).toContain(c.code);
+  expect(c.stdout, `${what}: kscinc check ${image}`).toMatch(/No errors were found/);
+}
+
+/** A write from a client that is not the migration source (no token; `tls`: another peer of the CA): true when the export took it. */
+export async function intruderWrites(uri: string, tls?: TlsClientConfig | null): Promise<boolean> {
+  const c = await NbdClient.connect({ ...parseNbdUri(uri), structured: true, ...(tls ? { tls } : {}) });
+  try {
+    await c.write(60 * MiB, Buffer.alloc(4096, 0x99));
+    return true;
+  } catch {
+    return false;
+  } finally {
+    c.destroy();
+  }
 }

@@ -14,26 +14,12 @@
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
-import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { MiB, Writer, rawOf, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
-import { convergeWhileWriting, destinationIsAuthority, holdsAcknowledged, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
+import { convergeWhileWriting, destinationIsAuthority, intruderWrites, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
 
 /** The source's switch-over steps (src/engines/migrate.ts complete/switchOver), in order. */
 export const SWITCH_OVER_PHASES = ['completing', 'held', 'sent', 'flushed', 'flagged', 'released', 'told'];
-
-/** A write from a client that is not the migration source: true when the export took it. */
-async function intruderWrites(uri: string): Promise<boolean> {
-  const c = await NbdClient.connect({ ...parseNbdUri(uri), structured: true });
-  try {
-    await c.write(60 * MiB, Buffer.alloc(4096, 0x99));
-    return true;
-  } catch {
-    return false;
-  } finally {
-    c.destroy();
-  }
-}
 
 /** One case: the destination killed at `phase`; returns the line it printed. */
 export async function oneCase(phase: string, seed: number): Promise<string> {

@@ -11,7 +11,6 @@
  * on the killed destination), and a
  * rerun of `migrate start` resumes and `complete` ends byte-identical with every acknowledged write.
  */
-import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
@@ -20,46 +19,17 @@ import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { serveListening, type Served } from '../helpers/serve.js';
+import { checkClean, holdsAcknowledged, intruderWrites } from './migrate-dst-helpers.js';
 import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
 
 /** Phases where `migrate complete` is asked (the rest kill during the copy). */
 const SWITCH_OVER = new Set(['completing', 'held', 'sent']);
-
-function holdsAcknowledged(raw: string, w: Writer, what: string): void {
-  const got = readFileSync(raw);
-  const want = Buffer.from(w.model);
-  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
-  expect(got.length).toBe(want.length);
-  let first = -1;
-  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
-  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
-}
 
 /** The destination, plain or TLS, not supervised (its pid is the process the kill point kills). */
 async function serveDst(r: Rig, pki: Pki | null): Promise<Served> {
   if (!pki) return serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
   const args = [join(r.dir, 'dst.ksc'), '--listen', '127.0.0.1:0', '--export-name', 'dst.ksc', '--incoming', '--no-supervisor', ...x509ServeArgs(pki), '--incoming-peer', 'x509:migration-source'];
   return serveListening(args, { env: r.env, timeoutMs: 30_000 });
-}
-
-/** A write from a client that is not the migration source (no token; over TLS another peer of the CA): true when taken. */
-async function intruderWrites(uri: string, pki: Pki | null): Promise<boolean> {
-  const c = await NbdClient.connect({ ...parseNbdUri(uri), structured: true, ...(pki ? { tls: loadClientTls({ creds: pki.other }) } : {}) });
-  try {
-    await c.write(60 * MiB, Buffer.alloc(4096, 0x99));
-    return true;
-  } catch {
-    return false;
-  } finally {
-    c.destroy();
-  }
-}
-
-/** `kscinc check` finds no error: exit 0, or 3 (leaked space only) where `leaks` (a SIGKILLed writer's image, like qemu-img's). */
-function checkClean(r: Rig, image: string, what: string, leaks = false): void {
-  const c = r.cli(['check', image]);
-  expect(leaks ? [0, 3] : [0], `${what}: kscinc check ${image}: ${c.stdout}${c.stderr}`).toContain(c.code);
-  expect(c.stdout, `${what}: kscinc check ${image}`).toMatch(/No errors were found/);
 }
 
 /** One case: the destination killed at the source's `phase`; returns the line it printed. */
@@ -121,7 +91,7 @@ export async function peerKillCase(phase: string, seed: number, pki: Pki | null)
     const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
     dst = await serveDst(r, pki);
     try {
-      expect(await intruderWrites(dst.uri, pki), `${line}: the restarted destination refuses other writers`).toBe(false);
+      expect(await intruderWrites(dst.uri, pki ? loadClientTls({ creds: pki.other }) : null), `${line}: the restarted destination refuses other writers`).toBe(false);
       const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, ...tlsArgs]);
       expect(rerun.resumed, `${line}: the rerun resumes`).toBe(true);
       await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');

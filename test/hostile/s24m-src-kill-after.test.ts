@@ -6,36 +6,20 @@
  * operator is told, serves every acknowledged write and takes new ones; the stale source refuses `serve`
  * and `write` alike. When not flagged, a restarted source resumes (`resumed: true`) and completes.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscincAsync } from '../helpers/cli.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { checkClean, holdsAcknowledged } from './migrate-dst-helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until } from '../migrate/helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`s24m-src-kill-after seed ${seed} (replay: SEED=${seed})`);
 /** S24M_PHASES=a,b replays chosen steps; [phase, flagged after it]. */
 const ALL: Record<string, boolean> = { sent: false, flushed: false, flagged: true, released: true, told: true };
 const PHASES = process.env.S24M_PHASES ? process.env.S24M_PHASES.split(',') : ['flushed', 'flagged', 'released'];
-
-function holdsAcknowledged(raw: string, w: Writer, what: string): void {
-  const got = readFileSync(raw);
-  const want = Buffer.from(w.model);
-  if (w.pending) got.copy(want, w.pending.offset, w.pending.offset, w.pending.offset + w.pending.length);
-  expect(got.length).toBe(want.length);
-  let first = -1;
-  for (let i = 0; i < want.length && first < 0; i += 4096) if (!got.subarray(i, i + 4096).equals(want.subarray(i, i + 4096))) first = i;
-  expect(first, `${what}: every acknowledged write is there (first differing 4 KiB block at ${first})`).toBe(-1);
-}
-
-/** `kscinc check` finds no error: exit 0, or 3 (leaked space only) where `leaks`. */
-function checkClean(r: Rig, image: string, what: string, leaks = false): void {
-  const c = r.cli(['check', image]);
-  expect(leaks ? [0, 3] : [0], `${what}: kscinc check ${image}: ${c.stdout}${c.stderr}`).toContain(c.code);
-  expect(c.stdout, `${what}: kscinc check ${image}`).toMatch(/No errors were found/);
-}
 
 async function oneCase(phase: string, caseSeed: number): Promise<string> {
   const flaggedWant = ALL[phase];
