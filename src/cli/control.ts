@@ -11,6 +11,7 @@ import { KscError, isKscError, type KscErrorCode } from '../errors.js';
 import type { BlockDevice } from '../image/types.js';
 import { Repository } from '../repo/repository.js';
 import { storeForBackup } from '../repo/open-at.js';
+import { withOpenRepo } from '../repo/open-close.js';
 import { backupDevice, type BackupResult, type BackupProgress } from '../engines/backup.js';
 import { checkClientPath, controlPath, peerUid, trustedUid } from './control-trust.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
@@ -178,12 +179,11 @@ export async function startControl(devices: { image: string; device: BlockDevice
 async function runBackup(image: string, device: BlockDevice, req: BackupRequest, progress: (p: BackupProgress) => void): Promise<BackupResult> {
   // The client created a missing repository already (new-repo.ts); one still missing gets the default (§13.0).
   const { store, encrypt } = await storeForBackup(req.repo, undefined);
-  try {
-    const repo = await Repository.openOrInit(store, { chunkSize: req.chunkSize, unlock: serverUnlock(req.key), encrypt });
-    return await backupDevice(device, repo, { bitmap: req.bitmap, full: req.full, tags: req.tags, source: image, progress });
-  } finally {
-    await store.close();
-  }
+  return withOpenRepo(
+    store,
+    (st) => Repository.openOrInit(st, { chunkSize: req.chunkSize, unlock: serverUnlock(req.key), encrypt }),
+    (repo) => backupDevice(device, repo, { bitmap: req.bitmap, full: req.full, tags: req.tags, source: image, progress }),
+  );
 }
 
 /**

@@ -3,6 +3,7 @@ import type { Command } from 'commander';
 import { KscError } from '../errors.js';
 import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
+import { withOpenRepo } from '../repo/open-close.js';
 import { addKey, keyObjectKey, listKeyIds, readKeyObject, removeKey, unlock } from '../crypto/keyring.js';
 import { DEFAULT_SCRYPT, type ScryptParams, defaultScrypt, parseKdfN } from '../crypto/keys.js';
 import { newPassword, unlockFromEnv } from '../crypto/password.js';
@@ -19,15 +20,16 @@ interface KeyOpts {
 /** Opens the repository and its master key with the password (or key file) the environment gives. */
 async function withKeys<T>(o: KeyOpts, fn: (store: ObjectStore, repo: Repository, master: Buffer, keyId: string | null) => Promise<T>): Promise<T> {
   const store = await openStore(o.repo);
-  try {
-    const u = { ...unlockFromEnv(), ...(o.keyFile ? { keyFile: o.keyFile, requireEncrypted: true } : {}) };
-    const repo = await Repository.open(store, u);
-    if (!repo.encrypted) throw new KscError('KSC_E_INVALID', `${store.name} is not encrypted: it has no keys`);
-    const k = await unlock(store, repo.config.id, repo.config.encryption!.keyCheck, u);
-    return await fn(store, repo, k.master, k.keyId);
-  } finally {
-    await store.close();
-  }
+  const u = { ...unlockFromEnv(), ...(o.keyFile ? { keyFile: o.keyFile, requireEncrypted: true } : {}) };
+  return withOpenRepo(
+    store,
+    (st) => Repository.open(st, u),
+    async (repo) => {
+      if (!repo.encrypted) throw new KscError('KSC_E_INVALID', `${store.name} is not encrypted: it has no keys`);
+      const k = await unlock(store, repo.config.id, repo.config.encryption!.keyCheck, u);
+      return fn(store, repo, k.master, k.keyId);
+    },
+  );
 }
 
 function scryptOf(o: KeyOpts): ScryptParams {

@@ -8,6 +8,7 @@ import { openStore } from '../objstore/open.js';
 import { CONFIG_KEY } from '../repo/constants.js';
 import { noPasswordError } from '../repo/encryption-choice.js';
 import { storeForBackup } from '../repo/open-at.js';
+import { withOpenRepo } from '../repo/open-close.js';
 import { Repository, type EncryptChoice } from '../repo/repository.js';
 import { KscError } from '../errors.js';
 
@@ -53,9 +54,9 @@ export async function createForServer(location: string, encrypt: EncryptChoice, 
   }
   if (exists) return;
   const s = await storeForBackup(location, encrypt);
-  try {
-    await Repository.openOrInit(s.store, { encrypt: s.encrypt, chunkSize });
-  } finally {
-    await s.store.close();
-  }
+  await withOpenRepo(
+    s.store,
+    (st) => Repository.openOrInit(st, { encrypt: s.encrypt, chunkSize }),
+    async () => undefined,
+  );
 }

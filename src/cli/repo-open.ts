@@ -4,6 +4,7 @@ import { openStore } from '../objstore/open.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { Repository, type EncryptChoice, resolveEncryption } from '../repo/repository.js';
 import { storeForBackup } from '../repo/open-at.js';
+import { withOpenRepo } from '../repo/open-close.js';
 import { closePool, warmPool } from '../compress/pool.js';
 import { KscError } from '../errors.js';
 
@@ -35,16 +36,14 @@ export async function withRepo<T>(
         : await storeForBackup(location, opts.encrypt);
   const store = s.store;
   const o = { ...opts, encrypt: s.encrypt };
-  let repo: Repository | undefined;
   try {
     // The workers start while the key is opened (scrypt runs on libuv's pool, ~0.2 s): a restore needs them next.
     if (opts.warm) warmPool();
     // A backup's workers start while a password's key is derived (scrypt), not after it.
-    repo = mode === 'open' ? await Repository.open(store) : mode === 'create' ? await Repository.init(store, o) : await Repository.openOrInit(store, { ...o, deriving: warmPool });
-    return await fn(repo);
+    const open = (st: ObjectStore): Promise<Repository> =>
+      mode === 'open' ? Repository.open(st) : mode === 'create' ? Repository.init(st, o) : Repository.openOrInit(st, { ...o, deriving: warmPool });
+    return await withOpenRepo(store, open, fn);
   } finally {
-    // The repository's store: a WriteGate's check (§13.1 rule 2) ends with it, none of its requests after.
-    await (repo ? repo.store.close() : store.close());
     await closePool();
   }
 }

@@ -14,6 +14,7 @@ import { KscImage } from '../image/ksc.js';
 import { probeFormat } from '../image/open.js';
 import { openStore } from '../objstore/open.js';
 import { Repository } from '../repo/repository.js';
+import { withOpenRepo } from '../repo/open-close.js';
 
 /** Makes the overlay when it does not exist yet; returns what was done, for the log. */
 export async function prepareFromBackup(from: string[], overlay: string | undefined, disk: string | undefined, base?: string): Promise<string> {
@@ -22,13 +23,14 @@ export async function prepareFromBackup(from: string[], overlay: string | undefi
   const [location, which] = from as [string, string];
   if (existsSync(overlay)) return checkOverlay(overlay, location, which, base);
   const store = await openStore(location);
-  let repo: Repository | undefined;
   try {
-    repo = await Repository.open(store);
-    const r = await liveRestore(repo, location, which, overlay, { disk, base });
+    const r = await withOpenRepo(
+      store,
+      (st) => Repository.open(st),
+      (repo) => liveRestore(repo, location, which, overlay, { disk, base }),
+    );
     return `live-restored backup ${r.backup} of disk ${r.disk} to ${overlay} in ${r.durationMs} ms`;
   } finally {
-    await (repo ? repo.store.close() : store.close()); // its WriteGate's check too (§13.1 rule 2)
     await closePool();
   }
 }

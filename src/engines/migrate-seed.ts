@@ -20,6 +20,7 @@ import { openStore } from '../objstore/open.js';
 import type { Unlock } from '../crypto/password.js';
 import type { Manifest } from '../repo/manifest.js';
 import { Repository } from '../repo/repository.js';
+import { closeRepo } from '../repo/open-close.js';
 import { bytesToUuid } from '../util/uuid.js';
 import { BitSet } from '../util/bitset.js';
 import { frozenBitmapName, isHandoverBitmap, tokenBitmapName, tokenBitmapsOf, tokenOf } from './backup/bitmap-names.js';
@@ -108,25 +109,26 @@ export async function prepareSeed(dev: BlockDevice, claim: OriginClaim, o: SeedO
   const location = o.repo ?? claim.location;
   if (!location) throw new KscError('KSC_E_INVALID', `${o.to} does not say where its repository is: name it with option repo`);
   const store = await openStore(location);
-  let repo: Repository;
+  let opened: Repository | undefined;
   let m: Manifest;
   try {
-    repo = await Repository.open(store, o.unlock);
+    const repo = (opened = await Repository.open(store, o.unlock));
     m = await repo.readManifest(claim.backupId).catch((e: unknown) => {
       if (isKscError(e) && e.code === 'KSC_E_NOT_FOUND') throw new KscError('KSC_E_NOT_FOUND', `${o.to} was restored from backup ${claim.backupId}, which ${repo.name} does not hold`, { cause: e });
       throw e;
     });
     checkClaim(repo, m, claim, dev, o.to);
   } catch (e) {
-    await store.close();
+    await closeRepo(opened, store);
     throw e;
   }
+  const repo = opened;
   const bitmaps = bitmapsOf(dev);
   const bitmap = bitmaps ? bitmapFor(bitmaps, claim.token) : null;
   const info: SeedInfo = { backup: claim.backupId, via: bitmap ? 'bitmap' : 'hashes', bitmap, chunks: 0, chunksDiffer: 0 };
   let closed = false;
   const close = async (): Promise<void> => {
-    if (!closed) await store.close();
+    if (!closed) await closeRepo(repo, store);
     closed = true;
   };
   const plan = async (): Promise<SeedRange[]> => {

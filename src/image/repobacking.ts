@@ -35,6 +35,7 @@ import { bytesToUuid, uuidToBytes } from '../util/uuid.js';
 import { pace } from '../util/turns.js';
 import { REF_RENEW_MS, REF_STALE_MS, deleteLiveRef, liveRefKey, putLiveRef } from '../repo/liverefs.js';
 import { storageNow } from '../repo/locks.js';
+import { closeRepo } from '../repo/open-close.js';
 import * as nodePath from 'node:path';
 import { type BlockDevice, type Extent, assertRange, mergeExtents } from './types.js';
 import type { LocalBaseRef } from '../format/local-base.js';
@@ -167,7 +168,7 @@ export class BackupBacking implements BlockDevice {
       return b;
     } catch (e) {
       await lock?.release();
-      await store.close();
+      await closeRepo(all[0].status === 'fulfilled' ? all[0].value : undefined, store);
       throw e;
     }
   }
@@ -429,7 +430,7 @@ export class BackupBacking implements BlockDevice {
     if (this.renewTimer) clearInterval(this.renewTimer);
     await this.fills.settled().catch(() => undefined);
     await this.lock?.release();
-    await this.store.close();
+    await this.changes.close(); // the repository's store (closeRepo): its WriteGate's check ends with it
     await this.localBase?.close();
   }
 

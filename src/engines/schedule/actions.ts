@@ -8,6 +8,7 @@ import type { BlockDevice } from '../../image/types.js';
 import { openStore, type OpenStoreOptions } from '../../objstore/open.js';
 import { Repository, type EncryptChoice } from '../../repo/repository.js';
 import { storeForBackup } from '../../repo/open-at.js';
+import { withOpenRepo } from '../../repo/open-close.js';
 import { backupDevice, type BackupResult } from '../backup.js';
 import { pruneRepo, type PruneResult } from '../prune.js';
 import type { KeepPolicy } from '../retention.js';
@@ -47,22 +48,19 @@ export interface BackupToOptions extends BackupImageOptions {
 /** Backs up an open device (whose file is `image`) into the repository at `location`, created when missing. */
 export async function backupDeviceTo(dev: BlockDevice, image: string, location: string, opts: BackupToOptions = {}): Promise<BackupResult> {
   const { store, encrypt } = await storeForBackup(location, opts.encrypt, opts.store);
-  try {
-    const repo = await Repository.openOrInit(store, { encrypt });
-    return await backupDevice(dev, repo, { bitmap: opts.bitmap, tags: opts.tags, source: image, now: opts.now });
-  } finally {
-    await store.close();
-  }
+  return withOpenRepo(
+    store,
+    (st) => Repository.openOrInit(st, { encrypt }),
+    (repo) => backupDevice(dev, repo, { bitmap: opts.bitmap, tags: opts.tags, source: image, now: opts.now }),
+  );
 }
 
 /** Prunes the repository at `location` with `keep` (periods in `timeZone`). */
 export async function pruneAt(location: string, keep: KeepPolicy, opts: { timeZone?: string; store?: OpenStoreOptions } = {}): Promise<PruneResult> {
   const store = await openStore(location, opts.store);
-  let repo: Repository | undefined;
-  try {
-    repo = await Repository.open(store);
-    return await pruneRepo(repo, { ...keep, timeZone: opts.timeZone });
-  } finally {
-    await (repo ? repo.store.close() : store.close()); // its WriteGate's check too (§13.1 rule 2)
-  }
+  return withOpenRepo(
+    store,
+    (st) => Repository.open(st),
+    (repo) => pruneRepo(repo, { ...keep, timeZone: opts.timeZone }),
+  );
 }
