@@ -11,11 +11,14 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command } from 'commander';
 import { describe, expect, it, vi } from 'vitest';
+import { rmSync } from 'node:fs';
 import { FsStore } from '../../src/objstore/fs.js';
 import type { ObjectInfo, ObjectStore } from '../../src/objstore/types.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
 import { Repository } from '../../src/repo/repository.js';
 import { registerKeyCommands } from '../../src/cli/key-commands.js';
+import { registerRepoCommands } from '../../src/cli/repo-commands.js';
+import { repairConfig } from '../../src/repo/repair.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { tempDir } from '../helpers/tmp.js';
 
@@ -95,6 +98,34 @@ describe('an opened repository is closed through its own store (session 24)', ()
     const ref = { disk: Buffer.alloc(16, 1), root: Buffer.alloc(16, 2), chunkSize: 65536, id: '20260101T000000Z-0123abcd' };
     await expect(BackupBacking.open(join(dir, 'img'), path, ref, 1 << 20, { hold: false })).rejects.toThrow();
     expect(store.closed, 'the store was closed').toBe(true);
+    await sleep(500);
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('kscinc repo repair of an unencrypted repository: the read-back of the new config ends its probe, which sends nothing after the close', async () => {
+    const { path, store } = await hungRepo();
+    rmSync(join(path, 'config'));
+    const program = new Command().exitOverride();
+    registerRepoCommands(program);
+    const out = vi.spyOn(process.stdout, 'write').mockImplementation(() => true);
+    try {
+      await program.parseAsync(['repo', 'repair', path], { from: 'user' });
+    } finally {
+      out.mockRestore();
+    }
+    expect(store.closed, 'the store was closed').toBe(true);
+    expect(store.sent, 'the config was written and read back by an open (its probe LISTs index/)').toContain('LIST index/');
+    await sleep(500); // the LIST has answered by now: the probe would send its GET
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('repairConfig on a store its caller closes: nothing of the read-back open is sent after that close', async () => {
+    const { path, store } = await hungRepo();
+    next.store = null;
+    rmSync(join(path, 'config'));
+    const r = await repairConfig(store);
+    expect(r.config.version, 'an unencrypted config was rebuilt').toBe(1);
+    await store.close();
     await sleep(500);
     expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
   });
