@@ -101,6 +101,15 @@ export class WriteGate extends StoreWrapper {
     return this.gated(() => this.inner.delete(key, opts));
   }
   /**
+   * Ends the check without closing the store, for a repository opened on a store its caller goes on owning
+   * and then dropped: no request of the check goes out any more, and one in flight is cut when the owner
+   * closes the store. Not awaited here (on a gateway that hangs it would never settle before that close).
+   */
+  endCheck(): void {
+    this.view?.end();
+  }
+
+  /**
    * Ends the check: no request of it goes out any more (its view ends), the store closes (on S3 that cuts
    * the requests in flight), and the check has settled when this returns (nothing of it outlives the close).
    */

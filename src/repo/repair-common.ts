@@ -7,7 +7,8 @@ import { KscError, isKscError } from '../errors.js';
 import type { ObjectStore } from '../objstore/types.js';
 import { MIB } from './constants.js';
 import { type RepoConfig, decodeConfig, encodeConfig } from './config.js';
-import { CONFIG_KEY } from './repository.js';
+import { CONFIG_KEY, type Repository } from './repository.js';
+import { releaseRepo } from './open-close.js';
 import { readSmall } from '../objstore/small-object.js';
 
 /**
@@ -35,11 +36,12 @@ export function otherChunkSize(bySize: Map<number, string[]>, chunkSize: number)
 }
 
 /**
- * Writes the rebuilt `config`, then `reopen` reads it back. A concurrent repair or init may have written
- * one meanwhile: a config that is not damaged is never replaced (KSC_E_EXISTS). `hook` (test hook) is
- * called with 'config' before the write and 'reopen' before the read-back.
+ * Writes the rebuilt `config`, then `reopen` reads it back; the repository it opens is released (releaseRepo:
+ * the caller closes `store`, and nothing of that open may read after it). A concurrent repair or init may
+ * have written one meanwhile: a config that is not damaged is never replaced (KSC_E_EXISTS). `hook` (test
+ * hook) is called with 'config' before the write and 'reopen' before the read-back.
  */
-export async function writeRepairedConfig(store: ObjectStore, config: RepoConfig, reopen: () => Promise<unknown>, hook?: (step: string) => void): Promise<void> {
+export async function writeRepairedConfig(store: ObjectStore, config: RepoConfig, reopen: () => Promise<Repository>, hook?: (step: string) => void): Promise<void> {
   hook?.('config');
   if (await store.stat(CONFIG_KEY)) {
     let ok: boolean;
@@ -53,5 +55,5 @@ export async function writeRepairedConfig(store: ObjectStore, config: RepoConfig
   }
   await store.put(CONFIG_KEY, encodeConfig(config));
   hook?.('reopen');
-  await reopen();
+  releaseRepo(await reopen());
 }

@@ -1,15 +1,16 @@
 /**
  * The set-up and checks the hostile tests of a migration destination killed during the switch-over share
  * (s22t-migrate-dst-kill: killed by timing; s23r-migrate-dst-steps: by the source's kill points): a source
- * and destination image, a writer on the source converged to the destination, and what each side holds
- * once one of them is the authority.
+ * and destination image, a writer on the source converged to the destination, what each side holds once
+ * one of them is the authority, and the rerun by which the destination takes over (also s24m-peer-kill,
+ * s24m-src-kill-after).
  */
 import { readFileSync } from 'node:fs';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import type { TlsClientConfig } from '../../src/nbd/client-tls.js';
-import { MiB, type Served, type Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, until, type Rig } from '../migrate/helpers.js';
+import { MiB, type Served, type Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
 
 /** A rig with the source vm.ksc (8 MiB written above its base) and the destination dst.ksc on the same base. */
 export function migrationRig(): Rig {
@@ -45,12 +46,12 @@ export function holdsAcknowledged(raw: string, w: Writer, what: string): void {
 }
 
 /**
- * Not flagged: `migrate complete` failed, the writer saw no error, and the source still takes a write;
- * stopped, it holds every acknowledged write.
+ * Not flagged: `migrate complete` failed (null: it was not asked), the writer saw no error, and the source
+ * still takes a write; stopped, it holds every acknowledged write.
  */
-export async function sourceIsAuthority(r: Rig, src: Served, w: Writer, completed: { code: number | null }, line: string): Promise<void> {
-  expect(completed.code, line).not.toBe(0);
-  expect(w.failure, line).toBe(null);
+export async function sourceIsAuthority(r: Rig, src: Served, w: Writer, completed: { code: number | null } | null, line: string): Promise<void> {
+  if (completed) expect(completed.code, line).not.toBe(0);
+  expect(w.failure, `${line}: the writer saw no error`).toBe(null);
   const c = await NbdClient.connect({ ...parseNbdUri(src.uri), structured: true });
   await c.write(20 * MiB, Buffer.alloc(4096, 0x5a));
   w.model.fill(0x5a, 20 * MiB, 20 * MiB + 4096);
@@ -63,6 +64,39 @@ export async function sourceIsAuthority(r: Rig, src: Served, w: Writer, complete
 export function destinationIsAuthority(r: Rig, w: Writer, line: string): void {
   holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
   sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+}
+
+/**
+ * Not flagged, the source stopped: the destination takes over after a rerun. The source is served again and
+ * the destination is `dst` (running still) or what `restartDst` serves (it was killed): with `intruderTls`
+ * (null: plain NBD) the restarted destination must refuse a writer that is not the source; `migrate start`
+ * (with `startArgs`) resumes where `resumed` asks it to, converges, and `complete` ends `completed`; both
+ * stop cleanly, and the destination equals the source byte for byte, holds every acknowledged write and
+ * `kscinc check` finds no error on it.
+ */
+export async function destinationTakesOver(
+  r: Rig,
+  w: Writer,
+  line: string,
+  dst: Served | (() => Promise<Served>),
+  opts: { startArgs?: string[]; intruderTls?: TlsClientConfig | null; resumed?: boolean } = {},
+): Promise<void> {
+  const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
+  let d: Served | undefined;
+  try {
+    d = typeof dst === 'function' ? await dst() : dst;
+    if (opts.intruderTls !== undefined) expect(await intruderWrites(d.uri, opts.intruderTls), `${line}: the restarted destination refuses other writers`).toBe(false);
+    const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', d.uri, '--token', d.token!, ...(opts.startArgs ?? [])]);
+    if (opts.resumed) expect(rerun.resumed, `${line}: the rerun resumes`).toBe(true);
+    await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
+    expect(r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']).phase).toBe('completed');
+  } finally {
+    expect(await again.stop()).toBe(0);
+    if (d) expect(await d.stop()).toBe(0);
+  }
+  sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+  holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
+  checkClean(r, 'dst.ksc', `${line}, after the rerun`);
 }
 
 /** `kscinc check` finds no error: exit 0, or 3 (leaked space only) where `leaks` (a SIGKILLed writer's image, like qemu-img's). */

@@ -10,19 +10,18 @@
  */
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { CMD, encodeRequest } from '../../src/nbd/wire.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
 import { until } from '../supervisor/helpers.js';
-import { readImage, serveNewImage } from './helpers.js';
+import { serveNewImage } from './helpers.js';
+import { HALF_CLOSE_WRITES, halfCloseBatch, landedWrites, readHalfCloseReplies } from './halfclose.js';
 
 const dir = tempDir('kscinc-hostile-s22-hchand-');
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const WRITES = 20;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 describe('half-closed client during a hot upgrade', () => {
@@ -38,32 +37,14 @@ describe('half-closed client during a hot upgrade', () => {
       c.socket.setNoDelay(true);
       await c.handshake('', false);
       const before = s.worker();
-      const parts: Buffer[] = [];
-      for (let k = 1; k <= 3; k++) parts.push(encodeRequest({ flags: 0, type: CMD.READ, cookie: BigInt(k), offset: 0n, length: 32 * MiB }));
-      for (let k = 0; k < WRITES; k++) {
-        const data = rng.bytes(512);
-        const off = k * 64 * KiB + 512 * rng.int(0, 127);
-        data.copy(expected, off);
-        parts.push(encodeRequest({ flags: 0, type: CMD.WRITE, cookie: BigInt(100 + k), offset: BigInt(off), length: 512 }), data);
-      }
-      parts.push(encodeRequest({ flags: 0, type: CMD.DISC, cookie: 999n, offset: 0n, length: 0 }));
-      c.socket.write(Buffer.concat(parts));
+      c.socket.write(halfCloseBatch(rng, expected));
       c.socket.end(); // shutdown(SHUT_WR): the client sends nothing more, and reads no reply yet
       await sleep(300);
       const up = kscincAsync(['upgrade', img], s.env);
       await until(() => /upgrade: starting a new worker/.test(s.stderr()), 60_000, 'the upgrade to begin');
       await sleep(1500); // the supervisor asks the old worker to park (a second after, as a rule)
       // Now the replies: three 32 MiB READs, then the WRITEs' (until the server ends the connection).
-      for (let k = 1; k <= 3; k++) {
-        const r = await c.reply(32 * MiB);
-        answered.set(r.cookie, r.error);
-      }
-      for (;;) {
-        const r = await Promise.race([c.reply().catch(() => null), c.closed.then(() => null), sleep(30_000).then(() => null)]);
-        if (!r) break;
-        answered.set(r.cookie, r.error);
-        if (answered.size === 3 + WRITES) break;
-      }
+      await readHalfCloseReplies(c, answered);
       const u = await up;
       expect(u.code, `upgrade: ${u.stderr}\n${s.stderr().slice(-3000)}`).toBe(0);
       expect(s.worker(), 'a new worker after the upgrade').not.toBe(before);
@@ -73,14 +54,12 @@ describe('half-closed client during a hot upgrade', () => {
       const wrote = [...answered.keys()].filter((k) => k >= 100n).length;
       expect(
         { answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length },
-        `requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}); seed ${seed}\n${s.stderr().slice(-2000)}`,
-      ).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0 });
+        `requests before DISC answered (of ${3 + HALF_CLOSE_WRITES}), WRITEs answered (of ${HALF_CLOSE_WRITES}); seed ${seed}\n${s.stderr().slice(-2000)}`,
+      ).toEqual({ answered: 3 + HALF_CLOSE_WRITES, wrote: HALF_CLOSE_WRITES, errors: 0 });
     } finally {
       expect(await s.stop()).toBe(0);
     }
-    const got = await readImage(img, SIZE);
-    let landed = 0;
-    for (let k = 0; k < WRITES; k++) if (Buffer.compare(got.subarray(k * 64 * KiB, (k + 1) * 64 * KiB), expected.subarray(k * 64 * KiB, (k + 1) * 64 * KiB)) === 0) landed++;
-    expect(landed, `WRITEs on the image, of ${WRITES}`).toBe(WRITES);
+    const landed = await landedWrites(img, expected);
+    expect(landed, `WRITEs on the image, of ${HALF_CLOSE_WRITES}`).toBe(HALF_CLOSE_WRITES);
   }, 120_000);
 });

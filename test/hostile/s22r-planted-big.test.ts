@@ -42,6 +42,18 @@ describe('a huge object planted among the small ones', () => {
   const img = join(dir, 'disk.raw');
   let id = '';
 
+  /** With `f` planted, a backup succeeds and peaks below the limit; `f` is removed after. */
+  function backupWithPlanted(f: string): void {
+    plant(f);
+    try {
+      const m = measured(['backup', img, '--repo', repo, '--no-bitmap']);
+      expect(m.code, m.out).toBe(0);
+      expect(m.rss, `peak RSS ${(m.rss / MiB).toFixed(0)} MiB`).toBeLessThan(RSS_LIMIT);
+    } finally {
+      unlinkSync(f);
+    }
+  }
+
   it('setup: an encrypted repository with one backup; a backup peaks far below the limit', () => {
     expect(kscinc(['repo', 'init', repo, '--encrypt']).code).toBe(0);
     writeFileSync(img, rng.bytes(2 * MiB));
@@ -55,28 +67,12 @@ describe('a huge object planted among the small ones', () => {
   });
 
   it('a 512 MiB lock: backup works, named or ignored, not read', () => {
-    const f = join(repo, 'locks', `${'0'.repeat(32)}.lock`);
     mkdirSync(join(repo, 'locks'), { recursive: true });
-    plant(f);
-    try {
-      const m = measured(['backup', img, '--repo', repo, '--no-bitmap']);
-      expect(m.code, m.out).toBe(0);
-      expect(m.rss, `peak RSS ${(m.rss / MiB).toFixed(0)} MiB`).toBeLessThan(RSS_LIMIT);
-    } finally {
-      unlinkSync(f);
-    }
+    backupWithPlanted(join(repo, 'locks', `${'0'.repeat(32)}.lock`));
   });
 
   it('a 512 MiB key object: the password still opens the repository through the real key object', () => {
-    const f = join(repo, 'keys', `${'0'.repeat(32)}.key`);
-    plant(f);
-    try {
-      const m = measured(['backup', img, '--repo', repo, '--no-bitmap']);
-      expect(m.code, m.out).toBe(0);
-      expect(m.rss, `peak RSS ${(m.rss / MiB).toFixed(0)} MiB`).toBeLessThan(RSS_LIMIT);
-    } finally {
-      unlinkSync(f);
-    }
+    backupWithPlanted(join(repo, 'keys', `${'0'.repeat(32)}.key`));
   });
 
   it('a 512 MiB live-restore reference (unreadable, its key names a backup): prune keeps that backup, without reading it', () => {

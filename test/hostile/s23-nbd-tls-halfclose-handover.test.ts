@@ -13,7 +13,7 @@ import { readFileSync } from 'node:fs';
 import * as tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import { createImage } from '../../src/index.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, OPT, REP, encodeRequest } from '../../src/nbd/wire.js';
+import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, OPT, REP } from '../../src/nbd/wire.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { makePki } from '../helpers/pki.js';
 import { Rng, seedFor } from '../helpers/rng.js';
@@ -21,13 +21,12 @@ import { spawnServe } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient, goData } from '../nbd/helpers.js';
 import { runDir, until } from '../supervisor/helpers.js';
-import { readImage } from './helpers.js';
+import { HALF_CLOSE_WRITES, halfCloseBatch, landedWrites, readHalfCloseReplies } from './halfclose.js';
 
 const dir = tempDir('kscinc-hostile-s23-tlshc-');
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
-const WRITES = 20;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const pki = makePki();
 
@@ -65,16 +64,7 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
   const answered = new Map<bigint, number>();
   try {
     const c = await tlsClient(port);
-    const parts: Buffer[] = [];
-    for (let k = 1; k <= 3; k++) parts.push(encodeRequest({ flags: 0, type: CMD.READ, cookie: BigInt(k), offset: 0n, length: 32 * MiB }));
-    for (let k = 0; k < WRITES; k++) {
-      const data = rng.bytes(512);
-      const off = k * 64 * KiB + 512 * rng.int(0, 127);
-      data.copy(expected, off);
-      parts.push(encodeRequest({ flags: 0, type: CMD.WRITE, cookie: BigInt(100 + k), offset: BigInt(off), length: 512 }), data);
-    }
-    parts.push(encodeRequest({ flags: 0, type: CMD.DISC, cookie: 999n, offset: 0n, length: 0 }));
-    c.socket.write(Buffer.concat(parts));
+    c.socket.write(halfCloseBatch(rng, expected));
     c.socket.end(); // close_notify and FIN: the client sends nothing more, and reads no reply yet
     await sleep(300);
     let up: ReturnType<typeof kscincAsync> | null = null;
@@ -84,16 +74,7 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
       await sleep(1500); // the supervisor asks the old worker to park (a second after, as a rule)
     }
     // The three READs' replies first (the client reads them whole), then the WRITEs' (no data).
-    for (let k = 1; k <= 3; k++) {
-      const r = await Promise.race([c.reply(32 * MiB).catch(() => null), sleep(30_000).then(() => null)]);
-      if (r) answered.set(r.cookie, r.error);
-    }
-    for (;;) {
-      const r = await Promise.race([c.reply().catch(() => null), c.closed.then(() => null), sleep(30_000).then(() => null)]);
-      if (!r) break;
-      answered.set(r.cookie, r.error);
-      if (answered.size === 3 + WRITES) break;
-    }
+    await readHalfCloseReplies(c, answered);
     if (up) {
       const u = await up;
       expect(u.code, `upgrade: ${u.stderr}\n${s.stderr().slice(-3000)}`).toBe(0);
@@ -103,16 +84,14 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
     const wrote = [...answered.keys()].filter((k) => k >= 100n).length;
     expect(
       { answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length, closed },
-      `${name}: requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}), connection closed by the server; seed ${seed}\n${s.stderr().slice(-2000)}`,
-    ).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0, closed: true });
+      `${name}: requests before DISC answered (of ${3 + HALF_CLOSE_WRITES}), WRITEs answered (of ${HALF_CLOSE_WRITES}), connection closed by the server; seed ${seed}\n${s.stderr().slice(-2000)}`,
+    ).toEqual({ answered: 3 + HALF_CLOSE_WRITES, wrote: HALF_CLOSE_WRITES, errors: 0, closed: true });
   } finally {
     s.proc.kill('SIGTERM');
     expect(await s.exited).toBe(0);
   }
-  const got = await readImage(img, SIZE);
-  let landed = 0;
-  for (let k = 0; k < WRITES; k++) if (Buffer.compare(got.subarray(k * 64 * KiB, (k + 1) * 64 * KiB), expected.subarray(k * 64 * KiB, (k + 1) * 64 * KiB)) === 0) landed++;
-  expect(landed, `${name}: WRITEs on the image, of ${WRITES}`).toBe(WRITES);
+  const landed = await landedWrites(img, expected);
+  expect(landed, `${name}: WRITEs on the image, of ${HALF_CLOSE_WRITES}`).toBe(HALF_CLOSE_WRITES);
 }
 
 describe('half-closed TLS client', () => {

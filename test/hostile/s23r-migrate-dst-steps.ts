@@ -13,10 +13,9 @@
  */
 import { join } from 'node:path';
 import { expect } from 'vitest';
-import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { kscincAsync } from '../helpers/cli.js';
-import { MiB, Writer, rawOf, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
-import { convergeWhileWriting, destinationIsAuthority, intruderWrites, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
+import { MiB, Writer, serveImage, type Rig } from '../migrate/helpers.js';
+import { convergeWhileWriting, destinationIsAuthority, destinationTakesOver, migratedAway, migrationRig, sourceIsAuthority } from './migrate-dst-helpers.js';
 
 /** The source's switch-over steps (src/engines/migrate.ts complete/switchOver), in order. */
 export const SWITCH_OVER_PHASES = ['completing', 'held', 'sent', 'flushed', 'flagged', 'released', 'told'];
@@ -43,18 +42,7 @@ export async function oneCase(phase: string, seed: number): Promise<string> {
   try {
     if (!flagged) {
       await sourceIsAuthority(r, src, w, completed, line);
-      const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
-      dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor']);
-      try {
-        expect(await intruderWrites(dst.uri), `${line}: the restarted destination refuses other writers`).toBe(false);
-        r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
-        await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
-        expect(r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']).phase).toBe('completed');
-      } finally {
-        expect(await again.stop()).toBe(0);
-        expect(await dst.stop()).toBe(0);
-      }
-      sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
+      await destinationTakesOver(r, w, line, async () => (dst = await serveImage(r, 'dst.ksc', ['--incoming', '--no-supervisor'])), { intruderTls: null });
     } else {
       expect(await src.stop()).toBe(0);
       const refused = r.cli(['serve', 'vm.ksc', '--no-supervisor', '--listen', '127.0.0.1:0']);

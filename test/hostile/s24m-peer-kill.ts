@@ -14,13 +14,12 @@
 import { join } from 'node:path';
 import { expect } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
-import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { serveListening, type Served } from '../helpers/serve.js';
-import { checkClean, holdsAcknowledged, intruderWrites } from './migrate-dst-helpers.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from '../migrate/helpers.js';
+import { checkClean, destinationTakesOver, sourceIsAuthority } from './migrate-dst-helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rig, serveImage, until, type Rig } from '../migrate/helpers.js';
 
 /** Phases where `migrate complete` is asked (the rest kill during the copy). */
 const SWITCH_OVER = new Set(['completing', 'held', 'sent']);
@@ -77,32 +76,10 @@ export async function peerKillCase(phase: string, seed: number, pki: Pki | null)
   console.log(line);
   try {
     expect(flagged, `${line}: the source is not flagged before step 5`).toBe(false);
-    if (completed) expect(completed.code, line).not.toBe(0);
-    expect(w.failure, `${line}: the writer saw no error`).toBe(null);
-    // The source still takes writes on the same server.
-    const c = await NbdClient.connect({ ...parseNbdUri(src.uri), structured: true });
-    await c.write(20 * MiB, Buffer.alloc(4096, 0x5a));
-    w.model.fill(0x5a, 20 * MiB, 20 * MiB + 4096);
-    await c.disconnect();
-    expect(await src.stop()).toBe(0);
-    holdsAcknowledged(rawOf(r, 'vm.ksc'), w, `source (${line})`);
+    await sourceIsAuthority(r, src, w, completed, line);
     checkClean(r, 'vm.ksc', line);
     checkClean(r, 'dst.ksc', line, true);
-    const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
-    dst = await serveDst(r, pki);
-    try {
-      expect(await intruderWrites(dst.uri, pki ? loadClientTls({ creds: pki.other }) : null), `${line}: the restarted destination refuses other writers`).toBe(false);
-      const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!, ...tlsArgs]);
-      expect(rerun.resumed, `${line}: the rerun resumes`).toBe(true);
-      await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
-      expect(r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']).phase).toBe('completed');
-    } finally {
-      expect(await again.stop()).toBe(0);
-      expect(await dst.stop()).toBe(0);
-    }
-    sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
-    holdsAcknowledged(rawOf(r, 'dst.ksc'), w, `destination (${line})`);
-    checkClean(r, 'dst.ksc', `${line}, after the rerun`);
+    await destinationTakesOver(r, w, line, async () => (dst = await serveDst(r, pki)), { startArgs: tlsArgs, intruderTls: pki ? loadClientTls({ creds: pki.other }) : null, resumed: true });
   } finally {
     await src.stop();
     await dst.stop();

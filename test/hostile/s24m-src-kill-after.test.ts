@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest';
 import type { MigrateStatus } from '../../src/engines/migrate.js';
 import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { kscincAsync } from '../helpers/cli.js';
-import { checkClean, holdsAcknowledged } from './migrate-dst-helpers.js';
+import { checkClean, destinationTakesOver, holdsAcknowledged } from './migrate-dst-helpers.js';
 import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until } from '../migrate/helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
@@ -55,18 +55,7 @@ async function oneCase(phase: string, caseSeed: number): Promise<string> {
     const st = r.cli(['migrate', 'status', 'vm.ksc']);
     expect(st.code, `${line}: migrate status with the source down`).not.toBe(0);
     if (!flaggedWant) {
-      const again = await serveImage(r, 'vm.ksc', ['--no-supervisor']);
-      try {
-        const rerun = r.json<MigrateStatus>(['migrate', 'start', 'vm.ksc', '--to', dst.uri, '--token', dst.token!]);
-        expect(rerun.resumed, `${line}: the restarted source resumes`).toBe(true);
-        await until(r, 'vm.ksc', (x) => x.phase === 'converged', 'converged');
-        expect(r.json<MigrateStatus>(['migrate', 'complete', 'vm.ksc']).phase).toBe('completed');
-      } finally {
-        expect(await again.stop()).toBe(0);
-        expect(await dst.stop()).toBe(0);
-      }
-      sameBytes(rawOf(r, 'vm.ksc'), rawOf(r, 'dst.ksc'));
-      checkClean(r, 'dst.ksc', `${line}, after the rerun`);
+      await destinationTakesOver(r, w, line, dst, { resumed: true });
       return line;
     }
     // Flagged: the stale source refuses serve and write; the destination is the authority.

@@ -3,7 +3,7 @@
  * withOpenRepo in src/repo/open-close.ts), not the store it opened it on. An unencrypted repository's store
  * is a WriteGate whose close ends §13.1 rule 2's sealed-object probe; closing the store below it left the
  * probe free to send its read of an index object after the close (on S3: a new connection, which a gateway
- * that hangs holds for the idle timeout). The store here answers like such a gateway (as in
+ * that hangs holds for the idle timeout). The store here answers like such a gateway (HungReads, as in
  * write-gate-close.test.ts): its LIST of index/ answers after 300 ms, its reads of index objects never do
  * once it is closed. openStore gives it to the code under test, which otherwise runs as in production.
  */
@@ -11,13 +11,15 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Command } from 'commander';
 import { describe, expect, it, vi } from 'vitest';
+import { rmSync } from 'node:fs';
 import { FsStore } from '../../src/objstore/fs.js';
-import type { ObjectInfo, ObjectStore } from '../../src/objstore/types.js';
-import { StoreWrapper } from '../../src/objstore/wrapper.js';
-import { Repository } from '../../src/repo/repository.js';
+import type { ObjectStore } from '../../src/objstore/types.js';
 import { registerKeyCommands } from '../../src/cli/key-commands.js';
+import { registerRepoCommands } from '../../src/cli/repo-commands.js';
+import { repairConfig } from '../../src/repo/repair.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { tempDir } from '../helpers/tmp.js';
+import { HungReads, plainRepoWithIndex } from './hung-reads.js';
 
 /** The store openStore hands out next (null: the real one). */
 const next = vi.hoisted(() => ({ store: null as ObjectStore | null }));
@@ -36,44 +38,9 @@ vi.mock('../../src/objstore/open.js', async (importOriginal) => {
 const dir = tempDir('kscinc-open-close-');
 let n = 0;
 
-/** A folder store whose LIST of index/ answers late and whose reads of index objects hang; it records what is sent after its close. */
-class HungReads extends StoreWrapper {
-  closed = false;
-  readonly sent: string[] = [];
-  readonly sentAfterClose: string[] = [];
-  private readonly cut: (() => void)[] = [];
-  private record(what: string): void {
-    this.sent.push(what);
-    if (this.closed) this.sentAfterClose.push(what);
-  }
-  override getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    this.record(`GET ${key}`);
-    if (!key.startsWith('index/')) return this.inner.getRange(key, offset, length);
-    if (this.closed) return new Promise(() => undefined);
-    return new Promise((_, reject) => this.cut.push(() => reject(new Error(`${key}: connection destroyed by close`))));
-  }
-  override async get(key: string): Promise<Buffer> {
-    this.record(`GET ${key}`);
-    return this.inner.get(key);
-  }
-  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    this.record(`LIST ${prefix}`);
-    if (prefix === 'index/') await sleep(300);
-    yield* this.inner.list(prefix);
-  }
-  override async close(): Promise<void> {
-    this.closed = true;
-    for (const c of this.cut) c();
-    await this.inner.close();
-  }
-}
-
 /** An unencrypted repository with one index object; openStore gives the next open of it through HungReads. */
 async function hungRepo(): Promise<{ path: string; store: HungReads }> {
-  const path = join(dir, `r${n++}`);
-  const made = await Repository.init(await FsStore.open(path, { create: true }), { encrypt: false });
-  await made.putIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 100, rawLength: 100 }]);
-  await made.store.close();
+  const path = await plainRepoWithIndex(dir, `r${n++}`);
   const store = new HungReads(await FsStore.open(path));
   next.store = store;
   return { path, store };
@@ -95,6 +62,34 @@ describe('an opened repository is closed through its own store (session 24)', ()
     const ref = { disk: Buffer.alloc(16, 1), root: Buffer.alloc(16, 2), chunkSize: 65536, id: '20260101T000000Z-0123abcd' };
     await expect(BackupBacking.open(join(dir, 'img'), path, ref, 1 << 20, { hold: false })).rejects.toThrow();
     expect(store.closed, 'the store was closed').toBe(true);
+    await sleep(500);
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('kscinc repo repair of an unencrypted repository: the read-back of the new config ends its probe, which sends nothing after the close', async () => {
+    const { path, store } = await hungRepo();
+    rmSync(join(path, 'config'));
+    const program = new Command().exitOverride();
+    registerRepoCommands(program);
+    const out = vi.spyOn(process.stdout, 'write').mockImplementation(() => true);
+    try {
+      await program.parseAsync(['repo', 'repair', path], { from: 'user' });
+    } finally {
+      out.mockRestore();
+    }
+    expect(store.closed, 'the store was closed').toBe(true);
+    expect(store.sent, 'the config was written and read back by an open (its probe LISTs index/)').toContain('LIST index/');
+    await sleep(500); // the LIST has answered by now: the probe would send its GET
+    expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
+  });
+
+  it('repairConfig on a store its caller closes: nothing of the read-back open is sent after that close', async () => {
+    const { path, store } = await hungRepo();
+    next.store = null;
+    rmSync(join(path, 'config'));
+    const r = await repairConfig(store);
+    expect(r.config.version, 'an unencrypted config was rebuilt').toBe(1);
+    await store.close();
     await sleep(500);
     expect(store.sentAfterClose, 'requests sent after the close').toEqual([]);
   });

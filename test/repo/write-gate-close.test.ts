@@ -1,65 +1,25 @@
 /**
  * Session 24: closing an unencrypted repository's store (its WriteGate) ends §13.1 rule 2's check — the
  * sealed-object probe that Repository.open starts beside its read of the config — whatever state it is in,
- * and sends none of its requests after the close. The folder store below answers like a gateway that hangs
+ * and sends none of its requests after the close. The folder store (HungReads) answers like a gateway that hangs
  * on reads of index objects: a request in flight when the store closes is cut (as closing the S3 store
  * destroys its connections), one sent after the close never answers (a new connection to the hung gateway,
  * which would hold the process for the S3 idle timeout). On the old code the gate's close waited for the
  * probe before closing the store: it never returned.
  */
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { describe, expect, it } from 'vitest';
-import { KscError } from '../../src/errors.js';
 import { FsStore } from '../../src/objstore/fs.js';
-import type { ObjectInfo } from '../../src/objstore/types.js';
-import { StoreWrapper } from '../../src/objstore/wrapper.js';
 import { Repository } from '../../src/repo/repository.js';
 import { tempDir } from '../helpers/tmp.js';
+import { HungReads, plainRepoWithIndex } from './hung-reads.js';
 
 const dir = tempDir('kscinc-gate-close-');
 let n = 0;
 
-/** A folder store whose reads of index objects hang (see the header); `listDelayMs` delays the LIST of index/. */
-class HungReads extends StoreWrapper {
-  closed = false;
-  readonly sent: string[] = [];
-  readonly sentAfterClose: string[] = [];
-  private readonly cut: (() => void)[] = [];
-  constructor(
-    inner: FsStore,
-    private readonly listDelayMs: number,
-  ) {
-    super(inner);
-  }
-  private record(what: string): void {
-    this.sent.push(what);
-    if (this.closed) this.sentAfterClose.push(what);
-  }
-  override getRange(key: string, offset: number, length: number): Promise<Buffer> {
-    this.record(`GET ${key}`);
-    if (!key.startsWith('index/')) return this.inner.getRange(key, offset, length);
-    if (this.closed) return new Promise(() => undefined);
-    return new Promise((_, reject) => this.cut.push(() => reject(new KscError('KSC_E_UNAVAILABLE', `${key}: connection destroyed by close`))));
-  }
-  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    this.record(`LIST ${prefix}`);
-    if (prefix === 'index/') await sleep(this.listDelayMs);
-    yield* this.inner.list(prefix);
-  }
-  override async close(): Promise<void> {
-    this.closed = true;
-    for (const c of this.cut) c();
-    await this.inner.close();
-  }
-}
-
 /** An unencrypted repository with one index object, opened through HungReads. */
 async function openHung(listDelayMs: number): Promise<{ repo: Repository; store: HungReads }> {
-  const path = join(dir, `r${n++}`);
-  const made = await Repository.init(await FsStore.open(path, { create: true }), { encrypt: false });
-  await made.putIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 100, rawLength: 100 }]);
-  await made.store.close();
+  const path = await plainRepoWithIndex(dir, `r${n++}`);
   const store = new HungReads(await FsStore.open(path), listDelayMs);
   return { repo: await Repository.open(store), store };
 }
@@ -98,10 +58,7 @@ describe("an unencrypted repository's store closes its sealed-object probe (sess
     expect(store.sentAfterClose).toEqual([]);
   });
   it('an open refused after the probe started (KSCINC_REQUIRE_ENCRYPTION) ends it: nothing is sent after the caller closes the store (the review of session 24)', async () => {
-    const path = join(dir, `r${n++}`);
-    const made = await Repository.init(await FsStore.open(path, { create: true }), { encrypt: false });
-    await made.putIndex([{ id: Buffer.alloc(16, 7), pack: 'ab'.repeat(16), offset: 16, length: 100, rawLength: 100 }]);
-    await made.store.close();
+    const path = await plainRepoWithIndex(dir, `r${n++}`);
     const store = new HungReads(await FsStore.open(path), 300);
     const before = process.env['KSCINC_REQUIRE_ENCRYPTION'];
     process.env['KSCINC_REQUIRE_ENCRYPTION'] = '1';
