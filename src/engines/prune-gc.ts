@@ -82,6 +82,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   lock.check();
   const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
 
+  await checkIndexListed(repo, scan);
   // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
   for (const id of [...result.removed, ...gc.forget]) await repo.deleteManifest(id);
   lock.check();
@@ -208,6 +209,21 @@ function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): vo
       `prune deletes nothing: kept backups miss ${chunksMissing} chunk(s), and the index names ${unlisted.length} pack(s) the listing does not show (they may hold them): ${what}; put them back where the listing sees them (or find why the listing misses them: a moved folder, a lagging S3 listing), then run prune again`,
     );
   }
+}
+
+/**
+ * The scan read the index objects its listing of index/ showed; a pack none of them names is an orphan to
+ * it, and an unreferenced orphan goes. A listing that missed an object (a page of an S3 listing lost) would
+ * let prune delete the packs that object names and leave the object (only listed ones are replaced): the
+ * next backup would deduplicate against a pack that is gone. So index/ is listed again before anything is
+ * deleted, and an object the scan did not read stops prune (under its exclusive lock none may appear).
+ */
+async function checkIndexListed(repo: Repository, scan: ChunkScan): Promise<void> {
+  const read = new Set(scan.oldIndex);
+  const unread = (await repo.listIndexObjects()).filter((id) => !read.has(id)).sort();
+  if (unread.length === 0) return;
+  const what = unread.map((id) => repo.objName(indexKey(id))).join(', ');
+  throw new KscError('KSC_E_UNAVAILABLE', `prune deletes nothing: its listing of index/ did not show ${what} (a listing that lost a page?), which may name packs it took for orphans; run prune again`);
 }
 
 /**
