@@ -21,16 +21,18 @@ import { closePool } from '../../src/compress/pool.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
 import type { ObjectInfo } from '../../src/objstore/types.js';
 import type { Repository } from '../../src/repo/repository.js';
+import { manifestKey } from '../../src/repo/constants.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-index-page.test.ts');
 afterAll(() => closePool());
 
-/** A store whose next listing of index/ leaves out the keys in `hidden` (a page of that listing lost, once). */
+/** A store whose next listing of `prefix` leaves out the keys in `hidden` (a page of that listing lost, once). */
 class LostPage extends StoreWrapper {
   hidden = new Set<string>();
+  prefix = 'index/';
   override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    if (prefix !== 'index/' || this.hidden.size === 0) return yield* this.inner.list(prefix);
+    if (prefix !== this.prefix || this.hidden.size === 0) return yield* this.inner.list(prefix);
     const hide = this.hidden;
     this.hidden = new Set();
     for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
@@ -93,5 +95,30 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
     expect(again, 'prune with a whole listing succeeds').toBe('ok');
     const v = await verifyRepo(await openRepo(repoDir));
     expect(v.damage.map((d) => JSON.stringify(d)).join('\n'), 'verify finds no damage').toBe('');
+  }, 60_000);
+
+  it('a listing of manifests/ that misses the newest backup once: that backup still restores', async () => {
+    const rng = new Rng(seed + 1);
+    const dir = tempDir('kscinc-s25-manifest-page-');
+    const repoDir = join(dir, 'repo');
+    const first = await newRepo(repoDir, { encrypt: false });
+    const path = await makeDisk(dir, 'a', rng, { size: 3 * MiB });
+    const a = rng.bytes(3 * MiB);
+    const b = rng.bytes(3 * MiB);
+    const idA = await backupOf(first, path, a);
+    const idB = await backupOf(first, path, b);
+    let store: LostPage | undefined;
+    const repo = await openRepo(repoDir, (s) => (store = new LostPage(s)));
+    store!.prefix = 'manifests/';
+    store!.hidden = new Set([manifestKey(idB)]);
+    const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
+      (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
+      (e: unknown) => ({ ok: false as const, error: (e as Error).message }),
+    );
+    console.log(`prune with ${manifestKey(idB)} missing from its listing: ${JSON.stringify(r)}`);
+    expect(store!.hidden.size, 'prune listed manifests/').toBe(0);
+    const later = await openRepo(repoDir);
+    await expectRestores(later, idB, join(dir, 'restored-b.ksc'), b, 'backup B, the newest, which the listing missed');
+    if (!r.ok || !r.removed.includes(idA)) await expectRestores(later, idA, join(dir, 'restored-a.ksc'), a, 'backup A, not removed');
   }, 60_000);
 });
