@@ -117,6 +117,7 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
     );
     console.log(`prune with ${manifestKey(idB)} missing from its listing: ${JSON.stringify(r)}`);
     expect(store!.hidden.size, 'prune listed manifests/').toBe(0);
+    if (!r.ok) expect(r.error, 'the refusal names the manifest its listing missed').toContain(manifestKey(idB));
     const later = await openRepo(repoDir);
     await expectRestores(later, idB, join(dir, 'restored-b.ksc'), b, 'backup B, the newest, which the listing missed');
     if (!r.ok || !r.removed.includes(idA)) await expectRestores(later, idA, join(dir, 'restored-a.ksc'), a, 'backup A, not removed');
