@@ -5,7 +5,7 @@
  * what it replaces, sweep temporary parts — in that order, under prune's exclusive lock.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, type ChunkLocation, Repository, type RepoLock, indexKey, packKey } from '../repo/repository.js';
+import { ChunkIndex, type ChunkLocation, Repository, type RepoLock, indexKey, manifestKey, packKey } from '../repo/repository.js';
 import type { PackWriter } from '../repo/pack.js';
 import { mapLimit } from '../util/concurrency.js';
 import { ID_BYTES } from '../hash/chunkid.js';
@@ -82,6 +82,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   lock.check();
   const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
 
+  await checkListedAgain(repo, scan, result);
   // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
   for (const id of [...result.removed, ...gc.forget]) await repo.deleteManifest(id);
   lock.check();
@@ -208,6 +209,25 @@ function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): vo
       `prune deletes nothing: kept backups miss ${chunksMissing} chunk(s), and the index names ${unlisted.length} pack(s) the listing does not show (they may hold them): ${what}; put them back where the listing sees them (or find why the listing misses them: a moved folder, a lagging S3 listing), then run prune again`,
     );
   }
+}
+
+/**
+ * What prune decided from was read from listings: the backups (manifests/) and where chunks live (index/;
+ * a pack none of the listed objects names is an orphan to it, and an unreferenced orphan goes). A listing
+ * that missed an object (a page of an S3 listing lost) would let it delete what that object needs: a
+ * backup it never saw (its packs unreferenced), or the packs an index object names while the object stays
+ * (only listed ones are replaced: the next backup deduplicates against packs that are gone). So both are
+ * listed again before anything is deleted, and an object the first listings did not show stops prune
+ * (under its exclusive lock none may appear).
+ */
+async function checkListedAgain(repo: Repository, scan: ChunkScan, result: PruneResult): Promise<void> {
+  const seenIndex = new Set(scan.oldIndex);
+  const seenBackups = new Set([...result.kept.map((k) => k.id), ...result.removed, ...result.damagedManifests]);
+  const [index, backups] = await Promise.all([repo.listIndexObjects(), repo.listBackupIds()]);
+  const unseen = [...index.filter((id) => !seenIndex.has(id)).map(indexKey), ...backups.filter((id) => !seenBackups.has(id)).map(manifestKey)].sort();
+  if (unseen.length === 0) return;
+  const what = unseen.map((k) => repo.objName(k)).join(', ');
+  throw new KscError('KSC_E_UNAVAILABLE', `prune deletes nothing: its first listings did not show ${what} (a listing that lost a page?), which it would have decided without; run prune again`);
 }
 
 /**

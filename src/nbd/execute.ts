@@ -14,8 +14,16 @@ import { CMD, CMD_FLAG, ERR, TF, type Request, encodeBlockStatusChunk, encodeNon
 
 /** TRIM and WRITE_ZEROES run in slices of this much, yielding between them, so other requests are served meanwhile. */
 export const ZERO_SLICE = 32 * 1024 * 1024;
-/** Extents in one BLOCK_STATUS chunk (the spec asks for at most 2^20). */
-const MAX_STATUS_EXTENTS = 65536;
+/**
+ * Bytes of a whole BLOCK_STATUS reply at most (formats/nbd.md §2.2): what an admitted request other than
+ * READ/WRITE is charged beyond the fixed overhead (transmission.ts), so that replies waiting for a client
+ * that does not read stay within the byte budget. Its chunks share it: each holds at most
+ * (STATUS_REPLY_MAX / contexts - 24) / 8 extents (8189 with one context), at least one; the client asks
+ * again for the rest of the range.
+ */
+export const STATUS_REPLY_MAX = 64 * 1024;
+/** Bytes of a BLOCK_STATUS chunk before its extents: the chunk header and the context id. */
+const STATUS_CHUNK_HEAD = 20 + 4;
 /** A READ whose range splits into more extents than this is sent as one data chunk. */
 const MAX_READ_CHUNKS = 64;
 /** A READ only tells data from zeros: extents merge across states that read as zeros and across layers. */
@@ -136,11 +144,12 @@ async function blockStatus(x: Execution, req: Request, off: number): Promise<Buf
   if (!x.state.structuredReplies || metas.length === 0) throw new NbdRequestError(ERR.EINVAL, 'no meta context was selected');
   const one = (req.flags & CMD_FLAG.REQ_ONE) !== 0;
   const parts: Buffer[] = [];
+  const most = Math.max(1, Math.floor((STATUS_REPLY_MAX / metas.length - STATUS_CHUNK_HEAD) / 8));
   for (let i = 0; i < metas.length; i++) {
     const { id, name } = metas[i]!;
     let list = await statusOf(name, x.dev, off, req.length);
     if (one) list = list.slice(0, 1);
-    else if (list.length > MAX_STATUS_EXTENTS) list = list.slice(0, MAX_STATUS_EXTENTS);
+    else if (list.length > most) list = list.slice(0, most);
     parts.push(encodeBlockStatusChunk(req.cookie, id, list, i === metas.length - 1));
   }
   return parts;

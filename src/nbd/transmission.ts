@@ -7,7 +7,7 @@
 import { type WritesNow, writesNowOf } from '../image/capabilities.js';
 import { ConnectionShare, REQUEST_OVERHEAD, payloadCost } from './budget.js';
 import { NbdProtocolError, NbdRequestError, wireErrno } from './errors.js';
-import { execute } from './execute.js';
+import { STATUS_REPLY_MAX, execute } from './execute.js';
 import { type FastRead, FastReads } from './fast-read.js';
 import { nativeOps } from '../io/native.js';
 import { type ChunkSink, InterruptedError, SocketClosedError } from './reader.js';
@@ -18,8 +18,8 @@ import { checkIncomingWrite } from './incoming.js';
 import { KSC_WRITE_LZ4, decodeLz4Write, lz4Cost, lz4Negotiated, readLz4Length } from './lz4-write.js';
 import { CMD, CMD_FLAG, MAX_PAYLOAD, REQUEST_MAGIC, REQUEST_SIZE, TF, type Request, decodeRequest, encodeErrorChunk, encodeSimpleReply, putSimpleSuccess } from './wire.js';
 
-/** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to a few hundred KiB). */
-const SMALL_REQUEST_COST = 64 * 1024 + REQUEST_OVERHEAD;
+/** What an admitted request other than READ/WRITE is charged (its reply: BLOCK_STATUS up to STATUS_REPLY_MAX). */
+const SMALL_REQUEST_COST = STATUS_REPLY_MAX + REQUEST_OVERHEAD;
 
 export class Transmission {
   /** Requests being run now; `waiters` resolve whenever one of them ends. */
