@@ -7,6 +7,7 @@ import type * as net from 'node:net';
 import { nativeOps } from '../io/native.js';
 import { NbdProtocolError } from './errors.js';
 import { negotiate } from './handshake.js';
+import { HANDOVER_RUN_MS, completeRequests } from './handover-run.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
@@ -192,14 +193,7 @@ export class Connection implements Link {
         else await this.transmission.run();
         if (this.transmission.paused && !this.stopRequested) {
           await this.transmission.settled();
-          if (this.tls && this.reader.finished && this.reader.pending > 0) {
-            // A TLS session cannot move, and a peer that ended its sending (after a DISC, say) will not send its
-            // unread requests again: they run here, before the images close (park waits), then the connection ends.
-            this.log(`nbd: connection ${this.id} (${this.peer}): the TLS peer ended its sending with requests unread: running them before the handover`);
-            this.pauseRequested = false;
-            this.transmission.paused = false;
-            await this.transmission.run();
-          } else if (this.tls) this.log(`nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects`);
+          if (this.tls) await this.runReceived(this.transmission);
           else if (await this.replied()) {
             this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
             return;
@@ -221,6 +215,30 @@ export class Connection implements Link {
     await this.ended(5000); // a peer that never reads: give up on the last bytes
     this.socket.destroy();
     this.raw.destroy();
+  }
+
+  /**
+   * A TLS connection at a handover (handover-run.ts, formats/nbd.md §5.5): the complete requests already in the
+   * reader are run and answered here, within the bounds; nothing more is read; then the connection ends.
+   */
+  private async runReceived(t: Transmission): Promise<void> {
+    const { bytes, requests } = completeRequests(this.reader.peek(), this.server.maxPendingBytes);
+    this.reader.endAt(bytes);
+    this.log(
+      `nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects${requests > 0 ? ` (first the ${requests} request(s) received whole are run)` : ''}`,
+    );
+    if (requests === 0) return;
+    this.pauseRequested = false;
+    t.paused = false;
+    const late = setTimeout(() => {
+      this.stopRequested = true; // the requests not started yet are not run (the client sends them again)
+      t.wake();
+    }, HANDOVER_RUN_MS);
+    try {
+      await t.run();
+    } finally {
+      clearTimeout(late);
+    }
   }
 
   /** Ends the socket after what is queued has left, or after `ms`. */

@@ -448,6 +448,25 @@ export class SocketReader {
     return out;
   }
 
+  /** The bytes received and not taken, in order, as one buffer (a copy when they lie in several pieces). */
+  peek(): Buffer {
+    const parts = [...(this.direct ? [this.direct.buf.subarray(0, this.direct.got)] : []), ...(this.acc ? [this.acc.subarray(this.accStart, this.accEnd)] : []), ...this.chunks];
+    return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+  }
+
+  /**
+   * Reads nothing more (as abort(), but the bytes here can still be taken) and keeps only the first n bytes
+   * received and not taken; the rest is dropped (a TLS connection at a handover: handover-run.ts). Not while
+   * a read is pending nor in user-buffer mode (a plain socket's transmission).
+   */
+  endAt(n: number): void {
+    if (this.waiter || this.acc) throw new Error('endAt: a read is pending or the reader is in user-buffer mode');
+    this.abort();
+    const kept = this.peek().subarray(0, Math.min(n, this.buffered));
+    this.chunks = kept.length > 0 ? [kept] : [];
+    this.buffered = kept.length;
+  }
+
   /** The peer has ended its side, failed, or we stopped reading: no more bytes will come. */
   get finished(): boolean {
     return this.ended || this.error !== null;
