@@ -16,7 +16,6 @@ import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { MiB, KiB, chunksOf, contents, expectKscError, expectRestores, makeDisk, newRepo, orphanPacks, randomChanges, type Touch } from './helpers/fixtures.js';
-import type { Repository } from '../../src/repo/repository.js';
 
 const dir = tempDir('kscinc-backup-handover-');
 const seed = seedFor('test/backup/handover.test.ts');

@@ -5,7 +5,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { chmodSync, chownSync, mkdirSync, statSync, writeFileSync } from 'node:fs';
-import { createConnection } from 'node:net';
 import { join } from 'node:path';
 import { controlPath, requestBackup, startControl } from '../../src/cli/control.js';
 import { runDir } from '../../src/cli/control-trust.js';

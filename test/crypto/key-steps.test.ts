@@ -10,7 +10,7 @@
  * And the last key: refused by `key remove` with a key file, nothing changed.
  */
 import { spawnSync } from 'node:child_process';
-import { cpSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { writeFileSync } from 'node:fs';
 import { checkImage } from '../../src/engines/check.js';
 import { commitImage, rebaseImage } from '../../src/engines/ops.js';
-import { createImage, openImage, openKsc } from '../../src/index.js';
+import { createImage, openKsc } from '../../src/index.js';
 import { faultFired, setFaultPlan } from '../../src/io/fault.js';
 import { tempDir } from './tmp.js';
 import { readAll } from './read-all.js';

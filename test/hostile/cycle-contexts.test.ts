@@ -18,7 +18,7 @@ import { kscinc } from '../helpers/cli.js';
 import { tempDir } from '../helpers/tmp.js';
 import { prng } from '../migrate/helpers.js';
 import { at, beginCtx, commitCtx, connect, cycleCtx, hex, sameAs, serveIncoming, signal, tokenCtx, type Dest } from './helpers.js';
-import { BEGIN_CONTEXT, COMMIT_CONTEXT } from '../../src/nbd/incoming.js';
+import { BEGIN_CONTEXT } from '../../src/nbd/incoming.js';
 
 const dir = tempDir('kscinc-hostile-cycle-ctx-');
 const SIZE = 1024 * 1024;

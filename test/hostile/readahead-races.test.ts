@@ -9,18 +9,14 @@
  * Also: many sequential readers at once, each read answered right, every chunk fetched once at most.
  */
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
 import { checkImage } from '../../src/engines/check.js';
-import { liveRestore } from '../../src/engines/live-restore.js';
-import { openImage, openKsc } from '../../src/image/open.js';
+import { openKsc } from '../../src/image/open.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
-import { MiB, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { MiB } from '../backup/helpers/fixtures.js';
 import { liveFromBytes } from '../live-restore/helpers.js';
 
 const dir = tempDir('kscinc-hostile-ra-');

@@ -8,7 +8,7 @@
  * budget is all back, every pool buffer taken was given back, the image holds no block buffer and no block
  * assembly, and a new client writes and reads back. Seeded (printed).
  */
-import { connect, type Socket } from 'node:net';
+import { type Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { assemblyReserved, blockBufferStats } from '../../src/image/ksc/block-buffers.js';

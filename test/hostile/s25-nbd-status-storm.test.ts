@@ -79,7 +79,6 @@ describe('NBD: BLOCK_STATUS and error replies of clients that never read and go 
   it(`${CLIENTS} clients: the budget is all given back, a new client is served`, async () => {
     const seed = seedFor('test/hostile/s25-nbd-status-storm.test.ts');
     console.log(`seed ${seed}`);
-    const rng = new Rng(seed);
     const f = join(dir, 'frag.ksc');
     await createImage(f, { size: SIZE, blockSize: BLOCK });
     const dev = await openImage(f, { write: true });

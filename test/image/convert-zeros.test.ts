@@ -8,7 +8,6 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { convertImage } from '../../src/engines/convert.js';
-import { openImage } from '../../src/index.js';
 // @ts-ignore -- plain .mjs shared with child processes and bench/ (JSDoc types only)
 import { mulberry32 } from '../helpers/prng.mjs';
 import { tempDir } from '../helpers/tmp.js';

@@ -24,7 +24,7 @@ import { join } from 'node:path';
 import { describe, expect } from 'vitest';
 import { checkImage } from '../../src/engines/check.js';
 import { Handover } from '../../src/engines/backup/handover.js';
-import { frozenBitmapName, tokenBitmapName, tokenBitmapsOf } from '../../src/engines/backup/bitmap-names.js';
+import { frozenBitmapName, tokenBitmapsOf } from '../../src/engines/backup/bitmap-names.js';
 import { createImage, openKsc } from '../../src/index.js';
 import type { KscImage } from '../../src/image/ksc.js';
 import { type DevOp, bitsMissing, checkCrashContent, extentsToBits, markOp, provablyLanded } from '../helpers/model.js';

@@ -15,7 +15,7 @@ import { closePool } from '../../src/compress/pool.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { liveImage } from './helpers.js';
-import { MiB, expectKscError, expectSame, makeDisk, newRepo, openRepo, zeroChunks } from '../backup/helpers/fixtures.js';
+import { MiB, expectKscError, expectSame, makeDisk, zeroChunks } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-fetchall-');
 const seed = seedFor('test/live-restore/fetchall.test.ts');

@@ -5,16 +5,12 @@
  * filled; a reader that jumps around gets nothing extra; 0 turns it off.
  */
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it, vi } from 'vitest';
-import { backupDevice } from '../../src/engines/backup.js';
-import { liveRestore } from '../../src/engines/live-restore.js';
-import { openImage, openKsc } from '../../src/image/open.js';
+import { openKsc } from '../../src/image/open.js';
 import { BackupBacking } from '../../src/image/repobacking.js';
 import { closePool } from '../../src/compress/pool.js';
 import { tempDir } from '../helpers/tmp.js';
-import { MiB, expectKscError, expectSame, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { MiB, expectKscError, expectSame } from '../backup/helpers/fixtures.js';
 import { damagePacks, liveFromBytes } from './helpers.js';
 
 const dir = tempDir('kscinc-readahead-');

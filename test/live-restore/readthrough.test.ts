@@ -6,7 +6,7 @@
  * it filled across a reopen, refuses a manifest that is not the one it names, and fails a read of a damaged
  * chunk with KSC_E_CORRUPT, never wrong data.
  */
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { backupDevice } from '../../src/engines/backup.js';

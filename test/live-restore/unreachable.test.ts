@@ -16,7 +16,7 @@ import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { liveImage } from './helpers.js';
 import { serve } from '../nbd/helpers.js';
-import { MiB, expectKscError, expectSame, newRepo } from '../backup/helpers/fixtures.js';
+import { MiB, expectKscError, expectSame } from '../backup/helpers/fixtures.js';
 
 const dir = tempDir('kscinc-live-away-');
 const seed = seedFor('test/live-restore/unreachable.test.ts');

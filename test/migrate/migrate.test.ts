@@ -15,7 +15,7 @@ import { exchange } from '../helpers/control-exchange.js';
 import { startQemuNbd } from '../helpers/qemu-nbd.js';
 import { spawnServe } from '../helpers/serve.js';
 import { controlPath } from '../../src/cli/control-trust.js';
-import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until, type Rig } from './helpers.js';
+import { MiB, SIZE, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, until } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`migrate.test seed ${seed}`);

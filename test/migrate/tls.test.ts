@@ -12,8 +12,7 @@ import { NbdClient, parseNbdUri } from '../../src/nbd/client.js';
 import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { TOKEN_CONTEXT } from '../../src/nbd/incoming.js';
 import { makePki, x509ServeArgs, type Pki } from '../helpers/pki.js';
-import { spawnServe } from '../helpers/serve.js';
-import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, serveIncomingTls, until, type Rig } from './helpers.js';
+import { MiB, Writer, makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, serveIncomingTls, until } from './helpers.js';
 
 const seed = Number(process.env.SEED ?? Date.now() % 1_000_000);
 console.log(`migrate tls.test seed ${seed}`);

@@ -1,6 +1,5 @@
 // What only the local folder store has: the file layout, its temp folder, and folder/key clashes.
 import { existsSync, mkdirSync, readdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
-import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { FsStore } from '../../src/objstore/index.js';

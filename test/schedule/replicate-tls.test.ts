@@ -15,7 +15,6 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readState, statePathFor } from '../../src/engines/schedule/state.js';
 import { CLI } from '../helpers/cli.js';
 import { makePki, x509ServeArgs, type Pki } from '../helpers/pki.js';
-import { spawnServe } from '../helpers/serve.js';
 import { makeBaseAndOverlay, rawOf, rig, sameBytes, serveImage, serveIncomingTls, type Rig } from '../migrate/helpers.js';
 
 let pki: Pki;
