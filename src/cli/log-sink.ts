@@ -8,12 +8,11 @@
  * line saying how many were dropped (docs/cli.md "Logs"). Short commands print through stdio.ts instead.
  *
  * - a pipe or socket: process.stderr (libuv makes the descriptor non-blocking), its queue bounded by LIMIT;
- * - a terminal: the terminal opened again non-blocking (its own open file description, so Node's blocking
- *   one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer;
+ * - a terminal (any character device): opened again non-blocking (its own open file description, so
+ *   Node's blocking one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer;
  * - a file, /dev/null, anything else: write(2), which does not wait on a reader.
  */
 import { constants, fstatSync, openSync, writeSync } from 'node:fs';
-import { isatty } from 'node:tty';
 
 /** Bytes a sink holds for a reader that is behind: a minute of a busy server's log. */
 export const LOG_LIMIT = 64 * 1024;
@@ -41,7 +40,8 @@ export class LogSink {
     const m = (this.mode ??= this.open());
     if (m.kind === 'none') return this.drop();
     const b = Buffer.from(`${line}\n`);
-    const notice = this.pendingDrops > 0 ? Buffer.from(`${this.who}: ${this.pendingDrops} log line(s) dropped: the reader of ${this.fd === 2 ? 'stderr' : `descriptor ${this.fd}`} fell behind\n`) : null;
+    const notice =
+      this.pendingDrops > 0 ? Buffer.from(`${this.who}: ${this.pendingDrops} log line(s) dropped: the reader of ${this.fd === 2 ? 'stderr' : `descriptor ${this.fd}`} fell behind\n`) : null;
     if (this.waiting() + b.length + (notice?.length ?? 0) > this.limit) return this.drop();
     this.pendingDrops = 0;
     this.put(notice ? Buffer.concat([notice, b]) : b);
@@ -74,7 +74,9 @@ export class LogSink {
         return { kind: 'stream', s };
       }
     }
-    if (st.isCharacterDevice() && isatty(this.fd)) {
+    // A terminal (or another character device): opened again. Not node:tty's isatty: importing it loads net,
+    // which every short command would then pay for (stdio.ts).
+    if (st.isCharacterDevice()) {
       try {
         return { kind: 'fd', fd: openSync(`/proc/self/fd/${this.fd}`, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOCTTY) };
       } catch {
