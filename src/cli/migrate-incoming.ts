@@ -15,6 +15,7 @@ import { INCOMING_RECORD } from '../nbd/incoming.js';
 import { closedCleanly, logPathOf, settleLog } from '../nbd/cycle-log.js';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { logSink } from './log-sink.js';
 
 export interface IncomingPrepared {
   token: string;
@@ -34,7 +35,7 @@ export async function prepareIncomingImage(image: string, token?: string): Promi
   try {
     // §11.7: a cycle a replication committed is finished, one it did not is dropped, before anything is served.
     const settled = await settleLog(resolve(image), dev, clean);
-    if (settled) process.stderr.write(`kscinc serve: replication cycle log of ${image} ${settled}\n`);
+    if (settled) logSink('kscinc serve').line(`kscinc serve: replication cycle log of ${image} ${settled}`);
     const bitmaps = bitmapsOf(dev);
     const records = bitmaps?.bitmapNames().filter((n) => n.startsWith(INCOMING_RECORD)) ?? [];
     const kept = records.map((n) => n.slice(INCOMING_RECORD.length)).find((id) => /^[0-9a-f]{32}$/.test(id)) ?? null;

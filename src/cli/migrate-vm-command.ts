@@ -13,6 +13,7 @@ import { QmpVmMigration } from '../qmp/vm-migration.js';
 import { controlRequest } from './control.js';
 import { controlPath } from './control-trust.js';
 import { printJson, println } from './output.js';
+import { logSink } from './log-sink.js';
 import type { MigrateStartRequest } from './migrate-control.js';
 import { addStartRequestOptions, migrateStartRequest, type StartRequestOptions } from './migrate-request.js';
 
@@ -62,7 +63,7 @@ async function whole(image: string, o: WholeOptions): Promise<void> {
       vmTo: o.vmTo,
       timeoutMs: timeoutS * 1000,
       signal: abort.signal,
-      log: o.json ? undefined : (line) => process.stderr.write(`${line}\n`),
+      log: o.json ? undefined : logSink().line, // a stalled reader must not lengthen the switch-over
     });
     if (o.json) printJson(r);
     else {

@@ -8,6 +8,7 @@ import { parseDuration, formatDuration } from '../engines/schedule/duration.js';
 import { localParts, offsetAt } from '../engines/schedule/zone.js';
 import { printJson, println } from './output.js';
 import { EXIT } from './exit.js';
+import { logSink, settleLogs } from './log-sink.js';
 import { requestBackup } from './control.js';
 import { clientKey } from './control-key.js';
 import { createForServer, encryptChoice } from './new-repo.js';
@@ -130,7 +131,7 @@ export function registerScheduleCommands(program: Command): void {
       const { loadConfig, ScheduleDaemon, systemClock, pruneAt } = await engine();
       const config = await loadConfig(o.config);
       await checkReplicateJobs(config);
-      const log = (line: string): void => void process.stderr.write(`${line}\n`);
+      const log = logSink('kscinc schedule').line; // never blocks the daemon (src/cli/log-sink.ts)
       const daemon = new ScheduleDaemon(
         config,
         {
@@ -153,7 +154,7 @@ export function registerScheduleCommands(program: Command): void {
         process.exitCode = report.failed.length + report.unfinished.length > 0 ? 1 : 0;
         if (report.unfinished.length > 0) {
           // Backups given up on still hold images and workers: end here (they are crash-safe by design).
-          await new Promise<void>((r) => process.stderr.write('', () => r()));
+          await settleLogs(2000);
           process.exit(1);
         }
       } finally {

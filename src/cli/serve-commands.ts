@@ -9,6 +9,7 @@ import type { Command } from 'commander';
 import { KscError, isKscError } from '../errors.js';
 import { NbdServer, type ListenAddress, type ListenTarget } from '../nbd/server.js';
 import { printJson, println } from './output.js';
+import { logSink } from './log-sink.js';
 import { controlPath } from './control-trust.js';
 import { controlRequest, startControl } from './control.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
@@ -71,13 +72,14 @@ function positiveInt(flag: string): (v: string) => number {
   };
 }
 
-const log = (l: string): void => void process.stderr.write(`${l}\n`);
+/** The server's log: never blocks serving (src/cli/log-sink.ts). */
+const log = (l: string): void => logSink('kscinc serve').line(l);
 
 /** The URIs (nbds:// with TLS), a warning for plain NBD on a non-loopback address, "ready". */
 function announce(addr: ListenAddress, names: string[], tls: boolean): void {
   if (!('path' in addr) && !isLoopback(addr.host) && !tls) {
-    process.stderr.write(
-      `kscinc serve: WARNING: listening on ${addr.host}, not a loopback address, without TLS (--insecure): anyone who can reach it may read and write these images; use --tls-cert/--tls-key/--tls-ca or --tls-psk unless the network is trusted\n`,
+    log(
+      `kscinc serve: WARNING: listening on ${addr.host}, not a loopback address, without TLS (--insecure): anyone who can reach it may read and write these images; use --tls-cert/--tls-key/--tls-ca or --tls-psk unless the network is trusted`,
     );
   }
   const s = tls ? 's' : '';
@@ -85,7 +87,7 @@ function announce(addr: ListenAddress, names: string[], tls: boolean): void {
     const enc = encodeURIComponent(name);
     println('path' in addr ? `nbd${s}+unix:///${enc}?socket=${addr.path}` : `nbd${s}://${uriHost(addr.host)}:${addr.port}/${enc}`);
   }
-  process.stderr.write(`kscinc serve: ready (${names.length} export${names.length === 1 ? '' : 's'})\n`);
+  log(`kscinc serve: ready (${names.length} export${names.length === 1 ? '' : 's'})`);
 }
 
 function untilSignal(onHup?: () => void): { stopped: Promise<string>; giveUp: (why: string) => void } {
@@ -161,12 +163,12 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
   announce(addr, c.names, !!c.tls);
   const { stopped } = untilSignal();
   const sig = await stopped;
-  process.stderr.write(`kscinc serve: ${sig}: finishing in-flight requests\n`);
+  log(`kscinc serve: ${sig}: finishing in-flight requests`);
   await stopControl();
   await server.close();
   await pulls.stop();
   await closeDevices(devices);
-  process.stderr.write('kscinc serve: images flushed and closed\n');
+  log('kscinc serve: images flushed and closed');
 }
 
 /** The supervisor: listen, start the worker, answer status/upgrade, pass the rest on. */
@@ -205,11 +207,11 @@ async function serveSupervised(c: ServeConfig, target: ListenTarget, what: strin
   }
   announce(listener.address, c.names, !!c.tls);
   const why = await signals.stopped;
-  process.stderr.write(`kscinc serve: ${why}: finishing in-flight requests\n`);
+  log(`kscinc serve: ${why}: finishing in-flight requests`);
   await stopControl();
   await sup.stop();
   await closeListener();
-  process.stderr.write('kscinc serve: images flushed and closed\n');
+  log('kscinc serve: images flushed and closed');
   if (why.startsWith('give-up')) throw new KscError('KSC_E_IO', `serve stopped: ${why.slice(9)}`);
 }
 

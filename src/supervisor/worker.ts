@@ -8,6 +8,7 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
+import { logSink } from '../cli/log-sink.js';
 import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
@@ -21,7 +22,8 @@ import { warmUp } from './warmup.js';
 import { workerKillPoint } from './killpoint.js';
 import { isMessage, type FromWorker, type ToWorker } from './protocol.js';
 
-const log = (l: string): void => void process.stderr.write(`${l}\n`);
+/** The worker's log: never blocks serving (src/cli/log-sink.ts). */
+const log = (l: string): void => logSink('kscinc worker').line(l);
 /** Handover diagnostics, with KSCINC_DEBUG=handover (or 1): what each connection carries across. */
 const debug = /\b(1|handover)\b/.test(process.env.KSCINC_DEBUG ?? '') ? log : null;
 

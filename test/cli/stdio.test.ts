@@ -2,8 +2,9 @@
 // only its result writes it with write(2), so on a pipe Node's `net` is never loaded; what it prints, and a
 // reader that closes the pipe early, behave as before.
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
@@ -67,6 +68,65 @@ describe('stdout and stderr made on first use', () => {
     expect(err).toBe('');
     expect(code).toBe(0);
   });
+  it('on a non-blocking pipe that fills (EAGAIN), the rest goes through the stream: the output is complete and in order', async () => {
+    // 16 MiB of 4 KiB blocks, every other one written: `map` prints ≈ 200 KiB in ≈ 4000 lines, a FIFO holds 64 KiB.
+    const raw = Buffer.alloc(16 << 20);
+    for (let off = 0; off < raw.length; off += 8192) raw.fill(1, off, off + 4096);
+    writeFileSync(p('f.raw'), raw);
+    ok(['convert', '-O', 'kscinc', p('f.raw'), p('f.ksc'), '--block-size', '4K']);
+    const expected = ok(['map', p('f.ksc')]); // on a blocking pipe, read as it comes
+    expect(expected.length).toBeGreaterThan(3 * 65536);
+    const fifo = p('map-fifo');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    const r = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+    const w = openSync(fifo, constants.O_WRONLY); // the child's stdout
+    // The preload notes when Node's stream module is loaded: the EAGAIN fallback made process.stdout.
+    const marker = p('net-loaded');
+    const preload = p('mark-net.cjs');
+    writeFileSync(
+      preload,
+      `const t = setInterval(() => { if (process.moduleLoadList.includes('NativeModule net')) { require('node:fs').writeFileSync(${JSON.stringify(marker)}, ''); clearInterval(t); } }, 5); t.unref();\n`,
+    );
+    const child = spawn(process.execPath, ['-r', preload, CLI, 'map', p('f.ksc')], { stdio: ['ignore', w, 'pipe'] });
+    // libuv made the child's stdout blocking before exec; spawn returns after exec, long before the child's first
+    // write: a stream on the same open file description makes it non-blocking again (libuv sets O_NONBLOCK).
+    new Socket({ fd: w, readable: false, writable: true }).destroy();
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (c) => resolve(c)));
+    let done = false;
+    void exited.then(() => (done = true));
+    try {
+      // Nothing is read until the pipe has refused a write and the stream holds the rest (or the child ended).
+      for (let i = 0; !existsSync(marker) && !done; i++) {
+        expect(i, 'the command made process.stdout (EAGAIN fallback) within 60 s').toBeLessThan(6000);
+        await new Promise((res) => setTimeout(res, 10));
+      }
+      const b = Buffer.alloc(1 << 16);
+      const parts: Buffer[] = [];
+      for (;;) {
+        let n = -1;
+        try {
+          n = readSync(r, b);
+        } catch (e) {
+          if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e;
+        }
+        if (n === 0) break; // EOF: the child closed its stdout
+        if (n > 0) parts.push(Buffer.from(b.subarray(0, n)));
+        else if (done) break;
+        else await new Promise((res) => setTimeout(res, 5));
+      }
+      expect(await exited, err).toBe(0);
+      expect(err).toBe('');
+      const got = Buffer.concat(parts).toString();
+      expect(got.length).toBe(expected.length);
+      expect(got === expected, 'the same lines in the same order as on a blocking pipe').toBe(true);
+      expect(existsSync(marker), 'the pipe refused a write (EAGAIN) and the stream took the rest').toBe(true);
+    } finally {
+      closeSync(r);
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  }, 120_000);
   it("once a preload has made process.stdout, the command's output goes through it too, so it cannot pass the stream's queue (the review of session 24)", () => {
     ok(['create', p('o.ksc'), '--size', '1M']);
     const preload = p('stdout-first.cjs');

@@ -1,0 +1,147 @@
+/**
+ * The log of a long-running command (`kscinc serve`, its supervisor and worker, `schedule run`, `migrate-vm`):
+ * one line per event on stderr, written so that a reader who stops reading never stops the process. A
+ * server blocked in write(2) on its log answers no NBD request and no signal: the VM hangs (a terminal or
+ * ssh session that stops reading, a stalled logger on a pipe). Node writes a terminal synchronously, and
+ * queues without bound for a pipe or a socket. So each sink holds at most LIMIT bytes a reader has not
+ * taken; a line that does not fit is dropped and counted, and the next line that fits is preceded by one
+ * line saying how many were dropped (docs/cli.md "Logs"). Short commands print through stdio.ts instead.
+ *
+ * - a pipe or socket: process.stderr (libuv makes the descriptor non-blocking), its queue bounded by LIMIT;
+ * - a terminal (any character device): opened again non-blocking (its own open file description, so
+ *   Node's blocking one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer;
+ * - a file, /dev/null, anything else: write(2), which does not wait on a reader.
+ */
+import { constants, fstatSync, openSync, writeSync } from 'node:fs';
+
+/** Bytes a sink holds for a reader that is behind: a minute of a busy server's log. */
+export const LOG_LIMIT = 64 * 1024;
+const RETRY_MS = 100;
+
+type Mode = { kind: 'stream'; s: NodeJS.WriteStream } | { kind: 'fd'; fd: number } | { kind: 'none' };
+
+export class LogSink {
+  /** Lines dropped since the last line written; all lines dropped. */
+  private pendingDrops = 0;
+  dropped = 0;
+  private mode: Mode | null = null;
+  private held: Buffer[] = [];
+  private heldBytes = 0;
+  private timer: NodeJS.Timeout | null = null;
+
+  constructor(
+    private readonly fd: number,
+    private readonly who: string,
+    private readonly limit = LOG_LIMIT,
+  ) {}
+
+  /** Writes `line` and a newline, or drops it when LIMIT bytes are already waiting for the reader. */
+  readonly line = (line: string): void => {
+    const m = (this.mode ??= this.open());
+    if (m.kind === 'none') return this.drop();
+    const b = Buffer.from(`${line}\n`);
+    const notice =
+      this.pendingDrops > 0 ? Buffer.from(`${this.who}: ${this.pendingDrops} log line(s) dropped: the reader of ${this.fd === 2 ? 'stderr' : `descriptor ${this.fd}`} fell behind\n`) : null;
+    if (this.waiting() + b.length + (notice?.length ?? 0) > this.limit) return this.drop();
+    this.pendingDrops = 0;
+    this.put(notice ? Buffer.concat([notice, b]) : b);
+  };
+
+  /** Bytes written to the sink that the reader has not taken yet. */
+  waiting(): number {
+    const m = this.mode;
+    if (m?.kind === 'stream') return m.s.writableLength;
+    return this.heldBytes;
+  }
+
+  private drop(): void {
+    this.pendingDrops++;
+    this.dropped++;
+  }
+
+  private open(): Mode {
+    let st;
+    try {
+      st = fstatSync(this.fd);
+    } catch {
+      return { kind: 'none' }; // closed: nothing to write to
+    }
+    if (st.isFIFO() || st.isSocket()) {
+      const s = this.fd === 1 ? process.stdout : this.fd === 2 ? process.stderr : null;
+      if (s) {
+        // A reader gone (EPIPE) ends the log, not the server.
+        s.on('error', () => (this.mode = { kind: 'none' }));
+        return { kind: 'stream', s };
+      }
+    }
+    // A terminal (or another character device): opened again. Not node:tty's isatty: importing it loads net,
+    // which every short command would then pay for (stdio.ts).
+    if (st.isCharacterDevice()) {
+      try {
+        return { kind: 'fd', fd: openSync(`/proc/self/fd/${this.fd}`, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOCTTY) };
+      } catch {
+        // no /proc: the descriptor as it is
+      }
+    }
+    return { kind: 'fd', fd: this.fd };
+  }
+
+  private put(b: Buffer): void {
+    const m = this.mode!;
+    if (m.kind === 'stream') m.s.write(b);
+    else if (m.kind === 'fd') {
+      this.held.push(b);
+      this.heldBytes += b.length;
+      if (this.held.length === 1) this.flush();
+    }
+  }
+
+  /** Writes what is held until the descriptor refuses (EAGAIN: retried later) or fails (the log ends). */
+  private flush(): void {
+    this.timer = null;
+    const m = this.mode;
+    if (m?.kind !== 'fd') return;
+    while (this.held.length > 0) {
+      const b = this.held[0]!;
+      let n: number;
+      try {
+        n = writeSync(m.fd, b);
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code === 'EAGAIN') break;
+        this.mode = { kind: 'none' };
+        this.held = [];
+        this.heldBytes = 0;
+        return;
+      }
+      this.heldBytes -= n;
+      if (n === b.length) this.held.shift();
+      else this.held[0] = b.subarray(n);
+    }
+    if (this.held.length > 0 && !this.timer) {
+      this.timer = setTimeout(() => this.flush(), RETRY_MS);
+      this.timer.unref();
+    }
+  }
+}
+
+const sinks = new Map<number, LogSink>();
+
+/** The log of this process on stderr (one sink per process, whoever logs). */
+export function logSink(who = 'kscinc'): LogSink {
+  let s = sinks.get(2);
+  if (!s) sinks.set(2, (s = new LogSink(2, who)));
+  return s;
+}
+
+/** Bytes the process's log sinks still hold for a reader (0 when none was used). */
+export function logsWaiting(): number {
+  let n = 0;
+  for (const s of sinks.values()) n += s.waiting();
+  return n;
+}
+
+/** Resolves once the log sinks hold nothing for a reader, or after `ms` (a reader that stopped never takes it). */
+export async function settleLogs(ms: number): Promise<void> {
+  const end = Date.now() + ms;
+  while (logsWaiting() > 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+}
