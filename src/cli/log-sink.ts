@@ -17,6 +17,8 @@ import { constants, fstatSync, openSync, writeSync } from 'node:fs';
 /** Bytes a sink holds for a reader that is behind: a minute of a busy server's log. */
 export const LOG_LIMIT = 64 * 1024;
 const RETRY_MS = 100;
+/** A long-running command's log a reader stopped taking holds the process at most this long after its work (main.ts, the worker's stop). */
+export const UNREAD_LOG_GRACE_MS = 2000;
 
 type Mode = { kind: 'stream'; s: NodeJS.WriteStream } | { kind: 'fd'; fd: number } | { kind: 'none' };
 

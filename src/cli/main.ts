@@ -1,7 +1,7 @@
 // Runs the kscinc program (started by kscinc.cjs, which sizes the libuv pool first). Also the entry of the
 // bundled CLI (scripts/bundle-cli.mjs), hence no top-level await: the bundle is CommonJS.
 import { endsWithItsAction, run } from './program.js';
-import { logsWaiting } from './log-sink.js';
+import { UNREAD_LOG_GRACE_MS, logsWaiting, settleLogs } from './log-sink.js';
 import { queuedStdio, watchStdio } from './stdio.js';
 
 // stdout and stderr are made on first use only (src/cli/stdio.ts); a closed stdout ends the program quietly.
@@ -17,13 +17,12 @@ function exitWhenDrained(code: number): void {
   let left = queued.length;
   for (const s of queued) s.write('', () => --left === 0 && process.exit(code));
 }
-/** A long-running command's log a reader stopped taking (src/cli/log-sink.ts) holds the process at most this long after its action. */
-const UNREAD_LOG_GRACE_MS = 2000;
 run(process.argv).then(
   (code) => {
     process.exitCode = code;
     if (endsEarly) exitWhenDrained(code);
-    else if (logsWaiting() > 0) setTimeout(() => process.exit(code), UNREAD_LOG_GRACE_MS).unref();
+    // settleLogs' timers hold the process (a terminal's sink retries on an unref'd timer of its own).
+    else if (logsWaiting() > 0) void settleLogs(UNREAD_LOG_GRACE_MS).then(() => process.exit(code));
   },
   (e: unknown) => {
     process.stderr.write(`kscinc: ${e instanceof Error ? e.message : String(e)}\n`);

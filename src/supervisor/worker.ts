@@ -8,7 +8,7 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
-import { logSink } from '../cli/log-sink.js';
+import { UNREAD_LOG_GRACE_MS, logSink, settleLogs } from '../cli/log-sink.js';
 import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
@@ -86,6 +86,7 @@ function stop(): Promise<void> {
     if (opened) await closeDevices(opened.devices);
     opened = null;
     await send({ t: 'stopped' });
+    await settleLogs(UNREAD_LOG_GRACE_MS); // its last lines to a reader that is behind (a terminal), bounded
     process.exit(0);
   })();
   return stopping;

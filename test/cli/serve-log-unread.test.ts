@@ -140,6 +140,29 @@ describe('kscinc serve with a log nobody reads', () => {
     }, 180_000);
   }
 
+  for (const supervised of [false, true]) {
+    it(`on a terminal read again only after SIGTERM${supervised ? ' (supervised)' : ' (--no-supervisor)'}, its last lines still reach the reader (it waits for them, at most 2 s)`, async () => {
+      const img = p(`late${supervised}.ksc`);
+      const sock = p(`late${supervised}.sock`);
+      expect(kscinc(['create', img, '--size', '4M']).code).toBe(0);
+      const out = fifo(`late-out-${supervised}`);
+      const cmd = `exec ${process.execPath} ${CLI} serve ${img} --socket ${sock} --export-name x${supervised ? '' : ' --no-supervisor'}`;
+      const s = spawn('script', ['-qec', cmd, '/dev/null'], { stdio: ['pipe', out.w, 'ignore'] });
+      closeSync(out.w);
+      procs.push(s);
+      await until('the socket appears', () => existsSync(sock), 30_000);
+      await connections(sock, 1500); // the terminal and script's FIFO full: the server holds what follows
+      const pid = servePid(s.pid!);
+      expect(pid).not.toBeNull();
+      process.kill(pid!, 'SIGTERM');
+      await new Promise((r) => setTimeout(r, 500));
+      let got = '';
+      await until('"images flushed and closed" reaches the terminal read again 0.5 s after SIGTERM', () => ((got += drain(out.r)), got.includes('images flushed and closed')), 10_000);
+      await until('serve ends', () => !alive(pid!), 20_000);
+      s.kill('SIGKILL');
+    }, 180_000);
+  }
+
   it(`on a pipe nobody reads, it answers, holds at most 64 KiB for the reader, says how many lines it dropped once read again, and stops on SIGTERM`, async () => {
     const img = p('pipe.ksc');
     const sock = p('pipe.sock');
