@@ -10,6 +10,7 @@ import type { PackWriter } from '../repo/pack.js';
 import { mapLimit } from '../util/concurrency.js';
 import { ID_BYTES } from '../hash/chunkid.js';
 import { readMark, writeMark } from '../repo/gcmark.js';
+import { listLiveRefKeys } from '../repo/liverefs.js';
 import { visitIndex, type IndexEntry } from '../repo/index-object.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { chooseCopies } from './copies.js';
@@ -212,19 +213,23 @@ function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): vo
 }
 
 /**
- * What prune decided from was read from listings: the backups (manifests/) and where chunks live (index/;
- * a pack none of the listed objects names is an orphan to it, and an unreferenced orphan goes). A listing
- * that missed an object (a page of an S3 listing lost) would let it delete what that object needs: a
- * backup it never saw (its packs unreferenced), or the packs an index object names while the object stays
- * (only listed ones are replaced: the next backup deduplicates against packs that are gone). So both are
- * listed again before anything is deleted, and an object the first listings did not show stops prune
- * (under its exclusive lock none may appear).
+ * What prune decided from was read from listings: the backups (manifests/), where chunks live (index/;
+ * a pack none of the listed objects names is an orphan to it, and an unreferenced orphan goes) and the
+ * live-restore references (refs/live/, §8.1: each keeps its backup). A listing that missed an object (a
+ * page of an S3 listing lost) would let it delete what that object needs: a backup it never saw (its packs
+ * unreferenced), the packs an index object names while the object stays (only listed ones are replaced:
+ * the next backup deduplicates against packs that are gone), or the backup a live-restored image still
+ * reads through to. So all three are listed again before anything is deleted, and an object the first
+ * listings did not show stops prune (under its exclusive lock none may appear; one that went meanwhile, a
+ * pull's reference, only protected less). Packs, locks, the mark and temporary parts: see
+ * formats/repository.md §9.2 rule 1 (a listing that misses them deletes less, or refuses).
  */
 async function checkListedAgain(repo: Repository, scan: ChunkScan, result: PruneResult): Promise<void> {
   const seenIndex = new Set(scan.oldIndex);
   const seenBackups = new Set([...result.kept.map((k) => k.id), ...result.removed, ...result.damagedManifests]);
-  const [index, backups] = await Promise.all([repo.listIndexObjects(), repo.listBackupIds()]);
-  const unseen = [...index.filter((id) => !seenIndex.has(id)).map(indexKey), ...backups.filter((id) => !seenBackups.has(id)).map(manifestKey)].sort();
+  const seenRefs = new Set(result.liveRefs.map((r) => r.key));
+  const [index, backups, refs] = await Promise.all([repo.listIndexObjects(), repo.listBackupIds(), listLiveRefKeys(repo.store)]);
+  const unseen = [...index.filter((id) => !seenIndex.has(id)).map(indexKey), ...backups.filter((id) => !seenBackups.has(id)).map(manifestKey), ...refs.filter((k) => !seenRefs.has(k))].sort();
   if (unseen.length === 0) return;
   const what = unseen.map((k) => repo.objName(k)).join(', ');
   throw new KscError('KSC_E_UNAVAILABLE', `prune deletes nothing: its first listings did not show ${what} (a listing that lost a page?), which it would have decided without; run prune again`);

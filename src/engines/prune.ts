@@ -8,7 +8,7 @@
  * a backup that has not committed yet survive whatever the locks say.
  */
 import { KscError } from '../errors.js';
-import { Repository } from '../repo/repository.js';
+import { Repository, type LockInfo } from '../repo/repository.js';
 import { listBackups } from '../repo/catalog.js';
 import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
 import type { CopyReport } from './copies.js';
@@ -98,6 +98,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // back) exists: both decide which unreferenced packs may go (§9.2).
     const now = lock.storageNow;
     const otherLocks = (await repo.listLocks(now)).filter((l) => l.key !== lock.key && !l.garbage);
+    refuseMissedLock(repo, lock.written, otherLocks);
     const { metas, damagedManifests } = await readBackups(repo, forget);
     const { refs, refBy } = await readLiveRefs(repo, now, forget);
     const { kept, removed } = decideKeep(metas, refBy, policy, opts.timeZone);
@@ -127,6 +128,23 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
   } finally {
     await lock.release();
   }
+}
+
+/**
+ * §8 rule 1 again: a live lock whose object is older than prune's own (by storage time) was there when
+ * prune's lock listed locks/, and would have blocked it; that listing missed it (a page of an S3 listing
+ * lost), so prune runs beside its holder (a restore, a backup): it deletes nothing and fails as the taker
+ * would have. A lock put after prune's is a taker that saw prune's and backs off. Without its own lock
+ * object (§8 rule 7), prune holds the folder lock and ages say nothing.
+ */
+function refuseMissedLock(repo: Repository, ownWritten: boolean, others: LockInfo[]): void {
+  const missed = ownWritten ? others.filter((l) => !l.stale && l.ageMs > 0) : [];
+  if (missed.length === 0) return;
+  const l = missed[0]!;
+  throw new KscError(
+    'KSC_E_LOCKED',
+    `repository ${repo.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}: ${l.reason}), which the listing prune's lock took missed (a listing that lost a page?); prune deleted nothing; try again later`,
+  );
 }
 
 function checkOptions(opts: PruneOptions): { policy: KeepPolicy; forget: Set<string>; graceMs: number } {

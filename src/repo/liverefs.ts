@@ -79,6 +79,13 @@ function parse(key: string, raw: Buffer | null): LiveRefBody | null {
 
 const days = (ms: number): string => `${(ms / 86_400_000).toFixed(1)} days`;
 
+/** The keys of every object under refs/live/ (garbage too), from one listing and no read. */
+export async function listLiveRefKeys(store: ObjectStore): Promise<string[]> {
+  const keys: string[] = [];
+  for await (const o of store.list(REFS_PREFIX)) keys.push(o.key);
+  return keys;
+}
+
 /** Every object under refs/live/, judged at storage time `now` (default: a probe's). */
 export async function listLiveRefs(store: ObjectStore, now?: number, staleMs = REF_STALE_MS): Promise<LiveRefInfo[]> {
   const objects: { key: string; size: number; mtimeMs: number }[] = [];
