@@ -29,8 +29,22 @@ export function contextsOf(device: BlockDevice, allow: readonly string[] | undef
   return ['base:allocation', 'qemu:allocation-depth', ...exportedBitmaps(device, allow).map((b) => DIRTY_BITMAP_PREFIX + b)];
 }
 
-/** Extents of one context over [off, off+len), merged, covering the range exactly. */
-export async function statusOf(ctx: string, dev: BlockDevice, off: number, len: number): Promise<StatusExtent[]> {
+/**
+ * Bytes of the device statusOf asks about first, per extent a reply can hold: one block may be one extent
+ * (every other block written), so a window of (most + 1) blocks of 4 KiB is enough on the most fragmented
+ * image; each next window is twice the last, so a sparse range takes a few calls, not one per window.
+ */
+const WINDOW_PER_EXTENT = 4096;
+
+/**
+ * Extents of one context over [off, off+len), merged, covering the range exactly — or, when `most` is given,
+ * at least its first `most` extents exactly (a reply holds no more, execute.ts): the device is asked in
+ * growing windows and statusOf stops once it holds more than `most` extents, so a BLOCK_STATUS over 4 GiB of a
+ * fragmented image costs what its reply holds, not every extent of the range. Extents merge across windows
+ * (same flags), so the first `most` are those one call over the whole range gives; the last one kept past
+ * them may end early at a window's end.
+ */
+export async function statusOf(ctx: string, dev: BlockDevice, off: number, len: number, most = Infinity): Promise<StatusExtent[]> {
   const out: StatusExtent[] = [];
   const push = (length: number, flags: number): void => {
     if (length <= 0) return;
@@ -38,23 +52,42 @@ export async function statusOf(ctx: string, dev: BlockDevice, off: number, len: 
     if (last && last.flags === flags) last.length += length;
     else out.push({ length, flags });
   };
-  if (ctx === 'base:allocation') {
-    for (const e of await dev.extents(off, len)) push(e.length, e.state === 'data' ? 0 : STATE_HOLE | STATE_ZERO);
-  } else if (ctx === 'qemu:allocation-depth') {
-    for (const e of await dev.extents(off, len)) push(e.length, e.depth === null || e.state === 'unallocated' ? 0 : e.depth + 1);
-  } else if (ctx.startsWith(DIRTY_BITMAP_PREFIX)) {
-    const name = ctx.slice(DIRTY_BITMAP_PREFIX.length);
-    const bitmaps = dev.dirtyBitmaps;
-    if (!bitmaps?.hasBitmap(name)) throw new KscError('KSC_E_INVALID', `bitmap "${name}" was removed since it was selected`);
-    let pos = off;
-    for (const d of await bitmaps.bitmapExtents(name, off, len)) {
-      push(d.offset - pos, 0);
-      push(d.length, STATE_DIRTY);
-      pos = d.offset + d.length;
-    }
-    push(off + len - pos, 0);
-  } else {
-    push(len, 0);
+  const window = windowOf(ctx, dev, push);
+  const end = off + len;
+  let size = Number.isFinite(most) ? Math.max(dev.blockSize, WINDOW_PER_EXTENT) * (most + 1) : len;
+  for (let at = off; at < end && out.length <= most; size *= 2) {
+    const n = Math.min(size, end - at);
+    await window(at, n);
+    at += n;
   }
   return out;
+}
+
+/** What adds the extents of `ctx` over one window [at, at+n) to the list (through `push`, which merges). */
+function windowOf(ctx: string, dev: BlockDevice, push: (length: number, flags: number) => void): (at: number, n: number) => Promise<void> {
+  if (ctx === 'base:allocation') {
+    return async (at, n) => {
+      for (const e of await dev.extents(at, n)) push(e.length, e.state === 'data' ? 0 : STATE_HOLE | STATE_ZERO);
+    };
+  }
+  if (ctx === 'qemu:allocation-depth') {
+    return async (at, n) => {
+      for (const e of await dev.extents(at, n)) push(e.length, e.depth === null || e.state === 'unallocated' ? 0 : e.depth + 1);
+    };
+  }
+  if (ctx.startsWith(DIRTY_BITMAP_PREFIX)) {
+    const name = ctx.slice(DIRTY_BITMAP_PREFIX.length);
+    return async (at, n) => {
+      const bitmaps = dev.dirtyBitmaps;
+      if (!bitmaps?.hasBitmap(name)) throw new KscError('KSC_E_INVALID', `bitmap "${name}" was removed since it was selected`);
+      let pos = at;
+      for (const d of await bitmaps.bitmapExtents(name, at, n)) {
+        push(d.offset - pos, 0);
+        push(d.length, STATE_DIRTY);
+        pos = d.offset + d.length;
+      }
+      push(at + n - pos, 0);
+    };
+  }
+  return async (_at, n) => push(n, 0);
 }

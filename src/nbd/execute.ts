@@ -147,9 +147,9 @@ async function blockStatus(x: Execution, req: Request, off: number): Promise<Buf
   const most = Math.max(1, Math.floor((STATUS_REPLY_MAX / metas.length - STATUS_CHUNK_HEAD) / 8));
   for (let i = 0; i < metas.length; i++) {
     const { id, name } = metas[i]!;
-    let list = await statusOf(name, x.dev, off, req.length);
-    if (one) list = list.slice(0, 1);
-    else if (list.length > most) list = list.slice(0, most);
+    const keep = one ? 1 : most;
+    let list = await statusOf(name, x.dev, off, req.length, keep);
+    if (list.length > keep) list = list.slice(0, keep);
     parts.push(encodeBlockStatusChunk(req.cookie, id, list, i === metas.length - 1));
   }
   return parts;
