@@ -8,6 +8,7 @@ import { nativeOps } from '../io/native.js';
 import { NbdProtocolError } from './errors.js';
 import { negotiate } from './handshake.js';
 import { HANDOVER_RUN_MS, completeRequests } from './handover-run.js';
+import { discardUntilEnd } from './close-drain.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
@@ -206,13 +207,13 @@ export class Connection implements Link {
       await this.transmission?.settled();
       this.uncorkNow(); // the replies of requests read before the violation leave before the socket closes
       // A refusal during the handshake (TLS required or refused) may have just written its error reply: let it leave.
-      if (e instanceof NbdProtocolError && e.violation.startsWith('tls-')) await this.ended(1000);
+      if (e instanceof NbdProtocolError && e.violation.startsWith('tls-') && (await this.ended(1000))) await this.quietEnd();
       this.socket.destroy();
       this.raw.destroy();
       return;
     }
     await this.transmission?.settled();
-    await this.ended(5000); // a peer that never reads: give up on the last bytes
+    if (await this.ended(5000)) await this.quietEnd(); // a peer that never reads: give up on the last bytes
     this.socket.destroy();
     this.raw.destroy();
   }
@@ -241,17 +242,29 @@ export class Connection implements Link {
     }
   }
 
-  /** Ends the socket after what is queued has left, or after `ms`. */
-  private ended(ms: number): Promise<void> {
+  /** Ends the socket after what is queued has left, or after `ms`; true when it has left (to the kernel). */
+  private ended(ms: number): Promise<boolean> {
     this.writeBatch(); // the gathered replies go before the end
-    return new Promise<void>((resolve) => {
-      if (this.socket.destroyed) return resolve();
-      const timer = setTimeout(resolve, ms);
+    return new Promise<boolean>((resolve) => {
+      if (this.socket.destroyed) return resolve(false);
+      const timer = setTimeout(() => resolve(false), ms);
       this.socket.end(() => {
         clearTimeout(timer);
-        resolve();
+        resolve(true);
       });
     });
+  }
+
+  /**
+   * After our end: what the client still sends is read and discarded until its end, bounded (close-drain.ts), so
+   * that the close is a FIN after our last reply and not a reset that drops it. Any path that ends a connection
+   * it answered on goes through here, except cut() (a client given up on) and a protocol violation.
+   */
+  private async quietEnd(): Promise<void> {
+    this.reader.abort();
+    this.reader.release();
+    const n = await discardUntilEnd(this.socket);
+    if (n > 0) this.log(`nbd: connection ${this.id} (${this.peer}): ${n} byte(s) the client sent after the end were discarded`);
   }
 
   /**

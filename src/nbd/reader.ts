@@ -523,6 +523,18 @@ function userSymbols(socket: Socket): UserSymbols | null {
   return userSyms;
 }
 
+/**
+ * Gives the reads of a socket in user-buffer mode to `cb` (bytes read; true: read on) instead of its reader's:
+ * false when the socket is not in that mode (its reads come as 'data' events then).
+ */
+export function redirectUserReads(socket: Socket, cb: (n: number) => boolean): boolean {
+  const syms = userSymbols(socket);
+  const s = socket as unknown as Record<symbol, unknown>;
+  if (!syms || !s[syms.kBuffer]) return false;
+  s[syms.kBufferCb] = cb;
+  return true;
+}
+
 /** Where a parked socket's user buffer waits for the next reader of this process (see parkUserBuffer). */
 const USER_BUF = Symbol('kscinc.userBuffer');
 
