@@ -12,9 +12,15 @@ import { fstatSync, writeSync } from 'node:fs';
 type Name = 'stdout' | 'stderr';
 const made: Record<Name, boolean> = { stdout: false, stderr: false };
 
+/**
+ * The reader of stdout gone: EPIPE on a pipe; ECONNRESET on a socket pair (a spawning Node process's 'pipe'),
+ * whose reader closed with output still unread.
+ */
+const readerGone = (code: string | undefined): boolean => code === 'EPIPE' || code === 'ECONNRESET';
+
 /** A closed stdout (`kscinc map … | head`) ends the program quietly, as other Unix tools do. */
 function quietOnEpipe(e: NodeJS.ErrnoException): void {
-  if (e.code === 'EPIPE') process.exit(0);
+  if (readerGone(e.code)) process.exit(0);
   throw e;
 }
 
@@ -71,7 +77,7 @@ export function writeOut(text: string): void {
     while (off < b.length) off += writeSync(1, b, off);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code;
-    if (code === 'EPIPE') process.exit(0);
+    if (readerGone(code)) process.exit(0);
     if (code !== 'EAGAIN') throw e;
     process.stdout.write(b.subarray(off)); // a non-blocking descriptor: the stream waits until it takes the rest
   }
