@@ -35,6 +35,17 @@ function isSpare(pid: number): boolean {
   }
 }
 
+/** `pid`, a child of `parent`, has not exec'd yet (its command line is still its parent's), or is a zombie. */
+function forking(pid: number, parent: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    if (stat.slice(stat.lastIndexOf(')') + 2)[0] === 'Z') return true;
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8') === readFileSync(`/proc/${parent}/cmdline`, 'utf8');
+  } catch {
+    return false;
+  }
+}
+
 /** Children of `pid`, from /proc; without the spare worker unless `spares`. */
 export function childrenOf(pid: number, spares = false): number[] {
   const out: number[] = [];
@@ -101,6 +112,10 @@ export async function startServe(args: string[], env: Record<string, string>, ti
     stderr,
     workers: new Set(),
     worker: () => {
+      // A child forked a moment ago still shows the supervisor's own command line until it has exec'd: it may be
+      // the next spare, so no worker is named until it says what it is (a test once killed a spare taken for the
+      // restarted worker, and waited in vain for the supervisor's restart lines).
+      if (childrenOf(proc.pid!, true).some((p) => forking(p, proc.pid!))) return null;
       const c = childrenOf(proc.pid!);
       for (const p of c) s.workers.add(p);
       return c.length === 1 ? c[0]! : null;
