@@ -13,41 +13,16 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { backupDevice } from '../../src/engines/backup.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { verifyRepo } from '../../src/engines/verify.js';
-import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
-import { StoreWrapper } from '../../src/objstore/wrapper.js';
-import type { ObjectInfo } from '../../src/objstore/types.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { manifestKey } from '../../src/repo/constants.js';
+import { LostPage, backupOf } from './lost-page.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-index-page.test.ts');
 afterAll(() => closePool());
-
-/** A store whose next listing of `prefix` leaves out the keys in `hidden` (a page of that listing lost, once). */
-class LostPage extends StoreWrapper {
-  hidden = new Set<string>();
-  prefix = 'index/';
-  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    if (prefix !== this.prefix || this.hidden.size === 0) return yield* this.inner.list(prefix);
-    const hide = this.hidden;
-    this.hidden = new Set();
-    for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
-  }
-}
-
-async function backupOf(repo: Repository, path: string, data: Buffer): Promise<string> {
-  const img = await openKsc(path, { write: true });
-  try {
-    await img.write(0, data);
-    return (await backupDevice(img, repo, { bitmap: null })).id;
-  } finally {
-    await img.close();
-  }
-}
 
 async function indexKeys(repo: Repository): Promise<string[]> {
   return (await repo.listIndexObjects()).map((id) => `index/${id}.idx`);
@@ -70,7 +45,7 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
 
     // Prune keeps B only (A's pack is unreferenced), its listing of index/ missing A's index object once.
     let store: LostPage | undefined;
-    const repo = await openRepo(repoDir, (s) => (store = new LostPage(s)));
+    const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'index/')));
     store!.hidden = new Set(indexOfA);
     const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
       (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
@@ -108,7 +83,7 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
     const idA = await backupOf(first, path, a);
     const idB = await backupOf(first, path, b);
     let store: LostPage | undefined;
-    const repo = await openRepo(repoDir, (s) => (store = new LostPage(s)));
+    const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'index/')));
     store!.prefix = 'manifests/';
     store!.hidden = new Set([manifestKey(idB)]);
     const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(

@@ -11,38 +11,14 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { backupDevice } from '../../src/engines/backup.js';
 import { pruneRepo } from '../../src/engines/prune.js';
-import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
-import type { ObjectInfo } from '../../src/objstore/types.js';
-import type { Repository } from '../../src/repo/repository.js';
+import { LostPage, backupOf } from './lost-page.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-locks-page.test.ts');
 afterAll(() => closePool());
-
-/** A store (no host lock: wrappers have none, as S3) whose next listing of locks/ leaves out the keys in `hidden`, once. */
-class LostPage extends StoreWrapper {
-  hidden = new Set<string>();
-  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    if (prefix !== 'locks/' || this.hidden.size === 0) return yield* this.inner.list(prefix);
-    const hide = this.hidden;
-    this.hidden = new Set();
-    for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
-  }
-}
-
-async function backupOf(repo: Repository, path: string, data: Buffer): Promise<string> {
-  const img = await openKsc(path, { write: true });
-  try {
-    await img.write(0, data);
-    return (await backupDevice(img, repo, { bitmap: null })).id;
-  } finally {
-    await img.close();
-  }
-}
 
 describe('prune when the listing of locks/ of its lock misses a live lock (session 25)', () => {
   it('deletes nothing while a restore holds a shared lock; that backup still restores', async () => {
@@ -61,7 +37,7 @@ describe('prune when the listing of locks/ of its lock misses a live lock (sessi
     const shared = await holder.lock('shared', `restore of backup ${idA}`);
     try {
       let store: LostPage | undefined;
-      const repo = await openRepo(repoDir, (s) => (store = new LostPage(s)));
+      const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'locks/')));
       store!.hidden = new Set([shared.key]);
       const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
         (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),

@@ -15,25 +15,13 @@ import { pruneRepo } from '../../src/engines/prune.js';
 import { verifyRepo } from '../../src/engines/verify.js';
 import { openKsc } from '../../src/image/open.js';
 import { closePool } from '../../src/compress/pool.js';
-import { StoreWrapper } from '../../src/objstore/wrapper.js';
-import type { ObjectInfo } from '../../src/objstore/types.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { packKey } from '../../src/repo/constants.js';
+import { LostPage } from './lost-page.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-packs-page.test.ts');
 afterAll(() => closePool());
-
-/** A store whose next listing of packs/ leaves out the keys in `hidden` (a page of that listing lost, once). */
-class LostPage extends StoreWrapper {
-  hidden = new Set<string>();
-  override async *list(prefix: string): AsyncIterable<ObjectInfo> {
-    if (prefix !== 'packs/' || this.hidden.size === 0) return yield* this.inner.list(prefix);
-    const hide = this.hidden;
-    this.hidden = new Set();
-    for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
-  }
-}
 
 /** Backs `data` up from the image at `path`; returns the backup's id and the keys of the packs it added. */
 async function backupOf(repo: Repository, path: string, data: Buffer): Promise<{ id: string; packs: string[] }> {
@@ -67,7 +55,7 @@ async function twoBackups(
 
 async function pruneHiding(repoDir: string, hidden: string[]): Promise<{ ok: true; removed: string[]; packsUnlisted: string[] } | { ok: false; error: string }> {
   let store: LostPage | undefined;
-  const repo = await openRepo(repoDir, (s) => (store = new LostPage(s)));
+  const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'packs/')));
   store!.hidden = new Set(hidden);
   const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
     (x) => ({ ok: true as const, removed: x.removed, packsUnlisted: x.packsUnlisted }),
