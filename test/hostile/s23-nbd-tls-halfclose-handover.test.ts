@@ -8,18 +8,14 @@
  * TLS socket must let replies out after the peer's end).
  */
 import { join } from 'node:path';
-import type * as net from 'node:net';
-import { readFileSync } from 'node:fs';
-import * as tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import { createImage } from '../../src/index.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, OPT, REP } from '../../src/nbd/wire.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { makePki } from '../helpers/pki.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { spawnServe } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, goData } from '../nbd/helpers.js';
+import { pskRawClient } from './tls-raw-client.js';
 import { runDir, until } from '../supervisor/helpers.js';
 import { HALF_CLOSE_WRITES, halfCloseBatch, landedWrites, readHalfCloseReplies } from './halfclose.js';
 
@@ -29,27 +25,6 @@ const MiB = 1024 * KiB;
 const SIZE = 32 * MiB;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const pki = makePki();
-
-/** A raw client over TLS (PSK): STARTTLS, the TLS handshake, then GO on the default export (simple replies). */
-async function tlsClient(port: number): Promise<RawClient> {
-  const plain = await RawClient.connect(port);
-  await plain.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  plain.socket.write(f);
-  expect((await plain.option(OPT.STARTTLS))[0]!.type).toBe(REP.ACK);
-  plain.reader.release();
-  const [identity, hex] = readFileSync(join(pki.psk, 'keys.psk'), 'utf8').trim().split(':');
-  const t = tls.connect({ socket: plain.socket, pskCallback: () => ({ identity: identity!, psk: Buffer.from(hex!, 'hex') }), checkServerIdentity: () => undefined });
-  await new Promise<void>((res, rej) => {
-    t.once('secureConnect', () => res());
-    t.once('error', rej);
-  });
-  const c = new (RawClient as unknown as new (s: net.Socket) => RawClient)(t);
-  const r = await c.option(OPT.GO, goData(''));
-  expect(r[r.length - 1]!.type, 'GO').toBe(REP.ACK);
-  return c;
-}
 
 async function scenario(name: string, upgrade: boolean): Promise<void> {
   const seed = seedFor(`test/hostile/s23-nbd-tls-halfclose-handover.test.ts ${name}`);
@@ -63,7 +38,7 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
   const expected = Buffer.alloc(SIZE);
   const answered = new Map<bigint, number>();
   try {
-    const c = await tlsClient(port);
+    const c = await pskRawClient(port, join(pki.psk, 'keys.psk'));
     c.socket.write(halfCloseBatch(rng, expected));
     c.socket.end(); // close_notify and FIN: the client sends nothing more, and reads no reply yet
     await sleep(300);

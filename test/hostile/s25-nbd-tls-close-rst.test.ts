@@ -8,17 +8,15 @@
  * its replies late (after the handover) and must get every reply whole, then a clean end (close_notify / EOF).
  */
 import { join } from 'node:path';
-import { readFileSync } from 'node:fs';
-import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import { createImage } from '../../src/index.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, OPT, REP, SIMPLE_REPLY_MAGIC, encodeRequest } from '../../src/nbd/wire.js';
+import { CMD, SIMPLE_REPLY_MAGIC, encodeRequest } from '../../src/nbd/wire.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { makePki } from '../helpers/pki.js';
 import { spawnServe } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, goData } from '../nbd/helpers.js';
+import { pskRawClient } from './tls-raw-client.js';
 import { runDir, until } from '../supervisor/helpers.js';
 
 const dir = tempDir('kscinc-hostile-s25-tlsrst-');
@@ -32,24 +30,9 @@ const pki = makePki();
 
 /** STARTTLS (PSK), the TLS handshake, then GO on the default export (simple replies); the TLS socket. */
 async function tlsSocket(port: number): Promise<tls.TLSSocket> {
-  const plain = await RawClient.connect(port);
-  await plain.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  plain.socket.write(f);
-  expect((await plain.option(OPT.STARTTLS))[0]!.type).toBe(REP.ACK);
-  plain.reader.release();
-  const [identity, hex] = readFileSync(join(pki.psk, 'keys.psk'), 'utf8').trim().split(':');
-  const t = tls.connect({ socket: plain.socket, pskCallback: () => ({ identity: identity!, psk: Buffer.from(hex!, 'hex') }), checkServerIdentity: () => undefined });
-  await new Promise<void>((res, rej) => {
-    t.once('secureConnect', () => res());
-    t.once('error', rej);
-  });
-  const c = new (RawClient as unknown as new (s: net.Socket) => RawClient)(t);
-  const r = await c.option(OPT.GO, goData(''));
-  expect(r[r.length - 1]!.type, 'GO').toBe(REP.ACK);
+  const c = await pskRawClient(port, join(pki.psk, 'keys.psk'));
   c.reader.release();
-  return t;
+  return c.socket as tls.TLSSocket;
 }
 
 /** The simple replies in a byte stream: READ cookies (1..READS) carry READ_LEN bytes of data. */

@@ -12,18 +12,15 @@
  * Recv-Q small: the client was not asked to read; started 10 s late it read all 96 MiB in 1.3 s).
  */
 import { join } from 'node:path';
-import type * as net from 'node:net';
-import { readFileSync } from 'node:fs';
-import * as tls from 'node:tls';
 import { describe, expect, it } from 'vitest';
 import { createImage } from '../../src/index.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, OPT, REP, encodeRequest } from '../../src/nbd/wire.js';
+import { CMD, encodeRequest } from '../../src/nbd/wire.js';
 import { kscincAsync } from '../helpers/cli.js';
 import { makePki } from '../helpers/pki.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { spawnServe } from '../helpers/serve.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, goData } from '../nbd/helpers.js';
+import { pskRawClient } from './tls-raw-client.js';
 import { runDir, until } from '../supervisor/helpers.js';
 import { readImage } from './helpers.js';
 
@@ -34,27 +31,6 @@ const SIZE = 32 * MiB;
 const WRITES = 20;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const pki = makePki();
-
-/** A raw client over TLS (PSK): STARTTLS, the TLS handshake, then GO on the default export (simple replies). */
-async function tlsClient(port: number): Promise<RawClient> {
-  const plain = await RawClient.connect(port);
-  await plain.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  plain.socket.write(f);
-  expect((await plain.option(OPT.STARTTLS))[0]!.type).toBe(REP.ACK);
-  plain.reader.release();
-  const [identity, hex] = readFileSync(join(pki.psk, 'keys.psk'), 'utf8').trim().split(':');
-  const t = tls.connect({ socket: plain.socket, pskCallback: () => ({ identity: identity!, psk: Buffer.from(hex!, 'hex') }), checkServerIdentity: () => undefined });
-  await new Promise<void>((res, rej) => {
-    t.once('secureConnect', () => res());
-    t.once('error', rej);
-  });
-  const c = new (RawClient as unknown as new (s: net.Socket) => RawClient)(t);
-  const r = await c.option(OPT.GO, goData(''));
-  expect(r[r.length - 1]!.type, 'GO').toBe(REP.ACK);
-  return c;
-}
 
 async function scenario(name: string, upgrade: boolean): Promise<void> {
   const seed = seedFor(`test/hostile/s25-nbd-tls-handover-buffered.test.ts ${name}`);
@@ -68,7 +44,7 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
   const expected = Buffer.alloc(SIZE);
   const answered = new Map<bigint, number>();
   try {
-    const c = await tlsClient(port);
+    const c = await pskRawClient(port, join(pki.psk, 'keys.psk'));
     const parts: Buffer[] = [];
     for (let k = 1; k <= 3; k++) parts.push(encodeRequest({ flags: 0, type: CMD.READ, cookie: BigInt(k), offset: 0n, length: 32 * MiB }));
     for (let k = 0; k < WRITES; k++) {
