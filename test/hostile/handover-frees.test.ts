@@ -13,6 +13,7 @@
  * `pending` stays pending until the first flush) and its every-step test; this one guards the real
  * upgrade path with a trim in the handover window and the new worker's crash recovery.
  */
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
@@ -29,6 +30,16 @@ const NB = 64;
 const dir = tempDir('kscinc-hostile-handover-');
 const seed = seedFor('test/hostile/handover-frees.test.ts');
 const rng = new Rng(seed);
+
+/** `pid` has exited (no such process, or a zombie: its files, and so its locks, are closed). */
+function gone(pid: number): boolean {
+  try {
+    const st = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return st.slice(st.lastIndexOf(')') + 2)[0] === 'Z';
+  } catch {
+    return true;
+  }
+}
 
 describe('pending frees across a hot upgrade, the new worker killed before its first flush', () => {
   it('blocks trimmed before the handover hold their old bytes or zeros, never bytes written after it', async () => {
@@ -63,10 +74,13 @@ describe('pending frees across a hot upgrade, the new worker killed before its f
       }
       // No FLUSH: the new worker dies before its first one (its writes may reach the file, its frees must not).
       expect(s.worker(), 'the connection was served by the new worker').toBe(neu);
+      // Its workers listed before the supervisor dies (they are then another parent's), all killed, and the image
+      // opened only once each is gone: a SIGKILLed worker holds its image lock until it has exited.
+      const killed = [...new Set([neu, ...childrenOf(s.proc.pid!, true)])];
       s.proc.kill('SIGKILL');
-      process.kill(neu, 'SIGKILL');
-      for (const p of childrenOf(s.proc.pid!, true)) process.kill(p, 'SIGKILL');
+      for (const p of killed) process.kill(p, 'SIGKILL');
       await s.exited;
+      await until(() => killed.every(gone), 30_000, 'the killed workers to exit');
       c.socket.destroy();
     } finally {
       await s.stop('SIGKILL').catch(() => undefined);
