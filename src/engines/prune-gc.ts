@@ -5,7 +5,7 @@
  * what it replaces, sweep temporary parts — in that order, under prune's exclusive lock.
  */
 import { KscError, isKscError } from '../errors.js';
-import { ChunkIndex, type ChunkLocation, Repository, type RepoLock, indexKey, manifestKey, packKey } from '../repo/repository.js';
+import { ChunkIndex, type ChunkLocation, type LockInfo, Repository, type RepoLock, indexKey, manifestKey, packKey } from '../repo/repository.js';
 import type { PackWriter } from '../repo/pack.js';
 import { mapLimit } from '../util/concurrency.js';
 import { ID_BYTES } from '../hash/chunkid.js';
@@ -15,7 +15,7 @@ import { visitIndex, type IndexEntry } from '../repo/index-object.js';
 import { BLOB_HEADER as BLOB_HEADER_SIZE } from '../compress/codec.js';
 import { chooseCopies } from './copies.js';
 import { forEachNonZeroPaced, oneTurnEach, turnDue } from './paced.js';
-import { TEMP_GRACE_MS, type PruneOptions, type PruneResult } from './prune.js';
+import { TEMP_GRACE_MS, refuseMissedLock, type PruneOptions, type PruneResult } from './prune.js';
 
 type PackList = Map<string, { size: number; mtimeMs: number }>;
 
@@ -44,8 +44,11 @@ export interface GcContext {
   opts: PruneOptions;
   graceMs: number;
   now: number;
-  /** How many lock objects other than prune's own exist (stale ones too). */
-  otherLocks: number;
+  /**
+   * The lock objects other than prune's own (stale ones too) that its listings of locks/ showed: the one
+   * after its lock was taken, and (checkListedAgain) the one before it deletes anything.
+   */
+  otherLocks: LockInfo[];
   forget: Set<string>;
   result: PruneResult;
 }
@@ -83,7 +86,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   lock.check();
   const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
 
-  await checkListedAgain(repo, scan, result);
+  await checkListedAgain(repo, lock, scan, gc);
   // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
   for (const id of [...result.removed, ...gc.forget]) await repo.deleteManifest(id);
   lock.check();
@@ -214,21 +217,31 @@ function refuseBlind(repo: Repository, scan: ChunkScan, result: PruneResult): vo
 
 /**
  * What prune decided from was read from listings: the backups (manifests/), where chunks live (index/;
- * a pack none of the listed objects names is an orphan to it, and an unreferenced orphan goes) and the
- * live-restore references (refs/live/, §8.1: each keeps its backup). A listing that missed an object (a
- * page of an S3 listing lost) would let it delete what that object needs: a backup it never saw (its packs
- * unreferenced), the packs an index object names while the object stays (only listed ones are replaced:
- * the next backup deduplicates against packs that are gone), or the backup a live-restored image still
- * reads through to. So all three are listed again before anything is deleted, and an object the first
+ * a pack none of the listed objects names is an orphan to it, and an unreferenced orphan goes), the
+ * live-restore references (refs/live/, §8.1: each keeps its backup) and the other locks (locks/: with none,
+ * an unreferenced pack whose own time is a grace period old goes, §9.2 rule 4(b)). A listing that missed an
+ * object (a page of an S3 listing lost) would let it delete what that object needs: a backup it never saw
+ * (its packs unreferenced), the packs an index object names while the object stays (only listed ones are
+ * replaced: the next backup deduplicates against packs that are gone), the backup a live-restored image
+ * still reads through to, or the packs a writer whose lock looks stale has uploaded and not yet committed.
+ * So all four are listed again before anything is deleted. An index object, manifest or reference the first
  * listings did not show stops prune (under its exclusive lock none may appear; one that went meanwhile, a
- * pull's reference, only protected less). Packs, locks, the mark and temporary parts: see
- * formats/repository.md §9.2 rule 1 (a listing that misses them deletes less, or refuses).
+ * pull's reference, only protected less). A lock either listing showed counts for rule 4(b) (one that came
+ * meanwhile too: a taker backing off, which only keeps packs waiting); a live one older than prune's own was
+ * there when prune took its lock and stops it (§8 rule 1). `scan` null: a dry run, which read no index.
+ * Packs, the mark and temporary parts: see formats/repository.md §9.2 rule 1 (a listing that misses them
+ * deletes less, or refuses).
  */
-async function checkListedAgain(repo: Repository, scan: ChunkScan, result: PruneResult): Promise<void> {
-  const seenIndex = new Set(scan.oldIndex);
+export async function checkListedAgain(repo: Repository, lock: RepoLock, scan: ChunkScan | null, gc: GcContext): Promise<void> {
+  const { result } = gc;
+  const seenIndex = new Set(scan?.oldIndex ?? []);
   const seenBackups = new Set([...result.kept.map((k) => k.id), ...result.removed, ...result.damagedManifests]);
   const seenRefs = new Set(result.liveRefs.map((r) => r.key));
-  const [index, backups, refs] = await Promise.all([repo.listIndexObjects(), repo.listBackupIds(), listLiveRefKeys(repo.store)]);
+  const seenLocks = new Set(gc.otherLocks.map((l) => l.key));
+  const [index, backups, refs, locks] = await Promise.all([scan ? repo.listIndexObjects() : [], repo.listBackupIds(), listLiveRefKeys(repo.store), repo.listLocks(gc.now)]);
+  const newLocks = locks.filter((l) => l.key !== lock.key && !l.garbage && !seenLocks.has(l.key));
+  refuseMissedLock(repo, lock.written, newLocks, "prune's first two listings of locks/");
+  gc.otherLocks = [...gc.otherLocks, ...newLocks];
   const unseen = [...index.filter((id) => !seenIndex.has(id)).map(indexKey), ...backups.filter((id) => !seenBackups.has(id)).map(manifestKey), ...refs.filter((k) => !seenRefs.has(k))].sort();
   if (unseen.length === 0) return;
   const what = unseen.map((k) => repo.objName(k)).join(', ');
@@ -264,7 +277,7 @@ async function planPacks(repo: Repository, scan: ChunkScan, live: Uint8Array, ke
     if (u > 0 && (u >= threshold * info.size || pinned.has(p))) continue;
     if (scan.unreadable.has(p)) result.packsUnreadable.push(p); // unknown contents, but no kept backup misses a chunk
     const since = mark.packs.get(p);
-    const old = (since !== undefined && now - since >= graceMs) || (gc.otherLocks === 0 && now - info.mtimeMs >= graceMs);
+    const old = (since !== undefined && now - since >= graceMs) || (gc.otherLocks.length === 0 && now - info.mtimeMs >= graceMs);
     if (!old) {
       nextMark.set(p, since ?? 0);
       result.packsWaiting++;

@@ -98,7 +98,7 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // back) exists: both decide which unreferenced packs may go (§9.2).
     const now = lock.storageNow;
     const otherLocks = (await repo.listLocks(now)).filter((l) => l.key !== lock.key && !l.garbage);
-    refuseMissedLock(repo, lock.written, otherLocks);
+    refuseMissedLock(repo, lock.written, otherLocks, "the listing prune's lock took");
     const { metas, damagedManifests } = await readBackups(repo, forget);
     const { refs, refBy } = await readLiveRefs(repo, now, forget);
     const { kept, removed } = decideKeep(metas, refBy, policy, opts.timeZone);
@@ -122,7 +122,8 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       dryRun: !!opts.dryRun,
       durationMs: 0,
     };
-    if (!opts.dryRun) await collectGarbage(repo, lock, { opts, graceMs, now, otherLocks: otherLocks.length, forget, result });
+    const gc = { opts, graceMs, now, otherLocks, forget, result };
+    if (!opts.dryRun) await collectGarbage(repo, lock, gc);
     result.durationMs = Math.round(performance.now() - t0);
     return result;
   } finally {
@@ -137,13 +138,13 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
  * would have. A lock put after prune's is a taker that saw prune's and backs off. Without its own lock
  * object (§8 rule 7), prune holds the folder lock and ages say nothing.
  */
-function refuseMissedLock(repo: Repository, ownWritten: boolean, others: LockInfo[]): void {
+export function refuseMissedLock(repo: Repository, ownWritten: boolean, others: LockInfo[], listing: string): void {
   const missed = ownWritten ? others.filter((l) => !l.stale && l.ageMs > 0) : [];
   if (missed.length === 0) return;
   const l = missed[0]!;
   throw new KscError(
     'KSC_E_LOCKED',
-    `repository ${repo.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}: ${l.reason}), which the listing prune's lock took missed (a listing that lost a page?); prune deleted nothing; try again later`,
+    `repository ${repo.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}: ${l.reason}), which ${listing} missed (a listing that lost a page?); prune deleted nothing; try again later`,
   );
 }
 

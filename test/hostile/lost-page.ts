@@ -10,10 +10,12 @@ import type { Repository } from '../../src/repo/repository.js';
 
 /**
  * A store (no host lock: wrappers have none, as S3) whose next listing of `prefix` leaves out the keys in
- * `hidden` (a page of that listing lost, once); `prefix` may be changed between listings.
+ * `hidden` (a page of that listing lost, once); `prefix` may be changed between listings. With `skip` n, the
+ * n listings of `prefix` before that one are whole.
  */
 export class LostPage extends StoreWrapper {
   hidden = new Set<string>();
+  skip = 0;
   constructor(
     inner: ObjectStore,
     public prefix: string,
@@ -23,6 +25,10 @@ export class LostPage extends StoreWrapper {
 
   override async *list(prefix: string): AsyncIterable<ObjectInfo> {
     if (prefix !== this.prefix || this.hidden.size === 0) return yield* this.inner.list(prefix);
+    if (this.skip > 0) {
+      this.skip--;
+      return yield* this.inner.list(prefix);
+    }
     const hide = this.hidden;
     this.hidden = new Set();
     for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
