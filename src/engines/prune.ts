@@ -13,7 +13,7 @@ import { listBackups } from '../repo/catalog.js';
 import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
 import type { CopyReport } from './copies.js';
 import { type KeepPolicy, assertPolicy, selectKeep } from './retention.js';
-import { collectGarbage } from './prune-gc.js';
+import { checkListedAgain, collectGarbage } from './prune-gc.js';
 
 /** For the CLI, which imports this module when prune runs (retention.js alone would be a chunk of its own). */
 export { policyIsEmpty } from './retention.js';
@@ -123,7 +123,9 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
       durationMs: 0,
     };
     const gc = { opts, graceMs, now, otherLocks, forget, result };
-    if (!opts.dryRun) await collectGarbage(repo, lock, gc);
+    // A dry run says what a real run would do: it refuses where that would, on what the listings missed.
+    if (opts.dryRun) await checkListedAgain(repo, lock, null, gc);
+    else await collectGarbage(repo, lock, gc);
     result.durationMs = Math.round(performance.now() - t0);
     return result;
   } finally {
