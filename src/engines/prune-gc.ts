@@ -238,14 +238,39 @@ export async function checkListedAgain(repo: Repository, lock: RepoLock, scan: C
   const seenBackups = new Set([...result.kept.map((k) => k.id), ...result.removed, ...result.damagedManifests]);
   const seenRefs = new Set(result.liveRefs.map((r) => r.key));
   const seenLocks = new Set(gc.otherLocks.map((l) => l.key));
-  const [index, backups, refs, locks] = await Promise.all([scan ? repo.listIndexObjects() : [], repo.listBackupIds(), listLiveRefKeys(repo.store), repo.listLocks(gc.now)]);
-  const newLocks = locks.filter((l) => l.key !== lock.key && !l.garbage && !seenLocks.has(l.key));
+  const t0 = performance.now();
+  const newLocks = (await repo.listLocks(gc.now)).filter((l) => l.key !== lock.key && !l.garbage && !seenLocks.has(l.key));
   refuseMissedLock(repo, lock.written, newLocks, "prune's first two listings of locks/");
+  await refuseUnseenHolder(repo, newLocks, performance.now() - t0);
   gc.otherLocks = [...gc.otherLocks, ...newLocks];
+  // After the locks: what a holder that ended while refuseUnseenHolder waited committed shows here.
+  const [index, backups, refs] = await Promise.all([scan ? repo.listIndexObjects() : [], repo.listBackupIds(), listLiveRefKeys(repo.store)]);
   const unseen = [...index.filter((id) => !seenIndex.has(id)).map(indexKey), ...backups.filter((id) => !seenBackups.has(id)).map(manifestKey), ...refs.filter((k) => !seenRefs.has(k))].sort();
   if (unseen.length === 0) return;
   const what = unseen.map((k) => repo.objName(k)).join(', ');
   throw new KscError('KSC_E_UNAVAILABLE', `prune deletes nothing: its first listings did not show ${what} (a listing that lost a page?), which it would have decided without; run prune again`);
+}
+
+/**
+ * §8 rule 1 once more, without ages: a live lock this listing shows and prune's first two did not is a
+ * taker that saw prune's lock and backs off (its object goes as soon as its own listing of locks/ ended), or
+ * a writer beside prune: a holder both listings missed (refreshed since prune's lock was put, so
+ * refuseMissedLock cannot tell by age) or a taker whose listing missed prune's lock. Each is looked at again
+ * (stat: no listing) once a taker backing off would be gone, three times as long as this listing took (1 s
+ * at least, 30 s at most); one still there stops prune, which has deleted nothing.
+ */
+async function refuseUnseenHolder(repo: Repository, newLocks: LockInfo[], listedMs: number): Promise<void> {
+  const live = newLocks.filter((l) => !l.stale);
+  if (live.length === 0) return;
+  const waitMs = Math.min(30_000, Math.max(1000, 3 * listedMs));
+  await new Promise((r) => setTimeout(r, waitMs));
+  for (const l of live) {
+    if (!(await repo.store.stat(l.key))) continue;
+    throw new KscError(
+      'KSC_E_LOCKED',
+      `repository ${repo.name} is locked by ${l.what || 'another writer'} (${l.kind}, host ${l.host}, pid ${l.pid}: ${l.reason}), whose lock ${repo.objName(l.key)} prune's first listings of locks/ did not show and is still there ${(waitMs / 1000).toFixed(1)} s later (a writer beside prune: listings that lost a page?); prune deleted nothing; try again later`,
+    );
+  }
 }
 
 /**

@@ -11,11 +11,12 @@ import type { Repository } from '../../src/repo/repository.js';
 /**
  * A store (no host lock: wrappers have none, as S3) whose next listing of `prefix` leaves out the keys in
  * `hidden` (a page of that listing lost, once); `prefix` may be changed between listings. With `skip` n, the
- * n listings of `prefix` before that one are whole.
+ * n listings of `prefix` before that one are whole; with `times` n, n listings in a row lose that page.
  */
 export class LostPage extends StoreWrapper {
   hidden = new Set<string>();
   skip = 0;
+  times = 1;
   constructor(
     inner: ObjectStore,
     public prefix: string,
@@ -30,7 +31,7 @@ export class LostPage extends StoreWrapper {
       return yield* this.inner.list(prefix);
     }
     const hide = this.hidden;
-    this.hidden = new Set();
+    if (--this.times <= 0) this.hidden = new Set();
     for await (const o of this.inner.list(prefix)) if (!hide.has(o.key)) yield o;
   }
 }
