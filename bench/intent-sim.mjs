@@ -8,7 +8,9 @@
  * time in this model), the syncs, and the crash overmarking at a few points (set regions × region size ÷ bytes
  * begun): the price a policy pays for fewer syncs (issue 12: ≤ 8×).
  *
- *   node bench/intent-sim.mjs [--sync-ms 1.8] [--write-us 45] [--depth 16] [--size-gib 1] [--count 16384]
+ *   node bench/intent-sim.mjs [--sync-ms 1.8] [--write-us 45] [--flush-ms 0] [--depth 16] [--size-gib 1] [--count 16384]
+ *
+ * --write-us: the raw pass's io time ÷ 16384 (race 3's "raw io/fdatasync ms"), --flush-ms its fdatasync.
  */
 import { parseArgs } from 'node:util';
 import { IntentLog } from '../dist/image/intent.js';
@@ -23,6 +25,7 @@ const { values: a } = parseArgs({
     'size-gib': { type: 'string', default: '1' },
     count: { type: 'string', default: String(RAND.count) },
     'region-bits': { type: 'string', default: '18' },
+    'flush-ms': { type: 'string', default: '0' },
   },
 });
 const syncMs = Number(a['sync-ms']);
@@ -31,6 +34,8 @@ const depth = Number(a.depth);
 const size = Number(a['size-gib']) * 2 ** 30;
 const count = Number(a.count);
 const regionBits = Number(a['region-bits']);
+/** The pass's closing flush (the data written back), the same on both sides: a race's ratio includes it. */
+const flushMs = Number(a['flush-ms']);
 const regions = Math.ceil(size / 2 ** regionBits);
 const offsets = randomOffsets(RAND.writeSeed, count, RAND.req, size);
 
@@ -97,7 +102,7 @@ async function pass(preset) {
   };
   const all = Promise.all(Array.from({ length: depth }, worker));
   await clock.run(all);
-  return { ms: clock.now, syncs, marks };
+  return { ms: clock.now + flushMs, syncs, marks };
 }
 
 const base = await pass(true);
@@ -105,6 +110,7 @@ const cold = await pass(false);
 console.log(
   JSON.stringify({
     syncMs,
+    flushMs,
     writeUs: writeMs * 1000,
     depth,
     regions,
