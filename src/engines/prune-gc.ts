@@ -259,7 +259,7 @@ export async function checkListedAgain(repo: Repository, lock: RepoLock, scan: C
  * (stat: no listing) once a taker backing off would be gone, three times as long as this listing took (1 s
  * at least, 30 s at most); one still there stops prune, which has deleted nothing.
  */
-async function refuseUnseenHolder(repo: Repository, newLocks: LockInfo[], listedMs: number): Promise<void> {
+export async function refuseUnseenHolder(repo: Repository, newLocks: LockInfo[], listedMs: number): Promise<void> {
   const live = newLocks.filter((l) => !l.stale);
   if (live.length === 0) return;
   const waitMs = Math.min(30_000, Math.max(1000, 3 * listedMs));

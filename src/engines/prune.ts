@@ -13,7 +13,7 @@ import { listBackups } from '../repo/catalog.js';
 import { garbageRefsError, listLiveRefs, type LiveRefInfo } from '../repo/liverefs.js';
 import type { CopyReport } from './copies.js';
 import { type KeepPolicy, assertPolicy, selectKeep } from './retention.js';
-import { checkListedAgain, collectGarbage } from './prune-gc.js';
+import { checkListedAgain, collectGarbage, refuseUnseenHolder } from './prune-gc.js';
 
 /** For the CLI, which imports this module when prune runs (retention.js alone would be a chunk of its own). */
 export { policyIsEmpty } from './retention.js';
@@ -97,8 +97,18 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // The storage's time now, and whether any other lock object (stale ones too: their writers may come
     // back) exists: both decide which unreferenced packs may go (§9.2).
     const now = lock.storageNow;
+    const listed = performance.now();
     const otherLocks = (await repo.listLocks(now)).filter((l) => l.key !== lock.key && !l.garbage);
     refuseMissedLock(repo, lock.written, otherLocks, "the listing prune's lock took");
+    // A live lock the listing prune's lock took did not show: a taker backing off, or a holder that listing
+    // missed and that refreshed since (its age then says nothing): looked at again before anything is read.
+    if (lock.written) {
+      await refuseUnseenHolder(
+        repo,
+        otherLocks.filter((l) => !lock.seenAtTaking.has(l.key)),
+        performance.now() - listed,
+      );
+    }
     const { metas, damagedManifests } = await readBackups(repo, forget);
     const { refs, refBy } = await readLiveRefs(repo, now, forget);
     const { kept, removed } = decideKeep(metas, refBy, policy, opts.timeZone);
