@@ -139,6 +139,11 @@ export function logSink(who = 'kscinc'): LogSink {
   return s;
 }
 
+/** Log lines this process dropped since it started (its reader fell behind): shown by `kscinc status`. */
+export function logLinesDropped(): number {
+  return sinks.get(2)?.dropped ?? 0;
+}
+
 /** The few lines a long-running command prints on stdout for scripts (serve's URIs): held, never dropped. */
 export function outputSink(who = 'kscinc'): LogSink {
   let s = sinks.get(1);

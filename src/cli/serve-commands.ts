@@ -9,7 +9,7 @@ import type { Command } from 'commander';
 import { KscError, isKscError } from '../errors.js';
 import { NbdServer, type ListenAddress, type ListenTarget } from '../nbd/server.js';
 import { printJson, println } from './output.js';
-import { logSink, outputSink } from './log-sink.js';
+import { logLinesDropped, logSink, outputSink } from './log-sink.js';
 import { controlPath } from './control-trust.js';
 import { controlRequest, startControl } from './control.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
@@ -142,6 +142,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
                 restarts: 0,
                 lastUpgrade: null,
                 pulls: pulls.status(),
+                logDropped: logLinesDropped(),
               };
               sendMessage(sock, { result: r });
               sock.end();
@@ -320,6 +321,7 @@ export function registerServeCommands(program: Command): void {
       println(`connections: ${r.connections}`);
       println(`in flight:   ${r.inFlight}`);
       println(`restarts:    ${r.restarts}`);
+      if (r.logDropped !== undefined) println(`log dropped: ${r.logDropped} line(s) (the reader of the server's stderr fell behind)`);
       println(
         `last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`,
       );
