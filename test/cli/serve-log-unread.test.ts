@@ -5,23 +5,13 @@
 // counted in one line. The old code blocked in write(2) on the terminal (nbdinfo timed out, SIGTERM was
 // never handled), and on the pipe queued every line (~2 KiB of memory per connection, 20000 connections:
 // +44 MB) and never exited after SIGTERM.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, readFileSync, readdirSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
-import { connections, drain, fifo as makeFifo, nbdinfo, until } from './unread-pipe.js';
+import { connections, drain, fifo as makeFifo, nbdinfo, unreadFixture, until } from './unread-pipe.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'kscinc-logunread-'));
-const procs: ChildProcess[] = [];
-const fds: number[] = [];
-afterAll(() => {
-  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-  for (const fd of fds) closeSync(fd);
-  rmSync(dir, { recursive: true, force: true });
-});
-const p = (n: string) => join(dir, n);
+const { p, procs, fds } = unreadFixture('kscinc-logunread-');
 const fifo = (name: string): { r: number; w: number } => makeFifo(p(name), fds);
 
 /** The pid of the `kscinc serve` process among `root` and its descendants (from /proc). */

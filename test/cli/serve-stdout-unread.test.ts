@@ -4,22 +4,12 @@
 // reader that does read, later, still gets every URI line after what was in the pipe. The old code wrote them
 // with a blocking write(2) (src/cli/stdio.ts writeOut) and never got back to its event loop.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { closeSync, constants, existsSync, openSync, writeSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
-import { drain, fifo, nbdinfo, until } from './unread-pipe.js';
+import { drain, fifo, nbdinfo, unreadFixture, until } from './unread-pipe.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'kscinc-outunread-'));
-const procs: ChildProcess[] = [];
-const fds: number[] = [];
-afterAll(() => {
-  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-  for (const fd of fds) closeSync(fd);
-  rmSync(dir, { recursive: true, force: true });
-});
-const p = (n: string) => join(dir, n);
+const { p, procs, fds } = unreadFixture('kscinc-outunread-');
 
 /** Fills the FIFO at `path` until the kernel takes no more: the bytes written. */
 function fill(path: string): number {

@@ -2,23 +2,13 @@
 // (src/cli/log-sink.ts counts them; docs/cli.md "Logs"): 0 while the log is read, more than 0 once a pipe
 // nobody reads is full, in --json (`logDropped`) and in the text. Supervised, the worker logs the
 // connections: its count comes to the supervisor's answer through the stats message.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
 import { CLI, kscinc, kscincAsync } from '../helpers/cli.js';
-import { connections, fifo, until } from './unread-pipe.js';
+import { connections, fifo, unreadFixture, until } from './unread-pipe.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'kscinc-statusdrop-'));
-const procs: ChildProcess[] = [];
-const fds: number[] = [];
-afterAll(() => {
-  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-  for (const fd of fds) closeSync(fd);
-  rmSync(dir, { recursive: true, force: true });
-});
-const p = (n: string) => join(dir, n);
+const { p, procs, fds } = unreadFixture('kscinc-statusdrop-');
 
 async function status(img: string): Promise<{ json: { logDropped?: unknown }; text: string }> {
   const j = await kscincAsync(['status', img, '--json']);

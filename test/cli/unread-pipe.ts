@@ -2,10 +2,28 @@
  * A reader that stops reading, for the tests of a long-running `kscinc serve` whose output nobody reads
  * (serve-log-unread, serve-stdout-unread): FIFOs the test holds the read end of, clients, bounded waits.
  */
-import { spawnSync } from 'node:child_process';
-import { constants, openSync, readSync } from 'node:fs';
+import { spawnSync, type ChildProcess } from 'node:child_process';
+import { closeSync, constants, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
-import { expect } from 'vitest';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, expect } from 'vitest';
+
+/**
+ * A test's folder (named from `prefix`), the children it starts and the descriptors it holds: after all its
+ * tests the children still running are SIGKILLed, the descriptors closed, the folder removed.
+ */
+export function unreadFixture(prefix: string): { p: (name: string) => string; procs: ChildProcess[]; fds: number[] } {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  const procs: ChildProcess[] = [];
+  const fds: number[] = [];
+  afterAll(() => {
+    for (const c of procs) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    for (const fd of fds) closeSync(fd);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  return { p: (name) => join(dir, name), procs, fds };
+}
 
 /** A FIFO at `path`: its read end (non-blocking, pushed on `fds` for the test to close) and a write end to give a child. */
 export function fifo(path: string, fds: number[]): { r: number; w: number } {
