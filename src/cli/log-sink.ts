@@ -6,6 +6,8 @@
  * queues without bound for a pipe or a socket. So each sink holds at most LIMIT bytes a reader has not
  * taken; a line that does not fit is dropped and counted, and the next line that fits is preceded by one
  * line saying how many were dropped (docs/cli.md "Logs"). Short commands print through stdio.ts instead.
+ * What such a command prints on stdout for scripts to parse (serve's URIs) goes through a sink of its own
+ * (outputSink): never blocking either, never dropped (a few lines), held until the reader takes them.
  *
  * - a pipe or socket: process.stderr (libuv makes the descriptor non-blocking), its queue bounded by LIMIT;
  * - a terminal (any character device): opened again non-blocking (its own open file description, so
@@ -13,6 +15,7 @@
  * - a file, /dev/null, anything else: write(2), which does not wait on a reader.
  */
 import { constants, fstatSync, openSync, writeSync } from 'node:fs';
+import { stdoutReaderOptional } from './stdio.js';
 
 /** Bytes a sink holds for a reader that is behind: a minute of a busy server's log. */
 export const LOG_LIMIT = 64 * 1024;
@@ -69,6 +72,7 @@ export class LogSink {
       return { kind: 'none' }; // closed: nothing to write to
     }
     if (st.isFIFO() || st.isSocket()) {
+      if (this.fd === 1) stdoutReaderOptional();
       const s = this.fd === 1 ? process.stdout : this.fd === 2 ? process.stderr : null;
       if (s) {
         // A reader gone (EPIPE) ends the log, not the server.
@@ -132,6 +136,18 @@ const sinks = new Map<number, LogSink>();
 export function logSink(who = 'kscinc'): LogSink {
   let s = sinks.get(2);
   if (!s) sinks.set(2, (s = new LogSink(2, who)));
+  return s;
+}
+
+/** Log lines this process dropped since it started (its reader fell behind): shown by `kscinc status`. */
+export function logLinesDropped(): number {
+  return sinks.get(2)?.dropped ?? 0;
+}
+
+/** The few lines a long-running command prints on stdout for scripts (serve's URIs): held, never dropped. */
+export function outputSink(who = 'kscinc'): LogSink {
+  let s = sinks.get(1);
+  if (!s) sinks.set(1, (s = new LogSink(1, who, Infinity)));
   return s;
 }
 

@@ -17,8 +17,8 @@ import { checkRequestKey, serverUnlock } from './control-key.js';
 import { parseOriginContext } from '../engines/migrate-origin.js';
 import { prepareSeed, type Seed } from '../engines/migrate-seed.js';
 
-export interface MigrateStartRequest {
-  op: 'migrate-start';
+/** The destination of a migration or a replication (replicate-control.ts), and how it is written. */
+export interface TargetMembers {
   to: string;
   token?: string;
   baseFingerprint?: string;
@@ -28,6 +28,10 @@ export interface MigrateStartRequest {
   compress?: boolean;
   /** TLS credentials' files (formats/nbd.md §5), loaded by the server. */
   tls?: TlsClientFiles;
+}
+
+export interface MigrateStartRequest extends TargetMembers {
+  op: 'migrate-start';
   /** A seeded destination's repository (formats/migrate.md §9), and its master key (control.md §4). */
   repo?: string;
   key?: string;

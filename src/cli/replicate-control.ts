@@ -11,22 +11,14 @@ import { baseFingerprint } from '../engines/migrate-base.js';
 import { randomBytes } from 'node:crypto';
 import { MAX_EVERY_MS, MIN_EVERY_MS, Replication, type ReplicaTarget, type ReplicateStatus } from '../engines/replicate.js';
 import { NbdTarget } from '../nbd/migrate-target.js';
-import { loadClientTls, type TlsClientFiles } from '../nbd/client-tls.js';
+import { loadClientTls } from '../nbd/client-tls.js';
 import { answerRequest } from './control-socket.js';
 import { DeviceSlots } from './device-slots.js';
-import { checkTargetMembers, parseOp } from './migrate-control.js';
+import { checkTargetMembers, parseOp, type TargetMembers } from './migrate-control.js';
 
-export interface ReplicateStartRequest {
+export interface ReplicateStartRequest extends TargetMembers {
   op: 'replicate-start' | 'replicate-once';
-  to: string;
   everyMs?: number;
-  token?: string;
-  baseFingerprint?: string;
-  bandwidth?: number;
-  connections?: number;
-  /** false: never lz4-compressed writes (formats/migrate.md §12). */
-  compress?: boolean;
-  tls?: TlsClientFiles;
 }
 
 export type ReplicateRequest = { op: string; drop?: boolean } & Partial<Omit<ReplicateStartRequest, 'op'>>;

@@ -9,7 +9,7 @@ import type { Command } from 'commander';
 import { KscError, isKscError } from '../errors.js';
 import { NbdServer, type ListenAddress, type ListenTarget } from '../nbd/server.js';
 import { printJson, println } from './output.js';
-import { logSink } from './log-sink.js';
+import { logLinesDropped, logSink, outputSink } from './log-sink.js';
 import { controlPath } from './control-trust.js';
 import { controlRequest, startControl } from './control.js';
 import { failRequest, listenControl, requestOp, sendMessage } from './control-socket.js';
@@ -74,6 +74,8 @@ function positiveInt(flag: string): (v: string) => number {
 
 /** The server's log: never blocks serving (src/cli/log-sink.ts). */
 const log = (l: string): void => logSink('kscinc serve').line(l);
+/** What it prints on stdout for scripts (URIs, the incoming token): never blocks serving, never dropped. */
+const out = (l: string): void => outputSink('kscinc serve').line(l);
 
 /** The URIs (nbds:// with TLS), a warning for plain NBD on a non-loopback address, "ready". */
 function announce(addr: ListenAddress, names: string[], tls: boolean): void {
@@ -85,7 +87,7 @@ function announce(addr: ListenAddress, names: string[], tls: boolean): void {
   const s = tls ? 's' : '';
   for (const name of names) {
     const enc = encodeURIComponent(name);
-    println('path' in addr ? `nbd${s}+unix:///${enc}?socket=${addr.path}` : `nbd${s}://${uriHost(addr.host)}:${addr.port}/${enc}`);
+    out('path' in addr ? `nbd${s}+unix:///${enc}?socket=${addr.path}` : `nbd${s}://${uriHost(addr.host)}:${addr.port}/${enc}`);
   }
   log(`kscinc serve: ready (${names.length} export${names.length === 1 ? '' : 's'})`);
 }
@@ -140,6 +142,7 @@ async function serveAlone(c: ServeConfig, target: ListenTarget, what: string): P
                 restarts: 0,
                 lastUpgrade: null,
                 pulls: pulls.status(),
+                logDropped: logLinesDropped(),
               };
               sendMessage(sock, { result: r });
               sock.end();
@@ -235,7 +238,7 @@ async function incomingFor(images: string[], readOnly: boolean, tokenFile: strin
   if (images.length !== 1 || readOnly) throw new KscError('KSC_E_INVALID', '--incoming needs exactly one image, served writable');
   const token = tokenFile !== undefined ? await (await import('./incoming-token.js')).tokenFromFile(tokenFile) : undefined;
   const inc = await (await import('./migrate-commands.js')).prepareIncoming(images[0]!, token);
-  println(`incoming-token: ${inc.token}`);
+  out(`incoming-token: ${inc.token}`);
   return inc;
 }
 
@@ -318,6 +321,7 @@ export function registerServeCommands(program: Command): void {
       println(`connections: ${r.connections}`);
       println(`in flight:   ${r.inFlight}`);
       println(`restarts:    ${r.restarts}`);
+      if (r.logDropped !== undefined) println(`log dropped: ${r.logDropped} line(s) (the reader of the server's stderr fell behind)`);
       println(
         `last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`,
       );

@@ -18,9 +18,18 @@ const made: Record<Name, boolean> = { stdout: false, stderr: false };
  */
 const readerGone = (code: string | undefined): boolean => code === 'EPIPE' || code === 'ECONNRESET';
 
+/** A server's stdout (log-sink.ts outputSink): its reader gone ends what it prints there, not the server. */
+let readerOptional = false;
+export function stdoutReaderOptional(): void {
+  readerOptional = true;
+}
+
 /** A closed stdout (`kscinc map … | head`) ends the program quietly, as other Unix tools do. */
 function quietOnEpipe(e: NodeJS.ErrnoException): void {
-  if (readerGone(e.code)) process.exit(0);
+  if (readerGone(e.code)) {
+    if (!readerOptional) process.exit(0);
+    return;
+  }
   throw e;
 }
 

@@ -36,7 +36,8 @@ export type FromWorker =
   | { t: 'ready'; openMs?: number }
   | { t: 'warmed'; ms: number; error?: string }
   | { t: 'failed'; code: string; message: string }
-  | { t: 'stats'; id: number; connections: number; inFlight: number; pulls?: PullStatus[] }
+  /** `logDropped`: log lines the worker dropped (log-sink.ts), absent from a worker of before session 26. */
+  | { t: 'stats'; id: number; connections: number; inFlight: number; pulls?: PullStatus[]; logDropped?: number }
   /** `preFlushMs`: the flush before parking (still serving); `drainMs`: every connection parked (in-flight requests replied); `closeMs`: flush + close. */
   | { t: 'parked'; connections: number; preFlushMs?: number; drainMs?: number; closeMs?: number; handover?: (HandoverRecord | null)[] }
   | { t: 'park-refused'; message: string }

@@ -15,6 +15,7 @@
 import type { Socket } from 'node:net';
 import { KscError } from '../errors.js';
 import type { ServeConfig } from '../cli/serve-open.js';
+import { logLinesDropped } from '../cli/log-sink.js';
 import type { PullStatus } from '../engines/pull-background.js';
 import type { HandoverRecord } from '../image/ksc.js';
 import { Child } from './child.js';
@@ -51,6 +52,8 @@ export interface StatusResult {
   lastUpgrade: (UpgradeResult & { at: string }) | null;
   /** The background pull of each served live restore (formats/control.md §5). */
   pulls?: PullStatus[];
+  /** Log lines dropped because the reader of stderr fell behind: this supervisor's and its worker's now (docs/cli.md "Logs"). */
+  logDropped?: number;
 }
 
 export interface SupervisorOptions {
@@ -430,12 +433,16 @@ export class Supervisor {
     let connections = 0;
     let inFlight = 0;
     let pulls: PullStatus[] = [];
+    let logDropped = logLinesDropped();
     if (w && w.alive && !this.upgrading) {
       const id = ++this.statsId;
       const got = w.next(['stats'], 5000, 'stats').catch(() => null);
       w.send({ t: 'stats', id });
       const s = await got;
-      if (s && s.t === 'stats') ({ connections, inFlight, pulls = [] } = s);
+      if (s && s.t === 'stats') {
+        ({ connections, inFlight, pulls = [] } = s);
+        logDropped += s.logDropped ?? 0;
+      }
     }
     const now = Date.now();
     return {
@@ -446,6 +453,7 @@ export class Supervisor {
       restarts: this.restarts,
       lastUpgrade: this.lastUpgrade,
       pulls,
+      logDropped,
     };
   }
 

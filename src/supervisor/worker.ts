@@ -8,7 +8,7 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
-import { UNREAD_LOG_GRACE_MS, logSink, settleLogs } from '../cli/log-sink.js';
+import { UNREAD_LOG_GRACE_MS, logLinesDropped, logSink, settleLogs } from '../cli/log-sink.js';
 import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
@@ -145,7 +145,14 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       else backups.handle(sock, m.line, m.index);
       return;
     case 'stats':
-      await send({ t: 'stats', id: m.id, connections: server?.connections ?? 0, inFlight: server?.inFlight ?? 0, pulls: pulls?.status() ?? [] });
+      await send({
+        t: 'stats',
+        id: m.id,
+        connections: server?.connections ?? 0,
+        inFlight: server?.inFlight ?? 0,
+        pulls: pulls?.status() ?? [],
+        logDropped: logLinesDropped(),
+      });
       return;
     case 'park': {
       const busy = backups?.running();

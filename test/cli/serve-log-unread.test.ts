@@ -5,77 +5,14 @@
 // counted in one line. The old code blocked in write(2) on the terminal (nbdinfo timed out, SIGTERM was
 // never handled), and on the pipe queued every line (~2 KiB of memory per connection, 20000 connections:
 // +44 MB) and never exited after SIGTERM.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdtempSync, openSync, readFileSync, readdirSync, readSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { spawn } from 'node:child_process';
+import { closeSync, existsSync, readFileSync, readdirSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
 import { CLI, kscinc } from '../helpers/cli.js';
+import { connections, drain, fifo as makeFifo, nbdinfo, unreadFixture, until } from './unread-pipe.js';
 
-const dir = mkdtempSync(join(tmpdir(), 'kscinc-logunread-'));
-const procs: ChildProcess[] = [];
-const fds: number[] = [];
-afterAll(() => {
-  for (const p of procs) if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
-  for (const fd of fds) closeSync(fd);
-  rmSync(dir, { recursive: true, force: true });
-});
-const p = (n: string) => join(dir, n);
-
-/** A FIFO: its read end (non-blocking, held by the test) and a write end to give a child. */
-function fifo(name: string): { r: number; w: number } {
-  const path = p(name);
-  expect(spawnSync('mkfifo', [path]).status).toBe(0);
-  const r = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
-  const w = openSync(path, constants.O_WRONLY);
-  fds.push(r);
-  return { r, w };
-}
-
-/** What the FIFO holds now. */
-function drain(r: number): string {
-  const b = Buffer.alloc(1 << 16);
-  let out = '';
-  for (;;) {
-    try {
-      const n = readSync(r, b);
-      if (n === 0) return out;
-      out += b.toString('utf8', 0, n);
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'EAGAIN') return out;
-      throw e;
-    }
-  }
-}
-
-async function until(what: string, ok: () => boolean, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  while (!ok()) {
-    if (Date.now() > end) throw new Error(`${what}: not within ${ms} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-/** `n` connections, one after another, each closed as soon as it is open: the server logs each. */
-async function connections(sock: string, n: number): Promise<void> {
-  for (let i = 0; i < n; i++) {
-    await new Promise<void>((resolve, reject) => {
-      const c = connect(sock);
-      const timer = setTimeout(() => (c.destroy(), reject(new Error(`connection ${i + 1} of ${n}: the server did not close it within 10 s`))), 10_000);
-      c.on('connect', () => c.end());
-      c.on('error', () => undefined);
-      c.on('close', () => (clearTimeout(timer), resolve()));
-      c.resume();
-    });
-  }
-}
-
-/** nbdinfo on the export, bounded: its exit code and output. */
-function nbdinfo(sock: string): { code: number | null; out: string } {
-  const r = spawnSync('nbdinfo', [`nbd+unix:///x?socket=${sock}`], { encoding: 'utf8', timeout: 20_000 });
-  return { code: r.status, out: `${r.stdout}${r.stderr}${r.error ? String(r.error) : ''}` };
-}
+const { p, procs, fds } = unreadFixture('kscinc-logunread-');
+const fifo = (name: string): { r: number; w: number } => makeFifo(p(name), fds);
 
 /** The pid of the `kscinc serve` process among `root` and its descendants (from /proc). */
 function servePid(root: number): number | null {

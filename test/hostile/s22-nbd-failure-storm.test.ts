@@ -19,6 +19,7 @@ import { CMD, encodeRequest } from '../../src/nbd/wire.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { tempDir } from '../helpers/tmp.js';
 import { RawClient } from '../nbd/helpers.js';
+import { watchPool } from '../nbd/pool-watch.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -40,17 +41,7 @@ beforeAll(async () => {
   await dev.read(0, 4096); // the map page loaded
   heldBase = blockBufferStats.held;
   server = new NbdServer({ exports: { a: { device: dev } }, maxPendingBytes: 8 * MiB, maxTotalPendingBytes: 24 * MiB, stallTimeoutMs: 1500, log: () => {} });
-  const take = server.pool.take.bind(server.pool);
-  const give = server.pool.give.bind(server.pool);
-  server.pool.take = (n) => {
-    const b = take(n);
-    outstanding.add(b);
-    return b;
-  };
-  server.pool.give = (bufs) => {
-    for (const b of bufs) outstanding.delete(b);
-    give(bufs);
-  };
+  watchPool(server.pool, outstanding);
   port = ((await server.listen({ host: '127.0.0.1', port: 0 })) as { port: number }).port;
 });
 

@@ -12,11 +12,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient } from '../../src/nbd/client.js';
 import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { run } from '../helpers/cli.js';
-import { makePki, qemuTls, x509ServeArgs, type Pki } from '../helpers/pki.js';
+import { qemuTls, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe, type ServeChild } from '../helpers/serve.js';
-import { tempDir } from '../helpers/tmp.js';
+import { stopServes, tlsDisk } from '../nbd/tls-disk.js';
 
-const MiB = 1024 * 1024;
 let pki: Pki;
 let dir: string;
 let img: string;
@@ -79,17 +78,10 @@ function clientFolder(from: string, name: string, chain: string[] = []): string 
 }
 
 beforeAll(() => {
-  pki = makePki();
-  dir = tempDir('kscinc-s22t-tls-');
-  img = join(dir, 'disk.raw');
-  expect(run('qemu-img', ['create', '-q', '-f', 'raw', img, String(16 * MiB)]).code).toBe(0);
-  expect(run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', img]).code).toBe(0);
+  ({ pki, dir, img } = tlsDisk('kscinc-s22t-tls-'));
 }, 60_000);
 
-afterAll(async () => {
-  for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGTERM');
-  await Promise.all(children.map((c) => c.exited));
-});
+afterAll(() => stopServes(children));
 
 async function serve(args: string[]): Promise<{ child: ServeChild; port: number }> {
   const child = spawnServe([img, '--listen', '127.0.0.1:0', '--no-supervisor', '--read-only', ...args], { uri: /^nbds?:\/\//, timeoutMs: 30_000 });

@@ -9,20 +9,16 @@
  * for READs. The server runs in this process with a 16 MiB budget.
  */
 import { join } from 'node:path';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
 import { NbdServer } from '../../src/nbd/server.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, OPT, REP, REQUEST_MAGIC } from '../../src/nbd/wire.js';
+import { CMD, REQUEST_MAGIC } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, metaData } from '../nbd/helpers.js';
-
-setFlagsFromString('--expose-gc');
-const gc = runInNewContext('gc') as () => void;
+import { heldOnceSettled, live } from '../nbd/held-memory.js';
+import { RawClient } from '../nbd/helpers.js';
+import { statusClient } from './status-client.js';
 
 const dir = tempDir('kscinc-s25-status-budget-');
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const MiB = 1 << 20;
 const BLOCK = 4096;
 /** Every other block written: 2 × 16 384 extents per context. */
@@ -30,28 +26,6 @@ const SIZE = 32768 * BLOCK;
 const BUDGET = 16 * MiB;
 const CLIENTS = 4;
 const REQUESTS = 2000;
-
-function live(): number {
-  gc();
-  gc();
-  const m = process.memoryUsage();
-  return m.heapUsed + m.external;
-}
-
-/** Greeting, flags, STRUCTURED_REPLY, SET_META_CONTEXT of `contexts`, GO on the default export. */
-async function statusClient(port: number, contexts: string[]): Promise<RawClient> {
-  const c = await RawClient.connect(port);
-  await c.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  c.socket.write(f);
-  expect((await c.option(OPT.STRUCTURED_REPLY))[0]!.type).toBe(REP.ACK);
-  const set = await c.option(OPT.SET_META_CONTEXT, metaData('', contexts));
-  expect(set.filter((r) => r.type === REP.META_CONTEXT).length, 'every context selected').toBe(contexts.length);
-  const go = await c.option(OPT.GO, Buffer.from([0, 0, 0, 0, 0, 0]));
-  expect(go[go.length - 1]!.type).toBe(REP.ACK);
-  return c;
-}
 
 /** `n` BLOCK_STATUS requests over the whole export, in one buffer. */
 function statusRequests(n: number): Buffer {
@@ -99,14 +73,7 @@ describe('NBD BLOCK_STATUS replies and the byte budget (session 25)', () => {
         c.socket.pause(); // never reads a reply
         c.socket.write(req);
       }
-      let held = 0;
-      for (let t = 0, last = -1; t < 60; t++) {
-        await sleep(500);
-        held = live() - before;
-        const inUse = server.budget.inUse;
-        if (inUse === last && t >= 6) break;
-        last = inUse;
-      }
+      const held = await heldOnceSettled(server.budget, before);
       console.log(
         `${CLIENTS} clients sent ${REQUESTS} BLOCK_STATUS each; the server holds ${(held / MiB).toFixed(1)} MiB live (budget: ${(server.budget.inUse / MiB).toFixed(1)} of ${BUDGET / MiB} MiB charged)`,
       );

@@ -13,10 +13,11 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
 import { NbdServer } from '../../src/nbd/server.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, OPT, REP, encodeRequest } from '../../src/nbd/wire.js';
+import { CMD, CMD_FLAG, encodeRequest } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { RawClient, metaData } from '../nbd/helpers.js';
+import { RawClient } from '../nbd/helpers.js';
+import { statusClient } from './status-client.js';
 
 const dir = tempDir('kscinc-s25-status-storm-');
 const BLOCK = 4096;
@@ -26,20 +27,6 @@ const clients: RawClient[] = [];
 afterAll(() => {
   for (const c of clients) c.socket.destroy();
 });
-
-async function statusClient(port: number): Promise<RawClient> {
-  const c = await RawClient.connect(port);
-  clients.push(c);
-  await c.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  c.socket.write(f);
-  expect((await c.option(OPT.STRUCTURED_REPLY))[0]!.type).toBe(REP.ACK);
-  await c.option(OPT.SET_META_CONTEXT, metaData('', ['base:allocation', 'qemu:allocation-depth']));
-  const go = await c.option(OPT.GO, Buffer.from([0, 0, 0, 0, 0, 0]));
-  expect(go[go.length - 1]!.type).toBe(REP.ACK);
-  return c;
-}
 
 const req = (type: number, cookie: number, offset: number, length: number, flags = 0): Buffer => encodeRequest({ flags, type, cookie: BigInt(cookie), offset: BigInt(offset), length });
 
@@ -90,7 +77,8 @@ describe('NBD: BLOCK_STATUS and error replies of clients that never read and go 
     await Promise.all(
       Array.from({ length: CLIENTS }, async (_, i) => {
         const r = new Rng(seed + i + 1);
-        const c = await statusClient(port);
+        const c = await statusClient(port, ['base:allocation', 'qemu:allocation-depth']);
+        clients.push(c);
         c.socket.pause();
         c.socket.write(batch(r));
         await sleep(r.int(0, 1500));

@@ -12,9 +12,10 @@ import { openImage, createImage } from '../../src/image/open.js';
 import type { BlockDevice } from '../../src/image/types.js';
 import type { KscImage } from '../../src/image/ksc/image.js';
 import { NbdServer } from '../../src/nbd/server.js';
-import { CLIENT_FLAG_FIXED_NEWSTYLE, CLIENT_FLAG_NO_ZEROES, CMD, CMD_FLAG, OPT, REP, STATE_DIRTY, STATE_HOLE, STATE_ZERO } from '../../src/nbd/wire.js';
+import { CMD, CMD_FLAG, STATE_DIRTY, STATE_HOLE, STATE_ZERO } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
-import { RawClient, metaData } from '../nbd/helpers.js';
+import type { RawClient } from '../nbd/helpers.js';
+import { statusClient } from './status-client.js';
 
 const dir = tempDir('kscinc-s25-status-window-');
 const MiB = 1 << 20;
@@ -52,20 +53,6 @@ function counting(dev: BlockDevice, count: { n: number }): BlockDevice {
       return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(t) : v;
     },
   });
-}
-
-async function statusClient(port: number, contexts: string[]): Promise<RawClient> {
-  const c = await RawClient.connect(port);
-  await c.greeting();
-  const f = Buffer.alloc(4);
-  f.writeUInt32BE(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES);
-  c.socket.write(f);
-  expect((await c.option(OPT.STRUCTURED_REPLY))[0]!.type).toBe(REP.ACK);
-  const set = await c.option(OPT.SET_META_CONTEXT, metaData('', contexts));
-  expect(set.filter((r) => r.type === REP.META_CONTEXT).length, 'every context selected').toBe(contexts.length);
-  const go = await c.option(OPT.GO, Buffer.from([0, 0, 0, 0, 0, 0]));
-  expect(go[go.length - 1]!.type).toBe(REP.ACK);
-  return c;
 }
 
 type Ext = { length: number; flags: number };

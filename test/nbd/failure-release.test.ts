@@ -11,6 +11,7 @@ import { payloadCost } from '../../src/nbd/budget.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { CMD, encodeRequest } from '../../src/nbd/wire.js';
 import { RawClient } from './helpers.js';
+import { watchPool } from './pool-watch.js';
 
 const KiB = 1024;
 const SIZE = 1024 * KiB;
@@ -41,17 +42,7 @@ const outstanding = new Set<Buffer>();
 
 beforeAll(async () => {
   server = new NbdServer({ exports: { a: { device: dev } }, maxInFlight: 1, log: () => {} });
-  const take = server.pool.take.bind(server.pool);
-  const give = server.pool.give.bind(server.pool);
-  server.pool.take = (n) => {
-    const b = take(n);
-    outstanding.add(b);
-    return b;
-  };
-  server.pool.give = (bufs) => {
-    for (const b of bufs) outstanding.delete(b);
-    give(bufs);
-  };
+  watchPool(server.pool, outstanding);
   port = ((await server.listen({ host: '127.0.0.1', port: 0 })) as { port: number }).port;
 });
 

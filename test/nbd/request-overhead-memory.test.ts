@@ -10,31 +10,18 @@
  * clients to show it; each sends ~17 MB of requests before the kernel stops taking its replies).
  */
 import { join } from 'node:path';
-import { setFlagsFromString } from 'node:v8';
-import { runInNewContext } from 'node:vm';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createImage, openImage } from '../../src/image/open.js';
 import { NbdServer } from '../../src/nbd/server.js';
 import { CMD, REQUEST_MAGIC } from '../../src/nbd/wire.js';
 import { tempDir } from '../helpers/tmp.js';
+import { heldOnceSettled, live } from './held-memory.js';
 import { RawClient } from './helpers.js';
 
-setFlagsFromString('--expose-gc');
-const gc = runInNewContext('gc') as () => void;
-
 const dir = tempDir('kscinc-nbd-overhead-mem-');
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 const MiB = 1 << 20;
 const SIZE = 1 << 30;
 const BUDGET = 16 * MiB;
-
-/** What this process holds live: heap and buffers outside it, after two full collections. */
-function live(): number {
-  gc();
-  gc();
-  const m = process.memoryUsage();
-  return m.heapUsed + m.external;
-}
 
 /** `n` READ requests in one buffer: request k reads `length(k)` bytes at `offset(k)`. */
 function reads(n: number, offset: (k: number) => number, length: (k: number) => number): Buffer {
@@ -114,14 +101,7 @@ describe('NBD tiny READs: each request charged its fixed overhead', () => {
         c.socket.write(kind.req); // the same buffer for clients of a kind: nothing more held in this process
       }
       // Until the server stops taking requests (its budget, or each connection's queue, is full).
-      let held = 0;
-      for (let t = 0, last = -1; t < 60; t++) {
-        await sleep(500);
-        held = live() - before;
-        const inUse = server.budget.inUse;
-        if (inUse === last && t >= 6) break;
-        last = inUse;
-      }
+      const held = await heldOnceSettled(server.budget, before);
       console.log(
         `${CLIENTS} clients sent ${N} tiny READs each in ${Date.now() - t0} ms; the server holds ${(held / MiB).toFixed(1)} MiB live (budget: ${(server.budget.inUse / MiB).toFixed(1)} of ${BUDGET / MiB} MiB charged)`,
       );

@@ -13,12 +13,12 @@ import { loadClientTls } from '../../src/nbd/client-tls.js';
 import { OPT, REP } from '../../src/nbd/wire.js';
 import { CLIENT_FLAG_FIXED_NEWSTYLE } from '../../src/nbd/wire.js';
 import { kscinc, run } from '../helpers/cli.js';
-import { makePki, qemuTls, x509ServeArgs, type Pki } from '../helpers/pki.js';
+import { qemuTls, x509ServeArgs, type Pki } from '../helpers/pki.js';
 import { spawnServe, type ServeChild } from '../helpers/serve.js';
-import { tempDir } from '../helpers/tmp.js';
 import { SocketReader } from '../../src/nbd/reader.js';
 import { encodeOptionHeader } from '../../src/nbd/wire.js';
 import { RawClient, closesWithin, goData } from './helpers.js';
+import { stopServes, tlsDisk } from './tls-disk.js';
 
 const MiB = 1024 * 1024;
 let pki: Pki;
@@ -28,17 +28,10 @@ let images = 0;
 const children: ServeChild[] = [];
 
 beforeAll(() => {
-  pki = makePki();
-  dir = tempDir('kscinc-tls-');
-  img = join(dir, 'disk.raw');
-  expect(run('qemu-img', ['create', '-q', '-f', 'raw', img, String(16 * MiB)]).code).toBe(0);
-  expect(run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 1M', img]).code).toBe(0);
+  ({ pki, dir, img } = tlsDisk('kscinc-tls-'));
 }, 60_000);
 
-afterAll(async () => {
-  for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGTERM');
-  await Promise.all(children.map((c) => c.exited));
-});
+afterAll(() => stopServes(children));
 
 /** A copy of the test disk per server: a test that fails with its server still up does not lock the next one out. */
 function freshImage(): string {
