@@ -231,6 +231,7 @@ export class Connection implements Link {
     if (requests === 0) return;
     this.pauseRequested = false;
     t.paused = false;
+    t.startBy = Date.now() + HANDOVER_RUN_MS; // checked again after a request waited for an in-flight slot
     const late = setTimeout(() => {
       this.stopRequested = true; // the requests not started yet are not run (the client sends them again)
       t.wake();
