@@ -4,48 +4,18 @@
  * the socket in one synchronous burst, so the bytes of two replies never interleave.
  */
 import type * as net from 'node:net';
-import { nativeOps } from '../io/native.js';
 import { NbdProtocolError } from './errors.js';
 import { negotiate } from './handshake.js';
-import { HANDOVER_RUN_MS, completeRequests } from './handover-run.js';
+import { type HandoverRunLink, runReceived } from './handover-run.js';
 import { discardUntilEnd } from './close-drain.js';
+import { widenSendBuffer, zeroCopyFor } from './socket-send.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
 import type { Link, LinkTls, ServerContext } from './types.js';
 import { startServerTls, type TlsServerConfig } from './tls.js';
 import { putSimpleSuccess } from './wire.js';
-import { DeviceRange, type ReplyPart, materialize, sendOps, sendZeroCopy } from './zerocopy.js';
-
-/** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
-const SEND_BUFFER = 4 * 1024 * 1024;
-
-/**
- * A READ reply (up to 32 MiB) larger than the socket's send buffer (≈ 200 KiB by default) goes out in
- * pieces, each after another wake-up of the event loop; with a few MiB of buffer most replies leave in one
- * writev. Needs the addon (Node offers no setsockopt); without it the default stays.
- */
-function socketFd(socket: net.Socket): number | undefined {
-  return (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-}
-
-function widenSendBuffer(socket: net.Socket): void {
-  const fd = socketFd(socket);
-  const set = nativeOps()?.setSendBuffer;
-  if (!set || typeof fd !== 'number' || fd < 0) return;
-  try {
-    set(fd, SEND_BUFFER);
-  } catch {
-    // not a socket option this descriptor takes: keep the default
-  }
-}
-
-/** The addon's send functions and the socket's descriptor, when READ replies may go zero-copy (zerocopy.ts). */
-function zeroCopyFor(socket: net.Socket): { ops: NonNullable<ReturnType<typeof sendOps>>; fd: number } | null {
-  const ops = sendOps(nativeOps());
-  const fd = socketFd(socket);
-  return ops && typeof fd === 'number' && fd >= 0 ? { ops, fd } : null;
-}
+import { DeviceRange, type ReplyPart, materialize, sendZeroCopy } from './zerocopy.js';
 
 const isRange = (p: ReplyPart): boolean => p instanceof DeviceRange;
 
@@ -194,7 +164,7 @@ export class Connection implements Link {
         else await this.transmission.run();
         if (this.transmission.paused && !this.stopRequested) {
           await this.transmission.settled();
-          if (this.tls) await this.runReceived(this.transmission);
+          if (this.tls) await runReceived(this.transmission, this.handoverRunLink());
           else if (await this.replied()) {
             this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
             return;
@@ -218,29 +188,15 @@ export class Connection implements Link {
     this.raw.destroy();
   }
 
-  /**
-   * A TLS connection at a handover (handover-run.ts, formats/nbd.md §5.5): the complete requests already in the
-   * reader are run and answered here, within the bounds; nothing more is read; then the connection ends.
-   */
-  private async runReceived(t: Transmission): Promise<void> {
-    const { bytes, requests } = completeRequests(this.reader.peek(), this.server.maxPendingBytes);
-    this.reader.endAt(bytes);
-    this.log(
-      `nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects${requests > 0 ? ` (first the ${requests} request(s) received whole are run)` : ''}`,
-    );
-    if (requests === 0) return;
-    this.pauseRequested = false;
-    t.paused = false;
-    t.startBy = Date.now() + HANDOVER_RUN_MS; // checked again after a request waited for an in-flight slot
-    const late = setTimeout(() => {
-      this.stopRequested = true; // the requests not started yet are not run (the client sends them again)
-      t.wake();
-    }, HANDOVER_RUN_MS);
-    try {
-      await t.run();
-    } finally {
-      clearTimeout(late);
-    }
+  /** What a TLS connection's handover run (handover-run.ts) uses of it. */
+  private handoverRunLink(): HandoverRunLink {
+    return {
+      reader: this.reader,
+      maxDataBytes: this.server.maxPendingBytes,
+      say: (what) => this.log(`nbd: connection ${this.id} (${this.peer}): ${what}`),
+      resume: () => void (this.pauseRequested = false),
+      stopStarting: () => void (this.stopRequested = true), // the requests not started yet are not run (the client sends them again)
+    };
   }
 
   /** Ends the socket after what is queued has left, or after `ms`; true when it has left (to the kernel). */
