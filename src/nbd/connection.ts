@@ -175,9 +175,11 @@ export class Connection implements Link {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
       this.reader.abort();
       await this.transmission?.settled();
-      this.uncorkNow(); // the replies of requests read before the violation leave before the socket closes
-      // A refusal during the handshake (TLS required or refused) may have just written its error reply: let it leave.
-      if (e instanceof NbdProtocolError && e.violation.startsWith('tls-') && (await this.ended(1000))) await this.quietEnd();
+      this.uncorkNow();
+      // The replies of requests read before a violation in transmission, or a refusal during the handshake (TLS
+      // required or refused) just written, leave before the socket closes (as at any end: FIN, then the drain).
+      const answered = e instanceof NbdProtocolError && (e.violation.startsWith('tls-') || (this.transmission !== null && e.violation !== 'timeout'));
+      if (answered && (await this.ended(this.transmission ? 5000 : 1000))) await this.quietEnd();
       this.socket.destroy();
       this.raw.destroy();
       return;
@@ -215,7 +217,8 @@ export class Connection implements Link {
   /**
    * After our end: what the client still sends is read and discarded until its end, bounded (close-drain.ts), so
    * that the close is a FIN after our last reply and not a reset that drops it. Any path that ends a connection
-   * it answered on goes through here, except cut() (a client given up on) and a protocol violation.
+   * it answered on goes through here, except cut() (a client given up on) and a handshake that failed otherwise than
+   * by refusing TLS.
    */
   private async quietEnd(): Promise<void> {
     this.reader.abort();
