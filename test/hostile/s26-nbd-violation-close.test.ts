@@ -2,9 +2,9 @@
  * Hostile (session 26): a protocol violation in transmission ends the connection without dropping the replies
  * of the requests read before it. The client pipelines two READs of 16 MiB, then a request with a bad magic and
  * 2 MiB of bytes after it, and reads its replies late. The server answers both READs, then ends the connection
- * (formats/nbd.md §5.5, close-drain.ts): before, it destroyed the socket at once, dropping what Node still held
- * of the replies, and closed with received bytes unread, so the kernel sent RST and dropped what it had not
- * sent yet — the client read ECONNRESET instead of its replies.
+ * (formats/nbd.md §2, §5.5; close-drain.ts): before, it destroyed the socket as soon as the READs had handed
+ * their replies to Node, dropping what Node still held of them (and a close with received bytes unread makes
+ * Linux reset, dropping what the kernel had not sent yet): the client had 1 READ reply of 2, cut short.
  */
 import * as net from 'node:net';
 import { join } from 'node:path';
