@@ -53,6 +53,11 @@ export class Transmission {
     this.reads = FastReads.of(exp.device, nativeOps(), state, link);
   }
 
+  /** The handover run's deadline has passed (no clock read outside a handover run). */
+  private late(): boolean {
+    return this.startBy !== Infinity && Date.now() >= this.startBy;
+  }
+
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
   wake(): void {
     this.share.wake();
@@ -105,7 +110,7 @@ export class Transmission {
     const stall = this.server.stallTimeoutMs;
     if (!link.tls) link.reader.useUserBuffer();
     for (;;) {
-      if (link.stopping || Date.now() >= this.startBy) return;
+      if (link.stopping || this.late()) return;
       if (link.pausing) {
         this.paused = true;
         return;
@@ -196,7 +201,7 @@ export class Transmission {
         }
       }
       while (this.running >= this.server.maxInFlight && !this.failure) await this.oneEnds();
-      if (this.failure || Date.now() >= this.startBy) {
+      if (this.failure || this.late()) {
         // The connection failed, or the handover run's deadline passed while this request waited for a slot: it
         // is never run (no reply); its bytes and buffer go back.
         release();
