@@ -6,7 +6,7 @@
  * the kernel would be lost and the client would read ECONNRESET instead of them (formats/nbd.md §5.5).
  */
 import type { Socket } from 'node:net';
-import { redirectUserReads, startReading } from './reader.js';
+import { redirectUserReads, startReading } from './socket-reads.js';
 
 /** The longest a closing connection waits for the client's end (the old worker's exit waits this long at most). */
 export const CLOSE_DRAIN_MS = 1000;

@@ -4,48 +4,18 @@
  * the socket in one synchronous burst, so the bytes of two replies never interleave.
  */
 import type * as net from 'node:net';
-import { nativeOps } from '../io/native.js';
 import { NbdProtocolError } from './errors.js';
 import { negotiate } from './handshake.js';
-import { HANDOVER_RUN_MS, completeRequests } from './handover-run.js';
+import { type HandoverRunLink, runReceived } from './handover-run.js';
 import { discardUntilEnd } from './close-drain.js';
+import { widenSendBuffer, zeroCopyFor } from './socket-send.js';
 import { SocketClosedError, SocketReader } from './reader.js';
 import { parseSessionState, type SessionState } from './state.js';
 import { Transmission } from './transmission.js';
 import type { Link, LinkTls, ServerContext } from './types.js';
 import { startServerTls, type TlsServerConfig } from './tls.js';
 import { putSimpleSuccess } from './wire.js';
-import { DeviceRange, type ReplyPart, materialize, sendOps, sendZeroCopy } from './zerocopy.js';
-
-/** Socket send buffer asked for (the kernel caps it at net.core.wmem_max). */
-const SEND_BUFFER = 4 * 1024 * 1024;
-
-/**
- * A READ reply (up to 32 MiB) larger than the socket's send buffer (≈ 200 KiB by default) goes out in
- * pieces, each after another wake-up of the event loop; with a few MiB of buffer most replies leave in one
- * writev. Needs the addon (Node offers no setsockopt); without it the default stays.
- */
-function socketFd(socket: net.Socket): number | undefined {
-  return (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
-}
-
-function widenSendBuffer(socket: net.Socket): void {
-  const fd = socketFd(socket);
-  const set = nativeOps()?.setSendBuffer;
-  if (!set || typeof fd !== 'number' || fd < 0) return;
-  try {
-    set(fd, SEND_BUFFER);
-  } catch {
-    // not a socket option this descriptor takes: keep the default
-  }
-}
-
-/** The addon's send functions and the socket's descriptor, when READ replies may go zero-copy (zerocopy.ts). */
-function zeroCopyFor(socket: net.Socket): { ops: NonNullable<ReturnType<typeof sendOps>>; fd: number } | null {
-  const ops = sendOps(nativeOps());
-  const fd = socketFd(socket);
-  return ops && typeof fd === 'number' && fd >= 0 ? { ops, fd } : null;
-}
+import { DeviceRange, type ReplyPart, materialize, sendZeroCopy } from './zerocopy.js';
 
 const isRange = (p: ReplyPart): boolean => p instanceof DeviceRange;
 
@@ -194,7 +164,7 @@ export class Connection implements Link {
         else await this.transmission.run();
         if (this.transmission.paused && !this.stopRequested) {
           await this.transmission.settled();
-          if (this.tls) await this.runReceived(this.transmission);
+          if (this.tls) await runReceived(this.transmission, this.handoverRunLink());
           else if (await this.replied()) {
             this.parked = { socket: this.socket, state: { ...state, metaContexts: state.metaContexts.map((m) => ({ ...m })) }, pending: this.reader.detach() };
             return;
@@ -205,9 +175,11 @@ export class Connection implements Link {
       if (!(e instanceof SocketClosedError)) this.log(`nbd: connection ${this.id} (${this.peer}): ${e instanceof Error ? e.message : String(e)}; disconnecting`);
       this.reader.abort();
       await this.transmission?.settled();
-      this.uncorkNow(); // the replies of requests read before the violation leave before the socket closes
-      // A refusal during the handshake (TLS required or refused) may have just written its error reply: let it leave.
-      if (e instanceof NbdProtocolError && e.violation.startsWith('tls-') && (await this.ended(1000))) await this.quietEnd();
+      this.uncorkNow();
+      // The replies of requests read before a violation in transmission, or a refusal during the handshake (TLS
+      // required or refused) just written, leave before the socket closes (as at any end: FIN, then the drain).
+      const answered = e instanceof NbdProtocolError && (e.violation.startsWith('tls-') || (this.transmission !== null && e.violation !== 'timeout'));
+      if (answered && (await this.ended(this.transmission ? 5000 : 1000))) await this.quietEnd();
       this.socket.destroy();
       this.raw.destroy();
       return;
@@ -218,28 +190,15 @@ export class Connection implements Link {
     this.raw.destroy();
   }
 
-  /**
-   * A TLS connection at a handover (handover-run.ts, formats/nbd.md §5.5): the complete requests already in the
-   * reader are run and answered here, within the bounds; nothing more is read; then the connection ends.
-   */
-  private async runReceived(t: Transmission): Promise<void> {
-    const { bytes, requests } = completeRequests(this.reader.peek(), this.server.maxPendingBytes);
-    this.reader.endAt(bytes);
-    this.log(
-      `nbd: connection ${this.id} (${this.peer}): a TLS session cannot move to another process: closed at the handover, the client reconnects${requests > 0 ? ` (first the ${requests} request(s) received whole are run)` : ''}`,
-    );
-    if (requests === 0) return;
-    this.pauseRequested = false;
-    t.paused = false;
-    const late = setTimeout(() => {
-      this.stopRequested = true; // the requests not started yet are not run (the client sends them again)
-      t.wake();
-    }, HANDOVER_RUN_MS);
-    try {
-      await t.run();
-    } finally {
-      clearTimeout(late);
-    }
+  /** What a TLS connection's handover run (handover-run.ts) uses of it. */
+  private handoverRunLink(): HandoverRunLink {
+    return {
+      reader: this.reader,
+      maxDataBytes: this.server.maxPendingBytes,
+      say: (what) => this.log(`nbd: connection ${this.id} (${this.peer}): ${what}`),
+      resume: () => void (this.pauseRequested = false),
+      stopStarting: () => void (this.stopRequested = true), // the requests not started yet are not run (the client sends them again)
+    };
   }
 
   /** Ends the socket after what is queued has left, or after `ms`; true when it has left (to the kernel). */
@@ -258,7 +217,8 @@ export class Connection implements Link {
   /**
    * After our end: what the client still sends is read and discarded until its end, bounded (close-drain.ts), so
    * that the close is a FIN after our last reply and not a reset that drops it. Any path that ends a connection
-   * it answered on goes through here, except cut() (a client given up on) and a protocol violation.
+   * it answered on goes through here, except cut() (a client given up on) and a handshake that failed otherwise than
+   * by refusing TLS.
    */
   private async quietEnd(): Promise<void> {
     this.reader.abort();

@@ -8,6 +8,8 @@
  * sends it again after it reconnects (a client that ended its sending will not: NBD's promise to it holds up
  * to these bounds).
  */
+import type { SocketReader } from './reader.js';
+import type { Transmission } from './transmission.js';
 import { CMD, REQUEST_MAGIC, REQUEST_SIZE } from './wire.js';
 
 /** No request of the buffered ones is started after this long (the upgrade's pause waits for them). */
@@ -40,4 +42,41 @@ export function completeRequests(b: Buffer, maxDataBytes: number): { bytes: numb
     if (type === CMD.DISC) break;
   }
   return { bytes: at, requests };
+}
+
+/** What the handover run uses of its connection. */
+export interface HandoverRunLink {
+  readonly reader: SocketReader;
+  /** The connection's byte share: the bound on the READ and WRITE data run. */
+  readonly maxDataBytes: number;
+  /** Logs a line about this connection. */
+  say(what: string): void;
+  /** The connection is no longer pausing: its request loop may run again. */
+  resume(): void;
+  /** The connection stops: its request loop starts nothing more and returns (a budget wait included). */
+  stopStarting(): void;
+}
+
+/**
+ * A TLS connection at a handover, its transmission paused at the request boundary and settled: the complete
+ * requests already in the reader are run and answered, within the bounds; nothing more is read. The caller
+ * then ends the connection.
+ */
+export async function runReceived(t: Transmission, c: HandoverRunLink): Promise<void> {
+  const { bytes, requests } = completeRequests(c.reader.peek(), c.maxDataBytes);
+  c.reader.endAt(bytes);
+  c.say(`a TLS session cannot move to another process: closed at the handover, the client reconnects${requests > 0 ? ` (first the ${requests} request(s) received whole are run)` : ''}`);
+  if (requests === 0) return;
+  c.resume();
+  t.paused = false;
+  t.startBy = Date.now() + HANDOVER_RUN_MS; // checked again after a request waited for an in-flight slot
+  const late = setTimeout(() => {
+    c.stopStarting();
+    t.wake();
+  }, HANDOVER_RUN_MS);
+  try {
+    await t.run();
+  } finally {
+    clearTimeout(late);
+  }
 }

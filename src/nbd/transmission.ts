@@ -36,6 +36,11 @@ export class Transmission {
   private atBoundary = false;
   /** run() returned at a request boundary because the link is pausing (a handover), not because the client left. */
   paused = false;
+  /**
+   * No request is started at or after this time (Date.now()): a TLS handover run's deadline (handover-run.ts).
+   * One read whole and not started by then is given up (no reply); run() returns.
+   */
+  startBy = Infinity;
 
   constructor(
     private readonly link: Link,
@@ -46,6 +51,11 @@ export class Transmission {
     this.share = new ConnectionShare(server.budget, server.maxPendingBytes);
     this.now = writesNowOf(exp.device);
     this.reads = FastReads.of(exp.device, nativeOps(), state, link);
+  }
+
+  /** The handover run's deadline has passed (no clock read outside a handover run). */
+  private late(): boolean {
+    return this.startBy !== Infinity && Date.now() >= this.startBy;
   }
 
   /** Wakes a read loop waiting for budget (after the connection was told to stop). */
@@ -100,7 +110,7 @@ export class Transmission {
     const stall = this.server.stallTimeoutMs;
     if (!link.tls) link.reader.useUserBuffer();
     for (;;) {
-      if (link.stopping) return;
+      if (link.stopping || this.late()) return;
       if (link.pausing) {
         this.paused = true;
         return;
@@ -191,11 +201,13 @@ export class Transmission {
         }
       }
       while (this.running >= this.server.maxInFlight && !this.failure) await this.oneEnds();
-      if (this.failure) {
-        // The connection failed: this request, admitted and read, is never run; its bytes and buffer go back.
+      if (this.failure || this.late()) {
+        // The connection failed, or the handover run's deadline passed while this request waited for a slot: it
+        // is never run (no reply); its bytes and buffer go back.
         release();
         if (pooled) this.server.pool.give([pooled]);
-        throw this.failure.e;
+        if (this.failure) throw this.failure.e;
+        return;
       }
       if (fr && this.readNow(fr, release)) continue;
       this.running++;

@@ -5,7 +5,7 @@
  * (`adopt`) and counts the adoptions. If the new worker cannot open the images they go back to the old one.
  */
 import type { Socket } from 'node:net';
-import { stopReading } from '../nbd/reader.js';
+import { stopReading } from '../nbd/socket-reads.js';
 import type { Child } from './child.js';
 
 interface Handed {

@@ -88,6 +88,9 @@ async function scenario(name: string, upgrade: boolean): Promise<void> {
       { answered: answered.size, wrote, errors: [...answered.values()].filter((e) => e !== 0).length, closed },
       `${name}: requests before DISC answered (of ${3 + WRITES}), WRITEs answered (of ${WRITES}), connection closed by the server; seed ${seed}\n${s.stderr().slice(-2000)}`,
     ).toEqual({ answered: 3 + WRITES, wrote: WRITES, errors: 0, closed: true });
+    // The old worker ran the requests in its reader (handover-run.ts); without a handover there is no such run.
+    const ran = /the (\d+) request\(s\) received whole are run/.exec(s.stderr());
+    expect(ran ? Number(ran[1]) : 0, `${name}: requests run by the old worker at the handover (its log line)\n${s.stderr().slice(-2000)}`)[upgrade ? 'toBeGreaterThan' : 'toBe'](0);
   } finally {
     s.proc.kill('SIGTERM');
     expect(await s.exited).toBe(0);

@@ -23,4 +23,12 @@ describe('completeRequests', () => {
     expect(completeRequests(b, 64 << 20)).toEqual({ bytes: 56, requests: 2 });
     expect(completeRequests(b, (32 << 20) - 1)).toEqual({ bytes: 0, requests: 0 });
   });
+  it('bounds the WRITE data run, and READ and WRITE data together', () => {
+    const w = Buffer.concat([req(CMD.WRITE, 512, 512), req(CMD.WRITE, 512, 512), req(CMD.WRITE, 1, 1), req(CMD.FLUSH, 0)]);
+    expect(completeRequests(w, 1024)).toEqual({ bytes: 2 * 540, requests: 2 });
+    expect(completeRequests(w, 1025)).toEqual({ bytes: 2 * 540 + 29 + 28, requests: 4 });
+    // At the server's bound (maxPendingBytes, 64 MiB): a READ and a WRITE of 32 MiB each fill it; a 1-byte WRITE is beyond.
+    const m = Buffer.concat([req(CMD.READ, 32 << 20), req(CMD.WRITE, 32 << 20, 32 << 20), req(CMD.WRITE, 1, 1)]);
+    expect(completeRequests(m, 64 << 20)).toEqual({ bytes: 28 + 28 + (32 << 20), requests: 2 });
+  });
 });

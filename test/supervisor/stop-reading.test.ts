@@ -7,7 +7,8 @@
  * nbdcopy --connections=4 across upgrades hung (a lost request) or saw "bad request magic" (lost bytes).
  */
 import { describe, expect, it } from 'vitest';
-import { SocketReader, stopReading } from '../../src/nbd/reader.js';
+import { SocketReader } from '../../src/nbd/reader.js';
+import { stopReading } from '../../src/nbd/socket-reads.js';
 import { sleep, socketPairs } from '../helpers/sockets.js';
 
 /** A connected pair over 127.0.0.1: the accepted side and the client side. */
