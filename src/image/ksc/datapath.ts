@@ -123,8 +123,8 @@ export function writeCb(c: KscCore, offset: number, data: Uint8Array, fua: boole
 
 /**
  * The common whole-block writes without a promise hop before the I/O (no async change() around them):
- *  - an overwrite: blocks that all hold data in this layer, host-contiguous, their intent bits already
- *    durable;
+ *  - an overwrite: blocks that all hold data in this layer, host-contiguous (their intent bits awaited here
+ *    when not durable yet, the lock held meanwhile);
  *  - an allocating write: blocks that all hold no data (UNALLOCATED or ZERO, none damaged), given one run of
  *    new host-contiguous clusters (Allocator.allocRun); an intent bit only when a bitmap is enabled (as in
  *    changeLocked), and then it must already be durable;
@@ -162,9 +162,16 @@ function writeNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undef
   const release = c.locks.tryAcquire(b0, b0 + n - 1, true);
   if (!release) return null;
   const intent = overwrite || bitmaps !== null;
+  // An overwrite whose intent bits are not durable yet waits for them here, holding its lock and counted in
+  // flight, then writes as below: the general path's steps in the same order, without its promise hops (the
+  // first writes to each region after an open all come this way: issue 19).
+  let intentDurable: Promise<void> | null = null;
   if (intent && !c.intent.tryBegin(offset, length)) {
-    release();
-    return null;
+    if (!overwrite) {
+      release();
+      return null;
+    }
+    intentDurable = c.intent.begin(offset, length, bitmaps === null);
   }
   if (!overwrite) {
     const run = c.alloc.allocRun(n);
@@ -182,11 +189,15 @@ function writeNow(c: KscCore, offset: number, data: Buffer, fua: boolean | undef
     release();
     c.leaveChange();
   };
+  const start = (): Promise<number[]> => (c.file.writeWithCrcs ? c.file.writeWithCrcs(data, host, B) : writeThenCrcs(c.file, data, host, B));
   let io: Promise<number[]>;
-  try {
-    io = c.file.writeWithCrcs ? c.file.writeWithCrcs(data, host, B) : writeThenCrcs(c.file, data, host, B);
-  } catch (e) {
-    io = Promise.reject(e);
+  if (intentDurable) io = intentDurable.then(start);
+  else {
+    try {
+      io = start();
+    } catch (e) {
+      io = Promise.reject(e);
+    }
   }
   return io.then(
     (crcs) => {
