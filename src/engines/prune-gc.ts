@@ -241,7 +241,8 @@ export async function checkListedAgain(repo: Repository, lock: RepoLock, scan: C
   const t0 = performance.now();
   const newLocks = (await repo.listLocks(gc.now)).filter((l) => l.key !== lock.key && !l.garbage && !seenLocks.has(l.key));
   refuseMissedLock(repo, lock.written, newLocks, "prune's first two listings of locks/");
-  await refuseUnseenHolder(repo, newLocks, performance.now() - t0);
+  // Without its own lock object (§8 rule 7) prune holds the folder lock: no other writer can be beside it.
+  if (lock.written) await refuseUnseenHolder(repo, newLocks, performance.now() - t0);
   gc.otherLocks = [...gc.otherLocks, ...newLocks];
   // After the locks: what a holder that ended while refuseUnseenHolder waited committed shows here.
   const [index, backups, refs] = await Promise.all([scan ? repo.listIndexObjects() : [], repo.listBackupIds(), listLiveRefKeys(repo.store)]);

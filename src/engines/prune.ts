@@ -98,17 +98,21 @@ export async function pruneRepo(repo: Repository, opts: PruneOptions): Promise<P
     // back) exists: both decide which unreferenced packs may go (§9.2).
     const now = lock.storageNow;
     const listed = performance.now();
-    const otherLocks = (await repo.listLocks(now)).filter((l) => l.key !== lock.key && !l.garbage);
-    refuseMissedLock(repo, lock.written, otherLocks, "the listing prune's lock took");
+    const listedNow = (await repo.listLocks(now)).filter((l) => l.key !== lock.key && !l.garbage);
+    refuseMissedLock(repo, lock.written, listedNow, "the listing prune's lock took");
     // A live lock the listing prune's lock took did not show: a taker backing off, or a holder that listing
     // missed and that refreshed since (its age then says nothing): looked at again before anything is read.
+    const seen = new Set(lock.othersAtTaking.map((l) => l.key));
     if (lock.written) {
       await refuseUnseenHolder(
         repo,
-        otherLocks.filter((l) => !lock.seenAtTaking.has(l.key)),
+        listedNow.filter((l) => !seen.has(l.key)),
         performance.now() - listed,
       );
     }
+    // Rule 4(b) counts a lock any listing showed: the one prune's lock took too (a later one may lose its page).
+    const listedKeys = new Set(listedNow.map((l) => l.key));
+    const otherLocks = [...listedNow, ...lock.othersAtTaking.filter((l) => !l.garbage && !listedKeys.has(l.key))];
     const { metas, damagedManifests } = await readBackups(repo, forget);
     const { refs, refBy } = await readLiveRefs(repo, now, forget);
     const { kept, removed } = decideKeep(metas, refBy, policy, opts.timeZone);

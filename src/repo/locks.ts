@@ -138,8 +138,8 @@ export class RepoLock {
     readonly storageNow: number,
     readonly written = true,
     startedAt?: { mono: number; wall: number },
-    /** The other lock objects the listing this lock was taken with showed (prune: a later one showing more). */
-    readonly seenAtTaking: ReadonlySet<string> = new Set(),
+    /** The other lock objects the listing this lock was taken with showed (prune counts them, §9.2 rule 4). */
+    readonly othersAtTaking: readonly LockInfo[] = [],
   ) {
     this.lastOk = startedAt ?? { mono: timing.clock.mono(), wall: timing.clock.wall() };
   }
@@ -308,7 +308,7 @@ async function tryLock(store: ObjectStore, timing: LockTiming, kind: 'shared' | 
     await host?.release();
     throw e;
   }
-  const lock = new RepoLock(store, key, body, timing, host, now, written, startedAt, new Set(others.map((l) => l.key)));
+  const lock = new RepoLock(store, key, body, timing, host, now, written, startedAt, others);
   const blocking = others.filter((l) => !l.stale && (kind === 'exclusive' || l.kind === 'exclusive'));
   if (blocking.length > 0) {
     await lock.release();
