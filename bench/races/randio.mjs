@@ -45,10 +45,10 @@ export async function randRace(ctx) {
         gc();
         const side = await open(s, opts);
         try {
-          const r = { ...(await ioPass(side, p)), intentSyncs: side.img?.intentSyncs };
-          if (opts.bitmap) await side.img.removeBitmap(opts.bitmap); // untimed: leave the image as it was
-          return r;
+          return { ...(await ioPass(side, p)), intentSyncs: side.img?.intentSyncs };
         } finally {
+          // Untimed: leave the image as it was, whether the pass ended or failed (a retry adds it again).
+          if (opts.bitmap) await side.img.removeBitmap(opts.bitmap);
           await side.close();
         }
       }),

@@ -321,7 +321,7 @@ export function registerServeCommands(program: Command): void {
       println(`connections: ${r.connections}`);
       println(`in flight:   ${r.inFlight}`);
       println(`restarts:    ${r.restarts}`);
-      if (r.logDropped !== undefined) println(`log dropped: ${r.logDropped} line(s) (the reader of the server's stderr fell behind)`);
+      if (r.logDropped !== undefined) println(`log dropped: ${r.logDropped} line(s) (the reader of the server's stderr fell behind or was gone)`);
       println(
         `last upgrade: ${r.lastUpgrade ? `${r.lastUpgrade.at}, ${r.lastUpgrade.version.from} -> ${r.lastUpgrade.version.to}, pause ${r.lastUpgrade.pauseMs} ms, ${r.lastUpgrade.connections} connection(s)` : 'none'}`,
       );
