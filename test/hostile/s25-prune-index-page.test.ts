@@ -18,7 +18,7 @@ import { verifyRepo } from '../../src/engines/verify.js';
 import { closePool } from '../../src/compress/pool.js';
 import type { Repository } from '../../src/repo/repository.js';
 import { manifestKey } from '../../src/repo/constants.js';
-import { LostPage, backupOf } from './lost-page.js';
+import { LostPage, backupOf, pruneLastOne, twoBackups } from './lost-page.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-index-page.test.ts');
@@ -47,10 +47,7 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
     let store: LostPage | undefined;
     const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'index/')));
     store!.hidden = new Set(indexOfA);
-    const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
-      (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
-      (e: unknown) => ({ ok: false as const, error: (e as Error).message }),
-    );
+    const r = await pruneLastOne(repo);
     console.log(`prune with ${indexOfA[0]} missing from its listing: ${JSON.stringify(r)}`);
     expect(store!.hidden.size, 'prune listed index/').toBe(0);
     if (!r.ok) expect(r.error, 'the refusal names the index object its listing missed').toContain(indexOfA[0]!);
@@ -74,22 +71,12 @@ describe('prune when its listing of index/ misses an object (session 25)', () =>
 
   it('a listing of manifests/ that misses the newest backup once: that backup still restores', async () => {
     const rng = new Rng(seed + 1);
-    const dir = tempDir('kscinc-s25-manifest-page-');
-    const repoDir = join(dir, 'repo');
-    const first = await newRepo(repoDir, { encrypt: false });
-    const path = await makeDisk(dir, 'a', rng, { size: 3 * MiB });
-    const a = rng.bytes(3 * MiB);
-    const b = rng.bytes(3 * MiB);
-    const idA = await backupOf(first, path, a);
-    const idB = await backupOf(first, path, b);
+    const { dir, repoDir, a, b, idA, idB } = await twoBackups('kscinc-s25-manifest-page-', rng);
     let store: LostPage | undefined;
     const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'index/')));
     store!.prefix = 'manifests/';
     store!.hidden = new Set([manifestKey(idB)]);
-    const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
-      (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
-      (e: unknown) => ({ ok: false as const, error: (e as Error).message }),
-    );
+    const r = await pruneLastOne(repo);
     console.log(`prune with ${manifestKey(idB)} missing from its listing: ${JSON.stringify(r)}`);
     expect(store!.hidden.size, 'prune listed manifests/').toBe(0);
     if (!r.ok) expect(r.error, 'the refusal names the manifest its listing missed').toContain(manifestKey(idB));

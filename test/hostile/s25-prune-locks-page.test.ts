@@ -9,13 +9,12 @@
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
 import { pruneRepo } from '../../src/engines/prune.js';
 import { closePool } from '../../src/compress/pool.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
-import { LostPage, backupOf } from './lost-page.js';
-import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { LostPage, pruneLastOne, twoBackups } from './lost-page.js';
+import { expectRestores, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s25-prune-locks-page.test.ts');
 afterAll(() => closePool());
@@ -24,14 +23,7 @@ describe('prune when the listing of locks/ of its lock misses a live lock (sessi
   it('deletes nothing while a restore holds a shared lock; that backup still restores', async () => {
     console.log(`seed ${seed}`);
     const rng = new Rng(seed);
-    const dir = tempDir('kscinc-s25-locks-page-');
-    const repoDir = join(dir, 'repo');
-    const first = await newRepo(repoDir, { encrypt: false });
-    const path = await makeDisk(dir, 'a', rng, { size: 3 * MiB });
-    const a = rng.bytes(3 * MiB);
-    const b = rng.bytes(3 * MiB);
-    const idA = await backupOf(first, path, a);
-    const idB = await backupOf(first, path, b);
+    const { dir, repoDir, a, b, idA, idB } = await twoBackups('kscinc-s25-locks-page-', rng);
     // A restore of the older backup A holds a shared lock (through a store without a host lock, as on S3).
     const holder = await openRepo(repoDir, (s) => new StoreWrapper(s));
     const shared = await holder.lock('shared', `restore of backup ${idA}`);
@@ -39,10 +31,7 @@ describe('prune when the listing of locks/ of its lock misses a live lock (sessi
       let store: LostPage | undefined;
       const repo = await openRepo(repoDir, (s) => (store = new LostPage(s, 'locks/')));
       store!.hidden = new Set([shared.key]);
-      const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
-        (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
-        (e: unknown) => ({ ok: false as const, code: (e as { code?: string }).code, error: (e as Error).message }),
-      );
+      const r = await pruneLastOne(repo);
       console.log(`prune with ${shared.key} missing from its lock's listing: ${JSON.stringify(r)}`);
       expect(store!.hidden.size, 'prune listed locks/').toBe(0);
       expect(r.ok ? `removed ${r.removed.join(' ')}` : `${r.code}: ${r.error}`, 'prune fails, locked by the restore').toMatch(new RegExp(`^KSC_E_LOCKED: .*restore of backup ${idA}`));

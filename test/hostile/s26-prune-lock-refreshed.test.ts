@@ -9,14 +9,12 @@
  */
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { tempDir } from '../helpers/tmp.js';
 import { Rng, seedFor } from '../helpers/rng.js';
-import { pruneRepo } from '../../src/engines/prune.js';
 import { closePool } from '../../src/compress/pool.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
 import type { ObjectInfo } from '../../src/objstore/types.js';
-import { LostPage, backupOf } from './lost-page.js';
-import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
+import { LostPage, pruneLastOne, twoBackups } from './lost-page.js';
+import { expectRestores, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s26-prune-lock-refreshed.test.ts');
 afterAll(() => closePool());
@@ -39,24 +37,14 @@ describe('prune when the listing of locks/ of its lock misses a live lock refres
   it('deletes nothing while a restore holds a shared lock; that backup still restores', async () => {
     console.log(`seed ${seed}`);
     const rng = new Rng(seed);
-    const dir = tempDir('kscinc-s26-lock-refreshed-');
-    const repoDir = join(dir, 'repo');
-    const first = await newRepo(repoDir, { encrypt: false });
-    const path = await makeDisk(dir, 'a', rng, { size: 3 * MiB });
-    const a = rng.bytes(3 * MiB);
-    const b = rng.bytes(3 * MiB);
-    const idA = await backupOf(first, path, a);
-    const idB = await backupOf(first, path, b);
+    const { dir, repoDir, a, b, idA, idB } = await twoBackups('kscinc-s26-lock-refreshed-', rng);
     const holder = await openRepo(repoDir, (s) => new StoreWrapper(s));
     const shared = await holder.lock('shared', `restore of backup ${idA}`);
     try {
       let store: LostPageThenRefresh | undefined;
       const repo = await openRepo(repoDir, (s) => (store = new LostPageThenRefresh(s, 'locks/')));
       store!.hidden = new Set([shared.key]);
-      const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
-        (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
-        (e: unknown) => ({ ok: false as const, code: (e as { code?: string }).code, error: (e as Error).message }),
-      );
+      const r = await pruneLastOne(repo);
       console.log(`prune with ${shared.key} missing from its lock's listing, refreshed after it (${store!.refreshed}): ${JSON.stringify(r)}`);
       expect(store!.refreshed, 'the holder refreshed its lock after the listing that missed it').toBe(1);
       expect(r.ok ? `removed ${r.removed.join(' ')}` : `${r.code}: ${r.error}`, 'prune fails, locked by the restore').toMatch(new RegExp(`^KSC_E_LOCKED: .*restore of backup ${idA}`));

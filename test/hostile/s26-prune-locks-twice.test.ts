@@ -16,7 +16,7 @@ import { pruneRepo } from '../../src/engines/prune.js';
 import { closePool } from '../../src/compress/pool.js';
 import { StoreWrapper } from '../../src/objstore/wrapper.js';
 import type { ObjectInfo } from '../../src/objstore/types.js';
-import { LostPage, backupOf } from './lost-page.js';
+import { LostPage, backupOf, pruneLastOne, twoBackups } from './lost-page.js';
 import { MiB, expectRestores, makeDisk, newRepo, openRepo } from '../backup/helpers/fixtures.js';
 
 const seed = seedFor('test/hostile/s26-prune-locks-twice.test.ts');
@@ -74,14 +74,7 @@ describe('prune when both of its first listings of locks/ miss a live lock (sess
   it('deletes nothing while a restore holds a shared lock it refreshed meanwhile; that backup still restores', async () => {
     console.log(`seed ${seed}`);
     const rng = new Rng(seed);
-    const dir = tempDir('kscinc-s26-locks-twice-');
-    const repoDir = join(dir, 'repo');
-    const first = await newRepo(repoDir, { encrypt: false });
-    const path = await makeDisk(dir, 'a', rng, { size: 3 * MiB });
-    const a = rng.bytes(3 * MiB);
-    const b = rng.bytes(3 * MiB);
-    const idA = await backupOf(first, path, a);
-    const idB = await backupOf(first, path, b);
+    const { dir, repoDir, a, b, idA, idB } = await twoBackups('kscinc-s26-locks-twice-', rng);
     // A restore of the older backup A holds a shared lock (through a store without a host lock, as on S3).
     let holderStore: StoreWrapper | undefined;
     const holder = await openRepo(repoDir, (s) => (holderStore = new StoreWrapper(s)));
@@ -97,10 +90,7 @@ describe('prune when both of its first listings of locks/ miss a live lock (sess
         await holderStore!.put(shared.key, await holderStore!.get(shared.key));
         refreshed = true;
       };
-      const r = await pruneRepo(repo, { last: 1, graceMs: 0 }).then(
-        (x) => ({ ok: true as const, removed: x.removed, packsDeleted: x.packsDeleted }),
-        (e: unknown) => ({ ok: false as const, code: (e as { code?: string }).code, error: (e as Error).message }),
-      );
+      const r = await pruneLastOne(repo);
       console.log(`prune with ${shared.key} missing from its first two listings of locks/: ${JSON.stringify(r)}`);
       expect({ hidden: store!.hidden.size, refreshed }, 'both listings lost the page; the holder refreshed before prune read its references').toEqual({ hidden: 0, refreshed: true });
       const restored = await expectRestores(holder, idA, join(dir, 'restored-a.ksc'), a, 'backup A, restored under the shared lock').then(
