@@ -1,0 +1,113 @@
+// The log sink (src/cli/log-sink.ts) must never stop a server and never lose a line without counting it.
+// Two ways it does, as root (mount, setpriv):
+// 1. stderr a file on a filesystem that is full for a moment: one ENOSPC ends the log for good; once there
+//    is room again every later line is lost and no "log line(s) dropped" line is ever written.
+// 2. stderr a terminal another user owns (`su svc -c 'kscinc serve'` from a login terminal: /dev/pts/N is
+//    0620 root:tty): reopening /proc/self/fd/2 is refused (EACCES), the sink writes the blocking descriptor
+//    itself, and a terminal nobody reads stops the event loop (heartbeat stops, its exit timer never fires).
+// 3. (not root) a pipe read late: a burst of lines is dropped and counted, the reader catches up, no line
+//    follows: the "dropped" line waits for a next line that never comes and is lost at exit.
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+
+const root = process.getuid?.() === 0;
+const dir = mkdtempSync(join(tmpdir(), 'kscinc-s26-logsink-'));
+const sink = resolve('dist/cli/log-sink.js');
+const mnt = join(dir, 'mnt');
+let mounted = false;
+afterAll(() => {
+  if (mounted) spawnSync('umount', [mnt]);
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A child that logs `n` lines through the sink, `per` each `ms`, and writes a heartbeat file every 100 ms. */
+function writer(n: number, per: number, ms: number, hb: string): string {
+  const f = join(dir, `w${n}-${per}.mjs`);
+  writeFileSync(
+    f,
+    `import { logSink } from ${JSON.stringify(sink)};
+import { writeFileSync } from 'node:fs';
+const s = logSink('t');
+let i = 0;
+const t = setInterval(() => { for (let k = 0; k < ${per} && i < ${n}; k++) s.line('line ' + i++ + ' ' + 'x'.repeat(100)); if (i >= ${n}) clearInterval(t); }, ${ms});
+const h = setInterval(() => writeFileSync(${JSON.stringify(hb)}, i + ' ' + s.dropped), 100);
+setTimeout(() => { clearInterval(h); process.exit(0); }, 3000);
+`,
+  );
+  return f;
+}
+
+describe('log sink: the drop count of a burst', () => {
+  it('a pipe read late after a burst, then quiet until exit: the dropped lines are counted in the log', async () => {
+    const f = join(dir, 'burst.mjs');
+    writeFileSync(
+      f,
+      `import { logSink, settleLogs } from ${JSON.stringify(sink)};
+const s = logSink('t');
+for (let i = 0; i < 5000; i++) s.line('line ' + i + ' ' + 'x'.repeat(100));
+await new Promise((r) => setTimeout(r, 1500));
+await settleLogs(2000);
+process.stdout.write(String(s.dropped));
+`,
+    );
+    const c = spawn(process.execPath, [f], { stdio: ['ignore', 'pipe', 'pipe'] });
+    c.stderr.pause(); // read late: from 1 s on
+    let out = '';
+    let err = '';
+    c.stdout.on('data', (d: Buffer) => (out += d.toString()));
+    setTimeout(() => {
+      c.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      c.stderr.resume();
+    }, 1000);
+    await new Promise((r) => c.on('close', r));
+    const lines = err.split('\n').filter(Boolean);
+    console.log(`child dropped ${out}; the reader got ${lines.length} lines, ${lines.filter((l) => /dropped/.test(l)).length} saying how many were dropped`);
+    expect(Number(out)).toBeGreaterThan(0);
+    expect(lines.some((l) => l.includes(`${out} log line(s) dropped`))).toBe(true);
+  });
+});
+
+describe.skipIf(!root)('log sink: a stderr that refuses for a while', () => {
+  it('a filesystem full for a moment: the lines after it are written, or counted in a "dropped" line', async () => {
+    mkdirSync(mnt);
+    expect(spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', mnt]).status).toBe(0);
+    mounted = true;
+    const fill = join(mnt, 'fill');
+    writeFileSync(fill, Buffer.alloc(60 * 1024));
+    const log = openSync(join(mnt, 'log'), 'w');
+    const hb = join(dir, 'hb1');
+    const c = spawn(process.execPath, [writer(2000, 1, 1, hb)], { stdio: ['ignore', 'ignore', log] });
+    closeSync(log);
+    await new Promise((r) => setTimeout(r, 600));
+    unlinkSync(fill); // room again
+    const code = await new Promise((r) => c.on('exit', r));
+    const text = readFileSync(join(mnt, 'log'), 'utf8');
+    const last = text.trimEnd().split('\n').at(-1)!;
+    console.log(`exit ${code}; ${text.length} bytes logged; last line: ${last.slice(0, 40)}…; heartbeat ${readFileSync(hb, 'utf8')}`);
+    expect({ lastLine: last.startsWith('line 1999 '), dropNotice: /log line\(s\) dropped/.test(text) }).toEqual({ lastLine: true, dropNotice: true });
+  });
+
+  it('a terminal another user owns and nobody reads: the event loop runs on', async () => {
+    const fifo = join(dir, 'tty-out');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    const hb = join(dir, 'hb2');
+    writeFileSync(hb, '');
+    spawnSync('chmod', ['-R', 'a+rwX', dir]);
+    const w = writer(1e9, 50, 5, hb);
+    // script(1) gives the child a terminal owned by root; the child runs as nobody; nobody reads script's output.
+    const s = spawn('script', ['-qfc', `setpriv --reuid=nobody --regid=nogroup --clear-groups ${process.execPath} ${w}`, '/dev/null'], {
+      stdio: ['ignore', 'pipe', 'ignore'],
+    });
+    s.stdout.pause(); // never read
+    await new Promise((r) => setTimeout(r, 2500));
+    const a = readFileSync(hb, 'utf8');
+    await new Promise((r) => setTimeout(r, 500));
+    const b = readFileSync(hb, 'utf8');
+    s.kill('SIGKILL');
+    console.log(`heartbeat (lines logged, dropped) at 2.5 s: '${a}', at 3.0 s: '${b}'`);
+    expect(existsSync(hb) && b !== a && b !== '').toBe(true);
+  });
+});
