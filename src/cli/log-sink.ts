@@ -17,7 +17,7 @@
  *   (ENOSPC, EDQUOT) is waited out as a slow reader is: held, retried, later lines dropped and counted.
  * Only a reader gone (EPIPE, EBADF) ends a log; no line is left cut while the log goes on.
  */
-import { constants, fstatSync, openSync, writeSync } from 'node:fs';
+import { constants, fstatSync, openSync, readFileSync, writeSync } from 'node:fs';
 import { stdoutReaderOptional } from './stdio.js';
 
 /** Bytes a sink holds for a reader that is behind: a minute of a busy server's log. */
@@ -137,11 +137,23 @@ export class LogSink {
     // A terminal (or another character device): opened again. Not node:tty's isatty: importing it loads net,
     // which every short command would then pay for (stdio.ts).
     if (st.isCharacterDevice()) {
+      const flags = constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOCTTY;
       try {
-        return { kind: 'fd', fd: openSync(`/proc/self/fd/${this.fd}`, constants.O_WRONLY | constants.O_NONBLOCK | constants.O_NOCTTY) };
+        return { kind: 'fd', fd: openSync(`/proc/self/fd/${this.fd}`, flags) };
       } catch {
-        // no /proc: the descriptor as it is
+        // Refused (a terminal another user owns: `su svc -c 'kscinc serve'`), or no /proc.
       }
+      // The process's controlling terminal is open to it as /dev/tty, whoever owns the device.
+      if (st.rdev === controllingTty()) {
+        try {
+          return { kind: 'fd', fd: openSync('/dev/tty', flags) };
+        } catch {
+          // none after all
+        }
+      }
+      // Written blocking, a terminal nobody reads would stop the event loop: a log's lines are dropped and
+      // counted instead; the output sink's few lines (never dropped) are written as they are.
+      if (this.limit !== Infinity) return { kind: 'none' };
     }
     return { kind: 'fd', fd: this.fd };
   }
@@ -192,6 +204,18 @@ export class LogSink {
       this.timer = setTimeout(() => this.flush(), RETRY_MS);
       this.timer.unref();
     }
+  }
+}
+
+/** The device number of the process's controlling terminal (/proc/self/stat's tty_nr, encoded as st_rdev is), or -1. */
+function controllingTty(): number {
+  try {
+    const stat = readFileSync('/proc/self/stat', 'latin1');
+    // pid (comm) state ppid pgrp session tty_nr …: comm may hold spaces and parentheses.
+    const tty = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[4]);
+    return Number.isInteger(tty) && tty > 0 ? tty : -1;
+  } catch {
+    return -1;
   }
 }
 
