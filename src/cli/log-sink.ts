@@ -12,7 +12,8 @@
  *
  * - a pipe or socket: process.stderr (libuv makes the descriptor non-blocking), its queue bounded by LIMIT;
  * - a terminal (any character device): opened again non-blocking (its own open file description, so
- *   Node's blocking one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer;
+ *   Node's blocking one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer; one the
+ *   process may not open again (another user's) is its controlling terminal's /dev/tty, or a log dropped;
  * - a file, /dev/null, anything else: write(2), which does not wait on a reader; a full filesystem
  *   (ENOSPC, EDQUOT) is waited out as a slow reader is: held, retried, later lines dropped and counted.
  * Only a reader gone (EPIPE, EBADF) ends a log; no line is left cut while the log goes on.
