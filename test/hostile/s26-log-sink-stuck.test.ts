@@ -70,6 +70,41 @@ process.stdout.write(String(s.dropped));
   });
 });
 
+describe('log sink: a pipe whose shared O_NONBLOCK another process clears', () => {
+  // libuv clears O_NONBLOCK on the stdio a child inherits (uv_spawn, before exec) and Node restores the flags
+  // it found at exit: the supervisor starting a spare worker, or a worker exiting, made the shared stderr
+  // pipe blocking under the serving worker (test/cli/status-log-dropped stalled at connection 1144, the
+  // worker in anon_pipe_write). The sink must not depend on that shared flag.
+  it('a child started with stderr inherited, then a pipe nobody reads: the event loop runs on', async () => {
+    const hb = join(dir, 'hb3');
+    const f = join(dir, 'shared.mjs');
+    writeFileSync(
+      f,
+      `import { logSink } from ${JSON.stringify(sink)};
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+const s = logSink('t');
+s.line('first');
+spawnSync('true', { stdio: ['ignore', 'ignore', 'inherit'] });
+let i = 0;
+setInterval(() => { for (let k = 0; k < 50; k++) s.line('line ' + i++ + ' ' + 'x'.repeat(100)); }, 5);
+setInterval(() => writeFileSync(${JSON.stringify(hb)}, i + ' ' + s.dropped), 100);
+setTimeout(() => process.exit(0), 3500);
+`,
+    );
+    writeFileSync(hb, '');
+    const c = spawn(process.execPath, [f], { stdio: ['ignore', 'ignore', 'pipe'] });
+    c.stderr.pause(); // never read
+    await new Promise((r) => setTimeout(r, 2500));
+    const a = readFileSync(hb, 'utf8');
+    await new Promise((r) => setTimeout(r, 500));
+    const b = readFileSync(hb, 'utf8');
+    c.kill('SIGKILL');
+    console.log(`heartbeat (lines logged, dropped) at 2.5 s: '${a}', at 3.0 s: '${b}'`);
+    expect(b !== a && b !== '').toBe(true);
+  });
+});
+
 describe.skipIf(!root)('log sink: a stderr that refuses for a while', () => {
   it('a filesystem full for a moment: the lines after it are written, or counted in a "dropped" line', async () => {
     mkdirSync(mnt);
