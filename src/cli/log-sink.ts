@@ -10,7 +10,10 @@
  * What such a command prints on stdout for scripts to parse (serve's URIs) goes through a sink of its own
  * (outputSink): never blocking either, never dropped (a few lines), held until the reader takes them.
  *
- * - a pipe or socket: process.stderr (libuv makes the descriptor non-blocking), its queue bounded by LIMIT;
+ * - a pipe: opened again non-blocking (its own open file description: the shared one's O_NONBLOCK is
+ *   cleared by other processes, libuv's children and Node's exit), held and retried as a terminal is;
+ * - a socket (or a pipe that cannot be opened again, and stdout): process.stderr (libuv makes the
+ *   descriptor non-blocking), its queue bounded by LIMIT;
  * - a terminal (any character device): opened again non-blocking (its own open file description, so
  *   Node's blocking one is unchanged), what it refuses held (≤ LIMIT) and retried on a timer; one the
  *   process may not open again (another user's) is its controlling terminal's /dev/tty, or a log dropped;
@@ -125,6 +128,16 @@ export class LogSink {
       st = fstatSync(this.fd);
     } catch {
       return { kind: 'none' }; // closed: nothing to write to
+    }
+    // A pipe: opened again non-blocking for a log, as a terminal is. The descriptor's own O_NONBLOCK is shared
+    // with every process that inherited it, and cleared by them: libuv clears it in a child it starts with
+    // stdio inherited (the supervisor's spare worker), Node restores what it found at exit (a worker leaving).
+    if (st.isFIFO() && this.limit !== Infinity) {
+      try {
+        return { kind: 'fd', fd: openSync(`/proc/self/fd/${this.fd}`, constants.O_WRONLY | constants.O_NONBLOCK) };
+      } catch {
+        // no reader (ENXIO), no /proc: the stream
+      }
     }
     if (st.isFIFO() || st.isSocket()) {
       if (this.fd === 1) stdoutReaderOptional();

@@ -8,7 +8,7 @@
 // 3. (not root) a pipe read late: a burst of lines is dropped and counted, the reader catches up, no line
 //    follows: the "dropped" line waits for a next line that never comes and is lost at exit.
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -93,13 +93,19 @@ setTimeout(() => process.exit(0), 3500);
 `,
     );
     writeFileSync(hb, '');
-    const c = spawn(process.execPath, [f], { stdio: ['ignore', 'ignore', 'pipe'] });
-    c.stderr.pause(); // never read
+    // A FIFO held open and never read (Node's 'pipe' is a socketpair: see the report of session 26).
+    const fifo = join(dir, 'shared-err');
+    expect(spawnSync('mkfifo', [fifo]).status).toBe(0);
+    const r = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
+    const w = openSync(fifo, constants.O_WRONLY);
+    const c = spawn(process.execPath, [f], { stdio: ['ignore', 'ignore', w] });
+    closeSync(w);
     await new Promise((r) => setTimeout(r, 2500));
     const a = readFileSync(hb, 'utf8');
     await new Promise((r) => setTimeout(r, 500));
     const b = readFileSync(hb, 'utf8');
     c.kill('SIGKILL');
+    closeSync(r);
     console.log(`heartbeat (lines logged, dropped) at 2.5 s: '${a}', at 3.0 s: '${b}'`);
     expect(b !== a && b !== '').toBe(true);
   });
