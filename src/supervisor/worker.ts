@@ -8,7 +8,7 @@
 import type { Socket } from 'node:net';
 import { isKscError } from '../errors.js';
 import { BackupRequests } from '../cli/control.js';
-import { UNREAD_LOG_GRACE_MS, logLinesDropped, logSink, settleLogs } from '../cli/log-sink.js';
+import { UNREAD_LOG_GRACE_MS, logLinesDropped, logSink, settleLogs, tryFlushLogs } from '../cli/log-sink.js';
 import { ServePulls } from '../cli/pull-control.js';
 import { closeDevices, handOverDevices, openExports, type OpenedExports, type ServeConfig } from '../cli/serve-open.js';
 import type { HandoverRecord } from '../image/ksc.js';
@@ -201,6 +201,8 @@ async function onMessage(m: ToWorker, handle: unknown): Promise<void> {
       await send({ t: 'resumed' });
       return;
     case 'exit':
+      // At an upgrade the new worker takes connections now: what the log holds gets one non-blocking attempt.
+      tryFlushLogs();
       process.exit(0);
       return;
     case 'stop':
