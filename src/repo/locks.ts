@@ -79,6 +79,18 @@ interface LockBody {
 const minutes = (ms: number): string => `${(ms / 60_000).toFixed(1)} min`;
 
 /** Judges one lock object (§8 rule 3) at storage time `now`. */
+/**
+ * A lock object whose read failed (KSC_E_IO): its body is unknown, not bad, so it is not garbage. It counts
+ * as a live exclusive lock (it blocks every taker, and prune) until the storage's clock says it is stale by
+ * its age; `repo unlock --force` removes it earlier.
+ */
+export function judgeUnreadable(key: string, why: string, mtimeMs: number, now: number, staleMs: number): LockInfo {
+  const ageMs = Math.max(0, now - mtimeMs);
+  const base = { key, ageMs, kind: 'exclusive' as const, host: '?', pid: 0, what: '', created: mtimeMs, refreshed: mtimeMs, garbage: false };
+  if (ageMs > staleMs) return { ...base, stale: true, reason: `could not be read (${why}) and not refreshed for ${minutes(ageMs)} by the storage's clock (lifetime ${minutes(staleMs)})` };
+  return { ...base, stale: false, reason: `could not be read (${why}): counted as a live lock until stale by its age (${minutes(ageMs)} of ${minutes(staleMs)})` };
+}
+
 export function judgeLock(key: string, raw: Buffer | null, mtimeMs: number, now: number, staleMs: number): LockInfo {
   let body: Partial<LockBody> | null = null;
   try {
@@ -251,7 +263,12 @@ export async function scanLocks(store: ObjectStore, timing: LockTiming, now?: nu
       raw = await getSmall(store, o.key, 'lock', o.size);
     } catch (e) {
       if (isKscError(e, 'KSC_E_NOT_FOUND')) continue; // released meanwhile
-      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT', 'KSC_E_IO'].includes(e.code)) throw e;
+      if (isKscError(e, 'KSC_E_IO')) {
+        // Not read, so not known to be garbage: live (of either kind) until stale by its age.
+        out.push(judgeUnreadable(o.key, e.message, o.mtimeMs, t, timing.staleMs));
+        continue;
+      }
+      if (!isKscError(e) || !['KSC_E_CORRUPT', 'KSC_E_FORMAT'].includes(e.code)) throw e;
     }
     out.push(judgeLock(o.key, raw, o.mtimeMs, t, timing.staleMs));
   }
