@@ -87,6 +87,7 @@ export async function collectGarbage(repo: Repository, lock: RepoLock, gc: GcCon
   const keptCopies = (slot: number): number[] => choice.keep.get(slot) ?? [slot];
 
   await checkListedAgain(repo, lock, scan, gc);
+  lock.check(); // its wait for unseen holders may have outlasted a refresh
   // 2. Manifests first (the damaged ones it was told to forget too): nothing else is deleted before.
   for (const id of [...result.removed, ...gc.forget]) await repo.deleteManifest(id);
   lock.check();
