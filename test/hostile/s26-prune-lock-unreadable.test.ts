@@ -80,7 +80,10 @@ describe('a lock object that cannot be read (session 26)', () => {
     store!.failing = new Set([shared.key]);
     try {
       const young = await repo.unlock();
-      expect(young.removed.map((l) => l.key), 'a young unreadable lock is kept').toEqual([]);
+      expect(
+        young.removed.map((l) => l.key),
+        'a young unreadable lock is kept',
+      ).toEqual([]);
       expect(young.kept.map((l) => l.key)).toEqual([shared.key]);
       expect(young.kept[0]!.reason).toMatch(/could not be read/);
     } finally {
@@ -93,6 +96,9 @@ describe('a lock object that cannot be read (session 26)', () => {
     const then = (Date.now() - 2 * STALE_MS) / 1000;
     utimesSync(path, then, then);
     const old = await repo.unlock();
-    expect(old.removed.map((l) => l.key), 'a stale unreadable lock is removed').toEqual([shared.key]);
+    expect(
+      old.removed.map((l) => l.key),
+      'a stale unreadable lock is removed',
+    ).toEqual([shared.key]);
   }, 60_000);
 });
