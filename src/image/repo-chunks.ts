@@ -245,15 +245,20 @@ export class RepoChunks {
   }
 
   /** Reads `target.length` bytes of object `key` at `offset`, waiting for an unreachable repository (rule 7). */
-  private readRange(key: string, offset: number, target: Buffer): Promise<void> {
+  private async readRange(key: string, offset: number, target: Buffer): Promise<void> {
     this.stats.reads++;
-    return this.reach(`reading ${this.repo.objName(key)}`, async (retry) => {
-      // A retry may be given up while it runs (live-wait.ts): it reads into a buffer of its own, not `target`.
-      if (this.store.getRangeInto && !retry) return this.store.getRangeInto(key, offset, target);
-      const got = await this.store.getRange(key, offset, target.length);
-      if (got.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${got.length} bytes at offset ${offset}, ${target.length} expected`);
-      got.copy(target);
+    const got = await this.reach(`reading ${this.repo.objName(key)}`, async (retry) => {
+      if (this.store.getRangeInto && !retry) {
+        await this.store.getRangeInto(key, offset, target);
+        return null;
+      }
+      // A retry may be given up while it runs (live-wait.ts) and answer later, when `target` (a shared slot)
+      // holds another read: it reads into a buffer of its own, copied below only when it is the answer.
+      const g = await this.store.getRange(key, offset, target.length);
+      if (g.length !== target.length) throw new KscError('KSC_E_CORRUPT', `repository object ${this.repo.objName(key)}: ${g.length} bytes at offset ${offset}, ${target.length} expected`);
+      return g;
     });
+    got?.copy(target);
   }
 
   /** §4.2 rule 7: `op`, tried again while the repository is unreachable (see waitReachable). */
